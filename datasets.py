@@ -1,0 +1,174 @@
+"""Data sets and transforms: ImageNet folders, CIFAR-100 on disk, iNaturalist 2018/2019, and scikit-learn's
+digits (the mini reproduction). Every missing or unreadable input becomes a one-line :class:`UserError`."""
+import json
+import os
+from typing import Tuple
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+from torchvision import datasets, transforms
+from torchvision.transforms import InterpolationMode
+
+from utils import UserError
+
+DATA_SETS = ('IMNET', 'CIFAR', 'INAT', 'INAT19', 'DIGITS')
+
+
+class BadImageError(UserError):
+    """An image file that cannot be decoded; the message names the file."""
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Open an image as RGB, turning decoder failures into an error that names the file."""
+    try:
+        with open(path, 'rb') as f:
+            img = Image.open(f)
+            return img.convert('RGB')
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+        raise BadImageError(f'cannot read image {path}: {e}') from None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# transforms
+
+def build_transform(is_train: bool, args):
+    """DeiT's transforms. Eval: resize to input/ratio (bicubic) then centre crop; ratio 1.0 resizes only."""
+    size = args.input_size
+    mean, std = args.mean, args.std
+    if is_train:
+        from timm.data import create_transform
+        t = create_transform(
+            input_size=size, is_training=True, color_jitter=args.color_jitter,
+            auto_augment=None if args.aa in (None, '', 'none') else args.aa,
+            interpolation=args.train_interpolation, re_prob=args.reprob, re_mode=args.remode,
+            re_count=args.recount, mean=mean, std=std,
+        )
+        if size <= 32:
+            t.transforms[0] = transforms.RandomCrop(size, padding=4)
+        return t
+    if args.eval_crop_ratio >= 1.0:
+        resize = [transforms.Resize((size, size), interpolation=InterpolationMode.BICUBIC)]
+    else:
+        resize = [transforms.Resize(int(size / args.eval_crop_ratio), interpolation=InterpolationMode.BICUBIC),
+                  transforms.CenterCrop(size)]
+    return transforms.Compose(resize + [transforms.ToTensor(), transforms.Normalize(mean, std)])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# data sets
+
+def build_dataset(is_train: bool, args) -> Tuple[Dataset, int]:
+    """Return ``(dataset, nb_classes)`` for ``args.data_set``; the split is train/ or val/."""
+    name = args.data_set
+    if name == 'DIGITS':
+        return DigitsDataset(train=is_train), 10
+    transform = build_transform(is_train, args)
+    root = args.data_path
+    if not root:
+        raise UserError(f'--data-path is required for --data-set {name}')
+    if not os.path.isdir(root):
+        raise UserError(f'--data-path {root} does not exist or is not a directory')
+    if name == 'IMNET':
+        ds = image_folder(os.path.join(root, 'train' if is_train else 'val'), transform)
+        return ds, len(ds.classes)
+    if name == 'CIFAR':
+        marker = os.path.join(root, 'cifar-100-python', 'train' if is_train else 'test')
+        if not os.path.isfile(marker):
+            raise UserError(f'CIFAR-100 not found: expected {marker} (the python version of CIFAR-100, '
+                            f'unpacked; nothing is downloaded)')
+        try:
+            return datasets.CIFAR100(root, train=is_train, transform=transform, download=False), 100
+        except Exception as e:  # torchvision checks integrity with md5
+            raise UserError(f'CIFAR-100 under {root} is unreadable: {e}') from None
+    if name in ('INAT', 'INAT19'):
+        year = 2018 if name == 'INAT' else 2019
+        ds = INatDataset(root, train=is_train, year=year, category=args.inat_category, transform=transform)
+        return ds, ds.nb_classes
+    raise UserError(f'unknown --data-set {name}; choose one of {", ".join(DATA_SETS)}')
+
+
+def image_folder(split: str, transform) -> datasets.ImageFolder:
+    """An ImageFolder whose missing, empty or class-less split is reported as a one-line error."""
+    if not os.path.isdir(split):
+        raise UserError(f'split not found: {split} (expected one folder per class inside)')
+    try:
+        return datasets.ImageFolder(split, transform=transform, loader=load_rgb)
+    except FileNotFoundError as e:
+        raise UserError(f'no images in {split}: {str(e).splitlines()[0]}') from None
+
+
+class INatDataset(Dataset):
+    """iNaturalist 2018/2019 from the official json files; classes at the level ``category`` (e.g. 'name')."""
+
+    def __init__(self, root: str, train: bool, year: int, category: str, transform=None):
+        self.root, self.transform = root, transform
+        ann_path = os.path.join(root, f'{"train" if train else "val"}{year}.json')
+        cat_path = os.path.join(root, 'categories.json')
+        data = _read_json(ann_path)
+        categories = _read_json(cat_path)
+        try:
+            cat_value = {c['id']: c[category] for c in categories}
+            # Class ids are assigned from the training annotations so train and val agree.
+            train_data = data if train else _read_json(os.path.join(root, f'train{year}.json'))
+            values = sorted({cat_value[a['category_id']] for a in train_data['annotations']})
+            index = {v: i for i, v in enumerate(values)}
+            by_image = {a['image_id']: a['category_id'] for a in data['annotations']}
+            self.samples = [(os.path.join(root, img['file_name']), index[cat_value[by_image[img['id']]]])
+                            for img in data['images']]
+        except (KeyError, TypeError) as e:
+            raise UserError(f'unexpected iNaturalist annotation format in {ann_path}: missing {e}') from None
+        if not self.samples:
+            raise UserError(f'no images listed in {ann_path}')
+        self.nb_classes = len(values)
+        self.targets = [t for _, t in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        path, target = self.samples[i]
+        img = load_rgb(path)
+        return (self.transform(img) if self.transform else img), target
+
+
+def _read_json(path: str):
+    if not os.path.isfile(path):
+        raise UserError(f'annotation file not found: {path}')
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f'{path} is not valid JSON: {e}') from None
+
+
+class DigitsDataset(Dataset):
+    """scikit-learn's 1,797 handwritten digits (8x8, shipped with the package), upsampled to 3x32x32.
+
+    A fixed split (seed 0): 1,437 training and 360 validation images. Training adds random ±2-pixel shifts.
+    """
+    NUM_VAL = 360
+    SIZE = 32
+
+    def __init__(self, train: bool):
+        from sklearn.datasets import load_digits
+        digits = load_digits()
+        images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+        images = torch.nn.functional.interpolate(images, size=(self.SIZE, self.SIZE), mode='bilinear',
+                                                 align_corners=False).clamp(0, 1)
+        images = (images.repeat(1, 3, 1, 1) - 0.5) / 0.5
+        targets = torch.tensor(digits.target, dtype=torch.long)
+        perm = torch.randperm(len(targets), generator=torch.Generator().manual_seed(0))
+        idx = perm[self.NUM_VAL:] if train else perm[:self.NUM_VAL]
+        self.images, self.targets = images[idx], targets[idx]
+        self.train = train
+        self.shift = transforms.RandomCrop(self.SIZE, padding=2, fill=-1.0) if train else None
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        img = self.images[i]
+        if self.shift is not None:
+            img = self.shift(img)
+        return img, int(self.targets[i])

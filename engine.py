@@ -1,0 +1,117 @@
+"""The loops: train one epoch, evaluate, measure throughput. Each returns a dict of averaged metrics."""
+import math
+import statistics
+import time
+from typing import Dict, Iterable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from utils import MetricLogger, SmoothedValue, all_agree, all_reduce_sum
+
+
+class NonFiniteLossError(Exception):
+    """Training diverged; the caller stops and keeps the last good checkpoint."""
+
+
+def train_one_epoch(model: nn.Module, criterion, data_loader: Iterable, optimizer, device: torch.device,
+                    epoch: int, scaler, amp: bool = False, max_norm: Optional[float] = None,
+                    model_ema=None, mixup_fn=None, print_freq: int = 10, printer=print) -> Dict[str, float]:
+    """One pass over ``data_loader``; returns the epoch's averaged ``loss`` and last ``lr``."""
+    model.train()
+    logger = MetricLogger(printer=printer)
+    logger.add_meter('lr', SmoothedValue(window_size=1, fmt='{value:.6f}'))
+    for step, (samples, targets) in enumerate(logger.log_every(data_loader, print_freq, f'Epoch: [{epoch}]')):
+        samples = samples.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        if mixup_fn is not None:
+            samples, targets = mixup_fn(samples, targets)
+        with torch.autocast(device.type, enabled=amp):
+            outputs = model(samples)
+            loss = criterion(samples, outputs, targets)
+        loss_value = loss.item()
+        # Every process must stop together, or the others wait forever in the next all-reduce.
+        if not all_agree(math.isfinite(loss_value), device):
+            raise NonFiniteLossError(f'loss is {loss_value} at epoch {epoch}, step {step}')
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if max_norm:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        if model_ema is not None:
+            model_ema.update(model)
+        logger.update(loss=loss_value, n=samples.shape[0])
+        logger.update(lr=optimizer.param_groups[0]['lr'])
+    logger.synchronize_between_processes(device)
+    stats = logger.averages()
+    stats['lr'] = optimizer.param_groups[0]['lr']
+    printer(f'Averaged stats: loss {stats["loss"]:.4f}  lr {stats["lr"]:.6f}')
+    return stats
+
+
+@torch.no_grad()
+def evaluate(data_loader: Iterable, model: nn.Module, device: torch.device, amp: bool = False,
+             print_freq: int = 10, printer=print) -> Dict[str, float]:
+    """Top-1/top-5 accuracy (%) and cross-entropy; counts are summed over processes, so they are exact when
+    each process evaluates a disjoint part (``--dist-eval``) and unchanged when each evaluates everything."""
+    model.eval()
+    logger = MetricLogger(printer=printer)
+    correct1 = correct5 = loss_sum = count = 0.0
+    for images, targets in logger.log_every(data_loader, print_freq, 'Test:'):
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        with torch.autocast(device.type, enabled=amp):
+            outputs = model(images)
+        outputs = outputs.float()
+        loss = F.cross_entropy(outputs, targets, reduction='sum')
+        top = outputs.topk(min(5, outputs.shape[1]), dim=1).indices
+        hits = top.eq(targets.unsqueeze(1))
+        correct1 += hits[:, 0].sum().item()
+        correct5 += hits.any(dim=1).sum().item()
+        loss_sum += loss.item()
+        count += images.shape[0]
+        n = max(images.shape[0], 1)
+        logger.update(acc1=100.0 * hits[:, 0].float().mean().item(), n=n)
+    c1, c5, total_loss, n = all_reduce_sum([correct1, correct5, loss_sum, count], device).tolist()
+    n = max(n, 1.0)
+    stats = {'acc1': 100.0 * c1 / n, 'acc5': 100.0 * c5 / n, 'loss': total_loss / n}
+    printer(f'* Acc@1 {stats["acc1"]:.3f} Acc@5 {stats["acc5"]:.3f} loss {stats["loss"]:.3f}')
+    return stats
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def measure_throughput(models: Dict[str, nn.Module], batch_size: int, input_size: int, device: torch.device,
+                       repeats: int = 10, warmup: int = 3, dtype: Optional[torch.dtype] = None
+                       ) -> Dict[str, float]:
+    """Images per second of each model on the same random batch.
+
+    The models are timed interleaved (A, B, A, B, …) so drifts in clock speed or load hit all of them
+    alike; each figure is the median over ``repeats`` synchronised forward passes, after ``warmup``.
+    ``dtype`` selects autocast (fp16/bf16) for the forward passes; None runs in fp32.
+    """
+    x = torch.randn(batch_size, 3, input_size, input_size, device=device)
+    for model in models.values():
+        model.eval()
+    times = {name: [] for name in models}
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+    with autocast:
+        for _ in range(warmup):
+            for model in models.values():
+                model(x)
+        _sync(device)
+        for _ in range(repeats):
+            for name, model in models.items():
+                _sync(device)
+                start = time.perf_counter()
+                model(x)
+                _sync(device)
+                times[name].append(time.perf_counter() - start)
+    return {name: batch_size / statistics.median(t) for name, t in times.items()}

@@ -1,0 +1,45 @@
+"""The distillation loss of Clip & Concat: ``base + alpha * KD`` from a dense teacher.
+
+Unlike DeiT (``(1 - alpha) * base + alpha * KD`` through a distillation token), the pruned student has a
+single head and the base loss keeps its full weight.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def soft_distillation(student: torch.Tensor, teacher: torch.Tensor, tau: float) -> torch.Tensor:
+    """KL(teacher || student) at temperature tau, summed, times tau² and divided by ``student.numel()``."""
+    return F.kl_div(F.log_softmax(student / tau, dim=1), F.log_softmax(teacher / tau, dim=1),
+                    reduction='sum', log_target=True) * (tau * tau) / student.numel()
+
+
+def hard_distillation(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Cross entropy against the teacher's arg-max class."""
+    return F.cross_entropy(student, teacher.argmax(dim=1))
+
+
+class DistillationLoss(nn.Module):
+    """Wraps the base criterion; the teacher sees the same (augmented, mixed) images, without gradients."""
+
+    def __init__(self, base_criterion: nn.Module, teacher: nn.Module = None, distillation_type: str = 'none',
+                 alpha: float = 0.5, tau: float = 1.0):
+        super().__init__()
+        if distillation_type not in ('none', 'soft', 'hard'):
+            raise ValueError(f'unknown distillation type {distillation_type}')
+        if distillation_type != 'none' and teacher is None:
+            raise ValueError(f'{distillation_type} distillation needs a teacher')
+        self.base_criterion, self.teacher = base_criterion, teacher
+        self.distillation_type, self.alpha, self.tau = distillation_type, alpha, tau
+
+    def forward(self, inputs: torch.Tensor, outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        base = self.base_criterion(outputs, labels)
+        if self.distillation_type == 'none':
+            return base
+        with torch.no_grad():
+            teacher_outputs = self.teacher(inputs)
+        if self.distillation_type == 'soft':
+            kd = soft_distillation(outputs, teacher_outputs.float(), self.tau)
+        else:
+            kd = hard_distillation(outputs, teacher_outputs)
+        return base + self.alpha * kd

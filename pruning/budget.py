@@ -1,0 +1,42 @@
+"""The global clipping budget: P = int(num_patches · depth · prune_rate) (layer, token) slots in total."""
+from typing import Optional
+
+import torch
+
+
+def num_clipped_slots(depth: int, num_patches: int, prune_rate: float) -> int:
+    """How many (layer, patch) slots a prune rate clips; the class token is never counted."""
+    if not 0.0 <= prune_rate < 1.0:
+        raise ValueError(f'prune_rate must be in [0, 1), got {prune_rate}')
+    return int(num_patches * depth * prune_rate)
+
+
+def plan_masks(scores: torch.Tensor, prune_rate: float, layer_decay: float = 0.005) -> torch.Tensor:
+    """Keep/clip plan in original token order from per-layer importance scores (depth, num_patches).
+
+    Each layer is L2-normalised so layers compete on equal terms, then scaled by ``1 - layer_decay * l``
+    so deeper layers give up tokens slightly more readily. The P smallest weighted scores are clipped;
+    ties go to the lower layer, then the lower token index (a stable sort over the row-major order).
+    """
+    if scores.dim() != 2:
+        raise ValueError(f'scores must be (depth, num_patches), got shape {tuple(scores.shape)}')
+    depth, num_patches = scores.shape
+    budget = num_clipped_slots(depth, num_patches, prune_rate)
+    s = scores.detach().to('cpu', torch.float64)
+    norms = s.norm(dim=1, keepdim=True)
+    normalised = torch.where(norms > 0, s / norms.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(s))
+    prior = 1.0 - layer_decay * torch.arange(depth, dtype=torch.float64).unsqueeze(1)
+    weighted = (normalised * prior).flatten()
+    order = torch.sort(weighted, stable=True).indices
+    keep = torch.ones(depth * num_patches, dtype=torch.bool)
+    keep[order[:budget]] = False
+    return keep.view(depth, num_patches)
+
+
+def random_masks(depth: int, num_patches: int, prune_rate: float,
+                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """The random baseline: exactly P distinct (layer, patch) slots clipped, drawn uniformly."""
+    budget = num_clipped_slots(depth, num_patches, prune_rate)
+    keep = torch.ones(depth * num_patches, dtype=torch.bool)
+    keep[torch.randperm(depth * num_patches, generator=generator)[:budget]] = False
+    return keep.view(depth, num_patches)

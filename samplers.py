@@ -1,0 +1,54 @@
+"""Samplers for several processes: repeated augmentation for training, an exact split for evaluation."""
+import math
+from typing import Iterator
+
+import torch
+from torch.utils.data import Sampler
+
+
+class RASampler(Sampler):
+    """Repeated augmentation (Hoffer et al.; used by DeiT): each selected image appears ``repeats`` times per
+    epoch, the copies spread over different processes so each sees a differently augmented view. An epoch
+    still has about ``len(dataset)`` samples in total, so fewer distinct images are visited."""
+
+    def __init__(self, dataset, num_replicas: int, rank: int, shuffle: bool = True, repeats: int = 3,
+                 seed: int = 0):
+        if repeats < 1:
+            raise ValueError('repeats must be at least 1')
+        self.dataset, self.num_replicas, self.rank = dataset, num_replicas, rank
+        self.shuffle, self.repeats, self.seed, self.epoch = shuffle, repeats, seed, 0
+        self.num_samples = int(math.ceil(len(dataset) * repeats / num_replicas))
+        self.total_size = self.num_samples * num_replicas
+        # Per process, only about len(dataset) / num_replicas samples are used each epoch.
+        self.num_selected = int(math.floor(len(dataset) // 256 * 256 / num_replicas)) or \
+            int(math.ceil(len(dataset) / num_replicas))
+
+    def __iter__(self) -> Iterator[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            indices = torch.randperm(len(self.dataset), generator=g).tolist()
+        else:
+            indices = list(range(len(self.dataset)))
+        indices = [i for i in indices for _ in range(self.repeats)]
+        indices += indices[:self.total_size - len(indices)]
+        mine = indices[self.rank:self.total_size:self.num_replicas]
+        return iter(mine[:self.num_selected])
+
+    def __len__(self) -> int:
+        return self.num_selected
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+
+class DistributedEvalSampler(Sampler):
+    """Each process takes every ``num_replicas``-th image, with no padding, so summed counts are exact."""
+
+    def __init__(self, dataset, num_replicas: int, rank: int):
+        self.indices = list(range(rank, len(dataset), num_replicas))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)

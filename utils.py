@@ -1,0 +1,290 @@
+"""Small shared pieces: user-facing errors, distributed set-up, safe checkpoint I/O, progress logging."""
+import argparse
+import datetime
+import os
+import pickle
+import time
+from collections import defaultdict, deque
+from typing import Any, Dict, Optional
+
+import torch
+import torch.distributed as dist
+
+
+class UserError(Exception):
+    """A mistake in what the user asked for; the CLI prints it as one line and exits non-zero."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# distributed
+
+def init_distributed_mode(args) -> None:
+    """Join the process group set up by ``torch.distributed.launch --use_env`` or ``torchrun``.
+
+    NCCL on CUDA, gloo otherwise. Sets ``args.distributed``, ``args.rank``, ``args.world_size``, ``args.gpu``.
+    """
+    if 'RANK' in os.environ and 'WORLD_SIZE' in os.environ and int(os.environ['WORLD_SIZE']) > 1:
+        args.rank = int(os.environ['RANK'])
+        args.world_size = int(os.environ['WORLD_SIZE'])
+        args.gpu = int(os.environ.get('LOCAL_RANK', 0))
+    else:
+        args.distributed, args.rank, args.world_size, args.gpu = False, 0, 1, 0
+        return
+    args.distributed = True
+    if args.device.startswith('cuda'):
+        torch.cuda.set_device(args.gpu)
+        args.device = f'cuda:{args.gpu}'
+        backend = 'nccl'
+    else:
+        backend = 'gloo'
+    dist.init_process_group(backend=backend, init_method='env://', world_size=args.world_size, rank=args.rank,
+                            timeout=datetime.timedelta(minutes=30))
+    dist.barrier()
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_dist() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_dist() else 1
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def all_reduce_sum(values, device) -> torch.Tensor:
+    """Sum a list of numbers over all processes (float64, so counts stay exact)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if is_dist():
+        dist.all_reduce(t)
+    return t
+
+
+def all_agree(flag: bool, device) -> bool:
+    """True only if ``flag`` holds on every process (so all processes stop together)."""
+    t = torch.tensor([0.0 if flag else 1.0], device=device)
+    if is_dist():
+        dist.all_reduce(t)
+    return t.item() == 0.0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# checkpoints
+
+# What checkpoints of this project and of the released code may hold besides tensors and containers.
+SAFE_GLOBALS = [argparse.Namespace]
+
+
+def load_checkpoint_file(path: str) -> Dict[str, Any]:
+    """``torch.load(weights_only=True)`` with only ``argparse.Namespace`` allow-listed.
+
+    Every failure becomes a one-line :class:`UserError` naming the file and the problem.
+    """
+    if not path:
+        raise UserError('no checkpoint given')
+    if not os.path.exists(path):
+        raise UserError(f'checkpoint not found: {path}')
+    if os.path.isdir(path):
+        raise UserError(f'checkpoint is a directory, not a file: {path}')
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        text = str(e)
+        if 'Weights only load failed' in text or 'Unsupported global' in text or 'not an allowed global' in text:
+            culprit = _unsupported_global(text)
+            raise UserError(f'refusing to load {path}: it holds {culprit}, which could run code when unpickled '
+                            f'(only tensors, plain containers and argparse.Namespace are allowed)') from None
+        raise UserError(f'{path} is not a readable PyTorch checkpoint ({_first_line(text)})') from None
+    except (RuntimeError, EOFError, ValueError, OSError, UnicodeDecodeError, AttributeError) as e:
+        raise UserError(f'{path} is not a readable PyTorch checkpoint (truncated or corrupt: '
+                        f'{_first_line(str(e))})') from None
+    if not isinstance(checkpoint, dict):
+        raise UserError(f'{path} holds a {type(checkpoint).__name__}, not a checkpoint dict')
+    return checkpoint
+
+
+def _first_line(text: str) -> str:
+    for line in text.splitlines():
+        if line.strip():
+            return line.strip()[:200]
+    return 'unknown error'
+
+
+def _unsupported_global(text: str) -> str:
+    for marker in ('Unsupported global: GLOBAL ', 'GLOBAL '):
+        if marker in text:
+            rest = text.split(marker, 1)[1]
+            return 'the object ' + rest.split()[0].rstrip('.,')
+    return 'an object that is not on the allow-list'
+
+
+def state_dict_of(checkpoint: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+    """The model weights of an official DeiT, pruned, finetune or bare state-dict checkpoint."""
+    for key in ('model', 'state_dict'):
+        if key in checkpoint and isinstance(checkpoint[key], dict):
+            sd = checkpoint[key]
+            break
+    else:
+        sd = checkpoint
+    if not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise UserError('checkpoint holds no model state dict (expected a "model" entry of tensors)')
+    return {k[len('module.'):] if k.startswith('module.') else k: v for k, v in sd.items()}
+
+
+def save_atomic(obj: Any, path: str) -> None:
+    """Write ``obj`` with ``torch.save`` to a temporary file in the same directory, then rename it over
+    ``path``: a job killed while saving leaves the previous file intact."""
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f'.{os.path.basename(path)}.tmp-{os.getpid()}')
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f'.{os.path.basename(path)}.tmp-{os.getpid()}')
+    with open(tmp, 'w') as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def check_output_dir(path: str) -> None:
+    """Create ``path`` if needed and prove it is writable, before any long work starts."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f'.write-test-{os.getpid()}')
+        with open(probe, 'wb') as f:
+            f.write(b'ok')
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f'cannot write to --output_dir {path}: {e.strerror or e}') from None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# progress logging (DeiT style)
+
+class SmoothedValue:
+    """A running window of values plus the global average."""
+
+    def __init__(self, window_size: int = 20, fmt: str = '{median:.4f} ({global_avg:.4f})'):
+        self.deque = deque(maxlen=window_size)
+        self.total, self.count, self.fmt = 0.0, 0, fmt
+
+    def update(self, value: float, n: int = 1) -> None:
+        self.deque.append(value)
+        self.count += n
+        self.total += value * n
+
+    def synchronize_between_processes(self, device) -> None:
+        t = all_reduce_sum([self.count, self.total], device)
+        self.count, self.total = int(t[0].item()), float(t[1].item())
+
+    @property
+    def median(self) -> float:
+        return float(torch.tensor(list(self.deque)).median().item()) if self.deque else 0.0
+
+    @property
+    def global_avg(self) -> float:
+        return self.total / max(self.count, 1)
+
+    @property
+    def value(self) -> float:
+        return self.deque[-1] if self.deque else 0.0
+
+    def __str__(self) -> str:
+        return self.fmt.format(median=self.median, global_avg=self.global_avg, value=self.value)
+
+
+class MetricLogger:
+    """Prints ``header [ i/n] eta: … metrics … time: …`` every ``print_freq`` steps."""
+
+    def __init__(self, delimiter: str = '  ', printer=print):
+        self.meters = defaultdict(SmoothedValue)
+        self.delimiter = delimiter
+        self.printer = printer
+
+    def update(self, n: int = 1, **kwargs) -> None:
+        for k, v in kwargs.items():
+            if isinstance(v, torch.Tensor):
+                v = v.item()
+            self.meters[k].update(float(v), n)
+
+    def add_meter(self, name: str, meter: SmoothedValue) -> None:
+        self.meters[name] = meter
+
+    def synchronize_between_processes(self, device) -> None:
+        for meter in self.meters.values():
+            meter.synchronize_between_processes(device)
+
+    def averages(self) -> Dict[str, float]:
+        return {k: m.global_avg for k, m in self.meters.items()}
+
+    def __str__(self) -> str:
+        return self.delimiter.join(f'{name}: {meter}' for name, meter in self.meters.items())
+
+    def log_every(self, iterable, print_freq: int, header: str = ''):
+        total = len(iterable)
+        width = len(str(total))
+        start = end = time.time()
+        iter_time, data_time = SmoothedValue(fmt='{avg:.4f}'), SmoothedValue(fmt='{avg:.4f}')
+        for i, obj in enumerate(iterable):
+            data_time.update(time.time() - end)
+            yield obj
+            iter_time.update(time.time() - end)
+            if i % print_freq == 0 or i == total - 1:
+                eta = iter_time.global_avg * (total - i - 1)
+                self.printer(self.delimiter.join([
+                    f'{header} [{i:>{width}}/{total}]',
+                    f'eta: {datetime.timedelta(seconds=int(eta))}',
+                    str(self),
+                    f'time: {iter_time.global_avg:.4f}',
+                    f'data: {data_time.global_avg:.4f}',
+                ]))
+            end = time.time()
+        total_time = time.time() - start
+        self.printer(f'{header} Total time: {datetime.timedelta(seconds=int(total_time))} '
+                     f'({total_time / max(total, 1):.4f} s / it)')
+
+
+def rank0_print(*args, **kwargs) -> None:
+    if is_main_process():
+        print(*args, **kwargs, flush=True)
+
+
+class TensorBoard:
+    """Scalars to TensorBoard from rank 0 only; a no-op elsewhere or without an output directory."""
+
+    def __init__(self, log_dir: Optional[str]):
+        self.writer = None
+        if log_dir and is_main_process():
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(log_dir=log_dir)
+
+    def scalars(self, values: Dict[str, float], step: int, prefix: str = '') -> None:
+        if self.writer is None:
+            return
+        for k, v in values.items():
+            if isinstance(v, (int, float)):
+                self.writer.add_scalar(f'{prefix}{k}', v, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
