@@ -10,7 +10,6 @@ venv: $(STAMP)
 
 $(STAMP): requirements.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --upgrade --quiet pip
 	$(PY) -m pip install -r requirements.txt
 	@touch $(STAMP)
 
