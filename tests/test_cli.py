@@ -1,0 +1,167 @@
+"""The seed's four commands through finetune.py: official-format dense DeiT-Ti -> --prune -> pruned_0.25.pth
+-> --eval, --speed-only, and one epoch of finetuning with soft distillation -> checkpoint.pth."""
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+
+import finetune
+import models
+from conftest import ROOT, official_checkpoint
+from utils import load_checkpoint_file
+
+COMMON = ['--device', 'cpu', '--num_workers', '0', '--batch-size', '4', '--print-freq', '1']
+FINETUNE_KEYS = {'model', 'optimizer', 'lr_scheduler', 'epoch', 'scaler', 'channels', 'args'}
+
+
+def run_cli(capsys, *argv):
+    code = finetune.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope='module')
+def pruned(tmp_path_factory):
+    """One --prune run shared by the tests below (scoring all 3 training batches of the image folder)."""
+    from conftest import make_image_folder
+    base = tmp_path_factory.mktemp('cli')
+    data = make_image_folder(base / 'data')
+    dense = official_checkpoint(base / 'deit_tiny.pth', seed=1)
+    out = base / 'out'
+    code = finetune.main(['--prune', '--prune_rate', '0.25', '--resume', dense, '--data-path', data,
+                          '--output_dir', str(out), *COMMON])
+    assert code == 0
+    return {'base': base, 'data': data, 'dense': dense, 'out': out, 'path': str(out / 'pruned_0.25.pth')}
+
+
+@pytest.mark.slow
+def test_prune_writes_the_pruned_checkpoint(pruned):
+    ckpt = load_checkpoint_file(pruned['path'])
+    assert {'model', 'channels'} <= set(ckpt)
+    sd, channels = ckpt['model'], ckpt['channels']
+    masks = [sd[f'blocks.{l}.attn.token_index'] for l in range(12)]
+    assert all(m.dtype == torch.bool and m.shape == (197,) and bool(m[0]) for m in masks)
+    assert channels == [int(m.sum()) for m in masks]
+    assert sum(channels) == 12 * 197 - int(196 * 12 * 0.25)
+    assert len(set(channels)) > 1  # the global budget gives layers different counts
+    dense_sd = torch.load(pruned['dense'], weights_only=True)['model']
+    assert all(torch.equal(sd[k], v) for k, v in dense_sd.items())  # pruning changed no weight
+    assert ckpt['scores'].shape == (12, 196)
+    model = timm.create_model('cc_deit_tiny_patch16_224', checkpoint_path=pruned['path'])
+    assert models.kept_token_counts(model) == channels
+
+
+@pytest.mark.slow
+def test_prune_prints_channels_flops_and_accuracy(tmp_path, capsys, pruned):
+    code, out, err = run_cli(capsys, '--prune', '--prune_mode', 'random', '--prune_rate', '0.4',
+                             '--resume', pruned['dense'], '--data-path', pruned['data'],
+                             '--output_dir', str(tmp_path), *COMMON)
+    assert code == 0, err
+    channels = load_checkpoint_file(str(tmp_path / 'pruned_0.4.pth'))['channels']
+    assert f'Kept tokens per block (class token included): {channels}' in out
+    assert re.search(r'FLOPs: \d+\.\d\d GFLOPs \(dense 1\.25 GFLOPs\)', out)
+    assert re.search(r'Accuracy of the network on the 6 test images: \d+\.\d%', out)
+    assert sum(channels) == 12 * 197 - int(196 * 12 * 0.4)
+
+
+@pytest.mark.slow
+def test_eval_of_the_pruned_checkpoint(capsys, pruned):
+    code, out, err = run_cli(capsys, '--eval', '--resume', pruned['path'], '--data-path', pruned['data'], *COMMON)
+    assert code == 0, err
+    assert re.search(r'^Accuracy of the network on the 6 test images: \d+\.\d%$', out, re.M)
+    match = re.search(r'^\* Acc@1 (\d+\.\d{3}) Acc@5 (\d+\.\d{3}) loss \d+\.\d{3}$', out, re.M)
+    assert match
+    # The same number computed here directly from the model and the validation images.
+    model = timm.create_model('cc_deit_tiny_patch16_224', checkpoint_path=pruned['path']).eval()
+    args = argparse.Namespace(input_size=224, eval_crop_ratio=0.875, mean=model.pretrained_cfg['mean'],
+                              std=model.pretrained_cfg['std'], data_set='IMNET', data_path=pruned['data'])
+    from datasets import build_dataset
+    val, _ = build_dataset(False, args)
+    images = torch.stack([val[i][0] for i in range(len(val))])
+    targets = torch.tensor([val[i][1] for i in range(len(val))])
+    with torch.no_grad():
+        acc1 = (model(images).argmax(1) == targets).float().mean().item() * 100
+    assert float(match.group(1)) == pytest.approx(acc1, abs=1e-3)
+
+
+@pytest.mark.slow
+def test_released_format_with_tensor_channels_and_namespace_args(tmp_path, capsys, pruned):
+    ckpt = load_checkpoint_file(pruned['path'])
+    released = {'model': ckpt['model'], 'channels': [torch.tensor(c) for c in ckpt['channels']],
+                'args': argparse.Namespace(model='deit_tiny_patch16_224', prune_rate=0.25, lr=5e-4)}
+    path = tmp_path / 'released.pth'
+    torch.save(released, path)
+    code, out, err = run_cli(capsys, '--eval', '--resume', str(path), '--data-path', pruned['data'], *COMMON)
+    assert code == 0, err
+    assert 'Accuracy of the network on the 6 test images' in out
+    assert 'warning' not in out
+
+
+@pytest.mark.slow
+def test_speed_only_pruned_and_dense(capsys, pruned):
+    code, out, err = run_cli(capsys, '--speed-only', '--resume', pruned['path'], '--device', 'cpu',
+                             '--batch-size', '2', '--speed-repeats', '2', '--speed-warmup', '1')
+    assert code == 0, err
+    assert re.search(r'^FLOPs of the pruned model: 0\.\d\d GFLOPs$', out, re.M)
+    assert re.search(r'^FLOPs of the dense model: 1\.25 GFLOPs$', out, re.M)
+    assert re.search(r'^Throughput of the pruned model: \d+\.\d images/s$', out, re.M)
+    assert re.search(r'^Throughput of the dense model: \d+\.\d images/s$', out, re.M)
+    assert re.search(r'^Speed-up of the pruned model: \d+\.\d\dx \(FLOPs ratio 1\.\d\dx\)$', out, re.M)
+
+
+@pytest.mark.slow
+def test_speed_only_without_checkpoint_needs_no_data_and_runs_as_a_script():
+    result = subprocess.run([sys.executable, 'finetune.py', '--speed-only', '--model', 'deit_tiny_patch16_224',
+                             '--device', 'cpu', '--batch-size', '1', '--speed-repeats', '1',
+                             '--speed-warmup', '0'], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert 'FLOPs of the dense model: 1.25 GFLOPs' in result.stdout
+    assert re.search(r'Throughput of the dense model: \d+\.\d images/s', result.stdout)
+    assert 'pruned' not in result.stdout
+
+
+@pytest.mark.slow
+def test_finetune_one_epoch_with_soft_distillation(tmp_path, capsys, pruned):
+    out_dir = tmp_path / 'ft'
+    code, out, err = run_cli(capsys, '--resume', pruned['path'], '--teacher-path', pruned['dense'],
+                             '--teacher-model', 'deit_tiny_patch16_224', '--distillation-type', 'soft',
+                             '--distillation-tau', '2.0', '--final_finetune', '1', '--data-path', pruned['data'],
+                             '--output_dir', str(out_dir), '--aa', 'none', '--model-ema', *COMMON)
+    assert code == 0, err
+    assert re.search(r'Epoch: \[0\] \[0/3\]  eta: \d+:\d\d:\d\d', out)
+    ckpt = load_checkpoint_file(str(out_dir / 'checkpoint.pth'))
+    assert FINETUNE_KEYS | {'model_ema'} <= set(ckpt)
+    assert ckpt['epoch'] == 0
+    assert isinstance(ckpt['args'], argparse.Namespace)
+    pruned_ckpt = load_checkpoint_file(pruned['path'])
+    assert ckpt['channels'] == pruned_ckpt['channels']
+    for l in range(12):  # finetuning trains weights, never masks
+        key = f'blocks.{l}.attn.token_index'
+        assert torch.equal(ckpt['model'][key], pruned_ckpt['model'][key])
+    assert not torch.equal(ckpt['model']['head.weight'], pruned_ckpt['model']['head.weight'])
+    assert (out_dir / 'best.pth').exists()
+    lines = (out_dir / 'log.txt').read_text().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])['epoch'] == 0
+    assert any(name.startswith('events.out.tfevents') for name in os.listdir(out_dir))
+    # the finetuned checkpoint loads back through timm and through --eval
+    timm.create_model('cc_deit_tiny_patch16_224', checkpoint_path=str(out_dir / 'checkpoint.pth'))
+    code, out, err = run_cli(capsys, '--eval', '--resume', str(out_dir / 'checkpoint.pth'),
+                             '--data-path', pruned['data'], *COMMON)
+    assert code == 0, err
+
+
+def test_learning_rate_is_scaled_by_batch_and_world_size(tmp_path, capsys, monkeypatch, image_folder):
+    """lr · batch · world_size / 512, printed at the start of finetuning."""
+    dense = official_checkpoint(tmp_path / 'digits.pth', 'cc_deit_digits_patch4_32')
+    code, out, err = run_cli(capsys, '--model', 'deit_digits_patch4_32', '--resume', dense,
+                             '--data-path', image_folder, '--output_dir', str(tmp_path / 'o'),
+                             '--final_finetune', '1', '--lr', '1e-3', '--batch-size', '8', '--device', 'cpu',
+                             '--num_workers', '0', '--input-size', '32', '--mixup', '0', '--cutmix', '0')
+    assert code == 0, err
+    assert f'lr {1e-3 * 8 / 512:.2e} for batch 8 x 1 processes' in out

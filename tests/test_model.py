@@ -1,0 +1,200 @@
+"""The patched DeiT: equal to timm's dense model, equal to the DESIGN §1 reference semantics when pruned,
+strict about what it loads."""
+import argparse
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+import models
+import pruning
+from conftest import official_checkpoint
+
+
+def _dense_pair(name, seed=0):
+    torch.manual_seed(seed)
+    dense = timm.create_model(name).eval()
+    cc = timm.create_model('cc_' + name).eval()
+    cc.load_state_dict(dense.state_dict())  # official keys only: masks become all True
+    return dense, cc
+
+
+@pytest.mark.parametrize('name', ['deit_tiny_patch16_224', 'deit_small_patch16_224'])
+def test_all_masks_true_equals_timm_deit(name):
+    dense, cc = _dense_pair(name)
+    assert all(bool(m.all()) for m in cc.masks)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        diff = (cc(x) - dense(x)).abs().max().item()
+    assert diff < 1e-4
+
+
+def test_official_checkpoint_loads_through_timm_create_model(tmp_path):
+    path = official_checkpoint(tmp_path / 'deit_tiny.pth', seed=3)
+    reference = torch.load(path, weights_only=True)['model']
+    model = timm.create_model('cc_deit_tiny_patch16_224', checkpoint_path=path)
+    for k, v in reference.items():
+        assert torch.equal(model.state_dict()[k], v), k
+    assert all(bool(m.all()) for m in model.masks)
+    assert models.kept_token_counts(model) == [197] * 12
+
+
+def reference_forward(model, x, concat_masks):
+    """DESIGN §1 written out plainly: tokens physically reordered, boolean indexing, kept first."""
+    x = model.patch_embed(x)
+    x = torch.cat([model.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + model.pos_embed
+    for blk, m in zip(model.blocks, concat_masks):
+        keep, rest = x[:, m], x[:, ~m]
+        keep = keep + plain_attention(blk.attn, blk.norm1(keep))
+        keep = keep + blk.mlp.fc2(F.gelu(blk.mlp.fc1(blk.norm2(keep))))
+        x = torch.cat([keep, rest], dim=1)
+    return model.head(model.norm(x)[:, 0])
+
+
+def plain_attention(attn, x):
+    B, N, C = x.shape
+    H = attn.num_heads
+    q, k, v = F.linear(x, attn.qkv.weight, attn.qkv.bias).reshape(B, N, 3, H, C // H).permute(2, 0, 3, 1, 4)
+    a = ((q @ k.transpose(-2, -1)) * (C // H) ** -0.5).softmax(-1)
+    return attn.proj((a @ v).transpose(1, 2).reshape(B, N, C))
+
+
+def _revisiting_plan(depth, num_patches, seed):
+    """Random plan in which some token is clipped at one block and processed again at a later one."""
+    g = torch.Generator().manual_seed(seed)
+    plan = torch.rand(depth, num_patches, generator=g) > 0.35
+    comes_back = any(not plan[l, j] and plan[l2, j]
+                     for j in range(num_patches) for l in range(depth) for l2 in range(l + 1, depth))
+    assert comes_back
+    return plan
+
+
+@pytest.mark.parametrize('seed', [0, 1])
+def test_pruned_model_equals_reference_semantics(seed):
+    torch.manual_seed(seed)
+    model = timm.create_model('cc_deit_tiny_patch16_224').eval()
+    plan = _revisiting_plan(12, 196, seed)
+    channels = pruning.apply_masks(model, plan)
+    concat = [m.clone() for m in model.masks]
+    assert channels == [int(m.sum()) for m in concat]
+    assert any(not blk.dense for blk in model.blocks)
+    x = torch.randn(3, 3, 224, 224)
+    with torch.no_grad():
+        ours = model(x)
+        ref = reference_forward(model, x, concat)
+        dense = reference_forward(model, x, [torch.ones_like(m) for m in concat])
+    assert (ours - ref).abs().max().item() < 1e-4
+    assert (ours - dense).abs().max().item() > 1e-3  # the masks really change the result
+
+
+def test_pruned_model_loaded_from_concat_order_masks_equals_reference():
+    """Masks arriving through a state dict (any concat-order masks with the class token kept)."""
+    torch.manual_seed(5)
+    model = timm.create_model('cc_deit_tiny_patch16_224', img_size=64, depth=4).eval()
+    g = torch.Generator().manual_seed(5)
+    sd = model.state_dict()
+    masks = []
+    for l in range(4):
+        m = torch.rand(17, generator=g) > 0.4
+        m[0] = True
+        sd[f'blocks.{l}.attn.token_index'] = m
+        masks.append(m)
+    model.load_state_dict(sd)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert (model(x) - reference_forward(model, x, masks)).abs().max().item() < 1e-4
+
+
+def test_pruned_training_step_reaches_every_weight():
+    torch.manual_seed(0)
+    model = timm.create_model('cc_deit_tiny_patch16_224', img_size=64, depth=3)
+    pruning.apply_masks(model, _revisiting_plan(3, 16, 2))
+    model.train()
+    loss = model(torch.randn(2, 3, 64, 64)).logsumexp(1).mean()
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_forward_uses_fused_attention(monkeypatch):
+    model = timm.create_model('cc_deit_tiny_patch16_224', img_size=64, depth=3).eval()
+    pruning.apply_masks(model, _revisiting_plan(3, 16, 2))
+    calls = []
+    real = F.scaled_dot_product_attention
+
+    def counting(q, k, v, *args, **kwargs):
+        calls.append(q.shape[2])
+        return real(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(F, 'scaled_dot_product_attention', counting)
+    with torch.no_grad():
+        model(torch.randn(1, 3, 64, 64))
+    assert calls == models.kept_token_counts(model)
+
+
+def _pruned_state(tmp_path):
+    torch.manual_seed(0)
+    model = timm.create_model('cc_deit_tiny_patch16_224', img_size=64, depth=3)
+    pruning.apply_masks(model, _revisiting_plan(3, 16, 2))
+    return model, model.state_dict()
+
+
+def test_pruned_checkpoint_round_trip_through_create_model(tmp_path):
+    model, sd = _pruned_state(tmp_path)
+    path = tmp_path / 'pruned.pth'
+    # Released files may hold channels as 0-dim tensors and args as a Namespace.
+    torch.save({'model': sd, 'channels': [torch.tensor(c) for c in models.kept_token_counts(model)],
+                'args': argparse.Namespace(model='deit_tiny_patch16_224', prune_rate=0.25)}, path)
+    loaded = timm.create_model('cc_deit_tiny_patch16_224', img_size=64, depth=3, checkpoint_path=str(path))
+    for a, b in zip(model.masks, loaded.masks):
+        assert torch.equal(a, b)
+    x = torch.randn(2, 3, 64, 64)
+    model.eval(), loaded.eval()
+    with torch.no_grad():
+        assert torch.allclose(model(x), loaded(x), atol=1e-6)
+
+
+@pytest.mark.parametrize('change, message', [
+    ('missing', 'Missing key(s)'),
+    ('extra', 'Unexpected key(s)'),
+    ('some_masks_missing', 'blocks.2.attn.token_index'),
+    ('short_mask', 'mask has shape (16,), the model needs (17,)'),
+    ('no_class_token', 'the class token (position 0) must be kept'),
+])
+def test_strict_loading_refuses_bad_state_dicts(tmp_path, change, message):
+    model, sd = _pruned_state(tmp_path)
+    sd = dict(sd)
+    if change == 'missing':
+        del sd['blocks.1.mlp.fc1.weight']
+    elif change == 'extra':
+        sd['blocks.1.attn.extra'] = torch.zeros(1)
+    elif change == 'some_masks_missing':
+        del sd['blocks.2.attn.token_index']
+    elif change == 'short_mask':
+        sd['blocks.1.attn.token_index'] = torch.ones(16, dtype=torch.bool)
+    elif change == 'no_class_token':
+        sd['blocks.1.attn.token_index'] = sd['blocks.1.attn.token_index'].clone()
+        sd['blocks.1.attn.token_index'][0] = False
+    fresh = timm.create_model('cc_deit_tiny_patch16_224', img_size=64, depth=3)
+    with pytest.raises(RuntimeError, match=message.replace('(', r'\(').replace(')', r'\)')):
+        fresh.load_state_dict(sd)
+    path = tmp_path / 'bad.pth'
+    torch.save({'model': sd}, path)
+    with pytest.raises(RuntimeError):
+        timm.create_model('cc_deit_tiny_patch16_224', img_size=64, depth=3, checkpoint_path=str(path))
+
+
+@pytest.mark.parametrize('name, expected', [
+    ('cc_deit_tiny_patch16_224', 1.3), ('cc_deit_small_patch16_224', 4.6), ('cc_deit_base_patch16_224', 17.6)])
+def test_dense_gflops_match_the_paper(name, expected):
+    model = timm.create_model(name)
+    assert round(models.count_macs(model) / 1e9, 1) == expected
+
+
+def test_flops_follow_the_per_block_channels():
+    model = timm.create_model('cc_deit_tiny_patch16_224')
+    channels = pruning.apply_masks(model, pruning.random_masks(12, 196, 0.4, torch.Generator().manual_seed(0)))
+    C = 192
+    expected = 196 * 3 * 16 * 16 * C + sum(12 * n * C * C + 2 * n * n * C for n in channels) + C * 1000
+    assert models.count_macs(model) == expected
+    assert sum(channels) == 12 * 197 - int(196 * 12 * 0.4)

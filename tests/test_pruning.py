@@ -1,0 +1,222 @@
+"""Choosing masks: Taylor scores against an independent autograd computation, the budget and its tie rule,
+the random baseline, and the concat-order conversion on a hand-worked example."""
+import pytest
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import pruning
+
+
+def _small_model(seed=0, depth=3):
+    torch.manual_seed(seed)
+    # 64x64 input with patch 16: 16 patches + class token, DeiT-Ti width.
+    return timm.create_model('cc_deit_tiny_patch16_224', img_size=64, depth=depth, num_classes=7)
+
+
+def _independent_scores(model, batches, criterion):
+    """Σ_{b,h,i} A·∂L/∂A per key token, with A taken from a forward written here and ∂L/∂A from autograd."""
+    depth = len(model.blocks)
+    total = torch.zeros(depth, model.num_tokens, dtype=torch.float64)
+    for images, targets in batches:
+        probs = []
+        x = model.patch_embed(images)
+        x = torch.cat([model.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + model.pos_embed
+        for blk in model.blocks:
+            h = blk.norm1(x)
+            B, N, C = h.shape
+            H = blk.attn.num_heads
+            q, k, v = blk.attn.qkv(h).reshape(B, N, 3, H, C // H).permute(2, 0, 3, 1, 4)
+            a = ((q @ k.transpose(-2, -1)) * (C // H) ** -0.5).softmax(-1)
+            a.retain_grad()
+            probs.append(a)
+            x = x + blk.attn.proj((a @ v).transpose(1, 2).reshape(B, N, C))
+            x = x + blk.mlp(blk.norm2(x))
+        loss = criterion(model.head(model.norm(x)[:, 0]), targets)
+        model.zero_grad()
+        loss.backward()
+        for layer, a in enumerate(probs):
+            B, H, N, _ = a.shape
+            total[layer] += ((a * a.grad).sum(dim=(0, 1, 2)) / (B * H * N)).abs().double()
+    model.zero_grad(set_to_none=True)
+    return total[:, 1:].float()
+
+
+def _batches(n=2, batch=3, seed=1, classes=7):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch, 3, 64, 64, generator=g), torch.randint(0, classes, (batch,), generator=g))
+            for _ in range(n)]
+
+
+def test_scores_equal_independent_autograd_computation():
+    model = _small_model()
+    model.eval()
+    batches = _batches()
+    criterion = nn.CrossEntropyLoss()
+    ours = pruning.attention_taylor_scores(model, batches, criterion)
+    reference = _independent_scores(model, batches, criterion)
+    assert ours.shape == (3, 16) and ours.dtype == torch.float32
+    assert torch.allclose(ours, reference, rtol=1e-4, atol=1e-12)
+    assert (ours > 0).all()
+
+
+def test_scores_take_absolute_value_per_batch_then_sum():
+    model = _small_model()
+    criterion = nn.CrossEntropyLoss()
+    batches = _batches(n=3)
+    both = pruning.attention_taylor_scores(model, batches, criterion)
+    each = sum(pruning.attention_taylor_scores(model, [b], criterion) for b in batches)
+    assert torch.allclose(both, each, rtol=1e-5)
+    first = pruning.attention_taylor_scores(model, batches, criterion, max_batches=1)
+    assert torch.allclose(first, pruning.attention_taylor_scores(model, batches[:1], criterion))
+
+
+def test_scoring_changes_nothing_in_the_model():
+    model = _small_model()
+    plan = torch.ones(3, 16, dtype=torch.bool)
+    plan[1, :5] = False
+    pruning.apply_masks(model, plan)
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(2, 3, 64, 64)
+    model.eval()
+    with torch.no_grad():
+        out_before = model(x)
+    model.train()
+    pruning.attention_taylor_scores(model, _batches(), nn.CrossEntropyLoss())
+    assert model.training
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.grad is None for p in model.parameters())
+    assert all(not blk.attn.keep_attention_probs and blk.attn.attention_probs is None for blk in model.blocks)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), out_before)
+
+
+def test_scores_are_taken_in_eval_mode_with_all_masks_true():
+    """Dropout in the model and masks already present must not change the scores."""
+    model = _small_model()
+    batches = _batches()
+    reference = pruning.attention_taylor_scores(model, batches, nn.CrossEntropyLoss())
+    noisy = timm.create_model('cc_deit_tiny_patch16_224', img_size=64, depth=3, num_classes=7,
+                              drop_rate=0.5, attn_drop_rate=0.5, drop_path_rate=0.5)
+    noisy.load_state_dict(model.state_dict())
+    plan = torch.ones(3, 16, dtype=torch.bool)
+    plan[:, 3:9] = False
+    pruning.apply_masks(noisy, plan)
+    noisy.train()
+    assert torch.allclose(pruning.attention_taylor_scores(noisy, batches, nn.CrossEntropyLoss()), reference)
+
+
+# --------------------------------------------------------------------------------------------------------
+# the budget
+
+def _reference_plan(scores, rate, decay=0.005):
+    depth, n = scores.shape
+    weighted = []
+    for l in range(depth):
+        norm = scores[l].double().norm()
+        for j in range(n):
+            weighted.append(((scores[l, j].double() / norm).item() * (1 - decay * l), l, j))
+    weighted.sort()  # by weight, then lower layer, then lower token index
+    keep = torch.ones(depth, n, dtype=torch.bool)
+    for _, l, j in weighted[:int(n * depth * rate)]:
+        keep[l, j] = False
+    return keep
+
+
+@pytest.mark.parametrize('rate', [0.1, 0.25, 0.3, 0.4, 0.77])
+def test_plan_clips_exactly_the_budget(rate):
+    scores = torch.rand(12, 196, generator=torch.Generator().manual_seed(0))
+    plan = pruning.plan_masks(scores, rate)
+    assert plan.shape == (12, 196) and plan.dtype == torch.bool
+    assert int((~plan).sum()) == int(196 * 12 * rate)
+    assert torch.equal(plan, _reference_plan(scores, rate))
+
+
+def test_plan_normalises_each_layer():
+    scores = torch.rand(4, 10, generator=torch.Generator().manual_seed(1))
+    scaled = scores * torch.tensor([[1.0], [1e3], [1e-3], [7.0]])
+    assert torch.equal(pruning.plan_masks(scores, 0.3), pruning.plan_masks(scaled, 0.3))
+
+
+def test_depth_prior_clips_deeper_layers_first():
+    flat = torch.ones(6, 20)  # every slot has the same normalised score; only the prior separates layers
+    plan = pruning.plan_masks(flat, 0.1)  # 12 slots
+    expected = torch.ones(6, 20, dtype=torch.bool)
+    expected[5, :12] = False  # all from the deepest layer, lowest token indices first
+    assert torch.equal(plan, expected)
+    # A token a shallow layer values slightly more than a deep one still loses there: the prior tips it.
+    scores = torch.tensor([[1.0, 2.0, 2.0, 2.0], [1.004, 2.0, 2.0, 2.0]])
+    # normalised: 1/√13 = 0.27735 in layer 0, 1.004/√13.008 = 0.27837 in layer 1, times 0.995 = 0.27698
+    plan = pruning.plan_masks(scores, 0.125)  # 1 slot
+    assert (~plan).nonzero().tolist() == [[1, 0]]
+    assert (~pruning.plan_masks(scores, 0.125, layer_decay=0.0)).nonzero().tolist() == [[0, 0]]
+
+
+def test_ties_go_to_lower_layer_then_lower_token():
+    flat = torch.ones(3, 8)
+    plan = pruning.plan_masks(flat, 0.25, layer_decay=0.0)  # 6 slots, all weights equal
+    expected = torch.ones(3, 8, dtype=torch.bool)
+    expected[0, :6] = False
+    assert torch.equal(plan, expected)
+    plan = pruning.plan_masks(flat, 0.5, layer_decay=0.0)  # 12 slots
+    expected[0, :] = False
+    expected[1, :4] = False
+    assert torch.equal(plan, expected)
+
+
+def test_plan_rejects_bad_rates_and_shapes():
+    with pytest.raises(ValueError, match='prune_rate'):
+        pruning.plan_masks(torch.rand(2, 4), 1.0)
+    with pytest.raises(ValueError, match='prune_rate'):
+        pruning.plan_masks(torch.rand(2, 4), -0.1)
+    with pytest.raises(ValueError, match='depth, num_patches'):
+        pruning.plan_masks(torch.rand(8), 0.2)
+
+
+def test_random_masks_clip_exactly_the_budget_distinct_and_seeded():
+    a = pruning.random_masks(12, 196, 0.4, generator=torch.Generator().manual_seed(0))
+    b = pruning.random_masks(12, 196, 0.4, generator=torch.Generator().manual_seed(0))
+    c = pruning.random_masks(12, 196, 0.4, generator=torch.Generator().manual_seed(1))
+    assert int((~a).sum()) == int(196 * 12 * 0.4)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert (~a).sum(dim=1).min() > 0  # uniform over all slots: every layer gets some
+
+
+# --------------------------------------------------------------------------------------------------------
+# concat order
+
+# Patches 1..4 plus the class token 0, three blocks (worked by hand):
+#   block 0 keeps {1, 3}: order 0 1 2 3 4 -> mask T T F T F -> new order 0 1 3 | 2 4
+#   block 1 keeps {2, 3}: order 0 1 3 2 4 -> mask T F T T F -> new order 0 3 2 | 1 4
+#   block 2 keeps {1, 4}: order 0 3 2 1 4 -> mask T F F T T -> new order 0 1 4 | 3 2
+HAND_PLAN = torch.tensor([[1, 0, 1, 0], [0, 1, 1, 0], [1, 0, 0, 1]], dtype=torch.bool)
+HAND_CONCAT = torch.tensor([[1, 1, 0, 1, 0], [1, 0, 1, 1, 0], [1, 0, 0, 1, 1]], dtype=torch.bool)
+
+
+def test_concat_order_conversion_hand_worked():
+    assert torch.equal(pruning.to_concat_order(HAND_PLAN), HAND_CONCAT)
+
+
+def test_apply_masks_writes_concat_order_buffers_and_returns_channels():
+    model = timm.create_model('cc_deit_tiny_patch16_224', img_size=32, depth=3)  # 4 patches
+    channels = pruning.apply_masks(model, HAND_PLAN)
+    assert channels == [3, 3, 3]
+    for blk, expected in zip(model.blocks, HAND_CONCAT):
+        assert torch.equal(blk.attn.token_index, expected)
+    # Original ids processed by each block: the kept set of the plan, class token included.
+    assert [blk.kept_ids.tolist() for blk in model.blocks] == [[0, 1, 3], [0, 3, 2], [0, 1, 4]]
+    sd = model.state_dict()
+    assert sd['blocks.1.attn.token_index'].dtype == torch.bool
+    fresh = timm.create_model('cc_deit_tiny_patch16_224', img_size=32, depth=3)
+    fresh.load_state_dict(sd)
+    assert [blk.kept_ids.tolist() for blk in fresh.blocks] == [[0, 1, 3], [0, 3, 2], [0, 1, 4]]
+
+
+def test_apply_masks_rejects_a_plan_of_the_wrong_shape():
+    model = timm.create_model('cc_deit_tiny_patch16_224', img_size=32, depth=3)
+    with pytest.raises(ValueError, match=r'\(3, 4\)'):
+        pruning.apply_masks(model, torch.ones(3, 5, dtype=torch.bool))
