@@ -503,7 +503,7 @@ def run_finetune(args, device: torch.device) -> Dict[str, float]:
     args.epochs = args.final_finetune
     optimizer = create_optimizer_v2(model_without_ddp, **optimizer_kwargs(cfg=args))
     lr_scheduler, _ = create_scheduler(args, optimizer)
-    amp = args.amp and device.type == 'cuda'
+    amp = args.amp
     scaler = torch.amp.GradScaler('cuda', enabled=amp)
 
     mixup_active = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
@@ -597,6 +597,7 @@ def run(args) -> Dict[str, float]:
         check_output_dir(args.output_dir)
     init_distributed_mode(args)
     device = torch.device(args.device)
+    args.amp = args.amp and device.type == 'cuda'  # mixed precision on CUDA only
     torch.manual_seed(args.seed + args.rank)
     import timm
     cfg = timm.models.get_pretrained_cfg(args.model)
