@@ -1,0 +1,129 @@
+"""The distillation loss of the method, the data sets and the samplers."""
+import argparse
+import json
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+
+from conftest import make_image_folder
+from datasets import DigitsDataset, build_dataset, build_transform
+from losses import DistillationLoss
+from samplers import DistributedEvalSampler, RASampler
+
+
+class _Fixed(nn.Module):
+    def __init__(self, out):
+        super().__init__()
+        self.out = out
+
+    def forward(self, x):
+        return self.out
+
+
+def test_soft_distillation_is_base_plus_alpha_kl():
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(4, 10, generator=g), torch.randn(4, 10, generator=g)
+    y = torch.randint(0, 10, (4,), generator=g)
+    tau, alpha = 2.0, 0.7
+    loss = DistillationLoss(nn.CrossEntropyLoss(), _Fixed(t), 'soft', alpha, tau)(None, s, y)
+    p_t = torch.softmax(t / tau, 1)
+    kl = (p_t * (torch.log_softmax(t / tau, 1) - torch.log_softmax(s / tau, 1))).sum()
+    expected = nn.functional.cross_entropy(s, y) + alpha * kl * tau * tau / s.numel()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_hard_distillation_uses_teacher_argmax():
+    g = torch.Generator().manual_seed(1)
+    s, t = torch.randn(5, 7, generator=g), torch.randn(5, 7, generator=g)
+    y = torch.randint(0, 7, (5,), generator=g)
+    loss = DistillationLoss(nn.CrossEntropyLoss(), _Fixed(t), 'hard', 0.5, 1.0)(None, s, y)
+    ce = nn.functional.cross_entropy
+    assert loss.item() == pytest.approx((ce(s, y) + 0.5 * ce(s, t.argmax(1))).item(), rel=1e-6)
+    assert DistillationLoss(nn.CrossEntropyLoss())(None, s, y).item() == pytest.approx(ce(s, y).item())
+
+
+def test_distillation_needs_a_teacher():
+    with pytest.raises(ValueError, match='teacher'):
+        DistillationLoss(nn.CrossEntropyLoss(), None, 'soft')
+
+
+def test_digits_split_is_fixed_and_disjoint():
+    train, val = DigitsDataset(train=True), DigitsDataset(train=False)
+    assert (len(train), len(val)) == (1437, 360)
+    assert train.images.shape[1:] == (3, 32, 32) and set(val.targets.tolist()) == set(range(10))
+    again = DigitsDataset(train=False)
+    assert torch.equal(again.images, val.images)
+    flat_train = {tuple(x.flatten()[::7].tolist()) for x in train.images}
+    overlap = sum(tuple(x.flatten()[::7].tolist()) in flat_train for x in val.images)
+    assert overlap < 5  # the digits data has a few exact duplicates, no more
+    img, target = val[0]
+    assert torch.equal(img, val.images[0]) and isinstance(target, int)
+    shifted = torch.stack([train[0][0] for _ in range(8)])
+    assert not all(torch.equal(shifted[0], s) for s in shifted)  # ±2 px random shifts while training
+
+
+def _args(**kw):
+    base = dict(input_size=224, eval_crop_ratio=0.875, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+                data_set='IMNET', data_path='', color_jitter=0.3, aa='none', train_interpolation='bicubic',
+                reprob=0.0, remode='pixel', recount=1, inat_category='name')
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+def test_eval_transform_crop_ratio():
+    from PIL import Image
+    img = Image.new('RGB', (300, 200))
+    assert build_transform(False, _args())(img).shape == (3, 224, 224)
+    names = [type(t).__name__ for t in build_transform(False, _args()).transforms]
+    assert names[:2] == ['Resize', 'CenterCrop']
+    resize = build_transform(False, _args()).transforms[0]
+    assert resize.size == int(224 / 0.875)
+    plain = build_transform(False, _args(eval_crop_ratio=1.0)).transforms
+    assert type(plain[1]).__name__ == 'ToTensor' and plain[0].size == (224, 224)
+
+
+def test_image_folder_classes(tmp_path):
+    root = make_image_folder(tmp_path, classes=('x', 'y'), per_class=(3, 1))
+    ds, n = build_dataset(False, _args(data_path=root))
+    assert n == 2 and len(ds) == 2 and ds[0][0].shape == (3, 224, 224)
+
+
+def test_inaturalist_json_layout(tmp_path):
+    from PIL import Image
+    categories = [{'id': 0, 'name': 'owl', 'kingdom': 'A'}, {'id': 1, 'name': 'cat', 'kingdom': 'A'},
+                  {'id': 2, 'name': 'fern', 'kingdom': 'P'}]
+    (tmp_path / 'categories.json').write_text(json.dumps(categories))
+    for split, cats in (('train', [0, 1, 2, 2]), ('val', [2, 0])):
+        images, anns = [], []
+        for i, c in enumerate(cats):
+            name = f'{split}_{i}.jpg'
+            Image.new('RGB', (20, 20)).save(tmp_path / name)
+            images.append({'id': i, 'file_name': name})
+            anns.append({'image_id': i, 'category_id': c})
+        (tmp_path / f'{split}2018.json').write_text(json.dumps({'images': images, 'annotations': anns}))
+    train, n = build_dataset(True, _args(data_set='INAT', data_path=str(tmp_path)))
+    val, _ = build_dataset(False, _args(data_set='INAT', data_path=str(tmp_path)))
+    assert n == 3 and len(train) == 4
+    by_name = {'cat': 0, 'fern': 1, 'owl': 2}  # classes sorted by the category's name
+    assert val.targets == [by_name['fern'], by_name['owl']]
+    _, kingdoms = build_dataset(True, _args(data_set='INAT', data_path=str(tmp_path), inat_category='kingdom'))
+    assert kingdoms == 2
+
+
+def test_distributed_eval_sampler_covers_each_image_once():
+    data = list(range(11))
+    parts = [list(DistributedEvalSampler(data, 3, r)) for r in range(3)]
+    assert sorted(sum(parts, [])) == data
+
+
+def test_repeated_augmentation_sampler():
+    data = list(range(512))
+    samplers = [RASampler(data, 2, r, shuffle=True, repeats=3, seed=0) for r in range(2)]
+    parts = [list(s) for s in samplers]
+    assert all(len(p) == len(s) == 256 for p, s in zip(parts, samplers))
+    counts = torch.bincount(torch.tensor(sum(parts, [])), minlength=512)
+    assert counts.max() == 3  # an image appears up to 3 times per epoch, on different processes
+    samplers[0].set_epoch(1)
+    assert list(samplers[0]) != parts[0]
