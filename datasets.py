@@ -25,12 +25,39 @@ def load_rgb(path: str) -> Image.Image:
         with open(path, 'rb') as f:
             img = Image.open(f)
             return img.convert('RGB')
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+    except UnidentifiedImageError:  # its own message repeats the path as '<_io.BufferedReader name=...>'
+        raise BadImageError(f'cannot read image {path}: not an image, or a format Pillow cannot decode') from None
+    except (OSError, SyntaxError, ValueError) as e:
         raise BadImageError(f'cannot read image {path}: {e}') from None
 
 
 # ----------------------------------------------------------------------------------------------------------
 # transforms
+
+def _posterize_keeping_zero_bits(img, bits_to_keep, **kwargs):
+    """timm's posterize, where keeping 0 bits gives a black image as it did with Pillow < 12.
+
+    DeiT's default ``--aa rand-m9-mstd0.5-inc1`` uses "PosterizeIncreasing", which asks for 0 bits whenever the
+    sampled magnitude reaches 10 (about 2% of the calls at m9, mstd 0.5); Pillow 12+ refuses that with
+    ``ValueError: bits must be between or equal to 1 and 8``, which stopped finetuning at a random step.
+    """
+    if bits_to_keep <= 0:
+        return img.point(lambda _: 0)
+    return _timm_posterize(img, bits_to_keep, **kwargs)
+
+
+def _patch_timm_posterize() -> None:
+    from timm.data import auto_augment
+    global _timm_posterize
+    _timm_posterize = auto_augment.posterize
+    for name, op in list(auto_augment.NAME_TO_OP.items()):
+        if op is _timm_posterize:
+            auto_augment.NAME_TO_OP[name] = _posterize_keeping_zero_bits
+
+
+_timm_posterize = None
+_patch_timm_posterize()
+
 
 def build_transform(is_train: bool, args):
     """DeiT's transforms. Eval: resize to input/ratio (bicubic) then centre crop; ratio 1.0 resizes only."""

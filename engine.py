@@ -39,7 +39,13 @@ def train_one_epoch(model: nn.Module, criterion, data_loader: Iterable, optimize
         if max_norm:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-        scaler.step(optimizer)
+        try:
+            scaler.step(optimizer)
+        except RuntimeError as e:  # an absurd learning rate: the update itself is not a finite float
+            if 'overflow' not in str(e):
+                raise
+            raise NonFiniteLossError(f'the optimizer step overflowed at epoch {epoch}, step {step} '
+                                     f'(lr {optimizer.param_groups[0]["lr"]:g})') from None
         scaler.update()
         if model_ema is not None:
             model_ema.update(model)

@@ -12,6 +12,7 @@ import argparse
 import itertools
 import json
 import os
+import re
 import sys
 import time
 import datetime
@@ -27,16 +28,25 @@ from engine import NonFiniteLossError, evaluate, measure_throughput, train_one_e
 from losses import DistillationLoss
 from samplers import DistributedEvalSampler, RASampler
 from utils import (UserError, TensorBoard, check_output_dir, init_distributed_mode, is_main_process,
-                   load_checkpoint_file, rank0_print, save_atomic, state_dict_of, write_text_atomic)
+                   load_checkpoint_file, rank0_print, remove_stale_temporaries, save_atomic, state_dict_of,
+                   write_text_atomic)
 
 MODEL_SIZES = ('deit_tiny_patch16_224', 'deit_small_patch16_224', 'deit_base_patch16_224', 'deit_digits_patch4_32')
 EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 3
 EXIT_INTERRUPTED = 130
+EXIT_PEER_FAILED = 1  # another process of a multi-process job stopped first; its own message says why
+
+
+class _Parser(argparse.ArgumentParser):
+    """A mistyped flag or value is one line too (argparse would print the whole usage first)."""
+
+    def error(self, message):
+        self.exit(EXIT_USER_ERROR, f'error: {message} (see --help)\n')
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser('Clip & Concat DeiT: prune, evaluate, benchmark, finetune', add_help=True)
+    p = _Parser('Clip & Concat DeiT: prune, evaluate, benchmark, finetune', add_help=True)
     a = p.add_argument
     # what to do
     a('--eval', action='store_true', help='evaluate --resume on the validation set')
@@ -120,6 +130,7 @@ def get_args_parser() -> argparse.ArgumentParser:
       help='autocast for --speed-only (default fp16 on CUDA, fp32 on CPU)')
     a('--world_size', default=1, type=int, help='set by the launcher')
     a('--dist_url', default='env://', help='set by the launcher')
+    a('--local-rank', '--local_rank', default=None, type=int, dest='local_rank', help=argparse.SUPPRESS)
     return p
 
 
@@ -160,20 +171,27 @@ def validate_args(args) -> None:
         raise UserError(f'--distillation-tau must be positive, got {args.distillation_tau}')
     if args.data_set != 'DIGITS' and (args.eval or args.prune or not modes) and not args.data_path:
         raise UserError(f'--data-path is required for --data-set {args.data_set}')
+    if args.resume and os.path.isdir(args.resume):
+        raise UserError(f'--resume {args.resume} is a directory; give the checkpoint file '
+                        f'(e.g. {os.path.join(args.resume, "checkpoint.pth")})')
     if args.resume and not os.path.isfile(args.resume):
         raise UserError(f'checkpoint not found: {args.resume}')
+    if not modes and not args.lr > 0:
+        raise UserError(f'--lr must be positive, got {args.lr}')
+    if not 0.0 <= args.smoothing < 1.0:
+        raise UserError(f'--smoothing must be in [0, 1), got {args.smoothing}')
     if args.teacher_path and not modes and not os.path.isfile(args.teacher_path):
         raise UserError(f'teacher checkpoint not found: {args.teacher_path}')
     args.model = cc_model_name(args.model)
     if args.teacher_model:
-        cc_model_name(args.teacher_model)
+        cc_model_name(args.teacher_model, '--teacher-model')
 
 
-def cc_model_name(name: str) -> str:
+def cc_model_name(name: str, flag: str = '--model') -> str:
     """``deit_tiny_patch16_224`` (the seed's spelling) or ``cc_deit_tiny_patch16_224`` -> the cc_ name."""
     base = name[3:] if name.startswith('cc_') else name
     if base not in MODEL_SIZES:
-        raise UserError(f'unknown --model {name}; choose one of {", ".join(MODEL_SIZES)}')
+        raise UserError(f'unknown {flag} {name}; choose one of {", ".join(MODEL_SIZES)}')
     return 'cc_' + base
 
 
@@ -267,6 +285,13 @@ def dense_copy(model: nn.Module) -> nn.Module:
     return dense
 
 
+def masks_sha1(masks) -> str:
+    """A digest of the per-block concat-order masks (as stored in checkpoints), to compare plans at a glance."""
+    import hashlib
+    stacked = torch.stack([m.detach().to('cpu', torch.uint8) for m in masks])
+    return hashlib.sha1(stacked.numpy().tobytes()).hexdigest()
+
+
 def describe(model: nn.Module) -> str:
     channels = models.kept_token_counts(model)
     return f'{model.num_tokens - 1} patches + class token; kept tokens per block: {channels}'
@@ -296,7 +321,7 @@ def data_loader(dataset, args, train: bool, sampler=None, batch_size=None):
     bs = batch_size or (args.batch_size if train else int(1.5 * args.batch_size))
     return torch.utils.data.DataLoader(
         dataset, sampler=sampler, batch_size=bs, num_workers=args.num_workers,
-        pin_memory=args.pin_mem and args.device.startswith('cuda'), drop_last=train and len(dataset) >= bs,
+        pin_memory=args.pin_mem and args.device.startswith('cuda'), drop_last=train and len(sampler) >= bs,
         persistent_workers=False)
 
 
@@ -401,6 +426,8 @@ def run_prune(args, device: torch.device) -> Dict[str, float]:
     rank0_print(f'Clipped {clipped} of {depth * num_patches} (layer, patch) slots '
                 f'({args.prune_mode}, prune rate {args.prune_rate})')
     rank0_print(f'Kept tokens per block (class token included): {channels}')
+    # Every process prints what it planned: with several processes the digests must agree (scores are summed).
+    print(f'[rank {args.rank}] masks sha1 {masks_sha1(model.masks)}\n', end='', flush=True)  # one write per line
     rank0_print(f'FLOPs: {gflops(model):.2f} GFLOPs (dense {gflops(dense_copy(model)):.2f} GFLOPs)')
     path = os.path.join(args.output_dir, f'pruned_{args.prune_rate}.pth')
     if is_main_process():
@@ -477,9 +504,16 @@ def run_finetune(args, device: torch.device) -> Dict[str, float]:
         model, checkpoint = build_dense_model(args, nb_classes), {}
     check_classes(nb_classes, model, 'training')
     continuing = all(k in checkpoint for k in ('optimizer', 'lr_scheduler', 'epoch'))
-    if not continuing and os.path.exists(checkpoint_path):
-        raise UserError(f'{checkpoint_path} already exists from an earlier run; continue it with --resume '
-                        f'{checkpoint_path} or choose another --output_dir')
+    # Never overwrite the results of another run: only continuing <output_dir>/checkpoint.pth itself may.
+    if os.path.exists(checkpoint_path):
+        if not (continuing and os.path.samefile(args.resume, checkpoint_path)):
+            raise UserError(f'{checkpoint_path} already exists from an earlier run; continue it with --resume '
+                            f'{checkpoint_path} or choose another --output_dir')
+    else:
+        earlier = [os.path.basename(p) for p in (best_path, log_path) if os.path.exists(p)]
+        if earlier:
+            raise UserError(f'{args.output_dir} already holds {" and ".join(earlier)} from an earlier run; '
+                            f'choose another --output_dir (or move them away)')
     model.to(device)
     channels = models.kept_token_counts(model)
     rank0_print(f'Student {args.model}: {describe(model)}; {gflops(model):.2f} GFLOPs')
@@ -501,8 +535,14 @@ def run_finetune(args, device: torch.device) -> Dict[str, float]:
     if not args.unscale_lr:
         args.lr = args.lr * args.batch_size * args.world_size / 512.0
     args.epochs = args.final_finetune
-    optimizer = create_optimizer_v2(model_without_ddp, **optimizer_kwargs(cfg=args))
-    lr_scheduler, _ = create_scheduler(args, optimizer)
+    try:
+        optimizer = create_optimizer_v2(model_without_ddp, **optimizer_kwargs(cfg=args))
+    except (ValueError, KeyError, AssertionError, TypeError) as e:
+        raise UserError(f'cannot create the optimizer (--opt {args.opt}): {_one_line(e)}') from None
+    try:
+        lr_scheduler, _ = create_scheduler(args, optimizer)
+    except (ValueError, KeyError, AssertionError, TypeError) as e:
+        raise UserError(f'cannot create the learning-rate schedule (--sched {args.sched}): {_one_line(e)}') from None
     amp = args.amp
     scaler = torch.amp.GradScaler('cuda', enabled=amp)
 
@@ -522,10 +562,15 @@ def run_finetune(args, device: torch.device) -> Dict[str, float]:
 
     start_epoch, max_accuracy = args.start_epoch, -1.0  # so the first evaluation always writes best.pth
     if continuing:
-        optimizer.load_state_dict(checkpoint['optimizer'])
-        lr_scheduler.load_state_dict(checkpoint['lr_scheduler'])
-        if 'scaler' in checkpoint and checkpoint['scaler']:
-            scaler.load_state_dict(checkpoint['scaler'])
+        try:
+            optimizer.load_state_dict(checkpoint['optimizer'])
+            lr_scheduler.load_state_dict(checkpoint['lr_scheduler'])
+            if 'scaler' in checkpoint and checkpoint['scaler']:
+                scaler.load_state_dict(checkpoint['scaler'])
+        except (ValueError, KeyError, TypeError, RuntimeError, AttributeError) as e:
+            raise UserError(f'{args.resume}: its optimizer or scheduler state does not fit this run '
+                            f'({_one_line(e)}); resume with the --opt, --weight-decay and --sched of the run '
+                            f'that wrote it') from None
         if model_ema is not None and 'model_ema' in checkpoint:
             load_weights(model_ema.module, checkpoint['model_ema'], args.resume, f'{args.model} (EMA)')
         start_epoch = int(checkpoint['epoch']) + 1
@@ -533,6 +578,7 @@ def run_finetune(args, device: torch.device) -> Dict[str, float]:
         if is_main_process() and os.path.abspath(os.path.dirname(args.resume)) == \
                 os.path.abspath(args.output_dir):
             reconcile_log(log_path, start_epoch - 1, checkpoint.get('log_stats'))
+            remove_stale_temporaries([checkpoint_path, best_path, log_path])  # from a job killed while saving
         rank0_print(f'Resumed from {args.resume}: continuing at epoch {start_epoch} '
                     f'(best Acc@1 so far {max_accuracy:.2f}%)')
     if start_epoch >= args.final_finetune:
@@ -618,8 +664,19 @@ def _one_line(e: Exception) -> str:
     if not lines:
         return type(e).__name__
     last = lines[-1]
-    name = type(e).__name__ + ': '
-    return last[len(name):] if last.startswith(name) else last
+    # 'BadImageError: ...' or, from a worker's traceback, 'datasets.BadImageError: ...'
+    name = re.match(r'(?:[\w.]+\.)?' + re.escape(type(e).__name__) + r': ', last)
+    return last[name.end():] if name else last
+
+
+def _lost_peer(e: BaseException) -> bool:
+    """A collective failed because another process of the job stopped (it prints its own error)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return False
+    dist_error = getattr(torch.distributed, 'DistError', None)
+    text = str(e)
+    return (dist_error is not None and isinstance(e, dist_error)) or any(marker in text for marker in (
+        'Connection closed by peer', 'Connection reset by peer', 'Broken pipe', 'remote worker crashing'))
 
 
 def main(argv=None) -> int:
@@ -636,6 +693,12 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f'{prefix}interrupted; checkpoints written so far are complete', file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
+    except RuntimeError as e:
+        if not _lost_peer(e):
+            raise
+        print(f'{prefix}error: stopped because another process of this job failed (see its error); '
+              f'checkpoints written so far are complete', file=sys.stderr, flush=True)
+        return EXIT_PEER_FAILED
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

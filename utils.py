@@ -97,24 +97,49 @@ def load_checkpoint_file(path: str) -> Dict[str, Any]:
             checkpoint = torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
         text = str(e)
-        if 'Weights only load failed' in text or 'Unsupported global' in text or 'not an allowed global' in text:
+        if 'GLOBAL ' in text or 'Unsupported global' in text or 'not an allowed global' in text:
             culprit = _unsupported_global(text)
             raise UserError(f'refusing to load {path}: it holds {culprit}, which could run code when unpickled '
                             f'(only tensors, plain containers and argparse.Namespace are allowed)') from None
+        if 'Weights only load failed' in text:  # the restricted unpickler stopped at an instruction it refuses
+            raise UserError(f'{path} is not a readable PyTorch checkpoint (corrupt, or pickled objects the safe '
+                            f'loader refuses: {_weights_only_detail(text)})') from None
         raise UserError(f'{path} is not a readable PyTorch checkpoint ({_first_line(text)})') from None
-    except (RuntimeError, EOFError, ValueError, OSError, UnicodeDecodeError, AttributeError) as e:
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001  (garbage bytes fail anywhere in the unpickler: KeyError, IndexError, ...)
         raise UserError(f'{path} is not a readable PyTorch checkpoint (truncated or corrupt: '
-                        f'{_first_line(str(e))})') from None
+                        f'{_describe(e)})') from None
     if not isinstance(checkpoint, dict):
         raise UserError(f'{path} holds a {type(checkpoint).__name__}, not a checkpoint dict')
     return checkpoint
 
 
 def _first_line(text: str) -> str:
+    """The first sentence of the first non-empty line (torch's messages go on with advice), at most 200 chars."""
     for line in text.splitlines():
-        if line.strip():
-            return line.strip()[:200]
+        line = line.strip()
+        if line:
+            return line.split('. ', 1)[0].rstrip('.')[:200]
     return 'unknown error'
+
+
+def _describe(e: BaseException) -> str:
+    text = _first_line(str(e))
+    if text == 'unknown error' or len(text) < 8:  # e.g. KeyError: 101 from a garbage pickle stream
+        return f'{type(e).__name__} {text}' if text != 'unknown error' else type(e).__name__
+    return text
+
+
+def _weights_only_detail(text: str) -> str:
+    """The unpickler's own complaint inside torch's long weights_only message (e.g. 'Unsupported operand 103')."""
+    boilerplate = ('Weights only load failed', 'Please file an issue', 'Check the documentation', 'In PyTorch',
+                   '(1)', '(2)')
+    for line in text.splitlines():
+        line = line.replace('WeightsUnpickler error:', '').strip()
+        if line and not line.startswith(boilerplate):
+            return line.split('. ', 1)[0].rstrip('.')[:200]
+    return 'unsupported content'
 
 
 def _unsupported_global(text: str) -> str:
@@ -149,20 +174,61 @@ def save_atomic(obj: Any, path: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError):  # disk full, directory removed, ...: one line, the previous file is intact
+            what = 'the previous file is untouched' if os.path.exists(path) else 'nothing was written'
+            raise UserError(f'cannot write {path}: {e.strerror or e} ({what})') from None
         raise
+    _fsync_directory(directory)
+
+
+def _fsync_directory(directory: str) -> None:
+    """Make the rename itself durable (a crash right after it keeps the new file); best effort."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temporaries(paths) -> list:
+    """Delete the temporary files that jobs killed inside :func:`save_atomic` left next to ``paths``."""
+    removed = []
+    for path in paths:
+        directory, name = os.path.split(os.path.abspath(path))
+        prefix = f'.{name}.tmp-'
+        if not os.path.isdir(directory):
+            continue
+        for entry in os.listdir(directory):
+            if entry.startswith(prefix) and entry != f'{prefix}{os.getpid()}':
+                try:
+                    os.remove(os.path.join(directory, entry))
+                    removed.append(entry)
+                except OSError:
+                    pass
+    return removed
 
 
 def write_text_atomic(path: str, text: str) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(directory, f'.{os.path.basename(path)}.tmp-{os.getpid()}')
-    with open(tmp, 'w') as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, 'w') as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def check_output_dir(path: str) -> None:

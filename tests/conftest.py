@@ -40,3 +40,36 @@ def official_checkpoint(path, model_name='cc_deit_tiny_patch16_224', seed=0, **k
 @pytest.fixture
 def image_folder(tmp_path):
     return make_image_folder(tmp_path / 'data')
+
+
+# --- for the CLI runs of test_errors.py, test_resume.py and test_distributed.py -----------------------------
+
+# The small registered model on 32x32 image folders, no augmentation that needs many images.
+DIGITS_ARGS = ['--model', 'deit_digits_patch4_32', '--device', 'cpu', '--num_workers', '0', '--batch-size', '8',
+               '--mixup', '0', '--cutmix', '0', '--aa', 'none', '--reprob', '0', '--print-freq', '100']
+
+
+def free_port():
+    import socket
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def subprocess_env():
+    """The environment for a CLI subprocess: no launcher variables leaking in from the test process."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT', 'LOCAL_WORLD_SIZE')}
+    env['PYTHONPATH'] = ROOT
+    env.pop('PYTHONUNBUFFERED', None)  # several processes share the pipes: whole lines, one write each
+    env.setdefault('OMP_NUM_THREADS', '1')  # as torchrun does: no thread oversubscription on a shared machine
+    return env
+
+
+@pytest.fixture
+def one_thread():
+    """Run in-process CLI work on one thread: on a busy 2-core machine, two threads spin against other jobs."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -1,0 +1,498 @@
+"""Every mistake a user can make ends in exactly one line `error: ...` on stderr and a non-zero exit code,
+never a traceback, and leaves the results already in --output_dir as they were (DESIGN §5, issue 3.5).
+
+The runs go through finetune.main() in this process (fast); test_cli_script_prints_one_line runs the
+script itself to check the real stderr and exit status.
+"""
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import finetune
+from conftest import DIGITS_ARGS, ROOT, make_image_folder, official_checkpoint, subprocess_env
+
+EXIT_USER_ERROR, EXIT_DIVERGED = 2, 3
+
+
+pytestmark = pytest.mark.usefixtures('one_thread')
+
+# ----------------------------------------------------------------------------------------------------------
+# fixtures and helpers
+
+@pytest.fixture(scope='module')
+def world(tmp_path_factory):
+    base = tmp_path_factory.mktemp('errors')
+    data = make_image_folder(base / 'data', classes=tuple('abcd'), per_class=(8, 4), size=(32, 32))
+    dense = official_checkpoint(base / 'dense.pth', 'cc_deit_digits_patch4_32')
+    tiny = official_checkpoint(base / 'deit_tiny.pth', 'cc_deit_tiny_patch16_224')
+    return {'base': base, 'data': data, 'dense': dense, 'tiny': tiny}
+
+
+@pytest.fixture
+def earlier(tmp_path, world):
+    """An output directory holding the result of an earlier --prune run (and a note), to prove failed runs
+    leave it alone."""
+    out = tmp_path / 'out'
+    out.mkdir()
+    shutil.copy(world['dense'], out / 'pruned_0.3.pth')
+    (out / 'notes.txt').write_text('earlier results\n')
+    return out
+
+
+def snapshot(directory):
+    """{relative path: sha1} of every file, hidden ones (temporary files) included."""
+    result = {}
+    for root, _, files in os.walk(directory):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, 'rb') as f:
+                result[os.path.relpath(path, directory)] = hashlib.sha1(f.read()).hexdigest()
+    return result
+
+
+def cli(capsys, *argv):
+    code = finetune.main([*DIGITS_ARGS, *map(str, argv)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(capsys, argv, code, pattern):
+    got, out, err = cli(capsys, *argv)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert got == code, (got, out[-2000:], err)
+    assert len(lines) == 1, err
+    assert lines[0].startswith('error: '), lines[0]
+    assert re.search(pattern, lines[0]), lines[0]
+    assert 'Traceback' not in out + err
+    return lines[0]
+
+
+def finetune_args(world, out, *extra):
+    return ['--data-path', world['data'], '--output_dir', out, '--final_finetune', '1', *extra]
+
+
+def prune_args(world, out, *extra):
+    return ['--prune', '--prune_rate', '0.3', '--resume', world['dense'], '--data-path', world['data'],
+            '--output_dir', out, *extra]
+
+
+def copy_data(world, tmp_path):
+    return shutil.copytree(world['data'], tmp_path / 'data')
+
+
+# ----------------------------------------------------------------------------------------------------------
+# data
+
+def test_missing_data_path(capsys, world, earlier, tmp_path):
+    before = snapshot(earlier)
+    missing = tmp_path / 'nowhere'
+    assert_one_line_error(capsys, finetune_args(world, earlier, '--data-path', missing), EXIT_USER_ERROR,
+                          rf'--data-path {re.escape(str(missing))} does not exist or is not a directory')
+    assert snapshot(earlier) == before
+
+
+def test_no_data_path_at_all(capsys, world, earlier):
+    assert_one_line_error(capsys, ['--output_dir', earlier, '--final_finetune', '1'], EXIT_USER_ERROR,
+                          r'--data-path is required for --data-set IMNET')
+
+
+def test_empty_data_path(capsys, world, earlier, tmp_path):
+    before = snapshot(earlier)
+    empty = tmp_path / 'empty'
+    empty.mkdir()
+    assert_one_line_error(capsys, prune_args(world, earlier, '--data-path', empty), EXIT_USER_ERROR,
+                          rf'split not found: {re.escape(str(empty / "val"))} \(expected one folder per class')
+    assert snapshot(earlier) == before
+
+
+def test_missing_split(capsys, world, earlier, tmp_path):
+    data = copy_data(world, tmp_path)
+    shutil.rmtree(data / 'val')
+    assert_one_line_error(capsys, finetune_args(world, earlier, '--data-path', data), EXIT_USER_ERROR,
+                          rf'split not found: {re.escape(str(data / "val"))}')
+
+
+def test_split_without_class_folders(capsys, world, earlier, tmp_path):
+    data = copy_data(world, tmp_path)
+    shutil.rmtree(data / 'train')
+    (data / 'train').mkdir()
+    assert_one_line_error(capsys, finetune_args(world, earlier, '--data-path', data), EXIT_USER_ERROR,
+                          rf'no images in {re.escape(str(data / "train"))}: Couldn\'t find any class folder')
+
+
+def test_empty_class_folder(capsys, world, earlier, tmp_path):
+    data = copy_data(world, tmp_path)
+    (data / 'train' / 'zz').mkdir()
+    assert_one_line_error(capsys, finetune_args(world, earlier, '--data-path', data), EXIT_USER_ERROR,
+                          rf'no images in {re.escape(str(data / "train"))}: Found no valid file for the classes zz')
+
+
+@pytest.mark.parametrize('workers', [0, 1])
+def test_truncated_image_is_named_and_the_earlier_pruned_file_survives(capsys, world, earlier, tmp_path, workers):
+    data = copy_data(world, tmp_path)
+    bad = data / 'train' / 'b' / '3.png'
+    content = bad.read_bytes()
+    bad.write_bytes(content[:len(content) // 2])
+    before = snapshot(earlier)
+    # Scoring reads the training images: it fails before pruned_0.3.pth would be written again.
+    line = assert_one_line_error(capsys, prune_args(world, earlier, '--data-path', data, '--num_workers', workers),
+                                 EXIT_USER_ERROR, rf'^error: cannot read image {re.escape(str(bad))}: .*truncated')
+    assert 'BadImageError' not in line  # from a worker too, only the message itself
+    assert snapshot(earlier) == before
+
+
+def test_file_that_is_not_an_image(capsys, world, earlier, tmp_path):
+    data = copy_data(world, tmp_path)
+    bad = data / 'val' / 'c' / '1.png'
+    bad.write_bytes(b'this is not a png')
+    assert_one_line_error(capsys, ['--eval', '--resume', world['dense'], '--data-path', data], EXIT_USER_ERROR,
+                          rf'^error: cannot read image {re.escape(str(bad))}: not an image')
+
+
+def test_default_auto_augment_never_asks_pillow_for_zero_bits():
+    """DeiT's --aa rand-m9-mstd0.5-inc1 posterizes to 0 bits at full magnitude; Pillow 12+ raises on that,
+    which used to stop a finetune at a random step with a traceback from a DataLoader worker."""
+    import argparse
+    import numpy as np
+    from PIL import Image
+    from timm.data.auto_augment import AugmentOp
+    import datasets
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    assert np.asarray(AugmentOp('PosterizeIncreasing', prob=1.0, magnitude=10)(img)).max() == 0
+    assert np.asarray(AugmentOp('PosterizeIncreasing', prob=1.0, magnitude=5)(img)).max() > 0
+    args = argparse.Namespace(input_size=32, color_jitter=0.3, aa='rand-m9-mstd0.5-inc1', train_interpolation='bicubic',
+                              reprob=0.25, remode='pixel', recount=1, mean=(0.5,) * 3, std=(0.5,) * 3)
+    transform = datasets.build_transform(True, args)
+    for _ in range(300):
+        transform(img)
+
+
+def test_more_classes_than_the_model_head(capsys, world, earlier, tmp_path):
+    data = make_image_folder(tmp_path / 'data11', classes=[f'c{i:02d}' for i in range(11)], per_class=(1, 1),
+                             size=(32, 32))
+    assert_one_line_error(capsys, finetune_args(world, earlier, '--data-path', data, '--resume', world['dense']),
+                          EXIT_USER_ERROR, r'the training set has 11 classes but the model\'s head has 10')
+
+
+# ----------------------------------------------------------------------------------------------------------
+# checkpoints
+
+def test_missing_checkpoint(capsys, world, earlier, tmp_path):
+    assert_one_line_error(capsys, finetune_args(world, earlier, '--resume', tmp_path / 'nope.pth'),
+                          EXIT_USER_ERROR, r'checkpoint not found: .*nope\.pth')
+
+
+def test_checkpoint_that_is_a_directory(capsys, world, earlier, tmp_path):
+    assert_one_line_error(capsys, finetune_args(world, earlier, '--resume', tmp_path), EXIT_USER_ERROR,
+                          rf'--resume {re.escape(str(tmp_path))} is a directory; give the checkpoint file')
+
+
+def test_garbage_checkpoint(capsys, world, earlier, tmp_path):
+    garbage = tmp_path / 'garbage.pth'
+    garbage.write_bytes(b'hello, this is not a checkpoint at all')
+    before = snapshot(earlier)
+    assert_one_line_error(capsys, prune_args(world, earlier, '--resume', garbage), EXIT_USER_ERROR,
+                          rf'{re.escape(str(garbage))} is not a readable PyTorch checkpoint')
+    assert snapshot(earlier) == before
+
+
+def test_truncated_checkpoint(capsys, world, earlier, tmp_path):
+    half = tmp_path / 'half.pth'
+    content = open(world['dense'], 'rb').read()
+    half.write_bytes(content[:len(content) // 2])
+    assert_one_line_error(capsys, ['--eval', '--resume', half, '--data-path', world['data']], EXIT_USER_ERROR,
+                          rf'{re.escape(str(half))} is not a readable PyTorch checkpoint \(truncated or corrupt')
+
+
+@pytest.mark.parametrize('content, pattern', [
+    (torch.zeros(3), r'holds a Tensor, not a checkpoint dict'),
+    ({'epoch': 3, 'note': 'no weights'}, r'checkpoint holds no model state dict'),
+])
+def test_checkpoint_without_a_model(capsys, world, earlier, tmp_path, content, pattern):
+    path = tmp_path / 'odd.pth'
+    torch.save(content, path)
+    assert_one_line_error(capsys, ['--eval', '--resume', path, '--data-path', world['data']], EXIT_USER_ERROR,
+                          pattern)
+
+
+def test_checkpoint_of_another_model_size(capsys, world, earlier):
+    assert_one_line_error(
+        capsys, finetune_args(world, earlier, '--resume', world['tiny']), EXIT_USER_ERROR,
+        rf'{re.escape(world["tiny"])} does not fit cc_deit_digits_patch4_32: cls_token has shape \(1, 1, 192\) in '
+        r'the checkpoint but \(1, 1, 96\) in the model \(another model size\? set --model\)')
+
+
+def _with_masks(world, tmp_path, change):
+    sd = torch.load(world['dense'], weights_only=True)['model']
+    for layer in range(6):
+        sd[f'blocks.{layer}.attn.token_index'] = torch.ones(65, dtype=torch.bool)
+    change(sd)
+    path = tmp_path / 'pruned_bad.pth'
+    torch.save({'model': sd, 'channels': [65] * 6}, path)
+    return path
+
+
+def test_mask_of_the_wrong_length(capsys, world, earlier, tmp_path):
+    path = _with_masks(world, tmp_path, lambda sd: sd.__setitem__('blocks.2.attn.token_index',
+                                                                  torch.ones(50, dtype=torch.bool)))
+    assert_one_line_error(capsys, ['--eval', '--resume', path, '--data-path', world['data']], EXIT_USER_ERROR,
+                          r'does not fit cc_deit_digits_patch4_32: blocks\.2\.attn\.token_index: mask has shape '
+                          r'\(50,\), the model needs \(65,\)')
+
+
+def test_mask_without_the_class_token(capsys, world, earlier, tmp_path):
+    def drop_class_token(sd):
+        sd['blocks.4.attn.token_index'][0] = False
+    path = _with_masks(world, tmp_path, drop_class_token)
+    assert_one_line_error(capsys, finetune_args(world, earlier, '--resume', path), EXIT_USER_ERROR,
+                          r'blocks\.4\.attn\.token_index: the class token \(position 0\) must be kept')
+
+
+class RunsCode:
+    """Unpickling this would run a shell command (what a malicious checkpoint does)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f'touch {self.marker}',)
+
+
+class CustomObject:
+    pass
+
+
+@pytest.mark.parametrize('payload, culprit', [('system', r'posix\.system'), ('class', r'test_errors\.CustomObject')])
+def test_checkpoint_that_would_run_code_is_refused(capsys, world, earlier, tmp_path, payload, culprit):
+    marker = tmp_path / 'code-ran'
+    sd = torch.load(world['dense'], weights_only=True)['model']
+    path = tmp_path / 'evil.pth'
+    torch.save({'model': sd, 'args': RunsCode(marker) if payload == 'system' else CustomObject()}, path)
+    before = snapshot(earlier)
+    assert_one_line_error(
+        capsys, prune_args(world, earlier, '--resume', path), EXIT_USER_ERROR,
+        rf'^error: refusing to load {re.escape(str(path))}: it holds the object {culprit}, which could run code '
+        r'when unpickled \(only tensors, plain containers and argparse\.Namespace are allowed\)$')
+    assert not marker.exists()
+    assert snapshot(earlier) == before
+
+
+def test_teacher_of_another_model_size(capsys, world, earlier):
+    assert_one_line_error(
+        capsys, finetune_args(world, earlier, '--resume', world['dense'], '--distillation-type', 'soft',
+                              '--teacher-path', world['tiny']), EXIT_USER_ERROR,
+        rf'{re.escape(world["tiny"])} does not fit cc_deit_digits_patch4_32: cls_token has shape')
+
+
+def test_missing_teacher(capsys, world, earlier, tmp_path):
+    assert_one_line_error(
+        capsys, finetune_args(world, earlier, '--distillation-type', 'hard', '--teacher-path', tmp_path / 't.pth'),
+        EXIT_USER_ERROR, r'teacher checkpoint not found: .*t\.pth')
+
+
+# ----------------------------------------------------------------------------------------------------------
+# flags
+
+@pytest.mark.parametrize('rate', ['0', '1', '1.0', '-0.1', '1.5'])
+def test_prune_rate_outside_0_1(capsys, world, earlier, rate):
+    before = snapshot(earlier)
+    assert_one_line_error(capsys, prune_args(world, earlier) + ['--prune_rate', rate], EXIT_USER_ERROR,
+                          rf'--prune_rate must be in \(0, 1\), got {float(rate)}$')
+    assert snapshot(earlier) == before
+
+
+@pytest.mark.parametrize('kind', ['soft', 'hard'])
+def test_distillation_without_teacher_path(capsys, world, earlier, kind):
+    assert_one_line_error(capsys, finetune_args(world, earlier, '--distillation-type', kind), EXIT_USER_ERROR,
+                          rf'--distillation-type {kind} needs --teacher-path \(the dense teacher\)')
+
+
+def test_output_dir_that_cannot_be_written(capsys, world, tmp_path):
+    blocker = tmp_path / 'a_file'
+    blocker.write_text('not a directory')
+    target = blocker / 'out'
+    assert_one_line_error(capsys, finetune_args(world, target), EXIT_USER_ERROR,
+                          rf'cannot write to --output_dir {re.escape(str(target))}: Not a directory')
+    assert blocker.read_text() == 'not a directory'
+
+
+@pytest.mark.parametrize('argv, pattern', [
+    (['--eval'], r'--eval needs --resume CHECKPOINT'),
+    (['--prune'], r'--prune needs --resume CHECKPOINT'),
+    (['--eval', '--prune', '--resume', 'x.pth'], r'choose one of --eval, --speed-only and --prune'),
+    (['--final_finetune', '1'], r'--output_dir is required'),
+    (['--batch-size', '0'], r'--batch-size must be at least 1, got 0'),
+    (['--final_finetune', '0'], r'--final_finetune must be at least 1, got 0'),
+    (['--lr', '0'], r'--lr must be positive, got 0\.0'),
+    (['--lr=-1e-3'], r'--lr must be positive, got -0\.001'),
+    (['--smoothing', '1'], r'--smoothing must be in \[0, 1\), got 1\.0'),
+    (['--model', 'deit_huge_patch14_224'], r'unknown --model deit_huge_patch14_224; choose one of'),
+    (['--teacher-model', 'resnet50'], r'unknown --teacher-model resnet50; choose one of'),
+    (['--device', 'cuda'], r'--device cuda: CUDA is not available on this machine \(use --device cpu\)'),
+    (['--device', 'tpu'], r'--device tpu is not a device torch knows'),
+    (['--opt', 'nosuchopt'], r'cannot create the optimizer \(--opt nosuchopt\): Optimizer nosuchopt not found'),
+    (['--sched', 'nosuchsched'], r'cannot create the learning-rate schedule \(--sched nosuchsched\)'),
+])
+def test_bad_flags(capsys, world, earlier, argv, pattern):
+    before = snapshot(earlier)
+    args = ['--data-path', world['data'], '--output_dir', earlier, '--final_finetune', '1', *argv]
+    if argv[:1] == ['--final_finetune'] and argv[1] == '1':  # the case without --output_dir
+        args = ['--data-path', world['data'], *argv]
+    assert_one_line_error(capsys, args, EXIT_USER_ERROR, pattern)
+    assert snapshot(earlier) == before
+
+
+@pytest.mark.parametrize('argv, pattern', [
+    (['--prune_rate', 'quarter'], r"^error: argument --prune_rate: invalid float value: 'quarter' \(see --help\)$"),
+    (['--no-such-flag'], r'^error: unrecognized arguments: --no-such-flag \(see --help\)$'),
+    (['--prune_mode', 'magnitude'], r"^error: argument --prune_mode: invalid choice: 'magnitude'"),
+])
+def test_unparsable_command_line_is_one_line_too(capsys, argv, pattern):
+    with pytest.raises(SystemExit) as exit_info:
+        finetune.main(argv)
+    out, err = capsys.readouterr()
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert exit_info.value.code == EXIT_USER_ERROR
+    assert len(lines) == 1 and re.search(pattern, lines[0]), err
+
+
+# ----------------------------------------------------------------------------------------------------------
+# earlier runs are never overwritten
+
+@pytest.fixture(scope='module')
+def finished(world, tmp_path_factory):
+    """A one-epoch finetune: out/checkpoint.pth, best.pth and log.txt."""
+    out = tmp_path_factory.mktemp('finished') / 'out'
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        code = finetune.main([*DIGITS_ARGS, *map(str, finetune_args(world, out, '--resume', world['dense']))])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    return out
+
+
+def test_fresh_finetune_into_a_directory_with_a_checkpoint_is_refused(capsys, world, finished):
+    before = snapshot(finished)
+    ckpt = finished / 'checkpoint.pth'
+    assert_one_line_error(capsys, finetune_args(world, finished, '--resume', world['dense']), EXIT_USER_ERROR,
+                          rf'{re.escape(str(ckpt))} already exists from an earlier run; continue it with '
+                          rf'--resume {re.escape(str(ckpt))} or choose another --output_dir')
+    assert snapshot(finished) == before
+
+
+def test_continuing_another_checkpoint_into_a_directory_with_a_checkpoint_is_refused(capsys, world, finished,
+                                                                                      tmp_path):
+    other = tmp_path / 'other.pth'
+    shutil.copy(finished / 'checkpoint.pth', other)
+    before = snapshot(finished)
+    assert_one_line_error(capsys, finetune_args(world, finished, '--resume', other, '--final_finetune', '3'),
+                          EXIT_USER_ERROR, r'checkpoint\.pth already exists from an earlier run')
+    # best.pth of the same run would roll the run back and cut log.txt: refused as well
+    assert_one_line_error(capsys, finetune_args(world, finished, '--resume', finished / 'best.pth',
+                                                '--final_finetune', '3'),
+                          EXIT_USER_ERROR, r'checkpoint\.pth already exists from an earlier run')
+    assert snapshot(finished) == before
+
+
+def test_fresh_finetune_next_to_an_earlier_best_and_log_is_refused(capsys, world, finished, tmp_path):
+    out = tmp_path / 'out'
+    out.mkdir()
+    shutil.copy(finished / 'best.pth', out / 'best.pth')
+    shutil.copy(finished / 'log.txt', out / 'log.txt')
+    before = snapshot(out)
+    assert_one_line_error(capsys, finetune_args(world, out, '--resume', world['dense']), EXIT_USER_ERROR,
+                          rf'{re.escape(str(out))} already holds best\.pth and log\.txt from an earlier run')
+    assert snapshot(out) == before
+
+
+def test_resume_with_an_optimizer_that_does_not_fit(capsys, world, finished, tmp_path):
+    out = tmp_path / 'out'
+    shutil.copytree(finished, out)
+    before = snapshot(out)
+    # --weight-decay 0 gives one parameter group where the checkpoint has two (decay / no decay)
+    assert_one_line_error(capsys, finetune_args(world, out, '--resume', out / 'checkpoint.pth', '--final_finetune',
+                                                '2', '--weight-decay', '0'), EXIT_USER_ERROR,
+                          r'checkpoint\.pth: its optimizer or scheduler state does not fit this run \(loaded state '
+                          r'dict has a different number of parameter groups\); resume with the --opt')
+    assert snapshot(out) == before
+
+
+# ----------------------------------------------------------------------------------------------------------
+# non-finite loss: stop, keep the last good checkpoint
+
+def test_nan_weights_stop_before_any_checkpoint(capsys, world, tmp_path):
+    sd = torch.load(world['dense'], weights_only=True)['model']
+    sd['head.weight'] = torch.full_like(sd['head.weight'], float('nan'))
+    nan = tmp_path / 'nan.pth'
+    torch.save({'model': sd}, nan)
+    out = tmp_path / 'out'
+    assert_one_line_error(capsys, finetune_args(world, out, '--resume', nan, '--final_finetune', '2'),
+                          EXIT_DIVERGED, rf'^error: loss is nan at epoch 0, step 0; stopped\. Last good checkpoint, '
+                                         rf'untouched: {re.escape(str(nan))}$')
+    left = set(snapshot(out))
+    assert not left & {'checkpoint.pth', 'best.pth', 'log.txt'}
+    assert not [name for name in left if '.tmp' in name]
+
+
+def test_divergence_after_a_good_epoch_keeps_its_checkpoint_byte_for_byte(capsys, world, tmp_path):
+    out = tmp_path / 'out'
+    # A step schedule that multiplies the learning rate by 1e30 after every epoch: epoch 0 is fine, epoch 1
+    # diverges. The schedule is part of the checkpoint, so the resumed run diverges too.
+    sched = ['--sched', 'step', '--decay-epochs', '1', '--decay-rate', '1e30', '--warmup-epochs', '0']
+    code, _, err = cli(capsys, *finetune_args(world, out, '--resume', world['dense'], *sched))
+    assert code == 0, err
+    before = snapshot(out)
+    ckpt = out / 'checkpoint.pth'
+    assert_one_line_error(capsys, finetune_args(world, out, '--resume', ckpt, '--final_finetune', '3', *sched),
+                          EXIT_DIVERGED, rf'^error: loss is (nan|inf|-inf) at epoch 1, step \d+; stopped\. Last good '
+                                         rf'checkpoint, untouched: {re.escape(str(ckpt))}$')
+    after = snapshot(out)
+    for name in ('checkpoint.pth', 'best.pth', 'log.txt'):
+        assert after[name] == before[name], name
+    assert not [name for name in after if '.tmp' in name]
+    assert torch.load(ckpt, weights_only=False)['epoch'] == 0
+
+
+def test_overflowing_learning_rate_is_a_divergence_too(capsys, world, tmp_path):
+    out = tmp_path / 'out'
+    sched = ['--sched', 'step', '--decay-epochs', '1', '--decay-rate', '1e60', '--warmup-epochs', '0']
+    code, _, err = cli(capsys, *finetune_args(world, out, '--resume', world['dense'], *sched))
+    assert code == 0, err
+    before = snapshot(out)
+    assert_one_line_error(capsys, finetune_args(world, out, '--resume', out / 'checkpoint.pth', '--final_finetune',
+                                                '2', *sched),
+                          EXIT_DIVERGED, r'(the optimizer step overflowed|loss is \S+) at epoch 1, step \d+.*; '
+                                         r'stopped\. Last good checkpoint, untouched: ')
+    assert snapshot(out)['checkpoint.pth'] == before['checkpoint.pth']
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the script itself
+
+@pytest.mark.slow
+@pytest.mark.parametrize('case', ['garbage checkpoint', 'bad flag'])
+def test_cli_script_prints_one_line(world, tmp_path, case):
+    if case == 'garbage checkpoint':
+        garbage = tmp_path / 'garbage.pth'
+        garbage.write_bytes(b'\x80\x02garbage')
+        argv = ['--eval', '--resume', str(garbage), '--data-path', world['data']]
+        pattern = (r'^error: .*garbage\.pth is not a readable PyTorch checkpoint \(corrupt, or pickled objects the '
+                   r'safe loader refuses: Unsupported operand \d+\)$')
+    else:
+        argv = ['--prune', '--prune_rate', '2', '--resume', world['dense'], '--data-path', world['data'],
+                '--output_dir', str(tmp_path / 'out')]
+        pattern = r'^error: --prune_rate must be in \(0, 1\), got 2\.0$'
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, 'finetune.py'), *DIGITS_ARGS, *argv],
+                          capture_output=True, text=True, timeout=120, env=subprocess_env(), cwd=tmp_path)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == EXIT_USER_ERROR, proc.stderr
+    assert len(lines) == 1 and re.search(pattern, lines[0]), proc.stderr
+    assert 'Traceback' not in proc.stdout + proc.stderr
