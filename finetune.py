@@ -9,6 +9,7 @@
 The CLI only wires things together: the loops are in engine.py, the method in models/ and pruning/.
 """
 import argparse
+import inspect
 import itertools
 import json
 import os
@@ -530,7 +531,11 @@ def run_finetune(args, device: torch.device) -> Dict[str, float]:
     model_without_ddp = model
     if args.distributed:
         device_ids = [args.gpu] if device.type == 'cuda' else None
-        model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+        # Masks are identical on every rank (planned from all-reduced scores): no need to re-send them each step.
+        ddp = nn.parallel.DistributedDataParallel
+        no_buffer_sync = ({'forward_sync_buffers': False} if 'forward_sync_buffers' in inspect.signature(ddp).parameters
+                          else {'broadcast_buffers': False})
+        model = ddp(model, device_ids=device_ids, **no_buffer_sync)
 
     if not args.unscale_lr:
         args.lr = args.lr * args.batch_size * args.world_size / 512.0

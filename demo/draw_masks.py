@@ -1,0 +1,278 @@
+"""Draw which patches each block of a Clip & Concat model keeps.
+
+One row per image, one small panel per block. A patch the block clips (it skips the block unchanged) is
+greyed out; a patch the block processes is shown as is, and outlined when the block before clipped it
+(the token "comes back" with the features it had: clip & concat never discards a token). The masks are the
+model's own: each block's ``kept_ids`` (original ids of the tokens it processes; id 0 is the class token, not a patch).
+
+    python demo/draw_masks.py --resume runs/demo/finetune_attn_0.25/checkpoint.pth --data-path DIGITS \
+        --out masks.png
+    python demo/draw_masks.py --resume output/pruned_0.25.pth --model deit_tiny_patch16_224 \
+        --data-path /path/to/imagenet/val --num-images 3 --out masks.png
+
+``--data-path`` is an image folder (searched recursively; a ``val/`` inside is preferred) or ``DIGITS``
+(scikit-learn's digits, the validation split of ``--data-set DIGITS``).
+"""
+import argparse
+import os
+import sys
+from typing import List, Optional, Sequence, Tuple
+
+import matplotlib
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import models  # noqa: E402,F401  (registers the cc_deit_* models with timm)
+from utils import UserError  # noqa: E402
+
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff', '.ppm')
+CLIPPED_GREY = np.array([0.62, 0.62, 0.66])  # what a clipped patch is blended towards
+CLIPPED_ALPHA = 0.75
+RETURN_COLOUR = '#ff8c00'                     # outline of a patch kept again after an earlier clip
+
+
+# ----------------------------------------------------------------------------------------------------------
+# masks in image terms
+
+def kept_patches(model: nn.Module) -> torch.Tensor:
+    """(depth, num_patches) bool in original patch order: True where block l processes patch p.
+
+    Read from each block's ``kept_ids`` (original token ids, class token 0 excluded), i.e. from what the
+    model actually computes, not from a plan.
+    """
+    model = getattr(model, 'module', model)
+    num_patches = model.num_tokens - 1
+    kept = torch.zeros(len(model.blocks), num_patches, dtype=torch.bool)
+    for layer, blk in enumerate(model.blocks):
+        ids = blk.kept_ids.detach().cpu()
+        ids = ids[ids > 0] - 1
+        kept[layer, ids] = True
+    return kept
+
+
+def returning_patches(kept: torch.Tensor) -> torch.Tensor:
+    """True where a patch comes back: block l processes it, block l-1 clipped it (it kept its older
+    features meanwhile)."""
+    back = torch.zeros_like(kept)
+    back[1:] = kept[1:] & ~kept[:-1]
+    return back
+
+
+def _grid(model: nn.Module) -> Tuple[int, int, int, int]:
+    pe = model.patch_embed
+    gh, gw = pe.grid_size
+    ph, pw = pe.patch_size
+    return gh, gw, ph, pw
+
+
+# ----------------------------------------------------------------------------------------------------------
+# drawing
+
+def to_display(image: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """A normalised (3, H, W) tensor back to an (H, W, 3) array in [0, 1]."""
+    m = torch.tensor(mean, dtype=image.dtype).view(3, 1, 1)
+    s = torch.tensor(std, dtype=image.dtype).view(3, 1, 1)
+    return (image.detach().cpu() * s + m).clamp(0, 1).permute(1, 2, 0).numpy()
+
+
+def draw_masks(model: nn.Module, images: torch.Tensor, out_path: str, mean: Sequence[float],
+               std: Sequence[float], row_labels: Optional[List[str]] = None, title: Optional[str] = None,
+               panel_inches: float = 1.15, dpi: int = 110) -> str:
+    """Draw ``images`` (B, 3, H, W, normalised as the model expects) with the patches each block keeps.
+
+    Row b: the image, then one panel per block. Returns ``out_path`` (a PNG).
+    """
+    model = getattr(model, 'module', model)
+    gh, gw, ph, pw = _grid(model)
+    size = (gh * ph, gw * pw)
+    if tuple(images.shape[-2:]) != size:
+        raise UserError(f'images are {tuple(images.shape[-2:])}, the model needs {size}')
+    kept = kept_patches(model)
+    back = returning_patches(kept)
+    depth, num_patches = kept.shape
+    channels = models.kept_token_counts(model)
+    rows, cols = images.shape[0], depth + 1
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * panel_inches + 0.4, rows * panel_inches + 1.1),
+                             squeeze=False, layout='constrained')
+    for r in range(rows):
+        picture = to_display(images[r], mean, std)
+        for c in range(cols):
+            ax = axes[r, c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0:
+                ax.imshow(picture, interpolation='nearest')
+                if row_labels:
+                    ax.set_ylabel(row_labels[r], fontsize=7)
+                if r == 0:
+                    ax.set_title('input', fontsize=8)
+                continue
+            layer = c - 1
+            shaded = picture.copy()
+            clip = (~kept[layer]).view(gh, gw).numpy()
+            pixel_clip = np.kron(clip, np.ones((ph, pw), dtype=bool))
+            shaded[pixel_clip] = (1 - CLIPPED_ALPHA) * shaded[pixel_clip] + CLIPPED_ALPHA * CLIPPED_GREY
+            ax.imshow(shaded, interpolation='nearest')
+            for p in torch.nonzero(back[layer]).flatten().tolist():
+                y, x = divmod(p, gw)
+                ax.add_patch(plt.Rectangle((x * pw - 0.5, y * ph - 0.5), pw, ph, fill=False,
+                                           edgecolor=RETURN_COLOUR, linewidth=0.9 if gw <= 8 else 0.6))
+            if r == 0:
+                ax.set_title(f'block {layer}\n{channels[layer] - 1}/{num_patches} kept', fontsize=7)
+    kept_total = int(kept.sum())
+    head = title or 'Clip & Concat: patches each block processes'
+    fig.suptitle(f'{head}\nclipped (layer, patch) slots: {depth * num_patches - kept_total} of '
+                 f'{depth * num_patches} ({1 - kept_total / (depth * num_patches):.0%})', fontsize=9)
+    fig.supxlabel('grey: clipped at this block (the token skips it unchanged and is concatenated back)\n'
+                  'orange box: comes back here (clipped by the block before, processed by this one)', fontsize=7)
+    out_dir = os.path.dirname(os.path.abspath(out_path))
+    os.makedirs(out_dir, exist_ok=True)
+    fig.savefig(out_path, dpi=dpi)
+    plt.close(fig)
+    return out_path
+
+
+# ----------------------------------------------------------------------------------------------------------
+# images
+
+def digits_images(num: int) -> Tuple[torch.Tensor, List[int]]:
+    """The first ``num`` validation digits with distinct labels (then any), as the model sees them."""
+    from datasets import DigitsDataset
+    ds = DigitsDataset(train=False)
+    chosen, seen = [], set()
+    for i, t in enumerate(ds.targets.tolist()):
+        if t not in seen:
+            chosen.append(i)
+            seen.add(t)
+        if len(chosen) == num:
+            break
+    for i in range(len(ds)):
+        if len(chosen) >= num:
+            break
+        if i not in chosen:
+            chosen.append(i)
+    return torch.stack([ds[i][0] for i in chosen]), [int(ds.targets[i]) for i in chosen]
+
+
+def folder_images(root: str, num: int, input_size: int, mean, std, crop_ratio: float
+                  ) -> Tuple[torch.Tensor, List[str]]:
+    """The first ``num`` images (sorted paths) under ``root`` (or ``root/val``), with the eval transform."""
+    from datasets import build_transform, load_rgb
+    if not os.path.isdir(root):
+        raise UserError(f'--data-path {root} is neither DIGITS nor a folder')
+    if os.path.isdir(os.path.join(root, 'val')):
+        root = os.path.join(root, 'val')
+    paths = []
+    for directory, subdirs, files in os.walk(root):
+        subdirs.sort()
+        paths += [os.path.join(directory, f) for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)]
+        if len(paths) >= num * 50:
+            break
+    if not paths:
+        raise UserError(f'no images ({", ".join(IMAGE_EXTENSIONS)}) under {root}')
+    # One image per class folder first, so the rows differ.
+    picked, folders = [], set()
+    for p in paths:
+        if os.path.dirname(p) not in folders:
+            picked.append(p)
+            folders.add(os.path.dirname(p))
+        if len(picked) == num:
+            break
+    picked += [p for p in paths if p not in picked][:num - len(picked)]
+    t_args = argparse.Namespace(input_size=input_size, mean=mean, std=std, eval_crop_ratio=crop_ratio)
+    transform = build_transform(False, t_args)
+    images = torch.stack([transform(load_rgb(p)) for p in picked])
+    labels = [os.path.relpath(p, root) for p in picked]
+    return images, labels
+
+
+# ----------------------------------------------------------------------------------------------------------
+# command line
+
+def load_model(resume: str, model_name: Optional[str], input_size: Optional[int] = None) -> nn.Module:
+    """Any C&C checkpoint (official DeiT, pruned_<rate>.pth, checkpoint.pth) -> model in eval mode."""
+    import finetune
+    from utils import load_checkpoint_file, state_dict_of
+    checkpoint = load_checkpoint_file(resume)
+    if model_name is None:
+        stored = checkpoint.get('args')
+        model_name = getattr(stored, 'model', None)
+        if model_name is None:
+            raise UserError(f'{resume} does not say which model it holds; pass --model')
+    name = finetune.cc_model_name(model_name)
+    try:
+        sd = state_dict_of(checkpoint)
+    except UserError as e:
+        raise UserError(f'{resume}: {e}') from None
+    args = argparse.Namespace(input_size=input_size)
+    model = finetune.create_model(name, args, finetune.head_classes(sd, 1000))
+    finetune.load_weights(model, sd, resume, name)
+    return model.eval()
+
+
+def class_name(index: int, num_classes: int) -> str:
+    if num_classes == 1000:
+        try:
+            from timm.data import ImageNetInfo
+            return ImageNetInfo().index_to_description(index).split(',')[0]
+        except Exception:  # names are a nicety
+            pass
+    return str(index)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser('Draw the patches each block of a Clip & Concat model keeps')
+    p.add_argument('--resume', required=True, help='checkpoint: official DeiT, pruned_<rate>.pth, checkpoint.pth')
+    p.add_argument('--model', default=None, help='e.g. deit_tiny_patch16_224 (default: from the checkpoint)')
+    p.add_argument('--data-path', default='DIGITS', help='an image folder, or DIGITS')
+    p.add_argument('--data-set', default=None, choices=['DIGITS', 'IMNET'],
+                   help='DIGITS ignores --data-path; IMNET (default) reads images from --data-path')
+    p.add_argument('--num-images', default=4, type=int, help='rows: one image each')
+    p.add_argument('--input-size', default=None, type=int)
+    p.add_argument('--eval-crop-ratio', default=0.875, type=float)
+    p.add_argument('--out', default='masks.png')
+    p.add_argument('--title', default=None)
+    return p
+
+
+def main(argv=None) -> int:
+    args = get_args_parser().parse_args(argv)
+    try:
+        if args.num_images < 1:
+            raise UserError('--num-images must be at least 1')
+        model = load_model(args.resume, args.model, args.input_size)
+        cfg = getattr(model, 'pretrained_cfg', None) or {}
+        mean = tuple(cfg.get('mean', (0.485, 0.456, 0.406)))
+        std = tuple(cfg.get('std', (0.229, 0.224, 0.225)))
+        size = model.patch_embed.img_size[0]
+        if args.data_set == 'DIGITS' or (args.data_set is None and args.data_path.upper() == 'DIGITS'):
+            images, targets = digits_images(args.num_images)
+            mean = std = (0.5, 0.5, 0.5)
+            labels = [f'digit {t}' for t in targets]
+        else:
+            images, labels = folder_images(args.data_path, args.num_images, size, mean, std,
+                                           args.eval_crop_ratio)
+        with torch.no_grad():
+            preds = model(images).argmax(1).tolist()
+        row_labels = [f'{lab}\npred {class_name(p, model.num_classes)}' for lab, p in zip(labels, preds)]
+        parent = os.path.basename(os.path.dirname(os.path.abspath(args.resume)))
+        name = os.path.join(parent, os.path.basename(args.resume))
+        title = args.title or f'{name} ({cfg.get("architecture", "")})'
+        draw_masks(model, images, args.out, mean, std, row_labels, title)
+        print(f'Saved {args.out}')
+    except UserError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,345 @@
+"""The mini reproduction on real images: Clip & Concat on scikit-learn's handwritten digits, end to end.
+
+    python demo/run_demo.py            # or: make demo   (about 6-8 minutes on 2 CPU cores)
+    python demo/run_demo.py --quick    # a few epochs, for the tests
+
+Every stage goes through finetune.py's own code (``finetune.run`` on parsed command lines, printed as
+``$ python finetune.py ...``), exactly as on ImageNet, with ``--data-set DIGITS``:
+
+1. train a small DeiT-shaped teacher (``deit_digits_patch4_32``) from scratch  -> <out>/teacher/
+2. prune it: Taylor attention at 0.25 and 0.40, random at 0.25; evaluate each   -> <out>/prune_<mode>_<rate>/
+3. finetune each pruned model with soft distillation from the teacher          -> <out>/finetune_<mode>_<rate>/
+4. GFLOPs and images/s, pruned and dense timed interleaved (--speed-only)      -> <out>/speed_<mode>_<rate>.txt
+5. <out>/results.json and a Markdown table in the Model Zoo's format
+6. <out>/masks.png: the patches each block keeps (demo/draw_masks.py)
+7. TensorBoard: every training/pruning stage in its directory, the summary in <out>/summary/
+   (``tensorboard --logdir runs/demo``)
+
+The full output of each finetune.py call is in ``<stage dir>/stdout.txt``; the console shows a summary.
+A teacher already trained in <out>/teacher/ with the same number of epochs is reused (an unfinished one
+is continued); every other stage is redone.
+"""
+import os
+import sys
+
+# Two cores shared with other work: OpenMP threads that spin while waiting make a busy machine 10x slower.
+os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import json  # noqa: E402
+import re  # noqa: E402
+import shutil  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from typing import Dict, List, Optional  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+for path in (ROOT, os.path.join(ROOT, 'demo')):
+    if path not in sys.path:
+        sys.path.insert(0, path)
+
+import finetune  # noqa: E402
+from utils import TensorBoard, UserError, load_checkpoint_file  # noqa: E402
+
+MODEL = 'deit_digits_patch4_32'
+CONFIGS = [('attn', 0.25), ('attn', 0.40), ('random', 0.25)]  # (prune mode, prune rate)
+ROW_KEYS = ('name', 'prune_mode', 'prune_rate', 'finetuned', 'acc1', 'gflops', 'throughput')
+# DESIGN §7's recipe for this shape: AdamW, label smoothing 0.1, +-2 px shifts (built into DIGITS), batch 64.
+RECIPE = ['--opt', 'adamw', '--weight-decay', '0.05', '--smoothing', '0.1', '--unscale-lr', '--sched', 'cosine',
+          '--min-lr', '1e-5', '--mixup', '0', '--cutmix', '0', '--reprob', '0', '--aa', 'none', '--drop-path', '0']
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser('Clip & Concat mini reproduction on scikit-learn digits')
+    p.add_argument('--out', default=os.path.join('runs', 'demo'), help='output directory (default runs/demo)')
+    p.add_argument('--teacher-epochs', default=30, type=int, help='epochs of dense teacher training')
+    p.add_argument('--teacher-lr', default=1e-3, type=float)
+    p.add_argument('--finetune-epochs', default=8, type=int, help='epochs of distillation finetuning per model')
+    p.add_argument('--finetune-lr', default=5e-4, type=float)
+    p.add_argument('--prune-batches', default=None, type=int, help='score at most this many training batches')
+    p.add_argument('--speed-repeats', default=30, type=int)
+    p.add_argument('--num-images', default=4, type=int, help='rows of masks.png')
+    p.add_argument('--quick', action='store_true',
+                   help='a few epochs only (teacher 2, finetune 1, 4 scoring batches): checks the plumbing')
+    p.add_argument('--fresh', action='store_true', help='retrain the teacher even if <out>/teacher has one')
+    p.add_argument('--device', default=None, help='cpu or cuda (default: the CLI\'s, cuda when available)')
+    p.add_argument('--seed', default=0, type=int)
+    p.add_argument('--verbose', action='store_true', help='show every line finetune.py prints')
+    return p
+
+
+# ----------------------------------------------------------------------------------------------------------
+# running finetune.py in-process
+
+class _StageOutput:
+    """Everything the CLI prints goes to ``log_path``; the console gets per-epoch accuracy and key lines."""
+    KEY_LINES = ('Clipped ', 'Kept tokens', 'FLOPs', 'Throughput', 'Speed-up', 'Resumed', 'Nothing to do',
+                 'Training time', 'No --resume')
+
+    def __init__(self, log_path: str, tag: str, console, verbose: bool):
+        self.file = open(log_path, 'a')
+        self.tag, self.console, self.verbose = tag, console, verbose
+        self.buffer, self.epoch, self.epoch_start = '', None, time.time()
+        self.total_epochs: Optional[int] = None
+
+    def write(self, text: str) -> int:
+        self.file.write(text)
+        if self.verbose:
+            self.console.write(text)
+            return len(text)
+        self.buffer += text
+        while '\n' in self.buffer:
+            line, self.buffer = self.buffer.split('\n', 1)
+            self._line(line)
+        return len(text)
+
+    def _line(self, line: str) -> None:
+        m = re.match(r'Epoch: \[(\d+)\]', line)
+        if m and int(m.group(1)) != self.epoch:
+            self.epoch, self.epoch_start = int(m.group(1)), time.time()
+            return
+        m = re.match(r'Finetuning for epochs (\d+)\.\.(\d+)', line)
+        if m:
+            self.total_epochs = int(m.group(2)) + 1
+        m = re.match(r'Accuracy of the network on the (\d+) test images: ([\d.]+)%', line)
+        if m and self.epoch is not None:
+            of = f'/{self.total_epochs}' if self.total_epochs else ''
+            self._say(f'epoch {self.epoch + 1}{of}: val acc@1 {m.group(2)}% '
+                      f'({time.time() - self.epoch_start:.1f} s)')
+        elif m:
+            self._say(f'acc@1 {m.group(2)}% on {m.group(1)} validation images')
+        elif line.startswith(self.KEY_LINES):
+            self._say(line)
+
+    def _say(self, text: str) -> None:
+        self.console.write(f'  [{self.tag}] {text}\n')
+        self.console.flush()
+
+    def flush(self) -> None:
+        self.file.flush()
+        self.console.flush()
+
+    def close(self) -> None:
+        if self.buffer:
+            self._line(self.buffer)
+        self.file.close()
+
+
+def cli(argv: List[str], log_path: str, tag: str, verbose: bool) -> Dict[str, float]:
+    """``python finetune.py argv`` in this process; returns the stats dict of the run_* function."""
+    print(f'$ python finetune.py {" ".join(argv)}', flush=True)
+    os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
+    args = finetune.get_args_parser().parse_args(argv)
+    out = _StageOutput(log_path, tag, sys.stdout, verbose)
+    try:
+        with contextlib.redirect_stdout(out):
+            return finetune.run(args)
+    except UserError as e:
+        raise SystemExit(f'error in stage {tag}: {e} (full output: {log_path})') from None
+    except finetune.NonFiniteLossError as e:
+        raise SystemExit(f'stage {tag} diverged: {e} (full output: {log_path})') from None
+    finally:
+        out.close()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the stages
+
+def teacher_state(path: str, epochs: int) -> str:
+    """'none', 'done', 'partial' (same schedule, unfinished) or 'other' (another number of epochs)."""
+    if not os.path.isfile(path):
+        return 'none'
+    try:
+        ckpt = load_checkpoint_file(path)
+    except UserError:
+        return 'other'
+    planned = getattr(ckpt.get('args'), 'final_finetune', None)
+    if planned != epochs or getattr(ckpt.get('args'), 'model', None) != finetune.cc_model_name(MODEL):
+        return 'other'
+    return 'done' if int(ckpt.get('epoch', -1)) >= epochs - 1 else 'partial'
+
+
+def rate_tag(mode: str, rate: float) -> str:
+    return f'{mode}_{rate:.2f}'
+
+
+def row_name(mode: str, rate: float, finetuned: bool) -> str:
+    name = f'C&C-digits-{round(rate * 100)} ({"Taylor" if mode == "attn" else "random"})'
+    return name + (' + KD finetune' if finetuned else '')
+
+
+def markdown_table(rows: List[dict], speedups: Dict[str, float]) -> str:
+    """The Model Zoo's columns (model, acc@1, GFLOPs, images/s, speed-up), then how the row was made."""
+    lines = ['| model | acc@1 | GFLOPs | images/s | speed-up | prune mode | prune rate | finetuned |',
+             '|---|---|---|---|---|---|---|---|']
+    for r in rows:
+        s = speedups.get(r['name'])
+        lines.append(f'| {r["name"]} | {r["acc1"]:.1f} | {r["gflops"]:.3f} | {r["throughput"]:.0f} | '
+                     f'{"–" if s is None else f"{s:.2f}"} | {r["prune_mode"]} | {r["prune_rate"]:.2f} | '
+                     f'{"yes" if r["finetuned"] else "no"} |')
+    return '\n'.join(lines)
+
+
+def main(argv=None) -> int:
+    a = get_args_parser().parse_args(argv)
+    if a.quick:
+        a.teacher_epochs, a.finetune_epochs = min(a.teacher_epochs, 2), min(a.finetune_epochs, 1)
+        a.prune_batches = a.prune_batches or 4
+        a.speed_repeats = min(a.speed_repeats, 5)
+    out = a.out
+    os.makedirs(out, exist_ok=True)
+    t0 = time.time()
+    timings: Dict[str, float] = {}
+    common = ['--model', MODEL, '--data-set', 'DIGITS', '--batch-size', '64', '--num_workers', '0',
+              '--print-freq', '1000', '--seed', str(a.seed)] + (['--device', a.device] if a.device else [])
+
+    # Redo every stage but the teacher: the finetune CLI refuses an --output_dir holding a checkpoint.
+    for mode, rate in CONFIGS:
+        for d in (f'prune_{rate_tag(mode, rate)}', f'finetune_{rate_tag(mode, rate)}'):
+            shutil.rmtree(os.path.join(out, d), ignore_errors=True)
+    shutil.rmtree(os.path.join(out, 'summary'), ignore_errors=True)
+
+    # 1. the dense teacher ------------------------------------------------------------------------------
+    print(f'== 1. teacher: {MODEL} trained from scratch for {a.teacher_epochs} epochs', flush=True)
+    teacher_dir = os.path.join(out, 'teacher')
+    teacher = os.path.join(teacher_dir, 'checkpoint.pth')
+    state = 'other' if a.fresh else teacher_state(teacher, a.teacher_epochs)
+    if state == 'other' and os.path.exists(teacher_dir):
+        print(f'   ({teacher_dir} holds another teacher; training a new one)')
+        shutil.rmtree(teacher_dir)
+    if state == 'done':
+        print(f'   reusing the teacher already trained in {teacher} ({a.teacher_epochs} epochs); '
+              f'--fresh retrains it', flush=True)
+    else:
+        resume = ['--resume', teacher] if state == 'partial' else []
+        if resume:
+            print(f'   continuing the unfinished teacher in {teacher}')
+        cli(common + RECIPE + ['--lr', str(a.teacher_lr), '--warmup-epochs', '2' if a.teacher_epochs > 5 else '0',
+                               '--final_finetune', str(a.teacher_epochs), '--output_dir', teacher_dir] + resume,
+            os.path.join(teacher_dir, 'stdout.txt'), 'teacher', a.verbose)
+    teacher_acc = cli(common + ['--eval', '--resume', teacher], os.path.join(teacher_dir, 'eval.txt'),
+                      'teacher eval', a.verbose)['acc1']
+    timings['teacher'] = time.time() - t0
+
+    # 2. prune ------------------------------------------------------------------------------------------
+    t = time.time()
+    print('== 2. prune the teacher (Taylor attention 0.25 / 0.40, random 0.25) and evaluate', flush=True)
+    pruned, before = {}, {}
+    for mode, rate in CONFIGS:
+        tag = rate_tag(mode, rate)
+        d = os.path.join(out, f'prune_{tag}')
+        extra = ['--prune-batches', str(a.prune_batches)] if a.prune_batches else []
+        stats = cli(common + ['--prune', '--prune_mode', mode, '--prune_rate', str(rate), '--resume', teacher,
+                              '--output_dir', d] + extra, os.path.join(d, 'stdout.txt'), f'prune {tag}', a.verbose)
+        pruned[tag], before[tag] = os.path.join(d, f'pruned_{float(rate)}.pth'), stats['acc1']
+    timings['prune'] = time.time() - t
+
+    # 3. finetune with soft distillation ------------------------------------------------------------------
+    t = time.time()
+    print(f'== 3. finetune each pruned model for {a.finetune_epochs} epochs, soft distillation from the teacher',
+          flush=True)
+    after, finetuned = {}, {}
+    for mode, rate in CONFIGS:
+        tag = rate_tag(mode, rate)
+        d = os.path.join(out, f'finetune_{tag}')
+        cli(common + RECIPE + ['--resume', pruned[tag], '--teacher-path', teacher, '--distillation-type', 'soft',
+                               '--distillation-alpha', '0.5', '--distillation-tau', '1.0',
+                               '--lr', str(a.finetune_lr), '--warmup-epochs', '0',
+                               '--final_finetune', str(a.finetune_epochs), '--output_dir', d],
+            os.path.join(d, 'stdout.txt'), f'finetune {tag}', a.verbose)
+        finetuned[tag] = os.path.join(d, 'checkpoint.pth')  # the last epoch, not the best on val
+        after[tag] = cli(common + ['--eval', '--resume', finetuned[tag]], os.path.join(d, 'eval.txt'),
+                         f'finetune {tag} eval', a.verbose)['acc1']
+    timings['finetune'] = time.time() - t
+
+    # 4. speed ------------------------------------------------------------------------------------------
+    t = time.time()
+    print('== 4. GFLOPs and images/s: each pruned model timed interleaved with the dense model', flush=True)
+    speed = {}
+    for mode, rate in CONFIGS:
+        tag = rate_tag(mode, rate)
+        speed[tag] = cli(common + ['--speed-only', '--resume', finetuned[tag], '--speed-repeats',
+                                   str(a.speed_repeats), '--speed-warmup', '5'],
+                         os.path.join(out, f'speed_{tag}.txt'), f'speed {tag}', a.verbose)
+    timings['speed'] = time.time() - t
+
+    # 5. results.json and the table ---------------------------------------------------------------------------
+    dense_gflops = speed[rate_tag(*CONFIGS[0])]['dense_gflops']
+    dense_throughput = statistics.median(s['dense_throughput'] for s in speed.values())
+    rows = [{'name': 'DeiT-digits (teacher)', 'prune_mode': 'none', 'prune_rate': 0.0, 'finetuned': False,
+             'acc1': teacher_acc, 'gflops': dense_gflops, 'throughput': dense_throughput}]
+    speedups = {rows[0]['name']: 1.0}
+    for mode, rate in CONFIGS:
+        tag = rate_tag(mode, rate)
+        for is_ft, acc in ((False, before[tag]), (True, after[tag])):
+            row = {'name': row_name(mode, rate, is_ft), 'prune_mode': mode, 'prune_rate': float(rate),
+                   'finetuned': is_ft, 'acc1': float(acc), 'gflops': speed[tag]['pruned_gflops'],
+                   'throughput': speed[tag]['pruned_throughput']}
+            rows.append(row)
+            speedups[row['name']] = speed[tag]['speedup']
+    assert all(tuple(r) == ROW_KEYS for r in rows)
+    with open(os.path.join(out, 'results.json'), 'w') as f:
+        json.dump({'rows': rows}, f, indent=2)
+    details = {'timings_s': timings, 'speed': speed, 'args': vars(a),
+               'acc1_rule': 'last epoch (checkpoint.pth) evaluated with --eval; pruned rows before finetuning '
+                            'are the --prune evaluation'}
+    table = markdown_table(rows, speedups)
+
+    # 6. masks.png ------------------------------------------------------------------------------------------
+    t = time.time()
+    import draw_masks
+    import torch
+    print('== 6. masks: the patches each block keeps', flush=True)
+    pictures = {}
+    for mode, rate in CONFIGS:
+        tag = rate_tag(mode, rate)
+        name = 'masks.png' if (mode, rate) == CONFIGS[0] else f'masks_{tag}.png'
+        model = draw_masks.load_model(finetuned[tag], MODEL)
+        images, targets = draw_masks.digits_images(a.num_images)
+        with torch.no_grad():
+            preds = model(images).argmax(1).tolist()
+        labels = [f'digit {t_}\npred {p}' for t_, p in zip(targets, preds)]
+        pictures[tag] = draw_masks.draw_masks(model, images, os.path.join(out, name), (0.5,) * 3, (0.5,) * 3,
+                                              labels, title=row_name(mode, rate, True))
+        print(f'   {pictures[tag]}')
+    timings['masks'] = time.time() - t
+
+    # 7. TensorBoard summary ------------------------------------------------------------------------------
+    tb = TensorBoard(os.path.join(out, 'summary'))
+    if tb.writer is not None:
+        import numpy as np
+        from PIL import Image
+        for i, r in enumerate(rows):
+            tb.scalars({'acc1': r['acc1'], 'gflops': r['gflops'], 'throughput': r['throughput']}, i,
+                       prefix='demo/')
+        tb.writer.add_text('results', table)
+        for tag, path in pictures.items():
+            tb.writer.add_image(f'masks/{tag}', np.asarray(Image.open(path).convert('RGB')), 0, dataformats='HWC')
+    tb.close()
+
+    timings['total'] = time.time() - t0
+    with open(os.path.join(out, 'details.json'), 'w') as f:
+        json.dump(details, f, indent=2)
+    print()
+    print(f'Clip & Concat on scikit-learn digits ({len(rows)} rows, {out}/results.json); acc@1 on the 360 '
+          f'validation images, last epoch; speed-up against the dense model timed interleaved in the same run:')
+    print()
+    print(table)
+    print()
+    taylor, rand = rate_tag('attn', 0.25), rate_tag('random', 0.25)
+    for label, res in (('before finetuning', before), ('after finetuning', after)):
+        diff = res[taylor] - res[rand]
+        verdict = 'beats' if diff > 0 else ('ties with' if diff == 0 else 'loses to')
+        print(f'At prune rate 0.25, {label}: Taylor {res[taylor]:.1f}% {verdict} random {res[rand]:.1f}% '
+              f'({diff:+.1f} points)')
+    others = ', '.join(os.path.basename(p) for p in list(pictures.values())[1:])
+    print(f'Masks: {os.path.join(out, "masks.png")}  (also {others})')
+    print(f'TensorBoard: tensorboard --logdir {out}')
+    print(f'Total time: {timings["total"]:.0f} s (teacher {timings["teacher"]:.0f}, prune {timings["prune"]:.0f}, '
+          f'finetune {timings["finetune"]:.0f}, speed {timings["speed"]:.0f}, masks {timings["masks"]:.0f})')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
