@@ -3,7 +3,7 @@
 One row per image, one small panel per block. A patch the block clips (it skips the block unchanged) is
 greyed out; a patch the block processes is shown as is, and outlined when the block before clipped it
 (the token "comes back" with the features it had: clip & concat never discards a token). The masks are the
-model's own: each block's ``kept_ids`` (original ids of the tokens it processes; id 0 is the class token, not a patch).
+model's own: ``model.kept_token_ids()`` (original ids of the tokens each block processes; id 0 is the class token, not a patch).
 
     python demo/draw_masks.py --resume runs/demo/finetune_attn_0.25/checkpoint.pth --data-path DIGITS \
         --out masks.png
@@ -45,14 +45,14 @@ RETURN_COLOUR = '#ff8c00'                     # outline of a patch kept again af
 def kept_patches(model: nn.Module) -> torch.Tensor:
     """(depth, num_patches) bool in original patch order: True where block l processes patch p.
 
-    Read from each block's ``kept_ids`` (original token ids, class token 0 excluded), i.e. from what the
+    Read from ``model.kept_token_ids()`` (original token ids, class token 0 excluded), i.e. from what the
     model actually computes, not from a plan.
     """
     model = getattr(model, 'module', model)
     num_patches = model.num_tokens - 1
     kept = torch.zeros(len(model.blocks), num_patches, dtype=torch.bool)
-    for layer, blk in enumerate(model.blocks):
-        ids = blk.kept_ids.detach().cpu()
+    for layer, ids in enumerate(model.kept_token_ids()):
+        ids = ids.detach().cpu()
         ids = ids[ids > 0] - 1
         kept[layer, ids] = True
     return kept

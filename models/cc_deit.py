@@ -4,12 +4,15 @@ Each block owns a boolean mask ``attn.token_index`` over its input sequence, sto
 (the order the previous block leaves its tokens in: kept first, clipped after).  Clipped tokens skip the
 block unchanged; kept tokens attend among themselves only; no token is ever dropped.
 
-Internally the model keeps tokens in their *original* order and turns the chain of concat-order masks into
-one integer index per block (``kept_ids``: original ids of the tokens the block processes).  That is
-equivalent to the reference semantics, because attention and the MLP are permutation-equivariant over the
-tokens they see, and it lets ``forward`` do a fixed-shape gather/scatter instead of boolean indexing (no
-host-device sync per block, compiles with ``torch.compile(fullgraph=True)``).  The indices are rebuilt
-whenever masks change: after ``load_state_dict`` and in :func:`pruning.apply_masks`.
+Inside the blocks the tokens travel in concat order, exactly as in the reference semantics: each block
+gathers its kept tokens and its clipped tokens with integer indices (``kept_pos``, ``clipped_pos``: positions
+in the block's input order) and concatenates the processed kept tokens with the clipped ones.  The indices
+are prepared once whenever masks change (after ``load_state_dict`` and in :func:`pruning.apply_masks`), so
+``forward`` has fixed shapes: no boolean indexing, no host-device sync per block, and it compiles with
+``torch.compile(fullgraph=True)``.  Two gathers and a concatenation cost less than gathering the kept tokens
+and scattering them back into the original order (a scatter is several times slower than a gather on CPU).
+``forward_features`` returns the tokens in their original order again (one gather), so token ``1 + p`` is
+patch ``p`` as in timm; ``forward_intermediates`` leaves each block's output in its concat order.
 """
 from typing import List, Optional
 
@@ -67,8 +70,10 @@ class CCBlock(Block):
         kwargs['attn_layer'] = CCAttention
         super().__init__(dim, num_heads, *args, **kwargs)
         self.attn.token_index = torch.ones(num_tokens, dtype=torch.bool, device=self.attn.token_index.device)
-        # Original ids of the tokens this block processes; rebuilt from the masks, never saved.
-        self.register_buffer('kept_ids', torch.arange(num_tokens), persistent=False)
+        # Positions (in this block's input order) of the tokens it processes and of those it passes on;
+        # rebuilt from the masks, never saved.
+        self.register_buffer('kept_pos', torch.arange(num_tokens), persistent=False)
+        self.register_buffer('clipped_pos', torch.arange(0), persistent=False)
         self.dense = True
 
     def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
@@ -76,9 +81,8 @@ class CCBlock(Block):
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
         if attn_mask is not None or is_causal:
             raise ValueError('attention masks are not supported on a pruned block')
-        kept = super().forward(x.index_select(1, self.kept_ids))
-        return x.index_copy(1, self.kept_ids, kept)
-
+        kept = super().forward(x.index_select(1, self.kept_pos))
+        return torch.cat([kept, x.index_select(1, self.clipped_pos)], dim=1)
 
 
 class CCVisionTransformer(VisionTransformer):
@@ -94,6 +98,8 @@ class CCVisionTransformer(VisionTransformer):
         self.num_tokens = self.patch_embed.num_patches + 1
         for blk in self.blocks:
             blk.attn.token_index = torch.ones(self.num_tokens, dtype=torch.bool)
+        self.register_buffer('restore_ids', torch.arange(self.num_tokens), persistent=False)
+        self.reordered = False
         self.register_load_state_dict_pre_hook(_fill_dense_masks)
         self.register_load_state_dict_post_hook(_after_load)
         self.refresh_token_plan()
@@ -105,15 +111,32 @@ class CCVisionTransformer(VisionTransformer):
 
     @torch.no_grad()
     def refresh_token_plan(self) -> None:
-        """Recompute each block's ``kept_ids`` from the concat-order masks (call after changing masks)."""
-        order = torch.arange(self.num_tokens, device=self.blocks[0].attn.token_index.device)
-        for blk in self.blocks:
+        """Recompute the blocks' gather indices from the concat-order masks (call after changing masks)."""
+        device = self.blocks[0].attn.token_index.device
+        order = torch.arange(self.num_tokens, device=device)  # position -> original token id
+        for layer, blk in enumerate(self.blocks):
             mask = blk.attn.token_index
-            kept = order[mask]
-            blk.kept_ids = kept.clone()
+            if not bool(mask[0]):
+                raise ValueError(f'blocks.{layer}.{MASK_KEY}: the class token (position 0) must be kept')
+            blk.kept_pos = mask.nonzero().squeeze(1)
+            blk.clipped_pos = (~mask).nonzero().squeeze(1)
             blk.dense = bool(mask.all())
-            order = torch.cat([kept, order[~mask]])
+            order = torch.cat([order[blk.kept_pos], order[blk.clipped_pos]])
+        # restore_ids[j]: where original token j sits after the last block.
+        self.restore_ids = torch.argsort(order)
+        self.reordered = not torch.equal(order, torch.arange(self.num_tokens, device=device))
 
+    def kept_token_ids(self) -> List[torch.Tensor]:
+        """Original ids (0 = class token, 1 + p = patch p) of the tokens each block processes."""
+        ids, order = [], torch.arange(self.num_tokens, device=self.blocks[0].attn.token_index.device)
+        for blk in self.blocks:
+            ids.append(order[blk.kept_pos])
+            order = torch.cat([ids[-1], order[blk.clipped_pos]])
+        return ids
+
+    def forward_features(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
+        x = super().forward_features(x, attn_mask=attn_mask, is_causal=is_causal)
+        return x.index_select(1, self.restore_ids) if self.reordered else x
 
 
 def _fill_dense_masks(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,

@@ -88,6 +88,39 @@ def test_pruned_model_equals_reference_semantics(seed):
     assert (ours - dense).abs().max().item() > 1e-3  # the masks really change the result
 
 
+def test_forward_features_returns_tokens_in_original_order():
+    """Blocks run in concat order; forward_features puts token 1 + p back at patch p, as timm does."""
+    torch.manual_seed(3)
+    model = timm.create_model('cc_deit_tiny_patch16_224', img_size=64, depth=4).eval()
+    plan = _revisiting_plan(4, 16, 3)
+    pruning.apply_masks(model, plan)
+    assert model.reordered
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ours = model.forward_features(x)
+        tokens = model.patch_embed(x)
+        tokens = torch.cat([model.cls_token.expand(2, -1, -1), tokens], dim=1) + model.pos_embed
+        order = torch.arange(17)  # position -> original id, tracked by hand
+        for blk, m in zip(model.blocks, model.masks):
+            keep, rest = tokens[:, m], tokens[:, ~m]
+            keep = keep + plain_attention(blk.attn, blk.norm1(keep))
+            keep = keep + blk.mlp.fc2(F.gelu(blk.mlp.fc1(blk.norm2(keep))))
+            tokens = torch.cat([keep, rest], dim=1)
+            order = torch.cat([order[m], order[~m]])
+        ref = torch.empty_like(tokens)
+        ref[:, order] = model.norm(tokens)
+    assert (ours - ref).abs().max().item() < 1e-4
+    expected_ids = [torch.cat([torch.tensor([0]), row.nonzero().squeeze(1) + 1]).sort().values for row in plan]
+    assert [ids.sort().values.tolist() for ids in model.kept_token_ids()] == [e.tolist() for e in expected_ids]
+
+
+def test_clearing_the_class_token_by_hand_is_refused():
+    model = timm.create_model('cc_deit_tiny_patch16_224', img_size=32, depth=2)
+    model.blocks[1].attn.token_index[0] = False
+    with pytest.raises(ValueError, match=r'blocks\.1\.attn\.token_index: the class token'):
+        model.refresh_token_plan()
+
+
 def test_pruned_model_loaded_from_concat_order_masks_equals_reference():
     """Masks arriving through a state dict (any concat-order masks with the class token kept)."""
     torch.manual_seed(5)

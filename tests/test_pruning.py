@@ -208,12 +208,12 @@ def test_apply_masks_writes_concat_order_buffers_and_returns_channels():
     for blk, expected in zip(model.blocks, HAND_CONCAT):
         assert torch.equal(blk.attn.token_index, expected)
     # Original ids processed by each block: the kept set of the plan, class token included.
-    assert [blk.kept_ids.tolist() for blk in model.blocks] == [[0, 1, 3], [0, 3, 2], [0, 1, 4]]
+    assert [ids.tolist() for ids in model.kept_token_ids()] == [[0, 1, 3], [0, 3, 2], [0, 1, 4]]
     sd = model.state_dict()
     assert sd['blocks.1.attn.token_index'].dtype == torch.bool
     fresh = timm.create_model('cc_deit_tiny_patch16_224', img_size=32, depth=3)
     fresh.load_state_dict(sd)
-    assert [blk.kept_ids.tolist() for blk in fresh.blocks] == [[0, 1, 3], [0, 3, 2], [0, 1, 4]]
+    assert [ids.tolist() for ids in fresh.kept_token_ids()] == [[0, 1, 3], [0, 3, 2], [0, 1, 4]]
 
 
 def test_apply_masks_rejects_a_plan_of_the_wrong_shape():
