@@ -1,0 +1,189 @@
+"""FLOPs by the DESIGN §6 formula against torch's own counter, and torch.compile(fullgraph=True) of a pruned model.
+
+``models.count_macs`` counts multiply-accumulates the paper's way: patch embedding, per block with n kept tokens
+qkv 3nC², attention 2n²C, projection nC², MLP 8nC², then the head. ``torch.utils.flop_counter.FlopCounterMode``
+counts FLOPs (2 per MAC) of matmul-like aten ops only: convolution, (add)mm, bmm and the fused
+scaled-dot-product-attention kernels. Neither counts layernorm, GELU, softmax, residual adds or biases, so the
+conventions match and the two should agree (in fact exactly) for dense and pruned models.
+
+The attention op is checked on its own: on CPU timm's fused path dispatches to
+``aten._scaled_dot_product_flash_attention_for_cpu``, which the counter registers (QKᵀ and AV: 4·n²·C FLOPs per
+image and block). The unfused path (``fused_attn = False``, the one used while scoring) runs QKᵀ and AV as
+``aten.bmm``; both paths are checked, so a backend whose SDPA is not counted cannot pass silently.
+"""
+import pytest
+import timm
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import models
+import pruning
+
+
+def _pruned(name, rate, seed=0):
+    torch.manual_seed(seed)
+    model = timm.create_model(name).eval()
+    if rate:
+        depth, num_patches = len(model.blocks), model.num_tokens - 1
+        pruning.apply_masks(model, pruning.random_masks(depth, num_patches, rate,
+                                                        generator=torch.Generator().manual_seed(seed)))
+    return model
+
+
+def _count(model, batch=2, size=224):
+    x = torch.randn(batch, 3, size, size)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(x)
+    per_op = {str(op): int(v) for op, v in counter.get_flop_counts()['Global'].items()}
+    return counter.get_total_flops(), per_op
+
+
+def _attention_flops(per_op):
+    """FLOPs the counter attributed to attention: SDPA kernels (fused) or batched matmuls (unfused)."""
+    sdpa = sum(v for k, v in per_op.items() if 'scaled_dot_product' in k)
+    bmm = sum(v for k, v in per_op.items() if k in ('aten.bmm', 'aten.baddbmm'))
+    return sdpa, bmm
+
+
+@pytest.mark.parametrize('fused', [True, False], ids=['fused_sdpa', 'unfused'])
+@pytest.mark.parametrize('rate', [0.0, 0.25, 0.4])
+@pytest.mark.parametrize('name', ['cc_deit_tiny_patch16_224', 'cc_deit_small_patch16_224'])
+def test_design_formula_matches_torch_flop_counter(name, rate, fused):
+    model = _pruned(name, rate)
+    for blk in model.blocks:
+        blk.attn.fused_attn = fused
+    channels = models.kept_token_counts(model)
+    if rate:
+        assert min(channels) < model.num_tokens, 'masks were not applied'
+    batch = 2
+    total, per_op = _count(model, batch)
+    expected = 2 * models.count_macs(model)
+    assert abs(total / batch - expected) / expected < 0.02, (total / batch, expected, per_op)
+
+    # The counter really counted attention, on whichever path ran: 2 matmuls of n²·C MACs per block.
+    C = model.embed_dim
+    attention_expected = batch * sum(2 * 2 * n * n * C for n in channels)
+    sdpa, bmm = _attention_flops(per_op)
+    if fused:
+        assert sdpa > 0, f'no scaled-dot-product-attention op was counted: {per_op}'
+        assert bmm == 0
+        assert sdpa == attention_expected
+    else:
+        assert sdpa == 0
+        assert bmm == attention_expected
+    # Patch embedding (a convolution) and everything linear (qkv, proj, MLP, head) by their own formulas.
+    proj = model.patch_embed.proj
+    patch = model.patch_embed.num_patches * proj.in_channels * proj.kernel_size[0] * proj.kernel_size[1] * C
+    assert per_op['aten.convolution'] == batch * 2 * patch
+    hidden = model.blocks[0].mlp.fc1.out_features
+    linear = sum(4 * n * C * C + 2 * n * C * hidden for n in channels) + C * model.num_classes
+    assert per_op['aten.addmm'] == batch * 2 * linear
+
+
+@pytest.mark.parametrize('name', ['deit_tiny_patch16_224', 'deit_small_patch16_224'])
+def test_dense_timm_deit_counts_like_the_paper(name):
+    """timm's own DeiT (not our patched model) against the formula, and the paper's 1.3 / 4.6 GFLOPs."""
+    torch.manual_seed(0)
+    dense = timm.create_model(name).eval()
+    cc = timm.create_model('cc_' + name).eval()
+    total, per_op = _count(dense, batch=1)
+    assert abs(total - 2 * models.count_macs(cc)) / total < 0.02
+    assert sum(_attention_flops(per_op)) > 0
+    paper = {'deit_tiny_patch16_224': 1.3, 'deit_small_patch16_224': 4.6}[name]
+    assert round(models.count_macs(cc) / 1e9, 1) == paper
+
+
+def test_pruning_lowers_counted_flops_as_predicted():
+    """The counter sees the pruned model do less work, by the ratio the formula predicts."""
+    dense_total, _ = _count(_pruned('cc_deit_tiny_patch16_224', 0.0), batch=1)
+    pruned = _pruned('cc_deit_tiny_patch16_224', 0.4)
+    pruned_total, _ = _count(pruned, batch=1)
+    predicted = models.count_macs(pruned) / models.count_macs(_pruned('cc_deit_tiny_patch16_224', 0.0))
+    assert pruned_total < 0.75 * dense_total
+    assert abs(pruned_total / dense_total - predicted) < 0.02
+
+
+def _model_zoo():
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'benchmarks', 'model_zoo.py')
+    spec = importlib.util.spec_from_file_location('model_zoo', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_rows_compute_the_same_function():
+    """benchmarks/model_zoo.py times like against like: timm's DeiT loaded with our weights, our pruned model and
+    the boolean-mask re-implementation of the original code give the same logits, and count the same FLOPs."""
+    zoo = _model_zoo()
+    model = _pruned('cc_deit_tiny_patch16_224', 0.0)
+    dense = zoo.timm_twin(model, 'deit_tiny_patch16_224', torch.device('cpu'))
+    ours = zoo.pruned_copy(model, zoo.plan(None, 12, 196, 0.3, seed=0))
+    assert len(set(models.kept_token_counts(ours))) > 1  # layers keep different numbers of tokens
+    boolean = zoo.BooleanMaskViT(dense, [blk.attn.token_index for blk in ours.blocks]).eval()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert (dense(x) - model(x)).abs().max().item() < 1e-4
+        assert (boolean(x) - ours(x)).abs().max().item() < 1e-4
+        assert (boolean(x) - dense(x)).abs().max().item() > 1e-3  # pruning changed the function
+    assert _count(boolean)[0] == _count(ours)[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# torch.compile(fullgraph=True)
+
+def _reset_dynamo():
+    torch._dynamo.reset()
+
+
+def test_pruned_model_captures_as_one_graph_and_follows_new_masks():
+    """Dynamo traces a pruned model without graph breaks (fullgraph=True raises on any), the traced model gives
+    the eager output, and new masks (new gather indices of other lengths) are picked up, not served from a stale graph.
+    The 'eager' backend checks the capture only; the inductor test below checks generated code."""
+    _reset_dynamo()
+    model = _pruned('cc_deit_tiny_patch16_224', 0.25)
+    compiled = torch.compile(model, fullgraph=True, backend='eager')
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert (compiled(x) - model(x)).abs().max().item() < 1e-4
+        explanation = torch._dynamo.explain(model)(x)
+        assert explanation.graph_break_count == 0
+        assert explanation.graph_count == 1
+        before = models.kept_token_counts(model)
+        pruning.apply_masks(model, pruning.random_masks(12, 196, 0.4, generator=torch.Generator().manual_seed(1)))
+        assert models.kept_token_counts(model) != before
+        assert (compiled(x) - model(x)).abs().max().item() < 1e-4
+    _reset_dynamo()
+
+
+@pytest.mark.slow
+def test_pruned_model_compiles_with_inductor_and_matches_eager():
+    """torch.compile(fullgraph=True) with the default backend (inductor; C++ on CPU, Triton on GPU)."""
+    _reset_dynamo()
+    model = _pruned('cc_deit_tiny_patch16_224', 0.25)
+    assert any(not blk.dense for blk in model.blocks)
+    compiled = torch.compile(model, fullgraph=True)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        eager = model(x)
+        out = compiled(x)
+    assert out.shape == eager.shape == (2, 1000)
+    assert (out - eager).abs().max().item() < 1e-4
+    _reset_dynamo()
+
+
+def test_routing_rows_move_the_same_tokens_and_restore_timm():
+    """The routing-alone measurement times real code: with blocks computing, the earlier gather/scatter routing
+    and ours (blocks + return to original order) agree; the identity patch is undone afterwards."""
+    zoo = _model_zoo()
+    ours = zoo.pruned_copy(_pruned('cc_deit_tiny_patch16_224', 0.0), zoo.plan(None, 12, 196, 0.3, seed=0))
+    tokens = torch.randn(2, 197, 192)
+    original_forward = zoo.Block.forward
+    with torch.no_grad():
+        assert (zoo.run_blocks_ours(ours, tokens) - zoo.ScatterRouting(ours).run_blocks(tokens)).abs().max() < 1e-5
+        with zoo.blocks_as_identity():
+            routed = zoo.run_blocks_ours(ours, tokens)
+        assert torch.equal(routed, tokens)  # identity blocks + return to original order = no change
+    assert zoo.Block.forward is original_forward
