@@ -37,7 +37,7 @@ import platform
 import statistics
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -247,15 +247,17 @@ class Timings:
         return {'median': statistics.median(pairs), 'min': min(pairs), 'max': max(pairs)}
 
 
-def time_interleaved(runs: Dict[str, nn.Module], batch: int, device: torch.device, repeats: int, warmup: int,
-                     dtype) -> Timings:
-    """Forward passes of every row on the same random batch under no_grad (and autocast if ``dtype``):
-    ``warmup`` untimed rounds, then ``repeats`` timed rounds; each pass is synchronised and timed alone, the
-    rows take turns inside a round and the starting row rotates from round to round."""
-    x = torch.randn(batch, 3, 224, 224, device=device)
+def time_interleaved(runs: Dict[str, Callable], batch: int, device: torch.device, repeats: int, warmup: int,
+                     dtype, x: Optional[torch.Tensor] = None) -> Timings:
+    """Forward passes of every row on the same input (default: a random image batch) under no_grad (and
+    autocast if ``dtype``): ``warmup`` untimed rounds, then ``repeats`` timed rounds; each pass is synchronised
+    and timed alone, the rows take turns inside a round and the starting row rotates from round to round."""
+    if x is None:
+        x = torch.randn(batch, 3, 224, 224, device=device)
     names = list(runs)
     for model in runs.values():
-        model.eval()
+        if isinstance(model, nn.Module):
+            model.eval()
     seconds = {name: [] for name in names}
     with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
         for _ in range(warmup):
@@ -312,26 +314,14 @@ def routing_cost(ours: nn.Module, boolean: 'BooleanMaskViT', batch: int, device:
     scatter = ScatterRouting(ours)
     runs = {'ours': lambda t: run_blocks_ours(ours, t), 'boolean': boolean.run_blocks,
             'scatter': scatter.run_blocks}
-    seconds = {k: [] for k in runs}
-    with blocks_as_identity(), torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-        reference = runs['boolean'](x)
-        for k, fn in runs.items():
-            for _ in range(3):
-                out = fn(x)
-        # sanity: the routings move the same tokens (ours ends in the original order, the others do not)
-        assert out.shape == reference.shape
-        names = list(runs)
-        for r in range(repeats):
-            for k in names[r % 3:] + names[:r % 3]:
-                sync(device)
-                start = time.perf_counter()
-                runs[k](x)
-                sync(device)
-                seconds[k].append(time.perf_counter() - start)
-    ms = {k: 1e3 * statistics.median(v) for k, v in seconds.items()}
-    pairs = [b / o for o, b in zip(seconds['ours'], seconds['boolean'])]
-    return {'batch_size': batch, 'repeats': repeats, 'ms': ms,
-            'boolean_over_ours': statistics.median(pairs), 'boolean_over_ours_range': [min(pairs), max(pairs)]}
+    with blocks_as_identity():
+        with torch.no_grad():  # the routings move the same tokens (ours ends in the original order)
+            assert runs['ours'](x).shape == runs['boolean'](x).shape == runs['scatter'](x).shape
+        timings = time_interleaved(runs, batch, device, repeats, 3, dtype, x=x)
+    ratio = timings.ratio('ours', 'boolean')
+    return {'batch_size': batch, 'repeats': repeats,
+            'ms': {k: 1e3 * statistics.median(v) for k, v in timings.seconds.items()},
+            'boolean_over_ours': ratio['median'], 'boolean_over_ours_range': [ratio['min'], ratio['max']]}
 
 
 def bench_model(arch: str, args, device: torch.device, dtype, autocast) -> Dict:

@@ -112,8 +112,6 @@ class CCVisionTransformer(VisionTransformer):
     @torch.no_grad()
     def refresh_token_plan(self) -> None:
         """Recompute the blocks' gather indices from the concat-order masks (call after changing masks)."""
-        device = self.blocks[0].attn.token_index.device
-        order = torch.arange(self.num_tokens, device=device)  # position -> original token id
         for layer, blk in enumerate(self.blocks):
             mask = blk.attn.token_index
             if not bool(mask[0]):
@@ -121,18 +119,21 @@ class CCVisionTransformer(VisionTransformer):
             blk.kept_pos = mask.nonzero().squeeze(1)
             blk.clipped_pos = (~mask).nonzero().squeeze(1)
             blk.dense = bool(mask.all())
-            order = torch.cat([order[blk.kept_pos], order[blk.clipped_pos]])
+        order = self._token_orders()[-1]
         # restore_ids[j]: where original token j sits after the last block.
         self.restore_ids = torch.argsort(order)
-        self.reordered = not torch.equal(order, torch.arange(self.num_tokens, device=device))
+        self.reordered = not torch.equal(order, torch.arange(self.num_tokens, device=order.device))
+
+    def _token_orders(self) -> List[torch.Tensor]:
+        """Position -> original token id at the input of each block, then after the last one."""
+        orders = [torch.arange(self.num_tokens, device=self.blocks[0].attn.token_index.device)]
+        for blk in self.blocks:
+            orders.append(torch.cat([orders[-1][blk.kept_pos], orders[-1][blk.clipped_pos]]))
+        return orders
 
     def kept_token_ids(self) -> List[torch.Tensor]:
         """Original ids (0 = class token, 1 + p = patch p) of the tokens each block processes."""
-        ids, order = [], torch.arange(self.num_tokens, device=self.blocks[0].attn.token_index.device)
-        for blk in self.blocks:
-            ids.append(order[blk.kept_pos])
-            order = torch.cat([ids[-1], order[blk.clipped_pos]])
-        return ids
+        return [order[blk.kept_pos] for order, blk in zip(self._token_orders(), self.blocks)]
 
     def forward_features(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
         x = super().forward_features(x, attn_mask=attn_mask, is_causal=is_causal)

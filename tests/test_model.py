@@ -40,16 +40,23 @@ def test_official_checkpoint_loads_through_timm_create_model(tmp_path):
     assert models.kept_token_counts(model) == [197] * 12
 
 
-def reference_forward(model, x, concat_masks):
-    """DESIGN §1 written out plainly: tokens physically reordered, boolean indexing, kept first."""
+def reference_tokens(model, x, concat_masks):
+    """DESIGN §1 written out plainly: tokens physically reordered, boolean indexing, kept first.
+    Returns the normed tokens in the final concat order and that order (position -> original id)."""
     x = model.patch_embed(x)
     x = torch.cat([model.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + model.pos_embed
+    order = torch.arange(x.shape[1])
     for blk, m in zip(model.blocks, concat_masks):
         keep, rest = x[:, m], x[:, ~m]
         keep = keep + plain_attention(blk.attn, blk.norm1(keep))
         keep = keep + blk.mlp.fc2(F.gelu(blk.mlp.fc1(blk.norm2(keep))))
         x = torch.cat([keep, rest], dim=1)
-    return model.head(model.norm(x)[:, 0])
+        order = torch.cat([order[m], order[~m]])
+    return model.norm(x), order
+
+
+def reference_forward(model, x, concat_masks):
+    return model.head(reference_tokens(model, x, concat_masks)[0][:, 0])
 
 
 def plain_attention(attn, x):
@@ -98,17 +105,9 @@ def test_forward_features_returns_tokens_in_original_order():
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         ours = model.forward_features(x)
-        tokens = model.patch_embed(x)
-        tokens = torch.cat([model.cls_token.expand(2, -1, -1), tokens], dim=1) + model.pos_embed
-        order = torch.arange(17)  # position -> original id, tracked by hand
-        for blk, m in zip(model.blocks, model.masks):
-            keep, rest = tokens[:, m], tokens[:, ~m]
-            keep = keep + plain_attention(blk.attn, blk.norm1(keep))
-            keep = keep + blk.mlp.fc2(F.gelu(blk.mlp.fc1(blk.norm2(keep))))
-            tokens = torch.cat([keep, rest], dim=1)
-            order = torch.cat([order[m], order[~m]])
+        tokens, order = reference_tokens(model, x, model.masks)
         ref = torch.empty_like(tokens)
-        ref[:, order] = model.norm(tokens)
+        ref[:, order] = tokens
     assert (ours - ref).abs().max().item() < 1e-4
     expected_ids = [torch.cat([torch.tensor([0]), row.nonzero().squeeze(1) + 1]).sort().values for row in plan]
     assert [ids.sort().values.tolist() for ids in model.kept_token_ids()] == [e.tolist() for e in expected_ids]
