@@ -29,8 +29,8 @@ from engine import NonFiniteLossError, evaluate, measure_throughput, train_one_e
 from losses import DistillationLoss
 from samplers import DistributedEvalSampler, RASampler
 from utils import (UserError, TensorBoard, check_output_dir, init_distributed_mode, is_main_process,
-                   load_checkpoint_file, rank0_print, remove_stale_temporaries, save_atomic, state_dict_of,
-                   write_text_atomic)
+                   load_checkpoint_file, print_line, rank0_print, remove_stale_temporaries, save_atomic,
+                   state_dict_of, write_text_atomic)
 
 MODEL_SIZES = ('deit_tiny_patch16_224', 'deit_small_patch16_224', 'deit_base_patch16_224', 'deit_digits_patch4_32')
 EXIT_USER_ERROR = 2
@@ -428,7 +428,7 @@ def run_prune(args, device: torch.device) -> Dict[str, float]:
                 f'({args.prune_mode}, prune rate {args.prune_rate})')
     rank0_print(f'Kept tokens per block (class token included): {channels}')
     # Every process prints what it planned: with several processes the digests must agree (scores are summed).
-    print(f'[rank {args.rank}] masks sha1 {masks_sha1(model.masks)}\n', end='', flush=True)  # one write per line
+    print_line(f'[rank {args.rank}] masks sha1 {masks_sha1(model.masks)}')
     rank0_print(f'FLOPs: {gflops(model):.2f} GFLOPs (dense {gflops(dense_copy(model)):.2f} GFLOPs)')
     path = os.path.join(args.output_dir, f'pruned_{args.prune_rate}.pth')
     if is_main_process():
@@ -436,7 +436,7 @@ def run_prune(args, device: torch.device) -> Dict[str, float]:
         if scores is not None:
             checkpoint['scores'] = scores
         save_atomic(checkpoint, path)
-        print(f'Saved {path}', flush=True)
+        print_line(f'Saved {path}')
     stats = evaluate(data_loader(dataset_val, args, train=False), model, device, amp=args.amp,
                      print_freq=args.print_freq, printer=rank0_print)
     rank0_print(f'Accuracy of the network on the {len(dataset_val)} test images: {stats["acc1"]:.1f}%')
@@ -690,19 +690,19 @@ def main(argv=None) -> int:
     try:
         run(args)
     except UserError as e:
-        print(f'{prefix}error: {_one_line(e)}', file=sys.stderr, flush=True)
+        print_line(f'{prefix}error: {_one_line(e)}', file=sys.stderr)
         return EXIT_USER_ERROR
     except NonFiniteLossError as e:
-        print(f'{prefix}error: {_one_line(e)}', file=sys.stderr, flush=True)
+        print_line(f'{prefix}error: {_one_line(e)}', file=sys.stderr)
         return EXIT_DIVERGED
     except KeyboardInterrupt:
-        print(f'{prefix}interrupted; checkpoints written so far are complete', file=sys.stderr, flush=True)
+        print_line(f'{prefix}interrupted; checkpoints written so far are complete', file=sys.stderr)
         return EXIT_INTERRUPTED
     except RuntimeError as e:
         if not _lost_peer(e):
             raise
-        print(f'{prefix}error: stopped because another process of this job failed (see its error); '
-              f'checkpoints written so far are complete', file=sys.stderr, flush=True)
+        print_line(f'{prefix}error: stopped because another process of this job failed (see its error); '
+                   f'checkpoints written so far are complete', file=sys.stderr)
         return EXIT_PEER_FAILED
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():

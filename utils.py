@@ -3,6 +3,7 @@ import argparse
 import datetime
 import os
 import pickle
+import sys
 import time
 from collections import defaultdict, deque
 from typing import Any, Dict, Optional
@@ -329,9 +330,18 @@ class MetricLogger:
                      f'({total_time / max(total, 1):.4f} s / it)')
 
 
+def print_line(*args, sep: str = ' ', file=None) -> None:
+    """Print one line with a single write and flush.  The processes of a job share the launcher's pipes and
+    torchrun starts them with `python -u`, where `print` writes text and newline separately: another rank's
+    line could land in between."""
+    stream = sys.stdout if file is None else file
+    stream.write(sep.join(map(str, args)) + '\n')
+    stream.flush()
+
+
 def rank0_print(*args, **kwargs) -> None:
     if is_main_process():
-        print(*args, **kwargs, flush=True)
+        print_line(*args, **kwargs)
 
 
 class TensorBoard:

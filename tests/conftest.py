@@ -61,7 +61,7 @@ def subprocess_env():
     env = {k: v for k, v in os.environ.items()
            if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT', 'LOCAL_WORLD_SIZE')}
     env['PYTHONPATH'] = ROOT
-    env.pop('PYTHONUNBUFFERED', None)  # several processes share the pipes: whole lines, one write each
+    env['PYTHONUNBUFFERED'] = '1'  # as torchrun's `python -u` workers: output must come in whole lines anyway
     env.setdefault('OMP_NUM_THREADS', '1')  # as torchrun does: no thread oversubscription on a shared machine
     return env
 

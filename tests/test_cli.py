@@ -165,3 +165,26 @@ def test_learning_rate_is_scaled_by_batch_and_world_size(tmp_path, capsys, monke
                              '--num_workers', '0', '--input-size', '32', '--mixup', '0', '--cutmix', '0')
     assert code == 0, err
     assert f'lr {1e-3 * 8 / 512:.2e} for batch 8 x 1 processes' in out
+
+
+class RecordingStream:
+    """A stream that records each write call, as the kernel sees them on an unbuffered pipe."""
+
+    def __init__(self):
+        self.writes, self.flushes = [], 0
+
+    def write(self, text):
+        self.writes.append(text)
+
+    def flush(self):
+        self.flushes += 1
+
+
+def test_output_lines_are_single_writes_so_ranks_sharing_a_pipe_cannot_split_them():
+    # torchrun runs workers with `python -u`: print('x') there is two writes, 'x' and '\n'.
+    from utils import print_line, rank0_print
+    stream = RecordingStream()
+    print_line('[rank 1] masks sha1', 'ab' * 20, file=stream)
+    rank0_print('FLOPs:', 1.25, file=stream)
+    assert stream.writes == [f'[rank 1] masks sha1 {"ab" * 20}\n', 'FLOPs: 1.25\n']
+    assert stream.flushes == 2
