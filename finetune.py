@@ -586,6 +586,10 @@ def run_finetune(args, device: torch.device) -> Dict[str, float]:
             remove_stale_temporaries([checkpoint_path, best_path, log_path])  # from a job killed while saving
         rank0_print(f'Resumed from {args.resume}: continuing at epoch {start_epoch} '
                     f'(best Acc@1 so far {max_accuracy:.2f}%)')
+        planned = getattr(checkpoint.get('args'), 'final_finetune', args.final_finetune)
+        if planned != args.final_finetune:  # the scheduler state just loaded keeps the old length, as in DeiT
+            rank0_print(f'warning: {args.resume} was written by a run of --final_finetune {planned}; its '
+                        f'learning-rate schedule over {planned} epochs continues unchanged')
     if start_epoch >= args.final_finetune:
         rank0_print(f'Nothing to do: {args.final_finetune} epochs already finished')
         return {'max_accuracy': max_accuracy}

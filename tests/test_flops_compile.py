@@ -187,3 +187,19 @@ def test_routing_rows_move_the_same_tokens_and_restore_timm():
             routed = zoo.run_blocks_ours(ours, tokens)
         assert torch.equal(routed, tokens)  # identity blocks + return to original order = no change
     assert zoo.Block.forward is original_forward
+
+
+@pytest.mark.parametrize('n, lower, upper', [(7, 1, 7), (10, 2, 9), (20, 6, 15), (21, 6, 16), (100, 40, 61)])
+def test_benchmark_confidence_interval_of_the_median_uses_the_textbook_order_statistics(n, lower, upper):
+    # 95% distribution-free intervals (x_(lower), x_(upper)), 1-based, as tabulated for the sign test.
+    zoo = _model_zoo()
+    values = [10.0 * i for i in range(n, 0, -1)]  # unsorted on purpose
+    assert zoo.median_ci(values) == [10.0 * lower, 10.0 * upper]
+
+
+def test_benchmark_verdicts_separate_a_miss_from_noise():
+    zoo = _model_zoo()
+    verdicts = [zoo.verdict(zoo._target('t', median, 1.0, True, ci)) for median, ci in
+                [(1.05, [1.01, 1.09]), (1.02, [0.97, 1.06]), (0.98, [0.95, 1.03]), (0.95, [0.92, 0.99])]]
+    assert verdicts == ['yes', 'yes, within noise', 'no, within noise', '**NO**']
+    assert zoo.verdict(zoo._target('scoring', 1.2, 1.5, False, [1.1, 1.3])) == 'yes'

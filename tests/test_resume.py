@@ -253,6 +253,20 @@ def test_resume_of_a_finished_run_does_nothing(capsys, small, tmp_path):
     assert leftovers(out) == []  # the resume cleaned up the stale temporary file
 
 
+
+def test_resume_with_more_epochs_says_the_old_schedule_continues(capsys, small, tmp_path):
+    out = tmp_path / 'out'
+    assert _finetune(out, small['data'], '--resume', small['dense'], '--final_finetune', 1) == 0
+    schedule = load_checkpoint_file(str(out / 'checkpoint.pth'))['lr_scheduler']
+    capsys.readouterr()
+    assert _finetune(out, small['data'], '--resume', out / 'checkpoint.pth', '--final_finetune', 2) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert f'warning: {out / "checkpoint.pth"} was written by a run of --final_finetune 1; its learning-rate ' \
+           f'schedule over 1 epochs continues unchanged' in lines
+    assert load_checkpoint_file(str(out / 'checkpoint.pth'))['lr_scheduler']['t_initial'] == schedule['t_initial']
+    assert log_epochs(out / 'log.txt') == [0, 1]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # kill during an epoch, then resume
 
