@@ -3,8 +3,9 @@
 
 For each model (DeiT-Ti/S/B) and prune rate, these rows run on the *same weights*, timed interleaved in one
 process (warm-up, synchronised timing, median of repeats; like engine.measure_throughput, but the order of
-the rows rotates every round and every pass time is kept, so ratios are paired per round and come with their
-spread):
+the rows rotates every round and every pass time is kept, so ratios are paired per round and come with a
+confidence interval; glibc is told to keep freed memory, so no row pays page faults that depend on what ran
+before it):
 
   * ``DeiT-X (timm)``: timm's own dense ``deit_*_patch16_224`` (the baseline of every speed-up);
   * ``C&C-X-rr (ours)``: ``cc_deit_*`` with the masks applied (per block two fixed-shape gathers and a
@@ -31,6 +32,8 @@ seeded random init: throughput does not depend on their values.
 import argparse
 import contextlib
 import copy
+import ctypes
+import ctypes.util
 import json
 import math
 import os
@@ -141,6 +144,22 @@ def blocks_as_identity():
 
 # ----------------------------------------------------------------------------------------------------------------
 # helpers
+
+def steady_allocator() -> str:
+    """Make glibc keep freed blocks in its heap instead of unmapping them (mallopt: mmap threshold 32 MiB, the
+    most it allows, and no trimming).  By default glibc's mmap threshold adapts to the history of the
+    process, so whether a 5-20 MB activation comes back as fresh pages (thousands of page faults per forward:
+    we saw 14,000 in dense DeiT-Ti at batch 32 and none in the pruned model, in the same process) depends
+    on what ran before.  That penalises one row or another at random; steady, every row pays compute only.
+    Returns how the allocator was set, for the report."""
+    if platform.system() != 'Linux' or platform.libc_ver()[0] != 'glibc':
+        return 'default (not glibc)'
+    libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    if libc.mallopt(m_mmap_threshold, 32 << 20) != 1 or libc.mallopt(m_trim_threshold, 2 ** 31 - 1) != 1:
+        return 'default (mallopt refused)'
+    return 'steady (glibc mallopt: mmap threshold 32 MiB, no trimming)'
+
 
 def machine_info(device: torch.device) -> Dict:
     cpu = platform.processor() or ''
@@ -577,7 +596,8 @@ def markdown(results: Dict) -> str:
     m = results['machine']
     where = m.get('gpu') or f'{m["cpu"]}, {m["cpu_cores"]} cores, {m["torch_threads"]} torch threads'
     lines = [f'Measured on {m["device"]} ({where}), torch {m["torch"]}, timm {m["timm"]}, '
-             f'{results["settings"]["dtype"]}, median of {results["settings"]["repeats"]} interleaved passes'
+             f'{results["settings"]["dtype"]}, median of {results["settings"]["repeats"]} interleaved passes, '
+             f'allocator {m.get("malloc", "default")}'
              + (f'; load average {m["load_average_at_start"][0]:.2f} at start, {m["load_average_at_end"][0]:.2f} at end'
                 if m.get('load_average_at_start') and m.get('load_average_at_end') else '') + '.',
              '', '| model | formulation | batch | kept tokens/block | GFLOPs | counter GFLOPs | FLOPs ratio | images/s '
@@ -675,6 +695,9 @@ def parse_args(argv=None):
     p.add_argument('--routing-repeats', type=int, default=None,
                    help='rounds of the token-routing-alone timing (default 60; 0 to skip)')
     p.add_argument('--threads', type=int, default=None, help='torch.set_num_threads (default: torch\'s own)')
+    p.add_argument('--malloc', choices=['steady', 'default'], default='steady',
+                   help='steady: glibc keeps freed memory, so no row pays page faults that depend on what ran '
+                        'before it (default); default: leave the allocator as it is')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--json', default=None, help='where to write the results (default benchmarks/results/<device>.json)')
     p.add_argument('--markdown', default=None, help='where to write the tables (default: next to --json, .md)')
@@ -733,7 +756,8 @@ def main(argv=None) -> Dict:
         return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
     started = time.perf_counter()
-    results = {'machine': machine_info(device),
+    malloc = steady_allocator() if args.malloc == 'steady' else 'default'
+    results = {'machine': dict(machine_info(device), malloc=malloc),
                'command': ' '.join(['python benchmarks/model_zoo.py'] + (sys.argv[1:] if argv is None else argv)),
                'settings': {k: v for k, v in vars(args).items() if k not in ('json', 'markdown')},
                'mask_source': ('Taylor attention scores of the random-init model on 2 random-noise batches, '
