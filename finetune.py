@@ -9,12 +9,15 @@
 The CLI only wires things together: the loops are in engine.py, the method in models/ and pruning/.
 """
 import argparse
+import contextlib
 import inspect
 import itertools
 import json
 import os
 import re
+import signal
 import sys
+import threading
 import time
 import datetime
 from typing import Dict, List, Optional, Tuple
@@ -36,6 +39,7 @@ MODEL_SIZES = ('deit_tiny_patch16_224', 'deit_small_patch16_224', 'deit_base_pat
 EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 3
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM, what a shell reports for a job ended by SIGTERM
 EXIT_PEER_FAILED = 1  # another process of a multi-process job stopped first; its own message says why
 
 
@@ -678,6 +682,29 @@ def _one_line(e: Exception) -> str:
     return last[name.end():] if name else last
 
 
+class Terminated(BaseException):
+    """SIGTERM (a cluster scheduler's preemption, `kill`, torchrun stopping its workers).  A BaseException, so it
+    unwinds like Ctrl-C: a checkpoint being written is discarded and the last complete one stays."""
+
+
+@contextlib.contextmanager
+def sigterm_unwinds():
+    """While inside, SIGTERM raises Terminated in the main thread instead of ending the process on the spot.
+    The previous handler comes back afterwards (main() is also called in-process, by tests and scripts)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _lost_peer(e: BaseException) -> bool:
     """A collective failed because another process of the job stopped (it prints its own error)."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
@@ -692,7 +719,8 @@ def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
     prefix = f'[rank {os.environ["RANK"]}] ' if int(os.environ.get('WORLD_SIZE', '1')) > 1 else ''
     try:
-        run(args)
+        with sigterm_unwinds():
+            run(args)
     except UserError as e:
         print_line(f'{prefix}error: {_one_line(e)}', file=sys.stderr)
         return EXIT_USER_ERROR
@@ -702,6 +730,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print_line(f'{prefix}interrupted; checkpoints written so far are complete', file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Terminated:
+        print_line(f'{prefix}terminated (SIGTERM); checkpoints written so far are complete', file=sys.stderr)
+        return EXIT_TERMINATED
     except RuntimeError as e:
         if not _lost_peer(e):
             raise

@@ -308,3 +308,47 @@ def test_killed_during_an_epoch_resumes_where_it_stopped(capsys, tmp_path):
     assert log_epochs(log) == [0, 1, 2, 3]  # no finished epoch lost, none repeated
     assert load_checkpoint_file(str(out / 'checkpoint.pth'))['epoch'] == 3
     assert leftovers(out) == []
+
+
+@pytest.mark.slow
+def test_sigterm_during_an_epoch_ends_with_one_line_and_keeps_the_last_checkpoint(tmp_path):
+    # A cluster scheduler preempting the job sends SIGTERM: one line, exit 143, and the job resumes from the
+    # last complete checkpoint.
+    data = make_image_folder(tmp_path / 'data', classes=tuple('abcd'), per_class=(60, 4), size=(32, 32))
+    dense = official_checkpoint(tmp_path / 'dense.pth', 'cc_deit_digits_patch4_32')
+    out = tmp_path / 'out'
+    argv = [*DIGITS_ARGS, '--data-path', data, '--output_dir', str(out), '--final_finetune', '3']
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, 'finetune.py'), *argv, '--resume', dense],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env(),
+                            cwd=tmp_path)
+    watchdog = threading.Timer(240, proc.kill)
+    watchdog.start()
+    try:
+        for line in proc.stdout:
+            if line.startswith('Epoch: [1]'):  # epoch 0 is saved, epoch 1 has taken its first step
+                proc.send_signal(signal.SIGTERM)
+                break
+        proc.stdout.read()
+        stderr = proc.stderr.read()
+        proc.wait(timeout=60)
+    finally:
+        watchdog.cancel()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 143, stderr
+    assert stderr.strip() == 'terminated (SIGTERM); checkpoints written so far are complete'
+    assert load_checkpoint_file(str(out / 'checkpoint.pth'))['epoch'] == 0
+    assert log_epochs(out / 'log.txt') == [0] and leftovers(out) == []
+
+
+def test_main_puts_the_previous_sigterm_handler_back(tmp_path):
+    def mine(signum, frame):
+        pass
+
+    previous = signal.signal(signal.SIGTERM, mine)
+    try:
+        assert finetune.main(['--eval', '--device', 'cpu', '--resume', str(tmp_path / 'missing.pth')]) == 2
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, previous)
