@@ -31,7 +31,7 @@ from datasets import DATA_SETS, build_dataset
 from engine import NonFiniteLossError, evaluate, measure_throughput, train_one_epoch
 from losses import DistillationLoss
 from samplers import DistributedEvalSampler, RASampler
-from utils import (UserError, TensorBoard, check_output_dir, init_distributed_mode, is_main_process,
+from utils import (UserError, TensorBoard, all_agree, check_output_dir, init_distributed_mode, is_main_process,
                    load_checkpoint_file, print_line, rank0_print, remove_stale_temporaries, save_atomic,
                    state_dict_of, write_text_atomic)
 
@@ -405,6 +405,12 @@ def run_eval(args, device: torch.device) -> Dict[str, float]:
 
 def run_prune(args, device: torch.device) -> Dict[str, float]:
     from timm.loss import LabelSmoothingCrossEntropy
+    path = os.path.join(args.output_dir, f'pruned_{args.prune_rate}.pth')
+    # Checked before a scoring pass that can take an hour on ImageNet; agreed on by every process before
+    # rank 0 can write the file, so all of them stop with the same message.
+    if not all_agree(not os.path.exists(path), device):
+        raise UserError(f'{path} already exists from an earlier run; choose another --output_dir '
+                        f'(or move it away)')
     dataset_val, nb_classes = build_data(args, train=False)
     model, _ = build_model_from_checkpoint(args, args.resume, args.model, nb_classes)
     check_classes(nb_classes, model, 'validation')
@@ -434,7 +440,6 @@ def run_prune(args, device: torch.device) -> Dict[str, float]:
     # Every process prints what it planned: with several processes the digests must agree (scores are summed).
     print_line(f'[rank {args.rank}] masks sha1 {masks_sha1(model.masks)}')
     rank0_print(f'FLOPs: {gflops(model):.2f} GFLOPs (dense {gflops(dense_copy(model)):.2f} GFLOPs)')
-    path = os.path.join(args.output_dir, f'pruned_{args.prune_rate}.pth')
     if is_main_process():
         checkpoint = {'model': model.state_dict(), 'channels': channels, 'args': args}
         if scores is not None:

@@ -36,11 +36,11 @@ def world(tmp_path_factory):
 
 @pytest.fixture
 def earlier(tmp_path, world):
-    """An output directory holding the result of an earlier --prune run (and a note), to prove failed runs
-    leave it alone."""
+    """An output directory holding the result of an earlier --prune run at another rate (and a note), to prove
+    failed runs leave it alone."""
     out = tmp_path / 'out'
     out.mkdir()
-    shutil.copy(world['dense'], out / 'pruned_0.3.pth')
+    shutil.copy(world['dense'], out / 'pruned_0.25.pth')
     (out / 'notes.txt').write_text('earlier results\n')
     return out
 
@@ -496,3 +496,15 @@ def test_cli_script_prints_one_line(world, tmp_path, case):
     assert proc.returncode == EXIT_USER_ERROR, proc.stderr
     assert len(lines) == 1 and re.search(pattern, lines[0]), proc.stderr
     assert 'Traceback' not in proc.stdout + proc.stderr
+
+
+def test_prune_refuses_to_replace_an_earlier_pruned_checkpoint_before_scoring(capsys, world, earlier):
+    shutil.copy(earlier / 'pruned_0.25.pth', earlier / 'pruned_0.3.pth')
+    before = snapshot(earlier)
+    path = earlier / 'pruned_0.3.pth'
+    code, out, err = cli(capsys, *prune_args(world, earlier))
+    assert code == EXIT_USER_ERROR
+    assert err.strip() == f'error: {path} already exists from an earlier run; choose another --output_dir ' \
+                          f'(or move it away)'
+    assert 'Scoring:' not in out
+    assert snapshot(earlier) == before
