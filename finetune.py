@@ -33,7 +33,7 @@ from losses import DistillationLoss
 from samplers import DistributedEvalSampler, RASampler
 from utils import (UserError, TensorBoard, all_agree, check_output_dir, init_distributed_mode, is_main_process,
                    load_checkpoint_file, print_line, rank0_print, remove_stale_temporaries, save_atomic,
-                   state_dict_of, write_text_atomic)
+                   state_dict_of, steady_allocator, write_text_atomic)
 
 MODEL_SIZES = ('deit_tiny_patch16_224', 'deit_small_patch16_224', 'deit_base_patch16_224', 'deit_digits_patch4_32')
 EXIT_USER_ERROR = 2
@@ -372,6 +372,8 @@ def run_speed(args, device: torch.device) -> Dict[str, float]:
     pruned = any(not blk.dense for blk in model.blocks)
     runs = {'pruned': model, 'dense': dense_copy(model)} if pruned else {'dense': model}
     rank0_print(f'Model {args.model}: {describe(model)}')
+    if device.type == 'cpu':
+        rank0_print(f'CPU allocator: {steady_allocator()}')
     throughput = measure_throughput(runs, args.batch_size, size, device, repeats=args.speed_repeats,
                                     warmup=args.speed_warmup, dtype=dtype)
     precision = 'fp32' if dtype is None else str(dtype).replace('torch.', '')

@@ -32,8 +32,6 @@ seeded random init: throughput does not depend on their values.
 import argparse
 import contextlib
 import copy
-import ctypes
-import ctypes.util
 import json
 import math
 import os
@@ -56,6 +54,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 import models  # noqa: E402,F401  (registers cc_deit_*)
 import pruning  # noqa: E402
+from utils import steady_allocator  # noqa: E402
 
 ARCHS = {
     'tiny': ('deit_tiny_patch16_224', 'Ti'),
@@ -144,22 +143,6 @@ def blocks_as_identity():
 
 # ----------------------------------------------------------------------------------------------------------------
 # helpers
-
-def steady_allocator() -> str:
-    """Make glibc keep freed blocks in its heap instead of unmapping them (mallopt: mmap threshold 32 MiB, the
-    most it allows, and no trimming).  By default glibc's mmap threshold adapts to the history of the
-    process, so whether a 5-20 MB activation comes back as fresh pages (thousands of page faults per forward:
-    we saw 14,000 in dense DeiT-Ti at batch 32 and none in the pruned model, in the same process) depends
-    on what ran before.  That penalises one row or another at random; steady, every row pays compute only.
-    Returns how the allocator was set, for the report."""
-    if platform.system() != 'Linux' or platform.libc_ver()[0] != 'glibc':
-        return 'default (not glibc)'
-    libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    if libc.mallopt(m_mmap_threshold, 32 << 20) != 1 or libc.mallopt(m_trim_threshold, 2 ** 31 - 1) != 1:
-        return 'default (mallopt refused)'
-    return 'steady (glibc mallopt: mmap threshold 32 MiB, no trimming)'
-
 
 def machine_info(device: torch.device) -> Dict:
     cpu = platform.processor() or ''
