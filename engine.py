@@ -2,7 +2,7 @@
 import math
 import statistics
 import time
-from typing import Dict, Iterable, Optional
+from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
 import torch.nn as nn
@@ -93,31 +93,40 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def time_interleaved(runs: Dict[str, Callable], x: torch.Tensor, device: torch.device, repeats: int,
+                     warmup: int, dtype: Optional[torch.dtype] = None) -> Dict[str, List[float]]:
+    """Seconds of each synchronised forward pass of every run on the same input, one list per run.
+
+    The runs take turns inside a round and the starting run rotates from round to round, so drifts in clock
+    speed or load, and whatever a pass leaves behind for the next one, hit all of them alike.  ``warmup``
+    untimed rounds first.  ``dtype`` selects autocast (fp16/bf16); None runs in fp32.  Gradients are the
+    caller's choice (a training step can be timed too).
+    """
+    for run in runs.values():
+        if isinstance(run, nn.Module):
+            run.eval()
+    names = list(runs)
+    seconds = {name: [] for name in names}
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        for _ in range(warmup):
+            for name in names:
+                runs[name](x)
+        for r in range(repeats):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                _sync(device)
+                start = time.perf_counter()
+                runs[name](x)
+                _sync(device)
+                seconds[name].append(time.perf_counter() - start)
+    return seconds
+
+
 @torch.no_grad()
 def measure_throughput(models: Dict[str, nn.Module], batch_size: int, input_size: int, device: torch.device,
                        repeats: int = 10, warmup: int = 3, dtype: Optional[torch.dtype] = None
                        ) -> Dict[str, float]:
-    """Images per second of each model on the same random batch.
-
-    The models are timed interleaved (A, B, A, B, …) so drifts in clock speed or load hit all of them
-    alike; each figure is the median over ``repeats`` synchronised forward passes, after ``warmup``.
-    ``dtype`` selects autocast (fp16/bf16) for the forward passes; None runs in fp32.
-    """
+    """Images per second of each model on the same random batch: the median over ``repeats`` interleaved,
+    synchronised passes (``time_interleaved``)."""
     x = torch.randn(batch_size, 3, input_size, input_size, device=device)
-    for model in models.values():
-        model.eval()
-    times = {name: [] for name in models}
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-    with autocast:
-        for _ in range(warmup):
-            for model in models.values():
-                model(x)
-        _sync(device)
-        for _ in range(repeats):
-            for name, model in models.items():
-                _sync(device)
-                start = time.perf_counter()
-                model(x)
-                _sync(device)
-                times[name].append(time.perf_counter() - start)
+    times = time_interleaved(models, x, device, repeats, warmup, dtype)
     return {name: batch_size / statistics.median(t) for name, t in times.items()}

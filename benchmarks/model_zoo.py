@@ -2,8 +2,8 @@
 """The Model Zoo table measured side by side: GFLOPs, images/s and speed-up of dense and pruned DeiT.
 
 For each model (DeiT-Ti/S/B) and prune rate, these rows run on the *same weights*, timed interleaved in one
-process (warm-up, synchronised timing, median of repeats; like engine.measure_throughput, but the order of
-the rows rotates every round and every pass time is kept, so ratios are paired per round and come with a
+process with the timer of --speed-only (engine.time_interleaved: warm-up, synchronised passes, the starting
+row rotating every round); every pass time is kept, so ratios are paired per round and come with a
 confidence interval; glibc is told to keep freed memory, so no row pays page faults that depend on what ran
 before it):
 
@@ -52,6 +52,7 @@ from timm.loss import LabelSmoothingCrossEntropy  # noqa: E402
 from timm.models.vision_transformer import Block  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
+import engine  # noqa: E402
 import models  # noqa: E402,F401  (registers cc_deit_*)
 import pruning  # noqa: E402
 from utils import steady_allocator  # noqa: E402
@@ -271,28 +272,13 @@ class Timings:
 
 def time_interleaved(runs: Dict[str, Callable], batch: int, device: torch.device, repeats: int, warmup: int,
                      dtype, x: Optional[torch.Tensor] = None) -> Timings:
-    """Forward passes of every row on the same input (default: a random image batch) under no_grad (and
-    autocast if ``dtype``): ``warmup`` untimed rounds, then ``repeats`` timed rounds; each pass is synchronised
-    and timed alone, the rows take turns inside a round and the starting row rotates from round to round."""
+    """engine.time_interleaved (the timer of --speed-only: rows take turns, the starting row rotates, every
+    pass synchronised) under no_grad, on ``x`` or a random image batch, keeping every pass time."""
     if x is None:
         x = torch.randn(batch, 3, 224, 224, device=device)
-    names = list(runs)
-    for model in runs.values():
-        if isinstance(model, nn.Module):
-            model.eval()
-    seconds = {name: [] for name in names}
-    with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-        for _ in range(warmup):
-            for name in names:
-                runs[name](x)
-        for r in range(repeats):
-            for name in names[r % len(names):] + names[:r % len(names)]:
-                sync(device)
-                start = time.perf_counter()
-                runs[name](x)
-                sync(device)
-                seconds[name].append(time.perf_counter() - start)
-    return Timings(seconds, batch)
+    with torch.no_grad():
+        return Timings(engine.time_interleaved(runs, x, device, repeats, warmup, dtype), batch)
+
 
 def scoring_cost(cc: nn.Module, dense: nn.Module, batch: int, reps: int, device: torch.device, seed: int) -> Dict:
     """Seconds for one attention_taylor_scores batch vs one plain training step (forward, backward, AdamW step)
@@ -312,15 +298,8 @@ def scoring_cost(cc: nn.Module, dense: nn.Module, batch: int, reps: int, device:
         loss.backward()
         optimizer.step()
 
-    times = {'scoring': [], 'train_step': []}
-    for rep in range(reps + 1):
-        for name, fn in (('scoring', score), ('train_step', train_step)):
-            sync(device)
-            start = time.perf_counter()
-            fn()
-            sync(device)
-            if rep:  # the first round is the warm-up
-                times[name].append(time.perf_counter() - start)
+    times = engine.time_interleaved({'scoring': lambda _: score(), 'train_step': lambda _: train_step()}, x,
+                                    device, reps, 1, None)
     s, t = statistics.median(times['scoring']), statistics.median(times['train_step'])
     ratio = paired([a / b for a, b in zip(times['scoring'], times['train_step'])])
     del scorer, trainee, optimizer

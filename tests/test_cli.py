@@ -190,3 +190,22 @@ def test_output_lines_are_single_writes_so_ranks_sharing_a_pipe_cannot_split_the
     rank0_print('FLOPs:', 1.25, file=stream)
     assert stream.writes == [f'[rank 1] masks sha1 {"ab" * 20}\n', 'FLOPs: 1.25\n']
     assert stream.flushes == 2
+
+
+def test_interleaved_timer_rotates_the_first_run_and_times_each_pass():
+    """The timer behind --speed-only and the benchmark: warm-up rounds untimed, then every run once per round
+    with the starting run rotating, so no model always runs right after the same other one."""
+    from engine import measure_throughput, time_interleaved
+    calls = []
+
+    def recorder(name):
+        return lambda x: calls.append(name)
+
+    runs = {name: recorder(name) for name in 'abc'}
+    seconds = time_interleaved(runs, torch.zeros(1), torch.device('cpu'), repeats=4, warmup=1)
+    assert calls == list('abc' 'abc' 'bca' 'cab' 'abc')
+    assert {name: len(v) for name, v in seconds.items()} == {'a': 4, 'b': 4, 'c': 4}
+    assert all(t >= 0 for v in seconds.values() for t in v)
+    model = torch.nn.Conv2d(3, 1, 4).train()
+    speed = measure_throughput({'conv': model}, 2, 8, torch.device('cpu'), repeats=2, warmup=0)
+    assert set(speed) == {'conv'} and speed['conv'] > 0 and not model.training
