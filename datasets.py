@@ -41,22 +41,23 @@ def _posterize_keeping_zero_bits(img, bits_to_keep, **kwargs):
     sampled magnitude reaches 10 (about 2% of the calls at m9, mstd 0.5); Pillow 12+ refuses that with
     ``ValueError: bits must be between or equal to 1 and 8``, which stopped finetuning at a random step.
     """
+    from timm.data import auto_augment
     if bits_to_keep <= 0:
         return img.point(lambda _: 0)
-    return _timm_posterize(img, bits_to_keep, **kwargs)
+    return auto_augment.posterize(img, bits_to_keep, **kwargs)
 
 
-def _patch_timm_posterize() -> None:
+def _keep_zero_bit_posterize(transform) -> None:
+    """Give the posterize ops of this transform's auto-augmentation the zero-bit fix, on these instances only
+    (timm's own op table stays as it is)."""
     from timm.data import auto_augment
-    global _timm_posterize
-    _timm_posterize = auto_augment.posterize
-    for name, op in list(auto_augment.NAME_TO_OP.items()):
-        if op is _timm_posterize:
-            auto_augment.NAME_TO_OP[name] = _posterize_keeping_zero_bits
-
-
-_timm_posterize = None
-_patch_timm_posterize()
+    for t in getattr(transform, 'transforms', []):
+        ops = list(getattr(t, 'ops', []))  # RandAugment, AugMixAugment
+        for sub_policy in getattr(t, 'policy', []):  # AutoAugment
+            ops.extend(sub_policy)
+        for op in ops:
+            if getattr(op, 'aug_fn', None) is auto_augment.posterize:
+                op.aug_fn = _posterize_keeping_zero_bits
 
 
 def build_transform(is_train: bool, args):
@@ -71,6 +72,7 @@ def build_transform(is_train: bool, args):
             interpolation=args.train_interpolation, re_prob=args.reprob, re_mode=args.remode,
             re_count=args.recount, mean=mean, std=std,
         )
+        _keep_zero_bit_posterize(t)
         if size <= 32:
             t.transforms[0] = transforms.RandomCrop(size, padding=4)
         return t

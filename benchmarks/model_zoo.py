@@ -431,8 +431,9 @@ def bench_model(arch: str, args, device: torch.device, dtype, autocast) -> Dict:
             rc = routing_cost(ours, boolean, batch, device, args.routing_repeats, dtype)
             rc['forward_ms_ours'] = 1e3 * statistics.median(timings.seconds[f'ours_{rate_tag(rate)}'])
             result['routing'][rate_tag(rate)] = rc
-            print(f'token routing alone, rate {rate}: ours {rc["ms"]["ours"]:.2f} ms, boolean {rc["ms"]["boolean"]:.2f} ms, '
-                  f'gather/scatter {rc["ms"]["scatter"]:.2f} ms per batch', flush=True)
+            print(f'token routing alone, rate {rate}: ours {rc["ms"]["ours"]:.2f} ms, '
+                  f'boolean {rc["ms"]["boolean"]:.2f} ms, gather/scatter {rc["ms"]["scatter"]:.2f} ms per batch',
+                  flush=True)
     if args.scoring_repeats:
         scoring_batch = args.scoring_batch_size or min(batch, 64)
         result['scoring'] = scoring_cost(cc, dense, scoring_batch, args.scoring_repeats, device, args.seed)

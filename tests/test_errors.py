@@ -161,13 +161,21 @@ def test_default_auto_augment_never_asks_pillow_for_zero_bits():
     import argparse
     import numpy as np
     from PIL import Image
-    from timm.data.auto_augment import AugmentOp
+    from timm.data import auto_augment
     import datasets
     img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
-    assert np.asarray(AugmentOp('PosterizeIncreasing', prob=1.0, magnitude=10)(img)).max() == 0
-    assert np.asarray(AugmentOp('PosterizeIncreasing', prob=1.0, magnitude=5)(img)).max() > 0
     args = argparse.Namespace(input_size=32, color_jitter=0.3, aa='rand-m9-mstd0.5-inc1', train_interpolation='bicubic',
                               reprob=0.25, remode='pixel', recount=1, mean=(0.5,) * 3, std=(0.5,) * 3)
+    transform = datasets.build_transform(True, args)
+    rand_augment = next(t for t in transform.transforms if isinstance(t, auto_augment.RandAugment))
+    posterize, = [op for op in rand_augment.ops if op.name == 'PosterizeIncreasing']
+    posterize.prob, posterize.magnitude_std = 1.0, 0
+    posterize.magnitude = 10  # 0 bits: black
+    assert np.asarray(posterize(img)).max() == 0
+    posterize.magnitude = 5
+    assert np.asarray(posterize(img)).max() > 0
+    # only this transform's op is fixed: timm's table is untouched
+    assert auto_augment.NAME_TO_OP['PosterizeIncreasing'] is auto_augment.posterize
     transform = datasets.build_transform(True, args)
     for _ in range(300):
         transform(img)
