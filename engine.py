@@ -88,7 +88,8 @@ def evaluate(data_loader: Iterable, model: nn.Module, device: torch.device, amp:
     return stats
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so a timer measures it; nothing to wait for on CPU."""
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
 
@@ -113,10 +114,10 @@ def time_interleaved(runs: Dict[str, Callable], x: torch.Tensor, device: torch.d
                 runs[name](x)
         for r in range(repeats):
             for name in names[r % len(names):] + names[:r % len(names)]:
-                _sync(device)
+                synchronize(device)
                 start = time.perf_counter()
                 runs[name](x)
-                _sync(device)
+                synchronize(device)
                 seconds[name].append(time.perf_counter() - start)
     return seconds
 

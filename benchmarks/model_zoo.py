@@ -208,11 +208,6 @@ def rate_tag(rate: float) -> str:
     return f'{round(rate * 100):02d}'
 
 
-def sync(device: torch.device) -> None:
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
-
-
 def configure_dynamo() -> None:
     """Several same-class models are compiled per run (one per prune rate, each a recompile of the same
     forward): allow that, and fail loudly rather than fall back to eager if the limit is ever hit."""
@@ -228,7 +223,7 @@ def compile_model(model: nn.Module, x: torch.Tensor, autocast) -> (nn.Module, fl
     start = time.perf_counter()
     with torch.no_grad(), autocast():
         compiled(x)
-    sync(x.device)
+    engine.synchronize(x.device)
     return compiled, time.perf_counter() - start
 
 
@@ -253,6 +248,11 @@ def median_ci(values: List[float], confidence: float = 0.95) -> List[float]:
 def paired(ratios: List[float]) -> Dict:
     """Median of per-round ratios, their range, and the 95% confidence interval of the median."""
     return {'median': statistics.median(ratios), 'min': min(ratios), 'max': max(ratios), 'ci': median_ci(ratios)}
+
+
+def as_fields(key: str, summary: Dict) -> Dict:
+    """A ``paired`` summary as report fields: ``key`` (the median), ``key_range`` and ``key_ci``."""
+    return {key: summary['median'], f'{key}_range': [summary['min'], summary['max']], f'{key}_ci': summary['ci']}
 
 
 class Timings:
@@ -303,8 +303,7 @@ def scoring_cost(cc: nn.Module, dense: nn.Module, batch: int, reps: int, device:
     s, t = statistics.median(times['scoring']), statistics.median(times['train_step'])
     ratio = paired([a / b for a, b in zip(times['scoring'], times['train_step'])])
     del scorer, trainee, optimizer
-    return {'batch_size': batch, 'repeats': reps, 'scoring_s': s, 'train_step_s': t,
-            'ratio': ratio['median'], 'ratio_range': [ratio['min'], ratio['max']], 'ratio_ci': ratio['ci']}
+    return {'batch_size': batch, 'repeats': reps, 'scoring_s': s, 'train_step_s': t, **as_fields('ratio', ratio)}
 
 
 def routing_cost(ours: nn.Module, boolean: 'BooleanMaskViT', batch: int, device: torch.device, repeats: int,
@@ -319,11 +318,9 @@ def routing_cost(ours: nn.Module, boolean: 'BooleanMaskViT', batch: int, device:
         with torch.no_grad():  # the routings move the same tokens (ours ends in the original order)
             assert runs['ours'](x).shape == runs['boolean'](x).shape == runs['scatter'](x).shape
         timings = time_interleaved(runs, batch, device, repeats, 3, dtype, x=x)
-    ratio = timings.ratio('ours', 'boolean')
     return {'batch_size': batch, 'repeats': repeats,
             'ms': {k: 1e3 * statistics.median(v) for k, v in timings.seconds.items()},
-            'boolean_over_ours': ratio['median'], 'boolean_over_ours_range': [ratio['min'], ratio['max']],
-            'boolean_over_ours_ci': ratio['ci']}
+            **as_fields('boolean_over_ours', timings.ratio('ours', 'boolean'))}
 
 
 def bench_model(arch: str, args, device: torch.device, dtype, autocast) -> Dict:
@@ -396,12 +393,10 @@ def bench_model(arch: str, args, device: torch.device, dtype, autocast) -> Dict:
 
     rows = []
     for key, m in meta.items():
-        speedup = timings.ratio(key, 'timm')
         row = {'key': key, 'label': m['label'], 'kind': m['kind'], 'prune_rate': m['rate'],
                'gflops': m['macs'] / 1e9, 'flops_ratio': dense_macs / m['macs'],
                'kept_tokens': m['kept'], 'kept_tokens_mean': sum(m['kept']) / len(m['kept']),
-               'images_per_s': timings.images_per_s(key), 'speedup_vs_timm': speedup['median'],
-               'speedup_vs_timm_range': [speedup['min'], speedup['max']], 'speedup_vs_timm_ci': speedup['ci'],
+               'images_per_s': timings.images_per_s(key), **as_fields('speedup_vs_timm', timings.ratio(key, 'timm')),
                'seconds': timings.seconds[key]}
         tag = rate_tag(m['rate'])
         if f'ours_{tag}' in counted:
@@ -409,14 +404,9 @@ def bench_model(arch: str, args, device: torch.device, dtype, autocast) -> Dict:
         elif m['kind'].startswith('timm'):
             row['counter_gflops'] = counted['timm']
         if m['kind'] in ('ours', 'ours-compiled'):
-            vs = timings.ratio(key, f'boolean_{tag}')
-            row['vs_boolean'], row['vs_boolean_ci'] = vs['median'], vs['ci']
-            row['vs_boolean_range'] = [vs['min'], vs['max']]
+            row.update(as_fields('vs_boolean', timings.ratio(key, f'boolean_{tag}')))
         if m['kind'] in ('ours-compiled', 'timm-compiled'):
-            vs = timings.ratio(key, 'timm_compiled')
-            row['speedup_vs_timm_compiled'] = vs['median']
-            row['speedup_vs_timm_compiled_range'] = [vs['min'], vs['max']]
-            row['speedup_vs_timm_compiled_ci'] = vs['ci']
+            row.update(as_fields('speedup_vs_timm_compiled', timings.ratio(key, 'timm_compiled')))
         seed = SEED_GPU.get((arch, round(m['rate'], 2)))
         if seed and m['kind'] in ('timm', 'ours'):
             row['seed_gpu'] = {'gflops': seed[0], 'images_per_s': seed[1], 'speedup': seed[2]}
@@ -521,7 +511,6 @@ def verdict(target: Dict) -> str:
     if target.get('decided', True):
         return 'yes' if target['met'] else '**NO**'
     return 'yes, within noise' if target['met'] else 'no, within noise'
-
 
 
 def targets(results: Dict, device: torch.device) -> List[Dict]:

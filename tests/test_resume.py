@@ -9,7 +9,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 
 import pytest
 import torch
@@ -270,34 +269,42 @@ def test_resume_with_more_epochs_says_the_old_schedule_continues(capsys, small, 
 # ----------------------------------------------------------------------------------------------------------
 # kill during an epoch, then resume
 
-@pytest.mark.slow
-def test_killed_during_an_epoch_resumes_where_it_stopped(capsys, tmp_path):
-    # About 30 steps per epoch; the kill lands right after the first step of epoch 2.
+def signal_during_an_epoch(tmp_path, final_finetune: int, epoch: int, sig):
+    """Run a finetune of about 30 steps per epoch in a subprocess and send it ``sig`` on the first progress
+    line of ``epoch``, which comes after that epoch's first step: inside it, before its checkpoint.
+    Returns (argv, output dir, return code, stdout, stderr)."""
     data = make_image_folder(tmp_path / 'data', classes=tuple('abcd'), per_class=(60, 4), size=(32, 32))
     dense = official_checkpoint(tmp_path / 'dense.pth', 'cc_deit_digits_patch4_32')
     out = tmp_path / 'out'
-    argv = [*DIGITS_ARGS, '--data-path', data, '--output_dir', str(out), '--final_finetune', '4']
+    argv = [*DIGITS_ARGS, '--data-path', data, '--output_dir', str(out), '--final_finetune', str(final_finetune)]
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, 'finetune.py'), *argv, '--resume', dense],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=subprocess_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env(),
                             cwd=tmp_path)
-    log = out / 'log.txt'
     watchdog = threading.Timer(240, proc.kill)  # a hung run fails the test instead of hanging it
     watchdog.start()
     seen = []
     try:
-        # The first progress line of epoch 2 comes after its first step: inside the epoch, before its save.
         for line in proc.stdout:
             seen.append(line)
-            if line.startswith('Epoch: [2]'):
-                proc.send_signal(signal.SIGKILL)
+            if line.startswith(f'Epoch: [{epoch}]'):
+                proc.send_signal(sig)
                 break
-        proc.wait(timeout=30)
+        seen.append(proc.stdout.read())
+        stderr = proc.stderr.read()
+        proc.wait(timeout=60)
     finally:
         watchdog.cancel()
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == -signal.SIGKILL, 'the run ended before it could be killed:\n' + ''.join(seen[-20:])
+    return argv, out, proc.returncode, ''.join(seen), stderr
+
+
+@pytest.mark.slow
+def test_killed_during_an_epoch_resumes_where_it_stopped(capsys, tmp_path):
+    argv, out, code, stdout, stderr = signal_during_an_epoch(tmp_path, 4, 2, signal.SIGKILL)
+    assert code == -signal.SIGKILL, 'the run ended before it could be killed:\n' + stdout[-2000:] + stderr
+    log = out / 'log.txt'
     killed_at = load_checkpoint_file(str(out / 'checkpoint.pth'))['epoch']
     assert killed_at == 1 and log_epochs(log) == [0, 1]
 
@@ -313,34 +320,12 @@ def test_killed_during_an_epoch_resumes_where_it_stopped(capsys, tmp_path):
 @pytest.mark.slow
 def test_sigterm_during_an_epoch_ends_with_one_line_and_keeps_the_last_checkpoint(tmp_path):
     # A cluster scheduler preempting the job sends SIGTERM: one line, exit 143, and the job resumes from the
-    # last complete checkpoint.
-    data = make_image_folder(tmp_path / 'data', classes=tuple('abcd'), per_class=(60, 4), size=(32, 32))
-    dense = official_checkpoint(tmp_path / 'dense.pth', 'cc_deit_digits_patch4_32')
-    out = tmp_path / 'out'
-    argv = [*DIGITS_ARGS, '--data-path', data, '--output_dir', str(out), '--final_finetune', '3']
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, 'finetune.py'), *argv, '--resume', dense],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env(),
-                            cwd=tmp_path)
-    watchdog = threading.Timer(240, proc.kill)
-    watchdog.start()
-    try:
-        for line in proc.stdout:
-            if line.startswith('Epoch: [1]'):  # epoch 0 is saved, epoch 1 has taken its first step
-                proc.send_signal(signal.SIGTERM)
-                break
-        proc.stdout.read()
-        stderr = proc.stderr.read()
-        proc.wait(timeout=60)
-    finally:
-        watchdog.cancel()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 143, stderr
+    # last complete checkpoint (epoch 0 is saved when epoch 1 has taken its first step).
+    _, out, code, _, stderr = signal_during_an_epoch(tmp_path, 3, 1, signal.SIGTERM)
+    assert code == 143, stderr
     assert stderr.strip() == 'terminated (SIGTERM); checkpoints written so far are complete'
     assert load_checkpoint_file(str(out / 'checkpoint.pth'))['epoch'] == 0
     assert log_epochs(out / 'log.txt') == [0] and leftovers(out) == []
-
 
 def test_main_puts_the_previous_sigterm_handler_back(tmp_path):
     def mine(signum, frame):
