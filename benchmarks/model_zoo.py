@@ -16,8 +16,9 @@ before it):
 
 GFLOPs are the paper's (DESIGN §6: multiply-accumulates) and are cross-checked against
 torch.utils.flop_counter. The script also reports how cost grows (images/s against batch size and against
-prune rate), the cost of scoring one batch for pruning against one plain training step on the same batch, and
-the token routing alone (every timm block replaced by the identity, so only what differs between the pruned
+prune rate), where the time goes (profiled time per family of operations, dense against pruned, set against
+the FLOPs ratio), the cost of scoring one batch for pruning against one plain training step on the same batch,
+and the token routing alone (every timm block replaced by the identity, so only what differs between the pruned
 formulations is timed), then says whether each target of the issue is met. It prints Markdown and writes JSON.
 
 Masks: by default Taylor attention scores of the random-init model on two random-noise batches, planned
@@ -140,6 +141,75 @@ def blocks_as_identity():
         yield
     finally:
         Block.forward = original
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Where the time goes: dense against pruned, per family of operations (CPU profiler)
+
+# First match wins (substrings of aten op names); everything else is OTHER_OPS.
+OP_FAMILIES = (
+    ('patch embedding', ('convolution',)),
+    ('attention', ('scaled_dot_product', 'softmax', 'bmm')),
+    ('linear layers', ('addmm', 'aten::mm', 'aten::matmul', 'aten::linear')),
+    ('token routing', ('index_select', 'aten::cat', 'aten::index')),
+)
+OTHER_OPS = 'LayerNorm, GELU, adds, copies'
+FAMILIES = ('patch embedding', 'linear layers', 'attention', OTHER_OPS, 'token routing')  # report order
+
+
+def op_family(op_name: str) -> str:
+    for family, parts in OP_FAMILIES:
+        if any(part in op_name for part in parts):
+            return family
+    return OTHER_OPS
+
+
+def family_macs(model: nn.Module) -> Dict[str, int]:
+    """The DESIGN §6 count split by family of operations (sums to models.count_macs; the formula prices no
+    LayerNorm, GELU, softmax, residual add or routing, so those families have none)."""
+    C, kept = model.embed_dim, models.kept_token_counts(model)
+    hidden = model.blocks[0].mlp.fc1.out_features
+    patch = models.count_macs(model, [0] * len(kept)) - C * model.num_classes
+    return {'patch embedding': patch,
+            'attention': sum(2 * n * n * C for n in kept),
+            'linear layers': sum(4 * n * C * C + 2 * n * C * hidden for n in kept) + C * model.num_classes}
+
+
+def profile_families(rows: Dict[str, nn.Module], x: torch.Tensor, rounds: int) -> Dict[str, Dict[str, float]]:
+    """Milliseconds per forward pass spent in each family of operations, for every row: the self time of each
+    aten op (torch.profiler, CPU) summed by family, averaged over ``rounds`` passes that take turns like the
+    timed rows (the starting row rotates).  Run after the timing: the profiler slows every op a little."""
+    from torch.profiler import ProfilerActivity, profile
+    names = list(rows)
+    out = {name: dict.fromkeys(FAMILIES, 0.0) for name in names}
+    with torch.no_grad():
+        for r in range(rounds):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                    rows[name](x)
+                for event in prof.key_averages():
+                    out[name][op_family(event.key)] += event.self_cpu_time_total / 1e3 / rounds
+    return out
+
+
+def gap_breakdown(dense_ms: Dict[str, float], ours_ms: Dict[str, float], dense_macs: Dict[str, int],
+                  ours_macs: Dict[str, int]) -> Dict:
+    """How far each family is from the model's FLOPs ratio R.  If the pruned pass took exactly 1/R of the dense
+    one, the speed-up would equal R; ``excess_ms`` of a family is its pruned time minus its dense time / R, so the
+    excesses add up to the whole gap (positive: slower than its share, negative: faster).  A family's own FLOPs
+    ratio says what the formula expects of it (linear layers scale with the kept tokens, attention with their
+    square); LayerNorm, GELU, adds and the routing are not in the formula."""
+    ratio = sum(dense_macs.values()) / sum(ours_macs.values())
+    total_dense, total_ours = sum(dense_ms.values()), sum(ours_ms.values())
+    families = {}
+    for f in FAMILIES:
+        d, o = dense_ms.get(f, 0.0), ours_ms.get(f, 0.0)
+        comparable = f != 'token routing'  # dense timm has no routing (one concatenation of the class token)
+        families[f] = {'timm_ms': d, 'ours_ms': o, 'time_ratio': d / o if o and comparable else None,
+                       'flops_ratio': dense_macs[f] / ours_macs[f] if ours_macs.get(f) else None,
+                       'excess_ms': o - d / ratio, 'excess_share': (o - d / ratio) / total_ours}
+    return {'flops_ratio': ratio, 'profiled_speedup': total_dense / total_ours, 'timm_ms': total_dense,
+            'ours_ms': total_ours, 'gap_ms': total_ours - total_dense / ratio, 'families': families}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -414,6 +484,21 @@ def bench_model(arch: str, args, device: torch.device, dtype, autocast) -> Dict:
 
     result = {'model': timm_name, 'short': short, 'batch_size': batch, 'rows': rows, 'checks': checks,
               'compile_seconds': compile_s, 'masks': args.masks}
+    if args.breakdown_rounds:
+        start = time.perf_counter()
+        profiled = {'timm': dense, **{f'ours_{rate_tag(r)}': m for r, m in pruned_models.items()}}
+        with autocast():
+            ms = profile_families(profiled, torch.randn(batch, 3, 224, 224, device=device), args.breakdown_rounds)
+        dense_families = family_macs(cc)
+        result['breakdown'] = {rate_tag(r): gap_breakdown(ms['timm'], ms[f'ours_{rate_tag(r)}'], dense_families,
+                                                           family_macs(m)) for r, m in pruned_models.items()}
+        for tag, b in result['breakdown'].items():
+            worst = max(b['families'].items(), key=lambda kv: kv[1]['excess_ms'])
+            print(f'profiled C&C-{short}-{tag}: speed-up {b["profiled_speedup"]:.2f} for a FLOPs ratio of '
+                  f'{b["flops_ratio"]:.2f}; most time above that ratio: {worst[0]} '
+                  f'({100 * worst[1]["excess_share"]:+.1f}% of the pruned pass)', flush=True)
+        print(f'profiled {len(profiled)} rows x {args.breakdown_rounds} passes in {time.perf_counter() - start:.0f} s',
+              flush=True)
     if args.routing_repeats:
         result['routing'] = {}
         for rate, ours in pruned_models.items():
@@ -585,6 +670,23 @@ def markdown(results: Dict) -> str:
                 lines.append(f'| C&C-{res["short"]}-{tag} | {rc["batch_size"]} | {rc["ms"]["ours"]:.2f} '
                              f'| {rc["ms"]["boolean"]:.2f} | {rc["ms"]["scatter"]:.2f} | {rc["boolean_over_ours"]:.2f} '
                              f'| {100 * rc["ms"]["ours"] / rc["forward_ms_ours"]:.1f}% |')
+    if any(res.get('breakdown') for res in results['models'].values()):
+        lines += ['', 'Where the time goes: torch.profiler self time of the aten ops, summed by family, dense timm '
+                      f'against ours (mean of {results["settings"]["breakdown_rounds"]} profiled passes per row, '
+                      'taking turns). Each cell: the family\'s time ratio timm/ours, in brackets its own FLOPs '
+                      'ratio (what the formula expects of it), then its time above the model\'s FLOPs ratio as a '
+                      'share of the pruned pass; these shares add up to the gap between the profiled speed-up and '
+                      'the FLOPs ratio.', '',
+                  '| model | FLOPs ratio | profiled speed-up | ' + ' | '.join(FAMILIES) + ' |',
+                  '|---|---|---|' + '---|' * len(FAMILIES)]
+        for res in results['models'].values():
+            for tag, b in res.get('breakdown', {}).items():
+                cells = []
+                for f in FAMILIES:
+                    c = b['families'][f]
+                    cells.append(f'{fmt(c["time_ratio"])} ({fmt(c["flops_ratio"])}) {100 * c["excess_share"]:+.1f}%')
+                lines.append(f'| C&C-{res["short"]}-{tag} | {b["flops_ratio"]:.2f} | {b["profiled_speedup"]:.2f} | '
+                             + ' | '.join(cells) + ' |')
     sweeps = results.get('sweeps', {})
     if sweeps.get('batch'):
         s = sweeps['batch']
@@ -646,6 +748,9 @@ def parse_args(argv=None):
                    help='batch of the scoring-cost comparison (default: the model\'s batch, at most 64)')
     p.add_argument('--routing-repeats', type=int, default=None,
                    help='rounds of the token-routing-alone timing (default 60; 0 to skip)')
+    p.add_argument('--breakdown-rounds', type=int, default=None,
+                   help='profiled passes per row for the time-by-family breakdown (default: CPU 3, 0 to skip; '
+                        'CPU only)')
     p.add_argument('--threads', type=int, default=None, help='torch.set_num_threads (default: torch\'s own)')
     p.add_argument('--malloc', choices=['steady', 'default'], default='steady',
                    help='steady: glibc keeps freed memory, so no row pays page faults that depend on what ran '
@@ -668,6 +773,7 @@ def parse_args(argv=None):
         args.sweep_rates = '0.25,0.5' if args.sweep_rates is None else args.sweep_rates
         args.scoring_repeats = 1 if args.scoring_repeats is None else args.scoring_repeats
         args.routing_repeats = 5 if args.routing_repeats is None else args.routing_repeats
+        args.breakdown_rounds = 1 if args.breakdown_rounds is None else args.breakdown_rounds
     args.models = [m.strip() for m in args.models.split(',') if m.strip()]
     for m in args.models:
         if m not in ARCHS:
@@ -689,6 +795,13 @@ def parse_args(argv=None):
     args.sweep_rates = [float(r) for r in args.sweep_rates.split(',') if r.strip()]
     args.scoring_repeats = 3 if args.scoring_repeats is None else args.scoring_repeats
     args.routing_repeats = 60 if args.routing_repeats is None else args.routing_repeats
+    if args.breakdown_rounds is not None and args.breakdown_rounds < 0:
+        p.error('--breakdown-rounds must be 0 or more')
+    if args.breakdown_rounds is None:
+        args.breakdown_rounds = 3 if cpu else 0
+    elif args.breakdown_rounds and not cpu:
+        p.error('--breakdown-rounds: the time-by-family breakdown reads CPU op times; on a GPU use 0 '
+                '(or torch.profiler with CUDA activities)')
     if args.device == 'cuda' and not torch.cuda.is_available():
         p.error('--device cuda: no CUDA device is available')
     args.json = args.json or os.path.join(ROOT, 'benchmarks', 'results', f'{args.device}.json')
