@@ -175,20 +175,25 @@ def family_macs(model: nn.Module) -> Dict[str, int]:
             'linear layers': sum(4 * n * C * C + 2 * n * C * hidden for n in kept) + C * model.num_classes}
 
 
-def profile_families(rows: Dict[str, nn.Module], x: torch.Tensor, rounds: int) -> Dict[str, Dict[str, float]]:
+def profile_families(rows: Dict[str, nn.Module], x: torch.Tensor, rounds: int,
+                     dtype: Optional[torch.dtype] = None) -> Dict[str, Dict[str, float]]:
     """Milliseconds per forward pass spent in each family of operations, for every row: the self time of each
-    aten op (torch.profiler, CPU) summed by family, averaged over ``rounds`` passes that take turns like the
-    timed rows (the starting row rotates).  Run after the timing: the profiler slows every op a little."""
+    aten op (torch.profiler, CPU) summed by family, averaged over ``rounds`` passes that take turns as the
+    timed rows do (engine.time_interleaved runs them).  Run after the timing: the profiler slows every op a
+    little."""
     from torch.profiler import ProfilerActivity, profile
-    names = list(rows)
-    out = {name: dict.fromkeys(FAMILIES, 0.0) for name in names}
+    out = {name: dict.fromkeys(FAMILIES, 0.0) for name in rows}
+
+    def profiled(name: str) -> Callable:
+        def run(t: torch.Tensor) -> None:
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                rows[name](t)
+            for event in prof.key_averages():
+                out[name][op_family(event.key)] += event.self_cpu_time_total / 1e3 / rounds
+        return run
+
     with torch.no_grad():
-        for r in range(rounds):
-            for name in names[r % len(names):] + names[:r % len(names)]:
-                with profile(activities=[ProfilerActivity.CPU]) as prof:
-                    rows[name](x)
-                for event in prof.key_averages():
-                    out[name][op_family(event.key)] += event.self_cpu_time_total / 1e3 / rounds
+        engine.time_interleaved({name: profiled(name) for name in rows}, x, x.device, rounds, 0, dtype)
     return out
 
 
@@ -249,6 +254,13 @@ def timm_twin(cc_model: nn.Module, timm_name: str, device: torch.device) -> nn.M
     state = {k: v for k, v in cc_model.state_dict().items() if not k.endswith(models.MASK_KEY)}
     dense.load_state_dict(state, strict=True)
     return dense.to(device).eval()
+
+
+def seeded_models(timm_name: str, seed: int, device: torch.device) -> (nn.Module, nn.Module):
+    """Our model with all masks True (a seeded random init) and timm's dense twin with the same weights."""
+    torch.manual_seed(seed)
+    cc = timm.create_model('cc_' + timm_name).to(device).eval()
+    return cc, timm_twin(cc, timm_name, device)
 
 
 def noise_batches(n: int, batch: int, num_classes: int, device: torch.device, seed: int):
@@ -399,18 +411,13 @@ def bench_model(arch: str, args, device: torch.device, dtype, autocast) -> Dict:
     print(f'\n== DeiT-{short}: batch {batch}, {args.repeats} timed passes after {args.warmup} warm-up, '
           f'{device}, {"fp32" if dtype is None else str(dtype).replace("torch.", "")} ==', flush=True)
     torch._dynamo.reset()
-    torch.manual_seed(args.seed)
-    cc = timm.create_model('cc_' + timm_name).to(device).eval()
-    dense = timm_twin(cc, timm_name, device)
+    cc, dense = seeded_models(timm_name, args.seed, device)
     depth, num_patches = len(cc.blocks), cc.num_tokens - 1
     dense_macs = models.count_macs(cc)
 
-    scores = None
-    if args.masks == 'taylor':
-        start = time.perf_counter()
-        scores = pruning.attention_taylor_scores(
-            cc, noise_batches(2, min(batch, 8), cc.num_classes, device, args.seed),
-            LabelSmoothingCrossEntropy(0.1), device=device)
+    start = time.perf_counter()
+    scores = _scores(cc, args, device, batch=min(batch, 8))
+    if scores is not None:
         print(f'Taylor scores of the random-init model on 2 noise batches: {time.perf_counter() - start:.1f} s',
               flush=True)
 
@@ -487,8 +494,8 @@ def bench_model(arch: str, args, device: torch.device, dtype, autocast) -> Dict:
     if args.breakdown_rounds:
         start = time.perf_counter()
         profiled = {'timm': dense, **{f'ours_{rate_tag(r)}': m for r, m in pruned_models.items()}}
-        with autocast():
-            ms = profile_families(profiled, torch.randn(batch, 3, 224, 224, device=device), args.breakdown_rounds)
+        ms = profile_families(profiled, torch.randn(batch, 3, 224, 224, device=device), args.breakdown_rounds,
+                              dtype)
         dense_families = family_macs(cc)
         result['breakdown'] = {rate_tag(r): gap_breakdown(ms['timm'], ms[f'ours_{rate_tag(r)}'], dense_families,
                                                            family_macs(m)) for r, m in pruned_models.items()}
@@ -521,9 +528,7 @@ def bench_model(arch: str, args, device: torch.device, dtype, autocast) -> Dict:
 def batch_sweep(arch: str, rate: float, batch_sizes: List[int], args, device, dtype, autocast) -> List[Dict]:
     """images/s of dense timm, ours and the boolean formulation against batch size, one rate."""
     timm_name, short = ARCHS[arch]
-    torch.manual_seed(args.seed)
-    cc = timm.create_model('cc_' + timm_name).to(device).eval()
-    dense = timm_twin(cc, timm_name, device)
+    cc, dense = seeded_models(timm_name, args.seed, device)
     masks = plan(_scores(cc, args, device), len(cc.blocks), cc.num_tokens - 1, rate, args.seed)
     ours = pruned_copy(cc, masks)
     boolean = BooleanMaskViT(dense, [blk.attn.token_index for blk in ours.blocks]).to(device).eval()
@@ -542,9 +547,7 @@ def batch_sweep(arch: str, rate: float, batch_sizes: List[int], args, device, dt
 def rate_sweep(arch: str, rates: List[float], batch: int, args, device, dtype, autocast) -> List[Dict]:
     """images/s of ours and the boolean formulation against prune rate, with the FLOPs ratio (one timed run)."""
     timm_name, short = ARCHS[arch]
-    torch.manual_seed(args.seed)
-    cc = timm.create_model('cc_' + timm_name).to(device).eval()
-    dense = timm_twin(cc, timm_name, device)
+    cc, dense = seeded_models(timm_name, args.seed, device)
     scores = _scores(cc, args, device)
     dense_macs = models.count_macs(cc)
     runs, macs = {'timm': dense}, {}
@@ -571,10 +574,11 @@ def rate_sweep(arch: str, rates: List[float], batch: int, args, device, dtype, a
     return out
 
 
-def _scores(cc, args, device):
+def _scores(cc, args, device, batch: int = 8) -> Optional[torch.Tensor]:
+    """Taylor scores of the random-init model on 2 noise batches (``--masks taylor``); None plans random masks."""
     if args.masks != 'taylor':
         return None
-    return pruning.attention_taylor_scores(cc, noise_batches(2, 8, cc.num_classes, device, args.seed),
+    return pruning.attention_taylor_scores(cc, noise_batches(2, batch, cc.num_classes, device, args.seed),
                                            LabelSmoothingCrossEntropy(0.1), device=device)
 
 
