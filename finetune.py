@@ -25,17 +25,16 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-import models  # noqa: F401  (registers the cc_deit_* models with timm)
+import engine
+import models
 import pruning
 from datasets import DATA_SETS, build_dataset
-from engine import NonFiniteLossError, evaluate, measure_throughput, train_one_epoch
+from engine import NonFiniteLossError, evaluate, measure_throughput, steady_allocator
 from losses import DistillationLoss
 from samplers import DistributedEvalSampler, RASampler
-from utils import (UserError, TensorBoard, all_agree, check_output_dir, init_distributed_mode, is_main_process,
-                   load_checkpoint_file, print_line, rank0_print, remove_stale_temporaries, save_atomic,
-                   state_dict_of, steady_allocator, write_text_atomic)
+from utils import (UserError, TensorBoard, all_agree, check_output_dir, checkpoint_args, init_distributed_mode,
+                   is_main_process, one_line, print_line, rank0_print, remove_stale_temporaries, save_atomic, write_text_atomic)
 
-MODEL_SIZES = ('deit_tiny_patch16_224', 'deit_small_patch16_224', 'deit_base_patch16_224', 'deit_digits_patch4_32')
 EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 3
 EXIT_INTERRUPTED = 130
@@ -51,7 +50,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = _Parser('Clip & Concat DeiT: prune, evaluate, benchmark, finetune', add_help=True)
+    p = _Parser('finetune.py', description='Clip & Concat for timm ViTs: prune, evaluate, benchmark, finetune.',
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     # what to do
     a('--eval', action='store_true', help='evaluate --resume on the validation set')
@@ -62,7 +62,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     a('--prune-batches', default=None, type=int, help='score at most this many training batches')
     a('--final_finetune', default=30, type=int, help='epochs of distillation finetuning')
     # model
-    a('--model', default='deit_tiny_patch16_224', help=f'one of {", ".join(MODEL_SIZES)}')
+    a('--model', default='deit_tiny_patch16_224',
+      help='any timm ViT name, "cc_" optional (e.g. deit_small_distilled_patch16_224, vit_small_patch16_224)')
     a('--input-size', default=None, type=int, help='image size (default: the model\'s)')
     a('--drop', default=0.0, type=float, help='dropout rate')
     a('--drop-path', default=0.1, type=float, help='stochastic depth rate')
@@ -193,11 +194,11 @@ def validate_args(args) -> None:
 
 
 def cc_model_name(name: str, flag: str = '--model') -> str:
-    """``deit_tiny_patch16_224`` (the seed's spelling) or ``cc_deit_tiny_patch16_224`` -> the cc_ name."""
-    base = name[3:] if name.startswith('cc_') else name
-    if base not in MODEL_SIZES:
-        raise UserError(f'unknown {flag} {name}; choose one of {", ".join(MODEL_SIZES)}')
-    return 'cc_' + base
+    """Any timm ViT name, with or without ``cc_`` -> ``cc_<timm name>``, checked against timm's registry."""
+    try:
+        return 'cc_' + models.check_model_name(name)
+    except ValueError as e:
+        raise UserError(f'{flag}: {e}') from None
 
 
 def resolve_device(requested: Optional[str]) -> str:
@@ -215,79 +216,16 @@ def resolve_device(requested: Optional[str]) -> str:
 # ----------------------------------------------------------------------------------------------------------
 # models and checkpoints
 
-def create_model(name: str, args, num_classes: int, **kwargs) -> nn.Module:
-    import timm
-    extra = {'img_size': args.input_size} if args.input_size else {}
-    return timm.create_model(name, num_classes=num_classes, **extra, **kwargs)
+def load_model(args, path: str, name: str, fallback_classes: int = 1000) -> Tuple[nn.Module, dict]:
+    """models.build_model_from_checkpoint with this run's input size and dropout rates."""
+    return models.build_model_from_checkpoint(path, name, fallback_classes, img_size=args.input_size,
+                                              warn=rank0_print, drop_rate=args.drop, drop_path_rate=args.drop_path)
 
 
-def head_classes(state_dict: Dict[str, torch.Tensor], default: int) -> int:
-    w = state_dict.get('head.weight')
-    return int(w.shape[0]) if w is not None and w.dim() == 2 else default
-
-
-def load_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor], path: str, name: str) -> None:
-    """Strict loading: a missing, unexpected or mis-shaped key is a one-line error naming the first few."""
-    own = model.state_dict()
-    mismatched = [k for k, v in state_dict.items() if k in own and not k.endswith(models.MASK_KEY)
-                  and tuple(v.shape) != tuple(own[k].shape)]
-    if mismatched:
-        k = mismatched[0]
-        raise UserError(f'{path} does not fit {name}: {k} has shape {tuple(state_dict[k].shape)} in the '
-                        f'checkpoint but {tuple(own[k].shape)} in the model (another model size? set --model)')
-    try:
-        model.load_state_dict(state_dict, strict=True)
-    except RuntimeError as e:
-        dense_file = not any(k.endswith(models.MASK_KEY) for k in state_dict)
-        missing = [k for k in own if k not in state_dict and not (dense_file and k.endswith(models.MASK_KEY))]
-        unexpected = [k for k in state_dict if k not in own]
-        parts = []
-        if missing:
-            parts.append(f'missing keys {_few(missing)}')
-        if unexpected:
-            parts.append(f'unexpected keys {_few(unexpected)}')
-        if not parts:  # errors reported by the mask checks of the model
-            lines = [line.strip() for line in str(e).splitlines()[1:] if line.strip()]
-            parts.append('; '.join(lines[:2]) or str(e))
-        raise UserError(f'{path} does not fit {name}: ' + '; '.join(parts)) from None
-
-
-def _few(keys: List[str], n: int = 3) -> str:
-    shown = ', '.join(keys[:n])
-    return shown + (f' (+{len(keys) - n} more)' if len(keys) > n else '')
-
-
-def build_model_from_checkpoint(args, path: str, name: str, fallback_classes: int = 1000
-                                ) -> Tuple[nn.Module, dict]:
-    checkpoint = load_checkpoint_file(path)
-    try:
-        sd = state_dict_of(checkpoint)
-    except UserError as e:
-        raise UserError(f'{path}: {e}') from None
-    model = create_model(name, args, head_classes(sd, fallback_classes),
-                         drop_rate=args.drop, drop_path_rate=args.drop_path)
-    load_weights(model, sd, path, name)
-    stored = checkpoint.get('channels')
-    if stored is not None:
-        stored = [int(c) for c in stored]
-        actual = models.kept_token_counts(model)
-        if stored != actual:
-            rank0_print(f'warning: {path} lists channels {stored}, but its masks keep {actual}; using the masks')
-    return model, checkpoint
-
-
-def build_dense_model(args, num_classes: int = 1000) -> nn.Module:
-    return create_model(args.model, args, num_classes, drop_rate=args.drop, drop_path_rate=args.drop_path)
-
-
-def dense_copy(model: nn.Module) -> nn.Module:
-    """The same weights with every mask True: the dense DeiT this model was pruned from."""
-    import copy
-    dense = copy.deepcopy(model)
-    for blk in dense.blocks:
-        blk.attn.token_index.fill_(True)
-    dense.refresh_token_plan()
-    return dense
+def new_model(args, num_classes: int = 1000) -> nn.Module:
+    """``--model`` with random weights (a run without ``--resume``)."""
+    return models.build_model(args.model, num_classes, img_size=args.input_size, drop_rate=args.drop,
+                              drop_path_rate=args.drop_path)
 
 
 def masks_sha1(masks) -> str:
@@ -299,7 +237,9 @@ def masks_sha1(masks) -> str:
 
 def describe(model: nn.Module) -> str:
     channels = models.kept_token_counts(model)
-    return f'{model.num_tokens - 1} patches + class token; kept tokens per block: {channels}'
+    prefix = model.num_prefix_tokens
+    return (f'{model.num_tokens - prefix} patches + {prefix} prefix token{"s" if prefix != 1 else ""}; '
+            f'kept tokens per block: {channels}')
 
 
 def gflops(model: nn.Module) -> float:
@@ -361,16 +301,16 @@ class _Limited:
 
 def run_speed(args, device: torch.device) -> Dict[str, float]:
     if args.resume:
-        model, _ = build_model_from_checkpoint(args, args.resume, args.model)
+        model, _ = load_model(args, args.resume, args.model)
     else:
-        model = build_dense_model(args)
+        model = new_model(args)
         rank0_print(f'No --resume: measuring the dense {args.model} with random weights')
     model.to(device)
     size = model.patch_embed.img_size[0]
     dtype = {'fp16': torch.float16, 'bf16': torch.bfloat16, 'fp32': None}[
         args.speed_dtype or ('fp16' if device.type == 'cuda' else 'fp32')]
     pruned = any(not blk.dense for blk in model.blocks)
-    runs = {'pruned': model, 'dense': dense_copy(model)} if pruned else {'dense': model}
+    runs = {'pruned': model, 'dense': models.dense_copy(model)} if pruned else {'dense': model}
     rank0_print(f'Model {args.model}: {describe(model)}')
     if device.type == 'cpu':
         rank0_print(f'CPU allocator: {steady_allocator()}')
@@ -395,7 +335,7 @@ def run_speed(args, device: torch.device) -> Dict[str, float]:
 
 def run_eval(args, device: torch.device) -> Dict[str, float]:
     dataset_val, nb_classes = build_data(args, train=False)
-    model, _ = build_model_from_checkpoint(args, args.resume, args.model, nb_classes)
+    model, _ = load_model(args, args.resume, args.model, nb_classes)
     check_classes(nb_classes, model, 'validation')
     model.to(device)
     rank0_print(f'Model {args.model} from {args.resume}: {describe(model)}; {gflops(model):.2f} GFLOPs')
@@ -414,10 +354,10 @@ def run_prune(args, device: torch.device) -> Dict[str, float]:
         raise UserError(f'{path} already exists from an earlier run; choose another --output_dir '
                         f'(or move it away)')
     dataset_val, nb_classes = build_data(args, train=False)
-    model, _ = build_model_from_checkpoint(args, args.resume, args.model, nb_classes)
+    model, _ = load_model(args, args.resume, args.model, nb_classes)
     check_classes(nb_classes, model, 'validation')
     model.to(device)
-    depth, num_patches = len(model.blocks), model.num_tokens - 1
+    depth, num_patches = len(model.blocks), model.num_tokens - model.num_prefix_tokens
     if args.prune_mode == 'attn':
         # Scoring sees plain training images: no mixup, cutmix, auto-augment or random erasing.
         score_args = argparse.Namespace(**{**vars(args), 'aa': 'none', 'reprob': 0.0})
@@ -441,9 +381,9 @@ def run_prune(args, device: torch.device) -> Dict[str, float]:
     rank0_print(f'Kept tokens per block (class token included): {channels}')
     # Every process prints what it planned: with several processes the digests must agree (scores are summed).
     print_line(f'[rank {args.rank}] masks sha1 {masks_sha1(model.masks)}')
-    rank0_print(f'FLOPs: {gflops(model):.2f} GFLOPs (dense {gflops(dense_copy(model)):.2f} GFLOPs)')
+    rank0_print(f'FLOPs: {gflops(model):.2f} GFLOPs (dense {gflops(models.dense_copy(model)):.2f} GFLOPs)')
     if is_main_process():
-        checkpoint = {'model': model.state_dict(), 'channels': channels, 'args': args}
+        checkpoint = {'model': model.state_dict(), 'channels': channels, 'args': vars(args).copy()}
         if scores is not None:
             checkpoint['scores'] = scores
         save_atomic(checkpoint, path)
@@ -464,14 +404,12 @@ def run_prune(args, device: torch.device) -> Dict[str, float]:
 
 def build_teacher(args, device: torch.device, num_classes: int) -> nn.Module:
     name = cc_model_name(args.teacher_model or args.model)
-    teacher, _ = build_model_from_checkpoint(
-        argparse.Namespace(**{**vars(args), 'drop': 0.0, 'drop_path': 0.0}), args.teacher_path, name)
+    teacher, _ = models.build_model_from_checkpoint(args.teacher_path, name, img_size=args.input_size,
+                                                    warn=rank0_print)
     if teacher.num_classes != num_classes:
         raise UserError(f'the teacher {args.teacher_path} has {teacher.num_classes} classes, '
                         f'the student {num_classes}')
-    for blk in teacher.blocks:  # the teacher is the dense model, whatever masks its file holds
-        blk.attn.token_index.fill_(True)
-    teacher.refresh_token_plan()
+    teacher.set_dense()  # the teacher is the dense model, whatever masks its file holds
     teacher.to(device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -496,44 +434,74 @@ def reconcile_log(log_path: str, last_epoch: int, last_stats: Optional[dict]) ->
     write_text_atomic(log_path, ''.join(entries[e] + '\n' for e in sorted(entries)))
 
 
-def run_finetune(args, device: torch.device) -> Dict[str, float]:
-    from timm.data import Mixup
-    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-    from timm.optim import create_optimizer_v2, optimizer_kwargs
-    from timm.scheduler import create_scheduler
-    from timm.utils import ModelEmaV2
+# ----------------------------------------------------------------------------------------------------------
+# finetuning: build the run, restore a checkpoint into it, then the epoch loop of engine.py
 
-    checkpoint_path = os.path.join(args.output_dir, 'checkpoint.pth')
-    best_path = os.path.join(args.output_dir, 'best.pth')
-    log_path = os.path.join(args.output_dir, 'log.txt')
+def output_paths(args) -> Dict[str, str]:
+    return {name: os.path.join(args.output_dir, name) for name in ('checkpoint.pth', 'best.pth', 'log.txt')}
 
-    dataset_train, nb_classes = build_data(args, train=True)
-    dataset_val, _ = build_data(args, train=False)
-    if args.resume:
-        model, checkpoint = build_model_from_checkpoint(args, args.resume, args.model, nb_classes)
-    else:
-        rank0_print(f'No --resume: training a dense {args.model} from random initialisation')
-        model, checkpoint = build_dense_model(args, nb_classes), {}
-    check_classes(nb_classes, model, 'training')
-    continuing = all(k in checkpoint for k in ('optimizer', 'lr_scheduler', 'epoch'))
-    # Never overwrite the results of another run: only continuing <output_dir>/checkpoint.pth itself may.
+
+def check_earlier_run(args, continuing: bool) -> None:
+    """Never overwrite the results of another run: only continuing <output_dir>/checkpoint.pth itself may."""
+    paths = output_paths(args)
+    checkpoint_path = paths['checkpoint.pth']
     if os.path.exists(checkpoint_path):
         if not (continuing and os.path.samefile(args.resume, checkpoint_path)):
             raise UserError(f'{checkpoint_path} already exists from an earlier run; continue it with --resume '
                             f'{checkpoint_path} or choose another --output_dir')
     else:
-        earlier = [os.path.basename(p) for p in (best_path, log_path) if os.path.exists(p)]
+        earlier = [name for name in ('best.pth', 'log.txt') if os.path.exists(paths[name])]
         if earlier:
             raise UserError(f'{args.output_dir} already holds {" and ".join(earlier)} from an earlier run; '
                             f'choose another --output_dir (or move them away)')
+
+
+def build_criterion(args, num_classes: int, teacher: Optional[nn.Module]):
+    """(criterion, mixup_fn): DeiT's base loss (soft targets under mixup/cutmix, else label smoothing) inside
+    the method's distillation loss."""
+    from timm.data import Mixup
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+    mixup_fn = None
+    if args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None:
+        mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                         prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                         label_smoothing=args.smoothing, num_classes=num_classes)
+        base_criterion = SoftTargetCrossEntropy()
+    elif args.smoothing > 0:
+        base_criterion = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    else:
+        base_criterion = nn.CrossEntropyLoss()
+    criterion = DistillationLoss(base_criterion, teacher, args.distillation_type, args.distillation_alpha,
+                                 args.distillation_tau)
+    return criterion, mixup_fn
+
+
+def build_training(args, device: torch.device) -> Tuple[engine.Training, dict]:
+    """Everything a finetuning run is made of, before any checkpoint state is restored into it; returns it
+    with the ``--resume`` file's contents ({} without one)."""
+    from timm.optim import create_optimizer_v2, optimizer_kwargs
+    from timm.scheduler import create_scheduler
+    from timm.utils import ModelEmaV2
+
+    dataset_train, nb_classes = build_data(args, train=True)
+    dataset_val, _ = build_data(args, train=False)
+    if args.resume:
+        model, checkpoint = load_model(args, args.resume, args.model, nb_classes)
+    else:
+        rank0_print(f'No --resume: training a dense {args.model} from random initialisation')
+        model, checkpoint = new_model(args, nb_classes), {}
+    check_classes(nb_classes, model, 'training')
+    check_earlier_run(args, continuing=is_training_checkpoint(checkpoint))
     model.to(device)
-    channels = models.kept_token_counts(model)
     rank0_print(f'Student {args.model}: {describe(model)}; {gflops(model):.2f} GFLOPs')
 
     teacher = None
     if args.distillation_type != 'none':
         teacher = build_teacher(args, device, model.num_classes)
         rank0_print(f'Teacher {cc_model_name(args.teacher_model or args.model)} from {args.teacher_path} (dense)')
+        if hasattr(model, 'set_distilled_training'):  # DeiT's distilled models: KD through the distillation head
+            model.set_distilled_training(True)
+            rank0_print('Distilled model: base loss on the class head, KD through the distillation head (as DeiT)')
 
     model_ema = None
     if args.model_ema:
@@ -554,97 +522,107 @@ def run_finetune(args, device: torch.device) -> Dict[str, float]:
     try:
         optimizer = create_optimizer_v2(model_without_ddp, **optimizer_kwargs(cfg=args))
     except (ValueError, KeyError, AssertionError, TypeError) as e:
-        raise UserError(f'cannot create the optimizer (--opt {args.opt}): {_one_line(e)}') from None
+        raise UserError(f'cannot create the optimizer (--opt {args.opt}): {one_line(e)}') from None
     try:
         lr_scheduler, _ = create_scheduler(args, optimizer)
     except (ValueError, KeyError, AssertionError, TypeError) as e:
-        raise UserError(f'cannot create the learning-rate schedule (--sched {args.sched}): {_one_line(e)}') from None
-    amp = args.amp
-    scaler = torch.amp.GradScaler('cuda', enabled=amp)
+        raise UserError(f'cannot create the learning-rate schedule (--sched {args.sched}): {one_line(e)}') from None
+    criterion, mixup_fn = build_criterion(args, model_without_ddp.num_classes, teacher)
+    training = engine.Training(
+        model=model, model_without_ddp=model_without_ddp, criterion=criterion, optimizer=optimizer,
+        lr_scheduler=lr_scheduler, scaler=torch.amp.GradScaler('cuda', enabled=args.amp), amp=args.amp,
+        clip_grad=args.clip_grad, model_ema=model_ema, mixup_fn=mixup_fn,
+        loader_train=data_loader(dataset_train, args, train=True),
+        loader_val=data_loader(dataset_val, args, train=False), device=device)
+    return training, checkpoint
 
-    mixup_active = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
-    mixup_fn = None
-    if mixup_active:
-        mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
-                         prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
-                         label_smoothing=args.smoothing, num_classes=model_without_ddp.num_classes)
-        base_criterion = SoftTargetCrossEntropy()
-    elif args.smoothing > 0:
-        base_criterion = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
-    else:
-        base_criterion = nn.CrossEntropyLoss()
-    criterion = DistillationLoss(base_criterion, teacher, args.distillation_type, args.distillation_alpha,
-                                 args.distillation_tau)
 
-    start_epoch, max_accuracy = args.start_epoch, -1.0  # so the first evaluation always writes best.pth
-    if continuing:
-        try:
-            optimizer.load_state_dict(checkpoint['optimizer'])
-            lr_scheduler.load_state_dict(checkpoint['lr_scheduler'])
-            if 'scaler' in checkpoint and checkpoint['scaler']:
-                scaler.load_state_dict(checkpoint['scaler'])
-        except (ValueError, KeyError, TypeError, RuntimeError, AttributeError) as e:
-            raise UserError(f'{args.resume}: its optimizer or scheduler state does not fit this run '
-                            f'({_one_line(e)}); resume with the --opt, --weight-decay and --sched of the run '
-                            f'that wrote it') from None
-        if model_ema is not None and 'model_ema' in checkpoint:
-            load_weights(model_ema.module, checkpoint['model_ema'], args.resume, f'{args.model} (EMA)')
-        start_epoch = int(checkpoint['epoch']) + 1
-        max_accuracy = float(checkpoint.get('max_accuracy', -1.0))
-        if is_main_process() and os.path.abspath(os.path.dirname(args.resume)) == \
-                os.path.abspath(args.output_dir):
-            reconcile_log(log_path, start_epoch - 1, checkpoint.get('log_stats'))
-            remove_stale_temporaries([checkpoint_path, best_path, log_path])  # from a job killed while saving
-        rank0_print(f'Resumed from {args.resume}: continuing at epoch {start_epoch} '
-                    f'(best Acc@1 so far {max_accuracy:.2f}%)')
-        planned = getattr(checkpoint.get('args'), 'final_finetune', args.final_finetune)
-        if planned != args.final_finetune:  # the scheduler state just loaded keeps the old length, as in DeiT
-            rank0_print(f'warning: {args.resume} was written by a run of --final_finetune {planned}; its '
-                        f'learning-rate schedule over {planned} epochs continues unchanged')
+def is_training_checkpoint(checkpoint: dict) -> bool:
+    """A ``checkpoint.pth``/``best.pth`` of a finetuning run (which ``--resume`` continues)."""
+    return all(k in checkpoint for k in ('optimizer', 'lr_scheduler', 'epoch'))
+
+
+def restore_training(training: engine.Training, checkpoint: dict, args) -> Tuple[int, float]:
+    """Continue a finetuning checkpoint: optimizer, schedule, loss scaler and EMA restored, ``log.txt``
+    repaired; returns (first epoch to run, best Acc@1 so far).  Other files start a new run at epoch
+    ``--start_epoch``."""
+    if not is_training_checkpoint(checkpoint):
+        return args.start_epoch, -1.0  # so the first evaluation always writes best.pth
+    try:
+        training.optimizer.load_state_dict(checkpoint['optimizer'])
+        training.lr_scheduler.load_state_dict(checkpoint['lr_scheduler'])
+        if checkpoint.get('scaler'):
+            training.scaler.load_state_dict(checkpoint['scaler'])
+    except (ValueError, KeyError, TypeError, RuntimeError, AttributeError) as e:
+        raise UserError(f'{args.resume}: its optimizer or scheduler state does not fit this run '
+                        f'({one_line(e)}); resume with the --opt, --weight-decay and --sched of the run '
+                        f'that wrote it') from None
+    if training.model_ema is not None and 'model_ema' in checkpoint:
+        models.load_weights(training.model_ema.module, checkpoint['model_ema'], args.resume, f'{args.model} (EMA)')
+    start_epoch = int(checkpoint['epoch']) + 1
+    max_accuracy = float(checkpoint.get('max_accuracy', -1.0))
+    paths = output_paths(args)
+    if is_main_process() and os.path.abspath(os.path.dirname(args.resume)) == os.path.abspath(args.output_dir):
+        reconcile_log(paths['log.txt'], start_epoch - 1, checkpoint.get('log_stats'))
+        remove_stale_temporaries(list(paths.values()))  # from a job killed while saving
+    rank0_print(f'Resumed from {args.resume}: continuing at epoch {start_epoch} '
+                f'(best Acc@1 so far {max_accuracy:.2f}%)')
+    planned = checkpoint_args(checkpoint).get('final_finetune', args.final_finetune)
+    if planned != args.final_finetune:  # the scheduler state just loaded keeps the old length, as in DeiT
+        rank0_print(f'warning: {args.resume} was written by a run of --final_finetune {planned}; its '
+                    f'learning-rate schedule over {planned} epochs continues unchanged')
+    return start_epoch, max_accuracy
+
+
+def training_state(training: engine.Training, args, epoch: int, max_accuracy: float, log_stats: dict) -> dict:
+    """What ``checkpoint.pth`` and ``best.pth`` hold (``args`` as a plain dict: plain ``torch.load`` reads it)."""
+    model = training.model_without_ddp
+    state = {
+        'model': model.state_dict(), 'optimizer': training.optimizer.state_dict(),
+        'lr_scheduler': training.lr_scheduler.state_dict(), 'epoch': epoch, 'scaler': training.scaler.state_dict(),
+        'channels': models.kept_token_counts(model), 'args': vars(args).copy(), 'max_accuracy': max_accuracy,
+        'log_stats': log_stats,
+    }
+    if training.model_ema is not None:
+        state['model_ema'] = training.model_ema.module.state_dict()
+    return state
+
+
+def run_finetune(args, device: torch.device) -> Dict[str, float]:
+    training, checkpoint = build_training(args, device)
+    start_epoch, max_accuracy = restore_training(training, checkpoint, args)
     if start_epoch >= args.final_finetune:
         rank0_print(f'Nothing to do: {args.final_finetune} epochs already finished')
         return {'max_accuracy': max_accuracy}
-
-    loader_train = data_loader(dataset_train, args, train=True)
-    loader_val = data_loader(dataset_val, args, train=False)
+    paths = output_paths(args)
     tb = TensorBoard(args.output_dir)
+    last_good = args.resume or '(none yet)'
+
+    def save(epoch, train_stats, test_stats, improved, best):
+        nonlocal last_good
+        model = training.model_without_ddp
+        log_stats = {**{f'train_{k}': v for k, v in train_stats.items()},
+                     **{f'test_{k}': v for k, v in test_stats.items()},
+                     'epoch': epoch, 'n_parameters': sum(p.numel() for p in model.parameters()),
+                     'gflops': gflops(model), 'max_accuracy': best}
+        if not is_main_process():
+            return
+        state = training_state(training, args, epoch, best, log_stats)
+        if improved:
+            save_atomic(state, paths['best.pth'])
+        save_atomic(state, paths['checkpoint.pth'])
+        last_good = paths['checkpoint.pth']
+        with open(paths['log.txt'], 'a') as f:
+            f.write(json.dumps(log_stats) + '\n')
+        tb.scalars(train_stats, epoch, prefix='train/')
+        tb.scalars(test_stats, epoch, prefix='test/')
+
     rank0_print(f'Finetuning for epochs {start_epoch}..{args.final_finetune - 1} '
                 f'(lr {args.lr:.2e} for batch {args.batch_size} x {args.world_size} processes)')
     start_time = time.time()
-    last_good = args.resume or '(none yet)'
     try:
-        for epoch in range(start_epoch, args.final_finetune):
-            if hasattr(loader_train.sampler, 'set_epoch'):
-                loader_train.sampler.set_epoch(epoch)
-            train_stats = train_one_epoch(model, criterion, loader_train, optimizer, device, epoch, scaler, amp,
-                                          args.clip_grad, model_ema, mixup_fn, args.print_freq, rank0_print)
-            lr_scheduler.step(epoch + 1)
-            test_stats = evaluate(loader_val, model, device, amp, args.print_freq, rank0_print)
-            rank0_print(f'Accuracy of the network on the {len(dataset_val)} test images: '
-                        f'{test_stats["acc1"]:.1f}%')
-            improved = test_stats['acc1'] > max_accuracy
-            max_accuracy = max(max_accuracy, test_stats['acc1'])
-            rank0_print(f'Max accuracy: {max_accuracy:.2f}%')
-            log_stats = {**{f'train_{k}': v for k, v in train_stats.items()},
-                         **{f'test_{k}': v for k, v in test_stats.items()},
-                         'epoch': epoch, 'n_parameters': sum(p.numel() for p in model_without_ddp.parameters()),
-                         'gflops': gflops(model_without_ddp), 'max_accuracy': max_accuracy}
-            if is_main_process():
-                state = {
-                    'model': model_without_ddp.state_dict(), 'optimizer': optimizer.state_dict(),
-                    'lr_scheduler': lr_scheduler.state_dict(), 'epoch': epoch, 'scaler': scaler.state_dict(),
-                    'channels': channels, 'args': args, 'max_accuracy': max_accuracy, 'log_stats': log_stats,
-                }
-                if model_ema is not None:
-                    state['model_ema'] = model_ema.module.state_dict()
-                if improved:
-                    save_atomic(state, best_path)
-                save_atomic(state, checkpoint_path)
-                last_good = checkpoint_path
-                with open(log_path, 'a') as f:
-                    f.write(json.dumps(log_stats) + '\n')
-                tb.scalars(train_stats, epoch, prefix='train/')
-                tb.scalars(test_stats, epoch, prefix='test/')
+        max_accuracy = engine.train_epochs(training, start_epoch, args.final_finetune, max_accuracy, save,
+                                           args.print_freq, rank0_print)
     except NonFiniteLossError as e:
         raise NonFiniteLossError(f'{e}; stopped. Last good checkpoint, untouched: {last_good}') from None
     finally:
@@ -665,8 +643,7 @@ def run(args) -> Dict[str, float]:
     device = torch.device(args.device)
     args.amp = args.amp and device.type == 'cuda'  # mixed precision on CUDA only
     torch.manual_seed(args.seed + args.rank)
-    import timm
-    cfg = timm.models.get_pretrained_cfg(args.model)
+    cfg = models.pretrained_cfg(args.model)
     args.input_size = args.input_size or cfg.input_size[-1]
     args.mean, args.std = tuple(cfg.mean), tuple(cfg.std)
     if args.speed_only:
@@ -676,17 +653,6 @@ def run(args) -> Dict[str, float]:
     if args.prune:
         return run_prune(args, device)
     return run_finetune(args, device)
-
-
-def _one_line(e: Exception) -> str:
-    """The last meaningful line: errors re-raised from DataLoader workers carry a traceback in front."""
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    if not lines:
-        return type(e).__name__
-    last = lines[-1]
-    # 'BadImageError: ...' or, from a worker's traceback, 'datasets.BadImageError: ...'
-    name = re.match(r'(?:[\w.]+\.)?' + re.escape(type(e).__name__) + r': ', last)
-    return last[name.end():] if name else last
 
 
 class Terminated(BaseException):
@@ -729,10 +695,10 @@ def main(argv=None) -> int:
         with sigterm_unwinds():
             run(args)
     except UserError as e:
-        print_line(f'{prefix}error: {_one_line(e)}', file=sys.stderr)
+        print_line(f'{prefix}error: {one_line(e)}', file=sys.stderr)
         return EXIT_USER_ERROR
     except NonFiniteLossError as e:
-        print_line(f'{prefix}error: {_one_line(e)}', file=sys.stderr)
+        print_line(f'{prefix}error: {one_line(e)}', file=sys.stderr)
         return EXIT_DIVERGED
     except KeyboardInterrupt:
         print_line(f'{prefix}interrupted; checkpoints written so far are complete', file=sys.stderr)

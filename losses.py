@@ -32,14 +32,21 @@ class DistillationLoss(nn.Module):
         self.base_criterion, self.teacher = base_criterion, teacher
         self.distillation_type, self.alpha, self.tau = distillation_type, alpha, tau
 
-    def forward(self, inputs: torch.Tensor, outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, inputs: torch.Tensor, outputs, labels: torch.Tensor) -> torch.Tensor:
+        """``outputs``: the student's logits, or ``(class head, distillation head)`` from a distilled DeiT in
+        distilled training, where, as in DeiT, the base loss reads the class head and KD the distillation head."""
+        outputs_kd = None
+        if not isinstance(outputs, torch.Tensor):
+            outputs, outputs_kd = outputs
         base = self.base_criterion(outputs, labels)
         if self.distillation_type == 'none':
             return base
+        if outputs_kd is None:
+            outputs_kd = outputs
         with torch.no_grad():
             teacher_outputs = self.teacher(inputs)
         if self.distillation_type == 'soft':
-            kd = soft_distillation(outputs, teacher_outputs.float(), self.tau)
+            kd = soft_distillation(outputs_kd, teacher_outputs.float(), self.tau)
         else:
-            kd = hard_distillation(outputs, teacher_outputs)
+            kd = hard_distillation(outputs_kd, teacher_outputs)
         return base + self.alpha * kd

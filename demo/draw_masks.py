@@ -45,16 +45,15 @@ RETURN_COLOUR = '#ff8c00'                     # outline of a patch kept again af
 def kept_patches(model: nn.Module) -> torch.Tensor:
     """(depth, num_patches) bool in original patch order: True where block l processes patch p.
 
-    Read from ``model.kept_token_ids()`` (original token ids, class token 0 excluded), i.e. from what the
-    model actually computes, not from a plan.
+    Read from ``model.kept_token_ids()`` (original token ids; prefix tokens, which are not patches, excluded),
+    i.e. from what the model actually computes, not from a plan.
     """
     model = getattr(model, 'module', model)
-    num_patches = model.num_tokens - 1
-    kept = torch.zeros(len(model.blocks), num_patches, dtype=torch.bool)
+    prefix = model.num_prefix_tokens
+    kept = torch.zeros(len(model.blocks), model.num_tokens - prefix, dtype=torch.bool)
     for layer, ids in enumerate(model.kept_token_ids()):
         ids = ids.detach().cpu()
-        ids = ids[ids > 0] - 1
-        kept[layer, ids] = True
+        kept[layer, ids[ids >= prefix] - prefix] = True
     return kept
 
 
@@ -198,23 +197,14 @@ def folder_images(root: str, num: int, input_size: int, mean, std, crop_ratio: f
 # command line
 
 def load_model(resume: str, model_name: Optional[str], input_size: Optional[int] = None) -> nn.Module:
-    """Any C&C checkpoint (official DeiT, pruned_<rate>.pth, checkpoint.pth) -> model in eval mode."""
-    import finetune
-    from utils import load_checkpoint_file, state_dict_of
-    checkpoint = load_checkpoint_file(resume)
-    if model_name is None:
-        stored = checkpoint.get('args')
-        model_name = getattr(stored, 'model', None)
-        if model_name is None:
-            raise UserError(f'{resume} does not say which model it holds; pass --model')
-    name = finetune.cc_model_name(model_name)
-    try:
-        sd = state_dict_of(checkpoint)
-    except UserError as e:
-        raise UserError(f'{resume}: {e}') from None
-    args = argparse.Namespace(input_size=input_size)
-    model = finetune.create_model(name, args, finetune.head_classes(sd, 1000))
-    finetune.load_weights(model, sd, resume, name)
+    """Any C&C checkpoint (official weights, pruned_<rate>.pth, checkpoint.pth) -> model in eval mode; without
+    ``model_name`` the model the file names in its ``args``."""
+    if model_name is not None:
+        try:
+            model_name = 'cc_' + models.check_model_name(model_name)
+        except ValueError as e:
+            raise UserError(f'--model: {e}') from None
+    model, _ = models.build_model_from_checkpoint(resume, model_name, img_size=input_size)
     return model.eval()
 
 

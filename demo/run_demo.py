@@ -40,7 +40,7 @@ for path in (ROOT, os.path.join(ROOT, 'demo')):
         sys.path.insert(0, path)
 
 import finetune  # noqa: E402
-from utils import TensorBoard, UserError, load_checkpoint_file  # noqa: E402
+from utils import TensorBoard, UserError, checkpoint_args, load_checkpoint_file  # noqa: E402
 
 MODEL = 'deit_digits_patch4_32'
 CONFIGS = [('attn', 0.25), ('attn', 0.40), ('random', 0.25)]  # (prune mode, prune rate)
@@ -154,8 +154,8 @@ def teacher_state(path: str, epochs: int) -> str:
         ckpt = load_checkpoint_file(path)
     except UserError:
         return 'other'
-    planned = getattr(ckpt.get('args'), 'final_finetune', None)
-    if planned != epochs or getattr(ckpt.get('args'), 'model', None) != finetune.cc_model_name(MODEL):
+    stored = checkpoint_args(ckpt)
+    if stored.get('final_finetune') != epochs or stored.get('model') != finetune.cc_model_name(MODEL):
         return 'other'
     return 'done' if int(ckpt.get('epoch', -1)) >= epochs - 1 else 'partial'
 

@@ -1,4 +1,18 @@
-"""Importing this package registers the Clip & Concat DeiT variants with timm."""
-from .cc_deit import (  # noqa: F401
-    CCAttention, CCBlock, CCVisionTransformer, MASK_KEY, count_macs, kept_token_counts,
-)
+"""Clip & Concat models: any timm ViT converted in place, the registered ``cc_deit_*`` names, FLOPs, and the
+model-from-checkpoint builder.  Importing this package registers the ``cc_deit_*`` models with timm.
+
+    model = models.apply_clip_concat(timm.create_model('vit_small_patch16_224'))   # in place, masks all True
+    model = models.create_model('cc_deit_small_distilled_patch16_224')             # the same, by name
+"""
+from . import routing  # noqa: F401
+from .checkpoint import build_model, build_model_from_checkpoint, dense_copy, head_classes, load_weights
+from .clip_concat import (MASK_KEY, CCBlock, CCVisionTransformer, apply_clip_concat, is_clip_concat,
+                          kept_token_counts, unsupported_reason)
+from .flops import count_macs
+from .zoo import base_name, check_model_name, create_model, pretrained_cfg
+
+__all__ = [
+    'MASK_KEY', 'CCBlock', 'CCVisionTransformer', 'apply_clip_concat', 'is_clip_concat', 'kept_token_counts',
+    'unsupported_reason', 'count_macs', 'base_name', 'check_model_name', 'create_model', 'pretrained_cfg',
+    'build_model', 'build_model_from_checkpoint', 'dense_copy', 'head_classes', 'load_weights',
+]

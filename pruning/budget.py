@@ -1,4 +1,5 @@
-"""The global clipping budget: P = int(num_patches · depth · prune_rate) (layer, token) slots in total."""
+"""The global clipping budget: P = int(num_patches · depth · prune_rate) (layer, patch) slots in total
+(prefix tokens are never counted)."""
 from typing import Optional
 
 import torch

@@ -1,10 +1,19 @@
 """Taylor importance of each key token from attention probabilities and their gradients.
 
-For block l with attention probabilities A (B, H, N, N) and G = dL/dA, a batch adds
-``|sum_{b,h,i} A[b,h,i,j] * G[b,h,i,j]| / (B*H*N)`` to the score of key token j >= 1.
+For block l with attention probabilities A (B, H, N, N; after the softmax) and G = dL/dA, a batch adds
+
+    s_l[j] += | sum_{b,h,i} A[b,h,i,j] * G[b,h,i,j] | / (B * H * N)
+
+to the score of every key token j that is not a prefix token (class, distillation, register tokens are never
+scored).  Absolute value per batch, summed over batches.
+
+A is read at a hook point of timm's own attention (the module ``attn.attn_drop``, applied right after the
+softmax, as timm's ``AttentionExtract`` does): while scoring, each attention takes timm's explicit path
+(``fused_attn = False``) instead of the fused kernel, so every branch of timm's code (q/k norms, gates,
+masks) runs as written there.
 """
 import contextlib
-from typing import Iterable, Optional, Tuple
+from typing import Iterable, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -12,23 +21,44 @@ import torch.nn as nn
 
 
 @contextlib.contextmanager
+def attention_probabilities(model: nn.Module):
+    """While inside, ``captured[l]`` holds block l's attention probabilities of the last forward pass, as a
+    tensor autograd can differentiate to (a leaf if nothing before it needs gradients)."""
+    captured: List[Optional[torch.Tensor]] = [None] * len(model.blocks)
+    handles, fused = [], [blk.attn.fused_attn for blk in model.blocks]
+
+    def capture(layer):
+        def hook(module, inputs, output):
+            if not output.requires_grad:  # frozen weights: dL/dA is still needed, so A becomes a leaf
+                output = output.detach().requires_grad_()
+            captured[layer] = output
+            return output
+        return hook
+
+    try:
+        for layer, blk in enumerate(model.blocks):
+            blk.attn.fused_attn = False
+            handles.append(blk.attn.attn_drop.register_forward_hook(capture(layer)))
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+        for blk, was_fused in zip(model.blocks, fused):
+            blk.attn.fused_attn = was_fused
+        captured[:] = [None] * len(captured)
+
+
+@contextlib.contextmanager
 def _scoring_state(model: nn.Module):
-    """Eval mode, all masks True, attention probabilities exposed; everything restored afterwards."""
+    """Eval mode (no dropout, no drop-path) and all masks True; both restored afterwards."""
     was_training = model.training
-    saved_masks = [blk.attn.token_index.clone() for blk in model.blocks]
+    saved_masks = [m.clone() for m in model.masks]
     try:
         model.eval()
-        for blk in model.blocks:
-            blk.attn.token_index.fill_(True)
-            blk.attn.keep_attention_probs = True
-        model.refresh_token_plan()
+        model.set_dense()
         yield
     finally:
-        for blk, mask in zip(model.blocks, saved_masks):
-            blk.attn.token_index.copy_(mask)
-            blk.attn.keep_attention_probs = False
-            blk.attn.attention_probs = None
-        model.refresh_token_plan()
+        model.set_masks(saved_masks)
         model.train(was_training)
 
 
@@ -41,22 +71,21 @@ def attention_taylor_scores(model: nn.Module, batches: Iterable[Tuple[torch.Tens
     the per-process sums are all-reduced, so every process plans the same masks.
     """
     model = getattr(model, 'module', model)
-    depth = len(model.blocks)
+    depth, prefix = len(model.blocks), model.num_prefix_tokens
     scores = torch.zeros(depth, model.num_tokens, dtype=torch.float64, device=device)
-    with _scoring_state(model), torch.enable_grad():
+    with _scoring_state(model), attention_probabilities(model) as probs, torch.enable_grad():
         for step, (images, targets) in enumerate(batches):
             if max_batches is not None and step >= max_batches:
                 break
             images = images.to(device, non_blocking=True)
             targets = targets.to(device, non_blocking=True)
             loss = criterion(model(images), targets)
-            probs = [blk.attn.attention_probs for blk in model.blocks]
             grads = torch.autograd.grad(loss, probs)
             for layer, (a, g) in enumerate(zip(probs, grads)):
                 b, h, n, _ = a.shape
                 contribution = (a.detach() * g).sum(dim=(0, 1, 2)).abs() / (b * h * n)
                 scores[layer] += contribution.to(torch.float64)
-            del probs, grads, loss
+            del grads, loss
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(scores)
-    return scores[:, 1:].float().cpu()
+    return scores[:, prefix:].float().cpu()

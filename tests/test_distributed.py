@@ -1,5 +1,5 @@
 """Two processes on CPU (gloo) under the seed's `python -m torch.distributed.launch --use_env` and under
-torchrun (issue 3.1, 3.2): pruning plans identical masks on every rank, finetuning averages its metrics over
+torchrun: pruning plans identical masks on every rank, finetuning averages its metrics over
 the processes, scales the learning rate by the world size, and only rank 0 writes."""
 import json
 import os
@@ -93,7 +93,7 @@ def test_finetune_with_two_processes_under_the_seeds_launcher(world, tmp_path, c
     records = [json.loads(line) for line in (out / 'log.txt').read_text().splitlines()]
     assert [r['epoch'] for r in records] == [0, 1]
     ckpt = load_checkpoint_file(str(out / 'checkpoint.pth'))
-    assert ckpt['epoch'] == 1 and ckpt['args'].world_size == 2 and ckpt['args'].lr == pytest.approx(lr)
+    assert ckpt['epoch'] == 1 and ckpt['args']['world_size'] == 2 and ckpt['args']['lr'] == pytest.approx(lr)
     # --dist-eval: each process evaluated half of the 16 images; the sums give the single-process figures
     assert 'Accuracy of the network on the 16 test images' in stdout
     code = finetune.main([*DIGITS_ARGS, '--eval', '--resume', str(out / 'checkpoint.pth'),

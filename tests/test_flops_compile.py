@@ -1,4 +1,4 @@
-"""FLOPs by the DESIGN §6 formula against torch's own counter, and torch.compile(fullgraph=True) of a pruned model.
+"""FLOPs by the paper's formula (docs/method.md) against torch's own counter, and torch.compile(fullgraph=True) of a pruned model.
 
 ``models.count_macs`` counts multiply-accumulates the paper's way: patch embedding, per block with n kept tokens
 qkv 3nC², attention 2n²C, projection nC², MLP 8nC², then the head. ``torch.utils.flop_counter.FlopCounterMode``

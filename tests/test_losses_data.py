@@ -44,6 +44,24 @@ def test_hard_distillation_uses_teacher_argmax():
     assert DistillationLoss(nn.CrossEntropyLoss())(None, s, y).item() == pytest.approx(ce(s, y).item())
 
 
+@pytest.mark.parametrize('kind', ['soft', 'hard'])
+def test_distilled_student_base_loss_reads_the_class_head_and_kd_the_distillation_head(kind):
+    """A distilled DeiT in distilled training returns (class head, distillation head), as DeiT trains it."""
+    g = torch.Generator().manual_seed(2)
+    cls_out, dist_out, t = (torch.randn(4, 6, generator=g) for _ in range(3))
+    y = torch.randint(0, 6, (4,), generator=g)
+    ce = nn.functional.cross_entropy
+    loss = DistillationLoss(nn.CrossEntropyLoss(), _Fixed(t), kind, 0.5, 1.0)(None, (cls_out, dist_out), y)
+    if kind == 'hard':
+        kd = ce(dist_out, t.argmax(1))
+    else:
+        kd = (torch.softmax(t, 1) * (torch.log_softmax(t, 1) - torch.log_softmax(dist_out, 1))).sum() / t.numel()
+    assert loss.item() == pytest.approx((ce(cls_out, y) + 0.5 * kd).item(), rel=1e-5)
+    # without distillation only the class head is trained on the labels
+    assert DistillationLoss(nn.CrossEntropyLoss())(None, (cls_out, dist_out), y).item() == \
+        pytest.approx(ce(cls_out, y).item())
+
+
 def test_distillation_needs_a_teacher():
     with pytest.raises(ValueError, match='teacher'):
         DistillationLoss(nn.CrossEntropyLoss(), None, 'soft')

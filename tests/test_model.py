@@ -1,4 +1,4 @@
-"""The patched DeiT: equal to timm's dense model, equal to the DESIGN §1 reference semantics when pruned,
+"""The patched DeiT: equal to timm's dense model, equal to the reference semantics (docs/method.md) when pruned,
 strict about what it loads."""
 import argparse
 
@@ -41,7 +41,7 @@ def test_official_checkpoint_loads_through_timm_create_model(tmp_path):
 
 
 def reference_tokens(model, x, concat_masks):
-    """DESIGN §1 written out plainly: tokens physically reordered, boolean indexing, kept first.
+    """The reference semantics written out plainly: tokens physically reordered, boolean indexing, kept first.
     Returns the normed tokens in the final concat order and that order (position -> original id)."""
     x = model.patch_embed(x)
     x = torch.cat([model.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + model.pos_embed
@@ -230,3 +230,36 @@ def test_flops_follow_the_per_block_channels():
     expected = 196 * 3 * 16 * 16 * C + sum(12 * n * C * C + 2 * n * n * C for n in channels) + C * 1000
     assert models.count_macs(model) == expected
     assert sum(channels) == 12 * 197 - int(196 * 12 * 0.4)
+
+
+def test_routing_is_swappable_and_the_boolean_reference_agrees():
+    """Each block's routing is a function of models.routing: the boolean-mask definition gives the same model."""
+    torch.manual_seed(7)
+    model = timm.create_model('cc_deit_tiny_patch16_224', img_size=64, depth=4).eval()
+    pruning.apply_masks(model, _revisiting_plan(4, 16, 7))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        fixed_shapes = model(x)
+        for blk in model.blocks:
+            blk.routing = models.routing.boolean_mask_concat
+        boolean = model(x)
+    assert (fixed_shapes - boolean).abs().max().item() < 1e-5
+
+
+def test_mask_api_dense_and_back():
+    torch.manual_seed(8)
+    model = timm.create_model('cc_deit_tiny_patch16_224', img_size=64, depth=3).eval()
+    plan = _revisiting_plan(3, 16, 2)
+    channels = pruning.apply_masks(model, plan)
+    concat = [m.clone() for m in model.masks]
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        pruned = model(x)
+        model.set_dense()
+        assert models.kept_token_counts(model) == [17] * 3 and not model.reordered
+        dense = model(x)
+        assert model.set_masks(concat) == channels
+        assert torch.equal(model(x), pruned)
+    assert (pruned - dense).abs().max().item() > 1e-3
+    with pytest.raises(ValueError, match=r'a mask has shape \(16,\), the model needs \(17,\)'):
+        model.set_masks([torch.ones(16, dtype=torch.bool)] * 3)

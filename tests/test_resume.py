@@ -1,4 +1,4 @@
-"""Resume loses nothing (issue 3.3): --resume <output_dir>/checkpoint.pth continues at the next epoch with
+"""Resume loses nothing: --resume <output_dir>/checkpoint.pth continues at the next epoch with
 model, optimizer, scheduler, EMA and best accuracy restored; log.txt holds every finished epoch exactly once;
 checkpoints are written atomically, so a job killed while saving keeps the previous one."""
 import json
@@ -13,6 +13,7 @@ import threading
 import pytest
 import torch
 
+import engine
 import finetune
 from conftest import DIGITS_ARGS, ROOT, make_image_folder, official_checkpoint, subprocess_env
 from utils import UserError, load_checkpoint_file, save_atomic
@@ -196,7 +197,7 @@ def test_resume_continues_with_optimizer_scheduler_ema_and_best_accuracy(capsys,
     assert _finetune(ref, small['data'], '--resume', small['dense'], '--final_finetune', 3) == 0
     # The same run interrupted (Ctrl-C) at the start of epoch 1, then resumed.
     out = tmp_path / 'out'
-    real_train = finetune.train_one_epoch
+    real_train = engine.train_one_epoch
 
     def interrupted_at_epoch_1(*args, **kwargs):
         if kwargs.get('epoch', args[5] if len(args) > 5 else None) == 1:  # (model, criterion, loader, opt, dev, epoch
@@ -204,7 +205,7 @@ def test_resume_continues_with_optimizer_scheduler_ema_and_best_accuracy(capsys,
         return real_train(*args, **kwargs)
 
     with monkeypatch.context() as patch:
-        patch.setattr(finetune, 'train_one_epoch', interrupted_at_epoch_1)
+        patch.setattr(engine, 'train_one_epoch', interrupted_at_epoch_1)
         capsys.readouterr()
         assert _finetune(out, small['data'], '--resume', small['dense'], '--final_finetune', 3) == 130
     assert capsys.readouterr().err.strip() == 'interrupted; checkpoints written so far are complete'

@@ -1,0 +1,103 @@
+"""Building a Clip & Concat model from a checkpoint file: the one builder the CLI, the demo and scripts use.
+
+A checkpoint is an official timm/DeiT file (``{"model": state_dict}``, no masks: all True), a pruned file
+(``pruned_<rate>.pth``: masks in the state dict), a finetuning checkpoint, or a bare state dict.  Loading is
+strict, and every way a file can fail to fit the model is a one-line :class:`utils.UserError`.
+"""
+import copy
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from utils import UserError, checkpoint_args, load_checkpoint_file, state_dict_of
+
+from .clip_concat import MASK_KEY, kept_token_counts
+from .zoo import check_model_name, create_model
+
+__all__ = ['build_model', 'build_model_from_checkpoint', 'dense_copy', 'head_classes', 'load_weights']
+
+
+def build_model(name: str, num_classes: int, img_size: Optional[int] = None, **timm_kwargs) -> nn.Module:
+    """The Clip & Concat model ``name`` (any timm ViT name, ``cc_`` optional) with random weights."""
+    extra = {'img_size': img_size} if img_size else {}
+    return create_model(name, num_classes=num_classes, **extra, **timm_kwargs)
+
+
+def head_classes(state_dict: Dict[str, torch.Tensor], default: int) -> int:
+    """The number of classes the checkpoint's head was trained for (``default`` when it has no head)."""
+    w = state_dict.get('head.weight')
+    return int(w.shape[0]) if w is not None and w.dim() == 2 else default
+
+
+def load_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor], path: str, name: str) -> None:
+    """Strict loading: a missing, unexpected or mis-shaped key is a one-line error naming the first few."""
+    own = model.state_dict()
+    mismatched = [k for k, v in state_dict.items() if k in own and not k.endswith(MASK_KEY)
+                  and tuple(v.shape) != tuple(own[k].shape)]
+    if mismatched:
+        k = mismatched[0]
+        hint = ('another input size? set --input-size' if k == 'pos_embed'
+                else 'another model size? set --model')
+        raise UserError(f'{path} does not fit {name}: {k} has shape {tuple(state_dict[k].shape)} in the '
+                        f'checkpoint but {tuple(own[k].shape)} in the model ({hint})')
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as e:
+        dense_file = not any(k.endswith(MASK_KEY) for k in state_dict)
+        missing = [k for k in own if k not in state_dict and not (dense_file and k.endswith(MASK_KEY))]
+        unexpected = [k for k in state_dict if k not in own]
+        parts = []
+        if missing:
+            parts.append(f'missing keys {_few(missing)}')
+        if unexpected:
+            parts.append(f'unexpected keys {_few(unexpected)}')
+        if not parts:  # errors reported by the mask checks of the model
+            lines = [line.strip() for line in str(e).splitlines()[1:] if line.strip()]
+            parts.append('; '.join(lines[:2]) or str(e))
+        raise UserError(f'{path} does not fit {name}: ' + '; '.join(parts)) from None
+
+
+def _few(keys: List[str], n: int = 3) -> str:
+    shown = ', '.join(keys[:n])
+    return shown + (f' (+{len(keys) - n} more)' if len(keys) > n else '')
+
+
+def build_model_from_checkpoint(path: str, name: Optional[str], fallback_classes: int = 1000, img_size: Optional[int] = None,
+                                warn=print, **timm_kwargs) -> Tuple[nn.Module, dict]:
+    """``(model, checkpoint)``: the model ``name`` with the file's weights and masks, and the whole file.
+
+    ``name`` None: the model named in the file's ``args`` (files written by this project say which it is).
+
+    The head gets as many classes as the file's head has (``fallback_classes`` for a file without one).  A
+    ``channels`` list that disagrees with the masks is reported through ``warn``; the masks win.
+    """
+    checkpoint = load_checkpoint_file(path)
+    try:
+        sd = state_dict_of(checkpoint)
+    except UserError as e:
+        raise UserError(f'{path}: {e}') from None
+    if name is None:
+        name = checkpoint_args(checkpoint).get('model')
+        if not isinstance(name, str):
+            raise UserError(f'{path} does not say which model it holds; pass --model')
+        try:
+            check_model_name(name)
+        except ValueError as e:
+            raise UserError(f'{path}: {e}') from None
+    model = build_model(name, head_classes(sd, fallback_classes), img_size, **timm_kwargs)
+    load_weights(model, sd, path, name)
+    stored = checkpoint.get('channels')
+    if stored is not None:
+        stored = [int(c) for c in stored]
+        actual = kept_token_counts(model)
+        if stored != actual:
+            warn(f'warning: {path} lists channels {stored}, but its masks keep {actual}; using the masks')
+    return model, checkpoint
+
+
+def dense_copy(model: nn.Module) -> nn.Module:
+    """The same weights with every mask True: the dense model this one was pruned from."""
+    dense = copy.deepcopy(getattr(model, 'module', model))
+    dense.set_dense()
+    return dense

@@ -1,0 +1,229 @@
+"""Clip & Concat for any timm ``VisionTransformer``, applied in place.
+
+Each block owns a boolean mask ``blocks.{l}.attn.token_index`` over its whole input sequence (prefix tokens
+and patches), in *concat order*: the order the previous block leaves its tokens in, kept first, clipped
+after.  Clipped tokens skip the block unchanged; kept tokens attend among themselves only; no token is
+ever dropped (docs/method.md).
+
+:func:`apply_clip_concat` changes an existing timm model through the smallest surface: the class of the
+model and of each block is swapped for a subclass that adds the routing (nothing of timm's code is copied
+or changed: the block still runs timm's own ``Block.forward`` on the tokens it keeps), and each attention
+module gets the mask buffer, so masks travel with the state dict.  With all masks True the model computes
+exactly what timm's model computes.
+
+Prefix tokens (class, distillation and register tokens) are always kept, so they stay at the front of the
+sequence through every block and the head reads them where timm reads them; pooled heads (global average,
+attention pooling) do not depend on the order of the tokens at all.
+
+Inside the blocks tokens travel in concat order, as in the reference semantics: the positions of the kept
+and of the clipped tokens are prepared whenever masks change (after ``load_state_dict`` and in
+:meth:`CCModelMixin.set_masks`), so ``forward`` has fixed shapes (no host-device sync per block, and
+``torch.compile(fullgraph=True)`` works).  ``forward_features`` returns the tokens in their original order
+again (token ``num_prefix_tokens + p`` is patch ``p``, as in timm); ``forward`` skips that reordering,
+which the head does not need.  ``forward_intermediates`` (timm's) leaves each block's output in its concat
+order.
+"""
+from typing import Dict, List, Optional, Sequence, Type
+
+import torch
+import torch.nn as nn
+from timm.models.vision_transformer import Block, VisionTransformer
+
+from .routing import gather_concat, positions, walk_token_order
+
+__all__ = ['MASK_KEY', 'CCBlock', 'CCVisionTransformer', 'apply_clip_concat', 'is_clip_concat',
+           'kept_token_counts', 'prefix_rule']
+
+MASK_KEY = 'attn.token_index'  # blocks.{l}.attn.token_index: the block's concat-order mask (bool)
+
+
+class CCBlockMixin:
+    """Runs the timm block it is mixed into on the tokens its mask keeps; the others pass through.
+
+    Set by :func:`apply_clip_concat` and :meth:`CCModelMixin.refresh_token_plan`: ``kept_pos`` and
+    ``clipped_pos`` (positions in this block's input order, non-persistent buffers), ``dense`` (every token
+    kept: timm's forward as is) and ``routing`` (a function of :mod:`models.routing`).
+    """
+
+    def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
+        timm_forward = super().forward
+        if self.dense:
+            return timm_forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        if attn_mask is not None or is_causal:
+            raise ValueError('attention masks are not supported on a pruned block')
+        return self.routing(timm_forward, x, self.kept_pos, self.clipped_pos)
+
+
+class CCModelMixin:
+    """The mask API of a Clip & Concat model, mixed into its timm class by :func:`apply_clip_concat`.
+
+    ``num_tokens``: length of the sequence the blocks see (prefix tokens + patches).
+    """
+
+    @property
+    def masks(self) -> List[torch.Tensor]:
+        """The per-block concat-order masks (the buffers themselves)."""
+        return [blk.attn.token_index for blk in self.blocks]
+
+    @torch.no_grad()
+    def set_masks(self, concat_masks: Sequence[torch.Tensor]) -> List[int]:
+        """Write concat-order masks (one bool row of length ``num_tokens`` per block) and return the kept
+        counts.  Plans in original order go through ``pruning.apply_masks``."""
+        if len(concat_masks) != len(self.blocks):
+            raise ValueError(f'{len(concat_masks)} masks for {len(self.blocks)} blocks')
+        for blk, mask in zip(self.blocks, concat_masks):
+            if tuple(mask.shape) != (self.num_tokens,):
+                raise ValueError(f'a mask has shape {tuple(mask.shape)}, the model needs ({self.num_tokens},)')
+            blk.attn.token_index.copy_(mask.to(torch.bool))
+        self.refresh_token_plan()
+        return kept_token_counts(self)
+
+    @torch.no_grad()
+    def set_dense(self) -> None:
+        """Every mask True: the dense model of the same weights."""
+        for blk in self.blocks:
+            blk.attn.token_index.fill_(True)
+        self.refresh_token_plan()
+
+    @torch.no_grad()
+    def refresh_token_plan(self) -> None:
+        """Recompute the blocks' positions from the masks (called after every change of masks)."""
+        keep_first = self.num_prefix_tokens
+        for layer, blk in enumerate(self.blocks):
+            mask = blk.attn.token_index
+            if not bool(mask[:keep_first].all()):
+                raise ValueError(f'blocks.{layer}.{MASK_KEY}: {prefix_rule(keep_first)}')
+            blk.kept_pos, blk.clipped_pos = positions(mask)
+            blk.dense = bool(mask.all())
+        order = self.token_orders()[-1]
+        self.restore_ids = torch.argsort(order)  # restore_ids[j]: where original token j is after the blocks
+        self.reordered = not torch.equal(order, torch.arange(self.num_tokens, device=order.device))
+
+    def token_orders(self) -> List[torch.Tensor]:
+        """Position -> original token id at the input of each block, then after the last block."""
+        device = self.blocks[0].attn.token_index.device
+        return [order for order, _ in walk_token_order(self.num_tokens, self.masks, device)]
+
+    def kept_token_ids(self) -> List[torch.Tensor]:
+        """Original ids of the tokens each block processes (prefix tokens first, then ``prefix + p`` for
+        patch ``p``), in the order the block sees them."""
+        return [order[blk.kept_pos] for order, blk in zip(self.token_orders(), self.blocks)]
+
+    def forward_features(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False,
+                         restore_order: bool = True) -> torch.Tensor:
+        x = super().forward_features(x, attn_mask=attn_mask, is_causal=is_causal)
+        return x.index_select(1, self.restore_ids) if restore_order and self.reordered else x
+
+    def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False):
+        # The head reads the prefix tokens (always at the front) or pools over all tokens: order is irrelevant.
+        return self.forward_head(self.forward_features(x, attn_mask=attn_mask, is_causal=is_causal,
+                                                       restore_order=False))
+
+
+class CCBlock(CCBlockMixin, Block):
+    """timm's ``Block`` with Clip & Concat routing."""
+
+
+class CCVisionTransformer(CCModelMixin, VisionTransformer):
+    """timm's ``VisionTransformer`` with Clip & Concat masks."""
+
+
+_CLASSES: Dict[type, type] = {Block: CCBlock, VisionTransformer: CCVisionTransformer}
+
+
+def _with_mixin(cls: Type[nn.Module], mixin: type) -> type:
+    """The C&C subclass of a timm class (made once per class, and kept in this module so it pickles)."""
+    if cls not in _CLASSES:
+        name = 'CC' + cls.__name__
+        _CLASSES[cls] = type(name, (mixin, cls), {'__module__': __name__, '__doc__': f'{cls.__name__} with Clip '
+                                                                                    f'& Concat masks.'})
+        globals().setdefault(name, _CLASSES[cls])
+    return _CLASSES[cls]
+
+
+def is_clip_concat(model: nn.Module) -> bool:
+    return isinstance(getattr(model, 'module', model), CCModelMixin)
+
+
+def unsupported_reason(model: nn.Module) -> Optional[str]:
+    """Why Clip & Concat cannot be applied to ``model`` (None if it can)."""
+    if not isinstance(model, VisionTransformer):
+        return f'it is a {type(model).__name__}, not a timm VisionTransformer'
+    if getattr(model, 'dynamic_img_size', False):
+        return 'it has dynamic_img_size=True (masks need a fixed number of patches)'
+    if not isinstance(model.patch_drop, nn.Identity):
+        return 'it drops patches at random in training (patch_drop_rate > 0)'
+    for i, blk in enumerate(model.blocks):
+        if not isinstance(blk, Block):
+            return f'blocks.{i} is a {type(blk).__name__}; Clip & Concat patches timm\'s Block'
+    return None
+
+
+def apply_clip_concat(model: nn.Module) -> nn.Module:
+    """Make a timm ``VisionTransformer`` a Clip & Concat model in place (all masks True) and return it.
+
+    Weights, their names and the forward pass are unchanged; added are the mask buffers
+    ``blocks.{l}.attn.token_index`` and the mask API of :class:`CCModelMixin`.  A state dict without masks
+    (official timm/DeiT weights) loads as "keep everything"; one with masks sets them (strictly checked).
+    """
+    if isinstance(model, CCModelMixin):
+        return model
+    reason = unsupported_reason(model)
+    if reason:
+        raise ValueError(f'cannot apply Clip & Concat: {reason}')
+    num_tokens = model.patch_embed.num_patches + model.num_prefix_tokens
+    device = model.patch_embed.proj.weight.device
+    model.__class__ = _with_mixin(type(model), CCModelMixin)
+    model.num_tokens = num_tokens
+    for blk in model.blocks:
+        blk.__class__ = _with_mixin(type(blk), CCBlockMixin)
+        blk.attn.register_buffer('token_index', torch.ones(num_tokens, dtype=torch.bool, device=device))
+        blk.register_buffer('kept_pos', torch.arange(num_tokens, device=device), persistent=False)
+        blk.register_buffer('clipped_pos', torch.arange(0, device=device), persistent=False)
+        blk.dense = True
+        blk.routing = gather_concat
+    model.register_buffer('restore_ids', torch.arange(num_tokens, device=device), persistent=False)
+    model.reordered = False
+    model.register_load_state_dict_pre_hook(_fill_dense_masks)
+    model.register_load_state_dict_post_hook(_after_load)
+    model.refresh_token_plan()
+    return model
+
+
+def prefix_rule(num_prefix_tokens: int) -> str:
+    if num_prefix_tokens == 1:
+        return 'the class token (position 0) must be kept'
+    return (f'the {num_prefix_tokens} prefix tokens (positions 0-{num_prefix_tokens - 1}: class, distillation or '
+            f'register tokens) must be kept')
+
+
+def _fill_dense_masks(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                      error_msgs):
+    """Official weights carry no masks: read them as 'keep everything'. Check masks that are present."""
+    keys = [f'{prefix}blocks.{i}.{MASK_KEY}' for i in range(len(module.blocks))]
+    present = [k for k in keys if k in state_dict]
+    if not present:
+        for k in keys:
+            state_dict[k] = torch.ones(module.num_tokens, dtype=torch.bool)
+        return
+    for k in present:
+        mask = state_dict[k]
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 1 or mask.numel() != module.num_tokens:
+            shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+            error_msgs.append(f'{k}: mask has shape {shape}, the model needs ({module.num_tokens},)')
+        elif not bool(mask[:module.num_prefix_tokens].all()):
+            error_msgs.append(f'{k}: {prefix_rule(module.num_prefix_tokens)}')
+        else:
+            state_dict[k] = mask.to(torch.bool)
+            continue
+        state_dict[k] = torch.ones(module.num_tokens, dtype=torch.bool)  # reported once, above
+
+
+def _after_load(module, incompatible_keys):
+    module.refresh_token_plan()
+
+
+def kept_token_counts(model: nn.Module) -> List[int]:
+    """``channels``: how many tokens (prefix tokens included) each block processes."""
+    model = getattr(model, 'module', model)
+    return [int(blk.attn.token_index.sum()) for blk in model.blocks]

@@ -1,0 +1,31 @@
+"""FLOPs as the paper counts them: multiply-accumulates of one image (docs/method.md, "FLOPs")."""
+from typing import List, Optional
+
+import torch.nn as nn
+
+from .clip_concat import kept_token_counts
+
+
+def count_macs(model: nn.Module, channels: Optional[List[int]] = None) -> int:
+    """Multiply-accumulates of one image: the patch embedding, then per block with ``n`` kept tokens
+    qkv ``3nCD``, attention ``2n²D``, projection ``nDC``, MLP ``2nCH``, then the head(s); ``C`` is the width,
+    ``D`` the attention width (``C`` in every standard ViT) and ``H`` the MLP width (``4C`` in DeiT), so a
+    DeiT block costs ``12nC² + 2n²C``.  LayerNorm, GELU, softmax, residual adds and the token routing are
+    not counted (as in the paper); neither is an attention-pooling head.  ``channels`` defaults to the
+    model's kept counts (a plain timm ViT counts as dense).
+    """
+    model = getattr(model, 'module', model)
+    num_tokens = model.patch_embed.num_patches + model.num_prefix_tokens
+    if channels is None:
+        channels = kept_token_counts(model) if hasattr(model.blocks[0].attn, 'token_index') \
+            else [num_tokens] * len(model.blocks)
+    C = model.embed_dim
+    proj = model.patch_embed.proj
+    patch_macs = model.patch_embed.num_patches * proj.in_channels * proj.kernel_size[0] * proj.kernel_size[1] * C
+    attn = model.blocks[0].attn
+    D = attn.num_heads * attn.head_dim
+    hidden = model.blocks[0].mlp.fc1.out_features
+    block_macs = sum(3 * n * C * D + 2 * n * n * D + n * D * C + 2 * n * C * hidden for n in channels)
+    heads = [h for h in (getattr(model, 'head', None), getattr(model, 'head_dist', None)) if isinstance(h, nn.Linear)]
+    head_macs = sum(h.in_features * h.out_features for h in heads)
+    return patch_macs + block_macs + head_macs

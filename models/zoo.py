@@ -1,0 +1,113 @@
+"""Model names: any timm ViT with or without ``cc_``, the registered ``cc_deit_*`` names, the digits model.
+
+``create_model('vit_small_patch16_224')`` and ``create_model('cc_vit_small_patch16_224')`` both build timm's
+model and apply Clip & Concat to it.  Whether a name is usable is decided by timm's own registry and by the
+model it builds (on the meta device, which allocates nothing): a timm ``VisionTransformer`` made of timm
+``Block``\\ s.  Importing this module registers with timm:
+
+* ``cc_deit_tiny_patch16_224``, ``cc_deit_small_patch16_224``, ``cc_deit_base_patch16_224``: timm's DeiT with
+  Clip & Concat applied (``timm.create_model(name, checkpoint_path=...)`` loads official DeiT weights, masks
+  all True, or any Clip & Concat checkpoint);
+* ``deit_digits_patch4_32`` (a plain timm ViT: patch 4, width 96, depth 6, 3 heads, 10 classes, 32x32 input;
+  the mini reproduction's model) and its ``cc_`` twin.
+"""
+import difflib
+from typing import Optional
+
+import timm
+import torch
+import torch.nn as nn
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+
+from .clip_concat import apply_clip_concat, unsupported_reason
+
+__all__ = ['base_name', 'check_model_name', 'create_model', 'pretrained_cfg']
+
+
+def base_name(name: str) -> str:
+    """The timm name behind ``name``: ``cc_deit_tiny_patch16_224`` -> ``deit_tiny_patch16_224``."""
+    return name[3:] if name.startswith('cc_') else name
+
+
+def check_model_name(name: str) -> str:
+    """Return the timm name behind ``name`` if Clip & Concat applies to that model; ValueError otherwise."""
+    base = base_name(name)
+    if not timm.is_model(base):
+        close = difflib.get_close_matches(base, timm.list_models(), n=3)
+        hint = f' (similar: {", ".join(close)})' if close else ''
+        raise ValueError(f'unknown model {name}: not in timm\'s registry{hint}')
+    with torch.device('meta'):
+        probe = timm.create_model(base)
+    reason = unsupported_reason(probe)
+    if reason:
+        raise ValueError(f'Clip & Concat does not apply to {name}: {reason}')
+    return base
+
+
+def create_model(name: str, pretrained: bool = False, checkpoint_path: Optional[str] = None, **kwargs) -> nn.Module:
+    """timm's model ``name`` (``cc_`` optional) with Clip & Concat applied; ``kwargs`` go to timm."""
+    model = apply_clip_concat(timm.create_model(base_name(name), pretrained=pretrained, **kwargs))
+    if checkpoint_path:
+        timm.models.load_checkpoint(model, checkpoint_path)
+    return model
+
+
+def pretrained_cfg(name: str):
+    """timm's pretrained config (input size, mean, std, crop) of the model behind ``name``."""
+    return timm.models.get_pretrained_cfg(base_name(name))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# registrations
+
+def _cfg(**kwargs):
+    return {'url': '', 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': None, 'crop_pct': .875,
+            'interpolation': 'bicubic', 'fixed_input_size': True, 'mean': (0.485, 0.456, 0.406),
+            'std': (0.229, 0.224, 0.225), 'first_conv': 'patch_embed.proj', 'classifier': 'head', **kwargs}
+
+
+default_cfgs = generate_default_cfgs({
+    'deit_digits_patch4_32': _cfg(num_classes=10, input_size=(3, 32, 32), crop_pct=1.0, mean=(0.5, 0.5, 0.5),
+                                  std=(0.5, 0.5, 0.5)),
+})
+
+
+@register_model
+def deit_digits_patch4_32(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """A DeiT-shaped model for 32x32 digits (the mini reproduction): patch 4, width 96, depth 6, 3 heads."""
+    if pretrained:
+        raise ValueError('deit_digits_patch4_32 has no pretrained weights; train it with make demo')
+    args = dict(img_size=32, patch_size=4, embed_dim=96, depth=6, num_heads=3, num_classes=10)
+    return build_model_with_cfg(VisionTransformer, 'deit_digits_patch4_32', False,
+                                pretrained_filter_fn=checkpoint_filter_fn, **dict(args, **kwargs))
+
+
+def _cc(base: str, pretrained: bool, kwargs) -> nn.Module:
+    kwargs = {k: v for k, v in kwargs.items() if k not in ('pretrained_cfg', 'pretrained_cfg_overlay', 'cache_dir')
+              or v is not None}
+    return apply_clip_concat(timm.create_model(base, pretrained=pretrained, **kwargs))
+
+
+@register_model
+def cc_deit_tiny_patch16_224(pretrained: bool = False, **kwargs) -> nn.Module:
+    """DeiT-Ti with Clip & Concat masks."""
+    return _cc('deit_tiny_patch16_224', pretrained, kwargs)
+
+
+@register_model
+def cc_deit_small_patch16_224(pretrained: bool = False, **kwargs) -> nn.Module:
+    """DeiT-S with Clip & Concat masks."""
+    return _cc('deit_small_patch16_224', pretrained, kwargs)
+
+
+@register_model
+def cc_deit_base_patch16_224(pretrained: bool = False, **kwargs) -> nn.Module:
+    """DeiT-B with Clip & Concat masks."""
+    return _cc('deit_base_patch16_224', pretrained, kwargs)
+
+
+@register_model
+def cc_deit_digits_patch4_32(pretrained: bool = False, **kwargs) -> nn.Module:
+    """The digits model with Clip & Concat masks."""
+    return _cc('deit_digits_patch4_32', pretrained, kwargs)

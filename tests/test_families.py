@@ -1,0 +1,176 @@
+"""Clip & Concat on every family of timm ViT it supports, applied in place by models.apply_clip_concat:
+distilled DeiT (class + distillation tokens, two heads), DeiT III (LayerScale, position embedding without the
+class token), ViTs with register tokens, at 384 px, with global average pooling and no class token, with
+32-pixel patches.  Each at small depth and width with random weights, against independent references: timm's
+own model (all masks True), the reference semantics written out with boolean indexing and timm's own block
+(pruned), autograd (Taylor scores) and torch's FLOP counter."""
+import pytest
+import timm
+import torch
+import torch.nn as nn
+from timm.models.vision_transformer import Block
+from torch.utils.flop_counter import FlopCounterMode
+
+import models
+import pruning
+
+FAMILIES = {
+    'distilled': ('deit_tiny_distilled_patch16_224', dict(img_size=64, depth=3)),
+    'layerscale': ('deit3_small_patch16_224', dict(img_size=64, depth=3, embed_dim=64, num_heads=2,
+                                                  init_values=0.5)),
+    'registers': ('vit_small_patch14_reg4_dinov2', dict(img_size=56, depth=3, embed_dim=64, num_heads=2,
+                                                       init_values=0.5)),
+    '384px': ('deit_base_patch16_384', dict(depth=2, embed_dim=64, num_heads=2)),
+    'gap_no_class_token': ('vit_base_patch16_gap_224', dict(img_size=64, depth=3, embed_dim=64, num_heads=2)),
+    'registers_gap': ('vit_base_patch16_reg4_gap_256', dict(img_size=64, depth=3, embed_dim=64, num_heads=2)),
+    'patch32': ('vit_base_patch32_224', dict(img_size=128, depth=3, embed_dim=64, num_heads=2)),
+}
+
+
+def pair(family, seed=0):
+    """(timm's own model, the same weights converted in place to Clip & Concat), both in eval mode."""
+    name, kwargs = FAMILIES[family]
+    torch.manual_seed(seed)
+    reference = timm.create_model(name, num_classes=5, **kwargs).eval()
+    converted = timm.create_model(name, num_classes=5, **kwargs)
+    converted.load_state_dict(reference.state_dict())
+    assert models.apply_clip_concat(converted) is converted
+    return reference, converted.eval()
+
+
+def images(model, n=2, seed=1):
+    size = model.patch_embed.img_size
+    return torch.randn(n, 3, *size, generator=torch.Generator().manual_seed(seed))
+
+
+def revisiting_plan(depth, num_patches, seed):
+    """A random plan in which some patch is clipped at one block and processed again at a later one."""
+    g = torch.Generator().manual_seed(seed)
+    plan = torch.rand(depth, num_patches, generator=g) > 0.4
+    assert any(not plan[l, j] and plan[l2, j] for j in range(num_patches) for l in range(depth)
+               for l2 in range(l + 1, depth))
+    return plan
+
+
+def reference_forward(model, x, concat_masks):
+    """The method's definition with timm's own pieces: boolean indexing, timm's Block.forward on the kept
+    tokens, kept first and clipped after; timm's embedding, norm and head."""
+    x = model.norm_pre(model._pos_embed(model.patch_embed(x)))
+    for blk, m in zip(model.blocks, concat_masks):
+        keep, rest = x[:, m], x[:, ~m]
+        x = torch.cat([Block.forward(blk, keep), rest], dim=1)
+    return model.forward_head(model.norm(x))
+
+
+@pytest.mark.parametrize('family', list(FAMILIES))
+def test_all_masks_true_equals_timms_own_model(family):
+    reference, cc = pair(family)
+    assert all(bool(m.all()) for m in cc.masks) and len(cc.masks[0]) == cc.num_tokens
+    x = images(cc)
+    with torch.no_grad():
+        assert (cc(x) - reference(x)).abs().max().item() < 1e-5
+        assert (cc.forward_features(x) - reference.forward_features(x)).abs().max().item() < 1e-5
+    # the weights keep their timm names; only the masks are added
+    extra = set(cc.state_dict()) - set(reference.state_dict())
+    assert extra == {f'blocks.{l}.{models.MASK_KEY}' for l in range(len(cc.blocks))}
+
+
+@pytest.mark.parametrize('family', list(FAMILIES))
+def test_pruned_equals_the_reference_semantics_and_prefix_tokens_are_kept(family):
+    _, cc = pair(family)
+    depth, prefix = len(cc.blocks), cc.num_prefix_tokens
+    num_patches = cc.num_tokens - prefix
+    plan = revisiting_plan(depth, num_patches, seed=3)
+    channels = pruning.apply_masks(cc, plan)
+    assert channels == [prefix + int(row.sum()) for row in plan]
+    for mask in cc.masks:  # prefix tokens are kept in every block, at the front
+        assert bool(mask[:prefix].all())
+    for ids, row in zip(cc.kept_token_ids(), plan):  # the blocks process exactly the planned patches
+        expected = list(range(prefix)) + (row.nonzero().squeeze(1) + prefix).tolist()
+        assert sorted(ids.tolist()) == expected
+    x = images(cc)
+    with torch.no_grad():
+        ours = cc(x)
+        ref = reference_forward(cc, x, [m.clone() for m in cc.masks])
+        dense = reference_forward(cc, x, [torch.ones_like(m) for m in cc.masks])
+    assert (ours - ref).abs().max().item() < 1e-4
+    assert (ours - dense).abs().max().item() > 1e-3  # the masks really change the result
+
+
+@pytest.mark.parametrize('family', list(FAMILIES))
+def test_flops_formula_equals_torch_flop_counter(family):
+    _, cc = pair(family)
+    depth, num_patches = len(cc.blocks), cc.num_tokens - cc.num_prefix_tokens
+    for plan in (torch.ones(depth, num_patches, dtype=torch.bool), revisiting_plan(depth, num_patches, 4)):
+        pruning.apply_masks(cc, plan)
+        counter = FlopCounterMode(display=False)
+        with torch.no_grad(), counter:
+            cc(images(cc, n=1))
+        assert models.count_macs(cc) == counter.get_total_flops() // 2
+
+
+@pytest.mark.parametrize('family', ['distilled', 'registers', 'gap_no_class_token'])
+def test_taylor_scores_skip_prefix_tokens_and_equal_autograd(family):
+    """Scores from the hook on timm's attention equal A·dL/dA from an explicit forward written here."""
+    _, cc = pair(family)
+    prefix = cc.num_prefix_tokens
+    x = images(cc, n=3)
+    y = torch.tensor([0, 3, 1])
+    criterion = nn.CrossEntropyLoss()
+    ours = pruning.attention_taylor_scores(cc, [(x, y)], criterion)
+    assert ours.shape == (len(cc.blocks), cc.num_tokens - prefix)
+
+    probs = []
+    t = cc.norm_pre(cc._pos_embed(cc.patch_embed(x)))
+    for blk in cc.blocks:
+        h = blk.norm1(t)
+        B, N, C = h.shape
+        H, D = blk.attn.num_heads, blk.attn.head_dim
+        q, k, v = blk.attn.qkv(h).reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4)
+        a = ((q @ k.transpose(-2, -1)) * D ** -0.5).softmax(-1)
+        a.retain_grad()
+        probs.append(a)
+        t = t + blk.ls1(blk.attn.proj((a @ v).transpose(1, 2).reshape(B, N, H * D)))
+        t = t + blk.ls2(blk.mlp(blk.norm2(t)))
+    logits = cc.forward_head(cc.norm(t))
+    criterion(logits, y).backward()
+    expected = torch.stack([((a * a.grad).sum(dim=(0, 1, 2)) / (a.shape[0] * a.shape[1] * a.shape[2])).abs()
+                            for a in probs])[:, prefix:]
+    cc.zero_grad(set_to_none=True)
+    assert torch.allclose(ours, expected.float(), rtol=1e-4, atol=1e-12)
+
+
+def test_distilled_model_trains_both_heads_and_averages_them_at_eval():
+    reference, cc = pair('distilled')
+    x = images(cc)
+    cc.set_distilled_training(True)
+    cc.train()
+    out = cc(x)
+    assert isinstance(out, tuple) and len(out) == 2  # (class head, distillation head), as timm trains DeiT
+    cc.eval()
+    with torch.no_grad():
+        tokens = reference.forward_features(x)
+        head, head_dist = reference.head(tokens[:, 0]), reference.head_dist(tokens[:, 1])
+        assert torch.allclose(cc(x), (head + head_dist) / 2, atol=1e-5)
+
+
+@pytest.mark.parametrize('name, reason', [
+    ('resnet50', 'not a timm VisionTransformer'),
+    ('vit_base_patch16_224.augreg_in21k', None),
+])
+def test_model_names_are_checked_against_timms_registry(name, reason):
+    if reason is None:
+        assert models.check_model_name('cc_' + name.split('.')[0]) == name.split('.')[0]
+    else:
+        with pytest.raises(ValueError, match=reason):
+            models.check_model_name(name)
+
+
+def test_unsupported_structure_is_refused_with_the_reason():
+    model = timm.create_model('vit_small_patch16_224', img_size=32, depth=2, dynamic_img_size=True)
+    with pytest.raises(ValueError, match='dynamic_img_size'):
+        models.apply_clip_concat(model)
+    parallel = timm.create_model('vit_small_patch16_224', img_size=32, depth=2,
+                                 block_fn=timm.models.vision_transformer.ParallelScalingBlock)
+    with pytest.raises(ValueError, match="blocks.0 is a ParallelScalingBlock; Clip & Concat patches timm's Block"):
+        models.apply_clip_concat(parallel)

@@ -1,0 +1,182 @@
+"""Checkpoint files: safe loading (weights only), and atomic writing (temporary file, fsync, rename)."""
+import argparse
+import os
+import pickle
+from typing import Any, Callable, Dict
+
+import torch
+
+from .errors import UserError
+
+
+# What checkpoints of this project and of the released code may hold besides tensors and containers.
+SAFE_GLOBALS = [argparse.Namespace]
+
+
+def load_checkpoint_file(path: str) -> Dict[str, Any]:
+    """``torch.load(weights_only=True)`` with only ``argparse.Namespace`` allow-listed.
+
+    Every failure becomes a one-line :class:`UserError` naming the file and the problem.
+    """
+    if not path:
+        raise UserError('no checkpoint given')
+    if not os.path.exists(path):
+        raise UserError(f'checkpoint not found: {path}')
+    if os.path.isdir(path):
+        raise UserError(f'checkpoint is a directory, not a file: {path}')
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        text = str(e)
+        if 'GLOBAL ' in text or 'Unsupported global' in text or 'not an allowed global' in text:
+            culprit = _unsupported_global(text)
+            raise UserError(f'refusing to load {path}: it holds {culprit}, which could run code when unpickled '
+                            f'(only tensors, plain containers and argparse.Namespace are allowed)') from None
+        if 'Weights only load failed' in text:  # the restricted unpickler stopped at an instruction it refuses
+            raise UserError(f'{path} is not a readable PyTorch checkpoint (corrupt, or pickled objects the safe '
+                            f'loader refuses: {_weights_only_detail(text)})') from None
+        raise UserError(f'{path} is not a readable PyTorch checkpoint ({_first_line(text)})') from None
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001  (garbage bytes fail anywhere in the unpickler: KeyError, IndexError, ...)
+        raise UserError(f'{path} is not a readable PyTorch checkpoint (truncated or corrupt: '
+                        f'{_describe(e)})') from None
+    if not isinstance(checkpoint, dict):
+        raise UserError(f'{path} holds a {type(checkpoint).__name__}, not a checkpoint dict')
+    return checkpoint
+
+
+def _first_line(text: str) -> str:
+    """The first sentence of the first non-empty line (torch's messages go on with advice), at most 200 chars."""
+    for line in text.splitlines():
+        line = line.strip()
+        if line:
+            return line.split('. ', 1)[0].rstrip('.')[:200]
+    return 'unknown error'
+
+
+def _describe(e: BaseException) -> str:
+    text = _first_line(str(e))
+    if text == 'unknown error' or len(text) < 8:  # e.g. KeyError: 101 from a garbage pickle stream
+        return f'{type(e).__name__} {text}' if text != 'unknown error' else type(e).__name__
+    return text
+
+
+def _weights_only_detail(text: str) -> str:
+    """The unpickler's own complaint inside torch's long weights_only message (e.g. 'Unsupported operand 103')."""
+    boilerplate = ('Weights only load failed', 'Please file an issue', 'Check the documentation', 'In PyTorch',
+                   '(1)', '(2)')
+    for line in text.splitlines():
+        line = line.replace('WeightsUnpickler error:', '').strip()
+        if line and not line.startswith(boilerplate):
+            return line.split('. ', 1)[0].rstrip('.')[:200]
+    return 'unsupported content'
+
+
+def _unsupported_global(text: str) -> str:
+    for marker in ('Unsupported global: GLOBAL ', 'GLOBAL '):
+        if marker in text:
+            rest = text.split(marker, 1)[1]
+            return 'the object ' + rest.split()[0].rstrip('.,')
+    return 'an object that is not on the allow-list'
+
+
+def state_dict_of(checkpoint: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+    """The model weights of an official DeiT, pruned, finetune or bare state-dict checkpoint."""
+    for key in ('model', 'state_dict'):
+        if key in checkpoint and isinstance(checkpoint[key], dict):
+            sd = checkpoint[key]
+            break
+    else:
+        sd = checkpoint
+    if not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise UserError('checkpoint holds no model state dict (expected a "model" entry of tensors)')
+    return {k[len('module.'):] if k.startswith('module.') else k: v for k, v in sd.items()}
+
+
+
+def checkpoint_args(checkpoint: Dict[str, Any]) -> Dict[str, Any]:
+    """The command-line arguments a checkpoint was written with, as a dict: files of this project hold a plain
+    dict, released files of the original code an ``argparse.Namespace``; none at all gives {}."""
+    args = checkpoint.get('args')
+    if isinstance(args, argparse.Namespace):
+        return vars(args).copy()
+    return dict(args) if isinstance(args, dict) else {}
+
+
+def write_atomic(path: str, write: Callable[[Any], None]) -> None:
+    """The one atomic writer: ``write(f)`` fills a temporary file (binary) in the same directory, which is
+    flushed, fsynced and renamed over ``path``, and the rename is made durable.  A job killed or failing
+    while writing leaves the previous file intact and no temporary file; an OSError (disk full, directory
+    removed) becomes a one-line :class:`UserError`."""
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f'.{os.path.basename(path)}.tmp-{os.getpid()}')
+    try:
+        with open(tmp, 'wb') as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, OSError):
+            what = 'the previous file is untouched' if os.path.exists(path) else 'nothing was written'
+            raise UserError(f'cannot write {path}: {e.strerror or e} ({what})') from None
+        raise
+    _fsync_directory(directory)
+
+
+def save_atomic(obj: Any, path: str) -> None:
+    """``torch.save(obj)`` through :func:`write_atomic`."""
+    write_atomic(path, lambda f: torch.save(obj, f))
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    """A text file through :func:`write_atomic`."""
+    write_atomic(path, lambda f: f.write(text.encode()))
+
+
+def _fsync_directory(directory: str) -> None:
+    """Make the rename itself durable (a crash right after it keeps the new file); best effort."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temporaries(paths) -> list:
+    """Delete the temporary files that jobs killed inside :func:`write_atomic` left next to ``paths``."""
+    removed = []
+    for path in paths:
+        directory, name = os.path.split(os.path.abspath(path))
+        prefix = f'.{name}.tmp-'
+        if not os.path.isdir(directory):
+            continue
+        for entry in os.listdir(directory):
+            if entry.startswith(prefix) and entry != f'{prefix}{os.getpid()}':
+                try:
+                    os.remove(os.path.join(directory, entry))
+                    removed.append(entry)
+                except OSError:
+                    pass
+    return removed
+
+
+def check_output_dir(path: str) -> None:
+    """Create ``path`` if needed and prove it is writable, before any long work starts."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f'.write-test-{os.getpid()}')
+        with open(probe, 'wb') as f:
+            f.write(b'ok')
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f'cannot write to --output_dir {path}: {e.strerror or e}') from None

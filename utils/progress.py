@@ -1,0 +1,129 @@
+"""Progress and results: DeiT-style progress lines with ETA, whole-line printing, TensorBoard scalars."""
+import datetime
+import sys
+import time
+from collections import defaultdict, deque
+from typing import Dict, Optional
+
+import torch
+
+from .distributed import all_reduce_sum, is_main_process
+
+
+class SmoothedValue:
+    """A running window of values plus the global average."""
+
+    def __init__(self, window_size: int = 20, fmt: str = '{median:.4f} ({global_avg:.4f})'):
+        self.deque = deque(maxlen=window_size)
+        self.total, self.count, self.fmt = 0.0, 0, fmt
+
+    def update(self, value: float, n: int = 1) -> None:
+        self.deque.append(value)
+        self.count += n
+        self.total += value * n
+
+    def synchronize_between_processes(self, device) -> None:
+        t = all_reduce_sum([self.count, self.total], device)
+        self.count, self.total = int(t[0].item()), float(t[1].item())
+
+    @property
+    def median(self) -> float:
+        return float(torch.tensor(list(self.deque)).median().item()) if self.deque else 0.0
+
+    @property
+    def global_avg(self) -> float:
+        return self.total / max(self.count, 1)
+
+    @property
+    def value(self) -> float:
+        return self.deque[-1] if self.deque else 0.0
+
+    def __str__(self) -> str:
+        return self.fmt.format(median=self.median, global_avg=self.global_avg, value=self.value)
+
+
+class MetricLogger:
+    """Prints ``header [ i/n] eta: … metrics … time: …`` every ``print_freq`` steps."""
+
+    def __init__(self, delimiter: str = '  ', printer=print):
+        self.meters = defaultdict(SmoothedValue)
+        self.delimiter = delimiter
+        self.printer = printer
+
+    def update(self, n: int = 1, **kwargs) -> None:
+        for k, v in kwargs.items():
+            if isinstance(v, torch.Tensor):
+                v = v.item()
+            self.meters[k].update(float(v), n)
+
+    def add_meter(self, name: str, meter: SmoothedValue) -> None:
+        self.meters[name] = meter
+
+    def synchronize_between_processes(self, device) -> None:
+        for meter in self.meters.values():
+            meter.synchronize_between_processes(device)
+
+    def averages(self) -> Dict[str, float]:
+        return {k: m.global_avg for k, m in self.meters.items()}
+
+    def __str__(self) -> str:
+        return self.delimiter.join(f'{name}: {meter}' for name, meter in self.meters.items())
+
+    def log_every(self, iterable, print_freq: int, header: str = ''):
+        total = len(iterable)
+        width = len(str(total))
+        start = end = time.time()
+        iter_time, data_time = SmoothedValue(fmt='{avg:.4f}'), SmoothedValue(fmt='{avg:.4f}')
+        for i, obj in enumerate(iterable):
+            data_time.update(time.time() - end)
+            yield obj
+            iter_time.update(time.time() - end)
+            if i % print_freq == 0 or i == total - 1:
+                eta = iter_time.global_avg * (total - i - 1)
+                self.printer(self.delimiter.join([
+                    f'{header} [{i:>{width}}/{total}]',
+                    f'eta: {datetime.timedelta(seconds=int(eta))}',
+                    str(self),
+                    f'time: {iter_time.global_avg:.4f}',
+                    f'data: {data_time.global_avg:.4f}',
+                ]))
+            end = time.time()
+        total_time = time.time() - start
+        self.printer(f'{header} Total time: {datetime.timedelta(seconds=int(total_time))} '
+                     f'({total_time / max(total, 1):.4f} s / it)')
+
+
+def print_line(*args, sep: str = ' ', file=None) -> None:
+    """Print one line with a single write and flush.  The processes of a job share the launcher's pipes and
+    torchrun starts them with `python -u`, where `print` writes text and newline separately: another rank's
+    line could land in between."""
+    stream = sys.stdout if file is None else file
+    stream.write(sep.join(map(str, args)) + '\n')
+    stream.flush()
+
+
+def rank0_print(*args, **kwargs) -> None:
+    if is_main_process():
+        print_line(*args, **kwargs)
+
+
+class TensorBoard:
+    """Scalars to TensorBoard from rank 0 only; a no-op elsewhere or without an output directory."""
+
+    def __init__(self, log_dir: Optional[str]):
+        self.writer = None
+        if log_dir and is_main_process():
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(log_dir=log_dir)
+
+    def scalars(self, values: Dict[str, float], step: int, prefix: str = '') -> None:
+        if self.writer is None:
+            return
+        for k, v in values.items():
+            if isinstance(v, (int, float)):
+                self.writer.add_scalar(f'{prefix}{k}', v, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
