@@ -28,12 +28,12 @@ import torch.nn as nn
 import models  # noqa: F401  (registers the cc_deit_* models with timm)
 import pruning
 from datasets import DATA_SETS, build_dataset
-from engine import NonFiniteLossError, evaluate, measure_throughput, train_one_epoch
+from engine import NonFiniteLossError, evaluate, measure_throughput, steady_allocator, train_one_epoch
 from losses import DistillationLoss
 from samplers import DistributedEvalSampler, RASampler
 from utils import (UserError, TensorBoard, all_agree, check_output_dir, init_distributed_mode, is_main_process,
                    load_checkpoint_file, print_line, rank0_print, remove_stale_temporaries, save_atomic,
-                   state_dict_of, steady_allocator, write_text_atomic)
+                   state_dict_of, write_text_atomic)
 
 MODEL_SIZES = ('deit_tiny_patch16_224', 'deit_small_patch16_224', 'deit_base_patch16_224', 'deit_digits_patch4_32')
 EXIT_USER_ERROR = 2

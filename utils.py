@@ -1,11 +1,8 @@
 """Small shared pieces: user-facing errors, distributed set-up, safe checkpoint I/O, progress logging."""
 import argparse
-import ctypes
-import ctypes.util
 import datetime
 import os
 import pickle
-import platform
 import sys
 import time
 from collections import defaultdict, deque
@@ -340,23 +337,6 @@ def print_line(*args, sep: str = ' ', file=None) -> None:
     stream = sys.stdout if file is None else file
     stream.write(sep.join(map(str, args)) + '\n')
     stream.flush()
-
-
-def steady_allocator() -> str:
-    """Make glibc keep freed blocks in its heap instead of unmapping them (mallopt: mmap threshold 32 MiB, the
-    most it allows, and no trimming).  By default glibc's mmap threshold adapts to the history of the
-    process, so whether a 5-20 MB activation comes back as fresh pages (thousands of page faults per forward:
-    14,000 in dense DeiT-Ti at batch 32 and none in the pruned model, in the same process) depends
-    on what ran before.  That penalises one model or another at random in a side-by-side timing; steady, each
-    pays for its compute only.  Changes the whole process: for processes that measure speed.  Returns how the
-    allocator was set, for the report."""
-    if platform.system() != 'Linux' or platform.libc_ver()[0] != 'glibc':
-        return 'default (not glibc)'
-    libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    if libc.mallopt(m_mmap_threshold, 32 << 20) != 1 or libc.mallopt(m_trim_threshold, 2 ** 31 - 1) != 1:
-        return 'default (mallopt refused)'
-    return 'steady (glibc mallopt: mmap threshold 32 MiB, no trimming)'
 
 
 def rank0_print(*args, **kwargs) -> None:
