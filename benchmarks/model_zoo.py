@@ -56,7 +56,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 import engine  # noqa: E402
 import models  # noqa: E402,F401  (registers cc_deit_*)
 import pruning  # noqa: E402
-from utils import steady_allocator  # noqa: E402
+from engine import steady_allocator  # noqa: E402
 
 ARCHS = {
     'tiny': ('deit_tiny_patch16_224', 'Ti'),
