@@ -348,7 +348,7 @@ def build_runs(timm_name: str, cc: nn.Module, dense: nn.Module, pruned: Dict[flo
     """The rows of one model: every dense formulation on ``cc`` (all masks True) and ``dense``, then for each
     rate every pruned formulation on the pruned model.  Each row but the references ('timm' for the dense rows,
     'ours' for the pruned ones) is checked against its reference (max |logit difference|) on ``x_check``, or on a
-    batch of the timed size (dense rows, rows built for one batch size).
+    batch of the timed size (dense rows, and rows that compile or capture for one shape).
     A formulation with a ``requires`` module that fails to build is skipped with a note, not fatal."""
     out = Runs()
     depth = len(cc.blocks)
@@ -377,9 +377,10 @@ def build_runs(timm_name: str, cc: nn.Module, dense: nn.Module, pruned: Dict[flo
                          'macs': macs, 'kept': kept}
         reference = REGISTRY['ours' if f.pruned else 'timm'].key(rate)
         if key != reference:
-            # Dense rows and rows built for one batch size are checked at the timed batch size: a compiled
-            # model called at another size recompiles, and the timed passes would then run that graph.
-            if f.pruned and not f.fixed_batch:
+            # Compiled rows, rows built for one batch size and dense rows are checked at the timed batch size:
+            # a compiled model called at another size recompiles with a dynamic batch dimension, and dynamo
+            # then serves the timed passes from that newer graph instead of the static one.
+            if f.pruned and not f.prime:
                 x = x_check
             else:
                 x = x_full = x_full if x_full is not None else ctx.batch_of_noise()

@@ -80,6 +80,32 @@ def test_registry_builds_the_rows_of_a_model_in_report_order_with_their_checks()
         assert (built.runs['boolean_30'](x) - pruned[0.3](x)).abs().max() < 1e-4
 
 
+def test_rows_that_compile_for_a_shape_are_only_ever_called_at_the_timed_batch_size():
+    """A compiled model called at another batch size recompiles with a dynamic batch dimension, and the timed
+    passes then run that graph: building and checking such rows must use the timed batch size only."""
+    sizes = {}
+
+    def recorder(name):
+        def build(cc, dense, ctx):
+            def run(x):
+                sizes.setdefault(name, set()).add(x.shape[0])
+                return cc(x)  # the C&C model given: dense (every mask True) for a dense row, else pruned
+            return run
+        return build
+
+    shaped = [F.Formulation('shaped-dense', 'shaped_dense', 'x', recorder('dense'), pruned=False, prime=True),
+              F.Formulation('shaped', 'shaped', 'x', recorder('pruned'), pruned=True, prime=True),
+              F.Formulation('eager-extra', 'eager', 'x', recorder('eager'), pruned=True)]
+    cc, dense = F.seeded_models('deit_tiny_patch16_224', 0, CPU)
+    pruned = {0.3: F.pruned_copy(cc, F.plan(None, 12, 196, 0.3, seed=0))}
+    ctx = F.Context(CPU, None, 3, F.image_shape(cc))
+    built = F.build_runs('deit_tiny_patch16_224', cc, dense, pruned,
+                         [F.REGISTRY['timm'], F.REGISTRY['ours'], *shaped], ctx, torch.randn(2, 3, 224, 224))
+    assert sizes == {'dense': {3}, 'pruned': {3}, 'eager': {2}}  # eager rows keep the small check batch
+    assert set(built.checks) == {'shaped_dense_vs_timm_max_abs', 'shaped_30_vs_ours_max_abs', 'eager_30_vs_ours_max_abs'}
+    assert max(built.checks.values()) < 1e-4
+
+
 def test_routing_rows_move_the_same_tokens_and_restore_timm():
     """The routing-alone measurement times real code: with blocks computing, the earlier gather/scatter routing
     and ours (blocks + return to original order) agree; the identity patch is undone afterwards."""
