@@ -335,6 +335,9 @@ def parse_args(argv=None):
     try:
         _fill_defaults(args)
         _check(args)
+        for flag in ('json', 'markdown'):
+            if getattr(args, flag) == '':
+                raise UsageError(f'argument --{flag}: an empty path')
         args.json = _writable(args.json or os.path.join(ROOT, 'benchmarks', 'results', f'{args.device}.json'),
                               '--json', created)
         args.markdown = _writable(args.markdown or os.path.splitext(args.json)[0] + '.md', '--markdown', created)

@@ -218,7 +218,9 @@ def _scoring_table(results: Dict) -> List[str]:
              fmt_ratio(sc['ratio'])] for res in results['models'].values() for sc in [res.get('scoring')] if sc]
     if not rows:
         return []
-    return [''] + table(['model', 'batch', 'scoring one batch (s)', 'one training step (s)', 'ratio'], rows)
+    return (['', 'Scoring one batch for pruning against one plain training step of the dense model on the same batch '
+                 '(fp32, median of interleaved pairs, protocol "ours"):', '']
+            + table(['model', 'batch', 'scoring one batch (s)', 'one training step (s)', 'ratio'], rows))
 
 
 def _routing_table(results: Dict) -> List[str]:
@@ -246,7 +248,7 @@ def _breakdown_table(results: Dict, families) -> List[str]:
         return []
     return (['', 'Where the time goes: torch.profiler self time of the aten ops, summed by family, dense timm '
                  f'against ours (mean of {results["settings"]["breakdown_rounds"]} profiled passes per row, '
-                 'taking turns). Each cell: the family\'s time ratio timm/ours, in brackets its own FLOPs '
+                 'taking turns as in protocol "ours"). Each cell: the family\'s time ratio timm/ours, in brackets its own FLOPs '
                  'ratio (what the formula expects of it), then its time above the model\'s FLOPs ratio as a '
                  'share of the pruned pass; these shares add up to the gap between the profiled speed-up and '
                  'the FLOPs ratio.', '']

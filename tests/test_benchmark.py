@@ -409,6 +409,7 @@ def test_outputs_are_checked_writable_before_any_work(capsys, tmp_path):
     assert '--markdown' in line and 'not a directory' in line
     line = _refused(capsys, tmp_path, '--json', str(tmp_path))
     assert '--json' in line and 'is a directory' in line
+    assert '--json' in _refused(capsys, tmp_path, '--json', '')
     # --json's folder is made before --markdown fails: it is removed again, so nothing is left behind.
     line = _refused(capsys, tmp_path, '--json', str(tmp_path / 'new' / 'deeper' / 'r.json'),
                     '--markdown', str(tmp_path / 'new' / 'deeper' / 'r.json'))
