@@ -42,6 +42,13 @@ def _flops(model, batch=2):
     return counter.get_total_flops()
 
 
+@pytest.fixture(scope='module')
+def tiny():
+    """DeiT-Ti as the benchmark builds it: our model (every mask True), timm's twin, and a copy pruned at 0.3."""
+    cc, dense = F.seeded_models('deit_tiny_patch16_224', 0, CPU)
+    return cc, dense, {0.3: F.pruned_copy(cc, F.plan(None, 12, 196, 0.3, seed=0))}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # what is timed
 
@@ -61,9 +68,8 @@ def test_benchmark_rows_compute_the_same_function():
     assert _flops(boolean) == _flops(ours)
 
 
-def test_registry_builds_the_rows_of_a_model_in_report_order_with_their_checks():
-    cc, dense = F.seeded_models('deit_tiny_patch16_224', 0, CPU)
-    pruned = {0.3: F.pruned_copy(cc, F.plan(None, 12, 196, 0.3, seed=0))}
+def test_registry_builds_the_rows_of_a_model_in_report_order_with_their_checks(tiny):
+    cc, dense, pruned = tiny
     chosen, _ = F.select(CPU, compile_rows=False)
     assert [f.name for f in chosen] == ['timm', 'ours', 'boolean']
     ctx = F.Context(CPU, None, 2, F.image_shape(cc))
@@ -80,7 +86,7 @@ def test_registry_builds_the_rows_of_a_model_in_report_order_with_their_checks()
         assert (built.runs['boolean_30'](x) - pruned[0.3](x)).abs().max() < 1e-4
 
 
-def test_rows_that_compile_for_a_shape_are_only_ever_called_at_the_timed_batch_size():
+def test_rows_that_compile_for_a_shape_are_only_ever_called_at_the_timed_batch_size(tiny):
     """A compiled model called at another batch size recompiles with a dynamic batch dimension, and the timed
     passes then run that graph: building and checking such rows must use the timed batch size only."""
     sizes = {}
@@ -96,8 +102,7 @@ def test_rows_that_compile_for_a_shape_are_only_ever_called_at_the_timed_batch_s
     shaped = [F.Formulation('shaped-dense', 'shaped_dense', 'x', recorder('dense'), pruned=False, prime=True),
               F.Formulation('shaped', 'shaped', 'x', recorder('pruned'), pruned=True, prime=True),
               F.Formulation('eager-extra', 'eager', 'x', recorder('eager'), pruned=True)]
-    cc, dense = F.seeded_models('deit_tiny_patch16_224', 0, CPU)
-    pruned = {0.3: F.pruned_copy(cc, F.plan(None, 12, 196, 0.3, seed=0))}
+    cc, dense, pruned = tiny
     ctx = F.Context(CPU, None, 3, F.image_shape(cc))
     built = F.build_runs('deit_tiny_patch16_224', cc, dense, pruned,
                          [F.REGISTRY['timm'], F.REGISTRY['ours'], *shaped], ctx, torch.randn(2, 3, 224, 224))
@@ -106,10 +111,10 @@ def test_rows_that_compile_for_a_shape_are_only_ever_called_at_the_timed_batch_s
     assert max(built.checks.values()) < 1e-4
 
 
-def test_routing_rows_move_the_same_tokens_and_restore_timm():
+def test_routing_rows_move_the_same_tokens_and_restore_timm(tiny):
     """The routing-alone measurement times real code: with blocks computing, the earlier gather/scatter routing
     and ours (blocks + return to original order) agree; the identity patch is undone afterwards."""
-    ours = F.pruned_copy(_pruned('cc_deit_tiny_patch16_224', 0.0), F.plan(None, 12, 196, 0.3, seed=0))
+    ours = tiny[2][0.3]
     tokens = torch.randn(2, 197, 192)
     original_forward = F.Block.forward
     with torch.no_grad():
@@ -202,13 +207,12 @@ def test_breakdown_sorts_aten_ops_into_families():
     assert {op: zoo.op_family(op) for op in expected} == expected
 
 
-def test_breakdown_profiles_real_ops_and_its_excesses_add_up_to_the_gap():
+def test_breakdown_profiles_real_ops_and_its_excesses_add_up_to_the_gap(tiny):
     """The profiler's op names of this torch version land in the intended families (a renamed attention kernel
     would silently become 'other'), the routing shows up in the pruned model only, and the per-family excesses
     over the FLOPs ratio sum to the whole gap."""
-    cc = _pruned('cc_deit_tiny_patch16_224', 0.0)
-    dense = F.timm_twin(cc, 'deit_tiny_patch16_224', CPU)
-    ours = F.pruned_copy(cc, F.plan(None, 12, 196, 0.3, seed=0))
+    cc, dense, pruned = tiny
+    ours = pruned[0.3]
     ms = zoo.profile_families({'timm': dense, 'ours': ours}, torch.randn(2, 3, 224, 224), rounds=2)
     for name in ('timm', 'ours'):
         for family in ('patch embedding', 'linear layers', 'attention', zoo.OTHER_OPS):
@@ -558,6 +562,7 @@ def test_readme_lists_every_option_and_nothing_cites_outside_the_repository():
     readme = open(os.path.join(bench, 'README.md')).read()
     options = {s for a in zoo.build_parser()._actions for s in a.option_strings if s.startswith('--')} - {'--help'}
     assert sorted(o for o in options if f'`{o}' not in readme) == []
-    for name in ['README.md'] + [f for f in os.listdir(bench) if f.endswith('.py')]:
+    results = [os.path.join('results', f) for f in os.listdir(os.path.join(bench, 'results')) if f.endswith('.md')]
+    for name in ['README.md'] + results + [f for f in os.listdir(bench) if f.endswith('.py')]:
         text = open(os.path.join(bench, name)).read()
         assert not re.search(r'DESIGN|\bissue \d|\(issue', text), name
