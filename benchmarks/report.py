@@ -284,7 +284,7 @@ def _targets_table(results: Dict) -> List[str]:
     for t in results['targets']:
         spec = t.get('format', '.3f')
         rows.append([t['target'], fmt_ratio(t['value'], t.get('ci'), spec), format(t['threshold'], spec), verdict(t)])
-    return ([''] + table(['target', 'median (95% CI of the median)', 'threshold', 'met'], rows)
+    return ([''] + table(['target', 'value: median or ratio (95% CI of the median)', 'threshold', 'met'], rows)
             + ['', 'CI: distribution-free confidence interval of the median from order statistics (min–max with '
                    'fewer than 6 rounds); none for figures of the original protocol (one mean per row). "Within '
                    'noise": the interval contains the threshold.'])
