@@ -134,6 +134,23 @@ def evaluate(data_loader: Iterable, model: nn.Module, device: torch.device, amp:
     return stats
 
 
+def steady_allocator() -> str:
+    """Make glibc keep freed blocks in its heap instead of unmapping them (mallopt: mmap threshold 32 MiB, the
+    most it allows, and no trimming).  By default glibc's mmap threshold adapts to the history of the
+    process, so whether a 5-20 MB activation comes back as fresh pages (thousands of page faults per forward:
+    14,000 in dense DeiT-Ti at batch 32 and none in the pruned model, in the same process) depends
+    on what ran before.  That penalises one model or another at random in a side-by-side timing; steady, each
+    pays for its compute only.  Changes the whole process: for processes that measure speed.  Returns how the
+    allocator was set, for the report."""
+    if platform.system() != 'Linux' or platform.libc_ver()[0] != 'glibc':
+        return 'default (not glibc)'
+    libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    if libc.mallopt(m_mmap_threshold, 32 << 20) != 1 or libc.mallopt(m_trim_threshold, 2 ** 31 - 1) != 1:
+        return 'default (mallopt refused)'
+    return 'steady (glibc mallopt: mmap threshold 32 MiB, no trimming)'
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for queued GPU work, so a timer measures it; nothing to wait for on CPU."""
     if device.type == 'cuda':
@@ -177,20 +194,3 @@ def measure_throughput(models: Dict[str, nn.Module], batch_size: int, input_size
     x = torch.randn(batch_size, 3, input_size, input_size, device=device)
     times = time_interleaved(models, x, device, repeats, warmup, dtype)
     return {name: batch_size / statistics.median(t) for name, t in times.items()}
-
-
-def steady_allocator() -> str:
-    """Make glibc keep freed blocks in its heap instead of unmapping them (mallopt: mmap threshold 32 MiB, the
-    most it allows, and no trimming).  By default glibc's mmap threshold adapts to the history of the
-    process, so whether a 5-20 MB activation comes back as fresh pages (thousands of page faults per forward:
-    14,000 in dense DeiT-Ti at batch 32 and none in the pruned model, in the same process) depends
-    on what ran before.  That penalises one model or another at random in a side-by-side timing; steady, each
-    pays for its compute only.  Changes the whole process: for processes that measure speed.  Returns how the
-    allocator was set, for the report."""
-    if platform.system() != 'Linux' or platform.libc_ver()[0] != 'glibc':
-        return 'default (not glibc)'
-    libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    if libc.mallopt(m_mmap_threshold, 32 << 20) != 1 or libc.mallopt(m_trim_threshold, 2 ** 31 - 1) != 1:
-        return 'default (mallopt refused)'
-    return 'steady (glibc mallopt: mmap threshold 32 MiB, no trimming)'

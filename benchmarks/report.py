@@ -1,0 +1,302 @@
+"""The benchmark's report: the summary of the fastest modes, the targets and their verdicts, Markdown tables.
+
+Everything here works on the results dictionary (the JSON the benchmark writes), so a saved
+``benchmarks/results/<device>.json`` can be summarised again without running anything.
+"""
+from typing import Dict, List, Optional
+
+from benchmarks.stats import Timings, as_fields
+
+SCORING_TARGET = 1.5          # scoring one batch <= 1.5x a plain training step
+SUMMARY_FLOPS_SHARE = 0.9     # fastest pruned over fastest dense >= 0.9 x the FLOPs ratio
+SUMMARY_BATCHES = (1, 32)     # ... and >= 1.0 at batch 1 and at batch 32
+PROTOCOLS = {
+    'ours': 'interleaved: the rows take turns in rounds, the starting row rotating, every pass synchronised, '
+            'under torch.no_grad and the run\'s autocast precision; images/s = batch / median pass time; a '
+            'speed-up is the median of per-round ratios, with a 95% CI',
+    'original': 'the original code\'s: torch.rand(batch, 3, H, W), fp32, autograd on (no torch.no_grad), '
+                'cudnn.benchmark on, TF32 allowed on CUDA; each row alone, one after another: one '
+                'synchronisation, then the mean of {passes} passes (no warm-up); a speed-up is a ratio of means, '
+                'with no interval',
+}
+
+
+def fmt(v, spec='.2f', none='–'):
+    return none if v is None else format(v, spec)
+
+
+def fmt_ratio(value: Optional[float], ci: Optional[List[float]] = None, spec: str = '.2f') -> str:
+    """The one format of a ratio: '1.33', or '1.33 (1.23–1.36)' with its confidence interval."""
+    if value is None:
+        return '–'
+    return f'{value:{spec}}' + (f' ({ci[0]:{spec}}–{ci[1]:{spec}})' if ci else '')
+
+
+def protocol_line(protocol: str, settings: Dict) -> str:
+    return f'Protocol "{protocol}": ' + PROTOCOLS[protocol].format(passes=settings.get('original_passes'))
+
+
+def model_name(row: Dict) -> str:
+    """'C&C-Ti-25' from the row label 'C&C-Ti-25 (ours)'."""
+    return row['label'].partition(' (')[0]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# summary: the fastest pruned mode against the fastest dense mode
+
+def _fastest_pair(t: Timings, pruned: List[str], dense: List[str]):
+    best_p, best_d = t.fastest(pruned), t.fastest(dense)
+    return best_p, best_d, t.ratio(best_p, best_d)
+
+
+def summary(results: Dict) -> List[Dict]:
+    """One entry per pruned row of the main table (model and prune rate): the fastest pruned mode over the
+    fastest dense mode of the same run (timm eager, timm compiled or any dense formulation), over timm eager,
+    and, from the summary sweep when it ran, at other batch sizes (``speedup_batch1``/``speedup_batch32``:
+    None when that batch size was not swept)."""
+    out = []
+    for res in results['models'].values():
+        rows = res['rows']
+        kind = {r['key']: r['kind'] for r in rows}
+        protocol = rows[0].get('protocol', 'ours')
+        t = Timings({r['key']: r['seconds'] for r in rows}, res['batch_size'], paired=protocol == 'ours')
+        dense = [r['key'] for r in rows if r.get('dense', r['kind'].startswith('timm'))]
+        sweep = res.get('summary_sweep', {}).get('batches', [])
+        rates = list(dict.fromkeys(r['prune_rate'] for r in rows if r['key'] not in dense))
+        for rate in rates:
+            pruned = [r['key'] for r in rows if r['key'] not in dense and r['prune_rate'] == rate]
+            best_p, best_d, vs_dense = _fastest_pair(t, pruned, dense)
+            best = next(r for r in rows if r['key'] == best_p)
+            entry = {'model': model_name(best), 'timm_model': res['model'], 'prune_rate': rate,
+                     'batch_size': res['batch_size'], 'protocol': protocol, 'flops_ratio': best['flops_ratio'],
+                     'best_pruned_mode': kind[best_p], 'best_dense_mode': kind[best_d],
+                     **as_fields('speedup_vs_best_dense', vs_dense),
+                     **as_fields('speedup_vs_timm_eager', t.ratio(best_p, 'timm'))}
+            by_batch = {}
+            for b in sweep:
+                tb = Timings(b['seconds'], b['batch_size'])
+                p, d, r = _fastest_pair(tb, [k for k in pruned if k in b['seconds']],
+                                        [k for k in dense if k in b['seconds']])
+                by_batch[str(b['batch_size'])] = {'speedup': r['median'], 'ci': r['ci'], 'best_pruned_mode': kind[p],
+                                                  'best_dense_mode': kind[d], 'protocol': 'ours'}
+            entry['speedup_by_batch'] = by_batch
+            for bs in SUMMARY_BATCHES:
+                entry[f'speedup_batch{bs}'] = by_batch[str(bs)]['speedup'] if str(bs) in by_batch else None
+            out.append(entry)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# targets
+
+def _target(name: str, value: float, threshold: float, at_least: bool, ci=None) -> Dict:
+    """A target verdict on a median; ``ci`` is its 95% confidence interval, to tell a miss from noise: the
+    verdict is 'yes' or 'no' when the interval lies on one side of the threshold, 'within noise' otherwise."""
+    met = value >= threshold if at_least else value <= threshold
+    out = {'target': name, 'value': value, 'threshold': threshold, 'met': met}
+    if ci is not None:
+        out['ci'] = ci
+        out['decided'] = not (ci[0] < threshold < ci[1])
+    return out
+
+
+def verdict(target: Dict) -> str:
+    if target.get('decided', True):
+        return 'yes' if target['met'] else '**NO**'
+    return 'yes, within noise' if target['met'] else 'no, within noise'
+
+
+def summary_targets(entry: Dict, device: str) -> Dict[str, Dict]:
+    """The summary's targets for one entry: 'vs_best_dense', and 'batch1'/'batch32' when those ran."""
+    name = entry['model']
+    out = {'vs_best_dense': _target(
+        f'{name}: fastest pruned ({entry["best_pruned_mode"]}) over fastest dense ({entry["best_dense_mode"]}) '
+        f'>= {SUMMARY_FLOPS_SHARE} x FLOPs ratio ({device})', entry['speedup_vs_best_dense'],
+        SUMMARY_FLOPS_SHARE * entry['flops_ratio'], True, entry['speedup_vs_best_dense_ci'])}
+    for bs in SUMMARY_BATCHES:
+        b = entry['speedup_by_batch'].get(str(bs))
+        if b is not None:
+            out[f'batch{bs}'] = _target(f'{name}: fastest pruned over fastest dense at batch {bs} >= 1.0 ({device})',
+                                        b['speedup'], 1.0, True, b['ci'])
+    return out
+
+
+def targets(results: Dict, device: str) -> List[Dict]:
+    out = []
+    for res in results['models'].values():
+        for row in res['rows']:
+            if row['kind'] == 'ours':
+                out.append(_target(f'{row["label"]}: speed-up over dense timm >= FLOPs ratio ({device})',
+                                   row['speedup_vs_timm'], row['flops_ratio'], True, row['speedup_vs_timm_ci']))
+            if row['kind'] in ('ours', 'ours-compiled') and 'vs_boolean' in row:
+                out.append(_target(f'{row["label"]}: >= 1.0x the boolean-mask formulation',
+                                   row['vs_boolean'], 1.0, True, row['vs_boolean_ci']))
+        for key, diff in res['checks'].items():
+            if key.startswith('compiled_vs_ours'):
+                tol = 1e-3 if results['settings']['dtype'] == 'fp32' else 5e-2
+                out.append(dict(_target(f'{res["label"]} {key.split("_")[3]}: torch.compile(fullgraph=True) '
+                                        f'works, max |logit - eager|', diff, tol, False), format='.1e'))
+        for tag, rc in res.get('routing', {}).items():
+            out.append(_target(f'C&C-{res["short"]}-{tag}: token routing alone, boolean-mask time / ours',
+                               rc['boolean_over_ours'], 1.0, True, rc['boolean_over_ours_ci']))
+        if 'scoring' in res:
+            sc = res['scoring']
+            out.append(_target(f'{res["label"]}: scoring a batch <= {SCORING_TARGET}x a training step',
+                               sc['ratio'], SCORING_TARGET, False, sc['ratio_ci']))
+    for entry in results.get('summary', []):
+        out += entry['targets'].values()
+    return out
+
+
+def attach_summary(results: Dict, device: str) -> None:
+    """results['summary'] (each entry with its targets and verdicts), then results['targets']."""
+    results['summary'] = summary(results)
+    for entry in results['summary']:
+        entry['targets'] = {k: dict(t, verdict=verdict(t)) for k, t in summary_targets(entry, device).items()}
+    results['targets'] = targets(results, device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Markdown
+
+def table(header: List[str], rows: List[List[str]]) -> List[str]:
+    return ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)] + ['| ' + ' | '.join(r) + ' |' for r in rows]
+
+
+def _machine(results: Dict) -> str:
+    m, s = results['machine'], results['settings']
+    where = m.get('gpu') or f'{m["cpu"]}, {m["cpu_cores"]} cores, {m["torch_threads"]} torch threads'
+    protocol = s.get('protocol', 'ours')
+    timed = (f'{s["dtype"]}, median of {s["repeats"]} interleaved passes' if protocol == 'ours' else
+             f'main table fp32, mean of {s["original_passes"]} passes per row (original protocol); '
+             f'other tables {s["dtype"]}, median of {s["repeats"]} interleaved passes')
+    load = (f'; load average {m["load_average_at_start"][0]:.2f} at start, {m["load_average_at_end"][0]:.2f} at end'
+            if m.get('load_average_at_start') and m.get('load_average_at_end') else '')
+    return (f'Measured on {m["device"]} ({where}), torch {m["torch"]}, timm {m["timm"]}, {timed}, '
+            f'allocator {m.get("malloc", "default")}{load}.')
+
+
+def _main_table(results: Dict) -> List[str]:
+    rows = []
+    for res in results['models'].values():
+        for r in res['rows']:
+            name, _, formulation = r['label'].partition(' (')
+            speed = r.get('speedup_vs_timm_compiled', r['speedup_vs_timm'])
+            rows.append([name, formulation.rstrip(')'), str(res['batch_size']), f'{r["kept_tokens_mean"]:.1f}',
+                         f'{r["gflops"]:.2f}', fmt(r.get('counter_gflops')), f'{r["flops_ratio"]:.2f}',
+                         f'{r["images_per_s"]:.1f}', fmt_ratio(speed), fmt_ratio(r.get('vs_boolean')),
+                         fmt(r.get('seed_gpu', {}).get('speedup'))])
+    protocol = results['settings'].get('protocol', 'ours')
+    return ([protocol_line(protocol, results['settings']), ''] + table(
+        ['model', 'formulation', 'batch', 'kept tokens/block', 'GFLOPs', 'counter GFLOPs', 'FLOPs ratio',
+         'images/s', 'speed-up vs dense timm', 'vs boolean mask', 'seed GPU speed-up'], rows)
+        + ['', 'Speed-ups are against timm\'s dense model with the same weights, timed in the same run '
+               + ('(median of the per-round ratios)' if protocol == 'ours' else '(ratio of the mean pass times)')
+               + '; compiled rows against the compiled dense model. GFLOPs = multiply-accumulates by the paper\'s '
+               'formula (docs/method.md); "counter" = torch.utils.flop_counter / 2.'])
+
+
+def _summary_table(results: Dict) -> List[str]:
+    entries = results.get('summary', [])
+    if not entries:
+        return []
+    protocol = entries[0]['protocol']
+    rows = [[e['model'], f'{e["flops_ratio"]:.2f}', e['best_pruned_mode'], e['best_dense_mode'],
+             fmt_ratio(e['speedup_vs_best_dense'], e['speedup_vs_best_dense_ci']), fmt_ratio(e['speedup_vs_timm_eager']),
+             *(fmt_ratio(e[f'speedup_batch{bs}']) for bs in SUMMARY_BATCHES),
+             ', '.join(f'{k}: {t["verdict"]}' for k, t in e['targets'].items())] for e in entries]
+    return (['', f'Summary: the fastest pruned mode against the fastest dense mode (main table: protocol '
+                 f'"{protocol}", batch as above; batch {" and ".join(map(str, SUMMARY_BATCHES))}: protocol "ours", '
+                 f'summary sweep, "–" where not run). Targets: vs best dense >= {SUMMARY_FLOPS_SHARE} x FLOPs ratio; '
+                 f'batch {" and ".join(map(str, SUMMARY_BATCHES))} >= 1.0.', '']
+            + table(['model', 'FLOPs ratio', 'best pruned mode', 'best dense mode', 'vs best dense (95% CI)',
+                     'vs timm eager', *(f'batch {bs}' for bs in SUMMARY_BATCHES), 'targets met'], rows))
+
+
+def _scoring_table(results: Dict) -> List[str]:
+    rows = [[res['label'], str(sc['batch_size']), f'{sc["scoring_s"]:.3f}', f'{sc["train_step_s"]:.3f}',
+             fmt_ratio(sc['ratio'])] for res in results['models'].values() for sc in [res.get('scoring')] if sc]
+    if not rows:
+        return []
+    return (['', 'Scoring one batch for pruning against one plain training step of the dense model on the same batch '
+                 '(fp32, median of interleaved pairs, protocol "ours"):', '']
+            + table(['model', 'batch', 'scoring one batch (s)', 'one training step (s)', 'ratio'], rows))
+
+
+def _routing_table(results: Dict) -> List[str]:
+    rows = [[f'C&C-{res["short"]}-{tag}', str(rc['batch_size']), f'{rc["ms"]["ours"]:.2f}',
+             f'{rc["ms"]["boolean"]:.2f}', f'{rc["ms"]["scatter"]:.2f}', fmt_ratio(rc['boolean_over_ours']),
+             f'{100 * rc["ms"]["ours"] / rc["forward_ms_ours"]:.1f}%']
+            for res in results['models'].values() for tag, rc in res.get('routing', {}).items()]
+    if not rows:
+        return []
+    return (['', 'Token routing alone (every timm block replaced by the identity; ms per batch, median of '
+                 f'{results["settings"]["routing_repeats"]} interleaved rounds, protocol "ours"):', '']
+            + table(['model', 'batch', 'ours: 2 gathers + concat', 'boolean mask + concat', 'gather + scatter',
+                     'boolean / ours', 'ours, share of its forward pass'], rows))
+
+
+def _breakdown_table(results: Dict, families) -> List[str]:
+    rows = []
+    for res in results['models'].values():
+        for tag, b in res.get('breakdown', {}).items():
+            cells = [f'{fmt(c["time_ratio"])} ({fmt(c["flops_ratio"])}) {100 * c["excess_share"]:+.1f}%'
+                     for c in (b['families'][f] for f in families)]
+            rows.append([f'C&C-{res["short"]}-{tag}', f'{b["flops_ratio"]:.2f}', fmt_ratio(b['profiled_speedup']),
+                         *cells])
+    if not rows:
+        return []
+    return (['', 'Where the time goes: torch.profiler self time of the aten ops, summed by family, dense timm '
+                 f'against ours (mean of {results["settings"]["breakdown_rounds"]} profiled passes per row, '
+                 'taking turns as in protocol "ours"). Each cell: the family\'s time ratio timm/ours, in brackets its own FLOPs '
+                 'ratio (what the formula expects of it), then its time above the model\'s FLOPs ratio as a '
+                 'share of the pruned pass; these shares add up to the gap between the profiled speed-up and '
+                 'the FLOPs ratio.', '']
+            + table(['model', 'FLOPs ratio', 'profiled speed-up', *families], rows))
+
+
+def _sweep_tables(results: Dict) -> List[str]:
+    lines = []
+    sweeps = results.get('sweeps', {})
+    if sweeps.get('batch'):
+        s = sweeps['batch']
+        lines += ['', f'images/s against batch size ({s.get("label", "DeiT-" + s["short"])}, prune rate '
+                      f'{s["prune_rate"]}, protocol "ours"):', '']
+        lines += table(['batch', 'dense (timm)', 'ours', 'boolean mask', 'speed-up vs dense', 'vs boolean mask'],
+                       [[str(r['batch_size']), f'{r["timm"]:.1f}', f'{r["ours"]:.1f}', f'{r["boolean"]:.1f}',
+                         fmt_ratio(r['speedup_vs_timm']), fmt_ratio(r['vs_boolean'])] for r in s['rows']])
+    if sweeps.get('rate'):
+        s = sweeps['rate']
+        lines += ['', f'images/s against prune rate ({s.get("label", "DeiT-" + s["short"])}, batch {s["batch_size"]}, '
+                      'one interleaved run, protocol "ours"):', '']
+        lines += table(['prune rate', 'GFLOPs', 'FLOPs ratio', 'ours images/s', 'boolean mask images/s',
+                        'speed-up vs dense', 'vs boolean mask'],
+                       [[f'{r["prune_rate"]:.2f}', f'{r["gflops"]:.2f}', f'{r["flops_ratio"]:.2f}', f'{r["ours"]:.1f}',
+                         fmt(r.get('boolean'), '.1f'), fmt_ratio(r['speedup_vs_timm']), fmt_ratio(r.get('vs_boolean'))]
+                        for r in s['rows']])
+    return lines
+
+
+def _targets_table(results: Dict) -> List[str]:
+    if not results.get('targets'):
+        return []
+    rows = []
+    for t in results['targets']:
+        spec = t.get('format', '.3f')
+        rows.append([t['target'], fmt_ratio(t['value'], t.get('ci'), spec), format(t['threshold'], spec), verdict(t)])
+    return ([''] + table(['target', 'value: median or ratio (95% CI of the median)', 'threshold', 'met'], rows)
+            + ['', 'CI: distribution-free confidence interval of the median from order statistics (min–max with '
+                   'fewer than 6 rounds); none for figures of the original protocol (one mean per row). "Within '
+                   'noise": the interval contains the threshold.'])
+
+
+def markdown(results: Dict, families=()) -> str:
+    lines = [_machine(results), '']
+    lines += _main_table(results)
+    lines += _summary_table(results)
+    lines += _scoring_table(results)
+    lines += _routing_table(results)
+    lines += _breakdown_table(results, families)
+    lines += _sweep_tables(results)
+    lines += _targets_table(results)
+    return '\n'.join(lines) + '\n'

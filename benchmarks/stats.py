@@ -1,0 +1,62 @@
+"""Statistics of the benchmark's timings: the distribution-free confidence interval of a median, paired
+per-round ratios, and :class:`Timings` (every pass time of every row of one timed run)."""
+import math
+import statistics
+from typing import Dict, Iterable, List, Optional
+
+
+def median_ci(values: List[float], confidence: float = 0.95) -> List[float]:
+    """A distribution-free confidence interval of the median: the order statistics x_(r), x_(n+1-r) with the
+    largest r whose coverage 1 - 2 P(Binomial(n, 1/2) < r) is at least ``confidence``.  Host noise is not
+    Gaussian (a pass is only ever slowed down), so no normal approximation.  With fewer than 6 values no such
+    interval exists (n=5 gives 94% at best) and the min-max range is returned."""
+    v, n = sorted(values), len(values)
+    best = 1
+    for r in range(2, (n + 1) // 2 + 1):
+        below = sum(math.comb(n, i) for i in range(r)) / 2 ** n  # P(Binomial(n, 1/2) <= r - 1)
+        if 1 - 2 * below < confidence:
+            break
+        best = r
+    return [v[best - 1], v[n - best]]
+
+
+def paired(ratios: List[float]) -> Dict:
+    """Median of per-round ratios, their range, and the 95% confidence interval of the median."""
+    return {'median': statistics.median(ratios), 'min': min(ratios), 'max': max(ratios), 'ci': median_ci(ratios)}
+
+
+def point(ratio: float) -> Dict:
+    """A ratio of two single figures (no rounds to pair): no range and no confidence interval."""
+    return {'median': ratio, 'min': ratio, 'max': ratio, 'ci': None}
+
+
+def as_fields(key: str, summary: Dict) -> Dict:
+    """A ``paired`` (or ``point``) summary as report fields: ``key`` (the median), ``key_range`` and ``key_ci``
+    (None when the figures were not timed in rounds)."""
+    return {key: summary['median'], f'{key}_range': [summary['min'], summary['max']], f'{key}_ci': summary['ci']}
+
+
+class Timings:
+    """Seconds per forward pass of every row of one timed run, one list per row.
+
+    ``paired=True`` (our protocol): one entry per round, the rows interleaved, so the i-th entries of two rows
+    were timed back to back and a speed-up is the median of the per-round ratios.  ``paired=False`` (the
+    original code's protocol): one entry per row, its mean pass time; rows were timed one after another, so a
+    speed-up is the ratio of two means, with no interval.
+    """
+
+    def __init__(self, seconds: Dict[str, List[float]], batch: int, paired: bool = True):
+        self.seconds, self.batch, self.paired = seconds, batch, paired
+
+    def images_per_s(self, name: str) -> float:
+        return self.batch / statistics.median(self.seconds[name])
+
+    def ratio(self, fast: str, slow: str) -> Dict:
+        """Speed of ``fast`` over ``slow`` (> 1: ``fast`` is faster)."""
+        pairs = [s / f for f, s in zip(self.seconds[fast], self.seconds[slow])]
+        return paired(pairs) if self.paired else point(statistics.median(pairs))
+
+    def fastest(self, names: Iterable[str]) -> Optional[str]:
+        """The row with the most images/s among ``names`` (None if there are none)."""
+        names = list(names)
+        return max(names, key=self.images_per_s) if names else None

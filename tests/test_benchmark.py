@@ -1,0 +1,568 @@
+"""benchmarks/: the rows time like against like, the statistics and the summary agree with the timings they come
+from, the original code's protocol is what it says, every argument is checked before any work, and the script
+runs as a user runs it.  No test asserts a speed: timings are read back, never judged."""
+import copy
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import timm
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import models
+import pruning
+from benchmarks import formulations as F
+from benchmarks import model_zoo as zoo
+from benchmarks import report, stats
+from conftest import ROOT, subprocess_env
+
+CPU = torch.device('cpu')
+
+
+def _pruned(name, rate, seed=0):
+    torch.manual_seed(seed)
+    model = timm.create_model(name).eval()
+    if rate:
+        depth, num_patches = len(model.blocks), model.num_tokens - model.num_prefix_tokens
+        pruning.apply_masks(model, pruning.random_masks(depth, num_patches, rate,
+                                                        generator=torch.Generator().manual_seed(seed)))
+    return model
+
+
+def _flops(model, batch=2):
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(torch.randn(batch, 3, 224, 224))
+    return counter.get_total_flops()
+
+
+@pytest.fixture(scope='module')
+def tiny():
+    """DeiT-Ti as the benchmark builds it: our model (every mask True), timm's twin, and a copy pruned at 0.3."""
+    cc, dense = F.seeded_models('deit_tiny_patch16_224', 0, CPU)
+    return cc, dense, {0.3: F.pruned_copy(cc, F.plan(None, 12, 196, 0.3, seed=0))}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# what is timed
+
+def test_benchmark_rows_compute_the_same_function():
+    """timm's DeiT loaded with our weights, our pruned model and the boolean-mask re-implementation of the original
+    code give the same logits, and count the same FLOPs."""
+    model = _pruned('cc_deit_tiny_patch16_224', 0.0)
+    dense = F.timm_twin(model, 'deit_tiny_patch16_224', CPU)
+    ours = F.pruned_copy(model, F.plan(None, 12, 196, 0.3, seed=0))
+    assert len(set(models.kept_token_counts(ours))) > 1  # layers keep different numbers of tokens
+    boolean = F.BooleanMaskViT(dense, [blk.attn.token_index for blk in ours.blocks]).eval()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert (dense(x) - model(x)).abs().max().item() < 1e-4
+        assert (boolean(x) - ours(x)).abs().max().item() < 1e-4
+        assert (boolean(x) - dense(x)).abs().max().item() > 1e-3  # pruning changed the function
+    assert _flops(boolean) == _flops(ours)
+
+
+def test_registry_builds_the_rows_of_a_model_in_report_order_with_their_checks(tiny):
+    cc, dense, pruned = tiny
+    chosen, _ = F.select(CPU, compile_rows=False)
+    assert [f.name for f in chosen] == ['timm', 'ours', 'boolean']
+    ctx = F.Context(CPU, None, 2, F.image_shape(cc))
+    x = torch.randn(2, 3, 224, 224)
+    built = F.build_runs('deit_tiny_patch16_224', cc, dense, pruned, chosen, ctx, x)
+    assert list(built.runs) == ['timm', 'ours_30', 'boolean_30']
+    assert [m['label'] for m in built.meta.values()] == [
+        'DeiT-Ti (timm)', 'C&C-Ti-30 (ours)', 'C&C-Ti-30 (boolean mask, original formulation)']
+    assert built.runs['timm'] is dense and built.runs['ours_30'] is pruned[0.3]
+    assert built.meta['boolean_30']['macs'] == models.count_macs(pruned[0.3])
+    assert built.meta['timm']['macs'] == models.count_macs(cc) and built.meta['timm']['dense']
+    assert set(built.checks) == {'ours_vs_boolean_30_max_abs'} and built.checks['ours_vs_boolean_30_max_abs'] < 1e-4
+    with torch.no_grad():  # the boolean row really is the pruned function, not the dense one
+        assert (built.runs['boolean_30'](x) - pruned[0.3](x)).abs().max() < 1e-4
+
+
+def test_rows_that_compile_for_a_shape_are_only_ever_called_at_the_timed_batch_size(tiny):
+    """A compiled model called at another batch size recompiles with a dynamic batch dimension, and the timed
+    passes then run that graph: building and checking such rows must use the timed batch size only."""
+    sizes = {}
+
+    def recorder(name):
+        def build(cc, dense, ctx):
+            def run(x):
+                sizes.setdefault(name, set()).add(x.shape[0])
+                return cc(x)  # the C&C model given: dense (every mask True) for a dense row, else pruned
+            return run
+        return build
+
+    shaped = [F.Formulation('shaped-dense', 'shaped_dense', 'x', recorder('dense'), pruned=False, prime=True),
+              F.Formulation('shaped', 'shaped', 'x', recorder('pruned'), pruned=True, prime=True),
+              F.Formulation('eager-extra', 'eager', 'x', recorder('eager'), pruned=True)]
+    cc, dense, pruned = tiny
+    ctx = F.Context(CPU, None, 3, F.image_shape(cc))
+    built = F.build_runs('deit_tiny_patch16_224', cc, dense, pruned,
+                         [F.REGISTRY['timm'], F.REGISTRY['ours'], *shaped], ctx, torch.randn(2, 3, 224, 224))
+    assert sizes == {'dense': {3}, 'pruned': {3}, 'eager': {2}}  # eager rows keep the small check batch
+    assert set(built.checks) == {'shaped_dense_vs_timm_max_abs', 'shaped_30_vs_ours_max_abs', 'eager_30_vs_ours_max_abs'}
+    assert max(built.checks.values()) < 1e-4
+
+
+def test_routing_rows_move_the_same_tokens_and_restore_timm(tiny):
+    """The routing-alone measurement times real code: with blocks computing, the earlier gather/scatter routing
+    and ours (blocks + return to original order) agree; the identity patch is undone afterwards."""
+    ours = tiny[2][0.3]
+    tokens = torch.randn(2, 197, 192)
+    original_forward = F.Block.forward
+    with torch.no_grad():
+        assert (F.run_blocks_ours(ours, tokens) - F.ScatterRouting(ours).run_blocks(tokens)).abs().max() < 1e-5
+        with F.blocks_as_identity():
+            routed = F.run_blocks_ours(ours, tokens)
+        assert torch.equal(routed, tokens)  # identity blocks + return to original order = no change
+    assert F.Block.forward is original_forward
+
+
+def test_a_formulation_whose_module_does_not_import_is_skipped_with_its_reason():
+    def never(cc, dense, ctx):
+        raise AssertionError('built')
+    registry = {'timm': F.REGISTRY['timm'], 'ours': F.REGISTRY['ours'],
+                'needs-missing': F.Formulation('needs-missing', 'missing', 'x', never, pruned=True,
+                                               requires='benchmarks_test_no_such_module'),
+                'gpu-only': F.Formulation('gpu-only', 'gpu', 'x', never, pruned=True, devices=('cuda',))}
+    chosen, skipped = F.select(CPU, compile_rows=True, registry=registry)
+    assert [f.name for f in chosen] == ['timm', 'ours']
+    assert list(skipped) == ['needs-missing']
+    assert 'benchmarks_test_no_such_module is not importable' in skipped['needs-missing']
+    # The fast GPU path is registered (dense and pruned, both backends), on CUDA only, needing models.fast_path.
+    fast = [f for f in F.REGISTRY.values() if f.requires == 'models.fast_path']
+    assert sorted(f.name for f in fast) == ['fast-compile', 'fast-compile-dense', 'fast-triton', 'fast-triton-dense']
+    assert all(f.devices == ('cuda',) and f.fixed_batch for f in fast)
+    chosen, skipped = F.select(torch.device('cuda'), compile_rows=False)
+    for f in fast:  # importable or skipped with the reason, never silently dropped
+        assert (f in chosen) != (f.name in skipped)
+        if f.name in skipped:
+            assert 'models.fast_path is not importable' in skipped[f.name]
+
+
+def test_models_accept_shortcuts_and_timm_names_and_labels_follow_the_short_table(monkeypatch):
+    assert F.resolve_model('small') == 'deit_small_patch16_224'
+    assert F.resolve_model('deit_base_patch16_224') == 'deit_base_patch16_224'
+    assert [F.pruned_label(n, 0.25) for n in F.SHORTCUTS.values()] == ['C&C-Ti-25', 'C&C-S-25', 'C&C-B-25']
+    assert F.dense_label('deit_small_patch16_224') == 'DeiT-S'
+    with pytest.raises(ValueError, match="unknown model 'huge'"):
+        F.resolve_model('huge')
+    # Any timm name the C&C helper supports is taken as it is, labelled by its timm name.
+    monkeypatch.setattr(F, 'cc_model_supported', lambda name: name == 'vit_small_patch16_224')
+    assert F.resolve_model('vit_small_patch16_224') == 'vit_small_patch16_224'
+    assert F.dense_label('vit_small_patch16_224') == 'vit_small_patch16_224'
+    assert F.pruned_label('vit_small_patch16_224', 0.3) == 'C&C-vit_small_patch16_224-30'
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# statistics, verdicts
+
+@pytest.mark.parametrize('n, lower, upper', [(7, 1, 7), (10, 2, 9), (20, 6, 15), (21, 6, 16), (100, 40, 61)])
+def test_confidence_interval_of_the_median_uses_the_textbook_order_statistics(n, lower, upper):
+    # 95% distribution-free intervals (x_(lower), x_(upper)), 1-based, as tabulated for the sign test.
+    values = [10.0 * i for i in range(n, 0, -1)]  # unsorted on purpose
+    assert stats.median_ci(values) == [10.0 * lower, 10.0 * upper]
+
+
+def test_verdicts_separate_a_miss_from_noise():
+    verdicts = [report.verdict(report._target('t', median, 1.0, True, ci)) for median, ci in
+                [(1.05, [1.01, 1.09]), (1.02, [0.97, 1.06]), (0.98, [0.95, 1.03]), (0.95, [0.92, 0.99])]]
+    assert verdicts == ['yes', 'yes, within noise', 'no, within noise', '**NO**']
+    assert report.verdict(report._target('scoring', 1.2, 1.5, False, [1.1, 1.3])) == 'yes'
+    assert report.verdict(report._target('no interval', 0.99, 1.0, True, None)) == '**NO**'
+
+
+def test_ratios_pair_rounds_in_our_protocol_and_divide_means_in_the_original():
+    t = stats.Timings({'fast': [1.0, 2.0, 4.0], 'slow': [3.0, 3.0, 6.0]}, batch=4)
+    assert t.ratio('fast', 'slow') == {'median': 1.5, 'min': 1.5, 'max': 3.0, 'ci': [1.5, 3.0]}  # 3, 1.5, 1.5
+    assert t.images_per_s('fast') == 2.0 and t.fastest(['slow', 'fast']) == 'fast'
+    o = stats.Timings({'fast': [0.5], 'slow': [2.0]}, batch=4, paired=False)
+    assert o.ratio('fast', 'slow') == {'median': 4.0, 'min': 4.0, 'max': 4.0, 'ci': None}
+    assert report.fmt_ratio(1.5, [1.25, 3.0]) == '1.50 (1.25–3.00)' and report.fmt_ratio(None) == '–'
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# where the time goes (breakdown)
+
+def test_breakdown_families_split_the_paper_formula_exactly():
+    for rate in (0.0, 0.3):
+        model = _pruned('cc_deit_tiny_patch16_224', rate)
+        macs = zoo.family_macs(model)
+        assert sum(macs.values()) == models.count_macs(model)
+        assert macs['attention'] == sum(2 * n * n * 192 for n in models.kept_token_counts(model))
+
+
+def test_breakdown_sorts_aten_ops_into_families():
+    expected = {'aten::mkldnn_convolution': 'patch embedding', 'aten::addmm': 'linear layers',
+                'aten::_scaled_dot_product_flash_attention_for_cpu': 'attention', 'aten::_softmax': 'attention',
+                'aten::bmm': 'attention', 'aten::index_select': 'token routing', 'aten::cat': 'token routing',
+                'aten::gelu': zoo.OTHER_OPS, 'aten::native_layer_norm': zoo.OTHER_OPS, 'aten::add': zoo.OTHER_OPS}
+    assert {op: zoo.op_family(op) for op in expected} == expected
+
+
+def test_breakdown_profiles_real_ops_and_its_excesses_add_up_to_the_gap(tiny):
+    """The profiler's op names of this torch version land in the intended families (a renamed attention kernel
+    would silently become 'other'), the routing shows up in the pruned model only, and the per-family excesses
+    over the FLOPs ratio sum to the whole gap."""
+    cc, dense, pruned = tiny
+    ours = pruned[0.3]
+    ms = zoo.profile_families({'timm': dense, 'ours': ours}, torch.randn(2, 3, 224, 224), rounds=2)
+    for name in ('timm', 'ours'):
+        for family in ('patch embedding', 'linear layers', 'attention', zoo.OTHER_OPS):
+            assert ms[name][family] > 0, (name, family)
+    assert ms['ours']['token routing'] > 0
+    # The routing is the pruned model's own: its gathers are counted, not timed (36 index_selects and 12 cats
+    # in the blocks, one gather back to the original order; timm concatenates the class token once).
+    from torch.profiler import ProfilerActivity, profile
+    counts = {}
+    for name, model in (('timm', dense), ('ours', ours)):
+        with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+            model(torch.randn(1, 3, 224, 224))
+        counts[name] = {e.key: e.count for e in prof.key_averages() if zoo.op_family(e.key) == 'token routing'}
+    assert counts['timm'] == {'aten::cat': 1}
+    assert counts['ours']['aten::index_select'] == 2 * sum(not b.dense for b in ours.blocks)
+    b = zoo.gap_breakdown(ms['timm'], ms['ours'], zoo.family_macs(cc), zoo.family_macs(ours))
+    assert b['flops_ratio'] == pytest.approx(models.count_macs(cc) / models.count_macs(ours))
+    assert sum(f['excess_ms'] for f in b['families'].values()) == pytest.approx(b['gap_ms'])
+    assert b['ours_ms'] - b['timm_ms'] / b['flops_ratio'] == pytest.approx(b['gap_ms'])
+    assert b['families']['token routing']['time_ratio'] is None
+    assert b['families']['patch embedding']['flops_ratio'] == 1.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the summary
+
+def _row(key, kind, dense, rate, seconds, flops_ratio=1.0, label=None):
+    return {'key': key, 'kind': kind, 'dense': dense, 'prune_rate': rate, 'seconds': seconds,
+            'flops_ratio': flops_ratio, 'label': label or f'X ({kind})', 'protocol': 'ours',
+            'speedup_vs_timm': 1.0, 'speedup_vs_timm_ci': None}
+
+
+def test_summary_takes_the_fastest_pruned_and_dense_modes_of_the_run():
+    """Hand-made timings where timm compiled is the fastest dense mode and the boolean formulation the fastest
+    pruned one; the batch sweep has other winners; the expected ratios are worked out by hand."""
+    rows = [_row('timm', 'timm', True, 0.0, [1.00, 1.10, 0.90]),
+            _row('timm_compiled', 'timm-compiled', True, 0.0, [0.80, 0.85, 0.75]),
+            _row('ours_25', 'ours', False, 0.25, [0.70, 0.72, 0.69], 1.37, 'C&C-Ti-25 (ours)'),
+            _row('boolean_25', 'boolean', False, 0.25, [0.60, 0.75, 0.62], 1.37, 'C&C-Ti-25 (boolean mask)'),
+            _row('compiled_25', 'ours-compiled', False, 0.25, [0.65, 0.66, 0.64], 1.37, 'C&C-Ti-25 (ours, compiled)'),
+            _row('ours_40', 'ours', False, 0.40, [0.50, 0.50, 0.50], 1.73, 'C&C-Ti-40 (ours)')]
+    sweep = [{'batch_size': 1, 'seconds': {'timm': [0.10, 0.10, 0.10], 'timm_compiled': [0.20, 0.20, 0.20],
+                                           'ours_25': [0.12, 0.12, 0.12], 'boolean_25': [0.30, 0.30, 0.30],
+                                           'compiled_25': [0.08, 0.09, 0.085], 'ours_40': [0.2, 0.2, 0.2]}},
+             {'batch_size': 8, 'seconds': {k: [1.0] * 3 for k in ('timm', 'timm_compiled', 'ours_25', 'boolean_25',
+                                                                  'compiled_25', 'ours_40')}}]
+    results = {'models': {'tiny': {'model': 'deit_tiny_patch16_224', 'batch_size': 10, 'rows': rows, 'checks': {},
+                                   'short': 'Ti', 'label': 'DeiT-Ti', 'summary_sweep': {'batches': sweep}}},
+               'settings': {'dtype': 'fp32'}}
+    report.attach_summary(results, 'cuda')
+    first, second = results['summary']
+    assert set(first) == {
+        'model', 'timm_model', 'prune_rate', 'batch_size', 'protocol', 'flops_ratio', 'best_pruned_mode',
+        'best_dense_mode', 'speedup_vs_best_dense', 'speedup_vs_best_dense_range', 'speedup_vs_best_dense_ci',
+        'speedup_vs_timm_eager', 'speedup_vs_timm_eager_range', 'speedup_vs_timm_eager_ci', 'speedup_by_batch',
+        'speedup_batch1', 'speedup_batch32', 'targets'}
+    assert (first['model'], first['flops_ratio']) == ('C&C-Ti-25', 1.37)
+    assert (first['best_pruned_mode'], first['best_dense_mode']) == ('boolean', 'timm-compiled')
+    # per-round timm_compiled/boolean: 0.80/0.60, 0.85/0.75, 0.75/0.62 -> median 0.75/0.62
+    assert first['speedup_vs_best_dense'] == pytest.approx(0.75 / 0.62)
+    # per-round timm/boolean: 1.00/0.60, 1.10/0.75, 0.90/0.62 -> median 1.10/0.75
+    assert first['speedup_vs_timm_eager'] == pytest.approx(1.10 / 0.75)
+    # batch 1: fastest pruned = ours compiled (median 0.085), fastest dense = timm (0.10): median 0.10/0.085
+    assert first['speedup_by_batch']['1']['best_pruned_mode'] == 'ours-compiled'
+    assert first['speedup_batch1'] == pytest.approx(0.10 / 0.085)
+    assert first['speedup_batch32'] is None and first['speedup_by_batch']['8']['speedup'] == 1.0
+    assert (second['model'], second['best_pruned_mode'], second['speedup_batch1']) == ('C&C-Ti-40', 'ours', 0.5)
+    # targets: >= 0.9 x the FLOPs ratio, batch 1 >= 1.0; none for batch 32, which did not run
+    assert set(first['targets']) == {'vs_best_dense', 'batch1'}
+    assert first['targets']['vs_best_dense']['threshold'] == pytest.approx(0.9 * 1.37)
+    assert first['targets']['vs_best_dense']['met'] == (0.75 / 0.62 >= 0.9 * 1.37)
+    assert second['targets']['batch1']['met'] is False
+    assert sum('fastest pruned' in t['target'] for t in results['targets']) == 4
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the original code's protocol
+
+def test_original_protocol_times_each_row_alone_with_autograd_and_the_original_settings(monkeypatch):
+    weight = torch.ones(1, requires_grad=True)
+    calls = []
+
+    def row(name):
+        def run(x):
+            out = (x * weight).sum()
+            calls.append({'row': name, 'graph': out.grad_fn is not None, 'cudnn_benchmark': torch.backends.cudnn.benchmark,
+                          'shape': tuple(x.shape), 'dtype': x.dtype, 'uniform': 0 <= x.min().item() <= x.max().item() < 1,
+                          'input': x.data_ptr()})
+            return out
+        return run
+
+    clock = iter([10.0, 14.0, 20.0, 22.0])  # start and end of row a, then of row b
+    monkeypatch.setattr(zoo, 'time', SimpleNamespace(perf_counter=lambda: next(clock)))
+    before = torch.backends.cudnn.benchmark
+    with torch.no_grad():  # the caller's no_grad does not reach the protocol: it builds autograd graphs
+        t = zoo.time_original({'a': row('a'), 'b': row('b')}, batch=3, device=CPU, passes=4, shape=(3, 8, 8))
+    assert [c['row'] for c in calls] == ['a'] * 4 + ['b'] * 4  # one row after another, no warm-up
+    assert all(c['graph'] and c['cudnn_benchmark'] and c['dtype'] == torch.float32 and c['uniform'] for c in calls)
+    assert {c['shape'] for c in calls} == {(3, 3, 8, 8)}
+    assert len({c['input'] for c in calls[:4]}) == 1  # one input batch per row
+    assert t.seconds == {'a': [1.0], 'b': [0.5]}  # (14 - 10) / 4 and (22 - 20) / 4: the mean pass time
+    assert t.ratio('b', 'a')['median'] == 2.0 and t.ratio('b', 'a')['ci'] is None
+    assert torch.backends.cudnn.benchmark == before
+
+
+def test_original_settings_allow_tf32_on_cuda_only_and_are_restored():
+    b = torch.backends
+    before = (b.cudnn.benchmark, b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32)
+    b.cuda.matmul.allow_tf32 = False
+    try:
+        with zoo.original_settings(CPU):
+            assert b.cudnn.benchmark and not b.cuda.matmul.allow_tf32
+        with pytest.raises(RuntimeError):
+            with zoo.original_settings(torch.device('cuda')):  # flags only: no GPU needed to set them
+                assert b.cudnn.benchmark and b.cuda.matmul.allow_tf32 and b.cudnn.allow_tf32
+                raise RuntimeError('a row failed')
+        assert (b.cudnn.benchmark, b.cuda.matmul.allow_tf32) == (before[0], False)
+    finally:
+        b.cudnn.benchmark, b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32 = before
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# arguments: one validation before any work
+
+# Every option of the parser is classified here, so a new numeric flag without a test of its range fails below.
+# Numeric flags: values refused besides nan, inf and -1, and values accepted (the documented edges).
+NUMERIC = {
+    '--batch-size': (['0', '65537', '1.5'], ['1', '65536']),
+    '--repeats': (['0', '100001'], ['1']),
+    '--warmup': (['100001', '0.5'], ['0']),
+    '--original-passes': (['0', '100001'], ['1']),
+    '--scoring-repeats': (['100001'], ['0']),
+    '--scoring-batch-size': (['0', '65537'], ['1']),
+    '--routing-repeats': (['100001'], ['0']),
+    '--breakdown-rounds': (['100001'], ['0']),
+    '--threads': (['0', '1025'], ['1', '1024']),
+    '--seed': (['4294967296', '1e3'], ['0', '4294967295']),
+    '--rates': (['0', '1', '1.5', 'abc', '0.25,abc', '0.3,0.3', '0.25,0.251', ''], ['0.5', '0.1,0.9']),
+    '--sweep-rates': (['1', '0.5,nan'], ['0', '0,0.5', '']),
+    '--sweep-batch-sizes': (['0', '65537', '8,8'], ['1,8', '']),
+    '--summary-batch-sizes': (['0', '2.5'], ['1,32', '']),
+}
+OTHER_OPTIONS = {'-h', '--help', '--device', '--models', '--dtype', '--masks', '--compile', '--no-compile',
+                 '--compile-models', '--protocol', '--malloc', '--json', '--markdown', '--quick'}
+
+
+def _parse(tmp_path, *argv, folder='out'):
+    return zoo.parse_args(['--device', 'cpu', '--json', str(tmp_path / folder / 'r.json'), *argv])
+
+
+def _refused(capsys, tmp_path, *argv) -> str:
+    with pytest.raises(SystemExit) as e:
+        _parse(tmp_path, *argv, folder='refused')
+    assert e.value.code == 2, argv
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('error: '), (argv, lines)
+    assert not (tmp_path / 'refused').exists(), argv  # nothing written
+    return lines[0]
+
+
+def test_every_numeric_flag_refuses_nan_inf_negative_and_out_of_range_values_naming_the_flag(capsys, tmp_path):
+    options = {s for a in zoo.build_parser()._actions for s in a.option_strings}
+    assert options == set(NUMERIC) | OTHER_OPTIONS, 'classify the new option here'
+    for flag, (refused, accepted) in NUMERIC.items():
+        extra = ['--protocol', 'original'] if flag == '--original-passes' else []
+        for value in ['nan', 'inf', '-1', *refused]:
+            line = _refused(capsys, tmp_path, *extra, flag, value)
+            assert flag in line, (flag, value, line)
+        for value in accepted:
+            args = _parse(tmp_path, *extra, flag, value)
+            dest = flag[2:].replace('-', '_')
+            parsed = getattr(args, dest)
+            if isinstance(parsed, list):
+                number = float if 'rates' in flag else int
+                assert parsed == [number(v) for v in value.split(',') if v]
+            else:
+                assert parsed == int(value)
+
+
+@pytest.mark.parametrize('argv, flag, words', [
+    (['--models', 'tiny,huge'], '--models', "unknown model 'huge'"),
+    (['--models', 'tiny,deit_tiny_patch16_224'], '--models', 'the same model'),
+    (['--models', ''], '--models', 'no model given'),
+    (['--compile-models', 'small'], '--compile-models', "'small' is not one of --models"),
+    (['--original-passes', '5'], '--original-passes', 'only with --protocol original'),
+    (['--device', 'tpu'], '--device', 'invalid choice'),
+    (['--no-such-flag'], '--no-such-flag', 'unrecognized'),
+])
+def test_other_mistakes_are_one_line_naming_the_flag(capsys, tmp_path, argv, flag, words):
+    line = _refused(capsys, tmp_path, '--models', 'tiny', *argv)  # the last --models given counts
+    assert flag in line and words in line, line
+
+
+def test_outputs_are_checked_writable_before_any_work(capsys, tmp_path):
+    blocker = tmp_path / 'a_file'
+    blocker.write_text('')
+    line = _refused(capsys, tmp_path, '--markdown', str(blocker / 'sub' / 'r.md'))
+    assert '--markdown' in line and 'not a directory' in line
+    line = _refused(capsys, tmp_path, '--json', str(tmp_path))
+    assert '--json' in line and 'is a directory' in line
+    assert '--json' in _refused(capsys, tmp_path, '--json', '')
+    # --json's folder is made before --markdown fails: it is removed again, so nothing is left behind.
+    line = _refused(capsys, tmp_path, '--json', str(tmp_path / 'new' / 'deeper' / 'r.json'),
+                    '--markdown', str(tmp_path / 'new' / 'deeper' / 'r.json'))
+    assert '--markdown' in line and not (tmp_path / 'new').exists()
+    args = _parse(tmp_path, '--markdown', str(tmp_path / 'made' / 'for' / 'r.md'))
+    assert (tmp_path / 'made' / 'for').is_dir() and os.listdir(tmp_path / 'made' / 'for') == []  # probe removed
+    assert args.json == str(tmp_path / 'out' / 'r.json')
+
+
+def test_quick_fills_in_only_what_the_user_did_not_give(tmp_path):
+    args = _parse(tmp_path, '--quick', '--rates', '0.3', '--models', 'small', '--batch-size', '4', '--repeats', '3',
+                  '--compile')
+    assert (args.rates, args.models, args.batch_size, args.repeats, args.compile) == ([0.3], ['small'], 4, 3, True)
+    assert args.timm_models == {'small': 'deit_small_patch16_224'}
+    assert not {'rates', 'models', 'batch_size', 'repeats', 'compile'} & set(args.quick_set)
+    assert args.quick_set['warmup'] == 1 and args.quick_set['sweep_batch_sizes'] == [1, 8]
+    line = zoo.quick_line(args)
+    assert line.startswith('--quick set: ') and '--warmup 1' in line and '--rates' not in line
+    plain = _parse(tmp_path)  # without --quick: the device's defaults, nothing "set by --quick"
+    assert (plain.rates, plain.models, plain.repeats, plain.quick_set) == (
+        [0.25, 0.30, 0.40], ['tiny', 'small', 'base'], 15, {})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the script run in process, small: summary against its rows, a registered formulation, the original protocol
+
+SMALL = ['--device', 'cpu', '--quick', '--masks', 'random', '--rates', '0.25', '--batch-size', '2', '--repeats', '3',
+         '--warmup', '0', '--sweep-batch-sizes', '', '--sweep-rates', '', '--scoring-repeats', '0',
+         '--routing-repeats', '0', '--breakdown-rounds', '0', '--summary-batch-sizes', '1,2', '--malloc', 'default']
+
+
+def _fastest(rows_or_seconds, batch):
+    return max(rows_or_seconds, key=lambda kv: batch / statistics.median(kv[1]))
+
+
+def test_quick_run_summary_agrees_with_the_rows_it_comes_from(tmp_path, capsys, monkeypatch, one_thread):
+    extra = F.Formulation('extra-eager', 'extra', 'ours again, registered', lambda cc, d, ctx: copy.deepcopy(cc),
+                          pruned=True, requires='json')
+    extra_dense = F.Formulation('extra-dense', 'extra_dense', 'timm again, registered',
+                                lambda cc, d, ctx: copy.deepcopy(d), pruned=False, requires='json')
+    missing = F.Formulation('needs-missing', 'missing', 'never built', lambda *a: None, pruned=True,
+                            requires='benchmarks_test_no_such_module')
+    for f in (extra, extra_dense, missing):
+        monkeypatch.setitem(F.REGISTRY, f.name, f)
+    res = zoo.main(SMALL + ['--json', str(tmp_path / 'r.json')])
+    out = capsys.readouterr().out
+    assert json.loads((tmp_path / 'r.json').read_text())['summary'] == res['summary']
+    assert [line for line in out.splitlines() if line.startswith('--quick set:')] == [zoo.quick_line(
+        SimpleNamespace(quick_set={'models': ['tiny'], 'compile': False}))]
+    assert 'note: formulation needs-missing not timed: benchmarks_test_no_such_module is not importable' in out
+    model = res['models']['tiny']
+    rows = model['rows']
+    assert [r['kind'] for r in rows] == ['timm', 'extra-dense', 'ours', 'boolean', 'extra-eager']
+    assert model['checks']['extra_25_vs_ours_max_abs'] < 1e-4 and model['checks']['extra_dense_vs_timm_max_abs'] < 1e-4
+
+    entry, = res['summary']
+    dense = [(r['key'], r['seconds']) for r in rows if r['dense']]
+    pruned = [(r['key'], r['seconds']) for r in rows if not r['dense']]
+    by_key = {r['key']: r for r in rows}
+    (bp, p_s), (bd, d_s) = _fastest(pruned, 2), _fastest(dense, 2)
+    assert (entry['model'], entry['prune_rate'], entry['protocol']) == ('C&C-Ti-25', 0.25, 'ours')
+    assert (entry['best_pruned_mode'], entry['best_dense_mode']) == (by_key[bp]['kind'], by_key[bd]['kind'])
+    assert entry['flops_ratio'] == pytest.approx(by_key['timm']['gflops'] / by_key[bp]['gflops'])
+    assert entry['speedup_vs_best_dense'] == pytest.approx(statistics.median([d / p for p, d in zip(p_s, d_s)]))
+    timm_s = by_key['timm']['seconds']
+    assert entry['speedup_vs_timm_eager'] == pytest.approx(statistics.median([t / p for p, t in zip(p_s, timm_s)]))
+    assert entry['speedup_vs_timm_eager'] == pytest.approx(by_key[bp]['speedup_vs_timm'])
+    sweep = {b['batch_size']: b['seconds'] for b in model['summary_sweep']['batches']}
+    assert sorted(sweep) == [1, 2] and all(set(s) == set(by_key) for s in sweep.values())  # every mode swept
+    for bs, seconds in sweep.items():
+        (sp, sp_s) = _fastest([(k, seconds[k]) for k, _ in pruned], bs)
+        (sd, sd_s) = _fastest([(k, seconds[k]) for k, _ in dense], bs)
+        got = entry['speedup_by_batch'][str(bs)]
+        assert (got['best_pruned_mode'], got['best_dense_mode']) == (by_key[sp]['kind'], by_key[sd]['kind'])
+        assert got['speedup'] == pytest.approx(statistics.median([d / p for p, d in zip(sp_s, sd_s)]))
+    assert entry['speedup_batch1'] == entry['speedup_by_batch']['1']['speedup']
+    assert entry['speedup_batch32'] is None  # not swept
+    target = next(t for t in res['targets'] if t['target'].startswith('C&C-Ti-25: fastest pruned ('))
+    assert target['threshold'] == pytest.approx(0.9 * entry['flops_ratio'])
+    assert '| model | FLOPs ratio | best pruned mode | best dense mode |' in out
+    assert (tmp_path / 'r.md').read_text().strip() in out
+
+
+def test_original_protocol_runs_on_cpu_and_says_so(tmp_path, capsys, one_thread):
+    res = zoo.main(SMALL + ['--protocol', 'original', '--original-passes', '1', '--json', str(tmp_path / 'o.json')])
+    out = capsys.readouterr().out
+    assert res['settings']['protocol'] == 'original' and res['protocol']['main_table'] == 'original'
+    rows = res['models']['tiny']['rows']
+    timm_s = rows[0]['seconds'][0]
+    for r in rows:
+        assert r['protocol'] == 'original' and len(r['seconds']) == 1
+        assert r['images_per_s'] == pytest.approx(2 / r['seconds'][0])
+        assert r['speedup_vs_timm'] == pytest.approx(timm_s / r['seconds'][0]) and r['speedup_vs_timm_ci'] is None
+    entry, = res['summary']
+    assert entry['protocol'] == 'original' and entry['speedup_vs_best_dense_ci'] is None
+    assert res['models']['tiny']['summary_sweep']['protocol'] == 'ours'
+    assert 'Protocol "original"' in out and 'mean of 1 passes' in out
+    assert 'Main table: protocol original; sweeps, routing, scoring and breakdown: protocol ours' in out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the script as a user runs it
+
+def _run_model_zoo(*args):
+    return subprocess.run([sys.executable, os.path.join('benchmarks', 'model_zoo.py'), *args], cwd=ROOT,
+                          env=subprocess_env(), capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--rates', 'abc'], "argument --rates: 'abc' is not a number"),
+    (['--batch-size', '0'], 'argument --batch-size: must be from 1 to 65536, got 0'),
+    (['--json', os.path.join(ROOT, 'README.md', 'r.json')], 'argument --json: cannot create'),
+])
+def test_model_zoo_rejects_bad_arguments_in_one_line_before_any_work(args, message):
+    proc = _run_model_zoo('--device', 'cpu', *args)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and proc.stderr.startswith(f'error: {message}')
+    assert 'Traceback' not in proc.stderr and proc.stdout == ''
+
+
+@pytest.mark.slow
+def test_model_zoo_quick_run_prints_the_tables_and_writes_json(tmp_path):
+    out = tmp_path / 'zoo.json'
+    proc = _run_model_zoo('--quick', '--device', 'cpu', '--json', str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(out.read_text())
+    rows = res['models']['tiny']['rows']
+    assert [r['kind'] for r in rows] == ['timm', 'ours', 'boolean', 'ours', 'boolean']
+    assert all(r['counter_gflops'] == pytest.approx(r['gflops'], rel=1e-6) for r in rows)
+    assert set(res['models']['tiny']['breakdown']) == {'25', '40'}
+    assert [e['model'] for e in res['summary']] == ['C&C-Ti-25', 'C&C-Ti-40']
+    assert all(e['speedup_batch1'] is not None and e['speedup_batch32'] is not None for e in res['summary'])
+    for heading in ('| model | formulation | batch |', 'Summary: the fastest pruned mode', 'Where the time goes',
+                    'Token routing alone', 'images/s against batch size', 'images/s against prune rate',
+                    '| target |'):
+        assert heading in proc.stdout, heading
+    assert (tmp_path / 'zoo.md').read_text().strip() in proc.stdout
+    assert proc.stdout.rstrip().splitlines()[-1].startswith(f'{sum(t["met"] for t in res["targets"])} of ')
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the README stays true
+
+def test_readme_lists_every_option_and_nothing_cites_outside_the_repository():
+    bench = os.path.join(ROOT, 'benchmarks')
+    readme = open(os.path.join(bench, 'README.md')).read()
+    options = {s for a in zoo.build_parser()._actions for s in a.option_strings if s.startswith('--')} - {'--help'}
+    assert sorted(o for o in options if f'`{o}' not in readme) == []
+    results = [os.path.join('results', f) for f in os.listdir(os.path.join(bench, 'results')) if f.endswith('.md')]
+    for name in ['README.md'] + results + [f for f in os.listdir(bench) if f.endswith('.py')]:
+        text = open(os.path.join(bench, name)).read()
+        assert not re.search(r'DESIGN|\bissue \d|\(issue', text), name
