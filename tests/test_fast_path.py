@@ -1,0 +1,464 @@
+"""The fast inference path: each fused kernel against its torch reference and against plain torch written here,
+then the whole path against the eager model's logits (dense, pruned, a token that comes back, LayerScale,
+distilled, global-average pooling, register tokens).
+
+Without a GPU the Triton kernels run in Triton's CPU interpreter (tests/conftest.py sets TRITON_INTERPRET=1
+before models.fast_kernels is imported) on small odd shapes; on a CUDA machine the same tests run the compiled
+kernels on the GPU, and the CUDA-only tests below (fp16 accuracy of a DeiT-Ti-sized model, CUDA graphs,
+the attention choice) run too.  The interpreter computes a bf16 ``tl.dot`` wrongly (checked with Triton 3.9:
+results off by 1e10), so bf16 attention is checked on CUDA only; bf16 row kernels are checked everywhere, but
+the interpreter rounds fp32 -> bf16 toward zero (the GPU to nearest even), so a bf16 result is compared within
+an ulp there instead of bit for bit.
+"""
+import copy
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from timm.models.deit import VisionTransformerDistilled
+from timm.models.vision_transformer import VisionTransformer
+
+import models
+import pruning
+from models import fast_kernels as K
+from models.fast_path import AttentionChoice, build_fast_path, choose_attention, run_attention
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device('cuda' if CUDA else 'cpu')
+cuda_only = pytest.mark.skipif(not CUDA, reason='needs a CUDA GPU')
+needs_triton = pytest.mark.skipif(not K.triton_runs_on(torch.empty(0, device=DEVICE)),
+                                  reason='Triton cannot run here (no CUDA, no interpreter)')
+# fp32 logits: on CPU everything is fp32; on CUDA the Triton attention's fp32 dot runs in tf32.
+LOGIT_TOL = 2e-3 if CUDA else 1e-4
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _randn(*shape, seed=0, dtype=torch.float32):
+    return torch.randn(*shape, generator=_gen(seed)).to(DEVICE, dtype)
+
+
+def _same_rounding(a, b):
+    """Bit-equal, except bf16 under the interpreter (which rounds toward zero): within one bf16 ulp there."""
+    if a.dtype == torch.bfloat16 and not CUDA:
+        return (a.double() - b.double()).abs().max().item() <= torch.finfo(torch.bfloat16).eps * max(
+            1.0, b.abs().max().item())
+    return torch.equal(a, b)
+
+
+def _ulp_tol(dtype, scale):
+    """A few units in the last place of ``dtype`` at magnitude ``scale`` (fp32: float rounding only)."""
+    return 4 * torch.finfo(dtype).eps * max(1.0, scale)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# kernels
+
+def plain_layer_norm(rows, weight, bias, eps):
+    """(h - mean) / sqrt(biased var + eps) * weight + bias, in float64."""
+    h = rows.double()
+    mean = h.mean(-1, keepdim=True)
+    var = ((h - mean) ** 2).mean(-1, keepdim=True)
+    y = (h - mean) / torch.sqrt(var + eps)
+    if weight is not None:
+        y = y * weight.double()
+    if bias is not None:
+        y = y + bias.double()
+    return y
+
+
+# C=40: not a power of two; ids repeated and unsorted for the gather; n*B not a multiple of the row tile.
+GATHER_IDS = [7, 0, 20, 7, 3, 12, 5, 3, 19, 1, 2]
+DISTINCT_IDS = [7, 0, 20, 3, 12, 5, 19, 1, 2]
+
+
+@needs_triton
+@pytest.mark.parametrize('C', [40, 64])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize('affine', [True, False])
+def test_gather_layer_norm(C, dtype, affine):
+    x = _randn(3, 21, C, seed=1, dtype=dtype) * 3 + 1
+    ids = torch.tensor(GATHER_IDS, device=DEVICE)
+    w, b = (_randn(C, seed=2), _randn(C, seed=3)) if affine else (None, None)
+    ours = K.gather_layer_norm_triton(x, ids, w, b, 1e-6, out_dtype=dtype)
+    ref = K.gather_layer_norm_reference(x, ids, w, b, 1e-6, out_dtype=dtype)
+    plain = plain_layer_norm(x[:, ids], w, b, 1e-6)
+    assert ours.shape == (3, len(GATHER_IDS), C) and ours.dtype == dtype
+    tol = _ulp_tol(dtype, plain.abs().max().item())
+    assert (ours.double() - ref.double()).abs().max().item() <= tol
+    assert (ours.double() - plain).abs().max().item() <= tol
+    # fp32 output from a low-precision buffer: the LN of the stored values, not rounded again
+    ours32 = K.gather_layer_norm_triton(x, ids, w, b, 1e-6, out_dtype=torch.float32)
+    assert (ours32.double() - plain).abs().max().item() <= _ulp_tol(torch.float32, plain.abs().max().item())
+
+
+@needs_triton
+@pytest.mark.parametrize('x_dtype,a_dtype', [(torch.float32, torch.float32), (torch.float32, torch.float16),
+                                             (torch.float16, torch.float16), (torch.float32, torch.bfloat16)])
+@pytest.mark.parametrize('layer_scale', [True, False])
+def test_residual_layer_norm_updates_kept_rows_and_normalises(x_dtype, a_dtype, layer_scale):
+    C = 40
+    x = _randn(3, 21, C, seed=4, dtype=x_dtype)
+    ids = torch.tensor(DISTINCT_IDS, device=DEVICE)
+    a = _randn(3, len(DISTINCT_IDS), C, seed=5, dtype=a_dtype)
+    g = _randn(C, seed=6) if layer_scale else None
+    w, b = _randn(C, seed=7), _randn(C, seed=8)
+    ours_x, ref_x = x.clone(), x.clone()
+    ours = K.residual_layer_norm_triton_(ours_x, ids, a, g, w, b, 1e-5)
+    ref = K.residual_layer_norm_reference_(ref_x, ids, a, g, w, b, 1e-5)
+    # plain torch: h = x[:, ids] + g * a, rounded to the buffer's dtype, written back; LN of that
+    h = (x[:, ids].double() + a.double() * (g.double() if layer_scale else 1.0)).to(x_dtype)
+    plain_x = x.clone()
+    plain_x[:, ids] = h
+    plain = plain_layer_norm(h, w, b, 1e-5)
+    assert ours.dtype == a_dtype
+    assert _same_rounding(ours_x, ref_x)
+    assert (ours_x.double() - plain_x.double()).abs().max().item() <= _ulp_tol(x_dtype, 8)
+    untouched = torch.ones(21, dtype=torch.bool)
+    untouched[DISTINCT_IDS] = False
+    assert torch.equal(ours_x[:, untouched.to(DEVICE)], x[:, untouched.to(DEVICE)])
+    tol = _ulp_tol(a_dtype, plain.abs().max().item())
+    assert (ours.double() - ref.double()).abs().max().item() <= tol
+    assert (ours.double() - plain).abs().max().item() <= tol
+
+
+@needs_triton
+@pytest.mark.parametrize('x_dtype,m_dtype', [(torch.float32, torch.float32), (torch.float32, torch.float16),
+                                             (torch.bfloat16, torch.bfloat16)])
+@pytest.mark.parametrize('layer_scale', [True, False])
+def test_residual_scatter_adds_into_kept_rows_only(x_dtype, m_dtype, layer_scale):
+    C = 24
+    x = _randn(2, 13, C, seed=9, dtype=x_dtype)
+    ids = torch.tensor([12, 4, 0, 9, 5], device=DEVICE)
+    m = _randn(2, 5, C, seed=10, dtype=m_dtype)
+    g = _randn(C, seed=11) if layer_scale else None
+    ours, ref = x.clone(), x.clone()
+    assert K.residual_scatter_triton_(ours, ids, m, g) is ours
+    K.residual_scatter_reference_(ref, ids, m, g)
+    plain = x.clone()
+    plain[:, ids] = (x[:, ids].double() + m.double() * (g.double() if layer_scale else 1.0)).to(x_dtype)
+    assert _same_rounding(ours, ref)
+    assert (ours.double() - plain.double()).abs().max().item() <= _ulp_tol(x_dtype, 8)
+    rest = [i for i in range(13) if i not in (12, 4, 0, 9, 5)]
+    assert torch.equal(ours[:, rest], x[:, rest])
+
+
+@needs_triton
+def test_row_kernels_refuse_mismatched_shapes():
+    x = torch.zeros(2, 5, 8, device=DEVICE)
+    ids = torch.tensor([0, 1], device=DEVICE)
+    with pytest.raises(ValueError, match=r'expected a \(2, 2, 8\) tensor'):
+        K.residual_scatter_triton_(x, ids, torch.zeros(2, 3, 8, device=DEVICE), None)
+    with pytest.raises(ValueError, match='ids must be a 1-D'):
+        K.gather_layer_norm_triton(x, ids.view(1, 2), None, None, 1e-6)
+
+
+def plain_attention(qkv, num_heads, scale):
+    """softmax(q k^T * scale) v per (image, head), in float64, from a (B, n, 3, H, D) layout."""
+    B, n, three_c = qkv.shape
+    D = three_c // (3 * num_heads)
+    q, k, v = qkv.double().view(B, n, 3, num_heads, D).permute(2, 0, 3, 1, 4)
+    p = torch.softmax(q @ k.transpose(-1, -2) * scale, dim=-1)
+    return (p @ v).transpose(1, 2).reshape(B, n, num_heads * D)
+
+
+ATTN_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
+
+
+@needs_triton
+@pytest.mark.parametrize('n', [1, 17, 70])
+@pytest.mark.parametrize('dtype', ATTN_DTYPES)
+@pytest.mark.parametrize('tiles', [(64, 64, 4), (32, 64, 4), (64, 256, 8)])
+def test_attention_kernel(n, dtype, tiles):
+    H, D = 2, 32
+    qkv = _randn(2, n, 3 * H * D, seed=n, dtype=dtype) * 2
+    ours = K.attention_triton(qkv, H, D ** -0.5, block_m=tiles[0], block_n=tiles[1], num_warps=tiles[2])
+    ref = K.attention_reference(qkv, H, D ** -0.5)
+    plain = plain_attention(qkv, H, D ** -0.5)
+    assert ours.shape == (2, n, H * D) and ours.dtype == dtype
+    # P is rounded to the input dtype before P@V (as in flash attention); fp32 on CUDA runs the dots in tf32.
+    tol = {torch.float32: 2e-3 if CUDA else 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype]
+    assert (ours.double() - plain).abs().max().item() <= tol
+    assert (ref.double() - plain).abs().max().item() <= tol
+
+
+@cuda_only
+@pytest.mark.parametrize('n', [129, 148, 197])
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+def test_attention_kernel_deit_shapes_on_cuda(n, dtype):
+    H, D = 3, 64
+    qkv = _randn(8, n, 3 * H * D, seed=n, dtype=dtype)
+    plain = plain_attention(qkv, H, D ** -0.5)
+    for tiles in K.ATTENTION_TILES:
+        ours = K.attention_triton(qkv, H, D ** -0.5, block_m=tiles[0], block_n=tiles[1], num_warps=tiles[2])
+        assert (ours.double() - plain).abs().max().item() <= (4e-3 if dtype == torch.float16 else 3e-2), tiles
+
+
+def test_attention_dispatch_falls_back_for_other_head_dims():
+    qkv = _randn(2, 9, 3 * 2 * 24, seed=3)  # head_dim 24: no Triton tile
+    out = K.attention(qkv, 2, 24 ** -0.5)
+    assert (out.double() - plain_attention(qkv, 2, 24 ** -0.5)).abs().max().item() <= 1e-5
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the whole path
+
+TINY = dict(embed_dim=64, depth=3, num_heads=2, img_size=32, patch_size=8, num_classes=10)
+
+
+def tiny_cc(seed=0, **kw):
+    torch.manual_seed(seed)
+    return timm.create_model('cc_deit_tiny_patch16_224', **dict(TINY, **kw)).to(DEVICE).eval()
+
+
+def images(batch=3, seed=0, size=32):
+    return _randn(batch, 3, size, size, seed=seed)
+
+
+def original_order_reference(model, x, kept_ids):
+    """The original-order formulation with timm's own modules: x[:, ids] = block(x[:, ids]) per block."""
+    t = model.norm_pre(model._pos_embed(model.patch_embed(x)))
+    for blk, ids in zip(model.blocks, kept_ids):
+        ids = ids.to(t.device)
+        t = t.clone()
+        t[:, ids] = timm.models.vision_transformer.Block.forward(blk, t[:, ids])
+    return model.forward_head(model.norm(t))
+
+
+def revisiting_plan(depth, num_patches, seed):
+    """A random plan (original order) in which some patch is clipped at one block and kept at a later one."""
+    plan = torch.rand(depth, num_patches, generator=_gen(seed)) > 0.4
+    assert any(not plan[l, j] and plan[l2, j]
+               for j in range(num_patches) for l in range(depth) for l2 in range(l + 1, depth))
+    return plan
+
+
+def _close(ours, ref):
+    return (ours - ref).abs().max().item() <= LOGIT_TOL * max(1.0, ref.abs().max().item())
+
+
+def _cases():
+    """(backend, attention) pairs to run the whole path with here."""
+    out = [('torch', 'auto')]
+    if K.triton_runs_on(torch.empty(0, device=DEVICE)):
+        out += [('triton', 'sdpa'), ('triton', 'triton')] + ([('triton', 'auto')] if CUDA else [])
+    return out
+
+
+CASES = _cases()
+
+
+@torch.no_grad()
+def test_original_order_reference_equals_concat_order_model():
+    """The test's reference formulation against the repo's model (tokens in concat order): the same logits."""
+    model = tiny_cc(1)
+    pruning.apply_masks(model, revisiting_plan(3, 16, 1))
+    x = images()
+    assert (original_order_reference(model, x, model.kept_token_ids()) - model(x)).abs().max().item() < 1e-4
+
+
+@torch.no_grad()
+@pytest.mark.parametrize('backend,attention', CASES)
+def test_dense_model(backend, attention):
+    model = tiny_cc(0)
+    fast = build_fast_path(model, backend=backend, attention=attention)
+    assert fast.describe()['kept_counts'] == [17, 17, 17]
+    assert all(blk.dense for blk in fast.blocks)
+    x = images()
+    assert _close(fast(x), model(x))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize('backend,attention', CASES)
+@pytest.mark.parametrize('plan', ['random', 'revisiting'])
+def test_pruned_model(backend, attention, plan):
+    model = tiny_cc(2)
+    x = images(seed=2)
+    dense = model(x)
+    masks = (pruning.random_masks(3, 16, 0.3, generator=_gen(0)) if plan == 'random'
+             else revisiting_plan(3, 16, 2))
+    pruning.apply_masks(model, masks)
+    ref = model(x)
+    assert (ref - dense).abs().max().item() > 1e-3  # the masks change the logits
+    fast = build_fast_path(model, backend=backend, attention=attention)
+    assert fast.describe()['kept_counts'] == [int(m.sum()) + 1 for m in masks]
+    assert _close(fast(x), ref)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize('backend,attention', CASES)
+def test_layer_scale(backend, attention):
+    model = tiny_cc(3, init_values=0.5)
+    pruning.apply_masks(model, pruning.random_masks(3, 16, 0.3, generator=_gen(3)))
+    assert float(model.blocks[0].ls1.gamma[0]) == 0.5
+    x = images(seed=3)
+    fast = build_fast_path(model, backend=backend, attention=attention)
+    assert fast.blocks[0].gamma1 is not None
+    assert _close(fast(x), model(x))
+
+
+def _kept_ids(depth, N, prefix, seed, rate=0.35):
+    """Random per-block ids that keep every prefix token and clip some patches (each block keeps one at least)."""
+    out = []
+    for l in range(depth):
+        keep = torch.rand(N - prefix, generator=_gen(seed + l)) > rate
+        keep[l] = True
+        out.append(torch.cat([torch.arange(prefix), keep.nonzero().squeeze(1) + prefix]))
+    return out
+
+
+@torch.no_grad()
+@pytest.mark.parametrize('backend,attention', CASES)
+def test_distilled_model(backend, attention):
+    """DeiT's distilled model (class + distillation token; eval logits = mean of both heads): dense against its
+    own forward, pruned (ids chosen here) against the original-order reference."""
+    torch.manual_seed(4)
+    model = VisionTransformerDistilled(**TINY).to(DEVICE).eval()
+    x = images(seed=4)
+    assert _close(build_fast_path(model, backend=backend, attention=attention)(x), model(x))
+    ids = _kept_ids(3, 18, 2, seed=4)
+    fast = build_fast_path(model, backend=backend, attention=attention, kept_ids=ids)
+    ref = original_order_reference(model, x, ids)
+    assert (ref - model(x)).abs().max().item() > 1e-3
+    assert fast.head_ids.tolist() == [0, 1]  # the final norm runs on the two tokens the heads read
+    assert _close(fast(x), ref)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize('backend,attention', CASES)
+def test_global_average_pool_without_class_token(backend, attention):
+    torch.manual_seed(5)
+    model = VisionTransformer(**TINY, class_token=False, global_pool='avg').to(DEVICE).eval()
+    assert model.num_prefix_tokens == 0 and not isinstance(model.fc_norm, torch.nn.Identity)
+    x = images(seed=5)
+    assert _close(build_fast_path(model, backend=backend, attention=attention)(x), model(x))
+    ids = _kept_ids(3, 16, 0, seed=5)
+    fast = build_fast_path(model, backend=backend, attention=attention, kept_ids=ids)
+    ref = original_order_reference(model, x, ids)
+    assert (ref - model(x)).abs().max().item() > 1e-3
+    assert fast.head_ids.numel() == 16  # average pooling reads every token
+    assert _close(fast(x), ref)
+
+
+@torch.no_grad()
+def test_register_tokens_and_position_embedding_without_class_entry():
+    torch.manual_seed(6)
+    model = VisionTransformer(**TINY, reg_tokens=2, no_embed_class=True).to(DEVICE).eval()
+    assert model.num_prefix_tokens == 3
+    x = images(seed=6)
+    for backend, attention in CASES:
+        assert _close(build_fast_path(model, backend=backend, attention=attention)(x), model(x)), backend
+
+
+@torch.no_grad()
+def test_residual_stream_in_half_precision():
+    """residual_dtype=fp16: the buffer is stored in fp16, the logits stay within fp16 rounding of fp32."""
+    model = tiny_cc(7)
+    pruning.apply_masks(model, pruning.random_masks(3, 16, 0.3, generator=_gen(7)))
+    x = images(seed=7)
+    ref = model(x)
+    for backend, attention in CASES:
+        fast = build_fast_path(model, backend=backend, attention=attention, residual_dtype=torch.float16)
+        out = fast(x)
+        diff = (out - ref).abs().max().item()
+        assert 0 < diff <= 1e-2 * max(1.0, ref.abs().max().item()), (backend, diff)
+
+
+@pytest.mark.parametrize('kwargs,what', [
+    (dict(qk_norm=True), 'qk_norm is not supported'),
+    (dict(act_layer='gelu_tanh'), 'only exact-erf GELU'),
+    (dict(norm_layer='rmsnorm'), 'only LayerNorm'),
+])
+def test_unsupported_models_are_refused_at_build_time(kwargs, what):
+    model = VisionTransformer(**TINY, **kwargs)
+    with pytest.raises(ValueError, match=what):
+        build_fast_path(model, backend='torch')
+
+
+def test_bad_arguments_are_refused():
+    model = tiny_cc(0)
+    with pytest.raises(ValueError, match='backend must be one of'):
+        build_fast_path(model, backend='tensorrt')
+    with pytest.raises(ValueError, match='cuda_graph=True needs batch_size'):
+        build_fast_path(model, cuda_graph=True)
+    with pytest.raises(ValueError, match='ids must be distinct'):
+        build_fast_path(model, backend='torch', kept_ids=[torch.tensor([0, 1, 1])] * 3)
+    fast = build_fast_path(model, backend='torch')
+    with pytest.raises(ValueError, match=r'expected images of shape \(B, 3, 32, 32\)'):
+        fast(torch.zeros(1, 3, 64, 64, device=DEVICE))
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_compiled_backend():
+    model = tiny_cc(8)
+    pruning.apply_masks(model, revisiting_plan(3, 16, 2))
+    x = images(seed=8)
+    assert _close(build_fast_path(model, backend='compile')(x), model(x))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CUDA only: half precision at DeiT-Ti size, CUDA graphs, the attention choice
+
+def _deit_ti_pair(seed=0, rate=0.3):
+    """A DeiT-Ti-sized cc model with random masks, its head scaled so logits spread like a trained model's
+    (std about 5, so top-1 is not decided by near-ties), and a dense copy."""
+    torch.manual_seed(seed)
+    model = timm.create_model('cc_deit_tiny_patch16_224').eval()
+    with torch.no_grad():
+        model.head.weight.mul_(20)
+    dense = copy.deepcopy(model).to(DEVICE)
+    pruning.apply_masks(model, pruning.random_masks(12, 196, rate, generator=_gen(seed)))
+    return model.to(DEVICE), dense
+
+
+@cuda_only
+@torch.no_grad()
+def test_half_precision_fast_path_agrees_with_fp32_eager():
+    """fp16 fast path (Triton backend, CUDA graph) vs the fp32 eager model.  Stated tolerance: the max |logit
+    difference| is at most twice that of timm's own fp16 autocast forward of the same model, plus 1e-3 (both
+    round the same products to fp16), and top-1 agrees on >= 99% of 256 random images."""
+    model, _ = _deit_ti_pair()
+    x = torch.randn(256, 3, 224, 224, generator=_gen(1)).to(DEVICE)
+    ref = model(x)
+    with torch.autocast('cuda', dtype=torch.float16):
+        autocast_err = (model(x).float() - ref).abs().max().item()
+    fast = build_fast_path(model, backend='triton', dtype=torch.float16, cuda_graph=True, batch_size=256)
+    out = fast(x)
+    err = (out - ref).abs().max().item()
+    agree = (out.argmax(1) == ref.argmax(1)).float().mean().item()
+    print(f'fp16 fast path: max|diff| {err:.4g} (autocast eager {autocast_err:.4g}), top-1 agreement {agree:.4f}, '
+          f'logit std {ref.std().item():.3g}, attention {fast.describe()["attention"]}')
+    assert err <= 2 * autocast_err + 1e-3
+    assert agree >= 0.99
+
+
+@cuda_only
+@torch.no_grad()
+@pytest.mark.parametrize('backend', ['triton', 'torch'])
+def test_cuda_graph_replays_the_uncaptured_forward(backend):
+    model, _ = _deit_ti_pair(seed=2)
+    fast = build_fast_path(model, backend=backend, dtype=torch.float16, cuda_graph=True, batch_size=8)
+    plain = build_fast_path(model, backend=backend, dtype=torch.float16)
+    a, b, c = (torch.randn(n, 3, 224, 224, generator=_gen(s)).to(DEVICE) for n, s in ((8, 3), (8, 4), (5, 5)))
+    out_a, out_b = fast(a), fast(b)  # two replays: the static input really takes the new images
+    assert (out_a - plain(a)).abs().max().item() <= 1e-3
+    assert (out_b - plain(b)).abs().max().item() <= 1e-3
+    assert (out_a - out_b).abs().max().item() > 1e-2
+    assert (fast(c) - plain(c)).abs().max().item() <= 1e-3  # another batch size: the uncaptured path
+    assert out_a.data_ptr() != fast(a).data_ptr()  # callers get their own tensor, not the graph's buffer
+
+
+@cuda_only
+@torch.no_grad()
+def test_attention_choice_is_a_validated_candidate():
+    choice, timings = choose_attention(148, 32, 3, 64, 64 ** -0.5, torch.float16, DEVICE, with_triton=True)
+    assert any(k.startswith('triton-') for k in timings) and 'sdpa-math' in timings
+    assert choice.ms == min(timings.values())
+    qkv = torch.randn(4, 148, 3 * 192, device=DEVICE, dtype=torch.float16)
+    out = run_attention(choice, qkv, 3, 64 ** -0.5)
+    assert (out.double() - plain_attention(qkv, 3, 64 ** -0.5)).abs().max().item() <= 4e-3
+    assert isinstance(choice, AttentionChoice)
