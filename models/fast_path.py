@@ -520,7 +520,8 @@ class FastViT(nn.Module):
             'cuda_graph_batch': None if self._static_in is None else int(self._static_in.shape[0]),
             'kept_counts': [blk.n for blk in self.blocks],
             'attention': {str(n): c.label for n, c in sorted(self.attention_choices.items())},
-            'attention_ms': {str(n): t for n, t in sorted(self.attention_timings.items()) if t},
+            'attention_ms': {str(n): {k: (v if v < float('inf') else None) for k, v in t.items()}
+                             for n, t in sorted(self.attention_timings.items()) if t},
         }
 
 

@@ -11,6 +11,9 @@ the interpreter rounds fp32 -> bf16 toward zero (the GPU to nearest even), so a 
 an ulp there instead of bit for bit.
 """
 import copy
+import json
+import os
+import sys
 
 import pytest
 import timm
@@ -31,6 +34,16 @@ needs_triton = pytest.mark.skipif(not K.triton_runs_on(torch.empty(0, device=DEV
                                   reason='Triton cannot run here (no CUDA, no interpreter)')
 # fp32 logits: on CPU everything is fp32; on CUDA the Triton attention's fp32 dot runs in tf32.
 LOGIT_TOL = 2e-3 if CUDA else 1e-4
+
+
+@pytest.fixture(autouse=True)
+def no_tf32_convolutions():
+    """On CUDA, the eager model's patch conv would run in TF32 (cuDNN's default); our fp32 path's GEMM does not.
+    Compare fp32 with fp32."""
+    before = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = before
 
 
 def _gen(seed):
@@ -240,6 +253,11 @@ def _close(ours, ref):
     return (ours - ref).abs().max().item() <= LOGIT_TOL * max(1.0, ref.abs().max().item())
 
 
+def _masks_matter(pruned, dense):
+    """Pruning moves the logits by far more than the comparison tolerance (else the comparison proves little)."""
+    return (pruned - dense).abs().max().item() > 10 * LOGIT_TOL * max(1.0, dense.abs().max().item())
+
+
 def _cases():
     """(backend, attention) pairs to run the whole path with here."""
     out = [('torch', 'auto')]
@@ -282,7 +300,7 @@ def test_pruned_model(backend, attention, plan):
              else revisiting_plan(3, 16, 2))
     pruning.apply_masks(model, masks)
     ref = model(x)
-    assert (ref - dense).abs().max().item() > 1e-3  # the masks change the logits
+    assert _masks_matter(ref, dense)
     fast = build_fast_path(model, backend=backend, attention=attention)
     assert fast.describe()['kept_counts'] == [int(m.sum()) + 1 for m in masks]
     assert _close(fast(x), ref)
@@ -322,7 +340,7 @@ def test_distilled_model(backend, attention):
     ids = _kept_ids(3, 18, 2, seed=4)
     fast = build_fast_path(model, backend=backend, attention=attention, kept_ids=ids)
     ref = original_order_reference(model, x, ids)
-    assert (ref - model(x)).abs().max().item() > 1e-3
+    assert _masks_matter(ref, model(x))
     assert fast.head_ids.tolist() == [0, 1]  # the final norm runs on the two tokens the heads read
     assert _close(fast(x), ref)
 
@@ -338,7 +356,7 @@ def test_global_average_pool_without_class_token(backend, attention):
     ids = _kept_ids(3, 16, 0, seed=5)
     fast = build_fast_path(model, backend=backend, attention=attention, kept_ids=ids)
     ref = original_order_reference(model, x, ids)
-    assert (ref - model(x)).abs().max().item() > 1e-3
+    assert _masks_matter(ref, model(x))
     assert fast.head_ids.numel() == 16  # average pooling reads every token
     assert _close(fast(x), ref)
 
@@ -401,27 +419,58 @@ def test_compiled_backend():
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# the timing script, as a GPU session runs it, in its CPU smoke mode
+
+def test_timing_script_quick_run_writes_its_report(tmp_path, one_thread):
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'benchmarks'))
+    import fast_path_timing
+    fast_path_timing.main(['--device', 'cpu', '--quick', '--out', str(tmp_path), '--repeats', '2', '--warmup', '0'])
+    results = json.loads((tmp_path / 'fast_path_timing.json').read_text())
+    assert results['errors'] == []
+    (section,) = results['sections']
+    rows = {r['label']: r for r in section['rows']}
+    expected = {'timm eager', 'ours eager 30', 'fast torch dense', 'fast torch 30'}
+    if K.INTERPRETER:
+        expected |= {'fast triton dense', 'fast triton 30'}
+    assert set(rows) == expected
+    assert rows['timm eager']['speedup_vs_timm_eager'] == 1.0
+    model = timm.create_model('cc_deit_tiny_patch16_224', **fast_path_timing.QUICK_MODEL)
+    kept = section['kept_counts']['30']
+    assert min(kept) < 17 and section['kept_counts']['dense'] == [17, 17, 17]
+    flops_ratio = models.count_macs(model) / models.count_macs(model, kept)
+    for r in rows.values():
+        assert r['ms'] > 0 and abs(r['images_per_s'] - 4e3 / r['ms']) < 1e-6 * r['images_per_s']
+        assert r['max_abs_diff'] <= 1e-4 and r['top1_agreement'] == 1.0  # fp32 on CPU: the same logits
+        assert r['flops_ratio'] == pytest.approx(1.0 if r['masks'] == 'dense' else flops_ratio)
+        assert r['fraction_of_flops_ratio'] == pytest.approx(r['speedup_vs_fastest_dense'] / r['flops_ratio'])
+    (target,) = section['targets']
+    assert target['masks'] == '30' and target['target'] == 1.0
+    assert target['fastest_pruned'] in rows and rows[target['fastest_pruned']]['masks'] == '30'
+    assert '| fast torch 30 | 30 |' in (tmp_path / 'fast_path_timing.md').read_text()
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # CUDA only: half precision at DeiT-Ti size, CUDA graphs, the attention choice
 
-def _deit_ti_pair(seed=0, rate=0.3):
-    """A DeiT-Ti-sized cc model with random masks, its head scaled so logits spread like a trained model's
-    (std about 5, so top-1 is not decided by near-ties), and a dense copy."""
+def _deit_ti_pair(seed=0, rate=0.3, num_classes=1000):
+    """A DeiT-Ti-sized cc model (seeded random init) with random masks at ``rate``, on the device."""
     torch.manual_seed(seed)
-    model = timm.create_model('cc_deit_tiny_patch16_224').eval()
-    with torch.no_grad():
-        model.head.weight.mul_(20)
-    dense = copy.deepcopy(model).to(DEVICE)
+    model = timm.create_model('cc_deit_tiny_patch16_224', num_classes=num_classes).eval()
     pruning.apply_masks(model, pruning.random_masks(12, 196, rate, generator=_gen(seed)))
-    return model.to(DEVICE), dense
+    return model.to(DEVICE)
 
 
 @cuda_only
 @torch.no_grad()
 def test_half_precision_fast_path_agrees_with_fp32_eager():
-    """fp16 fast path (Triton backend, CUDA graph) vs the fp32 eager model.  Stated tolerance: the max |logit
-    difference| is at most twice that of timm's own fp16 autocast forward of the same model, plus 1e-3 (both
-    round the same products to fp16), and top-1 agrees on >= 99% of 256 random images."""
-    model, _ = _deit_ti_pair()
+    """fp16 fast path (Triton backend, CUDA graph) against the fp32 eager model on 256 random images.
+
+    Stated tolerance: the max |logit difference| is at most twice that of timm's own fp16 autocast forward of
+    the same model, plus 1e-3 (both round the same products to fp16).  Top-1: identical on >= 99% of the images
+    whose fp32 top-2 margin exceeds twice the autocast error (a random-init model has near-ties that fp16
+    cannot resolve, ours or timm's; they are left out and must be under 10% of the batch; 10 classes keep the
+    margins wide)."""
+    model = _deit_ti_pair(num_classes=10)
     x = torch.randn(256, 3, 224, 224, generator=_gen(1)).to(DEVICE)
     ref = model(x)
     with torch.autocast('cuda', dtype=torch.float16):
@@ -429,25 +478,30 @@ def test_half_precision_fast_path_agrees_with_fp32_eager():
     fast = build_fast_path(model, backend='triton', dtype=torch.float16, cuda_graph=True, batch_size=256)
     out = fast(x)
     err = (out - ref).abs().max().item()
-    agree = (out.argmax(1) == ref.argmax(1)).float().mean().item()
-    print(f'fp16 fast path: max|diff| {err:.4g} (autocast eager {autocast_err:.4g}), top-1 agreement {agree:.4f}, '
-          f'logit std {ref.std().item():.3g}, attention {fast.describe()["attention"]}')
+    top2 = ref.topk(2, dim=1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 2 * autocast_err
+    agree = (out.argmax(1) == ref.argmax(1))
+    print(f'fp16 fast path: max|diff| {err:.4g} (autocast eager {autocast_err:.4g}); top-1 agreement '
+          f'{agree.float().mean().item():.4f} on all, {agree[clear].float().mean().item():.4f} on the '
+          f'{int(clear.sum())} with a clear margin; logit std {ref.std().item():.3g}; '
+          f'attention {fast.describe()["attention"]}')
     assert err <= 2 * autocast_err + 1e-3
-    assert agree >= 0.99
+    assert clear.float().mean().item() >= 0.9
+    assert agree[clear].float().mean().item() >= 0.99
 
 
 @cuda_only
 @torch.no_grad()
 @pytest.mark.parametrize('backend', ['triton', 'torch'])
 def test_cuda_graph_replays_the_uncaptured_forward(backend):
-    model, _ = _deit_ti_pair(seed=2)
+    model = _deit_ti_pair(seed=2)
     fast = build_fast_path(model, backend=backend, dtype=torch.float16, cuda_graph=True, batch_size=8)
     plain = build_fast_path(model, backend=backend, dtype=torch.float16)
     a, b, c = (torch.randn(n, 3, 224, 224, generator=_gen(s)).to(DEVICE) for n, s in ((8, 3), (8, 4), (5, 5)))
     out_a, out_b = fast(a), fast(b)  # two replays: the static input really takes the new images
     assert (out_a - plain(a)).abs().max().item() <= 1e-3
     assert (out_b - plain(b)).abs().max().item() <= 1e-3
-    assert (out_a - out_b).abs().max().item() > 1e-2
+    assert (out_a - out_b).abs().max().item() > 1e-2 * out_a.abs().max().item()
     assert (fast(c) - plain(c)).abs().max().item() <= 1e-3  # another batch size: the uncaptured path
     assert out_a.data_ptr() != fast(a).data_ptr()  # callers get their own tensor, not the graph's buffer
 
