@@ -9,6 +9,12 @@ and written once per kernel and no gathered copy of it ever exists:
 * ``residual_layer_norm_``:    x[:, ids] += gamma * a;  returns LN(x[:, ids])     (a: attention output)
 * ``residual_scatter_``:       x[:, ids] += gamma * m                              (m: MLP output)
 
+the first MLP layer with its activation, as one matrix product whose epilogue applies the bias and the exact
+(erf) GELU to the fp32 accumulator, so the (B, n, 4C) hidden activation is written once instead of written,
+read and written again by a separate GELU:
+
+* ``linear_gelu``:             GELU(y @ W1^T + b1)                                (W1^T stored as (C, 4C))
+
 and the attention of short sequences (n <= a few hundred tokens, head_dim a power of two >= 16):
 
 * ``attention``:               softmax(q k^T * scale) v for every (image, head), read straight from the qkv
@@ -57,13 +63,20 @@ __all__ = [
     'residual_layer_norm_', 'residual_layer_norm_reference_', 'residual_layer_norm_triton_',
     'residual_scatter_', 'residual_scatter_reference_', 'residual_scatter_triton_',
     'attention', 'attention_reference', 'attention_triton', 'ATTENTION_TILES',
+    'linear_gelu', 'linear_gelu_reference', 'linear_gelu_triton', 'LINEAR_TILES',
 ]
 
 # Read once, as Triton itself reads it when @triton.jit decorates the kernels below.
 INTERPRETER = os.environ.get('TRITON_INTERPRET', '0') == '1'
 
-# (BLOCK_M, BLOCK_N, num_warps) the fast path times for the attention kernel; the first is the default.
-ATTENTION_TILES = ((64, 64, 4), (32, 64, 4), (64, 128, 4), (128, 64, 8), (128, 128, 8), (64, 256, 8))
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) the fast path times for the attention kernel; the first is the
+# default.  Two pipeline stages: a key loop of at most a few tiles gains little from more, and (64, 256) with
+# three stages of K and V tiles (64 KB a stage at head_dim 64) would crowd the 227 KB of shared memory.
+ATTENTION_TILES = ((64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 4, 2), (128, 64, 8, 2), (128, 128, 8, 2),
+                   (64, 256, 8, 2))
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for the fused linear + GELU; the first is the default.
+LINEAR_TILES = ((128, 128, 64, 4, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
+                (128, 128, 32, 4, 4), (64, 256, 32, 4, 4))
 
 
 def triton_runs_on(t: torch.Tensor) -> bool:
@@ -135,6 +148,16 @@ def attention_reference(qkv: torch.Tensor, num_heads: int, scale: float, **unuse
     q, k, v = qkv.float().view(B, n, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
     o = F.scaled_dot_product_attention(q, k, v, scale=scale)
     return o.transpose(1, 2).reshape(B, n, num_heads * head_dim).to(qkv.dtype)
+
+
+def linear_gelu_reference(x: torch.Tensor, weight_t: torch.Tensor, bias: Optional[torch.Tensor],
+                          **unused) -> torch.Tensor:
+    """GELU(x @ weight_t + bias) with the exact (erf) GELU, computed in fp32, returned in x's dtype.
+    ``weight_t`` is the linear layer's weight transposed, (K, N).  Tile arguments are accepted and ignored."""
+    y = x.float() @ weight_t.float()
+    if bias is not None:
+        y = y + bias.float()
+    return F.gelu(y).to(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -237,6 +260,45 @@ if HAS_TRITON:
         dst = out_ptr + b * stride_ob + offs_m[:, None] * stride_on + h * HEAD_DIM + offs_d[None, :]
         tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None])
 
+    @triton.jit
+    def _linear_gelu_kernel(x_ptr, wt_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wk, stride_om,
+                            HAS_B: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+        # out = GELU(x @ wt + b): an fp32-accumulated tile product, bias and exact GELU applied to the fp32
+        # accumulator, one rounding to the output dtype.  Programs walk the tiles in groups of GROUP_M rows of
+        # tiles, so consecutive programs reuse the same weight columns from L2.
+        pid = tl.program_id(0)
+        num_m = tl.cdiv(M, BLOCK_M)
+        num_n = tl.cdiv(N, BLOCK_N)
+        per_group = GROUP_M * num_n
+        first_m = (pid // per_group) * GROUP_M
+        group_m = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % per_group) % group_m
+        pid_n = (pid % per_group) // group_m
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        m_ok = offs_m < M
+        n_ok = offs_n < N
+        x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        for k in range(0, K, BLOCK_K):
+            kk = k + offs_k
+            if EVEN_K:
+                a = tl.load(x_rows + kk[None, :], mask=m_ok[:, None], other=0.0)
+                w = tl.load(wt_ptr + kk[:, None] * stride_wk + offs_n[None, :], mask=n_ok[None, :], other=0.0)
+            else:
+                k_ok = kk < K
+                a = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+                w = tl.load(wt_ptr + kk[:, None] * stride_wk + offs_n[None, :], mask=k_ok[:, None] & n_ok[None, :],
+                            other=0.0)
+            acc = tl.dot(a, w, acc)
+        if HAS_B:
+            acc = acc + tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
+        dst = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+        tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
 
 def _need_triton(t: torch.Tensor) -> None:
     if not triton_runs_on(t):
@@ -311,8 +373,8 @@ def attention_tiles_ok(head_dim: int) -> bool:
 
 
 def attention_triton(qkv: torch.Tensor, num_heads: int, scale: float, block_m: int = ATTENTION_TILES[0][0],
-                     block_n: int = ATTENTION_TILES[0][1], num_warps: int = ATTENTION_TILES[0][2]
-                     ) -> torch.Tensor:
+                     block_n: int = ATTENTION_TILES[0][1], num_warps: int = ATTENTION_TILES[0][2],
+                     num_stages: int = ATTENTION_TILES[0][3]) -> torch.Tensor:
     """Triton version of :func:`attention_reference`: fp32 softmax and accumulation, output in qkv's dtype."""
     _need_triton(qkv)
     B, n, three_c = qkv.shape
@@ -327,8 +389,32 @@ def attention_triton(qkv: torch.Tensor, num_heads: int, scale: float, block_m: i
     grid = (triton.cdiv(n, block_m), B * num_heads)
     _attention_kernel[grid](qkv, out, n, num_heads, qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1),
                             float(scale) * 1.4426950408889634, HEAD_DIM=head_dim, BLOCK_M=block_m,
-                            BLOCK_N=block_n, num_warps=num_warps)
+                            BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
     return out
+
+
+def linear_gelu_triton(x: torch.Tensor, weight_t: torch.Tensor, bias: Optional[torch.Tensor],
+                       block_m: int = LINEAR_TILES[0][0], block_n: int = LINEAR_TILES[0][1],
+                       block_k: int = LINEAR_TILES[0][2], num_warps: int = LINEAR_TILES[0][3],
+                       num_stages: int = LINEAR_TILES[0][4]) -> torch.Tensor:
+    """Triton version of :func:`linear_gelu_reference`: x (..., K) with a contiguous last dimension, weight_t
+    (K, N) contiguous, bias (N,) or None; returns (..., N) in x's dtype.  The GELU runs on the fp32 accumulator
+    (the unfused sequence rounds the product to x's dtype first; the two differ by that rounding)."""
+    _need_triton(x)
+    K, N = weight_t.shape
+    if x.shape[-1] != K or x.stride(-1) != 1 or not weight_t.is_contiguous():
+        raise ValueError(f'linear_gelu: x (..., {K}) with a contiguous last dimension and a contiguous ({K}, {N}) '
+                         f'weight_t expected, got {tuple(x.shape)} and {tuple(weight_t.shape)}')
+    x2 = x.reshape(-1, K)
+    M = x2.shape[0]
+    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    if M:
+        b, has_b = _flag_ptr(bias, weight_t)
+        grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)
+        _linear_gelu_kernel[grid](x2, weight_t, b, out, M, N, K, x2.stride(0), weight_t.stride(0), out.stride(0),
+                                  HAS_B=has_b, EVEN_K=K % block_k == 0, BLOCK_M=block_m, BLOCK_N=block_n,
+                                  BLOCK_K=block_k, GROUP_M=8, num_warps=num_warps, num_stages=num_stages)
+    return out.view(*x.shape[:-1], N)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -350,6 +436,12 @@ def residual_scatter_(x, ids, m, gamma):
     """x[:, ids] += gamma * m in place; returns x; see the module docstring."""
     impl = residual_scatter_triton_ if triton_runs_on(x) else residual_scatter_reference_
     return impl(x, ids, m, gamma)
+
+
+def linear_gelu(x, weight_t, bias, **tiles):
+    """GELU(x @ weight_t + bias), exact erf; see :func:`linear_gelu_triton`."""
+    impl = linear_gelu_triton if triton_runs_on(x) else linear_gelu_reference
+    return impl(x, weight_t, bias, **tiles)
 
 
 def attention(qkv, num_heads, scale, **tiles):

@@ -28,11 +28,16 @@ pruned model reached only 0.73-0.81 of its FLOPs ratio.  So, with ``backend='tri
     o   = attention(qkv)                             # SDPA backend or Triton kernel, chosen per kept count
     a   = o @ Wproj^T + bproj                        # cuBLAS
     y2  = residual_layer_norm_(x, ids, a, gamma1)    # x[:, ids] += gamma1*a, LN2, cast: one pass
-    m   = GELU(y2 @ W1^T + b1) @ W2^T + b2           # cuBLAS (bias in its epilogue), exact-erf GELU
+    u   = GELU(y2 @ W1^T + b1)                       # cuBLAS + torch's GELU, or one Triton kernel (GELU in
+                                                     # the epilogue), chosen per kept count
+    m   = u @ W2^T + b2                              # cuBLAS
     residual_scatter_(x, ids, m, gamma2)             # x[:, ids] += gamma2*m: one pass, straight back
 
 i.e. three memory-bound passes over the kept rows instead of LN, add, cast, gather and concatenation each
-paying their own.  The patch embedding is one matrix product over unfolded patches (the conv weight reshaped
+paying their own.  cuBLAS adds a bias for free but its GELU epilogue is the tanh approximation, not the
+model's exact GELU; the fused Triton product applies the exact GELU to its fp32 accumulator, which saves
+writing the (B, n, 4C) hidden activation and reading it back (GELU measured 0.61 ms of 7.02).  Whether that
+beats cuBLAS's product is a matter of measurement, so on CUDA both are timed at build time (``mlp_choices``).  The patch embedding is one matrix product over unfolded patches (the conv weight reshaped
 to (C, 3*p*p); measured 0.28 ms against 0.97 for the conv), its bias folded with the position embedding into
 one constant added as the tokens are written into the buffer.  Attention: SDPA's time was flat from 197 down
 to 129 tokens and halved at 128 (128-row tiles: a block keeping 148 tokens pays for 256 rows), so for each
@@ -75,11 +80,12 @@ from timm.models.vision_transformer import Block, VisionTransformer
 
 from . import fast_kernels as K
 
-__all__ = ['build_fast_path', 'FastViT', 'AttentionChoice', 'choose_attention', 'check_supported',
-           'BACKENDS', 'ATTENTION_MODES']
+__all__ = ['build_fast_path', 'FastViT', 'AttentionChoice', 'MlpChoice', 'choose_attention', 'choose_mlp',
+           'check_supported', 'BACKENDS', 'ATTENTION_MODES', 'MLP_MODES']
 
 BACKENDS = ('triton', 'torch', 'compile')
 ATTENTION_MODES = ('auto', 'sdpa', 'triton')
+MLP_MODES = ('auto', 'torch', 'triton')
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -187,8 +193,22 @@ class AttentionChoice:
     @property
     def label(self) -> str:
         if self.kind == 'triton':
-            return 'triton-{}x{}w{}'.format(*self.tiles)
+            return 'triton-{}x{}w{}s{}'.format(*self.tiles)
         return f'sdpa-{(self.backend or "default").lower()}'
+
+
+@dataclass(frozen=True)
+class MlpChoice:
+    """How one block computes GELU(y @ W1^T + b1): ``kind`` 'torch' (cuBLAS with the bias in its epilogue, then
+    torch's GELU) or 'triton' (one fused kernel; ``tiles``: BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages);
+    ``ms``: its build-time time, if timed."""
+    kind: str
+    tiles: Optional[Tuple[int, int, int, int, int]] = None
+    ms: Optional[float] = None
+
+    @property
+    def label(self) -> str:
+        return 'triton-{}x{}x{}w{}s{}'.format(*self.tiles) if self.kind == 'triton' else 'torch'
 
 
 def _sdpa(qkv: torch.Tensor, num_heads: int, scale: float, backend: Optional[str]) -> torch.Tensor:
@@ -208,9 +228,20 @@ def _sdpa(qkv: torch.Tensor, num_heads: int, scale: float, backend: Optional[str
 def run_attention(choice: AttentionChoice, qkv: torch.Tensor, num_heads: int, scale: float) -> torch.Tensor:
     """Attention of a (B, n, 3*H*D) qkv tensor as ``choice`` says -> (B, n, H*D)."""
     if choice.kind == 'triton':
-        bm, bn, warps = choice.tiles
-        return K.attention_triton(qkv, num_heads, scale, block_m=bm, block_n=bn, num_warps=warps)
+        bm, bn, warps, stages = choice.tiles
+        return K.attention_triton(qkv, num_heads, scale, block_m=bm, block_n=bn, num_warps=warps,
+                                  num_stages=stages)
     return _sdpa(qkv, num_heads, scale, choice.backend)
+
+
+def run_linear_gelu(choice: MlpChoice, y: torch.Tensor, weight: torch.Tensor, weight_t: Optional[torch.Tensor],
+                    bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """GELU(y @ weight^T + bias) as ``choice`` says (``weight_t``: weight transposed, for the Triton kernel)."""
+    if choice.kind == 'triton':
+        bm, bn, bk, warps, stages = choice.tiles
+        return K.linear_gelu_triton(y, weight_t, bias, block_m=bm, block_n=bn, block_k=bk, num_warps=warps,
+                                    num_stages=stages)
+    return F.gelu(F.linear(y, weight, bias))
 
 
 def _cuda_ms(fn, reps: int = 20, groups: int = 5) -> float:
@@ -240,7 +271,25 @@ def attention_candidates(head_dim: int, with_triton: bool) -> List[AttentionChoi
     return out
 
 
-_CHOICE_CACHE: Dict[tuple, Tuple[AttentionChoice, Dict[str, float]]] = {}
+_CHOICE_CACHE: Dict[tuple, tuple] = {}
+
+
+@torch.no_grad()
+def _fastest(candidates, run, reference: torch.Tensor, tol: float):
+    """(the fastest candidate whose output is within ``tol`` of ``reference``, or None; {label: ms}).  A
+    candidate that raises (a backend refusing these shapes or dtypes, a tile that does not fit) or misses the
+    tolerance gets inf."""
+    timings, best, best_ms = {}, None, float('inf')
+    for cand in candidates:
+        try:
+            err = (run(cand).float() - reference).abs().max().item()
+            ms = _cuda_ms(lambda: run(cand)) if err <= tol else float('inf')
+        except Exception:  # noqa: BLE001
+            ms = float('inf')
+        timings[cand.label] = ms
+        if ms < best_ms:
+            best, best_ms = cand, ms
+    return best, best_ms, timings
 
 
 @torch.no_grad()
@@ -255,18 +304,34 @@ def choose_attention(n: int, batch: int, num_heads: int, head_dim: int, scale: f
     qkv = torch.randn(batch, n, 3 * num_heads * head_dim, device=device, generator=g).to(dtype)
     ref = K.attention_reference(qkv, num_heads, scale).float()
     tol = max(8 * torch.finfo(dtype).eps, 5e-3) * max(1.0, ref.abs().max().item())
-    timings, best = {}, None
-    for cand in attention_candidates(head_dim, with_triton):
-        try:
-            err = (run_attention(cand, qkv, num_heads, scale).float() - ref).abs().max().item()
-            ms = _cuda_ms(lambda: run_attention(cand, qkv, num_heads, scale)) if err <= tol else float('inf')
-        except Exception:  # a backend that refuses these shapes or dtypes (e.g. flash on fp32): not a candidate
-            ms = float('inf')
-        timings[cand.label] = ms
-        if ms < float('inf') and (best is None or ms < best.ms):
-            best = AttentionChoice(cand.kind, cand.backend, cand.tiles, ms)
-    if best is None:
-        best = AttentionChoice('sdpa')
+    best, ms, timings = _fastest(attention_candidates(head_dim, with_triton),
+                                 lambda c: run_attention(c, qkv, num_heads, scale), ref, tol)
+    best = AttentionChoice('sdpa') if best is None else AttentionChoice(best.kind, best.backend, best.tiles, ms)
+    _CHOICE_CACHE[key] = (best, timings)
+    return best, timings
+
+
+@torch.no_grad()
+def choose_mlp(rows: int, in_features: int, hidden: int, dtype: torch.dtype, device: torch.device
+               ) -> Tuple[MlpChoice, Dict[str, float]]:
+    """Time GELU(y @ W^T + b) for y (rows, in_features) on CUDA: torch (cuBLAS + GELU) against the fused Triton
+    kernel's tiles; return the fastest that is within tolerance of the fp32 reference, with every candidate's
+    milliseconds.  Cached per shape."""
+    key = ('mlp', str(device), dtype, rows, in_features, hidden)
+    if key in _CHOICE_CACHE:
+        return _CHOICE_CACHE[key]
+    g = torch.Generator(device=device).manual_seed(rows)
+    y = torch.randn(rows, in_features, device=device, generator=g).to(dtype)
+    w = (torch.randn(hidden, in_features, device=device, generator=g) * in_features ** -0.5).to(dtype)
+    b = torch.randn(hidden, device=device, generator=g).to(dtype)
+    wt = w.t().contiguous()
+    ref = K.linear_gelu_reference(y, wt, b).float()
+    tol = max(8 * torch.finfo(dtype).eps, 5e-3) * max(1.0, ref.abs().max().item())
+    candidates = [MlpChoice('torch')]
+    if K.HAS_TRITON and dtype in (torch.float16, torch.bfloat16):
+        candidates += [MlpChoice('triton', tiles=t) for t in K.LINEAR_TILES]
+    best, ms, timings = _fastest(candidates, lambda c: run_linear_gelu(c, y, w, wt, b), ref, tol)
+    best = MlpChoice('torch') if best is None else MlpChoice(best.kind, best.tiles, ms)
     _CHOICE_CACHE[key] = (best, timings)
     return best, timings
 
@@ -301,7 +366,9 @@ class _FastBlock(nn.Module):
                         ('fc2_w', w(blk.mlp.fc2.weight)), ('fc2_b', w(blk.mlp.fc2.bias)),
                         ('gamma2', f32(getattr(blk.ls2, 'gamma', None)))):
             self.register_buffer(name, t)
+        self.register_buffer('fc1_wt', None)  # W1^T (C, 4C), made when the fused linear + GELU is chosen
         self.attention = AttentionChoice('sdpa')
+        self.mlp = MlpChoice('torch')
 
 
 def _layer_norm_f32(t: torch.Tensor, weight, bias, eps: float) -> torch.Tensor:
@@ -321,7 +388,7 @@ class FastViT(nn.Module):
 
     def __init__(self, model: VisionTransformer, backend: str = 'triton', dtype: Optional[torch.dtype] = None,
                  residual_dtype: Optional[torch.dtype] = None, kept_ids: Optional[Sequence[torch.Tensor]] = None,
-                 attention: str = 'auto', tune_batch: Optional[int] = None):
+                 attention: str = 'auto', mlp: str = 'auto', tune_batch: Optional[int] = None):
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f'backend must be one of {BACKENDS}, got {backend!r}')
@@ -333,8 +400,10 @@ class FastViT(nn.Module):
         if backend == 'triton' and not (device.type == 'cuda' or (K.INTERPRETER and device.type == 'cpu')):
             raise ValueError("fast path: backend 'triton' needs a CUDA model, or TRITON_INTERPRET=1 set before "
                              "models.fast_kernels is imported")
-        if attention == 'triton' and backend != 'triton':
-            raise ValueError("attention='triton' needs backend='triton'")
+        if mlp not in MLP_MODES:
+            raise ValueError(f'mlp must be one of {MLP_MODES}, got {mlp!r}')
+        if 'triton' in (attention, mlp) and backend != 'triton':
+            raise ValueError("attention='triton' and mlp='triton' need backend='triton'")
         self.backend = backend
         self.device = device
         self.dtype = dtype or torch.float32
@@ -374,6 +443,9 @@ class FastViT(nn.Module):
         self.attention_choices: Dict[int, AttentionChoice] = {}
         self.attention_timings: Dict[int, Dict[str, float]] = {}
         self._choose_attention(attention, tune_batch)
+        self.mlp_choices: Dict[int, MlpChoice] = {}
+        self.mlp_timings: Dict[int, Dict[str, float]] = {}
+        self._choose_mlp(mlp, tune_batch)
 
         self._run = self._forward_impl
         if backend == 'compile':
@@ -423,6 +495,23 @@ class FastViT(nn.Module):
                 self.attention_timings[blk.n] = timings
             blk.attention = self.attention_choices[blk.n]
 
+    def _choose_mlp(self, mode: str, tune_batch: Optional[int]) -> None:
+        for blk in self.blocks:
+            if blk.n not in self.mlp_choices:
+                hidden, width = blk.fc1_w.shape
+                if mode == 'triton':
+                    choice, timings = MlpChoice('triton', tiles=K.LINEAR_TILES[0]), {}
+                elif (mode == 'auto' and self.device.type == 'cuda' and self.backend == 'triton'
+                      and self.dtype in (torch.float16, torch.bfloat16)):
+                    choice, timings = choose_mlp((tune_batch or 64) * blk.n, width, hidden, self.dtype, self.device)
+                else:
+                    choice, timings = MlpChoice('torch'), {}
+                self.mlp_choices[blk.n] = choice
+                self.mlp_timings[blk.n] = timings
+            blk.mlp = self.mlp_choices[blk.n]
+            if blk.mlp.kind == 'triton':
+                blk.fc1_wt = blk.fc1_w.t().contiguous()
+
     # -- forward ------------------------------------------------------------------------------------------------
 
     def _embed(self, images: torch.Tensor) -> torch.Tensor:
@@ -450,7 +539,7 @@ class FastViT(nn.Module):
         qkv = F.linear(y, blk.qkv_w, blk.qkv_b)
         a = F.linear(run_attention(blk.attention, qkv, blk.num_heads, blk.scale), blk.proj_w, blk.proj_b)
         y = K.residual_layer_norm_triton_(x, blk.ids, a, blk.gamma1, blk.ln2_w, blk.ln2_b, blk.eps2, self.dtype)
-        m = F.linear(F.gelu(F.linear(y, blk.fc1_w, blk.fc1_b)), blk.fc2_w, blk.fc2_b)
+        m = F.linear(run_linear_gelu(blk.mlp, y, blk.fc1_w, blk.fc1_wt, blk.fc1_b), blk.fc2_w, blk.fc2_b)
         K.residual_scatter_triton_(x, blk.ids, m, blk.gamma2)
         return x
 
@@ -520,9 +609,16 @@ class FastViT(nn.Module):
             'cuda_graph_batch': None if self._static_in is None else int(self._static_in.shape[0]),
             'kept_counts': [blk.n for blk in self.blocks],
             'attention': {str(n): c.label for n, c in sorted(self.attention_choices.items())},
-            'attention_ms': {str(n): {k: (v if v < float('inf') else None) for k, v in t.items()}
-                             for n, t in sorted(self.attention_timings.items()) if t},
+            'attention_ms': _finite(self.attention_timings),
+            'mlp': {str(n): c.label for n, c in sorted(self.mlp_choices.items())},
+            'mlp_ms': _finite(self.mlp_timings),
         }
+
+
+def _finite(timings: Dict[int, Dict[str, float]]) -> Dict[str, Dict[str, Optional[float]]]:
+    """Build-time timings for a JSON report: inf (failed or out of tolerance) as None."""
+    return {str(n): {k: (v if v < float('inf') else None) for k, v in t.items()}
+            for n, t in sorted(timings.items()) if t}
 
 
 def _timm_forward_head(model: nn.Module) -> bool:
@@ -539,7 +635,7 @@ def _timm_forward_head(model: nn.Module) -> bool:
 
 def build_fast_path(model: nn.Module, backend: str = 'triton', dtype: Optional[torch.dtype] = None,
                     cuda_graph: bool = False, batch_size: Optional[int] = None,
-                    residual_dtype: Optional[torch.dtype] = None, attention: str = 'auto',
+                    residual_dtype: Optional[torch.dtype] = None, attention: str = 'auto', mlp: str = 'auto',
                     kept_ids: Optional[Sequence[torch.Tensor]] = None) -> FastViT:
     """An inference-only module computing ``model(images)`` fast, on the model's device.
 
@@ -547,14 +643,16 @@ def build_fast_path(model: nn.Module, backend: str = 'triton', dtype: Optional[t
     anywhere), 'compile' (torch.compile of the 'torch' formulation).  ``dtype``: the matrix products' dtype
     (torch.float16/bfloat16 for speed; default fp32).  ``residual_dtype``: the token buffer's (default fp32).
     ``attention``: 'auto' (time SDPA backends and, for 'triton', the Triton kernel per distinct kept count on
-    CUDA, at ``batch_size`` images or 64; SDPA on CPU), 'sdpa', or 'triton'.  ``cuda_graph``: capture the
+    CUDA, at ``batch_size`` images or 64; SDPA on CPU), 'sdpa', or 'triton'.  ``mlp``: the first MLP layer
+    and its GELU, 'auto' (with backend 'triton' and fp16/bf16 on CUDA: time cuBLAS + GELU against the fused
+    Triton kernel per kept count; else torch), 'torch', or 'triton'.  ``cuda_graph``: capture the
     forward for ``batch_size`` images (CUDA only).  ``kept_ids``: per-block original token ids, overriding
     ``model.kept_token_ids()`` (a model without it is dense).
     """
     if cuda_graph and not batch_size:
         raise ValueError('cuda_graph=True needs batch_size')
     fast = FastViT(model, backend=backend, dtype=dtype, residual_dtype=residual_dtype, kept_ids=kept_ids,
-                   attention=attention, tune_batch=batch_size)
+                   attention=attention, mlp=mlp, tune_batch=batch_size)
     if cuda_graph:
         fast.capture_cuda_graph(batch_size)
     return fast

@@ -27,6 +27,9 @@ import pruning
 from models import fast_kernels as K
 from models.fast_path import AttentionChoice, build_fast_path, choose_attention, run_attention
 
+# One torch thread: the CPU work here is small, and two threads spin against each other on a busy machine.
+pytestmark = pytest.mark.usefixtures('one_thread')
+
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device('cuda' if CUDA else 'cpu')
 cuda_only = pytest.mark.skipif(not CUDA, reason='needs a CUDA GPU')
@@ -184,11 +187,11 @@ ATTN_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else []
 @needs_triton
 @pytest.mark.parametrize('n', [1, 17, 70])
 @pytest.mark.parametrize('dtype', ATTN_DTYPES)
-@pytest.mark.parametrize('tiles', [(64, 64, 4), (32, 64, 4), (64, 256, 8)])
+@pytest.mark.parametrize('tiles', [(64, 64, 4, 2), (32, 64, 4, 2), (64, 256, 8, 2)])
 def test_attention_kernel(n, dtype, tiles):
     H, D = 2, 32
     qkv = _randn(2, n, 3 * H * D, seed=n, dtype=dtype) * 2
-    ours = K.attention_triton(qkv, H, D ** -0.5, block_m=tiles[0], block_n=tiles[1], num_warps=tiles[2])
+    ours = K.attention_triton(qkv, H, D ** -0.5, *tiles)
     ref = K.attention_reference(qkv, H, D ** -0.5)
     plain = plain_attention(qkv, H, D ** -0.5)
     assert ours.shape == (2, n, H * D) and ours.dtype == dtype
@@ -206,8 +209,36 @@ def test_attention_kernel_deit_shapes_on_cuda(n, dtype):
     qkv = _randn(8, n, 3 * H * D, seed=n, dtype=dtype)
     plain = plain_attention(qkv, H, D ** -0.5)
     for tiles in K.ATTENTION_TILES:
-        ours = K.attention_triton(qkv, H, D ** -0.5, block_m=tiles[0], block_n=tiles[1], num_warps=tiles[2])
+        ours = K.attention_triton(qkv, H, D ** -0.5, *tiles)
         assert (ours.double() - plain).abs().max().item() <= (4e-3 if dtype == torch.float16 else 3e-2), tiles
+
+
+LINEAR_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
+
+
+@needs_triton
+@pytest.mark.parametrize('dtype', LINEAR_DTYPES)
+@pytest.mark.parametrize('shape,tiles', [((2, 19, 48), (32, 32, 16, 4, 2)),   # K: 3 tiles; M, N ragged
+                                         ((37, 40), (16, 64, 32, 4, 2)),      # K not a multiple of BLOCK_K
+                                         ((3, 5, 64), K.LINEAR_TILES[0])])    # one tile larger than everything
+@pytest.mark.parametrize('with_bias', [True, False])
+def test_linear_gelu(dtype, shape, tiles, with_bias):
+    N = 80
+    x = _randn(*shape, seed=12, dtype=dtype)
+    w = _randn(N, shape[-1], seed=13) * shape[-1] ** -0.5
+    b = _randn(N, seed=14) if with_bias else None
+    wt = w.t().contiguous().to(dtype)
+    ours = K.linear_gelu_triton(x, wt, None if b is None else b.to(dtype), *tiles)
+    ref = K.linear_gelu_reference(x, wt, None if b is None else b.to(dtype))
+    # plain torch: the exact GELU written out, x * Phi(x), on the fp64 product
+    z = x.double() @ wt.double() + (0 if b is None else b.to(dtype).double())
+    plain = z * 0.5 * (1 + torch.erf(z / 2 ** 0.5))
+    assert ours.shape == shape[:-1] + (N,) and ours.dtype == dtype
+    # fp16/bf16 inputs, fp32 accumulation: one rounding of the output; fp32 on CUDA: tf32 dots
+    tol = {torch.float32: 2e-3 if CUDA else 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
+    scale = max(1.0, plain.abs().max().item())
+    assert (ours.double() - plain).abs().max().item() <= tol * scale
+    assert (ref.double() - plain).abs().max().item() <= tol * scale
 
 
 def test_attention_dispatch_falls_back_for_other_head_dims():
@@ -259,10 +290,14 @@ def _masks_matter(pruned, dense):
 
 
 def _cases():
-    """(backend, attention) pairs to run the whole path with here."""
-    out = [('torch', 'auto')]
+    """Build arguments to run the whole path with here: the torch backend; the Triton backend with torch's
+    attention and MLP, with every Triton kernel, and (CUDA) with the timed choice."""
+    out = [dict(backend='torch')]
     if K.triton_runs_on(torch.empty(0, device=DEVICE)):
-        out += [('triton', 'sdpa'), ('triton', 'triton')] + ([('triton', 'auto')] if CUDA else [])
+        out += [dict(backend='triton', attention='sdpa', mlp='torch'),
+                dict(backend='triton', attention='triton', mlp='triton')]
+        if CUDA:
+            out.append(dict(backend='triton', attention='auto', mlp='auto'))
     return out
 
 
@@ -279,10 +314,10 @@ def test_original_order_reference_equals_concat_order_model():
 
 
 @torch.no_grad()
-@pytest.mark.parametrize('backend,attention', CASES)
-def test_dense_model(backend, attention):
+@pytest.mark.parametrize('case', CASES, ids=lambda c: '-'.join(c.values()))
+def test_dense_model(case):
     model = tiny_cc(0)
-    fast = build_fast_path(model, backend=backend, attention=attention)
+    fast = build_fast_path(model, **case)
     assert fast.describe()['kept_counts'] == [17, 17, 17]
     assert all(blk.dense for blk in fast.blocks)
     x = images()
@@ -290,9 +325,9 @@ def test_dense_model(backend, attention):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize('backend,attention', CASES)
+@pytest.mark.parametrize('case', CASES, ids=lambda c: '-'.join(c.values()))
 @pytest.mark.parametrize('plan', ['random', 'revisiting'])
-def test_pruned_model(backend, attention, plan):
+def test_pruned_model(case, plan):
     model = tiny_cc(2)
     x = images(seed=2)
     dense = model(x)
@@ -301,19 +336,22 @@ def test_pruned_model(backend, attention, plan):
     pruning.apply_masks(model, masks)
     ref = model(x)
     assert _masks_matter(ref, dense)
-    fast = build_fast_path(model, backend=backend, attention=attention)
-    assert fast.describe()['kept_counts'] == [int(m.sum()) + 1 for m in masks]
+    fast = build_fast_path(model, **case)
+    built = fast.describe()
+    assert built['kept_counts'] == [int(m.sum()) + 1 for m in masks]
+    if case.get('mlp') == 'triton':  # the fused kernels really ran
+        assert all(v.startswith('triton-') for v in list(built['mlp'].values()) + list(built['attention'].values()))
     assert _close(fast(x), ref)
 
 
 @torch.no_grad()
-@pytest.mark.parametrize('backend,attention', CASES)
-def test_layer_scale(backend, attention):
+@pytest.mark.parametrize('case', CASES, ids=lambda c: '-'.join(c.values()))
+def test_layer_scale(case):
     model = tiny_cc(3, init_values=0.5)
     pruning.apply_masks(model, pruning.random_masks(3, 16, 0.3, generator=_gen(3)))
     assert float(model.blocks[0].ls1.gamma[0]) == 0.5
     x = images(seed=3)
-    fast = build_fast_path(model, backend=backend, attention=attention)
+    fast = build_fast_path(model, **case)
     assert fast.blocks[0].gamma1 is not None
     assert _close(fast(x), model(x))
 
@@ -329,16 +367,16 @@ def _kept_ids(depth, N, prefix, seed, rate=0.35):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize('backend,attention', CASES)
-def test_distilled_model(backend, attention):
+@pytest.mark.parametrize('case', CASES, ids=lambda c: '-'.join(c.values()))
+def test_distilled_model(case):
     """DeiT's distilled model (class + distillation token; eval logits = mean of both heads): dense against its
     own forward, pruned (ids chosen here) against the original-order reference."""
     torch.manual_seed(4)
     model = VisionTransformerDistilled(**TINY).to(DEVICE).eval()
     x = images(seed=4)
-    assert _close(build_fast_path(model, backend=backend, attention=attention)(x), model(x))
+    assert _close(build_fast_path(model, **case)(x), model(x))
     ids = _kept_ids(3, 18, 2, seed=4)
-    fast = build_fast_path(model, backend=backend, attention=attention, kept_ids=ids)
+    fast = build_fast_path(model, **case, kept_ids=ids)
     ref = original_order_reference(model, x, ids)
     assert _masks_matter(ref, model(x))
     assert fast.head_ids.tolist() == [0, 1]  # the final norm runs on the two tokens the heads read
@@ -346,15 +384,15 @@ def test_distilled_model(backend, attention):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize('backend,attention', CASES)
-def test_global_average_pool_without_class_token(backend, attention):
+@pytest.mark.parametrize('case', CASES, ids=lambda c: '-'.join(c.values()))
+def test_global_average_pool_without_class_token(case):
     torch.manual_seed(5)
     model = VisionTransformer(**TINY, class_token=False, global_pool='avg').to(DEVICE).eval()
     assert model.num_prefix_tokens == 0 and not isinstance(model.fc_norm, torch.nn.Identity)
     x = images(seed=5)
-    assert _close(build_fast_path(model, backend=backend, attention=attention)(x), model(x))
+    assert _close(build_fast_path(model, **case)(x), model(x))
     ids = _kept_ids(3, 16, 0, seed=5)
-    fast = build_fast_path(model, backend=backend, attention=attention, kept_ids=ids)
+    fast = build_fast_path(model, **case, kept_ids=ids)
     ref = original_order_reference(model, x, ids)
     assert _masks_matter(ref, model(x))
     assert fast.head_ids.numel() == 16  # average pooling reads every token
@@ -367,8 +405,8 @@ def test_register_tokens_and_position_embedding_without_class_entry():
     model = VisionTransformer(**TINY, reg_tokens=2, no_embed_class=True).to(DEVICE).eval()
     assert model.num_prefix_tokens == 3
     x = images(seed=6)
-    for backend, attention in CASES:
-        assert _close(build_fast_path(model, backend=backend, attention=attention)(x), model(x)), backend
+    for case in CASES:
+        assert _close(build_fast_path(model, **case)(x), model(x)), case
 
 
 @torch.no_grad()
@@ -378,11 +416,11 @@ def test_residual_stream_in_half_precision():
     pruning.apply_masks(model, pruning.random_masks(3, 16, 0.3, generator=_gen(7)))
     x = images(seed=7)
     ref = model(x)
-    for backend, attention in CASES:
-        fast = build_fast_path(model, backend=backend, attention=attention, residual_dtype=torch.float16)
+    for case in CASES:
+        fast = build_fast_path(model, **case, residual_dtype=torch.float16)
         out = fast(x)
         diff = (out - ref).abs().max().item()
-        assert 0 < diff <= 1e-2 * max(1.0, ref.abs().max().item()), (backend, diff)
+        assert 0 < diff <= 1e-2 * max(1.0, ref.abs().max().item()), (case, diff)
 
 
 @pytest.mark.parametrize('kwargs,what', [
@@ -421,7 +459,7 @@ def test_compiled_backend():
 # ---------------------------------------------------------------------------------------------------------------
 # the timing script, as a GPU session runs it, in its CPU smoke mode
 
-def test_timing_script_quick_run_writes_its_report(tmp_path, one_thread):
+def test_timing_script_quick_run_writes_its_report(tmp_path):
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'benchmarks'))
     import fast_path_timing
     fast_path_timing.main(['--device', 'cpu', '--quick', '--out', str(tmp_path), '--repeats', '2', '--warmup', '0'])
