@@ -1,13 +1,14 @@
 #!/usr/bin/env python
 """Time the fast inference path (models/fast_path.py) against timm and our eager pruned model, on one device.
 
-For each section (a model at one batch size: DeiT-Ti and DeiT-S at batch 256, DeiT-B at 128, then DeiT-Ti at
-batch 32 and 1), these rows run on the *same seeded random weights* (throughput does not depend on their
+For each section (a model at one batch size; in this order: DeiT-Ti at batch 256, DeiT-B at 128, DeiT-Ti at
+32 and 1, DeiT-S at 256), these rows run on the *same seeded random weights* (throughput does not depend on their
 values) and are timed interleaved in one process with ``engine.time_interleaved`` (rows take turns, the
 starting row rotates every round, every pass synchronised; median of the rounds):
 
 * ``timm eager``: timm's dense ``deit_*_patch16_224`` (autocast fp16 on CUDA, fp32 on CPU);
-* ``timm compiled``: the same under ``torch.compile`` (optional, within a compile-time budget);
+* ``timm compiled``: the same under ``torch.compile`` (optional, within a compile-time budget, and only at
+  batch >= 128 by default);
 * ``ours eager rr``: ``cc_deit_*`` with the masks of prune rate rr applied (autocast like timm);
 * ``fast <backend>[+graph][ res16] <masks>``: ``build_fast_path`` of the dense model and of each pruned one,
   backends ``torch`` and ``triton`` (CUDA, or the CPU interpreter), with and without a CUDA graph, the Triton
@@ -60,7 +61,7 @@ from models.fast_path import build_fast_path  # noqa: E402
 ARCHS = {'tiny': ('deit_tiny_patch16_224', 'Ti'), 'small': ('deit_small_patch16_224', 'S'),
          'base': ('deit_base_patch16_224', 'B')}
 # (arch, batch) in the order they run on a GPU: the headline sections first, in case time runs out.
-GPU_SECTIONS = [('tiny', 256), ('base', 128), ('small', 256), ('tiny', 32), ('tiny', 1)]
+GPU_SECTIONS = [('tiny', 256), ('base', 128), ('tiny', 32), ('tiny', 1), ('small', 256)]
 # --quick: a DeiT-shaped model small enough for seconds on a CPU (and for the Triton interpreter).
 QUICK_MODEL = dict(embed_dim=64, depth=3, num_heads=2, img_size=32, patch_size=8, num_classes=10)
 QUICK_SECTIONS = [('tiny', 4)]
@@ -81,6 +82,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         '(default: timm on CUDA, none on CPU)')
     p.add_argument('--compile-budget', type=float, default=120.0,
                    help='seconds of compilation after which no further model is compiled')
+    p.add_argument('--compile-min-batch', type=int, default=128,
+                   help='compile rows only in sections of at least this batch size (at small batches the '
+                        'CUDA-graph rows are the fast dense ones, and each new batch size recompiles)')
     p.add_argument('--time-limit', type=float, default=float('inf'),
                    help='seconds after which no further section starts (what ran is written)')
     p.add_argument('--no-graphs', action='store_true', help='leave out the CUDA-graph rows')
@@ -217,7 +221,10 @@ def bench_section(arch: str, batch: int, args, device: torch.device, budget: Com
     macs = {tag: models.count_macs(m) for tag, m in masked}
 
     rows: List[Row] = [Row('timm eager', 'timm', 'dense', timm_dense)]
-    if args.compile in ('timm', 'all'):
+    compile_here = args.compile in ('timm', 'all') and batch >= args.compile_min_batch
+    if args.compile in ('timm', 'all') and not compile_here:
+        errors.append(f'DeiT-{short} b{batch}: compiled rows left out (batch < --compile-min-batch)')
+    if compile_here:
         try:
             fn, seconds = compiled(timm_dense, x, autocast_dtype, budget)
             if fn is None:
@@ -229,7 +236,7 @@ def bench_section(arch: str, batch: int, args, device: torch.device, budget: Com
     for tag, model in masked[1:]:
         rows.append(Row(f'ours eager {tag}', 'ours-eager', tag, model))
     for i, (tag, model) in enumerate(masked):
-        compile_ours = args.compile == 'all' and i <= 1
+        compile_ours = compile_here and args.compile == 'all' and i <= 1
         for v in fast_variants(device, compile_ours, not args.no_graphs):
             label = f'{variant_label(v)} {tag}'
             if v['backend'] == 'compile' and not budget.allows():

@@ -394,16 +394,16 @@ class FastViT(nn.Module):
             raise ValueError(f'backend must be one of {BACKENDS}, got {backend!r}')
         if attention not in ATTENTION_MODES:
             raise ValueError(f'attention must be one of {ATTENTION_MODES}, got {attention!r}')
-        check_supported(model)
-        model.eval()
-        device = next(model.parameters()).device
-        if backend == 'triton' and not (device.type == 'cuda' or (K.INTERPRETER and device.type == 'cpu')):
-            raise ValueError("fast path: backend 'triton' needs a CUDA model, or TRITON_INTERPRET=1 set before "
-                             "models.fast_kernels is imported")
         if mlp not in MLP_MODES:
             raise ValueError(f'mlp must be one of {MLP_MODES}, got {mlp!r}')
         if 'triton' in (attention, mlp) and backend != 'triton':
             raise ValueError("attention='triton' and mlp='triton' need backend='triton'")
+        check_supported(model)
+        device = next(model.parameters()).device
+        if backend == 'triton' and not (device.type == 'cuda' or (K.INTERPRETER and device.type == 'cpu')):
+            raise ValueError("fast path: backend 'triton' needs a CUDA model, or TRITON_INTERPRET=1 set before "
+                             "models.fast_kernels is imported")
+        model.eval()
         self.backend = backend
         self.device = device
         self.dtype = dtype or torch.float32
@@ -422,7 +422,7 @@ class FastViT(nn.Module):
         self.register_buffer('patch_w', pe.proj.weight.detach().reshape(C, -1).to(device, self.dtype).contiguous())
         prefix_const, patch_const = self._position_constants(model)
         if pe.proj.bias is not None:
-            patch_const = patch_const + pe.proj.bias.detach().float()
+            patch_const = patch_const + pe.proj.bias.detach().float().cpu()
         self.register_buffer('prefix_const', prefix_const.to(device, self.residual_dtype))
         self.register_buffer('patch_const', patch_const.to(device, self.residual_dtype))
         # tokens (dtype) + patch_const (residual dtype) are written straight into the buffer unless the sum's

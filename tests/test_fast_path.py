@@ -534,7 +534,7 @@ def test_half_precision_fast_path_agrees_with_fp32_eager():
 def test_cuda_graph_replays_the_uncaptured_forward(backend):
     model = _deit_ti_pair(seed=2)
     fast = build_fast_path(model, backend=backend, dtype=torch.float16, cuda_graph=True, batch_size=8)
-    plain = build_fast_path(model, backend=backend, dtype=torch.float16)
+    plain = build_fast_path(model, backend=backend, dtype=torch.float16, batch_size=8)  # the same kernel choices
     a, b, c = (torch.randn(n, 3, 224, 224, generator=_gen(s)).to(DEVICE) for n, s in ((8, 3), (8, 4), (5, 5)))
     out_a, out_b = fast(a), fast(b)  # two replays: the static input really takes the new images
     assert (out_a - plain(a)).abs().max().item() <= 1e-3
