@@ -457,6 +457,79 @@ def test_compiled_backend():
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# the kernels compiled for a Hopper GPU without one (the interpreter does not lower them)
+
+AOT_SCRIPT = r'''
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from models import fast_kernels as K
+
+target = GPUTarget('cuda', 90, 32)
+backend = triton.compiler.make_backend(target)
+
+def compile_(kernel, types, constexprs, num_warps, num_stages=3):
+    signature = dict(types, **{k: 'constexpr' for k in constexprs})
+    options = backend.parse_options({'num_warps': num_warps, 'num_stages': num_stages}).__dict__
+    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs), target=target,
+                              options=options)
+    ptx = compiled.asm['ptx']
+    return {'shared': compiled.metadata.shared, 'wgmma': 'wgmma.mma_async' in ptx, 'mma': 'mma.sync' in ptx}
+
+out = {}
+attn = dict(qkv_ptr='*fp16', out_ptr='*fp16', n='i32', H='i32', stride_qb='i32', stride_qn='i32', stride_ob='i32',
+            stride_on='i32', qk_scale='fp32')
+for bm, bn, warps, stages in K.ATTENTION_TILES:
+    out[f'attention {bm}x{bn}'] = compile_(K._attention_kernel, attn, dict(HEAD_DIM=64, BLOCK_M=bm, BLOCK_N=bn),
+                                           warps, stages)
+lin = dict(x_ptr='*fp16', wt_ptr='*fp16', b_ptr='*fp16', out_ptr='*fp16', M='i32', N='i32', K='i32',
+           stride_xm='i32', stride_wk='i32', stride_om='i32')
+for bm, bn, bk, warps, stages in K.LINEAR_TILES:
+    out[f'linear_gelu {bm}x{bn}x{bk}'] = compile_(
+        K._linear_gelu_kernel, lin, dict(HAS_B=True, EVEN_K=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8),
+        warps, stages)
+block_c, rows, warps = K._row_tile(192)
+rows_ = dict(x_ptr='*fp32', ids_ptr='*i64', w_ptr='*fp32', b_ptr='*fp32', out_ptr='*fp16', num_rows='i32', n='i32',
+             C='i32', stride_xb='i32', stride_xn='i32', stride_ob='i32', stride_on='i32', eps='fp32')
+out['gather_layer_norm'] = compile_(K._gather_layer_norm_kernel, rows_,
+                                    dict(HAS_W=True, HAS_B=True, ROWS=rows, BLOCK_C=block_c), warps)
+res = dict(x_ptr='*fp32', ids_ptr='*i64', a_ptr='*fp16', g_ptr='*fp32', w_ptr='*fp32', b_ptr='*fp32',
+           out_ptr='*fp16', num_rows='i32', n='i32', C='i32', stride_xb='i32', stride_xn='i32', stride_ab='i32',
+           stride_an='i32', stride_ob='i32', stride_on='i32', eps='fp32')
+for norm in (True, False):
+    out[f'residual norm={norm}'] = compile_(
+        K._residual_kernel, res, dict(HAS_G=True, NORM=norm, HAS_W=True, HAS_B=True, ROWS=rows, BLOCK_C=block_c),
+        warps)
+print(json.dumps(out))
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CUDA, reason='on a GPU the kernels are compiled and run by the tests above')
+@pytest.mark.skipif(not K.HAS_TRITON, reason='needs Triton')
+def test_kernels_compile_for_hopper():
+    """Every kernel and tile the fast path may launch compiles for sm_90 (Triton's own ptxas, no GPU needed),
+    the matrix products of 64-row tiles use Hopper's wgmma, and shared memory stays within the 227 KB a block
+    may have."""
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
+    env['TRITON_DEFAULT_FP_FUSION'] = '1'  # Triton's default, said out loud (it warns otherwise)
+    done = subprocess.run([sys.executable, '-c', AOT_SCRIPT, root], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    kernels = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(kernels) == len(K.ATTENTION_TILES) + len(K.LINEAR_TILES) + 3
+    for name, info in kernels.items():
+        assert info['shared'] <= 227 * 1024, name
+        if name.startswith(('attention', 'linear_gelu')):
+            # tiles of 64 rows or more run on wgmma; a 32-row tile is below its 64-row minimum: mma.sync
+            assert info['wgmma'] if int(name.split()[1].split('x')[0]) >= 64 else info['mma'], name
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # the timing script, as a GPU session runs it, in its CPU smoke mode
 
 def test_timing_script_quick_run_writes_its_report(tmp_path):
