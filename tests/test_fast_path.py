@@ -58,16 +58,16 @@ def _randn(*shape, seed=0, dtype=torch.float32):
 
 
 def _same_rounding(a, b):
-    """Bit-equal, except bf16 under the interpreter (which rounds toward zero): within one bf16 ulp there."""
-    if a.dtype == torch.bfloat16 and not CUDA:
-        return (a.double() - b.double()).abs().max().item() <= torch.finfo(torch.bfloat16).eps * max(
-            1.0, b.abs().max().item())
-    return torch.equal(a, b)
+    """Within one unit in the last place of their dtype: the kernel and the reference form the same fp32 sum
+    and round it once, but a GPU may fuse a*g + x into one FMA (one rounding fewer), and the interpreter
+    rounds fp32 -> bf16 toward zero."""
+    return (a.double() - b.double()).abs().max().item() <= torch.finfo(a.dtype).eps * max(1.0, b.abs().max().item())
 
 
 def _ulp_tol(dtype, scale):
-    """A few units in the last place of ``dtype`` at magnitude ``scale`` (fp32: float rounding only)."""
-    return 4 * torch.finfo(dtype).eps * max(1.0, scale)
+    """A few units in the last place of ``dtype`` at magnitude ``scale`` (fp32: float rounding only, and on a GPU
+    Triton's approximate square root and division)."""
+    return 8 * torch.finfo(dtype).eps * max(1.0, scale)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -197,6 +197,7 @@ def test_attention_kernel(n, dtype, tiles):
     assert ours.shape == (2, n, H * D) and ours.dtype == dtype
     # P is rounded to the input dtype before P@V (as in flash attention); fp32 on CUDA runs the dots in tf32.
     tol = {torch.float32: 2e-3 if CUDA else 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype]
+    tol *= max(1.0, plain.abs().max().item())
     assert (ours.double() - plain).abs().max().item() <= tol
     assert (ref.double() - plain).abs().max().item() <= tol
 
@@ -208,9 +209,10 @@ def test_attention_kernel_deit_shapes_on_cuda(n, dtype):
     H, D = 3, 64
     qkv = _randn(8, n, 3 * H * D, seed=n, dtype=dtype)
     plain = plain_attention(qkv, H, D ** -0.5)
+    tol = (4e-3 if dtype == torch.float16 else 3e-2) * max(1.0, plain.abs().max().item())
     for tiles in K.ATTENTION_TILES:
         ours = K.attention_triton(qkv, H, D ** -0.5, *tiles)
-        assert (ours.double() - plain).abs().max().item() <= (4e-3 if dtype == torch.float16 else 3e-2), tiles
+        assert (ours.double() - plain).abs().max().item() <= tol, tiles
 
 
 LINEAR_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
@@ -625,5 +627,6 @@ def test_attention_choice_is_a_validated_candidate():
     assert choice.ms == min(timings.values())
     qkv = torch.randn(4, 148, 3 * 192, device=DEVICE, dtype=torch.float16)
     out = run_attention(choice, qkv, 3, 64 ** -0.5)
-    assert (out.double() - plain_attention(qkv, 3, 64 ** -0.5)).abs().max().item() <= 4e-3
+    plain = plain_attention(qkv, 3, 64 ** -0.5)
+    assert (out.double() - plain).abs().max().item() <= 4e-3 * max(1.0, plain.abs().max().item())
     assert isinstance(choice, AttentionChoice)
