@@ -319,7 +319,8 @@ def markdown(results: Dict) -> str:
         lines += [f'### DeiT-{s["short"]}{" (quick model)" if s["quick"] else ""}, batch {s["batch_size"]}', '',
                   f'Fastest dense row: {s["fastest_dense"]}. Logit std (fp32, dense) {s["logit_std"]:.3g}.', '',
                   '| row | masks | ms | images/s | vs timm eager | vs fastest dense | FLOPs ratio | fraction of '
-                  'FLOPs ratio | max abs logit diff | top-1 agreement | attention (kept count: kernel) | MLP fc1+GELU |',
+                  'FLOPs ratio | max abs logit diff | top-1 agreement | attention (kept count: kernel) '
+                  '| MLP fc1+GELU |',
                   '|---|---|---|---|---|---|---|---|---|---|---|---|']
         for r in s['rows']:
             built = r.get('built', {})

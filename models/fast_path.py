@@ -37,9 +37,11 @@ i.e. three memory-bound passes over the kept rows instead of LN, add, cast, gath
 paying their own.  cuBLAS adds a bias for free but its GELU epilogue is the tanh approximation, not the
 model's exact GELU; the fused Triton product applies the exact GELU to its fp32 accumulator, which saves
 writing the (B, n, 4C) hidden activation and reading it back (GELU measured 0.61 ms of 7.02).  Whether that
-beats cuBLAS's product is a matter of measurement, so on CUDA both are timed at build time (``mlp_choices``).  The patch embedding is one matrix product over unfolded patches (the conv weight reshaped
-to (C, 3*p*p); measured 0.28 ms against 0.97 for the conv), its bias folded with the position embedding into
-one constant added as the tokens are written into the buffer.  Attention: SDPA's time was flat from 197 down
+beats cuBLAS's product is a matter of measurement, so on CUDA both are timed at build time (``mlp_choices``).
+
+The patch embedding is one matrix product over unfolded patches (the conv weight reshaped to (C, 3*p*p);
+measured 0.28 ms against 0.97 for the conv), its bias folded with the position embedding into one constant
+added as the tokens are written into the buffer.  Attention: SDPA's time was flat from 197 down
 to 129 tokens and halved at 128 (128-row tiles: a block keeping 148 tokens pays for 256 rows), so for each
 distinct kept count the candidates (the SDPA backends flash / efficient / cuDNN / math through
 ``torch.nn.attention.sdpa_kernel``, and the Triton kernel with 32- to 128-row query tiles) are checked against

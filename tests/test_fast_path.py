@@ -10,7 +10,6 @@ results off by 1e10), so bf16 attention is checked on CUDA only; bf16 row kernel
 the interpreter rounds fp32 -> bf16 toward zero (the GPU to nearest even), so a bf16 result is compared within
 an ulp there instead of bit for bit.
 """
-import copy
 import json
 import os
 import sys
@@ -18,7 +17,6 @@ import sys
 import pytest
 import timm
 import torch
-import torch.nn.functional as F
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
 
@@ -447,6 +445,31 @@ def test_bad_arguments_are_refused():
     fast = build_fast_path(model, backend='torch')
     with pytest.raises(ValueError, match=r'expected images of shape \(B, 3, 32, 32\)'):
         fast(torch.zeros(1, 3, 64, 64, device=DEVICE))
+
+
+@torch.no_grad()
+def test_captured_batch_size_replays_and_others_run_uncaptured():
+    """The dispatch around a CUDA graph, on any device: a stand-in graph whose replay runs the forward on the
+    static input.  The captured batch size copies the images in and returns a copy of the static output; any
+    other batch size runs uncaptured."""
+    model = tiny_cc(9)
+    pruning.apply_masks(model, pruning.random_masks(3, 16, 0.3, generator=_gen(9)))
+    fast = build_fast_path(model, backend='torch')
+    replays = []
+
+    class StandInGraph:
+        def replay(self):
+            replays.append(1)
+            fast._static_out.copy_(fast._forward_impl(fast._static_in))
+
+    fast._static_in = torch.zeros(2, 3, 32, 32, device=DEVICE)
+    fast._static_out = torch.zeros(2, 10, device=DEVICE)
+    fast._graph = StandInGraph()
+    a, b = images(2, seed=10), images(3, seed=11)
+    out_a = fast(a)
+    assert len(replays) == 1 and torch.equal(fast._static_in, a)
+    assert _close(out_a, model(a)) and out_a.data_ptr() != fast._static_out.data_ptr()
+    assert _close(fast(b), model(b)) and len(replays) == 1
 
 
 @pytest.mark.slow
