@@ -320,16 +320,16 @@ def markdown(results: Dict) -> str:
                   f'Fastest dense row: {s["fastest_dense"]}. Logit std (fp32, dense) {s["logit_std"]:.3g}.', '',
                   '| row | masks | ms | images/s | vs timm eager | vs fastest dense | FLOPs ratio | fraction of '
                   'FLOPs ratio | max abs logit diff | top-1 agreement | attention (kept count: kernel) '
-                  '| MLP fc1+GELU |',
-                  '|---|---|---|---|---|---|---|---|---|---|---|---|']
+                  '| MLP fc1+GELU | MLP fc2+residual |',
+                  '|---|---|---|---|---|---|---|---|---|---|---|---|---|']
         for r in s['rows']:
             built = r.get('built', {})
             att = ', '.join(f'{n}:{a}' for n, a in built.get('attention', {}).items())
-            mlp = ', '.join(sorted(set(built.get('mlp', {}).values())))
+            mlp, fc2 = (', '.join(sorted(set(built.get(key, {}).values()))) or '–' for key in ('mlp', 'fc2'))
             lines.append(f'| {r["label"]} | {r["masks"]} | {r["ms"]:.3f} | {r["images_per_s"]:.0f} '
                          f'| {r["speedup_vs_timm_eager"]:.2f} | {r["speedup_vs_fastest_dense"]:.2f} '
                          f'| {r["flops_ratio"]:.2f} | {r["fraction_of_flops_ratio"]:.2f} '
-                         f'| {r["max_abs_diff"]:.2e} | {r["top1_agreement"]:.3f} | {att or "–"} | {mlp or "–"} |')
+                         f'| {r["max_abs_diff"]:.2e} | {r["top1_agreement"]:.3f} | {att or "–"} | {mlp} | {fc2} |')
         lines += ['', '| prune rate | fastest pruned | fastest dense | speed-up | FLOPs ratio | fraction | target '
                       '| met |', '|---|---|---|---|---|---|---|---|']
         for t in s['targets']:

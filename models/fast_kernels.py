@@ -15,6 +15,10 @@ read and written again by a separate GELU:
 
 * ``linear_gelu``:             GELU(y @ W1^T + b1)                                (W1^T stored as (C, 4C))
 
+and the second MLP layer with the residual update as its epilogue, so its (B, n, C) output is never written:
+
+* ``linear_residual_scatter_``: x[:, ids] += gamma * (u @ W2^T + b2)
+
 and the attention of short sequences (n <= a few hundred tokens, head_dim a power of two >= 16):
 
 * ``attention``:               softmax(q k^T * scale) v for every (image, head), read straight from the qkv
@@ -64,6 +68,7 @@ __all__ = [
     'residual_scatter_', 'residual_scatter_reference_', 'residual_scatter_triton_',
     'attention', 'attention_reference', 'attention_triton', 'ATTENTION_TILES',
     'linear_gelu', 'linear_gelu_reference', 'linear_gelu_triton', 'LINEAR_TILES',
+    'linear_residual_scatter_', 'linear_residual_scatter_reference_', 'linear_residual_scatter_triton_',
 ]
 
 # Read once, as Triton itself reads it when @triton.jit decorates the kernels below.
@@ -158,6 +163,17 @@ def linear_gelu_reference(x: torch.Tensor, weight_t: torch.Tensor, bias: Optiona
     if bias is not None:
         y = y + bias.float()
     return F.gelu(y).to(x.dtype)
+
+
+def linear_residual_scatter_reference_(x: torch.Tensor, ids: torch.Tensor, u: torch.Tensor,
+                                       weight_t: torch.Tensor, bias: Optional[torch.Tensor],
+                                       gamma: Optional[torch.Tensor], **unused) -> torch.Tensor:
+    """x[:, ids] = x[:, ids] + gamma * (u @ weight_t + bias), the product in fp32 and not rounded before the
+    sum, the sum rounded once to x's dtype; returns x.  ``weight_t`` is the linear layer's weight transposed."""
+    m = u.float() @ weight_t.float()
+    if bias is not None:
+        m = m + bias.float()
+    return residual_scatter_reference_(x, ids, m, gamma)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -261,12 +277,17 @@ if HAS_TRITON:
         tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None])
 
     @triton.jit
-    def _linear_gelu_kernel(x_ptr, wt_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wk, stride_om,
-                            HAS_B: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
-                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-        # out = GELU(x @ wt + b): an fp32-accumulated tile product, bias and exact GELU applied to the fp32
-        # accumulator, one rounding to the output dtype.  Programs walk the tiles in groups of GROUP_M rows of
-        # tiles, so consecutive programs reuse the same weight columns from L2.
+    def _linear_kernel(x_ptr, wt_ptr, b_ptr, out_ptr, ids_ptr, g_ptr, M, N, K, n, stride_xm, stride_wk,
+                       stride_ob, stride_on, HAS_B: tl.constexpr, HAS_G: tl.constexpr, RESIDUAL: tl.constexpr,
+                       EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       GROUP_M: tl.constexpr):
+        # acc = x @ wt + b, accumulated in fp32 over (BLOCK_M, BLOCK_N) tiles.  Epilogue on the fp32 accumulator:
+        #   RESIDUAL=False: out[r] = GELU(acc[r]) (exact erf), one rounding to out's dtype; stride_ob is the
+        #                   row stride of out (M, N) and stride_on unused;
+        #   RESIDUAL=True:  out[b, ids[i]] += g * acc[r] for r = b * n + i, out being the (B, N_tokens, N) token
+        #                   buffer (strides stride_ob, stride_on), read and written once.
+        # Programs walk the tiles in groups of GROUP_M rows of tiles, so consecutive programs reuse the same
+        # weight columns from L2.
         pid = tl.program_id(0)
         num_m = tl.cdiv(M, BLOCK_M)
         num_n = tl.cdiv(N, BLOCK_N)
@@ -295,9 +316,19 @@ if HAS_TRITON:
             acc = tl.dot(a, w, acc)
         if HAS_B:
             acc = acc + tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
-        dst = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
-        tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+        ok = m_ok[:, None] & n_ok[None, :]
+        if RESIDUAL:
+            if HAS_G:
+                acc = acc * tl.load(g_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            b = (offs_m // n).to(tl.int64)
+            tok = tl.load(ids_ptr + offs_m % n, mask=m_ok, other=0).to(tl.int64)
+            dst = out_ptr + (b * stride_ob + tok * stride_on)[:, None] + offs_n[None, :]
+            h = tl.load(dst, mask=ok, other=0.0).to(tl.float32) + acc
+            tl.store(dst, h.to(out_ptr.dtype.element_ty), mask=ok)
+        else:
+            acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
+            dst = out_ptr + offs_m.to(tl.int64)[:, None] * stride_ob + offs_n[None, :]
+            tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 def _need_triton(t: torch.Tensor) -> None:
@@ -393,6 +424,27 @@ def attention_triton(qkv: torch.Tensor, num_heads: int, scale: float, block_m: i
     return out
 
 
+def _check_linear(x: torch.Tensor, weight_t: torch.Tensor) -> Tuple[int, int]:
+    K, N = weight_t.shape
+    if x.shape[-1] != K or x.stride(-1) != 1 or not weight_t.is_contiguous():
+        raise ValueError(f'x (..., {K}) with a contiguous last dimension and a contiguous ({K}, {N}) weight_t '
+                         f'expected, got {tuple(x.shape)} and {tuple(weight_t.shape)}')
+    return K, N
+
+
+def _launch_linear(x2, weight_t, bias, out, ids, gamma, n, stride_ob, stride_on, residual, tiles):
+    block_m, block_n, block_k, num_warps, num_stages = tiles
+    M, K = x2.shape
+    N = weight_t.shape[1]
+    b, has_b = _flag_ptr(bias, weight_t)
+    g, has_g = _flag_ptr(gamma, weight_t)
+    grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)
+    _linear_kernel[grid](x2, weight_t, b, out, ids, g, M, N, K, n, x2.stride(0), weight_t.stride(0), stride_ob,
+                         stride_on, HAS_B=has_b, HAS_G=has_g, RESIDUAL=residual, EVEN_K=K % block_k == 0,
+                         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, num_warps=num_warps,
+                         num_stages=num_stages)
+
+
 def linear_gelu_triton(x: torch.Tensor, weight_t: torch.Tensor, bias: Optional[torch.Tensor],
                        block_m: int = LINEAR_TILES[0][0], block_n: int = LINEAR_TILES[0][1],
                        block_k: int = LINEAR_TILES[0][2], num_warps: int = LINEAR_TILES[0][3],
@@ -401,20 +453,34 @@ def linear_gelu_triton(x: torch.Tensor, weight_t: torch.Tensor, bias: Optional[t
     (K, N) contiguous, bias (N,) or None; returns (..., N) in x's dtype.  The GELU runs on the fp32 accumulator
     (the unfused sequence rounds the product to x's dtype first; the two differ by that rounding)."""
     _need_triton(x)
-    K, N = weight_t.shape
-    if x.shape[-1] != K or x.stride(-1) != 1 or not weight_t.is_contiguous():
-        raise ValueError(f'linear_gelu: x (..., {K}) with a contiguous last dimension and a contiguous ({K}, {N}) '
-                         f'weight_t expected, got {tuple(x.shape)} and {tuple(weight_t.shape)}')
+    K, N = _check_linear(x, weight_t)
     x2 = x.reshape(-1, K)
-    M = x2.shape[0]
-    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    if M:
-        b, has_b = _flag_ptr(bias, weight_t)
-        grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)
-        _linear_gelu_kernel[grid](x2, weight_t, b, out, M, N, K, x2.stride(0), weight_t.stride(0), out.stride(0),
-                                  HAS_B=has_b, EVEN_K=K % block_k == 0, BLOCK_M=block_m, BLOCK_N=block_n,
-                                  BLOCK_K=block_k, GROUP_M=8, num_warps=num_warps, num_stages=num_stages)
+    out = torch.empty(x2.shape[0], N, dtype=x.dtype, device=x.device)
+    if x2.shape[0]:
+        _launch_linear(x2, weight_t, bias, out, out, None, 1, out.stride(0), 0, False,
+                       (block_m, block_n, block_k, num_warps, num_stages))
     return out.view(*x.shape[:-1], N)
+
+
+def linear_residual_scatter_triton_(x: torch.Tensor, ids: torch.Tensor, u: torch.Tensor, weight_t: torch.Tensor,
+                                    bias: Optional[torch.Tensor], gamma: Optional[torch.Tensor],
+                                    block_m: int = LINEAR_TILES[0][0], block_n: int = LINEAR_TILES[0][1],
+                                    block_k: int = LINEAR_TILES[0][2], num_warps: int = LINEAR_TILES[0][3],
+                                    num_stages: int = LINEAR_TILES[0][4]) -> torch.Tensor:
+    """Triton version of :func:`linear_residual_scatter_reference_`: x[:, ids] += gamma * (u @ weight_t + bias)
+    with u (B, n, K), weight_t (K, C) contiguous, x (B, N, C); distinct ids.  The product is not rounded before
+    it is added (the unfused sequence rounds it to u's dtype first).  Returns x."""
+    _need_triton(x)
+    K, C = _check_linear(u, weight_t)
+    _check_rows(x, ids)
+    B, n = x.shape[0], ids.numel()
+    if tuple(u.shape[:2]) != (B, n) or x.shape[-1] != C:
+        raise ValueError(f'expected u of shape ({B}, {n}, {K}) and a buffer of width {C}, got {tuple(u.shape)} '
+                         f'and {tuple(x.shape)}')
+    if B * n:
+        _launch_linear(u.reshape(B * n, K), weight_t, bias, x, ids, gamma, n, x.stride(0), x.stride(1), True,
+                       (block_m, block_n, block_k, num_warps, num_stages))
+    return x
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -436,6 +502,12 @@ def residual_scatter_(x, ids, m, gamma):
     """x[:, ids] += gamma * m in place; returns x; see the module docstring."""
     impl = residual_scatter_triton_ if triton_runs_on(x) else residual_scatter_reference_
     return impl(x, ids, m, gamma)
+
+
+def linear_residual_scatter_(x, ids, u, weight_t, bias, gamma, **tiles):
+    """x[:, ids] += gamma * (u @ weight_t + bias) in place; see :func:`linear_residual_scatter_triton_`."""
+    impl = linear_residual_scatter_triton_ if triton_runs_on(x) else linear_residual_scatter_reference_
+    return impl(x, ids, u, weight_t, bias, gamma, **tiles)
 
 
 def linear_gelu(x, weight_t, bias, **tiles):

@@ -30,14 +30,17 @@ pruned model reached only 0.73-0.81 of its FLOPs ratio.  So, with ``backend='tri
     y2  = residual_layer_norm_(x, ids, a, gamma1)    # x[:, ids] += gamma1*a, LN2, cast: one pass
     u   = GELU(y2 @ W1^T + b1)                       # cuBLAS + torch's GELU, or one Triton kernel (GELU in
                                                      # the epilogue), chosen per kept count
-    m   = u @ W2^T + b2                              # cuBLAS
-    residual_scatter_(x, ids, m, gamma2)             # x[:, ids] += gamma2*m: one pass, straight back
+    m   = u @ W2^T + b2                              # cuBLAS, then
+    residual_scatter_(x, ids, m, gamma2)             # x[:, ids] += gamma2*m: one pass, straight back; or both
+                                                     # in one Triton kernel (the scatter as the epilogue)
 
 i.e. three memory-bound passes over the kept rows instead of LN, add, cast, gather and concatenation each
 paying their own.  cuBLAS adds a bias for free but its GELU epilogue is the tanh approximation, not the
 model's exact GELU; the fused Triton product applies the exact GELU to its fp32 accumulator, which saves
 writing the (B, n, 4C) hidden activation and reading it back (GELU measured 0.61 ms of 7.02).  Whether that
-beats cuBLAS's product is a matter of measurement, so on CUDA both are timed at build time (``mlp_choices``).
+beats cuBLAS's product is a matter of measurement, so on CUDA both are timed at build time (``mlp_choices``);
+likewise the second product with the residual update as its epilogue (``fc2_choices``), which saves writing
+and reading its (B, n, C) output.
 
 The patch embedding is one matrix product over unfolded patches (the conv weight reshaped to (C, 3*p*p);
 measured 0.28 ms against 0.97 for the conv), its bias folded with the position embedding into one constant
@@ -83,7 +86,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from . import fast_kernels as K
 
 __all__ = ['build_fast_path', 'FastViT', 'AttentionChoice', 'MlpChoice', 'choose_attention', 'choose_mlp',
-           'check_supported', 'BACKENDS', 'ATTENTION_MODES', 'MLP_MODES']
+           'choose_fc2', 'check_supported', 'BACKENDS', 'ATTENTION_MODES', 'MLP_MODES']
 
 BACKENDS = ('triton', 'torch', 'compile')
 ATTENTION_MODES = ('auto', 'sdpa', 'triton')
@@ -201,9 +204,10 @@ class AttentionChoice:
 
 @dataclass(frozen=True)
 class MlpChoice:
-    """How one block computes GELU(y @ W1^T + b1): ``kind`` 'torch' (cuBLAS with the bias in its epilogue, then
-    torch's GELU) or 'triton' (one fused kernel; ``tiles``: BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages);
-    ``ms``: its build-time time, if timed."""
+    """How one block computes one of its MLP products with its epilogue, GELU(y @ W1^T + b1) or
+    x[:, ids] += gamma * (u @ W2^T + b2): ``kind`` 'torch' (cuBLAS with the bias in its epilogue, then torch's
+    GELU or the scatter kernel) or 'triton' (one fused kernel; ``tiles``: BLOCK_M, BLOCK_N, BLOCK_K, num_warps,
+    num_stages); ``ms``: its build-time time, if timed."""
     kind: str
     tiles: Optional[Tuple[int, int, int, int, int]] = None
     ms: Optional[float] = None
@@ -277,14 +281,15 @@ _CHOICE_CACHE: Dict[tuple, tuple] = {}
 
 
 @torch.no_grad()
-def _fastest(candidates, run, reference: torch.Tensor, tol: float):
-    """(the fastest candidate whose output is within ``tol`` of ``reference``, or None; {label: ms}).  A
-    candidate that raises (a backend refusing these shapes or dtypes, a tile that does not fit) or misses the
-    tolerance gets inf."""
+def _fastest(candidates, run, reference: torch.Tensor, tol: float, check=None):
+    """(the fastest candidate whose output is within ``tol`` of ``reference``, or None; its ms; {label: ms}).
+    ``run(c)`` is timed; ``check(c)`` (default ``run``) gives the output compared.  A candidate that raises (a
+    backend refusing these shapes or dtypes, a tile that does not fit) or misses the tolerance gets inf."""
+    check = check or run
     timings, best, best_ms = {}, None, float('inf')
     for cand in candidates:
         try:
-            err = (run(cand).float() - reference).abs().max().item()
+            err = (check(cand).float() - reference).abs().max().item()
             ms = _cuda_ms(lambda: run(cand)) if err <= tol else float('inf')
         except Exception:  # noqa: BLE001
             ms = float('inf')
@@ -338,6 +343,46 @@ def choose_mlp(rows: int, in_features: int, hidden: int, dtype: torch.dtype, dev
     return best, timings
 
 
+def run_linear_residual(choice: MlpChoice, x: torch.Tensor, ids: torch.Tensor, u: torch.Tensor,
+                        weight: torch.Tensor, weight_t: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                        gamma: Optional[torch.Tensor]) -> torch.Tensor:
+    """x[:, ids] += gamma * (u @ weight^T + bias) as ``choice`` says: cuBLAS then the scatter kernel, or one
+    fused Triton kernel (``weight_t``: weight transposed).  Returns x."""
+    if choice.kind == 'triton':
+        return K.linear_residual_scatter_triton_(x, ids, u, weight_t, bias, gamma, *choice.tiles)
+    return K.residual_scatter_triton_(x, ids, F.linear(u, weight, bias), gamma)
+
+
+@torch.no_grad()
+def choose_fc2(batch: int, num_tokens: int, n: int, hidden: int, width: int, dtype: torch.dtype,
+               residual_dtype: torch.dtype, device: torch.device) -> Tuple[MlpChoice, Dict[str, float]]:
+    """Time x[:, ids] += gamma * (u @ W^T + b) for u (batch, n, hidden) into a (batch, num_tokens, width) buffer
+    on CUDA: cuBLAS + the scatter kernel against the fused Triton kernel's tiles; return the fastest within
+    tolerance of the fp32 reference, with every candidate's milliseconds.  Cached per shape."""
+    key = ('fc2', str(device), dtype, residual_dtype, batch, num_tokens, n, hidden, width)
+    if key in _CHOICE_CACHE:
+        return _CHOICE_CACHE[key]
+    g = torch.Generator(device=device).manual_seed(n)
+    x = torch.randn(batch, num_tokens, width, device=device, generator=g).to(residual_dtype)
+    ids = torch.randperm(num_tokens, device=device, generator=g)[:n].sort().values
+    u = torch.randn(batch, n, hidden, device=device, generator=g).to(dtype)
+    w = (torch.randn(width, hidden, device=device, generator=g) * hidden ** -0.5).to(dtype)
+    b = torch.randn(width, device=device, generator=g).to(dtype)
+    gamma = torch.randn(width, device=device, generator=g)
+    wt = w.t().contiguous()
+    ref = K.linear_residual_scatter_reference_(x.clone(), ids, u, wt, b, gamma).float()
+    tol = max(8 * torch.finfo(dtype).eps, 5e-3) * max(1.0, ref.abs().max().item())
+    candidates = [MlpChoice('torch')]
+    if dtype in (torch.float16, torch.bfloat16):
+        candidates += [MlpChoice('triton', tiles=t) for t in K.LINEAR_TILES]
+    timed = x.clone()  # accumulates over the timed calls: the values drift, the work does not change
+    best, ms, timings = _fastest(candidates, lambda c: run_linear_residual(c, timed, ids, u, w, wt, b, gamma),
+                                 ref, tol, check=lambda c: run_linear_residual(c, x.clone(), ids, u, w, wt, b, gamma))
+    best = MlpChoice('torch') if best is None else MlpChoice(best.kind, best.tiles, ms)
+    _CHOICE_CACHE[key] = (best, timings)
+    return best, timings
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the executor
 
@@ -369,8 +414,10 @@ class _FastBlock(nn.Module):
                         ('gamma2', f32(getattr(blk.ls2, 'gamma', None)))):
             self.register_buffer(name, t)
         self.register_buffer('fc1_wt', None)  # W1^T (C, 4C), made when the fused linear + GELU is chosen
+        self.register_buffer('fc2_wt', None)  # W2^T (4C, C), made when the fused linear + residual is chosen
         self.attention = AttentionChoice('sdpa')
         self.mlp = MlpChoice('torch')
+        self.fc2 = MlpChoice('torch')
 
 
 def _layer_norm_f32(t: torch.Tensor, weight, bias, eps: float) -> torch.Tensor:
@@ -447,6 +494,8 @@ class FastViT(nn.Module):
         self._choose_attention(attention, tune_batch)
         self.mlp_choices: Dict[int, MlpChoice] = {}
         self.mlp_timings: Dict[int, Dict[str, float]] = {}
+        self.fc2_choices: Dict[int, MlpChoice] = {}
+        self.fc2_timings: Dict[int, Dict[str, float]] = {}
         self._choose_mlp(mlp, tune_batch)
 
         self._run = self._forward_impl
@@ -498,21 +547,29 @@ class FastViT(nn.Module):
             blk.attention = self.attention_choices[blk.n]
 
     def _choose_mlp(self, mode: str, tune_batch: Optional[int]) -> None:
+        """For each kept count, how the MLP's two products run (``mlp``: fc1 + GELU, ``fc2``: fc2 + residual)."""
+        timed = (mode == 'auto' and self.device.type == 'cuda' and self.backend == 'triton'
+                 and self.dtype in (torch.float16, torch.bfloat16))
+        batch = tune_batch or 64
         for blk in self.blocks:
             if blk.n not in self.mlp_choices:
                 hidden, width = blk.fc1_w.shape
                 if mode == 'triton':
-                    choice, timings = MlpChoice('triton', tiles=K.LINEAR_TILES[0]), {}
-                elif (mode == 'auto' and self.device.type == 'cuda' and self.backend == 'triton'
-                      and self.dtype in (torch.float16, torch.bfloat16)):
-                    choice, timings = choose_mlp((tune_batch or 64) * blk.n, width, hidden, self.dtype, self.device)
+                    fused = MlpChoice('triton', tiles=K.LINEAR_TILES[0])
+                    choices = (fused, {}), (fused, {})
+                elif timed:
+                    choices = (choose_mlp(batch * blk.n, width, hidden, self.dtype, self.device),
+                               choose_fc2(batch, self.num_tokens, blk.n, hidden, width, self.dtype,
+                                          self.residual_dtype, self.device))
                 else:
-                    choice, timings = MlpChoice('torch'), {}
-                self.mlp_choices[blk.n] = choice
-                self.mlp_timings[blk.n] = timings
-            blk.mlp = self.mlp_choices[blk.n]
+                    choices = (MlpChoice('torch'), {}), (MlpChoice('torch'), {})
+                (self.mlp_choices[blk.n], self.mlp_timings[blk.n]), (self.fc2_choices[blk.n],
+                                                                     self.fc2_timings[blk.n]) = choices
+            blk.mlp, blk.fc2 = self.mlp_choices[blk.n], self.fc2_choices[blk.n]
             if blk.mlp.kind == 'triton':
                 blk.fc1_wt = blk.fc1_w.t().contiguous()
+            if blk.fc2.kind == 'triton':
+                blk.fc2_wt = blk.fc2_w.t().contiguous()
 
     # -- forward ------------------------------------------------------------------------------------------------
 
@@ -541,9 +598,8 @@ class FastViT(nn.Module):
         qkv = F.linear(y, blk.qkv_w, blk.qkv_b)
         a = F.linear(run_attention(blk.attention, qkv, blk.num_heads, blk.scale), blk.proj_w, blk.proj_b)
         y = K.residual_layer_norm_triton_(x, blk.ids, a, blk.gamma1, blk.ln2_w, blk.ln2_b, blk.eps2, self.dtype)
-        m = F.linear(run_linear_gelu(blk.mlp, y, blk.fc1_w, blk.fc1_wt, blk.fc1_b), blk.fc2_w, blk.fc2_b)
-        K.residual_scatter_triton_(x, blk.ids, m, blk.gamma2)
-        return x
+        u = run_linear_gelu(blk.mlp, y, blk.fc1_w, blk.fc1_wt, blk.fc1_b)
+        return run_linear_residual(blk.fc2, x, blk.ids, u, blk.fc2_w, blk.fc2_wt, blk.fc2_b, blk.gamma2)
 
     def _block_torch(self, x: torch.Tensor, blk: _FastBlock) -> torch.Tensor:
         t = x if blk.dense else x.index_select(1, blk.ids)
@@ -614,6 +670,8 @@ class FastViT(nn.Module):
             'attention_ms': _finite(self.attention_timings),
             'mlp': {str(n): c.label for n, c in sorted(self.mlp_choices.items())},
             'mlp_ms': _finite(self.mlp_timings),
+            'fc2': {str(n): c.label for n, c in sorted(self.fc2_choices.items())},
+            'fc2_ms': _finite(self.fc2_timings),
         }
 
 
@@ -645,9 +703,10 @@ def build_fast_path(model: nn.Module, backend: str = 'triton', dtype: Optional[t
     anywhere), 'compile' (torch.compile of the 'torch' formulation).  ``dtype``: the matrix products' dtype
     (torch.float16/bfloat16 for speed; default fp32).  ``residual_dtype``: the token buffer's (default fp32).
     ``attention``: 'auto' (time SDPA backends and, for 'triton', the Triton kernel per distinct kept count on
-    CUDA, at ``batch_size`` images or 64; SDPA on CPU), 'sdpa', or 'triton'.  ``mlp``: the first MLP layer
-    and its GELU, 'auto' (with backend 'triton' and fp16/bf16 on CUDA: time cuBLAS + GELU against the fused
-    Triton kernel per kept count; else torch), 'torch', or 'triton'.  ``cuda_graph``: capture the
+    CUDA, at ``batch_size`` images or 64; SDPA on CPU), 'sdpa', or 'triton'.  ``mlp``: the MLP's two products
+    with their epilogues (GELU; the residual update), 'auto' (with backend 'triton' and fp16/bf16 on CUDA: time
+    cuBLAS + the elementwise kernel against the fused Triton kernels per kept count; else torch), 'torch', or
+    'triton'.  ``cuda_graph``: capture the
     forward for ``batch_size`` images (CUDA only).  ``kept_ids``: per-block original token ids, overriding
     ``model.kept_token_ids()`` (a model without it is dense).
     """

@@ -241,6 +241,37 @@ def test_linear_gelu(dtype, shape, tiles, with_bias):
     assert (ref.double() - plain).abs().max().item() <= tol * scale
 
 
+@needs_triton
+@pytest.mark.parametrize('x_dtype,u_dtype', [(torch.float32, torch.float32), (torch.float32, torch.float16),
+                                             (torch.float16, torch.float16)] + (
+                                                [(torch.float32, torch.bfloat16)] if CUDA else []))
+@pytest.mark.parametrize('tiles', [(32, 32, 16, 4, 2), (16, 64, 32, 4, 2)])
+@pytest.mark.parametrize('layer_scale', [True, False])
+def test_linear_residual_scatter(x_dtype, u_dtype, tiles, layer_scale):
+    """x[:, ids] += gamma * (u @ W^T + b) with distinct unsorted ids, K = 72 (not a multiple of every BLOCK_K),
+    C = 40 (ragged against BLOCK_N), B * n = 18 rows (ragged against BLOCK_M)."""
+    B, N, C, K_ = 2, 21, 40, 72
+    ids = torch.tensor(DISTINCT_IDS, device=DEVICE)
+    x = _randn(B, N, C, seed=15, dtype=x_dtype)
+    u = _randn(B, len(DISTINCT_IDS), K_, seed=16, dtype=u_dtype)
+    wt = (_randn(K_, C, seed=17) * K_ ** -0.5).to(u_dtype)
+    b = _randn(C, seed=18, dtype=u_dtype)
+    g = _randn(C, seed=19) if layer_scale else None
+    ours, ref = x.clone(), x.clone()
+    assert K.linear_residual_scatter_triton_(ours, ids, u, wt, b, g, *tiles) is ours
+    K.linear_residual_scatter_reference_(ref, ids, u, wt, b, g)
+    plain = x.clone()
+    m = u.double() @ wt.double() + b.double()
+    plain[:, ids] = (x[:, ids].double() + m * (g.double() if layer_scale else 1.0)).to(x_dtype)
+    # fp16/bf16 operands, fp32 accumulation (tf32 for fp32 operands on CUDA); one rounding to the buffer's dtype
+    tol = {torch.float32: 2e-3 if CUDA else 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[u_dtype]
+    tol = max(tol, 2 * torch.finfo(x_dtype).eps) * max(1.0, plain.abs().max().item())
+    assert (ours.double() - plain.double()).abs().max().item() <= tol
+    assert (ref.double() - plain.double()).abs().max().item() <= tol
+    rest = [i for i in range(N) if i not in DISTINCT_IDS]
+    assert torch.equal(ours[:, rest], x[:, rest])
+
+
 def test_attention_dispatch_falls_back_for_other_head_dims():
     qkv = _randn(2, 9, 3 * 2 * 24, seed=3)  # head_dim 24: no Triton tile
     out = K.attention(qkv, 2, 24 ** -0.5)
@@ -340,7 +371,8 @@ def test_pruned_model(case, plan):
     built = fast.describe()
     assert built['kept_counts'] == [int(m.sum()) + 1 for m in masks]
     if case.get('mlp') == 'triton':  # the fused kernels really ran
-        assert all(v.startswith('triton-') for v in list(built['mlp'].values()) + list(built['attention'].values()))
+        chosen = [v for key in ('attention', 'mlp', 'fc2') for v in built[key].values()]
+        assert len(chosen) == 3 * len(set(built['kept_counts'])) and all(v.startswith('triton-') for v in chosen)
     assert _close(fast(x), ref)
 
 
@@ -509,12 +541,14 @@ attn = dict(qkv_ptr='*fp16', out_ptr='*fp16', n='i32', H='i32', stride_qb='i32',
 for bm, bn, warps, stages in K.ATTENTION_TILES:
     out[f'attention {bm}x{bn}'] = compile_(K._attention_kernel, attn, dict(HEAD_DIM=64, BLOCK_M=bm, BLOCK_N=bn),
                                            warps, stages)
-lin = dict(x_ptr='*fp16', wt_ptr='*fp16', b_ptr='*fp16', out_ptr='*fp16', M='i32', N='i32', K='i32',
-           stride_xm='i32', stride_wk='i32', stride_om='i32')
+lin = dict(x_ptr='*fp16', wt_ptr='*fp16', b_ptr='*fp16', out_ptr='*fp16', ids_ptr='*i64', g_ptr='*fp32', M='i32',
+           N='i32', K='i32', n='i32', stride_xm='i32', stride_wk='i32', stride_ob='i32', stride_on='i32')
 for bm, bn, bk, warps, stages in K.LINEAR_TILES:
-    out[f'linear_gelu {bm}x{bn}x{bk}'] = compile_(
-        K._linear_gelu_kernel, lin, dict(HAS_B=True, EVEN_K=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8),
-        warps, stages)
+    for residual in (False, True):
+        types = dict(lin, out_ptr='*fp32') if residual else lin
+        out[f'linear {bm}x{bn}x{bk} residual={residual}'] = compile_(
+            K._linear_kernel, types, dict(HAS_B=True, HAS_G=residual, RESIDUAL=residual, EVEN_K=True, BLOCK_M=bm,
+                                          BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), warps, stages)
 block_c, rows, warps = K._row_tile(192)
 rows_ = dict(x_ptr='*fp32', ids_ptr='*i64', w_ptr='*fp32', b_ptr='*fp32', out_ptr='*fp16', num_rows='i32', n='i32',
              C='i32', stride_xb='i32', stride_xn='i32', stride_ob='i32', stride_on='i32', eps='fp32')
@@ -546,10 +580,10 @@ def test_kernels_compile_for_hopper():
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     kernels = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(kernels) == len(K.ATTENTION_TILES) + len(K.LINEAR_TILES) + 3
+    assert len(kernels) == len(K.ATTENTION_TILES) + 2 * len(K.LINEAR_TILES) + 3
     for name, info in kernels.items():
         assert info['shared'] <= 227 * 1024, name
-        if name.startswith(('attention', 'linear_gelu')):
+        if name.startswith(('attention', 'linear')):
             # tiles of 64 rows or more run on wgmma; a 32-row tile is below its 64-row minimum: mma.sync
             assert info['wgmma'] if int(name.split()[1].split('x')[0]) >= 64 else info['mma'], name
 
