@@ -79,9 +79,9 @@ INTERPRETER = os.environ.get('TRITON_INTERPRET', '0') == '1'
 # three stages of K and V tiles (64 KB a stage at head_dim 64) would crowd the 227 KB of shared memory.
 ATTENTION_TILES = ((64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 4, 2), (128, 64, 8, 2), (128, 128, 8, 2),
                    (64, 256, 8, 2))
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for the fused linear + GELU; the first is the default.
-LINEAR_TILES = ((128, 128, 64, 4, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
-                (128, 128, 32, 4, 4), (64, 256, 32, 4, 4))
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for the fused matrix products; the first is the default.
+# Few on purpose: each is compiled per shape family at build time, and every compile costs seconds.
+LINEAR_TILES = ((128, 128, 64, 4, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4))
 
 
 def triton_runs_on(t: torch.Tensor) -> bool:
