@@ -6,6 +6,13 @@ import numpy as np
 import pytest
 import torch
 
+# --- fast path (tests/test_fast_path.py): without a GPU, run its Triton kernels in Triton's CPU interpreter.
+# Triton reads this when @triton.jit decorates a kernel (at import of models.fast_kernels), so it is set here,
+# before any test module imports it; on a CUDA machine the real kernels run.
+if not torch.cuda.is_available():
+    os.environ.setdefault('TRITON_INTERPRET', '1')
+# --- end fast path
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)

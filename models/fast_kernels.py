@@ -1,0 +1,524 @@
+"""Fused forward kernels for the inference fast path (models/fast_path.py), each with a pure-torch reference.
+
+The fast path keeps every token of an image in one buffer ``x`` of shape (B, N, C) in the *original* token
+order, and block ``l`` processes the rows ``ids = kept_token_ids()[l]`` of it in place.  The row-wise work of a
+block is fused into three memory-bound kernels around the matrix products, so that the residual stream is read
+and written once per kernel and no gathered copy of it ever exists:
+
+* ``gather_layer_norm``:       y = LN(x[:, ids])                                  (B, n, C) in the compute dtype
+* ``residual_layer_norm_``:    x[:, ids] += gamma * a;  returns LN(x[:, ids])     (a: attention output)
+* ``residual_scatter_``:       x[:, ids] += gamma * m                              (m: MLP output)
+
+the first MLP layer with its activation, as one matrix product whose epilogue applies the bias and the exact
+(erf) GELU to the fp32 accumulator, so the (B, n, 4C) hidden activation is written once instead of written,
+read and written again by a separate GELU:
+
+* ``linear_gelu``:             GELU(y @ W1^T + b1)                                (W1^T stored as (C, 4C))
+
+and the second MLP layer with the residual update as its epilogue, so its (B, n, C) output is never written:
+
+* ``linear_residual_scatter_``: x[:, ids] += gamma * (u @ W2^T + b2)
+
+and the attention of short sequences (n <= a few hundred tokens, head_dim a power of two >= 16):
+
+* ``attention``:               softmax(q k^T * scale) v for every (image, head), read straight from the qkv
+                               projection's output (B, n, 3, H, D) and written as (B, n, H*D), so neither the
+                               split into heads nor the merge back costs a copy.
+
+LayerNorm is LN(h) = (h - mean(h)) / sqrt(var(h) + eps) * weight + bias over the channel axis, with the biased
+variance, computed in fp32 whatever the storage dtypes are (as torch does under autocast).  ``gamma`` is a
+LayerScale vector (C,) or None (no scaling).  The residual sum is formed in fp32 and rounded once to the
+buffer's dtype; the LayerNorm after it reads that rounded value, exactly as the unfused sequence
+"add, store, normalise" does.
+
+The attention kernel is a FlashAttention-style forward pass: a program owns ``BLOCK_M`` query rows of one
+(image, head), walks over the keys ``BLOCK_N`` at a time with an online softmax (running max and running sum
+in fp32, exp2 with the scale folded into log2(e)), and accumulates P·V in fp32 with P rounded to the input
+dtype for the matrix unit.  Query tiles of 32 or 64 rows let a block that keeps 148 tokens pay for 160 or 192
+rows instead of the 256 that 128-row tiles cost; the tile sizes are chosen by timing in the fast path.
+
+Every op has a ``*_reference`` (plain torch: index_select, F.layer_norm, index_copy_, SDPA in fp32) and a
+``*_triton`` implementation with the same signature; the undecorated name dispatches to Triton when
+:func:`triton_runs_on` says it can (a CUDA tensor, or any tensor while ``TRITON_INTERPRET=1`` was set before
+this module was imported), else to the reference.
+
+Contracts (checked in the wrappers where cheap, else stated): every tensor has a contiguous last dimension;
+``ids`` is a 1-D integer tensor on the same device with values in [0, N); the in-place ops (the two whose
+names end in ``_``) need *distinct* ids, since two programs writing the same row would race; ``gather`` does
+not.  Forward only: nothing here records gradients.
+"""
+import os
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+    HAS_TRITON = True
+except ImportError:  # a CPU-only torch without Triton: the references serve everything
+    triton = tl = None
+    HAS_TRITON = False
+
+__all__ = [
+    'HAS_TRITON', 'INTERPRETER', 'triton_runs_on', 'attention_tiles_ok',
+    'gather_layer_norm', 'gather_layer_norm_reference', 'gather_layer_norm_triton',
+    'residual_layer_norm_', 'residual_layer_norm_reference_', 'residual_layer_norm_triton_',
+    'residual_scatter_', 'residual_scatter_reference_', 'residual_scatter_triton_',
+    'attention', 'attention_reference', 'attention_triton', 'ATTENTION_TILES',
+    'linear_gelu', 'linear_gelu_reference', 'linear_gelu_triton', 'LINEAR_TILES',
+    'linear_residual_scatter_', 'linear_residual_scatter_reference_', 'linear_residual_scatter_triton_',
+]
+
+# Read once, as Triton itself reads it when @triton.jit decorates the kernels below.
+INTERPRETER = os.environ.get('TRITON_INTERPRET', '0') == '1'
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) the fast path times for the attention kernel; the first is the
+# default.  Two pipeline stages: a key loop of at most a few tiles gains little from more, and (64, 256) with
+# three stages of K and V tiles (64 KB a stage at head_dim 64) would crowd the 227 KB of shared memory.
+ATTENTION_TILES = ((64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 4, 2), (128, 64, 8, 2), (128, 128, 8, 2),
+                   (64, 256, 8, 2))
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for the fused matrix products; the first is the default.
+# Few on purpose: each is compiled per shape family at build time, and every compile costs seconds.
+LINEAR_TILES = ((128, 128, 64, 4, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4))
+
+
+def triton_runs_on(t: torch.Tensor) -> bool:
+    """Whether the Triton kernels can run on ``t``: a CUDA tensor, or a CPU tensor under the interpreter."""
+    return HAS_TRITON and (t.is_cuda or (INTERPRETER and t.device.type == 'cpu'))
+
+
+def _row_tile(C: int) -> Tuple[int, int, int]:
+    """(BLOCK_C, ROWS, num_warps) for the row kernels: the channel axis padded to a power of two, and as many
+    rows per program as make about 4096 elements, so a program moves 8-16 KB and C=192 wastes no launches."""
+    block_c = triton.next_power_of_2(C)
+    rows = max(1, min(32, 4096 // block_c))
+    return block_c, rows, 4 if block_c * rows <= 4096 else 8
+
+
+def _check_rows(x: torch.Tensor, ids: torch.Tensor, other: Optional[torch.Tensor] = None) -> None:
+    if x.dim() != 3 or x.stride(-1) != 1:
+        raise ValueError(f'x must be (B, N, C) with a contiguous last dimension, got shape {tuple(x.shape)}')
+    if ids.dim() != 1 or ids.dtype not in (torch.int32, torch.int64) or ids.device != x.device:
+        raise ValueError('ids must be a 1-D int32/int64 tensor on the device of x')
+    if other is not None:
+        B, _, C = x.shape
+        if tuple(other.shape) != (B, ids.numel(), C) or other.stride(-1) != 1:
+            raise ValueError(f'expected a ({B}, {ids.numel()}, {C}) tensor with a contiguous last dimension, '
+                             f'got {tuple(other.shape)}')
+
+
+def _f32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t is None else t.float()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# references (plain torch; the test oracle and the CPU path)
+
+def gather_layer_norm_reference(x: torch.Tensor, ids: torch.Tensor, weight: Optional[torch.Tensor],
+                                bias: Optional[torch.Tensor], eps: float,
+                                out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """LN(x[:, ids]) in fp32, returned in ``out_dtype`` (default: the dtype of x)."""
+    rows = x.index_select(1, ids).float()
+    y = F.layer_norm(rows, (x.shape[-1],), _f32(weight), _f32(bias), eps)
+    return y.to(out_dtype or x.dtype)
+
+
+def residual_layer_norm_reference_(x: torch.Tensor, ids: torch.Tensor, a: torch.Tensor,
+                                   gamma: Optional[torch.Tensor], weight: Optional[torch.Tensor],
+                                   bias: Optional[torch.Tensor], eps: float,
+                                   out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """h = x[:, ids] + gamma * a (fp32, rounded to x's dtype) written back into x; returns LN(h) in
+    ``out_dtype`` (default: the dtype of a)."""
+    h = x.index_select(1, ids).float() + (a.float() if gamma is None else a.float() * gamma.float())
+    h = h.to(x.dtype)
+    x.index_copy_(1, ids, h)
+    y = F.layer_norm(h.float(), (x.shape[-1],), _f32(weight), _f32(bias), eps)
+    return y.to(out_dtype or a.dtype)
+
+
+def residual_scatter_reference_(x: torch.Tensor, ids: torch.Tensor, m: torch.Tensor,
+                                gamma: Optional[torch.Tensor]) -> torch.Tensor:
+    """x[:, ids] = x[:, ids] + gamma * m (fp32, rounded to x's dtype); returns x."""
+    h = x.index_select(1, ids).float() + (m.float() if gamma is None else m.float() * gamma.float())
+    return x.index_copy_(1, ids, h.to(x.dtype))
+
+
+def attention_reference(qkv: torch.Tensor, num_heads: int, scale: float, **unused) -> torch.Tensor:
+    """qkv (B, n, 3*H*D) laid out as (B, n, 3, H, D) -> softmax(q k^T * scale) v as (B, n, H*D), computed in
+    fp32 and returned in qkv's dtype.  Tile arguments of the Triton version are accepted and ignored."""
+    B, n, three_c = qkv.shape
+    head_dim = three_c // (3 * num_heads)
+    q, k, v = qkv.float().view(B, n, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    o = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    return o.transpose(1, 2).reshape(B, n, num_heads * head_dim).to(qkv.dtype)
+
+
+def linear_gelu_reference(x: torch.Tensor, weight_t: torch.Tensor, bias: Optional[torch.Tensor],
+                          **unused) -> torch.Tensor:
+    """GELU(x @ weight_t + bias) with the exact (erf) GELU, computed in fp32, returned in x's dtype.
+    ``weight_t`` is the linear layer's weight transposed, (K, N).  Tile arguments are accepted and ignored."""
+    y = x.float() @ weight_t.float()
+    if bias is not None:
+        y = y + bias.float()
+    return F.gelu(y).to(x.dtype)
+
+
+def linear_residual_scatter_reference_(x: torch.Tensor, ids: torch.Tensor, u: torch.Tensor,
+                                       weight_t: torch.Tensor, bias: Optional[torch.Tensor],
+                                       gamma: Optional[torch.Tensor], **unused) -> torch.Tensor:
+    """x[:, ids] = x[:, ids] + gamma * (u @ weight_t + bias), the product in fp32 and not rounded before the
+    sum, the sum rounded once to x's dtype; returns x.  ``weight_t`` is the linear layer's weight transposed."""
+    m = u.float() @ weight_t.float()
+    if bias is not None:
+        m = m + bias.float()
+    return residual_scatter_reference_(x, ids, m, gamma)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Triton kernels
+
+if HAS_TRITON:
+    @triton.jit
+    def _layer_norm_rows(h, cols_ok, C, eps, w_ptr, b_ptr, cols, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
+        """LN over the last axis of an fp32 (ROWS, BLOCK_C) tile whose columns >= C are masked off."""
+        mean = tl.sum(h, axis=1) / C
+        d = tl.where(cols_ok[None, :], h - mean[:, None], 0.0)
+        var = tl.sum(d * d, axis=1) / C
+        y = d * (1.0 / tl.sqrt(var + eps))[:, None]
+        if HAS_W:
+            y = y * tl.load(w_ptr + cols, mask=cols_ok, other=0.0).to(tl.float32)[None, :]
+        if HAS_B:
+            y = y + tl.load(b_ptr + cols, mask=cols_ok, other=0.0).to(tl.float32)[None, :]
+        return y
+
+    @triton.jit
+    def _gather_layer_norm_kernel(x_ptr, ids_ptr, w_ptr, b_ptr, out_ptr, num_rows, n, C,
+                                  stride_xb, stride_xn, stride_ob, stride_on, eps,
+                                  HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                                  ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+        # Output row r = b * n + i reads token ids[i] of image b.
+        r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        rows_ok = r < num_rows
+        b = (r // n).to(tl.int64)
+        i = r % n
+        tok = tl.load(ids_ptr + i, mask=rows_ok, other=0).to(tl.int64)
+        cols = tl.arange(0, BLOCK_C)
+        cols_ok = cols < C
+        ok = rows_ok[:, None] & cols_ok[None, :]
+        h = tl.load(x_ptr + (b * stride_xb + tok * stride_xn)[:, None] + cols[None, :], mask=ok, other=0.0)
+        y = _layer_norm_rows(h.to(tl.float32), cols_ok, C, eps, w_ptr, b_ptr, cols, HAS_W, HAS_B)
+        dst = out_ptr + (b * stride_ob + i.to(tl.int64) * stride_on)[:, None] + cols[None, :]
+        tl.store(dst, y.to(out_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _residual_kernel(x_ptr, ids_ptr, a_ptr, g_ptr, w_ptr, b_ptr, out_ptr, num_rows, n, C,
+                         stride_xb, stride_xn, stride_ab, stride_an, stride_ob, stride_on, eps,
+                         HAS_G: tl.constexpr, NORM: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                         ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+        # x[b, ids[i]] += g * a[b, i]; with NORM also out[b, i] = LN(x[b, ids[i]]).
+        r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        rows_ok = r < num_rows
+        b = (r // n).to(tl.int64)
+        i = (r % n).to(tl.int64)
+        tok = tl.load(ids_ptr + i, mask=rows_ok, other=0).to(tl.int64)
+        cols = tl.arange(0, BLOCK_C)
+        cols_ok = cols < C
+        ok = rows_ok[:, None] & cols_ok[None, :]
+        src = x_ptr + (b * stride_xb + tok * stride_xn)[:, None] + cols[None, :]
+        h = tl.load(src, mask=ok, other=0.0).to(tl.float32)
+        a = tl.load(a_ptr + (b * stride_ab + i * stride_an)[:, None] + cols[None, :], mask=ok, other=0.0)
+        a = a.to(tl.float32)
+        if HAS_G:
+            a = a * tl.load(g_ptr + cols, mask=cols_ok, other=0.0).to(tl.float32)[None, :]
+        h = (h + a).to(x_ptr.dtype.element_ty)
+        tl.store(src, h, mask=ok)
+        if NORM:
+            y = _layer_norm_rows(h.to(tl.float32), cols_ok, C, eps, w_ptr, b_ptr, cols, HAS_W, HAS_B)
+            dst = out_ptr + (b * stride_ob + i * stride_on)[:, None] + cols[None, :]
+            tl.store(dst, y.to(out_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _attention_kernel(qkv_ptr, out_ptr, n, H, stride_qb, stride_qn, stride_ob, stride_on, qk_scale,
+                          HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        # One program: BLOCK_M query rows of one (image, head). q, k, v of head h sit at channel offsets
+        # h*D, C + h*D and 2C + h*D of each token's qkv row (C = H * D).
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = (pid_bh // H).to(tl.int64)
+        h = pid_bh % H
+        C = H * HEAD_DIM
+        q_base = qkv_ptr + b * stride_qb + h * HEAD_DIM
+        k_base = q_base + C
+        v_base = q_base + 2 * C
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, HEAD_DIM)
+        m_ok = offs_m < n
+        q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+        m_i = tl.full((BLOCK_M,), float('-inf'), tl.float32)
+        l_i = tl.zeros((BLOCK_M,), tl.float32)
+        acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
+        for start in range(0, n, BLOCK_N):
+            offs_n = start + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < n
+            kt = tl.load(k_base + offs_n[None, :] * stride_qn + offs_d[:, None], mask=n_ok[None, :], other=0.0)
+            s = tl.dot(q, kt) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
+            s = tl.where(n_ok[None, :], s, float('-inf'))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: every key tile has a valid key
+            p = tl.exp2(s - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v = tl.load(v_base + offs_n[:, None] * stride_qn + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        acc = acc / l_i[:, None]
+        dst = out_ptr + b * stride_ob + offs_m[:, None] * stride_on + h * HEAD_DIM + offs_d[None, :]
+        tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None])
+
+    @triton.jit
+    def _linear_kernel(x_ptr, wt_ptr, b_ptr, out_ptr, ids_ptr, g_ptr, M, N, K, n, stride_xm, stride_wk,
+                       stride_ob, stride_on, HAS_B: tl.constexpr, HAS_G: tl.constexpr, RESIDUAL: tl.constexpr,
+                       EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       GROUP_M: tl.constexpr):
+        # acc = x @ wt + b, accumulated in fp32 over (BLOCK_M, BLOCK_N) tiles.  Epilogue on the fp32 accumulator:
+        #   RESIDUAL=False: out[r] = GELU(acc[r]) (exact erf), one rounding to out's dtype; stride_ob is the
+        #                   row stride of out (M, N) and stride_on unused;
+        #   RESIDUAL=True:  out[b, ids[i]] += g * acc[r] for r = b * n + i, out being the (B, N_tokens, N) token
+        #                   buffer (strides stride_ob, stride_on), read and written once.
+        # Programs walk the tiles in groups of GROUP_M rows of tiles, so consecutive programs reuse the same
+        # weight columns from L2.
+        pid = tl.program_id(0)
+        num_m = tl.cdiv(M, BLOCK_M)
+        num_n = tl.cdiv(N, BLOCK_N)
+        per_group = GROUP_M * num_n
+        first_m = (pid // per_group) * GROUP_M
+        group_m = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % per_group) % group_m
+        pid_n = (pid % per_group) // group_m
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        m_ok = offs_m < M
+        n_ok = offs_n < N
+        x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        for k in range(0, K, BLOCK_K):
+            kk = k + offs_k
+            if EVEN_K:
+                a = tl.load(x_rows + kk[None, :], mask=m_ok[:, None], other=0.0)
+                w = tl.load(wt_ptr + kk[:, None] * stride_wk + offs_n[None, :], mask=n_ok[None, :], other=0.0)
+            else:
+                k_ok = kk < K
+                a = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+                w = tl.load(wt_ptr + kk[:, None] * stride_wk + offs_n[None, :], mask=k_ok[:, None] & n_ok[None, :],
+                            other=0.0)
+            acc = tl.dot(a, w, acc)
+        if HAS_B:
+            acc = acc + tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        ok = m_ok[:, None] & n_ok[None, :]
+        if RESIDUAL:
+            if HAS_G:
+                acc = acc * tl.load(g_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            b = (offs_m // n).to(tl.int64)
+            tok = tl.load(ids_ptr + offs_m % n, mask=m_ok, other=0).to(tl.int64)
+            dst = out_ptr + (b * stride_ob + tok * stride_on)[:, None] + offs_n[None, :]
+            h = tl.load(dst, mask=ok, other=0.0).to(tl.float32) + acc
+            tl.store(dst, h.to(out_ptr.dtype.element_ty), mask=ok)
+        else:
+            acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
+            dst = out_ptr + offs_m.to(tl.int64)[:, None] * stride_ob + offs_n[None, :]
+            tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def _need_triton(t: torch.Tensor) -> None:
+    if not triton_runs_on(t):
+        raise RuntimeError('the Triton kernels need a CUDA tensor, or TRITON_INTERPRET=1 set before '
+                           'models.fast_kernels is imported')
+
+
+def _flag_ptr(t: Optional[torch.Tensor], fallback: torch.Tensor) -> Tuple[torch.Tensor, bool]:
+    """A pointer argument for an optional vector: the tensor and True, or any valid tensor and False."""
+    return (fallback, False) if t is None else (t.contiguous(), True)
+
+
+def gather_layer_norm_triton(x: torch.Tensor, ids: torch.Tensor, weight: Optional[torch.Tensor],
+                             bias: Optional[torch.Tensor], eps: float,
+                             out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Triton version of :func:`gather_layer_norm_reference`: one pass, reading only the rows in ids."""
+    _need_triton(x)
+    _check_rows(x, ids)
+    B, _, C = x.shape
+    n = ids.numel()
+    out = torch.empty(B, n, C, dtype=out_dtype or x.dtype, device=x.device)
+    if B * n == 0:
+        return out
+    w, has_w = _flag_ptr(weight, x)
+    b, has_b = _flag_ptr(bias, x)
+    block_c, rows, warps = _row_tile(C)
+    grid = (triton.cdiv(B * n, rows),)
+    _gather_layer_norm_kernel[grid](x, ids, w, b, out, B * n, n, C, x.stride(0), x.stride(1),
+                                    out.stride(0), out.stride(1), float(eps), HAS_W=has_w, HAS_B=has_b,
+                                    ROWS=rows, BLOCK_C=block_c, num_warps=warps)
+    return out
+
+
+def _residual_triton(x, ids, a, gamma, weight, bias, eps, out_dtype, norm):
+    _need_triton(x)
+    _check_rows(x, ids, a)
+    B, _, C = x.shape
+    n = ids.numel()
+    out = torch.empty(B, n, C, dtype=out_dtype or a.dtype, device=x.device) if norm else None
+    if B * n == 0:
+        return out
+    g, has_g = _flag_ptr(gamma, x)
+    w, has_w = _flag_ptr(weight, x)
+    b, has_b = _flag_ptr(bias, x)
+    o = out if norm else a
+    block_c, rows, warps = _row_tile(C)
+    grid = (triton.cdiv(B * n, rows),)
+    _residual_kernel[grid](x, ids, a, g, w, b, o, B * n, n, C, x.stride(0), x.stride(1), a.stride(0),
+                           a.stride(1), o.stride(0), o.stride(1), float(eps), HAS_G=has_g, NORM=norm,
+                           HAS_W=has_w, HAS_B=has_b, ROWS=rows, BLOCK_C=block_c, num_warps=warps)
+    return out
+
+
+def residual_layer_norm_triton_(x: torch.Tensor, ids: torch.Tensor, a: torch.Tensor,
+                                gamma: Optional[torch.Tensor], weight: Optional[torch.Tensor],
+                                bias: Optional[torch.Tensor], eps: float,
+                                out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Triton version of :func:`residual_layer_norm_reference_` (ids must be distinct)."""
+    return _residual_triton(x, ids, a, gamma, weight, bias, eps, out_dtype, norm=True)
+
+
+def residual_scatter_triton_(x: torch.Tensor, ids: torch.Tensor, m: torch.Tensor,
+                             gamma: Optional[torch.Tensor]) -> torch.Tensor:
+    """Triton version of :func:`residual_scatter_reference_` (ids must be distinct)."""
+    _residual_triton(x, ids, m, gamma, None, None, 0.0, None, norm=False)
+    return x
+
+
+def attention_tiles_ok(head_dim: int) -> bool:
+    """The Triton attention needs a power-of-two head_dim of at least 16 (the matrix unit's smallest K)."""
+    return head_dim >= 16 and head_dim & (head_dim - 1) == 0
+
+
+def attention_triton(qkv: torch.Tensor, num_heads: int, scale: float, block_m: int = ATTENTION_TILES[0][0],
+                     block_n: int = ATTENTION_TILES[0][1], num_warps: int = ATTENTION_TILES[0][2],
+                     num_stages: int = ATTENTION_TILES[0][3]) -> torch.Tensor:
+    """Triton version of :func:`attention_reference`: fp32 softmax and accumulation, output in qkv's dtype."""
+    _need_triton(qkv)
+    B, n, three_c = qkv.shape
+    if three_c % (3 * num_heads) or qkv.stride(-1) != 1:
+        raise ValueError(f'qkv must be (B, n, 3*H*D) with a contiguous last dimension, got {tuple(qkv.shape)}')
+    head_dim = three_c // (3 * num_heads)
+    if not attention_tiles_ok(head_dim):
+        raise ValueError(f'the Triton attention needs a power-of-two head_dim >= 16, got {head_dim}')
+    out = torch.empty(B, n, num_heads * head_dim, dtype=qkv.dtype, device=qkv.device)
+    if B * n == 0:
+        return out
+    grid = (triton.cdiv(n, block_m), B * num_heads)
+    _attention_kernel[grid](qkv, out, n, num_heads, qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1),
+                            float(scale) * 1.4426950408889634, HEAD_DIM=head_dim, BLOCK_M=block_m,
+                            BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
+    return out
+
+
+def _check_linear(x: torch.Tensor, weight_t: torch.Tensor) -> Tuple[int, int]:
+    K, N = weight_t.shape
+    if x.shape[-1] != K or x.stride(-1) != 1 or not weight_t.is_contiguous():
+        raise ValueError(f'x (..., {K}) with a contiguous last dimension and a contiguous ({K}, {N}) weight_t '
+                         f'expected, got {tuple(x.shape)} and {tuple(weight_t.shape)}')
+    return K, N
+
+
+def _launch_linear(x2, weight_t, bias, out, ids, gamma, n, stride_ob, stride_on, residual, tiles):
+    block_m, block_n, block_k, num_warps, num_stages = tiles
+    M, K = x2.shape
+    N = weight_t.shape[1]
+    b, has_b = _flag_ptr(bias, weight_t)
+    g, has_g = _flag_ptr(gamma, weight_t)
+    grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)
+    _linear_kernel[grid](x2, weight_t, b, out, ids, g, M, N, K, n, x2.stride(0), weight_t.stride(0), stride_ob,
+                         stride_on, HAS_B=has_b, HAS_G=has_g, RESIDUAL=residual, EVEN_K=K % block_k == 0,
+                         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, num_warps=num_warps,
+                         num_stages=num_stages)
+
+
+def linear_gelu_triton(x: torch.Tensor, weight_t: torch.Tensor, bias: Optional[torch.Tensor],
+                       block_m: int = LINEAR_TILES[0][0], block_n: int = LINEAR_TILES[0][1],
+                       block_k: int = LINEAR_TILES[0][2], num_warps: int = LINEAR_TILES[0][3],
+                       num_stages: int = LINEAR_TILES[0][4]) -> torch.Tensor:
+    """Triton version of :func:`linear_gelu_reference`: x (..., K) with a contiguous last dimension, weight_t
+    (K, N) contiguous, bias (N,) or None; returns (..., N) in x's dtype.  The GELU runs on the fp32 accumulator
+    (the unfused sequence rounds the product to x's dtype first; the two differ by that rounding)."""
+    _need_triton(x)
+    K, N = _check_linear(x, weight_t)
+    x2 = x.reshape(-1, K)
+    out = torch.empty(x2.shape[0], N, dtype=x.dtype, device=x.device)
+    if x2.shape[0]:
+        _launch_linear(x2, weight_t, bias, out, out, None, 1, out.stride(0), 0, False,
+                       (block_m, block_n, block_k, num_warps, num_stages))
+    return out.view(*x.shape[:-1], N)
+
+
+def linear_residual_scatter_triton_(x: torch.Tensor, ids: torch.Tensor, u: torch.Tensor, weight_t: torch.Tensor,
+                                    bias: Optional[torch.Tensor], gamma: Optional[torch.Tensor],
+                                    block_m: int = LINEAR_TILES[0][0], block_n: int = LINEAR_TILES[0][1],
+                                    block_k: int = LINEAR_TILES[0][2], num_warps: int = LINEAR_TILES[0][3],
+                                    num_stages: int = LINEAR_TILES[0][4]) -> torch.Tensor:
+    """Triton version of :func:`linear_residual_scatter_reference_`: x[:, ids] += gamma * (u @ weight_t + bias)
+    with u (B, n, K), weight_t (K, C) contiguous, x (B, N, C); distinct ids.  The product is not rounded before
+    it is added (the unfused sequence rounds it to u's dtype first).  Returns x."""
+    _need_triton(x)
+    K, C = _check_linear(u, weight_t)
+    _check_rows(x, ids)
+    B, n = x.shape[0], ids.numel()
+    if tuple(u.shape[:2]) != (B, n) or x.shape[-1] != C:
+        raise ValueError(f'expected u of shape ({B}, {n}, {K}) and a buffer of width {C}, got {tuple(u.shape)} '
+                         f'and {tuple(x.shape)}')
+    if B * n:
+        _launch_linear(u.reshape(B * n, K), weight_t, bias, x, ids, gamma, n, x.stride(0), x.stride(1), True,
+                       (block_m, block_n, block_k, num_warps, num_stages))
+    return x
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# dispatch: Triton where it can run, else the reference
+
+def gather_layer_norm(x, ids, weight, bias, eps, out_dtype=None):
+    """LN(x[:, ids]) -> (B, n, C) in ``out_dtype``; see the module docstring."""
+    impl = gather_layer_norm_triton if triton_runs_on(x) else gather_layer_norm_reference
+    return impl(x, ids, weight, bias, eps, out_dtype)
+
+
+def residual_layer_norm_(x, ids, a, gamma, weight, bias, eps, out_dtype=None):
+    """x[:, ids] += gamma * a in place; returns LN(x[:, ids]); see the module docstring."""
+    impl = residual_layer_norm_triton_ if triton_runs_on(x) else residual_layer_norm_reference_
+    return impl(x, ids, a, gamma, weight, bias, eps, out_dtype)
+
+
+def residual_scatter_(x, ids, m, gamma):
+    """x[:, ids] += gamma * m in place; returns x; see the module docstring."""
+    impl = residual_scatter_triton_ if triton_runs_on(x) else residual_scatter_reference_
+    return impl(x, ids, m, gamma)
+
+
+def linear_residual_scatter_(x, ids, u, weight_t, bias, gamma, **tiles):
+    """x[:, ids] += gamma * (u @ weight_t + bias) in place; see :func:`linear_residual_scatter_triton_`."""
+    impl = linear_residual_scatter_triton_ if triton_runs_on(x) else linear_residual_scatter_reference_
+    return impl(x, ids, u, weight_t, bias, gamma, **tiles)
+
+
+def linear_gelu(x, weight_t, bias, **tiles):
+    """GELU(x @ weight_t + bias), exact erf; see :func:`linear_gelu_triton`."""
+    impl = linear_gelu_triton if triton_runs_on(x) else linear_gelu_reference
+    return impl(x, weight_t, bias, **tiles)
+
+
+def attention(qkv, num_heads, scale, **tiles):
+    """softmax(q k^T * scale) v from a (B, n, 3*H*D) qkv tensor -> (B, n, H*D); see the module docstring."""
+    head_dim = qkv.shape[-1] // (3 * num_heads)
+    if triton_runs_on(qkv) and attention_tiles_ok(head_dim):
+        return attention_triton(qkv, num_heads, scale, **tiles)
+    return attention_reference(qkv, num_heads, scale)

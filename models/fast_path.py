@@ -1,0 +1,719 @@
+"""The fast inference path of a (pruned or dense) timm ViT: ``build_fast_path(model) -> nn.Module``.
+
+The math
+--------
+A Clip & Concat model runs block ``l`` on the tokens its mask keeps and lets the others skip it.  In the
+model's own formulation the tokens travel in *concat order* (kept first, clipped after); since every per-token
+op is row-wise and attention has no positional term, the same logits come out (up to float summation order) if
+all tokens stay in their **original order** in one buffer ``x`` (B, N, C) and block ``l`` updates, in place,
+the rows ``ids_l = model.kept_token_ids()[l]``::
+
+    h = x[:, ids] + ls1(Attn(LN1(x[:, ids])))
+    x[:, ids] = h + ls2(MLP(LN2(h)))
+
+Clipped tokens never move.  A dense model (every block keeps every token) goes through the same path; that is
+"our fast dense path" in speed comparisons.  The output is ``model.forward_head(model.norm(x))``, the logits
+``model(images)`` returns (for a distilled DeiT in eval mode, the mean of both heads).
+
+What is fused, and why
+----------------------
+Measured on one H200 (fp16 autocast, DeiT-Ti, batch 256, ms per forward, dense timm / pruned-25 eager):
+LayerNorm in fp32 2.24/1.72, fp32 residual adds 0.87/0.66, GELU 0.61/0.46, fp32->fp16 casts 0.39/0.30,
+matrix products 1.38/1.13, patch conv 0.84/0.84, flash attention 0.53/0.54, token routing (gathers and
+concatenation) -/0.74; total 7.02/6.56.  The memory-bound ops cost more than the matrix products, and the
+pruned model reached only 0.73-0.81 of its FLOPs ratio.  So, with ``backend='triton'``, a block is
+
+    y   = gather_layer_norm(x, ids)                  # gather + LN1 + cast: one pass (models/fast_kernels.py)
+    qkv = y @ Wqkv^T + bqkv                          # cuBLAS
+    o   = attention(qkv)                             # SDPA backend or Triton kernel, chosen per kept count
+    a   = o @ Wproj^T + bproj                        # cuBLAS
+    y2  = residual_layer_norm_(x, ids, a, gamma1)    # x[:, ids] += gamma1*a, LN2, cast: one pass
+    u   = GELU(y2 @ W1^T + b1)                       # cuBLAS + torch's GELU, or one Triton kernel (GELU in
+                                                     # the epilogue), chosen per kept count
+    m   = u @ W2^T + b2                              # cuBLAS, then
+    residual_scatter_(x, ids, m, gamma2)             # x[:, ids] += gamma2*m: one pass, straight back; or both
+                                                     # in one Triton kernel (the scatter as the epilogue)
+
+i.e. three memory-bound passes over the kept rows instead of LN, add, cast, gather and concatenation each
+paying their own.  cuBLAS adds a bias for free but its GELU epilogue is the tanh approximation, not the
+model's exact GELU; the fused Triton product applies the exact GELU to its fp32 accumulator, which saves
+writing the (B, n, 4C) hidden activation and reading it back (GELU measured 0.61 ms of 7.02).  Whether that
+beats cuBLAS's product is a matter of measurement, so on CUDA both are timed at build time (``mlp_choices``);
+likewise the second product with the residual update as its epilogue (``fc2_choices``), which saves writing
+and reading its (B, n, C) output.
+
+The patch embedding is one matrix product over unfolded patches (the conv weight reshaped to (C, 3*p*p);
+measured 0.28 ms against 0.97 for the conv), its bias folded with the position embedding into one constant
+added as the tokens are written into the buffer.  Attention: SDPA's time was flat from 197 down
+to 129 tokens and halved at 128 (128-row tiles: a block keeping 148 tokens pays for 256 rows), so for each
+distinct kept count the candidates (the SDPA backends flash / efficient / cuDNN / math through
+``torch.nn.attention.sdpa_kernel``, and the Triton kernel with 32- to 128-row query tiles) are checked against
+an fp32 reference and timed once at build time on CUDA, and the fastest is kept (``attention_choices``); on CPU
+it is SDPA.  ``cuda_graph=True`` captures the whole forward for one batch size (measured 3x for dense DeiT-Ti
+at batch 32, 1.02-1.03x at batch 256); another batch size (say the last, smaller batch of an evaluation) runs
+uncaptured.  The final norm is computed only on the tokens the head reads (the prefix tokens for
+``global_pool='token'``).
+
+Backends: ``'triton'`` as above (CUDA, or CPU under ``TRITON_INTERPRET=1`` for tests); ``'torch'`` the same
+original-order formulation in plain torch ops (index_select, F.layer_norm, index_copy_, SDPA), runnable
+anywhere; ``'compile'`` is ``torch.compile(fullgraph=True)`` of the ``'torch'`` formulation (inductor fuses the
+gathers into the norms itself).
+
+Precision: weights are copied once, the linear layers' in ``dtype`` (fp16/bf16 for speed; default fp32);
+LayerNorm statistics, softmax and residual sums are computed in fp32; the token buffer (the residual stream)
+is stored in ``residual_dtype`` (default fp32, as under autocast; fp16 halves its traffic at some accuracy).
+The head runs in fp32.  Logits come back in fp32.
+
+Not supported (``ValueError('fast path: ... is not supported')`` at build time): qk_norm, scale_norm, gated
+attention, non-LayerNorm norms, a GELU other than exact erf or another activation, MLPs other than timm's
+``Mlp``, blocks other than timm's ``Block``, dynamic image size, a patch embedding that is not a
+stride=kernel conv without padding, a norm after the patch embedding, a ``norm_pre`` other than LayerNorm, a
+position embedding that is not additive.  Inference only: no gradients, eval semantics (the model is put in
+eval mode); the built module holds copies of the weights, so rebuild it after changing the model (only the
+head is shared: ``model.forward_head`` is called on the features).
+"""
+import statistics
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import LayerScale, Mlp
+from timm.layers.attention import Attention
+from timm.models.vision_transformer import Block, VisionTransformer
+
+from . import fast_kernels as K
+
+__all__ = ['build_fast_path', 'FastViT', 'AttentionChoice', 'MlpChoice', 'choose_attention', 'choose_mlp',
+           'choose_fc2', 'check_supported', 'BACKENDS', 'ATTENTION_MODES', 'MLP_MODES']
+
+BACKENDS = ('triton', 'torch', 'compile')
+ATTENTION_MODES = ('auto', 'sdpa', 'triton')
+MLP_MODES = ('auto', 'torch', 'triton')
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# what the model must be
+
+def _unsupported(what: str) -> ValueError:
+    return ValueError(f'fast path: {what} is not supported')
+
+
+def _is_layer_norm(m: nn.Module, C: int) -> bool:
+    return isinstance(m, nn.LayerNorm) and tuple(m.normalized_shape) == (C,)
+
+
+def _check_block(blk: nn.Module, layer: int, C: int) -> None:
+    where = f'blocks.{layer}'
+    if not isinstance(blk, Block):
+        raise _unsupported(f'{where}: a {type(blk).__name__} block (only timm Block)')
+    for name in ('norm1', 'norm2'):
+        if not _is_layer_norm(getattr(blk, name), C):
+            raise _unsupported(f'{where}.{name}: {type(getattr(blk, name)).__name__} (only LayerNorm over C)')
+    attn = blk.attn
+    if not isinstance(attn, Attention):
+        raise _unsupported(f'{where}.attn: {type(attn).__name__} (only timm Attention)')
+    for name, what in (('q_norm', 'qk_norm'), ('k_norm', 'qk_norm'), ('norm', 'scale_norm')):
+        if not isinstance(getattr(attn, name, nn.Identity()), nn.Identity):
+            raise _unsupported(f'{where}.attn: {what}')
+    if getattr(attn, 'gate', None) is not None:
+        raise _unsupported(f'{where}.attn: a gated attention')
+    attn_dim = attn.num_heads * attn.head_dim
+    if attn.qkv.out_features != 3 * attn_dim or attn.proj.in_features != attn_dim or attn.proj.out_features != C:
+        raise _unsupported(f'{where}.attn: an attention width other than the qkv/proj layout (B, n, 3, H, D)')
+    for name in ('ls1', 'ls2'):
+        ls = getattr(blk, name)
+        if not isinstance(ls, (LayerScale, nn.Identity)):
+            raise _unsupported(f'{where}.{name}: {type(ls).__name__} (only LayerScale or Identity)')
+    mlp = blk.mlp
+    if not isinstance(mlp, Mlp) or type(mlp).forward is not Mlp.forward:
+        raise _unsupported(f'{where}.mlp: {type(mlp).__name__} (only timm Mlp)')
+    if not isinstance(mlp.act, nn.GELU) or mlp.act.approximate != 'none':
+        raise _unsupported(f'{where}.mlp.act: {mlp.act!r} (only exact-erf GELU)')
+    if not isinstance(mlp.norm, nn.Identity):
+        raise _unsupported(f'{where}.mlp.norm: a norm inside the MLP')
+
+
+def check_supported(model: nn.Module) -> None:
+    """Raise ``ValueError('fast path: <what> is not supported')`` unless the fast path computes this model."""
+    if not isinstance(model, VisionTransformer):
+        raise _unsupported(f'a {type(model).__name__} (only timm VisionTransformer and its subclasses)')
+    if getattr(model, 'dynamic_img_size', False):
+        raise _unsupported('dynamic_img_size')
+    pe = model.patch_embed
+    proj = getattr(pe, 'proj', None)
+    if (not isinstance(proj, nn.Conv2d) or proj.kernel_size != proj.stride or proj.padding not in ((0, 0), 'valid')
+            or proj.dilation != (1, 1) or proj.groups != 1):
+        raise _unsupported('a patch embedding other than a stride=kernel Conv2d without padding')
+    if not isinstance(getattr(pe, 'norm', nn.Identity()), nn.Identity):
+        raise _unsupported('patch_embed.norm')
+    if getattr(pe, 'dynamic_img_pad', False) or not getattr(pe, 'flatten', True):
+        raise _unsupported('a padded or unflattened patch embedding')
+    C = model.embed_dim
+    for name in ('norm_pre', 'norm'):
+        m = getattr(model, name)
+        if not (isinstance(m, nn.Identity) or _is_layer_norm(m, C)):
+            raise _unsupported(f'{name}: {type(m).__name__} (only LayerNorm or Identity)')
+    for layer, blk in enumerate(model.blocks):
+        _check_block(blk, layer, C)
+
+
+def kept_ids_of(model: nn.Module) -> List[torch.Tensor]:
+    """Original token ids each block processes: ``model.kept_token_ids()`` where the model has it (a Clip &
+    Concat model), every token otherwise (a plain dense timm model)."""
+    if hasattr(model, 'kept_token_ids'):
+        return [ids.detach().cpu() for ids in model.kept_token_ids()]
+    N = model.patch_embed.num_patches + model.num_prefix_tokens
+    return [torch.arange(N) for _ in model.blocks]
+
+
+def _validated_ids(kept_ids: Sequence[torch.Tensor], depth: int, N: int) -> List[torch.Tensor]:
+    """Sorted int64 CPU copies; each must hold distinct ids in [0, N) (the in-place kernels need distinct)."""
+    if len(kept_ids) != depth:
+        raise ValueError(f'kept_ids: {len(kept_ids)} entries for {depth} blocks')
+    out = []
+    for layer, ids in enumerate(kept_ids):
+        ids = torch.as_tensor(ids).detach().cpu().to(torch.int64).flatten().sort().values
+        if ids.numel() and (ids[0] < 0 or ids[-1] >= N):
+            raise ValueError(f'kept_ids[{layer}]: ids must lie in [0, {N})')
+        if ids.numel() > 1 and bool((ids[1:] == ids[:-1]).any()):
+            raise ValueError(f'kept_ids[{layer}]: ids must be distinct')
+        out.append(ids)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# attention: the candidates and the choice per kept count
+
+@dataclass(frozen=True)
+class AttentionChoice:
+    """How one block computes attention: ``kind`` 'sdpa' (``backend``: an SDPBackend name, None for torch's own
+    dispatch) or 'triton' (``tiles``: BLOCK_M, BLOCK_N, num_warps); ``ms``: its build-time time, if timed."""
+    kind: str
+    backend: Optional[str] = None
+    tiles: Optional[Tuple[int, int, int]] = None
+    ms: Optional[float] = None
+
+    @property
+    def label(self) -> str:
+        if self.kind == 'triton':
+            return 'triton-{}x{}w{}s{}'.format(*self.tiles)
+        return f'sdpa-{(self.backend or "default").lower()}'
+
+
+@dataclass(frozen=True)
+class MlpChoice:
+    """How one block computes one of its MLP products with its epilogue, GELU(y @ W1^T + b1) or
+    x[:, ids] += gamma * (u @ W2^T + b2): ``kind`` 'torch' (cuBLAS with the bias in its epilogue, then torch's
+    GELU or the scatter kernel) or 'triton' (one fused kernel; ``tiles``: BLOCK_M, BLOCK_N, BLOCK_K, num_warps,
+    num_stages); ``ms``: its build-time time, if timed."""
+    kind: str
+    tiles: Optional[Tuple[int, int, int, int, int]] = None
+    ms: Optional[float] = None
+
+    @property
+    def label(self) -> str:
+        return 'triton-{}x{}x{}w{}s{}'.format(*self.tiles) if self.kind == 'triton' else 'torch'
+
+
+def _sdpa(qkv: torch.Tensor, num_heads: int, scale: float, backend: Optional[str]) -> torch.Tensor:
+    """SDPA on views of the (B, n, 3, H, D) qkv tensor; returns (B, n, H*D)."""
+    B, n, three_c = qkv.shape
+    D = three_c // (3 * num_heads)
+    q, k, v = qkv.view(B, n, 3, num_heads, D).permute(2, 0, 3, 1, 4).unbind(0)
+    if backend is None:
+        o = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    else:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        with sdpa_kernel([getattr(SDPBackend, backend)]):
+            o = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    return o.transpose(1, 2).reshape(B, n, num_heads * D)
+
+
+def run_attention(choice: AttentionChoice, qkv: torch.Tensor, num_heads: int, scale: float) -> torch.Tensor:
+    """Attention of a (B, n, 3*H*D) qkv tensor as ``choice`` says -> (B, n, H*D)."""
+    if choice.kind == 'triton':
+        bm, bn, warps, stages = choice.tiles
+        return K.attention_triton(qkv, num_heads, scale, block_m=bm, block_n=bn, num_warps=warps,
+                                  num_stages=stages)
+    return _sdpa(qkv, num_heads, scale, choice.backend)
+
+
+def run_linear_gelu(choice: MlpChoice, y: torch.Tensor, weight: torch.Tensor, weight_t: Optional[torch.Tensor],
+                    bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """GELU(y @ weight^T + bias) as ``choice`` says (``weight_t``: weight transposed, for the Triton kernel)."""
+    if choice.kind == 'triton':
+        bm, bn, bk, warps, stages = choice.tiles
+        return K.linear_gelu_triton(y, weight_t, bias, block_m=bm, block_n=bn, block_k=bk, num_warps=warps,
+                                    num_stages=stages)
+    return F.gelu(F.linear(y, weight, bias))
+
+
+def _cuda_ms(fn, reps: int = 20, groups: int = 5) -> float:
+    """Median milliseconds per call of ``fn`` over ``groups`` CUDA-event-timed groups of ``reps`` calls."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(groups):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / reps)
+    return statistics.median(times)
+
+
+def attention_candidates(head_dim: int, with_triton: bool) -> List[AttentionChoice]:
+    """The SDPA backends this torch has, then the Triton tiles (when the head_dim suits the kernel)."""
+    from torch.nn.attention import SDPBackend
+    out = [AttentionChoice('sdpa', backend=name) for name in
+           ('FLASH_ATTENTION', 'EFFICIENT_ATTENTION', 'CUDNN_ATTENTION', 'MATH') if hasattr(SDPBackend, name)]
+    if with_triton and K.HAS_TRITON and K.attention_tiles_ok(head_dim):
+        out += [AttentionChoice('triton', tiles=t) for t in K.ATTENTION_TILES]
+    return out
+
+
+_CHOICE_CACHE: Dict[tuple, tuple] = {}
+
+
+@torch.no_grad()
+def _fastest(candidates, run, reference: torch.Tensor, tol: float, check=None):
+    """(the fastest candidate whose output is within ``tol`` of ``reference``, or None; its ms; {label: ms}).
+    ``run(c)`` is timed; ``check(c)`` (default ``run``) gives the output compared.  A candidate that raises (a
+    backend refusing these shapes or dtypes, a tile that does not fit) or misses the tolerance gets inf."""
+    check = check or run
+    timings, best, best_ms = {}, None, float('inf')
+    for cand in candidates:
+        try:
+            err = (check(cand).float() - reference).abs().max().item()
+            ms = _cuda_ms(lambda: run(cand)) if err <= tol else float('inf')
+        except Exception:  # noqa: BLE001
+            ms = float('inf')
+        timings[cand.label] = ms
+        if ms < best_ms:
+            best, best_ms = cand, ms
+    return best, best_ms, timings
+
+
+@torch.no_grad()
+def choose_attention(n: int, batch: int, num_heads: int, head_dim: int, scale: float, dtype: torch.dtype,
+                     device: torch.device, with_triton: bool) -> Tuple[AttentionChoice, Dict[str, float]]:
+    """Time every candidate on random qkv of shape (batch, n, 3*H*D) on CUDA and return the fastest, with every
+    candidate's milliseconds (inf: failed, or not within tolerance of the fp32 reference).  Cached per shape."""
+    key = (str(device), dtype, n, batch, num_heads, head_dim, float(scale), with_triton)
+    if key in _CHOICE_CACHE:
+        return _CHOICE_CACHE[key]
+    g = torch.Generator(device=device).manual_seed(n)
+    qkv = torch.randn(batch, n, 3 * num_heads * head_dim, device=device, generator=g).to(dtype)
+    ref = K.attention_reference(qkv, num_heads, scale).float()
+    tol = max(8 * torch.finfo(dtype).eps, 5e-3) * max(1.0, ref.abs().max().item())
+    best, ms, timings = _fastest(attention_candidates(head_dim, with_triton),
+                                 lambda c: run_attention(c, qkv, num_heads, scale), ref, tol)
+    best = AttentionChoice('sdpa') if best is None else AttentionChoice(best.kind, best.backend, best.tiles, ms)
+    _CHOICE_CACHE[key] = (best, timings)
+    return best, timings
+
+
+@torch.no_grad()
+def choose_mlp(rows: int, in_features: int, hidden: int, dtype: torch.dtype, device: torch.device
+               ) -> Tuple[MlpChoice, Dict[str, float]]:
+    """Time GELU(y @ W^T + b) for y (rows, in_features) on CUDA: torch (cuBLAS + GELU) against the fused Triton
+    kernel's tiles; return the fastest that is within tolerance of the fp32 reference, with every candidate's
+    milliseconds.  Cached per shape."""
+    key = ('mlp', str(device), dtype, rows, in_features, hidden)
+    if key in _CHOICE_CACHE:
+        return _CHOICE_CACHE[key]
+    g = torch.Generator(device=device).manual_seed(rows)
+    y = torch.randn(rows, in_features, device=device, generator=g).to(dtype)
+    w = (torch.randn(hidden, in_features, device=device, generator=g) * in_features ** -0.5).to(dtype)
+    b = torch.randn(hidden, device=device, generator=g).to(dtype)
+    wt = w.t().contiguous()
+    ref = K.linear_gelu_reference(y, wt, b).float()
+    tol = max(8 * torch.finfo(dtype).eps, 5e-3) * max(1.0, ref.abs().max().item())
+    candidates = [MlpChoice('torch')]
+    if K.HAS_TRITON and dtype in (torch.float16, torch.bfloat16):
+        candidates += [MlpChoice('triton', tiles=t) for t in K.LINEAR_TILES]
+    best, ms, timings = _fastest(candidates, lambda c: run_linear_gelu(c, y, w, wt, b), ref, tol)
+    best = MlpChoice('torch') if best is None else MlpChoice(best.kind, best.tiles, ms)
+    _CHOICE_CACHE[key] = (best, timings)
+    return best, timings
+
+
+def run_linear_residual(choice: MlpChoice, x: torch.Tensor, ids: torch.Tensor, u: torch.Tensor,
+                        weight: torch.Tensor, weight_t: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                        gamma: Optional[torch.Tensor]) -> torch.Tensor:
+    """x[:, ids] += gamma * (u @ weight^T + bias) as ``choice`` says: cuBLAS then the scatter kernel, or one
+    fused Triton kernel (``weight_t``: weight transposed).  Returns x."""
+    if choice.kind == 'triton':
+        return K.linear_residual_scatter_triton_(x, ids, u, weight_t, bias, gamma, *choice.tiles)
+    return K.residual_scatter_triton_(x, ids, F.linear(u, weight, bias), gamma)
+
+
+@torch.no_grad()
+def choose_fc2(batch: int, num_tokens: int, n: int, hidden: int, width: int, dtype: torch.dtype,
+               residual_dtype: torch.dtype, device: torch.device) -> Tuple[MlpChoice, Dict[str, float]]:
+    """Time x[:, ids] += gamma * (u @ W^T + b) for u (batch, n, hidden) into a (batch, num_tokens, width) buffer
+    on CUDA: cuBLAS + the scatter kernel against the fused Triton kernel's tiles; return the fastest within
+    tolerance of the fp32 reference, with every candidate's milliseconds.  Cached per shape."""
+    key = ('fc2', str(device), dtype, residual_dtype, batch, num_tokens, n, hidden, width)
+    if key in _CHOICE_CACHE:
+        return _CHOICE_CACHE[key]
+    g = torch.Generator(device=device).manual_seed(n)
+    x = torch.randn(batch, num_tokens, width, device=device, generator=g).to(residual_dtype)
+    ids = torch.randperm(num_tokens, device=device, generator=g)[:n].sort().values
+    u = torch.randn(batch, n, hidden, device=device, generator=g).to(dtype)
+    w = (torch.randn(width, hidden, device=device, generator=g) * hidden ** -0.5).to(dtype)
+    b = torch.randn(width, device=device, generator=g).to(dtype)
+    gamma = torch.randn(width, device=device, generator=g)
+    wt = w.t().contiguous()
+    ref = K.linear_residual_scatter_reference_(x.clone(), ids, u, wt, b, gamma).float()
+    tol = max(8 * torch.finfo(dtype).eps, 5e-3) * max(1.0, ref.abs().max().item())
+    candidates = [MlpChoice('torch')]
+    if dtype in (torch.float16, torch.bfloat16):
+        candidates += [MlpChoice('triton', tiles=t) for t in K.LINEAR_TILES]
+    timed = x.clone()  # accumulates over the timed calls: the values drift, the work does not change
+    best, ms, timings = _fastest(candidates, lambda c: run_linear_residual(c, timed, ids, u, w, wt, b, gamma),
+                                 ref, tol, check=lambda c: run_linear_residual(c, x.clone(), ids, u, w, wt, b, gamma))
+    best = MlpChoice('torch') if best is None else MlpChoice(best.kind, best.tiles, ms)
+    _CHOICE_CACHE[key] = (best, timings)
+    return best, timings
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the executor
+
+class _FastBlock(nn.Module):
+    """One block's weights (copied, cast) and its token ids."""
+
+    def __init__(self, blk: Block, ids: torch.Tensor, N: int, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+
+        def w(t):  # matrix weights and their biases: the compute dtype
+            return None if t is None else t.detach().to(device, dtype).contiguous()
+
+        def f32(t):  # norm affine and LayerScale: fp32 (the kernels compute in fp32)
+            return None if t is None else t.detach().to(device, torch.float32).contiguous()
+
+        attn = blk.attn
+        self.n = int(ids.numel())
+        self.dense = bool(self.n == N and torch.equal(ids, torch.arange(N)))
+        self.num_heads, self.head_dim, self.scale = attn.num_heads, attn.head_dim, float(attn.scale)
+        self.eps1, self.eps2 = float(blk.norm1.eps), float(blk.norm2.eps)
+        self.register_buffer('ids', ids.to(device))
+        for name, t in (('ln1_w', f32(blk.norm1.weight)), ('ln1_b', f32(blk.norm1.bias)),
+                        ('qkv_w', w(attn.qkv.weight)), ('qkv_b', w(attn.qkv.bias)),
+                        ('proj_w', w(attn.proj.weight)), ('proj_b', w(attn.proj.bias)),
+                        ('gamma1', f32(getattr(blk.ls1, 'gamma', None))),
+                        ('ln2_w', f32(blk.norm2.weight)), ('ln2_b', f32(blk.norm2.bias)),
+                        ('fc1_w', w(blk.mlp.fc1.weight)), ('fc1_b', w(blk.mlp.fc1.bias)),
+                        ('fc2_w', w(blk.mlp.fc2.weight)), ('fc2_b', w(blk.mlp.fc2.bias)),
+                        ('gamma2', f32(getattr(blk.ls2, 'gamma', None)))):
+            self.register_buffer(name, t)
+        self.register_buffer('fc1_wt', None)  # W1^T (C, 4C), made when the fused linear + GELU is chosen
+        self.register_buffer('fc2_wt', None)  # W2^T (4C, C), made when the fused linear + residual is chosen
+        self.attention = AttentionChoice('sdpa')
+        self.mlp = MlpChoice('torch')
+        self.fc2 = MlpChoice('torch')
+
+
+def _layer_norm_f32(t: torch.Tensor, weight, bias, eps: float) -> torch.Tensor:
+    return F.layer_norm(t.float(), (t.shape[-1],), weight, bias, eps)
+
+
+def _scaled(t: torch.Tensor, gamma: Optional[torch.Tensor]) -> torch.Tensor:
+    return t.float() if gamma is None else t.float() * gamma
+
+
+class FastViT(nn.Module):
+    """Inference-only executor of a timm ViT in the original-order formulation (see the module docstring).
+
+    ``forward(images)`` takes (B, 3, H, W) images and returns what ``model(images)`` returns, in fp32.
+    Build it with :func:`build_fast_path`.
+    """
+
+    def __init__(self, model: VisionTransformer, backend: str = 'triton', dtype: Optional[torch.dtype] = None,
+                 residual_dtype: Optional[torch.dtype] = None, kept_ids: Optional[Sequence[torch.Tensor]] = None,
+                 attention: str = 'auto', mlp: str = 'auto', tune_batch: Optional[int] = None):
+        super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f'backend must be one of {BACKENDS}, got {backend!r}')
+        if attention not in ATTENTION_MODES:
+            raise ValueError(f'attention must be one of {ATTENTION_MODES}, got {attention!r}')
+        if mlp not in MLP_MODES:
+            raise ValueError(f'mlp must be one of {MLP_MODES}, got {mlp!r}')
+        if 'triton' in (attention, mlp) and backend != 'triton':
+            raise ValueError("attention='triton' and mlp='triton' need backend='triton'")
+        check_supported(model)
+        device = next(model.parameters()).device
+        if backend == 'triton' and not (device.type == 'cuda' or (K.INTERPRETER and device.type == 'cpu')):
+            raise ValueError("fast path: backend 'triton' needs a CUDA model, or TRITON_INTERPRET=1 set before "
+                             "models.fast_kernels is imported")
+        model.eval()
+        self.backend = backend
+        self.device = device
+        self.dtype = dtype or torch.float32
+        self.residual_dtype = residual_dtype or torch.float32
+        object.__setattr__(self, '_model', model)  # shared, not a submodule: only forward_head is used
+
+        pe = model.patch_embed
+        C = model.embed_dim
+        self.embed_dim = C
+        self.patch = tuple(pe.proj.kernel_size)
+        self.img_size = tuple(pe.img_size)
+        self.in_chans = pe.proj.in_channels
+        self.num_prefix = model.num_prefix_tokens
+        self.num_patches = pe.num_patches
+        self.num_tokens = N = self.num_prefix + self.num_patches
+        self.register_buffer('patch_w', pe.proj.weight.detach().reshape(C, -1).to(device, self.dtype).contiguous())
+        prefix_const, patch_const = self._position_constants(model)
+        if pe.proj.bias is not None:
+            patch_const = patch_const + pe.proj.bias.detach().float().cpu()
+        self.register_buffer('prefix_const', prefix_const.to(device, self.residual_dtype))
+        self.register_buffer('patch_const', patch_const.to(device, self.residual_dtype))
+        # tokens (dtype) + patch_const (residual dtype) are written straight into the buffer unless the sum's
+        # type would be wider than the buffer's, or dynamo traces it (it refuses a strided out=; inductor fuses
+        # the assignment instead).
+        self._add_into_buffer = (backend != 'compile'
+                                 and torch.promote_types(self.dtype, self.residual_dtype) == self.residual_dtype)
+        self.norm_pre = self._norm_params(model.norm_pre, device)
+        self.norm = self._norm_params(model.norm, device)
+
+        ids = _validated_ids(kept_ids if kept_ids is not None else kept_ids_of(model), len(model.blocks), N)
+        self.blocks = nn.ModuleList(_FastBlock(blk, i, N, self.dtype, device) for blk, i in zip(model.blocks, ids))
+        # Tokens the head reads: the prefix for class-token pooling by timm's own heads, else all of them.
+        token_head = (getattr(model, 'global_pool', None) == 'token' and getattr(model, 'attn_pool', None) is None
+                      and self.num_prefix > 0 and _timm_forward_head(model))
+        self.register_buffer('head_ids', torch.arange(self.num_prefix if token_head else N, device=device))
+
+        self.attention_choices: Dict[int, AttentionChoice] = {}
+        self.attention_timings: Dict[int, Dict[str, float]] = {}
+        self._choose_attention(attention, tune_batch)
+        self.mlp_choices: Dict[int, MlpChoice] = {}
+        self.mlp_timings: Dict[int, Dict[str, float]] = {}
+        self.fc2_choices: Dict[int, MlpChoice] = {}
+        self.fc2_timings: Dict[int, Dict[str, float]] = {}
+        self._choose_mlp(mlp, tune_batch)
+
+        self._run = self._forward_impl
+        if backend == 'compile':
+            self._run = torch.compile(self._forward_impl, fullgraph=True, dynamic=False)
+        self._graph = self._static_in = self._static_out = None
+
+    # -- build helpers ------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _position_constants(self, model) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``_pos_embed`` maps patch tokens p (B, Np, C) to [prefix, p + pos]; read both constants off it
+        (prefix rows: class/dist/register tokens plus their position embedding) and check it is additive."""
+        C, Np, P = model.embed_dim, self.num_patches, self.num_prefix
+        dev = next(model.parameters()).device
+        const = model._pos_embed(torch.zeros(1, Np, C, device=dev)).float()
+        g = torch.Generator().manual_seed(0)
+        probe = torch.randn(1, Np, C, generator=g).to(dev)
+        moved = model._pos_embed(probe).float()
+        if const.shape != (1, P + Np, C) or moved.shape != const.shape:
+            raise _unsupported('a _pos_embed that does not return prefix + patch tokens')
+        if not torch.allclose(moved - const, F.pad(probe, (0, 0, P, 0)), atol=1e-5, rtol=1e-5):
+            raise _unsupported('a position embedding that is not additive')
+        return const[0, :P].cpu(), const[0, P:].cpu()
+
+    @staticmethod
+    def _norm_params(m: nn.Module, device) -> Optional[Tuple[Optional[torch.Tensor], Optional[torch.Tensor], float]]:
+        """(weight, bias, eps) in fp32 for a LayerNorm, None for an Identity."""
+        if isinstance(m, nn.Identity):
+            return None
+        f = lambda t: None if t is None else t.detach().to(device, torch.float32).contiguous()  # noqa: E731
+        return f(m.weight), f(m.bias), float(m.eps)
+
+    def _choose_attention(self, mode: str, tune_batch: Optional[int]) -> None:
+        for blk in self.blocks:
+            if blk.n not in self.attention_choices:
+                if mode == 'triton':
+                    if not K.attention_tiles_ok(blk.head_dim):
+                        raise ValueError(f'attention=triton: head_dim {blk.head_dim} is not a power of two >= 16')
+                    choice, timings = AttentionChoice('triton', tiles=K.ATTENTION_TILES[0]), {}
+                elif mode == 'auto' and self.device.type == 'cuda' and self.backend != 'compile':
+                    choice, timings = choose_attention(blk.n, tune_batch or 64, blk.num_heads, blk.head_dim,
+                                                       blk.scale, self.dtype, self.device,
+                                                       with_triton=self.backend == 'triton')
+                else:
+                    choice, timings = AttentionChoice('sdpa'), {}
+                self.attention_choices[blk.n] = choice
+                self.attention_timings[blk.n] = timings
+            blk.attention = self.attention_choices[blk.n]
+
+    def _choose_mlp(self, mode: str, tune_batch: Optional[int]) -> None:
+        """For each kept count, how the MLP's two products run (``mlp``: fc1 + GELU, ``fc2``: fc2 + residual)."""
+        timed = (mode == 'auto' and self.device.type == 'cuda' and self.backend == 'triton'
+                 and self.dtype in (torch.float16, torch.bfloat16))
+        batch = tune_batch or 64
+        for blk in self.blocks:
+            if blk.n not in self.mlp_choices:
+                hidden, width = blk.fc1_w.shape
+                if mode == 'triton':
+                    fused = MlpChoice('triton', tiles=K.LINEAR_TILES[0])
+                    choices = (fused, {}), (fused, {})
+                elif timed:
+                    choices = (choose_mlp(batch * blk.n, width, hidden, self.dtype, self.device),
+                               choose_fc2(batch, self.num_tokens, blk.n, hidden, width, self.dtype,
+                                          self.residual_dtype, self.device))
+                else:
+                    choices = (MlpChoice('torch'), {}), (MlpChoice('torch'), {})
+                (self.mlp_choices[blk.n], self.mlp_timings[blk.n]), (self.fc2_choices[blk.n],
+                                                                     self.fc2_timings[blk.n]) = choices
+            blk.mlp, blk.fc2 = self.mlp_choices[blk.n], self.fc2_choices[blk.n]
+            if blk.mlp.kind == 'triton':
+                blk.fc1_wt = blk.fc1_w.t().contiguous()
+            if blk.fc2.kind == 'triton':
+                blk.fc2_wt = blk.fc2_w.t().contiguous()
+
+    # -- forward ------------------------------------------------------------------------------------------------
+
+    def _embed(self, images: torch.Tensor) -> torch.Tensor:
+        """The token buffer (B, N, C) in original order: prefix constants, then unfolded patches @ W^T plus the
+        patch constant (conv bias + position embedding)."""
+        B = images.shape[0]
+        (ph, pw), (H, W) = self.patch, self.img_size
+        hp, wp = H // ph, W // pw
+        # (B, hp, wp, c, ph, pw): the conv weight's (c, ky, kx) order per patch; cast and unfold in one copy.
+        patches = torch.empty(B, hp, wp, self.in_chans, ph, pw, dtype=self.dtype, device=images.device)
+        patches.copy_(images.view(B, self.in_chans, hp, ph, wp, pw).permute(0, 2, 4, 1, 3, 5))
+        tokens = F.linear(patches.view(B * hp * wp, -1), self.patch_w).view(B, hp * wp, self.embed_dim)
+        buf = torch.empty(B, self.num_tokens, self.embed_dim, dtype=self.residual_dtype, device=images.device)
+        buf[:, :self.num_prefix] = self.prefix_const
+        if self._add_into_buffer:
+            torch.add(tokens, self.patch_const, out=buf[:, self.num_prefix:])  # one pass into the buffer
+        else:
+            buf[:, self.num_prefix:] = (tokens.float() + self.patch_const.float()).to(self.residual_dtype)
+        if self.norm_pre is not None:
+            buf = _layer_norm_f32(buf, *self.norm_pre).to(self.residual_dtype)
+        return buf
+
+    def _block_triton(self, x: torch.Tensor, blk: _FastBlock) -> torch.Tensor:
+        y = K.gather_layer_norm_triton(x, blk.ids, blk.ln1_w, blk.ln1_b, blk.eps1, self.dtype)
+        qkv = F.linear(y, blk.qkv_w, blk.qkv_b)
+        a = F.linear(run_attention(blk.attention, qkv, blk.num_heads, blk.scale), blk.proj_w, blk.proj_b)
+        y = K.residual_layer_norm_triton_(x, blk.ids, a, blk.gamma1, blk.ln2_w, blk.ln2_b, blk.eps2, self.dtype)
+        u = run_linear_gelu(blk.mlp, y, blk.fc1_w, blk.fc1_wt, blk.fc1_b)
+        return run_linear_residual(blk.fc2, x, blk.ids, u, blk.fc2_w, blk.fc2_wt, blk.fc2_b, blk.gamma2)
+
+    def _block_torch(self, x: torch.Tensor, blk: _FastBlock) -> torch.Tensor:
+        t = x if blk.dense else x.index_select(1, blk.ids)
+        y = _layer_norm_f32(t, blk.ln1_w, blk.ln1_b, blk.eps1).to(self.dtype)
+        qkv = F.linear(y, blk.qkv_w, blk.qkv_b)
+        a = F.linear(run_attention(blk.attention, qkv, blk.num_heads, blk.scale), blk.proj_w, blk.proj_b)
+        h = (t.float() + _scaled(a, blk.gamma1)).to(self.residual_dtype)
+        y = _layer_norm_f32(h, blk.ln2_w, blk.ln2_b, blk.eps2).to(self.dtype)
+        m = F.linear(F.gelu(F.linear(y, blk.fc1_w, blk.fc1_b)), blk.fc2_w, blk.fc2_b)
+        h = (h.float() + _scaled(m, blk.gamma2)).to(self.residual_dtype)
+        return h if blk.dense else x.index_copy_(1, blk.ids, h)
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        """model.norm of the tokens the head reads, in original order, fp32."""
+        if self.norm is None:
+            return x.index_select(1, self.head_ids).float()
+        if self.backend == 'triton':
+            return K.gather_layer_norm_triton(x, self.head_ids, *self.norm, out_dtype=torch.float32)
+        return _layer_norm_f32(x.index_select(1, self.head_ids), *self.norm)
+
+    def _forward_impl(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(images.device.type, enabled=False):
+            x = self._embed(images)
+            for blk in self.blocks:
+                if blk.n:
+                    x = self._block_triton(x, blk) if self.backend == 'triton' else self._block_torch(x, blk)
+            return self._model.forward_head(self._features(x)).float()
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        expected = (self.in_chans,) + self.img_size
+        if images.dim() != 4 or tuple(images.shape[1:]) != expected:
+            raise ValueError(f'expected images of shape (B, {", ".join(map(str, expected))}), '
+                             f'got {tuple(images.shape)}')
+        if self._graph is not None and images.shape == self._static_in.shape and images.device == self.device:
+            self._static_in.copy_(images)
+            self._graph.replay()
+            return self._static_out.clone()
+        return self._run(images.to(self.device))
+
+    @torch.no_grad()
+    def capture_cuda_graph(self, batch_size: int) -> None:
+        """Capture the whole forward for ``batch_size`` images (static input and output buffers); later calls
+        with that batch size copy the images in and replay it, others run uncaptured."""
+        if self.device.type != 'cuda':
+            raise ValueError('fast path: CUDA graphs need a CUDA model')
+        static_in = torch.randn(batch_size, self.in_chans, *self.img_size, device=self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):  # warm-up off the capture: Triton/inductor compile, cuBLAS handles
+            for _ in range(3):
+                self._run(static_in)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = self._run(static_in)
+        torch.cuda.synchronize(self.device)
+        self._graph, self._static_in, self._static_out = graph, static_in, static_out
+
+    def describe(self) -> Dict:
+        """What was built: backend, dtypes, kept count per block, attention chosen per kept count."""
+        return {
+            'backend': self.backend, 'dtype': str(self.dtype).replace('torch.', ''),
+            'residual_dtype': str(self.residual_dtype).replace('torch.', ''),
+            'cuda_graph_batch': None if self._static_in is None else int(self._static_in.shape[0]),
+            'kept_counts': [blk.n for blk in self.blocks],
+            'attention': {str(n): c.label for n, c in sorted(self.attention_choices.items())},
+            'attention_ms': _finite(self.attention_timings),
+            'mlp': {str(n): c.label for n, c in sorted(self.mlp_choices.items())},
+            'mlp_ms': _finite(self.mlp_timings),
+            'fc2': {str(n): c.label for n, c in sorted(self.fc2_choices.items())},
+            'fc2_ms': _finite(self.fc2_timings),
+        }
+
+
+def _finite(timings: Dict[int, Dict[str, float]]) -> Dict[str, Dict[str, Optional[float]]]:
+    """Build-time timings for a JSON report: inf (failed or out of tolerance) as None."""
+    return {str(n): {k: (v if v < float('inf') else None) for k, v in t.items()}
+            for n, t in sorted(timings.items()) if t}
+
+
+def _timm_forward_head(model: nn.Module) -> bool:
+    """Whether forward_head is timm's ViT head or DeiT's distilled head (both read only prefix tokens when
+    pooling by token)."""
+    heads = [VisionTransformer.forward_head]
+    try:
+        from timm.models.deit import VisionTransformerDistilled
+        heads.append(VisionTransformerDistilled.forward_head)
+    except ImportError:
+        pass
+    return type(model).forward_head in heads
+
+
+def build_fast_path(model: nn.Module, backend: str = 'triton', dtype: Optional[torch.dtype] = None,
+                    cuda_graph: bool = False, batch_size: Optional[int] = None,
+                    residual_dtype: Optional[torch.dtype] = None, attention: str = 'auto', mlp: str = 'auto',
+                    kept_ids: Optional[Sequence[torch.Tensor]] = None) -> FastViT:
+    """An inference-only module computing ``model(images)`` fast, on the model's device.
+
+    ``backend``: 'triton' (fused kernels; CUDA, or CPU under TRITON_INTERPRET=1), 'torch' (plain torch ops,
+    anywhere), 'compile' (torch.compile of the 'torch' formulation).  ``dtype``: the matrix products' dtype
+    (torch.float16/bfloat16 for speed; default fp32).  ``residual_dtype``: the token buffer's (default fp32).
+    ``attention``: 'auto' (time SDPA backends and, for 'triton', the Triton kernel per distinct kept count on
+    CUDA, at ``batch_size`` images or 64; SDPA on CPU), 'sdpa', or 'triton'.  ``mlp``: the MLP's two products
+    with their epilogues (GELU; the residual update), 'auto' (with backend 'triton' and fp16/bf16 on CUDA: time
+    cuBLAS + the elementwise kernel against the fused Triton kernels per kept count; else torch), 'torch', or
+    'triton'.  ``cuda_graph``: capture the
+    forward for ``batch_size`` images (CUDA only).  ``kept_ids``: per-block original token ids, overriding
+    ``model.kept_token_ids()`` (a model without it is dense).
+    """
+    if cuda_graph and not batch_size:
+        raise ValueError('cuda_graph=True needs batch_size')
+    fast = FastViT(model, backend=backend, dtype=dtype, residual_dtype=residual_dtype, kept_ids=kept_ids,
+                   attention=attention, mlp=mlp, tune_batch=batch_size)
+    if cuda_graph:
+        fast.capture_cuda_graph(batch_size)
+    return fast

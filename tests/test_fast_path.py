@@ -1,0 +1,689 @@
+"""The fast inference path: each fused kernel against its torch reference and against plain torch written here,
+then the whole path against the eager model's logits (dense, pruned, a token that comes back, LayerScale,
+distilled, global-average pooling, register tokens).
+
+Without a GPU the Triton kernels run in Triton's CPU interpreter (tests/conftest.py sets TRITON_INTERPRET=1
+before models.fast_kernels is imported) on small odd shapes; on a CUDA machine the same tests run the compiled
+kernels on the GPU, and the CUDA-only tests below (fp16 accuracy of a DeiT-Ti-sized model, CUDA graphs,
+the attention choice) run too.  The interpreter computes a bf16 ``tl.dot`` wrongly (checked with Triton 3.9:
+results off by 1e10), so bf16 attention is checked on CUDA only; bf16 row kernels are checked everywhere, but
+the interpreter rounds fp32 -> bf16 toward zero (the GPU to nearest even), so a bf16 result is compared within
+an ulp there instead of bit for bit.
+"""
+import json
+import os
+import sys
+
+import pytest
+import timm
+import torch
+from timm.models.deit import VisionTransformerDistilled
+from timm.models.vision_transformer import VisionTransformer
+
+import models
+import pruning
+from models import fast_kernels as K
+from models.fast_path import AttentionChoice, build_fast_path, choose_attention, run_attention
+
+# One torch thread: the CPU work here is small, and two threads spin against each other on a busy machine.
+pytestmark = pytest.mark.usefixtures('one_thread')
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device('cuda' if CUDA else 'cpu')
+cuda_only = pytest.mark.skipif(not CUDA, reason='needs a CUDA GPU')
+needs_triton = pytest.mark.skipif(not K.triton_runs_on(torch.empty(0, device=DEVICE)),
+                                  reason='Triton cannot run here (no CUDA, no interpreter)')
+# fp32 logits: on CPU everything is fp32; on CUDA the Triton attention's fp32 dot runs in tf32.
+LOGIT_TOL = 2e-3 if CUDA else 1e-4
+
+
+@pytest.fixture(autouse=True)
+def no_tf32_convolutions():
+    """On CUDA, the eager model's patch conv would run in TF32 (cuDNN's default); our fp32 path's GEMM does not.
+    Compare fp32 with fp32."""
+    before = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = before
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _randn(*shape, seed=0, dtype=torch.float32):
+    return torch.randn(*shape, generator=_gen(seed)).to(DEVICE, dtype)
+
+
+def _same_rounding(a, b):
+    """Within one unit in the last place of their dtype: the kernel and the reference form the same fp32 sum
+    and round it once, but a GPU may fuse a*g + x into one FMA (one rounding fewer), and the interpreter
+    rounds fp32 -> bf16 toward zero."""
+    return (a.double() - b.double()).abs().max().item() <= torch.finfo(a.dtype).eps * max(1.0, b.abs().max().item())
+
+
+def _ulp_tol(dtype, scale):
+    """A few units in the last place of ``dtype`` at magnitude ``scale`` (fp32: float rounding only, and on a GPU
+    Triton's approximate square root and division)."""
+    return 8 * torch.finfo(dtype).eps * max(1.0, scale)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# kernels
+
+def plain_layer_norm(rows, weight, bias, eps):
+    """(h - mean) / sqrt(biased var + eps) * weight + bias, in float64."""
+    h = rows.double()
+    mean = h.mean(-1, keepdim=True)
+    var = ((h - mean) ** 2).mean(-1, keepdim=True)
+    y = (h - mean) / torch.sqrt(var + eps)
+    if weight is not None:
+        y = y * weight.double()
+    if bias is not None:
+        y = y + bias.double()
+    return y
+
+
+# C=40: not a power of two; ids repeated and unsorted for the gather; n*B not a multiple of the row tile.
+GATHER_IDS = [7, 0, 20, 7, 3, 12, 5, 3, 19, 1, 2]
+DISTINCT_IDS = [7, 0, 20, 3, 12, 5, 19, 1, 2]
+
+
+@needs_triton
+@pytest.mark.parametrize('C', [40, 64])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize('affine', [True, False])
+def test_gather_layer_norm(C, dtype, affine):
+    x = _randn(3, 21, C, seed=1, dtype=dtype) * 3 + 1
+    ids = torch.tensor(GATHER_IDS, device=DEVICE)
+    w, b = (_randn(C, seed=2), _randn(C, seed=3)) if affine else (None, None)
+    ours = K.gather_layer_norm_triton(x, ids, w, b, 1e-6, out_dtype=dtype)
+    ref = K.gather_layer_norm_reference(x, ids, w, b, 1e-6, out_dtype=dtype)
+    plain = plain_layer_norm(x[:, ids], w, b, 1e-6)
+    assert ours.shape == (3, len(GATHER_IDS), C) and ours.dtype == dtype
+    tol = _ulp_tol(dtype, plain.abs().max().item())
+    assert (ours.double() - ref.double()).abs().max().item() <= tol
+    assert (ours.double() - plain).abs().max().item() <= tol
+    # fp32 output from a low-precision buffer: the LN of the stored values, not rounded again
+    ours32 = K.gather_layer_norm_triton(x, ids, w, b, 1e-6, out_dtype=torch.float32)
+    assert (ours32.double() - plain).abs().max().item() <= _ulp_tol(torch.float32, plain.abs().max().item())
+
+
+@needs_triton
+@pytest.mark.parametrize('x_dtype,a_dtype', [(torch.float32, torch.float32), (torch.float32, torch.float16),
+                                             (torch.float16, torch.float16), (torch.float32, torch.bfloat16)])
+@pytest.mark.parametrize('layer_scale', [True, False])
+def test_residual_layer_norm_updates_kept_rows_and_normalises(x_dtype, a_dtype, layer_scale):
+    C = 40
+    x = _randn(3, 21, C, seed=4, dtype=x_dtype)
+    ids = torch.tensor(DISTINCT_IDS, device=DEVICE)
+    a = _randn(3, len(DISTINCT_IDS), C, seed=5, dtype=a_dtype)
+    g = _randn(C, seed=6) if layer_scale else None
+    w, b = _randn(C, seed=7), _randn(C, seed=8)
+    ours_x, ref_x = x.clone(), x.clone()
+    ours = K.residual_layer_norm_triton_(ours_x, ids, a, g, w, b, 1e-5)
+    ref = K.residual_layer_norm_reference_(ref_x, ids, a, g, w, b, 1e-5)
+    # plain torch: h = x[:, ids] + g * a, rounded to the buffer's dtype, written back; LN of that
+    h = (x[:, ids].double() + a.double() * (g.double() if layer_scale else 1.0)).to(x_dtype)
+    plain_x = x.clone()
+    plain_x[:, ids] = h
+    plain = plain_layer_norm(h, w, b, 1e-5)
+    assert ours.dtype == a_dtype
+    assert _same_rounding(ours_x, ref_x)
+    assert (ours_x.double() - plain_x.double()).abs().max().item() <= _ulp_tol(x_dtype, 8)
+    untouched = torch.ones(21, dtype=torch.bool)
+    untouched[DISTINCT_IDS] = False
+    assert torch.equal(ours_x[:, untouched.to(DEVICE)], x[:, untouched.to(DEVICE)])
+    tol = _ulp_tol(a_dtype, plain.abs().max().item())
+    assert (ours.double() - ref.double()).abs().max().item() <= tol
+    assert (ours.double() - plain).abs().max().item() <= tol
+
+
+@needs_triton
+@pytest.mark.parametrize('x_dtype,m_dtype', [(torch.float32, torch.float32), (torch.float32, torch.float16),
+                                             (torch.bfloat16, torch.bfloat16)])
+@pytest.mark.parametrize('layer_scale', [True, False])
+def test_residual_scatter_adds_into_kept_rows_only(x_dtype, m_dtype, layer_scale):
+    C = 24
+    x = _randn(2, 13, C, seed=9, dtype=x_dtype)
+    ids = torch.tensor([12, 4, 0, 9, 5], device=DEVICE)
+    m = _randn(2, 5, C, seed=10, dtype=m_dtype)
+    g = _randn(C, seed=11) if layer_scale else None
+    ours, ref = x.clone(), x.clone()
+    assert K.residual_scatter_triton_(ours, ids, m, g) is ours
+    K.residual_scatter_reference_(ref, ids, m, g)
+    plain = x.clone()
+    plain[:, ids] = (x[:, ids].double() + m.double() * (g.double() if layer_scale else 1.0)).to(x_dtype)
+    assert _same_rounding(ours, ref)
+    assert (ours.double() - plain.double()).abs().max().item() <= _ulp_tol(x_dtype, 8)
+    rest = [i for i in range(13) if i not in (12, 4, 0, 9, 5)]
+    assert torch.equal(ours[:, rest], x[:, rest])
+
+
+@needs_triton
+def test_row_kernels_refuse_mismatched_shapes():
+    x = torch.zeros(2, 5, 8, device=DEVICE)
+    ids = torch.tensor([0, 1], device=DEVICE)
+    with pytest.raises(ValueError, match=r'expected a \(2, 2, 8\) tensor'):
+        K.residual_scatter_triton_(x, ids, torch.zeros(2, 3, 8, device=DEVICE), None)
+    with pytest.raises(ValueError, match='ids must be a 1-D'):
+        K.gather_layer_norm_triton(x, ids.view(1, 2), None, None, 1e-6)
+
+
+def plain_attention(qkv, num_heads, scale):
+    """softmax(q k^T * scale) v per (image, head), in float64, from a (B, n, 3, H, D) layout."""
+    B, n, three_c = qkv.shape
+    D = three_c // (3 * num_heads)
+    q, k, v = qkv.double().view(B, n, 3, num_heads, D).permute(2, 0, 3, 1, 4)
+    p = torch.softmax(q @ k.transpose(-1, -2) * scale, dim=-1)
+    return (p @ v).transpose(1, 2).reshape(B, n, num_heads * D)
+
+
+ATTN_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
+
+
+@needs_triton
+@pytest.mark.parametrize('n', [1, 17, 70])
+@pytest.mark.parametrize('dtype', ATTN_DTYPES)
+@pytest.mark.parametrize('tiles', [(64, 64, 4, 2), (32, 64, 4, 2), (64, 256, 8, 2)])
+def test_attention_kernel(n, dtype, tiles):
+    H, D = 2, 32
+    qkv = _randn(2, n, 3 * H * D, seed=n, dtype=dtype) * 2
+    ours = K.attention_triton(qkv, H, D ** -0.5, *tiles)
+    ref = K.attention_reference(qkv, H, D ** -0.5)
+    plain = plain_attention(qkv, H, D ** -0.5)
+    assert ours.shape == (2, n, H * D) and ours.dtype == dtype
+    # P is rounded to the input dtype before P@V (as in flash attention); fp32 on CUDA runs the dots in tf32.
+    tol = {torch.float32: 2e-3 if CUDA else 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype]
+    tol *= max(1.0, plain.abs().max().item())
+    assert (ours.double() - plain).abs().max().item() <= tol
+    assert (ref.double() - plain).abs().max().item() <= tol
+
+
+@cuda_only
+@pytest.mark.parametrize('n', [129, 148, 197])
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+def test_attention_kernel_deit_shapes_on_cuda(n, dtype):
+    H, D = 3, 64
+    qkv = _randn(8, n, 3 * H * D, seed=n, dtype=dtype)
+    plain = plain_attention(qkv, H, D ** -0.5)
+    tol = (4e-3 if dtype == torch.float16 else 3e-2) * max(1.0, plain.abs().max().item())
+    for tiles in K.ATTENTION_TILES:
+        ours = K.attention_triton(qkv, H, D ** -0.5, *tiles)
+        assert (ours.double() - plain).abs().max().item() <= tol, tiles
+
+
+LINEAR_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
+
+
+@needs_triton
+@pytest.mark.parametrize('dtype', LINEAR_DTYPES)
+@pytest.mark.parametrize('shape,tiles', [((2, 19, 48), (32, 32, 16, 4, 2)),   # K: 3 tiles; M, N ragged
+                                         ((37, 40), (16, 64, 32, 4, 2)),      # K not a multiple of BLOCK_K
+                                         ((3, 5, 64), K.LINEAR_TILES[0])])    # one tile larger than everything
+@pytest.mark.parametrize('with_bias', [True, False])
+def test_linear_gelu(dtype, shape, tiles, with_bias):
+    N = 80
+    x = _randn(*shape, seed=12, dtype=dtype)
+    w = _randn(N, shape[-1], seed=13) * shape[-1] ** -0.5
+    b = _randn(N, seed=14) if with_bias else None
+    wt = w.t().contiguous().to(dtype)
+    ours = K.linear_gelu_triton(x, wt, None if b is None else b.to(dtype), *tiles)
+    ref = K.linear_gelu_reference(x, wt, None if b is None else b.to(dtype))
+    # plain torch: the exact GELU written out, x * Phi(x), on the fp64 product
+    z = x.double() @ wt.double() + (0 if b is None else b.to(dtype).double())
+    plain = z * 0.5 * (1 + torch.erf(z / 2 ** 0.5))
+    assert ours.shape == shape[:-1] + (N,) and ours.dtype == dtype
+    # fp16/bf16 inputs, fp32 accumulation: one rounding of the output; fp32 on CUDA: tf32 dots
+    tol = {torch.float32: 2e-3 if CUDA else 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
+    scale = max(1.0, plain.abs().max().item())
+    assert (ours.double() - plain).abs().max().item() <= tol * scale
+    assert (ref.double() - plain).abs().max().item() <= tol * scale
+
+
+@needs_triton
+@pytest.mark.parametrize('x_dtype,u_dtype', [(torch.float32, torch.float32), (torch.float32, torch.float16),
+                                             (torch.float16, torch.float16)] + (
+                                                [(torch.float32, torch.bfloat16)] if CUDA else []))
+@pytest.mark.parametrize('tiles', [(32, 32, 16, 4, 2), (16, 64, 32, 4, 2)])
+@pytest.mark.parametrize('layer_scale', [True, False])
+def test_linear_residual_scatter(x_dtype, u_dtype, tiles, layer_scale):
+    """x[:, ids] += gamma * (u @ W^T + b) with distinct unsorted ids, K = 72 (not a multiple of every BLOCK_K),
+    C = 40 (ragged against BLOCK_N), B * n = 18 rows (ragged against BLOCK_M)."""
+    B, N, C, K_ = 2, 21, 40, 72
+    ids = torch.tensor(DISTINCT_IDS, device=DEVICE)
+    x = _randn(B, N, C, seed=15, dtype=x_dtype)
+    u = _randn(B, len(DISTINCT_IDS), K_, seed=16, dtype=u_dtype)
+    wt = (_randn(K_, C, seed=17) * K_ ** -0.5).to(u_dtype)
+    b = _randn(C, seed=18, dtype=u_dtype)
+    g = _randn(C, seed=19) if layer_scale else None
+    ours, ref = x.clone(), x.clone()
+    assert K.linear_residual_scatter_triton_(ours, ids, u, wt, b, g, *tiles) is ours
+    K.linear_residual_scatter_reference_(ref, ids, u, wt, b, g)
+    plain = x.clone()
+    m = u.double() @ wt.double() + b.double()
+    plain[:, ids] = (x[:, ids].double() + m * (g.double() if layer_scale else 1.0)).to(x_dtype)
+    # fp16/bf16 operands, fp32 accumulation (tf32 for fp32 operands on CUDA); one rounding to the buffer's dtype
+    tol = {torch.float32: 2e-3 if CUDA else 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[u_dtype]
+    tol = max(tol, 2 * torch.finfo(x_dtype).eps) * max(1.0, plain.abs().max().item())
+    assert (ours.double() - plain.double()).abs().max().item() <= tol
+    assert (ref.double() - plain.double()).abs().max().item() <= tol
+    rest = [i for i in range(N) if i not in DISTINCT_IDS]
+    assert torch.equal(ours[:, rest], x[:, rest])
+
+
+def test_attention_dispatch_falls_back_for_other_head_dims():
+    qkv = _randn(2, 9, 3 * 2 * 24, seed=3)  # head_dim 24: no Triton tile
+    out = K.attention(qkv, 2, 24 ** -0.5)
+    assert (out.double() - plain_attention(qkv, 2, 24 ** -0.5)).abs().max().item() <= 1e-5
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the whole path
+
+TINY = dict(embed_dim=64, depth=3, num_heads=2, img_size=32, patch_size=8, num_classes=10)
+
+
+def tiny_cc(seed=0, **kw):
+    torch.manual_seed(seed)
+    return timm.create_model('cc_deit_tiny_patch16_224', **dict(TINY, **kw)).to(DEVICE).eval()
+
+
+def images(batch=3, seed=0, size=32):
+    return _randn(batch, 3, size, size, seed=seed)
+
+
+def original_order_reference(model, x, kept_ids):
+    """The original-order formulation with timm's own modules: x[:, ids] = block(x[:, ids]) per block."""
+    t = model.norm_pre(model._pos_embed(model.patch_embed(x)))
+    for blk, ids in zip(model.blocks, kept_ids):
+        ids = ids.to(t.device)
+        t = t.clone()
+        t[:, ids] = timm.models.vision_transformer.Block.forward(blk, t[:, ids])
+    return model.forward_head(model.norm(t))
+
+
+def revisiting_plan(depth, num_patches, seed):
+    """A random plan (original order) in which some patch is clipped at one block and kept at a later one."""
+    plan = torch.rand(depth, num_patches, generator=_gen(seed)) > 0.4
+    assert any(not plan[l, j] and plan[l2, j]
+               for j in range(num_patches) for l in range(depth) for l2 in range(l + 1, depth))
+    return plan
+
+
+def _close(ours, ref):
+    return (ours - ref).abs().max().item() <= LOGIT_TOL * max(1.0, ref.abs().max().item())
+
+
+def _masks_matter(pruned, dense):
+    """Pruning moves the logits by far more than the comparison tolerance (else the comparison proves little)."""
+    return (pruned - dense).abs().max().item() > 10 * LOGIT_TOL * max(1.0, dense.abs().max().item())
+
+
+def _cases():
+    """Build arguments to run the whole path with here: the torch backend; the Triton backend with torch's
+    attention and MLP, with every Triton kernel, and (CUDA) with the timed choice."""
+    out = [dict(backend='torch')]
+    if K.triton_runs_on(torch.empty(0, device=DEVICE)):
+        out += [dict(backend='triton', attention='sdpa', mlp='torch'),
+                dict(backend='triton', attention='triton', mlp='triton')]
+        if CUDA:
+            out.append(dict(backend='triton', attention='auto', mlp='auto'))
+    return out
+
+
+CASES = _cases()
+
+
+@torch.no_grad()
+def test_original_order_reference_equals_concat_order_model():
+    """The test's reference formulation against the repo's model (tokens in concat order): the same logits."""
+    model = tiny_cc(1)
+    pruning.apply_masks(model, revisiting_plan(3, 16, 1))
+    x = images()
+    assert (original_order_reference(model, x, model.kept_token_ids()) - model(x)).abs().max().item() < 1e-4
+
+
+@torch.no_grad()
+@pytest.mark.parametrize('case', CASES, ids=lambda c: '-'.join(c.values()))
+def test_dense_model(case):
+    model = tiny_cc(0)
+    fast = build_fast_path(model, **case)
+    assert fast.describe()['kept_counts'] == [17, 17, 17]
+    assert all(blk.dense for blk in fast.blocks)
+    x = images()
+    assert _close(fast(x), model(x))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize('case', CASES, ids=lambda c: '-'.join(c.values()))
+@pytest.mark.parametrize('plan', ['random', 'revisiting'])
+def test_pruned_model(case, plan):
+    model = tiny_cc(2)
+    x = images(seed=2)
+    dense = model(x)
+    masks = (pruning.random_masks(3, 16, 0.3, generator=_gen(0)) if plan == 'random'
+             else revisiting_plan(3, 16, 2))
+    pruning.apply_masks(model, masks)
+    ref = model(x)
+    assert _masks_matter(ref, dense)
+    fast = build_fast_path(model, **case)
+    built = fast.describe()
+    assert built['kept_counts'] == [int(m.sum()) + 1 for m in masks]
+    if case.get('mlp') == 'triton':  # the fused kernels really ran
+        chosen = [v for key in ('attention', 'mlp', 'fc2') for v in built[key].values()]
+        assert len(chosen) == 3 * len(set(built['kept_counts'])) and all(v.startswith('triton-') for v in chosen)
+    assert _close(fast(x), ref)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize('case', CASES, ids=lambda c: '-'.join(c.values()))
+def test_layer_scale(case):
+    model = tiny_cc(3, init_values=0.5)
+    pruning.apply_masks(model, pruning.random_masks(3, 16, 0.3, generator=_gen(3)))
+    assert float(model.blocks[0].ls1.gamma[0]) == 0.5
+    x = images(seed=3)
+    fast = build_fast_path(model, **case)
+    assert fast.blocks[0].gamma1 is not None
+    assert _close(fast(x), model(x))
+
+
+def _kept_ids(depth, N, prefix, seed, rate=0.35):
+    """Random per-block ids that keep every prefix token and clip some patches (each block keeps one at least)."""
+    out = []
+    for l in range(depth):
+        keep = torch.rand(N - prefix, generator=_gen(seed + l)) > rate
+        keep[l] = True
+        out.append(torch.cat([torch.arange(prefix), keep.nonzero().squeeze(1) + prefix]))
+    return out
+
+
+@torch.no_grad()
+@pytest.mark.parametrize('case', CASES, ids=lambda c: '-'.join(c.values()))
+def test_distilled_model(case):
+    """DeiT's distilled model (class + distillation token; eval logits = mean of both heads): dense against its
+    own forward, pruned (ids chosen here) against the original-order reference."""
+    torch.manual_seed(4)
+    model = VisionTransformerDistilled(**TINY).to(DEVICE).eval()
+    x = images(seed=4)
+    assert _close(build_fast_path(model, **case)(x), model(x))
+    ids = _kept_ids(3, 18, 2, seed=4)
+    fast = build_fast_path(model, **case, kept_ids=ids)
+    ref = original_order_reference(model, x, ids)
+    assert _masks_matter(ref, model(x))
+    assert fast.head_ids.tolist() == [0, 1]  # the final norm runs on the two tokens the heads read
+    assert _close(fast(x), ref)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize('case', CASES, ids=lambda c: '-'.join(c.values()))
+def test_global_average_pool_without_class_token(case):
+    torch.manual_seed(5)
+    model = VisionTransformer(**TINY, class_token=False, global_pool='avg').to(DEVICE).eval()
+    assert model.num_prefix_tokens == 0 and not isinstance(model.fc_norm, torch.nn.Identity)
+    x = images(seed=5)
+    assert _close(build_fast_path(model, **case)(x), model(x))
+    ids = _kept_ids(3, 16, 0, seed=5)
+    fast = build_fast_path(model, **case, kept_ids=ids)
+    ref = original_order_reference(model, x, ids)
+    assert _masks_matter(ref, model(x))
+    assert fast.head_ids.numel() == 16  # average pooling reads every token
+    assert _close(fast(x), ref)
+
+
+@torch.no_grad()
+def test_register_tokens_and_position_embedding_without_class_entry():
+    torch.manual_seed(6)
+    model = VisionTransformer(**TINY, reg_tokens=2, no_embed_class=True).to(DEVICE).eval()
+    assert model.num_prefix_tokens == 3
+    x = images(seed=6)
+    for case in CASES:
+        assert _close(build_fast_path(model, **case)(x), model(x)), case
+
+
+@torch.no_grad()
+def test_residual_stream_in_half_precision():
+    """residual_dtype=fp16: the buffer is stored in fp16, the logits stay within fp16 rounding of fp32."""
+    model = tiny_cc(7)
+    pruning.apply_masks(model, pruning.random_masks(3, 16, 0.3, generator=_gen(7)))
+    x = images(seed=7)
+    ref = model(x)
+    for case in CASES:
+        fast = build_fast_path(model, **case, residual_dtype=torch.float16)
+        out = fast(x)
+        diff = (out - ref).abs().max().item()
+        assert 0 < diff <= 1e-2 * max(1.0, ref.abs().max().item()), (case, diff)
+
+
+@pytest.mark.parametrize('kwargs,what', [
+    (dict(qk_norm=True), 'qk_norm is not supported'),
+    (dict(act_layer='gelu_tanh'), 'only exact-erf GELU'),
+    (dict(norm_layer='rmsnorm'), 'only LayerNorm'),
+])
+def test_unsupported_models_are_refused_at_build_time(kwargs, what):
+    model = VisionTransformer(**TINY, **kwargs)
+    with pytest.raises(ValueError, match=what):
+        build_fast_path(model, backend='torch')
+
+
+def test_bad_arguments_are_refused():
+    model = tiny_cc(0)
+    with pytest.raises(ValueError, match='backend must be one of'):
+        build_fast_path(model, backend='tensorrt')
+    with pytest.raises(ValueError, match='cuda_graph=True needs batch_size'):
+        build_fast_path(model, cuda_graph=True)
+    with pytest.raises(ValueError, match='ids must be distinct'):
+        build_fast_path(model, backend='torch', kept_ids=[torch.tensor([0, 1, 1])] * 3)
+    fast = build_fast_path(model, backend='torch')
+    with pytest.raises(ValueError, match=r'expected images of shape \(B, 3, 32, 32\)'):
+        fast(torch.zeros(1, 3, 64, 64, device=DEVICE))
+
+
+@torch.no_grad()
+def test_captured_batch_size_replays_and_others_run_uncaptured():
+    """The dispatch around a CUDA graph, on any device: a stand-in graph whose replay runs the forward on the
+    static input.  The captured batch size copies the images in and returns a copy of the static output; any
+    other batch size runs uncaptured."""
+    model = tiny_cc(9)
+    pruning.apply_masks(model, pruning.random_masks(3, 16, 0.3, generator=_gen(9)))
+    fast = build_fast_path(model, backend='torch')
+    replays = []
+
+    class StandInGraph:
+        def replay(self):
+            replays.append(1)
+            fast._static_out.copy_(fast._forward_impl(fast._static_in))
+
+    fast._static_in = torch.zeros(2, 3, 32, 32, device=DEVICE)
+    fast._static_out = torch.zeros(2, 10, device=DEVICE)
+    fast._graph = StandInGraph()
+    a, b = images(2, seed=10), images(3, seed=11)
+    out_a = fast(a)
+    assert len(replays) == 1 and torch.equal(fast._static_in, a)
+    assert _close(out_a, model(a)) and out_a.data_ptr() != fast._static_out.data_ptr()
+    assert _close(fast(b), model(b)) and len(replays) == 1
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_compiled_backend():
+    model = tiny_cc(8)
+    pruning.apply_masks(model, revisiting_plan(3, 16, 2))
+    x = images(seed=8)
+    assert _close(build_fast_path(model, backend='compile')(x), model(x))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the kernels compiled for a Hopper GPU without one (the interpreter does not lower them)
+
+AOT_SCRIPT = r'''
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from models import fast_kernels as K
+
+target = GPUTarget('cuda', 90, 32)
+backend = triton.compiler.make_backend(target)
+
+def compile_(kernel, types, constexprs, num_warps, num_stages=3):
+    signature = dict(types, **{k: 'constexpr' for k in constexprs})
+    options = backend.parse_options({'num_warps': num_warps, 'num_stages': num_stages}).__dict__
+    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs), target=target,
+                              options=options)
+    ptx = compiled.asm['ptx']
+    return {'shared': compiled.metadata.shared, 'wgmma': 'wgmma.mma_async' in ptx, 'mma': 'mma.sync' in ptx}
+
+out = {}
+attn = dict(qkv_ptr='*fp16', out_ptr='*fp16', n='i32', H='i32', stride_qb='i32', stride_qn='i32', stride_ob='i32',
+            stride_on='i32', qk_scale='fp32')
+for bm, bn, warps, stages in K.ATTENTION_TILES:
+    out[f'attention {bm}x{bn}'] = compile_(K._attention_kernel, attn, dict(HEAD_DIM=64, BLOCK_M=bm, BLOCK_N=bn),
+                                           warps, stages)
+lin = dict(x_ptr='*fp16', wt_ptr='*fp16', b_ptr='*fp16', out_ptr='*fp16', ids_ptr='*i64', g_ptr='*fp32', M='i32',
+           N='i32', K='i32', n='i32', stride_xm='i32', stride_wk='i32', stride_ob='i32', stride_on='i32')
+for bm, bn, bk, warps, stages in K.LINEAR_TILES:
+    for residual in (False, True):
+        types = dict(lin, out_ptr='*fp32') if residual else lin
+        out[f'linear {bm}x{bn}x{bk} residual={residual}'] = compile_(
+            K._linear_kernel, types, dict(HAS_B=True, HAS_G=residual, RESIDUAL=residual, EVEN_K=True, BLOCK_M=bm,
+                                          BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), warps, stages)
+block_c, rows, warps = K._row_tile(192)
+rows_ = dict(x_ptr='*fp32', ids_ptr='*i64', w_ptr='*fp32', b_ptr='*fp32', out_ptr='*fp16', num_rows='i32', n='i32',
+             C='i32', stride_xb='i32', stride_xn='i32', stride_ob='i32', stride_on='i32', eps='fp32')
+out['gather_layer_norm'] = compile_(K._gather_layer_norm_kernel, rows_,
+                                    dict(HAS_W=True, HAS_B=True, ROWS=rows, BLOCK_C=block_c), warps)
+res = dict(x_ptr='*fp32', ids_ptr='*i64', a_ptr='*fp16', g_ptr='*fp32', w_ptr='*fp32', b_ptr='*fp32',
+           out_ptr='*fp16', num_rows='i32', n='i32', C='i32', stride_xb='i32', stride_xn='i32', stride_ab='i32',
+           stride_an='i32', stride_ob='i32', stride_on='i32', eps='fp32')
+for norm in (True, False):
+    out[f'residual norm={norm}'] = compile_(
+        K._residual_kernel, res, dict(HAS_G=True, NORM=norm, HAS_W=True, HAS_B=True, ROWS=rows, BLOCK_C=block_c),
+        warps)
+print(json.dumps(out))
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CUDA, reason='on a GPU the kernels are compiled and run by the tests above')
+@pytest.mark.skipif(not K.HAS_TRITON, reason='needs Triton')
+def test_kernels_compile_for_hopper():
+    """Every kernel and tile the fast path may launch compiles for sm_90 (Triton's own ptxas, no GPU needed),
+    the matrix products of 64-row tiles use Hopper's wgmma, and shared memory stays within the 227 KB a block
+    may have."""
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
+    env['TRITON_DEFAULT_FP_FUSION'] = '1'  # Triton's default, said out loud (it warns otherwise)
+    done = subprocess.run([sys.executable, '-c', AOT_SCRIPT, root], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    kernels = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(kernels) == len(K.ATTENTION_TILES) + 2 * len(K.LINEAR_TILES) + 3
+    for name, info in kernels.items():
+        assert info['shared'] <= 227 * 1024, name
+        if name.startswith(('attention', 'linear')):
+            # tiles of 64 rows or more run on wgmma; a 32-row tile is below its 64-row minimum: mma.sync
+            assert info['wgmma'] if int(name.split()[1].split('x')[0]) >= 64 else info['mma'], name
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the timing script, as a GPU session runs it, in its CPU smoke mode
+
+def test_timing_script_quick_run_writes_its_report(tmp_path):
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'benchmarks'))
+    import fast_path_timing
+    fast_path_timing.main(['--device', 'cpu', '--quick', '--out', str(tmp_path), '--repeats', '2', '--warmup', '0'])
+    results = json.loads((tmp_path / 'fast_path_timing.json').read_text())
+    assert results['errors'] == []
+    (section,) = results['sections']
+    rows = {r['label']: r for r in section['rows']}
+    expected = {'timm eager', 'ours eager 30', 'fast torch dense', 'fast torch 30'}
+    if K.INTERPRETER:
+        expected |= {'fast triton dense', 'fast triton 30'}
+    assert set(rows) == expected
+    assert rows['timm eager']['speedup_vs_timm_eager'] == 1.0
+    model = timm.create_model('cc_deit_tiny_patch16_224', **fast_path_timing.QUICK_MODEL)
+    kept = section['kept_counts']['30']
+    assert min(kept) < 17 and section['kept_counts']['dense'] == [17, 17, 17]
+    flops_ratio = models.count_macs(model) / models.count_macs(model, kept)
+    for r in rows.values():
+        assert r['ms'] > 0 and abs(r['images_per_s'] - 4e3 / r['ms']) < 1e-6 * r['images_per_s']
+        assert r['max_abs_diff'] <= 1e-4 and r['top1_agreement'] == 1.0  # fp32 on CPU: the same logits
+        assert r['flops_ratio'] == pytest.approx(1.0 if r['masks'] == 'dense' else flops_ratio)
+        assert r['fraction_of_flops_ratio'] == pytest.approx(r['speedup_vs_fastest_dense'] / r['flops_ratio'])
+    (target,) = section['targets']
+    assert target['masks'] == '30' and target['target'] == 1.0
+    assert target['fastest_pruned'] in rows and rows[target['fastest_pruned']]['masks'] == '30'
+    assert '| fast torch 30 | 30 |' in (tmp_path / 'fast_path_timing.md').read_text()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CUDA only: half precision at DeiT-Ti size, CUDA graphs, the attention choice
+
+def _deit_ti_pair(seed=0, rate=0.3, num_classes=1000):
+    """A DeiT-Ti-sized cc model (seeded random init) with random masks at ``rate``, on the device."""
+    torch.manual_seed(seed)
+    model = timm.create_model('cc_deit_tiny_patch16_224', num_classes=num_classes).eval()
+    pruning.apply_masks(model, pruning.random_masks(12, 196, rate, generator=_gen(seed)))
+    return model.to(DEVICE)
+
+
+@cuda_only
+@torch.no_grad()
+def test_half_precision_fast_path_agrees_with_fp32_eager():
+    """fp16 fast path (Triton backend, CUDA graph) against the fp32 eager model on 256 random images.
+
+    Stated tolerance: the max |logit difference| is at most twice that of timm's own fp16 autocast forward of
+    the same model, plus 1e-3 (both round the same products to fp16).  Top-1: identical on >= 99% of the images
+    whose fp32 top-2 margin exceeds twice the autocast error (a random-init model has near-ties that fp16
+    cannot resolve, ours or timm's; they are left out and must be under 25% of the batch; 10 classes keep the
+    margins wide)."""
+    model = _deit_ti_pair(num_classes=10)
+    x = torch.randn(256, 3, 224, 224, generator=_gen(1)).to(DEVICE)
+    ref = model(x)
+    with torch.autocast('cuda', dtype=torch.float16):
+        autocast_err = (model(x).float() - ref).abs().max().item()
+    fast = build_fast_path(model, backend='triton', dtype=torch.float16, cuda_graph=True, batch_size=256)
+    out = fast(x)
+    err = (out - ref).abs().max().item()
+    top2 = ref.topk(2, dim=1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 2 * autocast_err
+    agree = (out.argmax(1) == ref.argmax(1))
+    print(f'fp16 fast path: max|diff| {err:.4g} (autocast eager {autocast_err:.4g}); top-1 agreement '
+          f'{agree.float().mean().item():.4f} on all, {agree[clear].float().mean().item():.4f} on the '
+          f'{int(clear.sum())} with a clear margin; logit std {ref.std().item():.3g}; '
+          f'attention {fast.describe()["attention"]}')
+    assert err <= 2 * autocast_err + 1e-3
+    assert clear.float().mean().item() >= 0.75
+    assert agree[clear].float().mean().item() >= 0.99
+
+
+@cuda_only
+@torch.no_grad()
+@pytest.mark.parametrize('backend', ['triton', 'torch'])
+def test_cuda_graph_replays_the_uncaptured_forward(backend):
+    model = _deit_ti_pair(seed=2)
+    fast = build_fast_path(model, backend=backend, dtype=torch.float16, cuda_graph=True, batch_size=8)
+    plain = build_fast_path(model, backend=backend, dtype=torch.float16, batch_size=8)  # the same kernel choices
+    a, b, c = (torch.randn(n, 3, 224, 224, generator=_gen(s)).to(DEVICE) for n, s in ((8, 3), (8, 4), (5, 5)))
+    out_a, out_b = fast(a), fast(b)  # two replays: the static input really takes the new images
+    assert (out_a - plain(a)).abs().max().item() <= 1e-3
+    assert (out_b - plain(b)).abs().max().item() <= 1e-3
+    assert (out_a - out_b).abs().max().item() > 1e-2 * out_a.abs().max().item()
+    assert (fast(c) - plain(c)).abs().max().item() <= 1e-3  # another batch size: the uncaptured path
+    assert out_a.data_ptr() != fast(a).data_ptr()  # callers get their own tensor, not the graph's buffer
+
+
+@cuda_only
+@torch.no_grad()
+def test_attention_choice_is_a_validated_candidate():
+    choice, timings = choose_attention(148, 32, 3, 64, 64 ** -0.5, torch.float16, DEVICE, with_triton=True)
+    assert any(k.startswith('triton-') for k in timings) and 'sdpa-math' in timings
+    assert choice.ms == min(timings.values())
+    qkv = torch.randn(4, 148, 3 * 192, device=DEVICE, dtype=torch.float16)
+    out = run_attention(choice, qkv, 3, 64 ** -0.5)
+    plain = plain_attention(qkv, 3, 64 ** -0.5)
+    assert (out.double() - plain).abs().max().item() <= 4e-3 * max(1.0, plain.abs().max().item())
+    assert isinstance(choice, AttentionChoice)
