@@ -114,7 +114,7 @@ def seeded_pair(arch: str, seed: int, quick: bool, device: torch.device):
     name = ARCHS[arch][0]
     kwargs = QUICK_MODEL if quick else {}
     torch.manual_seed(seed)
-    cc = timm.create_model('cc_' + name, **kwargs).to(device).eval()
+    cc = models.create_model(name, **kwargs).to(device).eval()
     dense = timm.create_model(name, **kwargs)
     dense.load_state_dict({k: v for k, v in cc.state_dict().items() if not k.endswith(models.MASK_KEY)})
     return cc, dense.to(device).eval()
@@ -123,7 +123,7 @@ def seeded_pair(arch: str, seed: int, quick: bool, device: torch.device):
 def pruned_copy(cc: nn.Module, rate: float, seed: int) -> nn.Module:
     """A copy of ``cc`` with ``pruning.random_masks`` at ``rate`` (seeded by seed and rate) applied."""
     model = copy.deepcopy(cc)
-    depth, num_patches = len(model.blocks), model.num_tokens - 1
+    depth, num_patches = len(model.blocks), model.num_tokens - model.num_prefix_tokens
     g = torch.Generator().manual_seed(seed * 1000 + round(rate * 100))
     pruning.apply_masks(model, pruning.random_masks(depth, num_patches, rate, generator=g))
     return model.eval()
