@@ -210,17 +210,21 @@ class Range(NamedTuple):
     count: Optional[Tuple[int, int]] = None
 
     def describe(self) -> str:
+        low, high = _number(self.low), _number(self.high)
         if self.high is None:
             if self.low_open:
-                return 'positive' if self.low == 0 else f'more than {self.low:g}'
-            return '0 or more' if self.low == 0 else f'at least {self.low:g}'
-        return (f'in {"(" if self.low_open else "["}{self.low:g}, {self.high:g}'
-                f'{")" if self.high_open else "]"}')
+                return 'positive' if self.low == 0 else f'more than {low}'
+            return '0 or more' if self.low == 0 else f'at least {low}'
+        return f'in {"(" if self.low_open else "["}{low}, {high}{")" if self.high_open else "]"}'
 
     def holds(self, value: float) -> bool:
         if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
             return False
         return self.high is None or (value < self.high or (not self.high_open and value == self.high))
+
+
+def _number(x) -> str:
+    return '' if x is None else str(int(x)) if float(x).is_integer() else f'{x:g}'
 
 
 UNIT = Range(0, 1)
@@ -432,7 +436,7 @@ def _with_origin(error: UserError, args, inherited: Dict[str, object]) -> UserEr
     for dest, value in inherited.items():
         flag = flag_name(next(a for a in parser._actions if a.dest == dest))
         named = re.search(rf'(?<![\w-]){re.escape(flag)}(?![\w-])', text)
-        if named or (isinstance(value, str) and len(value) > 2 and value in text):
+        if named or (dest in ('teacher_path', 'data_path', 'output_dir') and value and str(value) in text):
             return UserError(f'{text} ({flag} of the run {args.resume} continues; give {flag} to change it)')
     return error
 
