@@ -850,12 +850,14 @@ def describe_parameter_groups(optimizer, model: nn.Module, args) -> List[str]:
     names = {id(p): n for n, p in model.named_parameters()}
     lines = []
     for i, group in enumerate(optimizer.param_groups):
-        params = [names.get(id(p), '?') for p in group['params']]
-        matrices = sum(p.ndim > 1 for p in group['params'])
-        special = [n for n, p in zip(params, group['params']) if p.ndim > 1 and group['weight_decay'] == 0]
-        kinds = (f'{matrices} weight matrices' if matrices == len(params) else
-                 f'{len(params) - matrices} biases and norms' + (f', {", ".join(special)}' if special else '')
-                 if group['weight_decay'] == 0 and len(optimizer.param_groups) > 1 else f'{len(params)} tensors')
+        params = group['params']
+        if len(optimizer.param_groups) == 1:
+            kinds = 'every parameter'
+        elif group['weight_decay'] == 0:
+            special = [names.get(id(p), '?') for p in params if p.ndim > 1]  # pos_embed, cls_token, ...
+            kinds = f'{len(params) - len(special)} biases and norms' + ''.join(f', {n}' for n in special)
+        else:
+            kinds = f'{sum(p.ndim > 1 for p in params)} weight matrices'
         lines.append(f'Parameter group {i}: {len(params)} tensors ({kinds}), weight decay {group["weight_decay"]:g}, '
                      f'lr {group["lr"]:.2e} (schedule from {group.get("initial_lr", group["lr"]):.2e})')
     if not args.uniform_lr and len(optimizer.param_groups) > 1:

@@ -130,8 +130,9 @@ def test_bad_image_under_two_processes_stops_the_job_with_one_line_per_rank(worl
     bad = data / 'train' / 'c' / '5.png'
     bad.write_bytes(bad.read_bytes()[:100])
     out = tmp_path / 'out'
+    # Every image read each epoch (repeated augmentation, the default, visits about a third of them)
     proc = launch('launch', ['--resume', world['dense'], '--data-path', data, '--output_dir', out,
-                             '--final_finetune', '2'], tmp_path, timeout=240)
+                             '--final_finetune', '2', '--no-repeated-aug'], tmp_path, timeout=240)
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if re.match(r'^\[rank \d\] error: ', line)]
     assert any(re.match(rf'^\[rank \d\] error: cannot read image {re.escape(str(bad))}: ', line) for line in errors), \

@@ -308,6 +308,23 @@ def test_speed_only_with_the_original_protocol(capsys, pruned_digits):
 # ----------------------------------------------------------------------------------------------------------
 # 5. the paper's four commands, verbatim
 
+def test_prune_without_output_dir_writes_beside_the_checkpoint(capsys, world, tmp_path):
+    dense = shutil.copy(world['dense'], tmp_path / 'dense.pth')
+    code, out, err = cli(capsys, '--prune', '--resume', dense, '--data-path', world['data'], '--prune-batches', 1)
+    assert code == 0, err
+    path = tmp_path / 'pruned_0.25.pth'
+    assert f'No --output_dir: writing beside --resume, in {tmp_path}' in out.splitlines()
+    assert f'Saved {path}' in out.splitlines()
+    assert torch.load(path)['channels'] == models.kept_token_counts(
+        timm_model_with(load_checkpoint_file(str(path))['model']))
+
+
+def timm_model_with(state_dict):
+    model = models.create_model('deit_digits_patch4_32')
+    model.load_state_dict(state_dict)
+    return model
+
+
 @pytest.mark.slow
 def test_the_papers_commands_run_as_printed(tmp_path):
     """The README of the original code prints these; only paths are adapted, and arguments appended at the end
