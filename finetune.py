@@ -82,8 +82,8 @@ def given_flags(args) -> frozenset:
     """The destinations the user set explicitly.  Arguments not parsed by :func:`get_args_parser` (built in a
     script) count every value that differs from the parser's default as given."""
     given = getattr(args, 'given', None)
-    if given is not None and not isinstance(given, str):
-        return frozenset(given)
+    if isinstance(given, frozenset):
+        return given
     defaults = vars(get_args_parser().parse_args([]))
     return frozenset(k for k, v in vars(args).items() if k in defaults and v != defaults[k])
 
