@@ -1030,7 +1030,8 @@ def writes_output(args) -> bool:
 
 def run(args) -> Dict[str, float]:
     notes, inherited = continue_run(args)
-    if args.prune and not args.output_dir and args.resume:
+    beside_resume = bool(args.prune and not args.output_dir and args.resume)
+    if beside_resume:
         args.output_dir = os.path.dirname(args.resume) or '.'
         notes.append(f'No --output_dir: writing beside --resume, in {args.output_dir}')
     try:
@@ -1039,7 +1040,10 @@ def run(args) -> Dict[str, float]:
         raise _with_origin(e, args, inherited) from None
     args.device = resolve_device(args.device)
     if writes_output(args):
-        check_output_dir(args.output_dir)
+        try:
+            check_output_dir(args.output_dir)
+        except UserError as e:
+            raise UserError(f'{e} (the directory of --resume: give --output_dir)' if beside_resume else str(e)) from None
     init_distributed_mode(args)
     for line in notes:
         rank0_print(line)
