@@ -61,7 +61,9 @@ def _keep_zero_bit_posterize(transform) -> None:
 
 
 def build_transform(is_train: bool, args):
-    """DeiT's transforms. Eval: resize to input/ratio (bicubic) then centre crop; ratio 1.0 resizes only."""
+    """DeiT's training transform.  Evaluation: ``--eval-crop-ratio`` 1.0 (the default) squashes the whole image
+    to input x input (bicubic), as the original code evaluated; a ratio below 1 resizes the shorter side to
+    input/ratio, then crops the centre (DeiT: 0.875)."""
     size = args.input_size
     mean, std = args.mean, args.std
     if is_train:
@@ -117,6 +119,14 @@ def build_dataset(is_train: bool, args) -> Tuple[Dataset, int]:
     raise UserError(f'unknown --data-set {name}; choose one of {", ".join(DATA_SETS)}')
 
 
+def class_folders(split: str):
+    """The class names an ImageFolder of ``split`` would have (its sorted sub-folders), without scanning the
+    images; None if there is no such folder."""
+    if not os.path.isdir(split):
+        return None
+    return sorted(entry.name for entry in os.scandir(split) if entry.is_dir())
+
+
 def image_folder(split: str, transform) -> datasets.ImageFolder:
     """An ImageFolder whose missing, empty or class-less split is reported as a one-line error."""
     if not os.path.isdir(split):
@@ -142,6 +152,11 @@ class INatDataset(Dataset):
             train_data = data if train else _read_json(os.path.join(root, f'train{year}.json'))
             values = sorted({cat_value[a['category_id']] for a in train_data['annotations']})
             index = {v: i for i, v in enumerate(values)}
+            unseen = sorted({str(cat_value[a['category_id']]) for a in data['annotations']} - set(map(str, values)))
+            if unseen:
+                shown = ', '.join(unseen[:5]) + (f' (+{len(unseen) - 5} more)' if len(unseen) > 5 else '')
+                raise UserError(f'{ann_path} has classes ({category}) that train{year}.json does not: {shown}; '
+                                f'labels are taken from the training annotations')
             by_image = {a['image_id']: a['category_id'] for a in data['annotations']}
             self.samples = [(os.path.join(root, img['file_name']), index[cat_value[by_image[img['id']]]])
                             for img in data['images']]

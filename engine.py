@@ -86,14 +86,17 @@ def train_epochs(run: Training, start_epoch: int, end_epoch: int, max_accuracy: 
     """The epoch loop: shuffle for the epoch, train, step the learning-rate schedule, evaluate, then
     ``after_epoch(epoch, train_stats, test_stats, improved, max_accuracy)`` (checkpoints, logs).  ``improved``
     is True only for an accuracy above every earlier one, so best.pth is the first epoch reaching the best.
-    Returns the best Acc@1."""
+    Returns the best Acc@1.
+
+    The schedule is stepped to ``epoch`` after epoch ``epoch``, as DeiT and the original code do: epochs 0 and 1
+    both run at t = 0 (the lr the schedule starts with), epoch k >= 1 at t = k - 1."""
     for epoch in range(start_epoch, end_epoch):
         if hasattr(run.loader_train.sampler, 'set_epoch'):
             run.loader_train.sampler.set_epoch(epoch)
         train_stats = train_one_epoch(run.model, run.criterion, run.loader_train, run.optimizer, run.device, epoch,
                                       run.scaler, run.amp, run.clip_grad, run.model_ema, run.mixup_fn, print_freq,
                                       printer)
-        run.lr_scheduler.step(epoch + 1)
+        run.lr_scheduler.step(epoch)
         test_stats = evaluate(run.loader_val, run.model, run.device, run.amp, print_freq, printer)
         printer(f'Accuracy of the network on the {len(run.loader_val.dataset)} test images: '
                 f'{test_stats["acc1"]:.1f}%')
@@ -194,3 +197,28 @@ def measure_throughput(models: Dict[str, nn.Module], batch_size: int, input_size
     x = torch.randn(batch_size, 3, input_size, input_size, device=device)
     times = time_interleaved(models, x, device, repeats, warmup, dtype)
     return {name: batch_size / statistics.median(t) for name, t in times.items()}
+
+
+def throughput_original_protocol(model: nn.Module, batch_size: int, input_size: int, device: torch.device,
+                                 passes: int = 50) -> float:
+    """Images per second as the original code timed them: ``torch.rand(batch, 3, size, size)`` through the model
+    in eval mode, in fp32 and without ``no_grad`` (an autograd graph is built every pass), ``cudnn.benchmark``
+    on and TF32 matmuls allowed (its torch's default), no warm-up: one synchronisation, ``passes`` passes, one
+    synchronisation; the mean over the passes.  The backend settings are put back afterwards."""
+    model.eval()
+    x = torch.rand(batch_size, 3, input_size, input_size, device=device)
+    benchmark, tf32 = torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.benchmark = True
+    if device.type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        with torch.enable_grad():
+            synchronize(device)
+            start = time.perf_counter()
+            for _ in range(passes):
+                model(x)
+            synchronize(device)
+            elapsed = time.perf_counter() - start
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32 = benchmark, tf32
+    return batch_size * passes / elapsed

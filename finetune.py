@@ -13,6 +13,7 @@ import contextlib
 import inspect
 import itertools
 import json
+import math
 import os
 import re
 import signal
@@ -20,7 +21,7 @@ import sys
 import threading
 import time
 import datetime
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -28,12 +29,12 @@ import torch.nn as nn
 import engine
 import models
 import pruning
-from datasets import DATA_SETS, build_dataset
+from datasets import DATA_SETS, build_dataset, class_folders
 from engine import NonFiniteLossError, evaluate, measure_throughput, steady_allocator
 from losses import DistillationLoss
 from samplers import DistributedEvalSampler, RASampler
 from utils import (UserError, TensorBoard, all_agree, check_output_dir, checkpoint_args, init_distributed_mode,
-                   is_main_process, one_line, print_line, rank0_print, remove_stale_temporaries, save_atomic, write_text_atomic)
+                   is_main_process, load_checkpoint_file, one_line, print_line, rank0_print, remove_stale_temporaries, save_atomic, write_text_atomic)
 
 EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 3
@@ -42,36 +43,78 @@ EXIT_TERMINATED = 143  # 128 + SIGTERM, what a shell reports for a job ended by 
 EXIT_PEER_FAILED = 1  # another process of a multi-process job stopped first; its own message says why
 
 
+class ParsedArgs(argparse.Namespace):
+    """The parsed command line.  ``given`` (the destinations the command line set explicitly) lives in a slot,
+    outside ``vars(args)``, so it is not saved with the arguments."""
+    __slots__ = ('given',)
+
+
 class _Parser(argparse.ArgumentParser):
-    """A mistyped flag or value is one line too (argparse would print the whole usage first)."""
+    """A mistyped flag or value is one line too (argparse would print the whole usage first), and the parsed
+    arguments remember which flags were given (a resumed run keeps its own settings for the others)."""
 
     def error(self, message):
         self.exit(EXIT_USER_ERROR, f'error: {message} (see --help)\n')
 
+    def parse_known_args(self, args=None, namespace=None):
+        parsed, extras = super().parse_known_args(args, ParsedArgs() if namespace is None else namespace)
+        if isinstance(parsed, ParsedArgs):
+            parsed.given = self._given(args)
+        return parsed, extras
+
+    def _given(self, args) -> frozenset:
+        """The destinations set on the command line: the same parse with every default suppressed."""
+        saved = [(action, action.default) for action in self._actions]
+        saved_defaults = self._defaults
+        try:
+            for action in self._actions:
+                action.default = argparse.SUPPRESS
+            self._defaults = {}
+            probe, _ = super().parse_known_args(args, argparse.Namespace())
+        finally:
+            for action, default in saved:
+                action.default = default
+            self._defaults = saved_defaults
+        return frozenset(vars(probe))
+
+
+def given_flags(args) -> frozenset:
+    """The destinations the user set explicitly.  Arguments not parsed by :func:`get_args_parser` (built in a
+    script) count every value that differs from the parser's default as given."""
+    given = getattr(args, 'given', None)
+    if isinstance(given, frozenset):
+        return given
+    defaults = vars(get_args_parser().parse_args([]))
+    return frozenset(k for k, v in vars(args).items() if k in defaults and v != defaults[k])
+
 
 def get_args_parser() -> argparse.ArgumentParser:
+    """The original code's flags and, unless the README says otherwise, its recipe's defaults."""
     p = _Parser('finetune.py', description='Clip & Concat for timm ViTs: prune, evaluate, benchmark, finetune.',
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     # what to do
     a('--eval', action='store_true', help='evaluate --resume on the validation set')
     a('--speed-only', action='store_true', help='print GFLOPs and images/s (pruned and dense) and exit')
-    a('--prune', action='store_true', help='score, plan and write <output_dir>/pruned_<rate>.pth')
+    a('--prune', action='store_true',
+      help='score, plan and write pruned_<rate>.pth (random masks: pruned_random_<rate>.pth) to --output_dir, '
+           'by default the directory of --resume')
     a('--prune_mode', default='attn', choices=['attn', 'random'])
     a('--prune_rate', default=0.25, type=float, help='fraction of (layer, patch) slots to clip, in (0, 1)')
     a('--prune-batches', default=None, type=int, help='score at most this many training batches')
-    a('--final_finetune', default=30, type=int, help='epochs of distillation finetuning')
+    a('--final_finetune', default=30, type=int,
+      help='epochs of distillation finetuning (also the length of the learning-rate schedule)')
     # model
     a('--model', default='deit_tiny_patch16_224',
       help='any timm ViT name, "cc_" optional (e.g. deit_small_distilled_patch16_224, vit_small_patch16_224)')
     a('--input-size', default=None, type=int, help='image size (default: the model\'s)')
     a('--drop', default=0.0, type=float, help='dropout rate')
     a('--drop-path', default=0.1, type=float, help='stochastic depth rate')
-    a('--model-ema', action='store_true')
+    a('--model-ema', action='store_true', help='keep an EMA of the weights (saved as model_ema)')
     a('--no-model-ema', action='store_false', dest='model_ema')
     a('--model-ema-decay', default=0.99996, type=float)
     a('--model-ema-force-cpu', action='store_true')
-    # optimizer and schedule (DeiT's defaults)
+    # optimizer and schedule (the original recipe's defaults)
     a('--opt', default='adamw')
     a('--opt-eps', default=1e-8, type=float)
     a('--opt-betas', default=None, type=float, nargs='+')
@@ -79,25 +122,31 @@ def get_args_parser() -> argparse.ArgumentParser:
     a('--momentum', default=0.9, type=float)
     a('--weight-decay', default=0.05, type=float)
     a('--sched', default='cosine')
-    a('--lr', default=5e-4, type=float, help='base lr, scaled by batch * world_size / 512')
+    a('--lr', default=0.01, type=float, help='base lr, scaled by batch * world_size / 512')
     a('--unscale-lr', action='store_true', help='use --lr as given, without the linear scaling')
+    a('--uniform-lr', action='store_true',
+      help='every parameter group follows the scheduled lr; by default, as the original code effectively ran, '
+           'only the group without weight decay does and the weight matrices stay at 1e-6')
     a('--lr-noise', default=None, type=float, nargs='+')
     a('--lr-noise-pct', default=0.67, type=float)
     a('--lr-noise-std', default=1.0, type=float)
-    a('--warmup-lr', default=1e-6, type=float)
-    a('--min-lr', default=1e-5, type=float)
-    a('--decay-epochs', default=30, type=float)
-    a('--warmup-epochs', default=5, type=int)
-    a('--cooldown-epochs', default=10, type=int)
+    a('--warmup-lr', default=1e-5, type=float)
+    a('--min-lr', default=1e-6, type=float)
+    a('--decay-epochs', default=15, type=float, help='step interval of --sched step (cosine does not use it)')
+    a('--warmup-epochs', default=0, type=int)
+    a('--cooldown-epochs', default=30, type=int,
+      help='epochs at --min-lr after the schedule (after --final_finetune, so never reached)')
     a('--patience-epochs', default=10, type=int)
     a('--decay-rate', default=0.1, type=float)
-    # augmentation (DeiT's defaults)
-    a('--color-jitter', default=0.3, type=float)
+    # augmentation (the original recipe's defaults)
+    a('--color-jitter', default=0.4, type=float)
     a('--aa', default='rand-m9-mstd0.5-inc1', help='auto-augment policy, or "none"')
     a('--smoothing', default=0.1, type=float, help='label smoothing')
     a('--train-interpolation', default='bicubic')
-    a('--repeated-aug', action='store_true', help='RASampler (3 repeats) instead of DistributedSampler')
+    a('--repeated-aug', action='store_true',
+      help='RASampler (3 repeats) instead of DistributedSampler under several processes')
     a('--no-repeated-aug', action='store_false', dest='repeated_aug')
+    p.set_defaults(repeated_aug=True)
     a('--reprob', default=0.25, type=float, help='random erase probability')
     a('--remode', default='pixel')
     a('--recount', default=1, type=int)
@@ -107,7 +156,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     a('--mixup-prob', default=1.0, type=float)
     a('--mixup-switch-prob', default=0.5, type=float)
     a('--mixup-mode', default='batch', choices=['batch', 'pair', 'elem'])
-    a('--eval-crop-ratio', default=0.875, type=float, help='resize to input/ratio then centre crop; 1.0: resize')
+    a('--eval-crop-ratio', default=1.0, type=float,
+      help='evaluation: resize to input/ratio (bicubic), then centre crop; 1.0 squashes the whole image to '
+           'input x input, as the original code evaluated; 0.875 is DeiT\'s')
     # distillation
     a('--teacher-model', default=None, help='dense teacher architecture (default: same as --model)')
     a('--teacher-path', default='')
@@ -119,10 +170,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     a('--data-set', default='IMNET', choices=list(DATA_SETS))
     a('--inat-category', default='name')
     a('--batch-size', default=64, type=int)
-    a('--output_dir', default='', help='where to write checkpoints, log.txt and TensorBoard events')
+    a('--output_dir', default='',
+      help='where to write checkpoints, logs and TensorBoard events (--prune: default the directory of --resume)')
     a('--device', default=None, help='cuda (default when available) or cpu')
     a('--seed', default=0, type=int)
-    a('--resume', default='', help='checkpoint: official DeiT, pruned_<rate>.pth or checkpoint.pth')
+    a('--resume', default='',
+      help='checkpoint: official DeiT, pruned_<rate>.pth, or checkpoint.pth/best.pth (continues that run)')
     a('--start_epoch', default=0, type=int)
     a('--dist-eval', action='store_true', help='split evaluation across processes')
     a('--num_workers', default=10, type=int)
@@ -130,10 +183,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     a('--no-pin-mem', action='store_false', dest='pin_mem')
     a('--no-amp', action='store_false', dest='amp', help='disable mixed precision (only used on CUDA)')
     a('--print-freq', default=10, type=int)
-    a('--speed-repeats', default=10, type=int, help='timed forward passes per model (median is reported)')
-    a('--speed-warmup', default=3, type=int)
+    a('--speed-protocol', default='interleaved', choices=['interleaved', 'original'],
+      help='interleaved: pruned and dense twin take turns, median, no_grad, fp16 autocast on CUDA; original: the '
+           'original code\'s timing (fp32 with autograd, mean of 50 passes of a batch of 256, only this model)')
+    a('--speed-repeats', default=10, type=int,
+      help='timed forward passes per model (median is reported; --speed-protocol original: default 50, mean)')
+    a('--speed-warmup', default=3, type=int, help='untimed rounds first (--speed-protocol original: none)')
     a('--speed-dtype', default=None, choices=['fp32', 'fp16', 'bf16'],
-      help='autocast for --speed-only (default fp16 on CUDA, fp32 on CPU)')
+      help='autocast for --speed-only (default fp16 on CUDA, fp32 on CPU; --speed-protocol original: fp32)')
     a('--world_size', default=1, type=int, help='set by the launcher')
     a('--dist_url', default='env://', help='set by the launcher')
     a('--local-rank', '--local_rank', default=None, type=int, dest='local_rank', help=argparse.SUPPRESS)
@@ -143,38 +200,106 @@ def get_args_parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------------------------------------
 # argument checks
 
+class Range(NamedTuple):
+    """The values a numeric flag accepts: finite, from ``low`` to ``high`` (None: unbounded), ends included
+    unless open; ``count``: how many values a list flag takes (min, max)."""
+    low: Optional[float] = None
+    high: Optional[float] = None
+    low_open: bool = False
+    high_open: bool = False
+    count: Optional[Tuple[int, int]] = None
+
+    def describe(self) -> str:
+        low, high = _number(self.low), _number(self.high)
+        if self.high is None:
+            if self.low_open:
+                return 'positive' if self.low == 0 else f'more than {low}'
+            return '0 or more' if self.low == 0 else f'at least {low}'
+        return f'in {"(" if self.low_open else "["}{low}, {high}{")" if self.high_open else "]"}'
+
+    def holds(self, value: float) -> bool:
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        return self.high is None or (value < self.high or (not self.high_open and value == self.high))
+
+
+def _number(x) -> str:
+    return '' if x is None else str(int(x)) if float(x).is_integer() else f'{x:g}'
+
+
+UNIT = Range(0, 1)
+FRACTION = Range(0, 1, high_open=True)  # [0, 1)
+POSITIVE = Range(0, low_open=True)
+NON_NEGATIVE = Range(0)
+AT_LEAST_ONE = Range(1)
+
+# Every numeric flag of the parser, with what it accepts (a test checks that none is missing).
+NUMERIC_FLAGS: Dict[str, Range] = {
+    'prune_rate': Range(0, 1, low_open=True, high_open=True), 'prune_batches': AT_LEAST_ONE,
+    'final_finetune': AT_LEAST_ONE, 'input_size': AT_LEAST_ONE, 'drop': FRACTION, 'drop_path': FRACTION,
+    'model_ema_decay': UNIT, 'opt_eps': POSITIVE, 'opt_betas': Range(0, 1, high_open=True, count=(2, 2)),
+    'clip_grad': POSITIVE, 'momentum': UNIT, 'weight_decay': NON_NEGATIVE, 'lr': POSITIVE,
+    'lr_noise': Range(0, 1, count=(1, 2)), 'lr_noise_pct': NON_NEGATIVE, 'lr_noise_std': NON_NEGATIVE,
+    'warmup_lr': NON_NEGATIVE, 'min_lr': NON_NEGATIVE, 'decay_epochs': POSITIVE, 'warmup_epochs': NON_NEGATIVE,
+    'cooldown_epochs': NON_NEGATIVE, 'patience_epochs': NON_NEGATIVE, 'decay_rate': POSITIVE,
+    'color_jitter': NON_NEGATIVE, 'smoothing': FRACTION, 'reprob': UNIT, 'recount': AT_LEAST_ONE,
+    'mixup': NON_NEGATIVE, 'cutmix': NON_NEGATIVE, 'cutmix_minmax': Range(0, 1, low_open=True, count=(2, 2)),
+    'mixup_prob': UNIT, 'mixup_switch_prob': UNIT, 'eval_crop_ratio': Range(0, 1, low_open=True),
+    'distillation_alpha': NON_NEGATIVE, 'distillation_tau': POSITIVE, 'batch_size': AT_LEAST_ONE,
+    'seed': Range(0, 2 ** 32 - 1), 'start_epoch': NON_NEGATIVE, 'num_workers': NON_NEGATIVE,
+    'print_freq': AT_LEAST_ONE, 'speed_repeats': AT_LEAST_ONE, 'speed_warmup': NON_NEGATIVE,
+    'world_size': AT_LEAST_ONE, 'local_rank': NON_NEGATIVE,
+}
+
+
+def numeric_actions(parser: argparse.ArgumentParser) -> List[argparse.Action]:
+    return [action for action in parser._actions if action.type in (int, float)]
+
+
+def check_numbers(args, parser: argparse.ArgumentParser) -> None:
+    """Every numeric flag finite and in its range (``NUMERIC_FLAGS``); the message names the flag."""
+    for action in numeric_actions(parser):
+        flag = next((s for s in action.option_strings if s.startswith('--')), action.option_strings[0])
+        accepted = NUMERIC_FLAGS[action.dest]  # KeyError: a new numeric flag without its range
+        value = getattr(args, action.dest, None)
+        if value is None:
+            continue  # the flags whose default is None: unset
+        values = list(value) if isinstance(value, (list, tuple)) else [value]
+        if accepted.count and not accepted.count[0] <= len(values) <= accepted.count[1]:
+            low, high = accepted.count
+            raise UserError(f'{flag} takes {low if low == high else f"{low} or {high}"} values, got {len(values)}')
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise UserError(f'{flag} must be a number, got {v!r}')
+            if not math.isfinite(v):
+                raise UserError(f'{flag} must be finite and {accepted.describe()}, got {v}')
+            if not accepted.holds(v):
+                raise UserError(f'{flag} must be {accepted.describe()}, got {v}')
+
+
+def modes_of(args) -> List[str]:
+    return [m for m in ('eval', 'speed_only', 'prune') if getattr(args, m)]
+
+
 def validate_args(args) -> None:
-    """Refuse inconsistent requests before any work starts."""
-    modes = [m for m in ('eval', 'speed_only', 'prune') if getattr(args, m)]
+    """Refuse inconsistent requests before any work starts (every numeric flag included)."""
+    modes = modes_of(args)
     if len(modes) > 1:
         raise UserError('choose one of --eval, --speed-only and --prune')
-    if args.prune and not 0.0 < args.prune_rate < 1.0:
-        raise UserError(f'--prune_rate must be in (0, 1), got {args.prune_rate}')
-    if args.prune_batches is not None and args.prune_batches < 1:
-        raise UserError(f'--prune-batches must be at least 1, got {args.prune_batches}')
-    if args.batch_size < 1:
-        raise UserError(f'--batch-size must be at least 1, got {args.batch_size}')
-    if args.num_workers < 0:
-        raise UserError(f'--num_workers must be 0 or more, got {args.num_workers}')
-    if args.final_finetune < 1 and not modes:
-        raise UserError(f'--final_finetune must be at least 1, got {args.final_finetune}')
-    if not 0.0 < args.eval_crop_ratio <= 1.0:
-        raise UserError(f'--eval-crop-ratio must be in (0, 1], got {args.eval_crop_ratio}')
-    if args.speed_repeats < 1 or args.speed_warmup < 0:
-        raise UserError('--speed-repeats must be at least 1 and --speed-warmup at least 0')
+    check_numbers(args, get_args_parser())
+    if args.speed_protocol == 'original':
+        given = given_flags(args)
+        if 'speed_warmup' in given or ('speed_dtype' in given and args.speed_dtype != 'fp32'):
+            raise UserError('--speed-protocol original times fp32 passes from the first one: --speed-warmup and '
+                            '--speed-dtype do not apply')
     if args.eval and not args.resume:
         raise UserError('--eval needs --resume CHECKPOINT (the model to evaluate)')
     if args.prune and not args.resume:
         raise UserError('--prune needs --resume CHECKPOINT (the dense DeiT to prune)')
-    if (args.prune or not modes) and not args.output_dir:
-        raise UserError('--output_dir is required: ' + ('--prune writes pruned_<rate>.pth there' if args.prune
-                                                         else 'finetuning writes checkpoint.pth and log.txt there'))
+    if not modes and not args.output_dir:
+        raise UserError('--output_dir is required: finetuning writes checkpoint.pth and log.txt there')
     if not modes and args.distillation_type != 'none' and not args.teacher_path:
         raise UserError(f'--distillation-type {args.distillation_type} needs --teacher-path (the dense teacher)')
-    if args.distillation_type != 'none' and not 0.0 <= args.distillation_alpha:
-        raise UserError('--distillation-alpha must be 0 or more')
-    if args.distillation_tau <= 0:
-        raise UserError(f'--distillation-tau must be positive, got {args.distillation_tau}')
     if args.data_set != 'DIGITS' and (args.eval or args.prune or not modes) and not args.data_path:
         raise UserError(f'--data-path is required for --data-set {args.data_set}')
     if args.resume and os.path.isdir(args.resume):
@@ -182,15 +307,138 @@ def validate_args(args) -> None:
                         f'(e.g. {os.path.join(args.resume, "checkpoint.pth")})')
     if args.resume and not os.path.isfile(args.resume):
         raise UserError(f'checkpoint not found: {args.resume}')
-    if not modes and not args.lr > 0:
-        raise UserError(f'--lr must be positive, got {args.lr}')
-    if not 0.0 <= args.smoothing < 1.0:
-        raise UserError(f'--smoothing must be in [0, 1), got {args.smoothing}')
-    if args.teacher_path and not modes and not os.path.isfile(args.teacher_path):
+    if args.teacher_path and not modes and args.distillation_type != 'none' and not os.path.isfile(args.teacher_path):
         raise UserError(f'teacher checkpoint not found: {args.teacher_path}')
     args.model = cc_model_name(args.model)
     if args.teacher_model:
         cc_model_name(args.teacher_model, '--teacher-model')
+
+
+# ----------------------------------------------------------------------------------------------------------
+# continuing a finetuning run: its own settings, unless the command line says otherwise
+
+# Per invocation, never taken from the run being continued: what to do, where, on which machine, how verbosely.
+NOT_INHERITED = frozenset({
+    'eval', 'speed_only', 'prune', 'prune_mode', 'prune_rate', 'prune_batches', 'resume', 'output_dir', 'device',
+    'num_workers', 'pin_mem', 'amp', 'print_freq', 'dist_eval', 'start_epoch', 'seed', 'speed_protocol',
+    'speed_repeats', 'speed_warmup', 'speed_dtype', 'world_size', 'dist_url', 'local_rank'})
+# Fixed in the optimizer and learning-rate schedule state a continued run restores: another value given on the
+# command line would have no effect, so the run's own value is kept (with a warning).
+IN_RESTORED_STATE = frozenset({
+    'opt', 'opt_eps', 'opt_betas', 'momentum', 'weight_decay', 'lr', 'unscale_lr', 'uniform_lr', 'sched',
+    'lr_noise', 'lr_noise_pct', 'lr_noise_std', 'warmup_lr', 'min_lr', 'decay_epochs', 'warmup_epochs',
+    'cooldown_epochs', 'patience_epochs', 'decay_rate'})
+
+
+def flag_name(action: argparse.Action) -> str:
+    return next((s for s in action.option_strings if s.startswith('--')), action.option_strings[0])
+
+
+def _spell(parser: argparse.ArgumentParser, dest: str, value) -> str:
+    """``dest = value`` as the command line says it: ``--model-ema``, ``--no-model-ema``, ``--lr 0.01``."""
+    actions = [a for a in parser._actions if a.dest == dest]
+    if isinstance(value, bool):
+        switch = next((a for a in actions if a.nargs == 0 and a.const is value), None)
+        return flag_name(switch) if switch else f'no {flag_name(actions[0])}'
+    if isinstance(value, (list, tuple)):
+        value = ' '.join(map(str, value))
+    return f'{flag_name(actions[0])} {value if value not in (None, "") else "(unset)"}'
+
+
+def _fits(action: argparse.Action, value) -> bool:
+    """Whether ``value`` (from a checkpoint's args) is something this flag of the parser can hold."""
+    if action.nargs == 0:
+        return isinstance(value, bool)
+    if value is None:
+        return action.default is None
+    if action.nargs in ('+', '*'):
+        return isinstance(value, (list, tuple)) and all(_fits_one(action, v) for v in value)
+    return _fits_one(action, value)
+
+
+def _fits_one(action: argparse.Action, value) -> bool:
+    if isinstance(value, bool):
+        return False
+    if action.type is float:
+        ok = isinstance(value, (int, float))
+    elif action.type is int:
+        ok = isinstance(value, int)
+    else:
+        ok = isinstance(value, str)
+    return ok and (action.choices is None or value in action.choices)
+
+
+def _uniform_in(checkpoint: dict) -> Optional[bool]:
+    """Whether a checkpoint written without ``uniform_lr`` in its args scheduled every parameter group from the
+    same lr (this project before the flag existed) or not (the original code): read from its optimizer."""
+    try:
+        initial = [float(g['initial_lr']) for g in checkpoint['optimizer']['param_groups']]
+    except (KeyError, TypeError, ValueError):
+        return None
+    return len(set(initial)) == 1 if len(initial) > 1 else None
+
+
+def continue_run(args) -> Tuple[List[str], Dict[str, object]]:
+    """``--resume`` of a finetuning checkpoint (``checkpoint.pth``, ``best.pth``) continues that run: teacher,
+    distillation, EMA, schedule, optimizer groups, augmentation, data and model come from the checkpoint's
+    ``args`` for every flag not given on the command line (``given_flags``).  A pruned or official file starts
+    a new run and changes nothing here.  Returns the lines to print (what was taken over, and one line per
+    given value that differs from the run's) and {destination: value taken over}."""
+    if modes_of(args) or not args.resume or not os.path.isfile(args.resume):
+        return [], {}
+    checkpoint = load_checkpoint_file(args.resume, mmap=True)
+    if not is_training_checkpoint(checkpoint):
+        return [], {}
+    stored = checkpoint_args(checkpoint)
+    if 'scaled_lr' not in stored:
+        stored.pop('lr', None)  # written when args.lr held the already scaled lr: not a base lr to scale again
+    if 'uniform_lr' not in stored and _uniform_in(checkpoint) is not None:
+        stored['uniform_lr'] = _uniform_in(checkpoint)
+    parser = get_args_parser()
+    actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest != 'help'}
+    given = given_flags(args)
+    same = {'model': models.base_name, 'teacher_model': lambda n: n and models.base_name(n)}
+    lines, inherited = [], {}
+    for dest, value in stored.items():
+        action = actions.get(dest)
+        if action is None or dest in NOT_INHERITED or not _fits(action, value):
+            continue
+        current = getattr(args, dest)
+        norm = same.get(dest, lambda v: v)
+        if norm(value) == norm(current):
+            continue
+        if dest not in given:
+            setattr(args, dest, value)
+            inherited[dest] = value
+        elif dest == 'final_finetune':  # the scheduler state just restored keeps the old length, as in DeiT
+            lines.append(f'warning: {args.resume} was written by a run of --final_finetune {value}; its '
+                         f'learning-rate schedule over {value} epochs continues unchanged')
+        elif dest in IN_RESTORED_STATE:  # the run's value stays, so the saved args say what ran
+            lines.append(f'warning: {_spell(parser, dest, current)} has no effect: the optimizer and learning-rate '
+                         f'schedule restored from {args.resume} continue those of {_spell(parser, dest, value)}')
+            setattr(args, dest, value)
+        else:
+            lines.append(f'{_spell(parser, dest, current)} given: {args.resume} was written with '
+                         f'{_spell(parser, dest, value)}')
+    if 'output_dir' not in given and not args.output_dir and os.path.basename(args.resume) == 'checkpoint.pth':
+        args.output_dir = inherited['output_dir'] = os.path.dirname(args.resume) or '.'
+    if inherited:
+        # (a flag not given holds its default, so every value taken over is one the user would have had to repeat)
+        lines.insert(0, f'Continuing the run of {args.resume} with its settings for the flags not given: '
+                        f'{" ".join(_spell(parser, d, v) for d, v in inherited.items())}')
+    return lines, inherited
+
+
+def _with_origin(error: UserError, args, inherited: Dict[str, object]) -> UserError:
+    """A refused value that came from the run being continued says so, and how to change it."""
+    parser = get_args_parser()
+    text = str(error)
+    for dest, value in inherited.items():
+        flag = flag_name(next(a for a in parser._actions if a.dest == dest))
+        named = re.search(rf'(?<![\w-]){re.escape(flag)}(?![\w-])', text)
+        if named or (dest in ('teacher_path', 'data_path', 'output_dir') and value and str(value) in text):
+            return UserError(f'{text} ({flag} of the run {args.resume} continues; give {flag} to change it)')
+    return error
 
 
 def cc_model_name(name: str, flag: str = '--model') -> str:
@@ -278,8 +526,42 @@ def build_data(args, train: bool):
 
 
 def check_classes(nb_classes: int, model: nn.Module, what: str) -> None:
-    if nb_classes is not None and nb_classes > model.num_classes:
+    """The head must have a logit for every class of the data; a head with more classes than the data set has
+    (a checkpoint of another data set?) is allowed, with a warning."""
+    if nb_classes is None:
+        return
+    if nb_classes > model.num_classes:
         raise UserError(f'the {what} set has {nb_classes} classes but the model\'s head has {model.num_classes}')
+    if nb_classes < model.num_classes:
+        rank0_print(f'warning: the model\'s head has {model.num_classes} classes and the {what} set {nb_classes}: '
+                    f'labels 0..{nb_classes - 1} are read as the head\'s first {nb_classes} classes')
+
+
+def check_same_classes(args, dataset_val, dataset_train=None) -> None:
+    """IMNET labels are positions in the sorted list of class folders, so a folder that is only in val/ (or only in
+    train/) gives every later class another's label: refused.  Without the training set at hand (--eval, random
+    masks) its folder names are listed, when train/ is there.  (INAT: checked where the validation set is read.)"""
+    if args.data_set != 'IMNET':
+        return
+    if dataset_train is not None:
+        train = list(dataset_train.classes)
+    else:
+        train = class_folders(os.path.join(args.data_path, 'train'))
+        if train is None:
+            return  # a validation set on its own
+    val = list(dataset_val.classes)
+    if train == val:
+        return
+    only_val, only_train = sorted(set(val) - set(train)), sorted(set(train) - set(val))
+    parts = [f'only in {split}/: {few_names(names)}' for split, names in (('val', only_val), ('train', only_train))
+             if names]
+    raise UserError(f'the class folders of train/ and val/ under {args.data_path} differ ({"; ".join(parts)}): '
+                    f'labels are positions in the sorted folder list, so classes after the first difference would be '
+                    f'scored against another class\'s label')
+
+
+def few_names(names: List[str], n: int = 5) -> str:
+    return ', '.join(names[:n]) + (f' (+{len(names) - n} more)' if len(names) > n else '')
 
 
 class _Limited:
@@ -307,11 +589,13 @@ def run_speed(args, device: torch.device) -> Dict[str, float]:
         rank0_print(f'No --resume: measuring the dense {args.model} with random weights')
     model.to(device)
     size = model.patch_embed.img_size[0]
+    pruned = any(not blk.dense for blk in model.blocks)
+    rank0_print(f'Model {args.model}: {describe(model)}')
+    if args.speed_protocol == 'original':
+        return _speed_original_protocol(args, model, 'pruned' if pruned else 'dense', size, device)
     dtype = {'fp16': torch.float16, 'bf16': torch.bfloat16, 'fp32': None}[
         args.speed_dtype or ('fp16' if device.type == 'cuda' else 'fp32')]
-    pruned = any(not blk.dense for blk in model.blocks)
     runs = {'pruned': model, 'dense': models.dense_copy(model)} if pruned else {'dense': model}
-    rank0_print(f'Model {args.model}: {describe(model)}')
     if device.type == 'cpu':
         rank0_print(f'CPU allocator: {steady_allocator()}')
     throughput = measure_throughput(runs, args.batch_size, size, device, repeats=args.speed_repeats,
@@ -333,8 +617,27 @@ def run_speed(args, device: torch.device) -> Dict[str, float]:
     return results
 
 
+ORIGINAL_SPEED_BATCH, ORIGINAL_SPEED_PASSES = 256, 50
+
+
+def _speed_original_protocol(args, model: nn.Module, name: str, size: int, device: torch.device) -> Dict[str, float]:
+    """The original code's timing of the loaded model alone (``engine.throughput_original_protocol``); its batch
+    of 256 and its 50 passes unless --batch-size / --speed-repeats are given."""
+    given = given_flags(args)
+    batch = args.batch_size if 'batch_size' in given else ORIGINAL_SPEED_BATCH
+    passes = args.speed_repeats if 'speed_repeats' in given else ORIGINAL_SPEED_PASSES
+    speed = engine.throughput_original_protocol(model, batch, size, device, passes)
+    rank0_print(f'Original protocol: batch {batch} of torch.rand at {size}x{size} on {device}, fp32 with autograd '
+                f'(no no_grad), cudnn.benchmark on, TF32 matmuls allowed, mean of {passes} passes after one '
+                f'synchronisation; only this model')
+    rank0_print(f'FLOPs of the {name} model: {gflops(model):.2f} GFLOPs')
+    rank0_print(f'Throughput of the {name} model: {speed:.1f} images/s')
+    return {f'{name}_gflops': gflops(model), f'{name}_throughput': speed}
+
+
 def run_eval(args, device: torch.device) -> Dict[str, float]:
     dataset_val, nb_classes = build_data(args, train=False)
+    check_same_classes(args, dataset_val)
     model, _ = load_model(args, args.resume, args.model, nb_classes)
     check_classes(nb_classes, model, 'validation')
     model.to(device)
@@ -345,9 +648,23 @@ def run_eval(args, device: torch.device) -> Dict[str, float]:
     return stats
 
 
+def pruned_file_name(prune_mode: str, prune_rate: float) -> str:
+    """``pruned_<rate>.pth`` (the original's name) for Taylor masks, ``pruned_random_<rate>.pth`` for random ones,
+    so both fit in one --output_dir."""
+    return f'pruned_{prune_rate}.pth' if prune_mode == 'attn' else f'pruned_{prune_mode}_{prune_rate}.pth'
+
+
+def scoring_dataset(args):
+    """The images Taylor scores are taken on: the training set with its training transform (random-resized crop,
+    flip, colour jitter) but no auto-augment and no random erasing (mixup and cutmix are never applied while
+    scoring), as the original code scored."""
+    score_args = argparse.Namespace(**{**vars(args), 'aa': 'none', 'reprob': 0.0})
+    return build_data(score_args, train=True)
+
+
 def run_prune(args, device: torch.device) -> Dict[str, float]:
     from timm.loss import LabelSmoothingCrossEntropy
-    path = os.path.join(args.output_dir, f'pruned_{args.prune_rate}.pth')
+    path = os.path.join(args.output_dir, pruned_file_name(args.prune_mode, args.prune_rate))
     # Checked before a scoring pass that can take an hour on ImageNet; agreed on by every process before
     # rank 0 can write the file, so all of them stop with the same message.
     if not all_agree(not os.path.exists(path), device):
@@ -359,9 +676,8 @@ def run_prune(args, device: torch.device) -> Dict[str, float]:
     model.to(device)
     depth, num_patches = len(model.blocks), model.num_tokens - model.num_prefix_tokens
     if args.prune_mode == 'attn':
-        # Scoring sees plain training images: no mixup, cutmix, auto-augment or random erasing.
-        score_args = argparse.Namespace(**{**vars(args), 'aa': 'none', 'reprob': 0.0})
-        dataset_train, train_classes = build_data(score_args, train=True)
+        dataset_train, train_classes = scoring_dataset(args)
+        check_same_classes(args, dataset_val, dataset_train)
         check_classes(train_classes, model, 'training')
         loader = data_loader(dataset_train, args, train=True)
         criterion = LabelSmoothingCrossEntropy(args.smoothing) if args.smoothing > 0 else nn.CrossEntropyLoss()
@@ -371,6 +687,7 @@ def run_prune(args, device: torch.device) -> Dict[str, float]:
         scores = pruning.attention_taylor_scores(model, logged, criterion, device=device)
         masks = pruning.plan_masks(scores, args.prune_rate)
     else:
+        check_same_classes(args, dataset_val)
         scores = None
         masks = pruning.random_masks(depth, num_patches, args.prune_rate,
                                      generator=torch.Generator().manual_seed(args.seed))
@@ -379,8 +696,8 @@ def run_prune(args, device: torch.device) -> Dict[str, float]:
     rank0_print(f'Clipped {clipped} of {depth * num_patches} (layer, patch) slots '
                 f'({args.prune_mode}, prune rate {args.prune_rate})')
     rank0_print(f'Kept tokens per block (class token included): {channels}')
-    # Every process prints what it planned: with several processes the digests must agree (scores are summed).
-    print_line(f'[rank {args.rank}] masks sha1 {masks_sha1(model.masks)}')
+    if args.distributed:  # every process prints what it planned: the digests must agree (scores are summed)
+        print_line(f'[rank {args.rank}] masks sha1 {masks_sha1(model.masks)}')
     rank0_print(f'FLOPs: {gflops(model):.2f} GFLOPs (dense {gflops(models.dense_copy(model)):.2f} GFLOPs)')
     if is_main_process():
         checkpoint = {'model': model.state_dict(), 'channels': channels, 'args': vars(args).copy()}
@@ -388,8 +705,12 @@ def run_prune(args, device: torch.device) -> Dict[str, float]:
             checkpoint['scores'] = scores
         save_atomic(checkpoint, path)
         print_line(f'Saved {path}')
-    stats = evaluate(data_loader(dataset_val, args, train=False), model, device, amp=args.amp,
-                     print_freq=args.print_freq, printer=rank0_print)
+    try:
+        stats = evaluate(data_loader(dataset_val, args, train=False), model, device, amp=args.amp,
+                         print_freq=args.print_freq, printer=rank0_print)
+    except (KeyboardInterrupt, Terminated) as e:
+        e.kept = f'{path} was written completely'
+        raise
     rank0_print(f'Accuracy of the network on the {len(dataset_val)} test images: {stats["acc1"]:.1f}%')
     if is_main_process():
         record = {'prune_mode': args.prune_mode, 'prune_rate': args.prune_rate, 'channels': channels,
@@ -476,15 +797,83 @@ def build_criterion(args, num_classes: int, teacher: Optional[nn.Module]):
     return criterion, mixup_fn
 
 
+# The original code set ``args.lr = 1e-6`` before building its optimizer with timm's create_optimizer, then put
+# the scaled lr into param_groups[0] only: every other group (the weight matrices) kept this lr as its base.
+ORIGINAL_BASE_LR = 1e-6
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> List[dict]:
+    """The parameter groups of timm 0.4.12's ``create_optimizer``, which the original code used: with weight decay,
+    group 0 without it (1-d tensors, biases and the model's ``no_weight_decay()`` names such as ``pos_embed``,
+    ``cls_token``, ``dist_token``) and group 1 with it (every weight matrix); without weight decay, one group."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not weight_decay:
+        return [{'params': [p for _, p in named], 'weight_decay': 0.0}]
+    skip = set(model.no_weight_decay()) if hasattr(model, 'no_weight_decay') else set()
+    exempt = [p.ndim <= 1 or n.endswith('.bias') or n in skip for n, p in named]
+    return [{'params': [p for (_, p), e in zip(named, exempt) if e], 'weight_decay': 0.0},
+            {'params': [p for (_, p), e in zip(named, exempt) if not e], 'weight_decay': weight_decay}]
+
+
+def scaled_lr(args) -> float:
+    """``--lr`` scaled by batch * world_size / 512 (unless ``--unscale-lr``)."""
+    return args.lr if args.unscale_lr else args.lr * args.batch_size * args.world_size / 512.0
+
+
+def build_optimizer(args, model: nn.Module):
+    """(optimizer, learning-rate schedule) of a finetuning run.  By default each parameter group's base lr is
+    what the original code effectively trained with: group 0 the scaled ``--lr``, any other group (the weight
+    matrices, when there is weight decay) ``ORIGINAL_BASE_LR``; ``--uniform-lr``: every group the scaled lr.
+    timm's schedule takes each group's lr as its base, over ``--final_finetune`` epochs."""
+    from timm.optim import create_optimizer_v2, optimizer_kwargs
+    from timm.scheduler import create_scheduler
+    args.scaled_lr = scaled_lr(args)
+    args.epochs = args.final_finetune
+    groups = parameter_groups(model, args.weight_decay)
+    for i, group in enumerate(groups):
+        group['lr'] = args.scaled_lr if args.uniform_lr or i == 0 else ORIGINAL_BASE_LR
+    try:
+        optimizer = create_optimizer_v2(groups, **{**optimizer_kwargs(cfg=args), 'lr': args.scaled_lr})
+    except (ValueError, KeyError, AssertionError, TypeError) as e:
+        raise UserError(f'cannot create the optimizer (--opt {args.opt}): {one_line(e)}') from None
+    try:
+        lr_scheduler, _ = create_scheduler(args, optimizer)
+    except (ValueError, KeyError, AssertionError, TypeError) as e:
+        raise UserError(f'cannot create the learning-rate schedule (--sched {args.sched}): {one_line(e)}') from None
+    if lr_scheduler is None:
+        raise UserError(f'--sched {args.sched}: finetuning needs a learning-rate schedule (e.g. cosine, step)')
+    return optimizer, lr_scheduler
+
+
+def describe_parameter_groups(optimizer, model: nn.Module, args) -> List[str]:
+    """One line per parameter group: what is in it, its weight decay and the lr its next epoch runs at."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    lines = []
+    for i, group in enumerate(optimizer.param_groups):
+        params = group['params']
+        if len(optimizer.param_groups) == 1:
+            kinds = 'every parameter'
+        elif group['weight_decay'] == 0:
+            special = [names.get(id(p), '?') for p in params if p.ndim > 1]  # pos_embed, cls_token, ...
+            kinds = f'{len(params) - len(special)} biases and norms' + ''.join(f', {n}' for n in special)
+        else:
+            kinds = f'{sum(p.ndim > 1 for p in params)} weight matrices'
+        lines.append(f'Parameter group {i}: {len(params)} tensors ({kinds}), weight decay {group["weight_decay"]:g}, '
+                     f'lr {group["lr"]:.2e} (schedule from {group.get("initial_lr", group["lr"]):.2e})')
+    if not args.uniform_lr and len(optimizer.param_groups) > 1:
+        lines.append(f'Learning rates as the original code ran: only group 0 follows the scheduled lr, the other '
+                     f'groups keep {ORIGINAL_BASE_LR:g} as their base (--uniform-lr: every group the scheduled lr)')
+    return lines
+
+
 def build_training(args, device: torch.device) -> Tuple[engine.Training, dict]:
     """Everything a finetuning run is made of, before any checkpoint state is restored into it; returns it
     with the ``--resume`` file's contents ({} without one)."""
-    from timm.optim import create_optimizer_v2, optimizer_kwargs
-    from timm.scheduler import create_scheduler
     from timm.utils import ModelEmaV2
 
     dataset_train, nb_classes = build_data(args, train=True)
     dataset_val, _ = build_data(args, train=False)
+    check_same_classes(args, dataset_val, dataset_train)
     if args.resume:
         model, checkpoint = load_model(args, args.resume, args.model, nb_classes)
     else:
@@ -516,17 +905,7 @@ def build_training(args, device: torch.device) -> Tuple[engine.Training, dict]:
                           else {'broadcast_buffers': False})
         model = ddp(model, device_ids=device_ids, **no_buffer_sync)
 
-    if not args.unscale_lr:
-        args.lr = args.lr * args.batch_size * args.world_size / 512.0
-    args.epochs = args.final_finetune
-    try:
-        optimizer = create_optimizer_v2(model_without_ddp, **optimizer_kwargs(cfg=args))
-    except (ValueError, KeyError, AssertionError, TypeError) as e:
-        raise UserError(f'cannot create the optimizer (--opt {args.opt}): {one_line(e)}') from None
-    try:
-        lr_scheduler, _ = create_scheduler(args, optimizer)
-    except (ValueError, KeyError, AssertionError, TypeError) as e:
-        raise UserError(f'cannot create the learning-rate schedule (--sched {args.sched}): {one_line(e)}') from None
+    optimizer, lr_scheduler = build_optimizer(args, model_without_ddp)
     criterion, mixup_fn = build_criterion(args, model_without_ddp.num_classes, teacher)
     training = engine.Training(
         model=model, model_without_ddp=model_without_ddp, criterion=criterion, optimizer=optimizer,
@@ -567,10 +946,6 @@ def restore_training(training: engine.Training, checkpoint: dict, args) -> Tuple
         remove_stale_temporaries(list(paths.values()))  # from a job killed while saving
     rank0_print(f'Resumed from {args.resume}: continuing at epoch {start_epoch} '
                 f'(best Acc@1 so far {max_accuracy:.2f}%)')
-    planned = checkpoint_args(checkpoint).get('final_finetune', args.final_finetune)
-    if planned != args.final_finetune:  # the scheduler state just loaded keeps the old length, as in DeiT
-        rank0_print(f'warning: {args.resume} was written by a run of --final_finetune {planned}; its '
-                    f'learning-rate schedule over {planned} epochs continues unchanged')
     return start_epoch, max_accuracy
 
 
@@ -594,39 +969,54 @@ def run_finetune(args, device: torch.device) -> Dict[str, float]:
     if start_epoch >= args.final_finetune:
         rank0_print(f'Nothing to do: {args.final_finetune} epochs already finished')
         return {'max_accuracy': max_accuracy}
+    for line in describe_parameter_groups(training.optimizer, training.model_without_ddp, args):
+        rank0_print(line)
     paths = output_paths(args)
-    tb = TensorBoard(args.output_dir)
-    last_good = args.resume or '(none yet)'
+    tb = None  # created with the first checkpoint: a run that fails before it leaves no events file
+    continuing = is_training_checkpoint(checkpoint)
+    last_good, last_epoch = (args.resume, int(checkpoint['epoch'])) if continuing else (None, None)
 
     def save(epoch, train_stats, test_stats, improved, best):
-        nonlocal last_good
+        nonlocal last_good, last_epoch, tb
         model = training.model_without_ddp
         log_stats = {**{f'train_{k}': v for k, v in train_stats.items()},
                      **{f'test_{k}': v for k, v in test_stats.items()},
                      'epoch': epoch, 'n_parameters': sum(p.numel() for p in model.parameters()),
                      'gflops': gflops(model), 'max_accuracy': best}
         if not is_main_process():
+            last_good, last_epoch = paths['checkpoint.pth'], epoch  # written by rank 0
             return
         state = training_state(training, args, epoch, best, log_stats)
         if improved:
             save_atomic(state, paths['best.pth'])
         save_atomic(state, paths['checkpoint.pth'])
-        last_good = paths['checkpoint.pth']
+        last_good, last_epoch = paths['checkpoint.pth'], epoch
         with open(paths['log.txt'], 'a') as f:
             f.write(json.dumps(log_stats) + '\n')
+        if tb is None:
+            tb = TensorBoard(args.output_dir)
         tb.scalars(train_stats, epoch, prefix='train/')
         tb.scalars(test_stats, epoch, prefix='test/')
 
+    base = training.optimizer.param_groups[0].get('initial_lr', args.scaled_lr)  # a continued run: the restored one
     rank0_print(f'Finetuning for epochs {start_epoch}..{args.final_finetune - 1} '
-                f'(lr {args.lr:.2e} for batch {args.batch_size} x {args.world_size} processes)')
+                f'(lr {base:.2e} for batch {args.batch_size} x {args.world_size} processes)')
     start_time = time.time()
     try:
         max_accuracy = engine.train_epochs(training, start_epoch, args.final_finetune, max_accuracy, save,
                                            args.print_freq, rank0_print)
     except NonFiniteLossError as e:
-        raise NonFiniteLossError(f'{e}; stopped. Last good checkpoint, untouched: {last_good}') from None
+        raise NonFiniteLossError(f'{e}; stopped. Last good checkpoint, untouched: {last_good or args.resume or "(none yet)"}') from None
+    except (KeyboardInterrupt, Terminated) as e:
+        if last_good is None:
+            e.kept = 'no epoch had finished, so no checkpoint was written'
+        else:
+            e.kept = (f'the last complete checkpoint is {last_good} (epoch {last_epoch}); continue with '
+                      f'--resume {last_good}')
+        raise
     finally:
-        tb.close()
+        if tb is not None:
+            tb.close()
     total = datetime.timedelta(seconds=int(time.time() - start_time))
     rank0_print(f'Training time {total}')
     return {'max_accuracy': max_accuracy}
@@ -634,12 +1024,29 @@ def run_finetune(args, device: torch.device) -> Dict[str, float]:
 
 # ----------------------------------------------------------------------------------------------------------
 
+def writes_output(args) -> bool:
+    return bool(args.prune or not modes_of(args))
+
+
 def run(args) -> Dict[str, float]:
-    validate_args(args)
+    notes, inherited = continue_run(args)
+    beside_resume = bool(args.prune and not args.output_dir and args.resume)
+    if beside_resume:
+        args.output_dir = os.path.dirname(args.resume) or '.'
+        notes.append(f'No --output_dir: writing beside --resume, in {args.output_dir}')
+    try:
+        validate_args(args)
+    except UserError as e:
+        raise _with_origin(e, args, inherited) from None
     args.device = resolve_device(args.device)
-    if args.output_dir:
-        check_output_dir(args.output_dir)
+    if writes_output(args):
+        try:
+            check_output_dir(args.output_dir)
+        except UserError as e:
+            raise UserError(f'{e} (the directory of --resume: give --output_dir)' if beside_resume else str(e)) from None
     init_distributed_mode(args)
+    for line in notes:
+        rank0_print(line)
     device = torch.device(args.device)
     args.amp = args.amp and device.type == 'cuda'  # mixed precision on CUDA only
     torch.manual_seed(args.seed + args.rank)
@@ -688,6 +1095,11 @@ def _lost_peer(e: BaseException) -> bool:
         'Connection closed by peer', 'Connection reset by peer', 'Broken pipe', 'remote worker crashing'))
 
 
+def _what_is_kept(e: BaseException) -> str:
+    """What an interrupted run leaves: set on the exception by the stage that knows (finetuning, pruning)."""
+    return getattr(e, 'kept', None) or 'nothing was written'
+
+
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
     prefix = f'[rank {os.environ["RANK"]}] ' if int(os.environ.get('WORLD_SIZE', '1')) > 1 else ''
@@ -700,11 +1112,11 @@ def main(argv=None) -> int:
     except NonFiniteLossError as e:
         print_line(f'{prefix}error: {one_line(e)}', file=sys.stderr)
         return EXIT_DIVERGED
-    except KeyboardInterrupt:
-        print_line(f'{prefix}interrupted; checkpoints written so far are complete', file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print_line(f'{prefix}interrupted; {_what_is_kept(e)}', file=sys.stderr)
         return EXIT_INTERRUPTED
-    except Terminated:
-        print_line(f'{prefix}terminated (SIGTERM); checkpoints written so far are complete', file=sys.stderr)
+    except Terminated as e:
+        print_line(f'{prefix}terminated (SIGTERM); {_what_is_kept(e)}', file=sys.stderr)
         return EXIT_TERMINATED
     except RuntimeError as e:
         if not _lost_peer(e):

@@ -84,7 +84,7 @@ def test_finetune_with_two_processes_under_the_seeds_launcher(world, tmp_path, c
     assert 'torch.distributed.launch is deprecated' in proc.stderr  # it warns, and runs
     assert not re.search(r'^\[rank \d\] error', proc.stderr, re.M)
     # rank 0 prints and writes; the learning rate is scaled by batch 8 x 2 processes
-    lr = 5e-4 * 8 * 2 / 512
+    lr = 0.01 * 8 * 2 / 512  # the default --lr 0.01
     assert stdout.count('Finetuning for epochs 0..1') == 1
     assert f'(lr {lr:.2e} for batch 8 x 2 processes)' in stdout
     names = sorted(os.listdir(out))
@@ -93,7 +93,8 @@ def test_finetune_with_two_processes_under_the_seeds_launcher(world, tmp_path, c
     records = [json.loads(line) for line in (out / 'log.txt').read_text().splitlines()]
     assert [r['epoch'] for r in records] == [0, 1]
     ckpt = load_checkpoint_file(str(out / 'checkpoint.pth'))
-    assert ckpt['epoch'] == 1 and ckpt['args']['world_size'] == 2 and ckpt['args']['lr'] == pytest.approx(lr)
+    assert ckpt['epoch'] == 1 and ckpt['args']['world_size'] == 2 and ckpt['args']['scaled_lr'] == pytest.approx(lr)
+    assert ckpt['args']['lr'] == 0.01  # the base lr as given, so a continued run does not scale it again
     # --dist-eval: each process evaluated half of the 16 images; the sums give the single-process figures
     assert 'Accuracy of the network on the 16 test images' in stdout
     code = finetune.main([*DIGITS_ARGS, '--eval', '--resume', str(out / 'checkpoint.pth'),
@@ -129,8 +130,9 @@ def test_bad_image_under_two_processes_stops_the_job_with_one_line_per_rank(worl
     bad = data / 'train' / 'c' / '5.png'
     bad.write_bytes(bad.read_bytes()[:100])
     out = tmp_path / 'out'
+    # Every image read each epoch (repeated augmentation, the default, visits about a third of them)
     proc = launch('launch', ['--resume', world['dense'], '--data-path', data, '--output_dir', out,
-                             '--final_finetune', '2'], tmp_path, timeout=240)
+                             '--final_finetune', '2', '--no-repeated-aug'], tmp_path, timeout=240)
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if re.match(r'^\[rank \d\] error: ', line)]
     assert any(re.match(rf'^\[rank \d\] error: cannot read image {re.escape(str(bad))}: ', line) for line in errors), \

@@ -69,7 +69,7 @@ def test_speed_only_prints_flops_and_speed_up(tmp_path, capsys, data, name, size
     dense = official_checkpoint(tmp_path / 'dense.pth', name, seed=1, img_size=size, num_classes=3)
     cli(capsys, '--prune', '--prune_mode', 'random', '--prune_rate', '0.4', '--model', name, '--input-size', size,
         '--resume', dense, '--data-path', data, '--output_dir', tmp_path / 'out')
-    path = tmp_path / 'out' / 'pruned_0.4.pth'
+    path = tmp_path / 'out' / 'pruned_random_0.4.pth'
     out = cli(capsys, '--speed-only', '--model', name, '--input-size', size, '--resume', path,
               '--batch-size', '2', '--speed-repeats', '1', '--speed-warmup', '0')
     model = models.create_model(name, img_size=size, num_classes=3)

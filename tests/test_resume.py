@@ -208,7 +208,9 @@ def test_resume_continues_with_optimizer_scheduler_ema_and_best_accuracy(capsys,
         patch.setattr(engine, 'train_one_epoch', interrupted_at_epoch_1)
         capsys.readouterr()
         assert _finetune(out, small['data'], '--resume', small['dense'], '--final_finetune', 3) == 130
-    assert capsys.readouterr().err.strip() == 'interrupted; checkpoints written so far are complete'
+    ckpt = out / 'checkpoint.pth'
+    assert capsys.readouterr().err.strip() == f'interrupted; the last complete checkpoint is {ckpt} (epoch 0); ' \
+                                              f'continue with --resume {ckpt}'
     first = load_checkpoint_file(str(out / 'checkpoint.pth'))
     assert first['epoch'] == 0 and log_epochs(out / 'log.txt') == [0]
     assert _finetune(out, small['data'], '--resume', out / 'checkpoint.pth', '--final_finetune', 3) == 0
@@ -324,7 +326,9 @@ def test_sigterm_during_an_epoch_ends_with_one_line_and_keeps_the_last_checkpoin
     # last complete checkpoint (epoch 0 is saved when epoch 1 has taken its first step).
     _, out, code, _, stderr = signal_during_an_epoch(tmp_path, 3, 1, signal.SIGTERM)
     assert code == 143, stderr
-    assert stderr.strip() == 'terminated (SIGTERM); checkpoints written so far are complete'
+    ckpt = out / 'checkpoint.pth'
+    assert stderr.strip() == f'terminated (SIGTERM); the last complete checkpoint is {ckpt} (epoch 0); ' \
+                             f'continue with --resume {ckpt}'
     assert load_checkpoint_file(str(out / 'checkpoint.pth'))['epoch'] == 0
     assert log_epochs(out / 'log.txt') == [0] and leftovers(out) == []
 

@@ -1,5 +1,6 @@
 """Checkpoint files: safe loading (weights only), and atomic writing (temporary file, fsync, rename)."""
 import argparse
+import errno
 import os
 import pickle
 from typing import Any, Callable, Dict
@@ -13,10 +14,12 @@ from .errors import UserError
 SAFE_GLOBALS = [argparse.Namespace]
 
 
-def load_checkpoint_file(path: str) -> Dict[str, Any]:
+def load_checkpoint_file(path: str, mmap: bool = False) -> Dict[str, Any]:
     """``torch.load(weights_only=True)`` with only ``argparse.Namespace`` allow-listed.
 
-    Every failure becomes a one-line :class:`UserError` naming the file and the problem.
+    ``mmap``: map the tensors instead of reading them (cheap when only ``args`` is wanted); files in the legacy
+    format, which cannot be mapped, are read.  Every failure becomes a one-line :class:`UserError` naming the
+    file and the problem.
     """
     if not path:
         raise UserError('no checkpoint given')
@@ -26,7 +29,7 @@ def load_checkpoint_file(path: str) -> Dict[str, Any]:
         raise UserError(f'checkpoint is a directory, not a file: {path}')
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
-            checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+            checkpoint = _torch_load(path, mmap)
     except pickle.UnpicklingError as e:
         text = str(e)
         if 'GLOBAL ' in text or 'Unsupported global' in text or 'not an allowed global' in text:
@@ -45,6 +48,16 @@ def load_checkpoint_file(path: str) -> Dict[str, Any]:
     if not isinstance(checkpoint, dict):
         raise UserError(f'{path} holds a {type(checkpoint).__name__}, not a checkpoint dict')
     return checkpoint
+
+
+def _torch_load(path: str, mmap: bool):
+    if mmap:
+        try:
+            return torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if 'mmap' not in str(e):  # only the legacy (non-zip) format is read the ordinary way
+                raise
+    return torch.load(path, map_location='cpu', weights_only=True)
 
 
 def _first_line(text: str) -> str:
@@ -106,13 +119,14 @@ def checkpoint_args(checkpoint: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def write_atomic(path: str, write: Callable[[Any], None]) -> None:
-    """The one atomic writer: ``write(f)`` fills a temporary file (binary) in the same directory, which is
-    flushed, fsynced and renamed over ``path``, and the rename is made durable.  A job killed or failing
-    while writing leaves the previous file intact and no temporary file; an OSError (disk full, directory
-    removed) becomes a one-line :class:`UserError`."""
+    """The one atomic writer: ``write(f)`` fills a temporary file (binary) in the same directory, created if
+    needed, which is flushed, fsynced and renamed over ``path``, and the rename is made durable.  A job killed
+    or failing while writing leaves the previous file intact and no temporary file; an OSError (disk full,
+    directory removed) becomes a one-line :class:`UserError`."""
     directory = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(directory, f'.{os.path.basename(path)}.tmp-{os.getpid()}')
     try:
+        os.makedirs(directory, exist_ok=True)  # an output directory is created when its first file is written
         with open(tmp, 'wb') as f:
             write(f)
             f.flush()
@@ -170,13 +184,21 @@ def remove_stale_temporaries(paths) -> list:
     return removed
 
 
-def check_output_dir(path: str) -> None:
-    """Create ``path`` if needed and prove it is writable, before any long work starts."""
+def check_output_dir(path: str, flag: str = '--output_dir') -> None:
+    """Prove, before any long work starts, that ``path`` can be written, without creating it: a directory is
+    created only when its first file is written, so a run that fails or is refused leaves nothing behind.  The
+    check writes (and removes) a probe file in ``path`` or, if it does not exist yet, in its nearest existing
+    parent, which is where it will be created."""
+    target = os.path.abspath(path)
+    existing = target
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f'cannot write to {flag} {path}: {os.strerror(errno.ENOTDIR)}')
+    probe = os.path.join(existing, f'.write-test-{os.getpid()}')
     try:
-        os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, f'.write-test-{os.getpid()}')
-        with open(probe, 'wb') as f:
+        with open(probe, 'xb') as f:
             f.write(b'ok')
         os.remove(probe)
     except OSError as e:
-        raise UserError(f'cannot write to --output_dir {path}: {e.strerror or e}') from None
+        raise UserError(f'cannot write to {flag} {path}: {e.strerror or e}') from None

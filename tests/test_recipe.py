@@ -1,0 +1,635 @@
+"""The original code's recipe, as its runs actually ran: defaults, per-group learning rates, where the schedule
+lands epoch by epoch, the evaluation transform, the scoring inputs, its timing protocol and its four commands
+verbatim; a continued run keeps its own settings; train and validation classes are compared."""
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+
+import engine
+import finetune
+import models
+import pruning
+from conftest import DIGITS_ARGS, ROOT, free_port, make_image_folder, official_checkpoint, subprocess_env
+from utils import load_checkpoint_file
+
+pytestmark = pytest.mark.usefixtures('one_thread')
+
+# ----------------------------------------------------------------------------------------------------------
+# 1. defaults: the original recipe's values
+
+# The original code's pruning/finetuning configuration, flag by flag (DeiT's parser with the recipe's changes:
+# lr 0.01, min-lr 1e-6, warmup-lr 1e-5, no warm-up, decay-epochs 15, cool-down 30, colour jitter 0.4,
+# repeated augmentation on).
+ORIGINAL = {
+    'eval': False, 'speed_only': False, 'prune': False, 'prune_mode': 'attn', 'prune_rate': 0.25,
+    'final_finetune': 30, 'model': 'deit_tiny_patch16_224', 'drop': 0.0, 'drop_path': 0.1, 'model_ema': False,
+    'model_ema_decay': 0.99996, 'model_ema_force_cpu': False, 'opt': 'adamw', 'opt_eps': 1e-8, 'opt_betas': None,
+    'clip_grad': None, 'momentum': 0.9, 'weight_decay': 0.05, 'sched': 'cosine', 'lr': 0.01, 'lr_noise': None,
+    'lr_noise_pct': 0.67, 'lr_noise_std': 1.0, 'warmup_lr': 1e-5, 'min_lr': 1e-6, 'decay_epochs': 15,
+    'warmup_epochs': 0, 'cooldown_epochs': 30, 'patience_epochs': 10, 'decay_rate': 0.1, 'color_jitter': 0.4,
+    'aa': 'rand-m9-mstd0.5-inc1', 'smoothing': 0.1, 'train_interpolation': 'bicubic', 'repeated_aug': True,
+    'reprob': 0.25, 'remode': 'pixel', 'recount': 1, 'mixup': 0.8, 'cutmix': 1.0, 'cutmix_minmax': None,
+    'mixup_prob': 1.0, 'mixup_switch_prob': 0.5, 'mixup_mode': 'batch', 'teacher_path': '',
+    'distillation_type': 'none', 'distillation_alpha': 0.5, 'distillation_tau': 1.0, 'data_set': 'IMNET',
+    'inat_category': 'name', 'batch_size': 64, 'output_dir': '', 'seed': 0, 'resume': '', 'start_epoch': 0,
+    'dist_eval': False, 'num_workers': 10, 'pin_mem': True, 'amp': True, 'print_freq': 10, 'world_size': 1,
+    'dist_url': 'env://',
+}
+# Flags the original does not have: the value that does what it did.
+AS_THE_ORIGINAL = {
+    'prune_batches': None,       # scores every training batch
+    'unscale_lr': False,         # the lr is scaled by batch * world_size / 512
+    'uniform_lr': False,         # only parameter group 0 follows the schedule
+    'eval_crop_ratio': 1.0,      # Resize([input, input]): the whole image squashed, no crop
+    'local_rank': None,          # set by the launcher
+}
+# Deliberate differences, each explained in the README: {flag: (ours, the original's)}.
+DIFFERENT = {
+    'teacher_model': (None, 'regnety_160'),      # the teacher is the dense model itself: same as --model
+    'device': (None, 'cuda'),                    # cuda when available, else cpu
+    'data_path': ('', '/data/imagenet/'),        # a path on the authors' machine
+    'input_size': (None, 224),                   # the model's own (224 for DeiT)
+    'speed_protocol': ('interleaved', 'original'),
+    'speed_dtype': (None, 'fp32'),               # fp16 autocast on CUDA in our protocol
+    'speed_repeats': (10, 50),
+    'speed_warmup': (3, 0),
+}
+
+
+def test_defaults_are_the_original_recipe():
+    defaults = vars(finetune.get_args_parser().parse_args([]))
+    expected = {**ORIGINAL, **AS_THE_ORIGINAL, **{k: ours for k, (ours, _) in DIFFERENT.items()}}
+    assert set(defaults) == set(expected), 'a flag without its original value in this table'
+    assert {k: v for k, v in defaults.items() if v != expected[k]} == {}
+
+
+def test_every_deliberate_difference_is_explained_in_the_readme():
+    with open(os.path.join(ROOT, 'README.md')) as f:
+        readme = f.read()
+    section = readme[readme.index('### Deliberate differences from the original code'):]
+    section = section[:section.index('\n## ')]
+    parser = finetune.get_args_parser()
+    for dest in DIFFERENT:
+        flag = finetune.flag_name(next(a for a in parser._actions if a.dest == dest))
+        assert f'`{flag}' in section, f'{flag} differs from the original without a word in the README'
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 2. + 4. parameter groups and their learning rate, epoch by epoch, through the real epoch loop
+
+def epoch_lrs(monkeypatch, args, model, epochs):
+    """The lr of every parameter group during each epoch of engine.train_epochs, with the optimizer and
+    schedule built as the CLI builds them (training and evaluation themselves stubbed out)."""
+    optimizer, schedule = finetune.build_optimizer(args, model)
+    seen = []
+
+    def train(model_, criterion, loader, optimizer_, *rest, **kw):
+        seen.append([g['lr'] for g in optimizer_.param_groups])
+        return {'loss': 0.0, 'lr': optimizer_.param_groups[0]['lr']}
+
+    monkeypatch.setattr(engine, 'train_one_epoch', train)
+    monkeypatch.setattr(engine, 'evaluate', lambda *a, **k: {'acc1': 0.0, 'acc5': 0.0, 'loss': 0.0})
+    run = engine.Training(model=model, model_without_ddp=model, criterion=None, optimizer=optimizer,
+                          lr_scheduler=schedule, scaler=None, amp=False, clip_grad=None, model_ema=None,
+                          mixup_fn=None, loader_train=types.SimpleNamespace(sampler=None),
+                          loader_val=types.SimpleNamespace(dataset=[]), device=torch.device('cpu'))
+    engine.train_epochs(run, 0, epochs, -1.0, lambda *a: None, printer=lambda *a: None)
+    return optimizer, seen
+
+
+def cosine(base, t, total, low=1e-6):
+    """timm's cosine schedule at t (no warm-up), written out."""
+    return low + 0.5 * (base - low) * (1 + math.cos(math.pi * t / total))
+
+
+def deit_tiny_groups():
+    """timm 0.4.12's rule for DeiT-Ti, written out by name: no weight decay for biases, LayerNorm parameters
+    and the model's no_weight_decay() names (pos_embed, cls_token); the weight matrices in the other group."""
+    no_decay = {'cls_token', 'pos_embed', 'patch_embed.proj.bias', 'norm.weight', 'norm.bias', 'head.bias'}
+    decay = {'patch_embed.proj.weight', 'head.weight'}
+    for l in range(12):
+        no_decay |= {f'blocks.{l}.{n}' for n in ('norm1.weight', 'norm1.bias', 'attn.qkv.bias', 'attn.proj.bias',
+                                                  'norm2.weight', 'norm2.bias', 'mlp.fc1.bias', 'mlp.fc2.bias')}
+        decay |= {f'blocks.{l}.{n}' for n in ('attn.qkv.weight', 'attn.proj.weight', 'mlp.fc1.weight',
+                                              'mlp.fc2.weight')}
+    return no_decay, decay
+
+
+def group_names(optimizer, model):
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [{names[id(p)] for p in g['params']} for g in optimizer.param_groups]
+
+
+@pytest.fixture(scope='module')
+def deit_tiny():
+    return models.create_model('deit_tiny_patch16_224')
+
+
+def test_deit_tiny_groups_train_at_the_learning_rates_the_original_ran(monkeypatch, deit_tiny):
+    args = finetune.get_args_parser().parse_args([])  # the recipe: lr 0.01, batch 64, weight decay 0.05
+    optimizer, lrs = epoch_lrs(monkeypatch, args, deit_tiny, 30)
+    no_decay, decay = deit_tiny_groups()
+    assert group_names(optimizer, deit_tiny) == [no_decay, decay]
+    assert [g['weight_decay'] for g in optimizer.param_groups] == [0.0, 0.05]
+    scaled = 0.01 * 64 / 512
+    # epoch k runs at t = k - 1 (epochs 0 and 1 both at t = 0); the weight matrices at 1e-6 throughout
+    for epoch, t in ((0, 0), (1, 0), (15, 14), (29, 28)):
+        assert lrs[epoch][0] == pytest.approx(cosine(scaled, t, 30), rel=1e-12), epoch
+        assert lrs[epoch][1] == pytest.approx(1e-6, rel=1e-12), epoch
+    assert lrs[0][0] == pytest.approx(1.25e-3) and lrs[29][0] == pytest.approx(1.4647e-5, rel=1e-4)
+
+
+def test_without_weight_decay_one_group_follows_the_schedule(monkeypatch, deit_tiny):
+    args = finetune.get_args_parser().parse_args(['--weight-decay', '0'])
+    optimizer, lrs = epoch_lrs(monkeypatch, args, deit_tiny, 30)
+    no_decay, decay = deit_tiny_groups()
+    assert group_names(optimizer, deit_tiny) == [no_decay | decay]
+    for epoch, t in ((0, 0), (15, 14), (29, 28)):
+        assert lrs[epoch] == [pytest.approx(cosine(1.25e-3, t, 30), rel=1e-12)]
+
+
+def test_uniform_lr_schedules_every_group(monkeypatch, deit_tiny):
+    args = finetune.get_args_parser().parse_args(['--uniform-lr'])
+    optimizer, lrs = epoch_lrs(monkeypatch, args, deit_tiny, 30)
+    assert [len(names) for names in group_names(optimizer, deit_tiny)] == [102, 50]
+    for epoch, t in ((0, 0), (15, 14), (29, 28)):
+        assert lrs[epoch] == [pytest.approx(cosine(1.25e-3, t, 30), rel=1e-12)] * 2
+
+
+def test_warm_up_decay_and_cool_down_land_where_the_original_puts_them(monkeypatch):
+    """The schedule's length is --final_finetune (the original sets epochs = final_finetune): a 3-epoch linear
+    warm-up from --warmup-lr, then the cosine over t = 0..8 (not shifted by the warm-up), never the cool-down;
+    cosine ignores --decay-epochs.  --sched step decays every --decay-epochs."""
+    model = models.create_model('deit_digits_patch4_32')
+    base = 0.01 * 64 / 512
+    runs = {}
+    for decay in ('15', '2'):
+        args = finetune.get_args_parser().parse_args(['--warmup-epochs', '3', '--final_finetune', '8',
+                                                      '--decay-epochs', decay, '--uniform-lr'])
+        runs[decay] = [lr[0] for lr in epoch_lrs(monkeypatch, args, model, 8)[1]]
+    warm = [1e-5 + t * (base - 1e-5) / 3 for t in range(3)]
+    ts = [0, 0, 1, 2, 3, 4, 5, 6]  # epoch k at t = k - 1
+    expected = [warm[t] if t < 3 else cosine(base, t, 8) for t in ts]
+    assert runs['15'] == pytest.approx(expected, rel=1e-12)
+    assert runs['2'] == runs['15']
+    args = finetune.get_args_parser().parse_args(['--sched', 'step', '--decay-epochs', '2', '--decay-rate', '0.5',
+                                                  '--final_finetune', '6'])
+    _, lrs = epoch_lrs(monkeypatch, args, model, 6)
+    assert [lr[0] for lr in lrs] == pytest.approx([base, base, base, base / 2, base / 2, base / 4], rel=1e-12)
+    assert [lr[1] for lr in lrs] == pytest.approx([1e-6, 1e-6, 1e-6, 5e-7, 5e-7, 2.5e-7], rel=1e-12)
+
+
+@pytest.fixture(scope='module')
+def world(tmp_path_factory):
+    base = tmp_path_factory.mktemp('recipe')
+    data = make_image_folder(base / 'data', classes=tuple('abcd'), per_class=(8, 4), size=(32, 32))
+    dense = official_checkpoint(base / 'dense.pth', 'cc_deit_digits_patch4_32')
+    return {'base': base, 'data': data, 'dense': dense}
+
+
+def cli(capsys, *argv):
+    code = finetune.main([*DIGITS_ARGS, *map(str, argv)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def records(out_dir):
+    with open(os.path.join(out_dir, 'log.txt')) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def test_the_cli_steps_the_schedule_as_the_original(capsys, world, tmp_path):
+    out = tmp_path / 'out'
+    code, stdout, err = cli(capsys, '--resume', world['dense'], '--data-path', world['data'], '--output_dir', out,
+                            '--final_finetune', 3)
+    assert code == 0, err
+    base = 0.01 * 8 / 512
+    assert [r['train_lr'] for r in records(out)] == pytest.approx(
+        [base, base, cosine(base, 1, 3)], rel=1e-12)  # epochs 0, 1 at t = 0, epoch 2 at t = 1
+    groups = torch.load(out / 'checkpoint.pth')['optimizer']['param_groups']
+    assert [g['lr'] for g in groups] == pytest.approx([cosine(base, 2, 3), 1e-6], rel=1e-12)
+    # the groups and the lrs they start at are printed once
+    assert len(re.findall(r'^Parameter group 0: \d+ tensors .* lr 1\.56e-04', stdout, re.M)) == 1
+    assert len(re.findall(r'^Parameter group 1: \d+ tensors \(\d+ weight matrices\), weight decay 0\.05, '
+                          r'lr 1\.00e-06', stdout, re.M)) == 1
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 3. evaluation transform
+
+def test_default_evaluation_transform_squashes_the_whole_image():
+    from PIL import Image
+    import numpy as np
+    from datasets import build_transform
+    args = finetune.get_args_parser().parse_args([])
+    args.input_size, args.mean, args.std = 224, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    pixels = np.random.default_rng(0).integers(0, 256, (200, 300, 3), dtype=np.uint8)  # 300 wide, 200 high
+    image = Image.fromarray(pixels)
+    got = build_transform(False, args)(image)
+    squashed = np.asarray(image.resize((224, 224), Image.BICUBIC), dtype=np.float32) / 255.0
+    expected = (torch.from_numpy(squashed).permute(2, 0, 1) - 0.5) / 0.25
+    assert got.shape == (3, 224, 224)
+    assert torch.allclose(got, expected, atol=1e-6)  # nothing cropped: the left and right edges are in it
+    args.eval_crop_ratio = 0.875  # DeiT's centre crop, one flag away
+    assert not torch.allclose(build_transform(False, args)(image), expected, atol=1e-2)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 6. scoring inputs and the original timing protocol
+
+def test_scoring_sees_the_training_transform_without_auto_augment_or_erasing(world):
+    from timm.data import auto_augment
+    args = finetune.get_args_parser().parse_args(['--data-path', world['data'], '--input-size', '64'])
+    args.mean, args.std = (0.5,) * 3, (0.5,) * 3
+    dataset, classes = finetune.scoring_dataset(args)
+    kinds = [type(t).__name__ for t in dataset.transform.transforms]
+    assert kinds == ['RandomResizedCropAndInterpolation', 'RandomHorizontalFlip', 'ColorJitter', 'MaybeToTensor',
+                     'Normalize']
+    jitter = dataset.transform.transforms[2]
+    assert jitter.brightness == jitter.contrast == jitter.saturation == pytest.approx((0.6, 1.4))  # 0.4
+    assert not any(isinstance(t, auto_augment.RandAugment) for t in dataset.transform.transforms)
+    assert classes == 4 and len(dataset) == 32
+
+
+def test_original_timing_protocol_runs_fp32_with_autograd_in_one_synchronised_loop():
+    calls = []
+
+    class Probe(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(1))
+
+        def forward(self, x):
+            calls.append((x.shape, x.dtype, torch.is_grad_enabled(), self.training,
+                          torch.backends.cudnn.benchmark, float(x.min()) >= 0 and float(x.max()) < 1))
+            return x * self.w
+
+    before = torch.backends.cudnn.benchmark
+    with torch.no_grad():  # the protocol builds the autograd graph anyway, as the original did
+        speed = engine.throughput_original_protocol(Probe().train(), 3, 8, torch.device('cpu'), passes=4)
+    assert calls == [((3, 3, 8, 8), torch.float32, True, False, True, True)] * 4  # torch.rand, eval mode
+    assert speed > 0 and torch.backends.cudnn.benchmark == before
+
+
+@pytest.fixture(scope='module')
+def pruned_digits(world):
+    model = models.create_model('deit_digits_patch4_32')
+    model.load_state_dict(load_checkpoint_file(world['dense'])['model'], strict=False)
+    channels = pruning.apply_masks(model, pruning.random_masks(6, 64, 0.3, torch.Generator().manual_seed(0)))
+    path = world['base'] / 'pruned_random_0.3.pth'
+    torch.save({'model': model.state_dict(), 'channels': channels, 'args': {'prune_mode': 'random'}}, path)
+    return path
+
+
+def test_speed_only_with_the_original_protocol(capsys, pruned_digits):
+    code, out, err = cli(capsys, '--speed-only', '--speed-protocol', 'original', '--resume', pruned_digits,
+                         '--batch-size', 2, '--speed-repeats', 2)
+    assert code == 0, err
+    assert re.search(r'^Original protocol: batch 2 of torch\.rand at 32x32 on cpu, fp32 with autograd \(no no_grad\), '
+                     r'cudnn\.benchmark on, TF32 matmuls allowed, mean of 2 passes after one synchronisation; only '
+                     r'this model$', out, re.M)
+    assert re.search(r'^FLOPs of the pruned model: \d+\.\d\d GFLOPs$', out, re.M)
+    assert re.search(r'^Throughput of the pruned model: \d+\.\d images/s$', out, re.M)
+    assert 'dense model' not in out  # the original timed the loaded model only
+    code, out, err = cli(capsys, '--speed-only', '--speed-protocol', 'original', '--speed-warmup', 1)
+    assert code == 2 and err.strip() == ('error: --speed-protocol original times fp32 passes from the first one: '
+                                         '--speed-warmup and --speed-dtype do not apply')
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 5. the paper's four commands, verbatim
+
+def test_prune_without_output_dir_writes_beside_the_checkpoint(capsys, world, tmp_path):
+    dense = shutil.copy(world['dense'], tmp_path / 'dense.pth')
+    code, out, err = cli(capsys, '--prune', '--resume', dense, '--data-path', world['data'], '--prune-batches', 1)
+    assert code == 0, err
+    path = tmp_path / 'pruned_0.25.pth'
+    assert f'No --output_dir: writing beside --resume, in {tmp_path}' in out.splitlines()
+    assert f'Saved {path}' in out.splitlines()
+    assert torch.load(path)['channels'] == models.kept_token_counts(
+        timm_model_with(load_checkpoint_file(str(path))['model']))
+
+
+def timm_model_with(state_dict):
+    model = models.create_model('deit_digits_patch4_32')
+    model.load_state_dict(state_dict)
+    return model
+
+
+@pytest.mark.slow
+def test_the_papers_commands_run_as_printed(tmp_path):
+    """The README of the original code prints these; only paths are adapted, and arguments appended at the end
+    only make the runs small (argparse: the last value wins)."""
+    official_checkpoint(tmp_path / 'deit_tiny_patch16_224-a1311bcf.pth', seed=3)
+    make_image_folder(tmp_path / 'imagenet')
+    script = os.path.join(ROOT, 'finetune.py')
+
+    def run(cmd, *launcher):
+        proc = subprocess.run([sys.executable, *launcher, script, *cmd.split()], cwd=tmp_path, env=subprocess_env(),
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc.stdout
+
+    out = run('--prune --prune_mode attn --prune_rate 0.25 --model deit_tiny_patch16_224 '
+              '--resume deit_tiny_patch16_224-a1311bcf.pth --data-path imagenet')
+    # no --output_dir: the file goes beside the checkpoint (here: the current directory), and says so
+    assert 'No --output_dir: writing beside --resume, in .' in out.splitlines()
+    assert f'Saved {os.path.join(".", "pruned_0.25.pth")}' in out.splitlines()
+    assert 'masks sha1' not in out  # a single process
+    assert sorted(os.listdir(tmp_path)) == ['deit_tiny_patch16_224-a1311bcf.pth', 'imagenet', 'prune_attn_0.25',
+                                            'prune_log.txt', 'pruned_0.25.pth']
+    assert torch.load(tmp_path / 'pruned_0.25.pth')['args']['output_dir'] == '.'
+
+    out = run('--eval --model deit_tiny_patch16_224 --resume pruned_0.25.pth --data-path imagenet')
+    assert re.search(r'^Accuracy of the network on the 6 test images: \d+\.\d%$', out, re.M)
+
+    out = run('--speed-only --model deit_tiny_patch16_224 --resume pruned_0.25.pth'
+              ' --batch-size 2 --speed-repeats 1 --speed-warmup 0')
+    assert re.search(r'^Speed-up of the pruned model: \d+\.\d\dx', out, re.M)
+
+    out = run('--model deit_tiny_patch16_224 --resume pruned_0.25.pth --teacher-path '
+              'deit_tiny_patch16_224-a1311bcf.pth --distillation-type soft --distillation-alpha 0.5 '
+              '--distillation-tau 1.0 --lr 0.01 --weight-decay 0.001 --final_finetune 30 --data-path imagenet '
+              '--output_dir output/ --final_finetune 1',
+              '-m', 'torch.distributed.launch', f'--master_port={free_port()}', '--nproc_per_node=2', '--use_env')
+    assert 'Teacher cc_deit_tiny_patch16_224 from deit_tiny_patch16_224-a1311bcf.pth (dense)' in out
+    assert f'(lr {0.01 * 64 * 2 / 512:.2e} for batch 64 x 2 processes)' in out
+    ckpt = torch.load(tmp_path / 'output' / 'checkpoint.pth')
+    assert ckpt['args']['weight_decay'] == 0.001 and ckpt['args']['distillation_type'] == 'soft'
+    assert [g['initial_lr'] for g in ckpt['optimizer']['param_groups']] == pytest.approx([0.0025, 1e-6])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 7. a continued run keeps its objective
+
+@pytest.fixture(scope='module')
+def distilled(world, tmp_path_factory):
+    """One epoch with soft distillation and EMA: <out>/checkpoint.pth, best.pth, log.txt."""
+    out = tmp_path_factory.mktemp('distilled') / 'out'
+    teacher = world['base'] / 'teacher.pth'
+    shutil.copy(world['dense'], teacher)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        code = finetune.main([*DIGITS_ARGS, '--resume', world['dense'], '--data-path', world['data'],
+                              '--output_dir', str(out), '--final_finetune', '1', '--distillation-type', 'soft',
+                              '--distillation-alpha', '0.7', '--teacher-path', str(teacher), '--model-ema',
+                              '--uniform-lr', '--smoothing', '0.2'])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    return {'out': out, 'teacher': teacher}
+
+
+def test_resume_without_repeating_the_flags_continues_with_distillation_and_ema(capsys, world, distilled, tmp_path):
+    out = tmp_path / 'out'
+    shutil.copytree(distilled['out'], out)
+    ckpt = out / 'checkpoint.pth'
+    code, stdout, err = cli(capsys, '--resume', ckpt, '--final_finetune', 2)  # no data path, no output dir
+    assert code == 0, err
+    lines = stdout.splitlines()
+    taken = next(line for line in lines if line.startswith('Continuing the run of'))
+    for flag in ('--distillation-type soft', f'--teacher-path {distilled["teacher"]}', '--distillation-alpha 0.7',
+                 '--model-ema', '--uniform-lr', '--smoothing 0.2', f'--data-path {world["data"]}',
+                 f'--output_dir {out}'):
+        assert flag in taken, flag
+    assert f'Teacher cc_deit_digits_patch4_32 from {distilled["teacher"]} (dense)' in lines
+    assert 'continuing at epoch 1' in stdout
+    final = torch.load(ckpt)  # plain torch.load reads what a continued run writes
+    assert final['epoch'] == 1 and 'model_ema' in final
+    assert {k: final['args'][k] for k in ('distillation_type', 'distillation_alpha', 'teacher_path', 'model_ema',
+                                          'uniform_lr', 'smoothing')} == \
+        {'distillation_type': 'soft', 'distillation_alpha': 0.7, 'teacher_path': str(distilled['teacher']),
+         'model_ema': True, 'uniform_lr': True, 'smoothing': 0.2}
+    assert [r['epoch'] for r in records(out)] == [0, 1]
+    assert torch.load(out / 'best.pth')['args']['distillation_type'] == 'soft'
+
+
+def test_a_value_given_on_resume_wins_and_each_difference_is_one_line(capsys, world, distilled, tmp_path):
+    out = tmp_path / 'out'
+    shutil.copytree(distilled['out'], out)
+    ckpt = out / 'checkpoint.pth'
+    code, stdout, err = cli(capsys, '--resume', ckpt, '--output_dir', out, '--final_finetune', 2,
+                            '--distillation-alpha', 0.3, '--no-model-ema', '--weight-decay', 0, '--lr', 0.5)
+    assert code == 0, err
+    lines = stdout.splitlines()
+    assert f'--distillation-alpha 0.3 given: {ckpt} was written with --distillation-alpha 0.7' in lines
+    assert f'--no-model-ema given: {ckpt} was written with --model-ema' in lines
+    assert f'warning: {ckpt} was written by a run of --final_finetune 1; its learning-rate schedule over 1 ' \
+           f'epochs continues unchanged' in lines
+    # the optimizer and its schedule are restored: such values cannot change them, and the run's stay
+    assert f'warning: --weight-decay 0.0 has no effect: the optimizer and learning-rate schedule restored from ' \
+           f'{ckpt} continue those of --weight-decay 0.05' in lines
+    assert f'warning: --lr 0.5 has no effect: the optimizer and learning-rate schedule restored from ' \
+           f'{ckpt} continue those of --lr 0.01' in lines
+    final = torch.load(ckpt)
+    assert final['args']['distillation_alpha'] == 0.3 and final['args']['model_ema'] is False
+    assert final['args']['weight_decay'] == 0.05 and final['args']['lr'] == 0.01
+    assert final['args']['distillation_type'] == 'soft'  # not given: the run's own
+
+
+def test_a_teacher_that_is_gone_is_one_line(capsys, world, distilled, tmp_path):
+    out = tmp_path / 'out'
+    shutil.copytree(distilled['out'], out)
+    moved = tmp_path / 'teacher.pth'
+    shutil.copy(distilled['teacher'], moved)
+    ckpt = torch.load(out / 'checkpoint.pth')
+    ckpt['args']['teacher_path'] = str(tmp_path / 'gone.pth')
+    torch.save(ckpt, out / 'checkpoint.pth')
+    code, stdout, err = cli(capsys, '--resume', out / 'checkpoint.pth', '--final_finetune', 2)
+    assert code == 2
+    assert err.strip() == (f'error: teacher checkpoint not found: {tmp_path / "gone.pth"} (--teacher-path of the run '
+                           f'{out / "checkpoint.pth"} continues; give --teacher-path to change it)')
+    code, stdout, err = cli(capsys, '--resume', out / 'checkpoint.pth', '--final_finetune', 2,
+                            '--teacher-path', moved)
+    assert code == 0, err
+    assert f'Teacher cc_deit_digits_patch4_32 from {moved} (dense)' in stdout
+
+
+def test_a_pruned_file_starts_a_new_run(capsys, world, tmp_path):
+    pruned = tmp_path / 'pruned_0.3.pth'
+    code, _, err = cli(capsys, '--prune', '--prune_rate', 0.3, '--resume', world['dense'], '--data-path',
+                       world['data'], '--output_dir', tmp_path, '--smoothing', 0.3, '--prune-batches', 1)
+    assert code == 0, err
+    assert torch.load(pruned)['args']['smoothing'] == 0.3
+    code, stdout, err = cli(capsys, '--resume', pruned, '--data-path', world['data'], '--output_dir',
+                            tmp_path / 'ft', '--final_finetune', 1)
+    assert code == 0, err
+    assert 'Continuing the run' not in stdout
+    assert torch.load(tmp_path / 'ft' / 'checkpoint.pth')['args']['smoothing'] == 0.1
+
+
+def test_given_flags_are_told_apart_from_defaults():
+    parser = finetune.get_args_parser()
+    args = parser.parse_args(['--lr', '0.01', '--no-model-ema', '--repeated-aug'])
+    assert finetune.given_flags(args) == {'lr', 'model_ema', 'repeated_aug'}  # even when equal to the default
+    assert 'given' not in vars(args)  # not saved with the arguments
+    plain = argparse.Namespace(**{**vars(parser.parse_args([])), 'lr': 0.5})  # built in a script
+    assert finetune.given_flags(plain) == {'lr'}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 8. train and validation classes
+
+def test_an_extra_validation_class_folder_is_refused(capsys, world, tmp_path):
+    data = shutil.copytree(world['data'], tmp_path / 'data')
+    shutil.copytree(data / 'val' / 'b', data / 'val' / 'bb')  # sorted between b and c: c and d would shift
+    expected = (f'error: the class folders of train/ and val/ under {data} differ (only in val/: bb): labels are '
+                f'positions in the sorted folder list, so classes after the first difference would be scored '
+                f'against another class\'s label')
+    for argv in (['--eval', '--resume', world['dense']],
+                 ['--prune', '--prune_mode', 'random', '--resume', world['dense'], '--output_dir', tmp_path / 'p'],
+                 ['--prune', '--resume', world['dense'], '--output_dir', tmp_path / 'p'],
+                 ['--resume', world['dense'], '--output_dir', tmp_path / 'ft', '--final_finetune', 1]):
+        code, out, err = cli(capsys, *argv, '--data-path', data)
+        assert (code, err.strip()) == (2, expected), argv
+        assert 'Scoring:' not in out and 'Epoch:' not in out
+    assert not (tmp_path / 'p').exists() and not (tmp_path / 'ft').exists()
+    shutil.rmtree(data / 'val' / 'bb')
+    shutil.rmtree(data / 'train' / 'a')
+    code, out, err = cli(capsys, '--eval', '--resume', world['dense'], '--data-path', data)
+    assert code == 2 and '(only in val/: a)' in err
+
+
+def test_inaturalist_validation_classes_missing_from_training_are_refused(tmp_path):
+    from datasets import build_dataset
+    from utils import UserError
+    categories = [{'id': i, 'name': n} for i, n in enumerate(('owl', 'cat', 'fern'))]
+    (tmp_path / 'categories.json').write_text(json.dumps(categories))
+    for split, cats in (('train', [0, 1]), ('val', [2, 0])):
+        images = [{'id': i, 'file_name': f'{split}_{i}.jpg'} for i in range(len(cats))]
+        anns = [{'image_id': i, 'category_id': c} for i, c in enumerate(cats)]
+        (tmp_path / f'{split}2018.json').write_text(json.dumps({'images': images, 'annotations': anns}))
+    args = argparse.Namespace(data_set='INAT', data_path=str(tmp_path), inat_category='name', input_size=32,
+                              eval_crop_ratio=1.0, mean=(0.5,) * 3, std=(0.5,) * 3)
+    with pytest.raises(UserError, match=r'val2018\.json has classes \(name\) that train2018\.json does not: fern;'):
+        build_dataset(False, args)
+
+
+def test_a_head_with_more_classes_than_the_data_set_is_a_warning(capsys, world):
+    code, out, err = cli(capsys, '--eval', '--resume', world['dense'], '--data-path', world['data'])
+    assert code == 0, err
+    assert ("warning: the model's head has 10 classes and the validation set 4: labels 0..3 are read as the "
+            "head's first 4 classes") in out.splitlines()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# B. every numeric flag: finite and in its range, one line before any work
+
+# Beyond nan, inf and -1: a value just outside each flag's range.
+OUT_OF_RANGE = {
+    'prune_rate': '1', 'prune_batches': '0', 'final_finetune': '0', 'input_size': '0', 'drop': '1',
+    'drop_path': '1', 'model_ema_decay': '1.5', 'opt_eps': '0', 'opt_betas': '1', 'clip_grad': '0',
+    'momentum': '1.5', 'weight_decay': '-1e-3', 'lr': '0', 'lr_noise': '1.5', 'lr_noise_pct': '-0.5',
+    'lr_noise_std': '-0.5', 'warmup_lr': '-1e-6', 'min_lr': '-1e-6', 'decay_epochs': '0', 'warmup_epochs': '-2',
+    'cooldown_epochs': '-2', 'patience_epochs': '-2', 'decay_rate': '0', 'color_jitter': '-0.1', 'smoothing': '1',
+    'reprob': '1.5', 'recount': '0', 'mixup': '-0.5', 'cutmix': '-0.5', 'cutmix_minmax': '0', 'mixup_prob': '1.5',
+    'mixup_switch_prob': '1.5', 'eval_crop_ratio': '0', 'distillation_alpha': '-0.5', 'distillation_tau': '0',
+    'batch_size': '0', 'seed': str(2 ** 32), 'start_epoch': '-2', 'num_workers': '-2', 'print_freq': '0',
+    'speed_repeats': '0', 'speed_warmup': '-2', 'world_size': '0', 'local_rank': '-2',
+}
+# List flags: the other values that make a list of the right length.
+COMPANIONS = {'opt_betas': ['0.9'], 'cutmix_minmax': ['0.5'], 'lr_noise': []}
+# Documented acceptances: edges inside the range, and huge but finite values (a diverging run stops with exit 3).
+ACCEPTED = [('decay_rate', '1e30'), ('lr', '1e3'), ('prune_rate', '0.999'), ('drop_path', '0.999'),
+            ('model_ema_decay', '1'), ('model_ema_decay', '0'), ('momentum', '0'), ('weight_decay', '0'),
+            ('smoothing', '0'), ('reprob', '1'), ('mixup', '0'), ('eval_crop_ratio', '1'), ('warmup_lr', '0'),
+            ('seed', str(2 ** 32 - 1)), ('num_workers', '0'), ('speed_warmup', '0'), ('color_jitter', '5')]
+
+
+def numeric_flags():
+    parser = finetune.get_args_parser()
+    return {a.dest: finetune.flag_name(a) for a in parser._actions if a.type in (int, float)}
+
+
+def test_every_numeric_flag_has_a_range_here_and_in_the_program():
+    assert set(numeric_flags()) == set(OUT_OF_RANGE) == set(finetune.NUMERIC_FLAGS)
+
+
+@pytest.mark.parametrize('dest', sorted(OUT_OF_RANGE))
+def test_bad_numbers_are_one_line_naming_the_flag(capsys, tmp_path, dest):
+    flag = numeric_flags()[dest]
+    for value in ('nan', 'inf', '-1', OUT_OF_RANGE[dest]):
+        argv = ['--eval', '--resume', str(tmp_path / 'missing.pth'), flag, *COMPANIONS.get(dest, []), value]
+        if dest not in COMPANIONS:
+            argv[-2:] = [f'{flag}={value}']
+        try:
+            code = finetune.main(argv)
+        except SystemExit as e:  # argparse itself refuses what is not a number of the flag's type
+            code = e.code
+        out, err = capsys.readouterr()
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert code == 2 and len(lines) == 1 and lines[0].startswith('error: '), (value, err)
+        assert flag in lines[0] and 'checkpoint not found' not in lines[0], (value, lines[0])
+        assert not out
+
+
+def test_documented_acceptances():
+    parser = finetune.get_args_parser()
+    flags = numeric_flags()
+    for dest, value in ACCEPTED:
+        finetune.check_numbers(parser.parse_args([f'{flags[dest]}={value}']), parser)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# C. interruptions, output directories, names
+
+@pytest.mark.parametrize('signal_name', ['interrupted', 'terminated (SIGTERM)'])
+def test_interrupted_in_the_first_epoch_says_no_checkpoint_was_written(capsys, monkeypatch, world, tmp_path,
+                                                                      signal_name):
+    stop = KeyboardInterrupt if signal_name == 'interrupted' else finetune.Terminated
+
+    def interrupted(*args, **kwargs):
+        raise stop()
+
+    monkeypatch.setattr(engine, 'train_one_epoch', interrupted)
+    out = tmp_path / 'deep' / 'out'
+    code, _, err = cli(capsys, '--resume', world['dense'], '--data-path', world['data'], '--output_dir', out,
+                       '--final_finetune', 2)
+    assert code == (130 if stop is KeyboardInterrupt else 143)
+    assert err.strip() == f'{signal_name}; no epoch had finished, so no checkpoint was written'
+    assert not (tmp_path / 'deep').exists()  # and no empty directory or TensorBoard file either
+
+
+def test_a_refused_run_creates_nothing(capsys, world, tmp_path):
+    out = tmp_path / 'new' / 'out'
+    code, _, err = cli(capsys, '--resume', world['dense'], '--data-path', world['data'], '--output_dir', out,
+                       '--distillation-type', 'soft', '--teacher-path', world['base'] / 'tiny_teacher_missing.pth')
+    assert code == 2 and 'teacher checkpoint not found' in err
+    code, _, err = cli(capsys, '--resume', world['dense'], '--data-path', world['data'], '--output_dir', out,
+                       '--model', 'deit_tiny_patch16_224')  # refused while loading: does not fit
+    assert code == 2 and 'does not fit' in err
+    assert not (tmp_path / 'new').exists()
+
+
+def test_attn_and_random_prunes_at_one_rate_share_an_output_dir(capsys, world, tmp_path):
+    for mode in ('attn', 'random'):
+        code, out, err = cli(capsys, '--prune', '--prune_mode', mode, '--prune_rate', 0.25, '--resume', world['dense'],
+                             '--data-path', world['data'], '--output_dir', tmp_path, '--prune-batches', 1)
+        assert code == 0, err
+        assert 'masks sha1' not in out
+    assert sorted(os.listdir(tmp_path)) == ['prune_attn_0.25', 'prune_log.txt', 'prune_random_0.25',
+                                            'pruned_0.25.pth', 'pruned_random_0.25.pth']
+    attn, rand = (torch.load(tmp_path / name) for name in ('pruned_0.25.pth', 'pruned_random_0.25.pth'))
+    assert attn['args']['prune_mode'] == 'attn' and 'scores' in attn
+    assert rand['args']['prune_mode'] == 'random' and 'scores' not in rand
+    logged = [json.loads(line)['prune_mode'] for line in (tmp_path / 'prune_log.txt').read_text().splitlines()]
+    assert logged == ['attn', 'random']
+
+
+def test_help_names_the_script_and_shows_defaults(capsys, monkeypatch):
+    monkeypatch.setenv('COLUMNS', '250')  # no wrapping
+    with pytest.raises(SystemExit) as info:
+        finetune.main(['--help'])
+    out = capsys.readouterr().out
+    assert info.value.code == 0 and out.startswith('usage: finetune.py')
+    assert re.search(r'--lr LR\s+base lr, scaled by batch \* world_size / 512 \(default: 0\.01\)', out)
