@@ -385,6 +385,39 @@ def load_average() -> str:
         return 'unknown'
 
 
+class LoadSampler:
+    """The 1-minute load average every ``period`` seconds while the study runs (how busy the machine was)."""
+
+    def __init__(self, period: float = 15.0):
+        import threading
+        self.samples: List[float] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(period,), daemon=True)
+
+    def _run(self, period: float) -> None:
+        while True:
+            try:
+                self.samples.append(os.getloadavg()[0])
+            except OSError:
+                return
+            if self.stop.wait(period):
+                return
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+
+    def summary(self) -> dict:
+        if not self.samples:
+            return {}
+        return {'samples': len(self.samples), 'min': min(self.samples), 'median': statistics.median(self.samples),
+                'max': max(self.samples)}
+
+
 def verdict_summary(paired: List[dict], finetuned: bool) -> str:
     """'Taylor beats random at 0.25 (+9.17 points, 95% t-interval [...]); the data cannot tell at 0.55 (...)'"""
     groups = {'taylor': 'Taylor beats random', 'random': 'random beats Taylor',
@@ -396,81 +429,93 @@ def verdict_summary(paired: List[dict], finetuned: bool) -> str:
             each = [f'{c["prune_rate"]:.2f} ({c["mean"]:+.2f} points'
                     + ('' if c['ci_low'] is None else f', [{c["ci_low"]:+.2f}, {c["ci_high"]:+.2f}]') + ')'
                     for c in cs]
-            rates = each[0] if len(each) == 1 else ', '.join(each[:-1]) + ' and ' + each[-1]
-            parts.append(f'{words} at {"rate" if len(cs) == 1 else "rates"} {rates}')
+            parts.append(f'{words} at {"rate" if len(cs) == 1 else "rates"} {and_list(each)}')
     return '; '.join(parts)
+
+
+def and_list(items: Sequence[str]) -> str:
+    items = list(items)
+    return items[0] if len(items) == 1 else ', '.join(items[:-1]) + ' and ' + items[-1]
+
+
+def wrap(text: str, bullet: bool = False, width: int = 115) -> str:
+    import textwrap
+    if bullet:
+        return textwrap.fill(text, width, initial_indent='- ', subsequent_indent='  ', break_on_hyphens=False)
+    return textwrap.fill(text, width, break_on_hyphens=False)
 
 
 def report(argv: Sequence[str], results: dict, table: str) -> str:
     """STUDY.md: how the numbers were made, the tables, the sentences, the figure and a paragraph for README.md."""
     cfg, m, t = results['config'], results['machine'], results['timings_s']
-    wall = t['total']
+    wall, level, paired = t['total'], round(100 * CONFIDENCE), results['paired']
     d = demo.get_args_parser().parse_args([])  # what `make demo` runs
-    as_demo = all(cfg[k] == getattr(d, k) for k in ('teacher_epochs', 'teacher_lr', 'finetune_epochs', 'finetune_lr',
-                                                    'prune_batches')) and d.seed == TEACHER_SEED
-    seeds = ', '.join(str(s) for s in cfg['seeds'])
-    rates = ', '.join(f'{r:.2f}' for r in cfg['rates'])
-    runs_per_stage = len(cfg['seeds']) * len(cfg['rates']) * len(MODES)
+    as_demo = (all(cfg[k] == getattr(d, k) for k in ('teacher_epochs', 'teacher_lr', 'finetune_epochs',
+                                                      'finetune_lr', 'prune_batches'))
+               and d.seed == TEACHER_SEED == 0 and 0 in cfg['seeds'] and {0.25, 0.40} <= set(cfg['rates']))
+    seeds = and_list([str(s) for s in cfg['seeds']])
+    rates = and_list([f'{r:.2f}' for r in cfg['rates']])
+    n_seeds = len(cfg['seeds'])
+    runs_per_stage = n_seeds * len(cfg['rates']) * len(MODES)
     minutes = wall / 60
     command = 'python demo/study.py' + ''.join(' ' + shlex.quote(x) for x in argv)
-    paired = results['paired']
-    level = round(100 * CONFIDENCE)
-    same_as_demo = (': it is the demo\'s teacher, and the runs with seed 0 at rates 0.25 (both masks) and 0.40 '
-                    '(Taylor) are the demo\'s own runs, the same commands' if as_demo else '')
-    return f"""# Taylor against random masks at mini scale
-
-Clip & Concat on scikit-learn's handwritten digits (`--data-set DIGITS`: 1,437 training and 360 validation
-images, 32×32), the mini reproduction of `make demo` repeated over seeds and prune rates: prune rates
-{rates}; Taylor attention importance and random masks; accuracy of the pruned model before finetuning and after
-{cfg['finetune_epochs']} epochs of soft distillation from the dense teacher; seeds {seeds}.
-
-![accuracy against GFLOPs](study.png)
-
-## How these numbers were made
-
-- Command: `{command}` (`make study` runs `python demo/study.py` without flags), at commit {results['git']}.
-- Machine: {m['cpu']}, {m['cpu_count']} CPU cores, torch {m['torch']} ({m['torch_threads']} threads), timm {m['timm']},
-  Python {m['python']}. Load average (1/5/15 min) at the start {results['load_average']['start']}, at the end
-  {results['load_average']['end']} (on an idle machine both stay near 0; other work makes the times longer).
-- Wall time: **{minutes:.1f} minutes** ({wall:.0f} s): teacher {t['teacher']:.0f} s, {runs_per_stage} prune runs
-  {t['prune']:.0f} s, {runs_per_stage} finetuning runs {t['finetune']:.0f} s.
-- The teacher (`deit_digits_patch4_32`, {cfg['teacher_epochs']} epochs from scratch, seed {TEACHER_SEED}) is
-  trained **once** for all runs, with the demo's recipe and seed{same_as_demo}. Training it once per seed
-  would add its {cfg['teacher_epochs']} epochs for every seed, and the question is about the masks, not the
-  teacher.
-- The **seed** of a run is the `--seed` of its `finetune.py --prune` and finetuning commands: it draws the
-  random masks, orders and shifts the training images the Taylor scores are summed over (so each seed's Taylor
-  masks are planned from its own scoring pass and file), and orders, shifts and initialises everything random in
-  the finetuning. Taylor and random runs of the same seed share that data order, which is why the comparison
-  is paired by seed.
-- Recipe (as the demo, every flag explicit): `{' '.join(cfg['recipe'])}`; finetuning `--lr {cfg['finetune_lr']}`,
-  no warm-up, {cfg['finetune_epochs']} epochs, `{' '.join(cfg['distillation'])}`; Taylor scores over
-  {'the whole training set' if cfg['prune_batches'] is None else f'{cfg["prune_batches"]} training batches'}.
-  Accuracy after finetuning is the last epoch's, not the best epoch's on the validation set.
-- Every run is in `results.json` (`runs`: prune_rate, prune_mode, seed, finetuned, acc1, gflops, kept tokens per
-  block, the masks' sha1, the checkpoint), with the cells and paired comparisons below.
-
-## Results
-
-{table}
-
-One validation image is 0.28 points of accuracy. The interval is the two-sided {level}% Student t-interval of the
-mean of the {len(cfg['seeds'])} paired differences (Taylor minus random, same seed), with
-{len(cfg['seeds']) - 1} degrees of freedom: with so few seeds it is wide, and it says nothing about other seeds
-of the teacher.
-
-## For README.md
-
-**Taylor against random, over seeds (`make study`).** One run of the demo cannot say whether Taylor masks beat
-random ones. `make study` (about {math.ceil(minutes)} minutes on {m['cpu_count']} CPU cores) repeats the demo's
-prune → distillation-finetune at prune rates {rates} with Taylor and random masks over seeds {seeds} (one teacher,
-trained once; the seed sets the random masks and the data order of the scoring and the finetuning) and compares
-the two seed by seed ({level}% t-interval on the paired differences). Before finetuning,
-{verdict_summary(paired, False)}. After {cfg['finetune_epochs']} epochs of distillation,
-{verdict_summary(paired, True)}. Table and details: [demo/STUDY.md](demo/STUDY.md).
-
-![Taylor against random over seeds](demo/study.png)
-"""
+    short_command = 'make study' if not argv else command
+    ft = epochs_text(cfg['finetune_epochs'])
+    sampled = results['load_average'].get('one_minute_during') or {}
+    during = ('' if not sampled else f'; the 1-minute load average every 15 s during the run: median '
+              f'{sampled["median"]:.1f} (from {sampled["min"]:.1f} to {sampled["max"]:.1f})')
+    same_as_demo = (": it is the demo's teacher, and the runs with seed 0 at rates 0.25 (both masks) and 0.40 "
+                    "(Taylor) are the demo's own runs, with the same commands" if as_demo else '')
+    scoring = ('the whole training set' if cfg['prune_batches'] is None
+               else f'{cfg["prune_batches"]} training batches')
+    intro = (f"Clip & Concat on scikit-learn's handwritten digits (`--data-set DIGITS`: 1,437 training and 360 "
+             f"validation images, 32×32): the mini reproduction of `make demo`, repeated over seeds and prune "
+             f"rates. Prune rates {rates}; Taylor attention importance and random masks; accuracy of the pruned "
+             f"model before finetuning and after {ft} of soft distillation from the dense teacher; seeds {seeds}.")
+    how = [
+        f"Command: `{command}` (`make study` runs `python demo/study.py` without flags), at commit "
+        f"{results['git']}.",
+        f"Machine: {m['cpu']}, {m['cpu_count']} CPU cores, torch {m['torch']} ({m['torch_threads']} threads), "
+        f"timm {m['timm']}, Python {m['python']}. Load average (1/5/15 min) at the start "
+        f"{results['load_average']['start']}, at the end {results['load_average']['end']}{during}. The study "
+        f"itself keeps about 1-2 cores busy; a higher load means other work shared the machine and made the "
+        f"times longer.",
+        f"Wall time: **{minutes:.1f} minutes** ({wall:.0f} s): teacher {t['teacher']:.0f} s, {runs_per_stage} "
+        f"prune runs {t['prune']:.0f} s, {runs_per_stage} finetuning runs {t['finetune']:.0f} s.",
+        f"The teacher (`{demo.MODEL}`, {epochs_text(cfg['teacher_epochs'])} from scratch, seed {TEACHER_SEED}) "
+        f"is trained **once** for all runs, with the demo's recipe and seed{same_as_demo}. Training it once per "
+        f"seed would add {epochs_text(cfg['teacher_epochs'])} of training for every seed, and the question is "
+        f"about the masks, not the teacher; the spread over seeds below is therefore that of the masks, the "
+        f"scoring and the finetuning around one teacher.",
+        "The **seed** of a run is the `--seed` of its `finetune.py --prune` and finetuning commands: it draws "
+        "the random masks, orders and shifts the training images the Taylor scores are summed over (so each "
+        "seed's Taylor masks are planned from its own scoring pass and saved in its own file), and orders and "
+        "shifts the images of the finetuning. Taylor and random runs of the same seed share that data order, "
+        "which is why the comparison is paired by seed.",
+        f"Recipe (the demo's, every flag explicit): `{' '.join(cfg['recipe'])}`; finetuning "
+        f"`--lr {cfg['finetune_lr']} --warmup-epochs 0`, {ft}, `{' '.join(cfg['distillation'])}`; Taylor scores "
+        f"over {scoring}. Accuracy after finetuning is the last epoch's, not the best epoch's on the validation "
+        f"set.",
+        "Every run is in `results.json` (`runs`: prune_rate, prune_mode, seed, finetuned, acc1, gflops, kept "
+        "tokens per block, the masks' sha1, the checkpoint), with the cells and the paired comparisons below.",
+    ]
+    note = (f"One validation image is 0.28 points of accuracy. The interval is the two-sided {level}% Student "
+            f"t-interval of the mean of the {n_seeds} paired differences (Taylor minus random, same seed), with "
+            f"{n_seeds - 1} degree{'s' if n_seeds != 2 else ''} of freedom: with so few seeds it is wide, and it "
+            f"says nothing about other teachers.")
+    readme = (f"**Taylor against random, over seeds (`make study`).** One run of the demo cannot say whether "
+              f"Taylor masks beat random ones. `{short_command}` (about {math.ceil(minutes)} minutes on "
+              f"{m['cpu_count']} CPU cores) repeats the demo's prune → distillation-finetune at prune rates "
+              f"{rates} with Taylor and with random masks, over seeds {seeds} (one teacher, trained once; the seed "
+              f"sets the random masks and the data order of the scoring and of the finetuning), and compares the "
+              f"two seed by seed ({level}% t-interval on the paired differences). Before finetuning, "
+              f"{verdict_summary(paired, False)}. After {ft} of distillation, {verdict_summary(paired, True)}. "
+              f"Table and details: [demo/STUDY.md](demo/STUDY.md).")
+    parts = ['# Taylor against random masks at mini scale', wrap(intro), '![accuracy against GFLOPs](study.png)',
+             '## How these numbers were made', '\n'.join(wrap(b, bullet=True) for b in how),
+             '## Results', table, wrap(note),
+             '## For README.md', wrap(readme), '![Taylor against random over seeds](demo/study.png)']
+    return '\n\n'.join(parts) + '\n'
 
 
 def main(argv=None) -> int:
@@ -487,7 +532,8 @@ def main(argv=None) -> int:
           f'{", ".join(map(str, a.seeds))}; {steps} prune/finetune steps after the teacher. The commands and '
           f'finetune.py\'s output are in each stage\'s stdout.txt under {out}/', flush=True)
 
-    teacher, runs, timings = run_all(a, out)
+    with LoadSampler() as load:
+        teacher, runs, timings = run_all(a, out)
     cells, paired = summarise(runs, a.seeds, a.rates, a.finetune_epochs)
     table = markdown(teacher, cells, paired, a.seeds, a.finetune_epochs)
     plot(teacher, runs, cells, os.path.join(out, 'study.png'), a.finetune_epochs)
@@ -503,7 +549,7 @@ def main(argv=None) -> int:
         'teacher': teacher, 'runs': runs, 'cells': cells, 'paired': paired,
         'sentences': [c['sentence'] for c in paired],
         'timings_s': timings, 'machine': machine(), 'git': git_revision(),
-        'load_average': {'start': load_start, 'end': load_average()},
+        'load_average': {'start': load_start, 'end': load_average(), 'one_minute_during': load.summary()},
         'command': ['python', 'demo/study.py'] + argv,
     }
     assert all(tuple(r) == RUN_KEYS for r in runs)
