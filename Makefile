@@ -1,10 +1,11 @@
-# Two commands on a fresh machine: `make demo` and `make test`. Both create .venv from requirements.txt first.
+# Two commands on a fresh machine: `make demo` and `make test`. All targets create .venv from requirements.txt first.
+# `make study`: Taylor against random masks over seeds and prune rates (demo/study.py, about 25-30 minutes).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.requirements-installed
 
-.PHONY: demo test test-fast venv clean
+.PHONY: demo study test test-fast venv clean
 
 venv: $(STAMP)
 
@@ -16,6 +17,9 @@ $(STAMP): requirements.txt
 demo: $(STAMP)
 	$(PY) demo/run_demo.py
 
+study: $(STAMP)
+	$(PY) demo/study.py
+
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
@@ -23,4 +27,4 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests
 
 clean:
-	rm -rf runs/demo .pytest_cache
+	rm -rf runs/demo runs/study .pytest_cache

@@ -32,7 +32,7 @@ import re  # noqa: E402
 import shutil  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
-from typing import Dict, List, Optional  # noqa: E402
+from typing import Dict, List, Optional, Tuple  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 for path in (ROOT, os.path.join(ROOT, 'demo')):
@@ -45,9 +45,18 @@ from utils import TensorBoard, UserError, checkpoint_args, load_checkpoint_file 
 MODEL = 'deit_digits_patch4_32'
 CONFIGS = [('attn', 0.25), ('attn', 0.40), ('random', 0.25)]  # (prune mode, prune rate)
 ROW_KEYS = ('name', 'prune_mode', 'prune_rate', 'finetuned', 'acc1', 'gflops', 'throughput')
-# DESIGN §7's recipe for this shape: AdamW, label smoothing 0.1, +-2 px shifts (built into DIGITS), batch 64.
-RECIPE = ['--opt', 'adamw', '--weight-decay', '0.05', '--smoothing', '0.1', '--unscale-lr', '--sched', 'cosine',
-          '--min-lr', '1e-5', '--mixup', '0', '--cutmix', '0', '--reprob', '0', '--aa', 'none', '--drop-path', '0']
+# The training recipe for this small shape: AdamW, label smoothing 0.1, +-2 px shifts (built into DIGITS), batch 64,
+# cosine schedule. Every flag the runs depend on is given here, even where it equals the CLI's current default, so
+# that a change of finetune.py's defaults (e.g. to the paper's ImageNet recipe) does not change the demo. The
+# scheduler flags other than --sched/--min-lr/--warmup-lr do not act on a cosine schedule with these epochs, and
+# are pinned anyway; --lr and --warmup-epochs are given per stage.
+RECIPE = ['--opt', 'adamw', '--opt-eps', '1e-8', '--momentum', '0.9', '--weight-decay', '0.05', '--smoothing', '0.1',
+          '--unscale-lr', '--sched', 'cosine', '--min-lr', '1e-5', '--warmup-lr', '1e-6', '--decay-epochs', '30',
+          '--cooldown-epochs', '10', '--patience-epochs', '10', '--decay-rate', '0.1',
+          '--mixup', '0', '--cutmix', '0', '--reprob', '0', '--aa', 'none', '--drop', '0', '--drop-path', '0',
+          '--no-model-ema']
+# Soft distillation from the dense teacher, as in the paper's finetuning.
+DISTILL = ['--distillation-type', 'soft', '--distillation-alpha', '0.5', '--distillation-tau', '1.0']
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -126,10 +135,18 @@ class _StageOutput:
         self.file.close()
 
 
-def cli(argv: List[str], log_path: str, tag: str, verbose: bool) -> Dict[str, float]:
-    """``python finetune.py argv`` in this process; returns the stats dict of the run_* function."""
-    print(f'$ python finetune.py {" ".join(argv)}', flush=True)
+def cli(argv: List[str], log_path: str, tag: str, verbose: bool, echo: bool = True) -> Dict[str, float]:
+    """``python finetune.py argv`` in this process; returns the stats dict of the run_* function.
+
+    The command is printed on the console (``echo``) or, when not, as the first line of its log.
+    """
+    command = f'$ python finetune.py {" ".join(argv)}'
     os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
+    if echo:
+        print(command, flush=True)
+    else:
+        with open(log_path, 'a') as f:
+            f.write(command + '\n')
     args = finetune.get_args_parser().parse_args(argv)
     out = _StageOutput(log_path, tag, sys.stdout, verbose)
     try:
@@ -144,7 +161,13 @@ def cli(argv: List[str], log_path: str, tag: str, verbose: bool) -> Dict[str, fl
 
 
 # ----------------------------------------------------------------------------------------------------------
-# the stages
+# the stages, shared with demo/study.py: each is one or two finetune.py commands
+
+def common_args(seed: int, device: Optional[str]) -> List[str]:
+    """The flags every stage shares: the model, the data, batch 64, in-process data loading, the seed."""
+    return (['--model', MODEL, '--data-set', 'DIGITS', '--batch-size', '64', '--num_workers', '0',
+             '--print-freq', '1000', '--seed', str(seed)] + (['--device', device] if device else []))
+
 
 def teacher_state(path: str, epochs: int) -> str:
     """'none', 'done', 'partial' (same schedule, unfinished) or 'other' (another number of epochs)."""
@@ -158,6 +181,68 @@ def teacher_state(path: str, epochs: int) -> str:
     if stored.get('final_finetune') != epochs or stored.get('model') != finetune.cc_model_name(MODEL):
         return 'other'
     return 'done' if int(ckpt.get('epoch', -1)) >= epochs - 1 else 'partial'
+
+
+def train_teacher(teacher_dir: str, epochs: int, lr: float, common: List[str], fresh: bool = False,
+                  verbose: bool = False, echo: bool = True) -> Tuple[str, float]:
+    """Train the dense teacher from scratch in ``teacher_dir`` (or reuse / continue one trained there with the
+    same number of epochs) and evaluate it: (checkpoint path, acc@1 on the validation set)."""
+    teacher = os.path.join(teacher_dir, 'checkpoint.pth')
+    state = 'other' if fresh else teacher_state(teacher, epochs)
+    if state == 'other' and os.path.exists(teacher_dir):
+        print(f'   ({teacher_dir} holds another teacher; training a new one)')
+        shutil.rmtree(teacher_dir)
+    if state == 'done':
+        print(f'   reusing the teacher already trained in {teacher} ({epochs} epochs); '
+              f'--fresh retrains it', flush=True)
+    else:
+        resume = ['--resume', teacher] if state == 'partial' else []
+        if resume:
+            print(f'   continuing the unfinished teacher in {teacher}')
+        cli(common + RECIPE + ['--lr', str(lr), '--warmup-epochs', '2' if epochs > 5 else '0',
+                               '--final_finetune', str(epochs), '--output_dir', teacher_dir] + resume,
+            os.path.join(teacher_dir, 'stdout.txt'), 'teacher', verbose, echo)
+    acc = cli(common + ['--eval', '--resume', teacher], os.path.join(teacher_dir, 'eval.txt'),
+              'teacher eval', verbose, echo)['acc1']
+    return teacher, acc
+
+
+def prune(teacher: str, mode: str, rate: float, out_dir: str, common: List[str], prune_batches: Optional[int],
+          tag: str, verbose: bool = False, echo: bool = True) -> dict:
+    """``--prune`` the teacher into ``out_dir`` (emptied first) and evaluate it there, before any finetuning.
+
+    Returns ``path`` (pruned_<rate>.pth), ``acc1``, and what the CLI logged in prune_log.txt: ``gflops``
+    (as the paper counts them) and ``channels`` (kept tokens per block, class token included).
+    """
+    shutil.rmtree(out_dir, ignore_errors=True)
+    extra = ['--prune-batches', str(prune_batches)] if prune_batches else []
+    stats = cli(common + ['--prune', '--prune_mode', mode, '--prune_rate', str(rate), '--resume', teacher,
+                          '--output_dir', out_dir] + extra, os.path.join(out_dir, 'stdout.txt'), tag, verbose, echo)
+    record = last_json_line(os.path.join(out_dir, 'prune_log.txt'))
+    return {'path': os.path.join(out_dir, f'pruned_{float(rate)}.pth'), 'acc1': float(stats['acc1']),
+            'gflops': float(record['gflops']), 'channels': [int(c) for c in record['channels']]}
+
+
+def distill(pruned: str, teacher: str, out_dir: str, common: List[str], epochs: int, lr: float, tag: str,
+            verbose: bool = False, echo: bool = True) -> dict:
+    """Finetune a pruned model with soft distillation from the dense teacher in ``out_dir`` (emptied first),
+    then ``--eval`` its last epoch. Returns ``path`` (checkpoint.pth, the last epoch, not the best on val),
+    ``acc1`` and ``gflops`` (from the last line of the run's log.txt)."""
+    shutil.rmtree(out_dir, ignore_errors=True)
+    cli(common + RECIPE + ['--resume', pruned, '--teacher-path', teacher] + DISTILL +
+        ['--lr', str(lr), '--warmup-epochs', '0', '--final_finetune', str(epochs), '--output_dir', out_dir],
+        os.path.join(out_dir, 'stdout.txt'), tag, verbose, echo)
+    checkpoint = os.path.join(out_dir, 'checkpoint.pth')
+    acc = cli(common + ['--eval', '--resume', checkpoint], os.path.join(out_dir, 'eval.txt'), f'{tag} eval',
+              verbose, echo)['acc1']
+    return {'path': checkpoint, 'acc1': float(acc),
+            'gflops': float(last_json_line(os.path.join(out_dir, 'log.txt'))['gflops'])}
+
+
+def last_json_line(path: str) -> dict:
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    return json.loads(lines[-1])
 
 
 def rate_tag(mode: str, rate: float) -> str:
@@ -191,8 +276,7 @@ def main(argv=None) -> int:
     os.makedirs(out, exist_ok=True)
     t0 = time.time()
     timings: Dict[str, float] = {}
-    common = ['--model', MODEL, '--data-set', 'DIGITS', '--batch-size', '64', '--num_workers', '0',
-              '--print-freq', '1000', '--seed', str(a.seed)] + (['--device', a.device] if a.device else [])
+    common = common_args(a.seed, a.device)
 
     # Redo every stage but the teacher: the finetune CLI refuses an --output_dir holding a checkpoint.
     for mode, rate in CONFIGS:
@@ -202,24 +286,8 @@ def main(argv=None) -> int:
 
     # 1. the dense teacher ------------------------------------------------------------------------------
     print(f'== 1. teacher: {MODEL} trained from scratch for {a.teacher_epochs} epochs', flush=True)
-    teacher_dir = os.path.join(out, 'teacher')
-    teacher = os.path.join(teacher_dir, 'checkpoint.pth')
-    state = 'other' if a.fresh else teacher_state(teacher, a.teacher_epochs)
-    if state == 'other' and os.path.exists(teacher_dir):
-        print(f'   ({teacher_dir} holds another teacher; training a new one)')
-        shutil.rmtree(teacher_dir)
-    if state == 'done':
-        print(f'   reusing the teacher already trained in {teacher} ({a.teacher_epochs} epochs); '
-              f'--fresh retrains it', flush=True)
-    else:
-        resume = ['--resume', teacher] if state == 'partial' else []
-        if resume:
-            print(f'   continuing the unfinished teacher in {teacher}')
-        cli(common + RECIPE + ['--lr', str(a.teacher_lr), '--warmup-epochs', '2' if a.teacher_epochs > 5 else '0',
-                               '--final_finetune', str(a.teacher_epochs), '--output_dir', teacher_dir] + resume,
-            os.path.join(teacher_dir, 'stdout.txt'), 'teacher', a.verbose)
-    teacher_acc = cli(common + ['--eval', '--resume', teacher], os.path.join(teacher_dir, 'eval.txt'),
-                      'teacher eval', a.verbose)['acc1']
+    teacher, teacher_acc = train_teacher(os.path.join(out, 'teacher'), a.teacher_epochs, a.teacher_lr, common,
+                                         a.fresh, a.verbose)
     timings['teacher'] = time.time() - t0
 
     # 2. prune ------------------------------------------------------------------------------------------
@@ -228,11 +296,9 @@ def main(argv=None) -> int:
     pruned, before = {}, {}
     for mode, rate in CONFIGS:
         tag = rate_tag(mode, rate)
-        d = os.path.join(out, f'prune_{tag}')
-        extra = ['--prune-batches', str(a.prune_batches)] if a.prune_batches else []
-        stats = cli(common + ['--prune', '--prune_mode', mode, '--prune_rate', str(rate), '--resume', teacher,
-                              '--output_dir', d] + extra, os.path.join(d, 'stdout.txt'), f'prune {tag}', a.verbose)
-        pruned[tag], before[tag] = os.path.join(d, f'pruned_{float(rate)}.pth'), stats['acc1']
+        p = prune(teacher, mode, rate, os.path.join(out, f'prune_{tag}'), common, a.prune_batches, f'prune {tag}',
+                  a.verbose)
+        pruned[tag], before[tag] = p['path'], p['acc1']
     timings['prune'] = time.time() - t
 
     # 3. finetune with soft distillation ------------------------------------------------------------------
@@ -242,15 +308,9 @@ def main(argv=None) -> int:
     after, finetuned = {}, {}
     for mode, rate in CONFIGS:
         tag = rate_tag(mode, rate)
-        d = os.path.join(out, f'finetune_{tag}')
-        cli(common + RECIPE + ['--resume', pruned[tag], '--teacher-path', teacher, '--distillation-type', 'soft',
-                               '--distillation-alpha', '0.5', '--distillation-tau', '1.0',
-                               '--lr', str(a.finetune_lr), '--warmup-epochs', '0',
-                               '--final_finetune', str(a.finetune_epochs), '--output_dir', d],
-            os.path.join(d, 'stdout.txt'), f'finetune {tag}', a.verbose)
-        finetuned[tag] = os.path.join(d, 'checkpoint.pth')  # the last epoch, not the best on val
-        after[tag] = cli(common + ['--eval', '--resume', finetuned[tag]], os.path.join(d, 'eval.txt'),
-                         f'finetune {tag} eval', a.verbose)['acc1']
+        f = distill(pruned[tag], teacher, os.path.join(out, f'finetune_{tag}'), common, a.finetune_epochs,
+                    a.finetune_lr, f'finetune {tag}', a.verbose)
+        finetuned[tag], after[tag] = f['path'], f['acc1']
     timings['finetune'] = time.time() - t
 
     # 4. speed ------------------------------------------------------------------------------------------

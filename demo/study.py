@@ -1,0 +1,573 @@
+"""Taylor against random pruning at mini scale, over seeds and prune rates: the demo's pipeline, repeated.
+
+    python demo/study.py            # or: make study   (about 25-30 minutes on 2 CPU cores)
+    python demo/study.py --quick    # 2 seeds, 2 rates, 1 epoch each: checks the plumbing in 1-2 minutes
+
+The demo (demo/run_demo.py) makes one run at one budget, which cannot say whether Taylor masks beat random
+ones. This script calls the demo's own stages (so every step still runs through finetune.py's code, in-process)
+on the same task (scikit-learn digits, ``--data-set DIGITS``) with the same recipe:
+
+1. one dense teacher, trained once for all runs with seed 0 (the demo's teacher: same recipe, same seed)
+                                                                                      -> <out>/teacher/
+2. for every seed, prune rate (0.25, 0.40, 0.55) and mask mode (Taylor attention importance, random):
+   prune the teacher and evaluate it                                           -> <out>/seed<s>/prune_<mode>_<rate>/
+   finetune it with soft distillation from the teacher (8 epochs) and evaluate -> <out>/seed<s>/finetune_<mode>_<rate>/
+   The seed of a run is the ``--seed`` of its prune and finetune commands: it draws the random masks, orders
+   (and shifts) the training images the Taylor scores are summed over, and orders, shifts and initialises
+   everything random in the finetuning. The teacher does not change with it.
+3. <out>/results.json (every run, the mean and standard deviation of each cell, the paired comparisons),
+   <out>/results.md (the tables and the sentences), <out>/study.png (accuracy against GFLOPs) and
+   <out>/STUDY.md (all of it, with the command, the machine and the time taken).
+
+The comparison of Taylor with random is paired: the same seed gives both the same scoring/finetuning data order,
+so per rate and stage the script takes the differences Taylor - random seed by seed and reports their mean with a
+two-sided 95% Student t-interval (n - 1 degrees of freedom, n = number of seeds). Where the interval excludes
+0 it says which masks win; where it does not, that the data cannot tell them apart.
+
+A teacher already trained in <out>/teacher/ with the same number of epochs is reused (``--fresh`` retrains it);
+every other stage is redone. ``finetune.py``'s full output for each stage is in ``<stage dir>/stdout.txt``,
+starting with the command line.
+"""
+import os
+import sys
+
+# Two cores shared with other work: OpenMP threads that spin while waiting make a busy machine 10x slower.
+os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+
+import argparse  # noqa: E402
+import datetime  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import platform  # noqa: E402
+import re  # noqa: E402
+import shlex  # noqa: E402
+import shutil  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+from typing import Dict, List, Optional, Sequence, Tuple  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+for path in (ROOT, os.path.join(ROOT, 'demo')):
+    if path not in sys.path:
+        sys.path.insert(0, path)
+
+import run_demo as demo  # noqa: E402
+import finetune  # noqa: E402
+from utils import load_checkpoint_file, state_dict_of  # noqa: E402
+
+RATES = (0.25, 0.40, 0.55)
+MODES = ('attn', 'random')            # finetune.py's --prune_mode: 'attn' is Taylor attention importance
+MODE_NAMES = {'attn': 'Taylor', 'random': 'random'}
+SEEDS = (0, 1, 2)
+TEACHER_SEED = 0                      # the teacher is trained once, with the demo's default seed
+CONFIDENCE = 0.95
+RUN_KEYS = ('prune_rate', 'prune_mode', 'seed', 'finetuned', 'acc1', 'gflops', 'kept_tokens', 'masks_sha1',
+            'checkpoint')
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser('Taylor against random Clip & Concat masks on scikit-learn digits, over seeds')
+    p.add_argument('--out', default=os.path.join('runs', 'study'), help='output directory (default runs/study)')
+    p.add_argument('--seeds', default=list(SEEDS), type=int, nargs='+', help='seeds of the runs (default 0 1 2)')
+    p.add_argument('--rates', default=list(RATES), type=float, nargs='+',
+                   help='prune rates (default 0.25 0.40 0.55)')
+    p.add_argument('--teacher-epochs', default=30, type=int, help='epochs of dense teacher training (as the demo)')
+    p.add_argument('--teacher-lr', default=1e-3, type=float)
+    p.add_argument('--finetune-epochs', default=8, type=int, help='epochs of distillation finetuning (as the demo)')
+    p.add_argument('--finetune-lr', default=5e-4, type=float)
+    p.add_argument('--prune-batches', default=None, type=int,
+                   help='score at most this many training batches (default: the whole training set, as the demo)')
+    p.add_argument('--quick', action='store_true',
+                   help='2 seeds, 2 rates, teacher 2 epochs, finetuning 1, 4 scoring batches (as the demo\'s '
+                        '--quick): checks the plumbing')
+    p.add_argument('--fresh', action='store_true', help='retrain the teacher even if <out>/teacher has one')
+    p.add_argument('--device', default=None, help='cpu or cuda (default: the CLI\'s, cuda when available)')
+    p.add_argument('--verbose', action='store_true', help='show every line finetune.py prints')
+    return p
+
+
+def check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    if a.quick:
+        a.seeds, a.rates = a.seeds[:2], a.rates[:2]
+        a.teacher_epochs, a.finetune_epochs = min(a.teacher_epochs, 2), min(a.finetune_epochs, 1)
+        a.prune_batches = a.prune_batches or 4
+    if len(set(a.seeds)) != len(a.seeds) or any(s < 0 for s in a.seeds):
+        p.error(f'--seeds must be distinct and not negative, got {a.seeds}')
+    if len(set(a.rates)) != len(a.rates) or not all(0.0 < r < 1.0 for r in a.rates):
+        p.error(f'--rates must be distinct and in (0, 1), got {a.rates}')
+    if a.teacher_epochs < 1 or a.finetune_epochs < 1:
+        p.error('--teacher-epochs and --finetune-epochs must be at least 1')
+
+
+# ----------------------------------------------------------------------------------------------------------
+# statistics
+
+def cell_stats(values: Sequence[float]) -> dict:
+    """Mean and sample standard deviation (n - 1 in the denominator; None for one value)."""
+    values = [float(v) for v in values]
+    return {'n': len(values), 'mean': statistics.fmean(values),
+            'std': statistics.stdev(values) if len(values) > 1 else None}
+
+
+def paired_comparison(taylor: Sequence[float], random: Sequence[float], confidence: float = CONFIDENCE) -> dict:
+    """Taylor - random, paired by seed: the mean difference and its two-sided Student t-interval.
+
+    ``verdict`` is 'taylor' or 'random' where the interval lies above or below 0, 'undecided' where it contains
+    0, and also where one pair gives no interval at all.
+    """
+    from scipy.stats import t as student_t
+    if len(taylor) != len(random) or not taylor:
+        raise ValueError('paired comparison needs the same, non-zero number of Taylor and random runs')
+    diffs = [float(a) - float(b) for a, b in zip(taylor, random)]
+    n, mean = len(diffs), statistics.fmean(diffs)
+    result = {'n': n, 'differences': diffs, 'mean': mean, 'std': None, 'df': n - 1, 'confidence': confidence,
+              'interval': 'two-sided Student t-interval on the paired differences', 'ci_low': None,
+              'ci_high': None, 'verdict': 'undecided'}
+    if n > 1:
+        # Accuracies are multiples of 100/360: equal differences can come out a rounding error apart.
+        sd = 0.0 if max(diffs) - min(diffs) < 1e-9 else statistics.stdev(diffs)
+        half = float(student_t.ppf(0.5 + confidence / 2, n - 1)) * sd / math.sqrt(n)
+        result.update(std=sd, ci_low=mean - half, ci_high=mean + half)
+        if result['ci_low'] > 0:
+            result['verdict'] = 'taylor'
+        elif result['ci_high'] < 0:
+            result['verdict'] = 'random'
+    return result
+
+
+def epochs_text(epochs: int) -> str:
+    return f'{epochs} epoch{"s" if epochs != 1 else ""}'
+
+
+def stage_name(finetuned: bool, epochs: int) -> str:
+    return f'after {epochs_text(epochs)} of distillation finetuning' if finetuned else 'before finetuning'
+
+
+def sentence(rate: float, finetuned: bool, epochs: int, c: dict) -> str:
+    """One sentence stating what the paired comparison ``c`` shows at this rate and stage."""
+    where = f'At prune rate {rate:.2f} {stage_name(finetuned, epochs)}'
+    diff = (f'Taylor - random = {c["mean"]:+.2f} points (mean over {c["n"]} seed{"s" if c["n"] != 1 else ""}, '
+            f'paired by seed)')
+    if c['ci_low'] is None:
+        return f'{where}, the data cannot tell Taylor and random apart: {diff}, and one seed gives no interval.'
+    interval = f'{round(100 * c["confidence"])}% t-interval [{c["ci_low"]:+.2f}, {c["ci_high"]:+.2f}]'
+    if c['std'] == 0:
+        interval += ' (every seed gave the same difference, so the interval has zero width)'
+    if c['verdict'] == 'taylor':
+        return f'{where}, Taylor beats random: {diff}, {interval}, which excludes 0.'
+    if c['verdict'] == 'random':
+        return f'{where}, random beats Taylor: {diff}, {interval}, which excludes 0.'
+    return f'{where}, the data cannot tell Taylor and random apart: {diff}, {interval}, which includes 0.'
+
+
+# ----------------------------------------------------------------------------------------------------------
+# progress
+
+def clock(seconds: Optional[float]) -> str:
+    if seconds is None:
+        return '?'
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    return f'{h}:{rest // 60:02d}:{rest % 60:02d}' if h else f'{rest // 60}:{rest % 60:02d}'
+
+
+def estimate_remaining(remaining: Sequence[tuple], done: Dict[tuple, List[float]]) -> Optional[float]:
+    """Seconds left: each remaining step ``(stage, mode, rate)`` at the mean duration of the finished steps of the
+    same stage, mode and rate, else of the same stage; None while a stage has no finished step yet."""
+    total = 0.0
+    for step in remaining:
+        same = done.get(step) or [d for key, ds in done.items() if key[0] == step[0] for d in ds]
+        if not same:
+            return None
+        total += statistics.fmean(same)
+    return total
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the runs
+
+def masks_sha1(checkpoint: str) -> str:
+    """The CLI's digest of the per-block masks stored in a checkpoint file."""
+    sd = state_dict_of(load_checkpoint_file(checkpoint))
+    depth = len({k for k in sd if k.endswith('.attn.token_index')})
+    return finetune.masks_sha1([sd[f'blocks.{i}.attn.token_index'] for i in range(depth)])
+
+
+def teacher_gflops() -> float:
+    import timm
+    return finetune.gflops(timm.create_model(finetune.cc_model_name(demo.MODEL), num_classes=10))
+
+
+def run_all(a: argparse.Namespace, out: str) -> Tuple[dict, List[dict], Dict[str, float]]:
+    t0 = time.time()
+    timings: Dict[str, float] = {}
+    for name in os.listdir(out):  # results of an earlier study (perhaps with other seeds) would mislead
+        if re.fullmatch(r'seed\d+', name) and os.path.isdir(os.path.join(out, name)):
+            shutil.rmtree(os.path.join(out, name))
+
+    print(f'[teacher] {demo.MODEL}, {a.teacher_epochs} epochs from scratch, seed {TEACHER_SEED}, '
+          f'trained once for all runs', flush=True)
+    teacher, teacher_acc = demo.train_teacher(os.path.join(out, 'teacher'), a.teacher_epochs, a.teacher_lr,
+                                              demo.common_args(TEACHER_SEED, a.device), a.fresh, a.verbose,
+                                              echo=False)
+    timings['teacher'] = time.time() - t0
+    teacher_row = {'acc1': float(teacher_acc), 'gflops': teacher_gflops(), 'seed': TEACHER_SEED,
+                   'epochs': a.teacher_epochs, 'checkpoint': os.path.relpath(teacher, out)}
+
+    steps = [(stage, mode, rate, seed) for seed in a.seeds for rate in a.rates for mode in MODES
+             for stage in ('prune', 'finetune')]
+    done: Dict[tuple, List[float]] = {}
+    runs: List[dict] = []
+    pruned: Dict[tuple, dict] = {}
+    t_steps = time.time()
+    for i, (stage, mode, rate, seed) in enumerate(steps):
+        eta = estimate_remaining([s[:3] for s in steps[i:]], done)
+        print(f'[{i + 1}/{len(steps)}] {stage} {MODE_NAMES[mode]} {rate:.2f} seed {seed} ... '
+              f'elapsed {clock(time.time() - t0)}, eta {clock(eta)}', flush=True)
+        t = time.time()
+        common = demo.common_args(seed, a.device)
+        seed_dir = os.path.join(out, f'seed{seed}')
+        tag = f'{demo.rate_tag(mode, rate)} s{seed}'
+        if stage == 'prune':
+            r = demo.prune(teacher, mode, rate, os.path.join(seed_dir, f'prune_{demo.rate_tag(mode, rate)}'),
+                           common, a.prune_batches, f'prune {tag}', a.verbose, echo=False)
+            pruned[(mode, rate, seed)] = r
+            channels = r['channels']
+        else:
+            r = demo.distill(pruned[(mode, rate, seed)]['path'], teacher,
+                             os.path.join(seed_dir, f'finetune_{demo.rate_tag(mode, rate)}'), common,
+                             a.finetune_epochs, a.finetune_lr, f'finetune {tag}', a.verbose, echo=False)
+            channels = pruned[(mode, rate, seed)]['channels']
+        runs.append({'prune_rate': float(rate), 'prune_mode': mode, 'seed': seed, 'finetuned': stage == 'finetune',
+                     'acc1': r['acc1'], 'gflops': r['gflops'], 'kept_tokens': channels,
+                     'masks_sha1': masks_sha1(r['path']), 'checkpoint': os.path.relpath(r['path'], out)})
+        done.setdefault((stage, mode, rate), []).append(time.time() - t)
+    timings['prune'] = sum(sum(v) for k, v in done.items() if k[0] == 'prune')
+    timings['finetune'] = sum(sum(v) for k, v in done.items() if k[0] == 'finetune')
+    timings['steps'] = time.time() - t_steps
+    timings['per_step_mean'] = {f'{stage} {mode} {rate:.2f}': statistics.fmean(v)
+                                for (stage, mode, rate), v in done.items()}
+    return teacher_row, runs, timings
+
+
+def summarise(runs: List[dict], seeds: Sequence[int], rates: Sequence[float], epochs: int
+              ) -> Tuple[List[dict], List[dict]]:
+    """Per cell (rate, mode, finetuned): mean and std over seeds; per (rate, finetuned): the paired comparison."""
+    by = {(r['prune_rate'], r['prune_mode'], r['seed'], r['finetuned']): r for r in runs}
+    cells, paired = [], []
+    for rate in rates:
+        for finetuned in (False, True):
+            for mode in MODES:
+                rs = [by[(float(rate), mode, s, finetuned)] for s in seeds]
+                cells.append({'prune_rate': float(rate), 'prune_mode': mode, 'finetuned': finetuned,
+                              'seeds': list(seeds), 'acc1': cell_stats([r['acc1'] for r in rs]),
+                              'gflops': cell_stats([r['gflops'] for r in rs])})
+            c = paired_comparison([by[(float(rate), 'attn', s, finetuned)]['acc1'] for s in seeds],
+                                  [by[(float(rate), 'random', s, finetuned)]['acc1'] for s in seeds])
+            c.update(prune_rate=float(rate), finetuned=finetuned, seeds=list(seeds))
+            c['sentence'] = sentence(rate, finetuned, epochs, c)
+            paired.append(c)
+    return cells, paired
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the table, the figure, the report
+
+def mean_std(s: dict) -> str:
+    return f'{s["mean"]:.2f}' if s['std'] is None else f'{s["mean"]:.2f} ± {s["std"]:.2f}'
+
+
+def markdown(teacher: dict, cells: List[dict], paired: List[dict], seeds: Sequence[int], epochs: int) -> str:
+    seed_list = ', '.join(str(s) for s in seeds)
+    cell = {(c['prune_rate'], c['prune_mode'], c['finetuned']): c for c in cells}
+    rates = sorted({c['prune_rate'] for c in cells})
+    lines = [f'acc@1 (%) on the 360 validation digits, mean ± standard deviation (n - 1) over seeds {seed_list}; '
+             f'GFLOPs per image as the paper counts them, mean over the seeds.', '',
+             f'| prune rate | masks | GFLOPs | acc@1 pruned | acc@1 after KD finetune ({epochs_text(epochs)}) '
+             f'| seeds |',
+             '|---|---|---|---|---|---|',
+             f'| 0 | dense teacher | {teacher["gflops"]:.4f} | {teacher["acc1"]:.2f} | – | '
+             f'1 (trained once, seed {teacher["seed"]}) |']
+    for rate in rates:
+        for mode in MODES:
+            before, after = cell[(rate, mode, False)], cell[(rate, mode, True)]
+            lines.append(f'| {rate:.2f} | {MODE_NAMES[mode]} | {before["gflops"]["mean"]:.4f} | '
+                         f'{mean_std(before["acc1"])} | {mean_std(after["acc1"])} | {before["acc1"]["n"]} |')
+    lines += ['', f'Taylor - random, paired by seed (points of acc@1; {round(100 * CONFIDENCE)}% two-sided Student '
+                  f't-interval on the paired differences, n - 1 degrees of freedom):', '',
+              '| prune rate | when | per seed | mean | interval | verdict |', '|---|---|---|---|---|---|']
+    verdicts = {'taylor': 'Taylor wins', 'random': 'random wins', 'undecided': 'cannot tell'}
+    for c in paired:
+        interval = '–' if c['ci_low'] is None else f'[{c["ci_low"]:+.2f}, {c["ci_high"]:+.2f}]'
+        lines.append(f'| {c["prune_rate"]:.2f} | {stage_name(c["finetuned"], epochs)} | '
+                     f'{", ".join(f"{d:+.2f}" for d in c["differences"])} | {c["mean"]:+.2f} | {interval} | '
+                     f'{verdicts[c["verdict"]]} |')
+    lines += [''] + [f'- {c["sentence"]}' for c in paired]
+    return '\n'.join(lines)
+
+
+def plot(teacher: dict, runs: List[dict], cells: List[dict], path: str, epochs: int) -> str:
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    colours = {'attn': '#1f77b4', 'random': '#d62728'}
+    markers = {'attn': 'o', 'random': 's'}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.8))
+    xs = [c['gflops']['mean'] for c in cells] + [teacher['gflops']]
+    shift = 0.006 * (max(xs) - min(xs))
+    offset = {'attn': -shift, 'random': shift}
+    for ax, finetuned in zip(axes, (False, True)):
+        for mode in MODES:
+            cs = sorted((c for c in cells if c['prune_mode'] == mode and c['finetuned'] == finetuned),
+                        key=lambda c: c['gflops']['mean'])
+            x = [c['gflops']['mean'] + offset[mode] for c in cs]
+            y = [c['acc1']['mean'] for c in cs]
+            err = [c['acc1']['std'] or 0.0 for c in cs]
+            ax.errorbar(x, y, yerr=err, color=colours[mode], marker=markers[mode], capsize=4, lw=1.5,
+                        label=f'{MODE_NAMES[mode]} (mean ± 1 std)')
+            each = [r for r in runs if r['prune_mode'] == mode and r['finetuned'] == finetuned]
+            ax.scatter([r['gflops'] + offset[mode] for r in each], [r['acc1'] for r in each], s=12, color=colours[mode],
+                       alpha=0.35, label=f'{MODE_NAMES[mode]}, each seed')
+            if mode == 'attn':
+                for c in cs:
+                    ax.annotate(f'{c["prune_rate"]:.2f}', (c['gflops']['mean'] + offset[mode], c['acc1']['mean']),
+                                textcoords='offset points', xytext=(6, 6), fontsize=8, color='#555555')
+        ax.scatter([teacher['gflops']], [teacher['acc1']], marker='*', s=180, color='black', zorder=5,
+                   label='dense teacher')
+        ax.axhline(teacher['acc1'], color='black', lw=0.8, ls=':')
+        ax.set_xlabel('GFLOPs per image (labels: prune rate)')
+        ax.set_ylabel('acc@1 on 360 validation digits (%)')
+        ax.set_title('pruned, before finetuning' if not finetuned else f'after {epochs_text(epochs)} of KD finetuning')
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8, loc='best')
+    n = len({r['seed'] for r in runs})
+    fig.suptitle(f'Clip & Concat on scikit-learn digits: Taylor against random masks, {n} seeds per point')
+    fig.text(0.5, 0.01, f'Taylor and random are drawn {1e3 * shift:.2f} MFLOPs to either side of their GFLOPs so '
+             f'their bars do not hide each other; bars: ±1 standard deviation over seeds', ha='center', fontsize=8,
+             color='#555555')
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def machine() -> dict:
+    import torch
+    import timm
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open('/proc/cpuinfo') as f:
+            names = [line.split(':', 1)[1].strip() for line in f if line.startswith('model name')]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    return {'cpu': cpu, 'cpu_count': os.cpu_count(), 'torch_threads': torch.get_num_threads(),
+            'python': platform.python_version(), 'torch': torch.__version__, 'timm': timm.__version__,
+            'platform': platform.platform()}
+
+
+def git_revision() -> str:
+    try:
+        head = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return 'unknown'
+    return (head + (' with uncommitted changes' if dirty else '')) if head else 'unknown'
+
+
+def load_average() -> str:
+    try:
+        return ' / '.join(f'{x:.2f}' for x in os.getloadavg())
+    except OSError:
+        return 'unknown'
+
+
+class LoadSampler:
+    """The 1-minute load average every ``period`` seconds while the study runs (how busy the machine was)."""
+
+    def __init__(self, period: float = 15.0):
+        import threading
+        self.samples: List[float] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(period,), daemon=True)
+
+    def _run(self, period: float) -> None:
+        while True:
+            try:
+                self.samples.append(os.getloadavg()[0])
+            except OSError:
+                return
+            if self.stop.wait(period):
+                return
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+
+    def summary(self) -> dict:
+        if not self.samples:
+            return {}
+        return {'samples': len(self.samples), 'min': min(self.samples), 'median': statistics.median(self.samples),
+                'max': max(self.samples)}
+
+
+def verdict_summary(paired: List[dict], finetuned: bool) -> str:
+    """'Taylor beats random at 0.25 (+9.17 points, 95% t-interval [...]); the data cannot tell at 0.55 (...)'"""
+    groups = {'taylor': 'Taylor beats random', 'random': 'random beats Taylor',
+              'undecided': 'the data cannot tell them apart'}
+    parts = []
+    for verdict, words in groups.items():
+        cs = [c for c in paired if c['finetuned'] == finetuned and c['verdict'] == verdict]
+        if cs:
+            each = [f'{c["prune_rate"]:.2f} ({c["mean"]:+.2f} points'
+                    + ('' if c['ci_low'] is None else f', [{c["ci_low"]:+.2f}, {c["ci_high"]:+.2f}]') + ')'
+                    for c in cs]
+            parts.append(f'{words} at {"rate" if len(cs) == 1 else "rates"} {and_list(each)}')
+    return '; '.join(parts)
+
+
+def and_list(items: Sequence[str]) -> str:
+    items = list(items)
+    return items[0] if len(items) == 1 else ', '.join(items[:-1]) + ' and ' + items[-1]
+
+
+def wrap(text: str, bullet: bool = False, width: int = 115) -> str:
+    import textwrap
+    if bullet:
+        return textwrap.fill(text, width, initial_indent='- ', subsequent_indent='  ', break_on_hyphens=False)
+    return textwrap.fill(text, width, break_on_hyphens=False)
+
+
+def report(argv: Sequence[str], results: dict, table: str) -> str:
+    """STUDY.md: how the numbers were made, the tables, the sentences, the figure and a paragraph for README.md."""
+    cfg, m, t = results['config'], results['machine'], results['timings_s']
+    wall, level, paired = t['total'], round(100 * CONFIDENCE), results['paired']
+    d = demo.get_args_parser().parse_args([])  # what `make demo` runs
+    as_demo = (all(cfg[k] == getattr(d, k) for k in ('teacher_epochs', 'teacher_lr', 'finetune_epochs',
+                                                      'finetune_lr', 'prune_batches'))
+               and d.seed == TEACHER_SEED == 0 and 0 in cfg['seeds'] and {0.25, 0.40} <= set(cfg['rates']))
+    seeds = and_list([str(s) for s in cfg['seeds']])
+    rates = and_list([f'{r:.2f}' for r in cfg['rates']])
+    n_seeds = len(cfg['seeds'])
+    runs_per_stage = n_seeds * len(cfg['rates']) * len(MODES)
+    minutes = wall / 60
+    command = 'python demo/study.py' + ''.join(' ' + shlex.quote(x) for x in argv)
+    short_command = 'make study' if not argv else command
+    ft = epochs_text(cfg['finetune_epochs'])
+    sampled = results['load_average'].get('one_minute_during') or {}
+    during = ('' if not sampled else f'; the 1-minute load average every 15 s during the run: median '
+              f'{sampled["median"]:.1f} (from {sampled["min"]:.1f} to {sampled["max"]:.1f})')
+    same_as_demo = (": it is the demo's teacher, and the runs with seed 0 at rates 0.25 (both masks) and 0.40 "
+                    "(Taylor) are the demo's own runs, with the same commands" if as_demo else '')
+    scoring = ('the whole training set' if cfg['prune_batches'] is None
+               else f'{cfg["prune_batches"]} training batches')
+    intro = (f"Clip & Concat on scikit-learn's handwritten digits (`--data-set DIGITS`: 1,437 training and 360 "
+             f"validation images, 32×32): the mini reproduction of `make demo`, repeated over seeds and prune "
+             f"rates. Prune rates {rates}; Taylor attention importance and random masks; accuracy of the pruned "
+             f"model before finetuning and after {ft} of soft distillation from the dense teacher; seeds {seeds}.")
+    how = [
+        f"Command: `{command}` (`make study` runs `python demo/study.py` without flags), at commit "
+        f"{results['git']}.",
+        f"Machine: {m['cpu']}, {m['cpu_count']} CPU cores, torch {m['torch']} ({m['torch_threads']} threads), "
+        f"timm {m['timm']}, Python {m['python']}. Load average (1/5/15 min) at the start "
+        f"{results['load_average']['start']}, at the end {results['load_average']['end']}{during}. The study "
+        f"itself keeps about 1-2 cores busy; a higher load means other work shared the machine and made the "
+        f"times longer.",
+        f"Wall time: **{minutes:.1f} minutes** ({wall:.0f} s): teacher {t['teacher']:.0f} s, {runs_per_stage} "
+        f"prune runs {t['prune']:.0f} s, {runs_per_stage} finetuning runs {t['finetune']:.0f} s.",
+        f"The teacher (`{demo.MODEL}`, {epochs_text(cfg['teacher_epochs'])} from scratch, seed {TEACHER_SEED}) "
+        f"is trained **once** for all runs, with the demo's recipe and seed{same_as_demo}. Training it once per "
+        f"seed would add {epochs_text(cfg['teacher_epochs'])} of training for every seed, and the question is "
+        f"about the masks, not the teacher; the spread over seeds below is therefore that of the masks, the "
+        f"scoring and the finetuning around one teacher.",
+        "The **seed** of a run is the `--seed` of its `finetune.py --prune` and finetuning commands: it draws "
+        "the random masks, orders and shifts the training images the Taylor scores are summed over (so each "
+        "seed's Taylor masks are planned from its own scoring pass and saved in its own file), and orders and "
+        "shifts the images of the finetuning. Taylor and random runs of the same seed share that data order, "
+        "which is why the comparison is paired by seed.",
+        f"Recipe (the demo's, every flag explicit): `{' '.join(cfg['recipe'])}`; finetuning "
+        f"`--lr {cfg['finetune_lr']} --warmup-epochs 0`, {ft}, `{' '.join(cfg['distillation'])}`; Taylor scores "
+        f"over {scoring}. Accuracy after finetuning is the last epoch's, not the best epoch's on the validation "
+        f"set.",
+        "Every run is in `results.json` (`runs`: prune_rate, prune_mode, seed, finetuned, acc1, gflops, kept "
+        "tokens per block, the masks' sha1, the checkpoint), with the cells and the paired comparisons below.",
+    ]
+    note = (f"One validation image is 0.28 points of accuracy. The interval is the two-sided {level}% Student "
+            f"t-interval of the mean of the {n_seeds} paired differences (Taylor minus random, same seed), with "
+            f"{n_seeds - 1} degree{'s' if n_seeds != 2 else ''} of freedom: with so few seeds it is wide, and it "
+            f"says nothing about other teachers.")
+    readme = (f"**Taylor against random, over seeds (`make study`).** One run of the demo cannot say whether "
+              f"Taylor masks beat random ones. `{short_command}` (about {math.ceil(minutes)} minutes on "
+              f"{m['cpu_count']} CPU cores) repeats the demo's prune → distillation-finetune at prune rates "
+              f"{rates} with Taylor and with random masks, over seeds {seeds} (one teacher, trained once; the seed "
+              f"sets the random masks and the data order of the scoring and of the finetuning), and compares the "
+              f"two seed by seed ({level}% t-interval on the paired differences). Before finetuning, "
+              f"{verdict_summary(paired, False)}. After {ft} of distillation, {verdict_summary(paired, True)}. "
+              f"Table and details: [demo/STUDY.md](demo/STUDY.md).")
+    parts = ['# Taylor against random masks at mini scale', wrap(intro), '![accuracy against GFLOPs](study.png)',
+             '## How these numbers were made', '\n'.join(wrap(b, bullet=True) for b in how),
+             '## Results', table, wrap(note),
+             '## For README.md', wrap(readme), '![Taylor against random over seeds](demo/study.png)']
+    return '\n\n'.join(parts) + '\n'
+
+
+def main(argv=None) -> int:
+    p = get_args_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    a = p.parse_args(argv)
+    check_args(p, a)
+    out = a.out
+    os.makedirs(out, exist_ok=True)
+    t0 = time.time()
+    load_start = load_average()
+    steps = 2 * len(MODES) * len(a.seeds) * len(a.rates)
+    print(f'Taylor against random masks: prune rates {", ".join(f"{r:.2f}" for r in a.rates)}, seeds '
+          f'{", ".join(map(str, a.seeds))}; {steps} prune/finetune steps after the teacher. The commands and '
+          f'finetune.py\'s output are in each stage\'s stdout.txt under {out}/', flush=True)
+
+    with LoadSampler() as load:
+        teacher, runs, timings = run_all(a, out)
+    cells, paired = summarise(runs, a.seeds, a.rates, a.finetune_epochs)
+    table = markdown(teacher, cells, paired, a.seeds, a.finetune_epochs)
+    plot(teacher, runs, cells, os.path.join(out, 'study.png'), a.finetune_epochs)
+    timings['total'] = time.time() - t0
+    results = {
+        'config': {'seeds': list(a.seeds), 'rates': [float(r) for r in a.rates], 'modes': list(MODES),
+                   'teacher_epochs': a.teacher_epochs, 'teacher_lr': a.teacher_lr, 'teacher_seed': TEACHER_SEED,
+                   'teacher': 'trained once for all runs', 'finetune_epochs': a.finetune_epochs,
+                   'finetune_lr': a.finetune_lr, 'prune_batches': a.prune_batches, 'quick': a.quick,
+                   'recipe': list(demo.RECIPE), 'distillation': list(demo.DISTILL),
+                   'confidence': CONFIDENCE, 'acc1': 'last epoch; pruned rows before finetuning are the --prune '
+                                                     'evaluation'},
+        'teacher': teacher, 'runs': runs, 'cells': cells, 'paired': paired,
+        'sentences': [c['sentence'] for c in paired],
+        'timings_s': timings, 'machine': machine(), 'git': git_revision(),
+        'load_average': {'start': load_start, 'end': load_average(), 'one_minute_during': load.summary()},
+        'command': ['python', 'demo/study.py'] + argv,
+    }
+    assert all(tuple(r) == RUN_KEYS for r in runs)
+    with open(os.path.join(out, 'results.json'), 'w') as f:
+        json.dump(results, f, indent=2)
+    with open(os.path.join(out, 'results.md'), 'w') as f:
+        f.write(table + '\n')
+    with open(os.path.join(out, 'STUDY.md'), 'w') as f:
+        f.write(report(argv, results, table))
+
+    print()
+    print(table)
+    print()
+    print(f'Files: {out}/results.json, {out}/results.md, {out}/study.png, {out}/STUDY.md')
+    print(f'Total time: {clock(timings["total"])} (teacher {timings["teacher"]:.0f} s, prune {timings["prune"]:.0f} s, '
+          f'finetune {timings["finetune"]:.0f} s), finished {datetime.datetime.now():%Y-%m-%d %H:%M}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

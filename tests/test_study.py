@@ -1,0 +1,257 @@
+"""The study of Taylor against random masks over seeds (demo/study.py): its statistics against scipy/numpy, and a
+--quick run checked file by file (results.json, the masks in the checkpoints, the table, the sentences, the figure)."""
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from conftest import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, 'demo'))
+import study  # noqa: E402
+
+RUN_TYPES = {'prune_rate': float, 'prune_mode': str, 'seed': int, 'finetuned': bool, 'acc1': float,
+             'gflops': float, 'kept_tokens': list, 'masks_sha1': str, 'checkpoint': str}
+NUMBER = r'([+-]\d+\.\d\d)'
+
+
+def scipy_interval(taylor, random, confidence=0.95):
+    """The paired t-interval by scipy (its zero-variance case, where scipy gives nan, is the point itself)."""
+    taylor, random = np.asarray(taylor, float), np.asarray(random, float)
+    diffs = taylor - random
+    if np.allclose(diffs, diffs[0], rtol=0, atol=1e-9):
+        return float(diffs[0]), float(diffs[0])
+    ci = stats.ttest_rel(taylor, random).confidence_interval(confidence)
+    return float(ci.low), float(ci.high)
+
+
+def expected_verdict(low, high):
+    return 'taylor' if low > 0 else ('random' if high < 0 else 'undecided')
+
+
+def parse_sentence(text):
+    """(verdict, mean, low, high) read back from a sentence of study.sentence()."""
+    if ', Taylor beats random: ' in text:
+        verdict = 'taylor'
+    elif ', random beats Taylor: ' in text:
+        verdict = 'random'
+    else:
+        assert ', the data cannot tell Taylor and random apart: ' in text, text
+        verdict = 'undecided'
+    mean = float(re.search(r'Taylor - random = ' + NUMBER + ' points', text).group(1))
+    m = re.search(r'95% t-interval \[' + NUMBER + ', ' + NUMBER + r'\]', text)
+    low, high = (float(m.group(1)), float(m.group(2))) if m else (None, None)
+    if m:
+        assert text.rstrip('.').endswith('excludes 0' if verdict != 'undecided' else 'includes 0'), text
+    return verdict, mean, low, high
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the statistics on their own (fast)
+
+@pytest.mark.parametrize('taylor,random,verdict', [
+    ([93.1, 92.5, 94.0], [83.9, 80.3, 85.0], 'taylor'),          # clearly above 0
+    ([96.7, 96.1, 96.9], [97.5, 97.2, 97.8], 'random'),          # clearly below 0
+    ([96.7, 97.2, 96.4], [97.5, 96.9, 96.1], 'undecided'),       # around 0
+    ([90.0, 91.0, 89.0, 92.5, 90.5], [89.0, 90.8, 89.5, 91.0, 90.0], 'undecided'),
+    ([90.0, 91.0, 89.0, 92.5, 90.5], [88.0, 89.8, 87.5, 91.0, 89.0], 'taylor'),
+])
+def test_paired_comparison_against_scipy(taylor, random, verdict):
+    c = study.paired_comparison(taylor, random)
+    low, high = scipy_interval(taylor, random)
+    assert c['ci_low'] == pytest.approx(low, abs=1e-9) and c['ci_high'] == pytest.approx(high, abs=1e-9)
+    assert c['mean'] == pytest.approx(np.mean(np.subtract(taylor, random)))
+    assert c['std'] == pytest.approx(np.std(np.subtract(taylor, random), ddof=1))
+    assert c['n'] == len(taylor) and c['df'] == len(taylor) - 1
+    assert c['verdict'] == expected_verdict(low, high) == verdict
+    text = study.sentence(0.4, False, 8, c)
+    assert text.startswith('At prune rate 0.40 before finetuning, ')
+    assert parse_sentence(text) == (verdict, round(c['mean'], 2), round(low, 2), round(high, 2))
+
+
+def test_paired_comparison_edge_cases():
+    one = study.paired_comparison([95.0], [90.0])
+    assert one['verdict'] == 'undecided' and one['ci_low'] is None and one['mean'] == 5.0
+    text = study.sentence(0.25, True, 1, one)
+    assert 'after 1 epoch of distillation finetuning' in text and 'cannot tell' in text and 'no interval' in text
+    # Every seed the same difference: the t-interval is that point; it excludes 0 and the sentence says why.
+    same = study.paired_comparison([91.0, 92.0, 93.0], [90.0, 91.0, 92.0])
+    assert (same['ci_low'], same['ci_high'], same['verdict']) == (pytest.approx(1.0), pytest.approx(1.0), 'taylor')
+    assert 'zero width' in study.sentence(0.25, False, 8, same)
+    with pytest.raises(ValueError):
+        study.paired_comparison([1.0, 2.0], [1.0])
+
+
+def test_cell_stats_against_numpy():
+    values = [96.67, 97.22, 96.11]
+    s = study.cell_stats(values)
+    assert s['n'] == 3 and s['mean'] == pytest.approx(np.mean(values))
+    assert s['std'] == pytest.approx(np.std(values, ddof=1))
+    assert study.cell_stats([50.0])['std'] is None
+
+
+def test_remaining_time_estimate():
+    done = {('prune', 'attn', 0.25): [2.0, 4.0], ('finetune', 'attn', 0.25): [60.0]}
+    # Same (stage, mode, rate) where known; else the mean of that stage over everything finished.
+    remaining = [('prune', 'attn', 0.25), ('finetune', 'attn', 0.25), ('prune', 'random', 0.40),
+                 ('finetune', 'random', 0.40)]
+    assert study.estimate_remaining(remaining, done) == pytest.approx(3.0 + 60.0 + 3.0 + 60.0)
+    assert study.estimate_remaining([('finetune', 'attn', 0.25)], {('prune', 'attn', 0.25): [1.0]}) is None
+    assert study.clock(None) == '?' and study.clock(750) == '12:30' and study.clock(3725) == '1:02:05'
+
+
+def test_argument_errors(capsys):
+    for argv in (['--seeds', '1', '1'], ['--rates', '0.25', '1.0'], ['--finetune-epochs', '0']):
+        with pytest.raises(SystemExit) as e:
+            study.main(argv + ['--out', os.devnull])
+        assert e.value.code == 2
+        assert 'error' in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------------
+# a --quick run
+
+@pytest.fixture(scope='module')
+def quick_study(tmp_path_factory):
+    out = tmp_path_factory.mktemp('study') / 'runs'
+    env = dict(os.environ, OMP_WAIT_POLICY='PASSIVE', PYTHONUNBUFFERED='1')
+    proc = subprocess.run([sys.executable, os.path.join('demo', 'study.py'), '--quick', '--device', 'cpu',
+                           '--out', str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(out / 'results.json') as f:
+        results = json.load(f)
+    return out, proc.stdout, results
+
+
+def runs_by_key(results):
+    return {(r['prune_rate'], r['prune_mode'], r['seed'], r['finetuned']): r for r in results['runs']}
+
+
+def stored_masks(path):
+    ckpt = torch.load(path, map_location='cpu', weights_only=False)
+    sd = ckpt['model']
+    masks = [sd[f'blocks.{i}.attn.token_index'] for i in range(len(ckpt['channels']))]
+    return ckpt, torch.stack(masks)
+
+
+@pytest.mark.slow
+def test_results_json_schema(quick_study):
+    out, _, results = quick_study
+    cfg = results['config']
+    assert cfg['seeds'] == [0, 1] and cfg['rates'] == [0.25, 0.40] and cfg['finetune_epochs'] == 1
+    runs = results['runs']
+    assert len(runs) == 2 * 2 * 2 * 2  # seeds x rates x modes x (before, after finetuning)
+    for r in runs:
+        assert list(r) == list(RUN_TYPES), r
+        for k, t in RUN_TYPES.items():
+            assert isinstance(r[k], t), (k, r[k])
+        assert 0.0 <= r['acc1'] <= 100.0 and 0 < r['gflops'] < results['teacher']['gflops']
+        assert os.path.isfile(out / r['checkpoint'])
+    by = runs_by_key(results)
+    assert set(by) == {(rate, mode, seed, ft) for rate in (0.25, 0.40) for mode in ('attn', 'random')
+                       for seed in (0, 1) for ft in (False, True)}
+    for (rate, mode, seed, ft), r in by.items():
+        # Finetuning keeps the masks: same FLOPs, same plan; more clipping, fewer FLOPs.
+        assert r['gflops'] == by[(rate, mode, seed, False)]['gflops']
+        assert r['masks_sha1'] == by[(rate, mode, seed, False)]['masks_sha1']
+        assert r['gflops'] < by[(0.25, mode, seed, ft)]['gflops'] or rate == 0.25
+    teacher = results['teacher']
+    assert teacher['seed'] == 0 and os.path.isfile(out / teacher['checkpoint'])
+    assert len(results['paired']) == 2 * 2 and results['sentences'] == [c['sentence'] for c in results['paired']]
+
+
+@pytest.mark.slow
+def test_seed_reaches_the_masks_and_the_runs(quick_study):
+    out, _, results = quick_study
+    by = runs_by_key(results)
+    for rate in (0.25, 0.40):
+        files = {}
+        for mode in ('attn', 'random'):
+            for seed in (0, 1):
+                pruned = out / by[(rate, mode, seed, False)]['checkpoint']
+                finetuned = out / by[(rate, mode, seed, True)]['checkpoint']
+                ckpt, masks = stored_masks(pruned)
+                assert (ckpt['args'].seed, ckpt['args'].prune_mode, ckpt['args'].prune_rate) == (seed, mode, rate)
+                ft_ckpt, ft_masks = stored_masks(finetuned)
+                assert ft_ckpt['args'].seed == seed and torch.equal(ft_masks, masks)
+                digest = hashlib.sha1(masks.to(torch.uint8).numpy().tobytes()).hexdigest()
+                assert by[(rate, mode, seed, False)]['masks_sha1'] == digest
+                assert [int(m.sum()) for m in masks] == by[(rate, mode, seed, False)]['kept_tokens']
+                files[(mode, seed)] = (pruned, ckpt, masks)
+        # Random masks are drawn again for each seed.
+        assert not torch.equal(files[('random', 0)][2], files[('random', 1)][2])
+        # Each seed's Taylor masks are planned from its own scoring pass, saved in its own file.
+        (p0, c0, _), (p1, c1, _) = files[('attn', 0)], files[('attn', 1)]
+        assert not os.path.samefile(p0, p1)
+        assert not torch.equal(c0['scores'], c1['scores'])
+        # The same budget for both modes: the same number of clipped slots.
+        assert int(files[('attn', 0)][2].sum()) == int(files[('random', 0)][2].sum())
+
+
+@pytest.mark.slow
+def test_table_against_results(quick_study):
+    out, stdout, results = quick_study
+    table = (out / 'results.md').read_text()
+    assert table.strip() in stdout
+    rows = [line for line in table.splitlines() if re.match(r'\| 0\.\d\d \| (Taylor|random) \|', line)]
+    assert len(rows) == 2 * 2
+    by = runs_by_key(results)
+    for line in rows:
+        cells = [c.strip() for c in line.strip('|').split('|')]
+        rate, mode = float(cells[0]), {'Taylor': 'attn', 'random': 'random'}[cells[1]]
+        for column, finetuned in ((3, False), (4, True)):
+            acc = np.array([by[(rate, mode, s, finetuned)]['acc1'] for s in (0, 1)])
+            assert cells[column] == f'{acc.mean():.2f} ± {acc.std(ddof=1):.2f}', (line, acc)
+        flops = np.mean([by[(rate, mode, s, False)]['gflops'] for s in (0, 1)])
+        assert cells[2] == f'{flops:.4f}'
+        assert cells[5] == '2'
+    teacher = [line for line in table.splitlines() if line.startswith('| 0 | dense teacher |')]
+    assert len(teacher) == 1 and f'| {results["teacher"]["acc1"]:.2f} |' in teacher[0]
+
+
+@pytest.mark.slow
+def test_sentences_against_the_numbers(quick_study):
+    out, stdout, results = quick_study
+    by = runs_by_key(results)
+    table = (out / 'results.md').read_text()
+    report = (out / 'STUDY.md').read_text()
+    for c in results['paired']:
+        rate, ft = c['prune_rate'], c['finetuned']
+        taylor = [by[(rate, 'attn', s, ft)]['acc1'] for s in (0, 1)]
+        random = [by[(rate, 'random', s, ft)]['acc1'] for s in (0, 1)]
+        low, high = scipy_interval(taylor, random)
+        mean = float(np.mean(np.subtract(taylor, random)))
+        verdict, s_mean, s_low, s_high = parse_sentence(c['sentence'])
+        assert c['sentence'].startswith(f'At prune rate {rate:.2f} ' +
+                                        ('after 1 epoch of distillation finetuning' if ft else 'before finetuning'))
+        assert (s_mean, s_low, s_high) == (round(mean, 2), round(low, 2), round(high, 2)), c['sentence']
+        assert verdict == c['verdict'] == expected_verdict(low, high)
+        assert c['ci_low'] == pytest.approx(low, abs=1e-9) and c['ci_high'] == pytest.approx(high, abs=1e-9)
+        for text in (stdout, table, report):
+            assert c['sentence'] in text
+
+
+@pytest.mark.slow
+def test_progress_figure_and_report(quick_study):
+    out, stdout, _ = quick_study
+    steps = re.findall(r'^\[(\d+)/16\] (prune|finetune) (Taylor|random) (0\.\d\d) seed (\d) \.\.\. '
+                       r'elapsed \d+:\d\d, eta (\?|\d+:\d\d)$', stdout, flags=re.M)
+    assert [int(s[0]) for s in steps] == list(range(1, 17))
+    assert [s[1] for s in steps] == ['prune', 'finetune'] * 8
+    assert all(s[5] != '?' for s in steps[2:])  # known once a prune and a finetune have finished
+    from PIL import Image
+    with Image.open(out / 'study.png') as img:
+        assert img.format == 'PNG' and img.size[0] > 1.5 * img.size[1] > 600  # two panels side by side
+    report = (out / 'STUDY.md').read_text()
+    assert '![accuracy against GFLOPs](study.png)' in report
+    assert '`python demo/study.py --quick --device cpu --out ' in report
+    assert report.index('## Results') < report.index('## For README.md')
+    readme_part = report.split('## For README.md', 1)[1]
+    assert 'demo/study.png' in readme_part and 'demo/STUDY.md' in readme_part
