@@ -49,8 +49,10 @@ ROW_KEYS = ('name', 'prune_mode', 'prune_rate', 'finetuned', 'acc1', 'gflops', '
 # cosine schedule. Every flag the runs depend on is given here, even where it equals the CLI's current default, so
 # that a change of finetune.py's defaults (e.g. to the paper's ImageNet recipe) does not change the demo. The
 # scheduler flags other than --sched/--min-lr/--warmup-lr do not act on a cosine schedule with these epochs, and
-# are pinned anyway; --lr and --warmup-epochs are given per stage.
-RECIPE = ['--opt', 'adamw', '--opt-eps', '1e-8', '--momentum', '0.9', '--weight-decay', '0.05', '--smoothing', '0.1',
+# are pinned anyway; --lr and --warmup-epochs are given per stage. --uniform-lr: every parameter group follows the
+# schedule (the paper's finetuning keeps weight matrices at 1e-6, which would leave a teacher trained from scratch
+# untrained).
+RECIPE = ['--uniform-lr', '--no-repeated-aug', '--opt', 'adamw', '--opt-eps', '1e-8', '--momentum', '0.9', '--weight-decay', '0.05', '--smoothing', '0.1',
           '--unscale-lr', '--sched', 'cosine', '--min-lr', '1e-5', '--warmup-lr', '1e-6', '--decay-epochs', '30',
           '--cooldown-epochs', '10', '--patience-epochs', '10', '--decay-rate', '0.1',
           '--mixup', '0', '--cutmix', '0', '--reprob', '0', '--aa', 'none', '--drop', '0', '--drop-path', '0',
@@ -219,7 +221,7 @@ def prune(teacher: str, mode: str, rate: float, out_dir: str, common: List[str],
     stats = cli(common + ['--prune', '--prune_mode', mode, '--prune_rate', str(rate), '--resume', teacher,
                           '--output_dir', out_dir] + extra, os.path.join(out_dir, 'stdout.txt'), tag, verbose, echo)
     record = last_json_line(os.path.join(out_dir, 'prune_log.txt'))
-    return {'path': os.path.join(out_dir, f'pruned_{float(rate)}.pth'), 'acc1': float(stats['acc1']),
+    return {'path': os.path.join(out_dir, finetune.pruned_file_name(mode, float(rate))), 'acc1': float(stats['acc1']),
             'gflops': float(record['gflops']), 'channels': [int(c) for c in record['channels']]}
 
 

@@ -178,9 +178,10 @@ def test_seed_reaches_the_masks_and_the_runs(quick_study):
                 pruned = out / by[(rate, mode, seed, False)]['checkpoint']
                 finetuned = out / by[(rate, mode, seed, True)]['checkpoint']
                 ckpt, masks = stored_masks(pruned)
-                assert (ckpt['args'].seed, ckpt['args'].prune_mode, ckpt['args'].prune_rate) == (seed, mode, rate)
+                stored = ckpt['args']
+                assert (stored['seed'], stored['prune_mode'], stored['prune_rate']) == (seed, mode, rate)
                 ft_ckpt, ft_masks = stored_masks(finetuned)
-                assert ft_ckpt['args'].seed == seed and torch.equal(ft_masks, masks)
+                assert ft_ckpt['args']['seed'] == seed and torch.equal(ft_masks, masks)
                 digest = hashlib.sha1(masks.to(torch.uint8).numpy().tobytes()).hexdigest()
                 assert by[(rate, mode, seed, False)]['masks_sha1'] == digest
                 assert [int(m.sum()) for m in masks] == by[(rate, mode, seed, False)]['kept_tokens']
