@@ -941,8 +941,6 @@ def run_section(section: Section, live: Dict[str, Live], results: Dict, args, de
         live[name] = bench_model(name, args, device, dtype, budget)
         results['models'][name] = live[name].result
     elif section.kind == 'summary':
-        if name not in live:
-            raise RuntimeError('its main table did not run')
         summary_batch(live[name], section.batch, args, device, dtype, budget)
     else:
         first = args.timm_models[name]
@@ -1020,6 +1018,9 @@ def main(argv=None) -> Dict:
             record.update(status='left out', reason=f'time limit of {args.time_limit:.0f} s reached after '
                                                     f'{elapsed:.0f} s (--time-limit)')
             print(f'left out: {section.title(args)} ({record["reason"]})', flush=True)
+        elif section.kind == 'summary' and section.model not in live:
+            record.update(status='left out', reason='its main table did not run')
+            print(f'left out: {section.title(args)} ({record["reason"]})', flush=True)
         else:
             start = clock()
             try:
@@ -1031,10 +1032,13 @@ def main(argv=None) -> Dict:
             record['seconds'] = clock() - start
             print(f'section {section.title(args)}: {record["status"]} in {record["seconds"]:.0f} s', flush=True)
         needed = {s.model for s, r in zip(sections, results['sections']) if r['status'] == 'pending'}
-        for name in [n for n in live if n not in needed]:
-            del live[name]  # no later section needs this model: free its rows (CUDA graphs, compiled code)
-        if device.type == 'cuda':
-            torch.cuda.empty_cache()
+        try:
+            for name in [n for n in live if n not in needed]:
+                del live[name]  # no later section needs this model: free its rows (CUDA graphs, compiled code)
+            if device.type == 'cuda':
+                torch.cuda.empty_cache()
+        except RuntimeError as e:  # e.g. a sticky CUDA error: what ran must still be written
+            print(f'note: freeing memory failed: {e}', flush=True)
         results['compile_seconds_spent'] = budget.spent
         report_so_far(results, args, device, started)
     if hasattr(os, 'getloadavg'):

@@ -24,6 +24,9 @@ from conftest import ROOT, subprocess_env
 from models import fast_kernels as K
 
 CPU = torch.device('cpu')
+# One torch thread: the models here are small, and two threads spin against each other on a busy machine (a test
+# taking 3 s on one thread took 20-35 s on two with the host's load at 6).
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def _pruned(name, rate, seed=0):
@@ -189,6 +192,20 @@ def test_logit_check_judges_the_difference_and_top1_on_images_with_a_clear_margi
     assert (c['max_abs_diff'], c['tolerance'], c['clear_images'], c['top1_ok']) == (0.0, 1e-3, 4, True)
     c = F.logit_check(ref + float('nan'), ref, baseline=0.0)
     assert not c['within_tolerance']  # NaN logits never pass
+
+
+def test_check_targets_judge_the_worst_row_of_a_section_and_leave_the_references_aside():
+    ref = torch.tensor([[2.0, 0.0], [0.0, 2.0]])
+    checks = {'timm': F.logit_check(ref + 5.0, ref, 0.0),  # a reference row: its error is the scale, not judged
+              'good': F.logit_check(ref + 2e-4, ref, 0.0), 'worse': F.logit_check(ref + 8e-4, ref, 0.0)}
+    kinds, labels = {'timm': 'timm', 'good': 'fast-x', 'worse': 'fast-y'}, {'worse': 'Y (fast y)'}
+    within, top1 = report.check_targets('M batch 2', checks, labels, kinds)
+    assert within['met'] and within['value'] == pytest.approx(0.8) and 'worst: Y (fast y)' in within['target']
+    assert top1['met'] and top1['value'] == 1.0
+    checks['nan'] = F.logit_check(ref + float('nan'), ref, 0.0)
+    within, _ = report.check_targets('M batch 2', checks, labels, dict(kinds, nan='fast-z'))
+    assert not within['met'] and 'worst: nan' in within['target']
+    assert report.check_targets('M batch 2', {'timm': checks['timm']}, labels, kinds) == []
 
 
 def test_compile_budget_refuses_compiled_rows_below_the_batch_floor_and_once_spent():
