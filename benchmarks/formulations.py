@@ -297,7 +297,8 @@ def _fast_formulations() -> List[Formulation]:
     for name, label, backend, graph, residual, devices in FAST_PATHS:
         for pruned in (False, True):
             out.append(Formulation(
-                name if pruned else f'{name}-dense', name.replace('-', '_'), label, _fast_path(backend, graph, residual),
+                name if pruned else f'{name}-dense', name.replace('-', '_'), label,
+                _fast_path(backend, graph, residual),
                 pruned=pruned, compiled=backend == 'compile', prime=True, fixed_batch=True,
                 requires='models.fast_path', devices=devices, twin=f'{name}-dense',
                 compare=(('vs_boolean', 'boolean'),) if pruned else (),

@@ -90,11 +90,12 @@ cat "$OUT/env.txt"
 xdist=()
 python3 -c 'import xdist' > /dev/null 2>&1 && xdist=(-n 4)
 
-# 2. the tests: the model's equality tests (CPU) in the background while the fast path's run on the GPU
-#    (slow-marked included: the compiled backend on the GPU).
+# 2. the tests: the model's equality tests (CPU work; 4 processes of 2 threads, so half the cores stay free for
+#    the Triton compiles of the other tests) in the background while the fast path's run on the GPU (slow-marked
+#    included: the compiled backend on the GPU).
 if [[ " $steps " == *" tests "* ]]; then
-    step test_model 120 python3 -m pytest -q -p no:cacheprovider "${xdist[@]}" tests/test_model.py \
-        tests/test_families.py > /dev/null &
+    step test_model 120 env OMP_NUM_THREADS=2 python3 -m pytest -q -p no:cacheprovider "${xdist[@]}" \
+        tests/test_model.py tests/test_families.py > /dev/null &
     model_tests=$!
     step test_fast_path 180 python3 -m pytest -q -p no:cacheprovider -rsP "${xdist[@]}" tests/test_fast_path.py
     wait $model_tests

@@ -144,7 +144,8 @@ def _float_in(lo: float, hi: float) -> Callable[[str], float]:
         try:
             value = float(text.strip())
         except ValueError:
-            raise argparse.ArgumentTypeError(f'expected a number of seconds from {lo:g} to {hi:g}, got {text!r}') from None
+            raise argparse.ArgumentTypeError(f'expected a number of seconds from {lo:g} to {hi:g}, '
+                                             f'got {text!r}') from None
         if not (math.isfinite(value) and lo <= value <= hi):
             raise argparse.ArgumentTypeError(f'must be from {lo:g} to {hi:g} seconds, got {text.strip()}')
         return value

@@ -358,8 +358,9 @@ def _checks_table(results: Dict) -> List[str]:
     return (['', 'Logit checks: each row\'s logits against the eager fp32 model with the same weights and masks, on '
                  'one random batch of the section\'s size (rows timed again at another batch size are checked again '
                  'when they were built or compiled again). Tolerance: 2 x the eager model\'s own error at the run\'s '
-                 'precision (its autocast forward; TF32 in fp32 on a GPU; none in fp32 on a CPU) + 1e-3; top-1 judged on the images whose fp32 top-2 margin exceeds 2 x that error (random-init '
-                 'models have near-ties that half precision cannot resolve).', '']
+                 'precision (its autocast forward; TF32 in fp32 on a GPU; none in fp32 on a CPU) + 1e-3; top-1 '
+                 'judged on the images whose fp32 top-2 margin exceeds 2 x that error (random-init models have '
+                 'near-ties that half precision cannot resolve).', '']
             + table(['row', 'batch', 'max abs logit diff', 'tolerance', 'top-1 = fp32, all images',
                      'top-1 = fp32, clear margin', 'clear images', 'ok'], rows))
 

@@ -159,7 +159,8 @@ def test_a_formulation_whose_module_does_not_import_is_skipped_with_its_reason()
     assert list(skipped) == ['needs-missing', 'not-here']
     assert 'benchmarks_test_no_such_module is not importable' in skipped['needs-missing']
     assert skipped['not-here'] == 'nothing runs on cpu'
-    assert [f.name for f in F.select(CPU, True, registry, names=['ours', 'timm'])[0]] == ['timm', 'ours']  # registry order
+    chosen, _ = F.select(CPU, True, registry, names=['ours', 'timm'])
+    assert [f.name for f in chosen] == ['timm', 'ours']  # in registry order
     # The fast inference path is registered per variant, dense and pruned, each built for its batch size; the
     # CUDA-graph variants on CUDA only, the Triton ones wherever Triton runs (on CPU: its interpreter).
     fast = {f.name: f for f in F.REGISTRY.values() if f.requires == 'models.fast_path'}
@@ -606,7 +607,8 @@ def test_cuda_sections_run_in_the_order_of_their_value():
     assert (normal['compile_min_batch'], normal['scoring_repeats'], normal['routing_repeats']) == (128, 0, 0)
     # CPU: as before, with the sweeps at the end
     cpu, _ = zoo.defaults('cpu')
-    args = SimpleNamespace(**cpu, batch_size=None, protocol='ours', timm_models={n: F.SHORTCUTS[n] for n in cpu['models']})
+    args = SimpleNamespace(**cpu, batch_size=None, protocol='ours',
+                           timm_models={n: F.SHORTCUTS[n] for n in cpu['models']})
     assert [(s.kind, s.model) for s in zoo.plan_sections(args, CPU)] == [
         ('main', 'tiny'), ('main', 'small'), ('main', 'base'), ('batch-sweep', 'tiny'), ('rate-sweep', 'tiny')]
 
@@ -676,7 +678,8 @@ def test_quick_run_times_the_fast_path_rows_and_checks_every_row_against_eager_f
     assert set(b1['seconds']) == set(rows) and set(b1['fast_path']) == set(b1['checks'])
     entry, = res['summary']
     assert entry['model'] == 'C&C-deit_digits_patch4_32-30' and entry['speedup_batch1'] is not None
-    assert entry['best_pruned_mode'] in kinds[kinds.index('ours'):] and entry['best_dense_mode'] in kinds[:kinds.index('ours')]
+    first_pruned = kinds.index('ours')
+    assert entry['best_pruned_mode'] in kinds[first_pruned:] and entry['best_dense_mode'] in kinds[:first_pruned]
     md = (tmp_path / 'r.md').read_text()
     assert '| C&C-deit_digits_patch4_32-30 (fast path, torch) | 4 |' in md  # logit checks and fast path builds
     assert 'Fast path builds' in md and '- deit_digits_patch4_32 batch 4, fails_30: building or running it failed' in md
