@@ -1,17 +1,23 @@
-"""What the benchmark times: the models of a run, the formulations of a pruned forward pass, and their rows.
+"""What the benchmark times: the models of a run, the formulations of a forward pass, their rows and checks.
 
 * Models: ``--models`` names (the shortcuts tiny/small/base or timm names), their report labels, and
   :func:`cc_model_for`, the one place that builds the C&C model of a timm name.
 * Formulations: the original research code's boolean-mask formulation (a re-implementation), the earlier
   gather/scatter routing, blocks replaced by the identity (routing alone).
-* :data:`REGISTRY`: every way a forward pass is timed, as ``name -> builder(cc model, dense timm twin,
-  context) -> callable``; :func:`build_runs` turns the selected ones into the rows of a model.  A new
-  inference path is one more entry; an entry whose module cannot be imported is skipped with a note.
+* :data:`REGISTRY`: every way a forward pass is timed (timm eager and compiled, ours eager and compiled, the
+  boolean formulation, the fast inference path of models/fast_path.py per backend, with and without a CUDA
+  graph), as ``name -> builder(cc model, dense timm twin, context) -> callable``; :func:`build_runs` turns the
+  selected ones into the rows of a model and checks each one's logits against the eager fp32 model
+  (:func:`logit_check`); :class:`CompileBudget` says when compiled rows are built.  A new inference path is one
+  more entry; an entry that cannot run here (its module does not import, no Triton) is skipped with a note, and
+  one that fails to build is left out with the reason.
 """
 import contextlib
 import copy
 import importlib
+import math
 import time
+import traceback
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -113,11 +119,6 @@ def pruned_copy(cc: nn.Module, masks: torch.Tensor) -> nn.Module:
     return model.eval()
 
 
-def max_diff(a: Callable, b: Callable, x: torch.Tensor, autocast) -> float:
-    with torch.no_grad(), autocast():
-        return (a(x).float() - b(x).float()).abs().max().item()
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # The original research code's formulation (a re-implementation for comparison; not used by the project)
 
@@ -209,6 +210,8 @@ class Context:
     batch: int
     shape: Tuple[int, int, int]   # one image
     grad: bool = False            # the original code's protocol times with autograd on
+    fast_autotune: bool = True    # fast-path rows time their kernel candidates at build (attention/mlp 'auto')
+    seed: int = 0                 # of the batch the rows' logits are checked on
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None)
@@ -216,48 +219,91 @@ class Context:
     def batch_of_noise(self) -> torch.Tensor:
         return torch.randn(self.batch, *self.shape, device=self.device)
 
+    def check_batch(self) -> torch.Tensor:
+        """The images every row's logits are checked on: seeded by the run's seed, one batch of the timed size."""
+        g = torch.Generator().manual_seed(self.seed)
+        return torch.randn(self.batch, *self.shape, generator=g).to(self.device)
+
 
 # builder(cc model: pruned, or dense with every mask True; timm's dense twin with the same weights; context)
 Builder = Callable[[nn.Module, nn.Module, Context], Callable]
+REFERENCES = ('timm', 'ours')  # the eager rows: the baseline of every speed-up, the model every pruned row computes
 
 
 @dataclass(frozen=True)
 class Formulation:
     """One way of running a forward pass, timed as one row per model (dense) or per prune rate (pruned)."""
-    name: str                  # the row's "kind" in the JSON, the "mode" in the summary
+    name: str                  # the row's "kind" in the JSON, the "mode" in the summary, a --rows name
     prefix: str                # row key: prefix (dense row) or prefix_<rate tag> (pruned rows)
     label: str                 # the formulation column of the report
     build: Builder
     pruned: bool               # True: a row per prune rate; False: one dense row per model
-    compiled: bool = False     # a torch.compile row: subject to --compile / --compile-models
+    compiled: bool = False     # a torch.compile row: subject to --compile, --compile-models and the compile budget
     prime: bool = False        # called once before timing (compilation, graph capture), untimed
     fixed_batch: bool = False  # built for one batch size (e.g. CUDA graphs): rebuilt for every batch size
     requires: Optional[str] = None   # a module that must import, else the row is skipped with a note
     devices: Tuple[str, ...] = ('cpu', 'cuda')
     compare: Tuple[Tuple[str, str], ...] = ()  # (row field, formulation name): speed-ups besides vs timm
-    check: Optional[str] = None  # JSON key of its max |logit difference| from the eager reference
+    twin: str = 'timm'         # pruned rows: the dense formulation the main table compares the row with
+    runs_here: Optional[Callable[[torch.device], Optional[str]]] = None  # why it cannot run on a device, or None
 
     def key(self, rate: Optional[float] = None) -> str:
         return f'{self.prefix}_{rate_tag(rate)}' if self.pruned else self.prefix
 
-    def check_key(self, rate: Optional[float] = None) -> str:
-        if self.check:
-            return self.check.format(tag=rate_tag(rate) if self.pruned else '')
-        return f'{self.key(rate)}_vs_{"ours" if self.pruned else "timm"}_max_abs'
-
 
 def _compiled(use_dense: bool) -> Builder:
     def build(cc: nn.Module, dense: nn.Module, ctx: Context) -> Callable:
-        return torch.compile(dense if use_dense else cc, fullgraph=True)
+        # dynamic=False: every batch size gets a graph of its own (static shapes), never a dynamic-shape one.
+        return torch.compile(dense if use_dense else cc, fullgraph=True, dynamic=False)
     return build
 
 
-def _fast_path(backend: str) -> Builder:
+def _fast_path(backend: str, cuda_graph: Optional[bool], residual_dtype: Optional[torch.dtype]) -> Builder:
+    """build_fast_path of the given model (dense: every mask True) for the context's batch size; ``cuda_graph``
+    None: on CUDA only.  With ``ctx.fast_autotune`` the attention and MLP kernels are timed per kept count at
+    build (the path as a user builds it); without, SDPA's own dispatch and cuBLAS, nothing timed."""
     def build(cc: nn.Module, dense: nn.Module, ctx: Context) -> Callable:
         from models.fast_path import build_fast_path
-        return build_fast_path(copy.deepcopy(cc), backend=backend, dtype=ctx.dtype or torch.float32,
-                               cuda_graph=ctx.device.type == 'cuda', batch_size=ctx.batch)
+        graph = ctx.device.type == 'cuda' if cuda_graph is None else cuda_graph
+        tune = ctx.fast_autotune
+        return build_fast_path(cc, backend=backend, dtype=ctx.dtype or torch.float32, cuda_graph=graph,
+                               batch_size=ctx.batch, residual_dtype=residual_dtype,
+                               attention='auto' if tune else 'sdpa', mlp='auto' if tune else 'torch')
     return build
+
+
+def _triton_runs_on(device: torch.device) -> Optional[str]:
+    from models import fast_kernels
+    if fast_kernels.triton_runs_on(torch.empty(0, device=device)):
+        return None
+    if not fast_kernels.HAS_TRITON:
+        return 'Triton is not installed'
+    return ('Triton runs on CPU only in its interpreter (TRITON_INTERPRET=1 in the environment; slow: small '
+            'models only)')
+
+
+# The fast inference path (models.fast_path): (name, label, backend, CUDA graph, residual dtype, devices).
+FAST_PATHS = (
+    ('fast-torch', 'fast path, torch', 'torch', False, None, ('cpu', 'cuda')),
+    ('fast-triton', 'fast path, triton', 'triton', False, None, ('cpu', 'cuda')),
+    ('fast-triton-graph', 'fast path, triton, CUDA graph', 'triton', True, None, ('cuda',)),
+    ('fast-triton-res16', 'fast path, triton, CUDA graph, fp16 residual', 'triton', True, torch.float16, ('cuda',)),
+    ('fast-compile', 'fast path, compile', 'compile', None, None, ('cpu', 'cuda')),
+)
+
+
+def _fast_formulations() -> List[Formulation]:
+    out = []
+    for name, label, backend, graph, residual, devices in FAST_PATHS:
+        for pruned in (False, True):
+            out.append(Formulation(
+                name if pruned else f'{name}-dense', name.replace('-', '_'), label,
+                _fast_path(backend, graph, residual),
+                pruned=pruned, compiled=backend == 'compile', prime=True, fixed_batch=True,
+                requires='models.fast_path', devices=devices, twin=f'{name}-dense',
+                compare=(('vs_boolean', 'boolean'),) if pruned else (),
+                runs_here=_triton_runs_on if backend == 'triton' else None))
+    return out
 
 
 def _register(*formulations: Formulation) -> Dict[str, Formulation]:
@@ -269,50 +315,135 @@ def _register(*formulations: Formulation) -> Dict[str, Formulation]:
 REGISTRY: Dict[str, Formulation] = _register(
     Formulation('timm', 'timm', 'timm', lambda cc, dense, ctx: dense, pruned=False),
     Formulation('timm-compiled', 'timm_compiled', 'timm, compiled', _compiled(use_dense=True), pruned=False,
-                compiled=True, prime=True, compare=(('speedup_vs_timm_compiled', 'timm-compiled'),)),
+                compiled=True, prime=True),
     Formulation('ours', 'ours', 'ours', lambda cc, dense, ctx: cc, pruned=True,
                 compare=(('vs_boolean', 'boolean'),)),
     Formulation('boolean', 'boolean', 'boolean mask, original formulation',
-                lambda cc, dense, ctx: BooleanMaskViT(dense, masks_of(cc)).to(ctx.device).eval(), pruned=True,
-                check='ours_vs_boolean_{tag}_max_abs'),
+                lambda cc, dense, ctx: BooleanMaskViT(dense, masks_of(cc)).to(ctx.device).eval(), pruned=True),
     Formulation('ours-compiled', 'compiled', 'ours, compiled', _compiled(use_dense=False), pruned=True,
-                compiled=True, prime=True, check='compiled_vs_ours_{tag}_max_abs',
-                compare=(('vs_boolean', 'boolean'), ('speedup_vs_timm_compiled', 'timm-compiled'))),
-    # The fast GPU inference path (models.fast_path, being written): dense and pruned rows per backend.
-    *(Formulation(f'fast-{backend}{"" if pruned else "-dense"}', f'fast_{backend}', f'fast path, {backend}',
-                  _fast_path(backend), pruned=pruned, prime=True, fixed_batch=True, requires='models.fast_path',
-                  devices=('cuda',), compare=(('vs_boolean', 'boolean'),) if pruned else ())
-      for backend in ('triton', 'compile') for pruned in (False, True)),
+                compiled=True, prime=True, twin='timm-compiled', compare=(('vs_boolean', 'boolean'),)),
+    *_fast_formulations(),
 )
 
 
-def unavailable(formulation: Formulation) -> Optional[str]:
-    """Why a formulation cannot run in this environment (its module does not import), or None."""
-    if formulation.requires is None:
-        return None
-    try:
-        importlib.import_module(formulation.requires)
-    except ImportError as e:
-        return f'{formulation.requires} is not importable ({e})'
+def unavailable(formulation: Formulation, device: Optional[torch.device] = None) -> Optional[str]:
+    """Why a formulation cannot run in this environment (its module does not import, or it cannot run on
+    ``device``), or None."""
+    if formulation.requires is not None:
+        try:
+            importlib.import_module(formulation.requires)
+        except ImportError as e:
+            return f'{formulation.requires} is not importable ({e})'
+    if device is not None and formulation.runs_here is not None:
+        return formulation.runs_here(device)
     return None
 
 
-def select(device: torch.device, compile_rows: bool,
-           registry: Optional[Dict[str, Formulation]] = None) -> Tuple[List[Formulation], Dict[str, str]]:
-    """The formulations to time on ``device`` (compiled ones only with ``compile_rows``), and a note for each
-    registered one that is left out because it cannot run here."""
+def select(device: torch.device, compile_rows: bool, registry: Optional[Dict[str, Formulation]] = None,
+           names: Optional[List[str]] = None) -> Tuple[List[Formulation], Dict[str, str]]:
+    """The formulations to time on ``device``, in registry order: those named (every one registered for the
+    device when ``names`` is None), compiled ones only with ``compile_rows``; and a note for each of them that
+    is left out because it cannot run here."""
     chosen, skipped = [], {}
     for f in (REGISTRY if registry is None else registry).values():
+        if names is not None and f.name not in names:
+            continue
         if device.type not in f.devices:
             continue  # not meant for this device (e.g. a GPU-only path on CPU): no note
         if f.compiled and not compile_rows:
             continue
-        reason = unavailable(f)
+        reason = unavailable(f, device)
         if reason:
             skipped[f.name] = reason
         else:
             chosen.append(f)
     return chosen, skipped
+
+
+class CompileBudget:
+    """When compiled rows (torch.compile: timm's, ours, the fast path's 'compile' backend) are built: only at
+    batch sizes of at least ``min_batch``, and only until ``seconds`` of compilation (first calls) are spent;
+    a row refused is left out with the reason."""
+
+    def __init__(self, seconds: Optional[float] = None, min_batch: int = 1):
+        self.seconds = math.inf if seconds is None else seconds
+        self.min_batch = min_batch
+        self.spent = 0.0
+
+    def refuses(self, f: Formulation, batch: int) -> Optional[str]:
+        if not f.compiled:
+            return None
+        if batch < self.min_batch:
+            return f'compiled rows only at batch >= {self.min_batch} (--compile-min-batch)'
+        if self.spent >= self.seconds:
+            return f'compile budget of {self.seconds:.0f} s spent ({self.spent:.0f} s; --compile-budget)'
+        return None
+
+    def spend(self, f: Formulation, seconds: float) -> None:
+        if f.compiled:
+            self.spent += seconds
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checking a row: its logits against the eager fp32 model with the same weights and masks
+
+TOP1_SHARE = 0.99      # top-1 identical on at least 99% of the images with a clear margin
+ABSOLUTE_SLACK = 1e-3  # tolerance = 2 x the eager model's own autocast error + this
+
+
+@contextlib.contextmanager
+def cudnn_tf32(allowed: bool):
+    """TF32 convolutions (cuDNN; on by default, unlike TF32 matrix products) allowed or not while inside."""
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = allowed
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = saved
+
+
+@torch.no_grad()
+def eager_fp32(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The eager model's logits in fp32 (no autocast, no TF32 convolution): the reference every row is checked
+    against."""
+    with torch.autocast(x.device.type, enabled=False), cudnn_tf32(False):
+        return model(x).float()
+
+
+@torch.no_grad()
+def autocast_error(model: nn.Module, x: torch.Tensor, reference: torch.Tensor, ctx: Context) -> float:
+    """max |logit difference| of the eager model at the run's precision from its own fp32 logits: what rounding
+    alone costs, the scale of a row's tolerance.  Under autocast (fp16/bf16) the eager model's autocast forward;
+    in fp32 on a GPU its forward with cuDNN's default TF32 convolution (the fast path's Triton fp32 dots use TF32
+    too); 0 in fp32 on a CPU."""
+    if ctx.dtype is None and ctx.device.type != 'cuda':
+        return 0.0
+    with ctx.autocast(), cudnn_tf32(True):
+        return (model(x).float() - reference).abs().max().item()
+
+
+def logit_check(out: torch.Tensor, reference: torch.Tensor, baseline: float) -> Dict:
+    """A row's logits ``out`` against the eager fp32 ``reference`` on the same images (the rule of
+    tests/test_fast_path.py for the fp16 fast path): the max |logit difference| must be at most
+    2 x ``baseline`` + 1e-3, where ``baseline`` is the eager model's own autocast error (0 in fp32); top-1 must
+    agree on >= 99% of the images whose fp32 top-2 margin exceeds 2 x ``baseline``.  A random-init model has
+    near-ties that half precision cannot resolve, in timm's forward as in ours, so top-1 agreement over all
+    images is reported beside it, not judged."""
+    out, reference = out.float(), reference.float()
+    diff = (out - reference).abs().max().item()
+    tolerance = 2 * baseline + ABSOLUTE_SLACK
+    if reference.shape[1] > 1:
+        top2 = reference.topk(2, dim=1).values
+        clear = (top2[:, 0] - top2[:, 1]) > 2 * baseline
+    else:  # one class: no tie possible
+        clear = torch.ones(reference.shape[0], dtype=torch.bool, device=reference.device)
+    agree = out.argmax(1) == reference.argmax(1)
+    n_clear = int(clear.sum())
+    on_clear = agree[clear].float().mean().item() if n_clear else None
+    return {'max_abs_diff': diff, 'tolerance': tolerance, 'autocast_error': baseline,
+            'within_tolerance': bool(diff <= tolerance), 'top1_agreement': agree.float().mean().item(),
+            'top1_agreement_clear': on_clear, 'clear_images': n_clear, 'images': int(out.shape[0]),
+            'top1_ok': None if on_clear is None else bool(on_clear >= TOP1_SHARE)}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -324,7 +455,7 @@ class Runs:
     runs: Dict[str, Callable] = field(default_factory=dict)
     meta: Dict[str, Dict] = field(default_factory=dict)
     formulation: Dict[str, Formulation] = field(default_factory=dict)
-    checks: Dict[str, float] = field(default_factory=dict)
+    checks: Dict[str, Dict] = field(default_factory=dict)
     build_seconds: Dict[str, float] = field(default_factory=dict)
     skipped: Dict[str, str] = field(default_factory=dict)
 
@@ -344,30 +475,65 @@ def build_one(f: Formulation, cc: nn.Module, dense: nn.Module, ctx: Context) -> 
     return run, time.perf_counter() - start
 
 
+class Checker:
+    """The eager fp32 logits of every mask set on one batch of the timed size, computed when first needed, and
+    :func:`logit_check` of any row against them."""
+
+    def __init__(self, model_of: Callable[[Optional[float]], nn.Module], ctx: Context):
+        self.model_of, self.ctx = model_of, ctx
+        self.x = ctx.check_batch()
+        self.references: Dict[Optional[float], Tuple[torch.Tensor, float]] = {}
+
+    def check(self, run: Callable, rate: Optional[float]) -> Dict:
+        if rate not in self.references:
+            model = self.model_of(rate)
+            ref = eager_fp32(model, self.x)
+            self.references[rate] = ref, autocast_error(model, self.x, ref, self.ctx)
+        ref, baseline = self.references[rate]
+        with torch.no_grad(), self.ctx.autocast():
+            out = run(self.x)
+        return logit_check(out, ref, baseline)
+
+
+def _note(key: str, reason: str) -> None:
+    print(f'note: row {key} not timed: {reason}', flush=True)
+
+
 def build_runs(timm_name: str, cc: nn.Module, dense: nn.Module, pruned: Dict[float, nn.Module],
-               formulations: List[Formulation], ctx: Context, x_check: torch.Tensor) -> Runs:
+               formulations: List[Formulation], ctx: Context, budget: Optional[CompileBudget] = None) -> Runs:
     """The rows of one model: every dense formulation on ``cc`` (all masks True) and ``dense``, then for each
-    rate every pruned formulation on the pruned model.  Each row but the references ('timm' for the dense rows,
-    'ours' for the pruned ones) is checked against its reference (max |logit difference|) on ``x_check``, or on a
-    batch of the timed size (dense rows, and rows that compile or capture for one shape).
-    A formulation with a ``requires`` module that fails to build is skipped with a note, not fatal."""
+    rate every pruned formulation on the pruned model.  Every row is checked (:func:`logit_check`) against the
+    eager fp32 model with its masks (``cc`` for the dense rows) on one batch of the timed size (rows that
+    compile or capture for one shape are only ever called at that size).  A row other than the references that
+    fails to build or run, or that the compile budget refuses, is left out with the reason (``skipped``)."""
     out = Runs()
+    budget = budget or CompileBudget()
+    checker = Checker(lambda rate: cc if rate is None else pruned[rate], ctx)
     depth = len(cc.blocks)
     dense_macs = models.count_macs(cc)
     todo = [(f, None, cc) for f in formulations if not f.pruned]
     todo += [(f, rate, model) for rate, model in pruned.items() for f in formulations if f.pruned]
-    x_full = None
     for f, rate, model in todo:
         key = f.key(rate)
+        refused = budget.refuses(f, ctx.batch)
+        if refused:
+            out.skipped[key] = refused
+            _note(key, refused)
+            continue
+        start = time.perf_counter()
         try:
             run, seconds = build_one(f, model, dense, ctx)
-        except Exception as e:  # noqa: BLE001  (an optional path must not sink a long run)
-            if f.requires is None:
+            check = checker.check(run, rate)
+        except Exception as e:  # noqa: BLE001  (one row must not sink a long run; the references must work)
+            if f.name in REFERENCES:
                 raise
-            out.skipped[key] = f'{type(e).__name__}: {e}'
-            print(f'note: {f.name} row {key} not timed: building it failed ({out.skipped[key]})', flush=True)
+            traceback.print_exc()
+            out.skipped[key] = f'building or running it failed: {type(e).__name__}: {e}'
+            _note(key, out.skipped[key])
             continue
-        out.runs[key], out.formulation[key], out.build_seconds[key] = run, f, seconds
+        finally:
+            budget.spend(f, time.perf_counter() - start)
+        out.runs[key], out.formulation[key], out.build_seconds[key], out.checks[key] = run, f, seconds, check
         if f.pruned:
             label = f'{pruned_label(timm_name, rate)} ({f.label})'
             macs, kept = models.count_macs(model), models.kept_token_counts(model)
@@ -375,32 +541,62 @@ def build_runs(timm_name: str, cc: nn.Module, dense: nn.Module, pruned: Dict[flo
             label = f'{dense_label(timm_name)} ({f.label})'
             macs, kept = dense_macs, [cc.num_tokens] * depth
         out.meta[key] = {'label': label, 'kind': f.name, 'dense': not f.pruned, 'rate': rate or 0.0,
-                         'macs': macs, 'kept': kept}
-        reference = REGISTRY['ours' if f.pruned else 'timm'].key(rate)
-        if key != reference:
-            # Compiled rows, rows built for one batch size and dense rows are checked at the timed batch size:
-            # a compiled model called at another size recompiles with a dynamic batch dimension, and dynamo
-            # then serves the timed passes from that newer graph instead of the static one.
-            if f.pruned and not f.prime:
-                x = x_check
-            else:
-                x = x_full = x_full if x_full is not None else ctx.batch_of_noise()
-            out.checks[f.check_key(rate)] = max_diff(run, out.runs[reference], x, ctx.autocast)
+                         'macs': macs, 'kept': kept, 'build_seconds': seconds, 'check': check}
+        if hasattr(run, 'describe'):
+            out.meta[key]['fast_path'] = run.describe()
     return out
 
 
+@dataclass
+class Rebuilt:
+    """The callables of a model's rows at another batch size, what was left out there, and the checks of the
+    rows built or compiled again for it."""
+    runs: Dict[str, Callable]
+    skipped: Dict[str, str]
+    checks: Dict[str, Dict]
+    fast_path: Dict[str, Dict]
+    build_seconds: Dict[str, float]
+
+
 def rebuild_for_batch(runs: Runs, cc_of: Callable[[Optional[float]], nn.Module], dense: nn.Module,
-                      ctx: Context) -> Dict[str, Callable]:
+                      ctx: Context, budget: Optional[CompileBudget] = None) -> Rebuilt:
     """The callables of ``runs`` for another batch size (``ctx.batch``): rows built for one batch size
-    (``fixed_batch``) are built again; compiled rows are called once untimed (a recompile for the new shape)."""
-    out = {}
+    (``fixed_batch``) are built again, compiled rows are called once untimed (a static recompile for the new
+    shape); both are checked again (:func:`logit_check`) at that size, as they run new code.  Eager rows are
+    reused.  A row that fails, or that the compile budget refuses, is left out of this batch size."""
+    budget = budget or CompileBudget()
+    checker = Checker(cc_of, ctx)
+    out = Rebuilt({}, {}, {}, {}, {})
     for key, run in runs.runs.items():
         f = runs.formulation[key]
         rate = runs.meta[key]['rate'] if f.pruned else None
-        if f.fixed_batch:
-            run, _ = build_one(f, cc_of(rate), dense, ctx)
-        elif f.prime:
-            with torch.set_grad_enabled(False), ctx.autocast():
-                run(ctx.batch_of_noise())
-        out[key] = run
+        if not (f.fixed_batch or f.prime):
+            out.runs[key] = run
+            continue
+        refused = budget.refuses(f, ctx.batch)
+        if refused:
+            out.skipped[key] = refused
+            _note(f'{key} at batch {ctx.batch}', refused)
+            continue
+        start = time.perf_counter()
+        try:
+            if f.fixed_batch:
+                run, _ = build_one(f, cc_of(rate), dense, ctx)
+            else:
+                with torch.set_grad_enabled(ctx.grad), ctx.autocast():
+                    run(ctx.batch_of_noise())
+                engine.synchronize(ctx.device)
+            out.checks[key] = checker.check(run, rate)
+        except Exception as e:  # noqa: BLE001
+            if f.name in REFERENCES:
+                raise
+            traceback.print_exc()
+            out.skipped[key] = f'building or running it failed: {type(e).__name__}: {e}'
+            _note(f'{key} at batch {ctx.batch}', out.skipped[key])
+            continue
+        finally:
+            budget.spend(f, time.perf_counter() - start)
+        out.runs[key], out.build_seconds[key] = run, time.perf_counter() - start
+        if hasattr(run, 'describe'):
+            out.fast_path[key] = run.describe()
     return out

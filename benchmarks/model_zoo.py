@@ -10,7 +10,12 @@ For each model (DeiT-Ti/S/B by default, or any timm name with a C&C model) and p
   * ``C&C-X-rr (boolean mask)``: a re-implementation of the *original research code's* formulation,
     ``keep, rest = x[:, m], x[:, ~m]; x = cat([block(keep), rest], 1)`` in every block;
   * with torch.compile: ``DeiT-X (timm, compiled)`` and ``C&C-X-rr (ours, compiled)`` (fullgraph=True);
-  * on a GPU, the fast inference path (models.fast_path) when it is importable, dense and pruned.
+  * the fast inference path (models/fast_path.py), dense and pruned: the Triton backend with and without a CUDA
+    graph (the GPU default), and on request the torch and compile backends and an fp16 residual stream.
+
+``--rows`` picks the formulations (defaults per device: see DEFAULT_ROWS).  Every row's logits are checked
+against the eager fp32 model with the same weights and masks (max |difference| within the fp16 fast path's
+tolerance, top-1 on the images with a clear margin), and a row that fails to build is left out with the reason.
 
 Two timing protocols (``--protocol``).  ``ours`` (default): the rows are timed interleaved with the timer of
 --speed-only (engine.time_interleaved: warm-up, synchronised passes, the starting row rotating every round,
@@ -27,13 +32,18 @@ the token routing alone (every timm block replaced by the identity, so only what
 formulations is timed), and a summary: per pruned row, its fastest mode against the fastest dense mode, also at
 batch 1 and 32; then it says whether each of the targets is met.  It prints Markdown and writes JSON.
 
+A run is a list of sections (a model's main table, its rows again at a summary batch size, a sweep) in the order
+of what they are worth; with --time-limit no new section starts after that many seconds, and the JSON and
+Markdown are written after every section, so a run cut short keeps what it measured.  Compiled rows are built
+within --compile-budget seconds of compilation and at batch sizes of at least --compile-min-batch.
+
 Masks: by default Taylor attention scores of the random-init model on two random-noise batches, planned
 with the global budget (``--masks taylor``; per-layer kept counts vary like a real plan's, though the
 distribution is not that of a trained model); ``--masks random`` uses the random baseline.  Weights are a
 seeded random init: throughput does not depend on their values.
 
     python benchmarks/model_zoo.py                      # CPU here: Ti/S/B, rates 0.25,0.30,0.40
-    python benchmarks/model_zoo.py --device cuda        # on a GPU (fp16 autocast, larger batches)
+    python benchmarks/model_zoo.py --device cuda        # on a GPU (fp16 autocast, larger batches; gpu_check.sh)
     python benchmarks/model_zoo.py --quick              # smoke run, under a minute on 2 CPU cores
 """
 import argparse
@@ -47,6 +57,8 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -64,9 +76,9 @@ import models  # noqa: E402
 import pruning  # noqa: E402
 from benchmarks import report  # noqa: E402
 from benchmarks.formulations import (  # noqa: E402
-    REGISTRY, Context, Runs, ScatterRouting, blocks_as_identity, build_runs, configure_dynamo, dense_label,
-    image_shape, masks_of, max_diff, plan, pruned_copy, rate_tag, rebuild_for_batch, resolve_model, run_blocks_ours,
-    seeded_models, select, short_name,
+    REFERENCES, REGISTRY, CompileBudget, Context, Runs, ScatterRouting, blocks_as_identity, build_runs,
+    configure_dynamo, dense_label, image_shape, plan, pruned_copy, rate_tag, rebuild_for_batch, resolve_model,
+    run_blocks_ours, seeded_models, select, short_name,
 )
 from benchmarks.stats import Timings, as_fields, paired  # noqa: E402
 from engine import steady_allocator  # noqa: E402
@@ -83,6 +95,12 @@ DEFAULT_BATCH = {'cpu': {'deit_tiny_patch16_224': 32, 'deit_small_patch16_224': 
                  'cuda': {'deit_tiny_patch16_224': 256, 'deit_small_patch16_224': 256,
                           'deit_base_patch16_224': 128}}
 FALLBACK_BATCH = {'cpu': 16, 'cuda': 128}  # other timm models
+# The rows timed by default (--rows).  CPU: as the recorded CPU run.  CUDA: the rows the summary's targets compare
+# (timm eager and compiled; ours eager; the fast path's Triton backend, dense and pruned, with and without a CUDA
+# graph), nothing else: the boolean formulation, our compiled model and the fast path's other variants on request.
+DEFAULT_ROWS = {'cpu': ['timm', 'timm-compiled', 'ours', 'boolean', 'ours-compiled'],
+                'cuda': ['timm', 'timm-compiled', 'ours', 'fast-triton-dense', 'fast-triton', 'fast-triton-graph-dense',
+                         'fast-triton-graph']}
 ORIGINAL_BATCH = 256                         # the original code timed torch.rand(256, 3, 224, 224)
 DTYPES = {'fp32': None, 'fp16': torch.float16, 'bf16': torch.bfloat16}
 EXIT_USAGE = 2
@@ -94,6 +112,7 @@ EXIT_USAGE = 2
 MAX_COUNT = 100_000   # passes, rounds, repeats
 MAX_BATCH = 65_536
 MAX_SEED = 2 ** 32 - 1
+MAX_SECONDS = 1_000_000
 
 
 class UsageError(Exception):
@@ -116,6 +135,19 @@ def _int_in(lo: int, hi: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f'expected an integer from {lo} to {hi}, got {text!r}') from None
         if not lo <= value <= hi:
             raise argparse.ArgumentTypeError(f'must be from {lo} to {hi}, got {value}')
+        return value
+    return parse
+
+
+def _float_in(lo: float, hi: float) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'expected a number of seconds from {lo:g} to {hi:g}, '
+                                             f'got {text!r}') from None
+        if not (math.isfinite(value) and lo <= value <= hi):
+            raise argparse.ArgumentTypeError(f'must be from {lo:g} to {hi:g} seconds, got {text.strip()}')
         return value
     return parse
 
@@ -181,11 +213,28 @@ def build_parser() -> Parser:
                         '--protocol original are fp32 whatever this says')
     p.add_argument('--masks', choices=['taylor', 'random'], default='taylor',
                    help='taylor: Taylor scores of the random-init model on noise batches; random: random baseline')
+    p.add_argument('--rows', type=_names, default=None,
+                   help='comma-separated formulations to time, each a row per model or per prune rate (default: '
+                        f'CPU {",".join(DEFAULT_ROWS["cpu"])}; CUDA {",".join(DEFAULT_ROWS["cuda"])}); timm and ours '
+                        f'always; all: {", ".join(REGISTRY)}')
     p.add_argument('--compile', action=argparse.BooleanOptionalAction, default=None,
                    help='the torch.compile rows (default on; --quick: off)')
     p.add_argument('--compile-models', type=_names, default=None,
                    help='models (of --models) that get torch.compile rows (default: CPU the first of --models, as '
                         'a cold inductor compile takes 15-40 s per pruned model on 2 cores; CUDA all)')
+    p.add_argument('--compile-budget', type=_float_in(0, MAX_SECONDS), default=None,
+                   help='seconds of torch.compile (first calls of compiled rows) after which no further compiled row '
+                        'is built; those left out are listed (default: CPU none, CUDA 120)')
+    p.add_argument('--compile-min-batch', type=batch, default=None,
+                   help='compiled rows only in sections of at least this batch size (default: CPU 1, CUDA 128: at '
+                        'small batches the CUDA-graph rows are the fast dense ones, and each batch size recompiles)')
+    p.add_argument('--fast-autotune', action=argparse.BooleanOptionalAction, default=None,
+                   help='fast-path rows time their attention and MLP kernel candidates per kept count when built, '
+                        'as build_fast_path does by default (default on); --no-fast-autotune: SDPA\'s own dispatch '
+                        'and cuBLAS, nothing timed at build')
+    p.add_argument('--time-limit', type=_float_in(1, MAX_SECONDS), default=None,
+                   help='seconds after which no new section starts (the first always runs; the results are written '
+                        'after every section; default: none)')
     p.add_argument('--protocol', choices=['ours', 'original'], default='ours',
                    help='how the main table is timed: ours (interleaved rounds, no_grad, median; default) or '
                         'original (the original code: each row alone, fp32, autograd on, cudnn.benchmark, TF32 on '
@@ -193,18 +242,19 @@ def build_parser() -> Parser:
     p.add_argument('--original-passes', type=count, default=None,
                    help='passes per row of --protocol original (default 50, as the original code)')
     p.add_argument('--sweep-batch-sizes', type=_int_list(1, MAX_BATCH), default=None,
-                   help='batch-size sweep (default: CPU 1,8,32,64; CUDA 1,32,128,256,512; "" to skip)')
+                   help='batch-size sweep (default: CPU 1,8,32,64; CUDA "" = skip)')
     p.add_argument('--sweep-rates', type=_rate_list(zero_allowed=True), default=None,
-                   help='prune-rate sweep, rates in [0, 1) (default 0,0.1,0.2,0.3,0.4,0.5,0.6,0.7; "" to skip)')
+                   help='prune-rate sweep, rates in [0, 1) (default: CPU 0,0.1,0.2,0.3,0.4,0.5,0.6,0.7; CUDA "" = '
+                        'skip)')
     p.add_argument('--summary-batch-sizes', type=_int_list(1, MAX_BATCH), default=None,
                    help='batch sizes at which every row of the main table is timed again for the summary '
-                        '(speedup_batch1/32; default: CUDA 1,32, CPU "" = skip)')
+                        '(speedup_batch1/32), in this order (default: CUDA 32,1, CPU "" = skip)')
     p.add_argument('--scoring-repeats', type=count0, default=None,
-                   help='timed scoring/training-step pairs per model (default 3; 0 to skip)')
+                   help='timed scoring/training-step pairs per model (default: CPU 3, CUDA 0; 0 skips)')
     p.add_argument('--scoring-batch-size', type=batch, default=None,
                    help='batch of the scoring-cost comparison (default: the model\'s batch, at most 64)')
     p.add_argument('--routing-repeats', type=count0, default=None,
-                   help='rounds of the token-routing-alone timing (default 60; 0 to skip)')
+                   help='rounds of the token-routing-alone timing (default: CPU 60, CUDA 0; 0 skips)')
     p.add_argument('--breakdown-rounds', type=count0, default=None,
                    help='profiled passes per row for the time-by-family breakdown (default: CPU 3, 0 to skip; '
                         'CPU only)')
@@ -225,11 +275,17 @@ def build_parser() -> Parser:
 def defaults(device: str, protocol: str = 'ours') -> Tuple[Dict, Dict]:
     """The values of flags left out: the device's defaults, and those of the quick run (--quick)."""
     cpu = device == 'cpu'
-    normal = {'models': ['tiny', 'small', 'base'], 'rates': [0.25, 0.30, 0.40], 'repeats': 15 if cpu else 30,
-              'warmup': 1 if cpu else 10, 'dtype': 'fp32' if cpu else 'fp16', 'compile': True,
-              'sweep_batch_sizes': [1, 8, 32, 64] if cpu else [1, 32, 128, 256, 512],
-              'sweep_rates': [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7], 'summary_batch_sizes': [] if cpu else [1, 32],
-              'scoring_repeats': 3, 'routing_repeats': 60, 'breakdown_rounds': 3 if cpu else 0}
+    # CUDA: the sections in the order of what they are worth (Ti, then B, then S; the summary batch sizes 32 and
+    # 1), the summary's rows only, no sweeps or side measurements unless asked (see benchmarks/README.md).
+    normal = {'models': ['tiny', 'small', 'base'] if cpu else ['tiny', 'base', 'small'], 'rates': [0.25, 0.30, 0.40],
+              'repeats': 15 if cpu else 30, 'warmup': 1 if cpu else 10, 'dtype': 'fp32' if cpu else 'fp16',
+              'compile': True, 'rows': list(DEFAULT_ROWS[device]),
+              'sweep_batch_sizes': [1, 8, 32, 64] if cpu else [],
+              'sweep_rates': [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7] if cpu else [],
+              'summary_batch_sizes': [] if cpu else [32, 1],
+              'scoring_repeats': 3 if cpu else 0, 'routing_repeats': 60 if cpu else 0,
+              'breakdown_rounds': 3 if cpu else 0, 'compile_budget': None if cpu else 120.0,
+              'compile_min_batch': 1 if cpu else 128, 'fast_autotune': True, 'time_limit': None}
     quick = {'models': ['tiny'], 'rates': [0.25, 0.40], 'batch_size': 8, 'repeats': 2, 'warmup': 1,
              'compile': False, 'sweep_batch_sizes': [1, 8], 'sweep_rates': [0.25, 0.5],
              'summary_batch_sizes': [1, 32], 'scoring_repeats': 1, 'routing_repeats': 5,
@@ -285,6 +341,7 @@ def _check(args) -> None:
             raise UsageError(f'argument --compile-models: {name!r} is not one of --models')
         compile_models.append(given[timm_name])
     args.compile_models = compile_models
+    _check_rows(args)
     if not args.rates:
         raise UsageError('argument --rates: no prune rate given')
     tags = {}
@@ -298,6 +355,29 @@ def _check(args) -> None:
                          'use 0 (or torch.profiler with CUDA activities)')
     if args.protocol != 'original' and args.original_passes is not None:
         raise UsageError('argument --original-passes: only with --protocol original')
+
+
+def _check_rows(args) -> None:
+    """--rows: known formulations, each once, meant for the device, the references included; compiled ones only
+    with --compile (left out of the default rows without it)."""
+    for name in args.rows:
+        if name not in REGISTRY:
+            raise UsageError(f'argument --rows: unknown row {name!r}; choose from {", ".join(REGISTRY)}')
+        if args.rows.count(name) > 1:
+            raise UsageError(f'argument --rows: {name} is given twice')
+        devices = REGISTRY[name].devices
+        if args.device not in devices:
+            raise UsageError(f'argument --rows: {name} runs on {" and ".join(devices)} only, not on {args.device}')
+    for name in REFERENCES:
+        if name not in args.rows:
+            raise UsageError(f'argument --rows: {" and ".join(REFERENCES)} are always timed (the baseline of every '
+                             f'speed-up, and the model every pruned row computes): add {name}')
+    compiled = [n for n in args.rows if REGISTRY[n].compiled]
+    if compiled and not args.compile:
+        if args.rows_given:
+            raise UsageError(f'argument --rows: {", ".join(compiled)} use torch.compile, which is off (--no-compile or '
+                             '--quick): add --compile')
+        args.rows = [n for n in args.rows if n not in compiled]
 
 
 def _writable(path: str, flag: str, created: List[str]) -> str:
@@ -332,6 +412,7 @@ def parse_args(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     created: List[str] = []
+    args.rows_given = args.rows is not None
     try:
         _fill_defaults(args)
         _check(args)
@@ -480,7 +561,7 @@ def sweep_batches(built: Runs, cc_of: Callable, dense: nn.Module, batch_sizes: L
     """Every row of ``built`` timed again, interleaved (our protocol), at each batch size."""
     out = []
     for bs in batch_sizes:
-        runs = rebuild_for_batch(built, cc_of, dense, Context(device, dtype, bs, shape))
+        runs = rebuild_for_batch(built, cc_of, dense, Context(device, dtype, bs, shape)).runs
         out.append(time_interleaved(runs, bs, device, args.repeats, args.warmup, dtype, shape=shape))
     return out
 
@@ -620,6 +701,10 @@ def make_rows(built: Runs, timings: Timings, dense_macs: int, counted: Dict[str,
                'images_per_s': timings.images_per_s(key), **as_fields('speedup_vs_timm', timings.ratio(key, 'timm')),
                'seconds': timings.seconds[key],
                'counter_gflops': counted['timm'] if m['dense'] else counted[rate_tag(rate)]}
+        twin = REGISTRY[f.twin].key() if f.pruned and f.twin in REGISTRY else None
+        if twin in timings.seconds:  # pruned rows: against the dense row of the same formulation
+            row['twin'] = twin
+            row.update(as_fields('speedup_vs_twin', timings.ratio(key, twin)))
         for field, baseline in f.compare:
             base = REGISTRY[baseline].key(rate if REGISTRY[baseline].pruned else None)
             if base in timings.seconds:
@@ -627,12 +712,30 @@ def make_rows(built: Runs, timings: Timings, dense_macs: int, counted: Dict[str,
         seed = SEED_GPU.get((timm_name, round(rate, 2)))
         if seed and m['kind'] in ('timm', 'ours'):
             row['seed_gpu'] = {'gflops': seed[0], 'images_per_s': seed[1], 'speedup': seed[2]}
-        row.update(dense=m['dense'], protocol=protocol)
+        row.update(dense=m['dense'], protocol=protocol, build_seconds=m['build_seconds'], check=m['check'])
+        if 'fast_path' in m:
+            row['fast_path'] = m['fast_path']
         rows.append(row)
     return rows
 
 
-def bench_model(name: str, args, device: torch.device, dtype) -> Dict:
+@dataclass
+class Live:
+    """One model as its main section left it, for its later sections (the summary batch sizes)."""
+    cc: nn.Module
+    dense: nn.Module
+    pruned: Dict[float, nn.Module]
+    built: Runs
+    shape: Tuple[int, int, int]
+    result: Dict
+
+    def model_of(self, rate: Optional[float]) -> nn.Module:
+        return self.cc if rate is None else self.pruned[rate]
+
+
+def bench_model(name: str, args, device: torch.device, dtype, budget: CompileBudget) -> Live:
+    """The main section of one model: its rows built, checked and timed at its batch size (the main table), and
+    its routing, scoring and breakdown measurements when asked."""
     timm_name = args.timm_models[name]
     label = dense_label(timm_name)
     original = args.protocol == 'original'
@@ -652,20 +755,21 @@ def bench_model(name: str, args, device: torch.device, dtype) -> Dict:
         print(f'Taylor scores of the random-init model on 2 noise batches: {time.perf_counter() - start:.1f} s',
               flush=True)
     pruned = pruned_models(cc, scores, args.rates, args.seed)
-    ctx = Context(device, None if original else dtype, batch, shape, grad=original)
-    x = torch.randn(min(batch, 4), *shape, device=device)
-    checks = {'timm_vs_ours_dense_max_abs': max_diff(dense, cc, x, ctx.autocast)}
-    chosen, _ = select(device, args.compile and name in args.compile_models)
-    built = build_runs(timm_name, cc, dense, pruned, chosen, ctx, x)
-    checks.update(built.checks)
     for rate, ours in pruned.items():
         print(f'rate {rate}: kept tokens per block {models.kept_token_counts(ours)}; '
               f'{models.count_macs(ours) / 1e9:.2f} GFLOPs', flush=True)
-    compile_s = {('timm' if built.meta[k]['dense'] else rate_tag(built.meta[k]['rate'])): s
-                 for k, s in built.build_seconds.items() if built.formulation[k].compiled}
+    ctx = Context(device, None if original else dtype, batch, shape, grad=original, fast_autotune=args.fast_autotune,
+                  seed=args.seed)
+    chosen, _ = select(device, args.compile and name in args.compile_models, names=args.rows)
+    start = time.perf_counter()
+    built = build_runs(timm_name, cc, dense, pruned, chosen, ctx, budget)
+    print(f'built and checked {len(built.runs)} rows in {time.perf_counter() - start:.0f} s '
+          f'({", ".join(f"{k} {s:.0f} s" for k, s in built.build_seconds.items() if s >= 1) or "each under 1 s"})',
+          flush=True)
+    compile_s = {k: s for k, s in built.build_seconds.items() if built.formulation[k].compiled}
     if compile_s:
-        print('torch.compile(fullgraph=True) time, first call: '
-              + ', '.join(f'{k} {v:.0f} s' for k, v in compile_s.items()), flush=True)
+        print('torch.compile time (first call): ' + ', '.join(f'{k} {v:.0f} s' for k, v in compile_s.items())
+              + f'; {budget.spent:.0f} s of compile in this run so far', flush=True)
 
     # FLOPs: the docs/method.md formula against torch's counter, for the dense model and each pruned one.
     counted = {'timm': counter_gmacs(dense, device), **{rate_tag(r): counter_gmacs(m, device) for r, m in pruned.items()}}
@@ -677,7 +781,7 @@ def bench_model(name: str, args, device: torch.device, dtype) -> Dict:
     rows = make_rows(built, timings, dense_macs, counted, timm_name, args.protocol)
 
     result = {'model': timm_name, 'short': short_name(timm_name), 'label': label, 'batch_size': batch,
-              'protocol': args.protocol, 'rows': rows, 'checks': checks, 'compile_seconds': compile_s,
+              'protocol': args.protocol, 'rows': rows, 'checks': built.checks, 'compile_seconds': compile_s,
               'build_seconds': built.build_seconds, 'masks': args.masks}
     if built.skipped:
         result['skipped_rows'] = built.skipped
@@ -699,8 +803,8 @@ def bench_model(name: str, args, device: torch.device, dtype) -> Dict:
         result['routing'] = {}
         for rate, ours in pruned.items():
             tag = rate_tag(rate)
-            rc = routing_cost(ours, built.runs[REGISTRY['boolean'].key(rate)], batch, device, args.routing_repeats,
-                              dtype)
+            boolean = built.runs.get(REGISTRY['boolean'].key(rate)) or REGISTRY['boolean'].build(ours, dense, ctx)
+            rc = routing_cost(ours, boolean, batch, device, args.routing_repeats, dtype)
             rc['forward_ms_ours'] = 1e3 * statistics.median(timings.seconds[REGISTRY['ours'].key(rate)])
             result['routing'][tag] = rc
             print(f'token routing alone, rate {rate}: ours {rc["ms"]["ours"]:.2f} ms, '
@@ -713,16 +817,30 @@ def bench_model(name: str, args, device: torch.device, dtype) -> Dict:
         print(f'scoring one batch {sc["scoring_s"]:.2f} s vs one training step {sc["train_step_s"]:.2f} s '
               f'(ratio {sc["ratio"]:.2f})', flush=True)
     if args.summary_batch_sizes:
-        start = time.perf_counter()
-        batches = []
-        for t in sweep_batches(built, lambda rate: cc if rate is None else pruned[rate], dense,
-                               args.summary_batch_sizes, args, device, dtype, shape):
-            batches.append({'batch_size': t.batch, 'images_per_s': {k: t.images_per_s(k) for k in t.seconds},
-                            'seconds': t.seconds})
-        result['summary_sweep'] = {'protocol': 'ours', 'batches': batches}
-        print(f'summary sweep: {len(built.runs)} rows at batch {",".join(map(str, args.summary_batch_sizes))}, '
-              f'interleaved, in {time.perf_counter() - start:.0f} s', flush=True)
-    return result
+        result['summary_sweep'] = {'protocol': 'ours', 'batches': []}
+    return Live(cc, dense, pruned, built, shape, result)
+
+
+def summary_batch(live: Live, batch: int, args, device: torch.device, dtype, budget: CompileBudget) -> Dict:
+    """A summary section: every row of a model's main table timed again, interleaved (protocol ours), at another
+    batch size; rows built for one batch size are built again, compiled ones recompiled (both checked again)."""
+    res = live.result
+    print(f'\n== {res["label"]}: batch {batch} (summary: every row again, protocol ours, {args.dtype}) ==', flush=True)
+    ctx = Context(device, dtype, batch, live.shape, fast_autotune=args.fast_autotune, seed=args.seed)
+    start = time.perf_counter()
+    rebuilt = rebuild_for_batch(live.built, live.model_of, live.dense, ctx, budget)
+    built_s = time.perf_counter() - start
+    t = time_interleaved(rebuilt.runs, batch, device, args.repeats, args.warmup, dtype, shape=live.shape)
+    entry = {'batch_size': batch, 'images_per_s': {k: t.images_per_s(k) for k in t.seconds}, 'seconds': t.seconds,
+             'checks': rebuilt.checks, 'build_seconds': rebuilt.build_seconds}
+    if rebuilt.skipped:
+        entry['skipped_rows'] = rebuilt.skipped
+    if rebuilt.fast_path:
+        entry['fast_path'] = rebuilt.fast_path
+    res['summary_sweep']['batches'].append(entry)
+    print(f'batch {batch}: rebuilt in {built_s:.0f} s; ' + ', '.join(
+        f'{k} {v:.0f}' for k, v in entry['images_per_s'].items()) + ' images/s', flush=True)
+    return entry
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -734,8 +852,7 @@ def batch_sweep(timm_name: str, rate: float, batch_sizes: List[int], args, devic
     shape = image_shape(cc)
     pruned = pruned_models(cc, _scores(cc, args, device), [rate], args.seed)
     ctx = Context(device, dtype, batch_sizes[0], shape)
-    built = build_runs(timm_name, cc, dense, pruned, [REGISTRY[n] for n in ('timm', 'ours', 'boolean')], ctx,
-                       torch.randn(2, *shape, device=device))
+    built = build_runs(timm_name, cc, dense, pruned, [REGISTRY[n] for n in ('timm', 'ours', 'boolean')], ctx)
     names = {'timm': 'timm', 'ours': REGISTRY['ours'].key(rate), 'boolean': REGISTRY['boolean'].key(rate)}
     print(f'\n== batch-size sweep: {dense_label(timm_name)}, prune rate {rate} (protocol ours) ==', flush=True)
     out = []
@@ -780,12 +897,82 @@ def rate_sweep(timm_name: str, rates: List[float], batch: int, args, device, dty
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Sections: what runs, in what order, within the time limit
+
+@dataclass(frozen=True)
+class Section:
+    """One unit of the run: a model's main table ('main'), a model's rows again at a summary batch size
+    ('summary'), or a sweep of the first model ('batch-sweep', 'rate-sweep')."""
+    kind: str
+    model: str
+    batch: Optional[int] = None
+
+    def title(self, args) -> str:
+        label = dense_label(args.timm_models[self.model])
+        if self.kind == 'main':
+            return f'{label}, batch {self.batch} (main table)'
+        if self.kind == 'summary':
+            return f'{label}, batch {self.batch} (summary)'
+        return f'{label} ({self.kind})'
+
+
+def plan_sections(args, device: torch.device) -> List[Section]:
+    """The sections in the order they run, which is the order of what they are worth: each model's main table
+    in the order of --models, the first model's summary batch sizes right after its main table, then the other
+    models' summary batch sizes, then the sweeps.  With --time-limit, the end of this list is what a short run
+    leaves out."""
+    mains = [Section('main', name, args.batch_size or default_batch(args.timm_models[name], device, args.protocol))
+             for name in args.models]
+    summaries = {name: [Section('summary', name, bs) for bs in args.summary_batch_sizes] for name in args.models}
+    first = args.models[0]
+    out = [mains[0], *summaries[first], *mains[1:]]
+    for name in args.models[1:]:
+        out += summaries[name]
+    if args.sweep_batch_sizes:
+        out.append(Section('batch-sweep', first))
+    if args.sweep_rates:
+        out.append(Section('rate-sweep', first))
+    return out
+
+
+def run_section(section: Section, live: Dict[str, Live], results: Dict, args, device: torch.device, dtype,
+                budget: CompileBudget) -> None:
+    name = section.model
+    if section.kind == 'main':
+        live[name] = bench_model(name, args, device, dtype, budget)
+        results['models'][name] = live[name].result
+    elif section.kind == 'summary':
+        summary_batch(live[name], section.batch, args, device, dtype, budget)
+    else:
+        first = args.timm_models[name]
+        info = {'model': first, 'short': short_name(first), 'label': dense_label(first), 'protocol': 'ours'}
+        if section.kind == 'batch-sweep':
+            results['sweeps']['batch'] = dict(info, prune_rate=args.rates[0], rows=batch_sweep(
+                first, args.rates[0], args.sweep_batch_sizes, args, device, dtype))
+        else:
+            sweep_batch = args.batch_size or default_batch(first, device, 'ours')
+            results['sweeps']['rate'] = dict(info, batch_size=sweep_batch, rows=rate_sweep(
+                first, args.sweep_rates, sweep_batch, args, device, dtype))
+
 
 def write_outputs(results: Dict, text: str, args) -> None:
     for path, content in ((args.json, json.dumps(results, indent=2)), (args.markdown, text)):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, 'w') as f:
+        with open(path + '.partial', 'w') as f:
             f.write(content + ('\n' if not content.endswith('\n') else ''))
+        os.replace(path + '.partial', path)  # a run killed while writing leaves the previous complete file
+
+
+def report_so_far(results: Dict, args, device: torch.device, started: float) -> str:
+    """Summary, targets and tables of what has run, written to --json and --markdown (after every section)."""
+    report.attach_summary(results, device.type)
+    results['seconds'] = clock() - started
+    text = report.markdown(results, FAMILIES)
+    write_outputs(results, text, args)
+    return text
+
+
+clock = time.perf_counter  # the run's clock (the time limit, the seconds of each section)
 
 
 def main(argv=None) -> Dict:
@@ -798,10 +985,11 @@ def main(argv=None) -> Dict:
     configure_dynamo()
     dtype = DTYPES[args.dtype]
 
-    started = time.perf_counter()
+    started = clock()
     malloc = steady_allocator() if args.malloc == 'steady' else 'default'
-    timed, skipped = select(device, args.compile)
+    timed, skipped = select(device, args.compile, names=args.rows)
     settings = {k: v for k, v in vars(args).items() if k not in ('json', 'markdown')}
+    sections = plan_sections(args, device)
     results = {'machine': dict(machine_info(device), malloc=malloc),
                'command': ' '.join(['python benchmarks/model_zoo.py'] + (sys.argv[1:] if argv is None else argv)),
                'settings': settings,
@@ -814,34 +1002,56 @@ def main(argv=None) -> Dict:
                'boolean_mask_row': 're-implementation of the original research code\'s per-block boolean '
                                    'indexing + torch.cat (BooleanMaskViT in benchmarks/formulations.py)',
                'formulations': {'available': [f.name for f in timed], 'skipped': skipped},
+               'sections': [{'section': s.title(args), 'kind': s.kind, 'model': s.model, 'batch_size': s.batch,
+                             'status': 'pending'} for s in sections],
                'models': {}, 'sweeps': {}}
     print(f'Machine: {results["machine"]}', flush=True)
     print(f'Main table: protocol {args.protocol}; sweeps, routing, scoring and breakdown: protocol ours', flush=True)
+    print('Sections, in this order: ' + '; '.join(s.title(args) for s in sections)
+          + (f' (none starts after {args.time_limit:.0f} s)' if args.time_limit else ''), flush=True)
     for name, reason in skipped.items():
         print(f'note: formulation {name} not timed: {reason}', flush=True)
-    for name in args.models:
-        results['models'][name] = bench_model(name, args, device, dtype)
-    first = args.timm_models[args.models[0]]
-    sweep_batch = args.batch_size or default_batch(first, device, 'ours')
-    info = {'model': first, 'short': short_name(first), 'label': dense_label(first), 'protocol': 'ours'}
-    if args.sweep_batch_sizes:
-        results['sweeps']['batch'] = dict(info, prune_rate=args.rates[0], rows=batch_sweep(
-            first, args.rates[0], args.sweep_batch_sizes, args, device, dtype))
-    if args.sweep_rates:
-        results['sweeps']['rate'] = dict(info, batch_size=sweep_batch, rows=rate_sweep(
-            first, args.sweep_rates, sweep_batch, args, device, dtype))
-    report.attach_summary(results, device.type)
-    results['seconds'] = time.perf_counter() - started
+    budget = CompileBudget(args.compile_budget, args.compile_min_batch)
+    live: Dict[str, Live] = {}
+    for i, (section, record) in enumerate(zip(sections, results['sections'])):
+        elapsed = clock() - started
+        if i and args.time_limit is not None and elapsed >= args.time_limit:
+            record.update(status='left out', reason=f'time limit of {args.time_limit:.0f} s reached after '
+                                                    f'{elapsed:.0f} s (--time-limit)')
+            print(f'left out: {section.title(args)} ({record["reason"]})', flush=True)
+        elif section.kind == 'summary' and section.model not in live:
+            record.update(status='left out', reason='its main table did not run')
+            print(f'left out: {section.title(args)} ({record["reason"]})', flush=True)
+        else:
+            start = clock()
+            try:
+                run_section(section, live, results, args, device, dtype, budget)
+                record['status'] = 'done'
+            except Exception as e:  # noqa: BLE001  (one failing section must not lose the others)
+                traceback.print_exc()
+                record.update(status='failed', reason=f'{type(e).__name__}: {e}')
+            record['seconds'] = clock() - start
+            print(f'section {section.title(args)}: {record["status"]} in {record["seconds"]:.0f} s', flush=True)
+        needed = {s.model for s, r in zip(sections, results['sections']) if r['status'] == 'pending'}
+        try:
+            for name in [n for n in live if n not in needed]:
+                del live[name]  # no later section needs this model: free its rows (CUDA graphs, compiled code)
+            if device.type == 'cuda':
+                torch.cuda.empty_cache()
+        except RuntimeError as e:  # e.g. a sticky CUDA error: what ran must still be written
+            print(f'note: freeing memory failed: {e}', flush=True)
+        results['compile_seconds_spent'] = budget.spent
+        report_so_far(results, args, device, started)
     if hasattr(os, 'getloadavg'):
         results['machine']['load_average_at_end'] = list(os.getloadavg())
-    text = report.markdown(results, FAMILIES)
+    text = report_so_far(results, args, device, started)
     print('\n' + text, flush=True)
-    write_outputs(results, text, args)
     met = sum(t['met'] for t in results['targets'])
+    undone = [r['section'] for r in results['sections'] if r['status'] != 'done']
     print(f'{met} of {len(results["targets"])} targets met; wrote {args.json} and {args.markdown} '
-          f'({results["seconds"]:.0f} s)', flush=True)
+          f'({results["seconds"]:.0f} s)' + (f'; not done: {"; ".join(undone)}' if undone else ''), flush=True)
     return results
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(1 if any(r['status'] == 'failed' for r in main()['sections']) else 0)

@@ -21,8 +21,12 @@ from benchmarks import formulations as F
 from benchmarks import model_zoo as zoo
 from benchmarks import report, stats
 from conftest import ROOT, subprocess_env
+from models import fast_kernels as K
 
 CPU = torch.device('cpu')
+# One torch thread: the models here are small, and two threads spin against each other on a busy machine (a test
+# taking 3 s on one thread took 20-35 s on two with the host's load at 6).
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def _pruned(name, rate, seed=0):
@@ -70,25 +74,34 @@ def test_benchmark_rows_compute_the_same_function():
 
 def test_registry_builds_the_rows_of_a_model_in_report_order_with_their_checks(tiny):
     cc, dense, pruned = tiny
-    chosen, _ = F.select(CPU, compile_rows=False)
+    chosen, _ = F.select(CPU, compile_rows=False, names=zoo.DEFAULT_ROWS['cpu'])
     assert [f.name for f in chosen] == ['timm', 'ours', 'boolean']
-    ctx = F.Context(CPU, None, 2, F.image_shape(cc))
-    x = torch.randn(2, 3, 224, 224)
-    built = F.build_runs('deit_tiny_patch16_224', cc, dense, pruned, chosen, ctx, x)
+    ctx = F.Context(CPU, None, 2, F.image_shape(cc), seed=5)
+    built = F.build_runs('deit_tiny_patch16_224', cc, dense, pruned, chosen, ctx)
     assert list(built.runs) == ['timm', 'ours_30', 'boolean_30']
     assert [m['label'] for m in built.meta.values()] == [
         'DeiT-Ti (timm)', 'C&C-Ti-30 (ours)', 'C&C-Ti-30 (boolean mask, original formulation)']
     assert built.runs['timm'] is dense and built.runs['ours_30'] is pruned[0.3]
     assert built.meta['boolean_30']['macs'] == models.count_macs(pruned[0.3])
     assert built.meta['timm']['macs'] == models.count_macs(cc) and built.meta['timm']['dense']
-    assert set(built.checks) == {'ours_vs_boolean_30_max_abs'} and built.checks['ours_vs_boolean_30_max_abs'] < 1e-4
-    with torch.no_grad():  # the boolean row really is the pruned function, not the dense one
-        assert (built.runs['boolean_30'](x) - pruned[0.3](x)).abs().max() < 1e-4
+    # Every row is checked against the eager fp32 model with its masks, on the seeded check batch: recomputed here.
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(5))
+    assert set(built.checks) == {'timm', 'ours_30', 'boolean_30'}
+    with torch.no_grad():
+        expected = {'timm': (dense(x) - cc(x)).abs().max().item(),
+                    'boolean_30': (built.runs['boolean_30'](x) - pruned[0.3](x)).abs().max().item(),
+                    'ours_30': 0.0}
+        assert (built.runs['boolean_30'](x) - dense(x)).abs().max() > 1e-2  # the pruned function, not the dense one
+    for key, check in built.checks.items():
+        assert check['max_abs_diff'] == pytest.approx(expected[key], abs=1e-7), key
+        assert check['tolerance'] == 1e-3 and check['autocast_error'] == 0.0  # fp32 on CPU: no rounding baseline
+        assert check['within_tolerance'] and check['images'] == 2 and check['top1_agreement'] == 1.0
 
 
-def test_rows_that_compile_for_a_shape_are_only_ever_called_at_the_timed_batch_size(tiny):
-    """A compiled model called at another batch size recompiles with a dynamic batch dimension, and the timed
-    passes then run that graph: building and checking such rows must use the timed batch size only."""
+def test_rows_are_only_ever_called_at_the_timed_batch_size(tiny):
+    """A compiled model called at another batch size recompiles (with torch's default, with a dynamic batch
+    dimension, and the timed passes would then run that graph): building and checking the rows use the timed
+    batch size only."""
     sizes = {}
 
     def recorder(name):
@@ -105,10 +118,17 @@ def test_rows_that_compile_for_a_shape_are_only_ever_called_at_the_timed_batch_s
     cc, dense, pruned = tiny
     ctx = F.Context(CPU, None, 3, F.image_shape(cc))
     built = F.build_runs('deit_tiny_patch16_224', cc, dense, pruned,
-                         [F.REGISTRY['timm'], F.REGISTRY['ours'], *shaped], ctx, torch.randn(2, 3, 224, 224))
-    assert sizes == {'dense': {3}, 'pruned': {3}, 'eager': {2}}  # eager rows keep the small check batch
-    assert set(built.checks) == {'shaped_dense_vs_timm_max_abs', 'shaped_30_vs_ours_max_abs', 'eager_30_vs_ours_max_abs'}
-    assert max(built.checks.values()) < 1e-4
+                         [F.REGISTRY['timm'], F.REGISTRY['ours'], *shaped], ctx)
+    assert sizes == {'dense': {3}, 'pruned': {3}, 'eager': {3}}
+    assert set(built.checks) == {'timm', 'shaped_dense', 'ours_30', 'shaped_30', 'eager_30'}
+    assert all(c['max_abs_diff'] < 1e-4 for c in built.checks.values())
+    # Again at another batch size: rows built for one batch size are built again, compiled ones called once,
+    # eager ones reused as they are; only the first two are checked again.
+    sizes.clear()
+    again = F.rebuild_for_batch(built, lambda rate: cc if rate is None else pruned[rate], dense,
+                                F.Context(CPU, None, 1, F.image_shape(cc)))
+    assert sizes == {'dense': {1}, 'pruned': {1}} and set(again.checks) == {'shaped_dense', 'shaped_30'}
+    assert again.runs['eager_30'] is built.runs['eager_30'] and set(again.runs) == set(built.runs)
 
 
 def test_routing_rows_move_the_same_tokens_and_restore_timm(tiny):
@@ -132,19 +152,75 @@ def test_a_formulation_whose_module_does_not_import_is_skipped_with_its_reason()
                 'needs-missing': F.Formulation('needs-missing', 'missing', 'x', never, pruned=True,
                                                requires='benchmarks_test_no_such_module'),
                 'gpu-only': F.Formulation('gpu-only', 'gpu', 'x', never, pruned=True, devices=('cuda',))}
+    registry['not-here'] = F.Formulation('not-here', 'nothere', 'x', never, pruned=True,
+                                         runs_here=lambda device: f'nothing runs on {device.type}')
     chosen, skipped = F.select(CPU, compile_rows=True, registry=registry)
     assert [f.name for f in chosen] == ['timm', 'ours']
-    assert list(skipped) == ['needs-missing']
+    assert list(skipped) == ['needs-missing', 'not-here']
     assert 'benchmarks_test_no_such_module is not importable' in skipped['needs-missing']
-    # The fast GPU path is registered (dense and pruned, both backends), on CUDA only, needing models.fast_path.
-    fast = [f for f in F.REGISTRY.values() if f.requires == 'models.fast_path']
-    assert sorted(f.name for f in fast) == ['fast-compile', 'fast-compile-dense', 'fast-triton', 'fast-triton-dense']
-    assert all(f.devices == ('cuda',) and f.fixed_batch for f in fast)
-    chosen, skipped = F.select(torch.device('cuda'), compile_rows=False)
-    for f in fast:  # importable or skipped with the reason, never silently dropped
-        assert (f in chosen) != (f.name in skipped)
-        if f.name in skipped:
-            assert 'models.fast_path is not importable' in skipped[f.name]
+    assert skipped['not-here'] == 'nothing runs on cpu'
+    chosen, _ = F.select(CPU, True, registry, names=['ours', 'timm'])
+    assert [f.name for f in chosen] == ['timm', 'ours']  # in registry order
+    # The fast inference path is registered per variant, dense and pruned, each built for its batch size; the
+    # CUDA-graph variants on CUDA only, the Triton ones wherever Triton runs (on CPU: its interpreter).
+    fast = {f.name: f for f in F.REGISTRY.values() if f.requires == 'models.fast_path'}
+    variants = ['fast-torch', 'fast-triton', 'fast-triton-graph', 'fast-triton-res16', 'fast-compile']
+    assert sorted(fast) == sorted(v + s for v in variants for s in ('', '-dense'))
+    assert all(f.fixed_batch and f.prime and f.twin == f.name.replace('-dense', '') + '-dense' for f in fast.values())
+    assert [n for n, f in fast.items() if f.devices == ('cuda',)] == [
+        'fast-triton-graph-dense', 'fast-triton-graph', 'fast-triton-res16-dense', 'fast-triton-res16']
+    assert [n for n, f in fast.items() if f.compiled] == ['fast-compile-dense', 'fast-compile']
+    chosen, skipped = F.select(CPU, compile_rows=False)
+    triton_here = K.triton_runs_on(torch.empty(0))
+    assert ('fast-triton' in [f.name for f in chosen]) == triton_here
+    assert ('fast-triton' in skipped) != triton_here  # not runnable here: skipped with the reason, never dropped
+
+
+def test_logit_check_judges_the_difference_and_top1_on_images_with_a_clear_margin():
+    """Hand-made logits, 4 images x 3 classes, baseline (the eager model's own autocast error) 0.1: image 3's top
+    two are 0.15 apart (< 2 x 0.1, a near-tie), the others 1.0 or more."""
+    ref = torch.tensor([[3.0, 1.0, 0.0], [0.0, 2.0, 1.0], [1.0, 0.0, 2.5], [1.0, 1.15, 0.0]])
+    near_tie_flipped = ref + torch.tensor([[0.05, 0, 0], [0, 0, 0], [0, 0, 0], [0.2, 0, 0]])  # image 3: 1.2 > 1.15
+    c = F.logit_check(near_tie_flipped, ref, baseline=0.1)
+    assert c['max_abs_diff'] == pytest.approx(0.2) and c['tolerance'] == pytest.approx(0.2 + 1e-3)
+    assert c['within_tolerance'] and c['images'] == 4 and c['clear_images'] == 3
+    assert c['top1_agreement'] == 0.75 and c['top1_agreement_clear'] == 1.0 and c['top1_ok'] is True
+    clear_flipped = ref.clone()
+    clear_flipped[1, 1] = -5.0  # image 1's clear winner loses: top-1 fails on a clear image
+    c = F.logit_check(clear_flipped, ref, baseline=0.1)
+    assert not c['within_tolerance'] and c['top1_agreement_clear'] == pytest.approx(2 / 3) and c['top1_ok'] is False
+    c = F.logit_check(ref, ref, baseline=0.0)  # fp32: every image with distinct top two counts
+    assert (c['max_abs_diff'], c['tolerance'], c['clear_images'], c['top1_ok']) == (0.0, 1e-3, 4, True)
+    c = F.logit_check(ref + float('nan'), ref, baseline=0.0)
+    assert not c['within_tolerance']  # NaN logits never pass
+
+
+def test_check_targets_judge_the_worst_row_of_a_section_and_leave_the_references_aside():
+    ref = torch.tensor([[2.0, 0.0], [0.0, 2.0]])
+    checks = {'timm': F.logit_check(ref + 5.0, ref, 0.0),  # a reference row: its error is the scale, not judged
+              'good': F.logit_check(ref + 2e-4, ref, 0.0), 'worse': F.logit_check(ref + 8e-4, ref, 0.0)}
+    kinds, labels = {'timm': 'timm', 'good': 'fast-x', 'worse': 'fast-y'}, {'worse': 'Y (fast y)'}
+    within, top1 = report.check_targets('M batch 2', checks, labels, kinds)
+    assert within['met'] and within['value'] == pytest.approx(0.8) and 'worst: Y (fast y)' in within['target']
+    assert top1['met'] and top1['value'] == 1.0
+    checks['nan'] = F.logit_check(ref + float('nan'), ref, 0.0)
+    within, _ = report.check_targets('M batch 2', checks, labels, dict(kinds, nan='fast-z'))
+    assert not within['met'] and 'worst: nan' in within['target']
+    assert report.check_targets('M batch 2', {'timm': checks['timm']}, labels, kinds) == []
+
+
+def test_compile_budget_refuses_compiled_rows_below_the_batch_floor_and_once_spent():
+    budget = F.CompileBudget(seconds=30, min_batch=128)
+    compiled, eager = F.REGISTRY['timm-compiled'], F.REGISTRY['ours']
+    assert budget.refuses(compiled, 256) is None and budget.refuses(eager, 1) is None
+    assert '--compile-min-batch' in budget.refuses(compiled, 32)
+    budget.spend(eager, 100.0)  # eager rows do not count
+    budget.spend(compiled, 29.0)
+    assert budget.refuses(compiled, 256) is None
+    budget.spend(F.REGISTRY['fast-compile'], 2.0)  # the fast path's compile backend counts
+    assert '--compile-budget' in budget.refuses(F.REGISTRY['ours-compiled'], 256) and budget.spent == 31.0
+    assert budget.refuses(F.REGISTRY['fast-triton'], 1) is None
+    assert F.CompileBudget().refuses(compiled, 1) is None  # none given: no limit
 
 
 def test_models_accept_shortcuts_and_timm_names_and_labels_follow_the_short_table(monkeypatch):
@@ -354,9 +430,14 @@ NUMERIC = {
     '--sweep-rates': (['1', '0.5,nan'], ['0', '0,0.5', '']),
     '--sweep-batch-sizes': (['0', '65537', '8,8'], ['1,8', '']),
     '--summary-batch-sizes': (['0', '2.5'], ['1,32', '']),
+    '--time-limit': (['0', '0.5', '1000001', 'abc'], ['1', '1000000', '90.5']),
+    '--compile-budget': (['1000001', 'abc'], ['0', '120']),
+    '--compile-min-batch': (['0', '65537', '1.5'], ['1', '65536']),
 }
+FLOAT_FLAGS = {'--time-limit', '--compile-budget'}
 OTHER_OPTIONS = {'-h', '--help', '--device', '--models', '--dtype', '--masks', '--compile', '--no-compile',
-                 '--compile-models', '--protocol', '--malloc', '--json', '--markdown', '--quick'}
+                 '--compile-models', '--protocol', '--malloc', '--json', '--markdown', '--quick', '--rows',
+                 '--fast-autotune', '--no-fast-autotune'}
 
 
 def _parse(tmp_path, *argv, folder='out'):
@@ -389,7 +470,7 @@ def test_every_numeric_flag_refuses_nan_inf_negative_and_out_of_range_values_nam
                 number = float if 'rates' in flag else int
                 assert parsed == [number(v) for v in value.split(',') if v]
             else:
-                assert parsed == int(value)
+                assert parsed == (float(value) if flag in FLOAT_FLAGS else int(value))
 
 
 @pytest.mark.parametrize('argv, flag, words', [
@@ -398,6 +479,13 @@ def test_every_numeric_flag_refuses_nan_inf_negative_and_out_of_range_values_nam
     (['--models', ''], '--models', 'no model given'),
     (['--compile-models', 'small'], '--compile-models', "'small' is not one of --models"),
     (['--original-passes', '5'], '--original-passes', 'only with --protocol original'),
+    (['--rows', 'timm,ours,tensorrt'], '--rows', "unknown row 'tensorrt'"),
+    (['--rows', 'timm,boolean'], '--rows', 'add ours'),
+    (['--rows', 'ours,boolean'], '--rows', 'add timm'),
+    (['--rows', 'timm,ours,ours'], '--rows', 'ours is given twice'),
+    (['--rows', 'timm,ours,fast-triton-graph'], '--rows', 'fast-triton-graph runs on cuda only, not on cpu'),
+    (['--rows', 'timm,ours,ours-compiled', '--no-compile'], '--rows', 'ours-compiled use torch.compile'),
+    (['--rows', 'timm,ours,timm-compiled', '--quick'], '--rows', 'add --compile'),
     (['--device', 'tpu'], '--device', 'invalid choice'),
     (['--no-such-flag'], '--no-such-flag', 'unrecognized'),
 ])
@@ -435,6 +523,10 @@ def test_quick_fills_in_only_what_the_user_did_not_give(tmp_path):
     plain = _parse(tmp_path)  # without --quick: the device's defaults, nothing "set by --quick"
     assert (plain.rates, plain.models, plain.repeats, plain.quick_set) == (
         [0.25, 0.30, 0.40], ['tiny', 'small', 'base'], 15, {})
+    assert plain.rows == ['timm', 'timm-compiled', 'ours', 'boolean', 'ours-compiled'] and plain.compile
+    assert (plain.time_limit, plain.compile_budget, plain.compile_min_batch) == (None, None, 1)
+    # --quick turns compile off: the compiled rows leave the default rows (named in --rows they are refused)
+    assert _parse(tmp_path, '--quick').rows == ['timm', 'ours', 'boolean']
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -458,7 +550,8 @@ def test_quick_run_summary_agrees_with_the_rows_it_comes_from(tmp_path, capsys, 
                             requires='benchmarks_test_no_such_module')
     for f in (extra, extra_dense, missing):
         monkeypatch.setitem(F.REGISTRY, f.name, f)
-    res = zoo.main(SMALL + ['--json', str(tmp_path / 'r.json')])
+    res = zoo.main(SMALL + ['--json', str(tmp_path / 'r.json'),
+                            '--rows', 'needs-missing,extra-eager,ours,timm,boolean,extra-dense'])
     out = capsys.readouterr().out
     assert json.loads((tmp_path / 'r.json').read_text())['summary'] == res['summary']
     assert [line for line in out.splitlines() if line.startswith('--quick set:')] == [zoo.quick_line(
@@ -466,8 +559,9 @@ def test_quick_run_summary_agrees_with_the_rows_it_comes_from(tmp_path, capsys, 
     assert 'note: formulation needs-missing not timed: benchmarks_test_no_such_module is not importable' in out
     model = res['models']['tiny']
     rows = model['rows']
-    assert [r['kind'] for r in rows] == ['timm', 'extra-dense', 'ours', 'boolean', 'extra-eager']
-    assert model['checks']['extra_25_vs_ours_max_abs'] < 1e-4 and model['checks']['extra_dense_vs_timm_max_abs'] < 1e-4
+    assert [r['kind'] for r in rows] == ['timm', 'extra-dense', 'ours', 'boolean', 'extra-eager']  # registry order
+    assert model['checks']['extra_25']['max_abs_diff'] < 1e-4 and model['checks']['extra_dense']['max_abs_diff'] < 1e-4
+    assert [s['status'] for s in res['sections']] == ['done', 'done', 'done']
 
     entry, = res['summary']
     dense = [(r['key'], r['seconds']) for r in rows if r['dense']]
@@ -495,6 +589,133 @@ def test_quick_run_summary_agrees_with_the_rows_it_comes_from(tmp_path, capsys, 
     assert target['threshold'] == pytest.approx(0.9 * entry['flops_ratio'])
     assert '| model | FLOPs ratio | best pruned mode | best dense mode |' in out
     assert (tmp_path / 'r.md').read_text().strip() in out
+
+
+def test_cuda_sections_run_in_the_order_of_their_value():
+    """The CUDA defaults: DeiT-Ti at 256, then Ti at 32 and 1 (the batch-1/32 targets), DeiT-B at 128, DeiT-S at
+    256, then B and S at 32 and 1; no sweeps; the summary's rows only."""
+    normal, _ = zoo.defaults('cuda')
+    args = SimpleNamespace(**normal, batch_size=None, protocol='ours',
+                           timm_models={n: F.SHORTCUTS[n] for n in normal['models']})
+    plan = [(s.kind, args.timm_models[s.model], s.batch) for s in zoo.plan_sections(args, torch.device('cuda'))]
+    ti, s_, b = 'deit_tiny_patch16_224', 'deit_small_patch16_224', 'deit_base_patch16_224'
+    assert plan == [('main', ti, 256), ('summary', ti, 32), ('summary', ti, 1), ('main', b, 128), ('main', s_, 256),
+                    ('summary', b, 32), ('summary', b, 1), ('summary', s_, 32), ('summary', s_, 1)]
+    assert normal['rows'] == ['timm', 'timm-compiled', 'ours', 'fast-triton-dense', 'fast-triton',
+                              'fast-triton-graph-dense', 'fast-triton-graph']
+    assert all('cuda' in F.REGISTRY[n].devices for n in normal['rows'])
+    assert (normal['compile_min_batch'], normal['scoring_repeats'], normal['routing_repeats']) == (128, 0, 0)
+    # CPU: as before, with the sweeps at the end
+    cpu, _ = zoo.defaults('cpu')
+    args = SimpleNamespace(**cpu, batch_size=None, protocol='ours',
+                           timm_models={n: F.SHORTCUTS[n] for n in cpu['models']})
+    assert [(s.kind, s.model) for s in zoo.plan_sections(args, CPU)] == [
+        ('main', 'tiny'), ('main', 'small'), ('main', 'base'), ('batch-sweep', 'tiny'), ('rate-sweep', 'tiny')]
+
+
+DIGITS = ['--device', 'cpu', '--quick', '--models', 'deit_digits_patch4_32', '--masks', 'random', '--rates', '0.3',
+          '--batch-size', '4', '--repeats', '2', '--warmup', '0', '--sweep-batch-sizes', '', '--sweep-rates', '',
+          '--scoring-repeats', '0', '--routing-repeats', '0', '--breakdown-rounds', '0', '--malloc', 'default']
+
+
+def test_quick_run_times_the_fast_path_rows_and_checks_every_row_against_eager_fp32(tmp_path, capsys, monkeypatch,
+                                                                                     one_thread):
+    """The fast path's rows through the torch backend (and the Triton interpreter, which tests/conftest.py turns on
+    without a GPU) on the small digits model: built per batch size, logits checked against the eager fp32 model
+    (recomputed here), a row whose logits are off is flagged, a row that fails to build is left out with the
+    reason, and the summary compares the fastest modes of what ran."""
+    off = F.Formulation('off-by-half', 'off', 'ours + 0.5', lambda cc, d, ctx: (lambda x: cc(x) + 0.5), pruned=True)
+
+    def explode(cc, d, ctx):
+        raise RuntimeError('no kernel for this')
+    fails = F.Formulation('fails', 'fails', 'never built', explode, pruned=True, requires='json')
+    for f in (off, fails):
+        monkeypatch.setitem(F.REGISTRY, f.name, f)
+    triton = K.triton_runs_on(torch.empty(0))
+    fast = ['fast-torch-dense', 'fast-torch'] + (['fast-triton-dense', 'fast-triton'] if triton else [])
+    res = zoo.main(DIGITS + ['--rows', ','.join(['timm', 'ours', *fast, 'off-by-half', 'fails']), '--seed', '3',
+                             '--summary-batch-sizes', '1', '--json', str(tmp_path / 'r.json')])
+    out = capsys.readouterr().out
+    assert [s['status'] for s in res['sections']] == ['done', 'done']
+    model = res['models']['deit_digits_patch4_32']
+    rows = {r['key']: r for r in model['rows']}
+    kinds = [r['kind'] for r in model['rows']]
+    assert kinds == ['timm'] + [k for k in fast if k.endswith('-dense')] + ['ours'] + [
+        k for k in fast if not k.endswith('-dense')] + ['off-by-half']
+    assert model['skipped_rows'] == {'fails_30': 'building or running it failed: RuntimeError: no kernel for this'}
+    assert 'note: row fails_30 not timed: building or running it failed' in out
+
+    # The check batch and the eager fp32 models, rebuilt here from the seed: the recorded checks are what they say.
+    cc, dense = F.seeded_models('deit_digits_patch4_32', 3, CPU)
+    pruned = zoo.pruned_models(cc, None, [0.3], seed=3)[0.3]
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        eager = {True: cc(x), False: pruned(x)}
+    from models.fast_path import build_fast_path
+    for key, r in rows.items():
+        check = model['checks'][key]
+        assert r['check'] == check and check['images'] == 4 and check['tolerance'] == 1e-3
+        if r['kind'] == 'off-by-half':
+            assert check['max_abs_diff'] == pytest.approx(0.5, abs=1e-5) and not check['within_tolerance']
+            assert check['top1_agreement'] == 1.0  # a constant shift keeps the order: only the difference fails
+            continue
+        assert check['within_tolerance'] and check['top1_agreement'] == 1.0 and check['top1_ok']
+        if r['kind'].startswith('fast-'):
+            assert r['fast_path']['kept_counts'] == r['kept_tokens'] and r['fast_path']['cuda_graph_batch'] is None
+            backend = r['kind'].split('-')[1]
+            with torch.no_grad():
+                mine = build_fast_path(cc if r['dense'] else pruned, backend=backend)(x)
+            assert check['max_abs_diff'] == pytest.approx((mine - eager[r['dense']]).abs().max().item(), abs=1e-6)
+    assert rows['fast_torch_30']['twin'] == 'fast_torch'  # pruned fast rows: against their own dense build
+    targets = {t['target'].split(': ', 1)[1].split(' (')[0]: t for t in res['targets'] if 'batch 4:' in t['target']}
+    within = targets["every row's max |logit - eager fp32| within its tolerance"]
+    assert 'worst: C&C-deit_digits_patch4_32-30 (ours + 0.5)' in within['target'] and within['met'] is False
+    assert targets['top-1 = eager fp32 on >= 99% of the images with a clear margin']['met'] is True
+
+    # batch 1: the fast rows built again (and checked again); eager rows reused
+    b1, = model['summary_sweep']['batches']
+    assert set(b1['checks']) == {k for k, r in rows.items() if r['kind'].startswith('fast-')}
+    assert set(b1['seconds']) == set(rows) and set(b1['fast_path']) == set(b1['checks'])
+    entry, = res['summary']
+    assert entry['model'] == 'C&C-deit_digits_patch4_32-30' and entry['speedup_batch1'] is not None
+    first_pruned = kinds.index('ours')
+    assert entry['best_pruned_mode'] in kinds[first_pruned:] and entry['best_dense_mode'] in kinds[:first_pruned]
+    md = (tmp_path / 'r.md').read_text()
+    assert '| C&C-deit_digits_patch4_32-30 (fast path, torch) | 4 |' in md  # logit checks and fast path builds
+    assert 'Fast path builds' in md and '- deit_digits_patch4_32 batch 4, fails_30: building or running it failed' in md
+
+
+def test_time_limit_and_failures_end_sections_and_results_are_written_after_every_section(tmp_path, monkeypatch,
+                                                                                        one_thread):
+    """Three sections (main table, summary batches 1 and 2), a clock made to advance 1000 s per section, a
+    time limit of 1500 s and a summary section that fails: the first runs, the second fails and is recorded,
+    the third is left out; the JSON on disk after each section holds what had run by then."""
+    now = [0.0]
+    monkeypatch.setattr(zoo, 'clock', lambda: now[0])
+    run_section = zoo.run_section
+
+    def one_section(section, *a, **kw):
+        now[0] += 1000
+        if section.kind == 'summary':
+            raise RuntimeError('the GPU fell off the bus')
+        return run_section(section, *a, **kw)
+    monkeypatch.setattr(zoo, 'run_section', one_section)
+    written = []
+    write = zoo.write_outputs
+    monkeypatch.setattr(zoo, 'write_outputs', lambda results, text, args: (
+        write(results, text, args), written.append(json.loads(open(args.json).read()))))
+    res = zoo.main(DIGITS + ['--rows', 'timm,ours', '--summary-batch-sizes', '1,2', '--time-limit', '1500',
+                             '--json', str(tmp_path / 'r.json')])
+    assert [(s['status'], s['batch_size']) for s in res['sections']] == [('done', 4), ('failed', 1), ('left out', 2)]
+    assert res['sections'][1]['reason'] == 'RuntimeError: the GPU fell off the bus'
+    assert res['sections'][2]['reason'] == 'time limit of 1500 s reached after 2000 s (--time-limit)'
+    assert [[s['status'] for s in w['sections']] for w in written] == [
+        ['done', 'pending', 'pending'], ['done', 'failed', 'pending'], ['done', 'failed', 'left out'],
+        ['done', 'failed', 'left out']]  # after each section, then once more at the end
+    first = written[0]['summary'][0]
+    assert first['model'] == 'C&C-deit_digits_patch4_32-30' and first['speedup_batch1'] is None
+    assert written[-1] == json.loads((tmp_path / 'r.json').read_text())
+    assert '| deit_digits_patch4_32, batch 2 (summary) | left out: time limit' in (tmp_path / 'r.md').read_text()
 
 
 def test_original_protocol_runs_on_cpu_and_says_so(tmp_path, capsys, one_thread):

@@ -589,37 +589,6 @@ def test_kernels_compile_for_hopper():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# the timing script, as a GPU session runs it, in its CPU smoke mode
-
-def test_timing_script_quick_run_writes_its_report(tmp_path):
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'benchmarks'))
-    import fast_path_timing
-    fast_path_timing.main(['--device', 'cpu', '--quick', '--out', str(tmp_path), '--repeats', '2', '--warmup', '0'])
-    results = json.loads((tmp_path / 'fast_path_timing.json').read_text())
-    assert results['errors'] == []
-    (section,) = results['sections']
-    rows = {r['label']: r for r in section['rows']}
-    expected = {'timm eager', 'ours eager 30', 'fast torch dense', 'fast torch 30'}
-    if K.INTERPRETER:
-        expected |= {'fast triton dense', 'fast triton 30'}
-    assert set(rows) == expected
-    assert rows['timm eager']['speedup_vs_timm_eager'] == 1.0
-    model = timm.create_model('cc_deit_tiny_patch16_224', **fast_path_timing.QUICK_MODEL)
-    kept = section['kept_counts']['30']
-    assert min(kept) < 17 and section['kept_counts']['dense'] == [17, 17, 17]
-    flops_ratio = models.count_macs(model) / models.count_macs(model, kept)
-    for r in rows.values():
-        assert r['ms'] > 0 and abs(r['images_per_s'] - 4e3 / r['ms']) < 1e-6 * r['images_per_s']
-        assert r['max_abs_diff'] <= 1e-4 and r['top1_agreement'] == 1.0  # fp32 on CPU: the same logits
-        assert r['flops_ratio'] == pytest.approx(1.0 if r['masks'] == 'dense' else flops_ratio)
-        assert r['fraction_of_flops_ratio'] == pytest.approx(r['speedup_vs_fastest_dense'] / r['flops_ratio'])
-    (target,) = section['targets']
-    assert target['masks'] == '30' and target['target'] == 1.0
-    assert target['fastest_pruned'] in rows and rows[target['fastest_pruned']]['masks'] == '30'
-    assert '| fast torch 30 | 30 |' in (tmp_path / 'fast_path_timing.md').read_text()
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # CUDA only: half precision at DeiT-Ti size, CUDA graphs, the attention choice
 
 def _deit_ti_pair(seed=0, rate=0.3, num_classes=1000):
