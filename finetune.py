@@ -183,6 +183,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     a('--no-pin-mem', action='store_false', dest='pin_mem')
     a('--no-amp', action='store_false', dest='amp', help='disable mixed precision (only used on CUDA)')
     a('--print-freq', default=10, type=int)
+    a('--fast-path', default='none', choices=['none', 'triton', 'compile', 'torch'],
+      help='--eval and --speed-only through the fast inference path (models/fast_path.py): triton = fused Triton '
+           'kernels, patch embedding as one GEMM, attention chosen per kept count, CUDA graph for the batch (CUDA); '
+           'compile = torch.compile of the same original-order formulation; torch = that formulation in plain '
+           'torch ops (any device); none = the eager model')
     a('--speed-protocol', default='interleaved', choices=['interleaved', 'original'],
       help='interleaved: pruned and dense twin take turns, median, no_grad, fp16 autocast on CUDA; original: the '
            'original code\'s timing (fp32 with autograd, mean of 50 passes of a batch of 256, only this model)')
@@ -292,6 +297,15 @@ def validate_args(args) -> None:
         if 'speed_warmup' in given or ('speed_dtype' in given and args.speed_dtype != 'fp32'):
             raise UserError('--speed-protocol original times fp32 passes from the first one: --speed-warmup and '
                             '--speed-dtype do not apply')
+    if args.fast_path != 'none':
+        if not (args.eval or args.speed_only):
+            raise UserError('--fast-path is an inference path: use it with --eval or --speed-only')
+        if args.speed_only and args.speed_protocol == 'original':
+            raise UserError('--speed-protocol original times the loaded eager model as the original code did; '
+                            '--fast-path does not apply')
+        if args.fast_path == 'triton' and not (args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
+                                               ).startswith('cuda') and os.environ.get('TRITON_INTERPRET') != '1':
+            raise UserError('--fast-path triton needs a CUDA GPU (on CPU use --fast-path torch or compile)')
     if args.eval and not args.resume:
         raise UserError('--eval needs --resume CHECKPOINT (the model to evaluate)')
     if args.prune and not args.resume:
@@ -595,26 +609,62 @@ def run_speed(args, device: torch.device) -> Dict[str, float]:
         return _speed_original_protocol(args, model, 'pruned' if pruned else 'dense', size, device)
     dtype = {'fp16': torch.float16, 'bf16': torch.bfloat16, 'fp32': None}[
         args.speed_dtype or ('fp16' if device.type == 'cuda' else 'fp32')]
-    runs = {'pruned': model, 'dense': models.dense_copy(model)} if pruned else {'dense': model}
+    dense = models.dense_copy(model) if pruned else model
+    # 'dense' is timm's computation (every mask True: timm's own Block.forward) under autocast; with --fast-path
+    # the pruned model and the dense model of the same weights run through that path too.
+    runs = {'pruned': model, 'dense': dense} if pruned else {'dense': model}
+    if args.fast_path != 'none':
+        runs = {'dense': dense, 'dense_fast': fast_model(args, dense, device, args.batch_size, dtype)}
+        if pruned:
+            runs['pruned'] = fast_model(args, model, device, args.batch_size, dtype)
     if device.type == 'cpu':
         rank0_print(f'CPU allocator: {steady_allocator()}')
     throughput = measure_throughput(runs, args.batch_size, size, device, repeats=args.speed_repeats,
                                     warmup=args.speed_warmup, dtype=dtype)
     precision = 'fp32' if dtype is None else str(dtype).replace('torch.', '')
     rank0_print(f'Batch {args.batch_size} at {size}x{size} on {device} ({precision}), median of '
-                f'{args.speed_repeats} timed passes, models interleaved')
+                f'{args.speed_repeats} timed passes, models interleaved'
+                + (f'; fast path: {args.fast_path}' if args.fast_path != 'none' else ''))
+    names = {'pruned': 'pruned model' + (f' (fast path, {args.fast_path})' if args.fast_path != 'none' else ''),
+             'dense': 'dense model', 'dense_fast': f'dense model (fast path, {args.fast_path})'}
     results = {}
-    for name, m in runs.items():
-        results[f'{name}_gflops'] = gflops(m)
+    for name, run in runs.items():
+        flops = gflops(model if name == 'pruned' else dense)
+        results[f'{name}_gflops'] = flops
         results[f'{name}_throughput'] = throughput[name]
-        rank0_print(f'FLOPs of the {name} model: {gflops(m):.2f} GFLOPs')
-        rank0_print(f'Throughput of the {name} model: {throughput[name]:.1f} images/s')
+        rank0_print(f'FLOPs of the {names[name]}: {flops:.2f} GFLOPs')
+        rank0_print(f'Throughput of the {names[name]}: {throughput[name]:.1f} images/s')
     if pruned:
         speedup = throughput['pruned'] / throughput['dense']
         flops_ratio = results['dense_gflops'] / results['pruned_gflops']
         results.update(speedup=speedup, flops_ratio=flops_ratio)
-        rank0_print(f'Speed-up of the pruned model: {speedup:.2f}x (FLOPs ratio {flops_ratio:.2f}x)')
+        rank0_print(f'Speed-up of the pruned model: {speedup:.2f}x (FLOPs ratio {flops_ratio:.2f}x)'
+                    + (f' against the eager dense model ({precision})' if args.fast_path != 'none' else ''))
+    if args.fast_path != 'none' and pruned:
+        fastest = max(('dense', 'dense_fast'), key=lambda k: throughput[k])
+        against = throughput['pruned'] / throughput[fastest]
+        results.update(fastest_dense=fastest, speedup_vs_fastest_dense=against)
+        rank0_print(f'Speed-up of the pruned model against the fastest dense model ({names[fastest]}): '
+                    f'{against:.2f}x')
+    elif args.fast_path != 'none':
+        results['fast_path_speedup'] = throughput['dense_fast'] / throughput['dense']
+        rank0_print(f'Speed-up of the fast path ({args.fast_path}) over the eager model: '
+                    f'{results["fast_path_speedup"]:.2f}x')
     return results
+
+
+def fast_model(args, model: nn.Module, device: torch.device, batch_size: int, dtype: Optional[torch.dtype] = None
+               ) -> nn.Module:
+    """``model`` through ``--fast-path`` (models/fast_path.py): an inference-only module on the model's device,
+    its matrix products in ``dtype`` (fp32 if None), a CUDA graph captured for ``batch_size`` with the Triton
+    backend on CUDA (other batch sizes run uncaptured)."""
+    from models.fast_path import build_fast_path
+    graph = device.type == 'cuda' and args.fast_path == 'triton'
+    try:
+        return build_fast_path(model.eval(), backend=args.fast_path, dtype=dtype, cuda_graph=graph,
+                               batch_size=batch_size if graph else None)
+    except ValueError as e:
+        raise UserError(f'--fast-path {args.fast_path}: {e}') from None
 
 
 ORIGINAL_SPEED_BATCH, ORIGINAL_SPEED_PASSES = 256, 50
@@ -642,8 +692,13 @@ def run_eval(args, device: torch.device) -> Dict[str, float]:
     check_classes(nb_classes, model, 'validation')
     model.to(device)
     rank0_print(f'Model {args.model} from {args.resume}: {describe(model)}; {gflops(model):.2f} GFLOPs')
-    stats = evaluate(data_loader(dataset_val, args, train=False), model, device, amp=args.amp,
-                     print_freq=args.print_freq, printer=rank0_print)
+    loader = data_loader(dataset_val, args, train=False)
+    if args.fast_path != 'none':
+        model = fast_model(args, model, device, loader.batch_size, torch.float16 if args.amp else None)
+        built = model.describe()
+        rank0_print(f'Fast path ({args.fast_path}): ' + json.dumps({k: built[k] for k in (
+            'dtype', 'cuda_graph_batch', 'attention', 'mlp')}))
+    stats = evaluate(loader, model, device, amp=args.amp, print_freq=args.print_freq, printer=rank0_print)
     rank0_print(f'Accuracy of the network on the {len(dataset_val)} test images: {stats["acc1"]:.1f}%')
     return stats
 

@@ -656,3 +656,70 @@ def test_attention_choice_is_a_validated_candidate():
     plain = plain_attention(qkv, 3, 64 ** -0.5)
     assert (out.double() - plain).abs().max().item() <= 4e-3 * max(1.0, plain.abs().max().item())
     assert isinstance(choice, AttentionChoice)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the command line: --fast-path on --eval and --speed-only
+
+@pytest.fixture(scope='module')
+def pruned_digits(tmp_path_factory):
+    """A pruned digits-sized model as --prune writes it, and a 32x32 image folder."""
+    import finetune
+    from conftest import make_image_folder, official_checkpoint
+    base = tmp_path_factory.mktemp('fast_cli')
+    data = make_image_folder(base / 'data', per_class=(4, 6), size=(32, 32))
+    dense = official_checkpoint(base / 'dense.pth', 'deit_digits_patch4_32', seed=4, num_classes=3)
+    assert finetune.main(['--prune', '--prune_mode', 'random', '--prune_rate', '0.3', '--resume', dense,
+                          '--model', 'deit_digits_patch4_32', '--data-path', data, '--device', 'cpu',
+                          '--num_workers', '0', '--output_dir', str(base / 'out')]) == 0
+    return {'data': data, 'path': str(base / 'out' / 'pruned_random_0.3.pth')}
+
+
+def _cli(capsys, *argv):
+    import finetune
+    code = finetune.main(['--model', 'deit_digits_patch4_32', '--device', 'cpu', '--num_workers', '0',
+                          *map(str, argv)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_eval_through_the_fast_path_gives_the_eager_results(capsys, pruned_digits):
+    args = ['--eval', '--resume', pruned_digits['path'], '--data-path', pruned_digits['data'], '--batch-size', '4']
+    code, eager, err = _cli(capsys, *args)
+    assert code == 0, err
+    code, fast, err = _cli(capsys, *args, '--fast-path', 'torch')
+    assert code == 0, err
+    assert 'Fast path (torch): ' in fast and '"dtype": "float32"' in fast
+    line = [l for l in eager.splitlines() if l.startswith('* Acc@1')][0]
+    acc1, acc5, loss = (float(v) for v in line.split()[2::2])
+    fast_line = [l for l in fast.splitlines() if l.startswith('* Acc@1')][0]
+    f1, f5, floss = (float(v) for v in fast_line.split()[2::2])
+    assert (f1, f5) == (acc1, acc5) and floss == pytest.approx(loss, abs=1e-3)  # 12 images, 2 batches of 6
+
+
+def test_speed_only_through_the_fast_path_prints_both_speed_ups(capsys, pruned_digits):
+    code, out, err = _cli(capsys, '--speed-only', '--resume', pruned_digits['path'], '--batch-size', '4',
+                          '--speed-repeats', '2', '--speed-warmup', '0', '--fast-path', 'torch')
+    assert code == 0, err
+    for name in ('dense model', 'dense model (fast path, torch)', 'pruned model (fast path, torch)'):
+        assert f'Throughput of the {name}: ' in out
+    speedups = [l for l in out.splitlines() if l.startswith('Speed-up of the pruned model')]
+    assert len(speedups) == 2
+    assert speedups[0].endswith('against the eager dense model (fp32)')
+    assert 'against the fastest dense model (dense model' in speedups[1]
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--fast-path', 'torch', '--output_dir', '{tmp}/ft', '--data-set', 'DIGITS'],
+     '--fast-path is an inference path: use it with --eval or --speed-only'),
+    (['--speed-only', '--speed-protocol', 'original', '--fast-path', 'torch'], '--fast-path does not apply'),
+    (['--speed-only', '--fast-path', 'triton'], '--fast-path triton needs a CUDA GPU'),
+])
+def test_fast_path_flag_mistakes_are_one_line(capsys, monkeypatch, tmp_path, argv, message):
+    monkeypatch.delenv('TRITON_INTERPRET', raising=False)
+    if CUDA and 'triton' in argv:
+        pytest.skip('on a GPU the Triton fast path is available')
+    code, out, err = _cli(capsys, *[a.format(tmp=tmp_path) for a in argv])
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith('error: ') and message in lines[0], err
+    assert not (tmp_path / 'ft').exists()
