@@ -18,7 +18,7 @@ import torch
 import engine
 import finetune
 from conftest import DIGITS_ARGS, ROOT, make_image_folder, official_checkpoint, subprocess_env
-from utils import UserError, load_checkpoint_file, save_atomic
+from utils import UserError, load_checkpoint_file, save_atomic, write_text_atomic
 
 
 def log_epochs(path):
@@ -86,8 +86,10 @@ def test_disk_full_while_saving_is_a_one_line_error(tmp_path, monkeypatch):
     assert leftovers(tmp_path) == []
 
 
-def test_the_temporary_file_reaches_the_disk_before_it_is_renamed_into_place(tmp_path, monkeypatch):
-    """Without fsync before the rename, a power cut can leave checkpoint.pth renamed but empty."""
+@pytest.mark.parametrize('what', ['checkpoint', 'log'])
+def test_the_temporary_file_reaches_the_disk_before_it_is_renamed_into_place(tmp_path, monkeypatch, what):
+    """Without fsync before the rename, a power cut can leave checkpoint.pth renamed but empty; without a flush
+    before the fsync, the last bytes of a file (all of a short log.txt) are still in Python's buffer."""
     import stat
     events = []
     real_fsync, real_replace = os.fsync, os.replace
@@ -103,10 +105,13 @@ def test_the_temporary_file_reaches_the_disk_before_it_is_renamed_into_place(tmp
 
     monkeypatch.setattr(os, 'fsync', fsync)
     monkeypatch.setattr(os, 'replace', replace)
-    path = tmp_path / 'checkpoint.pth'
-    save_atomic({'epoch': 1, 'w': torch.ones(10000)}, str(path))
+    path = tmp_path / ('checkpoint.pth' if what == 'checkpoint' else 'log.txt')
+    if what == 'checkpoint':
+        save_atomic({'epoch': 1, 'w': torch.ones(10000)}, str(path))
+    else:
+        write_text_atomic(str(path), '{"epoch": 0, "train_loss": 2.3}\n')
     renames = [i for i, e in enumerate(events) if e[0] == 'replace']
-    assert len(renames) == 1 and events[renames[0]][2] == 'checkpoint.pth'
+    assert len(renames) == 1 and events[renames[0]][2] == path.name
     inode, size = events[renames[0]][1], os.path.getsize(path)
     # the renamed file itself was fsynced before the rename, complete (flushed: all its bytes were there) ...
     assert ('fsync', inode, 'file', size) in events[:renames[0]]
