@@ -86,7 +86,7 @@ def finetune_argv(world, out, workers, *extra):
             '--num_workers', workers, *AUGMENTED, *extra]
 
 
-FINETUNE_EXTRA = {0: ['--dist-eval'], 2: ['--repeated-aug']}  # both samplers of several processes
+FINETUNE_EXTRA = {0: ['--dist-eval', '--no-repeated-aug'], 2: ['--repeated-aug']}  # both samplers of several processes
 
 
 @pytest.fixture(scope='module')
