@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.requirements-installed
 
-.PHONY: demo study test test-fast venv clean
+.PHONY: demo study test test-fast mutants venv clean
 
 venv: $(STAMP)
 
@@ -25,6 +25,10 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests
+
+# Plants small bugs one at a time in a scratch copy and checks that the tests catch each (not part of `test`).
+mutants: $(STAMP)
+	$(PY) tests/mutants.py
 
 clean:
 	rm -rf runs/demo runs/study .pytest_cache

@@ -35,6 +35,7 @@ from losses import DistillationLoss
 from samplers import DistributedEvalSampler, RASampler
 from utils import (UserError, TensorBoard, all_agree, check_output_dir, checkpoint_args, init_distributed_mode,
                    is_main_process, load_checkpoint_file, one_line, print_line, rank0_print, remove_stale_temporaries, save_atomic, write_text_atomic)
+from utils import seeding
 
 EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 3
@@ -512,6 +513,8 @@ def gflops(model: nn.Module) -> float:
 # data
 
 def data_loader(dataset, args, train: bool, sampler=None, batch_size=None):
+    # Training draws its shuffle and its workers' seeds from a generator of its own (saved with checkpoints).
+    generator = seeding.data_generator(args.seed, args.rank) if train else None
     if sampler is None:
         if args.distributed and train:
             if args.repeated_aug:
@@ -522,14 +525,14 @@ def data_loader(dataset, args, train: bool, sampler=None, batch_size=None):
         elif args.distributed and args.dist_eval:
             sampler = DistributedEvalSampler(dataset, args.world_size, args.rank)
         elif train:
-            sampler = torch.utils.data.RandomSampler(dataset, generator=torch.Generator().manual_seed(args.seed))
+            sampler = torch.utils.data.RandomSampler(dataset, generator=generator)
         else:
             sampler = torch.utils.data.SequentialSampler(dataset)
     bs = batch_size or (args.batch_size if train else int(1.5 * args.batch_size))
     return torch.utils.data.DataLoader(
         dataset, sampler=sampler, batch_size=bs, num_workers=args.num_workers,
         pin_memory=args.pin_mem and args.device.startswith('cuda'), drop_last=train and len(sampler) >= bs,
-        persistent_workers=False)
+        persistent_workers=False, generator=generator)
 
 
 def build_data(args, train: bool):
@@ -1001,17 +1004,27 @@ def restore_training(training: engine.Training, checkpoint: dict, args) -> Tuple
         remove_stale_temporaries(list(paths.values()))  # from a job killed while saving
     rank0_print(f'Resumed from {args.resume}: continuing at epoch {start_epoch} '
                 f'(best Acc@1 so far {max_accuracy:.2f}%)')
+    # Every random stream where the uninterrupted run has it (last, so nothing above draws from them).
+    seeding.restore_or_reseed(checkpoint.get('rng'), args.rank, args.world_size, args.seed, start_epoch,
+                              random_generators(training), training.device, rank0_print)
     return start_epoch, max_accuracy
 
 
-def training_state(training: engine.Training, args, epoch: int, max_accuracy: float, log_stats: dict) -> dict:
-    """What ``checkpoint.pth`` and ``best.pth`` hold (``args`` as a plain dict: plain ``torch.load`` reads it)."""
+def random_generators(training: engine.Training) -> Dict[str, torch.Generator]:
+    """The generators of a run besides the global ones (saved and restored with them)."""
+    return {'data': training.loader_train.generator}
+
+
+def training_state(training: engine.Training, args, epoch: int, max_accuracy: float, log_stats: dict,
+                   rng: List[dict]) -> dict:
+    """What ``checkpoint.pth`` and ``best.pth`` hold (``args`` as a plain dict: plain ``torch.load`` reads it);
+    ``rng``: every process's random streams (``seeding.gather``), in rank order."""
     model = training.model_without_ddp
     state = {
         'model': model.state_dict(), 'optimizer': training.optimizer.state_dict(),
         'lr_scheduler': training.lr_scheduler.state_dict(), 'epoch': epoch, 'scaler': training.scaler.state_dict(),
         'channels': models.kept_token_counts(model), 'args': vars(args).copy(), 'max_accuracy': max_accuracy,
-        'log_stats': log_stats,
+        'log_stats': log_stats, 'rng': rng,
     }
     if training.model_ema is not None:
         state['model_ema'] = training.model_ema.module.state_dict()
@@ -1038,10 +1051,11 @@ def run_finetune(args, device: torch.device) -> Dict[str, float]:
                      **{f'test_{k}': v for k, v in test_stats.items()},
                      'epoch': epoch, 'n_parameters': sum(p.numel() for p in model.parameters()),
                      'gflops': gflops(model), 'max_accuracy': best}
+        rng = seeding.gather(seeding.capture(random_generators(training), training.device))  # every process
         if not is_main_process():
             last_good, last_epoch = paths['checkpoint.pth'], epoch  # written by rank 0
             return
-        state = training_state(training, args, epoch, best, log_stats)
+        state = training_state(training, args, epoch, best, log_stats, rng)
         if improved:
             save_atomic(state, paths['best.pth'])
         save_atomic(state, paths['checkpoint.pth'])
@@ -1104,7 +1118,7 @@ def run(args) -> Dict[str, float]:
         rank0_print(line)
     device = torch.device(args.device)
     args.amp = args.amp and device.type == 'cuda'  # mixed precision on CUDA only
-    torch.manual_seed(args.seed + args.rank)
+    seeding.seed_everything(args.seed, args.rank)  # Python's random, numpy, torch: --seed + rank
     cfg = models.pretrained_cfg(args.model)
     args.input_size = args.input_size or cfg.input_size[-1]
     args.mean, args.std = tuple(cfg.mean), tuple(cfg.std)

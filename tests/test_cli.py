@@ -13,6 +13,8 @@ import torch
 
 import finetune
 import models
+import pruning
+from losses import DistillationLoss
 from conftest import ROOT, official_checkpoint
 from utils import load_checkpoint_file
 
@@ -53,6 +55,8 @@ def test_prune_writes_the_pruned_checkpoint(pruned):
     dense_sd = torch.load(pruned['dense'], weights_only=True)['model']
     assert all(torch.equal(sd[k], v) for k, v in dense_sd.items())  # pruning changed no weight
     assert ckpt['scores'].shape == (12, 196)
+    # the masks are the global-budget plan of the stored scores at the requested rate, in concat order
+    assert torch.stack(masks).equal(pruning.to_concat_order(pruning.plan_masks(ckpt['scores'], 0.25)))
     model = timm.create_model('cc_deit_tiny_patch16_224', checkpoint_path=pruned['path'])
     assert models.kept_token_counts(model) == channels
 
@@ -87,8 +91,13 @@ def test_eval_of_the_pruned_checkpoint(capsys, pruned):
     images = torch.stack([val[i][0] for i in range(len(val))])
     targets = torch.tensor([val[i][1] for i in range(len(val))])
     with torch.no_grad():
-        acc1 = (model(images).argmax(1) == targets).float().mean().item() * 100
+        logits = model(images)
+    acc1 = (logits.argmax(1) == targets).float().mean().item() * 100
+    # top-5 by hand: the true class has fewer than 5 classes scoring above it
+    above = [(logits[i] > logits[i, targets[i]]).sum().item() for i in range(len(targets))]
+    acc5 = 100.0 * sum(a < 5 for a in above) / len(above)
     assert float(match.group(1)) == pytest.approx(acc1, abs=1e-3)
+    assert float(match.group(2)) == pytest.approx(acc5, abs=1e-3)
 
 
 @pytest.mark.slow
@@ -130,13 +139,46 @@ def test_speed_only_without_checkpoint_needs_no_data_and_runs_as_a_script():
 
 
 @pytest.mark.slow
-def test_finetune_one_epoch_with_soft_distillation(tmp_path, capsys, pruned):
+def test_finetune_one_epoch_with_soft_distillation(tmp_path, capsys, monkeypatch, pruned):
+    # Every loss the run computes is recorded with what it was computed from, and checked below by hand.
+    steps = []
+    real_forward = DistillationLoss.forward
+
+    def recording_forward(self, inputs, outputs, labels):
+        loss = real_forward(self, inputs, outputs, labels)
+        steps.append((inputs.detach().clone(), outputs.detach().clone(), labels.clone(), loss.item()))
+        return loss
+
+    monkeypatch.setattr(DistillationLoss, 'forward', recording_forward)
+    # the teacher: the dense weights with a head 300 times larger, so its outputs are confident and the KD term
+    # is a sizeable part of the loss
+    teacher_sd = torch.load(pruned['dense'], weights_only=True)['model']
+    teacher_sd['head.weight'] = teacher_sd['head.weight'] * 300
+    torch.save({'model': teacher_sd}, tmp_path / 'teacher.pth')
     out_dir = tmp_path / 'ft'
-    code, out, err = run_cli(capsys, '--resume', pruned['path'], '--teacher-path', pruned['dense'],
+    code, out, err = run_cli(capsys, '--resume', pruned['path'], '--teacher-path', str(tmp_path / 'teacher.pth'),
                              '--teacher-model', 'deit_tiny_patch16_224', '--distillation-type', 'soft',
-                             '--distillation-tau', '2.0', '--final_finetune', '1', '--data-path', pruned['data'],
+                             '--distillation-tau', '2.0', '--distillation-alpha', '0.7', '--smoothing', '0.1',
+                             '--mixup', '0', '--cutmix', '0', '--final_finetune', '1', '--data-path', pruned['data'],
                              '--output_dir', str(out_dir), '--aa', 'none', '--model-ema', *COMMON)
     assert code == 0, err
+    # loss = label-smoothed CE + 0.7 * KD against timm's dense DeiT-Ti with the teacher file's weights
+    teacher = timm.create_model('deit_tiny_patch16_224').eval()
+    teacher.load_state_dict(teacher_sd)
+    assert len(steps) == 3  # 12 training images in batches of 4
+    kd_share = []
+    for images, student, labels, loss in steps:
+        with torch.no_grad():
+            t = teacher(images)
+        log_p = torch.log_softmax(student, dim=1)
+        base = (0.9 * -log_p.gather(1, labels[:, None]).squeeze(1) - 0.1 * log_p.mean(dim=1)).mean()
+        p_t = torch.softmax(t / 2.0, dim=1)
+        kd = (p_t * (torch.log_softmax(t / 2.0, dim=1) - torch.log_softmax(student / 2.0, dim=1))).sum() * 4.0 / t.numel()
+        assert loss == pytest.approx((base + 0.7 * kd).item(), rel=1e-5)
+        kd_share.append(0.7 * kd.item() / loss)
+    assert min(kd_share) > 1e-3  # the KD term is there, 100 times above the tolerance of the check
+    logged = json.loads((out_dir / 'log.txt').read_text().splitlines()[0])['train_loss']
+    assert logged == pytest.approx(sum(s[3] for s in steps) / 3, rel=1e-6)
     assert re.search(r'Epoch: \[0\] \[0/3\]  eta: \d+:\d\d:\d\d', out)
     ckpt = load_checkpoint_file(str(out_dir / 'checkpoint.pth'))
     assert FINETUNE_KEYS | {'model_ema'} <= set(ckpt)

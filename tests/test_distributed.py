@@ -1,6 +1,8 @@
 """Two processes on CPU (gloo) under the seed's `python -m torch.distributed.launch --use_env` and under
-torchrun: pruning plans identical masks on every rank, finetuning averages its metrics over
-the processes, scales the learning rate by the world size, and only rank 0 writes."""
+torchrun: pruning plans identical masks on every rank and the same masks when run again, finetuning averages its
+metrics over the processes, scales the learning rate by the world size, only rank 0 writes, and a job stopped
+by SIGTERM and resumed ends with the weights of the uninterrupted job, bit for bit, with and without DataLoader
+workers.  Most commands run one after another in a single job (tests/distributed_job.py)."""
 import json
 import os
 import re
@@ -9,13 +11,12 @@ import sys
 
 import pytest
 import timm
+import torch
 
 import finetune
 import pruning
 from conftest import DIGITS_ARGS, ROOT, free_port, make_image_folder, official_checkpoint, subprocess_env
 from utils import load_checkpoint_file
-
-pytestmark = pytest.mark.slow
 
 TORCHRUN = os.path.join(os.path.dirname(sys.executable), 'torchrun')
 LAUNCHERS = {
@@ -43,17 +44,77 @@ def world(tmp_path_factory):
     base = tmp_path_factory.mktemp('dist')
     data = make_image_folder(base / 'data', classes=tuple('abcd'), per_class=(8, 4), size=(32, 32))
     dense = official_checkpoint(base / 'dense.pth', 'cc_deit_digits_patch4_32')
-    return {'base': base, 'data': data, 'dense': dense}
+    dense48 = official_checkpoint(base / 'dense48.pth', 'cc_deit_digits_patch4_32', img_size=48)
+    return {'base': base, 'data': data, 'dense': dense, 'dense48': dense48}
 
 
 # ----------------------------------------------------------------------------------------------------------
-# --prune
+# one job of two processes running --prune and finetuning (not slow: `make test-fast` runs it too, so the
+# checks that only several processes can make, the all-reduce of the scores and the learning rate scaled by the
+# world size, are in the fast set)
 
-@pytest.mark.parametrize('launcher', ['launch', 'run'])
-def test_prune_with_two_processes_plans_the_same_masks_on_every_rank(world, tmp_path, launcher):
-    out = tmp_path / 'out'
-    stdout = ok(launch(launcher, ['--prune', '--prune_rate', '0.3', '--resume', world['dense'],
-                                  '--data-path', world['data'], '--output_dir', out], tmp_path))
+JOB = os.path.join(ROOT, 'tests', 'distributed_job.py')
+# every augmentation on (Python's random, numpy and torch all draw), drop-path, EMA; explicit schedule
+AUGMENTED = ['--aa', 'rand-m9-mstd0.5-inc1', '--reprob', '0.25', '--mixup', '0.8', '--cutmix', '1.0',
+             '--drop-path', '0.1', '--model-ema', '--model-ema-decay', '0.9', '--seed', '7', '--lr', '5e-4',
+             '--warmup-epochs', '1', '--final_finetune', '2']
+
+
+def launch_job(launcher, commands, cwd, timeout=400):
+    """Run ``commands`` ({'argv', 'sigterm_at_epoch'}) one after another in one job of two processes; returns
+    (completed process, {command index: [exit code of rank 0, of rank 1]})."""
+    path = os.path.join(str(cwd), 'commands.json')
+    with open(path, 'w') as f:
+        json.dump([{'argv': [*DIGITS_ARGS, *map(str, c['argv'])], 'sigterm_at_epoch': c.get('sigterm_at_epoch')}
+                   for c in commands], f)
+    cmd = [*LAUNCHERS[launcher], '--nproc_per_node=2', f'--master_port={free_port()}', JOB, path]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=subprocess_env(), cwd=cwd)
+    codes = {}
+    for rank, i, code in re.findall(r'^\[rank (\d)\] @@ command (\d+) exit (-?\d+)$', proc.stdout, re.M):
+        codes.setdefault(int(i), [None, None])[int(rank)] = int(code)
+    return proc, codes
+
+
+def prune_argv(world, out, workers):
+    # 48x48 input: the training crops are timm's, which draw from Python's random
+    return ['--prune', '--prune_rate', '0.3', '--input-size', '48', '--resume', world['dense48'],
+            '--data-path', world['data'], '--output_dir', out, '--num_workers', workers, '--seed', '7']
+
+
+def finetune_argv(world, out, workers, *extra):
+    return ['--resume', world['dense'], '--data-path', world['data'], '--output_dir', out,
+            '--num_workers', workers, *AUGMENTED, *extra]
+
+
+FINETUNE_EXTRA = {0: ['--dist-eval', '--no-repeated-aug'], 2: ['--repeated-aug']}  # both samplers of several processes
+
+
+@pytest.fixture(scope='module')
+def job(world):
+    """Under the seed's launcher: the same --prune twice without and twice with DataLoader workers, then for
+    workers 0 and 2 a two-epoch finetune and the same finetune stopped by SIGTERM as epoch 1 starts."""
+    base = world['base'] / 'job'
+    base.mkdir()
+    commands = [{'argv': prune_argv(world, base / f'prune{w}{run}', w)} for w in (0, 2) for run in 'ab']
+    commands += [{'argv': finetune_argv(world, base / f'ref{w}', w, *FINETUNE_EXTRA[w])} for w in (0, 2)]
+    commands += [{'argv': finetune_argv(world, base / f'cut{w}', w, *FINETUNE_EXTRA[w]), 'sigterm_at_epoch': 1}
+                 for w in (0, 2)]
+    proc, codes = launch_job('launch', commands, base)
+    assert 'torch.distributed.launch is deprecated' in proc.stderr  # it warns, and runs
+    assert codes == {**{i: [0, 0] for i in range(6)}, 6: [143, 143], 7: [143, 143]}, \
+        proc.stdout[-3000:] + proc.stderr[-3000:]
+    return {'base': base, 'stdout': proc.stdout, 'stderr': proc.stderr}
+
+
+def command_output(job, i):
+    """The lines command ``i`` of the job printed (rank 0's and the per-rank ones)."""
+    starts = [0] + [m.end() for m in re.finditer(r'^\[rank 0\] @@ command \d+ exit -?\d+\n', job['stdout'], re.M)]
+    return job['stdout'][starts[i]:starts[i + 1]]
+
+
+def test_prune_with_two_processes_plans_the_same_masks_on_every_rank(world, job):
+    stdout = command_output(job, 0)
+    out = job['base'] / 'prune0a'
     digests = dict(re.findall(r'^\[rank (\d)\] masks sha1 ([0-9a-f]{40})$', stdout, re.M))
     assert set(digests) == {'0', '1'}, stdout
     # Each rank scored its own half of the training set; the summed scores give both the same plan.
@@ -67,24 +128,27 @@ def test_prune_with_two_processes_plans_the_same_masks_on_every_rank(world, tmp_
     masks = [ckpt['model'][f'blocks.{l}.attn.token_index'] for l in range(6)]
     assert finetune.masks_sha1(masks) == digests['0']
     assert ckpt['channels'] == [int(m.sum()) for m in masks]
-    # the stored (all-reduced) scores are what the masks were planned from
-    model = timm.create_model('cc_deit_digits_patch4_32')
-    pruning.apply_masks(model, pruning.plan_masks(ckpt['scores'], 0.3))
+    # the stored (all-reduced) scores are what the masks were planned from, at the requested rate
+    plan = pruning.plan_masks(ckpt['scores'], 0.3)
+    assert int((~plan).sum()) == int(144 * 6 * 0.3)
+    model = timm.create_model('cc_deit_digits_patch4_32', img_size=48)
+    pruning.apply_masks(model, plan)
     assert finetune.masks_sha1(model.masks) == digests['0']
 
 
-# ----------------------------------------------------------------------------------------------------------
-# finetuning
+@pytest.mark.parametrize('workers', [0, 2])
+def test_the_same_prune_with_two_processes_gives_the_same_scores_and_masks(job, workers):
+    a, b = (load_checkpoint_file(str(job['base'] / f'prune{workers}{run}' / 'pruned_0.3.pth')) for run in 'ab')
+    assert torch.equal(a['scores'], b['scores'])
+    assert all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'] if k.endswith('token_index'))
 
-def test_finetune_with_two_processes_under_the_seeds_launcher(world, tmp_path, capsys):
-    out = tmp_path / 'out'
-    proc = launch('launch', ['--resume', world['dense'], '--data-path', world['data'], '--output_dir', out,
-                             '--final_finetune', '2', '--dist-eval'], tmp_path)
-    stdout = ok(proc)
-    assert 'torch.distributed.launch is deprecated' in proc.stderr  # it warns, and runs
-    assert not re.search(r'^\[rank \d\] error', proc.stderr, re.M)
+
+def test_finetune_with_two_processes_scales_the_lr_and_only_rank_0_writes(world, job, capsys):
+    stdout = command_output(job, 4)
+    out = job['base'] / 'ref0'
+    assert not re.search(r'^\[rank \d\] error', job['stderr'], re.M)
     # rank 0 prints and writes; the learning rate is scaled by batch 8 x 2 processes
-    lr = 0.01 * 8 * 2 / 512  # the default --lr 0.01
+    lr = 5e-4 * 8 * 2 / 512  # --lr 5e-4 (AUGMENTED) scaled by batch 8 x 2 processes
     assert stdout.count('Finetuning for epochs 0..1') == 1
     assert f'(lr {lr:.2e} for batch 8 x 2 processes)' in stdout
     names = sorted(os.listdir(out))
@@ -94,7 +158,8 @@ def test_finetune_with_two_processes_under_the_seeds_launcher(world, tmp_path, c
     assert [r['epoch'] for r in records] == [0, 1]
     ckpt = load_checkpoint_file(str(out / 'checkpoint.pth'))
     assert ckpt['epoch'] == 1 and ckpt['args']['world_size'] == 2 and ckpt['args']['scaled_lr'] == pytest.approx(lr)
-    assert ckpt['args']['lr'] == 0.01  # the base lr as given, so a continued run does not scale it again
+    assert ckpt['args']['lr'] == 5e-4  # the base lr as given, so a continued run does not scale it again
+    assert len(ckpt['rng']) == 2  # each process's random streams
     # --dist-eval: each process evaluated half of the 16 images; the sums give the single-process figures
     assert 'Accuracy of the network on the 16 test images' in stdout
     code = finetune.main([*DIGITS_ARGS, '--eval', '--resume', str(out / 'checkpoint.pth'),
@@ -107,23 +172,36 @@ def test_finetune_with_two_processes_under_the_seeds_launcher(world, tmp_path, c
     assert records[-1]['test_loss'] == pytest.approx(loss, abs=1e-3)
 
 
-def test_finetune_with_two_processes_resumes_under_torchrun(world, tmp_path):
-    out = tmp_path / 'out'
-    common = ['--data-path', world['data'], '--output_dir', out, '--repeated-aug']
-    ok(launch('run', ['--resume', world['dense'], '--final_finetune', '1', *common], tmp_path))
-    first = load_checkpoint_file(str(out / 'checkpoint.pth'))
-    stdout = ok(launch('torchrun', ['--resume', out / 'checkpoint.pth', '--final_finetune', '2', *common], tmp_path))
-    assert f'Resumed from {out / "checkpoint.pth"}: continuing at epoch 1' in stdout
+@pytest.mark.slow
+@pytest.mark.parametrize('workers, launcher', [(0, 'torchrun'), (2, 'run')])
+def test_two_processes_stopped_and_resumed_equal_the_uninterrupted_run_bit_for_bit(world, job, workers, launcher):
+    cut, ref = job['base'] / f'cut{workers}', job['base'] / f'ref{workers}'
+    stopped = command_output(job, 6 if workers == 0 else 7)
+    assert 'Epoch: [1]' not in stopped
+    # each process of the two stopped jobs says which checkpoint is the last complete one
+    for w in (0, 2):
+        line = (f'terminated (SIGTERM); the last complete checkpoint is {job["base"] / f"cut{w}" / "checkpoint.pth"} '
+                f'(epoch 0)')
+        assert job['stderr'].count(line) == 2, job['stderr'][-3000:]
+    first = load_checkpoint_file(str(cut / 'checkpoint.pth'))
+    assert first['epoch'] == 0
+    proc = launch(launcher, finetune_argv(world, cut, workers, *FINETUNE_EXTRA[workers], '--resume',
+                                          cut / 'checkpoint.pth'), cut)
+    stdout = ok(proc)
+    assert f'Resumed from {cut / "checkpoint.pth"}: continuing at epoch 1' in stdout
     assert 'Epoch: [0]' not in stdout and 'Epoch: [1]' in stdout
-    records = [json.loads(line) for line in (out / 'log.txt').read_text().splitlines()]
-    assert [r['epoch'] for r in records] == [0, 1]
-    final = load_checkpoint_file(str(out / 'checkpoint.pth'))
+    final, reference = (load_checkpoint_file(str(d / 'checkpoint.pth')) for d in (cut, ref))
     assert final['epoch'] == 1
+    for key in ('model', 'model_ema'):
+        assert all(torch.equal(final[key][k], reference[key][k]) for k in reference[key]), key
+    records, ref_records = ([json.loads(line) for line in (d / 'log.txt').read_text().splitlines()] for d in (cut, ref))
+    assert records == ref_records
     # the optimizer state went on from the first run (AdamW step counts add up)
     steps = lambda c: float(c['optimizer']['state'][0]['step'])  # noqa: E731
     assert steps(final) == 2 * steps(first)
 
 
+@pytest.mark.slow
 def test_bad_image_under_two_processes_stops_the_job_with_one_line_per_rank(world, tmp_path):
     import shutil
     data = shutil.copytree(world['data'], tmp_path / 'data')

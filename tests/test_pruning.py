@@ -1,5 +1,7 @@
 """Choosing masks: Taylor scores against an independent autograd computation, the budget and its tie rule,
 the random baseline, and the concat-order conversion on a hand-worked example."""
+import math
+
 import pytest
 import timm
 import torch
@@ -16,10 +18,16 @@ def _small_model(seed=0, depth=3):
 
 
 def _independent_scores(model, batches, criterion):
-    """Σ_{b,h,i} A·∂L/∂A per key token, with A taken from a forward written here and ∂L/∂A from autograd."""
+    """Σ_batches |Σ_{b,h,i} A·∂L/∂A| / (B·H·N) per key token, A from a forward written here, ∂L/∂A from autograd."""
+    return sum(c.abs() for c in _signed_contributions(model, batches, criterion))
+
+
+def _signed_contributions(model, batches, criterion):
+    """Each batch's Σ_{b,h,i} A·∂L/∂A / (B·H·N) per (layer, patch), before the absolute value."""
     depth = len(model.blocks)
-    total = torch.zeros(depth, model.num_tokens, dtype=torch.float64)
+    contributions = []
     for images, targets in batches:
+        total = torch.zeros(depth, model.num_tokens, dtype=torch.float64)
         probs = []
         x = model.patch_embed(images)
         x = torch.cat([model.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + model.pos_embed
@@ -38,9 +46,10 @@ def _independent_scores(model, batches, criterion):
         loss.backward()
         for layer, a in enumerate(probs):
             B, H, N, _ = a.shape
-            total[layer] += ((a * a.grad).sum(dim=(0, 1, 2)) / (B * H * N)).abs().double()
+            total[layer] += ((a * a.grad).sum(dim=(0, 1, 2)) / (B * H * N)).double()
+        contributions.append(total[:, 1:].float())
     model.zero_grad(set_to_none=True)
-    return total[:, 1:].float()
+    return contributions
 
 
 def _batches(n=2, batch=3, seed=1, classes=7):
@@ -65,9 +74,17 @@ def test_scores_take_absolute_value_per_batch_then_sum():
     model = _small_model()
     criterion = nn.CrossEntropyLoss()
     batches = _batches(n=3)
-    both = pruning.attention_taylor_scores(model, batches, criterion)
+    signed = torch.stack(_signed_contributions(model, batches, criterion))  # (batch, layer, patch)
+    # these batches disagree in sign on many slots: there |Σ| < Σ|.| by a wide margin, so an absolute value
+    # taken once after summing, or none at all, shows
+    mixed = (signed > 0).any(dim=0) & (signed < 0).any(dim=0)
+    assert mixed.sum() >= 10
+    sum_of_abs, abs_of_sum = signed.abs().sum(dim=0), signed.sum(dim=0).abs()
+    assert ((sum_of_abs - abs_of_sum)[mixed] > 0.1 * sum_of_abs[mixed]).sum() >= 5
+    ours = pruning.attention_taylor_scores(model, batches, criterion)
+    assert torch.allclose(ours, sum_of_abs, rtol=1e-4, atol=1e-12)
     each = sum(pruning.attention_taylor_scores(model, [b], criterion) for b in batches)
-    assert torch.allclose(both, each, rtol=1e-5)
+    assert torch.allclose(ours, each, rtol=1e-5)
     first = pruning.attention_taylor_scores(model, batches, criterion, max_batches=1)
     assert torch.allclose(first, pruning.attention_taylor_scores(model, batches[:1], criterion))
 
@@ -185,6 +202,35 @@ def test_random_masks_clip_exactly_the_budget_distinct_and_seeded():
     assert int((~a).sum()) == int(196 * 12 * 0.4)
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert (~a).sum(dim=1).min() > 0  # uniform over all slots: every layer gets some
+
+
+def test_random_masks_are_one_uniform_draw_over_all_slots():
+    """12 of 4 x 10 slots, 4000 times: each slot is clipped 30% of the time, and a layer's count of clipped slots
+    follows the hypergeometric law (12 draws from 40 slots, 10 of them in the layer): it varies from draw to
+    draw, it is not a per-layer quota."""
+    from scipy.stats import chi2
+    depth, n, rate, draws = 4, 10, 0.3, 4000
+    budget = int(depth * n * rate)
+    g = torch.Generator().manual_seed(0)
+    clipped = torch.stack([~pruning.random_masks(depth, n, rate, generator=g) for _ in range(draws)])
+    assert (clipped.sum(dim=(1, 2)) == budget).all()
+    # every slot equally often: within 5 standard deviations of draws * 12/40
+    p = budget / (depth * n)
+    per_slot = clipped.sum(dim=0).double()
+    assert ((per_slot - draws * p).abs() < 5 * math.sqrt(draws * p * (1 - p))).all()
+    # each layer's count: hypergeometric, by a chi-square test (cells with expectation >= 5; p > 0.001)
+    pmf = [math.comb(n, k) * math.comb(depth * n - n, budget - k) / math.comb(depth * n, budget) for k in range(n + 1)]
+    for layer in range(depth):
+        counts = torch.bincount(clipped[:, layer].sum(dim=1), minlength=n + 1).tolist()
+        top = max(k for k in range(n + 1) if draws * pmf[k] >= 5)  # counts 0, 1, ..., top - 1 and ">= top"
+        observed = counts[:top] + [sum(counts[top:])]
+        expected = [draws * q for q in pmf[:top]] + [draws * sum(pmf[top:])]
+        assert min(expected) >= 5
+        stat = sum((o - e) ** 2 / e for o, e in zip(observed, expected))
+        assert chi2.sf(stat, len(observed) - 1) > 0.001, (layer, observed, expected)
+        variance = clipped[:, layer].sum(dim=1).double().var().item()
+        exact = budget * (n / (depth * n)) * (1 - n / (depth * n)) * (depth * n - budget) / (depth * n - 1)
+        assert variance == pytest.approx(exact, rel=0.15)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -51,6 +51,7 @@ AS_THE_ORIGINAL = {
     'uniform_lr': False,         # only parameter group 0 follows the schedule
     'eval_crop_ratio': 1.0,      # Resize([input, input]): the whole image squashed, no crop
     'local_rank': None,          # set by the launcher
+    'fast_path': 'none',         # the eager model (the fast inference path is ours, off by default)
 }
 # Deliberate differences, each explained in the README: {flag: (ours, the original's)}.
 DIFFERENT = {

@@ -1,7 +1,9 @@
-"""Resume loses nothing: --resume <output_dir>/checkpoint.pth continues at the next epoch with
-model, optimizer, scheduler, EMA and best accuracy restored; log.txt holds every finished epoch exactly once;
-checkpoints are written atomically, so a job killed while saving keeps the previous one."""
+"""Resume loses nothing: --resume <output_dir>/checkpoint.pth continues at the next epoch with model, optimizer,
+scheduler, EMA, best accuracy and every random stream restored, and ends where the uninterrupted run ends, bit for
+bit; log.txt holds every finished epoch exactly once; best.pth is the first epoch reaching the best accuracy;
+checkpoints are fsynced and renamed into place, so a job killed while saving keeps the previous one."""
 import json
+import math
 import os
 import re
 import signal
@@ -16,7 +18,7 @@ import torch
 import engine
 import finetune
 from conftest import DIGITS_ARGS, ROOT, make_image_folder, official_checkpoint, subprocess_env
-from utils import UserError, load_checkpoint_file, save_atomic
+from utils import UserError, load_checkpoint_file, save_atomic, write_text_atomic
 
 
 def log_epochs(path):
@@ -82,6 +84,39 @@ def test_disk_full_while_saving_is_a_one_line_error(tmp_path, monkeypatch):
     assert str(info.value) == f'cannot write {path}: No space left on device (the previous file is untouched)'
     assert path.read_bytes() == before
     assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize('what', ['checkpoint', 'log'])
+def test_the_temporary_file_reaches_the_disk_before_it_is_renamed_into_place(tmp_path, monkeypatch, what):
+    """Without fsync before the rename, a power cut can leave checkpoint.pth renamed but empty; without a flush
+    before the fsync, the last bytes of a file (all of a short log.txt) are still in Python's buffer."""
+    import stat
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        st = os.fstat(fd)
+        events.append(('fsync', st.st_ino, 'file' if stat.S_ISREG(st.st_mode) else 'directory', st.st_size))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(('replace', os.stat(src).st_ino, os.path.basename(dst)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, 'fsync', fsync)
+    monkeypatch.setattr(os, 'replace', replace)
+    path = tmp_path / ('checkpoint.pth' if what == 'checkpoint' else 'log.txt')
+    if what == 'checkpoint':
+        save_atomic({'epoch': 1, 'w': torch.ones(10000)}, str(path))
+    else:
+        write_text_atomic(str(path), '{"epoch": 0, "train_loss": 2.3}\n')
+    renames = [i for i, e in enumerate(events) if e[0] == 'replace']
+    assert len(renames) == 1 and events[renames[0]][2] == path.name
+    inode, size = events[renames[0]][1], os.path.getsize(path)
+    # the renamed file itself was fsynced before the rename, complete (flushed: all its bytes were there) ...
+    assert ('fsync', inode, 'file', size) in events[:renames[0]]
+    # ... and the directory after it, so the rename survives a crash too
+    assert any(e[0] == 'fsync' and e[2] == 'directory' for e in events[renames[0] + 1:])
 
 
 CHILD_SAVE = textwrap.dedent('''
@@ -186,15 +221,44 @@ def small(tmp_path_factory):
     return {'base': base, 'data': data, 'dense': dense}
 
 
+# Explicit schedule: base lr 0.0512 * batch 8 / 512 = 8e-4, two warm-up epochs from 1e-4, cosine to 1e-5 over
+# three epochs; weight decay 0 gives one parameter group.
+SCHEDULE = ['--lr', '0.0512', '--warmup-lr', '1e-4', '--min-lr', '1e-5', '--warmup-epochs', '2', '--sched', 'cosine',
+            '--weight-decay', '0']
+
+
+def lr_during_epoch(epoch, base=8e-4, warmup_lr=1e-4, min_lr=1e-5, warmup=2, epochs=3):
+    """The learning rate of each epoch, written out: linear warm-up from warmup_lr over ``warmup`` epochs, then
+    cosine from ``base`` to ``min_lr`` over ``epochs`` (timm's CosineLRScheduler).  As in the original code and
+    DeiT the schedule is stepped to ``t = epoch`` after each epoch, so epoch e runs at t = max(e - 1, 0)."""
+    t = max(epoch - 1, 0)
+    if t < warmup:
+        return warmup_lr + t * (base - warmup_lr) / warmup
+    return min_lr + 0.5 * (base - min_lr) * (1 + math.cos(math.pi * t / epochs))
+
+
 def _finetune(out, data, *extra):
     return finetune.main([*DIGITS_ARGS, '--data-path', str(data), '--output_dir', str(out), '--model-ema',
-                          '--model-ema-decay', '1.0', '--warmup-epochs', '2', *map(str, extra)])
+                          '--model-ema-decay', '0.9', *SCHEDULE, *map(str, extra)])
+
+
+def accuracies(monkeypatch, values):
+    """engine.evaluate reports these Acc@1 values, one per call, so which epoch is best is known in advance."""
+    values = list(values)
+
+    def evaluate(*args, **kwargs):
+        return {'acc1': values.pop(0), 'acc5': 100.0, 'loss': 1.0}
+
+    monkeypatch.setattr(engine, 'evaluate', evaluate)
 
 
 def test_resume_continues_with_optimizer_scheduler_ema_and_best_accuracy(capsys, monkeypatch, small, tmp_path):
+    # Acc@1 50, 25, 50: the best is reached at epoch 0 and tied at epoch 2, which must not replace best.pth
     # Reference: three epochs in one go.
     ref = tmp_path / 'ref'
-    assert _finetune(ref, small['data'], '--resume', small['dense'], '--final_finetune', 3) == 0
+    with monkeypatch.context() as patch:
+        accuracies(patch, [50.0, 25.0, 50.0])
+        assert _finetune(ref, small['data'], '--resume', small['dense'], '--final_finetune', 3) == 0
     # The same run interrupted (Ctrl-C) at the start of epoch 1, then resumed.
     out = tmp_path / 'out'
     real_train = engine.train_one_epoch
@@ -206,6 +270,7 @@ def test_resume_continues_with_optimizer_scheduler_ema_and_best_accuracy(capsys,
 
     with monkeypatch.context() as patch:
         patch.setattr(engine, 'train_one_epoch', interrupted_at_epoch_1)
+        accuracies(patch, [50.0])
         capsys.readouterr()
         assert _finetune(out, small['data'], '--resume', small['dense'], '--final_finetune', 3) == 130
     ckpt = out / 'checkpoint.pth'
@@ -213,34 +278,55 @@ def test_resume_continues_with_optimizer_scheduler_ema_and_best_accuracy(capsys,
                                               f'continue with --resume {ckpt}'
     first = load_checkpoint_file(str(out / 'checkpoint.pth'))
     assert first['epoch'] == 0 and log_epochs(out / 'log.txt') == [0]
-    assert _finetune(out, small['data'], '--resume', out / 'checkpoint.pth', '--final_finetune', 3) == 0
+    # a job killed while appending to log.txt leaves epoch 0 twice and a cut line behind: the resume repairs it
+    with open(out / 'log.txt', 'a') as f:
+        f.write((out / 'log.txt').read_text() + '{"epoch": 1, "train_lo')
+    with monkeypatch.context() as patch:
+        accuracies(patch, [25.0, 50.0])
+        assert _finetune(out, small['data'], '--resume', out / 'checkpoint.pth', '--final_finetune', 3) == 0
     stdout = capsys.readouterr().out
-    assert f'Resumed from {out / "checkpoint.pth"}: continuing at epoch 1 ' \
-           f'(best Acc@1 so far {first["max_accuracy"]:.2f}%)' in stdout
+    assert f'Resumed from {out / "checkpoint.pth"}: continuing at epoch 1 (best Acc@1 so far 50.00%)' in stdout
     assert 'Finetuning for epochs 1..2' in stdout
     assert not re.search(r'Epoch: \[0\]', stdout)
 
     final, reference = (load_checkpoint_file(str(d / 'checkpoint.pth')) for d in (out, ref))
     assert final['epoch'] == 2
-    records, ref_records = log_records(out / 'log.txt'), log_records(ref / 'log.txt')
+    records = log_records(out / 'log.txt')  # every line parses
     assert [r['epoch'] for r in records] == [0, 1, 2]
-    # the learning rate follows the same schedule as the uninterrupted run
-    assert [r['train_lr'] for r in records] == [r['train_lr'] for r in ref_records]
-    assert final['lr_scheduler'] == reference['lr_scheduler']
-    # the optimizer went on counting: AdamW's step is that of three epochs
-    steps = [s['step'] for s in final['optimizer']['state'].values()]
-    assert steps and all(float(s) == float(reference['optimizer']['state'][0]['step']) for s in steps)
-    # EMA with decay 1.0 never moves: it is still the EMA of the first run (the dense weights), not the model
-    # the resumed run started from
-    dense = torch.load(small['dense'], weights_only=True)['model']
-    for k in ('head.weight', 'blocks.0.attn.qkv.weight'):
-        assert torch.equal(final['model_ema'][k], dense[k])
-        assert not torch.equal(first['model'][k], dense[k])
+    # the learning rate follows the schedule, written out independently
+    assert [r['train_lr'] for r in records] == pytest.approx([lr_during_epoch(e) for e in range(3)], rel=1e-9)
+    # the optimizer went on counting: AdamW's step is that of three epochs of 4 steps
+    steps = [float(s['step']) for s in final['optimizer']['state'].values()]
+    assert steps and all(s == 12.0 for s in steps)
+    # model and EMA: bit for bit those of the uninterrupted run (the EMA went on from the checkpoint's)
+    for key in ('model', 'model_ema'):
+        assert all(torch.equal(final[key][k], reference[key][k]) for k in reference[key]), key
+    assert not torch.equal(final['model_ema']['head.weight'], final['model']['head.weight'])
     # best accuracy carried over; best.pth is the first epoch that reached it
-    accs = [r['test_acc1'] for r in records]
-    assert final['max_accuracy'] == max(accs)
-    assert [r['max_accuracy'] for r in records] == [max(accs[:i + 1]) for i in range(3)]
-    assert load_checkpoint_file(str(out / 'best.pth'))['epoch'] == accs.index(max(accs))
+    assert final['max_accuracy'] == 50.0
+    assert [r['max_accuracy'] for r in records] == [50.0, 50.0, 50.0]
+    assert load_checkpoint_file(str(out / 'best.pth'))['epoch'] == 0
+
+
+def test_best_pth_is_written_when_accuracy_rises_and_only_then(monkeypatch, small, tmp_path):
+    """Acc@1 10, 30, 20, 30, 40: best.pth is written after epochs 0, 1 and 4, never on the tie at epoch 3."""
+    writes = []
+    real_save = finetune.save_atomic
+
+    def recording_save(state, path):
+        writes.append((os.path.basename(path), state['epoch']))
+        return real_save(state, path)
+
+    monkeypatch.setattr(finetune, 'save_atomic', recording_save)
+    accuracies(monkeypatch, [10.0, 30.0, 20.0, 30.0, 40.0])
+    out = tmp_path / 'out'
+    data = make_image_folder(tmp_path / 'data', classes=tuple('abcd'), per_class=(2, 1), size=(32, 32))
+    assert _finetune(out, data, '--resume', small['dense'], '--final_finetune', 5) == 0
+    assert [e for name, e in writes if name == 'best.pth'] == [0, 1, 4]
+    assert [e for name, e in writes if name == 'checkpoint.pth'] == [0, 1, 2, 3, 4]
+    assert [r['max_accuracy'] for r in log_records(out / 'log.txt')] == [10.0, 30.0, 30.0, 30.0, 40.0]
+    best = load_checkpoint_file(str(out / 'best.pth'))
+    assert best['epoch'] == 4 and best['max_accuracy'] == 40.0
 
 
 def test_resume_of_a_finished_run_does_nothing(capsys, small, tmp_path):

@@ -1,0 +1,266 @@
+"""Mutation check of the test suite: small bugs are planted one at a time and each must make its tests fail.
+
+    make mutants                      # all of them (see the README for how long it takes)
+    .venv/bin/python tests/mutants.py no-zero-grad best-on-ties   # some of them
+    .venv/bin/python tests/mutants.py --list
+
+The repository's files (tracked, and untracked ones git does not ignore) are copied once to a scratch
+directory.  There the tests of the list are first run unmutated (they must pass), then each mutant replaces
+an exact snippet of one file, runs ``pytest -x -q`` on its tests, and puts the file back.  A mutant whose tests
+still pass *survived*; a snippet that is not found exactly once is *stale* (the code changed: update the list).
+Exit status 1 if any mutant survived, is stale, or broke its tests in another way (a collection error or a
+timeout, which says nothing about the tests' power).  Not part of ``make test``.
+"""
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    file: str
+    edits: Tuple[Tuple[str, str], ...]  # (exact original snippet, replacement), each found exactly once
+    tests: Tuple[str, ...]  # pytest ids, relative to the repository root
+    what: str
+
+
+def mutant(name, file, original, replacement, tests, what, *more_edits):
+    return Mutant(name, file, ((original, replacement), *more_edits), tuple(tests), what)
+
+
+T = 'tests/'
+STEPS = T + 'test_training.py::test_two_training_steps_equal_the_hand_computation'
+RESUME = T + 'test_resume.py::test_resume_continues_with_optimizer_scheduler_ema_and_best_accuracy'
+SEEDED = T + 'test_seeding.py::test_seeded_finetune_reproduces_and_an_interrupted_run_resumes_bit_for_bit'
+TWO_PROCESS_PRUNE = T + 'test_distributed.py::test_prune_with_two_processes_plans_the_same_masks_on_every_rank'
+TWO_PROCESS_FINETUNE = T + 'test_distributed.py::test_finetune_with_two_processes_scales_the_lr_and_only_rank_0_writes'
+TWO_PROCESS_RESUME = T + 'test_distributed.py::test_two_processes_stopped_and_resumed_equal_the_uninterrupted_run_bit_for_bit'
+
+MUTANTS: List[Mutant] = [
+    # --- training ------------------------------------------------------------------------------------------
+    mutant('kd-never-computed', 'losses.py',
+           '        return base + self.alpha * kd', '        return base',
+           [STEPS], 'the distillation term is computed but left out of the loss'),
+    mutant('distillation-switched-off', 'finetune.py',
+           'criterion = DistillationLoss(base_criterion, teacher, args.distillation_type,',
+           "criterion = DistillationLoss(base_criterion, teacher, 'none',",
+           [STEPS], 'the CLI builds the loss without distillation whatever --distillation-type says'),
+    mutant('teacher-with-masks', 'finetune.py',
+           '    teacher.set_dense()  # the teacher is the dense model, whatever masks its file holds\n', '',
+           [T + 'test_training.py::test_the_teacher_is_dense_whatever_masks_its_file_holds', STEPS],
+           'the teacher keeps the masks of its file instead of being dense'),
+    mutant('no-zero-grad', 'engine.py',
+           '        optimizer.zero_grad(set_to_none=True)\n', '',
+           [STEPS], 'gradients pile up from step to step'),
+    mutant('clip-grad-ignored', 'engine.py',
+           '        if max_norm:', '        if False:',
+           [STEPS], 'the training step never clips'),
+    mutant('clip-grad-not-passed', 'finetune.py',
+           'clip_grad=args.clip_grad,', 'clip_grad=None,',
+           [STEPS], '--clip-grad never reaches the training loop'),
+    mutant('ema-never-updated', 'engine.py',
+           '            model_ema.update(model)', '            pass',
+           [STEPS], 'the EMA stays at the starting weights'),
+    mutant('top5-counted-as-top3', 'engine.py',
+           'outputs.topk(min(5, outputs.shape[1])', 'outputs.topk(min(3, outputs.shape[1])',
+           [T + 'test_training.py::test_top1_top5_and_loss_counted_by_hand'], 'Acc@5 counts the top 3'),
+    mutant('best-every-epoch', 'engine.py',
+           "        improved = test_stats['acc1'] > max_accuracy", '        improved = True',
+           [T + 'test_resume.py::test_best_pth_is_written_when_accuracy_rises_and_only_then'],
+           'best.pth written after every epoch'),
+    mutant('best-on-ties', 'engine.py',
+           "        improved = test_stats['acc1'] > max_accuracy", "        improved = test_stats['acc1'] >= max_accuracy",
+           [T + 'test_resume.py::test_best_pth_is_written_when_accuracy_rises_and_only_then', RESUME],
+           'best.pth replaced by a later epoch of the same accuracy'),
+    mutant('set-epoch-never-called', 'engine.py',
+           '            run.loader_train.sampler.set_epoch(epoch)', '            pass',
+           [T + 'test_training.py::test_every_epoch_and_every_process_shuffles_its_own_way'],
+           'several processes shuffle the same way every epoch'),
+    mutant('lr-not-scaled-by-world-size', 'finetune.py',
+           'args.lr = args.lr * args.batch_size * args.world_size / 512.0', 'args.lr = args.lr * args.batch_size / 512.0',
+           [TWO_PROCESS_FINETUNE], 'the learning rate ignores the number of processes'),
+    # --- resume ----------------------------------------------------------------------------------------------
+    mutant('log-never-repaired', 'finetune.py',
+           "        reconcile_log(paths['log.txt'], start_epoch - 1, checkpoint.get('log_stats'))\n", '',
+           [RESUME], 'a resume keeps the duplicate and cut lines of log.txt'),
+    mutant('schedule-not-restored', 'finetune.py',
+           "        training.lr_scheduler.load_state_dict(checkpoint['lr_scheduler'])\n", '',
+           [RESUME, T + 'test_resume.py::test_resume_with_more_epochs_says_the_old_schedule_continues'],
+           'a resume takes the schedule of its own flags instead of the checkpoint\'s'),
+    mutant('best-accuracy-not-restored', 'finetune.py',
+           "    max_accuracy = float(checkpoint.get('max_accuracy', -1.0))", '    max_accuracy = -1.0',
+           [RESUME], 'a resume forgets the best accuracy so far'),
+    mutant('random-streams-not-restored', 'finetune.py',
+           '    seeding.restore_or_reseed(', '    (lambda *a: None)(',
+           [SEEDED + '[0]'], 'a resume restarts every random stream from the seed'),
+    mutant('data-generator-not-saved', 'finetune.py',
+           "    return {'data': training.loader_train.generator}", '    return {}',
+           [SEEDED + '[0]'], 'the shuffle after a resume repeats the first epoch\'s'),
+    mutant('streams-of-rank-0-everywhere', 'utils/seeding.py',
+           '            restore(states[rank], generators, device)', '            restore(states[0], generators, device)',
+           [TWO_PROCESS_RESUME + '[0-torchrun]'], 'every process resumes with rank 0\'s random streams'),
+    mutant('no-fsync-before-rename', 'utils/checkpoint_io.py',
+           '            os.fsync(f.fileno())\n', '',
+           [T + 'test_resume.py::test_the_temporary_file_reaches_the_disk_before_it_is_renamed_into_place'],
+           'a checkpoint renamed into place before its bytes reach the disk'),
+    mutant('no-flush-before-fsync', 'utils/checkpoint_io.py',
+           '            f.flush()\n', '',
+           [T + 'test_resume.py::test_the_temporary_file_reaches_the_disk_before_it_is_renamed_into_place'],
+           'fsync of a file whose last bytes are still in Python\'s buffer'),
+    # --- seeds -----------------------------------------------------------------------------------------------
+    mutant('only-torch-seeded', 'finetune.py',
+           '    seeding.seed_everything(args.seed, args.rank)', '    torch.manual_seed(args.seed + args.rank)',
+           [T + 'test_seeding.py::test_the_same_prune_command_twice_gives_the_same_masks[0]', SEEDED + '[0]'],
+           'Python\'s random and numpy left unseeded (the original bug)'),
+    mutant('numpy-unseeded', 'utils/seeding.py',
+           '    s = seed + rank\n    random.seed(s)\n    np.random.seed(s % 2 ** 32)\n',
+           '    s = seed + rank\n    random.seed(s)\n',
+           [SEEDED + '[0]'], 'numpy (mixup, cutmix) left unseeded'),
+    # --- pruning ---------------------------------------------------------------------------------------------
+    mutant('random-masks-per-layer-budget', 'pruning/budget.py',
+           '    keep = torch.ones(depth * num_patches, dtype=torch.bool)\n'
+           '    keep[torch.randperm(depth * num_patches, generator=generator)[:budget]] = False\n'
+           '    return keep.view(depth, num_patches)',
+           '    keep = torch.ones(depth, num_patches, dtype=torch.bool)\n'
+           '    for layer in range(depth):\n'
+           '        share = budget // depth + (layer < budget % depth)\n'
+           '        keep[layer, torch.randperm(num_patches, generator=generator)[:share]] = False\n'
+           '    return keep',
+           [T + 'test_pruning.py::test_random_masks_are_one_uniform_draw_over_all_slots'],
+           'random masks: a fixed quota per layer instead of one draw over all slots'),
+    mutant('scores-without-abs', 'pruning/taylor.py',
+           '.sum(dim=(0, 1, 2)).abs() / (b * h * n)', '.sum(dim=(0, 1, 2)) / (b * h * n)',
+           [T + 'test_pruning.py::test_scores_take_absolute_value_per_batch_then_sum'],
+           'Taylor scores without the absolute value'),
+    Mutant('scores-abs-after-summing', 'pruning/taylor.py',
+           (('.sum(dim=(0, 1, 2)).abs() / (b * h * n)', '.sum(dim=(0, 1, 2)) / (b * h * n)'),
+            ('    return scores[:, prefix:].float().cpu()', '    return scores[:, prefix:].abs().float().cpu()')),
+           (T + 'test_pruning.py::test_scores_take_absolute_value_per_batch_then_sum',),
+           'absolute value of the summed scores instead of per batch'),
+    mutant('scores-not-all-reduced', 'pruning/taylor.py',
+           '        dist.all_reduce(scores)', '        pass',
+           [TWO_PROCESS_PRUNE], 'each process plans from its own half of the scores'),
+    mutant('prune-rate-ignored', 'finetune.py',
+           '        masks = pruning.plan_masks(scores, args.prune_rate)', '        masks = pruning.plan_masks(scores, 0.25)',
+           [T + 'test_seeding.py::test_the_same_prune_command_twice_gives_the_same_masks[0]'],
+           '--prune_rate ignored by the Taylor plan'),
+    mutant('random-prune-rate-ignored', 'finetune.py',
+           '        masks = pruning.random_masks(depth, num_patches, args.prune_rate,',
+           '        masks = pruning.random_masks(depth, num_patches, 0.25,',
+           [T + 'test_seeding.py::test_random_prune_mode_is_seeded'], '--prune_rate ignored by random masks'),
+]
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+def repository_files(root: str) -> List[str]:
+    """Tracked files and untracked ones git does not ignore (new tests before their commit)."""
+    out = subprocess.run(['git', 'ls-files', '--cached', '--others', '--exclude-standard', '-z'], cwd=root,
+                         capture_output=True, check=True).stdout
+    return [p for p in out.decode().split('\0') if p and os.path.isfile(os.path.join(root, p))]
+
+
+def copy_repository(root: str, dest: str) -> None:
+    for rel in repository_files(root):
+        target = os.path.join(dest, rel)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        shutil.copy2(os.path.join(root, rel), target)
+
+
+def stale_edits(m: Mutant, root: str) -> List[str]:
+    path = os.path.join(root, m.file)
+    if not os.path.isfile(path):
+        return [f'{m.file} does not exist']
+    with open(path) as f:
+        text = f.read()
+    return [f'{m.file}: snippet found {text.count(old)} times, not once: {old.strip()[:70]!r}'
+            for old, _ in m.edits if text.count(old) != 1]
+
+
+def child_env() -> Dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT', 'LOCAL_WORLD_SIZE')}
+    env['PYTHONDONTWRITEBYTECODE'] = '1'
+    return env
+
+
+def run_pytest(root: str, tests: Sequence[str], timeout: float) -> Tuple[Optional[int], str]:
+    cmd = [sys.executable, '-m', 'pytest', '-x', '-q', '-p', 'no:cacheprovider', *tests]
+    try:
+        proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=timeout, env=child_env())
+    except subprocess.TimeoutExpired:
+        return None, f'timed out after {timeout:.0f} s'
+    return proc.returncode, (proc.stdout + proc.stderr)[-1500:]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p.add_argument('names', nargs='*', help='run only these mutants (default: all)')
+    p.add_argument('--list', action='store_true', help='list the mutants and exit')
+    p.add_argument('--timeout', type=float, default=600, help='seconds for one pytest run')
+    args = p.parse_args(argv)
+    if args.list:
+        for m in MUTANTS:
+            print(f'{m.name:32s} {m.file:24s} {m.what}')
+        return 0
+    unknown = set(args.names) - {m.name for m in MUTANTS}
+    if unknown:
+        print(f'error: unknown mutants {", ".join(sorted(unknown))} (see --list)', file=sys.stderr)
+        return 2
+    chosen = [m for m in MUTANTS if not args.names or m.name in args.names]
+    started = time.time()
+    with tempfile.TemporaryDirectory(prefix='cc-vit-mutants-') as scratch:
+        copy_repository(ROOT, scratch)
+        stale = {m.name: stale_edits(m, scratch) for m in chosen}
+        stale = {name: problems for name, problems in stale.items() if problems}
+        for name, problems in stale.items():
+            for problem in problems:
+                print(f'STALE     {name}: {problem}')
+        chosen = [m for m in chosen if m.name not in stale]
+        tests = sorted({t for m in chosen for t in m.tests})
+        print(f'Baseline: {len(tests)} test ids unmutated ...', flush=True)
+        code, tail = run_pytest(scratch, tests, args.timeout * 2)
+        if code != 0:
+            print(f'error: the tests fail without any mutant, so the check means nothing:\n{tail}')
+            return 1
+        results = []
+        for m in chosen:
+            path = os.path.join(scratch, m.file)
+            with open(path) as f:
+                original = f.read()
+            mutated = original
+            for old, new in m.edits:
+                mutated = mutated.replace(old, new)
+            with open(path, 'w') as f:
+                f.write(mutated)
+            t0 = time.time()
+            try:
+                code, tail = run_pytest(scratch, m.tests, args.timeout)
+            finally:
+                with open(path, 'w') as f:
+                    f.write(original)
+            verdict = 'caught' if code == 1 else 'SURVIVED' if code == 0 else 'ERROR'
+            results.append((m, verdict, time.time() - t0))
+            print(f'{verdict:9s} {m.name:32s} {time.time() - t0:6.1f} s  {m.what}', flush=True)
+            if verdict == 'ERROR':
+                print('    ' + tail.strip().replace('\n', '\n    '))
+    survived = [m.name for m, v, _ in results if v == 'SURVIVED']
+    errors = [m.name for m, v, _ in results if v == 'ERROR']
+    caught = sum(v == 'caught' for _, v, _ in results)
+    print(f'{caught} of {len(results) + len(stale)} mutants caught; survived: {", ".join(survived) or "none"}; '
+          f'stale: {", ".join(stale) or "none"}; errors: {", ".join(errors) or "none"} '
+          f'({time.time() - started:.0f} s)')
+    return 1 if survived or stale or errors else 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

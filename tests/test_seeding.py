@@ -1,0 +1,216 @@
+"""--seed reproduces a run, and a resumed run equals an uninterrupted one bit for bit (one process here; two
+processes under torchrun in test_distributed.py).
+
+Every random stream is exercised: timm's auto-augment and random erasing draw from Python's ``random``, mixup
+and cutmix from numpy, drop-path and torchvision's crops and flips from torch, the shuffle and the workers' seeds
+from the training DataLoader's generator.  Runs happen twice in this process, so a stream left unseeded has
+moved on by the second run and shows up as a difference."""
+import json
+import os
+import random
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+import engine
+import finetune
+import pruning
+from conftest import make_image_folder, official_checkpoint
+from utils import load_checkpoint_file, seeding
+
+pytestmark = pytest.mark.usefixtures('one_thread')
+
+# Every augmentation on (DeiT's defaults for auto-augment, random erasing, mixup and cutmix), drop-path and EMA.
+AUGMENTED = ['--model', 'deit_digits_patch4_32', '--device', 'cpu', '--batch-size', '8', '--print-freq', '100',
+             '--aa', 'rand-m9-mstd0.5-inc1', '--reprob', '0.25', '--mixup', '0.8', '--cutmix', '1.0',
+             '--drop-path', '0.1', '--model-ema', '--model-ema-decay', '0.9', '--seed', '7',
+             '--lr', '5e-4', '--warmup-epochs', '1']
+
+
+@pytest.fixture(scope='module')
+def world(tmp_path_factory):
+    base = tmp_path_factory.mktemp('seeding')
+    data = make_image_folder(base / 'data', classes=tuple('abcd'), per_class=(8, 4), size=(32, 32))
+    dense = official_checkpoint(base / 'dense.pth', 'cc_deit_digits_patch4_32')
+    return {'base': base, 'data': data, 'dense': dense}
+
+
+def log_records(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def weights(path, key='model'):
+    return torch.load(path, weights_only=True)[key]
+
+
+def assert_same_tensors(a, b):
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f'{len(different)} tensors differ, e.g. {different[:3]}'
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the streams themselves
+
+def draws(generator):
+    return (random.random(), random.getrandbits(64), float(np.random.rand()), float(np.random.standard_normal()),
+            torch.rand(3).tolist(), torch.randint(0, 1000, (3,), generator=generator).tolist())
+
+
+def test_seed_everything_seeds_python_numpy_and_torch_with_seed_plus_rank():
+    seeding.seed_everything(7, rank=1)
+    got = (random.random(), float(np.random.rand()), torch.rand(2).tolist())
+    # independent generators seeded with 7 + 1
+    expected = (random.Random(8).random(), float(np.random.RandomState(8).rand()),
+                torch.rand(2, generator=torch.Generator().manual_seed(8)).tolist())
+    assert got == expected
+
+
+def test_captured_state_survives_a_weights_only_file_and_restores_every_stream(tmp_path):
+    seeding.seed_everything(3)
+    g = seeding.data_generator(3)
+    np.random.standard_normal()  # numpy now holds a cached gaussian: part of its state too
+    random.gauss(0, 1)  # and Python's
+    path = tmp_path / 'state.pth'
+    torch.save({'rng': [seeding.capture({'data': g})]}, path)
+    first = draws(g)
+    state = torch.load(path)['rng'][0]  # plain torch.load: weights_only by default
+    seeding.restore(state, {'data': g})
+    assert draws(g) == first
+    assert draws(g) != first  # and the streams go on from there
+
+
+def test_data_generators_differ_between_ranks_and_seeds():
+    firsts = {(seed, rank): torch.randint(0, 2 ** 62, (1,), generator=seeding.data_generator(seed, rank)).item()
+              for seed in (0, 1) for rank in (0, 1)}
+    assert len(set(firsts.values())) == 4  # seed 0 rank 1 is not seed 1 rank 0
+
+
+def test_a_checkpoint_without_states_for_this_world_size_reseeds_from_seed_and_epoch():
+    messages = []
+    g = torch.Generator()
+    assert not seeding.restore_or_reseed(None, 0, 1, 7, 2, {'data': g}, warn=messages.append)
+    after_none = draws(g)
+    assert not seeding.restore_or_reseed([{}, {}], 0, 1, 7, 2, {'data': g}, warn=messages.append)
+    assert draws(g) == after_none  # the same epoch reseeds the same way
+    assert not seeding.restore_or_reseed(None, 0, 1, 7, 3, {'data': g}, warn=messages.append)
+    assert draws(g) != after_none  # another epoch: other draws
+    assert 'written by 2 processes, this run has 1' in messages[1]
+    assert all('will not match an uninterrupted one bit for bit' in m for m in messages)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# finetuning: the same seed gives the same run; interrupted and resumed equals uninterrupted
+
+def finetune_argv(world, out, workers, *extra):
+    return [*AUGMENTED, '--num_workers', str(workers), '--data-path', world['data'], '--output_dir', str(out),
+            *map(str, extra)]
+
+
+def sigterm_at_epoch(monkeypatch, stop_epoch):
+    """The next finetune receives SIGTERM (a scheduler's preemption) as epoch ``stop_epoch`` starts."""
+    real = engine.train_one_epoch
+
+    def train_one_epoch(*args, **kwargs):
+        if kwargs.get('epoch', args[5] if len(args) > 5 else None) == stop_epoch:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, 'train_one_epoch', train_one_epoch)
+
+
+@pytest.mark.parametrize('workers', [0, 2])
+def test_seeded_finetune_reproduces_and_an_interrupted_run_resumes_bit_for_bit(world, tmp_path, monkeypatch, workers):
+    ref = tmp_path / 'ref'
+    assert finetune.main(finetune_argv(world, ref, workers, '--resume', world['dense'], '--final_finetune', 3)) == 0
+    ref_log = log_records(ref / 'log.txt')
+
+    out = tmp_path / 'out'
+    with monkeypatch.context() as patch:
+        sigterm_at_epoch(patch, 1)
+        assert finetune.main(finetune_argv(world, out, workers, '--resume', world['dense'],
+                                           '--final_finetune', 3)) == finetune.EXIT_TERMINATED
+    assert load_checkpoint_file(str(out / 'checkpoint.pth'))['epoch'] == 0
+    # the same seed gave the same first epoch: the same losses and accuracy, to the last bit
+    first = log_records(out / 'log.txt')
+    assert first == ref_log[:1]
+
+    assert finetune.main(finetune_argv(world, out, workers, '--resume', out / 'checkpoint.pth',
+                                       '--final_finetune', 3)) == 0
+    assert_same_tensors(weights(out / 'checkpoint.pth'), weights(ref / 'checkpoint.pth'))
+    assert_same_tensors(weights(out / 'checkpoint.pth', 'model_ema'), weights(ref / 'checkpoint.pth', 'model_ema'))
+    resumed_log = log_records(out / 'log.txt')
+    assert [r['train_loss'] for r in resumed_log] == [r['train_loss'] for r in ref_log]
+    assert resumed_log == ref_log
+    # the training really drew different augmentations and orders epoch after epoch (nothing repeats)
+    assert len({r['train_loss'] for r in ref_log}) == 3
+
+
+def test_another_seed_gives_another_run(world, tmp_path):
+    """The control for the test above: --seed reaches the augmentations and the order."""
+    losses = []
+    for seed in (7, 8):
+        out = tmp_path / f'seed{seed}'
+        assert finetune.main(finetune_argv(world, out, 0, '--resume', world['dense'], '--final_finetune', 1,
+                                           '--seed', seed)) == 0
+        losses.append(log_records(out / 'log.txt')[0]['train_loss'])
+    assert losses[0] != losses[1]
+
+
+def test_resume_from_a_checkpoint_without_random_state_continues_with_fresh_streams(world, tmp_path, capsys):
+    """A checkpoint of an earlier version: the resumed epoch must not replay epoch 0's order and draws."""
+    out = tmp_path / 'out'
+    assert finetune.main(finetune_argv(world, out, 0, '--resume', world['dense'], '--final_finetune', 1)) == 0
+    ckpt = torch.load(out / 'checkpoint.pth', weights_only=True)
+    del ckpt['rng']
+    torch.save(ckpt, out / 'checkpoint.pth')
+    capsys.readouterr()
+    assert finetune.main(finetune_argv(world, out, 0, '--resume', out / 'checkpoint.pth', '--final_finetune', 2)) == 0
+    assert 'note: the checkpoint cannot continue the random streams exactly (it holds no random state' in \
+        capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# --prune
+
+def prune(world, out, workers, mode='attn', seed=7):
+    # 48x48 input: the training crops are timm's RandomResizedCropAndInterpolation, which draws from Python's
+    # random (at 32x32 and below they are torchvision's RandomCrop)
+    argv = ['--prune', '--prune_mode', mode, '--prune_rate', '0.3', '--model', 'deit_digits_patch4_32',
+            '--input-size', '48', '--resume', world['dense48'], '--data-path', world['data'], '--output_dir', str(out),
+            '--device', 'cpu', '--batch-size', '8', '--print-freq', '100', '--num_workers', str(workers),
+            '--seed', str(seed)]
+    assert finetune.main(argv) == 0
+    ckpt = load_checkpoint_file(str(out / finetune.pruned_file_name(mode, 0.3)))
+    return ckpt, torch.stack([ckpt['model'][f'blocks.{l}.attn.token_index'] for l in range(6)])
+
+
+@pytest.fixture(scope='module')
+def world48(world):
+    world = dict(world)
+    world['dense48'] = official_checkpoint(world['base'] / 'dense48.pth', 'cc_deit_digits_patch4_32', img_size=48)
+    return world
+
+
+@pytest.mark.parametrize('workers', [0, 2])
+def test_the_same_prune_command_twice_gives_the_same_masks(world48, tmp_path, workers):
+    first, masks = prune(world48, tmp_path / 'a', workers)
+    second, again = prune(world48, tmp_path / 'b', workers)
+    assert torch.equal(first['scores'], second['scores'])
+    assert torch.equal(masks, again)
+    # and the masks are the plan of the stored scores at the requested rate: 144 patches x 6 blocks x 0.3
+    plan = pruning.plan_masks(first['scores'], 0.3)
+    assert int((~plan).sum()) == int(144 * 6 * 0.3)
+    assert torch.equal(masks, pruning.to_concat_order(plan))
+    assert first['channels'] == [int(m.sum()) for m in masks]
+
+
+def test_random_prune_mode_is_seeded(world48, tmp_path):
+    _, a = prune(world48, tmp_path / 'a', 0, 'random')
+    _, b = prune(world48, tmp_path / 'b', 0, 'random')
+    _, c = prune(world48, tmp_path / 'c', 0, 'random', seed=8)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert int((~a).sum()) == int(144 * 6 * 0.3)

@@ -1,0 +1,235 @@
+"""The training loop against references computed here by hand: two SGD steps of a finetune built by the CLI
+(distillation term, dense teacher, gradients reset between steps, gradient clipping, EMA), top-1/top-5 counts,
+and every epoch and every process shuffling its own way."""
+import argparse
+import json
+import math
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+import engine
+import finetune
+import models
+import pruning
+from conftest import make_image_folder
+
+pytestmark = pytest.mark.usefixtures('one_thread')
+
+LR, ALPHA, TAU, EMA_DECAY, CLIP = 0.05, 1.0, 2.0, 0.5, 0.2
+
+
+def checkpoint_with_masks(path, seed, head_scale=1.0):
+    """A digits model with random weights (seed) and a random 30% plan, as {'model': state_dict}."""
+    torch.manual_seed(seed)
+    model = models.create_model('cc_deit_digits_patch4_32')
+    with torch.no_grad():
+        model.head.weight.mul_(head_scale)
+    pruning.apply_masks(model, pruning.random_masks(6, 64, 0.3, generator=torch.Generator().manual_seed(seed)))
+    torch.save({'model': model.state_dict()}, path)
+    return str(path)
+
+
+@pytest.fixture(scope='module')
+def files(tmp_path_factory):
+    base = tmp_path_factory.mktemp('training')
+    return {
+        'base': base,
+        'data': make_image_folder(base / 'data', classes=tuple('abcd'), per_class=(2, 1), size=(32, 32)),
+        'student': checkpoint_with_masks(base / 'student.pth', 0),
+        # the teacher's file holds masks too, which the teacher must ignore; its large head makes its outputs
+        # confident, so the distillation term is a sizeable part of the loss
+        'teacher': checkpoint_with_masks(base / 'teacher.pth', 1, head_scale=300.0),
+    }
+
+
+def fixed_batches(seed=5, n=2, batch=4):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n * batch, 3, 32, 32, generator=g), torch.randint(0, 10, (n * batch,), generator=g)
+
+
+def finetune_two_steps(files, out, monkeypatch, *extra):
+    """finetune.py with soft distillation and plain SGD at a constant lr, then its Training object trained for
+    one epoch of two fixed batches of 4 (in order).  Returns (training, checkpoint written after the epoch)."""
+    x, y = fixed_batches()
+    captured = {}
+    real = engine.train_epochs
+
+    def on_fixed_batches(training, *args, **kwargs):
+        captured['training'] = training
+        captured['param_groups'] = [dict(lr=g['lr'], n=len(g['params'])) for g in training.optimizer.param_groups]
+        training.loader_train = DataLoader(TensorDataset(x, y), batch_size=4, shuffle=False)
+        training.loader_val = DataLoader(TensorDataset(x[:4], y[:4]), batch_size=4)
+        return real(training, *args, **kwargs)
+
+    monkeypatch.setattr(engine, 'train_epochs', on_fixed_batches)
+    argv = ['--model', 'deit_digits_patch4_32', '--device', 'cpu', '--num_workers', '0', '--batch-size', '4',
+            '--print-freq', '100', '--data-path', files['data'], '--output_dir', str(out), '--resume', files['student'],
+            '--teacher-path', files['teacher'], '--distillation-type', 'soft', '--distillation-alpha', str(ALPHA),
+            '--distillation-tau', str(TAU), '--mixup', '0', '--cutmix', '0', '--smoothing', '0', '--drop-path', '0',
+            '--aa', 'none', '--reprob', '0', '--opt', 'momentum', '--momentum', '0', '--weight-decay', '0',
+            '--lr', str(LR), '--unscale-lr', '--sched', 'step', '--decay-epochs', '100', '--warmup-epochs', '0',
+            '--model-ema', '--model-ema-decay', str(EMA_DECAY), '--final_finetune', '1', *map(str, extra)]
+    assert finetune.main(argv) == 0
+    # one parameter group at the lr asked for (weight decay 0), so every weight moves by lr * gradient
+    assert captured['param_groups'] == [{'lr': LR, 'n': len(list(captured['training'].model_without_ddp.parameters()))}]
+    return captured['training'], torch.load(out / 'checkpoint.pth', weights_only=True)
+
+
+def by_hand(files, clip):
+    """The same two steps written out: loss = CE + alpha * tau^2 * KL(teacher || student) / numel with the teacher
+    dense (timm's own model, no masks), gradients of this step only, clipped to a total norm of ``clip``, an SGD
+    step, then EMA = d * EMA + (1 - d) * weights."""
+    student = models.create_model('cc_deit_digits_patch4_32', drop_path_rate=0.0)
+    student.load_state_dict(torch.load(files['student'], weights_only=True)['model'])
+    student.train()
+    teacher = timm.create_model('deit_digits_patch4_32').eval()
+    teacher.load_state_dict({k: v for k, v in torch.load(files['teacher'], weights_only=True)['model'].items()
+                             if not k.endswith('token_index')})
+    names, params = zip(*student.named_parameters())
+    start = {n: p.detach().clone() for n, p in zip(names, params)}
+    ema = dict(start)
+    x, y = fixed_batches()
+    losses, kds = [], []
+    for xb, yb in zip(x.split(4), y.split(4)):
+        s = student(xb)
+        with torch.no_grad():
+            t = teacher(xb)
+        p_t = torch.softmax(t / TAU, dim=1)
+        kd = (p_t * (torch.log_softmax(t / TAU, dim=1) - torch.log_softmax(s / TAU, dim=1))).sum() * TAU ** 2 / s.numel()
+        loss = F.cross_entropy(s, yb) + ALPHA * kd
+        grads = torch.autograd.grad(loss, params)
+        if clip is not None:
+            total = math.sqrt(sum(float((g.double() ** 2).sum()) for g in grads))
+            if clip / (total + 1e-6) < 1:
+                grads = [g * (clip / (total + 1e-6)) for g in grads]
+        with torch.no_grad():
+            for p, g in zip(params, grads):
+                p -= LR * g
+        ema = {n: EMA_DECAY * ema[n] + (1 - EMA_DECAY) * p.detach() for n, p in zip(names, params)}
+        losses.append(loss.item())
+        kds.append(kd.item())
+    weights = {n: p.detach().clone() for n, p in zip(names, params)}
+    return start, weights, ema, losses, kds
+
+
+def relative_error(got, expected, start):
+    """|(got - start) - (expected - start)| / |expected - start| over all tensors: the error of the update."""
+    num = sum(float(((got[k] - expected[k]).double() ** 2).sum()) for k in expected)
+    den = sum(float(((expected[k] - start[k]).double() ** 2).sum()) for k in expected)
+    return math.sqrt(num / den)
+
+
+@pytest.mark.parametrize('clip', [None, CLIP])
+def test_two_training_steps_equal_the_hand_computation(files, tmp_path, monkeypatch, clip):
+    extra = [] if clip is None else ['--clip-grad', clip]
+    training, ckpt = finetune_two_steps(files, tmp_path / 'out', monkeypatch, *extra)
+    start, weights, ema, losses, kds = by_hand(files, clip)
+    # the loss of each step holds the distillation term: the epoch's logged loss is their mean
+    with open(tmp_path / 'out' / 'log.txt') as f:
+        logged = json.loads(f.readline())['train_loss']
+    assert logged == pytest.approx(sum(losses) / 2, rel=1e-5)
+    assert ALPHA * sum(kds) / sum(losses) > 0.02  # the KD term is big enough to be told apart from its absence
+    # weights after two steps: each step's own gradient (reset in between), clipped when asked
+    got = {k: ckpt['model'][k] for k in weights}
+    assert relative_error(got, weights, start) < 1e-4
+    # EMA after the two steps, from the weights the run started with
+    got_ema = {k: ckpt['model_ema'][k] for k in ema}
+    assert relative_error(got_ema, ema, start) < 1e-4
+
+
+def test_clipping_matters_at_this_learning_rate(files):
+    """The control for the test above: clipped and unclipped steps are far apart, so ignoring --clip-grad shows."""
+    start, clipped, _, _, _ = by_hand(files, CLIP)
+    _, unclipped, _, _, _ = by_hand(files, None)
+    assert relative_error(clipped, unclipped, start) > 0.5
+
+
+def test_the_teacher_is_dense_whatever_masks_its_file_holds(files, tmp_path, monkeypatch):
+    training, _ = finetune_two_steps(files, tmp_path / 'out', monkeypatch)
+    teacher = training.criterion.teacher
+    assert all(bool(m.all()) for m in teacher.masks)
+    reference = timm.create_model('deit_digits_patch4_32').eval()
+    reference.load_state_dict({k: v for k, v in torch.load(files['teacher'], weights_only=True)['model'].items()
+                               if not k.endswith('token_index')})
+    x, _ = fixed_batches()
+    with torch.no_grad():
+        assert torch.allclose(teacher(x), reference(x), atol=1e-5, rtol=1e-5)
+    # the file's own masks do clip tokens: a teacher built with them computes something else
+    pruned = models.create_model('cc_deit_digits_patch4_32').eval()
+    pruned.load_state_dict(torch.load(files['teacher'], weights_only=True)['model'])
+    with torch.no_grad():
+        assert not torch.allclose(pruned(x), reference(x), atol=1e-3)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# evaluation
+
+class LogitTable(nn.Module):
+    """A 'model' whose input i gives the i-th row of a fixed table of logits."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.register_buffer('logits', logits)
+
+    def forward(self, x):
+        return self.logits[x.long().flatten()]
+
+
+@pytest.mark.parametrize('classes', [10, 3])
+def test_top1_top5_and_loss_counted_by_hand(classes):
+    g = torch.Generator().manual_seed(0)
+    n = 50
+    logits = torch.randn(n, classes, generator=g)
+    targets = torch.randint(0, classes, (n,), generator=g)
+    loader = DataLoader(TensorDataset(torch.arange(n).float().view(n, 1), targets), batch_size=7)
+    stats = engine.evaluate(loader, LogitTable(logits), torch.device('cpu'), printer=lambda *a: None)
+    # rank of the true class among the logits of its row, by hand (no ties in random floats)
+    ranks = [sum(1 for c in range(classes) if logits[i, c] > logits[i, targets[i]]) for i in range(n)]
+    hits = {k: sum(r < k for r in ranks) for k in (1, 3, 5)}
+    assert stats['acc1'] == pytest.approx(100.0 * hits[1] / n)
+    assert stats['acc5'] == pytest.approx(100.0 * hits[5] / n)
+    if classes > 5:
+        assert hits[3] != hits[5]  # top-3 counted as top-5 would show
+    else:
+        assert stats['acc5'] == 100.0
+    nll = [math.log(sum(math.exp(v) for v in logits[i].tolist())) - logits[i, targets[i]].item() for i in range(n)]
+    assert stats['loss'] == pytest.approx(sum(nll) / n, rel=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# shuffling: a new order every epoch, a different one on every process
+
+@pytest.mark.parametrize('repeated_aug', [False, True])
+def test_every_epoch_and_every_process_shuffles_its_own_way(monkeypatch, repeated_aug):
+    """The loaders finetune.py builds for each of two processes, stepped by engine.train_epochs for 3 epochs."""
+    dataset = TensorDataset(torch.arange(48))
+    seen = {}
+
+    def record(model, criterion, loader, *args, **kwargs):
+        seen.setdefault(current_rank, []).append(torch.cat([batch[0] for batch in loader]).tolist())
+        return {'loss': 0.0, 'lr': 0.0}
+
+    monkeypatch.setattr(engine, 'train_one_epoch', record)
+    monkeypatch.setattr(engine, 'evaluate', lambda *a, **k: {'acc1': 0.0, 'acc5': 0.0, 'loss': 0.0})
+    for current_rank in (0, 1):
+        args = finetune.get_args_parser().parse_args(['--batch-size', '4', '--num_workers', '0', '--seed', '3'])
+        args.distributed, args.world_size, args.rank, args.device = True, 2, current_rank, 'cpu'
+        args.repeated_aug = repeated_aug
+        loader = finetune.data_loader(dataset, args, train=True)
+        run = engine.Training(model=None, model_without_ddp=None, criterion=None, optimizer=None,
+                              lr_scheduler=argparse.Namespace(step=lambda epoch: None), scaler=None, amp=False,
+                              clip_grad=None, model_ema=None, mixup_fn=None, loader_train=loader,
+                              loader_val=DataLoader(dataset), device=torch.device('cpu'))
+        engine.train_epochs(run, 0, 3, -1.0, lambda *a: None, printer=lambda *a: None)
+    for rank in (0, 1):
+        orders = seen[rank]
+        assert len(orders) == 3 and len({tuple(o) for o in orders}) == 3, f'rank {rank} repeats an order'
+    for epoch in range(3):
+        assert seen[0][epoch] != seen[1][epoch]
+        if not repeated_aug:  # DistributedSampler: the two halves of one permutation
+            assert sorted(seen[0][epoch] + seen[1][epoch]) == list(range(48))
