@@ -1,5 +1,5 @@
 # Two commands on a fresh machine: `make demo` and `make test`. All targets create .venv from requirements.txt first.
-# `make study`: Taylor against random masks over seeds and prune rates (demo/study.py, about 25-30 minutes).
+# `make study`: Taylor against random masks over seeds and prune rates (demo/study.py, about 30 minutes on 2 CPU cores).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python

@@ -1,6 +1,6 @@
 """Taylor against random pruning at mini scale, over seeds and prune rates: the demo's pipeline, repeated.
 
-    python demo/study.py            # or: make study   (about 25-30 minutes on 2 CPU cores)
+    python demo/study.py            # or: make study   (about 30 minutes on 2 CPU cores; demo/STUDY.md has a timing)
     python demo/study.py --quick    # 2 seeds, 2 rates, 1 epoch each: checks the plumbing in 1-2 minutes
 
 The demo (demo/run_demo.py) makes one run at one budget, which cannot say whether Taylor masks beat random
@@ -13,8 +13,8 @@ on the same task (scikit-learn digits, ``--data-set DIGITS``) with the same reci
    prune the teacher and evaluate it                                           -> <out>/seed<s>/prune_<mode>_<rate>/
    finetune it with soft distillation from the teacher (8 epochs) and evaluate -> <out>/seed<s>/finetune_<mode>_<rate>/
    The seed of a run is the ``--seed`` of its prune and finetune commands: it draws the random masks, orders
-   (and shifts) the training images the Taylor scores are summed over, and orders, shifts and initialises
-   everything random in the finetuning. The teacher does not change with it.
+   (and shifts) the training images the Taylor scores are summed over, and orders and shifts the images of the
+   finetuning (it seeds every random draw of those commands). The teacher does not change with it.
 3. <out>/results.json (every run, the mean and standard deviation of each cell, the paired comparisons),
    <out>/results.md (the tables and the sentences), <out>/study.png (accuracy against GFLOPs) and
    <out>/STUDY.md (all of it, with the command, the machine and the time taken).
@@ -208,12 +208,16 @@ def run_all(a: argparse.Namespace, out: str) -> Tuple[dict, List[dict], Dict[str
 
     print(f'[teacher] {demo.MODEL}, {a.teacher_epochs} epochs from scratch, seed {TEACHER_SEED}, '
           f'trained once for all runs', flush=True)
-    teacher, teacher_acc = demo.train_teacher(os.path.join(out, 'teacher'), a.teacher_epochs, a.teacher_lr,
+    teacher_dir = os.path.join(out, 'teacher')
+    reused = not a.fresh and demo.teacher_state(os.path.join(teacher_dir, 'checkpoint.pth'),
+                                                a.teacher_epochs) == 'done'
+    teacher, teacher_acc = demo.train_teacher(teacher_dir, a.teacher_epochs, a.teacher_lr,
                                               demo.common_args(TEACHER_SEED, a.device), a.fresh, a.verbose,
                                               echo=False)
     timings['teacher'] = time.time() - t0
     teacher_row = {'acc1': float(teacher_acc), 'gflops': teacher_gflops(), 'seed': TEACHER_SEED,
-                   'epochs': a.teacher_epochs, 'checkpoint': os.path.relpath(teacher, out)}
+                   'epochs': a.teacher_epochs, 'checkpoint': os.path.relpath(teacher, out),
+                   'reused': reused}
 
     steps = [(stage, mode, rate, seed) for seed in a.seeds for rate in a.rates for mode in MODES
              for stage in ('prune', 'finetune')]
@@ -445,6 +449,21 @@ def wrap(text: str, bullet: bool = False, width: int = 115) -> str:
     return textwrap.fill(text, width, break_on_hyphens=False)
 
 
+def spread_summary(cells: List[dict], finetuned: bool) -> str:
+    """'mean acc@1 Taylor / random 92.6 / 88.1 at 0.25, ...; standard deviation over seeds up to 2.3 points for
+    Taylor and up to 20.5 for random'"""
+    cell = {(c['prune_rate'], c['prune_mode']): c['acc1'] for c in cells if c['finetuned'] == finetuned}
+    rates = sorted({rate for rate, _ in cell})
+    means = and_list([f'{cell[(r, "attn")]["mean"]:.1f} / {cell[(r, "random")]["mean"]:.1f} at {r:.2f}'
+                      for r in rates])
+    text = f'mean acc@1 Taylor / random {means}'
+    stds = {mode: [cell[(r, mode)]['std'] for r in rates] for mode in MODES}
+    if all(v is not None for vs in stds.values() for v in vs):
+        text += (f'; standard deviation over seeds up to {max(stds["attn"]):.1f} points for Taylor and up to '
+                 f'{max(stds["random"]):.1f} for random')
+    return text
+
+
 def report(argv: Sequence[str], results: dict, table: str) -> str:
     """STUDY.md: how the numbers were made, the tables, the sentences, the figure and a paragraph for README.md."""
     cfg, m, t = results['config'], results['machine'], results['timings_s']
@@ -465,7 +484,9 @@ def report(argv: Sequence[str], results: dict, table: str) -> str:
     during = ('' if not sampled else f'; the 1-minute load average every 15 s during the run: median '
               f'{sampled["median"]:.1f} (from {sampled["min"]:.1f} to {sampled["max"]:.1f})')
     same_as_demo = (": it is the demo's teacher, and the runs with seed 0 at rates 0.25 (both masks) and 0.40 "
-                    "(Taylor) are the demo's own runs, with the same commands" if as_demo else '')
+                    "(Taylor) are the demo's own runs (the same finetune.py commands; only the output directories "
+                    "differ)" if as_demo else '')
+    load = f', at a load average of about {sampled["median"]:.0f}' if sampled else ''
     scoring = ('the whole training set' if cfg['prune_batches'] is None
                else f'{cfg["prune_batches"]} training batches')
     intro = (f"Clip & Concat on scikit-learn's handwritten digits (`--data-set DIGITS`: 1,437 training and 360 "
@@ -480,8 +501,9 @@ def report(argv: Sequence[str], results: dict, table: str) -> str:
         f"{results['load_average']['start']}, at the end {results['load_average']['end']}{during}. The study "
         f"itself keeps about 1-2 cores busy; a higher load means other work shared the machine and made the "
         f"times longer.",
-        f"Wall time: **{minutes:.1f} minutes** ({wall:.0f} s): teacher {t['teacher']:.0f} s, {runs_per_stage} "
-        f"prune runs {t['prune']:.0f} s, {runs_per_stage} finetuning runs {t['finetune']:.0f} s.",
+        f"Wall time: **{minutes:.1f} minutes** ({wall:.0f} s): teacher {t['teacher']:.0f} s"
+        f"{' (reused from an earlier run: its training is not in this time)' if results['teacher']['reused'] else ''}"
+        f", {runs_per_stage} prune runs {t['prune']:.0f} s, {runs_per_stage} finetuning runs {t['finetune']:.0f} s.",
         f"The teacher (`{demo.MODEL}`, {epochs_text(cfg['teacher_epochs'])} from scratch, seed {TEACHER_SEED}) "
         f"is trained **once** for all runs, with the demo's recipe and seed{same_as_demo}. Training it once per "
         f"seed would add {epochs_text(cfg['teacher_epochs'])} of training for every seed, and the question is "
@@ -504,12 +526,13 @@ def report(argv: Sequence[str], results: dict, table: str) -> str:
             f"{n_seeds - 1} degree{'s' if n_seeds != 2 else ''} of freedom: with so few seeds it is wide, and it "
             f"says nothing about other teachers.")
     readme = (f"**Taylor against random, over seeds (`make study`).** One run of the demo cannot say whether "
-              f"Taylor masks beat random ones. `{short_command}` (about {math.ceil(minutes)} minutes on "
-              f"{m['cpu_count']} CPU cores) repeats the demo's prune → distillation-finetune at prune rates "
+              f"Taylor masks beat random ones. `{short_command}` ({math.ceil(minutes)} minutes on "
+              f"{m['cpu_count']} CPU cores{load}) repeats the demo's prune → distillation-finetune at prune rates "
               f"{rates} with Taylor and with random masks, over seeds {seeds} (one teacher, trained once; the seed "
               f"sets the random masks and the data order of the scoring and of the finetuning), and compares the "
-              f"two seed by seed ({level}% t-interval on the paired differences). Before finetuning, "
-              f"{verdict_summary(paired, False)}. After {ft} of distillation, {verdict_summary(paired, True)}. "
+              f"two seed by seed ({level}% t-interval on the paired differences). Before finetuning "
+              f"({spread_summary(results['cells'], False)}), {verdict_summary(paired, False)}. After {ft} of "
+              f"distillation ({spread_summary(results['cells'], True)}), {verdict_summary(paired, True)}. "
               f"Table and details: [demo/STUDY.md](demo/STUDY.md).")
     parts = ['# Taylor against random masks at mini scale', wrap(intro), '![accuracy against GFLOPs](study.png)',
              '## How these numbers were made', '\n'.join(wrap(b, bullet=True) for b in how),

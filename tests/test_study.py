@@ -97,6 +97,30 @@ def test_cell_stats_against_numpy():
     assert study.cell_stats([50.0])['std'] is None
 
 
+def test_summaries_against_numpy():
+    rng = np.random.default_rng(0)
+    runs = [{'prune_rate': rate, 'prune_mode': mode, 'seed': seed, 'finetuned': ft,
+             'acc1': float(rng.uniform(50, 99)), 'gflops': 0.03}
+            for rate in (0.25, 0.55) for mode in ('attn', 'random') for seed in (0, 1, 2) for ft in (False, True)]
+    cells, paired = study.summarise(runs, [0, 1, 2], [0.25, 0.55], 8)
+    acc = {(r['prune_rate'], r['prune_mode'], r['finetuned']): [] for r in runs}
+    for r in runs:
+        acc[(r['prune_rate'], r['prune_mode'], r['finetuned'])].append(r['acc1'])
+    text = study.spread_summary(cells, False)
+    expected = (f'mean acc@1 Taylor / random {np.mean(acc[(0.25, "attn", False)]):.1f} / '
+                f'{np.mean(acc[(0.25, "random", False)]):.1f} at 0.25 and {np.mean(acc[(0.55, "attn", False)]):.1f} / '
+                f'{np.mean(acc[(0.55, "random", False)]):.1f} at 0.55; standard deviation over seeds up to '
+                f'{max(np.std(acc[(r, "attn", False)], ddof=1) for r in (0.25, 0.55)):.1f} points for Taylor and up '
+                f'to {max(np.std(acc[(r, "random", False)], ddof=1) for r in (0.25, 0.55)):.1f} for random')
+    assert text == expected
+    assert [(c['prune_rate'], c['finetuned']) for c in paired] == [(0.25, False), (0.25, True), (0.55, False),
+                                                                   (0.55, True)]
+    for c in paired:
+        low, high = scipy_interval(acc[(c['prune_rate'], 'attn', c['finetuned'])],
+                                   acc[(c['prune_rate'], 'random', c['finetuned'])])
+        assert c['ci_low'] == pytest.approx(low) and c['ci_high'] == pytest.approx(high)
+
+
 def test_remaining_time_estimate():
     done = {('prune', 'attn', 0.25): [2.0, 4.0], ('finetune', 'attn', 0.25): [60.0]}
     # Same (stage, mode, rate) where known; else the mean of that stage over everything finished.
@@ -163,7 +187,7 @@ def test_results_json_schema(quick_study):
         assert r['masks_sha1'] == by[(rate, mode, seed, False)]['masks_sha1']
         assert r['gflops'] < by[(0.25, mode, seed, ft)]['gflops'] or rate == 0.25
     teacher = results['teacher']
-    assert teacher['seed'] == 0 and os.path.isfile(out / teacher['checkpoint'])
+    assert teacher['seed'] == 0 and teacher['reused'] is False and os.path.isfile(out / teacher['checkpoint'])
     assert len(results['paired']) == 2 * 2 and results['sentences'] == [c['sentence'] for c in results['paired']]
 
 
@@ -256,3 +280,29 @@ def test_progress_figure_and_report(quick_study):
     assert report.index('## Results') < report.index('## For README.md')
     readme_part = report.split('## For README.md', 1)[1]
     assert 'demo/study.png' in readme_part and 'demo/STUDY.md' in readme_part
+
+
+@pytest.mark.slow
+def test_second_run_reuses_the_teacher_and_clears_old_runs(quick_study, tmp_path):
+    import shutil
+    out, _, first = quick_study
+    shutil.copytree(out / 'teacher', tmp_path / 'teacher')
+    (tmp_path / 'seed7' / 'prune_attn_0.25').mkdir(parents=True)  # left over from a study with other seeds
+    env = dict(os.environ, OMP_WAIT_POLICY='PASSIVE', PYTHONUNBUFFERED='1')
+    proc = subprocess.run([sys.executable, os.path.join('demo', 'study.py'), '--quick', '--device', 'cpu',
+                           '--seeds', '0', '--rates', '0.25', '--out', str(tmp_path)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert 'reusing the teacher already trained in' in proc.stdout
+    results = json.loads((tmp_path / 'results.json').read_text())
+    assert results['teacher']['reused'] is True and results['teacher']['acc1'] == first['teacher']['acc1']
+    assert not (tmp_path / 'seed7').exists()
+    assert {(r['seed'], r['prune_rate']) for r in results['runs']} == {(0, 0.25)}
+    # One seed: no interval, and the sentences say so.
+    assert all(c['ci_low'] is None and 'no interval' in c['sentence'] for c in results['paired'])
+    # The same teacher and seed give the same runs as the first study's seed 0 (random masks included).
+    before = {(r['prune_mode'], r['finetuned']): r for r in first['runs'] if (r['seed'], r['prune_rate']) == (0, 0.25)}
+    for r in results['runs']:
+        assert (r['masks_sha1'], r['acc1']) == (before[(r['prune_mode'], r['finetuned'])]['masks_sha1'],
+                                                before[(r['prune_mode'], r['finetuned'])]['acc1'])
+    assert 'reused from an earlier run' in (tmp_path / 'STUDY.md').read_text()
