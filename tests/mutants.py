@@ -86,7 +86,7 @@ MUTANTS: List[Mutant] = [
            [T + 'test_training.py::test_every_epoch_and_every_process_shuffles_its_own_way'],
            'several processes shuffle the same way every epoch'),
     mutant('lr-not-scaled-by-world-size', 'finetune.py',
-           'args.lr = args.lr * args.batch_size * args.world_size / 512.0', 'args.lr = args.lr * args.batch_size / 512.0',
+           'args.lr * args.batch_size * args.world_size / 512.0', 'args.lr * args.batch_size / 512.0',
            [TWO_PROCESS_FINETUNE], 'the learning rate ignores the number of processes'),
     # --- resume ----------------------------------------------------------------------------------------------
     mutant('log-never-repaired', 'finetune.py',
