@@ -2,6 +2,7 @@
 import ctypes
 import ctypes.util
 import math
+import os
 import platform
 import statistics
 import time
@@ -135,6 +136,21 @@ def evaluate(data_loader: Iterable, model: nn.Module, device: torch.device, amp:
     stats = {'acc1': 100.0 * c1 / n, 'acc5': 100.0 * c5 / n, 'loss': total_loss / n}
     printer(f'* Acc@1 {stats["acc1"]:.3f} Acc@5 {stats["acc5"]:.3f} loss {stats["loss"]:.3f}')
     return stats
+
+
+def machine_facts() -> Dict[str, Any]:
+    """What a reported time was measured on: CPU model, cores, torch threads and the software versions."""
+    import timm
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open('/proc/cpuinfo') as f:
+            names = [line.split(':', 1)[1].strip() for line in f if line.startswith('model name')]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    return {'cpu': cpu, 'cpu_cores': os.cpu_count(), 'torch_threads': torch.get_num_threads(),
+            'torch': torch.__version__, 'timm': timm.__version__, 'python': platform.python_version(),
+            'platform': platform.platform()}
 
 
 def steady_allocator() -> str:

@@ -52,7 +52,6 @@ import copy
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -446,19 +445,8 @@ def quick_line(args) -> str:
 # Measurement helpers
 
 def machine_info(device: torch.device) -> Dict:
-    cpu = platform.processor() or ''
-    try:
-        with open('/proc/cpuinfo') as f:
-            names = [line.split(':', 1)[1].strip() for line in f if line.startswith('model name')]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    info = {
-        'cpu': cpu, 'cpu_cores': os.cpu_count(), 'torch_threads': torch.get_num_threads(),
-        'torch': torch.__version__, 'timm': timm.__version__, 'python': platform.python_version(),
-        'platform': platform.platform(), 'device': str(device),
-        'load_average_at_start': list(os.getloadavg()) if hasattr(os, 'getloadavg') else None,
-    }
+    info = dict(engine.machine_facts(), device=str(device),
+                load_average_at_start=list(os.getloadavg()) if hasattr(os, 'getloadavg') else None)
     if device.type == 'cuda':
         info['gpu'] = torch.cuda.get_device_name(device)
     return info

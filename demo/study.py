@@ -38,7 +38,6 @@ import argparse  # noqa: E402
 import datetime  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
-import platform  # noqa: E402
 import re  # noqa: E402
 import shlex  # noqa: E402
 import shutil  # noqa: E402
@@ -357,18 +356,8 @@ def plot(teacher: dict, runs: List[dict], cells: List[dict], path: str, epochs: 
 
 
 def machine() -> dict:
-    import torch
-    import timm
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open('/proc/cpuinfo') as f:
-            names = [line.split(':', 1)[1].strip() for line in f if line.startswith('model name')]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    return {'cpu': cpu, 'cpu_count': os.cpu_count(), 'torch_threads': torch.get_num_threads(),
-            'python': platform.python_version(), 'torch': torch.__version__, 'timm': timm.__version__,
-            'platform': platform.platform()}
+    import engine
+    return engine.machine_facts()
 
 
 def git_revision() -> str:
@@ -496,7 +485,7 @@ def report(argv: Sequence[str], results: dict, table: str) -> str:
     how = [
         f"Command: `{command}` (`make study` runs `python demo/study.py` without flags), at commit "
         f"{results['git']}.",
-        f"Machine: {m['cpu']}, {m['cpu_count']} CPU cores, torch {m['torch']} ({m['torch_threads']} threads), "
+        f"Machine: {m['cpu']}, {m['cpu_cores']} CPU cores, torch {m['torch']} ({m['torch_threads']} threads), "
         f"timm {m['timm']}, Python {m['python']}. Load average (1/5/15 min) at the start "
         f"{results['load_average']['start']}, at the end {results['load_average']['end']}{during}. The study "
         f"itself keeps about 1-2 cores busy; a higher load means other work shared the machine and made the "
@@ -527,7 +516,7 @@ def report(argv: Sequence[str], results: dict, table: str) -> str:
             f"says nothing about other teachers.")
     readme = (f"**Taylor against random, over seeds (`make study`).** One run of the demo cannot say whether "
               f"Taylor masks beat random ones. `{short_command}` ({math.ceil(minutes)} minutes on "
-              f"{m['cpu_count']} CPU cores{load}) repeats the demo's prune → distillation-finetune at prune rates "
+              f"{m['cpu_cores']} CPU cores{load}) repeats the demo's prune → distillation-finetune at prune rates "
               f"{rates} with Taylor and with random masks, over seeds {seeds} (one teacher, trained once; the seed "
               f"sets the random masks and the data order of the scoring and of the finetuning), and compares the "
               f"two seed by seed ({level}% t-interval on the paired differences). Before finetuning "

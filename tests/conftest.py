@@ -44,6 +44,19 @@ def official_checkpoint(path, model_name='cc_deit_tiny_patch16_224', seed=0, **k
     return str(path)
 
 
+def pruned_model(name, rate, seed=0):
+    """timm model ``name`` (a registered cc_ name) with a seeded random init and random masks at ``rate``."""
+    import timm
+    import pruning
+    torch.manual_seed(seed)
+    model = timm.create_model(name).eval()
+    if rate:
+        depth, num_patches = len(model.blocks), model.num_tokens - model.num_prefix_tokens
+        pruning.apply_masks(model, pruning.random_masks(depth, num_patches, rate,
+                                                        generator=torch.Generator().manual_seed(seed)))
+    return model
+
+
 @pytest.fixture
 def image_folder(tmp_path):
     return make_image_folder(tmp_path / 'data')

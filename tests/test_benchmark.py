@@ -20,23 +20,13 @@ import pruning
 from benchmarks import formulations as F
 from benchmarks import model_zoo as zoo
 from benchmarks import report, stats
-from conftest import ROOT, subprocess_env
+from conftest import ROOT, pruned_model, subprocess_env
 from models import fast_kernels as K
 
 CPU = torch.device('cpu')
 # One torch thread: the models here are small, and two threads spin against each other on a busy machine (a test
 # taking 3 s on one thread took 20-35 s on two with the host's load at 6).
 pytestmark = pytest.mark.usefixtures('one_thread')
-
-
-def _pruned(name, rate, seed=0):
-    torch.manual_seed(seed)
-    model = timm.create_model(name).eval()
-    if rate:
-        depth, num_patches = len(model.blocks), model.num_tokens - model.num_prefix_tokens
-        pruning.apply_masks(model, pruning.random_masks(depth, num_patches, rate,
-                                                        generator=torch.Generator().manual_seed(seed)))
-    return model
 
 
 def _flops(model, batch=2):
@@ -59,7 +49,7 @@ def tiny():
 def test_benchmark_rows_compute_the_same_function():
     """timm's DeiT loaded with our weights, our pruned model and the boolean-mask re-implementation of the original
     code give the same logits, and count the same FLOPs."""
-    model = _pruned('cc_deit_tiny_patch16_224', 0.0)
+    model = pruned_model('cc_deit_tiny_patch16_224', 0.0)
     dense = F.timm_twin(model, 'deit_tiny_patch16_224', CPU)
     ours = F.pruned_copy(model, F.plan(None, 12, 196, 0.3, seed=0))
     assert len(set(models.kept_token_counts(ours))) > 1  # layers keep different numbers of tokens
@@ -269,7 +259,7 @@ def test_ratios_pair_rounds_in_our_protocol_and_divide_means_in_the_original():
 
 def test_breakdown_families_split_the_paper_formula_exactly():
     for rate in (0.0, 0.3):
-        model = _pruned('cc_deit_tiny_patch16_224', rate)
+        model = pruned_model('cc_deit_tiny_patch16_224', rate)
         macs = zoo.family_macs(model)
         assert sum(macs.values()) == models.count_macs(model)
         assert macs['attention'] == sum(2 * n * n * 192 for n in models.kept_token_counts(model))

@@ -19,16 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import models
 import pruning
-
-
-def _pruned(name, rate, seed=0):
-    torch.manual_seed(seed)
-    model = timm.create_model(name).eval()
-    if rate:
-        depth, num_patches = len(model.blocks), model.num_tokens - model.num_prefix_tokens
-        pruning.apply_masks(model, pruning.random_masks(depth, num_patches, rate,
-                                                        generator=torch.Generator().manual_seed(seed)))
-    return model
+from conftest import pruned_model
 
 
 def _count(model, batch=2, size=224):
@@ -51,7 +42,7 @@ def _attention_flops(per_op):
 @pytest.mark.parametrize('rate', [0.0, 0.25, 0.4])
 @pytest.mark.parametrize('name', ['cc_deit_tiny_patch16_224', 'cc_deit_small_patch16_224'])
 def test_design_formula_matches_torch_flop_counter(name, rate, fused):
-    model = _pruned(name, rate)
+    model = pruned_model(name, rate)
     for blk in model.blocks:
         blk.attn.fused_attn = fused
     channels = models.kept_token_counts(model)
@@ -97,10 +88,10 @@ def test_dense_timm_deit_counts_like_the_paper(name):
 
 def test_pruning_lowers_counted_flops_as_predicted():
     """The counter sees the pruned model do less work, by the ratio the formula predicts."""
-    dense_total, _ = _count(_pruned('cc_deit_tiny_patch16_224', 0.0), batch=1)
-    pruned = _pruned('cc_deit_tiny_patch16_224', 0.4)
+    dense_total, _ = _count(pruned_model('cc_deit_tiny_patch16_224', 0.0), batch=1)
+    pruned = pruned_model('cc_deit_tiny_patch16_224', 0.4)
     pruned_total, _ = _count(pruned, batch=1)
-    predicted = models.count_macs(pruned) / models.count_macs(_pruned('cc_deit_tiny_patch16_224', 0.0))
+    predicted = models.count_macs(pruned) / models.count_macs(pruned_model('cc_deit_tiny_patch16_224', 0.0))
     assert pruned_total < 0.75 * dense_total
     assert abs(pruned_total / dense_total - predicted) < 0.02
 
@@ -117,7 +108,7 @@ def test_pruned_model_captures_as_one_graph_and_follows_new_masks():
     the eager output, and new masks (new gather indices of other lengths) are picked up, not served from a stale graph.
     The 'eager' backend checks the capture only; the inductor test below checks generated code."""
     _reset_dynamo()
-    model = _pruned('cc_deit_tiny_patch16_224', 0.25)
+    model = pruned_model('cc_deit_tiny_patch16_224', 0.25)
     compiled = torch.compile(model, fullgraph=True, backend='eager')
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
@@ -136,7 +127,7 @@ def test_pruned_model_captures_as_one_graph_and_follows_new_masks():
 def test_pruned_model_compiles_with_inductor_and_matches_eager():
     """torch.compile(fullgraph=True) with the default backend (inductor; C++ on CPU, Triton on GPU)."""
     _reset_dynamo()
-    model = _pruned('cc_deit_tiny_patch16_224', 0.25)
+    model = pruned_model('cc_deit_tiny_patch16_224', 0.25)
     assert any(not blk.dense for blk in model.blocks)
     compiled = torch.compile(model, fullgraph=True)
     x = torch.randn(2, 3, 224, 224)
