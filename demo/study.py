@@ -1,6 +1,6 @@
 """Taylor against random pruning at mini scale, over seeds and prune rates: the demo's pipeline, repeated.
 
-    python demo/study.py            # or: make study   (about 30 minutes on 2 CPU cores; demo/STUDY.md has a timing)
+    python demo/study.py            # or: make study   (12 minutes on 2 quiet CPU cores; demo/STUDY.md has the timing)
     python demo/study.py --quick    # 2 seeds, 2 rates, 1 epoch each: checks the plumbing in 1-2 minutes
 
 The demo (demo/run_demo.py) makes one run at one budget, which cannot say whether Taylor masks beat random
