@@ -1,4 +1,5 @@
 """The loops: train one epoch, evaluate, measure throughput. Each returns a dict of averaged metrics."""
+import contextlib
 import ctypes
 import ctypes.util
 import math
@@ -215,26 +216,41 @@ def measure_throughput(models: Dict[str, nn.Module], batch_size: int, input_size
     return {name: batch_size / statistics.median(t) for name, t in times.items()}
 
 
+@contextlib.contextmanager
+def original_settings(device: torch.device):
+    """The original code's global settings while inside: cudnn.benchmark on, and on CUDA TF32 matmuls and
+    convolutions allowed (its torch allowed them by default); restored on the way out."""
+    backends = torch.backends
+    saved = (backends.cudnn.benchmark, backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32)
+    backends.cudnn.benchmark = True
+    if device.type == 'cuda':
+        backends.cuda.matmul.allow_tf32 = True
+        backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        backends.cudnn.benchmark, backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32 = saved
+
+
+def original_pass_seconds(run: Callable, x: torch.Tensor, passes: int) -> float:
+    """The original code's timing loop (call it inside :func:`original_settings`): ``run`` in eval mode, fp32
+    and with autograd on even under the caller's ``no_grad`` (each pass builds a graph), no warm-up: one
+    synchronisation, ``passes`` passes, one synchronisation; returns the mean seconds per pass."""
+    if isinstance(run, nn.Module):
+        run.eval()
+    with torch.enable_grad():
+        synchronize(x.device)
+        start = time.perf_counter()
+        for _ in range(passes):
+            run(x)
+        synchronize(x.device)
+        return (time.perf_counter() - start) / passes
+
+
 def throughput_original_protocol(model: nn.Module, batch_size: int, input_size: int, device: torch.device,
                                  passes: int = 50) -> float:
     """Images per second as the original code timed them: ``torch.rand(batch, 3, size, size)`` through the model
-    in eval mode, in fp32 and without ``no_grad`` (an autograd graph is built every pass), ``cudnn.benchmark``
-    on and TF32 matmuls allowed (its torch's default), no warm-up: one synchronisation, ``passes`` passes, one
-    synchronisation; the mean over the passes.  The backend settings are put back afterwards."""
-    model.eval()
+    alone (:func:`original_pass_seconds` under :func:`original_settings`)."""
     x = torch.rand(batch_size, 3, input_size, input_size, device=device)
-    benchmark, tf32 = torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.benchmark = True
-    if device.type == 'cuda':
-        torch.backends.cuda.matmul.allow_tf32 = True
-    try:
-        with torch.enable_grad():
-            synchronize(device)
-            start = time.perf_counter()
-            for _ in range(passes):
-                model(x)
-            synchronize(device)
-            elapsed = time.perf_counter() - start
-    finally:
-        torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32 = benchmark, tf32
-    return batch_size * passes / elapsed
+    with original_settings(device):
+        return batch_size / original_pass_seconds(model, x, passes)

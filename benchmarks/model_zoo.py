@@ -80,7 +80,7 @@ from benchmarks.formulations import (  # noqa: E402
     run_blocks_ours, seeded_models, select, short_name,
 )
 from benchmarks.stats import Timings, as_fields, paired  # noqa: E402
-from engine import steady_allocator  # noqa: E402
+from engine import original_settings, steady_allocator  # noqa: E402
 
 # The seed's figures on their GPU (GFLOPs, images/s, speed-up), from the method's specification.
 SEED_GPU = {
@@ -501,22 +501,6 @@ def time_interleaved(runs: Dict[str, Callable], batch: int, device: torch.device
         return Timings(engine.time_interleaved(runs, x, device, repeats, warmup, dtype), batch)
 
 
-@contextlib.contextmanager
-def original_settings(device: torch.device):
-    """The original code's global settings while inside: cudnn.benchmark on, and on CUDA TF32 matmuls and
-    convolutions allowed (its torch allowed them by default); restored on the way out."""
-    backends = torch.backends
-    saved = (backends.cudnn.benchmark, backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32)
-    backends.cudnn.benchmark = True
-    if device.type == 'cuda':
-        backends.cuda.matmul.allow_tf32 = True
-        backends.cudnn.allow_tf32 = True
-    try:
-        yield
-    finally:
-        backends.cudnn.benchmark, backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32 = saved
-
-
 def time_original(runs: Dict[str, Callable], batch: int, device: torch.device, passes: int,
                   shape=(3, 224, 224)) -> Timings:
     """The original code's protocol, row by row: ``torch.rand(batch, *shape)`` through the row in fp32 with
@@ -524,17 +508,10 @@ def time_original(runs: Dict[str, Callable], batch: int, device: torch.device, p
     ``passes`` passes and a synchronisation at the end; the row's figure is the mean pass time.  No warm-up and
     no interleaving: only the row being timed runs."""
     seconds = {}
-    with original_settings(device), torch.enable_grad():
+    with original_settings(device):
         for name, run in runs.items():
-            if isinstance(run, nn.Module):
-                run.eval()
             x = torch.rand(batch, *shape, device=device)
-            engine.synchronize(device)
-            start = time.perf_counter()
-            for _ in range(passes):
-                run(x)
-            engine.synchronize(device)
-            seconds[name] = [(time.perf_counter() - start) / passes]
+            seconds[name] = [engine.original_pass_seconds(run, x, passes)]
     return Timings(seconds, batch, paired=False)
 
 

@@ -15,6 +15,7 @@ import timm
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+import engine
 import models
 import pruning
 from benchmarks import formulations as F
@@ -371,7 +372,7 @@ def test_original_protocol_times_each_row_alone_with_autograd_and_the_original_s
         return run
 
     clock = iter([10.0, 14.0, 20.0, 22.0])  # start and end of row a, then of row b
-    monkeypatch.setattr(zoo, 'time', SimpleNamespace(perf_counter=lambda: next(clock)))
+    monkeypatch.setattr(engine, 'time', SimpleNamespace(perf_counter=lambda: next(clock)))
     before = torch.backends.cudnn.benchmark
     with torch.no_grad():  # the caller's no_grad does not reach the protocol: it builds autograd graphs
         t = zoo.time_original({'a': row('a'), 'b': row('b')}, batch=3, device=CPU, passes=4, shape=(3, 8, 8))
