@@ -44,6 +44,24 @@ def official_checkpoint(path, model_name='cc_deit_tiny_patch16_224', seed=0, **k
     return str(path)
 
 
+def digits_world(base):
+    """The small world of the CLI tests: four-class 32x32 image folders (8 training and 4 validation images per
+    class) and an official-format checkpoint of the digits model, under ``base``."""
+    data = make_image_folder(base / 'data', classes=tuple('abcd'), per_class=(8, 4), size=(32, 32))
+    dense = official_checkpoint(base / 'dense.pth', 'cc_deit_digits_patch4_32')
+    return {'base': base, 'data': data, 'dense': dense}
+
+
+def run_demo_script(script, out, timeout):
+    """``python demo/<script> --quick --device cpu --out <out>`` as a user runs it; returns its stdout."""
+    import subprocess
+    env = dict(os.environ, OMP_WAIT_POLICY='PASSIVE', PYTHONUNBUFFERED='1')
+    proc = subprocess.run([sys.executable, os.path.join('demo', script), '--quick', '--device', 'cpu',
+                           '--out', str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
 def pruned_model(name, rate, seed=0):
     """timm model ``name`` (a registered cc_ name) with a seeded random init and random masks at ``rate``."""
     import timm

@@ -2,13 +2,12 @@
 import json
 import os
 import re
-import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import ROOT, make_image_folder
+from conftest import ROOT, make_image_folder, run_demo_script
 
 sys.path.insert(0, os.path.join(ROOT, 'demo'))
 import draw_masks  # noqa: E402
@@ -31,11 +30,8 @@ def png_size(path):
 @pytest.fixture(scope='module')
 def quick_demo(tmp_path_factory):
     out = tmp_path_factory.mktemp('demo') / 'runs'
-    env = dict(os.environ, OMP_WAIT_POLICY='PASSIVE', PYTHONUNBUFFERED='1')
-    proc = subprocess.run([sys.executable, os.path.join('demo', 'run_demo.py'), '--quick', '--device', 'cpu',
-                           '--out', str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out, proc.stdout
+    stdout = run_demo_script('run_demo.py', out, timeout=600)
+    return out, stdout
 
 
 @pytest.mark.slow

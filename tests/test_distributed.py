@@ -15,7 +15,7 @@ import torch
 
 import finetune
 import pruning
-from conftest import DIGITS_ARGS, ROOT, free_port, make_image_folder, official_checkpoint, subprocess_env
+from conftest import DIGITS_ARGS, ROOT, digits_world, free_port, official_checkpoint, subprocess_env
 from utils import load_checkpoint_file
 
 TORCHRUN = os.path.join(os.path.dirname(sys.executable), 'torchrun')
@@ -41,11 +41,9 @@ def ok(proc):
 
 @pytest.fixture(scope='module')
 def world(tmp_path_factory):
-    base = tmp_path_factory.mktemp('dist')
-    data = make_image_folder(base / 'data', classes=tuple('abcd'), per_class=(8, 4), size=(32, 32))
-    dense = official_checkpoint(base / 'dense.pth', 'cc_deit_digits_patch4_32')
-    dense48 = official_checkpoint(base / 'dense48.pth', 'cc_deit_digits_patch4_32', img_size=48)
-    return {'base': base, 'data': data, 'dense': dense, 'dense48': dense48}
+    world = digits_world(tmp_path_factory.mktemp('dist'))
+    world['dense48'] = official_checkpoint(world['base'] / 'dense48.pth', 'cc_deit_digits_patch4_32', img_size=48)
+    return world
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import finetune
-from conftest import DIGITS_ARGS, ROOT, make_image_folder, official_checkpoint, subprocess_env
+from conftest import DIGITS_ARGS, ROOT, digits_world, make_image_folder, official_checkpoint, subprocess_env
 
 EXIT_USER_ERROR, EXIT_DIVERGED = 2, 3
 
@@ -27,11 +27,9 @@ pytestmark = pytest.mark.usefixtures('one_thread')
 
 @pytest.fixture(scope='module')
 def world(tmp_path_factory):
-    base = tmp_path_factory.mktemp('errors')
-    data = make_image_folder(base / 'data', classes=tuple('abcd'), per_class=(8, 4), size=(32, 32))
-    dense = official_checkpoint(base / 'dense.pth', 'cc_deit_digits_patch4_32')
-    tiny = official_checkpoint(base / 'deit_tiny.pth', 'cc_deit_tiny_patch16_224')
-    return {'base': base, 'data': data, 'dense': dense, 'tiny': tiny}
+    world = digits_world(tmp_path_factory.mktemp('errors'))
+    world['tiny'] = official_checkpoint(world['base'] / 'deit_tiny.pth', 'cc_deit_tiny_patch16_224')
+    return world
 
 
 @pytest.fixture

@@ -18,7 +18,8 @@ import engine
 import finetune
 import models
 import pruning
-from conftest import DIGITS_ARGS, ROOT, free_port, make_image_folder, official_checkpoint, subprocess_env
+from conftest import (DIGITS_ARGS, ROOT, digits_world, free_port, make_image_folder, official_checkpoint,
+                      subprocess_env)
 from utils import load_checkpoint_file
 
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -191,10 +192,7 @@ def test_warm_up_decay_and_cool_down_land_where_the_original_puts_them(monkeypat
 
 @pytest.fixture(scope='module')
 def world(tmp_path_factory):
-    base = tmp_path_factory.mktemp('recipe')
-    data = make_image_folder(base / 'data', classes=tuple('abcd'), per_class=(8, 4), size=(32, 32))
-    dense = official_checkpoint(base / 'dense.pth', 'cc_deit_digits_patch4_32')
-    return {'base': base, 'data': data, 'dense': dense}
+    return digits_world(tmp_path_factory.mktemp('recipe'))
 
 
 def cli(capsys, *argv):

@@ -17,7 +17,7 @@ import torch
 
 import engine
 import finetune
-from conftest import DIGITS_ARGS, ROOT, make_image_folder, official_checkpoint, subprocess_env
+from conftest import DIGITS_ARGS, ROOT, digits_world, make_image_folder, official_checkpoint, subprocess_env
 from utils import UserError, load_checkpoint_file, save_atomic, write_text_atomic
 
 
@@ -215,10 +215,7 @@ def test_reconcile_log_without_a_log(tmp_path):
 
 @pytest.fixture(scope='module')
 def small(tmp_path_factory):
-    base = tmp_path_factory.mktemp('resume')
-    data = make_image_folder(base / 'data', classes=tuple('abcd'), per_class=(8, 4), size=(32, 32))
-    dense = official_checkpoint(base / 'dense.pth', 'cc_deit_digits_patch4_32')
-    return {'base': base, 'data': data, 'dense': dense}
+    return digits_world(tmp_path_factory.mktemp('resume'))
 
 
 # Explicit schedule: base lr 0.0512 * batch 8 / 512 = 8e-4, two warm-up epochs from 1e-4, cosine to 1e-5 over

@@ -17,7 +17,7 @@ import torch
 import engine
 import finetune
 import pruning
-from conftest import make_image_folder, official_checkpoint
+from conftest import digits_world, official_checkpoint
 from utils import load_checkpoint_file, seeding
 
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -31,10 +31,7 @@ AUGMENTED = ['--model', 'deit_digits_patch4_32', '--device', 'cpu', '--batch-siz
 
 @pytest.fixture(scope='module')
 def world(tmp_path_factory):
-    base = tmp_path_factory.mktemp('seeding')
-    data = make_image_folder(base / 'data', classes=tuple('abcd'), per_class=(8, 4), size=(32, 32))
-    dense = official_checkpoint(base / 'dense.pth', 'cc_deit_digits_patch4_32')
-    return {'base': base, 'data': data, 'dense': dense}
+    return digits_world(tmp_path_factory.mktemp('seeding'))
 
 
 def log_records(path):

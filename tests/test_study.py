@@ -12,7 +12,7 @@ import pytest
 import torch
 from scipy import stats
 
-from conftest import ROOT
+from conftest import ROOT, run_demo_script
 
 sys.path.insert(0, os.path.join(ROOT, 'demo'))
 import study  # noqa: E402
@@ -145,13 +145,10 @@ def test_argument_errors(capsys):
 @pytest.fixture(scope='module')
 def quick_study(tmp_path_factory):
     out = tmp_path_factory.mktemp('study') / 'runs'
-    env = dict(os.environ, OMP_WAIT_POLICY='PASSIVE', PYTHONUNBUFFERED='1')
-    proc = subprocess.run([sys.executable, os.path.join('demo', 'study.py'), '--quick', '--device', 'cpu',
-                           '--out', str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    stdout = run_demo_script('study.py', out, timeout=900)
     with open(out / 'results.json') as f:
         results = json.load(f)
-    return out, proc.stdout, results
+    return out, stdout, results
 
 
 def runs_by_key(results):
