@@ -407,8 +407,9 @@ def continue_run(args) -> Tuple[List[str], Dict[str, object]]:
     stored = checkpoint_args(checkpoint)
     if 'scaled_lr' not in stored:
         stored.pop('lr', None)  # written when args.lr held the already scaled lr: not a base lr to scale again
-    if 'uniform_lr' not in stored and _uniform_in(checkpoint) is not None:
-        stored['uniform_lr'] = _uniform_in(checkpoint)
+    uniform = _uniform_in(checkpoint) if 'uniform_lr' not in stored else None
+    if uniform is not None:
+        stored['uniform_lr'] = uniform
     parser = get_args_parser()
     actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest != 'help'}
     given = given_flags(args)

@@ -95,10 +95,7 @@ def reseed(seed: int, rank: int, epoch: int, generators: Optional[Dict[str, torc
     """Seed every stream from (seed, rank, epoch): for a resume from a checkpoint that holds no state for this
     process.  Reproducible, and no stream repeats an earlier epoch's draws, but not what an uninterrupted run
     would have drawn."""
-    s = derived_seed(seed, rank, epoch)
-    random.seed(s)
-    np.random.seed(s % 2 ** 32)
-    torch.manual_seed(s)
+    seed_everything(derived_seed(seed, rank, epoch))
     for name, g in (generators or {}).items():
         if g is not None:
             g.manual_seed(derived_seed(seed, rank, epoch, zlib.crc32(name.encode())))
