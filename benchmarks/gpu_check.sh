@@ -3,6 +3,7 @@
 #
 #   bash benchmarks/gpu_check.sh              # everything: the tests, then the benchmark
 #   bash benchmarks/gpu_check.sh benchmark    # the benchmark alone (a rerun); `tests` for the tests alone
+#   bash benchmarks/gpu_check.sh profile      # where the GPU time goes, by kernel (not in the default run)
 #
 # With this workplace's device tool, from the repository root, the .whl/ folder prepared as below:
 #
@@ -25,6 +26,12 @@
 # A failing or timed-out step is recorded in status.txt and the next one still runs; the script exits non-zero
 # if any did.
 #
+# `profile` (a call of its own, about 1-2 minutes, limit 150 s; run it when the targets are missed, to see why):
+# DeiT-Ti at batch 256, rates 0.25 and 0.40, rows timm, ours, fast-triton-dense and fast-triton, each profiled
+# (torch.profiler, the GPU time of every kernel summed by family: linear layers, attention, LayerNorm, GELU,
+# adds/casts/copies, token routing, patch embedding), dense against pruned and set against the FLOPs ratio, with
+# the slowest kernels of every row; outputs profile.log, profile.json, profile.md (with env.txt and status.txt).
+#
 # Outputs go to $OUT (default /tmp/gpu_check_out), 7 files (the device tool brings back at most 8): env.txt,
 # status.txt, test_fast_path.log, test_model.log, model_zoo.log, cuda.json, cuda.md.  cuda.json and cuda.md are
 # benchmarks/results/cuda.json and cuda.md: copy them there.
@@ -41,7 +48,7 @@ OUT="${OUT:-/tmp/gpu_check_out}"
 mkdir -p "$OUT"
 steps="${*:-tests benchmark}"
 for s in $steps; do
-    case "$s" in tests|benchmark) ;; *) echo "error: unknown step $s (tests, benchmark)" >&2; exit 2 ;; esac
+    case "$s" in tests|benchmark|profile) ;; *) echo "error: unknown step $s (tests, benchmark, profile)" >&2; exit 2 ;; esac
 done
 touch "$OUT/status.txt"
 
@@ -121,6 +128,20 @@ for e in r['summary']:
 for t in r['targets']:
     if 'logit' in t['target'] or 'top-1' in t['target']:
         print(f"{t['target']}: {t['value']:.3f} vs {t['threshold']} -> {'yes' if t['met'] else 'NO'}")
+EOF
+fi
+
+# 4. on request: where the GPU time goes, by kernel, for DeiT-Ti (eager and fast path, dense and pruned).
+if [[ " $steps " == *" profile "* ]]; then
+    step profile 150 python3 benchmarks/model_zoo.py --device cuda --models tiny --rates 0.25,0.40 \
+        --rows timm,ours,fast-triton-dense,fast-triton --no-compile --summary-batch-sizes "" --repeats 10 \
+        --breakdown-rounds 3 --json "$OUT/profile.json" --markdown "$OUT/profile.md"
+    [ -f "$OUT/profile.md" ] && awk '/^Where the time goes/{f=1} f&&/^\| target/{exit} f' "$OUT/profile.md"
+    [ -f "$OUT/profile.json" ] && python3 - "$OUT/profile.json" <<'EOF'
+import json, sys
+for name, res in json.load(open(sys.argv[1]))['models'].items():
+    for row, top in res.get('kernels', {}).items():
+        print(f'{row}: ' + '; '.join(f'{ms:.3f} ms {k[:60]}' for k, ms in top[:6]))
 EOF
 fi
 

@@ -255,8 +255,8 @@ def build_parser() -> Parser:
     p.add_argument('--routing-repeats', type=count0, default=None,
                    help='rounds of the token-routing-alone timing (default: CPU 60, CUDA 0; 0 skips)')
     p.add_argument('--breakdown-rounds', type=count0, default=None,
-                   help='profiled passes per row for the time-by-family breakdown (default: CPU 3, 0 to skip; '
-                        'CPU only)')
+                   help='profiled passes per row for the time-by-family breakdown: aten ops on CPU, kernels on '
+                        'CUDA (default: CPU 3, CUDA 0; 0 skips)')
     p.add_argument('--threads', type=_int_in(1, 1024), default=None,
                    help='torch.set_num_threads, 1 to 1024 (default: torch\'s own)')
     p.add_argument('--malloc', choices=['steady', 'default'], default='steady',
@@ -349,9 +349,6 @@ def _check(args) -> None:
             raise UsageError(f'argument --rates: {tags[rate_tag(rate)]} and {rate} both round to '
                              f'{rate_tag(rate)}%, the name of their rows')
         tags[rate_tag(rate)] = rate
-    if args.breakdown_rounds and args.device != 'cpu':
-        raise UsageError('argument --breakdown-rounds: the time-by-family breakdown reads CPU op times; on a GPU '
-                         'use 0 (or torch.profiler with CUDA activities)')
     if args.protocol != 'original' and args.original_passes is not None:
         raise UsageError('argument --original-passes: only with --protocol original')
 
@@ -532,9 +529,9 @@ def sweep_batches(built: Runs, cc_of: Callable, dense: nn.Module, batch_sizes: L
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Where the time goes: dense against pruned, per family of operations (CPU profiler)
+# Where the time goes: dense against pruned, per family of operations (torch.profiler)
 
-# First match wins (substrings of aten op names); everything else is OTHER_OPS.
+# CPU: the self time of aten ops; first match wins (substrings of aten op names); everything else is OTHER_OPS.
 OP_FAMILIES = (
     ('patch embedding', ('convolution',)),
     ('attention', ('scaled_dot_product', 'softmax', 'bmm')),
@@ -544,12 +541,42 @@ OP_FAMILIES = (
 OTHER_OPS = 'LayerNorm, GELU, adds, copies'
 FAMILIES = ('patch embedding', 'linear layers', 'attention', OTHER_OPS, 'token routing')  # report order
 
+# CUDA: the time of each kernel (and memcpy/memset) on the GPU, by its name: lower-case substrings, first match
+# wins, as cuDNN, cuBLAS, flash attention, torch, inductor and models/fast_kernels.py name their kernels.  A fused
+# kernel counts in the family of its larger part: _linear_gelu and _linear_residual_scatter in linear layers,
+# _gather_layer_norm and _residual_layer_norm (the routing and the residual add fused in) in LayerNorm.
+ADDS = 'adds, casts, copies'
+OTHER_KERNELS = 'other kernels'
+KERNEL_FAMILIES = (
+    ('attention', ('flash', 'fmha', 'attention', 'sdpa', 'softmax')),  # before 'fprop': cuDNN's SDPA has it
+    ('patch embedding', ('fprop', 'convolve', 'conv2d', 'nchwtonhwc', 'nhwctonchw', 'implicit_gemm')),
+    ('linear layers', ('gemm', 'nvjet', 'cutlass', 'xmma', 'cublas', 'splitk', 'triton_tem', '_linear_')),
+    ('LayerNorm', ('layer_norm', 'layernorm')),
+    ('GELU', ('gelu',)),
+    ('token routing', ('index', 'gather', 'catarray')),
+    (ADDS, ('elementwise', 'memcpy', 'memset', 'copy', 'add', 'mul', 'fill', 'scatter', 'triton_poi')),
+)
+CUDA_FAMILIES = ('patch embedding', 'linear layers', 'attention', 'LayerNorm', 'GELU', ADDS, 'token routing',
+                 OTHER_KERNELS)
+
+
+def families_of(device_type: str) -> Tuple[str, ...]:
+    return CUDA_FAMILIES if device_type == 'cuda' else FAMILIES
+
 
 def op_family(op_name: str) -> str:
     for family, parts in OP_FAMILIES:
         if any(part in op_name for part in parts):
             return family
     return OTHER_OPS
+
+
+def kernel_family(kernel_name: str) -> str:
+    name = kernel_name.lower()
+    for family, parts in KERNEL_FAMILIES:
+        if any(part in name for part in parts):
+            return family
+    return OTHER_KERNELS
 
 
 def family_macs(model: nn.Module) -> Dict[str, int]:
@@ -563,25 +590,103 @@ def family_macs(model: nn.Module) -> Dict[str, int]:
             'linear layers': sum(4 * n * C * C + 2 * n * C * hidden for n in kept) + C * model.num_classes}
 
 
-def profile_families(rows: Dict[str, nn.Module], x: torch.Tensor, rounds: int,
-                     dtype: Optional[torch.dtype] = None) -> Dict[str, Dict[str, float]]:
-    """Milliseconds per forward pass spent in each family of operations, for every row: the self time of each
-    aten op (torch.profiler, CPU) summed by family, averaged over ``rounds`` passes that take turns as the
-    timed rows do (engine.time_interleaved runs them).  Run after the timing: the profiler slows every op a
-    little."""
+def event_family_ms(events, device_type: str) -> Tuple[Dict[str, float], Dict[str, float]]:
+    """({family: ms}, {kernel name: ms}) of one profiled pass.  CPU: the self CPU time of each aten op, by
+    :func:`op_family` (no per-kernel dict).  CUDA: the GPU time of each device event (kernel, memcpy, memset),
+    by :func:`kernel_family` of its name."""
+    from torch.autograd import DeviceType
+    families: Dict[str, float] = {}
+    kernels: Dict[str, float] = {}
+    for e in events:
+        if device_type == 'cuda':
+            if e.device_type == DeviceType.CPU:
+                continue
+            ms = e.time_range.elapsed_us() / 1e3
+            kernels[e.name] = kernels.get(e.name, 0.0) + ms
+            family = kernel_family(e.name)
+        else:
+            if e.device_type != DeviceType.CPU:
+                continue
+            ms, family = e.self_cpu_time_total / 1e3, op_family(e.name)
+        families[family] = families.get(family, 0.0) + ms
+    return families, kernels
+
+
+def profile_families(rows: Dict[str, Callable], x: torch.Tensor, rounds: int, dtype: Optional[torch.dtype] = None,
+                     top_kernels: int = 15) -> Tuple[Dict[str, Dict[str, float]], Dict[str, List]]:
+    """Milliseconds per forward pass spent in each family of operations, for every row, averaged over ``rounds``
+    passes that take turns as the timed rows do (engine.time_interleaved runs them): on CPU the self time of each
+    aten op, on CUDA the GPU time of each kernel (:func:`event_family_ms`).  A fast-path row (one with
+    ``_embed``) has its patch embedding (the unfold, one matrix product and the constant add, whose kernels
+    look like any others) profiled on its own in each round and moved from those kernels' families to 'patch
+    embedding'.  Returns ({row: {family: ms}}, {row: [[kernel, ms per pass], ...] the ``top_kernels`` slowest,
+    CUDA only}).  Run after the timing: the profiler slows every op a little."""
     from torch.profiler import ProfilerActivity, profile
-    out = {name: dict.fromkeys(FAMILIES, 0.0) for name in rows}
+    device_type = x.device.type
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device_type == 'cuda' else [])
+    out = {name: dict.fromkeys(families_of(device_type), 0.0) for name in rows}
+    kernels: Dict[str, Dict[str, float]] = {name: {} for name in rows}
+
+    def profiled_pass(fn: Callable, t: torch.Tensor) -> Tuple[Dict[str, float], Dict[str, float]]:
+        with profile(activities=activities) as prof:
+            fn(t)
+            engine.synchronize(t.device)
+        return event_family_ms(prof.events(), device_type)
 
     def profiled(name: str) -> Callable:
         def run(t: torch.Tensor) -> None:
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
-                rows[name](t)
-            for event in prof.key_averages():
-                out[name][op_family(event.key)] += event.self_cpu_time_total / 1e3 / rounds
+            fams, kern = profiled_pass(rows[name], t)
+            fast = rows[name]
+            if hasattr(fast, '_embed'):
+                def embed(images: torch.Tensor) -> torch.Tensor:
+                    with torch.autocast(images.device.type, enabled=False):  # as FastViT's forward runs it
+                        return fast._embed(images)
+                moved, _ = profiled_pass(embed, t)
+                for family, ms in moved.items():
+                    take = min(ms, fams.get(family, 0.0))
+                    fams[family] = fams.get(family, 0.0) - take
+                    fams['patch embedding'] = fams.get('patch embedding', 0.0) + take
+            for family, ms in fams.items():
+                out[name][family] = out[name].get(family, 0.0) + ms / rounds
+            for k, ms in kern.items():
+                kernels[name][k] = kernels[name].get(k, 0.0) + ms / rounds
         return run
 
     with torch.no_grad():
         engine.time_interleaved({name: profiled(name) for name in rows}, x, x.device, rounds, 0, dtype)
+    top = {name: [[k, ms] for k, ms in sorted(kern.items(), key=lambda kv: -kv[1])[:top_kernels]]
+           for name, kern in kernels.items() if kern}
+    return out, top
+
+
+# The fast-path rows the breakdown profiles, fastest first (CUDA graphs hide the kernels from the profiler).
+BREAKDOWN_FAST_ROWS = ('fast-triton', 'fast-compile', 'fast-torch')
+
+
+def breakdowns(cc: nn.Module, dense: nn.Module, pruned: Dict[float, nn.Module], built: Runs, batch: int, shape,
+               device: torch.device, rounds: int, dtype) -> Dict:
+    """Where the time goes, per prune rate: ``breakdown`` (ours eager against dense timm) and, when a fast-path
+    row was built, ``breakdown_fast`` (its pruned row against its dense row, ``breakdown_fast_rows`` names
+    them); on CUDA ``kernels``, the slowest kernels of every profiled row."""
+    rows = {'timm': dense, **{f'ours_{rate_tag(r)}': m for r, m in pruned.items()}}
+    first_rate = next(iter(pruned))
+    fast = next((REGISTRY[n] for n in BREAKDOWN_FAST_ROWS
+                 if REGISTRY[n].key(first_rate) in built.runs and REGISTRY[f'{n}-dense'].key() in built.runs), None)
+    if fast is not None:
+        dense_fast = REGISTRY[f'{fast.name}-dense']
+        rows[dense_fast.key()] = built.runs[dense_fast.key()]
+        rows.update({fast.key(r): built.runs[fast.key(r)] for r in pruned if fast.key(r) in built.runs})
+    ms, top = profile_families(rows, torch.randn(batch, *shape, device=device), rounds, dtype)
+    dense_macs = family_macs(cc)
+    out = {'breakdown': {rate_tag(r): gap_breakdown(ms['timm'], ms[f'ours_{rate_tag(r)}'], dense_macs,
+                                                    family_macs(m)) for r, m in pruned.items()}}
+    if fast is not None:
+        out['breakdown_fast_rows'] = [dense_fast.name, fast.name]
+        out['breakdown_fast'] = {rate_tag(r): gap_breakdown(ms[dense_fast.key()], ms[fast.key(r)], dense_macs,
+                                                            family_macs(m))
+                                 for r, m in pruned.items() if fast.key(r) in ms}
+    if top:
+        out['kernels'] = top
     return out
 
 
@@ -752,18 +857,14 @@ def bench_model(name: str, args, device: torch.device, dtype, budget: CompileBud
         result['skipped_rows'] = built.skipped
     if args.breakdown_rounds:
         start = time.perf_counter()
-        profiled = {'timm': dense, **{f'ours_{rate_tag(r)}': m for r, m in pruned.items()}}
-        ms = profile_families(profiled, torch.randn(batch, *shape, device=device), args.breakdown_rounds, dtype)
-        dense_families = family_macs(cc)
-        result['breakdown'] = {rate_tag(r): gap_breakdown(ms['timm'], ms[f'ours_{rate_tag(r)}'], dense_families,
-                                                           family_macs(m)) for r, m in pruned.items()}
-        for tag, b in result['breakdown'].items():
-            worst = max(b['families'].items(), key=lambda kv: kv[1]['excess_ms'])
-            print(f'profiled C&C-{result["short"]}-{tag}: speed-up {b["profiled_speedup"]:.2f} for a FLOPs ratio of '
-                  f'{b["flops_ratio"]:.2f}; most time above that ratio: {worst[0]} '
-                  f'({100 * worst[1]["excess_share"]:+.1f}% of the pruned pass)', flush=True)
-        print(f'profiled {len(profiled)} rows x {args.breakdown_rounds} passes in {time.perf_counter() - start:.0f} s',
-              flush=True)
+        result.update(breakdowns(cc, dense, pruned, built, batch, shape, device, args.breakdown_rounds, dtype))
+        for key, what in (('breakdown', 'ours against timm'), ('breakdown_fast', 'fast path, pruned against dense')):
+            for tag, b in result.get(key, {}).items():
+                worst = max(b['families'].items(), key=lambda kv: kv[1]['excess_ms'])
+                print(f'profiled C&C-{result["short"]}-{tag} ({what}): speed-up {b["profiled_speedup"]:.2f} for a '
+                      f'FLOPs ratio of {b["flops_ratio"]:.2f}; most time above that ratio: {worst[0]} '
+                      f'({100 * worst[1]["excess_share"]:+.1f}% of the pruned pass)', flush=True)
+        print(f'profiled the rows x {args.breakdown_rounds} passes in {time.perf_counter() - start:.0f} s', flush=True)
     if args.routing_repeats:
         result['routing'] = {}
         for rate, ours in pruned.items():
@@ -932,7 +1033,7 @@ def report_so_far(results: Dict, args, device: torch.device, started: float) -> 
     """Summary, targets and tables of what has run, written to --json and --markdown (after every section)."""
     report.attach_summary(results, device.type)
     results['seconds'] = clock() - started
-    text = report.markdown(results, FAMILIES)
+    text = report.markdown(results, families_of(device.type))
     write_outputs(results, text, args)
     return text
 

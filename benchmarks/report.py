@@ -269,20 +269,23 @@ def _routing_table(results: Dict) -> List[str]:
 def _breakdown_table(results: Dict, families) -> List[str]:
     rows = []
     for res in results['models'].values():
-        for tag, b in res.get('breakdown', {}).items():
-            cells = [f'{fmt(c["time_ratio"])} ({fmt(c["flops_ratio"])}) {100 * c["excess_share"]:+.1f}%'
-                     for c in (b['families'][f] for f in families)]
-            rows.append([f'C&C-{res["short"]}-{tag}', f'{b["flops_ratio"]:.2f}', fmt_ratio(b['profiled_speedup']),
-                         *cells])
+        fast_dense, fast = res.get('breakdown_fast_rows') or ('', '')
+        for key, what in (('breakdown', 'ours vs timm'), ('breakdown_fast', f'{fast} vs {fast_dense}')):
+            for tag, b in res.get(key, {}).items():
+                cells = [f'{fmt(c["time_ratio"])} ({fmt(c["flops_ratio"])}) {100 * c["excess_share"]:+.1f}%'
+                         for c in (b['families'][f] for f in families)]
+                rows.append([f'C&C-{res["short"]}-{tag}', what, f'{b["flops_ratio"]:.2f}',
+                             fmt_ratio(b['profiled_speedup']), *cells])
     if not rows:
         return []
-    return (['', 'Where the time goes: torch.profiler self time of the aten ops, summed by family, dense timm '
-                 f'against ours (mean of {results["settings"]["breakdown_rounds"]} profiled passes per row, '
-                 'taking turns as in protocol "ours"). Each cell: the family\'s time ratio timm/ours, in brackets its own FLOPs '
-                 'ratio (what the formula expects of it), then its time above the model\'s FLOPs ratio as a '
-                 'share of the pruned pass; these shares add up to the gap between the profiled speed-up and '
-                 'the FLOPs ratio.', '']
-            + table(['model', 'FLOPs ratio', 'profiled speed-up', *families], rows))
+    measured = ('the GPU time of every kernel (by its name)' if results.get('settings', {}).get('device') == 'cuda'
+                else 'the self time of the aten ops')
+    return (['', f'Where the time goes: torch.profiler, {measured}, summed by family, dense against pruned (mean of '
+                 f'{results["settings"]["breakdown_rounds"]} profiled passes per row, taking turns as in protocol '
+                 '"ours"). Each cell: the family\'s time ratio dense/pruned, in brackets its own FLOPs ratio (what '
+                 'the formula expects of it), then its time above the model\'s FLOPs ratio as a share of the pruned '
+                 'pass; these shares add up to the gap between the profiled speed-up and the FLOPs ratio.', '']
+            + table(['model', 'rows', 'FLOPs ratio', 'profiled speed-up', *families], rows))
 
 
 def _sweep_tables(results: Dict) -> List[str]:

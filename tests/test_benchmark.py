@@ -274,13 +274,90 @@ def test_breakdown_sorts_aten_ops_into_families():
     assert {op: zoo.op_family(op) for op in expected} == expected
 
 
+def test_breakdown_sorts_cuda_kernels_into_families():
+    """Kernel names as cuDNN, cuBLAS, flash attention, torch, inductor and models/fast_kernels.py give them (read
+    off profiles of these libraries; the fused kernels count where their larger part is)."""
+    expected = {
+        'sm90_xmma_fprop_implicit_gemm_f16f16_f16f32_f32_nhwckrsc_nhwc_tilesize128x128x64': 'patch embedding',
+        'void cudnn::ops::nchwToNhwcKernel<__half, __half, float, false, true>': 'patch embedding',
+        'sm90_xmma_gemm_f16f16_f16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1': 'linear layers',
+        'nvjet_hsh_128x256_64x4_2x1_v_bz_coopA_NTN': 'linear layers',
+        'ampere_fp16_s16816gemm_fp16_128x128_ldg8_f2f_stages_32x5_tn': 'linear layers',
+        'void cublasLt::splitKreduce_kernel<32, 16, int, float, __half>': 'linear layers',
+        '_linear_gelu_kernel': 'linear layers', '_linear_residual_scatter_kernel': 'linear layers',
+        'void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128, 128, 4>>': 'attention',
+        'fmha_cutlassF_f16_aligned_64x64_rf_sm80(PyTorchMemEffAttention::AttentionKernel<...>)': 'attention',
+        'cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x64_4x1x1': 'attention',
+        '_attention_kernel': 'attention',
+        'void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<float, float>': 'LayerNorm',
+        '_gather_layer_norm_kernel': 'LayerNorm', '_residual_layer_norm_kernel': 'LayerNorm',
+        'triton_per_fused_add_native_layer_norm_3': 'LayerNorm',
+        'void at::native::vectorized_elementwise_kernel<4, at::native::GeluCUDAKernelImpl(...)>': 'GELU',
+        'void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>, ...>': zoo.ADDS,
+        'void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda(...)>': zoo.ADDS,
+        'Memcpy DtoD (Device -> Device)': zoo.ADDS, '_residual_scatter_kernel': zoo.ADDS,
+        'triton_poi_fused__to_copy_convert_element_type_0': zoo.ADDS,
+        'void at::native::(anonymous namespace)::indexSelectLargeIndex<float, long, unsigned int, 2, 2, -2, true>':
+            'token routing',
+        'void at::native::index_elementwise_kernel<128, 4, ...>': 'token routing',
+        'void at::native::(anonymous namespace)::CatArrayBatchedCopy<...>': 'token routing',
+        'void at::native::reduce_kernel<512, 1, ...>': zoo.OTHER_KERNELS,
+    }
+    assert {k: zoo.kernel_family(k) for k in expected} == expected
+    assert set(expected.values()) == set(zoo.CUDA_FAMILIES)
+
+
+def test_breakdown_on_cuda_sums_device_events_by_kernel_name():
+    """event_family_ms reads the GPU time of device events (kernels, memcpy) and ignores the CPU-side ops and
+    launches, which on CUDA only queue the work; on CPU it is the other way round."""
+    from torch.autograd import DeviceType
+
+    def event(name, device_type, us, self_cpu=0.0):
+        return SimpleNamespace(name=name, device_type=device_type, self_cpu_time_total=self_cpu,
+                               time_range=SimpleNamespace(elapsed_us=lambda: us))
+    events = [event('aten::linear', DeviceType.CPU, 0, self_cpu=50.0), event('cudaLaunchKernel', DeviceType.CPU, 0, 9.0),
+              event('nvjet_hsh_128x256', DeviceType.CUDA, 300.0), event('nvjet_hsh_128x256', DeviceType.CUDA, 200.0),
+              event('_gather_layer_norm_kernel', DeviceType.CUDA, 40.0), event('Memset (Device)', DeviceType.CUDA, 2.0)]
+    families, kernels = zoo.event_family_ms(events, 'cuda')
+    assert families == pytest.approx({'linear layers': 0.5, 'LayerNorm': 0.04, zoo.ADDS: 0.002})
+    assert kernels == pytest.approx({'nvjet_hsh_128x256': 0.5, '_gather_layer_norm_kernel': 0.04,
+                                     'Memset (Device)': 0.002})
+    families, kernels = zoo.event_family_ms(events, 'cpu')
+    assert families == pytest.approx({'linear layers': 0.05, zoo.OTHER_OPS: 0.009}) and kernels == {}
+
+
+def test_breakdown_of_the_fast_path_moves_its_patch_embedding_and_compares_pruned_with_dense(tiny):
+    """A fast-path row's patch embedding (unfold, one matrix product, an add: ops that look like any others) is
+    profiled alone and moved to its family, and breakdowns() sets the fast pruned row against the fast dense
+    row besides ours against timm."""
+    cc, dense, pruned = tiny
+    chosen = [F.REGISTRY[n] for n in ('timm', 'ours', 'fast-torch-dense', 'fast-torch')]
+    built = F.build_runs('deit_tiny_patch16_224', cc, dense, pruned, chosen, F.Context(CPU, None, 2, (3, 224, 224)))
+    fast = built.runs['fast_torch_30']
+    ms, _ = zoo.profile_families({'fast': fast}, torch.randn(2, 3, 224, 224), rounds=1)
+    # The fast path has no convolution: what 'patch embedding' holds was moved there (a matrix product of
+    # (2*196, 768) by (768, 192) and copies), and the linear layers still hold the blocks' products.
+    assert ms['fast']['patch embedding'] > 0 and ms['fast']['linear layers'] > ms['fast']['patch embedding']
+    out = zoo.breakdowns(cc, dense, pruned, built, 2, (3, 224, 224), CPU, 1, None)
+    assert out['breakdown_fast_rows'] == ['fast-torch-dense', 'fast-torch']
+    assert set(out['breakdown']) == set(out['breakdown_fast']) == {'30'} and 'kernels' not in out
+    b = out['breakdown_fast']['30']
+    assert b['flops_ratio'] == pytest.approx(models.count_macs(cc) / models.count_macs(pruned[0.3]))
+    assert sum(f['excess_ms'] for f in b['families'].values()) == pytest.approx(b['gap_ms'])
+    text = report._breakdown_table({'models': {'tiny': {'short': 'Ti', **out}},
+                                    'settings': {'breakdown_rounds': 1, 'device': 'cpu'}}, zoo.FAMILIES)
+    assert any('C&C-Ti-30 | fast-torch vs fast-torch-dense' in line for line in text)
+    assert any('C&C-Ti-30 | ours vs timm' in line for line in text)
+
+
 def test_breakdown_profiles_real_ops_and_its_excesses_add_up_to_the_gap(tiny):
     """The profiler's op names of this torch version land in the intended families (a renamed attention kernel
     would silently become 'other'), the routing shows up in the pruned model only, and the per-family excesses
     over the FLOPs ratio sum to the whole gap."""
     cc, dense, pruned = tiny
     ours = pruned[0.3]
-    ms = zoo.profile_families({'timm': dense, 'ours': ours}, torch.randn(2, 3, 224, 224), rounds=2)
+    ms, top = zoo.profile_families({'timm': dense, 'ours': ours}, torch.randn(2, 3, 224, 224), rounds=2)
+    assert top == {}  # kernels are listed on CUDA only
     for name in ('timm', 'ours'):
         for family in ('patch embedding', 'linear layers', 'attention', zoo.OTHER_OPS):
             assert ms[name][family] > 0, (name, family)
