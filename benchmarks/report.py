@@ -382,12 +382,13 @@ def _fast_path_table(results: Dict) -> List[str]:
                 attention = ', '.join(f'{n}: {a}' for n, a in d.get('attention', {}).items())
                 mlp, fc2 = (', '.join(sorted(set(d.get(k, {}).values()))) or '–' for k in ('mlp', 'fc2'))
                 rows.append([labels.get(key, key), str(batch), fmt(seconds.get(key), '.1f'),
-                             'yes' if d.get('cuda_graph_batch') else 'no', attention or '–', mlp, fc2])
+                             'yes' if d.get('cuda_graph_batch') else 'no', attention or '–', mlp, fc2,
+                             d.get('patch_embedding', '–')])
     if not rows:
         return []
     return (['', 'Fast path builds (models/fast_path.py): kernels chosen per kept count at build time:', '']
             + table(['row', 'batch', 'build s', 'CUDA graph', 'attention (kept count: kernel)', 'MLP fc1 + GELU',
-                     'MLP fc2 + residual'], rows))
+                     'MLP fc2 + residual', 'patch embedding'], rows))
 
 
 def markdown(results: Dict, families=()) -> str:

@@ -19,6 +19,11 @@ and the second MLP layer with the residual update as its epilogue, so its (B, n,
 
 * ``linear_residual_scatter_``: x[:, ids] += gamma * (u @ W2^T + b2)
 
+and the patch embedding as one matrix product whose operand is read straight from the images (no unfolded
+copy) and whose epilogue adds the conv bias and position embedding and writes the tokens into the buffer:
+
+* ``patch_embed_``:            x[:, P + p] = unfold(images)[:, p] @ W^T + const[p]  (W: the conv weight (C, c*ph*pw))
+
 and the attention of short sequences (n <= a few hundred tokens, head_dim a power of two >= 16):
 
 * ``attention``:               softmax(q k^T * scale) v for every (image, head), read straight from the qkv
@@ -69,6 +74,7 @@ __all__ = [
     'attention', 'attention_reference', 'attention_triton', 'ATTENTION_TILES',
     'linear_gelu', 'linear_gelu_reference', 'linear_gelu_triton', 'LINEAR_TILES',
     'linear_residual_scatter_', 'linear_residual_scatter_reference_', 'linear_residual_scatter_triton_',
+    'patch_embed_', 'patch_embed_reference_', 'patch_embed_triton_', 'unfold_patches',
 ]
 
 # Read once, as Triton itself reads it when @triton.jit decorates the kernels below.
@@ -176,6 +182,43 @@ def linear_residual_scatter_reference_(x: torch.Tensor, ids: torch.Tensor, u: to
     return residual_scatter_reference_(x, ids, m, gamma)
 
 
+def unfold_patches(images: torch.Tensor, patch: Tuple[int, int]) -> torch.Tensor:
+    """(B, c, H, W) images -> (B, (H/ph)*(W/pw), c*ph*pw) patches, row-major over the patch grid, each patch
+    flattened in the conv weight's (c, ky, kx) order: the matrix a stride=kernel conv multiplies."""
+    B, c, H, W = images.shape
+    ph, pw = patch
+    hp, wp = H // ph, W // pw
+    return images.reshape(B, c, hp, ph, wp, pw).permute(0, 2, 4, 1, 3, 5).reshape(B, hp * wp, c * ph * pw)
+
+
+def _check_patch_embed(out: torch.Tensor, images: torch.Tensor, weight_t: torch.Tensor, const: torch.Tensor,
+                       prefix: int, patch: Tuple[int, int]) -> int:
+    B, c, H, W = images.shape
+    ph, pw = patch
+    num_patches = (H // ph) * (W // pw)
+    K, C = weight_t.shape
+    if H % ph or W % pw or K != c * ph * pw:
+        raise ValueError(f'images {tuple(images.shape)} do not tile into {ph}x{pw} patches of {K} values')
+    if out.dim() != 3 or tuple(out.shape[::2]) != (B, C) or out.shape[1] < prefix + num_patches or out.stride(-1) != 1:
+        raise ValueError(f'out must be ({B}, >= {prefix + num_patches}, {C}) with a contiguous last dimension, '
+                         f'got {tuple(out.shape)}')
+    if tuple(const.shape) != (num_patches, C):
+        raise ValueError(f'const must be ({num_patches}, {C}), got {tuple(const.shape)}')
+    return num_patches
+
+
+def patch_embed_reference_(out: torch.Tensor, images: torch.Tensor, weight_t: torch.Tensor, const: torch.Tensor,
+                           prefix: int, patch: Tuple[int, int], **unused) -> torch.Tensor:
+    """out[:, prefix + p] = unfold(images)[:, p] @ weight_t + const[p]: the pixels rounded to weight_t's dtype,
+    the product and the sum in fp32, one rounding to out's dtype; returns out.  ``weight_t`` is the conv weight
+    reshaped to (C, c*ph*pw) and transposed; ``const`` (num_patches, C) the conv bias plus the position
+    embedding.  Tile arguments of the Triton version are accepted and ignored."""
+    num_patches = _check_patch_embed(out, images, weight_t, const, prefix, patch)
+    a = unfold_patches(images, patch).to(weight_t.dtype).float()
+    out[:, prefix:prefix + num_patches] = (a @ weight_t.float() + const.float()).to(out.dtype)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Triton kernels
 
@@ -277,6 +320,20 @@ if HAS_TRITON:
         tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None])
 
     @triton.jit
+    def _grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+        """(row offsets, column offsets) of this program's (BLOCK_M, BLOCK_N) output tile.  Programs walk the
+        tiles in groups of GROUP_M rows of tiles, so consecutive programs reuse the same weight columns from L2."""
+        pid = tl.program_id(0)
+        num_m = tl.cdiv(M, BLOCK_M)
+        num_n = tl.cdiv(N, BLOCK_N)
+        per_group = GROUP_M * num_n
+        first_m = (pid // per_group) * GROUP_M
+        group_m = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % per_group) % group_m
+        pid_n = (pid % per_group) // group_m
+        return pid_m * BLOCK_M + tl.arange(0, BLOCK_M), pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+
+    @triton.jit
     def _linear_kernel(x_ptr, wt_ptr, b_ptr, out_ptr, ids_ptr, g_ptr, M, N, K, n, stride_xm, stride_wk,
                        stride_ob, stride_on, HAS_B: tl.constexpr, HAS_G: tl.constexpr, RESIDUAL: tl.constexpr,
                        EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -286,18 +343,7 @@ if HAS_TRITON:
         #                   row stride of out (M, N) and stride_on unused;
         #   RESIDUAL=True:  out[b, ids[i]] += g * acc[r] for r = b * n + i, out being the (B, N_tokens, N) token
         #                   buffer (strides stride_ob, stride_on), read and written once.
-        # Programs walk the tiles in groups of GROUP_M rows of tiles, so consecutive programs reuse the same
-        # weight columns from L2.
-        pid = tl.program_id(0)
-        num_m = tl.cdiv(M, BLOCK_M)
-        num_n = tl.cdiv(N, BLOCK_N)
-        per_group = GROUP_M * num_n
-        first_m = (pid // per_group) * GROUP_M
-        group_m = tl.minimum(num_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % per_group) % group_m
-        pid_n = (pid % per_group) // group_m
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m, offs_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
         offs_k = tl.arange(0, BLOCK_K)
         m_ok = offs_m < M
         n_ok = offs_n < N
@@ -329,6 +375,47 @@ if HAS_TRITON:
             acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
             dst = out_ptr + offs_m.to(tl.int64)[:, None] * stride_ob + offs_n[None, :]
             tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+    @triton.jit
+    def _patch_embed_kernel(img_ptr, wt_ptr, c_ptr, out_ptr, M, N, K, num_patches, grid_w, stride_ib, stride_ic,
+                            stride_ih, stride_ob, stride_on, prefix, PH: tl.constexpr, PW: tl.constexpr,
+                            EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                            BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+        # Row r = b * num_patches + p of the unfolded patch matrix (p = py * grid_w + px), column k = (ch, ky, kx)
+        # in the conv weight's order: pixel (ch, py*PH + ky, px*PW + kx) of image b (unit stride along W).
+        # out[b, prefix + p] = row @ wt + const[p], the pixels cast to wt's dtype for the matrix unit, the
+        # product and the sum in fp32, one rounding to out's dtype.
+        offs_m, offs_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        offs_k = tl.arange(0, BLOCK_K)
+        m_ok = offs_m < M
+        n_ok = offs_n < N
+        b = (offs_m // num_patches).to(tl.int64)
+        p = offs_m % num_patches
+        py = p // grid_w
+        px = p % grid_w
+        row_base = b * stride_ib + (py * PH).to(tl.int64) * stride_ih + px * PW
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        for k in range(0, K, BLOCK_K):
+            kk = k + offs_k
+            ch = kk // (PH * PW)
+            ky = (kk // PW) % PH
+            kx = kk % PW
+            col = ch.to(tl.int64) * stride_ic + ky * stride_ih + kx
+            if EVEN_K:
+                a = tl.load(img_ptr + row_base[:, None] + col[None, :], mask=m_ok[:, None], other=0.0)
+                w = tl.load(wt_ptr + kk[:, None] * N + offs_n[None, :], mask=n_ok[None, :], other=0.0)
+            else:
+                k_ok = kk < K
+                a = tl.load(img_ptr + row_base[:, None] + col[None, :], mask=m_ok[:, None] & k_ok[None, :],
+                            other=0.0)
+                w = tl.load(wt_ptr + kk[:, None] * N + offs_n[None, :], mask=k_ok[:, None] & n_ok[None, :],
+                            other=0.0)
+            acc = tl.dot(a.to(wt_ptr.dtype.element_ty), w, acc)
+        ok = m_ok[:, None] & n_ok[None, :]
+        acc = acc + tl.load(c_ptr + p[:, None] * N + offs_n[None, :], mask=ok, other=0.0).to(tl.float32)
+        dst = out_ptr + (b * stride_ob + (prefix + p).to(tl.int64) * stride_on)[:, None] + offs_n[None, :]
+        tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 def _need_triton(t: torch.Tensor) -> None:
@@ -483,6 +570,33 @@ def linear_residual_scatter_triton_(x: torch.Tensor, ids: torch.Tensor, u: torch
     return x
 
 
+def patch_embed_triton_(out: torch.Tensor, images: torch.Tensor, weight_t: torch.Tensor, const: torch.Tensor,
+                        prefix: int, patch: Tuple[int, int], block_m: int = LINEAR_TILES[0][0],
+                        block_n: int = LINEAR_TILES[0][1], block_k: int = LINEAR_TILES[0][2],
+                        num_warps: int = LINEAR_TILES[0][3], num_stages: int = LINEAR_TILES[0][4]) -> torch.Tensor:
+    """Triton version of :func:`patch_embed_reference_`: one kernel reads the images (any float dtype; made
+    contiguous) and writes the patch tokens into rows prefix.. of ``out``; the unfolded patches never exist.
+    ``weight_t`` (c*ph*pw, C) contiguous, ``const`` (num_patches, C).  Returns out."""
+    _need_triton(out)
+    num_patches = _check_patch_embed(out, images, weight_t, const, prefix, patch)
+    if not weight_t.is_contiguous():
+        raise ValueError('weight_t must be contiguous')
+    images = images.contiguous()
+    const = const.contiguous()
+    B = images.shape[0]
+    K, N = weight_t.shape
+    M = B * num_patches
+    if M == 0:
+        return out
+    grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)
+    _patch_embed_kernel[grid](images, weight_t, const, out, M, N, K, num_patches, images.shape[3] // patch[1],
+                              images.stride(0), images.stride(1), images.stride(2), out.stride(0), out.stride(1),
+                              prefix, PH=patch[0], PW=patch[1], EVEN_K=K % block_k == 0, BLOCK_M=block_m,
+                              BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, num_warps=num_warps,
+                              num_stages=num_stages)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # dispatch: Triton where it can run, else the reference
 
@@ -522,3 +636,9 @@ def attention(qkv, num_heads, scale, **tiles):
     if triton_runs_on(qkv) and attention_tiles_ok(head_dim):
         return attention_triton(qkv, num_heads, scale, **tiles)
     return attention_reference(qkv, num_heads, scale)
+
+
+def patch_embed_(out, images, weight_t, const, prefix, patch, **tiles):
+    """out[:, prefix + p] = unfold(images)[:, p] @ weight_t + const[p]; see :func:`patch_embed_triton_`."""
+    impl = patch_embed_triton_ if triton_runs_on(out) else patch_embed_reference_
+    return impl(out, images, weight_t, const, prefix, patch, **tiles)

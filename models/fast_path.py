@@ -44,7 +44,10 @@ and reading its (B, n, C) output.
 
 The patch embedding is one matrix product over unfolded patches (the conv weight reshaped to (C, 3*p*p);
 measured 0.28 ms against 0.97 for the conv), its bias folded with the position embedding into one constant
-added as the tokens are written into the buffer.  Attention: SDPA's time was flat from 197 down
+added as the tokens are written into the buffer.  With ``backend='triton'`` it can be one kernel
+(``embed_choice``): the product reads its operand straight from the images (no unfolded copy) and its epilogue
+adds the constant and writes the tokens into the buffer; timed against the unfused sequence at build time like
+the MLP's products, since it is a fixed cost that pruning does not shrink.  Attention: SDPA's time was flat from 197 down
 to 129 tokens and halved at 128 (128-row tiles: a block keeping 148 tokens pays for 256 rows), so for each
 distinct kept count the candidates (the SDPA backends flash / efficient / cuDNN / math through
 ``torch.nn.attention.sdpa_kernel``, and the Triton kernel with 32- to 128-row query tiles) are checked against
@@ -469,6 +472,7 @@ class FastViT(nn.Module):
         self.num_patches = pe.num_patches
         self.num_tokens = N = self.num_prefix + self.num_patches
         self.register_buffer('patch_w', pe.proj.weight.detach().reshape(C, -1).to(device, self.dtype).contiguous())
+        self.register_buffer('patch_wt', None)  # patch_w transposed, made when the Triton patch embedding is chosen
         prefix_const, patch_const = self._position_constants(model)
         if pe.proj.bias is not None:
             patch_const = patch_const + pe.proj.bias.detach().float().cpu()
@@ -497,6 +501,7 @@ class FastViT(nn.Module):
         self.fc2_choices: Dict[int, MlpChoice] = {}
         self.fc2_timings: Dict[int, Dict[str, float]] = {}
         self._choose_mlp(mlp, tune_batch)
+        self._choose_embed(mlp, tune_batch)
 
         self._run = self._forward_impl
         if backend == 'compile':
@@ -571,24 +576,75 @@ class FastViT(nn.Module):
             if blk.fc2.kind == 'triton':
                 blk.fc2_wt = blk.fc2_w.t().contiguous()
 
+    def _choose_embed(self, mode: str, tune_batch: Optional[int]) -> None:
+        """How the patch embedding runs (``embed_choice``): 'torch' (an unfolded copy of the patches in the
+        compute dtype, cuBLAS, an add into the buffer) or 'triton' (one kernel reads the images and writes the
+        tokens, models/fast_kernels.py ``patch_embed_``).  The ``mlp`` mode decides it as it decides the MLP's
+        fused products: 'auto' times both on CUDA (backend 'triton', fp16/bf16), 'triton' forces the kernel."""
+        timings: Dict[str, float] = {}
+        if mode == 'triton':
+            choice = MlpChoice('triton', tiles=K.LINEAR_TILES[0])
+        elif (mode == 'auto' and self.device.type == 'cuda' and self.backend == 'triton'
+              and self.dtype in (torch.float16, torch.bfloat16)):
+            choice, timings = self._time_embed(tune_batch or 64)
+        else:
+            choice = MlpChoice('torch')
+        self._set_embed(choice)
+        self.embed_timings = timings
+
+    def _set_embed(self, choice: MlpChoice) -> None:
+        self.embed_choice = choice
+        if choice.kind == 'triton' and self.patch_wt is None:
+            self.patch_wt = self.patch_w.t().contiguous()  # (c*ph*pw, C)
+
+    @torch.no_grad()
+    def _time_embed(self, batch: int) -> Tuple[MlpChoice, Dict[str, float]]:
+        """Time the patch embedding at ``batch`` random images both ways (each within tolerance of the fp32
+        reference); cached per shape."""
+        key = ('embed', str(self.device), self.dtype, self.residual_dtype, batch, self.in_chans, self.img_size,
+               self.patch, self.embed_dim, self.num_prefix)
+        if key not in _CHOICE_CACHE:
+            g = torch.Generator(device=self.device).manual_seed(batch)
+            images = torch.randn(batch, self.in_chans, *self.img_size, device=self.device, generator=g)
+            ref = torch.zeros(batch, self.num_tokens, self.embed_dim, device=self.device)
+            K.patch_embed_reference_(ref, images, self.patch_w.t(), self.patch_const, self.num_prefix, self.patch)
+            ref[:, :self.num_prefix] = self.prefix_const.float()
+            tol = max(8 * torch.finfo(self.dtype).eps, 5e-3) * max(1.0, ref.abs().max().item())
+
+            def run(c: MlpChoice) -> torch.Tensor:
+                self._set_embed(c)
+                return self._embed(images)
+            candidates = [MlpChoice('torch')] + [MlpChoice('triton', tiles=t) for t in K.LINEAR_TILES]
+            best, ms, timings = _fastest(candidates, run, ref, tol)
+            best = MlpChoice('torch') if best is None else MlpChoice(best.kind, best.tiles, ms)
+            _CHOICE_CACHE[key] = (best, timings)
+        return _CHOICE_CACHE[key]
+
     # -- forward ------------------------------------------------------------------------------------------------
 
     def _embed(self, images: torch.Tensor) -> torch.Tensor:
         """The token buffer (B, N, C) in original order: prefix constants, then unfolded patches @ W^T plus the
         patch constant (conv bias + position embedding)."""
         B = images.shape[0]
+        buf = torch.empty(B, self.num_tokens, self.embed_dim, dtype=self.residual_dtype, device=images.device)
+        buf[:, :self.num_prefix] = self.prefix_const
+        if self.embed_choice.kind == 'triton':
+            K.patch_embed_triton_(buf, images, self.patch_wt, self.patch_const, self.num_prefix, self.patch,
+                                  *self.embed_choice.tiles)
+            return self._norm_pre(buf)
         (ph, pw), (H, W) = self.patch, self.img_size
         hp, wp = H // ph, W // pw
         # (B, hp, wp, c, ph, pw): the conv weight's (c, ky, kx) order per patch; cast and unfold in one copy.
         patches = torch.empty(B, hp, wp, self.in_chans, ph, pw, dtype=self.dtype, device=images.device)
         patches.copy_(images.view(B, self.in_chans, hp, ph, wp, pw).permute(0, 2, 4, 1, 3, 5))
         tokens = F.linear(patches.view(B * hp * wp, -1), self.patch_w).view(B, hp * wp, self.embed_dim)
-        buf = torch.empty(B, self.num_tokens, self.embed_dim, dtype=self.residual_dtype, device=images.device)
-        buf[:, :self.num_prefix] = self.prefix_const
         if self._add_into_buffer:
             torch.add(tokens, self.patch_const, out=buf[:, self.num_prefix:])  # one pass into the buffer
         else:
             buf[:, self.num_prefix:] = (tokens.float() + self.patch_const.float()).to(self.residual_dtype)
+        return self._norm_pre(buf)
+
+    def _norm_pre(self, buf: torch.Tensor) -> torch.Tensor:
         if self.norm_pre is not None:
             buf = _layer_norm_f32(buf, *self.norm_pre).to(self.residual_dtype)
         return buf
@@ -672,6 +728,8 @@ class FastViT(nn.Module):
             'mlp_ms': _finite(self.mlp_timings),
             'fc2': {str(n): c.label for n, c in sorted(self.fc2_choices.items())},
             'fc2_ms': _finite(self.fc2_timings),
+            'patch_embedding': self.embed_choice.label,
+            'patch_embedding_ms': _finite({0: self.embed_timings}).get('0', {}),
         }
 
 
@@ -703,10 +761,11 @@ def build_fast_path(model: nn.Module, backend: str = 'triton', dtype: Optional[t
     anywhere), 'compile' (torch.compile of the 'torch' formulation).  ``dtype``: the matrix products' dtype
     (torch.float16/bfloat16 for speed; default fp32).  ``residual_dtype``: the token buffer's (default fp32).
     ``attention``: 'auto' (time SDPA backends and, for 'triton', the Triton kernel per distinct kept count on
-    CUDA, at ``batch_size`` images or 64; SDPA on CPU), 'sdpa', or 'triton'.  ``mlp``: the MLP's two products
-    with their epilogues (GELU; the residual update), 'auto' (with backend 'triton' and fp16/bf16 on CUDA: time
-    cuBLAS + the elementwise kernel against the fused Triton kernels per kept count; else torch), 'torch', or
-    'triton'.  ``cuda_graph``: capture the
+    CUDA, at ``batch_size`` images or 64; SDPA on CPU), 'sdpa', or 'triton'.  ``mlp``: the matrix products
+    with fused epilogues, i.e. the MLP's two (GELU; the residual update) and the patch embedding's (the
+    position constant, written into the buffer), 'auto' (with backend 'triton' and fp16/bf16 on CUDA: time
+    cuBLAS + the elementwise kernels against the fused Triton kernels, per kept count for the MLP; else torch),
+    'torch', or 'triton'.  ``cuda_graph``: capture the
     forward for ``batch_size`` images (CUDA only).  ``kept_ids``: per-block original token ids, overriding
     ``model.kept_token_ids()`` (a model without it is dense).
     """

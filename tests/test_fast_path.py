@@ -17,6 +17,7 @@ import sys
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
 
@@ -272,6 +273,46 @@ def test_linear_residual_scatter(x_dtype, u_dtype, tiles, layer_scale):
     assert torch.equal(ours[:, rest], x[:, rest])
 
 
+@needs_triton
+@pytest.mark.parametrize('dtype', LINEAR_DTYPES)
+@pytest.mark.parametrize('geometry,tiles', [((3, 20, 30, 5, 5), (32, 32, 16, 4, 2)),   # K = 75: ragged K tiles
+                                            ((3, 32, 32, 8, 8), (16, 64, 64, 4, 2)),   # K = 192, one tile too wide
+                                            ((2, 16, 24, 8, 4), K.LINEAR_TILES[0])])   # 2 channels, ph != pw
+def test_patch_embed_equals_the_strided_convolution(dtype, geometry, tiles):
+    """The fused patch embedding against F.conv2d (stride = kernel) plus the position embedding, written into
+    rows prefix.. of a buffer whose other rows stay as they were; B * num_patches ragged against BLOCK_M, C = 40
+    ragged against BLOCK_N."""
+    c, H, W, ph, pw = geometry
+    B, C, prefix = 3, 40, 2
+    num_patches = (H // ph) * (W // pw)
+    x = _randn(B, c, H, W, seed=20)
+    w = _randn(C, c, ph, pw, seed=21) * (c * ph * pw) ** -0.5
+    bias, pos = _randn(C, seed=22), _randn(num_patches, C, seed=23)
+    conv = F.conv2d(x.double(), w.to(dtype).double(), bias.double(), stride=(ph, pw))
+    plain = conv.flatten(2).transpose(1, 2) + pos.double()
+    wt = w.reshape(C, -1).t().contiguous().to(dtype)
+    ours = torch.full((B, prefix + num_patches + 1, C), 7.0, device=DEVICE)
+    assert K.patch_embed_triton_(ours, x, wt, pos + bias, prefix, (ph, pw), *tiles) is ours
+    ref = K.patch_embed_reference_(torch.full_like(ours, 7.0), x, wt, pos + bias, prefix, (ph, pw))
+    # the pixels rounded to the weights' dtype for the matrix unit, fp32 accumulation (tf32 dots on CUDA)
+    tol = {torch.float32: 2e-3 if CUDA else 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
+    tol *= max(1.0, plain.abs().max().item())
+    for out in (ours, ref):
+        assert (out[:, prefix:prefix + num_patches].double() - plain).abs().max().item() <= tol
+        assert bool((out[:, :prefix] == 7).all() and (out[:, prefix + num_patches:] == 7).all())
+
+
+@needs_triton
+def test_patch_embed_refuses_mismatched_shapes():
+    x, wt, const = _randn(2, 3, 16, 16), _randn(3 * 8 * 8, 40), _randn(4, 40)
+    with pytest.raises(ValueError, match='do not tile'):
+        K.patch_embed_triton_(torch.empty(2, 5, 40, device=DEVICE), x, wt, const, 1, (5, 5))
+    with pytest.raises(ValueError, match='out must be'):
+        K.patch_embed_triton_(torch.empty(2, 4, 40, device=DEVICE), x, wt, const, 1, (8, 8))
+    with pytest.raises(ValueError, match='const must be'):
+        K.patch_embed_triton_(torch.empty(2, 5, 40, device=DEVICE), x, wt, const[:3], 1, (8, 8))
+
+
 def test_attention_dispatch_falls_back_for_other_head_dims():
     qkv = _randn(2, 9, 3 * 2 * 24, seed=3)  # head_dim 24: no Triton tile
     out = K.attention(qkv, 2, 24 ** -0.5)
@@ -373,6 +414,9 @@ def test_pruned_model(case, plan):
     if case.get('mlp') == 'triton':  # the fused kernels really ran
         chosen = [v for key in ('attention', 'mlp', 'fc2') for v in built[key].values()]
         assert len(chosen) == 3 * len(set(built['kept_counts'])) and all(v.startswith('triton-') for v in chosen)
+        assert built['patch_embedding'].startswith('triton-')
+    elif case['backend'] == 'torch' or case.get('mlp') == 'torch':
+        assert built['patch_embedding'] == 'torch'
     assert _close(fast(x), ref)
 
 
@@ -561,6 +605,13 @@ for norm in (True, False):
     out[f'residual norm={norm}'] = compile_(
         K._residual_kernel, res, dict(HAS_G=True, NORM=norm, HAS_W=True, HAS_B=True, ROWS=rows, BLOCK_C=block_c),
         warps)
+embed = dict(img_ptr='*fp32', wt_ptr='*fp16', c_ptr='*fp32', out_ptr='*fp32', M='i32', N='i32', K='i32',
+             num_patches='i32', grid_w='i32', stride_ib='i32', stride_ic='i32', stride_ih='i32', stride_ob='i32',
+             stride_on='i32', prefix='i32')
+for bm, bn, bk, warps, stages in K.LINEAR_TILES:
+    out[f'patch_embed {bm}x{bn}x{bk}'] = compile_(
+        K._patch_embed_kernel, embed, dict(PH=16, PW=16, EVEN_K=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8),
+        warps, stages)
 print(json.dumps(out))
 '''
 
@@ -580,10 +631,10 @@ def test_kernels_compile_for_hopper():
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     kernels = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(kernels) == len(K.ATTENTION_TILES) + 2 * len(K.LINEAR_TILES) + 3
+    assert len(kernels) == len(K.ATTENTION_TILES) + 3 * len(K.LINEAR_TILES) + 3
     for name, info in kernels.items():
         assert info['shared'] <= 227 * 1024, name
-        if name.startswith(('attention', 'linear')):
+        if name.startswith(('attention', 'linear', 'patch_embed')):
             # tiles of 64 rows or more run on wgmma; a 32-row tile is below its 64-row minimum: mma.sync
             assert info['wgmma'] if int(name.split()[1].split('x')[0]) >= 64 else info['mma'], name
 
