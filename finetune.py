@@ -13,7 +13,6 @@ import contextlib
 import inspect
 import itertools
 import json
-import math
 import os
 import re
 import signal
@@ -21,7 +20,7 @@ import sys
 import threading
 import time
 import datetime
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -36,47 +35,13 @@ from samplers import DistributedEvalSampler, RASampler
 from utils import (UserError, TensorBoard, all_agree, check_output_dir, checkpoint_args, init_distributed_mode,
                    is_main_process, load_checkpoint_file, one_line, print_line, rank0_print, remove_stale_temporaries, save_atomic, write_text_atomic)
 from utils import seeding
+from utils.cli import (AT_LEAST_ONE, EXIT_USER_ERROR, FRACTION, NON_NEGATIVE, POSITIVE, UNIT, OneLineParser, Range,
+                       check_numbers, fits, flag_name, spell)
 
-EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 3
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143  # 128 + SIGTERM, what a shell reports for a job ended by SIGTERM
 EXIT_PEER_FAILED = 1  # another process of a multi-process job stopped first; its own message says why
-
-
-class ParsedArgs(argparse.Namespace):
-    """The parsed command line.  ``given`` (the destinations the command line set explicitly) lives in a slot,
-    outside ``vars(args)``, so it is not saved with the arguments."""
-    __slots__ = ('given',)
-
-
-class _Parser(argparse.ArgumentParser):
-    """A mistyped flag or value is one line too (argparse would print the whole usage first), and the parsed
-    arguments remember which flags were given (a resumed run keeps its own settings for the others)."""
-
-    def error(self, message):
-        self.exit(EXIT_USER_ERROR, f'error: {message} (see --help)\n')
-
-    def parse_known_args(self, args=None, namespace=None):
-        parsed, extras = super().parse_known_args(args, ParsedArgs() if namespace is None else namespace)
-        if isinstance(parsed, ParsedArgs):
-            parsed.given = self._given(args)
-        return parsed, extras
-
-    def _given(self, args) -> frozenset:
-        """The destinations set on the command line: the same parse with every default suppressed."""
-        saved = [(action, action.default) for action in self._actions]
-        saved_defaults = self._defaults
-        try:
-            for action in self._actions:
-                action.default = argparse.SUPPRESS
-            self._defaults = {}
-            probe, _ = super().parse_known_args(args, argparse.Namespace())
-        finally:
-            for action, default in saved:
-                action.default = default
-            self._defaults = saved_defaults
-        return frozenset(vars(probe))
 
 
 def given_flags(args) -> frozenset:
@@ -91,8 +56,8 @@ def given_flags(args) -> frozenset:
 
 def get_args_parser() -> argparse.ArgumentParser:
     """The original code's flags and, unless the README says otherwise, its recipe's defaults."""
-    p = _Parser('finetune.py', description='Clip & Concat for timm ViTs: prune, evaluate, benchmark, finetune.',
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = OneLineParser('finetune.py', description='Clip & Concat for timm ViTs: prune, evaluate, benchmark, finetune.',
+                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     # what to do
     a('--eval', action='store_true', help='evaluate --resume on the validation set')
@@ -206,39 +171,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------------------------------------
 # argument checks
 
-class Range(NamedTuple):
-    """The values a numeric flag accepts: finite, from ``low`` to ``high`` (None: unbounded), ends included
-    unless open; ``count``: how many values a list flag takes (min, max)."""
-    low: Optional[float] = None
-    high: Optional[float] = None
-    low_open: bool = False
-    high_open: bool = False
-    count: Optional[Tuple[int, int]] = None
-
-    def describe(self) -> str:
-        low, high = _number(self.low), _number(self.high)
-        if self.high is None:
-            if self.low_open:
-                return 'positive' if self.low == 0 else f'more than {low}'
-            return '0 or more' if self.low == 0 else f'at least {low}'
-        return f'in {"(" if self.low_open else "["}{low}, {high}{")" if self.high_open else "]"}'
-
-    def holds(self, value: float) -> bool:
-        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
-            return False
-        return self.high is None or (value < self.high or (not self.high_open and value == self.high))
-
-
-def _number(x) -> str:
-    return '' if x is None else str(int(x)) if float(x).is_integer() else f'{x:g}'
-
-
-UNIT = Range(0, 1)
-FRACTION = Range(0, 1, high_open=True)  # [0, 1)
-POSITIVE = Range(0, low_open=True)
-NON_NEGATIVE = Range(0)
-AT_LEAST_ONE = Range(1)
-
 # Every numeric flag of the parser, with what it accepts (a test checks that none is missing).
 NUMERIC_FLAGS: Dict[str, Range] = {
     'prune_rate': Range(0, 1, low_open=True, high_open=True), 'prune_batches': AT_LEAST_ONE,
@@ -258,31 +190,6 @@ NUMERIC_FLAGS: Dict[str, Range] = {
 }
 
 
-def numeric_actions(parser: argparse.ArgumentParser) -> List[argparse.Action]:
-    return [action for action in parser._actions if action.type in (int, float)]
-
-
-def check_numbers(args, parser: argparse.ArgumentParser) -> None:
-    """Every numeric flag finite and in its range (``NUMERIC_FLAGS``); the message names the flag."""
-    for action in numeric_actions(parser):
-        flag = next((s for s in action.option_strings if s.startswith('--')), action.option_strings[0])
-        accepted = NUMERIC_FLAGS[action.dest]  # KeyError: a new numeric flag without its range
-        value = getattr(args, action.dest, None)
-        if value is None:
-            continue  # the flags whose default is None: unset
-        values = list(value) if isinstance(value, (list, tuple)) else [value]
-        if accepted.count and not accepted.count[0] <= len(values) <= accepted.count[1]:
-            low, high = accepted.count
-            raise UserError(f'{flag} takes {low if low == high else f"{low} or {high}"} values, got {len(values)}')
-        for v in values:
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise UserError(f'{flag} must be a number, got {v!r}')
-            if not math.isfinite(v):
-                raise UserError(f'{flag} must be finite and {accepted.describe()}, got {v}')
-            if not accepted.holds(v):
-                raise UserError(f'{flag} must be {accepted.describe()}, got {v}')
-
-
 def modes_of(args) -> List[str]:
     return [m for m in ('eval', 'speed_only', 'prune') if getattr(args, m)]
 
@@ -292,7 +199,7 @@ def validate_args(args) -> None:
     modes = modes_of(args)
     if len(modes) > 1:
         raise UserError('choose one of --eval, --speed-only and --prune')
-    check_numbers(args, get_args_parser())
+    check_numbers(args, get_args_parser(), NUMERIC_FLAGS)
     if args.speed_protocol == 'original':
         given = given_flags(args)
         if 'speed_warmup' in given or ('speed_dtype' in given and args.speed_dtype != 'fp32'):
@@ -345,44 +252,6 @@ IN_RESTORED_STATE = frozenset({
     'cooldown_epochs', 'patience_epochs', 'decay_rate'})
 
 
-def flag_name(action: argparse.Action) -> str:
-    return next((s for s in action.option_strings if s.startswith('--')), action.option_strings[0])
-
-
-def _spell(parser: argparse.ArgumentParser, dest: str, value) -> str:
-    """``dest = value`` as the command line says it: ``--model-ema``, ``--no-model-ema``, ``--lr 0.01``."""
-    actions = [a for a in parser._actions if a.dest == dest]
-    if isinstance(value, bool):
-        switch = next((a for a in actions if a.nargs == 0 and a.const is value), None)
-        return flag_name(switch) if switch else f'no {flag_name(actions[0])}'
-    if isinstance(value, (list, tuple)):
-        value = ' '.join(map(str, value))
-    return f'{flag_name(actions[0])} {value if value not in (None, "") else "(unset)"}'
-
-
-def _fits(action: argparse.Action, value) -> bool:
-    """Whether ``value`` (from a checkpoint's args) is something this flag of the parser can hold."""
-    if action.nargs == 0:
-        return isinstance(value, bool)
-    if value is None:
-        return action.default is None
-    if action.nargs in ('+', '*'):
-        return isinstance(value, (list, tuple)) and all(_fits_one(action, v) for v in value)
-    return _fits_one(action, value)
-
-
-def _fits_one(action: argparse.Action, value) -> bool:
-    if isinstance(value, bool):
-        return False
-    if action.type is float:
-        ok = isinstance(value, (int, float))
-    elif action.type is int:
-        ok = isinstance(value, int)
-    else:
-        ok = isinstance(value, str)
-    return ok and (action.choices is None or value in action.choices)
-
-
 def _uniform_in(checkpoint: dict) -> Optional[bool]:
     """Whether a checkpoint written without ``uniform_lr`` in its args scheduled every parameter group from the
     same lr (this project before the flag existed) or not (the original code): read from its optimizer."""
@@ -417,7 +286,7 @@ def continue_run(args) -> Tuple[List[str], Dict[str, object]]:
     lines, inherited = [], {}
     for dest, value in stored.items():
         action = actions.get(dest)
-        if action is None or dest in NOT_INHERITED or not _fits(action, value):
+        if action is None or dest in NOT_INHERITED or not fits(action, value):
             continue
         current = getattr(args, dest)
         norm = same.get(dest, lambda v: v)
@@ -430,18 +299,18 @@ def continue_run(args) -> Tuple[List[str], Dict[str, object]]:
             lines.append(f'warning: {args.resume} was written by a run of --final_finetune {value}; its '
                          f'learning-rate schedule over {value} epochs continues unchanged')
         elif dest in IN_RESTORED_STATE:  # the run's value stays, so the saved args say what ran
-            lines.append(f'warning: {_spell(parser, dest, current)} has no effect: the optimizer and learning-rate '
-                         f'schedule restored from {args.resume} continue those of {_spell(parser, dest, value)}')
+            lines.append(f'warning: {spell(parser, dest, current)} has no effect: the optimizer and learning-rate '
+                         f'schedule restored from {args.resume} continue those of {spell(parser, dest, value)}')
             setattr(args, dest, value)
         else:
-            lines.append(f'{_spell(parser, dest, current)} given: {args.resume} was written with '
-                         f'{_spell(parser, dest, value)}')
+            lines.append(f'{spell(parser, dest, current)} given: {args.resume} was written with '
+                         f'{spell(parser, dest, value)}')
     if 'output_dir' not in given and not args.output_dir and os.path.basename(args.resume) == 'checkpoint.pth':
         args.output_dir = inherited['output_dir'] = os.path.dirname(args.resume) or '.'
     if inherited:
         # (a flag not given holds its default, so every value taken over is one the user would have had to repeat)
         lines.insert(0, f'Continuing the run of {args.resume} with its settings for the flags not given: '
-                        f'{" ".join(_spell(parser, d, v) for d, v in inherited.items())}')
+                        f'{" ".join(spell(parser, d, v) for d, v in inherited.items())}')
     return lines, inherited
 
 

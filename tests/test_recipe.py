@@ -576,7 +576,7 @@ def test_documented_acceptances():
     parser = finetune.get_args_parser()
     flags = numeric_flags()
     for dest, value in ACCEPTED:
-        finetune.check_numbers(parser.parse_args([f'{flags[dest]}={value}']), parser)
+        finetune.check_numbers(parser.parse_args([f'{flags[dest]}={value}']), parser, finetune.NUMERIC_FLAGS)
 
 
 # ----------------------------------------------------------------------------------------------------------
