@@ -47,8 +47,10 @@ measured 0.28 ms against 0.97 for the conv), its bias folded with the position e
 added as the tokens are written into the buffer.  With ``backend='triton'`` it can be one kernel
 (``embed_choice``): the product reads its operand straight from the images (no unfolded copy) and its epilogue
 adds the constant and writes the tokens into the buffer; timed against the unfused sequence at build time like
-the MLP's products, since it is a fixed cost that pruning does not shrink.  Attention: SDPA's time was flat from 197 down
-to 129 tokens and halved at 128 (128-row tiles: a block keeping 148 tokens pays for 256 rows), so for each
+the MLP's products, since it is a fixed cost that pruning does not shrink.
+
+Attention: SDPA's time was flat from 197 down to 129 tokens and halved at 128 (128-row tiles: a block keeping
+148 tokens pays for 256 rows), so for each
 distinct kept count the candidates (the SDPA backends flash / efficient / cuDNN / math through
 ``torch.nn.attention.sdpa_kernel``, and the Triton kernel with 32- to 128-row query tiles) are checked against
 an fp32 reference and timed once at build time on CUDA, and the fastest is kept (``attention_choices``); on CPU
