@@ -45,11 +45,11 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/gpu_check_out}"
-mkdir -p "$OUT"
 steps="${*:-tests benchmark}"
 for s in $steps; do
     case "$s" in tests|benchmark|profile) ;; *) echo "error: unknown step $s (tests, benchmark, profile)" >&2; exit 2 ;; esac
 done
+mkdir -p "$OUT"
 touch "$OUT/status.txt"
 
 # step NAME SECONDS COMMAND...: run COMMAND under a hard time limit, output to $OUT/NAME.log, status recorded.

@@ -855,3 +855,44 @@ def test_readme_lists_every_option_and_nothing_cites_outside_the_repository():
     for name in ['README.md'] + results + [f for f in os.listdir(bench) if f.endswith('.py')]:
         text = open(os.path.join(bench, name)).read()
         assert not re.search(r'DESIGN|\bissue \d|\(issue', text), name
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the prepared GPU session (benchmarks/gpu_check.sh): its commands must still be valid when a GPU comes
+
+GPU_CHECK = os.path.join(ROOT, 'benchmarks', 'gpu_check.sh')
+
+
+def _gpu_check_commands(marker: str):
+    """The command lines of gpu_check.sh that contain ``marker``, continuation lines joined."""
+    text = open(GPU_CHECK).read().replace('\\\n', ' ')
+    return [line.strip() for line in text.splitlines() if marker in line and not line.lstrip().startswith('#')]
+
+
+def test_gpu_check_benchmark_commands_are_valid_model_zoo_command_lines(tmp_path, monkeypatch):
+    """Each model_zoo.py call of the GPU check passes the script's whole argument validation as on a CUDA machine
+    (CUDA reported available; nothing runs), so a renamed flag or row is found here, not in a GPU session."""
+    import shlex
+    commands = _gpu_check_commands('benchmarks/model_zoo.py')
+    assert len(commands) == 2  # the benchmark and the profile
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    for command in commands:
+        argv = shlex.split(command.split('benchmarks/model_zoo.py', 1)[1].replace('$OUT', str(tmp_path)))
+        args = zoo.parse_args(argv)
+        assert args.device == 'cuda' and args.json.startswith(str(tmp_path))
+        if args.breakdown_rounds:  # the profile: DeiT-Ti's eager and fast rows, dense and pruned, no CUDA graph
+            assert args.rows == ['timm', 'ours', 'fast-triton-dense', 'fast-triton'] and args.summary_batch_sizes == []
+            assert zoo.BREAKDOWN_FAST_ROWS[0] == 'fast-triton'
+        else:  # the benchmark: the CUDA defaults (the targets' rows and batch sizes)
+            assert args.rows == zoo.DEFAULT_ROWS['cuda'] and args.summary_batch_sizes == [32, 1]
+
+
+def test_gpu_check_names_existing_test_files_and_refuses_unknown_steps(tmp_path):
+    for command in _gpu_check_commands('pytest'):
+        files = [w for w in command.split() if w.startswith('tests/')]
+        assert files and all(os.path.isfile(os.path.join(ROOT, f)) for f in files), command
+    out = tmp_path / 'out'
+    done = subprocess.run(['bash', GPU_CHECK, 'tests', 'no-such-step'], capture_output=True, text=True, timeout=60,
+                          env=dict(subprocess_env(), OUT=str(out)))
+    assert done.returncode == 2 and done.stderr == 'error: unknown step no-such-step (tests, benchmark, profile)\n'
+    assert not out.exists()  # refused before anything is written
