@@ -550,7 +550,7 @@ OTHER_KERNELS = 'other kernels'
 KERNEL_FAMILIES = (
     ('attention', ('flash', 'fmha', 'attention', 'sdpa', 'softmax')),  # before 'fprop': cuDNN's SDPA has it
     ('patch embedding', ('fprop', 'convolve', 'conv2d', 'nchwtonhwc', 'nhwctonchw', 'implicit_gemm')),
-    ('linear layers', ('gemm', 'nvjet', 'cutlass', 'xmma', 'cublas', 'splitk', 'triton_tem', '_linear_')),
+    ('linear layers', ('gemm', 'gemv', 'nvjet', 'cutlass', 'xmma', 'cublas', 'splitk', 'triton_tem', '_linear_')),
     ('LayerNorm', ('layer_norm', 'layernorm')),
     ('GELU', ('gelu',)),
     ('token routing', ('index', 'gather', 'catarray')),

@@ -284,6 +284,7 @@ def test_breakdown_sorts_cuda_kernels_into_families():
         'nvjet_hsh_128x256_64x4_2x1_v_bz_coopA_NTN': 'linear layers',
         'ampere_fp16_s16816gemm_fp16_128x128_ldg8_f2f_stages_32x5_tn': 'linear layers',
         'void cublasLt::splitKreduce_kernel<32, 16, int, float, __half>': 'linear layers',
+        'void gemv2T_kernel_val<int, int, __half, __half, float, 128, 16, 4, 4, false, true>': 'linear layers',
         '_linear_gelu_kernel': 'linear layers', '_linear_residual_scatter_kernel': 'linear layers',
         'void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128, 128, 4>>': 'attention',
         'fmha_cutlassF_f16_aligned_64x64_rf_sm80(PyTorchMemEffAttention::AttentionKernel<...>)': 'attention',
