@@ -616,12 +616,14 @@ def profile_families(rows: Dict[str, Callable], x: torch.Tensor, rounds: int, dt
                      top_kernels: int = 15) -> Tuple[Dict[str, Dict[str, float]], Dict[str, List]]:
     """Milliseconds per forward pass spent in each family of operations, for every row, averaged over ``rounds``
     passes that take turns as the timed rows do (engine.time_interleaved runs them): on CPU the self time of each
-    aten op, on CUDA the GPU time of each kernel (:func:`event_family_ms`).  A fast-path row (one with
-    ``_embed``) has its patch embedding (the unfold, one matrix product and the constant add, whose kernels
-    look like any others) profiled on its own in each round and moved from those kernels' families to 'patch
-    embedding'.  Returns ({row: {family: ms}}, {row: [[kernel, ms per pass], ...] the ``top_kernels`` slowest,
+    aten op, on CUDA the GPU time of each kernel (:func:`event_family_ms`).  A fast-path row (a FastViT) has
+    its patch embedding (``FastViT.embed``: the unfold, one matrix product and the constant add, or the fused
+    kernel; kernels that look like any others) profiled on its own in each round and moved from their families
+    to 'patch embedding'.  Returns ({row: {family: ms}}, {row: [[kernel, ms per pass], ...] the ``top_kernels`` slowest,
     CUDA only}).  Run after the timing: the profiler slows every op a little."""
     from torch.profiler import ProfilerActivity, profile
+
+    from models.fast_path import FastViT
     device_type = x.device.type
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device_type == 'cuda' else [])
     out = {name: dict.fromkeys(families_of(device_type), 0.0) for name in rows}
@@ -636,18 +638,14 @@ def profile_families(rows: Dict[str, Callable], x: torch.Tensor, rounds: int, dt
     def profiled(name: str) -> Callable:
         def run(t: torch.Tensor) -> None:
             fams, kern = profiled_pass(rows[name], t)
-            fast = rows[name]
-            if hasattr(fast, '_embed'):
-                def embed(images: torch.Tensor) -> torch.Tensor:
-                    with torch.autocast(images.device.type, enabled=False):  # as FastViT's forward runs it
-                        return fast._embed(images)
-                moved, _ = profiled_pass(embed, t)
+            if isinstance(rows[name], FastViT):
+                moved, _ = profiled_pass(rows[name].embed, t)
                 for family, ms in moved.items():
                     take = min(ms, fams.get(family, 0.0))
                     fams[family] = fams.get(family, 0.0) - take
                     fams['patch embedding'] = fams.get('patch embedding', 0.0) + take
-            for family, ms in fams.items():
-                out[name][family] = out[name].get(family, 0.0) + ms / rounds
+            for family, ms in fams.items():  # every family is one of out[name]'s
+                out[name][family] += ms / rounds
             for k, ms in kern.items():
                 kernels[name][k] = kernels[name].get(k, 0.0) + ms / rounds
         return run
@@ -858,12 +856,11 @@ def bench_model(name: str, args, device: torch.device, dtype, budget: CompileBud
     if args.breakdown_rounds:
         start = time.perf_counter()
         result.update(breakdowns(cc, dense, pruned, built, batch, shape, device, args.breakdown_rounds, dtype))
-        for key, what in (('breakdown', 'ours against timm'), ('breakdown_fast', 'fast path, pruned against dense')):
-            for tag, b in result.get(key, {}).items():
-                worst = max(b['families'].items(), key=lambda kv: kv[1]['excess_ms'])
-                print(f'profiled C&C-{result["short"]}-{tag} ({what}): speed-up {b["profiled_speedup"]:.2f} for a '
-                      f'FLOPs ratio of {b["flops_ratio"]:.2f}; most time above that ratio: {worst[0]} '
-                      f'({100 * worst[1]["excess_share"]:+.1f}% of the pruned pass)', flush=True)
+        for tag, what, b in report.breakdown_entries(result):
+            worst = max(b['families'].items(), key=lambda kv: kv[1]['excess_ms'])
+            print(f'profiled C&C-{result["short"]}-{tag} ({what}): speed-up {b["profiled_speedup"]:.2f} for a '
+                  f'FLOPs ratio of {b["flops_ratio"]:.2f}; most time above that ratio: {worst[0]} '
+                  f'({100 * worst[1]["excess_share"]:+.1f}% of the pruned pass)', flush=True)
         print(f'profiled the rows x {args.breakdown_rounds} passes in {time.perf_counter() - start:.0f} s', flush=True)
     if args.routing_repeats:
         result['routing'] = {}

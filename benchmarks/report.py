@@ -4,7 +4,7 @@ Everything here works on the results dictionary (the JSON the benchmark writes),
 ``benchmarks/results/<device>.json`` can be summarised again without running anything.
 """
 import math
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from benchmarks.stats import Timings, as_fields
 
@@ -266,16 +266,22 @@ def _routing_table(results: Dict) -> List[str]:
                      'boolean / ours', 'ours, share of its forward pass'], rows))
 
 
+def breakdown_entries(res: Dict) -> List[Tuple[str, str, Dict]]:
+    """(prune-rate tag, which rows, breakdown) of one model's results: ours against timm, then the fast path's
+    pruned row against its dense row where it was profiled."""
+    fast_dense, fast = res.get('breakdown_fast_rows') or ('', '')
+    pairs = (('breakdown', 'ours vs timm'), ('breakdown_fast', f'{fast} vs {fast_dense}'))
+    return [(tag, what, b) for key, what in pairs for tag, b in res.get(key, {}).items()]
+
+
 def _breakdown_table(results: Dict, families) -> List[str]:
     rows = []
     for res in results['models'].values():
-        fast_dense, fast = res.get('breakdown_fast_rows') or ('', '')
-        for key, what in (('breakdown', 'ours vs timm'), ('breakdown_fast', f'{fast} vs {fast_dense}')):
-            for tag, b in res.get(key, {}).items():
-                cells = [f'{fmt(c["time_ratio"])} ({fmt(c["flops_ratio"])}) {100 * c["excess_share"]:+.1f}%'
-                         for c in (b['families'][f] for f in families)]
-                rows.append([f'C&C-{res["short"]}-{tag}', what, f'{b["flops_ratio"]:.2f}',
-                             fmt_ratio(b['profiled_speedup']), *cells])
+        for tag, what, b in breakdown_entries(res):
+            cells = [f'{fmt(c["time_ratio"])} ({fmt(c["flops_ratio"])}) {100 * c["excess_share"]:+.1f}%'
+                     for c in (b['families'][f] for f in families)]
+            rows.append([f'C&C-{res["short"]}-{tag}', what, f'{b["flops_ratio"]:.2f}',
+                         fmt_ratio(b['profiled_speedup']), *cells])
     if not rows:
         return []
     measured = ('the GPU time of every kernel (by its name)' if results.get('settings', {}).get('device') == 'cuda'

@@ -74,7 +74,7 @@ __all__ = [
     'attention', 'attention_reference', 'attention_triton', 'ATTENTION_TILES',
     'linear_gelu', 'linear_gelu_reference', 'linear_gelu_triton', 'LINEAR_TILES',
     'linear_residual_scatter_', 'linear_residual_scatter_reference_', 'linear_residual_scatter_triton_',
-    'patch_embed_', 'patch_embed_reference_', 'patch_embed_triton_', 'unfold_patches',
+    'patch_embed_', 'patch_embed_reference_', 'patch_embed_triton_', 'patch_grid', 'unfold_patches',
 ]
 
 # Read once, as Triton itself reads it when @triton.jit decorates the kernels below.
@@ -182,13 +182,19 @@ def linear_residual_scatter_reference_(x: torch.Tensor, ids: torch.Tensor, u: to
     return residual_scatter_reference_(x, ids, m, gamma)
 
 
-def unfold_patches(images: torch.Tensor, patch: Tuple[int, int]) -> torch.Tensor:
-    """(B, c, H, W) images -> (B, (H/ph)*(W/pw), c*ph*pw) patches, row-major over the patch grid, each patch
-    flattened in the conv weight's (c, ky, kx) order: the matrix a stride=kernel conv multiplies."""
+def patch_grid(images: torch.Tensor, patch: Tuple[int, int]) -> torch.Tensor:
+    """(B, c, H, W) images -> a (B, H/ph, W/pw, c, ph, pw) view (no copy for contiguous images): each patch in
+    the conv weight's (c, ky, kx) order, the patches row-major over the grid."""
     B, c, H, W = images.shape
     ph, pw = patch
-    hp, wp = H // ph, W // pw
-    return images.reshape(B, c, hp, ph, wp, pw).permute(0, 2, 4, 1, 3, 5).reshape(B, hp * wp, c * ph * pw)
+    return images.reshape(B, c, H // ph, ph, W // pw, pw).permute(0, 2, 4, 1, 3, 5)
+
+
+def unfold_patches(images: torch.Tensor, patch: Tuple[int, int]) -> torch.Tensor:
+    """(B, c, H, W) images -> (B, (H/ph)*(W/pw), c*ph*pw) patches (:func:`patch_grid` flattened): the matrix a
+    stride=kernel conv multiplies."""
+    grid = patch_grid(images, patch)
+    return grid.reshape(grid.shape[0], grid.shape[1] * grid.shape[2], -1)
 
 
 def _check_patch_embed(out: torch.Tensor, images: torch.Tensor, weight_t: torch.Tensor, const: torch.Tensor,
@@ -375,7 +381,6 @@ if HAS_TRITON:
             acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
             dst = out_ptr + offs_m.to(tl.int64)[:, None] * stride_ob + offs_n[None, :]
             tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=ok)
-
 
     @triton.jit
     def _patch_embed_kernel(img_ptr, wt_ptr, c_ptr, out_ptr, M, N, K, num_patches, grid_w, stride_ib, stride_ic,

@@ -553,10 +553,15 @@ class FastViT(nn.Module):
                 self.attention_timings[blk.n] = timings
             blk.attention = self.attention_choices[blk.n]
 
+    def _times_fused_products(self, mode: str) -> bool:
+        """Whether the fused Triton products (the MLP's two, the patch embedding) are timed against cuBLAS at
+        build: ``mlp='auto'`` with the Triton backend on CUDA in fp16/bf16."""
+        return (mode == 'auto' and self.device.type == 'cuda' and self.backend == 'triton'
+                and self.dtype in (torch.float16, torch.bfloat16))
+
     def _choose_mlp(self, mode: str, tune_batch: Optional[int]) -> None:
         """For each kept count, how the MLP's two products run (``mlp``: fc1 + GELU, ``fc2``: fc2 + residual)."""
-        timed = (mode == 'auto' and self.device.type == 'cuda' and self.backend == 'triton'
-                 and self.dtype in (torch.float16, torch.bfloat16))
+        timed = self._times_fused_products(mode)
         batch = tune_batch or 64
         for blk in self.blocks:
             if blk.n not in self.mlp_choices:
@@ -586,8 +591,7 @@ class FastViT(nn.Module):
         timings: Dict[str, float] = {}
         if mode == 'triton':
             choice = MlpChoice('triton', tiles=K.LINEAR_TILES[0])
-        elif (mode == 'auto' and self.device.type == 'cuda' and self.backend == 'triton'
-              and self.dtype in (torch.float16, torch.bfloat16)):
+        elif self._times_fused_products(mode):
             choice, timings = self._time_embed(tune_batch or 64)
         else:
             choice = MlpChoice('torch')
@@ -634,12 +638,11 @@ class FastViT(nn.Module):
             K.patch_embed_triton_(buf, images, self.patch_wt, self.patch_const, self.num_prefix, self.patch,
                                   *self.embed_choice.tiles)
             return self._norm_pre(buf)
-        (ph, pw), (H, W) = self.patch, self.img_size
-        hp, wp = H // ph, W // pw
-        # (B, hp, wp, c, ph, pw): the conv weight's (c, ky, kx) order per patch; cast and unfold in one copy.
-        patches = torch.empty(B, hp, wp, self.in_chans, ph, pw, dtype=self.dtype, device=images.device)
-        patches.copy_(images.view(B, self.in_chans, hp, ph, wp, pw).permute(0, 2, 4, 1, 3, 5))
-        tokens = F.linear(patches.view(B * hp * wp, -1), self.patch_w).view(B, hp * wp, self.embed_dim)
+        grid = K.patch_grid(images, self.patch)  # (B, hp, wp, c, ph, pw), a view
+        patches = torch.empty(grid.shape, dtype=self.dtype, device=images.device)
+        patches.copy_(grid)  # cast and unfold in one copy
+        tokens = F.linear(patches.view(B * self.num_patches, -1), self.patch_w).view(B, self.num_patches,
+                                                                                    self.embed_dim)
         if self._add_into_buffer:
             torch.add(tokens, self.patch_const, out=buf[:, self.num_prefix:])  # one pass into the buffer
         else:
@@ -677,6 +680,13 @@ class FastViT(nn.Module):
         if self.backend == 'triton':
             return K.gather_layer_norm_triton(x, self.head_ids, *self.norm, out_dtype=torch.float32)
         return _layer_norm_f32(x.index_select(1, self.head_ids), *self.norm)
+
+    @torch.no_grad()
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """The token buffer after the patch embedding (and ``norm_pre``), as the forward pass builds it: the first
+        step of :meth:`forward`, on its own (the benchmark profiles it)."""
+        with torch.autocast(images.device.type, enabled=False):
+            return self._embed(images)
 
     def _forward_impl(self, images: torch.Tensor) -> torch.Tensor:
         with torch.autocast(images.device.type, enabled=False):
