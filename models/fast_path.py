@@ -272,6 +272,18 @@ def _cuda_ms(fn, reps: int = 20, groups: int = 5) -> float:
     return statistics.median(times)
 
 
+def _times_on(device: torch.device) -> bool:
+    """Whether a build times its candidates (with CUDA events): on a CUDA device.  Elsewhere it takes SDPA and the
+    torch products without timing anything."""
+    return device.type == 'cuda'
+
+
+def _time_candidate(run, cand) -> float:
+    """Milliseconds per call of ``run(cand)`` (:func:`_cuda_ms`).  With :func:`_times_on`, the one seam through
+    which the tests run the timed choice on CPU with scripted times."""
+    return _cuda_ms(lambda: run(cand))
+
+
 def attention_candidates(head_dim: int, with_triton: bool) -> List[AttentionChoice]:
     """The SDPA backends this torch has, then the Triton tiles (when the head_dim suits the kernel)."""
     from torch.nn.attention import SDPBackend
@@ -295,7 +307,7 @@ def _fastest(candidates, run, reference: torch.Tensor, tol: float, check=None):
     for cand in candidates:
         try:
             err = (check(cand).float() - reference).abs().max().item()
-            ms = _cuda_ms(lambda: run(cand)) if err <= tol else float('inf')
+            ms = _time_candidate(run, cand) if err <= tol else float('inf')
         except Exception:  # noqa: BLE001
             ms = float('inf')
         timings[cand.label] = ms
@@ -543,7 +555,7 @@ class FastViT(nn.Module):
                     if not K.attention_tiles_ok(blk.head_dim):
                         raise ValueError(f'attention=triton: head_dim {blk.head_dim} is not a power of two >= 16')
                     choice, timings = AttentionChoice('triton', tiles=K.ATTENTION_TILES[0]), {}
-                elif mode == 'auto' and self.device.type == 'cuda' and self.backend != 'compile':
+                elif mode == 'auto' and _times_on(self.device) and self.backend != 'compile':
                     choice, timings = choose_attention(blk.n, tune_batch or 64, blk.num_heads, blk.head_dim,
                                                        blk.scale, self.dtype, self.device,
                                                        with_triton=self.backend == 'triton')
@@ -556,7 +568,7 @@ class FastViT(nn.Module):
     def _times_fused_products(self, mode: str) -> bool:
         """Whether the fused Triton products (the MLP's two, the patch embedding) are timed against cuBLAS at
         build: ``mlp='auto'`` with the Triton backend on CUDA in fp16/bf16."""
-        return (mode == 'auto' and self.device.type == 'cuda' and self.backend == 'triton'
+        return (mode == 'auto' and _times_on(self.device) and self.backend == 'triton'
                 and self.dtype in (torch.float16, torch.bfloat16))
 
     def _choose_mlp(self, mode: str, tune_batch: Optional[int]) -> None:

@@ -499,6 +499,92 @@ def test_residual_stream_in_half_precision():
         assert 0 < diff <= 1e-2 * max(1.0, ref.abs().max().item()), (case, diff)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# the timed choice (on CUDA the build times every candidate; here the times are scripted)
+
+@needs_triton
+@torch.no_grad()
+@pytest.mark.parametrize('winner', ['triton', 'torch'])
+def test_timed_choice_keeps_the_fastest_candidate_that_computes_the_right_thing(monkeypatch, winner):
+    """What a CUDA build does with attention='auto', mlp='auto', run here with scripted times in fp16.  Each
+    kind of choice has a candidate scripted fastest of all that is wrong: its output is off, or it raises.  It
+    must be refused (no time recorded) and the fastest correct one kept, per kept count, for every block of that
+    count.  The built path must then compute what the same kernels, forced, compute."""
+    import models.fast_path as FP
+    from models.fast_path import MlpChoice
+    fast_att, wrong_att = (AttentionChoice('triton', tiles=t).label for t in K.ATTENTION_TILES[:2])
+    fast_lin, wrong_lin = (MlpChoice('triton', tiles=t).label for t in K.LINEAR_TILES[:2])
+    kept_att, kept_lin = (fast_att, fast_lin) if winner == 'triton' else ('sdpa-math', 'torch')
+    script = {kept_att: 1.0, kept_lin: 1.0, wrong_att: 0.5, wrong_lin: 0.5}
+    timed, refused = [], []
+
+    def scripted(run, cand):
+        run(cand)
+        timed.append(cand.label)
+        return script.get(cand.label, 2.0)
+
+    run_attention, run_linear_gelu = FP.run_attention, FP.run_linear_gelu
+    run_linear_residual, patch_embed = FP.run_linear_residual, K.patch_embed_triton_
+
+    def wrong_attention(choice, *a):  # a tile that computes something else
+        refused.append('attention') if choice.label == wrong_att else None
+        return run_attention(choice, *a) + (choice.label == wrong_att)
+
+    def wrong_gelu(choice, *a):
+        refused.append('mlp') if choice.label == wrong_lin else None
+        return run_linear_gelu(choice, *a) * (1.0 + (choice.label == wrong_lin))
+
+    def failing_residual(choice, *a):  # a tile that does not fit, say
+        if choice.label == wrong_lin:
+            refused.append('fc2')
+            raise RuntimeError('out of resources')
+        return run_linear_residual(choice, *a)
+
+    def failing_embed(*a):
+        if tuple(a[6:]) == K.LINEAR_TILES[1]:
+            refused.append('embed')
+            raise RuntimeError('out of resources')
+        return patch_embed(*a)
+
+    monkeypatch.setattr(FP, '_times_on', lambda device: True)
+    monkeypatch.setattr(FP, '_time_candidate', scripted)
+    monkeypatch.setattr(FP, '_CHOICE_CACHE', {})
+    monkeypatch.setattr(FP, 'run_attention', wrong_attention)
+    monkeypatch.setattr(FP, 'run_linear_gelu', wrong_gelu)
+    monkeypatch.setattr(FP, 'run_linear_residual', failing_residual)
+    monkeypatch.setattr(K, 'patch_embed_triton_', failing_embed)
+
+    model = tiny_cc(8)
+    pruning.apply_masks(model, pruning.random_masks(3, 16, 0.3, generator=_gen(8)))
+    fast = build_fast_path(model, backend='triton', dtype=torch.float16, batch_size=2)
+    built = fast.describe()
+    counts = sorted(set(built['kept_counts']))
+    assert len(counts) > 1
+    # the wrong ones ran once each (per kept count), were refused, and never timed
+    assert sorted(refused) == sorted(['attention', 'mlp', 'fc2'] * len(counts) + ['embed'])
+    assert wrong_att not in timed and wrong_lin not in timed
+    for kind, kept, wrong in (('attention', kept_att, wrong_att), ('mlp', kept_lin, wrong_lin),
+                              ('fc2', kept_lin, wrong_lin)):
+        assert built[kind] == {str(n): kept for n in counts}, kind
+        for n in counts:
+            ms = built[f'{kind}_ms'][str(n)]
+            assert ms[kept] == 1.0 and ms[wrong] is None, (kind, ms)
+            assert sum(v is not None for v in ms.values()) >= 2, (kind, ms)  # others were timed, and slower
+    assert built['patch_embedding'] == kept_lin and built['patch_embedding_ms'][wrong_lin] is None
+    for blk in fast.blocks:
+        assert (blk.attention.label, blk.mlp.label, blk.fc2.label) == (kept_att, kept_lin, kept_lin)
+        assert (blk.fc1_wt is not None, blk.fc2_wt is not None) == (winner == 'triton',) * 2
+    x = images(seed=8)
+    if winner == 'triton':  # the forced Triton build runs the first tiles too: the same kernels, the same bits
+        forced = build_fast_path(model, backend='triton', dtype=torch.float16, attention='triton', mlp='triton')
+        assert torch.equal(fast(x), forced(x))
+    else:  # the math backend against torch's own dispatch: the same products, summed in another order
+        forced = build_fast_path(model, backend='triton', dtype=torch.float16, attention='sdpa', mlp='torch')
+        assert (fast(x) - forced(x)).abs().max().item() <= 2e-3 * max(1.0, forced(x).abs().max().item())
+    ref = model(x)  # and fp16 products stay within fp16 rounding of the fp32 eager model
+    assert (fast(x) - ref).abs().max().item() <= 1e-2 * max(1.0, ref.abs().max().item())
+
+
 @pytest.mark.parametrize('kwargs,what', [
     (dict(qk_norm=True), 'qk_norm is not supported'),
     (dict(act_layer='gelu_tanh'), 'only exact-erf GELU'),
