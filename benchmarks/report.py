@@ -2,8 +2,13 @@
 
 Everything here works on the results dictionary (the JSON the benchmark writes), so a saved
 ``benchmarks/results/<device>.json`` can be summarised again without running anything.
+``python -m benchmarks.report`` prints the README's speed table from the committed results (a test checks that
+the README holds exactly that table).
 """
+import argparse
+import json
 import math
+import os
 from typing import Dict, List, Optional, Tuple
 
 from benchmarks.stats import Timings, as_fields
@@ -412,3 +417,61 @@ def markdown(results: Dict, families=()) -> str:
     lines += _sweep_tables(results)
     lines += _targets_table(results)
     return '\n'.join(lines) + '\n'
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the README's speed table, from the committed results
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results')
+
+
+def readme_speed_table(cpu: Dict, gpu: Optional[Dict] = None) -> List[str]:
+    """The README's table: for each model of the CPU run, timm's dense row and our pruned rows (the eager model)
+    with GFLOPs, CPU images/s, the speed-up against dense timm, the FLOPs ratio and the ratio to the boolean-mask
+    formulation, beside the seed's (the paper's) GPU figures.  With a GPU run (its summary), four columns more,
+    headed with the GPU's name, for each pruned model of that run: the fastest pruned mode over the fastest dense
+    mode at the run's main batch, the same over timm eager, and at batch 1 and 32 ('–' where not run)."""
+    entries = {e['model']: e for e in (gpu or {}).get('summary', [])}
+    gpu_name = (gpu or {}).get('machine', {}).get('gpu') if gpu else None
+    if gpu is not None and not gpu_name:
+        raise ValueError('the GPU results name no GPU (machine.gpu)')
+    header = ['model', 'GFLOPs', 'images/s (CPU)', 'speed-up', 'FLOPs ratio', 'vs boolean mask']
+    if gpu is not None:
+        header += [f'{gpu_name}: fastest pruned over fastest dense', 'over timm eager',
+                   *(f'batch {bs}' for bs in SUMMARY_BATCHES)]
+    header += ['seed GFLOPs', 'seed images/s (GPU)', 'seed speed-up']
+    rows = []
+    for res in cpu['models'].values():
+        for r in res['rows']:
+            if r['kind'] not in ('timm', 'ours'):
+                continue
+            seed = r.get('seed_gpu') or {}
+            row = [model_name(r), f'{r["gflops"]:.2f}', f'{r["images_per_s"]:.1f}', fmt_ratio(r['speedup_vs_timm']),
+                   f'{r["flops_ratio"]:.2f}', fmt_ratio(r.get('vs_boolean'))]
+            if gpu is not None:
+                e = entries.get(model_name(r), {})
+                row += [fmt_ratio(e.get(k)) for k in ('speedup_vs_best_dense', 'speedup_vs_timm_eager',
+                                                      *(f'speedup_batch{bs}' for bs in SUMMARY_BATCHES))]
+            row += [fmt(seed.get('gflops'), '.1f'), fmt(seed.get('images_per_s'), 'd'),
+                    fmt_ratio(seed.get('speedup'))]
+            rows.append(row)
+    return table(header, rows)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description='Print the README speed table from saved benchmark results.')
+    p.add_argument('--cpu', default=os.path.join(RESULTS_DIR, 'cpu.json'), help='the CPU run (default: %(default)s)')
+    p.add_argument('--gpu', default=os.path.join(RESULTS_DIR, 'cuda.json'),
+                   help='the GPU run, left out when the file does not exist (default: %(default)s)')
+    args = p.parse_args(argv)
+    with open(args.cpu) as f:
+        cpu = json.load(f)
+    gpu = None
+    if os.path.exists(args.gpu):
+        with open(args.gpu) as f:
+            gpu = json.load(f)
+    print('\n'.join(readme_speed_table(cpu, gpu)))
+
+
+if __name__ == '__main__':
+    main()

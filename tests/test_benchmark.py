@@ -390,9 +390,9 @@ def _row(key, kind, dense, rate, seconds, flops_ratio=1.0, label=None):
             'speedup_vs_timm': 1.0, 'speedup_vs_timm_ci': None}
 
 
-def test_summary_takes_the_fastest_pruned_and_dense_modes_of_the_run():
-    """Hand-made timings where timm compiled is the fastest dense mode and the boolean formulation the fastest
-    pruned one; the batch sweep has other winners; the expected ratios are worked out by hand."""
+def _summary_run():
+    """A results dict with hand-made timings where timm compiled is the fastest dense mode and the boolean
+    formulation the fastest pruned one; the batch sweep has other winners."""
     rows = [_row('timm', 'timm', True, 0.0, [1.00, 1.10, 0.90]),
             _row('timm_compiled', 'timm-compiled', True, 0.0, [0.80, 0.85, 0.75]),
             _row('ours_25', 'ours', False, 0.25, [0.70, 0.72, 0.69], 1.37, 'C&C-Ti-25 (ours)'),
@@ -404,9 +404,14 @@ def test_summary_takes_the_fastest_pruned_and_dense_modes_of_the_run():
                                            'compiled_25': [0.08, 0.09, 0.085], 'ours_40': [0.2, 0.2, 0.2]}},
              {'batch_size': 8, 'seconds': {k: [1.0] * 3 for k in ('timm', 'timm_compiled', 'ours_25', 'boolean_25',
                                                                   'compiled_25', 'ours_40')}}]
-    results = {'models': {'tiny': {'model': 'deit_tiny_patch16_224', 'batch_size': 10, 'rows': rows, 'checks': {},
-                                   'short': 'Ti', 'label': 'DeiT-Ti', 'summary_sweep': {'batches': sweep}}},
-               'settings': {'dtype': 'fp32'}}
+    return {'models': {'tiny': {'model': 'deit_tiny_patch16_224', 'batch_size': 10, 'rows': rows, 'checks': {},
+                                'short': 'Ti', 'label': 'DeiT-Ti', 'summary_sweep': {'batches': sweep}}},
+            'settings': {'dtype': 'fp32'}}
+
+
+def test_summary_takes_the_fastest_pruned_and_dense_modes_of_the_run():
+    """The hand-made run of _summary_run; the expected ratios are worked out by hand."""
+    results = _summary_run()
     report.attach_summary(results, 'cuda')
     first, second = results['summary']
     assert set(first) == {
@@ -431,6 +436,37 @@ def test_summary_takes_the_fastest_pruned_and_dense_modes_of_the_run():
     assert first['targets']['vs_best_dense']['met'] == (0.75 / 0.62 >= 0.9 * 1.37)
     assert second['targets']['batch1']['met'] is False
     assert sum('fastest pruned' in t['target'] for t in results['targets']) == 4
+
+
+def test_readme_speed_table_sets_a_gpu_run_beside_the_cpu_run(tmp_path, capsys):
+    """The committed CPU run with the hand-made GPU run of _summary_run: four GPU columns headed with the GPU's
+    name, filled for the pruned models that run has (C&C-Ti-25 and -40; ratios worked out by hand), '–' for the
+    dense rows and the models it lacks; the CPU and seed columns as without a GPU run."""
+    cpu = json.load(open(os.path.join(ROOT, 'benchmarks', 'results', 'cpu.json')))
+    gpu = _summary_run()
+    report.attach_summary(gpu, 'cuda')
+    with pytest.raises(ValueError, match='name no GPU'):
+        report.readme_speed_table(cpu, gpu)
+    gpu['machine'] = {'gpu': 'NVIDIA H200'}
+    alone, beside = report.readme_speed_table(cpu), report.readme_speed_table(cpu, gpu)
+    split = lambda line: line.strip('|').split(' | ')  # noqa: E731
+    header = split(beside[0].strip())
+    assert header[6:10] == ['NVIDIA H200: fastest pruned over fastest dense', 'over timm eager', 'batch 1',
+                            'batch 32']
+    rows = {split(line.strip())[0].strip(): split(line.strip()) for line in beside[2:]}
+    assert len(rows) == len(alone) - 2 == 12  # Ti, S, B: dense + three rates each
+    # Ti-25: timm compiled / boolean 0.75/0.62; timm / boolean 1.10/0.75; batch 1 timm / ours compiled 0.10/0.085
+    assert rows['C&C-Ti-25'][6:10] == ['1.21', '1.47', '1.18', '–']
+    # Ti-40: per-round timm compiled / ours 0.80/0.50, 0.85/0.50, 0.75/0.50 -> 1.60; timm 1.0..1.1 / 0.5 -> 2.00
+    assert rows['C&C-Ti-40'][6:10] == ['1.60', '2.00', '0.50', '–']
+    assert rows['DeiT-Ti'][6:10] == rows['C&C-Ti-30'][6:10] == rows['C&C-B-25'][6:10] == ['–'] * 4
+    for line, plain in zip(beside[2:], alone[2:]):
+        assert split(line.strip())[:6] + split(line.strip())[10:] == split(plain.strip())
+    (tmp_path / 'gpu.json').write_text(json.dumps(gpu))
+    report.main(['--gpu', str(tmp_path / 'gpu.json')])
+    assert capsys.readouterr().out.splitlines() == beside
+    report.main(['--gpu', str(tmp_path / 'none.json')])
+    assert capsys.readouterr().out.splitlines() == alone
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -846,6 +882,19 @@ def test_model_zoo_quick_run_prints_the_tables_and_writes_json(tmp_path):
 
 # ---------------------------------------------------------------------------------------------------------------
 # the README stays true
+
+def test_readme_speed_table_is_the_committed_results():
+    """The README's speed table is exactly what the committed results give (cpu.json, and cuda.json once a GPU
+    run is committed): no figure in it was not measured, and none is stale."""
+    results = os.path.join(ROOT, 'benchmarks', 'results')
+    cpu = json.load(open(os.path.join(results, 'cpu.json')))
+    gpu = json.load(open(os.path.join(results, 'cuda.json'))) if os.path.exists(
+        os.path.join(results, 'cuda.json')) else None
+    lines = report.readme_speed_table(cpu, gpu)
+    readme = open(os.path.join(ROOT, 'README.md')).read().splitlines()
+    at = readme.index(lines[0])
+    assert readme[at:at + len(lines) + 1] == lines + ['']  # the whole table, and nothing appended to it
+
 
 def test_readme_lists_every_option_and_nothing_cites_outside_the_repository():
     bench = os.path.join(ROOT, 'benchmarks')
