@@ -393,7 +393,8 @@ def _fast_path_table(results: Dict) -> List[str]:
                 attention = ', '.join(f'{n}: {a}' for n, a in d.get('attention', {}).items())
                 mlp, fc2 = (', '.join(sorted(set(d.get(k, {}).values()))) or '–' for k in ('mlp', 'fc2'))
                 rows.append([labels.get(key, key), str(batch), fmt(seconds.get(key), '.1f'),
-                             'yes' if d.get('cuda_graph_batch') else 'no', attention or '–', mlp, fc2,
+                             f'yes, input {d.get("cuda_graph_input")}' if d.get('cuda_graph_batch') else 'no',
+                             attention or '–', mlp, fc2,
                              d.get('patch_embedding', '–')])
     if not rows:
         return []

@@ -383,14 +383,18 @@ if HAS_TRITON:
             tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
-    def _patch_embed_kernel(img_ptr, wt_ptr, c_ptr, out_ptr, M, N, K, num_patches, grid_w, stride_ib, stride_ic,
-                            stride_ih, stride_ob, stride_on, prefix, PH: tl.constexpr, PW: tl.constexpr,
-                            EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    def _patch_embed_kernel(img_ptr, addr_ptr, wt_ptr, c_ptr, out_ptr, M, N, K, num_patches, grid_w, stride_ib,
+                            stride_ic, stride_ih, stride_ob, stride_on, prefix, PH: tl.constexpr,
+                            PW: tl.constexpr, INDIRECT: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
         # Row r = b * num_patches + p of the unfolded patch matrix (p = py * grid_w + px), column k = (ch, ky, kx)
         # in the conv weight's order: pixel (ch, py*PH + ky, px*PW + kx) of image b (unit stride along W).
         # out[b, prefix + p] = row @ wt + const[p], the pixels cast to wt's dtype for the matrix unit, the
-        # product and the sum in fp32, one rounding to out's dtype.
+        # product and the sum in fp32, one rounding to out's dtype.  INDIRECT: the images start at the address
+        # stored at addr_ptr, read when the kernel runs (img_ptr only gives their dtype); the address is a
+        # multiple of 16 bytes, said here since a loaded value carries no alignment (the loads stay 16 bytes wide).
+        if INDIRECT:
+            img_ptr = tl.multiple_of(tl.load(addr_ptr).to(tl.pointer_type(img_ptr.dtype.element_ty)), 16)
         offs_m, offs_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
         offs_k = tl.arange(0, BLOCK_K)
         m_ok = offs_m < M
@@ -578,14 +582,23 @@ def linear_residual_scatter_triton_(x: torch.Tensor, ids: torch.Tensor, u: torch
 def patch_embed_triton_(out: torch.Tensor, images: torch.Tensor, weight_t: torch.Tensor, const: torch.Tensor,
                         prefix: int, patch: Tuple[int, int], block_m: int = LINEAR_TILES[0][0],
                         block_n: int = LINEAR_TILES[0][1], block_k: int = LINEAR_TILES[0][2],
-                        num_warps: int = LINEAR_TILES[0][3], num_stages: int = LINEAR_TILES[0][4]) -> torch.Tensor:
+                        num_warps: int = LINEAR_TILES[0][3], num_stages: int = LINEAR_TILES[0][4],
+                        image_address: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Triton version of :func:`patch_embed_reference_`: one kernel reads the images (any float dtype; made
     contiguous) and writes the patch tokens into rows prefix.. of ``out``; the unfolded patches never exist.
-    ``weight_t`` (c*ph*pw, C) contiguous, ``const`` (num_patches, C).  Returns out."""
+    ``weight_t`` (c*ph*pw, C) contiguous, ``const`` (num_patches, C).  Returns out.
+
+    ``image_address``: a one-element int64 tensor on the device holding the address of the images to read, which
+    the kernel loads when it runs; ``images`` (contiguous) then only gives their shape, strides and dtype.  A
+    CUDA graph captured so reads whatever images of that layout the address names at replay, with no copy into
+    a static input.  The address must be a multiple of 16 bytes."""
     _need_triton(out)
     num_patches = _check_patch_embed(out, images, weight_t, const, prefix, patch)
     if not weight_t.is_contiguous():
         raise ValueError('weight_t must be contiguous')
+    if image_address is not None and (not images.is_contiguous() or image_address.dtype != torch.int64
+                                      or image_address.numel() != 1 or image_address.device != images.device):
+        raise ValueError('image_address needs contiguous images and a one-element int64 tensor on their device')
     images = images.contiguous()
     const = const.contiguous()
     B = images.shape[0]
@@ -594,9 +607,11 @@ def patch_embed_triton_(out: torch.Tensor, images: torch.Tensor, weight_t: torch
     if M == 0:
         return out
     grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)
-    _patch_embed_kernel[grid](images, weight_t, const, out, M, N, K, num_patches, images.shape[3] // patch[1],
-                              images.stride(0), images.stride(1), images.stride(2), out.stride(0), out.stride(1),
-                              prefix, PH=patch[0], PW=patch[1], EVEN_K=K % block_k == 0, BLOCK_M=block_m,
+    indirect = image_address is not None
+    _patch_embed_kernel[grid](images, image_address if indirect else images, weight_t, const, out, M, N, K,
+                              num_patches, images.shape[3] // patch[1], images.stride(0), images.stride(1),
+                              images.stride(2), out.stride(0), out.stride(1), prefix, PH=patch[0], PW=patch[1],
+                              INDIRECT=indirect, EVEN_K=K % block_k == 0, BLOCK_M=block_m,
                               BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, num_warps=num_warps,
                               num_stages=num_stages)
     return out

@@ -56,7 +56,10 @@ distinct kept count the candidates (the SDPA backends flash / efficient / cuDNN 
 an fp32 reference and timed once at build time on CUDA, and the fastest is kept (``attention_choices``); on CPU
 it is SDPA.  ``cuda_graph=True`` captures the whole forward for one batch size (measured 3x for dense DeiT-Ti
 at batch 32, 1.02-1.03x at batch 256); another batch size (say the last, smaller batch of an evaluation) runs
-uncaptured.  The final norm is computed only on the tokens the head reads (the prefix tokens for
+uncaptured.  A graph replays on fixed addresses, so its input is normally copied into a static buffer first
+(for DeiT at batch 256, 154 MB read and written: a fixed cost that pruning does not shrink); with the Triton
+patch embedding the graph instead reads the caller's images where they are, the kernel loading their address
+from a one-element tensor that is set before each replay.  The final norm is computed only on the tokens the head reads (the prefix tokens for
 ``global_pool='token'``).
 
 Backends: ``'triton'`` as above (CUDA, or CPU under ``TRITON_INTERPRET=1`` for tests); ``'torch'`` the same
@@ -301,13 +304,16 @@ _CHOICE_CACHE: Dict[tuple, tuple] = {}
 def _fastest(candidates, run, reference: torch.Tensor, tol: float, check=None):
     """(the fastest candidate whose output is within ``tol`` of ``reference``, or None; its ms; {label: ms}).
     ``run(c)`` is timed; ``check(c)`` (default ``run``) gives the output compared.  A candidate that raises (a
-    backend refusing these shapes or dtypes, a tile that does not fit) or misses the tolerance gets inf."""
+    backend refusing these shapes or dtypes, a tile that does not fit) or misses the tolerance gets inf; an
+    AttributeError, NameError or TypeError is a bug here and propagates."""
     check = check or run
     timings, best, best_ms = {}, None, float('inf')
     for cand in candidates:
         try:
             err = (check(cand).float() - reference).abs().max().item()
             ms = _time_candidate(run, cand) if err <= tol else float('inf')
+        except (AttributeError, NameError, TypeError):
+            raise  # a mistake in this code, not a candidate that does not suit these shapes: never hide it
         except Exception:  # noqa: BLE001
             ms = float('inf')
         timings[cand.label] = ms
@@ -507,6 +513,10 @@ class FastViT(nn.Module):
                       and self.num_prefix > 0 and _timm_forward_head(model))
         self.register_buffer('head_ids', torch.arange(self.num_prefix if token_head else N, device=device))
 
+        self._graph = self._static_in = self._static_out = None
+        # With a CUDA graph and the Triton patch embedding: the graph reads its images at the address held here,
+        # set before each replay, instead of from a copy in _static_in (_addressed: the tensor captured so).
+        self._image_address = self._addressed = None
         self.attention_choices: Dict[int, AttentionChoice] = {}
         self.attention_timings: Dict[int, Dict[str, float]] = {}
         self._choose_attention(attention, tune_batch)
@@ -520,7 +530,6 @@ class FastViT(nn.Module):
         self._run = self._forward_impl
         if backend == 'compile':
             self._run = torch.compile(self._forward_impl, fullgraph=True, dynamic=False)
-        self._graph = self._static_in = self._static_out = None
 
     # -- build helpers ------------------------------------------------------------------------------------------
 
@@ -647,8 +656,9 @@ class FastViT(nn.Module):
         buf = torch.empty(B, self.num_tokens, self.embed_dim, dtype=self.residual_dtype, device=images.device)
         buf[:, :self.num_prefix] = self.prefix_const
         if self.embed_choice.kind == 'triton':
+            address = self._image_address if images is self._addressed else None
             K.patch_embed_triton_(buf, images, self.patch_wt, self.patch_const, self.num_prefix, self.patch,
-                                  *self.embed_choice.tiles)
+                                  *self.embed_choice.tiles, image_address=address)
             return self._norm_pre(buf)
         grid = K.patch_grid(images, self.patch)  # (B, hp, wp, c, ph, pw), a view
         patches = torch.empty(grid.shape, dtype=self.dtype, device=images.device)
@@ -714,19 +724,36 @@ class FastViT(nn.Module):
         if images.dim() != 4 or tuple(images.shape[1:]) != expected:
             raise ValueError(f'expected images of shape (B, {", ".join(map(str, expected))}), '
                              f'got {tuple(images.shape)}')
-        if self._graph is not None and images.shape == self._static_in.shape and images.device == self.device:
-            self._static_in.copy_(images)
+        if self._graph is not None and images.shape == self._static_in.shape:
+            if self._reads_in_place(images):
+                self._image_address.fill_(images.data_ptr())
+            else:
+                self._static_in.copy_(images)
+                if self._image_address is not None:
+                    self._image_address.fill_(self._static_in.data_ptr())
             self._graph.replay()
             return self._static_out.clone()
         return self._run(images.to(self.device))
 
+    def _reads_in_place(self, images: torch.Tensor) -> bool:
+        """Whether the captured graph can read ``images`` where they are (its patch embedding reads them through
+        an address): contiguous, on the device, in the captured dtype, 16-byte aligned."""
+        return (self._image_address is not None and images.device == self.device
+                and images.dtype == self._static_in.dtype and images.is_contiguous() and images.data_ptr() % 16 == 0)
+
     @torch.no_grad()
     def capture_cuda_graph(self, batch_size: int) -> None:
         """Capture the whole forward for ``batch_size`` images (static input and output buffers); later calls
-        with that batch size copy the images in and replay it, others run uncaptured."""
+        with that batch size replay it, others run uncaptured.  With the Triton patch embedding the graph reads
+        the caller's images where they are (contiguous fp32 on the device; their address is written before the
+        replay); other images are copied into the static input first."""
         if self.device.type != 'cuda':
             raise ValueError('fast path: CUDA graphs need a CUDA model')
         static_in = torch.randn(batch_size, self.in_chans, *self.img_size, device=self.device)
+        self._image_address = self._addressed = None
+        if self.embed_choice.kind == 'triton':
+            self._addressed = static_in
+            self._image_address = torch.tensor([static_in.data_ptr()], dtype=torch.int64, device=self.device)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):  # warm-up off the capture: Triton/inductor compile, cuBLAS handles
@@ -745,6 +772,8 @@ class FastViT(nn.Module):
             'backend': self.backend, 'dtype': str(self.dtype).replace('torch.', ''),
             'residual_dtype': str(self.residual_dtype).replace('torch.', ''),
             'cuda_graph_batch': None if self._static_in is None else int(self._static_in.shape[0]),
+            'cuda_graph_input': (None if self._static_in is None
+                                 else 'read in place' if self._image_address is not None else 'copied'),
             'kept_counts': [blk.n for blk in self.blocks],
             'attention': {str(n): c.label for n, c in sorted(self.attention_choices.items())},
             'attention_ms': _finite(self.attention_timings),

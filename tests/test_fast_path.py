@@ -306,6 +306,27 @@ def test_patch_embed_equals_the_strided_convolution(dtype, geometry, tiles):
 
 
 @needs_triton
+def test_patch_embed_reads_the_images_an_address_names():
+    """With image_address the kernel reads the images whose address the tensor holds when it runs (as a CUDA
+    graph replay would), not the ones it was given for their layout: the same bits as reading them directly."""
+    B, C, prefix, patch = 2, 40, 1, (8, 8)
+    layout, images = _randn(B, 3, 32, 32, seed=24), _randn(B, 3, 32, 32, seed=25)
+    wt, const = _randn(3 * 64, C, seed=26) * 0.1, _randn(16, C, seed=27)
+    direct = K.patch_embed_triton_(torch.zeros(B, prefix + 16, C, device=DEVICE), images, wt, const, prefix, patch)
+    address = torch.tensor([layout.data_ptr()], dtype=torch.int64, device=DEVICE)
+    address.fill_(images.data_ptr())  # after the fact, as before a replay
+    read = K.patch_embed_triton_(torch.zeros_like(direct), layout, wt, const, prefix, patch, image_address=address)
+    assert torch.equal(read, direct)
+    assert not torch.equal(read, K.patch_embed_triton_(torch.zeros_like(direct), layout, wt, const, prefix, patch))
+    with pytest.raises(ValueError, match='image_address needs contiguous images'):
+        K.patch_embed_triton_(torch.zeros_like(direct), layout.transpose(2, 3), wt, const, prefix, patch,
+                              image_address=address)
+    with pytest.raises(ValueError, match='one-element int64 tensor'):
+        K.patch_embed_triton_(torch.zeros_like(direct), layout, wt, const, prefix, patch,
+                              image_address=address.to(torch.int32))
+
+
+@needs_triton
 def test_patch_embed_refuses_mismatched_shapes():
     x, wt, const = _randn(2, 3, 16, 16), _randn(3 * 8 * 8, 40), _randn(4, 40)
     with pytest.raises(ValueError, match='do not tile'):
@@ -543,11 +564,11 @@ def test_timed_choice_keeps_the_fastest_candidate_that_computes_the_right_thing(
             raise RuntimeError('out of resources')
         return run_linear_residual(choice, *a)
 
-    def failing_embed(*a):
+    def failing_embed(*a, **kw):
         if tuple(a[6:]) == K.LINEAR_TILES[1]:
             refused.append('embed')
             raise RuntimeError('out of resources')
-        return patch_embed(*a)
+        return patch_embed(*a, **kw)
 
     monkeypatch.setattr(FP, '_times_on', lambda device: True)
     monkeypatch.setattr(FP, '_time_candidate', scripted)
@@ -650,7 +671,7 @@ def test_compiled_backend():
 # the kernels compiled for a Hopper GPU without one (the interpreter does not lower them)
 
 AOT_SCRIPT = r'''
-import json, sys
+import inspect, json, sys
 sys.path.insert(0, sys.argv[1])
 import triton
 from triton.backends.compiler import GPUTarget
@@ -660,13 +681,17 @@ from models import fast_kernels as K
 target = GPUTarget('cuda', 90, 32)
 backend = triton.compiler.make_backend(target)
 
-def compile_(kernel, types, constexprs, num_warps, num_stages=3):
+def compile_(kernel, types, constexprs, num_warps, num_stages=3, aligned=()):
+    # aligned: the arguments a launch would find multiples of 16 (Triton specialises on that, bytes for pointers)
     signature = dict(types, **{k: 'constexpr' for k in constexprs})
+    names = list(inspect.signature(kernel.fn).parameters)
+    attrs = {(names.index(a),): [['tt.divisibility', 16]] for a in aligned}
     options = backend.parse_options({'num_warps': num_warps, 'num_stages': num_stages}).__dict__
-    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs), target=target,
-                              options=options)
+    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
+                              target=target, options=options)
     ptx = compiled.asm['ptx']
-    return {'shared': compiled.metadata.shared, 'wgmma': 'wgmma.mma_async' in ptx, 'mma': 'mma.sync' in ptx}
+    return {'shared': compiled.metadata.shared, 'wgmma': 'wgmma.mma_async' in ptx, 'mma': 'mma.sync' in ptx,
+            'wide_loads': ptx.count('cp.async.cg.shared.global') + ptx.count('ld.global.v4')}
 
 out = {}
 attn = dict(qkv_ptr='*fp16', out_ptr='*fp16', n='i32', H='i32', stride_qb='i32', stride_qn='i32', stride_ob='i32',
@@ -694,13 +719,16 @@ for norm in (True, False):
     out[f'residual norm={norm}'] = compile_(
         K._residual_kernel, res, dict(HAS_G=True, NORM=norm, HAS_W=True, HAS_B=True, ROWS=rows, BLOCK_C=block_c),
         warps)
-embed = dict(img_ptr='*fp32', wt_ptr='*fp16', c_ptr='*fp32', out_ptr='*fp32', M='i32', N='i32', K='i32',
-             num_patches='i32', grid_w='i32', stride_ib='i32', stride_ic='i32', stride_ih='i32', stride_ob='i32',
-             stride_on='i32', prefix='i32')
+embed = dict(img_ptr='*fp32', addr_ptr='*i64', wt_ptr='*fp16', c_ptr='*fp32', out_ptr='*fp32', M='i32', N='i32',
+             K='i32', num_patches='i32', grid_w='i32', stride_ib='i32', stride_ic='i32', stride_ih='i32',
+             stride_ob='i32', stride_on='i32', prefix='i32')
 for bm, bn, bk, warps, stages in K.LINEAR_TILES:
-    out[f'patch_embed {bm}x{bn}x{bk}'] = compile_(
-        K._patch_embed_kernel, embed, dict(PH=16, PW=16, EVEN_K=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8),
-        warps, stages)
+    for indirect in (False, True):  # the images at a pointer argument, or at an address read from memory
+        out[f'patch_embed {bm}x{bn}x{bk} indirect={indirect}'] = compile_(
+            K._patch_embed_kernel, embed, dict(PH=16, PW=16, INDIRECT=indirect, EVEN_K=True, BLOCK_M=bm, BLOCK_N=bn,
+                                               BLOCK_K=bk, GROUP_M=8), warps, stages,
+            aligned=('img_ptr', 'addr_ptr', 'wt_ptr', 'c_ptr', 'out_ptr', 'N', 'K', 'stride_ib', 'stride_ic',
+                     'stride_ih', 'stride_ob', 'stride_on'))
 print(json.dumps(out))
 '''
 
@@ -720,9 +748,14 @@ def test_kernels_compile_for_hopper():
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     kernels = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(kernels) == len(K.ATTENTION_TILES) + 3 * len(K.LINEAR_TILES) + 3
+    assert len(kernels) == len(K.ATTENTION_TILES) + 4 * len(K.LINEAR_TILES) + 3
     for name, info in kernels.items():
         assert info['shared'] <= 227 * 1024, name
+        if name.startswith('patch_embed') and name.endswith('indirect=True'):
+            # an address read from memory carries no alignment: the kernel states it, so the pixels still move
+            # in 16-byte loads, as many as when the images come as an aligned pointer argument
+            direct = kernels[name.replace('indirect=True', 'indirect=False')]['wide_loads']
+            assert info['wide_loads'] == direct > 0, name
         if name.startswith(('attention', 'linear', 'patch_embed')):
             # tiles of 64 rows or more run on wgmma; a 32-row tile is below its 64-row minimum: mma.sync
             assert info['wgmma'] if int(name.split()[1].split('x')[0]) >= 64 else info['mma'], name
@@ -784,6 +817,28 @@ def test_cuda_graph_replays_the_uncaptured_forward(backend):
     assert (out_a - out_b).abs().max().item() > 1e-2 * out_a.abs().max().item()
     assert (fast(c) - plain(c)).abs().max().item() <= 1e-3  # another batch size: the uncaptured path
     assert out_a.data_ptr() != fast(a).data_ptr()  # callers get their own tensor, not the graph's buffer
+
+
+@cuda_only
+@torch.no_grad()
+def test_cuda_graph_reads_the_callers_images_in_place():
+    """With the Triton patch embedding the graph reads contiguous, aligned fp32 images on the device where they
+    are (its static input is never written); other images (a strided view, an unaligned one, fp16, on the CPU)
+    are copied in first.  Every replay gives the uncaptured path's logits, in any order of the two ways."""
+    model = _deit_ti_pair(seed=3)
+    fast = build_fast_path(model, backend='triton', dtype=torch.float16, cuda_graph=True, batch_size=4, mlp='triton')
+    plain = build_fast_path(model, backend='triton', dtype=torch.float16, batch_size=4, mlp='triton')
+    assert fast.describe()['cuda_graph_input'] == 'read in place'
+    a, b = (torch.randn(4, 3, 224, 224, generator=_gen(s)).to(DEVICE) for s in (6, 7))
+    unaligned = torch.empty(a.numel() + 1, device=DEVICE)[1:].view_as(a).copy_(b)
+    strided = b.transpose(2, 3).contiguous().transpose(2, 3)
+    # each copy brings other values than the static input held (a, b alternate), so a copy always shows
+    for images, in_place in ((a, True), (strided, False), (b, True), (a.half(), False), (unaligned, False),
+                             (a.cpu(), False), (b, True)):
+        before = fast._static_in.clone()
+        out = fast(images)
+        assert (out - plain(images)).abs().max().item() <= 1e-3
+        assert torch.equal(fast._static_in, before) == in_place  # in place: the static input was not written
 
 
 @cuda_only
