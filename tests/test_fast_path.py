@@ -533,7 +533,8 @@ def test_timed_choice_keeps_the_fastest_candidate_that_computes_the_right_thing(
     """What a CUDA build does with attention='auto', mlp='auto', run here with scripted times in fp16.  Each
     kind of choice has a candidate scripted fastest of all that is wrong: its output is off, or it raises.  It
     must be refused (no time recorded) and the fastest correct one kept, per kept count, for every block of that
-    count.  The built path must then compute what the same kernels, forced, compute."""
+    count.  The built path must then compute the model (and, when the chosen kernels are the first Triton
+    tiles, exactly what those kernels forced compute)."""
     import models.fast_path as FP
     from models.fast_path import MlpChoice
     fast_att, wrong_att = (AttentionChoice('triton', tiles=t).label for t in K.ATTENTION_TILES[:2])
@@ -602,9 +603,6 @@ def test_timed_choice_keeps_the_fastest_candidate_that_computes_the_right_thing(
     if winner == 'triton':  # the forced Triton build runs the first tiles too: the same kernels, the same bits
         forced = build_fast_path(model, backend='triton', dtype=torch.float16, attention='triton', mlp='triton')
         assert torch.equal(fast(x), forced(x))
-    else:  # the math backend against torch's own dispatch: the same products, summed in another order
-        forced = build_fast_path(model, backend='triton', dtype=torch.float16, attention='sdpa', mlp='torch')
-        assert (fast(x) - forced(x)).abs().max().item() <= 2e-3 * max(1.0, forced(x).abs().max().item())
     ref = model(x)  # and fp16 products stay within fp16 rounding of the fp32 eager model
     assert (fast(x) - ref).abs().max().item() <= 1e-2 * max(1.0, ref.abs().max().item())
 
