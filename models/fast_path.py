@@ -59,8 +59,8 @@ at batch 32, 1.02-1.03x at batch 256); another batch size (say the last, smaller
 uncaptured.  A graph replays on fixed addresses, so its input is normally copied into a static buffer first
 (for DeiT at batch 256, 154 MB read and written: a fixed cost that pruning does not shrink); with the Triton
 patch embedding the graph instead reads the caller's images where they are, the kernel loading their address
-from a one-element tensor that is set before each replay.  The final norm is computed only on the tokens the head reads (the prefix tokens for
-``global_pool='token'``).
+from a one-element tensor that is set before each replay.  The final norm is computed only on the tokens the
+head reads (the prefix tokens for ``global_pool='token'``).
 
 Backends: ``'triton'`` as above (CUDA, or CPU under ``TRITON_INTERPRET=1`` for tests); ``'torch'`` the same
 original-order formulation in plain torch ops (index_select, F.layer_norm, index_copy_, SDPA), runnable

@@ -157,6 +157,20 @@ MUTANTS: List[Mutant] = [
            '        masks = pruning.random_masks(depth, num_patches, args.prune_rate,',
            '        masks = pruning.random_masks(depth, num_patches, 0.25,',
            [T + 'test_seeding.py::test_random_prune_mode_is_seeded'], '--prune_rate ignored by random masks'),
+    # --- the fast path and the speed table --------------------------------------------------------------------
+    mutant('timed-choice-ignores-tolerance', 'models/fast_path.py',
+           "            ms = _time_candidate(run, cand) if err <= tol else float('inf')",
+           '            ms = _time_candidate(run, cand)',
+           [T + 'test_fast_path.py::test_timed_choice_keeps_the_fastest_candidate_that_computes_the_right_thing'],
+           'the build keeps the fastest candidate even when its output is wrong'),
+    mutant('image-address-ignored', 'models/fast_kernels.py',
+           '        if INDIRECT:\n', '        if False:\n',
+           [T + 'test_fast_path.py::test_patch_embed_reads_the_images_an_address_names'],
+           'the patch embedding reads the images it was given for their layout, not those the address names'),
+    mutant('readme-figure-not-measured', 'README.md',
+           '| C&C-Ti-25 | 0.92 | 92.6 |', '| C&C-Ti-25 | 0.92 | 96.2 |',
+           [T + 'test_benchmark.py::test_readme_speed_table_is_the_committed_results'],
+           "a figure in the README's speed table that the committed results do not hold"),
 ]
 
 
