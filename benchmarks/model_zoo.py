@@ -64,7 +64,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import timm  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 from timm.loss import LabelSmoothingCrossEntropy  # noqa: E402
@@ -733,7 +732,6 @@ def scoring_cost(cc: nn.Module, dense: nn.Module, batch: int, reps: int, device:
                                     device, reps, 1, None)
     s, t = statistics.median(times['scoring']), statistics.median(times['train_step'])
     ratio = paired([a / b for a, b in zip(times['scoring'], times['train_step'])])
-    del scorer, trainee, optimizer
     return {'batch_size': batch, 'repeats': reps, 'scoring_s': s, 'train_step_s': t, **as_fields('ratio', ratio)}
 
 

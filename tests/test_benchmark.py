@@ -11,13 +11,11 @@ import sys
 from types import SimpleNamespace
 
 import pytest
-import timm
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import engine
 import models
-import pruning
 from benchmarks import formulations as F
 from benchmarks import model_zoo as zoo
 from benchmarks import report, stats

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
 
-import models
+import models  # noqa: F401  (registers cc_deit_* with timm)
 import pruning
 from models import fast_kernels as K
 from models.fast_path import AttentionChoice, build_fast_path, choose_attention, run_attention

@@ -1,7 +1,6 @@
 """The distillation loss of the method, the data sets and the samplers."""
 import argparse
 import json
-import os
 
 import pytest
 import torch

@@ -6,7 +6,6 @@ import pytest
 import timm
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import pruning
 
