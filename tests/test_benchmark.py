@@ -944,3 +944,30 @@ def test_gpu_check_names_existing_test_files_and_refuses_unknown_steps(tmp_path)
                           env=dict(subprocess_env(), OUT=str(out)))
     assert done.returncode == 2 and done.stderr == 'error: unknown step no-such-step (tests, benchmark, profile)\n'
     assert not out.exists()  # refused before anything is written
+
+
+def test_gpu_check_reads_the_results_the_benchmark_writes():
+    """The Python that gpu_check.sh runs on the benchmark's JSON (the sections, the summary with its targets, the
+    logit checks; the profile's slowest kernels) and the README table it prints run on a real results file (the
+    committed CPU run), so a renamed key shows here, not in a GPU session's output."""
+    text = open(GPU_CHECK).read()
+    snippets = re.findall(r"<<'EOF'\n(.*?)\nEOF\n", text, re.S)
+    assert len(snippets) == 3  # the environment, the benchmark's summary, the profile's kernels
+    cpu_json = os.path.join(ROOT, 'benchmarks', 'results', 'cpu.json')
+    results = json.load(open(cpu_json))
+    outputs = []
+    for code in snippets[1:]:
+        done = subprocess.run([sys.executable, '-', cpu_json], input=code, capture_output=True, text=True,
+                              timeout=60, env=subprocess_env(), cwd=ROOT)
+        assert done.returncode == 0, done.stderr
+        outputs.append(done.stdout)
+    summary = outputs[0].splitlines()
+    assert summary[:len(results['sections'])] == [f"{s['section']}: {s['status']}" for s in results['sections']]
+    first = results['summary'][0]
+    assert any(line.startswith(f"{first['model']}: FLOPs ratio {first['flops_ratio']:.2f}, "
+                               f"{first['best_pruned_mode']} over {first['best_dense_mode']}") for line in summary)
+    assert sum('logit' in line or 'top-1' in line for line in summary) == sum(
+        'logit' in t['target'] or 'top-1' in t['target'] for t in results['targets']) > 0
+    assert outputs[1] == ''  # a CPU run profiles no kernels
+    table = _gpu_check_commands('benchmarks.report')
+    assert len(table) == 1 and 'python3 -m benchmarks.report --gpu "$OUT/cuda.json"' in table[0]
