@@ -433,7 +433,7 @@ def readme_speed_table(cpu: Dict, gpu: Optional[Dict] = None) -> List[str]:
     headed with the GPU's name, for each pruned model of that run: the fastest pruned mode over the fastest dense
     mode at the run's main batch, the same over timm eager, and at batch 1 and 32 ('–' where not run)."""
     entries = {e['model']: e for e in (gpu or {}).get('summary', [])}
-    gpu_name = (gpu or {}).get('machine', {}).get('gpu') if gpu else None
+    gpu_name = None if gpu is None else gpu.get('machine', {}).get('gpu')
     if gpu is not None and not gpu_name:
         raise ValueError('the GPU results name no GPU (machine.gpu)')
     header = ['model', 'GFLOPs', 'images/s (CPU)', 'speed-up', 'FLOPs ratio', 'vs boolean mask']
