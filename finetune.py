@@ -531,6 +531,7 @@ def fast_model(args, model: nn.Module, device: torch.device, batch_size: int, dt
     """``model`` through ``--fast-path`` (models/fast_path.py): an inference-only module on the model's device,
     its matrix products in ``dtype`` (fp32 if None), a CUDA graph captured for ``batch_size`` with the Triton
     backend on CUDA (other batch sizes run uncaptured)."""
+    from models.fast_kernels import TritonError
     from models.fast_path import build_fast_path
     graph = device.type == 'cuda' and args.fast_path == 'triton'
     try:
@@ -538,6 +539,10 @@ def fast_model(args, model: nn.Module, device: torch.device, batch_size: int, dt
                                batch_size=batch_size if graph else None)
     except ValueError as e:
         raise UserError(f'--fast-path {args.fast_path}: {e}') from None
+    except TritonError as e:  # the build runs the kernels (timing, the graph's warm-up): an unsupported GPU
+        raise UserError(f'--fast-path {args.fast_path}: Triton cannot compile or run its kernels on this device '
+                        f'({type(e).__name__}: {one_line(e)}); --fast-path compile or torch runs without '
+                        f'them') from None
 
 
 ORIGINAL_SPEED_BATCH, ORIGINAL_SPEED_PASSES = 256, 50

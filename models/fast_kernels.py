@@ -61,13 +61,17 @@ import torch.nn.functional as F
 try:
     import triton
     import triton.language as tl
+    from triton.errors import TritonError
     HAS_TRITON = True
 except ImportError:  # a CPU-only torch without Triton: the references serve everything
     triton = tl = None
     HAS_TRITON = False
 
+    class TritonError(Exception):
+        """Never raised: what Triton's compile and launch errors derive from, where Triton is installed."""
+
 __all__ = [
-    'HAS_TRITON', 'INTERPRETER', 'triton_runs_on', 'attention_tiles_ok',
+    'HAS_TRITON', 'INTERPRETER', 'TritonError', 'triton_runs_on', 'attention_tiles_ok',
     'gather_layer_norm', 'gather_layer_norm_reference', 'gather_layer_norm_triton',
     'residual_layer_norm_', 'residual_layer_norm_reference_', 'residual_layer_norm_triton_',
     'residual_scatter_', 'residual_scatter_reference_', 'residual_scatter_triton_',

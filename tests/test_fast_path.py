@@ -903,6 +903,23 @@ def test_speed_only_through_the_fast_path_prints_both_speed_ups(capsys, pruned_d
     assert 'against the fastest dense model (dense model' in speedups[1]
 
 
+def test_a_gpu_triton_cannot_serve_is_one_line(capsys, monkeypatch, pruned_digits):
+    """Building the path runs its kernels (the timing, the graph's warm-up); a GPU Triton cannot compile for or
+    launch on fails there, and the CLI says so in one line, naming the way round it."""
+    import models.fast_path as FP
+
+    def cannot(*args, **kwargs):
+        raise K.TritonError('out of resource: shared memory, Required: 232448, Hardware limit: 101376')
+    monkeypatch.setattr(FP, 'build_fast_path', cannot)
+    code, out, err = _cli(capsys, '--speed-only', '--resume', pruned_digits['path'], '--batch-size', '4',
+                          '--speed-repeats', '2', '--speed-warmup', '0', '--fast-path', 'torch')
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    assert lines[0] == ('error: --fast-path torch: Triton cannot compile or run its kernels on this device '
+                        '(TritonError: out of resource: shared memory, Required: 232448, Hardware limit: 101376); '
+                        '--fast-path compile or torch runs without them')
+
+
 @pytest.mark.parametrize('argv, message', [
     (['--fast-path', 'torch', '--output_dir', '{tmp}/ft', '--data-set', 'DIGITS'],
      '--fast-path is an inference path: use it with --eval or --speed-only'),
