@@ -515,8 +515,8 @@ class FastViT(nn.Module):
 
         self._graph = self._static_in = self._static_out = None
         # With a CUDA graph and the Triton patch embedding: the graph reads its images at the address held here,
-        # set before each replay, instead of from a copy in _static_in (_addressed: the tensor captured so).
-        self._image_address = self._addressed = None
+        # set before each replay, instead of from a copy in _static_in (the tensor it was captured reading).
+        self._image_address = None
         self.attention_choices: Dict[int, AttentionChoice] = {}
         self.attention_timings: Dict[int, Dict[str, float]] = {}
         self._choose_attention(attention, tune_batch)
@@ -656,7 +656,7 @@ class FastViT(nn.Module):
         buf = torch.empty(B, self.num_tokens, self.embed_dim, dtype=self.residual_dtype, device=images.device)
         buf[:, :self.num_prefix] = self.prefix_const
         if self.embed_choice.kind == 'triton':
-            address = self._image_address if images is self._addressed else None
+            address = self._image_address if images is self._static_in else None
             K.patch_embed_triton_(buf, images, self.patch_wt, self.patch_const, self.num_prefix, self.patch,
                                   *self.embed_choice.tiles, image_address=address)
             return self._norm_pre(buf)
@@ -750,9 +750,8 @@ class FastViT(nn.Module):
         if self.device.type != 'cuda':
             raise ValueError('fast path: CUDA graphs need a CUDA model')
         static_in = torch.randn(batch_size, self.in_chans, *self.img_size, device=self.device)
-        self._image_address = self._addressed = None
+        self._graph, self._static_in, self._image_address = None, static_in, None
         if self.embed_choice.kind == 'triton':
-            self._addressed = static_in
             self._image_address = torch.tensor([static_in.data_ptr()], dtype=torch.int64, device=self.device)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
@@ -764,15 +763,15 @@ class FastViT(nn.Module):
         with torch.cuda.graph(graph):
             static_out = self._run(static_in)
         torch.cuda.synchronize(self.device)
-        self._graph, self._static_in, self._static_out = graph, static_in, static_out
+        self._graph, self._static_out = graph, static_out
 
     def describe(self) -> Dict:
         """What was built: backend, dtypes, kept count per block, attention chosen per kept count."""
         return {
             'backend': self.backend, 'dtype': str(self.dtype).replace('torch.', ''),
             'residual_dtype': str(self.residual_dtype).replace('torch.', ''),
-            'cuda_graph_batch': None if self._static_in is None else int(self._static_in.shape[0]),
-            'cuda_graph_input': (None if self._static_in is None
+            'cuda_graph_batch': None if self._graph is None else int(self._static_in.shape[0]),
+            'cuda_graph_input': (None if self._graph is None
                                  else 'read in place' if self._image_address is not None else 'copied'),
             'kept_counts': [blk.n for blk in self.blocks],
             'attention': {str(n): c.label for n, c in sorted(self.attention_choices.items())},
