@@ -80,6 +80,7 @@ from benchmarks.formulations import (  # noqa: E402
 )
 from benchmarks.stats import Timings, as_fields, paired  # noqa: E402
 from engine import original_settings, steady_allocator  # noqa: E402
+from utils import write_text_atomic  # noqa: E402
 
 # The seed's figures on their GPU (GFLOPs, images/s, speed-up), from the method's specification.
 SEED_GPU = {
@@ -1017,11 +1018,9 @@ def run_section(section: Section, live: Dict[str, Live], results: Dict, args, de
 
 
 def write_outputs(results: Dict, text: str, args) -> None:
+    # through the one atomic writer: a run killed while writing leaves the previous complete file
     for path, content in ((args.json, json.dumps(results, indent=2)), (args.markdown, text)):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path + '.partial', 'w') as f:
-            f.write(content + ('\n' if not content.endswith('\n') else ''))
-        os.replace(path + '.partial', path)  # a run killed while writing leaves the previous complete file
+        write_text_atomic(path, content + ('\n' if not content.endswith('\n') else ''))
 
 
 def report_so_far(results: Dict, args, device: torch.device, started: float) -> str:
