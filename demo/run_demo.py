@@ -40,7 +40,7 @@ for path in (ROOT, os.path.join(ROOT, 'demo')):
         sys.path.insert(0, path)
 
 import finetune  # noqa: E402
-from utils import TensorBoard, UserError, checkpoint_args, load_checkpoint_file  # noqa: E402
+from utils import TensorBoard, UserError, checkpoint_args, load_checkpoint_file, write_text_atomic  # noqa: E402
 
 MODEL = 'deit_digits_patch4_32'
 CONFIGS = [('attn', 0.25), ('attn', 0.40), ('random', 0.25)]  # (prune mode, prune rate)
@@ -341,8 +341,7 @@ def main(argv=None) -> int:
             rows.append(row)
             speedups[row['name']] = speed[tag]['speedup']
     assert all(tuple(r) == ROW_KEYS for r in rows)
-    with open(os.path.join(out, 'results.json'), 'w') as f:
-        json.dump({'rows': rows}, f, indent=2)
+    write_text_atomic(os.path.join(out, 'results.json'), json.dumps({'rows': rows}, indent=2))
     details = {'timings_s': timings, 'speed': speed, 'args': vars(a),
                'acc1_rule': 'last epoch (checkpoint.pth) evaluated with --eval; pruned rows before finetuning '
                             'are the --prune evaluation'}
@@ -381,8 +380,7 @@ def main(argv=None) -> int:
     tb.close()
 
     timings['total'] = time.time() - t0
-    with open(os.path.join(out, 'details.json'), 'w') as f:
-        json.dump(details, f, indent=2)
+    write_text_atomic(os.path.join(out, 'details.json'), json.dumps(details, indent=2))
     print()
     print(f'Clip & Concat on scikit-learn digits ({len(rows)} rows, {out}/results.json); acc@1 on the 360 '
           f'validation images, last epoch; speed-up against the dense model timed interleaved in the same run:')

@@ -53,7 +53,7 @@ for path in (ROOT, os.path.join(ROOT, 'demo')):
 
 import run_demo as demo  # noqa: E402
 import finetune  # noqa: E402
-from utils import load_checkpoint_file, state_dict_of  # noqa: E402
+from utils import load_checkpoint_file, state_dict_of, write_text_atomic  # noqa: E402
 
 RATES = (0.25, 0.40, 0.55)
 MODES = ('attn', 'random')            # finetune.py's --prune_mode: 'attn' is Taylor attention importance
@@ -565,12 +565,9 @@ def main(argv=None) -> int:
         'command': ['python', 'demo/study.py'] + argv,
     }
     assert all(tuple(r) == RUN_KEYS for r in runs)
-    with open(os.path.join(out, 'results.json'), 'w') as f:
-        json.dump(results, f, indent=2)
-    with open(os.path.join(out, 'results.md'), 'w') as f:
-        f.write(table + '\n')
-    with open(os.path.join(out, 'STUDY.md'), 'w') as f:
-        f.write(report(argv, results, table))
+    write_text_atomic(os.path.join(out, 'results.json'), json.dumps(results, indent=2))
+    write_text_atomic(os.path.join(out, 'results.md'), table + '\n')
+    write_text_atomic(os.path.join(out, 'STUDY.md'), report(argv, results, table))
 
     print()
     print(table)
