@@ -49,18 +49,19 @@ added as the tokens are written into the buffer.  With ``backend='triton'`` it c
 adds the constant and writes the tokens into the buffer; timed against the unfused sequence at build time like
 the MLP's products, since it is a fixed cost that pruning does not shrink.
 
-Attention: SDPA's time was flat from 197 down to 129 tokens and halved at 128 (128-row tiles: a block keeping
-148 tokens pays for 256 rows), so for each
-distinct kept count the candidates (the SDPA backends flash / efficient / cuDNN / math through
-``torch.nn.attention.sdpa_kernel``, and the Triton kernel with 32- to 128-row query tiles) are checked against
-an fp32 reference and timed once at build time on CUDA, and the fastest is kept (``attention_choices``); on CPU
-it is SDPA.  ``cuda_graph=True`` captures the whole forward for one batch size (measured 3x for dense DeiT-Ti
-at batch 32, 1.02-1.03x at batch 256); another batch size (say the last, smaller batch of an evaluation) runs
-uncaptured.  A graph replays on fixed addresses, so its input is normally copied into a static buffer first
-(for DeiT at batch 256, 154 MB read and written: a fixed cost that pruning does not shrink); with the Triton
-patch embedding the graph instead reads the caller's images where they are, the kernel loading their address
-from a one-element tensor that is set before each replay.  The final norm is computed only on the tokens the
-head reads (the prefix tokens for ``global_pool='token'``).
+Attention: SDPA's time was flat from 197 down to 129 tokens and halved at 128 (128-row tiles: a block keeping 148
+tokens pays for 256 rows), so for each distinct kept count the candidates (the SDPA backends flash / efficient /
+cuDNN / math through ``torch.nn.attention.sdpa_kernel``, and the Triton kernel with 32- to 128-row query tiles)
+are checked against an fp32 reference and timed once at build time on CUDA, and the fastest is kept
+(``attention_choices``); on CPU it is SDPA.  Candidates are timed replayed from a CUDA graph: the GPU's time, not
+the CPU's cost of launching them, which differs between cuBLAS, torch and Triton and at small batches would decide
+the ranking.  ``cuda_graph=True`` captures the whole forward for one batch size (measured 3x for dense DeiT-Ti at
+batch 32, 1.02-1.03x at batch 256); another batch size (say the last, smaller batch of an evaluation) runs
+uncaptured.  A graph replays on fixed addresses, so its input is normally copied into a static buffer first (for
+DeiT at batch 256, 154 MB read and written: a fixed cost that pruning does not shrink); with the Triton patch
+embedding the graph instead reads the caller's images where they are, the kernel loading their address from a
+one-element tensor that is set before each replay.  The final norm is computed only on the tokens the head reads
+(the prefix tokens for ``global_pool='token'``).
 
 Backends: ``'triton'`` as above (CUDA, or CPU under ``TRITON_INTERPRET=1`` for tests); ``'torch'`` the same
 original-order formulation in plain torch ops (index_select, F.layer_norm, index_copy_, SDPA), runnable
@@ -275,6 +276,35 @@ def _cuda_ms(fn, reps: int = 20, groups: int = 5) -> float:
     return statistics.median(times)
 
 
+def _cuda_graph_ms(fn, reps: int = 20, groups: int = 5) -> float:
+    """Median milliseconds per call of ``fn`` as a CUDA graph replays it: ``reps`` calls captured in one graph,
+    ``groups`` replays timed with CUDA events.  That is the GPU's time for the call, each kernel launched as a
+    captured forward launches it, without the CPU's launch overhead, which at small batches is most of what
+    :func:`_cuda_ms` measures (and which differs between cuBLAS, torch and Triton launches).  A call that cannot
+    be captured raises."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture: lazy initialisation, compiles, cuBLAS handles
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, capture_error_mode='thread_local'):
+        for _ in range(reps):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(groups):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / reps)
+    return statistics.median(times)
+
+
 def _times_on(device: torch.device) -> bool:
     """Whether a build times its candidates (with CUDA events): on a CUDA device.  Elsewhere it takes SDPA and the
     torch products without timing anything."""
@@ -282,9 +312,11 @@ def _times_on(device: torch.device) -> bool:
 
 
 def _time_candidate(run, cand) -> float:
-    """Milliseconds per call of ``run(cand)`` (:func:`_cuda_ms`).  With :func:`_times_on`, the one seam through
-    which the tests run the timed choice on CPU with scripted times."""
-    return _cuda_ms(lambda: run(cand))
+    """Milliseconds per call of ``run(cand)`` on the GPU, replayed from a CUDA graph (:func:`_cuda_graph_ms`).  The
+    fastest rows run in a captured graph, where only the GPU's time counts; timed launch by launch, a small batch
+    would rank the CPU's launch overheads instead.  With :func:`_times_on`, the one seam through which the tests
+    run the timed choice on CPU with scripted times."""
+    return _cuda_graph_ms(lambda: run(cand))
 
 
 def attention_candidates(head_dim: int, with_triton: bool) -> List[AttentionChoice]:
@@ -304,8 +336,8 @@ _CHOICE_CACHE: Dict[tuple, tuple] = {}
 def _fastest(candidates, run, reference: torch.Tensor, tol: float, check=None):
     """(the fastest candidate whose output is within ``tol`` of ``reference``, or None; its ms; {label: ms}).
     ``run(c)`` is timed; ``check(c)`` (default ``run``) gives the output compared.  A candidate that raises (a
-    backend refusing these shapes or dtypes, a tile that does not fit) or misses the tolerance gets inf; an
-    AttributeError, NameError or TypeError is a bug here and propagates."""
+    backend refusing these shapes or dtypes, a tile that does not fit, a call a CUDA graph cannot capture) or
+    misses the tolerance gets inf; an AttributeError, NameError or TypeError is a bug here and propagates."""
     check = check or run
     timings, best, best_ms = {}, None, float('inf')
     for cand in candidates:

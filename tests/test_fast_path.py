@@ -852,6 +852,36 @@ def test_attention_choice_is_a_validated_candidate():
     assert isinstance(choice, AttentionChoice)
 
 
+@cuda_only
+@torch.no_grad()
+def test_the_build_times_its_candidates_replayed_from_a_cuda_graph():
+    """Every candidate is timed replayed from a CUDA graph (so every choice is one a graph can run): each kind
+    of choice has at least two timed candidates and keeps the fastest of them, and the captured forward computes
+    the model, within fp16 rounding of the fp32 eager model."""
+    import models.fast_path as FP
+    replays = []
+    graph_ms = FP._cuda_graph_ms
+    model = _deit_ti_pair(seed=5)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(FP, '_CHOICE_CACHE', {})
+        mp.setattr(FP, '_cuda_graph_ms', lambda fn: replays.append(1) or graph_ms(fn))
+        mp.setattr(FP, '_cuda_ms', None)  # not timed launch by launch
+        fast = build_fast_path(model, backend='triton', dtype=torch.float16, cuda_graph=True, batch_size=8)
+    built = fast.describe()
+    timed = 0
+    for kind in ('attention', 'mlp', 'fc2'):
+        assert set(built[f'{kind}_ms']) == {str(n) for n in set(built['kept_counts'])}, kind
+        for n, ms in built[f'{kind}_ms'].items():
+            finite = {k: v for k, v in ms.items() if v is not None}
+            assert len(finite) >= 2 and min(finite.values()) > 0, (kind, ms)
+            assert finite[built[kind][n]] == min(finite.values()), (kind, n, ms)
+            timed += len(finite)
+    assert len(replays) == timed + sum(v is not None for v in built['patch_embedding_ms'].values())
+    x = torch.randn(8, 3, 224, 224, generator=_gen(5)).to(DEVICE)
+    ref = model(x)
+    assert (fast(x) - ref).abs().max().item() <= 1e-2 * max(1.0, ref.abs().max().item())
+
+
 # ------------------------------------------------------------------------------------------------------------
 # the command line: --fast-path on --eval and --speed-only
 
