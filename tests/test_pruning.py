@@ -266,3 +266,42 @@ def test_apply_masks_rejects_a_plan_of_the_wrong_shape():
     model = timm.create_model('cc_deit_tiny_patch16_224', img_size=32, depth=3)
     with pytest.raises(ValueError, match=r'\(3, 4\)'):
         pruning.apply_masks(model, torch.ones(3, 5, dtype=torch.bool))
+
+
+class _Labelled(torch.utils.data.TensorDataset):
+    classes = ['a', 'b', 'c']  # the image folder's class names (its validation set must match)
+
+
+def _smoothed_cross_entropy(smoothing):
+    """The recipe's loss written out: (1 - ε) · NLL + ε · mean over classes of -log p."""
+    def loss(logits, targets):
+        logp = logits.log_softmax(-1)
+        nll = -logp.gather(1, targets[:, None])[:, 0]
+        return ((1 - smoothing) * nll - smoothing * logp.mean(-1)).mean()
+    return loss
+
+
+@pytest.mark.parametrize('smoothing', [0.1, 0.0])
+def test_the_prune_command_scores_its_training_images_with_the_recipes_loss(tmp_path, capsys, monkeypatch,
+                                                                              smoothing):
+    """--prune end to end: the scores it saves are the Taylor scores (computed here independently) of the dense
+    model on the images the scoring set gives, under label-smoothed cross-entropy with --smoothing's ε (0: plain
+    cross-entropy).  One batch holds the whole scoring set, so the loader's shuffling cannot change the sum."""
+    import finetune
+    from conftest import make_image_folder, official_checkpoint
+    data = make_image_folder(tmp_path / 'data', per_class=(1, 2), size=(32, 32))
+    dense = official_checkpoint(tmp_path / 'dense.pth', 'cc_deit_digits_patch4_32', seed=2, num_classes=3)
+    g = torch.Generator().manual_seed(3)
+    images, labels = torch.randn(6, 3, 32, 32, generator=g), torch.tensor([0, 1, 2, 0, 1, 2])
+    monkeypatch.setattr(finetune, 'scoring_dataset', lambda args: (_Labelled(images, labels), 3))
+    out = tmp_path / 'out'
+    assert finetune.main(['--prune', '--resume', dense, '--model', 'deit_digits_patch4_32', '--data-path', data,
+                          '--smoothing', str(smoothing), '--batch-size', '6', '--device', 'cpu',
+                          '--num_workers', '0', '--output_dir', str(out)]) == 0
+    capsys.readouterr()
+    saved = torch.load(out / 'pruned_0.25.pth')['scores']
+    model = timm.create_model('cc_deit_digits_patch4_32', checkpoint_path=dense, num_classes=3).eval()
+    expected, other = (_independent_scores(model, [(images, labels)], _smoothed_cross_entropy(eps))
+                       for eps in (smoothing, 0.1 - smoothing))
+    assert torch.allclose(saved, expected, rtol=1e-4, atol=1e-10)
+    assert (saved - other).abs().max() > 100 * (saved - expected).abs().max()  # the loss shows in the scores

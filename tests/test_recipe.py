@@ -27,9 +27,9 @@ pytestmark = pytest.mark.usefixtures('one_thread')
 # ----------------------------------------------------------------------------------------------------------
 # 1. defaults: the original recipe's values
 
-# The original code's pruning/finetuning configuration, flag by flag (DeiT's parser with the recipe's changes:
-# lr 0.01, min-lr 1e-6, warmup-lr 1e-5, no warm-up, decay-epochs 15, cool-down 30, colour jitter 0.4,
-# repeated augmentation on).
+# The original code's pruning/finetuning configuration, flag by flag, as its own pruning parser sets it (DeiT's
+# parser with the recipe's changes: lr 0.01, min-lr 1e-6, warmup-lr 1e-5, no warm-up, decay-epochs 15, cool-down
+# 30, colour jitter 0.4, repeated augmentation on, and no weight EMA, where DeiT's parser keeps one).
 ORIGINAL = {
     'eval': False, 'speed_only': False, 'prune': False, 'prune_mode': 'attn', 'prune_rate': 0.25,
     'final_finetune': 30, 'model': 'deit_tiny_patch16_224', 'drop': 0.0, 'drop_path': 0.1, 'model_ema': False,
