@@ -198,8 +198,16 @@ def test_finetune_one_epoch_with_soft_distillation(tmp_path, capsys, monkeypatch
     lines = (out_dir / 'log.txt').read_text().splitlines()
     assert len(lines) == 1 and json.loads(lines[0])['epoch'] == 0
     assert any(name.startswith('events.out.tfevents') for name in os.listdir(out_dir))
-    # the finetuned checkpoint loads back through timm and through --eval
-    timm.create_model('cc_deit_tiny_patch16_224', checkpoint_path=str(out_dir / 'checkpoint.pth'))
+    # the finetuned checkpoint loads back through timm (timm's rule: the EMA weights when the file has them, the
+    # trained ones with use_ema=False; the README says so) and through --eval (the trained ones)
+    averaged = timm.create_model('cc_deit_tiny_patch16_224', checkpoint_path=str(out_dir / 'checkpoint.pth'))
+    trained = timm.create_model('cc_deit_tiny_patch16_224')
+    timm.models.load_checkpoint(trained, str(out_dir / 'checkpoint.pth'), use_ema=False)
+    evaluated, _ = models.build_model_from_checkpoint(str(out_dir / 'checkpoint.pth'), None)  # behind --eval
+    for name, weights in (('model_ema', averaged), ('model', trained), ('model', evaluated)):
+        loaded = weights.state_dict()
+        assert all(torch.equal(loaded[k], v) for k, v in ckpt[name].items()), name
+    assert not torch.equal(ckpt['model']['head.weight'], ckpt['model_ema']['head.weight'])
     code, out, err = run_cli(capsys, '--eval', '--resume', str(out_dir / 'checkpoint.pth'),
                              '--data-path', pruned['data'], *COMMON)
     assert code == 0, err
