@@ -11,16 +11,18 @@ model's own: ``model.kept_token_ids()`` (original ids of the tokens each block p
         --data-path /path/to/imagenet/val --num-images 3 --out masks.png
 
 ``--data-path`` is an image folder (searched recursively; a ``val/`` inside is preferred) or ``DIGITS``
-(scikit-learn's digits, the validation split of ``--data-set DIGITS``).
+(scikit-learn's digits, the validation split of ``--data-set DIGITS``). Every argument is checked before any
+work starts: a bad one is one ``error: ...`` line and exit code 2.
 """
 import argparse
 import os
 import sys
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import matplotlib
 
 matplotlib.use('Agg')
+import matplotlib.figure  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -31,7 +33,8 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import models  # noqa: E402,F401  (registers the cc_deit_* models with timm)
-from utils import UserError  # noqa: E402
+from utils import UserError, check_output_dir, one_line  # noqa: E402
+from utils.cli import AT_LEAST_ONE, EXIT_USER_ERROR, OneLineParser, Range, check_numbers  # noqa: E402
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff', '.ppm')
 CLIPPED_GREY = np.array([0.62, 0.62, 0.66])  # what a clipped patch is blended towards
@@ -219,7 +222,7 @@ def class_name(index: int, num_classes: int) -> str:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser('Draw the patches each block of a Clip & Concat model keeps')
+    p = OneLineParser('demo/draw_masks.py', description='Draw the patches each block of a Clip & Concat model keeps')
     p.add_argument('--resume', required=True, help='checkpoint: official DeiT, pruned_<rate>.pth, checkpoint.pth')
     p.add_argument('--model', default=None, help='e.g. deit_tiny_patch16_224 (default: from the checkpoint)')
     p.add_argument('--data-path', default='DIGITS', help='an image folder, or DIGITS')
@@ -227,17 +230,48 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help='DIGITS ignores --data-path; IMNET (default) reads images from --data-path')
     p.add_argument('--num-images', default=4, type=int, help='rows: one image each')
     p.add_argument('--input-size', default=None, type=int)
-    p.add_argument('--eval-crop-ratio', default=0.875, type=float)
-    p.add_argument('--out', default='masks.png')
+    p.add_argument('--eval-crop-ratio', default=0.875, type=float, help='in (0, 1] (default 0.875)')
+    p.add_argument('--out', default='masks.png',
+                   help='the picture; its extension is the format (png, pdf, svg, ...; default masks.png)')
     p.add_argument('--title', default=None)
     return p
 
 
-def main(argv=None) -> int:
-    args = get_args_parser().parse_args(argv)
+# Every numeric flag of the parser, with what it accepts (check_numbers refuses a flag missing here).
+NUMERIC_FLAGS: Dict[str, Range] = {
+    'num_images': AT_LEAST_ONE, 'input_size': AT_LEAST_ONE, 'eval_crop_ratio': Range(0, 1, low_open=True),
+}
+
+
+def check_out_file(out: str, flag: str = '--out') -> None:
+    """``out`` can be written as a picture: a format matplotlib writes (by its extension, if it has one), not a
+    directory, in a folder that exists or can be created and is writable (nothing is created to find out)."""
+    extension = os.path.splitext(out)[1][1:].lower()
+    formats = matplotlib.figure.Figure().canvas.get_supported_filetypes()
+    if extension and extension not in formats:
+        raise UserError(f'{flag} {out}: .{extension} is not a picture format matplotlib writes '
+                        f'(use one of {", ".join(sorted(formats))})')
+    if os.path.isdir(out):
+        raise UserError(f'{flag} {out} is a directory; give the picture\'s file name')
+    folder = os.path.dirname(os.path.abspath(out))
     try:
-        if args.num_images < 1:
-            raise UserError('--num-images must be at least 1')
+        check_output_dir(folder, flag)
+    except UserError as e:
+        what = 'cannot be written' if os.path.isdir(folder) else 'does not exist and cannot be created'
+        raise UserError(f'{flag} {out}: its folder {folder} {what} ({str(e).rsplit(": ", 1)[-1]})') from None
+
+
+def validate_args(args: argparse.Namespace, parser: Optional[argparse.ArgumentParser] = None) -> None:
+    """Refuse a bad command line before any work starts (no model loaded, no file or directory written)."""
+    check_numbers(args, parser or get_args_parser(), NUMERIC_FLAGS)
+    check_out_file(args.out)
+
+
+def main(argv=None) -> int:
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    try:
+        validate_args(args, parser)
         model = load_model(args.resume, args.model, args.input_size)
         cfg = getattr(model, 'pretrained_cfg', None) or {}
         mean = tuple(cfg.get('mean', (0.485, 0.456, 0.406)))
@@ -259,8 +293,8 @@ def main(argv=None) -> int:
         draw_masks(model, images, args.out, mean, std, row_labels, title)
         print(f'Saved {args.out}')
     except UserError as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
+        print(f'error: {one_line(e)}', file=sys.stderr)
+        return EXIT_USER_ERROR
     return 0
 
 

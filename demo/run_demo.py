@@ -16,8 +16,10 @@ Every stage goes through finetune.py's own code (``finetune.run`` on parsed comm
    (``tensorboard --logdir runs/demo``)
 
 The full output of each finetune.py call is in ``<stage dir>/stdout.txt``; the console shows a summary.
-A teacher already trained in <out>/teacher/ with the same number of epochs is reused (an unfinished one
-is continued); every other stage is redone.
+A teacher already trained in <out>/teacher/ with the same number of epochs, learning rate and seed is reused (an
+unfinished one is continued); every other stage is redone.
+
+Every argument is checked before any work starts: a bad one is one ``error: ...`` line and exit code 2.
 """
 import os
 import sys
@@ -28,6 +30,7 @@ os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import json  # noqa: E402
+import math  # noqa: E402
 import re  # noqa: E402
 import shutil  # noqa: E402
 import statistics  # noqa: E402
@@ -40,7 +43,9 @@ for path in (ROOT, os.path.join(ROOT, 'demo')):
         sys.path.insert(0, path)
 
 import finetune  # noqa: E402
-from utils import TensorBoard, UserError, checkpoint_args, load_checkpoint_file, write_text_atomic  # noqa: E402
+from utils import (TensorBoard, UserError, check_output_dir, checkpoint_args, load_checkpoint_file,  # noqa: E402
+                   one_line, write_text_atomic)
+from utils.cli import AT_LEAST_ONE, EXIT_USER_ERROR, POSITIVE, OneLineParser, Range, check_numbers  # noqa: E402
 
 MODEL = 'deit_digits_patch4_32'
 CONFIGS = [('attn', 0.25), ('attn', 0.40), ('random', 0.25)]  # (prune mode, prune rate)
@@ -62,13 +67,14 @@ DISTILL = ['--distillation-type', 'soft', '--distillation-alpha', '0.5', '--dist
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser('Clip & Concat mini reproduction on scikit-learn digits')
+    p = OneLineParser('demo/run_demo.py', description='Clip & Concat mini reproduction on scikit-learn digits')
     p.add_argument('--out', default=os.path.join('runs', 'demo'), help='output directory (default runs/demo)')
     p.add_argument('--teacher-epochs', default=30, type=int, help='epochs of dense teacher training')
     p.add_argument('--teacher-lr', default=1e-3, type=float)
     p.add_argument('--finetune-epochs', default=8, type=int, help='epochs of distillation finetuning per model')
     p.add_argument('--finetune-lr', default=5e-4, type=float)
-    p.add_argument('--prune-batches', default=None, type=int, help='score at most this many training batches')
+    p.add_argument('--prune-batches', default=None, type=int,
+                   help='score at most this many training batches (default: all of them)')
     p.add_argument('--speed-repeats', default=30, type=int)
     p.add_argument('--num-images', default=4, type=int, help='rows of masks.png')
     p.add_argument('--quick', action='store_true',
@@ -78,6 +84,37 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument('--seed', default=0, type=int)
     p.add_argument('--verbose', action='store_true', help='show every line finetune.py prints')
     return p
+
+
+# Every numeric flag of the parser, with what it accepts (check_numbers refuses a flag missing here).
+NUMERIC_FLAGS: Dict[str, Range] = {
+    'teacher_epochs': AT_LEAST_ONE, 'teacher_lr': POSITIVE, 'finetune_epochs': AT_LEAST_ONE,
+    'finetune_lr': POSITIVE, 'prune_batches': AT_LEAST_ONE, 'speed_repeats': AT_LEAST_ONE,
+    'num_images': AT_LEAST_ONE, 'seed': Range(0, 2 ** 32 - 1),
+}
+
+
+def check_out(out: str, flag: str = '--out') -> None:
+    """``out`` is (or can be created as) a writable directory: nothing is created to find out."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f'{flag} {out} exists and is not a directory')
+    check_output_dir(out, flag)
+
+
+def check_device(device: Optional[str]) -> None:
+    """``--device``, if given, is cpu or cuda (cuda:N), and CUDA is there when asked for."""
+    if device is None:
+        return
+    if not re.fullmatch(r'cpu|cuda(:\d+)?', device):
+        raise UserError(f'--device {device}: use cpu or cuda (cuda:N for one GPU of several)')
+    finetune.resolve_device(device)
+
+
+def validate_args(a: argparse.Namespace, parser: Optional[argparse.ArgumentParser] = None) -> None:
+    """Refuse a bad command line before any work starts (nothing trained, no file or directory written)."""
+    check_numbers(a, parser or get_args_parser(), NUMERIC_FLAGS)
+    check_device(a.device)
+    check_out(a.out)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -171,31 +208,56 @@ def common_args(seed: int, device: Optional[str]) -> List[str]:
              '--print-freq', '1000', '--seed', str(seed)] + (['--device', device] if device else []))
 
 
-def teacher_state(path: str, epochs: int) -> str:
-    """'none', 'done', 'partial' (same schedule, unfinished) or 'other' (another number of epochs)."""
+def teacher_check(path: str, epochs: int, lr: float, seed: int) -> Tuple[str, Optional[str]]:
+    """(state, why): the state as ``teacher_state`` says it and, for 'other', how the checkpoint at ``path`` differs
+    from a teacher trained for ``epochs`` epochs at ``lr`` with ``seed`` (model, epochs, learning rate and seed as
+    stored in its ``args``; the demo passes --unscale-lr, so the stored ``lr`` is the one given)."""
     if not os.path.isfile(path):
-        return 'none'
+        return 'none', None
     try:
         ckpt = load_checkpoint_file(path)
-    except UserError:
-        return 'other'
+    except UserError as e:
+        return 'other', f'it cannot be read: {one_line(e)}'
     stored = checkpoint_args(ckpt)
-    if stored.get('final_finetune') != epochs or stored.get('model') != finetune.cc_model_name(MODEL):
-        return 'other'
-    return 'done' if int(ckpt.get('epoch', -1)) >= epochs - 1 else 'partial'
+    stored_lr = stored.get('lr')
+    if stored.get('model') != finetune.cc_model_name(MODEL):
+        why = f'another model, {stored.get("model")}'
+    elif stored.get('final_finetune') != epochs:
+        why = f'{stored.get("final_finetune")} epochs instead of {epochs}'
+    elif (isinstance(stored_lr, bool) or not isinstance(stored_lr, (int, float))
+          or not math.isclose(stored_lr, lr, rel_tol=1e-9, abs_tol=0.0)):
+        why = f'learning rate {stored_lr} instead of {lr}'
+    elif stored.get('seed') != seed:
+        why = f'seed {stored.get("seed")} instead of {seed}'
+    else:
+        return ('done' if int(ckpt.get('epoch', -1)) >= epochs - 1 else 'partial'), None
+    return 'other', why
+
+
+def teacher_state(path: str, epochs: int, lr: float, seed: int) -> str:
+    """'none', 'done', 'partial' (same schedule, unfinished) or 'other' (another model, number of epochs,
+    learning rate or seed)."""
+    return teacher_check(path, epochs, lr, seed)[0]
+
+
+def seed_of(common: List[str]) -> int:
+    """The ``--seed`` of a ``common_args`` list."""
+    return int(common[common.index('--seed') + 1])
 
 
 def train_teacher(teacher_dir: str, epochs: int, lr: float, common: List[str], fresh: bool = False,
                   verbose: bool = False, echo: bool = True) -> Tuple[str, float]:
     """Train the dense teacher from scratch in ``teacher_dir`` (or reuse / continue one trained there with the
-    same number of epochs) and evaluate it: (checkpoint path, acc@1 on the validation set)."""
+    same number of epochs, learning rate and seed, the ``--seed`` of ``common``) and evaluate it:
+    (checkpoint path, acc@1 on the validation set)."""
     teacher = os.path.join(teacher_dir, 'checkpoint.pth')
-    state = 'other' if fresh else teacher_state(teacher, epochs)
+    seed = seed_of(common)
+    state, why = ('other', None) if fresh else teacher_check(teacher, epochs, lr, seed)
     if state == 'other' and os.path.exists(teacher_dir):
-        print(f'   ({teacher_dir} holds another teacher; training a new one)')
+        print(f'   ({teacher_dir} holds another teacher{f" ({why})" if why else ""}; training a new one)')
         shutil.rmtree(teacher_dir)
     if state == 'done':
-        print(f'   reusing the teacher already trained in {teacher} ({epochs} epochs); '
+        print(f'   reusing the teacher already trained in {teacher} ({epochs} epochs, lr {lr}, seed {seed}); '
               f'--fresh retrains it', flush=True)
     else:
         resume = ['--resume', teacher] if state == 'partial' else []
@@ -217,7 +279,7 @@ def prune(teacher: str, mode: str, rate: float, out_dir: str, common: List[str],
     (as the paper counts them) and ``channels`` (kept tokens per block, class token included).
     """
     shutil.rmtree(out_dir, ignore_errors=True)
-    extra = ['--prune-batches', str(prune_batches)] if prune_batches else []
+    extra = ['--prune-batches', str(prune_batches)] if prune_batches and mode == 'attn' else []  # random: no scoring
     stats = cli(common + ['--prune', '--prune_mode', mode, '--prune_rate', str(rate), '--resume', teacher,
                           '--output_dir', out_dir] + extra, os.path.join(out_dir, 'stdout.txt'), tag, verbose, echo)
     record = last_json_line(os.path.join(out_dir, 'prune_log.txt'))
@@ -269,7 +331,13 @@ def markdown_table(rows: List[dict], speedups: Dict[str, float]) -> str:
 
 
 def main(argv=None) -> int:
-    a = get_args_parser().parse_args(argv)
+    parser = get_args_parser()
+    a = parser.parse_args(argv)
+    try:
+        validate_args(a, parser)
+    except UserError as e:
+        print(f'error: {one_line(e)}', file=sys.stderr)
+        return EXIT_USER_ERROR
     if a.quick:
         a.teacher_epochs, a.finetune_epochs = min(a.teacher_epochs, 2), min(a.finetune_epochs, 1)
         a.prune_batches = a.prune_batches or 4

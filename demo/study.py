@@ -24,9 +24,10 @@ so per rate and stage the script takes the differences Taylor - random seed by s
 two-sided 95% Student t-interval (n - 1 degrees of freedom, n = number of seeds). Where the interval excludes
 0 it says which masks win; where it does not, that the data cannot tell them apart.
 
-A teacher already trained in <out>/teacher/ with the same number of epochs is reused (``--fresh`` retrains it);
-every other stage is redone. ``finetune.py``'s full output for each stage is in ``<stage dir>/stdout.txt``,
-starting with the command line.
+A teacher already trained in <out>/teacher/ with the same number of epochs, learning rate and seed is reused
+(``--fresh`` retrains it); every other stage is redone. ``finetune.py``'s full output for each stage is in
+``<stage dir>/stdout.txt``, starting with the command line. Every argument is checked before any work starts: a
+bad one is one ``error: ...`` line and exit code 2.
 """
 import os
 import sys
@@ -53,7 +54,8 @@ for path in (ROOT, os.path.join(ROOT, 'demo')):
 
 import run_demo as demo  # noqa: E402
 import finetune  # noqa: E402
-from utils import load_checkpoint_file, state_dict_of, write_text_atomic  # noqa: E402
+from utils import UserError, load_checkpoint_file, one_line, state_dict_of, write_text_atomic  # noqa: E402
+from utils.cli import AT_LEAST_ONE, EXIT_USER_ERROR, POSITIVE, OneLineParser, Range, check_numbers  # noqa: E402
 
 RATES = (0.25, 0.40, 0.55)
 MODES = ('attn', 'random')            # finetune.py's --prune_mode: 'attn' is Taylor attention importance
@@ -66,7 +68,8 @@ RUN_KEYS = ('prune_rate', 'prune_mode', 'seed', 'finetuned', 'acc1', 'gflops', '
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser('Taylor against random Clip & Concat masks on scikit-learn digits, over seeds')
+    p = OneLineParser('demo/study.py',
+                      description='Taylor against random Clip & Concat masks on scikit-learn digits, over seeds')
     p.add_argument('--out', default=os.path.join('runs', 'study'), help='output directory (default runs/study)')
     p.add_argument('--seeds', default=list(SEEDS), type=int, nargs='+', help='seeds of the runs (default 0 1 2)')
     p.add_argument('--rates', default=list(RATES), type=float, nargs='+',
@@ -86,17 +89,34 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Every numeric flag of the parser, with what it accepts (check_numbers refuses a flag missing here).
+NUMERIC_FLAGS: Dict[str, Range] = {
+    'seeds': Range(0, 2 ** 32 - 1), 'rates': Range(0, 1, low_open=True, high_open=True),
+    'teacher_epochs': AT_LEAST_ONE, 'teacher_lr': POSITIVE, 'finetune_epochs': AT_LEAST_ONE,
+    'finetune_lr': POSITIVE, 'prune_batches': AT_LEAST_ONE,
+}
+
+
+def validate_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    """Refuse a bad command line before any work starts (nothing trained, no file or directory written)."""
+    check_numbers(a, p, NUMERIC_FLAGS)
+    for flag, values in (('--seeds', a.seeds), ('--rates', a.rates)):
+        if len(set(values)) != len(values):
+            raise UserError(f'{flag} must be distinct, got {" ".join(map(str, values))}')
+    demo.check_device(a.device)
+    demo.check_out(a.out)
+
+
 def check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    """``validate_args``, a mistake being one ``error:`` line and exit code 2 (SystemExit); then ``--quick``."""
+    try:
+        validate_args(p, a)
+    except UserError as e:
+        p.exit(EXIT_USER_ERROR, f'error: {one_line(e)}\n')
     if a.quick:
         a.seeds, a.rates = a.seeds[:2], a.rates[:2]
         a.teacher_epochs, a.finetune_epochs = min(a.teacher_epochs, 2), min(a.finetune_epochs, 1)
         a.prune_batches = a.prune_batches or 4
-    if len(set(a.seeds)) != len(a.seeds) or any(s < 0 for s in a.seeds):
-        p.error(f'--seeds must be distinct and not negative, got {a.seeds}')
-    if len(set(a.rates)) != len(a.rates) or not all(0.0 < r < 1.0 for r in a.rates):
-        p.error(f'--rates must be distinct and in (0, 1), got {a.rates}')
-    if a.teacher_epochs < 1 or a.finetune_epochs < 1:
-        p.error('--teacher-epochs and --finetune-epochs must be at least 1')
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -209,7 +229,7 @@ def run_all(a: argparse.Namespace, out: str) -> Tuple[dict, List[dict], Dict[str
           f'trained once for all runs', flush=True)
     teacher_dir = os.path.join(out, 'teacher')
     reused = not a.fresh and demo.teacher_state(os.path.join(teacher_dir, 'checkpoint.pth'),
-                                                a.teacher_epochs) == 'done'
+                                                a.teacher_epochs, a.teacher_lr, TEACHER_SEED) == 'done'
     teacher, teacher_acc = demo.train_teacher(teacher_dir, a.teacher_epochs, a.teacher_lr,
                                               demo.common_args(TEACHER_SEED, a.device), a.fresh, a.verbose,
                                               echo=False)

@@ -131,3 +131,157 @@ def test_draw_masks_cli_errors(tmp_path, capsys):
     assert draw_masks.main(['--resume', str(tmp_path / 'missing.pth'), '--out', str(tmp_path / 'm.png')]) == 2
     assert 'checkpoint not found' in capsys.readouterr().err
     assert not (tmp_path / 'm.png').exists()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# bad command lines: one `error:` line naming the flag, exit code 2, before any work (fast)
+
+import run_demo  # noqa: E402
+
+
+def exit_code(main, argv):
+    """``main(argv)``'s exit code, whether returned or raised as SystemExit."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return e.code
+
+
+def assert_one_error_line(err, flag):
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith('error: ') and flag in lines[0], err
+    assert 'Traceback' not in err
+
+
+def no_work(*_args, **_kwargs):
+    raise AssertionError('work started despite a bad command line')
+
+
+@pytest.mark.parametrize('argv,flag', [
+    (['--finetune-lr', 'nan'], '--finetune-lr'),
+    (['--teacher-lr', '0'], '--teacher-lr'),
+    (['--teacher-lr', 'inf'], '--teacher-lr'),
+    (['--speed-repeats', '0'], '--speed-repeats'),
+    (['--teacher-epochs', '0'], '--teacher-epochs'),
+    (['--finetune-epochs', '-1'], '--finetune-epochs'),
+    (['--num-images', '0'], '--num-images'),
+    (['--prune-batches', '0'], '--prune-batches'),
+    (['--quick', '--prune-batches', '0'], '--prune-batches'),
+    (['--seed', '-1'], '--seed'),
+    (['--seed', str(2 ** 32)], '--seed'),
+    (['--device', 'gpu'], '--device'),
+    (['--out', 'FILE'], '--out'),
+    (['--out', 'FILE/sub'], '--out'),
+    (['--teacher-epochs', 'two'], '--teacher-epochs'),
+])
+def test_run_demo_refuses_bad_arguments_before_any_work(argv, flag, tmp_path, monkeypatch, capsys):
+    """Each bad flag of run_demo.py: exit code 2, one `error:` line naming it, and nothing trained or written
+    (neither --out nor the default runs/demo is created; the existing file given as --out is left alone)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / 'FILE').write_text('not a directory')
+    for name in ('cli', 'train_teacher', 'prune', 'distill'):
+        monkeypatch.setattr(run_demo, name, no_work)
+    argv = [str(tmp_path / a) if a.startswith('FILE') else a for a in argv]
+    if '--out' not in argv:
+        argv += ['--out', str(tmp_path / 'out')]
+    assert exit_code(run_demo.main, argv) == 2
+    assert_one_error_line(capsys.readouterr().err, flag)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['FILE']
+    assert (tmp_path / 'FILE').read_text() == 'not a directory'
+
+
+def test_run_demo_device_needs_cuda(tmp_path, capsys):
+    """--device cuda on a machine without CUDA is refused at once, naming --device."""
+    if torch.cuda.is_available():
+        pytest.skip('CUDA is available here')
+    assert run_demo.main(['--device', 'cuda', '--out', str(tmp_path / 'out')]) == 2
+    assert_one_error_line(capsys.readouterr().err, '--device')
+    assert not (tmp_path / 'out').exists()
+
+
+def test_demo_parsers_name_their_script():
+    """The sentence describing each script is its description, not its prog (which starts the usage line)."""
+    for module, prog in ((run_demo, 'demo/run_demo.py'), (draw_masks, 'demo/draw_masks.py')):
+        p = module.get_args_parser()
+        assert p.prog == prog and p.description and p.format_usage().startswith(f'usage: {prog} ')
+
+
+def test_run_demo_default_arguments_pass_the_checks(tmp_path):
+    """The defaults and --quick pass validate_args (every numeric flag has a range), which creates nothing."""
+    for extra in ([], ['--quick', '--device', 'cpu']):
+        a = run_demo.get_args_parser().parse_args(['--out', str(tmp_path / 'out')] + extra)
+        run_demo.validate_args(a)
+    assert not (tmp_path / 'out').exists()
+
+
+def fake_teacher(path, lr=1e-3, seed=0, epochs=3, epoch=2, model=None):
+    """A teacher checkpoint.pth as finetune.py writes it, reduced to what the demo reads: args and epoch."""
+    import finetune
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({'model': {}, 'epoch': epoch,
+                'args': {'model': model or finetune.cc_model_name(run_demo.MODEL), 'final_finetune': epochs,
+                         'lr': lr, 'seed': seed, 'unscale_lr': True}}, path)
+    return str(path)
+
+
+def test_teacher_reused_only_with_the_same_epochs_lr_and_seed(tmp_path):
+    """teacher_state: 'done' (or 'partial', unfinished) only for the same model, epochs, learning rate and seed;
+    a teacher stored with another lr or seed is 'other', and teacher_check says what differs."""
+    path = fake_teacher(tmp_path / 'teacher' / 'checkpoint.pth')
+    assert run_demo.teacher_state(path, 3, 1e-3, 0) == 'done'
+    assert run_demo.teacher_state(str(tmp_path / 'missing.pth'), 3, 1e-3, 0) == 'none'
+    assert run_demo.teacher_state(path, 4, 1e-3, 0) == 'other'
+    assert run_demo.teacher_check(path, 3, 2e-3, 0) == ('other', 'learning rate 0.001 instead of 0.002')
+    assert run_demo.teacher_check(path, 3, 1e-3, 1) == ('other', 'seed 0 instead of 1')
+    partial = fake_teacher(tmp_path / 'partial' / 'checkpoint.pth', epoch=0)
+    assert run_demo.teacher_state(partial, 3, 1e-3, 0) == 'partial'
+    assert run_demo.teacher_state(partial, 3, 1e-3, 5) == 'other'
+    other_model = fake_teacher(tmp_path / 'm' / 'checkpoint.pth', model='cc_deit_tiny_patch16_224')
+    assert run_demo.teacher_state(other_model, 3, 1e-3, 0) == 'other'
+
+
+@pytest.mark.parametrize('lr,seed,retrained', [(1e-3, 0, False), (2e-3, 0, True), (1e-3, 7, True)])
+def test_train_teacher_retrains_on_another_lr_or_seed(lr, seed, retrained, tmp_path, monkeypatch, capsys):
+    """train_teacher reuses a stored teacher only with the same --teacher-lr and --seed (the --seed of its common
+    arguments); otherwise it says why, removes it and trains a new one from scratch with the lr asked for."""
+    teacher_dir = tmp_path / 'teacher'
+    fake_teacher(teacher_dir / 'checkpoint.pth', lr=1e-3, seed=0)
+    calls = []
+    monkeypatch.setattr(run_demo, 'cli', lambda argv, *a, **k: calls.append(argv) or {'acc1': 50.0})
+    path, acc = run_demo.train_teacher(str(teacher_dir), 3, lr, run_demo.common_args(seed, 'cpu'))
+    out = capsys.readouterr().out
+    assert path == str(teacher_dir / 'checkpoint.pth') and acc == 50.0
+    trainings = [c for c in calls if '--eval' not in c]
+    if retrained:
+        assert len(trainings) == 1 and '--resume' not in trainings[0]
+        assert trainings[0][trainings[0].index('--lr') + 1] == str(lr)
+        assert trainings[0][trainings[0].index('--seed') + 1] == str(seed)
+        assert 'training a new one' in out and ('learning rate' in out or 'seed' in out)
+        assert not (teacher_dir / 'checkpoint.pth').exists()  # the other teacher was removed
+    else:
+        assert trainings == [] and 'reusing the teacher already trained' in out
+
+
+@pytest.mark.parametrize('argv,flag', [
+    (['--eval-crop-ratio', '0'], '--eval-crop-ratio'),
+    (['--eval-crop-ratio', '1.5'], '--eval-crop-ratio'),
+    (['--num-images', '0'], '--num-images'),
+    (['--input-size', '0'], '--input-size'),
+    (['--out', 'x.jpgz'], '--out'),
+    (['--out', 'FILE/m.png'], '--out'),
+    (['--out', '.'], '--out'),
+    (['--out', '/proc/none/m.png'], '--out'),
+])
+def test_draw_masks_refuses_bad_arguments_before_any_work(argv, flag, tmp_path, monkeypatch, capsys):
+    """Each bad flag of draw_masks.py: exit code 2, one `error:` line naming it, before the model is loaded and
+    with nothing written (an unsupported extension, a folder that cannot be created, a directory as --out)."""
+    if argv[-1].startswith('/proc/') and not os.path.isdir('/proc'):
+        pytest.skip('no /proc here')
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / 'FILE').write_text('not a directory')
+    monkeypatch.setattr(draw_masks, 'load_model', no_work)
+    argv = [str(tmp_path / a) if a.startswith('FILE') else a for a in argv]
+    code = exit_code(draw_masks.main, ['--resume', str(tmp_path / 'missing.pth')] + argv)
+    assert code == 2
+    assert_one_error_line(capsys.readouterr().err, flag)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['FILE']

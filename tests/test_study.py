@@ -303,3 +303,79 @@ def test_second_run_reuses_the_teacher_and_clears_old_runs(quick_study, tmp_path
         assert (r['masks_sha1'], r['acc1']) == (before[(r['prune_mode'], r['finetuned'])]['masks_sha1'],
                                                 before[(r['prune_mode'], r['finetuned'])]['acc1'])
     assert 'reused from an earlier run' in (tmp_path / 'STUDY.md').read_text()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# bad command lines and the teacher's reuse (fast: nothing is trained)
+
+@pytest.mark.parametrize('argv,flag', [
+    (['--seeds', '-1'], '--seeds'),
+    (['--seeds', '0', str(2 ** 32)], '--seeds'),
+    (['--seeds', '1', '1'], '--seeds'),
+    (['--rates', '1.5'], '--rates'),
+    (['--rates', '0'], '--rates'),
+    (['--rates', '0.25', 'nan'], '--rates'),
+    (['--rates', '0.25', '0.25'], '--rates'),
+    (['--teacher-epochs', '0'], '--teacher-epochs'),
+    (['--finetune-epochs', '0'], '--finetune-epochs'),
+    (['--quick', '--finetune-epochs', '0'], '--finetune-epochs'),
+    (['--teacher-lr', '-1'], '--teacher-lr'),
+    (['--finetune-lr', 'nan'], '--finetune-lr'),
+    (['--prune-batches', '0'], '--prune-batches'),
+    (['--device', 'gpu'], '--device'),
+    (['--out', 'FILE'], '--out'),
+    (['--out', 'FILE/sub'], '--out'),
+    (['--seeds', 'x'], '--seeds'),
+])
+def test_bad_arguments_are_one_error_line_before_any_work(argv, flag, tmp_path, monkeypatch, capsys):
+    """Each bad flag of study.py: exit code 2 and one line starting `error: ` that names it (no usage, no
+    traceback), before anything is trained or written (neither --out nor the default runs/study is created)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / 'FILE').write_text('not a directory')
+
+    def no_work(*_args, **_kwargs):
+        raise AssertionError('work started despite a bad command line')
+    monkeypatch.setattr(study, 'run_all', no_work)
+    argv = [str(tmp_path / a) if a.startswith('FILE') else a for a in argv]
+    if '--out' not in argv:
+        argv += ['--out', str(tmp_path / 'out')]
+    with pytest.raises(SystemExit) as e:
+        study.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith('error: ') and flag in lines[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['FILE']
+
+
+def test_parser_names_its_script():
+    """The sentence describing study.py is its description, not its prog (which starts the usage line)."""
+    p = study.get_args_parser()
+    assert p.prog == 'demo/study.py' and p.description
+    assert p.format_usage().startswith('usage: demo/study.py ')
+
+
+@pytest.mark.parametrize('stored_lr,stored_seed,reused', [(1e-3, study.TEACHER_SEED, True),
+                                                          (2e-3, study.TEACHER_SEED, False),
+                                                          (1e-3, study.TEACHER_SEED + 1, False)])
+def test_teacher_reused_only_with_the_same_lr_and_seed(stored_lr, stored_seed, reused, tmp_path, monkeypatch):
+    """run_all reports the teacher as reused only when the stored one has the study's --teacher-lr and its
+    TEACHER_SEED, and trains the teacher with TEACHER_SEED (the runs themselves are stubbed out: no seeds)."""
+    import finetune
+    teacher = tmp_path / 'teacher' / 'checkpoint.pth'
+    teacher.parent.mkdir(parents=True)
+    torch.save({'model': {}, 'epoch': 2, 'args': {'model': finetune.cc_model_name(study.demo.MODEL),
+                                                  'final_finetune': 3, 'lr': stored_lr, 'seed': stored_seed}},
+               teacher)
+    seen = {}
+
+    def train_teacher(teacher_dir, epochs, lr, common, *args, **kwargs):
+        seen['seed'] = study.demo.seed_of(common)
+        return str(teacher), 90.0
+    monkeypatch.setattr(study.demo, 'train_teacher', train_teacher)
+    monkeypatch.setattr(study, 'teacher_gflops', lambda: 0.05)
+    a = study.get_args_parser().parse_args(['--teacher-epochs', '3', '--teacher-lr', '1e-3', '--seeds', '0',
+                                            '--out', str(tmp_path)])
+    a.seeds = []  # the teacher only
+    row, runs, _ = study.run_all(a, str(tmp_path))
+    assert row['reused'] is reused and runs == [] and seen['seed'] == study.TEACHER_SEED
