@@ -263,7 +263,9 @@ def build_parser() -> Parser:
                    help='steady: glibc keeps freed memory, so no row pays page faults that depend on what ran '
                         'before it (default); default: leave the allocator as it is')
     p.add_argument('--seed', type=_int_in(0, MAX_SEED), default=0, help=f'0 to {MAX_SEED} (default 0)')
-    p.add_argument('--json', default=None, help='where to write the results (default benchmarks/results/<device>.json)')
+    p.add_argument('--json', default=None, help='where to write the results (default benchmarks/results/<device>.json; '
+                                                 'with --quick runs/benchmark/<device>-quick.json); an existing file '
+                                                 'is replaced only if this script wrote it')
     p.add_argument('--markdown', default=None, help='where to write the tables (default: next to --json, .md)')
     p.add_argument('--quick', action='store_true',
                    help='smoke run; for each of these not given: DeiT-Ti, rates 0.25,0.40, batch 8, 2 passes, '
@@ -404,6 +406,19 @@ def _writable(path: str, flag: str, created: List[str]) -> str:
     return path
 
 
+def _earlier_output(path: str) -> bool:
+    """Whether the existing file ``path`` is one this script wrote (results JSON or tables), so that a new run
+    may replace it."""
+    try:
+        with open(path) as f:
+            if path.endswith('.json'):
+                results = json.load(f)
+                return isinstance(results, dict) and {'sections', 'models', 'machine'} <= set(results)
+            return f.readline().startswith('Measured on ')
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+
+
 def parse_args(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -415,9 +430,15 @@ def parse_args(argv=None):
         for flag in ('json', 'markdown'):
             if getattr(args, flag) == '':
                 raise UsageError(f'argument --{flag}: an empty path')
-        args.json = _writable(args.json or os.path.join(ROOT, 'benchmarks', 'results', f'{args.device}.json'),
-                              '--json', created)
+        # a smoke run never replaces the committed measurements
+        default = (os.path.join(ROOT, 'runs', 'benchmark', f'{args.device}-quick.json') if args.quick
+                   else os.path.join(ROOT, 'benchmarks', 'results', f'{args.device}.json'))
+        args.json = _writable(args.json or default, '--json', created)
         args.markdown = _writable(args.markdown or os.path.splitext(args.json)[0] + '.md', '--markdown', created)
+        for flag, path in (('--json', args.json), ('--markdown', args.markdown)):
+            if os.path.exists(path) and not _earlier_output(path):
+                raise UsageError(f'argument {flag}: {path} exists and is not an output of this benchmark; '
+                                 f'refusing to overwrite it')
         if args.markdown == args.json:
             raise UsageError('argument --markdown: the same file as --json')
     except UsageError as e:

@@ -614,6 +614,24 @@ def test_outputs_are_checked_writable_before_any_work(capsys, tmp_path):
     assert args.json == str(tmp_path / 'out' / 'r.json')
 
 
+def test_outputs_replace_only_files_the_benchmark_wrote(capsys, tmp_path):
+    """An existing --json or --markdown is replaced only if it is this script's own output (the committed results
+    are); any other file is refused before work starts and left as it was.  A --quick run writes under runs/,
+    never over the committed measurements."""
+    script = tmp_path / 'job.sh'
+    script.write_text('#!/bin/sh\n')
+    line = _refused(capsys, tmp_path, '--json', str(script))
+    assert '--json' in line and 'not an output of this benchmark' in line and script.read_text() == '#!/bin/sh\n'
+    notes = tmp_path / 'notes.md'
+    notes.write_text('my notes\n')
+    assert 'not an output' in _refused(capsys, tmp_path, '--markdown', str(notes))
+    committed = os.path.join(ROOT, 'benchmarks', 'results', 'cpu')
+    args = zoo.parse_args(['--device', 'cpu', '--json', committed + '.json'])  # a new measurement may replace it
+    assert (args.json, args.markdown) == (committed + '.json', committed + '.md')
+    quick = zoo.parse_args(['--device', 'cpu', '--quick'])
+    assert quick.json == os.path.join(ROOT, 'runs', 'benchmark', 'cpu-quick.json')
+
+
 def test_quick_fills_in_only_what_the_user_did_not_give(tmp_path):
     args = _parse(tmp_path, '--quick', '--rates', '0.3', '--models', 'small', '--batch-size', '4', '--repeats', '3',
                   '--compile')
