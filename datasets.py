@@ -86,6 +86,33 @@ def build_transform(is_train: bool, args):
     return transforms.Compose(resize + [transforms.ToTensor(), transforms.Normalize(mean, std)])
 
 
+def check_training_transform(args) -> None:
+    """The training transform's strings (``--aa``, ``--train-interpolation``, ``--remode``) read as timm reads them,
+    before any work: a mistyped one is a one-line error here, not a traceback when the first image loads."""
+    from timm.data import create_transform
+    from timm.data.transforms import str_to_interp_mode
+    if args.train_interpolation != 'random':
+        try:
+            str_to_interp_mode(args.train_interpolation)
+        except KeyError:
+            raise UserError(f'--train-interpolation {args.train_interpolation}: not an interpolation timm knows '
+                            f'(bicubic, bilinear, nearest, ..., or random)') from None
+    if args.remode not in ('pixel', 'rand', 'const'):
+        raise UserError(f'--remode {args.remode}: random erasing fills with pixel, rand or const')
+    if args.aa in (None, '', 'none'):
+        return
+    policy, *sections = args.aa.split('-')
+    if policy in ('rand', 'augmix'):  # timm skips a section without a number: refuse it instead
+        bare = [part for part in sections if not any(ch.isdigit() for ch in part)]
+        if bare:
+            raise UserError(f'--aa {args.aa}: section {bare[0]!r} has no value (each is a name and a number, as in '
+                            f'rand-m9-mstd0.5-inc1)')
+    try:
+        create_transform(input_size=32, is_training=True, auto_augment=args.aa)
+    except (AssertionError, KeyError, ValueError) as e:
+        raise UserError(f'--aa {args.aa}: timm cannot read this augmentation policy ({e or type(e).__name__})') from None
+
+
 # ----------------------------------------------------------------------------------------------------------
 # data sets
 
@@ -127,10 +154,17 @@ def class_folders(split: str):
     return sorted(entry.name for entry in os.scandir(split) if entry.is_dir())
 
 
+def _readable(folder: str) -> bool:
+    return os.access(folder, os.R_OK | os.X_OK)
+
+
 def image_folder(split: str, transform) -> datasets.ImageFolder:
     """An ImageFolder whose missing, empty or class-less split is reported as a one-line error."""
     if not os.path.isdir(split):
         raise UserError(f'split not found: {split} (expected one folder per class inside)')
+    for folder in [split] + [os.path.join(split, c) for c in (class_folders(split) if _readable(split) else [])]:
+        if not _readable(folder):
+            raise UserError(f'cannot read {folder}: permission denied')
     try:
         return datasets.ImageFolder(split, transform=transform, loader=load_rgb)
     except FileNotFoundError as e:

@@ -28,7 +28,7 @@ import torch.nn as nn
 import engine
 import models
 import pruning
-from datasets import DATA_SETS, build_dataset, class_folders
+from datasets import DATA_SETS, build_dataset, check_training_transform, class_folders
 from engine import NonFiniteLossError, evaluate, measure_throughput, steady_allocator
 from losses import DistillationLoss
 from samplers import DistributedEvalSampler, RASampler
@@ -194,6 +194,39 @@ def modes_of(args) -> List[str]:
     return [m for m in ('eval', 'speed_only', 'prune') if getattr(args, m)]
 
 
+# Flags that only change a finetuning run (given with --eval, --speed-only or --prune they would do nothing), and
+# those of them that only matter with a teacher.  (--prune_mode is not refused outside --prune: the original
+# code's finetuning command passes it.)
+FINETUNE_ONLY = ('teacher_path', 'teacher_model', 'distillation_type', 'distillation_alpha', 'distillation_tau',
+                 'final_finetune', 'model_ema', 'model_ema_decay', 'model_ema_force_cpu')
+TEACHER_ONLY = ('teacher_path', 'teacher_model', 'distillation_alpha', 'distillation_tau')
+
+
+def check_flags_apply(args, parser: argparse.ArgumentParser) -> None:
+    """A flag given on the command line that the requested run would ignore is refused: a teacher without a
+    distillation type would be dropped, a prune rate without --prune would prune nothing, and so on."""
+    given = given_flags(args)
+    named = lambda dests: ', '.join(spell(parser, d, getattr(args, d)) for d in dests)  # noqa: E731
+    modes = modes_of(args)
+    mode = {'eval': '--eval', 'speed_only': '--speed-only', 'prune': '--prune'}[modes[0]] if modes else None
+    unused = [d for d in FINETUNE_ONLY if d in given] if mode else []
+    if unused:
+        raise UserError(f'{named(unused)}: only finetuning uses {"this" if len(unused) == 1 else "these"}, and '
+                        f'{mode} trains nothing')
+    unused = [d for d in TEACHER_ONLY if d in given]
+    if not mode and args.distillation_type == 'none' and unused:
+        raise UserError(f'{named(unused)} given, but --distillation-type is none, so no teacher would be used: add '
+                        f'--distillation-type soft (or hard), or leave {"it" if len(unused) == 1 else "them"} out')
+    unused = [d for d in ('prune_rate', 'prune_batches') if d in given]
+    if mode != '--prune' and unused:
+        raise UserError(f'{named(unused)}: {"this applies" if len(unused) == 1 else "these apply"} to --prune only')
+    if mode == '--prune' and args.prune_mode == 'random' and 'prune_batches' in given:
+        raise UserError('--prune-batches caps the batches Taylor scoring reads; --prune_mode random scores nothing')
+    if args.data_set == 'DIGITS' and 'data_path' in given:
+        raise UserError("--data-set DIGITS is scikit-learn's digits, read from the package: --data-path does not "
+                        'apply')
+
+
 def validate_args(args) -> None:
     """Refuse inconsistent requests before any work starts (every numeric flag included)."""
     modes = modes_of(args)
@@ -234,6 +267,15 @@ def validate_args(args) -> None:
     args.model = cc_model_name(args.model)
     if args.teacher_model:
         cc_model_name(args.teacher_model, '--teacher-model')
+    if args.input_size:
+        ph, pw = models.patch_size(args.model)
+        if args.input_size % ph or args.input_size % pw:
+            raise UserError(f'--input-size {args.input_size} is not a whole number of {ph}x{pw} patches of '
+                            f'{args.model} (the patch embedding would drop the rest of the image)')
+    if not modes and 'start_epoch' in given_flags(args) and args.start_epoch >= args.final_finetune:
+        raise UserError(f'--start_epoch {args.start_epoch} is not before --final_finetune {args.final_finetune}: no '
+                        f'epoch would run')
+    check_flags_apply(args, get_args_parser())
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -659,7 +701,7 @@ def run_prune(args, device: torch.device) -> Dict[str, float]:
 def build_teacher(args, device: torch.device, num_classes: int) -> nn.Module:
     name = cc_model_name(args.teacher_model or args.model)
     teacher, _ = models.build_model_from_checkpoint(args.teacher_path, name, img_size=args.input_size,
-                                                    warn=rank0_print)
+                                                    warn=rank0_print, flag='--teacher-model')
     if teacher.num_classes != num_classes:
         raise UserError(f'the teacher {args.teacher_path} has {teacher.num_classes} classes, '
                         f'the student {num_classes}')
@@ -997,6 +1039,8 @@ def run(args) -> Dict[str, float]:
     cfg = models.pretrained_cfg(args.model)
     args.input_size = args.input_size or cfg.input_size[-1]
     args.mean, args.std = tuple(cfg.mean), tuple(cfg.std)
+    if not (args.eval or args.speed_only) and args.data_set != 'DIGITS':  # finetuning and --prune's scoring
+        check_training_transform(args)
     if args.speed_only:
         return run_speed(args, device)
     if args.eval:

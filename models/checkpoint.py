@@ -7,13 +7,14 @@ strict, and every way a file can fail to fit the model is a one-line :class:`uti
 import copy
 from typing import Dict, List, Optional, Tuple
 
+import timm
 import torch
 import torch.nn as nn
 
 from utils import UserError, checkpoint_args, load_checkpoint_file, state_dict_of
 
 from .clip_concat import MASK_KEY, kept_token_counts
-from .zoo import check_model_name, create_model
+from .zoo import base_name, check_model_name, create_model
 
 __all__ = ['build_model', 'build_model_from_checkpoint', 'dense_copy', 'head_classes', 'load_weights']
 
@@ -30,15 +31,17 @@ def head_classes(state_dict: Dict[str, torch.Tensor], default: int) -> int:
     return int(w.shape[0]) if w is not None and w.dim() == 2 else default
 
 
-def load_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor], path: str, name: str) -> None:
-    """Strict loading: a missing, unexpected or mis-shaped key is a one-line error naming the first few."""
+def load_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor], path: str, name: str,
+                 flag: str = '--model') -> None:
+    """Strict loading: a missing, unexpected or mis-shaped key is a one-line error naming the first few (and
+    ``flag``, the option that names the model, when another model size would fit)."""
     own = model.state_dict()
     mismatched = [k for k, v in state_dict.items() if k in own and not k.endswith(MASK_KEY)
                   and tuple(v.shape) != tuple(own[k].shape)]
     if mismatched:
         k = mismatched[0]
         hint = ('another input size? set --input-size' if k == 'pos_embed'
-                else 'another model size? set --model')
+                else f'another model size? set {flag}')
         raise UserError(f'{path} does not fit {name}: {k} has shape {tuple(state_dict[k].shape)} in the '
                         f'checkpoint but {tuple(own[k].shape)} in the model ({hint})')
     try:
@@ -64,10 +67,13 @@ def _few(keys: List[str], n: int = 3) -> str:
 
 
 def build_model_from_checkpoint(path: str, name: Optional[str], fallback_classes: int = 1000, img_size: Optional[int] = None,
-                                warn=print, **timm_kwargs) -> Tuple[nn.Module, dict]:
+                                warn=print, flag: str = '--model', **timm_kwargs) -> Tuple[nn.Module, dict]:
     """``(model, checkpoint)``: the model ``name`` with the file's weights and masks, and the whole file.
 
-    ``name`` None: the model named in the file's ``args`` (files written by this project say which it is).
+    ``name`` None: the model named in the file's ``args`` (files written by this project say which it is).  A
+    ``name`` other than the timm model the file's ``args`` name is refused, even where the weights would fit (a
+    ViT-S and a DeiT-S have the same shapes, not the same input normalisation); ``flag`` is the option that names
+    the model, for the messages.
 
     The head gets as many classes as the file's head has (``fallback_classes`` for a file without one).  A
     ``channels`` list that disagrees with the masks is reported through ``warn``; the masks win.
@@ -77,16 +83,20 @@ def build_model_from_checkpoint(path: str, name: Optional[str], fallback_classes
         sd = state_dict_of(checkpoint)
     except UserError as e:
         raise UserError(f'{path}: {e}') from None
+    recorded = checkpoint_args(checkpoint).get('model')
     if name is None:
-        name = checkpoint_args(checkpoint).get('model')
-        if not isinstance(name, str):
-            raise UserError(f'{path} does not say which model it holds; pass --model')
+        if not isinstance(recorded, str):
+            raise UserError(f'{path} does not say which model it holds; pass {flag}')
         try:
-            check_model_name(name)
+            check_model_name(recorded)
         except ValueError as e:
             raise UserError(f'{path}: {e}') from None
+        name = recorded
+    elif isinstance(recorded, str) and _timm_name(recorded) not in (None, _timm_name(name)):
+        raise UserError(f'{path} holds {base_name(recorded)} (the model its args name), not {base_name(name)}: '
+                        f'set {flag} {base_name(recorded)}')
     model = build_model(name, head_classes(sd, fallback_classes), img_size, **timm_kwargs)
-    load_weights(model, sd, path, name)
+    load_weights(model, sd, path, name, flag)
     stored = checkpoint.get('channels')
     if stored is not None:
         stored = [int(c) for c in stored]
@@ -94,6 +104,12 @@ def build_model_from_checkpoint(path: str, name: Optional[str], fallback_classes
         if stored != actual:
             warn(f'warning: {path} lists channels {stored}, but its masks keep {actual}; using the masks')
     return model, checkpoint
+
+
+def _timm_name(name: str) -> Optional[str]:
+    """The timm model behind ``name`` (``cc_`` optional), or None for a name timm does not know."""
+    base = base_name(name)
+    return base if timm.is_model(base) else None
 
 
 def dense_copy(model: nn.Module) -> nn.Module:

@@ -12,7 +12,7 @@ model it builds (on the meta device, which allocates nothing): a timm ``VisionTr
   the mini reproduction's model) and its ``cc_`` twin.
 """
 import difflib
-from typing import Optional
+from typing import Optional, Tuple
 
 import timm
 import torch
@@ -51,6 +51,13 @@ def create_model(name: str, pretrained: bool = False, checkpoint_path: Optional[
     if checkpoint_path:
         timm.models.load_checkpoint(model, checkpoint_path)
     return model
+
+
+def patch_size(name: str) -> Tuple[int, int]:
+    """The patch size (height, width) of the model behind ``name``, read off a model built on the meta device."""
+    with torch.device('meta'):
+        probe = timm.create_model(base_name(name))
+    return tuple(int(p) for p in probe.patch_embed.patch_size)
 
 
 def pretrained_cfg(name: str):

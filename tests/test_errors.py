@@ -234,6 +234,46 @@ def test_checkpoint_of_another_model_size(capsys, world, earlier):
         r'the checkpoint but \(1, 1, 96\) in the model \(another model size\? set --model\)')
 
 
+def test_checkpoint_whose_args_name_another_model_is_refused_even_where_the_weights_fit(capsys, world, tmp_path):
+    """A file this project wrote names its model; ViT-S and DeiT-S have the same shapes but not the same input
+    normalisation, so --model must be the model the file holds (left out, the file's own model is not guessed)."""
+    sd = torch.load(world['dense'], weights_only=True)['model']
+    path = tmp_path / 'pruned_0.3.pth'
+    torch.save({'model': sd, 'args': {'model': 'cc_deit_digits_patch4_32'}}, path)
+    mistaken = {'model': 'vit_tiny_patch16_224', 'prune_rate': 0.3}
+    torch.save({'model': sd, 'args': mistaken}, tmp_path / 'other.pth')
+    for file, named in ((path, 'deit_digits_patch4_32'), (tmp_path / 'other.pth', 'vit_tiny_patch16_224')):
+        argv = ['--eval', '--resume', file, '--data-path', world['data']]
+        if named == 'deit_digits_patch4_32':  # DIGITS_ARGS pass --model deit_digits_patch4_32: the same model
+            code, _, err = cli(capsys, *argv)
+            assert code == 0, err
+            continue
+        assert_one_line_error(capsys, argv, EXIT_USER_ERROR,
+                              rf'{re.escape(str(file))} holds {named} \(the model its args name\), not '
+                              rf'deit_digits_patch4_32: set --model {named}$')
+
+
+def test_teacher_that_does_not_fit_names_the_teacher_flag(capsys, world, earlier):
+    assert_one_line_error(
+        capsys, finetune_args(world, earlier, '--resume', world['dense'], '--distillation-type', 'soft',
+                              '--teacher-path', world['tiny']), EXIT_USER_ERROR,
+        r'in the model \(another model size\? set --teacher-model\)$')
+
+
+def test_unreadable_files_are_named_as_unreadable(capsys, world, earlier, tmp_path, monkeypatch):
+    """Permission denied (simulated: tests may run as root, who reads everything) is said as such, for the
+    checkpoint and for a class folder of the data, not reported as a corrupt file or an empty class."""
+    data = copy_data(world, tmp_path)
+    denied = {str(world['dense']), os.path.join(str(data), 'val', 'b')}
+    real_access = os.access
+    monkeypatch.setattr(os, 'access', lambda p, mode, **kw: str(p) not in denied and real_access(p, mode, **kw))
+    assert_one_line_error(capsys, ['--eval', '--resume', world['dense'], '--data-path', world['data']],
+                          EXIT_USER_ERROR, rf'^error: cannot read {re.escape(str(world["dense"]))}: permission denied$')
+    ckpt = shutil.copy(world['dense'], tmp_path / 'readable.pth')
+    assert_one_line_error(capsys, ['--eval', '--resume', ckpt, '--data-path', data], EXIT_USER_ERROR,
+                          rf'^error: cannot read {re.escape(os.path.join(str(data), "val", "b"))}: permission denied$')
+
+
 def _with_masks(world, tmp_path, change):
     sd = torch.load(world['dense'], weights_only=True)['model']
     for layer in range(6):
@@ -346,13 +386,47 @@ def test_output_dir_that_cannot_be_written(capsys, world, tmp_path):
     (['--device', 'tpu'], r'--device tpu is not a device torch knows'),
     (['--opt', 'nosuchopt'], r'cannot create the optimizer \(--opt nosuchopt\): Optimizer nosuchopt not found'),
     (['--sched', 'nosuchsched'], r'cannot create the learning-rate schedule \(--sched nosuchsched\)'),
+    (['--aa', 'bogus'], r'--aa bogus: timm cannot read this augmentation policy \(Unknown AA policy bogus\)'),
+    (['--aa', 'rand-m9-zz'], r"--aa rand-m9-zz: section 'zz' has no value"),
+    (['--aa', 'rand-q5'], r'--aa rand-q5: timm cannot read this augmentation policy'),
+    (['--train-interpolation', 'bogus'], r'--train-interpolation bogus: not an interpolation timm knows'),
+    (['--reprob', '0.5', '--remode', 'bogus'], r'--remode bogus: random erasing fills with pixel, rand or const'),
+    (['--input-size', '30'], r'--input-size 30 is not a whole number of 4x4 patches of cc_deit_digits_patch4_32'),
+    (['--input-size', '2'], r'--input-size 2 is not a whole number of 4x4 patches'),
+    (['--start_epoch', '1'], r'--start_epoch 1 is not before --final_finetune 1: no epoch would run'),
+    # a flag the run would ignore: a teacher without distillation is not silently dropped
+    (['--teacher-path', 'teacher.pth'], r'--teacher-path teacher\.pth given, but --distillation-type is none, so no '
+                                        r'teacher would be used: add --distillation-type soft \(or hard\)'),
+    (['--teacher-model', 'deit_tiny_patch16_224', '--distillation-tau', '20'],
+     r'--teacher-model deit_tiny_patch16_224, --distillation-tau 20\.0 given, but --distillation-type is none'),
+    (['--prune_rate', '0.3'], r'--prune_rate 0\.3: this applies to --prune only'),
+    (['--speed-only', '--distillation-type', 'soft', '--teacher-path', 't.pth'],
+     r'--teacher-path t\.pth, --distillation-type soft: only finetuning uses these, and --speed-only trains nothing'),
+    (['--speed-only', '--model-ema'], r'--model-ema: only finetuning uses this, and --speed-only trains nothing'),
+    (['--data-set', 'DIGITS'], r"--data-set DIGITS is scikit-learn's digits, read from the package: --data-path "
+                               r'does not apply'),
 ])
 def test_bad_flags(capsys, world, earlier, argv, pattern):
     before = snapshot(earlier)
-    args = ['--data-path', world['data'], '--output_dir', earlier, '--final_finetune', '1', *argv]
+    mode = {'--eval', '--prune', '--speed-only'} & set(argv)  # (--final_finetune is refused with these)
+    args = ['--data-path', world['data'], '--output_dir', earlier, *([] if mode else ['--final_finetune', '1']),
+            *argv]
     if argv[:1] == ['--final_finetune'] and argv[1] == '1':  # the case without --output_dir
         args = ['--data-path', world['data'], *argv]
     assert_one_line_error(capsys, args, EXIT_USER_ERROR, pattern)
+    assert snapshot(earlier) == before
+
+
+@pytest.mark.parametrize('argv, pattern', [
+    (['--eval', '--final_finetune', '3', '--teacher-path', 'T'],
+     r'--teacher-path T, --final_finetune 3: only finetuning uses these, and --eval trains nothing'),
+    (['--prune', '--prune_mode', 'random', '--prune-batches', '2'],
+     r'--prune-batches caps the batches Taylor scoring reads; --prune_mode random scores nothing'),
+])
+def test_flags_the_mode_would_ignore_are_refused(capsys, world, earlier, argv, pattern):
+    before = snapshot(earlier)
+    assert_one_line_error(capsys, ['--resume', world['dense'], '--data-path', world['data'], '--output_dir', earlier,
+                                   *argv], EXIT_USER_ERROR, pattern)
     assert snapshot(earlier) == before
 
 

@@ -326,8 +326,8 @@ def timm_model_with(state_dict):
 
 @pytest.mark.slow
 def test_the_papers_commands_run_as_printed(tmp_path):
-    """The README of the original code prints these; only paths are adapted, and arguments appended at the end
-    only make the runs small (argparse: the last value wins)."""
+    """The README of the original code prints these (this README shows them); only paths are adapted, and
+    arguments appended at the end only make the runs small (argparse: the last value wins)."""
     official_checkpoint(tmp_path / 'deit_tiny_patch16_224-a1311bcf.pth', seed=3)
     make_image_folder(tmp_path / 'imagenet')
     script = os.path.join(ROOT, 'finetune.py')
@@ -338,8 +338,26 @@ def test_the_papers_commands_run_as_printed(tmp_path):
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         return proc.stdout
 
-    out = run('--prune --prune_mode attn --prune_rate 0.25 --model deit_tiny_patch16_224 '
-              '--resume deit_tiny_patch16_224-a1311bcf.pth --data-path imagenet')
+    small = ' --batch-size 3'  # appended: small batches of the 12 training images
+    with open(os.path.join(ROOT, 'README.md')) as f:  # the README shows the commands as run here
+        block = next(b for b in f.read().split('```bash') if '# 1. prune' in b).split('```')[0]
+    shown = ' '.join(block.replace('\\\n', ' ').split())
+    commands = {
+        'prune': '--prune --model deit_tiny_patch16_224 --resume deit_tiny_patch16_224-a1311bcf.pth '
+                 '--data-path /path/to/imagenet --batch-size 256 --prune_mode attn --prune_rate 0.25',
+        'eval': '--eval --model deit_tiny_patch16_224  --batch-size 256 --data-path /path/to/imagenet '
+                '--resume pruned_0.25.pth',
+        'speed': '--speed-only --model deit_tiny_patch16_224  --batch-size 256 --data-path /path/to/imagenet '
+                 '--resume pruned_0.25.pth',
+        'finetune': '--model deit_tiny_patch16_224 --batch-size 256 --data-path /path/to/imagenet '
+                    '--resume pruned_0.25.pth --teacher-path  deit_tiny_patch16_224-a1311bcf.pth '
+                    '--teacher-model deit_tiny_patch16_224 --distillation-type soft --prune_mode attn '
+                    '--final_finetune 30 --decay-epochs 6 --batch-size 256 --lr 1e-4 --weight-decay 0.001 '
+                    '--distillation-alpha 0.2 --distillation-tau 20 --output_dir output/'}
+    for name, cmd in commands.items():
+        assert 'finetune.py ' + ' '.join(cmd.split()) in shown, name
+    commands = {k: v.replace('/path/to/imagenet', 'imagenet') for k, v in commands.items()}
+    out = run(commands['prune'] + small)
     # no --output_dir: the file goes beside the checkpoint (here: the current directory), and says so
     assert 'No --output_dir: writing beside --resume, in .' in out.splitlines()
     assert f'Saved {os.path.join(".", "pruned_0.25.pth")}' in out.splitlines()
@@ -348,23 +366,22 @@ def test_the_papers_commands_run_as_printed(tmp_path):
                                             'prune_log.txt', 'pruned_0.25.pth']
     assert torch.load(tmp_path / 'pruned_0.25.pth')['args']['output_dir'] == '.'
 
-    out = run('--eval --model deit_tiny_patch16_224 --resume pruned_0.25.pth --data-path imagenet')
+    out = run(commands['eval'])
     assert re.search(r'^Accuracy of the network on the 6 test images: \d+\.\d%$', out, re.M)
 
-    out = run('--speed-only --model deit_tiny_patch16_224 --resume pruned_0.25.pth'
-              ' --batch-size 2 --speed-repeats 1 --speed-warmup 0')
+    out = run(commands['speed'] + ' --batch-size 2 --speed-repeats 1 --speed-warmup 0')
     assert re.search(r'^Speed-up of the pruned model: \d+\.\d\dx', out, re.M)
 
-    out = run('--model deit_tiny_patch16_224 --resume pruned_0.25.pth --teacher-path '
-              'deit_tiny_patch16_224-a1311bcf.pth --distillation-type soft --distillation-alpha 0.5 '
-              '--distillation-tau 1.0 --lr 0.01 --weight-decay 0.001 --final_finetune 30 --data-path imagenet '
-              '--output_dir output/ --final_finetune 1',
+    out = run(commands['finetune'] + small + ' --final_finetune 1',
               '-m', 'torch.distributed.launch', f'--master_port={free_port()}', '--nproc_per_node=2', '--use_env')
     assert 'Teacher cc_deit_tiny_patch16_224 from deit_tiny_patch16_224-a1311bcf.pth (dense)' in out
-    assert f'(lr {0.01 * 64 * 2 / 512:.2e} for batch 64 x 2 processes)' in out
+    assert f'(lr {1e-4 * 3 * 2 / 512:.2e} for batch 3 x 2 processes)' in out
     ckpt = torch.load(tmp_path / 'output' / 'checkpoint.pth')
-    assert ckpt['args']['weight_decay'] == 0.001 and ckpt['args']['distillation_type'] == 'soft'
-    assert [g['initial_lr'] for g in ckpt['optimizer']['param_groups']] == pytest.approx([0.0025, 1e-6])
+    assert {k: ckpt['args'][k] for k in ('weight_decay', 'distillation_type', 'distillation_alpha',
+                                          'distillation_tau', 'decay_epochs', 'prune_mode')} == {
+        'weight_decay': 0.001, 'distillation_type': 'soft', 'distillation_alpha': 0.2, 'distillation_tau': 20.0,
+        'decay_epochs': 6.0, 'prune_mode': 'attn'}
+    assert [g['initial_lr'] for g in ckpt['optimizer']['param_groups']] == pytest.approx([1e-4 * 3 * 2 / 512, 1e-6])
 
 
 # ----------------------------------------------------------------------------------------------------------

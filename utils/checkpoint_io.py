@@ -27,6 +27,8 @@ def load_checkpoint_file(path: str, mmap: bool = False) -> Dict[str, Any]:
         raise UserError(f'checkpoint not found: {path}')
     if os.path.isdir(path):
         raise UserError(f'checkpoint is a directory, not a file: {path}')
+    if not os.access(path, os.R_OK):
+        raise UserError(f'cannot read {path}: permission denied')
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             checkpoint = _torch_load(path, mmap)
@@ -42,6 +44,8 @@ def load_checkpoint_file(path: str, mmap: bool = False) -> Dict[str, Any]:
         raise UserError(f'{path} is not a readable PyTorch checkpoint ({_first_line(text)})') from None
     except MemoryError:
         raise
+    except OSError as e:  # the file is there but cannot be read (permissions, an I/O error)
+        raise UserError(f'cannot read {path}: {e.strerror or e}') from None
     except Exception as e:  # noqa: BLE001  (garbage bytes fail anywhere in the unpickler: KeyError, IndexError, ...)
         raise UserError(f'{path} is not a readable PyTorch checkpoint (truncated or corrupt: '
                         f'{_describe(e)})') from None
