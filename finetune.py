@@ -276,6 +276,10 @@ def validate_args(args) -> None:
         raise UserError(f'--start_epoch {args.start_epoch} is not before --final_finetune {args.final_finetune}: no '
                         f'epoch would run')
     check_flags_apply(args, get_args_parser())
+    mixing = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
+    if not modes and mixing and args.batch_size % 2:
+        raise UserError(f'--batch-size {args.batch_size}: mixup and cutmix mix each image with another of its '
+                        f'batch, so the batch must be even (or turn them off: --mixup 0 --cutmix 0)')
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -400,6 +400,8 @@ def test_output_dir_that_cannot_be_written(capsys, world, tmp_path):
     (['--teacher-model', 'deit_tiny_patch16_224', '--distillation-tau', '20'],
      r'--teacher-model deit_tiny_patch16_224, --distillation-tau 20\.0 given, but --distillation-type is none'),
     (['--prune_rate', '0.3'], r'--prune_rate 0\.3: this applies to --prune only'),
+    (['--mixup', '0.8', '--batch-size', '7'], r'--batch-size 7: mixup and cutmix mix each image with another of its '
+                                              r'batch, so the batch must be even'),
     (['--speed-only', '--distillation-type', 'soft', '--teacher-path', 't.pth'],
      r'--teacher-path t\.pth, --distillation-type soft: only finetuning uses these, and --speed-only trains nothing'),
     (['--speed-only', '--model-ema'], r'--model-ema: only finetuning uses this, and --speed-only trains nothing'),
