@@ -81,6 +81,7 @@ position embedding that is not additive.  Inference only: no gradients, eval sem
 eval mode); the built module holds copies of the weights, so rebuild it after changing the model (only the
 head is shared: ``model.forward_head`` is called on the features).
 """
+import contextlib
 import statistics
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -319,11 +320,14 @@ def _time_candidate(run, cand) -> float:
     return _cuda_graph_ms(lambda: run(cand))
 
 
-def attention_candidates(head_dim: int, with_triton: bool) -> List[AttentionChoice]:
-    """The SDPA backends this torch has, then the Triton tiles (when the head_dim suits the kernel)."""
+def attention_candidates(n: int, head_dim: int, with_triton: bool) -> List[AttentionChoice]:
+    """The SDPA backends this torch has, then the Triton tiles (when the head_dim suits the kernel).  cuDNN's only
+    for a sequence length that is a multiple of 128: PyTorch itself later turned that backend off for other
+    lengths, as they caused problems in CUDA-graph captures, and a capture that fails leaves torch 2.11's
+    allocator unusable for the rest of the process."""
     from torch.nn.attention import SDPBackend
-    out = [AttentionChoice('sdpa', backend=name) for name in
-           ('FLASH_ATTENTION', 'EFFICIENT_ATTENTION', 'CUDNN_ATTENTION', 'MATH') if hasattr(SDPBackend, name)]
+    names = ('FLASH_ATTENTION', 'EFFICIENT_ATTENTION') + (('CUDNN_ATTENTION',) if n % 128 == 0 else ()) + ('MATH',)
+    out = [AttentionChoice('sdpa', backend=name) for name in names if hasattr(SDPBackend, name)]
     if with_triton and K.HAS_TRITON and K.attention_tiles_ok(head_dim):
         out += [AttentionChoice('triton', tiles=t) for t in K.ATTENTION_TILES]
     return out
@@ -334,31 +338,43 @@ _CHOICE_CACHE: Dict[tuple, tuple] = {}
 
 @torch.no_grad()
 def _fastest(candidates, run, reference: torch.Tensor, tol: float, check=None):
-    """(the fastest candidate whose output is within ``tol`` of ``reference``, or None; its ms; {label: ms}).
-    ``run(c)`` is timed; ``check(c)`` (default ``run``) gives the output compared.  A candidate that raises (a
-    backend refusing these shapes or dtypes, a tile that does not fit, a call a CUDA graph cannot capture) or
-    misses the tolerance gets inf; an AttributeError, NameError or TypeError is a bug here and propagates."""
+    """(the fastest candidate whose output is within ``tol`` of ``reference``, or None; its ms; {label: ms};
+    {label: why it was refused}).  ``check(c)`` (default ``run``) gives the output compared, then ``run(c)`` is
+    timed.  A candidate whose check raises (a backend refusing these shapes or dtypes, a tile that does not fit)
+    or misses the tolerance gets inf, and the reason is kept.  An AttributeError, NameError or TypeError is a
+    bug here and propagates; so does a failure while timing a candidate that computed the right thing (a CUDA
+    graph that could not capture it: in torch 2.11 that leaves the allocator unusable, so it is never hidden)."""
     check = check or run
-    timings, best, best_ms = {}, None, float('inf')
+    timings, refused, best, best_ms = {}, {}, None, float('inf')
     for cand in candidates:
+        ms = float('inf')
         try:
             err = (check(cand).float() - reference).abs().max().item()
-            ms = _time_candidate(run, cand) if err <= tol else float('inf')
         except (AttributeError, NameError, TypeError):
             raise  # a mistake in this code, not a candidate that does not suit these shapes: never hide it
-        except Exception:  # noqa: BLE001
-            ms = float('inf')
+        except Exception as e:  # noqa: BLE001
+            refused[cand.label] = f'{type(e).__name__}: {(str(e).strip().splitlines() or [""])[0][:200]}'
+        else:
+            if err <= tol:
+                try:
+                    ms = _time_candidate(run, cand)
+                except Exception as e:
+                    raise RuntimeError(f'fast path: timing {cand.label} failed after it computed the right '
+                                       f'thing ({type(e).__name__}: {e})') from e
+            else:
+                refused[cand.label] = f'max |difference| {err:.3g} over the tolerance {tol:.3g}'
         timings[cand.label] = ms
         if ms < best_ms:
             best, best_ms = cand, ms
-    return best, best_ms, timings
+    return best, best_ms, timings, refused
 
 
 @torch.no_grad()
 def choose_attention(n: int, batch: int, num_heads: int, head_dim: int, scale: float, dtype: torch.dtype,
-                     device: torch.device, with_triton: bool) -> Tuple[AttentionChoice, Dict[str, float]]:
+                     device: torch.device, with_triton: bool) -> Tuple[AttentionChoice, Dict[str, float], Dict[str, str]]:
     """Time every candidate on random qkv of shape (batch, n, 3*H*D) on CUDA and return the fastest, with every
-    candidate's milliseconds (inf: failed, or not within tolerance of the fp32 reference).  Cached per shape."""
+    candidate's milliseconds (inf: failed, or not within tolerance of the fp32 reference) and why each refused
+    one was.  Cached per shape."""
     key = (str(device), dtype, n, batch, num_heads, head_dim, float(scale), with_triton)
     if key in _CHOICE_CACHE:
         return _CHOICE_CACHE[key]
@@ -366,16 +382,16 @@ def choose_attention(n: int, batch: int, num_heads: int, head_dim: int, scale: f
     qkv = torch.randn(batch, n, 3 * num_heads * head_dim, device=device, generator=g).to(dtype)
     ref = K.attention_reference(qkv, num_heads, scale).float()
     tol = max(8 * torch.finfo(dtype).eps, 5e-3) * max(1.0, ref.abs().max().item())
-    best, ms, timings = _fastest(attention_candidates(head_dim, with_triton),
-                                 lambda c: run_attention(c, qkv, num_heads, scale), ref, tol)
+    best, ms, timings, refused = _fastest(attention_candidates(n, head_dim, with_triton),
+                                          lambda c: run_attention(c, qkv, num_heads, scale), ref, tol)
     best = AttentionChoice('sdpa') if best is None else AttentionChoice(best.kind, best.backend, best.tiles, ms)
-    _CHOICE_CACHE[key] = (best, timings)
-    return best, timings
+    _CHOICE_CACHE[key] = (best, timings, refused)
+    return best, timings, refused
 
 
 @torch.no_grad()
 def choose_mlp(rows: int, in_features: int, hidden: int, dtype: torch.dtype, device: torch.device
-               ) -> Tuple[MlpChoice, Dict[str, float]]:
+               ) -> Tuple[MlpChoice, Dict[str, float], Dict[str, str]]:
     """Time GELU(y @ W^T + b) for y (rows, in_features) on CUDA: torch (cuBLAS + GELU) against the fused Triton
     kernel's tiles; return the fastest that is within tolerance of the fp32 reference, with every candidate's
     milliseconds.  Cached per shape."""
@@ -392,10 +408,10 @@ def choose_mlp(rows: int, in_features: int, hidden: int, dtype: torch.dtype, dev
     candidates = [MlpChoice('torch')]
     if K.HAS_TRITON and dtype in (torch.float16, torch.bfloat16):
         candidates += [MlpChoice('triton', tiles=t) for t in K.LINEAR_TILES]
-    best, ms, timings = _fastest(candidates, lambda c: run_linear_gelu(c, y, w, wt, b), ref, tol)
+    best, ms, timings, refused = _fastest(candidates, lambda c: run_linear_gelu(c, y, w, wt, b), ref, tol)
     best = MlpChoice('torch') if best is None else MlpChoice(best.kind, best.tiles, ms)
-    _CHOICE_CACHE[key] = (best, timings)
-    return best, timings
+    _CHOICE_CACHE[key] = (best, timings, refused)
+    return best, timings, refused
 
 
 def run_linear_residual(choice: MlpChoice, x: torch.Tensor, ids: torch.Tensor, u: torch.Tensor,
@@ -410,7 +426,7 @@ def run_linear_residual(choice: MlpChoice, x: torch.Tensor, ids: torch.Tensor, u
 
 @torch.no_grad()
 def choose_fc2(batch: int, num_tokens: int, n: int, hidden: int, width: int, dtype: torch.dtype,
-               residual_dtype: torch.dtype, device: torch.device) -> Tuple[MlpChoice, Dict[str, float]]:
+               residual_dtype: torch.dtype, device: torch.device) -> Tuple[MlpChoice, Dict[str, float], Dict[str, str]]:
     """Time x[:, ids] += gamma * (u @ W^T + b) for u (batch, n, hidden) into a (batch, num_tokens, width) buffer
     on CUDA: cuBLAS + the scatter kernel against the fused Triton kernel's tiles; return the fastest within
     tolerance of the fp32 reference, with every candidate's milliseconds.  Cached per shape."""
@@ -431,11 +447,12 @@ def choose_fc2(batch: int, num_tokens: int, n: int, hidden: int, width: int, dty
     if dtype in (torch.float16, torch.bfloat16):
         candidates += [MlpChoice('triton', tiles=t) for t in K.LINEAR_TILES]
     timed = x.clone()  # accumulates over the timed calls: the values drift, the work does not change
-    best, ms, timings = _fastest(candidates, lambda c: run_linear_residual(c, timed, ids, u, w, wt, b, gamma),
-                                 ref, tol, check=lambda c: run_linear_residual(c, x.clone(), ids, u, w, wt, b, gamma))
+    best, ms, timings, refused = _fastest(
+        candidates, lambda c: run_linear_residual(c, timed, ids, u, w, wt, b, gamma), ref, tol,
+        check=lambda c: run_linear_residual(c, x.clone(), ids, u, w, wt, b, gamma))
     best = MlpChoice('torch') if best is None else MlpChoice(best.kind, best.tiles, ms)
-    _CHOICE_CACHE[key] = (best, timings)
-    return best, timings
+    _CHOICE_CACHE[key] = (best, timings, refused)
+    return best, timings, refused
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -549,15 +566,19 @@ class FastViT(nn.Module):
         # With a CUDA graph and the Triton patch embedding: the graph reads its images at the address held here,
         # set before each replay, instead of from a copy in _static_in (the tensor it was captured reading).
         self._image_address = None
+        # why a timed candidate was refused, per kind of choice and kept count: {kind: {n: {label: reason}}}
+        self.refused: Dict[str, Dict[int, Dict[str, str]]] = {
+            kind: {} for kind in ('attention', 'mlp', 'fc2', 'patch_embedding')}
         self.attention_choices: Dict[int, AttentionChoice] = {}
         self.attention_timings: Dict[int, Dict[str, float]] = {}
-        self._choose_attention(attention, tune_batch)
         self.mlp_choices: Dict[int, MlpChoice] = {}
         self.mlp_timings: Dict[int, Dict[str, float]] = {}
         self.fc2_choices: Dict[int, MlpChoice] = {}
         self.fc2_timings: Dict[int, Dict[str, float]] = {}
-        self._choose_mlp(mlp, tune_batch)
-        self._choose_embed(mlp, tune_batch)
+        with _on(device):  # timing captures and events on the model's GPU, whichever is current
+            self._choose_attention(attention, tune_batch)
+            self._choose_mlp(mlp, tune_batch)
+            self._choose_embed(mlp, tune_batch)
 
         self._run = self._forward_impl
         if backend == 'compile':
@@ -591,19 +612,23 @@ class FastViT(nn.Module):
 
     def _choose_attention(self, mode: str, tune_batch: Optional[int]) -> None:
         for blk in self.blocks:
+            if blk.n == 0:
+                continue  # a block that keeps nothing does not run
             if blk.n not in self.attention_choices:
+                refused: Dict[str, str] = {}
                 if mode == 'triton':
                     if not K.attention_tiles_ok(blk.head_dim):
                         raise ValueError(f'attention=triton: head_dim {blk.head_dim} is not a power of two >= 16')
                     choice, timings = AttentionChoice('triton', tiles=K.ATTENTION_TILES[0]), {}
                 elif mode == 'auto' and _times_on(self.device) and self.backend != 'compile':
-                    choice, timings = choose_attention(blk.n, tune_batch or 64, blk.num_heads, blk.head_dim,
-                                                       blk.scale, self.dtype, self.device,
-                                                       with_triton=self.backend == 'triton')
+                    choice, timings, refused = choose_attention(blk.n, tune_batch or 64, blk.num_heads,
+                                                                blk.head_dim, blk.scale, self.dtype, self.device,
+                                                                with_triton=self.backend == 'triton')
                 else:
                     choice, timings = AttentionChoice('sdpa'), {}
                 self.attention_choices[blk.n] = choice
                 self.attention_timings[blk.n] = timings
+                self.refused['attention'][blk.n] = refused
             blk.attention = self.attention_choices[blk.n]
 
     def _times_fused_products(self, mode: str) -> bool:
@@ -617,19 +642,21 @@ class FastViT(nn.Module):
         timed = self._times_fused_products(mode)
         batch = tune_batch or 64
         for blk in self.blocks:
+            if blk.n == 0:
+                continue  # a block that keeps nothing does not run
             if blk.n not in self.mlp_choices:
                 hidden, width = blk.fc1_w.shape
                 if mode == 'triton':
                     fused = MlpChoice('triton', tiles=K.LINEAR_TILES[0])
-                    choices = (fused, {}), (fused, {})
+                    choices = (fused, {}, {}), (fused, {}, {})
                 elif timed:
                     choices = (choose_mlp(batch * blk.n, width, hidden, self.dtype, self.device),
                                choose_fc2(batch, self.num_tokens, blk.n, hidden, width, self.dtype,
                                           self.residual_dtype, self.device))
                 else:
-                    choices = (MlpChoice('torch'), {}), (MlpChoice('torch'), {})
-                (self.mlp_choices[blk.n], self.mlp_timings[blk.n]), (self.fc2_choices[blk.n],
-                                                                     self.fc2_timings[blk.n]) = choices
+                    choices = (MlpChoice('torch'), {}, {}), (MlpChoice('torch'), {}, {})
+                ((self.mlp_choices[blk.n], self.mlp_timings[blk.n], self.refused['mlp'][blk.n]),
+                 (self.fc2_choices[blk.n], self.fc2_timings[blk.n], self.refused['fc2'][blk.n])) = choices
             blk.mlp, blk.fc2 = self.mlp_choices[blk.n], self.fc2_choices[blk.n]
             if blk.mlp.kind == 'triton':
                 blk.fc1_wt = blk.fc1_w.t().contiguous()
@@ -642,14 +669,16 @@ class FastViT(nn.Module):
         tokens, models/fast_kernels.py ``patch_embed_``).  The ``mlp`` mode decides it as it decides the MLP's
         fused products: 'auto' times both on CUDA (backend 'triton', fp16/bf16), 'triton' forces the kernel."""
         timings: Dict[str, float] = {}
+        refused: Dict[str, str] = {}
         if mode == 'triton':
             choice = MlpChoice('triton', tiles=K.LINEAR_TILES[0])
         elif self._times_fused_products(mode):
-            choice, timings = self._time_embed(tune_batch or 64)
+            choice, timings, refused = self._time_embed(tune_batch or 64)
         else:
             choice = MlpChoice('torch')
         self._set_embed(choice)
         self.embed_timings = timings
+        self.refused['patch_embedding'][0] = refused
 
     def _set_embed(self, choice: MlpChoice) -> None:
         self.embed_choice = choice
@@ -657,7 +686,7 @@ class FastViT(nn.Module):
             self.patch_wt = self.patch_w.t().contiguous()  # (c*ph*pw, C)
 
     @torch.no_grad()
-    def _time_embed(self, batch: int) -> Tuple[MlpChoice, Dict[str, float]]:
+    def _time_embed(self, batch: int) -> Tuple[MlpChoice, Dict[str, float], Dict[str, str]]:
         """Time the patch embedding at ``batch`` random images both ways (each within tolerance of the fp32
         reference); cached per shape."""
         key = ('embed', str(self.device), self.dtype, self.residual_dtype, batch, self.in_chans, self.img_size,
@@ -668,15 +697,17 @@ class FastViT(nn.Module):
             ref = torch.zeros(batch, self.num_tokens, self.embed_dim, device=self.device)
             K.patch_embed_reference_(ref, images, self.patch_w.t(), self.patch_const, self.num_prefix, self.patch)
             ref[:, :self.num_prefix] = self.prefix_const.float()
+            if self.norm_pre is not None:  # the candidates' _embed applies it too
+                ref = _layer_norm_f32(ref, *self.norm_pre)
             tol = max(8 * torch.finfo(self.dtype).eps, 5e-3) * max(1.0, ref.abs().max().item())
 
             def run(c: MlpChoice) -> torch.Tensor:
                 self._set_embed(c)
                 return self._embed(images)
             candidates = [MlpChoice('torch')] + [MlpChoice('triton', tiles=t) for t in K.LINEAR_TILES]
-            best, ms, timings = _fastest(candidates, run, ref, tol)
+            best, ms, timings, refused = _fastest(candidates, run, ref, tol)
             best = MlpChoice('torch') if best is None else MlpChoice(best.kind, best.tiles, ms)
-            _CHOICE_CACHE[key] = (best, timings)
+            _CHOICE_CACHE[key] = (best, timings, refused)
         return _CHOICE_CACHE[key]
 
     # -- forward ------------------------------------------------------------------------------------------------
@@ -757,14 +788,15 @@ class FastViT(nn.Module):
             raise ValueError(f'expected images of shape (B, {", ".join(map(str, expected))}), '
                              f'got {tuple(images.shape)}')
         if self._graph is not None and images.shape == self._static_in.shape:
-            if self._reads_in_place(images):
-                self._image_address.fill_(images.data_ptr())
-            else:
-                self._static_in.copy_(images)
-                if self._image_address is not None:
-                    self._image_address.fill_(self._static_in.data_ptr())
-            self._graph.replay()
-            return self._static_out.clone()
+            with _on(self.device):  # replayed on the model's GPU's current stream
+                if self._reads_in_place(images):
+                    self._image_address.fill_(images.data_ptr())
+                else:
+                    self._static_in.copy_(images)
+                    if self._image_address is not None:
+                        self._image_address.fill_(self._static_in.data_ptr())
+                self._graph.replay()
+                return self._static_out.clone()
         return self._run(images.to(self.device))
 
     def _reads_in_place(self, images: torch.Tensor) -> bool:
@@ -781,6 +813,10 @@ class FastViT(nn.Module):
         replay); other images are copied into the static input first."""
         if self.device.type != 'cuda':
             raise ValueError('fast path: CUDA graphs need a CUDA model')
+        with _on(self.device):  # a capture records the current device's work: make it the model's
+            self._capture(batch_size)
+
+    def _capture(self, batch_size: int) -> None:
         static_in = torch.randn(batch_size, self.in_chans, *self.img_size, device=self.device)
         self._graph, self._static_in, self._image_address = None, static_in, None
         if self.embed_choice.kind == 'triton':
@@ -814,7 +850,14 @@ class FastViT(nn.Module):
             'fc2_ms': _finite(self.fc2_timings),
             'patch_embedding': self.embed_choice.label,
             'patch_embedding_ms': _finite({0: self.embed_timings}).get('0', {}),
+            'refused': {kind: {str(n): why for n, why in sorted(per_count.items()) if why}
+                        for kind, per_count in self.refused.items() if any(per_count.values())},
         }
+
+
+def _on(device: torch.device):
+    """A context in which ``device`` is the current CUDA device (nothing to do for another device type)."""
+    return torch.cuda.device(device) if device.type == 'cuda' else contextlib.nullcontext()
 
 
 def _finite(timings: Dict[int, Dict[str, float]]) -> Dict[str, Dict[str, Optional[float]]]:

@@ -111,3 +111,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+CUDA_ONLY_REASON = 'needs a CUDA GPU'
+
+
+def pytest_collection_modifyitems(config, items):
+    """On a machine with a GPU the CUDA-only tests run first: a GPU session is short, and if its time limit cuts
+    the run, what is lost should be the tests that also run on CPU.  (Elsewhere they are skipped; order kept.)"""
+    if torch.cuda.is_available():
+        items.sort(key=lambda item: not any(m.name == 'skipif' and m.kwargs.get('reason') == CUDA_ONLY_REASON
+                                            for m in item.iter_markers()))

@@ -25,13 +25,15 @@ import models  # noqa: F401  (registers cc_deit_* with timm)
 import pruning
 from models import fast_kernels as K
 from models.fast_path import AttentionChoice, build_fast_path, choose_attention, run_attention
+from models.fast_path import attention_candidates as FP_attention_candidates
+from conftest import CUDA_ONLY_REASON
 
 # One torch thread: the CPU work here is small, and two threads spin against each other on a busy machine.
 pytestmark = pytest.mark.usefixtures('one_thread')
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device('cuda' if CUDA else 'cpu')
-cuda_only = pytest.mark.skipif(not CUDA, reason='needs a CUDA GPU')
+cuda_only = pytest.mark.skipif(not CUDA, reason=CUDA_ONLY_REASON)  # run first on a GPU (conftest)
 needs_triton = pytest.mark.skipif(not K.triton_runs_on(torch.empty(0, device=DEVICE)),
                                   reason='Triton cannot run here (no CUDA, no interpreter)')
 # fp32 logits: on CPU everything is fp32; on CUDA the Triton kernels' fp32 dots run in tf32.  The CUDA
@@ -596,6 +598,11 @@ def test_timed_choice_keeps_the_fastest_candidate_that_computes_the_right_thing(
             assert ms[kept] == 1.0 and ms[wrong] is None, (kind, ms)
             assert sum(v is not None for v in ms.values()) >= 2, (kind, ms)  # others were timed, and slower
     assert built['patch_embedding'] == kept_lin and built['patch_embedding_ms'][wrong_lin] is None
+    # and each refusal says why: the output off by how much, or what was raised
+    for kind, wrong, why in (('attention', wrong_att, 'max |difference| '), ('mlp', wrong_lin, 'max |difference| '),
+                             ('fc2', wrong_lin, 'RuntimeError: out of resources')):
+        assert all(built['refused'][kind][str(n)][wrong].startswith(why) for n in counts), (kind, built['refused'])
+    assert built['refused']['patch_embedding']['0'][wrong_lin] == 'RuntimeError: out of resources'
     for blk in fast.blocks:
         assert (blk.attention.label, blk.mlp.label, blk.fc2.label) == (kept_att, kept_lin, kept_lin)
         assert (blk.fc1_wt is not None, blk.fc2_wt is not None) == (winner == 'triton',) * 2
@@ -605,6 +612,67 @@ def test_timed_choice_keeps_the_fastest_candidate_that_computes_the_right_thing(
         assert torch.equal(fast(x), forced(x))
     ref = model(x)  # and fp16 products stay within fp16 rounding of the fp32 eager model
     assert (fast(x) - ref).abs().max().item() <= 1e-2 * max(1.0, ref.abs().max().item())
+
+
+def test_on_a_gpu_the_cuda_only_tests_run_first(monkeypatch):
+    """A GPU session's time limit may cut the run: the tests that only a GPU can run go first (conftest), in
+    their own order, then the others in theirs; elsewhere nothing moves."""
+    import conftest
+
+    class Item:
+        def __init__(self, name, *marks):
+            self.name, self.marks = name, marks
+
+        def iter_markers(self):
+            return iter(self.marks)
+
+    gpu, other = cuda_only.mark, pytest.mark.skipif(False, reason='another reason').mark
+    names = lambda items: [item.name for item in items]  # noqa: E731
+    items = [Item('a'), Item('b', gpu), Item('c', other), Item('d', other, gpu), Item('e')]
+    for available, expected in ((False, 'abcde'), (True, 'bdace')):
+        monkeypatch.setattr(torch.cuda, 'is_available', lambda: available)
+        conftest.pytest_collection_modifyitems(None, items)
+        assert names(items) == list(expected)
+        items.sort(key=lambda item: item.name)
+
+
+def test_cudnn_attention_is_a_candidate_only_at_multiples_of_128_tokens():
+    """PyTorch later turned cuDNN attention off at other lengths (trouble in CUDA-graph captures); a failed
+    capture would leave torch 2.11's allocator unusable, so the build never tries it there."""
+    from torch.nn.attention import SDPBackend
+    if not hasattr(SDPBackend, 'CUDNN_ATTENTION'):
+        pytest.skip('this torch has no cuDNN attention backend')
+    for n, offered in ((197, False), (148, False), (128, True), (256, True)):
+        labels = [c.label for c in FP_attention_candidates(n, 64, with_triton=False)]
+        assert ('sdpa-cudnn_attention' in labels) == offered, (n, labels)
+        assert {'sdpa-flash_attention', 'sdpa-efficient_attention', 'sdpa-math'} <= set(labels)
+
+
+@needs_triton
+@torch.no_grad()
+def test_timed_build_skips_blocks_that_keep_nothing(monkeypatch):
+    """A block that keeps no token does not run, so nothing is chosen (or timed) for it: on CUDA timing it would
+    compare empty tensors.  The timed build (scripted times) computes what the torch formulation computes."""
+    import models.fast_path as FP
+    counts = []
+
+    def scripted(run, cand):
+        run(cand)
+        return 1.0
+
+    real_choose = FP.choose_attention
+    monkeypatch.setattr(FP, '_times_on', lambda device: True)
+    monkeypatch.setattr(FP, '_time_candidate', scripted)
+    monkeypatch.setattr(FP, '_CHOICE_CACHE', {})
+    monkeypatch.setattr(FP, 'choose_attention', lambda n, *a, **kw: counts.append(n) or real_choose(n, *a, **kw))
+    model = tiny_cc(10)
+    ids = [torch.arange(17), torch.tensor([], dtype=torch.int64), torch.tensor([0, 3, 5, 9])]
+    fast = build_fast_path(model, backend='triton', dtype=torch.float16, kept_ids=ids, batch_size=2)
+    assert sorted(counts) == [4, 17] and sorted(fast.attention_choices) == [4, 17]
+    assert sorted(fast.mlp_choices) == sorted(fast.fc2_choices) == [4, 17]
+    x = images(seed=10)
+    plain = build_fast_path(model, backend='torch', kept_ids=ids)
+    assert (fast(x) - plain(x)).abs().max().item() <= 1e-2 * max(1.0, plain(x).abs().max().item())
 
 
 @pytest.mark.parametrize('kwargs,what', [
@@ -842,8 +910,11 @@ def test_cuda_graph_reads_the_callers_images_in_place():
 @cuda_only
 @torch.no_grad()
 def test_attention_choice_is_a_validated_candidate():
-    choice, timings = choose_attention(148, 32, 3, 64, 64 ** -0.5, torch.float16, DEVICE, with_triton=True)
+    choice, timings, refused = choose_attention(148, 32, 3, 64, 64 ** -0.5, torch.float16, DEVICE,
+                                                with_triton=True)
     assert any(k.startswith('triton-') for k in timings) and 'sdpa-math' in timings
+    assert 'sdpa-cudnn_attention' not in timings  # only at multiples of 128 tokens
+    assert set(refused) == {k for k, ms in timings.items() if ms == float('inf')}, refused
     assert choice.ms == min(timings.values())
     qkv = torch.randn(4, 148, 3 * 192, device=DEVICE, dtype=torch.float16)
     out = run_attention(choice, qkv, 3, 64 ** -0.5)
