@@ -578,7 +578,7 @@ def fast_model(args, model: nn.Module, device: torch.device, batch_size: int, dt
     its matrix products in ``dtype`` (fp32 if None), a CUDA graph captured for ``batch_size`` with the Triton
     backend on CUDA (other batch sizes run uncaptured)."""
     from models.fast_kernels import TritonError
-    from models.fast_path import build_fast_path
+    from models.fast_path import CaptureError, build_fast_path
     graph = device.type == 'cuda' and args.fast_path == 'triton'
     try:
         return build_fast_path(model.eval(), backend=args.fast_path, dtype=dtype, cuda_graph=graph,
@@ -589,6 +589,9 @@ def fast_model(args, model: nn.Module, device: torch.device, batch_size: int, dt
         raise UserError(f'--fast-path {args.fast_path}: Triton cannot compile or run its kernels on this device '
                         f'({type(e).__name__}: {one_line(e)}); --fast-path compile or torch runs without '
                         f'them') from None
+    except CaptureError as e:  # not the user's mistake, but said in one line with the way round it
+        raise UserError(f'--fast-path {args.fast_path}: {one_line(e)}; --fast-path torch runs without CUDA '
+                        f'graphs') from None
 
 
 ORIGINAL_SPEED_BATCH, ORIGINAL_SPEED_PASSES = 256, 50

@@ -95,7 +95,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 
 from . import fast_kernels as K
 
-__all__ = ['build_fast_path', 'FastViT', 'AttentionChoice', 'MlpChoice', 'choose_attention', 'choose_mlp',
+__all__ = ['build_fast_path', 'FastViT', 'CaptureError', 'AttentionChoice', 'MlpChoice', 'choose_attention', 'choose_mlp',
            'choose_fc2', 'check_supported', 'BACKENDS', 'ATTENTION_MODES', 'MLP_MODES']
 
 BACKENDS = ('triton', 'torch', 'compile')
@@ -105,6 +105,11 @@ MLP_MODES = ('auto', 'torch', 'triton')
 
 # ---------------------------------------------------------------------------------------------------------------
 # what the model must be
+
+class CaptureError(RuntimeError):
+    """A CUDA graph could not capture the forward, or a candidate while timing it.  Under torch 2.11 the caching
+    allocator may stay unusable afterwards, so the process should stop rather than go on without graphs."""
+
 
 def _unsupported(what: str) -> ValueError:
     return ValueError(f'fast path: {what} is not supported')
@@ -359,8 +364,8 @@ def _fastest(candidates, run, reference: torch.Tensor, tol: float, check=None):
                 try:
                     ms = _time_candidate(run, cand)
                 except Exception as e:
-                    raise RuntimeError(f'fast path: timing {cand.label} failed after it computed the right '
-                                       f'thing ({type(e).__name__}: {e})') from e
+                    raise CaptureError(f'timing {cand.label} in a CUDA graph failed after it computed the right '
+                                       f'thing ({type(e).__name__}: {str(e).strip()[:300]})') from e
             else:
                 refused[cand.label] = f'max |difference| {err:.3g} over the tolerance {tol:.3g}'
         timings[cand.label] = ms
@@ -828,9 +833,13 @@ class FastViT(nn.Module):
                 self._run(static_in)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_out = self._run(static_in)
-        torch.cuda.synchronize(self.device)
+        try:
+            with torch.cuda.graph(graph):
+                static_out = self._run(static_in)
+            torch.cuda.synchronize(self.device)
+        except Exception as e:
+            raise CaptureError(f'capturing the forward in a CUDA graph failed ({type(e).__name__}: '
+                               f'{str(e).strip()[:300]})') from e
         self._graph, self._static_out = graph, static_out
 
     def describe(self) -> Dict:

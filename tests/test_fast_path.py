@@ -1021,6 +1021,24 @@ def test_a_gpu_triton_cannot_serve_is_one_line(capsys, monkeypatch, pruned_digit
                         '--fast-path compile or torch runs without them')
 
 
+def test_a_cuda_graph_that_cannot_capture_is_one_line(capsys, monkeypatch, pruned_digits):
+    """A CUDA graph that fails to capture the forward (or a candidate while timing it) stops the command with one
+    line naming the failure and the way round it, not a traceback."""
+    import models.fast_path as FP
+
+    def cannot(*args, **kwargs):
+        raise FP.CaptureError('capturing the forward in a CUDA graph failed (RuntimeError: operation not '
+                              'permitted when stream is capturing)')
+    monkeypatch.setattr(FP, 'build_fast_path', cannot)
+    code, out, err = _cli(capsys, '--speed-only', '--resume', pruned_digits['path'], '--batch-size', '4',
+                          '--speed-repeats', '2', '--speed-warmup', '0', '--fast-path', 'torch')
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    assert lines[0] == ('error: --fast-path torch: capturing the forward in a CUDA graph failed (RuntimeError: '
+                        'operation not permitted when stream is capturing); --fast-path torch runs without CUDA '
+                        'graphs')
+
+
 @pytest.mark.parametrize('argv, message', [
     (['--fast-path', 'torch', '--output_dir', '{tmp}/ft', '--data-set', 'DIGITS'],
      '--fast-path is an inference path: use it with --eval or --speed-only'),
