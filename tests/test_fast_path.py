@@ -760,11 +760,17 @@ def compile_(kernel, types, constexprs, num_warps, num_stages=3, aligned=()):
             'wide_loads': ptx.count('cp.async.cg.shared.global') + ptx.count('ld.global.v4')}
 
 out = {}
+# As a DeiT launch specialises them: allocations are 512-byte aligned, and the widths (576, 192, 768) and the
+# strides built from them are multiples of 16; the token count and the head count are not.
 attn = dict(qkv_ptr='*fp16', out_ptr='*fp16', n='i32', H='i32', stride_qb='i32', stride_qn='i32', stride_ob='i32',
             stride_on='i32', qk_scale='fp32')
-for bm, bn, warps, stages in K.ATTENTION_TILES:
-    out[f'attention {bm}x{bn}'] = compile_(K._attention_kernel, attn, dict(HEAD_DIM=64, BLOCK_M=bm, BLOCK_N=bn),
-                                           warps, stages)
+attn_aligned = ('qkv_ptr', 'out_ptr', 'stride_qb', 'stride_qn', 'stride_ob', 'stride_on')
+for dtype in ('fp16', 'fp32'):
+    types = dict(attn, qkv_ptr='*' + dtype, out_ptr='*' + dtype)
+    for bm, bn, warps, stages in K.ATTENTION_TILES:
+        out[f'attention {bm}x{bn} {dtype}'] = compile_(K._attention_kernel, types,
+                                                       dict(HEAD_DIM=64, BLOCK_M=bm, BLOCK_N=bn), warps, stages,
+                                                       aligned=attn_aligned)
 lin = dict(x_ptr='*fp16', wt_ptr='*fp16', b_ptr='*fp16', out_ptr='*fp16', ids_ptr='*i64', g_ptr='*fp32', M='i32',
            N='i32', K='i32', n='i32', stride_xm='i32', stride_wk='i32', stride_ob='i32', stride_on='i32')
 for bm, bn, bk, warps, stages in K.LINEAR_TILES:
@@ -772,7 +778,9 @@ for bm, bn, bk, warps, stages in K.LINEAR_TILES:
         types = dict(lin, out_ptr='*fp32') if residual else lin
         out[f'linear {bm}x{bn}x{bk} residual={residual}'] = compile_(
             K._linear_kernel, types, dict(HAS_B=True, HAS_G=residual, RESIDUAL=residual, EVEN_K=True, BLOCK_M=bm,
-                                          BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), warps, stages)
+                                          BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), warps, stages,
+            aligned=('x_ptr', 'wt_ptr', 'b_ptr', 'out_ptr', 'ids_ptr', 'g_ptr', 'N', 'K', 'stride_xm', 'stride_wk',
+                     'stride_ob', 'stride_on'))
 block_c, rows, warps = K._row_tile(192)
 rows_ = dict(x_ptr='*fp32', ids_ptr='*i64', w_ptr='*fp32', b_ptr='*fp32', out_ptr='*fp16', num_rows='i32', n='i32',
              C='i32', stride_xb='i32', stride_xn='i32', stride_ob='i32', stride_on='i32', eps='fp32')
@@ -803,9 +811,11 @@ print(json.dumps(out))
 @pytest.mark.skipif(CUDA, reason='on a GPU the kernels are compiled and run by the tests above')
 @pytest.mark.skipif(not K.HAS_TRITON, reason='needs Triton')
 def test_kernels_compile_for_hopper():
-    """Every kernel and tile the fast path may launch compiles for sm_90 (Triton's own ptxas, no GPU needed),
-    the matrix products of 64-row tiles use Hopper's wgmma, and shared memory stays within the 227 KB a block
-    may have."""
+    """Every kernel and tile the fast path may launch compiles for sm_90 (Triton's own ptxas, no GPU needed), with
+    the alignment a DeiT launch specialises on; the matrix products of 64-row tiles use Hopper's wgmma, and
+    shared memory stays within the 227 KB a block may have, except the one attention tile that does not fit in
+    fp32: launched, it raises Triton's out-of-resources error, which the timed choice records as a refusal
+    (the forced tile, the first, fits)."""
     import subprocess
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
@@ -814,9 +824,11 @@ def test_kernels_compile_for_hopper():
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     kernels = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(kernels) == len(K.ATTENTION_TILES) + 4 * len(K.LINEAR_TILES) + 3
+    assert len(kernels) == 2 * len(K.ATTENTION_TILES) + 4 * len(K.LINEAR_TILES) + 3
+    too_big = sorted(name for name, info in kernels.items() if info['shared'] > 227 * 1024)
+    assert too_big == ['attention 64x256 fp32'], too_big
+    assert K.ATTENTION_TILES[0][:2] != (64, 256)
     for name, info in kernels.items():
-        assert info['shared'] <= 227 * 1024, name
         if name.startswith('patch_embed') and name.endswith('indirect=True'):
             # an address read from memory carries no alignment: the kernel states it, so the pixels still move
             # in 16-byte loads, as many as when the images come as an aligned pointer argument
