@@ -95,8 +95,8 @@ from timm.models.vision_transformer import Block, VisionTransformer
 
 from . import fast_kernels as K
 
-__all__ = ['build_fast_path', 'FastViT', 'CaptureError', 'AttentionChoice', 'MlpChoice', 'choose_attention', 'choose_mlp',
-           'choose_fc2', 'check_supported', 'BACKENDS', 'ATTENTION_MODES', 'MLP_MODES']
+__all__ = ['build_fast_path', 'FastViT', 'CaptureError', 'AttentionChoice', 'MlpChoice', 'choose_attention',
+           'choose_mlp', 'choose_fc2', 'check_supported', 'BACKENDS', 'ATTENTION_MODES', 'MLP_MODES']
 
 BACKENDS = ('triton', 'torch', 'compile')
 ATTENTION_MODES = ('auto', 'sdpa', 'triton')
@@ -265,29 +265,12 @@ def run_linear_gelu(choice: MlpChoice, y: torch.Tensor, weight: torch.Tensor, we
     return F.gelu(F.linear(y, weight, bias))
 
 
-def _cuda_ms(fn, reps: int = 20, groups: int = 5) -> float:
-    """Median milliseconds per call of ``fn`` over ``groups`` CUDA-event-timed groups of ``reps`` calls."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(groups):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / reps)
-    return statistics.median(times)
-
-
 def _cuda_graph_ms(fn, reps: int = 20, groups: int = 5) -> float:
     """Median milliseconds per call of ``fn`` as a CUDA graph replays it: ``reps`` calls captured in one graph,
     ``groups`` replays timed with CUDA events.  That is the GPU's time for the call, each kernel launched as a
     captured forward launches it, without the CPU's launch overhead, which at small batches is most of what
-    :func:`_cuda_ms` measures (and which differs between cuBLAS, torch and Triton launches).  A call that cannot
-    be captured raises."""
+    launching the calls one by one would measure (and which differs between cuBLAS, torch and Triton launches).
+    A call that cannot be captured raises."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up outside the capture: lazy initialisation, compiles, cuBLAS handles
@@ -376,7 +359,8 @@ def _fastest(candidates, run, reference: torch.Tensor, tol: float, check=None):
 
 @torch.no_grad()
 def choose_attention(n: int, batch: int, num_heads: int, head_dim: int, scale: float, dtype: torch.dtype,
-                     device: torch.device, with_triton: bool) -> Tuple[AttentionChoice, Dict[str, float], Dict[str, str]]:
+                     device: torch.device, with_triton: bool
+                     ) -> Tuple[AttentionChoice, Dict[str, float], Dict[str, str]]:
     """Time every candidate on random qkv of shape (batch, n, 3*H*D) on CUDA and return the fastest, with every
     candidate's milliseconds (inf: failed, or not within tolerance of the fp32 reference) and why each refused
     one was.  Cached per shape."""
@@ -431,7 +415,8 @@ def run_linear_residual(choice: MlpChoice, x: torch.Tensor, ids: torch.Tensor, u
 
 @torch.no_grad()
 def choose_fc2(batch: int, num_tokens: int, n: int, hidden: int, width: int, dtype: torch.dtype,
-               residual_dtype: torch.dtype, device: torch.device) -> Tuple[MlpChoice, Dict[str, float], Dict[str, str]]:
+               residual_dtype: torch.dtype, device: torch.device
+               ) -> Tuple[MlpChoice, Dict[str, float], Dict[str, str]]:
     """Time x[:, ids] += gamma * (u @ W^T + b) for u (batch, n, hidden) into a (batch, num_tokens, width) buffer
     on CUDA: cuBLAS + the scatter kernel against the fused Triton kernel's tiles; return the fastest within
     tolerance of the fp32 reference, with every candidate's milliseconds.  Cached per shape."""

@@ -948,7 +948,6 @@ def test_the_build_times_its_candidates_replayed_from_a_cuda_graph():
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(FP, '_CHOICE_CACHE', {})
         mp.setattr(FP, '_cuda_graph_ms', lambda fn: replays.append(1) or graph_ms(fn))
-        mp.setattr(FP, '_cuda_ms', None)  # not timed launch by launch
         fast = build_fast_path(model, backend='triton', dtype=torch.float16, cuda_graph=True, batch_size=8)
     built = fast.describe()
     timed = 0
