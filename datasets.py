@@ -2,7 +2,7 @@
 digits (the mini reproduction). Every missing or unreadable input becomes a one-line :class:`UserError`."""
 import json
 import os
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -154,17 +154,20 @@ def class_folders(split: str):
     return sorted(entry.name for entry in os.scandir(split) if entry.is_dir())
 
 
-def _readable(folder: str) -> bool:
-    return os.access(folder, os.R_OK | os.X_OK)
+def _first_unreadable(split: str) -> Optional[str]:
+    """The first folder of ``split`` (itself, then its class folders) that cannot be listed, or None."""
+    folders = [split] if not os.access(split, os.R_OK | os.X_OK) else [os.path.join(split, c)
+                                                                         for c in class_folders(split)]
+    return next((f for f in folders if not os.access(f, os.R_OK | os.X_OK)), None)
 
 
 def image_folder(split: str, transform) -> datasets.ImageFolder:
     """An ImageFolder whose missing, empty or class-less split is reported as a one-line error."""
     if not os.path.isdir(split):
         raise UserError(f'split not found: {split} (expected one folder per class inside)')
-    for folder in [split] + [os.path.join(split, c) for c in (class_folders(split) if _readable(split) else [])]:
-        if not _readable(folder):
-            raise UserError(f'cannot read {folder}: permission denied')
+    unreadable = _first_unreadable(split)
+    if unreadable:
+        raise UserError(f'cannot read {unreadable}: permission denied')
     try:
         return datasets.ImageFolder(split, transform=transform, loader=load_rgb)
     except FileNotFoundError as e:

@@ -232,7 +232,8 @@ def validate_args(args) -> None:
     modes = modes_of(args)
     if len(modes) > 1:
         raise UserError('choose one of --eval, --speed-only and --prune')
-    check_numbers(args, get_args_parser(), NUMERIC_FLAGS)
+    parser = get_args_parser()
+    check_numbers(args, parser, NUMERIC_FLAGS)
     if args.speed_protocol == 'original':
         given = given_flags(args)
         if 'speed_warmup' in given or ('speed_dtype' in given and args.speed_dtype != 'fp32'):
@@ -275,7 +276,7 @@ def validate_args(args) -> None:
     if not modes and 'start_epoch' in given_flags(args) and args.start_epoch >= args.final_finetune:
         raise UserError(f'--start_epoch {args.start_epoch} is not before --final_finetune {args.final_finetune}: no '
                         f'epoch would run')
-    check_flags_apply(args, get_args_parser())
+    check_flags_apply(args, parser)
     mixing = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
     if not modes and mixing and args.batch_size % 2:
         raise UserError(f'--batch-size {args.batch_size}: mixup and cutmix mix each image with another of its '
