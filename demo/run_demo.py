@@ -94,13 +94,6 @@ NUMERIC_FLAGS: Dict[str, Range] = {
 }
 
 
-def check_out(out: str, flag: str = '--out') -> None:
-    """``out`` is (or can be created as) a writable directory: nothing is created to find out."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise UserError(f'{flag} {out} exists and is not a directory')
-    check_output_dir(out, flag)
-
-
 def check_device(device: Optional[str]) -> None:
     """``--device``, if given, is cpu or cuda (cuda:N), and CUDA is there when asked for."""
     if device is None:
@@ -114,7 +107,7 @@ def validate_args(a: argparse.Namespace, parser: Optional[argparse.ArgumentParse
     """Refuse a bad command line before any work starts (nothing trained, no file or directory written)."""
     check_numbers(a, parser or get_args_parser(), NUMERIC_FLAGS)
     check_device(a.device)
-    check_out(a.out)
+    check_output_dir(a.out, '--out')  # (an existing file there is refused too)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -209,9 +202,10 @@ def common_args(seed: int, device: Optional[str]) -> List[str]:
 
 
 def teacher_check(path: str, epochs: int, lr: float, seed: int) -> Tuple[str, Optional[str]]:
-    """(state, why): the state as ``teacher_state`` says it and, for 'other', how the checkpoint at ``path`` differs
-    from a teacher trained for ``epochs`` epochs at ``lr`` with ``seed`` (model, epochs, learning rate and seed as
-    stored in its ``args``; the demo passes --unscale-lr, so the stored ``lr`` is the one given)."""
+    """(state, why): the state, 'none', 'done', 'partial' (same schedule, unfinished) or 'other' (another model,
+    number of epochs, learning rate or seed, as stored in its ``args``; the demo passes --unscale-lr, so the
+    stored ``lr`` is the one given), and, for 'other', how the checkpoint at ``path`` differs from a teacher
+    trained for ``epochs`` epochs at ``lr`` with ``seed``."""
     if not os.path.isfile(path):
         return 'none', None
     try:
@@ -232,12 +226,6 @@ def teacher_check(path: str, epochs: int, lr: float, seed: int) -> Tuple[str, Op
     else:
         return ('done' if int(ckpt.get('epoch', -1)) >= epochs - 1 else 'partial'), None
     return 'other', why
-
-
-def teacher_state(path: str, epochs: int, lr: float, seed: int) -> str:
-    """'none', 'done', 'partial' (same schedule, unfinished) or 'other' (another model, number of epochs,
-    learning rate or seed)."""
-    return teacher_check(path, epochs, lr, seed)[0]
 
 
 def seed_of(common: List[str]) -> int:

@@ -54,7 +54,8 @@ for path in (ROOT, os.path.join(ROOT, 'demo')):
 
 import run_demo as demo  # noqa: E402
 import finetune  # noqa: E402
-from utils import UserError, load_checkpoint_file, one_line, state_dict_of, write_text_atomic  # noqa: E402
+from utils import (UserError, check_output_dir, load_checkpoint_file, one_line, state_dict_of,  # noqa: E402
+                   write_text_atomic)
 from utils.cli import AT_LEAST_ONE, EXIT_USER_ERROR, POSITIVE, OneLineParser, Range, check_numbers  # noqa: E402
 
 RATES = (0.25, 0.40, 0.55)
@@ -104,7 +105,7 @@ def validate_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         if len(set(values)) != len(values):
             raise UserError(f'{flag} must be distinct, got {" ".join(map(str, values))}')
     demo.check_device(a.device)
-    demo.check_out(a.out)
+    check_output_dir(a.out, '--out')
 
 
 def check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
@@ -228,8 +229,8 @@ def run_all(a: argparse.Namespace, out: str) -> Tuple[dict, List[dict], Dict[str
     print(f'[teacher] {demo.MODEL}, {a.teacher_epochs} epochs from scratch, seed {TEACHER_SEED}, '
           f'trained once for all runs', flush=True)
     teacher_dir = os.path.join(out, 'teacher')
-    reused = not a.fresh and demo.teacher_state(os.path.join(teacher_dir, 'checkpoint.pth'),
-                                                a.teacher_epochs, a.teacher_lr, TEACHER_SEED) == 'done'
+    reused = not a.fresh and demo.teacher_check(os.path.join(teacher_dir, 'checkpoint.pth'),
+                                                a.teacher_epochs, a.teacher_lr, TEACHER_SEED)[0] == 'done'
     teacher, teacher_acc = demo.train_teacher(teacher_dir, a.teacher_epochs, a.teacher_lr,
                                               demo.common_args(TEACHER_SEED, a.device), a.fresh, a.verbose,
                                               echo=False)

@@ -113,6 +113,26 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+# the demo scripts' command lines (tests/test_demo.py, tests/test_study.py)
+
+def exit_code(main, argv):
+    """``main(argv)``'s exit code, whether returned or raised as SystemExit."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return e.code
+
+
+def assert_one_error_line(err, flag):
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith('error: ') and flag in lines[0], err
+    assert 'Traceback' not in err
+
+
+def no_work(*_args, **_kwargs):
+    raise AssertionError('work started despite a bad command line')
+
+
 CUDA_ONLY_REASON = 'needs a CUDA GPU'
 
 

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, make_image_folder, run_demo_script
+from conftest import ROOT, assert_one_error_line, exit_code, make_image_folder, no_work, run_demo_script
 
 sys.path.insert(0, os.path.join(ROOT, 'demo'))
 import draw_masks  # noqa: E402
@@ -139,24 +139,6 @@ def test_draw_masks_cli_errors(tmp_path, capsys):
 import run_demo  # noqa: E402
 
 
-def exit_code(main, argv):
-    """``main(argv)``'s exit code, whether returned or raised as SystemExit."""
-    try:
-        return main(argv)
-    except SystemExit as e:
-        return e.code
-
-
-def assert_one_error_line(err, flag):
-    lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith('error: ') and flag in lines[0], err
-    assert 'Traceback' not in err
-
-
-def no_work(*_args, **_kwargs):
-    raise AssertionError('work started despite a bad command line')
-
-
 @pytest.mark.parametrize('argv,flag', [
     (['--finetune-lr', 'nan'], '--finetune-lr'),
     (['--teacher-lr', '0'], '--teacher-lr'),
@@ -225,19 +207,19 @@ def fake_teacher(path, lr=1e-3, seed=0, epochs=3, epoch=2, model=None):
 
 
 def test_teacher_reused_only_with_the_same_epochs_lr_and_seed(tmp_path):
-    """teacher_state: 'done' (or 'partial', unfinished) only for the same model, epochs, learning rate and seed;
-    a teacher stored with another lr or seed is 'other', and teacher_check says what differs."""
+    """teacher_check: 'done' (or 'partial', unfinished) only for the same model, epochs, learning rate and seed;
+    a teacher stored with another lr or seed is 'other', and it says what differs."""
     path = fake_teacher(tmp_path / 'teacher' / 'checkpoint.pth')
-    assert run_demo.teacher_state(path, 3, 1e-3, 0) == 'done'
-    assert run_demo.teacher_state(str(tmp_path / 'missing.pth'), 3, 1e-3, 0) == 'none'
-    assert run_demo.teacher_state(path, 4, 1e-3, 0) == 'other'
+    assert run_demo.teacher_check(path, 3, 1e-3, 0)[0] == 'done'
+    assert run_demo.teacher_check(str(tmp_path / 'missing.pth'), 3, 1e-3, 0)[0] == 'none'
+    assert run_demo.teacher_check(path, 4, 1e-3, 0)[0] == 'other'
     assert run_demo.teacher_check(path, 3, 2e-3, 0) == ('other', 'learning rate 0.001 instead of 0.002')
     assert run_demo.teacher_check(path, 3, 1e-3, 1) == ('other', 'seed 0 instead of 1')
     partial = fake_teacher(tmp_path / 'partial' / 'checkpoint.pth', epoch=0)
-    assert run_demo.teacher_state(partial, 3, 1e-3, 0) == 'partial'
-    assert run_demo.teacher_state(partial, 3, 1e-3, 5) == 'other'
+    assert run_demo.teacher_check(partial, 3, 1e-3, 0)[0] == 'partial'
+    assert run_demo.teacher_check(partial, 3, 1e-3, 5)[0] == 'other'
     other_model = fake_teacher(tmp_path / 'm' / 'checkpoint.pth', model='cc_deit_tiny_patch16_224')
-    assert run_demo.teacher_state(other_model, 3, 1e-3, 0) == 'other'
+    assert run_demo.teacher_check(other_model, 3, 1e-3, 0)[0] == 'other'
 
 
 @pytest.mark.parametrize('lr,seed,retrained', [(1e-3, 0, False), (2e-3, 0, True), (1e-3, 7, True)])

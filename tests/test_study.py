@@ -12,7 +12,7 @@ import pytest
 import torch
 from scipy import stats
 
-from conftest import ROOT, run_demo_script
+from conftest import ROOT, assert_one_error_line, no_work, run_demo_script
 
 sys.path.insert(0, os.path.join(ROOT, 'demo'))
 import study  # noqa: E402
@@ -332,9 +332,6 @@ def test_bad_arguments_are_one_error_line_before_any_work(argv, flag, tmp_path, 
     traceback), before anything is trained or written (neither --out nor the default runs/study is created)."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / 'FILE').write_text('not a directory')
-
-    def no_work(*_args, **_kwargs):
-        raise AssertionError('work started despite a bad command line')
     monkeypatch.setattr(study, 'run_all', no_work)
     argv = [str(tmp_path / a) if a.startswith('FILE') else a for a in argv]
     if '--out' not in argv:
@@ -342,9 +339,7 @@ def test_bad_arguments_are_one_error_line_before_any_work(argv, flag, tmp_path, 
     with pytest.raises(SystemExit) as e:
         study.main(argv)
     assert e.value.code == 2
-    err = capsys.readouterr().err
-    lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith('error: ') and flag in lines[0], err
+    assert_one_error_line(capsys.readouterr().err, flag)
     assert sorted(p.name for p in tmp_path.iterdir()) == ['FILE']
 
 
