@@ -24,7 +24,7 @@ from timm.models.vision_transformer import VisionTransformer
 import models  # noqa: F401  (registers cc_deit_* with timm)
 import pruning
 from models import fast_kernels as K
-from models.fast_path import AttentionChoice, build_fast_path, choose_attention, run_attention
+from models.fast_path import AttentionChoice, CaptureError, build_fast_path, choose_attention, run_attention
 from models.fast_path import attention_candidates as FP_attention_candidates
 from conftest import CUDA_ONLY_REASON
 
@@ -1015,39 +1015,31 @@ def test_speed_only_through_the_fast_path_prints_both_speed_ups(capsys, pruned_d
     assert 'against the fastest dense model (dense model' in speedups[1]
 
 
-def test_a_gpu_triton_cannot_serve_is_one_line(capsys, monkeypatch, pruned_digits):
-    """Building the path runs its kernels (the timing, the graph's warm-up); a GPU Triton cannot compile for or
-    launch on fails there, and the CLI says so in one line, naming the way round it."""
+@pytest.mark.parametrize('failure, line', [
+    (K.TritonError('out of resource: shared memory, Required: 232448, Hardware limit: 101376'),
+     'error: --fast-path torch: Triton cannot compile or run its kernels on this device (TritonError: out of '
+     'resource: shared memory, Required: 232448, Hardware limit: 101376); --fast-path compile or torch runs '
+     'without them'),
+    (CaptureError('capturing the forward in a CUDA graph failed (RuntimeError: operation not permitted when stream '
+                  'is capturing)'),
+     'error: --fast-path torch: capturing the forward in a CUDA graph failed (RuntimeError: operation not '
+     'permitted when stream is capturing); --fast-path torch runs without CUDA graphs'),
+], ids=['triton-cannot-serve', 'graph-cannot-capture'])
+def test_a_path_the_gpu_cannot_build_is_one_line(capsys, monkeypatch, pruned_digits, failure, line):
+    """Building the path runs its kernels (the timing, the graph's warm-up) and captures a CUDA graph: a GPU
+    Triton cannot compile for or launch on, or a graph that cannot capture the forward (or a candidate while
+    timing it), stops the command there with one line naming the failure and the way round it, not a
+    traceback."""
     import models.fast_path as FP
 
     def cannot(*args, **kwargs):
-        raise K.TritonError('out of resource: shared memory, Required: 232448, Hardware limit: 101376')
+        raise failure
     monkeypatch.setattr(FP, 'build_fast_path', cannot)
     code, out, err = _cli(capsys, '--speed-only', '--resume', pruned_digits['path'], '--batch-size', '4',
                           '--speed-repeats', '2', '--speed-warmup', '0', '--fast-path', 'torch')
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1, err
-    assert lines[0] == ('error: --fast-path torch: Triton cannot compile or run its kernels on this device '
-                        '(TritonError: out of resource: shared memory, Required: 232448, Hardware limit: 101376); '
-                        '--fast-path compile or torch runs without them')
-
-
-def test_a_cuda_graph_that_cannot_capture_is_one_line(capsys, monkeypatch, pruned_digits):
-    """A CUDA graph that fails to capture the forward (or a candidate while timing it) stops the command with one
-    line naming the failure and the way round it, not a traceback."""
-    import models.fast_path as FP
-
-    def cannot(*args, **kwargs):
-        raise FP.CaptureError('capturing the forward in a CUDA graph failed (RuntimeError: operation not '
-                              'permitted when stream is capturing)')
-    monkeypatch.setattr(FP, 'build_fast_path', cannot)
-    code, out, err = _cli(capsys, '--speed-only', '--resume', pruned_digits['path'], '--batch-size', '4',
-                          '--speed-repeats', '2', '--speed-warmup', '0', '--fast-path', 'torch')
-    lines = err.strip().splitlines()
-    assert code == 2 and len(lines) == 1, err
-    assert lines[0] == ('error: --fast-path torch: capturing the forward in a CUDA graph failed (RuntimeError: '
-                        'operation not permitted when stream is capturing); --fast-path torch runs without CUDA '
-                        'graphs')
+    assert lines[0] == line
 
 
 @pytest.mark.parametrize('argv, message', [
