@@ -547,6 +547,21 @@ def build_runs(timm_name: str, cc: nn.Module, dense: nn.Module, pruned: Dict[flo
     return out
 
 
+def rows_to_rebuild(rows: List[Dict], cc_of: Callable[[Optional[float]], nn.Module], dense: nn.Module,
+                    ctx: Context) -> Runs:
+    """The rows of a main table an earlier run timed (its report rows: ``key``, ``kind``, ``prune_rate``) as
+    :func:`rebuild_for_batch` takes them, for another batch size: eager rows built (the model, or a wrapper of it),
+    compiled rows wrapped but not compiled (their first call compiles), fixed-batch rows left for it to build."""
+    out = Runs()
+    for row in rows:
+        f = REGISTRY[row['kind']]
+        rate = row['prune_rate'] if f.pruned else None
+        out.formulation[row['key']] = f
+        out.meta[row['key']] = {'rate': row['prune_rate'], 'dense': not f.pruned}
+        out.runs[row['key']] = None if f.fixed_batch else f.build(cc_of(rate), dense, ctx)
+    return out
+
+
 @dataclass
 class Rebuilt:
     """The callables of a model's rows at another batch size, what was left out there, and the checks of the

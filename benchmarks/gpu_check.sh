@@ -3,11 +3,21 @@
 #
 #   bash benchmarks/gpu_check.sh              # everything: the tests, then the benchmark
 #   bash benchmarks/gpu_check.sh benchmark    # the benchmark alone (a rerun); `tests` for the tests alone
+#   bash benchmarks/gpu_check.sh resume       # the sections an earlier benchmark left out or failed, no more
 #   bash benchmarks/gpu_check.sh profile      # where the GPU time goes, by kernel (not in the default run)
 #
 # With this workplace's device tool, from the repository root, the .whl/ folder prepared as below:
 #
 #   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=540)
+#
+# then copy cuda.json and cuda.md into benchmarks/results/, and if a section was left out (the time limit) or
+# failed, while the lease has time for it:
+#
+#   run(command="bash benchmarks/gpu_check.sh resume", carry=[".whl"], timeout_s=300)
+#
+# which reads benchmarks/results/cuda.json (an untracked file travels with the working tree; $RESUME names
+# another), runs `model_zoo.py --resume` of it with the benchmark's own flags, so only the sections it lacks, and
+# writes the whole results (its sections marked as the earlier run's) to $OUT/cuda.json and cuda.md again.
 #
 # Budget: under 9 minutes wall, about 6-7 expected (the machine's start, 1-2 minutes, comes on top): each step
 # has a hard time limit, so the worst case is 15 + 180 + 260 s plus 15 s of kill grace per step and the summaries,
@@ -49,8 +59,22 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/gpu_check_out}"
 steps="${*:-tests benchmark}"
 for s in $steps; do
-    case "$s" in tests|benchmark|profile) ;; *) echo "error: unknown step $s (tests, benchmark, profile)" >&2; exit 2 ;; esac
+    case "$s" in
+        tests|benchmark|resume|profile) ;;
+        *) echo "error: unknown step $s (tests, benchmark, resume, profile)" >&2; exit 2 ;;
+    esac
 done
+RESUME="${RESUME:-benchmarks/results/cuda.json}"
+resume=()
+if [[ " $steps " == *" resume "* ]]; then
+    if [[ " $steps " == *" benchmark "* ]]; then
+        echo "error: resume is the benchmark carried on: give one of benchmark and resume" >&2; exit 2
+    fi
+    if [ ! -f "$RESUME" ]; then
+        echo "error: resume: no $RESUME (copy there the cuda.json of the call to carry on)" >&2; exit 2
+    fi
+    resume=(--resume "$RESUME")
+fi
 mkdir -p "$OUT"
 touch "$OUT/status.txt"
 
@@ -113,9 +137,10 @@ if [[ " $steps " == *" tests "* ]]; then
 fi
 
 # 3. the benchmark, with nothing else running: no new section after --time-limit; the outer limit is the hard
-#    stop for the section in progress, and what ran before it is already in cuda.json / cuda.md.
-if [[ " $steps " == *" benchmark "* ]]; then
-    step model_zoo 260 python3 benchmarks/model_zoo.py --device cuda --time-limit 180 \
+#    stop for the section in progress, and what ran before it is already in cuda.json / cuda.md.  `resume`: the
+#    same command carrying on $RESUME (its finished sections kept, the others run).
+if [[ " $steps " == *" benchmark "* || " $steps " == *" resume "* ]]; then
+    step model_zoo 260 python3 benchmarks/model_zoo.py --device cuda --time-limit 180 "${resume[@]}" \
         --json "$OUT/cuda.json" --markdown "$OUT/cuda.md"
     [ -f "$OUT/cuda.json" ] && python3 - "$OUT/cuda.json" <<'EOF'
 import json, sys

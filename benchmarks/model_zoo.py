@@ -34,8 +34,10 @@ batch 1 and 32; then it says whether each of the targets is met.  It prints Mark
 
 A run is a list of sections (a model's main table, its rows again at a summary batch size, a sweep) in the order
 of what they are worth; with --time-limit no new section starts after that many seconds, and the JSON and
-Markdown are written after every section, so a run cut short keeps what it measured.  Compiled rows are built
-within --compile-budget seconds of compilation and at batch sizes of at least --compile-min-batch.
+Markdown are written after every section, so a run cut short keeps what it measured, and ``--resume`` that
+JSON runs only the sections it lacks (the same settings, on the same machine kind; every ratio compares rows of
+one section, so rows timed in one process).  Compiled rows are built within --compile-budget seconds of
+compilation and at batch sizes of at least --compile-min-batch.
 
 Masks: by default Taylor attention scores of the random-init model on two random-noise batches, planned
 with the global budget (``--masks taylor``; per-layer kept counts vary like a real plan's, though the
@@ -76,7 +78,7 @@ from benchmarks import report  # noqa: E402
 from benchmarks.formulations import (  # noqa: E402
     REFERENCES, REGISTRY, CompileBudget, Context, Runs, ScatterRouting, blocks_as_identity, build_runs,
     configure_dynamo, dense_label, image_shape, plan, pruned_copy, rate_tag, rebuild_for_batch, resolve_model,
-    run_blocks_ours, seeded_models, select, short_name,
+    rows_to_rebuild, run_blocks_ours, seeded_models, select, short_name,
 )
 from benchmarks.stats import Timings, as_fields, paired  # noqa: E402
 from engine import original_settings, steady_allocator  # noqa: E402
@@ -234,6 +236,10 @@ def build_parser() -> Parser:
     p.add_argument('--time-limit', type=_float_in(1, MAX_SECONDS), default=None,
                    help='seconds after which no new section starts (the first always runs; the results are written '
                         'after every section; default: none)')
+    p.add_argument('--resume', default=None, metavar='JSON',
+                   help='the results JSON of an earlier run with the same settings on the same machine kind (GPU, '
+                        'torch, timm): its finished sections are kept, the others run (those it left out, or that '
+                        'failed); only --time-limit, --json and --markdown may differ')
     p.add_argument('--protocol', choices=['ours', 'original'], default='ours',
                    help='how the main table is timed: ours (interleaved rounds, no_grad, median; default) or '
                         'original (the original code: each row alone, fp32, autograd on, cudnn.benchmark, TF32 on '
@@ -419,6 +425,47 @@ def _earlier_output(path: str) -> bool:
         return False
 
 
+# What a resumed run (--resume) may change: where it writes, when it stops starting sections, what it resumes.
+FREE_SETTINGS = ('json', 'markdown', 'resume', 'time_limit')
+# What must be the same machine kind for a resumed run.
+SAME_MACHINE = ('device', 'gpu', 'torch', 'timm', 'python')
+
+
+def settings_of(args) -> Dict:
+    """The run's settings as its JSON records them: every flag after its default, not where it writes."""
+    return {k: v for k, v in vars(args).items() if k not in ('json', 'markdown', 'earlier')}
+
+
+def _resumable(args) -> Dict:
+    """The results of the run that --resume names, if this run may carry it on: a results JSON of this script,
+    with the same settings (but FREE_SETTINGS) on the same machine kind (SAME_MACHINE; on a CPU also the same
+    processor and core count); raises UsageError saying what differs."""
+    path = args.resume
+    if not os.path.isfile(path):
+        raise UsageError(f'argument --resume: {path}: no such file')
+    if not _earlier_output(path):
+        raise UsageError(f'argument --resume: {path} is not a results JSON of this benchmark')
+    with open(path) as f:
+        earlier = json.load(f)
+    if 'settings' not in earlier or not isinstance(earlier['settings'], dict):
+        raise UsageError(f'argument --resume: {path} records no settings')
+    now = json.loads(json.dumps(settings_of(args)))
+    then = earlier['settings']
+    differ = [k for k in sorted(now.keys() | then.keys()) if k not in FREE_SETTINGS and now.get(k) != then.get(k)]
+    if differ:
+        flags = [k for k in differ if any(a.dest == k for a in build_parser()._actions)] or differ
+        raise UsageError(f'argument --resume: {path} was run with other settings: ' + '; '.join(
+            f'{_flag(k)} {then.get(k)!r} there, {now.get(k)!r} here' for k in flags)
+            + ' (only --time-limit, --json and --markdown may differ)')
+    machine = machine_info(torch.device(args.device))
+    same = SAME_MACHINE + (('cpu', 'cpu_cores') if args.device == 'cpu' else ())
+    other = [k for k in same if machine.get(k) != earlier['machine'].get(k)]
+    if other:
+        raise UsageError(f'argument --resume: {path} was measured on another machine kind: ' + '; '.join(
+            f'{k} {earlier["machine"].get(k)!r} there, {machine.get(k)!r} here' for k in other))
+    return earlier
+
+
 def parse_args(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -441,6 +488,7 @@ def parse_args(argv=None):
                                  f'refusing to overwrite it')
         if args.markdown == args.json:
             raise UsageError('argument --markdown: the same file as --json')
+        args.earlier = _resumable(args) if args.resume is not None else None
     except UsageError as e:
         for folder in created:  # nothing written: remove the folders made for the outputs
             with contextlib.suppress(OSError):
@@ -904,6 +952,27 @@ def bench_model(name: str, args, device: torch.device, dtype, budget: CompileBud
     return Live(cc, dense, pruned, built, shape, result)
 
 
+def revive(name: str, result: Dict, args, device: torch.device, dtype) -> Live:
+    """A model whose main table the run resumed measured (``result``), made again for its summary sections: the
+    same seeded weights and masks (each block must keep the token counts that run recorded, else this raises) and
+    its rows as :func:`summary_batch` rebuilds them (fixed-batch rows are built there, for its batch size)."""
+    timm_name = args.timm_models[name]
+    torch._dynamo.reset()
+    cc, dense = seeded_models(timm_name, args.seed, device)
+    pruned = pruned_models(cc, _scores(cc, args, device, batch=min(result['batch_size'], 8)), args.rates, args.seed)
+    for row in result['rows']:
+        if not row['dense']:
+            kept = models.kept_token_counts(pruned[row['prune_rate']])
+            if kept != row['kept_tokens']:
+                raise RuntimeError(f'{row["label"]}: the masks made again keep {kept} tokens per block, the run '
+                                   f'resumed recorded {row["kept_tokens"]}: not the model it measured')
+    ctx = Context(device, dtype, result['batch_size'], image_shape(cc), fast_autotune=args.fast_autotune,
+                  seed=args.seed)
+    model_of = (lambda rate: cc if rate is None else pruned[rate])
+    built = rows_to_rebuild(result['rows'], model_of, dense, ctx)
+    return Live(cc, dense, pruned, built, image_shape(cc), result)
+
+
 def summary_batch(live: Live, batch: int, args, device: torch.device, dtype, budget: CompileBudget) -> Dict:
     """A summary section: every row of a model's main table timed again, interleaved (protocol ours), at another
     batch size; rows built for one batch size are built again, compiled ones recompiled (both checked again)."""
@@ -1025,6 +1094,8 @@ def run_section(section: Section, live: Dict[str, Live], results: Dict, args, de
         live[name] = bench_model(name, args, device, dtype, budget)
         results['models'][name] = live[name].result
     elif section.kind == 'summary':
+        if name not in live:  # its main table was measured by the run resumed
+            live[name] = revive(name, results['models'][name], args, device, dtype)
         summary_batch(live[name], section.batch, args, device, dtype, budget)
     else:
         first = args.timm_models[name]
@@ -1036,6 +1107,23 @@ def run_section(section: Section, live: Dict[str, Live], results: Dict, args, de
             sweep_batch = args.batch_size or default_batch(first, device, 'ours')
             results['sweeps']['rate'] = dict(info, batch_size=sweep_batch, rows=rate_sweep(
                 first, args.sweep_rates, sweep_batch, args, device, dtype))
+
+
+def adopt(results: Dict, earlier: Dict, budget: CompileBudget) -> List[str]:
+    """Carry the finished sections of the run resumed (--resume, its settings checked equal) into ``results``:
+    their records (marked ``earlier_run``), the tables of its models and its sweeps, its compile seconds (the
+    budget is the whole run's), and its command; returns the titles of the sections kept."""
+    kept = []
+    for record, old in zip(results['sections'], earlier['sections']):
+        if old.get('status') == 'done' and old.get('section') == record['section']:
+            record.update(copy.deepcopy(old), earlier_run=True)
+            kept.append(record['section'])
+    results['models'].update(copy.deepcopy(earlier.get('models', {})))
+    results['sweeps'].update(copy.deepcopy(earlier.get('sweeps', {})))
+    budget.spent = float(earlier.get('compile_seconds_spent', 0.0))
+    results['earlier_runs'] = earlier.get('earlier_runs', []) + [
+        {'command': earlier.get('command'), 'seconds': earlier.get('seconds')}]
+    return kept
 
 
 def write_outputs(results: Dict, text: str, args) -> None:
@@ -1069,7 +1157,7 @@ def main(argv=None) -> Dict:
     started = clock()
     malloc = steady_allocator() if args.malloc == 'steady' else 'default'
     timed, skipped = select(device, args.compile, names=args.rows)
-    settings = {k: v for k, v in vars(args).items() if k not in ('json', 'markdown')}
+    settings = settings_of(args)
     sections = plan_sections(args, device)
     results = {'machine': dict(machine_info(device), malloc=malloc),
                'command': ' '.join(['python benchmarks/model_zoo.py'] + (sys.argv[1:] if argv is None else argv)),
@@ -1093,14 +1181,20 @@ def main(argv=None) -> Dict:
     for name, reason in skipped.items():
         print(f'note: formulation {name} not timed: {reason}', flush=True)
     budget = CompileBudget(args.compile_budget, args.compile_min_batch)
+    if args.earlier is not None:
+        kept = adopt(results, args.earlier, budget)
+        print(f'Resuming {args.resume}: ' + (f'{len(kept)} sections kept ({"; ".join(kept)})' if kept else
+                                             'no finished section in it'), flush=True)
     live: Dict[str, Live] = {}
     for i, (section, record) in enumerate(zip(sections, results['sections'])):
         elapsed = clock() - started
+        if record['status'] == 'done':  # kept from the run resumed
+            continue
         if i and args.time_limit is not None and elapsed >= args.time_limit:
             record.update(status='left out', reason=f'time limit of {args.time_limit:.0f} s reached after '
                                                     f'{elapsed:.0f} s (--time-limit)')
             print(f'left out: {section.title(args)} ({record["reason"]})', flush=True)
-        elif section.kind == 'summary' and section.model not in live:
+        elif section.kind == 'summary' and section.model not in results['models']:
             record.update(status='left out', reason='its main table did not run')
             print(f'left out: {section.title(args)} ({record["reason"]})', flush=True)
         else:
@@ -1121,6 +1215,7 @@ def main(argv=None) -> Dict:
                 torch.cuda.empty_cache()
         except RuntimeError as e:  # e.g. a sticky CUDA error: what ran must still be written
             print(f'note: freeing memory failed: {e}', flush=True)
+        results['models'] = {n: results['models'][n] for n in args.models if n in results['models']}
         results['compile_seconds_spent'] = budget.spent
         report_so_far(results, args, device, started)
     if hasattr(os, 'getloadavg'):

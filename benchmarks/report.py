@@ -338,9 +338,15 @@ def _sections_table(results: Dict) -> List[str]:
     sections = results.get('sections', [])
     if not sections:
         return []
-    rows = [[s['section'], s['status'] + (f': {s["reason"]}' if s.get('reason') else ''),
-             fmt(s.get('seconds'), '.0f')] for s in sections]
-    return ['', 'Sections, in the order they ran:', ''] + table(['section', 'status', 'seconds'], rows)
+    rows = [[s['section'], s['status'] + (f': {s["reason"]}' if s.get('reason') else '')
+             + (' (earlier run)' if s.get('earlier_run') else ''), fmt(s.get('seconds'), '.0f')] for s in sections]
+    lines = ['', 'Sections, in the order they ran:', ''] + table(['section', 'status', 'seconds'], rows)
+    if results.get('earlier_runs'):
+        lines += ['', 'This run resumed an earlier one (--resume): the sections marked "earlier run" were timed by '
+                      + ', then by '.join(f'`{r["command"]}`' for r in results['earlier_runs'])
+                      + ' in another process, with the same settings on the same machine kind. Every ratio compares '
+                        'rows of one section, timed in one process.']
+    return lines
 
 
 def _left_out(results: Dict) -> List[str]:

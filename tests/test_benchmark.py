@@ -540,7 +540,7 @@ NUMERIC = {
 FLOAT_FLAGS = {'--time-limit', '--compile-budget'}
 OTHER_OPTIONS = {'-h', '--help', '--device', '--models', '--dtype', '--masks', '--compile', '--no-compile',
                  '--compile-models', '--protocol', '--malloc', '--json', '--markdown', '--quick', '--rows',
-                 '--fast-autotune', '--no-fast-autotune'}
+                 '--fast-autotune', '--no-fast-autotune', '--resume'}
 
 
 def _parse(tmp_path, *argv, folder='out'):
@@ -839,6 +839,80 @@ def test_time_limit_and_failures_end_sections_and_results_are_written_after_ever
     assert '| deit_digits_patch4_32, batch 2 (summary) | left out: time limit' in (tmp_path / 'r.md').read_text()
 
 
+def test_resume_runs_only_the_sections_left_out_and_keeps_the_earlier_ones(tmp_path, monkeypatch, one_thread):
+    """A run cut by its time limit after its main table, then --resume of its JSON in a fresh start: only the two
+    summary sections run, on the model made again (same weights and masks: its kept counts are checked against the
+    earlier run's), every row of the main table timed again at each summary batch; the main table is carried over
+    verbatim and marked as the earlier run's.  With masks that do not keep the recorded counts, the summaries fail
+    saying so instead of timing another model."""
+    now = [0.0]
+    monkeypatch.setattr(zoo, 'clock', lambda: now[0])
+    run_section, ran = zoo.run_section, []
+
+    def one_section(section, *a, **kw):
+        now[0] += 1000
+        ran.append((section.kind, section.batch))
+        return run_section(section, *a, **kw)
+    monkeypatch.setattr(zoo, 'run_section', one_section)
+    argv = DIGITS + ['--masks', 'taylor', '--rows', 'timm,ours,fast-torch-dense,fast-torch',
+                     '--summary-batch-sizes', '1,2']
+    first = zoo.main(argv + ['--time-limit', '500', '--json', str(tmp_path / 'first.json')])
+    assert [s['status'] for s in first['sections']] == ['done', 'left out', 'left out']
+    ran.clear()
+    resumed = zoo.main(argv + ['--resume', str(tmp_path / 'first.json'), '--json', str(tmp_path / 'second.json')])
+    assert ran == [('summary', 1), ('summary', 2)]
+    assert [s['status'] for s in resumed['sections']] == ['done'] * 3
+    assert resumed['sections'][0] == dict(first['sections'][0], earlier_run=True)
+    rows = first['models']['deit_digits_patch4_32']['rows']
+    model = resumed['models']['deit_digits_patch4_32']
+    assert model['rows'] == rows and model['checks'] == first['models']['deit_digits_patch4_32']['checks']
+    batches = model['summary_sweep']['batches']
+    assert [b['batch_size'] for b in batches] == [1, 2]
+    for b in batches:  # every row timed again; the fast path's, built for one batch size, built and checked again
+        assert set(b['seconds']) == {r['key'] for r in rows} and set(b['checks']) == {'fast_torch', 'fast_torch_30'}
+    assert resumed['summary'][0]['speedup_batch1'] is not None
+    assert resumed['earlier_runs'] == [{'command': first['command'], 'seconds': first['seconds']}]
+    md = (tmp_path / 'second.md').read_text()
+    assert '| deit_digits_patch4_32, batch 4 (main table) | done (earlier run) |' in md
+    assert 'This run resumed an earlier one (--resume)' in md and '--time-limit 500' in md
+
+    tampered = json.loads((tmp_path / 'first.json').read_text())
+    pruned_row = next(r for r in tampered['models']['deit_digits_patch4_32']['rows'] if not r['dense'])
+    pruned_row['kept_tokens'][-1] -= 1
+    (tmp_path / 'tampered.json').write_text(json.dumps(tampered))
+    third = zoo.main(argv + ['--resume', str(tmp_path / 'tampered.json'), '--json', str(tmp_path / 'third.json')])
+    assert [s['status'] for s in third['sections']] == ['done', 'failed', 'failed']
+    assert 'not the model it measured' in third['sections'][1]['reason']
+
+
+def _earlier_results(tmp_path, *argv) -> str:
+    """A results JSON as a run with these arguments writes it on this machine (no section finished)."""
+    args = _parse(tmp_path, *argv, folder='earlier')
+    path = tmp_path / 'earlier.json'
+    path.write_text(json.dumps({'machine': zoo.machine_info(CPU), 'command': 'python benchmarks/model_zoo.py',
+                                'settings': zoo.settings_of(args), 'sections': [], 'models': {}}))
+    return str(path)
+
+
+def test_resume_refuses_other_settings_another_machine_and_other_files(capsys, tmp_path, monkeypatch):
+    earlier = _earlier_results(tmp_path, '--rates', '0.25,0.4', '--time-limit', '60')
+    args = _parse(tmp_path, '--rates', '0.25,0.4', '--time-limit', '600', '--resume', earlier)  # may differ
+    assert args.earlier['settings']['rates'] == [0.25, 0.4]
+    line = _refused(capsys, tmp_path, '--rates', '0.25', '--resume', earlier)
+    assert line == (f'error: argument --resume: {earlier} was run with other settings: --rates [0.25, 0.4] there, '
+                    f'[0.25] here (only --time-limit, --json and --markdown may differ)')
+    assert "--repeats 15 there, 3 here" in _refused(capsys, tmp_path, '--rates', '0.25,0.4', '--repeats', '3',
+                                                    '--resume', earlier)
+    real = zoo.machine_info(CPU)
+    monkeypatch.setattr(zoo, 'machine_info', lambda device: dict(real, torch='2.11.0'))
+    line = _refused(capsys, tmp_path, '--rates', '0.25,0.4', '--resume', earlier)
+    assert line.endswith(f"was measured on another machine kind: torch {real['torch']!r} there, '2.11.0' here")
+    notes = tmp_path / 'notes.json'
+    notes.write_text('{"a": 1}')
+    assert 'is not a results JSON of this benchmark' in _refused(capsys, tmp_path, '--resume', str(notes))
+    assert 'no such file' in _refused(capsys, tmp_path, '--resume', str(tmp_path / 'missing.json'))
+
+
 def test_original_protocol_runs_on_cpu_and_says_so(tmp_path, capsys, one_thread):
     res = zoo.main(SMALL + ['--protocol', 'original', '--original-passes', '1', '--json', str(tmp_path / 'o.json')])
     out = capsys.readouterr().out
@@ -940,11 +1014,18 @@ def test_gpu_check_benchmark_commands_are_valid_model_zoo_command_lines(tmp_path
     (CUDA reported available; nothing runs), so a renamed flag or row is found here, not in a GPU session."""
     import shlex
     commands = _gpu_check_commands('benchmarks/model_zoo.py')
-    assert len(commands) == 2  # the benchmark and the profile
+    assert len(commands) == 2  # the benchmark (or its resumption) and the profile
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(zoo, 'machine_info', lambda device: {'device': str(device), 'gpu': 'NVIDIA H200'})
     for command in commands:
-        argv = shlex.split(command.split('benchmarks/model_zoo.py', 1)[1].replace('$OUT', str(tmp_path)))
-        args = zoo.parse_args(argv)
+        line = command.split('benchmarks/model_zoo.py', 1)[1].replace('$OUT', str(tmp_path))
+        args = zoo.parse_args(shlex.split(line.replace('"${resume[@]}"', '')))
+        if '"${resume[@]}"' in line:  # `resume`: the same flags carrying on the JSON they wrote
+            earlier = tmp_path / 'earlier.json'
+            earlier.write_text(json.dumps({'machine': zoo.machine_info(torch.device('cuda')), 'sections': [],
+                                           'models': {}, 'settings': zoo.settings_of(args)}))
+            again = zoo.parse_args(shlex.split(line.replace('"${resume[@]}"', f'--resume {earlier}')))
+            assert again.earlier['settings'] == json.loads(json.dumps(zoo.settings_of(args)))
         assert args.device == 'cuda' and args.json.startswith(str(tmp_path))
         if args.breakdown_rounds:  # the profile: DeiT-Ti's eager and fast rows, dense and pruned, no CUDA graph
             assert args.rows == ['timm', 'ours', 'fast-triton-dense', 'fast-triton'] and args.summary_batch_sizes == []
@@ -958,10 +1039,15 @@ def test_gpu_check_names_existing_test_files_and_refuses_unknown_steps(tmp_path)
         files = [w for w in command.split() if w.startswith('tests/')]
         assert files and all(os.path.isfile(os.path.join(ROOT, f)) for f in files), command
     out = tmp_path / 'out'
-    done = subprocess.run(['bash', GPU_CHECK, 'tests', 'no-such-step'], capture_output=True, text=True, timeout=60,
-                          env=dict(subprocess_env(), OUT=str(out)))
-    assert done.returncode == 2 and done.stderr == 'error: unknown step no-such-step (tests, benchmark, profile)\n'
-    assert not out.exists()  # refused before anything is written
+    refusals = {('tests', 'no-such-step'): 'error: unknown step no-such-step (tests, benchmark, resume, profile)',
+                ('resume',): f'error: resume: no {tmp_path / "none.json"} (copy there the cuda.json of the call to '
+                             f'carry on)',
+                ('benchmark', 'resume'): 'error: resume is the benchmark carried on: give one of benchmark and resume'}
+    for steps, message in refusals.items():
+        done = subprocess.run(['bash', GPU_CHECK, *steps], capture_output=True, text=True, timeout=60,
+                              env=dict(subprocess_env(), OUT=str(out), RESUME=str(tmp_path / 'none.json')))
+        assert done.returncode == 2 and done.stderr == message + '\n', steps
+        assert not out.exists()  # refused before anything is written
 
 
 def test_gpu_check_reads_the_results_the_benchmark_writes():
