@@ -1014,11 +1014,13 @@ def test_gpu_check_benchmark_commands_are_valid_model_zoo_command_lines(tmp_path
     (CUDA reported available; nothing runs), so a renamed flag or row is found here, not in a GPU session."""
     import shlex
     commands = _gpu_check_commands('benchmarks/model_zoo.py')
-    assert len(commands) == 2  # the benchmark (or its resumption) and the profile
+    assert len(commands) == 3  # the compiles done ahead, the benchmark (or its resumption) and the profile
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
     monkeypatch.setattr(zoo, 'machine_info', lambda device: {'device': str(device), 'gpu': 'NVIDIA H200'})
+    parsed = {}
     for command in commands:
         line = command.split('benchmarks/model_zoo.py', 1)[1].replace('$OUT', str(tmp_path))
+        line = line.split(' > /dev/null &')[0].replace('/tmp/warm_compile', str(tmp_path))
         args = zoo.parse_args(shlex.split(line.replace('"${resume[@]}"', '')))
         if '"${resume[@]}"' in line:  # `resume`: the same flags carrying on the JSON they wrote
             earlier = tmp_path / 'earlier.json'
@@ -1027,11 +1029,21 @@ def test_gpu_check_benchmark_commands_are_valid_model_zoo_command_lines(tmp_path
             again = zoo.parse_args(shlex.split(line.replace('"${resume[@]}"', f'--resume {earlier}')))
             assert again.earlier['settings'] == json.loads(json.dumps(zoo.settings_of(args)))
         assert args.device == 'cuda' and args.json.startswith(str(tmp_path))
+        parsed[args.rows[-1]] = args
         if args.breakdown_rounds:  # the profile: DeiT-Ti's eager and fast rows, dense and pruned, no CUDA graph
             assert args.rows == ['timm', 'ours', 'fast-triton-dense', 'fast-triton'] and args.summary_batch_sizes == []
             assert zoo.BREAKDOWN_FAST_ROWS[0] == 'fast-triton'
+        elif args.rows == ['timm', 'ours', 'timm-compiled']:  # the compiles done ahead
+            assert args.summary_batch_sizes == [] and args.compile_budget >= 1000
         else:  # the benchmark: the CUDA defaults (the targets' rows and batch sizes)
             assert args.rows == zoo.DEFAULT_ROWS['cuda'] and args.summary_batch_sizes == [32, 1]
+    # the compiles done ahead are the benchmark's own: timm's DeiTs, at its batch sizes, precision and device
+    ahead, bench = parsed['timm-compiled'], parsed[zoo.DEFAULT_ROWS['cuda'][-1]]
+    assert 'timm-compiled' in bench.rows and bench.compile_models == bench.models
+    for field in ('device', 'models', 'batch_size', 'dtype', 'seed', 'compile', 'compile_models'):
+        assert getattr(ahead, field) == getattr(bench, field), field
+    assert all(zoo.default_batch(bench.timm_models[m], torch.device('cuda'), 'ours') >= bench.compile_min_batch
+               for m in bench.models)  # the benchmark compiles at its main batch of every model
 
 
 def test_gpu_check_names_existing_test_files_and_refuses_unknown_steps(tmp_path):
