@@ -27,7 +27,9 @@
 #      of python/torch/triton/timm;
 #   2. tests, two at once, as one is GPU work and the other CPU work and neither is timed (limit 180 s), and with
 #      them the benchmark's torch.compile of timm's DeiTs done ahead into inductor's cache (limit 170 s, 4 compile
-#      workers; it saves the benchmark most of 3 cold compiles; its failure is noted, not counted as one):
+#      workers; it saves the benchmark most of 3 cold compiles; its log is /tmp/warm_compile/warm_compile.log, not
+#      brought back; its failure is noted in status.txt, not counted as one; the kernel configs it timed under the
+#      tests' load are deleted, so the benchmark times its own):
 #      pytest tests/test_fast_path.py on CUDA (the kernels compiled for the GPU, the whole path against the eager
 #      model, fp16 accuracy at DeiT-Ti size, CUDA graphs, the timed choices; the CUDA-only tests first, so a
 #      time-out cuts the others; most of its time is Triton compiling kernel variants, which also fills Triton's
@@ -46,9 +48,9 @@
 # adds/casts/copies, token routing, patch embedding), dense against pruned and set against the FLOPs ratio, with
 # the slowest kernels of every row; outputs profile.log, profile.json, profile.md (with env.txt and status.txt).
 #
-# Outputs go to $OUT (default /tmp/gpu_check_out), 8 files (the device tool brings back at most 8): env.txt,
-# status.txt, test_fast_path.log, test_model.log, warm_compile.log, model_zoo.log, cuda.json, cuda.md.  cuda.json
-# and cuda.md are benchmarks/results/cuda.json and cuda.md: copy them there.
+# Outputs go to $OUT (default /tmp/gpu_check_out), 7 files (the device tool brings back at most 8): env.txt,
+# status.txt, test_fast_path.log, test_model.log, model_zoo.log, cuda.json, cuda.md.  cuda.json and cuda.md are
+# benchmarks/results/cuda.json and cuda.md: copy them there.
 #
 # The GPU machine has python3 with torch + Triton but may carry another timm and has no network, so timm
 # 1.0.31 travels as a wheel in the (git-ignored) .whl/ folder.  Download it beforehand on a machine with
@@ -86,12 +88,13 @@ step() {
     shift 2
     local start=$SECONDS
     echo "== $name (limit ${limit}s): $*"
-    timeout --kill-after=15 "$limit" "$@" > "$OUT/$name.log" 2>&1
+    local log="${LOGDIR:-$OUT}/$name.log"
+    timeout --kill-after=15 "$limit" "$@" > "$log" 2>&1
     local rc=$?
     local verdict=ok
     if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then verdict="TIMED OUT"; elif [ $rc -ne 0 ]; then verdict=FAILED; fi
     echo "$name: $verdict (rc $rc, $((SECONDS - start)) s)" | tee -a "$OUT/status.txt"
-    tail -n 15 "$OUT/$name.log"
+    tail -n 15 "$log"
 }
 
 # 1. environment
@@ -105,6 +108,7 @@ step() {
 } > "$OUT/env.txt" 2>&1
 export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
+export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-/tmp/torchinductor_gpu_check}"
 {
     nvidia-smi || echo "nvidia-smi failed"
     python3 - <<'EOF'
@@ -138,9 +142,11 @@ if [[ " $steps " == *" tests "* ]]; then
     model_tests=$!
     warm=
     if [[ " $steps " == *" benchmark "* ]]; then
-        step warm_compile 170 env OMP_NUM_THREADS=2 TORCHINDUCTOR_COMPILE_THREADS=4 python3 benchmarks/model_zoo.py \
-            --device cuda --rows timm,ours,timm-compiled --rates 0.25 --repeats 1 --warmup 0 \
-            --summary-batch-sizes "" --compile-budget 1000000 --json /tmp/warm_compile/cuda.json > /dev/null &
+        mkdir -p /tmp/warm_compile  # its log stays out of $OUT, which brings back 8 files at most
+        LOGDIR=/tmp/warm_compile step warm_compile 170 env OMP_NUM_THREADS=2 TORCHINDUCTOR_COMPILE_THREADS=4 \
+            python3 benchmarks/model_zoo.py --device cuda --rows timm,ours,timm-compiled --rates 0.25 --repeats 1 \
+            --warmup 0 --summary-batch-sizes "" --compile-budget 1000000 --json /tmp/warm_compile/cuda.json \
+            > /dev/null &
         warm=$!
     fi
     step test_fast_path 180 python3 -m pytest -q -p no:cacheprovider -rsP --durations=25 "${xdist[@]}" \
@@ -149,7 +155,10 @@ if [[ " $steps " == *" tests "* ]]; then
     tail -n 15 "$OUT/test_model.log"
     if [ -n "$warm" ]; then
         wait $warm
-        grep -h 'torch.compile time' "$OUT/warm_compile.log"
+        grep -h 'torch.compile time' /tmp/warm_compile/warm_compile.log
+        # the compiled graphs stay in the cache; the kernel configs inductor chose by timing them while the tests
+        # loaded the GPU do not: the benchmark's own first call of each compiled row times them again, alone
+        [ -d "$TORCHINDUCTOR_CACHE_DIR" ] && find "$TORCHINDUCTOR_CACHE_DIR" -name '*.best_config' -delete
     fi
 fi
 

@@ -51,6 +51,7 @@ seeded random init: throughput does not depend on their values.
 import argparse
 import contextlib
 import copy
+import hashlib
 import json
 import math
 import os
@@ -427,8 +428,10 @@ def _earlier_output(path: str) -> bool:
 
 # What a resumed run (--resume) may change: where it writes, when it stops starting sections, what it resumes.
 FREE_SETTINGS = ('json', 'markdown', 'resume', 'time_limit')
-# What must be the same machine kind for a resumed run.
-SAME_MACHINE = ('device', 'gpu', 'torch', 'timm', 'python')
+# What must be the same machine kind for a resumed run (on a CPU also the processor and its cores).
+SAME_MACHINE = ('device', 'gpu', 'torch', 'timm', 'python', 'torch_threads', 'cuda', 'triton')
+# The code a measurement runs, recorded by file hash, so that a resumed run can say what changed in between.
+CODE = ('engine.py', 'benchmarks', 'models', 'pruning')
 
 
 def settings_of(args) -> Dict:
@@ -451,11 +454,11 @@ def _resumable(args) -> Dict:
         raise UsageError(f'argument --resume: {path} records no settings')
     now = json.loads(json.dumps(settings_of(args)))
     then = earlier['settings']
-    differ = [k for k in sorted(now.keys() | then.keys()) if k not in FREE_SETTINGS and now.get(k) != then.get(k)]
+    flags = sorted({a.dest for a in build_parser()._actions} - {'help'} - set(FREE_SETTINGS))
+    differ = [k for k in flags if now.get(k) != then.get(k)]  # the flags after their defaults, nothing derived
     if differ:
-        flags = [k for k in differ if any(a.dest == k for a in build_parser()._actions)] or differ
         raise UsageError(f'argument --resume: {path} was run with other settings: ' + '; '.join(
-            f'{_flag(k)} {then.get(k)!r} there, {now.get(k)!r} here' for k in flags)
+            f'{_flag(k)} {then.get(k)!r} there, {now.get(k)!r} here' for k in differ)
             + ' (only --time-limit, --json and --markdown may differ)')
     machine = machine_info(torch.device(args.device))
     same = SAME_MACHINE + (('cpu', 'cpu_cores') if args.device == 'cpu' else ())
@@ -514,8 +517,23 @@ def machine_info(device: torch.device) -> Dict:
     info = dict(engine.machine_facts(), device=str(device),
                 load_average_at_start=list(os.getloadavg()) if hasattr(os, 'getloadavg') else None)
     if device.type == 'cuda':
-        info['gpu'] = torch.cuda.get_device_name(device)
+        from models import fast_kernels
+        info.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
+                    triton=fast_kernels.triton.__version__ if fast_kernels.HAS_TRITON else None)
     return info
+
+
+def code_hashes() -> Dict[str, str]:
+    """The SHA-256 (first 16 hex digits) of every Python file of CODE, by path from the repository root."""
+    out = {}
+    for entry in CODE:
+        path = os.path.join(ROOT, entry)
+        files = [path] if os.path.isfile(path) else sorted(
+            os.path.join(d, f) for d, _, names in os.walk(path) for f in names if f.endswith('.py'))
+        for f in files:
+            with open(f, 'rb') as fh:
+                out[os.path.relpath(f, ROOT)] = hashlib.sha256(fh.read()).hexdigest()[:16]
+    return dict(sorted(out.items()))
 
 
 def default_batch(timm_name: str, device: torch.device, protocol: str) -> int:
@@ -1051,6 +1069,9 @@ def rate_sweep(timm_name: str, rates: List[float], batch: int, args, device, dty
 # ----------------------------------------------------------------------------------------------------------------
 # Sections: what runs, in what order, within the time limit
 
+SWEEP_KEYS = {'batch-sweep': 'batch', 'rate-sweep': 'rate'}  # a sweep section's entry in results['sweeps']
+
+
 @dataclass(frozen=True)
 class Section:
     """One unit of the run: a model's main table ('main'), a model's rows again at a summary batch size
@@ -1101,11 +1122,11 @@ def run_section(section: Section, live: Dict[str, Live], results: Dict, args, de
         first = args.timm_models[name]
         info = {'model': first, 'short': short_name(first), 'label': dense_label(first), 'protocol': 'ours'}
         if section.kind == 'batch-sweep':
-            results['sweeps']['batch'] = dict(info, prune_rate=args.rates[0], rows=batch_sweep(
+            results['sweeps'][SWEEP_KEYS['batch-sweep']] = dict(info, prune_rate=args.rates[0], rows=batch_sweep(
                 first, args.rates[0], args.sweep_batch_sizes, args, device, dtype))
         else:
             sweep_batch = args.batch_size or default_batch(first, device, 'ours')
-            results['sweeps']['rate'] = dict(info, batch_size=sweep_batch, rows=rate_sweep(
+            results['sweeps'][SWEEP_KEYS['rate-sweep']] = dict(info, batch_size=sweep_batch, rows=rate_sweep(
                 first, args.sweep_rates, sweep_batch, args, device, dtype))
 
 
@@ -1117,13 +1138,18 @@ def adopt(results: Dict, earlier: Dict, budget: CompileBudget) -> List[str]:
     for record, old in zip(results['sections'], earlier['sections']):
         if old.get('status') == 'done' and old.get('section') == record['section']:
             record.update(copy.deepcopy(old), earlier_run=True)
-            kept.append(record['section'])
-    results['models'].update(copy.deepcopy(earlier.get('models', {})))
-    results['sweeps'].update(copy.deepcopy(earlier.get('sweeps', {})))
+            kept.append(record)
+            if record['kind'] == 'main':
+                results['models'][record['model']] = copy.deepcopy(earlier['models'][record['model']])
+            elif record['kind'] in SWEEP_KEYS:
+                key = SWEEP_KEYS[record['kind']]
+                results['sweeps'][key] = copy.deepcopy(earlier['sweeps'][key])
     budget.spent = float(earlier.get('compile_seconds_spent', 0.0))
+    then, now = earlier.get('code', {}), results['code']
+    changed = sorted(f for f in then.keys() | now.keys() if then.get(f) != now.get(f))
     results['earlier_runs'] = earlier.get('earlier_runs', []) + [
-        {'command': earlier.get('command'), 'seconds': earlier.get('seconds')}]
-    return kept
+        {'command': earlier.get('command'), 'seconds': earlier.get('seconds'), 'code_changed_since': changed}]
+    return [r['section'] for r in kept]
 
 
 def write_outputs(results: Dict, text: str, args) -> None:
@@ -1173,7 +1199,7 @@ def main(argv=None) -> Dict:
                'formulations': {'available': [f.name for f in timed], 'skipped': skipped},
                'sections': [{'section': s.title(args), 'kind': s.kind, 'model': s.model, 'batch_size': s.batch,
                              'status': 'pending'} for s in sections],
-               'models': {}, 'sweeps': {}}
+               'models': {}, 'sweeps': {}, 'code': code_hashes()}
     print(f'Machine: {results["machine"]}', flush=True)
     print(f'Main table: protocol {args.protocol}; sweeps, routing, scoring and breakdown: protocol ours', flush=True)
     print('Sections, in this order: ' + '; '.join(s.title(args) for s in sections)
@@ -1185,6 +1211,10 @@ def main(argv=None) -> Dict:
         kept = adopt(results, args.earlier, budget)
         print(f'Resuming {args.resume}: ' + (f'{len(kept)} sections kept ({"; ".join(kept)})' if kept else
                                              'no finished section in it'), flush=True)
+        changed = results['earlier_runs'][-1]['code_changed_since']
+        if changed:
+            print(f'note: the code changed since that run ({", ".join(changed)}); the sections kept were measured '
+                  f'with the code as it was', flush=True)
     live: Dict[str, Live] = {}
     for i, (section, record) in enumerate(zip(sections, results['sections'])):
         elapsed = clock() - started

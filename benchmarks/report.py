@@ -346,6 +346,10 @@ def _sections_table(results: Dict) -> List[str]:
                       + ', then by '.join(f'`{r["command"]}`' for r in results['earlier_runs'])
                       + ' in another process, with the same settings on the same machine kind. Every ratio compares '
                         'rows of one section, timed in one process.']
+        changed = sorted({f for r in results['earlier_runs'] for f in r.get('code_changed_since', [])})
+        if changed:
+            lines += ['', f'The code changed since the earlier run: {", ".join(changed)}; the sections kept were '
+                          'measured with the code as it was.']
     return lines
 
 

@@ -871,7 +871,9 @@ def test_resume_runs_only_the_sections_left_out_and_keeps_the_earlier_ones(tmp_p
     for b in batches:  # every row timed again; the fast path's, built for one batch size, built and checked again
         assert set(b['seconds']) == {r['key'] for r in rows} and set(b['checks']) == {'fast_torch', 'fast_torch_30'}
     assert resumed['summary'][0]['speedup_batch1'] is not None
-    assert resumed['earlier_runs'] == [{'command': first['command'], 'seconds': first['seconds']}]
+    assert resumed['earlier_runs'] == [{'command': first['command'], 'seconds': first['seconds'],
+                                        'code_changed_since': []}]
+    assert resumed['code'] == first['code'] and 'models/fast_path.py' in first['code']
     md = (tmp_path / 'second.md').read_text()
     assert '| deit_digits_patch4_32, batch 4 (main table) | done (earlier run) |' in md
     assert 'This run resumed an earlier one (--resume)' in md and '--time-limit 500' in md
@@ -879,10 +881,13 @@ def test_resume_runs_only_the_sections_left_out_and_keeps_the_earlier_ones(tmp_p
     tampered = json.loads((tmp_path / 'first.json').read_text())
     pruned_row = next(r for r in tampered['models']['deit_digits_patch4_32']['rows'] if not r['dense'])
     pruned_row['kept_tokens'][-1] -= 1
+    tampered['code']['models/fast_path.py'] = '0' * 16  # as if the file had changed since
     (tmp_path / 'tampered.json').write_text(json.dumps(tampered))
     third = zoo.main(argv + ['--resume', str(tmp_path / 'tampered.json'), '--json', str(tmp_path / 'third.json')])
     assert [s['status'] for s in third['sections']] == ['done', 'failed', 'failed']
     assert 'not the model it measured' in third['sections'][1]['reason']
+    assert third['earlier_runs'][-1]['code_changed_since'] == ['models/fast_path.py']
+    assert 'The code changed since the earlier run: models/fast_path.py' in (tmp_path / 'third.md').read_text()
 
 
 def _earlier_results(tmp_path, *argv) -> str:
@@ -903,10 +908,13 @@ def test_resume_refuses_other_settings_another_machine_and_other_files(capsys, t
                     f'[0.25] here (only --time-limit, --json and --markdown may differ)')
     assert "--repeats 15 there, 3 here" in _refused(capsys, tmp_path, '--rates', '0.25,0.4', '--repeats', '3',
                                                     '--resume', earlier)
+    # the same settings spelled out are the same settings (what is derived from the flags is not compared)
+    assert _parse(tmp_path, '--rates', '0.25,0.4', '--rows', ','.join(args.rows), '--resume', earlier).earlier
     real = zoo.machine_info(CPU)
-    monkeypatch.setattr(zoo, 'machine_info', lambda device: dict(real, torch='2.11.0'))
-    line = _refused(capsys, tmp_path, '--rates', '0.25,0.4', '--resume', earlier)
-    assert line.endswith(f"was measured on another machine kind: torch {real['torch']!r} there, '2.11.0' here")
+    for field, other in (('torch', '2.11.0'), ('torch_threads', 16), ('cpu_cores', 64)):
+        monkeypatch.setattr(zoo, 'machine_info', lambda device: dict(real, **{field: other}))
+        line = _refused(capsys, tmp_path, '--rates', '0.25,0.4', '--resume', earlier)
+        assert line.endswith(f"was measured on another machine kind: {field} {real[field]!r} there, {other!r} here")
     notes = tmp_path / 'notes.json'
     notes.write_text('{"a": 1}')
     assert 'is not a results JSON of this benchmark' in _refused(capsys, tmp_path, '--resume', str(notes))
