@@ -543,10 +543,13 @@ def default_batch(timm_name: str, device: torch.device, protocol: str) -> int:
 
 
 def counter_gmacs(model: nn.Module, device: torch.device) -> float:
-    """MACs of one image according to torch.utils.flop_counter (FLOPs / 2), in G."""
+    """MACs of one image according to torch.utils.flop_counter (FLOPs / 2), in G.  Attention runs on SDPA's math
+    backend here, as plain matrix products, which every torch's counter counts (torch 2.11's has no formula for
+    the CPU flash kernel, and counted no attention at all on a CPU)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     x = torch.randn(1, *image_shape(model), device=device)
     counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
+    with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]), counter:
         model(x)
     return counter.get_total_flops() / 2 / 1e9
 
