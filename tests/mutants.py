@@ -186,6 +186,20 @@ MUTANTS: List[Mutant] = [
            '| C&C-Ti-25 | 0.92 | 92.6 |', '| C&C-Ti-25 | 0.92 | 96.2 |',
            [T + 'test_benchmark.py::test_readme_speed_table_is_the_committed_results'],
            "a figure in the README's speed table that the committed results do not hold"),
+    # --- the benchmark carried on (--resume) ------------------------------------------------------------------
+    mutant('resume-keeps-unfinished-sections', 'benchmarks/model_zoo.py',
+           "        if old.get('status') == 'done' and old.get('section') == record['section']:",
+           "        if old.get('section') == record['section']:",
+           [T + 'test_benchmark.py::test_resume_runs_only_the_sections_left_out_and_keeps_the_earlier_ones'],
+           'a resumed run keeps the sections the earlier one left out or failed instead of running them'),
+    mutant('resume-without-the-mask-check', 'benchmarks/model_zoo.py',
+           '            if kept != row[\'kept_tokens\']:', '            if False:',
+           [T + 'test_benchmark.py::test_resume_runs_only_the_sections_left_out_and_keeps_the_earlier_ones'],
+           "a resumed summary times a model made again without checking it keeps the earlier run's token counts"),
+    mutant('resume-ignores-settings', 'benchmarks/model_zoo.py',
+           '    differ = [k for k in flags if now.get(k) != then.get(k)]', '    differ = []',
+           [T + 'test_benchmark.py::test_resume_refuses_other_settings_another_machine_and_other_files'],
+           'a run with other settings carries on an earlier one, mixing their sections in one report'),
 ]
 
 

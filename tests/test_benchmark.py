@@ -863,6 +863,8 @@ def test_resume_runs_only_the_sections_left_out_and_keeps_the_earlier_ones(tmp_p
     assert ran == [('summary', 1), ('summary', 2)]
     assert [s['status'] for s in resumed['sections']] == ['done'] * 3
     assert resumed['sections'][0] == dict(first['sections'][0], earlier_run=True)
+    assert [('earlier_run' in s, 'reason' in s) for s in resumed['sections']] == [(True, False), (False, False),
+                                                                                  (False, False)]
     rows = first['models']['deit_digits_patch4_32']['rows']
     model = resumed['models']['deit_digits_patch4_32']
     assert model['rows'] == rows and model['checks'] == first['models']['deit_digits_patch4_32']['checks']
