@@ -183,7 +183,8 @@ for t in r['targets']:
     if 'logit' in t['target'] or 'top-1' in t['target']:
         print(f"{t['target']}: {t['value']:.3f} vs {t['threshold']} -> {'yes' if t['met'] else 'NO'}")
 EOF
-    # the README's speed table with this run's GPU columns (paste it once cuda.json is in benchmarks/results/)
+    # the README's speed table with this run's GPU columns (once cuda.json is in benchmarks/results/,
+    # `python -m benchmarks.report --write-readme` puts it into the README)
     [ -f "$OUT/cuda.json" ] && python3 -m benchmarks.report --gpu "$OUT/cuda.json"
 fi
 

@@ -9,6 +9,7 @@ import argparse
 import json
 import math
 import os
+import sys
 from typing import Dict, List, Optional, Tuple
 
 from benchmarks.stats import Timings, as_fields
@@ -469,19 +470,68 @@ def readme_speed_table(cpu: Dict, gpu: Optional[Dict] = None) -> List[str]:
     return table(header, rows)
 
 
+README = os.path.join(os.path.dirname(os.path.dirname(RESULTS_DIR)), 'README.md')
+TABLE_START = '| model | GFLOPs |'  # the first line of the README's speed table
+
+
+def replace_speed_table(text: str, lines: List[str]) -> str:
+    """``text`` (a README) with its speed table, the table lines from the one beginning TABLE_START, replaced by
+    ``lines``; ValueError if it has none."""
+    rows = text.split('\n')
+    start = next((i for i, line in enumerate(rows) if line.startswith(TABLE_START)), None)
+    if start is None:
+        raise ValueError(f'no speed table in it (a line beginning "{TABLE_START}")')
+    end = start
+    while end < len(rows) and rows[end].startswith('|'):
+        end += 1
+    return '\n'.join(rows[:start] + lines + rows[end:])
+
+
+def _results(path: str, what: str) -> Dict:
+    try:
+        with open(path) as f:
+            results = json.load(f)
+    except OSError as e:
+        raise ValueError(f'{what} {path}: {e.strerror or e}') from None
+    except ValueError as e:
+        raise ValueError(f'{what} {path}: not JSON ({e})') from None
+    if not isinstance(results, dict) or 'models' not in results:
+        raise ValueError(f'{what} {path}: not a results file of benchmarks/model_zoo.py')
+    return results
+
+
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description='Print the README speed table from saved benchmark results.')
+    p = argparse.ArgumentParser(description='Print the README speed table from saved benchmark results, or write it '
+                                            'into the README.')
     p.add_argument('--cpu', default=os.path.join(RESULTS_DIR, 'cpu.json'), help='the CPU run (default: %(default)s)')
     p.add_argument('--gpu', default=os.path.join(RESULTS_DIR, 'cuda.json'),
                    help='the GPU run, left out when the file does not exist (default: %(default)s)')
+    p.add_argument('--write-readme', nargs='?', const=README, default=None, metavar='README',
+                   help='replace the speed table of this README (default: the repository\'s) with the table instead '
+                        'of printing it; the rest of the file is left as it is')
     args = p.parse_args(argv)
-    with open(args.cpu) as f:
-        cpu = json.load(f)
-    gpu = None
-    if os.path.exists(args.gpu):
-        with open(args.gpu) as f:
-            gpu = json.load(f)
-    print('\n'.join(readme_speed_table(cpu, gpu)))
+    try:
+        cpu = _results(args.cpu, '--cpu')
+        gpu = _results(args.gpu, '--gpu') if os.path.exists(args.gpu) else None
+        lines = readme_speed_table(cpu, gpu)
+        if args.write_readme is None:
+            print('\n'.join(lines))
+            return
+        try:
+            with open(args.write_readme) as f:
+                text = f.read()
+        except OSError as e:
+            raise ValueError(f'--write-readme {args.write_readme}: {e.strerror or e}') from None
+        try:
+            new = replace_speed_table(text, lines)
+        except ValueError as e:
+            raise ValueError(f'--write-readme {args.write_readme}: {e}') from None
+    except ValueError as e:
+        sys.stderr.write(f'error: {e}\n')
+        sys.exit(2)
+    from utils import write_text_atomic
+    write_text_atomic(args.write_readme, new)
+    print(f'wrote the speed table into {args.write_readme}' + (' (unchanged)' if new == text else ''))
 
 
 if __name__ == '__main__':

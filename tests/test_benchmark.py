@@ -466,6 +466,45 @@ def test_readme_speed_table_sets_a_gpu_run_beside_the_cpu_run(tmp_path, capsys):
     report.main(['--gpu', str(tmp_path / 'none.json')])
     assert capsys.readouterr().out.splitlines() == alone
 
+    # --write-readme puts that table in place of the README's (its header grows by the GPU's columns); the rest of
+    # the file stays as it was, and writing it again changes nothing
+    readme = open(os.path.join(ROOT, 'README.md')).read()
+    (tmp_path / 'README.md').write_text(readme)
+    report.main(['--gpu', str(tmp_path / 'gpu.json'), '--write-readme', str(tmp_path / 'README.md')])
+    assert capsys.readouterr().out == f'wrote the speed table into {tmp_path / "README.md"}\n'
+    written = (tmp_path / 'README.md').read_text()
+    assert written == readme.replace('\n'.join(alone), '\n'.join(beside)) != readme
+    report.main(['--gpu', str(tmp_path / 'gpu.json'), '--write-readme', str(tmp_path / 'README.md')])
+    assert capsys.readouterr().out.endswith('(unchanged)\n') and (tmp_path / 'README.md').read_text() == written
+
+
+@pytest.mark.parametrize('case, message', [
+    ('no table', 'README.md: no speed table in it (a line beginning "| model | GFLOPs |")'),
+    ('no readme', 'missing.md: No such file or directory'),
+    ('gpu not json', 'gpu.json: not JSON'),
+    ('gpu not results', 'gpu.json: not a results file of benchmarks/model_zoo.py'),
+    ('gpu without its name', 'the GPU results name no GPU (machine.gpu)'),
+])
+def test_readme_table_writer_refuses_in_one_line_and_writes_nothing(tmp_path, capsys, case, message):
+    readme = tmp_path / 'README.md'
+    readme.write_text('# a README\n\nno table here\n' if case == 'no table' else
+                      open(os.path.join(ROOT, 'README.md')).read())
+    before = readme.read_text()
+    gpu = tmp_path / 'gpu.json'
+    gpu.write_text({'gpu not json': '{', 'gpu not results': '[1, 2]'}.get(case, '{}'))
+    if case == 'gpu without its name':
+        run = _summary_run()
+        report.attach_summary(run, 'cuda')
+        gpu.write_text(json.dumps(run))
+    target = tmp_path / 'missing.md' if case == 'no readme' else readme
+    with pytest.raises(SystemExit) as e:
+        report.main(['--gpu', str(gpu) if case.startswith('gpu') else str(tmp_path / 'none.json'),
+                     '--write-readme', str(target)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count('\n') == 1 and err.startswith('error: ') and message in err, err
+    assert readme.read_text() == before and sorted(os.listdir(tmp_path)) == sorted(
+        ['README.md', 'gpu.json'])  # nothing written, no temporary file left
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # the original code's protocol
