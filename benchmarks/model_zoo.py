@@ -994,6 +994,17 @@ def revive(name: str, result: Dict, args, device: torch.device, dtype) -> Live:
     return Live(cc, dense, pruned, built, image_shape(cc), result)
 
 
+SUMMARY_ROUNDS_CAP = 10
+
+
+def summary_rounds(repeats: int, main_batch: int, batch: int) -> int:
+    """Timed rounds of a summary section: --repeats times main batch / batch, at most SUMMARY_ROUNDS_CAP times.  A
+    pass of a smaller batch costs that much less, and what every pass pays whatever its size (launching,
+    synchronising: the same for every row) weighs more in it, so its per-round ratios scatter more; more rounds keep
+    the confidence interval of their median about as tight, in about the time of the main table's rounds."""
+    return repeats * max(1, min(SUMMARY_ROUNDS_CAP, main_batch // batch))
+
+
 def summary_batch(live: Live, batch: int, args, device: torch.device, dtype, budget: CompileBudget) -> Dict:
     """A summary section: every row of a model's main table timed again, interleaved (protocol ours), at another
     batch size; rows built for one batch size are built again, compiled ones recompiled (both checked again)."""
@@ -1003,8 +1014,10 @@ def summary_batch(live: Live, batch: int, args, device: torch.device, dtype, bud
     start = time.perf_counter()
     rebuilt = rebuild_for_batch(live.built, live.model_of, live.dense, ctx, budget)
     built_s = time.perf_counter() - start
-    t = time_interleaved(rebuilt.runs, batch, device, args.repeats, args.warmup, dtype, shape=live.shape)
-    entry = {'batch_size': batch, 'images_per_s': {k: t.images_per_s(k) for k in t.seconds}, 'seconds': t.seconds,
+    rounds = summary_rounds(args.repeats, res['batch_size'], batch)
+    t = time_interleaved(rebuilt.runs, batch, device, rounds, args.warmup, dtype, shape=live.shape)
+    entry = {'batch_size': batch, 'rounds': rounds,
+             'images_per_s': {k: t.images_per_s(k) for k in t.seconds}, 'seconds': t.seconds,
              'checks': rebuilt.checks, 'build_seconds': rebuilt.build_seconds}
     if rebuilt.skipped:
         entry['skipped_rows'] = rebuilt.skipped

@@ -243,7 +243,8 @@ def _summary_table(results: Dict) -> List[str]:
              ', '.join(f'{k}: {t["verdict"]}' for k, t in e['targets'].items())] for e in entries]
     return (['', f'Summary: the fastest pruned mode against the fastest dense mode (main table: protocol '
                  f'"{protocol}", batch as above; batch {" and ".join(map(str, SUMMARY_BATCHES))}: protocol "ours", '
-                 f'summary sweep, "–" where not run). Targets: vs best dense >= {SUMMARY_FLOPS_SHARE} x FLOPs ratio; '
+                 f'summary sweep, timed in more rounds the smaller the batch (repeats x main batch / batch, at most '
+                 f'10 x), "–" where not run). Targets: vs best dense >= {SUMMARY_FLOPS_SHARE} x FLOPs ratio; '
                  f'batch {" and ".join(map(str, SUMMARY_BATCHES))} >= 1.0.', '']
             + table(['model', 'FLOPs ratio', 'best pruned mode', 'best dense mode', 'vs best dense (95% CI)',
                      'vs timm eager', *(f'batch {bs}' for bs in SUMMARY_BATCHES), 'targets met'], rows))

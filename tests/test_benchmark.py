@@ -878,6 +878,12 @@ def test_time_limit_and_failures_end_sections_and_results_are_written_after_ever
     assert '| deit_digits_patch4_32, batch 2 (summary) | left out: time limit' in (tmp_path / 'r.md').read_text()
 
 
+def test_summary_sections_time_more_rounds_the_smaller_their_batch():
+    assert zoo.summary_rounds(30, 256, 32) == 240 and zoo.summary_rounds(30, 128, 32) == 120
+    assert zoo.summary_rounds(30, 256, 1) == zoo.summary_rounds(30, 128, 1) == 300  # at most 10 times
+    assert zoo.summary_rounds(30, 8, 32) == 30 and zoo.summary_rounds(2, 48, 32) == 2  # never fewer
+
+
 def test_resume_runs_only_the_sections_left_out_and_keeps_the_earlier_ones(tmp_path, monkeypatch, one_thread):
     """A run cut by its time limit after its main table, then --resume of its JSON in a fresh start: only the two
     summary sections run, on the model made again (same weights and masks: its kept counts are checked against the
@@ -908,7 +914,8 @@ def test_resume_runs_only_the_sections_left_out_and_keeps_the_earlier_ones(tmp_p
     model = resumed['models']['deit_digits_patch4_32']
     assert model['rows'] == rows and model['checks'] == first['models']['deit_digits_patch4_32']['checks']
     batches = model['summary_sweep']['batches']
-    assert [b['batch_size'] for b in batches] == [1, 2]
+    # --repeats 2 at the main batch 4: 8 rounds at batch 1, 4 at batch 2 (zoo.summary_rounds)
+    assert [(b['batch_size'], b['rounds'], len(b['seconds']['timm'])) for b in batches] == [(1, 8, 8), (2, 4, 4)]
     for b in batches:  # every row timed again; the fast path's, built for one batch size, built and checked again
         assert set(b['seconds']) == {r['key'] for r in rows} and set(b['checks']) == {'fast_torch', 'fast_torch_30'}
     assert resumed['summary'][0]['speedup_batch1'] is not None
