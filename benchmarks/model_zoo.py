@@ -413,16 +413,25 @@ def _writable(path: str, flag: str, created: List[str]) -> str:
     return path
 
 
+def _results_of(path: str) -> Optional[Dict]:
+    """The results in ``path`` if it is a results JSON this script wrote, else None."""
+    try:
+        with open(path) as f:
+            results = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return results if isinstance(results, dict) and {'sections', 'models', 'machine'} <= set(results) else None
+
+
 def _earlier_output(path: str) -> bool:
     """Whether the existing file ``path`` is one this script wrote (results JSON or tables), so that a new run
     may replace it."""
+    if path.endswith('.json'):
+        return _results_of(path) is not None
     try:
         with open(path) as f:
-            if path.endswith('.json'):
-                results = json.load(f)
-                return isinstance(results, dict) and {'sections', 'models', 'machine'} <= set(results)
             return f.readline().startswith('Measured on ')
-    except (OSError, UnicodeDecodeError, ValueError):
+    except (OSError, UnicodeDecodeError):
         return False
 
 
@@ -446,10 +455,9 @@ def _resumable(args) -> Dict:
     path = args.resume
     if not os.path.isfile(path):
         raise UsageError(f'argument --resume: {path}: no such file')
-    if not _earlier_output(path):
+    earlier = _results_of(path)
+    if earlier is None:
         raise UsageError(f'argument --resume: {path} is not a results JSON of this benchmark')
-    with open(path) as f:
-        earlier = json.load(f)
     if 'settings' not in earlier or not isinstance(earlier['settings'], dict):
         raise UsageError(f'argument --resume: {path} records no settings')
     now = json.loads(json.dumps(settings_of(args)))
