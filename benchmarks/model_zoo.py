@@ -898,6 +898,19 @@ class Live:
         return self.cc if rate is None else self.pruned[rate]
 
 
+def main_models(timm_name: str, batch: int, args, device: torch.device
+                ) -> Tuple[nn.Module, nn.Module, Dict[float, nn.Module], Optional[float]]:
+    """A main table's models: ours (every mask True) and timm's twin with the seeded weights, the pruned copies
+    with the masks of each rate (planned from Taylor scores on noise batches of at most 8 images, or random), and
+    the seconds the scoring took (None without).  A resumed run makes its models again through this, the same."""
+    torch._dynamo.reset()
+    cc, dense = seeded_models(timm_name, args.seed, device)
+    start = time.perf_counter()
+    scores = _scores(cc, args, device, batch=min(batch, 8))
+    scoring_s = None if scores is None else time.perf_counter() - start
+    return cc, dense, pruned_models(cc, scores, args.rates, args.seed), scoring_s
+
+
 def bench_model(name: str, args, device: torch.device, dtype, budget: CompileBudget) -> Live:
     """The main section of one model: its rows built, checked and timed at its batch size (the main table), and
     its routing, scoring and breakdown measurements when asked."""
@@ -909,17 +922,11 @@ def bench_model(name: str, args, device: torch.device, dtype, budget: CompileBud
              f'another' if original else f'protocol ours: {args.repeats} timed passes after {args.warmup} warm-up, '
              f'interleaved, {args.dtype}')
     print(f'\n== {label}: batch {batch}, {device}, {timed} ==', flush=True)
-    torch._dynamo.reset()
-    cc, dense = seeded_models(timm_name, args.seed, device)
+    cc, dense, pruned, scoring_s = main_models(timm_name, batch, args, device)
     shape = image_shape(cc)
     dense_macs = models.count_macs(cc)
-
-    start = time.perf_counter()
-    scores = _scores(cc, args, device, batch=min(batch, 8))
-    if scores is not None:
-        print(f'Taylor scores of the random-init model on 2 noise batches: {time.perf_counter() - start:.1f} s',
-              flush=True)
-    pruned = pruned_models(cc, scores, args.rates, args.seed)
+    if scoring_s is not None:
+        print(f'Taylor scores of the random-init model on 2 noise batches: {scoring_s:.1f} s', flush=True)
     for rate, ours in pruned.items():
         print(f'rate {rate}: kept tokens per block {models.kept_token_counts(ours)}; '
               f'{models.count_macs(ours) / 1e9:.2f} GFLOPs', flush=True)
@@ -985,10 +992,7 @@ def revive(name: str, result: Dict, args, device: torch.device, dtype) -> Live:
     """A model whose main table the run resumed measured (``result``), made again for its summary sections: the
     same seeded weights and masks (each block must keep the token counts that run recorded, else this raises) and
     its rows as :func:`summary_batch` rebuilds them (fixed-batch rows are built there, for its batch size)."""
-    timm_name = args.timm_models[name]
-    torch._dynamo.reset()
-    cc, dense = seeded_models(timm_name, args.seed, device)
-    pruned = pruned_models(cc, _scores(cc, args, device, batch=min(result['batch_size'], 8)), args.rates, args.seed)
+    cc, dense, pruned, _ = main_models(args.timm_models[name], result['batch_size'], args, device)
     for row in result['rows']:
         if not row['dense']:
             kept = models.kept_token_counts(pruned[row['prune_rate']])
@@ -1162,7 +1166,7 @@ def adopt(results: Dict, earlier: Dict, budget: CompileBudget) -> List[str]:
     for record, old in zip(results['sections'], earlier['sections']):
         if old.get('status') == 'done' and old.get('section') == record['section']:
             record.update(copy.deepcopy(old), earlier_run=True)
-            kept.append(record)
+            kept.append(record['section'])
             if record['kind'] == 'main':
                 results['models'][record['model']] = copy.deepcopy(earlier['models'][record['model']])
             elif record['kind'] in SWEEP_KEYS:
@@ -1173,7 +1177,7 @@ def adopt(results: Dict, earlier: Dict, budget: CompileBudget) -> List[str]:
     changed = sorted(f for f in then.keys() | now.keys() if then.get(f) != now.get(f))
     results['earlier_runs'] = earlier.get('earlier_runs', []) + [
         {'command': earlier.get('command'), 'seconds': earlier.get('seconds'), 'code_changed_since': changed}]
-    return [r['section'] for r in kept]
+    return kept
 
 
 def write_outputs(results: Dict, text: str, args) -> None:

@@ -521,12 +521,9 @@ def main(argv=None) -> None:
         try:
             with open(args.write_readme) as f:
                 text = f.read()
-        except OSError as e:
-            raise ValueError(f'--write-readme {args.write_readme}: {e.strerror or e}') from None
-        try:
             new = replace_speed_table(text, lines)
-        except ValueError as e:
-            raise ValueError(f'--write-readme {args.write_readme}: {e}') from None
+        except (OSError, ValueError) as e:
+            raise ValueError(f'--write-readme {args.write_readme}: {getattr(e, "strerror", None) or e}') from None
     except ValueError as e:
         sys.stderr.write(f'error: {e}\n')
         sys.exit(2)
