@@ -196,7 +196,7 @@ def modes_of(args) -> List[str]:
 
 # Flags that only change a finetuning run (given with --eval, --speed-only or --prune they would do nothing), and
 # those of them that only matter with a teacher.  (--prune_mode is not refused outside --prune: the original
-# code's finetuning command passes it.)
+# code's finetuning command passes it; UNUSED_RULES below names it in a note.)
 FINETUNE_ONLY = ('teacher_path', 'teacher_model', 'distillation_type', 'distillation_alpha', 'distillation_tau',
                  'final_finetune', 'model_ema', 'model_ema_decay', 'model_ema_force_cpu')
 TEACHER_ONLY = ('teacher_path', 'teacher_model', 'distillation_alpha', 'distillation_tau')
@@ -225,6 +225,67 @@ def check_flags_apply(args, parser: argparse.ArgumentParser) -> None:
     if args.data_set == 'DIGITS' and 'data_path' in given:
         raise UserError("--data-set DIGITS is scikit-learn's digits, read from the package: --data-path does not "
                         'apply')
+
+
+# Flags a run accepts but does not use, when given on the command line: each rule is (whether it applies to the
+# run, the destinations, why they have no effect).  They are noted, not refused (check_flags_apply refuses the
+# ones that signal a mistaken request): the original code's commands pass some of them (--data-path to
+# --speed-only; --prune_mode and --decay-epochs with the cosine schedule to finetuning), and scripts share one
+# set of training flags between their commands (the tests' and the demo's do).  A flag is named once, by the
+# first rule that holds it.
+OPTIMIZATION = ('opt', 'opt_eps', 'opt_betas', 'momentum', 'weight_decay', 'clip_grad', 'sched', 'lr', 'unscale_lr',
+                'uniform_lr', 'lr_noise', 'lr_noise_pct', 'lr_noise_std', 'warmup_lr', 'min_lr', 'decay_epochs',
+                'warmup_epochs', 'cooldown_epochs', 'patience_epochs', 'decay_rate', 'start_epoch')
+MIXING = ('mixup', 'cutmix', 'cutmix_minmax', 'mixup_prob', 'mixup_switch_prob', 'mixup_mode')
+ERASING = ('aa', 'reprob', 'remode', 'recount')  # auto-augment and random erasing: the recipe's, not scoring's
+TRAIN_TRANSFORM = ('color_jitter', 'train_interpolation') + ERASING
+NOT_READ_BY_COSINE = ('decay_epochs', 'decay_rate', 'patience_epochs')  # timm's cosine and tanh schedules
+SPEED = ('speed_protocol', 'speed_repeats', 'speed_warmup', 'speed_dtype')
+UNUSED_RULES = (
+    (lambda a: not a.prune, ('prune_mode',), 'only --prune makes masks'),
+    (lambda a: a.eval or a.speed_only,
+     OPTIMIZATION + MIXING + TRAIN_TRANSFORM + ('smoothing', 'repeated_aug', 'drop', 'drop_path'),
+     '{mode} trains nothing'),
+    (lambda a: a.prune and a.prune_mode == 'random',
+     OPTIMIZATION + MIXING + TRAIN_TRANSFORM + ('smoothing', 'repeated_aug', 'drop', 'drop_path'),
+     '--prune_mode random trains nothing and reads no training image'),
+    (lambda a: a.prune, OPTIMIZATION + MIXING + ERASING + ('drop', 'drop_path'),
+     'Taylor scoring trains nothing, and reads the training images without auto-augment, random erasing, mixup '
+     'or cutmix through the model in eval mode'),
+    (lambda a: a.speed_only, ('data_path', 'inat_category', 'num_workers', 'pin_mem', 'eval_crop_ratio',
+                              'dist_eval', 'amp', 'output_dir'),
+     '--speed-only times random images in --speed-dtype and writes nothing'),
+    (lambda a: a.eval, ('output_dir',), '--eval writes nothing'),
+    (lambda a: not a.speed_only, SPEED, 'only --speed-only times the model'),
+    (lambda a: a.data_set == 'DIGITS', TRAIN_TRANSFORM + ('eval_crop_ratio', 'inat_category'),
+     '--data-set DIGITS has its own fixed transform'),
+    (lambda a: not modes_of(a) and a.sched in ('cosine', 'tanh'), NOT_READ_BY_COSINE,
+     "timm's {sched} schedule does not read it"),
+)
+
+
+def unused_flags(args) -> Dict[str, str]:
+    """{destination: why it has no effect} for every flag this run would not use (``UNUSED_RULES``; given or not),
+    the first rule holding a flag giving its reason."""
+    mode = {'eval': '--eval', 'speed_only': '--speed-only', 'prune': '--prune'}.get(next(iter(modes_of(args)), ''))
+    unused: Dict[str, str] = {}
+    for applies, dests, why in UNUSED_RULES:
+        if applies(args):
+            for d in dests:
+                unused.setdefault(d, why.format(mode=mode, sched=args.sched))
+    return unused
+
+
+def unused_flag_notes(args, parser: argparse.ArgumentParser) -> List[str]:
+    """One ``note:`` line per reason for the flags given on the command line that this run accepts but does not
+    use, so that nothing asked for is dropped without a word."""
+    given = given_flags(args)
+    by_reason: Dict[str, List[str]] = {}
+    for dest, why in unused_flags(args).items():
+        if dest in given:
+            by_reason.setdefault(why, []).append(dest)
+    return [f'note: {", ".join(spell(parser, d, getattr(args, d)) for d in dests)} '
+            f'{"has" if len(dests) == 1 else "have"} no effect: {why}' for why, dests in by_reason.items()]
 
 
 def validate_args(args) -> None:
@@ -1038,6 +1099,7 @@ def run(args) -> Dict[str, float]:
             check_output_dir(args.output_dir)
         except UserError as e:
             raise UserError(f'{e} (the directory of --resume: give --output_dir)' if beside_resume else str(e)) from None
+    notes += unused_flag_notes(args, get_args_parser())
     init_distributed_mode(args)
     for line in notes:
         rank0_print(line)

@@ -200,6 +200,15 @@ MUTANTS: List[Mutant] = [
            '    differ = [k for k in flags if now.get(k) != then.get(k)]', '    differ = []',
            [T + 'test_benchmark.py::test_resume_refuses_other_settings_another_machine_and_other_files'],
            'a run with other settings carries on an earlier one, mixing their sections in one report'),
+    mutant('unused-flags-unsaid', 'finetune.py',
+           '    notes += unused_flag_notes(args, get_args_parser())\n', '',
+           [T + 'test_recipe.py::test_unused_flags_given_are_noted_one_line_per_reason'],
+           'a flag the run does not use is dropped without a word'),
+    mutant('used-flag-said-unused', 'finetune.py',
+           "    (lambda a: a.prune, OPTIMIZATION + MIXING + ERASING + ('drop', 'drop_path'),",
+           "    (lambda a: a.prune, OPTIMIZATION + MIXING + ERASING + ('drop', 'drop_path', 'smoothing'),",
+           [T + 'test_recipe.py::test_flags_said_to_have_no_effect_are_not_read_by_the_run'],
+           '--prune says --smoothing has no effect, while its scoring loss uses it'),
 ]
 
 

@@ -21,6 +21,7 @@ import pruning
 from conftest import (DIGITS_ARGS, ROOT, digits_world, free_port, make_image_folder, official_checkpoint,
                       subprocess_env)
 from utils import load_checkpoint_file
+from utils.cli import ParsedArgs
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
@@ -371,10 +372,16 @@ def test_the_papers_commands_run_as_printed(tmp_path):
 
     out = run(commands['speed'] + ' --batch-size 2 --speed-repeats 1 --speed-warmup 0')
     assert re.search(r'^Speed-up of the pruned model: \d+\.\d\dx', out, re.M)
+    # the command passes --data-path, which a speed run does not read: said, not refused
+    assert ('note: --data-path imagenet has no effect: --speed-only times random images in --speed-dtype and writes '
+            'nothing') in out.splitlines()
 
     out = run(commands['finetune'] + small + ' --final_finetune 1',
               '-m', 'torch.distributed.launch', f'--master_port={free_port()}', '--nproc_per_node=2', '--use_env')
     assert 'Teacher cc_deit_tiny_patch16_224 from deit_tiny_patch16_224-a1311bcf.pth (dense)' in out
+    notes = [line for line in out.splitlines() if line.startswith('note:')]
+    assert notes == ['note: --prune_mode attn has no effect: only --prune makes masks',
+                     "note: --decay-epochs 6.0 has no effect: timm's cosine schedule does not read it"]
     assert f'(lr {1e-4 * 2 * 2 / 512:.2e} for batch 2 x 2 processes)' in out
     ckpt = torch.load(tmp_path / 'output' / 'checkpoint.pth')
     assert {k: ckpt['args'][k] for k in ('weight_decay', 'distillation_type', 'distillation_alpha',
@@ -650,3 +657,116 @@ def test_help_names_the_script_and_shows_defaults(capsys, monkeypatch):
     out = capsys.readouterr().out
     assert info.value.code == 0 and out.startswith('usage: finetune.py')
     assert re.search(r'--lr LR\s+base lr, scaled by batch \* world_size / 512 \(default: 0\.01\)', out)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# D. flags a run accepts but does not use: named in a note, and really not read
+
+class RecordedReads(ParsedArgs):
+    """Parsed arguments that record every public attribute read of them (class-wide: copies made with
+    ``argparse.Namespace(**vars(args))`` while it is patched in record too)."""
+    __slots__ = ()
+    reads = set()
+
+    def __getattribute__(self, name):
+        if not name.startswith('_'):
+            RecordedReads.reads.add(name)
+        return super().__getattribute__(name)
+
+
+# Read while the run works, yet without effect there: the model is built with its dropout rates and then runs in
+# eval mode (Taylor scoring and evaluation alike); timm's cosine schedule is built from every schedule flag and
+# ignores these three (test_the_cosine_schedule_ignores_the_flags_it_is_said_to).
+# Taylor scoring reads the erasing flags from a copy of the arguments that turns them off (--aa none, --reprob 0,
+# so --remode and --recount erase nothing; test_scoring_sees_the_training_transform_without_auto_augment_or_erasing).
+READ_WITHOUT_EFFECT = {'drop', 'drop_path'} | set(finetune.NOT_READ_BY_COSINE)
+READ_OFF_BY_SCORING = set(finetune.ERASING)
+
+RUNS = {
+    'eval': ['--eval', '--data-set', 'IMNET'],
+    'eval-digits': ['--eval', '--data-set', 'DIGITS'],
+    'speed': ['--speed-only', '--data-set', 'IMNET', '--speed-repeats', '1', '--speed-warmup', '0'],
+    'speed-digits': ['--speed-only', '--data-set', 'DIGITS', '--speed-repeats', '1', '--speed-warmup', '0'],
+    'prune': ['--prune', '--data-set', 'IMNET', '--prune-batches', '1'],
+    'prune-digits': ['--prune', '--data-set', 'DIGITS', '--prune-batches', '1'],
+    'prune-random': ['--prune', '--prune_mode', 'random', '--data-set', 'IMNET'],
+    'finetune': ['--data-set', 'IMNET', '--final_finetune', '1'],
+    'finetune-digits': ['--data-set', 'DIGITS', '--final_finetune', '1'],
+}
+
+
+@pytest.mark.parametrize('run', list(RUNS))
+def test_flags_said_to_have_no_effect_are_not_read_by_the_run(capsys, monkeypatch, world, tmp_path, run):
+    argv = [*RUNS[run], '--resume', world['dense']]
+    if '--speed-only' not in argv and 'IMNET' in argv:
+        argv += ['--data-path', world['data']]
+    if '--eval' not in argv and '--speed-only' not in argv:
+        argv += ['--output_dir', tmp_path / 'out']
+    seen = {}
+
+    def recorded(work):
+        def wrapper(args, device):
+            seen['unused'] = finetune.unused_flags(args)
+            RecordedReads.reads = set()
+            args.__class__ = RecordedReads
+            monkeypatch.setattr(argparse, 'Namespace', RecordedReads)  # scoring_dataset's copy of the args
+            try:
+                return work(args, device)
+            finally:
+                monkeypatch.undo()
+                seen['reads'] = set(RecordedReads.reads)
+        return wrapper
+
+    for name in ('run_eval', 'run_speed', 'run_prune', 'run_finetune'):
+        monkeypatch.setattr(finetune, name, recorded(getattr(finetune, name)))
+    code, out, err = cli(capsys, *argv)
+    assert code == 0, err
+    assert seen['unused'], 'every run leaves some flag unused'
+    assert len(seen['reads']) > 10  # the recording works: the run reads its own flags
+    read_anyway = (set(seen['unused']) & seen['reads']) - READ_WITHOUT_EFFECT - (
+        READ_OFF_BY_SCORING if run == 'prune' else set())
+    assert not read_anyway, f'said to have no effect, but read by {run}: {sorted(read_anyway)}'
+
+
+def test_unused_flags_given_are_noted_one_line_per_reason(capsys, world, tmp_path):
+    # DIGITS_ARGS gives --mixup 0 --cutmix 0 --aa none --reprob 0: training flags, unused by --eval
+    code, out, err = cli(capsys, '--eval', '--resume', world['dense'], '--data-path', world['data'], '--lr', 0.1,
+                         '--output_dir', tmp_path / 'out', '--speed-repeats', 3, '--prune_mode', 'attn')
+    assert code == 0, err
+    notes = [line for line in out.splitlines() if line.startswith('note:')]
+    assert notes == [
+        'note: --prune_mode attn has no effect: only --prune makes masks',
+        'note: --lr 0.1, --mixup 0.0, --cutmix 0.0, --aa none, --reprob 0.0 have no effect: --eval trains nothing',
+        f'note: --output_dir {tmp_path / "out"} has no effect: --eval writes nothing',
+        'note: --speed-repeats 3 has no effect: only --speed-only times the model']
+    assert not (tmp_path / 'out').exists()
+    # a flag the run uses is not noted
+    code, out, err = cli(capsys, '--eval', '--resume', world['dense'], '--data-path', world['data'],
+                         '--eval-crop-ratio', 0.875)
+    assert code == 0, err
+    assert 'crop' not in ''.join(line for line in out.splitlines() if line.startswith('note:'))
+
+
+def test_the_cosine_schedule_ignores_the_flags_it_is_said_to():
+    """Independent of the note: timm's cosine and tanh schedules, built the way finetune.py builds them, give the
+    same learning rate at every epoch whatever --decay-epochs, --decay-rate and --patience-epochs say (and the
+    step schedule, which reads them, does not)."""
+    from timm.scheduler import create_scheduler
+
+    def lrs(sched, **values):
+        args = finetune.get_args_parser().parse_args(['--sched', sched, '--warmup-epochs', '2'])
+        for k, v in values.items():
+            setattr(args, k, v)
+        args.epochs = args.final_finetune
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
+        scheduler, _ = create_scheduler(args, optimizer)
+        out = []
+        for epoch in range(args.final_finetune):
+            scheduler.step(epoch)
+            out.append(optimizer.param_groups[0]['lr'])
+        return out
+
+    other = {'decay_epochs': 3, 'decay_rate': 0.5, 'patience_epochs': 1}
+    for sched in ('cosine', 'tanh'):
+        assert lrs(sched) == lrs(sched, **other), sched
+    assert lrs('step') != lrs('step', **other)
