@@ -261,6 +261,8 @@ UNUSED_RULES = (
      '--data-set DIGITS has its own fixed transform'),
     (lambda a: not modes_of(a) and a.sched in ('cosine', 'tanh'), NOT_READ_BY_COSINE,
      "timm's {sched} schedule does not read it"),
+    (lambda a: not modes_of(a), ('cooldown_epochs',),
+     'the run ends after --final_finetune epochs, where the cool-down would start'),
 )
 
 

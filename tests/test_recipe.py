@@ -676,10 +676,11 @@ class RecordedReads(ParsedArgs):
 
 # Read while the run works, yet without effect there: the model is built with its dropout rates and then runs in
 # eval mode (Taylor scoring and evaluation alike); timm's cosine schedule is built from every schedule flag and
-# ignores these three (test_the_cosine_schedule_ignores_the_flags_it_is_said_to).
+# ignores three of them, and the cool-down only lengthens an epoch count finetuning does not use
+# (test_the_schedules_ignore_the_flags_they_are_said_to).
 # Taylor scoring reads the erasing flags from a copy of the arguments that turns them off (--aa none, --reprob 0,
 # so --remode and --recount erase nothing; test_scoring_sees_the_training_transform_without_auto_augment_or_erasing).
-READ_WITHOUT_EFFECT = {'drop', 'drop_path'} | set(finetune.NOT_READ_BY_COSINE)
+READ_WITHOUT_EFFECT = {'drop', 'drop_path', 'cooldown_epochs'} | set(finetune.NOT_READ_BY_COSINE)
 READ_OFF_BY_SCORING = set(finetune.ERASING)
 
 RUNS = {
@@ -747,7 +748,7 @@ def test_unused_flags_given_are_noted_one_line_per_reason(capsys, world, tmp_pat
     assert 'crop' not in ''.join(line for line in out.splitlines() if line.startswith('note:'))
 
 
-def test_the_cosine_schedule_ignores_the_flags_it_is_said_to():
+def test_the_schedules_ignore_the_flags_they_are_said_to():
     """Independent of the note: timm's cosine and tanh schedules, built the way finetune.py builds them, give the
     same learning rate at every epoch whatever --decay-epochs, --decay-rate and --patience-epochs say (and the
     step schedule, which reads them, does not)."""
@@ -770,3 +771,7 @@ def test_the_cosine_schedule_ignores_the_flags_it_is_said_to():
     for sched in ('cosine', 'tanh'):
         assert lrs(sched) == lrs(sched, **other), sched
     assert lrs('step') != lrs('step', **other)
+    # the cool-down only lengthens the epoch count timm returns, which finetuning does not use (it runs
+    # --final_finetune epochs): no schedule changes within them
+    for sched in ('cosine', 'tanh', 'step'):
+        assert lrs(sched, cooldown_epochs=0) == lrs(sched, cooldown_epochs=30), sched
