@@ -627,7 +627,8 @@ def run_speed(args, device: torch.device) -> Dict[str, float]:
         fastest = max(('dense', 'dense_fast'), key=lambda k: throughput[k])
         against = throughput['pruned'] / throughput[fastest]
         results.update(fastest_dense=fastest, speedup_vs_fastest_dense=against)
-        rank0_print(f'Speed-up of the pruned model against the fastest dense model ({names[fastest]}): '
+        label = 'eager dense model' if fastest == 'dense' else names[fastest]
+        rank0_print(f'Speed-up of the pruned model against the fastest dense model ({label}): '
                     f'{against:.2f}x')
     elif args.fast_path != 'none':
         results['fast_path_speedup'] = throughput['dense_fast'] / throughput['dense']
