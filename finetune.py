@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 import datetime
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Set, Tuple
 
 import torch
 import torch.nn as nn
@@ -278,10 +278,10 @@ def unused_flags(args) -> Dict[str, str]:
     return unused
 
 
-def unused_flag_notes(args, parser: argparse.ArgumentParser) -> List[str]:
+def unused_flag_notes(args, parser: argparse.ArgumentParser, said: Set[str] = frozenset()) -> List[str]:
     """One ``note:`` line per reason for the flags given on the command line that this run accepts but does not
-    use, so that nothing asked for is dropped without a word."""
-    given = given_flags(args)
+    use, so that nothing asked for is dropped without a word (``said``: flags another line already names so)."""
+    given = given_flags(args) - set(said)
     by_reason: Dict[str, List[str]] = {}
     for dest, why in unused_flags(args).items():
         if dest in given:
@@ -372,17 +372,18 @@ def _uniform_in(checkpoint: dict) -> Optional[bool]:
     return len(set(initial)) == 1 if len(initial) > 1 else None
 
 
-def continue_run(args) -> Tuple[List[str], Dict[str, object]]:
+def continue_run(args) -> Tuple[List[str], Dict[str, object], Set[str]]:
     """``--resume`` of a finetuning checkpoint (``checkpoint.pth``, ``best.pth``) continues that run: teacher,
     distillation, EMA, schedule, optimizer groups, augmentation, data and model come from the checkpoint's
     ``args`` for every flag not given on the command line (``given_flags``).  A pruned or official file starts
     a new run and changes nothing here.  Returns the lines to print (what was taken over, and one line per
-    given value that differs from the run's) and {destination: value taken over}."""
+    given value that differs from the run's), {destination: value taken over} and the given destinations whose
+    line says they have no effect."""
     if modes_of(args) or not args.resume or not os.path.isfile(args.resume):
-        return [], {}
+        return [], {}, set()
     checkpoint = load_checkpoint_file(args.resume, mmap=True)
     if not is_training_checkpoint(checkpoint):
-        return [], {}
+        return [], {}, set()
     stored = checkpoint_args(checkpoint)
     if 'scaled_lr' not in stored:
         stored.pop('lr', None)  # written when args.lr held the already scaled lr: not a base lr to scale again
@@ -393,7 +394,7 @@ def continue_run(args) -> Tuple[List[str], Dict[str, object]]:
     actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest != 'help'}
     given = given_flags(args)
     same = {'model': models.base_name, 'teacher_model': lambda n: n and models.base_name(n)}
-    lines, inherited = [], {}
+    lines, inherited, no_effect = [], {}, set()
     for dest, value in stored.items():
         action = actions.get(dest)
         if action is None or dest in NOT_INHERITED or not fits(action, value):
@@ -412,6 +413,7 @@ def continue_run(args) -> Tuple[List[str], Dict[str, object]]:
             lines.append(f'warning: {spell(parser, dest, current)} has no effect: the optimizer and learning-rate '
                          f'schedule restored from {args.resume} continue those of {spell(parser, dest, value)}')
             setattr(args, dest, value)
+            no_effect.add(dest)
         else:
             lines.append(f'{spell(parser, dest, current)} given: {args.resume} was written with '
                          f'{spell(parser, dest, value)}')
@@ -421,7 +423,7 @@ def continue_run(args) -> Tuple[List[str], Dict[str, object]]:
         # (a flag not given holds its default, so every value taken over is one the user would have had to repeat)
         lines.insert(0, f'Continuing the run of {args.resume} with its settings for the flags not given: '
                         f'{" ".join(spell(parser, d, v) for d, v in inherited.items())}')
-    return lines, inherited
+    return lines, inherited, no_effect
 
 
 def _with_origin(error: UserError, args, inherited: Dict[str, object]) -> UserError:
@@ -1087,7 +1089,7 @@ def writes_output(args) -> bool:
 
 
 def run(args) -> Dict[str, float]:
-    notes, inherited = continue_run(args)
+    notes, inherited, no_effect = continue_run(args)
     beside_resume = bool(args.prune and not args.output_dir and args.resume)
     if beside_resume:
         args.output_dir = os.path.dirname(args.resume) or '.'
@@ -1102,7 +1104,7 @@ def run(args) -> Dict[str, float]:
             check_output_dir(args.output_dir)
         except UserError as e:
             raise UserError(f'{e} (the directory of --resume: give --output_dir)' if beside_resume else str(e)) from None
-    notes += unused_flag_notes(args, get_args_parser())
+    notes += unused_flag_notes(args, get_args_parser(), said=no_effect)
     init_distributed_mode(args)
     for line in notes:
         rank0_print(line)

@@ -442,9 +442,16 @@ def test_a_value_given_on_resume_wins_and_each_difference_is_one_line(capsys, wo
     shutil.copytree(distilled['out'], out)
     ckpt = out / 'checkpoint.pth'
     code, stdout, err = cli(capsys, '--resume', ckpt, '--output_dir', out, '--final_finetune', 2,
-                            '--distillation-alpha', 0.3, '--no-model-ema', '--weight-decay', 0, '--lr', 0.5)
+                            '--distillation-alpha', 0.3, '--no-model-ema', '--weight-decay', 0, '--lr', 0.5,
+                            '--decay-epochs', 4, '--speed-repeats', 3)
     assert code == 0, err
     lines = stdout.splitlines()
+    # the restored schedule makes --decay-epochs void: said once, by that warning (which names the run's value),
+    # not again by a note (the cosine schedule ignores it too); a flag void for another reason gets its note
+    assert f'warning: --decay-epochs 4.0 has no effect: the optimizer and learning-rate schedule restored from ' \
+           f'{ckpt} continue those of --decay-epochs 15' in lines
+    assert [line for line in lines if line.startswith('note:')] == [
+        'note: --speed-repeats 3 has no effect: only --speed-only times the model']
     assert f'--distillation-alpha 0.3 given: {ckpt} was written with --distillation-alpha 0.7' in lines
     assert f'--no-model-ema given: {ckpt} was written with --model-ema' in lines
     assert f'warning: {ckpt} was written by a run of --final_finetune 1; its learning-rate schedule over 1 ' \
