@@ -201,7 +201,7 @@ MUTANTS: List[Mutant] = [
            [T + 'test_benchmark.py::test_resume_refuses_other_settings_another_machine_and_other_files'],
            'a run with other settings carries on an earlier one, mixing their sections in one report'),
     mutant('unused-flags-unsaid', 'finetune.py',
-           '    notes += unused_flag_notes(args, get_args_parser())\n', '',
+           '    notes += unused_flag_notes(args, get_args_parser(), said=no_effect)\n', '',
            [T + 'test_recipe.py::test_unused_flags_given_are_noted_one_line_per_reason'],
            'a flag the run does not use is dropped without a word'),
     mutant('used-flag-said-unused', 'finetune.py',
