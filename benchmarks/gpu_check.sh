@@ -175,13 +175,22 @@ for s in r['sections']:
     print(f"{s['section']}: {s['status']}" + (f" ({s['reason']})" if s.get('reason') else ''))
 f = lambda v: '-' if v is None else f'{v:.2f}'
 for e in r['summary']:
-    print(f"{e['model']}: FLOPs ratio {f(e['flops_ratio'])}, {e['best_pruned_mode']} over {e['best_dense_mode']} "
-          f"{f(e['speedup_vs_best_dense'])} (vs timm eager {f(e['speedup_vs_timm_eager'])}), batch 1 "
-          f"{f(e['speedup_batch1'])}, batch 32 {f(e['speedup_batch32'])}; "
-          + ', '.join(f"{k}: {t['verdict']}" for k, t in e['targets'].items()))
+    print(f"{e['model']}: FLOPs ratio {f(e['flops_ratio'])}, {e['best_pruned_mode'] or '-'} over "
+          f"{e['best_dense_mode'] or '-'} {f(e['speedup_vs_best_dense'])} (vs timm eager "
+          f"{f(e['speedup_vs_timm_eager'])}), batch 1 {f(e['speedup_batch1'])}, batch 32 {f(e['speedup_batch32'])}; "
+          + ', '.join(f"{k}: {t['verdict']}" for k, t in e['targets'].items())
+          + (f"; left out of the comparison: {e['excluded']}" if e.get('excluded') else ''))
 for t in r['targets']:
     if 'logit' in t['target'] or 'top-1' in t['target']:
-        print(f"{t['target']}: {t['value']:.3f} vs {t['threshold']} -> {'yes' if t['met'] else 'NO'}")
+        met = {True: 'yes', False: 'NO', None: 'NOT MEASURED (' + str(t.get('missing')) + ')'}[t['met']]
+        print(f"{t['target']}: {f(t['value'])} vs {t['threshold']} -> {met}")
+for run in r.get('earlier_runs', []):
+    if run.get('code_changed_since'):
+        print(f"note: the sections kept from the earlier run were measured before these files changed: "
+              f"{', '.join(run['code_changed_since'])}")
+if r.get('not_measured'):
+    print(f"INCOMPLETE: {len(r['not_measured'])} targets not measured (see above); with lease time left: "
+          f"bash benchmarks/gpu_check.sh resume")
 EOF
     # the README's speed table with this run's GPU columns (once cuda.json is in benchmarks/results/,
     # `python -m benchmarks.report --write-readme` puts it into the README)

@@ -78,8 +78,8 @@ import pruning  # noqa: E402
 from benchmarks import report  # noqa: E402
 from benchmarks.formulations import (  # noqa: E402
     REFERENCES, REGISTRY, CompileBudget, Context, Runs, ScatterRouting, blocks_as_identity, build_runs,
-    configure_dynamo, dense_label, image_shape, plan, pruned_copy, rate_tag, rebuild_for_batch, resolve_model,
-    rows_to_rebuild, run_blocks_ours, seeded_models, select, short_name,
+    configure_dynamo, dense_label, image_shape, plan, pruned_copy, pruned_label, rate_tag, rebuild_for_batch,
+    resolve_model, rows_to_rebuild, run_blocks_ours, seeded_models, select, short_name,
 )
 from benchmarks.stats import Timings, as_fields, paired  # noqa: E402
 from engine import original_settings, steady_allocator  # noqa: E402
@@ -1227,6 +1227,10 @@ def main(argv=None) -> Dict:
                'formulations': {'available': [f.name for f in timed], 'skipped': skipped},
                'sections': [{'section': s.title(args), 'kind': s.kind, 'model': s.model, 'batch_size': s.batch,
                              'status': 'pending'} for s in sections],
+               # every pruned model the summary is to have an entry for, measured or not (report.summary)
+               'pruned_models': [{'model': pruned_label(args.timm_models[name], rate),
+                                  'timm_model': args.timm_models[name], 'prune_rate': rate, 'section_model': name}
+                                 for name in args.models for rate in args.rates],
                'models': {}, 'sweeps': {}, 'code': code_hashes()}
     print(f'Machine: {results["machine"]}', flush=True)
     print(f'Main table: protocol {args.protocol}; sweeps, routing, scoring and breakdown: protocol ours', flush=True)
@@ -1280,10 +1284,12 @@ def main(argv=None) -> Dict:
         results['machine']['load_average_at_end'] = list(os.getloadavg())
     text = report_so_far(results, args, device, started)
     print('\n' + text, flush=True)
-    met = sum(t['met'] for t in results['targets'])
+    met = sum(t['met'] is True for t in results['targets'])
+    missing = len(results['not_measured'])
     undone = [r['section'] for r in results['sections'] if r['status'] != 'done']
-    print(f'{met} of {len(results["targets"])} targets met; wrote {args.json} and {args.markdown} '
-          f'({results["seconds"]:.0f} s)' + (f'; not done: {"; ".join(undone)}' if undone else ''), flush=True)
+    print(f'{met} of {len(results["targets"])} targets met' + (f', {missing} not measured' if missing else '')
+          + f'; wrote {args.json} and {args.markdown} ({results["seconds"]:.0f} s)'
+          + (f'; not done: {"; ".join(undone)}' if undone else ''), flush=True)
     return results
 
 

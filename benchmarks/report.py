@@ -52,18 +52,62 @@ def model_name(row: Dict) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 # summary: the fastest pruned mode against the fastest dense mode
 
-def _fastest_pair(t: Timings, pruned: List[str], dense: List[str]):
-    best_p, best_d = t.fastest(pruned), t.fastest(dense)
-    return best_p, best_d, t.ratio(best_p, best_d)
+REFERENCE_KINDS = ('timm', 'ours')  # the eager models: their own error is the logit checks' scale, not judged
+
+
+def check_failure(check: Optional[Dict]) -> Optional[str]:
+    """Why a row's logit check (benchmarks.formulations.logit_check) failed; None if it passed or was not taken."""
+    if not check:
+        return None
+    if not check['within_tolerance']:
+        return f'logits off: max |difference| {check["max_abs_diff"]:.2e} > tolerance {check["tolerance"]:.2e}'
+    if check.get('top1_ok') is False:
+        return f'top-1 differs on {1 - check["top1_agreement_clear"]:.1%} of the clear-margin images'
+    return None
+
+
+def _comparison(t: Timings, pruned: List[str], dense: List[str], checks: Dict[str, Dict], kind: Dict[str, str]):
+    """(fastest pruned key, fastest dense key, their paired ratio or None, what was compared) among the rows whose
+    logit check did not fail: a fast but wrong row takes no part in a speed verdict.  "Fastest" is the most
+    images/s (the median pass); the ratio is the median of the per-round ratios of those two rows."""
+    excluded = {k: why for k in pruned + dense if kind[k] not in REFERENCE_KINDS
+                for why in [check_failure(checks.get(k))] if why}
+    ok_p, ok_d = [k for k in pruned if k not in excluded], [k for k in dense if k not in excluded]
+    best_p, best_d = t.fastest(ok_p), t.fastest(ok_d)
+    ratio = t.ratio(best_p, best_d) if best_p and best_d else None
+    compared = {'pruned_modes': [kind[k] for k in ok_p], 'dense_modes': [kind[k] for k in ok_d]}
+    if excluded:
+        compared['excluded'] = {kind[k]: why for k, why in excluded.items()}
+    return best_p, best_d, ratio, compared
+
+
+def _expected_batches(results: Dict) -> List[int]:
+    """The summary batch sizes the run was asked for (SUMMARY_BATCHES among --summary-batch-sizes); for results
+    that do not record the setting, those that ran."""
+    asked = results.get('settings', {}).get('summary_batch_sizes')
+    if asked is None:
+        asked = [b['batch_size'] for res in results['models'].values()
+                 for b in res.get('summary_sweep', {}).get('batches', [])]
+    return [bs for bs in SUMMARY_BATCHES if bs in asked]
+
+
+def _section_state(results: Dict, model: Optional[str], kind: str, batch: Optional[int] = None) -> str:
+    """Why a planned section has no figures: its status and reason in results['sections'] ('not run' if none)."""
+    for rec in results.get('sections', []):
+        if rec.get('model') == model and rec.get('kind') == kind and (batch is None or rec['batch_size'] == batch):
+            return rec['status'] + (f': {rec["reason"]}' if rec.get('reason') else '')
+    return 'not run'
 
 
 def summary(results: Dict) -> List[Dict]:
-    """One entry per pruned row of the main table (model and prune rate): the fastest pruned mode over the
-    fastest dense mode of the same run (timm eager, timm compiled or any dense formulation), over timm eager,
-    and, from the summary sweep when it ran, at other batch sizes (``speedup_batch1``/``speedup_batch32``:
-    None when that batch size was not swept)."""
+    """One entry per pruned model the run planned (``results['pruned_models']``; per pruned row of the main table
+    for results that do not record it): the fastest pruned mode over the fastest dense mode of the same run
+    (timm eager, timm compiled or any dense formulation, among the rows whose logit check passed), over timm
+    eager, and, from the summary sweep when it ran, at other batch sizes (``speedup_batch1``/``speedup_batch32``:
+    None when that batch size was not swept).  An entry whose main table did not run has None figures and says
+    why (``not_run``), so a run cut short never reads as complete."""
     out = []
-    for res in results['models'].values():
+    for section_model, res in results['models'].items():
         rows = res['rows']
         kind = {r['key']: r['kind'] for r in rows}
         protocol = rows[0].get('protocol', 'ours')
@@ -73,33 +117,53 @@ def summary(results: Dict) -> List[Dict]:
         rates = list(dict.fromkeys(r['prune_rate'] for r in rows if r['key'] not in dense))
         for rate in rates:
             pruned = [r['key'] for r in rows if r['key'] not in dense and r['prune_rate'] == rate]
-            best_p, best_d, vs_dense = _fastest_pair(t, pruned, dense)
-            best = next(r for r in rows if r['key'] == best_p)
-            entry = {'model': model_name(best), 'timm_model': res['model'], 'prune_rate': rate,
-                     'batch_size': res['batch_size'], 'protocol': protocol, 'flops_ratio': best['flops_ratio'],
-                     'best_pruned_mode': kind[best_p], 'best_dense_mode': kind[best_d],
-                     **as_fields('speedup_vs_best_dense', vs_dense),
-                     **as_fields('speedup_vs_timm_eager', t.ratio(best_p, 'timm'))}
+            best_p, best_d, vs_dense, compared = _comparison(t, pruned, dense, res.get('checks', {}), kind)
+            first = next(r for r in rows if r['key'] == pruned[0])
+            entry = {'model': model_name(first), 'timm_model': res['model'], 'prune_rate': rate,
+                     'section_model': section_model, 'batch_size': res['batch_size'], 'protocol': protocol,
+                     'flops_ratio': first['flops_ratio'], 'best_pruned_mode': kind.get(best_p),
+                     'best_dense_mode': kind.get(best_d),
+                     **as_fields('speedup_vs_best_dense', vs_dense or NONE),
+                     **as_fields('speedup_vs_timm_eager', t.ratio(best_p, 'timm') if best_p else NONE),
+                     **compared}
             by_batch = {}
             for b in sweep:
                 tb = Timings(b['seconds'], b['batch_size'])
-                p, d, r = _fastest_pair(tb, [k for k in pruned if k in b['seconds']],
-                                        [k for k in dense if k in b['seconds']])
-                by_batch[str(b['batch_size'])] = {'speedup': r['median'], 'ci': r['ci'], 'best_pruned_mode': kind[p],
-                                                  'best_dense_mode': kind[d], 'protocol': 'ours'}
+                p, d, r, cmp = _comparison(tb, [k for k in pruned if k in b['seconds']],
+                                           [k for k in dense if k in b['seconds']], b.get('checks', {}), kind)
+                by_batch[str(b['batch_size'])] = {
+                    'speedup': r and r['median'], 'ci': r and r['ci'], 'best_pruned_mode': kind.get(p),
+                    'best_dense_mode': kind.get(d), 'protocol': 'ours', **cmp}
             entry['speedup_by_batch'] = by_batch
             for bs in SUMMARY_BATCHES:
                 entry[f'speedup_batch{bs}'] = by_batch[str(bs)]['speedup'] if str(bs) in by_batch else None
             out.append(entry)
-    return out
+    done = {e['model'] for e in out}
+    for plan in results.get('pruned_models', []):
+        if plan['model'] not in done:
+            out.append({**plan, 'batch_size': None, 'protocol': None, 'flops_ratio': None, 'best_pruned_mode': None,
+                        'best_dense_mode': None, **as_fields('speedup_vs_best_dense', NONE),
+                        **as_fields('speedup_vs_timm_eager', NONE), 'speedup_by_batch': {},
+                        **{f'speedup_batch{bs}': None for bs in SUMMARY_BATCHES},
+                        'not_run': 'main table ' + _section_state(results, plan['section_model'], 'main')})
+    order = {p['model']: i for i, p in enumerate(results.get('pruned_models', []))}
+    return sorted(out, key=lambda e: order.get(e['model'], len(order)))
+
+
+NONE = {'median': None, 'min': None, 'max': None, 'ci': None}  # a comparison that could not be made
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # targets
 
-def _target(name: str, value: float, threshold: float, at_least: bool, ci=None) -> Dict:
+def _target(name: str, value: Optional[float], threshold: Optional[float], at_least: bool, ci=None,
+            missing: Optional[str] = None) -> Dict:
     """A target verdict on a median; ``ci`` is its 95% confidence interval, to tell a miss from noise: the
-    verdict is 'yes' or 'no' when the interval lies on one side of the threshold, 'within noise' otherwise."""
+    verdict is 'yes' or 'no' when the interval lies on one side of the threshold, 'within noise' otherwise.
+    A target that could not be measured (``value`` None) has ``met`` None and says why (``missing``)."""
+    if value is None or threshold is None:
+        return {'target': name, 'value': None, 'threshold': threshold, 'met': None,
+                'missing': missing or 'not measured'}
     met = value >= threshold if at_least else value <= threshold
     out = {'target': name, 'value': value, 'threshold': threshold, 'met': met}
     if ci is not None:
@@ -109,23 +173,32 @@ def _target(name: str, value: float, threshold: float, at_least: bool, ci=None) 
 
 
 def verdict(target: Dict) -> str:
+    if target['met'] is None:
+        return f'not measured ({target["missing"]})'
     if target.get('decided', True):
         return 'yes' if target['met'] else '**NO**'
     return 'yes, within noise' if target['met'] else 'no, within noise'
 
 
-def summary_targets(entry: Dict, device: str) -> Dict[str, Dict]:
-    """The summary's targets for one entry: 'vs_best_dense', and 'batch1'/'batch32' when those ran."""
+def summary_targets(entry: Dict, device: str, batches: List[int], results: Optional[Dict] = None
+                    ) -> Dict[str, Dict]:
+    """The summary's targets for one entry: 'vs_best_dense', and 'batch1'/'batch32' for the batch sizes the run
+    was asked for (``batches``); one that could not be measured is there too, unmet, saying why."""
     name = entry['model']
+    not_run = entry.get('not_run')
+    threshold = None if entry['flops_ratio'] is None else SUMMARY_FLOPS_SHARE * entry['flops_ratio']
     out = {'vs_best_dense': _target(
         f'{name}: fastest pruned ({entry["best_pruned_mode"]}) over fastest dense ({entry["best_dense_mode"]}) '
-        f'>= {SUMMARY_FLOPS_SHARE} x FLOPs ratio ({device})', entry['speedup_vs_best_dense'],
-        SUMMARY_FLOPS_SHARE * entry['flops_ratio'], True, entry['speedup_vs_best_dense_ci'])}
-    for bs in SUMMARY_BATCHES:
+        f'>= {SUMMARY_FLOPS_SHARE} x FLOPs ratio ({device})', entry['speedup_vs_best_dense'], threshold, True,
+        entry['speedup_vs_best_dense_ci'], not_run or 'no pruned or no dense row passed its logit check')}
+    for bs in batches:
         b = entry['speedup_by_batch'].get(str(bs))
         if b is not None:
-            out[f'batch{bs}'] = _target(f'{name}: fastest pruned over fastest dense at batch {bs} >= 1.0 ({device})',
-                                        b['speedup'], 1.0, True, b['ci'])
+            why = 'no pruned or no dense row passed its logit check'
+        else:
+            why = not_run or f'batch {bs} ' + _section_state(results or {}, entry.get('section_model'), 'summary', bs)
+        out[f'batch{bs}'] = _target(f'{name}: fastest pruned over fastest dense at batch {bs} >= 1.0 ({device})',
+                                    b and b['speedup'], 1.0, True, b and b['ci'], why)
     return out
 
 
@@ -161,7 +234,7 @@ def check_targets(where: str, checks: Dict[str, Dict], labels: Dict[str, str], k
     error is the tolerance's scale): every row's max |logit difference| from the eager fp32 model within its
     tolerance (value: the largest difference / tolerance), and top-1 equal to the eager fp32 model's on >= 99%
     of the images with a clear margin (value: the lowest such share).  See benchmarks.formulations.logit_check."""
-    checked = {k: c for k, c in checks.items() if kinds.get(k) not in ('timm', 'ours')}
+    checked = {k: c for k, c in checks.items() if kinds.get(k) not in REFERENCE_KINDS}
     if not checked:
         return []
     def share(c):  # of the tolerance; NaN logits count as infinitely far
@@ -172,22 +245,31 @@ def check_targets(where: str, checks: Dict[str, Dict], labels: Dict[str, str], k
     out = [_target(f'{where}: every row\'s max |logit - eager fp32| within its tolerance (worst: '
                    f'{labels.get(worst, worst)}, {c["max_abs_diff"]:.2e} for {c["tolerance"]:.2e})',
                    share(c), 1.0, False)]
-    clear = {k: c for k, c in checked.items() if c['top1_agreement_clear'] is not None}
-    if clear:
-        low = min(clear, key=lambda k: clear[k]['top1_agreement_clear'])
-        c = clear[low]
-        out.append(_target(f'{where}: top-1 = eager fp32 on >= {TOP1_SHARE:.0%} of the images with a clear margin '
-                           f'(lowest: {labels.get(low, low)}, on {c["clear_images"]} of {c["images"]} images; '
-                           f'over all images {c["top1_agreement"]:.3f})', c['top1_agreement_clear'], TOP1_SHARE, True))
+    judged = {k: c for k, c in checked.items() if c.get('top1_ok', c['top1_agreement_clear']) is not None}
+    name = f'{where}: top-1 = eager fp32 on >= {TOP1_SHARE:.0%} of the images with a clear margin'
+    if judged:
+        low = min(judged, key=lambda k: judged[k]['top1_agreement_clear'])
+        c = judged[low]
+        out.append(_target(f'{name} (lowest: {labels.get(low, low)}, on {c["clear_images"]} of {c["images"]} '
+                           f'images; over all images {c["top1_agreement"]:.3f})', c['top1_agreement_clear'],
+                           TOP1_SHARE, True))
+    else:  # too few clear images to judge top-1 (formulations.MIN_CLEAR_SHARE): said, never passed
+        c = next(iter(checked.values()))
+        out.append(_target(name, None, TOP1_SHARE, True, missing=f'only {c["clear_images"]} of {c["images"]} images '
+                                                                 f'have a clear margin'))
     return out
 
 
 def attach_summary(results: Dict, device: str) -> None:
-    """results['summary'] (each entry with its targets and verdicts), then results['targets']."""
+    """results['summary'] (each entry with its targets and verdicts), then results['targets'], and
+    results['not_measured']: the targets that could not be measured (a run cut short, a row that failed)."""
     results['summary'] = summary(results)
+    batches = _expected_batches(results)
     for entry in results['summary']:
-        entry['targets'] = {k: dict(t, verdict=verdict(t)) for k, t in summary_targets(entry, device).items()}
+        entry['targets'] = {k: dict(t, verdict=verdict(t))
+                            for k, t in summary_targets(entry, device, batches, results).items()}
     results['targets'] = targets(results, device)
+    results['not_measured'] = [t['target'] for t in results['targets'] if t['met'] is None]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -236,8 +318,8 @@ def _summary_table(results: Dict) -> List[str]:
     entries = results.get('summary', [])
     if not entries:
         return []
-    protocol = entries[0]['protocol']
-    rows = [[e['model'], f'{e["flops_ratio"]:.2f}', e['best_pruned_mode'], e['best_dense_mode'],
+    protocol = next((e['protocol'] for e in entries if e['protocol']), 'ours')
+    rows = [[e['model'], fmt(e['flops_ratio']), e['best_pruned_mode'] or '–', e['best_dense_mode'] or '–',
              fmt_ratio(e['speedup_vs_best_dense'], e['speedup_vs_best_dense_ci']), fmt_ratio(e['speedup_vs_timm_eager']),
              *(fmt_ratio(e[f'speedup_batch{bs}']) for bs in SUMMARY_BATCHES),
              ', '.join(f'{k}: {t["verdict"]}' for k, t in e['targets'].items())] for e in entries]
@@ -329,7 +411,7 @@ def _targets_table(results: Dict) -> List[str]:
     rows = []
     for t in results['targets']:
         spec = t.get('format', '.3f')
-        rows.append([t['target'], fmt_ratio(t['value'], t.get('ci'), spec), format(t['threshold'], spec), verdict(t)])
+        rows.append([t['target'], fmt_ratio(t['value'], t.get('ci'), spec), fmt(t['threshold'], spec), verdict(t)])
     return ([''] + table(['target', 'value: median or ratio (95% CI of the median)', 'threshold', 'met'], rows)
             + ['', 'CI: distribution-free confidence interval of the median from order statistics (min–max with '
                    'fewer than 6 rounds); none for figures of the original protocol (one mean per row). "Within '

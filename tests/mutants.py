@@ -209,6 +209,17 @@ MUTANTS: List[Mutant] = [
            "    (lambda a: a.prune, OPTIMIZATION + MIXING + ERASING + ('drop', 'drop_path', 'smoothing'),",
            [T + 'test_recipe.py::test_flags_said_to_have_no_effect_are_not_read_by_the_run'],
            '--prune says --smoothing has no effect, while its scoring loss uses it'),
+    mutant('wrong-row-wins', 'benchmarks/report.py',
+           "    ok_p, ok_d = [k for k in pruned if k not in excluded], [k for k in dense if k not in excluded]",
+           "    ok_p, ok_d = pruned, dense",
+           [T + 'test_benchmark.py::test_a_row_that_fails_its_logit_check_takes_no_part_in_the_speed_verdicts'],
+           'a fast row whose logits are off wins the speed verdict'),
+    mutant('unmeasured-targets-vanish', 'benchmarks/report.py',
+           "        b = entry['speedup_by_batch'].get(str(bs))\n",
+           "        b = entry['speedup_by_batch'].get(str(bs))\n        if b is None:\n            continue\n",
+           [T + 'test_benchmark.py::test_a_run_cut_short_has_every_planned_entry_and_target_and_counts_what_it_could_'
+            'not_measure'],
+           'a batch-1/32 target the run could not measure is left out instead of said'),
 ]
 
 

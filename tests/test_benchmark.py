@@ -416,8 +416,10 @@ def test_summary_takes_the_fastest_pruned_and_dense_modes_of_the_run():
         'model', 'timm_model', 'prune_rate', 'batch_size', 'protocol', 'flops_ratio', 'best_pruned_mode',
         'best_dense_mode', 'speedup_vs_best_dense', 'speedup_vs_best_dense_range', 'speedup_vs_best_dense_ci',
         'speedup_vs_timm_eager', 'speedup_vs_timm_eager_range', 'speedup_vs_timm_eager_ci', 'speedup_by_batch',
-        'speedup_batch1', 'speedup_batch32', 'targets'}
+        'speedup_batch1', 'speedup_batch32', 'targets', 'section_model', 'pruned_modes', 'dense_modes'}
     assert (first['model'], first['flops_ratio']) == ('C&C-Ti-25', 1.37)
+    assert first['dense_modes'] == ['timm', 'timm-compiled'] and first['pruned_modes'] == [
+        'ours', 'boolean', 'ours-compiled']
     assert (first['best_pruned_mode'], first['best_dense_mode']) == ('boolean', 'timm-compiled')
     # per-round timm_compiled/boolean: 0.80/0.60, 0.85/0.75, 0.75/0.62 -> median 0.75/0.62
     assert first['speedup_vs_best_dense'] == pytest.approx(0.75 / 0.62)
@@ -434,6 +436,84 @@ def test_summary_takes_the_fastest_pruned_and_dense_modes_of_the_run():
     assert first['targets']['vs_best_dense']['met'] == (0.75 / 0.62 >= 0.9 * 1.37)
     assert second['targets']['batch1']['met'] is False
     assert sum('fastest pruned' in t['target'] for t in results['targets']) == 4
+
+
+def test_a_row_that_fails_its_logit_check_takes_no_part_in_the_speed_verdicts():
+    """_summary_run's fastest pruned row (boolean) with logits off, and its fastest dense one (timm compiled) with
+    top-1 off: the verdicts compare the fastest rows that passed, and say which were left out and why."""
+    results = _summary_run()
+    ref = torch.tensor([[3.0, 0.0], [0.0, 3.0]])
+    results['models']['tiny']['checks'] = {
+        'boolean_25': F.logit_check(ref + 0.5, ref, 0.0),
+        # within a (large) tolerance, but both clear winners lose
+        'timm_compiled': F.logit_check(ref + torch.tensor([[-1.6, 1.6], [1.6, -1.6]]), ref, 0.8),
+        'compiled_25': F.logit_check(ref, ref, 0.0), 'timm': F.logit_check(ref + 5.0, ref, 0.0)}  # timm: reference
+    report.attach_summary(results, 'cuda')
+    first = results['summary'][0]
+    assert (first['best_pruned_mode'], first['best_dense_mode']) == ('ours-compiled', 'timm')
+    # per-round timm / ours compiled: 1.00/0.65, 1.10/0.66, 0.90/0.64 -> median 1.00/0.65
+    assert first['speedup_vs_best_dense'] == pytest.approx(1.00 / 0.65)
+    assert first['dense_modes'] == ['timm'] and first['pruned_modes'] == ['ours', 'ours-compiled']
+    assert first['excluded'] == {'boolean': 'logits off: max |difference| 5.00e-01 > tolerance 1.00e-03',
+                                 'timm-compiled': 'top-1 differs on 100.0% of the clear-margin images'}
+    # the checks are per section: at batch 1 (no check failed there) every row takes part
+    assert first['speedup_by_batch']['1']['pruned_modes'] == ['ours', 'boolean', 'ours-compiled']
+
+
+def _planned(results, models, rates, batches):
+    """_summary_run's results as a run of --models ``models`` x --rates ``rates`` with summary batches ``batches``
+    would record its plan (the DeiT shortcuts only)."""
+    timm_names = {'tiny': 'deit_tiny_patch16_224', 'small': 'deit_small_patch16_224'}
+    results['settings'] = {'dtype': 'fp16', 'summary_batch_sizes': batches}
+    results['pruned_models'] = [{'model': f'C&C-{"Ti" if m == "tiny" else "S"}-{round(r * 100)}',
+                                 'timm_model': timm_names[m], 'prune_rate': r, 'section_model': m}
+                                for m in models for r in rates]
+    return results
+
+
+def test_a_run_cut_short_has_every_planned_entry_and_target_and_counts_what_it_could_not_measure():
+    """Ti ran its main table and batch 1; Ti's batch 32 and all of DeiT-S were left out by the time limit (S's
+    main table) and never started.  Every planned entry and every asked-for target is there: what could not be
+    measured is unmet (met None), says why, and is counted, so such a run never reads as complete."""
+    results = _planned(_summary_run(), ['tiny', 'small'], [0.25, 0.40], [32, 1])
+    results['sections'] = [
+        {'section': 'DeiT-Ti, batch 10 (main table)', 'kind': 'main', 'model': 'tiny', 'batch_size': 10,
+         'status': 'done'},
+        {'section': 'DeiT-Ti, batch 32 (summary)', 'kind': 'summary', 'model': 'tiny', 'batch_size': 32,
+         'status': 'left out', 'reason': 'time limit of 180 s reached after 181 s (--time-limit)'},
+        {'section': 'DeiT-S, batch 256 (main table)', 'kind': 'main', 'model': 'small', 'batch_size': 256,
+         'status': 'left out', 'reason': 'time limit of 180 s reached after 181 s (--time-limit)'}]
+    report.attach_summary(results, 'cuda')
+    entries = {e['model']: e for e in results['summary']}
+    assert list(entries) == ['C&C-Ti-25', 'C&C-Ti-40', 'C&C-S-25', 'C&C-S-40']  # the planned order
+    ti = entries['C&C-Ti-25']['targets']
+    assert set(ti) == {'vs_best_dense', 'batch1', 'batch32'}
+    assert ti['batch1']['met'] is True and ti['batch32']['met'] is None
+    assert ti['batch32']['verdict'] == ('not measured (batch 32 left out: time limit of 180 s reached after 181 s '
+                                        '(--time-limit))')
+    s25 = entries['C&C-S-25']
+    assert s25['not_run'] == 'main table left out: time limit of 180 s reached after 181 s (--time-limit)'
+    assert (s25['speedup_vs_best_dense'], s25['flops_ratio'], s25['speedup_batch1']) == (None, None, None)
+    assert {k: t['met'] for k, t in s25['targets'].items()} == {'vs_best_dense': None, 'batch1': None,
+                                                                 'batch32': None}
+    assert s25['targets']['batch1']['verdict'] == f'not measured ({s25["not_run"]})'
+    assert len(results['not_measured']) == 2 + 3 * 2  # Ti-25/40 at batch 32; S-25/40 all three
+    assert all(t in [x['target'] for x in results['targets']] for t in results['not_measured'])
+    text = '\n'.join(report._summary_table(results) + report._targets_table(results))  # renders with the gaps
+    assert '| C&C-S-25 | – | – | – | – | – | – | – |' in text and 'not measured (main table left out' in text
+
+
+def test_logit_checks_refuse_an_infinite_tolerance_and_do_not_judge_top1_on_too_few_clear_images():
+    ref = torch.tensor([[2.0, 0.0], [0.0, 2.0], [1.0, 1.0], [0.5, 0.5]])  # two clear images, two exact ties
+    c = F.logit_check(ref, ref, baseline=float('inf'))
+    assert not c['within_tolerance']  # the eager model's own error unbounded: nothing can be judged close
+    c = F.logit_check(ref, ref, baseline=0.0)
+    assert (c['clear_images'], c['top1_ok']) == (2, True)  # half the images: judged
+    c = F.logit_check(ref[1:], ref[1:], baseline=0.0)
+    assert (c['clear_images'], c['top1_ok']) == (1, None)  # one of three: not judged
+    within, top1 = report.check_targets('M batch 3', {'x': c}, {}, {'x': 'fast-x'})
+    assert within['met'] is True and top1['met'] is None
+    assert report.verdict(top1) == 'not measured (only 1 of 3 images have a clear margin)'
 
 
 def test_readme_speed_table_sets_a_gpu_run_beside_the_cpu_run(tmp_path, capsys):
@@ -875,6 +955,12 @@ def test_time_limit_and_failures_end_sections_and_results_are_written_after_ever
     first = written[0]['summary'][0]
     assert first['model'] == 'C&C-deit_digits_patch4_32-30' and first['speedup_batch1'] is None
     assert written[-1] == json.loads((tmp_path / 'r.json').read_text())
+    # the batch-1 section failed, so its target is not measured (no batch-2 target: only 1 and 32 have one)
+    assert res['pruned_models'] == [{'model': 'C&C-deit_digits_patch4_32-30', 'timm_model': 'deit_digits_patch4_32',
+                                     'prune_rate': 0.3, 'section_model': 'deit_digits_patch4_32'}]
+    batch1 = res['summary'][0]['targets']['batch1']
+    assert batch1['met'] is None and batch1['missing'] == 'batch 1 failed: RuntimeError: the GPU fell off the bus'
+    assert res['not_measured'] == [batch1['target']]
     assert '| deit_digits_patch4_32, batch 2 (summary) | left out: time limit' in (tmp_path / 'r.md').read_text()
 
 
@@ -1026,7 +1112,7 @@ def test_model_zoo_quick_run_prints_the_tables_and_writes_json(tmp_path):
                     '| target |'):
         assert heading in proc.stdout, heading
     assert (tmp_path / 'zoo.md').read_text().strip() in proc.stdout
-    assert proc.stdout.rstrip().splitlines()[-1].startswith(f'{sum(t["met"] for t in res["targets"])} of ')
+    assert proc.stdout.rstrip().splitlines()[-1].startswith(f'{sum(t["met"] is True for t in res["targets"])} of ')
 
 
 # ---------------------------------------------------------------------------------------------------------------
