@@ -329,7 +329,27 @@ def _summary_table(results: Dict) -> List[str]:
                  f'10 x), "–" where not run). Targets: vs best dense >= {SUMMARY_FLOPS_SHARE} x FLOPs ratio; '
                  f'batch {" and ".join(map(str, SUMMARY_BATCHES))} >= 1.0.', '']
             + table(['model', 'FLOPs ratio', 'best pruned mode', 'best dense mode', 'vs best dense (95% CI)',
-                     'vs timm eager', *(f'batch {bs}' for bs in SUMMARY_BATCHES), 'targets met'], rows))
+                     'vs timm eager', *(f'batch {bs}' for bs in SUMMARY_BATCHES), 'targets met'], rows)
+            + _compared_lines(entries))
+
+
+def _compared_lines(entries: List[Dict]) -> List[str]:
+    """Which dense modes each comparison chose from, once per distinct set (the compiled rows are built only from
+    --compile-min-batch on, so the small batches may have fewer), and the rows a failed logit check kept out."""
+    sets: Dict[Tuple[str, ...], List[str]] = {}
+    for e in entries:
+        comparisons = [('main batch', e)] + [(f'batch {b}', c) for b, c in e['speedup_by_batch'].items()
+                                             if int(b) in SUMMARY_BATCHES]
+        for where, c in comparisons:
+            if 'dense_modes' in c:
+                sets.setdefault(tuple(c['dense_modes']), []).append(f'{e["model"]} {where}')
+    lines = [f'Dense modes compared: {", ".join(modes) or "none"} ({"; ".join(where)}).'
+             for modes, where in sets.items()] if len(sets) > 1 else (
+        [f'Dense modes compared: {", ".join(next(iter(sets)))} (every comparison).'] if sets else [])
+    lines += [f'Left out of the comparison for {e["model"]}{" at batch " + b if b else ""}: '
+              + '; '.join(f'{k} ({why})' for k, why in c['excluded'].items()) + '.'
+              for e in entries for b, c in [('', e)] + list(e['speedup_by_batch'].items()) if c.get('excluded')]
+    return [''] + lines if lines else []
 
 
 def _scoring_table(results: Dict) -> List[str]:

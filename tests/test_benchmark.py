@@ -458,6 +458,11 @@ def test_a_row_that_fails_its_logit_check_takes_no_part_in_the_speed_verdicts():
                                  'timm-compiled': 'top-1 differs on 100.0% of the clear-margin images'}
     # the checks are per section: at batch 1 (no check failed there) every row takes part
     assert first['speedup_by_batch']['1']['pruned_modes'] == ['ours', 'boolean', 'ours-compiled']
+    lines = report._summary_table(results)
+    assert ('Left out of the comparison for C&C-Ti-25: boolean (logits off: max |difference| 5.00e-01 > tolerance '
+            '1.00e-03); timm-compiled (top-1 differs on 100.0% of the clear-margin images).') in lines
+    assert 'Dense modes compared: timm (C&C-Ti-25 main batch; C&C-Ti-40 main batch).' in lines
+    assert 'Dense modes compared: timm, timm-compiled (C&C-Ti-25 batch 1; C&C-Ti-40 batch 1).' in lines
 
 
 def _planned(results, models, rates, batches):
