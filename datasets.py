@@ -97,7 +97,7 @@ def check_training_transform(args) -> None:
         except KeyError:
             raise UserError(f'--train-interpolation {args.train_interpolation}: not an interpolation timm knows '
                             f'(bicubic, bilinear, nearest, ..., or random)') from None
-    if args.remode not in ('pixel', 'rand', 'const'):
+    if args.reprob > 0 and args.remode not in ('pixel', 'rand', 'const'):  # (no erasing: no fill to check)
         raise UserError(f'--remode {args.remode}: random erasing fills with pixel, rand or const')
     if args.aa in (None, '', 'none'):
         return

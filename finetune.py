@@ -239,7 +239,9 @@ OPTIMIZATION = ('opt', 'opt_eps', 'opt_betas', 'momentum', 'weight_decay', 'clip
 MIXING = ('mixup', 'cutmix', 'cutmix_minmax', 'mixup_prob', 'mixup_switch_prob', 'mixup_mode')
 ERASING = ('aa', 'reprob', 'remode', 'recount')  # auto-augment and random erasing: the recipe's, not scoring's
 TRAIN_TRANSFORM = ('color_jitter', 'train_interpolation') + ERASING
-NOT_READ_BY_COSINE = ('decay_epochs', 'decay_rate', 'patience_epochs')  # timm's cosine and tanh schedules
+# The schedules of timm 1.0.31's create_scheduler that read each of these flags (the others ignore it).
+SCHEDULES_READING = {'decay_epochs': ('step', 'wsd', 'rsqrt'), 'decay_rate': ('step', 'multistep', 'plateau', 'poly'),
+                     'patience_epochs': ('plateau',), 'min_lr': ('cosine', 'tanh', 'plateau', 'poly', 'wsd', 'rsqrt')}
 SPEED = ('speed_protocol', 'speed_repeats', 'speed_warmup', 'speed_dtype')
 UNUSED_RULES = (
     (lambda a: not a.prune, ('prune_mode',), 'only --prune makes masks'),
@@ -252,15 +254,18 @@ UNUSED_RULES = (
     (lambda a: a.prune, OPTIMIZATION + MIXING + ERASING + ('drop', 'drop_path'),
      'Taylor scoring trains nothing, and reads the training images without auto-augment, random erasing, mixup '
      'or cutmix through the model in eval mode'),
-    (lambda a: a.speed_only, ('data_path', 'inat_category', 'num_workers', 'pin_mem', 'eval_crop_ratio',
-                              'dist_eval', 'amp', 'output_dir'),
-     '--speed-only times random images in --speed-dtype and writes nothing'),
+    (lambda a: a.speed_only, ('data_path', 'data_set', 'inat_category', 'num_workers', 'pin_mem', 'eval_crop_ratio',
+                              'dist_eval', 'amp', 'print_freq', 'output_dir'),
+     '--speed-only times random images in --speed-dtype, prints no progress and writes nothing'),
     (lambda a: a.eval, ('output_dir',), '--eval writes nothing'),
     (lambda a: not a.speed_only, SPEED, 'only --speed-only times the model'),
-    (lambda a: a.data_set == 'DIGITS', TRAIN_TRANSFORM + ('eval_crop_ratio', 'inat_category'),
+    (lambda a: a.data_set == 'DIGITS', TRAIN_TRANSFORM + ('eval_crop_ratio',),
      '--data-set DIGITS has its own fixed transform'),
-    (lambda a: not modes_of(a) and a.sched in ('cosine', 'tanh'), NOT_READ_BY_COSINE,
-     "timm's {sched} schedule does not read it"),
+    (lambda a: a.data_set not in ('INAT', 'INAT19'), ('inat_category',), 'only iNaturalist has categories'),
+    (lambda a: a.reprob == 0, ('remode', 'recount'), '--reprob 0 erases nothing'),
+    (lambda a: a.lr_noise is None, ('lr_noise_pct', 'lr_noise_std'), 'no --lr-noise is given'),
+    *((lambda a, d=d: not modes_of(a) and a.sched not in SCHEDULES_READING[d], (d,),
+       "not read by timm's {sched} schedule") for d in SCHEDULES_READING),
     (lambda a: not modes_of(a), ('cooldown_epochs',),
      'the run ends after --final_finetune epochs, where the cool-down would start'),
 )
@@ -290,8 +295,9 @@ def unused_flag_notes(args, parser: argparse.ArgumentParser, said: Set[str] = fr
             f'{"has" if len(dests) == 1 else "have"} no effect: {why}' for why, dests in by_reason.items()]
 
 
-def validate_args(args) -> None:
-    """Refuse inconsistent requests before any work starts (every numeric flag included)."""
+def validate_args(args, void: Set[str] = frozenset()) -> None:
+    """Refuse inconsistent requests before any work starts (every numeric flag included); ``void``: flags given
+    that the run being continued makes void (:func:`continue_run`), so not judged here."""
     modes = modes_of(args)
     if len(modes) > 1:
         raise UserError('choose one of --eval, --speed-only and --prune')
@@ -336,7 +342,7 @@ def validate_args(args) -> None:
         if args.input_size % ph or args.input_size % pw:
             raise UserError(f'--input-size {args.input_size} is not a whole number of {ph}x{pw} patches of '
                             f'{args.model} (the patch embedding would drop the rest of the image)')
-    if not modes and 'start_epoch' in given_flags(args) and args.start_epoch >= args.final_finetune:
+    if not modes and 'start_epoch' in given_flags(args) - void and args.start_epoch >= args.final_finetune:
         raise UserError(f'--start_epoch {args.start_epoch} is not before --final_finetune {args.final_finetune}: no '
                         f'epoch would run')
     check_flags_apply(args, parser)
@@ -385,16 +391,24 @@ def continue_run(args) -> Tuple[List[str], Dict[str, object], Set[str]]:
     if not is_training_checkpoint(checkpoint):
         return [], {}, set()
     stored = checkpoint_args(checkpoint)
+    parser = get_args_parser()
+    given = given_flags(args)
+    lines, inherited, no_effect = [], {}, set()
     if 'scaled_lr' not in stored:
         stored.pop('lr', None)  # written when args.lr held the already scaled lr: not a base lr to scale again
+        if 'lr' in given:  # (with the scaled_lr of a newer file, the loop below says so, naming the run's lr)
+            lines.append(f'warning: {spell(parser, "lr", args.lr)} has no effect: the optimizer and learning-rate '
+                         f'schedule restored from {args.resume} continue those of the run')
+            no_effect.add('lr')
+    if 'start_epoch' in given:  # DeiT's rule: a continued run starts after the last epoch its checkpoint holds
+        lines.append(f'warning: {spell(parser, "start_epoch", args.start_epoch)} has no effect: the run continues '
+                     f'after the last epoch {args.resume} holds')
+        no_effect.add('start_epoch')
     uniform = _uniform_in(checkpoint) if 'uniform_lr' not in stored else None
     if uniform is not None:
         stored['uniform_lr'] = uniform
-    parser = get_args_parser()
     actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest != 'help'}
-    given = given_flags(args)
     same = {'model': models.base_name, 'teacher_model': lambda n: n and models.base_name(n)}
-    lines, inherited, no_effect = [], {}, set()
     for dest, value in stored.items():
         action = actions.get(dest)
         if action is None or dest in NOT_INHERITED or not fits(action, value):
@@ -703,12 +717,16 @@ def pruned_file_name(prune_mode: str, prune_rate: float) -> str:
     return f'pruned_{prune_rate}.pth' if prune_mode == 'attn' else f'pruned_{prune_mode}_{prune_rate}.pth'
 
 
+def scoring_args(args):
+    """The arguments Taylor scoring reads its images with: the training transform (random-resized crop, flip,
+    colour jitter) but no auto-augment and no random erasing (mixup and cutmix are never applied while scoring),
+    as the original code scored."""
+    return argparse.Namespace(**{**vars(args), 'aa': 'none', 'reprob': 0.0})
+
+
 def scoring_dataset(args):
-    """The images Taylor scores are taken on: the training set with its training transform (random-resized crop,
-    flip, colour jitter) but no auto-augment and no random erasing (mixup and cutmix are never applied while
-    scoring), as the original code scored."""
-    score_args = argparse.Namespace(**{**vars(args), 'aa': 'none', 'reprob': 0.0})
-    return build_data(score_args, train=True)
+    """The images Taylor scores are taken on (:func:`scoring_args`)."""
+    return build_data(scoring_args(args), train=True)
 
 
 def run_prune(args, device: torch.device) -> Dict[str, float]:
@@ -1095,7 +1113,7 @@ def run(args) -> Dict[str, float]:
         args.output_dir = os.path.dirname(args.resume) or '.'
         notes.append(f'No --output_dir: writing beside --resume, in {args.output_dir}')
     try:
-        validate_args(args)
+        validate_args(args, void=no_effect)
     except UserError as e:
         raise _with_origin(e, args, inherited) from None
     args.device = resolve_device(args.device)
@@ -1114,8 +1132,10 @@ def run(args) -> Dict[str, float]:
     cfg = models.pretrained_cfg(args.model)
     args.input_size = args.input_size or cfg.input_size[-1]
     args.mean, args.std = tuple(cfg.mean), tuple(cfg.std)
-    if not (args.eval or args.speed_only) and args.data_set != 'DIGITS':  # finetuning and --prune's scoring
+    if args.data_set != 'DIGITS' and not modes_of(args):  # the training transform's strings, before any work
         check_training_transform(args)
+    elif args.data_set != 'DIGITS' and args.prune and args.prune_mode == 'attn':  # the transform scoring reads
+        check_training_transform(scoring_args(args))
     if args.speed_only:
         return run_speed(args, device)
     if args.eval:

@@ -183,14 +183,15 @@ for e in r['summary']:
 for t in r['targets']:
     if 'logit' in t['target'] or 'top-1' in t['target']:
         met = {True: 'yes', False: 'NO', None: 'NOT MEASURED (' + str(t.get('missing')) + ')'}[t['met']]
-        print(f"{t['target']}: {f(t['value'])} vs {t['threshold']} -> {met}")
+        print(f"{t['target']}: {'-' if t['value'] is None else format(t['value'], '.3f')} vs {t['threshold']} "
+              f"-> {met}")
 for run in r.get('earlier_runs', []):
     if run.get('code_changed_since'):
         print(f"note: the sections kept from the earlier run were measured before these files changed: "
               f"{', '.join(run['code_changed_since'])}")
 if r.get('not_measured'):
-    print(f"INCOMPLETE: {len(r['not_measured'])} targets not measured (see above); with lease time left: "
-          f"bash benchmarks/gpu_check.sh resume")
+    print(f"INCOMPLETE: {len(r['not_measured'])} targets not measured (see above); with lease time left, copy "
+          f"cuda.json (and cuda.md) into benchmarks/results/, then: bash benchmarks/gpu_check.sh resume")
 EOF
     # the README's speed table with this run's GPU columns (once cuda.json is in benchmarks/results/,
     # `python -m benchmarks.report --write-readme` puts it into the README)

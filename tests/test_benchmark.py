@@ -448,6 +448,9 @@ def test_a_row_that_fails_its_logit_check_takes_no_part_in_the_speed_verdicts():
         # within a (large) tolerance, but both clear winners lose
         'timm_compiled': F.logit_check(ref + torch.tensor([[-1.6, 1.6], [1.6, -1.6]]), ref, 0.8),
         'compiled_25': F.logit_check(ref, ref, 0.0), 'timm': F.logit_check(ref + 5.0, ref, 0.0)}  # timm: reference
+    # at batch 1 timm compiled was compiled again and checked again (it passed there); boolean, an eager row, was
+    # reused as it was, so its main check stands
+    results['models']['tiny']['summary_sweep']['batches'][0]['checks'] = {'timm_compiled': F.logit_check(ref, ref, 0.0)}
     report.attach_summary(results, 'cuda')
     first = results['summary'][0]
     assert (first['best_pruned_mode'], first['best_dense_mode']) == ('ours-compiled', 'timm')
@@ -456,13 +459,16 @@ def test_a_row_that_fails_its_logit_check_takes_no_part_in_the_speed_verdicts():
     assert first['dense_modes'] == ['timm'] and first['pruned_modes'] == ['ours', 'ours-compiled']
     assert first['excluded'] == {'boolean': 'logits off: max |difference| 5.00e-01 > tolerance 1.00e-03',
                                  'timm-compiled': 'top-1 differs on 100.0% of the clear-margin images'}
-    # the checks are per section: at batch 1 (no check failed there) every row takes part
-    assert first['speedup_by_batch']['1']['pruned_modes'] == ['ours', 'boolean', 'ours-compiled']
+    at1 = first['speedup_by_batch']['1']
+    assert at1['pruned_modes'] == ['ours', 'ours-compiled'] and at1['dense_modes'] == ['timm', 'timm-compiled']
+    assert set(at1['excluded']) == {'boolean'}
     lines = report._summary_table(results)
     assert ('Left out of the comparison for C&C-Ti-25: boolean (logits off: max |difference| 5.00e-01 > tolerance '
             '1.00e-03); timm-compiled (top-1 differs on 100.0% of the clear-margin images).') in lines
     assert 'Dense modes compared: timm (C&C-Ti-25 main batch; C&C-Ti-40 main batch).' in lines
     assert 'Dense modes compared: timm, timm-compiled (C&C-Ti-25 batch 1; C&C-Ti-40 batch 1).' in lines
+    assert ('Left out of the comparison for C&C-Ti-25 at batch 1: boolean (logits off: max |difference| 5.00e-01 > '
+            'tolerance 1.00e-03).') in lines
 
 
 def _planned(results, models, rates, batches):
@@ -518,7 +524,16 @@ def test_logit_checks_refuse_an_infinite_tolerance_and_do_not_judge_top1_on_too_
     assert (c['clear_images'], c['top1_ok']) == (1, None)  # one of three: not judged
     within, top1 = report.check_targets('M batch 3', {'x': c}, {}, {'x': 'fast-x'})
     assert within['met'] is True and top1['met'] is None
-    assert report.verdict(top1) == 'not measured (only 1 of 3 images have a clear margin)'
+    assert report.verdict(top1) == 'not measured (x: only 1 of 3 images have a clear margin)'
+    # one row judged and passing, another not judged: the section's top-1 target is not passed
+    both = {'x': c, 'y': F.logit_check(ref, ref, baseline=0.0)}
+    _, top1 = report.check_targets('M batch 3', both, {'x': 'X (fast x)'}, {'x': 'fast-x', 'y': 'fast-y'})
+    assert report.verdict(top1) == 'not measured (X (fast x): only 1 of 3 images have a clear margin)'
+    # an infinite tolerance: the row fails its section's target and is kept out of the speed verdicts, saying why
+    inf = F.logit_check(ref + 1e-2, ref, baseline=float('inf'))
+    within, _ = report.check_targets('M batch 4', {'z': inf}, {}, {'z': 'fast-z'})
+    assert within['met'] is False and within['value'] == float('inf')
+    assert report.check_failure(inf) == "no finite tolerance: the eager model's own error at this precision is not finite"
 
 
 def test_readme_speed_table_sets_a_gpu_run_beside_the_cpu_run(tmp_path, capsys):

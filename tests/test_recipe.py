@@ -14,6 +14,7 @@ import types
 import pytest
 import torch
 
+import datasets
 import engine
 import finetune
 import models
@@ -373,15 +374,15 @@ def test_the_papers_commands_run_as_printed(tmp_path):
     out = run(commands['speed'] + ' --batch-size 2 --speed-repeats 1 --speed-warmup 0')
     assert re.search(r'^Speed-up of the pruned model: \d+\.\d\dx', out, re.M)
     # the command passes --data-path, which a speed run does not read: said, not refused
-    assert ('note: --data-path imagenet has no effect: --speed-only times random images in --speed-dtype and writes '
-            'nothing') in out.splitlines()
+    assert ('note: --data-path imagenet has no effect: --speed-only times random images in --speed-dtype, prints no '
+            'progress and writes nothing') in out.splitlines()
 
     out = run(commands['finetune'] + small + ' --final_finetune 1',
               '-m', 'torch.distributed.launch', f'--master_port={free_port()}', '--nproc_per_node=2', '--use_env')
     assert 'Teacher cc_deit_tiny_patch16_224 from deit_tiny_patch16_224-a1311bcf.pth (dense)' in out
     notes = [line for line in out.splitlines() if line.startswith('note:')]
     assert notes == ['note: --prune_mode attn has no effect: only --prune makes masks',
-                     "note: --decay-epochs 6.0 has no effect: timm's cosine schedule does not read it"]
+                     "note: --decay-epochs 6.0 has no effect: not read by timm's cosine schedule"]
     assert f'(lr {1e-4 * 2 * 2 / 512:.2e} for batch 2 x 2 processes)' in out
     ckpt = torch.load(tmp_path / 'output' / 'checkpoint.pth')
     assert {k: ckpt['args'][k] for k in ('weight_decay', 'distillation_type', 'distillation_alpha',
@@ -465,6 +466,31 @@ def test_a_value_given_on_resume_wins_and_each_difference_is_one_line(capsys, wo
     assert final['args']['distillation_alpha'] == 0.3 and final['args']['model_ema'] is False
     assert final['args']['weight_decay'] == 0.05 and final['args']['lr'] == 0.01
     assert final['args']['distillation_type'] == 'soft'  # not given: the run's own
+
+
+def test_a_continued_run_says_that_start_epoch_and_an_older_files_lr_are_void(capsys, world, distilled, tmp_path):
+    """A continued run starts after the last epoch its checkpoint holds (DeiT's rule), so --start_epoch is void:
+    said in a warning, and not judged against --final_finetune (5 >= 2 refuses a new run).  A checkpoint written
+    before runs recorded their scaled lr restores its own schedule too, so a given --lr is void, also said."""
+    for name in ('a', 'b'):
+        shutil.copytree(distilled['out'], tmp_path / name)
+    ckpt = tmp_path / 'a' / 'checkpoint.pth'
+    code, stdout, err = cli(capsys, '--resume', ckpt, '--final_finetune', 2, '--start_epoch', 5)
+    assert code == 0, err
+    lines = stdout.splitlines()
+    assert f'warning: --start_epoch 5 has no effect: the run continues after the last epoch {ckpt} holds' in lines
+    assert any(line.startswith(f'Resumed from {ckpt}: continuing at epoch 1') for line in lines)
+    assert not [line for line in lines if line.startswith('note:') and 'start_epoch' in line]
+    old = tmp_path / 'b' / 'checkpoint.pth'
+    state = torch.load(old, weights_only=False)
+    del state['args']['scaled_lr']  # as written before runs recorded it
+    torch.save(state, old)
+    code, stdout, err = cli(capsys, '--resume', old, '--final_finetune', 2, '--lr', 0.5)
+    assert code == 0, err
+    assert (f'warning: --lr 0.5 has no effect: the optimizer and learning-rate schedule restored from {old} continue '
+            f'those of the run') in stdout.splitlines()
+    assert torch.load(old, weights_only=False)['optimizer']['param_groups'][0]['initial_lr'] == \
+        state['optimizer']['param_groups'][0]['initial_lr']
 
 
 def test_a_teacher_that_is_gone_is_one_line(capsys, world, distilled, tmp_path):
@@ -682,58 +708,124 @@ class RecordedReads(ParsedArgs):
 
 
 # Read while the run works, yet without effect there: the model is built with its dropout rates and then runs in
-# eval mode (Taylor scoring and evaluation alike); timm's cosine schedule is built from every schedule flag and
-# ignores three of them, and the cool-down only lengthens an epoch count finetuning does not use
-# (test_the_schedules_ignore_the_flags_they_are_said_to).
+# eval mode (Taylor scoring, evaluation and timing alike); timm's create_scheduler reads every schedule flag and
+# each schedule ignores those SCHEDULES_READING does not give it, and the cool-down only lengthens an epoch count
+# finetuning does not use (test_the_schedules_ignore_the_flags_they_are_said_to).
 # Taylor scoring reads the erasing flags from a copy of the arguments that turns them off (--aa none, --reprob 0,
 # so --remode and --recount erase nothing; test_scoring_sees_the_training_transform_without_auto_augment_or_erasing).
-READ_WITHOUT_EFFECT = {'drop', 'drop_path', 'cooldown_epochs'} | set(finetune.NOT_READ_BY_COSINE)
+# Likewise timm reads the noise flags without --lr-noise (the schedules test), and the erasing mode and count
+# without erasing (test_without_random_erasing_its_mode_and_count_change_nothing).
+READ_WITHOUT_EFFECT = ({'drop', 'drop_path', 'cooldown_epochs', 'lr_noise_pct', 'lr_noise_std', 'remode', 'recount'}
+                       | set(finetune.SCHEDULES_READING))
 READ_OFF_BY_SCORING = set(finetune.ERASING)
 
 RUNS = {
     'eval': ['--eval', '--data-set', 'IMNET'],
     'eval-digits': ['--eval', '--data-set', 'DIGITS'],
+    'eval-fast-path': ['--eval', '--data-set', 'IMNET', '--fast-path', 'torch'],
     'speed': ['--speed-only', '--data-set', 'IMNET', '--speed-repeats', '1', '--speed-warmup', '0'],
     'speed-digits': ['--speed-only', '--data-set', 'DIGITS', '--speed-repeats', '1', '--speed-warmup', '0'],
-    'prune': ['--prune', '--data-set', 'IMNET', '--prune-batches', '1'],
+    'speed-fast-path': ['--speed-only', '--speed-repeats', '1', '--speed-warmup', '0', '--fast-path', 'torch'],
+    'speed-original': ['--speed-only', '--speed-protocol', 'original', '--speed-repeats', '1'],
+    'prune': ['--prune', '--data-set', 'IMNET', '--prune-batches', '1', '--reprob', '0.5'],
     'prune-digits': ['--prune', '--data-set', 'DIGITS', '--prune-batches', '1'],
     'prune-random': ['--prune', '--prune_mode', 'random', '--data-set', 'IMNET'],
     'finetune': ['--data-set', 'IMNET', '--final_finetune', '1'],
     'finetune-digits': ['--data-set', 'DIGITS', '--final_finetune', '1'],
+    'finetune-step': ['--data-set', 'IMNET', '--final_finetune', '1', '--sched', 'step'],
 }
 
 
 @pytest.mark.parametrize('run', list(RUNS))
 def test_flags_said_to_have_no_effect_are_not_read_by_the_run(capsys, monkeypatch, world, tmp_path, run):
+    """From the first check of the training transform (run() validates the strings a run will read) to the end
+    of the work, no flag the run says has no effect is read, apart from READ_WITHOUT_EFFECT (and, for Taylor
+    scoring, the erasing flags its copy of the arguments turns off)."""
     argv = [*RUNS[run], '--resume', world['dense']]
     if '--speed-only' not in argv and 'IMNET' in argv:
         argv += ['--data-path', world['data']]
     if '--eval' not in argv and '--speed-only' not in argv:
         argv += ['--output_dir', tmp_path / 'out']
     seen = {}
+    RecordedReads.reads = set()
 
     def recorded(work):
-        def wrapper(args, device):
-            seen['unused'] = finetune.unused_flags(args)
-            RecordedReads.reads = set()
-            args.__class__ = RecordedReads
-            monkeypatch.setattr(argparse, 'Namespace', RecordedReads)  # scoring_dataset's copy of the args
-            try:
-                return work(args, device)
-            finally:
-                monkeypatch.undo()
-                seen['reads'] = set(RecordedReads.reads)
+        def wrapper(args, *rest):
+            seen.setdefault('unused', finetune.unused_flags(args))
+            if isinstance(args, ParsedArgs):
+                args.__class__ = RecordedReads
+            else:  # a copy made before the recording began (Taylor scoring's arguments)
+                args = RecordedReads(**vars(args))
+            monkeypatch.setattr(argparse, 'Namespace', RecordedReads)  # scoring's copy of the args records too
+            return work(args, *rest)
         return wrapper
 
-    for name in ('run_eval', 'run_speed', 'run_prune', 'run_finetune'):
+    for name in ('check_training_transform', 'run_eval', 'run_speed', 'run_prune', 'run_finetune'):
         monkeypatch.setattr(finetune, name, recorded(getattr(finetune, name)))
     code, out, err = cli(capsys, *argv)
+    reads = set(RecordedReads.reads)
+    monkeypatch.undo()
     assert code == 0, err
     assert seen['unused'], 'every run leaves some flag unused'
-    assert len(seen['reads']) > 10  # the recording works: the run reads its own flags
-    read_anyway = (set(seen['unused']) & seen['reads']) - READ_WITHOUT_EFFECT - (
+    assert len(reads) > 5  # the recording works: the run reads its own flags
+    read_anyway = (set(seen['unused']) & reads) - READ_WITHOUT_EFFECT - (
         READ_OFF_BY_SCORING if run == 'prune' else set())
     assert not read_anyway, f'said to have no effect, but read by {run}: {sorted(read_anyway)}'
+
+
+TAYLOR = ('Taylor scoring trains nothing, and reads the training images without auto-augment, random erasing, mixup '
+          'or cutmix through the model in eval mode')
+NOTED = {  # the run's flags beyond DIGITS_ARGS (--mixup 0 --cutmix 0 --aa none --reprob 0 --print-freq 100 ...)
+    'prune': (['--prune', '--prune-batches', '1', '--lr', '0.1', '--smoothing', '0.2', '--drop-path', '0'],
+              [f'note: --lr 0.1, --mixup 0.0, --cutmix 0.0, --aa none, --reprob 0.0, --drop-path 0.0 have no effect: '
+               f'{TAYLOR}']),
+    'prune-random': (['--prune', '--prune_mode', 'random', '--smoothing', '0.2'],
+                     ['note: --mixup 0.0, --cutmix 0.0, --aa none, --reprob 0.0, --smoothing 0.2 have no effect: '
+                      '--prune_mode random trains nothing and reads no training image']),
+    'finetune-digits': (['--data-set', 'DIGITS', '--final_finetune', '1', '--cooldown-epochs', '5', '--color-jitter',
+                         '0.3', '--inat-category', 'kingdom', '--lr-noise-pct', '0.5', '--min-lr', '1e-5'],
+                        ['note: --color-jitter 0.3, --aa none, --reprob 0.0 have no effect: --data-set DIGITS has its '
+                         'own fixed transform',
+                         'note: --inat-category kingdom has no effect: only iNaturalist has categories',
+                         'note: --lr-noise-pct 0.5 has no effect: no --lr-noise is given',
+                         'note: --cooldown-epochs 5 has no effect: the run ends after --final_finetune epochs, where '
+                         'the cool-down would start']),
+    'finetune-step': (['--final_finetune', '1', '--sched', 'step', '--min-lr', '1e-5', '--decay-epochs', '1',
+                       '--patience-epochs', '3', '--remode', 'const'],
+                      ['note: --remode const has no effect: --reprob 0 erases nothing',
+                       "note: --patience-epochs 3, --min-lr 1e-05 have no effect: not read by timm's step schedule"]),
+    'speed': (['--speed-only', '--data-set', 'IMNET', '--speed-repeats', '1', '--speed-warmup', '0'],
+              ['note: --mixup 0.0, --cutmix 0.0, --aa none, --reprob 0.0 have no effect: --speed-only trains nothing',
+               'note: --data-set IMNET, --num_workers 0, --print-freq 100 have no effect: --speed-only times random '
+               'images in --speed-dtype, prints no progress and writes nothing']),
+}
+
+
+@pytest.mark.parametrize('run', list(NOTED))
+def test_each_kind_of_run_names_the_flags_it_does_not_use(capsys, world, tmp_path, run):
+    argv, notes = NOTED[run]
+    argv = [*argv, '--resume', world['dense']]
+    if '--speed-only' not in argv and 'DIGITS' not in argv:
+        argv += ['--data-path', world['data']]
+    if '--speed-only' not in argv:
+        argv += ['--output_dir', tmp_path / 'out']
+    code, out, err = cli(capsys, *argv)
+    assert code == 0, err
+    assert [line for line in out.splitlines() if line.startswith('note:')] == notes
+
+
+def test_a_transform_string_a_run_does_not_use_is_noted_not_refused(capsys, world, tmp_path):
+    """Scoring turns auto-augment and erasing off, and random masks read no training image: their strings are not
+    checked there (they were refused before a note called them unused); finetuning still refuses them."""
+    for argv in (['--prune', '--prune-batches', '1', '--aa', 'bogus-x1', '--reprob', '0.5', '--remode', 'bogus'],
+                 ['--prune', '--prune_mode', 'random', '--train-interpolation', 'foo']):
+        code, out, err = cli(capsys, *argv, '--resume', world['dense'], '--data-path', world['data'],
+                             '--output_dir', tmp_path / argv[-1])
+        assert code == 0, err
+        assert any(argv[-1] in line for line in out.splitlines() if line.startswith('note:'))
+    code, out, err = cli(capsys, '--aa', 'bogus-x1', '--resume', world['dense'], '--data-path', world['data'],
+                         '--output_dir', tmp_path / 'ft', '--final_finetune', 1)
+    assert code == 2 and err.startswith('error: --aa bogus-x1: timm cannot read this augmentation policy')
 
 
 def test_unused_flags_given_are_noted_one_line_per_reason(capsys, world, tmp_path):
@@ -755,30 +847,57 @@ def test_unused_flags_given_are_noted_one_line_per_reason(capsys, world, tmp_pat
     assert 'crop' not in ''.join(line for line in out.splitlines() if line.startswith('note:'))
 
 
-def test_the_schedules_ignore_the_flags_they_are_said_to():
-    """Independent of the note: timm's cosine and tanh schedules, built the way finetune.py builds them, give the
-    same learning rate at every epoch whatever --decay-epochs, --decay-rate and --patience-epochs say (and the
-    step schedule, which reads them, does not)."""
+SCHEDULES = ('cosine', 'tanh', 'step', 'constant', 'multistep', 'poly', 'plateau', 'wsd', 'rsqrt')
+OTHER_VALUES = {'decay_epochs': 3, 'decay_rate': 0.5, 'patience_epochs': 1, 'min_lr': 1e-3}
+
+
+def schedule_lrs(sched, **values):
+    """The learning rate of every epoch of --final_finetune 30 (two of warm-up) as finetune.py's schedule steps it."""
     from timm.scheduler import create_scheduler
+    args = finetune.get_args_parser().parse_args(['--sched', sched, '--warmup-epochs', '2'])
+    for k, v in values.items():
+        setattr(args, k, v)
+    args.epochs = args.final_finetune
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
+    scheduler, _ = create_scheduler(args, optimizer)
+    out = []
+    for epoch in range(args.final_finetune):
+        scheduler.step(epoch)
+        out.append(optimizer.param_groups[0]['lr'])
+    return out
 
-    def lrs(sched, **values):
-        args = finetune.get_args_parser().parse_args(['--sched', sched, '--warmup-epochs', '2'])
-        for k, v in values.items():
-            setattr(args, k, v)
-        args.epochs = args.final_finetune
-        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
-        scheduler, _ = create_scheduler(args, optimizer)
-        out = []
-        for epoch in range(args.final_finetune):
-            scheduler.step(epoch)
-            out.append(optimizer.param_groups[0]['lr'])
-        return out
 
-    other = {'decay_epochs': 3, 'decay_rate': 0.5, 'patience_epochs': 1}
-    for sched in ('cosine', 'tanh'):
-        assert lrs(sched) == lrs(sched, **other), sched
-    assert lrs('step') != lrs('step', **other)
-    # the cool-down only lengthens the epoch count timm returns, which finetuning does not use (it runs
-    # --final_finetune epochs): no schedule changes within them
-    for sched in ('cosine', 'tanh', 'step'):
-        assert lrs(sched, cooldown_epochs=0) == lrs(sched, cooldown_epochs=30), sched
+@pytest.mark.filterwarnings('ignore::FutureWarning')  # timm deprecates the plateau schedule
+def test_the_schedules_ignore_the_flags_they_are_said_to():
+    """Independent of the notes: each of timm's schedules, built and stepped as finetune.py does, gives the same
+    learning rate at every epoch whatever value the flags SCHEDULES_READING does not give it say; a schedule that
+    reads one does change (where a run without a metric can show it); the noise flags change nothing without
+    --lr-noise, and the cool-down nothing within --final_finetune epochs."""
+    for sched in SCHEDULES:
+        base = schedule_lrs(sched)
+        for flag, value in OTHER_VALUES.items():
+            if sched not in finetune.SCHEDULES_READING[flag]:
+                assert schedule_lrs(sched, **{flag: value}) == base, (sched, flag)
+        assert schedule_lrs(sched, lr_noise_pct=0.1, lr_noise_std=5.0) == base, sched
+        assert schedule_lrs(sched, cooldown_epochs=0) == schedule_lrs(sched, cooldown_epochs=30), sched
+    for sched, flag in (('step', 'decay_epochs'), ('step', 'decay_rate'), ('cosine', 'min_lr')):
+        assert schedule_lrs(sched, **{flag: OTHER_VALUES[flag]}) != schedule_lrs(sched), (sched, flag)
+    noisy = schedule_lrs('cosine', lr_noise=[0.5])
+    assert schedule_lrs('cosine', lr_noise=[0.5], lr_noise_std=5.0) != noisy
+
+
+def test_without_random_erasing_its_mode_and_count_change_nothing():
+    """--reprob 0: the training transform has no random erasing, so --remode and --recount (said to have no effect
+    then) cannot change it; with --reprob above 0 they are the erasing's."""
+    from timm.data.random_erasing import RandomErasing
+
+    def transform(**values):
+        args = finetune.get_args_parser().parse_args([])
+        args.__dict__.update(input_size=224, mean=(0.5,) * 3, std=(0.5,) * 3, **values)
+        return datasets.build_transform(True, args)
+
+    plain = transform(reprob=0.0)
+    assert not any(isinstance(t, RandomErasing) for t in plain.transforms)
+    assert repr(transform(reprob=0.0, remode='const', recount=3)) == repr(plain)
+    erasing = [t for t in transform(reprob=0.5, remode='const', recount=3).transforms if isinstance(t, RandomErasing)]
+    assert [(e.mode, e.max_count) for e in erasing] == [('const', 3)]
