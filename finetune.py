@@ -33,7 +33,8 @@ from engine import NonFiniteLossError, evaluate, measure_throughput, steady_allo
 from losses import DistillationLoss
 from samplers import DistributedEvalSampler, RASampler
 from utils import (UserError, TensorBoard, all_agree, check_output_dir, checkpoint_args, init_distributed_mode,
-                   is_main_process, load_checkpoint_file, one_line, print_line, rank0_print, remove_stale_temporaries, save_atomic, write_text_atomic)
+                   is_main_process, load_checkpoint_file, one_line, print_line, rank0_print, remove_stale_temporaries,
+                   save_atomic, several_processes, write_text_atomic)
 from utils import seeding
 from utils.cli import (AT_LEAST_ONE, EXIT_USER_ERROR, FRACTION, NON_NEGATIVE, POSITIVE, UNIT, OneLineParser, Range,
                        check_numbers, fits, flag_name, spell)
@@ -264,6 +265,7 @@ UNUSED_RULES = (
     (lambda a: a.data_set not in ('INAT', 'INAT19'), ('inat_category',), 'only iNaturalist has categories'),
     (lambda a: a.reprob == 0, ('remode', 'recount'), '--reprob 0 erases nothing'),
     (lambda a: a.lr_noise is None, ('lr_noise_pct', 'lr_noise_std'), 'no --lr-noise is given'),
+    (lambda a: not several_processes(), ('dist_eval',), 'a single process evaluates every image'),
     *((lambda a, d=d: not modes_of(a) and a.sched not in SCHEDULES_READING[d], (d,),
        "not read by timm's {sched} schedule") for d in SCHEDULES_READING),
     (lambda a: not modes_of(a), ('cooldown_epochs',),

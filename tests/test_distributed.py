@@ -161,9 +161,12 @@ def test_finetune_with_two_processes_scales_the_lr_and_only_rank_0_writes(world,
     # --dist-eval: each process evaluated half of the 16 images; the sums give the single-process figures
     assert 'Accuracy of the network on the 16 test images' in stdout
     code = finetune.main([*DIGITS_ARGS, '--eval', '--resume', str(out / 'checkpoint.pth'),
-                          '--data-path', world['data']])
+                          '--data-path', world['data'], '--dist-eval'])
     single = capsys.readouterr().out
     assert code == 0
+    # --dist-eval splits the evaluation of several processes; in a single process it is said to have no effect
+    assert 'note: --dist-eval has no effect: a single process evaluates every image' in single.splitlines()
+    assert 'no effect: a single process' not in stdout
     acc1, acc5, loss = map(float, re.search(r'\* Acc@1 (\S+) Acc@5 (\S+) loss (\S+)', single).groups())
     assert records[-1]['test_acc1'] == pytest.approx(acc1, abs=1e-9)
     assert records[-1]['test_acc5'] == pytest.approx(acc5, abs=1e-9)

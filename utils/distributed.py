@@ -6,12 +6,17 @@ import torch
 import torch.distributed as dist
 
 
+def several_processes() -> bool:
+    """Whether the launcher (``torch.distributed.launch --use_env``, ``torchrun``) started more than one process."""
+    return 'RANK' in os.environ and 'WORLD_SIZE' in os.environ and int(os.environ['WORLD_SIZE']) > 1
+
+
 def init_distributed_mode(args) -> None:
     """Join the process group set up by ``torch.distributed.launch --use_env`` or ``torchrun``.
 
     NCCL on CUDA, gloo otherwise. Sets ``args.distributed``, ``args.rank``, ``args.world_size``, ``args.gpu``.
     """
-    if 'RANK' in os.environ and 'WORLD_SIZE' in os.environ and int(os.environ['WORLD_SIZE']) > 1:
+    if several_processes():
         args.rank = int(os.environ['RANK'])
         args.world_size = int(os.environ['WORLD_SIZE'])
         args.gpu = int(os.environ.get('LOCAL_RANK', 0))
