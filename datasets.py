@@ -2,7 +2,7 @@
 digits (the mini reproduction). Every missing or unreadable input becomes a one-line :class:`UserError`."""
 import json
 import os
-from typing import Optional, Tuple
+from typing import Collection, Optional, Tuple
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -86,20 +86,21 @@ def build_transform(is_train: bool, args):
     return transforms.Compose(resize + [transforms.ToTensor(), transforms.Normalize(mean, std)])
 
 
-def check_training_transform(args) -> None:
+def check_training_transform(args, unused: Collection[str] = ()) -> None:
     """The training transform's strings (``--aa``, ``--train-interpolation``, ``--remode``) read as timm reads them,
-    before any work: a mistyped one is a one-line error here, not a traceback when the first image loads."""
+    before any work: a mistyped one is a one-line error here, not a traceback when the first image loads.  Those
+    in ``unused`` (destinations the run does not use: finetune.unused_flags) are neither read nor checked."""
     from timm.data import create_transform
     from timm.data.transforms import str_to_interp_mode
-    if args.train_interpolation != 'random':
+    if 'train_interpolation' not in unused and args.train_interpolation != 'random':
         try:
             str_to_interp_mode(args.train_interpolation)
         except KeyError:
             raise UserError(f'--train-interpolation {args.train_interpolation}: not an interpolation timm knows '
                             f'(bicubic, bilinear, nearest, ..., or random)') from None
-    if args.reprob > 0 and args.remode not in ('pixel', 'rand', 'const'):  # (no erasing: no fill to check)
+    if 'remode' not in unused and args.remode not in ('pixel', 'rand', 'const'):
         raise UserError(f'--remode {args.remode}: random erasing fills with pixel, rand or const')
-    if args.aa in (None, '', 'none'):
+    if 'aa' in unused or args.aa in (None, '', 'none'):
         return
     policy, *sections = args.aa.split('-')
     if policy in ('rand', 'augmix'):  # timm skips a section without a number: refuse it instead

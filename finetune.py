@@ -719,16 +719,12 @@ def pruned_file_name(prune_mode: str, prune_rate: float) -> str:
     return f'pruned_{prune_rate}.pth' if prune_mode == 'attn' else f'pruned_{prune_mode}_{prune_rate}.pth'
 
 
-def scoring_args(args):
-    """The arguments Taylor scoring reads its images with: the training transform (random-resized crop, flip,
-    colour jitter) but no auto-augment and no random erasing (mixup and cutmix are never applied while scoring),
-    as the original code scored."""
-    return argparse.Namespace(**{**vars(args), 'aa': 'none', 'reprob': 0.0})
-
-
 def scoring_dataset(args):
-    """The images Taylor scores are taken on (:func:`scoring_args`)."""
-    return build_data(scoring_args(args), train=True)
+    """The images Taylor scores are taken on: the training set with its training transform (random-resized crop,
+    flip, colour jitter) but no auto-augment and no random erasing (mixup and cutmix are never applied while
+    scoring), as the original code scored."""
+    score_args = argparse.Namespace(**{**vars(args), 'aa': 'none', 'reprob': 0.0})
+    return build_data(score_args, train=True)
 
 
 def run_prune(args, device: torch.device) -> Dict[str, float]:
@@ -1134,10 +1130,7 @@ def run(args) -> Dict[str, float]:
     cfg = models.pretrained_cfg(args.model)
     args.input_size = args.input_size or cfg.input_size[-1]
     args.mean, args.std = tuple(cfg.mean), tuple(cfg.std)
-    if args.data_set != 'DIGITS' and not modes_of(args):  # the training transform's strings, before any work
-        check_training_transform(args)
-    elif args.data_set != 'DIGITS' and args.prune and args.prune_mode == 'attn':  # the transform scoring reads
-        check_training_transform(scoring_args(args))
+    check_training_transform(args, unused_flags(args))  # the transform strings this run reads, before any work
     if args.speed_only:
         return run_speed(args, device)
     if args.eval:

@@ -751,11 +751,9 @@ def test_flags_said_to_have_no_effect_are_not_read_by_the_run(capsys, monkeypatc
 
     def recorded(work):
         def wrapper(args, *rest):
-            seen.setdefault('unused', finetune.unused_flags(args))
-            if isinstance(args, ParsedArgs):
-                args.__class__ = RecordedReads
-            else:  # a copy made before the recording began (Taylor scoring's arguments)
-                args = RecordedReads(**vars(args))
+            if 'unused' not in seen:  # (asked before the recording starts: its own reads are not the run's)
+                seen['unused'] = finetune.unused_flags(args)
+            args.__class__ = RecordedReads
             monkeypatch.setattr(argparse, 'Namespace', RecordedReads)  # scoring's copy of the args records too
             return work(args, *rest)
         return wrapper
