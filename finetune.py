@@ -195,6 +195,12 @@ def modes_of(args) -> List[str]:
     return [m for m in ('eval', 'speed_only', 'prune') if getattr(args, m)]
 
 
+def mode_flag(args) -> Optional[str]:
+    """The flag of the requested run ('--eval', '--speed-only', '--prune'), None for finetuning."""
+    modes = modes_of(args)
+    return {'eval': '--eval', 'speed_only': '--speed-only', 'prune': '--prune'}[modes[0]] if modes else None
+
+
 # Flags that only change a finetuning run (given with --eval, --speed-only or --prune they would do nothing), and
 # those of them that only matter with a teacher.  (--prune_mode is not refused outside --prune: the original
 # code's finetuning command passes it; UNUSED_RULES below names it in a note.)
@@ -208,8 +214,7 @@ def check_flags_apply(args, parser: argparse.ArgumentParser) -> None:
     distillation type would be dropped, a prune rate without --prune would prune nothing, and so on."""
     given = given_flags(args)
     named = lambda dests: ', '.join(spell(parser, d, getattr(args, d)) for d in dests)  # noqa: E731
-    modes = modes_of(args)
-    mode = {'eval': '--eval', 'speed_only': '--speed-only', 'prune': '--prune'}[modes[0]] if modes else None
+    mode = mode_flag(args)
     unused = [d for d in FINETUNE_ONLY if d in given] if mode else []
     if unused:
         raise UserError(f'{named(unused)}: only finetuning uses {"this" if len(unused) == 1 else "these"}, and '
@@ -276,7 +281,7 @@ UNUSED_RULES = (
 def unused_flags(args) -> Dict[str, str]:
     """{destination: why it has no effect} for every flag this run would not use (``UNUSED_RULES``; given or not),
     the first rule holding a flag giving its reason."""
-    mode = {'eval': '--eval', 'speed_only': '--speed-only', 'prune': '--prune'}.get(next(iter(modes_of(args)), ''))
+    mode = mode_flag(args)
     unused: Dict[str, str] = {}
     for applies, dests, why in UNUSED_RULES:
         if applies(args):
@@ -1180,7 +1185,7 @@ def _what_is_kept(e: BaseException) -> str:
 
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
-    prefix = f'[rank {os.environ["RANK"]}] ' if int(os.environ.get('WORLD_SIZE', '1')) > 1 else ''
+    prefix = f'[rank {os.environ["RANK"]}] ' if several_processes() else ''
     try:
         with sigterm_unwinds():
             run(args)

@@ -190,16 +190,17 @@ def summary_targets(entry: Dict, device: str, batches: List[int], results: Optio
     was asked for (``batches``); one that could not be measured is there too, unmet, saying why."""
     name = entry['model']
     not_run = entry.get('not_run')
+    no_correct_row = 'no pruned or no dense row passed its logit check'
     threshold = None if entry['flops_ratio'] is None else SUMMARY_FLOPS_SHARE * entry['flops_ratio']
     out = {'vs_best_dense': _target(
         f'{name}: fastest pruned ({entry["best_pruned_mode"] or "–"}) over fastest dense '
         f'({entry["best_dense_mode"] or "–"}) '
         f'>= {SUMMARY_FLOPS_SHARE} x FLOPs ratio ({device})', entry['speedup_vs_best_dense'], threshold, True,
-        entry['speedup_vs_best_dense_ci'], not_run or 'no pruned or no dense row passed its logit check')}
+        entry['speedup_vs_best_dense_ci'], not_run or no_correct_row)}
     for bs in batches:
         b = entry['speedup_by_batch'].get(str(bs))
         if b is not None:
-            why = 'no pruned or no dense row passed its logit check'
+            why = no_correct_row
         else:
             why = not_run or f'batch {bs} ' + _section_state(results or {}, entry.get('section_model'), 'summary', bs)
         out[f'batch{bs}'] = _target(f'{name}: fastest pruned over fastest dense at batch {bs} >= 1.0 ({device})',
