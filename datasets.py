@@ -176,7 +176,14 @@ def image_folder(split: str, transform) -> datasets.ImageFolder:
 
 
 class INatDataset(Dataset):
-    """iNaturalist 2018/2019 from the official json files; classes at the level ``category`` (e.g. 'name')."""
+    """iNaturalist 2018/2019 from the official json files; classes at the level ``category`` (e.g. 'name').
+
+    Labels are those DeiT's loader gives, so that the heads of checkpoints finetuned with it (the original Clip &
+    Concat code among them) line up: a class's label is the order in which its ``category`` value first appears
+    among the annotations of train{year}.json, not its rank in a sorted list.  Images are read at
+    ``root/<file_name>``, the official archives' layout (``train_val2018/<supercategory>/<id>/<file>.jpg``), or,
+    when that does not hold the first image, at the layout DeiT's loader reads, without the supercategory folder
+    (``train_val2018/<id>/<file>.jpg``); neither is a one-line error here, before any work."""
 
     def __init__(self, root: str, train: bool, year: int, category: str, transform=None):
         self.root, self.transform = root, transform
@@ -186,9 +193,10 @@ class INatDataset(Dataset):
         categories = _read_json(cat_path)
         try:
             cat_value = {c['id']: c[category] for c in categories}
-            # Class ids are assigned from the training annotations so train and val agree.
+            # Class ids are assigned from the training annotations, in order of first appearance, so train and val
+            # agree and the labels are DeiT's.
             train_data = data if train else _read_json(os.path.join(root, f'train{year}.json'))
-            values = sorted({cat_value[a['category_id']] for a in train_data['annotations']})
+            values = list(dict.fromkeys(cat_value[a['category_id']] for a in train_data['annotations']))
             index = {v: i for i, v in enumerate(values)}
             unseen = sorted({str(cat_value[a['category_id']]) for a in data['annotations']} - set(map(str, values)))
             if unseen:
@@ -196,12 +204,13 @@ class INatDataset(Dataset):
                 raise UserError(f'{ann_path} has classes ({category}) that train{year}.json does not: {shown}; '
                                 f'labels are taken from the training annotations')
             by_image = {a['image_id']: a['category_id'] for a in data['annotations']}
-            self.samples = [(os.path.join(root, img['file_name']), index[cat_value[by_image[img['id']]]])
-                            for img in data['images']]
+            files = [(img['file_name'], index[cat_value[by_image[img['id']]]]) for img in data['images']]
         except (KeyError, TypeError) as e:
             raise UserError(f'unexpected iNaturalist annotation format in {ann_path}: missing {e}') from None
-        if not self.samples:
+        if not files:
             raise UserError(f'no images listed in {ann_path}')
+        without_supercategory = _inat_layout(root, files[0][0], ann_path)
+        self.samples = [(_inat_image_path(root, name, without_supercategory), target) for name, target in files]
         self.nb_classes = len(values)
         self.targets = [t for _, t in self.samples]
 
@@ -212,6 +221,25 @@ class INatDataset(Dataset):
         path, target = self.samples[i]
         img = load_rgb(path)
         return (self.transform(img) if self.transform else img), target
+
+
+def _inat_image_path(root: str, file_name: str, without_supercategory: bool) -> str:
+    """Where an image listed as ``file_name`` (split/supercategory/id/file) is: under ``root`` as listed, or, in
+    the layout DeiT's loader reads, without the supercategory folder."""
+    parts = file_name.split('/')
+    if without_supercategory and len(parts) == 4:
+        parts = parts[:1] + parts[2:]
+    return os.path.join(root, *parts)
+
+
+def _inat_layout(root: str, file_name: str, ann_path: str) -> bool:
+    """Whether the images lie without their supercategory folder (DeiT's layout), judged by the first image."""
+    for without_supercategory in (False, True):
+        if os.path.isfile(_inat_image_path(root, file_name, without_supercategory)):
+            return without_supercategory
+    listed, flat = _inat_image_path(root, file_name, False), _inat_image_path(root, file_name, True)
+    also = f' nor {flat} (the layout without the supercategory folder)' if flat != listed else ''
+    raise UserError(f'the first image {ann_path} lists is not there: no {listed}{also}')
 
 
 def _read_json(path: str):

@@ -5,11 +5,13 @@ import json
 import pytest
 import torch
 import torch.nn as nn
+from PIL import Image
 
 from conftest import make_image_folder
 from datasets import DigitsDataset, build_dataset, build_transform
 from losses import DistillationLoss
 from samplers import DistributedEvalSampler, RASampler
+from utils import UserError
 
 
 class _Fixed(nn.Module):
@@ -107,26 +109,74 @@ def test_image_folder_classes(tmp_path):
     assert n == 2 and len(ds) == 2 and ds[0][0].shape == (3, 224, 224)
 
 
-def test_inaturalist_json_layout(tmp_path):
+def _inaturalist(root, splits, file_name=lambda split, i, category: f'{split}_{i}.jpg', stored=None):
+    """Official-format iNaturalist 2018 json files under ``root`` for ``splits`` ({split: category ids, one image
+    each}), and the images, saved at ``stored(file_name)`` (default: as listed) with their index as the colour."""
     from PIL import Image
-    categories = [{'id': 0, 'name': 'owl', 'kingdom': 'A'}, {'id': 1, 'name': 'cat', 'kingdom': 'A'},
-                  {'id': 2, 'name': 'fern', 'kingdom': 'P'}]
-    (tmp_path / 'categories.json').write_text(json.dumps(categories))
-    for split, cats in (('train', [0, 1, 2, 2]), ('val', [2, 0])):
+    categories = [{'id': 0, 'name': 'owl', 'kingdom': 'A', 'supercategory': 'Aves'},
+                  {'id': 1, 'name': 'cat', 'kingdom': 'A', 'supercategory': 'Mammalia'},
+                  {'id': 2, 'name': 'fern', 'kingdom': 'P', 'supercategory': 'Plantae'}]
+    (root / 'categories.json').write_text(json.dumps(categories))
+    for split, cats in splits.items():
         images, anns = [], []
         for i, c in enumerate(cats):
-            name = f'{split}_{i}.jpg'
-            Image.new('RGB', (20, 20)).save(tmp_path / name)
-            images.append({'id': i, 'file_name': name})
-            anns.append({'image_id': i, 'category_id': c})
-        (tmp_path / f'{split}2018.json').write_text(json.dumps({'images': images, 'annotations': anns}))
-    train, n = build_dataset(True, _args(data_set='INAT', data_path=str(tmp_path)))
-    val, _ = build_dataset(False, _args(data_set='INAT', data_path=str(tmp_path)))
+            name = file_name(split, i, categories[c])
+            path = root / (stored or (lambda n: n))(name)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.new('RGB', (20, 20), (10 * i, 0, 0)).save(path)
+            images.append({'id': 100 + i, 'file_name': name})
+            anns.append({'image_id': 100 + i, 'category_id': c})
+        (root / f'{split}2018.json').write_text(json.dumps({'images': images, 'annotations': anns}))
+
+
+def test_inaturalist_json_layout(tmp_path):
+    # training annotations list owl, cat, fern (sorted: cat, fern, owl)
+    _inaturalist(tmp_path, {'train': [0, 1, 2, 2], 'val': [2, 0]})
+    args = _args(data_set='INAT', data_path=str(tmp_path), input_size=32)
+    train, n = build_dataset(True, args)
+    val, _ = build_dataset(False, args)
     assert n == 3 and len(train) == 4
-    by_name = {'cat': 0, 'fern': 1, 'owl': 2}  # classes sorted by the category's name
-    assert val.targets == [by_name['fern'], by_name['owl']]
+    # DeiT's labels: the order in which the training annotations first name each class
+    deit = {'owl': 0, 'cat': 1, 'fern': 2}
+    assert train.targets == [deit['owl'], deit['cat'], deit['fern'], deit['fern']]
+    assert val.targets == [deit['fern'], deit['owl']]
+    image, label = val[1]
+    assert label == deit['owl'] and image.shape == (3, 32, 32)
+    assert image.equal(build_transform(False, args)(Image.new('RGB', (20, 20), (10, 0, 0))))  # val image 1
     _, kingdoms = build_dataset(True, _args(data_set='INAT', data_path=str(tmp_path), inat_category='kingdom'))
     assert kingdoms == 2
+
+
+def _official_name(split, i, category):
+    return f'train_val2018/{category["supercategory"]}/{category["id"]}/{split}_{i}.jpg'
+
+
+@pytest.mark.parametrize('deit_layout', [False, True])
+def test_inaturalist_images_as_the_archive_or_deit_lays_them_out(tmp_path, deit_layout):
+    """The archive's layout (split/supercategory/id/file) and the one DeiT's loader reads (no supercategory
+    folder) both load, each image with its own label."""
+    without_supercategory = lambda name: '/'.join(name.split('/')[:1] + name.split('/')[2:])  # noqa: E731
+    _inaturalist(tmp_path, {'train': [1, 0], 'val': [0, 1, 0]}, file_name=_official_name,
+                 stored=without_supercategory if deit_layout else None)
+    val, n = build_dataset(False, _args(data_set='INAT', data_path=str(tmp_path), input_size=32))
+    folder = tmp_path / 'train_val2018'
+    expected = ([folder / '0' / 'val_0.jpg', folder / '1' / 'val_1.jpg', folder / '0' / 'val_2.jpg'] if deit_layout
+                else [folder / 'Aves' / '0' / 'val_0.jpg', folder / 'Mammalia' / '1' / 'val_1.jpg',
+                      folder / 'Aves' / '0' / 'val_2.jpg'])
+    assert [path for path, _ in val.samples] == list(map(str, expected))
+    assert n == 2 and val.targets == [1, 0, 1]  # cat first in the training annotations
+    pixels = [float(val[i][0][0, 0, 0]) for i in range(3)]
+    assert pixels[0] < pixels[1] < pixels[2]  # each read from its own file (red 0, 10, 20)
+
+
+def test_inaturalist_images_missing_in_both_layouts_is_one_line(tmp_path):
+    _inaturalist(tmp_path, {'train': [0], 'val': [0]}, file_name=_official_name, stored=lambda name: 'elsewhere.jpg')
+    with pytest.raises(UserError) as e:
+        build_dataset(False, _args(data_set='INAT', data_path=str(tmp_path)))
+    listed = tmp_path / 'train_val2018' / 'Aves' / '0' / 'val_0.jpg'
+    flat = tmp_path / 'train_val2018' / '0' / 'val_0.jpg'
+    assert str(e.value) == (f'the first image {tmp_path / "val2018.json"} lists is not there: no {listed} nor {flat} '
+                            f'(the layout without the supercategory folder)')
 
 
 def test_distributed_eval_sampler_covers_each_image_once():
