@@ -10,7 +10,7 @@ from torch.utils.data import Dataset
 from torchvision import datasets, transforms
 from torchvision.transforms import InterpolationMode
 
-from utils import UserError
+from utils import UserError, one_line
 
 DATA_SETS = ('IMNET', 'CIFAR', 'INAT', 'INAT19', 'DIGITS')
 
@@ -138,8 +138,10 @@ def build_dataset(is_train: bool, args) -> Tuple[Dataset, int]:
                             f'unpacked; nothing is downloaded)')
         try:
             return datasets.CIFAR100(root, train=is_train, transform=transform, download=False), 100
-        except Exception as e:  # torchvision checks integrity with md5
-            raise UserError(f'CIFAR-100 under {root} is unreadable: {e}') from None
+        except Exception as e:  # noqa: BLE001  (torchvision checks every file's md5 first, then unpickles them)
+            why = ('train, test or meta in cifar-100-python/ is missing or not the official file (torchvision checks '
+                   'their md5 sums)' if 'corrupted' in str(e) else one_line(e))
+            raise UserError(f'CIFAR-100 under {root} is unreadable: {why}') from None
     if name in ('INAT', 'INAT19'):
         year = 2018 if name == 'INAT' else 2019
         ds = INatDataset(root, train=is_train, year=year, category=args.inat_category, transform=transform)

@@ -179,6 +179,53 @@ def test_inaturalist_images_missing_in_both_layouts_is_one_line(tmp_path):
                             f'(the layout without the supercategory folder)')
 
 
+def _cifar100(root, sizes=(('train', 5), ('test', 3))):
+    """CIFAR-100's python files (torchvision's format, random pixels) under root/cifar-100-python; returns the
+    arrays written: {split: (data (n, 3072) uint8, fine labels)}."""
+    import pickle
+    import numpy as np
+    folder = root / 'cifar-100-python'
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    written = {}
+    for split, n in sizes:
+        data = rng.integers(0, 256, (n, 3 * 32 * 32), dtype=np.uint8)
+        labels = [int(v) for v in rng.integers(0, 100, n)]
+        (folder / split).write_bytes(pickle.dumps({'data': data, 'fine_labels': labels, 'coarse_labels': [0] * n}))
+        written[split] = data, labels
+    (folder / 'meta').write_bytes(pickle.dumps({'fine_label_names': [f'c{i}' for i in range(100)],
+                                                'coarse_label_names': [f'g{i}' for i in range(20)]}))
+    return written
+
+
+def test_cifar100_reads_the_python_files_with_their_fine_labels(tmp_path, monkeypatch):
+    import numpy as np
+    import torchvision.datasets.cifar as cifar
+    written = _cifar100(tmp_path)
+    monkeypatch.setattr(cifar, 'check_integrity', lambda *a, **k: True)  # these are not the official files
+    args = _args(data_set='CIFAR', data_path=str(tmp_path), input_size=32, eval_crop_ratio=1.0)
+    val, n = build_dataset(False, args)
+    train, _ = build_dataset(True, args)
+    assert n == 100 and (len(train), len(val)) == (5, 3)
+    data, labels = written['test']
+    assert val.targets == labels and train.targets == written['train'][1]
+    image, label = val[2]
+    pixels = torch.from_numpy(data[2].reshape(3, 32, 32).astype(np.float32) / 255)
+    assert label == labels[2] and torch.allclose(image, (pixels - 0.5) / 0.5, atol=1e-6)  # CHW, as the file has it
+    assert train[0][0].shape == (3, 32, 32)
+
+
+def test_cifar100_that_fails_the_checksums_is_one_line(tmp_path):
+    _cifar100(tmp_path)  # right names, not the official bytes
+    with pytest.raises(UserError) as e:
+        build_dataset(False, _args(data_set='CIFAR', data_path=str(tmp_path), input_size=32))
+    assert str(e.value) == (f'CIFAR-100 under {tmp_path} is unreadable: train, test or meta in cifar-100-python/ is '
+                            f'missing or not the official file (torchvision checks their md5 sums)')
+    (tmp_path / 'cifar-100-python' / 'test').unlink()
+    with pytest.raises(UserError, match=r'^CIFAR-100 not found: expected .*cifar-100-python/test \(the python '):
+        build_dataset(False, _args(data_set='CIFAR', data_path=str(tmp_path), input_size=32))
+
+
 def test_distributed_eval_sampler_covers_each_image_once():
     data = list(range(11))
     parts = [list(DistributedEvalSampler(data, 3, r)) for r in range(3)]
