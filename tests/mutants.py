@@ -172,6 +172,16 @@ MUTANTS: List[Mutant] = [
            '        masks = pruning.random_masks(depth, num_patches, args.prune_rate,',
            '        masks = pruning.random_masks(depth, num_patches, 0.25,',
            [T + 'test_seeding.py::test_random_prune_mode_is_seeded'], '--prune_rate ignored by random masks'),
+    # --- data sets -------------------------------------------------------------------------------------------
+    mutant('inaturalist-labels-sorted', 'datasets.py',
+           "            values = list(dict.fromkeys(cat_value[a['category_id']] for a in train_data['annotations']))",
+           "            values = sorted({cat_value[a['category_id']] for a in train_data['annotations']})",
+           [T + 'test_losses_data.py::test_inaturalist_json_layout'],
+           "iNaturalist classes numbered in sorted order, not DeiT's (a DeiT-finetuned head reads shifted labels)"),
+    mutant('inaturalist-supercategory-kept', 'datasets.py',
+           "    if without_supercategory and len(parts) == 4:", "    if False:",
+           [T + 'test_losses_data.py::test_inaturalist_images_as_the_archive_or_deit_lays_them_out'],
+           "images laid out as DeiT's loader reads them (no supercategory folder) are not found"),
     # --- the fast path and the speed table --------------------------------------------------------------------
     mutant('timed-choice-ignores-tolerance', 'models/fast_path.py',
            '            if err <= tol:\n                try:\n',
