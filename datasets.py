@@ -63,7 +63,8 @@ def _keep_zero_bit_posterize(transform) -> None:
 def build_transform(is_train: bool, args):
     """DeiT's training transform.  Evaluation: ``--eval-crop-ratio`` 1.0 (the default) squashes the whole image
     to input x input (bicubic), as the original code evaluated; a ratio below 1 resizes the shorter side to
-    input/ratio, then crops the centre (DeiT: 0.875)."""
+    input/ratio, then crops the centre (DeiT: 0.875), except at an input of 32 px or less, where DeiT takes the
+    images as they are (CIFAR's): no crop there, the squash (a no-op for images of the input's size)."""
     size = args.input_size
     mean, std = args.mean, args.std
     if is_train:
@@ -78,7 +79,7 @@ def build_transform(is_train: bool, args):
         if size <= 32:
             t.transforms[0] = transforms.RandomCrop(size, padding=4)
         return t
-    if args.eval_crop_ratio >= 1.0:
+    if size <= 32 or args.eval_crop_ratio >= 1.0:
         resize = [transforms.Resize((size, size), interpolation=InterpolationMode.BICUBIC)]
     else:
         resize = [transforms.Resize(int(size / args.eval_crop_ratio), interpolation=InterpolationMode.BICUBIC),

@@ -268,6 +268,8 @@ UNUSED_RULES = (
     (lambda a: a.data_set == 'DIGITS', TRAIN_TRANSFORM + ('eval_crop_ratio',),
      '--data-set DIGITS has its own fixed transform'),
     (lambda a: a.data_set not in ('INAT', 'INAT19'), ('inat_category',), 'only iNaturalist has categories'),
+    (lambda a: (a.input_size or models.pretrained_cfg(a.model).input_size[-1]) <= 32, ('eval_crop_ratio',),
+     'at an input of 32 px or less the evaluation does not crop (as in DeiT, which takes CIFAR images as they are)'),
     (lambda a: a.reprob == 0, ('remode', 'recount'), '--reprob 0 erases nothing'),
     (lambda a: a.lr_noise is None, ('lr_noise_pct', 'lr_noise_std'), 'no --lr-noise is given'),
     (lambda a: not several_processes(), ('dist_eval',), 'a single process evaluates every image'),

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 from PIL import Image
+from torchvision import transforms
 
 from conftest import make_image_folder
 from datasets import DigitsDataset, build_dataset, build_transform
@@ -101,6 +102,12 @@ def test_eval_transform_crop_ratio():
     assert resize.size == int(224 / 0.875)
     plain = build_transform(False, _args(eval_crop_ratio=1.0)).transforms
     assert type(plain[1]).__name__ == 'ToTensor' and plain[0].size == (224, 224)
+    # at 32 px or less DeiT takes the images as they are (CIFAR): no crop whatever the ratio
+    small = build_transform(False, _args(input_size=32, eval_crop_ratio=0.875)).transforms
+    assert [type(t).__name__ for t in small] == ['Resize', 'ToTensor', 'Normalize'] and small[0].size == (32, 32)
+    cifar_image = Image.fromarray(torch.randint(0, 256, (32, 32, 3), dtype=torch.uint8).numpy())
+    deit = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,) * 3, (0.5,) * 3)])
+    assert torch.equal(build_transform(False, _args(input_size=32))(cifar_image), deit(cifar_image))
 
 
 def test_image_folder_classes(tmp_path):
