@@ -60,6 +60,21 @@ def test_prune_eval_and_distillation_finetune(tmp_path, capsys, data, name, size
     assert all(not torch.equal(final['model'][k], ckpt['model'][k]) for k in changed)
 
 
+def test_distilled_deit_finetuned_without_distillation_trains_the_average_of_its_heads(tmp_path, capsys, data):
+    """Without a teacher the loss reads the logits the model is evaluated on, (head + head_dist) / 2, so both heads
+    learn (DeiT's loss would read the class head alone; the README lists this difference)."""
+    name = 'deit_tiny_distilled_patch16_224'
+    dense = official_checkpoint(tmp_path / 'dense.pth', name, seed=3, img_size=64)
+    out = cli(capsys, '--model', name, '--input-size', 64, '--resume', dense, '--final_finetune', '1',
+              '--data-path', data, '--output_dir', tmp_path / 'ft')
+    assert 'distillation head' not in out
+    before = load_checkpoint_file(str(dense))['model']
+    after = load_checkpoint_file(str(tmp_path / 'ft' / 'checkpoint.pth'))['model']
+    # a head outside the loss would have no gradient, and the optimizer would leave it as it was
+    for key in ('head.weight', 'head_dist.weight'):
+        assert not torch.equal(after[key], before[key]), key
+
+
 @pytest.mark.parametrize('name, size', [
     ('deit_tiny_distilled_patch16_224', 64), ('deit3_small_patch16_224', 64),
     ('vit_small_patch14_reg4_dinov2', 56), ('vit_tiny_patch16_384', 384),
