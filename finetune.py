@@ -75,7 +75,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     a('--model', default='deit_tiny_patch16_224',
       help='any timm ViT name, "cc_" optional (e.g. deit_small_distilled_patch16_224, vit_small_patch16_224)')
     a('--input-size', default=None, type=int, help='image size (default: the model\'s)')
-    a('--drop', default=0.0, type=float, help='dropout rate')
+    a('--drop', default=0.0, type=float,
+      help='dropout rate after the position embedding, the attention projection and the MLP layers (as the '
+           'original code)')
     a('--drop-path', default=0.1, type=float, help='stochastic depth rate')
     a('--model-ema', action='store_true', help='keep an EMA of the weights (saved as model_ema)')
     a('--no-model-ema', action='store_false', dest='model_ema')
@@ -315,8 +317,8 @@ def validate_args(args, void: Set[str] = frozenset()) -> None:
     if args.speed_protocol == 'original':
         given = given_flags(args)
         if 'speed_warmup' in given or ('speed_dtype' in given and args.speed_dtype != 'fp32'):
-            raise UserError('--speed-protocol original times fp32 passes from the first one: --speed-warmup and '
-                            '--speed-dtype do not apply')
+            raise UserError('--speed-protocol original times fp32 passes as the original did (three runs, the last '
+                            'the figure): --speed-warmup and --speed-dtype do not apply')
     if args.fast_path != 'none':
         if not (args.eval or args.speed_only):
             raise UserError('--fast-path is an inference path: use it with --eval or --speed-only')
@@ -484,16 +486,22 @@ def resolve_device(requested: Optional[str]) -> str:
 # ----------------------------------------------------------------------------------------------------------
 # models and checkpoints
 
+def dropout_rates(args) -> Dict[str, float]:
+    """timm's keyword arguments for ``--drop`` and ``--drop-path``.  ``--drop`` is dropout where the original's
+    timm (0.3/0.4) put its ``drop_rate``: after the position embedding, the attention's projection and both MLP
+    layers; timm 1.0's ``drop_rate`` is a dropout before the head, which the original model did not have."""
+    return {'pos_drop_rate': args.drop, 'proj_drop_rate': args.drop, 'drop_path_rate': args.drop_path}
+
+
 def load_model(args, path: str, name: str, fallback_classes: int = 1000) -> Tuple[nn.Module, dict]:
     """models.build_model_from_checkpoint with this run's input size and dropout rates."""
     return models.build_model_from_checkpoint(path, name, fallback_classes, img_size=args.input_size,
-                                              warn=rank0_print, drop_rate=args.drop, drop_path_rate=args.drop_path)
+                                              warn=rank0_print, **dropout_rates(args))
 
 
 def new_model(args, num_classes: int = 1000) -> nn.Module:
     """``--model`` with random weights (a run without ``--resume``)."""
-    return models.build_model(args.model, num_classes, img_size=args.input_size, drop_rate=args.drop,
-                              drop_path_rate=args.drop_path)
+    return models.build_model(args.model, num_classes, img_size=args.input_size, **dropout_rates(args))
 
 
 def masks_sha1(masks) -> str:
@@ -688,18 +696,23 @@ ORIGINAL_SPEED_BATCH, ORIGINAL_SPEED_PASSES = 256, 50
 
 
 def _speed_original_protocol(args, model: nn.Module, name: str, size: int, device: torch.device) -> Dict[str, float]:
-    """The original code's timing of the loaded model alone (``engine.throughput_original_protocol``); its batch
-    of 256 and its 50 passes unless --batch-size / --speed-repeats are given."""
+    """The original code's timing of the loaded model alone (``engine.throughput_original_protocol``): its three
+    runs, each printed, the last the figure; its batch of 256 and its 50 passes unless --batch-size /
+    --speed-repeats are given."""
     given = given_flags(args)
     batch = args.batch_size if 'batch_size' in given else ORIGINAL_SPEED_BATCH
     passes = args.speed_repeats if 'speed_repeats' in given else ORIGINAL_SPEED_PASSES
-    speed = engine.throughput_original_protocol(model, batch, size, device, passes)
+    speeds = engine.throughput_original_protocol(model, batch, size, device, passes)
+    runs = len(speeds)
     rank0_print(f'Original protocol: batch {batch} of torch.rand at {size}x{size} on {device}, fp32 with autograd '
-                f'(no no_grad), cudnn.benchmark on, TF32 matmuls allowed, mean of {passes} passes after one '
-                f'synchronisation; only this model')
+                f'(no no_grad), cudnn.benchmark on, TF32 matmuls allowed; {runs} runs of {passes} passes back to '
+                f'back, each timed from one synchronisation to the next; the last is the figure; only this model')
+    for i, speed in enumerate(speeds[:-1]):
+        why = ' (inaccurate, as the original printed it: set-up and cudnn autotuning)' if i == 0 else ''
+        rank0_print(f'Throughput of the {name} model, run {i + 1} of {runs}{why}: {speed:.1f} images/s')
     rank0_print(f'FLOPs of the {name} model: {gflops(model):.2f} GFLOPs')
-    rank0_print(f'Throughput of the {name} model: {speed:.1f} images/s')
-    return {f'{name}_gflops': gflops(model), f'{name}_throughput': speed}
+    rank0_print(f'Throughput of the {name} model: {speeds[-1]:.1f} images/s')
+    return {f'{name}_gflops': gflops(model), f'{name}_throughput': speeds[-1]}
 
 
 def run_eval(args, device: torch.device) -> Dict[str, float]:

@@ -599,14 +599,15 @@ def time_interleaved(runs: Dict[str, Callable], batch: int, device: torch.device
 def time_original(runs: Dict[str, Callable], batch: int, device: torch.device, passes: int,
                   shape=(3, 224, 224)) -> Timings:
     """The original code's protocol, row by row: ``torch.rand(batch, *shape)`` through the row in fp32 with
-    autograd on (each pass builds a graph), under :func:`original_settings`; one synchronisation, then
-    ``passes`` passes and a synchronisation at the end; the row's figure is the mean pass time.  No warm-up and
-    no interleaving: only the row being timed runs."""
+    autograd on (each pass builds a graph), under :func:`original_settings`; its three runs of ``passes``
+    passes back to back (engine.original_runs_seconds), each from one synchronisation to the next; the row's
+    figure is the last run's mean pass time.  No other warm-up and no interleaving: only the row being timed
+    runs."""
     seconds = {}
     with original_settings(device):
         for name, run in runs.items():
             x = torch.rand(batch, *shape, device=device)
-            seconds[name] = [engine.original_pass_seconds(run, x, passes)]
+            seconds[name] = [engine.original_runs_seconds(run, x, passes)[-1]]
     return Timings(seconds, batch, paired=False)
 
 

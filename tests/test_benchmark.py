@@ -622,16 +622,17 @@ def test_original_protocol_times_each_row_alone_with_autograd_and_the_original_s
             return out
         return run
 
-    clock = iter([10.0, 14.0, 20.0, 22.0])  # start and end of row a, then of row b
+    # start and end of each of the original's three runs, row a then row b; the first runs are slow (set-up)
+    clock = iter([10.0, 30.0, 30.0, 36.0, 40.0, 44.0, 50.0, 60.0, 60.0, 63.0, 70.0, 72.0])
     monkeypatch.setattr(engine, 'time', SimpleNamespace(perf_counter=lambda: next(clock)))
     before = torch.backends.cudnn.benchmark
     with torch.no_grad():  # the caller's no_grad does not reach the protocol: it builds autograd graphs
         t = zoo.time_original({'a': row('a'), 'b': row('b')}, batch=3, device=CPU, passes=4, shape=(3, 8, 8))
-    assert [c['row'] for c in calls] == ['a'] * 4 + ['b'] * 4  # one row after another, no warm-up
+    assert [c['row'] for c in calls] == ['a'] * 12 + ['b'] * 12  # one row after another, its 3 runs of 4 passes
     assert all(c['graph'] and c['cudnn_benchmark'] and c['dtype'] == torch.float32 and c['uniform'] for c in calls)
     assert {c['shape'] for c in calls} == {(3, 3, 8, 8)}
-    assert len({c['input'] for c in calls[:4]}) == 1  # one input batch per row
-    assert t.seconds == {'a': [1.0], 'b': [0.5]}  # (14 - 10) / 4 and (22 - 20) / 4: the mean pass time
+    assert len({c['input'] for c in calls[:12]}) == 1  # one input batch per row
+    assert t.seconds == {'a': [1.0], 'b': [0.5]}  # (44 - 40) / 4 and (72 - 70) / 4: the last run's mean pass time
     assert t.ratio('b', 'a')['median'] == 2.0 and t.ratio('b', 'a')['ci'] is None
     assert torch.backends.cudnn.benchmark == before
 
