@@ -106,7 +106,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     a('--cooldown-epochs', default=30, type=int,
       help='epochs at --min-lr after the schedule (after --final_finetune, so never reached)')
     a('--patience-epochs', default=10, type=int)
-    a('--decay-rate', default=0.1, type=float)
+    a('--decay-rate', '--dr', default=0.1, type=float)
     # augmentation (the original recipe's defaults)
     a('--color-jitter', default=0.4, type=float)
     a('--aa', default='rand-m9-mstd0.5-inc1', help='auto-augment policy, or "none"')

@@ -551,6 +551,12 @@ def test_given_flags_are_told_apart_from_defaults():
     assert finetune.given_flags(plain) == {'lr'}
 
 
+def test_the_originals_short_spelling_of_the_decay_rate():
+    # the original's parser spells --decay-rate also --dr (here not a prefix of --drop or --drop-path)
+    args = finetune.get_args_parser().parse_args(['--dr', '0.5'])
+    assert args.decay_rate == 0.5 and finetune.given_flags(args) == {'decay_rate'}
+
+
 # ----------------------------------------------------------------------------------------------------------
 # 8. train and validation classes
 
