@@ -177,21 +177,35 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+@contextlib.contextmanager
+def cudnn_autotune(device: torch.device):
+    """``cudnn.benchmark`` on while inside, on CUDA (restored on the way out): every convolution of a fixed shape
+    (a ViT's patch embedding) runs the fastest algorithm cuDNN finds on its first call, as DeiT and the original
+    code ran every model, so timed rows are compared at their best, not at cuDNN's heuristic choice."""
+    saved = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = saved or device.type == 'cuda'
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = saved
+
+
 def time_interleaved(runs: Dict[str, Callable], x: torch.Tensor, device: torch.device, repeats: int,
                      warmup: int, dtype: Optional[torch.dtype] = None) -> Dict[str, List[float]]:
     """Seconds of each synchronised forward pass of every run on the same input, one list per run.
 
     The runs take turns inside a round and the starting run rotates from round to round, so drifts in clock
     speed or load, and whatever a pass leaves behind for the next one, hit all of them alike.  ``warmup``
-    untimed rounds first.  ``dtype`` selects autocast (fp16/bf16); None runs in fp32.  Gradients are the
-    caller's choice (a training step can be timed too).
+    untimed rounds first (on CUDA they also let cuDNN pick its convolution algorithms: :func:`cudnn_autotune`).
+    ``dtype`` selects autocast (fp16/bf16); None runs in fp32.  Gradients are the caller's choice (a training
+    step can be timed too).
     """
     for run in runs.values():
         if isinstance(run, nn.Module):
             run.eval()
     names = list(runs)
     seconds = {name: [] for name in names}
-    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None), cudnn_autotune(device):
         for _ in range(warmup):
             for name in names:
                 runs[name](x)

@@ -264,3 +264,16 @@ def test_interleaved_timer_rotates_the_first_run_and_times_each_pass():
     model = torch.nn.Conv2d(3, 1, 4).train()
     speed = measure_throughput({'conv': model}, 2, 8, torch.device('cpu'), repeats=2, warmup=0)
     assert set(speed) == {'conv'} and speed['conv'] > 0 and not model.training
+
+
+@pytest.mark.parametrize('device', ['cpu', 'cuda'])
+def test_timing_on_cuda_lets_cudnn_pick_the_fastest_convolution(monkeypatch, device):
+    """cudnn.benchmark is on while rows are timed on CUDA (as DeiT and the original code ran), off again after;
+    on CPU nothing changes.  (The CUDA case runs on CPU tensors with the synchronisation stubbed out.)"""
+    import engine
+    monkeypatch.setattr(engine, 'synchronize', lambda d: None)
+    monkeypatch.setattr(torch.backends.cudnn, 'benchmark', False)
+    seen = []
+    engine.time_interleaved({'a': lambda x: seen.append(torch.backends.cudnn.benchmark)}, torch.zeros(1),
+                            torch.device(device), repeats=2, warmup=1)
+    assert seen == [device == 'cuda'] * 3 and torch.backends.cudnn.benchmark is False
