@@ -186,7 +186,7 @@ class INatDataset(Dataset):
     among the annotations of train{year}.json, not its rank in a sorted list.  Images are read at
     ``root/<file_name>``, the official archives' layout (``train_val2018/<supercategory>/<id>/<file>.jpg``), or,
     when that does not hold the first image, at the layout DeiT's loader reads, without the supercategory folder
-    (``train_val2018/<id>/<file>.jpg``); neither is a one-line error here, before any work."""
+    (``train_val2018/<id>/<file>.jpg``).  If neither holds it, a one-line error says so here, before any work."""
 
     def __init__(self, root: str, train: bool, year: int, category: str, transform=None):
         self.root, self.transform = root, transform
