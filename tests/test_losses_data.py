@@ -119,7 +119,6 @@ def test_image_folder_classes(tmp_path):
 def _inaturalist(root, splits, file_name=lambda split, i, category: f'{split}_{i}.jpg', stored=None):
     """Official-format iNaturalist 2018 json files under ``root`` for ``splits`` ({split: category ids, one image
     each}), and the images, saved at ``stored(file_name)`` (default: as listed) with their index as the colour."""
-    from PIL import Image
     categories = [{'id': 0, 'name': 'owl', 'kingdom': 'A', 'supercategory': 'Aves'},
                   {'id': 1, 'name': 'cat', 'kingdom': 'A', 'supercategory': 'Mammalia'},
                   {'id': 2, 'name': 'fern', 'kingdom': 'P', 'supercategory': 'Plantae'}]
