@@ -37,6 +37,11 @@ def check_model_name(name: str) -> str:
         close = difflib.get_close_matches(base, timm.list_models(), n=3)
         hint = f' (similar: {", ".join(close)})' if close else ''
         raise ValueError(f'unknown model {name}: not in timm\'s registry{hint}')
+    arch, _, tag = base.partition('.')
+    tags = [n.partition('.')[2] for n in timm.list_pretrained(f'{arch}.*')]
+    if tag and tag not in tags:
+        raise ValueError(f'unknown model {name}: timm has no pretrained tag {tag!r} for {arch} '
+                         f'({", ".join(tags) or "it has none"})')
     with torch.device('meta'):
         probe = timm.create_model(base)
     reason = unsupported_reason(probe)

@@ -162,10 +162,12 @@ def test_distilled_model_trains_both_heads_and_averages_them_at_eval():
 @pytest.mark.parametrize('name, reason', [
     ('resnet50', 'not a timm VisionTransformer'),
     ('vit_base_patch16_224.augreg_in21k', None),
+    ('vit_small_patch16_224.bogus', "timm has no pretrained tag 'bogus' for vit_small_patch16_224 \\(augreg_in1k, "),
 ])
 def test_model_names_are_checked_against_timms_registry(name, reason):
     if reason is None:
         assert models.check_model_name('cc_' + name.split('.')[0]) == name.split('.')[0]
+        assert models.check_model_name(name) == name  # a pretrained tag timm knows
     else:
         with pytest.raises(ValueError, match=reason):
             models.check_model_name(name)
