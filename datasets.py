@@ -13,6 +13,9 @@ from torchvision.transforms import InterpolationMode
 from utils import UserError, one_line
 
 DATA_SETS = ('IMNET', 'CIFAR', 'INAT', 'INAT19', 'DIGITS')
+# DeiT's small-image rule (CIFAR's 32 px): at an input this size or less, training crops with padding instead of
+# a random resized crop, and evaluation takes the images as they are (no crop).
+SMALL_INPUT = 32
 
 
 class BadImageError(UserError):
@@ -76,10 +79,10 @@ def build_transform(is_train: bool, args):
             re_count=args.recount, mean=mean, std=std,
         )
         _keep_zero_bit_posterize(t)
-        if size <= 32:
+        if size <= SMALL_INPUT:
             t.transforms[0] = transforms.RandomCrop(size, padding=4)
         return t
-    if size <= 32 or args.eval_crop_ratio >= 1.0:
+    if size <= SMALL_INPUT or args.eval_crop_ratio >= 1.0:
         resize = [transforms.Resize((size, size), interpolation=InterpolationMode.BICUBIC)]
     else:
         resize = [transforms.Resize(int(size / args.eval_crop_ratio), interpolation=InterpolationMode.BICUBIC),
@@ -230,9 +233,9 @@ def _inat_image_path(root: str, file_name: str, without_supercategory: bool) -> 
     """Where an image listed as ``file_name`` (split/supercategory/id/file) is: under ``root`` as listed, or, in
     the layout DeiT's loader reads, without the supercategory folder."""
     parts = file_name.split('/')
-    if without_supercategory and len(parts) == 4:
-        parts = parts[:1] + parts[2:]
-    return os.path.join(root, *parts)
+    if without_supercategory and len(parts) == 4 and not os.path.isabs(file_name):
+        return os.path.join(root, parts[0], *parts[2:])
+    return os.path.join(root, file_name)
 
 
 def _inat_layout(root: str, file_name: str, ann_path: str) -> bool:

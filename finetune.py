@@ -28,7 +28,7 @@ import torch.nn as nn
 import engine
 import models
 import pruning
-from datasets import DATA_SETS, build_dataset, check_training_transform, class_folders
+from datasets import DATA_SETS, SMALL_INPUT, build_dataset, check_training_transform, class_folders
 from engine import NonFiniteLossError, evaluate, measure_throughput, steady_allocator
 from losses import DistillationLoss
 from samplers import DistributedEvalSampler, RASampler
@@ -159,10 +159,13 @@ def get_args_parser() -> argparse.ArgumentParser:
            'torch ops (any device); none = the eager model')
     a('--speed-protocol', default='interleaved', choices=['interleaved', 'original'],
       help='interleaved: pruned and dense twin take turns, median, no_grad, fp16 autocast on CUDA; original: the '
-           'original code\'s timing (fp32 with autograd, mean of 50 passes of a batch of 256, only this model)')
+           'original code\'s timing (fp32 with autograd, 3 runs of 50 passes of a batch of 256, the last run\'s '
+           'mean; only this model)')
     a('--speed-repeats', default=10, type=int,
-      help='timed forward passes per model (median is reported; --speed-protocol original: default 50, mean)')
-    a('--speed-warmup', default=3, type=int, help='untimed rounds first (--speed-protocol original: none)')
+      help='timed forward passes per model (median is reported; --speed-protocol original: passes per run, '
+           'default 50, mean)')
+    a('--speed-warmup', default=3, type=int,
+      help='untimed rounds first (--speed-protocol original: its own, the first two of its 3 runs)')
     a('--speed-dtype', default=None, choices=['fp32', 'fp16', 'bf16'],
       help='autocast for --speed-only (default fp16 on CUDA, fp32 on CPU; --speed-protocol original: fp32)')
     a('--world_size', default=1, type=int, help='set by the launcher')
@@ -270,8 +273,9 @@ UNUSED_RULES = (
     (lambda a: a.data_set == 'DIGITS', TRAIN_TRANSFORM + ('eval_crop_ratio',),
      '--data-set DIGITS has its own fixed transform'),
     (lambda a: a.data_set not in ('INAT', 'INAT19'), ('inat_category',), 'only iNaturalist has categories'),
-    (lambda a: (a.input_size or models.pretrained_cfg(a.model).input_size[-1]) <= 32, ('eval_crop_ratio',),
-     'at an input of 32 px or less the evaluation does not crop (as in DeiT, which takes CIFAR images as they are)'),
+    (lambda a: input_size(a) <= SMALL_INPUT, ('eval_crop_ratio',),
+     f'at an input of {SMALL_INPUT} px or less the evaluation does not crop (as in DeiT, which takes CIFAR images as '
+     f'they are)'),
     (lambda a: a.reprob == 0, ('remode', 'recount'), '--reprob 0 erases nothing'),
     (lambda a: a.lr_noise is None, ('lr_noise_pct', 'lr_noise_std'), 'no --lr-noise is given'),
     (lambda a: not several_processes(), ('dist_eval',), 'a single process evaluates every image'),
@@ -280,6 +284,11 @@ UNUSED_RULES = (
     (lambda a: not modes_of(a), ('cooldown_epochs',),
      'the run ends after --final_finetune epochs, where the cool-down would start'),
 )
+
+
+def input_size(args) -> int:
+    """The run's image size: --input-size, or the model's own (timm's pretrained config)."""
+    return args.input_size or models.pretrained_cfg(args.model).input_size[-1]
 
 
 def unused_flags(args) -> Dict[str, str]:
@@ -1148,7 +1157,7 @@ def run(args) -> Dict[str, float]:
     args.amp = args.amp and device.type == 'cuda'  # mixed precision on CUDA only
     seeding.seed_everything(args.seed, args.rank)  # Python's random, numpy, torch: --seed + rank
     cfg = models.pretrained_cfg(args.model)
-    args.input_size = args.input_size or cfg.input_size[-1]
+    args.input_size = input_size(args)
     args.mean, args.std = tuple(cfg.mean), tuple(cfg.std)
     check_training_transform(args, unused_flags(args))  # the transform strings this run reads, before any work
     if args.speed_only:

@@ -23,8 +23,9 @@ PROTOCOLS = {
             'under torch.no_grad and the run\'s autocast precision; images/s = batch / median pass time; a '
             'speed-up is the median of per-round ratios, with a 95% CI',
     'original': 'the original code\'s: torch.rand(batch, 3, H, W), fp32, autograd on (no torch.no_grad), '
-                'cudnn.benchmark on, TF32 allowed on CUDA; each row alone, one after another: one '
-                'synchronisation, then the mean of {passes} passes (no warm-up); a speed-up is a ratio of means, '
+                'cudnn.benchmark on, TF32 allowed on CUDA; each row alone, one after another: 3 runs of {passes} '
+                'passes back to back, each from one synchronisation to the next, the last run\'s mean the figure '
+                '(the first two are the warm-up, as the original\'s three calls); a speed-up is a ratio of means, '
                 'with no interval',
 }
 
@@ -292,7 +293,7 @@ def _machine(results: Dict) -> str:
     where = m.get('gpu') or f'{m["cpu"]}, {m["cpu_cores"]} cores, {m["torch_threads"]} torch threads'
     protocol = s.get('protocol', 'ours')
     timed = (f'{s["dtype"]}, median of {s["repeats"]} interleaved passes' if protocol == 'ours' else
-             f'main table fp32, mean of {s["original_passes"]} passes per row (original protocol); '
+             f'main table fp32, the last of 3 runs of {s["original_passes"]} passes per row (original protocol); '
              f'other tables {s["dtype"]}, median of {s["repeats"]} interleaved passes')
     load = (f'; load average {m["load_average_at_start"][0]:.2f} at start, {m["load_average_at_end"][0]:.2f} at end'
             if m.get('load_average_at_start') and m.get('load_average_at_end') else '')

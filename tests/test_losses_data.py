@@ -162,7 +162,7 @@ def test_inaturalist_images_as_the_archive_or_deit_lays_them_out(tmp_path, deit_
     """The archive's layout (split/supercategory/id/file) and the one DeiT's loader reads (no supercategory
     folder) both load, each image with its own label."""
     without_supercategory = lambda name: '/'.join(name.split('/')[:1] + name.split('/')[2:])  # noqa: E731
-    _inaturalist(tmp_path, {'train': [1, 0], 'val': [0, 1, 0]}, file_name=_official_name,
+    _inaturalist(tmp_path, {'train': [0, 1], 'val': [0, 1, 0]}, file_name=_official_name,
                  stored=without_supercategory if deit_layout else None)
     val, n = build_dataset(False, _args(data_set='INAT', data_path=str(tmp_path), input_size=32))
     folder = tmp_path / 'train_val2018'
@@ -170,7 +170,7 @@ def test_inaturalist_images_as_the_archive_or_deit_lays_them_out(tmp_path, deit_
                 else [folder / 'Aves' / '0' / 'val_0.jpg', folder / 'Mammalia' / '1' / 'val_1.jpg',
                       folder / 'Aves' / '0' / 'val_2.jpg'])
     assert [path for path, _ in val.samples] == list(map(str, expected))
-    assert n == 2 and val.targets == [1, 0, 1]  # cat first in the training annotations
+    assert n == 2 and val.targets == [0, 1, 0]  # owl first in the training annotations (sorted: cat first)
     pixels = [float(val[i][0][0, 0, 0]) for i in range(3)]
     assert pixels[0] < pixels[1] < pixels[2]  # each read from its own file (red 0, 10, 20)
 
