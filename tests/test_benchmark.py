@@ -1092,7 +1092,8 @@ def test_original_protocol_runs_on_cpu_and_says_so(tmp_path, capsys, one_thread)
     entry, = res['summary']
     assert entry['protocol'] == 'original' and entry['speedup_vs_best_dense_ci'] is None
     assert res['models']['tiny']['summary_sweep']['protocol'] == 'ours'
-    assert 'Protocol "original"' in out and 'mean of 1 passes' in out
+    assert 'Protocol "original"' in out and ("3 runs of 1 passes back to back, each from one synchronisation to the "
+                                             "next, the last run's mean the figure") in out
     assert 'Main table: protocol original; sweeps, routing, scoring and breakdown: protocol ours' in out
 
 
