@@ -240,10 +240,11 @@ def _inat_image_path(root: str, file_name: str, without_supercategory: bool) -> 
 
 def _inat_layout(root: str, file_name: str, ann_path: str) -> bool:
     """Whether the images lie without their supercategory folder (DeiT's layout), judged by the first image."""
-    for without_supercategory in (False, True):
-        if os.path.isfile(_inat_image_path(root, file_name, without_supercategory)):
-            return without_supercategory
     listed, flat = _inat_image_path(root, file_name, False), _inat_image_path(root, file_name, True)
+    if os.path.isfile(listed):
+        return False
+    if os.path.isfile(flat):
+        return True
     also = f' nor {flat} (the layout without the supercategory folder)' if flat != listed else ''
     raise UserError(f'the first image {ann_path} lists is not there: no {listed}{also}')
 

@@ -925,7 +925,8 @@ def bench_model(name: str, args, device: torch.device, dtype, budget: CompileBud
     original = args.protocol == 'original'
     batch = args.batch_size or default_batch(timm_name, device, args.protocol)
     timed = (f'protocol original: fp32, autograd on, 3 runs of {args.original_passes} passes per row (the last '
-             f'run\'s mean), one row after another' if original else f'protocol ours: {args.repeats} timed passes after {args.warmup} warm-up, '
+             f'run\'s mean), one row after another' if original else
+             f'protocol ours: {args.repeats} timed passes after {args.warmup} warm-up, '
              f'interleaved, {args.dtype}')
     print(f'\n== {label}: batch {batch}, {device}, {timed} ==', flush=True)
     cc, dense, pruned, scoring_s = main_models(timm_name, batch, args, device)
