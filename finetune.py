@@ -43,6 +43,7 @@ EXIT_DIVERGED = 3
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143  # 128 + SIGTERM, what a shell reports for a job ended by SIGTERM
 EXIT_PEER_FAILED = 1  # another process of a multi-process job stopped first; its own message says why
+EXIT_OUT_OF_MEMORY = 1  # the GPU ran out of memory: found only once the work runs, so not a usage error (2)
 
 
 def given_flags(args) -> frozenset:
@@ -802,7 +803,7 @@ def run_prune(args, device: torch.device) -> Dict[str, float]:
     try:
         stats = evaluate(data_loader(dataset_val, args, train=False), model, device, amp=args.amp,
                          print_freq=args.print_freq, printer=rank0_print)
-    except (KeyboardInterrupt, Terminated) as e:
+    except (KeyboardInterrupt, Terminated, torch.OutOfMemoryError) as e:
         e.kept = f'{path} was written completely'
         raise
     rank0_print(f'Accuracy of the network on the {len(dataset_val)} test images: {stats["acc1"]:.1f}%')
@@ -1112,7 +1113,7 @@ def run_finetune(args, device: torch.device) -> Dict[str, float]:
                                            args.print_freq, rank0_print)
     except NonFiniteLossError as e:
         raise NonFiniteLossError(f'{e}; stopped. Last good checkpoint, untouched: {last_good or args.resume or "(none yet)"}') from None
-    except (KeyboardInterrupt, Terminated) as e:
+    except (KeyboardInterrupt, Terminated, torch.OutOfMemoryError) as e:
         if last_good is None:
             e.kept = 'no epoch had finished, so no checkpoint was written'
         else:
@@ -1207,6 +1208,20 @@ def _what_is_kept(e: BaseException) -> str:
     return getattr(e, 'kept', None) or 'nothing was written'
 
 
+def out_of_memory(args, e: BaseException) -> str:
+    """One line for a GPU that ran out of memory: torch's figures (what was asked for, what the GPU has), the
+    batch that did it and the way round it, and what the run has kept."""
+    sentences = re.split(r'(?<=\.)\s+', one_line(e))
+    figures = ' '.join(x for x in sentences if x.startswith(('Tried to allocate', 'GPU '))) or one_line(e)[:200]
+    hint = 'a smaller --batch-size needs less'
+    if not args.speed_only:
+        hint += ' (evaluation batches are 1.5 times it)'
+    if not modes_of(args) and not args.unscale_lr:
+        hint += '; the learning rate scales with it (--lr x batch x processes / 512)'
+    return (f'out of GPU memory ({figures.rstrip(".")}) with --batch-size {args.batch_size} per process: {hint}; '
+            f'{_what_is_kept(e)}')
+
+
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
     prefix = f'[rank {os.environ["RANK"]}] ' if several_processes() else ''
@@ -1219,6 +1234,9 @@ def main(argv=None) -> int:
     except NonFiniteLossError as e:
         print_line(f'{prefix}error: {one_line(e)}', file=sys.stderr)
         return EXIT_DIVERGED
+    except torch.OutOfMemoryError as e:
+        print_line(f'{prefix}error: {out_of_memory(args, e)}', file=sys.stderr)
+        return EXIT_OUT_OF_MEMORY
     except KeyboardInterrupt as e:
         print_line(f'{prefix}interrupted; {_what_is_kept(e)}', file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -680,6 +680,47 @@ def test_interrupted_in_the_first_epoch_says_no_checkpoint_was_written(capsys, m
     assert not (tmp_path / 'deep').exists()  # and no empty directory or TensorBoard file either
 
 
+# torch's message for a CUDA allocation that failed (c10's caching allocator, torch 2.11), shortened at the end
+OUT_OF_MEMORY = ('CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 7.63 GiB of which '
+                 '1.06 GiB is free. Including non-PyTorch memory, this process has 6.56 GiB memory in use. Of the '
+                 'allocated memory 6.20 GiB is allocated by PyTorch, and 120.00 MiB is reserved by PyTorch but '
+                 'unallocated. If reserved but unallocated memory is large try setting '
+                 'PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to avoid fragmentation.')
+OUT_OF_MEMORY_FIGURES = 'Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 7.63 GiB of which 1.06 GiB is free'
+
+
+def test_out_of_gpu_memory_is_one_line_with_the_batch_and_what_was_kept(capsys, monkeypatch, world, tmp_path):
+    """A GPU that runs out of memory is not a traceback: one line with torch's figures, the batch size that did it,
+    the way round it (and, for finetuning, that the learning rate follows the batch), and what the run kept."""
+    real_train = engine.train_one_epoch
+
+    def out_of_memory_at_epoch_1(*args, **kwargs):
+        if args[5] == 1:  # (model, criterion, loader, optimizer, device, epoch, ...)
+            raise torch.OutOfMemoryError(OUT_OF_MEMORY)
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(engine, 'train_one_epoch', out_of_memory_at_epoch_1)
+    out = tmp_path / 'out'
+    code, _, err = cli(capsys, '--resume', world['dense'], '--data-path', world['data'], '--output_dir', out,
+                       '--final_finetune', 2, '--batch-size', 16)
+    ckpt = out / 'checkpoint.pth'
+    assert code == finetune.EXIT_OUT_OF_MEMORY == 1
+    assert err.strip() == (f'error: out of GPU memory ({OUT_OF_MEMORY_FIGURES}) with --batch-size 16 per process: '
+                           f'a smaller --batch-size needs less (evaluation batches are 1.5 times it); the learning '
+                           f'rate scales with it (--lr x batch x processes / 512); the last complete checkpoint is '
+                           f'{ckpt} (epoch 0); continue with --resume {ckpt}')
+    assert load_checkpoint_file(str(ckpt))['epoch'] == 0
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError(OUT_OF_MEMORY)
+
+    monkeypatch.setattr(finetune, 'evaluate', out_of_memory)
+    code, _, err = cli(capsys, '--eval', '--resume', world['dense'], '--data-path', world['data'], '--batch-size', 8)
+    assert (code, err.strip()) == (1, f'error: out of GPU memory ({OUT_OF_MEMORY_FIGURES}) with --batch-size 8 per '
+                                      f'process: a smaller --batch-size needs less (evaluation batches are 1.5 times '
+                                      f'it); nothing was written')
+
+
 def test_a_refused_run_creates_nothing(capsys, world, tmp_path):
     out = tmp_path / 'new' / 'out'
     code, _, err = cli(capsys, '--resume', world['dense'], '--data-path', world['data'], '--output_dir', out,
