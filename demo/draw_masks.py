@@ -227,10 +227,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument('--model', default=None, help='e.g. deit_tiny_patch16_224 (default: from the checkpoint)')
     p.add_argument('--data-path', default='DIGITS', help='an image folder, or DIGITS')
     p.add_argument('--data-set', default=None, choices=['DIGITS', 'IMNET'],
-                   help='DIGITS ignores --data-path; IMNET (default) reads images from --data-path')
+                   help='DIGITS ignores --data-path; IMNET reads images from --data-path (default: DIGITS when '
+                        '--data-path is DIGITS, its default, else IMNET)')
     p.add_argument('--num-images', default=4, type=int, help='rows: one image each')
     p.add_argument('--input-size', default=None, type=int)
-    p.add_argument('--eval-crop-ratio', default=0.875, type=float, help='in (0, 1] (default 0.875)')
+    p.add_argument('--eval-crop-ratio', default=1.0, type=float,
+                   help='in (0, 1]: as finetune.py\'s (default 1.0, the whole image squashed; 0.875 is DeiT\'s crop)')
     p.add_argument('--out', default='masks.png',
                    help='the picture; its extension is the format (png, pdf, svg, ...; default masks.png)')
     p.add_argument('--title', default=None)
