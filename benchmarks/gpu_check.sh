@@ -19,12 +19,12 @@
 # another), runs `model_zoo.py --resume` of it with the benchmark's own flags, so only the sections it lacks, and
 # writes the whole results (its sections marked as the earlier run's) to $OUT/cuda.json and cuda.md again.
 #
-# Budget: under 9 minutes wall, about 6-7 expected (the machine's start, 1-2 minutes, comes on top): each step
-# has a hard time limit, so the worst case is 15 + 180 + 260 s plus 15 s of kill grace per step and the summaries,
-# about 8.3 minutes, which leaves room in a 15-minute lease to carry the benchmark on
+# Budget: at most 9 minutes wall, about 6-7 expected (the machine's start, 1-2 minutes, comes on top): each step
+# has a hard time limit, so the worst case is 45 + 180 + 260 s plus 15 s of kill grace per step and the summaries,
+# about 9 minutes, while the expected run leaves room in a 15-minute lease to carry the benchmark on
 # (`bash benchmarks/gpu_check.sh resume`, timeout_s=300).
-#   1. environment (about 15 s): the timm wheel installed into /tmp/site (PYTHONPATH), nvidia-smi, the versions
-#      of python/torch/triton/timm;
+#   1. environment (about 15 s; its three commands limited to 15, 10 and 20 s): the timm wheel installed into
+#      /tmp/site (PYTHONPATH), nvidia-smi, the versions of python/torch/triton/timm;
 #   2. tests, two at once, as one is GPU work and the other CPU work and neither is timed (limit 180 s), and with
 #      them the benchmark's torch.compile of timm's DeiTs done ahead into inductor's cache (limit 170 s, 4 compile
 #      workers; it saves the benchmark most of 3 cold compiles; its log is /tmp/warm_compile/warm_compile.log, not
@@ -100,8 +100,8 @@ step() {
 # 1. environment
 {
     if ls .whl/timm-*.whl > /dev/null 2>&1; then
-        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-            .whl/*.whl && echo "installed $(ls .whl/*.whl)"
+        timeout 15 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+            --target /tmp/site .whl/*.whl && echo "installed $(ls .whl/*.whl)"
     else
         echo "no .whl/timm-*.whl: using the machine's own timm"
     fi
@@ -110,8 +110,8 @@ export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-/tmp/torchinductor_gpu_check}"
 {
-    nvidia-smi || echo "nvidia-smi failed"
-    python3 - <<'EOF'
+    timeout 10 nvidia-smi || echo "nvidia-smi failed or timed out"
+    timeout 20 python3 - <<'EOF'
 import os, platform, torch
 print('python', platform.python_version(), 'torch', torch.__version__, 'cuda', torch.version.cuda,
       'available', torch.cuda.is_available(), 'cpu cores', os.cpu_count())
