@@ -1,6 +1,6 @@
 """The mini reproduction on real images: Clip & Concat on scikit-learn's handwritten digits, end to end.
 
-    python demo/run_demo.py            # or: make demo   (about 6-8 minutes on 2 CPU cores)
+    python demo/run_demo.py            # or: make demo   (about 5-8 minutes on 2 CPU cores)
     python demo/run_demo.py --quick    # a few epochs, for the tests
 
 Every stage goes through finetune.py's own code (``finetune.run`` on parsed command lines, printed as
@@ -15,7 +15,8 @@ Every stage goes through finetune.py's own code (``finetune.run`` on parsed comm
 7. TensorBoard: every training/pruning stage in its directory, the summary in <out>/summary/
    (``tensorboard --logdir runs/demo``)
 
-The full output of each finetune.py call is in ``<stage dir>/stdout.txt``; the console shows a summary.
+The full output of each finetune.py call is in ``<stage dir>/stdout.txt`` (of its --eval calls in
+``<stage dir>/eval.txt``, of the timings in ``<out>/speed_<mode>_<rate>.txt``); the console shows a summary.
 A teacher already trained in <out>/teacher/ with the same number of epochs, learning rate and seed is reused (an
 unfinished one is continued); every other stage is redone.
 

@@ -26,8 +26,8 @@ two-sided 95% Student t-interval (n - 1 degrees of freedom, n = number of seeds)
 
 A teacher already trained in <out>/teacher/ with the same number of epochs, learning rate and seed is reused
 (``--fresh`` retrains it); every other stage is redone. ``finetune.py``'s full output for each stage is in
-``<stage dir>/stdout.txt``, starting with the command line. Every argument is checked before any work starts: a
-bad one is one ``error: ...`` line and exit code 2.
+``<stage dir>/stdout.txt``, starting with the command line (its evaluations' in ``<stage dir>/eval.txt``).
+Every argument is checked before any work starts: a bad one is one ``error: ...`` line and exit code 2.
 """
 import os
 import sys
@@ -536,7 +536,7 @@ def report(argv: Sequence[str], results: dict, table: str) -> str:
             f"{n_seeds - 1} degree{'s' if n_seeds != 2 else ''} of freedom: with so few seeds it is wide, and it "
             f"says nothing about other teachers.")
     readme = (f"**Taylor against random, over seeds (`make study`).** One run of the demo cannot say whether "
-              f"Taylor masks beat random ones. `{short_command}` ({math.ceil(minutes)} minutes on "
+              f"Taylor masks beat random ones. `{short_command}` ({round(minutes)} minutes on "
               f"{m['cpu_cores']} CPU cores{load}) repeats the demo's prune → distillation-finetune at prune rates "
               f"{rates} with Taylor and with random masks, over seeds {seeds} (one teacher, trained once; the seed "
               f"sets the random masks and the data order of the scoring and of the finetuning), and compares the "
@@ -563,7 +563,8 @@ def main(argv=None) -> int:
     steps = 2 * len(MODES) * len(a.seeds) * len(a.rates)
     print(f'Taylor against random masks: prune rates {", ".join(f"{r:.2f}" for r in a.rates)}, seeds '
           f'{", ".join(map(str, a.seeds))}; {steps} prune/finetune steps after the teacher. The commands and '
-          f'finetune.py\'s output are in each stage\'s stdout.txt under {out}/', flush=True)
+          f'finetune.py\'s output are in each stage\'s stdout.txt (its evaluations\' in eval.txt) under {out}/',
+          flush=True)
 
     with LoadSampler() as load:
         teacher, runs, timings = run_all(a, out)
