@@ -331,7 +331,8 @@ def _fastest(candidates, run, reference: torch.Tensor, tol: float, check=None):
     timed.  A candidate whose check raises (a backend refusing these shapes or dtypes, a tile that does not fit)
     or misses the tolerance gets inf, and the reason is kept.  An AttributeError, NameError or TypeError is a
     bug here and propagates; so does a failure while timing a candidate that computed the right thing (a CUDA
-    graph that could not capture it: in torch 2.11 that leaves the allocator unusable, so it is never hidden)."""
+    graph that could not capture it: in torch 2.11 that leaves the allocator unusable, so it is never hidden),
+    as a CaptureError, or as itself when the GPU ran out of memory."""
     check = check or run
     timings, refused, best, best_ms = {}, {}, None, float('inf')
     for cand in candidates:
@@ -346,6 +347,8 @@ def _fastest(candidates, run, reference: torch.Tensor, tol: float, check=None):
             if err <= tol:
                 try:
                     ms = _time_candidate(run, cand)
+                except torch.OutOfMemoryError:
+                    raise  # the GPU is full (the graph's memory pool): the batch is too large, not a capture failure
                 except Exception as e:
                     raise CaptureError(f'timing {cand.label} in a CUDA graph failed after it computed the right '
                                        f'thing ({type(e).__name__}: {str(e).strip()[:300]})') from e
@@ -822,6 +825,8 @@ class FastViT(nn.Module):
             with torch.cuda.graph(graph):
                 static_out = self._run(static_in)
             torch.cuda.synchronize(self.device)
+        except torch.OutOfMemoryError:
+            raise  # the batch does not fit: said as such (finetune.out_of_memory), not as a capture failure
         except Exception as e:
             raise CaptureError(f'capturing the forward in a CUDA graph failed ({type(e).__name__}: '
                                f'{str(e).strip()[:300]})') from e

@@ -1044,6 +1044,41 @@ def test_a_path_the_gpu_cannot_build_is_one_line(capsys, monkeypatch, pruned_dig
     assert lines[0] == line
 
 
+def test_a_fast_path_that_does_not_fit_says_the_batch_is_too_large(capsys, monkeypatch, pruned_digits):
+    import models.fast_path as FP
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity '
+                                     'of 7.63 GiB of which 1.06 GiB is free. Including non-PyTorch memory, this '
+                                     'process has 6.56 GiB memory in use.')
+    monkeypatch.setattr(FP, 'build_fast_path', out_of_memory)
+    code, out, err = _cli(capsys, '--speed-only', '--resume', pruned_digits['path'], '--batch-size', '4',
+                          '--speed-repeats', '2', '--speed-warmup', '0', '--fast-path', 'torch')
+    assert (code, err.strip()) == (1, 'error: out of GPU memory (Tried to allocate 2.00 GiB. GPU 0 has a total '
+                                      'capacity of 7.63 GiB of which 1.06 GiB is free) with --batch-size 4 per '
+                                      'process: a smaller --batch-size needs less; nothing was written')
+
+
+def test_out_of_memory_while_timing_is_said_as_such(monkeypatch):
+    """A candidate that computed the right thing but could not be timed is a CaptureError (the graph could not
+    capture it), except when the GPU ran out of memory: that propagates as itself, so the command line says the
+    batch is too large (finetune.out_of_memory) instead of blaming CUDA graphs."""
+    import models.fast_path as FP
+    ref = torch.zeros(3)
+
+    def timing_fails(failure):
+        def time_candidate(run, cand):
+            raise failure
+        monkeypatch.setattr(FP, '_time_candidate', time_candidate)
+
+    timing_fails(torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB.'))
+    with pytest.raises(torch.OutOfMemoryError):
+        FP._fastest([AttentionChoice('sdpa')], lambda c: ref, ref, tol=0.0)
+    timing_fails(RuntimeError('operation not permitted when stream is capturing'))
+    with pytest.raises(CaptureError, match='operation not permitted'):
+        FP._fastest([AttentionChoice('sdpa')], lambda c: ref, ref, tol=0.0)
+
+
 @pytest.mark.parametrize('argv, message', [
     (['--fast-path', 'torch', '--output_dir', '{tmp}/ft', '--data-set', 'DIGITS'],
      '--fast-path is an inference path: use it with --eval or --speed-only'),
