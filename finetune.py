@@ -705,13 +705,20 @@ def fast_model(args, model: nn.Module, device: torch.device, batch_size: int, dt
 ORIGINAL_SPEED_BATCH, ORIGINAL_SPEED_PASSES = 256, 50
 
 
+def run_batch_size(args) -> int:
+    """The batch the run computes on: ``--batch-size``, except for --speed-protocol original, whose batch is the
+    original's 256 unless --batch-size is given."""
+    if args.speed_only and args.speed_protocol == 'original' and 'batch_size' not in given_flags(args):
+        return ORIGINAL_SPEED_BATCH
+    return args.batch_size
+
+
 def _speed_original_protocol(args, model: nn.Module, name: str, size: int, device: torch.device) -> Dict[str, float]:
     """The original code's timing of the loaded model alone (``engine.throughput_original_protocol``): its three
     runs, each printed, the last the figure; its batch of 256 and its 50 passes unless --batch-size /
     --speed-repeats are given."""
-    given = given_flags(args)
-    batch = args.batch_size if 'batch_size' in given else ORIGINAL_SPEED_BATCH
-    passes = args.speed_repeats if 'speed_repeats' in given else ORIGINAL_SPEED_PASSES
+    batch = run_batch_size(args)
+    passes = args.speed_repeats if 'speed_repeats' in given_flags(args) else ORIGINAL_SPEED_PASSES
     speeds = engine.throughput_original_protocol(model, batch, size, device, passes)
     runs = len(speeds)
     rank0_print(f'Original protocol: batch {batch} of torch.rand at {size}x{size} on {device}, fp32 with autograd '
@@ -1218,8 +1225,9 @@ def out_of_memory(args, e: BaseException) -> str:
         hint += ' (evaluation batches are 1.5 times it)'
     if not modes_of(args) and not args.unscale_lr:
         hint += '; the learning rate scales with it (--lr x batch x processes / 512)'
-    return (f'out of GPU memory ({figures.rstrip(".")}) with --batch-size {args.batch_size} per process: {hint}; '
-            f'{_what_is_kept(e)}')
+    batch = run_batch_size(args)
+    given = f'--batch-size {batch}' if batch == args.batch_size else f'a batch of {batch} (the original protocol\'s)'
+    return f'out of GPU memory ({figures.rstrip(".")}) with {given} per process: {hint}; {_what_is_kept(e)}'
 
 
 def main(argv=None) -> int:

@@ -719,6 +719,14 @@ def test_out_of_gpu_memory_is_one_line_with_the_batch_and_what_was_kept(capsys, 
     assert (code, err.strip()) == (1, f'error: out of GPU memory ({OUT_OF_MEMORY_FIGURES}) with --batch-size 8 per '
                                       f'process: a smaller --batch-size needs less (evaluation batches are 1.5 times '
                                       f'it); nothing was written')
+    # the original protocol times its own batch of 256 unless --batch-size is given: the line names that batch
+    monkeypatch.setattr(engine, 'throughput_original_protocol', out_of_memory)
+    code = finetune.main(['--model', 'deit_digits_patch4_32', '--device', 'cpu', '--speed-only', '--speed-protocol',
+                          'original', '--resume', str(world['dense'])])
+    err = capsys.readouterr().err
+    assert (code, err.strip()) == (1, f'error: out of GPU memory ({OUT_OF_MEMORY_FIGURES}) with a batch of 256 (the '
+                                      f'original protocol\'s) per process: a smaller --batch-size needs less; '
+                                      f'nothing was written')
 
 
 def test_a_refused_run_creates_nothing(capsys, world, tmp_path):
