@@ -810,7 +810,7 @@ def run_prune(args, device: torch.device) -> Dict[str, float]:
     try:
         stats = evaluate(data_loader(dataset_val, args, train=False), model, device, amp=args.amp,
                          print_freq=args.print_freq, printer=rank0_print)
-    except (KeyboardInterrupt, Terminated, torch.OutOfMemoryError) as e:
+    except STOPS_MIDWAY as e:
         e.kept = f'{path} was written completely'
         raise
     rank0_print(f'Accuracy of the network on the {len(dataset_val)} test images: {stats["acc1"]:.1f}%')
@@ -1120,7 +1120,7 @@ def run_finetune(args, device: torch.device) -> Dict[str, float]:
                                            args.print_freq, rank0_print)
     except NonFiniteLossError as e:
         raise NonFiniteLossError(f'{e}; stopped. Last good checkpoint, untouched: {last_good or args.resume or "(none yet)"}') from None
-    except (KeyboardInterrupt, Terminated, torch.OutOfMemoryError) as e:
+    except STOPS_MIDWAY as e:
         if last_good is None:
             e.kept = 'no epoch had finished, so no checkpoint was written'
         else:
@@ -1182,6 +1182,11 @@ class Terminated(BaseException):
     unwinds like Ctrl-C: a checkpoint being written is discarded and the last complete one stays."""
 
 
+# What stops a run midway and is reported with what the run has kept: the stage that knows sets it on the
+# exception as ``kept`` (:func:`_what_is_kept`).
+STOPS_MIDWAY = (KeyboardInterrupt, Terminated, torch.OutOfMemoryError)
+
+
 @contextlib.contextmanager
 def sigterm_unwinds():
     """While inside, SIGTERM raises Terminated in the main thread instead of ending the process on the spot.
@@ -1226,8 +1231,8 @@ def out_of_memory(args, e: BaseException) -> str:
     if not modes_of(args) and not args.unscale_lr:
         hint += '; the learning rate scales with it (--lr x batch x processes / 512)'
     batch = run_batch_size(args)
-    given = f'--batch-size {batch}' if batch == args.batch_size else f'a batch of {batch} (the original protocol\'s)'
-    return f'out of GPU memory ({figures.rstrip(".")}) with {given} per process: {hint}; {_what_is_kept(e)}'
+    which = f'--batch-size {batch}' if batch == args.batch_size else f'a batch of {batch} (the original protocol\'s)'
+    return f'out of GPU memory ({figures.rstrip(".")}) with {which} per process: {hint}; {_what_is_kept(e)}'
 
 
 def main(argv=None) -> int:

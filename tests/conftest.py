@@ -86,6 +86,15 @@ def image_folder(tmp_path):
 DIGITS_ARGS = ['--model', 'deit_digits_patch4_32', '--device', 'cpu', '--num_workers', '0', '--batch-size', '8',
                '--mixup', '0', '--cutmix', '0', '--aa', 'none', '--reprob', '0', '--print-freq', '100']
 
+# torch's message for a CUDA allocation that failed (c10's caching allocator, torch 2.11), shortened at the end,
+# and the figures of it that the command line's one error line quotes
+OUT_OF_MEMORY = ('CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 7.63 GiB of which '
+                 '1.06 GiB is free. Including non-PyTorch memory, this process has 6.56 GiB memory in use. Of the '
+                 'allocated memory 6.20 GiB is allocated by PyTorch, and 120.00 MiB is reserved by PyTorch but '
+                 'unallocated. If reserved but unallocated memory is large try setting '
+                 'PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to avoid fragmentation.')
+OUT_OF_MEMORY_FIGURES = 'Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 7.63 GiB of which 1.06 GiB is free'
+
 
 def free_port():
     import socket

@@ -27,7 +27,7 @@ import pruning
 from models import fast_kernels as K
 from models.fast_path import AttentionChoice, CaptureError, build_fast_path, choose_attention, run_attention
 from models.fast_path import attention_candidates as FP_attention_candidates
-from conftest import CUDA_ONLY_REASON
+from conftest import CUDA_ONLY_REASON, OUT_OF_MEMORY, OUT_OF_MEMORY_FIGURES
 
 # One torch thread: the CPU work here is small, and two threads spin against each other on a busy machine.
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -1048,15 +1048,12 @@ def test_a_fast_path_that_does_not_fit_says_the_batch_is_too_large(capsys, monke
     import models.fast_path as FP
 
     def out_of_memory(*args, **kwargs):
-        raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity '
-                                     'of 7.63 GiB of which 1.06 GiB is free. Including non-PyTorch memory, this '
-                                     'process has 6.56 GiB memory in use.')
+        raise torch.OutOfMemoryError(OUT_OF_MEMORY)
     monkeypatch.setattr(FP, 'build_fast_path', out_of_memory)
     code, out, err = _cli(capsys, '--speed-only', '--resume', pruned_digits['path'], '--batch-size', '4',
                           '--speed-repeats', '2', '--speed-warmup', '0', '--fast-path', 'torch')
-    assert (code, err.strip()) == (1, 'error: out of GPU memory (Tried to allocate 2.00 GiB. GPU 0 has a total '
-                                      'capacity of 7.63 GiB of which 1.06 GiB is free) with --batch-size 4 per '
-                                      'process: a smaller --batch-size needs less; nothing was written')
+    assert (code, err.strip()) == (1, f'error: out of GPU memory ({OUT_OF_MEMORY_FIGURES}) with --batch-size 4 per '
+                                      f'process: a smaller --batch-size needs less; nothing was written')
 
 
 def test_out_of_memory_while_timing_is_said_as_such(monkeypatch):
@@ -1071,7 +1068,7 @@ def test_out_of_memory_while_timing_is_said_as_such(monkeypatch):
             raise failure
         monkeypatch.setattr(FP, '_time_candidate', time_candidate)
 
-    timing_fails(torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB.'))
+    timing_fails(torch.OutOfMemoryError(OUT_OF_MEMORY))
     with pytest.raises(torch.OutOfMemoryError):
         FP._fastest([AttentionChoice('sdpa')], lambda c: ref, ref, tol=0.0)
     timing_fails(RuntimeError('operation not permitted when stream is capturing'))

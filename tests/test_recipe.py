@@ -19,8 +19,8 @@ import engine
 import finetune
 import models
 import pruning
-from conftest import (DIGITS_ARGS, ROOT, digits_world, free_port, make_image_folder, official_checkpoint,
-                      subprocess_env)
+from conftest import (DIGITS_ARGS, OUT_OF_MEMORY, OUT_OF_MEMORY_FIGURES, ROOT, digits_world, free_port,
+                      make_image_folder, official_checkpoint, subprocess_env)
 from utils import load_checkpoint_file
 from utils.cli import ParsedArgs
 
@@ -678,15 +678,6 @@ def test_interrupted_in_the_first_epoch_says_no_checkpoint_was_written(capsys, m
     assert code == (130 if stop is KeyboardInterrupt else 143)
     assert err.strip() == f'{signal_name}; no epoch had finished, so no checkpoint was written'
     assert not (tmp_path / 'deep').exists()  # and no empty directory or TensorBoard file either
-
-
-# torch's message for a CUDA allocation that failed (c10's caching allocator, torch 2.11), shortened at the end
-OUT_OF_MEMORY = ('CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 7.63 GiB of which '
-                 '1.06 GiB is free. Including non-PyTorch memory, this process has 6.56 GiB memory in use. Of the '
-                 'allocated memory 6.20 GiB is allocated by PyTorch, and 120.00 MiB is reserved by PyTorch but '
-                 'unallocated. If reserved but unallocated memory is large try setting '
-                 'PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to avoid fragmentation.')
-OUT_OF_MEMORY_FIGURES = 'Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 7.63 GiB of which 1.06 GiB is free'
 
 
 def test_out_of_gpu_memory_is_one_line_with_the_batch_and_what_was_kept(capsys, monkeypatch, world, tmp_path):
