@@ -379,6 +379,25 @@ def test_breakdown_profiles_real_ops_and_its_excesses_add_up_to_the_gap(tiny):
     assert b['families']['patch embedding']['flops_ratio'] == 1.0
 
 
+def test_gap_breakdown_of_gpu_kernel_families(tiny):
+    """On CUDA the profile sums kernel times by CUDA_FAMILIES (LayerNorm, GELU, adds... on their own), not the CPU's
+    op families: the breakdown and its table carry every family profiled, the excesses still summing to the gap."""
+    cc, dense, pruned = tiny
+    ours = pruned[0.3]
+    dense_ms = {f: 1.0 + i for i, f in enumerate(zoo.CUDA_FAMILIES)}
+    ours_ms = {f: 0.5 + 0.5 * i for i, f in enumerate(zoo.CUDA_FAMILIES)}
+    b = zoo.gap_breakdown(dense_ms, ours_ms, zoo.family_macs(cc), zoo.family_macs(ours))
+    assert list(b['families']) == list(zoo.CUDA_FAMILIES)
+    assert sum(f['excess_ms'] for f in b['families'].values()) == pytest.approx(b['gap_ms'])
+    assert b['families']['LayerNorm']['time_ratio'] == pytest.approx(dense_ms['LayerNorm'] / ours_ms['LayerNorm'])
+    assert b['families']['LayerNorm']['flops_ratio'] is None  # the formula prices no LayerNorm
+    results = {'settings': {'device': 'cuda', 'breakdown_rounds': 3},
+               'models': {'tiny': {'short': 'Ti', 'breakdown': {'30': b}}}}
+    lines = report._breakdown_table(results, zoo.CUDA_FAMILIES)
+    row = next(line for line in lines if line.startswith('| C&C-Ti-30'))
+    assert row.count('|') == 4 + len(zoo.CUDA_FAMILIES) + 1
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the summary
 
@@ -1188,6 +1207,7 @@ def test_gpu_check_benchmark_commands_are_valid_model_zoo_command_lines(tmp_path
     for command in commands:
         line = command.split('benchmarks/model_zoo.py', 1)[1].replace('$OUT', str(tmp_path))
         line = line.split(' > /dev/null &')[0].replace('/tmp/warm_compile', str(tmp_path))
+        line = re.sub(r'"\$\{PROFILE_RATES:-([^}]*)\}"', r'\1', line)  # the profile's rates: their default
         args = zoo.parse_args(shlex.split(line.replace('"${resume[@]}"', '')))
         if '"${resume[@]}"' in line:  # `resume`: the same flags carrying on the JSON they wrote
             earlier = tmp_path / 'earlier.json'
