@@ -514,17 +514,16 @@ def _fast_path_table(results: Dict) -> List[str]:
             for key, r in found.items():
                 d = r['fast_path']
                 attention = ', '.join(f'{n}: {a}' for n, a in d.get('attention', {}).items())
-                # the attention's products were not chosen before (results without them: '–')
-                products = [', '.join(sorted(set(d.get(k, {}).values()))) or '–'
-                            for k in ('qkv', 'proj', 'mlp', 'fc2')]
+                mlp, fc2 = (', '.join(sorted(set(d.get(k, {}).values()))) or '–' for k in ('mlp', 'fc2'))
                 rows.append([labels.get(key, key), str(batch), fmt(seconds.get(key), '.1f'),
                              f'yes, input {d.get("cuda_graph_input")}' if d.get('cuda_graph_batch') else 'no',
-                             attention or '–', *products, d.get('patch_embedding', '–')])
+                             attention or '–', mlp, fc2,
+                             d.get('patch_embedding', '–')])
     if not rows:
         return []
     return (['', 'Fast path builds (models/fast_path.py): kernels chosen per kept count at build time:', '']
-            + table(['row', 'batch', 'build s', 'CUDA graph', 'attention (kept count: kernel)', 'qkv', 'attention proj',
-                     'MLP fc1 + GELU', 'MLP fc2 + residual', 'patch embedding'], rows))
+            + table(['row', 'batch', 'build s', 'CUDA graph', 'attention (kept count: kernel)', 'MLP fc1 + GELU',
+                     'MLP fc2 + residual', 'patch embedding'], rows))
 
 
 def markdown(results: Dict, families=()) -> str:

@@ -15,13 +15,6 @@ read and written again by a separate GELU:
 
 * ``linear_gelu``:             GELU(y @ W1^T + b1)                                (W1^T stored as (C, 4C))
 
-the same product without the activation, for the attention's two products (qkv and the output projection):
-cuBLAS picks its kernel by a heuristic per shape, and at some of the row counts a pruned model has
-(batch x kept tokens) the kernel it picks runs a partial last wave on the GPU or is a slower variant, where one
-of this kernel's tiles can be faster (the fast path times both per kept count):
-
-* ``linear``:                  y @ W^T + b                                         (W^T stored as (K, N))
-
 and the second MLP layer with the residual update as its epilogue, so its (B, n, C) output is never written:
 
 * ``linear_residual_scatter_``: x[:, ids] += gamma * (u @ W2^T + b2)
@@ -83,7 +76,6 @@ __all__ = [
     'residual_layer_norm_', 'residual_layer_norm_reference_', 'residual_layer_norm_triton_',
     'residual_scatter_', 'residual_scatter_reference_', 'residual_scatter_triton_',
     'attention', 'attention_reference', 'attention_triton', 'ATTENTION_TILES',
-    'linear', 'linear_reference', 'linear_triton',
     'linear_gelu', 'linear_gelu_reference', 'linear_gelu_triton', 'LINEAR_TILES',
     'linear_residual_scatter_', 'linear_residual_scatter_reference_', 'linear_residual_scatter_triton_',
     'patch_embed_', 'patch_embed_reference_', 'patch_embed_triton_', 'patch_grid', 'unfold_patches',
@@ -171,16 +163,6 @@ def attention_reference(qkv: torch.Tensor, num_heads: int, scale: float, **unuse
     q, k, v = qkv.float().view(B, n, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
     o = F.scaled_dot_product_attention(q, k, v, scale=scale)
     return o.transpose(1, 2).reshape(B, n, num_heads * head_dim).to(qkv.dtype)
-
-
-def linear_reference(x: torch.Tensor, weight_t: torch.Tensor, bias: Optional[torch.Tensor],
-                     **unused) -> torch.Tensor:
-    """x @ weight_t + bias computed in fp32, rounded once to x's dtype.  ``weight_t`` is the linear layer's weight
-    transposed, (K, N).  Tile arguments are accepted and ignored."""
-    y = x.float() @ weight_t.float()
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(x.dtype)
 
 
 def linear_gelu_reference(x: torch.Tensor, weight_t: torch.Tensor, bias: Optional[torch.Tensor],
@@ -364,11 +346,11 @@ if HAS_TRITON:
     @triton.jit
     def _linear_kernel(x_ptr, wt_ptr, b_ptr, out_ptr, ids_ptr, g_ptr, M, N, K, n, stride_xm, stride_wk,
                        stride_ob, stride_on, HAS_B: tl.constexpr, HAS_G: tl.constexpr, RESIDUAL: tl.constexpr,
-                       GELU: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                       EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       GROUP_M: tl.constexpr):
         # acc = x @ wt + b, accumulated in fp32 over (BLOCK_M, BLOCK_N) tiles.  Epilogue on the fp32 accumulator:
-        #   RESIDUAL=False: out[r] = GELU(acc[r]) (exact erf; acc[r] itself with GELU=False), one rounding to
-        #                   out's dtype; stride_ob is the row stride of out (M, N) and stride_on unused;
+        #   RESIDUAL=False: out[r] = GELU(acc[r]) (exact erf), one rounding to out's dtype; stride_ob is the
+        #                   row stride of out (M, N) and stride_on unused;
         #   RESIDUAL=True:  out[b, ids[i]] += g * acc[r] for r = b * n + i, out being the (B, N_tokens, N) token
         #                   buffer (strides stride_ob, stride_on), read and written once.
         offs_m, offs_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -400,8 +382,7 @@ if HAS_TRITON:
             h = tl.load(dst, mask=ok, other=0.0).to(tl.float32) + acc
             tl.store(dst, h.to(out_ptr.dtype.element_ty), mask=ok)
         else:
-            if GELU:
-                acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
+            acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
             dst = out_ptr + offs_m.to(tl.int64)[:, None] * stride_ob + offs_n[None, :]
             tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
@@ -551,7 +532,7 @@ def _check_linear(x: torch.Tensor, weight_t: torch.Tensor) -> Tuple[int, int]:
     return K, N
 
 
-def _launch_linear(x2, weight_t, bias, out, ids, gamma, n, stride_ob, stride_on, residual, tiles, gelu=False):
+def _launch_linear(x2, weight_t, bias, out, ids, gamma, n, stride_ob, stride_on, residual, tiles):
     block_m, block_n, block_k, num_warps, num_stages = tiles
     M, K = x2.shape
     N = weight_t.shape[1]
@@ -559,29 +540,9 @@ def _launch_linear(x2, weight_t, bias, out, ids, gamma, n, stride_ob, stride_on,
     g, has_g = _flag_ptr(gamma, weight_t)
     grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)
     _linear_kernel[grid](x2, weight_t, b, out, ids, g, M, N, K, n, x2.stride(0), weight_t.stride(0), stride_ob,
-                         stride_on, HAS_B=has_b, HAS_G=has_g, RESIDUAL=residual, GELU=gelu,
-                         EVEN_K=K % block_k == 0, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
-                         num_warps=num_warps, num_stages=num_stages)
-
-
-def _linear_rows(x: torch.Tensor, weight_t: torch.Tensor, bias: Optional[torch.Tensor], tiles,
-                 gelu: bool) -> torch.Tensor:
-    _need_triton(x)
-    K, N = _check_linear(x, weight_t)
-    x2 = x.reshape(-1, K)
-    out = torch.empty(x2.shape[0], N, dtype=x.dtype, device=x.device)
-    if x2.shape[0]:
-        _launch_linear(x2, weight_t, bias, out, out, None, 1, out.stride(0), 0, False, tiles, gelu=gelu)
-    return out.view(*x.shape[:-1], N)
-
-
-def linear_triton(x: torch.Tensor, weight_t: torch.Tensor, bias: Optional[torch.Tensor],
-                  block_m: int = LINEAR_TILES[0][0], block_n: int = LINEAR_TILES[0][1],
-                  block_k: int = LINEAR_TILES[0][2], num_warps: int = LINEAR_TILES[0][3],
-                  num_stages: int = LINEAR_TILES[0][4]) -> torch.Tensor:
-    """Triton version of :func:`linear_reference`: x (..., K) with a contiguous last dimension, weight_t (K, N)
-    contiguous, bias (N,) or None; returns (..., N) in x's dtype, accumulated and biased in fp32."""
-    return _linear_rows(x, weight_t, bias, (block_m, block_n, block_k, num_warps, num_stages), gelu=False)
+                         stride_on, HAS_B=has_b, HAS_G=has_g, RESIDUAL=residual, EVEN_K=K % block_k == 0,
+                         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, num_warps=num_warps,
+                         num_stages=num_stages)
 
 
 def linear_gelu_triton(x: torch.Tensor, weight_t: torch.Tensor, bias: Optional[torch.Tensor],
@@ -591,7 +552,14 @@ def linear_gelu_triton(x: torch.Tensor, weight_t: torch.Tensor, bias: Optional[t
     """Triton version of :func:`linear_gelu_reference`: x (..., K) with a contiguous last dimension, weight_t
     (K, N) contiguous, bias (N,) or None; returns (..., N) in x's dtype.  The GELU runs on the fp32 accumulator
     (the unfused sequence rounds the product to x's dtype first; the two differ by that rounding)."""
-    return _linear_rows(x, weight_t, bias, (block_m, block_n, block_k, num_warps, num_stages), gelu=True)
+    _need_triton(x)
+    K, N = _check_linear(x, weight_t)
+    x2 = x.reshape(-1, K)
+    out = torch.empty(x2.shape[0], N, dtype=x.dtype, device=x.device)
+    if x2.shape[0]:
+        _launch_linear(x2, weight_t, bias, out, out, None, 1, out.stride(0), 0, False,
+                       (block_m, block_n, block_k, num_warps, num_stages))
+    return out.view(*x.shape[:-1], N)
 
 
 def linear_residual_scatter_triton_(x: torch.Tensor, ids: torch.Tensor, u: torch.Tensor, weight_t: torch.Tensor,
@@ -678,12 +646,6 @@ def linear_residual_scatter_(x, ids, u, weight_t, bias, gamma, **tiles):
     """x[:, ids] += gamma * (u @ weight_t + bias) in place; see :func:`linear_residual_scatter_triton_`."""
     impl = linear_residual_scatter_triton_ if triton_runs_on(x) else linear_residual_scatter_reference_
     return impl(x, ids, u, weight_t, bias, gamma, **tiles)
-
-
-def linear(x, weight_t, bias, **tiles):
-    """x @ weight_t + bias; see :func:`linear_triton`."""
-    impl = linear_triton if triton_runs_on(x) else linear_reference
-    return impl(x, weight_t, bias, **tiles)
 
 
 def linear_gelu(x, weight_t, bias, **tiles):

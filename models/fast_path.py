@@ -24,9 +24,9 @@ concatenation) -/0.74; total 7.02/6.56.  The memory-bound ops cost more than the
 pruned model reached only 0.73-0.81 of its FLOPs ratio.  So, with ``backend='triton'``, a block is
 
     y   = gather_layer_norm(x, ids)                  # gather + LN1 + cast: one pass (models/fast_kernels.py)
-    qkv = y @ Wqkv^T + bqkv                          # cuBLAS or a Triton kernel, chosen per kept count
+    qkv = y @ Wqkv^T + bqkv                          # cuBLAS
     o   = attention(qkv)                             # SDPA backend or Triton kernel, chosen per kept count
-    a   = o @ Wproj^T + bproj                        # cuBLAS or a Triton kernel, chosen per kept count
+    a   = o @ Wproj^T + bproj                        # cuBLAS
     y2  = residual_layer_norm_(x, ids, a, gamma1)    # x[:, ids] += gamma1*a, LN2, cast: one pass
     u   = GELU(y2 @ W1^T + b1)                       # cuBLAS + torch's GELU, or one Triton kernel (GELU in
                                                      # the epilogue), chosen per kept count
@@ -40,12 +40,7 @@ model's exact GELU; the fused Triton product applies the exact GELU to its fp32 
 writing the (B, n, 4C) hidden activation and reading it back (GELU measured 0.61 ms of 7.02).  Whether that
 beats cuBLAS's product is a matter of measurement, so on CUDA both are timed at build time (``mlp_choices``);
 likewise the second product with the residual update as its epilogue (``fc2_choices``), which saves writing
-and reading its (B, n, C) output.  The attention's two plain products are timed the same way (``qkv_choices``,
-``proj_choices``): measured on an H200 at DeiT-Ti width and batch 256, cuBLAS ran the output projection at 168
-TFLOP/s for the dense 197 tokens (its tiles fill the GPU's 132 SMs in whole waves) but at 102-118 for the pruned
-counts 132-150 (a partial last wave), and the qkv product at about 195 instead of 300 TFLOP/s at three of the
-eleven counts of C&C-Ti-30, so a pruned model lost part of its FLOPs ratio in products cuBLAS chose poorly for
-(``benchmarks/linear_shapes.py`` measures this).
+and reading its (B, n, C) output.
 
 The patch embedding is one matrix product over unfolded patches (the conv weight reshaped to (C, 3*p*p);
 measured 0.28 ms against 0.97 for the conv), its bias folded with the position embedding into one constant
@@ -224,10 +219,10 @@ class AttentionChoice:
 
 @dataclass(frozen=True)
 class MlpChoice:
-    """How one block computes one of its matrix products with its epilogue, y @ W^T + b (qkv, proj),
-    GELU(y @ W1^T + b1) or x[:, ids] += gamma * (u @ W2^T + b2): ``kind`` 'torch' (cuBLAS with the bias in its
-    epilogue, then torch's GELU or the scatter kernel) or 'triton' (one kernel with the epilogue fused; ``tiles``:
-    BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); ``ms``: its build-time time, if timed."""
+    """How one block computes one of its MLP products with its epilogue, GELU(y @ W1^T + b1) or
+    x[:, ids] += gamma * (u @ W2^T + b2): ``kind`` 'torch' (cuBLAS with the bias in its epilogue, then torch's
+    GELU or the scatter kernel) or 'triton' (one fused kernel; ``tiles``: BLOCK_M, BLOCK_N, BLOCK_K, num_warps,
+    num_stages); ``ms``: its build-time time, if timed."""
     kind: str
     tiles: Optional[Tuple[int, int, int, int, int]] = None
     ms: Optional[float] = None
@@ -258,14 +253,6 @@ def run_attention(choice: AttentionChoice, qkv: torch.Tensor, num_heads: int, sc
         return K.attention_triton(qkv, num_heads, scale, block_m=bm, block_n=bn, num_warps=warps,
                                   num_stages=stages)
     return _sdpa(qkv, num_heads, scale, choice.backend)
-
-
-def run_linear(choice: MlpChoice, y: torch.Tensor, weight: torch.Tensor, weight_t: Optional[torch.Tensor],
-               bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """y @ weight^T + bias as ``choice`` says (``weight_t``: weight transposed, for the Triton kernel)."""
-    if choice.kind == 'triton':
-        return K.linear_triton(y, weight_t, bias, *choice.tiles)
-    return F.linear(y, weight, bias)
 
 
 def run_linear_gelu(choice: MlpChoice, y: torch.Tensor, weight: torch.Tensor, weight_t: Optional[torch.Tensor],
@@ -395,35 +382,28 @@ def choose_attention(n: int, batch: int, num_heads: int, head_dim: int, scale: f
 
 
 @torch.no_grad()
-def choose_product(rows: int, in_features: int, out_features: int, dtype: torch.dtype, device: torch.device,
-                   gelu: bool) -> Tuple[MlpChoice, Dict[str, float], Dict[str, str]]:
-    """Time y @ W^T + b (``gelu``: GELU of it) for y (rows, in_features) on CUDA: torch (cuBLAS, + torch's GELU)
-    against the Triton kernel's tiles; return the fastest that is within tolerance of the fp32 reference, with
-    every candidate's milliseconds.  Cached per shape."""
-    key = ('mlp' if gelu else 'linear', str(device), dtype, rows, in_features, out_features)
+def choose_mlp(rows: int, in_features: int, hidden: int, dtype: torch.dtype, device: torch.device
+               ) -> Tuple[MlpChoice, Dict[str, float], Dict[str, str]]:
+    """Time GELU(y @ W^T + b) for y (rows, in_features) on CUDA: torch (cuBLAS + GELU) against the fused Triton
+    kernel's tiles; return the fastest that is within tolerance of the fp32 reference, with every candidate's
+    milliseconds.  Cached per shape."""
+    key = ('mlp', str(device), dtype, rows, in_features, hidden)
     if key in _CHOICE_CACHE:
         return _CHOICE_CACHE[key]
     g = torch.Generator(device=device).manual_seed(rows)
     y = torch.randn(rows, in_features, device=device, generator=g).to(dtype)
-    w = (torch.randn(out_features, in_features, device=device, generator=g) * in_features ** -0.5).to(dtype)
-    b = torch.randn(out_features, device=device, generator=g).to(dtype)
+    w = (torch.randn(hidden, in_features, device=device, generator=g) * in_features ** -0.5).to(dtype)
+    b = torch.randn(hidden, device=device, generator=g).to(dtype)
     wt = w.t().contiguous()
-    ref = (K.linear_gelu_reference if gelu else K.linear_reference)(y, wt, b).float()
+    ref = K.linear_gelu_reference(y, wt, b).float()
     tol = max(8 * torch.finfo(dtype).eps, 5e-3) * max(1.0, ref.abs().max().item())
     candidates = [MlpChoice('torch')]
     if K.HAS_TRITON and dtype in (torch.float16, torch.bfloat16):
         candidates += [MlpChoice('triton', tiles=t) for t in K.LINEAR_TILES]
-    run = run_linear_gelu if gelu else run_linear
-    best, ms, timings, refused = _fastest(candidates, lambda c: run(c, y, w, wt, b), ref, tol)
+    best, ms, timings, refused = _fastest(candidates, lambda c: run_linear_gelu(c, y, w, wt, b), ref, tol)
     best = MlpChoice('torch') if best is None else MlpChoice(best.kind, best.tiles, ms)
     _CHOICE_CACHE[key] = (best, timings, refused)
     return best, timings, refused
-
-
-def choose_mlp(rows: int, in_features: int, hidden: int, dtype: torch.dtype, device: torch.device
-               ) -> Tuple[MlpChoice, Dict[str, float], Dict[str, str]]:
-    """:func:`choose_product` of GELU(y @ W^T + b), the MLP's first product."""
-    return choose_product(rows, in_features, hidden, dtype, device, gelu=True)
 
 
 def run_linear_residual(choice: MlpChoice, x: torch.Tensor, ids: torch.Tensor, u: torch.Tensor,
@@ -498,13 +478,9 @@ class _FastBlock(nn.Module):
                         ('fc2_w', w(blk.mlp.fc2.weight)), ('fc2_b', w(blk.mlp.fc2.bias)),
                         ('gamma2', f32(getattr(blk.ls2, 'gamma', None)))):
             self.register_buffer(name, t)
-        self.register_buffer('qkv_wt', None)  # Wqkv^T (C, 3C), made when the Triton product is chosen
-        self.register_buffer('proj_wt', None)  # Wproj^T (C, C), likewise
         self.register_buffer('fc1_wt', None)  # W1^T (C, 4C), made when the fused linear + GELU is chosen
         self.register_buffer('fc2_wt', None)  # W2^T (4C, C), made when the fused linear + residual is chosen
         self.attention = AttentionChoice('sdpa')
-        self.qkv = MlpChoice('torch')
-        self.proj = MlpChoice('torch')
         self.mlp = MlpChoice('torch')
         self.fc2 = MlpChoice('torch')
 
@@ -585,20 +561,16 @@ class FastViT(nn.Module):
         self._image_address = None
         # why a timed candidate was refused, per kind of choice and kept count: {kind: {n: {label: reason}}}
         self.refused: Dict[str, Dict[int, Dict[str, str]]] = {
-            kind: {} for kind in ('attention', 'qkv', 'proj', 'mlp', 'fc2', 'patch_embedding')}
+            kind: {} for kind in ('attention', 'mlp', 'fc2', 'patch_embedding')}
         self.attention_choices: Dict[int, AttentionChoice] = {}
         self.attention_timings: Dict[int, Dict[str, float]] = {}
-        self.qkv_choices: Dict[int, MlpChoice] = {}
-        self.qkv_timings: Dict[int, Dict[str, float]] = {}
-        self.proj_choices: Dict[int, MlpChoice] = {}
-        self.proj_timings: Dict[int, Dict[str, float]] = {}
         self.mlp_choices: Dict[int, MlpChoice] = {}
         self.mlp_timings: Dict[int, Dict[str, float]] = {}
         self.fc2_choices: Dict[int, MlpChoice] = {}
         self.fc2_timings: Dict[int, Dict[str, float]] = {}
         with _on(device):  # timing captures and events on the model's GPU, whichever is current
             self._choose_attention(attention, tune_batch)
-            self._choose_products(mlp, tune_batch)
+            self._choose_mlp(mlp, tune_batch)
             self._choose_embed(mlp, tune_batch)
 
         self._run = self._forward_impl
@@ -653,42 +625,36 @@ class FastViT(nn.Module):
             blk.attention = self.attention_choices[blk.n]
 
     def _times_fused_products(self, mode: str) -> bool:
-        """Whether the Triton products (the block's four, the patch embedding) are timed against cuBLAS at build:
-        ``mlp='auto'`` with the Triton backend on CUDA in fp16/bf16."""
+        """Whether the fused Triton products (the MLP's two, the patch embedding) are timed against cuBLAS at
+        build: ``mlp='auto'`` with the Triton backend on CUDA in fp16/bf16."""
         return (mode == 'auto' and _times_on(self.device) and self.backend == 'triton'
                 and self.dtype in (torch.float16, torch.bfloat16))
 
-    def _choose_products(self, mode: str, tune_batch: Optional[int]) -> None:
-        """For each kept count, how the block's matrix products run: ``qkv`` and ``proj`` (the attention's, bias
-        in the epilogue), ``mlp`` (fc1 + GELU) and ``fc2`` (fc2 + residual).  The ``mlp`` mode decides them all."""
+    def _choose_mlp(self, mode: str, tune_batch: Optional[int]) -> None:
+        """For each kept count, how the MLP's two products run (``mlp``: fc1 + GELU, ``fc2``: fc2 + residual)."""
         timed = self._times_fused_products(mode)
         batch = tune_batch or 64
-        kinds = ('qkv', 'proj', 'mlp', 'fc2')
         for blk in self.blocks:
             if blk.n == 0:
                 continue  # a block that keeps nothing does not run
             if blk.n not in self.mlp_choices:
                 hidden, width = blk.fc1_w.shape
-                rows = batch * blk.n
                 if mode == 'triton':
-                    choices = [(MlpChoice('triton', tiles=K.LINEAR_TILES[0]), {}, {})] * len(kinds)
+                    fused = MlpChoice('triton', tiles=K.LINEAR_TILES[0])
+                    choices = (fused, {}, {}), (fused, {}, {})
                 elif timed:
-                    choices = [choose_product(rows, width, blk.qkv_w.shape[0], self.dtype, self.device, gelu=False),
-                               choose_product(rows, blk.proj_w.shape[1], width, self.dtype, self.device, gelu=False),
-                               choose_mlp(rows, width, hidden, self.dtype, self.device),
+                    choices = (choose_mlp(batch * blk.n, width, hidden, self.dtype, self.device),
                                choose_fc2(batch, self.num_tokens, blk.n, hidden, width, self.dtype,
-                                          self.residual_dtype, self.device)]
+                                          self.residual_dtype, self.device))
                 else:
-                    choices = [(MlpChoice('torch'), {}, {})] * len(kinds)
-                for kind, (choice, timings, refused) in zip(kinds, choices):
-                    getattr(self, f'{kind}_choices')[blk.n] = choice
-                    getattr(self, f'{kind}_timings')[blk.n] = timings
-                    self.refused[kind][blk.n] = refused
-            for kind, weight in zip(kinds, ('qkv_w', 'proj_w', 'fc1_w', 'fc2_w')):
-                choice = getattr(self, f'{kind}_choices')[blk.n]
-                setattr(blk, kind, choice)
-                if choice.kind == 'triton':
-                    setattr(blk, weight + 't', getattr(blk, weight).t().contiguous())
+                    choices = (MlpChoice('torch'), {}, {}), (MlpChoice('torch'), {}, {})
+                ((self.mlp_choices[blk.n], self.mlp_timings[blk.n], self.refused['mlp'][blk.n]),
+                 (self.fc2_choices[blk.n], self.fc2_timings[blk.n], self.refused['fc2'][blk.n])) = choices
+            blk.mlp, blk.fc2 = self.mlp_choices[blk.n], self.fc2_choices[blk.n]
+            if blk.mlp.kind == 'triton':
+                blk.fc1_wt = blk.fc1_w.t().contiguous()
+            if blk.fc2.kind == 'triton':
+                blk.fc2_wt = blk.fc2_w.t().contiguous()
 
     def _choose_embed(self, mode: str, tune_batch: Optional[int]) -> None:
         """How the patch embedding runs (``embed_choice``): 'torch' (an unfolded copy of the patches in the
@@ -768,9 +734,8 @@ class FastViT(nn.Module):
 
     def _block_triton(self, x: torch.Tensor, blk: _FastBlock) -> torch.Tensor:
         y = K.gather_layer_norm_triton(x, blk.ids, blk.ln1_w, blk.ln1_b, blk.eps1, self.dtype)
-        qkv = run_linear(blk.qkv, y, blk.qkv_w, blk.qkv_wt, blk.qkv_b)
-        a = run_linear(blk.proj, run_attention(blk.attention, qkv, blk.num_heads, blk.scale), blk.proj_w,
-                       blk.proj_wt, blk.proj_b)
+        qkv = F.linear(y, blk.qkv_w, blk.qkv_b)
+        a = F.linear(run_attention(blk.attention, qkv, blk.num_heads, blk.scale), blk.proj_w, blk.proj_b)
         y = K.residual_layer_norm_triton_(x, blk.ids, a, blk.gamma1, blk.ln2_w, blk.ln2_b, blk.eps2, self.dtype)
         u = run_linear_gelu(blk.mlp, y, blk.fc1_w, blk.fc1_wt, blk.fc1_b)
         return run_linear_residual(blk.fc2, x, blk.ids, u, blk.fc2_w, blk.fc2_wt, blk.fc2_b, blk.gamma2)
@@ -878,10 +843,6 @@ class FastViT(nn.Module):
             'kept_counts': [blk.n for blk in self.blocks],
             'attention': {str(n): c.label for n, c in sorted(self.attention_choices.items())},
             'attention_ms': _finite(self.attention_timings),
-            'qkv': {str(n): c.label for n, c in sorted(self.qkv_choices.items())},
-            'qkv_ms': _finite(self.qkv_timings),
-            'proj': {str(n): c.label for n, c in sorted(self.proj_choices.items())},
-            'proj_ms': _finite(self.proj_timings),
             'mlp': {str(n): c.label for n, c in sorted(self.mlp_choices.items())},
             'mlp_ms': _finite(self.mlp_timings),
             'fc2': {str(n): c.label for n, c in sorted(self.fc2_choices.items())},

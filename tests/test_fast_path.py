@@ -229,21 +229,17 @@ LINEAR_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else 
                                          ((37, 40), (16, 64, 32, 4, 2)),      # K not a multiple of BLOCK_K
                                          ((3, 5, 64), K.LINEAR_TILES[0])])    # one tile larger than everything
 @pytest.mark.parametrize('with_bias', [True, False])
-@pytest.mark.parametrize('gelu', [True, False])
-def test_linear_gelu(dtype, shape, tiles, with_bias, gelu):
-    """The product with the GELU epilogue (the MLP's first) and without (qkv, proj)."""
+def test_linear_gelu(dtype, shape, tiles, with_bias):
     N = 80
     x = _randn(*shape, seed=12, dtype=dtype)
     w = _randn(N, shape[-1], seed=13) * shape[-1] ** -0.5
     b = _randn(N, seed=14) if with_bias else None
     wt = w.t().contiguous().to(dtype)
-    triton_fn, reference = ((K.linear_gelu_triton, K.linear_gelu_reference) if gelu
-                            else (K.linear_triton, K.linear_reference))
-    ours = triton_fn(x, wt, None if b is None else b.to(dtype), *tiles)
-    ref = reference(x, wt, None if b is None else b.to(dtype))
+    ours = K.linear_gelu_triton(x, wt, None if b is None else b.to(dtype), *tiles)
+    ref = K.linear_gelu_reference(x, wt, None if b is None else b.to(dtype))
     # plain torch: the exact GELU written out, x * Phi(x), on the fp64 product
     z = x.double() @ wt.double() + (0 if b is None else b.to(dtype).double())
-    plain = z * 0.5 * (1 + torch.erf(z / 2 ** 0.5)) if gelu else z
+    plain = z * 0.5 * (1 + torch.erf(z / 2 ** 0.5))
     assert ours.shape == shape[:-1] + (N,) and ours.dtype == dtype
     # fp16/bf16 inputs, fp32 accumulation: one rounding of the output; fp32 on CUDA: tf32 dots
     tol = {torch.float32: 2e-3 if CUDA else 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
@@ -555,16 +551,12 @@ def test_timed_choice_keeps_the_fastest_candidate_that_computes_the_right_thing(
         timed.append(cand.label)
         return script.get(cand.label, 2.0)
 
-    run_attention, run_linear, run_linear_gelu = FP.run_attention, FP.run_linear, FP.run_linear_gelu
+    run_attention, run_linear_gelu = FP.run_attention, FP.run_linear_gelu
     run_linear_residual, patch_embed = FP.run_linear_residual, K.patch_embed_triton_
 
     def wrong_attention(choice, *a):  # a tile that computes something else
         refused.append('attention') if choice.label == wrong_att else None
         return run_attention(choice, *a) + (choice.label == wrong_att)
-
-    def wrong_linear(choice, *a):  # qkv and proj
-        refused.append('linear') if choice.label == wrong_lin else None
-        return run_linear(choice, *a) - 1.0 * (choice.label == wrong_lin)
 
     def wrong_gelu(choice, *a):
         refused.append('mlp') if choice.label == wrong_lin else None
@@ -586,7 +578,6 @@ def test_timed_choice_keeps_the_fastest_candidate_that_computes_the_right_thing(
     monkeypatch.setattr(FP, '_time_candidate', scripted)
     monkeypatch.setattr(FP, '_CHOICE_CACHE', {})
     monkeypatch.setattr(FP, 'run_attention', wrong_attention)
-    monkeypatch.setattr(FP, 'run_linear', wrong_linear)
     monkeypatch.setattr(FP, 'run_linear_gelu', wrong_gelu)
     monkeypatch.setattr(FP, 'run_linear_residual', failing_residual)
     monkeypatch.setattr(K, 'patch_embed_triton_', failing_embed)
@@ -598,10 +589,9 @@ def test_timed_choice_keeps_the_fastest_candidate_that_computes_the_right_thing(
     counts = sorted(set(built['kept_counts']))
     assert len(counts) > 1
     # the wrong ones ran once each (per kept count), were refused, and never timed
-    assert sorted(refused) == sorted(['attention', 'linear', 'linear', 'mlp', 'fc2'] * len(counts) + ['embed'])
+    assert sorted(refused) == sorted(['attention', 'mlp', 'fc2'] * len(counts) + ['embed'])
     assert wrong_att not in timed and wrong_lin not in timed
-    for kind, kept, wrong in (('attention', kept_att, wrong_att), ('qkv', kept_lin, wrong_lin),
-                              ('proj', kept_lin, wrong_lin), ('mlp', kept_lin, wrong_lin),
+    for kind, kept, wrong in (('attention', kept_att, wrong_att), ('mlp', kept_lin, wrong_lin),
                               ('fc2', kept_lin, wrong_lin)):
         assert built[kind] == {str(n): kept for n in counts}, kind
         for n in counts:
@@ -610,16 +600,13 @@ def test_timed_choice_keeps_the_fastest_candidate_that_computes_the_right_thing(
             assert sum(v is not None for v in ms.values()) >= 2, (kind, ms)  # others were timed, and slower
     assert built['patch_embedding'] == kept_lin and built['patch_embedding_ms'][wrong_lin] is None
     # and each refusal says why: the output off by how much, or what was raised
-    for kind, wrong, why in (('attention', wrong_att, 'max |difference| '), ('qkv', wrong_lin, 'max |difference| '),
-                             ('proj', wrong_lin, 'max |difference| '), ('mlp', wrong_lin, 'max |difference| '),
+    for kind, wrong, why in (('attention', wrong_att, 'max |difference| '), ('mlp', wrong_lin, 'max |difference| '),
                              ('fc2', wrong_lin, 'RuntimeError: out of resources')):
         assert all(built['refused'][kind][str(n)][wrong].startswith(why) for n in counts), (kind, built['refused'])
     assert built['refused']['patch_embedding']['0'][wrong_lin] == 'RuntimeError: out of resources'
     for blk in fast.blocks:
-        assert ((blk.attention.label, blk.qkv.label, blk.proj.label, blk.mlp.label, blk.fc2.label)
-                == (kept_att,) + (kept_lin,) * 4)
-        assert all((getattr(blk, f'{w}_wt') is not None) == (winner == 'triton')
-                   for w in ('qkv', 'proj', 'fc1', 'fc2'))
+        assert (blk.attention.label, blk.mlp.label, blk.fc2.label) == (kept_att, kept_lin, kept_lin)
+        assert (blk.fc1_wt is not None, blk.fc2_wt is not None) == (winner == 'triton',) * 2
     x = images(seed=8)
     if winner == 'triton':  # the forced Triton build runs the first tiles too: the same kernels, the same bits
         forced = build_fast_path(model, backend='triton', dtype=torch.float16, attention='triton', mlp='triton')
@@ -683,8 +670,7 @@ def test_timed_build_skips_blocks_that_keep_nothing(monkeypatch):
     ids = [torch.arange(17), torch.tensor([], dtype=torch.int64), torch.tensor([0, 3, 5, 9])]
     fast = build_fast_path(model, backend='triton', dtype=torch.float16, kept_ids=ids, batch_size=2)
     assert sorted(counts) == [4, 17] and sorted(fast.attention_choices) == [4, 17]
-    assert (sorted(fast.qkv_choices) == sorted(fast.proj_choices) == sorted(fast.mlp_choices)
-            == sorted(fast.fc2_choices) == [4, 17])
+    assert sorted(fast.mlp_choices) == sorted(fast.fc2_choices) == [4, 17]
     x = images(seed=10)
     plain = build_fast_path(model, backend='torch', kept_ids=ids)
     assert (fast(x) - plain(x)).abs().max().item() <= 1e-2 * max(1.0, plain(x).abs().max().item())
@@ -789,11 +775,11 @@ for dtype in ('fp16', 'fp32'):
 lin = dict(x_ptr='*fp16', wt_ptr='*fp16', b_ptr='*fp16', out_ptr='*fp16', ids_ptr='*i64', g_ptr='*fp32', M='i32',
            N='i32', K='i32', n='i32', stride_xm='i32', stride_wk='i32', stride_ob='i32', stride_on='i32')
 for bm, bn, bk, warps, stages in K.LINEAR_TILES:
-    for residual, gelu in ((False, True), (False, False), (True, False)):  # fc1 + GELU; qkv, proj; fc2 + residual
+    for residual in (False, True):
         types = dict(lin, out_ptr='*fp32') if residual else lin
-        out[f'linear {bm}x{bn}x{bk} residual={residual} gelu={gelu}'] = compile_(
-            K._linear_kernel, types, dict(HAS_B=True, HAS_G=residual, RESIDUAL=residual, GELU=gelu, EVEN_K=True,
-                                          BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), warps, stages,
+        out[f'linear {bm}x{bn}x{bk} residual={residual}'] = compile_(
+            K._linear_kernel, types, dict(HAS_B=True, HAS_G=residual, RESIDUAL=residual, EVEN_K=True, BLOCK_M=bm,
+                                          BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), warps, stages,
             aligned=('x_ptr', 'wt_ptr', 'b_ptr', 'out_ptr', 'ids_ptr', 'g_ptr', 'N', 'K', 'stride_xm', 'stride_wk',
                      'stride_ob', 'stride_on'))
 block_c, rows, warps = K._row_tile(192)
@@ -839,7 +825,7 @@ def test_kernels_compile_for_hopper():
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     kernels = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(kernels) == 2 * len(K.ATTENTION_TILES) + 5 * len(K.LINEAR_TILES) + 3
+    assert len(kernels) == 2 * len(K.ATTENTION_TILES) + 4 * len(K.LINEAR_TILES) + 3
     too_big = sorted(name for name, info in kernels.items() if info['shared'] > 227 * 1024)
     assert too_big == ['attention 64x256 fp32'], too_big
     assert K.ATTENTION_TILES[0][:2] != (64, 256)
