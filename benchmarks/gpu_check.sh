@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_check.sh benchmark    # the benchmark alone (a rerun); `tests` for the tests alone
 #   bash benchmarks/gpu_check.sh resume       # the sections an earlier benchmark left out or failed, no more
 #   bash benchmarks/gpu_check.sh profile      # where the GPU time goes, by kernel (not in the default run)
+#   bash benchmarks/gpu_check.sh linear       # the matrix products per shape and cuBLAS route (not default)
 #
 # With this workplace's device tool, from the repository root, the .whl/ folder prepared as below:
 #
@@ -65,8 +66,8 @@ OUT="${OUT:-/tmp/gpu_check_out}"
 steps="${*:-tests benchmark}"
 for s in $steps; do
     case "$s" in
-        tests|benchmark|resume|profile) ;;
-        *) echo "error: unknown step $s (tests, benchmark, resume, profile)" >&2; exit 2 ;;
+        tests|benchmark|resume|profile|linear) ;;
+        *) echo "error: unknown step $s (tests, benchmark, resume, profile, linear)" >&2; exit 2 ;;
     esac
 done
 RESUME="${RESUME:-benchmarks/results/cuda.json}"
@@ -212,6 +213,12 @@ for name, res in json.load(open(sys.argv[1]))['models'].items():
     for row, top in res.get('kernels', {}).items():
         print(f'{row}: ' + '; '.join(f'{ms:.3f} ms {k[:60]}' for k, ms in top[:6]))
 EOF
+fi
+
+# 5. on request: the matrix products' GPU time per shape and cuBLAS route, and the fast path's end-to-end speed-up
+# under each route (benchmarks/linear_shapes.py; about 1 minute, limit 150 s).
+if [[ " $steps " == *" linear "* ]]; then
+    step linear 150 python3 benchmarks/linear_shapes.py --device cuda --out "$OUT"
 fi
 
 echo "== status"

@@ -1243,7 +1243,7 @@ def test_gpu_check_names_existing_test_files_and_refuses_unknown_steps(tmp_path)
         files = [w for w in command.split() if w.startswith('tests/')]
         assert files and all(os.path.isfile(os.path.join(ROOT, f)) for f in files), command
     out = tmp_path / 'out'
-    refusals = {('tests', 'no-such-step'): 'error: unknown step no-such-step (tests, benchmark, resume, profile)',
+    refusals = {('tests', 'no-such-step'): 'error: unknown step no-such-step (tests, benchmark, resume, profile, linear)',
                 ('resume',): f'error: resume: no {tmp_path / "none.json"} (copy there the cuda.json of the call to '
                              f'carry on)',
                 ('benchmark', 'resume'): 'error: resume is the benchmark carried on: give one of benchmark and resume'}
@@ -1279,3 +1279,31 @@ def test_gpu_check_reads_the_results_the_benchmark_writes():
     assert outputs[1] == ''  # a CPU run profiles no kernels
     table = _gpu_check_commands('benchmarks.report')
     assert len(table) == 1 and 'python3 -m benchmarks.report --gpu "$OUT/cuda.json"' in table[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# benchmarks/linear_shapes.py: the matrix products per cuBLAS route (measured on a GPU only)
+
+def test_linear_shapes_routes_set_and_restore_the_cublas_settings():
+    """Each route computes the same product, and leaves torch's global cuBLAS settings as it found them."""
+    from benchmarks import linear_shapes
+    matmul = torch.backends.cuda.matmul
+    before = torch.backends.cuda.preferred_blas_library(), matmul.allow_fp16_reduced_precision_reduction
+    x, w, b = torch.randn(5, 8), torch.randn(3, 8), torch.randn(3)
+    seen = {}
+    for name in linear_shapes.ROUTES:
+        with linear_shapes.route(name):
+            seen[name] = (str(torch.backends.cuda.preferred_blas_library()),
+                          matmul.allow_fp16_reduced_precision_reduction)
+            assert torch.allclose(linear_shapes.product(name)(x, w, b), x @ w.t() + b, atol=1e-5)
+        assert (torch.backends.cuda.preferred_blas_library(), matmul.allow_fp16_reduced_precision_reduction) == before
+    assert 'Cublaslt' in seen['lt'][0] and seen['no-reduced'][1] is False
+    assert seen['linear'] == seen['mm+bias'] == (str(before[0]), before[1])
+
+
+def test_linear_shapes_without_a_gpu_is_one_line_and_exit_2(tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, 'benchmarks', 'linear_shapes.py'), '--device', 'cpu',
+                        '--out', str(tmp_path)], capture_output=True, text=True, env=dict(os.environ,
+                       CUDA_VISIBLE_DEVICES=''))
+    assert r.returncode == 2 and r.stderr.startswith('error: ') and r.stderr.count('\n') == 1, r.stderr
+    assert os.listdir(tmp_path) == []

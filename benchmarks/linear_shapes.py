@@ -1,0 +1,177 @@
+"""Why the linear layers of a pruned DeiT lose part of their FLOPs ratio on a GPU: cuBLAS throughput per shape.
+
+On an H200 (fp16, batch 256) the dense DeiT-Ti's matrix products took 1.24 times as long as C&C-Ti-30's, where it
+has 1.42 times the tokens: cuBLAS picks other kernels at the pruned row counts M = batch x kept tokens than at the
+dense M = batch x 197, some of them slower per row.  This script measures, in one process, each of DeiT's four products
+(qkv, attention projection, fc1, fc2) at M = batch x n for the dense count and the kept counts of a pruned model,
+through each route torch offers to cuBLAS (each product's time replayed from a CUDA graph, the GPU's time):
+
+  linear        F.linear with its bias (torch's default, as the fast path calls it)
+  mm+bias       the product without bias, then the bias added (two kernels)
+  lt            F.linear with torch.backends.cuda.preferred_blas_library('cublaslt')
+  no-reduced    F.linear with allow_fp16_reduced_precision_reduction off
+
+and then, under each route that changes a kernel choice (linear, lt, no-reduced), builds the Triton fast path with
+CUDA graphs for the dense model and the pruned one, and times the six graphs interleaved, so the end-to-end
+speed-up per route is a ratio taken in one run.
+
+  python benchmarks/linear_shapes.py --device cuda [--model deit_tiny_patch16_224] [--rate 0.3] [--batch 256]
+
+Prints a table and writes linear_shapes.json/.md to --out.  CUDA only; no test times it.
+"""
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import sys
+from types import SimpleNamespace
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+ROUTES = ('linear', 'mm+bias', 'lt', 'no-reduced')
+
+
+@contextlib.contextmanager
+def route(name: str):
+    """The global cuBLAS setting a route runs under, restored afterwards."""
+    matmul = torch.backends.cuda.matmul
+    lib, reduced = torch.backends.cuda.preferred_blas_library(), matmul.allow_fp16_reduced_precision_reduction
+    try:
+        if name == 'lt':
+            torch.backends.cuda.preferred_blas_library('cublaslt')
+        if name == 'no-reduced':
+            matmul.allow_fp16_reduced_precision_reduction = False
+        yield
+    finally:
+        torch.backends.cuda.preferred_blas_library(lib)
+        matmul.allow_fp16_reduced_precision_reduction = reduced
+
+
+def product(name: str):
+    if name == 'mm+bias':
+        return lambda x, w, b: torch.mm(x, w.t()) + b
+    return F.linear
+
+
+def gemm_ms(fn, x, w, b) -> float:
+    """The GPU's milliseconds per call, replayed from a CUDA graph as the fast path's build times its candidates
+    (models.fast_path._cuda_graph_ms): launched one by one from Python, a product of 10-30 microseconds measures
+    the CPU's launch overhead instead."""
+    from models.fast_path import _cuda_graph_ms
+    return _cuda_graph_ms(lambda: fn(x, w, b))
+
+
+def shapes_of(width: int, hidden: int):
+    return {'qkv': (width, 3 * width), 'proj': (width, width), 'fc1': (width, hidden), 'fc2': (hidden, width)}
+
+
+def measure_shapes(batch: int, counts, width: int, hidden: int, device) -> dict:
+    """{route: {n: {product: ms}}} for every kept count n (each distinct count once)."""
+    g = torch.Generator(device=device).manual_seed(0)
+    out = {}
+    for r in ROUTES:
+        out[r] = {}
+        with route(r):
+            fn = product(r)
+            for n in counts:
+                out[r][n] = {}
+                for p, (k, nout) in shapes_of(width, hidden).items():
+                    x = torch.randn(batch * n, k, device=device, generator=g).half()
+                    w = torch.randn(nout, k, device=device, generator=g).half()
+                    b = torch.randn(nout, device=device, generator=g).half()
+                    out[r][n][p] = gemm_ms(fn, x, w, b)
+    return out
+
+
+def end_to_end(cc, pruned, batch: int, device) -> dict:
+    """Per route that changes a kernel choice: the dense (``cc``, every mask True) and pruned fast paths (Triton,
+    fp16 products, fp32 token buffer, CUDA graph: the benchmark's fast-triton-graph rows) built and captured under
+    it; then all of them timed interleaved (engine.time_interleaved).  Returns each row's median ms and, per
+    route, the median per-round ratio dense/pruned."""
+    import engine
+    from models.fast_path import build_fast_path
+    e2e_routes = ('linear', 'lt', 'no-reduced')
+    runs = {}
+    for r in e2e_routes:
+        with route(r):
+            for tag, m in (('dense', cc), ('pruned', pruned)):
+                runs[f'{r}/{tag}'] = build_fast_path(m.eval(), dtype=torch.float16, cuda_graph=True,
+                                                     batch_size=batch)
+    x = torch.randn(batch, 3, 224, 224, device=device)
+    with torch.no_grad():
+        secs = engine.time_interleaved(runs, x, device, repeats=30, warmup=5)
+    return {'ms': {k: 1e3 * statistics.median(v) for k, v in secs.items()},
+            'speedup': {r: statistics.median(d / q for d, q in zip(secs[f'{r}/dense'], secs[f'{r}/pruned']))
+                        for r in e2e_routes}}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('--device', default='cuda')
+    p.add_argument('--model', default='deit_tiny_patch16_224')
+    p.add_argument('--rate', type=float, default=0.3)
+    p.add_argument('--batch', type=int, default=256)
+    p.add_argument('--out', default=os.environ.get('OUT', '.'))
+    p.add_argument('--no-end-to-end', action='store_true')
+    args = p.parse_args(argv)
+    if args.device != 'cuda' or not torch.cuda.is_available():
+        print('error: --device cuda needs a CUDA GPU (this script measures cuBLAS)', file=sys.stderr)
+        return 2
+    device = torch.device('cuda')
+    import timm
+    import models
+    from benchmarks import model_zoo as zoo
+    from benchmarks.formulations import plan, pruned_copy, seeded_models
+    cc, _ = seeded_models(args.model, 0, device)
+    scores = zoo._scores(cc, SimpleNamespace(masks='taylor', seed=0), device)
+    pruned = pruned_copy(cc, plan(scores, len(cc.blocks), cc.num_tokens - cc.num_prefix_tokens, args.rate, 0))
+    kept = [int(n) for n in models.kept_token_counts(pruned)]
+    width, hidden = cc.embed_dim, cc.blocks[0].mlp.fc1.out_features
+    counts = sorted(set(kept) | {cc.num_tokens}, reverse=True)
+    shapes = measure_shapes(args.batch, counts, width, hidden, device)
+    lines = [f'{torch.cuda.get_device_name()}, torch {torch.__version__}, timm {timm.__version__}, fp16, '
+             f'{args.model} width {width}, batch {args.batch}; kept tokens per block {kept}', '',
+             'Per route: the four products summed over the blocks (ms per forward), dense (197 tokens in every '
+             'block) against pruned, and the ratio beside the token ratio; then TFLOP/s per product at each n.', '',
+             '| route | dense ms | pruned ms | time ratio | token ratio |', '|---|---|---|---|---|']
+    token_ratio = cc.num_tokens * len(kept) / sum(kept)
+    summary = {}
+    for r in ROUTES:
+        d = len(kept) * sum(shapes[r][cc.num_tokens].values())
+        q = sum(sum(shapes[r][n].values()) for n in kept)
+        summary[r] = {'dense_ms': d, 'pruned_ms': q, 'time_ratio': d / q}
+        lines.append(f'| {r} | {d:.3f} | {q:.3f} | {d / q:.3f} | {token_ratio:.3f} |')
+    lines += ['', f'FLOPs ratio {models.count_macs(cc) / models.count_macs(pruned):.3f}', '',
+              '| route | n | ' + ' | '.join(shapes_of(width, hidden)) + ' |',
+              '|---|---|' + '---|' * len(shapes_of(width, hidden))]
+    for r in ROUTES:
+        for n in counts:
+            cells = [f'{2 * args.batch * n * k * o / (ms * 1e-3) / 1e12:.0f}'
+                     for (k, o), ms in zip(shapes_of(width, hidden).values(), shapes[r][n].values())]
+            lines.append(f'| {r} | {n} | ' + ' | '.join(cells) + ' |')
+    result = {'gpu': torch.cuda.get_device_name(), 'torch': torch.__version__, 'model': args.model,
+              'rate': args.rate, 'batch': args.batch, 'kept': kept, 'shapes_ms': shapes, 'summary': summary}
+    print('\n'.join(lines), flush=True)
+    if not args.no_end_to_end:
+        e2e = end_to_end(cc, pruned, args.batch, device)
+        result['end_to_end'] = e2e
+        lines += ['', 'End to end (Triton fast path, fp16, CUDA graph; built and captured under each route, timed '
+                      'interleaved, median of 30): pruned over dense of the same route', '',
+                  '| route | dense ms | pruned ms | speed-up |', '|---|---|---|---|']
+        for r, s in e2e['speedup'].items():
+            lines.append(f'| {r} | {e2e["ms"][f"{r}/dense"]:.3f} | {e2e["ms"][f"{r}/pruned"]:.3f} | {s:.3f} |')
+        print('\n'.join(lines[-(3 + len(e2e['speedup'])):]), flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, 'linear_shapes.json'), 'w') as f:
+        json.dump(result, f, indent=1)
+    with open(os.path.join(args.out, 'linear_shapes.md'), 'w') as f:
+        f.write('\n'.join(lines) + '\n')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
