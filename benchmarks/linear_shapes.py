@@ -8,10 +8,12 @@ through each route torch offers to cuBLAS (each product's time replayed from a C
 
   linear        F.linear with its bias (torch's default, as the fast path calls it)
   mm+bias       the product without bias, then the bias added (two kernels)
+  halves        two cuBLAS calls, each on half of the rows, written into one output (at a row count where
+                cuBLAS's heuristic picks a slow kernel, each half is another row count)
   lt            F.linear with torch.backends.cuda.preferred_blas_library('cublaslt')
   no-reduced    F.linear with allow_fp16_reduced_precision_reduction off
 
-and then, under each route that changes a kernel choice (linear, lt, no-reduced), builds the Triton fast path with
+and then, under each route that is a global setting (linear, lt, no-reduced), builds the Triton fast path with
 CUDA graphs for the dense model and the pruned one, and times the six graphs interleaved, so the end-to-end
 speed-up per route is a ratio taken in one run.
 
@@ -32,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-ROUTES = ('linear', 'mm+bias', 'lt', 'no-reduced')
+ROUTES = ('linear', 'mm+bias', 'halves', 'lt', 'no-reduced')
 
 
 @contextlib.contextmanager
@@ -51,9 +53,19 @@ def route(name: str):
         matmul.allow_fp16_reduced_precision_reduction = reduced
 
 
+def _halves(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    out = torch.empty(x.shape[0], w.shape[0], dtype=x.dtype, device=x.device)
+    h = x.shape[0] // 2
+    torch.addmm(b, x[:h], w.t(), out=out[:h])
+    torch.addmm(b, x[h:], w.t(), out=out[h:])
+    return out
+
+
 def product(name: str):
     if name == 'mm+bias':
         return lambda x, w, b: torch.mm(x, w.t()) + b
+    if name == 'halves':
+        return _halves
     return F.linear
 
 

@@ -1306,7 +1306,9 @@ def test_linear_shapes_routes_set_and_restore_the_cublas_settings():
             assert torch.allclose(linear_shapes.product(name)(x, w, b), x @ w.t() + b, atol=1e-5)
         assert (torch.backends.cuda.preferred_blas_library(), matmul.allow_fp16_reduced_precision_reduction) == before
     assert 'Cublaslt' in seen['lt'][0] and seen['no-reduced'][1] is False
-    assert seen['linear'] == seen['mm+bias'] == (str(before[0]), before[1])
+    assert seen['linear'] == seen['mm+bias'] == seen['halves'] == (str(before[0]), before[1])
+    odd = torch.randn(7, 8)  # halves of an odd row count: 3 and 4 rows, each written in place
+    assert torch.allclose(linear_shapes.product('halves')(odd, w, b), odd @ w.t() + b, atol=1e-5)
 
 
 def test_linear_shapes_without_a_gpu_is_one_line_and_exit_2(tmp_path):
