@@ -100,7 +100,7 @@ def measure_shapes(batch: int, counts, width: int, hidden: int, device) -> dict:
 
 
 def end_to_end(cc, pruned, batch: int, device) -> dict:
-    """Per route that changes a kernel choice: the dense (``cc``, every mask True) and pruned fast paths (Triton,
+    """Per route that is a global setting: the dense (``cc``, every mask True) and pruned fast paths (Triton,
     fp16 products, fp32 token buffer, CUDA graph: the benchmark's fast-triton-graph rows) built and captured under
     it; then all of them timed interleaved (engine.time_interleaved).  Returns each row's median ms and, per
     route, the median per-round ratio dense/pruned."""
@@ -137,18 +137,18 @@ def main(argv=None) -> int:
     import timm
     import models
     from benchmarks import model_zoo as zoo
-    from benchmarks.formulations import plan, pruned_copy, seeded_models
-    cc, _ = seeded_models(args.model, 0, device)
+    from benchmarks.formulations import seeded_models
+    cc, _ = seeded_models(args.model, 0, device)  # the benchmark's models: seed 0, Taylor masks of 2 noise batches
     scores = zoo._scores(cc, SimpleNamespace(masks='taylor', seed=0), device)
-    pruned = pruned_copy(cc, plan(scores, len(cc.blocks), cc.num_tokens - cc.num_prefix_tokens, args.rate, 0))
+    pruned = zoo.pruned_models(cc, scores, [args.rate], 0)[args.rate]
     kept = [int(n) for n in models.kept_token_counts(pruned)]
     width, hidden = cc.embed_dim, cc.blocks[0].mlp.fc1.out_features
     counts = sorted(set(kept) | {cc.num_tokens}, reverse=True)
     shapes = measure_shapes(args.batch, counts, width, hidden, device)
     lines = [f'{torch.cuda.get_device_name()}, torch {torch.__version__}, timm {timm.__version__}, fp16, '
              f'{args.model} width {width}, batch {args.batch}; kept tokens per block {kept}', '',
-             'Per route: the four products summed over the blocks (ms per forward), dense (197 tokens in every '
-             'block) against pruned, and the ratio beside the token ratio; then TFLOP/s per product at each n.', '',
+             'Per route: the four products summed over the blocks (ms per forward), dense '
+             f'({cc.num_tokens} tokens in every block) against pruned, and the ratio beside the token ratio; then TFLOP/s per product at each n.', '',
              '| route | dense ms | pruned ms | time ratio | token ratio |', '|---|---|---|---|---|']
     token_ratio = cc.num_tokens * len(kept) / sum(kept)
     summary = {}

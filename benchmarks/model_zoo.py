@@ -808,7 +808,7 @@ def gap_breakdown(dense_ms: Dict[str, float], ours_ms: Dict[str, float], dense_m
         d, o = dense_ms.get(f, 0.0), ours_ms.get(f, 0.0)
         comparable = f != 'token routing'  # dense timm has no routing (one concatenation of the class token)
         families[f] = {'timm_ms': d, 'ours_ms': o, 'time_ratio': d / o if o and comparable else None,
-                       'flops_ratio': dense_macs.get(f, 0) / ours_macs[f] if ours_macs.get(f) else None,
+                       'flops_ratio': dense_macs[f] / ours_macs[f] if ours_macs.get(f) else None,
                        'excess_ms': o - d / ratio, 'excess_share': (o - d / ratio) / total_ours}
     return {'flops_ratio': ratio, 'profiled_speedup': total_dense / total_ours, 'timm_ms': total_dense,
             'ours_ms': total_ours, 'gap_ms': total_ours - total_dense / ratio, 'families': families}
