@@ -35,6 +35,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 ROUTES = ('linear', 'mm+bias', 'halves', 'lt', 'no-reduced')
+SETTING_ROUTES = ('linear', 'lt', 'no-reduced')  # the routes that are a global setting: timed end to end too
 
 
 @contextlib.contextmanager
@@ -81,8 +82,9 @@ def shapes_of(width: int, hidden: int):
     return {'qkv': (width, 3 * width), 'proj': (width, width), 'fc1': (width, hidden), 'fc2': (hidden, width)}
 
 
-def measure_shapes(batch: int, counts, width: int, hidden: int, device) -> dict:
-    """{route: {n: {product: ms}}} for every kept count n (each distinct count once)."""
+def measure_shapes(batch: int, counts, products, device) -> dict:
+    """{route: {n: {product: ms}}} for every kept count n (each distinct count once); ``products``:
+    {product: (in_features, out_features)}."""
     g = torch.Generator(device=device).manual_seed(0)
     out = {}
     for r in ROUTES:
@@ -91,7 +93,7 @@ def measure_shapes(batch: int, counts, width: int, hidden: int, device) -> dict:
             fn = product(r)
             for n in counts:
                 out[r][n] = {}
-                for p, (k, nout) in shapes_of(width, hidden).items():
+                for p, (k, nout) in products.items():
                     x = torch.randn(batch * n, k, device=device, generator=g).half()
                     w = torch.randn(nout, k, device=device, generator=g).half()
                     b = torch.randn(nout, device=device, generator=g).half()
@@ -106,9 +108,8 @@ def end_to_end(cc, pruned, batch: int, device) -> dict:
     route, the median per-round ratio dense/pruned."""
     import engine
     from models.fast_path import build_fast_path
-    e2e_routes = ('linear', 'lt', 'no-reduced')
     runs = {}
-    for r in e2e_routes:
+    for r in SETTING_ROUTES:
         with route(r):
             for tag, m in (('dense', cc), ('pruned', pruned)):
                 runs[f'{r}/{tag}'] = build_fast_path(m.eval(), dtype=torch.float16, cuda_graph=True,
@@ -118,7 +119,7 @@ def end_to_end(cc, pruned, batch: int, device) -> dict:
         secs = engine.time_interleaved(runs, x, device, repeats=30, warmup=5)
     return {'ms': {k: 1e3 * statistics.median(v) for k, v in secs.items()},
             'speedup': {r: statistics.median(d / q for d, q in zip(secs[f'{r}/dense'], secs[f'{r}/pruned']))
-                        for r in e2e_routes}}
+                        for r in SETTING_ROUTES}}
 
 
 def main(argv=None) -> int:
@@ -142,13 +143,15 @@ def main(argv=None) -> int:
     scores = zoo._scores(cc, SimpleNamespace(masks='taylor', seed=0), device)
     pruned = zoo.pruned_models(cc, scores, [args.rate], 0)[args.rate]
     kept = [int(n) for n in models.kept_token_counts(pruned)]
-    width, hidden = cc.embed_dim, cc.blocks[0].mlp.fc1.out_features
+    width = cc.embed_dim
+    products = shapes_of(width, cc.blocks[0].mlp.fc1.out_features)
     counts = sorted(set(kept) | {cc.num_tokens}, reverse=True)
-    shapes = measure_shapes(args.batch, counts, width, hidden, device)
+    shapes = measure_shapes(args.batch, counts, products, device)
     lines = [f'{torch.cuda.get_device_name()}, torch {torch.__version__}, timm {timm.__version__}, fp16, '
              f'{args.model} width {width}, batch {args.batch}; kept tokens per block {kept}', '',
              'Per route: the four products summed over the blocks (ms per forward), dense '
-             f'({cc.num_tokens} tokens in every block) against pruned, and the ratio beside the token ratio; then TFLOP/s per product at each n.', '',
+             f'({cc.num_tokens} tokens in every block) against pruned, and the ratio beside the token ratio; '
+             'then TFLOP/s per product at each n.', '',
              '| route | dense ms | pruned ms | time ratio | token ratio |', '|---|---|---|---|---|']
     token_ratio = cc.num_tokens * len(kept) / sum(kept)
     summary = {}
@@ -158,12 +161,11 @@ def main(argv=None) -> int:
         summary[r] = {'dense_ms': d, 'pruned_ms': q, 'time_ratio': d / q}
         lines.append(f'| {r} | {d:.3f} | {q:.3f} | {d / q:.3f} | {token_ratio:.3f} |')
     lines += ['', f'FLOPs ratio {models.count_macs(cc) / models.count_macs(pruned):.3f}', '',
-              '| route | n | ' + ' | '.join(shapes_of(width, hidden)) + ' |',
-              '|---|---|' + '---|' * len(shapes_of(width, hidden))]
+              '| route | n | ' + ' | '.join(products) + ' |', '|---|---|' + '---|' * len(products)]
     for r in ROUTES:
         for n in counts:
             cells = [f'{2 * args.batch * n * k * o / (ms * 1e-3) / 1e12:.0f}'
-                     for (k, o), ms in zip(shapes_of(width, hidden).values(), shapes[r][n].values())]
+                     for (k, o), ms in zip(products.values(), shapes[r][n].values())]
             lines.append(f'| {r} | {n} | ' + ' | '.join(cells) + ' |')
     result = {'gpu': torch.cuda.get_device_name(), 'torch': torch.__version__, 'model': args.model,
               'rate': args.rate, 'batch': args.batch, 'kept': kept, 'shapes_ms': shapes, 'summary': summary}
@@ -171,12 +173,12 @@ def main(argv=None) -> int:
     if not args.no_end_to_end:
         e2e = end_to_end(cc, pruned, args.batch, device)
         result['end_to_end'] = e2e
+        table = ['| route | dense ms | pruned ms | speed-up |', '|---|---|---|---|'] + [
+            f'| {r} | {e2e["ms"][f"{r}/dense"]:.3f} | {e2e["ms"][f"{r}/pruned"]:.3f} | {s:.3f} |'
+            for r, s in e2e['speedup'].items()]
         lines += ['', 'End to end (Triton fast path, fp16, CUDA graph; built and captured under each route, timed '
-                      'interleaved, median of 30): pruned over dense of the same route', '',
-                  '| route | dense ms | pruned ms | speed-up |', '|---|---|---|---|']
-        for r, s in e2e['speedup'].items():
-            lines.append(f'| {r} | {e2e["ms"][f"{r}/dense"]:.3f} | {e2e["ms"][f"{r}/pruned"]:.3f} | {s:.3f} |')
-        print('\n'.join(lines[-(3 + len(e2e['speedup'])):]), flush=True)
+                      'interleaved, median of 30): pruned over dense of the same route', ''] + table
+        print('\n'.join(table), flush=True)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, 'linear_shapes.json'), 'w') as f:
         json.dump(result, f, indent=1)

@@ -1251,7 +1251,8 @@ def test_gpu_check_names_existing_test_files_and_refuses_unknown_steps(tmp_path)
         files = [w for w in command.split() if w.startswith('tests/')]
         assert files and all(os.path.isfile(os.path.join(ROOT, f)) for f in files), command
     out = tmp_path / 'out'
-    refusals = {('tests', 'no-such-step'): 'error: unknown step no-such-step (tests, benchmark, resume, profile, linear)',
+    refusals = {('tests', 'no-such-step'):
+                'error: unknown step no-such-step (tests, benchmark, resume, profile, linear)',
                 ('resume',): f'error: resume: no {tmp_path / "none.json"} (copy there the cuda.json of the call to '
                              f'carry on)',
                 ('benchmark', 'resume'): 'error: resume is the benchmark carried on: give one of benchmark and resume'}
