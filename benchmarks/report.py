@@ -515,15 +515,18 @@ def _fast_path_table(results: Dict) -> List[str]:
                 d = r['fast_path']
                 attention = ', '.join(f'{n}: {a}' for n, a in d.get('attention', {}).items())
                 mlp, fc2 = (', '.join(sorted(set(d.get(k, {}).values()))) or '–' for k in ('mlp', 'fc2'))
+                padded = ', '.join(f'{n}: {c}' for n, c in d.get('qkv', {}).items() if c != 'torch')
+                qkv = padded or ('torch' if d.get('qkv') else '–')  # '–': results from before qkv was timed
                 rows.append([labels.get(key, key), str(batch), fmt(seconds.get(key), '.1f'),
                              f'yes, input {d.get("cuda_graph_input")}' if d.get('cuda_graph_batch') else 'no',
-                             attention or '–', mlp, fc2,
+                             attention or '–', qkv, mlp, fc2,
                              d.get('patch_embedding', '–')])
     if not rows:
         return []
-    return (['', 'Fast path builds (models/fast_path.py): kernels chosen per kept count at build time:', '']
-            + table(['row', 'batch', 'build s', 'CUDA graph', 'attention (kept count: kernel)', 'MLP fc1 + GELU',
-                     'MLP fc2 + residual', 'patch embedding'], rows))
+    return (['', 'Fast path builds (models/fast_path.py): kernels chosen per kept count at build time (qkv: the '
+                 'kept counts where cuBLAS runs on padded rows, "torch" where it runs on the real rows only):', '']
+            + table(['row', 'batch', 'build s', 'CUDA graph', 'attention (kept count: kernel)', 'qkv',
+                     'MLP fc1 + GELU', 'MLP fc2 + residual', 'patch embedding'], rows))
 
 
 def markdown(results: Dict, families=()) -> str:

@@ -442,15 +442,33 @@ def _flag_ptr(t: Optional[torch.Tensor], fallback: torch.Tensor) -> Tuple[torch.
     return (fallback, False) if t is None else (t.contiguous(), True)
 
 
+def _out_rows(x: torch.Tensor, ids: torch.Tensor, out: Optional[torch.Tensor], out_dtype: Optional[torch.dtype],
+              default_dtype: torch.dtype) -> torch.Tensor:
+    """The (B, n, C) output of a row kernel: ``out`` when given (any tensor of that shape whose rows are
+    contiguous, e.g. the first B*n rows of a longer buffer, see models/fast_path.py; ``out_dtype``, if given too,
+    must be its dtype), else a new one in ``out_dtype`` or ``default_dtype``."""
+    B, _, C = x.shape
+    n = ids.numel()
+    if out is None:
+        return torch.empty(B, n, C, dtype=out_dtype or default_dtype, device=x.device)
+    dtype = out_dtype or out.dtype
+    if (tuple(out.shape) != (B, n, C) or out.stride(-1) != 1 or out.stride(1) != C or out.device != x.device
+            or out.dtype != dtype):
+        raise ValueError(f'out must be a ({B}, {n}, {C}) {dtype} tensor on {x.device} with contiguous rows, got '
+                         f'{tuple(out.shape)} {out.dtype} on {out.device} with strides {out.stride()}')
+    return out
+
+
 def gather_layer_norm_triton(x: torch.Tensor, ids: torch.Tensor, weight: Optional[torch.Tensor],
-                             bias: Optional[torch.Tensor], eps: float,
-                             out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """Triton version of :func:`gather_layer_norm_reference`: one pass, reading only the rows in ids."""
+                             bias: Optional[torch.Tensor], eps: float, out_dtype: Optional[torch.dtype] = None,
+                             out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Triton version of :func:`gather_layer_norm_reference`: one pass, reading only the rows in ids; written
+    into ``out`` when given (see :func:`_out_rows`)."""
     _need_triton(x)
     _check_rows(x, ids)
     B, _, C = x.shape
     n = ids.numel()
-    out = torch.empty(B, n, C, dtype=out_dtype or x.dtype, device=x.device)
+    out = _out_rows(x, ids, out, out_dtype, x.dtype)
     if B * n == 0:
         return out
     w, has_w = _flag_ptr(weight, x)
@@ -463,12 +481,12 @@ def gather_layer_norm_triton(x: torch.Tensor, ids: torch.Tensor, weight: Optiona
     return out
 
 
-def _residual_triton(x, ids, a, gamma, weight, bias, eps, out_dtype, norm):
+def _residual_triton(x, ids, a, gamma, weight, bias, eps, out_dtype, norm, out=None):
     _need_triton(x)
     _check_rows(x, ids, a)
     B, _, C = x.shape
     n = ids.numel()
-    out = torch.empty(B, n, C, dtype=out_dtype or a.dtype, device=x.device) if norm else None
+    out = _out_rows(x, ids, out, out_dtype, a.dtype) if norm else None
     if B * n == 0:
         return out
     g, has_g = _flag_ptr(gamma, x)
@@ -485,10 +503,11 @@ def _residual_triton(x, ids, a, gamma, weight, bias, eps, out_dtype, norm):
 
 def residual_layer_norm_triton_(x: torch.Tensor, ids: torch.Tensor, a: torch.Tensor,
                                 gamma: Optional[torch.Tensor], weight: Optional[torch.Tensor],
-                                bias: Optional[torch.Tensor], eps: float,
-                                out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """Triton version of :func:`residual_layer_norm_reference_` (ids must be distinct)."""
-    return _residual_triton(x, ids, a, gamma, weight, bias, eps, out_dtype, norm=True)
+                                bias: Optional[torch.Tensor], eps: float, out_dtype: Optional[torch.dtype] = None,
+                                out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Triton version of :func:`residual_layer_norm_reference_` (ids must be distinct); the norm is written into
+    ``out`` when given (see :func:`_out_rows`)."""
+    return _residual_triton(x, ids, a, gamma, weight, bias, eps, out_dtype, norm=True, out=out)
 
 
 def residual_scatter_triton_(x: torch.Tensor, ids: torch.Tensor, m: torch.Tensor,

@@ -24,7 +24,7 @@ concatenation) -/0.74; total 7.02/6.56.  The memory-bound ops cost more than the
 pruned model reached only 0.73-0.81 of its FLOPs ratio.  So, with ``backend='triton'``, a block is
 
     y   = gather_layer_norm(x, ids)                  # gather + LN1 + cast: one pass (models/fast_kernels.py)
-    qkv = y @ Wqkv^T + bqkv                          # cuBLAS
+    qkv = y @ Wqkv^T + bqkv                          # cuBLAS (on rows padded as timed, see below)
     o   = attention(qkv)                             # SDPA backend or Triton kernel, chosen per kept count
     a   = o @ Wproj^T + bproj                        # cuBLAS
     y2  = residual_layer_norm_(x, ids, a, gamma1)    # x[:, ids] += gamma1*a, LN2, cast: one pass
@@ -40,7 +40,11 @@ model's exact GELU; the fused Triton product applies the exact GELU to its fp32 
 writing the (B, n, 4C) hidden activation and reading it back (GELU measured 0.61 ms of 7.02).  Whether that
 beats cuBLAS's product is a matter of measurement, so on CUDA both are timed at build time (``mlp_choices``);
 likewise the second product with the residual update as its epilogue (``fc2_choices``), which saves writing
-and reading its (B, n, C) output.
+and reading its (B, n, C) output.  cuBLAS itself picks its kernel by a heuristic on the shape, and at some row
+counts it picks a slow one (measured on an H200: the qkv product at DeiT-Ti width took 0.033-0.037 ms at three
+of C&C-Ti-30's kept counts against 0.025 at the others), so a product whose operand a norm kernel writes (qkv,
+fc1) is also timed with that operand padded by a few hundred rows (``ROW_PADS``): the norm writes the real rows
+into a longer buffer, cuBLAS multiplies all of it, and the real rows of the result are used.
 
 The patch embedding is one matrix product over unfolded patches (the conv weight reshaped to (C, 3*p*p);
 measured 0.28 ms against 0.97 for the conv), its bias folded with the position embedding into one constant
@@ -83,7 +87,7 @@ head is shared: ``model.forward_head`` is called on the features).
 """
 import contextlib
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -95,8 +99,8 @@ from timm.models.vision_transformer import Block, VisionTransformer
 
 from . import fast_kernels as K
 
-__all__ = ['build_fast_path', 'FastViT', 'CaptureError', 'AttentionChoice', 'MlpChoice', 'choose_attention',
-           'choose_mlp', 'choose_fc2', 'check_supported', 'BACKENDS', 'ATTENTION_MODES', 'MLP_MODES']
+__all__ = ['build_fast_path', 'FastViT', 'CaptureError', 'AttentionChoice', 'ProductChoice', 'choose_attention',
+           'choose_product', 'choose_fc2', 'check_supported', 'BACKENDS', 'ATTENTION_MODES', 'MLP_MODES']
 
 BACKENDS = ('triton', 'torch', 'compile')
 ATTENTION_MODES = ('auto', 'sdpa', 'triton')
@@ -218,18 +222,38 @@ class AttentionChoice:
 
 
 @dataclass(frozen=True)
-class MlpChoice:
-    """How one block computes one of its MLP products with its epilogue, GELU(y @ W1^T + b1) or
-    x[:, ids] += gamma * (u @ W2^T + b2): ``kind`` 'torch' (cuBLAS with the bias in its epilogue, then torch's
-    GELU or the scatter kernel) or 'triton' (one fused kernel; ``tiles``: BLOCK_M, BLOCK_N, BLOCK_K, num_warps,
-    num_stages); ``ms``: its build-time time, if timed."""
+class ProductChoice:
+    """How one block computes one of its matrix products with its epilogue, y @ Wqkv^T + bqkv,
+    GELU(y @ W1^T + b1) or x[:, ids] += gamma * (u @ W2^T + b2): ``kind`` 'torch' (cuBLAS with the bias in its
+    epilogue, then torch's GELU or the scatter kernel) or 'triton' (one fused kernel; ``tiles``: BLOCK_M, BLOCK_N,
+    BLOCK_K, num_warps, num_stages); ``pad``: for 'torch', extra rows cuBLAS computes beyond the B*n real ones
+    (see :data:`ROW_PADS`); ``ms``: its build-time time, if timed."""
     kind: str
     tiles: Optional[Tuple[int, int, int, int, int]] = None
     ms: Optional[float] = None
+    pad: int = 0
 
     @property
     def label(self) -> str:
-        return 'triton-{}x{}x{}w{}s{}'.format(*self.tiles) if self.kind == 'triton' else 'torch'
+        if self.kind == 'triton':
+            return 'triton-{}x{}x{}w{}s{}'.format(*self.tiles)
+        return f'torch+{self.pad}rows' if self.pad else 'torch'
+
+
+# Extra rows a cuBLAS product may compute beyond its B*n real ones.  cuBLAS picks its kernel by a heuristic on
+# the shape, and measured on an H200 at DeiT-Ti width and batch 256 it picked a slow one for the qkv product at
+# three of C&C-Ti-30's kept counts (133, 141, 143 tokens: 0.033-0.037 ms, against 0.025 at 132-139 and 150, in
+# CUDA-graph timings), where the pruned model lost its FLOPs ratio.  So where the products are timed, a product
+# fed by a LayerNorm kernel (qkv; fc1, and with it fc2) is also timed with its operand padded by each of these
+# row counts that costs at most an eighth more rows: the norm writes the real rows into a longer buffer, cuBLAS
+# multiplies all of it, the real rows are read back.  Rows are independent in a matrix product, so the real rows'
+# results are those of the unpadded product; the padding rows are never initialised and never read.
+ROW_PADS = (64, 128, 256, 512, 1024)
+
+
+def row_pads(rows: int) -> List[int]:
+    """0 and the :data:`ROW_PADS` worth timing for a product over ``rows`` real rows (at most rows / 8 extra)."""
+    return [0] + [p for p in ROW_PADS if 8 * p <= rows]
 
 
 def _sdpa(qkv: torch.Tensor, num_heads: int, scale: float, backend: Optional[str]) -> torch.Tensor:
@@ -255,7 +279,7 @@ def run_attention(choice: AttentionChoice, qkv: torch.Tensor, num_heads: int, sc
     return _sdpa(qkv, num_heads, scale, choice.backend)
 
 
-def run_linear_gelu(choice: MlpChoice, y: torch.Tensor, weight: torch.Tensor, weight_t: Optional[torch.Tensor],
+def run_linear_gelu(choice: ProductChoice, y: torch.Tensor, weight: torch.Tensor, weight_t: Optional[torch.Tensor],
                     bias: Optional[torch.Tensor]) -> torch.Tensor:
     """GELU(y @ weight^T + bias) as ``choice`` says (``weight_t``: weight transposed, for the Triton kernel)."""
     if choice.kind == 'triton':
@@ -382,31 +406,38 @@ def choose_attention(n: int, batch: int, num_heads: int, head_dim: int, scale: f
 
 
 @torch.no_grad()
-def choose_mlp(rows: int, in_features: int, hidden: int, dtype: torch.dtype, device: torch.device
-               ) -> Tuple[MlpChoice, Dict[str, float], Dict[str, str]]:
-    """Time GELU(y @ W^T + b) for y (rows, in_features) on CUDA: torch (cuBLAS + GELU) against the fused Triton
-    kernel's tiles; return the fastest that is within tolerance of the fp32 reference, with every candidate's
-    milliseconds.  Cached per shape."""
-    key = ('mlp', str(device), dtype, rows, in_features, hidden)
+def choose_product(rows: int, in_features: int, out_features: int, dtype: torch.dtype, device: torch.device,
+                   gelu: bool) -> Tuple[ProductChoice, Dict[str, float], Dict[str, str]]:
+    """Time y @ W^T + b (``gelu``: GELU of it, the MLP's first product; else qkv's) for y (rows, in_features) on
+    CUDA: cuBLAS on the real rows and on each :func:`row_pads` padding of them, and for ``gelu`` the fused Triton
+    kernel's tiles; return the fastest whose real rows are within tolerance of the fp32 reference, with every
+    candidate's milliseconds.  Cached per shape."""
+    key = ('mlp' if gelu else 'qkv', str(device), dtype, rows, in_features, out_features)
     if key in _CHOICE_CACHE:
         return _CHOICE_CACHE[key]
+    pads = row_pads(rows)
     g = torch.Generator(device=device).manual_seed(rows)
-    y = torch.randn(rows, in_features, device=device, generator=g).to(dtype)
-    w = (torch.randn(hidden, in_features, device=device, generator=g) * in_features ** -0.5).to(dtype)
-    b = torch.randn(hidden, device=device, generator=g).to(dtype)
+    y = torch.randn(rows + pads[-1], in_features, device=device, generator=g).to(dtype)
+    w = (torch.randn(out_features, in_features, device=device, generator=g) * in_features ** -0.5).to(dtype)
+    b = torch.randn(out_features, device=device, generator=g).to(dtype)
     wt = w.t().contiguous()
-    ref = K.linear_gelu_reference(y, wt, b).float()
+    ref = (K.linear_gelu_reference(y[:rows], wt, b) if gelu else F.linear(y[:rows].float(), w.float(), b.float()))
+    ref = ref.float()
     tol = max(8 * torch.finfo(dtype).eps, 5e-3) * max(1.0, ref.abs().max().item())
-    candidates = [MlpChoice('torch')]
-    if K.HAS_TRITON and dtype in (torch.float16, torch.bfloat16):
-        candidates += [MlpChoice('triton', tiles=t) for t in K.LINEAR_TILES]
-    best, ms, timings, refused = _fastest(candidates, lambda c: run_linear_gelu(c, y, w, wt, b), ref, tol)
-    best = MlpChoice('torch') if best is None else MlpChoice(best.kind, best.tiles, ms)
+    candidates = [ProductChoice('torch', pad=p) for p in pads]
+    if gelu and K.HAS_TRITON and dtype in (torch.float16, torch.bfloat16):
+        candidates += [ProductChoice('triton', tiles=t) for t in K.LINEAR_TILES]
+
+    def run(c: ProductChoice) -> torch.Tensor:
+        operand = y[:rows + c.pad]
+        return (run_linear_gelu(c, operand, w, wt, b) if gelu else F.linear(operand, w, b))[:rows]
+    best, ms, timings, refused = _fastest(candidates, run, ref, tol)
+    best = ProductChoice('torch') if best is None else replace(best, ms=ms)
     _CHOICE_CACHE[key] = (best, timings, refused)
     return best, timings, refused
 
 
-def run_linear_residual(choice: MlpChoice, x: torch.Tensor, ids: torch.Tensor, u: torch.Tensor,
+def run_linear_residual(choice: ProductChoice, x: torch.Tensor, ids: torch.Tensor, u: torch.Tensor,
                         weight: torch.Tensor, weight_t: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                         gamma: Optional[torch.Tensor]) -> torch.Tensor:
     """x[:, ids] += gamma * (u @ weight^T + bias) as ``choice`` says: cuBLAS then the scatter kernel, or one
@@ -419,7 +450,7 @@ def run_linear_residual(choice: MlpChoice, x: torch.Tensor, ids: torch.Tensor, u
 @torch.no_grad()
 def choose_fc2(batch: int, num_tokens: int, n: int, hidden: int, width: int, dtype: torch.dtype,
                residual_dtype: torch.dtype, device: torch.device
-               ) -> Tuple[MlpChoice, Dict[str, float], Dict[str, str]]:
+               ) -> Tuple[ProductChoice, Dict[str, float], Dict[str, str]]:
     """Time x[:, ids] += gamma * (u @ W^T + b) for u (batch, n, hidden) into a (batch, num_tokens, width) buffer
     on CUDA: cuBLAS + the scatter kernel against the fused Triton kernel's tiles; return the fastest within
     tolerance of the fp32 reference, with every candidate's milliseconds.  Cached per shape."""
@@ -436,14 +467,14 @@ def choose_fc2(batch: int, num_tokens: int, n: int, hidden: int, width: int, dty
     wt = w.t().contiguous()
     ref = K.linear_residual_scatter_reference_(x.clone(), ids, u, wt, b, gamma).float()
     tol = max(8 * torch.finfo(dtype).eps, 5e-3) * max(1.0, ref.abs().max().item())
-    candidates = [MlpChoice('torch')]
+    candidates = [ProductChoice('torch')]
     if dtype in (torch.float16, torch.bfloat16):
-        candidates += [MlpChoice('triton', tiles=t) for t in K.LINEAR_TILES]
+        candidates += [ProductChoice('triton', tiles=t) for t in K.LINEAR_TILES]
     timed = x.clone()  # accumulates over the timed calls: the values drift, the work does not change
     best, ms, timings, refused = _fastest(
         candidates, lambda c: run_linear_residual(c, timed, ids, u, w, wt, b, gamma), ref, tol,
         check=lambda c: run_linear_residual(c, x.clone(), ids, u, w, wt, b, gamma))
-    best = MlpChoice('torch') if best is None else MlpChoice(best.kind, best.tiles, ms)
+    best = ProductChoice('torch') if best is None else ProductChoice(best.kind, best.tiles, ms)
     _CHOICE_CACHE[key] = (best, timings, refused)
     return best, timings, refused
 
@@ -481,8 +512,9 @@ class _FastBlock(nn.Module):
         self.register_buffer('fc1_wt', None)  # W1^T (C, 4C), made when the fused linear + GELU is chosen
         self.register_buffer('fc2_wt', None)  # W2^T (4C, C), made when the fused linear + residual is chosen
         self.attention = AttentionChoice('sdpa')
-        self.mlp = MlpChoice('torch')
-        self.fc2 = MlpChoice('torch')
+        self.qkv = ProductChoice('torch')
+        self.mlp = ProductChoice('torch')
+        self.fc2 = ProductChoice('torch')
 
 
 def _layer_norm_f32(t: torch.Tensor, weight, bias, eps: float) -> torch.Tensor:
@@ -561,16 +593,20 @@ class FastViT(nn.Module):
         self._image_address = None
         # why a timed candidate was refused, per kind of choice and kept count: {kind: {n: {label: reason}}}
         self.refused: Dict[str, Dict[int, Dict[str, str]]] = {
-            kind: {} for kind in ('attention', 'mlp', 'fc2', 'patch_embedding')}
+            kind: {} for kind in ('attention', 'qkv', 'mlp', 'fc2', 'patch_embedding')}
         self.attention_choices: Dict[int, AttentionChoice] = {}
         self.attention_timings: Dict[int, Dict[str, float]] = {}
-        self.mlp_choices: Dict[int, MlpChoice] = {}
+        self.qkv_choices: Dict[int, ProductChoice] = {}
+        self.qkv_timings: Dict[int, Dict[str, float]] = {}
+        self.mlp_choices: Dict[int, ProductChoice] = {}
         self.mlp_timings: Dict[int, Dict[str, float]] = {}
-        self.fc2_choices: Dict[int, MlpChoice] = {}
+        self.fc2_choices: Dict[int, ProductChoice] = {}
         self.fc2_timings: Dict[int, Dict[str, float]] = {}
+        # the batch size the choices were timed at: a product's row padding (ROW_PADS) applies at that size only
+        self.tune_batch = tune_batch or 64
         with _on(device):  # timing captures and events on the model's GPU, whichever is current
             self._choose_attention(attention, tune_batch)
-            self._choose_mlp(mlp, tune_batch)
+            self._choose_products(mlp, tune_batch)
             self._choose_embed(mlp, tune_batch)
 
         self._run = self._forward_impl
@@ -624,33 +660,41 @@ class FastViT(nn.Module):
                 self.refused['attention'][blk.n] = refused
             blk.attention = self.attention_choices[blk.n]
 
-    def _times_fused_products(self, mode: str) -> bool:
-        """Whether the fused Triton products (the MLP's two, the patch embedding) are timed against cuBLAS at
-        build: ``mlp='auto'`` with the Triton backend on CUDA in fp16/bf16."""
+    def _times_products(self, mode: str) -> bool:
+        """Whether the matrix products (the block's qkv and MLP, the patch embedding) are timed at build, cuBLAS
+        with and without row padding against the fused Triton kernels: ``mlp='auto'`` with the Triton backend on
+        CUDA in fp16/bf16."""
         return (mode == 'auto' and _times_on(self.device) and self.backend == 'triton'
                 and self.dtype in (torch.float16, torch.bfloat16))
 
-    def _choose_mlp(self, mode: str, tune_batch: Optional[int]) -> None:
-        """For each kept count, how the MLP's two products run (``mlp``: fc1 + GELU, ``fc2``: fc2 + residual)."""
-        timed = self._times_fused_products(mode)
+    def _choose_products(self, mode: str, tune_batch: Optional[int]) -> None:
+        """For each kept count, how the block's products run (``qkv``; ``mlp``: fc1 + GELU; ``fc2``: fc2 +
+        residual).  The ``mlp`` mode decides them all; 'triton' forces the fused kernels and leaves qkv to cuBLAS."""
+        timed = self._times_products(mode)
         batch = tune_batch or 64
+        kinds = ('qkv', 'mlp', 'fc2')
         for blk in self.blocks:
             if blk.n == 0:
                 continue  # a block that keeps nothing does not run
             if blk.n not in self.mlp_choices:
                 hidden, width = blk.fc1_w.shape
+                torch_product = (ProductChoice('torch'), {}, {})
                 if mode == 'triton':
-                    fused = MlpChoice('triton', tiles=K.LINEAR_TILES[0])
-                    choices = (fused, {}, {}), (fused, {}, {})
+                    fused = (ProductChoice('triton', tiles=K.LINEAR_TILES[0]), {}, {})
+                    choices = torch_product, fused, fused
                 elif timed:
-                    choices = (choose_mlp(batch * blk.n, width, hidden, self.dtype, self.device),
+                    choices = (choose_product(batch * blk.n, width, blk.qkv_w.shape[0], self.dtype, self.device,
+                                              gelu=False),
+                               choose_product(batch * blk.n, width, hidden, self.dtype, self.device, gelu=True),
                                choose_fc2(batch, self.num_tokens, blk.n, hidden, width, self.dtype,
                                           self.residual_dtype, self.device))
                 else:
-                    choices = (MlpChoice('torch'), {}, {}), (MlpChoice('torch'), {}, {})
-                ((self.mlp_choices[blk.n], self.mlp_timings[blk.n], self.refused['mlp'][blk.n]),
-                 (self.fc2_choices[blk.n], self.fc2_timings[blk.n], self.refused['fc2'][blk.n])) = choices
-            blk.mlp, blk.fc2 = self.mlp_choices[blk.n], self.fc2_choices[blk.n]
+                    choices = (torch_product,) * 3
+                for kind, (choice, timings, refused) in zip(kinds, choices):
+                    getattr(self, f'{kind}_choices')[blk.n] = choice
+                    getattr(self, f'{kind}_timings')[blk.n] = timings
+                    self.refused[kind][blk.n] = refused
+            blk.qkv, blk.mlp, blk.fc2 = self.qkv_choices[blk.n], self.mlp_choices[blk.n], self.fc2_choices[blk.n]
             if blk.mlp.kind == 'triton':
                 blk.fc1_wt = blk.fc1_w.t().contiguous()
             if blk.fc2.kind == 'triton':
@@ -664,22 +708,22 @@ class FastViT(nn.Module):
         timings: Dict[str, float] = {}
         refused: Dict[str, str] = {}
         if mode == 'triton':
-            choice = MlpChoice('triton', tiles=K.LINEAR_TILES[0])
-        elif self._times_fused_products(mode):
+            choice = ProductChoice('triton', tiles=K.LINEAR_TILES[0])
+        elif self._times_products(mode):
             choice, timings, refused = self._time_embed(tune_batch or 64)
         else:
-            choice = MlpChoice('torch')
+            choice = ProductChoice('torch')
         self._set_embed(choice)
         self.embed_timings = timings
         self.refused['patch_embedding'][0] = refused
 
-    def _set_embed(self, choice: MlpChoice) -> None:
+    def _set_embed(self, choice: ProductChoice) -> None:
         self.embed_choice = choice
         if choice.kind == 'triton' and self.patch_wt is None:
             self.patch_wt = self.patch_w.t().contiguous()  # (c*ph*pw, C)
 
     @torch.no_grad()
-    def _time_embed(self, batch: int) -> Tuple[MlpChoice, Dict[str, float], Dict[str, str]]:
+    def _time_embed(self, batch: int) -> Tuple[ProductChoice, Dict[str, float], Dict[str, str]]:
         """Time the patch embedding at ``batch`` random images both ways (each within tolerance of the fp32
         reference); cached per shape."""
         key = ('embed', str(self.device), self.dtype, self.residual_dtype, batch, self.in_chans, self.img_size,
@@ -694,12 +738,12 @@ class FastViT(nn.Module):
                 ref = _layer_norm_f32(ref, *self.norm_pre)
             tol = max(8 * torch.finfo(self.dtype).eps, 5e-3) * max(1.0, ref.abs().max().item())
 
-            def run(c: MlpChoice) -> torch.Tensor:
+            def run(c: ProductChoice) -> torch.Tensor:
                 self._set_embed(c)
                 return self._embed(images)
-            candidates = [MlpChoice('torch')] + [MlpChoice('triton', tiles=t) for t in K.LINEAR_TILES]
+            candidates = [ProductChoice('torch')] + [ProductChoice('triton', tiles=t) for t in K.LINEAR_TILES]
             best, ms, timings, refused = _fastest(candidates, run, ref, tol)
-            best = MlpChoice('torch') if best is None else MlpChoice(best.kind, best.tiles, ms)
+            best = ProductChoice('torch') if best is None else ProductChoice(best.kind, best.tiles, ms)
             _CHOICE_CACHE[key] = (best, timings, refused)
         return _CHOICE_CACHE[key]
 
@@ -732,12 +776,23 @@ class FastViT(nn.Module):
             buf = _layer_norm_f32(buf, *self.norm_pre).to(self.residual_dtype)
         return buf
 
+    def _rows(self, x: torch.Tensor, n: int, pad: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """A (B*n + pad, C) operand buffer in the compute dtype and its first B*n rows viewed as (B, n, C), where
+        a norm kernel writes them; ``pad`` (a :class:`ProductChoice`'s) only at the batch size it was timed at."""
+        B, _, C = x.shape
+        pad = pad if B == self.tune_batch else 0
+        buf = torch.empty(B * n + pad, C, dtype=self.dtype, device=x.device)
+        return buf, buf[:B * n].view(B, n, C)
+
     def _block_triton(self, x: torch.Tensor, blk: _FastBlock) -> torch.Tensor:
-        y = K.gather_layer_norm_triton(x, blk.ids, blk.ln1_w, blk.ln1_b, blk.eps1, self.dtype)
-        qkv = F.linear(y, blk.qkv_w, blk.qkv_b)
+        B, n = x.shape[0], blk.n
+        buf, y = self._rows(x, n, blk.qkv.pad)
+        K.gather_layer_norm_triton(x, blk.ids, blk.ln1_w, blk.ln1_b, blk.eps1, out=y)
+        qkv = F.linear(buf, blk.qkv_w, blk.qkv_b)[:B * n].view(B, n, -1)  # the real rows of the (padded) product
         a = F.linear(run_attention(blk.attention, qkv, blk.num_heads, blk.scale), blk.proj_w, blk.proj_b)
-        y = K.residual_layer_norm_triton_(x, blk.ids, a, blk.gamma1, blk.ln2_w, blk.ln2_b, blk.eps2, self.dtype)
-        u = run_linear_gelu(blk.mlp, y, blk.fc1_w, blk.fc1_wt, blk.fc1_b)
+        buf, y = self._rows(x, n, blk.mlp.pad)
+        K.residual_layer_norm_triton_(x, blk.ids, a, blk.gamma1, blk.ln2_w, blk.ln2_b, blk.eps2, out=y)
+        u = run_linear_gelu(blk.mlp, buf, blk.fc1_w, blk.fc1_wt, blk.fc1_b)[:B * n].view(B, n, -1)
         return run_linear_residual(blk.fc2, x, blk.ids, u, blk.fc2_w, blk.fc2_wt, blk.fc2_b, blk.gamma2)
 
     def _block_torch(self, x: torch.Tensor, blk: _FastBlock) -> torch.Tensor:
@@ -843,6 +898,8 @@ class FastViT(nn.Module):
             'kept_counts': [blk.n for blk in self.blocks],
             'attention': {str(n): c.label for n, c in sorted(self.attention_choices.items())},
             'attention_ms': _finite(self.attention_timings),
+            'qkv': {str(n): c.label for n, c in sorted(self.qkv_choices.items())},
+            'qkv_ms': _finite(self.qkv_timings),
             'mlp': {str(n): c.label for n, c in sorted(self.mlp_choices.items())},
             'mlp_ms': _finite(self.mlp_timings),
             'fc2': {str(n): c.label for n, c in sorted(self.fc2_choices.items())},
@@ -889,11 +946,12 @@ def build_fast_path(model: nn.Module, backend: str = 'triton', dtype: Optional[t
     ``attention``: 'auto' (time SDPA backends and, for 'triton', the Triton kernel per distinct kept count on
     CUDA, at ``batch_size`` images or 64; SDPA on CPU), 'sdpa', or 'triton'.  ``mlp``: the matrix products
     with fused epilogues, i.e. the MLP's two (GELU; the residual update) and the patch embedding's (the
-    position constant, written into the buffer), 'auto' (with backend 'triton' and fp16/bf16 on CUDA: time
-    cuBLAS + the elementwise kernels against the fused Triton kernels, per kept count for the MLP; else torch),
-    'torch', or 'triton'.  ``cuda_graph``: capture the
-    forward for ``batch_size`` images (CUDA only).  ``kept_ids``: per-block original token ids, overriding
-    ``model.kept_token_ids()`` (a model without it is dense).
+    position constant, written into the buffer), and the qkv product: 'auto' (with backend 'triton' and
+    fp16/bf16 on CUDA: time cuBLAS, on the real rows and padded (``ROW_PADS``), + the elementwise kernels
+    against the fused Triton kernels, per kept count for qkv and the MLP; else torch), 'torch', or 'triton' (the
+    fused kernels; qkv by cuBLAS).  ``cuda_graph``: capture the forward for ``batch_size`` images (CUDA only).
+    ``kept_ids``: per-block original token ids, overriding ``model.kept_token_ids()`` (a model without it is
+    dense).
     """
     if cuda_graph and not batch_size:
         raise ValueError('cuda_graph=True needs batch_size')

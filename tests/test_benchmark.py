@@ -244,6 +244,21 @@ def test_verdicts_separate_a_miss_from_noise():
     assert report.verdict(report._target('no interval', 0.99, 1.0, True, None)) == '**NO**'
 
 
+def test_fast_path_builds_table_names_the_padded_qkv_products():
+    """The builds table says at which kept counts the qkv product ran on padded rows; a build that timed qkv
+    without padding anything says torch, and results from before qkv was timed say nothing ('–')."""
+    def results(qkv):
+        built = {'attention': {'133': 'sdpa-flash_attention'}, 'mlp': {'133': 'torch'}, 'fc2': {'133': 'torch'},
+                 'patch_embedding': 'torch', 'cuda_graph_batch': None, **qkv}
+        return {'models': {'m': {'batch_size': 256, 'rows': [{'key': 'k', 'label': 'C&C-Ti-30 (fast)',
+                                                              'fast_path': built}]}}}
+    for qkv, shown in (({'qkv': {'133': 'torch+256rows', '150': 'torch'}}, '133: torch+256rows'),
+                       ({'qkv': {'133': 'torch'}}, 'torch'), ({}, '–')):
+        header, rule, row = report._fast_path_table(results(qkv))[-3:]
+        cells = dict(zip(header.strip('|').split(' | '), row.strip('|').split(' | ')))
+        assert cells['qkv'] == shown, (qkv, row)
+
+
 def test_ratios_pair_rounds_in_our_protocol_and_divide_means_in_the_original():
     t = stats.Timings({'fast': [1.0, 2.0, 4.0], 'slow': [3.0, 3.0, 6.0]}, batch=4)
     assert t.ratio('fast', 'slow') == {'median': 1.5, 'min': 1.5, 'max': 3.0, 'ci': [1.5, 3.0]}  # 3, 1.5, 1.5

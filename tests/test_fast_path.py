@@ -177,6 +177,31 @@ def test_row_kernels_refuse_mismatched_shapes():
         K.gather_layer_norm_triton(x, ids.view(1, 2), None, None, 1e-6)
 
 
+@needs_triton
+def test_norm_kernels_write_into_the_first_rows_of_a_longer_buffer():
+    """With ``out``, the two norm kernels write the (B, n, C) result into a view of the first B*n rows of a longer
+    (B*n + pad, C) buffer, as the fast path pads a product's operand: the same values as without it, the rows
+    after them untouched; an ``out`` of another shape, dtype or layout is refused."""
+    C, ids = 40, torch.tensor(DISTINCT_IDS, device=DEVICE)
+    B, n = 3, len(DISTINCT_IDS)
+    x = _randn(B, 21, C, seed=12)
+    a = _randn(B, n, C, seed=13, dtype=torch.float16)
+    w, b, g = _randn(C, seed=14), _randn(C, seed=15), _randn(C, seed=16)
+    for name, run in (('gather', lambda xx, **kw: K.gather_layer_norm_triton(xx, ids, w, b, 1e-6, **kw)),
+                      ('residual', lambda xx, **kw: K.residual_layer_norm_triton_(xx, ids, a, g, w, b, 1e-6, **kw))):
+        buf = torch.full((B * n + 7, C), 7.0, dtype=torch.float16, device=DEVICE)
+        x1, x2 = x.clone(), x.clone()
+        alone = run(x1, out_dtype=torch.float16)
+        assert run(x2, out=buf[:B * n].view(B, n, C)).data_ptr() == buf.data_ptr(), name
+        assert torch.equal(buf[:B * n].view(B, n, C), alone) and torch.equal(x1, x2), name
+        assert bool((buf[B * n:] == 7.0).all()), name
+        for bad, why in ((torch.empty(B, n + 1, C, dtype=torch.float16, device=DEVICE), 'shape'),
+                         (torch.empty(B, n, C, device=DEVICE), 'dtype'),
+                         (torch.empty(B, C, n, dtype=torch.float16, device=DEVICE).transpose(1, 2), 'layout')):
+            with pytest.raises(ValueError, match=rf'out must be a \({B}, {n}, {C}\) torch.float16 tensor'):
+                run(x.clone(), out=bad, out_dtype=torch.float16)
+
+
 def plain_attention(qkv, num_heads, scale):
     """softmax(q k^T * scale) v per (image, head), in float64, from a (B, n, 3, H, D) layout."""
     B, n, three_c = qkv.shape
@@ -539,9 +564,9 @@ def test_timed_choice_keeps_the_fastest_candidate_that_computes_the_right_thing(
     count.  The built path must then compute the model (and, when the chosen kernels are the first Triton
     tiles, exactly what those kernels forced compute)."""
     import models.fast_path as FP
-    from models.fast_path import MlpChoice
+    from models.fast_path import ProductChoice
     fast_att, wrong_att = (AttentionChoice('triton', tiles=t).label for t in K.ATTENTION_TILES[:2])
-    fast_lin, wrong_lin = (MlpChoice('triton', tiles=t).label for t in K.LINEAR_TILES[:2])
+    fast_lin, wrong_lin = (ProductChoice('triton', tiles=t).label for t in K.LINEAR_TILES[:2])
     kept_att, kept_lin = (fast_att, fast_lin) if winner == 'triton' else ('sdpa-math', 'torch')
     script = {kept_att: 1.0, kept_lin: 1.0, wrong_att: 0.5, wrong_lin: 0.5}
     timed, refused = [], []
@@ -613,6 +638,55 @@ def test_timed_choice_keeps_the_fastest_candidate_that_computes_the_right_thing(
         assert torch.equal(fast(x), forced(x))
     ref = model(x)  # and fp16 products stay within fp16 rounding of the fp32 eager model
     assert (fast(x) - ref).abs().max().item() <= 1e-2 * max(1.0, ref.abs().max().item())
+
+
+@needs_triton
+@torch.no_grad()
+def test_timed_build_can_pad_the_rows_of_a_product(monkeypatch):
+    """Where cuBLAS is faster on a few more rows (its heuristic picks a slow kernel at some row counts), the timed
+    build keeps the padded product for qkv and fc1: the norm kernel writes the B*n real rows into a longer buffer
+    and the product runs on all of it.  The padding rows are never initialised (NaN here) and never reach the
+    logits; at another batch size than the timed one nothing is padded."""
+    import models.fast_path as FP
+    from models.fast_path import ProductChoice
+    assert FP.row_pads(256 * 133) == [0, 64, 128, 256, 512, 1024] and FP.row_pads(32 * 143) == [0, 64, 128, 256, 512]
+    assert FP.row_pads(143) == [0]  # batch 1: nothing worth an eighth more rows
+    monkeypatch.setattr(FP, 'ROW_PADS', (2, 4, 64))
+    padded = ProductChoice('torch', pad=4).label
+    assert padded == 'torch+4rows'
+
+    def scripted(run, cand):
+        run(cand)
+        return {padded: 0.5, 'torch': 1.0}.get(cand.label, 2.0)
+
+    monkeypatch.setattr(FP, '_times_on', lambda device: True)
+    monkeypatch.setattr(FP, '_time_candidate', scripted)
+    monkeypatch.setattr(FP, '_CHOICE_CACHE', {})
+    model = tiny_cc(11)
+    pruning.apply_masks(model, pruning.random_masks(3, 16, 0.3, generator=_gen(11)))
+    fast = build_fast_path(model, backend='triton', dtype=torch.float16, batch_size=4)
+    plain = build_fast_path(model, backend='triton', dtype=torch.float16, attention='sdpa', mlp='torch')
+    built = fast.describe()
+    counts = sorted(set(built['kept_counts']))
+    for kind in ('qkv', 'mlp'):
+        assert built[kind] == {str(n): padded for n in counts}, kind
+        assert all(set(built[f'{kind}_ms'][str(n)]) >= {'torch', 'torch+2rows', padded} for n in counts), kind
+    assert built['fc2'] == {str(n): 'torch' for n in counts}
+    rows, real_rows = [], FP.FastViT._rows
+
+    def nan_padded_rows(self, x, n, pad):
+        buf, y = real_rows(self, x, n, pad)
+        buf.fill_(float('nan'))  # what the norm kernel does not write stays NaN
+        rows.append((buf.shape[0], x.shape[0] * n))
+        return buf, y
+
+    monkeypatch.setattr(FP.FastViT, '_rows', nan_padded_rows)
+    for batch, pad in ((4, 4), (3, 0)):
+        rows.clear()
+        x = images(batch, seed=11)
+        ours = fast(x)
+        assert rows and all(total == real + pad for total, real in rows), (batch, rows)
+        assert torch.isfinite(ours).all() and _close(ours, plain(x)), batch
 
 
 def test_on_a_gpu_the_cuda_only_tests_run_first(monkeypatch):
@@ -952,7 +1026,7 @@ def test_the_build_times_its_candidates_replayed_from_a_cuda_graph():
         fast = build_fast_path(model, backend='triton', dtype=torch.float16, cuda_graph=True, batch_size=8)
     built = fast.describe()
     timed = 0
-    for kind in ('attention', 'mlp', 'fc2'):
+    for kind in ('attention', 'qkv', 'mlp', 'fc2'):  # qkv: cuBLAS on the real rows and padded (8 x 148 rows)
         assert set(built[f'{kind}_ms']) == {str(n) for n in set(built['kept_counts'])}, kind
         for n, ms in built[f'{kind}_ms'].items():
             finite = {k: v for k, v in ms.items() if v is not None}
