@@ -514,19 +514,19 @@ def _fast_path_table(results: Dict) -> List[str]:
             for key, r in found.items():
                 d = r['fast_path']
                 attention = ', '.join(f'{n}: {a}' for n, a in d.get('attention', {}).items())
-                mlp, fc2 = (', '.join(sorted(set(d.get(k, {}).values()))) or '–' for k in ('mlp', 'fc2'))
-                padded = ', '.join(f'{n}: {c}' for n, c in d.get('qkv', {}).items() if c != 'torch')
-                qkv = padded or ('torch' if d.get('qkv') else '–')  # '–': results from before qkv was timed
+                # the products: the kernels chosen, each once ('–': results from before that product was timed)
+                products = [', '.join(sorted(set(d.get(k, {}).values()))) or '–'
+                            for k in ('qkv', 'proj', 'mlp', 'fc2')]
                 rows.append([labels.get(key, key), str(batch), fmt(seconds.get(key), '.1f'),
                              f'yes, input {d.get("cuda_graph_input")}' if d.get('cuda_graph_batch') else 'no',
-                             attention or '–', qkv, mlp, fc2,
-                             d.get('patch_embedding', '–')])
+                             attention or '–', *products, d.get('patch_embedding', '–')])
     if not rows:
         return []
-    return (['', 'Fast path builds (models/fast_path.py): kernels chosen per kept count at build time (qkv: the '
-                 'kept counts where cuBLAS runs on padded rows, "torch" where it runs on the real rows only):', '']
+    return (['', 'Fast path builds (models/fast_path.py): kernels chosen per kept count at build time (a product: '
+                 'each kernel chosen at some kept count; "torch+Nrows": cuBLAS on N padding rows beyond the real '
+                 'ones):', '']
             + table(['row', 'batch', 'build s', 'CUDA graph', 'attention (kept count: kernel)', 'qkv',
-                     'MLP fc1 + GELU', 'MLP fc2 + residual', 'patch embedding'], rows))
+                     'attention proj', 'MLP fc1 + GELU', 'MLP fc2 + residual', 'patch embedding'], rows))
 
 
 def markdown(results: Dict, families=()) -> str:

@@ -442,19 +442,17 @@ def _flag_ptr(t: Optional[torch.Tensor], fallback: torch.Tensor) -> Tuple[torch.
     return (fallback, False) if t is None else (t.contiguous(), True)
 
 
-def _out_rows(x: torch.Tensor, ids: torch.Tensor, out: Optional[torch.Tensor], out_dtype: Optional[torch.dtype],
-              default_dtype: torch.dtype) -> torch.Tensor:
-    """The (B, n, C) output of a row kernel: ``out`` when given (any tensor of that shape whose rows are
-    contiguous, e.g. the first B*n rows of a longer buffer, see models/fast_path.py; ``out_dtype``, if given too,
-    must be its dtype), else a new one in ``out_dtype`` or ``default_dtype``."""
-    B, _, C = x.shape
-    n = ids.numel()
+def out_rows(B: int, n: int, C: int, device: torch.device, out: Optional[torch.Tensor],
+              out_dtype: Optional[torch.dtype], default_dtype: torch.dtype) -> torch.Tensor:
+    """The (B, n, C) output of a kernel: ``out`` when given (any tensor of that shape whose rows are contiguous,
+    e.g. the first B*n rows of a longer buffer, see models/fast_path.py; ``out_dtype``, if given too, must be its
+    dtype), else a new one in ``out_dtype`` or ``default_dtype``."""
     if out is None:
-        return torch.empty(B, n, C, dtype=out_dtype or default_dtype, device=x.device)
+        return torch.empty(B, n, C, dtype=out_dtype or default_dtype, device=device)
     dtype = out_dtype or out.dtype
-    if (tuple(out.shape) != (B, n, C) or out.stride(-1) != 1 or out.stride(1) != C or out.device != x.device
+    if (tuple(out.shape) != (B, n, C) or out.stride(-1) != 1 or out.stride(1) != C or out.device != device
             or out.dtype != dtype):
-        raise ValueError(f'out must be a ({B}, {n}, {C}) {dtype} tensor on {x.device} with contiguous rows, got '
+        raise ValueError(f'out must be a ({B}, {n}, {C}) {dtype} tensor on {device} with contiguous rows, got '
                          f'{tuple(out.shape)} {out.dtype} on {out.device} with strides {out.stride()}')
     return out
 
@@ -463,12 +461,12 @@ def gather_layer_norm_triton(x: torch.Tensor, ids: torch.Tensor, weight: Optiona
                              bias: Optional[torch.Tensor], eps: float, out_dtype: Optional[torch.dtype] = None,
                              out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Triton version of :func:`gather_layer_norm_reference`: one pass, reading only the rows in ids; written
-    into ``out`` when given (see :func:`_out_rows`)."""
+    into ``out`` when given (see :func:`out_rows`)."""
     _need_triton(x)
     _check_rows(x, ids)
     B, _, C = x.shape
     n = ids.numel()
-    out = _out_rows(x, ids, out, out_dtype, x.dtype)
+    out = out_rows(B, n, C, x.device, out, out_dtype, x.dtype)
     if B * n == 0:
         return out
     w, has_w = _flag_ptr(weight, x)
@@ -486,7 +484,7 @@ def _residual_triton(x, ids, a, gamma, weight, bias, eps, out_dtype, norm, out=N
     _check_rows(x, ids, a)
     B, _, C = x.shape
     n = ids.numel()
-    out = _out_rows(x, ids, out, out_dtype, a.dtype) if norm else None
+    out = out_rows(B, n, C, x.device, out, out_dtype, a.dtype) if norm else None
     if B * n == 0:
         return out
     g, has_g = _flag_ptr(gamma, x)
@@ -506,7 +504,7 @@ def residual_layer_norm_triton_(x: torch.Tensor, ids: torch.Tensor, a: torch.Ten
                                 bias: Optional[torch.Tensor], eps: float, out_dtype: Optional[torch.dtype] = None,
                                 out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Triton version of :func:`residual_layer_norm_reference_` (ids must be distinct); the norm is written into
-    ``out`` when given (see :func:`_out_rows`)."""
+    ``out`` when given (see :func:`out_rows`)."""
     return _residual_triton(x, ids, a, gamma, weight, bias, eps, out_dtype, norm=True, out=out)
 
 
@@ -524,8 +522,9 @@ def attention_tiles_ok(head_dim: int) -> bool:
 
 def attention_triton(qkv: torch.Tensor, num_heads: int, scale: float, block_m: int = ATTENTION_TILES[0][0],
                      block_n: int = ATTENTION_TILES[0][1], num_warps: int = ATTENTION_TILES[0][2],
-                     num_stages: int = ATTENTION_TILES[0][3]) -> torch.Tensor:
-    """Triton version of :func:`attention_reference`: fp32 softmax and accumulation, output in qkv's dtype."""
+                     num_stages: int = ATTENTION_TILES[0][3], out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Triton version of :func:`attention_reference`: fp32 softmax and accumulation, output in qkv's dtype; written
+    into ``out`` when given (see :func:`out_rows`)."""
     _need_triton(qkv)
     B, n, three_c = qkv.shape
     if three_c % (3 * num_heads) or qkv.stride(-1) != 1:
@@ -533,7 +532,7 @@ def attention_triton(qkv: torch.Tensor, num_heads: int, scale: float, block_m: i
     head_dim = three_c // (3 * num_heads)
     if not attention_tiles_ok(head_dim):
         raise ValueError(f'the Triton attention needs a power-of-two head_dim >= 16, got {head_dim}')
-    out = torch.empty(B, n, num_heads * head_dim, dtype=qkv.dtype, device=qkv.device)
+    out = out_rows(B, n, num_heads * head_dim, qkv.device, out, qkv.dtype, qkv.dtype)
     if B * n == 0:
         return out
     grid = (triton.cdiv(n, block_m), B * num_heads)

@@ -24,7 +24,7 @@ concatenation) -/0.74; total 7.02/6.56.  The memory-bound ops cost more than the
 pruned model reached only 0.73-0.81 of its FLOPs ratio.  So, with ``backend='triton'``, a block is
 
     y   = gather_layer_norm(x, ids)                  # gather + LN1 + cast: one pass (models/fast_kernels.py)
-    qkv = y @ Wqkv^T + bqkv                          # cuBLAS (on rows padded as timed, see below)
+    qkv = y @ Wqkv^T + bqkv                          # cuBLAS (each product on rows padded as timed, see below)
     o   = attention(qkv)                             # SDPA backend or Triton kernel, chosen per kept count
     a   = o @ Wproj^T + bproj                        # cuBLAS
     y2  = residual_layer_norm_(x, ids, a, gamma1)    # x[:, ids] += gamma1*a, LN2, cast: one pass
@@ -42,9 +42,9 @@ beats cuBLAS's product is a matter of measurement, so on CUDA both are timed at 
 likewise the second product with the residual update as its epilogue (``fc2_choices``), which saves writing
 and reading its (B, n, C) output.  cuBLAS itself picks its kernel by a heuristic on the shape, and at some row
 counts it picks a slow one (measured on an H200: the qkv product at DeiT-Ti width took 0.033-0.037 ms at three
-of C&C-Ti-30's kept counts against 0.025 at the others), so a product whose operand a norm kernel writes (qkv,
-fc1) is also timed with that operand padded by a few hundred rows (``ROW_PADS``): the norm writes the real rows
-into a longer buffer, cuBLAS multiplies all of it, and the real rows of the result are used.
+of C&C-Ti-30's kept counts against 0.025 at the others), so each of the four products is also timed with its
+operand padded by a few hundred rows (``ROW_PADS``): the kernel before it writes the real rows into a longer
+buffer, cuBLAS multiplies all of it, and the real rows of the result are used.
 
 The patch embedding is one matrix product over unfolded patches (the conv weight reshaped to (C, 3*p*p);
 measured 0.28 ms against 0.97 for the conv), its bias folded with the position embedding into one constant
@@ -241,13 +241,15 @@ class ProductChoice:
 
 
 # Extra rows a cuBLAS product may compute beyond its B*n real ones.  cuBLAS picks its kernel by a heuristic on
-# the shape, and measured on an H200 at DeiT-Ti width and batch 256 it picked a slow one for the qkv product at
-# three of C&C-Ti-30's kept counts (133, 141, 143 tokens: 0.033-0.037 ms, against 0.025 at 132-139 and 150, in
-# CUDA-graph timings), where the pruned model lost its FLOPs ratio.  So where the products are timed, a product
-# fed by a LayerNorm kernel (qkv; fc1, and with it fc2) is also timed with its operand padded by each of these
-# row counts that costs at most an eighth more rows: the norm writes the real rows into a longer buffer, cuBLAS
-# multiplies all of it, the real rows are read back.  Rows are independent in a matrix product, so the real rows'
-# results are those of the unpadded product; the padding rows are never initialised and never read.
+# the shape.  Measured on an H200 at DeiT-Ti width and batch 256, the dense model's four products all ran one
+# kernel (192x192 tiles), while at C&C-Ti-30's kept counts cuBLAS picked eight others, and their time fell 1.24x
+# where the rows fell 1.42x; at three of those counts (133, 141, 143 tokens) the qkv product took 0.033-0.037 ms
+# against 0.025 at 132-139 and 150 (CUDA-graph timings).  So where the products are timed, each of the block's
+# four is also timed with its operand padded by each of these row counts that costs at most an eighth more rows:
+# the kernel before it (a norm, the attention, the first MLP product) writes the real rows into a longer buffer,
+# cuBLAS multiplies all of it, and the real rows of the result are used.  Rows are independent in a matrix
+# product, so they are those of the unpadded product; the padding rows are never initialised and their results
+# never used.
 ROW_PADS = (64, 128, 256, 512, 1024)
 
 
@@ -256,8 +258,10 @@ def row_pads(rows: int) -> List[int]:
     return [0] + [p for p in ROW_PADS if 8 * p <= rows]
 
 
-def _sdpa(qkv: torch.Tensor, num_heads: int, scale: float, backend: Optional[str]) -> torch.Tensor:
-    """SDPA on views of the (B, n, 3, H, D) qkv tensor; returns (B, n, H*D)."""
+def _sdpa(qkv: torch.Tensor, num_heads: int, scale: float, backend: Optional[str],
+          out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """SDPA on views of the (B, n, 3, H, D) qkv tensor; returns (B, n, H*D), written into ``out`` when given (a
+    (B, n, H*D) tensor with contiguous rows: the one copy the heads' transpose costs anyway)."""
     B, n, three_c = qkv.shape
     D = three_c // (3 * num_heads)
     q, k, v = qkv.view(B, n, 3, num_heads, D).permute(2, 0, 3, 1, 4).unbind(0)
@@ -267,16 +271,21 @@ def _sdpa(qkv: torch.Tensor, num_heads: int, scale: float, backend: Optional[str
         from torch.nn.attention import SDPBackend, sdpa_kernel
         with sdpa_kernel([getattr(SDPBackend, backend)]):
             o = F.scaled_dot_product_attention(q, k, v, scale=scale)
-    return o.transpose(1, 2).reshape(B, n, num_heads * D)
+    if out is None:
+        return o.transpose(1, 2).reshape(B, n, num_heads * D)
+    out = K.out_rows(B, n, num_heads * D, qkv.device, out, qkv.dtype, qkv.dtype)
+    out.view(B, n, num_heads, D).copy_(o.transpose(1, 2))
+    return out
 
 
-def run_attention(choice: AttentionChoice, qkv: torch.Tensor, num_heads: int, scale: float) -> torch.Tensor:
-    """Attention of a (B, n, 3*H*D) qkv tensor as ``choice`` says -> (B, n, H*D)."""
+def run_attention(choice: AttentionChoice, qkv: torch.Tensor, num_heads: int, scale: float,
+                  out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Attention of a (B, n, 3*H*D) qkv tensor as ``choice`` says -> (B, n, H*D), into ``out`` when given."""
     if choice.kind == 'triton':
         bm, bn, warps, stages = choice.tiles
         return K.attention_triton(qkv, num_heads, scale, block_m=bm, block_n=bn, num_warps=warps,
-                                  num_stages=stages)
-    return _sdpa(qkv, num_heads, scale, choice.backend)
+                                  num_stages=stages, out=out)
+    return _sdpa(qkv, num_heads, scale, choice.backend, out)
 
 
 def run_linear_gelu(choice: ProductChoice, y: torch.Tensor, weight: torch.Tensor, weight_t: Optional[torch.Tensor],
@@ -408,11 +417,12 @@ def choose_attention(n: int, batch: int, num_heads: int, head_dim: int, scale: f
 @torch.no_grad()
 def choose_product(rows: int, in_features: int, out_features: int, dtype: torch.dtype, device: torch.device,
                    gelu: bool) -> Tuple[ProductChoice, Dict[str, float], Dict[str, str]]:
-    """Time y @ W^T + b (``gelu``: GELU of it, the MLP's first product; else qkv's) for y (rows, in_features) on
-    CUDA: cuBLAS on the real rows and on each :func:`row_pads` padding of them, and for ``gelu`` the fused Triton
-    kernel's tiles; return the fastest whose real rows are within tolerance of the fp32 reference, with every
-    candidate's milliseconds.  Cached per shape."""
-    key = ('mlp' if gelu else 'qkv', str(device), dtype, rows, in_features, out_features)
+    """Time y @ W^T + b (``gelu``: GELU of it, the MLP's first product; else a plain product, qkv or the
+    attention's projection) for y (rows, in_features) on CUDA: cuBLAS on the real rows and on each
+    :func:`row_pads` padding of them, and for ``gelu`` the fused Triton kernel's tiles; return the fastest whose
+    real rows are within tolerance of the fp32 reference, with every candidate's milliseconds.  Cached per
+    shape."""
+    key = ('gelu' if gelu else 'linear', str(device), dtype, rows, in_features, out_features)
     if key in _CHOICE_CACHE:
         return _CHOICE_CACHE[key]
     pads = row_pads(rows)
@@ -440,41 +450,48 @@ def choose_product(rows: int, in_features: int, out_features: int, dtype: torch.
 def run_linear_residual(choice: ProductChoice, x: torch.Tensor, ids: torch.Tensor, u: torch.Tensor,
                         weight: torch.Tensor, weight_t: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                         gamma: Optional[torch.Tensor]) -> torch.Tensor:
-    """x[:, ids] += gamma * (u @ weight^T + bias) as ``choice`` says: cuBLAS then the scatter kernel, or one
-    fused Triton kernel (``weight_t``: weight transposed).  Returns x."""
+    """x[:, ids] += gamma * (u @ weight^T + bias) as ``choice`` says: cuBLAS (on the first B*n + ``choice.pad``
+    rows of u, as many as it has) then the scatter kernel, or one fused Triton kernel (``weight_t``: weight
+    transposed).  ``u``: (rows, hidden), its first B*n rows the real ones, image by image.  Returns x."""
+    B, n = x.shape[0], ids.numel()
     if choice.kind == 'triton':
-        return K.linear_residual_scatter_triton_(x, ids, u, weight_t, bias, gamma, *choice.tiles)
-    return K.residual_scatter_triton_(x, ids, F.linear(u, weight, bias), gamma)
+        return K.linear_residual_scatter_triton_(x, ids, u[:B * n].view(B, n, -1), weight_t, bias, gamma,
+                                                 *choice.tiles)
+    m = F.linear(u[:B * n + choice.pad], weight, bias)[:B * n].view(B, n, -1)
+    return K.residual_scatter_triton_(x, ids, m, gamma)
 
 
 @torch.no_grad()
 def choose_fc2(batch: int, num_tokens: int, n: int, hidden: int, width: int, dtype: torch.dtype,
-               residual_dtype: torch.dtype, device: torch.device
+               residual_dtype: torch.dtype, device: torch.device, operand_pad: int = 0
                ) -> Tuple[ProductChoice, Dict[str, float], Dict[str, str]]:
-    """Time x[:, ids] += gamma * (u @ W^T + b) for u (batch, n, hidden) into a (batch, num_tokens, width) buffer
-    on CUDA: cuBLAS + the scatter kernel against the fused Triton kernel's tiles; return the fastest within
-    tolerance of the fp32 reference, with every candidate's milliseconds.  Cached per shape."""
-    key = ('fc2', str(device), dtype, residual_dtype, batch, num_tokens, n, hidden, width)
+    """Time x[:, ids] += gamma * (u @ W^T + b) for u (batch * n real rows + ``operand_pad``, hidden) into a
+    (batch, num_tokens, width) buffer on CUDA: cuBLAS + the scatter kernel, on the real rows and (when the first
+    product left ``operand_pad`` rows of padding in u: it ran padded) on all of them, against the fused Triton
+    kernel's tiles; return the fastest within tolerance of the fp32 reference, with every candidate's
+    milliseconds.  Cached per shape."""
+    key = ('fc2', str(device), dtype, residual_dtype, batch, num_tokens, n, hidden, width, operand_pad)
     if key in _CHOICE_CACHE:
         return _CHOICE_CACHE[key]
     g = torch.Generator(device=device).manual_seed(n)
     x = torch.randn(batch, num_tokens, width, device=device, generator=g).to(residual_dtype)
     ids = torch.randperm(num_tokens, device=device, generator=g)[:n].sort().values
-    u = torch.randn(batch, n, hidden, device=device, generator=g).to(dtype)
+    u = torch.randn(batch * n + operand_pad, hidden, device=device, generator=g).to(dtype)
     w = (torch.randn(width, hidden, device=device, generator=g) * hidden ** -0.5).to(dtype)
     b = torch.randn(width, device=device, generator=g).to(dtype)
     gamma = torch.randn(width, device=device, generator=g)
     wt = w.t().contiguous()
-    ref = K.linear_residual_scatter_reference_(x.clone(), ids, u, wt, b, gamma).float()
+    ref = K.linear_residual_scatter_reference_(x.clone(), ids, u[:batch * n].view(batch, n, hidden), wt, b,
+                                               gamma).float()
     tol = max(8 * torch.finfo(dtype).eps, 5e-3) * max(1.0, ref.abs().max().item())
-    candidates = [ProductChoice('torch')]
+    candidates = [ProductChoice('torch')] + ([ProductChoice('torch', pad=operand_pad)] if operand_pad else [])
     if dtype in (torch.float16, torch.bfloat16):
         candidates += [ProductChoice('triton', tiles=t) for t in K.LINEAR_TILES]
     timed = x.clone()  # accumulates over the timed calls: the values drift, the work does not change
     best, ms, timings, refused = _fastest(
         candidates, lambda c: run_linear_residual(c, timed, ids, u, w, wt, b, gamma), ref, tol,
         check=lambda c: run_linear_residual(c, x.clone(), ids, u, w, wt, b, gamma))
-    best = ProductChoice('torch') if best is None else ProductChoice(best.kind, best.tiles, ms)
+    best = ProductChoice('torch') if best is None else replace(best, ms=ms)
     _CHOICE_CACHE[key] = (best, timings, refused)
     return best, timings, refused
 
@@ -513,6 +530,7 @@ class _FastBlock(nn.Module):
         self.register_buffer('fc2_wt', None)  # W2^T (4C, C), made when the fused linear + residual is chosen
         self.attention = AttentionChoice('sdpa')
         self.qkv = ProductChoice('torch')
+        self.proj = ProductChoice('torch')
         self.mlp = ProductChoice('torch')
         self.fc2 = ProductChoice('torch')
 
@@ -593,11 +611,13 @@ class FastViT(nn.Module):
         self._image_address = None
         # why a timed candidate was refused, per kind of choice and kept count: {kind: {n: {label: reason}}}
         self.refused: Dict[str, Dict[int, Dict[str, str]]] = {
-            kind: {} for kind in ('attention', 'qkv', 'mlp', 'fc2', 'patch_embedding')}
+            kind: {} for kind in ('attention', 'qkv', 'proj', 'mlp', 'fc2', 'patch_embedding')}
         self.attention_choices: Dict[int, AttentionChoice] = {}
         self.attention_timings: Dict[int, Dict[str, float]] = {}
         self.qkv_choices: Dict[int, ProductChoice] = {}
         self.qkv_timings: Dict[int, Dict[str, float]] = {}
+        self.proj_choices: Dict[int, ProductChoice] = {}
+        self.proj_timings: Dict[int, Dict[str, float]] = {}
         self.mlp_choices: Dict[int, ProductChoice] = {}
         self.mlp_timings: Dict[int, Dict[str, float]] = {}
         self.fc2_choices: Dict[int, ProductChoice] = {}
@@ -661,40 +681,46 @@ class FastViT(nn.Module):
             blk.attention = self.attention_choices[blk.n]
 
     def _times_products(self, mode: str) -> bool:
-        """Whether the matrix products (the block's qkv and MLP, the patch embedding) are timed at build, cuBLAS
-        with and without row padding against the fused Triton kernels: ``mlp='auto'`` with the Triton backend on
-        CUDA in fp16/bf16."""
+        """Whether the matrix products (the block's four, the patch embedding) are timed at build, cuBLAS with and
+        without row padding against the fused Triton kernels: ``mlp='auto'`` with the Triton backend on CUDA in
+        fp16/bf16."""
         return (mode == 'auto' and _times_on(self.device) and self.backend == 'triton'
                 and self.dtype in (torch.float16, torch.bfloat16))
 
     def _choose_products(self, mode: str, tune_batch: Optional[int]) -> None:
-        """For each kept count, how the block's products run (``qkv``; ``mlp``: fc1 + GELU; ``fc2``: fc2 +
-        residual).  The ``mlp`` mode decides them all; 'triton' forces the fused kernels and leaves qkv to cuBLAS."""
+        """For each kept count, how the block's products run (``qkv``; ``proj``: the attention's projection;
+        ``mlp``: fc1 + GELU; ``fc2``: fc2 + residual).  The ``mlp`` mode decides them all; 'triton' forces the
+        fused kernels and leaves qkv and proj to cuBLAS.  fc2 is chosen after fc1: its operand has padding rows
+        only if fc1 ran padded."""
         timed = self._times_products(mode)
         batch = tune_batch or 64
-        kinds = ('qkv', 'mlp', 'fc2')
+        kinds = ('qkv', 'proj', 'mlp', 'fc2')
         for blk in self.blocks:
             if blk.n == 0:
                 continue  # a block that keeps nothing does not run
             if blk.n not in self.mlp_choices:
                 hidden, width = blk.fc1_w.shape
+                rows = batch * blk.n
                 torch_product = (ProductChoice('torch'), {}, {})
                 if mode == 'triton':
                     fused = (ProductChoice('triton', tiles=K.LINEAR_TILES[0]), {}, {})
-                    choices = torch_product, fused, fused
+                    choices = torch_product, torch_product, fused, fused
                 elif timed:
-                    choices = (choose_product(batch * blk.n, width, blk.qkv_w.shape[0], self.dtype, self.device,
+                    fc1 = choose_product(rows, width, hidden, self.dtype, self.device, gelu=True)
+                    choices = (choose_product(rows, width, blk.qkv_w.shape[0], self.dtype, self.device, gelu=False),
+                               choose_product(rows, blk.proj_w.shape[1], width, self.dtype, self.device,
                                               gelu=False),
-                               choose_product(batch * blk.n, width, hidden, self.dtype, self.device, gelu=True),
+                               fc1,
                                choose_fc2(batch, self.num_tokens, blk.n, hidden, width, self.dtype,
-                                          self.residual_dtype, self.device))
+                                          self.residual_dtype, self.device, operand_pad=fc1[0].pad))
                 else:
-                    choices = (torch_product,) * 3
+                    choices = (torch_product,) * 4
                 for kind, (choice, timings, refused) in zip(kinds, choices):
                     getattr(self, f'{kind}_choices')[blk.n] = choice
                     getattr(self, f'{kind}_timings')[blk.n] = timings
                     self.refused[kind][blk.n] = refused
-            blk.qkv, blk.mlp, blk.fc2 = self.qkv_choices[blk.n], self.mlp_choices[blk.n], self.fc2_choices[blk.n]
+            for kind in kinds:
+                setattr(blk, kind, getattr(self, f'{kind}_choices')[blk.n])
             if blk.mlp.kind == 'triton':
                 blk.fc1_wt = blk.fc1_w.t().contiguous()
             if blk.fc2.kind == 'triton':
@@ -786,13 +812,15 @@ class FastViT(nn.Module):
 
     def _block_triton(self, x: torch.Tensor, blk: _FastBlock) -> torch.Tensor:
         B, n = x.shape[0], blk.n
-        buf, y = self._rows(x, n, blk.qkv.pad)
+        buf, y = self._rows(x, n, blk.qkv.pad)  # each product's operand: its real rows, then its padding
         K.gather_layer_norm_triton(x, blk.ids, blk.ln1_w, blk.ln1_b, blk.eps1, out=y)
-        qkv = F.linear(buf, blk.qkv_w, blk.qkv_b)[:B * n].view(B, n, -1)  # the real rows of the (padded) product
-        a = F.linear(run_attention(blk.attention, qkv, blk.num_heads, blk.scale), blk.proj_w, blk.proj_b)
+        qkv = F.linear(buf, blk.qkv_w, blk.qkv_b)[:B * n].view(B, n, -1)  # the real rows of the product
+        buf, o = self._rows(x, n, blk.proj.pad)
+        run_attention(blk.attention, qkv, blk.num_heads, blk.scale, out=o)
+        a = F.linear(buf, blk.proj_w, blk.proj_b)[:B * n].view(B, n, -1)
         buf, y = self._rows(x, n, blk.mlp.pad)
         K.residual_layer_norm_triton_(x, blk.ids, a, blk.gamma1, blk.ln2_w, blk.ln2_b, blk.eps2, out=y)
-        u = run_linear_gelu(blk.mlp, buf, blk.fc1_w, blk.fc1_wt, blk.fc1_b)[:B * n].view(B, n, -1)
+        u = run_linear_gelu(blk.mlp, buf, blk.fc1_w, blk.fc1_wt, blk.fc1_b)  # (B*n + its padding, hidden)
         return run_linear_residual(blk.fc2, x, blk.ids, u, blk.fc2_w, blk.fc2_wt, blk.fc2_b, blk.gamma2)
 
     def _block_torch(self, x: torch.Tensor, blk: _FastBlock) -> torch.Tensor:
@@ -900,6 +928,8 @@ class FastViT(nn.Module):
             'attention_ms': _finite(self.attention_timings),
             'qkv': {str(n): c.label for n, c in sorted(self.qkv_choices.items())},
             'qkv_ms': _finite(self.qkv_timings),
+            'proj': {str(n): c.label for n, c in sorted(self.proj_choices.items())},
+            'proj_ms': _finite(self.proj_timings),
             'mlp': {str(n): c.label for n, c in sorted(self.mlp_choices.items())},
             'mlp_ms': _finite(self.mlp_timings),
             'fc2': {str(n): c.label for n, c in sorted(self.fc2_choices.items())},

@@ -244,19 +244,20 @@ def test_verdicts_separate_a_miss_from_noise():
     assert report.verdict(report._target('no interval', 0.99, 1.0, True, None)) == '**NO**'
 
 
-def test_fast_path_builds_table_names_the_padded_qkv_products():
-    """The builds table says at which kept counts the qkv product ran on padded rows; a build that timed qkv
-    without padding anything says torch, and results from before qkv was timed say nothing ('–')."""
-    def results(qkv):
-        built = {'attention': {'133': 'sdpa-flash_attention'}, 'mlp': {'133': 'torch'}, 'fc2': {'133': 'torch'},
-                 'patch_embedding': 'torch', 'cuda_graph_batch': None, **qkv}
+def test_fast_path_builds_table_names_each_products_kernels():
+    """The builds table names the kernels each product ran with, each once (cuBLAS on padded rows among them);
+    results from before a product was timed say nothing ('–')."""
+    def results(products):
+        built = {'attention': {'133': 'sdpa-flash_attention'}, 'patch_embedding': 'torch', 'cuda_graph_batch': None,
+                 **products}
         return {'models': {'m': {'batch_size': 256, 'rows': [{'key': 'k', 'label': 'C&C-Ti-30 (fast)',
                                                               'fast_path': built}]}}}
-    for qkv, shown in (({'qkv': {'133': 'torch+256rows', '150': 'torch'}}, '133: torch+256rows'),
-                       ({'qkv': {'133': 'torch'}}, 'torch'), ({}, '–')):
-        header, rule, row = report._fast_path_table(results(qkv))[-3:]
-        cells = dict(zip(header.strip('|').split(' | '), row.strip('|').split(' | ')))
-        assert cells['qkv'] == shown, (qkv, row)
+    products = {'qkv': {'133': 'torch+256rows', '141': 'torch', '143': 'torch+256rows'}, 'proj': {'133': 'torch'},
+                'mlp': {'133': 'triton-128x128x64w4s4'}}
+    header, rule, row = report._fast_path_table(results(products))[-3:]
+    cells = dict(zip(header.strip('|').split(' | '), row.strip('|').split(' | ')))
+    assert cells['qkv'] == 'torch, torch+256rows' and cells['attention proj'] == 'torch'
+    assert cells['MLP fc1 + GELU'] == 'triton-128x128x64w4s4' and cells['MLP fc2 + residual'] == '–'
 
 
 def test_ratios_pair_rounds_in_our_protocol_and_divide_means_in_the_original():

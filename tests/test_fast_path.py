@@ -178,17 +178,23 @@ def test_row_kernels_refuse_mismatched_shapes():
 
 
 @needs_triton
-def test_norm_kernels_write_into_the_first_rows_of_a_longer_buffer():
-    """With ``out``, the two norm kernels write the (B, n, C) result into a view of the first B*n rows of a longer
-    (B*n + pad, C) buffer, as the fast path pads a product's operand: the same values as without it, the rows
-    after them untouched; an ``out`` of another shape, dtype or layout is refused."""
-    C, ids = 40, torch.tensor(DISTINCT_IDS, device=DEVICE)
+def test_kernels_write_into_the_first_rows_of_a_longer_buffer():
+    """With ``out``, the two norm kernels and the attention (the Triton kernel, and SDPA's transposing copy)
+    write the (B, n, C) result into a view of the first B*n rows of a longer (B*n + pad, C) buffer, as the fast
+    path pads a product's operand: the same values as without it, the rows after them untouched; an ``out`` of
+    another shape, dtype or layout is refused."""
+    from models.fast_path import AttentionChoice, run_attention
+    C, ids = 64, torch.tensor(DISTINCT_IDS, device=DEVICE)
     B, n = 3, len(DISTINCT_IDS)
     x = _randn(B, 21, C, seed=12)
     a = _randn(B, n, C, seed=13, dtype=torch.float16)
     w, b, g = _randn(C, seed=14), _randn(C, seed=15), _randn(C, seed=16)
-    for name, run in (('gather', lambda xx, **kw: K.gather_layer_norm_triton(xx, ids, w, b, 1e-6, **kw)),
-                      ('residual', lambda xx, **kw: K.residual_layer_norm_triton_(xx, ids, a, g, w, b, 1e-6, **kw))):
+    qkv = _randn(B, n, 3 * C, seed=17, dtype=torch.float16)
+    attention = [(f'attention {c.label}', lambda xx, c=c, out_dtype=None, **kw: run_attention(c, qkv, 2, 0.125, **kw))
+                 for c in (AttentionChoice('triton', tiles=K.ATTENTION_TILES[0]), AttentionChoice('sdpa'))]
+    for name, run in [('gather', lambda xx, **kw: K.gather_layer_norm_triton(xx, ids, w, b, 1e-6, **kw)),
+                      ('residual', lambda xx, **kw: K.residual_layer_norm_triton_(xx, ids, a, g, w, b, 1e-6, **kw))
+                      ] + attention:
         buf = torch.full((B * n + 7, C), 7.0, dtype=torch.float16, device=DEVICE)
         x1, x2 = x.clone(), x.clone()
         alone = run(x1, out_dtype=torch.float16)
@@ -579,9 +585,9 @@ def test_timed_choice_keeps_the_fastest_candidate_that_computes_the_right_thing(
     run_attention, run_linear_gelu = FP.run_attention, FP.run_linear_gelu
     run_linear_residual, patch_embed = FP.run_linear_residual, K.patch_embed_triton_
 
-    def wrong_attention(choice, *a):  # a tile that computes something else
+    def wrong_attention(choice, *a, **kw):  # a tile that computes something else
         refused.append('attention') if choice.label == wrong_att else None
-        return run_attention(choice, *a) + (choice.label == wrong_att)
+        return run_attention(choice, *a, **kw) + (choice.label == wrong_att)
 
     def wrong_gelu(choice, *a):
         refused.append('mlp') if choice.label == wrong_lin else None
@@ -642,22 +648,25 @@ def test_timed_choice_keeps_the_fastest_candidate_that_computes_the_right_thing(
 
 @needs_triton
 @torch.no_grad()
-def test_timed_build_can_pad_the_rows_of_a_product(monkeypatch):
+@pytest.mark.parametrize('fc1', ['padded', 'triton'])
+def test_timed_build_can_pad_the_rows_of_a_product(monkeypatch, fc1):
     """Where cuBLAS is faster on a few more rows (its heuristic picks a slow kernel at some row counts), the timed
-    build keeps the padded product for qkv and fc1: the norm kernel writes the B*n real rows into a longer buffer
-    and the product runs on all of it.  The padding rows are never initialised (NaN here) and never reach the
-    logits; at another batch size than the timed one nothing is padded."""
+    build keeps the padded product: the kernel before it (a norm, the attention) writes the B*n real rows into a
+    longer buffer and the product runs on all of it.  fc2 is offered its operand's padding only when fc1 ran
+    padded (its output then has those rows).  The padding rows are never initialised (NaN here) and never reach
+    the logits; at another batch size than the timed one nothing is padded."""
     import models.fast_path as FP
     from models.fast_path import ProductChoice
     assert FP.row_pads(256 * 133) == [0, 64, 128, 256, 512, 1024] and FP.row_pads(32 * 143) == [0, 64, 128, 256, 512]
     assert FP.row_pads(143) == [0]  # batch 1: nothing worth an eighth more rows
     monkeypatch.setattr(FP, 'ROW_PADS', (2, 4, 64))
-    padded = ProductChoice('torch', pad=4).label
+    padded, fused = ProductChoice('torch', pad=4).label, ProductChoice('triton', tiles=K.LINEAR_TILES[0]).label
     assert padded == 'torch+4rows'
+    script = {padded: 0.5, 'torch': 1.0, fused: 0.25 if fc1 == 'triton' else 2.0}
 
     def scripted(run, cand):
         run(cand)
-        return {padded: 0.5, 'torch': 1.0}.get(cand.label, 2.0)
+        return script.get(cand.label, 2.0)
 
     monkeypatch.setattr(FP, '_times_on', lambda device: True)
     monkeypatch.setattr(FP, '_time_candidate', scripted)
@@ -665,27 +674,31 @@ def test_timed_build_can_pad_the_rows_of_a_product(monkeypatch):
     model = tiny_cc(11)
     pruning.apply_masks(model, pruning.random_masks(3, 16, 0.3, generator=_gen(11)))
     fast = build_fast_path(model, backend='triton', dtype=torch.float16, batch_size=4)
-    plain = build_fast_path(model, backend='triton', dtype=torch.float16, attention='sdpa', mlp='torch')
+    plain = build_fast_path(model, backend='triton', dtype=torch.float16, attention='sdpa',  # the same, unpadded
+                            mlp='torch' if fc1 == 'padded' else 'triton')
     built = fast.describe()
     counts = sorted(set(built['kept_counts']))
-    for kind in ('qkv', 'mlp'):
-        assert built[kind] == {str(n): padded for n in counts}, kind
-        assert all(set(built[f'{kind}_ms'][str(n)]) >= {'torch', 'torch+2rows', padded} for n in counts), kind
-    assert built['fc2'] == {str(n): 'torch' for n in counts}
+    mlp = padded if fc1 == 'padded' else fused
+    for kind, kept in (('qkv', padded), ('proj', padded), ('mlp', mlp), ('fc2', mlp)):
+        assert built[kind] == {str(n): kept for n in counts}, kind
+        offered = {'torch', padded} | ({'torch+2rows'} if kind != 'fc2' else set())
+        for n in counts:
+            assert (offered <= set(built[f'{kind}_ms'][str(n)])) == (kind != 'fc2' or fc1 == 'padded'), kind
+    assert not any(set(ms) & {'torch+2rows', 'torch+64rows'} for ms in built['fc2_ms'].values())
     rows, real_rows = [], FP.FastViT._rows
 
     def nan_padded_rows(self, x, n, pad):
         buf, y = real_rows(self, x, n, pad)
-        buf.fill_(float('nan'))  # what the norm kernel does not write stays NaN
-        rows.append((buf.shape[0], x.shape[0] * n))
+        buf.fill_(float('nan'))  # what the kernel before the product does not write stays NaN
+        rows.append(buf.shape[0] - x.shape[0] * n)
         return buf, y
 
     monkeypatch.setattr(FP.FastViT, '_rows', nan_padded_rows)
-    for batch, pad in ((4, 4), (3, 0)):
+    for batch, pads in ((4, [4, 4, 4 if fc1 == 'padded' else 0]), (3, [0, 0, 0])):
         rows.clear()
         x = images(batch, seed=11)
         ours = fast(x)
-        assert rows and all(total == real + pad for total, real in rows), (batch, rows)
+        assert rows == pads * len(built['kept_counts']), (batch, rows)  # qkv's, proj's and fc1's operands
         assert torch.isfinite(ours).all() and _close(ours, plain(x)), batch
 
 
@@ -1026,7 +1039,7 @@ def test_the_build_times_its_candidates_replayed_from_a_cuda_graph():
         fast = build_fast_path(model, backend='triton', dtype=torch.float16, cuda_graph=True, batch_size=8)
     built = fast.describe()
     timed = 0
-    for kind in ('attention', 'qkv', 'mlp', 'fc2'):  # qkv: cuBLAS on the real rows and padded (8 x 148 rows)
+    for kind in ('attention', 'qkv', 'proj', 'mlp', 'fc2'):  # qkv, proj: cuBLAS on 8 x 148 rows and padded
         assert set(built[f'{kind}_ms']) == {str(n) for n in set(built['kept_counts'])}, kind
         for n, ms in built[f'{kind}_ms'].items():
             finite = {k: v for k, v in ms.items() if v is not None}
