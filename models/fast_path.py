@@ -223,11 +223,11 @@ class AttentionChoice:
 
 @dataclass(frozen=True)
 class ProductChoice:
-    """How one block computes one of its matrix products with its epilogue, y @ Wqkv^T + bqkv,
-    GELU(y @ W1^T + b1) or x[:, ids] += gamma * (u @ W2^T + b2): ``kind`` 'torch' (cuBLAS with the bias in its
-    epilogue, then torch's GELU or the scatter kernel) or 'triton' (one fused kernel; ``tiles``: BLOCK_M, BLOCK_N,
-    BLOCK_K, num_warps, num_stages); ``pad``: for 'torch', extra rows cuBLAS computes beyond the B*n real ones
-    (see :data:`ROW_PADS`); ``ms``: its build-time time, if timed."""
+    """How one block computes one of its matrix products with its epilogue, y @ W^T + b (qkv, the attention's
+    projection), GELU(y @ W1^T + b1) or x[:, ids] += gamma * (u @ W2^T + b2): ``kind`` 'torch' (cuBLAS with the
+    bias in its epilogue, then torch's GELU or the scatter kernel) or 'triton' (one fused kernel; ``tiles``:
+    BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); ``pad``: for 'torch', extra rows cuBLAS computes beyond the
+    B*n real ones (see :data:`ROW_PADS`); ``ms``: its build-time time, if timed."""
     kind: str
     tiles: Optional[Tuple[int, int, int, int, int]] = None
     ms: Optional[float] = None
@@ -769,7 +769,7 @@ class FastViT(nn.Module):
                 return self._embed(images)
             candidates = [ProductChoice('torch')] + [ProductChoice('triton', tiles=t) for t in K.LINEAR_TILES]
             best, ms, timings, refused = _fastest(candidates, run, ref, tol)
-            best = ProductChoice('torch') if best is None else ProductChoice(best.kind, best.tiles, ms)
+            best = ProductChoice('torch') if best is None else replace(best, ms=ms)
             _CHOICE_CACHE[key] = (best, timings, refused)
         return _CHOICE_CACHE[key]
 
@@ -804,7 +804,8 @@ class FastViT(nn.Module):
 
     def _rows(self, x: torch.Tensor, n: int, pad: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """A (B*n + pad, C) operand buffer in the compute dtype and its first B*n rows viewed as (B, n, C), where
-        a norm kernel writes them; ``pad`` (a :class:`ProductChoice`'s) only at the batch size it was timed at."""
+        the kernel before the product writes them (every operand but fc2's is C wide: timm's attention projects
+        C to C); ``pad`` (a :class:`ProductChoice`'s) only at the batch size it was timed at."""
         B, _, C = x.shape
         pad = pad if B == self.tune_batch else 0
         buf = torch.empty(B * n + pad, C, dtype=self.dtype, device=x.device)
