@@ -502,31 +502,73 @@ def _checks_table(results: Dict) -> List[str]:
                      'top-1 = fp32, clear margin', 'clear images', 'ok'], rows))
 
 
-def _fast_path_table(results: Dict) -> List[str]:
-    rows = []
+def _fast_builds(results: Dict):
+    """(row label, batch, build seconds, the build's ``describe()``) for every fast-path build of the run: the main
+    table's and the summary sweep's."""
     for res in results['models'].values():
-        builds = [(res['batch_size'], {r['key']: r for r in res['rows'] if 'fast_path' in r},
+        builds = [(res['batch_size'], {r['key']: r['fast_path'] for r in res['rows'] if 'fast_path' in r},
                    res.get('build_seconds', {}))]
-        builds += [(b['batch_size'], {k: {'fast_path': d} for k, d in b.get('fast_path', {}).items()},
-                    b.get('build_seconds', {})) for b in res.get('summary_sweep', {}).get('batches', [])]
+        builds += [(b['batch_size'], b.get('fast_path', {}), b.get('build_seconds', {}))
+                   for b in res.get('summary_sweep', {}).get('batches', [])]
         labels = {r['key']: r['label'] for r in res['rows']}
         for batch, found, seconds in builds:
-            for key, r in found.items():
-                d = r['fast_path']
-                attention = ', '.join(f'{n}: {a}' for n, a in d.get('attention', {}).items())
-                # the products: the kernels chosen, each once ('–': results from before that product was timed)
-                products = [', '.join(sorted(set(d.get(k, {}).values()))) or '–'
-                            for k in ('qkv', 'proj', 'mlp', 'fc2')]
-                rows.append([labels.get(key, key), str(batch), fmt(seconds.get(key), '.1f'),
-                             f'yes, input {d.get("cuda_graph_input")}' if d.get('cuda_graph_batch') else 'no',
-                             attention or '–', *products, d.get('patch_embedding', '–')])
+            for key, d in found.items():
+                yield labels.get(key, key), batch, seconds.get(key), d
+
+
+PRODUCTS = (('qkv', 'qkv'), ('proj', 'attention proj'), ('mlp', 'MLP fc1 + GELU'), ('fc2', 'MLP fc2 + residual'))
+
+
+def _fast_path_table(results: Dict) -> List[str]:
+    rows = []
+    for label, batch, seconds, d in _fast_builds(results):
+        attention = ', '.join(f'{n}: {a}' for n, a in d.get('attention', {}).items())
+        # the products: the kernels chosen, each once ('–': results from before that product was timed)
+        products = [', '.join(sorted(set(d.get(k, {}).values()))) or '–' for k, _ in PRODUCTS]
+        rows.append([label, str(batch), fmt(seconds, '.1f'),
+                     f'yes, input {d.get("cuda_graph_input")}' if d.get('cuda_graph_batch') else 'no',
+                     attention or '–', *products, d.get('patch_embedding', '–')])
     if not rows:
         return []
     return (['', 'Fast path builds (models/fast_path.py): kernels chosen per kept count at build time (a product: '
                  'each kernel chosen at some kept count; "torch+Nrows": cuBLAS on N padding rows beyond the real '
                  'ones):', '']
-            + table(['row', 'batch', 'build s', 'CUDA graph', 'attention (kept count: kernel)', 'qkv',
-                     'attention proj', 'MLP fc1 + GELU', 'MLP fc2 + residual', 'patch embedding'], rows))
+            + table(['row', 'batch', 'build s', 'CUDA graph', 'attention (kept count: kernel)',
+                     *(name for _, name in PRODUCTS), 'patch embedding'], rows)
+            + _product_times_table(results))
+
+
+def product_times(d: Dict) -> Optional[Dict[str, Tuple[float, float]]]:
+    """For one build's ``describe()``: per product, (the chosen kernels' build-time ms, cuBLAS's on the real rows
+    only), each summed over the blocks; None unless every block's product was timed both ways."""
+    out = {}
+    for kind, _ in PRODUCTS:
+        chosen_ms = plain_ms = 0.0
+        for n in d.get('kept_counts', []):
+            if not n:
+                continue  # a block that keeps nothing does not run
+            ms = d.get(f'{kind}_ms', {}).get(str(n), {})
+            chosen, plain = ms.get(d.get(kind, {}).get(str(n))), ms.get('torch')
+            if chosen is None or plain is None:
+                return None
+            chosen_ms, plain_ms = chosen_ms + chosen, plain_ms + plain
+        out[kind] = (chosen_ms, plain_ms)
+    return out if d.get('kept_counts') else None
+
+
+def _product_times_table(results: Dict) -> List[str]:
+    rows = []
+    for label, batch, _, d in _fast_builds(results):
+        times = product_times(d)
+        if times is not None:
+            total = [sum(t[i] for t in times.values()) for i in (0, 1)]
+            rows.append([label, str(batch)] + [f'{c:.3f} / {p:.3f}' for c, p in (*times.values(), total)])
+    if not rows:
+        return []
+    return (['', 'The block\'s products at build time (each replayed from a CUDA graph, ms per forward, summed over '
+                 'the blocks): the kernels chosen (cuBLAS on the real or on padded rows, or a fused Triton kernel) / '
+                 'cuBLAS on the real rows only (with torch\'s GELU, the scatter kernel).', '']
+            + table(['row', 'batch', *(name for _, name in PRODUCTS), 'all four'], rows))
 
 
 def markdown(results: Dict, families=()) -> str:

@@ -260,6 +260,28 @@ def test_fast_path_builds_table_names_each_products_kernels():
     assert cells['MLP fc1 + GELU'] == 'triton-128x128x64w4s4' and cells['MLP fc2 + residual'] == '–'
 
 
+def test_product_times_sum_the_chosen_kernels_against_cublas_on_the_real_rows_over_the_blocks():
+    """Per product, the build-time ms of the kernel chosen at each block's kept count against cuBLAS's on the real
+    rows, summed over the blocks (a kept count that two blocks share counts twice; a block keeping nothing, not
+    at all); a build whose products were not all timed both ways (CPU, or results from before) gets no row."""
+    timed = {'133': {'torch': 0.036, 'torch+256rows': 0.026}, '150': {'torch': 0.030, 'torch+256rows': 0.031}}
+    d = {'kept_counts': [150, 133, 133, 0], 'attention': {}, 'patch_embedding': 'torch', 'cuda_graph_batch': 256}
+    for kind in ('qkv', 'proj', 'mlp', 'fc2'):
+        d[kind], d[f'{kind}_ms'] = {'133': 'torch+256rows', '150': 'torch'}, timed
+    times = report.product_times(d)
+    assert set(times) == {'qkv', 'proj', 'mlp', 'fc2'}
+    assert times['qkv'] == (pytest.approx(0.030 + 2 * 0.026), pytest.approx(0.030 + 2 * 0.036))
+    results = {'models': {'m': {'batch_size': 256, 'rows': [{'key': 'k', 'label': 'C&C-Ti-30 (fast)',
+                                                             'fast_path': d}]}}}
+    lines = report._fast_path_table(results)
+    assert lines[-1] == '| C&C-Ti-30 (fast) | 256 | ' + ' | '.join(['0.082 / 0.102'] * 4 + ['0.328 / 0.408']) + ' |'
+    untimed = dict(d, fc2_ms={'133': {'torch+256rows': 0.026}, '150': {'torch': 0.030}})  # no plain time at 133
+    assert report.product_times(untimed) is None
+    assert report.product_times({k: v for k, v in d.items() if not k.endswith('_ms')}) is None  # a CPU build
+    results['models']['m']['rows'][0]['fast_path'] = untimed
+    assert not any('at build time (each replayed' in line for line in report._fast_path_table(results))
+
+
 def test_ratios_pair_rounds_in_our_protocol_and_divide_means_in_the_original():
     t = stats.Timings({'fast': [1.0, 2.0, 4.0], 'slow': [3.0, 3.0, 6.0]}, batch=4)
     assert t.ratio('fast', 'slow') == {'median': 1.5, 'min': 1.5, 'max': 3.0, 'ci': [1.5, 3.0]}  # 3, 1.5, 1.5
