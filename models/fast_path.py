@@ -264,6 +264,8 @@ def _sdpa(qkv: torch.Tensor, num_heads: int, scale: float, backend: Optional[str
     (B, n, H*D) tensor with contiguous rows: the one copy the heads' transpose costs anyway)."""
     B, n, three_c = qkv.shape
     D = three_c // (3 * num_heads)
+    if out is not None:
+        out = K.out_rows(B, n, num_heads * D, qkv.device, out, qkv.dtype, qkv.dtype)
     q, k, v = qkv.view(B, n, 3, num_heads, D).permute(2, 0, 3, 1, 4).unbind(0)
     if backend is None:
         o = F.scaled_dot_product_attention(q, k, v, scale=scale)
@@ -273,7 +275,6 @@ def _sdpa(qkv: torch.Tensor, num_heads: int, scale: float, backend: Optional[str
             o = F.scaled_dot_product_attention(q, k, v, scale=scale)
     if out is None:
         return o.transpose(1, 2).reshape(B, n, num_heads * D)
-    out = K.out_rows(B, n, num_heads * D, qkv.device, out, qkv.dtype, qkv.dtype)
     out.view(B, n, num_heads, D).copy_(o.transpose(1, 2))
     return out
 
