@@ -416,13 +416,12 @@ def _writable(path: str, flag: str, created: List[str]) -> str:
 
 
 def _results_of(path: str) -> Optional[Dict]:
-    """The results in ``path`` if it is a results JSON this script wrote, else None."""
+    """The results in ``path`` if it is a results JSON this script wrote (with its sections and machine), else
+    None."""
     try:
-        with open(path) as f:
-            results = json.load(f)
-    except (OSError, UnicodeDecodeError, ValueError):
+        return report.load_results(path, 'results', required=('sections', 'models', 'machine'))
+    except ValueError:
         return None
-    return results if isinstance(results, dict) and {'sections', 'models', 'machine'} <= set(results) else None
 
 
 def _earlier_output(path: str) -> bool:

@@ -644,15 +644,17 @@ def replace_speed_table(text: str, lines: List[str]) -> str:
     return '\n'.join(rows[:start] + lines + rows[end:])
 
 
-def _results(path: str, what: str) -> Dict:
+def load_results(path: str, what: str, required=('models',)) -> Dict:
+    """The results JSON benchmarks/model_zoo.py wrote to ``path``; ValueError('<what> <path>: why not') when it
+    cannot be read, is not JSON, or lacks a ``required`` key."""
     try:
         with open(path) as f:
             results = json.load(f)
     except OSError as e:
         raise ValueError(f'{what} {path}: {e.strerror or e}') from None
-    except ValueError as e:
+    except ValueError as e:  # UnicodeDecodeError among them
         raise ValueError(f'{what} {path}: not JSON ({e})') from None
-    if not isinstance(results, dict) or 'models' not in results:
+    if not isinstance(results, dict) or not set(required) <= set(results):
         raise ValueError(f'{what} {path}: not a results file of benchmarks/model_zoo.py')
     return results
 
@@ -668,8 +670,8 @@ def main(argv=None) -> None:
                         'of printing it; the rest of the file is left as it is')
     args = p.parse_args(argv)
     try:
-        cpu = _results(args.cpu, '--cpu')
-        gpu = _results(args.gpu, '--gpu') if os.path.exists(args.gpu) else None
+        cpu = load_results(args.cpu, '--cpu')
+        gpu = load_results(args.gpu, '--gpu') if os.path.exists(args.gpu) else None
         lines = readme_speed_table(cpu, gpu)
         if args.write_readme is None:
             print('\n'.join(lines))
