@@ -43,7 +43,7 @@ EXIT_DIVERGED = 3
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143  # 128 + SIGTERM, what a shell reports for a job ended by SIGTERM
 EXIT_PEER_FAILED = 1  # another process of a multi-process job stopped first; its own message says why
-EXIT_OUT_OF_MEMORY = 1  # the GPU ran out of memory: found only once the work runs, so not a usage error (2)
+EXIT_OUT_OF_MEMORY = 1  # the GPU (or CPU) ran out of memory: found only once the work runs, not a usage error (2)
 
 
 def given_flags(args) -> frozenset:
@@ -1183,8 +1183,10 @@ class Terminated(BaseException):
 
 
 # What stops a run midway and is reported with what the run has kept: the stage that knows sets it on the
-# exception as ``kept`` (:func:`_what_is_kept`).
-STOPS_MIDWAY = (KeyboardInterrupt, Terminated, torch.OutOfMemoryError)
+# exception as ``kept`` (:func:`_what_is_kept`).  RuntimeError: torch's out-of-memory errors (the GPU's
+# OutOfMemoryError; the CPU allocator's plain RuntimeError, see _cpu_out_of_memory) and a lost peer; any other
+# RuntimeError carries ``kept`` unread and is raised as it is.
+STOPS_MIDWAY = (KeyboardInterrupt, Terminated, RuntimeError)
 
 
 @contextlib.contextmanager
@@ -1220,11 +1222,21 @@ def _what_is_kept(e: BaseException) -> str:
     return getattr(e, 'kept', None) or 'nothing was written'
 
 
+def _cpu_out_of_memory(e: BaseException) -> Optional[str]:
+    """For the error torch's CPU allocator raises when it cannot allocate (a plain RuntimeError, unlike the GPU's
+    OutOfMemoryError), what was asked for ('Tried to allocate 32.00 GiB'); None for any other error."""
+    found = re.search(r"DefaultCPUAllocator: can't allocate memory: you tried to allocate (\d+) bytes", str(e))
+    return found and f'Tried to allocate {int(found.group(1)) / 2 ** 30:.2f} GiB'
+
+
 def out_of_memory(args, e: BaseException) -> str:
-    """One line for a GPU that ran out of memory: torch's figures (what was asked for, what the GPU has), the
-    batch that did it and the way round it, and what the run has kept."""
+    """One line for a GPU (or the CPU) that ran out of memory: torch's figures (what was asked for, what the GPU
+    has), the batch that did it and the way round it, and what the run has kept."""
     sentences = re.split(r'(?<=\.)\s+', one_line(e))
     figures = ' '.join(x for x in sentences if x.startswith(('Tried to allocate', 'GPU '))) or one_line(e)[:200]
+    where = 'GPU'
+    if _cpu_out_of_memory(e):
+        where, figures = 'CPU', f'{_cpu_out_of_memory(e)}, which the allocator refused'
     hint = 'a smaller --batch-size needs less'
     if not args.speed_only:
         hint += ' (evaluation batches are 1.5 times it)'
@@ -1232,7 +1244,7 @@ def out_of_memory(args, e: BaseException) -> str:
         hint += '; the learning rate scales with it (--lr x batch x processes / 512)'
     batch = run_batch_size(args)
     which = f'--batch-size {batch}' if batch == args.batch_size else f'a batch of {batch} (the original protocol\'s)'
-    return f'out of GPU memory ({figures.rstrip(".")}) with {which} per process: {hint}; {_what_is_kept(e)}'
+    return f'out of {where} memory ({figures.rstrip(".")}) with {which} per process: {hint}; {_what_is_kept(e)}'
 
 
 def main(argv=None) -> int:
@@ -1257,6 +1269,9 @@ def main(argv=None) -> int:
         print_line(f'{prefix}terminated (SIGTERM); {_what_is_kept(e)}', file=sys.stderr)
         return EXIT_TERMINATED
     except RuntimeError as e:
+        if _cpu_out_of_memory(e):
+            print_line(f'{prefix}error: {out_of_memory(args, e)}', file=sys.stderr)
+            return EXIT_OUT_OF_MEMORY
         if not _lost_peer(e):
             raise
         print_line(f'{prefix}error: stopped because another process of this job failed (see its error); '

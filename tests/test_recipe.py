@@ -720,6 +720,30 @@ def test_out_of_gpu_memory_is_one_line_with_the_batch_and_what_was_kept(capsys, 
                                       f'nothing was written')
 
 
+def test_out_of_cpu_memory_is_one_line_too(capsys, monkeypatch, world, tmp_path):
+    """torch's CPU allocator raises a plain RuntimeError when it cannot allocate (not the GPU's OutOfMemoryError):
+    the same one line, naming the CPU, with what was asked for; and the finetuning run says what it kept."""
+    def allocate_32_tib(*args, **kwargs):
+        torch.empty(2 ** 45, dtype=torch.uint8)  # more than any machine here has: torch's own refusal
+        raise AssertionError('the allocation succeeded')
+
+    monkeypatch.setattr(finetune, 'evaluate', allocate_32_tib)
+    code, _, err = cli(capsys, '--eval', '--resume', world['dense'], '--data-path', world['data'], '--batch-size', 8)
+    assert (code, err.strip()) == (1, 'error: out of CPU memory (Tried to allocate 32768.00 GiB, which the allocator '
+                                      'refused) with --batch-size 8 per process: a smaller --batch-size needs less '
+                                      '(evaluation batches are 1.5 times it); nothing was written')
+    monkeypatch.setattr(engine, 'train_one_epoch', allocate_32_tib)
+    out = tmp_path / 'out'
+    code, _, err = cli(capsys, '--resume', world['dense'], '--data-path', world['data'], '--output_dir', out,
+                       '--final_finetune', 1, '--batch-size', 16)
+    assert code == 1 and err.strip().startswith('error: out of CPU memory (Tried to allocate 32768.00 GiB')
+    assert err.strip().endswith('; no epoch had finished, so no checkpoint was written'), err
+    monkeypatch.setattr(engine, 'train_one_epoch', lambda *a, **kw: torch.ones(2).view(3))  # another RuntimeError
+    with pytest.raises(RuntimeError, match='shape'):  # a bug stays a traceback
+        cli(capsys, '--resume', world['dense'], '--data-path', world['data'], '--output_dir', tmp_path / 'bug',
+            '--final_finetune', 1, '--batch-size', 16)
+
+
 def test_a_refused_run_creates_nothing(capsys, world, tmp_path):
     out = tmp_path / 'new' / 'out'
     code, _, err = cli(capsys, '--resume', world['dense'], '--data-path', world['data'], '--output_dir', out,
