@@ -1234,9 +1234,8 @@ def out_of_memory(args, e: BaseException) -> str:
     has), the batch that did it and the way round it, and what the run has kept."""
     sentences = re.split(r'(?<=\.)\s+', one_line(e))
     figures = ' '.join(x for x in sentences if x.startswith(('Tried to allocate', 'GPU '))) or one_line(e)[:200]
-    where = 'GPU'
-    if _cpu_out_of_memory(e):
-        where, figures = 'CPU', f'{_cpu_out_of_memory(e)}, which the allocator refused'
+    cpu = _cpu_out_of_memory(e)
+    where, figures = ('CPU', f'{cpu}, which the allocator refused') if cpu else ('GPU', figures)
     hint = 'a smaller --batch-size needs less'
     if not args.speed_only:
         hint += ' (evaluation batches are 1.5 times it)'
