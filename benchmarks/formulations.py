@@ -260,8 +260,9 @@ def _compiled(use_dense: bool) -> Builder:
 
 def _fast_path(backend: str, cuda_graph: Optional[bool], residual_dtype: Optional[torch.dtype]) -> Builder:
     """build_fast_path of the given model (dense: every mask True) for the context's batch size; ``cuda_graph``
-    None: on CUDA only.  With ``ctx.fast_autotune`` the attention and MLP kernels are timed per kept count at
-    build (the path as a user builds it); without, SDPA's own dispatch and cuBLAS, nothing timed."""
+    None: on CUDA only.  With ``ctx.fast_autotune`` the attention and the matrix products' candidates are timed
+    per kept count at build (the path as a user builds it); without, SDPA's own dispatch and cuBLAS, nothing
+    timed."""
     def build(cc: nn.Module, dense: nn.Module, ctx: Context) -> Callable:
         from models.fast_path import build_fast_path
         graph = ctx.device.type == 'cuda' if cuda_graph is None else cuda_graph

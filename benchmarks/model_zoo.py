@@ -232,9 +232,9 @@ def build_parser() -> Parser:
                    help='compiled rows only in sections of at least this batch size (default: CPU 1, CUDA 128: at '
                         'small batches the CUDA-graph rows are the fast dense ones, and each batch size recompiles)')
     p.add_argument('--fast-autotune', action=argparse.BooleanOptionalAction, default=None,
-                   help='fast-path rows time their attention and MLP kernel candidates per kept count when built, '
-                        'as build_fast_path does by default (default on); --no-fast-autotune: SDPA\'s own dispatch '
-                        'and cuBLAS, nothing timed at build')
+                   help='fast-path rows time their attention and matrix-product candidates (fused kernels, cuBLAS '
+                        'on padded rows) per kept count when built, as build_fast_path does by default (default on); '
+                        '--no-fast-autotune: SDPA\'s own dispatch and cuBLAS, nothing timed at build')
     p.add_argument('--time-limit', type=_float_in(1, MAX_SECONDS), default=None,
                    help='seconds after which no new section starts (the first always runs; the results are written '
                         'after every section; default: none)')
