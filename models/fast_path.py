@@ -623,12 +623,13 @@ class FastViT(nn.Module):
         self.mlp_timings: Dict[int, Dict[str, float]] = {}
         self.fc2_choices: Dict[int, ProductChoice] = {}
         self.fc2_timings: Dict[int, Dict[str, float]] = {}
-        # the batch size the choices were timed at: a product's row padding (ROW_PADS) applies at that size only
+        # the batch size the candidates are timed at (batch_size, or 64); a product's row padding (ROW_PADS)
+        # applies at that size only
         self.tune_batch = tune_batch or 64
         with _on(device):  # timing captures and events on the model's GPU, whichever is current
-            self._choose_attention(attention, tune_batch)
-            self._choose_products(mlp, tune_batch)
-            self._choose_embed(mlp, tune_batch)
+            self._choose_attention(attention)
+            self._choose_products(mlp)
+            self._choose_embed(mlp)
 
         self._run = self._forward_impl
         if backend == 'compile':
@@ -660,7 +661,7 @@ class FastViT(nn.Module):
         f = lambda t: None if t is None else t.detach().to(device, torch.float32).contiguous()  # noqa: E731
         return f(m.weight), f(m.bias), float(m.eps)
 
-    def _choose_attention(self, mode: str, tune_batch: Optional[int]) -> None:
+    def _choose_attention(self, mode: str) -> None:
         for blk in self.blocks:
             if blk.n == 0:
                 continue  # a block that keeps nothing does not run
@@ -671,7 +672,7 @@ class FastViT(nn.Module):
                         raise ValueError(f'attention=triton: head_dim {blk.head_dim} is not a power of two >= 16')
                     choice, timings = AttentionChoice('triton', tiles=K.ATTENTION_TILES[0]), {}
                 elif mode == 'auto' and _times_on(self.device) and self.backend != 'compile':
-                    choice, timings, refused = choose_attention(blk.n, tune_batch or 64, blk.num_heads,
+                    choice, timings, refused = choose_attention(blk.n, self.tune_batch, blk.num_heads,
                                                                 blk.head_dim, blk.scale, self.dtype, self.device,
                                                                 with_triton=self.backend == 'triton')
                 else:
@@ -688,13 +689,13 @@ class FastViT(nn.Module):
         return (mode == 'auto' and _times_on(self.device) and self.backend == 'triton'
                 and self.dtype in (torch.float16, torch.bfloat16))
 
-    def _choose_products(self, mode: str, tune_batch: Optional[int]) -> None:
+    def _choose_products(self, mode: str) -> None:
         """For each kept count, how the block's products run (``qkv``; ``proj``: the attention's projection;
         ``mlp``: fc1 + GELU; ``fc2``: fc2 + residual).  The ``mlp`` mode decides them all; 'triton' forces the
         fused kernels and leaves qkv and proj to cuBLAS.  fc2 is chosen after fc1: its operand has padding rows
         only if fc1 ran padded."""
         timed = self._times_products(mode)
-        batch = tune_batch or 64
+        batch = self.tune_batch
         kinds = ('qkv', 'proj', 'mlp', 'fc2')
         for blk in self.blocks:
             if blk.n == 0:
@@ -727,7 +728,7 @@ class FastViT(nn.Module):
             if blk.fc2.kind == 'triton':
                 blk.fc2_wt = blk.fc2_w.t().contiguous()
 
-    def _choose_embed(self, mode: str, tune_batch: Optional[int]) -> None:
+    def _choose_embed(self, mode: str) -> None:
         """How the patch embedding runs (``embed_choice``): 'torch' (an unfolded copy of the patches in the
         compute dtype, cuBLAS, an add into the buffer) or 'triton' (one kernel reads the images and writes the
         tokens, models/fast_kernels.py ``patch_embed_``).  The ``mlp`` mode decides it as it decides the MLP's
@@ -737,7 +738,7 @@ class FastViT(nn.Module):
         if mode == 'triton':
             choice = ProductChoice('triton', tiles=K.LINEAR_TILES[0])
         elif self._times_products(mode):
-            choice, timings, refused = self._time_embed(tune_batch or 64)
+            choice, timings, refused = self._time_embed(self.tune_batch)
         else:
             choice = ProductChoice('torch')
         self._set_embed(choice)
