@@ -40,7 +40,10 @@ The attention kernel is a FlashAttention-style forward pass: a program owns ``BL
 (image, head), walks over the keys ``BLOCK_N`` at a time with an online softmax (running max and running sum
 in fp32, exp2 with the scale folded into log2(e)), and accumulates P·V in fp32 with P rounded to the input
 dtype for the matrix unit.  Query tiles of 32 or 64 rows let a block that keeps 148 tokens pay for 160 or 192
-rows instead of the 256 that 128-row tiles cost; the tile sizes are chosen by timing in the fast path.
+rows instead of the 256 that 128-row tiles cost.  Keys likewise: with a tail tile ``BLOCK_T`` smaller than
+``BLOCK_N``, the program walks the first ``n - n % BLOCK_N`` keys ``BLOCK_N`` at a time without masks and the
+rest ``BLOCK_T`` at a time, so 148 keys cost one 128-key step and one 32-key step (160 keys) where 128-key steps
+alone cost 256 and 64-key steps 192 in three steps.  The tile sizes are chosen by timing in the fast path.
 
 Every op has a ``*_reference`` (plain torch: index_select, F.layer_norm, index_copy_, SDPA in fp32) and a
 ``*_triton`` implementation with the same signature; the undecorated name dispatches to Triton when
@@ -84,11 +87,16 @@ __all__ = [
 # Read once, as Triton itself reads it when @triton.jit decorates the kernels below.
 INTERPRETER = os.environ.get('TRITON_INTERPRET', '0') == '1'
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) the fast path times for the attention kernel; the first is the
-# default.  Two pipeline stages: a key loop of at most a few tiles gains little from more, and (64, 256) with
-# three stages of K and V tiles (64 KB a stage at head_dim 64) would crowd the 227 KB of shared memory.
-ATTENTION_TILES = ((64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 4, 2), (128, 64, 8, 2), (128, 128, 8, 2),
-                   (64, 256, 8, 2))
+# (BLOCK_M, BLOCK_N, BLOCK_T, num_warps, num_stages) the fast path times for the attention kernel; the first is
+# the default.  BLOCK_T is the key tile of the tail (the last n % BLOCK_N keys); BLOCK_T == BLOCK_N walks every
+# key tile alike, masked.  Two pipeline stages: a key loop of at most a few tiles gains little from more, and
+# (64, 256) with three stages of K and V tiles (64 KB a stage at head_dim 64) would crowd the 227 KB of shared
+# memory.  The tail tile is for pruned blocks.  Measured on an H200 at batch 1, C&C-B-25 (138-155 kept tokens)
+# was no faster than dense DeiT-B (0.999x): the dense blocks' 197 keys took two 128-key steps and the pruned
+# blocks' three 64-key steps (their fastest; 128-key tiles would also take two).  128 + 32 covers 129-160 keys
+# in one whole step and a quarter step.
+ATTENTION_TILES = ((64, 64, 64, 4, 2), (32, 64, 64, 4, 2), (64, 128, 128, 4, 2), (128, 64, 64, 8, 2),
+                   (128, 128, 128, 8, 2), (64, 256, 256, 8, 2), (64, 128, 32, 4, 2))
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for the fused matrix products; the first is the default.
 # Few on purpose: each is compiled per shape family at build time, and every compile costs seconds.
 LINEAR_TILES = ((128, 128, 64, 4, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4))
@@ -293,10 +301,36 @@ if HAS_TRITON:
             tl.store(dst, y.to(out_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
+    def _attention_step(q, k_base, v_base, start, n, stride_qn, offs_d, m_i, l_i, acc, qk_scale,
+                        BLOCK: tl.constexpr, MASKED: tl.constexpr):
+        # One key tile [start, start + BLOCK) of the online softmax: (running max, running sum, accumulator).
+        offs_n = start + tl.arange(0, BLOCK)
+        if MASKED:
+            n_ok = offs_n < n
+            kt = tl.load(k_base + offs_n[None, :] * stride_qn + offs_d[:, None], mask=n_ok[None, :], other=0.0)
+            s = tl.dot(q, kt) * qk_scale  # (BLOCK_M, BLOCK), log2 units
+            s = tl.where(n_ok[None, :], s, float('-inf'))
+        else:
+            kt = tl.load(k_base + offs_n[None, :] * stride_qn + offs_d[:, None])
+            s = tl.dot(q, kt) * qk_scale
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: every key tile has a valid key
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if MASKED:
+            v = tl.load(v_base + offs_n[:, None] * stride_qn + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+        else:
+            v = tl.load(v_base + offs_n[:, None] * stride_qn + offs_d[None, :])
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        return m_new, l_i, acc
+
+    @triton.jit
     def _attention_kernel(qkv_ptr, out_ptr, n, H, stride_qb, stride_qn, stride_ob, stride_on, qk_scale,
-                          HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                          HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_T: tl.constexpr):
         # One program: BLOCK_M query rows of one (image, head). q, k, v of head h sit at channel offsets
-        # h*D, C + h*D and 2C + h*D of each token's qkv row (C = H * D).
+        # h*D, C + h*D and 2C + h*D of each token's qkv row (C = H * D).  Keys: BLOCK_N at a time, masked; or,
+        # with a smaller tail tile BLOCK_T, the whole BLOCK_N tiles unmasked and the rest BLOCK_T at a time.
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = (pid_bh // H).to(tl.int64)
@@ -312,19 +346,18 @@ if HAS_TRITON:
         m_i = tl.full((BLOCK_M,), float('-inf'), tl.float32)
         l_i = tl.zeros((BLOCK_M,), tl.float32)
         acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
-        for start in range(0, n, BLOCK_N):
-            offs_n = start + tl.arange(0, BLOCK_N)
-            n_ok = offs_n < n
-            kt = tl.load(k_base + offs_n[None, :] * stride_qn + offs_d[:, None], mask=n_ok[None, :], other=0.0)
-            s = tl.dot(q, kt) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
-            s = tl.where(n_ok[None, :], s, float('-inf'))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: every key tile has a valid key
-            p = tl.exp2(s - m_new[:, None])
-            alpha = tl.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = tl.load(v_base + offs_n[:, None] * stride_qn + offs_d[None, :], mask=n_ok[:, None], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+        if BLOCK_T == BLOCK_N:
+            for start in range(0, n, BLOCK_N):
+                m_i, l_i, acc = _attention_step(q, k_base, v_base, start, n, stride_qn, offs_d, m_i, l_i, acc,
+                                                qk_scale, BLOCK_N, True)
+        else:
+            whole = n - n % BLOCK_N
+            for start in range(0, whole, BLOCK_N):
+                m_i, l_i, acc = _attention_step(q, k_base, v_base, start, n, stride_qn, offs_d, m_i, l_i, acc,
+                                                qk_scale, BLOCK_N, False)
+            for start in range(whole, n, BLOCK_T):
+                m_i, l_i, acc = _attention_step(q, k_base, v_base, start, n, stride_qn, offs_d, m_i, l_i, acc,
+                                                qk_scale, BLOCK_T, True)
         acc = acc / l_i[:, None]
         dst = out_ptr + b * stride_ob + offs_m[:, None] * stride_on + h * HEAD_DIM + offs_d[None, :]
         tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None])
@@ -521,10 +554,12 @@ def attention_tiles_ok(head_dim: int) -> bool:
 
 
 def attention_triton(qkv: torch.Tensor, num_heads: int, scale: float, block_m: int = ATTENTION_TILES[0][0],
-                     block_n: int = ATTENTION_TILES[0][1], num_warps: int = ATTENTION_TILES[0][2],
-                     num_stages: int = ATTENTION_TILES[0][3], out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     block_n: int = ATTENTION_TILES[0][1], block_t: int = ATTENTION_TILES[0][2],
+                     num_warps: int = ATTENTION_TILES[0][3], num_stages: int = ATTENTION_TILES[0][4],
+                     out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Triton version of :func:`attention_reference`: fp32 softmax and accumulation, output in qkv's dtype; written
-    into ``out`` when given (see :func:`out_rows`)."""
+    into ``out`` when given (see :func:`out_rows`).  ``block_t``: the key tile of the tail (see
+    :data:`ATTENTION_TILES`), at most ``block_n``."""
     _need_triton(qkv)
     B, n, three_c = qkv.shape
     if three_c % (3 * num_heads) or qkv.stride(-1) != 1:
@@ -532,13 +567,15 @@ def attention_triton(qkv: torch.Tensor, num_heads: int, scale: float, block_m: i
     head_dim = three_c // (3 * num_heads)
     if not attention_tiles_ok(head_dim):
         raise ValueError(f'the Triton attention needs a power-of-two head_dim >= 16, got {head_dim}')
+    if not 16 <= block_t <= block_n:
+        raise ValueError(f'the tail tile must be 16 to block_n ({block_n}) keys, got {block_t}')
     out = out_rows(B, n, num_heads * head_dim, qkv.device, out, qkv.dtype, qkv.dtype)
     if B * n == 0:
         return out
     grid = (triton.cdiv(n, block_m), B * num_heads)
     _attention_kernel[grid](qkv, out, n, num_heads, qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1),
                             float(scale) * 1.4426950408889634, HEAD_DIM=head_dim, BLOCK_M=block_m,
-                            BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
+                            BLOCK_N=block_n, BLOCK_T=block_t, num_warps=num_warps, num_stages=num_stages)
     return out
 
 

@@ -55,7 +55,8 @@ the MLP's products, since it is a fixed cost that pruning does not shrink.
 
 Attention: SDPA's time was flat from 197 down to 129 tokens and halved at 128 (128-row tiles: a block keeping 148
 tokens pays for 256 rows), so for each distinct kept count the candidates (the SDPA backends flash / efficient /
-cuDNN / math through ``torch.nn.attention.sdpa_kernel``, and the Triton kernel with 32- to 128-row query tiles)
+cuDNN / math through ``torch.nn.attention.sdpa_kernel``, and the Triton kernel with 32- to 128-row query tiles
+and 64- to 256-key tiles, one with a 32-key tail tile)
 are checked against an fp32 reference and timed once at build time on CUDA, and the fastest is kept
 (``attention_choices``); on CPU it is SDPA.  Candidates are timed replayed from a CUDA graph: the GPU's time, not
 the CPU's cost of launching them, which differs between cuBLAS, torch and Triton and at small batches would decide
@@ -208,16 +209,19 @@ def _validated_ids(kept_ids: Sequence[torch.Tensor], depth: int, N: int) -> List
 @dataclass(frozen=True)
 class AttentionChoice:
     """How one block computes attention: ``kind`` 'sdpa' (``backend``: an SDPBackend name, None for torch's own
-    dispatch) or 'triton' (``tiles``: BLOCK_M, BLOCK_N, num_warps); ``ms``: its build-time time, if timed."""
+    dispatch) or 'triton' (``tiles``: BLOCK_M, BLOCK_N, BLOCK_T, num_warps, num_stages; see
+    ``fast_kernels.ATTENTION_TILES``); ``ms``: its build-time time, if timed."""
     kind: str
     backend: Optional[str] = None
-    tiles: Optional[Tuple[int, int, int]] = None
+    tiles: Optional[Tuple[int, int, int, int, int]] = None
     ms: Optional[float] = None
 
     @property
     def label(self) -> str:
+        """'triton-64x128w4s2' (BLOCK_M x BLOCK_N), 'triton-64x128+32w4s2' with a tail tile of 32 keys."""
         if self.kind == 'triton':
-            return 'triton-{}x{}w{}s{}'.format(*self.tiles)
+            bm, bn, bt, warps, stages = self.tiles
+            return f'triton-{bm}x{bn}{"" if bt == bn else f"+{bt}"}w{warps}s{stages}'
         return f'sdpa-{(self.backend or "default").lower()}'
 
 
@@ -283,8 +287,8 @@ def run_attention(choice: AttentionChoice, qkv: torch.Tensor, num_heads: int, sc
                   out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Attention of a (B, n, 3*H*D) qkv tensor as ``choice`` says -> (B, n, H*D), into ``out`` when given."""
     if choice.kind == 'triton':
-        bm, bn, warps, stages = choice.tiles
-        return K.attention_triton(qkv, num_heads, scale, block_m=bm, block_n=bn, num_warps=warps,
+        bm, bn, bt, warps, stages = choice.tiles
+        return K.attention_triton(qkv, num_heads, scale, block_m=bm, block_n=bn, block_t=bt, num_warps=warps,
                                   num_stages=stages, out=out)
     return _sdpa(qkv, num_heads, scale, choice.backend, out)
 

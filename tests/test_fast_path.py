@@ -221,9 +221,10 @@ ATTN_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else []
 
 
 @needs_triton
-@pytest.mark.parametrize('n', [1, 17, 70])
+@pytest.mark.parametrize('n', [1, 17, 64, 70])
 @pytest.mark.parametrize('dtype', ATTN_DTYPES)
-@pytest.mark.parametrize('tiles', [(64, 64, 4, 2), (32, 64, 4, 2), (64, 256, 8, 2)])
+@pytest.mark.parametrize('tiles', [(64, 64, 64, 4, 2), (32, 64, 64, 4, 2), (64, 256, 256, 8, 2),
+                                   (16, 32, 16, 4, 2)])  # the last: whole 32-key steps, then 16-key ones
 def test_attention_kernel(n, dtype, tiles):
     H, D = 2, 32
     qkv = _randn(2, n, 3 * H * D, seed=n, dtype=dtype) * 2
@@ -236,6 +237,24 @@ def test_attention_kernel(n, dtype, tiles):
     tol *= max(1.0, plain.abs().max().item())
     assert (ours.double() - plain).abs().max().item() <= tol
     assert (ref.double() - plain).abs().max().item() <= tol
+
+
+def test_attention_tile_labels():
+    """Every tile the build times has its own label; a tail tile shows as '+BLOCK_T', and tiles without one keep
+    the labels earlier results (benchmarks/results) name them by."""
+    from models.fast_path import AttentionChoice
+    labels = [AttentionChoice('triton', tiles=t).label for t in K.ATTENTION_TILES]
+    assert len(set(labels)) == len(labels)
+    assert AttentionChoice('triton', tiles=(64, 128, 32, 4, 2)).label == 'triton-64x128+32w4s2'
+    assert AttentionChoice('triton', tiles=(64, 64, 64, 4, 2)).label == 'triton-64x64w4s2'
+
+
+@needs_triton
+@pytest.mark.parametrize('block_t', [8, 128])
+def test_attention_kernel_refuses_a_tail_tile_out_of_range(block_t):
+    qkv = _randn(1, 5, 3 * 2 * 32, seed=1, dtype=torch.float16)
+    with pytest.raises(ValueError, match=rf'tail tile must be 16 to block_n \(64\) keys, got {block_t}'):
+        K.attention_triton(qkv, 2, 0.125, 64, 64, block_t)
 
 
 @cuda_only
@@ -855,10 +874,11 @@ attn = dict(qkv_ptr='*fp16', out_ptr='*fp16', n='i32', H='i32', stride_qb='i32',
 attn_aligned = ('qkv_ptr', 'out_ptr', 'stride_qb', 'stride_qn', 'stride_ob', 'stride_on')
 for dtype in ('fp16', 'fp32'):
     types = dict(attn, qkv_ptr='*' + dtype, out_ptr='*' + dtype)
-    for bm, bn, warps, stages in K.ATTENTION_TILES:
-        out[f'attention {bm}x{bn} {dtype}'] = compile_(K._attention_kernel, types,
-                                                       dict(HEAD_DIM=64, BLOCK_M=bm, BLOCK_N=bn), warps, stages,
-                                                       aligned=attn_aligned)
+    for bm, bn, bt, warps, stages in K.ATTENTION_TILES:
+        tail = '' if bt == bn else f'+{bt}'
+        out[f'attention {bm}x{bn}{tail} {dtype}'] = compile_(
+            K._attention_kernel, types, dict(HEAD_DIM=64, BLOCK_M=bm, BLOCK_N=bn, BLOCK_T=bt), warps, stages,
+            aligned=attn_aligned)
 lin = dict(x_ptr='*fp16', wt_ptr='*fp16', b_ptr='*fp16', out_ptr='*fp16', ids_ptr='*i64', g_ptr='*fp32', M='i32',
            N='i32', K='i32', n='i32', stride_xm='i32', stride_wk='i32', stride_ob='i32', stride_on='i32')
 for bm, bn, bk, warps, stages in K.LINEAR_TILES:
