@@ -44,8 +44,9 @@
 # if any did.
 #
 # `profile` (a call of its own, about 1-2 minutes, limit 150 s; run it when the targets are missed, to see why):
-# DeiT-Ti at batch 256, rates 0.25 and 0.40 (PROFILE_RATES=0.25,0.30 in the environment names others), rows timm,
-# ours, fast-triton-dense and fast-triton, each profiled (torch.profiler, the GPU time of every kernel summed by
+# DeiT-Ti at batch 256, rates 0.25 and 0.40 (in the environment, PROFILE_RATES=0.25,0.30 names other rates,
+# PROFILE_MODELS=base another model, PROFILE_BATCH=1 another batch size), rows timm, ours, fast-triton-dense and
+# fast-triton, each profiled (torch.profiler, the GPU time of every kernel summed by
 # family: linear layers, attention, LayerNorm, GELU, adds/casts/copies, token routing, patch embedding), dense
 # against pruned and set against the FLOPs ratio, with the slowest kernels of every row; outputs profile.log,
 # profile.json, profile.md (with env.txt and status.txt).
@@ -200,11 +201,14 @@ EOF
     [ -f "$OUT/cuda.json" ] && python3 -m benchmarks.report --gpu "$OUT/cuda.json"
 fi
 
-# 4. on request: where the GPU time goes, by kernel, for DeiT-Ti (eager and fast path, dense and pruned).
+# 4. on request: where the GPU time goes, by kernel, for DeiT-Ti or $PROFILE_MODELS (eager and fast path, dense and
+#    pruned).
 if [[ " $steps " == *" profile "* ]]; then
-    step profile 150 python3 benchmarks/model_zoo.py --device cuda --models tiny \
-        --rates "${PROFILE_RATES:-0.25,0.40}" --rows timm,ours,fast-triton-dense,fast-triton --no-compile \
-        --summary-batch-sizes "" --repeats 10 --breakdown-rounds 3 --json "$OUT/profile.json" \
+    profile_batch=()
+    [ -n "${PROFILE_BATCH:-}" ] && profile_batch=(--batch-size "$PROFILE_BATCH")
+    step profile 150 python3 benchmarks/model_zoo.py --device cuda --models "${PROFILE_MODELS:-tiny}" \
+        "${profile_batch[@]}" --rates "${PROFILE_RATES:-0.25,0.40}" --rows timm,ours,fast-triton-dense,fast-triton \
+        --no-compile --summary-batch-sizes "" --repeats 10 --breakdown-rounds 3 --json "$OUT/profile.json" \
         --markdown "$OUT/profile.md"
     [ -f "$OUT/profile.md" ] && awk '/^Where the time goes/{f=1} f&&/^\| target/{exit} f' "$OUT/profile.md"
     [ -f "$OUT/profile.json" ] && python3 - "$OUT/profile.json" <<'EOF'

@@ -1258,7 +1258,8 @@ def test_gpu_check_benchmark_commands_are_valid_model_zoo_command_lines(tmp_path
     for command in commands:
         line = command.split('benchmarks/model_zoo.py', 1)[1].replace('$OUT', str(tmp_path))
         line = line.split(' > /dev/null &')[0].replace('/tmp/warm_compile', str(tmp_path))
-        line = re.sub(r'"\$\{PROFILE_RATES:-([^}]*)\}"', r'\1', line)  # the profile's rates: their default
+        line = re.sub(r'"\$\{PROFILE_\w+:-([^}]*)\}"', r'\1', line)  # the profile's model and rates: defaults
+        line = line.replace('"${profile_batch[@]}"', '')  # and its batch: the model's default
         args = zoo.parse_args(shlex.split(line.replace('"${resume[@]}"', '')))
         if '"${resume[@]}"' in line:  # `resume`: the same flags carrying on the JSON they wrote
             earlier = tmp_path / 'earlier.json'
