@@ -983,10 +983,10 @@ def build_fast_path(model: nn.Module, backend: str = 'triton', dtype: Optional[t
     ``attention``: 'auto' (time SDPA backends and, for 'triton', the Triton kernel per distinct kept count on
     CUDA, at ``batch_size`` images or 64; SDPA on CPU), 'sdpa', or 'triton'.  ``mlp``: the matrix products
     with fused epilogues, i.e. the MLP's two (GELU; the residual update) and the patch embedding's (the
-    position constant, written into the buffer), and the qkv product: 'auto' (with backend 'triton' and
-    fp16/bf16 on CUDA: time cuBLAS, on the real rows and padded (``ROW_PADS``), + the elementwise kernels
-    against the fused Triton kernels, per kept count for qkv and the MLP; else torch), 'torch', or 'triton' (the
-    fused kernels; qkv by cuBLAS).  ``cuda_graph``: capture the forward for ``batch_size`` images (CUDA only).
+    position constant, written into the buffer), and the attention's two (qkv and the projection): 'auto' (with
+    backend 'triton' and fp16/bf16 on CUDA: time cuBLAS, on the real rows and padded (``ROW_PADS``), + the
+    elementwise kernels against the fused Triton kernels, per kept count for the block's four products; else
+    torch), 'torch', or 'triton' (the fused kernels; qkv and the projection by cuBLAS).  ``cuda_graph``: capture the forward for ``batch_size`` images (CUDA only).
     ``kept_ids``: per-block original token ids, overriding ``model.kept_token_ids()`` (a model without it is
     dense).
     """
