@@ -166,7 +166,8 @@ def get_args_parser() -> argparse.ArgumentParser:
       help='timed forward passes per model (median is reported; --speed-protocol original: passes per run, '
            'default 50, mean)')
     a('--speed-warmup', default=3, type=int,
-      help='untimed rounds first (--speed-protocol original: its own, the first two of its 3 runs)')
+      help='untimed rounds first (not with --speed-protocol original, whose warm-up is the first two of its 3 '
+           'runs)')
     a('--speed-dtype', default=None, choices=['fp32', 'fp16', 'bf16'],
       help='autocast for --speed-only (default fp16 on CUDA, fp32 on CPU; --speed-protocol original: fp32)')
     a('--world_size', default=1, type=int, help='set by the launcher')

@@ -547,7 +547,9 @@ def report(argv: Sequence[str], results: dict, table: str) -> str:
     parts = ['# Taylor against random masks at mini scale', wrap(intro), '![accuracy against GFLOPs](study.png)',
              '## How these numbers were made', '\n'.join(wrap(b, bullet=True) for b in how),
              '## Results', table, wrap(note),
-             '## For README.md', wrap(readme), '![Taylor against random over seeds](demo/study.png)']
+             '## For README.md',
+             'To paste into the top-level README (its links are relative to the repository root, not to this file):',
+             '```markdown\n' + wrap(readme) + '\n\n![Taylor against random over seeds](demo/study.png)\n```']
     return '\n\n'.join(parts) + '\n'
 
 

@@ -17,11 +17,12 @@ Clipped tokens never move.  A dense model (every block keeps every token) goes t
 
 What is fused, and why
 ----------------------
-Measured on one H200 (fp16 autocast, DeiT-Ti, batch 256, ms per forward, dense timm / pruned-25 eager):
-LayerNorm in fp32 2.24/1.72, fp32 residual adds 0.87/0.66, GELU 0.61/0.46, fp32->fp16 casts 0.39/0.30,
-matrix products 1.38/1.13, patch conv 0.84/0.84, flash attention 0.53/0.54, token routing (gathers and
-concatenation) -/0.74; total 7.02/6.56.  The memory-bound ops cost more than the matrix products, and the
-pruned model reached only 0.73-0.81 of its FLOPs ratio.  So, with ``backend='triton'``, a block is
+Measured on one H200 (benchmarks/results/cuda_profile.md: fp16 autocast, DeiT-Ti, batch 256, GPU ms per
+forward, dense timm / pruned-25 eager): LayerNorm in fp32 2.25/1.74, residual adds, fp32->fp16 casts and copies
+1.48/1.18, GELU 0.62/0.47, matrix products 1.38/1.13, patch conv 0.85/0.85, attention 0.53/0.54, token routing
+(gathers and concatenation) -/0.72; total 7.10/6.62.  The memory-bound ops cost more than the matrix products,
+and the eager pruned models reach only 0.73-0.79 of their FLOPs ratio (benchmarks/results/cuda.md).  So, with
+``backend='triton'``, a block is
 
     y   = gather_layer_norm(x, ids)                  # gather + LN1 + cast: one pass (models/fast_kernels.py)
     qkv = y @ Wqkv^T + bqkv                          # cuBLAS (each product on rows padded as timed, see below)
@@ -37,31 +38,34 @@ pruned model reached only 0.73-0.81 of its FLOPs ratio.  So, with ``backend='tri
 i.e. three memory-bound passes over the kept rows instead of LN, add, cast, gather and concatenation each
 paying their own.  cuBLAS adds a bias for free but its GELU epilogue is the tanh approximation, not the
 model's exact GELU; the fused Triton product applies the exact GELU to its fp32 accumulator, which saves
-writing the (B, n, 4C) hidden activation and reading it back (GELU measured 0.61 ms of 7.02).  Whether that
+writing the (B, n, 4C) hidden activation and reading it back (GELU measured 0.62 ms of 7.10).  Whether that
 beats cuBLAS's product is a matter of measurement, so on CUDA both are timed at build time (``mlp_choices``);
 likewise the second product with the residual update as its epilogue (``fc2_choices``), which saves writing
 and reading its (B, n, C) output.  cuBLAS itself picks its kernel by a heuristic on the shape, and at some row
 counts it picks a slow one (measured on an H200: the qkv product at DeiT-Ti width took 0.033-0.037 ms at three
-of C&C-Ti-30's kept counts against 0.025 at the others), so each of the four products is also timed with its
-operand padded by a few hundred rows (``ROW_PADS``): the kernel before it writes the real rows into a longer
-buffer, cuBLAS multiplies all of it, and the real rows of the result are used.
+of C&C-Ti-30's kept counts against 0.025 at the others), so qkv, the projection and the first MLP product are
+also timed with their operand padded by 64 to 1024 rows (``ROW_PADS``, at most an eighth more rows, so none at
+batch 1): the kernel before it writes the real rows into a longer buffer, cuBLAS multiplies all of it, and the
+real rows of the result are used; the second MLP product is timed on the padding its operand got from the first
+(the first product's output keeps it).
 
 The patch embedding is one matrix product over unfolded patches (the conv weight reshaped to (C, 3*p*p);
-measured 0.28 ms against 0.97 for the conv), its bias folded with the position embedding into one constant
+measured 0.28 ms against 0.97 for the conv at DeiT-Ti width and batch 256, in a first H200 run whose figures
+were not kept as a results file), its bias folded with the position embedding into one constant
 added as the tokens are written into the buffer.  With ``backend='triton'`` it can be one kernel
 (``embed_choice``): the product reads its operand straight from the images (no unfolded copy) and its epilogue
 adds the constant and writes the tokens into the buffer; timed against the unfused sequence at build time like
 the MLP's products, since it is a fixed cost that pruning does not shrink.
 
-Attention: SDPA's time was flat from 197 down to 129 tokens and halved at 128 (128-row tiles: a block keeping 148
-tokens pays for 256 rows), so for each distinct kept count the candidates (the SDPA backends flash / efficient /
-cuDNN / math through ``torch.nn.attention.sdpa_kernel``, and the Triton kernel with 32- to 128-row query tiles
-and 64- to 256-key tiles, one with a 32-key tail tile)
-are checked against an fp32 reference and timed once at build time on CUDA, and the fastest is kept
-(``attention_choices``); on CPU it is SDPA.  Candidates are timed replayed from a CUDA graph: the GPU's time, not
-the CPU's cost of launching them, which differs between cuBLAS, torch and Triton and at small batches would decide
-the ranking.  ``cuda_graph=True`` captures the whole forward for one batch size (measured 3x for dense DeiT-Ti at
-batch 32, 1.02-1.03x at batch 256); another batch size (say the last, smaller batch of an evaluation) runs
+Attention: SDPA's time was flat from 197 down to 129 tokens and halved at 128 (that first run; 128-row tiles: a
+block keeping 148 tokens pays for 256 rows), so for each distinct kept count the candidates (the SDPA backends
+flash / efficient / cuDNN / math through ``torch.nn.attention.sdpa_kernel``, and the Triton kernel with 32- to
+128-row query tiles and 64- to 256-key tiles, one with a 32-key tail tile) are checked against an fp32 reference
+and timed once at build time on CUDA, and the fastest is kept (``attention_choices``); on CPU it is SDPA.
+Candidates are timed replayed from a CUDA graph: the GPU's time, not the CPU's cost of launching them, which
+differs between cuBLAS, torch and Triton and at small batches would decide the ranking.  ``cuda_graph=True``
+captures the whole forward for one batch size (measured for the dense fast path of DeiT-Ti: 4.7x at batch 32, 1.1x
+at batch 256, benchmarks/results/cuda.md); another batch size (say the last, smaller batch of an evaluation) runs
 uncaptured.  A graph replays on fixed addresses, so its input is normally copied into a static buffer first (for
 DeiT at batch 256, 154 MB read and written: a fixed cost that pruning does not shrink); with the Triton patch
 embedding the graph instead reads the caller's images where they are, the kernel loading their address from a
@@ -248,12 +252,13 @@ class ProductChoice:
 # the shape.  Measured on an H200 at DeiT-Ti width and batch 256, the dense model's four products all ran one
 # kernel (192x192 tiles), while at C&C-Ti-30's kept counts cuBLAS picked eight others, and their time fell 1.24x
 # where the rows fell 1.42x; at three of those counts (133, 141, 143 tokens) the qkv product took 0.033-0.037 ms
-# against 0.025 at 132-139 and 150 (CUDA-graph timings).  So where the products are timed, each of the block's
-# four is also timed with its operand padded by each of these row counts that costs at most an eighth more rows:
-# the kernel before it (a norm, the attention, the first MLP product) writes the real rows into a longer buffer,
-# cuBLAS multiplies all of it, and the real rows of the result are used.  Rows are independent in a matrix
-# product, so they are those of the unpadded product; the padding rows are never initialised and their results
-# never used.
+# against 0.025 at 132-139 and 150 (CUDA-graph timings).  So where the products are timed, qkv, the projection and
+# the first MLP product are also timed with their operand padded by each of these row counts that costs at most an
+# eighth more rows (at batch 1, none): the kernel before it (a norm, the attention) writes the real rows into a
+# longer buffer, cuBLAS multiplies all of it, and the real rows of the result are used.  The second MLP product's
+# operand is the first's output, padded as the first product ran; it is timed on that padding and unpadded.
+# Rows are independent in a matrix product, so they are those of the unpadded product; the padding rows are never
+# initialised and their results never used.
 ROW_PADS = (64, 128, 256, 512, 1024)
 
 
@@ -984,9 +989,10 @@ def build_fast_path(model: nn.Module, backend: str = 'triton', dtype: Optional[t
     CUDA, at ``batch_size`` images or 64; SDPA on CPU), 'sdpa', or 'triton'.  ``mlp``: the matrix products
     with fused epilogues, i.e. the MLP's two (GELU; the residual update) and the patch embedding's (the
     position constant, written into the buffer), and the attention's two (qkv and the projection): 'auto' (with
-    backend 'triton' and fp16/bf16 on CUDA: time cuBLAS, on the real rows and padded (``ROW_PADS``), + the
-    elementwise kernels against the fused Triton kernels, per kept count for the block's four products; else
-    torch), 'torch', or 'triton' (the fused kernels; qkv and the projection by cuBLAS).  ``cuda_graph``: capture the forward for ``batch_size`` images (CUDA only).
+    backend 'triton' and fp16/bf16 on CUDA: time cuBLAS, on the real rows and padded (``ROW_PADS``; the second
+    MLP product as the first left its operand), + the elementwise kernels against the fused Triton kernels, per
+    kept count for the block's four products; else torch), 'torch', or 'triton' (the fused kernels; qkv and the
+    projection by cuBLAS).  ``cuda_graph``: capture the forward for ``batch_size`` images (CUDA only).
     ``kept_ids``: per-block original token ids, overriding ``model.kept_token_ids()`` (a model without it is
     dense).
     """
