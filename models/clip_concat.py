@@ -148,7 +148,8 @@ def is_clip_concat(model: nn.Module) -> bool:
 def unsupported_reason(model: nn.Module) -> Optional[str]:
     """Why Clip & Concat cannot be applied to ``model`` (None if it can)."""
     if not isinstance(model, VisionTransformer):
-        return f'it is a {type(model).__name__}, not a timm VisionTransformer'
+        name = type(model).__name__
+        return f'it is {"an" if name[:1] in "AEIO" else "a"} {name}, not a timm VisionTransformer'
     if getattr(model, 'dynamic_img_size', False):
         return 'it has dynamic_img_size=True (masks need a fixed number of patches)'
     if not isinstance(model.patch_drop, nn.Identity):

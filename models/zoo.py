@@ -33,6 +33,8 @@ def base_name(name: str) -> str:
 def check_model_name(name: str) -> str:
     """Return the timm name behind ``name`` if Clip & Concat applies to that model; ValueError otherwise."""
     base = base_name(name)
+    if base.startswith('cc_'):
+        raise ValueError(f'unknown model {name}: the cc_ prefix (optional) is given more than once')
     if not timm.is_model(base):
         close = difflib.get_close_matches(base, timm.list_models(), n=3)
         hint = f' (similar: {", ".join(close)})' if close else ''
