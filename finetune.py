@@ -28,7 +28,7 @@ import torch.nn as nn
 import engine
 import models
 import pruning
-from datasets import DATA_SETS, SMALL_INPUT, build_dataset, check_training_transform, class_folders
+from datasets import DATA_SETS, SMALL_INPUT, BadImageError, build_dataset, check_training_transform, class_folders
 from engine import NonFiniteLossError, evaluate, measure_throughput, steady_allocator
 from losses import DistillationLoss
 from samplers import DistributedEvalSampler, RASampler
@@ -56,10 +56,20 @@ def given_flags(args) -> frozenset:
     return frozenset(k for k, v in vars(args).items() if k in defaults and v != defaults[k])
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown after each help text, except where the text says them itself or the flag turns a default
+    off (``--no-amp``: "default: True" would read as if mixed precision were off)."""
+
+    def _get_help_string(self, action):
+        if 'default' in (action.help or '') or isinstance(action, argparse._StoreFalseAction):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     """The original code's flags and, unless the README says otherwise, its recipe's defaults."""
     p = OneLineParser('finetune.py', description='Clip & Concat for timm ViTs: prune, evaluate, benchmark, finetune.',
-                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                      formatter_class=HelpFormatter)
     a = p.add_argument
     # what to do
     a('--eval', action='store_true', help='evaluate --resume on the validation set')
@@ -163,8 +173,8 @@ def get_args_parser() -> argparse.ArgumentParser:
            'original code\'s timing (fp32 with autograd, 3 runs of 50 passes of a batch of 256, the last run\'s '
            'mean; only this model)')
     a('--speed-repeats', default=10, type=int,
-      help='timed forward passes per model (median is reported; --speed-protocol original: passes per run, '
-           'default 50, mean)')
+      help='timed forward passes per model, the median reported (default: 10; --speed-protocol original: passes '
+           'per run, default 50, the mean)')
     a('--speed-warmup', default=3, type=int,
       help='untimed rounds first (not with --speed-protocol original, whose warm-up is the first two of its 3 '
            'runs)')
@@ -285,7 +295,31 @@ UNUSED_RULES = (
        "not read by timm's {sched} schedule") for d in SCHEDULES_READING),
     (lambda a: not modes_of(a), ('cooldown_epochs',),
      'the run ends after --final_finetune epochs, where the cool-down would start'),
+    *((lambda a, d=d, f=f: optimizer_reads(a.opt, f) is False, (d,), "not read by timm's {opt} optimizer")
+      for d, f in (('momentum', 'has_momentum'), ('opt_betas', 'has_betas'), ('opt_eps', 'has_eps'))),
+    (lambda a: a.warmup_epochs == 0, ('warmup_lr',), 'there is no warm-up (--warmup-epochs 0)'),
+    (lambda a: not a.model_ema, ('model_ema_decay', 'model_ema_force_cpu'), 'no --model-ema is given'),
+    (lambda a: a.distillation_type == 'hard', ('distillation_tau',),
+     "hard distillation learns the teacher's top class, with no temperature"),
+    (lambda a: a.aa not in (None, '', 'none') and '3a' not in a.aa, ('color_jitter',),
+     'timm applies no colour jitter with an auto-augment policy (--aa); --aa none turns it on'),
+    (lambda a: not mixing(a), ('mixup_prob', 'mixup_switch_prob', 'mixup_mode'),
+     'mixup and cutmix are off (--mixup 0 --cutmix 0)'),
+    (lambda a: not (a.mixup > 0 and (a.cutmix > 0 or a.cutmix_minmax is not None)), ('mixup_switch_prob',),
+     'it switches between mixup and cutmix, and only one of them is on'),
+    (lambda a: True, ('world_size', 'dist_url'),
+     "the launcher sets the processes up (torchrun or torch.distributed.launch: WORLD_SIZE, and env://)"),
 )
+
+
+def optimizer_reads(opt: str, what: str) -> Optional[bool]:
+    """Whether timm's optimizer ``opt`` takes momentum / betas / eps (``what``: 'has_momentum', 'has_betas',
+    'has_eps' of timm's optimizer registry); None where timm cannot say (then nothing is noted)."""
+    try:
+        from timm.optim._optim_factory import default_registry
+        return bool(getattr(default_registry.get_optimizer_info(opt.lower().split('_')[-1]), what))
+    except Exception:  # noqa: BLE001  (an unknown optimizer is refused where it is created, with its message)
+        return None
 
 
 def input_size(args) -> int:
@@ -301,7 +335,7 @@ def unused_flags(args) -> Dict[str, str]:
     for applies, dests, why in UNUSED_RULES:
         if applies(args):
             for d in dests:
-                unused.setdefault(d, why.format(mode=mode, sched=args.sched))
+                unused.setdefault(d, why.format(mode=mode, sched=args.sched, opt=args.opt))
     return unused
 
 
@@ -315,6 +349,11 @@ def unused_flag_notes(args, parser: argparse.ArgumentParser, said: Set[str] = fr
             by_reason.setdefault(why, []).append(dest)
     return [f'note: {", ".join(spell(parser, d, getattr(args, d)) for d in dests)} '
             f'{"has" if len(dests) == 1 else "have"} no effect: {why}' for why, dests in by_reason.items()]
+
+
+def mixing(args) -> bool:
+    """Whether a finetuning run mixes images (timm's Mixup: mixup, CutMix, or a CutMix box ratio range)."""
+    return args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
 
 
 def validate_args(args, void: Set[str] = frozenset()) -> None:
@@ -368,8 +407,19 @@ def validate_args(args, void: Set[str] = frozenset()) -> None:
         raise UserError(f'--start_epoch {args.start_epoch} is not before --final_finetune {args.final_finetune}: no '
                         f'epoch would run')
     check_flags_apply(args, parser)
-    mixing = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
-    if not modes and mixing and args.batch_size % 2:
+    if not modes and args.sched == 'plateau':
+        raise UserError('--sched plateau lowers the rate when a metric stops improving, and the epoch loop (as '
+                        "DeiT's) steps the schedule without one: timm's plateau schedule would then hold --warmup-lr "
+                        'from the second epoch on; choose cosine, step, multistep, tanh or poly')
+    if args.cutmix_minmax is not None:
+        low, high = args.cutmix_minmax
+        if low >= high:
+            raise UserError(f'--cutmix-minmax {low:g} {high:g}: the box ratio is drawn between the two, so the first '
+                            f'must be below the second')
+        if 'cutmix' in given_flags(args) and args.cutmix == 0:
+            raise UserError('--cutmix 0 with --cutmix-minmax: a box ratio range turns CutMix on (timm then sets '
+                            'its alpha to 1): leave out one of them')
+    if not modes and mixing(args) and args.batch_size % 2:
         raise UserError(f'--batch-size {args.batch_size}: mixup and cutmix mix each image with another of its '
                         f'batch, so the batch must be even (or turn them off: --mixup 0 --cutmix 0)')
 
@@ -455,6 +505,12 @@ def continue_run(args) -> Tuple[List[str], Dict[str, object], Set[str]]:
                          f'{spell(parser, dest, value)}')
     if 'output_dir' not in given and not args.output_dir and os.path.basename(args.resume) == 'checkpoint.pth':
         args.output_dir = inherited['output_dir'] = os.path.dirname(args.resume) or '.'
+    relative = [d for d in SAVED_ABSOLUTE if d in inherited and inherited[d] and not os.path.isabs(inherited[d])]
+    if relative:  # written before paths were saved absolute: the directory it was started from is unknown
+        lines.append(f'warning: {args.resume} holds {" and ".join(spell(parser, d, inherited[d]) for d in relative)} '
+                     f'relative to the directory its run was started from, which it does not record: read from '
+                     f'here as {" and ".join(os.path.abspath(inherited[d]) for d in relative)} (give the flag to '
+                     f'choose)')
     if inherited:
         # (a flag not given holds its default, so every value taken over is one the user would have had to repeat)
         lines.insert(0, f'Continuing the run of {args.resume} with its settings for the flags not given: '
@@ -488,9 +544,11 @@ def resolve_device(requested: Optional[str]) -> str:
     if requested.startswith('cuda') and not torch.cuda.is_available():
         raise UserError(f'--device {requested}: CUDA is not available on this machine (use --device cpu)')
     try:
-        torch.device(requested)
+        kind = torch.device(requested).type
     except RuntimeError:
         raise UserError(f'--device {requested} is not a device torch knows (use cuda or cpu)') from None
+    if kind not in ('cpu', 'cuda'):
+        raise UserError(f'--device {requested}: this tool runs on cuda or cpu, not {kind}')
     return requested
 
 
@@ -776,8 +834,15 @@ def run_prune(args, device: torch.device) -> Dict[str, float]:
     dataset_val, nb_classes = build_data(args, train=False)
     model, _ = load_model(args, args.resume, args.model, nb_classes)
     check_classes(nb_classes, model, 'validation')
-    model.to(device)
     depth, num_patches = len(model.blocks), model.num_tokens - model.num_prefix_tokens
+    already = sum(int((~m.bool()).sum()) for m in model.masks)
+    if already:  # scoring and planning start from the dense model: the file's masks would be silently replaced
+        raise UserError(f'--resume {args.resume} is already pruned ({already} of {depth * num_patches} (layer, patch) '
+                        f'slots clipped): --prune starts from a dense checkpoint')
+    if not pruning.num_clipped_slots(depth, num_patches, args.prune_rate):
+        raise UserError(f'--prune_rate {args.prune_rate:g} clips int({depth * num_patches} x {args.prune_rate:g}) = 0 '
+                        f'of the {depth * num_patches} (layer, patch) slots: nothing would be pruned')
+    model.to(device)
     if args.prune_mode == 'attn':
         dataset_train, train_classes = scoring_dataset(args)
         check_same_classes(args, dataset_val, dataset_train)
@@ -803,7 +868,7 @@ def run_prune(args, device: torch.device) -> Dict[str, float]:
         print_line(f'[rank {args.rank}] masks sha1 {masks_sha1(model.masks)}')
     rank0_print(f'FLOPs: {gflops(model):.2f} GFLOPs (dense {gflops(models.dense_copy(model)):.2f} GFLOPs)')
     if is_main_process():
-        checkpoint = {'model': model.state_dict(), 'channels': channels, 'args': vars(args).copy()}
+        checkpoint = {'model': model.state_dict(), 'channels': channels, 'args': args_to_save(args)}
         if scores is not None:
             checkpoint['scores'] = scores
         save_atomic(checkpoint, path)
@@ -1008,13 +1073,21 @@ def build_training(args, device: torch.device) -> Tuple[engine.Training, dict]:
                           else {'broadcast_buffers': False})
         model = ddp(model, device_ids=device_ids, **no_buffer_sync)
 
+    loader_train = data_loader(dataset_train, args, train=True)
+    per_process = len(loader_train.sampler)
+    if mixing(args) and per_process < args.batch_size and per_process % 2:
+        # (a training set at least a batch long drops its last, partial batch: every batch is --batch-size)
+        smaller = f'an even --batch-size of at most {per_process - 1}, or ' if per_process > 2 else ''
+        raise UserError(f'the training set gives {per_process} image{"s" if per_process > 1 else ""} per process, '
+                        f'fewer than --batch-size {args.batch_size}, and an odd number: mixup and cutmix need an even '
+                        f'batch (give {smaller}--mixup 0 --cutmix 0)')
     optimizer, lr_scheduler = build_optimizer(args, model_without_ddp)
     criterion, mixup_fn = build_criterion(args, model_without_ddp.num_classes, teacher)
     training = engine.Training(
         model=model, model_without_ddp=model_without_ddp, criterion=criterion, optimizer=optimizer,
         lr_scheduler=lr_scheduler, scaler=torch.amp.GradScaler('cuda', enabled=args.amp), amp=args.amp,
         clip_grad=args.clip_grad, model_ema=model_ema, mixup_fn=mixup_fn,
-        loader_train=data_loader(dataset_train, args, train=True),
+        loader_train=loader_train,
         loader_val=data_loader(dataset_val, args, train=False), device=device)
     return training, checkpoint
 
@@ -1060,6 +1133,20 @@ def random_generators(training: engine.Training) -> Dict[str, torch.Generator]:
     return {'data': training.loader_train.generator}
 
 
+# Paths a continued run takes over from its checkpoint: saved absolute, so that resuming from another directory
+# reads the same data and teacher, not whatever the relative path names there.
+SAVED_ABSOLUTE = ('data_path', 'teacher_path')
+
+
+def args_to_save(args) -> dict:
+    """The run's arguments as a checkpoint keeps them (a plain dict), :data:`SAVED_ABSOLUTE` made absolute."""
+    saved = vars(args).copy()
+    for dest in SAVED_ABSOLUTE:
+        if saved.get(dest):
+            saved[dest] = os.path.abspath(saved[dest])
+    return saved
+
+
 def training_state(training: engine.Training, args, epoch: int, max_accuracy: float, log_stats: dict,
                    rng: List[dict]) -> dict:
     """What ``checkpoint.pth`` and ``best.pth`` hold (``args`` as a plain dict: plain ``torch.load`` reads it);
@@ -1068,7 +1155,7 @@ def training_state(training: engine.Training, args, epoch: int, max_accuracy: fl
     state = {
         'model': model.state_dict(), 'optimizer': training.optimizer.state_dict(),
         'lr_scheduler': training.lr_scheduler.state_dict(), 'epoch': epoch, 'scaler': training.scaler.state_dict(),
-        'channels': models.kept_token_counts(model), 'args': vars(args).copy(), 'max_accuracy': max_accuracy,
+        'channels': models.kept_token_counts(model), 'args': args_to_save(args), 'max_accuracy': max_accuracy,
         'log_stats': log_stats, 'rng': rng,
     }
     if training.model_ema is not None:
@@ -1187,7 +1274,8 @@ class Terminated(BaseException):
 # exception as ``kept`` (:func:`_what_is_kept`).  RuntimeError: torch's out-of-memory errors (the GPU's
 # OutOfMemoryError; the CPU allocator's plain RuntimeError, see _cpu_out_of_memory) and a lost peer; any other
 # RuntimeError carries ``kept`` unread and is raised as it is.
-STOPS_MIDWAY = (KeyboardInterrupt, Terminated, RuntimeError)
+# BadImageError: an image that cannot be read, found when the run reaches it (a user error, said with what is kept).
+STOPS_MIDWAY = (KeyboardInterrupt, Terminated, RuntimeError, BadImageError)
 
 
 @contextlib.contextmanager
@@ -1254,7 +1342,8 @@ def main(argv=None) -> int:
         with sigterm_unwinds():
             run(args)
     except UserError as e:
-        print_line(f'{prefix}error: {one_line(e)}', file=sys.stderr)
+        kept = getattr(e, 'kept', None)  # found midway (an unreadable image): what the run has written is complete
+        print_line(f'{prefix}error: {one_line(e)}' + (f'; {kept}' if kept else ''), file=sys.stderr)
         return EXIT_USER_ERROR
     except NonFiniteLossError as e:
         print_line(f'{prefix}error: {one_line(e)}', file=sys.stderr)

@@ -6,6 +6,7 @@ script itself to check the real stderr and exit status.
 """
 import hashlib
 import os
+import pathlib
 import re
 import shutil
 import subprocess
@@ -15,7 +16,8 @@ import pytest
 import torch
 
 import finetune
-from conftest import DIGITS_ARGS, ROOT, digits_world, make_image_folder, official_checkpoint, subprocess_env
+from conftest import (DIGITS_ARGS, ROOT, digits_world, make_image_folder, official_checkpoint, pruned_model,
+                      subprocess_env)
 
 EXIT_USER_ERROR, EXIT_DIVERGED = 2, 3
 
@@ -415,6 +417,18 @@ def test_output_dir_that_cannot_be_written(capsys, world, tmp_path):
     (['--speed-only', '--model-ema'], r'--model-ema: only finetuning uses this, and --speed-only trains nothing'),
     (['--data-set', 'DIGITS'], r"--data-set DIGITS is scikit-learn's digits, read from the package: --data-path "
                                r'does not apply'),
+    # timm's plateau schedule needs a metric the epoch loop does not pass: it would sit at --warmup-lr
+    (['--sched', 'plateau'], r'--sched plateau lowers the rate when a metric stops improving, .* would then hold '
+                             r'--warmup-lr from the second epoch on'),
+    (['--mixup', '0.8', '--cutmix-minmax', '0.8', '0.2'], r'--cutmix-minmax 0\.8 0\.2: .* the first must be below '
+                                                          r'the second'),
+    (['--cutmix-minmax', '0.5', '0.5'], r'--cutmix-minmax 0\.5 0\.5: '),
+    (['--cutmix', '0', '--cutmix-minmax', '0.2', '0.8'], r'--cutmix 0 with --cutmix-minmax: a box ratio range turns '
+                                                         r'CutMix on'),
+    (['--device', 'meta'], r'--device meta: this tool runs on cuda or cpu, not meta$'),
+    (['--device', 'mps'], r'--device mps: this tool runs on cuda or cpu, not mps$'),
+    (['--model', 'cc_cc_deit_digits_patch4_32'], r'--model: unknown model cc_cc_deit_digits_patch4_32: the cc_ prefix '
+                                                 r'\(optional\) is given more than once'),
 ])
 def test_bad_flags(capsys, world, earlier, argv, pattern):
     before = snapshot(earlier)
@@ -605,3 +619,96 @@ def test_prune_refuses_to_replace_an_earlier_pruned_checkpoint_before_scoring(ca
                           f'(or move it away)'
     assert 'Scoring:' not in out
     assert snapshot(earlier) == before
+
+
+def test_prune_refuses_an_already_pruned_checkpoint_before_scoring(capsys, world, earlier, tmp_path):
+    """Scoring and planning start from the dense model: pruning a pruned file would silently drop its masks."""
+    model = pruned_model('cc_deit_digits_patch4_32', 0)
+    model.blocks[2].attn.token_index[[3, 5]] = False
+    pruned = tmp_path / 'pruned_0.1.pth'
+    torch.save({'model': model.state_dict()}, pruned)
+    before = snapshot(earlier)
+    code, out, err = cli(capsys, *prune_args(world, earlier, '--resume', pruned))
+    assert code == EXIT_USER_ERROR
+    assert err.strip() == (f'error: --resume {pruned} is already pruned (2 of 384 (layer, patch) slots clipped): '
+                           f'--prune starts from a dense checkpoint')
+    assert 'Scoring:' not in out and snapshot(earlier) == before
+
+
+def test_prune_rate_that_clips_nothing_is_refused_before_scoring(capsys, world, earlier):
+    code, out, err = cli(capsys, *prune_args(world, earlier, '--prune_rate', '1e-4'))
+    assert code == EXIT_USER_ERROR
+    assert err.strip() == ('error: --prune_rate 0.0001 clips int(384 x 0.0001) = 0 of the 384 (layer, patch) slots: '
+                           'nothing would be pruned')
+    assert 'Scoring:' not in out
+
+
+def test_odd_training_set_smaller_than_the_batch_is_refused_with_mixup(capsys, world, tmp_path):
+    """A training set at least a batch long drops its last batch; a shorter one is one batch, which timm's mixup
+    refuses (with an assertion, midway) when it is odd."""
+    data = pathlib.Path(make_image_folder(tmp_path / 'data', classes=tuple('abcd'), per_class=(2, 1), size=(32, 32)))
+    next((data / 'train' / 'a').iterdir()).unlink()  # 7 training images
+    out_dir = tmp_path / 'out'
+    assert_one_line_error(capsys, finetune_args(world, out_dir, '--data-path', data, '--mixup', '0.8'),
+                          EXIT_USER_ERROR, r'the training set gives 7 images per process, fewer than --batch-size 8, '
+                                           r'and an odd number: mixup and cutmix need an even batch \(give an even '
+                                           r'--batch-size of at most 6, or --mixup 0 --cutmix 0\)$')
+    assert not out_dir.exists()
+
+
+def test_unreadable_image_found_after_the_pruned_file_is_written_says_it_is_complete(capsys, world, earlier,
+                                                                                     tmp_path):
+    """Scoring reads the training images; the evaluation after it reads the validation ones.  An image found
+    unreadable there cannot be found before the work, so the line says what the run has written."""
+    data = copy_data(world, tmp_path)
+    bad = data / 'val' / 'c' / '1.png'
+    bad.write_bytes(b'this is not a png')
+    line = assert_one_line_error(capsys, prune_args(world, earlier, '--data-path', data, '--prune-batches', '1'),
+                                 EXIT_USER_ERROR, rf'^error: cannot read image {re.escape(str(bad))}: not an image')
+    path = earlier / 'pruned_0.3.pth'
+    assert line.endswith(f'; {path} was written completely')
+    assert torch.load(path, weights_only=False)['model']['blocks.0.attn.token_index'].dtype == torch.bool
+
+
+def test_flags_the_chosen_optimizer_schedule_or_augmentation_ignores_are_noted():
+    parser = finetune.get_args_parser()
+    args = parser.parse_args(['--momentum', '0.5', '--opt-betas', '0.8', '0.9', '--warmup-lr', '1e-4',
+                              '--model-ema-decay', '0.9', '--color-jitter', '0.9', '--mixup', '0', '--cutmix', '0',
+                              '--mixup-mode', 'pair', '--world_size', '2', '--output_dir', 'o'])
+    notes = finetune.unused_flag_notes(args, parser)
+    assert notes == [
+        "note: --momentum 0.5 has no effect: not read by timm's adamw optimizer",
+        'note: --warmup-lr 0.0001 has no effect: there is no warm-up (--warmup-epochs 0)',
+        'note: --model-ema-decay 0.9 has no effect: no --model-ema is given',
+        'note: --color-jitter 0.9 has no effect: timm applies no colour jitter with an auto-augment policy (--aa); '
+        '--aa none turns it on',
+        'note: --mixup-mode pair has no effect: mixup and cutmix are off (--mixup 0 --cutmix 0)',
+        'note: --world_size 2 has no effect: the launcher sets the processes up (torchrun or '
+        'torch.distributed.launch: WORLD_SIZE, and env://)']
+    args = parser.parse_args(['--opt', 'sgd', '--opt-betas', '0.8', '0.9', '--opt-eps', '1e-3', '--momentum', '0.5',
+                              '--distillation-type', 'hard', '--distillation-tau', '5', '--mixup', '0.8',
+                              '--cutmix', '0', '--mixup-switch-prob', '0.2', '--aa', 'none', '--color-jitter', '0.3'])
+    notes = finetune.unused_flag_notes(args, parser)
+    assert notes == [
+        "note: --opt-betas 0.8 0.9, --opt-eps 0.001 have no effect: not read by timm's sgd optimizer",
+        "note: --distillation-tau 5.0 has no effect: hard distillation learns the teacher's top class, with no "
+        "temperature",
+        'note: --mixup-switch-prob 0.2 has no effect: it switches between mixup and cutmix, and only one of them is on']
+
+
+def test_checkpoints_keep_the_data_and_teacher_paths_absolute(tmp_path, monkeypatch):
+    """A run continued from another directory reads the data and the teacher it was started with."""
+    monkeypatch.chdir(tmp_path)
+    args = finetune.get_args_parser().parse_args(['--data-path', 'data', '--teacher-path', 't.pth',
+                                                  '--output_dir', 'out'])
+    saved = finetune.args_to_save(args)
+    assert (saved['data_path'], saved['teacher_path']) == (str(tmp_path / 'data'), str(tmp_path / 't.pth'))
+    assert saved['output_dir'] == 'out' and args.data_path == 'data'  # the run's own args are left as given
+    # an older checkpoint with a relative path: taken over, and said to be read from here
+    torch.save({'optimizer': {}, 'lr_scheduler': {}, 'epoch': 0, 'args': vars(args)}, tmp_path / 'checkpoint.pth')
+    again = finetune.get_args_parser().parse_args(['--resume', str(tmp_path / 'checkpoint.pth')])
+    lines, inherited, _ = finetune.continue_run(again)
+    assert inherited['data_path'] == 'data'
+    assert (f'warning: {tmp_path / "checkpoint.pth"} holds --data-path data and --teacher-path t.pth relative to the '
+            f'directory its run was started from, which it does not record: read from here as {tmp_path / "data"} '
+            f'and {tmp_path / "t.pth"} (give the flag to choose)') in lines

@@ -803,7 +803,11 @@ class RecordedReads(ParsedArgs):
 # so --remode and --recount erase nothing; test_scoring_sees_the_training_transform_without_auto_augment_or_erasing).
 # Likewise timm reads the noise flags without --lr-noise (the schedules test), and the erasing mode and count
 # without erasing (test_without_random_erasing_its_mode_and_count_change_nothing).
-READ_WITHOUT_EFFECT = ({'drop', 'drop_path', 'cooldown_epochs', 'lr_noise_pct', 'lr_noise_std', 'remode', 'recount'}
+# timm's optimizer_kwargs reads momentum, betas and eps whatever the optimizer, which takes those its registry gives
+# it, and create_scheduler reads --warmup-lr without a warm-up (test_the_optimizers_and_schedules_ignore_...);
+# --world_size is read after the launcher's WORLD_SIZE (or 1) has replaced it (init_distributed_mode).
+READ_WITHOUT_EFFECT = ({'drop', 'drop_path', 'cooldown_epochs', 'lr_noise_pct', 'lr_noise_std', 'remode', 'recount',
+                        'momentum', 'opt_betas', 'opt_eps', 'warmup_lr', 'world_size'}
                        | set(finetune.SCHEDULES_READING))
 READ_OFF_BY_SCORING = set(finetune.ERASING)
 
@@ -973,6 +977,33 @@ def test_the_schedules_ignore_the_flags_they_are_said_to():
         assert schedule_lrs(sched, **{flag: OTHER_VALUES[flag]}) != schedule_lrs(sched), (sched, flag)
     noisy = schedule_lrs('cosine', lr_noise=[0.5])
     assert schedule_lrs('cosine', lr_noise=[0.5], lr_noise_std=5.0) != noisy
+
+
+def test_the_optimizers_and_schedules_ignore_momentum_betas_eps_and_warmup_lr_where_said_to():
+    """Independent of the notes: the optimizer finetune.py builds is the same whatever --momentum says for adamw
+    and whatever --opt-betas / --opt-eps say for sgd (and does change where they are read); without a warm-up every
+    schedule a run can use gives the same rates whatever --warmup-lr says."""
+    model = torch.nn.Linear(3, 2)
+
+    def built(*argv):
+        args = finetune.get_args_parser().parse_args([*argv, '--world_size', '1'])
+        optimizer, _ = finetune.build_optimizer(args, model)
+        return type(optimizer).__name__, optimizer.defaults, [{k: v for k, v in g.items() if k != 'params'}
+                                                              for g in optimizer.param_groups]
+
+    for opt, flags in (('adamw', (['--momentum', '0.5'],)),
+                       ('sgd', (['--opt-betas', '0.5', '0.6'], ['--opt-eps', '0.1']))):
+        plain = built('--opt', opt)
+        for extra in flags:
+            assert finetune.optimizer_reads(opt, {'--momentum': 'has_momentum', '--opt-betas': 'has_betas',
+                                                  '--opt-eps': 'has_eps'}[extra[0]]) is False
+            assert built('--opt', opt, *extra) == plain, (opt, extra)
+    assert built('--opt', 'sgd', '--momentum', '0.5') != built('--opt', 'sgd')
+    assert built('--opt', 'adamw', '--opt-eps', '0.1') != built('--opt', 'adamw')
+    for sched in SCHEDULES:
+        if sched not in ('plateau', 'rsqrt'):  # (refused: plateau needs a metric; timm's rsqrt needs a warm-up)
+            assert schedule_lrs(sched, warmup_epochs=0, warmup_lr=0.5) == schedule_lrs(sched, warmup_epochs=0), sched
+    assert schedule_lrs('cosine', warmup_lr=0.5) != schedule_lrs('cosine')
 
 
 def test_without_random_erasing_its_mode_and_count_change_nothing():
