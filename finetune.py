@@ -411,7 +411,7 @@ def validate_args(args, void: Set[str] = frozenset()) -> None:
         raise UserError('--sched plateau lowers the rate when a metric stops improving, and the epoch loop (as '
                         "DeiT's) steps the schedule without one: timm's plateau schedule would then hold --warmup-lr "
                         'from the second epoch on; choose cosine, step, multistep, tanh or poly')
-    if args.cutmix_minmax is not None:
+    if not modes and args.cutmix_minmax is not None:  # (other runs note the mixing flags as having no effect)
         low, high = args.cutmix_minmax
         if low >= high:
             raise UserError(f'--cutmix-minmax {low:g} {high:g}: the box ratio is drawn between the two, so the first '
