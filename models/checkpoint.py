@@ -40,7 +40,10 @@ def load_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor], path: st
                   and tuple(v.shape) != tuple(own[k].shape)]
     if mismatched:
         k = mismatched[0]
-        hint = ('another input size? set --input-size' if k == 'pos_embed'
+        # a position embedding of the model's width but another length is another input size; any other
+        # mismatch (the width of pos_embed included) another model size
+        same_width = state_dict[k].shape[-1:] == own[k].shape[-1:]
+        hint = ('another input size? set --input-size' if k == 'pos_embed' and same_width
                 else f'another model size? set {flag}')
         raise UserError(f'{path} does not fit {name}: {k} has shape {tuple(state_dict[k].shape)} in the '
                         f'checkpoint but {tuple(own[k].shape)} in the model ({hint})')

@@ -712,3 +712,16 @@ def test_checkpoints_keep_the_data_and_teacher_paths_absolute(tmp_path, monkeypa
     assert (f'warning: {tmp_path / "checkpoint.pth"} holds --data-path data and --teacher-path t.pth relative to the '
             f'directory its run was started from, which it does not record: read from here as {tmp_path / "data"} '
             f'and {tmp_path / "t.pth"} (give the flag to choose)') in lines
+
+
+def test_a_position_embedding_that_does_not_fit_names_input_size_or_model_size_by_its_shape():
+    from models.checkpoint import load_weights
+    from utils import UserError
+    model = pruned_model('cc_deit_digits_patch4_32', 0)
+    state = model.state_dict()
+    _, n, c = state['pos_embed'].shape
+    for shape, hint in (((1, 2 * n - 1, c), 'another input size? set --input-size'),
+                        ((1, n, 2 * c), 'another model size? set --model')):
+        with pytest.raises(UserError, match=re.escape(f'pos_embed has shape {shape} in the checkpoint but '
+                                                      f'{(1, n, c)} in the model ({hint})')):
+            load_weights(model, {**state, 'pos_embed': torch.zeros(shape)}, 'x.pth', 'cc_deit_digits_patch4_32')
