@@ -1103,6 +1103,12 @@ def restore_training(training: engine.Training, checkpoint: dict, args) -> Tuple
     ``--start_epoch``."""
     if not is_training_checkpoint(checkpoint):
         return args.start_epoch, -1.0  # so the first evaluation always writes best.pth
+    saved, current = checkpoint.get('classes'), class_names(training.loader_train.dataset)
+    if saved is not None and current is not None and list(saved) != current:
+        first = next((i for i, (a, b) in enumerate(zip(saved, current)) if a != b), min(len(saved), len(current)))
+        raise UserError(f'the training classes under {args.data_path} are not those of the run {args.resume} '
+                        f'continues (label {first}: {saved[first] if first < len(saved) else "none"} in the run, '
+                        f'{current[first] if first < len(current) else "none"} here): give the --data-path it used')
     try:
         training.optimizer.load_state_dict(checkpoint['optimizer'])
         training.lr_scheduler.load_state_dict(checkpoint['lr_scheduler'])
@@ -1160,7 +1166,17 @@ def training_state(training: engine.Training, args, epoch: int, max_accuracy: fl
     }
     if training.model_ema is not None:
         state['model_ema'] = training.model_ema.module.state_dict()
+    classes = class_names(training.loader_train.dataset)
+    if classes is not None:
+        state['classes'] = classes
     return state
+
+
+def class_names(dataset) -> Optional[List[str]]:
+    """The names behind the labels 0, 1, ... of a data set that has them (an image folder's sorted class folders),
+    else None."""
+    names = getattr(dataset, 'classes', None)
+    return [str(n) for n in names] if isinstance(names, (list, tuple)) else None
 
 
 def run_finetune(args, device: torch.device) -> Dict[str, float]:

@@ -725,3 +725,17 @@ def test_a_position_embedding_that_does_not_fit_names_input_size_or_model_size_b
         with pytest.raises(UserError, match=re.escape(f'pos_embed has shape {shape} in the checkpoint but '
                                                       f'{(1, n, c)} in the model ({hint})')):
             load_weights(model, {**state, 'pos_embed': torch.zeros(shape)}, 'x.pth', 'cc_deit_digits_patch4_32')
+
+
+def test_continuing_a_run_on_other_class_folders_is_refused(capsys, world, finished, tmp_path):
+    """The same number of classes under other names would give the run's labels to other classes."""
+    ckpt = finished / 'checkpoint.pth'
+    assert torch.load(ckpt, weights_only=False)['classes'] == ['a', 'b', 'c', 'd']
+    data = pathlib.Path(make_image_folder(tmp_path / 'other', classes=('a', 'b', 'x', 'y'), per_class=(2, 1),
+                                          size=(32, 32)))
+    before = snapshot(finished)
+    assert_one_line_error(capsys, ['--resume', ckpt, '--data-path', data, '--final_finetune', '2'], EXIT_USER_ERROR,
+                          rf'^error: the training classes under {re.escape(str(data))} are not those of the run '
+                          rf'{re.escape(str(ckpt))} continues \(label 2: c in the run, x here\): give the --data-path '
+                          rf'it used$')
+    assert snapshot(finished) == before
