@@ -835,7 +835,7 @@ def run_prune(args, device: torch.device) -> Dict[str, float]:
     model, _ = load_model(args, args.resume, args.model, nb_classes)
     check_classes(nb_classes, model, 'validation')
     depth, num_patches = len(model.blocks), model.num_tokens - model.num_prefix_tokens
-    already = sum(int((~m.bool()).sum()) for m in model.masks)
+    already = sum(model.num_tokens - kept for kept in models.kept_token_counts(model))
     if already:  # scoring and planning start from the dense model: the file's masks would be silently replaced
         raise UserError(f'--resume {args.resume} is already pruned ({already} of {depth * num_patches} (layer, patch) '
                         f'slots clipped): --prune starts from a dense checkpoint')
@@ -951,7 +951,7 @@ def build_criterion(args, num_classes: int, teacher: Optional[nn.Module]):
     from timm.data import Mixup
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
     mixup_fn = None
-    if args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None:
+    if mixing(args):
         mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
                          prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
                          label_smoothing=args.smoothing, num_classes=num_classes)
