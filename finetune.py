@@ -430,7 +430,7 @@ def validate_args(args, void: Set[str] = frozenset()) -> None:
 # Per invocation, never taken from the run being continued: what to do, where, on which machine, how verbosely.
 NOT_INHERITED = frozenset({
     'eval', 'speed_only', 'prune', 'prune_mode', 'prune_rate', 'prune_batches', 'resume', 'output_dir', 'device',
-    'num_workers', 'pin_mem', 'amp', 'print_freq', 'dist_eval', 'start_epoch', 'seed', 'speed_protocol',
+    'num_workers', 'pin_mem', 'amp', 'print_freq', 'dist_eval', 'start_epoch', 'speed_protocol',
     'speed_repeats', 'speed_warmup', 'speed_dtype', 'world_size', 'dist_url', 'local_rank'})
 # Fixed in the optimizer and learning-rate schedule state a continued run restores: another value given on the
 # command line would have no effect, so the run's own value is kept (with a warning).
@@ -905,8 +905,10 @@ def build_teacher(args, device: torch.device, num_classes: int) -> nn.Module:
     return teacher
 
 
-def reconcile_log(log_path: str, last_epoch: int, last_stats: Optional[dict]) -> None:
-    """Make ``log.txt`` hold each finished epoch (0..last_epoch) exactly once after a resume."""
+def reconcile_log(log_path: str, last_epoch: int, last_stats: Optional[dict]) -> bool:
+    """Make ``log.txt`` hold each finished epoch (0..last_epoch) exactly once after a resume; returns whether the
+    last epoch's line was missing (the run was stopped between its checkpoint and its log line) and was restored
+    from ``last_stats``."""
     entries: Dict[int, str] = {}
     if os.path.exists(log_path):
         with open(log_path) as f:
@@ -918,9 +920,18 @@ def reconcile_log(log_path: str, last_epoch: int, last_stats: Optional[dict]) ->
                 epoch = record.get('epoch')
                 if isinstance(epoch, int) and epoch <= last_epoch:
                     entries[epoch] = json.dumps(record)
-    if last_stats is not None and last_epoch not in entries:
+    restored = last_stats is not None and last_epoch not in entries
+    if restored:
         entries[last_epoch] = json.dumps(last_stats)
     write_text_atomic(log_path, ''.join(entries[e] + '\n' for e in sorted(entries)))
+    return restored
+
+
+def epoch_scalars(tb: TensorBoard, log_stats: dict) -> None:
+    """An epoch's ``log.txt`` record to TensorBoard: train_<k> as train/<k>, test_<k> as test/<k>, at step epoch."""
+    for prefix in ('train', 'test'):
+        tb.scalars({k[len(prefix) + 1:]: v for k, v in log_stats.items() if k.startswith(prefix + '_')},
+                   log_stats['epoch'], prefix=prefix + '/')
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1124,7 +1135,12 @@ def restore_training(training: engine.Training, checkpoint: dict, args) -> Tuple
     max_accuracy = float(checkpoint.get('max_accuracy', -1.0))
     paths = output_paths(args)
     if is_main_process() and os.path.abspath(os.path.dirname(args.resume)) == os.path.abspath(args.output_dir):
-        reconcile_log(paths['log.txt'], start_epoch - 1, checkpoint.get('log_stats'))
+        if reconcile_log(paths['log.txt'], start_epoch - 1, checkpoint.get('log_stats')):
+            # TensorBoard is written before log.txt, so a missing log line may mean missing scalars: written now
+            # (at worst a second point with the same values)
+            tb = TensorBoard(args.output_dir)
+            epoch_scalars(tb, checkpoint['log_stats'])
+            tb.close()
         remove_stale_temporaries(list(paths.values()))  # from a job killed while saving
     rank0_print(f'Resumed from {args.resume}: continuing at epoch {start_epoch} '
                 f'(best Acc@1 so far {max_accuracy:.2f}%)')
@@ -1208,12 +1224,11 @@ def run_finetune(args, device: torch.device) -> Dict[str, float]:
             save_atomic(state, paths['best.pth'])
         save_atomic(state, paths['checkpoint.pth'])
         last_good, last_epoch = paths['checkpoint.pth'], epoch
-        with open(paths['log.txt'], 'a') as f:
-            f.write(json.dumps(log_stats) + '\n')
         if tb is None:
             tb = TensorBoard(args.output_dir)
-        tb.scalars(train_stats, epoch, prefix='train/')
-        tb.scalars(test_stats, epoch, prefix='test/')
+        epoch_scalars(tb, log_stats)  # before log.txt: a resume that finds no log line writes the scalars again
+        with open(paths['log.txt'], 'a') as f:
+            f.write(json.dumps(log_stats) + '\n')
 
     base = training.optimizer.param_groups[0].get('initial_lr', args.scaled_lr)  # a continued run: the restored one
     rank0_print(f'Finetuning for epochs {start_epoch}..{args.final_finetune - 1} '

@@ -186,10 +186,13 @@ def test_two_processes_stopped_and_resumed_equal_the_uninterrupted_run_bit_for_b
         assert job['stderr'].count(line) == 2, job['stderr'][-3000:]
     first = load_checkpoint_file(str(cut / 'checkpoint.pth'))
     assert first['epoch'] == 0
-    proc = launch(launcher, finetune_argv(world, cut, workers, *FINETUNE_EXTRA[workers], '--resume',
-                                          cut / 'checkpoint.pth'), cut)
+    # --seed not repeated: the continued run takes the run's over (the samplers of several processes shuffle by it)
+    argv = finetune_argv(world, cut, workers, *FINETUNE_EXTRA[workers], '--resume', cut / 'checkpoint.pth')
+    seed_at = argv.index('--seed')
+    proc = launch(launcher, argv[:seed_at] + argv[seed_at + 2:], cut)
     stdout = ok(proc)
     assert f'Resumed from {cut / "checkpoint.pth"}: continuing at epoch 1' in stdout
+    assert ' --seed 7' in next(line for line in stdout.splitlines() if line.startswith('Continuing the run of'))
     assert 'Epoch: [0]' not in stdout and 'Epoch: [1]' in stdout
     final, reference = (load_checkpoint_file(str(d / 'checkpoint.pth')) for d in (cut, ref))
     assert final['epoch'] == 1

@@ -305,6 +305,48 @@ def test_resume_continues_with_optimizer_scheduler_ema_and_best_accuracy(capsys,
     assert load_checkpoint_file(str(out / 'best.pth'))['epoch'] == 0
 
 
+def tensorboard_steps(directory, tag):
+    """{step: value} of a scalar over every TensorBoard events file in ``directory``, read by TensorBoard's own
+    reader (a step written twice keeps its last value)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    points = {}
+    for name in sorted(os.listdir(directory)):
+        if name.startswith('events.out.tfevents'):
+            events = EventAccumulator(str(directory / name))
+            events.Reload()
+            if tag in events.Tags()['scalars']:
+                points.update({e.step: e.value for e in events.Scalars(tag)})
+    return points
+
+
+def test_a_run_stopped_after_its_checkpoint_before_its_logs_gets_them_on_resume(capsys, monkeypatch, small, tmp_path):
+    """Stopped once epoch 0's checkpoint.pth is saved but before its TensorBoard scalars and log.txt line are
+    written: the resume writes both from the checkpoint, so TensorBoard, as log.txt, holds every epoch."""
+    out = tmp_path / 'out'
+    real = finetune.epoch_scalars
+
+    def killed_at_epoch_0(tb, log_stats):
+        if log_stats['epoch'] == 0:
+            raise KeyboardInterrupt
+        real(tb, log_stats)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(finetune, 'epoch_scalars', killed_at_epoch_0)
+        accuracies(patch, [40.0])
+        assert _finetune(out, small['data'], '--resume', small['dense'], '--final_finetune', 2) == 130
+    assert load_checkpoint_file(str(out / 'checkpoint.pth'))['epoch'] == 0
+    assert not (out / 'log.txt').exists() or log_epochs(out / 'log.txt') == []
+    assert tensorboard_steps(out, 'test/acc1') == {}
+    with monkeypatch.context() as patch:
+        accuracies(patch, [60.0])
+        assert _finetune(out, small['data'], '--resume', out / 'checkpoint.pth', '--final_finetune', 2) == 0
+    capsys.readouterr()
+    assert log_epochs(out / 'log.txt') == [0, 1]
+    assert tensorboard_steps(out, 'test/acc1') == {0: 40.0, 1: 60.0}
+    records = log_records(out / 'log.txt')
+    assert tensorboard_steps(out, 'train/lr') == pytest.approx({r['epoch']: r['train_lr'] for r in records})
+
+
 def test_best_pth_is_written_when_accuracy_rises_and_only_then(monkeypatch, small, tmp_path):
     """Acc@1 10, 30, 20, 30, 40: best.pth is written after epochs 0, 1 and 4, never on the tie at epoch 3."""
     writes = []
