@@ -19,17 +19,20 @@ Inside the blocks tokens travel in concat order, as in the reference semantics: 
 and of the clipped tokens are prepared whenever masks change (after ``load_state_dict`` and in
 :meth:`CCModelMixin.set_masks`), so ``forward`` has fixed shapes (no host-device sync per block, and
 ``torch.compile(fullgraph=True)`` works).  ``forward_features`` returns the tokens in their original order
-again (token ``num_prefix_tokens + p`` is patch ``p``, as in timm); ``forward`` skips that reordering,
-which the head does not need.  ``forward_intermediates`` (timm's) leaves each block's output in its concat
-order.
+again (token ``num_prefix_tokens + p`` is patch ``p``, as in timm); ``forward`` skips that reordering when the
+head reads the prefix tokens or pools, and keeps it for a head that does neither (``global_pool=''``: a
+prediction per token).  ``forward_intermediates`` (timm's) runs the blocks in the original order
+(:meth:`CCModelMixin.original_order`), so each block's output, as timm returns it, is in original order too and
+its feature maps are the image's patch grid.
 """
+import contextlib
 from typing import Dict, List, Optional, Sequence, Type
 
 import torch
 import torch.nn as nn
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from .routing import gather_concat, positions, walk_token_order
+from .routing import gather_concat, positions, update_in_place, walk_token_order
 
 __all__ = ['MASK_KEY', 'CCBlock', 'CCVisionTransformer', 'apply_clip_concat', 'is_clip_concat',
            'kept_token_counts', 'prefix_rule']
@@ -41,16 +44,22 @@ class CCBlockMixin:
     """Runs the timm block it is mixed into on the tokens its mask keeps; the others pass through.
 
     Set by :func:`apply_clip_concat` and :meth:`CCModelMixin.refresh_token_plan`: ``kept_pos`` and
-    ``clipped_pos`` (positions in this block's input order, non-persistent buffers), ``dense`` (every token
-    kept: timm's forward as is) and ``routing`` (a function of :mod:`models.routing`).
+    ``clipped_pos`` (positions in this block's input order, non-persistent buffers), ``kept_ids`` (the original
+    ids of the kept tokens, in that order; ``ids_in_order``: they are 0, 1, 2, ...), ``dense`` (every token kept:
+    timm's forward as is), ``routing`` (a function of :mod:`models.routing`) and ``in_original_order`` (tokens
+    arrive and leave in their original order: :func:`models.routing.update_in_place`).
     """
 
     def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
         timm_forward = super().forward
-        if self.dense:
+        # in the original order, by id, unless the block takes every token in their original order anyway
+        in_place = self.in_original_order and not (self.dense and self.ids_in_order)
+        if self.dense and not in_place:
             return timm_forward(x, attn_mask=attn_mask, is_causal=is_causal)
         if attn_mask is not None or is_causal:
             raise ValueError('attention masks are not supported on a pruned block')
+        if in_place:
+            return update_in_place(timm_forward, x, self.kept_ids)
         return self.routing(timm_forward, x, self.kept_pos, self.clipped_pos)
 
 
@@ -89,13 +98,17 @@ class CCModelMixin:
     def refresh_token_plan(self) -> None:
         """Recompute the blocks' positions from the masks (called after every change of masks)."""
         keep_first = self.num_prefix_tokens
-        for layer, blk in enumerate(self.blocks):
+        orders = self.token_orders()
+        for layer, (blk, order) in enumerate(zip(self.blocks, orders)):
             mask = blk.attn.token_index
             if not bool(mask[:keep_first].all()):
                 raise ValueError(f'blocks.{layer}.{MASK_KEY}: {prefix_rule(keep_first)}')
             blk.kept_pos, blk.clipped_pos = positions(mask)
+            blk.kept_ids = order[blk.kept_pos]
+            blk.ids_in_order = bool(torch.equal(blk.kept_ids, torch.arange(blk.kept_ids.numel(),
+                                                                           device=blk.kept_ids.device)))
             blk.dense = bool(mask.all())
-        order = self.token_orders()[-1]
+        order = orders[-1]
         self.restore_ids = torch.argsort(order)  # restore_ids[j]: where original token j is after the blocks
         self.reordered = not torch.equal(order, torch.arange(self.num_tokens, device=order.device))
 
@@ -107,17 +120,41 @@ class CCModelMixin:
     def kept_token_ids(self) -> List[torch.Tensor]:
         """Original ids of the tokens each block processes (prefix tokens first, then ``prefix + p`` for
         patch ``p``), in the order the block sees them."""
-        return [order[blk.kept_pos] for order, blk in zip(self.token_orders(), self.blocks)]
+        return [blk.kept_ids.clone() for blk in self.blocks]
+
+    @contextlib.contextmanager
+    def original_order(self):
+        """Inside, tokens stay in their original order through the blocks: each block reads the tokens it keeps
+        by id and writes its outputs back in their places (:func:`models.routing.update_in_place`; the same
+        values, as each block sees its kept tokens in the same order).  Slower than the concat order (a gather
+        and a scatter of the whole sequence per block); for outputs whose token order matters."""
+        previous = [blk.in_original_order for blk in self.blocks]
+        for blk in self.blocks:
+            blk.in_original_order = True
+        try:
+            yield self
+        finally:
+            for blk, was in zip(self.blocks, previous):
+                blk.in_original_order = was
 
     def forward_features(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False,
                          restore_order: bool = True) -> torch.Tensor:
         x = super().forward_features(x, attn_mask=attn_mask, is_causal=is_causal)
-        return x.index_select(1, self.restore_ids) if restore_order and self.reordered else x
+        moved = self.reordered and not self.blocks[-1].in_original_order
+        return x.index_select(1, self.restore_ids) if restore_order and moved else x
+
+    def forward_intermediates(self, *args, **kwargs):
+        """timm's ``forward_intermediates`` (same arguments and results) with the blocks run in the original
+        order, so every intermediate is in original order and its NCHW map is the image's patch grid."""
+        with self.original_order():
+            return super().forward_intermediates(*args, **kwargs)
 
     def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False):
-        # The head reads the prefix tokens (always at the front) or pools over all tokens: order is irrelevant.
+        # A head that reads the prefix tokens (always at the front) or pools over all tokens does not depend on
+        # their order; one that does neither (global_pool '') predicts per token, in original order as timm.
+        per_token = not self.global_pool and self.attn_pool is None
         return self.forward_head(self.forward_features(x, attn_mask=attn_mask, is_causal=is_causal,
-                                                       restore_order=False))
+                                                       restore_order=per_token))
 
 
 class CCBlock(CCBlockMixin, Block):
@@ -181,7 +218,9 @@ def apply_clip_concat(model: nn.Module) -> nn.Module:
         blk.attn.register_buffer('token_index', torch.ones(num_tokens, dtype=torch.bool, device=device))
         blk.register_buffer('kept_pos', torch.arange(num_tokens, device=device), persistent=False)
         blk.register_buffer('clipped_pos', torch.arange(0, device=device), persistent=False)
-        blk.dense = True
+        blk.register_buffer('kept_ids', torch.arange(num_tokens, device=device), persistent=False)
+        blk.dense = blk.ids_in_order = True
+        blk.in_original_order = False
         blk.routing = gather_concat
     model.register_buffer('restore_ids', torch.arange(num_tokens, device=device), persistent=False)
     model.reordered = False

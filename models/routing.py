@@ -13,6 +13,11 @@ Two formulations of it live here, with the same signature ``(f, x, kept_pos, cli
 * :func:`boolean_mask_concat` — the definition above taken literally, for reference and comparison
   (boolean indexing has data-dependent shapes: a sync per block on a GPU).
 
+:func:`update_in_place` is the same block in the *original order*: tokens never move, the block reads the ones
+it keeps by their original ids, in the order it would see them in concat order (so it computes exactly the same
+values), and writes its outputs back to the same ids.  The model uses it where the order of the tokens is the
+output (:meth:`models.clip_concat.CCModelMixin.original_order`).
+
 A block chooses its routing through its ``routing`` attribute; a faster path (a fused GPU kernel) replaces
 that function or the whole forward without touching the block's timm code.
 """
@@ -41,6 +46,14 @@ def boolean_mask_concat(block: BlockFn, x: torch.Tensor, kept_pos: torch.Tensor,
     if keep.shape[1] == 0:
         return x
     return torch.cat([block(keep), rest], dim=1)
+
+
+def update_in_place(block: BlockFn, x: torch.Tensor, kept_ids: torch.Tensor) -> torch.Tensor:
+    """``x`` (original order) with ``x[:, kept_ids]`` replaced by ``block(x[:, kept_ids])``; ``kept_ids``: the
+    original ids of the kept tokens in the block's concat order."""
+    if kept_ids.numel() == 0:
+        return x
+    return x.index_copy(1, kept_ids, block(x.index_select(1, kept_ids)))
 
 
 def positions(mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -113,6 +113,58 @@ def test_forward_features_returns_tokens_in_original_order():
     assert [ids.sort().values.tolist() for ids in model.kept_token_ids()] == [e.tolist() for e in expected_ids]
 
 
+def _reordering_model(seed=3, **kwargs):
+    torch.manual_seed(seed)
+    model = timm.create_model('cc_deit_tiny_patch16_224', img_size=64, depth=4, **kwargs).eval()
+    pruning.apply_masks(model, _revisiting_plan(4, 16, seed))
+    assert model.reordered
+    return model
+
+
+def test_a_head_without_pooling_predicts_per_token_in_original_order():
+    """global_pool='': the head predicts every token; token 1 + p is patch p, as in timm."""
+    model = _reordering_model(global_pool='')
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ours = model(x)
+        tokens, order = reference_tokens(model, x, model.masks)
+        ref = torch.empty_like(tokens)
+        ref[:, order] = tokens
+        expected = model.head(ref)
+    assert ours.shape == (2, 17, 1000)
+    assert (ours - expected).abs().max().item() < 1e-4
+
+
+def test_forward_intermediates_are_the_blocks_outputs_in_original_order():
+    """timm's forward_intermediates: each block's output, in original order (an NCHW map is the patch grid), with
+    exactly the values the concat-order forward computes; the final features are forward_features'."""
+    model = _reordering_model()
+    x = torch.randn(2, 3, 64, 64)
+    concat_outputs = []
+    hooks = [blk.register_forward_hook(lambda m, i, o: concat_outputs.append(o)) for blk in model.blocks]
+    with torch.no_grad():
+        features = model.forward_features(x)
+    for h in hooks:
+        h.remove()
+    orders = model.token_orders()[1:]  # after each block: position -> original id
+    in_original = []
+    for out, order in zip(concat_outputs, orders):
+        y = torch.empty_like(out)
+        y[:, order] = out
+        in_original.append(y)
+    with torch.no_grad():
+        final, maps = model.forward_intermediates(x, return_prefix_tokens=True)
+        tokens = model.forward_intermediates(x, output_fmt='NLC', intermediates_only=True)
+    assert torch.equal(final, features)
+    for (grid, prefix), flat, y in zip(maps, tokens, in_original):
+        assert torch.equal(prefix, y[:, :1]) and torch.equal(flat, y[:, 1:])
+        assert torch.equal(grid, y[:, 1:].reshape(2, 4, 4, -1).permute(0, 3, 1, 2))  # patch p at (p // 4, p % 4)
+    # the reference semantics agree after the last block
+    tokens, order = reference_tokens(model, x, model.masks)
+    assert (model.norm(in_original[-1])[:, order] - tokens).abs().max().item() < 1e-4
+    assert not any(blk.in_original_order for blk in model.blocks)  # the forward is back to concat order
+
+
 def test_clearing_the_class_token_by_hand_is_refused():
     model = timm.create_model('cc_deit_tiny_patch16_224', img_size=32, depth=2)
     model.blocks[1].attn.token_index[0] = False
