@@ -462,6 +462,7 @@ def continue_run(args) -> Tuple[List[str], Dict[str, object], Set[str]]:
     checkpoint = load_checkpoint_file(args.resume, mmap=True)
     if not is_training_checkpoint(checkpoint):
         return [], {}, set()
+    check_training_fields(checkpoint, args.resume)
     stored = checkpoint_args(checkpoint)
     parser = get_args_parser()
     given = given_flags(args)
@@ -481,10 +482,14 @@ def continue_run(args) -> Tuple[List[str], Dict[str, object], Set[str]]:
         stored['uniform_lr'] = uniform
     actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest != 'help'}
     same = {'model': models.base_name, 'teacher_model': lambda n: n and models.base_name(n)}
+    distillation = stored.get('distillation_type', args.distillation_type) if 'distillation_type' not in given \
+        else args.distillation_type
     for dest, value in stored.items():
         action = actions.get(dest)
         if action is None or dest in NOT_INHERITED or not fits(action, value):
             continue
+        if dest in ('teacher_model', 'teacher_path') and distillation == 'none':
+            continue  # no teacher is used (DeiT's own checkpoints name its default regnety_160 all the same)
         current = getattr(args, dest)
         norm = same.get(dest, lambda v: v)
         if norm(value) == norm(current):
@@ -927,11 +932,11 @@ def reconcile_log(log_path: str, last_epoch: int, last_stats: Optional[dict]) ->
     return restored
 
 
-def epoch_scalars(tb: TensorBoard, log_stats: dict) -> None:
+def epoch_scalars(tb: TensorBoard, log_stats: dict, epoch: int) -> None:
     """An epoch's ``log.txt`` record to TensorBoard: train_<k> as train/<k>, test_<k> as test/<k>, at step epoch."""
     for prefix in ('train', 'test'):
         tb.scalars({k[len(prefix) + 1:]: v for k, v in log_stats.items() if k.startswith(prefix + '_')},
-                   log_stats['epoch'], prefix=prefix + '/')
+                   epoch, prefix=prefix + '/')
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1108,6 +1113,31 @@ def is_training_checkpoint(checkpoint: dict) -> bool:
     return all(k in checkpoint for k in ('optimizer', 'lr_scheduler', 'epoch'))
 
 
+def check_training_fields(checkpoint: dict, path: str) -> None:
+    """The entries of a finetuning checkpoint that a continued run reads, of the types it reads them as (a
+    damaged or hand-made file is a one-line error before anything is built)."""
+    def number(v, whole=False):
+        if isinstance(v, torch.Tensor) and v.dim() == 0:
+            v = v.item()
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and (not whole or float(v).is_integer())
+
+    problems = []
+    if not number(checkpoint['epoch'], whole=True) or checkpoint['epoch'] < 0:
+        problems.append(f"epoch {checkpoint['epoch']!r} (a finished epoch's number)")
+    if 'max_accuracy' in checkpoint and not number(checkpoint['max_accuracy']):
+        problems.append(f"max_accuracy {checkpoint['max_accuracy']!r} (a number)")
+    for key in ('optimizer', 'lr_scheduler', 'model_ema', 'log_stats', 'scaler'):
+        if key in checkpoint and checkpoint[key] is not None and not isinstance(checkpoint[key], dict):
+            problems.append(f'{key} a {type(checkpoint[key]).__name__} (a dict)')
+    if checkpoint.get('model_ema', {}) is None:
+        problems.append('model_ema None (a state dict)')
+    classes = checkpoint.get('classes')
+    if classes is not None and not (isinstance(classes, (list, tuple)) and all(isinstance(c, str) for c in classes)):
+        problems.append('classes not a list of folder names')
+    if problems:
+        raise UserError(f'{path} is not a finetuning checkpoint this run can continue: its {"; ".join(problems)}')
+
+
 def restore_training(training: engine.Training, checkpoint: dict, args) -> Tuple[int, float]:
     """Continue a finetuning checkpoint: optimizer, schedule, loss scaler and EMA restored, ``log.txt``
     repaired; returns (first epoch to run, best Acc@1 so far).  Other files start a new run at epoch
@@ -1139,7 +1169,7 @@ def restore_training(training: engine.Training, checkpoint: dict, args) -> Tuple
             # TensorBoard is written before log.txt, so a missing log line may mean missing scalars: written now
             # (at worst a second point with the same values)
             tb = TensorBoard(args.output_dir)
-            epoch_scalars(tb, checkpoint['log_stats'])
+            epoch_scalars(tb, checkpoint['log_stats'], start_epoch - 1)
             tb.close()
         remove_stale_temporaries(list(paths.values()))  # from a job killed while saving
     rank0_print(f'Resumed from {args.resume}: continuing at epoch {start_epoch} '
@@ -1226,7 +1256,7 @@ def run_finetune(args, device: torch.device) -> Dict[str, float]:
         last_good, last_epoch = paths['checkpoint.pth'], epoch
         if tb is None:
             tb = TensorBoard(args.output_dir)
-        epoch_scalars(tb, log_stats)  # before log.txt: a resume that finds no log line writes the scalars again
+        epoch_scalars(tb, log_stats, epoch)  # before log.txt: a resume that finds no log line writes the scalars again
         with open(paths['log.txt'], 'a') as f:
             f.write(json.dumps(log_stats) + '\n')
 
@@ -1276,6 +1306,9 @@ def run(args) -> Dict[str, float]:
             check_output_dir(args.output_dir)
         except UserError as e:
             raise UserError(f'{e} (the directory of --resume: give --output_dir)' if beside_resume else str(e)) from None
+        appended = os.path.join(args.output_dir, 'prune_log.txt' if args.prune else 'log.txt')
+        if os.path.exists(appended) and not os.access(appended, os.W_OK):
+            raise UserError(f'cannot write to {appended}: permission denied (the run appends its results to it)')
     notes += unused_flag_notes(args, get_args_parser(), said=no_effect)
     init_distributed_mode(args)
     for line in notes:

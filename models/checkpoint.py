@@ -98,15 +98,32 @@ def build_model_from_checkpoint(path: str, name: Optional[str], fallback_classes
     elif isinstance(recorded, str) and _timm_name(recorded) not in (None, _timm_name(name)):
         raise UserError(f'{path} holds {base_name(recorded)} (the model its args name), not {base_name(name)}: '
                         f'set {flag} {base_name(recorded)}')
+    stored = recorded_channels(checkpoint, path)
     model = build_model(name, head_classes(sd, fallback_classes), img_size, **timm_kwargs)
     load_weights(model, sd, path, name, flag)
-    stored = checkpoint.get('channels')
     if stored is not None:
-        stored = [int(c) for c in stored]
         actual = kept_token_counts(model)
+        if stored != actual and not any(k.endswith(MASK_KEY) for k in sd):
+            raise UserError(f'{path} lists channels {stored}, a pruned model, but holds no masks '
+                            f'(blocks.{{l}}.{MASK_KEY}): without them it would be the dense model')
         if stored != actual:
             warn(f'warning: {path} lists channels {stored}, but its masks keep {actual}; using the masks')
     return model, checkpoint
+
+
+def recorded_channels(checkpoint: dict, path: str) -> Optional[List[int]]:
+    """The file's ``channels`` (kept tokens per block) as ints, None if it has none; released files hold 0-dim
+    tensors.  Anything else is a one-line error."""
+    stored = checkpoint.get('channels')
+    if stored is None:
+        return None
+    try:
+        if isinstance(stored, (str, bytes)) or not all(float(c) == int(c) >= 0 for c in stored):
+            raise TypeError
+        return [int(c) for c in stored]
+    except (TypeError, ValueError, RuntimeError):
+        shown = repr(stored) if len(repr(stored)) <= 60 else type(stored).__name__
+        raise UserError(f'{path}: its channels ({shown}) are not a list of kept-token counts per block') from None
 
 
 def _timm_name(name: str) -> Optional[str]:

@@ -700,7 +700,7 @@ def test_checkpoints_keep_the_data_and_teacher_paths_absolute(tmp_path, monkeypa
     """A run continued from another directory reads the data and the teacher it was started with."""
     monkeypatch.chdir(tmp_path)
     args = finetune.get_args_parser().parse_args(['--data-path', 'data', '--teacher-path', 't.pth',
-                                                  '--output_dir', 'out'])
+                                                  '--distillation-type', 'soft', '--output_dir', 'out'])
     saved = finetune.args_to_save(args)
     assert (saved['data_path'], saved['teacher_path']) == (str(tmp_path / 'data'), str(tmp_path / 't.pth'))
     assert saved['output_dir'] == 'out' and args.data_path == 'data'  # the run's own args are left as given
@@ -739,3 +739,113 @@ def test_continuing_a_run_on_other_class_folders_is_refused(capsys, world, finis
                           rf'{re.escape(str(ckpt))} continues \(label 2: c in the run, x here\): give the --data-path '
                           rf'it used$')
     assert snapshot(finished) == before
+
+
+# ----------------------------------------------------------------------------------------------------------
+# checkpoints that are damaged, hand-made or from elsewhere
+
+def test_a_pruned_file_without_its_masks_is_refused_not_run_dense(capsys, world, earlier, tmp_path):
+    """Its channels say it is pruned; without the mask buffers it would load as the dense model."""
+    model = pruned_model('cc_deit_digits_patch4_32', 0.25)
+    sd = {k: v for k, v in model.state_dict().items() if not k.endswith('attn.token_index')}
+    path = tmp_path / 'pruned_0.25.pth'
+    torch.save({'model': sd, 'channels': models_counts(model)}, path)
+    for mode in (['--eval', '--data-path', world['data']], ['--speed-only', '--speed-repeats', '1']):
+        assert_one_line_error(capsys, [*mode, '--resume', path], EXIT_USER_ERROR,
+                              rf'{re.escape(str(path))} lists channels \[.*\], a pruned model, but holds no masks '
+                              r'\(blocks\.\{l\}\.attn\.token_index\): without them it would be the dense model$')
+
+
+def models_counts(model):
+    import models
+    counts = models.kept_token_counts(model)
+    assert min(counts) < 65  # really pruned
+    return counts
+
+
+@pytest.mark.parametrize('channels', [5, ['a'] * 6, [65.5] * 6, 'sixty'])
+def test_channels_that_are_not_counts_are_one_line(capsys, world, earlier, tmp_path, channels):
+    path = tmp_path / 'odd.pth'
+    torch.save({'model': torch.load(world['dense'], weights_only=True)['model'], 'channels': channels}, path)
+    assert_one_line_error(capsys, ['--eval', '--resume', path, '--data-path', world['data']], EXIT_USER_ERROR,
+                          rf'{re.escape(str(path))}: its channels \(.*\) are not a list of kept-token counts per '
+                          r'block$')
+
+
+def test_weights_saved_from_a_compiled_or_wrapped_model_load(capsys, world, tmp_path):
+    """torch.compile's _orig_mod. and DDP's module. prefixes are stripped, as timm's loader strips them."""
+    sd = torch.load(world['dense'], weights_only=True)['model']
+    path = tmp_path / 'compiled.pth'
+    torch.save({'model': {f'module._orig_mod.{k}': v for k, v in sd.items()}}, path)
+    code, out, err = cli(capsys, '--eval', '--resume', path, '--data-path', world['data'])
+    assert code == 0, err
+    reference = cli(capsys, '--eval', '--resume', world['dense'], '--data-path', world['data'])[1]
+    accuracy = lambda text: re.search(r'Accuracy of the network on the \d+ test images: .*', text).group(0)  # noqa
+    assert accuracy(out) == accuracy(reference)
+
+
+def test_a_file_pickled_with_a_newer_protocol_is_one_line_that_says_so(capsys, world, earlier, tmp_path):
+    """torch.load(weights_only=True) cannot read protocol 4 (a plain pickle.dump, or torch.save with
+    pickle_protocol=4); torch's own warning about it is not printed beside the error."""
+    path = tmp_path / 'protocol4.pth'
+    torch.save(torch.load(world['dense'], weights_only=True), path, pickle_protocol=4)
+    assert_one_line_error(capsys, ['--eval', '--resume', path, '--data-path', world['data']], EXIT_USER_ERROR,
+                          rf'^error: cannot load {re.escape(str(path))}: it was pickled with protocol 4 \(torch\.save '
+                          r'uses 2\), whose instructions the safe loader .* does not read; if it comes from a source '
+                          r'you trust, save it again with torch\.save$')
+
+
+@pytest.mark.parametrize('change, problem', [
+    ({'epoch': 'last'}, r"epoch 'last' \(a finished epoch's number\)"),
+    ({'epoch': -3}, r"epoch -3 \(a finished epoch's number\)"),
+    ({'max_accuracy': None}, r'max_accuracy None \(a number\)'),
+    ({'model_ema': None}, r'model_ema None \(a state dict\)'),
+    ({'optimizer': [1, 2]}, r'optimizer a list \(a dict\)'),
+])
+def test_a_damaged_finetuning_checkpoint_is_refused_before_anything_is_built(capsys, world, finished, tmp_path,
+                                                                            change, problem):
+    out = shutil.copytree(finished, tmp_path / 'out')
+    checkpoint = torch.load(out / 'checkpoint.pth', weights_only=True)
+    checkpoint.update(change)
+    torch.save(checkpoint, out / 'checkpoint.pth')
+    before = snapshot(out)
+    ckpt = out / 'checkpoint.pth'
+    line = assert_one_line_error(capsys, ['--resume', ckpt, '--final_finetune', '2'], EXIT_USER_ERROR,
+                                 rf'^error: {re.escape(str(ckpt))} is not a finetuning checkpoint this run can '
+                                 rf'continue: its {problem}$')
+    assert 'Traceback' not in line and snapshot(out) == before
+
+
+def test_a_deit_training_checkpoint_without_distillation_does_not_hand_on_its_default_teacher(world, tmp_path):
+    """DeiT's checkpoints keep its default --teacher-model regnety_160 (not a ViT) even without distillation: a
+    continued run takes over neither teacher flag, so it is not refused for a teacher it does not use."""
+    import argparse
+    stored = argparse.Namespace(model='deit_digits_patch4_32', teacher_model='regnety_160', teacher_path='',
+                                distillation_type='none', lr=5e-4, epochs=300)
+    path = tmp_path / 'checkpoint.pth'
+    torch.save({'model': {}, 'optimizer': {}, 'lr_scheduler': {}, 'epoch': 3, 'args': stored}, path)
+    args = finetune.get_args_parser().parse_args([*DIGITS_ARGS, '--data-path', str(world['data']), '--resume',
+                                                  str(path)])
+    lines, inherited, _ = finetune.continue_run(args)
+    assert 'teacher_model' not in inherited and 'teacher_path' not in inherited
+    assert args.distillation_type == 'none' and args.teacher_model != 'regnety_160'
+    finetune.validate_args(args)  # not refused
+    # with distillation switched on again the run's teacher is taken over (and then checked)
+    args = finetune.get_args_parser().parse_args(['--resume', str(path), '--distillation-type', 'soft'])
+    assert finetune.continue_run(args)[1]['teacher_model'] == 'regnety_160'
+
+
+def test_a_results_file_the_run_cannot_append_to_is_refused_before_work(capsys, world, earlier, monkeypatch):
+    """The run appends to prune_log.txt (--prune) or log.txt (finetuning) at the end of its work: one it may not
+    write is said at the start (simulated: tests may run as root)."""
+    (earlier / 'prune_log.txt').write_text('{"earlier": true}\n')
+    before = snapshot(earlier)
+    real_access = os.access
+    denied = str(earlier / 'prune_log.txt')
+    monkeypatch.setattr(os, 'access', lambda p, mode, **kw: not (str(p) == denied and mode & os.W_OK)
+                        and real_access(p, mode, **kw))
+    code, out, err = cli(capsys, *prune_args(world, earlier))
+    assert code == EXIT_USER_ERROR
+    assert err.strip() == (f'error: cannot write to {denied}: permission denied (the run appends its results to '
+                           f'it)')
+    assert 'Scoring:' not in out and snapshot(earlier) == before

@@ -325,10 +325,10 @@ def test_a_run_stopped_after_its_checkpoint_before_its_logs_gets_them_on_resume(
     out = tmp_path / 'out'
     real = finetune.epoch_scalars
 
-    def killed_at_epoch_0(tb, log_stats):
-        if log_stats['epoch'] == 0:
+    def killed_at_epoch_0(tb, log_stats, epoch):
+        if epoch == 0:
             raise KeyboardInterrupt
-        real(tb, log_stats)
+        real(tb, log_stats, epoch)
 
     with monkeypatch.context() as patch:
         patch.setattr(finetune, 'epoch_scalars', killed_at_epoch_0)

@@ -3,6 +3,8 @@ import argparse
 import errno
 import os
 import pickle
+import re
+import warnings
 from typing import Any, Callable, Dict
 
 import torch
@@ -29,15 +31,29 @@ def load_checkpoint_file(path: str, mmap: bool = False) -> Dict[str, Any]:
         raise UserError(f'checkpoint is a directory, not a file: {path}')
     if not os.access(path, os.R_OK):
         raise UserError(f'cannot read {path}: permission denied')
+    protocol = None
     try:
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
-            checkpoint = _torch_load(path, mmap)
+        with torch.serialization.safe_globals(SAFE_GLOBALS), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always')
+            try:
+                checkpoint = _torch_load(path, mmap)
+            finally:
+                for w in caught:  # torch's warning about the pickle protocol becomes part of the error below
+                    found = re.search(r'Detected pickle protocol (\d+)', str(w.message))
+                    if found:
+                        protocol = int(found.group(1))
+                    else:
+                        warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     except pickle.UnpicklingError as e:
         text = str(e)
         if 'GLOBAL ' in text or 'Unsupported global' in text or 'not an allowed global' in text:
             culprit = _unsupported_global(text)
             raise UserError(f'refusing to load {path}: it holds {culprit}, which could run code when unpickled '
                             f'(only tensors, plain containers and argparse.Namespace are allowed)') from None
+        if protocol is not None and 'Unsupported operand' in text:
+            raise UserError(f'cannot load {path}: it was pickled with protocol {protocol} (torch.save uses 2), '
+                            f'whose instructions the safe loader (torch.load with weights_only=True) does not read; '
+                            f'if it comes from a source you trust, save it again with torch.save') from None
         if 'Weights only load failed' in text:  # the restricted unpickler stopped at an instruction it refuses
             raise UserError(f'{path} is not a readable PyTorch checkpoint (corrupt, or pickled objects the safe '
                             f'loader refuses: {_weights_only_detail(text)})') from None
@@ -107,9 +123,17 @@ def state_dict_of(checkpoint: Dict[str, Any]) -> Dict[str, torch.Tensor]:
             break
     else:
         sd = checkpoint
-    if not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise UserError('checkpoint holds no model state dict (expected a "model" entry of tensors)')
-    return {k[len('module.'):] if k.startswith('module.') else k: v for k, v in sd.items()}
+    if not sd or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        raise UserError('checkpoint holds no model state dict (expected a "model" entry of named tensors)')
+    return {_unwrapped(k): v for k, v in sd.items()}
+
+
+def _unwrapped(key: str) -> str:
+    """A state-dict key without the prefixes wrappers add: DistributedDataParallel/DataParallel's ``module.``
+    and torch.compile's ``_orig_mod.`` (as timm's own loader strips them)."""
+    while key.startswith(('module.', '_orig_mod.')):
+        key = key.split('.', 1)[1]
+    return key
 
 
 
