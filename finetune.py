@@ -1173,7 +1173,7 @@ def restore_training(training: engine.Training, checkpoint: dict, args) -> Tuple
             tb.close()
         remove_stale_temporaries(list(paths.values()))  # from a job killed while saving
     rank0_print(f'Resumed from {args.resume}: continuing at epoch {start_epoch} '
-                f'(best Acc@1 so far {max_accuracy:.2f}%)')
+                + (f'(best Acc@1 so far {max_accuracy:.2f}%)' if max_accuracy >= 0 else '(it records no best Acc@1)'))
     # Every random stream where the uninterrupted run has it (last, so nothing above draws from them).
     seeding.restore_or_reseed(checkpoint.get('rng'), args.rank, args.world_size, args.seed, start_epoch,
                               random_generators(training), training.device, rank0_print)
