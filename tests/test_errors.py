@@ -849,3 +849,23 @@ def test_a_results_file_the_run_cannot_append_to_is_refused_before_work(capsys, 
     assert err.strip() == (f'error: cannot write to {denied}: permission denied (the run appends its results to '
                            f'it)')
     assert 'Scoring:' not in out and snapshot(earlier) == before
+
+
+def test_other_warnings_while_loading_are_issued_once_and_the_load_completes(tmp_path, monkeypatch):
+    """Loading records torch's warnings to read the pickle protocol from them; the others are issued again,
+    once each, after the recording (issued inside it, they would be recorded again without end)."""
+    import warnings
+    from utils import checkpoint_io
+    real = checkpoint_io._torch_load
+
+    def warns(path, mmap):
+        warnings.warn('a warning of the loader', UserWarning)
+        return real(path, mmap)
+
+    path = tmp_path / 'ok.pth'
+    torch.save({'model': {'w': torch.zeros(2)}}, path)
+    monkeypatch.setattr(checkpoint_io, '_torch_load', warns)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter('always')
+        assert list(checkpoint_io.load_checkpoint_file(str(path))) == ['model']
+    assert [str(w.message) for w in seen] == ['a warning of the loader']

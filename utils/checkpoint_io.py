@@ -5,7 +5,7 @@ import os
 import pickle
 import re
 import warnings
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Optional
 
 import torch
 
@@ -31,20 +31,12 @@ def load_checkpoint_file(path: str, mmap: bool = False) -> Dict[str, Any]:
         raise UserError(f'checkpoint is a directory, not a file: {path}')
     if not os.access(path, os.R_OK):
         raise UserError(f'cannot read {path}: permission denied')
-    protocol = None
+    caught = []
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS), warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter('always')
-            try:
-                checkpoint = _torch_load(path, mmap)
-            finally:
-                for w in caught:  # torch's warning about the pickle protocol becomes part of the error below
-                    found = re.search(r'Detected pickle protocol (\d+)', str(w.message))
-                    if found:
-                        protocol = int(found.group(1))
-                    else:
-                        warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+            checkpoint = _torch_load(path, mmap)
     except pickle.UnpicklingError as e:
+        protocol = _pickle_protocol(caught)
         text = str(e)
         if 'GLOBAL ' in text or 'Unsupported global' in text or 'not an allowed global' in text:
             culprit = _unsupported_global(text)
@@ -65,9 +57,23 @@ def load_checkpoint_file(path: str, mmap: bool = False) -> Dict[str, Any]:
     except Exception as e:  # noqa: BLE001  (garbage bytes fail anywhere in the unpickler: KeyError, IndexError, ...)
         raise UserError(f'{path} is not a readable PyTorch checkpoint (truncated or corrupt: '
                         f'{_describe(e)})') from None
+    _pickle_protocol(caught)  # torch's other warnings, shown as they would have been
     if not isinstance(checkpoint, dict):
         raise UserError(f'{path} holds a {type(checkpoint).__name__}, not a checkpoint dict')
     return checkpoint
+
+
+def _pickle_protocol(caught: list) -> Optional[int]:
+    """The pickle protocol torch warned about while loading (it becomes part of the error), or None; every other
+    warning of ``caught`` is issued again, now that the recording context is left."""
+    protocol = None
+    for w in caught:
+        found = re.search(r'Detected pickle protocol (\d+)', str(w.message))
+        if found:
+            protocol = int(found.group(1))
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return protocol
 
 
 def _torch_load(path: str, mmap: bool):
