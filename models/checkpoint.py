@@ -31,6 +31,11 @@ def head_classes(state_dict: Dict[str, torch.Tensor], default: int) -> int:
     return int(w.shape[0]) if w is not None and w.dim() == 2 else default
 
 
+def holds_masks(state_dict: Dict[str, torch.Tensor]) -> bool:
+    """Whether a state dict carries mask buffers (a pruned file's); official weights carry none."""
+    return any(k.endswith(MASK_KEY) for k in state_dict)
+
+
 def load_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor], path: str, name: str,
                  flag: str = '--model') -> None:
     """Strict loading: a missing, unexpected or mis-shaped key is a one-line error naming the first few (and
@@ -50,7 +55,7 @@ def load_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor], path: st
     try:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as e:
-        dense_file = not any(k.endswith(MASK_KEY) for k in state_dict)
+        dense_file = not holds_masks(state_dict)
         missing = [k for k in own if k not in state_dict and not (dense_file and k.endswith(MASK_KEY))]
         unexpected = [k for k in state_dict if k not in own]
         parts = []
@@ -101,13 +106,12 @@ def build_model_from_checkpoint(path: str, name: Optional[str], fallback_classes
     stored = recorded_channels(checkpoint, path)
     model = build_model(name, head_classes(sd, fallback_classes), img_size, **timm_kwargs)
     load_weights(model, sd, path, name, flag)
-    if stored is not None:
-        actual = kept_token_counts(model)
-        if stored != actual and not any(k.endswith(MASK_KEY) for k in sd):
+    actual = kept_token_counts(model)
+    if stored is not None and stored != actual:
+        if not holds_masks(sd):
             raise UserError(f'{path} lists channels {stored}, a pruned model, but holds no masks '
                             f'(blocks.{{l}}.{MASK_KEY}): without them it would be the dense model')
-        if stored != actual:
-            warn(f'warning: {path} lists channels {stored}, but its masks keep {actual}; using the masks')
+        warn(f'warning: {path} lists channels {stored}, but its masks keep {actual}; using the masks')
     return model, checkpoint
 
 

@@ -749,14 +749,14 @@ def test_a_pruned_file_without_its_masks_is_refused_not_run_dense(capsys, world,
     model = pruned_model('cc_deit_digits_patch4_32', 0.25)
     sd = {k: v for k, v in model.state_dict().items() if not k.endswith('attn.token_index')}
     path = tmp_path / 'pruned_0.25.pth'
-    torch.save({'model': sd, 'channels': models_counts(model)}, path)
+    torch.save({'model': sd, 'channels': pruned_counts(model)}, path)
     for mode in (['--eval', '--data-path', world['data']], ['--speed-only', '--speed-repeats', '1']):
         assert_one_line_error(capsys, [*mode, '--resume', path], EXIT_USER_ERROR,
                               rf'{re.escape(str(path))} lists channels \[.*\], a pruned model, but holds no masks '
                               r'\(blocks\.\{l\}\.attn\.token_index\): without them it would be the dense model$')
 
 
-def models_counts(model):
+def pruned_counts(model):
     import models
     counts = models.kept_token_counts(model)
     assert min(counts) < 65  # really pruned

@@ -36,7 +36,7 @@ def load_checkpoint_file(path: str, mmap: bool = False) -> Dict[str, Any]:
         with torch.serialization.safe_globals(SAFE_GLOBALS), warnings.catch_warnings(record=True) as caught:
             checkpoint = _torch_load(path, mmap)
     except pickle.UnpicklingError as e:
-        protocol = _pickle_protocol(caught)
+        protocol = _reissue_warnings(caught)
         text = str(e)
         if 'GLOBAL ' in text or 'Unsupported global' in text or 'not an allowed global' in text:
             culprit = _unsupported_global(text)
@@ -57,15 +57,15 @@ def load_checkpoint_file(path: str, mmap: bool = False) -> Dict[str, Any]:
     except Exception as e:  # noqa: BLE001  (garbage bytes fail anywhere in the unpickler: KeyError, IndexError, ...)
         raise UserError(f'{path} is not a readable PyTorch checkpoint (truncated or corrupt: '
                         f'{_describe(e)})') from None
-    _pickle_protocol(caught)  # torch's other warnings, shown as they would have been
+    _reissue_warnings(caught)
     if not isinstance(checkpoint, dict):
         raise UserError(f'{path} holds a {type(checkpoint).__name__}, not a checkpoint dict')
     return checkpoint
 
 
-def _pickle_protocol(caught: list) -> Optional[int]:
-    """The pickle protocol torch warned about while loading (it becomes part of the error), or None; every other
-    warning of ``caught`` is issued again, now that the recording context is left."""
+def _reissue_warnings(caught: list) -> Optional[int]:
+    """Issue again the warnings ``caught`` while loading (now that the recording context is left), except torch's
+    about the pickle protocol, whose protocol is returned instead (it becomes part of the error), or None."""
     protocol = None
     for w in caught:
         found = re.search(r'Detected pickle protocol (\d+)', str(w.message))
