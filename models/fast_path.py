@@ -85,8 +85,8 @@ The head runs in fp32.  Logits come back in fp32.
 Not supported (``ValueError('fast path: ... is not supported')`` at build time): qk_norm, scale_norm, gated
 attention, non-LayerNorm norms, a GELU other than exact erf or another activation, MLPs other than timm's
 ``Mlp``, blocks other than timm's ``Block``, dynamic image size, a patch embedding that is not a
-stride=kernel conv without padding, a norm after the patch embedding, a ``norm_pre`` other than LayerNorm, a
-position embedding that is not additive.  Inference only: no gradients, eval semantics (the model is put in
+stride=kernel conv without padding, an image size that is not a multiple of the patch size, a norm after the
+patch embedding, a ``norm_pre`` other than LayerNorm, a position embedding that is not additive.  Inference only: no gradients, eval semantics (the model is put in
 eval mode); the built module holds copies of the weights, so rebuild it after changing the model (only the
 head is shared: ``model.forward_head`` is called on the features).
 """
@@ -174,6 +174,10 @@ def check_supported(model: nn.Module) -> None:
         raise _unsupported('patch_embed.norm')
     if getattr(pe, 'dynamic_img_pad', False) or not getattr(pe, 'flatten', True):
         raise _unsupported('a padded or unflattened patch embedding')
+    img_size, patch = getattr(pe, 'img_size', None), proj.kernel_size
+    if img_size is None or any(s % p for s, p in zip(img_size, patch)):
+        # timm's convolution drops the pixels beyond the last whole patch; the unfolded GEMM tiles the image exactly
+        raise _unsupported(f'an image size ({img_size}) that is not a multiple of the patch size ({patch})')
     C = model.embed_dim
     for name in ('norm_pre', 'norm'):
         m = getattr(model, name)
@@ -813,21 +817,23 @@ class FastViT(nn.Module):
             buf = _layer_norm_f32(buf, *self.norm_pre).to(self.residual_dtype)
         return buf
 
-    def _rows(self, x: torch.Tensor, n: int, pad: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        """A (B*n + pad, C) operand buffer in the compute dtype and its first B*n rows viewed as (B, n, C), where
-        the kernel before the product writes them (every operand but fc2's is C wide: timm's attention projects
-        C to C); ``pad`` (a :class:`ProductChoice`'s) only at the batch size it was timed at."""
+    def _rows(self, x: torch.Tensor, n: int, pad: int, width: Optional[int] = None
+              ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """A (B*n + pad, width) operand buffer in the compute dtype and its first B*n rows viewed as (B, n, width),
+        where the kernel before the product writes them (``width``: C, or the attention's H*D for the projection's
+        operand); ``pad`` (a :class:`ProductChoice`'s) only at the batch size it was timed at."""
         B, _, C = x.shape
+        width = width or C
         pad = pad if B == self.tune_batch else 0
-        buf = torch.empty(B * n + pad, C, dtype=self.dtype, device=x.device)
-        return buf, buf[:B * n].view(B, n, C)
+        buf = torch.empty(B * n + pad, width, dtype=self.dtype, device=x.device)
+        return buf, buf[:B * n].view(B, n, width)
 
     def _block_triton(self, x: torch.Tensor, blk: _FastBlock) -> torch.Tensor:
         B, n = x.shape[0], blk.n
         buf, y = self._rows(x, n, blk.qkv.pad)  # each product's operand: its real rows, then its padding
         K.gather_layer_norm_triton(x, blk.ids, blk.ln1_w, blk.ln1_b, blk.eps1, out=y)
         qkv = F.linear(buf, blk.qkv_w, blk.qkv_b)[:B * n].view(B, n, -1)  # the real rows of the product
-        buf, o = self._rows(x, n, blk.proj.pad)
+        buf, o = self._rows(x, n, blk.proj.pad, blk.proj_w.shape[1])
         run_attention(blk.attention, qkv, blk.num_heads, blk.scale, out=o)
         a = F.linear(buf, blk.proj_w, blk.proj_b)[:B * n].view(B, n, -1)
         buf, y = self._rows(x, n, blk.mlp.pad)

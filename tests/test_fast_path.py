@@ -796,11 +796,34 @@ def test_timed_build_skips_blocks_that_keep_nothing(monkeypatch):
     (dict(qk_norm=True), 'qk_norm is not supported'),
     (dict(act_layer='gelu_tanh'), 'only exact-erf GELU'),
     (dict(norm_layer='rmsnorm'), 'only LayerNorm'),
+    # timm's convolution drops the 4 pixels past the last whole 8x8 patch; the unfolded product cannot
+    (dict(img_size=36), r'an image size \(\(36, 36\)\) that is not a multiple of the patch size \(\(8, 8\)\)'),
 ])
 def test_unsupported_models_are_refused_at_build_time(kwargs, what):
-    model = VisionTransformer(**TINY, **kwargs)
-    with pytest.raises(ValueError, match=what):
-        build_fast_path(model, backend='torch')
+    model = VisionTransformer(**{**TINY, **kwargs}).eval()
+    model(torch.randn(1, 3, *model.patch_embed.img_size))  # the eager model runs
+    for backend in ('torch', 'triton'):
+        with pytest.raises(ValueError, match=what):
+            build_fast_path(model, backend=backend)
+
+
+class NarrowAttention(timm.layers.attention.Attention):
+    """timm's attention with heads of 16 channels whatever the width: qkv maps C to 3*H*16 and proj H*16 to C."""
+
+    def __init__(self, dim, **kwargs):
+        super().__init__(dim, attn_head_dim=16, **kwargs)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize('case', CASES, ids=lambda c: '-'.join(c.values()))
+def test_attention_narrower_than_the_model(case):
+    torch.manual_seed(12)
+    model = VisionTransformer(**TINY, attn_layer=NarrowAttention)
+    model = models.apply_clip_concat(model).to(DEVICE).eval()
+    assert model.blocks[0].attn.proj.in_features == 32 != model.embed_dim
+    pruning.apply_masks(model, pruning.random_masks(3, 16, 0.3, generator=_gen(12)))
+    x = images(seed=12)
+    assert _close(build_fast_path(model, **case)(x), model(x))
 
 
 def test_bad_arguments_are_refused():
