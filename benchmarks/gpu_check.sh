@@ -14,7 +14,7 @@
 # then copy cuda.json and cuda.md into benchmarks/results/, and if a section was left out (the time limit) or
 # failed, while the lease has time for it:
 #
-#   run(command="bash benchmarks/gpu_check.sh resume", carry=[".whl"], timeout_s=320)
+#   run(command="bash benchmarks/gpu_check.sh resume", carry=[".whl"], timeout_s=360)
 #
 # which reads benchmarks/results/cuda.json (an untracked file travels with the working tree; $RESUME names
 # another), runs `model_zoo.py --resume` of it with the benchmark's own flags, so only the sections it lacks, and
@@ -23,12 +23,13 @@
 # Budget: at most 9.5 minutes wall, about 6 expected (the machine's start, 1-2 minutes, comes on top): each step
 # has a hard time limit, so the worst case is 45 + 180 + 280 s plus 15 s of kill grace per step and the summaries,
 # about 9.5 minutes, while the expected run leaves room in a 15-minute lease to carry the benchmark on
-# (`bash benchmarks/gpu_check.sh resume`, timeout_s=320).
+# (`bash benchmarks/gpu_check.sh resume`, timeout_s=360: 45 + 280 s of limits, 15 s of kill grace, the summaries).
 #   1. environment (about 15 s; its three commands limited to 15, 10 and 20 s): the timm wheel installed into
 #      /tmp/site (PYTHONPATH), nvidia-smi, the versions of python/torch/triton/timm;
 #   2. tests, two at once, as one is GPU work and the other CPU work and neither is timed (limit 180 s), and with
 #      them the benchmark's torch.compile of timm's DeiTs done ahead into inductor's cache (limit 170 s, 4 compile
-#      workers; it saves the benchmark most of 3 cold compiles; its log is /tmp/warm_compile/warm_compile.log, not
+#      workers; it saves the benchmark most of its 9 cold compiles, timm's 3 DeiTs at their main batch size, 32 and 1;
+#      its log is /tmp/warm_compile/warm_compile.log, not
 #      brought back; its failure is noted in status.txt, not counted as one; the kernel configs it timed under the
 #      tests' load are deleted, so the benchmark times its own):
 #      pytest tests/test_fast_path.py on CUDA (the kernels compiled for the GPU, the whole path against the eager
@@ -82,7 +83,22 @@ if [[ " $steps " == *" resume "* ]]; then
     fi
     resume=(--resume "$RESUME")
 fi
+# what each step brings back (the device tool brings back at most 8 files; env.txt and status.txt always come)
+files=2
+for s in $steps; do
+    case "$s" in
+        tests) files=$((files + 2)) ;;                   # test_fast_path.log, test_model.log
+        benchmark|resume) files=$((files + 3)) ;;        # model_zoo.log, cuda.json, cuda.md
+        profile|linear) files=$((files + 3)) ;;          # profile.log/.json/.md; linear.log, linear_shapes.json/.md
+    esac
+done
+if [ $files -gt 8 ]; then
+    echo "error: steps '$steps' write $files files; the device tool brings back 8: give them in separate calls" >&2
+    exit 2
+fi
 mkdir -p "$OUT"
+# a reused $OUT (off the device tool) must not lend this run an earlier one's verdicts or results
+rm -f "$OUT/status.txt" "$OUT/cuda.json" "$OUT/cuda.md" "$OUT/profile.json" "$OUT/profile.md"
 touch "$OUT/status.txt"
 
 # step NAME SECONDS COMMAND...: run COMMAND under a hard time limit, output to $OUT/NAME.log, status recorded.
@@ -136,7 +152,7 @@ python3 -c 'import xdist' > /dev/null 2>&1 && xdist=(-n 4)
 #    the Triton compiles of the other tests) in the background while the fast path's run on the GPU (slow-marked
 #    included: the compiled backend on the GPU).
 #    When the benchmark follows, also its torch.compile of timm's DeiTs (the rows timm-compiled at the batch sizes it
-#    times, same models, precision and device: the same graphs), done ahead into inductor's on-disk cache, which
+#    times, the main ones and the summary's 32 and 1, same models, precision and device: the same graphs), done ahead into inductor's on-disk cache, which
 #    the benchmark's compiles then read instead of compiling cold (measured on CPU with torch 2.11: 23 s cold, 10 s
 #    from the cache, for DeiT-Ti); 4 compile workers, so the tests keep most of the cores.
 if [[ " $steps " == *" tests "* ]]; then
@@ -148,8 +164,7 @@ if [[ " $steps " == *" tests "* ]]; then
         mkdir -p /tmp/warm_compile  # its log stays out of $OUT, which brings back 8 files at most
         LOGDIR=/tmp/warm_compile step warm_compile 170 env OMP_NUM_THREADS=2 TORCHINDUCTOR_COMPILE_THREADS=4 \
             python3 benchmarks/model_zoo.py --device cuda --rows timm,ours,timm-compiled --rates 0.25 --repeats 1 \
-            --warmup 0 --summary-batch-sizes "" --compile-budget 1000000 --json /tmp/warm_compile/cuda.json \
-            > /dev/null &
+            --warmup 0 --compile-budget 1000000 --json /tmp/warm_compile/cuda.json > /dev/null &
         warm=$!
     fi
     step test_fast_path 180 python3 -m pytest -q -p no:cacheprovider -rsP --durations=25 "${xdist[@]}" \

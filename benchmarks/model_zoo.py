@@ -227,10 +227,11 @@ def build_parser() -> Parser:
                         'a cold inductor compile takes 15-40 s per pruned model on 2 cores; CUDA all)')
     p.add_argument('--compile-budget', type=_float_in(0, MAX_SECONDS), default=None,
                    help='seconds of torch.compile (first calls of compiled rows) after which no further compiled row '
-                        'is built; those left out are listed (default: CPU none, CUDA 120)')
+                        'is built; those left out are listed (default: CPU none, CUDA 240)')
     p.add_argument('--compile-min-batch', type=batch, default=None,
-                   help='compiled rows only in sections of at least this batch size (default: CPU 1, CUDA 128: at '
-                        'small batches the CUDA-graph rows are the fast dense ones, and each batch size recompiles)')
+                   help='compiled rows only in sections of at least this batch size (default 1: timm compiled is one '
+                        'of the dense modes the summary\'s targets compare with, at every batch size; each batch size '
+                        'recompiles)')
     p.add_argument('--fast-autotune', action=argparse.BooleanOptionalAction, default=None,
                    help='fast-path rows time their attention and matrix-product candidates (fused kernels, cuBLAS '
                         'on padded rows) per kept count when built, as build_fast_path does by default (default on); '
@@ -294,8 +295,8 @@ def defaults(device: str, protocol: str = 'ours') -> Tuple[Dict, Dict]:
               'sweep_rates': [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7] if cpu else [],
               'summary_batch_sizes': [] if cpu else [32, 1],
               'scoring_repeats': 3 if cpu else 0, 'routing_repeats': 60 if cpu else 0,
-              'breakdown_rounds': 3 if cpu else 0, 'compile_budget': None if cpu else 120.0,
-              'compile_min_batch': 1 if cpu else 128, 'fast_autotune': True, 'time_limit': None}
+              'breakdown_rounds': 3 if cpu else 0, 'compile_budget': None if cpu else 240.0,
+              'compile_min_batch': 1, 'fast_autotune': True, 'time_limit': None}
     quick = {'models': ['tiny'], 'rates': [0.25, 0.40], 'batch_size': 8, 'repeats': 2, 'warmup': 1,
              'compile': False, 'sweep_batch_sizes': [1, 8], 'sweep_rates': [0.25, 0.5],
              'summary_batch_sizes': [1, 32], 'scoring_repeats': 1, 'routing_repeats': 5,
@@ -470,11 +471,17 @@ def _resumable(args) -> Dict:
             f'{_flag(k)} {then.get(k)!r} there, {now.get(k)!r} here' for k in differ)
             + ' (only --time-limit, --json and --markdown may differ)')
     machine = machine_info(torch.device(args.device))
+    if args.threads:  # main() sets it after this check; the run resumed recorded it set
+        machine['torch_threads'] = args.threads
     same = SAME_MACHINE + (('cpu', 'cpu_cores') if args.device == 'cpu' else ())
     other = [k for k in same if machine.get(k) != earlier['machine'].get(k)]
     if other:
         raise UsageError(f'argument --resume: {path} was measured on another machine kind: ' + '; '.join(
             f'{k} {earlier["machine"].get(k)!r} there, {machine.get(k)!r} here' for k in other))
+    sections = earlier.get('sections') or []
+    if sections and all(s.get('status') == 'done' for s in sections):
+        raise UsageError(f'argument --resume: every section of {path} is done: nothing to carry on (without '
+                         f'--resume the benchmark runs again)')
     return earlier
 
 

@@ -9,6 +9,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 from typing import Dict, List, Optional, Tuple
 
@@ -69,10 +70,14 @@ def check_failure(check: Optional[Dict]) -> Optional[str]:
     return None
 
 
-def _comparison(t: Timings, pruned: List[str], dense: List[str], checks: Dict[str, Dict], kind: Dict[str, str]):
+def _comparison(t: Timings, pruned: List[str], dense: List[str], checks: Dict[str, Dict], kind: Dict[str, str],
+                not_timed: Dict[str, str]):
     """(fastest pruned key, fastest dense key, their paired ratio or None, what was compared) among the rows whose
     logit check did not fail: a fast but wrong row takes no part in a speed verdict.  "Fastest" is the most
-    images/s (the median pass); the ratio is the median of the per-round ratios of those two rows."""
+    images/s (the median pass); the ratio is the median of the per-round ratios of those two rows.  The dense rows
+    the run asked for that are not in the comparison, not timed (``not_timed``) or excluded, are
+    ``dense_not_compared`` (row key -> why): a verdict against the others is no verdict against the fastest
+    dense."""
     excluded = {k: why for k in pruned + dense if kind[k] not in REFERENCE_KINDS
                 for why in [check_failure(checks.get(k))] if why}
     ok_p, ok_d = [k for k in pruned if k not in excluded], [k for k in dense if k not in excluded]
@@ -81,7 +86,20 @@ def _comparison(t: Timings, pruned: List[str], dense: List[str], checks: Dict[st
     compared = {'pruned_modes': [kind[k] for k in ok_p], 'dense_modes': [kind[k] for k in ok_d]}
     if excluded:
         compared['excluded'] = {kind[k]: why for k, why in excluded.items()}
+    missing = {**not_timed, **{k: f'logit check failed: {excluded[k]}' for k in dense if k in excluded}}
+    if missing:
+        compared['dense_not_compared'] = missing
     return best_p, best_d, ratio, compared
+
+
+# The key of a pruned row ends in its prune-rate tag (benchmarks.formulations.Formulation.key: 'fast_triton_25'),
+# a dense row's does not ('timm_compiled'); how report reads "Rows left out" without the registry.
+PRUNED_ROW_KEY = re.compile(r'.+_\d{2,}')
+
+
+def _dense_not_timed(skipped: Dict[str, str]) -> Dict[str, str]:
+    """The dense rows among those a section left out (``skipped_rows``: key -> why)."""
+    return {k: why for k, why in skipped.items() if not PRUNED_ROW_KEY.fullmatch(k)}
 
 
 def _expected_batches(results: Dict) -> List[int]:
@@ -120,7 +138,8 @@ def summary(results: Dict) -> List[Dict]:
         rates = list(dict.fromkeys(r['prune_rate'] for r in rows if r['key'] not in dense))
         for rate in rates:
             pruned = [r['key'] for r in rows if r['key'] not in dense and r['prune_rate'] == rate]
-            best_p, best_d, vs_dense, compared = _comparison(t, pruned, dense, res.get('checks', {}), kind)
+            best_p, best_d, vs_dense, compared = _comparison(t, pruned, dense, res.get('checks', {}), kind,
+                                                             _dense_not_timed(res.get('skipped_rows', {})))
             first = next(r for r in rows if r['key'] == pruned[0])
             entry = {'model': model_name(first), 'timm_model': res['model'], 'prune_rate': rate,
                      'section_model': section_model, 'batch_size': res['batch_size'], 'protocol': protocol,
@@ -134,8 +153,13 @@ def summary(results: Dict) -> List[Dict]:
                 tb = Timings(b['seconds'], b['batch_size'])
                 # a row built again at this batch was checked again; one reused as it was keeps its main check
                 checks = {**res.get('checks', {}), **b.get('checks', {})}
+                # the main table's dense rows not timed here, and those it left out itself (never built, so never
+                # built again)
+                not_timed = {**_dense_not_timed(res.get('skipped_rows', {})),
+                             **{k: 'not timed at this batch size' for k in dense if k not in b['seconds']},
+                             **_dense_not_timed(b.get('skipped_rows', {}))}
                 p, d, r, cmp = _comparison(tb, [k for k in pruned if k in b['seconds']],
-                                           [k for k in dense if k in b['seconds']], checks, kind)
+                                           [k for k in dense if k in b['seconds']], checks, kind, not_timed)
                 by_batch[str(b['batch_size'])] = {
                     'speedup': r and r['median'], 'ci': r and r['ci'], 'best_pruned_mode': kind.get(p),
                     'best_dense_mode': kind.get(d), 'protocol': 'ours', **cmp}
@@ -162,18 +186,31 @@ NONE = {'median': None, 'min': None, 'max': None, 'ci': None}  # a comparison th
 # targets
 
 def _target(name: str, value: Optional[float], threshold: Optional[float], at_least: bool, ci=None,
-            missing: Optional[str] = None) -> Dict:
+            missing: Optional[str] = None, not_compared: Optional[Dict[str, str]] = None,
+            paired: bool = False) -> Dict:
     """A target verdict on a median; ``ci`` is its 95% confidence interval, to tell a miss from noise: the
     verdict is 'yes' or 'no' when the interval lies on one side of the threshold, 'within noise' otherwise.
-    A target that could not be measured (``value`` None) has ``met`` None and says why (``missing``)."""
+    ``paired``: the value is a median of per-round ratios, so without an interval (too few rounds for a 95% one,
+    benchmarks.stats.median_ci) the verdict is 'within noise' too; other values (a ratio of means, a logit
+    check) have none by nature.
+    A target that could not be measured (``value`` None) has ``met`` None and says why (``missing``).
+    ``not_compared``: for a comparison against the fastest dense mode, the dense rows left out of it (key -> why);
+    then the value is only an upper bound, so a value on the good side of the threshold is no verdict (``met``
+    None, the value kept), and one on the bad side stays a miss."""
     if value is None or threshold is None:
         return {'target': name, 'value': None, 'threshold': threshold, 'met': None,
                 'missing': missing or 'not measured'}
     met = value >= threshold if at_least else value <= threshold
+    if met and not_compared:
+        return {'target': name, 'value': value, 'threshold': threshold, 'met': None, 'ci': ci,
+                'missing': 'ahead of the dense modes timed, but not compared with '
+                           + '; '.join(f'{k} ({why})' for k, why in not_compared.items())}
     out = {'target': name, 'value': value, 'threshold': threshold, 'met': met}
     if ci is not None:
         out['ci'] = ci
         out['decided'] = not (ci[0] < threshold < ci[1])
+    elif paired:
+        out['decided'] = False
     return out
 
 
@@ -197,7 +234,8 @@ def summary_targets(entry: Dict, device: str, batches: List[int], results: Optio
         f'{name}: fastest pruned ({entry["best_pruned_mode"] or "–"}) over fastest dense '
         f'({entry["best_dense_mode"] or "–"}) '
         f'>= {SUMMARY_FLOPS_SHARE} x FLOPs ratio ({device})', entry['speedup_vs_best_dense'], threshold, True,
-        entry['speedup_vs_best_dense_ci'], not_run or no_correct_row)}
+        entry['speedup_vs_best_dense_ci'], not_run or no_correct_row, entry.get('dense_not_compared'),
+        paired=entry.get('protocol') == 'ours')}
     for bs in batches:
         b = entry['speedup_by_batch'].get(str(bs))
         if b is not None:
@@ -205,7 +243,8 @@ def summary_targets(entry: Dict, device: str, batches: List[int], results: Optio
         else:
             why = not_run or f'batch {bs} ' + _section_state(results or {}, entry.get('section_model'), 'summary', bs)
         out[f'batch{bs}'] = _target(f'{name}: fastest pruned over fastest dense at batch {bs} >= 1.0 ({device})',
-                                    b and b['speedup'], 1.0, True, b and b['ci'], why)
+                                    b and b['speedup'], 1.0, True, b and b['ci'], why,
+                                    b and b.get('dense_not_compared'), paired=True)
     return out
 
 
@@ -215,10 +254,11 @@ def targets(results: Dict, device: str) -> List[Dict]:
         for row in res['rows']:
             if row['kind'] == 'ours':
                 out.append(_target(f'{row["label"]}: speed-up over dense timm >= FLOPs ratio ({device})',
-                                   row['speedup_vs_timm'], row['flops_ratio'], True, row['speedup_vs_timm_ci']))
+                                   row['speedup_vs_timm'], row['flops_ratio'], True, row['speedup_vs_timm_ci'],
+                                   paired=row.get('protocol', 'ours') == 'ours'))
             if row['kind'] in ('ours', 'ours-compiled') and 'vs_boolean' in row:
                 out.append(_target(f'{row["label"]}: >= 1.0x the boolean-mask formulation',
-                                   row['vs_boolean'], 1.0, True, row['vs_boolean_ci']))
+                                   row['vs_boolean'], 1.0, True, row['vs_boolean_ci'], paired=True))
         labels = {r['key']: r['label'] for r in res['rows']}
         kinds = {r['key']: r['kind'] for r in res['rows']}
         out += check_targets(f'{res["label"]} batch {res["batch_size"]}', res.get('checks', {}), labels, kinds)
@@ -226,11 +266,11 @@ def targets(results: Dict, device: str) -> List[Dict]:
             out += check_targets(f'{res["label"]} batch {b["batch_size"]}', b.get('checks', {}), labels, kinds)
         for tag, rc in res.get('routing', {}).items():
             out.append(_target(f'C&C-{res["short"]}-{tag}: token routing alone, boolean-mask time / ours',
-                               rc['boolean_over_ours'], 1.0, True, rc['boolean_over_ours_ci']))
+                               rc['boolean_over_ours'], 1.0, True, rc['boolean_over_ours_ci'], paired=True))
         if 'scoring' in res:
             sc = res['scoring']
             out.append(_target(f'{res["label"]}: scoring a batch <= {SCORING_TARGET}x a training step',
-                               sc['ratio'], SCORING_TARGET, False, sc['ratio_ci']))
+                               sc['ratio'], SCORING_TARGET, False, sc['ratio_ci'], paired=True))
     for entry in results.get('summary', []):
         out += entry['targets'].values()
     return out
@@ -442,9 +482,10 @@ def _targets_table(results: Dict) -> List[str]:
         spec = t.get('format', '.3f')
         rows.append([t['target'], fmt_ratio(t['value'], t.get('ci'), spec), fmt(t['threshold'], spec), verdict(t)])
     return ([''] + table(['target', 'value: median or ratio (95% CI of the median)', 'threshold', 'met'], rows)
-            + ['', 'CI: distribution-free confidence interval of the median from order statistics (min–max with '
-                   'fewer than 6 rounds); none for figures of the original protocol (one mean per row). "Within '
-                   'noise": the interval contains the threshold.'])
+            + ['', 'CI: distribution-free confidence interval of the median from order statistics; none with '
+                   'fewer than 6 rounds (too few for a 95% interval: the verdict is then "within noise") and for '
+                   'figures of the original protocol (one mean per row). "Within noise": the interval contains the '
+                   'threshold.'])
 
 
 def _sections_table(results: Dict) -> List[str]:

@@ -5,12 +5,14 @@ import statistics
 from typing import Dict, Iterable, List, Optional
 
 
-def median_ci(values: List[float], confidence: float = 0.95) -> List[float]:
+def median_ci(values: List[float], confidence: float = 0.95) -> Optional[List[float]]:
     """A distribution-free confidence interval of the median: the order statistics x_(r), x_(n+1-r) with the
     largest r whose coverage 1 - 2 P(Binomial(n, 1/2) < r) is at least ``confidence``.  Host noise is not
-    Gaussian (a pass is only ever slowed down), so no normal approximation.  With fewer than 6 values no such
-    interval exists (n=5 gives 94% at best) and the min-max range is returned."""
+    Gaussian (a pass is only ever slowed down), so no normal approximation.  None when even the min-max range
+    (r = 1, coverage 1 - 2^(1-n)) falls short: with fewer than 6 values at 95% (n=5 gives 93.75%)."""
     v, n = sorted(values), len(values)
+    if n == 0 or 1 - 2 * 0.5 ** n < confidence:
+        return None
     best = 1
     for r in range(2, (n + 1) // 2 + 1):
         below = sum(math.comb(n, i) for i in range(r)) / 2 ** n  # P(Binomial(n, 1/2) <= r - 1)
@@ -21,7 +23,8 @@ def median_ci(values: List[float], confidence: float = 0.95) -> List[float]:
 
 
 def paired(ratios: List[float]) -> Dict:
-    """Median of per-round ratios, their range, and the 95% confidence interval of the median."""
+    """Median of per-round ratios, their range, and the 95% confidence interval of the median (None with fewer
+    than 6 rounds)."""
     return {'median': statistics.median(ratios), 'min': min(ratios), 'max': max(ratios), 'ci': median_ci(ratios)}
 
 

@@ -236,6 +236,18 @@ def test_confidence_interval_of_the_median_uses_the_textbook_order_statistics(n,
     assert stats.median_ci(values) == [10.0 * lower, 10.0 * upper]
 
 
+def test_too_few_rounds_give_no_interval_and_no_decided_verdict():
+    # min-max of n values covers the median with probability 1 - 2^(1-n): 93.75% at n=5, 96.9% at n=6
+    assert stats.median_ci([3.0, 1.0, 2.0, 5.0, 4.0]) is None
+    assert stats.median_ci([3.0, 1.0, 2.0, 6.0, 5.0, 4.0]) == [1.0, 6.0]
+    five = stats.Timings({'dense': [1.0] * 5, 'pruned': [0.5] * 5}, batch=8).ratio('pruned', 'dense')
+    assert (five['median'], five['ci']) == (2.0, None)
+    assert report.verdict(report._target('t', five['median'], 1.0, True, five['ci'], paired=True)) == \
+        'yes, within noise'
+    # a figure with no rounds to pair (the original protocol's ratio of means) has no interval by nature
+    assert report.verdict(report._target('t', 2.0, 1.0, True, None)) == 'yes'
+
+
 def test_verdicts_separate_a_miss_from_noise():
     verdicts = [report.verdict(report._target('t', median, 1.0, True, ci)) for median, ci in
                 [(1.05, [1.01, 1.09]), (1.02, [0.97, 1.06]), (0.98, [0.95, 1.03]), (0.95, [0.92, 0.99])]]
@@ -284,7 +296,8 @@ def test_product_times_sum_the_chosen_kernels_against_cublas_on_the_real_rows_ov
 
 def test_ratios_pair_rounds_in_our_protocol_and_divide_means_in_the_original():
     t = stats.Timings({'fast': [1.0, 2.0, 4.0], 'slow': [3.0, 3.0, 6.0]}, batch=4)
-    assert t.ratio('fast', 'slow') == {'median': 1.5, 'min': 1.5, 'max': 3.0, 'ci': [1.5, 3.0]}  # 3, 1.5, 1.5
+    # 3, 1.5, 1.5; three rounds are too few for a 95% interval
+    assert t.ratio('fast', 'slow') == {'median': 1.5, 'min': 1.5, 'max': 3.0, 'ci': None}
     assert t.images_per_s('fast') == 2.0 and t.fastest(['slow', 'fast']) == 'fast'
     o = stats.Timings({'fast': [0.5], 'slow': [2.0]}, batch=4, paired=False)
     assert o.ratio('fast', 'slow') == {'median': 4.0, 'min': 4.0, 'max': 4.0, 'ci': None}
@@ -534,6 +547,47 @@ def test_a_row_that_fails_its_logit_check_takes_no_part_in_the_speed_verdicts():
     assert 'Dense modes compared: timm, timm-compiled (C&C-Ti-25 batch 1; C&C-Ti-40 batch 1).' in lines
     assert ('Left out of the comparison for C&C-Ti-25 at batch 1: boolean (logits off: max |difference| 5.00e-01 > '
             'tolerance 1.00e-03).') in lines
+    # the fastest dense row that passed is timm, but timm compiled, which failed, may be faster: no verdict
+    assert first['dense_not_compared'] == {
+        'timm_compiled': 'logit check failed: top-1 differs on 100.0% of the clear-margin images'}
+    assert first['targets']['vs_best_dense']['met'] is None
+    assert first['targets']['vs_best_dense']['verdict'] == (
+        'not measured (ahead of the dense modes timed, but not compared with timm_compiled (logit check failed: '
+        'top-1 differs on 100.0% of the clear-margin images))')
+    assert 'dense_not_compared' not in at1  # (3 rounds: too few for an interval, so no decided verdict)
+    assert first['targets']['batch1']['verdict'] == 'yes, within noise'
+
+
+def test_a_dense_mode_left_out_leaves_a_target_it_would_decide_not_measured():
+    """Timm compiled not built for the main table (the compile budget spent) nor at batch 1 (--compile-min-batch):
+    a pruned row ahead of the dense rows that were timed may not be ahead of it, so no "yes"; one behind them is
+    behind the fastest dense row too, so its "no" stands.  A pruned row left out does not count."""
+    results = _planned(_summary_run(), ['tiny'], [0.25, 0.40], [1])
+    tiny = results['models']['tiny']
+    tiny['rows'] = [r for r in tiny['rows'] if r['key'] != 'timm_compiled']
+    budget = 'compile budget of 120 s spent (130 s; --compile-budget)'
+    tiny['skipped_rows'] = {'timm_compiled': budget, 'fast_triton_40': 'building or running it failed: OSError: x'}
+    at1 = tiny['summary_sweep']['batches'][0]
+    del at1['seconds']['timm_compiled']
+    at1['skipped_rows'] = {'timm_compiled': 'compiled rows only at batch >= 128 (--compile-min-batch)'}
+    report.attach_summary(results, 'cuda')
+    ti25, ti40 = results['summary']
+    assert ti25['dense_not_compared'] == ti40['dense_not_compared'] == {'timm_compiled': budget}
+    # C&C-Ti-25, main: boolean over timm, per round 1.00/0.60, 1.10/0.75, 0.90/0.62: median 1.10/0.75 >= 0.9 x 1.37
+    main = ti25['targets']['vs_best_dense']
+    assert (main['value'], main['met']) == (pytest.approx(1.10 / 0.75), None)
+    assert main['verdict'] == f'not measured (ahead of the dense modes timed, but not compared with timm_compiled ' \
+                              f'({budget}))'
+    # batch 1: ours compiled over timm, 0.10/0.085 >= 1.0; C&C-Ti-40: ours 0.2 against timm's 0.1, a miss
+    assert ti25['speedup_by_batch']['1']['dense_not_compared'] == {
+        'timm_compiled': 'compiled rows only at batch >= 128 (--compile-min-batch)'}
+    assert ti25['targets']['batch1']['met'] is None and 'not compared with timm_compiled' in ti25['targets'][
+        'batch1']['verdict']
+    assert (ti40['targets']['batch1']['met'], ti40['targets']['batch1']['verdict']) == (False, 'no, within noise')
+    assert ti40['targets']['vs_best_dense']['met'] is None  # 0.5 s against timm's 1.0: 2.0 >= 0.9 x 1.73
+    assert set(results['not_measured']) == {ti25['targets']['vs_best_dense']['target'],
+                                            ti25['targets']['batch1']['target'],
+                                            ti40['targets']['vs_best_dense']['target']}
 
 
 def _planned(results, models, rates, batches):
@@ -935,7 +989,7 @@ def test_cuda_sections_run_in_the_order_of_their_value():
     assert normal['rows'] == ['timm', 'timm-compiled', 'ours', 'fast-triton-dense', 'fast-triton',
                               'fast-triton-graph-dense', 'fast-triton-graph']
     assert all('cuda' in F.REGISTRY[n].devices for n in normal['rows'])
-    assert (normal['compile_min_batch'], normal['scoring_repeats'], normal['routing_repeats']) == (128, 0, 0)
+    assert (normal['compile_min_batch'], normal['scoring_repeats'], normal['routing_repeats']) == (1, 0, 0)
     # CPU: as before, with the sweeps at the end
     cpu, _ = zoo.defaults('cpu')
     args = SimpleNamespace(**cpu, batch_size=None, protocol='ours',
@@ -1147,6 +1201,22 @@ def test_resume_refuses_other_settings_another_machine_and_other_files(capsys, t
     tables.write_text('Measured on cpu (AMD EPYC, 2 cores).\n')
     assert 'is not a results JSON of this benchmark' in _refused(capsys, tmp_path, '--resume', str(tables))
     assert 'no such file' in _refused(capsys, tmp_path, '--resume', str(tmp_path / 'missing.json'))
+    monkeypatch.setattr(zoo, 'machine_info', lambda device: real)
+    done = dict(json.loads(open(earlier).read()), machine=real)
+    # a run with --threads recorded the threads it set; this one sets them only after the check
+    threads = torch.get_num_threads() + 1
+    with_threads = json.loads(open(_earlier_results(tmp_path, '--rates', '0.25,0.4', '--threads', str(threads))).read())
+    with_threads['machine']['torch_threads'] = threads
+    (tmp_path / 'threads.json').write_text(json.dumps(with_threads))
+    assert _parse(tmp_path, '--rates', '0.25,0.4', '--threads', str(threads), '--resume',
+                  str(tmp_path / 'threads.json')).earlier
+    # a run with every section done has nothing to carry on: resuming it would measure nothing and write it again
+    done['sections'] = [{'section': 'DeiT-Ti, batch 32 (main table)', 'kind': 'main', 'model': 'tiny',
+                         'batch_size': 32, 'status': 'done'}]
+    (tmp_path / 'done.json').write_text(json.dumps(done))
+    assert _refused(capsys, tmp_path, '--rates', '0.25,0.4', '--resume', str(tmp_path / 'done.json')) == (
+        f'error: argument --resume: every section of {tmp_path / "done.json"} is done: nothing to carry on (without '
+        f'--resume the benchmark runs again)')
 
 
 def test_original_protocol_runs_on_cpu_and_says_so(tmp_path, capsys, one_thread):
@@ -1273,16 +1343,16 @@ def test_gpu_check_benchmark_commands_are_valid_model_zoo_command_lines(tmp_path
             assert args.rows == ['timm', 'ours', 'fast-triton-dense', 'fast-triton'] and args.summary_batch_sizes == []
             assert zoo.BREAKDOWN_FAST_ROWS[0] == 'fast-triton'
         elif args.rows == ['timm', 'ours', 'timm-compiled']:  # the compiles done ahead
-            assert args.summary_batch_sizes == [] and args.compile_budget >= 1000
+            assert args.compile_budget >= 1000
         else:  # the benchmark: the CUDA defaults (the targets' rows and batch sizes)
             assert args.rows == zoo.DEFAULT_ROWS['cuda'] and args.summary_batch_sizes == [32, 1]
     # the compiles done ahead are the benchmark's own: timm's DeiTs, at its batch sizes, precision and device
     ahead, bench = parsed['timm-compiled'], parsed[zoo.DEFAULT_ROWS['cuda'][-1]]
     assert 'timm-compiled' in bench.rows and bench.compile_models == bench.models
-    for field in ('device', 'models', 'batch_size', 'dtype', 'seed', 'compile', 'compile_models'):
+    for field in ('device', 'models', 'batch_size', 'dtype', 'seed', 'compile', 'compile_models',
+                  'summary_batch_sizes', 'compile_min_batch'):
         assert getattr(ahead, field) == getattr(bench, field), field
-    assert all(zoo.default_batch(bench.timm_models[m], torch.device('cuda'), 'ours') >= bench.compile_min_batch
-               for m in bench.models)  # the benchmark compiles at its main batch of every model
+    assert bench.compile_min_batch == 1  # timm compiled is one of the dense modes compared at every batch size
 
 
 def test_gpu_check_names_existing_test_files_and_refuses_unknown_steps(tmp_path):
@@ -1294,7 +1364,9 @@ def test_gpu_check_names_existing_test_files_and_refuses_unknown_steps(tmp_path)
                 'error: unknown step no-such-step (tests, benchmark, resume, profile, linear)',
                 ('resume',): f'error: resume: no {tmp_path / "none.json"} (copy there the cuda.json of the call to '
                              f'carry on)',
-                ('benchmark', 'resume'): 'error: resume is the benchmark carried on: give one of benchmark and resume'}
+                ('benchmark', 'resume'): 'error: resume is the benchmark carried on: give one of benchmark and resume',
+                ('tests', 'benchmark', 'profile'): "error: steps 'tests benchmark profile' write 10 files; the device "
+                                                   "tool brings back 8: give them in separate calls"}
     for steps, message in refusals.items():
         done = subprocess.run(['bash', GPU_CHECK, *steps], capture_output=True, text=True, timeout=60,
                               env=dict(subprocess_env(), OUT=str(out), RESUME=str(tmp_path / 'none.json')))
