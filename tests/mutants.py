@@ -270,6 +270,18 @@ MUTANTS: List[Mutant] = [
            [T + 'test_benchmark.py::test_a_run_cut_short_has_every_planned_entry_and_target_and_counts_what_it_could_'
             'not_measure'],
            'a batch-1/32 target the run could not measure is left out instead of said'),
+    mutant('yes-against-an-incomplete-baseline', 'benchmarks/report.py',
+           '    if met and not_compared:', '    if False:',
+           [T + 'test_benchmark.py::test_a_dense_mode_left_out_leaves_a_target_it_would_decide_not_measured'],
+           'a target reads "yes" when the dense mode left out of its comparison might be the fastest'),
+    mutant('too-few-rounds-decide', 'benchmarks/report.py',
+           "    elif paired:\n        out['decided'] = False\n", '',
+           [T + 'test_benchmark.py::test_too_few_rounds_give_no_interval_and_no_decided_verdict'],
+           'a median of a few rounds, without a 95% interval, gives a decided verdict'),
+    mutant('fast-path-takes-a-ragged-image', 'models/fast_path.py',
+           '    if img_size is None or any(s % p for s, p in zip(img_size, patch)):', '    if False:',
+           [T + 'test_fast_path.py::test_unsupported_models_are_refused_at_build_time'],
+           'an image size that is not a multiple of the patch size builds, and fails at the first call'),
 ]
 
 
