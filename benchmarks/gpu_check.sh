@@ -7,14 +7,15 @@
 #   bash benchmarks/gpu_check.sh profile      # where the GPU time goes, by kernel (not in the default run)
 #   bash benchmarks/gpu_check.sh linear       # the matrix products per shape and cuBLAS route (not default)
 #
-# With this workplace's device tool, from the repository root, the .whl/ folder prepared as below:
+# Run remotely (the working tree copied to the GPU machine with the git-ignored .whl/ folder prepared as below,
+# one command under a wall-clock limit, the files of $OUT brought back, at most 8):
 #
-#   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=570)
+#   bash benchmarks/gpu_check.sh              # a wall-clock limit of 570 s
 #
 # then copy cuda.json and cuda.md into benchmarks/results/, and if a section was left out (the time limit) or
-# failed, while the lease has time for it:
+# failed, while the GPU is still at hand:
 #
-#   run(command="bash benchmarks/gpu_check.sh resume", carry=[".whl"], timeout_s=360)
+#   bash benchmarks/gpu_check.sh resume       # a wall-clock limit of 360 s
 #
 # which reads benchmarks/results/cuda.json (an untracked file travels with the working tree; $RESUME names
 # another), runs `model_zoo.py --resume` of it with the benchmark's own flags, so only the sections it lacks, and
@@ -22,8 +23,8 @@
 #
 # Budget: at most 9.5 minutes wall, about 6 expected (the machine's start, 1-2 minutes, comes on top): each step
 # has a hard time limit, so the worst case is 45 + 180 + 280 s plus 15 s of kill grace per step and the summaries,
-# about 9.5 minutes, while the expected run leaves room in a 15-minute lease to carry the benchmark on
-# (`bash benchmarks/gpu_check.sh resume`, timeout_s=360: 45 + 280 s of limits, 15 s of kill grace, the summaries).
+# about 9.5 minutes, while the expected run leaves room in 15 minutes of GPU time to carry the benchmark on
+# (`bash benchmarks/gpu_check.sh resume`, 360 s: 45 + 280 s of limits, 15 s of kill grace, the summaries).
 #   1. environment (about 15 s; its three commands limited to 15, 10 and 20 s): the timm wheel installed into
 #      /tmp/site (PYTHONPATH), nvidia-smi, the versions of python/torch/triton/timm;
 #   2. tests, two at once, as one is GPU work and the other CPU work and neither is timed (limit 180 s), and with
@@ -52,7 +53,7 @@
 # against pruned and set against the FLOPs ratio, with the slowest kernels of every row; outputs profile.log,
 # profile.json, profile.md (with env.txt and status.txt).
 #
-# Outputs go to $OUT (default /tmp/gpu_check_out), 7 files (the device tool brings back at most 8): env.txt,
+# Outputs go to $OUT (default /tmp/gpu_check_out), 7 files (a remote run brings back at most 8): env.txt,
 # status.txt, test_fast_path.log, test_model.log, model_zoo.log, cuda.json, cuda.md.  cuda.json and cuda.md are
 # benchmarks/results/cuda.json and cuda.md: copy them there.
 #
@@ -83,7 +84,7 @@ if [[ " $steps " == *" resume "* ]]; then
     fi
     resume=(--resume "$RESUME")
 fi
-# what each step brings back (the device tool brings back at most 8 files; env.txt and status.txt always come)
+# what each step writes into $OUT (a remote run brings back at most 8 files; env.txt and status.txt always come)
 files=2
 for s in $steps; do
     case "$s" in
@@ -93,11 +94,11 @@ for s in $steps; do
     esac
 done
 if [ $files -gt 8 ]; then
-    echo "error: steps '$steps' write $files files; the device tool brings back 8: give them in separate calls" >&2
+    echo "error: steps '$steps' write $files files; a remote run brings back at most 8: give them in separate calls" >&2
     exit 2
 fi
 mkdir -p "$OUT"
-# a reused $OUT (off the device tool) must not lend this run an earlier one's verdicts or results
+# a reused $OUT (a local run) must not lend this run an earlier one's verdicts or results
 rm -f "$OUT/status.txt" "$OUT/cuda.json" "$OUT/cuda.md" "$OUT/profile.json" "$OUT/profile.md"
 touch "$OUT/status.txt"
 
@@ -208,7 +209,7 @@ for run in r.get('earlier_runs', []):
         print(f"note: the sections kept from the earlier run were measured before these files changed: "
               f"{', '.join(run['code_changed_since'])}")
 if r.get('not_measured'):
-    print(f"INCOMPLETE: {len(r['not_measured'])} targets not measured (see above); with lease time left, copy "
+    print(f"INCOMPLETE: {len(r['not_measured'])} targets not measured (see above); with GPU time left, copy "
           f"cuda.json (and cuda.md) into benchmarks/results/, then: bash benchmarks/gpu_check.sh resume")
 EOF
     # the README's speed table with this run's GPU columns (once cuda.json is in benchmarks/results/,

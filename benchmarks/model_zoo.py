@@ -86,7 +86,7 @@ from benchmarks.stats import Timings, as_fields, paired  # noqa: E402
 from engine import original_settings, steady_allocator  # noqa: E402
 from utils import write_text_atomic  # noqa: E402
 
-# The seed's figures on their GPU (GFLOPs, images/s, speed-up), from the method's specification.
+# The paper's figures on its GPU (GFLOPs, images/s, speed-up; docs/method.md); a row's ``seed_gpu``.
 SEED_GPU = {
     ('deit_tiny_patch16_224', 0.0): (1.3, 2234, 1.00), ('deit_tiny_patch16_224', 0.25): (1.0, 2876, 1.29),
     ('deit_tiny_patch16_224', 0.40): (0.7, 3685, 1.65),

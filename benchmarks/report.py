@@ -354,7 +354,7 @@ def _main_table(results: Dict) -> List[str]:
     protocol = results['settings'].get('protocol', 'ours')
     return ([protocol_line(protocol, results['settings']), ''] + table(
         ['model', 'formulation', 'batch', 'kept tokens/block', 'GFLOPs', 'counter GFLOPs', 'FLOPs ratio',
-         'images/s', 'speed-up vs dense', 'vs boolean mask', 'seed GPU speed-up'], rows)
+         'images/s', 'speed-up vs dense', 'vs boolean mask', 'paper GPU speed-up'], rows)
         + ['', 'Speed-ups are timed in the same run '
                + ('(median of the per-round ratios)' if protocol == 'ours' else '(ratio of the mean pass times)')
                + ': dense rows against timm\'s dense model with the same weights (eager), pruned rows against the '
@@ -638,7 +638,7 @@ RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results'
 def readme_speed_table(cpu: Dict, gpu: Optional[Dict] = None) -> List[str]:
     """The README's table: for each model of the CPU run, timm's dense row and our pruned rows (the eager model)
     with GFLOPs, CPU images/s, the speed-up against dense timm, the FLOPs ratio and the ratio to the boolean-mask
-    formulation, beside the seed's (the paper's) GPU figures.  With a GPU run (its summary), four columns more,
+    formulation, beside the paper's GPU figures (``seed_gpu`` of a row).  With a GPU run (its summary), four columns more,
     headed with the GPU's name, for each pruned model of that run: the fastest pruned mode over the fastest dense
     mode at the run's main batch, the same over timm eager, and at batch 1 and 32 ('–' where not run)."""
     entries = {e['model']: e for e in (gpu or {}).get('summary', [])}
@@ -649,7 +649,7 @@ def readme_speed_table(cpu: Dict, gpu: Optional[Dict] = None) -> List[str]:
     if gpu is not None:
         header += [f'{gpu_name}: fastest pruned over fastest dense', 'over timm eager',
                    *(f'batch {bs}' for bs in SUMMARY_BATCHES)]
-    header += ['seed GFLOPs', 'seed images/s (GPU)', 'seed speed-up']
+    header += ['paper GFLOPs', 'paper images/s (GPU)', 'paper speed-up']
     rows = []
     for res in cpu['models'].values():
         for r in res['rows']:

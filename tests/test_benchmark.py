@@ -658,7 +658,7 @@ def test_logit_checks_refuse_an_infinite_tolerance_and_do_not_judge_top1_on_too_
 def test_readme_speed_table_sets_a_gpu_run_beside_the_cpu_run(tmp_path, capsys):
     """The committed CPU run with the hand-made GPU run of _summary_run: four GPU columns headed with the GPU's
     name, filled for the pruned models that run has (C&C-Ti-25 and -40; ratios worked out by hand), '–' for the
-    dense rows and the models it lacks; the CPU and seed columns as without a GPU run."""
+    dense rows and the models it lacks; the CPU and paper columns as without a GPU run."""
     cpu = json.load(open(os.path.join(ROOT, 'benchmarks', 'results', 'cpu.json')))
     gpu = _summary_run()
     report.attach_summary(gpu, 'cuda')
@@ -1365,8 +1365,8 @@ def test_gpu_check_names_existing_test_files_and_refuses_unknown_steps(tmp_path)
                 ('resume',): f'error: resume: no {tmp_path / "none.json"} (copy there the cuda.json of the call to '
                              f'carry on)',
                 ('benchmark', 'resume'): 'error: resume is the benchmark carried on: give one of benchmark and resume',
-                ('tests', 'benchmark', 'profile'): "error: steps 'tests benchmark profile' write 10 files; the device "
-                                                   "tool brings back 8: give them in separate calls"}
+                ('tests', 'benchmark', 'profile'): "error: steps 'tests benchmark profile' write 10 files; a remote "
+                                                   "run brings back at most 8: give them in separate calls"}
     for steps, message in refusals.items():
         done = subprocess.run(['bash', GPU_CHECK, *steps], capture_output=True, text=True, timeout=60,
                               env=dict(subprocess_env(), OUT=str(out), RESUME=str(tmp_path / 'none.json')))

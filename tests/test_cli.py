@@ -1,4 +1,4 @@
-"""The seed's four commands through finetune.py: official-format dense DeiT-Ti -> --prune -> pruned_0.25.pth
+"""The paper's four commands through finetune.py: official-format dense DeiT-Ti -> --prune -> pruned_0.25.pth
 -> --eval, --speed-only, and one epoch of finetuning with soft distillation -> checkpoint.pth."""
 import argparse
 import json

@@ -1,4 +1,4 @@
-"""Two processes on CPU (gloo) under the seed's `python -m torch.distributed.launch --use_env` and under
+"""Two processes on CPU (gloo) under the paper's `python -m torch.distributed.launch --use_env` and under
 torchrun: pruning plans identical masks on every rank and the same masks when run again, finetuning averages its
 metrics over the processes, scales the learning rate by the world size, only rank 0 writes, and a job stopped
 by SIGTERM and resumed ends with the weights of the uninterrupted job, bit for bit, with and without DataLoader
@@ -20,7 +20,7 @@ from utils import load_checkpoint_file
 
 TORCHRUN = os.path.join(os.path.dirname(sys.executable), 'torchrun')
 LAUNCHERS = {
-    'launch': [sys.executable, '-m', 'torch.distributed.launch', '--use_env'],  # the seed's command
+    'launch': [sys.executable, '-m', 'torch.distributed.launch', '--use_env'],  # the paper's command
     'run': [sys.executable, '-m', 'torch.distributed.run'],
     'torchrun': [TORCHRUN],  # the console script
 }
@@ -89,7 +89,7 @@ FINETUNE_EXTRA = {0: ['--dist-eval', '--no-repeated-aug'], 2: ['--repeated-aug']
 
 @pytest.fixture(scope='module')
 def job(world):
-    """Under the seed's launcher: the same --prune twice without and twice with DataLoader workers, then for
+    """Under the paper's launcher: the same --prune twice without and twice with DataLoader workers, then for
     workers 0 and 2 a two-epoch finetune and the same finetune stopped by SIGTERM as epoch 1 starts."""
     base = world['base'] / 'job'
     base.mkdir()
