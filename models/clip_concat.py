@@ -111,6 +111,8 @@ class CCModelMixin:
         order = orders[-1]
         self.restore_ids = torch.argsort(order)  # restore_ids[j]: where original token j is after the blocks
         self.reordered = not torch.equal(order, torch.arange(self.num_tokens, device=order.device))
+        # counts the plans made (masks set or loaded): what was built from one plan (models.fast_path) can tell
+        self.token_plan_version = getattr(self, 'token_plan_version', 0) + 1
 
     def token_orders(self) -> List[torch.Tensor]:
         """Position -> original token id at the input of each block, then after the last block."""

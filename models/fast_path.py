@@ -88,7 +88,8 @@ attention, non-LayerNorm norms, a GELU other than exact erf or another activatio
 stride=kernel conv without padding, an image size that is not a multiple of the patch size, a norm after the
 patch embedding, a ``norm_pre`` other than LayerNorm, a position embedding that is not additive.  Inference only: no gradients, eval semantics (the model is put in
 eval mode); the built module holds copies of the weights, so rebuild it after changing the model (only the
-head is shared: ``model.forward_head`` is called on the features).
+head is shared: ``model.forward_head`` is called on the features); one built from a Clip & Concat model's own
+masks refuses to run once they are set again or a state dict is loaded into the model.
 """
 import contextlib
 import statistics
@@ -613,6 +614,8 @@ class FastViT(nn.Module):
         self.norm = self._norm_params(model.norm, device)
 
         ids = _validated_ids(kept_ids if kept_ids is not None else kept_ids_of(model), len(model.blocks), N)
+        # the model's plan this path copied (its masks and weights), to refuse running on after it changes
+        self._plan_version = getattr(model, 'token_plan_version', None) if kept_ids is None else None
         self.blocks = nn.ModuleList(_FastBlock(blk, i, N, self.dtype, device) for blk, i in zip(model.blocks, ids))
         # Tokens the head reads: the prefix for class-token pooling by timm's own heads, else all of them.
         token_head = (getattr(model, 'global_pool', None) == 'token' and getattr(model, 'attn_pool', None) is None
@@ -881,6 +884,9 @@ class FastViT(nn.Module):
         if images.dim() != 4 or tuple(images.shape[1:]) != expected:
             raise ValueError(f'expected images of shape (B, {", ".join(map(str, expected))}), '
                              f'got {tuple(images.shape)}')
+        if self._plan_version is not None and self._model.token_plan_version != self._plan_version:
+            raise RuntimeError('fast path: the model\'s masks were set or its weights loaded after this path was '
+                               'built from them: build it again')
         if self._graph is not None and images.shape == self._static_in.shape:
             with _on(self.device):  # replayed on the model's GPU's current stream
                 if self._reads_in_place(images):

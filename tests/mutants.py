@@ -282,6 +282,11 @@ MUTANTS: List[Mutant] = [
            '    if img_size is None or any(s % p for s, p in zip(img_size, patch)):', '    if False:',
            [T + 'test_fast_path.py::test_unsupported_models_are_refused_at_build_time'],
            'an image size that is not a multiple of the patch size builds, and fails at the first call'),
+    mutant('fast-path-runs-on-stale-masks', 'models/fast_path.py',
+           '        if self._plan_version is not None and self._model.token_plan_version != self._plan_version:',
+           '        if False:',
+           [T + 'test_fast_path.py::test_a_path_built_from_the_models_masks_refuses_to_run_after_they_change'],
+           'a fast path built before the masks changed runs on with the old ones'),
 ]
 
 

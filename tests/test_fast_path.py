@@ -716,8 +716,8 @@ def test_timed_build_can_pad_the_rows_of_a_product(monkeypatch, fc1):
     assert not any(set(ms) & {'torch+2rows', 'torch+64rows'} for ms in built['fc2_ms'].values())
     rows, real_rows = [], FP.FastViT._rows
 
-    def nan_padded_rows(self, x, n, pad):
-        buf, y = real_rows(self, x, n, pad)
+    def nan_padded_rows(self, x, n, pad, width=None):
+        buf, y = real_rows(self, x, n, pad, width)
         buf.fill_(float('nan'))  # what the kernel before the product does not write stays NaN
         rows.append(buf.shape[0] - x.shape[0] * n)
         return buf, y
@@ -824,6 +824,23 @@ def test_attention_narrower_than_the_model(case):
     pruning.apply_masks(model, pruning.random_masks(3, 16, 0.3, generator=_gen(12)))
     x = images(seed=12)
     assert _close(build_fast_path(model, **case)(x), model(x))
+
+
+@torch.no_grad()
+def test_a_path_built_from_the_models_masks_refuses_to_run_after_they_change():
+    model = tiny_cc(13)
+    pruning.apply_masks(model, pruning.random_masks(3, 16, 0.3, generator=_gen(13)))
+    x = images(seed=13)
+    fast = build_fast_path(model, backend='torch')
+    given = build_fast_path(model, backend='torch', kept_ids=model.kept_token_ids())  # its own plan: not the model's
+    assert _close(fast(x), model(x))
+    model.load_state_dict(model.state_dict())  # the same masks and weights, loaded: they might not have been
+    pruning.apply_masks(model, pruning.random_masks(3, 16, 0.5, generator=_gen(14)))
+    with pytest.raises(RuntimeError, match="the model's masks were set or its weights loaded after this path was "
+                                           "built from them: build it again"):
+        fast(x)
+    given(x)
+    assert _close(build_fast_path(model, backend='torch')(x), model(x))
 
 
 def test_bad_arguments_are_refused():
