@@ -1173,10 +1173,11 @@ def run_section(section: Section, live: Dict[str, Live], results: Dict, args, de
                 first, args.sweep_rates, sweep_batch, args, device, dtype))
 
 
-def adopt(results: Dict, earlier: Dict, budget: CompileBudget) -> List[str]:
+def adopt(results: Dict, earlier: Dict) -> List[str]:
     """Carry the finished sections of the run resumed (--resume, its settings checked equal) into ``results``:
-    their records (marked ``earlier_run``), the tables of its models and its sweeps, its compile seconds (the
-    budget is the whole run's), and its command; returns the titles of the sections kept."""
+    their records (marked ``earlier_run``), the tables of its models and its sweeps, and its command and compile
+    seconds (recorded; the compile budget is each call's own, as is its time limit: a call on a machine started
+    afresh compiles cold); returns the titles of the sections kept."""
     kept = []
     for record, old in zip(results['sections'], earlier['sections']):
         if old.get('status') == 'done' and old.get('section') == record['section']:
@@ -1187,11 +1188,11 @@ def adopt(results: Dict, earlier: Dict, budget: CompileBudget) -> List[str]:
             elif record['kind'] in SWEEP_KEYS:
                 key = SWEEP_KEYS[record['kind']]
                 results['sweeps'][key] = copy.deepcopy(earlier['sweeps'][key])
-    budget.spent = float(earlier.get('compile_seconds_spent', 0.0))
     then, now = earlier.get('code', {}), results['code']
     changed = sorted(f for f in then.keys() | now.keys() if then.get(f) != now.get(f))
     results['earlier_runs'] = earlier.get('earlier_runs', []) + [
-        {'command': earlier.get('command'), 'seconds': earlier.get('seconds'), 'code_changed_since': changed}]
+        {'command': earlier.get('command'), 'seconds': earlier.get('seconds'),
+         'compile_seconds_spent': earlier.get('compile_seconds_spent'), 'code_changed_since': changed}]
     return kept
 
 
@@ -1255,7 +1256,7 @@ def main(argv=None) -> Dict:
         print(f'note: formulation {name} not timed: {reason}', flush=True)
     budget = CompileBudget(args.compile_budget, args.compile_min_batch)
     if args.earlier is not None:
-        kept = adopt(results, args.earlier, budget)
+        kept = adopt(results, args.earlier)
         print(f'Resuming {args.resume}: ' + (f'{len(kept)} sections kept ({"; ".join(kept)})' if kept else
                                              'no finished section in it'), flush=True)
         changed = results['earlier_runs'][-1]['code_changed_since']

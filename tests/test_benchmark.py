@@ -1151,6 +1151,7 @@ def test_resume_runs_only_the_sections_left_out_and_keeps_the_earlier_ones(tmp_p
         assert set(b['seconds']) == {r['key'] for r in rows} and set(b['checks']) == {'fast_torch', 'fast_torch_30'}
     assert resumed['summary'][0]['speedup_batch1'] is not None
     assert resumed['earlier_runs'] == [{'command': first['command'], 'seconds': first['seconds'],
+                                        'compile_seconds_spent': first.get('compile_seconds_spent'),
                                         'code_changed_since': []}]
     assert resumed['code'] == first['code'] and 'models/fast_path.py' in first['code']
     md = (tmp_path / 'second.md').read_text()
