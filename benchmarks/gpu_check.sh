@@ -153,9 +153,10 @@ python3 -c 'import xdist' > /dev/null 2>&1 && xdist=(-n 4)
 #    the Triton compiles of the other tests) in the background while the fast path's run on the GPU (slow-marked
 #    included: the compiled backend on the GPU).
 #    When the benchmark follows, also its torch.compile of timm's DeiTs (the rows timm-compiled at the batch sizes it
-#    times, the main ones and the summary's 32 and 1, same models, precision and device: the same graphs), done ahead into inductor's on-disk cache, which
-#    the benchmark's compiles then read instead of compiling cold (measured on CPU with torch 2.11: 23 s cold, 10 s
-#    from the cache, for DeiT-Ti); 4 compile workers, so the tests keep most of the cores.
+#    times, the main ones and the summary's 32 and 1, same models, precision and device: the same graphs), done
+#    ahead into inductor's on-disk cache, which the benchmark's compiles then read instead of compiling cold
+#    (measured on CPU with torch 2.11: 23 s cold, 10 s from the cache, for DeiT-Ti); 4 compile workers, so the
+#    tests keep most of the cores.
 if [[ " $steps " == *" tests "* ]]; then
     step test_model 120 env OMP_NUM_THREADS=2 python3 -m pytest -q -p no:cacheprovider "${xdist[@]}" \
         tests/test_model.py tests/test_families.py > /dev/null &

@@ -638,9 +638,9 @@ RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results'
 def readme_speed_table(cpu: Dict, gpu: Optional[Dict] = None) -> List[str]:
     """The README's table: for each model of the CPU run, timm's dense row and our pruned rows (the eager model)
     with GFLOPs, CPU images/s, the speed-up against dense timm, the FLOPs ratio and the ratio to the boolean-mask
-    formulation, beside the paper's GPU figures (``seed_gpu`` of a row).  With a GPU run (its summary), four columns more,
-    headed with the GPU's name, for each pruned model of that run: the fastest pruned mode over the fastest dense
-    mode at the run's main batch, the same over timm eager, and at batch 1 and 32 ('–' where not run)."""
+    formulation, beside the paper's GPU figures (``seed_gpu`` of a row).  With a GPU run (its summary), four
+    columns more, headed with the GPU's name, for each pruned model of that run: the fastest pruned mode over the
+    fastest dense mode at the run's main batch, the same over timm eager, and at batch 1 and 32 ('–' where not run)."""
     entries = {e['model']: e for e in (gpu or {}).get('summary', [])}
     gpu_name = None if gpu is None else gpu.get('machine', {}).get('gpu')
     if gpu is not None and not gpu_name:

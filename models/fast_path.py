@@ -86,10 +86,11 @@ Not supported (``ValueError('fast path: ... is not supported')`` at build time):
 attention, non-LayerNorm norms, a GELU other than exact erf or another activation, MLPs other than timm's
 ``Mlp``, blocks other than timm's ``Block``, dynamic image size, a patch embedding that is not a
 stride=kernel conv without padding, an image size that is not a multiple of the patch size, a norm after the
-patch embedding, a ``norm_pre`` other than LayerNorm, a position embedding that is not additive.  Inference only: no gradients, eval semantics (the model is put in
-eval mode); the built module holds copies of the weights, so rebuild it after changing the model (only the
-head is shared: ``model.forward_head`` is called on the features); one built from a Clip & Concat model's own
-masks refuses to run once they are set again or a state dict is loaded into the model.
+patch embedding, a ``norm_pre`` other than LayerNorm, a position embedding that is not additive.  Inference
+only: no gradients, eval semantics (the model is put in eval mode); the built module holds copies of the
+weights, so rebuild it after changing the model (only the head is shared: ``model.forward_head`` is called on
+the features); one built from a Clip & Concat model's own masks refuses to run once they are set again or a
+state dict is loaded into the model.
 """
 import contextlib
 import statistics
