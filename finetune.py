@@ -482,8 +482,8 @@ def continue_run(args) -> Tuple[List[str], Dict[str, object], Set[str]]:
         stored['uniform_lr'] = uniform
     actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest != 'help'}
     same = {'model': models.base_name, 'teacher_model': lambda n: n and models.base_name(n)}
-    distillation = stored.get('distillation_type', args.distillation_type) if 'distillation_type' not in given \
-        else args.distillation_type
+    distillation = (args.distillation_type if 'distillation_type' in given
+                    else stored.get('distillation_type', args.distillation_type))
     for dest, value in stored.items():
         action = actions.get(dest)
         if action is None or dest in NOT_INHERITED or not fits(action, value):
