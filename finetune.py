@@ -28,7 +28,8 @@ import torch.nn as nn
 import engine
 import models
 import pruning
-from datasets import DATA_SETS, SMALL_INPUT, BadImageError, build_dataset, check_training_transform, class_folders
+from datasets import (DATA_SETS, SMALL_INPUT, BadImageError, DigitsDataset, build_dataset, check_training_transform,
+                      class_folders)
 from engine import NonFiniteLossError, evaluate, measure_throughput, steady_allocator
 from losses import DistillationLoss
 from samplers import DistributedEvalSampler, RASampler
@@ -322,6 +323,20 @@ def optimizer_reads(opt: str, what: str) -> Optional[bool]:
         return None
 
 
+def check_teacher_normalisation(teacher: str, student: str) -> None:
+    """The teacher reads the student's images, normalised with the student's mean and std (timm's pretrained
+    config): refuse a teacher trained on another normalisation (e.g. timm's ViTs, 0.5, against DeiT's ImageNet
+    statistics), whose logits on those images would be off without a word."""
+    t, s = models.pretrained_cfg(teacher), models.pretrained_cfg(student)
+    if (tuple(t.mean), tuple(t.std)) != (tuple(s.mean), tuple(s.std)):
+        def stats(cfg):
+            return f'mean {tuple(round(v, 4) for v in cfg.mean)}, std {tuple(round(v, 4) for v in cfg.std)}'
+        raise UserError(f'--teacher-model {models.base_name(teacher)} was trained on images normalised with '
+                        f'{stats(t)}, and the student {models.base_name(student)} reads them normalised with '
+                        f'{stats(s)}: the teacher would see images it was not trained on (choose a teacher with '
+                        f"the student's normalisation)")
+
+
 def input_size(args) -> int:
     """The run's image size: --input-size, or the model's own (timm's pretrained config)."""
     return args.input_size or models.pretrained_cfg(args.model).input_size[-1]
@@ -403,6 +418,12 @@ def validate_args(args, void: Set[str] = frozenset()) -> None:
         if args.input_size % ph or args.input_size % pw:
             raise UserError(f'--input-size {args.input_size} is not a whole number of {ph}x{pw} patches of '
                             f'{args.model} (the patch embedding would drop the rest of the image)')
+    if args.data_set == 'DIGITS' and (args.eval or args.prune or not modes) and input_size(args) != DigitsDataset.SIZE:
+        size, digits = input_size(args), DigitsDataset.SIZE
+        raise UserError(f'--data-set DIGITS has {digits}x{digits} images and {models.base_name(args.model)} reads '
+                        f'{size}x{size} (give --input-size {digits}, or a model made for them: deit_digits_patch4_32)')
+    if not modes and args.distillation_type != 'none' and args.data_set != 'DIGITS':
+        check_teacher_normalisation(args.teacher_model or args.model, args.model)
     if not modes and 'start_epoch' in given_flags(args) - void and args.start_epoch >= args.final_finetune:
         raise UserError(f'--start_epoch {args.start_epoch} is not before --final_finetune {args.final_finetune}: no '
                         f'epoch would run')

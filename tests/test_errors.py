@@ -454,6 +454,50 @@ def test_flags_the_mode_would_ignore_are_refused(capsys, world, earlier, argv, p
     assert snapshot(earlier) == before
 
 
+@pytest.mark.parametrize('argv, size', [
+    (['--model', 'deit_tiny_patch16_224', '--final_finetune', '1', '--output_dir', '{out}'], 224),  # the default model
+    (['--input-size', '64', '--eval', '--resume', '{dense}'], 64),
+    (['--model', 'deit_tiny_patch16_224', '--prune', '--resume', '{tiny}', '--output_dir', '{out}'], 224),
+])
+def test_digits_at_another_image_size_is_refused_before_any_work(capsys, world, earlier, argv, size):
+    """scikit-learn's digits are 32x32 images: a model reading another size would fail at its first batch."""
+    before = snapshot(earlier)
+    argv = [a.format(out=earlier, dense=world['dense'], tiny=world['tiny']) for a in argv]
+    line = assert_one_line_error(capsys, ['--data-set', 'DIGITS', *argv], EXIT_USER_ERROR,
+                                 r'--data-set DIGITS has 32x32 images and \S+ reads ')
+    assert f'reads {size}x{size} (give --input-size 32' in line
+    assert snapshot(earlier) == before
+    # timing reads no data: any model may be timed with --data-set DIGITS named
+    args = finetune.get_args_parser().parse_args([*DIGITS_ARGS, '--data-set', 'DIGITS', '--speed-only', '--model',
+                                                  'deit_tiny_patch16_224'])
+    finetune.validate_args(args)
+
+
+@pytest.mark.parametrize('teacher, refused', [
+    ('deit_tiny_patch16_224', True),           # ImageNet's mean and std; the student (digits model) reads 0.5, 0.5
+    ('deit_digits_patch4_32', False),
+])
+def test_teacher_trained_on_another_normalisation_is_refused(capsys, world, earlier, teacher, refused):
+    """The teacher reads the student's images, normalised for the student: a teacher trained on another mean and
+    std would give logits off without a word."""
+    argv = [*DIGITS_ARGS, '--data-path', str(world['data']), '--output_dir', str(earlier), '--final_finetune', '1',
+            '--resume', str(world['dense']), '--teacher-path', str(world['tiny']), '--teacher-model', teacher,
+            '--distillation-type', 'soft']
+    if refused:
+        before = snapshot(earlier)
+        line = assert_one_line_error(capsys, argv, EXIT_USER_ERROR, r'--teacher-model deit_tiny_patch16_224 was '
+                                     r'trained on images normalised with mean \(0\.485, 0\.456, 0\.406\), std '
+                                     r'\(0\.229, 0\.224, 0\.225\), and the student deit_digits_patch4_32 reads')
+        assert 'mean (0.5, 0.5, 0.5), std (0.5, 0.5, 0.5)' in line
+        assert snapshot(earlier) == before
+    else:
+        finetune.validate_args(finetune.get_args_parser().parse_args(argv))
+    # DIGITS normalises every image the same way, whatever the models' configs say: nothing to refuse there
+    finetune.check_teacher_normalisation('deit_digits_patch4_32', 'cc_deit_digits_patch4_32')
+    digits = [a for a in argv if a not in ('--data-path', str(world['data']))] + ['--data-set', 'DIGITS']
+    finetune.validate_args(finetune.get_args_parser().parse_args(digits))
+
+
 @pytest.mark.parametrize('argv, pattern', [
     (['--prune_rate', 'quarter'], r"^error: argument --prune_rate: invalid float value: 'quarter' \(see --help\)$"),
     (['--no-such-flag'], r'^error: unrecognized arguments: --no-such-flag \(see --help\)$'),
