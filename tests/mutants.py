@@ -287,6 +287,15 @@ MUTANTS: List[Mutant] = [
            '        if False:',
            [T + 'test_fast_path.py::test_a_path_built_from_the_models_masks_refuses_to_run_after_they_change'],
            'a fast path built before the masks changed runs on with the old ones'),
+    mutant('teacher-normalisation-unchecked', 'finetune.py',
+           '    if (tuple(t.mean), tuple(t.std)) != (tuple(s.mean), tuple(s.std)):',
+           '    if False:',
+           [T + 'test_errors.py::test_teacher_trained_on_another_normalisation_is_refused'],
+           "a teacher trained on another normalisation distils from images normalised for the student"),
+    mutant('digits-at-any-size', 'finetune.py',
+           "and input_size(args) != DigitsDataset.SIZE:", "and False:",
+           [T + 'test_errors.py::test_digits_at_another_image_size_is_refused_before_any_work'],
+           'digits with a 224-pixel model start the run and fail at the first batch'),
 ]
 
 
