@@ -100,6 +100,11 @@ def train_epochs(run: Training, start_epoch: int, end_epoch: int, max_accuracy: 
                                       printer)
         run.lr_scheduler.step(epoch)
         test_stats = evaluate(run.loader_val, run.model, run.device, run.amp, print_freq, printer)
+        # The epoch's last updates can break the weights while every loss they came from was finite (no later step
+        # sees them): the validation loss (the same on every process) does, before anything is saved.
+        if not math.isfinite(test_stats['loss']):
+            raise NonFiniteLossError(f'the validation loss is {test_stats["loss"]} after epoch {epoch}: the weights '
+                                     f'diverged in its last steps')
         printer(f'Accuracy of the network on the {len(run.loader_val.dataset)} test images: '
                 f'{test_stats["acc1"]:.1f}%')
         improved = test_stats['acc1'] > max_accuracy

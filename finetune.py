@@ -13,6 +13,7 @@ import contextlib
 import inspect
 import itertools
 import json
+import math
 import os
 import re
 import signal
@@ -1033,6 +1034,9 @@ def build_optimizer(args, model: nn.Module):
     from timm.optim import create_optimizer_v2, optimizer_kwargs
     from timm.scheduler import create_scheduler
     args.scaled_lr = scaled_lr(args)
+    if not math.isfinite(args.scaled_lr):
+        raise UserError(f'--lr {args.lr:g} scaled by batch x processes / 512 ({args.batch_size} x {args.world_size} '
+                        f'/ 512) is {args.scaled_lr}: give a smaller --lr (or --unscale-lr)')
     args.epochs = args.final_finetune
     groups = parameter_groups(model, args.weight_decay)
     for i, group in enumerate(groups):

@@ -296,6 +296,10 @@ MUTANTS: List[Mutant] = [
            "and input_size(args) != DigitsDataset.SIZE:", "and False:",
            [T + 'test_errors.py::test_digits_at_another_image_size_is_refused_before_any_work'],
            'digits with a 224-pixel model start the run and fail at the first batch'),
+    mutant('diverged-weights-saved', 'engine.py',
+           "        if not math.isfinite(test_stats['loss']):", '        if False:',
+           [T + 'test_errors.py::test_weights_broken_by_an_epochs_last_step_are_a_divergence_and_nothing_is_saved'],
+           "an epoch whose last updates broke the weights is saved as checkpoint.pth and best.pth"),
 ]
 
 

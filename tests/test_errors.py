@@ -629,6 +629,27 @@ def test_overflowing_learning_rate_is_a_divergence_too(capsys, world, tmp_path):
     assert snapshot(out)['checkpoint.pth'] == before['checkpoint.pth']
 
 
+def test_weights_broken_by_an_epochs_last_step_are_a_divergence_and_nothing_is_saved(capsys, world, tmp_path):
+    """One step per epoch (the whole training set in one batch): its loss is finite, the update it makes is not.
+    The validation loss is checked before anything is saved, so the run stops as a divergence, writing nothing."""
+    out = tmp_path / 'out'
+    assert_one_line_error(capsys, finetune_args(world, out, '--resume', world['dense'], '--lr', '1e20',
+                                                '--batch-size', '64'),
+                          EXIT_DIVERGED, rf'^error: the validation loss is nan after epoch 0: the weights diverged in '
+                                         rf'its last steps; stopped\. Last good checkpoint, untouched: '
+                                         rf'{re.escape(str(world["dense"]))}$')
+    assert not out.exists()
+
+
+def test_learning_rate_that_overflows_when_scaled_is_refused(capsys, world, tmp_path):
+    out = tmp_path / 'out'
+    assert_one_line_error(capsys, finetune_args(world, out, '--resume', world['dense'], '--lr', '1e308',
+                                                '--batch-size', '1024'),
+                          EXIT_USER_ERROR, r'^error: --lr 1e\+308 scaled by batch x processes / 512 \(1024 x 1 / 512\) '
+                                           r'is inf: give a smaller --lr \(or --unscale-lr\)$')
+    assert not out.exists()
+
+
 # ----------------------------------------------------------------------------------------------------------
 # the script itself
 
