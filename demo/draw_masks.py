@@ -189,6 +189,8 @@ def folder_images(root: str, num: int, input_size: int, mean, std, crop_ratio: f
         if len(picked) == num:
             break
     picked += [p for p in paths if p not in picked][:num - len(picked)]
+    if len(picked) < num:
+        raise UserError(f'--num-images {num}: {root} holds {len(picked)} images ({", ".join(IMAGE_EXTENSIONS)})')
     t_args = argparse.Namespace(input_size=input_size, mean=mean, std=std, eval_crop_ratio=crop_ratio)
     transform = build_transform(False, t_args)
     images = torch.stack([transform(load_rgb(p)) for p in picked])
@@ -221,6 +223,9 @@ def class_name(index: int, num_classes: int) -> str:
     return str(index)
 
 
+MAX_ROWS = 32  # a row per image, a panel per block: more rows would be unreadable (and slow to lay out)
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = OneLineParser('demo/draw_masks.py', description='Draw the patches each block of a Clip & Concat model keeps')
     p.add_argument('--resume', required=True, help='checkpoint: official DeiT, pruned_<rate>.pth, checkpoint.pth')
@@ -229,7 +234,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument('--data-set', default=None, choices=['DIGITS', 'IMNET'],
                    help='DIGITS ignores --data-path; IMNET reads images from --data-path (default: DIGITS when '
                         '--data-path is DIGITS, its default, else IMNET)')
-    p.add_argument('--num-images', default=4, type=int, help='rows: one image each')
+    p.add_argument('--num-images', default=4, type=int, help=f'rows: one image each (1 to {MAX_ROWS})')
     p.add_argument('--input-size', default=None, type=int)
     p.add_argument('--eval-crop-ratio', default=1.0, type=float,
                    help='in (0, 1]: as finetune.py\'s (default 1.0, the whole image squashed; 0.875 is DeiT\'s crop)')
@@ -241,7 +246,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 # Every numeric flag of the parser, with what it accepts (check_numbers refuses a flag missing here).
 NUMERIC_FLAGS: Dict[str, Range] = {
-    'num_images': AT_LEAST_ONE, 'input_size': AT_LEAST_ONE, 'eval_crop_ratio': Range(0, 1, low_open=True),
+    'num_images': Range(1, MAX_ROWS), 'input_size': AT_LEAST_ONE, 'eval_crop_ratio': Range(0, 1, low_open=True),
 }
 
 
@@ -266,6 +271,8 @@ def check_out_file(out: str, flag: str = '--out') -> None:
 def validate_args(args: argparse.Namespace, parser: Optional[argparse.ArgumentParser] = None) -> None:
     """Refuse a bad command line before any work starts (no model loaded, no file or directory written)."""
     check_numbers(args, parser or get_args_parser(), NUMERIC_FLAGS)
+    if args.data_set == 'IMNET' and args.data_path.upper() == 'DIGITS':
+        raise UserError('--data-set IMNET reads an image folder: give it with --data-path')
     check_out_file(args.out)
 
 

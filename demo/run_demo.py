@@ -67,6 +67,9 @@ RECIPE = ['--uniform-lr', '--no-repeated-aug', '--opt', 'adamw', '--opt-eps', '1
 DISTILL = ['--distillation-type', 'soft', '--distillation-alpha', '0.5', '--distillation-tau', '1.0']
 
 
+MAX_MASK_ROWS = 32  # draw_masks.MAX_ROWS (a test keeps them equal; draw_masks loads matplotlib, imported to draw)
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = OneLineParser('demo/run_demo.py', description='Clip & Concat mini reproduction on scikit-learn digits')
     p.add_argument('--out', default=os.path.join('runs', 'demo'), help='output directory (default runs/demo)')
@@ -77,7 +80,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument('--prune-batches', default=None, type=int,
                    help='score at most this many training batches (default: all of them)')
     p.add_argument('--speed-repeats', default=30, type=int)
-    p.add_argument('--num-images', default=4, type=int, help='rows of masks.png')
+    p.add_argument('--num-images', default=4, type=int, help=f'rows of masks.png (1 to {MAX_MASK_ROWS})')
     p.add_argument('--quick', action='store_true',
                    help='a few epochs only (teacher 2, finetune 1, 4 scoring batches): checks the plumbing')
     p.add_argument('--fresh', action='store_true', help='retrain the teacher even if <out>/teacher has one')
@@ -91,7 +94,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 NUMERIC_FLAGS: Dict[str, Range] = {
     'teacher_epochs': AT_LEAST_ONE, 'teacher_lr': POSITIVE, 'finetune_epochs': AT_LEAST_ONE,
     'finetune_lr': POSITIVE, 'prune_batches': AT_LEAST_ONE, 'speed_repeats': AT_LEAST_ONE,
-    'num_images': AT_LEAST_ONE, 'seed': Range(0, 2 ** 32 - 1),
+    'num_images': Range(1, MAX_MASK_ROWS), 'seed': Range(0, 2 ** 32 - 1),
 }
 
 

@@ -147,6 +147,7 @@ import run_demo  # noqa: E402
     (['--teacher-epochs', '0'], '--teacher-epochs'),
     (['--finetune-epochs', '-1'], '--finetune-epochs'),
     (['--num-images', '0'], '--num-images'),
+    (['--num-images', '33'], '--num-images'),
     (['--prune-batches', '0'], '--prune-batches'),
     (['--quick', '--prune-batches', '0'], '--prune-batches'),
     (['--seed', '-1'], '--seed'),
@@ -170,6 +171,16 @@ def test_run_demo_refuses_bad_arguments_before_any_work(argv, flag, tmp_path, mo
     assert_one_error_line(capsys.readouterr().err, flag)
     assert sorted(p.name for p in tmp_path.iterdir()) == ['FILE']
     assert (tmp_path / 'FILE').read_text() == 'not a directory'
+
+
+def test_run_demo_caps_the_rows_of_its_figure_as_draw_masks_does():
+    assert run_demo.MAX_MASK_ROWS == draw_masks.MAX_ROWS
+
+
+def test_draw_masks_needs_as_many_images_as_rows(tmp_path, capsys):
+    data = make_image_folder(tmp_path / 'data')  # val/: 3 classes of 2 images
+    with pytest.raises(draw_masks.UserError, match=r'--num-images 9: .*val holds 6 images'):
+        draw_masks.folder_images(str(data), 9, 32, (0.5,) * 3, (0.5,) * 3, 1.0)
 
 
 def test_run_demo_device_needs_cuda(tmp_path, capsys):
@@ -248,6 +259,8 @@ def test_train_teacher_retrains_on_another_lr_or_seed(lr, seed, retrained, tmp_p
     (['--eval-crop-ratio', '0'], '--eval-crop-ratio'),
     (['--eval-crop-ratio', '1.5'], '--eval-crop-ratio'),
     (['--num-images', '0'], '--num-images'),
+    (['--num-images', '400'], '--num-images'),  # a figure of 400 rows took minutes to lay out
+    (['--data-set', 'IMNET'], '--data-path'),  # no folder given: --data-path is still its default, DIGITS
     (['--input-size', '0'], '--input-size'),
     (['--out', 'x.jpgz'], '--out'),
     (['--out', 'FILE/m.png'], '--out'),
