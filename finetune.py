@@ -150,7 +150,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     # data and run
     a('--data-path', default='', help='data set root (IMNET: train/ and val/ class folders)')
     a('--data-set', default='IMNET', choices=list(DATA_SETS))
-    a('--inat-category', default='name')
+    a('--inat-category', default='name', help='semantic granularity of the iNaturalist labels (as DeiT)',
+      choices=['kingdom', 'phylum', 'class', 'order', 'supercategory', 'family', 'genus', 'name'])
     a('--batch-size', default=64, type=int)
     a('--output_dir', default='',
       help='where to write checkpoints, logs and TensorBoard events (--prune: default the directory of --resume)')

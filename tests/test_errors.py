@@ -502,6 +502,7 @@ def test_teacher_trained_on_another_normalisation_is_refused(capsys, world, earl
     (['--prune_rate', 'quarter'], r"^error: argument --prune_rate: invalid float value: 'quarter' \(see --help\)$"),
     (['--no-such-flag'], r'^error: unrecognized arguments: --no-such-flag \(see --help\)$'),
     (['--prune_mode', 'magnitude'], r"^error: argument --prune_mode: invalid choice: 'magnitude'"),
+    (['--inat-category', 'bogus'], r"^error: argument --inat-category: invalid choice: 'bogus'"),
 ])
 def test_unparsable_command_line_is_one_line_too(capsys, argv, pattern):
     with pytest.raises(SystemExit) as exit_info:
