@@ -403,7 +403,8 @@ def validate_args(args, void: Set[str] = frozenset()) -> None:
         raise UserError('--output_dir is required: finetuning writes checkpoint.pth and log.txt there')
     if not modes and args.distillation_type != 'none' and not args.teacher_path:
         raise UserError(f'--distillation-type {args.distillation_type} needs --teacher-path (the dense teacher)')
-    if args.data_set != 'DIGITS' and (args.eval or args.prune or not modes) and not args.data_path:
+    reads_data = bool(args.eval or args.prune or not modes)  # --speed-only times random tensors
+    if args.data_set != 'DIGITS' and reads_data and not args.data_path:
         raise UserError(f'--data-path is required for --data-set {args.data_set}')
     if args.resume and os.path.isdir(args.resume):
         raise UserError(f'--resume {args.resume} is a directory; give the checkpoint file '
@@ -420,8 +421,8 @@ def validate_args(args, void: Set[str] = frozenset()) -> None:
         if args.input_size % ph or args.input_size % pw:
             raise UserError(f'--input-size {args.input_size} is not a whole number of {ph}x{pw} patches of '
                             f'{args.model} (the patch embedding would drop the rest of the image)')
-    if args.data_set == 'DIGITS' and (args.eval or args.prune or not modes) and input_size(args) != DigitsDataset.SIZE:
-        size, digits = input_size(args), DigitsDataset.SIZE
+    size, digits = input_size(args), DigitsDataset.SIZE
+    if args.data_set == 'DIGITS' and reads_data and size != digits:
         raise UserError(f'--data-set DIGITS has {digits}x{digits} images and {models.base_name(args.model)} reads '
                         f'{size}x{size} (give --input-size {digits}, or a model made for them: deit_digits_patch4_32)')
     if not modes and args.distillation_type != 'none' and args.data_set != 'DIGITS':

@@ -136,10 +136,11 @@ def summary(results: Dict) -> List[Dict]:
         dense = [r['key'] for r in rows if r.get('dense', r['kind'].startswith('timm'))]
         sweep = res.get('summary_sweep', {}).get('batches', [])
         rates = list(dict.fromkeys(r['prune_rate'] for r in rows if r['key'] not in dense))
+        left_out = _dense_not_timed(res.get('skipped_rows', {}))  # dense rows the main table never built
         for rate in rates:
             pruned = [r['key'] for r in rows if r['key'] not in dense and r['prune_rate'] == rate]
             best_p, best_d, vs_dense, compared = _comparison(t, pruned, dense, res.get('checks', {}), kind,
-                                                             _dense_not_timed(res.get('skipped_rows', {})))
+                                                             left_out)
             first = next(r for r in rows if r['key'] == pruned[0])
             entry = {'model': model_name(first), 'timm_model': res['model'], 'prune_rate': rate,
                      'section_model': section_model, 'batch_size': res['batch_size'], 'protocol': protocol,
@@ -155,8 +156,7 @@ def summary(results: Dict) -> List[Dict]:
                 checks = {**res.get('checks', {}), **b.get('checks', {})}
                 # the main table's dense rows not timed here, and those it left out itself (never built, so never
                 # built again)
-                not_timed = {**_dense_not_timed(res.get('skipped_rows', {})),
-                             **{k: 'not timed at this batch size' for k in dense if k not in b['seconds']},
+                not_timed = {**left_out, **{k: 'not timed at this batch size' for k in dense if k not in b['seconds']},
                              **_dense_not_timed(b.get('skipped_rows', {}))}
                 p, d, r, cmp = _comparison(tb, [k for k in pruned if k in b['seconds']],
                                            [k for k in dense if k in b['seconds']], checks, kind, not_timed)
