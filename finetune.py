@@ -927,6 +927,10 @@ def build_teacher(args, device: torch.device, num_classes: int) -> nn.Module:
     if teacher.num_classes != num_classes:
         raise UserError(f'the teacher {args.teacher_path} has {teacher.num_classes} classes, '
                         f'the student {num_classes}')
+    kept = models.kept_token_counts(teacher)
+    if any(k < teacher.num_tokens for k in kept):
+        rank0_print(f'note: {args.teacher_path} holds a pruned model (kept tokens per block: {kept}); the teacher '
+                    f'runs dense on its weights, every token kept')
     teacher.set_dense()  # the teacher is the dense model, whatever masks its file holds
     teacher.to(device).eval()
     for p in teacher.parameters():

@@ -12,6 +12,7 @@ import sys
 import types
 
 import pytest
+import timm
 import torch
 
 import datasets
@@ -304,6 +305,24 @@ def pruned_digits(world):
     path = world['base'] / 'pruned_random_0.3.pth'
     torch.save({'model': model.state_dict(), 'channels': channels, 'args': {'prune_mode': 'random'}}, path)
     return path
+
+
+def test_a_pruned_teacher_runs_dense_and_says_so(capsys, pruned_digits):
+    args = argparse.Namespace(teacher_model=None, model='deit_digits_patch4_32', teacher_path=str(pruned_digits),
+                              input_size=32)
+    teacher = finetune.build_teacher(args, torch.device('cpu'), 10)
+    out = capsys.readouterr().out
+    kept = torch.load(pruned_digits)['channels']
+    assert kept != [65] * 6  # the file is a pruned model
+    assert f'note: {pruned_digits} holds a pruned model (kept tokens per block: {kept}); the teacher runs dense ' \
+        'on its weights, every token kept' in out.splitlines()
+    reference = timm.create_model('deit_digits_patch4_32')  # timm's own ViT of the same weights
+    weights = {k: v for k, v in torch.load(pruned_digits)['model'].items() if not k.endswith('token_index')}
+    reference.load_state_dict(weights)
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(teacher(x), reference.eval()(x))
+    assert not any(p.requires_grad for p in teacher.parameters())
 
 
 def test_speed_only_with_the_original_protocol(capsys, pruned_digits):
