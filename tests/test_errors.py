@@ -218,6 +218,21 @@ def test_truncated_checkpoint(capsys, world, earlier, tmp_path):
                           rf'{re.escape(str(half))} is not a readable PyTorch checkpoint \(truncated or corrupt')
 
 
+def test_checkpoint_whose_weights_changed_after_writing(capsys, world, earlier, tmp_path):
+    """Bytes of a tensor overwritten in place: the file still unpickles, so the zip's CRC-32s are what tell."""
+    flipped = tmp_path / 'flipped.pth'
+    content = bytearray(open(world['dense'], 'rb').read())
+    weights = torch.load(world['dense'])['model']['blocks.0.attn.qkv.weight'].numpy().tobytes()
+    at = content.find(weights)
+    assert at > 0
+    content[at + 100:at + 164] = bytes(64)
+    flipped.write_bytes(bytes(content))
+    torch.load(flipped)  # torch itself reads it, with the wrong weights
+    assert_one_line_error(capsys, ['--eval', '--resume', flipped, '--data-path', world['data']], EXIT_USER_ERROR,
+                          rf'{re.escape(str(flipped))} is corrupt: its entry \S+/data/\d+ does not match its '
+                          r'checksum \(the file changed after it was written\)')
+
+
 @pytest.mark.parametrize('content, pattern', [
     (torch.zeros(3), r'holds a Tensor, not a checkpoint dict'),
     ({'epoch': 3, 'note': 'no weights'}, r'checkpoint holds no model state dict'),

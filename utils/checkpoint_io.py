@@ -5,6 +5,7 @@ import os
 import pickle
 import re
 import warnings
+import zipfile
 from typing import Any, Callable, Dict, Optional
 
 import torch
@@ -60,7 +61,25 @@ def load_checkpoint_file(path: str, mmap: bool = False) -> Dict[str, Any]:
     _reissue_warnings(caught)
     if not isinstance(checkpoint, dict):
         raise UserError(f'{path} holds a {type(checkpoint).__name__}, not a checkpoint dict')
+    if not mmap:
+        _check_crcs(path)
     return checkpoint
+
+
+def _check_crcs(path: str) -> None:
+    """A file in torch's zip format whose bytes changed after it was written (a bad disk, a partial copy over an
+    older file) still unpickles, with wrong weights: every entry's CRC-32 is checked against the zip directory's.
+    The legacy (non-zip) format carries no checksums."""
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        raise UserError(f'{path} is corrupt: its zip archive cannot be read ({_describe(e)})') from None
+    if bad is not None:
+        raise UserError(f'{path} is corrupt: its entry {bad} does not match its checksum (the file changed after it '
+                        f'was written)')
 
 
 def _reissue_warnings(caught: list) -> Optional[int]:
