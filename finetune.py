@@ -914,7 +914,7 @@ def run_prune(args, device: torch.device) -> Dict[str, float]:
                   'gflops': gflops(model), **{f'test_{k}': v for k, v in stats.items()}}
         with open(os.path.join(args.output_dir, 'prune_log.txt'), 'a') as f:
             f.write(json.dumps(record) + '\n')
-        tb = TensorBoard(os.path.join(args.output_dir, f'prune_{args.prune_mode}_{args.prune_rate}'))
+        tb = TensorBoard(prune_tensorboard_dir(args))
         tb.scalars({'acc1': stats['acc1'], 'acc5': stats['acc5'], 'gflops': gflops(model)}, 0, prefix='prune/')
         tb.close()
     return stats
@@ -1321,6 +1321,24 @@ def writes_output(args) -> bool:
     return bool(args.prune or not modes_of(args))
 
 
+def check_appendable(path: str, reads: bool) -> None:
+    """The results file a run appends to (``reads``: and a continued run reads back, ``log.txt``) is, if it is
+    there already, a file the run may write (and read)."""
+    if not os.path.exists(path):
+        return
+    why = 'the run appends its results to it' + (', and a continued run reads it back' if reads else '')
+    if os.path.isdir(path):
+        raise UserError(f'cannot write to {path}: it is a directory ({why})')
+    if not os.access(path, os.W_OK) or (reads and not os.access(path, os.R_OK)):
+        raise UserError(f'cannot {"write to" if not os.access(path, os.W_OK) else "read"} {path}: permission denied '
+                        f'({why})')
+
+
+def prune_tensorboard_dir(args) -> str:
+    """Where ``--prune`` writes its TensorBoard scalars: a folder of its own per mode and rate."""
+    return os.path.join(args.output_dir, f'prune_{args.prune_mode}_{args.prune_rate}')
+
+
 def run(args) -> Dict[str, float]:
     notes, inherited, no_effect = continue_run(args)
     beside_resume = bool(args.prune and not args.output_dir and args.resume)
@@ -1335,11 +1353,12 @@ def run(args) -> Dict[str, float]:
     if writes_output(args):
         try:
             check_output_dir(args.output_dir)
+            if args.prune:
+                check_output_dir(prune_tensorboard_dir(args), flag="--prune's TensorBoard folder")
         except UserError as e:
             raise UserError(f'{e} (the directory of --resume: give --output_dir)' if beside_resume else str(e)) from None
-        appended = os.path.join(args.output_dir, 'prune_log.txt' if args.prune else 'log.txt')
-        if os.path.exists(appended) and not os.access(appended, os.W_OK):
-            raise UserError(f'cannot write to {appended}: permission denied (the run appends its results to it)')
+        check_appendable(os.path.join(args.output_dir, 'prune_log.txt' if args.prune else 'log.txt'),
+                         reads=not args.prune)
     notes += unused_flag_notes(args, get_args_parser(), said=no_effect)
     init_distributed_mode(args)
     for line in notes:

@@ -932,6 +932,46 @@ def test_a_results_file_the_run_cannot_append_to_is_refused_before_work(capsys, 
     assert 'Scoring:' not in out and snapshot(earlier) == before
 
 
+@pytest.mark.parametrize('spoil, pattern', [
+    (lambda out: (out / 'prune_log.txt').mkdir(),
+     r'cannot write to \S+prune_log\.txt: it is a directory \(the run appends its results to it\)$'),
+    (lambda out: (out / 'prune_attn_0.3').write_text('a file\n'),
+     r"cannot write to --prune's TensorBoard folder \S+prune_attn_0\.3: Not a directory$"),
+], ids=['results-file-a-folder', 'tensorboard-folder-a-file'])
+def test_what_prune_writes_after_its_work_is_checked_before_it(capsys, world, earlier, spoil, pattern):
+    """--prune writes pruned_<rate>.pth, then appends prune_log.txt and writes TensorBoard scalars into a folder of
+    its own: a path it could not write there is said before the scoring, and nothing is written."""
+    spoil(earlier)
+    before = snapshot(earlier)
+    assert_one_line_error(capsys, prune_args(world, earlier), EXIT_USER_ERROR, pattern)
+    assert snapshot(earlier) == before and not (earlier / 'pruned_0.3.pth').exists()
+
+
+def test_an_output_dir_that_links_to_nowhere_is_refused_before_work(capsys, world, tmp_path):
+    link = tmp_path / 'out'
+    link.symlink_to(tmp_path / 'gone' / 'out')
+    assert_one_line_error(capsys, prune_args(world, link), EXIT_USER_ERROR,
+                          rf'^error: cannot write to --output_dir {re.escape(str(link))}: {re.escape(str(link))} is a '
+                          rf'symbolic link to {re.escape(str(tmp_path / "gone" / "out"))}, which does not exist$')
+    assert sorted(os.listdir(tmp_path)) == ['out']
+
+
+def test_a_run_log_a_continued_run_cannot_read_back_is_refused_before_work(capsys, world, finished, tmp_path,
+                                                                            monkeypatch):
+    """A continued run reads log.txt back (each finished epoch once): unreadable, it is said at the start
+    (simulated: tests may run as root)."""
+    out = shutil.copytree(finished, tmp_path / 'out')
+    before = snapshot(out)
+    denied = str(out / 'log.txt')
+    real_access = os.access
+    monkeypatch.setattr(os, 'access', lambda p, mode, **kw: not (str(p) == denied and mode & os.R_OK)
+                        and real_access(p, mode, **kw))
+    assert_one_line_error(capsys, ['--resume', out / 'checkpoint.pth', '--final_finetune', 2], EXIT_USER_ERROR,
+                          rf'^error: cannot read {re.escape(denied)}: permission denied \(the run appends its '
+                          r'results to it, and a continued run reads it back\)$')
+    assert snapshot(out) == before
+
+
 def test_other_warnings_while_loading_are_issued_once_and_the_load_completes(tmp_path, monkeypatch):
     """Loading records torch's warnings to read the pickle protocol from them; the others are issued again,
     once each, after the recording (issued inside it, they would be recorded again without end)."""

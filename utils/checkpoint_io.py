@@ -245,6 +245,9 @@ def check_output_dir(path: str, flag: str = '--output_dir') -> None:
     target = os.path.abspath(path)
     existing = target
     while not os.path.exists(existing):
+        if os.path.islink(existing):  # a link to nowhere: os.makedirs cannot create a directory through it
+            raise UserError(f'cannot write to {flag} {path}: {existing} is a symbolic link to '
+                            f'{os.readlink(existing)}, which does not exist')
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
         raise UserError(f'cannot write to {flag} {path}: {os.strerror(errno.ENOTDIR)}')
