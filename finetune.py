@@ -399,6 +399,11 @@ def validate_args(args, void: Set[str] = frozenset()) -> None:
         raise UserError('--eval needs --resume CHECKPOINT (the model to evaluate)')
     if args.prune and not args.resume:
         raise UserError('--prune needs --resume CHECKPOINT (the dense DeiT to prune)')
+    if args.resume and os.path.isdir(args.resume):
+        raise UserError(f'--resume {args.resume} is a directory; give the checkpoint file '
+                        f'(e.g. {os.path.join(args.resume, "checkpoint.pth")})')
+    if args.resume and not os.path.isfile(args.resume):
+        raise UserError(f'checkpoint not found: {args.resume}')
     if not modes and not args.output_dir:
         raise UserError('--output_dir is required: finetuning writes checkpoint.pth and log.txt there')
     if not modes and args.distillation_type != 'none' and not args.teacher_path:
@@ -406,11 +411,6 @@ def validate_args(args, void: Set[str] = frozenset()) -> None:
     reads_data = bool(args.eval or args.prune or not modes)  # --speed-only times random tensors
     if args.data_set != 'DIGITS' and reads_data and not args.data_path:
         raise UserError(f'--data-path is required for --data-set {args.data_set}')
-    if args.resume and os.path.isdir(args.resume):
-        raise UserError(f'--resume {args.resume} is a directory; give the checkpoint file '
-                        f'(e.g. {os.path.join(args.resume, "checkpoint.pth")})')
-    if args.resume and not os.path.isfile(args.resume):
-        raise UserError(f'checkpoint not found: {args.resume}')
     if args.teacher_path and not modes and args.distillation_type != 'none' and not os.path.isfile(args.teacher_path):
         raise UserError(f'teacher checkpoint not found: {args.teacher_path}')
     args.model = cc_model_name(args.model)

@@ -194,11 +194,16 @@ def test_more_classes_than_the_model_head(capsys, world, earlier, tmp_path):
 def test_missing_checkpoint(capsys, world, earlier, tmp_path):
     assert_one_line_error(capsys, finetune_args(world, earlier, '--resume', tmp_path / 'nope.pth'),
                           EXIT_USER_ERROR, r'checkpoint not found: .*nope\.pth')
+    # `--resume run/checkpoint.pth` alone continues a run in its folder: a mistyped path is named as such, not
+    # answered with the --output_dir a new run would need
+    assert_one_line_error(capsys, ['--resume', tmp_path / 'nope' / 'checkpoint.pth'], EXIT_USER_ERROR,
+                          r'^error: checkpoint not found: .*nope/checkpoint\.pth$')
 
 
 def test_checkpoint_that_is_a_directory(capsys, world, earlier, tmp_path):
-    assert_one_line_error(capsys, finetune_args(world, earlier, '--resume', tmp_path), EXIT_USER_ERROR,
-                          rf'--resume {re.escape(str(tmp_path))} is a directory; give the checkpoint file')
+    for argv in (finetune_args(world, earlier, '--resume', tmp_path), ['--resume', tmp_path]):
+        assert_one_line_error(capsys, argv, EXIT_USER_ERROR,
+                              rf'--resume {re.escape(str(tmp_path))} is a directory; give the checkpoint file')
 
 
 def test_garbage_checkpoint(capsys, world, earlier, tmp_path):
