@@ -154,6 +154,7 @@ import run_demo  # noqa: E402
     (['--seed', str(2 ** 32)], '--seed'),
     (['--device', 'gpu'], '--device'),
     (['--out', 'FILE'], '--out'),
+    (['--out', ''], '--out'),
     (['--out', 'FILE/sub'], '--out'),
     (['--teacher-epochs', 'two'], '--teacher-epochs'),
 ])

@@ -324,6 +324,7 @@ def test_second_run_reuses_the_teacher_and_clears_old_runs(quick_study, tmp_path
     (['--prune-batches', '0'], '--prune-batches'),
     (['--device', 'gpu'], '--device'),
     (['--out', 'FILE'], '--out'),
+    (['--out', ''], '--out'),
     (['--out', 'FILE/sub'], '--out'),
     (['--seeds', 'x'], '--seeds'),
 ])

@@ -242,6 +242,8 @@ def check_output_dir(path: str, flag: str = '--output_dir') -> None:
     created only when its first file is written, so a run that fails or is refused leaves nothing behind.  The
     check writes (and removes) a probe file in ``path`` or, if it does not exist yet, in its nearest existing
     parent, which is where it will be created."""
+    if not path:
+        raise UserError(f'{flag} is empty: give a directory')
     target = os.path.abspath(path)
     existing = target
     while not os.path.exists(existing):
