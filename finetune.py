@@ -454,8 +454,10 @@ def validate_args(args, void: Set[str] = frozenset()) -> None:
 # Per invocation, never taken from the run being continued: what to do, where, on which machine, how verbosely.
 NOT_INHERITED = frozenset({
     'eval', 'speed_only', 'prune', 'prune_mode', 'prune_rate', 'prune_batches', 'resume', 'output_dir', 'device',
-    'num_workers', 'pin_mem', 'amp', 'print_freq', 'dist_eval', 'start_epoch', 'speed_protocol',
+    'num_workers', 'pin_mem', 'print_freq', 'dist_eval', 'start_epoch', 'speed_protocol',
     'speed_repeats', 'speed_warmup', 'speed_dtype', 'world_size', 'dist_url', 'local_rank'})
+# What the labels of the run mean: another value given would continue the run on other classes, so it is refused.
+CLASSES_OF_THE_RUN = ('data_set', 'inat_category')
 # Fixed in the optimizer and learning-rate schedule state a continued run restores: another value given on the
 # command line would have no effect, so the run's own value is kept (with a warning).
 IN_RESTORED_STATE = frozenset({
@@ -501,6 +503,11 @@ def continue_run(args) -> Tuple[List[str], Dict[str, object], Set[str]]:
         lines.append(f'warning: {spell(parser, "start_epoch", args.start_epoch)} has no effect: the run continues '
                      f'after the last epoch {args.resume} holds')
         no_effect.add('start_epoch')
+    if 'seed' in given and stored.get('seed') not in (None, args.seed) and checkpoint.get('rng') is not None:
+        lines.append(f'warning: {spell(parser, "seed", args.seed)} has no effect: the random streams saved in '
+                     f'{args.resume} continue those of its {spell(parser, "seed", stored["seed"])} (under another '
+                     f'number of processes, which cannot continue them, they are seeded from --seed)')
+        no_effect.add('seed')
     uniform = _uniform_in(checkpoint) if 'uniform_lr' not in stored else None
     if uniform is not None:
         stored['uniform_lr'] = uniform
@@ -514,9 +521,11 @@ def continue_run(args) -> Tuple[List[str], Dict[str, object], Set[str]]:
             continue
         if dest in ('teacher_model', 'teacher_path') and distillation == 'none':
             continue  # no teacher is used (DeiT's own checkpoints name its default regnety_160 all the same)
+        if dest == 'amp' and not str(stored.get('device') or '').startswith('cuda'):
+            continue  # mixed precision runs on CUDA only: a run written elsewhere records it off, whatever was asked
         current = getattr(args, dest)
         norm = same.get(dest, lambda v: v)
-        if norm(value) == norm(current):
+        if dest in no_effect or norm(value) == norm(current):
             continue
         if dest not in given:
             setattr(args, dest, value)
@@ -529,6 +538,10 @@ def continue_run(args) -> Tuple[List[str], Dict[str, object], Set[str]]:
                          f'schedule restored from {args.resume} continue those of {spell(parser, dest, value)}')
             setattr(args, dest, value)
             no_effect.add(dest)
+        elif dest in CLASSES_OF_THE_RUN and (dest == 'data_set' or args.data_set in ('INAT', 'INAT19')):
+            raise UserError(f'{spell(parser, dest, current)}: {args.resume} continues a run trained with '
+                            f'{spell(parser, dest, value)}, whose labels name other classes (leave the flag out to '
+                            f'continue it)')
         else:
             lines.append(f'{spell(parser, dest, current)} given: {args.resume} was written with '
                          f'{spell(parser, dest, value)}')
@@ -1205,9 +1218,16 @@ def restore_training(training: engine.Training, checkpoint: dict, args) -> Tuple
         remove_stale_temporaries(list(paths.values()))  # from a job killed while saving
     rank0_print(f'Resumed from {args.resume}: continuing at epoch {start_epoch} '
                 + (f'(best Acc@1 so far {max_accuracy:.2f}%)' if max_accuracy >= 0 else '(it records no best Acc@1)'))
+    restored_lr = training.optimizer.param_groups[0].get('initial_lr')
+    if isinstance(restored_lr, float) and not math.isclose(restored_lr, args.scaled_lr, rel_tol=1e-9):
+        rank0_print(f'note: the learning rate restored with the optimizer of {args.resume}, {restored_lr:.2e}, '
+                    f'continues as the run set it; this run\'s flags (batch {args.batch_size} x {args.world_size} '
+                    f'processes) would have started at {args.scaled_lr:.2e}')
+        args.scaled_lr = float(restored_lr)  # the saved args say what runs
     # Every random stream where the uninterrupted run has it (last, so nothing above draws from them).
-    seeding.restore_or_reseed(checkpoint.get('rng'), args.rank, args.world_size, args.seed, start_epoch,
-                              random_generators(training), training.device, rank0_print)
+    if seeding.restore_or_reseed(checkpoint.get('rng'), args.rank, args.world_size, args.seed, start_epoch,
+                                 random_generators(training), training.device, rank0_print):
+        args.seed = checkpoint_args(checkpoint).get('seed', args.seed)  # the streams continued are the run's
     return start_epoch, max_accuracy
 
 
@@ -1291,9 +1311,9 @@ def run_finetune(args, device: torch.device) -> Dict[str, float]:
         with open(paths['log.txt'], 'a') as f:
             f.write(json.dumps(log_stats) + '\n')
 
-    base = training.optimizer.param_groups[0].get('initial_lr', args.scaled_lr)  # a continued run: the restored one
     rank0_print(f'Finetuning for epochs {start_epoch}..{args.final_finetune - 1} '
-                f'(lr {base:.2e} for batch {args.batch_size} x {args.world_size} processes)')
+                f'(lr {args.scaled_lr:.2e} {"for" if args.scaled_lr == scaled_lr(args) else "as restored, with"} '
+                f'batch {args.batch_size} x {args.world_size} processes)')
     start_time = time.time()
     try:
         max_accuracy = engine.train_epochs(training, start_epoch, args.final_finetune, max_accuracy, save,

@@ -530,6 +530,58 @@ def test_a_continued_run_says_that_start_epoch_and_an_older_files_lr_are_void(ca
         state['optimizer']['param_groups'][0]['initial_lr']
 
 
+def test_a_continued_run_says_its_seed_and_lr_are_the_runs_and_saves_what_ran(capsys, world, distilled, tmp_path):
+    """The random streams saved in the checkpoint continue, so a given --seed changes nothing (said, and the run's
+    seed kept in what is saved); the lr restored with the optimizer stays that of the run's batch, so a new
+    --batch-size trains at it (said, and saved as the run's scaled lr)."""
+    for name in ('a', 'b'):
+        shutil.copytree(distilled['out'], tmp_path / name)
+    first = torch.load(tmp_path / 'a' / 'checkpoint.pth')
+    restored = first['optimizer']['param_groups'][0]['initial_lr']
+    assert restored == pytest.approx(0.01 * 8 / 512) and first['args']['seed'] == 0
+    runs = {}
+    for name, extra in (('a', ['--seed', 7]), ('b', [])):
+        ckpt = tmp_path / name / 'checkpoint.pth'
+        code, stdout, err = cli(capsys, '--resume', ckpt, '--final_finetune', 2, '--batch-size', 4, *extra)
+        assert code == 0, err
+        runs[name] = stdout.splitlines(), torch.load(ckpt)
+    lines, final = runs['a']
+    ckpt = tmp_path / 'a' / 'checkpoint.pth'
+    assert (f'warning: --seed 7 has no effect: the random streams saved in {ckpt} continue those of its --seed 0 '
+            f'(under another number of processes, which cannot continue them, they are seeded from --seed)') in lines
+    assert not any(line.startswith('--seed 7 given') for line in lines)
+    assert (f"note: the learning rate restored with the optimizer of {ckpt}, {restored:.2e}, continues as the run "
+            f"set it; this run's flags (batch 4 x 1 processes) would have started at {0.01 * 4 / 512:.2e}") in lines
+    assert f'Finetuning for epochs 1..1 (lr {restored:.2e} as restored, with batch 4 x 1 processes)' in lines
+    assert final['args']['seed'] == 0 and final['args']['batch_size'] == 4
+    assert final['args']['scaled_lr'] == final['optimizer']['param_groups'][0]['initial_lr'] == restored
+    other = runs['b'][1]['model']  # the same run without --seed 7: the same weights, bit for bit
+    assert all(torch.equal(v, other[k]) for k, v in final['model'].items())
+
+
+def test_a_continued_run_keeps_its_data_set(capsys, world, distilled, tmp_path):
+    out = shutil.copytree(distilled['out'], tmp_path / 'out')
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    code, stdout, err = cli(capsys, '--resume', out / 'checkpoint.pth', '--final_finetune', 2, '--data-set', 'DIGITS')
+    assert code == 2
+    assert err.strip() == (f'error: --data-set DIGITS: {out / "checkpoint.pth"} continues a run trained with '
+                           f'--data-set IMNET, whose labels name other classes (leave the flag out to continue it)')
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+def test_a_continued_run_keeps_its_mixed_precision_where_it_ran_on_cuda(tmp_path):
+    """--no-amp is per run, not per invocation: a CUDA run started without AMP continues without it (said in the
+    line of settings taken over); a CPU run records AMP off whatever was asked, so it hands nothing on."""
+    for device, handed_on in (('cuda', True), ('cpu', False)):
+        path = tmp_path / f'{device}.pth'
+        torch.save({'model': {}, 'optimizer': {}, 'lr_scheduler': {}, 'epoch': 0,
+                    'args': {'model': 'deit_digits_patch4_32', 'amp': False, 'device': device}}, path)
+        args = finetune.get_args_parser().parse_args(['--resume', str(path)])
+        lines, inherited, _ = finetune.continue_run(args)
+        assert args.amp is not handed_on and ('amp' in inherited) is handed_on
+        assert ('--no-amp' in lines[0].split(': ', 1)[1].split()) is handed_on
+
+
 def test_a_teacher_that_is_gone_is_one_line(capsys, world, distilled, tmp_path):
     out = tmp_path / 'out'
     shutil.copytree(distilled['out'], out)

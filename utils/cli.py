@@ -55,7 +55,7 @@ def spell(parser: argparse.ArgumentParser, dest: str, value) -> str:
     actions = [a for a in parser._actions if a.dest == dest]
     if isinstance(value, bool):
         switch = next((a for a in actions if a.nargs == 0 and a.const is value), None)
-        return flag_name(switch) if switch else f'no {flag_name(actions[0])}'
+        return flag_name(switch) if switch else f'{flag_name(actions[0])} not given'
     if isinstance(value, (list, tuple)):
         value = ' '.join(map(str, value))
     return f'{flag_name(actions[0])} {value if value not in (None, "") else "(unset)"}'
