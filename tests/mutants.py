@@ -300,6 +300,15 @@ MUTANTS: List[Mutant] = [
            "        if not math.isfinite(test_stats['loss']):", '        if False:',
            [T + 'test_errors.py::test_weights_broken_by_an_epochs_last_step_are_a_divergence_and_nothing_is_saved'],
            "an epoch whose last updates broke the weights is saved as checkpoint.pth and best.pth"),
+    mutant('checksums-unchecked', 'utils/checkpoint_io.py',
+           '    if not mmap:\n        _check_crcs(path)', '    pass',
+           [T + 'test_errors.py::test_checkpoint_whose_weights_changed_after_writing'],
+           "a checkpoint whose bytes changed after it was written loads, with wrong weights"),
+    mutant('data-set-switch-continued', 'finetune.py',
+           "        elif dest in CLASSES_OF_THE_RUN and (dest == 'data_set' or args.data_set in ('INAT', 'INAT19')):",
+           "        elif False:",
+           [T + 'test_recipe.py::test_a_continued_run_keeps_its_data_set'],
+           "a continued run trains on another data set, its labels naming other classes"),
 ]
 
 
