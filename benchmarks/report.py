@@ -2,8 +2,8 @@
 
 Everything here works on the results dictionary (the JSON the benchmark writes), so a saved
 ``benchmarks/results/<device>.json`` can be summarised again without running anything.
-``python -m benchmarks.report`` prints the README's speed table from the committed results (a test checks that
-the README holds exactly that table).
+``python -m benchmarks.report`` (or ``python benchmarks/report.py``) prints the README's speed table from the
+committed results (a test checks that the README holds exactly that table).
 """
 import argparse
 import json
@@ -13,7 +13,12 @@ import re
 import sys
 from typing import Dict, List, Optional, Tuple
 
-from benchmarks.stats import Timings, as_fields
+# Run by path (python benchmarks/report.py) as well as with -m: the repository root is where `benchmarks` is found.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from benchmarks.stats import Timings, as_fields  # noqa: E402
 
 SCORING_TARGET = 1.5          # scoring one batch <= 1.5x a plain training step
 SUMMARY_FLOPS_SHARE = 0.9     # fastest pruned over fastest dense >= 0.9 x the FLOPs ratio
@@ -687,7 +692,7 @@ def replace_speed_table(text: str, lines: List[str]) -> str:
 
 def load_results(path: str, what: str, required=('models',)) -> Dict:
     """The results JSON benchmarks/model_zoo.py wrote to ``path``; ValueError('<what> <path>: why not') when it
-    cannot be read, is not JSON, or lacks a ``required`` key."""
+    cannot be read, is not JSON, lacks a ``required`` key, or a part the report reads has another shape."""
     try:
         with open(path) as f:
             results = json.load(f)
@@ -697,22 +702,85 @@ def load_results(path: str, what: str, required=('models',)) -> Dict:
         raise ValueError(f'{what} {path}: not JSON ({e})') from None
     if not isinstance(results, dict) or not set(required) <= set(results):
         raise ValueError(f'{what} {path}: not a results file of benchmarks/model_zoo.py')
+    problem = shape_problem(results)
+    if problem:
+        raise ValueError(f'{what} {path}: not a results file of benchmarks/model_zoo.py ({problem})')
     return results
 
 
+def json_kind(value) -> str:
+    """What a JSON value is, in words: 'an object', 'a list', 'a string', 'a number', 'a boolean', 'null'."""
+    if isinstance(value, bool):
+        return 'a boolean'
+    return {dict: 'an object', list: 'a list', str: 'a string', int: 'a number', float: 'a number'}.get(
+        type(value), 'null')
+
+
+def shape_problem(results: Dict) -> Optional[str]:
+    """What in ``results`` has another shape than model_zoo.py writes, among the parts read back (the models and
+    their rows, the machine, the settings, the sections, the summary), or None."""
+    models = results.get('models', {})
+    if not isinstance(models, dict):
+        return f'"models" is {json_kind(models)}, not an object'
+    for name, res in models.items():
+        if not isinstance(res, dict) or not isinstance(res.get('rows'), list):
+            return f'model {name!r} has no list of rows'
+        if not all(isinstance(r, dict) for r in res['rows']):
+            return f'a row of model {name!r} is not an object'
+    for key, kind in (('machine', dict), ('settings', dict), ('sections', list), ('summary', list)):
+        if key in results and not isinstance(results[key], kind):
+            return f'"{key}" is {json_kind(results[key])}, not {json_kind(kind())}'
+    for key in ('sections', 'summary'):
+        if not all(isinstance(e, dict) for e in results.get(key, [])):
+            return f'an entry of "{key}" is not an object'
+    if not all(isinstance(e.get('model'), str) for e in results.get('summary', [])):
+        return 'an entry of "summary" names no model'
+    return None
+
+
+# The fields of a timm or ours row that the README's speed table reads (readme_speed_table), and their types.
+NUMBER = (int, float)
+TABLE_FIELDS = {'kind': str, 'label': str, 'gflops': NUMBER, 'images_per_s': NUMBER, 'flops_ratio': NUMBER,
+                'speedup_vs_timm': NUMBER + (type(None),)}
+
+
+def _table_problem(results: Dict) -> Optional[str]:
+    """A row the README's speed table reads whose TABLE_FIELDS are missing or of another type, or None."""
+    for name, res in results['models'].items():
+        for r in res['rows']:
+            if r.get('kind') not in ('timm', 'ours') and isinstance(r.get('kind'), str):
+                continue  # a row the table leaves out
+            bad = [k for k, kind in TABLE_FIELDS.items()
+                   if not isinstance(r.get(k), kind) or isinstance(r.get(k), bool)]
+            if bad:
+                return f'a row of model {name!r} has no valid {", ".join(bad)}'
+    return None
+
+
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description='Print the README speed table from saved benchmark results, or write it '
-                                            'into the README.')
+    from utils import UserError, write_text_atomic
+    from utils.cli import OneLineParser
+    p = OneLineParser(description='Print the README speed table from saved benchmark results, or write it '
+                                  'into the README.')
     p.add_argument('--cpu', default=os.path.join(RESULTS_DIR, 'cpu.json'), help='the CPU run (default: %(default)s)')
-    p.add_argument('--gpu', default=os.path.join(RESULTS_DIR, 'cuda.json'),
-                   help='the GPU run, left out when the file does not exist (default: %(default)s)')
+    default_gpu = os.path.join(RESULTS_DIR, 'cuda.json')
+    p.add_argument('--gpu', default=None,
+                   help=f'the GPU run (default: {default_gpu}, left out while it does not exist; a file named here '
+                        f'must exist)')
     p.add_argument('--write-readme', nargs='?', const=README, default=None, metavar='README',
                    help='replace the speed table of this README (default: the repository\'s) with the table instead '
                         'of printing it; the rest of the file is left as it is')
     args = p.parse_args(argv)
     try:
         cpu = load_results(args.cpu, '--cpu')
-        gpu = load_results(args.gpu, '--gpu') if os.path.exists(args.gpu) else None
+        problem = _table_problem(cpu)
+        if problem:
+            raise ValueError(f'--cpu {args.cpu}: not a results file of benchmarks/model_zoo.py ({problem})')
+        # the committed GPU run is optional (none may be committed yet); a GPU run named on the command line is not
+        if args.gpu is None:
+            gpu = load_results(default_gpu, '--gpu') if os.path.exists(default_gpu) else None
+        else:
+            gpu = load_results(args.gpu, '--gpu')
         lines = readme_speed_table(cpu, gpu)
         if args.write_readme is None:
             print('\n'.join(lines))
@@ -723,11 +791,10 @@ def main(argv=None) -> None:
             new = replace_speed_table(text, lines)
         except (OSError, ValueError) as e:
             raise ValueError(f'--write-readme {args.write_readme}: {getattr(e, "strerror", None) or e}') from None
-    except ValueError as e:
+        write_text_atomic(args.write_readme, new)
+    except (ValueError, UserError) as e:
         sys.stderr.write(f'error: {e}\n')
         sys.exit(2)
-    from utils import write_text_atomic
-    write_text_atomic(args.write_readme, new)
     print(f'wrote the speed table into {args.write_readme}' + (' (unchanged)' if new == text else ''))
 
 

@@ -655,7 +655,7 @@ def test_logit_checks_refuse_an_infinite_tolerance_and_do_not_judge_top1_on_too_
     assert report.check_failure(inf) == "no finite tolerance: the eager model's own error at this precision is not finite"
 
 
-def test_readme_speed_table_sets_a_gpu_run_beside_the_cpu_run(tmp_path, capsys):
+def test_readme_speed_table_sets_a_gpu_run_beside_the_cpu_run(tmp_path, capsys, monkeypatch):
     """The committed CPU run with the hand-made GPU run of _summary_run: four GPU columns headed with the GPU's
     name, filled for the pruned models that run has (C&C-Ti-25 and -40; ratios worked out by hand), '–' for the
     dense rows and the models it lacks; the CPU and paper columns as without a GPU run."""
@@ -682,8 +682,17 @@ def test_readme_speed_table_sets_a_gpu_run_beside_the_cpu_run(tmp_path, capsys):
     (tmp_path / 'gpu.json').write_text(json.dumps(gpu))
     report.main(['--gpu', str(tmp_path / 'gpu.json')])
     assert capsys.readouterr().out.splitlines() == beside
-    report.main(['--gpu', str(tmp_path / 'none.json')])
-    assert capsys.readouterr().out.splitlines() == alone
+    # the default GPU run (results/cuda.json) is left out while there is none; one named must exist
+    cpu_json = os.path.join(ROOT, 'benchmarks', 'results', 'cpu.json')
+    with monkeypatch.context() as m:
+        m.setattr(report, 'RESULTS_DIR', str(tmp_path / 'no_results'))
+        report.main(['--cpu', cpu_json])
+        assert capsys.readouterr().out.splitlines() == alone
+    with pytest.raises(SystemExit) as e:
+        report.main(['--gpu', str(tmp_path / 'none.json')])
+    captured = capsys.readouterr()
+    assert e.value.code == 2 and captured.out == ''
+    assert captured.err == f'error: --gpu {tmp_path / "none.json"}: No such file or directory\n'
 
     # --write-readme puts that table in place of the README's (its header grows by the GPU's columns); the rest of
     # the file stays as it was, and writing it again changes nothing
@@ -705,29 +714,71 @@ def test_readme_speed_table_sets_a_gpu_run_beside_the_cpu_run(tmp_path, capsys):
 @pytest.mark.parametrize('case, message', [
     ('no table', 'README.md: no speed table in it (a line beginning "| model | GFLOPs |")'),
     ('no readme', 'missing.md: No such file or directory'),
+    ('gpu missing', 'none.json: No such file or directory'),
     ('gpu not json', 'gpu.json: not JSON'),
     ('gpu not results', 'gpu.json: not a results file of benchmarks/model_zoo.py'),
     ('gpu without its name', 'the GPU results name no GPU (machine.gpu)'),
+    ('gpu machine a list', 'gpu.json: not a results file of benchmarks/model_zoo.py ("machine" is a list, not an '
+                           'object)'),
+    ('cpu models a list', 'cpu.json: not a results file of benchmarks/model_zoo.py ("models" is a list, not an '
+                          'object)'),
+    ('cpu model without rows', "cpu.json: not a results file of benchmarks/model_zoo.py (model 'x' has no list of "
+                               "rows)"),
+    ('cpu row without its figures', "cpu.json: not a results file of benchmarks/model_zoo.py (a row of model "
+                                    "'tiny' has no valid gflops, images_per_s)"),
+    ('readme not writable', 'cannot write'),
 ])
-def test_readme_table_writer_refuses_in_one_line_and_writes_nothing(tmp_path, capsys, case, message):
+def test_readme_table_writer_refuses_in_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch, case, message):
     readme = tmp_path / 'README.md'
     readme.write_text('# a README\n\nno table here\n' if case == 'no table' else
                       open(os.path.join(ROOT, 'README.md')).read())
     before = readme.read_text()
     gpu = tmp_path / 'gpu.json'
     gpu.write_text({'gpu not json': '{', 'gpu not results': '[1, 2]'}.get(case, '{}'))
-    if case == 'gpu without its name':
+    if case in ('gpu without its name', 'gpu machine a list'):
         run = _summary_run()
         report.attach_summary(run, 'cuda')
+        if case == 'gpu machine a list':
+            run['machine'] = ['NVIDIA H200']
         gpu.write_text(json.dumps(run))
+    cpu = json.load(open(os.path.join(ROOT, 'benchmarks', 'results', 'cpu.json')))
+    if case == 'cpu models a list':
+        cpu['models'] = list(cpu['models'].values())
+    elif case == 'cpu model without rows':
+        cpu['models'] = {'x': {}}
+    elif case == 'cpu row without its figures':
+        del cpu['models']['tiny']['rows'][0]['gflops'], cpu['models']['tiny']['rows'][0]['images_per_s']
+    (tmp_path / 'cpu.json').write_text(json.dumps(cpu))
+    if case == 'readme not writable':  # the disk fills as the new README is written: the old one stays
+        def full(src, dst):
+            raise OSError(28, 'No space left on device')
+        monkeypatch.setattr(os, 'replace', full)
     target = tmp_path / 'missing.md' if case == 'no readme' else readme
     with pytest.raises(SystemExit) as e:
-        report.main(['--gpu', str(gpu) if case.startswith('gpu') else str(tmp_path / 'none.json'),
+        report.main(['--cpu', str(tmp_path / 'cpu.json'),
+                     '--gpu', str(tmp_path / 'none.json') if case == 'gpu missing' else str(gpu)
+                     if case.startswith('gpu') else os.path.join(ROOT, 'benchmarks', 'results', 'cuda.json'),
                      '--write-readme', str(target)])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count('\n') == 1 and err.startswith('error: ') and message in err, err
     assert readme.read_text() == before and sorted(os.listdir(tmp_path)) == sorted(
-        ['README.md', 'gpu.json'])  # nothing written, no temporary file left
+        ['README.md', 'cpu.json', 'gpu.json'])  # nothing written, no temporary file left
+
+
+def test_report_runs_by_path_from_anywhere_and_a_mistyped_flag_is_one_line(tmp_path):
+    """`python benchmarks/report.py` prints what `python -m benchmarks.report` prints, from another folder and
+    without the repository on PYTHONPATH."""
+    env = {k: v for k, v in subprocess_env().items() if k != 'PYTHONPATH'}
+    script = [sys.executable, os.path.join(ROOT, 'benchmarks', 'report.py')]
+    by_path = subprocess.run(script, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    as_module = subprocess.run([sys.executable, '-m', 'benchmarks.report'], capture_output=True, text=True,
+                               env=env, cwd=ROOT, timeout=120)
+    assert by_path.returncode == as_module.returncode == 0, by_path.stderr
+    assert by_path.stdout == as_module.stdout and by_path.stdout.startswith(report.TABLE_START)
+    typo = subprocess.run(script + ['--gup', 'x.json'], capture_output=True, text=True, env=env, cwd=tmp_path,
+                          timeout=120)
+    assert typo.returncode == 2 and typo.stdout == ''
+    assert typo.stderr == 'error: unrecognized arguments: --gup x.json (see --help)\n', typo.stderr
 
 
 # ---------------------------------------------------------------------------------------------------------------
