@@ -24,6 +24,7 @@ Prints a table and writes linear_shapes.json/.md to --out.  CUDA only; no test t
 import argparse
 import contextlib
 import json
+import math
 import os
 import statistics
 import sys
@@ -122,22 +123,58 @@ def end_to_end(cc, pruned, batch: int, device) -> dict:
                         for r in SETTING_ROUTES}}
 
 
+def _rate(text: str) -> float:
+    """A prune rate in [0, 1), as the pruning code requires (pruning.budget)."""
+    try:
+        value = float(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not a number') from None
+    if not (math.isfinite(value) and 0.0 <= value < 1.0):
+        raise argparse.ArgumentTypeError(f'a prune rate must lie in [0, 1), got {text.strip()!r}')
+    return value
+
+
+def build_parser():
+    from benchmarks.model_zoo import MAX_BATCH, _int_in
+    from utils.cli import OneLineParser
+    p = OneLineParser(description=__doc__.split('\n')[0])
+    p.add_argument('--device', choices=['cuda'], default='cuda', help='cuda only: the script measures cuBLAS')
+    p.add_argument('--model', default='deit_tiny_patch16_224',
+                   help='a timm model name with a C&C model, or tiny/small/base (default: %(default)s)')
+    p.add_argument('--rate', type=_rate, default=0.3, help='the prune rate, in [0, 1) (default: %(default)s)')
+    p.add_argument('--batch', type=_int_in(1, MAX_BATCH), default=256,
+                   help=f'the batch size, 1 to {MAX_BATCH} (default: %(default)s)')
+    p.add_argument('--out', default=os.environ.get('OUT', '.'),
+                   help='the folder linear_shapes.json and .md are written to (default: $OUT, else the current one)')
+    p.add_argument('--no-end-to-end', action='store_true', help='the products per shape only')
+    return p
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('--device', default='cuda')
-    p.add_argument('--model', default='deit_tiny_patch16_224')
-    p.add_argument('--rate', type=float, default=0.3)
-    p.add_argument('--batch', type=int, default=256)
-    p.add_argument('--out', default=os.environ.get('OUT', '.'))
-    p.add_argument('--no-end-to-end', action='store_true')
-    args = p.parse_args(argv)
-    if args.device != 'cuda' or not torch.cuda.is_available():
-        print('error: --device cuda needs a CUDA GPU (this script measures cuBLAS)', file=sys.stderr)
+    from benchmarks.formulations import resolve_model
+    from utils import UserError, check_output_dir
+    args = build_parser().parse_args(argv)
+    # every mistake is found before any timing, and the GPU last, so the others are found on any machine
+    try:
+        try:
+            args.model = resolve_model(args.model)
+        except ValueError as e:
+            raise UserError(f'argument --model: {e}') from None
+        check_output_dir(args.out, '--out')
+        if not torch.cuda.is_available():
+            raise UserError('argument --device: cuda: no CUDA GPU is available (this script measures cuBLAS)')
+        return _measure(args)
+    except UserError as e:
+        print(f'error: {e}', file=sys.stderr)
         return 2
+
+
+def _measure(args) -> int:
     device = torch.device('cuda')
     import timm
     import models
     from benchmarks import model_zoo as zoo
+    from utils import write_text_atomic
     from benchmarks.formulations import seeded_models
     cc, _ = seeded_models(args.model, 0, device)  # the benchmark's models: seed 0, Taylor masks of 2 noise batches
     scores = zoo._scores(cc, SimpleNamespace(masks='taylor', seed=0), device)
@@ -179,11 +216,9 @@ def main(argv=None) -> int:
         lines += ['', 'End to end (Triton fast path, fp16, CUDA graph; built and captured under each route, timed '
                       'interleaved, median of 30): pruned over dense of the same route', ''] + table
         print('\n'.join(table), flush=True)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, 'linear_shapes.json'), 'w') as f:
-        json.dump(result, f, indent=1)
-    with open(os.path.join(args.out, 'linear_shapes.md'), 'w') as f:
-        f.write('\n'.join(lines) + '\n')
+    # each file whole or not at all: a run killed while writing leaves the previous one
+    write_text_atomic(os.path.join(args.out, 'linear_shapes.json'), json.dumps(result, indent=1))
+    write_text_atomic(os.path.join(args.out, 'linear_shapes.md'), '\n'.join(lines) + '\n')
     return 0
 
 

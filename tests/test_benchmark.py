@@ -1475,9 +1475,47 @@ def test_linear_shapes_routes_set_and_restore_the_cublas_settings():
     assert torch.allclose(linear_shapes.product('halves')(odd, w, b), odd @ w.t() + b, atol=1e-5)
 
 
+@pytest.mark.parametrize('argv, message', [
+    (['--device', 'cpu'], "error: argument --device: invalid choice: 'cpu'"),
+    (['--rate', 'abc'], "error: argument --rate: 'abc' is not a number (see --help)"),
+    (['--rate', '1'], "error: argument --rate: a prune rate must lie in [0, 1), got '1' (see --help)"),
+    (['--rate', 'nan'], "error: argument --rate: a prune rate must lie in [0, 1), got 'nan' (see --help)"),
+    (['--batch', '0'], 'error: argument --batch: must be from 1 to 65536, got 0 (see --help)'),
+    (['--no-such-flag'], 'error: unrecognized arguments: --no-such-flag (see --help)'),
+    (['--model', 'huge'], "error: argument --model: unknown model 'huge'"),
+    (['--out', 'FILE'], 'Not a directory'),
+    (['--out', 'FILE/sub'], 'Not a directory'),
+])
+def test_linear_shapes_refuses_each_mistake_in_one_line_before_measuring(tmp_path, capsys, monkeypatch, argv,
+                                                                         message):
+    """Every argument is checked before any timing, and as if a GPU were there (so the checks are tested on any
+    machine): one line, exit 2, nothing measured or written."""
+    from benchmarks import linear_shapes
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(linear_shapes, '_measure', lambda args: pytest.fail('measured'))
+    (tmp_path / 'FILE').write_text('')
+    argv = [a.replace('FILE', str(tmp_path / 'FILE')) for a in argv]
+    with pytest.raises(SystemExit) as e:
+        sys.exit(linear_shapes.main(['--out', str(tmp_path / 'out'), *argv]))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count('\n') == 1 and err.startswith('error: ') and message in err, err
+    assert sorted(os.listdir(tmp_path)) == ['FILE']
+
+
+def test_linear_shapes_measures_what_it_was_asked_once_the_checks_pass(tmp_path, monkeypatch):
+    from benchmarks import linear_shapes
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    seen = []
+    monkeypatch.setattr(linear_shapes, '_measure', lambda args: seen.append(args) or 0)
+    assert linear_shapes.main(['--model', 'small', '--rate', '0', '--batch', '8', '--out', str(tmp_path / 'o')]) == 0
+    assert [(a.model, a.rate, a.batch, a.out) for a in seen] == [('deit_small_patch16_224', 0.0, 8,
+                                                                  str(tmp_path / 'o'))]
+    assert not (tmp_path / 'o').exists()  # made when its first file is written, not by the checks
+
+
 def test_linear_shapes_without_a_gpu_is_one_line_and_exit_2(tmp_path):
-    r = subprocess.run([sys.executable, os.path.join(ROOT, 'benchmarks', 'linear_shapes.py'), '--device', 'cpu',
-                        '--out', str(tmp_path)], capture_output=True, text=True, env=dict(os.environ,
-                       CUDA_VISIBLE_DEVICES=''))
-    assert r.returncode == 2 and r.stderr.startswith('error: ') and r.stderr.count('\n') == 1, r.stderr
+    r = subprocess.run([sys.executable, os.path.join(ROOT, 'benchmarks', 'linear_shapes.py'), '--out', str(tmp_path)],
+                       capture_output=True, text=True, env=dict(os.environ, CUDA_VISIBLE_DEVICES=''))
+    assert r.returncode == 2 and r.stderr == ('error: argument --device: cuda: no CUDA GPU is available (this script '
+                                              'measures cuBLAS)\n'), r.stderr
     assert os.listdir(tmp_path) == []
