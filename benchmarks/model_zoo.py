@@ -242,7 +242,8 @@ def build_parser() -> Parser:
     p.add_argument('--resume', default=None, metavar='JSON',
                    help='the results JSON of an earlier run with the same settings on the same machine kind (GPU, '
                         'torch, timm): its finished sections are kept, the others run (those it left out, or that '
-                        'failed); only --time-limit, --json and --markdown may differ')
+                        'failed); only --time-limit, --json and --markdown may differ (--json may name this file, '
+                        'which the whole results then replace)')
     p.add_argument('--protocol', choices=['ours', 'original'], default='ours',
                    help='how the main table is timed: ours (interleaved rounds, no_grad, median; default) or '
                         'original (the original code: each row alone, fp32, autograd on, cudnn.benchmark, TF32 on '
@@ -276,7 +277,9 @@ def build_parser() -> Parser:
     p.add_argument('--json', default=None, help='where to write the results (default benchmarks/results/<device>.json; '
                                                  'with --quick runs/benchmark/<device>-quick.json); an existing file '
                                                  'is replaced only if this script wrote it')
-    p.add_argument('--markdown', default=None, help='where to write the tables (default: next to --json, .md)')
+    p.add_argument('--markdown', default=None, help='where to write the tables (default: next to --json, .md); an '
+                                                     'existing file is replaced only if it holds tables this script '
+                                                     'wrote')
     p.add_argument('--quick', action='store_true',
                    help='smoke run; for each of these not given: DeiT-Ti, rates 0.25,0.40, batch 8, 2 passes, '
                         'no compile, short sweeps, 2 original passes')
@@ -425,16 +428,29 @@ def _results_of(path: str) -> Optional[Dict]:
         return None
 
 
-def _earlier_output(path: str) -> bool:
-    """Whether the existing file ``path`` is one this script wrote (results JSON or tables), so that a new run
-    may replace it."""
-    if path.endswith('.json'):
-        return _results_of(path) is not None
+def _earlier_output(path: str, flag: str) -> Optional[str]:
+    """None if the existing file ``path`` is an output of this script of the kind ``flag`` writes (--json: a
+    results JSON; --markdown: its tables), so that a new run may replace it; else why it may not be replaced."""
+    results = _results_of(path) is not None
     try:
         with open(path) as f:
-            return f.readline().startswith('Measured on ')
+            tables = f.readline().startswith('Measured on ')
     except (OSError, UnicodeDecodeError):
-        return False
+        tables = False
+    if (results and flag == '--json') or (tables and flag == '--markdown'):
+        return None
+    if results:
+        return f'{path} is a results JSON of this benchmark, not its tables; refusing to overwrite it'
+    if tables:
+        return f'{path} holds the tables of this benchmark, not a results JSON; refusing to overwrite it'
+    return f'{path} exists and is not an output of this benchmark; refusing to overwrite it'
+
+
+def _same_file(a: str, b: str) -> bool:
+    """Whether two paths name one file (through links too), whether it exists yet or not."""
+    if os.path.exists(a) and os.path.exists(b):
+        return os.path.samefile(a, b)
+    return os.path.realpath(a) == os.path.realpath(b)
 
 
 # What a resumed run (--resume) may change: where it writes, when it stops starting sections, what it resumes.
@@ -459,7 +475,7 @@ def _resumable(args) -> Dict:
         raise UsageError(f'argument --resume: {path}: no such file')
     earlier = _results_of(path)
     if earlier is None:
-        raise UsageError(f'argument --resume: {path} is not a results JSON of this benchmark')
+        raise UsageError(f'argument --resume: {path} is not a results JSON of this benchmark{_shape_note(path)}')
     if 'settings' not in earlier or not isinstance(earlier['settings'], dict):
         raise UsageError(f'argument --resume: {path} records no settings')
     now = json.loads(json.dumps(settings_of(args)))
@@ -478,11 +494,44 @@ def _resumable(args) -> Dict:
     if other:
         raise UsageError(f'argument --resume: {path} was measured on another machine kind: ' + '; '.join(
             f'{k} {earlier["machine"].get(k)!r} there, {machine.get(k)!r} here' for k in other))
-    sections = earlier.get('sections') or []
+    sections = earlier['sections']
     if sections and all(s.get('status') == 'done' for s in sections):
         raise UsageError(f'argument --resume: every section of {path} is done: nothing to carry on (without '
                          f'--resume the benchmark runs again)')
+    problem = _resume_problem(earlier, plan_sections(args, torch.device(args.device)), args)
+    if problem:
+        raise UsageError(f'argument --resume: {path} is not a results JSON of this benchmark ({problem})')
     return earlier
+
+
+def _shape_note(path: str) -> str:
+    """' (what)' when ``path`` is a JSON object of which a part read back has another shape than this script
+    writes (report.shape_problem), else ''."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return ''
+    problem = report.shape_problem(data) if isinstance(data, dict) else None
+    return f' ({problem})' if problem else ''
+
+
+def _resume_problem(earlier: Dict, planned: List['Section'], args) -> Optional[str]:
+    """What a resumed run would read from ``earlier`` (report.load_results has checked its models, machine and
+    sections are what this script writes) and not find, or None: the results of each finished section it keeps
+    (adopt), and the code hashes and earlier runs it carries over."""
+    for section, old in zip(planned, earlier['sections']):
+        if old.get('status') != 'done' or old.get('section') != section.title(args):
+            continue  # not kept: run again
+        if section.kind == 'main' and section.model not in earlier['models']:
+            return f'its section {section.title(args)!r} is done but "models" has no {section.model!r}'
+        if section.kind in SWEEP_KEYS and not (isinstance(earlier.get('sweeps'), dict)
+                                               and isinstance(earlier['sweeps'].get(SWEEP_KEYS[section.kind]), dict)):
+            return f'its section {section.title(args)!r} is done but "sweeps" has no {SWEEP_KEYS[section.kind]!r}'
+    for key, kind in (('code', dict), ('earlier_runs', list)):
+        if key in earlier and not isinstance(earlier[key], kind):
+            return f'"{key}" is {report.json_kind(earlier[key])}, not {report.json_kind(kind())}'
+    return None
 
 
 def parse_args(argv=None):
@@ -501,12 +550,17 @@ def parse_args(argv=None):
                    else os.path.join(ROOT, 'benchmarks', 'results', f'{args.device}.json'))
         args.json = _writable(args.json or default, '--json', created)
         args.markdown = _writable(args.markdown or os.path.splitext(args.json)[0] + '.md', '--markdown', created)
-        for flag, path in (('--json', args.json), ('--markdown', args.markdown)):
-            if os.path.exists(path) and not _earlier_output(path):
-                raise UsageError(f'argument {flag}: {path} exists and is not an output of this benchmark; '
-                                 f'refusing to overwrite it')
-        if args.markdown == args.json:
+        if _same_file(args.markdown, args.json):
             raise UsageError('argument --markdown: the same file as --json')
+        # --json may name the file --resume reads: it is replaced (atomically) by the whole results, the sections
+        # kept from it included; the tables written over it would lose the run carried on
+        if args.resume is not None and _same_file(args.markdown, args.resume):
+            raise UsageError(f'argument --markdown: {args.markdown} is the results JSON --resume reads; refusing to '
+                             f'overwrite it with tables')
+        for flag, path in (('--json', args.json), ('--markdown', args.markdown)):
+            why = _earlier_output(path, flag) if os.path.exists(path) else None
+            if why:
+                raise UsageError(f'argument {flag}: {why}')
         args.earlier = _resumable(args) if args.resume is not None else None
     except UsageError as e:
         for folder in created:  # nothing written: remove the folders made for the outputs

@@ -940,6 +940,18 @@ def test_outputs_replace_only_files_the_benchmark_wrote(capsys, tmp_path):
     notes = tmp_path / 'notes.md'
     notes.write_text('my notes\n')
     assert 'not an output' in _refused(capsys, tmp_path, '--markdown', str(notes))
+    # the tables never replace a results JSON, nor the results the tables, whatever the file's name
+    results, tables = tmp_path / 'results.json', tmp_path / 'tables.md'
+    results.write_text(open(os.path.join(ROOT, 'benchmarks', 'results', 'cpu.json')).read())
+    tables.write_text(open(os.path.join(ROOT, 'benchmarks', 'results', 'cpu.md')).read())
+    before = results.read_text(), tables.read_text()
+    line = _refused(capsys, tmp_path, '--markdown', str(results))
+    assert line == (f'error: argument --markdown: {results} is a results JSON of this benchmark, not its tables; '
+                    f'refusing to overwrite it')
+    line = _refused(capsys, tmp_path, '--json', str(tables), '--markdown', str(tmp_path / 'refused' / 'r.md'))
+    assert line == (f'error: argument --json: {tables} holds the tables of this benchmark, not a results JSON; '
+                    f'refusing to overwrite it')
+    assert (results.read_text(), tables.read_text()) == before
     committed = os.path.join(ROOT, 'benchmarks', 'results', 'cpu')
     args = zoo.parse_args(['--device', 'cpu', '--json', committed + '.json'])  # a new measurement may replace it
     assert (args.json, args.markdown) == (committed + '.json', committed + '.md')
@@ -1269,6 +1281,53 @@ def test_resume_refuses_other_settings_another_machine_and_other_files(capsys, t
     assert _refused(capsys, tmp_path, '--rates', '0.25,0.4', '--resume', str(tmp_path / 'done.json')) == (
         f'error: argument --resume: every section of {tmp_path / "done.json"} is done: nothing to carry on (without '
         f'--resume the benchmark runs again)')
+
+
+def test_resume_may_write_its_results_over_the_file_it_carries_on_but_not_the_tables(capsys, tmp_path):
+    """--json may name the file --resume reads (its whole results, the kept sections included, replace it
+    atomically); --markdown naming it would turn the results into tables, and is refused."""
+    earlier = _earlier_results(tmp_path, '--rates', '0.25,0.4')
+    before = open(earlier).read()
+    args = _parse(tmp_path, '--rates', '0.25,0.4', '--resume', earlier, '--json', earlier)
+    assert (args.json, args.markdown) == (earlier, earlier[:-len('.json')] + '.md') and args.earlier
+    line = _refused(capsys, tmp_path, '--rates', '0.25,0.4', '--resume', earlier, '--markdown', earlier)
+    assert line == (f'error: argument --markdown: {earlier} is the results JSON --resume reads; refusing to '
+                    f'overwrite it with tables')
+    assert open(earlier).read() == before
+
+
+@pytest.mark.parametrize('case, words', [
+    ('sections a number', '("sections" is a number, not a list)'),
+    ('sections strings', '(an entry of "sections" is not an object)'),
+    ('machine a list', '("machine" is a list, not an object)'),
+    ('models a list', '("models" is a list, not an object)'),
+    ('model without rows', "(model 'tiny' has no list of rows)"),
+    ('main done, its model missing', "(its section 'DeiT-Ti, batch 32 (main table)' is done but \"models\" has no "
+                                     "'tiny')"),
+    ('sweep done, its results missing', "(its section 'DeiT-Ti (rate-sweep)' is done but \"sweeps\" has no "
+                                        "'rate')"),
+    ('code a list', '("code" is a list, not an object)'),
+])
+def test_resume_of_a_results_json_of_another_shape_is_one_line(capsys, tmp_path, case, words):
+    """A results JSON whose parts are not what this script writes (edited by hand, cut short by another tool) is
+    refused naming what, before any work; every part a resumed run reads is checked."""
+    path = _earlier_results(tmp_path, '--rates', '0.25,0.4')
+    results = json.loads(open(path).read())
+    args = _parse(tmp_path, '--rates', '0.25,0.4', folder='plan')
+    results['sections'] = [{'section': s.title(args), 'kind': s.kind, 'model': s.model, 'batch_size': s.batch,
+                            'status': 'pending'} for s in zoo.plan_sections(args, CPU)]
+    done = {'main done, its model missing': 'main', 'sweep done, its results missing': 'rate-sweep'}.get(case)
+    for section in results['sections']:
+        if section['kind'] == done:
+            section['status'] = 'done'
+            break
+    results.update({'sections a number': {'sections': 5}, 'sections strings': {'sections': ['a', 'b']},
+                    'machine a list': {'machine': [1, 2]}, 'models a list': {'models': []},
+                    'model without rows': {'models': {'tiny': {}}}, 'code a list': {'code': []}}.get(case, {}))
+    with open(path, 'w') as f:
+        json.dump(results, f)
+    line = _refused(capsys, tmp_path, '--rates', '0.25,0.4', '--resume', path)
+    assert line == f'error: argument --resume: {path} is not a results JSON of this benchmark {words}', line
 
 
 def test_original_protocol_runs_on_cpu_and_says_so(tmp_path, capsys, one_thread):
