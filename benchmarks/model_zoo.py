@@ -80,7 +80,7 @@ from benchmarks import report  # noqa: E402
 from benchmarks.formulations import (  # noqa: E402
     REFERENCES, REGISTRY, CompileBudget, Context, Runs, ScatterRouting, blocks_as_identity, build_runs,
     configure_dynamo, dense_label, image_shape, plan, pruned_copy, pruned_label, rate_tag, rebuild_for_batch,
-    resolve_model, rows_to_rebuild, run_blocks_ours, seeded_models, select, short_name,
+    resolve_model, rows_to_rebuild, run_blocks_ours, seeded_models, select, short_name, unavailable,
 )
 from benchmarks.stats import Timings, as_fields, paired  # noqa: E402
 from engine import original_settings, steady_allocator  # noqa: E402
@@ -327,8 +327,9 @@ def _fill_defaults(args) -> None:
             setattr(args, dest, normal[dest])
 
 
-def _check(args) -> None:
-    """Everything that depends on more than one flag, or on the machine; raises UsageError."""
+def _check(args, set_flags=frozenset()) -> None:
+    """Everything that depends on more than one flag, or on the machine; raises UsageError.  ``set_flags``: the
+    destinations set on the command line."""
     if args.device == 'cuda' and not torch.cuda.is_available():
         raise UsageError('argument --device: no CUDA device is available')
     if not args.models:
@@ -366,6 +367,26 @@ def _check(args) -> None:
         tags[rate_tag(rate)] = rate
     if args.protocol != 'original' and args.original_passes is not None:
         raise UsageError('argument --original-passes: only with --protocol original')
+    _check_no_effect(args, set_flags)
+
+
+def _check_no_effect(args, set_flags) -> None:
+    """A flag given for something this run does not do is refused, as --original-passes without --protocol
+    original is: accepted, it would be silently ignored."""
+    if not any(REGISTRY[n].compiled for n in args.rows):
+        why = ('no row of --rows is compiled' if args.compile else
+               'torch.compile is off (--no-compile), so no compiled row runs' if 'compile' in set_flags else
+               'torch.compile is off (--quick without --compile), so no compiled row runs')
+        for dest in ('compile_models', 'compile_budget', 'compile_min_batch'):
+            if dest in set_flags:
+                raise UsageError(f'argument {_flag(dest)}: has no effect here: {why}')
+    if 'scoring_batch_size' in set_flags and not args.scoring_repeats:
+        why = '' if 'scoring_repeats' in set_flags else f' (its default on {args.device})'
+        raise UsageError(f'argument --scoring-batch-size: has no effect here: --scoring-repeats is 0{why}, so the '
+                         f'scoring cost is not measured')
+    if 'fast_autotune' in set_flags and not any(n.startswith('fast-') for n in args.rows):  # the fast path's rows
+        flag = '--fast-autotune' if args.fast_autotune else '--no-fast-autotune'
+        raise UsageError(f'argument {flag}: has no effect here: no row of --rows is a fast-path row (fast-*)')
 
 
 def _check_rows(args) -> None:
@@ -379,6 +400,11 @@ def _check_rows(args) -> None:
         devices = REGISTRY[name].devices
         if args.device not in devices:
             raise UsageError(f'argument --rows: {name} runs on {" and ".join(devices)} only, not on {args.device}')
+        # a row asked for that cannot run here (no Triton, Triton on CPU without its interpreter) is refused now,
+        # not skipped with a note once the other rows have run; the default rows skip it with that note
+        reason = unavailable(REGISTRY[name], torch.device(args.device)) if args.rows_given else None
+        if reason:
+            raise UsageError(f'argument --rows: {name} cannot run here: {reason}')
     for name in REFERENCES:
         if name not in args.rows:
             raise UsageError(f'argument --rows: {" and ".join(REFERENCES)} are always timed (the baseline of every '
@@ -539,9 +565,11 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     created: List[str] = []
     args.rows_given = args.rows is not None
+    # the flags set on the command line (those whose default is None), before the defaults fill them in
+    set_flags = frozenset(dest for dest, value in vars(args).items() if value is not None)
     try:
         _fill_defaults(args)
-        _check(args)
+        _check(args, set_flags)
         for flag in ('json', 'markdown'):
             if getattr(args, flag) == '':
                 raise UsageError(f'argument --{flag}: an empty path')

@@ -904,12 +904,44 @@ def test_every_numeric_flag_refuses_nan_inf_negative_and_out_of_range_values_nam
     (['--rows', 'timm,ours,fast-triton-graph'], '--rows', 'fast-triton-graph runs on cuda only, not on cpu'),
     (['--rows', 'timm,ours,ours-compiled', '--no-compile'], '--rows', 'ours-compiled use torch.compile'),
     (['--rows', 'timm,ours,timm-compiled', '--quick'], '--rows', 'add --compile'),
+    (['--no-compile', '--compile-budget', '10'], '--compile-budget', 'torch.compile is off (--no-compile)'),
+    (['--quick', '--compile-models', 'tiny'], '--compile-models', 'off (--quick without --compile)'),
+    (['--quick', '--compile-min-batch', '8'], '--compile-min-batch', 'so no compiled row runs'),
+    (['--rows', 'timm,ours', '--compile-budget', '5'], '--compile-budget', 'no row of --rows is compiled'),
+    (['--scoring-repeats', '0', '--scoring-batch-size', '16'], '--scoring-batch-size', '--scoring-repeats is 0,'),
+    (['--no-fast-autotune'], '--no-fast-autotune', 'no row of --rows is a fast-path row'),
     (['--device', 'tpu'], '--device', 'invalid choice'),
     (['--no-such-flag'], '--no-such-flag', 'unrecognized'),
 ])
 def test_other_mistakes_are_one_line_naming_the_flag(capsys, tmp_path, argv, flag, words):
     line = _refused(capsys, tmp_path, '--models', 'tiny', *argv)  # the last --models given counts
     assert flag in line and words in line, line
+
+
+def test_flags_for_what_the_run_does_are_accepted_where_it_does_it(tmp_path):
+    """The counterparts of the refusals of flags without effect: with the rows they steer, they are taken."""
+    args = _parse(tmp_path, '--quick', '--compile', '--compile-budget', '5', '--compile-min-batch', '8')
+    assert (args.compile_budget, args.compile_min_batch) == (5.0, 8) and 'ours-compiled' in args.rows
+    args = _parse(tmp_path, '--rows', 'timm,ours,fast-torch-dense,fast-torch', '--no-fast-autotune',
+                  '--scoring-repeats', '2', '--scoring-batch-size', '4')
+    assert args.fast_autotune is False and (args.scoring_repeats, args.scoring_batch_size) == (2, 4)
+
+
+def test_rows_asked_for_that_cannot_run_here_are_refused_and_default_ones_skipped(capsys, tmp_path, monkeypatch):
+    """Triton runs on CPU only under its interpreter: fast-triton named in --rows is refused before any work
+    (it was skipped with a note after the other rows had run); among the default rows it is left out with that
+    note, as before."""
+    monkeypatch.setattr(K, 'INTERPRETER', False)
+    line = _refused(capsys, tmp_path, '--rows', 'timm,ours,fast-triton')
+    assert line.startswith('error: argument --rows: fast-triton cannot run here: '), line
+    monkeypatch.setitem(zoo.DEFAULT_ROWS, 'cpu', ['timm', 'ours', 'fast-triton'])
+    args = _parse(tmp_path, '--quick')
+    assert args.rows == ['timm', 'ours', 'fast-triton']
+    timed, skipped = F.select(CPU, args.compile, names=args.rows)
+    assert [f.name for f in timed] == ['timm', 'ours'] and list(skipped) == ['fast-triton']
+    if K.HAS_TRITON:  # under the interpreter it runs on CPU, so asking for it is fine
+        monkeypatch.setattr(K, 'INTERPRETER', True)
+        assert _parse(tmp_path, '--rows', 'timm,ours,fast-triton').rows == ['timm', 'ours', 'fast-triton']
 
 
 def test_outputs_are_checked_writable_before_any_work(capsys, tmp_path):
@@ -998,8 +1030,10 @@ def test_quick_run_summary_agrees_with_the_rows_it_comes_from(tmp_path, capsys, 
                             requires='benchmarks_test_no_such_module')
     for f in (extra, extra_dense, missing):
         monkeypatch.setitem(F.REGISTRY, f.name, f)
-    res = zoo.main(SMALL + ['--json', str(tmp_path / 'r.json'),
-                            '--rows', 'needs-missing,extra-eager,ours,timm,boolean,extra-dense'])
+    # among the default rows, one that cannot run here is skipped with a note (named in --rows, it is refused)
+    monkeypatch.setitem(zoo.DEFAULT_ROWS, 'cpu', ['needs-missing', 'extra-eager', 'ours', 'timm', 'boolean',
+                                                  'extra-dense'])
+    res = zoo.main(SMALL + ['--json', str(tmp_path / 'r.json')])
     out = capsys.readouterr().out
     assert json.loads((tmp_path / 'r.json').read_text())['summary'] == res['summary']
     assert [line for line in out.splitlines() if line.startswith('--quick set:')] == [zoo.quick_line(
@@ -1435,6 +1469,8 @@ def test_gpu_check_benchmark_commands_are_valid_model_zoo_command_lines(tmp_path
     assert len(commands) == 3  # the compiles done ahead, the benchmark (or its resumption) and the profile
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
     monkeypatch.setattr(zoo, 'machine_info', lambda device: {'device': str(device), 'gpu': 'NVIDIA H200'})
+    # rows named in --rows must run here: their modules must import; Triton on the (absent) GPU is taken as there
+    monkeypatch.setattr(zoo, 'unavailable', lambda formulation, device=None: F.unavailable(formulation))
     parsed = {}
     for command in commands:
         line = command.split('benchmarks/model_zoo.py', 1)[1].replace('$OUT', str(tmp_path))
