@@ -99,7 +99,11 @@ if [ $files -gt 8 ]; then
 fi
 mkdir -p "$OUT"
 # a reused $OUT (a local run) must not lend this run an earlier one's verdicts or results
-rm -f "$OUT/status.txt" "$OUT/cuda.json" "$OUT/cuda.md" "$OUT/profile.json" "$OUT/profile.md"
+# (but not the results a resume reads, when $RESUME names $OUT/cuda.json: the resumed run replaces it whole)
+for f in status.txt cuda.json cuda.md profile.json profile.md; do
+    if [ ${#resume[@]} -gt 0 ] && [ "$(realpath -m "$OUT/$f")" = "$(realpath -m "$RESUME")" ]; then continue; fi
+    rm -f "$OUT/$f"
+done
 touch "$OUT/status.txt"
 
 # step NAME SECONDS COMMAND...: run COMMAND under a hard time limit, output to $OUT/NAME.log, status recorded.
