@@ -3,7 +3,8 @@
 One row per image, one small panel per block. A patch the block clips (it skips the block unchanged) is
 greyed out; a patch the block processes is shown as is, and outlined when the block before clipped it
 (the token "comes back" with the features it had: clip & concat never discards a token). The masks are the
-model's own: ``model.kept_token_ids()`` (original ids of the tokens each block processes; id 0 is the class token, not a patch).
+model's own: ``model.kept_token_ids()`` (original ids of the tokens each block processes; id 0 is the class
+token, not a patch).
 
     python demo/draw_masks.py --resume runs/demo/finetune_attn_0.25/checkpoint.pth --data-path DIGITS \
         --out masks.png
@@ -16,6 +17,8 @@ work starts: a bad one is one ``error: ...`` line and exit code 2.
 """
 import argparse
 import os
+import re
+import shutil
 import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -33,8 +36,8 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import models  # noqa: E402,F401  (registers the cc_deit_* models with timm)
-from utils import UserError, check_output_dir, one_line  # noqa: E402
-from utils.cli import AT_LEAST_ONE, EXIT_USER_ERROR, OneLineParser, Range, check_numbers  # noqa: E402
+from utils import UserError, check_output_dir, one_line, write_atomic  # noqa: E402
+from utils.cli import AT_LEAST_ONE, EXIT_USER_ERROR, OneLineParser, Range, check_numbers, spell  # noqa: E402
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff', '.ppm')
 CLIPPED_GREY = np.array([0.62, 0.62, 0.66])  # what a clipped patch is blended towards
@@ -90,7 +93,8 @@ def draw_masks(model: nn.Module, images: torch.Tensor, out_path: str, mean: Sequ
                panel_inches: float = 1.15, dpi: int = 110) -> str:
     """Draw ``images`` (B, 3, H, W, normalised as the model expects) with the patches each block keeps.
 
-    Row b: the image, then one panel per block. Returns ``out_path`` (a PNG).
+    Row b: the image, then one panel per block. Returns ``out_path``, written in the format its extension names
+    (PNG without one) through the atomic writer: a failed write leaves the previous file as it was.
     """
     model = getattr(model, 'module', model)
     gh, gw, ph, pw = _grid(model)
@@ -135,10 +139,11 @@ def draw_masks(model: nn.Module, images: torch.Tensor, out_path: str, mean: Sequ
                  f'{depth * num_patches} ({1 - kept_total / (depth * num_patches):.0%})', fontsize=9)
     fig.supxlabel('grey: clipped at this block (the token skips it unchanged and is concatenated back)\n'
                   'orange box: comes back here (clipped by the block before, processed by this one)', fontsize=7)
-    out_dir = os.path.dirname(os.path.abspath(out_path))
-    os.makedirs(out_dir, exist_ok=True)
-    fig.savefig(out_path, dpi=dpi)
-    plt.close(fig)
+    fmt = os.path.splitext(out_path)[1][1:].lower() or 'png'
+    try:
+        write_atomic(out_path, lambda f: fig.savefig(f, format=fmt, dpi=dpi))
+    finally:
+        plt.close(fig)
     return out_path
 
 
@@ -232,15 +237,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument('--model', default=None, help='e.g. deit_tiny_patch16_224 (default: from the checkpoint)')
     p.add_argument('--data-path', default='DIGITS', help='an image folder, or DIGITS')
     p.add_argument('--data-set', default=None, choices=['DIGITS', 'IMNET'],
-                   help='DIGITS ignores --data-path; IMNET reads images from --data-path (default: DIGITS when '
-                        '--data-path is DIGITS, its default, else IMNET)')
+                   help='DIGITS: scikit-learn\'s digits (a --data-path folder is refused with it, as finetune.py '
+                        'does); IMNET reads images from --data-path (default: DIGITS when --data-path is DIGITS, '
+                        'its default, else IMNET)')
     p.add_argument('--num-images', default=4, type=int, help=f'rows: one image each (1 to {MAX_ROWS})')
     p.add_argument('--input-size', default=None, type=int)
     p.add_argument('--eval-crop-ratio', default=1.0, type=float,
-                   help='in (0, 1]: as finetune.py\'s (default 1.0, the whole image squashed; 0.875 is DeiT\'s crop)')
+                   help='in (0, 1]: as finetune.py\'s (default 1.0, the whole image squashed; 0.875 is DeiT\'s crop; '
+                        'no effect on DIGITS or at an input of 32 px or less, which a note says)')
     p.add_argument('--out', default='masks.png',
-                   help='the picture; its extension is the format (png, pdf, svg, ...; default masks.png)')
-    p.add_argument('--title', default=None)
+                   help='the picture, written exactly there; its extension is the format and is required (png, pdf, '
+                        'svg, ...; default masks.png)')
+    p.add_argument('--title', default=None, help='matplotlib text: $...$ is math (write \\$ for a dollar sign)')
     return p
 
 
@@ -251,13 +259,23 @@ NUMERIC_FLAGS: Dict[str, Range] = {
 
 
 def check_out_file(out: str, flag: str = '--out') -> None:
-    """``out`` can be written as a picture: a format matplotlib writes (by its extension, if it has one), not a
-    directory, in a folder that exists or can be created and is writable (nothing is created to find out)."""
+    """``out`` can be written as a picture: a file name with the extension of a format matplotlib writes here, not
+    a directory, in a folder that exists or can be created and is writable (nothing is created to find out).
+    The extension is required: without one matplotlib would add ``.png`` and write another file than the one
+    named (and the name given could be that of a checkpoint)."""
+    if not out:
+        raise UserError(f'{flag} is empty: give the picture\'s file name (e.g. masks.png)')
     extension = os.path.splitext(out)[1][1:].lower()
     formats = matplotlib.figure.Figure().canvas.get_supported_filetypes()
-    if extension and extension not in formats:
+    if not extension:
+        raise UserError(f'{flag} {out} has no extension: name the picture with its format, e.g. {out}.png '
+                        f'(one of {", ".join(sorted(formats))})')
+    if extension not in formats:
         raise UserError(f'{flag} {out}: .{extension} is not a picture format matplotlib writes '
                         f'(use one of {", ".join(sorted(formats))})')
+    texsystem = matplotlib.rcParams['pgf.texsystem']
+    if extension == 'pgf' and not shutil.which(texsystem):
+        raise UserError(f'{flag} {out}: matplotlib writes .pgf with {texsystem}, which is not installed here')
     if os.path.isdir(out):
         raise UserError(f'{flag} {out} is a directory; give the picture\'s file name')
     folder = os.path.dirname(os.path.abspath(out))
@@ -268,12 +286,59 @@ def check_out_file(out: str, flag: str = '--out') -> None:
         raise UserError(f'{flag} {out}: its folder {folder} {what} ({str(e).rsplit(": ", 1)[-1]})') from None
 
 
+def check_text(text: str, flag: str) -> None:
+    """``text`` can be typeset by matplotlib: its ``$...$`` parts are mathtext, which raises on an unknown
+    command only when the figure is drawn, after all the work; a small figure drawn here finds it first."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    fig = matplotlib.figure.Figure(figsize=(1, 1))
+    FigureCanvasAgg(fig)
+    fig.suptitle(text, fontsize=9)
+    try:
+        fig.canvas.draw()
+    except ValueError as e:
+        why = re.sub(r'^\w+Exception: ', '', one_line(e))
+        shown = text.replace('\n', '\\n')  # the error stays one line
+        raise UserError(f'{flag} {shown}: matplotlib cannot typeset its $...$ math ({why}); '
+                        f'write \\$ for a dollar sign') from None
+
+
+def plain_text(text: str) -> str:
+    """``text`` drawn as written (file names, paths): its dollar signs escaped so none starts mathtext."""
+    return text.replace('$', r'\$')
+
+
+def uses_digits(args: argparse.Namespace) -> bool:
+    return args.data_set == 'DIGITS' or (args.data_set is None and args.data_path.upper() == 'DIGITS')
+
+
 def validate_args(args: argparse.Namespace, parser: Optional[argparse.ArgumentParser] = None) -> None:
     """Refuse a bad command line before any work starts (no model loaded, no file or directory written)."""
     check_numbers(args, parser or get_args_parser(), NUMERIC_FLAGS)
     if args.data_set == 'IMNET' and args.data_path.upper() == 'DIGITS':
         raise UserError('--data-set IMNET reads an image folder: give it with --data-path')
+    if args.data_set == 'DIGITS' and args.data_path.upper() != 'DIGITS':
+        raise UserError("--data-set DIGITS is scikit-learn's digits, read from the package: --data-path does not "
+                        'apply')
     check_out_file(args.out)
+    if os.path.exists(args.out) and os.path.exists(args.resume) and os.path.samefile(args.out, args.resume):
+        raise UserError(f'--out {args.out} is the --resume checkpoint: give the picture another name')
+    if args.title is not None:
+        check_text(args.title, '--title')
+
+
+def unused_flag_notes(args: argparse.Namespace, parser: argparse.ArgumentParser, size: int) -> List[str]:
+    """``note:`` lines for the flags given that this drawing does not use, at an input of ``size`` px: the
+    evaluation transform is finetune.py's, so finetune.py's own rules (``finetune.unused_flags`` of the
+    ``--eval`` this drawing does) say which flags it ignores and why."""
+    import finetune
+    given = getattr(args, 'given', frozenset())
+    if 'eval_crop_ratio' not in given:
+        return []
+    evaluation = finetune.get_args_parser().parse_args(
+        ['--eval', '--data-set', 'DIGITS' if uses_digits(args) else 'IMNET', '--input-size', str(size)])
+    why = finetune.unused_flags(evaluation).get('eval_crop_ratio')
+    return [] if why is None else [f'note: {spell(parser, "eval_crop_ratio", args.eval_crop_ratio)} has no effect: '
+                                   f'{why}']
 
 
 def main(argv=None) -> int:
@@ -286,19 +351,22 @@ def main(argv=None) -> int:
         mean = tuple(cfg.get('mean', (0.485, 0.456, 0.406)))
         std = tuple(cfg.get('std', (0.229, 0.224, 0.225)))
         size = model.patch_embed.img_size[0]
-        if args.data_set == 'DIGITS' or (args.data_set is None and args.data_path.upper() == 'DIGITS'):
+        for line in unused_flag_notes(args, parser, size):
+            print(line)
+        if uses_digits(args):
             images, targets = digits_images(args.num_images)
             mean = std = (0.5, 0.5, 0.5)
             labels = [f'digit {t}' for t in targets]
         else:
             images, labels = folder_images(args.data_path, args.num_images, size, mean, std,
                                            args.eval_crop_ratio)
+            labels = [plain_text(label) for label in labels]
         with torch.no_grad():
             preds = model(images).argmax(1).tolist()
         row_labels = [f'{lab}\npred {class_name(p, model.num_classes)}' for lab, p in zip(labels, preds)]
         parent = os.path.basename(os.path.dirname(os.path.abspath(args.resume)))
         name = os.path.join(parent, os.path.basename(args.resume))
-        title = args.title or f'{name} ({cfg.get("architecture", "")})'
+        title = args.title or plain_text(f'{name} ({cfg.get("architecture", "")})')
         draw_masks(model, images, args.out, mean, std, row_labels, title)
         print(f'Saved {args.out}')
     except UserError as e:

@@ -267,6 +267,12 @@ def test_train_teacher_retrains_on_another_lr_or_seed(lr, seed, retrained, tmp_p
     (['--out', 'FILE/m.png'], '--out'),
     (['--out', '.'], '--out'),
     (['--out', '/proc/none/m.png'], '--out'),
+    (['--out', ''], '--out'),  # matplotlib would write a hidden .png
+    (['--out', 'FILE'], '--out'),  # no extension: matplotlib would write FILE.png, and FILE may be the checkpoint
+    (['--out', 'm'], '--out'),
+    (['--title', r'$\foo$'], '--title'),  # mathtext fails only when the figure is drawn, after the work
+    (['--title', r'$\frac{1}$ of the slots'], '--title'),
+    (['--data-set', 'DIGITS', '--data-path', 'FILE'], '--data-path'),  # as finetune.py: DIGITS reads no folder
 ])
 def test_draw_masks_refuses_bad_arguments_before_any_work(argv, flag, tmp_path, monkeypatch, capsys):
     """Each bad flag of draw_masks.py: exit code 2, one `error:` line naming it, before the model is loaded and
@@ -281,3 +287,64 @@ def test_draw_masks_refuses_bad_arguments_before_any_work(argv, flag, tmp_path, 
     assert code == 2
     assert_one_error_line(capsys.readouterr().err, flag)
     assert sorted(p.name for p in tmp_path.iterdir()) == ['FILE']
+
+
+def digits_checkpoint(tmp_path):
+    """A digits model file whose args name its model, as finetune.py writes it (draw_masks reads the name)."""
+    import argparse
+    import timm
+    model = timm.create_model('cc_deit_digits_patch4_32')
+    path = tmp_path / 'ckpt.pth'
+    torch.save({'model': model.state_dict(), 'args': argparse.Namespace(model='deit_digits_patch4_32')}, path)
+    return path
+
+
+def test_draw_masks_refuses_to_draw_over_the_checkpoint(tmp_path, monkeypatch, capsys):
+    """--out naming the --resume file itself is refused before the model is loaded; the checkpoint is left alone."""
+    ckpt = tmp_path / 'model.png'
+    ckpt.write_bytes(b'checkpoint')
+    monkeypatch.setattr(draw_masks, 'load_model', no_work)
+    assert exit_code(draw_masks.main, ['--resume', str(ckpt), '--out', str(ckpt)]) == 2
+    assert_one_error_line(capsys.readouterr().err, '--out')
+    assert ckpt.read_bytes() == b'checkpoint'
+
+
+def test_draw_masks_failed_write_keeps_the_previous_picture(tmp_path, monkeypatch, capsys):
+    """A disk that fills while the picture is written: one error line, exit code 2, the previous picture intact
+    and no temporary file left (the picture goes through the atomic writer, not straight to --out)."""
+    import errno
+    import matplotlib.figure
+    ckpt = digits_checkpoint(tmp_path)
+    out = tmp_path / 'm.png'
+    out.write_bytes(b'previous picture')
+
+    def full_disk(fig, f, **kwargs):
+        f.write(b'\x89PNG partial')
+        raise OSError(errno.ENOSPC, 'No space left on device')
+    monkeypatch.setattr(matplotlib.figure.Figure, 'savefig', full_disk)
+    assert draw_masks.main(['--resume', str(ckpt), '--num-images', '1', '--out', str(out)]) == 2
+    captured = capsys.readouterr()
+    assert_one_error_line(captured.err, 'No space left on device')
+    assert 'Saved' not in captured.out
+    assert out.read_bytes() == b'previous picture'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['ckpt.pth', 'm.png']
+
+
+def test_draw_masks_notes_an_eval_crop_ratio_it_does_not_use(tmp_path, capsys):
+    """--eval-crop-ratio, given, is noted where the evaluation transform ignores it (finetune.py's rules: DIGITS has
+    its own transform; at 32 px or less nothing is cropped), and not where it crops; the picture is still drawn."""
+    ckpt = digits_checkpoint(tmp_path)
+    out = tmp_path / 'm.svg'
+    assert draw_masks.main(['--resume', str(ckpt), '--num-images', '1', '--eval-crop-ratio', '0.875',
+                            '--out', str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == 'note: --eval-crop-ratio 0.875 has no effect: --data-set DIGITS has its own fixed transform'
+    assert lines[-1] == f'Saved {out}' and out.read_text().lstrip().startswith('<?xml')
+    parser = draw_masks.get_args_parser()
+    folder = parser.parse_args(['--resume', 'x', '--data-path', str(tmp_path), '--eval-crop-ratio', '0.875'])
+    assert draw_masks.unused_flag_notes(folder, parser, 224) == []
+    assert draw_masks.unused_flag_notes(folder, parser, 32) == [
+        'note: --eval-crop-ratio 0.875 has no effect: at an input of 32 px or less the evaluation does not crop (as '
+        'in DeiT, which takes CIFAR images as they are)']
+    default = parser.parse_args(['--resume', 'x', '--data-path', str(tmp_path)])
+    assert draw_masks.unused_flag_notes(default, parser, 32) == []  # not given: nothing to say
