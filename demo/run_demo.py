@@ -58,8 +58,9 @@ ROW_KEYS = ('name', 'prune_mode', 'prune_rate', 'finetuned', 'acc1', 'gflops', '
 # are pinned anyway; --lr and --warmup-epochs are given per stage. --uniform-lr: every parameter group follows the
 # schedule (the paper's finetuning keeps weight matrices at 1e-6, which would leave a teacher trained from scratch
 # untrained).
-RECIPE = ['--uniform-lr', '--no-repeated-aug', '--opt', 'adamw', '--opt-eps', '1e-8', '--momentum', '0.9', '--weight-decay', '0.05', '--smoothing', '0.1',
-          '--unscale-lr', '--sched', 'cosine', '--min-lr', '1e-5', '--warmup-lr', '1e-6', '--decay-epochs', '30',
+RECIPE = ['--uniform-lr', '--no-repeated-aug', '--opt', 'adamw', '--opt-eps', '1e-8', '--momentum', '0.9',
+          '--weight-decay', '0.05', '--smoothing', '0.1', '--unscale-lr',
+          '--sched', 'cosine', '--min-lr', '1e-5', '--warmup-lr', '1e-6', '--decay-epochs', '30',
           '--cooldown-epochs', '10', '--patience-epochs', '10', '--decay-rate', '0.1',
           '--mixup', '0', '--cutmix', '0', '--reprob', '0', '--aa', 'none', '--drop', '0', '--drop-path', '0',
           '--no-model-ema']
@@ -68,6 +69,25 @@ DISTILL = ['--distillation-type', 'soft', '--distillation-alpha', '0.5', '--dist
 
 
 MAX_MASK_ROWS = 32  # draw_masks.MAX_ROWS (a test keeps them equal; draw_masks loads matplotlib, imported to draw)
+# What --quick sets, for each of these flags not given on the command line (a flag given keeps its value).
+QUICK = {'teacher_epochs': 2, 'finetune_epochs': 1, 'prune_batches': 4, 'speed_repeats': 5}
+
+
+def flags_text(values: Dict[str, object]) -> str:
+    """``{'teacher_epochs': 2, 'seeds': [0, 1]}`` as the command line says it: '--teacher-epochs 2, --seeds 0 1'."""
+    return ', '.join(f'--{dest.replace("_", "-")} '
+                     + (' '.join(map(str, value)) if isinstance(value, (list, tuple)) else str(value))
+                     for dest, value in values.items())
+
+
+def apply_quick(a: argparse.Namespace, quick: Dict[str, object]) -> Dict[str, object]:
+    """``--quick``: the values of ``quick`` for the flags the command line did not give (``a.given``, kept by the
+    parser); a flag given keeps its value, so that --quick never overrides what was asked. Returns what it set."""
+    given = getattr(a, 'given', frozenset())
+    chosen = {dest: value for dest, value in quick.items() if dest not in given}
+    for dest, value in chosen.items():
+        setattr(a, dest, list(value) if isinstance(value, (list, tuple)) else value)
+    return chosen
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -82,7 +102,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument('--speed-repeats', default=30, type=int)
     p.add_argument('--num-images', default=4, type=int, help=f'rows of masks.png (1 to {MAX_MASK_ROWS})')
     p.add_argument('--quick', action='store_true',
-                   help='a few epochs only (teacher 2, finetune 1, 4 scoring batches): checks the plumbing')
+                   help=f'checks the plumbing in about a minute: {flags_text(QUICK)}, each where not given '
+                        f'(a value given wins)')
     p.add_argument('--fresh', action='store_true', help='retrain the teacher even if <out>/teacher has one')
     p.add_argument('--device', default=None, help='cpu or cuda (default: the CLI\'s, cuda when available)')
     p.add_argument('--seed', default=0, type=int)
@@ -331,9 +352,14 @@ def main(argv=None) -> int:
         print(f'error: {one_line(e)}', file=sys.stderr)
         return EXIT_USER_ERROR
     if a.quick:
-        a.teacher_epochs, a.finetune_epochs = min(a.teacher_epochs, 2), min(a.finetune_epochs, 1)
-        a.prune_batches = a.prune_batches or 4
-        a.speed_repeats = min(a.speed_repeats, 5)
+        chosen = apply_quick(a, QUICK)
+        if chosen:
+            print(f'--quick set: {flags_text(chosen)} (every other value as given or its default)', flush=True)
+    return run(a)
+
+
+def run(a: argparse.Namespace) -> int:
+    """The demo's stages, for checked arguments."""
     out = a.out
     os.makedirs(out, exist_ok=True)
     t0 = time.time()

@@ -1,7 +1,7 @@
 """Taylor against random pruning at mini scale, over seeds and prune rates: the demo's pipeline, repeated.
 
     python demo/study.py            # or: make study   (12 minutes on 2 quiet CPU cores; demo/STUDY.md has the timing)
-    python demo/study.py --quick    # 2 seeds, 2 rates, 1 epoch each: checks the plumbing in 1-2 minutes
+    python demo/study.py --quick    # seeds 0 1, rates 0.25 0.40, short runs: checks the plumbing in 1-2 minutes
 
 The demo (demo/run_demo.py) makes one run at one budget, which cannot say whether Taylor masks beat random
 ones. This script calls the demo's own stages (so every step still runs through finetune.py's code, in-process)
@@ -66,6 +66,9 @@ TEACHER_SEED = 0                      # the teacher is trained once, with the de
 CONFIDENCE = 0.95
 RUN_KEYS = ('prune_rate', 'prune_mode', 'seed', 'finetuned', 'acc1', 'gflops', 'kept_tokens', 'masks_sha1',
             'checkpoint')
+# What --quick sets, for each of these flags not given on the command line (a flag given keeps its value).
+QUICK = {'seeds': list(SEEDS[:2]), 'rates': list(RATES[:2]), 'teacher_epochs': 2, 'finetune_epochs': 1,
+         'prune_batches': 4}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -82,8 +85,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument('--prune-batches', default=None, type=int,
                    help='score at most this many training batches (default: the whole training set, as the demo)')
     p.add_argument('--quick', action='store_true',
-                   help='2 seeds, 2 rates, teacher 2 epochs, finetuning 1, 4 scoring batches (as the demo\'s '
-                        '--quick): checks the plumbing')
+                   help=f'checks the plumbing in 1-2 minutes: {demo.flags_text(QUICK)}, each where not given '
+                        f'(a value given wins)')
     p.add_argument('--fresh', action='store_true', help='retrain the teacher even if <out>/teacher has one')
     p.add_argument('--device', default=None, help='cpu or cuda (default: the CLI\'s, cuda when available)')
     p.add_argument('--verbose', action='store_true', help='show every line finetune.py prints')
@@ -109,15 +112,16 @@ def validate_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
 
 
 def check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
-    """``validate_args``, a mistake being one ``error:`` line and exit code 2 (SystemExit); then ``--quick``."""
+    """``validate_args``, a mistake being one ``error:`` line and exit code 2 (SystemExit); then ``--quick``, which
+    sets only the flags not given (and says which)."""
     try:
         validate_args(p, a)
     except UserError as e:
         p.exit(EXIT_USER_ERROR, f'error: {one_line(e)}\n')
     if a.quick:
-        a.seeds, a.rates = a.seeds[:2], a.rates[:2]
-        a.teacher_epochs, a.finetune_epochs = min(a.teacher_epochs, 2), min(a.finetune_epochs, 1)
-        a.prune_batches = a.prune_batches or 4
+        chosen = demo.apply_quick(a, QUICK)
+        if chosen:
+            print(f'--quick set: {demo.flags_text(chosen)} (every other value as given or its default)', flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -208,6 +208,29 @@ def test_run_demo_default_arguments_pass_the_checks(tmp_path):
     assert not (tmp_path / 'out').exists()
 
 
+@pytest.mark.parametrize('extra,expected,said', [
+    ([], {'teacher_epochs': 2, 'finetune_epochs': 1, 'prune_batches': 4, 'speed_repeats': 5},
+     '--quick set: --teacher-epochs 2, --finetune-epochs 1, --prune-batches 4, --speed-repeats 5'),
+    (['--teacher-epochs', '10', '--speed-repeats', '40'],
+     {'teacher_epochs': 10, 'finetune_epochs': 1, 'prune_batches': 4, 'speed_repeats': 40},
+     '--quick set: --finetune-epochs 1, --prune-batches 4'),
+    (['--teacher-epochs', '30', '--finetune-epochs', '8', '--prune-batches', '9', '--speed-repeats', '30'],
+     {'teacher_epochs': 30, 'finetune_epochs': 8, 'prune_batches': 9, 'speed_repeats': 30}, None),
+])
+def test_run_demo_quick_sets_only_what_is_not_given(extra, expected, said, tmp_path, monkeypatch, capsys):
+    """--quick shortens the flags left out and says which; a value given wins (--teacher-epochs 10 used to run 2
+    epochs, --speed-repeats 40 five repeats)."""
+    seen = {}
+    monkeypatch.setattr(run_demo, 'run', lambda a: seen.update(vars(a)) or 0)
+    assert run_demo.main(['--quick', '--out', str(tmp_path / 'out')] + extra) == 0
+    assert {k: seen[k] for k in expected} == expected
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ([f'{said} (every other value as given or its default)'] if said else [])
+    quick = next(action for action in run_demo.get_args_parser()._actions if action.dest == 'quick')
+    assert run_demo.flags_text(run_demo.QUICK) in quick.help  # --help says what it sets
+
+
+
 def fake_teacher(path, lr=1e-3, seed=0, epochs=3, epoch=2, model=None):
     """A teacher checkpoint.pth as finetune.py writes it, reduced to what the demo reads: args and epoch."""
     import finetune

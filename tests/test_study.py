@@ -375,3 +375,29 @@ def test_teacher_reused_only_with_the_same_lr_and_seed(stored_lr, stored_seed, r
     a.seeds = []  # the teacher only
     row, runs, _ = study.run_all(a, str(tmp_path))
     assert row['reused'] is reused and runs == [] and seen['seed'] == study.TEACHER_SEED
+
+
+
+@pytest.mark.parametrize('extra,expected,said', [
+    ([], {'seeds': [0, 1], 'rates': [0.25, 0.40], 'teacher_epochs': 2, 'finetune_epochs': 1, 'prune_batches': 4},
+     '--quick set: --seeds 0 1, --rates 0.25 0.4, --teacher-epochs 2, --finetune-epochs 1, --prune-batches 4'),
+    (['--seeds', '3', '4', '5', '--rates', '0.1', '0.2', '0.3'],
+     {'seeds': [3, 4, 5], 'rates': [0.1, 0.2, 0.3], 'teacher_epochs': 2, 'finetune_epochs': 1, 'prune_batches': 4},
+     '--quick set: --teacher-epochs 2, --finetune-epochs 1, --prune-batches 4'),
+    (['--teacher-epochs', '10', '--finetune-epochs', '3', '--prune-batches', '7', '--seeds', '0', '1', '--rates',
+      '0.25', '0.40'],
+     {'seeds': [0, 1], 'rates': [0.25, 0.40], 'teacher_epochs': 10, 'finetune_epochs': 3, 'prune_batches': 7}, None),
+])
+def test_quick_sets_only_what_is_not_given(extra, expected, said, tmp_path, capsys):
+    """--quick shortens the flags left out and says which; a value given on the command line wins (it used to be
+    cut: --seeds 3 4 5 ran seeds 3 and 4, --teacher-epochs 10 ran 2)."""
+    p = study.get_args_parser()
+    a = p.parse_args(['--quick', '--out', str(tmp_path / 'out')] + extra)
+    study.check_args(p, a)
+    assert {k: getattr(a, k) for k in expected} == expected
+    out = capsys.readouterr().out
+    assert out.splitlines() == ([f'{said} (every other value as given or its default)'] if said else [])
+    assert not (tmp_path / 'out').exists()
+    quick = next(action for action in p._actions if action.dest == 'quick')
+    assert study.demo.flags_text(study.QUICK) in quick.help  # --help says what it sets
+
