@@ -359,18 +359,14 @@ def main(argv=None) -> int:
 
 
 def run(a: argparse.Namespace) -> int:
-    """The demo's stages, for checked arguments."""
+    """The demo's stages, for checked arguments.  Every stage but the teacher is redone; each stage replaces only
+    its own directory, when it starts (the finetune CLI refuses an --output_dir holding a checkpoint), so a run
+    that stops early (a diverged stage, Ctrl-C) leaves the results of an earlier run it did not reach."""
     out = a.out
     os.makedirs(out, exist_ok=True)
     t0 = time.time()
     timings: Dict[str, float] = {}
     common = common_args(a.seed, a.device)
-
-    # Redo every stage but the teacher: the finetune CLI refuses an --output_dir holding a checkpoint.
-    for mode, rate in CONFIGS:
-        for d in (f'prune_{rate_tag(mode, rate)}', f'finetune_{rate_tag(mode, rate)}'):
-            shutil.rmtree(os.path.join(out, d), ignore_errors=True)
-    shutil.rmtree(os.path.join(out, 'summary'), ignore_errors=True)
 
     # 1. the dense teacher ------------------------------------------------------------------------------
     print(f'== 1. teacher: {MODEL} trained from scratch for {a.teacher_epochs} epochs', flush=True)
@@ -453,6 +449,7 @@ def run(a: argparse.Namespace) -> int:
     timings['masks'] = time.time() - t
 
     # 7. TensorBoard summary ------------------------------------------------------------------------------
+    shutil.rmtree(os.path.join(out, 'summary'), ignore_errors=True)  # an earlier run's events would mix in
     tb = TensorBoard(os.path.join(out, 'summary'))
     if tb.writer is not None:
         import numpy as np

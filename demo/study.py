@@ -25,8 +25,11 @@ two-sided 95% Student t-interval (n - 1 degrees of freedom, n = number of seeds)
 0 it says which masks win; where it does not, that the data cannot tell them apart.
 
 A teacher already trained in <out>/teacher/ with the same number of epochs, learning rate and seed is reused
-(``--fresh`` retrains it); every other stage is redone. ``finetune.py``'s full output for each stage is in
-``<stage dir>/stdout.txt``, starting with the command line (its evaluations' in ``<stage dir>/eval.txt``).
+(``--fresh`` retrains it); every other stage is redone, each replacing its own directory when it starts. What an
+earlier study left in <out>/seed*/ that this one does not write (other seeds, other rates) is removed once every
+run of this one has finished, so a study that stops early leaves the earlier results it did not reach.
+``finetune.py``'s full output for each stage is in ``<stage dir>/stdout.txt``, starting with the command line (its
+evaluations' in ``<stage dir>/eval.txt``).
 Every argument is checked before any work starts: a bad one is one ``error: ...`` line and exit code 2.
 """
 import os
@@ -54,6 +57,7 @@ for path in (ROOT, os.path.join(ROOT, 'demo')):
 
 import run_demo as demo  # noqa: E402
 import finetune  # noqa: E402
+import pruning  # noqa: E402
 from utils import (UserError, check_output_dir, load_checkpoint_file, one_line, state_dict_of,  # noqa: E402
                    write_text_atomic)
 from utils.cli import AT_LEAST_ONE, EXIT_USER_ERROR, POSITIVE, OneLineParser, Range, check_numbers  # noqa: E402
@@ -101,12 +105,40 @@ NUMERIC_FLAGS: Dict[str, Range] = {
 }
 
 
+def model_slots() -> Tuple[int, int]:
+    """(depth, patches) of the demo's model, built as the prune stage builds it: the (layer, patch) slots a prune
+    rate is a fraction of (the class token is never counted)."""
+    import timm
+    model = timm.create_model(finetune.cc_model_name(demo.MODEL), num_classes=10)
+    return len(model.blocks), model.num_tokens - model.num_prefix_tokens
+
+
+def check_rates(rates: Sequence[float]) -> None:
+    """Each rate has a folder of its own and prunes something: two rates that round to the same two decimals would
+    write the same prune_<mode>_<rate>/ and finetune_<mode>_<rate>/ folders over each other, and a rate that clips
+    no slot makes the prune stage fail after the teacher has been trained."""
+    tags: Dict[str, float] = {}
+    for rate in rates:
+        tag = demo.rate_tag(MODES[0], rate)
+        if tag in tags:
+            raise UserError(f'--rates: {tags[tag]:g} and {rate:g} both round to {rate:.2f}, the name of their '
+                            f'folders (prune_<mode>_{rate:.2f}/): give rates that differ in their first two decimals')
+        tags[tag] = rate
+    depth, patches = model_slots()
+    slots = depth * patches
+    for rate in rates:
+        if not pruning.num_clipped_slots(depth, patches, rate):
+            raise UserError(f'--rates {rate:g} clips int({slots} x {rate:g}) = 0 of the {slots} (layer, patch) slots '
+                            f'of {demo.MODEL}: nothing would be pruned (a rate clips one from 1/{slots} on)')
+
+
 def validate_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     """Refuse a bad command line before any work starts (nothing trained, no file or directory written)."""
     check_numbers(a, p, NUMERIC_FLAGS)
     for flag, values in (('--seeds', a.seeds), ('--rates', a.rates)):
         if len(set(values)) != len(values):
             raise UserError(f'{flag} must be distinct, got {" ".join(map(str, values))}')
+    check_rates(a.rates)
     demo.check_device(a.device)
     check_output_dir(a.out, '--out')
 
@@ -226,10 +258,6 @@ def teacher_gflops() -> float:
 def run_all(a: argparse.Namespace, out: str) -> Tuple[dict, List[dict], Dict[str, float]]:
     t0 = time.time()
     timings: Dict[str, float] = {}
-    for name in os.listdir(out):  # results of an earlier study (perhaps with other seeds) would mislead
-        if re.fullmatch(r'seed\d+', name) and os.path.isdir(os.path.join(out, name)):
-            shutil.rmtree(os.path.join(out, name))
-
     print(f'[teacher] {demo.MODEL}, {a.teacher_epochs} epochs from scratch, seed {TEACHER_SEED}, '
           f'trained once for all runs', flush=True)
     teacher_dir = os.path.join(out, 'teacher')
@@ -276,7 +304,27 @@ def run_all(a: argparse.Namespace, out: str) -> Tuple[dict, List[dict], Dict[str
     timings['steps'] = time.time() - t_steps
     timings['per_step_mean'] = {f'{stage} {mode} {rate:.2f}': statistics.fmean(v)
                                 for (stage, mode, rate), v in done.items()}
+    remove_earlier_runs(out, {os.path.dirname(r['checkpoint']) for r in runs})
     return teacher_row, runs, timings
+
+
+def remove_earlier_runs(out: str, written: set) -> None:
+    """Remove what an earlier study left under <out>/seed*/ and this one did not write (``written``: its stage
+    directories, relative to ``out``): other seeds' and other rates' runs would mislead next to these results.
+    Called once every run has finished, so a study that stops early destroys nothing it has not replaced."""
+    for name in sorted(os.listdir(out)):
+        seed_dir = os.path.join(out, name)
+        if not (re.fullmatch(r'seed\d+', name) and os.path.isdir(seed_dir)):
+            continue
+        for entry in sorted(os.listdir(seed_dir)):
+            if os.path.join(name, entry) not in written:
+                path = os.path.join(seed_dir, entry)
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path)
+                else:
+                    os.remove(path)
+        if not os.listdir(seed_dir):
+            os.rmdir(seed_dir)
 
 
 def summarise(runs: List[dict], seeds: Sequence[int], rates: Sequence[float], epochs: int

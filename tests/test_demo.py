@@ -230,6 +230,25 @@ def test_run_demo_quick_sets_only_what_is_not_given(extra, expected, said, tmp_p
     assert run_demo.flags_text(run_demo.QUICK) in quick.help  # --help says what it sets
 
 
+def test_run_demo_keeps_earlier_results_until_a_stage_replaces_them(tmp_path, monkeypatch, capsys):
+    """A run that stops while the teacher trains (diverged, interrupted) leaves the earlier run's stages, results and
+    TensorBoard summary: each stage replaces its own directory when it starts, not all of them before the teacher."""
+    out = tmp_path / 'out'
+    earlier = ['prune_attn_0.25/pruned_attn_0.25.pth', 'finetune_attn_0.25/checkpoint.pth', 'summary/events',
+               'results.json']
+    for name in earlier:
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text('earlier')
+
+    def diverged(*args, **kwargs):
+        raise SystemExit('stage teacher diverged')
+    monkeypatch.setattr(run_demo, 'train_teacher', diverged)
+    for name in ('cli', 'prune', 'distill'):
+        monkeypatch.setattr(run_demo, name, no_work)
+    with pytest.raises(SystemExit, match='diverged'):
+        run_demo.main(['--quick', '--device', 'cpu', '--out', str(out)])
+    assert all((out / name).read_text() == 'earlier' for name in earlier)
+
 
 def fake_teacher(path, lr=1e-3, seed=0, epochs=3, epoch=2, model=None):
     """A teacher checkpoint.pth as finetune.py writes it, reduced to what the demo reads: args and epoch."""

@@ -327,6 +327,9 @@ def test_second_run_reuses_the_teacher_and_clears_old_runs(quick_study, tmp_path
     (['--out', ''], '--out'),
     (['--out', 'FILE/sub'], '--out'),
     (['--seeds', 'x'], '--seeds'),
+    (['--rates', '0.251', '0.254'], '--rates'),  # both would write seed<s>/prune_<mode>_0.25/
+    (['--quick', '--rates', '0.40', '0.404'], '--rates'),
+    (['--rates', '0.25', '0.0001'], '--rates'),  # clips no slot: failed after the teacher was trained
 ])
 def test_bad_arguments_are_one_error_line_before_any_work(argv, flag, tmp_path, monkeypatch, capsys):
     """Each bad flag of study.py: exit code 2 and one line starting `error: ` that names it (no usage, no
@@ -377,6 +380,23 @@ def test_teacher_reused_only_with_the_same_lr_and_seed(stored_lr, stored_seed, r
     assert row['reused'] is reused and runs == [] and seen['seed'] == study.TEACHER_SEED
 
 
+def test_rates_need_folders_of_their_own_and_a_slot_to_clip():
+    """Two rates with the same two decimals name the same folders; a rate must clip at least one of the model's
+    (layer, patch) slots, counted as the prune stage counts them (from 1/slots on)."""
+    import timm
+    model = timm.create_model('cc_deit_digits_patch4_32')
+    slots = len(model.blocks) * (model.num_tokens - model.num_prefix_tokens)
+    assert study.model_slots() == (len(model.blocks), slots // len(model.blocks))
+    with pytest.raises(study.UserError, match=r'--rates: 0\.251 and 0\.254 both round to 0\.25, the name of their '
+                                              r'folders \(prune_<mode>_0\.25/\)'):
+        study.check_rates([0.1, 0.251, 0.254])
+    study.check_rates([0.25, 0.26, 1.0001 / slots])  # one slot clipped by the smallest
+    with pytest.raises(study.UserError, match=rf'--rates 0\.0001 clips int\({slots} x 0\.0001\) = 0 of the {slots} '
+                                              r'\(layer, patch\) slots .*nothing would be pruned'):
+        study.check_rates([0.25, 0.0001])
+    with pytest.raises(study.UserError, match='nothing would be pruned'):
+        study.check_rates([0.9999 / slots])
+
 
 @pytest.mark.parametrize('extra,expected,said', [
     ([], {'seeds': [0, 1], 'rates': [0.25, 0.40], 'teacher_epochs': 2, 'finetune_epochs': 1, 'prune_batches': 4},
@@ -400,4 +420,50 @@ def test_quick_sets_only_what_is_not_given(extra, expected, said, tmp_path, caps
     assert not (tmp_path / 'out').exists()
     quick = next(action for action in p._actions if action.dest == 'quick')
     assert study.demo.flags_text(study.QUICK) in quick.help  # --help says what it sets
+
+
+def fake_stages(monkeypatch, tmp_path, fail_at=None):
+    """run_all's stages stubbed out: each writes its directory as the real one does (emptied first, a checkpoint
+    inside); the ``fail_at``-th finetuning stops the study as a diverged stage does."""
+    teacher = tmp_path / 'teacher' / 'checkpoint.pth'
+    calls = []
+
+    def stage(path_name, where):
+        def run(*args, **kwargs):
+            out_dir = args[where]  # prune(teacher, mode, rate, out_dir, ...), distill(pruned, teacher, out_dir, ...)
+            calls.append(out_dir)
+            if fail_at is not None and len(calls) == fail_at:
+                raise SystemExit('stage diverged')
+            import shutil
+            shutil.rmtree(out_dir, ignore_errors=True)
+            os.makedirs(out_dir)
+            path = os.path.join(out_dir, path_name)
+            open(path, 'w').close()
+            return {'path': path, 'acc1': 50.0, 'gflops': 0.03, 'channels': [65] * 6}
+        return run
+    monkeypatch.setattr(study.demo, 'train_teacher', lambda *a, **k: (str(teacher), 90.0))
+    monkeypatch.setattr(study.demo, 'prune', stage('pruned.pth', 3))
+    monkeypatch.setattr(study.demo, 'distill', stage('checkpoint.pth', 2))
+    monkeypatch.setattr(study, 'teacher_gflops', lambda: 0.05)
+    monkeypatch.setattr(study, 'masks_sha1', lambda path: 'sha1')
+
+
+def test_earlier_runs_are_removed_only_once_the_study_has_finished(tmp_path, monkeypatch):
+    """An earlier study's runs (another seed, another rate) stay while this one runs: a study that stops midway
+    leaves them; one that finishes removes them and keeps its own."""
+    earlier = ['seed7/prune_attn_0.25/pruned.pth', 'seed0/prune_attn_0.55/pruned.pth', 'seed0/stray.txt']
+    for name in earlier:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text('earlier')
+    a = study.get_args_parser().parse_args(['--seeds', '0', '--rates', '0.25', '--out', str(tmp_path)])
+    fake_stages(monkeypatch, tmp_path, fail_at=2)  # the first finetuning stops it
+    with pytest.raises(SystemExit):
+        study.run_all(a, str(tmp_path))
+    assert all((tmp_path / name).read_text() == 'earlier' for name in earlier)
+    fake_stages(monkeypatch, tmp_path)
+    _, runs, _ = study.run_all(a, str(tmp_path))
+    assert len(runs) == 4
+    left = sorted(os.path.relpath(os.path.join(d, f), tmp_path) for d, _, fs in os.walk(tmp_path) for f in fs)
+    assert left == ['seed0/finetune_attn_0.25/checkpoint.pth', 'seed0/finetune_random_0.25/checkpoint.pth',
+                    'seed0/prune_attn_0.25/pruned.pth', 'seed0/prune_random_0.25/pruned.pth']
 
