@@ -355,7 +355,11 @@ def main(argv=None) -> int:
         chosen = apply_quick(a, QUICK)
         if chosen:
             print(f'--quick set: {flags_text(chosen)} (every other value as given or its default)', flush=True)
-    return run(a)
+    try:
+        return run(a)
+    except UserError as e:  # found midway, e.g. a disk that filled while writing a result
+        print(f'error: {one_line(e)}', file=sys.stderr)
+        return EXIT_USER_ERROR
 
 
 def run(a: argparse.Namespace) -> int:

@@ -59,7 +59,7 @@ import run_demo as demo  # noqa: E402
 import finetune  # noqa: E402
 import pruning  # noqa: E402
 from utils import (UserError, check_output_dir, load_checkpoint_file, one_line, state_dict_of,  # noqa: E402
-                   write_text_atomic)
+                   write_atomic, write_text_atomic)
 from utils.cli import AT_LEAST_ONE, EXIT_USER_ERROR, POSITIVE, OneLineParser, Range, check_numbers  # noqa: E402
 
 RATES = (0.25, 0.40, 0.55)
@@ -423,8 +423,10 @@ def plot(teacher: dict, runs: List[dict], cells: List[dict], path: str, epochs: 
              f'their bars do not hide each other; bars: ±1 standard deviation over seeds', ha='center', fontsize=8,
              color='#555555')
     fig.tight_layout(rect=(0, 0.03, 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:  # through the atomic writer: a failed write leaves the previous figure, not a truncated one
+        write_atomic(path, lambda f: fig.savefig(f, format='png', dpi=110))
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -613,13 +615,23 @@ def main(argv=None) -> int:
     out = a.out
     os.makedirs(out, exist_ok=True)
     t0 = time.time()
-    load_start = load_average()
     steps = 2 * len(MODES) * len(a.seeds) * len(a.rates)
     print(f'Taylor against random masks: prune rates {", ".join(f"{r:.2f}" for r in a.rates)}, seeds '
           f'{", ".join(map(str, a.seeds))}; {steps} prune/finetune steps after the teacher. The commands and '
           f'finetune.py\'s output are in each stage\'s stdout.txt (its evaluations\' in eval.txt) under {out}/',
           flush=True)
 
+    try:
+        return run_study(a, argv, t0)
+    except UserError as e:  # found midway, e.g. a disk that filled while writing a result
+        print(f'error: {one_line(e)}', file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+def run_study(a: argparse.Namespace, argv: List[str], t0: float) -> int:
+    """The runs, the summary and the files, for checked arguments."""
+    out = a.out
+    load_start = load_average()
     with LoadSampler() as load:
         teacher, runs, timings = run_all(a, out)
     cells, paired = summarise(runs, a.seeds, a.rates, a.finetune_epochs)

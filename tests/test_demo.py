@@ -250,6 +250,17 @@ def test_run_demo_keeps_earlier_results_until_a_stage_replaces_them(tmp_path, mo
     assert all((out / name).read_text() == 'earlier' for name in earlier)
 
 
+def test_run_demo_write_failure_midway_is_one_error_line(tmp_path, monkeypatch, capsys):
+    """A result that cannot be written midway (the atomic writer's error: a full disk) ends the run with one
+    `error:` line and exit code 2, not a traceback."""
+    def full_disk(*args, **kwargs):
+        raise run_demo.UserError('cannot write x/results.json: No space left on device (the previous file is '
+                                 'untouched)')
+    monkeypatch.setattr(run_demo, 'train_teacher', full_disk)
+    assert run_demo.main(['--quick', '--device', 'cpu', '--out', str(tmp_path / 'out')]) == 2
+    assert_one_error_line(capsys.readouterr().err, 'No space left on device')
+
+
 def fake_teacher(path, lr=1e-3, seed=0, epochs=3, epoch=2, model=None):
     """A teacher checkpoint.pth as finetune.py writes it, reduced to what the demo reads: args and epoch."""
     import finetune

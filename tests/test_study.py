@@ -467,3 +467,23 @@ def test_earlier_runs_are_removed_only_once_the_study_has_finished(tmp_path, mon
     assert left == ['seed0/finetune_attn_0.25/checkpoint.pth', 'seed0/finetune_random_0.25/checkpoint.pth',
                     'seed0/prune_attn_0.25/pruned.pth', 'seed0/prune_random_0.25/pruned.pth']
 
+
+def test_failed_figure_write_keeps_the_previous_files(tmp_path, monkeypatch, capsys):
+    """A disk that fills while study.png is written: one error line, exit code 2, the previous figure intact (no
+    truncated one, no temporary file) and the previous results.json not replaced by one without its figure."""
+    import errno
+    import matplotlib.figure
+    fake_stages(monkeypatch, tmp_path)
+    (tmp_path / 'study.png').write_bytes(b'previous figure')
+    (tmp_path / 'results.json').write_text('previous results')
+
+    def full_disk(fig, f, **kwargs):
+        f.write(b'\x89PNG partial')
+        raise OSError(errno.ENOSPC, 'No space left on device')
+    monkeypatch.setattr(matplotlib.figure.Figure, 'savefig', full_disk)
+    code = study.main(['--seeds', '0', '1', '--rates', '0.25', '--device', 'cpu', '--out', str(tmp_path)])
+    assert code == 2
+    assert_one_error_line(capsys.readouterr().err, 'No space left on device')
+    assert (tmp_path / 'study.png').read_bytes() == b'previous figure'
+    assert (tmp_path / 'results.json').read_text() == 'previous results'
+    assert not [f for f in os.listdir(tmp_path) if '.tmp-' in f]
