@@ -5,7 +5,6 @@ Everything here works on the results dictionary (the JSON the benchmark writes),
 ``python -m benchmarks.report`` (or ``python benchmarks/report.py``) prints the README's speed table from the
 committed results (a test checks that the README holds exactly that table).
 """
-import argparse
 import json
 import math
 import os

@@ -130,7 +130,7 @@ MUTANTS: List[Mutant] = [
            "    max_accuracy = float(checkpoint.get('max_accuracy', -1.0))", '    max_accuracy = -1.0',
            [RESUME], 'a resume forgets the best accuracy so far'),
     mutant('random-streams-not-restored', 'finetune.py',
-           '    seeding.restore_or_reseed(', '    (lambda *a: None)(',
+           '    if seeding.restore_or_reseed(', '    if (lambda *a: None)(',
            [SEEDED + '[0]'], 'a resume restarts every random stream from the seed'),
     mutant('data-generator-not-saved', 'finetune.py',
            "    return {'data': training.loader_train.generator}", '    return {}',
