@@ -366,7 +366,7 @@ def main(argv=None) -> int:
         row_labels = [f'{lab}\npred {class_name(p, model.num_classes)}' for lab, p in zip(labels, preds)]
         parent = os.path.basename(os.path.dirname(os.path.abspath(args.resume)))
         name = os.path.join(parent, os.path.basename(args.resume))
-        title = args.title or plain_text(f'{name} ({cfg.get("architecture", "")})')
+        title = args.title if args.title is not None else plain_text(f'{name} ({cfg.get("architecture", "")})')
         draw_masks(model, images, args.out, mean, std, row_labels, title)
         print(f'Saved {args.out}')
     except UserError as e:

@@ -407,9 +407,11 @@ def run(a: argparse.Namespace) -> int:
     speed = {}
     for mode, rate in CONFIGS:
         tag = rate_tag(mode, rate)
+        log = os.path.join(out, f'speed_{tag}.txt')
+        if os.path.isfile(log):
+            os.remove(log)  # the log is appended to: an earlier run's timings would precede these
         speed[tag] = cli(common + ['--speed-only', '--resume', finetuned[tag], '--speed-repeats',
-                                   str(a.speed_repeats), '--speed-warmup', '5'],
-                         os.path.join(out, f'speed_{tag}.txt'), f'speed {tag}', a.verbose)
+                                   str(a.speed_repeats), '--speed-warmup', '5'], log, f'speed {tag}', a.verbose)
     timings['speed'] = time.time() - t
 
     # 5. results.json and the table ---------------------------------------------------------------------------

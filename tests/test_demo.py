@@ -110,7 +110,8 @@ def test_kept_patches_are_the_applied_plan():
     assert torch.equal(back[1:], masks[1:] & ~masks[:-1])
 
 
-def test_draw_masks_cli_on_a_pruned_deit_and_an_image_folder(tmp_path, capsys):
+def pruned_tiny_and_folder(tmp_path):
+    """(a pruned DeiT-Ti file with 2 classes, an image folder of 2 classes)."""
     import argparse
     import timm
     data = make_image_folder(tmp_path / 'data', classes=('cat', 'dog'), per_class=(1, 2))
@@ -120,11 +121,26 @@ def test_draw_masks_cli_on_a_pruned_deit_and_an_image_folder(tmp_path, capsys):
     ckpt = tmp_path / 'pruned_0.25.pth'
     torch.save({'model': model.state_dict(), 'channels': channels,
                 'args': argparse.Namespace(model='deit_tiny_patch16_224')}, ckpt)
+    return ckpt, data
+
+
+def test_draw_masks_cli_on_a_pruned_deit_and_an_image_folder(tmp_path, capsys):
+    ckpt, data = pruned_tiny_and_folder(tmp_path)
     out = tmp_path / 'm.png'
     code = draw_masks.main(['--resume', str(ckpt), '--data-path', data, '--num-images', '2', '--out', str(out)])
     assert code == 0, capsys.readouterr().err
     fmt, (width, height) = png_size(out)
     assert fmt == 'PNG' and width > 3 * height  # 13 panels in each of 2 rows
+
+
+def test_draw_masks_draws_the_title_given_even_an_empty_one(tmp_path, monkeypatch, capsys):
+    ckpt, data = pruned_tiny_and_folder(tmp_path)
+    titles = []
+    monkeypatch.setattr(draw_masks, 'draw_masks', lambda *a: titles.append(a[-1]))
+    for given in ([], ['--title', ''], ['--title', 'masks $x$']):
+        argv = ['--resume', str(ckpt), '--data-path', data, '--num-images', '1', '--out', str(tmp_path / 'm.png')]
+        assert draw_masks.main(argv + given) == 0, capsys.readouterr().err
+    assert titles[0].startswith(f'{tmp_path.name}/pruned_0.25.pth') and titles[1:] == ['', 'masks $x$']
 
 
 def test_draw_masks_cli_errors(tmp_path, capsys):
@@ -248,6 +264,30 @@ def test_run_demo_keeps_earlier_results_until_a_stage_replaces_them(tmp_path, mo
     with pytest.raises(SystemExit, match='diverged'):
         run_demo.main(['--quick', '--device', 'cpu', '--out', str(out)])
     assert all((out / name).read_text() == 'earlier' for name in earlier)
+
+
+def test_run_demo_speed_logs_hold_this_runs_timings_only(tmp_path, monkeypatch, capsys):
+    """The speed stage's logs are appended to as they are written: an earlier run's are removed first, so each holds
+    one run's timings."""
+    out = tmp_path / 'out'
+    out.mkdir()
+    logs = [out / f'speed_{run_demo.rate_tag(mode, rate)}.txt' for mode, rate in run_demo.CONFIGS]
+    for log in logs:
+        log.write_text('timings of an earlier run\n')
+    monkeypatch.setattr(run_demo, 'train_teacher', lambda *a, **k: ('teacher.pth', 90.0))
+    monkeypatch.setattr(run_demo, 'prune', lambda *a, **k: {'path': 'pruned.pth', 'acc1': 50.0})
+    monkeypatch.setattr(run_demo, 'distill', lambda *a, **k: {'path': 'finetuned.pth', 'acc1': 80.0})
+    seen = []
+
+    def speed(argv, log_path, *args, **kwargs):
+        seen.append(os.path.exists(log_path))
+        if len(seen) == len(logs):
+            raise SystemExit('stop after the speed stage')
+        return {}
+    monkeypatch.setattr(run_demo, 'cli', speed)
+    with pytest.raises(SystemExit, match='stop after the speed stage'):
+        run_demo.main(['--quick', '--device', 'cpu', '--out', str(out)])
+    assert seen == [False] * len(logs)
 
 
 def test_run_demo_write_failure_midway_is_one_error_line(tmp_path, monkeypatch, capsys):
