@@ -21,10 +21,8 @@ speed-up per route is a ratio taken in one run.
 
 Prints a table and writes linear_shapes.json/.md to --out.  CUDA only; no test times it.
 """
-import argparse
 import contextlib
 import json
-import math
 import os
 import statistics
 import sys
@@ -123,25 +121,14 @@ def end_to_end(cc, pruned, batch: int, device) -> dict:
                         for r in SETTING_ROUTES}}
 
 
-def _rate(text: str) -> float:
-    """A prune rate in [0, 1), as the pruning code requires (pruning.budget)."""
-    try:
-        value = float(text.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'{text!r} is not a number') from None
-    if not (math.isfinite(value) and 0.0 <= value < 1.0):
-        raise argparse.ArgumentTypeError(f'a prune rate must lie in [0, 1), got {text.strip()!r}')
-    return value
-
-
 def build_parser():
-    from benchmarks.model_zoo import MAX_BATCH, _int_in
+    from benchmarks.model_zoo import MAX_BATCH, _int_in, _rate
     from utils.cli import OneLineParser
     p = OneLineParser(description=__doc__.split('\n')[0])
     p.add_argument('--device', choices=['cuda'], default='cuda', help='cuda only: the script measures cuBLAS')
     p.add_argument('--model', default='deit_tiny_patch16_224',
                    help='a timm model name with a C&C model, or tiny/small/base (default: %(default)s)')
-    p.add_argument('--rate', type=_rate, default=0.3, help='the prune rate, in [0, 1) (default: %(default)s)')
+    p.add_argument('--rate', type=_rate(), default=0.3, help='the prune rate, in [0, 1) (default: %(default)s)')
     p.add_argument('--batch', type=_int_in(1, MAX_BATCH), default=256,
                    help=f'the batch size, 1 to {MAX_BATCH} (default: %(default)s)')
     p.add_argument('--out', default=os.environ.get('OUT', '.'),

@@ -164,22 +164,27 @@ def _int_list(lo: int, hi: int) -> Callable[[str], List[int]]:
     return parse
 
 
-def _rate_list(zero_allowed: bool) -> Callable[[str], List[float]]:
+def _rate(zero_allowed: bool = True, noun: str = 'a prune rate') -> Callable[[str], float]:
+    """One prune rate, in [0, 1) (``zero_allowed``) or (0, 1); ``noun`` names it in the message."""
     interval = '[0, 1)' if zero_allowed else '(0, 1)'
 
+    def parse(text: str) -> float:
+        part = text.strip()
+        try:
+            value = float(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'{part!r} is not a number') from None
+        if not (math.isfinite(value) and (0.0 <= value if zero_allowed else 0.0 < value) and value < 1.0):
+            raise argparse.ArgumentTypeError(f'{noun} must lie in {interval}, got {part!r}')
+        return value
+    return parse
+
+
+def _rate_list(zero_allowed: bool) -> Callable[[str], List[float]]:
+    one = _rate(zero_allowed, 'prune rates')
+
     def parse(text: str) -> List[float]:
-        values = []
-        for part in (p.strip() for p in text.split(',')):
-            if not part:
-                continue
-            try:
-                value = float(part)
-            except ValueError:
-                raise argparse.ArgumentTypeError(f'{part!r} is not a number') from None
-            if not (math.isfinite(value) and (0.0 <= value if zero_allowed else 0.0 < value) and value < 1.0):
-                raise argparse.ArgumentTypeError(f'prune rates must lie in {interval}, got {part!r}')
-            values.append(value)
-        return _no_repeats(values)
+        return _no_repeats([one(part) for part in text.split(',') if part.strip()])
     return parse
 
 
