@@ -940,10 +940,9 @@ def build_teacher(args, device: torch.device, num_classes: int) -> nn.Module:
     if teacher.num_classes != num_classes:
         raise UserError(f'the teacher {args.teacher_path} has {teacher.num_classes} classes, '
                         f'the student {num_classes}')
-    kept = models.kept_token_counts(teacher)
-    if any(k < teacher.num_tokens for k in kept):
-        rank0_print(f'note: {args.teacher_path} holds a pruned model (kept tokens per block: {kept}); the teacher '
-                    f'runs dense on its weights, every token kept')
+    if not all(blk.dense for blk in teacher.blocks):
+        rank0_print(f'note: {args.teacher_path} holds a pruned model (kept tokens per block: '
+                    f'{models.kept_token_counts(teacher)}); the teacher runs dense on its weights, every token kept')
     teacher.set_dense()  # the teacher is the dense model, whatever masks its file holds
     teacher.to(device).eval()
     for p in teacher.parameters():
@@ -1349,9 +1348,9 @@ def check_appendable(path: str, reads: bool) -> None:
     why = 'the run appends its results to it' + (', and a continued run reads it back' if reads else '')
     if os.path.isdir(path):
         raise UserError(f'cannot write to {path}: it is a directory ({why})')
-    if not os.access(path, os.W_OK) or (reads and not os.access(path, os.R_OK)):
-        raise UserError(f'cannot {"write to" if not os.access(path, os.W_OK) else "read"} {path}: permission denied '
-                        f'({why})')
+    writable = os.access(path, os.W_OK)
+    if not writable or (reads and not os.access(path, os.R_OK)):
+        raise UserError(f'cannot {"read" if writable else "write to"} {path}: permission denied ({why})')
 
 
 def prune_tensorboard_dir(args) -> str:
