@@ -331,8 +331,12 @@ if HAS_TRITON:
         # One program: BLOCK_M query rows of one (image, head). q, k, v of head h sit at channel offsets
         # h*D, C + h*D and 2C + h*D of each token's qkv row (C = H * D).  Keys: BLOCK_N at a time, masked; or,
         # with a smaller tail tile BLOCK_T, the whole BLOCK_N tiles unmasked and the rest BLOCK_T at a time.
-        pid_m = tl.program_id(0)
-        pid_bh = tl.program_id(1)
+        # A one-axis grid, query tiles fastest: the order of a (tiles, B*H) grid, without CUDA's 65535 limit on
+        # its second axis (which B*H passes from batch 5462 at 12 heads).
+        num_m = tl.cdiv(n, BLOCK_M)
+        pid = tl.program_id(0)
+        pid_m = pid % num_m
+        pid_bh = pid // num_m
         b = (pid_bh // H).to(tl.int64)
         h = pid_bh % H
         C = H * HEAD_DIM
@@ -572,7 +576,7 @@ def attention_triton(qkv: torch.Tensor, num_heads: int, scale: float, block_m: i
     out = out_rows(B, n, num_heads * head_dim, qkv.device, out, qkv.dtype, qkv.dtype)
     if B * n == 0:
         return out
-    grid = (triton.cdiv(n, block_m), B * num_heads)
+    grid = (triton.cdiv(n, block_m) * B * num_heads,)
     _attention_kernel[grid](qkv, out, n, num_heads, qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1),
                             float(scale) * 1.4426950408889634, HEAD_DIM=head_dim, BLOCK_M=block_m,
                             BLOCK_N=block_n, BLOCK_T=block_t, num_warps=num_warps, num_stages=num_stages)

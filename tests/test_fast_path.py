@@ -11,6 +11,7 @@ the interpreter rounds fp32 -> bf16 toward zero (the GPU to nearest even), so a 
 an ulp there instead of bit for bit.
 """
 import json
+import math
 import os
 import re
 import sys
@@ -280,6 +281,40 @@ def test_attention_kernel_deit_shapes_on_cuda(n, dtype):
         assert (ours.double() - plain).abs().max().item() <= tol, tiles
 
 
+# CUDA's grid limits: 2^31 - 1 programs along the first axis, 65535 along the second and third.
+CUDA_GRID_LIMITS = (2 ** 31 - 1, 65535, 65535)
+
+
+@pytest.mark.skipif(not K.HAS_TRITON, reason='needs Triton')
+def test_attention_grid_fits_cuda_at_large_batches(monkeypatch):
+    """At 12 heads, batch 5462 makes 65544 (image, head) pairs, past what CUDA allows on a grid's second axis: the
+    launch must put them where CUDA takes them (the kernel's own arithmetic is tested above and on CUDA below)."""
+    launched = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            launched.append(grid)
+            return lambda *args, **kwargs: None
+
+    monkeypatch.setattr(K, '_attention_kernel', Recorder())
+    monkeypatch.setattr(K, '_need_triton', lambda t: None)
+    qkv = torch.zeros(5462, 3, 3 * 12 * 16, dtype=torch.float16)
+    K.attention_triton(qkv, 12, 0.25, 16, 16, 16)
+    (grid,) = launched
+    assert all(g <= limit for g, limit in zip(grid, CUDA_GRID_LIMITS)), grid
+    assert math.prod(grid) == 5462 * 12  # one program per (image, head) and 16-row query tile
+
+
+@cuda_only
+def test_attention_kernel_at_a_batch_past_the_second_grid_axis():
+    """Batch 5462 at 12 heads (DeiT-B's) runs and is right in its last image, which a grid that wrapped or was
+    refused would get wrong."""
+    H, D = 12, 64
+    qkv = _randn(5462, 5, 3 * H * D, seed=5, dtype=torch.float16)
+    ours = K.attention_triton(qkv, H, D ** -0.5, *K.ATTENTION_TILES[0])
+    for b in (0, 2730, 5461):
+        plain = plain_attention(qkv[b:b + 1], H, D ** -0.5)
+        assert (ours[b:b + 1].double() - plain).abs().max().item() <= 4e-3 * max(1.0, plain.abs().max().item()), b
 LINEAR_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
 
 
