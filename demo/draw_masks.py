@@ -324,6 +324,16 @@ def validate_args(args: argparse.Namespace, parser: Optional[argparse.ArgumentPa
         raise UserError(f'--out {args.out} is the --resume checkpoint: give the picture another name')
     if args.title is not None:
         check_text(args.title, '--title')
+    if uses_digits(args) and args.input_size is not None:
+        check_digits_size(args.input_size, f'--input-size {args.input_size}')
+
+
+def check_digits_size(size: int, what: str) -> None:
+    """The digits are DigitsDataset.SIZE px square; a model reading another size cannot draw them."""
+    from datasets import DigitsDataset
+    if size != DigitsDataset.SIZE:
+        raise UserError(f'DIGITS has {DigitsDataset.SIZE}x{DigitsDataset.SIZE} images and {what} reads {size}x{size} '
+                        f'(draw a model made for them, deit_digits_patch4_32, or images of a --data-path folder)')
 
 
 def unused_flag_notes(args: argparse.Namespace, parser: argparse.ArgumentParser, size: int) -> List[str]:
@@ -351,6 +361,8 @@ def main(argv=None) -> int:
         mean = tuple(cfg.get('mean', (0.485, 0.456, 0.406)))
         std = tuple(cfg.get('std', (0.229, 0.224, 0.225)))
         size = model.patch_embed.img_size[0]
+        if uses_digits(args):
+            check_digits_size(size, f'the model of {args.resume}')
         for line in unused_flag_notes(args, parser, size):
             print(line)
         if uses_digits(args):

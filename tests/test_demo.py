@@ -143,6 +143,17 @@ def test_draw_masks_draws_the_title_given_even_an_empty_one(tmp_path, monkeypatc
     assert titles[0].startswith(f'{tmp_path.name}/pruned_0.25.pth') and titles[1:] == ['', 'masks $x$']
 
 
+def test_draw_masks_refuses_digits_for_a_model_of_another_input_size(tmp_path, capsys):
+    """DIGITS through a 224 px DeiT: one error line naming the checkpoint and both sizes (timm's patch embedding
+    raised an AssertionError), and no picture."""
+    ckpt, _ = pruned_tiny_and_folder(tmp_path)
+    out = tmp_path / 'm.png'
+    assert draw_masks.main(['--resume', str(ckpt), '--out', str(out)]) == 2
+    err = capsys.readouterr().err
+    assert_one_error_line(err, f'the model of {ckpt} reads 224x224')
+    assert 'DIGITS has 32x32 images' in err and not out.exists()
+
+
 def test_draw_masks_cli_errors(tmp_path, capsys):
     assert draw_masks.main(['--resume', str(tmp_path / 'missing.pth'), '--out', str(tmp_path / 'm.png')]) == 2
     assert 'checkpoint not found' in capsys.readouterr().err
@@ -366,6 +377,7 @@ def test_train_teacher_retrains_on_another_lr_or_seed(lr, seed, retrained, tmp_p
     (['--title', r'$\foo$'], '--title'),  # mathtext fails only when the figure is drawn, after the work
     (['--title', r'$\frac{1}$ of the slots'], '--title'),
     (['--data-set', 'DIGITS', '--data-path', 'FILE'], '--data-path'),  # as finetune.py: DIGITS reads no folder
+    (['--input-size', '64'], '--input-size'),  # the digits are 32 px: timm's patch embedding asserted
 ])
 def test_draw_masks_refuses_bad_arguments_before_any_work(argv, flag, tmp_path, monkeypatch, capsys):
     """Each bad flag of draw_masks.py: exit code 2, one `error:` line naming it, before the model is loaded and
