@@ -111,6 +111,12 @@ MUTANTS: List[Mutant] = [
            [T + 'test_errors.py::test_a_deit_training_checkpoint_without_distillation_does_not_hand_on_its_default_'
                 'teacher'],
            "a continued run without distillation takes over (and is refused for) a teacher it does not use"),
+    mutant('eval-runs-dense', 'finetune.py',
+           "    model.to(device)\n    rank0_print(f'Model {args.model} from {args.resume}: {describe(model)}",
+           "    model.to(device)\n    model.set_dense()\n    rank0_print(f'Model {args.model} from {args.resume}: "
+           "{describe(model)}",
+           [T + 'test_cli.py::test_eval_of_the_pruned_checkpoint'],
+           '--eval of a pruned checkpoint evaluates the dense model (its masks loaded, then cleared)'),
     # --- resume ----------------------------------------------------------------------------------------------
     mutant('log-never-repaired', 'finetune.py',
            "if reconcile_log(paths['log.txt'], start_epoch - 1, checkpoint.get('log_stats')):", 'if False:',
@@ -240,6 +246,11 @@ MUTANTS: List[Mutant] = [
            ('        num_m = tl.cdiv(n, BLOCK_M)\n        pid = tl.program_id(0)\n        pid_m = pid % num_m\n'
             '        pid_bh = pid // num_m\n',
             '        pid_m = tl.program_id(0)\n        pid_bh = tl.program_id(1)\n')),
+    mutant('fp16-buffer-allocated-in-fp32', 'models/fast_path.py',
+           'buf = torch.empty(B, self.num_tokens, self.embed_dim, dtype=self.residual_dtype, device=images.device)',
+           'buf = torch.empty(B, self.num_tokens, self.embed_dim, dtype=torch.float32, device=images.device)',
+           [T + 'test_fast_path.py::test_residual_stream_in_half_precision'],
+           'residual_dtype=fp16 is recorded, but the token buffer is allocated in fp32'),
     mutant('readme-figure-not-measured', 'README.md',
            '| C&C-Ti-25 | 0.92 | 92.6 |', '| C&C-Ti-25 | 0.92 | 96.2 |',
            [T + 'test_benchmark.py::test_readme_speed_table_is_the_committed_results'],

@@ -10,6 +10,7 @@ import sys
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 
 import finetune
 import models
@@ -79,7 +80,7 @@ def test_eval_of_the_pruned_checkpoint(capsys, pruned):
     code, out, err = run_cli(capsys, '--eval', '--resume', pruned['path'], '--data-path', pruned['data'], *COMMON)
     assert code == 0, err
     assert re.search(r'^Accuracy of the network on the 6 test images: \d+\.\d%$', out, re.M)
-    match = re.search(r'^\* Acc@1 (\d+\.\d{3}) Acc@5 (\d+\.\d{3}) loss \d+\.\d{3}$', out, re.M)
+    match = re.search(r'^\* Acc@1 (\d+\.\d{3}) Acc@5 (\d+\.\d{3}) loss (\d+\.\d{3})$', out, re.M)
     assert match
     # The same number computed here directly from the model and the validation images.
     model = timm.create_model('cc_deit_tiny_patch16_224', checkpoint_path=pruned['path']).eval()
@@ -98,6 +99,13 @@ def test_eval_of_the_pruned_checkpoint(capsys, pruned):
     acc5 = 100.0 * sum(a < 5 for a in above) / len(above)
     assert float(match.group(1)) == pytest.approx(acc1, abs=1e-3)
     assert float(match.group(2)) == pytest.approx(acc5, abs=1e-3)
+    # A random 1000-class head scores 0% on 3 classes whatever it runs, so the loss is what tells the pruned model
+    # from the dense one: printed to 3 decimals, it is the pruned model's mean cross-entropy, not the dense one's.
+    loss = F.cross_entropy(logits, targets).item()
+    assert float(match.group(3)) == pytest.approx(loss, abs=6e-4)
+    with torch.no_grad():
+        dense_loss = F.cross_entropy(models.dense_copy(model)(images), targets).item()
+    assert abs(dense_loss - loss) > 1e-2
 
 
 @pytest.mark.slow
