@@ -603,8 +603,14 @@ def test_register_tokens_and_position_embedding_without_class_entry():
     model = VisionTransformer(**TINY, reg_tokens=2, no_embed_class=True).to(DEVICE).eval()
     assert model.num_prefix_tokens == 3
     x = images(seed=6)
+    ids = _kept_ids(3, 19, 3, seed=6)
+    ref = original_order_reference(model, x, ids)
+    assert _masks_matter(ref, model(x))
     for case in CASES:
         assert _close(build_fast_path(model, **case)(x), model(x)), case
+        # pruned: the register tokens are kept in every block, the patches clipped; the position embedding (only
+        # the patches') must land on the patch rows of the buffer whatever the blocks keep
+        assert _close(build_fast_path(model, **case, kept_ids=ids)(x), ref), case
 
 
 @torch.no_grad()
