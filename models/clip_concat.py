@@ -80,9 +80,12 @@ class CCModelMixin:
         counts.  Plans in original order go through ``pruning.apply_masks``."""
         if len(concat_masks) != len(self.blocks):
             raise ValueError(f'{len(concat_masks)} masks for {len(self.blocks)} blocks')
-        for blk, mask in zip(self.blocks, concat_masks):
+        for layer, mask in enumerate(concat_masks):  # all checked before any is written: a refusal changes nothing
             if tuple(mask.shape) != (self.num_tokens,):
                 raise ValueError(f'a mask has shape {tuple(mask.shape)}, the model needs ({self.num_tokens},)')
+            if not bool(mask[:self.num_prefix_tokens].to(torch.bool).all()):
+                raise ValueError(f'blocks.{layer}.{MASK_KEY}: {prefix_rule(self.num_prefix_tokens)}')
+        for blk, mask in zip(self.blocks, concat_masks):
             blk.attn.token_index.copy_(mask.to(torch.bool))
         self.refresh_token_plan()
         return kept_token_counts(self)

@@ -97,6 +97,32 @@ def test_pruned_equals_the_reference_semantics_and_prefix_tokens_are_kept(family
     assert (ours - dense).abs().max().item() > 1e-3  # the masks really change the result
 
 
+@pytest.mark.parametrize('family', ['distilled', 'registers'])
+def test_a_mask_that_clips_a_distillation_or_register_token_is_refused_and_changes_nothing(family):
+    """Every prefix token is kept (the class token alone has its own test): a mask clearing the last one is refused,
+    naming the positions, by set_masks (leaving the masks and the plan as they were) and by load_state_dict."""
+    _, cc = pair(family)
+    prefix = cc.num_prefix_tokens
+    assert prefix >= 2
+    pruning.apply_masks(cc, revisiting_plan(len(cc.blocks), cc.num_tokens - prefix, seed=4))
+    x = images(cc)
+    with torch.no_grad():
+        before = cc(x)
+    masks = [m.clone() for m in cc.masks]
+    bad = [m.clone() for m in masks]
+    bad[2][prefix - 1] = False
+    rule = (rf'blocks\.2\.attn\.token_index: the {prefix} prefix tokens \(positions 0-{prefix - 1}: class, '
+            rf'distillation or register tokens\) must be kept')
+    with pytest.raises(ValueError, match=rule):
+        cc.set_masks(bad)
+    assert all(torch.equal(a, b) for a, b in zip(cc.masks, masks))
+    with torch.no_grad():
+        assert torch.equal(cc(x), before)
+    sd = dict(cc.state_dict(), **{'blocks.2.attn.token_index': bad[2]})
+    with pytest.raises(RuntimeError, match=rule):
+        pair(family)[1].load_state_dict(sd)
+
+
 @pytest.mark.parametrize('family', list(FAMILIES))
 def test_flops_formula_equals_torch_flop_counter(family):
     """Attention runs unfused here (QK^T and AV as aten.bmm, which every torch's counter counts; whether it
