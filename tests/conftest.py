@@ -151,3 +151,13 @@ def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         items.sort(key=lambda item: not any(m.name == 'skipif' and m.kwargs.get('reason') == CUDA_ONLY_REASON
                                             for m in item.iter_markers()))
+
+
+import timm.layers.attention  # noqa: E402
+
+
+class NarrowAttention(timm.layers.attention.Attention):
+    """timm's attention with heads of 16 channels whatever the width: qkv maps C to 3*H*16 and proj H*16 to C."""
+
+    def __init__(self, dim, **kwargs):
+        super().__init__(dim, attn_head_dim=16, **kwargs)

@@ -28,7 +28,7 @@ import pruning
 from models import fast_kernels as K
 from models.fast_path import AttentionChoice, CaptureError, build_fast_path, choose_attention, run_attention
 from models.fast_path import attention_candidates as FP_attention_candidates
-from conftest import CUDA_ONLY_REASON, OUT_OF_MEMORY, OUT_OF_MEMORY_FIGURES
+from conftest import CUDA_ONLY_REASON, OUT_OF_MEMORY, OUT_OF_MEMORY_FIGURES, NarrowAttention
 
 # One torch thread: the CPU work here is small, and two threads spin against each other on a busy machine.
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -850,13 +850,6 @@ def test_unsupported_models_are_refused_at_build_time(kwargs, what):
     for backend in ('torch', 'triton'):
         with pytest.raises(ValueError, match=what):
             build_fast_path(model, backend=backend)
-
-
-class NarrowAttention(timm.layers.attention.Attention):
-    """timm's attention with heads of 16 channels whatever the width: qkv maps C to 3*H*16 and proj H*16 to C."""
-
-    def __init__(self, dim, **kwargs):
-        super().__init__(dim, attn_head_dim=16, **kwargs)
 
 
 @torch.no_grad()
