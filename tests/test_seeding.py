@@ -99,6 +99,24 @@ def test_a_checkpoint_without_states_for_this_world_size_reseeds_from_seed_and_e
     assert all('will not match an uninterrupted one bit for bit' in m for m in messages)
 
 
+def test_reseeded_streams_are_not_epoch_0s_and_differ_by_rank_seed_and_epoch():
+    """The data generator alone (the shuffle, the workers' seeds): reseeded at epoch 2, it is not the stream a
+    fresh run starts epoch 0 with (data_generator), and it differs with the rank, the seed and the epoch; so do
+    the global streams (augmentations, drop-path), or two processes would augment alike after the resume."""
+    def reseeded(seed, rank, epoch):
+        g = torch.Generator()
+        seeding.restore_or_reseed(None, rank, 2, seed, epoch, {'data': g}, warn=lambda _: None)
+        own = tuple(torch.randint(0, 2 ** 62, (4,), generator=g).tolist())
+        return own, (random.random(), float(np.random.rand()), tuple(torch.rand(2).tolist()))
+
+    fresh = tuple(torch.randint(0, 2 ** 62, (4,), generator=seeding.data_generator(7, 0)).tolist())
+    cases = [(7, 0, 2), (7, 1, 2), (8, 0, 2), (7, 0, 3)]
+    data, glob = zip(*(reseeded(*c) for c in cases))
+    assert fresh not in data
+    assert len(set(data)) == len(cases) and len(set(glob)) == len(cases)
+    assert reseeded(7, 1, 2) == (data[1], glob[1])  # and each is reproducible
+
+
 # ----------------------------------------------------------------------------------------------------------
 # finetuning: the same seed gives the same run; interrupted and resumed equals uninterrupted
 
@@ -157,8 +175,13 @@ def test_another_seed_gives_another_run(world, tmp_path):
     assert losses[0] != losses[1]
 
 
-def test_resume_from_a_checkpoint_without_random_state_continues_with_fresh_streams(world, tmp_path, capsys):
+def test_resume_from_a_checkpoint_without_random_state_continues_with_fresh_streams(world, tmp_path, capsys,
+                                                                                    monkeypatch):
     """A checkpoint of an earlier version: the resumed epoch must not replay epoch 0's order and draws."""
+    orders = []  # the training order of each epoch: the shuffle the DataLoader's generator draws
+    real_iter = torch.utils.data.RandomSampler.__iter__
+    monkeypatch.setattr(torch.utils.data.RandomSampler, '__iter__',
+                        lambda self: iter(orders.append(list(real_iter(self))) or orders[-1]))
     out = tmp_path / 'out'
     assert finetune.main(finetune_argv(world, out, 0, '--resume', world['dense'], '--final_finetune', 1)) == 0
     ckpt = torch.load(out / 'checkpoint.pth', weights_only=True)
@@ -168,6 +191,8 @@ def test_resume_from_a_checkpoint_without_random_state_continues_with_fresh_stre
     assert finetune.main(finetune_argv(world, out, 0, '--resume', out / 'checkpoint.pth', '--final_finetune', 2)) == 0
     assert 'note: the checkpoint cannot continue the random streams exactly (it holds no random state' in \
         capsys.readouterr().out
+    assert len(orders) == 2 and sorted(orders[0]) == sorted(orders[1])  # epoch 0, then the resumed epoch 1
+    assert orders[1] != orders[0]
 
 
 # ----------------------------------------------------------------------------------------------------------
