@@ -59,6 +59,22 @@ def test_results_json_schema(quick_demo):
 
 
 @pytest.mark.slow
+def test_each_accuracy_is_the_one_its_run_logged(quick_demo):
+    """Each row's acc@1 is what its own stage measured and logged, read here from the stage's files: the teacher's
+    and each finetuned model's last epoch (the training loop's evaluation in its log.txt, which the demo's own
+    --eval of checkpoint.pth must repeat) and each pruned model's evaluation by --prune (prune_log.txt)."""
+    out, _ = quick_demo
+    with open(out / 'results.json') as f:
+        rows = json.load(f)['rows']
+    for r in rows:
+        tag = f"{r['prune_mode']}_{r['prune_rate']:.2f}"
+        log = (out / 'teacher' / 'log.txt' if r['prune_mode'] == 'none' else
+               out / f'finetune_{tag}' / 'log.txt' if r['finetuned'] else out / f'prune_{tag}' / 'prune_log.txt')
+        last = json.loads(log.read_text().strip().splitlines()[-1])
+        assert r['acc1'] == pytest.approx(last['test_acc1'], abs=1e-9), (r['name'], log)
+
+
+@pytest.mark.slow
 def test_markdown_table_printed(quick_demo):
     out, stdout = quick_demo
     with open(out / 'results.json') as f:

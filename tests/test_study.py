@@ -189,6 +189,18 @@ def test_results_json_schema(quick_study):
 
 
 @pytest.mark.slow
+def test_each_accuracy_is_the_one_its_run_logged(quick_study):
+    """Each run's acc@1 is what its own stage logged, read here from the files beside its checkpoint: the last
+    epoch of the finetune (log.txt) or the evaluation by --prune (prune_log.txt); the teacher's, its last epoch."""
+    out, _, results = quick_study
+    for r in results['runs'] + [dict(results['teacher'], finetuned=True)]:
+        stage = (out / r['checkpoint']).parent
+        log = stage / ('log.txt' if r['finetuned'] else 'prune_log.txt')
+        last = json.loads(log.read_text().strip().splitlines()[-1])
+        assert r['acc1'] == pytest.approx(last['test_acc1'], abs=1e-9), (r, log)
+
+
+@pytest.mark.slow
 def test_seed_reaches_the_masks_and_the_runs(quick_study):
     out, _, results = quick_study
     by = runs_by_key(results)
