@@ -119,6 +119,8 @@ def test_a_mask_that_clips_a_distillation_or_register_token_is_refused_and_chang
             rf'distillation or register tokens\) must be kept')
     with pytest.raises(ValueError, match=rule):
         cc.set_masks(bad)
+    with pytest.raises(ValueError, match=r'2 masks for 3 blocks'):
+        cc.set_masks(masks[:2])
     assert all(torch.equal(a, b) for a, b in zip(cc.masks, masks))
     with torch.no_grad():
         assert torch.equal(cc(x), before)

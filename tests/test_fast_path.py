@@ -1287,3 +1287,29 @@ def test_fast_path_flag_mistakes_are_one_line(capsys, monkeypatch, tmp_path, arg
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith('error: ') and message in lines[0], err
     assert not (tmp_path / 'ft').exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# arguments the path and its kernels refuse (programming errors of a caller: a ValueError naming the argument)
+
+@pytest.mark.parametrize('kwargs, message', [
+    (dict(backend='cuda'), r"backend must be one of .*, got 'cuda'"),
+    (dict(attention='flash'), r"attention must be one of .*, got 'flash'"),
+    (dict(mlp='fused'), r"mlp must be one of .*, got 'fused'"),
+    (dict(backend='torch', attention='triton'), r"attention='triton' and mlp='triton' need backend='triton'"),
+    (dict(backend='torch', mlp='triton'), r"attention='triton' and mlp='triton' need backend='triton'"),
+])
+def test_build_refuses_unknown_modes_and_triton_parts_without_the_triton_backend(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        build_fast_path(tiny_cc(0), **kwargs)
+
+
+@needs_triton
+@pytest.mark.parametrize('three_c, heads, message', [
+    (3 * 2 * 32 + 3, 2, r'qkv must be \(B, n, 3\*H\*D\)'),  # not three equal parts of whole heads
+    (3 * 2 * 24, 2, r'power-of-two head_dim >= 16, got 24'),
+    (3 * 4 * 8, 4, r'power-of-two head_dim >= 16, got 8'),
+])
+def test_attention_kernel_refuses_shapes_it_cannot_tile(three_c, heads, message):
+    with pytest.raises(ValueError, match=message):
+        K.attention_triton(_randn(1, 5, three_c, seed=1, dtype=torch.float16), heads, 0.125)
