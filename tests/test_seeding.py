@@ -180,8 +180,12 @@ def test_resume_from_a_checkpoint_without_random_state_continues_with_fresh_stre
     """A checkpoint of an earlier version: the resumed epoch must not replay epoch 0's order and draws."""
     orders = []  # the training order of each epoch: the shuffle the DataLoader's generator draws
     real_iter = torch.utils.data.RandomSampler.__iter__
-    monkeypatch.setattr(torch.utils.data.RandomSampler, '__iter__',
-                        lambda self: iter(orders.append(list(real_iter(self))) or orders[-1]))
+
+    def recorded_iter(sampler):
+        orders.append(list(real_iter(sampler)))
+        return iter(orders[-1])
+
+    monkeypatch.setattr(torch.utils.data.RandomSampler, '__iter__', recorded_iter)
     out = tmp_path / 'out'
     assert finetune.main(finetune_argv(world, out, 0, '--resume', world['dense'], '--final_finetune', 1)) == 0
     ckpt = torch.load(out / 'checkpoint.pth', weights_only=True)

@@ -193,9 +193,9 @@ def test_each_accuracy_is_the_one_its_run_logged(quick_study):
     """Each run's acc@1 is what its own stage logged, read here from the files beside its checkpoint: the last
     epoch of the finetune (log.txt) or the evaluation by --prune (prune_log.txt); the teacher's, its last epoch."""
     out, _, results = quick_study
-    for r in results['runs'] + [dict(results['teacher'], finetuned=True)]:
-        stage = (out / r['checkpoint']).parent
-        log = stage / ('log.txt' if r['finetuned'] else 'prune_log.txt')
+    logged = [(r, 'log.txt' if r['finetuned'] else 'prune_log.txt') for r in results['runs']]
+    for r, name in logged + [(results['teacher'], 'log.txt')]:
+        log = (out / r['checkpoint']).parent / name
         last = json.loads(log.read_text().strip().splitlines()[-1])
         assert r['acc1'] == pytest.approx(last['test_acc1'], abs=1e-9), (r, log)
 
