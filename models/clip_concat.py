@@ -83,8 +83,7 @@ class CCModelMixin:
         for layer, mask in enumerate(concat_masks):  # all checked before any is written: a refusal changes nothing
             if tuple(mask.shape) != (self.num_tokens,):
                 raise ValueError(f'a mask has shape {tuple(mask.shape)}, the model needs ({self.num_tokens},)')
-            if not bool(mask[:self.num_prefix_tokens].to(torch.bool).all()):
-                raise ValueError(f'blocks.{layer}.{MASK_KEY}: {prefix_rule(self.num_prefix_tokens)}')
+            self._check_prefix_kept(layer, mask.to(torch.bool))
         for blk, mask in zip(self.blocks, concat_masks):
             blk.attn.token_index.copy_(mask.to(torch.bool))
         self.refresh_token_plan()
@@ -97,15 +96,18 @@ class CCModelMixin:
             blk.attn.token_index.fill_(True)
         self.refresh_token_plan()
 
+    def _check_prefix_kept(self, layer: int, mask: torch.Tensor) -> None:
+        """Block ``layer``'s bool mask keeps every prefix token (class, distillation, register), else ValueError."""
+        if not bool(mask[:self.num_prefix_tokens].all()):
+            raise ValueError(f'blocks.{layer}.{MASK_KEY}: {prefix_rule(self.num_prefix_tokens)}')
+
     @torch.no_grad()
     def refresh_token_plan(self) -> None:
         """Recompute the blocks' positions from the masks (called after every change of masks)."""
-        keep_first = self.num_prefix_tokens
         orders = self.token_orders()
         for layer, (blk, order) in enumerate(zip(self.blocks, orders)):
             mask = blk.attn.token_index
-            if not bool(mask[:keep_first].all()):
-                raise ValueError(f'blocks.{layer}.{MASK_KEY}: {prefix_rule(keep_first)}')
+            self._check_prefix_kept(layer, mask)
             blk.kept_pos, blk.clipped_pos = positions(mask)
             blk.kept_ids = order[blk.kept_pos]
             blk.ids_in_order = bool(torch.equal(blk.kept_ids, torch.arange(blk.kept_ids.numel(),
