@@ -18,6 +18,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import models  # noqa: E402,F401  (registers cc_deit_* with timm)
+import timm.layers.attention  # noqa: E402
 
 
 def make_image_folder(root, classes=('a', 'b', 'c'), per_class=(4, 2), size=(40, 48), seed=0):
@@ -151,9 +152,6 @@ def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         items.sort(key=lambda item: not any(m.name == 'skipif' and m.kwargs.get('reason') == CUDA_ONLY_REASON
                                             for m in item.iter_markers()))
-
-
-import timm.layers.attention  # noqa: E402
 
 
 class NarrowAttention(timm.layers.attention.Attention):

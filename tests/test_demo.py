@@ -67,7 +67,7 @@ def test_each_accuracy_is_the_one_its_run_logged(quick_demo):
     with open(out / 'results.json') as f:
         rows = json.load(f)['rows']
     for r in rows:
-        tag = f"{r['prune_mode']}_{r['prune_rate']:.2f}"
+        tag = run_demo.rate_tag(r['prune_mode'], r['prune_rate'])  # the stage folders' names
         log = (out / 'teacher' / 'log.txt' if r['prune_mode'] == 'none' else
                out / f'finetune_{tag}' / 'log.txt' if r['finetuned'] else out / f'prune_{tag}' / 'prune_log.txt')
         last = json.loads(log.read_text().strip().splitlines()[-1])
