@@ -20,11 +20,15 @@ demo: $(STAMP)
 study: $(STAMP)
 	$(PY) demo/study.py
 
+# The test files run in parallel, one worker per core (pytest-xdist); a file's tests stay in one worker, so that its
+# module fixtures (the demo's and the study's runs) run once.
+XDIST := -n auto --dist loadfile
+
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q $(XDIST) tests
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q $(XDIST) -m "not slow" tests
 
 # Plants small bugs one at a time in a scratch copy and checks that the tests catch each (not part of `test`).
 mutants: $(STAMP)

@@ -13,6 +13,13 @@ if not torch.cuda.is_available():
     os.environ.setdefault('TRITON_INTERPRET', '1')
 # --- end fast path
 
+# --- `make test` runs the files in parallel (pytest-xdist, a worker per core): unless OMP_NUM_THREADS says otherwise,
+# each worker, and the CLI runs its tests start, computes on one thread, so that the workers share the cores
+# instead of oversubscribing them.
+if os.environ.get('PYTEST_XDIST_WORKER') and 'OMP_NUM_THREADS' not in os.environ:
+    os.environ['OMP_NUM_THREADS'] = '1'
+    torch.set_num_threads(1)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
