@@ -1395,11 +1395,19 @@ def _run_model_zoo(*args):
     (['--batch-size', '0'], 'argument --batch-size: must be from 1 to 65536, got 0'),
     (['--json', os.path.join(ROOT, 'README.md', 'r.json')], 'argument --json: cannot create'),
 ])
-def test_model_zoo_rejects_bad_arguments_in_one_line_before_any_work(args, message):
-    proc = _run_model_zoo('--device', 'cpu', *args)
+def test_model_zoo_rejects_bad_arguments_in_one_line_before_any_work(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        zoo.main(['--device', 'cpu', *args])
+    out, err = capsys.readouterr()
+    assert exit_.value.code == 2
+    assert err.strip().splitlines() == [err.strip()] and err.startswith(f'error: {message}')
+    assert out == ''
+
+
+def test_model_zoo_as_a_script_refuses_a_bad_argument_in_one_line_without_a_traceback():
+    proc = _run_model_zoo('--device', 'cpu', '--rates', 'abc')
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and proc.stderr.startswith(f'error: {message}')
-    assert 'Traceback' not in proc.stderr and proc.stdout == ''
+    assert proc.stderr == "error: argument --rates: 'abc' is not a number\n" and proc.stdout == ''
 
 
 @pytest.mark.slow
