@@ -581,16 +581,29 @@ def cc_model_name(name: str, flag: str = '--model') -> str:
 
 
 def resolve_device(requested: Optional[str]) -> str:
+    """``--device`` as torch names it (cuda when available if not given): a user error for a device this tool does
+    not run on, a GPU this machine does not have, or a GPU index given to processes that a launcher started (each
+    of them takes the GPU of its LOCAL_RANK)."""
     if requested is None:
         return 'cuda' if torch.cuda.is_available() else 'cpu'
     if requested.startswith('cuda') and not torch.cuda.is_available():
         raise UserError(f'--device {requested}: CUDA is not available on this machine (use --device cpu)')
     try:
-        kind = torch.device(requested).type
+        device = torch.device(requested)
     except RuntimeError:
         raise UserError(f'--device {requested} is not a device torch knows (use cuda or cpu)') from None
-    if kind not in ('cpu', 'cuda'):
-        raise UserError(f'--device {requested}: this tool runs on cuda or cpu, not {kind}')
+    if device.type not in ('cpu', 'cuda'):
+        raise UserError(f'--device {requested}: this tool runs on cuda or cpu, not {device.type}')
+    if device.type == 'cpu' and device.index not in (None, 0):
+        raise UserError(f'--device {requested}: torch has one CPU device (use --device cpu)')
+    if device.type == 'cuda' and device.index is not None:
+        if several_processes():
+            raise UserError(f'--device {requested}: under a launcher each process takes the GPU of its LOCAL_RANK '
+                            f'(use --device cuda)')
+        count = torch.cuda.device_count()
+        if device.index >= count:
+            raise UserError(f'--device {requested}: this machine has {count} CUDA device{"s" * (count != 1)} '
+                            f'(cuda:0' + (f' to cuda:{count - 1})' if count > 1 else ')'))
     return requested
 
 

@@ -447,6 +447,7 @@ def test_output_dir_that_cannot_be_written(capsys, world, tmp_path):
                                                          r'CutMix on'),
     (['--device', 'meta'], r'--device meta: this tool runs on cuda or cpu, not meta$'),
     (['--device', 'mps'], r'--device mps: this tool runs on cuda or cpu, not mps$'),
+    (['--device', 'cpu:1'], r'--device cpu:1: torch has one CPU device \(use --device cpu\)$'),
     (['--model', 'cc_cc_deit_digits_patch4_32'], r'--model: unknown model cc_cc_deit_digits_patch4_32: the cc_ prefix '
                                                  r'\(optional\) is given more than once'),
 ])
@@ -458,6 +459,29 @@ def test_bad_flags(capsys, world, earlier, argv, pattern):
     if argv[:1] == ['--final_finetune'] and argv[1] == '1':  # the case without --output_dir
         args = ['--data-path', world['data'], *argv]
     assert_one_line_error(capsys, args, EXIT_USER_ERROR, pattern)
+    assert snapshot(earlier) == before
+
+
+@pytest.mark.parametrize('device, count, launcher, pattern', [
+    ('cuda:2', 2, False, r'--device cuda:2: this machine has 2 CUDA devices \(cuda:0 to cuda:1\)$'),
+    ('cuda:1', 1, False, r'--device cuda:1: this machine has 1 CUDA device \(cuda:0\)$'),
+    ('cuda:0', 2, True, r'--device cuda:0: under a launcher each process takes the GPU of its LOCAL_RANK '
+                        r'\(use --device cuda\)$'),
+])
+def test_a_gpu_the_run_cannot_use_is_refused_before_any_work(capsys, monkeypatch, world, earlier, device, count,
+                                                            launcher, pattern):
+    """An index past the machine's GPUs, or any index under a launcher (which gives each process the GPU of its
+    LOCAL_RANK), is one error line, before the output directory is touched; CUDA is simulated (this machine may
+    have none)."""
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: count)
+    if launcher:
+        monkeypatch.setenv('RANK', '0')
+        monkeypatch.setenv('WORLD_SIZE', '2')
+    before = snapshot(earlier)
+    code, out, err = cli(capsys, '--device', device, *finetune_args(world, earlier))
+    assert code == EXIT_USER_ERROR and err.count('\n') == 1, err
+    assert re.fullmatch(('\\[rank 0\\] ' if launcher else '') + 'error: ' + pattern, err.strip()), err
     assert snapshot(earlier) == before
 
 
