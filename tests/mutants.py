@@ -254,6 +254,11 @@ MUTANTS: List[Mutant] = [
            "    if without_supercategory and len(parts) == 4 and not os.path.isabs(file_name):", "    if False:",
            [T + 'test_losses_data.py::test_inaturalist_images_as_the_archive_or_deit_lays_them_out'],
            "images laid out as DeiT's loader reads them (no supercategory folder) are not found"),
+    mutant('launcher-overrides-the-gpu-asked-for', 'finetune.py',
+           '        if several_processes():\n            raise UserError(f\'--device {requested}: under a launcher',
+           '        if False:\n            raise UserError(f\'--device {requested}: under a launcher',
+           [T + 'test_errors.py::test_a_gpu_the_run_cannot_use_is_refused_before_any_work'],
+           '--device cuda:N under torchrun is silently replaced by the GPU of LOCAL_RANK'),
     # --- the fast path and the speed table --------------------------------------------------------------------
     mutant('timed-choice-ignores-tolerance', 'models/fast_path.py',
            '            if err <= tol:\n                try:\n',
