@@ -1,5 +1,5 @@
 # Two commands on a fresh machine: `make demo` and `make test`. All targets create .venv from requirements.txt first.
-# `make study`: Taylor against random masks over seeds and prune rates (demo/study.py, 12 minutes measured on 2 CPU cores, up to 32 on a busy machine).
+# `make study`: Taylor against random masks over seeds and prune rates (demo/study.py, 12 minutes measured on 2 CPU cores, 36 on a host about 3 times slower).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python

@@ -1,6 +1,6 @@
 """Taylor against random pruning at mini scale, over seeds and prune rates: the demo's pipeline, repeated.
 
-    python demo/study.py            # or: make study   (12 minutes on 2 quiet CPU cores; demo/STUDY.md has the timing)
+    python demo/study.py            # or: make study   (12-36 minutes on 2 CPU cores; demo/STUDY.md has the timing)
     python demo/study.py --quick    # seeds 0 1, rates 0.25 0.40, short runs: checks the plumbing in 1-2 minutes
 
 The demo (demo/run_demo.py) makes one run at one budget, which cannot say whether Taylor masks beat random
@@ -487,7 +487,8 @@ class LoadSampler:
 
 
 def verdict_summary(paired: List[dict], finetuned: bool) -> str:
-    """'Taylor beats random at 0.25 (+9.17 points, 95% t-interval [...]); the data cannot tell at 0.55 (...)'"""
+    """'Taylor beats random at 0.25 (+9.17 points, 95% t-interval [...]); the data cannot tell at 0.55 (...)'; an
+    interval of zero width (the same difference for every seed) says so, as the sentences do."""
     groups = {'taylor': 'Taylor beats random', 'random': 'random beats Taylor',
               'undecided': 'the data cannot tell them apart'}
     parts = []
@@ -495,7 +496,9 @@ def verdict_summary(paired: List[dict], finetuned: bool) -> str:
         cs = [c for c in paired if c['finetuned'] == finetuned and c['verdict'] == verdict]
         if cs:
             each = [f'{c["prune_rate"]:.2f} ({c["mean"]:+.2f} points'
-                    + ('' if c['ci_low'] is None else f', [{c["ci_low"]:+.2f}, {c["ci_high"]:+.2f}]') + ')'
+                    + ('' if c['ci_low'] is None else f', [{c["ci_low"]:+.2f}, {c["ci_high"]:+.2f}]')
+                    + (', every seed gave the same difference' if c['ci_low'] is not None and c['std'] == 0
+                       else '') + ')'
                     for c in cs]
             parts.append(f'{words} at {"rate" if len(cs) == 1 else "rates"} {and_list(each)}')
     return '; '.join(parts)

@@ -85,6 +85,14 @@ def test_paired_comparison_edge_cases():
     same = study.paired_comparison([91.0, 92.0, 93.0], [90.0, 91.0, 92.0])
     assert (same['ci_low'], same['ci_high'], same['verdict']) == (pytest.approx(1.0), pytest.approx(1.0), 'taylor')
     assert 'zero width' in study.sentence(0.25, False, 8, same)
+    # and README.md's paragraph, which lists the comparisons by verdict, says it too (only where it is so)
+    same.update(prune_rate=0.25, finetuned=True)
+    other = dict(study.paired_comparison([93.0, 92.0, 95.0], [90.0, 91.0, 92.0]), prune_rate=0.40, finetuned=True)
+    assert study.verdict_summary([same, other], finetuned=True) == (
+        'Taylor beats random at rate 0.25 (+1.00 points, [+1.00, +1.00], every seed gave the same difference); '
+        f'the data cannot tell them apart at rate 0.40 (+2.33 points, [{other["ci_low"]:+.2f}, '
+        f'{other["ci_high"]:+.2f}])')
+    assert other['ci_low'] < 0 < other['ci_high']
     with pytest.raises(ValueError):
         study.paired_comparison([1.0, 2.0], [1.0])
 
