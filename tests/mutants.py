@@ -133,6 +133,10 @@ MUTANTS: List[Mutant] = [
            "'kept_tokens': channels,",
            [T + 'test_study.py::test_each_accuracy_is_the_one_its_run_logged'],
            "the study's finetuned runs record the accuracy before finetuning"),
+    mutant('readme-paragraph-hides-zero-width-interval', 'demo/study.py',
+           "if c['ci_low'] is not None and c['std'] == 0", "if False",
+           [T + 'test_study.py::test_paired_comparison_edge_cases'],
+           "the study's README paragraph calls a difference every seed shared a win without saying so"),
     # --- resume ----------------------------------------------------------------------------------------------
     mutant('log-never-repaired', 'finetune.py',
            "if reconcile_log(paths['log.txt'], start_epoch - 1, checkpoint.get('log_stats')):", 'if False:',
