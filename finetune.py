@@ -583,9 +583,9 @@ def cc_model_name(name: str, flag: str = '--model') -> str:
 def resolve_device(requested: Optional[str]) -> str:
     """``--device`` as torch names it (cuda when available if not given): a user error for a device this tool does
     not run on, a GPU this machine does not have, or a GPU index given to processes that a launcher started (each
-    of them takes the GPU of its LOCAL_RANK)."""
+    of them takes the GPU of its LOCAL_RANK, which must exist)."""
     if requested is None:
-        return 'cuda' if torch.cuda.is_available() else 'cpu'
+        return _check_local_gpu('cuda' if torch.cuda.is_available() else 'cpu')
     if requested.startswith('cuda') and not torch.cuda.is_available():
         raise UserError(f'--device {requested}: CUDA is not available on this machine (use --device cpu)')
     try:
@@ -604,7 +604,19 @@ def resolve_device(requested: Optional[str]) -> str:
         if device.index >= count:
             raise UserError(f'--device {requested}: this machine has {count} CUDA device{"s" * (count != 1)} '
                             f'(cuda:0' + (f' to cuda:{count - 1})' if count > 1 else ')'))
-    return requested
+    return _check_local_gpu(requested)
+
+
+def _check_local_gpu(device: str) -> str:
+    """Under a launcher on CUDA, the GPU of this process's LOCAL_RANK must exist (more processes per node than
+    GPUs is a user error, not a CUDA traceback)."""
+    if device.startswith('cuda') and several_processes():
+        local_rank, count = int(os.environ.get('LOCAL_RANK', 0)), torch.cuda.device_count()
+        if local_rank >= count:
+            raise UserError(f'LOCAL_RANK {local_rank}: this machine has {count} CUDA device{"s" * (count != 1)}, '
+                            f'so at most {count} process{"es" * (count != 1)} per node can use one each '
+                            f'(--nproc_per_node)')
+    return device
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import torch
 import finetune
 from conftest import (DIGITS_ARGS, ROOT, digits_world, make_image_folder, official_checkpoint, pruned_model,
                       subprocess_env)
+from utils import UserError
 
 EXIT_USER_ERROR, EXIT_DIVERGED = 2, 3
 
@@ -467,22 +468,38 @@ def test_bad_flags(capsys, world, earlier, argv, pattern):
     ('cuda:1', 1, False, r'--device cuda:1: this machine has 1 CUDA device \(cuda:0\)$'),
     ('cuda:0', 2, True, r'--device cuda:0: under a launcher each process takes the GPU of its LOCAL_RANK '
                         r'\(use --device cuda\)$'),
+    ('cuda', 2, True, r'LOCAL_RANK 2: this machine has 2 CUDA devices, so at most 2 processes per node can use one '
+                      r'each \(--nproc_per_node\)$'),
 ])
 def test_a_gpu_the_run_cannot_use_is_refused_before_any_work(capsys, monkeypatch, world, earlier, device, count,
                                                             launcher, pattern):
-    """An index past the machine's GPUs, or any index under a launcher (which gives each process the GPU of its
-    LOCAL_RANK), is one error line, before the output directory is touched; CUDA is simulated (this machine may
-    have none)."""
+    """An index past the machine's GPUs, any index under a launcher (which gives each process the GPU of its
+    LOCAL_RANK), or a LOCAL_RANK past the machine's GPUs (--device cuda, or no --device), is one error line before
+    the output directory is touched; CUDA is simulated (this machine may have none)."""
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
     monkeypatch.setattr(torch.cuda, 'device_count', lambda: count)
-    if launcher:
-        monkeypatch.setenv('RANK', '0')
-        monkeypatch.setenv('WORLD_SIZE', '2')
+    if launcher:  # the third process of a node (LOCAL_RANK 2)
+        monkeypatch.setenv('RANK', '2')
+        monkeypatch.setenv('WORLD_SIZE', '3')
+        monkeypatch.setenv('LOCAL_RANK', '2')
     before = snapshot(earlier)
     code, out, err = cli(capsys, '--device', device, *finetune_args(world, earlier))
     assert code == EXIT_USER_ERROR and err.count('\n') == 1, err
-    assert re.fullmatch(('\\[rank 0\\] ' if launcher else '') + 'error: ' + pattern, err.strip()), err
+    assert re.fullmatch(('\\[rank 2\\] ' if launcher else '') + 'error: ' + pattern, err.strip()), err
     assert snapshot(earlier) == before
+
+
+def test_the_default_device_under_a_launcher_is_the_gpu_of_local_rank_which_must_exist(monkeypatch):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 1)
+    monkeypatch.setenv('RANK', '1')
+    monkeypatch.setenv('WORLD_SIZE', '2')
+    monkeypatch.setenv('LOCAL_RANK', '1')
+    with pytest.raises(UserError, match=r'^LOCAL_RANK 1: this machine has 1 CUDA device, so at most 1 process per '
+                                        r'node can use one each \(--nproc_per_node\)$'):
+        finetune.resolve_device(None)
+    monkeypatch.setenv('LOCAL_RANK', '0')
+    assert finetune.resolve_device(None) == 'cuda'
 
 
 @pytest.mark.parametrize('argv, pattern', [
