@@ -263,6 +263,11 @@ MUTANTS: List[Mutant] = [
            '        if False:\n            raise UserError(f\'--device {requested}: under a launcher',
            [T + 'test_errors.py::test_a_gpu_the_run_cannot_use_is_refused_before_any_work'],
            '--device cuda:N under torchrun is silently replaced by the GPU of LOCAL_RANK'),
+    mutant('more-processes-than-gpus-unchecked', 'finetune.py',
+           "    if device.startswith('cuda') and several_processes():", "    if False:",
+           [T + 'test_errors.py::test_a_gpu_the_run_cannot_use_is_refused_before_any_work',
+            T + 'test_errors.py::test_the_default_device_under_a_launcher_is_the_gpu_of_local_rank_which_must_exist'],
+           'a LOCAL_RANK past the GPUs of the node reaches torch.cuda.set_device (a CUDA traceback)'),
     # --- the fast path and the speed table --------------------------------------------------------------------
     mutant('timed-choice-ignores-tolerance', 'models/fast_path.py',
            '            if err <= tol:\n                try:\n',
