@@ -582,11 +582,11 @@ def cc_model_name(name: str, flag: str = '--model') -> str:
 
 def resolve_device(requested: Optional[str]) -> str:
     """``--device`` as torch names it (cuda when available if not given): a user error for a device this tool does
-    not run on, a GPU this machine does not have, or a GPU index given to processes that a launcher started (each
-    of them takes the GPU of its LOCAL_RANK, which must exist)."""
+    not run on, a GPU this machine does not have, or, for processes that a launcher started (each takes the GPU of
+    its LOCAL_RANK), a GPU index or a LOCAL_RANK past the machine's GPUs."""
     if requested is None:
-        return _check_local_gpu('cuda' if torch.cuda.is_available() else 'cpu')
-    if requested.startswith('cuda') and not torch.cuda.is_available():
+        requested = 'cuda' if torch.cuda.is_available() else 'cpu'
+    elif requested.startswith('cuda') and not torch.cuda.is_available():
         raise UserError(f'--device {requested}: CUDA is not available on this machine (use --device cpu)')
     try:
         device = torch.device(requested)
@@ -596,27 +596,20 @@ def resolve_device(requested: Optional[str]) -> str:
         raise UserError(f'--device {requested}: this tool runs on cuda or cpu, not {device.type}')
     if device.type == 'cpu' and device.index not in (None, 0):
         raise UserError(f'--device {requested}: torch has one CPU device (use --device cpu)')
-    if device.type == 'cuda' and device.index is not None:
-        if several_processes():
-            raise UserError(f'--device {requested}: under a launcher each process takes the GPU of its LOCAL_RANK '
-                            f'(use --device cuda)')
+    if device.type == 'cuda':
         count = torch.cuda.device_count()
-        if device.index >= count:
-            raise UserError(f'--device {requested}: this machine has {count} CUDA device{"s" * (count != 1)} '
-                            f'(cuda:0' + (f' to cuda:{count - 1})' if count > 1 else ')'))
-    return _check_local_gpu(requested)
-
-
-def _check_local_gpu(device: str) -> str:
-    """Under a launcher on CUDA, the GPU of this process's LOCAL_RANK must exist (more processes per node than
-    GPUs is a user error, not a CUDA traceback)."""
-    if device.startswith('cuda') and several_processes():
-        local_rank, count = int(os.environ.get('LOCAL_RANK', 0)), torch.cuda.device_count()
-        if local_rank >= count:
-            raise UserError(f'LOCAL_RANK {local_rank}: this machine has {count} CUDA device{"s" * (count != 1)}, '
-                            f'so at most {count} process{"es" * (count != 1)} per node can use one each '
-                            f'(--nproc_per_node)')
-    return device
+        has = f'this machine has {count} CUDA device{"s" * (count != 1)}'
+        if several_processes():
+            if device.index is not None:
+                raise UserError(f'--device {requested}: under a launcher each process takes the GPU of its '
+                                f'LOCAL_RANK (use --device cuda)')
+            local_rank = int(os.environ.get('LOCAL_RANK', 0))
+            if local_rank >= count:
+                raise UserError(f'LOCAL_RANK {local_rank}: {has}, so at most {count} process'
+                                f'{"es" * (count != 1)} per node can use one each (--nproc_per_node)')
+        elif device.index is not None and device.index >= count:
+            raise UserError(f'--device {requested}: {has} (cuda:0' + (f' to cuda:{count - 1})' if count > 1 else ')'))
+    return requested
 
 
 # ----------------------------------------------------------------------------------------------------------
