@@ -68,6 +68,7 @@ MODE_NAMES = {'attn': 'Taylor', 'random': 'random'}
 SEEDS = (0, 1, 2)
 TEACHER_SEED = 0                      # the teacher is trained once, with the demo's default seed
 CONFIDENCE = 0.95
+SAME_DIFFERENCE = 'every seed gave the same difference'  # said of a zero-width interval
 RUN_KEYS = ('prune_rate', 'prune_mode', 'seed', 'finetuned', 'acc1', 'gflops', 'kept_tokens', 'masks_sha1',
             'checkpoint')
 # What --quick sets, for each of these flags not given on the command line (a flag given keeps its value).
@@ -209,7 +210,7 @@ def sentence(rate: float, finetuned: bool, epochs: int, c: dict) -> str:
         return f'{where}, the data cannot tell Taylor and random apart: {diff}, and one seed gives no interval.'
     interval = f'{round(100 * c["confidence"])}% t-interval [{c["ci_low"]:+.2f}, {c["ci_high"]:+.2f}]'
     if c['std'] == 0:
-        interval += ' (every seed gave the same difference, so the interval has zero width)'
+        interval += f' ({SAME_DIFFERENCE}, so the interval has zero width)'
     if c['verdict'] == 'taylor':
         return f'{where}, Taylor beats random: {diff}, {interval}, which excludes 0.'
     if c['verdict'] == 'random':
@@ -497,8 +498,7 @@ def verdict_summary(paired: List[dict], finetuned: bool) -> str:
         if cs:
             each = [f'{c["prune_rate"]:.2f} ({c["mean"]:+.2f} points'
                     + ('' if c['ci_low'] is None else f', [{c["ci_low"]:+.2f}, {c["ci_high"]:+.2f}]')
-                    + (', every seed gave the same difference' if c['ci_low'] is not None and c['std'] == 0
-                       else '') + ')'
+                    + (f', {SAME_DIFFERENCE}' if c['ci_low'] is not None and c['std'] == 0 else '') + ')'
                     for c in cs]
             parts.append(f'{words} at {"rate" if len(cs) == 1 else "rates"} {and_list(each)}')
     return '; '.join(parts)

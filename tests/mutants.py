@@ -134,7 +134,7 @@ MUTANTS: List[Mutant] = [
            [T + 'test_study.py::test_each_accuracy_is_the_one_its_run_logged'],
            "the study's finetuned runs record the accuracy before finetuning"),
     mutant('readme-paragraph-hides-zero-width-interval', 'demo/study.py',
-           "if c['ci_low'] is not None and c['std'] == 0", "if False",
+           "if c['ci_low'] is not None and c['std'] == 0 else", "if False else",
            [T + 'test_study.py::test_paired_comparison_edge_cases'],
            "the study's README paragraph calls a difference every seed shared a win without saying so"),
     # --- resume ----------------------------------------------------------------------------------------------
