@@ -392,8 +392,8 @@ def validate_args(args, void: Set[str] = frozenset()) -> None:
         if args.speed_only and args.speed_protocol == 'original':
             raise UserError('--speed-protocol original times the loaded eager model as the original code did; '
                             '--fast-path does not apply')
-        if args.fast_path == 'triton' and not (args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
-                                               ).startswith('cuda') and os.environ.get('TRITON_INTERPRET') != '1':
+        if args.fast_path == 'triton' and not resolve_device(args.device).startswith('cuda') \
+                and os.environ.get('TRITON_INTERPRET') != '1':
             raise UserError('--fast-path triton needs a CUDA GPU (on CPU use --fast-path torch or compile)')
     if args.eval and not args.resume:
         raise UserError('--eval needs --resume CHECKPOINT (the model to evaluate)')
