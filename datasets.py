@@ -281,6 +281,14 @@ class DigitsDataset(Dataset):
         self.train = train
         self.shift = transforms.RandomCrop(self.SIZE, padding=2, fill=-1.0) if train else None
 
+    @classmethod
+    def check_size(cls, size: int, reader: str, remedy: str) -> None:
+        """Refuse a model that reads ``size`` px square images: the digits are ``SIZE`` px and are not resized to
+        fit (``reader`` names the model, ``remedy`` says what to give instead)."""
+        if size != cls.SIZE:
+            raise UserError(f'--data-set DIGITS has {cls.SIZE}x{cls.SIZE} images and {reader} reads {size}x{size} '
+                            f'({remedy})')
+
     def __len__(self) -> int:
         return len(self.targets)
 

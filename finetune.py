@@ -421,10 +421,10 @@ def validate_args(args, void: Set[str] = frozenset()) -> None:
         if args.input_size % ph or args.input_size % pw:
             raise UserError(f'--input-size {args.input_size} is not a whole number of {ph}x{pw} patches of '
                             f'{args.model} (the patch embedding would drop the rest of the image)')
-    size, digits = input_size(args), DigitsDataset.SIZE
-    if args.data_set == 'DIGITS' and reads_data and size != digits:
-        raise UserError(f'--data-set DIGITS has {digits}x{digits} images and {models.base_name(args.model)} reads '
-                        f'{size}x{size} (give --input-size {digits}, or a model made for them: deit_digits_patch4_32)')
+    if args.data_set == 'DIGITS' and reads_data:
+        DigitsDataset.check_size(input_size(args), models.base_name(args.model),
+                                 f'give --input-size {DigitsDataset.SIZE}, or a model made for them: '
+                                 'deit_digits_patch4_32')
     if not modes and args.distillation_type != 'none' and args.data_set != 'DIGITS':
         check_teacher_normalisation(args.teacher_model or args.model, args.model)
     if not modes and 'start_epoch' in given_flags(args) - void and args.start_epoch >= args.final_finetune:

@@ -328,12 +328,11 @@ def validate_args(args: argparse.Namespace, parser: Optional[argparse.ArgumentPa
         check_digits_size(args.input_size, f'--input-size {args.input_size}')
 
 
-def check_digits_size(size: int, what: str) -> None:
-    """The digits are DigitsDataset.SIZE px square; a model reading another size cannot draw them."""
+def check_digits_size(size: int, reader: str) -> None:
+    """A model reading another size than the digits' cannot draw them (the check is the dataset's own)."""
     from datasets import DigitsDataset
-    if size != DigitsDataset.SIZE:
-        raise UserError(f'DIGITS has {DigitsDataset.SIZE}x{DigitsDataset.SIZE} images and {what} reads {size}x{size} '
-                        f'(draw a model made for them, deit_digits_patch4_32, or images of a --data-path folder)')
+    DigitsDataset.check_size(size, reader, 'draw a model made for them, deit_digits_patch4_32, or images of a '
+                                           '--data-path folder')
 
 
 def unused_flag_notes(args: argparse.Namespace, parser: argparse.ArgumentParser, size: int) -> List[str]:
