@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.requirements-installed
 
-.PHONY: demo study test test-fast mutants venv clean
+.PHONY: demo study test test-slow mutants venv clean
 
 venv: $(STAMP)
 
@@ -24,11 +24,12 @@ study: $(STAMP)
 # module fixtures (the demo's and the study's runs) run once.
 XDIST := -n auto --dist loadfile
 
+# `test` leaves out the end-to-end runs marked slow (pytest.ini); `test-slow` runs only those. CI (.ci/run) runs both.
 test: $(STAMP)
-	$(PY) -m pytest -q $(XDIST) tests
-
-test-fast: $(STAMP)
 	$(PY) -m pytest -q $(XDIST) -m "not slow" tests
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q $(XDIST) -m slow tests
 
 # Plants small bugs one at a time in a scratch copy and checks that the tests catch each (not part of `test`).
 mutants: $(STAMP)

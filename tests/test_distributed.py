@@ -53,7 +53,7 @@ def world(tmp_path_factory):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# one job of two processes running --prune and finetuning (not slow: `make test-fast` runs it too, so the
+# one job of two processes running --prune and finetuning (not slow: `make test` runs it too, so the
 # checks that only several processes can make, the all-reduce of the scores and the learning rate scaled by the
 # world size, are in the fast set)
 
