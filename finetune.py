@@ -35,8 +35,8 @@ from engine import NonFiniteLossError, evaluate, measure_throughput, steady_allo
 from losses import DistillationLoss
 from samplers import DistributedEvalSampler, RASampler
 from utils import (UserError, TensorBoard, all_agree, check_output_dir, checkpoint_args, init_distributed_mode,
-                   is_main_process, load_checkpoint_file, one_line, print_line, rank0_print, remove_stale_temporaries,
-                   save_atomic, several_processes, write_text_atomic)
+                   is_main_process, launcher_ranks, load_checkpoint_file, one_line, print_line, rank0_print,
+                   remove_stale_temporaries, save_atomic, several_processes, write_text_atomic)
 from utils import seeding
 from utils.cli import (AT_LEAST_ONE, EXIT_USER_ERROR, FRACTION, NON_NEGATIVE, POSITIVE, UNIT, OneLineParser, Range,
                        check_numbers, fits, flag_name, spell)
@@ -376,6 +376,7 @@ def mixing(args) -> bool:
 def validate_args(args, void: Set[str] = frozenset()) -> None:
     """Refuse inconsistent requests before any work starts (every numeric flag included); ``void``: flags given
     that the run being continued makes void (:func:`continue_run`), so not judged here."""
+    launcher_ranks()  # the environment a launcher sets, checked as the flags are
     modes = modes_of(args)
     if len(modes) > 1:
         raise UserError('choose one of --eval, --speed-only and --prune')
@@ -603,7 +604,7 @@ def resolve_device(requested: Optional[str]) -> str:
             if device.index is not None:
                 raise UserError(f'--device {requested}: under a launcher each process takes the GPU of its '
                                 f'LOCAL_RANK (use --device cuda)')
-            local_rank = int(os.environ.get('LOCAL_RANK', 0))
+            local_rank = launcher_ranks()[2]
             if local_rank >= count:
                 raise UserError(f'LOCAL_RANK {local_rank}: {has}, so at most {count} process'
                                 f'{"es" * (count != 1)} per node can use one each (--nproc_per_node)')
@@ -1488,7 +1489,7 @@ def out_of_memory(args, e: BaseException) -> str:
 
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
-    prefix = f'[rank {os.environ["RANK"]}] ' if several_processes() else ''
+    prefix = f'[rank {os.environ["RANK"]}] ' if several_processes() and 'RANK' in os.environ else ''
     try:
         with sigterm_unwinds():
             run(args)

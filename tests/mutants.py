@@ -268,6 +268,10 @@ MUTANTS: List[Mutant] = [
            [T + 'test_errors.py::test_a_gpu_the_run_cannot_use_is_refused_before_any_work',
             T + 'test_errors.py::test_the_default_device_under_a_launcher_is_the_gpu_of_local_rank_which_must_exist'],
            'a LOCAL_RANK past the GPUs of the node reaches torch.cuda.set_device (a CUDA traceback)'),
+    mutant('rank-past-world-size-unchecked', 'utils/distributed.py',
+           '        if not 0 <= value < world:', '        if not 0 <= value:',
+           [T + 'test_errors.py::test_a_launcher_environment_the_job_cannot_run_with_is_refused_before_any_work'],
+           'a RANK past WORLD_SIZE waits half an hour for peers that never come'),
     # --- the fast path and the speed table --------------------------------------------------------------------
     mutant('timed-choice-ignores-tolerance', 'models/fast_path.py',
            '            if err <= tol:\n                try:\n',

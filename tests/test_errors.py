@@ -18,6 +18,7 @@ import torch
 import finetune
 from conftest import (DIGITS_ARGS, ROOT, digits_world, make_image_folder, official_checkpoint, pruned_model,
                       subprocess_env)
+import utils
 from utils import UserError
 
 EXIT_USER_ERROR, EXIT_DIVERGED = 2, 3
@@ -463,6 +464,58 @@ def test_bad_flags(capsys, world, earlier, argv, pattern):
     assert snapshot(earlier) == before
 
 
+def launched(monkeypatch, **variables):
+    """The environment torchrun gives one of its processes (rendezvous at a local port), with ``variables`` set
+    over it (a value None: that variable unset)."""
+    env = dict(RANK='0', WORLD_SIZE='2', LOCAL_RANK='0', MASTER_ADDR='127.0.0.1', MASTER_PORT='29500')
+    for name, value in {**env, **variables}.items():
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+
+
+@pytest.mark.parametrize('variables, pattern', [
+    (dict(WORLD_SIZE='abc'), r"WORLD_SIZE='abc' in the environment is not a whole number \(the launcher sets it: "
+                             r"torchrun, or torch.distributed.launch --use_env\)"),
+    (dict(LOCAL_RANK='x'), r"LOCAL_RANK='x' in the environment is not a whole number \(the launcher sets it: .*\)"),
+    (dict(WORLD_SIZE='0'), r'WORLD_SIZE=0 in the environment: a job has at least one process \(.*\)'),
+    (dict(RANK=None), r'WORLD_SIZE is 2 but RANK is not set in the environment \(the launcher sets it: torchrun, or '
+                      r'torch.distributed.launch --use_env; unset WORLD_SIZE to run one process\)'),
+    (dict(RANK='5'), r'RANK=5 in the environment is not one of the WORLD_SIZE=2 processes \(0 to 1; .*\)'),
+    (dict(LOCAL_RANK='-1'), r'LOCAL_RANK=-1 in the environment is not one of the WORLD_SIZE=2 processes .*'),
+    (dict(MASTER_ADDR=None), r'MASTER_ADDR is not set in the environment: the 2 processes meet at '
+                             r'MASTER_ADDR:MASTER_PORT \(the launcher sets both: .*\)'),
+    (dict(MASTER_PORT=' '), r'MASTER_PORT is not set in the environment: .*'),
+    (dict(MASTER_PORT='99999'), r'MASTER_PORT=99999 in the environment is not a TCP port \(1 to 65535\)'),
+])
+def test_a_launcher_environment_the_job_cannot_run_with_is_refused_before_any_work(capsys, monkeypatch, world,
+                                                                                   earlier, variables, pattern):
+    """RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT, as a launcher sets them: one error line naming
+    the variable, before any work (they were a ValueError traceback, a rendezvous traceback, or, for a RANK past
+    WORLD_SIZE, half an hour's wait for peers that never come)."""
+    launched(monkeypatch, **variables)
+
+    def rendezvous(*args, **kwargs):  # a bad environment let through would wait there for peers that never come
+        raise AssertionError('the process group was joined')
+    monkeypatch.setattr(torch.distributed, 'init_process_group', rendezvous)
+    before = snapshot(earlier)
+    code, out, err = cli(capsys, '--device', 'cpu', *finetune_args(world, earlier))
+    assert code == EXIT_USER_ERROR and err.count('\n') == 1, err
+    rank = os.environ.get('RANK')
+    assert re.fullmatch((f'\\[rank {rank}\\] ' if rank else '') + 'error: ' + pattern, err.strip()), err
+    assert snapshot(earlier) == before
+
+
+def test_one_process_ignores_the_launcher_variables_that_do_not_ask_for_several(monkeypatch):
+    """WORLD_SIZE unset, empty or 1 is one process, whatever else is set (a RANK left from another job)."""
+    for world_size in (None, '', '1'):
+        launched(monkeypatch, WORLD_SIZE=world_size, RANK='3', MASTER_ADDR=None)
+        assert utils.launcher_ranks() == (0, 1, 0) and not utils.several_processes()
+    launched(monkeypatch, RANK='1', LOCAL_RANK=None)
+    assert utils.launcher_ranks() == (1, 2, 0)
+
+
 @pytest.mark.parametrize('device, count, launcher, pattern', [
     ('cuda:2', 2, False, r'--device cuda:2: this machine has 2 CUDA devices \(cuda:0 to cuda:1\)$'),
     ('cuda:1', 1, False, r'--device cuda:1: this machine has 1 CUDA device \(cuda:0\)$'),
@@ -479,9 +532,7 @@ def test_a_gpu_the_run_cannot_use_is_refused_before_any_work(capsys, monkeypatch
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
     monkeypatch.setattr(torch.cuda, 'device_count', lambda: count)
     if launcher:  # the third process of a node (LOCAL_RANK 2)
-        monkeypatch.setenv('RANK', '2')
-        monkeypatch.setenv('WORLD_SIZE', '3')
-        monkeypatch.setenv('LOCAL_RANK', '2')
+        launched(monkeypatch, RANK='2', WORLD_SIZE='3', LOCAL_RANK='2')
     before = snapshot(earlier)
     code, out, err = cli(capsys, '--device', device, *finetune_args(world, earlier))
     assert code == EXIT_USER_ERROR and err.count('\n') == 1, err
@@ -492,9 +543,7 @@ def test_a_gpu_the_run_cannot_use_is_refused_before_any_work(capsys, monkeypatch
 def test_the_default_device_under_a_launcher_is_the_gpu_of_local_rank_which_must_exist(monkeypatch):
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
     monkeypatch.setattr(torch.cuda, 'device_count', lambda: 1)
-    monkeypatch.setenv('RANK', '1')
-    monkeypatch.setenv('WORLD_SIZE', '2')
-    monkeypatch.setenv('LOCAL_RANK', '1')
+    launched(monkeypatch, RANK='1', WORLD_SIZE='2', LOCAL_RANK='1')
     with pytest.raises(UserError, match=r'^LOCAL_RANK 1: this machine has 1 CUDA device, so at most 1 process per '
                                         r'node can use one each \(--nproc_per_node\)$'):
         finetune.resolve_device(None)

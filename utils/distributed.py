@@ -2,13 +2,57 @@
 import datetime
 import os
 
+from typing import Optional, Tuple
+
 import torch
 import torch.distributed as dist
 
+from .errors import UserError
+
+LAUNCHERS = 'torchrun, or torch.distributed.launch --use_env'
+SET_BY_LAUNCHER = f'the launcher sets it: {LAUNCHERS}'
+
 
 def several_processes() -> bool:
-    """Whether the launcher (``torch.distributed.launch --use_env``, ``torchrun``) started more than one process."""
-    return 'RANK' in os.environ and 'WORLD_SIZE' in os.environ and int(os.environ['WORLD_SIZE']) > 1
+    """Whether the environment asks for more than one process: WORLD_SIZE set, and not to 1, as the launcher
+    (``torch.distributed.launch --use_env``, ``torchrun``) sets it.  ``launcher_ranks`` checks the values."""
+    return os.environ.get('WORLD_SIZE', '').strip() not in ('', '1')
+
+
+def _whole_number(name: str, default: Optional[str] = None) -> int:
+    text = os.environ.get(name, default)
+    if text is None:
+        raise UserError(f'WORLD_SIZE is {os.environ["WORLD_SIZE"]} but {name} is not set in the environment '
+                        f'({SET_BY_LAUNCHER}; unset WORLD_SIZE to run one process)')
+    try:
+        return int(text)
+    except ValueError:
+        raise UserError(f'{name}={text!r} in the environment is not a whole number ({SET_BY_LAUNCHER})') from None
+
+
+def launcher_ranks() -> Tuple[int, int, int]:
+    """``(rank, world size, local rank)`` of this process as the launcher set them in the environment (0, 1, 0 for a
+    single process).  A user error, before any work, for a value that is not a whole number, a RANK or LOCAL_RANK
+    outside the world (a rank past it would wait half an hour for peers that never come), or a missing MASTER_ADDR
+    or MASTER_PORT (where the processes meet, env:// rendezvous)."""
+    if not several_processes():
+        return 0, 1, 0
+    world = _whole_number('WORLD_SIZE')
+    if world < 1:
+        raise UserError(f'WORLD_SIZE={world} in the environment: a job has at least one process ({SET_BY_LAUNCHER})')
+    rank, local_rank = _whole_number('RANK'), _whole_number('LOCAL_RANK', '0')
+    for name, value in (('RANK', rank), ('LOCAL_RANK', local_rank)):
+        if not 0 <= value < world:
+            raise UserError(f'{name}={value} in the environment is not one of the WORLD_SIZE={world} processes '
+                            f'(0 to {world - 1}; {SET_BY_LAUNCHER})')
+    for name in ('MASTER_ADDR', 'MASTER_PORT'):
+        if not os.environ.get(name, '').strip():
+            raise UserError(f'{name} is not set in the environment: the {world} processes meet at '
+                            f'MASTER_ADDR:MASTER_PORT (the launcher sets both: {LAUNCHERS})')
+    port = _whole_number('MASTER_PORT')
+    if not 0 < port < 65536:
+        raise UserError(f'MASTER_PORT={port} in the environment is not a TCP port (1 to 65535)')
+    return rank, world, local_rank
 
 
 def init_distributed_mode(args) -> None:
@@ -16,12 +60,9 @@ def init_distributed_mode(args) -> None:
 
     NCCL on CUDA, gloo otherwise. Sets ``args.distributed``, ``args.rank``, ``args.world_size``, ``args.gpu``.
     """
-    if several_processes():
-        args.rank = int(os.environ['RANK'])
-        args.world_size = int(os.environ['WORLD_SIZE'])
-        args.gpu = int(os.environ.get('LOCAL_RANK', 0))
-    else:
-        args.distributed, args.rank, args.world_size, args.gpu = False, 0, 1, 0
+    args.rank, args.world_size, args.gpu = launcher_ranks()
+    if args.world_size == 1:
+        args.distributed = False
         return
     args.distributed = True
     if args.device.startswith('cuda'):
