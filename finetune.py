@@ -1008,6 +1008,9 @@ def output_paths(args) -> Dict[str, str]:
 def check_earlier_run(args, continuing: bool) -> None:
     """Never overwrite the results of another run: only continuing <output_dir>/checkpoint.pth itself may."""
     paths = output_paths(args)
+    for name in ('checkpoint.pth', 'best.pth'):
+        if os.path.isdir(paths[name]):
+            raise UserError(f'cannot write {paths[name]}: it is a directory (the run writes its checkpoints there)')
     checkpoint_path = paths['checkpoint.pth']
     if os.path.exists(checkpoint_path):
         if not (continuing and os.path.samefile(args.resume, checkpoint_path)):

@@ -1067,6 +1067,19 @@ def test_a_run_log_a_continued_run_cannot_read_back_is_refused_before_work(capsy
     assert snapshot(out) == before
 
 
+def test_a_checkpoint_path_that_is_a_directory_is_refused_before_the_first_epoch(capsys, finished, tmp_path):
+    """A continued run replaces checkpoint.pth and best.pth: best.pth a directory was found only when the first
+    epoch had been trained and evaluated, and that epoch was lost."""
+    out = shutil.copytree(finished, tmp_path / 'out')
+    (out / 'best.pth').unlink()
+    (out / 'best.pth').mkdir()
+    before = snapshot(out)
+    code, stdout, err = cli(capsys, '--resume', out / 'checkpoint.pth', '--final_finetune', 2)
+    assert code == EXIT_USER_ERROR and 'Epoch:' not in stdout and snapshot(out) == before
+    assert err.strip() == (f'error: cannot write {out / "best.pth"}: it is a directory (the run writes its '
+                           f'checkpoints there)')
+
+
 def test_other_warnings_while_loading_are_issued_once_and_the_load_completes(tmp_path, monkeypatch):
     """Loading records torch's warnings to read the pickle protocol from them; the others are issued again,
     once each, after the recording (issued inside it, they would be recorded again without end)."""
