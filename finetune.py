@@ -1008,9 +1008,6 @@ def output_paths(args) -> Dict[str, str]:
 def check_earlier_run(args, continuing: bool) -> None:
     """Never overwrite the results of another run: only continuing <output_dir>/checkpoint.pth itself may."""
     paths = output_paths(args)
-    for name in ('checkpoint.pth', 'best.pth'):
-        if os.path.isdir(paths[name]):
-            raise UserError(f'cannot write {paths[name]}: it is a directory (the run writes its checkpoints there)')
     checkpoint_path = paths['checkpoint.pth']
     if os.path.exists(checkpoint_path):
         if not (continuing and os.path.samefile(args.resume, checkpoint_path)):
@@ -1400,6 +1397,9 @@ def run(args) -> Dict[str, float]:
             raise UserError(f'{e} (the directory of --resume: give --output_dir)' if beside_resume else str(e)) from None
         check_appendable(os.path.join(args.output_dir, 'prune_log.txt' if args.prune else 'log.txt'),
                          reads=not args.prune)
+        checkpoints = [] if args.prune else [output_paths(args)[name] for name in ('checkpoint.pth', 'best.pth')]
+        for path in filter(os.path.isdir, checkpoints):
+            raise UserError(f'cannot write {path}: it is a directory (the run writes its checkpoints there)')
     notes += unused_flag_notes(args, get_args_parser(), said=no_effect)
     init_distributed_mode(args)
     for line in notes:
