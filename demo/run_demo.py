@@ -44,6 +44,7 @@ for path in (ROOT, os.path.join(ROOT, 'demo')):
         sys.path.insert(0, path)
 
 import finetune  # noqa: E402
+import models  # noqa: E402
 from utils import (TensorBoard, UserError, check_output_dir, checkpoint_args, load_checkpoint_file,  # noqa: E402
                    one_line, write_text_atomic)
 from utils.cli import AT_LEAST_ONE, EXIT_USER_ERROR, POSITIVE, OneLineParser, Range, check_numbers  # noqa: E402
@@ -248,8 +249,14 @@ def teacher_check(path: str, epochs: int, lr: float, seed: int) -> Tuple[str, Op
         why = f'learning rate {stored_lr} instead of {lr}'
     elif stored.get('seed') != seed:
         why = f'seed {stored.get("seed")} instead of {seed}'
+    elif isinstance(ckpt.get('epoch'), bool) or not isinstance(ckpt.get('epoch'), int):
+        why = f'its last epoch is {ckpt.get("epoch")!r}, not a whole number'
     else:
-        return ('done' if int(ckpt.get('epoch', -1)) >= epochs - 1 else 'partial'), None
+        try:
+            models.build_model_from_checkpoint(path, finetune.cc_model_name(MODEL), warn=lambda line: None)
+        except UserError as e:
+            return 'other', f'its weights cannot be used: {one_line(e)}'
+        return ('done' if ckpt['epoch'] >= epochs - 1 else 'partial'), None
     return 'other', why
 
 

@@ -24,7 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import models  # noqa: E402,F401  (registers cc_deit_* with timm)
+import models  # noqa: E402  (also registers cc_deit_* with timm)
 import timm.layers.attention  # noqa: E402
 
 
@@ -49,6 +49,18 @@ def official_checkpoint(path, model_name='cc_deit_tiny_patch16_224', seed=0, **k
     model = timm.create_model(model_name, **kwargs)
     sd = {k: v for k, v in model.state_dict().items() if not k.endswith('attn.token_index')}
     torch.save({'model': sd}, path)
+    return str(path)
+
+
+def teacher_checkpoint(path, model, lr, seed, epochs, epoch, weights_of=None):
+    """A teacher's checkpoint.pth as finetune.py writes it for the demo and the study, reduced to what they read
+    before reusing it: the weights of ``weights_of`` (a registered cc_ name, ``model`` if None; seeded random),
+    ``args`` (the demo passes --unscale-lr, so ``lr`` is the one given) and the last ``epoch``."""
+    torch.manual_seed(seed)
+    state = models.build_model(weights_of or model, 10).state_dict()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({'model': state, 'epoch': epoch, 'args': {'model': model, 'final_finetune': epochs, 'lr': lr,
+                                                          'seed': seed, 'unscale_lr': True}}, path)
     return str(path)
 
 

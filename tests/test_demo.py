@@ -7,7 +7,8 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, assert_one_error_line, exit_code, make_image_folder, no_work, run_demo_script
+from conftest import (ROOT, assert_one_error_line, exit_code, make_image_folder, no_work, run_demo_script,
+                      teacher_checkpoint)
 
 sys.path.insert(0, os.path.join(ROOT, 'demo'))
 import draw_masks  # noqa: E402
@@ -329,13 +330,9 @@ def test_run_demo_write_failure_midway_is_one_error_line(tmp_path, monkeypatch, 
 
 
 def fake_teacher(path, lr=1e-3, seed=0, epochs=3, epoch=2, model=None):
-    """A teacher checkpoint.pth as finetune.py writes it, reduced to what the demo reads: args and epoch."""
     import finetune
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({'model': {}, 'epoch': epoch,
-                'args': {'model': model or finetune.cc_model_name(run_demo.MODEL), 'final_finetune': epochs,
-                         'lr': lr, 'seed': seed, 'unscale_lr': True}}, path)
-    return str(path)
+    digits = finetune.cc_model_name(run_demo.MODEL)
+    return teacher_checkpoint(path, model or digits, lr, seed, epochs, epoch, weights_of=digits)
 
 
 def test_teacher_reused_only_with_the_same_epochs_lr_and_seed(tmp_path):
@@ -352,6 +349,25 @@ def test_teacher_reused_only_with_the_same_epochs_lr_and_seed(tmp_path):
     assert run_demo.teacher_check(partial, 3, 1e-3, 5)[0] == 'other'
     other_model = fake_teacher(tmp_path / 'm' / 'checkpoint.pth', model='cc_deit_tiny_patch16_224')
     assert run_demo.teacher_check(other_model, 3, 1e-3, 0)[0] == 'other'
+
+
+@pytest.mark.parametrize('spoil, why', [
+    (lambda ckpt: ckpt.update(epoch='abc'), "its last epoch is 'abc', not a whole number"),
+    (lambda ckpt: ckpt.update(epoch=None), 'its last epoch is None, not a whole number'),
+    (lambda ckpt: ckpt['model'].pop('blocks.0.attn.qkv.weight'),
+     r'its weights cannot be used: \S+ does not fit cc_deit_digits_patch4_32: missing keys '
+     r'blocks\.0\.attn\.qkv\.weight'),
+])
+def test_a_teacher_that_cannot_be_reused_is_trained_again(spoil, why, tmp_path):
+    """A stored teacher with the right model, schedule and seed but an epoch that is not a number (a traceback)
+    or weights that do not fit the model (the demo failed at the teacher's evaluation, exit 1) is 'other': the
+    demo says why and trains a new one."""
+    path = fake_teacher(tmp_path / 'teacher' / 'checkpoint.pth')
+    ckpt = torch.load(path, weights_only=True)
+    spoil(ckpt)
+    torch.save(ckpt, path)
+    state, said = run_demo.teacher_check(path, 3, 1e-3, 0)
+    assert state == 'other' and re.fullmatch(why, said), said
 
 
 @pytest.mark.parametrize('lr,seed,retrained', [(1e-3, 0, False), (2e-3, 0, True), (1e-3, 7, True)])

@@ -12,7 +12,7 @@ import pytest
 import torch
 from scipy import stats
 
-from conftest import ROOT, assert_one_error_line, no_work, run_demo_script
+from conftest import ROOT, assert_one_error_line, no_work, run_demo_script, teacher_checkpoint
 
 sys.path.insert(0, os.path.join(ROOT, 'demo'))
 import study  # noqa: E402
@@ -382,10 +382,7 @@ def test_teacher_reused_only_with_the_same_lr_and_seed(stored_lr, stored_seed, r
     TEACHER_SEED, and trains the teacher with TEACHER_SEED (the runs themselves are stubbed out: no seeds)."""
     import finetune
     teacher = tmp_path / 'teacher' / 'checkpoint.pth'
-    teacher.parent.mkdir(parents=True)
-    torch.save({'model': {}, 'epoch': 2, 'args': {'model': finetune.cc_model_name(study.demo.MODEL),
-                                                  'final_finetune': 3, 'lr': stored_lr, 'seed': stored_seed}},
-               teacher)
+    teacher_checkpoint(teacher, finetune.cc_model_name(study.demo.MODEL), stored_lr, stored_seed, epochs=3, epoch=2)
     seen = {}
 
     def train_teacher(teacher_dir, epochs, lr, common, *args, **kwargs):
