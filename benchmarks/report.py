@@ -664,8 +664,7 @@ def readme_speed_table(cpu: Dict, gpu: Optional[Dict] = None) -> List[str]:
                    f'{r["flops_ratio"]:.2f}', fmt_ratio(r.get('vs_boolean'))]
             if gpu is not None:
                 e = entries.get(model_name(r), {})
-                row += [fmt_ratio(e.get(k)) for k in ('speedup_vs_best_dense', 'speedup_vs_timm_eager',
-                                                      *(f'speedup_batch{bs}' for bs in SUMMARY_BATCHES))]
+                row += [fmt_ratio(e.get(k)) for k in SUMMARY_FIGURES]
             row += [fmt(seed.get('gflops'), '.1f'), fmt(seed.get('images_per_s'), 'd'),
                     fmt_ratio(seed.get('speedup'))]
             rows.append(row)
@@ -732,8 +731,12 @@ def shape_problem(results: Dict) -> Optional[str]:
     for key in ('sections', 'summary'):
         if not all(isinstance(e, dict) for e in results.get(key, [])):
             return f'an entry of "{key}" is not an object'
-    if not all(isinstance(e.get('model'), str) for e in results.get('summary', [])):
-        return 'an entry of "summary" names no model'
+    for e in results.get('summary', []):
+        if not isinstance(e.get('model'), str):
+            return 'an entry of "summary" names no model'
+        bad = [k for k in SUMMARY_FIGURES if e.get(k) is not None and not _fits(e[k], NUMBER)]
+        if bad:
+            return f'the summary of {e["model"]} has no valid {", ".join(bad)}'
     return None
 
 
@@ -741,16 +744,28 @@ def shape_problem(results: Dict) -> Optional[str]:
 NUMBER = (int, float)
 TABLE_FIELDS = {'kind': str, 'label': str, 'gflops': NUMBER, 'images_per_s': NUMBER, 'flops_ratio': NUMBER,
                 'speedup_vs_timm': NUMBER + (type(None),)}
+# The figures of a summary entry that the README's speed table reads (None: not measured).
+SUMMARY_FIGURES = ('speedup_vs_best_dense', 'speedup_vs_timm_eager', *(f'speedup_batch{bs}' for bs in SUMMARY_BATCHES))
+
+
+def _fits(value, kind) -> bool:
+    """``value`` is of ``kind`` and, a number, a finite one that is not a boolean (JSON as Python reads it has
+    NaN and Infinity, which no figure of the table may be)."""
+    if isinstance(value, bool) or not isinstance(value, kind):
+        return False
+    return not isinstance(value, float) or math.isfinite(value)
 
 
 def _table_problem(results: Dict) -> Optional[str]:
-    """A row the README's speed table reads whose TABLE_FIELDS are missing or of another type, or None."""
+    """No model at all, or a row the README's speed table reads whose TABLE_FIELDS are missing, of another type
+    or not finite, or None."""
+    if not results['models']:
+        return 'no model in "models"'
     for name, res in results['models'].items():
         for r in res['rows']:
             if r.get('kind') not in ('timm', 'ours') and isinstance(r.get('kind'), str):
                 continue  # a row the table leaves out
-            bad = [k for k, kind in TABLE_FIELDS.items()
-                   if not isinstance(r.get(k), kind) or isinstance(r.get(k), bool)]
+            bad = [k for k, kind in TABLE_FIELDS.items() if not _fits(r.get(k), kind)]
             if bad:
                 return f'a row of model {name!r} has no valid {", ".join(bad)}'
     return None

@@ -3,6 +3,7 @@ from, the original code's protocol is what it says, every argument is checked be
 runs as a user runs it.  No test asserts a speed: timings are read back, never judged."""
 import copy
 import json
+import math
 import os
 import re
 import statistics
@@ -726,6 +727,11 @@ def test_readme_speed_table_sets_a_gpu_run_beside_the_cpu_run(tmp_path, capsys, 
                                "rows)"),
     ('cpu row without its figures', "cpu.json: not a results file of benchmarks/model_zoo.py (a row of model "
                                     "'tiny' has no valid gflops, images_per_s)"),
+    ('cpu figure not a number', "cpu.json: not a results file of benchmarks/model_zoo.py (a row of model 'tiny' "
+                                "has no valid images_per_s)"),  # JSON's NaN was written into the table as 'nan'
+    ('cpu without models', 'cpu.json: not a results file of benchmarks/model_zoo.py (no model in "models")'),
+    ('gpu figure not a number', 'gpu.json: not a results file of benchmarks/model_zoo.py (the summary of C&C-Ti-25 '
+                                'has no valid speedup_batch1)'),
     ('readme not writable', 'cannot write'),
 ])
 def test_readme_table_writer_refuses_in_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch, case, message):
@@ -735,11 +741,14 @@ def test_readme_table_writer_refuses_in_one_line_and_writes_nothing(tmp_path, ca
     before = readme.read_text()
     gpu = tmp_path / 'gpu.json'
     gpu.write_text({'gpu not json': '{', 'gpu not results': '[1, 2]'}.get(case, '{}'))
-    if case in ('gpu without its name', 'gpu machine a list'):
+    if case in ('gpu without its name', 'gpu machine a list', 'gpu figure not a number'):
         run = _summary_run()
         report.attach_summary(run, 'cuda')
         if case == 'gpu machine a list':
             run['machine'] = ['NVIDIA H200']
+        if case == 'gpu figure not a number':
+            run['machine'] = {'gpu': 'NVIDIA H200'}
+            run['summary'][0]['speedup_batch1'] = math.inf
         gpu.write_text(json.dumps(run))
     cpu = json.load(open(os.path.join(ROOT, 'benchmarks', 'results', 'cpu.json')))
     if case == 'cpu models a list':
@@ -748,6 +757,10 @@ def test_readme_table_writer_refuses_in_one_line_and_writes_nothing(tmp_path, ca
         cpu['models'] = {'x': {}}
     elif case == 'cpu row without its figures':
         del cpu['models']['tiny']['rows'][0]['gflops'], cpu['models']['tiny']['rows'][0]['images_per_s']
+    elif case == 'cpu figure not a number':
+        cpu['models']['tiny']['rows'][2]['images_per_s'] = math.nan
+    elif case == 'cpu without models':
+        cpu['models'] = {}
     (tmp_path / 'cpu.json').write_text(json.dumps(cpu))
     if case == 'readme not writable':  # the disk fills as the new README is written: the old one stays
         def full(src, dst):
