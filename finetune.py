@@ -413,6 +413,9 @@ def validate_args(args, void: Set[str] = frozenset()) -> None:
     if args.data_set != 'DIGITS' and reads_data and not args.data_path:
         raise UserError(f'--data-path is required for --data-set {args.data_set}')
     if args.teacher_path and not modes and args.distillation_type != 'none' and not os.path.isfile(args.teacher_path):
+        if os.path.isdir(args.teacher_path):
+            raise UserError(f'--teacher-path {args.teacher_path} is a directory; give the checkpoint file of the '
+                            f'teacher')
         raise UserError(f'teacher checkpoint not found: {args.teacher_path}')
     args.model = cc_model_name(args.model)
     if args.teacher_model:

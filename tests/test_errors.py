@@ -372,6 +372,10 @@ def test_missing_teacher(capsys, world, earlier, tmp_path):
     assert_one_line_error(
         capsys, finetune_args(world, earlier, '--distillation-type', 'hard', '--teacher-path', tmp_path / 't.pth'),
         EXIT_USER_ERROR, r'teacher checkpoint not found: .*t\.pth')
+    assert_one_line_error(  # a path that exists, but as a directory, is not "not found"
+        capsys, finetune_args(world, earlier, '--distillation-type', 'hard', '--teacher-path', tmp_path),
+        EXIT_USER_ERROR, rf'^error: --teacher-path {re.escape(str(tmp_path))} is a directory; give the checkpoint '
+                         r'file of the teacher$')
 
 
 # ----------------------------------------------------------------------------------------------------------
