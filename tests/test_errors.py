@@ -243,6 +243,7 @@ def test_checkpoint_whose_weights_changed_after_writing(capsys, world, earlier, 
 @pytest.mark.parametrize('content, pattern', [
     (torch.zeros(3), r'holds a Tensor, not a checkpoint dict'),
     ({'epoch': 3, 'note': 'no weights'}, r'checkpoint holds no model state dict'),
+    ({'model': torch.zeros(3)}, r'odd\.pth: its "model" entry is a Tensor, not a state dict of named tensors$'),
 ])
 def test_checkpoint_without_a_model(capsys, world, earlier, tmp_path, content, pattern):
     path = tmp_path / 'odd.pth'

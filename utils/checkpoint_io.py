@@ -143,8 +143,10 @@ def _unsupported_global(text: str) -> str:
 def state_dict_of(checkpoint: Dict[str, Any]) -> Dict[str, torch.Tensor]:
     """The model weights of an official DeiT, pruned, finetune or bare state-dict checkpoint."""
     for key in ('model', 'state_dict'):
-        if key in checkpoint and isinstance(checkpoint[key], dict):
+        if key in checkpoint:
             sd = checkpoint[key]
+            if not isinstance(sd, dict):
+                raise UserError(f'its "{key}" entry is a {type(sd).__name__}, not a state dict of named tensors')
             break
     else:
         sd = checkpoint
