@@ -258,6 +258,9 @@ def _fill_dense_masks(module, state_dict, prefix, local_metadata, strict, missin
         if not isinstance(mask, torch.Tensor) or mask.dim() != 1 or mask.numel() != module.num_tokens:
             shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
             error_msgs.append(f'{k}: mask has shape {shape}, the model needs ({module.num_tokens},)')
+        elif mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
+            error_msgs.append(f'{k}: mask holds values other than 0 and 1 ({mask.dtype}); a mask keeps (1) or '
+                              f'drops (0) each token')
         elif not bool(mask[:module.num_prefix_tokens].all()):
             error_msgs.append(f'{k}: {prefix_rule(module.num_prefix_tokens)}')
         else:

@@ -223,6 +223,16 @@ def _pruned_state(tmp_path):
     return model, model.state_dict()
 
 
+def test_masks_stored_as_numbers_zero_and_one_load_as_the_same_masks(tmp_path):
+    """A mask written by another tool as 0/1 integers or floats means the same as the booleans."""
+    model, sd = _pruned_state(tmp_path)
+    for dtype in (torch.uint8, torch.float32):
+        numbers = {k: v.to(dtype) if k.endswith('token_index') else v for k, v in sd.items()}
+        fresh = timm.create_model('cc_deit_tiny_patch16_224', img_size=64, depth=3)
+        fresh.load_state_dict(numbers)
+        assert all(torch.equal(a, b) for a, b in zip(model.masks, fresh.masks))
+
+
 def test_pruned_checkpoint_round_trip_through_create_model(tmp_path):
     model, sd = _pruned_state(tmp_path)
     path = tmp_path / 'pruned.pth'
@@ -244,6 +254,8 @@ def test_pruned_checkpoint_round_trip_through_create_model(tmp_path):
     ('some_masks_missing', 'blocks.2.attn.token_index'),
     ('short_mask', 'mask has shape (16,), the model needs (17,)'),
     ('no_class_token', 'the class token (position 0) must be kept'),
+    ('scores_as_mask', 'mask holds values other than 0 and 1 (torch.float32); a mask keeps (1) or drops (0) each '
+                       'token'),  # read as booleans, every nonzero score kept its token without a word
 ])
 def test_strict_loading_refuses_bad_state_dicts(tmp_path, change, message):
     model, sd = _pruned_state(tmp_path)
@@ -259,6 +271,8 @@ def test_strict_loading_refuses_bad_state_dicts(tmp_path, change, message):
     elif change == 'no_class_token':
         sd['blocks.1.attn.token_index'] = sd['blocks.1.attn.token_index'].clone()
         sd['blocks.1.attn.token_index'][0] = False
+    elif change == 'scores_as_mask':
+        sd['blocks.1.attn.token_index'] = torch.rand(17) + 0.5
     fresh = timm.create_model('cc_deit_tiny_patch16_224', img_size=64, depth=3)
     with pytest.raises(RuntimeError, match=message.replace('(', r'\(').replace(')', r'\)')):
         fresh.load_state_dict(sd)
