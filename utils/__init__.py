@@ -12,7 +12,6 @@ __all__ = [
     'SAFE_GLOBALS', 'check_output_dir', 'checkpoint_args', 'load_checkpoint_file', 'remove_stale_temporaries', 'save_atomic',
     'state_dict_of', 'write_atomic', 'write_text_atomic', 'all_agree', 'all_reduce_sum', 'get_rank',
     'get_world_size', 'init_distributed_mode', 'is_dist', 'is_main_process', 'launcher_ranks', 'several_processes',
-    'UserError',
-    'one_line',
+    'UserError', 'one_line',
     'MetricLogger', 'SmoothedValue', 'TensorBoard', 'print_line', 'rank0_print',
 ]

@@ -1,7 +1,6 @@
 """Several processes: joining the launcher's process group, ranks, and the collectives the loops need."""
 import datetime
 import os
-
 from typing import Optional, Tuple
 
 import torch
