@@ -972,21 +972,39 @@ def build_teacher(args, device: torch.device, num_classes: int) -> nn.Module:
     return teacher
 
 
+def read_log(log_path: str) -> Dict[int, dict]:
+    """The records of a run's ``log.txt`` by epoch ({} without the file): one JSON object per line, each with its
+    ``epoch`` (a later line of the same epoch wins).  Blank lines and a record cut by a kill (an object that does
+    not decode) are passed over; any other line is a user error: the file is not a run's log, and the rewrite of a
+    continued run would lose it."""
+    if not os.path.isfile(log_path):
+        return {}
+    try:
+        with open(log_path, encoding='utf-8') as f:
+            lines = f.read().splitlines()
+    except UnicodeDecodeError:
+        raise UserError(f'{log_path} is not a text file, not the log of a run (move it away)') from None
+    records: Dict[int, dict] = {}
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+            record = None
+        if record is None and (not line.strip() or line.startswith('{')):
+            continue  # blank, or a record cut by a kill
+        epoch = record.get('epoch') if isinstance(record, dict) else None
+        if isinstance(epoch, bool) or not isinstance(epoch, int):
+            raise UserError(f'{log_path} line {number} is not a record of a run (a JSON object with its epoch): '
+                            f'{line[:60]!r}; the run rewrites its log when it continues, so move the file away')
+        records[epoch] = record
+    return records
+
+
 def reconcile_log(log_path: str, last_epoch: int, last_stats: Optional[dict]) -> bool:
     """Make ``log.txt`` hold each finished epoch (0..last_epoch) exactly once after a resume; returns whether the
     last epoch's line was missing (the run was stopped between its checkpoint and its log line) and was restored
     from ``last_stats``."""
-    entries: Dict[int, str] = {}
-    if os.path.exists(log_path):
-        with open(log_path) as f:
-            for line in f:
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut by a kill
-                epoch = record.get('epoch')
-                if isinstance(epoch, int) and epoch <= last_epoch:
-                    entries[epoch] = json.dumps(record)
+    entries = {epoch: json.dumps(record) for epoch, record in read_log(log_path).items() if epoch <= last_epoch}
     restored = last_stats is not None and last_epoch not in entries
     if restored:
         entries[last_epoch] = json.dumps(last_stats)
@@ -1229,7 +1247,7 @@ def restore_training(training: engine.Training, checkpoint: dict, args) -> Tuple
     start_epoch = int(checkpoint['epoch']) + 1
     max_accuracy = float(checkpoint.get('max_accuracy', -1.0))
     paths = output_paths(args)
-    if is_main_process() and os.path.abspath(os.path.dirname(args.resume)) == os.path.abspath(args.output_dir):
+    if is_main_process() and os.path.realpath(os.path.dirname(args.resume)) == os.path.realpath(args.output_dir):
         if reconcile_log(paths['log.txt'], start_epoch - 1, checkpoint.get('log_stats')):
             # TensorBoard is written before log.txt, so a missing log line may mean missing scalars: written now
             # (at worst a second point with the same values)
@@ -1400,6 +1418,8 @@ def run(args) -> Dict[str, float]:
             raise UserError(f'{e} (the directory of --resume: give --output_dir)' if beside_resume else str(e)) from None
         check_appendable(os.path.join(args.output_dir, 'prune_log.txt' if args.prune else 'log.txt'),
                          reads=not args.prune)
+        if not args.prune:
+            read_log(output_paths(args)['log.txt'])  # a continued run rewrites it: a file that is no log is refused
         checkpoints = [] if args.prune else [output_paths(args)[name] for name in ('checkpoint.pth', 'best.pth')]
         for path in filter(os.path.isdir, checkpoints):
             raise UserError(f'cannot write {path}: it is a directory (the run writes its checkpoints there)')

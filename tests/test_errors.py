@@ -5,6 +5,7 @@ The runs go through finetune.main() in this process (fast); test_cli_script_prin
 script itself to check the real stderr and exit status.
 """
 import hashlib
+import json
 import os
 import pathlib
 import re
@@ -1083,6 +1084,28 @@ def test_a_checkpoint_path_that_is_a_directory_is_refused_before_the_first_epoch
     assert code == EXIT_USER_ERROR and 'Epoch:' not in stdout and snapshot(out) == before
     assert err.strip() == (f'error: cannot write {out / "best.pth"}: it is a directory (the run writes its '
                            f'checkpoints there)')
+
+
+def test_a_log_that_is_not_the_runs_is_refused_before_a_continued_run_rewrites_it(capsys, finished, tmp_path):
+    out = shutil.copytree(finished, tmp_path / 'out')
+    (out / 'log.txt').write_text('my notes on this run\n')
+    before = snapshot(out)
+    code, stdout, err = cli(capsys, '--resume', out / 'checkpoint.pth', '--final_finetune', 2)
+    assert code == EXIT_USER_ERROR and 'Epoch:' not in stdout and snapshot(out) == before
+    assert err.strip() == (f"error: {out / 'log.txt'} line 1 is not a record of a run (a JSON object with its epoch): "
+                           f"'my notes on this run'; the run rewrites its log when it continues, so move the file away")
+
+
+def test_a_run_continued_through_a_link_to_its_directory_repairs_its_log(capsys, finished, tmp_path):
+    """--output_dir a symbolic link to the checkpoint's directory is that directory: the log is repaired on
+    resume as it is without the link (it was not: an epoch's line stayed missing, or twice)."""
+    out = shutil.copytree(finished, tmp_path / 'out')
+    link = tmp_path / 'link'
+    link.symlink_to(out)
+    (out / 'log.txt').write_text('')  # killed before epoch 0's line was written
+    code, stdout, err = cli(capsys, '--resume', out / 'checkpoint.pth', '--output_dir', link, '--final_finetune', 2)
+    assert code == 0, err
+    assert [json.loads(line)['epoch'] for line in (out / 'log.txt').read_text().splitlines()] == [0, 1]
 
 
 def test_other_warnings_while_loading_are_issued_once_and_the_load_completes(tmp_path, monkeypatch):

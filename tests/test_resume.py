@@ -204,6 +204,31 @@ def test_reconcile_log_restores_the_epoch_whose_line_was_not_written(tmp_path):
     assert leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize('content, line', [
+    ('this is my notes file\nnot json at all\n', "line 1 is not a record of a run (a JSON object with its epoch): "
+                                                 "'this is my notes file'"),
+    (_record(0) + '[1, 2]\n', "line 2 is not a record of a run (a JSON object with its epoch): '[1, 2]'"),
+    (_record(0) + 'null\n', 'line 2 is not a record'),
+    (_record(0) + 'NaN\n', 'line 2 is not a record'),
+    (_record(0) + '{"note": "no epoch"}\n', 'line 2 is not a record'),
+    (_record(0) + '{"epoch": true}\n', 'line 2 is not a record'),
+    (_record(0) + 'a last line without its newline', 'line 2 is not a record'),
+])
+def test_a_log_that_is_not_a_runs_log_is_refused_and_left_as_it_is(tmp_path, content, line):
+    """Only blank lines and records cut by a kill are passed over: any other line means the file is not a run's
+    log, which the rewrite would lose (notes were dropped without a word; a list or null was a traceback)."""
+    log = tmp_path / 'log.txt'
+    log.write_text(content)
+    with pytest.raises(UserError) as e:
+        finetune.reconcile_log(str(log), 2, {'epoch': 2})
+    assert str(e.value).startswith(f'{log} {line}') and str(e.value).endswith(
+        'the run rewrites its log when it continues, so move the file away'), str(e.value)
+    assert log.read_text() == content
+    log.write_bytes(b'\x80\x81 not utf-8\n')
+    with pytest.raises(UserError, match=r'is not a text file, not the log of a run \(move it away\)$'):
+        finetune.read_log(str(log))
+
+
 def test_reconcile_log_without_a_log(tmp_path):
     log = tmp_path / 'log.txt'
     finetune.reconcile_log(str(log), 0, {'epoch': 0})
