@@ -858,8 +858,9 @@ def _speed_original_protocol(args, model: nn.Module, name: str, size: int, devic
 def run_eval(args, device: torch.device) -> Dict[str, float]:
     dataset_val, nb_classes = build_data(args, train=False)
     check_same_classes(args, dataset_val)
-    model, _ = load_model(args, args.resume, args.model, nb_classes)
+    model, checkpoint = load_model(args, args.resume, args.model, nb_classes)
     check_classes(nb_classes, model, 'validation')
+    check_recorded_classes(checkpoint, dataset_val, args, 'validation')
     model.to(device)
     rank0_print(f'Model {args.model} from {args.resume}: {describe(model)}; {gflops(model):.2f} GFLOPs')
     loader = data_loader(dataset_val, args, train=False)
@@ -896,8 +897,9 @@ def run_prune(args, device: torch.device) -> Dict[str, float]:
         raise UserError(f'{path} already exists from an earlier run; choose another --output_dir '
                         f'(or move it away)')
     dataset_val, nb_classes = build_data(args, train=False)
-    model, _ = load_model(args, args.resume, args.model, nb_classes)
+    model, source = load_model(args, args.resume, args.model, nb_classes)
     check_classes(nb_classes, model, 'validation')
+    check_recorded_classes(source, dataset_val, args, 'validation')
     depth, num_patches = len(model.blocks), model.num_tokens - model.num_prefix_tokens
     already = sum(model.num_tokens - kept for kept in models.kept_token_counts(model))
     if already:  # scoring and planning start from the dense model: the file's masks would be silently replaced
@@ -935,6 +937,8 @@ def run_prune(args, device: torch.device) -> Dict[str, float]:
         checkpoint = {'model': model.state_dict(), 'channels': channels, 'args': args_to_save(args)}
         if scores is not None:
             checkpoint['scores'] = scores
+        if 'classes' in source:  # the classes the weights were trained on, checked wherever the file is used
+            checkpoint['classes'] = source['classes']
         save_atomic(checkpoint, path)
         print_line(f'Saved {path}')
     try:
@@ -1147,7 +1151,9 @@ def build_training(args, device: torch.device) -> Tuple[engine.Training, dict]:
         rank0_print(f'No --resume: training a dense {args.model} from random initialisation')
         model, checkpoint = new_model(args, nb_classes), {}
     check_classes(nb_classes, model, 'training')
-    check_earlier_run(args, continuing=is_training_checkpoint(checkpoint))
+    continuing = is_training_checkpoint(checkpoint)
+    check_recorded_classes(checkpoint, dataset_train, args, 'training', continuing)
+    check_earlier_run(args, continuing)
     model.to(device)
     rank0_print(f'Student {args.model}: {describe(model)}; {gflops(model):.2f} GFLOPs')
 
@@ -1227,12 +1233,6 @@ def restore_training(training: engine.Training, checkpoint: dict, args) -> Tuple
     ``--start_epoch``."""
     if not is_training_checkpoint(checkpoint):
         return args.start_epoch, -1.0  # so the first evaluation always writes best.pth
-    saved, current = checkpoint.get('classes'), class_names(training.loader_train.dataset)
-    if saved is not None and current is not None and list(saved) != current:
-        first = next((i for i, (a, b) in enumerate(zip(saved, current)) if a != b), min(len(saved), len(current)))
-        raise UserError(f'the training classes under {args.data_path} are not those of the run {args.resume} '
-                        f'continues (label {first}: {saved[first] if first < len(saved) else "none"} in the run, '
-                        f'{current[first] if first < len(current) else "none"} here): give the --data-path it used')
     try:
         training.optimizer.load_state_dict(checkpoint['optimizer'])
         training.lr_scheduler.load_state_dict(checkpoint['lr_scheduler'])
@@ -1313,6 +1313,21 @@ def class_names(dataset) -> Optional[List[str]]:
     else None."""
     names = getattr(dataset, 'classes', None)
     return [str(n) for n in names] if isinstance(names, (list, tuple)) else None
+
+
+def check_recorded_classes(checkpoint: dict, dataset, args, split: str, continuing: bool = False) -> None:
+    """The class folders a file of this project records (``classes``: those its model was trained on) against
+    ``dataset``'s: labels are positions in the sorted folder list, so other names would give the model's labels
+    to other classes.  Official files record none (not checked).  ``continuing``: the run continues the file's."""
+    saved, current = checkpoint.get('classes'), class_names(dataset)
+    if not isinstance(saved, (list, tuple)) or current is None or list(saved) == current:
+        return
+    first = next((i for i, (a, b) in enumerate(zip(saved, current)) if a != b), min(len(saved), len(current)))
+    whose, there = ((f'of the run {args.resume} continues', 'the run') if continuing
+                    else (f'{args.resume} was trained on', 'the file'))
+    raise UserError(f'the {split} classes under {args.data_path} are not those {whose} (label {first}: '
+                    f'{saved[first] if first < len(saved) else "none"} in {there}, '
+                    f'{current[first] if first < len(current) else "none"} here): give the --data-path it used')
 
 
 def run_finetune(args, device: torch.device) -> Dict[str, float]:

@@ -923,6 +923,27 @@ def test_continuing_a_run_on_other_class_folders_is_refused(capsys, world, finis
     assert snapshot(finished) == before
 
 
+@pytest.mark.parametrize('mode', ['--eval', '--prune'])
+def test_evaluating_or_pruning_a_model_on_other_class_folders_is_refused(capsys, world, finished, tmp_path, mode):
+    """A file that records its classes is refused on folders with other names before any work (--eval and
+    --prune ran, every label read as another class); a pruned file carries its classes on."""
+    ckpt = finished / 'checkpoint.pth'
+    data = pathlib.Path(make_image_folder(tmp_path / 'other', classes=('a', 'b', 'x', 'y'), per_class=(2, 1),
+                                          size=(32, 32)))
+    out = tmp_path / 'out'
+    argv = [mode, '--resume', ckpt, '--data-path', data] + (['--output_dir', out] if mode == '--prune' else [])
+    assert_one_line_error(capsys, argv, EXIT_USER_ERROR,
+                          rf'^error: the validation classes under {re.escape(str(data))} are not those '
+                          rf'{re.escape(str(ckpt))} was trained on \(label 2: c in the file, x here\): give the '
+                          rf'--data-path it used$')
+    assert not out.exists()
+    if mode == '--prune':  # on its own folders it prunes, and the pruned file records them
+        code, _, err = cli(capsys, '--prune', '--prune_rate', '0.3', '--prune_mode', 'random', '--resume', ckpt,
+                           '--data-path', world['data'], '--output_dir', out)
+        assert code == 0, err
+        assert torch.load(out / 'pruned_random_0.3.pth', weights_only=False)['classes'] == ['a', 'b', 'c', 'd']
+
+
 # ----------------------------------------------------------------------------------------------------------
 # checkpoints that are damaged, hand-made or from elsewhere
 
