@@ -1433,11 +1433,11 @@ def run(args) -> Dict[str, float]:
             raise UserError(f'{e} (the directory of --resume: give --output_dir)' if beside_resume else str(e)) from None
         check_appendable(os.path.join(args.output_dir, 'prune_log.txt' if args.prune else 'log.txt'),
                          reads=not args.prune)
-        if not args.prune:
-            read_log(output_paths(args)['log.txt'])  # a continued run rewrites it: a file that is no log is refused
-        checkpoints = [] if args.prune else [output_paths(args)[name] for name in ('checkpoint.pth', 'best.pth')]
-        for path in filter(os.path.isdir, checkpoints):
-            raise UserError(f'cannot write {path}: it is a directory (the run writes its checkpoints there)')
+        if not args.prune:  # finetuning: the checkpoints it writes, and the log a continued run rewrites
+            paths = output_paths(args)
+            for path in filter(os.path.isdir, (paths['checkpoint.pth'], paths['best.pth'])):
+                raise UserError(f'cannot write {path}: it is a directory (the run writes its checkpoints there)')
+            read_log(paths['log.txt'])
     notes += unused_flag_notes(args, get_args_parser(), said=no_effect)
     init_distributed_mode(args)
     for line in notes:
