@@ -1094,27 +1094,27 @@ def test_a_run_log_a_continued_run_cannot_read_back_is_refused_before_work(capsy
     assert snapshot(out) == before
 
 
-def test_a_checkpoint_path_that_is_a_directory_is_refused_before_the_first_epoch(capsys, finished, tmp_path):
-    """A continued run replaces checkpoint.pth and best.pth: best.pth a directory was found only when the first
-    epoch had been trained and evaluated, and that epoch was lost."""
-    out = shutil.copytree(finished, tmp_path / 'out')
+def _best_a_folder(out):
     (out / 'best.pth').unlink()
     (out / 'best.pth').mkdir()
-    before = snapshot(out)
-    code, stdout, err = cli(capsys, '--resume', out / 'checkpoint.pth', '--final_finetune', 2)
-    assert code == EXIT_USER_ERROR and 'Epoch:' not in stdout and snapshot(out) == before
-    assert err.strip() == (f'error: cannot write {out / "best.pth"}: it is a directory (the run writes its '
-                           f'checkpoints there)')
 
 
-def test_a_log_that_is_not_the_runs_is_refused_before_a_continued_run_rewrites_it(capsys, finished, tmp_path):
+@pytest.mark.parametrize('spoil, message', [
+    (_best_a_folder, 'error: cannot write {out}/best.pth: it is a directory (the run writes its checkpoints there)'),
+    (lambda out: (out / 'log.txt').write_text('my notes on this run\n'),
+     "error: {out}/log.txt line 1 is not a record of a run (a JSON object with its epoch): 'my notes on this run'; "
+     'the run rewrites its log when it continues, so move the file away'),
+], ids=['best.pth-a-folder', 'log.txt-of-notes'])
+def test_what_a_continued_run_writes_is_checked_before_its_first_epoch(capsys, finished, tmp_path, spoil, message):
+    """A continued run replaces checkpoint.pth and best.pth and rewrites log.txt: best.pth a directory was found
+    only after the first epoch had been trained and evaluated (that epoch was lost), and a log.txt of notes was
+    rewritten without a word."""
     out = shutil.copytree(finished, tmp_path / 'out')
-    (out / 'log.txt').write_text('my notes on this run\n')
+    spoil(out)
     before = snapshot(out)
     code, stdout, err = cli(capsys, '--resume', out / 'checkpoint.pth', '--final_finetune', 2)
     assert code == EXIT_USER_ERROR and 'Epoch:' not in stdout and snapshot(out) == before
-    assert err.strip() == (f"error: {out / 'log.txt'} line 1 is not a record of a run (a JSON object with its epoch): "
-                           f"'my notes on this run'; the run rewrites its log when it continues, so move the file away")
+    assert err.strip() == message.format(out=out)
 
 
 def test_a_run_continued_through_a_link_to_its_directory_repairs_its_log(capsys, finished, tmp_path):
