@@ -1334,7 +1334,8 @@ def run_finetune(args, device: torch.device) -> Dict[str, float]:
     training, checkpoint = build_training(args, device)
     start_epoch, max_accuracy = restore_training(training, checkpoint, args)
     if start_epoch >= args.final_finetune:
-        rank0_print(f'Nothing to do: {args.final_finetune} epochs already finished')
+        rank0_print(f'Nothing to do: {start_epoch} epoch{"s" * (start_epoch != 1)} already finished '
+                    f'(--final_finetune {args.final_finetune})')
         return {'max_accuracy': max_accuracy}
     for line in describe_parameter_groups(training.optimizer, training.model_without_ddp, args):
         rank0_print(line)

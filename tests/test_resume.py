@@ -400,7 +400,7 @@ def test_resume_of_a_finished_run_does_nothing(capsys, small, tmp_path):
     (out / '.checkpoint.pth.tmp-999999').write_bytes(b'half of a checkpoint')  # a job killed while saving
     capsys.readouterr()
     assert _finetune(out, small['data'], '--resume', out / 'checkpoint.pth', '--final_finetune', 1) == 0
-    assert 'Nothing to do: 1 epochs already finished' in capsys.readouterr().out
+    assert 'Nothing to do: 1 epoch already finished (--final_finetune 1)' in capsys.readouterr().out
     assert {name: (out / name).read_bytes() for name in before} == before
     assert leftovers(out) == []  # the resume cleaned up the stale temporary file
 
