@@ -889,9 +889,10 @@ class RecordedReads(ParsedArgs):
 # without erasing (test_without_random_erasing_its_mode_and_count_change_nothing).
 # timm's optimizer_kwargs reads momentum, betas and eps whatever the optimizer, which takes those its registry gives
 # it, and create_scheduler reads --warmup-lr without a warm-up (test_the_optimizers_and_schedules_ignore_...);
-# --world_size is read after the launcher's WORLD_SIZE (or 1) has replaced it (init_distributed_mode).
+# --world_size is read after the launcher's WORLD_SIZE (or 1) has replaced it (init_distributed_mode); on the CPU
+# run() has turned --amp off before the work reads it, and the loaders pin memory on CUDA only.
 READ_WITHOUT_EFFECT = ({'drop', 'drop_path', 'cooldown_epochs', 'lr_noise_pct', 'lr_noise_std', 'remode', 'recount',
-                        'momentum', 'opt_betas', 'opt_eps', 'warmup_lr', 'world_size'}
+                        'momentum', 'opt_betas', 'opt_eps', 'warmup_lr', 'world_size', 'amp', 'pin_mem'}
                        | set(finetune.SCHEDULES_READING))
 READ_OFF_BY_SCORING = set(finetune.ERASING)
 
@@ -950,6 +951,10 @@ def test_flags_said_to_have_no_effect_are_not_read_by_the_run(capsys, monkeypatc
 TAYLOR = ('Taylor scoring trains nothing, and reads the training images without auto-augment, random erasing, mixup '
           'or cutmix through the model in eval mode')
 NOTED = {  # the run's flags beyond DIGITS_ARGS (--mixup 0 --cutmix 0 --aa none --reprob 0 --print-freq 100 ...)
+    'finetune-cpu': (['--data-set', 'DIGITS', '--final_finetune', '1', '--no-amp', '--no-pin-mem'],
+                     ['note: --no-amp, --no-pin-mem have no effect: mixed precision and pinned memory are used on '
+                      'CUDA only, and this run is on the CPU',
+                      'note: --aa none, --reprob 0.0 have no effect: --data-set DIGITS has its own fixed transform']),
     'prune': (['--prune', '--prune-batches', '1', '--lr', '0.1', '--smoothing', '0.2', '--drop-path', '0'],
               [f'note: --lr 0.1, --mixup 0.0, --cutmix 0.0, --aa none, --reprob 0.0, --drop-path 0.0 have no effect: '
                f'{TAYLOR}']),
