@@ -771,6 +771,23 @@ def _table_problem(results: Dict) -> Optional[str]:
     return None
 
 
+def _cpu_run_problem(results: Dict) -> Optional[str]:
+    """How a run given as --cpu differs from what the README's CPU columns are (a finished run on the CPU,
+    protocol "ours", fp32), or None."""
+    settings = results.get('settings', {})
+    device = results.get('machine', {}).get('device', settings.get('device'))
+    if device != 'cpu':
+        return f'it was measured on {device}, not on the CPU'
+    if settings.get('protocol', 'ours') != 'ours':
+        return f'it was timed with --protocol {settings["protocol"]}; the table is protocol ours'
+    if settings.get('dtype', 'fp32') != 'fp32':
+        return f'it was timed in {settings["dtype"]}; the table is fp32'
+    unfinished = [s for s in results.get('sections', []) if s.get('status') != 'done']
+    if unfinished:
+        return f'{len(unfinished)} of its sections did not finish (model_zoo.py --resume finishes them)'
+    return None
+
+
 def main(argv=None) -> None:
     from utils import UserError, write_text_atomic
     from utils.cli import OneLineParser
@@ -790,6 +807,9 @@ def main(argv=None) -> None:
         problem = _table_problem(cpu)
         if problem:
             raise ValueError(f'--cpu {args.cpu}: not a results file of benchmarks/model_zoo.py ({problem})')
+        problem = _cpu_run_problem(cpu)
+        if problem:
+            raise ValueError(f'--cpu {args.cpu}: not the CPU run the speed table shows ({problem})')
         # the committed GPU run is optional (none may be committed yet); a GPU run named on the command line is not
         if args.gpu is None:
             gpu = load_results(default_gpu, '--gpu') if os.path.exists(default_gpu) else None

@@ -732,6 +732,12 @@ def test_readme_speed_table_sets_a_gpu_run_beside_the_cpu_run(tmp_path, capsys, 
     ('cpu without models', 'cpu.json: not a results file of benchmarks/model_zoo.py (no model in "models")'),
     ('gpu figure not a number', 'gpu.json: not a results file of benchmarks/model_zoo.py (the summary of C&C-Ti-25 '
                                 'has no valid speedup_batch1)'),
+    ('cpu a gpu run', 'cpu.json: not the CPU run the speed table shows (it was measured on cuda, not on the CPU)'),
+    ('cpu original protocol', 'cpu.json: not the CPU run the speed table shows (it was timed with --protocol '
+                              'original; the table is protocol ours)'),
+    ('cpu fp16', 'cpu.json: not the CPU run the speed table shows (it was timed in fp16; the table is fp32)'),
+    ('cpu unfinished', 'cpu.json: not the CPU run the speed table shows (1 of its sections did not finish '
+                       '(model_zoo.py --resume finishes them))'),
     ('readme not writable', 'cannot write'),
 ])
 def test_readme_table_writer_refuses_in_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch, case, message):
@@ -761,6 +767,14 @@ def test_readme_table_writer_refuses_in_one_line_and_writes_nothing(tmp_path, ca
         cpu['models']['tiny']['rows'][2]['images_per_s'] = math.nan
     elif case == 'cpu without models':
         cpu['models'] = {}
+    elif case == 'cpu a gpu run':
+        cpu['machine']['device'] = 'cuda'
+    elif case == 'cpu original protocol':
+        cpu['settings']['protocol'] = 'original'
+    elif case == 'cpu fp16':
+        cpu['settings']['dtype'] = 'fp16'
+    elif case == 'cpu unfinished':
+        cpu['sections'][-1]['status'] = 'pending'
     (tmp_path / 'cpu.json').write_text(json.dumps(cpu))
     if case == 'readme not writable':  # the disk fills as the new README is written: the old one stays
         def full(src, dst):
