@@ -389,6 +389,9 @@ def validate_args(args, void: Set[str] = frozenset()) -> None:
         if 'speed_warmup' in given or ('speed_dtype' in given and args.speed_dtype != 'fp32'):
             raise UserError('--speed-protocol original times fp32 passes as the original did (three runs, the last '
                             'the figure): --speed-warmup and --speed-dtype do not apply')
+    if args.speed_only and several_processes():  # each would time while the others share its cores or bus
+        raise UserError(f'--speed-only times one process: run it without the launcher (WORLD_SIZE is '
+                        f'{os.environ["WORLD_SIZE"]})')
     if args.fast_path != 'none':
         if not (args.eval or args.speed_only):
             raise UserError('--fast-path is an inference path: use it with --eval or --speed-only')

@@ -513,6 +513,14 @@ def test_a_launcher_environment_the_job_cannot_run_with_is_refused_before_any_wo
     assert snapshot(earlier) == before
 
 
+def test_speed_only_under_a_launcher_is_refused(capsys, monkeypatch, world):
+    """Every process would time at once, sharing the machine, and rank 0's figures be printed as one process's."""
+    launched(monkeypatch, RANK='1')
+    code, out, err = cli(capsys, '--speed-only', '--resume', world['dense'], '--speed-repeats', 1)
+    assert code == EXIT_USER_ERROR and err == ('[rank 1] error: --speed-only times one process: run it without the '
+                                               'launcher (WORLD_SIZE is 2)\n'), err
+
+
 def test_one_process_ignores_the_launcher_variables_that_do_not_ask_for_several(monkeypatch):
     """WORLD_SIZE unset, empty or 1 is one process, whatever else is set (a RANK left from another job)."""
     for world_size in (None, '', '1'):
