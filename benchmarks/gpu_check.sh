@@ -97,6 +97,11 @@ if [ $files -gt 8 ]; then
     echo "error: steps '$steps' write $files files; a remote run brings back at most 8: give them in separate calls" >&2
     exit 2
 fi
+# a machine whose python3 sees no CUDA GPU is refused before $OUT is touched (every step would fail or time on CPU)
+if ! timeout 120 python3 -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' > /dev/null 2>&1; then
+    echo "error: python3 here sees no CUDA GPU (torch.cuda.is_available() is not True): run it on the GPU machine" >&2
+    exit 2
+fi
 mkdir -p "$OUT"
 # a reused $OUT (a local run) must not lend this run an earlier one's verdicts or results
 # (but not the results a resume reads, when $RESUME names $OUT/cuda.json: the resumed run replaces it whole)

@@ -1554,6 +1554,18 @@ def test_gpu_check_names_existing_test_files_and_refuses_unknown_steps(tmp_path)
                               env=dict(subprocess_env(), OUT=str(out), RESUME=str(tmp_path / 'none.json')))
         assert done.returncode == 2 and done.stderr == message + '\n', steps
         assert not out.exists()  # refused before anything is written
+    # a machine whose python3 sees no GPU (a stand-in python3 that answers so): refused before $OUT is made or
+    # emptied (every step ran, failed and wrote its log)
+    stand_in = tmp_path / 'bin'
+    stand_in.mkdir()
+    (stand_in / 'python3').write_text('#!/bin/sh\nexit 1\n')
+    (stand_in / 'python3').chmod(0o755)
+    env = subprocess_env()
+    done = subprocess.run(['bash', GPU_CHECK], capture_output=True, text=True, timeout=60,
+                          env=dict(env, OUT=str(out), PATH=f'{stand_in}:{env["PATH"]}'))
+    assert done.returncode == 2 and done.stderr == ('error: python3 here sees no CUDA GPU (torch.cuda.is_available() '
+                                                    'is not True): run it on the GPU machine\n'), done.stderr
+    assert not out.exists()
 
 
 def test_gpu_check_reads_the_results_the_benchmark_writes():
