@@ -784,7 +784,7 @@ def _cpu_run_problem(results: Dict) -> Optional[str]:
         return f'it was timed in {settings["dtype"]}; the table is fp32'
     unfinished = [s for s in results.get('sections', []) if s.get('status') != 'done']
     if unfinished:
-        return f'{len(unfinished)} of its sections did not finish (model_zoo.py --resume finishes them)'
+        return f'{len(unfinished)} of its sections did not finish; model_zoo.py --resume finishes them'
     return None
 
 

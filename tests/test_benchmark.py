@@ -736,8 +736,8 @@ def test_readme_speed_table_sets_a_gpu_run_beside_the_cpu_run(tmp_path, capsys, 
     ('cpu original protocol', 'cpu.json: not the CPU run the speed table shows (it was timed with --protocol '
                               'original; the table is protocol ours)'),
     ('cpu fp16', 'cpu.json: not the CPU run the speed table shows (it was timed in fp16; the table is fp32)'),
-    ('cpu unfinished', 'cpu.json: not the CPU run the speed table shows (1 of its sections did not finish '
-                       '(model_zoo.py --resume finishes them))'),
+    ('cpu unfinished', 'cpu.json: not the CPU run the speed table shows (1 of its sections did not finish; '
+                       'model_zoo.py --resume finishes them)'),
     ('readme not writable', 'cannot write'),
 ])
 def test_readme_table_writer_refuses_in_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch, case, message):
