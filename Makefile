@@ -9,9 +9,11 @@ STAMP := $(VENV)/.requirements-installed
 
 venv: $(STAMP)
 
+# PyPI's torch for Linux is the CUDA build: about 6 GB in .venv. --no-cache-dir keeps pip from holding a second copy
+# of the downloads in its cache, so the install needs little more disk than the venv itself.
 $(STAMP): requirements.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -r requirements.txt
+	$(PY) -m pip install --no-cache-dir -r requirements.txt
 	@touch $(STAMP)
 
 demo: $(STAMP)
