@@ -1251,15 +1251,7 @@ def restore_training(training: engine.Training, checkpoint: dict, args) -> Tuple
         models.load_weights(training.model_ema.module, checkpoint['model_ema'], args.resume, f'{args.model} (EMA)')
     start_epoch = int(checkpoint['epoch']) + 1
     max_accuracy = float(checkpoint.get('max_accuracy', -1.0))
-    paths = output_paths(args)
-    if is_main_process() and os.path.realpath(os.path.dirname(args.resume)) == os.path.realpath(args.output_dir):
-        if reconcile_log(paths['log.txt'], start_epoch - 1, checkpoint.get('log_stats')):
-            # TensorBoard is written before log.txt, so a missing log line may mean missing scalars: written now
-            # (at worst a second point with the same values)
-            tb = TensorBoard(args.output_dir)
-            epoch_scalars(tb, checkpoint['log_stats'], start_epoch - 1)
-            tb.close()
-        remove_stale_temporaries(list(paths.values()))  # from a job killed while saving
+    repair_outputs(args, checkpoint)
     rank0_print(f'Resumed from {args.resume}: continuing at epoch {start_epoch} '
                 + (f'(best Acc@1 so far {max_accuracy:.2f}%)' if max_accuracy >= 0 else '(it records no best Acc@1)'))
     restored_lr = training.optimizer.param_groups[0].get('initial_lr')
@@ -1273,6 +1265,38 @@ def restore_training(training: engine.Training, checkpoint: dict, args) -> Tuple
                                  random_generators(training), training.device, rank0_print):
         args.seed = checkpoint_args(checkpoint).get('seed', args.seed)  # the streams continued are the run's
     return start_epoch, max_accuracy
+
+
+def repair_outputs(args, checkpoint: dict) -> None:
+    """A run continued in the folder of its checkpoint: ``log.txt`` holds each finished epoch's line once (the
+    checkpoint's own epoch added if a kill lost it, with its TensorBoard scalars), and the temporary files of a job
+    killed while saving are gone.  Rank 0 does it."""
+    if not is_main_process() or os.path.realpath(os.path.dirname(args.resume)) != os.path.realpath(args.output_dir):
+        return
+    paths = output_paths(args)
+    epoch = int(checkpoint['epoch'])
+    if reconcile_log(paths['log.txt'], epoch, checkpoint.get('log_stats')):
+        # TensorBoard is written before log.txt, so a missing log line may mean missing scalars: written now
+        # (at worst a second point with the same values)
+        tb = TensorBoard(args.output_dir)
+        epoch_scalars(tb, checkpoint['log_stats'], epoch)
+        tb.close()
+    remove_stale_temporaries(list(paths.values()))  # from a job killed while saving
+
+
+def finished_run(args) -> Optional[Dict[str, float]]:
+    """``--resume`` of a finetuning checkpoint that already holds the run's last epoch: its outputs repaired, and
+    nothing else done (no data, model or teacher is built); None for any other run."""
+    if modes_of(args) or not args.resume or not os.path.isfile(args.resume):
+        return None
+    checkpoint = load_checkpoint_file(args.resume, mmap=True)
+    if not is_training_checkpoint(checkpoint) or int(checkpoint['epoch']) + 1 < args.final_finetune:
+        return None
+    repair_outputs(args, checkpoint)
+    done = int(checkpoint['epoch']) + 1
+    rank0_print(f'Nothing to do: {done} epoch{"s" * (done != 1)} already finished in {args.resume} '
+                f'(--final_finetune {args.final_finetune})')
+    return {'max_accuracy': float(checkpoint.get('max_accuracy', -1.0))}
 
 
 def random_generators(training: engine.Training) -> Dict[str, torch.Generator]:
@@ -1337,11 +1361,7 @@ def check_recorded_classes(checkpoint: dict, dataset, args, split: str, continui
 
 def run_finetune(args, device: torch.device) -> Dict[str, float]:
     training, checkpoint = build_training(args, device)
-    start_epoch, max_accuracy = restore_training(training, checkpoint, args)
-    if start_epoch >= args.final_finetune:
-        rank0_print(f'Nothing to do: {start_epoch} epoch{"s" * (start_epoch != 1)} already finished '
-                    f'(--final_finetune {args.final_finetune})')
-        return {'max_accuracy': max_accuracy}
+    start_epoch, max_accuracy = restore_training(training, checkpoint, args)  # (finished runs stop in run())
     for line in describe_parameter_groups(training.optimizer, training.model_without_ddp, args):
         rank0_print(line)
     paths = output_paths(args)
@@ -1448,6 +1468,9 @@ def run(args) -> Dict[str, float]:
     init_distributed_mode(args)
     for line in notes:
         rank0_print(line)
+    finished = finished_run(args)
+    if finished is not None:
+        return finished
     device = torch.device(args.device)
     args.amp = args.amp and device.type == 'cuda'  # mixed precision on CUDA only
     seeding.seed_everything(args.seed, args.rank)  # Python's random, numpy, torch: --seed + rank

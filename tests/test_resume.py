@@ -344,9 +344,12 @@ def tensorboard_steps(directory, tag):
     return points
 
 
-def test_a_run_stopped_after_its_checkpoint_before_its_logs_gets_them_on_resume(capsys, monkeypatch, small, tmp_path):
+@pytest.mark.parametrize('final', [2, 1], ids=['continued', 'already-finished'])
+def test_a_run_stopped_after_its_checkpoint_before_its_logs_gets_them_on_resume(capsys, monkeypatch, small, tmp_path,
+                                                                                 final):
     """Stopped once epoch 0's checkpoint.pth is saved but before its TensorBoard scalars and log.txt line are
-    written: the resume writes both from the checkpoint, so TensorBoard, as log.txt, holds every epoch."""
+    written: the resume writes both from the checkpoint, so TensorBoard, as log.txt, holds every epoch; also when
+    epoch 0 was the last and the resume has nothing else to do."""
     out = tmp_path / 'out'
     real = finetune.epoch_scalars
 
@@ -358,16 +361,16 @@ def test_a_run_stopped_after_its_checkpoint_before_its_logs_gets_them_on_resume(
     with monkeypatch.context() as patch:
         patch.setattr(finetune, 'epoch_scalars', killed_at_epoch_0)
         accuracies(patch, [40.0])
-        assert _finetune(out, small['data'], '--resume', small['dense'], '--final_finetune', 2) == 130
+        assert _finetune(out, small['data'], '--resume', small['dense'], '--final_finetune', final) == 130
     assert load_checkpoint_file(str(out / 'checkpoint.pth'))['epoch'] == 0
     assert not (out / 'log.txt').exists() or log_epochs(out / 'log.txt') == []
     assert tensorboard_steps(out, 'test/acc1') == {}
     with monkeypatch.context() as patch:
         accuracies(patch, [60.0])
-        assert _finetune(out, small['data'], '--resume', out / 'checkpoint.pth', '--final_finetune', 2) == 0
-    capsys.readouterr()
-    assert log_epochs(out / 'log.txt') == [0, 1]
-    assert tensorboard_steps(out, 'test/acc1') == {0: 40.0, 1: 60.0}
+        assert _finetune(out, small['data'], '--resume', out / 'checkpoint.pth', '--final_finetune', final) == 0
+    assert ('Nothing to do' in capsys.readouterr().out) == (final == 1)
+    assert log_epochs(out / 'log.txt') == list(range(final))
+    assert tensorboard_steps(out, 'test/acc1') == ({0: 40.0, 1: 60.0} if final == 2 else {0: 40.0})
     records = log_records(out / 'log.txt')
     assert tensorboard_steps(out, 'train/lr') == pytest.approx({r['epoch']: r['train_lr'] for r in records})
 
@@ -393,14 +396,20 @@ def test_best_pth_is_written_when_accuracy_rises_and_only_then(monkeypatch, smal
     assert best['epoch'] == 4 and best['max_accuracy'] == 40.0
 
 
-def test_resume_of_a_finished_run_does_nothing(capsys, small, tmp_path):
+def test_resume_of_a_finished_run_does_nothing(capsys, monkeypatch, small, tmp_path):
     out = tmp_path / 'out'
     assert _finetune(out, small['data'], '--resume', small['dense'], '--final_finetune', 1) == 0
     before = {name: (out / name).read_bytes() for name in ('checkpoint.pth', 'best.pth', 'log.txt')}
     (out / '.checkpoint.pth.tmp-999999').write_bytes(b'half of a checkpoint')  # a job killed while saving
     capsys.readouterr()
+
+    def no_work(*args):
+        raise AssertionError('a finished run built its data, model and teacher')
+
+    monkeypatch.setattr(finetune, 'build_training', no_work)
     assert _finetune(out, small['data'], '--resume', out / 'checkpoint.pth', '--final_finetune', 1) == 0
-    assert 'Nothing to do: 1 epoch already finished (--final_finetune 1)' in capsys.readouterr().out
+    assert (f"Nothing to do: 1 epoch already finished in {out / 'checkpoint.pth'} (--final_finetune 1)"
+            in capsys.readouterr().out)
     assert {name: (out / name).read_bytes() for name in before} == before
     assert leftovers(out) == []  # the resume cleaned up the stale temporary file
 
