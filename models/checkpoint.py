@@ -5,6 +5,7 @@ A checkpoint is an official timm/DeiT file (``{"model": state_dict}``, no masks:
 strict, and every way a file can fail to fit the model is a one-line :class:`utils.UserError`.
 """
 import copy
+import warnings
 from typing import Dict, List, Optional, Tuple
 
 import timm
@@ -14,15 +15,16 @@ import torch.nn as nn
 from utils import UserError, checkpoint_args, load_checkpoint_file, state_dict_of
 
 from .clip_concat import MASK_KEY, kept_token_counts
-from .zoo import base_name, check_model_name, create_model
+from . import zoo
+from .zoo import base_name, check_model_name
 
-__all__ = ['build_model', 'build_model_from_checkpoint', 'dense_copy', 'head_classes', 'load_weights']
+__all__ = ['build_model', 'build_model_from_checkpoint', 'create_model', 'dense_copy', 'head_classes', 'load_weights']
 
 
 def build_model(name: str, num_classes: int, img_size: Optional[int] = None, **timm_kwargs) -> nn.Module:
     """The Clip & Concat model ``name`` (any timm ViT name, ``cc_`` optional) with random weights."""
     extra = {'img_size': img_size} if img_size else {}
-    return create_model(name, num_classes=num_classes, **extra, **timm_kwargs)
+    return zoo.create_model(name, num_classes=num_classes, **extra, **timm_kwargs)
 
 
 def head_classes(state_dict: Dict[str, torch.Tensor], default: int) -> int:
@@ -86,11 +88,7 @@ def build_model_from_checkpoint(path: str, name: Optional[str], fallback_classes
     The head gets as many classes as the file's head has (``fallback_classes`` for a file without one).  A
     ``channels`` list that disagrees with the masks is reported through ``warn``; the masks win.
     """
-    checkpoint = load_checkpoint_file(path)
-    try:
-        sd = state_dict_of(checkpoint)
-    except UserError as e:
-        raise UserError(f'{path}: {e}') from None
+    checkpoint, sd = _read(path)
     recorded = checkpoint_args(checkpoint).get('model')
     if name is None:
         if not isinstance(recorded, str):
@@ -100,11 +98,47 @@ def build_model_from_checkpoint(path: str, name: Optional[str], fallback_classes
         except ValueError as e:
             raise UserError(f'{path}: {e}') from None
         name = recorded
-    elif isinstance(recorded, str) and _timm_name(recorded) not in (None, _timm_name(name)):
+    _check_recorded_name(checkpoint, path, name, flag)
+    model = build_model(name, head_classes(sd, fallback_classes), img_size, **timm_kwargs)
+    _load(model, checkpoint, sd, path, name, flag, warn)
+    return model, checkpoint
+
+
+def create_model(name: str, pretrained: bool = False, checkpoint_path: Optional[str] = None, **kwargs) -> nn.Module:
+    """timm's model ``name`` (``cc_`` optional) with Clip & Concat applied; ``kwargs`` go to timm.
+    ``checkpoint_path``: loaded as ``--resume`` loads it (the trained ``model`` weights of a file that also holds
+    ``model_ema``, strictly, the checks of :func:`build_model_from_checkpoint`; a one-line
+    :class:`utils.UserError` when it does not fit).  timm's own ``timm.create_model(name, checkpoint_path=...)``
+    follows timm's rule instead, which prefers the EMA weights."""
+    model = zoo.create_model(name, pretrained=pretrained, **kwargs)
+    if checkpoint_path:
+        checkpoint, sd = _read(checkpoint_path)
+        _check_recorded_name(checkpoint, checkpoint_path, name, 'the model name')
+        _load(model, checkpoint, sd, checkpoint_path, name, 'the model name', lambda line: warnings.warn(line))
+    return model
+
+
+def _read(path: str) -> Tuple[dict, Dict[str, torch.Tensor]]:
+    """(the file's contents, its model state dict)."""
+    checkpoint = load_checkpoint_file(path)
+    try:
+        return checkpoint, state_dict_of(checkpoint)
+    except UserError as e:
+        raise UserError(f'{path}: {e}') from None
+
+
+def _check_recorded_name(checkpoint: dict, path: str, name: str, flag: str) -> None:
+    """A file whose ``args`` name another timm model than ``name`` is refused (see above)."""
+    recorded = checkpoint_args(checkpoint).get('model')
+    if isinstance(recorded, str) and _timm_name(recorded) not in (None, _timm_name(name)):
         raise UserError(f'{path} holds {base_name(recorded)} (the model its args name), not {base_name(name)}: '
                         f'set {flag} {base_name(recorded)}')
+
+
+def _load(model: nn.Module, checkpoint: dict, sd: Dict[str, torch.Tensor], path: str, name: str, flag: str,
+          warn) -> None:
+    """The file's weights and masks into ``model``, strictly, and its ``channels`` checked against the masks."""
     stored = recorded_channels(checkpoint, path)
-    model = build_model(name, head_classes(sd, fallback_classes), img_size, **timm_kwargs)
     load_weights(model, sd, path, name, flag)
     actual = kept_token_counts(model)
     if stored is not None and stored != actual:
@@ -112,7 +146,6 @@ def build_model_from_checkpoint(path: str, name: Optional[str], fallback_classes
             raise UserError(f'{path} lists channels {stored}, a pruned model, but holds no masks '
                             f'(blocks.{{l}}.{MASK_KEY}): without them it would be the dense model')
         warn(f'warning: {path} lists channels {stored}, but its masks keep {actual}; using the masks')
-    return model, checkpoint
 
 
 def recorded_channels(checkpoint: dict, path: str) -> Optional[List[int]]:

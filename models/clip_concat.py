@@ -35,7 +35,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from .routing import gather_concat, positions, update_in_place, walk_token_order
 
 __all__ = ['MASK_KEY', 'CCBlock', 'CCVisionTransformer', 'apply_clip_concat', 'is_clip_concat',
-           'kept_token_counts', 'prefix_rule']
+           'kept_token_counts', 'mask_values_problem', 'prefix_rule']
 
 MASK_KEY = 'attn.token_index'  # blocks.{l}.attn.token_index: the block's concat-order mask (bool)
 
@@ -76,13 +76,18 @@ class CCModelMixin:
 
     @torch.no_grad()
     def set_masks(self, concat_masks: Sequence[torch.Tensor]) -> List[int]:
-        """Write concat-order masks (one bool row of length ``num_tokens`` per block) and return the kept
-        counts.  Plans in original order go through ``pruning.apply_masks``."""
+        """Write concat-order masks (one row of length ``num_tokens`` per block: bool, or numbers that are all 0
+        or 1; tensors, arrays or lists) and return the kept counts.  Plans in original order go through
+        ``pruning.apply_masks``."""
+        concat_masks = [torch.as_tensor(mask) for mask in concat_masks]
         if len(concat_masks) != len(self.blocks):
             raise ValueError(f'{len(concat_masks)} masks for {len(self.blocks)} blocks')
         for layer, mask in enumerate(concat_masks):  # all checked before any is written: a refusal changes nothing
             if tuple(mask.shape) != (self.num_tokens,):
                 raise ValueError(f'a mask has shape {tuple(mask.shape)}, the model needs ({self.num_tokens},)')
+            problem = mask_values_problem(mask)
+            if problem:
+                raise ValueError(f'blocks.{layer}.{MASK_KEY}: {problem}')
             self._check_prefix_kept(layer, mask.to(torch.bool))
         for blk, mask in zip(self.blocks, concat_masks):
             blk.attn.token_index.copy_(mask.to(torch.bool))
@@ -103,7 +108,12 @@ class CCModelMixin:
 
     @torch.no_grad()
     def refresh_token_plan(self) -> None:
-        """Recompute the blocks' positions from the masks (called after every change of masks)."""
+        """Recompute the blocks' positions from the masks (called after every change of masks).  On the meta
+        device (a model built to be materialised by ``load_state_dict(..., assign=True)``) masks have no values:
+        nothing is computed until they do."""
+        self.token_plan_version = getattr(self, 'token_plan_version', 0) + 1  # what was built from a plan can tell
+        if any(blk.attn.token_index.is_meta for blk in self.blocks):
+            return
         orders = self.token_orders()
         for layer, (blk, order) in enumerate(zip(self.blocks, orders)):
             mask = blk.attn.token_index
@@ -116,8 +126,6 @@ class CCModelMixin:
         order = orders[-1]
         self.restore_ids = torch.argsort(order)  # restore_ids[j]: where original token j is after the blocks
         self.reordered = not torch.equal(order, torch.arange(self.num_tokens, device=order.device))
-        # counts the plans made (masks set or loaded): what was built from one plan (models.fast_path) can tell
-        self.token_plan_version = getattr(self, 'token_plan_version', 0) + 1
 
     def token_orders(self) -> List[torch.Tensor]:
         """Position -> original token id at the input of each block, then after the last block."""
@@ -155,6 +163,13 @@ class CCModelMixin:
         order, so every intermediate is in original order and its NCHW map is the image's patch grid."""
         with self.original_order():
             return super().forward_intermediates(*args, **kwargs)
+
+    def prune_intermediate_layers(self, *args, **kwargs):
+        """timm's (same arguments and result): the blocks past the last index kept are removed, so the order the
+        last remaining block leaves the tokens in is another one, which ``forward_features`` must undo."""
+        result = super().prune_intermediate_layers(*args, **kwargs)
+        self.refresh_token_plan()
+        return result
 
     def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False):
         # A head that reads the prefix tokens (always at the front) or pools over all tokens does not depend on
@@ -244,23 +259,35 @@ def prefix_rule(num_prefix_tokens: int) -> str:
             f'register tokens) must be kept')
 
 
+def mask_values_problem(mask: torch.Tensor) -> Optional[str]:
+    """Why ``mask`` is not a keep/clip mask (None if it is one): bool, or numbers that are all 0 or 1.  Scores
+    passed as masks would otherwise keep every token whose score is not zero."""
+    if mask.dtype == torch.bool or bool(((mask == 0) | (mask == 1)).all()):
+        return None
+    return f'mask holds values other than 0 and 1 ({mask.dtype}); a mask keeps (1) or clips (0) each token'
+
+
 def _fill_dense_masks(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                       error_msgs):
-    """Official weights carry no masks: read them as 'keep everything'. Check masks that are present."""
+    """Official weights carry no masks: read them as 'keep everything' for every block whose weights they hold
+    (a partial ``strict=False`` load without a block's weights leaves its mask as it is; torch passes ``strict``
+    True to every hook, so the keys tell).  Check masks that are present."""
     keys = [f'{prefix}blocks.{i}.{MASK_KEY}' for i in range(len(module.blocks))]
     present = [k for k in keys if k in state_dict]
     if not present:
-        for k in keys:
-            state_dict[k] = torch.ones(module.num_tokens, dtype=torch.bool)
+        loaded = {key[len(prefix):].split('.')[1] for key in state_dict
+                  if key.startswith(f'{prefix}blocks.') and key.count('.') > prefix.count('.') + 1}
+        for i, k in enumerate(keys):
+            if str(i) in loaded:
+                state_dict[k] = torch.ones(module.num_tokens, dtype=torch.bool)
         return
     for k in present:
         mask = state_dict[k]
         if not isinstance(mask, torch.Tensor) or mask.dim() != 1 or mask.numel() != module.num_tokens:
             shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
             error_msgs.append(f'{k}: mask has shape {shape}, the model needs ({module.num_tokens},)')
-        elif mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
-            error_msgs.append(f'{k}: mask holds values other than 0 and 1 ({mask.dtype}); a mask keeps (1) or '
-                              f'drops (0) each token')
+        elif mask_values_problem(mask):
+            error_msgs.append(f'{k}: {mask_values_problem(mask)}')
         elif not bool(mask[:module.num_prefix_tokens].all()):
             error_msgs.append(f'{k}: {prefix_rule(module.num_prefix_tokens)}')
         else:

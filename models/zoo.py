@@ -12,7 +12,7 @@ model it builds (on the meta device, which allocates nothing): a timm ``VisionTr
   the mini reproduction's model) and its ``cc_`` twin.
 """
 import difflib
-from typing import Optional, Tuple
+from typing import Tuple
 
 import timm
 import torch
@@ -22,7 +22,7 @@ from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_
 
 from .clip_concat import apply_clip_concat, unsupported_reason
 
-__all__ = ['base_name', 'check_model_name', 'create_model', 'pretrained_cfg']
+__all__ = ['base_name', 'check_model_name', 'pretrained_cfg']
 
 
 def base_name(name: str) -> str:
@@ -52,12 +52,10 @@ def check_model_name(name: str) -> str:
     return base
 
 
-def create_model(name: str, pretrained: bool = False, checkpoint_path: Optional[str] = None, **kwargs) -> nn.Module:
-    """timm's model ``name`` (``cc_`` optional) with Clip & Concat applied; ``kwargs`` go to timm."""
-    model = apply_clip_concat(timm.create_model(base_name(name), pretrained=pretrained, **kwargs))
-    if checkpoint_path:
-        timm.models.load_checkpoint(model, checkpoint_path)
-    return model
+def create_model(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
+    """timm's model ``name`` (``cc_`` optional) with Clip & Concat applied; ``kwargs`` go to timm.  (With a
+    checkpoint file: ``models.create_model(name, checkpoint_path=...)``, in models/checkpoint.py.)"""
+    return apply_clip_concat(timm.create_model(base_name(name), pretrained=pretrained, **kwargs))
 
 
 def patch_size(name: str) -> Tuple[int, int]:

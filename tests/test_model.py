@@ -121,6 +121,20 @@ def _reordering_model(seed=3, **kwargs):
     return model
 
 
+def test_prune_intermediate_layers_keeps_the_original_order_of_the_blocks_left():
+    """timm's prune_intermediate_layers removes the blocks past the last index kept; the tokens then leave the
+    last remaining block in another order, which forward_features must undo (it used the removed block's)."""
+    model = _reordering_model()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        tokens, order = reference_tokens(model, x, model.masks[:2])
+        ref = torch.empty_like(tokens)
+        ref[:, order] = tokens
+        model.prune_intermediate_layers(indices=[1])
+        assert len(model.blocks) == 2
+        assert (model.forward_features(x) - ref).abs().max().item() < 1e-4
+
+
 def test_a_head_without_pooling_predicts_per_token_in_original_order():
     """global_pool='': the head predicts every token; token 1 + p is patch p, as in timm."""
     model = _reordering_model(global_pool='')
@@ -233,6 +247,63 @@ def test_masks_stored_as_numbers_zero_and_one_load_as_the_same_masks(tmp_path):
         assert all(torch.equal(a, b) for a, b in zip(model.masks, fresh.masks))
 
 
+def test_a_partial_load_keeps_the_masks_of_the_blocks_it_leaves_out(tmp_path):
+    """load_state_dict(strict=False) of a new head only left every block dense: the masks of blocks whose
+    weights the dict does not hold stay; a block whose weights come without a mask is read as official
+    weights (all kept), as a whole official file is."""
+    model, sd = _pruned_state(tmp_path)
+    counts = models.kept_token_counts(model)
+    assert counts != [17] * 3
+    model.load_state_dict({'head.weight': torch.zeros(1000, 192), 'head.bias': torch.zeros(1000)}, strict=False)
+    assert models.kept_token_counts(model) == counts
+    block_1 = {k: v for k, v in sd.items() if k.startswith('blocks.1.') and not k.endswith('token_index')}
+    model.load_state_dict(block_1, strict=False)
+    assert models.kept_token_counts(model) == [counts[0], 17, counts[2]]
+    model.load_state_dict({k: v for k, v in sd.items() if not k.endswith('token_index')})
+    assert models.kept_token_counts(model) == [17] * 3
+
+
+def test_a_model_built_on_the_meta_device_loads_its_weights_by_assignment(tmp_path):
+    """Built on the meta device (nothing allocated), then load_state_dict(..., assign=True): the same model."""
+    model, sd = _pruned_state(tmp_path)
+    with torch.device('meta'):
+        empty = timm.create_model('cc_deit_tiny_patch16_224', img_size=64, depth=3)
+    empty.load_state_dict(sd, assign=True)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(empty.eval()(x), model.eval()(x))
+    assert models.kept_token_counts(empty) == models.kept_token_counts(model)
+
+
+def test_models_create_model_loads_a_file_as_eval_does(tmp_path):
+    """models.create_model(name, checkpoint_path=...) loads the trained `model` weights of a file that also
+    holds `model_ema` (timm's loader prefers the EMA ones), and refuses a file that lists channels but holds no
+    masks (it would have loaded the dense model)."""
+    model, sd = _pruned_state(tmp_path)
+    ema = {k: v + 1 if v.is_floating_point() else v for k, v in sd.items()}
+    path = tmp_path / 'checkpoint.pth'
+    torch.save({'model': sd, 'model_ema': ema, 'channels': models.kept_token_counts(model)}, path)
+    loaded = models.create_model('deit_tiny_patch16_224', img_size=64, depth=3, checkpoint_path=str(path))
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in sd.items())
+    through_timm = timm.create_model('cc_deit_tiny_patch16_224', img_size=64, depth=3, checkpoint_path=str(path))
+    assert torch.equal(through_timm.state_dict()['head.bias'], ema['head.bias'])  # timm's rule, as the README says
+    no_masks = {k: v for k, v in sd.items() if not k.endswith('token_index')}
+    torch.save({'model': no_masks, 'channels': models.kept_token_counts(model)}, path)
+    with pytest.raises(models.checkpoint.UserError, match='lists channels .* but holds no masks'):
+        models.create_model('deit_tiny_patch16_224', img_size=64, depth=3, checkpoint_path=str(path))
+
+
+def test_set_masks_refuses_scores_and_takes_zero_one_rows(tmp_path):
+    model, sd = _pruned_state(tmp_path)
+    counts = models.kept_token_counts(model)
+    with pytest.raises(ValueError, match='blocks.0.attn.token_index: mask holds values other than 0 and 1'):
+        model.set_masks([torch.rand(17) + 0.5] * 3)
+    assert models.kept_token_counts(model) == counts  # refused before anything was written
+    rows = [m.int().tolist() for m in model.masks]
+    model.set_dense()
+    assert model.set_masks(rows) == counts
+
+
 def test_pruned_checkpoint_round_trip_through_create_model(tmp_path):
     model, sd = _pruned_state(tmp_path)
     path = tmp_path / 'pruned.pth'
@@ -254,7 +325,7 @@ def test_pruned_checkpoint_round_trip_through_create_model(tmp_path):
     ('some_masks_missing', 'blocks.2.attn.token_index'),
     ('short_mask', 'mask has shape (16,), the model needs (17,)'),
     ('no_class_token', 'the class token (position 0) must be kept'),
-    ('scores_as_mask', 'mask holds values other than 0 and 1 (torch.float32); a mask keeps (1) or drops (0) each '
+    ('scores_as_mask', 'mask holds values other than 0 and 1 (torch.float32); a mask keeps (1) or clips (0) each '
                        'token'),  # read as booleans, every nonzero score kept its token without a word
 ])
 def test_strict_loading_refuses_bad_state_dicts(tmp_path, change, message):
