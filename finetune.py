@@ -924,6 +924,9 @@ def run_prune(args, device: torch.device) -> Dict[str, float]:
         batches = _Limited(loader, args.prune_batches)
         logged = MetricLogger(printer=rank0_print).log_every(batches, args.print_freq, 'Scoring:')
         scores = pruning.attention_taylor_scores(model, logged, criterion, device=device)
+        if not bool(torch.isfinite(scores).all()):  # the same on every process: the scores are all-reduced
+            raise NonFiniteLossError(f'the Taylor scores of {args.resume} are not finite (a NaN or infinite loss or '
+                                     f'gradient while scoring: its weights?); no masks planned, nothing written')
         masks = pruning.plan_masks(scores, args.prune_rate)
     else:
         check_same_classes(args, dataset_val)

@@ -1,5 +1,7 @@
 """The global clipping budget: P = int(num_patches · depth · prune_rate) (layer, patch) slots in total
 (prefix tokens are never counted)."""
+import math
+import numbers
 from typing import Optional
 
 import torch
@@ -7,6 +9,8 @@ import torch
 
 def num_clipped_slots(depth: int, num_patches: int, prune_rate: float) -> int:
     """How many (layer, patch) slots a prune rate clips; the class token is never counted."""
+    if not isinstance(prune_rate, (numbers.Real, torch.Tensor)):
+        raise TypeError(f'prune_rate must be a number, got {type(prune_rate).__name__}')
     if not 0.0 <= prune_rate < 1.0:
         raise ValueError(f'prune_rate must be in [0, 1), got {prune_rate}')
     return int(num_patches * depth * prune_rate)
@@ -24,6 +28,12 @@ def plan_masks(scores: torch.Tensor, prune_rate: float, layer_decay: float = 0.0
     depth, num_patches = scores.shape
     budget = num_clipped_slots(depth, num_patches, prune_rate)
     s = scores.detach().to('cpu', torch.float64)
+    if not bool(torch.isfinite(s).all()):
+        bad = sorted({int(l) for l in (~torch.isfinite(s)).nonzero()[:, 0]})
+        raise ValueError(f'scores hold NaN or infinite values (layers {bad}), which would decide the plan '
+                         f'arbitrarily; a non-finite loss while scoring gives them')
+    if not math.isfinite(float(layer_decay)):
+        raise ValueError(f'layer_decay must be a finite number, got {layer_decay}')
     norms = s.norm(dim=1, keepdim=True)
     normalised = torch.where(norms > 0, s / norms.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(s))
     prior = 1.0 - layer_decay * torch.arange(depth, dtype=torch.float64).unsqueeze(1)

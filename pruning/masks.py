@@ -4,6 +4,7 @@ from typing import List
 import torch
 import torch.nn as nn
 
+from models.clip_concat import mask_values_problem
 from models.routing import walk_token_order
 
 
@@ -28,8 +29,15 @@ def apply_masks(model: nn.Module, masks: torch.Tensor) -> List[int]:
     ``blocks.{l}.attn.token_index`` buffers and return ``channels`` (kept tokens per block, prefix included).
     """
     model = getattr(model, 'module', model)
+    if not hasattr(model, 'set_masks'):
+        raise TypeError(f'apply_masks needs a Clip & Concat model, got a {type(model).__name__} '
+                        f'(models.apply_clip_concat(model) converts a timm VisionTransformer in place)')
+    masks = torch.as_tensor(masks)
     depth, num_patches = len(model.blocks), model.num_tokens - model.num_prefix_tokens
     if tuple(masks.shape) != (depth, num_patches):
         raise ValueError(f'masks must have shape ({depth}, {num_patches}) for this model, '
                          f'got {tuple(masks.shape)}')
+    problem = mask_values_problem(masks)
+    if problem:  # scores, say: read as booleans they would keep every token whose score is not zero
+        raise ValueError(f'masks: {problem} (scores become a plan through pruning.plan_masks)')
     return model.set_masks(to_concat_order(masks.to(torch.bool), model.num_prefix_tokens))

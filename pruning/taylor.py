@@ -50,16 +50,45 @@ def attention_probabilities(model: nn.Module):
 
 @contextlib.contextmanager
 def _scoring_state(model: nn.Module):
-    """Eval mode (no dropout, no drop-path) and all masks True; both restored afterwards."""
-    was_training = model.training
+    """Eval mode (no dropout, no drop-path) and all masks True; both restored afterwards: each module's own
+    train/eval flag, and the masks with the plan's version (the same plan: a fast path built from it stays
+    valid)."""
+    modes = [(module, module.training) for module in model.modules()]
     saved_masks = [m.clone() for m in model.masks]
+    version = model.token_plan_version
     try:
         model.eval()
         model.set_dense()
         yield
     finally:
         model.set_masks(saved_masks)
-        model.train(was_training)
+        model.token_plan_version = version
+        for module, was_training in modes:
+            module.training = was_training
+
+
+def _scored_model(model: nn.Module) -> nn.Module:
+    """The Clip & Concat model inside ``model`` (a DistributedDataParallel or ``torch.compile`` wrapper is
+    looked through: scoring runs the model eagerly, with hooks); TypeError if there is none."""
+    model = getattr(model, 'module', model)
+    model = getattr(model, '_orig_mod', model)
+    if not hasattr(model, 'set_masks'):
+        raise TypeError(f'attention_taylor_scores needs a Clip & Concat model, got a {type(model).__name__} '
+                        f'(models.apply_clip_concat(model) converts a timm VisionTransformer in place)')
+    return model
+
+
+def _loss(criterion, output, targets, step: int) -> torch.Tensor:
+    """The batch's loss, a scalar that autograd can differentiate to the attention probabilities."""
+    loss = criterion(output, targets)
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise ValueError(f'batch {step}: the criterion must return a scalar loss, got {shape} (reduce it, e.g. '
+                         f"reduction='mean')")
+    if not loss.requires_grad:
+        raise ValueError(f'batch {step}: the loss does not depend on the model\'s output through autograd (a '
+                         f'criterion that detaches it, or scoring under torch.inference_mode())')
+    return loss.reshape(())
 
 
 def attention_taylor_scores(model: nn.Module, batches: Iterable[Tuple[torch.Tensor, torch.Tensor]], criterion,
@@ -70,22 +99,31 @@ def attention_taylor_scores(model: nn.Module, batches: Iterable[Tuple[torch.Tens
     probabilities only, so the backward pass skips every weight-gradient product. Under torch.distributed
     the per-process sums are all-reduced, so every process plans the same masks.
     """
-    model = getattr(model, 'module', model)
+    model = _scored_model(model)
+    if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int)
+                                    or max_batches < 1):
+        raise ValueError(f'max_batches must be a whole number >= 1 (or None: every batch), got {max_batches!r}')
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError('attention_taylor_scores needs gradients: call it outside torch.inference_mode()')
     depth, prefix = len(model.blocks), model.num_prefix_tokens
     scores = torch.zeros(depth, model.num_tokens, dtype=torch.float64, device=device)
+    scored = 0
     with _scoring_state(model), attention_probabilities(model) as probs, torch.enable_grad():
         for step, (images, targets) in enumerate(batches):
             if max_batches is not None and step >= max_batches:
                 break
             images = images.to(device, non_blocking=True)
             targets = targets.to(device, non_blocking=True)
-            loss = criterion(model(images), targets)
+            loss = _loss(criterion, model(images), targets, step)
             grads = torch.autograd.grad(loss, probs)
+            scored += 1
             for layer, (a, g) in enumerate(zip(probs, grads)):
                 b, h, n, _ = a.shape
                 contribution = (a.detach() * g).sum(dim=(0, 1, 2)).abs() / (b * h * n)
                 scores[layer] += contribution.to(torch.float64)
             del grads, loss
+    if not scored:
+        raise ValueError('no batch was scored: `batches` gave none')
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(scores)
     return scores[:, prefix:].float().cpu()

@@ -825,6 +825,19 @@ def test_prune_refuses_an_already_pruned_checkpoint_before_scoring(capsys, world
     assert 'Scoring:' not in out and snapshot(earlier) == before
 
 
+def test_prune_of_weights_that_give_no_finite_scores_plans_nothing(capsys, world, earlier, tmp_path):
+    """A NaN weight makes every Taylor score NaN; planned anyway, the first layer took almost the whole budget."""
+    checkpoint = torch.load(world['dense'])
+    checkpoint['model']['blocks.1.attn.qkv.weight'][0, 0] = float('nan')
+    spoilt = tmp_path / 'spoilt.pth'
+    torch.save(checkpoint, spoilt)
+    before = snapshot(earlier)
+    assert_one_line_error(capsys, prune_args(world, earlier, '--resume', spoilt), EXIT_DIVERGED,
+                          rf'^error: the Taylor scores of {re.escape(str(spoilt))} are not finite .*; no masks '
+                          rf'planned, nothing written$')
+    assert snapshot(earlier) == before
+
+
 def test_prune_rate_that_clips_nothing_is_refused_before_scoring(capsys, world, earlier):
     code, out, err = cli(capsys, *prune_args(world, earlier, '--prune_rate', '1e-4'))
     assert code == EXIT_USER_ERROR

@@ -112,6 +112,59 @@ def test_scoring_changes_nothing_in_the_model():
         assert torch.equal(model(x), out_before)
 
 
+def test_scoring_restores_each_modules_mode_and_keeps_a_fast_path_valid():
+    """Each submodule's own train/eval flag comes back (not just the model's), and the plan's version is the one
+    before scoring: the masks are the same, so a fast path built from them still runs."""
+    from models.fast_path import build_fast_path
+    model = _small_model()
+    pruning.apply_masks(model, pruning.random_masks(3, 16, 0.3, torch.Generator().manual_seed(0)))
+    model.eval()
+    fast = build_fast_path(model, backend='torch')
+    model.train()
+    model.blocks[1].eval()
+    modes = {name: m.training for name, m in model.named_modules()}
+    pruning.attention_taylor_scores(model, _batches(), nn.CrossEntropyLoss())
+    assert {name: m.training for name, m in model.named_modules()} == modes
+    assert not model.blocks[1].training and model.blocks[0].training
+    model.eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(fast(x), model(x), atol=1e-5)
+
+
+def test_a_compiled_model_is_scored_as_the_model_itself():
+    model = _small_model()
+    batches = _batches()
+    reference = pruning.attention_taylor_scores(model, batches, nn.CrossEntropyLoss())
+    assert torch.equal(pruning.attention_taylor_scores(torch.compile(model), batches, nn.CrossEntropyLoss()),
+                       reference)
+
+
+@pytest.mark.parametrize('case, error, message', [
+    ('not_clip_concat', TypeError, 'needs a Clip & Concat model, got a VisionTransformer'),
+    ('no_batches', ValueError, 'no batch was scored'),
+    ('max_batches_0', ValueError, 'max_batches must be a whole number >= 1'),
+    ('per_sample_loss', ValueError, r'batch 0: the criterion must return a scalar loss, got \(3,\)'),
+    ('detached_loss', ValueError, 'batch 0: the loss does not depend on the model'),
+    ('inference_mode', RuntimeError, 'outside torch.inference_mode'),
+])
+def test_scoring_refuses_what_it_cannot_score(case, error, message):
+    model, batches, criterion, kwargs = _small_model(), _batches(), nn.CrossEntropyLoss(), {}
+    if case == 'not_clip_concat':
+        model = timm.create_model('deit_tiny_patch16_224', img_size=64, depth=3, num_classes=7)
+    elif case == 'no_batches':
+        batches = []
+    elif case == 'max_batches_0':
+        kwargs['max_batches'] = 0
+    elif case == 'per_sample_loss':
+        criterion = nn.CrossEntropyLoss(reduction='none')
+    elif case == 'detached_loss':
+        criterion = lambda output, targets: nn.functional.cross_entropy(output, targets).detach()  # noqa: E731
+    context = torch.inference_mode() if case == 'inference_mode' else torch.enable_grad()
+    with context, pytest.raises(error, match=message):
+        pruning.attention_taylor_scores(model, batches, criterion, **kwargs)
+
+
 def test_scores_are_taken_in_eval_mode_with_all_masks_true():
     """Dropout in the model and masks already present must not change the scores."""
     model = _small_model()
@@ -192,6 +245,19 @@ def test_plan_rejects_bad_rates_and_shapes():
         pruning.plan_masks(torch.rand(2, 4), -0.1)
     with pytest.raises(ValueError, match='depth, num_patches'):
         pruning.plan_masks(torch.rand(8), 0.2)
+    with pytest.raises(TypeError, match='prune_rate must be a number, got str'):
+        pruning.plan_masks(torch.rand(2, 4), '0.2')
+    with pytest.raises(ValueError, match='layer_decay must be a finite number'):
+        pruning.plan_masks(torch.rand(2, 4), 0.2, layer_decay=float('nan'))
+
+
+@pytest.mark.parametrize('bad', [float('nan'), float('inf')])
+def test_plan_refuses_scores_that_are_not_finite(bad):
+    """One NaN made its layer's norm NaN, the whole layer's weights zero, and that layer was clipped first."""
+    scores = torch.rand(3, 16)
+    scores[1, 3] = bad
+    with pytest.raises(ValueError, match=r'scores hold NaN or infinite values \(layers \[1\]\)'):
+        pruning.plan_masks(scores, 0.25)
 
 
 def test_random_masks_clip_exactly_the_budget_distinct_and_seeded():
@@ -266,6 +332,27 @@ def test_apply_masks_rejects_a_plan_of_the_wrong_shape():
     model = timm.create_model('cc_deit_tiny_patch16_224', img_size=32, depth=3)
     with pytest.raises(ValueError, match=r'\(3, 4\)'):
         pruning.apply_masks(model, torch.ones(3, 5, dtype=torch.bool))
+
+
+def test_apply_masks_refuses_scores_and_takes_zero_one_arrays():
+    """Scores passed instead of the plan were read as booleans: every nonzero score kept its token (the dense
+    model, without a word).  A plan of 0s and 1s, as a tensor, an array or nested lists, is the same plan."""
+    import numpy as np
+    model = timm.create_model('cc_deit_tiny_patch16_224', img_size=32, depth=3)
+    with pytest.raises(ValueError, match='values other than 0 and 1'):
+        pruning.apply_masks(model, torch.rand(3, 4))
+    assert models_counts(model) == [5, 5, 5]  # refused before anything was written
+    plan = torch.tensor([[1, 0, 1, 1], [0, 0, 1, 1], [1, 1, 1, 1]])
+    expected = pruning.apply_masks(model, plan.bool())
+    for same in (plan, plan.float(), plan.numpy(), plan.tolist(), np.asarray(plan, dtype=bool)):
+        model.set_dense()
+        assert pruning.apply_masks(model, same) == expected == [4, 3, 5]
+    with pytest.raises(TypeError, match='needs a Clip & Concat model'):
+        pruning.apply_masks(timm.create_model('deit_tiny_patch16_224', img_size=32, depth=3), plan.bool())
+
+
+def models_counts(model):
+    return [int(m.sum()) for m in model.masks]
 
 
 class _Labelled(torch.utils.data.TensorDataset):
