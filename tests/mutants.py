@@ -202,6 +202,15 @@ MUTANTS: List[Mutant] = [
            '    s = seed + rank\n    random.seed(s)\n',
            [SEEDED + '[0]'], 'numpy (mixup, cutmix) left unseeded'),
     # --- pruning ---------------------------------------------------------------------------------------------
+    mutant('partial-load-resets-masks', 'models/clip_concat.py',
+           '            if str(i) in loaded:\n', '            if True:\n',
+           [T + 'test_model.py::test_a_partial_load_keeps_the_masks_of_the_blocks_it_leaves_out'],
+           'load_state_dict(strict=False) of a new head makes a pruned model dense'),
+    mutant('scoring-resets-submodule-modes', 'pruning/taylor.py',
+           '        for module, was_training in modes:\n            module.training = was_training\n',
+           '        model.train(modes[0][1])\n',
+           [T + 'test_pruning.py::test_scoring_restores_each_modules_mode_and_keeps_a_fast_path_valid'],
+           'scoring leaves a submodule put in eval mode by the user in train mode'),
     mutant('random-masks-per-layer-budget', 'pruning/budget.py',
            '    keep = torch.ones(depth * num_patches, dtype=torch.bool)\n'
            '    keep[torch.randperm(depth * num_patches, generator=generator)[:budget]] = False\n'
