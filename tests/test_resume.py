@@ -86,6 +86,19 @@ def test_disk_full_while_saving_is_a_one_line_error(tmp_path, monkeypatch):
     assert leftovers(tmp_path) == []
 
 
+def test_a_symbolic_link_is_written_through(tmp_path):
+    """The file a link names gets the new contents and the link stays a link (the rename replaced the link with
+    a plain file, and the file it named kept its old contents)."""
+    target = tmp_path / 'results' / 'cpu.md'
+    target.parent.mkdir()
+    target.write_text('old\n')
+    link = tmp_path / 'cpu.md'
+    link.symlink_to(target)
+    write_text_atomic(str(link), 'new\n')
+    assert link.is_symlink() and target.read_text() == 'new\n'
+    assert leftovers(tmp_path) == [] and leftovers(target.parent) == []
+
+
 @pytest.mark.parametrize('what', ['checkpoint', 'log'])
 def test_the_temporary_file_reaches_the_disk_before_it_is_renamed_into_place(tmp_path, monkeypatch, what):
     """Without fsync before the rename, a power cut can leave checkpoint.pth renamed but empty; without a flush

@@ -177,16 +177,18 @@ def write_atomic(path: str, write: Callable[[Any], None]) -> None:
     """The one atomic writer: ``write(f)`` fills a temporary file (binary) in the same directory, created if
     needed, which is flushed, fsynced and renamed over ``path``, and the rename is made durable.  A job killed
     or failing while writing leaves the previous file intact and no temporary file; an OSError (disk full,
-    directory removed) becomes a one-line :class:`UserError`."""
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f'.{os.path.basename(path)}.tmp-{os.getpid()}')
+    directory removed) becomes a one-line :class:`UserError`.  A ``path`` that is a symbolic link is written
+    through: the file it names is replaced, and the link stays."""
+    target = os.path.realpath(path)
+    directory = os.path.dirname(target)
+    tmp = os.path.join(directory, f'.{os.path.basename(target)}.tmp-{os.getpid()}')
     try:
         os.makedirs(directory, exist_ok=True)  # an output directory is created when its first file is written
         with open(tmp, 'wb') as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.replace(tmp, target)
     except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
