@@ -67,7 +67,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/gpu_check_out}"
 steps="${*:-tests benchmark}"
-for s in $steps; do
+read -ra step_list <<< "$steps"  # split on blanks, never expanded as file names (a step 'test?')
+for s in "${step_list[@]}"; do
     case "$s" in
         tests|benchmark|resume|profile|linear) ;;
         *) echo "error: unknown step $s (tests, benchmark, resume, profile, linear)" >&2; exit 2 ;;
@@ -86,7 +87,7 @@ if [[ " $steps " == *" resume "* ]]; then
 fi
 # what each step writes into $OUT (a remote run brings back at most 8 files; env.txt and status.txt always come)
 files=2
-for s in $steps; do
+for s in "${step_list[@]}"; do
     case "$s" in
         tests) files=$((files + 2)) ;;                   # test_fast_path.log, test_model.log
         benchmark|resume) files=$((files + 3)) ;;        # model_zoo.log, cuda.json, cuda.md

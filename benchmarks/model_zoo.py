@@ -370,6 +370,16 @@ def _check(args, set_flags=frozenset()) -> None:
             raise UsageError(f'argument --rates: {tags[rate_tag(rate)]} and {rate} both round to '
                              f'{rate_tag(rate)}%, the name of their rows')
         tags[rate_tag(rate)] = rate
+    for name, timm_name in args.timm_models.items():
+        with torch.device('meta'):  # (allocates nothing)
+            probe = models.create_model(timm_name)
+        depth, patches = len(probe.blocks), probe.patch_embed.num_patches
+        slots = depth * patches
+        for flag, rate in [('--rates', r) for r in args.rates] + [('--sweep-rates', r) for r in args.sweep_rates if r]:
+            if not pruning.num_clipped_slots(depth, patches, rate):
+                raise UsageError(f'argument {flag}: {rate:g} clips int({slots} x {rate:g}) = 0 of the {slots} (layer, '
+                                 f'patch) slots of {name}: nothing would be pruned (a rate clips one from 1/{slots} '
+                                 f'on)')
     if args.protocol != 'original' and args.original_passes is not None:
         raise UsageError('argument --original-passes: only with --protocol original')
     _check_no_effect(args, set_flags)

@@ -1421,6 +1421,10 @@ def _run_model_zoo(*args):
     (['--rates', 'abc'], "argument --rates: 'abc' is not a number"),
     (['--batch-size', '0'], 'argument --batch-size: must be from 1 to 65536, got 0'),
     (['--json', os.path.join(ROOT, 'README.md', 'r.json')], 'argument --json: cannot create'),
+    # a rate that clips no slot was timed as a pruned model (its FLOPs ratio 1.00, its targets "met")
+    (['--rates', '0.0001'], 'argument --rates: 0.0001 clips int(2352 x 0.0001) = 0 of the 2352 (layer, patch) '
+                            'slots of tiny: nothing would be pruned'),
+    (['--sweep-rates', '0,0.0001'], 'argument --sweep-rates: 0.0001 clips int(2352 x 0.0001) = 0'),
 ])
 def test_model_zoo_rejects_bad_arguments_in_one_line_before_any_work(args, message, capsys):
     with pytest.raises(SystemExit) as exit_:
@@ -1544,6 +1548,10 @@ def test_gpu_check_names_existing_test_files_and_refuses_unknown_steps(tmp_path)
     out = tmp_path / 'out'
     refusals = {('tests', 'no-such-step'):
                 'error: unknown step no-such-step (tests, benchmark, resume, profile, linear)',
+                # a pattern is a step name as given, never the files it matches ('test?' passed the check as tests
+                # and then ran nothing; '*' named a file of the repository)
+                ('test?',): 'error: unknown step test? (tests, benchmark, resume, profile, linear)',
+                ('*',): 'error: unknown step * (tests, benchmark, resume, profile, linear)',
                 ('resume',): f'error: resume: no {tmp_path / "none.json"} (copy there the cuda.json of the call to '
                              f'carry on)',
                 ('benchmark', 'resume'): 'error: resume is the benchmark carried on: give one of benchmark and resume',
