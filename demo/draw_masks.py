@@ -308,15 +308,20 @@ def plain_text(text: str) -> str:
 
 
 def uses_digits(args: argparse.Namespace) -> bool:
-    return args.data_set == 'DIGITS' or (args.data_set is None and args.data_path.upper() == 'DIGITS')
+    """scikit-learn's digits: --data-set DIGITS, or the default --data-set with --data-path exactly DIGITS (any
+    other spelling is a folder's name)."""
+    return args.data_set == 'DIGITS' or (args.data_set is None and args.data_path == 'DIGITS')
 
 
 def validate_args(args: argparse.Namespace, parser: Optional[argparse.ArgumentParser] = None) -> None:
     """Refuse a bad command line before any work starts (no model loaded, no file or directory written)."""
     check_numbers(args, parser or get_args_parser(), NUMERIC_FLAGS)
-    if args.data_set == 'IMNET' and args.data_path.upper() == 'DIGITS':
+    if args.data_set == 'IMNET' and args.data_path == 'DIGITS' and not os.path.isdir('DIGITS'):
         raise UserError('--data-set IMNET reads an image folder: give it with --data-path')
-    if args.data_set == 'DIGITS' and args.data_path.upper() != 'DIGITS':
+    if args.data_set is None and args.data_path == 'DIGITS' and os.path.isdir('DIGITS'):
+        raise UserError("--data-path DIGITS: both scikit-learn's digits and a folder DIGITS here; give ./DIGITS for "
+                        "the folder, or --data-set DIGITS for the digits")
+    if args.data_set == 'DIGITS' and args.data_path != 'DIGITS':
         raise UserError("--data-set DIGITS is scikit-learn's digits, read from the package: --data-path does not "
                         'apply')
     check_out_file(args.out)

@@ -171,6 +171,24 @@ def test_draw_masks_refuses_digits_for_a_model_of_another_input_size(tmp_path, c
     assert 'DIGITS has 32x32 images' in err and not out.exists()
 
 
+def test_draw_masks_reads_a_folder_named_digits_and_asks_when_DIGITS_is_ambiguous(tmp_path, capsys, monkeypatch):
+    """--data-path digits (any spelling but DIGITS) is a folder: it drew scikit-learn's digits instead.  With a
+    folder DIGITS beside it, --data-path DIGITS could mean either: refused, naming both ways to say which."""
+    ckpt, data = pruned_tiny_and_folder(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    os.rename(data, tmp_path / 'digits')
+    drawn = []
+    monkeypatch.setattr(draw_masks, 'draw_masks', lambda *a: drawn.append(a))
+    argv = ['--resume', str(ckpt), '--num-images', '1', '--out', str(tmp_path / 'm.png')]
+    assert draw_masks.main(argv + ['--data-path', 'digits']) == 0, capsys.readouterr().err
+    assert len(drawn) == 1  # the folder's 224 px images through the 224 px model (digits would be refused)
+    os.rename(tmp_path / 'digits', tmp_path / 'DIGITS')
+    assert draw_masks.main(argv + ['--data-path', 'DIGITS']) == 2
+    assert_one_error_line(capsys.readouterr().err, "--data-path DIGITS: both scikit-learn's digits and a folder")
+    assert draw_masks.main(argv + ['--data-path', './DIGITS']) == 0, capsys.readouterr().err
+    assert len(drawn) == 2
+
+
 def test_draw_masks_cli_errors(tmp_path, capsys):
     assert draw_masks.main(['--resume', str(tmp_path / 'missing.pth'), '--out', str(tmp_path / 'm.png')]) == 2
     assert 'checkpoint not found' in capsys.readouterr().err
