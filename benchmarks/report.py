@@ -743,7 +743,9 @@ def shape_problem(results: Dict) -> Optional[str]:
 # The fields of a timm or ours row that the README's speed table reads (readme_speed_table), and their types.
 NUMBER = (int, float)
 TABLE_FIELDS = {'kind': str, 'label': str, 'gflops': NUMBER, 'images_per_s': NUMBER, 'flops_ratio': NUMBER,
-                'speedup_vs_timm': NUMBER + (type(None),)}
+                'speedup_vs_timm': NUMBER + (type(None),), 'vs_boolean': NUMBER + (type(None),)}
+# The paper's figures beside a row (its ``seed_gpu``, absent or null where the paper has none), and their types.
+SEED_FIELDS = {'gflops': NUMBER + (type(None),), 'images_per_s': (int, type(None)), 'speedup': NUMBER + (type(None),)}
 # The figures of a summary entry that the README's speed table reads (None: not measured).
 SUMMARY_FIGURES = ('speedup_vs_best_dense', 'speedup_vs_timm_eager', *(f'speedup_batch{bs}' for bs in SUMMARY_BATCHES))
 
@@ -766,6 +768,10 @@ def _table_problem(results: Dict) -> Optional[str]:
             if r.get('kind') not in ('timm', 'ours') and isinstance(r.get('kind'), str):
                 continue  # a row the table leaves out
             bad = [k for k, kind in TABLE_FIELDS.items() if not _fits(r.get(k), kind)]
+            seed = r.get('seed_gpu')
+            if seed is not None and not (isinstance(seed, dict)
+                                         and all(_fits(seed.get(k), kind) for k, kind in SEED_FIELDS.items())):
+                bad.append('seed_gpu')
             if bad:
                 return f'a row of model {name!r} has no valid {", ".join(bad)}'
     return None
@@ -785,6 +791,27 @@ def _cpu_run_problem(results: Dict) -> Optional[str]:
     unfinished = [s for s in results.get('sections', []) if s.get('status') != 'done']
     if unfinished:
         return f'{len(unfinished)} of its sections did not finish; model_zoo.py --resume finishes them'
+    return None
+
+
+def _gpu_run_problem(results: Dict) -> Optional[str]:
+    """How a run given as --gpu differs from what the README's GPU columns are (a finished run on a CUDA GPU,
+    protocol "ours", with the benchmark's own rows, so that the fastest dense and pruned modes are chosen among
+    all of them), or None."""
+    settings = results.get('settings', {})
+    device = results.get('machine', {}).get('device', settings.get('device'))
+    if not str(device).startswith('cuda'):
+        return f'it was measured on {device}, not on a CUDA GPU'
+    if settings.get('protocol', 'ours') != 'ours':
+        return f'it was timed with --protocol {settings["protocol"]}; the table is protocol ours'
+    if settings.get('rows_given'):
+        return (f'it timed only the rows given with --rows ({", ".join(map(str, settings.get("rows", [])))}), not '
+                f'every mode the fastest dense and pruned ones are chosen from')
+    unfinished = [s for s in results.get('sections', []) if s.get('status') != 'done']
+    if unfinished:
+        return f'{len(unfinished)} of its sections did not finish; model_zoo.py --resume finishes them'
+    if not results.get('summary'):
+        return 'it has no summary'
     return None
 
 
@@ -815,6 +842,9 @@ def main(argv=None) -> None:
             gpu = load_results(default_gpu, '--gpu') if os.path.exists(default_gpu) else None
         else:
             gpu = load_results(args.gpu, '--gpu')
+        problem = None if gpu is None else _gpu_run_problem(gpu)
+        if problem:
+            raise ValueError(f'--gpu {args.gpu or default_gpu}: not the GPU run the speed table shows ({problem})')
         lines = readme_speed_table(cpu, gpu)
         if args.write_readme is None:
             print('\n'.join(lines))

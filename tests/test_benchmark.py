@@ -665,7 +665,7 @@ def test_readme_speed_table_sets_a_gpu_run_beside_the_cpu_run(tmp_path, capsys, 
     report.attach_summary(gpu, 'cuda')
     with pytest.raises(ValueError, match='name no GPU'):
         report.readme_speed_table(cpu, gpu)
-    gpu['machine'] = {'gpu': 'NVIDIA H200'}
+    gpu['machine'] = {'gpu': 'NVIDIA H200', 'device': 'cuda'}
     alone, beside = report.readme_speed_table(cpu), report.readme_speed_table(cpu, gpu)
     split = lambda line: line.strip('|').split(' | ')  # noqa: E731
     header = split(beside[0].strip())
@@ -739,6 +739,19 @@ def test_readme_speed_table_sets_a_gpu_run_beside_the_cpu_run(tmp_path, capsys, 
     ('cpu unfinished', 'cpu.json: not the CPU run the speed table shows (1 of its sections did not finish; '
                        'model_zoo.py --resume finishes them)'),
     ('readme not writable', 'cannot write'),
+    # the paper's figures and the boolean-mask ratio beside a row: a traceback or a format error naming nothing
+    ('cpu seed_gpu a string', "cpu.json: not a results file of benchmarks/model_zoo.py (a row of model 'tiny' has "
+                              "no valid seed_gpu)"),
+    ('cpu paper images/s a fraction', "(a row of model 'tiny' has no valid seed_gpu)"),
+    ('cpu vs_boolean a string', "(a row of model 'tiny' has no valid vs_boolean)"),
+    # a GPU run the table is not made from: it was printed into the README's GPU columns as if it were
+    ('gpu a cpu run', 'gpu.json: not the GPU run the speed table shows (it was measured on cpu, not on a CUDA GPU)'),
+    ('gpu original protocol', 'gpu.json: not the GPU run the speed table shows (it was timed with --protocol '
+                              'original; the table is protocol ours)'),
+    ('gpu rows given', 'gpu.json: not the GPU run the speed table shows (it timed only the rows given with --rows '
+                       '(timm, ours), not every mode the fastest dense and pruned ones are chosen from)'),
+    ('gpu unfinished', 'gpu.json: not the GPU run the speed table shows (1 of its sections did not finish; '
+                       'model_zoo.py --resume finishes them)'),
 ])
 def test_readme_table_writer_refuses_in_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch, case, message):
     readme = tmp_path / 'README.md'
@@ -747,14 +760,24 @@ def test_readme_table_writer_refuses_in_one_line_and_writes_nothing(tmp_path, ca
     before = readme.read_text()
     gpu = tmp_path / 'gpu.json'
     gpu.write_text({'gpu not json': '{', 'gpu not results': '[1, 2]'}.get(case, '{}'))
-    if case in ('gpu without its name', 'gpu machine a list', 'gpu figure not a number'):
+    if case in ('gpu without its name', 'gpu machine a list', 'gpu figure not a number', 'gpu a cpu run',
+                'gpu original protocol', 'gpu rows given', 'gpu unfinished'):
         run = _summary_run()
         report.attach_summary(run, 'cuda')
+        run['machine'] = {'device': 'cuda'} if case == 'gpu without its name' else {'gpu': 'NVIDIA H200',
+                                                                                    'device': 'cuda'}
         if case == 'gpu machine a list':
             run['machine'] = ['NVIDIA H200']
         if case == 'gpu figure not a number':
-            run['machine'] = {'gpu': 'NVIDIA H200'}
             run['summary'][0]['speedup_batch1'] = math.inf
+        if case == 'gpu a cpu run':
+            run['machine']['device'] = 'cpu'
+        if case == 'gpu original protocol':
+            run['settings']['protocol'] = 'original'
+        if case == 'gpu rows given':
+            run['settings'].update(rows=['timm', 'ours'], rows_given=True)
+        if case == 'gpu unfinished':
+            run['sections'] = [{'kind': 'main', 'status': 'done'}, {'kind': 'summary', 'status': 'left out'}]
         gpu.write_text(json.dumps(run))
     cpu = json.load(open(os.path.join(ROOT, 'benchmarks', 'results', 'cpu.json')))
     if case == 'cpu models a list':
@@ -775,6 +798,12 @@ def test_readme_table_writer_refuses_in_one_line_and_writes_nothing(tmp_path, ca
         cpu['settings']['dtype'] = 'fp16'
     elif case == 'cpu unfinished':
         cpu['sections'][-1]['status'] = 'pending'
+    elif case == 'cpu seed_gpu a string':
+        cpu['models']['tiny']['rows'][0]['seed_gpu'] = 'x'
+    elif case == 'cpu paper images/s a fraction':
+        cpu['models']['tiny']['rows'][0]['seed_gpu']['images_per_s'] = 12.5
+    elif case == 'cpu vs_boolean a string':
+        cpu['models']['tiny']['rows'][2]['vs_boolean'] = 'abc'
     (tmp_path / 'cpu.json').write_text(json.dumps(cpu))
     if case == 'readme not writable':  # the disk fills as the new README is written: the old one stays
         def full(src, dst):
