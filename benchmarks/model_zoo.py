@@ -345,8 +345,10 @@ def _check(args, set_flags=frozenset()) -> None:
             timm_name = resolve_model(name)
         except ValueError as e:
             raise UsageError(f'argument --models: {e}') from None
-        if timm_name in given:
-            raise UsageError(f'argument --models: {given[timm_name]!r} and {name!r} are the same model ({timm_name})')
+        arch = timm_name.partition('.')[0]  # a pretrained tag names weights, not another network
+        same = next((t for t in given if t.partition('.')[0] == arch), None)
+        if same is not None:
+            raise UsageError(f'argument --models: {given[same]!r} and {name!r} are the same model ({arch})')
         given[timm_name] = name
     args.timm_models = {name: timm_name for timm_name, name in given.items()}
     if args.compile_models is None:
@@ -395,6 +397,18 @@ def _check_no_effect(args, set_flags) -> None:
         for dest in ('compile_models', 'compile_budget', 'compile_min_batch'):
             if dest in set_flags:
                 raise UsageError(f'argument {_flag(dest)}: has no effect here: {why}')
+    compiled = [n for n in args.rows if REGISTRY[n].compiled]
+    if compiled and not args.compile_models:  # (given empty: the default names a model)
+        raise UsageError(f'argument --compile-models: no model named, so the compiled rows of --rows '
+                         f'({", ".join(compiled)}) would run for none; name a model, or give --no-compile')
+    ours_tables = args.summary_batch_sizes or args.sweep_batch_sizes or args.sweep_rates
+    if args.protocol == 'original' and not ours_tables:
+        why = ('--protocol original times the main table its own way (fp32, --original-passes), and no table of '
+               'protocol ours runs (--summary-batch-sizes, --sweep-batch-sizes and --sweep-rates are empty)')
+        for dest in ('repeats', 'warmup') + (() if args.breakdown_rounds else ('dtype',)):
+            if dest in set_flags:
+                raise UsageError(f'argument {_flag(dest)}: has no effect here: {why}'
+                                 + ('' if dest != 'dtype' else ' and --breakdown-rounds is 0'))
     if 'scoring_batch_size' in set_flags and not args.scoring_repeats:
         why = '' if 'scoring_repeats' in set_flags else f' (its default on {args.device})'
         raise UsageError(f'argument --scoring-batch-size: has no effect here: --scoring-repeats is 0{why}, so the '

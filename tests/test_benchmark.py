@@ -1454,6 +1454,16 @@ def _run_model_zoo(*args):
     (['--rates', '0.0001'], 'argument --rates: 0.0001 clips int(2352 x 0.0001) = 0 of the 2352 (layer, patch) '
                             'slots of tiny: nothing would be pruned'),
     (['--sweep-rates', '0,0.0001'], 'argument --sweep-rates: 0.0001 clips int(2352 x 0.0001) = 0'),
+    # the same network under a pretrained tag was timed twice, as two models
+    (['--models', 'tiny,deit_tiny_patch16_224.fb_in1k'], "argument --models: 'tiny' and "
+                                                          "'deit_tiny_patch16_224.fb_in1k' are the same model"),
+    # flags that nothing of the run reads were recorded in its results as if they had been used
+    (['--protocol', 'original', '--original-passes', '1', '--repeats', '7', '--summary-batch-sizes', '',
+      '--sweep-batch-sizes', '', '--sweep-rates', ''], 'argument --repeats: has no effect here: --protocol original'),
+    (['--protocol', 'original', '--original-passes', '1', '--dtype', 'bf16', '--summary-batch-sizes', '',
+      '--sweep-batch-sizes', '', '--sweep-rates', '', '--breakdown-rounds', '0'], 'argument --dtype: has no effect'),
+    (['--compile', '--rows', 'timm,ours,ours-compiled', '--compile-models', ''],
+     'argument --compile-models: no model named, so the compiled rows of --rows (ours-compiled) would run for none'),
 ])
 def test_model_zoo_rejects_bad_arguments_in_one_line_before_any_work(args, message, capsys):
     with pytest.raises(SystemExit) as exit_:
