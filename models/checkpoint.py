@@ -106,7 +106,7 @@ def build_model_from_checkpoint(path: str, name: Optional[str], fallback_classes
 
 def create_model(name: str, pretrained: bool = False, checkpoint_path: Optional[str] = None, **kwargs) -> nn.Module:
     """timm's model ``name`` (``cc_`` optional) with Clip & Concat applied; ``kwargs`` go to timm.
-    ``checkpoint_path``: loaded as ``--resume`` loads it (the trained ``model`` weights of a file that also holds
+    ``checkpoint_path``: loaded as ``--eval`` loads it (the trained ``model`` weights of a file that also holds
     ``model_ema``, strictly, the checks of :func:`build_model_from_checkpoint`; a one-line
     :class:`utils.UserError` when it does not fit).  timm's own ``timm.create_model(name, checkpoint_path=...)``
     follows timm's rule instead, which prefers the EMA weights."""

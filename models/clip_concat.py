@@ -275,8 +275,7 @@ def _fill_dense_masks(module, state_dict, prefix, local_metadata, strict, missin
     keys = [f'{prefix}blocks.{i}.{MASK_KEY}' for i in range(len(module.blocks))]
     present = [k for k in keys if k in state_dict]
     if not present:
-        loaded = {key[len(prefix):].split('.')[1] for key in state_dict
-                  if key.startswith(f'{prefix}blocks.') and key.count('.') > prefix.count('.') + 1}
+        loaded = {key[len(prefix):].split('.')[1] for key in state_dict if key.startswith(f'{prefix}blocks.')}
         for i, k in enumerate(keys):
             if str(i) in loaded:
                 state_dict[k] = torch.ones(module.num_tokens, dtype=torch.bool)

@@ -29,7 +29,7 @@ def plan_masks(scores: torch.Tensor, prune_rate: float, layer_decay: float = 0.0
     budget = num_clipped_slots(depth, num_patches, prune_rate)
     s = scores.detach().to('cpu', torch.float64)
     if not bool(torch.isfinite(s).all()):
-        bad = sorted({int(l) for l in (~torch.isfinite(s)).nonzero()[:, 0]})
+        bad = sorted({int(layer) for layer in (~torch.isfinite(s)).nonzero()[:, 0]})
         raise ValueError(f'scores hold NaN or infinite values (layers {bad}), which would decide the plan '
                          f'arbitrarily; a non-finite loss while scoring gives them')
     if not math.isfinite(float(layer_decay)):
