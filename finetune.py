@@ -16,6 +16,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import sys
 import threading
@@ -36,7 +37,7 @@ from losses import DistillationLoss
 from samplers import DistributedEvalSampler, RASampler
 from utils import (UserError, TensorBoard, all_agree, check_output_dir, checkpoint_args, init_distributed_mode,
                    is_main_process, launcher_ranks, load_checkpoint_file, one_line, print_line, rank0_print,
-                   remove_stale_temporaries, save_atomic, several_processes, write_text_atomic)
+                   remove_stale_temporaries, save_atomic, several_processes, write_atomic, write_text_atomic)
 from utils import seeding
 from utils.cli import (AT_LEAST_ONE, EXIT_USER_ERROR, FRACTION, NON_NEGATIVE, POSITIVE, UNIT, OneLineParser, Range,
                        check_numbers, fits, flag_name, spell)
@@ -81,7 +82,7 @@ def get_args_parser() -> argparse.ArgumentParser:
            'by default the directory of --resume')
     a('--prune_mode', default='attn', choices=['attn', 'random'])
     a('--prune_rate', default=0.25, type=float, help='fraction of (layer, patch) slots to clip, in (0, 1)')
-    a('--prune-batches', default=None, type=int, help='score at most this many training batches')
+    a('--prune-batches', default=None, type=int, help='score at most this many training batches per process')
     a('--final_finetune', default=30, type=int,
       help='epochs of distillation finetuning (also the length of the learning-rate schedule)')
     # model
@@ -296,6 +297,8 @@ UNUSED_RULES = (
     (lambda a: a.reprob == 0, ('remode', 'recount'), '--reprob 0 erases nothing'),
     (lambda a: a.lr_noise is None, ('lr_noise_pct', 'lr_noise_std'), 'no --lr-noise is given'),
     (lambda a: not several_processes(), ('dist_eval',), 'a single process evaluates every image'),
+    (lambda a: not several_processes(), ('repeated_aug',),
+     'repeated augmentation shares each image among several processes (as in DeiT); one process shuffles plainly'),
     *((lambda a, d=d: not modes_of(a) and a.sched not in SCHEDULES_READING[d], (d,),
        "not read by timm's {sched} schedule") for d in SCHEDULES_READING),
     (lambda a: not modes_of(a), ('cooldown_epochs',),
@@ -947,13 +950,19 @@ def run_prune(args, device: torch.device) -> Dict[str, float]:
             checkpoint['scores'] = scores
         if 'classes' in source:  # the classes the weights were trained on, checked wherever the file is used
             checkpoint['classes'] = source['classes']
-        save_atomic(checkpoint, path)
-        print_line(f'Saved {path}')
+    written = False  # known to this process to be complete
     try:
+        if is_main_process():
+            save_atomic(checkpoint, path)
+            written = True
+            print_line(f'Saved {path}')
+        all_agree(True, device)  # the other processes know the file is complete once rank 0 has written it
+        written = True
         stats = evaluate(data_loader(dataset_val, args, train=False), model, device, amp=args.amp,
                          print_freq=args.print_freq, printer=rank0_print)
     except STOPS_MIDWAY as e:
-        e.kept = f'{path} was written completely'
+        if written:
+            e.kept = f'{path} was written completely'
         raise
     rank0_print(f'Accuracy of the network on the {len(dataset_val)} test images: {stats["acc1"]:.1f}%')
     if is_main_process():
@@ -1267,6 +1276,9 @@ def restore_training(training: engine.Training, checkpoint: dict, args) -> Tuple
     if seeding.restore_or_reseed(checkpoint.get('rng'), args.rank, args.world_size, args.seed, start_epoch,
                                  random_generators(training), training.device, rank0_print):
         args.seed = checkpoint_args(checkpoint).get('seed', args.seed)  # the streams continued are the run's
+        sampler = training.loader_train.sampler
+        if hasattr(sampler, 'seed'):  # several processes shuffle by seed + epoch: the run's seed, as the streams
+            sampler.seed = args.seed
     return start_epoch, max_accuracy
 
 
@@ -1285,6 +1297,18 @@ def repair_outputs(args, checkpoint: dict) -> None:
         epoch_scalars(tb, checkpoint['log_stats'], epoch)
         tb.close()
     remove_stale_temporaries(list(paths.values()))  # from a job killed while saving
+    # best.pth is written right after checkpoint.pth when an epoch improves: a kill in between leaves the
+    # checkpoint's epoch, the best so far, without it
+    accuracy = float(checkpoint.get('max_accuracy', -1.0))
+    reached = float((checkpoint.get('log_stats') or {}).get('test_acc1', -2.0)) == accuracy >= 0
+    best = load_checkpoint_file(paths['best.pth'], mmap=True) if os.path.isfile(paths['best.pth']) else {}
+    if reached and float(best.get('max_accuracy', -1.0)) < accuracy:
+        def copy(f):
+            with open(args.resume, 'rb') as source:
+                shutil.copyfileobj(source, f, 16 << 20)
+        write_atomic(paths['best.pth'], copy)
+        rank0_print(f'note: {paths["best.pth"]} was not written after epoch {epoch}, the best so far (a stop right '
+                    f'after its checkpoint): copied from {args.resume}')
 
 
 def finished_run(args) -> Optional[Dict[str, float]]:
@@ -1380,14 +1404,18 @@ def run_finetune(args, device: torch.device) -> Dict[str, float]:
                      'epoch': epoch, 'n_parameters': sum(p.numel() for p in model.parameters()),
                      'gflops': gflops(model), 'max_accuracy': best}
         rng = seeding.gather(seeding.capture(random_generators(training), training.device))  # every process
-        if not is_main_process():
-            last_good, last_epoch = paths['checkpoint.pth'], epoch  # written by rank 0
-            return
-        state = training_state(training, args, epoch, best, log_stats, rng)
-        if improved:
-            save_atomic(state, paths['best.pth'])
-        save_atomic(state, paths['checkpoint.pth'])
+        if is_main_process():
+            state = training_state(training, args, epoch, best, log_stats, rng)
+            # checkpoint.pth first: a best.pth that a kill right after it misses is copied from it on resume
+            # (repair_outputs); the other order left a best.pth of an epoch the checkpoint does not reach
+            save_atomic(state, paths['checkpoint.pth'])
+            last_good, last_epoch = paths['checkpoint.pth'], epoch
+            if improved:
+                save_atomic(state, paths['best.pth'])
+        all_agree(True, training.device)  # the other processes count the checkpoint written once rank 0 has
         last_good, last_epoch = paths['checkpoint.pth'], epoch
+        if not is_main_process():
+            return
         if tb is None:
             tb = TensorBoard(args.output_dir)
         epoch_scalars(tb, log_stats, epoch)  # before log.txt: a resume that finds no log line writes the scalars again
@@ -1406,9 +1434,11 @@ def run_finetune(args, device: torch.device) -> Dict[str, float]:
     except STOPS_MIDWAY as e:
         if last_good is None:
             e.kept = 'no epoch had finished, so no checkpoint was written'
-        else:
+        else:  # (--output_dir defaults to the folder of a checkpoint.pth: named when the run writes elsewhere)
+            elsewhere = (os.path.basename(last_good) != 'checkpoint.pth'
+                         or os.path.realpath(os.path.dirname(last_good)) != os.path.realpath(args.output_dir))
             e.kept = (f'the last complete checkpoint is {last_good} (epoch {last_epoch}); continue with '
-                      f'--resume {last_good}')
+                      f'--resume {last_good}' + (f' --output_dir {args.output_dir}' if elsewhere else ''))
         raise
     finally:
         if tb is not None:

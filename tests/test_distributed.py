@@ -193,13 +193,17 @@ def test_two_processes_stopped_and_resumed_equal_the_uninterrupted_run_bit_for_b
         assert job['stderr'].count(line) == 2, job['stderr'][-3000:]
     first = load_checkpoint_file(str(cut / 'checkpoint.pth'))
     assert first['epoch'] == 0
-    # --seed not repeated: the continued run takes the run's over (the samplers of several processes shuffle by it)
+    # --seed not repeated (no workers), or another one (2 workers): the continued run shuffles by the run's, as its
+    # saved random streams continue (the samplers of several processes shuffle by it; another --seed reached them)
     argv = finetune_argv(world, cut, workers, *FINETUNE_EXTRA[workers], '--resume', cut / 'checkpoint.pth')
     seed_at = argv.index('--seed')
-    proc = launch(launcher, argv[:seed_at] + argv[seed_at + 2:], cut)
+    proc = launch(launcher, argv[:seed_at] + argv[seed_at + 2:] + (['--seed', '5'] if workers else []), cut)
     stdout = ok(proc)
     assert f'Resumed from {cut / "checkpoint.pth"}: continuing at epoch 1' in stdout
-    assert ' --seed 7' in next(line for line in stdout.splitlines() if line.startswith('Continuing the run of'))
+    if workers:
+        assert 'warning: --seed 5 has no effect: the random streams saved in' in stdout
+    else:
+        assert ' --seed 7' in next(line for line in stdout.splitlines() if line.startswith('Continuing the run of'))
     assert 'Epoch: [0]' not in stdout and 'Epoch: [1]' in stdout
     final, reference = (load_checkpoint_file(str(d / 'checkpoint.pth')) for d in (cut, ref))
     assert final['epoch'] == 1

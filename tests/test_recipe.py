@@ -970,9 +970,11 @@ NOTED = {  # the run's flags beyond DIGITS_ARGS (--mixup 0 --cutmix 0 --aa none 
                          'note: --cooldown-epochs 5 has no effect: the run ends after --final_finetune epochs, where '
                          'the cool-down would start']),
     'finetune-step': (['--final_finetune', '1', '--sched', 'step', '--min-lr', '1e-5', '--decay-epochs', '1',
-                       '--patience-epochs', '3', '--remode', 'const', '--dist-eval'],
+                       '--patience-epochs', '3', '--remode', 'const', '--dist-eval', '--no-repeated-aug'],
                       ['note: --remode const has no effect: --reprob 0 erases nothing',
                        'note: --dist-eval has no effect: a single process evaluates every image',
+                       'note: --no-repeated-aug has no effect: repeated augmentation shares each image among several '
+                       'processes (as in DeiT); one process shuffles plainly',
                        "note: --patience-epochs 3, --min-lr 1e-05 have no effect: not read by timm's step schedule"]),
     'speed': (['--speed-only', '--data-set', 'IMNET', '--speed-repeats', '1', '--speed-warmup', '0'],
               ['note: --mixup 0.0, --cutmix 0.0, --aa none, --reprob 0.0 have no effect: --speed-only trains nothing',

@@ -18,7 +18,7 @@ import torch
 import engine
 import finetune
 from conftest import DIGITS_ARGS, ROOT, digits_world, make_image_folder, official_checkpoint, subprocess_env
-from utils import UserError, load_checkpoint_file, save_atomic, write_text_atomic
+from utils import UserError, load_checkpoint_file, save_atomic, write_atomic, write_text_atomic
 
 
 def log_epochs(path):
@@ -84,6 +84,22 @@ def test_disk_full_while_saving_is_a_one_line_error(tmp_path, monkeypatch):
     assert str(info.value) == f'cannot write {path}: No space left on device (the previous file is untouched)'
     assert path.read_bytes() == before
     assert leftovers(tmp_path) == []
+
+
+def test_a_failed_write_removes_the_folder_it_created(tmp_path, monkeypatch):
+    """A run stopped while writing its first file leaves no empty output folder behind (the README: the folder is
+    made with its first file); a folder that was there stays."""
+    def stopped(f):
+        f.write(b'partial')
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_atomic(str(tmp_path / 'new' / 'pruned_0.3.pth'), stopped)
+    assert os.listdir(tmp_path) == []
+    (tmp_path / 'kept').mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        write_atomic(str(tmp_path / 'kept' / 'pruned_0.3.pth'), stopped)
+    assert os.listdir(tmp_path) == ['kept'] and os.listdir(tmp_path / 'kept') == []
 
 
 def test_a_symbolic_link_is_written_through(tmp_path):
@@ -407,6 +423,53 @@ def test_best_pth_is_written_when_accuracy_rises_and_only_then(monkeypatch, smal
     assert [r['max_accuracy'] for r in log_records(out / 'log.txt')] == [10.0, 30.0, 30.0, 30.0, 40.0]
     best = load_checkpoint_file(str(out / 'best.pth'))
     assert best['epoch'] == 4 and best['max_accuracy'] == 40.0
+
+
+def test_a_stop_between_the_checkpoint_and_best_pth_is_repaired_on_resume(capsys, monkeypatch, small, tmp_path):
+    """Acc@1 10 then 30: epoch 1 is the best, and the run is stopped after its checkpoint.pth, before its best.pth.
+    The resume copies best.pth from the checkpoint, the only file holding that epoch's weights.  (With best.pth
+    written first, a stop between the two left a best.pth of an epoch that no checkpoint or log line holds.)"""
+    out = tmp_path / 'out'
+    real_save = finetune.save_atomic
+
+    def stopped_before_best_of_epoch_1(state, path):
+        if os.path.basename(path) == 'best.pth' and state['epoch'] == 1:
+            raise KeyboardInterrupt
+        return real_save(state, path)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(finetune, 'save_atomic', stopped_before_best_of_epoch_1)
+        accuracies(patch, [10.0, 30.0])
+        assert _finetune(out, small['data'], '--resume', small['dense'], '--final_finetune', 2) == 130
+    assert load_checkpoint_file(str(out / 'checkpoint.pth'))['epoch'] == 1
+    assert load_checkpoint_file(str(out / 'best.pth'))['epoch'] == 0
+    capsys.readouterr()
+    assert _finetune(out, small['data'], '--resume', out / 'checkpoint.pth', '--final_finetune', 2) == 0
+    assert f'note: {out / "best.pth"} was not written after epoch 1, the best so far' in capsys.readouterr().out
+    assert (out / 'best.pth').read_bytes() == (out / 'checkpoint.pth').read_bytes()
+    assert leftovers(out) == []
+
+
+def test_a_run_continued_into_another_folder_says_to_give_that_folder_again(capsys, monkeypatch, small, tmp_path):
+    """Continued from a best.pth into a new --output_dir and stopped in its first epoch: the command printed names
+    --output_dir too (--resume of a best.pth alone is refused, and a checkpoint.pth alone writes into its own
+    folder)."""
+    first = tmp_path / 'first'
+    with monkeypatch.context() as patch:
+        accuracies(patch, [10.0])
+        assert _finetune(first, small['data'], '--resume', small['dense'], '--final_finetune', 1) == 0
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    out = tmp_path / 'out'
+    with monkeypatch.context() as patch:
+        patch.setattr(engine, 'train_one_epoch', interrupted)
+        capsys.readouterr()
+        assert _finetune(out, small['data'], '--resume', first / 'best.pth', '--final_finetune', 2) == 130
+    assert capsys.readouterr().err.strip() == (
+        f'interrupted; the last complete checkpoint is {first / "best.pth"} (epoch 0); continue with --resume '
+        f'{first / "best.pth"} --output_dir {out}')
 
 
 def test_resume_of_a_finished_run_does_nothing(capsys, monkeypatch, small, tmp_path):

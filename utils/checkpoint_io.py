@@ -1,5 +1,6 @@
 """Checkpoint files: safe loading (weights only), and atomic writing (temporary file, fsync, rename)."""
 import argparse
+import contextlib
 import errno
 import os
 import pickle
@@ -182,6 +183,7 @@ def write_atomic(path: str, write: Callable[[Any], None]) -> None:
     target = os.path.realpath(path)
     directory = os.path.dirname(target)
     tmp = os.path.join(directory, f'.{os.path.basename(target)}.tmp-{os.getpid()}')
+    created = not os.path.isdir(directory)
     try:
         os.makedirs(directory, exist_ok=True)  # an output directory is created when its first file is written
         with open(tmp, 'wb') as f:
@@ -192,6 +194,9 @@ def write_atomic(path: str, write: Callable[[Any], None]) -> None:
     except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if created:  # the folder made for this file goes with it (when nothing else is in it)
+            with contextlib.suppress(OSError):
+                os.rmdir(directory)
         if isinstance(e, OSError):
             what = 'the previous file is untouched' if os.path.exists(path) else 'nothing was written'
             raise UserError(f'cannot write {path}: {e.strerror or e} ({what})') from None
