@@ -141,6 +141,21 @@ MUTANTS: List[Mutant] = [
     mutant('log-never-repaired', 'finetune.py',
            "if reconcile_log(paths['log.txt'], epoch, checkpoint.get('log_stats')):", 'if False:',
            [RESUME], 'a resume keeps the duplicate and cut lines of log.txt'),
+    mutant('sampler-shuffles-by-the-given-seed', 'finetune.py',
+           "            sampler.seed = args.seed\n", "            pass\n",
+           [TWO_PROCESS_RESUME], "a run of several processes continued with another --seed shuffles by it, though "
+                                 "it says the seed has no effect"),
+    mutant('best-pth-written-before-the-checkpoint', 'finetune.py',
+           "            save_atomic(state, paths['checkpoint.pth'])\n"
+           "            last_good, last_epoch = paths['checkpoint.pth'], epoch\n"
+           "            if improved:\n"
+           "                save_atomic(state, paths['best.pth'])\n",
+           "            if improved:\n"
+           "                save_atomic(state, paths['best.pth'])\n"
+           "            save_atomic(state, paths['checkpoint.pth'])\n"
+           "            last_good, last_epoch = paths['checkpoint.pth'], epoch\n",
+           [T + 'test_resume.py::test_a_stop_between_the_checkpoint_and_best_pth_is_repaired_on_resume'],
+           'a stop between the two files leaves a best.pth of an epoch no checkpoint holds'),
     mutant('seed-not-taken-over', 'finetune.py',
            "'dist_eval', 'start_epoch', 'speed_protocol',", "'dist_eval', 'start_epoch', 'seed', 'speed_protocol',",
            [TWO_PROCESS_RESUME], 'a run continued without --seed shuffles its processes\' data by seed 0'),
