@@ -1284,8 +1284,9 @@ def restore_training(training: engine.Training, checkpoint: dict, args) -> Tuple
 
 def repair_outputs(args, checkpoint: dict) -> None:
     """A run continued in the folder of its checkpoint: ``log.txt`` holds each finished epoch's line once (the
-    checkpoint's own epoch added if a kill lost it, with its TensorBoard scalars), and the temporary files of a job
-    killed while saving are gone.  Rank 0 does it."""
+    checkpoint's own epoch added if a kill lost it, with its TensorBoard scalars), ``best.pth`` is the checkpoint's
+    when its epoch is the best and a kill came before that file, and the temporary files of a job killed while
+    saving are gone.  Rank 0 does it."""
     if not is_main_process() or os.path.realpath(os.path.dirname(args.resume)) != os.path.realpath(args.output_dir):
         return
     paths = output_paths(args)
@@ -1300,7 +1301,7 @@ def repair_outputs(args, checkpoint: dict) -> None:
     # best.pth is written right after checkpoint.pth when an epoch improves: a kill in between leaves the
     # checkpoint's epoch, the best so far, without it
     accuracy = float(checkpoint.get('max_accuracy', -1.0))
-    reached = float((checkpoint.get('log_stats') or {}).get('test_acc1', -2.0)) == accuracy >= 0
+    reached = accuracy >= 0 and float((checkpoint.get('log_stats') or {}).get('test_acc1', -1.0)) == accuracy
     best = load_checkpoint_file(paths['best.pth'], mmap=True) if os.path.isfile(paths['best.pth']) else {}
     if reached and float(best.get('max_accuracy', -1.0)) < accuracy:
         def copy(f):
