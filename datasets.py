@@ -2,8 +2,9 @@
 digits (the mini reproduction). Every missing or unreadable input becomes a one-line :class:`UserError`."""
 import json
 import os
-from typing import Collection, Optional, Tuple
+from typing import Collection, Dict, Optional, Tuple
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
@@ -27,6 +28,8 @@ def load_rgb(path: str) -> Image.Image:
     try:
         with open(path, 'rb') as f:
             img = Image.open(f)
+            if img.mode in ('I;16', 'I;16B', 'I;16L'):  # 16-bit: convert() clips at 255, so nearly all white
+                img = Image.fromarray((np.asarray(img, dtype=np.uint16) >> 8).astype(np.uint8))
             return img.convert('RGB')
     except UnidentifiedImageError:  # its own message repeats the path as '<_io.BufferedReader name=...>'
         raise BadImageError(f'cannot read image {path}: not an image, or a format Pillow cannot decode') from None
@@ -158,7 +161,10 @@ def class_folders(split: str):
     images; None if there is no such folder."""
     if not os.path.isdir(split):
         return None
-    return sorted(entry.name for entry in os.scandir(split) if entry.is_dir())
+    try:
+        return sorted(entry.name for entry in os.scandir(split) if entry.is_dir())
+    except OSError as e:
+        raise UserError(f'cannot read {split}: {e.strerror or e}') from None
 
 
 def _first_unreadable(split: str) -> Optional[str]:
@@ -175,10 +181,31 @@ def image_folder(split: str, transform) -> datasets.ImageFolder:
     unreadable = _first_unreadable(split)
     if unreadable:
         raise UserError(f'cannot read {unreadable}: permission denied')
+    skipped: Dict[str, int] = {}
+
+    def is_image(path: str) -> bool:  # torchvision's rule (its extensions), with what it leaves out counted
+        extension = os.path.splitext(path)[1].lower()
+        if extension in datasets.folder.IMG_EXTENSIONS:
+            return True
+        skipped[extension or 'no extension'] = skipped.get(extension or 'no extension', 0) + 1
+        return False
     try:
-        return datasets.ImageFolder(split, transform=transform, loader=load_rgb)
+        folder = datasets.ImageFolder(split, transform=transform, loader=load_rgb, is_valid_file=is_image)
     except FileNotFoundError as e:
         raise UserError(f'no images in {split}: {str(e).splitlines()[0]}') from None
+    folder.skipped = skipped  # {extension: files} left out, for the run to say
+    return folder
+
+
+def skipped_files_note(dataset) -> Optional[str]:
+    """The ``note:`` for the files of an image folder's class folders that are not read (an extension
+    torchvision's ImageFolder does not take: .gif, .jfif, .txt, ...), or None."""
+    skipped = getattr(dataset, 'skipped', None)
+    if not skipped:
+        return None
+    kinds = ', '.join(f'{n} {extension}' for extension, n in sorted(skipped.items(), key=lambda kv: (-kv[1], kv[0])))
+    return (f'note: {sum(skipped.values())} files in the class folders of {dataset.root} are left out: their '
+            f'extension is not one of {" ".join(datasets.folder.IMG_EXTENSIONS)} ({kinds})')
 
 
 class INatDataset(Dataset):

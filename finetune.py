@@ -31,7 +31,7 @@ import engine
 import models
 import pruning
 from datasets import (DATA_SETS, SMALL_INPUT, BadImageError, DigitsDataset, build_dataset, check_training_transform,
-                      class_folders)
+                      class_folders, skipped_files_note)
 from engine import NonFiniteLossError, evaluate, measure_throughput, steady_allocator
 from losses import DistillationLoss
 from samplers import DistributedEvalSampler, RASampler
@@ -693,6 +693,9 @@ def build_data(args, train: bool):
     dataset, nb_classes = build_dataset(train, args)
     if len(dataset) == 0:
         raise UserError(f'the {"training" if train else "validation"} set of {args.data_set} is empty')
+    note = skipped_files_note(dataset)
+    if note:
+        rank0_print(note)
     return dataset, nb_classes
 
 
@@ -1377,6 +1380,18 @@ def check_recorded_classes(checkpoint: dict, dataset, args, split: str, continui
     ``dataset``'s: labels are positions in the sorted folder list, so other names would give the model's labels
     to other classes.  Official files record none (not checked).  ``continuing``: the run continues the file's."""
     saved, current = checkpoint.get('classes'), class_names(dataset)
+    if current is None and not continuing:  # labels without names (CIFAR, iNaturalist, DIGITS): the data set says
+        recorded = checkpoint_args(checkpoint)
+        parser = get_args_parser()
+        for dest in CLASSES_OF_THE_RUN:
+            value = recorded.get(dest)
+            if dest == 'inat_category' and args.data_set not in ('INAT', 'INAT19'):
+                continue
+            if isinstance(value, str) and value != getattr(args, dest):
+                raise UserError(f'{args.resume} was trained with {spell(parser, dest, value)}, whose labels name '
+                                f'other classes than {spell(parser, dest, getattr(args, dest))}: give '
+                                f'{spell(parser, dest, value)}')
+        return
     if not isinstance(saved, (list, tuple)) or current is None or list(saved) == current:
         return
     first = next((i for i, (a, b) in enumerate(zip(saved, current)) if a != b), min(len(saved), len(current)))

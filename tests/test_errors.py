@@ -150,6 +150,49 @@ def test_truncated_image_is_named_and_the_earlier_pruned_file_survives(capsys, w
     assert snapshot(earlier) == before
 
 
+def test_files_an_image_folder_leaves_out_are_counted_in_a_note(capsys, world, tmp_path):
+    """torchvision's ImageFolder reads only some extensions: a .gif (an image Pillow reads) and a .txt beside the
+    PNGs were left out without a word, and the accuracy was over fewer images than the folder holds."""
+    from PIL import Image
+    data = copy_data(world, tmp_path)
+    Image.new('RGB', (32, 32)).save(data / 'val' / 'c' / 'extra.gif')
+    (data / 'val' / 'a' / 'notes.txt').write_text('not an image\n')
+    (data / 'val' / 'b' / 'more.txt').write_text('not an image\n')
+    code, out, err = cli(capsys, '--eval', '--resume', world['dense'], '--data-path', data)
+    assert code == 0, err
+    assert (f'note: 3 files in the class folders of {data / "val"} are left out: their extension is not one of '
+            f'.jpg .jpeg .png .ppm .bmp .pgm .tif .tiff .webp (2 .txt, 1 .gif)') in out
+
+
+def test_an_unreadable_class_folder_listing_is_one_line(capsys, world, tmp_path, monkeypatch):
+    """--eval compares the class folders of train/ with val/'s; a train/ that cannot be listed (permission denied:
+    faked, as root reads everything) was a PermissionError traceback."""
+    import datasets
+    data = copy_data(world, tmp_path)
+    real_scandir = os.scandir
+
+    def denied(path):
+        if os.path.basename(os.path.normpath(path)) == 'train':
+            raise PermissionError(13, 'Permission denied', str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(datasets.os, 'scandir', denied)
+    assert_one_line_error(capsys, ['--eval', '--resume', world['dense'], '--data-path', data], EXIT_USER_ERROR,
+                          rf'^error: cannot read {re.escape(str(data / "train"))}: Permission denied$')
+
+
+def test_eval_on_another_data_set_than_the_file_was_trained_on(capsys, world, tmp_path):
+    """Labels without names (DIGITS, CIFAR, iNaturalist): the data set the file records is the one whose labels
+    its head learnt; another one with as many classes ran and printed an accuracy of other classes."""
+    checkpoint = torch.load(world['dense'])
+    checkpoint['args'] = dict(checkpoint.get('args') or {}, data_set='CIFAR')
+    path = tmp_path / 'cifar.pth'
+    torch.save(checkpoint, path)
+    assert_one_line_error(capsys, ['--eval', '--resume', path, '--data-set', 'DIGITS'], EXIT_USER_ERROR,
+                          rf'^error: {re.escape(str(path))} was trained with --data-set CIFAR, whose labels name other '
+                          rf'classes than --data-set DIGITS: give --data-set CIFAR$')
+
+
 def test_file_that_is_not_an_image(capsys, world, earlier, tmp_path):
     data = copy_data(world, tmp_path)
     bad = data / 'val' / 'c' / '1.png'

@@ -247,3 +247,15 @@ def test_repeated_augmentation_sampler():
     assert counts.max() == 3  # an image appears up to 3 times per epoch, on different processes
     samplers[0].set_epoch(1)
     assert list(samplers[0]) != parts[0]
+
+
+def test_a_16_bit_png_is_read_at_its_brightness(tmp_path):
+    """Pillow's convert('RGB') clips a 16-bit grey image at 255: a gradient came out all but white."""
+    import numpy as np
+    from PIL import Image
+    from datasets import load_rgb
+    grey = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)  # 0 .. 65520
+    Image.fromarray(grey).save(tmp_path / 'deep.png')
+    assert Image.open(tmp_path / 'deep.png').mode.startswith('I;16')
+    rgb = np.asarray(load_rgb(str(tmp_path / 'deep.png')))
+    assert rgb.shape == (64, 64, 3) and (rgb == (grey >> 8)[:, :, None]).all()
