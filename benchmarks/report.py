@@ -777,40 +777,25 @@ def _table_problem(results: Dict) -> Optional[str]:
     return None
 
 
-def _cpu_run_problem(results: Dict) -> Optional[str]:
-    """How a run given as --cpu differs from what the README's CPU columns are (a finished run on the CPU,
-    protocol "ours", fp32), or None."""
+def _run_problem(results: Dict, gpu: bool) -> Optional[str]:
+    """How a run given as --cpu (``gpu`` False) or --gpu differs from what the README's columns of that device are,
+    or None: a finished run on that device, protocol "ours"; on the CPU in fp32; on a GPU with the benchmark's own
+    rows (so that the fastest dense and pruned modes are chosen among all of them) and its summary."""
     settings = results.get('settings', {})
     device = results.get('machine', {}).get('device', settings.get('device'))
-    if device != 'cpu':
-        return f'it was measured on {device}, not on the CPU'
+    if not (str(device).startswith('cuda') if gpu else device == 'cpu'):
+        return f'it was measured on {device}, not on {"a CUDA GPU" if gpu else "the CPU"}'
     if settings.get('protocol', 'ours') != 'ours':
         return f'it was timed with --protocol {settings["protocol"]}; the table is protocol ours'
-    if settings.get('dtype', 'fp32') != 'fp32':
+    if not gpu and settings.get('dtype', 'fp32') != 'fp32':
         return f'it was timed in {settings["dtype"]}; the table is fp32'
-    unfinished = [s for s in results.get('sections', []) if s.get('status') != 'done']
-    if unfinished:
-        return f'{len(unfinished)} of its sections did not finish; model_zoo.py --resume finishes them'
-    return None
-
-
-def _gpu_run_problem(results: Dict) -> Optional[str]:
-    """How a run given as --gpu differs from what the README's GPU columns are (a finished run on a CUDA GPU,
-    protocol "ours", with the benchmark's own rows, so that the fastest dense and pruned modes are chosen among
-    all of them), or None."""
-    settings = results.get('settings', {})
-    device = results.get('machine', {}).get('device', settings.get('device'))
-    if not str(device).startswith('cuda'):
-        return f'it was measured on {device}, not on a CUDA GPU'
-    if settings.get('protocol', 'ours') != 'ours':
-        return f'it was timed with --protocol {settings["protocol"]}; the table is protocol ours'
-    if settings.get('rows_given'):
+    if gpu and settings.get('rows_given'):
         return (f'it timed only the rows given with --rows ({", ".join(map(str, settings.get("rows", [])))}), not '
                 f'every mode the fastest dense and pruned ones are chosen from')
     unfinished = [s for s in results.get('sections', []) if s.get('status') != 'done']
     if unfinished:
         return f'{len(unfinished)} of its sections did not finish; model_zoo.py --resume finishes them'
-    if not results.get('summary'):
+    if gpu and not results.get('summary'):
         return 'it has no summary'
     return None
 
@@ -834,7 +819,7 @@ def main(argv=None) -> None:
         problem = _table_problem(cpu)
         if problem:
             raise ValueError(f'--cpu {args.cpu}: not a results file of benchmarks/model_zoo.py ({problem})')
-        problem = _cpu_run_problem(cpu)
+        problem = _run_problem(cpu, gpu=False)
         if problem:
             raise ValueError(f'--cpu {args.cpu}: not the CPU run the speed table shows ({problem})')
         # the committed GPU run is optional (none may be committed yet); a GPU run named on the command line is not
@@ -842,7 +827,7 @@ def main(argv=None) -> None:
             gpu = load_results(default_gpu, '--gpu') if os.path.exists(default_gpu) else None
         else:
             gpu = load_results(args.gpu, '--gpu')
-        problem = None if gpu is None else _gpu_run_problem(gpu)
+        problem = None if gpu is None else _run_problem(gpu, gpu=True)
         if problem:
             raise ValueError(f'--gpu {args.gpu or default_gpu}: not the GPU run the speed table shows ({problem})')
         lines = readme_speed_table(cpu, gpu)
