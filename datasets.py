@@ -14,6 +14,7 @@ from torchvision.transforms import InterpolationMode
 from utils import UserError, one_line
 
 DATA_SETS = ('IMNET', 'CIFAR', 'INAT', 'INAT19', 'DIGITS')
+INATURALIST = ('INAT', 'INAT19')  # 2018 and 2019, whose --inat-category chooses what a label is
 # DeiT's small-image rule (CIFAR's 32 px): at an input this size or less, training crops with padding instead of
 # a random resized crop, and evaluation takes the images as they are (no crop).
 SMALL_INPUT = 32
@@ -149,7 +150,7 @@ def build_dataset(is_train: bool, args) -> Tuple[Dataset, int]:
             why = ('train, test or meta in cifar-100-python/ is missing or not the official file (torchvision checks '
                    'their md5 sums)' if 'corrupted' in str(e) else one_line(e))
             raise UserError(f'CIFAR-100 under {root} is unreadable: {why}') from None
-    if name in ('INAT', 'INAT19'):
+    if name in INATURALIST:
         year = 2018 if name == 'INAT' else 2019
         ds = INatDataset(root, train=is_train, year=year, category=args.inat_category, transform=transform)
         return ds, ds.nb_classes

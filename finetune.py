@@ -30,8 +30,8 @@ import torch.nn as nn
 import engine
 import models
 import pruning
-from datasets import (DATA_SETS, SMALL_INPUT, BadImageError, DigitsDataset, build_dataset, check_training_transform,
-                      class_folders, skipped_files_note)
+from datasets import (DATA_SETS, INATURALIST, SMALL_INPUT, BadImageError, DigitsDataset, build_dataset,
+                      check_training_transform, class_folders, skipped_files_note)
 from engine import NonFiniteLossError, evaluate, measure_throughput, steady_allocator
 from losses import DistillationLoss
 from samplers import DistributedEvalSampler, RASampler
@@ -290,7 +290,7 @@ UNUSED_RULES = (
     (lambda a: not a.speed_only, SPEED, 'only --speed-only times the model'),
     (lambda a: a.data_set == 'DIGITS', TRAIN_TRANSFORM + ('eval_crop_ratio',),
      '--data-set DIGITS has its own fixed transform'),
-    (lambda a: a.data_set not in ('INAT', 'INAT19'), ('inat_category',), 'only iNaturalist has categories'),
+    (lambda a: a.data_set not in INATURALIST, ('inat_category',), 'only iNaturalist has categories'),
     (lambda a: input_size(a) <= SMALL_INPUT, ('eval_crop_ratio',),
      f'at an input of {SMALL_INPUT} px or less the evaluation does not crop (as in DeiT, which takes CIFAR images as '
      f'they are)'),
@@ -468,8 +468,16 @@ NOT_INHERITED = frozenset({
     'eval', 'speed_only', 'prune', 'prune_mode', 'prune_rate', 'prune_batches', 'resume', 'output_dir', 'device',
     'num_workers', 'pin_mem', 'print_freq', 'dist_eval', 'start_epoch', 'speed_protocol',
     'speed_repeats', 'speed_warmup', 'speed_dtype', 'world_size', 'dist_url', 'local_rank'})
-# What the labels of the run mean: another value given would continue the run on other classes, so it is refused.
+# What the labels of a run mean: a file trained with other values than those given has other classes (refused).
 CLASSES_OF_THE_RUN = ('data_set', 'inat_category')
+
+
+def names_other_classes(dest: str, recorded, args) -> bool:
+    """Whether a file's recorded value of a :data:`CLASSES_OF_THE_RUN` flag means other classes than ``args``'s
+    (the category matters for iNaturalist only)."""
+    if dest == 'inat_category' and args.data_set not in INATURALIST:
+        return False
+    return isinstance(recorded, str) and recorded != getattr(args, dest)
 # Fixed in the optimizer and learning-rate schedule state a continued run restores: another value given on the
 # command line would have no effect, so the run's own value is kept (with a warning).
 IN_RESTORED_STATE = frozenset({
@@ -550,7 +558,7 @@ def continue_run(args) -> Tuple[List[str], Dict[str, object], Set[str]]:
                          f'schedule restored from {args.resume} continue those of {spell(parser, dest, value)}')
             setattr(args, dest, value)
             no_effect.add(dest)
-        elif dest in CLASSES_OF_THE_RUN and (dest == 'data_set' or args.data_set in ('INAT', 'INAT19')):
+        elif dest in CLASSES_OF_THE_RUN and names_other_classes(dest, value, args):
             raise UserError(f'{spell(parser, dest, current)}: {args.resume} continues a run trained with '
                             f'{spell(parser, dest, value)}, whose labels name other classes (leave the flag out to '
                             f'continue it)')
@@ -1385,9 +1393,7 @@ def check_recorded_classes(checkpoint: dict, dataset, args, split: str, continui
         parser = get_args_parser()
         for dest in CLASSES_OF_THE_RUN:
             value = recorded.get(dest)
-            if dest == 'inat_category' and args.data_set not in ('INAT', 'INAT19'):
-                continue
-            if isinstance(value, str) and value != getattr(args, dest):
+            if names_other_classes(dest, value, args):
                 raise UserError(f'{args.resume} was trained with {spell(parser, dest, value)}, whose labels name '
                                 f'other classes than {spell(parser, dest, getattr(args, dest))}: give '
                                 f'{spell(parser, dest, value)}')

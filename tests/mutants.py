@@ -401,7 +401,7 @@ MUTANTS: List[Mutant] = [
            [T + 'test_errors.py::test_checkpoint_whose_weights_changed_after_writing'],
            "a checkpoint whose bytes changed after it was written loads, with wrong weights"),
     mutant('data-set-switch-continued', 'finetune.py',
-           "        elif dest in CLASSES_OF_THE_RUN and (dest == 'data_set' or args.data_set in ('INAT', 'INAT19')):",
+           "        elif dest in CLASSES_OF_THE_RUN and names_other_classes(dest, value, args):",
            "        elif False:",
            [T + 'test_recipe.py::test_a_continued_run_keeps_its_data_set'],
            "a continued run trains on another data set, its labels naming other classes"),

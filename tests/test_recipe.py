@@ -22,7 +22,7 @@ import models
 import pruning
 from conftest import (DIGITS_ARGS, OUT_OF_MEMORY, OUT_OF_MEMORY_FIGURES, ROOT, digits_world, free_port,
                       make_image_folder, official_checkpoint, subprocess_env)
-from utils import load_checkpoint_file
+from utils import UserError, load_checkpoint_file
 from utils.cli import ParsedArgs
 
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -580,6 +580,24 @@ def test_a_continued_run_keeps_its_data_set(capsys, world, distilled, tmp_path):
     assert err.strip() == (f'error: --data-set DIGITS: {out / "checkpoint.pth"} continues a run trained with '
                            f'--data-set IMNET, whose labels name other classes (leave the flag out to continue it)')
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+def test_a_continued_inaturalist_run_keeps_its_category(tmp_path):
+    """iNaturalist's labels are the classes of its --inat-category: another category would continue the run on other
+    classes (refused before anything is read); for other data sets the category means nothing (taken as given)."""
+    for data_set, refused in (('INAT19', True), ('IMNET', False)):
+        path = tmp_path / f'{data_set}.pth'
+        torch.save({'model': {}, 'optimizer': {}, 'lr_scheduler': {}, 'epoch': 0,
+                    'args': {'model': 'deit_digits_patch4_32', 'data_set': data_set, 'inat_category': 'kingdom'}}, path)
+        args = finetune.get_args_parser().parse_args(['--resume', str(path), '--inat-category', 'order'])
+        if refused:
+            with pytest.raises(UserError, match=rf'^--inat-category order: {re.escape(str(path))} continues a run '
+                                                rf'trained with --inat-category kingdom, whose labels name other'):
+                finetune.continue_run(args)
+        else:
+            lines, inherited, _ = finetune.continue_run(args)
+            assert args.inat_category == 'order' and 'inat_category' not in inherited
+            assert f'--inat-category order given: {path} was written with --inat-category kingdom' in lines
 
 
 def test_a_continued_run_keeps_its_mixed_precision_where_it_ran_on_cuda(tmp_path):
