@@ -119,7 +119,8 @@ def check_training_transform(args, unused: Collection[str] = ()) -> None:
     try:
         create_transform(input_size=32, is_training=True, auto_augment=args.aa)
     except (AssertionError, KeyError, ValueError) as e:
-        raise UserError(f'--aa {args.aa}: timm cannot read this augmentation policy ({e or type(e).__name__})') from None
+        why = e or type(e).__name__
+        raise UserError(f'--aa {args.aa}: timm cannot read this augmentation policy ({why})') from None
 
 
 # ----------------------------------------------------------------------------------------------------------

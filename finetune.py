@@ -1452,7 +1452,8 @@ def run_finetune(args, device: torch.device) -> Dict[str, float]:
         max_accuracy = engine.train_epochs(training, start_epoch, args.final_finetune, max_accuracy, save,
                                            args.print_freq, rank0_print)
     except NonFiniteLossError as e:
-        raise NonFiniteLossError(f'{e}; stopped. Last good checkpoint, untouched: {last_good or args.resume or "(none yet)"}') from None
+        kept = last_good or args.resume or '(none yet)'
+        raise NonFiniteLossError(f'{e}; stopped. Last good checkpoint, untouched: {kept}') from None
     except STOPS_MIDWAY as e:
         if last_good is None:
             e.kept = 'no epoch had finished, so no checkpoint was written'
@@ -1511,7 +1512,8 @@ def run(args) -> Dict[str, float]:
             if args.prune:
                 check_output_dir(prune_tensorboard_dir(args), flag="--prune's TensorBoard folder")
         except UserError as e:
-            raise UserError(f'{e} (the directory of --resume: give --output_dir)' if beside_resume else str(e)) from None
+            where = ' (the directory of --resume: give --output_dir)' if beside_resume else ''
+            raise UserError(f'{e}{where}') from None
         check_appendable(os.path.join(args.output_dir, 'prune_log.txt' if args.prune else 'log.txt'),
                          reads=not args.prune)
         if not args.prune:  # finetuning: the checkpoints it writes, and the log a continued run rewrites

@@ -696,7 +696,8 @@ def _scores(cc, args, device, batch: int = 8) -> Optional[torch.Tensor]:
         LabelSmoothingCrossEntropy(0.1), device=device)
 
 
-def pruned_models(cc: nn.Module, scores: Optional[torch.Tensor], rates: List[float], seed: int) -> Dict[float, nn.Module]:
+def pruned_models(cc: nn.Module, scores: Optional[torch.Tensor], rates: List[float],
+                  seed: int) -> Dict[float, nn.Module]:
     depth, num_patches = len(cc.blocks), cc.num_tokens - cc.num_prefix_tokens
     return {rate: pruned_copy(cc, plan(scores, depth, num_patches, rate, seed)) for rate in rates}
 
@@ -1070,7 +1071,8 @@ def bench_model(name: str, args, device: torch.device, dtype, budget: CompileBud
               + f'; {budget.spent:.0f} s of compile in this run so far', flush=True)
 
     # FLOPs: the docs/method.md formula against torch's counter, for the dense model and each pruned one.
-    counted = {'timm': counter_gmacs(dense, device), **{rate_tag(r): counter_gmacs(m, device) for r, m in pruned.items()}}
+    counted = {'timm': counter_gmacs(dense, device),
+               **{rate_tag(r): counter_gmacs(m, device) for r, m in pruned.items()}}
 
     start = time.perf_counter()
     timings = time_rows(built.runs, batch, device, args, dtype, shape)

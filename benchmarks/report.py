@@ -373,7 +373,8 @@ def _summary_table(results: Dict) -> List[str]:
         return []
     protocol = next((e['protocol'] for e in entries if e['protocol']), 'ours')
     rows = [[e['model'], fmt(e['flops_ratio']), e['best_pruned_mode'] or '–', e['best_dense_mode'] or '–',
-             fmt_ratio(e['speedup_vs_best_dense'], e['speedup_vs_best_dense_ci']), fmt_ratio(e['speedup_vs_timm_eager']),
+             fmt_ratio(e['speedup_vs_best_dense'], e['speedup_vs_best_dense_ci']),
+             fmt_ratio(e['speedup_vs_timm_eager']),
              *(fmt_ratio(e[f'speedup_batch{bs}']) for bs in SUMMARY_BATCHES),
              ', '.join(f'{k}: {t["verdict"]}' for k, t in e['targets'].items())] for e in entries]
     return (['', f'Summary: the fastest pruned mode against the fastest dense mode (main table: protocol '
@@ -644,7 +645,8 @@ def readme_speed_table(cpu: Dict, gpu: Optional[Dict] = None) -> List[str]:
     with GFLOPs, CPU images/s, the speed-up against dense timm, the FLOPs ratio and the ratio to the boolean-mask
     formulation, beside the paper's GPU figures (``seed_gpu`` of a row).  With a GPU run (its summary), four
     columns more, headed with the GPU's name, for each pruned model of that run: the fastest pruned mode over the
-    fastest dense mode at the run's main batch, the same over timm eager, and at batch 1 and 32 ('–' where not run)."""
+    fastest dense mode at the run's main batch, the same over timm eager, and at batch 1 and 32 ('–' where not
+    run)."""
     entries = {e['model']: e for e in (gpu or {}).get('summary', [])}
     gpu_name = None if gpu is None else gpu.get('machine', {}).get('gpu')
     if gpu is not None and not gpu_name:

@@ -76,8 +76,9 @@ def _few(keys: List[str], n: int = 3) -> str:
     return shown + (f' (+{len(keys) - n} more)' if len(keys) > n else '')
 
 
-def build_model_from_checkpoint(path: str, name: Optional[str], fallback_classes: int = 1000, img_size: Optional[int] = None,
-                                warn=print, flag: str = '--model', **timm_kwargs) -> Tuple[nn.Module, dict]:
+def build_model_from_checkpoint(path: str, name: Optional[str], fallback_classes: int = 1000,
+                                img_size: Optional[int] = None, warn=print, flag: str = '--model',
+                                **timm_kwargs) -> Tuple[nn.Module, dict]:
     """``(model, checkpoint)``: the model ``name`` with the file's weights and masks, and the whole file.
 
     ``name`` None: the model named in the file's ``args`` (files written by this project say which it is).  A

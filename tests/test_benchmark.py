@@ -374,7 +374,8 @@ def test_breakdown_on_cuda_sums_device_events_by_kernel_name():
     def event(name, device_type, us, self_cpu=0.0):
         return SimpleNamespace(name=name, device_type=device_type, self_cpu_time_total=self_cpu,
                                time_range=SimpleNamespace(elapsed_us=lambda: us))
-    events = [event('aten::linear', DeviceType.CPU, 0, self_cpu=50.0), event('cudaLaunchKernel', DeviceType.CPU, 0, 9.0),
+    events = [event('aten::linear', DeviceType.CPU, 0, self_cpu=50.0),
+              event('cudaLaunchKernel', DeviceType.CPU, 0, 9.0),
               event('nvjet_hsh_128x256', DeviceType.CUDA, 300.0), event('nvjet_hsh_128x256', DeviceType.CUDA, 200.0),
               event('_gather_layer_norm_kernel', DeviceType.CUDA, 40.0), event('Memset (Device)', DeviceType.CUDA, 2.0)]
     families, kernels = zoo.event_family_ms(events, 'cuda')
@@ -631,7 +632,8 @@ def test_a_run_cut_short_has_every_planned_entry_and_target_and_counts_what_it_c
     assert len(results['not_measured']) == 2 + 3 * 2  # Ti-25/40 at batch 32; S-25/40 all three
     assert all(t in [x['target'] for x in results['targets']] for t in results['not_measured'])
     text = '\n'.join(report._summary_table(results) + report._targets_table(results))  # renders with the gaps
-    assert '| C&C-S-25 | – | – | – | – | – | – | – |' in text and 'not measured (main table left out' in text
+    assert '| C&C-S-25 | – | – | – | – | – | – | – |' in text
+    assert 'not measured (main table left out' in text
 
 
 def test_logit_checks_refuse_an_infinite_tolerance_and_do_not_judge_top1_on_too_few_clear_images():
@@ -653,7 +655,8 @@ def test_logit_checks_refuse_an_infinite_tolerance_and_do_not_judge_top1_on_too_
     inf = F.logit_check(ref + 1e-2, ref, baseline=float('inf'))
     within, _ = report.check_targets('M batch 4', {'z': inf}, {}, {'z': 'fast-z'})
     assert within['met'] is False and within['value'] == float('inf')
-    assert report.check_failure(inf) == "no finite tolerance: the eager model's own error at this precision is not finite"
+    assert (report.check_failure(inf)
+            == "no finite tolerance: the eager model's own error at this precision is not finite")
 
 
 def test_readme_speed_table_sets_a_gpu_run_beside_the_cpu_run(tmp_path, capsys, monkeypatch):
@@ -847,8 +850,9 @@ def test_original_protocol_times_each_row_alone_with_autograd_and_the_original_s
     def row(name):
         def run(x):
             out = (x * weight).sum()
-            calls.append({'row': name, 'graph': out.grad_fn is not None, 'cudnn_benchmark': torch.backends.cudnn.benchmark,
-                          'shape': tuple(x.shape), 'dtype': x.dtype, 'uniform': 0 <= x.min().item() <= x.max().item() < 1,
+            calls.append({'row': name, 'graph': out.grad_fn is not None,
+                          'cudnn_benchmark': torch.backends.cudnn.benchmark, 'shape': tuple(x.shape), 'dtype': x.dtype,
+                          'uniform': 0 <= x.min().item() <= x.max().item() < 1,
                           'input': x.data_ptr()})
             return out
         return run

@@ -345,8 +345,9 @@ def test_speed_only_with_the_original_protocol(capsys, pruned_digits):
     assert re.search(r'^Original protocol: batch 2 of torch\.rand at 32x32 on cpu, fp32 with autograd \(no no_grad\), '
                      r'cudnn\.benchmark on, TF32 matmuls allowed; 3 runs of 2 passes back to back, each timed from one '
                      r'synchronisation to the next; the last is the figure; only this model$', out, re.M)
-    assert re.search(r'^Throughput of the pruned model, run 1 of 3 \(inaccurate, as the original printed it: set-up and '
-                     r'cudnn autotuning\): \d+\.\d images/s\nThroughput of the pruned model, run 2 of 3: \d+\.\d images/s\n'
+    assert re.search(r'^Throughput of the pruned model, run 1 of 3 \(inaccurate, as the original printed it: '
+                     r'set-up and cudnn autotuning\): \d+\.\d images/s\n'
+                     r'Throughput of the pruned model, run 2 of 3: \d+\.\d images/s\n'
                      r'FLOPs of the pruned model: \d+\.\d\d GFLOPs\nThroughput of the pruned model: \d+\.\d images/s$',
                      out, re.M)
     assert 'dense model' not in out  # the original timed the loaded model only

@@ -100,7 +100,8 @@ def by_hand(files, clip):
         with torch.no_grad():
             t = teacher(xb)
         p_t = torch.softmax(t / TAU, dim=1)
-        kd = (p_t * (torch.log_softmax(t / TAU, dim=1) - torch.log_softmax(s / TAU, dim=1))).sum() * TAU ** 2 / s.numel()
+        log_ratio = torch.log_softmax(t / TAU, dim=1) - torch.log_softmax(s / TAU, dim=1)
+        kd = (p_t * log_ratio).sum() * TAU ** 2 / s.numel()
         loss = F.cross_entropy(s, yb) + ALPHA * kd
         grads = torch.autograd.grad(loss, params)
         if clip is not None:
