@@ -225,23 +225,26 @@ class INatDataset(Dataset):
         ann_path = os.path.join(root, f'{"train" if train else "val"}{year}.json')
         cat_path = os.path.join(root, 'categories.json')
         data = _read_json(ann_path)
-        categories = _read_json(cat_path)
-        try:
-            cat_value = {c['id']: c[category] for c in categories}
-            # Class ids are assigned from the training annotations, in order of first appearance, so train and val
-            # agree and the labels are DeiT's.
-            train_data = data if train else _read_json(os.path.join(root, f'train{year}.json'))
-            values = list(dict.fromkeys(cat_value[a['category_id']] for a in train_data['annotations']))
-            index = {v: i for i, v in enumerate(values)}
-            unseen = sorted({str(cat_value[a['category_id']]) for a in data['annotations']} - set(map(str, values)))
-            if unseen:
-                shown = ', '.join(unseen[:5]) + (f' (+{len(unseen) - 5} more)' if len(unseen) > 5 else '')
-                raise UserError(f'{ann_path} has classes ({category}) that train{year}.json does not: {shown}; '
-                                f'labels are taken from the training annotations')
-            by_image = {a['image_id']: a['category_id'] for a in data['annotations']}
-            files = [(img['file_name'], index[cat_value[by_image[img['id']]]]) for img in data['images']]
-        except (KeyError, TypeError) as e:
-            raise UserError(f'unexpected iNaturalist annotation format in {ann_path}: missing {e}') from None
+        cat_value = _inat_category_values(_read_json(cat_path), category, cat_path)
+        train_path = os.path.join(root, f'train{year}.json')
+        # Class ids are assigned from the training annotations, in order of first appearance, so train and val
+        # agree and the labels are DeiT's.
+        train_data = data if train else _read_json(train_path)
+        values = list(dict.fromkeys(_inat_labels(train_data, cat_value, train_path, cat_path).values()))
+        by_image = _inat_labels(data, cat_value, ann_path, cat_path)
+        index = {v: i for i, v in enumerate(values)}
+        unseen = sorted({str(v) for v in by_image.values()} - set(map(str, values)))
+        if unseen:
+            shown = ', '.join(unseen[:5]) + (f' (+{len(unseen) - 5} more)' if len(unseen) > 5 else '')
+            raise UserError(f'{ann_path} has classes ({category}) that train{year}.json does not: {shown}; '
+                            f'labels are taken from the training annotations')
+        files = []
+        for img in _inat_list(data, 'images', ann_path):
+            if not isinstance(img, dict) or 'id' not in img or not isinstance(img.get('file_name'), str):
+                raise UserError(f'{ann_path}: an entry of "images" without an "id" and a "file_name": {img!r:.80}')
+            if img['id'] not in by_image:
+                raise UserError(f'{ann_path}: image {img["id"]} ({img["file_name"]}) has no annotation')
+            files.append((img['file_name'], index[by_image[img['id']]]))
         if not files:
             raise UserError(f'no images listed in {ann_path}')
         without_supercategory = _inat_layout(root, files[0][0], ann_path)
@@ -256,6 +259,43 @@ class INatDataset(Dataset):
         path, target = self.samples[i]
         img = load_rgb(path)
         return (self.transform(img) if self.transform else img), target
+
+
+def _inat_list(data, key: str, path: str) -> list:
+    if not isinstance(data, dict) or not isinstance(data.get(key), list):
+        raise UserError(f'{path} is not an iNaturalist annotation file: it has no list "{key}"')
+    return data[key]
+
+
+def _inat_category_values(categories, category: str, path: str) -> dict:
+    """categories.json as {category id: its value at the level ``category`` (--inat-category)}."""
+    if not isinstance(categories, list):
+        raise UserError(f'{path} is not iNaturalist\'s category list')
+    values = {}
+    for c in categories:
+        if not isinstance(c, dict) or 'id' not in c:
+            raise UserError(f'{path}: an entry without an "id": {c!r:.80}')
+        if category not in c:
+            raise UserError(f'{path}: category {c["id"]} has no "{category}" (--inat-category {category})')
+        values[c['id']] = c[category]
+    return values
+
+
+def _inat_labels(data, cat_value: dict, path: str, cat_path: str) -> dict:
+    """{image id: its class (the category's value)} from the annotations of ``data`` (in their order); an image
+    annotated with two classes, or with a category id categories.json does not list, is an error."""
+    labels = {}
+    for a in _inat_list(data, 'annotations', path):
+        if not isinstance(a, dict) or 'image_id' not in a or 'category_id' not in a:
+            raise UserError(f'{path}: an annotation without an "image_id" and a "category_id": {a!r:.80}')
+        if a['category_id'] not in cat_value:
+            raise UserError(f'{path}: image {a["image_id"]} is annotated with category {a["category_id"]}, which '
+                            f'{cat_path} does not list')
+        value = cat_value[a['category_id']]
+        if labels.setdefault(a['image_id'], value) != value:
+            raise UserError(f'{path}: image {a["image_id"]} is annotated twice, as {labels[a["image_id"]]} and '
+                            f'{value}')
+    return labels
 
 
 def _inat_image_path(root: str, file_name: str, without_supercategory: bool) -> str:

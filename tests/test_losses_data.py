@@ -185,6 +185,37 @@ def test_inaturalist_images_missing_in_both_layouts_is_one_line(tmp_path):
                             f'(the layout without the supercategory folder)')
 
 
+def test_inaturalist_annotation_problems_name_their_file_and_entry(tmp_path):
+    """Each damaged annotation is one line naming the file it is in and the image or category it concerns (a
+    KeyError's bare id, or the validation file's name for a problem of the training file's, said neither)."""
+    def damaged(edit, name='val2018.json'):
+        root = tmp_path / name.replace('.json', '') / str(len(list(tmp_path.iterdir())))
+        root.mkdir(parents=True)
+        _inaturalist(root, {'train': [0, 1, 2], 'val': [2, 0]})
+        data = json.loads((root / name).read_text())
+        edit(data)
+        (root / name).write_text(json.dumps(data))
+        with pytest.raises(UserError) as e:
+            build_dataset(False, _args(data_set='INAT', data_path=str(root)))
+        return str(e.value).replace(str(root), 'ROOT')
+
+    assert damaged(lambda d: d['annotations'].pop()) == 'ROOT/val2018.json: image 101 (val_1.jpg) has no annotation'
+    assert damaged(lambda d: d['annotations'][1].update(category_id=7), 'train2018.json') == (
+        'ROOT/train2018.json: image 101 is annotated with category 7, which ROOT/categories.json does not list')
+    assert damaged(lambda d: d['annotations'].append({'image_id': 100, 'category_id': 1})) == (
+        'ROOT/val2018.json: image 100 is annotated twice, as fern and cat')
+    assert damaged(lambda d: d[1].pop('name'), 'categories.json') == (
+        'ROOT/categories.json: category 1 has no "name" (--inat-category name)')
+    assert damaged(lambda d: d.pop('annotations'), 'train2018.json') == (
+        'ROOT/train2018.json is not an iNaturalist annotation file: it has no list "annotations"')
+    # the same class twice is the same label: read as once
+    _inaturalist(tmp_path, {'train': [0, 1, 2], 'val': [2, 0]})
+    data = json.loads((tmp_path / 'val2018.json').read_text())
+    data['annotations'].append(dict(data['annotations'][0]))
+    (tmp_path / 'val2018.json').write_text(json.dumps(data))
+    assert build_dataset(False, _args(data_set='INAT', data_path=str(tmp_path)))[0].targets == [2, 0]
+
+
 def _cifar100(root, sizes=(('train', 5), ('test', 3))):
     """CIFAR-100's python files (torchvision's format, random pixels) under root/cifar-100-python; returns the
     arrays written: {split: (data (n, 3072) uint8, fine labels)}."""
