@@ -87,7 +87,8 @@ attention, non-LayerNorm norms, a GELU other than exact erf or another activatio
 ``Mlp``, blocks other than timm's ``Block``, dynamic image size, a patch embedding that is not a
 stride=kernel conv without padding, an image size that is not a multiple of the patch size, a norm after the
 patch embedding, a ``norm_pre`` other than LayerNorm, a position embedding that is not additive.  Inference
-only: no gradients, eval semantics (the model is put in eval mode); the built module holds copies of the
+only: no gradients, eval semantics (the model is put in eval mode; the path refuses to run while the model is
+in training mode, as the head it calls is the model's own); the built module holds copies of the
 weights, so rebuild it after changing the model (only the head is shared: ``model.forward_head`` is called on
 the features); one built from a Clip & Concat model's own masks refuses to run once they are set again or a
 state dict is loaded into the model.
@@ -888,6 +889,9 @@ class FastViT(nn.Module):
         if self._plan_version is not None and self._model.token_plan_version != self._plan_version:
             raise RuntimeError('fast path: the model\'s masks were set or its weights loaded after this path was '
                                'built from them: build it again')
+        if self._model.training:  # the head is the model's own: dropout, a distilled model's two outputs
+            raise RuntimeError('fast path: the model is in training mode and this path computes its eval mode: '
+                               'call model.eval()')
         if self._graph is not None and images.shape == self._static_in.shape:
             with _on(self.device):  # replayed on the model's GPU's current stream
                 if self._reads_in_place(images):

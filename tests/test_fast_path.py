@@ -883,6 +883,22 @@ def test_a_path_built_from_the_models_masks_refuses_to_run_after_they_change():
     assert _close(build_fast_path(model, backend='torch')(x), model(x))
 
 
+@torch.no_grad()
+def test_a_model_put_back_in_training_mode_is_refused():
+    """The path computes the model in eval mode, but the head it calls is the model's own: in training mode that
+    head drops features out (and a distilled model's returns both heads' logits), so the path refuses to run
+    until the model is in eval mode again."""
+    model = tiny_cc(15, drop_rate=0.5)
+    pruning.apply_masks(model, pruning.random_masks(3, 16, 0.3, generator=_gen(15)))
+    x = images(seed=15)
+    fast = build_fast_path(model, backend='torch')
+    model.train()
+    with pytest.raises(RuntimeError, match=r'fast path: the model is in training mode .* call model\.eval\(\)'):
+        fast(x)
+    model.eval()
+    assert _close(fast(x), model(x))
+
+
 def test_bad_arguments_are_refused():
     model = tiny_cc(0)
     with pytest.raises(ValueError, match='backend must be one of'):
