@@ -80,7 +80,7 @@ gathers into the norms itself).
 Precision: weights are copied once, the linear layers' in ``dtype`` (fp16/bf16 for speed; default fp32);
 LayerNorm statistics, softmax and residual sums are computed in fp32; the token buffer (the residual stream)
 is stored in ``residual_dtype`` (default fp32, as under autocast; fp16 halves its traffic at some accuracy).
-The head runs in fp32.  Logits come back in fp32.
+The head runs in the model's own dtype (fp32, unless the model was cast).  Logits come back in fp32.
 
 Not supported (``ValueError('fast path: ... is not supported')`` at build time): qk_norm, scale_norm, gated
 attention, non-LayerNorm norms, a GELU other than exact erf or another activation, MLPs other than timm's
@@ -590,6 +590,7 @@ class FastViT(nn.Module):
         self.dtype = dtype or torch.float32
         self.residual_dtype = residual_dtype or torch.float32
         object.__setattr__(self, '_model', model)  # shared, not a submodule: only forward_head is used
+        self._head_dtype = next(model.parameters()).dtype  # the features go to the head in the model's dtype
 
         pe = model.patch_embed
         C = model.embed_dim
@@ -878,7 +879,7 @@ class FastViT(nn.Module):
             for blk in self.blocks:
                 if blk.n:
                     x = self._block_triton(x, blk) if self.backend == 'triton' else self._block_torch(x, blk)
-            return self._model.forward_head(self._features(x)).float()
+            return self._model.forward_head(self._features(x).to(self._head_dtype)).float()
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
