@@ -83,8 +83,9 @@ is stored in ``residual_dtype`` (default fp32, as under autocast; fp16 halves it
 The head runs in the model's own dtype (fp32, unless the model was cast).  Logits come back in fp32.
 
 Not supported (``ValueError('fast path: ... is not supported')`` at build time): qk_norm, scale_norm, gated
-attention, non-LayerNorm norms, a GELU other than exact erf or another activation, MLPs other than timm's
-``Mlp``, blocks other than timm's ``Block``, dynamic image size, a patch embedding that is not a
+attention, non-LayerNorm norms (and LayerNorm subclasses that add to the norm, as timm's LayerNormAct), a
+GELU other than exact erf or another activation, MLPs other than timm's ``Mlp``, blocks other than timm's
+``Block``, dynamic image size, a patch embedding that is not a
 stride=kernel conv without padding, an image size that is not a multiple of the patch size, a norm after the
 patch embedding, a ``norm_pre`` other than LayerNorm, a position embedding that is not additive.  Inference
 only: no gradients, eval semantics (the model is put in eval mode; the path refuses to run while the model is
@@ -101,7 +102,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import LayerScale, Mlp
+from timm.layers import LayerNorm as TimmLayerNorm, LayerNormFp32, LayerScale, Mlp
 from timm.layers.attention import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 
@@ -127,8 +128,14 @@ def _unsupported(what: str) -> ValueError:
     return ValueError(f'fast path: {what} is not supported')
 
 
+# LayerNorm classes whose forward is the norm alone (timm's LayerNormFp32 computes it in fp32, as the path does);
+# other subclasses may add to it (timm's LayerNormAct applies an activation after the norm)
+_LAYER_NORM_FORWARDS = (nn.LayerNorm.forward, TimmLayerNorm.forward, LayerNormFp32.forward)
+
+
 def _is_layer_norm(m: nn.Module, C: int) -> bool:
-    return isinstance(m, nn.LayerNorm) and tuple(m.normalized_shape) == (C,)
+    return (isinstance(m, nn.LayerNorm) and type(m).forward in _LAYER_NORM_FORWARDS
+            and tuple(m.normalized_shape) == (C,))
 
 
 def _check_block(blk: nn.Module, layer: int, C: int) -> None:

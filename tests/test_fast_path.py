@@ -841,6 +841,8 @@ def test_timed_build_skips_blocks_that_keep_nothing(monkeypatch):
     (dict(qk_norm=True), 'qk_norm is not supported'),
     (dict(act_layer='gelu_tanh'), 'only exact-erf GELU'),
     (dict(norm_layer='rmsnorm'), 'only LayerNorm'),
+    # a LayerNorm subclass that applies an activation (ReLU) after the norm: not the norm the path computes
+    (dict(norm_layer=timm.layers.norm_act.LayerNormAct), r'LayerNormAct \(only LayerNorm'),
     # timm's convolution drops the 4 pixels past the last whole 8x8 patch; the unfolded product cannot
     (dict(img_size=36), r'an image size \(\(36, 36\)\) that is not a multiple of the patch size \(\(8, 8\)\)'),
 ])
@@ -850,6 +852,16 @@ def test_unsupported_models_are_refused_at_build_time(kwargs, what):
     for backend in ('torch', 'triton'):
         with pytest.raises(ValueError, match=what):
             build_fast_path(model, backend=backend)
+
+
+@torch.no_grad()
+def test_layer_norm_subclasses_that_compute_the_norm_are_accepted():
+    """timm's own LayerNorm and LayerNormFp32 (the norm computed in fp32, which the path does anyway)."""
+    x = images(seed=17)
+    for norm_layer in (timm.layers.LayerNorm, timm.layers.LayerNormFp32):
+        torch.manual_seed(17)
+        model = VisionTransformer(**TINY, norm_layer=norm_layer).to(DEVICE).eval()
+        assert _close(build_fast_path(model, backend='torch')(x), model(x)), norm_layer
 
 
 @torch.no_grad()
