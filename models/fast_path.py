@@ -900,6 +900,10 @@ class FastViT(nn.Module):
         if self._model.training:  # the head is the model's own: dropout, a distilled model's two outputs
             raise RuntimeError('fast path: the model is in training mode and this path computes its eval mode: '
                                'call model.eval()')
+        if images.shape[0] == 0:  # no rows for the kernels and views: the head gives the empty output's shape
+            features = torch.zeros(0, self.head_ids.numel(), self.embed_dim, dtype=self._head_dtype,
+                                   device=self.device)
+            return self._model.forward_head(features).float()
         if self._graph is not None and images.shape == self._static_in.shape:
             with _on(self.device):  # replayed on the model's GPU's current stream
                 if self._reads_in_place(images):

@@ -929,6 +929,17 @@ def test_a_model_held_in_half_precision(dtype):
         assert (out - ref).abs().max().item() <= 2e-2 * max(1.0, ref.abs().max().item()), case
 
 
+@torch.no_grad()
+@pytest.mark.parametrize('case', CASES, ids=lambda c: '-'.join(c.values()))
+def test_an_empty_batch(case):
+    """No image in: no logits out, of the shape the eager model gives (it runs an empty batch)."""
+    model = tiny_cc(18)
+    pruning.apply_masks(model, pruning.random_masks(3, 16, 0.3, generator=_gen(18)))
+    x = images(0)
+    out = build_fast_path(model, **case)(x)
+    assert out.shape == model(x).shape == (0, 10) and out.dtype == torch.float32
+
+
 def test_bad_arguments_are_refused():
     model = tiny_cc(0)
     with pytest.raises(ValueError, match='backend must be one of'):
