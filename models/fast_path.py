@@ -103,6 +103,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import LayerNorm as TimmLayerNorm, LayerNormFp32, LayerScale, Mlp
+from timm.layers.activations import GELU as TimmGELU
 from timm.layers.attention import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 
@@ -163,7 +164,8 @@ def _check_block(blk: nn.Module, layer: int, C: int) -> None:
     mlp = blk.mlp
     if not isinstance(mlp, Mlp) or type(mlp).forward is not Mlp.forward:
         raise _unsupported(f'{where}.mlp: {type(mlp).__name__} (only timm Mlp)')
-    if not isinstance(mlp.act, nn.GELU) or mlp.act.approximate != 'none':
+    exact_gelu = (isinstance(mlp.act, nn.GELU) and mlp.act.approximate == 'none') or type(mlp.act) is TimmGELU
+    if not exact_gelu:  # timm's GELU (act_layer='gelu') is F.gelu, the exact one
         raise _unsupported(f'{where}.mlp.act: {mlp.act!r} (only exact-erf GELU)')
     if not isinstance(mlp.norm, nn.Identity):
         raise _unsupported(f'{where}.mlp.norm: a norm inside the MLP')

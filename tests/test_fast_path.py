@@ -865,6 +865,17 @@ def test_layer_norm_subclasses_that_compute_the_norm_are_accepted():
 
 
 @torch.no_grad()
+def test_timms_own_exact_gelu_is_accepted():
+    """act_layer='gelu' gives timm's GELU module (F.gelu, the exact erf GELU), not torch's nn.GELU."""
+    torch.manual_seed(19)
+    model = VisionTransformer(**TINY, act_layer='gelu').to(DEVICE).eval()
+    assert type(model.blocks[0].mlp.act) is timm.layers.activations.GELU
+    x = images(seed=19)
+    for case in CASES:
+        assert _close(build_fast_path(model, **case)(x), model(x)), case
+
+
+@torch.no_grad()
 @pytest.mark.parametrize('case', CASES, ids=lambda c: '-'.join(c.values()))
 def test_attention_narrower_than_the_model(case):
     torch.manual_seed(12)
