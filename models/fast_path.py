@@ -85,9 +85,10 @@ The head runs in the model's own dtype (fp32, unless the model was cast).  Logit
 Not supported (``ValueError('fast path: ... is not supported')`` at build time): qk_norm, scale_norm, gated
 attention, non-LayerNorm norms (and LayerNorm subclasses that add to the norm, as timm's LayerNormAct), a
 GELU other than exact erf or another activation, MLPs other than timm's ``Mlp``, blocks other than timm's
-``Block``, dynamic image size, a patch embedding that is not a
-stride=kernel conv without padding, an image size that is not a multiple of the patch size, a norm after the
-patch embedding, a ``norm_pre`` other than LayerNorm, a position embedding that is not additive.  Inference
+``Block``, dynamic image size, a patch embedding other than timm's ``PatchEmbed`` (a hybrid's CNN backbone) or
+whose projection is not a stride=kernel conv without padding, an image size that is not a multiple of the
+patch size, a norm after the patch embedding, a ``norm_pre`` other than LayerNorm, a position embedding that is
+not additive.  Inference
 only: no gradients, eval semantics (the model is put in eval mode; the path refuses to run while the model is
 in training mode, as the head it calls is the model's own); the built module holds copies of the
 weights, so rebuild it after changing the model (only the head is shared: ``model.forward_head`` is called on
@@ -102,7 +103,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import LayerNorm as TimmLayerNorm, LayerNormFp32, LayerScale, Mlp
+from timm.layers import LayerNorm as TimmLayerNorm, LayerNormFp32, LayerScale, Mlp, PatchEmbed
 from timm.layers.activations import GELU as TimmGELU
 from timm.layers.attention import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
@@ -178,6 +179,9 @@ def check_supported(model: nn.Module) -> None:
     if getattr(model, 'dynamic_img_size', False):
         raise _unsupported('dynamic_img_size')
     pe = model.patch_embed
+    if not isinstance(pe, PatchEmbed) or type(pe).forward is not PatchEmbed.forward:
+        # e.g. timm's HybridEmbed: a CNN backbone before its projection, which the path would skip
+        raise _unsupported(f'a {type(pe).__name__} patch embedding (only timm PatchEmbed)')
     proj = getattr(pe, 'proj', None)
     if (not isinstance(proj, nn.Conv2d) or proj.kernel_size != proj.stride or proj.padding not in ((0, 0), 'valid')
             or proj.dilation != (1, 1) or proj.groups != 1):

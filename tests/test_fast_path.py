@@ -10,6 +10,7 @@ results off by 1e10), so bf16 attention is checked on CUDA only; bf16 row kernel
 the interpreter rounds fp32 -> bf16 toward zero (the GPU to nearest even), so a bf16 result is compared within
 an ulp there instead of bit for bit.
 """
+import functools
 import json
 import math
 import os
@@ -843,6 +844,9 @@ def test_timed_build_skips_blocks_that_keep_nothing(monkeypatch):
     (dict(norm_layer='rmsnorm'), 'only LayerNorm'),
     # a LayerNorm subclass that applies an activation (ReLU) after the norm: not the norm the path computes
     (dict(norm_layer=timm.layers.norm_act.LayerNormAct), r'LayerNormAct \(only LayerNorm'),
+    # timm's hybrid ViTs: a CNN backbone (here one strided conv) before the patch projection, which the path skips
+    (dict(patch_size=1, embed_layer=functools.partial(timm.layers.HybridEmbed, backbone=torch.nn.Conv2d(3, 16, 4, 4))),
+     r'a HybridEmbed patch embedding \(only timm PatchEmbed\)'),
     # timm's convolution drops the 4 pixels past the last whole 8x8 patch; the unfolded product cannot
     (dict(img_size=36), r'an image size \(\(36, 36\)\) that is not a multiple of the patch size \(\(8, 8\)\)'),
 ])
