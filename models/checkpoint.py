@@ -47,10 +47,13 @@ def load_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor], path: st
                   and tuple(v.shape) != tuple(own[k].shape)]
     if mismatched:
         k = mismatched[0]
-        # a position embedding of the model's width but another length is another input size; any other
-        # mismatch (the width of pos_embed included) another model size
+        # a position embedding of the model's width but another length, in a file of the model's own keys, is
+        # another input size; any other mismatch (the width of pos_embed, or the length of a file with other
+        # prefix tokens: a distillation or register token more or less) another model
         same_width = state_dict[k].shape[-1:] == own[k].shape[-1:]
-        hint = ('another input size? set --input-size' if k == 'pos_embed' and same_width
+        same_keys = ({n for n in state_dict if not n.endswith(MASK_KEY)}
+                     == {n for n in own if not n.endswith(MASK_KEY)})
+        hint = ('another input size? set --input-size' if k == 'pos_embed' and same_width and same_keys
                 else f'another model size? set {flag}')
         raise UserError(f'{path} does not fit {name}: {k} has shape {tuple(state_dict[k].shape)} in the '
                         f'checkpoint but {tuple(own[k].shape)} in the model ({hint})')

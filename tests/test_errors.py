@@ -973,6 +973,23 @@ def test_a_position_embedding_that_does_not_fit_names_input_size_or_model_size_b
             load_weights(model, {**state, 'pos_embed': torch.zeros(shape)}, 'x.pth', 'cc_deit_digits_patch4_32')
 
 
+def test_a_distilled_file_for_a_model_without_distillation_token_names_the_model_not_the_input_size():
+    """A DeiT file with a distillation token has one more position (and more keys) than the model without one:
+    another model, which --input-size cannot fix."""
+    from models.checkpoint import load_weights
+    model = pruned_model('cc_deit_digits_patch4_32', 0)
+    state = model.state_dict()
+    _, n, c = state['pos_embed'].shape
+    distilled = {**state, 'pos_embed': torch.zeros(1, n + 1, c), 'dist_token': torch.zeros(1, 1, c),
+                 'head_dist.weight': torch.zeros(10, c), 'head_dist.bias': torch.zeros(10)}
+    with pytest.raises(UserError, match=re.escape(f'pos_embed has shape {(1, n + 1, c)} in the checkpoint but '
+                                                  f'{(1, n, c)} in the model (another model size? set --model)')):
+        load_weights(model, distilled, 'x.pth', 'cc_deit_digits_patch4_32')
+    undistilled = {k: v for k, v in state.items() if k != 'cls_token'}  # the other way: a position fewer
+    with pytest.raises(UserError, match=re.escape('(another model size? set --model)')):
+        load_weights(model, {**undistilled, 'pos_embed': torch.zeros(1, n - 1, c)}, 'x.pth', 'cc_deit_digits_patch4_32')
+
+
 def test_continuing_a_run_on_other_class_folders_is_refused(capsys, world, finished, tmp_path):
     """The same number of classes under other names would give the run's labels to other classes."""
     ckpt = finished / 'checkpoint.pth'
