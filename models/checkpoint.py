@@ -53,8 +53,13 @@ def load_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor], path: st
         same_width = state_dict[k].shape[-1:] == own[k].shape[-1:]
         same_keys = ({n for n in state_dict if not n.endswith(MASK_KEY)}
                      == {n for n in own if not n.endswith(MASK_KEY)})
-        hint = ('another input size? set --input-size' if k == 'pos_embed' and same_width and same_keys
-                else f'another model size? set {flag}')
+        if k == 'pos_embed' and same_width and same_keys:
+            hint = 'another input size? set --input-size'
+        elif k.startswith(('head.', 'head_dist.')) and state_dict[k].shape[1:] == own[k].shape[1:]:
+            n = int(state_dict[k].shape[0])
+            hint = f"another number of classes? the checkpoint's head has {n}: pass num_classes={n}"
+        else:
+            hint = f'another model size? set {flag}'
         raise UserError(f'{path} does not fit {name}: {k} has shape {tuple(state_dict[k].shape)} in the '
                         f'checkpoint but {tuple(own[k].shape)} in the model ({hint})')
     try:

@@ -1,6 +1,7 @@
 """The patched DeiT: equal to timm's dense model, equal to the reference semantics (docs/method.md) when pruned,
 strict about what it loads."""
 import argparse
+import re
 
 import pytest
 import timm
@@ -291,6 +292,21 @@ def test_models_create_model_loads_a_file_as_eval_does(tmp_path):
     torch.save({'model': no_masks, 'channels': models.kept_token_counts(model)}, path)
     with pytest.raises(models.checkpoint.UserError, match='lists channels .* but holds no masks'):
         models.create_model('deit_tiny_patch16_224', img_size=64, depth=3, checkpoint_path=str(path))
+
+
+def test_a_file_whose_head_has_other_classes_says_num_classes(tmp_path):
+    """A model finetuned on 10 classes, loaded by models.create_model with timm's default 1000: the head's
+    shape names the number of classes to pass, not another model name (which would not help)."""
+    torch.manual_seed(0)
+    model = timm.create_model('cc_deit_tiny_patch16_224', img_size=64, depth=3, num_classes=10)
+    path = str(tmp_path / 'checkpoint.pth')
+    torch.save({'model': model.state_dict()}, path)
+    with pytest.raises(models.checkpoint.UserError, match=re.escape(
+            'head.weight has shape (10, 192) in the checkpoint but (1000, 192) in the model (another number of '
+            "classes? the checkpoint's head has 10: pass num_classes=10)")):
+        models.create_model('deit_tiny_patch16_224', img_size=64, depth=3, checkpoint_path=path)
+    loaded = models.create_model('deit_tiny_patch16_224', img_size=64, depth=3, num_classes=10, checkpoint_path=path)
+    assert torch.equal(loaded.head.weight, model.head.weight)
 
 
 def test_set_masks_refuses_scores_and_takes_zero_one_rows(tmp_path):
