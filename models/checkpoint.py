@@ -47,13 +47,13 @@ def load_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor], path: st
                   and tuple(v.shape) != tuple(own[k].shape)]
     if mismatched:
         k = mismatched[0]
-        # a position embedding of the model's width but another length, in a file of the model's own keys, is
-        # another input size; any other mismatch (the width of pos_embed, or the length of a file with other
-        # prefix tokens: a distillation or register token more or less) another model
+        # a position embedding of the model's width but another length, the only difference of a file of the
+        # model's own keys, is another input size; any other mismatch (the width of pos_embed, another patch
+        # size, a file with other prefix tokens: a distillation or register token more or less) another model
         same_width = state_dict[k].shape[-1:] == own[k].shape[-1:]
         same_keys = ({n for n in state_dict if not n.endswith(MASK_KEY)}
                      == {n for n in own if not n.endswith(MASK_KEY)})
-        if k == 'pos_embed' and same_width and same_keys:
+        if mismatched == ['pos_embed'] and same_width and same_keys:
             hint = 'another input size? set --input-size'
         elif k.startswith(('head.', 'head_dist.')) and state_dict[k].shape[1:] == own[k].shape[1:]:
             n = int(state_dict[k].shape[0])

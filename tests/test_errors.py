@@ -990,6 +990,19 @@ def test_a_distilled_file_for_a_model_without_distillation_token_names_the_model
         load_weights(model, {**undistilled, 'pos_embed': torch.zeros(1, n - 1, c)}, 'x.pth', 'cc_deit_digits_patch4_32')
 
 
+def test_a_file_of_another_patch_size_names_the_model_not_the_input_size():
+    """Another patch size changes the position embedding's length too, but no input size makes the patch
+    embedding fit."""
+    from models.checkpoint import load_weights
+    model = pruned_model('cc_deit_digits_patch4_32', 0)
+    state = model.state_dict()
+    _, n, c = state['pos_embed'].shape
+    patch8 = {**state, 'pos_embed': torch.zeros(1, (n - 1) // 4 + 1, c),
+              'patch_embed.proj.weight': torch.zeros(c, 3, 8, 8)}
+    with pytest.raises(UserError, match=re.escape('(another model size? set --model)')):
+        load_weights(model, patch8, 'x.pth', 'cc_deit_digits_patch4_32')
+
+
 def test_continuing_a_run_on_other_class_folders_is_refused(capsys, world, finished, tmp_path):
     """The same number of classes under other names would give the run's labels to other classes."""
     ckpt = finished / 'checkpoint.pth'
