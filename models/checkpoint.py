@@ -5,6 +5,7 @@ A checkpoint is an official timm/DeiT file (``{"model": state_dict}``, no masks:
 strict, and every way a file can fail to fit the model is a one-line :class:`utils.UserError`.
 """
 import copy
+import re
 import warnings
 from typing import Dict, List, Optional, Tuple
 
@@ -128,12 +129,15 @@ def create_model(name: str, pretrained: bool = False, checkpoint_path: Optional[
 
 
 def _read(path: str) -> Tuple[dict, Dict[str, torch.Tensor]]:
-    """(the file's contents, its model state dict)."""
+    """(the file's contents, its model state dict, in timm's names)."""
     checkpoint = load_checkpoint_file(path)
     try:
-        return checkpoint, state_dict_of(checkpoint)
+        sd = state_dict_of(checkpoint)
     except UserError as e:
         raise UserError(f'{path}: {e}') from None
+    # DeiT III's released files (the DeiT repository's models) name LayerScale blocks.{l}.gamma_1 and gamma_2,
+    # which timm calls blocks.{l}.ls1.gamma and ls2.gamma (timm's own converter renames them the same way)
+    return checkpoint, {re.sub(r'^(blocks\.\d+)\.gamma_([12])$', r'\1.ls\2.gamma', k): v for k, v in sd.items()}
 
 
 def _check_recorded_name(checkpoint: dict, path: str, name: str, flag: str) -> None:

@@ -66,6 +66,21 @@ def reference_forward(model, x, concat_masks):
     return model.forward_head(model.norm(x))
 
 
+def test_deit3_file_of_the_deit_repository_loads_as_timms_model(tmp_path):
+    """DeiT III's released files name LayerScale gamma_1 and gamma_2 (timm: ls1.gamma, ls2.gamma)."""
+    name, kwargs = FAMILIES['layerscale']
+    reference, _ = pair('layerscale')
+    released = {k.replace('ls1.gamma', 'gamma_1').replace('ls2.gamma', 'gamma_2'): v
+                for k, v in reference.state_dict().items()}
+    assert 'blocks.0.gamma_1' in released
+    torch.save({'model': released}, tmp_path / 'deit_3_small_224_1k.pth')
+    loaded = models.create_model(name, num_classes=5, checkpoint_path=str(tmp_path / 'deit_3_small_224_1k.pth'),
+                                 **kwargs).eval()
+    x = images(reference)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), reference(x))
+
+
 @pytest.mark.parametrize('family', list(FAMILIES))
 def test_all_masks_true_equals_timms_own_model(family):
     reference, cc = pair(family)
