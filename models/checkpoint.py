@@ -5,6 +5,7 @@ A checkpoint is an official timm/DeiT file (``{"model": state_dict}``, no masks:
 strict, and every way a file can fail to fit the model is a one-line :class:`utils.UserError`.
 """
 import copy
+import math
 import re
 import warnings
 from typing import Dict, List, Optional, Tuple
@@ -55,7 +56,9 @@ def load_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor], path: st
         same_keys = ({n for n in state_dict if not n.endswith(MASK_KEY)}
                      == {n for n in own if not n.endswith(MASK_KEY)})
         if mismatched == ['pos_embed'] and same_width and same_keys:
-            hint = 'another input size? set --input-size'
+            size = _input_size(model, state_dict[k].shape[-2])
+            hint = ('another input size? ' + (f'set --input-size{size}' if flag.startswith('--')
+                                               else f'pass img_size={size.strip() or "..."}'))
         elif k.startswith(('head.', 'head_dist.')) and state_dict[k].shape[1:] == own[k].shape[1:]:
             n = int(state_dict[k].shape[0])
             hint = f"another number of classes? the checkpoint's head has {n}: pass num_classes={n}"
@@ -78,6 +81,15 @@ def load_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor], path: st
             lines = [line.strip() for line in str(e).splitlines()[1:] if line.strip()]
             parts.append('; '.join(lines[:2]) or str(e))
         raise UserError(f'{path} does not fit {name}: ' + '; '.join(parts)) from None
+
+
+def _input_size(model: nn.Module, positions: int) -> str:
+    """' <size>' for a position embedding of ``positions`` rows: the square image of the model's patches it was
+    made for ('' where there is none)."""
+    prefix = 0 if getattr(model, 'no_embed_class', False) else model.num_prefix_tokens
+    side = math.isqrt(max(positions - prefix, 0))
+    ph, pw = model.patch_embed.patch_size
+    return f' {side * ph}' if side and side * side == positions - prefix and ph == pw else ''
 
 
 def _few(keys: List[str], n: int = 3) -> str:

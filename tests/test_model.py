@@ -309,6 +309,21 @@ def test_a_file_whose_head_has_other_classes_says_num_classes(tmp_path):
     assert torch.equal(loaded.head.weight, model.head.weight)
 
 
+def test_a_file_of_another_input_size_names_the_size_and_the_argument_that_sets_it(tmp_path):
+    """Through models.create_model there is no --input-size: the hint says img_size, and which (the square image
+    of the model's patches the position embedding was made for)."""
+    model, sd = _pruned_state(tmp_path)
+    other = timm.create_model('cc_deit_tiny_patch16_224', img_size=48, depth=3)
+    path = str(tmp_path / 'pruned_48.pth')
+    torch.save({'model': other.state_dict()}, path)
+    with pytest.raises(models.checkpoint.UserError, match=re.escape('(another input size? pass img_size=48)')):
+        models.create_model('deit_tiny_patch16_224', img_size=64, depth=3, checkpoint_path=path)
+    with pytest.raises(models.checkpoint.UserError, match=re.escape('(another input size? set --input-size 48)')):
+        models.build_model_from_checkpoint(path, 'deit_tiny_patch16_224', img_size=64, depth=3)
+    loaded = models.create_model('deit_tiny_patch16_224', img_size=48, depth=3, checkpoint_path=path)
+    assert torch.equal(loaded.pos_embed, other.pos_embed)
+
+
 def test_set_masks_refuses_scores_and_takes_zero_one_rows(tmp_path):
     model, sd = _pruned_state(tmp_path)
     counts = models.kept_token_counts(model)
