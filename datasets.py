@@ -34,7 +34,7 @@ def load_rgb(path: str) -> Image.Image:
             return img.convert('RGB')
     except UnidentifiedImageError:  # its own message repeats the path as '<_io.BufferedReader name=...>'
         raise BadImageError(f'cannot read image {path}: not an image, or a format Pillow cannot decode') from None
-    except (OSError, SyntaxError, ValueError) as e:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # (the last: past Pillow's limit)
         raise BadImageError(f'cannot read image {path}: {e}') from None
 
 

@@ -201,6 +201,18 @@ def test_file_that_is_not_an_image(capsys, world, earlier, tmp_path):
                           rf'^error: cannot read image {re.escape(str(bad))}: not an image')
 
 
+def test_an_image_past_pillows_size_limit_is_named(capsys, world, tmp_path, monkeypatch):
+    """Pillow refuses to decode an image of more than twice MAX_IMAGE_PIXELS (a decompression bomb, it says); its
+    DecompressionBombError is not an OSError and was a traceback.  (The limit is lowered here: a 32x32 image
+    passes it.)"""
+    from PIL import Image
+    data = copy_data(world, tmp_path)
+    monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', 500)
+    assert_one_line_error(capsys, ['--eval', '--resume', world['dense'], '--data-path', data], EXIT_USER_ERROR,
+                          rf'^error: cannot read image {re.escape(str(data / "val" / "a"))}/0\.png: Image size '
+                          r'\(1024 pixels\) exceeds limit of 1000 pixels')
+
+
 def test_default_auto_augment_never_asks_pillow_for_zero_bits():
     """DeiT's --aa rand-m9-mstd0.5-inc1 posterizes to 0 bits at full magnitude; Pillow 12+ raises on that,
     which used to stop a finetune at a random step with a traceback from a DataLoader worker."""
