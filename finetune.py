@@ -344,6 +344,20 @@ def check_teacher_normalisation(teacher: str, student: str) -> None:
                         f"the student's normalisation)")
 
 
+def check_crop_resize(size: int, ratio: float) -> None:
+    """The evaluation resizes each image's shorter side to ``size / ratio`` before its centre crop: a ratio so small
+    that this image would have more pixels than Pillow's limit for one image is refused (a tiny ratio made Pillow
+    overflow, or the resize take the machine's memory, at the first evaluation, after a finetune's first epoch)."""
+    from PIL import Image
+    limit = Image.MAX_IMAGE_PIXELS
+    side = int(size / ratio)
+    if limit and side * side > limit:
+        least = math.ceil(size / math.isqrt(limit) * 1000) / 1000
+        raise UserError(f'--eval-crop-ratio {ratio:g} resizes each image to {side} px on its shorter side (input '
+                        f'{size} / {ratio:g}) before the centre crop: more than the {limit} pixels of Pillow\'s limit '
+                        f'for one image (give a ratio of at least {least:g})')
+
+
 def input_size(args) -> int:
     """The run's image size: --input-size, or the model's own (timm's pretrained config)."""
     return args.input_size or models.pretrained_cfg(args.model).input_size[-1]
@@ -437,6 +451,8 @@ def validate_args(args, void: Set[str] = frozenset()) -> None:
         DigitsDataset.check_size(input_size(args), models.base_name(args.model),
                                  f'give --input-size {DigitsDataset.SIZE}, or a model made for them: '
                                  'deit_digits_patch4_32')
+    if reads_data and args.data_set != 'DIGITS' and input_size(args) > SMALL_INPUT and args.eval_crop_ratio < 1:
+        check_crop_resize(input_size(args), args.eval_crop_ratio)
     if not modes and args.distillation_type != 'none' and args.data_set != 'DIGITS':
         check_teacher_normalisation(args.teacher_model or args.model, args.model)
     if not modes and 'start_epoch' in given_flags(args) - void and args.start_epoch >= args.final_finetune:

@@ -508,6 +508,10 @@ def test_output_dir_that_cannot_be_written(capsys, world, tmp_path):
     (['--cutmix-minmax', '0.5', '0.5'], r'--cutmix-minmax 0\.5 0\.5: '),
     (['--cutmix', '0', '--cutmix-minmax', '0.2', '0.8'], r'--cutmix 0 with --cutmix-minmax: a box ratio range turns '
                                                          r'CutMix on'),
+    # the evaluation resizes to input / ratio before its crop: a tiny ratio overflowed Pillow or took all memory
+    (['--input-size', '64', '--eval-crop-ratio', '1e-9'], r'--eval-crop-ratio 1e-09 resizes each image to \d+ px on '
+                                                         r'its shorter side .* Pillow\'s limit for one image \(give '
+                                                         r'a ratio of at least 0\.007\)$'),
     (['--device', 'meta'], r'--device meta: this tool runs on cuda or cpu, not meta$'),
     (['--device', 'mps'], r'--device mps: this tool runs on cuda or cpu, not mps$'),
     (['--device', 'cpu:1'], r'--device cpu:1: torch has one CPU device \(use --device cpu\)$'),
