@@ -193,10 +193,12 @@ def get_args_parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------------------------------------
 # argument checks
 
-# Every numeric flag of the parser, with what it accepts (a test checks that none is missing).
+# Every numeric flag of the parser, with what it accepts (a test checks that none is missing).  A batch or an
+# image side past 2**31 - 1 overflowed the loaders' and torch's 64-bit counts with a traceback.
+SIZE = Range(1, 2 ** 31 - 1)
 NUMERIC_FLAGS: Dict[str, Range] = {
     'prune_rate': Range(0, 1, low_open=True, high_open=True), 'prune_batches': AT_LEAST_ONE,
-    'final_finetune': AT_LEAST_ONE, 'input_size': AT_LEAST_ONE, 'drop': FRACTION, 'drop_path': FRACTION,
+    'final_finetune': AT_LEAST_ONE, 'input_size': SIZE, 'drop': FRACTION, 'drop_path': FRACTION,
     'model_ema_decay': UNIT, 'opt_eps': POSITIVE, 'opt_betas': Range(0, 1, high_open=True, count=(2, 2)),
     'clip_grad': POSITIVE, 'momentum': UNIT, 'weight_decay': NON_NEGATIVE, 'lr': POSITIVE,
     'lr_noise': Range(0, 1, count=(1, 2)), 'lr_noise_pct': NON_NEGATIVE, 'lr_noise_std': NON_NEGATIVE,
@@ -205,7 +207,7 @@ NUMERIC_FLAGS: Dict[str, Range] = {
     'color_jitter': NON_NEGATIVE, 'smoothing': FRACTION, 'reprob': UNIT, 'recount': AT_LEAST_ONE,
     'mixup': NON_NEGATIVE, 'cutmix': NON_NEGATIVE, 'cutmix_minmax': Range(0, 1, low_open=True, count=(2, 2)),
     'mixup_prob': UNIT, 'mixup_switch_prob': UNIT, 'eval_crop_ratio': Range(0, 1, low_open=True),
-    'distillation_alpha': NON_NEGATIVE, 'distillation_tau': POSITIVE, 'batch_size': AT_LEAST_ONE,
+    'distillation_alpha': NON_NEGATIVE, 'distillation_tau': POSITIVE, 'batch_size': SIZE,
     'seed': Range(0, 2 ** 32 - 1), 'start_epoch': NON_NEGATIVE, 'num_workers': NON_NEGATIVE,
     'print_freq': AT_LEAST_ONE, 'speed_repeats': AT_LEAST_ONE, 'speed_warmup': NON_NEGATIVE,
     'world_size': AT_LEAST_ONE, 'local_rank': NON_NEGATIVE,
@@ -1613,14 +1615,23 @@ def _cpu_out_of_memory(e: BaseException) -> Optional[str]:
     return found and f'Tried to allocate {int(found.group(1)) / 2 ** 30:.2f} GiB'
 
 
+def _past_64_bits(e: BaseException) -> Optional[str]:
+    """For torch's error when a tensor's size in bytes does not fit in 64 bits (a batch or an image size that no
+    machine holds), the sizes asked for; None for any other error."""
+    found = re.search(r'Storage size calculation overflowed with sizes=(\[[\d, ]*\])', str(e))
+    return found and f'Tried to allocate a tensor of sizes {found.group(1)}, more bytes than 64 bits count'
+
+
 def out_of_memory(args, e: BaseException) -> str:
     """One line for a GPU (or the CPU) that ran out of memory: torch's figures (what was asked for, what the GPU
     has), the batch that did it and the way round it, and what the run has kept."""
     sentences = re.split(r'(?<=\.)\s+', one_line(e))
     figures = ' '.join(x for x in sentences if x.startswith(('Tried to allocate', 'GPU '))) or one_line(e)[:200]
-    cpu = _cpu_out_of_memory(e)
+    cpu, past = _cpu_out_of_memory(e), _past_64_bits(e)
     where, figures = ('CPU', f'{cpu}, which the allocator refused') if cpu else ('GPU', figures)
-    hint = 'a smaller --batch-size needs less'
+    if past:
+        where, figures = ('GPU' if str(args.device).startswith('cuda') else 'CPU'), past
+    hint = 'a smaller --batch-size' + (' or --input-size' if past else '') + ' needs less'
     if not args.speed_only:
         hint += ' (evaluation batches are 1.5 times it)'
     if not modes_of(args) and not args.unscale_lr:
@@ -1653,7 +1664,7 @@ def main(argv=None) -> int:
         print_line(f'{prefix}terminated (SIGTERM); {_what_is_kept(e)}', file=sys.stderr)
         return EXIT_TERMINATED
     except RuntimeError as e:
-        if _cpu_out_of_memory(e):
+        if _cpu_out_of_memory(e) or _past_64_bits(e):
             print_line(f'{prefix}error: {out_of_memory(args, e)}', file=sys.stderr)
             return EXIT_OUT_OF_MEMORY
         if not _lost_peer(e):

@@ -466,7 +466,7 @@ def test_output_dir_that_cannot_be_written(capsys, world, tmp_path):
     (['--prune'], r'--prune needs --resume CHECKPOINT'),
     (['--eval', '--prune', '--resume', 'x.pth'], r'choose one of --eval, --speed-only and --prune'),
     (['--final_finetune', '1'], r'--output_dir is required'),
-    (['--batch-size', '0'], r'--batch-size must be at least 1, got 0'),
+    (['--batch-size', '0'], r'--batch-size must be in \[1, 2147483647\], got 0'),
     (['--final_finetune', '0'], r'--final_finetune must be at least 1, got 0'),
     (['--lr', '0'], r'--lr must be positive, got 0\.0'),
     (['--lr=-1e-3'], r'--lr must be positive, got -0\.001'),
@@ -512,6 +512,9 @@ def test_output_dir_that_cannot_be_written(capsys, world, tmp_path):
     (['--input-size', '64', '--eval-crop-ratio', '1e-9'], r'--eval-crop-ratio 1e-09 resizes each image to \d+ px on '
                                                          r'its shorter side .* Pillow\'s limit for one image \(give '
                                                          r'a ratio of at least 0\.007\)$'),
+    # past 2**31 - 1 the loaders' and torch's 64-bit counts overflowed (tracebacks)
+    (['--batch-size', '10000000000000000000'], r'--batch-size must be in \[1, 2147483647\], got 10000000000000000000'),
+    (['--input-size', '4000000000000000000'], r'--input-size must be in \[1, 2147483647\], got 4000000000000000000'),
     (['--device', 'meta'], r'--device meta: this tool runs on cuda or cpu, not meta$'),
     (['--device', 'mps'], r'--device mps: this tool runs on cuda or cpu, not mps$'),
     (['--device', 'cpu:1'], r'--device cpu:1: torch has one CPU device \(use --device cpu\)$'),
@@ -823,6 +826,16 @@ def test_weights_broken_by_an_epochs_last_step_are_a_divergence_and_nothing_is_s
                                          rf'its last steps; stopped\. Last good checkpoint, untouched: '
                                          rf'{re.escape(str(world["dense"]))}$')
     assert not out.exists()
+
+
+def test_a_tensor_too_large_for_64_bit_sizes_is_one_line_like_out_of_memory(capsys):
+    """An image size within --input-size's range whose position embedding has more bytes than 64 bits count: torch's
+    'Storage size calculation overflowed' was a traceback; it is said as a lack of memory is (exit code 1)."""
+    code, out, err = cli(capsys, '--speed-only', '--input-size', 2147483644, '--speed-repeats', 1)
+    assert code == finetune.EXIT_OUT_OF_MEMORY == 1 and 'Traceback' not in err
+    assert re.fullmatch(r'error: out of CPU memory \(Tried to allocate a tensor of sizes \[1, 288230375077969922, '
+                        r'96\], more bytes than 64 bits count\) with --batch-size 8 per process: a smaller '
+                        r'--batch-size or --input-size needs less; nothing was written\n', err), err
 
 
 def test_learning_rate_that_overflows_when_scaled_is_refused(capsys, world, tmp_path):
