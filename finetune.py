@@ -1349,6 +1349,9 @@ def finished_run(args) -> Optional[Dict[str, float]]:
     checkpoint = load_checkpoint_file(args.resume, mmap=True)
     if not is_training_checkpoint(checkpoint) or int(checkpoint['epoch']) + 1 < args.final_finetune:
         return None
+    # (no model is built here: a --model other than the run's is refused as an unfinished run's is)
+    from models.checkpoint import _check_recorded_name
+    _check_recorded_name(checkpoint, args.resume, args.model, '--model')
     repair_outputs(args, checkpoint)
     done = int(checkpoint['epoch']) + 1
     rank0_print(f'Nothing to do: {done} epoch{"s" * (done != 1)} already finished in {args.resume} '

@@ -739,6 +739,16 @@ def test_continuing_another_checkpoint_into_a_directory_with_a_checkpoint_is_ref
     assert snapshot(finished) == before
 
 
+def test_a_finished_run_continued_with_another_model_is_refused_as_an_unfinished_one_is(capsys, finished):
+    """A run whose last epoch is done builds no model, so --model was not checked: another model than the run's
+    said 'Nothing to do' with exit code 0, where the same command before the last epoch is refused."""
+    before = snapshot(finished)
+    assert_one_line_error(capsys, ['--resume', finished / 'checkpoint.pth', '--model', 'deit_tiny_patch16_224'],
+                          EXIT_USER_ERROR, r'checkpoint\.pth holds deit_digits_patch4_32 \(the model its args name\), '
+                                           r'not deit_tiny_patch16_224: set --model deit_digits_patch4_32$')
+    assert snapshot(finished) == before
+
+
 def test_fresh_finetune_next_to_an_earlier_best_and_log_is_refused(capsys, world, finished, tmp_path):
     out = tmp_path / 'out'
     out.mkdir()
