@@ -449,6 +449,13 @@ def validate_args(args, void: Set[str] = frozenset()) -> None:
         if args.input_size % ph or args.input_size % pw:
             raise UserError(f'--input-size {args.input_size} is not a whole number of {ph}x{pw} patches of '
                             f'{args.model} (the patch embedding would drop the rest of the image)')
+    if not modes and args.distillation_type != 'none' and args.teacher_model:  # it reads the student's images
+        teacher, size = cc_model_name(args.teacher_model, '--teacher-model'), input_size(args)
+        ph, pw = models.patch_size(teacher)
+        if size % ph or size % pw:
+            raise UserError(f'--teacher-model {models.base_name(teacher)} reads the {size}x{size} images in {ph}x{pw} '
+                            f'patches, and {size} is not a whole number of them (its patch embedding would drop the '
+                            f'rest of the image)')
     if args.data_set == 'DIGITS' and reads_data:
         DigitsDataset.check_size(input_size(args), models.base_name(args.model),
                                  f'give --input-size {DigitsDataset.SIZE}, or a model made for them: '

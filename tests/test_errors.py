@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import finetune
+import models
 from conftest import (DIGITS_ARGS, ROOT, digits_world, make_image_folder, official_checkpoint, pruned_model,
                       subprocess_env)
 import utils
@@ -657,6 +658,26 @@ def test_digits_at_another_image_size_is_refused_before_any_work(capsys, world, 
     args = finetune.get_args_parser().parse_args([*DIGITS_ARGS, '--data-set', 'DIGITS', '--speed-only', '--model',
                                                   'deit_tiny_patch16_224'])
     finetune.validate_args(args)
+
+
+def test_a_teacher_whose_patches_do_not_divide_the_input_size_is_refused(capsys, world, earlier, tmp_path):
+    """The teacher reads the student's images: at --input-size 40 a 16x16-patch teacher (its file made at 40 px)
+    dropped the last 8 pixels of each side without a word, and the run finished (the student's own patch size is
+    checked)."""
+    files = {}
+    for name in ('deit_digits_patch4_32', 'vit_tiny_patch16_224'):
+        torch.manual_seed(0)
+        state = models.build_model('cc_' + name, 4, img_size=40).state_dict()
+        files[name] = tmp_path / f'{name}.pth'
+        torch.save({'model': {k: v for k, v in state.items() if not k.endswith('token_index')}}, files[name])
+    before = snapshot(earlier)
+    assert_one_line_error(capsys, finetune_args(world, earlier, '--resume', files['deit_digits_patch4_32'],
+                                                '--input-size', 40, '--distillation-type', 'soft', '--teacher-path',
+                                                files['vit_tiny_patch16_224'], '--teacher-model',
+                                                'vit_tiny_patch16_224'), EXIT_USER_ERROR,
+                          r'^error: --teacher-model vit_tiny_patch16_224 reads the 40x40 images in 16x16 patches, and '
+                          r'40 is not a whole number of them \(its patch embedding would drop the rest of the image\)$')
+    assert snapshot(earlier) == before
 
 
 @pytest.mark.parametrize('teacher, refused', [
