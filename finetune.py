@@ -1549,6 +1549,9 @@ def run(args) -> Dict[str, float]:
             for path in filter(os.path.isdir, (paths['checkpoint.pth'], paths['best.pth'])):
                 raise UserError(f'cannot write {path}: it is a directory (the run writes its checkpoints there)')
             read_log(paths['log.txt'])
+            # another run's results: refused before the data is listed (minutes on ImageNet)
+            check_earlier_run(args, bool(args.resume)
+                              and is_training_checkpoint(load_checkpoint_file(args.resume, mmap=True)))
     notes += unused_flag_notes(args, get_args_parser(), said=no_effect)
     init_distributed_mode(args)
     for line in notes:

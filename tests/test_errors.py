@@ -18,7 +18,7 @@ import torch
 
 import finetune
 import models
-from conftest import (DIGITS_ARGS, ROOT, digits_world, make_image_folder, official_checkpoint, pruned_model,
+from conftest import (DIGITS_ARGS, ROOT, digits_world, make_image_folder, no_work, official_checkpoint, pruned_model,
                       subprocess_env)
 import utils
 from utils import UserError
@@ -737,7 +737,9 @@ def finished(world, tmp_path_factory):
     return out
 
 
-def test_fresh_finetune_into_a_directory_with_a_checkpoint_is_refused(capsys, world, finished):
+def test_fresh_finetune_into_a_directory_with_a_checkpoint_is_refused(capsys, world, finished, monkeypatch):
+    """Before the data is read: on ImageNet, listing train/ and val/ takes minutes before this refusal came."""
+    monkeypatch.setattr(finetune, 'build_data', no_work)
     before = snapshot(finished)
     ckpt = finished / 'checkpoint.pth'
     assert_one_line_error(capsys, finetune_args(world, finished, '--resume', world['dense']), EXIT_USER_ERROR,
@@ -747,7 +749,8 @@ def test_fresh_finetune_into_a_directory_with_a_checkpoint_is_refused(capsys, wo
 
 
 def test_continuing_another_checkpoint_into_a_directory_with_a_checkpoint_is_refused(capsys, world, finished,
-                                                                                      tmp_path):
+                                                                                      tmp_path, monkeypatch):
+    monkeypatch.setattr(finetune, 'build_data', no_work)  # refused before the data is read
     other = tmp_path / 'other.pth'
     shutil.copy(finished / 'checkpoint.pth', other)
     before = snapshot(finished)
