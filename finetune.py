@@ -1205,8 +1205,7 @@ def build_training(args, device: torch.device) -> Tuple[engine.Training, dict]:
         model, checkpoint = new_model(args, nb_classes), {}
     check_classes(nb_classes, model, 'training')
     continuing = is_training_checkpoint(checkpoint)
-    check_recorded_classes(checkpoint, dataset_train, args, 'training', continuing)
-    check_earlier_run(args, continuing)
+    check_recorded_classes(checkpoint, dataset_train, args, 'training', continuing)  # (earlier runs: checked in run)
     model.to(device)
     rank0_print(f'Student {args.model}: {describe(model)}; {gflops(model):.2f} GFLOPs')
 
@@ -1357,8 +1356,7 @@ def finished_run(args) -> Optional[Dict[str, float]]:
     if not is_training_checkpoint(checkpoint) or int(checkpoint['epoch']) + 1 < args.final_finetune:
         return None
     # (no model is built here: a --model other than the run's is refused as an unfinished run's is)
-    from models.checkpoint import _check_recorded_name
-    _check_recorded_name(checkpoint, args.resume, args.model, '--model')
+    models.check_recorded_name(checkpoint, args.resume, args.model, '--model')
     repair_outputs(args, checkpoint)
     done = int(checkpoint['epoch']) + 1
     rank0_print(f'Nothing to do: {done} epoch{"s" * (done != 1)} already finished in {args.resume} '

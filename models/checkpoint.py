@@ -120,7 +120,7 @@ def build_model_from_checkpoint(path: str, name: Optional[str], fallback_classes
         except ValueError as e:
             raise UserError(f'{path}: {e}') from None
         name = recorded
-    _check_recorded_name(checkpoint, path, name, flag)
+    check_recorded_name(checkpoint, path, name, flag)
     model = build_model(name, head_classes(sd, fallback_classes), img_size, **timm_kwargs)
     _load(model, checkpoint, sd, path, name, flag, warn)
     return model, checkpoint
@@ -135,7 +135,7 @@ def create_model(name: str, pretrained: bool = False, checkpoint_path: Optional[
     model = zoo.create_model(name, pretrained=pretrained, **kwargs)
     if checkpoint_path:
         checkpoint, sd = _read(checkpoint_path)
-        _check_recorded_name(checkpoint, checkpoint_path, name, 'the model name')
+        check_recorded_name(checkpoint, checkpoint_path, name, 'the model name')
         _load(model, checkpoint, sd, checkpoint_path, name, 'the model name', lambda line: warnings.warn(line))
     return model
 
@@ -152,7 +152,7 @@ def _read(path: str) -> Tuple[dict, Dict[str, torch.Tensor]]:
     return checkpoint, {re.sub(r'^(blocks\.\d+)\.gamma_([12])$', r'\1.ls\2.gamma', k): v for k, v in sd.items()}
 
 
-def _check_recorded_name(checkpoint: dict, path: str, name: str, flag: str) -> None:
+def check_recorded_name(checkpoint: dict, path: str, name: str, flag: str) -> None:
     """A file whose ``args`` name another timm model than ``name`` is refused (see above)."""
     recorded = checkpoint_args(checkpoint).get('model')
     if isinstance(recorded, str) and _timm_name(recorded) not in (None, _timm_name(name)):

@@ -276,8 +276,8 @@ MUTANTS: List[Mutant] = [
            [T + 'test_seeding.py::test_random_prune_mode_is_seeded'], '--prune_rate ignored by random masks'),
     # --- data sets -------------------------------------------------------------------------------------------
     mutant('inaturalist-labels-sorted', 'datasets.py',
-           "            values = list(dict.fromkeys(cat_value[a['category_id']] for a in train_data['annotations']))",
-           "            values = sorted({cat_value[a['category_id']] for a in train_data['annotations']})",
+           "        values = list(dict.fromkeys(_inat_labels(train_data, cat_value, train_path, cat_path).values()))",
+           "        values = sorted(set(_inat_labels(train_data, cat_value, train_path, cat_path).values()))",
            [T + 'test_losses_data.py::test_inaturalist_json_layout'],
            "iNaturalist classes numbered in sorted order, not DeiT's (a DeiT-finetuned head reads shifted labels)"),
     mutant('inaturalist-supercategory-kept', 'datasets.py',
