@@ -48,6 +48,30 @@ def test_save_atomic_replaces_the_file(tmp_path):
     assert leftovers(tmp_path) == []
 
 
+def test_save_atomic_writes_gpu_tensors_as_cpu_ones(tmp_path, monkeypatch):
+    """A run on a GPU holds its state on it; the file it writes must load with plain torch.load on a machine without
+    one (a CUDA storage records its device).  Fake CUDA tensors (torch's FakeTensorMode, no GPU needed) stand in
+    for real ones: what reaches torch.save is on the CPU, in the same containers, a state dict's version record
+    kept; CPU tensors are saved as they are, not copied."""
+    import collections
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    saved = {}
+    monkeypatch.setattr(torch, 'save', lambda obj, f: saved.update(obj=obj))
+    weights = torch.ones(2)
+    with FakeTensorMode():
+        on_gpu = torch.empty(3, device='cuda')
+        state_dict = collections.OrderedDict(w=on_gpu)
+        state_dict._metadata = {'': {'version': 2}}
+        save_atomic({'model': state_dict, 'optimizer': {'state': {0: {'exp_avg': on_gpu}}, 'groups': [(on_gpu, 1)]},
+                     'epoch': 3, 'cpu': weights}, str(tmp_path / 'checkpoint.pth'))
+    obj = saved['obj']
+    assert on_gpu.device.type == 'cuda' and obj['epoch'] == 3 and obj['cpu'] is weights
+    assert type(obj['model']) is collections.OrderedDict and obj['model']._metadata == {'': {'version': 2}}
+    assert [obj['model']['w'].device.type, obj['optimizer']['state'][0]['exp_avg'].device.type,
+            obj['optimizer']['groups'][0][0].device.type] == ['cpu'] * 3
+    assert obj['optimizer']['groups'][0][1] == 1 and isinstance(obj['optimizer']['groups'][0], tuple)
+
+
 def test_failure_while_saving_keeps_the_previous_file_and_no_temporary(tmp_path, monkeypatch):
     path = tmp_path / 'checkpoint.pth'
     save_atomic({'epoch': 1, 'w': torch.ones(1000)}, str(path))

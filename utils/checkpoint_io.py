@@ -1,6 +1,7 @@
 """Checkpoint files: safe loading (weights only), and atomic writing (temporary file, fsync, rename)."""
 import argparse
 import contextlib
+import copy
 import errno
 import os
 import pickle
@@ -205,8 +206,23 @@ def write_atomic(path: str, write: Callable[[Any], None]) -> None:
 
 
 def save_atomic(obj: Any, path: str) -> None:
-    """``torch.save(obj)`` through :func:`write_atomic`."""
+    """``torch.save(obj)`` through :func:`write_atomic`, every tensor on the CPU: a file written by a run on a GPU
+    loads with plain ``torch.load(path)`` on a machine without one (a CUDA tensor's storage records its device)."""
+    obj = on_cpu(obj)
     write_atomic(path, lambda f: torch.save(obj, f))
+
+
+def on_cpu(obj: Any) -> Any:
+    """``obj`` with its tensors (in dicts, lists and tuples, at any depth) on the CPU; CPU tensors as they are."""
+    if isinstance(obj, torch.Tensor):
+        return obj if obj.device.type == 'cpu' else obj.detach().cpu()
+    if isinstance(obj, dict):
+        moved = copy.copy(obj)  # its own type and attributes (a state dict's _metadata)
+        moved.update((k, on_cpu(v)) for k, v in obj.items())
+        return moved
+    if type(obj) in (list, tuple):
+        return type(obj)(on_cpu(v) for v in obj)
+    return obj
 
 
 def write_text_atomic(path: str, text: str) -> None:
