@@ -940,10 +940,13 @@ class FastViT(nn.Module):
             self._capture(batch_size)
 
     def _capture(self, batch_size: int) -> None:
-        static_in = torch.randn(batch_size, self.in_chans, *self.img_size, device=self.device)
-        self._graph, self._static_in, self._image_address = None, static_in, None
-        if self.embed_choice.kind == 'triton':
-            self._image_address = torch.tensor([static_in.data_ptr()], dtype=torch.int64, device=self.device)
+        # The buffers every call writes are ordinary tensors even when the path is built under
+        # torch.inference_mode: an inference tensor refuses in-place writes outside it, so later calls would fail.
+        with torch.inference_mode(False):
+            static_in = torch.randn(batch_size, self.in_chans, *self.img_size, device=self.device)
+            self._graph, self._static_in, self._image_address = None, static_in, None
+            if self.embed_choice.kind == 'triton':
+                self._image_address = torch.tensor([static_in.data_ptr()], dtype=torch.int64, device=self.device)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):  # warm-up off the capture: Triton/inductor compile, cuBLAS handles

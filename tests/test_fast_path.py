@@ -1168,6 +1168,25 @@ def test_cuda_graph_replays_the_uncaptured_forward(backend):
 
 
 @cuda_only
+@pytest.mark.parametrize('backend', ['triton', 'torch'])
+def test_cuda_graph_built_under_inference_mode_runs_outside_it(backend):
+    """The buffers a replay writes (the static input, the images' address) are ordinary tensors even when the path
+    is built under torch.inference_mode (whose tensors refuse in-place writes outside it); and a path built outside
+    runs inside it."""
+    model = _deit_ti_pair(seed=4)
+    with torch.inference_mode():
+        inside = build_fast_path(model, backend=backend, dtype=torch.float16, cuda_graph=True, batch_size=4)
+    outside = build_fast_path(model, backend=backend, dtype=torch.float16, cuda_graph=True, batch_size=4)
+    a = torch.randn(4, 3, 224, 224, generator=_gen(8)).to(DEVICE)
+    with torch.no_grad():
+        reference = outside(a)
+        for images in (a, a.cpu(), a.half()):  # read in place (triton) or copied into the static input
+            assert (inside(images) - reference).abs().max().item() <= 1e-3
+    with torch.inference_mode():
+        assert (outside(a.cpu()) - reference).abs().max().item() <= 1e-3
+
+
+@cuda_only
 @torch.no_grad()
 def test_cuda_graph_reads_the_callers_images_in_place():
     """With the Triton patch embedding the graph reads contiguous, aligned fp32 images on the device where they
