@@ -164,6 +164,11 @@ def _load(model: nn.Module, checkpoint: dict, sd: Dict[str, torch.Tensor], path:
           warn) -> None:
     """The file's weights and masks into ``model``, strictly, and its ``channels`` checked against the masks."""
     stored = recorded_channels(checkpoint, path)
+    broken = [k for k, v in sd.items() if isinstance(v, torch.Tensor) and v.is_floating_point()
+              and not bool(torch.isfinite(v).all())]
+    if broken:  # (evaluated, such weights gave an accuracy of chance or 0% without a word)
+        raise UserError(f'{path}: {_few(broken)} hold{"s" * (len(broken) == 1)} NaN or infinite values, weights '
+                        f'that compute nothing (written by a run that diverged?)')
     load_weights(model, sd, path, name, flag)
     actual = kept_token_counts(model)
     if stored is not None and stored != actual:

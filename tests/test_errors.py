@@ -194,6 +194,20 @@ def test_eval_on_another_data_set_than_the_file_was_trained_on(capsys, world, tm
                           rf'classes than --data-set DIGITS: give --data-set CIFAR$')
 
 
+def test_checkpoint_with_non_finite_weights(capsys, world, tmp_path):
+    """NaN or infinite weights compute nothing: --eval printed an accuracy of 0% without a word."""
+    checkpoint = torch.load(world['dense'])
+    checkpoint['model']['blocks.1.mlp.fc1.weight'][3, 2] = float('nan')
+    checkpoint['model']['head.bias'][0] = float('-inf')
+    path = tmp_path / 'diverged.pth'
+    torch.save(checkpoint, path)
+    assert_one_line_error(capsys, ['--eval', '--resume', path, '--data-path', world['data']], EXIT_USER_ERROR,
+                          rf'^error: {re.escape(str(path))}: blocks\.1\.mlp\.fc1\.weight, head\.bias hold NaN or '
+                          rf'infinite values, weights that compute nothing \(written by a run that diverged\?\)$')
+    with pytest.raises(UserError, match='head.bias hold NaN'):
+        models.create_model('deit_digits_patch4_32', checkpoint_path=str(path))
+
+
 def test_file_that_is_not_an_image(capsys, world, earlier, tmp_path):
     data = copy_data(world, tmp_path)
     bad = data / 'val' / 'c' / '1.png'
