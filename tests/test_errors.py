@@ -818,9 +818,10 @@ def test_resume_with_an_optimizer_that_does_not_fit(capsys, world, finished, tmp
 # ----------------------------------------------------------------------------------------------------------
 # non-finite loss: stop, keep the last good checkpoint
 
-def test_nan_weights_stop_before_any_checkpoint(capsys, world, tmp_path):
+def test_weights_giving_a_nan_loss_stop_before_any_checkpoint(capsys, world, tmp_path):
+    """Finite weights whose logits overflow (NaN or infinite weights are refused when the file is read)."""
     sd = torch.load(world['dense'], weights_only=True)['model']
-    sd['head.weight'] = torch.full_like(sd['head.weight'], float('nan'))
+    sd['head.weight'] = torch.full_like(sd['head.weight'], 3e38)
     nan = tmp_path / 'nan.pth'
     torch.save({'model': sd}, nan)
     out = tmp_path / 'out'
@@ -946,9 +947,10 @@ def test_prune_refuses_an_already_pruned_checkpoint_before_scoring(capsys, world
 
 
 def test_prune_of_weights_that_give_no_finite_scores_plans_nothing(capsys, world, earlier, tmp_path):
-    """A NaN weight makes every Taylor score NaN; planned anyway, the first layer took almost the whole budget."""
+    """Attention logits that overflow make every Taylor score NaN; planned anyway, the first layer took almost the
+    whole budget.  (Finite weights: NaN or infinite ones are refused when the file is read.)"""
     checkpoint = torch.load(world['dense'])
-    checkpoint['model']['blocks.1.attn.qkv.weight'][0, 0] = float('nan')
+    checkpoint['model']['blocks.1.attn.qkv.weight'] *= 1e30
     spoilt = tmp_path / 'spoilt.pth'
     torch.save(checkpoint, spoilt)
     before = snapshot(earlier)
