@@ -92,7 +92,7 @@ not additive.  Inference
 only: no gradients, eval semantics (the model is put in eval mode; the path refuses to run while the model is
 in training mode, as the head it calls is the model's own); the built module holds copies of the
 weights, so rebuild it after changing the model (only the head is shared: ``model.forward_head`` is called on
-the features); one built from a Clip & Concat model's own masks refuses to run once they are set again or a
+the features, and the path refuses to run once the model is cast or moved); one built from a Clip & Concat model's own masks refuses to run once they are set again or a
 state dict is loaded into the model.
 """
 import contextlib
@@ -603,7 +603,9 @@ class FastViT(nn.Module):
         self.dtype = dtype or torch.float32
         self.residual_dtype = residual_dtype or torch.float32
         object.__setattr__(self, '_model', model)  # shared, not a submodule: only forward_head is used
-        self._head_dtype = next(model.parameters()).dtype  # the features go to the head in the model's dtype
+        self._first_parameter = next(model.parameters())  # cast or moved in place by model.half() / .to()
+        self._head_dtype = self._first_parameter.dtype  # the features go to the head in the model's dtype
+        self._model_device = self._first_parameter.device
 
         pe = model.patch_embed
         C = model.embed_dim
@@ -906,6 +908,12 @@ class FastViT(nn.Module):
         if self._model.training:  # the head is the model's own: dropout, a distilled model's two outputs
             raise RuntimeError('fast path: the model is in training mode and this path computes its eval mode: '
                                'call model.eval()')
+        first = self._first_parameter
+        if first.dtype != self._head_dtype or first.device != self._model_device:  # its head would not fit
+            raise RuntimeError(f'fast path: the model was cast or moved after this path was built (now '
+                               f'{str(first.dtype).replace("torch.", "")} on {first.device}, built for '
+                               f'{str(self._head_dtype).replace("torch.", "")} on {self._model_device}): build it '
+                               f'again')
         if images.shape[0] == 0:  # no rows for the kernels and views: the head gives the empty output's shape
             features = torch.zeros(0, self.head_ids.numel(), self.embed_dim, dtype=self._head_dtype,
                                    device=self.device)

@@ -927,6 +927,22 @@ def test_a_model_put_back_in_training_mode_is_refused():
 
 
 @torch.no_grad()
+def test_a_model_cast_after_the_path_was_built_is_refused():
+    """The path holds copies of the weights in the dtype it was built for and calls the model's own head: after
+    model.half() or .double() that head no longer fits the features (a raw dtype error), so the path says to build
+    it again; cast back (exactly, from fp64), it runs."""
+    model = tiny_cc(17)
+    x = images(seed=17)
+    fast = build_fast_path(model, backend='torch')
+    model.double()
+    with pytest.raises(RuntimeError, match=r'^fast path: the model was cast or moved after this path was built \(now '
+                                           r'float64 on cpu, built for float32 on cpu\): build it again$'):
+        fast(x)
+    model.float()
+    assert _close(fast(x), model(x))
+
+
+@torch.no_grad()
 @pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
 def test_a_model_held_in_half_precision(dtype):
     """A model whose weights are fp16 or bf16 (model.half()): its head reads the features in its own dtype; the
