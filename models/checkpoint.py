@@ -30,9 +30,12 @@ def build_model(name: str, num_classes: int, img_size: Optional[int] = None, **t
 
 
 def head_classes(state_dict: Dict[str, torch.Tensor], default: int) -> int:
-    """The number of classes the checkpoint's head was trained for (``default`` when it has no head)."""
-    w = state_dict.get('head.weight')
-    return int(w.shape[0]) if w is not None and w.dim() == 2 else default
+    """The number of classes the checkpoint's head was trained for (``default`` when it has no head): the rows of
+    its weight, or the length of its bias when the weight is missing (so the missing key is what is reported)."""
+    w, b = state_dict.get('head.weight'), state_dict.get('head.bias')
+    if isinstance(w, torch.Tensor) and w.dim() == 2:
+        return int(w.shape[0])
+    return int(b.shape[0]) if w is None and isinstance(b, torch.Tensor) and b.dim() == 1 else default
 
 
 def holds_masks(state_dict: Dict[str, torch.Tensor]) -> bool:

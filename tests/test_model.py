@@ -309,6 +309,20 @@ def test_a_file_whose_head_has_other_classes_says_num_classes(tmp_path):
     assert torch.equal(loaded.head.weight, model.head.weight)
 
 
+def test_a_file_missing_its_head_weight_says_so(tmp_path):
+    """The head is sized from the file's head (its weight's rows, or its bias's length without the weight): a file
+    that lost head.weight is reported as missing it, not as a head.bias of another model size."""
+    model = timm.create_model('cc_deit_tiny_patch16_224', img_size=64, depth=3, num_classes=10)
+    sd = model.state_dict()
+    del sd['head.weight']
+    path = str(tmp_path / 'headless.pth')
+    torch.save({'model': sd}, path)
+    with pytest.raises(models.checkpoint.UserError, match=r'^\S+ does not fit deit_tiny_patch16_224: missing keys '
+                                                          r'head\.weight$'):
+        models.build_model_from_checkpoint(path, 'deit_tiny_patch16_224', 4, img_size=64, depth=3)
+    assert models.head_classes(sd, 4) == 10 and models.head_classes({}, 4) == 4
+
+
 def test_a_file_of_another_input_size_names_the_size_and_the_argument_that_sets_it(tmp_path):
     """Through models.create_model there is no --input-size: the hint says img_size, and which (the square image
     of the model's patches the position embedding was made for)."""
