@@ -116,6 +116,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     a('--warmup-lr', default=1e-5, type=float)
     a('--min-lr', default=1e-6, type=float)
     a('--decay-epochs', default=15, type=float, help='step interval of --sched step (cosine does not use it)')
+    a('--decay-milestones', default=[30, 60], type=int, nargs='+',
+      help='epochs from which --sched multistep runs at a further --decay-rate times the lr (timm\'s defaults)')
     a('--warmup-epochs', default=0, type=int)
     a('--cooldown-epochs', default=30, type=int,
       help='epochs at --min-lr after the schedule (after --final_finetune, so never reached)')
@@ -202,8 +204,9 @@ NUMERIC_FLAGS: Dict[str, Range] = {
     'model_ema_decay': UNIT, 'opt_eps': POSITIVE, 'opt_betas': Range(0, 1, high_open=True, count=(2, 2)),
     'clip_grad': POSITIVE, 'momentum': UNIT, 'weight_decay': NON_NEGATIVE, 'lr': POSITIVE,
     'lr_noise': Range(0, 1, count=(1, 2)), 'lr_noise_pct': NON_NEGATIVE, 'lr_noise_std': NON_NEGATIVE,
-    'warmup_lr': NON_NEGATIVE, 'min_lr': NON_NEGATIVE, 'decay_epochs': POSITIVE, 'warmup_epochs': NON_NEGATIVE,
-    'cooldown_epochs': NON_NEGATIVE, 'patience_epochs': NON_NEGATIVE, 'decay_rate': POSITIVE,
+    'warmup_lr': NON_NEGATIVE, 'min_lr': NON_NEGATIVE, 'decay_epochs': POSITIVE, 'decay_milestones': AT_LEAST_ONE,
+    'warmup_epochs': NON_NEGATIVE, 'cooldown_epochs': NON_NEGATIVE, 'patience_epochs': NON_NEGATIVE,
+    'decay_rate': POSITIVE,
     'color_jitter': NON_NEGATIVE, 'smoothing': FRACTION, 'reprob': UNIT, 'recount': AT_LEAST_ONE,
     'mixup': NON_NEGATIVE, 'cutmix': NON_NEGATIVE, 'cutmix_minmax': Range(0, 1, low_open=True, count=(2, 2)),
     'mixup_prob': UNIT, 'mixup_switch_prob': UNIT, 'eval_crop_ratio': Range(0, 1, low_open=True),
@@ -264,13 +267,14 @@ def check_flags_apply(args, parser: argparse.ArgumentParser) -> None:
 # first rule that holds it.
 OPTIMIZATION = ('opt', 'opt_eps', 'opt_betas', 'momentum', 'weight_decay', 'clip_grad', 'sched', 'lr', 'unscale_lr',
                 'uniform_lr', 'lr_noise', 'lr_noise_pct', 'lr_noise_std', 'warmup_lr', 'min_lr', 'decay_epochs',
-                'warmup_epochs', 'cooldown_epochs', 'patience_epochs', 'decay_rate', 'start_epoch')
+                'decay_milestones', 'warmup_epochs', 'cooldown_epochs', 'patience_epochs', 'decay_rate', 'start_epoch')
 MIXING = ('mixup', 'cutmix', 'cutmix_minmax', 'mixup_prob', 'mixup_switch_prob', 'mixup_mode')
 ERASING = ('aa', 'reprob', 'remode', 'recount')  # auto-augment and random erasing: the recipe's, not scoring's
 TRAIN_TRANSFORM = ('color_jitter', 'train_interpolation') + ERASING
 # The schedules of timm 1.0.31's create_scheduler that read each of these flags (the others ignore it).
 SCHEDULES_READING = {'decay_epochs': ('step', 'wsd', 'rsqrt'), 'decay_rate': ('step', 'multistep', 'plateau', 'poly'),
-                     'patience_epochs': ('plateau',), 'min_lr': ('cosine', 'tanh', 'plateau', 'poly', 'wsd', 'rsqrt')}
+                     'patience_epochs': ('plateau',), 'decay_milestones': ('multistep',),
+                     'min_lr': ('cosine', 'tanh', 'plateau', 'poly', 'wsd', 'rsqrt')}
 SPEED = ('speed_protocol', 'speed_repeats', 'speed_warmup', 'speed_dtype')
 UNUSED_RULES = (
     (lambda a: not a.prune, ('prune_mode',), 'only --prune makes masks'),
@@ -472,6 +476,9 @@ def validate_args(args, void: Set[str] = frozenset()) -> None:
         raise UserError('--sched plateau lowers the rate when a metric stops improving, and the epoch loop (as '
                         "DeiT's) steps the schedule without one: timm's plateau schedule would then hold --warmup-lr "
                         'from the second epoch on; choose cosine, step, multistep, tanh or poly')
+    if not modes and sorted(set(args.decay_milestones)) != list(args.decay_milestones):  # timm bisects them
+        raise UserError(f'--decay-milestones {" ".join(map(str, args.decay_milestones))}: the epochs must '
+                        f'increase')
     if not modes and args.cutmix_minmax is not None:  # (other runs note the mixing flags as having no effect)
         low, high = args.cutmix_minmax
         if low >= high:
@@ -507,8 +514,8 @@ def names_other_classes(dest: str, recorded, args) -> bool:
 # command line would have no effect, so the run's own value is kept (with a warning).
 IN_RESTORED_STATE = frozenset({
     'opt', 'opt_eps', 'opt_betas', 'momentum', 'weight_decay', 'lr', 'unscale_lr', 'uniform_lr', 'sched',
-    'lr_noise', 'lr_noise_pct', 'lr_noise_std', 'warmup_lr', 'min_lr', 'decay_epochs', 'warmup_epochs',
-    'cooldown_epochs', 'patience_epochs', 'decay_rate'})
+    'lr_noise', 'lr_noise_pct', 'lr_noise_std', 'warmup_lr', 'min_lr', 'decay_epochs', 'decay_milestones',
+    'warmup_epochs', 'cooldown_epochs', 'patience_epochs', 'decay_rate'})
 
 
 def _uniform_in(checkpoint: dict) -> Optional[bool]:

@@ -56,6 +56,7 @@ AS_THE_ORIGINAL = {
     'eval_crop_ratio': 1.0,      # Resize([input, input]): the whole image squashed, no crop
     'local_rank': None,          # set by the launcher
     'fast_path': 'none',         # the eager model (the fast inference path is ours, off by default)
+    'decay_milestones': [30, 60],  # timm's (--sched multistep, which the original's timm did not have)
 }
 # Deliberate differences, each explained in the README: {flag: (ours, the original's)}.
 DIFFERENT = {
@@ -208,6 +209,18 @@ def test_warm_up_decay_and_cool_down_land_where_the_original_puts_them(monkeypat
     assert [lr[1] for lr in lrs] == pytest.approx([1e-6, 1e-6, 1e-6, 5e-7, 5e-7, 2.5e-7], rel=1e-12)
 
 
+def test_multistep_decays_from_the_milestones_given(monkeypatch):
+    """--sched multistep multiplies the lr by --decay-rate from each epoch --decay-milestones names; the milestones
+    are a flag (timm's scheduler otherwise decays at its own 30 and 60, which no flag set: within the default 30
+    epochs never, so --decay-rate did nothing) and must increase."""
+    model = models.create_model('deit_digits_patch4_32')
+    base = 0.01 * 64 / 512
+    args = finetune.get_args_parser().parse_args(['--sched', 'multistep', '--decay-milestones', '2', '4',
+                                                  '--decay-rate', '0.5', '--final_finetune', '6', '--uniform-lr'])
+    _, lrs = epoch_lrs(monkeypatch, args, model, 6)
+    assert [lr[0] for lr in lrs] == pytest.approx([base, base, base / 2, base / 2, base / 4, base / 4], rel=1e-12)
+
+
 @pytest.fixture(scope='module')
 def world(tmp_path_factory):
     return digits_world(tmp_path_factory.mktemp('recipe'))
@@ -251,6 +264,13 @@ def test_the_cli_steps_the_schedule_as_the_original(capsys, world, tmp_path):
     assert len(re.findall(r'^Parameter group 0: \d+ tensors .* lr 1\.56e-04', stdout, re.M)) == 1
     assert len(re.findall(r'^Parameter group 1: \d+ tensors \(\d+ weight matrices\), weight decay 0\.05, '
                           r'lr 1\.00e-06', stdout, re.M)) == 1
+
+
+def test_decay_milestones_that_do_not_increase_are_one_line(capsys, tmp_path):
+    code, out, err = cli(capsys, '--data-set', 'DIGITS', '--output_dir', tmp_path / 'out', '--sched', 'multistep',
+                         '--decay-milestones', 4, 2)
+    assert code == 2 and err == 'error: --decay-milestones 4 2: the epochs must increase\n'
+    assert not (tmp_path / 'out').exists()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -713,7 +733,8 @@ OUT_OF_RANGE = {
     'prune_rate': '1', 'prune_batches': '0', 'final_finetune': '0', 'input_size': '0', 'drop': '1',
     'drop_path': '1', 'model_ema_decay': '1.5', 'opt_eps': '0', 'opt_betas': '1', 'clip_grad': '0',
     'momentum': '1.5', 'weight_decay': '-1e-3', 'lr': '0', 'lr_noise': '1.5', 'lr_noise_pct': '-0.5',
-    'lr_noise_std': '-0.5', 'warmup_lr': '-1e-6', 'min_lr': '-1e-6', 'decay_epochs': '0', 'warmup_epochs': '-2',
+    'lr_noise_std': '-0.5', 'warmup_lr': '-1e-6', 'min_lr': '-1e-6', 'decay_epochs': '0', 'decay_milestones': '0',
+    'warmup_epochs': '-2',
     'cooldown_epochs': '-2', 'patience_epochs': '-2', 'decay_rate': '0', 'color_jitter': '-0.1', 'smoothing': '1',
     'reprob': '1.5', 'recount': '0', 'mixup': '-0.5', 'cutmix': '-0.5', 'cutmix_minmax': '0', 'mixup_prob': '1.5',
     'mixup_switch_prob': '1.5', 'eval_crop_ratio': '0', 'distillation_alpha': '-0.5', 'distillation_tau': '0',
@@ -721,7 +742,7 @@ OUT_OF_RANGE = {
     'speed_repeats': '0', 'speed_warmup': '-2', 'world_size': '0', 'local_rank': '-2',
 }
 # List flags: the other values that make a list of the right length.
-COMPANIONS = {'opt_betas': ['0.9'], 'cutmix_minmax': ['0.5'], 'lr_noise': []}
+COMPANIONS = {'opt_betas': ['0.9'], 'cutmix_minmax': ['0.5'], 'lr_noise': [], 'decay_milestones': []}
 # Documented acceptances: edges inside the range, and huge but finite values (a diverging run stops with exit 3).
 ACCEPTED = [('decay_rate', '1e30'), ('lr', '1e3'), ('prune_rate', '0.999'), ('drop_path', '0.999'),
             ('model_ema_decay', '1'), ('model_ema_decay', '0'), ('momentum', '0'), ('weight_decay', '0'),
@@ -1051,7 +1072,7 @@ def test_unused_flags_given_are_noted_one_line_per_reason(capsys, world, tmp_pat
 
 
 SCHEDULES = ('cosine', 'tanh', 'step', 'constant', 'multistep', 'poly', 'plateau', 'wsd', 'rsqrt')
-OTHER_VALUES = {'decay_epochs': 3, 'decay_rate': 0.5, 'patience_epochs': 1, 'min_lr': 1e-3}
+OTHER_VALUES = {'decay_epochs': 3, 'decay_rate': 0.5, 'patience_epochs': 1, 'min_lr': 1e-3, 'decay_milestones': [3]}
 
 
 def schedule_lrs(sched, **values):
@@ -1083,7 +1104,8 @@ def test_the_schedules_ignore_the_flags_they_are_said_to():
                 assert schedule_lrs(sched, **{flag: value}) == base, (sched, flag)
         assert schedule_lrs(sched, lr_noise_pct=0.1, lr_noise_std=5.0) == base, sched
         assert schedule_lrs(sched, cooldown_epochs=0) == schedule_lrs(sched, cooldown_epochs=30), sched
-    for sched, flag in (('step', 'decay_epochs'), ('step', 'decay_rate'), ('cosine', 'min_lr')):
+    for sched, flag in (('step', 'decay_epochs'), ('step', 'decay_rate'), ('cosine', 'min_lr'),
+                        ('multistep', 'decay_milestones')):
         assert schedule_lrs(sched, **{flag: OTHER_VALUES[flag]}) != schedule_lrs(sched), (sched, flag)
     noisy = schedule_lrs('cosine', lr_noise=[0.5])
     assert schedule_lrs('cosine', lr_noise=[0.5], lr_noise_std=5.0) != noisy
