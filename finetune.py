@@ -479,6 +479,10 @@ def validate_args(args, void: Set[str] = frozenset()) -> None:
     if not modes and sorted(set(args.decay_milestones)) != list(args.decay_milestones):  # timm bisects them
         raise UserError(f'--decay-milestones {" ".join(map(str, args.decay_milestones))}: the epochs must '
                         f'increase')
+    if not modes and args.lr_noise is not None and len(args.lr_noise) == 2 and args.lr_noise[0] >= args.lr_noise[1]:
+        low, high = args.lr_noise
+        raise UserError(f'--lr-noise {low:g} {high:g}: the noise applies from the first fraction of the schedule up to '
+                        f'the second, so the first must be below the second (timm would add none)')
     if not modes and args.cutmix_minmax is not None:  # (other runs note the mixing flags as having no effect)
         low, high = args.cutmix_minmax
         if low >= high:

@@ -273,6 +273,22 @@ def test_decay_milestones_that_do_not_increase_are_one_line(capsys, tmp_path):
     assert not (tmp_path / 'out').exists()
 
 
+def test_an_lr_noise_range_that_ends_before_it_starts_is_one_line(capsys, monkeypatch, tmp_path):
+    """timm adds the noise for t in [first, second) x the schedule's length: a range that ends before it starts
+    would add none, whatever --lr-noise-pct and --lr-noise-std say."""
+    model = models.create_model('deit_digits_patch4_32')
+    runs = {}
+    for noise in ([], ['--lr-noise', '0.2', '0.8'], ['--lr-noise', '0.8', '0.2']):
+        args = finetune.get_args_parser().parse_args(['--final_finetune', '10', '--uniform-lr', *noise])
+        runs[' '.join(noise[1:])] = [lr[0] for lr in epoch_lrs(monkeypatch, args, model, 10)[1]]
+    assert runs['0.2 0.8'] != runs[''] and runs['0.8 0.2'] == runs['']
+    code, out, err = cli(capsys, '--data-set', 'DIGITS', '--output_dir', tmp_path / 'out', '--lr-noise', 0.8, 0.2)
+    assert code == 2 and err == ('error: --lr-noise 0.8 0.2: the noise applies from the first fraction of the '
+                                 'schedule up to the second, so the first must be below the second (timm would add '
+                                 'none)\n')
+    assert not (tmp_path / 'out').exists()
+
+
 # ----------------------------------------------------------------------------------------------------------
 # 3. evaluation transform
 
