@@ -88,12 +88,11 @@ GELU other than exact erf or another activation, MLPs other than timm's ``Mlp``,
 ``Block``, dynamic image size, a patch embedding other than timm's ``PatchEmbed`` (a hybrid's CNN backbone) or
 whose projection is not a stride=kernel conv without padding, an image size that is not a multiple of the
 patch size, a norm after the patch embedding, a ``norm_pre`` other than LayerNorm, a position embedding that is
-not additive.  Inference
-only: no gradients, eval semantics (the model is put in eval mode; the path refuses to run while the model is
-in training mode, as the head it calls is the model's own); the built module holds copies of the
-weights, so rebuild it after changing the model (only the head is shared: ``model.forward_head`` is called on
-the features, and the path refuses to run once the model is cast or moved); one built from a Clip & Concat model's own masks refuses to run once they are set again or a
-state dict is loaded into the model.
+not additive. Inference only: no gradients, eval semantics (the model is put in eval mode; the path refuses to run
+while the model is in training mode, as the head it calls is the model's own); the built module holds copies of
+the weights, so rebuild it after changing the model (only the head is shared: ``model.forward_head`` is called on
+the features, and the path refuses to run once the model is cast or moved); one built from a Clip & Concat model's
+own masks refuses to run once they are set again or a state dict is loaded into the model.
 """
 import contextlib
 import statistics
