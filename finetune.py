@@ -514,6 +514,8 @@ def names_other_classes(dest: str, recorded, args) -> bool:
     if dest == 'inat_category' and args.data_set not in INATURALIST:
         return False
     return isinstance(recorded, str) and recorded != getattr(args, dest)
+
+
 # Fixed in the optimizer and learning-rate schedule state a continued run restores: another value given on the
 # command line would have no effect, so the run's own value is kept (with a warning).
 IN_RESTORED_STATE = frozenset({
