@@ -34,7 +34,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 
 from .routing import gather_concat, positions, update_in_place, walk_token_order
 
-__all__ = ['MASK_KEY', 'CCBlock', 'CCVisionTransformer', 'apply_clip_concat', 'is_clip_concat',
+__all__ = ['MASK_KEY', 'CCBlock', 'CCVisionTransformer', 'apply_clip_concat', 'clip_concat_model', 'is_clip_concat',
            'kept_token_counts', 'mask_values_problem', 'prefix_rule']
 
 MASK_KEY = 'attn.token_index'  # blocks.{l}.attn.token_index: the block's concat-order mask (bool)
@@ -204,6 +204,17 @@ def is_clip_concat(model: nn.Module) -> bool:
     return isinstance(getattr(model, 'module', model), CCModelMixin)
 
 
+def clip_concat_model(model: nn.Module, needed_by: str) -> nn.Module:
+    """The Clip & Concat model inside ``model`` (a DistributedDataParallel or ``torch.compile`` wrapper is looked
+    through); a TypeError naming ``needed_by`` if there is none."""
+    model = getattr(model, 'module', model)
+    model = getattr(model, '_orig_mod', model)
+    if not hasattr(model, 'set_masks'):
+        raise TypeError(f'{needed_by} needs a Clip & Concat model, got a {type(model).__name__} '
+                        f'(models.apply_clip_concat(model) converts a timm VisionTransformer in place)')
+    return model
+
+
 def unsupported_reason(model: nn.Module) -> Optional[str]:
     """Why Clip & Concat cannot be applied to ``model`` (None if it can)."""
     if not isinstance(model, VisionTransformer):
@@ -285,8 +296,8 @@ def _fill_dense_masks(module, state_dict, prefix, local_metadata, strict, missin
         if not isinstance(mask, torch.Tensor) or mask.dim() != 1 or mask.numel() != module.num_tokens:
             shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
             error_msgs.append(f'{k}: mask has shape {shape}, the model needs ({module.num_tokens},)')
-        elif mask_values_problem(mask):
-            error_msgs.append(f'{k}: {mask_values_problem(mask)}')
+        elif problem := mask_values_problem(mask):
+            error_msgs.append(f'{k}: {problem}')
         elif not bool(mask[:module.num_prefix_tokens].all()):
             error_msgs.append(f'{k}: {prefix_rule(module.num_prefix_tokens)}')
         else:

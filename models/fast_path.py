@@ -592,7 +592,8 @@ class FastViT(nn.Module):
         if 'triton' in (attention, mlp) and backend != 'triton':
             raise ValueError("attention='triton' and mlp='triton' need backend='triton'")
         check_supported(model)
-        device = next(model.parameters()).device
+        first = next(model.parameters())  # cast or moved in place by model.half() / .to(): checked in forward
+        device = first.device
         if backend == 'triton' and not (device.type == 'cuda' or (K.INTERPRETER and device.type == 'cpu')):
             raise ValueError("fast path: backend 'triton' needs a CUDA model, or TRITON_INTERPRET=1 set before "
                              "models.fast_kernels is imported")
@@ -602,9 +603,8 @@ class FastViT(nn.Module):
         self.dtype = dtype or torch.float32
         self.residual_dtype = residual_dtype or torch.float32
         object.__setattr__(self, '_model', model)  # shared, not a submodule: only forward_head is used
-        self._first_parameter = next(model.parameters())  # cast or moved in place by model.half() / .to()
-        self._head_dtype = self._first_parameter.dtype  # the features go to the head in the model's dtype
-        self._model_device = self._first_parameter.device
+        self._first_parameter = first
+        self._head_dtype = first.dtype  # the features go to the head in the model's dtype
 
         pe = model.patch_embed
         C = model.embed_dim
@@ -908,10 +908,10 @@ class FastViT(nn.Module):
             raise RuntimeError('fast path: the model is in training mode and this path computes its eval mode: '
                                'call model.eval()')
         first = self._first_parameter
-        if first.dtype != self._head_dtype or first.device != self._model_device:  # its head would not fit
+        if first.dtype != self._head_dtype or first.device != self.device:  # its head would not fit
             raise RuntimeError(f'fast path: the model was cast or moved after this path was built (now '
                                f'{str(first.dtype).replace("torch.", "")} on {first.device}, built for '
-                               f'{str(self._head_dtype).replace("torch.", "")} on {self._model_device}): build it '
+                               f'{str(self._head_dtype).replace("torch.", "")} on {self.device}): build it '
                                f'again')
         if images.shape[0] == 0:  # no rows for the kernels and views: the head gives the empty output's shape
             features = torch.zeros(0, self.head_ids.numel(), self.embed_dim, dtype=self._head_dtype,

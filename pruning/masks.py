@@ -4,7 +4,7 @@ from typing import List
 import torch
 import torch.nn as nn
 
-from models.clip_concat import mask_values_problem
+from models.clip_concat import clip_concat_model, mask_values_problem
 from models.routing import walk_token_order
 
 
@@ -28,10 +28,7 @@ def apply_masks(model: nn.Module, masks: torch.Tensor) -> List[int]:
     """Write a plan (depth, num_patches; original order, True = kept) into the model's
     ``blocks.{l}.attn.token_index`` buffers and return ``channels`` (kept tokens per block, prefix included).
     """
-    model = getattr(model, 'module', model)
-    if not hasattr(model, 'set_masks'):
-        raise TypeError(f'apply_masks needs a Clip & Concat model, got a {type(model).__name__} '
-                        f'(models.apply_clip_concat(model) converts a timm VisionTransformer in place)')
+    model = clip_concat_model(model, 'apply_masks')
     masks = torch.as_tensor(masks)
     depth, num_patches = len(model.blocks), model.num_tokens - model.num_prefix_tokens
     if tuple(masks.shape) != (depth, num_patches):

@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from models.clip_concat import clip_concat_model
+
 
 @contextlib.contextmanager
 def attention_probabilities(model: nn.Module):
@@ -67,17 +69,6 @@ def _scoring_state(model: nn.Module):
             module.training = was_training
 
 
-def _scored_model(model: nn.Module) -> nn.Module:
-    """The Clip & Concat model inside ``model`` (a DistributedDataParallel or ``torch.compile`` wrapper is
-    looked through: scoring runs the model eagerly, with hooks); TypeError if there is none."""
-    model = getattr(model, 'module', model)
-    model = getattr(model, '_orig_mod', model)
-    if not hasattr(model, 'set_masks'):
-        raise TypeError(f'attention_taylor_scores needs a Clip & Concat model, got a {type(model).__name__} '
-                        f'(models.apply_clip_concat(model) converts a timm VisionTransformer in place)')
-    return model
-
-
 def _loss(criterion, output, targets, step: int) -> torch.Tensor:
     """The batch's loss, a scalar that autograd can differentiate to the attention probabilities."""
     loss = criterion(output, targets)
@@ -99,7 +90,7 @@ def attention_taylor_scores(model: nn.Module, batches: Iterable[Tuple[torch.Tens
     probabilities only, so the backward pass skips every weight-gradient product. Under torch.distributed
     the per-process sums are all-reduced, so every process plans the same masks.
     """
-    model = _scored_model(model)
+    model = clip_concat_model(model, 'attention_taylor_scores')  # (scoring runs it eagerly, with hooks)
     if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int)
                                     or max_batches < 1):
         raise ValueError(f'max_batches must be a whole number >= 1 (or None: every batch), got {max_batches!r}')

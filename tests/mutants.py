@@ -421,7 +421,7 @@ MUTANTS: List[Mutant] = [
            [T + 'test_losses_data.py::test_inaturalist_annotation_problems_name_their_file_and_entry'],
            "an iNaturalist image annotated with two classes takes the last, silently"),
     mutant('fast-path-after-a-cast', 'models/fast_path.py',
-           '        if first.dtype != self._head_dtype or first.device != self._model_device:',
+           '        if first.dtype != self._head_dtype or first.device != self.device:',
            '        if False:',
            [T + 'test_fast_path.py::test_a_model_cast_after_the_path_was_built_is_refused'],
            "a fast path whose model was cast afterwards fails with a raw dtype error"),
