@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 import datetime
-from typing import Dict, List, Optional, Set, Tuple
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.nn as nn
@@ -483,6 +483,8 @@ def validate_args(args, void: Set[str] = frozenset()) -> None:
         low, high = args.lr_noise
         raise UserError(f'--lr-noise {low:g} {high:g}: the noise applies from the first fraction of the schedule up to '
                         f'the second, so the first must be below the second (timm would add none)')
+    if not modes and args.lr_noise is not None:
+        check_lr_noise_reaches_an_epoch(args.lr_noise, args.final_finetune)
     if not modes and args.cutmix_minmax is not None:  # (other runs note the mixing flags as having no effect)
         low, high = args.cutmix_minmax
         if low >= high:
@@ -494,6 +496,22 @@ def validate_args(args, void: Set[str] = frozenset()) -> None:
     if not modes and mixing(args) and args.batch_size % 2:
         raise UserError(f'--batch-size {args.batch_size}: mixup and cutmix mix each image with another of its '
                         f'batch, so the batch must be even (or turn them off: --mixup 0 --cutmix 0)')
+
+
+def check_lr_noise_reaches_an_epoch(fractions: Sequence[float], epochs: int) -> None:
+    """timm adds the noise at the schedule steps t >= fractions[0] x epochs (and < fractions[1] x epochs); the
+    schedule is stepped after each epoch, as in DeiT, so epoch 0 trains at the starting rate (no noise) and epoch
+    k >= 1 at step k - 1: a noise that starts past step epochs - 2, or a range holding no whole step, adds none."""
+    bounds = [f * epochs for f in fractions]  # timm's noise range, in steps
+    first = max(0, math.ceil(bounds[0]))  # the first step that gets noise
+    if first <= epochs - 2 and (len(bounds) == 1 or first < bounds[1]):
+        return
+    spec = ' '.join(f'{f:g}' for f in fractions)
+    steps = (f'steps {bounds[0]:g} <= t < {bounds[1]:g}' if len(bounds) == 2 else f'steps t >= {bounds[0]:g}')
+    trained = f'steps 0..{epochs - 2}' if epochs >= 2 else 'no step'
+    raise UserError(f'--lr-noise {spec}: timm adds the noise at the {steps} of the {epochs}-epoch schedule, and '
+                    f'the epochs train at {trained} (epoch k >= 1 at step k - 1: the schedule is stepped after each '
+                    f'epoch, as in DeiT), so no epoch would get noise')
 
 
 # ----------------------------------------------------------------------------------------------------------

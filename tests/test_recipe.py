@@ -289,6 +289,34 @@ def test_an_lr_noise_range_that_ends_before_it_starts_is_one_line(capsys, monkey
     assert not (tmp_path / 'out').exists()
 
 
+
+def test_an_lr_noise_that_no_trained_epoch_reaches_is_one_line(capsys, tmp_path, monkeypatch):
+    """The schedule is stepped after each epoch, so over 10 epochs the epochs train at steps 0..8 (and epoch 0 at
+    the starting rate): noise from 0.8 x 10 reaches the last epoch, noise from 0.81 x 10 (or a range holding no
+    whole step, or any noise over one epoch) none; those are refused before any work."""
+    model = models.create_model('deit_digits_patch4_32')
+
+    def lrs(epochs, *noise):
+        args = finetune.get_args_parser().parse_args(['--final_finetune', str(epochs), '--uniform-lr', *noise])
+        return [lr[0] for lr in epoch_lrs(monkeypatch, args, model, epochs)[1]]
+
+    plain = lrs(10)
+    assert lrs(10, '--lr-noise', '0.8')[:9] == plain[:9] and lrs(10, '--lr-noise', '0.8')[9] != plain[9]
+    assert lrs(10, '--lr-noise', '0.81') == plain and lrs(10, '--lr-noise', '0.31', '0.39') == plain
+    assert lrs(10, '--lr-noise', '0.3', '0.31') != plain and lrs(1, '--lr-noise', '0') == lrs(1)
+    finetune.check_lr_noise_reaches_an_epoch([0.8], 10)
+    finetune.check_lr_noise_reaches_an_epoch([0.3, 0.31], 10)
+    for noise, epochs, steps, trained in ((['0.81'], 10, 't >= 8.1', '0..8'), (['0.31', '0.39'], 10,
+                                          '3.1 <= t < 3.9', '0..8'), (['0'], 1, 't >= 0', None)):
+        out_dir = tmp_path / f'out{epochs}{noise[0]}'
+        code, out, err = cli(capsys, '--data-set', 'DIGITS', '--output_dir', out_dir, '--final_finetune', epochs,
+                             '--lr-noise', *noise)
+        assert code == 2 and err == (
+            f'error: --lr-noise {" ".join(noise)}: timm adds the noise at the steps {steps} of the {epochs}-epoch '
+            f'schedule, and the epochs train at {f"steps {trained}" if trained else "no step"} (epoch k >= 1 at '
+            f'step k - 1: the schedule is stepped after each epoch, as in DeiT), so no epoch would get noise\n')
+        assert not out_dir.exists()
+
 # ----------------------------------------------------------------------------------------------------------
 # 3. evaluation transform
 
