@@ -1326,7 +1326,8 @@ def restore_training(training: engine.Training, checkpoint: dict, args) -> Tuple
                         f'({one_line(e)}); resume with the --opt, --weight-decay and --sched of the run '
                         f'that wrote it') from None
     if training.model_ema is not None and 'model_ema' in checkpoint:
-        models.load_weights(training.model_ema.module, checkpoint['model_ema'], args.resume, f'{args.model} (EMA)')
+        models.load_entry(training.model_ema.module, checkpoint, 'model_ema', args.resume,
+                          f'{args.model} (EMA)')
     start_epoch = int(checkpoint['epoch']) + 1
     max_accuracy = float(checkpoint.get('max_accuracy', -1.0))
     repair_outputs(args, checkpoint)

@@ -6,7 +6,7 @@ model-from-checkpoint builder.  Importing this package registers the ``cc_deit_*
 """
 from . import routing  # noqa: F401
 from .checkpoint import (build_model, build_model_from_checkpoint, check_recorded_name, create_model, dense_copy,
-                         head_classes, load_weights)
+                         head_classes, load_entry, load_weights)
 from .clip_concat import (MASK_KEY, CCBlock, CCVisionTransformer, apply_clip_concat, is_clip_concat,
                           kept_token_counts, unsupported_reason)
 from .flops import count_macs
@@ -15,5 +15,6 @@ from .zoo import base_name, check_model_name, patch_size, pretrained_cfg
 __all__ = [
     'MASK_KEY', 'CCBlock', 'CCVisionTransformer', 'apply_clip_concat', 'is_clip_concat', 'kept_token_counts',
     'unsupported_reason', 'count_macs', 'base_name', 'check_model_name', 'create_model', 'patch_size', 'pretrained_cfg',
-    'build_model', 'build_model_from_checkpoint', 'check_recorded_name', 'dense_copy', 'head_classes', 'load_weights',
+    'build_model', 'build_model_from_checkpoint', 'check_recorded_name', 'dense_copy', 'head_classes', 'load_entry',
+    'load_weights',
 ]

@@ -20,7 +20,8 @@ from .clip_concat import MASK_KEY, kept_token_counts
 from . import zoo
 from .zoo import base_name, check_model_name
 
-__all__ = ['build_model', 'build_model_from_checkpoint', 'create_model', 'dense_copy', 'head_classes', 'load_weights']
+__all__ = ['build_model', 'build_model_from_checkpoint', 'create_model', 'dense_copy', 'head_classes', 'load_entry',
+           'load_weights']
 
 
 def build_model(name: str, num_classes: int, img_size: Optional[int] = None, **timm_kwargs) -> nn.Module:
@@ -146,13 +147,35 @@ def create_model(name: str, pretrained: bool = False, checkpoint_path: Optional[
 def _read(path: str) -> Tuple[dict, Dict[str, torch.Tensor]]:
     """(the file's contents, its model state dict, in timm's names)."""
     checkpoint = load_checkpoint_file(path)
+    return checkpoint, _timm_state_dict(checkpoint, path)
+
+
+def _timm_state_dict(entry: dict, path: str) -> Dict[str, torch.Tensor]:
+    """The model state dict of a file's contents (or of an entry holding one, such as ``model_ema``) in timm's
+    names: wrapper prefixes stripped, and DeiT III's released files (the DeiT repository's models), which name
+    LayerScale blocks.{l}.gamma_1 and gamma_2, renamed to timm's blocks.{l}.ls1.gamma and ls2.gamma (as timm's
+    own converter renames them)."""
     try:
-        sd = state_dict_of(checkpoint)
+        sd = state_dict_of(entry)
     except UserError as e:
         raise UserError(f'{path}: {e}') from None
-    # DeiT III's released files (the DeiT repository's models) name LayerScale blocks.{l}.gamma_1 and gamma_2,
-    # which timm calls blocks.{l}.ls1.gamma and ls2.gamma (timm's own converter renames them the same way)
-    return checkpoint, {re.sub(r'^(blocks\.\d+)\.gamma_([12])$', r'\1.ls\2.gamma', k): v for k, v in sd.items()}
+    return {re.sub(r'^(blocks\.\d+)\.gamma_([12])$', r'\1.ls\2.gamma', k): v for k, v in sd.items()}
+
+
+def load_entry(model: nn.Module, checkpoint: dict, key: str, path: str, name: str, flag: str = '--model') -> None:
+    """The state dict ``checkpoint[key]`` of a file, other than its model weights (a finetuning checkpoint's
+    ``model_ema``), into ``model`` as the weights are loaded: in timm's names, refused when not finite, strictly."""
+    sd = _timm_state_dict(checkpoint[key], f'{path} ({key})')
+    _check_finite(sd, f'{path} ({key})')
+    load_weights(model, sd, path, name, flag)
+
+
+def _check_finite(sd: Dict[str, torch.Tensor], where: str) -> None:
+    broken = [k for k, v in sd.items() if isinstance(v, torch.Tensor) and v.is_floating_point()
+              and not bool(torch.isfinite(v).all())]
+    if broken:  # (evaluated, such weights gave an accuracy of chance or 0% without a word)
+        raise UserError(f'{where}: {_few(broken)} hold{"s" * (len(broken) == 1)} NaN or infinite values, weights '
+                        f'that compute nothing (written by a run that diverged?)')
 
 
 def check_recorded_name(checkpoint: dict, path: str, name: str, flag: str) -> None:
@@ -167,11 +190,7 @@ def _load(model: nn.Module, checkpoint: dict, sd: Dict[str, torch.Tensor], path:
           warn) -> None:
     """The file's weights and masks into ``model``, strictly, and its ``channels`` checked against the masks."""
     stored = recorded_channels(checkpoint, path)
-    broken = [k for k, v in sd.items() if isinstance(v, torch.Tensor) and v.is_floating_point()
-              and not bool(torch.isfinite(v).all())]
-    if broken:  # (evaluated, such weights gave an accuracy of chance or 0% without a word)
-        raise UserError(f'{path}: {_few(broken)} hold{"s" * (len(broken) == 1)} NaN or infinite values, weights '
-                        f'that compute nothing (written by a run that diverged?)')
+    _check_finite(sd, path)
     load_weights(model, sd, path, name, flag)
     actual = kept_token_counts(model)
     if stored is not None and stored != actual:

@@ -436,8 +436,8 @@ MUTANTS: List[Mutant] = [
            [T + 'test_fast_path.py::test_unsupported_models_are_refused_at_build_time'],
            "a LayerNorm followed by an activation taken for a plain LayerNorm, the activation dropped"),
     mutant('deit3-layer-scale-names-unread', 'models/checkpoint.py',
-           "    return checkpoint, {re.sub(r'^(blocks\\.\\d+)\\.gamma_([12])$', r'\\1.ls\\2.gamma', k): v for k, v in sd.items()}",
-           '    return checkpoint, sd',
+           "    return {re.sub(r'^(blocks\\.\\d+)\\.gamma_([12])$', r'\\1.ls\\2.gamma', k): v for k, v in sd.items()}",
+           '    return sd',
            [T + 'test_families.py::test_deit3_file_of_the_deit_repository_loads_as_timms_model'],
            "DeiT III's released files refused (their LayerScale named gamma_1, gamma_2)"),
     mutant('teacher-patches-unchecked', 'finetune.py',
@@ -445,6 +445,16 @@ MUTANTS: List[Mutant] = [
            '        if False:\n            raise UserError(f\'--teacher-model',
            [T + 'test_errors.py::test_a_teacher_whose_patches_do_not_divide_the_input_size_is_refused'],
            "a teacher whose patches do not divide the input drops the rest of every image, silently"),
+    mutant('ema-read-raw', 'finetune.py',
+           "        models.load_entry(training.model_ema.module, checkpoint, 'model_ema', args.resume,",
+           "        models.load_weights(training.model_ema.module, checkpoint['model_ema'], args.resume,",
+           [T + 'test_resume.py::test_resume_reads_the_ema_weights_as_it_reads_the_model_weights'],
+           "a checkpoint's EMA read without the model weights' key cleanup and finiteness check"),
+    mutant('lr-noise-unreached-accepted', 'finetune.py',
+           '    if first <= epochs - 2 and (len(bounds) == 1 or first < bounds[1]):',
+           '    if True:',
+           [T + 'test_recipe.py::test_an_lr_noise_that_no_trained_epoch_reaches_is_one_line'],
+           "an --lr-noise that no trained epoch reaches accepted, adding no noise"),
 ]
 
 

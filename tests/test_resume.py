@@ -601,3 +601,36 @@ def test_main_puts_the_previous_sigterm_handler_back(tmp_path):
         assert signal.getsignal(signal.SIGTERM) is mine
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_resume_reads_the_ema_weights_as_it_reads_the_model_weights(capsys, monkeypatch, small, tmp_path):
+    """The EMA of a finetuning checkpoint is read like its model weights: wrapper prefixes (a file written from a
+    DistributedDataParallel or compiled EMA) stripped and restored exactly; NaN weights refused in one line."""
+    out = tmp_path / 'out'
+    with monkeypatch.context() as patch:
+        accuracies(patch, [50.0])
+        assert _finetune(out, small['data'], '--resume', small['dense'], '--final_finetune', 1) == 0
+    written = load_checkpoint_file(str(out / 'checkpoint.pth'))
+    restored = []
+
+    def epochs(run, start_epoch, end_epoch, max_accuracy, *rest, **kwargs):
+        restored.append({k: v.clone() for k, v in run.model_ema.module.state_dict().items()})
+        return max_accuracy
+
+    monkeypatch.setattr(engine, 'train_epochs', epochs)
+    prefixed = dict(written, model_ema={f'module.{k}': v for k, v in written['model_ema'].items()})
+    torch.save(prefixed, tmp_path / 'prefixed.pth')
+    assert _finetune(tmp_path / 'next', small['data'], '--resume', tmp_path / 'prefixed.pth',
+                     '--final_finetune', 2) == 0
+    assert restored[0].keys() == written['model_ema'].keys()
+    assert all(torch.equal(restored[0][k], v) for k, v in written['model_ema'].items())
+    broken = dict(written, model_ema={**written['model_ema'], 'head.bias': torch.full_like(
+        written['model_ema']['head.bias'], float('nan'))})
+    torch.save(broken, tmp_path / 'broken.pth')
+    capsys.readouterr()
+    assert _finetune(tmp_path / 'again', small['data'], '--resume', tmp_path / 'broken.pth',
+                     '--final_finetune', 2) == 2
+    err = capsys.readouterr().err
+    assert err == (f'error: {tmp_path / "broken.pth"} (model_ema): head.bias holds NaN or infinite values, weights '
+                   f'that compute nothing (written by a run that diverged?)\n')
+    assert len(restored) == 1

@@ -165,7 +165,6 @@ def _unwrapped(key: str) -> str:
     return key
 
 
-
 def checkpoint_args(checkpoint: Dict[str, Any]) -> Dict[str, Any]:
     """The command-line arguments a checkpoint was written with, as a dict: files of this project hold a plain
     dict, released files of the original code an ``argparse.Namespace``; none at all gives {}."""
