@@ -68,10 +68,13 @@ def _keep_zero_bit_posterize(transform) -> None:
 
 
 def build_transform(is_train: bool, args):
-    """DeiT's training transform.  Evaluation: ``--eval-crop-ratio`` 1.0 (the default) squashes the whole image
-    to input x input (bicubic), as the original code evaluated; a ratio below 1 resizes the shorter side to
-    input/ratio, then crops the centre (DeiT: 0.875), except at an input of 32 px or less, where DeiT takes the
-    images as they are (CIFAR's): no crop there, the squash (a no-op for images of the input's size)."""
+    """DeiT's training transform; at an input of 32 px or less its crop with 4 px of padding, taken after the
+    squash to input x input that the evaluation makes there (a no-op for images of the input's size, CIFAR's), so
+    that images of another size train at the scale they are evaluated at (and smaller ones do not stop the run).
+    Evaluation: ``--eval-crop-ratio`` 1.0 (the default) squashes the whole image to input x input (bicubic), as the
+    original code evaluated; a ratio below 1 resizes the shorter side to input/ratio, then crops the centre (DeiT:
+    0.875), except at an input of 32 px or less, where DeiT takes the images as they are (CIFAR's): no crop there,
+    the squash (a no-op for images of the input's size)."""
     size = args.input_size
     mean, std = args.mean, args.std
     if is_train:
@@ -83,8 +86,9 @@ def build_transform(is_train: bool, args):
             re_count=args.recount, mean=mean, std=std,
         )
         _keep_zero_bit_posterize(t)
-        if size <= SMALL_INPUT:
-            t.transforms[0] = transforms.RandomCrop(size, padding=4)
+        if size <= SMALL_INPUT:  # the evaluation's squash first: crops of images at the scale evaluated, any size
+            t.transforms[0:1] = [transforms.Resize((size, size), interpolation=InterpolationMode.BICUBIC),
+                                 transforms.RandomCrop(size, padding=4)]
         return t
     if size <= SMALL_INPUT or args.eval_crop_ratio >= 1.0:
         resize = [transforms.Resize((size, size), interpolation=InterpolationMode.BICUBIC)]

@@ -2,6 +2,7 @@
 import argparse
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -108,6 +109,32 @@ def test_eval_transform_crop_ratio():
     cifar_image = Image.fromarray(torch.randint(0, 256, (32, 32, 3), dtype=torch.uint8).numpy())
     deit = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,) * 3, (0.5,) * 3)])
     assert torch.equal(build_transform(False, _args(input_size=32))(cifar_image), deit(cifar_image))
+
+
+@pytest.mark.parametrize('side', [16, 32, 64])
+def test_small_input_training_crops_the_image_squashed_as_evaluated(side):
+    """At 32 px or less DeiT's training crop (4 px padding) reads the image at the scale the evaluation squashes
+    it to: CIFAR's 32 px images as they are, others resized first (a smaller one stopped the run, a larger one
+    trained on crops of another scale than evaluated)."""
+    import random
+    from timm.data import create_transform
+    args = _args(input_size=32, aa='rand-m9-mstd0.5-inc1', reprob=0.25)
+    g = torch.Generator().manual_seed(side)
+    img = Image.fromarray(torch.randint(0, 256, (side, side, 3), dtype=torch.uint8, generator=g).numpy())
+    deit = create_transform(input_size=32, is_training=True, color_jitter=0.3, auto_augment=args.aa,
+                            interpolation='bicubic', re_prob=0.25, re_mode='pixel', mean=args.mean,
+                            std=args.std)
+    deit.transforms[0] = transforms.RandomCrop(32, padding=4)  # DeiT's build_transform at 32 px
+    squashed = img.resize((32, 32), Image.BICUBIC) if side != 32 else img
+    ours = build_transform(True, args)
+
+    def seeded(transform, image, seed):  # crops and erasing: Python's random and torch; RandAugment's ops: numpy
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        return transform(image)
+    for seed in range(6):
+        assert torch.allclose(seeded(ours, img, seed), seeded(deit, squashed, seed), atol=0.02), seed
 
 
 def test_image_folder_classes(tmp_path):
