@@ -123,7 +123,8 @@ def check_training_transform(args, unused: Collection[str] = ()) -> None:
     try:
         create_transform(input_size=32, is_training=True, auto_augment=args.aa)
     except (AssertionError, KeyError, ValueError) as e:
-        why = e or type(e).__name__
+        why = str(e) or ('a policy is rand-<sections>, augmix-<sections>, or AutoAugment\'s original, originalr, '
+                         'v0, v0r or 3a')  # (timm's bare assertion on the name before the first '-')
         raise UserError(f'--aa {args.aa}: timm cannot read this augmentation policy ({why})') from None
 
 
