@@ -1043,13 +1043,17 @@ def run_prune(args, device: torch.device) -> Dict[str, float]:
     return stats
 
 
-def build_teacher(args, device: torch.device, num_classes: int) -> nn.Module:
+def build_teacher(args, device: torch.device, num_classes: int, dataset=None) -> nn.Module:
+    """The dense teacher of --teacher-path, frozen in eval mode; a file that records other classes than
+    ``dataset``'s (the training set) is refused: its logits would teach the student other classes' labels."""
     name = cc_model_name(args.teacher_model or args.model)
-    teacher, _ = models.build_model_from_checkpoint(args.teacher_path, name, img_size=args.input_size,
-                                                    warn=rank0_print, flag='--teacher-model')
+    teacher, source = models.build_model_from_checkpoint(args.teacher_path, name, img_size=args.input_size,
+                                                         warn=rank0_print, flag='--teacher-model')
     if teacher.num_classes != num_classes:
         raise UserError(f'the teacher {args.teacher_path} has {teacher.num_classes} classes, '
                         f'the student {num_classes}')
+    if dataset is not None:
+        check_recorded_classes(source, dataset, args, 'training', teacher=True)
     if not all(blk.dense for blk in teacher.blocks):
         rank0_print(f'note: {args.teacher_path} holds a pruned model (kept tokens per block: '
                     f'{models.kept_token_counts(teacher)}); the teacher runs dense on its weights, every token kept')
@@ -1242,7 +1246,7 @@ def build_training(args, device: torch.device) -> Tuple[engine.Training, dict]:
 
     teacher = None
     if args.distillation_type != 'none':
-        teacher = build_teacher(args, device, model.num_classes)
+        teacher = build_teacher(args, device, model.num_classes, dataset_train)
         rank0_print(f'Teacher {cc_model_name(args.teacher_model or args.model)} from {args.teacher_path} (dense)')
         if hasattr(model, 'set_distilled_training'):  # DeiT's distilled models: KD through the distillation head
             model.set_distilled_training(True)
@@ -1441,10 +1445,14 @@ def class_names(dataset) -> Optional[List[str]]:
     return [str(n) for n in names] if isinstance(names, (list, tuple)) else None
 
 
-def check_recorded_classes(checkpoint: dict, dataset, args, split: str, continuing: bool = False) -> None:
+def check_recorded_classes(checkpoint: dict, dataset, args, split: str, continuing: bool = False,
+                           teacher: bool = False) -> None:
     """The class folders a file of this project records (``classes``: those its model was trained on) against
     ``dataset``'s: labels are positions in the sorted folder list, so other names would give the model's labels
-    to other classes.  Official files record none (not checked).  ``continuing``: the run continues the file's."""
+    to other classes.  Official files record none (not checked).  ``continuing``: the run continues the file's;
+    ``teacher``: the file is the --teacher-path (whose logits the student is distilled towards), not --resume."""
+    path = args.teacher_path if teacher else args.resume
+    named = f'the teacher {path}' if teacher else path
     saved, current = checkpoint.get('classes'), class_names(dataset)
     if current is None and not continuing:  # labels without names (CIFAR, iNaturalist, DIGITS): the data set says
         recorded = checkpoint_args(checkpoint)
@@ -1452,18 +1460,20 @@ def check_recorded_classes(checkpoint: dict, dataset, args, split: str, continui
         for dest in CLASSES_OF_THE_RUN:
             value = recorded.get(dest)
             if names_other_classes(dest, value, args):
-                raise UserError(f'{args.resume} was trained with {spell(parser, dest, value)}, whose labels name '
-                                f'other classes than {spell(parser, dest, getattr(args, dest))}: give '
-                                f'{spell(parser, dest, value)}')
+                remedy = (f'give a teacher trained on {spell(parser, dest, getattr(args, dest))}' if teacher
+                          else f'give {spell(parser, dest, value)}')
+                raise UserError(f'{named} was trained with {spell(parser, dest, value)}, whose labels name '
+                                f'other classes than {spell(parser, dest, getattr(args, dest))}: {remedy}')
         return
     if not isinstance(saved, (list, tuple)) or current is None or list(saved) == current:
         return
     first = next((i for i, (a, b) in enumerate(zip(saved, current)) if a != b), min(len(saved), len(current)))
-    whose, there = ((f'of the run {args.resume} continues', 'the run') if continuing
-                    else (f'{args.resume} was trained on', 'the file'))
+    whose, there = ((f'of the run {path} continues', 'the run') if continuing
+                    else (f'{named} was trained on', 'the file'))
+    remedy = 'give a teacher trained on these classes' if teacher else 'give the --data-path it used'
     raise UserError(f'the {split} classes under {args.data_path} are not those {whose} (label {first}: '
                     f'{saved[first] if first < len(saved) else "none"} in {there}, '
-                    f'{current[first] if first < len(current) else "none"} here): give the --data-path it used')
+                    f'{current[first] if first < len(current) else "none"} here): {remedy}')
 
 
 def run_finetune(args, device: torch.device) -> Dict[str, float]:

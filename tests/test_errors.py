@@ -440,6 +440,31 @@ def test_teacher_with_another_number_of_classes(capsys, world, earlier, tmp_path
     assert snapshot(earlier) == before
 
 
+@pytest.mark.parametrize('recorded', ['classes', 'data_set'])
+def test_teacher_trained_on_other_classes(capsys, world, earlier, tmp_path, recorded):
+    """As many logits, other classes: the student was distilled towards another class's logit at every label
+    where the teacher's classes differ (folders of other names, or another data set's unnamed labels)."""
+    checkpoint = torch.load(world['dense'], weights_only=True)
+    if recorded == 'classes':
+        checkpoint['classes'] = ['a', 'b', 'x', 'y']
+        data = ['--data-path', world['data']]
+        pattern = (rf'^error: the training classes under {re.escape(str(world["data"]))} are not those the teacher '
+                   rf'{re.escape(str(tmp_path / "teacher.pth"))} was trained on \(label 2: x in the file, c here\): '
+                   r'give a teacher trained on these classes$')
+    else:
+        checkpoint['args'] = {'data_set': 'CIFAR'}
+        data = ['--data-set', 'DIGITS']
+        pattern = (rf'^error: the teacher {re.escape(str(tmp_path / "teacher.pth"))} was trained with --data-set '
+                   r'CIFAR, whose labels name other classes than --data-set DIGITS: give a teacher trained on '
+                   r'--data-set DIGITS$')
+    torch.save(checkpoint, tmp_path / 'teacher.pth')
+    before = snapshot(earlier)
+    assert_one_line_error(capsys, [*data, '--output_dir', earlier, '--final_finetune', '1', '--resume', world['dense'],
+                                   '--distillation-type', 'soft', '--teacher-path', tmp_path / 'teacher.pth'],
+                          EXIT_USER_ERROR, pattern)
+    assert snapshot(earlier) == before
+
+
 def test_missing_teacher(capsys, world, earlier, tmp_path):
     assert_one_line_error(
         capsys, finetune_args(world, earlier, '--distillation-type', 'hard', '--teacher-path', tmp_path / 't.pth'),
