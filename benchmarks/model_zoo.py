@@ -466,6 +466,13 @@ def _writable(path: str, flag: str, created: List[str]) -> str:
     try:
         with tempfile.NamedTemporaryFile(dir=folder, prefix='.write-probe-'):
             pass
+        # the temporary file the atomic writer renames over ``path`` (utils.write_atomic), its longest name: a
+        # name the file system refuses (too long) must fail here, not after the first section
+        target = os.path.realpath(path)
+        probe = os.path.join(os.path.dirname(target), f'.{os.path.basename(target)}.tmp-{os.getpid()}')
+        with open(probe, 'xb'):
+            pass
+        os.remove(probe)
         if os.path.exists(path):
             with open(path, 'a'):
                 pass

@@ -1021,6 +1021,20 @@ def test_outputs_are_checked_writable_before_any_work(capsys, tmp_path):
     assert args.json == str(tmp_path / 'out' / 'r.json')
 
 
+def test_an_output_name_the_file_system_cannot_write_is_refused_before_any_work(capsys, tmp_path):
+    """A name the file system takes but the atomic writer's temporary file next to it does not (or one too long
+    itself) would fail only when the first section is written: refused at the start."""
+    from utils import UserError, write_text_atomic
+    longest = os.pathconf(tmp_path, 'PC_NAME_MAX')
+    for name in ('a' * (longest - 10) + '.json', 'b' * (longest + 1) + '.json'):
+        with pytest.raises(UserError):  # what the run would meet after its first section
+            write_text_atomic(str(tmp_path / 'probe' / name), '{}')
+        for flag in ('--json', '--markdown'):
+            line = _refused(capsys, tmp_path, flag, str(tmp_path / 'refused' / name))
+            assert line.startswith(f'error: argument {flag}: cannot write ') and 'too long' in line
+    assert not (tmp_path / 'probe').exists()
+
+
 def test_outputs_replace_only_files_the_benchmark_wrote(capsys, tmp_path):
     """An existing --json or --markdown is replaced only if it is this script's own output (the committed results
     are); any other file is refused before work starts and left as it was.  A --quick run writes under runs/,
