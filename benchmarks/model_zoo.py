@@ -361,6 +361,8 @@ def _check(args, set_flags=frozenset()) -> None:
             raise UsageError(f'argument --compile-models: {e}') from None
         if timm_name not in given:
             raise UsageError(f'argument --compile-models: {name!r} is not one of --models')
+        if given[timm_name] in compile_models:
+            raise UsageError(f'argument --compile-models: {given[timm_name]!r} is given twice')
         compile_models.append(given[timm_name])
     args.compile_models = compile_models
     _check_rows(args)

@@ -956,6 +956,8 @@ def test_every_numeric_flag_refuses_nan_inf_negative_and_out_of_range_values_nam
     (['--models', 'tiny,deit_tiny_patch16_224'], '--models', 'the same model'),
     (['--models', ''], '--models', 'no model given'),
     (['--compile-models', 'small'], '--compile-models', "'small' is not one of --models"),
+    (['--models', 'tiny,small', '--compile-models', 'tiny,deit_tiny_patch16_224'], '--compile-models',
+     "'tiny' is given twice"),
     (['--original-passes', '5'], '--original-passes', 'only with --protocol original'),
     (['--rows', 'timm,ours,tensorrt'], '--rows', "unknown row 'tensorrt'"),
     (['--rows', 'timm,boolean'], '--rows', 'add ours'),
