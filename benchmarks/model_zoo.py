@@ -359,11 +359,13 @@ def _check(args, set_flags=frozenset()) -> None:
             timm_name = resolve_model(name)
         except ValueError as e:
             raise UsageError(f'argument --compile-models: {e}') from None
-        if timm_name not in given:
+        # the model of --models with that architecture (a pretrained tag names weights, as in --models)
+        same = next((given[t] for t in given if t.partition('.')[0] == timm_name.partition('.')[0]), None)
+        if same is None:
             raise UsageError(f'argument --compile-models: {name!r} is not one of --models')
-        if given[timm_name] in compile_models:
-            raise UsageError(f'argument --compile-models: {given[timm_name]!r} is given twice')
-        compile_models.append(given[timm_name])
+        if same in compile_models:
+            raise UsageError(f'argument --compile-models: {same!r} is given twice')
+        compile_models.append(same)
     args.compile_models = compile_models
     _check_rows(args)
     if not args.rates:

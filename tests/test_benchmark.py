@@ -989,6 +989,15 @@ def test_flags_for_what_the_run_does_are_accepted_where_it_does_it(tmp_path):
     assert args.fast_autotune is False and (args.scoring_repeats, args.scoring_batch_size) == (2, 4)
 
 
+def test_compile_models_names_a_model_of_models_as_models_compares_them(tmp_path):
+    """--models takes 'tiny' and 'deit_tiny_patch16_224.fb_in1k' for the same model (a tag names weights): so
+    does --compile-models, which names the model as --models gave it."""
+    args = _parse(tmp_path, '--models', 'deit_tiny_patch16_224.fb_in1k,small', '--compile-models', 'tiny')
+    assert args.compile_models == ['deit_tiny_patch16_224.fb_in1k']
+    args = _parse(tmp_path, '--models', 'tiny,small', '--compile-models', 'deit_small_patch16_224.fb_in1k,tiny')
+    assert args.compile_models == ['small', 'tiny']
+
+
 def test_rows_asked_for_that_cannot_run_here_are_refused_and_default_ones_skipped(capsys, tmp_path, monkeypatch):
     """Triton runs on CPU only under its interpreter: fast-triton named in --rows is refused before any work
     (it was skipped with a note after the other rows had run); among the default rows it is left out with that
