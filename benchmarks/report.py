@@ -346,14 +346,16 @@ def _machine(results: Dict) -> str:
 
 
 def _main_table(results: Dict) -> List[str]:
-    rows = []
+    rows, no_twin = [], False
     for res in results['models'].values():
         for r in res['rows']:
             name, _, formulation = r['label'].partition(' (')
-            speed = r.get('speedup_vs_twin', r['speedup_vs_timm'])
+            speed = fmt_ratio(r.get('speedup_vs_twin', r['speedup_vs_timm']))
+            if not r.get('dense', True) and 'twin' not in r:  # its dense row was not timed: against timm eager
+                speed, no_twin = f'{speed} (vs timm)', True
             rows.append([name, formulation.rstrip(')'), str(res['batch_size']), f'{r["kept_tokens_mean"]:.1f}',
                          f'{r["gflops"]:.2f}', fmt(r.get('counter_gflops')), f'{r["flops_ratio"]:.2f}',
-                         f'{r["images_per_s"]:.1f}', fmt_ratio(speed), fmt_ratio(r.get('vs_boolean')),
+                         f'{r["images_per_s"]:.1f}', speed, fmt_ratio(r.get('vs_boolean')),
                          fmt(r.get('seed_gpu', {}).get('speedup'))])
     protocol = results['settings'].get('protocol', 'ours')
     return ([protocol_line(protocol, results['settings']), ''] + table(
@@ -363,8 +365,11 @@ def _main_table(results: Dict) -> List[str]:
                + ('(median of the per-round ratios)' if protocol == 'ours' else '(ratio of the mean pass times)')
                + ': dense rows against timm\'s dense model with the same weights (eager), pruned rows against the '
                'dense row of the same formulation (ours and the boolean mask: timm eager; ours compiled: timm '
-               'compiled; a fast path: its dense build). GFLOPs = multiply-accumulates by the paper\'s formula '
-               '(docs/method.md); "counter" = torch.utils.flop_counter / 2.'])
+               'compiled; a fast path: its dense build)'
+               + ('; "(vs timm)": that dense row was not timed (not in --rows, or left out), so the row is against '
+                  'timm eager' if no_twin else '')
+               + '. GFLOPs = multiply-accumulates by the paper\'s formula (docs/method.md); "counter" = '
+               'torch.utils.flop_counter / 2.'])
 
 
 def _summary_table(results: Dict) -> List[str]:

@@ -518,6 +518,29 @@ def test_summary_takes_the_fastest_pruned_and_dense_modes_of_the_run():
     assert sum('fastest pruned' in t['target'] for t in results['targets']) == 4
 
 
+def test_main_table_says_which_pruned_rows_are_set_against_timm_eager_for_want_of_their_dense_row():
+    """A pruned row is shown against the dense row of its formulation (its ``twin``); with --rows timm,ours,
+    ours-compiled (or fast-torch without fast-torch-dense) that dense row is not timed, and the row, against timm
+    eager, says so."""
+    def row(key, kind, dense, vs_timm, label, twin=None, vs_twin=None):
+        r = dict(_row(key, kind, dense, 0.0 if dense else 0.25, [1.0]), speedup_vs_timm=vs_timm, label=label,
+                 kept_tokens_mean=1.0, gflops=1.0, images_per_s=1.0)
+        return r if twin is None else dict(r, twin=twin, speedup_vs_twin=vs_twin)
+    rows = [row('timm', 'timm', True, 1.0, 'DeiT-Ti (timm)'),
+            row('fast_torch', 'fast-torch-dense', True, 1.5, 'DeiT-Ti (fast path, torch)'),
+            row('ours_25', 'ours', False, 1.25, 'C&C-Ti-25 (ours)', 'timm', 1.25),
+            row('fast_torch_25', 'fast-torch', False, 1.75, 'C&C-Ti-25 (fast path, torch)', 'fast_torch', 1.125),
+            row('compiled_25', 'ours-compiled', False, 1.2, 'C&C-Ti-25 (ours, compiled)')]  # timm compiled not timed
+    results = {'models': {'tiny': {'batch_size': 8, 'rows': rows}}, 'settings': {'protocol': 'ours'}}
+    cells = {line.split(' | ')[0][2:] + ' ' + line.split(' | ')[1]: line.split(' | ')[8]
+             for line in report._main_table(results) if line.startswith('| DeiT') or line.startswith('| C&C')}
+    assert cells == {'DeiT-Ti timm': '1.00', 'DeiT-Ti fast path, torch': '1.50', 'C&C-Ti-25 ours': '1.25',
+                     'C&C-Ti-25 fast path, torch': '1.12', 'C&C-Ti-25 ours, compiled': '1.20 (vs timm)'}
+    assert '"(vs timm)": that dense row was not timed' in report._main_table(results)[-1]
+    del rows[-1]
+    assert '(vs timm)' not in '\n'.join(report._main_table(results))
+
+
 def test_a_row_that_fails_its_logit_check_takes_no_part_in_the_speed_verdicts():
     """_summary_run's fastest pruned row (boolean) with logits off, and its fastest dense one (timm compiled) with
     top-1 off: the verdicts compare the fastest rows that passed, and say which were left out and why."""
