@@ -814,12 +814,12 @@ def kernel_family(kernel_name: str) -> str:
 def family_macs(model: nn.Module) -> Dict[str, int]:
     """The docs/method.md count split by family of operations (sums to models.count_macs; the formula prices
     no LayerNorm, GELU, softmax, residual add or routing, so those families have none)."""
-    C, kept = model.embed_dim, models.kept_token_counts(model)
-    hidden = model.blocks[0].mlp.fc1.out_features
-    patch = models.count_macs(model, [0] * len(kept)) - C * model.num_classes
-    return {'patch embedding': patch,
-            'attention': sum(2 * n * n * C for n in kept),
-            'linear layers': sum(4 * n * C * C + 2 * n * C * hidden for n in kept) + C * model.num_classes}
+    kept, proj, attn = models.kept_token_counts(model), model.patch_embed.proj, model.blocks[0].attn
+    patch = model.patch_embed.num_patches * proj.in_channels * math.prod(proj.kernel_size) * model.embed_dim
+    attention = sum(2 * n * n * attn.num_heads * attn.head_dim for n in kept)  # the attention width, not C
+    # the rest: the blocks' four products and every head (a distilled model's two)
+    return {'patch embedding': patch, 'attention': attention,
+            'linear layers': models.count_macs(model) - patch - attention}
 
 
 def event_family_ms(events, device_type: str) -> Tuple[Dict[str, float], Dict[str, float]]:

@@ -314,6 +314,13 @@ def test_breakdown_families_split_the_paper_formula_exactly():
         macs = zoo.family_macs(model)
         assert sum(macs.values()) == models.count_macs(model)
         assert macs['attention'] == sum(2 * n * n * 192 for n in models.kept_token_counts(model))
+    # a distilled DeiT's second head is a linear layer, not part of the patch embedding (a 16x16 convolution
+    # from 3 channels to 192 at each of the 196 patches)
+    model = models.create_model('deit_tiny_distilled_patch16_224')
+    macs = zoo.family_macs(model)
+    assert macs['patch embedding'] == 196 * 3 * 16 * 16 * 192
+    assert macs['linear layers'] == 12 * 198 * (4 * 192 * 192 + 2 * 192 * 768) + 2 * 192 * 1000
+    assert sum(macs.values()) == models.count_macs(model)
 
 
 def test_breakdown_sorts_aten_ops_into_families():
