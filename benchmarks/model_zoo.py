@@ -381,7 +381,9 @@ def _check(args, set_flags=frozenset()) -> None:
             probe = models.create_model(timm_name)
         depth, patches = len(probe.blocks), probe.patch_embed.num_patches
         slots = depth * patches
-        for flag, rate in [('--rates', r) for r in args.rates] + [('--sweep-rates', r) for r in args.sweep_rates if r]:
+        # the rate sweep runs on the first model only
+        sweep = [('--sweep-rates', r) for r in args.sweep_rates if r] if name == args.models[0] else []
+        for flag, rate in [('--rates', r) for r in args.rates] + sweep:
             if not pruning.num_clipped_slots(depth, patches, rate):
                 raise UsageError(f'argument {flag}: {rate:g} clips int({slots} x {rate:g}) = 0 of the {slots} (layer, '
                                  f'patch) slots of {name}: nothing would be pruned (a rate clips one from 1/{slots} '

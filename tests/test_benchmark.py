@@ -988,6 +988,8 @@ def test_every_numeric_flag_refuses_nan_inf_negative_and_out_of_range_values_nam
     (['--compile-models', 'small'], '--compile-models', "'small' is not one of --models"),
     (['--models', 'tiny,small', '--compile-models', 'tiny,deit_tiny_patch16_224'], '--compile-models',
      "'tiny' is given twice"),
+    (['--models', 'vit_base_patch32_224,tiny', '--sweep-rates', '0.001'], '--sweep-rates',
+     'clips int(588 x 0.001) = 0 of the 588 (layer, patch) slots of vit_base_patch32_224'),
     (['--original-passes', '5'], '--original-passes', 'only with --protocol original'),
     (['--rows', 'timm,ours,tensorrt'], '--rows', "unknown row 'tensorrt'"),
     (['--rows', 'timm,boolean'], '--rows', 'add ours'),
@@ -1012,6 +1014,10 @@ def test_other_mistakes_are_one_line_naming_the_flag(capsys, tmp_path, argv, fla
 
 def test_flags_for_what_the_run_does_are_accepted_where_it_does_it(tmp_path):
     """The counterparts of the refusals of flags without effect: with the rows they steer, they are taken."""
+    # the rate sweep runs on the first model only: a rate that clips nothing of another model is no mistake
+    # (int(12 x 196 x 0.001) = 2 (layer, patch) slots of DeiT-Ti, int(12 x 49 x 0.001) = 0 of ViT-B/32)
+    args = _parse(tmp_path, '--models', 'tiny,vit_base_patch32_224', '--sweep-rates', '0,0.001')
+    assert args.sweep_rates == [0.0, 0.001]
     args = _parse(tmp_path, '--quick', '--compile', '--compile-budget', '5', '--compile-min-batch', '8')
     assert (args.compile_budget, args.compile_min_batch) == (5.0, 8) and 'ours-compiled' in args.rows
     args = _parse(tmp_path, '--rows', 'timm,ours,fast-torch-dense,fast-torch', '--no-fast-autotune',
