@@ -873,6 +873,19 @@ def test_report_runs_by_path_from_anywhere_and_a_mistyped_flag_is_one_line(tmp_p
 # ---------------------------------------------------------------------------------------------------------------
 # the original code's protocol
 
+def test_original_protocol_verdicts_on_the_boolean_formulation_are_ratios_of_means_not_unpaired_medians():
+    """Under --protocol original a row's ratios are ratios of means, with no interval by nature: its target against
+    the boolean formulation is decided like its target against timm; under ours, a ratio with too few rounds for
+    an interval is 'within noise'."""
+    for protocol, decided in (('original', 'yes'), ('ours', 'yes, within noise')):
+        row = dict(_row('ours_25', 'ours', False, 0.25, [1.0], 1.2, 'C&C-Ti-25 (ours)'), protocol=protocol,
+                   speedup_vs_timm=1.3, vs_boolean=1.1, vs_boolean_ci=None)
+        results = {'models': {'tiny': {'label': 'DeiT-Ti', 'short': 'Ti', 'batch_size': 2, 'rows': [row]}}}
+        verdicts = {t['target']: report.verdict(t) for t in report.targets(results, 'cpu')}
+        assert verdicts == {'C&C-Ti-25 (ours): speed-up over dense timm >= FLOPs ratio (cpu)': decided,
+                            'C&C-Ti-25 (ours): >= 1.0x the boolean-mask formulation': decided}, protocol
+
+
 def test_original_protocol_times_each_row_alone_with_autograd_and_the_original_settings(monkeypatch):
     weight = torch.ones(1, requires_grad=True)
     calls = []
