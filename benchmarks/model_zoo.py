@@ -84,7 +84,7 @@ from benchmarks.formulations import (  # noqa: E402
 )
 from benchmarks.stats import Timings, as_fields, paired  # noqa: E402
 from engine import original_settings, steady_allocator  # noqa: E402
-from utils import write_text_atomic  # noqa: E402
+from utils import UserError, write_text_atomic  # noqa: E402
 
 # The paper's figures on its GPU (GFLOPs, images/s, speed-up; docs/method.md); a row's ``seed_gpu``.
 SEED_GPU = {
@@ -1435,5 +1435,16 @@ def main(argv=None) -> Dict:
     return results
 
 
+def cli(argv=None) -> int:
+    """The command: exit status 1 when a section failed, or when writing the results failed mid-run (a disk that
+    filled, a folder removed: one ``error:`` line, the sections written before it kept), 0 otherwise."""
+    try:
+        results = main(argv)
+    except UserError as e:
+        sys.stderr.write(f'error: {e}\n')
+        return 1
+    return 1 if any(r['status'] == 'failed' for r in results['sections']) else 0
+
+
 if __name__ == '__main__':
-    sys.exit(1 if any(r['status'] == 'failed' for r in main()['sections']) else 0)
+    sys.exit(cli())

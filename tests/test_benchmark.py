@@ -7,6 +7,7 @@ import math
 import os
 import re
 import statistics
+import shutil
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -1149,6 +1150,31 @@ def test_quick_fills_in_only_what_the_user_did_not_give(tmp_path):
 SMALL = ['--device', 'cpu', '--quick', '--masks', 'random', '--rates', '0.25', '--batch-size', '2', '--repeats', '3',
          '--warmup', '0', '--sweep-batch-sizes', '', '--sweep-rates', '', '--scoring-repeats', '0',
          '--routing-repeats', '0', '--breakdown-rounds', '0', '--summary-batch-sizes', '1,2', '--malloc', 'default']
+
+
+def test_a_results_file_that_cannot_be_written_mid_run_is_one_line_and_exit_1(tmp_path, capsys, monkeypatch):
+    """Writing the results after a section fails (here: its folder replaced by a file under the run): one
+    ``error:`` line naming the file and exit status 1, no traceback; the exit status is 1 as well for a failed
+    section."""
+    out = tmp_path / 'results'
+    out.mkdir()
+
+    def replace_folder(*a, **k):
+        shutil.rmtree(out)
+        out.write_text('not a folder')
+
+    monkeypatch.setattr(zoo, 'run_section', replace_folder)
+    assert zoo.cli(SMALL + ['--json', str(out / 'r.json'), '--markdown', str(out / 'r.md')]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith('error: ') and str(out / 'r.json') in err and len(err.splitlines()) == 1
+    assert 'Traceback' not in err
+
+    def fails(*a, **k):
+        raise RuntimeError('broken row')
+
+    monkeypatch.setattr(zoo, 'run_section', fails)
+    assert zoo.cli(SMALL + ['--json', str(tmp_path / 'r.json'), '--markdown', str(tmp_path / 'r.md')]) == 1
+    assert json.loads((tmp_path / 'r.json').read_text())['sections'][0]['status'] == 'failed'
 
 
 def _fastest(rows_or_seconds, batch):
