@@ -282,15 +282,17 @@ def _fill_dense_masks(module, state_dict, prefix, local_metadata, strict, missin
                       error_msgs):
     """Official weights carry no masks: read them as 'keep everything' for every block whose weights they hold
     (a partial ``strict=False`` load without a block's weights leaves its mask as it is; torch passes ``strict``
-    True to every hook, so the keys tell).  Check masks that are present."""
+    True to every hook, so the keys tell).  In a state dict that holds masks, a block whose weights come without
+    one is read the same way and its mask is reported missing (an error when strict).  Check masks that are
+    present."""
     keys = [f'{prefix}blocks.{i}.{MASK_KEY}' for i in range(len(module.blocks))]
     present = [k for k in keys if k in state_dict]
-    if not present:
-        loaded = {key[len(prefix):].split('.')[1] for key in state_dict if key.startswith(f'{prefix}blocks.')}
-        for i, k in enumerate(keys):
-            if str(i) in loaded:
-                state_dict[k] = torch.ones(module.num_tokens, dtype=torch.bool)
-        return
+    loaded = {key[len(prefix):].split('.')[1] for key in state_dict if key.startswith(f'{prefix}blocks.')}
+    for i, k in enumerate(keys):
+        if k not in state_dict and str(i) in loaded:
+            state_dict[k] = torch.ones(module.num_tokens, dtype=torch.bool)
+            if present:  # not official weights: a pruned state dict that lost this block's mask
+                missing_keys.append(k)
     for k in present:
         mask = state_dict[k]
         if not isinstance(mask, torch.Tensor) or mask.dim() != 1 or mask.numel() != module.num_tokens:

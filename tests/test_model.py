@@ -264,6 +264,21 @@ def test_a_partial_load_keeps_the_masks_of_the_blocks_it_leaves_out(tmp_path):
     assert models.kept_token_counts(model) == [17] * 3
 
 
+def test_a_block_loaded_without_its_mask_beside_masked_blocks_is_dense_and_reported(tmp_path):
+    """A state dict that holds masks but not the one of a block whose weights it holds (a pruned file that lost a
+    key): that block is read as official weights (all kept), not left with the mask it had, and the key is
+    reported missing: returned by strict=False, an error when strict."""
+    model, sd = _pruned_state(tmp_path)
+    counts = models.kept_token_counts(model)
+    assert counts[1] != 17
+    lost = {k: v for k, v in sd.items() if k != 'blocks.1.attn.token_index'}
+    result = model.load_state_dict(lost, strict=False)
+    assert models.kept_token_counts(model) == [counts[0], 17, counts[2]]
+    assert result.missing_keys == ['blocks.1.attn.token_index']
+    with pytest.raises(RuntimeError, match=r'Missing key.*blocks\.1\.attn\.token_index'):
+        model.load_state_dict(lost)
+
+
 def test_a_model_built_on_the_meta_device_loads_its_weights_by_assignment(tmp_path):
     """Built on the meta device (nothing allocated), then load_state_dict(..., assign=True): the same model."""
     model, sd = _pruned_state(tmp_path)
