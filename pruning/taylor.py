@@ -13,6 +13,7 @@ softmax, as timm's ``AttentionExtract`` does): while scoring, each attention tak
 masks) runs as written there.
 """
 import contextlib
+import itertools
 from typing import Iterable, List, Optional, Tuple
 
 import torch
@@ -100,9 +101,8 @@ def attention_taylor_scores(model: nn.Module, batches: Iterable[Tuple[torch.Tens
     scores = torch.zeros(depth, model.num_tokens, dtype=torch.float64, device=device)
     scored = 0
     with _scoring_state(model), attention_probabilities(model) as probs, torch.enable_grad():
-        for step, (images, targets) in enumerate(batches):
-            if max_batches is not None and step >= max_batches:
-                break
+        # (islice stops before drawing a batch past the cap: an iterator the caller goes on using loses none)
+        for step, (images, targets) in enumerate(itertools.islice(batches, max_batches)):
             images = images.to(device, non_blocking=True)
             targets = targets.to(device, non_blocking=True)
             loss = _loss(criterion, model(images), targets, step)

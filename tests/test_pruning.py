@@ -88,6 +88,18 @@ def test_scores_take_absolute_value_per_batch_then_sum():
     assert torch.allclose(first, pruning.attention_taylor_scores(model, batches[:1], criterion))
 
 
+def test_max_batches_draws_no_batch_past_the_cap():
+    """An iterator the caller goes on using after scoring (a DataLoader's, say) loses no batch to the cap: scoring
+    with max_batches=2 takes the first two and leaves the third for the caller."""
+    model = _small_model()
+    batches = _batches(n=3)
+    stream = iter(batches)
+    capped = pruning.attention_taylor_scores(model, stream, nn.CrossEntropyLoss(), max_batches=2)
+    assert torch.equal(capped, pruning.attention_taylor_scores(model, batches[:2], nn.CrossEntropyLoss()))
+    left = next(stream, None)
+    assert left is not None and left[0] is batches[2][0]
+
+
 def test_scoring_changes_nothing_in_the_model():
     model = _small_model()
     plan = torch.ones(3, 16, dtype=torch.bool)
