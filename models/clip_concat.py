@@ -30,6 +30,7 @@ from typing import Dict, List, Optional, Sequence, Type
 
 import torch
 import torch.nn as nn
+from timm.layers import to_2tuple
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from .routing import gather_concat, positions, update_in_place, walk_token_order
@@ -170,6 +171,24 @@ class CCModelMixin:
         result = super().prune_intermediate_layers(*args, **kwargs)
         self.refresh_token_plan()
         return result
+
+    def set_input_size(self, img_size=None, patch_size=None) -> None:
+        """timm's (same arguments).  Masks hold one entry per token of the current input, so a pruned model is
+        refused (ValueError, nothing changed: its tokens past the old count would be dropped without a word); a
+        dense one gets masks of the new length, all True."""
+        same = ((img_size is None or to_2tuple(img_size) == tuple(self.patch_embed.img_size))
+                and (patch_size is None or to_2tuple(patch_size) == tuple(self.patch_embed.patch_size)))
+        if not same and not all(blk.dense for blk in self.blocks):
+            raise ValueError('set_input_size of a pruned model: its masks are planned for '
+                             f'{self.num_tokens} tokens (set_dense() first, then plan masks for the new size)')
+        super().set_input_size(img_size=img_size, patch_size=patch_size)
+        num_tokens = self.patch_embed.num_patches + self.num_prefix_tokens
+        if num_tokens != self.num_tokens:
+            for blk in self.blocks:
+                mask = blk.attn.token_index
+                blk.attn.token_index = torch.ones(num_tokens, dtype=torch.bool, device=mask.device)
+            self.num_tokens = num_tokens
+            self.refresh_token_plan()
 
     def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False):
         # A head that reads the prefix tokens (always at the front) or pools over all tokens does not depend on

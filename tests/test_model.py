@@ -279,6 +279,34 @@ def test_a_block_loaded_without_its_mask_beside_masked_blocks_is_dense_and_repor
         model.load_state_dict(lost)
 
 
+def test_set_input_size_resizes_a_dense_model_and_refuses_a_pruned_one(tmp_path):
+    """timm's set_input_size: a pruned model is refused and left as it was (its masks cover the old tokens only:
+    forward kept 17 of the 37 tokens of a 96 px image and dropped the rest without a word); a dense one computes
+    what timm's resized model computes, and takes masks of the new length."""
+    model, _ = _pruned_state(tmp_path)
+    counts = models.kept_token_counts(model)
+    with pytest.raises(ValueError, match='set_input_size of a pruned model'):
+        model.set_input_size(img_size=96)
+    assert tuple(model.patch_embed.img_size) == (64, 64) and models.kept_token_counts(model) == counts
+    model.set_dense()
+    reference = timm.create_model('deit_tiny_patch16_224', img_size=64, depth=3).eval()
+    reference.load_state_dict({k: v for k, v in model.state_dict().items() if not k.endswith('token_index')})
+    model.set_input_size(img_size=96)
+    reference.set_input_size(img_size=96)
+    x = torch.randn(2, 3, 96, 96)
+    model.eval()
+    with torch.no_grad():
+        assert model.forward_features(x).shape == (2, 37, 192)
+        assert torch.allclose(model(x), reference(x), atol=1e-5)
+    plan = _revisiting_plan(3, 36, 0)
+    pruning.apply_masks(model, plan)
+    built = timm.create_model('cc_deit_tiny_patch16_224', img_size=96, depth=3).eval()  # made at 96 px
+    built.load_state_dict(model.state_dict())
+    pruning.apply_masks(built, plan)
+    with torch.no_grad():
+        assert torch.equal(model(x), built(x))
+
+
 def test_a_model_built_on_the_meta_device_loads_its_weights_by_assignment(tmp_path):
     """Built on the meta device (nothing allocated), then load_state_dict(..., assign=True): the same model."""
     model, sd = _pruned_state(tmp_path)
