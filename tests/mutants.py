@@ -219,7 +219,7 @@ MUTANTS: List[Mutant] = [
            [SEEDED + '[0]'], 'numpy (mixup, cutmix) left unseeded'),
     # --- pruning ---------------------------------------------------------------------------------------------
     mutant('partial-load-resets-masks', 'models/clip_concat.py',
-           '            if str(i) in loaded:\n', '            if True:\n',
+           '        if k not in state_dict and str(i) in loaded:\n', '        if k not in state_dict:\n',
            [T + 'test_model.py::test_a_partial_load_keeps_the_masks_of_the_blocks_it_leaves_out'],
            'load_state_dict(strict=False) of a new head makes a pruned model dense'),
     mutant('scoring-resets-submodule-modes', 'pruning/taylor.py',
