@@ -818,7 +818,7 @@ def family_macs(model: nn.Module) -> Dict[str, int]:
     no LayerNorm, GELU, softmax, residual add or routing, so those families have none)."""
     kept, proj, attn = models.kept_token_counts(model), model.patch_embed.proj, model.blocks[0].attn
     patch = model.patch_embed.num_patches * proj.in_channels * math.prod(proj.kernel_size) * model.embed_dim
-    attention = sum(2 * n * n * attn.num_heads * attn.head_dim for n in kept)  # the attention width, not C
+    attention = sum(2 * n * n * models.attention_width(attn) for n in kept)  # the attention width, not C
     # the rest: the blocks' four products and every head (a distilled model's two)
     return {'patch embedding': patch, 'attention': attention,
             'linear layers': models.count_macs(model) - patch - attention}

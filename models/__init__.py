@@ -9,12 +9,13 @@ from .checkpoint import (build_model, build_model_from_checkpoint, check_recorde
                          head_classes, load_entry, load_weights)
 from .clip_concat import (MASK_KEY, CCBlock, CCVisionTransformer, apply_clip_concat, is_clip_concat,
                           kept_token_counts, unsupported_reason)
-from .flops import count_macs
+from .flops import attention_width, count_macs
 from .zoo import base_name, check_model_name, patch_size, pretrained_cfg
 
 __all__ = [
     'MASK_KEY', 'CCBlock', 'CCVisionTransformer', 'apply_clip_concat', 'is_clip_concat', 'kept_token_counts',
-    'unsupported_reason', 'count_macs', 'base_name', 'check_model_name', 'create_model', 'patch_size', 'pretrained_cfg',
+    'unsupported_reason', 'attention_width', 'count_macs', 'base_name', 'check_model_name', 'create_model',
+    'patch_size', 'pretrained_cfg',
     'build_model', 'build_model_from_checkpoint', 'check_recorded_name', 'dense_copy', 'head_classes', 'load_entry',
     'load_weights',
 ]

@@ -22,10 +22,18 @@ def count_macs(model: nn.Module, channels: Optional[List[int]] = None) -> int:
     C = model.embed_dim
     proj = model.patch_embed.proj
     patch_macs = model.patch_embed.num_patches * proj.in_channels * proj.kernel_size[0] * proj.kernel_size[1] * C
-    attn = model.blocks[0].attn
-    D = attn.num_heads * attn.head_dim
+    D = attention_width(model.blocks[0].attn)
     hidden = model.blocks[0].mlp.fc1.out_features
     block_macs = sum(3 * n * C * D + 2 * n * n * D + n * D * C + 2 * n * C * hidden for n in channels)
     heads = [h for h in (getattr(model, 'head', None), getattr(model, 'head_dist', None)) if isinstance(h, nn.Linear)]
     head_macs = sum(h.in_features * h.out_features for h in heads)
     return patch_macs + block_macs + head_macs
+
+
+def attention_width(attn: nn.Module) -> int:
+    """``D`` of :func:`count_macs`: the width the attention products run at, the input of the output projection.
+    In timm's ``Attention`` that is heads x head_dim; ``DiffAttention`` (the ``vit_dwee_*`` models) halves its
+    head_dim for two attention maps per head that read values of twice that width, so there QK^T (two maps)
+    and AV (their difference) cost ``n^2 C`` each, as in a standard block: ``D = C``."""
+    proj = getattr(attn, 'proj', None)
+    return proj.in_features if isinstance(proj, nn.Linear) else attn.num_heads * attn.head_dim

@@ -73,6 +73,24 @@ def test_design_formula_matches_torch_flop_counter(name, rate, fused):
     assert per_op['aten.addmm'] == batch * 2 * linear
 
 
+def test_differential_attention_counts_its_products_at_their_width():
+    """timm's DiffAttention (vit_dwee_*) runs two attention maps of half-width heads against values of twice that
+    width: QK^T and AV each cost n^2 C, as in a standard block, and the formula with the attention width of
+    models.attention_width (C there, not heads x head_dim = C/2) counts what the counter counts, pruned or not."""
+    torch.manual_seed(0)
+    for rate in (0.0, 0.4):
+        model = models.create_model('vit_dwee_patch16_reg1_gap_256', img_size=64, depth=2, num_classes=5).eval()
+        assert models.attention_width(model.blocks[0].attn) == model.embed_dim
+        assert model.blocks[0].attn.num_heads * model.blocks[0].attn.head_dim == model.embed_dim // 2
+        if rate:
+            pruning.apply_masks(model, pruning.random_masks(len(model.blocks), model.patch_embed.num_patches, rate,
+                                                            generator=torch.Generator().manual_seed(0)))
+            assert min(models.kept_token_counts(model)) < model.num_tokens
+        for blk in model.blocks:
+            blk.attn.fused_attn = False  # (the fused path runs AV once per map: two, where the method has one)
+        total, per_op = _count(model, batch=1, size=64)
+        assert total == 2 * models.count_macs(model), (total, 2 * models.count_macs(model), per_op)
+
 @pytest.mark.parametrize('name', ['deit_tiny_patch16_224', 'deit_small_patch16_224'])
 def test_dense_timm_deit_counts_like_the_paper(name):
     """timm's own DeiT (not our patched model) against the formula, and the paper's 1.3 / 4.6 GFLOPs."""
