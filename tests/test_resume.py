@@ -126,6 +126,58 @@ def test_a_failed_write_removes_the_folder_it_created(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ['kept'] and os.listdir(tmp_path / 'kept') == []
 
 
+def torch_save_cut_by(monkeypatch, stop, after_bytes=4096, on_call=1):
+    """torch.save whose ``on_call``-th call has ``stop`` raised in one of its writes once ``after_bytes`` are
+    written, as a signal handler raises it where the write is (the real torch.save, through a file object)."""
+    real_save, calls = torch.save, []
+
+    class Cut:
+        def __init__(self, f):
+            self.f, self.written = f, 0
+
+        def write(self, data):
+            self.written += len(data)
+            if self.written > after_bytes:
+                raise stop()
+            return self.f.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    def save(obj, f, *args, **kwargs):
+        calls.append(f)
+        return real_save(obj, Cut(f) if len(calls) == on_call else f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, 'save', save)
+
+
+@pytest.mark.parametrize('stop', [KeyboardInterrupt, finetune.Terminated])
+def test_an_interruption_inside_torch_save_is_raised_as_it_is(tmp_path, monkeypatch, stop):
+    """torch.save cut in the middle of a write raises a RuntimeError of its zip writer (unexpected pos) while
+    handling the interruption: the writer raises the interruption itself, so a run reports its stop."""
+    path = tmp_path / 'checkpoint.pth'
+    save_atomic({'epoch': 1, 'w': torch.ones(10000)}, str(path))
+    before = path.read_bytes()
+    torch_save_cut_by(monkeypatch, stop)
+    with pytest.raises(stop):
+        save_atomic({'epoch': 2, 'w': torch.zeros(10000)}, str(path))
+    assert path.read_bytes() == before and leftovers(tmp_path) == []
+
+
+def test_sigterm_while_a_checkpoint_is_written_ends_with_one_line(tmp_path, monkeypatch, capsys):
+    """SIGTERM inside torch.save of epoch 1's checkpoint: exit 143 and the line naming epoch 0's, not a
+    traceback of torch's zip writer."""
+    world = digits_world(tmp_path)
+    out = tmp_path / 'out'
+    torch_save_cut_by(monkeypatch, finetune.Terminated, on_call=3)  # epoch 0: checkpoint.pth, best.pth; epoch 1
+    code = finetune.main([*DIGITS_ARGS, '--resume', world['dense'], '--data-path', world['data'], '--output_dir',
+                          str(out), '--final_finetune', '2'])
+    ckpt = out / 'checkpoint.pth'
+    assert (code, capsys.readouterr().err) == (143, f'terminated (SIGTERM); the last complete checkpoint is {ckpt} '
+                                                    f'(epoch 0); continue with --resume {ckpt}\n')
+    assert load_checkpoint_file(str(ckpt))['epoch'] == 0 and leftovers(out) == []
+
+
 def test_a_symbolic_link_is_written_through(tmp_path):
     """The file a link names gets the new contents and the link stays a link (the rename replaced the link with
     a plain file, and the file it named kept its old contents)."""

@@ -177,9 +177,10 @@ def checkpoint_args(checkpoint: Dict[str, Any]) -> Dict[str, Any]:
 def write_atomic(path: str, write: Callable[[Any], None]) -> None:
     """The one atomic writer: ``write(f)`` fills a temporary file (binary) in the same directory, created if
     needed, which is flushed, fsynced and renamed over ``path``, and the rename is made durable.  A job killed
-    or failing while writing leaves the previous file intact and no temporary file; an OSError (disk full,
-    directory removed) becomes a one-line :class:`UserError`.  A ``path`` that is a symbolic link is written
-    through: the file it names is replaced, and the link stays."""
+    or failing while writing leaves the previous file intact and no temporary file; an interruption (Ctrl-C,
+    SIGTERM) is raised as it is, and an OSError (disk full, directory removed) becomes a one-line
+    :class:`UserError`.  A ``path`` that is a symbolic link is written through: the file it names is replaced,
+    and the link stays."""
     target = os.path.realpath(path)
     directory = os.path.dirname(target)
     tmp = os.path.join(directory, f'.{os.path.basename(target)}.tmp-{os.getpid()}')
@@ -197,11 +198,27 @@ def write_atomic(path: str, write: Callable[[Any], None]) -> None:
         if created:  # the folder made for this file goes with it (when nothing else is in it)
             with contextlib.suppress(OSError):
                 os.rmdir(directory)
+        interrupt = _interrupt_behind(e)
+        if interrupt is not None:
+            raise interrupt
         if isinstance(e, OSError):
             what = 'the previous file is untouched' if os.path.exists(path) else 'nothing was written'
             raise UserError(f'cannot write {path}: {e.strerror or e} ({what})') from None
         raise
     _fsync_directory(directory)
+
+
+def _interrupt_behind(e: BaseException) -> Optional[BaseException]:
+    """The interruption (Ctrl-C, SIGTERM: a BaseException that is not an Exception) that ``e`` is or that it
+    was raised while handling, else None.  torch.save cut by a signal ends in a RuntimeError of its zip writer
+    ('unexpected pos'), which would otherwise hide the stop the run reports."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if not isinstance(e, Exception):
+            return e
+        seen.add(id(e))
+        e = e.__context__
+    return None
 
 
 def save_atomic(obj: Any, path: str) -> None:
