@@ -730,6 +730,26 @@ def gflops(model: nn.Module) -> float:
 # ----------------------------------------------------------------------------------------------------------
 # data
 
+def _stop_quietly(signum, frame):
+    raise KeyboardInterrupt
+
+
+def worker_stops_quietly_on_sigterm(worker_id: int) -> None:
+    """A DataLoader worker ends on SIGTERM as on Ctrl-C: torch's worker loop returns on KeyboardInterrupt (exit
+    code 0) and the main process stops the run.  A scheduler that signals every process of the job (SLURM, a
+    kill of the process group) reaches the workers too; under torch's own handler they die by the signal, which
+    the main process reports as a failed worker (a traceback, exit code 1) instead of its one line and 143."""
+    signal.signal(signal.SIGTERM, _stop_quietly)
+
+
+class DataLoader(torch.utils.data.DataLoader):
+    """torch's, with its iterator (which starts the workers) made under :func:`sigterm_held`."""
+
+    def __iter__(self):
+        with sigterm_held():
+            return super().__iter__()
+
+
 def data_loader(dataset, args, train: bool, sampler=None, batch_size=None):
     # Training draws its shuffle and its workers' seeds from a generator of its own (saved with checkpoints).
     generator = seeding.data_generator(args.seed, args.rank) if train else None
@@ -747,10 +767,10 @@ def data_loader(dataset, args, train: bool, sampler=None, batch_size=None):
         else:
             sampler = torch.utils.data.SequentialSampler(dataset)
     bs = batch_size or (args.batch_size if train else int(1.5 * args.batch_size))
-    return torch.utils.data.DataLoader(
+    return DataLoader(
         dataset, sampler=sampler, batch_size=bs, num_workers=args.num_workers,
         pin_memory=args.pin_mem and args.device.startswith('cuda'), drop_last=train and len(sampler) >= bs,
-        persistent_workers=False, generator=generator)
+        persistent_workers=False, generator=generator, worker_init_fn=worker_stops_quietly_on_sigterm)
 
 
 def build_data(args, train: bool):
@@ -1637,13 +1657,36 @@ def sigterm_unwinds():
         return
 
     def handler(signum, frame):
+        if _HELD['depth']:
+            _HELD['pending'] = True
+            return
         raise Terminated()
 
+    _HELD.update(depth=0, pending=False)
     previous = signal.signal(signal.SIGTERM, handler)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+_HELD = {'depth': 0, 'pending': False}  # sigterm_held: how deep inside, and whether a SIGTERM came meanwhile
+
+
+@contextlib.contextmanager
+def sigterm_held():
+    """While inside, a SIGTERM (under :func:`sigterm_unwinds`) is noted, and raised as Terminated on the way out:
+    for a step that an exception would leave broken, a DataLoader starting its workers (os.fork's callbacks
+    swallow an exception raised in them, so the stop was lost, and an iterator cut while it starts cannot
+    shut down the workers it has started)."""
+    _HELD['depth'] += 1
+    try:
+        yield
+    finally:
+        _HELD['depth'] -= 1
+        if not _HELD['depth'] and _HELD['pending']:
+            _HELD['pending'] = False
+            raise Terminated()
 
 
 def _lost_peer(e: BaseException) -> bool:

@@ -583,17 +583,19 @@ def test_resume_with_more_epochs_says_the_old_schedule_continues(capsys, small, 
 # ----------------------------------------------------------------------------------------------------------
 # kill during an epoch, then resume
 
-def signal_during_an_epoch(tmp_path, final_finetune: int, epoch: int, sig):
+def signal_during_an_epoch(tmp_path, final_finetune: int, epoch: int, sig, workers: int = 0, group: bool = False):
     """Run a finetune of about 30 steps per epoch in a subprocess and send it ``sig`` on the first progress
-    line of ``epoch``, which comes after that epoch's first step: inside it, before its checkpoint.
+    line of ``epoch``, which comes after that epoch's first step: inside it, before its checkpoint.  ``group``:
+    to its whole process group (its DataLoader workers too), as SLURM signals every process of a job.
     Returns (argv, output dir, return code, stdout, stderr)."""
     data = make_image_folder(tmp_path / 'data', classes=tuple('abcd'), per_class=(60, 4), size=(32, 32))
     dense = official_checkpoint(tmp_path / 'dense.pth', 'cc_deit_digits_patch4_32')
     out = tmp_path / 'out'
-    argv = [*DIGITS_ARGS, '--data-path', data, '--output_dir', str(out), '--final_finetune', str(final_finetune)]
+    argv = [*DIGITS_ARGS, '--data-path', data, '--output_dir', str(out), '--final_finetune', str(final_finetune),
+            '--num_workers', str(workers)]
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, 'finetune.py'), *argv, '--resume', dense],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env(),
-                            cwd=tmp_path)
+                            cwd=tmp_path, start_new_session=group)
     watchdog = threading.Timer(240, proc.kill)  # a hung run fails the test instead of hanging it
     watchdog.start()
     seen = []
@@ -601,7 +603,10 @@ def signal_during_an_epoch(tmp_path, final_finetune: int, epoch: int, sig):
         for line in proc.stdout:
             seen.append(line)
             if line.startswith(f'Epoch: [{epoch}]'):
-                proc.send_signal(sig)
+                if group:
+                    os.killpg(proc.pid, sig)
+                else:
+                    proc.send_signal(sig)
                 break
         seen.append(proc.stdout.read())
         stderr = proc.stderr.read()
@@ -642,6 +647,47 @@ def test_sigterm_during_an_epoch_ends_with_one_line_and_keeps_the_last_checkpoin
                              f'continue with --resume {ckpt}'
     assert load_checkpoint_file(str(out / 'checkpoint.pth'))['epoch'] == 0
     assert log_epochs(out / 'log.txt') == [0] and leftovers(out) == []
+
+@pytest.mark.slow
+def test_sigterm_to_every_process_of_the_job_with_dataloader_workers_ends_with_one_line(tmp_path):
+    # SLURM preempts a job by signalling all its processes: the DataLoader workers stop quietly and the main
+    # process says what is kept (torch's workers died by the signal, reported as a failed worker: a traceback)
+    _, out, code, _, stderr = signal_during_an_epoch(tmp_path, 3, 1, signal.SIGTERM, workers=2, group=True)
+    ckpt = out / 'checkpoint.pth'
+    assert (code, stderr) == (143, f'terminated (SIGTERM); the last complete checkpoint is {ckpt} (epoch 0); '
+                                   f'continue with --resume {ckpt}\n')
+    assert load_checkpoint_file(str(ckpt))['epoch'] == 0 and leftovers(out) == []
+
+
+STOPPED_WHILE_WORKERS_START = textwrap.dedent('''
+    import os, signal, sys
+    sys.path.insert(0, sys.argv[1])
+    import finetune
+    forks = []
+
+    def after_fork():  # SIGTERM while the DataLoader forks its first worker (callbacks swallow exceptions)
+        forks.append(1)
+        if len(forks) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    os.register_at_fork(after_in_parent=after_fork)
+    sys.exit(finetune.main(sys.argv[2:]))
+''')
+
+
+@pytest.mark.slow
+def test_a_sigterm_while_dataloader_workers_start_is_not_lost(tmp_path):
+    world = digits_world(tmp_path)
+    script = tmp_path / 'stopped.py'
+    script.write_text(STOPPED_WHILE_WORKERS_START)
+    out = tmp_path / 'out'
+    proc = subprocess.run([sys.executable, str(script), ROOT, *DIGITS_ARGS, '--resume', world['dense'],
+                           '--data-path', world['data'], '--output_dir', str(out), '--final_finetune', '2',
+                           '--num_workers', '1'], capture_output=True, text=True, env=subprocess_env(), timeout=240)
+    assert (proc.returncode, proc.stderr) == (143, 'terminated (SIGTERM); no epoch had finished, so no checkpoint '
+                                                   'was written\n'), proc.stdout[-2000:]
+    assert not out.exists()
+
 
 def test_main_puts_the_previous_sigterm_handler_back(tmp_path):
     def mine(signum, frame):
