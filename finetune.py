@@ -738,8 +738,10 @@ def worker_stops_quietly_on_sigterm(worker_id: int) -> None:
     """A DataLoader worker ends on SIGTERM as on Ctrl-C: torch's worker loop returns on KeyboardInterrupt (exit
     code 0) and the main process stops the run.  A scheduler that signals every process of the job (SLURM, a
     kill of the process group) reaches the workers too; under torch's own handler they die by the signal, which
-    the main process reports as a failed worker (a traceback, exit code 1) instead of its one line and 143."""
+    the main process reports as a failed worker (a traceback, exit code 1) instead of its one line and 143.
+    Ctrl-C gets Python's own handler back (the worker was forked under :func:`sigterm_held`'s)."""
     signal.signal(signal.SIGTERM, _stop_quietly)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 class DataLoader(torch.utils.data.DataLoader):
@@ -1675,18 +1677,27 @@ _HELD = {'depth': 0, 'pending': False}  # sigterm_held: how deep inside, and whe
 
 @contextlib.contextmanager
 def sigterm_held():
-    """While inside, a SIGTERM (under :func:`sigterm_unwinds`) is noted, and raised as Terminated on the way out:
-    for a step that an exception would leave broken, a DataLoader starting its workers (os.fork's callbacks
-    swallow an exception raised in them, so the stop was lost, and an iterator cut while it starts cannot
-    shut down the workers it has started)."""
+    """While inside, a SIGTERM (under :func:`sigterm_unwinds`) or a Ctrl-C (under Python's own handler) is noted,
+    and raised as Terminated or KeyboardInterrupt on the way out: for a step that an exception would leave broken,
+    a DataLoader starting its workers (os.fork's callbacks swallow an exception raised in them, so the stop was
+    lost, and an iterator cut while it starts cannot shut down the workers it has started)."""
+    interrupted = []
+    previous_int = None
+    if (threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+        previous_int = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum))
     _HELD['depth'] += 1
     try:
         yield
     finally:
         _HELD['depth'] -= 1
+        if previous_int is not None:
+            signal.signal(signal.SIGINT, previous_int)
         if not _HELD['depth'] and _HELD['pending']:
             _HELD['pending'] = False
             raise Terminated()
+        if interrupted:
+            raise KeyboardInterrupt
 
 
 def _lost_peer(e: BaseException) -> bool:

@@ -665,27 +665,30 @@ STOPPED_WHILE_WORKERS_START = textwrap.dedent('''
     import finetune
     forks = []
 
-    def after_fork():  # SIGTERM while the DataLoader forks its first worker (callbacks swallow exceptions)
+    def after_fork():  # the signal while the DataLoader forks its first worker (callbacks swallow exceptions)
         forks.append(1)
         if len(forks) == 1:
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), int(sys.argv[2]))
 
     os.register_at_fork(after_in_parent=after_fork)
-    sys.exit(finetune.main(sys.argv[2:]))
+    sys.exit(finetune.main(sys.argv[3:]))
 ''')
 
 
 @pytest.mark.slow
-def test_a_sigterm_while_dataloader_workers_start_is_not_lost(tmp_path):
+@pytest.mark.parametrize('sig, code, said', [(signal.SIGTERM, 143, 'terminated (SIGTERM)'),
+                                             (signal.SIGINT, 130, 'interrupted')], ids=['sigterm', 'ctrl-c'])
+def test_a_stop_while_dataloader_workers_start_is_not_lost(tmp_path, sig, code, said):
     world = digits_world(tmp_path)
     script = tmp_path / 'stopped.py'
     script.write_text(STOPPED_WHILE_WORKERS_START)
     out = tmp_path / 'out'
-    proc = subprocess.run([sys.executable, str(script), ROOT, *DIGITS_ARGS, '--resume', world['dense'],
-                           '--data-path', world['data'], '--output_dir', str(out), '--final_finetune', '2',
-                           '--num_workers', '1'], capture_output=True, text=True, env=subprocess_env(), timeout=240)
-    assert (proc.returncode, proc.stderr) == (143, 'terminated (SIGTERM); no epoch had finished, so no checkpoint '
-                                                   'was written\n'), proc.stdout[-2000:]
+    proc = subprocess.run([sys.executable, str(script), ROOT, str(int(sig)), *DIGITS_ARGS, '--resume',
+                           world['dense'], '--data-path', world['data'], '--output_dir', str(out),
+                           '--final_finetune', '2', '--num_workers', '1'],
+                          capture_output=True, text=True, env=subprocess_env(), timeout=240)
+    assert (proc.returncode, proc.stderr) == (code, f'{said}; no epoch had finished, so no checkpoint was '
+                                                    f'written\n'), proc.stdout[-2000:]
     assert not out.exists()
 
 
