@@ -104,7 +104,6 @@ def draw_masks(model: nn.Module, images: torch.Tensor, out_path: str, mean: Sequ
     kept = kept_patches(model)
     back = returning_patches(kept)
     depth, num_patches = kept.shape
-    channels = models.kept_token_counts(model)
     rows, cols = images.shape[0], depth + 1
     fig, axes = plt.subplots(rows, cols, figsize=(cols * panel_inches + 0.4, rows * panel_inches + 1.1),
                              squeeze=False, layout='constrained')
@@ -132,7 +131,7 @@ def draw_masks(model: nn.Module, images: torch.Tensor, out_path: str, mean: Sequ
                 ax.add_patch(plt.Rectangle((x * pw - 0.5, y * ph - 0.5), pw, ph, fill=False,
                                            edgecolor=RETURN_COLOUR, linewidth=0.9 if gw <= 8 else 0.6))
             if r == 0:
-                ax.set_title(f'block {layer}\n{channels[layer] - 1}/{num_patches} kept', fontsize=7)
+                ax.set_title(f'block {layer}\n{int(kept[layer].sum())}/{num_patches} kept', fontsize=7)
     kept_total = int(kept.sum())
     head = title or 'Clip & Concat: patches each block processes'
     fig.suptitle(f'{head}\nclipped (layer, patch) slots: {depth * num_patches - kept_total} of '

@@ -127,6 +127,27 @@ def test_kept_patches_are_the_applied_plan():
     assert torch.equal(back[1:], masks[1:] & ~masks[:-1])
 
 
+
+@pytest.mark.parametrize('name,prefix', [('cc_deit_tiny_distilled_patch16_224', 2),
+                                         ('cc_vit_base_patch16_gap_224', 0),
+                                         ('cc_vit_small_patch14_reg4_dinov2', 5)])
+def test_panel_titles_count_the_patches_kept_whatever_the_prefix_tokens(name, prefix, tmp_path, monkeypatch):
+    """Each block's title says how many of its patches it keeps, the row sums of the plan applied, for a model
+    with a class and a distillation token, with none, or with a class token and 4 registers (not one token
+    less than the block processes, which is right only for a single class token)."""
+    import models
+    monkeypatch.setitem(draw_masks.matplotlib.rcParams, 'svg.fonttype', 'none')  # the titles stay text
+    model = models.create_model(name, img_size=56 if 'patch14' in name else 64, depth=3, embed_dim=64,
+                                num_heads=2).eval()
+    assert model.num_prefix_tokens == prefix
+    patches = model.num_tokens - prefix
+    masks = pruning.random_masks(3, patches, 0.4, generator=torch.Generator().manual_seed(1))
+    pruning.apply_masks(model, masks)
+    out = tmp_path / 'm.svg'
+    draw_masks.draw_masks(model, torch.zeros(1, 3, *model.patch_embed.img_size), str(out), (0.5,) * 3, (0.5,) * 3)
+    titles = re.findall(rf'>(\d+)/{patches} kept<', out.read_text())  # the blocks' titles, left to right
+    assert [int(k) for k in titles] == [int(masks[b].sum()) for b in range(3)]
+
 def pruned_tiny_and_folder(tmp_path):
     """(a pruned DeiT-Ti file with 2 classes, an image folder of 2 classes)."""
     import argparse
