@@ -274,7 +274,10 @@ def train_teacher(teacher_dir: str, epochs: int, lr: float, common: List[str], f
     seed = seed_of(common)
     state, why = ('other', None) if fresh else teacher_check(teacher, epochs, lr, seed)
     if state == 'other' and os.path.exists(teacher_dir):
-        print(f'   ({teacher_dir} holds another teacher{f" ({why})" if why else ""}; training a new one)')
+        if fresh:  # (not checked: whatever it holds is retrained, as asked)
+            print(f'   (--fresh: training a new teacher in place of what {teacher_dir} holds)')
+        else:
+            print(f'   ({teacher_dir} holds another teacher{f" ({why})" if why else ""}; training a new one)')
         shutil.rmtree(teacher_dir)
     if state == 'done':
         print(f'   reusing the teacher already trained in {teacher} ({epochs} epochs, lr {lr}, seed {seed}); '

@@ -431,6 +431,22 @@ def test_train_teacher_retrains_on_another_lr_or_seed(lr, seed, retrained, tmp_p
         assert trainings == [] and 'reusing the teacher already trained' in out
 
 
+
+def test_fresh_retrains_a_reusable_teacher_and_says_why(tmp_path, monkeypatch, capsys):
+    """--fresh trains the teacher again from scratch even where the stored one would be reused, and says it is
+    --fresh that retrains it (not that the folder holds another teacher: it holds the same one)."""
+    teacher_dir = tmp_path / 'teacher'
+    fake_teacher(teacher_dir / 'checkpoint.pth', lr=1e-3, seed=0)
+    assert run_demo.teacher_check(str(teacher_dir / 'checkpoint.pth'), 3, 1e-3, 0)[0] == 'done'
+    calls = []
+    monkeypatch.setattr(run_demo, 'cli', lambda argv, *a, **k: calls.append(argv) or {'acc1': 50.0})
+    run_demo.train_teacher(str(teacher_dir), 3, 1e-3, run_demo.common_args(0, 'cpu'), fresh=True)
+    out = capsys.readouterr().out
+    trainings = [c for c in calls if '--eval' not in c]
+    assert len(trainings) == 1 and '--resume' not in trainings[0]
+    assert not (teacher_dir / 'checkpoint.pth').exists()
+    assert '--fresh' in out and 'another teacher' not in out, out
+
 @pytest.mark.parametrize('argv,flag', [
     (['--eval-crop-ratio', '0'], '--eval-crop-ratio'),
     (['--eval-crop-ratio', '1.5'], '--eval-crop-ratio'),
