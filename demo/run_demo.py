@@ -193,10 +193,16 @@ class _StageOutput:
         self.file.close()
 
 
+class StageDiverged(Exception):
+    """A stage stopped on a non-finite loss or weights (finetune.NonFiniteLossError), its stage and log named."""
+
+
 def cli(argv: List[str], log_path: str, tag: str, verbose: bool, echo: bool = True) -> Dict[str, float]:
     """``python finetune.py argv`` in this process; returns the stats dict of the run_* function.
 
-    The command is printed on the console (``echo``) or, when not, as the first line of its log.
+    The command is printed on the console (``echo``) or, when not, as the first line of its log. What finetune.py
+    would end with as one ``error:`` line comes out as UserError or StageDiverged, naming the stage and its log,
+    for :func:`main` to end as finetune.py does (exit code 2, or finetune.EXIT_DIVERGED).
     """
     command = f'$ python finetune.py {" ".join(argv)}'
     os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
@@ -211,9 +217,9 @@ def cli(argv: List[str], log_path: str, tag: str, verbose: bool, echo: bool = Tr
         with contextlib.redirect_stdout(out):
             return finetune.run(args)
     except UserError as e:
-        raise SystemExit(f'error in stage {tag}: {e} (full output: {log_path})') from None
+        raise UserError(f'stage {tag}: {one_line(e)} (full output: {log_path})') from None
     except finetune.NonFiniteLossError as e:
-        raise SystemExit(f'stage {tag} diverged: {e} (full output: {log_path})') from None
+        raise StageDiverged(f'stage {tag} diverged: {one_line(e)} (full output: {log_path})') from None
     finally:
         out.close()
 
@@ -370,6 +376,9 @@ def main(argv=None) -> int:
     except UserError as e:  # found midway, e.g. a disk that filled while writing a result
         print(f'error: {one_line(e)}', file=sys.stderr)
         return EXIT_USER_ERROR
+    except StageDiverged as e:
+        print(f'error: {e}', file=sys.stderr)
+        return finetune.EXIT_DIVERGED
 
 
 def run(a: argparse.Namespace) -> int:

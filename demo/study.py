@@ -629,6 +629,9 @@ def main(argv=None) -> int:
     except UserError as e:  # found midway, e.g. a disk that filled while writing a result
         print(f'error: {one_line(e)}', file=sys.stderr)
         return EXIT_USER_ERROR
+    except demo.StageDiverged as e:
+        print(f'error: {e}', file=sys.stderr)
+        return finetune.EXIT_DIVERGED
 
 
 def run_study(a: argparse.Namespace, argv: List[str], t0: float) -> int:

@@ -368,6 +368,29 @@ def test_run_demo_write_failure_midway_is_one_error_line(tmp_path, monkeypatch, 
     assert_one_error_line(capsys.readouterr().err, 'No space left on device')
 
 
+
+@pytest.mark.parametrize('kind,code,said', [
+    ('user', 2, r'error: stage teacher: cannot write \S+: No space left on device \(the previous file is untouched\) '
+                r'\(full output: \S+stdout\.txt\)'),
+    ('nan', 3, r'error: stage teacher diverged: loss is nan at epoch 0, step 0; stopped \(full output: \S+\)'),
+])
+def test_a_stage_that_stops_ends_as_finetune_py_would(kind, code, said, tmp_path, monkeypatch, capsys):
+    """A stage's finetune.py run that stops on a user error found midway (a full disk) or on a diverged loss ends
+    the demo with finetune.py's one `error:` line, naming the stage and its log, and finetune.py's exit code (2,
+    3), not a line without `error:` and exit code 1."""
+    import finetune
+
+    def stops(args):
+        if kind == 'user':
+            raise run_demo.UserError(f'cannot write {args.output_dir}/checkpoint.pth: No space left on device (the '
+                                     'previous file is untouched)')
+        raise finetune.NonFiniteLossError('loss is nan at epoch 0, step 0; stopped')
+    monkeypatch.setattr(finetune, 'run', stops)
+    assert run_demo.main(['--quick', '--device', 'cpu', '--out', str(tmp_path / 'out')]) == code
+    err = capsys.readouterr().err
+    assert_one_error_line(err, 'stage teacher')
+    assert re.fullmatch(said, err.strip()), err
+
 def fake_teacher(path, lr=1e-3, seed=0, epochs=3, epoch=2, model=None):
     import finetune
     digits = finetune.cc_model_name(run_demo.MODEL)

@@ -450,7 +450,7 @@ def fake_stages(monkeypatch, tmp_path, fail_at=None):
             out_dir = args[where]  # prune(teacher, mode, rate, out_dir, ...), distill(pruned, teacher, out_dir, ...)
             calls.append(out_dir)
             if fail_at is not None and len(calls) == fail_at:
-                raise SystemExit('stage diverged')
+                raise study.demo.StageDiverged('stage diverged')
             import shutil
             shutil.rmtree(out_dir, ignore_errors=True)
             os.makedirs(out_dir)
@@ -465,6 +465,23 @@ def fake_stages(monkeypatch, tmp_path, fail_at=None):
     monkeypatch.setattr(study, 'masks_sha1', lambda path: 'sha1')
 
 
+@pytest.mark.parametrize('kind,code,said', [('user', 2, 'error: stage teacher: cannot write '),
+                                            ('nan', 3, 'error: stage teacher diverged: loss is nan')])
+def test_a_stage_that_stops_ends_the_study_as_finetune_py_would(kind, code, said, tmp_path, monkeypatch, capsys):
+    """A stage's finetune.py run stopped by a user error found midway (a full disk) or a diverged loss: one
+    `error:` line naming the stage, and finetune.py's exit code (2, 3), not a bare line and exit code 1."""
+    import finetune
+
+    def stops(args):
+        if kind == 'user':
+            raise study.UserError('cannot write x/checkpoint.pth: No space left on device')
+        raise finetune.NonFiniteLossError('loss is nan at epoch 0, step 0; stopped')
+    monkeypatch.setattr(finetune, 'run', stops)
+    assert study.main(['--quick', '--device', 'cpu', '--out', str(tmp_path / 'out')]) == code
+    err = capsys.readouterr().err
+    assert_one_error_line(err, said)
+    assert err.startswith(said) and '(full output: ' in err, err
+
 def test_earlier_runs_are_removed_only_once_the_study_has_finished(tmp_path, monkeypatch):
     """An earlier study's runs (another seed, another rate) stay while this one runs: a study that stops midway
     leaves them; one that finishes removes them and keeps its own."""
@@ -474,7 +491,7 @@ def test_earlier_runs_are_removed_only_once_the_study_has_finished(tmp_path, mon
         (tmp_path / name).write_text('earlier')
     a = study.get_args_parser().parse_args(['--seeds', '0', '--rates', '0.25', '--out', str(tmp_path)])
     fake_stages(monkeypatch, tmp_path, fail_at=2)  # the first finetuning stops it
-    with pytest.raises(SystemExit):
+    with pytest.raises(study.demo.StageDiverged):
         study.run_all(a, str(tmp_path))
     assert all((tmp_path / name).read_text() == 'earlier' for name in earlier)
     fake_stages(monkeypatch, tmp_path)
