@@ -379,6 +379,10 @@ def main(argv=None) -> int:
     except StageDiverged as e:
         print(f'error: {e}', file=sys.stderr)
         return finetune.EXIT_DIVERGED
+    except KeyboardInterrupt:
+        print(f'interrupted; run the demo again to go on (a teacher in {os.path.join(a.out, "teacher")}, '
+              f'trained wholly or in part, is reused; every other stage is redone)', file=sys.stderr)
+        return finetune.EXIT_INTERRUPTED
 
 
 def run(a: argparse.Namespace) -> int:

@@ -632,6 +632,10 @@ def main(argv=None) -> int:
     except demo.StageDiverged as e:
         print(f'error: {e}', file=sys.stderr)
         return finetune.EXIT_DIVERGED
+    except KeyboardInterrupt:
+        print(f'interrupted; run the study again to go on (a teacher in {os.path.join(out, "teacher")}, '
+              f'trained wholly or in part, is reused; every other stage is redone)', file=sys.stderr)
+        return finetune.EXIT_INTERRUPTED
 
 
 def run_study(a: argparse.Namespace, argv: List[str], t0: float) -> int:

@@ -482,6 +482,19 @@ def test_a_stage_that_stops_ends_the_study_as_finetune_py_would(kind, code, said
     assert_one_error_line(err, said)
     assert err.startswith(said) and '(full output: ' in err, err
 
+
+def test_ctrl_c_ends_the_study_with_one_line_and_exit_130(tmp_path, monkeypatch, capsys):
+    import finetune
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(finetune, 'run', interrupted)
+    assert study.main(['--quick', '--device', 'cpu', '--out', str(tmp_path / 'out')]) == 130
+    assert capsys.readouterr().err == (f'interrupted; run the study again to go on (a teacher in '
+                                       f'{tmp_path / "out" / "teacher"}, trained wholly or in part, is reused; every '
+                                       f'other stage is redone)\n')
+
+
 def test_earlier_runs_are_removed_only_once_the_study_has_finished(tmp_path, monkeypatch):
     """An earlier study's runs (another seed, another rate) stay while this one runs: a study that stops midway
     leaves them; one that finishes removes them and keeps its own."""
