@@ -178,6 +178,23 @@ def test_sigterm_while_a_checkpoint_is_written_ends_with_one_line(tmp_path, monk
     assert load_checkpoint_file(str(ckpt))['epoch'] == 0 and leftovers(out) == []
 
 
+def test_a_failed_write_removes_every_folder_it_created(tmp_path):
+    """An --output_dir several levels below the last existing folder: os.makedirs creates each level, and a write
+    stopped midway removes all of them, up to the folder that was there (which stays, with what else it holds)."""
+    def stopped(f):
+        f.write(b'partial')
+        raise KeyboardInterrupt
+
+    (tmp_path / 'kept').mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        write_atomic(str(tmp_path / 'kept' / 'runs' / 'deep' / 'out' / 'checkpoint.pth'), stopped)
+    assert os.listdir(tmp_path) == ['kept'] and os.listdir(tmp_path / 'kept') == []
+    (tmp_path / 'kept' / 'runs' / 'other').mkdir(parents=True)  # a folder that is not empty is left alone
+    with pytest.raises(KeyboardInterrupt):
+        write_atomic(str(tmp_path / 'kept' / 'runs' / 'deep' / 'out' / 'checkpoint.pth'), stopped)
+    assert os.listdir(tmp_path / 'kept' / 'runs') == ['other']
+
+
 def test_a_symbolic_link_is_written_through(tmp_path):
     """The file a link names gets the new contents and the link stays a link (the rename replaced the link with
     a plain file, and the file it named kept its old contents)."""

@@ -1,6 +1,5 @@
 """Checkpoint files: safe loading (weights only), and atomic writing (temporary file, fsync, rename)."""
 import argparse
-import contextlib
 import copy
 import errno
 import os
@@ -184,7 +183,7 @@ def write_atomic(path: str, write: Callable[[Any], None]) -> None:
     target = os.path.realpath(path)
     directory = os.path.dirname(target)
     tmp = os.path.join(directory, f'.{os.path.basename(target)}.tmp-{os.getpid()}')
-    created = not os.path.isdir(directory)
+    created = _missing_folders(directory)
     try:
         os.makedirs(directory, exist_ok=True)  # an output directory is created when its first file is written
         with open(tmp, 'wb') as f:
@@ -195,9 +194,11 @@ def write_atomic(path: str, write: Callable[[Any], None]) -> None:
     except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
-        if created:  # the folder made for this file goes with it (when nothing else is in it)
-            with contextlib.suppress(OSError):
-                os.rmdir(directory)
+        for folder in created:  # the folders made for this file go with it (when nothing else is in them)
+            try:
+                os.rmdir(folder)
+            except OSError:
+                break
         interrupt = _interrupt_behind(e)
         if interrupt is not None:
             raise interrupt
@@ -219,6 +220,18 @@ def _interrupt_behind(e: BaseException) -> Optional[BaseException]:
         seen.add(id(e))
         e = e.__context__
     return None
+
+
+def _missing_folders(directory: str) -> list:
+    """The folders ``os.makedirs(directory)`` would create, deepest first (none when it exists)."""
+    missing = []
+    while not os.path.lexists(directory):
+        missing.append(directory)
+        parent = os.path.dirname(directory)
+        if parent == directory:
+            break
+        directory = parent
+    return missing
 
 
 def save_atomic(obj: Any, path: str) -> None:
