@@ -296,6 +296,26 @@ def test_truncated_checkpoint(capsys, world, earlier, tmp_path):
                           rf'{re.escape(str(half))} is not a readable PyTorch checkpoint \(truncated or corrupt')
 
 
+@pytest.mark.parametrize('entries, pattern', [
+    ({'a.txt': 'hello'}, r'is a zip archive but not a PyTorch checkpoint: it holds a\.txt and no data\.pkl'),
+    ({'w/cls.npy': 'x', 'w/pos.npy': 'x', 'w/head.npy': 'x', 'w/norm.npy': 'x'},
+     r'is a zip archive but not a PyTorch checkpoint: it holds w/cls\.npy, w/pos\.npy, w/head\.npy and 1 more and '
+     r'no data\.pkl \(every file torch\.save writes has one\)$'),
+    ({}, r'is an empty zip archive, not a PyTorch checkpoint$'),
+])
+def test_zip_archive_that_is_not_a_checkpoint(capsys, world, earlier, tmp_path, entries, pattern):
+    """A zip of other files (numpy's .npz weights, an archive given by mistake): torch's complaints were about its
+    C++ sources ('[enforce fail at inline_container.cc:179] ', 'Expected hasRecord("version") to be true') or
+    'Unsupported operand 80' (an empty archive), none of which says what the file is."""
+    import zipfile
+    path = tmp_path / 'weights.npz'
+    with zipfile.ZipFile(path, 'w') as archive:
+        for name, text in entries.items():
+            archive.writestr(name, text)
+    assert_one_line_error(capsys, ['--eval', '--resume', path, '--data-path', world['data']], EXIT_USER_ERROR,
+                          rf'^error: {re.escape(str(path))} ' + pattern)
+
+
 def test_checkpoint_whose_weights_changed_after_writing(capsys, world, earlier, tmp_path):
     """Bytes of a tensor overwritten in place: the file still unpickles, so the zip's CRC-32s are what tell."""
     flipped = tmp_path / 'flipped.pth'

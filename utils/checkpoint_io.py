@@ -40,6 +40,9 @@ def load_checkpoint_file(path: str, mmap: bool = False) -> Dict[str, Any]:
     except pickle.UnpicklingError as e:
         protocol = _reissue_warnings(caught)
         text = str(e)
+        foreign = _foreign_zip(path)
+        if foreign:
+            raise UserError(foreign) from None
         if 'GLOBAL ' in text or 'Unsupported global' in text or 'not an allowed global' in text:
             culprit = _unsupported_global(text)
             raise UserError(f'refusing to load {path}: it holds {culprit}, which could run code when unpickled '
@@ -57,7 +60,8 @@ def load_checkpoint_file(path: str, mmap: bool = False) -> Dict[str, Any]:
     except OSError as e:  # the file is there but cannot be read (permissions, an I/O error)
         raise UserError(f'cannot read {path}: {e.strerror or e}') from None
     except Exception as e:  # noqa: BLE001  (garbage bytes fail anywhere in the unpickler: KeyError, IndexError, ...)
-        raise UserError(f'{path} is not a readable PyTorch checkpoint (truncated or corrupt: '
+        foreign = _foreign_zip(path)
+        raise UserError(foreign or f'{path} is not a readable PyTorch checkpoint (truncated or corrupt: '
                         f'{_describe(e)})') from None
     _reissue_warnings(caught)
     if not isinstance(checkpoint, dict):
@@ -65,6 +69,28 @@ def load_checkpoint_file(path: str, mmap: bool = False) -> Dict[str, Any]:
     if not mmap:
         _check_crcs(path)
     return checkpoint
+
+
+def _foreign_zip(path: str) -> Optional[str]:
+    """For a zip archive that is not in torch's format (every file torch.save writes holds a ``data.pkl``), the
+    error saying so (torch's own complaint about it names its C++ sources); None for any other file."""
+    try:
+        if not zipfile.is_zipfile(path):
+            return None
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+        return None
+    if any(name == 'data.pkl' or name.endswith('/data.pkl') for name in names):
+        return None
+    if not names:
+        return f'{path} is an empty zip archive, not a PyTorch checkpoint'
+    return (f'{path} is a zip archive but not a PyTorch checkpoint: it holds {_few(names)} and no data.pkl (every '
+            f'file torch.save writes has one)')
+
+
+def _few(names, n: int = 3) -> str:
+    return ', '.join(names[:n]) + (f' and {len(names) - n} more' if len(names) > n else '')
 
 
 def _check_crcs(path: str) -> None:
