@@ -530,6 +530,11 @@ def test_output_dir_that_cannot_be_written(capsys, world, tmp_path):
     (['--final_finetune', '0'], r'--final_finetune must be at least 1, got 0'),
     (['--lr', '0'], r'--lr must be positive, got 0\.0'),
     (['--lr=-1e-3'], r'--lr must be positive, got -0\.001'),
+    # a negative number in scientific notation, or -inf, is the flag's value (argparse took it for a flag)
+    (['--lr', '-1e-3'], r'^error: --lr must be positive, got -0\.001$'),
+    (['--weight-decay', '-5E-2'], r'^error: --weight-decay must be 0 or more, got -0\.05$'),
+    (['--lr', '-inf'], r'^error: --lr must be finite and positive, got -inf$'),
+    (['--opt-betas', '0.9', '-1e-3'], r'^error: --opt-betas must be in \[0, 1\), got -0\.001$'),
     (['--smoothing', '1'], r'--smoothing must be in \[0, 1\), got 1\.0'),
     (['--model', 'deit_huge_patch14_224'], r'--model: unknown model deit_huge_patch14_224: not in timm\'s registry '
                                            r'\(similar: deit3_huge_patch14_224'),

@@ -3,6 +3,7 @@ which flags were given, numeric ranges checked in one place, and a flag spelled 
 The flags themselves, their ranges and the rules between them are the CLI's (finetune.py)."""
 import argparse
 import math
+import re
 from typing import Dict, NamedTuple, Optional, Tuple
 
 from .errors import UserError
@@ -16,9 +17,20 @@ class ParsedArgs(argparse.Namespace):
     __slots__ = ('given',)
 
 
+# Every spelling of a negative number float() reads: argparse's own pattern (-1, -0.5) takes -1e-3, -inf and -nan
+# for flags, so `--lr -1e-3` said "expected one argument" instead of the flag's range.
+NEGATIVE_NUMBER = re.compile(r'^-(?:(?:\d[\d_]*\.?[\d_]*|\.\d[\d_]*)(?:e[-+]?\d[\d_]*)?|inf(?:inity)?|nan)$',
+                             re.IGNORECASE)
+
+
 class OneLineParser(argparse.ArgumentParser):
     """A mistyped flag or value is one line (argparse would print the whole usage first), exit code 2, and the
-    parsed arguments remember which flags were given (``ParsedArgs.given``)."""
+    parsed arguments remember which flags were given (``ParsedArgs.given``).  A negative number in any spelling
+    (``-1e-3``, ``-inf``) is a value, as ``-1`` is for argparse, so its flag's own check can refuse it."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = NEGATIVE_NUMBER
 
     def error(self, message):
         self.exit(EXIT_USER_ERROR, f'error: {message} (see --help)\n')
