@@ -496,6 +496,18 @@ def validate_args(args, void: Set[str] = frozenset()) -> None:
     if not modes and mixing(args) and args.batch_size % 2:
         raise UserError(f'--batch-size {args.batch_size}: mixup and cutmix mix each image with another of its '
                         f'batch, so the batch must be even (or turn them off: --mixup 0 --cutmix 0)')
+    if not modes:
+        check_optimizer_and_schedule(args)
+
+
+def check_optimizer_and_schedule(args) -> None:
+    """Build the run's optimizer and learning-rate schedule (:func:`build_optimizer`) once for a one-unit linear
+    layer, before any work: an --opt or --sched timm does not know, or a schedule it refuses, is a user error before
+    the data is listed and the model and teacher are built, not after."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # (the run's own build says them)
+        build_optimizer(argparse.Namespace(**vars(args)), nn.Linear(1, 1))
 
 
 def check_lr_noise_reaches_an_epoch(fractions: Sequence[float], epochs: int) -> None:

@@ -599,6 +599,25 @@ def test_bad_flags(capsys, world, earlier, argv, pattern):
     assert snapshot(earlier) == before
 
 
+@pytest.mark.parametrize('argv, pattern', [
+    (['--opt', 'nosuchopt'], r'cannot create the optimizer \(--opt nosuchopt\): Optimizer nosuchopt not found'),
+    (['--sched', 'nosuchsched'], r"cannot create the learning-rate schedule \(--sched nosuchsched\): Unknown "
+                                 r"scheduler 'nosuchsched'"),
+    (['--sched', 'none'], r'--sched none: finetuning needs a learning-rate schedule'),
+    (['--sched', 'wsd'], r'cannot create the learning-rate schedule \(--sched wsd\): wsd schedule requires'),
+])
+def test_optimizer_and_schedule_are_refused_before_the_data_is_read(capsys, monkeypatch, world, earlier, argv,
+                                                                    pattern):
+    """timm refuses these names when the optimizer is built, which came after the data sets were listed (minutes
+    on ImageNet) and the model and teacher were built: they are refused with the other flags now."""
+    def no_work(*args, **kwargs):
+        raise AssertionError('the data was read before the flags were checked')
+
+    monkeypatch.setattr(finetune, 'build_data', no_work)
+    assert_one_line_error(capsys, ['--data-path', world['data'], '--output_dir', earlier, '--final_finetune', '1',
+                                   *argv], EXIT_USER_ERROR, pattern)
+
+
 def launched(monkeypatch, **variables):
     """The environment torchrun gives one of its processes (rendezvous at a local port), with ``variables`` set
     over it (a value None: that variable unset)."""
