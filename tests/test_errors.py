@@ -316,6 +316,20 @@ def test_zip_archive_that_is_not_a_checkpoint(capsys, world, earlier, tmp_path, 
                           rf'^error: {re.escape(str(path))} ' + pattern)
 
 
+def test_torchscript_archive_is_named_as_such(capsys, world, earlier, tmp_path):
+    """A module saved with torch.jit.save holds code, which torch.load(weights_only=True) refuses: it was called
+    'truncated or corrupt'."""
+    import warnings
+    path = tmp_path / 'model.pt'
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # (torch.jit.script is deprecated)
+        torch.jit.script(torch.nn.Linear(2, 2)).save(str(path))
+    assert_one_line_error(capsys, ['--eval', '--resume', path, '--data-path', world['data']], EXIT_USER_ERROR,
+                          rf'^error: {re.escape(str(path))} is a TorchScript archive \(torch\.jit\.save\), not a '
+                          r'checkpoint of weights: load it with torch\.jit\.load and save its state_dict\(\) with '
+                          r'torch\.save$')
+
+
 def test_checkpoint_whose_weights_changed_after_writing(capsys, world, earlier, tmp_path):
     """Bytes of a tensor overwritten in place: the file still unpickles, so the zip's CRC-32s are what tell."""
     flipped = tmp_path / 'flipped.pth'

@@ -72,8 +72,9 @@ def load_checkpoint_file(path: str, mmap: bool = False) -> Dict[str, Any]:
 
 
 def _foreign_zip(path: str) -> Optional[str]:
-    """For a zip archive that is not in torch's format (every file torch.save writes holds a ``data.pkl``), the
-    error saying so (torch's own complaint about it names its C++ sources); None for any other file."""
+    """For a zip archive that is not in torch.save's format (every file it writes holds a ``data.pkl``), or that is
+    a TorchScript module, the error saying so (torch's own complaints name its C++ sources, or call it corrupt);
+    None for any other file."""
     try:
         if not zipfile.is_zipfile(path):
             return None
@@ -81,6 +82,9 @@ def _foreign_zip(path: str) -> Optional[str]:
             names = archive.namelist()
     except (zipfile.BadZipFile, OSError, EOFError, ValueError):
         return None
+    if any(name.endswith('/constants.pkl') for name in names):  # torch.jit.save's archive: code and constants
+        return (f'{path} is a TorchScript archive (torch.jit.save), not a checkpoint of weights: load it with '
+                f'torch.jit.load and save its state_dict() with torch.save')
     if any(name == 'data.pkl' or name.endswith('/data.pkl') for name in names):
         return None
     if not names:
