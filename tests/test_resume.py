@@ -18,7 +18,8 @@ import torch
 import engine
 import finetune
 from conftest import DIGITS_ARGS, ROOT, digits_world, make_image_folder, official_checkpoint, subprocess_env
-from utils import UserError, load_checkpoint_file, save_atomic, write_atomic, write_text_atomic
+from utils import (UserError, load_checkpoint_file, remove_stale_temporaries, save_atomic, write_atomic,
+                   write_text_atomic)
 
 
 def log_epochs(path):
@@ -193,6 +194,32 @@ def test_a_failed_write_removes_every_folder_it_created(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         write_atomic(str(tmp_path / 'kept' / 'runs' / 'deep' / 'out' / 'checkpoint.pth'), stopped)
     assert os.listdir(tmp_path / 'kept' / 'runs') == ['other']
+
+
+def test_the_temporary_file_of_a_write_through_a_link_is_found_after_a_kill(tmp_path):
+    """write_atomic writes beside the file a link names, under that file's name; the clean-up of a resume looked
+    beside the link, under the link's name, and left the killed job's temporary file (a whole checkpoint) there."""
+    store = tmp_path / 'store'
+    store.mkdir()
+    (store / 'run1.pth').write_bytes(b'old')
+    run = tmp_path / 'run'
+    run.mkdir()
+    (run / 'checkpoint.pth').symlink_to(store / 'run1.pth')
+
+    def killed(f):
+        f.write(b'partial')
+        os._exit(0)  # (in a child process: a kill leaves the temporary file behind)
+
+    pid = os.fork()
+    if pid == 0:
+        try:
+            write_atomic(str(run / 'checkpoint.pth'), killed)
+        finally:
+            os._exit(1)
+    os.waitpid(pid, 0)
+    assert leftovers(store) == [f'.run1.pth.tmp-{pid}']
+    assert remove_stale_temporaries([str(run / 'checkpoint.pth')]) == [f'.run1.pth.tmp-{pid}']
+    assert leftovers(store) == [] and (store / 'run1.pth').read_bytes() == b'old'
 
 
 def test_a_symbolic_link_is_written_through(tmp_path):

@@ -304,10 +304,11 @@ def _fsync_directory(directory: str) -> None:
 
 
 def remove_stale_temporaries(paths) -> list:
-    """Delete the temporary files that jobs killed inside :func:`write_atomic` left next to ``paths``."""
+    """Delete the temporary files that jobs killed inside :func:`write_atomic` left next to ``paths`` (next to the
+    file a path that is a symbolic link names, where write_atomic writes them)."""
     removed = []
     for path in paths:
-        directory, name = os.path.split(os.path.abspath(path))
+        directory, name = os.path.split(os.path.realpath(path))
         prefix = f'.{name}.tmp-'
         if not os.path.isdir(directory):
             continue
