@@ -222,6 +222,19 @@ def test_the_temporary_file_of_a_write_through_a_link_is_found_after_a_kill(tmp_
     assert leftovers(store) == [] and (store / 'run1.pth').read_bytes() == b'old'
 
 
+def test_the_output_folder_check_is_not_stopped_by_a_probe_a_killed_run_left(tmp_path):
+    """check_output_dir writes and removes a probe file; one left by a run killed in between, under the name this
+    process would have picked (same pid: common in containers), does not make the folder look unwritable, and a
+    folder that is not one is still refused."""
+    from utils import check_output_dir
+    (tmp_path / f'.write-test-{os.getpid()}').write_bytes(b'ok')
+    check_output_dir(str(tmp_path))
+    assert os.listdir(tmp_path) == [f'.write-test-{os.getpid()}']
+    (tmp_path / 'file').write_text('x')
+    with pytest.raises(UserError, match='cannot write to --output_dir'):
+        check_output_dir(str(tmp_path / 'file' / 'out'))
+
+
 def test_a_symbolic_link_is_written_through(tmp_path):
     """The file a link names gets the new contents and the link stays a link (the rename replaced the link with
     a plain file, and the file it named kept its old contents)."""

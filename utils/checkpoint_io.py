@@ -5,6 +5,7 @@ import errno
 import os
 import pickle
 import re
+import tempfile
 import warnings
 import zipfile
 from typing import Any, Callable, Dict, Optional
@@ -338,10 +339,12 @@ def check_output_dir(path: str, flag: str = '--output_dir') -> None:
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
         raise UserError(f'cannot write to {flag} {path}: {os.strerror(errno.ENOTDIR)}')
-    probe = os.path.join(existing, f'.write-test-{os.getpid()}')
-    try:
-        with open(probe, 'xb') as f:
-            f.write(b'ok')
-        os.remove(probe)
+    try:  # a probe file of a name no other file has (one left by a killed run with the same pid included)
+        fd, probe = tempfile.mkstemp(prefix='.write-test-', dir=existing)
+        try:
+            os.write(fd, b'ok')
+        finally:
+            os.close(fd)
+            os.remove(probe)
     except OSError as e:
         raise UserError(f'cannot write to {flag} {path}: {e.strerror or e}') from None
