@@ -234,3 +234,19 @@ def test_every_epoch_and_every_process_shuffles_its_own_way(monkeypatch, repeate
         assert seen[0][epoch] != seen[1][epoch]
         if not repeated_aug:  # DistributedSampler: the two halves of one permutation
             assert sorted(seen[0][epoch] + seen[1][epoch]) == list(range(48))
+
+
+def test_smoothed_values_format_the_window_and_the_whole_run():
+    """A meter formats the median and mean of its window (the last window_size values), the average over every
+    update weighted by its count, and the last value, as DeiT's does; the progress line shows median (average)."""
+    from utils.progress import MetricLogger, SmoothedValue
+    meter = SmoothedValue(window_size=3, fmt='{median:.1f} {avg:.2f} {global_avg:.3f} {value:.1f}')
+    for value, n in ((10.0, 1), (1.0, 3), (2.0, 1), (6.0, 1)):
+        meter.update(value, n)
+    assert str(meter) == f'2.0 3.00 {(10 + 3 + 2 + 6) / 6:.3f} 6.0'
+    lines = []
+    logger = MetricLogger(printer=lines.append)
+    for i in logger.log_every(range(3), print_freq=2, header='Test:'):
+        logger.update(loss=float(i + 1))
+    assert [line.split('  ')[0] for line in lines[:2]] == ['Test: [0/3]', 'Test: [2/3]']
+    assert 'loss: 2.0000 (2.0000)' in lines[1] and lines[2].startswith('Test: Total time: ')

@@ -11,7 +11,8 @@ from .distributed import all_reduce_sum, is_main_process
 
 
 class SmoothedValue:
-    """A running window of values plus the global average."""
+    """A running window of values plus the global average; ``fmt`` may name median, avg (of the window),
+    global_avg and value."""
 
     def __init__(self, window_size: int = 20, fmt: str = '{median:.4f} ({global_avg:.4f})'):
         self.deque = deque(maxlen=window_size)
@@ -31,6 +32,11 @@ class SmoothedValue:
         return float(torch.tensor(list(self.deque)).median().item()) if self.deque else 0.0
 
     @property
+    def avg(self) -> float:
+        """The mean of the window."""
+        return sum(self.deque) / len(self.deque) if self.deque else 0.0
+
+    @property
     def global_avg(self) -> float:
         return self.total / max(self.count, 1)
 
@@ -39,7 +45,7 @@ class SmoothedValue:
         return self.deque[-1] if self.deque else 0.0
 
     def __str__(self) -> str:
-        return self.fmt.format(median=self.median, global_avg=self.global_avg, value=self.value)
+        return self.fmt.format(median=self.median, avg=self.avg, global_avg=self.global_avg, value=self.value)
 
 
 class MetricLogger:
