@@ -17,8 +17,9 @@ Every stage goes through finetune.py's own code (``finetune.run`` on parsed comm
 
 The full output of each finetune.py call is in ``<stage dir>/stdout.txt`` (of its --eval calls in
 ``<stage dir>/eval.txt``, of the timings in ``<out>/speed_<mode>_<rate>.txt``); the console shows a summary.
-A teacher already trained in <out>/teacher/ with the same number of epochs, learning rate and seed is reused (an
-unfinished one is continued); every other stage is redone.
+A teacher already trained in <out>/teacher/ with the same number of epochs, learning rate and seed (and the same
+data, batch and recipe, as its checkpoint records them) is reused (an unfinished one is continued); every other
+stage is redone.
 
 Every argument is checked before any work starts: a bad one is one ``error: ...`` line and exit code 2.
 """
@@ -233,10 +234,39 @@ def common_args(seed: int, device: Optional[str]) -> List[str]:
              '--print-freq', '1000', '--seed', str(seed)] + (['--device', device] if device else []))
 
 
-def teacher_check(path: str, epochs: int, lr: float, seed: int) -> Tuple[str, Optional[str]]:
+def teacher_command(epochs: int, lr: float, common: List[str]) -> List[str]:
+    """The flags the teacher is trained with (its folder and a --resume aside)."""
+    return common + RECIPE + ['--lr', str(lr), '--warmup-epochs', '2' if epochs > 5 else '0',
+                              '--final_finetune', str(epochs)]
+
+
+# Flags that say where and how a run goes, not what it trains (and the model, which a run records under its cc_
+# name: teacher_check compares it so).
+NOT_RECIPE = ('output_dir', 'resume', 'device', 'num_workers', 'print_freq', 'model')
+
+
+def recipe_difference(stored: dict, command: List[str]) -> Optional[str]:
+    """How the ``args`` a checkpoint records differ from what the flags of ``command`` set (the data set, the
+    batch, the recipe: every flag but NOT_RECIPE), for the flags it records; None where they agree."""
+    parser = finetune.get_args_parser()
+    wanted = vars(parser.parse_args(command))
+    for token in command:
+        action = parser._option_string_actions.get(token)
+        if action is None or action.dest in NOT_RECIPE or action.dest not in stored:
+            continue
+        have, want = stored[action.dest], wanted[action.dest]
+        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (have, want))
+        if not (math.isclose(have, want, rel_tol=1e-9, abs_tol=0.0) if numbers else have == want):
+            return f'{action.dest} {have!r} instead of {want!r}'
+    return None
+
+
+def teacher_check(path: str, epochs: int, lr: float, seed: int,
+                  command: Optional[List[str]] = None) -> Tuple[str, Optional[str]]:
     """(state, why): the state, 'none', 'done', 'partial' (same schedule, unfinished) or 'other' (another model,
     number of epochs, learning rate or seed, as stored in its ``args``; the demo passes --unscale-lr, so the
-    stored ``lr`` is the one given), and, for 'other', how the checkpoint at ``path`` differs from a teacher
+    stored ``lr`` is the one given; or, with ``command``, the teacher's training flags, another value of a flag
+    it sets: :func:`recipe_difference`), and, for 'other', how the checkpoint at ``path`` differs from a teacher
     trained for ``epochs`` epochs at ``lr`` with ``seed``."""
     if not os.path.isfile(path):
         return 'none', None
@@ -255,6 +285,8 @@ def teacher_check(path: str, epochs: int, lr: float, seed: int) -> Tuple[str, Op
         why = f'learning rate {stored_lr} instead of {lr}'
     elif stored.get('seed') != seed:
         why = f'seed {stored.get("seed")} instead of {seed}'
+    elif command is not None and recipe_difference(stored, command):
+        why = recipe_difference(stored, command)
     elif isinstance(ckpt.get('epoch'), bool) or not isinstance(ckpt.get('epoch'), int):
         why = f'its last epoch is {ckpt.get("epoch")!r}, not a whole number'
     else:
@@ -274,11 +306,12 @@ def seed_of(common: List[str]) -> int:
 def train_teacher(teacher_dir: str, epochs: int, lr: float, common: List[str], fresh: bool = False,
                   verbose: bool = False, echo: bool = True) -> Tuple[str, float]:
     """Train the dense teacher from scratch in ``teacher_dir`` (or reuse / continue one trained there with the
-    same number of epochs, learning rate and seed, the ``--seed`` of ``common``) and evaluate it:
+    same number of epochs, learning rate and seed, the ``--seed`` of ``common``, and recipe) and evaluate it:
     (checkpoint path, acc@1 on the validation set)."""
     teacher = os.path.join(teacher_dir, 'checkpoint.pth')
     seed = seed_of(common)
-    state, why = ('other', None) if fresh else teacher_check(teacher, epochs, lr, seed)
+    command = teacher_command(epochs, lr, common)
+    state, why = ('other', None) if fresh else teacher_check(teacher, epochs, lr, seed, command)
     if state == 'other' and os.path.exists(teacher_dir):
         if fresh:  # (not checked: whatever it holds is retrained, as asked)
             print(f'   (--fresh: training a new teacher in place of what {teacher_dir} holds)')
@@ -292,8 +325,7 @@ def train_teacher(teacher_dir: str, epochs: int, lr: float, common: List[str], f
         resume = ['--resume', teacher] if state == 'partial' else []
         if resume:
             print(f'   continuing the unfinished teacher in {teacher}')
-        cli(common + RECIPE + ['--lr', str(lr), '--warmup-epochs', '2' if epochs > 5 else '0',
-                               '--final_finetune', str(epochs), '--output_dir', teacher_dir] + resume,
+        cli(command + ['--output_dir', teacher_dir] + resume,
             os.path.join(teacher_dir, 'stdout.txt'), 'teacher', verbose, echo)
     acc = cli(common + ['--eval', '--resume', teacher], os.path.join(teacher_dir, 'eval.txt'),
               'teacher eval', verbose, echo)['acc1']

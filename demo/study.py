@@ -24,10 +24,11 @@ so per rate and stage the script takes the differences Taylor - random seed by s
 two-sided 95% Student t-interval (n - 1 degrees of freedom, n = number of seeds). Where the interval excludes
 0 it says which masks win; where it does not, that the data cannot tell them apart.
 
-A teacher already trained in <out>/teacher/ with the same number of epochs, learning rate and seed is reused
-(``--fresh`` retrains it); every other stage is redone, each replacing its own directory when it starts. What an
-earlier study left in <out>/seed*/ that this one does not write (other seeds, other rates) is removed once every
-run of this one has finished, so a study that stops early leaves the earlier results it did not reach.
+A teacher already trained in <out>/teacher/ with the same number of epochs, learning rate and seed (and the same
+data, batch and recipe, as its checkpoint records them) is reused (``--fresh`` retrains it); every other stage
+is redone, each replacing its own directory when it starts. What an earlier study left in <out>/seed*/ that this
+one does not write (other seeds, other rates) is removed once every run of this one has finished, so a study that
+stops early leaves the earlier results it did not reach.
 ``finetune.py``'s full output for each stage is in ``<stage dir>/stdout.txt``, starting with the command line (its
 evaluations' in ``<stage dir>/eval.txt``).
 Every argument is checked before any work starts: a bad one is one ``error: ...`` line and exit code 2.
@@ -262,11 +263,12 @@ def run_all(a: argparse.Namespace, out: str) -> Tuple[dict, List[dict], Dict[str
     print(f'[teacher] {demo.MODEL}, {a.teacher_epochs} epochs from scratch, seed {TEACHER_SEED}, '
           f'trained once for all runs', flush=True)
     teacher_dir = os.path.join(out, 'teacher')
-    reused = not a.fresh and demo.teacher_check(os.path.join(teacher_dir, 'checkpoint.pth'),
-                                                a.teacher_epochs, a.teacher_lr, TEACHER_SEED)[0] == 'done'
-    teacher, teacher_acc = demo.train_teacher(teacher_dir, a.teacher_epochs, a.teacher_lr,
-                                              demo.common_args(TEACHER_SEED, a.device), a.fresh, a.verbose,
-                                              echo=False)
+    common = demo.common_args(TEACHER_SEED, a.device)
+    reused = not a.fresh and demo.teacher_check(
+        os.path.join(teacher_dir, 'checkpoint.pth'), a.teacher_epochs, a.teacher_lr, TEACHER_SEED,
+        demo.teacher_command(a.teacher_epochs, a.teacher_lr, common))[0] == 'done'
+    teacher, teacher_acc = demo.train_teacher(teacher_dir, a.teacher_epochs, a.teacher_lr, common, a.fresh,
+                                              a.verbose, echo=False)
     timings['teacher'] = time.time() - t0
     teacher_row = {'acc1': float(teacher_acc), 'gflops': teacher_gflops(), 'seed': TEACHER_SEED,
                    'epochs': a.teacher_epochs, 'checkpoint': os.path.relpath(teacher, out),

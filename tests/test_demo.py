@@ -428,6 +428,28 @@ def test_teacher_reused_only_with_the_same_epochs_lr_and_seed(tmp_path):
     assert run_demo.teacher_check(other_model, 3, 1e-3, 0)[0] == 'other'
 
 
+def test_a_teacher_of_another_recipe_or_data_is_not_reused(tmp_path):
+    """A teacher whose recorded args differ from the demo's training command in a flag it sets (the data set, the
+    batch, the optimizer: another finetune.py run, or an older demo's recipe) is 'other', the flag named; the
+    flags that say only where and how it ran (device, workers, folder) do not count, nor flags it does not record."""
+    import finetune
+    common = run_demo.common_args(0, 'cpu')
+    command = run_demo.teacher_command(3, 1e-3, common)
+    recorded = vars(finetune.get_args_parser().parse_args(command + ['--output_dir', 'elsewhere']))
+    for changes, why in (({}, None), ({'device': 'cuda', 'num_workers': 8, 'output_dir': 'x'}, None),
+                         ({'data_set': 'IMNET'}, "data_set 'IMNET' instead of 'DIGITS'"),
+                         ({'batch_size': 128}, 'batch_size 128 instead of 64'),
+                         ({'opt': 'sgd'}, "opt 'sgd' instead of 'adamw'"),
+                         ({'weight_decay': 0.0}, 'weight_decay 0.0 instead of 0.05')):
+        path = fake_teacher(tmp_path / str(len(changes)) / 'checkpoint.pth')
+        ckpt = torch.load(path)
+        ckpt['args'] = dict(recorded, model=finetune.cc_model_name(run_demo.MODEL), **changes)
+        torch.save(ckpt, path)
+        assert run_demo.teacher_check(path, 3, 1e-3, 0, command) == (('done', None) if why is None
+                                                                     else ('other', why)), changes
+        assert run_demo.teacher_check(path, 3, 1e-3, 0)[0] == 'done'  # (without the command: the four values)
+
+
 @pytest.mark.parametrize('spoil, why', [
     (lambda ckpt: ckpt.update(epoch='abc'), "its last epoch is 'abc', not a whole number"),
     (lambda ckpt: ckpt.update(epoch=None), 'its last epoch is None, not a whole number'),
