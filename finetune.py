@@ -1511,8 +1511,13 @@ def check_recorded_classes(checkpoint: dict, dataset, args, split: str, continui
 
 
 def run_finetune(args, device: torch.device) -> Dict[str, float]:
-    training, checkpoint = build_training(args, device)
-    start_epoch, max_accuracy = restore_training(training, checkpoint, args)  # (finished runs stop in run())
+    try:
+        training, checkpoint = build_training(args, device)
+        start_epoch, max_accuracy = restore_training(training, checkpoint, args)  # (finished runs stop in run())
+    except STOPS_MIDWAY as e:  # (listing the data, building the models, restoring the run: no checkpoint yet)
+        if args.resume and not getattr(e, 'kept', None):
+            e.kept = f'no epoch had started, so no checkpoint was written ({args.resume} is as it was)'
+        raise
     for line in describe_parameter_groups(training.optimizer, training.model_without_ddp, args):
         rank0_print(line)
     paths = output_paths(args)

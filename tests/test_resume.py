@@ -694,6 +694,30 @@ def test_killed_during_an_epoch_resumes_where_it_stopped(capsys, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize('stop, said, code', [(KeyboardInterrupt, 'interrupted', 130),
+                                               (finetune.Terminated, 'terminated (SIGTERM)', 143)])
+def test_a_stop_before_the_first_epoch_says_the_resumed_file_is_as_it_was(stop, said, code, capsys, monkeypatch,
+                                                                          small, tmp_path):
+    """A run stopped while it restores its checkpoint (before any epoch) says no checkpoint was written and the file
+    it resumes is as it was (not 'nothing was written', as if the run held nothing)."""
+    out = tmp_path / 'out'
+    with monkeypatch.context() as patch:
+        accuracies(patch, [50.0])
+        assert _finetune(out, small['data'], '--resume', small['dense'], '--final_finetune', 1) == 0
+    ckpt = out / 'checkpoint.pth'
+    before = ckpt.read_bytes()
+
+    def stopped(*args, **kwargs):
+        raise stop()
+
+    monkeypatch.setattr(finetune, 'restore_training', stopped)
+    capsys.readouterr()
+    assert _finetune(out, small['data'], '--resume', ckpt, '--final_finetune', 2) == code
+    assert capsys.readouterr().err == (f'{said}; no epoch had started, so no checkpoint was written ({ckpt} is as '
+                                       f'it was)\n')
+    assert ckpt.read_bytes() == before
+
+
 def test_sigterm_during_an_epoch_ends_with_one_line_and_keeps_the_last_checkpoint(tmp_path):
     # A cluster scheduler preempting the job sends SIGTERM: one line, exit 143, and the job resumes from the
     # last complete checkpoint (epoch 0 is saved when epoch 1 has taken its first step).
