@@ -118,7 +118,8 @@ def model_slots() -> Tuple[int, int]:
 def check_rates(rates: Sequence[float]) -> None:
     """Each rate has a folder of its own and prunes something: two rates that round to the same two decimals would
     write the same prune_<mode>_<rate>/ and finetune_<mode>_<rate>/ folders over each other, and a rate that clips
-    no slot makes the prune stage fail after the teacher has been trained."""
+    no slot makes the prune stage fail after the teacher has been trained; one named 0.00 or 1.00 would misname
+    its runs."""
     tags: Dict[str, float] = {}
     for rate in rates:
         tag = demo.rate_tag(MODES[0], rate)
@@ -132,6 +133,10 @@ def check_rates(rates: Sequence[float]) -> None:
         if not pruning.num_clipped_slots(depth, patches, rate):
             raise UserError(f'--rates {rate:g} clips int({slots} x {rate:g}) = 0 of the {slots} (layer, patch) slots '
                             f'of {demo.MODEL}: nothing would be pruned (a rate clips one from 1/{slots} on)')
+        if f'{rate:.2f}' in ('0.00', '1.00'):  # the folders' and the tables' name of the rate
+            raise UserError(f'--rates {rate:g} would be named {rate:.2f} in its folders and tables, as if '
+                            f'{"nothing" if rate < 0.5 else "everything"} were pruned: give rates from 0.005 to '
+                            f'below 0.995')
 
 
 def validate_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:

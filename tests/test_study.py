@@ -407,7 +407,12 @@ def test_rates_need_folders_of_their_own_and_a_slot_to_clip():
     with pytest.raises(study.UserError, match=r'--rates: 0\.251 and 0\.254 both round to 0\.25, the name of their '
                                               r'folders \(prune_<mode>_0\.25/\)'):
         study.check_rates([0.1, 0.251, 0.254])
-    study.check_rates([0.25, 0.26, 1.0001 / slots])  # one slot clipped by the smallest
+    study.check_rates([0.25, 0.26, 0.005, 0.994])  # the smallest clips int(slots x 0.005) = 1 slot
+    assert int(slots * 0.005) == 1
+    for rate, named, what in ((1.0001 / slots, '0.00', 'nothing'), (0.996, '1.00', 'everything')):
+        with pytest.raises(study.UserError, match=rf'--rates {rate:g} would be named {named} in its folders and '
+                                                  rf'tables, as if {what} were pruned'):
+            study.check_rates([0.25, rate])
     with pytest.raises(study.UserError, match=rf'--rates 0\.0001 clips int\({slots} x 0\.0001\) = 0 of the {slots} '
                                               r'\(layer, patch\) slots .*nothing would be pruned'):
         study.check_rates([0.25, 0.0001])
