@@ -31,6 +31,10 @@ def load_rgb(path: str) -> Image.Image:
             img = Image.open(f)
             if img.mode in ('I;16', 'I;16B', 'I;16L'):  # 16-bit: convert() clips at 255, so nearly all white
                 img = Image.fromarray((np.asarray(img, dtype=np.uint16) >> 8).astype(np.uint8))
+            if img.mode in ('I', 'F'):  # convert() clips these at 255 too: a float image in [0, 1] comes out black
+                kind = 'floats' if img.mode == 'F' else 'integers'
+                raise BadImageError(f'cannot read image {path}: its pixels are 32-bit {kind} (mode {img.mode}), '
+                                    f'which have no fixed range to map to 8-bit RGB: convert it to 8 or 16 bits')
             return img.convert('RGB')
     except UnidentifiedImageError:  # its own message repeats the path as '<_io.BufferedReader name=...>'
         raise BadImageError(f'cannot read image {path}: not an image, or a format Pillow cannot decode') from None

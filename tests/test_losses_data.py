@@ -1,6 +1,7 @@
 """The distillation loss of the method, the data sets and the samplers."""
 import argparse
 import json
+import re
 
 import numpy as np
 import pytest
@@ -317,3 +318,18 @@ def test_a_16_bit_png_is_read_at_its_brightness(tmp_path):
     assert Image.open(tmp_path / 'deep.png').mode.startswith('I;16')
     rgb = np.asarray(load_rgb(str(tmp_path / 'deep.png')))
     assert rgb.shape == (64, 64, 3) and (rgb == (grey >> 8)[:, :, None]).all()
+
+
+def test_32_bit_integer_and_float_images_are_refused_by_name(tmp_path):
+    """Pillow's convert('RGB') clips mode I and F images at 255 (a float image in [0, 1] came out black, without a
+    word): they have no range to map to 8 bits, so reading one is a one-line error naming the file."""
+    import numpy as np
+    from PIL import Image
+    from datasets import BadImageError, load_rgb
+    assert not np.asarray(Image.fromarray(np.full((8, 8), 0.5, np.float32)).convert('RGB')).any()  # (the clipping)
+    for name, array, kind in (('float.tif', np.full((8, 8), 0.5, np.float32), 'floats'),
+                              ('int.tif', np.full((8, 8), 70000, np.int32), 'integers')):
+        Image.fromarray(array).save(tmp_path / name)
+        with pytest.raises(BadImageError, match=rf'^cannot read image {re.escape(str(tmp_path / name))}: its pixels '
+                                                rf'are 32-bit {kind} \(mode [IF]\), which have no fixed range'):
+            load_rgb(str(tmp_path / name))
