@@ -128,7 +128,8 @@ def build_parser():
     p.add_argument('--device', choices=['cuda'], default='cuda', help='cuda only: the script measures cuBLAS')
     p.add_argument('--model', default='deit_tiny_patch16_224',
                    help='a timm model name with a C&C model, or tiny/small/base (default: %(default)s)')
-    p.add_argument('--rate', type=_rate(), default=0.3, help='the prune rate, in [0, 1) (default: %(default)s)')
+    p.add_argument('--rate', type=_rate(), default=0.3,
+                   help='the prune rate, in [0, 1), one that clips a (layer, patch) slot (default: %(default)s)')
     p.add_argument('--batch', type=_int_in(1, MAX_BATCH), default=256,
                    help=f'the batch size, 1 to {MAX_BATCH} (default: %(default)s)')
     p.add_argument('--out', default=os.environ.get('OUT', '.'),
@@ -147,6 +148,15 @@ def main(argv=None) -> int:
             args.model = resolve_model(args.model)
         except ValueError as e:
             raise UserError(f'argument --model: {e}') from None
+        import models
+        import pruning
+        with torch.device('meta'):  # (allocates nothing)
+            probe = models.create_model(args.model)
+        depth, patches = len(probe.blocks), probe.patch_embed.num_patches
+        if not pruning.num_clipped_slots(depth, patches, args.rate):
+            raise UserError(f'argument --rate: {args.rate:g} clips int({depth * patches} x {args.rate:g}) = 0 of the '
+                            f'{depth * patches} (layer, patch) slots of {args.model}: the pruned model would be the '
+                            f'dense one')
         check_output_dir(args.out, '--out')
         if not torch.cuda.is_available():
             raise UserError('argument --device: cuda: no CUDA GPU is available (this script measures cuBLAS)')

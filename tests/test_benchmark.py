@@ -1774,6 +1774,9 @@ def test_linear_shapes_routes_set_and_restore_the_cublas_settings():
     (['--rate', '1'], "error: argument --rate: a prune rate must lie in [0, 1), got '1' (see --help)"),
     (['--rate', 'nan'], "error: argument --rate: a prune rate must lie in [0, 1), got 'nan' (see --help)"),
     (['--batch', '0'], 'error: argument --batch: must be from 1 to 65536, got 0 (see --help)'),
+    (['--rate', '0'], 'error: argument --rate: 0 clips int(2352 x 0) = 0 of the 2352 (layer, patch) slots of '
+                      'deit_tiny_patch16_224: the pruned model would be the dense one'),
+    (['--rate', '0.0004'], 'clips int(2352 x 0.0004) = 0'),
     (['--no-such-flag'], 'error: unrecognized arguments: --no-such-flag (see --help)'),
     (['--model', 'huge'], "error: argument --model: unknown model 'huge'"),
     (['--out', 'FILE'], 'Not a directory'),
@@ -1800,8 +1803,8 @@ def test_linear_shapes_measures_what_it_was_asked_once_the_checks_pass(tmp_path,
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
     seen = []
     monkeypatch.setattr(linear_shapes, '_measure', lambda args: seen.append(args) or 0)
-    assert linear_shapes.main(['--model', 'small', '--rate', '0', '--batch', '8', '--out', str(tmp_path / 'o')]) == 0
-    assert [(a.model, a.rate, a.batch, a.out) for a in seen] == [('deit_small_patch16_224', 0.0, 8,
+    assert linear_shapes.main(['--model', 'small', '--rate', '0.25', '--batch', '8', '--out', str(tmp_path / 'o')]) == 0
+    assert [(a.model, a.rate, a.batch, a.out) for a in seen] == [('deit_small_patch16_224', 0.25, 8,
                                                                   str(tmp_path / 'o'))]
     assert not (tmp_path / 'o').exists()  # made when its first file is written, not by the checks
 
