@@ -10,9 +10,11 @@ def count_macs(model: nn.Module, channels: Optional[List[int]] = None) -> int:
     """Multiply-accumulates of one image: the patch embedding, then per block with ``n`` kept tokens
     qkv ``3nCD``, attention ``2n²D``, projection ``nDC``, MLP ``2nCH``, then the head(s); ``C`` is the width,
     ``D`` the attention width (``C`` in every standard ViT) and ``H`` the MLP width (``4C`` in DeiT), so a
-    DeiT block costs ``12nC² + 2n²C``.  LayerNorm, GELU, softmax, residual adds and the token routing are
-    not counted (as in the paper); neither is an attention-pooling head.  ``channels`` defaults to the
-    model's kept counts (a plain timm ViT counts as dense).
+    DeiT block costs ``12nC² + 2n²C``.  A gated MLP (timm's ``GluMlp``, ``SwiGLU``, ``GeGluMlp``: two
+    products of width ``H`` multiplied together, then ``H`` to ``C``) costs ``3nCH``: the MLP is priced as the
+    sum of its linear layers, ``n`` times their weights.  LayerNorm, GELU, softmax, residual adds and the token
+    routing are not counted (as in the paper); neither is an attention-pooling head.  ``channels`` defaults to
+    the model's kept counts (a plain timm ViT counts as dense).
     """
     model = getattr(model, 'module', model)
     num_tokens = model.patch_embed.num_patches + model.num_prefix_tokens
@@ -23,8 +25,8 @@ def count_macs(model: nn.Module, channels: Optional[List[int]] = None) -> int:
     proj = model.patch_embed.proj
     patch_macs = model.patch_embed.num_patches * proj.in_channels * proj.kernel_size[0] * proj.kernel_size[1] * C
     D = attention_width(model.blocks[0].attn)
-    hidden = model.blocks[0].mlp.fc1.out_features
-    block_macs = sum(3 * n * C * D + 2 * n * n * D + n * D * C + 2 * n * C * hidden for n in channels)
+    mlp = mlp_macs_per_token(model.blocks[0].mlp)
+    block_macs = sum(3 * n * C * D + 2 * n * n * D + n * D * C + n * mlp for n in channels)
     heads = [h for h in (getattr(model, 'head', None), getattr(model, 'head_dist', None)) if isinstance(h, nn.Linear)]
     head_macs = sum(h.in_features * h.out_features for h in heads)
     return patch_macs + block_macs + head_macs
@@ -37,3 +39,10 @@ def attention_width(attn: nn.Module) -> int:
     and AV (their difference) cost ``n^2 C`` each, as in a standard block: ``D = C``."""
     proj = getattr(attn, 'proj', None)
     return proj.in_features if isinstance(proj, nn.Linear) else attn.num_heads * attn.head_dim
+
+
+def mlp_macs_per_token(mlp: nn.Module) -> int:
+    """Multiply-accumulates of a block's MLP per token: the weights of its linear layers (``2CH`` for timm's
+    ``Mlp``, ``3CH`` for a gated one, whose first layer, or first two, make ``2H`` channels of which the
+    second layer reads ``H``)."""
+    return sum(m.in_features * m.out_features for m in mlp.modules() if isinstance(m, nn.Linear))
