@@ -92,7 +92,7 @@ def _input_size(model: nn.Module, positions: int) -> str:
     made for ('' where there is none)."""
     prefix = 0 if getattr(model, 'no_embed_class', False) else model.num_prefix_tokens
     side = math.isqrt(max(positions - prefix, 0))
-    ph, pw = model.patch_embed.patch_size
+    ph, pw = zoo.token_stride(model.patch_embed)
     return f' {side * ph}' if side and side * side == positions - prefix and ph == pw else ''
 
 

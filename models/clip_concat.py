@@ -262,7 +262,7 @@ def apply_clip_concat(model: nn.Module) -> nn.Module:
     if reason:
         raise ValueError(f'cannot apply Clip & Concat: {reason}')
     num_tokens = model.patch_embed.num_patches + model.num_prefix_tokens
-    device = model.patch_embed.proj.weight.device
+    device = next(model.parameters()).device  # (a hybrid's patch embedding may have no projection)
     model.__class__ = _with_mixin(type(model), CCModelMixin)
     model.num_tokens = num_tokens
     for blk in model.blocks:

@@ -1,16 +1,18 @@
 """FLOPs as the paper counts them: multiply-accumulates of one image (docs/method.md, "FLOPs")."""
 from typing import List, Optional
 
+import torch
 import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from .clip_concat import kept_token_counts
 
 
 def count_macs(model: nn.Module, channels: Optional[List[int]] = None) -> int:
-    """Multiply-accumulates of one image: the patch embedding, then per block with ``n`` kept tokens
-    qkv ``3nCD``, attention ``2n²D``, projection ``nDC``, MLP ``2nCH``, then the head(s); ``C`` is the width,
-    ``D`` the attention width (``C`` in every standard ViT) and ``H`` the MLP width (``4C`` in DeiT), so a
-    DeiT block costs ``12nC² + 2n²C``.  A gated MLP (timm's ``GluMlp``, ``SwiGLU``, ``GeGluMlp``: two
+    """Multiply-accumulates of one image: the patch embedding (:func:`patch_embed_macs`), then per block with
+    ``n`` kept tokens: qkv ``3nCD``, attention ``2n²D``, projection ``nDC``, MLP ``2nCH``, then the head(s);
+    ``C`` is the width, ``D`` the attention width (``C`` in every standard ViT) and ``H`` the MLP width (``4C``
+    in DeiT), so a DeiT block costs ``12nC² + 2n²C``.  A gated MLP (timm's ``GluMlp``, ``SwiGLU``, ``GeGluMlp``: two
     products of width ``H`` multiplied together, then ``H`` to ``C``) costs ``3nCH``: the MLP is priced as the
     sum of its linear layers, ``n`` times their weights.  LayerNorm, GELU, softmax, residual adds and the token
     routing are not counted (as in the paper); neither is an attention-pooling head.  ``channels`` defaults to
@@ -22,8 +24,7 @@ def count_macs(model: nn.Module, channels: Optional[List[int]] = None) -> int:
         channels = kept_token_counts(model) if hasattr(model.blocks[0].attn, 'token_index') \
             else [num_tokens] * len(model.blocks)
     C = model.embed_dim
-    proj = model.patch_embed.proj
-    patch_macs = model.patch_embed.num_patches * proj.in_channels * proj.kernel_size[0] * proj.kernel_size[1] * C
+    patch_macs = patch_embed_macs(model.patch_embed)
     D = attention_width(model.blocks[0].attn)
     mlp = mlp_macs_per_token(model.blocks[0].mlp)
     block_macs = sum(3 * n * C * D + 2 * n * n * D + n * D * C + n * mlp for n in channels)
@@ -46,3 +47,26 @@ def mlp_macs_per_token(mlp: nn.Module) -> int:
     ``Mlp``, ``3CH`` for a gated one, whose first layer, or first two, make ``2H`` channels of which the
     second layer reads ``H``)."""
     return sum(m.in_features * m.out_features for m in mlp.modules() if isinstance(m, nn.Linear))
+
+
+def patch_embed_macs(patch_embed: nn.Module) -> int:
+    """Multiply-accumulates of the patch embedding for one image: patches x their pixels x the width for timm's
+    ``PatchEmbed``; a hybrid embedding (a CNN backbone before the patches, timm's ``HybridEmbed``) is counted by
+    torch's FLOP counter over one image (convolutions and products; its norms and activations are not counted, as
+    in the blocks), in eval mode so that no BatchNorm statistics move."""
+    proj = getattr(patch_embed, 'proj', None)
+    if not hasattr(patch_embed, 'backbone') and isinstance(proj, nn.Conv2d):
+        return patch_embed.num_patches * proj.in_channels * proj.kernel_size[0] * proj.kernel_size[1] \
+            * proj.out_channels
+    weight = next(patch_embed.parameters())
+    image = torch.zeros(1, patch_embed.in_chans, *patch_embed.img_size, device=weight.device, dtype=weight.dtype)
+    modes = {m: m.training for m in patch_embed.modules()}
+    counter = FlopCounterMode(display=False)
+    try:
+        patch_embed.eval()
+        with torch.no_grad(), counter:
+            patch_embed(image)
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    return counter.get_total_flops() // 2

@@ -22,7 +22,7 @@ from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_
 
 from .clip_concat import apply_clip_concat, unsupported_reason
 
-__all__ = ['base_name', 'check_model_name', 'pretrained_cfg']
+__all__ = ['base_name', 'check_model_name', 'patch_size', 'pretrained_cfg', 'token_stride']
 
 
 def base_name(name: str) -> str:
@@ -59,10 +59,20 @@ def create_model(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
 
 
 def patch_size(name: str) -> Tuple[int, int]:
-    """The patch size (height, width) of the model behind ``name``, read off a model built on the meta device."""
+    """The patch size (height, width) of the model behind ``name``, read off a model built on the meta device: the
+    pixels of the image one token covers (:func:`token_stride`)."""
     with torch.device('meta'):
         probe = timm.create_model(base_name(name))
-    return tuple(int(p) for p in probe.patch_embed.patch_size)
+    return token_stride(probe.patch_embed)
+
+
+def token_stride(patch_embed: nn.Module) -> Tuple[int, int]:
+    """The pixels (height, width) one token covers: the patch size of timm's ``PatchEmbed``; for a hybrid
+    embedding (a CNN backbone, then patches of its feature map: timm's ``HybridEmbed``, whose ``patch_size`` is
+    counted in feature-map cells) the image size over the token grid."""
+    if hasattr(patch_embed, 'backbone'):
+        return tuple(int(i) // int(g) for i, g in zip(patch_embed.img_size, patch_embed.grid_size))
+    return tuple(int(p) for p in patch_embed.patch_size)
 
 
 def pretrained_cfg(name: str):

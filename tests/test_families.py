@@ -1,10 +1,10 @@
 """Clip & Concat on every family of timm ViT it supports, applied in place by models.apply_clip_concat:
 distilled DeiT (class + distillation tokens, two heads), DeiT III (LayerScale, position embedding without the
 class token), ViTs with register tokens, at 384 px, with global average pooling and no class token, with
-32-pixel patches, with attention narrower than the width, with gated MLPs (SwiGLU).  Each at small depth and
-width with random weights, against independent references: timm's own model (all masks True), the reference
-semantics written out with boolean indexing and timm's own block (pruned), autograd (Taylor scores) and torch's
-FLOP counter."""
+32-pixel patches, with attention narrower than the width, with gated MLPs (SwiGLU), hybrids (a CNN stem).
+Each at small depth and width with random weights, against independent references: timm's own model (all masks
+True), the reference semantics written out with boolean indexing and timm's own block (pruned), autograd (Taylor
+scores) and torch's FLOP counter."""
 import pytest
 import timm
 import torch
@@ -33,6 +33,10 @@ FAMILIES = {
     'packed_swiglu': ('vit_giant_patch14_dinov2', dict(img_size=56, depth=3, embed_dim=48, num_heads=2,
                                                      init_values=0.5)),
     'swiglu': ('aimv2_large_patch14_224', dict(img_size=56, depth=3, embed_dim=64, num_heads=2)),
+    # hybrids: a CNN backbone before the patches (ResNet and 8x8 patches of its map: 32 px a token; ViTamin's
+    # MbConv stem with no projection and a GeGLU MLP)
+    'hybrid_resnet': ('vit_tiny_r_s16_p8_224', dict(img_size=128, depth=3)),
+    'hybrid_no_projection': ('vitamin_small_224', dict(img_size=64, depth=3)),
 }
 
 
@@ -164,6 +168,22 @@ def test_flops_formula_equals_torch_flop_counter(family):
         with torch.no_grad(), counter:
             cc(images(cc, n=1))
         assert models.count_macs(cc) == counter.get_total_flops() // 2
+
+
+def test_hybrid_tokens_cover_the_backbones_stride_and_counting_its_flops_leaves_it_as_it_was():
+    """A hybrid's patch_size is counted in cells of the backbone's feature map: a token covers the backbone's
+    stride times that (what --input-size must be a multiple of).  Its FLOPs are counted by running the stem once,
+    which must not move BatchNorm statistics nor leave the model in another mode."""
+    assert models.patch_size('vit_base_r50_s16_384') == (16, 16)
+    assert models.patch_size('vit_tiny_r_s16_p8_224') == (32, 32)
+    assert models.patch_size('cc_vit_small_r26_s32_224') == (32, 32)
+    torch.manual_seed(0)
+    cc = models.create_model('vit_small_resnet26d_224', img_size=64, depth=1, num_classes=5).train()
+    assert any(isinstance(m, nn.BatchNorm2d) for m in cc.patch_embed.modules())
+    before = {k: v.clone() for k, v in cc.state_dict().items()}
+    models.count_macs(cc)
+    assert cc.training and all(m.training for m in cc.modules())
+    assert all(torch.equal(v, before[k]) for k, v in cc.state_dict().items())
 
 
 @pytest.mark.parametrize('family', ['distilled', 'registers', 'gap_no_class_token'])

@@ -1,6 +1,7 @@
 """The four commands on other timm ViTs, saved as plain timm state dicts: a distilled DeiT and DeiT III through
 --prune -> --eval -> finetune with distillation, and --speed-only (GFLOPs and images/s of the pruned and dense
-model) for every family: register tokens, 384 px, global average pooling without class token, patch 32."""
+model) for every family: register tokens, 384 px, global average pooling without class token, patch 32, a hybrid
+(CNN stem)."""
 import re
 
 import pytest
@@ -78,7 +79,7 @@ def test_distilled_deit_finetuned_without_distillation_trains_the_average_of_its
 @pytest.mark.parametrize('name, size', [
     ('deit_tiny_distilled_patch16_224', 64), ('deit3_small_patch16_224', 64),
     ('vit_small_patch14_reg4_dinov2', 56), ('vit_tiny_patch16_384', 384),
-    ('vit_little_patch16_reg1_gap_256', 64), ('vit_small_patch32_224', 128),
+    ('vit_little_patch16_reg1_gap_256', 64), ('vit_small_patch32_224', 128), ('vitamin_small_224', 64),
 ])
 def test_speed_only_prints_flops_and_speed_up(tmp_path, capsys, data, name, size):
     dense = official_checkpoint(tmp_path / 'dense.pth', name, seed=1, img_size=size, num_classes=3)
