@@ -106,6 +106,7 @@ def end_to_end(cc, pruned, batch: int, device) -> dict:
     it; then all of them timed interleaved (engine.time_interleaved).  Returns each row's median ms and, per
     route, the median per-round ratio dense/pruned."""
     import engine
+    from benchmarks.formulations import image_shape
     from models.fast_path import build_fast_path
     runs = {}
     for r in SETTING_ROUTES:
@@ -113,7 +114,7 @@ def end_to_end(cc, pruned, batch: int, device) -> dict:
             for tag, m in (('dense', cc), ('pruned', pruned)):
                 runs[f'{r}/{tag}'] = build_fast_path(m.eval(), dtype=torch.float16, cuda_graph=True,
                                                      batch_size=batch)
-    x = torch.randn(batch, 3, 224, 224, device=device)
+    x = torch.randn(batch, *image_shape(cc), device=device)  # the model's input size (--model: any C&C model)
     with torch.no_grad():
         secs = engine.time_interleaved(runs, x, device, repeats=30, warmup=5)
     return {'ms': {k: 1e3 * statistics.median(v) for k, v in secs.items()},

@@ -1815,3 +1815,22 @@ def test_linear_shapes_without_a_gpu_is_one_line_and_exit_2(tmp_path):
     assert r.returncode == 2 and r.stderr == ('error: argument --device: cuda: no CUDA GPU is available (this script '
                                               'measures cuBLAS)\n'), r.stderr
     assert os.listdir(tmp_path) == []
+
+
+def test_linear_shapes_end_to_end_feeds_images_of_the_models_own_size(monkeypatch):
+    """The end-to-end part times the fast paths on images of the model's input size (a 32x32 model here), not on
+    224x224 ones: --model takes any timm name with a C&C model."""
+    from benchmarks import linear_shapes
+    from models import fast_path
+    cc, _ = F.seeded_models('deit_digits_patch4_32', 0, CPU)
+    pruned = F.pruned_copy(cc, F.plan(None, len(cc.blocks), cc.patch_embed.num_patches, 0.3, seed=0))
+    built, real = [], fast_path.build_fast_path
+
+    def build(model, dtype, cuda_graph, batch_size):  # the path as the GPU builds it, run eagerly here
+        built.append((cuda_graph, batch_size))
+        return real(model, backend='torch')
+    monkeypatch.setattr(fast_path, 'build_fast_path', build)
+    out = linear_shapes.end_to_end(cc, pruned, 2, CPU)
+    assert built == [(True, 2)] * 6
+    assert set(out['ms']) == {f'{r}/{tag}' for r in linear_shapes.SETTING_ROUTES for tag in ('dense', 'pruned')}
+    assert all(math.isfinite(s) and s > 0 for s in out['speedup'].values())
