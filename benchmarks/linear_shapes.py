@@ -19,7 +19,8 @@ speed-up per route is a ratio taken in one run.
 
   python benchmarks/linear_shapes.py --device cuda [--model deit_tiny_patch16_224] [--rate 0.3] [--batch 256]
 
-Prints a table and writes linear_shapes.json/.md to --out.  CUDA only; no test times it.
+Prints a table and writes linear_shapes.json/.md to --out (the products per shape as soon as they are measured,
+then again with the end-to-end part).  CUDA only; no test times it.
 """
 import contextlib
 import json
@@ -167,12 +168,19 @@ def main(argv=None) -> int:
         return 2
 
 
+def _write(out: str, result: dict, lines) -> None:
+    """linear_shapes.json and .md into ``out``, each whole or not at all (a run killed while writing leaves the
+    previous one)."""
+    from utils import write_text_atomic
+    write_text_atomic(os.path.join(out, 'linear_shapes.json'), json.dumps(result, indent=1))
+    write_text_atomic(os.path.join(out, 'linear_shapes.md'), '\n'.join(lines) + '\n')
+
+
 def _measure(args) -> int:
-    device = torch.device('cuda')
+    device = torch.device(args.device)
     import timm
     import models
     from benchmarks import model_zoo as zoo
-    from utils import write_text_atomic
     from benchmarks.formulations import seeded_models
     cc, _ = seeded_models(args.model, 0, device)  # the benchmark's models: seed 0, Taylor masks of 2 noise batches
     scores = zoo._scores(cc, SimpleNamespace(masks='taylor', seed=0), device)
@@ -205,6 +213,9 @@ def _measure(args) -> int:
     result = {'gpu': torch.cuda.get_device_name(), 'torch': torch.__version__, 'model': args.model,
               'rate': args.rate, 'batch': args.batch, 'kept': kept, 'shapes_ms': shapes, 'summary': summary}
     print('\n'.join(lines), flush=True)
+    # the per-shape figures are kept now: the end-to-end part builds and captures six fast paths, and a run cut
+    # there by its time limit (gpu_check.sh's 150 s) would otherwise lose them too
+    _write(args.out, result, lines)
     if not args.no_end_to_end:
         e2e = end_to_end(cc, pruned, args.batch, device)
         result['end_to_end'] = e2e
@@ -214,9 +225,7 @@ def _measure(args) -> int:
         lines += ['', 'End to end (Triton fast path, fp16, CUDA graph; built and captured under each route, timed '
                       'interleaved, median of 30): pruned over dense of the same route', ''] + table
         print('\n'.join(table), flush=True)
-    # each file whole or not at all: a run killed while writing leaves the previous one
-    write_text_atomic(os.path.join(args.out, 'linear_shapes.json'), json.dumps(result, indent=1))
-    write_text_atomic(os.path.join(args.out, 'linear_shapes.md'), '\n'.join(lines) + '\n')
+        _write(args.out, result, lines)
     return 0
 
 

@@ -1834,3 +1834,30 @@ def test_linear_shapes_end_to_end_feeds_images_of_the_models_own_size(monkeypatc
     assert built == [(True, 2)] * 6
     assert set(out['ms']) == {f'{r}/{tag}' for r in linear_shapes.SETTING_ROUTES for tag in ('dense', 'pruned')}
     assert all(math.isfinite(s) and s > 0 for s in out['speedup'].values())
+
+
+def test_linear_shapes_keeps_its_per_shape_figures_when_the_end_to_end_part_is_cut(tmp_path, monkeypatch):
+    """The per-shape figures are written before the end-to-end part (six fast-path builds and captures): a run cut
+    there (its time limit, a failed capture) keeps them; a run that finishes writes both (products' times scripted,
+    the CPU standing in for the GPU)."""
+    from benchmarks import linear_shapes
+    monkeypatch.setattr(linear_shapes, 'gemm_ms', lambda fn, x, w, b: 1e-6 * x.shape[0] * w.shape[0])
+    monkeypatch.setattr(torch.cuda, 'get_device_name', lambda *a: 'NVIDIA H200')
+
+    def cut(*a):
+        raise RuntimeError('capturing the forward in a CUDA graph failed')
+    monkeypatch.setattr(linear_shapes, 'end_to_end', cut)
+    args = SimpleNamespace(device='cpu', model='deit_digits_patch4_32', rate=0.3, batch=2, out=str(tmp_path),
+                           no_end_to_end=False)
+    with pytest.raises(RuntimeError, match='capturing'):
+        linear_shapes._measure(args)
+    kept = json.loads((tmp_path / 'linear_shapes.json').read_text())
+    assert kept['gpu'] == 'NVIDIA H200' and set(kept['shapes_ms']) == set(linear_shapes.ROUTES)
+    assert 'end_to_end' not in kept and '| linear |' in (tmp_path / 'linear_shapes.md').read_text()
+    e2e = {'ms': {f'{r}/{t}': 1.0 for r in linear_shapes.SETTING_ROUTES for t in ('dense', 'pruned')},
+           'speedup': dict.fromkeys(linear_shapes.SETTING_ROUTES, 1.25)}
+    monkeypatch.setattr(linear_shapes, 'end_to_end', lambda *a: e2e)
+    assert linear_shapes._measure(args) == 0
+    assert json.loads((tmp_path / 'linear_shapes.json').read_text())['end_to_end'] == e2e
+    assert '| lt | 1.000 | 1.000 | 1.250 |' in (tmp_path / 'linear_shapes.md').read_text()
+    assert sorted(os.listdir(tmp_path)) == ['linear_shapes.json', 'linear_shapes.md']
