@@ -106,7 +106,7 @@ fi
 mkdir -p "$OUT"
 # a reused $OUT (a local run) must not lend this run an earlier one's verdicts or results
 # (but not the results a resume reads, when $RESUME names $OUT/cuda.json: the resumed run replaces it whole)
-for f in status.txt cuda.json cuda.md profile.json profile.md; do
+for f in status.txt cuda.json cuda.md profile.json profile.md linear_shapes.json linear_shapes.md; do
     if [ ${#resume[@]} -gt 0 ] && [ "$(realpath -m "$OUT/$f")" = "$(realpath -m "$RESUME")" ]; then continue; fi
     rm -f "$OUT/$f"
 done

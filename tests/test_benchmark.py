@@ -1861,3 +1861,23 @@ def test_linear_shapes_keeps_its_per_shape_figures_when_the_end_to_end_part_is_c
     assert json.loads((tmp_path / 'linear_shapes.json').read_text())['end_to_end'] == e2e
     assert '| lt | 1.000 | 1.000 | 1.250 |' in (tmp_path / 'linear_shapes.md').read_text()
     assert sorted(os.listdir(tmp_path)) == ['linear_shapes.json', 'linear_shapes.md']
+
+
+def test_gpu_check_lends_a_reused_out_folder_no_earlier_results(tmp_path):
+    """Run where $OUT already holds an earlier call's results (a local run), a step that fails to write its own must
+    not leave the earlier ones to be read as its: every results file a step writes is removed first (a stand-in
+    python3 that sees a GPU and fails every step)."""
+    stand_in = tmp_path / 'bin'
+    stand_in.mkdir()
+    (stand_in / 'python3').write_text('#!/bin/sh\ncase "$*" in *is_available*) exit 0 ;; esac\nexit 1\n')
+    (stand_in / 'python3').chmod(0o755)
+    out = tmp_path / 'out'
+    out.mkdir()
+    earlier = ['cuda.json', 'cuda.md', 'profile.json', 'profile.md', 'linear_shapes.json', 'linear_shapes.md']
+    for name in earlier:
+        (out / name).write_text('from an earlier call')
+    env = subprocess_env()
+    done = subprocess.run(['bash', GPU_CHECK, 'profile', 'linear'], capture_output=True, text=True, timeout=60,
+                          env=dict(env, OUT=str(out), PATH=f'{stand_in}:{env["PATH"]}'))
+    assert done.returncode != 0 and 'profile: FAILED' in done.stdout and 'linear: FAILED' in done.stdout
+    assert not any((out / name).exists() for name in earlier), sorted(os.listdir(out))
