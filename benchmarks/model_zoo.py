@@ -701,12 +701,16 @@ def noise_batches(n: int, batch: int, num_classes: int, device: torch.device, se
 
 
 def _scores(cc, args, device, batch: int = 8) -> Optional[torch.Tensor]:
-    """Taylor scores of the random-init model on 2 noise batches (``--masks taylor``); None plans random masks."""
+    """Taylor scores of the random-init model on 2 noise batches (``--masks taylor``); None plans random masks.
+    Computed on the CPU (an fp32 copy of a model on a GPU): a GPU's reductions need not repeat bit for bit from
+    one process to the next, and a run that carries on another (``--resume``) must plan the masks it measured."""
     if args.masks != 'taylor':
         return None
+    cpu = torch.device('cpu')
+    scorer = cc if device.type == 'cpu' else copy.deepcopy(cc).to(cpu, torch.float32)
     return pruning.attention_taylor_scores(
-        cc, noise_batches(2, batch, cc.num_classes, device, args.seed, image_shape(cc)),
-        LabelSmoothingCrossEntropy(0.1), device=device)
+        scorer, noise_batches(2, batch, cc.num_classes, cpu, args.seed, image_shape(cc)),
+        LabelSmoothingCrossEntropy(0.1), device=cpu)
 
 
 def pruned_models(cc: nn.Module, scores: Optional[torch.Tensor], rates: List[float],

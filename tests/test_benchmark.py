@@ -18,6 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import engine
 import models
+import pruning
 from benchmarks import formulations as F
 from benchmarks import model_zoo as zoo
 from benchmarks import report, stats
@@ -1881,3 +1882,28 @@ def test_gpu_check_lends_a_reused_out_folder_no_earlier_results(tmp_path):
                           env=dict(env, OUT=str(out), PATH=f'{stand_in}:{env["PATH"]}'))
     assert done.returncode != 0 and 'profile: FAILED' in done.stdout and 'linear: FAILED' in done.stdout
     assert not any((out / name).exists() for name in earlier), sorted(os.listdir(out))
+
+
+def test_taylor_scores_of_a_gpu_run_are_computed_on_the_cpu(tiny, monkeypatch):
+    """The benchmark plans its Taylor masks from scores computed on the CPU whatever --device says (a GPU's sums
+    need not repeat bit for bit in another process, and a --resume must plan the masks it measured): the scorer
+    and its batches are on the CPU, in fp32, and give exactly the scores of a CPU run; the model is left as it
+    was."""
+    cc = tiny[0]
+    args = SimpleNamespace(masks='taylor', seed=3)
+    seen = []
+    real = pruning.attention_taylor_scores
+
+    def recording(model, batches, criterion, device='cpu', **kw):
+        batches = list(batches)
+        seen.append((next(model.parameters()).device.type, next(model.parameters()).dtype, model is cc,
+                     {t.device.type for b in batches for t in b}, torch.device(device).type))
+        return real(model, batches, criterion, device=device, **kw)
+
+    monkeypatch.setattr(pruning, 'attention_taylor_scores', recording)
+    before = {k: v.clone() for k, v in cc.state_dict().items()}
+    on_cpu = zoo._scores(cc, args, torch.device('cpu'))
+    as_if_gpu = zoo._scores(cc, args, torch.device('cuda'))  # (cc itself is on the CPU here: only its copy scores)
+    assert seen[1] == ('cpu', torch.float32, False, {'cpu'}, 'cpu') and seen[0][2] is True
+    assert torch.equal(on_cpu, as_if_gpu)
+    assert all(torch.equal(v, before[k]) for k, v in cc.state_dict().items())
