@@ -23,8 +23,9 @@
 #
 # Budget: at most 9.5 minutes wall, about 6 expected (the machine's start, 1-2 minutes, comes on top): each step
 # has a hard time limit, so the worst case is 45 + 180 + 280 s plus 15 s of kill grace per step and the summaries,
-# about 9.5 minutes, while the expected run leaves room in 15 minutes of GPU time to carry the benchmark on
-# (`bash benchmarks/gpu_check.sh resume`, 360 s: 45 + 280 s of limits, 15 s of kill grace, the summaries).
+# about 9.5 minutes (and the first check that python3 sees a GPU, limited to 60 s, which takes seconds), while
+# the expected run leaves room in 15 minutes of GPU time to carry the benchmark on (`bash benchmarks/gpu_check.sh
+# resume`, 360 s: 45 + 280 s of limits, 15 s of kill grace, the summaries).
 #   1. environment (about 15 s; its three commands limited to 15, 10 and 20 s): the timm wheel installed into
 #      /tmp/site (PYTHONPATH), nvidia-smi, the versions of python/torch/triton/timm;
 #   2. tests, two at once, as one is GPU work and the other CPU work and neither is timed (limit 180 s), and with
@@ -99,7 +100,7 @@ if [ $files -gt 8 ]; then
     exit 2
 fi
 # a machine whose python3 sees no CUDA GPU is refused before $OUT is touched (every step would fail or time on CPU)
-if ! timeout 120 python3 -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' > /dev/null 2>&1; then
+if ! timeout 60 python3 -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' > /dev/null 2>&1; then
     echo "error: python3 here sees no CUDA GPU (torch.cuda.is_available() is not True): run it on the GPU machine" >&2
     exit 2
 fi
