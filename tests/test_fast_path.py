@@ -616,20 +616,27 @@ def test_register_tokens_and_position_embedding_without_class_entry():
 
 @torch.no_grad()
 def test_residual_stream_in_half_precision():
-    """residual_dtype=fp16: the buffer is stored in fp16, the logits stay within fp16 rounding of fp32.  The fp32
-    path differs from eager by float rounding alone (about 1e-7 here), so the fp16 one must differ by far more
-    (about 1e-4: the stream's rounding), or the fp16 buffer was never used."""
+    """residual_dtype=fp16: the buffer is stored in fp16, the logits stay within fp16 rounding of fp32.  The same
+    path with an fp32 buffer runs the same kernels, so the two differ by the stream's rounding alone (about 1e-4
+    here), which must show, or the fp16 buffer was never used.  (Against the eager model the fp32 path differs by
+    float rounding alone on CPU, about 1e-7; on CUDA the Triton kernels' fp32 dots run in TF32, whose 10-bit
+    mantissa is fp16's, so there it differs by as much as the fp16 buffer does.)"""
     model = tiny_cc(7)
     pruning.apply_masks(model, pruning.random_masks(3, 16, 0.3, generator=_gen(7)))
     x = images(seed=7)
     ref = model(x)
+    scale = max(1.0, ref.abs().max().item())
     for case in CASES:
         fast = build_fast_path(model, **case, residual_dtype=torch.float16)
         assert fast.describe()['residual_dtype'] == 'float16', case
         assert fast.prefix_const.dtype == fast.patch_const.dtype == torch.float16, case
-        diff = (fast(x) - ref).abs().max().item()
-        in_fp32 = (build_fast_path(model, **case)(x) - ref).abs().max().item()
-        assert 10 * in_fp32 < diff <= 1e-2 * max(1.0, ref.abs().max().item()), (case, diff, in_fp32)
+        ours = fast(x)
+        in_fp32 = build_fast_path(model, **case)(x)
+        stream = (ours - in_fp32).abs().max().item()
+        diff = (ours - ref).abs().max().item()
+        assert 1e-5 * scale < stream and diff <= 1e-2 * scale, (case, stream, diff)
+        if not CUDA:
+            assert 10 * (in_fp32 - ref).abs().max().item() < diff, case
 
 
 # ---------------------------------------------------------------------------------------------------------------
