@@ -37,7 +37,7 @@ import re  # noqa: E402
 import shutil  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
-from typing import Dict, List, Optional, Tuple  # noqa: E402
+from typing import Callable, Dict, List, Optional, Tuple  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 for path in (ROOT, os.path.join(ROOT, 'demo')):
@@ -403,16 +403,23 @@ def main(argv=None) -> int:
         chosen = apply_quick(a, QUICK)
         if chosen:
             print(f'--quick set: {flags_text(chosen)} (every other value as given or its default)', flush=True)
+    return ends_as_finetune(lambda: run(a), 'demo', a.out)
+
+
+def ends_as_finetune(work: Callable[[], int], script: str, out: str) -> int:
+    """``work()`` (the demo's or the study's stages), ended as finetune.py ends: a user error found midway (e.g.
+    a disk that filled while writing a result) or a diverged stage is one ``error:`` line and finetune.py's exit
+    code, Ctrl-C one line saying what running ``script`` again does and exit code 130."""
     try:
-        return run(a)
-    except UserError as e:  # found midway, e.g. a disk that filled while writing a result
+        return work()
+    except UserError as e:
         print(f'error: {one_line(e)}', file=sys.stderr)
         return EXIT_USER_ERROR
     except StageDiverged as e:
         print(f'error: {e}', file=sys.stderr)
         return finetune.EXIT_DIVERGED
     except KeyboardInterrupt:
-        print(f'interrupted; run the demo again to go on (a teacher in {os.path.join(a.out, "teacher")}, '
+        print(f'interrupted; run the {script} again to go on (a teacher in {os.path.join(out, "teacher")}, '
               f'trained wholly or in part, is reused; every other stage is redone)', file=sys.stderr)
         return finetune.EXIT_INTERRUPTED
 

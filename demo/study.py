@@ -631,18 +631,7 @@ def main(argv=None) -> int:
           f'finetune.py\'s output are in each stage\'s stdout.txt (its evaluations\' in eval.txt) under {out}/',
           flush=True)
 
-    try:
-        return run_study(a, argv, t0)
-    except UserError as e:  # found midway, e.g. a disk that filled while writing a result
-        print(f'error: {one_line(e)}', file=sys.stderr)
-        return EXIT_USER_ERROR
-    except demo.StageDiverged as e:
-        print(f'error: {e}', file=sys.stderr)
-        return finetune.EXIT_DIVERGED
-    except KeyboardInterrupt:
-        print(f'interrupted; run the study again to go on (a teacher in {os.path.join(out, "teacher")}, '
-              f'trained wholly or in part, is reused; every other stage is redone)', file=sys.stderr)
-        return finetune.EXIT_INTERRUPTED
+    return demo.ends_as_finetune(lambda: run_study(a, argv, t0), 'study', out)
 
 
 def run_study(a: argparse.Namespace, argv: List[str], t0: float) -> int:
