@@ -84,7 +84,7 @@ from benchmarks.formulations import (  # noqa: E402
 )
 from benchmarks.stats import Timings, as_fields, paired  # noqa: E402
 from engine import original_settings, steady_allocator  # noqa: E402
-from utils import UserError, write_text_atomic  # noqa: E402
+from utils import UserError, temporary_path, write_text_atomic  # noqa: E402
 
 # The paper's figures on its GPU (GFLOPs, images/s, speed-up; docs/method.md); a row's ``seed_gpu``.
 SEED_GPU = {
@@ -472,10 +472,9 @@ def _writable(path: str, flag: str, created: List[str]) -> str:
     try:
         with tempfile.NamedTemporaryFile(dir=folder, prefix='.write-probe-'):
             pass
-        # the temporary file the atomic writer renames over ``path`` (utils.write_atomic), its longest name: a
-        # name the file system refuses (too long) must fail here, not after the first section
-        target = os.path.realpath(path)
-        probe = os.path.join(os.path.dirname(target), f'.{os.path.basename(target)}.tmp-{os.getpid()}')
+        # the temporary file the atomic writer renames over ``path``, its longest name: a name the file system
+        # refuses (too long) must fail here, not after the first section
+        probe = temporary_path(path)
         with open(probe, 'xb'):
             pass
         os.remove(probe)

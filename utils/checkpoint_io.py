@@ -213,7 +213,7 @@ def write_atomic(path: str, write: Callable[[Any], None]) -> None:
     and the link stays."""
     target = os.path.realpath(path)
     directory = os.path.dirname(target)
-    tmp = os.path.join(directory, f'.{os.path.basename(target)}.tmp-{os.getpid()}')
+    tmp = temporary_path(path)
     created = _missing_folders(directory)
     try:
         os.makedirs(directory, exist_ok=True)  # an output directory is created when its first file is written
@@ -238,6 +238,15 @@ def write_atomic(path: str, write: Callable[[Any], None]) -> None:
             raise UserError(f'cannot write {path}: {e.strerror or e} ({what})') from None
         raise
     _fsync_directory(directory)
+
+
+def temporary_path(path: str, pid: object = None) -> str:
+    """The temporary file :func:`write_atomic` fills before renaming it over ``path``: beside the file ``path``
+    names (a symbolic link is looked through), hidden, with the id of the process writing (``pid``, this one's by
+    default; '' gives the prefix every process's shares)."""
+    target = os.path.realpath(path)
+    pid = os.getpid() if pid is None else pid
+    return os.path.join(os.path.dirname(target), f'.{os.path.basename(target)}.tmp-{pid}')
 
 
 def _interrupt_behind(e: BaseException) -> Optional[BaseException]:
@@ -309,12 +318,12 @@ def remove_stale_temporaries(paths) -> list:
     file a path that is a symbolic link names, where write_atomic writes them)."""
     removed = []
     for path in paths:
-        directory, name = os.path.split(os.path.realpath(path))
-        prefix = f'.{name}.tmp-'
+        directory, prefix = os.path.split(temporary_path(path, pid=''))
+        own = os.path.basename(temporary_path(path))
         if not os.path.isdir(directory):
             continue
         for entry in os.listdir(directory):
-            if entry.startswith(prefix) and entry != f'{prefix}{os.getpid()}':
+            if entry.startswith(prefix) and entry != own:
                 try:
                     os.remove(os.path.join(directory, entry))
                     removed.append(entry)
