@@ -76,6 +76,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 import engine  # noqa: E402
 import models  # noqa: E402
 import pruning  # noqa: E402
+from models.flops import patch_embed_macs  # noqa: E402
 from benchmarks import report  # noqa: E402
 from benchmarks.formulations import (  # noqa: E402
     REFERENCES, REGISTRY, CompileBudget, Context, Runs, ScatterRouting, blocks_as_identity, build_runs,
@@ -819,8 +820,8 @@ def kernel_family(kernel_name: str) -> str:
 def family_macs(model: nn.Module) -> Dict[str, int]:
     """The docs/method.md count split by family of operations (sums to models.count_macs; the formula prices
     no LayerNorm, GELU, softmax, residual add or routing, so those families have none)."""
-    kept, proj, attn = models.kept_token_counts(model), model.patch_embed.proj, model.blocks[0].attn
-    patch = model.patch_embed.num_patches * proj.in_channels * math.prod(proj.kernel_size) * model.embed_dim
+    kept, attn = models.kept_token_counts(model), model.blocks[0].attn
+    patch = patch_embed_macs(model.patch_embed)
     attention = sum(2 * n * n * models.attention_width(attn) for n in kept)  # the attention width, not C
     # the rest: the blocks' four products and every head (a distilled model's two)
     return {'patch embedding': patch, 'attention': attention,
