@@ -1014,9 +1014,9 @@ def run_prune(args, device: torch.device) -> Dict[str, float]:
     if already:  # scoring and planning start from the dense model: the file's masks would be silently replaced
         raise UserError(f'--resume {args.resume} is already pruned ({already} of {depth * num_patches} (layer, patch) '
                         f'slots clipped): --prune starts from a dense checkpoint')
-    if not pruning.num_clipped_slots(depth, num_patches, args.prune_rate):
-        raise UserError(f'--prune_rate {args.prune_rate:g} clips int({depth * num_patches} x {args.prune_rate:g}) = 0 '
-                        f'of the {depth * num_patches} (layer, patch) slots: nothing would be pruned')
+    nothing = pruning.clips_nothing(depth, num_patches, args.prune_rate)
+    if nothing:
+        raise UserError(f'--prune_rate {nothing}: nothing would be pruned')
     model.to(device)
     if args.prune_mode == 'attn':
         dataset_train, train_classes = scoring_dataset(args)

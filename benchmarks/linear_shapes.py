@@ -155,10 +155,10 @@ def main(argv=None) -> int:
         with torch.device('meta'):  # (allocates nothing)
             probe = models.create_model(args.model)
         depth, patches = len(probe.blocks), probe.patch_embed.num_patches
-        if not pruning.num_clipped_slots(depth, patches, args.rate):
-            raise UserError(f'argument --rate: {args.rate:g} clips int({depth * patches} x {args.rate:g}) = 0 of the '
-                            f'{depth * patches} (layer, patch) slots of {args.model}: the pruned model would be the '
-                            f'dense one')
+        nothing = pruning.clips_nothing(depth, patches, args.rate)
+        if nothing:
+            raise UserError(f'argument --rate: {nothing} of {args.model}: nothing would be pruned (a rate clips one '
+                            f'from 1/{depth * patches} on)')
         check_output_dir(args.out, '--out')
         if not torch.cuda.is_available():
             raise UserError('argument --device: cuda: no CUDA GPU is available (this script measures cuBLAS)')

@@ -385,10 +385,10 @@ def _check(args, set_flags=frozenset()) -> None:
         # the rate sweep runs on the first model only
         sweep = [('--sweep-rates', r) for r in args.sweep_rates if r] if name == args.models[0] else []
         for flag, rate in [('--rates', r) for r in args.rates] + sweep:
-            if not pruning.num_clipped_slots(depth, patches, rate):
-                raise UsageError(f'argument {flag}: {rate:g} clips int({slots} x {rate:g}) = 0 of the {slots} (layer, '
-                                 f'patch) slots of {name}: nothing would be pruned (a rate clips one from 1/{slots} '
-                                 f'on)')
+            nothing = pruning.clips_nothing(depth, patches, rate)
+            if nothing:
+                raise UsageError(f'argument {flag}: {nothing} of {name}: nothing would be pruned (a rate clips one '
+                                 f'from 1/{slots} on)')
     if args.protocol != 'original' and args.original_passes is not None:
         raise UsageError('argument --original-passes: only with --protocol original')
     _check_no_effect(args, set_flags)

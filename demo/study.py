@@ -130,9 +130,10 @@ def check_rates(rates: Sequence[float]) -> None:
     depth, patches = model_slots()
     slots = depth * patches
     for rate in rates:
-        if not pruning.num_clipped_slots(depth, patches, rate):
-            raise UserError(f'--rates {rate:g} clips int({slots} x {rate:g}) = 0 of the {slots} (layer, patch) slots '
-                            f'of {demo.MODEL}: nothing would be pruned (a rate clips one from 1/{slots} on)')
+        nothing = pruning.clips_nothing(depth, patches, rate)
+        if nothing:
+            raise UserError(f'--rates {nothing} of {demo.MODEL}: nothing would be pruned (a rate clips one from '
+                            f'1/{slots} on)')
         if f'{rate:.2f}' in ('0.00', '1.00'):  # the folders' and the tables' name of the rate
             raise UserError(f'--rates {rate:g} would be named {rate:.2f} in its folders and tables, as if '
                             f'{"nothing" if rate < 0.5 else "everything"} were pruned: give rates from 0.005 to '

@@ -16,6 +16,15 @@ def num_clipped_slots(depth: int, num_patches: int, prune_rate: float) -> int:
     return int(num_patches * depth * prune_rate)
 
 
+def clips_nothing(depth: int, num_patches: int, prune_rate: float) -> Optional[str]:
+    """None when ``prune_rate`` clips at least one (layer, patch) slot; otherwise the count that says it clips none,
+    ``'<rate> clips int(<slots> x <rate>) = 0 of the <slots> (layer, patch) slots'``, for the caller's message."""
+    if num_clipped_slots(depth, num_patches, prune_rate):
+        return None
+    slots = depth * num_patches
+    return f'{prune_rate:g} clips int({slots} x {prune_rate:g}) = 0 of the {slots} (layer, patch) slots'
+
+
 def plan_masks(scores: torch.Tensor, prune_rate: float, layer_decay: float = 0.005) -> torch.Tensor:
     """Keep/clip plan in original token order from per-layer importance scores (depth, num_patches).
 

@@ -1776,7 +1776,7 @@ def test_linear_shapes_routes_set_and_restore_the_cublas_settings():
     (['--rate', 'nan'], "error: argument --rate: a prune rate must lie in [0, 1), got 'nan' (see --help)"),
     (['--batch', '0'], 'error: argument --batch: must be from 1 to 65536, got 0 (see --help)'),
     (['--rate', '0'], 'error: argument --rate: 0 clips int(2352 x 0) = 0 of the 2352 (layer, patch) slots of '
-                      'deit_tiny_patch16_224: the pruned model would be the dense one'),
+                      'deit_tiny_patch16_224: nothing would be pruned (a rate clips one from 1/2352 on)'),
     (['--rate', '0.0004'], 'clips int(2352 x 0.0004) = 0'),
     (['--no-such-flag'], 'error: unrecognized arguments: --no-such-flag (see --help)'),
     (['--model', 'huge'], "error: argument --model: unknown model 'huge'"),
