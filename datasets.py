@@ -81,6 +81,7 @@ def build_transform(is_train: bool, args):
     the squash (a no-op for images of the input's size)."""
     size = args.input_size
     mean, std = args.mean, args.std
+    squash = transforms.Resize((size, size), interpolation=InterpolationMode.BICUBIC)  # the whole image, input x input
     if is_train:
         from timm.data import create_transform
         t = create_transform(
@@ -91,11 +92,10 @@ def build_transform(is_train: bool, args):
         )
         _keep_zero_bit_posterize(t)
         if size <= SMALL_INPUT:  # the evaluation's squash first: crops of images at the scale evaluated, any size
-            t.transforms[0:1] = [transforms.Resize((size, size), interpolation=InterpolationMode.BICUBIC),
-                                 transforms.RandomCrop(size, padding=4)]
+            t.transforms[0:1] = [squash, transforms.RandomCrop(size, padding=4)]
         return t
     if size <= SMALL_INPUT or args.eval_crop_ratio >= 1.0:
-        resize = [transforms.Resize((size, size), interpolation=InterpolationMode.BICUBIC)]
+        resize = [squash]
     else:
         resize = [transforms.Resize(int(size / args.eval_crop_ratio), interpolation=InterpolationMode.BICUBIC),
                   transforms.CenterCrop(size)]

@@ -285,8 +285,8 @@ def teacher_check(path: str, epochs: int, lr: float, seed: int,
         why = f'learning rate {stored_lr} instead of {lr}'
     elif stored.get('seed') != seed:
         why = f'seed {stored.get("seed")} instead of {seed}'
-    elif command is not None and recipe_difference(stored, command):
-        why = recipe_difference(stored, command)
+    elif command is not None and (difference := recipe_difference(stored, command)):
+        why = difference
     elif isinstance(ckpt.get('epoch'), bool) or not isinstance(ckpt.get('epoch'), int):
         why = f'its last epoch is {ckpt.get("epoch")!r}, not a whole number'
     else:
