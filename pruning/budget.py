@@ -29,8 +29,9 @@ def plan_masks(scores: torch.Tensor, prune_rate: float, layer_decay: float = 0.0
     """Keep/clip plan in original token order from per-layer importance scores (depth, num_patches).
 
     Each layer is L2-normalised so layers compete on equal terms, then scaled by ``1 - layer_decay * l``
-    so deeper layers give up tokens slightly more readily. The P smallest weighted scores are clipped;
-    ties go to the lower layer, then the lower token index (a stable sort over the row-major order).
+    so deeper layers give up tokens slightly more readily (a prior that is not positive in every layer is
+    refused: at 0 or below it would clip a layer's most important tokens first). The P smallest weighted scores
+    are clipped; ties go to the lower layer, then the lower token index (a stable sort over the row-major order).
     """
     if scores.dim() != 2:
         raise ValueError(f'scores must be (depth, num_patches), got shape {tuple(scores.shape)}')
@@ -46,6 +47,10 @@ def plan_masks(scores: torch.Tensor, prune_rate: float, layer_decay: float = 0.0
     norms = s.norm(dim=1, keepdim=True)
     normalised = torch.where(norms > 0, s / norms.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(s))
     prior = 1.0 - layer_decay * torch.arange(depth, dtype=torch.float64).unsqueeze(1)
+    if depth and float(prior[-1]) <= 0:  # a prior of 0 ranks a whole layer first; a negative one inverts its ranking
+        raise ValueError(f'layer_decay {layer_decay} makes the depth prior of layer {depth - 1}, 1 - {layer_decay} x '
+                         f'{depth - 1} = {float(prior[-1]):g}, not positive: that layer\'s most important tokens would '
+                         f'be clipped first (for {depth} layers, layer_decay < {1 / (depth - 1):g})')
     weighted = (normalised * prior).flatten()
     order = torch.sort(weighted, stable=True).indices
     keep = torch.ones(depth * num_patches, dtype=torch.bool)

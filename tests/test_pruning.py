@@ -263,6 +263,18 @@ def test_plan_rejects_bad_rates_and_shapes():
         pruning.plan_masks(torch.rand(2, 4), 0.2, layer_decay=float('nan'))
 
 
+def test_plan_refuses_a_depth_prior_that_is_not_positive():
+    """A layer_decay past 1/(depth-1) gave the deepest layers a prior of 0 or below: their weights sank below every
+    other layer's and, negative, ranked their most important tokens first, which were then clipped first."""
+    scores = torch.rand(12, 16, generator=torch.Generator().manual_seed(2))
+    for decay in (1 / 11, 0.1, 0.5):
+        with pytest.raises(ValueError, match=r'depth prior of layer 11, .* not positive'):
+            pruning.plan_masks(scores, 0.25, layer_decay=decay)
+    plan = pruning.plan_masks(scores, 0.25, layer_decay=0.09)  # every prior positive: planned as the reference
+    assert torch.equal(plan, _reference_plan(scores, 0.25, decay=0.09))
+    assert torch.equal(pruning.plan_masks(scores[:1], 0.25, layer_decay=5.0), _reference_plan(scores[:1], 0.25, 5.0))
+
+
 @pytest.mark.parametrize('bad', [float('nan'), float('inf')])
 def test_plan_refuses_scores_that_are_not_finite(bad):
     """One NaN made its layer's norm NaN, the whole layer's weights zero, and that layer was clipped first."""
