@@ -28,10 +28,11 @@ def clips_nothing(depth: int, num_patches: int, prune_rate: float) -> Optional[s
 def plan_masks(scores: torch.Tensor, prune_rate: float, layer_decay: float = 0.005) -> torch.Tensor:
     """Keep/clip plan in original token order from per-layer importance scores (depth, num_patches).
 
-    Each layer is L2-normalised so layers compete on equal terms, then scaled by ``1 - layer_decay * l``
-    so deeper layers give up tokens slightly more readily (a prior that is not positive in every layer is
-    refused: at 0 or below it would clip a layer's most important tokens first). The P smallest weighted scores
-    are clipped; ties go to the lower layer, then the lower token index (a stable sort over the row-major order).
+    Each layer is L2-normalised so layers compete on equal terms (a layer of zero scores stays zero: its slots
+    are clipped first), then scaled by ``1 - layer_decay * l`` so deeper layers give up tokens slightly more
+    readily (a prior that is not positive in every layer is refused: at 0 or below it would clip a layer's most
+    important tokens first). The P smallest weighted scores are clipped; ties go to the lower layer, then the
+    lower token index (a stable sort over the row-major order).
     """
     if scores.dim() != 2:
         raise ValueError(f'scores must be (depth, num_patches), got shape {tuple(scores.shape)}')

@@ -224,6 +224,16 @@ def test_plan_normalises_each_layer():
     assert torch.equal(pruning.plan_masks(scores, 0.3), pruning.plan_masks(scaled, 0.3))
 
 
+def test_a_layer_of_zero_scores_is_clipped_first():
+    """s / ||s|| is undefined for a layer of zeros: it counts as 0 everywhere, below every positive score, so its
+    slots go before any other layer's (here the deepest, whose prior would otherwise make it go first)."""
+    scores = torch.rand(3, 8) + 0.5
+    scores[1] = 0
+    plan = pruning.plan_masks(scores, 5 / 24)
+    assert (~plan).sum() == 5 and (~plan[1]).sum() == 5
+    assert plan[1].tolist() == [False] * 5 + [True] * 3  # ties among the zeros: the lower patch index first
+
+
 def test_depth_prior_clips_deeper_layers_first():
     flat = torch.ones(6, 20)  # every slot has the same normalised score; only the prior separates layers
     plan = pruning.plan_masks(flat, 0.1)  # 12 slots
