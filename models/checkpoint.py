@@ -171,6 +171,10 @@ def load_entry(model: nn.Module, checkpoint: dict, key: str, path: str, name: st
 
 
 def _check_finite(sd: Dict[str, torch.Tensor], where: str) -> None:
+    empty = [k for k, v in sd.items() if isinstance(v, torch.Tensor) and v.is_meta]
+    if empty:  # (a state dict of a model built on the meta device and saved before it was given weights)
+        raise UserError(f'{where}: {_few(empty)} hold{"s" * (len(empty) == 1)} no values (tensors of the meta '
+                        f'device: saved from a model that was never given its weights)')
     broken = [k for k, v in sd.items() if isinstance(v, torch.Tensor) and v.is_floating_point()
               and not bool(torch.isfinite(v).all())]
     if broken:  # (evaluated, such weights gave an accuracy of chance or 0% without a word)

@@ -208,6 +208,25 @@ def test_checkpoint_with_non_finite_weights(capsys, world, tmp_path):
         models.create_model('deit_digits_patch4_32', checkpoint_path=str(path))
 
 
+def test_checkpoint_of_tensors_without_values(capsys, world, tmp_path):
+    """A state dict saved from a model built on the meta device holds shapes, no values: a traceback (of
+    Tensor.item) before, wherever a checkpoint is read."""
+    checkpoint = torch.load(world['dense'])
+    checkpoint['model'] = {k: torch.empty(v.shape, device='meta') for k, v in checkpoint['model'].items()}
+    path = tmp_path / 'meta.pth'
+    torch.save(checkpoint, path)
+    for argv in (['--eval', '--resume', path, '--data-path', world['data']],
+                 ['--speed-only', '--resume', path],
+                 ['--data-path', world['data'], '--output_dir', tmp_path / 'out', '--final_finetune', '1',
+                  '--teacher-path', path, '--distillation-type', 'soft']):
+        assert_one_line_error(capsys, argv, EXIT_USER_ERROR,
+                              rf'^error: {re.escape(str(path))}: cls_token, pos_embed, .* hold no values '
+                              rf'\(tensors of the meta device')
+    with pytest.raises(UserError, match='hold no values'):
+        models.create_model('deit_digits_patch4_32', checkpoint_path=str(path))
+    assert not (tmp_path / 'out').exists()
+
+
 def test_file_that_is_not_an_image(capsys, world, earlier, tmp_path):
     data = copy_data(world, tmp_path)
     bad = data / 'val' / 'c' / '1.png'
