@@ -61,8 +61,14 @@ def load_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor], path: st
                      == {n for n in own if not n.endswith(MASK_KEY)})
         if mismatched == ['pos_embed'] and same_width and same_keys:
             size = _input_size(model, state_dict[k].shape[-2])
-            hint = ('another input size? ' + (f'set --input-size{size}' if flag.startswith('--')
-                                               else f'pass img_size={size.strip() or "..."}'))
+            if flag == '--teacher-model':  # the teacher reads the student's images: --input-size would change both
+                height, width = (int(s) for s in model.patch_embed.img_size)
+                run = f'{height}' if height == width else f'{height}x{width}'
+                hint = (f'a teacher made for another input size{size and f" ({size.strip()})"}? the teacher sees '
+                        f'the images of the run, of --input-size {run}')
+            else:
+                hint = ('another input size? ' + (f'set --input-size{size}' if flag.startswith('--')
+                                                   else f'pass img_size={size.strip() or "..."}'))
         elif k.startswith(('head.', 'head_dist.')) and state_dict[k].shape[1:] == own[k].shape[1:]:
             n = int(state_dict[k].shape[0])
             hint = f"another number of classes? the checkpoint's head has {n}: pass num_classes={n}"

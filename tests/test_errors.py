@@ -479,6 +479,23 @@ def test_teacher_of_another_model_size_names_the_teacher_flag(capsys, world, ear
         r'\(another model size\? set --teacher-model\)$')
 
 
+def test_teacher_made_for_another_input_size_says_the_run_decides_it(capsys, world, earlier, tmp_path):
+    """The teacher is built for the student's input: its hint was `set --input-size 48`, which made the student's
+    own checkpoint refuse with `set --input-size 32`, a loop without a way out."""
+    torch.manual_seed(0)
+    sd = models.build_model('deit_digits_patch4_32', 10, img_size=48).state_dict()
+    teacher = tmp_path / 'teacher48.pth'
+    torch.save({'model': {k: v for k, v in sd.items() if not k.endswith('token_index')}}, teacher)
+    before = snapshot(earlier)
+    assert_one_line_error(
+        capsys, finetune_args(world, earlier, '--resume', world['dense'], '--distillation-type', 'soft',
+                              '--teacher-path', teacher), EXIT_USER_ERROR,
+        rf'^error: {re.escape(str(teacher))} does not fit cc_deit_digits_patch4_32: pos_embed has shape '
+        r'\(1, 145, 96\) in the checkpoint but \(1, 65, 96\) in the model \(a teacher made for another input size '
+        r'\(48\)\? the teacher sees the images of the run, of --input-size 32\)$')
+    assert snapshot(earlier) == before
+
+
 def test_teacher_with_another_number_of_classes(capsys, world, earlier, tmp_path):
     """Distillation compares the two heads logit by logit: a teacher with 7 classes for a 10-class student."""
     sd = torch.load(world['dense'], weights_only=True)['model']
