@@ -1341,6 +1341,9 @@ def check_training_fields(checkpoint: dict, path: str) -> None:
             problems.append(f'{key} a {type(checkpoint[key]).__name__} (a dict)')
     if checkpoint.get('model_ema', {}) is None:
         problems.append('model_ema None (a state dict)')
+    stats = checkpoint.get('log_stats')
+    if isinstance(stats, dict) and 'test_acc1' in stats and not number(stats['test_acc1']):
+        problems.append(f"log_stats test_acc1 {stats['test_acc1']!r} (a number)")  # (read as the epoch's accuracy)
     classes = checkpoint.get('classes')
     if classes is not None and not (isinstance(classes, (list, tuple)) and all(isinstance(c, str) for c in classes)):
         problems.append('classes not a list of folder names')
