@@ -30,7 +30,10 @@ class RASampler(Sampler):
         else:
             indices = list(range(len(self.dataset)))
         indices = [i for i in indices for _ in range(self.repeats)]
-        indices += indices[:self.total_size - len(indices)]
+        # padded to total_size by starting over, as often as needed: with fewer copies than processes (a training
+        # set of one image on 7 processes) one pass left the last ranks with nothing, while __len__ promised them
+        # num_selected samples, and those ranks skipped the epoch's collectives (the job hung)
+        indices = (indices * -(-self.total_size // max(len(indices), 1)))[:self.total_size]
         mine = indices[self.rank:self.total_size:self.num_replicas]
         return iter(mine[:self.num_selected])
 

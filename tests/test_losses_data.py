@@ -333,3 +333,22 @@ def test_32_bit_integer_and_float_images_are_refused_by_name(tmp_path):
         with pytest.raises(BadImageError, match=rf'^cannot read image {re.escape(str(tmp_path / name))}: its pixels '
                                                 rf'are 32-bit {kind} \(mode [IF]\), which have no fixed range'):
             load_rgb(str(tmp_path / name))
+
+
+def test_repeated_augmentation_sampler_gives_every_process_its_length_even_with_more_processes_than_copies():
+    """Every process must draw the samples its length promises (a process without batches skips the epoch's
+    collectives, and the job hangs), also where the copies of a tiny training set are fewer than the processes;
+    where one pass of padding suffices, the order is DeiT's (repeat each shuffled index, pad with the first ones,
+    take every num_replicas-th)."""
+    for n in range(1, 6):
+        for world in range(1, 17):
+            parts = [list(RASampler(list(range(n)), world, r, shuffle=True, repeats=3, seed=5)) for r in range(world)]
+            promised = len(RASampler(list(range(n)), world, 0, repeats=3))
+            assert [len(p) for p in parts] == [promised] * world, (n, world)
+            assert all(0 <= i < n for p in parts for i in p)
+            copies = [i for i in torch.randperm(n, generator=torch.Generator().manual_seed(5)).tolist()
+                      for _ in range(3)]
+            total = -(-3 * n // world) * world
+            if total - len(copies) <= len(copies):  # DeiT's own padding
+                padded = copies + copies[:total - len(copies)]
+                assert parts == [padded[r::world][:promised] for r in range(world)], (n, world)
