@@ -1382,7 +1382,8 @@ def restore_training(training: engine.Training, checkpoint: dict, args) -> Tuple
         args.scaled_lr = float(restored_lr)  # the saved args say what runs
     # Every random stream where the uninterrupted run has it (last, so nothing above draws from them).
     if seeding.restore_or_reseed(checkpoint.get('rng'), args.rank, args.world_size, args.seed, start_epoch,
-                                 random_generators(training), training.device, rank0_print):
+                                 random_generators(training), training.device, rank0_print,
+                                 agree=lambda ok: all_agree(ok, training.device)):
         args.seed = checkpoint_args(checkpoint).get('seed', args.seed)  # the streams continued are the run's
         sampler = training.loader_train.sampler
         if hasattr(sampler, 'seed'):  # several processes shuffle by seed + epoch: the run's seed, as the streams

@@ -6,6 +6,7 @@ workers.  Most commands run one after another in a single job (tests/distributed
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -107,6 +108,7 @@ def job(world):
     assert 'torch.distributed.launch is deprecated' in proc.stderr  # it warns, and runs
     assert codes == {**{i: [0, 0] for i in range(6)}, 6: [143, 143], 7: [143, 143]}, \
         proc.stdout[-3000:] + proc.stderr[-3000:]
+    shutil.copytree(base / 'cut0', base / 'cut0_stopped')  # as stopped, for a test that damages it
     return {'base': base, 'stdout': proc.stdout, 'stderr': proc.stderr}
 
 
@@ -217,8 +219,25 @@ def test_two_processes_stopped_and_resumed_equal_the_uninterrupted_run_bit_for_b
 
 
 @pytest.mark.slow
+def test_when_one_process_cannot_restore_its_random_streams_every_process_reseeds(world, job):
+    """rank 1's saved streams damaged, rank 0's intact: both reseed from --seed and the epoch (the note says why),
+    so that their samplers shuffle by the same seed, rather than rank 0 going on with the run's and rank 1 with
+    --seed's (which duplicates and skips images)."""
+    cut = job['base'] / 'cut0_stopped'
+    path = cut / 'checkpoint.pth'
+    checkpoint = load_checkpoint_file(str(path))
+    assert checkpoint['epoch'] == 0
+    checkpoint['rng'][1] = {}
+    torch.save(checkpoint, path)
+    argv = finetune_argv(world, cut, 0, *FINETUNE_EXTRA[0], '--resume', path)
+    stdout = ok(launch('torchrun', argv, cut))
+    assert ('note: the checkpoint cannot continue the random streams exactly (the random state it holds for another '
+            'process does not fit this run)') in stdout
+    assert 'Epoch: [1]' in stdout
+
+
+@pytest.mark.slow
 def test_bad_image_under_two_processes_stops_the_job_with_one_line_per_rank(world, tmp_path):
-    import shutil
     data = shutil.copytree(world['data'], tmp_path / 'data')
     bad = data / 'train' / 'c' / '5.png'
     bad.write_bytes(bad.read_bytes()[:100])

@@ -99,6 +99,27 @@ def test_a_checkpoint_without_states_for_this_world_size_reseeds_from_seed_and_e
     assert all('will not match an uninterrupted one bit for bit' in m for m in messages)
 
 
+def test_every_process_reseeds_when_one_cannot_restore_its_streams():
+    """The choice is one for all processes (``agree``, utils.all_agree in a run): rank 0's state fits, but
+    another rank's does not, so rank 0 reseeds too, exactly as reseed(seed, rank, epoch), with a note naming
+    the other process; with every process agreeing, it restores its own state."""
+    g = torch.Generator()
+    state = seeding.capture({'data': g})
+    messages = []
+    expected = torch.Generator()
+    seeding.reseed(7, 0, 2, {'data': expected})
+    expected_draws = draws(expected)
+    assert not seeding.restore_or_reseed([state, {}], 0, 2, 7, 2, {'data': g}, warn=messages.append,
+                                         agree=lambda ok: False)
+    assert draws(g) == expected_draws
+    assert 'the random state it holds for another process does not fit this run' in messages[0]
+    seeding.restore(state, {'data': expected})
+    expected_draws = draws(expected)
+    assert seeding.restore_or_reseed([state, {}], 0, 2, 7, 2, {'data': g}, warn=messages.append,
+                                     agree=lambda ok: ok)
+    assert draws(g) == expected_draws and len(messages) == 1
+
+
 def test_reseeded_streams_are_not_epoch_0s_and_differ_by_rank_seed_and_epoch():
     """The data generator alone (the shuffle, the workers' seeds): reseeded at epoch 2, it is not the stream a
     fresh run starts epoch 0 with (data_generator), and it differs with the rank, the seed and the epoch; so do

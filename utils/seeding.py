@@ -103,13 +103,15 @@ def reseed(seed: int, rank: int, epoch: int, generators: Optional[Dict[str, torc
 
 def restore_or_reseed(states: Optional[List[dict]], rank: int, world_size: int, seed: int, epoch: int,
                       generators: Optional[Dict[str, torch.Generator]] = None, device=None,
-                      warn: Callable[[str], None] = print) -> bool:
+                      warn: Callable[[str], None] = print, agree: Callable[[bool], bool] = lambda ok: ok) -> bool:
     """After a resume: this process's streams from ``states`` (one per rank) when the checkpoint was written by
-    as many processes, else :func:`reseed` with a warning.  Returns True when restored exactly."""
+    as many processes, else :func:`reseed` with a warning.  Returns True when restored exactly.  ``agree`` makes
+    the choice one for all processes (utils.all_agree): where one process cannot restore its streams, every
+    process reseeds, so that they go on from the same seed (a sampler shuffles by it) and the same epoch."""
+    reason = None
     if isinstance(states, (list, tuple)) and len(states) == world_size:
         try:
             restore(states[rank], generators, device)
-            return True
         except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError):
             reason = 'its random state does not fit this run'
     elif states is None:
@@ -117,7 +119,10 @@ def restore_or_reseed(states: Optional[List[dict]], rank: int, world_size: int, 
     else:
         reason = (f'it was written by {len(states) if isinstance(states, (list, tuple)) else "?"} processes, '
                   f'this run has {world_size}')
+    if agree(reason is None):
+        return True
     reseed(seed, rank, epoch, generators)
-    warn(f'note: the checkpoint cannot continue the random streams exactly ({reason}); they are seeded from '
-         f'--seed and epoch {epoch} instead, so this run will not match an uninterrupted one bit for bit')
+    warn(f'note: the checkpoint cannot continue the random streams exactly '
+         f'({reason or "the random state it holds for another process does not fit this run"}); they are seeded '
+         f'from --seed and epoch {epoch} instead, so this run will not match an uninterrupted one bit for bit')
     return False
