@@ -884,7 +884,7 @@ class FastViT(nn.Module):
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """The token buffer after the patch embedding (and ``norm_pre``), as the forward pass builds it: the first
         step of :meth:`forward`, on its own (the benchmark profiles it)."""
-        with torch.autocast(images.device.type, enabled=False):
+        with torch.autocast(images.device.type, enabled=False), _on(self.device):
             return self._embed(images)
 
     def _forward_impl(self, images: torch.Tensor) -> torch.Tensor:
@@ -927,7 +927,8 @@ class FastViT(nn.Module):
                         self._image_address.fill_(self._static_in.data_ptr())
                 self._graph.replay()
                 return self._static_out.clone()
-        return self._run(images.to(self.device))
+        with _on(self.device):  # Triton launches on the current device, whatever the tensors' device
+            return self._run(images.to(self.device))
 
     def _reads_in_place(self, images: torch.Tensor) -> bool:
         """Whether the captured graph can read ``images`` where they are (its patch embedding reads them through

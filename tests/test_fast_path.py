@@ -1016,6 +1016,46 @@ def test_captured_batch_size_replays_and_others_run_uncaptured():
     assert _close(fast(b), model(b)) and len(replays) == 1
 
 
+@torch.no_grad()
+def test_every_forward_runs_with_the_models_device_current(monkeypatch):
+    """Triton launches its kernels on the current CUDA device, not on the device of their tensors, so a path on
+    cuda:1 while cuda:0 is current must make its own device current for every run: the graph's replay, an
+    uncaptured batch size (an evaluation's last batch) and ``embed``.  Here with a stand-in for ``_on`` that
+    records the device it makes current while the path computes."""
+    import contextlib
+    import models.fast_path as FP
+    model = tiny_cc(9)
+    pruning.apply_masks(model, pruning.random_masks(3, 16, 0.3, generator=_gen(9)))
+    fast = build_fast_path(model, backend='torch')
+    current, seen = [None], []
+
+    @contextlib.contextmanager
+    def on(device):
+        before, current[0] = current[0], device
+        try:
+            yield
+        finally:
+            current[0] = before
+
+    def run(images):
+        seen.append(current[0])
+        return forward(images)
+
+    def embed(images):
+        seen.append(current[0])
+        return embed_impl(images)
+
+    forward, embed_impl = fast._run, fast._embed
+    monkeypatch.setattr(FP, '_on', on)
+    monkeypatch.setattr(fast, '_run', run)
+    monkeypatch.setattr(fast, '_embed', embed)
+    x = images(2, seed=10)
+    assert _close(fast(x), model(x))
+    assert seen == [fast.device] * 2  # the forward, and the embedding inside it
+    fast.embed(x)
+    assert seen == [fast.device] * 3
+
+
 @pytest.mark.slow
 @torch.no_grad()
 def test_compiled_backend():
