@@ -424,6 +424,11 @@ def validate_args(args, void: Set[str] = frozenset()) -> None:
         if args.fast_path == 'triton' and not resolve_device(args.device).startswith('cuda') \
                 and os.environ.get('TRITON_INTERPRET') != '1':
             raise UserError('--fast-path triton needs a CUDA GPU (on CPU use --fast-path torch or compile)')
+        if args.fast_path == 'triton':
+            from models.fast_kernels import HAS_TRITON
+            if not HAS_TRITON:
+                raise UserError('--fast-path triton needs Triton, which this Python cannot import (pip install '
+                                'triton, or use --fast-path torch)')
     if args.eval and not args.resume:
         raise UserError('--eval needs --resume CHECKPOINT (the model to evaluate)')
     if args.prune and not args.resume:

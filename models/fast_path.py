@@ -591,6 +591,9 @@ class FastViT(nn.Module):
             raise ValueError(f'mlp must be one of {MLP_MODES}, got {mlp!r}')
         if 'triton' in (attention, mlp) and backend != 'triton':
             raise ValueError("attention='triton' and mlp='triton' need backend='triton'")
+        if backend == 'triton' and not K.HAS_TRITON:  # else the build passes and the first forward fails
+            raise ValueError("fast path: backend 'triton' needs Triton, which this Python cannot import (backend "
+                             "'torch' runs without it)")
         check_supported(model)
         first = next(model.parameters())  # cast or moved in place by model.half() / .to(): checked in forward
         device = first.device

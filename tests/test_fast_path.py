@@ -1427,6 +1427,24 @@ def test_out_of_memory_while_timing_is_said_as_such(monkeypatch):
         FP._fastest([AttentionChoice('sdpa')], lambda c: ref, ref, tol=0.0)
 
 
+def test_the_triton_backend_without_triton_is_refused_before_any_work(capsys, monkeypatch, pruned_digits):
+    """A CUDA torch without Triton (torch's Windows wheels do not bring it): the build refuses the Triton backend
+    (it used to build, then fail on the first forward with a message about TRITON_INTERPRET), and the command
+    line says so in one line before loading anything; the torch backend still runs."""
+    monkeypatch.setattr(K, 'HAS_TRITON', False)
+    model = tiny_cc(0)
+    with pytest.raises(ValueError, match=r"^fast path: backend 'triton' needs Triton, which this Python cannot "
+                                         r"import \(backend 'torch' runs without it\)$"):
+        build_fast_path(model, backend='triton')
+    x = images()
+    assert _close(build_fast_path(model, backend='torch')(x), model(x))
+    monkeypatch.setenv('TRITON_INTERPRET', '1')  # past the check for a GPU, as on a CUDA machine
+    code, out, err = _cli(capsys, '--speed-only', '--resume', pruned_digits['path'], '--fast-path', 'triton')
+    assert (code, err.strip()) == (2, 'error: --fast-path triton needs Triton, which this Python cannot import (pip '
+                                      'install triton, or use --fast-path torch)')
+    assert 'Model ' not in out
+
+
 @pytest.mark.parametrize('argv, message', [
     (['--fast-path', 'torch', '--output_dir', '{tmp}/ft', '--data-set', 'DIGITS'],
      '--fast-path is an inference path: use it with --eval or --speed-only'),
