@@ -606,7 +606,7 @@ class FastViT(nn.Module):
         self.dtype = dtype or torch.float32
         self.residual_dtype = residual_dtype or torch.float32
         object.__setattr__(self, '_model', model)  # shared, not a submodule: only forward_head is used
-        self._first_parameter = first
+        object.__setattr__(self, '_first_parameter', first)  # the model's, not one of this module's
         self._head_dtype = first.dtype  # the features go to the head in the model's dtype
 
         pe = model.patch_embed

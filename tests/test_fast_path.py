@@ -950,6 +950,23 @@ def test_a_model_cast_after_the_path_was_built_is_refused():
 
 
 @torch.no_grad()
+def test_the_path_holds_none_of_the_models_parameters():
+    """The path keeps its own copies of the weights as buffers and only refers to the model: none of the model's
+    parameters is one of the path's, so its state dict holds none of them and casting the path leaves the model as
+    it is (the path used to hold the model's first parameter, the class token, as its own: .double()
+    on the path made the model's class token fp64 and the path then blamed the model for being cast)."""
+    model = tiny_cc(17)
+    x = images(seed=17)
+    ref = model(x)
+    fast = build_fast_path(model, backend='torch')
+    assert list(fast.parameters()) == []
+    assert not any(t is p for t in fast.state_dict(keep_vars=True).values() for p in model.parameters())
+    fast.double()
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert torch.equal(model(x), ref)
+
+
+@torch.no_grad()
 @pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
 def test_a_model_held_in_half_precision(dtype):
     """A model whose weights are fp16 or bf16 (model.half()): its head reads the features in its own dtype; the
