@@ -920,14 +920,14 @@ def run_speed(args, device: torch.device) -> Dict[str, float]:
 def fast_model(args, model: nn.Module, device: torch.device, batch_size: int, dtype: Optional[torch.dtype] = None
                ) -> nn.Module:
     """``model`` through ``--fast-path`` (models/fast_path.py): an inference-only module on the model's device,
-    its matrix products in ``dtype`` (fp32 if None), a CUDA graph captured for ``batch_size`` with the Triton
-    backend on CUDA (other batch sizes run uncaptured)."""
+    its matrix products in ``dtype`` (fp32 if None), its kernels chosen by timing at ``batch_size`` (on CUDA), a CUDA
+    graph captured for ``batch_size`` with the Triton backend on CUDA (other batch sizes run uncaptured)."""
     from models.fast_kernels import TritonError
     from models.fast_path import CaptureError, build_fast_path
     graph = device.type == 'cuda' and args.fast_path == 'triton'
     try:
         return build_fast_path(model.eval(), backend=args.fast_path, dtype=dtype, cuda_graph=graph,
-                               batch_size=batch_size if graph else None)
+                               batch_size=batch_size)
     except ValueError as e:
         raise UserError(f'--fast-path {args.fast_path}: {e}') from None
     except TritonError as e:  # the build runs the kernels (timing, the graph's warm-up): an unsupported GPU

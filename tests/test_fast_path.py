@@ -1385,6 +1385,27 @@ def test_speed_only_through_the_fast_path_prints_both_speed_ups(capsys, pruned_d
                      r'\d+\.\d\dx$', speedups[1]), speedups[1]
 
 
+def test_the_command_line_builds_the_path_for_its_batch_size(capsys, monkeypatch, pruned_digits):
+    """The build times its kernels (on CUDA) at the batch size it is given, 64 if none: the command line gives it
+    the batch it runs, for every backend, not only for the one it captures a CUDA graph for (--fast-path torch on a
+    GPU used to time its attention at 64 images whatever --batch-size said)."""
+    import models.fast_path as FP
+    built, real = [], FP.build_fast_path
+
+    def recording(model, **kwargs):
+        built.append(kwargs)
+        return real(model, **kwargs)
+    monkeypatch.setattr(FP, 'build_fast_path', recording)
+    code, out, err = _cli(capsys, '--speed-only', '--resume', pruned_digits['path'], '--batch-size', '3',
+                          '--speed-repeats', '1', '--speed-warmup', '0', '--fast-path', 'torch')
+    assert code == 0, err
+    assert [(k['batch_size'], k['cuda_graph']) for k in built] == [(3, False), (3, False)]  # dense, pruned
+    code, out, err = _cli(capsys, '--eval', '--resume', pruned_digits['path'], '--data-path', pruned_digits['data'],
+                          '--batch-size', '4', '--fast-path', 'torch')
+    assert code == 0, err
+    assert built[2]['batch_size'] == 6  # the evaluation's batches: 1.5 times --batch-size, as DeiT's
+
+
 @pytest.mark.parametrize('failure, line', [
     (K.TritonError('out of resource: shared memory, Required: 232448, Hardware limit: 101376'),
      'error: --fast-path torch: Triton cannot compile or run its kernels on this device (TritonError: out of '
