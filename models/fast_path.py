@@ -92,7 +92,9 @@ not additive. Inference only: no gradients, eval semantics (the model is put in 
 while the model is in training mode, as the head it calls is the model's own); the built module holds copies of
 the weights, so rebuild it after changing the model (only the head is shared: ``model.forward_head`` is called on
 the features, and the path refuses to run once the model is cast or moved); one built from a Clip & Concat model's
-own masks refuses to run once they are set again or a state dict is loaded into the model.
+own masks refuses to run once they are set again or a state dict is loaded into the model.  The path itself is
+for the dtype and device it was built for: ``.half()``, ``.to()`` and the like are refused unless they change
+nothing (build it again instead).
 """
 import contextlib
 import statistics
@@ -975,6 +977,17 @@ class FastViT(nn.Module):
             raise CaptureError(f'capturing the forward in a CUDA graph failed ({type(e).__name__}: '
                                f'{str(e).strip()[:300]})') from e
         self._graph, self._static_out = graph, static_out
+
+    def _apply(self, fn, recurse=True):
+        """``.to()``, ``.half()``, ``.cuda()`` and the like: refused (RuntimeError, nothing changed) unless they
+        change nothing.  The kernels and their timed choices are for the dtype and device the path was built for,
+        and a captured CUDA graph reads its weights at their addresses: a cast copy would leave it reading freed
+        memory."""
+        if any(fn(t) is not t for t in self.buffers()):
+            built = str(self.dtype).replace('torch.', '')
+            raise RuntimeError(f'fast path: it cannot be cast or moved (built for {built} on {self.device}): build '
+                               f'it again, with build_fast_path(model, dtype=...) on the model\'s device')
+        return self
 
     def describe(self) -> Dict:
         """What was built: backend, dtypes, kept count per block, attention chosen per kept count."""

@@ -951,19 +951,35 @@ def test_a_model_cast_after_the_path_was_built_is_refused():
 
 @torch.no_grad()
 def test_the_path_holds_none_of_the_models_parameters():
-    """The path keeps its own copies of the weights as buffers and only refers to the model: none of the model's
-    parameters is one of the path's, so its state dict holds none of them and casting the path leaves the model as
-    it is (the path used to hold the model's first parameter, the class token, as its own: .double()
-    on the path made the model's class token fp64 and the path then blamed the model for being cast)."""
+    """The path keeps its own weights as buffers and only refers to the model: none of the model's parameters is
+    one of the path's, so its state dict holds none of them (the path used to hold the model's first parameter,
+    the class token, as its own: .double() on the path made the model's class token fp64 and the path then blamed
+    the model for being cast)."""
+    model = tiny_cc(17)
+    fast = build_fast_path(model, backend='torch')
+    assert list(fast.parameters()) == []
+    assert not any(t is p for t in fast.state_dict(keep_vars=True).values() for p in model.parameters())
+
+
+@torch.no_grad()
+def test_casting_or_moving_the_path_is_refused():
+    """The path is built for one dtype and device (its kernels' choices, and a CUDA graph that reads its weights
+    at their addresses: cast copies would leave the graph reading freed memory): .half(), .double() or .to() a
+    dtype are refused and change nothing, in the path or in the model; calls that change nothing pass."""
     model = tiny_cc(17)
     x = images(seed=17)
     ref = model(x)
     fast = build_fast_path(model, backend='torch')
-    assert list(fast.parameters()) == []
-    assert not any(t is p for t in fast.state_dict(keep_vars=True).values() for p in model.parameters())
-    fast.double()
+    before = {k: (v.dtype, v.data_ptr()) for k, v in fast.state_dict().items()}
+    refused = (r'^fast path: it cannot be cast or moved \(built for float32 on ' + str(fast.device) + r'\): build it '
+               r"again, with build_fast_path\(model, dtype=\.\.\.\) on the model's device$")
+    for cast in (lambda f: f.half(), lambda f: f.double(), lambda f: f.to(torch.bfloat16)):
+        with pytest.raises(RuntimeError, match=refused):
+            cast(fast)
+    assert {k: (v.dtype, v.data_ptr()) for k, v in fast.state_dict().items()} == before
     assert {p.dtype for p in model.parameters()} == {torch.float32}
-    assert torch.equal(model(x), ref)
+    assert fast.float() is fast and fast.to(fast.device) is fast
+    assert _close(fast(x), ref) and torch.equal(model(x), ref)
 
 
 @torch.no_grad()
