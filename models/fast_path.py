@@ -77,7 +77,7 @@ original-order formulation in plain torch ops (index_select, F.layer_norm, index
 anywhere; ``'compile'`` is ``torch.compile(fullgraph=True)`` of the ``'torch'`` formulation (inductor fuses the
 gathers into the norms itself).
 
-Precision: weights are copied once, the linear layers' in ``dtype`` (fp16/bf16 for speed; default fp32);
+Precision: weights are cast once, the linear layers' to ``dtype`` (fp16/bf16 for speed; default fp32);
 LayerNorm statistics, softmax and residual sums are computed in fp32; the token buffer (the residual stream)
 is stored in ``residual_dtype`` (default fp32, as under autocast; fp16 halves its traffic at some accuracy).
 The head runs in the model's own dtype (fp32, unless the model was cast).  Logits come back in fp32.
@@ -89,9 +89,11 @@ GELU other than exact erf or another activation, MLPs other than timm's ``Mlp``,
 whose projection is not a stride=kernel conv without padding, an image size that is not a multiple of the
 patch size, a norm after the patch embedding, a ``norm_pre`` other than LayerNorm, a position embedding that is
 not additive. Inference only: no gradients, eval semantics (the model is put in eval mode; the path refuses to run
-while the model is in training mode, as the head it calls is the model's own); the built module holds copies of
-the weights, so rebuild it after changing the model (only the head is shared: ``model.forward_head`` is called on
-the features, and the path refuses to run once the model is cast or moved); one built from a Clip & Concat model's
+while the model is in training mode, as the head it calls is the model's own); the built module holds the
+weights as it reads them (cast copies, or the model's own tensors where they already have that dtype, device and
+layout: an in-place edit of the model then reaches some of them), so rebuild it after changing the model (the
+head is the model's: ``model.forward_head`` is called on the features, and the path refuses to run once the
+model is cast or moved); one built from a Clip & Concat model's
 own masks refuses to run once they are set again or a state dict is loaded into the model.  The path itself is
 for the dtype and device it was built for: ``.half()``, ``.to()`` and the like are refused unless they change
 nothing (build it again instead).
@@ -531,7 +533,7 @@ def choose_fc2(batch: int, num_tokens: int, n: int, hidden: int, width: int, dty
 # the executor
 
 class _FastBlock(nn.Module):
-    """One block's weights (copied, cast) and its token ids."""
+    """One block's weights (cast, contiguous: copies where the model's differ in either) and its token ids."""
 
     def __init__(self, blk: Block, ids: torch.Tensor, N: int, dtype: torch.dtype, device: torch.device):
         super().__init__()
