@@ -740,6 +740,19 @@ def describe(model: nn.Module) -> str:
             f'kept tokens per block: {channels}')
 
 
+def prefix_tokens_included(model: nn.Module) -> str:
+    """Which prefix tokens the kept counts of ``model`` include, in words: 'class token included' (DeiT), 'class
+    and distillation tokens included', 'class token and 4 register tokens included', '1 register token included'
+    (a pooling model without class token), 'no prefix token'."""
+    named = [word for word, attr in (('class', 'cls_token'), ('distillation', 'dist_token'))
+             if getattr(model, attr, None) is not None]
+    parts = [' and '.join(named) + (' tokens' if len(named) > 1 else ' token')] if named else []
+    registers = getattr(model, 'num_reg_tokens', 0) or 0
+    if registers:
+        parts.append(f'{registers} register token{"s" if registers > 1 else ""}')
+    return ' and '.join(parts) + ' included' if parts else 'no prefix token'
+
+
 def gflops(model: nn.Module) -> float:
     return models.count_macs(model) / 1e9
 
@@ -1046,7 +1059,7 @@ def run_prune(args, device: torch.device) -> Dict[str, float]:
     clipped = int((~masks).sum())
     rank0_print(f'Clipped {clipped} of {depth * num_patches} (layer, patch) slots '
                 f'({args.prune_mode}, prune rate {args.prune_rate})')
-    rank0_print(f'Kept tokens per block (class token included): {channels}')
+    rank0_print(f'Kept tokens per block ({prefix_tokens_included(model)}): {channels}')
     if args.distributed:  # every process prints what it planned: the digests must agree (scores are summed)
         print_line(f'[rank {args.rank}] masks sha1 {masks_sha1(model.masks)}')
     rank0_print(f'FLOPs: {gflops(model):.2f} GFLOPs (dense {gflops(models.dense_copy(model)):.2f} GFLOPs)')

@@ -286,3 +286,23 @@ def test_timing_on_cuda_lets_cudnn_pick_the_fastest_convolution(monkeypatch, dev
     engine.time_interleaved({'a': lambda x: seen.append(torch.backends.cudnn.benchmark)}, torch.zeros(1),
                             torch.device(device), repeats=2, warmup=1)
     assert seen == [device == 'cuda'] * 3 and torch.backends.cudnn.benchmark is False
+
+
+@pytest.mark.parametrize('name, said', [
+    ('deit_tiny_distilled_patch16_224', 'class and distillation tokens included'),
+    ('vit_little_patch16_reg1_gap_256', '1 register token included'),  # average pooling, no class token
+])
+def test_prune_names_the_prefix_tokens_its_kept_counts_include(tmp_path, capsys, image_folder, name, said):
+    """The kept counts of --prune include every prefix token; the line says which ones, not 'class token' for a
+    model with two prefix tokens or with none of that name."""
+    dense = official_checkpoint(tmp_path / 'dense.pth', name, img_size=64, num_classes=3)
+    code, out, err = run_cli(capsys, '--prune', '--prune_mode', 'random', '--prune_rate', '0.3', '--model', name,
+                             '--input-size', '64', '--resume', dense, '--data-path', image_folder,
+                             '--output_dir', str(tmp_path / 'out'), *COMMON)
+    assert code == 0, err
+    channels = load_checkpoint_file(str(tmp_path / 'out' / 'pruned_random_0.3.pth'))['channels']
+    model = timm.create_model(name, img_size=64)
+    prefix, patches, depth = model.num_prefix_tokens, model.patch_embed.num_patches, len(model.blocks)
+    assert sum(channels) == depth * (prefix + patches) - int(patches * depth * 0.3)  # prefix tokens are counted
+    assert f'Kept tokens per block ({said}): {channels}' in out.splitlines()
+    assert 'class token included' not in out
