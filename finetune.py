@@ -1079,19 +1079,19 @@ def run_prune(args, device: torch.device) -> Dict[str, float]:
         written = True
         stats = evaluate(data_loader(dataset_val, args, train=False), model, device, amp=args.amp,
                          print_freq=args.print_freq, printer=rank0_print)
+        rank0_print(f'Accuracy of the network on the {len(dataset_val)} test images: {stats["acc1"]:.1f}%')
+        if is_main_process():  # (a stop while the results are logged: the pruned file is complete all the same)
+            record = {'prune_mode': args.prune_mode, 'prune_rate': args.prune_rate, 'channels': channels,
+                      'gflops': gflops(model), **{f'test_{k}': v for k, v in stats.items()}}
+            with open(os.path.join(args.output_dir, 'prune_log.txt'), 'a') as f:
+                f.write(json.dumps(record) + '\n')
+            tb = TensorBoard(prune_tensorboard_dir(args))
+            tb.scalars({'acc1': stats['acc1'], 'acc5': stats['acc5'], 'gflops': gflops(model)}, 0, prefix='prune/')
+            tb.close()
     except STOPS_MIDWAY as e:
         if written:
             e.kept = f'{path} was written completely'
         raise
-    rank0_print(f'Accuracy of the network on the {len(dataset_val)} test images: {stats["acc1"]:.1f}%')
-    if is_main_process():
-        record = {'prune_mode': args.prune_mode, 'prune_rate': args.prune_rate, 'channels': channels,
-                  'gflops': gflops(model), **{f'test_{k}': v for k, v in stats.items()}}
-        with open(os.path.join(args.output_dir, 'prune_log.txt'), 'a') as f:
-            f.write(json.dumps(record) + '\n')
-        tb = TensorBoard(prune_tensorboard_dir(args))
-        tb.scalars({'acc1': stats['acc1'], 'acc5': stats['acc5'], 'gflops': gflops(model)}, 0, prefix='prune/')
-        tb.close()
     return stats
 
 

@@ -1116,6 +1116,22 @@ def test_unreadable_image_found_after_the_pruned_file_is_written_says_it_is_comp
     assert torch.load(path, weights_only=False)['model']['blocks.0.attn.token_index'].dtype == torch.bool
 
 
+def test_a_stop_while_prune_logs_its_results_says_the_pruned_file_is_complete(capsys, monkeypatch, world, earlier):
+    """After the evaluation --prune appends to prune_log.txt and writes its TensorBoard scalars (importing
+    TensorBoard takes a moment): a Ctrl-C there leaves the pruned file complete, and the line says so rather than
+    'nothing was written'."""
+    def stopped(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(finetune, 'TensorBoard', stopped)
+    code, out, err = cli(capsys, *prune_args(world, earlier, '--prune_mode', 'random'))
+    path = earlier / 'pruned_random_0.3.pth'
+    assert code == 130 and err.strip() == f'interrupted; {path} was written completely'
+    assert 'Accuracy of the network on the 16 test images' in out
+    assert torch.load(path, weights_only=True)['channels'] == [
+        int(m.sum()) for k, m in torch.load(path, weights_only=True)['model'].items() if k.endswith('token_index')]
+
+
 def test_flags_the_chosen_optimizer_schedule_or_augmentation_ignores_are_noted():
     parser = finetune.get_args_parser()
     args = parser.parse_args(['--momentum', '0.5', '--opt-betas', '0.8', '0.9', '--warmup-lr', '1e-4',
