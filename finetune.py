@@ -971,11 +971,13 @@ def _speed_original_protocol(args, model: nn.Module, name: str, size: int, devic
     passes = args.speed_repeats if 'speed_repeats' in given_flags(args) else ORIGINAL_SPEED_PASSES
     speeds = engine.throughput_original_protocol(model, batch, size, device, passes)
     runs = len(speeds)
+    gpu = ', cudnn.benchmark on, TF32 matmuls allowed' if device.type == 'cuda' else ''  # (neither exists on a CPU)
     rank0_print(f'Original protocol: batch {batch} of torch.rand at {size}x{size} on {device}, fp32 with autograd '
-                f'(no no_grad), cudnn.benchmark on, TF32 matmuls allowed; {runs} runs of {passes} passes back to '
-                f'back, each timed from one synchronisation to the next; the last is the figure; only this model')
+                f'(no no_grad){gpu}; {runs} runs of {passes} passes back to back, each timed from one '
+                f'synchronisation to the next; the last is the figure; only this model')
     for i, speed in enumerate(speeds[:-1]):
-        why = ' (inaccurate, as the original printed it: set-up and cudnn autotuning)' if i == 0 else ''
+        why = (f' (inaccurate, as the original printed it: set-up{" and cudnn autotuning" if gpu else ""})'
+               if i == 0 else '')
         rank0_print(f'Throughput of the {name} model, run {i + 1} of {runs}{why}: {speed:.1f} images/s')
     rank0_print(f'FLOPs of the {name} model: {gflops(model):.2f} GFLOPs')
     rank0_print(f'Throughput of the {name} model: {speeds[-1]:.1f} images/s')
