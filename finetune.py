@@ -1158,11 +1158,30 @@ def reconcile_log(log_path: str, last_epoch: int, last_stats: Optional[dict]) ->
     return restored
 
 
-def epoch_scalars(tb: TensorBoard, log_stats: dict, epoch: int) -> None:
-    """An epoch's ``log.txt`` record to TensorBoard: train_<k> as train/<k>, test_<k> as test/<k>, at step epoch."""
-    for prefix in ('train', 'test'):
-        tb.scalars({k[len(prefix) + 1:]: v for k, v in log_stats.items() if k.startswith(prefix + '_')},
-                   epoch, prefix=prefix + '/')
+def epoch_tags(log_stats: dict) -> Dict[str, float]:
+    """An epoch's ``log.txt`` record as TensorBoard scalars: train_<k> as train/<k>, test_<k> as test/<k>."""
+    return {f'{prefix}/{k[len(prefix) + 1:]}': v for prefix in ('train', 'test') for k, v in log_stats.items()
+            if k.startswith(prefix + '_') and isinstance(v, (int, float))}
+
+
+def epoch_scalars(tb: TensorBoard, log_stats: dict, epoch: int, written: Set[str] = frozenset()) -> None:
+    """An epoch's :func:`epoch_tags` to TensorBoard at step ``epoch``, but for the tags in ``written`` (there
+    already)."""
+    tb.scalars({tag: v for tag, v in epoch_tags(log_stats).items() if tag not in written}, epoch)
+
+
+def scalars_at(directory: str, step: int) -> Set[str]:
+    """The scalar tags that the TensorBoard events files of ``directory`` (not of its subfolders) hold at ``step``;
+    a record cut by a kill ends its file's reading."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    tags: Set[str] = set()
+    for name in sorted(os.listdir(directory)):
+        path = os.path.join(directory, name)
+        if name.startswith('events.out.tfevents') and os.path.isfile(path):
+            for event in EventFileLoader(path).Load():
+                if event.step == step and event.HasField('summary'):
+                    tags.update(value.tag for value in event.summary.value)
+    return tags
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1421,11 +1440,13 @@ def repair_outputs(args, checkpoint: dict) -> None:
     paths = output_paths(args)
     epoch = int(checkpoint['epoch'])
     if reconcile_log(paths['log.txt'], epoch, checkpoint.get('log_stats')):
-        # TensorBoard is written before log.txt, so a missing log line may mean missing scalars: written now
-        # (at worst a second point with the same values)
-        tb = TensorBoard(args.output_dir)
-        epoch_scalars(tb, checkpoint['log_stats'], epoch)
-        tb.close()
+        # TensorBoard is written before log.txt, so a missing log line may mean missing scalars (a kill before
+        # them) or not (a kill while the line was written): those not there yet are written now, none twice
+        written = scalars_at(args.output_dir, epoch)
+        if set(epoch_tags(checkpoint['log_stats'])) - written:
+            tb = TensorBoard(args.output_dir)
+            epoch_scalars(tb, checkpoint['log_stats'], epoch, written)
+            tb.close()
     remove_stale_temporaries(list(paths.values()))  # from a job killed while saving
     # best.pth is written right after checkpoint.pth when an epoch improves: a kill in between leaves the
     # checkpoint's epoch, the best so far, without it
@@ -1571,7 +1592,7 @@ def run_finetune(args, device: torch.device) -> Dict[str, float]:
             return
         if tb is None:
             tb = TensorBoard(args.output_dir)
-        epoch_scalars(tb, log_stats, epoch)  # before log.txt: a resume that finds no log line writes the scalars again
+        epoch_scalars(tb, log_stats, epoch)  # before log.txt: a resume that finds no log line writes those missing
         with open(paths['log.txt'], 'a') as f:
             f.write(json.dumps(log_stats) + '\n')
 

@@ -537,6 +537,40 @@ def test_a_run_stopped_after_its_checkpoint_before_its_logs_gets_them_on_resume(
     assert tensorboard_steps(out, 'train/lr') == pytest.approx({r['epoch']: r['train_lr'] for r in records})
 
 
+def tensorboard_points(directory, tag):
+    """The steps of every point of a scalar, over every TensorBoard events file in ``directory``, repeats kept."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    steps = []
+    for name in sorted(os.listdir(directory)):
+        if name.startswith('events.out.tfevents'):
+            events = EventAccumulator(str(directory / name))
+            events.Reload()
+            if tag in events.Tags()['scalars']:
+                steps += [e.step for e in events.Scalars(tag)]
+    return sorted(steps)
+
+
+@pytest.mark.parametrize('final', [3, 2], ids=['continued', 'already-finished'])
+def test_a_run_killed_while_writing_its_log_line_gets_no_second_tensorboard_point(capsys, monkeypatch, small,
+                                                                                   tmp_path, final):
+    """Killed while appending epoch 1's line to log.txt, after its TensorBoard scalars: the resume restores the line
+    and leaves TensorBoard as it was, each epoch's point once."""
+    out = tmp_path / 'out'
+    with monkeypatch.context() as patch:
+        accuracies(patch, [40.0, 60.0])
+        assert _finetune(out, small['data'], '--resume', small['dense'], '--final_finetune', 2) == 0
+    lines = (out / 'log.txt').read_text().splitlines()
+    (out / 'log.txt').write_text(lines[0] + '\n' + lines[1][:30])  # the line cut by the kill
+    with monkeypatch.context() as patch:
+        accuracies(patch, [80.0])
+        assert _finetune(out, small['data'], '--resume', out / 'checkpoint.pth', '--final_finetune', final) == 0
+    capsys.readouterr()
+    assert log_epochs(out / 'log.txt') == list(range(final))
+    for tag in ('train/loss', 'train/lr', 'test/acc1', 'test/acc5', 'test/loss'):
+        assert tensorboard_points(out, tag) == list(range(final)), tag
+    assert tensorboard_steps(out, 'test/acc1') == {e: a for e, a in {0: 40.0, 1: 60.0, 2: 80.0}.items() if e < final}
+
+
 def test_best_pth_is_written_when_accuracy_rises_and_only_then(monkeypatch, small, tmp_path):
     """Acc@1 10, 30, 20, 30, 40: best.pth is written after epochs 0, 1 and 4, never on the tie at epoch 3."""
     writes = []
