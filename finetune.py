@@ -35,9 +35,10 @@ from datasets import (DATA_SETS, INATURALIST, SMALL_INPUT, BadImageError, Digits
 from engine import NonFiniteLossError, evaluate, measure_throughput, steady_allocator
 from losses import DistillationLoss
 from samplers import DistributedEvalSampler, RASampler
-from utils import (UserError, TensorBoard, all_agree, check_output_dir, checkpoint_args, init_distributed_mode,
-                   is_main_process, launcher_ranks, load_checkpoint_file, one_line, print_line, rank0_print,
-                   remove_stale_temporaries, save_atomic, several_processes, write_atomic, write_text_atomic)
+from utils import (OutputWriteError, UserError, TensorBoard, all_agree, append_line, check_output_dir,
+                   checkpoint_args, init_distributed_mode, is_main_process, launcher_ranks, load_checkpoint_file,
+                   one_line, print_line, rank0_print, remove_stale_temporaries, save_atomic, several_processes,
+                   write_atomic, write_text_atomic)
 from utils import seeding
 from utils.cli import (AT_LEAST_ONE, EXIT_USER_ERROR, FRACTION, NON_NEGATIVE, POSITIVE, UNIT, OneLineParser, Range,
                        check_numbers, fits, flag_name, spell)
@@ -1085,8 +1086,7 @@ def run_prune(args, device: torch.device) -> Dict[str, float]:
         if is_main_process():  # (a stop while the results are logged: the pruned file is complete all the same)
             record = {'prune_mode': args.prune_mode, 'prune_rate': args.prune_rate, 'channels': channels,
                       'gflops': gflops(model), **{f'test_{k}': v for k, v in stats.items()}}
-            with open(os.path.join(args.output_dir, 'prune_log.txt'), 'a') as f:
-                f.write(json.dumps(record) + '\n')
+            append_line(os.path.join(args.output_dir, 'prune_log.txt'), json.dumps(record))
             tb = TensorBoard(prune_tensorboard_dir(args))
             tb.scalars({'acc1': stats['acc1'], 'acc5': stats['acc5'], 'gflops': gflops(model)}, 0, prefix='prune/')
             tb.close()
@@ -1593,8 +1593,7 @@ def run_finetune(args, device: torch.device) -> Dict[str, float]:
         if tb is None:
             tb = TensorBoard(args.output_dir)
         epoch_scalars(tb, log_stats, epoch)  # before log.txt: a resume that finds no log line writes those missing
-        with open(paths['log.txt'], 'a') as f:
-            f.write(json.dumps(log_stats) + '\n')
+        append_line(paths['log.txt'], json.dumps(log_stats))
 
     rank0_print(f'Finetuning for epochs {start_epoch}..{args.final_finetune - 1} '
                 f'(lr {args.scaled_lr:.2e} {"for" if args.scaled_lr == scaled_lr(args) else "as restored, with"} '
@@ -1708,8 +1707,9 @@ class Terminated(BaseException):
 # exception as ``kept`` (:func:`_what_is_kept`).  RuntimeError: torch's out-of-memory errors (the GPU's
 # OutOfMemoryError; the CPU allocator's plain RuntimeError, see _cpu_out_of_memory) and a lost peer; any other
 # RuntimeError carries ``kept`` unread and is raised as it is.
-# BadImageError: an image that cannot be read, found when the run reaches it (a user error, said with what is kept).
-STOPS_MIDWAY = (KeyboardInterrupt, Terminated, RuntimeError, BadImageError)
+# BadImageError: an image that cannot be read, found when the run reaches it (a user error, said with what is kept);
+# OutputWriteError: a checkpoint or log that cannot be written (a full disk), likewise.
+STOPS_MIDWAY = (KeyboardInterrupt, Terminated, RuntimeError, BadImageError, OutputWriteError)
 
 
 @contextlib.contextmanager

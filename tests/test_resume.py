@@ -2,6 +2,7 @@
 scheduler, EMA, best accuracy and every random stream restored, and ends where the uninterrupted run ends, bit for
 bit; log.txt holds every finished epoch exactly once; best.pth is the first epoch reaching the best accuracy;
 checkpoints are fsynced and renamed into place, so a job killed while saving keeps the previous one."""
+import errno
 import json
 import math
 import os
@@ -176,6 +177,41 @@ def test_sigterm_while_a_checkpoint_is_written_ends_with_one_line(tmp_path, monk
     ckpt = out / 'checkpoint.pth'
     assert (code, capsys.readouterr().err) == (143, f'terminated (SIGTERM); the last complete checkpoint is {ckpt} '
                                                     f'(epoch 0); continue with --resume {ckpt}\n')
+    assert load_checkpoint_file(str(ckpt))['epoch'] == 0 and leftovers(out) == []
+
+
+def test_a_full_disk_while_an_epoch_is_logged_or_saved_says_which_checkpoint_is_complete(tmp_path, monkeypatch,
+                                                                                       capsys):
+    """No space left for epoch 1's log.txt line (its checkpoint written) or for epoch 1's checkpoint: one error
+    line (exit 2) naming the last complete checkpoint and how to continue, not a traceback; continuing from it
+    gives the epoch's log line exactly once."""
+    world = digits_world(tmp_path)
+    argv = [*DIGITS_ARGS, '--resume', world['dense'], '--data-path', world['data'], '--final_finetune', '2']
+    real_open = open
+
+    def full_at_epoch_1(path, mode='r', *args, **kwargs):
+        if str(path).endswith('log.txt') and 'a' in mode and os.path.exists(path):  # epoch 1's line
+            raise OSError(errno.ENOSPC, 'No space left on device')
+        return real_open(path, mode, *args, **kwargs)
+
+    out = tmp_path / 'log'
+    with monkeypatch.context() as m:
+        m.setattr('builtins.open', full_at_epoch_1)
+        code = finetune.main([*argv, '--output_dir', str(out)])
+    ckpt = out / 'checkpoint.pth'
+    assert (code, capsys.readouterr().err) == (2, f'error: cannot append to {out / "log.txt"}: No space left on '
+                                                  f'device; the last complete checkpoint is {ckpt} (epoch 1); '
+                                                  f'continue with --resume {ckpt}\n')
+    assert finetune.main([*argv, '--output_dir', str(out), '--resume', str(ckpt)]) == 0
+    assert [json.loads(line)['epoch'] for line in (out / 'log.txt').read_text().splitlines()] == [0, 1]
+
+    out = tmp_path / 'save'
+    torch_save_cut_by(monkeypatch, lambda: OSError(errno.ENOSPC, 'No space left on device'), on_call=3)
+    code = finetune.main([*argv, '--output_dir', str(out)])
+    ckpt = out / 'checkpoint.pth'
+    assert (code, capsys.readouterr().err) == (2, f'error: cannot write {ckpt}: No space left on device (the '
+                                                  f'previous file is untouched); the last complete checkpoint is '
+                                                  f'{ckpt} (epoch 0); continue with --resume {ckpt}\n')
     assert load_checkpoint_file(str(ckpt))['epoch'] == 0 and leftovers(out) == []
 
 

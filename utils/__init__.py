@@ -1,19 +1,19 @@
 """Small shared pieces, by topic: errors (``errors``), several processes (``distributed``), checkpoint files
 (``checkpoint_io``) and progress output (``progress``), whose names are re-exported here; and, imported as
 modules, seeds and random streams (``seeding``) and the command line's machinery (``cli``)."""
-from .checkpoint_io import (SAFE_GLOBALS, check_output_dir, checkpoint_args, load_checkpoint_file,
+from .checkpoint_io import (SAFE_GLOBALS, append_line, check_output_dir, checkpoint_args, load_checkpoint_file,
                             remove_stale_temporaries, save_atomic, state_dict_of, temporary_path, write_atomic,
                             write_text_atomic)
 from .distributed import (all_agree, all_reduce_sum, get_rank, get_world_size, init_distributed_mode, is_dist,
                           is_main_process, launcher_ranks, several_processes)
-from .errors import UserError, one_line
+from .errors import OutputWriteError, UserError, one_line
 from .progress import MetricLogger, SmoothedValue, TensorBoard, print_line, rank0_print
 
 __all__ = [
-    'SAFE_GLOBALS', 'check_output_dir', 'checkpoint_args', 'load_checkpoint_file', 'remove_stale_temporaries',
-    'save_atomic', 'state_dict_of', 'temporary_path', 'write_atomic', 'write_text_atomic', 'all_agree',
+    'SAFE_GLOBALS', 'append_line', 'check_output_dir', 'checkpoint_args', 'load_checkpoint_file',
+    'remove_stale_temporaries', 'save_atomic', 'state_dict_of', 'temporary_path', 'write_atomic', 'write_text_atomic', 'all_agree',
     'all_reduce_sum', 'get_rank', 'get_world_size', 'init_distributed_mode', 'is_dist', 'is_main_process',
     'launcher_ranks', 'several_processes',
-    'UserError', 'one_line',
+    'OutputWriteError', 'UserError', 'one_line',
     'MetricLogger', 'SmoothedValue', 'TensorBoard', 'print_line', 'rank0_print',
 ]

@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, Optional
 
 import torch
 
-from .errors import UserError
+from .errors import OutputWriteError, UserError
 
 
 # What checkpoints of this project and of the released code may hold besides tensors and containers.
@@ -233,11 +233,23 @@ def write_atomic(path: str, write: Callable[[Any], None]) -> None:
         interrupt = _interrupt_behind(e)
         if interrupt is not None:
             raise interrupt
-        if isinstance(e, OSError):
+        failed = _behind(e, lambda x: isinstance(x, OSError))  # (inside torch.save: behind its zip writer's error)
+        if failed is not None:
             what = 'the previous file is untouched' if os.path.exists(path) else 'nothing was written'
-            raise UserError(f'cannot write {path}: {e.strerror or e} ({what})') from None
+            raise OutputWriteError(f'cannot write {path}: {failed.strerror or failed} ({what})') from None
         raise
     _fsync_directory(directory)
+
+
+def append_line(path: str, line: str) -> None:
+    """Append ``line`` and a newline to a results file (``log.txt``, ``prune_log.txt``); an OSError (disk full,
+    directory removed) becomes a one-line :class:`OutputWriteError`.  A line cut short by it is what a continued
+    run repairs (finetune.reconcile_log)."""
+    try:
+        with open(path, 'a') as f:
+            f.write(line + '\n')
+    except OSError as e:
+        raise OutputWriteError(f'cannot append to {path}: {e.strerror or e}') from None
 
 
 def temporary_path(path: str, pid: object = None) -> str:
@@ -253,9 +265,15 @@ def _interrupt_behind(e: BaseException) -> Optional[BaseException]:
     """The interruption (Ctrl-C, SIGTERM: a BaseException that is not an Exception) that ``e`` is or that it
     was raised while handling, else None.  torch.save cut by a signal ends in a RuntimeError of its zip writer
     ('unexpected pos'), which would otherwise hide the stop the run reports."""
+    return _behind(e, lambda x: not isinstance(x, Exception))
+
+
+def _behind(e: BaseException, wanted: Callable[[BaseException], bool]) -> Optional[BaseException]:
+    """The first of ``e`` and the exceptions it was raised while handling (its ``__context__`` chain) that is
+    ``wanted``, else None."""
     seen = set()
     while e is not None and id(e) not in seen:
-        if not isinstance(e, Exception):
+        if wanted(e):
             return e
         seen.add(id(e))
         e = e.__context__

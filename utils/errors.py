@@ -6,6 +6,11 @@ class UserError(Exception):
     """A mistake in what the user asked for; the CLI prints it as one line and exits non-zero."""
 
 
+class OutputWriteError(UserError):
+    """A file the run writes could not be written (a full disk, its folder removed): found midway, so the CLI
+    says it with what the run has kept (its last complete checkpoint)."""
+
+
 def one_line(e: BaseException) -> str:
     """The last meaningful line of an error: errors re-raised from DataLoader workers carry a traceback in
     front of it, and the exception's own name may be repeated there."""
