@@ -11,9 +11,8 @@ from .progress import MetricLogger, SmoothedValue, TensorBoard, print_line, rank
 
 __all__ = [
     'SAFE_GLOBALS', 'append_line', 'check_output_dir', 'checkpoint_args', 'load_checkpoint_file',
-    'remove_stale_temporaries', 'save_atomic', 'state_dict_of', 'temporary_path', 'write_atomic', 'write_text_atomic', 'all_agree',
-    'all_reduce_sum', 'get_rank', 'get_world_size', 'init_distributed_mode', 'is_dist', 'is_main_process',
-    'launcher_ranks', 'several_processes',
-    'OutputWriteError', 'UserError', 'one_line',
-    'MetricLogger', 'SmoothedValue', 'TensorBoard', 'print_line', 'rank0_print',
+    'remove_stale_temporaries', 'save_atomic', 'state_dict_of', 'temporary_path', 'write_atomic',
+    'write_text_atomic', 'all_agree', 'all_reduce_sum', 'get_rank', 'get_world_size', 'init_distributed_mode',
+    'is_dist', 'is_main_process', 'launcher_ranks', 'several_processes', 'OutputWriteError', 'UserError',
+    'one_line', 'MetricLogger', 'SmoothedValue', 'TensorBoard', 'print_line', 'rank0_print',
 ]
