@@ -279,6 +279,16 @@ MUTANTS: List[Mutant] = [
            '        masks = pruning.random_masks(depth, num_patches, 0.25,',
            [T + 'test_seeding.py::test_random_prune_mode_is_seeded'], '--prune_rate ignored by random masks'),
     # --- data sets -------------------------------------------------------------------------------------------
+    mutant('ra-sampler-length-not-deits', 'samplers.py',
+           'self.num_selected = int(math.floor(len(dataset) // 256 * 256 / num_replicas)) or \\',
+           'self.num_selected = 0 or \\',
+           [T + 'test_losses_data.py::test_repeated_augmentation_sampler_draws_deits_samples'],
+           "repeated augmentation draws ceil(n / processes) samples per process, not DeiT's multiple of 256 images"),
+    mutant('ra-sampler-small-set-times-repeats', 'samplers.py',
+           'int(math.ceil(len(dataset) / num_replicas))', 'int(math.ceil(len(dataset) * repeats / num_replicas))',
+           [T + 'test_losses_data.py::test_repeated_augmentation_sampler_gives_every_process_its_length_even_with_more_'
+                'processes_than_copies'],
+           'under 256 images, an epoch of repeated augmentation draws every copy: three times the training set'),
     mutant('inaturalist-labels-sorted', 'datasets.py',
            "        values = list(dict.fromkeys(_inat_labels(train_data, cat_value, train_path, cat_path).values()))",
            "        values = sorted(set(_inat_labels(train_data, cat_value, train_path, cat_path).values()))",

@@ -1,6 +1,7 @@
 """The distillation loss of the method, the data sets and the samplers."""
 import argparse
 import json
+import math
 import re
 
 import numpy as np
@@ -344,6 +345,8 @@ def test_repeated_augmentation_sampler_gives_every_process_its_length_even_with_
         for world in range(1, 17):
             parts = [list(RASampler(list(range(n)), world, r, shuffle=True, repeats=3, seed=5)) for r in range(world)]
             promised = len(RASampler(list(range(n)), world, 0, repeats=3))
+            # fewer than 256 images, where DeiT's rule selects none: about the training set per epoch in all
+            assert promised == -(-n // world), (n, world)
             assert [len(p) for p in parts] == [promised] * world, (n, world)
             assert all(0 <= i < n for p in parts for i in p)
             copies = [i for i in torch.randperm(n, generator=torch.Generator().manual_seed(5)).tolist()
@@ -352,3 +355,29 @@ def test_repeated_augmentation_sampler_gives_every_process_its_length_even_with_
             if total - len(copies) <= len(copies):  # DeiT's own padding
                 padded = copies + copies[:total - len(copies)]
                 assert parts == [padded[r::world][:promised] for r in range(world)], (n, world)
+
+
+def deit_ra_sampler(n, world, rank, epoch, seed, repeats=3):
+    """DeiT's RASampler.__iter__ written out (its seed offset by the run's --seed, as here): each index of a shuffle
+    repeated, padded with the first ones to a multiple of the processes, every world-th taken, and only
+    floor(n // 256 * 256 / world) of them kept."""
+    g = torch.Generator()
+    g.manual_seed(seed + epoch)
+    indices = [i for i in torch.randperm(n, generator=g).tolist() for _ in range(repeats)]
+    num_samples = int(math.ceil(n * repeats / world))
+    total = num_samples * world
+    indices += indices[:total - len(indices)]
+    return indices[rank:total:world][:int(math.floor(n // 256 * 256 / world))]
+
+
+@pytest.mark.parametrize('n, world', [(256, 1), (300, 2), (600, 2), (1000, 3), (700, 8)])
+def test_repeated_augmentation_sampler_draws_deits_samples(n, world):
+    """From 256 images up, each process draws DeiT's samples, epoch by epoch: its number of them is rounded down
+    to a multiple of 256 images over all processes (300 images on 2 processes: 128 each, not 150)."""
+    for epoch in (0, 1):
+        for rank in range(world):
+            sampler = RASampler(list(range(n)), world, rank, shuffle=True, repeats=3, seed=7)
+            sampler.set_epoch(epoch)
+            expected = deit_ra_sampler(n, world, rank, epoch, seed=7)
+            assert len(sampler) == len(expected) == n // 256 * 256 // world
+            assert list(sampler) == expected, (n, world, rank, epoch)
