@@ -278,6 +278,10 @@ MUTANTS: List[Mutant] = [
            '        masks = pruning.random_masks(depth, num_patches, args.prune_rate,',
            '        masks = pruning.random_masks(depth, num_patches, 0.25,',
            [T + 'test_seeding.py::test_random_prune_mode_is_seeded'], '--prune_rate ignored by random masks'),
+    mutant('macs-ignore-the-channels-given', 'models/flops.py',
+           '    if channels is None:\n        channels = kept', '    if True:\n        channels = kept',
+           [T + 'test_model.py::test_flops_follow_the_per_block_channels'],
+           "count_macs(model, channels) prices the model's own masks instead of the kept counts given"),
     # --- data sets -------------------------------------------------------------------------------------------
     mutant('ra-sampler-length-not-deits', 'samplers.py',
            'self.num_selected = int(math.floor(len(dataset) // 256 * 256 / num_replicas)) or \\',

@@ -455,6 +455,10 @@ def test_flops_follow_the_per_block_channels():
     expected = 196 * 3 * 16 * 16 * C + sum(12 * n * C * C + 2 * n * n * C for n in channels) + C * 1000
     assert models.count_macs(model) == expected
     assert sum(channels) == 12 * 197 - int(196 * 12 * 0.4)
+    # channels given: the cost of those kept counts, whatever masks the model holds
+    dense = timm.create_model('cc_deit_tiny_patch16_224')
+    assert models.count_macs(dense, channels) == expected
+    assert models.count_macs(model, [197] * 12) == models.count_macs(dense) != expected
 
 
 def test_routing_is_swappable_and_the_boolean_reference_agrees():
