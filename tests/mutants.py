@@ -282,6 +282,10 @@ MUTANTS: List[Mutant] = [
            '    if channels is None:\n        channels = kept', '    if True:\n        channels = kept',
            [T + 'test_model.py::test_flops_follow_the_per_block_channels'],
            "count_macs(model, channels) prices the model's own masks instead of the kept counts given"),
+    mutant('patch-macs-of-square-patches', 'models/flops.py',
+           'proj.kernel_size[0] * proj.kernel_size[1]', 'proj.kernel_size[0] * proj.kernel_size[0]',
+           [T + 'test_families.py::test_flops_formula_equals_torch_flop_counter'],
+           'the patch embedding of oblong patches priced as square ones of their height'),
     # --- data sets -------------------------------------------------------------------------------------------
     mutant('ra-sampler-length-not-deits', 'samplers.py',
            'self.num_selected = int(math.floor(len(dataset) // 256 * 256 / num_replicas)) or \\',

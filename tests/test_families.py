@@ -1,7 +1,8 @@
 """Clip & Concat on every family of timm ViT it supports, applied in place by models.apply_clip_concat:
 distilled DeiT (class + distillation tokens, two heads), DeiT III (LayerScale, position embedding without the
 class token), ViTs with register tokens, at 384 px, with global average pooling and no class token, with
-32-pixel patches, with attention narrower than the width, with gated MLPs (SwiGLU), hybrids (a CNN stem).
+32-pixel patches, with oblong patches, with attention narrower than the width, with gated MLPs (SwiGLU), hybrids
+(a CNN stem).
 Each at small depth and width with random weights, against independent references: timm's own model (all masks
 True), the reference semantics written out with boolean indexing and timm's own block (pruned), autograd (Taylor
 scores) and torch's FLOP counter."""
@@ -26,6 +27,9 @@ FAMILIES = {
     'gap_no_class_token': ('vit_base_patch16_gap_224', dict(img_size=64, depth=3, embed_dim=64, num_heads=2)),
     'registers_gap': ('vit_base_patch16_reg4_gap_256', dict(img_size=64, depth=3, embed_dim=64, num_heads=2)),
     'patch32': ('vit_base_patch32_224', dict(img_size=128, depth=3, embed_dim=64, num_heads=2)),
+    # patches taller than wide on an image wider than tall: 6 x 4 patches of 8 x 16 pixels
+    'oblong_patches': ('vit_small_patch16_224', dict(img_size=(48, 64), patch_size=(8, 16), depth=3, embed_dim=64,
+                                                     num_heads=2)),
     # heads of 16 channels whatever the width: qkv maps C=64 to 3*2*16, the projection 32 to 64 (D != C)
     'narrow_attention': ('vit_small_patch16_224', dict(img_size=64, depth=3, embed_dim=64, num_heads=2,
                                                        attn_layer=NarrowAttention)),
