@@ -306,6 +306,16 @@ MUTANTS: List[Mutant] = [
            "    if without_supercategory and len(parts) == 4 and not os.path.isabs(file_name):", "    if False:",
            [T + 'test_losses_data.py::test_inaturalist_images_as_the_archive_or_deit_lays_them_out'],
            "images laid out as DeiT's loader reads them (no supercategory folder) are not found"),
+    mutant('color-jitter-flag-ignored', 'datasets.py',
+           'is_training=True, color_jitter=args.color_jitter,', 'is_training=True, color_jitter=0.4,',
+           [T + 'test_recipe.py::test_scoring_images_are_deits_training_transform_of_the_flags_without_auto_augment_or_'
+                'erasing'],
+           '--color-jitter ignored: the recipe\'s 0.4 whatever is given (it shows without auto-augment: scoring)'),
+    mutant('train-interpolation-flag-ignored', 'datasets.py',
+           'interpolation=args.train_interpolation, re_prob', "interpolation='bicubic', re_prob",
+           [T + 'test_recipe.py::test_scoring_images_are_deits_training_transform_of_the_flags_without_auto_augment_or_'
+                'erasing'],
+           '--train-interpolation ignored above 32 px: the random-resized crop is always bicubic'),
     mutant('launcher-overrides-the-gpu-asked-for', 'finetune.py',
            '            if device.index is not None:\n                raise UserError(f\'--device {requested}: under a',
            '            if False:\n                raise UserError(f\'--device {requested}: under a',

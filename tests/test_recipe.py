@@ -354,6 +354,35 @@ def test_scoring_sees_the_training_transform_without_auto_augment_or_erasing(wor
     assert classes == 4 and len(dataset) == 32
 
 
+@pytest.mark.parametrize('flags', [[], ['--color-jitter', '0.2', '--train-interpolation', 'bilinear']])
+def test_scoring_images_are_deits_training_transform_of_the_flags_without_auto_augment_or_erasing(world, flags):
+    """The images scored, drawn under the same seeds as DeiT's training transform (timm's create_transform) with
+    --color-jitter and --train-interpolation as given (the recipe's 0.4 and bicubic by default), no auto-augment,
+    no random erasing: the same pixels (ColorJitter is only there without auto-augment, so scoring is where the
+    flag shows)."""
+    import random
+    import numpy as np
+    from PIL import Image
+    from timm.data import create_transform
+    args = finetune.get_args_parser().parse_args(['--data-path', world['data'], '--input-size', '64', *flags])
+    args.mean, args.std = (0.5,) * 3, (0.25,) * 3
+    ours = finetune.scoring_dataset(args)[0].transform
+    jitter, interpolation = (0.2, 'bilinear') if flags else (0.4, 'bicubic')
+    deit = create_transform(input_size=64, is_training=True, color_jitter=jitter, auto_augment=None,
+                            interpolation=interpolation, re_prob=0.0, mean=args.mean, std=args.std)
+    pixels = np.random.default_rng(1).integers(0, 256, (90, 120, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels)
+
+    def seeded(transform, seed):
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        return transform(image)
+    for seed in range(4):
+        assert torch.allclose(seeded(ours, seed), seeded(deit, seed), atol=1e-5), seed
+    assert not torch.allclose(seeded(ours, 0), seeded(ours, 1), atol=1e-2)  # the draws do change the images
+
+
 def test_original_timing_protocol_runs_fp32_with_autograd_in_three_synchronised_runs():
     calls = []
 
