@@ -317,6 +317,37 @@ def test_an_lr_noise_that_no_trained_epoch_reaches_is_one_line(capsys, tmp_path,
             f'step k - 1: the schedule is stepped after each epoch, as in DeiT), so no epoch would get noise\n')
         assert not out_dir.exists()
 
+@pytest.mark.parametrize('flags', [
+    ['--mixup', '0.3', '--cutmix', '0.6', '--mixup-prob', '0.7', '--mixup-switch-prob', '0.3', '--mixup-mode', 'elem',
+     '--smoothing', '0.05'],
+    ['--mixup', '0.5', '--cutmix-minmax', '0.3', '0.7', '--mixup-switch-prob', '0.6', '--mixup-mode', 'pair',
+     '--smoothing', '0.2'],
+])
+def test_mixup_and_cutmix_are_deits_of_the_flags(flags):
+    """The images and soft targets a finetuning batch trains on are what DeiT's Mixup, built from the same flags
+    as DeiT's main.py builds it, makes under the same numpy seed; the base loss reads the soft targets."""
+    import numpy as np
+    from timm.data import Mixup
+    from timm.loss import SoftTargetCrossEntropy
+    args = finetune.get_args_parser().parse_args(flags)
+    criterion, mixup_fn = finetune.build_criterion(args, 10, None)
+    assert isinstance(criterion.base_criterion, SoftTargetCrossEntropy)
+    value = {f[2:].replace('-', '_'): v for f, v in zip(flags, flags[1:]) if f.startswith('--')}
+    deit = Mixup(mixup_alpha=float(value['mixup']), cutmix_alpha=float(value.get('cutmix', 1.0)),
+                 cutmix_minmax=[0.3, 0.7] if 'cutmix_minmax' in value else None,
+                 prob=float(value.get('mixup_prob', 1.0)), switch_prob=float(value['mixup_switch_prob']),
+                 mode=value['mixup_mode'], label_smoothing=float(value['smoothing']), num_classes=10)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 3, 16, 16, generator=g), torch.randint(0, 10, (8,), generator=g)
+    for seed in range(6):
+        np.random.seed(seed)
+        ours = mixup_fn(x.clone(), y.clone())
+        np.random.seed(seed)
+        expected = deit(x.clone(), y.clone())
+        assert torch.equal(ours[0], expected[0]) and torch.equal(ours[1], expected[1]), seed
+    assert not torch.equal(ours[0], x)  # the images were mixed
+
+
 # ----------------------------------------------------------------------------------------------------------
 # 3. evaluation transform
 
