@@ -43,7 +43,8 @@ RESUME = T + 'test_resume.py::test_resume_continues_with_optimizer_scheduler_ema
 SEEDED = T + 'test_seeding.py::test_seeded_finetune_reproduces_and_an_interrupted_run_resumes_bit_for_bit'
 TWO_PROCESS_PRUNE = T + 'test_distributed.py::test_prune_with_two_processes_plans_the_same_masks_on_every_rank'
 TWO_PROCESS_FINETUNE = T + 'test_distributed.py::test_finetune_with_two_processes_scales_the_lr_and_only_rank_0_writes'
-TWO_PROCESS_RESUME = T + 'test_distributed.py::test_two_processes_stopped_and_resumed_equal_the_uninterrupted_run_bit_for_bit'
+TWO_PROCESS_RESUME = (T + 'test_distributed.py::'
+                      'test_two_processes_stopped_and_resumed_equal_the_uninterrupted_run_bit_for_bit')
 
 MUTANTS: List[Mutant] = [
     # --- training ------------------------------------------------------------------------------------------
@@ -182,7 +183,8 @@ MUTANTS: List[Mutant] = [
            "    return {'data': training.loader_train.generator}", '    return {}',
            [SEEDED + '[0]'], 'the shuffle after a resume repeats the first epoch\'s'),
     mutant('streams-of-rank-0-everywhere', 'utils/seeding.py',
-           '            restore(states[rank], generators, device)', '            restore(states[0], generators, device)',
+           '            restore(states[rank], generators, device)',
+           '            restore(states[0], generators, device)',
            [TWO_PROCESS_RESUME + '[0-torchrun]'], 'every process resumes with rank 0\'s random streams'),
     mutant('no-fsync-before-rename', 'utils/checkpoint_io.py',
            '            os.fsync(f.fileno())\n', '',
@@ -193,15 +195,30 @@ MUTANTS: List[Mutant] = [
            [T + 'test_resume.py::test_the_temporary_file_reaches_the_disk_before_it_is_renamed_into_place'],
            'fsync of a file whose last bytes are still in Python\'s buffer'),
     mutant('out-of-memory-forgets-the-checkpoint', 'finetune.py',
-           'STOPS_MIDWAY = (KeyboardInterrupt, Terminated, RuntimeError, BadImageError)',
-           'STOPS_MIDWAY = (KeyboardInterrupt, Terminated, BadImageError)',
+           'STOPS_MIDWAY = (KeyboardInterrupt, Terminated, RuntimeError, BadImageError, OutputWriteError)',
+           'STOPS_MIDWAY = (KeyboardInterrupt, Terminated, BadImageError, OutputWriteError)',
            [T + 'test_recipe.py::test_out_of_gpu_memory_is_one_line_with_the_batch_and_what_was_kept'],
            'a run out of GPU memory says nothing was written, though a checkpoint (or pruned file) was'),
     mutant('unreadable-image-forgets-the-pruned-file', 'finetune.py',
-           'STOPS_MIDWAY = (KeyboardInterrupt, Terminated, RuntimeError, BadImageError)',
-           'STOPS_MIDWAY = (KeyboardInterrupt, Terminated, RuntimeError)',
+           'STOPS_MIDWAY = (KeyboardInterrupt, Terminated, RuntimeError, BadImageError, OutputWriteError)',
+           'STOPS_MIDWAY = (KeyboardInterrupt, Terminated, RuntimeError, OutputWriteError)',
            [T + 'test_errors.py::test_unreadable_image_found_after_the_pruned_file_is_written_says_it_is_complete'],
            'an image found unreadable after the pruned file was written: the line does not say the file is complete'),
+    mutant('full-disk-forgets-the-checkpoint', 'finetune.py',
+           'STOPS_MIDWAY = (KeyboardInterrupt, Terminated, RuntimeError, BadImageError, OutputWriteError)',
+           'STOPS_MIDWAY = (KeyboardInterrupt, Terminated, RuntimeError, BadImageError)',
+           [T + 'test_resume.py::test_a_full_disk_while_an_epoch_is_logged_or_saved_says_which_checkpoint_is_complete'],
+           'a full disk midway: the line does not say which checkpoint is complete'),
+    mutant('full-disk-in-torch-save-is-a-traceback', 'utils/checkpoint_io.py',
+           'failed = _behind(e, lambda x: isinstance(x, OSError))',
+           'failed = e if isinstance(e, OSError) else None',
+           [T + 'test_resume.py::test_a_full_disk_while_an_epoch_is_logged_or_saved_says_which_checkpoint_is_complete'],
+           'a full disk inside torch.save: its zip writer\'s RuntimeError hides the OSError, a traceback'),
+    mutant('one-process-reseeds-alone', 'finetune.py',
+           '                                 agree=lambda ok: all_agree(ok, training.device)):',
+           '                                 agree=lambda ok: ok):',
+           [T + 'test_distributed.py::test_when_one_process_cannot_restore_its_random_streams_every_process_reseeds'],
+           'a process that cannot restore its random streams reseeds alone and shuffles by another seed'),
     # --- seeds -----------------------------------------------------------------------------------------------
     mutant('reseed-replays-epoch-0-shuffle', 'utils/seeding.py',
            '            g.manual_seed(derived_seed(seed, rank, epoch, zlib.crc32(name.encode())))',
