@@ -1298,6 +1298,19 @@ def describe_parameter_groups(optimizer, model: nn.Module, args) -> List[str]:
     return lines
 
 
+def distributed_model(model: nn.Module, device: torch.device, gpu: Optional[int] = None) -> nn.Module:
+    """``model`` in DistributedDataParallel for training.  A block whose mask keeps no token (possible in a model
+    without prefix tokens) runs no weight of its own, and DDP by default waits for every parameter's gradient, so
+    the second step would stop in a RuntimeError: such a model has DDP look for the parameters a step left out."""
+    device_ids = [gpu] if device.type == 'cuda' else None
+    # Masks are identical on every rank (planned from all-reduced scores): no need to re-send them each step.
+    ddp = nn.parallel.DistributedDataParallel
+    no_buffer_sync = ({'forward_sync_buffers': False} if 'forward_sync_buffers' in inspect.signature(ddp).parameters
+                      else {'broadcast_buffers': False})
+    idle_block = any(not bool(mask.any()) for mask in getattr(model, 'masks', []))
+    return ddp(model, device_ids=device_ids, find_unused_parameters=idle_block, **no_buffer_sync)
+
+
 def build_training(args, device: torch.device) -> Tuple[engine.Training, dict]:
     """Everything a finetuning run is made of, before any checkpoint state is restored into it; returns it
     with the ``--resume`` file's contents ({} without one)."""
@@ -1331,12 +1344,7 @@ def build_training(args, device: torch.device) -> Tuple[engine.Training, dict]:
                                device='cpu' if args.model_ema_force_cpu else None)
     model_without_ddp = model
     if args.distributed:
-        device_ids = [args.gpu] if device.type == 'cuda' else None
-        # Masks are identical on every rank (planned from all-reduced scores): no need to re-send them each step.
-        ddp = nn.parallel.DistributedDataParallel
-        no_buffer_sync = ({'forward_sync_buffers': False} if 'forward_sync_buffers' in inspect.signature(ddp).parameters
-                          else {'broadcast_buffers': False})
-        model = ddp(model, device_ids=device_ids, **no_buffer_sync)
+        model = distributed_model(model, device, args.gpu)
 
     loader_train = data_loader(dataset_train, args, train=True)
     per_process = len(loader_train.sampler)

@@ -250,3 +250,62 @@ def test_smoothed_values_format_the_window_and_the_whole_run():
         logger.update(loss=float(i + 1))
     assert [line.split('  ')[0] for line in lines[:2]] == ['Test: [0/3]', 'Test: [2/3]']
     assert 'loss: 2.0000 (2.0000)' in lines[1] and lines[2].startswith('Test: Total time: ')
+
+
+# ----------------------------------------------------------------------------------------------------------
+# several processes
+
+def gap_model_with_an_idle_block():
+    """A ViT without prefix tokens (global average pooling) whose middle block's mask keeps no token."""
+    torch.manual_seed(0)
+    model = models.apply_clip_concat(timm.create_model('vit_base_patch16_gap_224', img_size=32, depth=3, embed_dim=32,
+                                                       num_heads=2, num_classes=4))
+    keep, clip = torch.ones(4, dtype=torch.bool), torch.zeros(4, dtype=torch.bool)
+    model.set_masks([keep, clip, keep])
+    return model
+
+
+def idle_block_batches():
+    g = torch.Generator().manual_seed(3)
+    return [(torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 4, (4,), generator=g)) for _ in range(2)]
+
+
+def two_steps(model, batches, rank=0, world=1):
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    for x, y in batches:
+        per_process = x.shape[0] // world
+        rows = slice(rank * per_process, (rank + 1) * per_process)
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x[rows]), y[rows]).backward()
+        optimizer.step()
+
+
+def ddp_two_steps(rank, port, out):
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=2)
+    try:
+        model = gap_model_with_an_idle_block()
+        two_steps(finetune.distributed_model(model, torch.device('cpu')), idle_block_batches(), rank, 2)
+        torch.save(model.state_dict(), f'{out}/rank{rank}.pth')
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_block_that_keeps_no_token_trains_under_several_processes(tmp_path):
+    """DDP waits for every parameter's gradient unless told otherwise: a block whose mask keeps nothing has none,
+    and the second step stopped in a RuntimeError.  Two processes on half a batch each now end with the weights of
+    one process on the whole batch (gradients averaged), and the idle block's weights untouched."""
+    import torch.multiprocessing as mp
+    from conftest import free_port
+    mp.spawn(ddp_two_steps, args=(free_port(), str(tmp_path)), nprocs=2)
+    reference = gap_model_with_an_idle_block()
+    idle = {k: v.clone() for k, v in reference.state_dict().items() if k.startswith('blocks.1.')}
+    two_steps(reference, idle_block_batches())
+    for rank in range(2):
+        got = torch.load(tmp_path / f'rank{rank}.pth', weights_only=True)
+        for key, value in reference.state_dict().items():
+            assert torch.allclose(got[key], value, atol=1e-6), (rank, key)
+        assert all(torch.equal(got[k], v) for k, v in idle.items())
+    untrained = gap_model_with_an_idle_block()
+    assert not torch.equal(reference.blocks[0].attn.qkv.weight, untrained.blocks[0].attn.qkv.weight)
