@@ -942,8 +942,9 @@ def test_a_model_cast_after_the_path_was_built_is_refused():
     x = images(seed=17)
     fast = build_fast_path(model, backend='torch')
     model.double()
-    with pytest.raises(RuntimeError, match=r'^fast path: the model was cast or moved after this path was built \(now '
-                                           r'float64 on cpu, built for float32 on cpu\): build it again$'):
+    on = re.escape(str(fast.device))  # cuda:0 on a GPU
+    with pytest.raises(RuntimeError, match=rf'^fast path: the model was cast or moved after this path was built '
+                                           rf'\(now float64 on {on}, built for float32 on {on}\): build it again$'):
         fast(x)
     model.float()
     assert _close(fast(x), model(x))
