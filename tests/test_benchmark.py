@@ -1820,7 +1820,7 @@ def test_linear_shapes_without_a_gpu_is_one_line_and_exit_2(tmp_path):
 
 def test_linear_shapes_end_to_end_feeds_images_of_the_models_own_size(monkeypatch):
     """The end-to-end part times the fast paths on images of the model's input size (a 32x32 model here), not on
-    224x224 ones: --model takes any timm name with a C&C model."""
+    224x224 ones: --model takes any timm name with a C&C model; each route's builds time their own choices."""
     from benchmarks import linear_shapes
     from models import fast_path
     cc, _ = F.seeded_models('deit_digits_patch4_32', 0, CPU)
@@ -1828,11 +1828,14 @@ def test_linear_shapes_end_to_end_feeds_images_of_the_models_own_size(monkeypatc
     built, real = [], fast_path.build_fast_path
 
     def build(model, dtype, cuda_graph, batch_size):  # the path as the GPU builds it, run eagerly here
-        built.append((cuda_graph, batch_size))
+        built.append((cuda_graph, batch_size, len(fast_path._CHOICE_CACHE)))
+        fast_path._CHOICE_CACHE[('a choice timed under', len(built))] = None  # as a GPU build caches its choices
         return real(model, backend='torch')
     monkeypatch.setattr(fast_path, 'build_fast_path', build)
+    monkeypatch.setattr(fast_path, '_CHOICE_CACHE', {})
     out = linear_shapes.end_to_end(cc, pruned, 2, CPU)
-    assert built == [(True, 2)] * 6
+    # each route's dense build starts from no cached choice: they are timed under that route, not another's
+    assert built == [(True, 2, 0), (True, 2, 1)] * 3
     assert set(out['ms']) == {f'{r}/{tag}' for r in linear_shapes.SETTING_ROUTES for tag in ('dense', 'pruned')}
     assert all(math.isfinite(s) and s > 0 for s in out['speedup'].values())
 
