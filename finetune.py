@@ -570,6 +570,14 @@ def _uniform_in(checkpoint: dict) -> Optional[bool]:
     return len(set(initial)) == 1 if len(initial) > 1 else None
 
 
+def schedule_length(checkpoint: dict, recorded: int) -> int:
+    """The epochs of the learning-rate schedule a finetuning checkpoint restores: its scheduler's ``t_initial``
+    (cosine, tanh, poly), set when the run was started and kept by every run continuing it, whatever
+    --final_finetune they were given (and recorded in ``args``); ``recorded`` where the scheduler has none."""
+    length = (checkpoint.get('lr_scheduler') or {}).get('t_initial')
+    return length if isinstance(length, int) and not isinstance(length, bool) else recorded
+
+
 def continue_run(args) -> Tuple[List[str], Dict[str, object], Set[str]]:
     """``--resume`` of a finetuning checkpoint (``checkpoint.pth``, ``best.pth``) continues that run: teacher,
     distillation, EMA, schedule, optimizer groups, augmentation, data and model come from the checkpoint's
@@ -626,7 +634,8 @@ def continue_run(args) -> Tuple[List[str], Dict[str, object], Set[str]]:
             inherited[dest] = value
         elif dest == 'final_finetune':  # the scheduler state just restored keeps the old length, as in DeiT
             lines.append(f'warning: {args.resume} was written by a run of --final_finetune {value}; its '
-                         f'learning-rate schedule over {value} epochs continues unchanged')
+                         f'learning-rate schedule over {schedule_length(checkpoint, value)} epochs continues '
+                         f'unchanged')
         elif dest in IN_RESTORED_STATE:  # the run's value stays, so the saved args say what ran
             lines.append(f'warning: {spell(parser, dest, current)} has no effect: the optimizer and learning-rate '
                          f'schedule restored from {args.resume} continue those of {spell(parser, dest, value)}')

@@ -707,6 +707,22 @@ def test_resume_with_more_epochs_says_the_old_schedule_continues(capsys, small, 
     assert log_epochs(out / 'log.txt') == [0, 1]
 
 
+def test_a_run_continued_twice_names_the_length_its_schedule_really_has(capsys, small, tmp_path):
+    """The first continuation's --final_finetune 2 is recorded in the checkpoint's args, but the schedule it
+    restored, and saved again, is still the first run's one epoch: a second continuation says so, not 2."""
+    out = tmp_path / 'out'
+    assert _finetune(out, small['data'], '--resume', small['dense'], '--final_finetune', 1) == 0
+    assert _finetune(out, small['data'], '--resume', out / 'checkpoint.pth', '--final_finetune', 2) == 0
+    saved = load_checkpoint_file(str(out / 'checkpoint.pth'))
+    assert saved['args']['final_finetune'] == 2 and saved['lr_scheduler']['t_initial'] == 1
+    capsys.readouterr()
+    assert _finetune(out, small['data'], '--resume', out / 'checkpoint.pth', '--final_finetune', 3) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert f'warning: {out / "checkpoint.pth"} was written by a run of --final_finetune 2; its learning-rate ' \
+           f'schedule over 1 epochs continues unchanged' in lines
+    assert log_epochs(out / 'log.txt') == [0, 1, 2]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # kill during an epoch, then resume
 
