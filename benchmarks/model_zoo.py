@@ -619,9 +619,12 @@ def parse_args(argv=None):
         default = (os.path.join(ROOT, 'runs', 'benchmark', f'{args.device}-quick.json') if args.quick
                    else os.path.join(ROOT, 'benchmarks', 'results', f'{args.device}.json'))
         args.json = _writable(args.json or default, '--json', created)
+        markdown_given = args.markdown is not None
         args.markdown = _writable(args.markdown or os.path.splitext(args.json)[0] + '.md', '--markdown', created)
         if _same_file(args.markdown, args.json):
-            raise UsageError('argument --markdown: the same file as --json')
+            raise UsageError('argument --markdown: the same file as --json' if markdown_given else
+                             f'argument --json: {args.json} ends in .md, where the tables go (--markdown defaults '
+                             f'to --json with .md): name the results .json, or give --markdown')
         # --json may name the file --resume reads: it is replaced (atomically) by the whole results, the sections
         # kept from it included; the tables written over it would lose the run carried on
         if args.resume is not None and _same_file(args.markdown, args.resume):

@@ -1097,6 +1097,16 @@ def test_an_output_name_the_file_system_cannot_write_is_refused_before_any_work(
     assert not (tmp_path / 'probe').exists()
 
 
+def test_results_and_tables_in_one_file_are_refused_naming_the_flag_given(capsys, tmp_path):
+    """--json x.md alone: the tables' default path (--json with .md) is the same file, which the line says of
+    --json (the flag given), not of an unnamed --markdown; both named alike: said of --markdown."""
+    md = str(tmp_path / 'refused' / 'x.md')
+    line = _refused(capsys, tmp_path, '--json', md)
+    assert line.startswith(f'error: argument --json: {md} ends in .md') and 'give --markdown' in line
+    line = _refused(capsys, tmp_path, '--json', md.replace('.md', '.json'), '--markdown', md.replace('.md', '.json'))
+    assert line == 'error: argument --markdown: the same file as --json'
+
+
 def test_outputs_replace_only_files_the_benchmark_wrote(capsys, tmp_path):
     """An existing --json or --markdown is replaced only if it is this script's own output (the committed results
     are); any other file is refused before work starts and left as it was.  A --quick run writes under runs/,
