@@ -3,6 +3,7 @@ from typing import List, Optional
 
 import torch
 import torch.nn as nn
+from timm.models.vision_transformer import VisionTransformer
 from torch.utils.flop_counter import FlopCounterMode
 
 from .clip_concat import kept_token_counts
@@ -10,9 +11,10 @@ from .clip_concat import kept_token_counts
 
 def count_macs(model: nn.Module, channels: Optional[List[int]] = None) -> int:
     """Multiply-accumulates of one image: the patch embedding (:func:`patch_embed_macs`), then per block with
-    ``n`` kept tokens: qkv ``3nCD``, attention ``2n²D``, projection ``nDC``, MLP ``2nCH``, then the head(s);
-    ``C`` is the width, ``D`` the attention width (``C`` in every standard ViT) and ``H`` the MLP width (``4C``
-    in DeiT), so a DeiT block costs ``12nC² + 2n²C``.  A gated MLP (timm's ``GluMlp``, ``SwiGLU``, ``GeGluMlp``: two
+    ``n`` kept tokens: qkv ``3nCD``, attention ``2n²D``, projection ``nDC``, MLP ``2nCH``, then the head(s) (on
+    every token for a head that predicts each token: :func:`head_rows`); ``C`` is the width, ``D`` the attention
+    width (``C`` in every standard ViT) and ``H`` the MLP width (``4C`` in DeiT), so a DeiT block costs
+    ``12nC² + 2n²C``.  A gated MLP (timm's ``GluMlp``, ``SwiGLU``, ``GeGluMlp``: two
     products of width ``H`` multiplied together, then ``H`` to ``C``) costs ``3nCH``: the MLP is priced as the
     sum of its linear layers, ``n`` times their weights.  LayerNorm, GELU, softmax, residual adds and the token
     routing are not counted (as in the paper); neither is an attention-pooling head.  ``channels`` defaults to
@@ -29,8 +31,16 @@ def count_macs(model: nn.Module, channels: Optional[List[int]] = None) -> int:
     mlp = mlp_macs_per_token(model.blocks[0].mlp)
     block_macs = sum(3 * n * C * D + 2 * n * n * D + n * D * C + n * mlp for n in channels)
     heads = [h for h in (getattr(model, 'head', None), getattr(model, 'head_dist', None)) if isinstance(h, nn.Linear)]
-    head_macs = sum(h.in_features * h.out_features for h in heads)
+    head_macs = sum(h.in_features * h.out_features for h in heads) * head_rows(model, num_tokens)
     return patch_macs + block_macs + head_macs
+
+
+def head_rows(model: nn.Module, num_tokens: int) -> int:
+    """How many rows of features the head reads per image: one (a prefix token, or the pooled tokens), or every
+    token for timm's head without pooling (``global_pool=''``), which predicts each token."""
+    per_token = (getattr(model, 'global_pool', None) == '' and getattr(model, 'attn_pool', None) is None
+                 and type(model).forward_head is VisionTransformer.forward_head)
+    return num_tokens if per_token else 1
 
 
 def attention_width(attn: nn.Module) -> int:

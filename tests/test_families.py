@@ -2,7 +2,7 @@
 distilled DeiT (class + distillation tokens, two heads), DeiT III (LayerScale, position embedding without the
 class token), ViTs with register tokens, at 384 px, with global average pooling and no class token, with
 32-pixel patches, with oblong patches, with attention narrower than the width, with gated MLPs (SwiGLU), hybrids
-(a CNN stem).
+(a CNN stem), with a head per token (no pooling).
 Each at small depth and width with random weights, against independent references: timm's own model (all masks
 True), the reference semantics written out with boolean indexing and timm's own block (pruned), autograd (Taylor
 scores) and torch's FLOP counter."""
@@ -41,6 +41,9 @@ FAMILIES = {
     # MbConv stem with no projection and a GeGLU MLP)
     'hybrid_resnet': ('vit_tiny_r_s16_p8_224', dict(img_size=128, depth=3)),
     'hybrid_no_projection': ('vitamin_small_224', dict(img_size=64, depth=3)),
+    # no pooling: the head predicts each token (in their original order), so it runs once per token
+    'per_token_head': ('vit_small_patch16_224', dict(img_size=64, depth=3, embed_dim=64, num_heads=2,
+                                                     global_pool='', class_token=False)),
 }
 
 
@@ -71,12 +74,15 @@ def revisiting_plan(depth, num_patches, seed):
 
 def reference_forward(model, x, concat_masks):
     """The method's definition with timm's own pieces: boolean indexing, timm's Block.forward on the kept
-    tokens, kept first and clipped after; timm's embedding, norm and head."""
+    tokens, kept first and clipped after; then the tokens back in their original order (which a head that
+    predicts per token shows), timm's embedding, norm and head."""
     x = model.norm_pre(model._pos_embed(model.patch_embed(x)))
+    order = torch.arange(x.shape[1])
     for blk, m in zip(model.blocks, concat_masks):
         keep, rest = x[:, m], x[:, ~m]
         x = torch.cat([Block.forward(blk, keep), rest], dim=1)
-    return model.forward_head(model.norm(x))
+        order = torch.cat([order[m], order[~m]])
+    return model.forward_head(model.norm(x[:, torch.argsort(order)]))
 
 
 def test_deit3_file_of_the_deit_repository_loads_as_timms_model(tmp_path):
