@@ -85,7 +85,8 @@ The head runs in the model's own dtype (fp32, unless the model was cast).  Logit
 Not supported (``ValueError('fast path: ... is not supported')`` at build time): qk_norm, scale_norm, gated
 attention, non-LayerNorm norms (and LayerNorm subclasses that add to the norm, as timm's LayerNormAct), a
 GELU other than exact erf or another activation, MLPs other than timm's ``Mlp``, blocks other than timm's
-``Block``, dynamic image size, a patch embedding other than timm's ``PatchEmbed`` (a hybrid's CNN backbone) or
+``Block`` (and subclasses of ``Block``, ``Attention`` or ``LayerScale`` with a forward of their own), dynamic image
+size, a patch embedding other than timm's ``PatchEmbed`` (a hybrid's CNN backbone) or
 whose projection is not a stride=kernel conv without padding, an image size that is not a multiple of the
 patch size, a norm after the patch embedding, a ``norm_pre`` other than LayerNorm, a position embedding that is
 not additive. Inference only: no gradients, eval semantics (the model is put in eval mode; the path refuses to run
@@ -143,15 +144,24 @@ def _is_layer_norm(m: nn.Module, C: int) -> bool:
             and tuple(m.normalized_shape) == (C,))
 
 
+def _forward_owner(module: nn.Module) -> type:
+    """The class whose ``forward`` the module runs, Clip & Concat's block routing aside (a converted block runs
+    its timm class's forward on the tokens it keeps)."""
+    from .clip_concat import CCBlockMixin
+    return next(cls for cls in type(module).__mro__ if cls is not CCBlockMixin and 'forward' in vars(cls))
+
+
 def _check_block(blk: nn.Module, layer: int, C: int) -> None:
     where = f'blocks.{layer}'
     if not isinstance(blk, Block):
         raise _unsupported(f'{where}: a {type(blk).__name__} block (only timm Block)')
+    if _forward_owner(blk) is not Block:  # a subclass computing something else: the path would compute timm's
+        raise _unsupported(f'{where}: a block with the forward of {_forward_owner(blk).__name__} (only timm Block)')
     for name in ('norm1', 'norm2'):
         if not _is_layer_norm(getattr(blk, name), C):
             raise _unsupported(f'{where}.{name}: {type(getattr(blk, name)).__name__} (only LayerNorm over C)')
     attn = blk.attn
-    if not isinstance(attn, Attention):
+    if not isinstance(attn, Attention) or _forward_owner(attn) is not Attention:
         raise _unsupported(f'{where}.attn: {type(attn).__name__} (only timm Attention)')
     for name, what in (('q_norm', 'qk_norm'), ('k_norm', 'qk_norm'), ('norm', 'scale_norm')):
         if not isinstance(getattr(attn, name, nn.Identity()), nn.Identity):
@@ -163,7 +173,7 @@ def _check_block(blk: nn.Module, layer: int, C: int) -> None:
         raise _unsupported(f'{where}.attn: an attention width other than the qkv/proj layout (B, n, 3, H, D)')
     for name in ('ls1', 'ls2'):
         ls = getattr(blk, name)
-        if not isinstance(ls, (LayerScale, nn.Identity)):
+        if not isinstance(ls, (LayerScale, nn.Identity)) or _forward_owner(ls) not in (LayerScale, nn.Identity):
             raise _unsupported(f'{where}.{name}: {type(ls).__name__} (only LayerScale or Identity)')
     mlp = blk.mlp
     if not isinstance(mlp, Mlp) or type(mlp).forward is not Mlp.forward:

@@ -865,6 +865,57 @@ def test_unsupported_models_are_refused_at_build_time(kwargs, what):
             build_fast_path(model, backend=backend)
 
 
+class _TemperedAttention(timm.layers.attention.Attention):
+    """timm's attention, its output doubled: a forward of its own."""
+
+    def forward(self, x, attn_mask=None, is_causal=False):
+        return 2 * super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+
+
+class _HalvedBlock(timm.models.vision_transformer.Block):
+    """timm's block, its output halved: a forward of its own."""
+
+    def forward(self, x, attn_mask=None, is_causal=False):
+        return 0.5 * super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+
+
+class _OffsetLayerScale(timm.layers.LayerScale):
+    """timm's LayerScale plus an offset per channel: a forward of its own."""
+
+    def forward(self, x):
+        return x * self.gamma + torch.arange(x.shape[-1], dtype=x.dtype, device=x.device)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize('convert', [False, True], ids=['timm', 'clip_concat'])
+@pytest.mark.parametrize('part, what', [
+    ('attn', r'blocks\.0\.attn: _TemperedAttention \(only timm Attention\)'),
+    ('block', r'blocks\.0: a block with the forward of _HalvedBlock \(only timm Block\)'),
+    ('ls', r'blocks\.0\.ls1: _OffsetLayerScale \(only LayerScale or Identity\)'),
+], ids=['attention', 'block', 'layer_scale'])
+def test_subclasses_with_a_forward_of_their_own_are_refused_at_build_time(part, what, convert):
+    """Subclasses pass an isinstance check but compute something else, which the path (computing timm's
+    modules) would ignore without a word; one that only changes the construction (NarrowAttention) is accepted."""
+    torch.manual_seed(23)
+    kwargs = {'attn': dict(attn_layer=_TemperedAttention), 'block': dict(block_fn=_HalvedBlock),
+              'ls': dict(init_values=0.5)}[part]
+    model = VisionTransformer(**{**TINY, **kwargs})
+    if part == 'ls':
+        for blk in model.blocks:
+            blk.ls1 = _OffsetLayerScale(blk.ls1.gamma.numel(), init_values=0.5)
+    model = model.to(DEVICE).eval()
+    plain = VisionTransformer(**{**TINY, 'init_values': 0.5 if part == 'ls' else None}).to(DEVICE).eval()
+    plain.load_state_dict(model.state_dict())
+    x = images(seed=23)
+    assert not _close(model(x), plain(x))  # the subclass does change the result
+    if convert:
+        models.apply_clip_concat(model)
+        pruning.apply_masks(model, pruning.random_masks(3, 16, 0.3, generator=_gen(23)))
+    for backend in ('torch', 'triton'):
+        with pytest.raises(ValueError, match=what):
+            build_fast_path(model, backend=backend)
+
+
 @torch.no_grad()
 def test_layer_norm_subclasses_that_compute_the_norm_are_accepted():
     """timm's own LayerNorm and LayerNormFp32 (the norm computed in fp32, which the path does anyway)."""
