@@ -21,7 +21,8 @@ and of the clipped tokens are prepared whenever masks change (after ``load_state
 ``torch.compile(fullgraph=True)`` works).  ``forward_features`` returns the tokens in their original order
 again (token ``num_prefix_tokens + p`` is patch ``p``, as in timm); ``forward`` skips that reordering when the
 head reads the prefix tokens or pools, and keeps it for a head that does neither (``global_pool=''``: a
-prediction per token).  ``forward_intermediates`` (timm's) runs the blocks in the original order
+prediction per token) and for a subclass of ``VisionTransformer`` with a ``forward`` of its own (which runs as
+it is).  ``forward_intermediates`` (timm's) runs the blocks in the original order
 (:meth:`CCModelMixin.original_order`), so each block's output, as timm returns it, is in original order too and
 its feature maps are the image's patch grid.
 """
@@ -190,7 +191,13 @@ class CCModelMixin:
             self.num_tokens = num_tokens
             self.refresh_token_plan()
 
+    # True for a subclass of VisionTransformer with a forward of its own (set by _with_mixin): run that forward,
+    # which sees the tokens in their original order from forward_features
+    runs_subclass_forward = False
+
     def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False):
+        if self.runs_subclass_forward:
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
         # A head that reads the prefix tokens (always at the front) or pools over all tokens does not depend on
         # their order; one that does neither (global_pool '') predicts per token, in original order as timm.
         per_token = not self.global_pool and self.attn_pool is None
@@ -213,8 +220,11 @@ def _with_mixin(cls: Type[nn.Module], mixin: type) -> type:
     """The C&C subclass of a timm class (made once per class, and kept in this module so it pickles)."""
     if cls not in _CLASSES:
         name = 'CC' + cls.__name__
-        _CLASSES[cls] = type(name, (mixin, cls), {'__module__': __name__, '__doc__': f'{cls.__name__} with Clip '
-                                                                                    f'& Concat masks.'})
+        attrs = {'__module__': __name__, '__doc__': f'{cls.__name__} with Clip & Concat masks.'}
+        if mixin is CCModelMixin:
+            own = next(c for c in cls.__mro__ if 'forward' in vars(c))
+            attrs['runs_subclass_forward'] = own is not VisionTransformer
+        _CLASSES[cls] = type(name, (mixin, cls), attrs)
         globals().setdefault(name, _CLASSES[cls])
     return _CLASSES[cls]
 

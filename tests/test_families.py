@@ -255,6 +255,31 @@ def test_model_names_are_checked_against_timms_registry(name, reason):
             models.check_model_name(name)
 
 
+class _ProbabilitiesViT(timm.models.vision_transformer.VisionTransformer):
+    """A VisionTransformer subclass with a forward of its own: class probabilities instead of logits."""
+
+    def forward(self, x, attn_mask=None, is_causal=False):
+        return super().forward(x, attn_mask=attn_mask, is_causal=is_causal).softmax(-1)
+
+
+def test_a_subclass_with_its_own_forward_runs_that_forward():
+    """The conversion puts its forward before the class's: a subclass's own forward must still run, dense (equal to
+    the subclass's model) and pruned (the reference semantics, then the subclass's step)."""
+    kwargs = dict(img_size=64, patch_size=16, depth=3, embed_dim=64, num_heads=2, num_classes=5)
+    torch.manual_seed(0)
+    reference = _ProbabilitiesViT(**kwargs).eval()
+    cc = _ProbabilitiesViT(**kwargs)
+    cc.load_state_dict(reference.state_dict())
+    cc = models.apply_clip_concat(cc).eval()
+    x = images(cc)
+    with torch.no_grad():
+        assert torch.equal(cc(x), reference(x))
+        pruning.apply_masks(cc, revisiting_plan(3, 16, seed=5))
+        expected = reference_forward(cc, x, [m.clone() for m in cc.masks]).softmax(-1)
+        assert (cc(x) - expected).abs().max().item() < 1e-6
+        assert (cc(x) - reference(x)).abs().max().item() > 1e-4
+
+
 def test_unsupported_structure_is_refused_with_the_reason():
     model = timm.create_model('vit_small_patch16_224', img_size=32, depth=2, dynamic_img_size=True)
     with pytest.raises(ValueError, match='dynamic_img_size'):
