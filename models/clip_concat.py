@@ -106,7 +106,8 @@ class CCModelMixin:
     def _check_prefix_kept(self, layer: int, mask: torch.Tensor) -> None:
         """Block ``layer``'s bool mask keeps every prefix token (class, distillation, register), else ValueError."""
         if not bool(mask[:self.num_prefix_tokens].all()):
-            raise ValueError(f'blocks.{layer}.{MASK_KEY}: {prefix_rule(self.num_prefix_tokens)}')
+            rule = prefix_rule(self.num_prefix_tokens, _has_class_token(self))
+            raise ValueError(f'blocks.{layer}.{MASK_KEY}: {rule}')
 
     @torch.no_grad()
     def refresh_token_plan(self) -> None:
@@ -292,11 +293,17 @@ def apply_clip_concat(model: nn.Module) -> nn.Module:
     return model
 
 
-def prefix_rule(num_prefix_tokens: int) -> str:
+def prefix_rule(num_prefix_tokens: int, class_token: bool = True) -> str:
+    """The rule a mask broke by clipping a prefix token; ``class_token``: whether the model has one (a single
+    prefix token is otherwise a register token)."""
     if num_prefix_tokens == 1:
-        return 'the class token (position 0) must be kept'
+        return f'the {"class" if class_token else "register"} token (position 0) must be kept'
     return (f'the {num_prefix_tokens} prefix tokens (positions 0-{num_prefix_tokens - 1}: class, distillation or '
             f'register tokens) must be kept')
+
+
+def _has_class_token(model: nn.Module) -> bool:
+    return getattr(model, 'cls_token', None) is not None
 
 
 def mask_values_problem(mask: torch.Tensor) -> Optional[str]:
@@ -330,7 +337,7 @@ def _fill_dense_masks(module, state_dict, prefix, local_metadata, strict, missin
         elif problem := mask_values_problem(mask):
             error_msgs.append(f'{k}: {problem}')
         elif not bool(mask[:module.num_prefix_tokens].all()):
-            error_msgs.append(f'{k}: {prefix_rule(module.num_prefix_tokens)}')
+            error_msgs.append(f'{k}: {prefix_rule(module.num_prefix_tokens, _has_class_token(module))}')
         else:
             state_dict[k] = mask.to(torch.bool)
             continue

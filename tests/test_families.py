@@ -255,6 +255,21 @@ def test_model_names_are_checked_against_timms_registry(name, reason):
             models.check_model_name(name)
 
 
+def test_a_mask_that_clips_the_only_register_token_names_it():
+    """A model whose one prefix token is a register token (no class token, as vit_little_patch16_reg1_gap_256):
+    the refusal names the token the mask clipped, by set_masks and by load_state_dict."""
+    torch.manual_seed(0)
+    cc = models.create_model('vit_little_patch16_reg1_gap_256', img_size=64, depth=2, embed_dim=64, num_heads=2)
+    assert cc.num_prefix_tokens == 1 and cc.cls_token is None
+    bad = [m.clone() for m in cc.masks]
+    bad[1][0] = False
+    rule = r'blocks\.1\.attn\.token_index: the register token \(position 0\) must be kept'
+    with pytest.raises(ValueError, match=rule):
+        cc.set_masks(bad)
+    with pytest.raises(RuntimeError, match=rule):
+        cc.load_state_dict(dict(cc.state_dict(), **{'blocks.1.attn.token_index': bad[1]}))
+
+
 class _ProbabilitiesViT(timm.models.vision_transformer.VisionTransformer):
     """A VisionTransformer subclass with a forward of its own: class probabilities instead of logits."""
 
