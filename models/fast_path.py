@@ -85,16 +85,17 @@ The head runs in the model's own dtype (fp32, unless the model was cast).  Logit
 Not supported (``ValueError('fast path: ... is not supported')`` at build time): qk_norm, scale_norm, gated
 attention, non-LayerNorm norms (and LayerNorm subclasses that add to the norm, as timm's LayerNormAct), a
 GELU other than exact erf or another activation, MLPs other than timm's ``Mlp``, blocks other than timm's
-``Block`` (and subclasses of ``Block``, ``Attention`` or ``LayerScale`` with a forward of their own), dynamic image
-size, a patch embedding other than timm's ``PatchEmbed`` (a hybrid's CNN backbone) or
-whose projection is not a stride=kernel conv without padding, an image size that is not a multiple of the
-patch size, a norm after the patch embedding, a ``norm_pre`` other than LayerNorm, a position embedding that is
-not additive. Inference only: no gradients, eval semantics (the model is put in eval mode; the path refuses to run
-while the model is in training mode, as the head it calls is the model's own); the built module holds the
-weights as it reads them (cast copies, or the model's own tensors where they already have that dtype, device and
-layout: an in-place edit of the model then reaches some of them), so rebuild it after changing the model (the
-head is the model's: ``model.forward_head`` is called on the features, and the path refuses to run once the
-model is cast or moved); one built from a Clip & Concat model's
+``Block`` (and subclasses of ``Block``, ``Attention`` or ``LayerScale`` with a forward of their own, and of
+``VisionTransformer`` with a ``forward`` or ``forward_features`` of their own), dynamic image size, a patch
+embedding other than timm's ``PatchEmbed`` (a hybrid's CNN backbone) or whose projection is not a stride=kernel
+conv without padding, an image size that is not a multiple of the patch size, a norm after the patch
+embedding, a ``norm_pre`` other than LayerNorm, a position embedding that is not additive. Inference only: no
+gradients, eval semantics (the model is put in eval mode; the path refuses to run while the model is in
+training mode, as the head it calls is the model's own); the built module holds the weights as it reads them
+(cast copies, or the model's own tensors where they already have that dtype, device and layout: an in-place edit
+of the model then reaches some of them), so rebuild it after changing the model (the head is the model's:
+``model.forward_head`` is called on the features, and the path refuses to run once the model is cast or moved);
+one built from a Clip & Concat model's
 own masks refuses to run once they are set again or a state dict is loaded into the model.  The path itself is
 for the dtype and device it was built for: ``.half()``, ``.to()`` and the like are refused unless they change
 nothing (build it again instead).
@@ -144,11 +145,11 @@ def _is_layer_norm(m: nn.Module, C: int) -> bool:
             and tuple(m.normalized_shape) == (C,))
 
 
-def _forward_owner(module: nn.Module) -> type:
-    """The class whose ``forward`` the module runs, Clip & Concat's block routing aside (a converted block runs
-    its timm class's forward on the tokens it keeps)."""
-    from .clip_concat import CCBlockMixin
-    return next(cls for cls in type(module).__mro__ if cls is not CCBlockMixin and 'forward' in vars(cls))
+def _forward_owner(module: nn.Module, name: str = 'forward') -> type:
+    """The class whose method ``name`` the module runs, Clip & Concat's mixins aside (a converted block runs its
+    timm class's forward on the tokens it keeps; a converted model its class's forward and forward_features)."""
+    from .clip_concat import CCBlockMixin, CCModelMixin
+    return next(cls for cls in type(module).__mro__ if cls not in (CCBlockMixin, CCModelMixin) and name in vars(cls))
 
 
 def _check_block(blk: nn.Module, layer: int, C: int) -> None:
@@ -189,6 +190,10 @@ def check_supported(model: nn.Module) -> None:
     """Raise ``ValueError('fast path: <what> is not supported')`` unless the fast path computes this model."""
     if not isinstance(model, VisionTransformer):
         raise _unsupported(f'a {type(model).__name__} (only timm VisionTransformer and its subclasses)')
+    for name in ('forward', 'forward_features'):  # the path computes timm's; a subclass's own would be ignored
+        if _forward_owner(model, name) is not VisionTransformer:
+            raise _unsupported(f'a {name} of its own ({_forward_owner(model, name).__name__}.{name}; only timm '
+                               f'VisionTransformer\'s)')
     if getattr(model, 'dynamic_img_size', False):
         raise _unsupported('dynamic_img_size')
     pe = model.patch_embed

@@ -916,6 +916,43 @@ def test_subclasses_with_a_forward_of_their_own_are_refused_at_build_time(part, 
             build_fast_path(model, backend=backend)
 
 
+class _ProbabilitiesViT(VisionTransformer):
+    """A VisionTransformer with a forward of its own: probabilities instead of logits."""
+
+    def forward(self, x, attn_mask=None, is_causal=False):
+        return super().forward(x, attn_mask=attn_mask, is_causal=is_causal).softmax(-1)
+
+
+class _ScaledFeaturesViT(VisionTransformer):
+    """A VisionTransformer with a forward_features of its own: the features doubled before the head."""
+
+    def forward_features(self, x, attn_mask=None, is_causal=False):
+        return 2 * super().forward_features(x, attn_mask=attn_mask, is_causal=is_causal)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize('convert', [False, True], ids=['timm', 'clip_concat'])
+@pytest.mark.parametrize('cls, what', [
+    (_ProbabilitiesViT, r'a forward of its own \(_ProbabilitiesViT\.forward; only timm VisionTransformer'),
+    (_ScaledFeaturesViT, r'a forward_features of its own \(_ScaledFeaturesViT\.forward_features; only timm'),
+], ids=['forward', 'forward_features'])
+def test_models_with_a_forward_of_their_own_are_refused_at_build_time(cls, what, convert):
+    """The path computes timm's embedding, blocks and norm and calls the head: a model class that computes its
+    output or its features otherwise would get timm's result without a word."""
+    torch.manual_seed(29)
+    model = cls(**TINY).to(DEVICE).eval()
+    plain = VisionTransformer(**TINY).to(DEVICE).eval()
+    plain.load_state_dict(model.state_dict())
+    x = images(seed=29)
+    assert not _close(model(x), plain(x))  # the subclass does change the result
+    if convert:
+        models.apply_clip_concat(model)
+        pruning.apply_masks(model, pruning.random_masks(3, 16, 0.3, generator=_gen(29)))
+    for backend in ('torch', 'triton'):
+        with pytest.raises(ValueError, match=what):
+            build_fast_path(model, backend=backend)
+
+
 @torch.no_grad()
 def test_layer_norm_subclasses_that_compute_the_norm_are_accepted():
     """timm's own LayerNorm and LayerNormFp32 (the norm computed in fp32, which the path does anyway)."""
