@@ -57,6 +57,8 @@ class CCBlockMixin:
         # in the original order, by id, unless the block takes every token in their original order anyway
         in_place = self.in_original_order and not (self.dense and self.ids_in_order)
         if self.dense and not in_place:
+            if attn_mask is None and not is_causal:  # called as timm calls its blocks (a subclass may take x alone)
+                return timm_forward(x)
             return timm_forward(x, attn_mask=attn_mask, is_causal=is_causal)
         if attn_mask is not None or is_causal:
             raise ValueError('attention masks are not supported on a pruned block')

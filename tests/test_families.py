@@ -295,6 +295,36 @@ def test_a_subclass_with_its_own_forward_runs_that_forward():
         assert (cc(x) - reference(x)).abs().max().item() > 1e-4
 
 
+class _DampedBlock(Block):
+    """A Block subclass with a forward of its own that takes the tokens alone (timm's VisionTransformer calls its
+    blocks so when it has no attention mask): the block's update scaled by a half."""
+
+    def forward(self, x):
+        return x + 0.5 * (super().forward(x) - x)
+
+
+def test_a_block_subclass_with_its_own_forward_runs_it_on_the_kept_tokens():
+    kwargs = dict(img_size=64, patch_size=16, depth=3, embed_dim=64, num_heads=2, num_classes=5,
+                  block_fn=_DampedBlock)
+    torch.manual_seed(0)
+    reference = timm.create_model('vit_small_patch16_224', **kwargs).eval()
+    cc = timm.create_model('vit_small_patch16_224', **kwargs)
+    cc.load_state_dict(reference.state_dict())
+    cc = models.apply_clip_concat(cc).eval()
+    x = images(cc)
+    with torch.no_grad():
+        assert torch.equal(cc(x), reference(x))
+        pruning.apply_masks(cc, revisiting_plan(3, 16, seed=6))
+        t = cc.norm_pre(cc._pos_embed(cc.patch_embed(x)))
+        order = torch.arange(t.shape[1])
+        for blk, m in zip(cc.blocks, [m.clone() for m in cc.masks]):
+            t = torch.cat([_DampedBlock.forward(blk, t[:, m]), t[:, ~m]], dim=1)
+            order = torch.cat([order[m], order[~m]])
+        expected = cc.forward_head(cc.norm(t[:, torch.argsort(order)]))
+        assert (cc(x) - expected).abs().max().item() < 1e-5
+        assert (cc(x) - reference(x)).abs().max().item() > 1e-3
+
+
 def test_unsupported_structure_is_refused_with_the_reason():
     model = timm.create_model('vit_small_patch16_224', img_size=32, depth=2, dynamic_img_size=True)
     with pytest.raises(ValueError, match='dynamic_img_size'):
