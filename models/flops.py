@@ -14,22 +14,23 @@ def count_macs(model: nn.Module, channels: Optional[List[int]] = None) -> int:
     ``n`` kept tokens: qkv ``3nCD``, attention ``2n²D``, projection ``nDC``, MLP ``2nCH``, then the head(s) (on
     every token for a head that predicts each token: :func:`head_rows`); ``C`` is the width, ``D`` the attention
     width (``C`` in every standard ViT) and ``H`` the MLP width (``4C`` in DeiT), so a DeiT block costs
-    ``12nC² + 2n²C``.  A gated MLP (timm's ``GluMlp``, ``SwiGLU``, ``GeGluMlp``: two
-    products of width ``H`` multiplied together, then ``H`` to ``C``) costs ``3nCH``: the MLP is priced as the
-    sum of its linear layers, ``n`` times their weights.  LayerNorm, GELU, softmax, residual adds and the token
-    routing are not counted (as in the paper); neither is an attention-pooling head.  ``channels`` defaults to
-    the model's kept counts (a plain timm ViT counts as dense).
+    ``12nC² + 2n²C``.  The attention's linear layers are priced as ``n`` times their weights (qkv and the
+    projection; the gate of timm's ``Attention(gated=True)`` adds ``nCD``).  A gated MLP (timm's ``GluMlp``,
+    ``SwiGLU``, ``GeGluMlp``: two products of width ``H`` multiplied together, then ``H`` to ``C``) costs ``3nCH``:
+    the MLP is priced as the sum of its linear layers, ``n`` times their weights.  LayerNorm, GELU, softmax,
+    residual adds and the token routing are not counted (as in the paper); neither is an attention-pooling head.
+    ``channels`` defaults to the model's kept counts (a plain timm ViT counts as dense).
     """
     model = getattr(model, 'module', model)
     num_tokens = model.patch_embed.num_patches + model.num_prefix_tokens
     if channels is None:
         channels = kept_token_counts(model) if hasattr(model.blocks[0].attn, 'token_index') \
             else [num_tokens] * len(model.blocks)
-    C = model.embed_dim
     patch_macs = patch_embed_macs(model.patch_embed)
     D = attention_width(model.blocks[0].attn)
-    mlp = mlp_macs_per_token(model.blocks[0].mlp)
-    block_macs = sum(3 * n * C * D + 2 * n * n * D + n * D * C + n * mlp for n in channels)
+    attn = linear_macs_per_token(model.blocks[0].attn)  # qkv, projection (and gate)
+    mlp = linear_macs_per_token(model.blocks[0].mlp)
+    block_macs = sum(n * attn + 2 * n * n * D + n * mlp for n in channels)
     heads = [h for h in (getattr(model, 'head', None), getattr(model, 'head_dist', None)) if isinstance(h, nn.Linear)]
     head_macs = sum(h.in_features * h.out_features for h in heads) * head_rows(model, num_tokens)
     return patch_macs + block_macs + head_macs
@@ -52,11 +53,11 @@ def attention_width(attn: nn.Module) -> int:
     return proj.in_features if isinstance(proj, nn.Linear) else attn.num_heads * attn.head_dim
 
 
-def mlp_macs_per_token(mlp: nn.Module) -> int:
-    """Multiply-accumulates of a block's MLP per token: the weights of its linear layers (``2CH`` for timm's
-    ``Mlp``, ``3CH`` for a gated one, whose first layer, or first two, make ``2H`` channels of which the
-    second layer reads ``H``)."""
-    return sum(m.in_features * m.out_features for m in mlp.modules() if isinstance(m, nn.Linear))
+def linear_macs_per_token(module: nn.Module) -> int:
+    """Multiply-accumulates per token of the linear layers of a block's MLP or attention: their weights (``2CH``
+    for timm's ``Mlp``, ``3CH`` for a gated one, whose first layer, or first two, make ``2H`` channels of which the
+    second layer reads ``H``; ``4CD`` for timm's ``Attention``, ``5CD`` gated)."""
+    return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
 
 
 def patch_embed_macs(patch_embed: nn.Module) -> int:

@@ -1,8 +1,8 @@
 """Clip & Concat on every family of timm ViT it supports, applied in place by models.apply_clip_concat:
 distilled DeiT (class + distillation tokens, two heads), DeiT III (LayerScale, position embedding without the
 class token), ViTs with register tokens, at 384 px, with global average pooling and no class token, with
-32-pixel patches, with oblong patches, with attention narrower than the width, with gated MLPs (SwiGLU), hybrids
-(a CNN stem), with a head per token (no pooling).
+32-pixel patches, with oblong patches, with attention narrower than the width, with a gated attention, with gated
+MLPs (SwiGLU), hybrids (a CNN stem), with a head per token (no pooling).
 Each at small depth and width with random weights, against independent references: timm's own model (all masks
 True), the reference semantics written out with boolean indexing and timm's own block (pruned), autograd (Taylor
 scores) and torch's FLOP counter."""
@@ -16,6 +16,13 @@ from torch.utils.flop_counter import FlopCounterMode
 import models
 import pruning
 from conftest import NarrowAttention
+
+class GatedAttention(timm.layers.attention.Attention):
+    """timm's attention with its sigmoid gate on the output (gated=True): one more linear layer, C to H*D."""
+
+    def __init__(self, dim, **kwargs):
+        super().__init__(dim, gated=True, **kwargs)
+
 
 FAMILIES = {
     'distilled': ('deit_tiny_distilled_patch16_224', dict(img_size=64, depth=3)),
@@ -33,6 +40,9 @@ FAMILIES = {
     # heads of 16 channels whatever the width: qkv maps C=64 to 3*2*16, the projection 32 to 64 (D != C)
     'narrow_attention': ('vit_small_patch16_224', dict(img_size=64, depth=3, embed_dim=64, num_heads=2,
                                                        attn_layer=NarrowAttention)),
+    # a gated attention: the gate (C to H*D) is a fourth product
+    'gated_attention': ('vit_small_patch16_224', dict(img_size=64, depth=3, embed_dim=64, num_heads=2,
+                                                      attn_layer=GatedAttention)),
     # gated MLPs: DINOv2-g's packed SwiGLU (fc1 makes 2H channels, fc2 reads H) and AIMv2's SwiGLU (fc1_g, fc1_x)
     'packed_swiglu': ('vit_giant_patch14_dinov2', dict(img_size=56, depth=3, embed_dim=48, num_heads=2,
                                                      init_values=0.5)),
