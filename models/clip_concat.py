@@ -199,7 +199,9 @@ class CCModelMixin:
     runs_subclass_forward = False
 
     def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False):
-        if self.runs_subclass_forward:
+        if self.runs_subclass_forward:  # (called as the subclass is called: it may take x alone)
+            if attn_mask is None and not is_causal:
+                return super().forward(x)
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
         # A head that reads the prefix tokens (always at the front) or pools over all tokens does not depend on
         # their order; one that does neither (global_pool '') predicts per token, in original order as timm.

@@ -287,13 +287,21 @@ class _ProbabilitiesViT(timm.models.vision_transformer.VisionTransformer):
         return super().forward(x, attn_mask=attn_mask, is_causal=is_causal).softmax(-1)
 
 
-def test_a_subclass_with_its_own_forward_runs_that_forward():
+class _ImagesOnlyViT(timm.models.vision_transformer.VisionTransformer):
+    """The same with a forward that takes the images alone (as most subclasses written for one task do)."""
+
+    def forward(self, x):
+        return super().forward(x).softmax(-1)
+
+
+@pytest.mark.parametrize('cls', [_ProbabilitiesViT, _ImagesOnlyViT])
+def test_a_subclass_with_its_own_forward_runs_that_forward(cls):
     """The conversion puts its forward before the class's: a subclass's own forward must still run, dense (equal to
     the subclass's model) and pruned (the reference semantics, then the subclass's step)."""
     kwargs = dict(img_size=64, patch_size=16, depth=3, embed_dim=64, num_heads=2, num_classes=5)
     torch.manual_seed(0)
-    reference = _ProbabilitiesViT(**kwargs).eval()
-    cc = _ProbabilitiesViT(**kwargs)
+    reference = cls(**kwargs).eval()
+    cc = cls(**kwargs)
     cc.load_state_dict(reference.state_dict())
     cc = models.apply_clip_concat(cc).eval()
     x = images(cc)
