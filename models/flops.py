@@ -18,8 +18,8 @@ def count_macs(model: nn.Module, channels: Optional[List[int]] = None) -> int:
     projection; the gate of timm's ``Attention(gated=True)`` adds ``nCD``).  A gated MLP (timm's ``GluMlp``,
     ``SwiGLU``, ``GeGluMlp``: two products of width ``H`` multiplied together, then ``H`` to ``C``) costs ``3nCH``:
     the MLP is priced as the sum of its linear layers, ``n`` times their weights.  LayerNorm, GELU, softmax,
-    residual adds and the token routing are not counted (as in the paper); neither is an attention-pooling head.
-    ``channels`` defaults to the model's kept counts (a plain timm ViT counts as dense).
+    residual adds and the token routing are not counted (as in the paper).  An attention-pooling head is counted
+    over every token of the last block (:func:`attention_pool_macs`).  ``channels`` defaults to the model's kept counts (a plain timm ViT counts as dense).
     """
     model = getattr(model, 'module', model)
     num_tokens = model.patch_embed.num_patches + model.num_prefix_tokens
@@ -33,7 +33,36 @@ def count_macs(model: nn.Module, channels: Optional[List[int]] = None) -> int:
     block_macs = sum(n * attn + 2 * n * n * D + n * mlp for n in channels)
     heads = [h for h in (getattr(model, 'head', None), getattr(model, 'head_dist', None)) if isinstance(h, nn.Linear)]
     head_macs = sum(h.in_features * h.out_features for h in heads) * head_rows(model, num_tokens)
-    return patch_macs + block_macs + head_macs
+    pool = getattr(model, 'attn_pool', None)
+    pool_macs = 0 if pool is None else attention_pool_macs(pool, num_tokens, model.embed_dim)
+    return patch_macs + block_macs + pool_macs + head_macs
+
+
+def attention_pool_macs(pool: nn.Module, n: int, width: int) -> int:
+    """Multiply-accumulates of an attention-pooling head over the ``n`` tokens of the last block (all of them:
+    the clipped ones are back in the sequence there), ``width`` channels each.  timm's ``AttentionPoolLatent``
+    (``global_pool='map'``): ``L`` latent queries (``latent_len``) attend to the tokens, keys and values made from
+    them, ``2nC·C``, queries ``L·C·C``, the products ``2LnC``, then per latent the projection and the MLP, ``L``
+    times their weights; ``AttentionPoolPrr`` (``'prr'``): attention of the tokens to each other without
+    projections, ``2n²C``.  Another kind of pool is counted by torch's FLOP counter on ``n`` tokens."""
+    def linear(module: nn.Module) -> int:
+        return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
+
+    kv = getattr(pool, 'kv', None)
+    if hasattr(pool, 'latent_len') and isinstance(kv, nn.Linear):
+        L, C = pool.latent_len, kv.out_features // 2
+        after = sum(linear(m) for m in (pool.q, pool.proj) if m is not None) + linear(getattr(pool, 'mlp', None)
+                                                                                      or nn.Identity())
+        return n * linear(kv) + 2 * L * n * C + L * after
+    if type(pool).__name__ == 'AttentionPoolPrr':
+        return 2 * n * n * width
+    weight = next(pool.parameters(), None)
+    tokens = torch.zeros(1, n, width, device=None if weight is None else weight.device,
+                         dtype=torch.float32 if weight is None else weight.dtype)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        pool(tokens)
+    return counter.get_total_flops() // 2
 
 
 def head_rows(model: nn.Module, num_tokens: int) -> int:
