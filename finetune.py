@@ -199,6 +199,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 # Every numeric flag of the parser, with what it accepts (a test checks that none is missing).  A batch or an
 # image side past 2**31 - 1 overflowed the loaders' and torch's 64-bit counts with a traceback.
 SIZE = Range(1, 2 ** 31 - 1)
+# Each DataLoader worker is a process, all started at once: far more than any machine runs usefully forked processes
+# until the machine refused (or ran out of memory), with a traceback if ever.
+MAX_WORKERS = 1024
 NUMERIC_FLAGS: Dict[str, Range] = {
     'prune_rate': Range(0, 1, low_open=True, high_open=True), 'prune_batches': AT_LEAST_ONE,
     'final_finetune': AT_LEAST_ONE, 'input_size': SIZE, 'drop': FRACTION, 'drop_path': FRACTION,
@@ -212,7 +215,7 @@ NUMERIC_FLAGS: Dict[str, Range] = {
     'mixup': NON_NEGATIVE, 'cutmix': NON_NEGATIVE, 'cutmix_minmax': Range(0, 1, low_open=True, count=(2, 2)),
     'mixup_prob': UNIT, 'mixup_switch_prob': UNIT, 'eval_crop_ratio': Range(0, 1, low_open=True),
     'distillation_alpha': NON_NEGATIVE, 'distillation_tau': POSITIVE, 'batch_size': SIZE,
-    'seed': Range(0, 2 ** 32 - 1), 'start_epoch': NON_NEGATIVE, 'num_workers': NON_NEGATIVE,
+    'seed': Range(0, 2 ** 32 - 1), 'start_epoch': NON_NEGATIVE, 'num_workers': Range(0, MAX_WORKERS),
     'print_freq': AT_LEAST_ONE, 'speed_repeats': AT_LEAST_ONE, 'speed_warmup': NON_NEGATIVE,
     'world_size': AT_LEAST_ONE, 'local_rank': NON_NEGATIVE,
 }

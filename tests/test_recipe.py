@@ -21,7 +21,7 @@ import finetune
 import models
 import pruning
 from conftest import (DIGITS_ARGS, OUT_OF_MEMORY, OUT_OF_MEMORY_FIGURES, ROOT, digits_world, free_port,
-                      make_image_folder, official_checkpoint, subprocess_env)
+                      make_image_folder, no_work, official_checkpoint, subprocess_env)
 from utils import UserError, load_checkpoint_file
 from utils.cli import ParsedArgs
 
@@ -881,6 +881,20 @@ def test_bad_numbers_are_one_line_naming_the_flag(capsys, tmp_path, dest):
         assert code == 2 and len(lines) == 1 and lines[0].startswith('error: '), (value, err)
         assert flag in lines[0] and 'checkpoint not found' not in lines[0], (value, lines[0])
         assert not out
+
+
+def test_num_workers_past_what_a_machine_starts_is_refused(capsys, monkeypatch, tmp_path):
+    """Each worker is a process the loader starts at once: a huge --num_workers forked processes without end (until
+    the machine refused) instead of one line; up to the bound the value is accepted."""
+    monkeypatch.setattr(finetune, 'build_data', no_work)
+    parser = finetune.get_args_parser()
+    finetune.check_numbers(parser.parse_args(['--num_workers', '1024']), parser, finetune.NUMERIC_FLAGS)
+    for workers in ('1025', '99999999999999999999'):
+        code = finetune.main(['--eval', '--resume', str(tmp_path / 'missing.pth'), '--device', 'cpu',
+                              '--data-set', 'DIGITS', '--num_workers', workers])
+        out, err = capsys.readouterr()
+        assert code == 2 and not out, err
+        assert err == f'error: --num_workers must be in [0, 1024], got {workers}\n'
 
 
 def test_documented_acceptances():
