@@ -295,6 +295,8 @@ UNUSED_RULES = (
                               'dist_eval', 'amp', 'print_freq', 'output_dir'),
      '--speed-only times random images in --speed-dtype, prints no progress and writes nothing'),
     (lambda a: a.eval, ('output_dir',), '--eval writes nothing'),
+    (lambda a: a.eval, ('seed',), '--eval draws no random number (its transform is fixed, and the model runs in eval '
+                                  'mode)'),
     (lambda a: not str(a.device or '').startswith('cuda'), ('amp', 'pin_mem'),
      'mixed precision and pinned memory are used on CUDA only, and this run is on the CPU'),
     (lambda a: not a.speed_only, SPEED, 'only --speed-only times the model'),

@@ -1191,6 +1191,21 @@ def test_unused_flags_given_are_noted_one_line_per_reason(capsys, world, tmp_pat
         'in DeiT, which takes CIFAR images as they are)']
 
 
+def test_eval_names_the_seed_it_does_not_use(capsys, world, monkeypatch):
+    """The evaluation draws no random number (fixed transform, model in eval mode): another --seed gives the same
+    figures, so a --seed given with --eval is named as having no effect rather than dropped without a word."""
+    results = []
+    real = finetune.run_eval
+    monkeypatch.setattr(finetune, 'run_eval', lambda *a: results.append(real(*a)) or results[-1])
+    for seed in ('0', '5'):
+        code, out, err = cli(capsys, '--eval', '--resume', world['dense'], '--data-path', world['data'], '--seed', seed)
+        assert code == 0, err
+        assert [line for line in out.splitlines() if line.startswith('note:')][-1] == (
+            f'note: --seed {seed} has no effect: --eval draws no random number (its transform is fixed, and the model '
+            f'runs in eval mode)')
+    assert results[0] == results[1]
+
+
 SCHEDULES = ('cosine', 'tanh', 'step', 'constant', 'multistep', 'poly', 'plateau', 'wsd', 'rsqrt')
 OTHER_VALUES = {'decay_epochs': 3, 'decay_rate': 0.5, 'patience_epochs': 1, 'min_lr': 1e-3, 'decay_milestones': [3]}
 
