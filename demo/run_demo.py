@@ -234,6 +234,12 @@ def common_args(seed: int, device: Optional[str]) -> List[str]:
              '--print-freq', '1000', '--seed', str(seed)] + (['--device', device] if device else []))
 
 
+def evaluation_args(common: List[str]) -> List[str]:
+    """``common_args`` without ``--seed``, which an evaluation does not read (finetune.py would note it)."""
+    at = common.index('--seed')
+    return common[:at] + common[at + 2:]
+
+
 def teacher_command(epochs: int, lr: float, common: List[str]) -> List[str]:
     """The flags the teacher is trained with (its folder and a --resume aside)."""
     return common + RECIPE + ['--lr', str(lr), '--warmup-epochs', '2' if epochs > 5 else '0',
@@ -327,7 +333,7 @@ def train_teacher(teacher_dir: str, epochs: int, lr: float, common: List[str], f
             print(f'   continuing the unfinished teacher in {teacher}')
         cli(command + ['--output_dir', teacher_dir] + resume,
             os.path.join(teacher_dir, 'stdout.txt'), 'teacher', verbose, echo)
-    acc = cli(common + ['--eval', '--resume', teacher], os.path.join(teacher_dir, 'eval.txt'),
+    acc = cli(evaluation_args(common) + ['--eval', '--resume', teacher], os.path.join(teacher_dir, 'eval.txt'),
               'teacher eval', verbose, echo)['acc1']
     return teacher, acc
 
@@ -358,8 +364,8 @@ def distill(pruned: str, teacher: str, out_dir: str, common: List[str], epochs: 
         ['--lr', str(lr), '--warmup-epochs', '0', '--final_finetune', str(epochs), '--output_dir', out_dir],
         os.path.join(out_dir, 'stdout.txt'), tag, verbose, echo)
     checkpoint = os.path.join(out_dir, 'checkpoint.pth')
-    acc = cli(common + ['--eval', '--resume', checkpoint], os.path.join(out_dir, 'eval.txt'), f'{tag} eval',
-              verbose, echo)['acc1']
+    acc = cli(evaluation_args(common) + ['--eval', '--resume', checkpoint], os.path.join(out_dir, 'eval.txt'),
+              f'{tag} eval', verbose, echo)['acc1']
     return {'path': checkpoint, 'acc1': float(acc),
             'gflops': float(last_json_line(os.path.join(out_dir, 'log.txt'))['gflops'])}
 

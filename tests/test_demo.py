@@ -219,6 +219,7 @@ def test_draw_masks_cli_errors(tmp_path, capsys):
 # ----------------------------------------------------------------------------------------------------------
 # bad command lines: one `error:` line naming the flag, exit code 2, before any work (fast)
 
+import finetune  # noqa: E402
 import run_demo  # noqa: E402
 
 
@@ -489,6 +490,10 @@ def test_train_teacher_retrains_on_another_lr_or_seed(lr, seed, retrained, tmp_p
         assert not (teacher_dir / 'checkpoint.pth').exists()  # the other teacher was removed
     else:
         assert trainings == [] and 'reusing the teacher already trained' in out
+    # the evaluation is given no flag finetune.py notes as having no effect (--seed: it draws no random number)
+    parser = finetune.get_args_parser()
+    for argv in [c for c in calls if '--eval' in c]:
+        assert finetune.unused_flag_notes(parser.parse_args(argv), parser) == [], argv
 
 
 
