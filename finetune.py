@@ -1711,6 +1711,11 @@ def run(args) -> Dict[str, float]:
     args.input_size = input_size(args)
     args.mean, args.std = tuple(cfg.mean), tuple(cfg.std)
     check_training_transform(args, unused_flags(args))  # the transform strings this run reads, before any work
+    # the files it reads are readable checkpoints before the data is listed (minutes on ImageNet): an unreadable one
+    # is said here, as it would be once its model is built (mapped, not read into memory)
+    for path in (args.resume, args.teacher_path if args.distillation_type != 'none' else None):
+        if path:
+            load_checkpoint_file(path, mmap=True)
     if args.speed_only:
         return run_speed(args, device)
     if args.eval:

@@ -315,6 +315,25 @@ def test_truncated_checkpoint(capsys, world, earlier, tmp_path):
                           rf'{re.escape(str(half))} is not a readable PyTorch checkpoint \(truncated or corrupt')
 
 
+def test_an_unreadable_checkpoint_is_said_before_the_data_is_listed(capsys, world, earlier, tmp_path, monkeypatch):
+    """--eval, --prune and --speed-only of a truncated --resume, and a finetune with a truncated --teacher-path: the
+    error comes before the data set is listed (minutes on ImageNet) or a model is built."""
+    half = tmp_path / 'half.pth'
+    content = open(world['dense'], 'rb').read()
+    half.write_bytes(content[:len(content) // 2])
+
+    def listed(*args, **kwargs):
+        raise AssertionError('the data was listed first')
+    monkeypatch.setattr(finetune, 'build_data', listed)
+    monkeypatch.setattr(finetune, 'build_dataset', listed, raising=False)
+    unreadable = rf'{re.escape(str(half))} is not a readable PyTorch checkpoint \(truncated or corrupt'
+    for argv in (['--eval', '--resume', half, '--data-path', world['data']], ['--speed-only', '--resume', half],
+                 prune_args(world, earlier, '--resume', half),
+                 finetune_args(world, tmp_path / 'out', '--resume', world['dense'], '--distillation-type', 'soft',
+                               '--teacher-path', half)):
+        assert_one_line_error(capsys, argv, EXIT_USER_ERROR, unreadable)
+
+
 @pytest.mark.parametrize('entries, pattern', [
     ({'a.txt': 'hello'}, r'is a zip archive but not a PyTorch checkpoint: it holds a\.txt and no data\.pkl'),
     ({'w/cls.npy': 'x', 'w/pos.npy': 'x', 'w/head.npy': 'x', 'w/norm.npy': 'x'},
