@@ -1,6 +1,5 @@
 """Statistics of the benchmark's timings: the distribution-free confidence interval of a median, paired
 per-round ratios, and :class:`Timings` (every pass time of every row of one timed run)."""
-import math
 import statistics
 from typing import Dict, Iterable, List, Optional
 
@@ -13,9 +12,12 @@ def median_ci(values: List[float], confidence: float = 0.95) -> Optional[List[fl
     v, n = sorted(values), len(values)
     if n == 0 or 1 - 2 * 0.5 ** n < confidence:
         return None
-    best = 1
+    best, total = 1, 1 << n
+    comb, count = 1, 1  # C(n, r - 1) and the sum of C(n, i) for i < r, carried from r to r + 1
     for r in range(2, (n + 1) // 2 + 1):
-        below = sum(math.comb(n, i) for i in range(r)) / 2 ** n  # P(Binomial(n, 1/2) <= r - 1)
+        comb = comb * (n - r + 2) // (r - 1)
+        count += comb
+        below = count / total  # P(Binomial(n, 1/2) <= r - 1), exact integers divided once
         if 1 - 2 * below < confidence:
             break
         best = r
