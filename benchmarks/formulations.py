@@ -65,13 +65,20 @@ def resolve_model(name: str) -> str:
                      f'C&C model (e.g. {SHORTCUTS["tiny"]})')
 
 
+def architecture(timm_name: str) -> str:
+    """The network of a timm name without its pretrained tag ('deit_tiny_patch16_224' of
+    'deit_tiny_patch16_224.fb_in1k'): the tag names weights, and the benchmark's are a seeded random init."""
+    return timm_name.partition('.')[0]
+
+
 def short_name(timm_name: str) -> str:
-    return SHORT_NAMES.get(timm_name, timm_name)
+    return SHORT_NAMES.get(architecture(timm_name), timm_name)
 
 
 def dense_label(timm_name: str) -> str:
-    """'DeiT-Ti' for the three DeiTs, the timm name otherwise."""
-    return f'DeiT-{SHORT_NAMES[timm_name]}' if timm_name in SHORT_NAMES else timm_name
+    """'DeiT-Ti' for the three DeiTs (under any pretrained tag), the timm name otherwise."""
+    arch = architecture(timm_name)
+    return f'DeiT-{SHORT_NAMES[arch]}' if arch in SHORT_NAMES else timm_name
 
 
 def rate_tag(rate: float) -> str:

@@ -79,7 +79,7 @@ import pruning  # noqa: E402
 from models.flops import patch_embed_macs  # noqa: E402
 from benchmarks import report  # noqa: E402
 from benchmarks.formulations import (  # noqa: E402
-    REFERENCES, REGISTRY, CompileBudget, Context, Runs, ScatterRouting, blocks_as_identity, build_runs,
+    REFERENCES, REGISTRY, CompileBudget, Context, Runs, ScatterRouting, architecture, blocks_as_identity, build_runs,
     configure_dynamo, dense_label, image_shape, plan, pruned_copy, pruned_label, rate_tag, rebuild_for_batch,
     resolve_model, rows_to_rebuild, run_blocks_ours, seeded_models, select, short_name, unavailable,
 )
@@ -682,7 +682,7 @@ def code_hashes() -> Dict[str, str]:
 def default_batch(timm_name: str, device: torch.device, protocol: str) -> int:
     if protocol == 'original':
         return ORIGINAL_BATCH
-    return DEFAULT_BATCH[device.type].get(timm_name, FALLBACK_BATCH[device.type])
+    return DEFAULT_BATCH[device.type].get(architecture(timm_name), FALLBACK_BATCH[device.type])
 
 
 def counter_gmacs(model: nn.Module, device: torch.device) -> float:
@@ -1020,7 +1020,7 @@ def make_rows(built: Runs, timings: Timings, dense_macs: int, counted: Dict[str,
             base = REGISTRY[baseline].key(rate if REGISTRY[baseline].pruned else None)
             if base in timings.seconds:
                 row.update(as_fields(field, timings.ratio(key, base)))
-        seed = SEED_GPU.get((timm_name, round(rate, 2)))
+        seed = SEED_GPU.get((architecture(timm_name), round(rate, 2)))
         if seed and m['kind'] in ('timm', 'ours'):
             row['seed_gpu'] = {'gflops': seed[0], 'images_per_s': seed[1], 'speedup': seed[2]}
         row.update(dense=m['dense'], protocol=protocol, build_seconds=m['build_seconds'], check=m['check'])

@@ -1062,6 +1062,27 @@ def test_compile_models_names_a_model_of_models_as_models_compares_them(tmp_path
     assert args.compile_models == ['small', 'tiny']
 
 
+def test_a_deit_named_with_a_pretrained_tag_is_benchmarked_as_that_deit(tmp_path):
+    """The tag names weights, which the benchmark does not load (a seeded random init): the DeiT under a tag takes
+    DeiT-Ti's default batch, labels and paper figures, as 'tiny' does."""
+    for device, protocol in (('cpu', 'ours'), ('cuda', 'ours'), ('cpu', 'original')):
+        assert zoo.default_batch('deit_tiny_patch16_224.fb_in1k', torch.device(device), protocol) == \
+            zoo.default_batch('deit_tiny_patch16_224', torch.device(device), protocol)
+    args = _parse(tmp_path, '--models', 'deit_tiny_patch16_224.fb_in1k,small')
+    assert [s.title(args) for s in zoo.plan_sections(args, CPU)][:2] == [
+        'DeiT-Ti, batch 32 (main table)', 'DeiT-S, batch 16 (main table)']
+    assert F.pruned_label('deit_tiny_patch16_224.fb_in1k', 0.25) == 'C&C-Ti-25'
+    assert F.dense_label('vit_small_patch16_224.augreg_in21k') == 'vit_small_patch16_224.augreg_in21k'
+    cc, dense = F.seeded_models('deit_tiny_patch16_224', 0, CPU)
+    built = F.Runs(runs={'timm': dense}, formulation={'timm': F.REGISTRY['timm']}, checks={'timm': {}},
+                   build_seconds={'timm': 0.0},
+                   meta={'timm': {'label': 'DeiT-Ti (timm)', 'kind': 'timm', 'dense': True, 'rate': 0.0,
+                                  'macs': 1, 'kept': [197], 'build_seconds': 0.0, 'check': {}}})
+    timings = stats.Timings({'timm': [1.0] * 6}, 8)
+    row, = zoo.make_rows(built, timings, 1, {'timm': 1.0}, 'deit_tiny_patch16_224.fb_in1k', 'ours')
+    assert row['seed_gpu'] == {'gflops': 1.3, 'images_per_s': 2234, 'speedup': 1.0}
+
+
 def test_rows_asked_for_that_cannot_run_here_are_refused_and_default_ones_skipped(capsys, tmp_path, monkeypatch):
     """Triton runs on CPU only under its interpreter: fast-triton named in --rows is refused before any work
     (it was skipped with a note after the other rows had run); among the default rows it is left out with that
