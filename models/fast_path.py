@@ -95,10 +95,9 @@ training mode, as the head it calls is the model's own); the built module holds 
 (cast copies, or the model's own tensors where they already have that dtype, device and layout: an in-place edit
 of the model then reaches some of them), so rebuild it after changing the model (the head is the model's:
 ``model.forward_head`` is called on the features, and the path refuses to run once the model is cast or moved);
-one built from a Clip & Concat model's
-own masks refuses to run once they are set again or a state dict is loaded into the model.  The path itself is
-for the dtype and device it was built for: ``.half()``, ``.to()`` and the like are refused unless they change
-nothing (build it again instead).
+one built from a Clip & Concat model's own masks refuses to run once they are set again or a state dict is loaded
+into the model.  The path itself is for the dtype and device it was built for: ``.half()``, ``.to()`` and the
+like are refused unless they change nothing (build it again instead).
 """
 import contextlib
 import statistics
