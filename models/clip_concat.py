@@ -16,15 +16,15 @@ sequence through every block and the head reads them where timm reads them; pool
 attention pooling) do not depend on the order of the tokens at all.
 
 Inside the blocks tokens travel in concat order, as in the reference semantics: the positions of the kept
-and of the clipped tokens are prepared whenever masks change (after ``load_state_dict`` and in
-:meth:`CCModelMixin.set_masks`), so ``forward`` has fixed shapes (no host-device sync per block, and
-``torch.compile(fullgraph=True)`` works).  ``forward_features`` returns the tokens in their original order
-again (token ``num_prefix_tokens + p`` is patch ``p``, as in timm); ``forward`` skips that reordering when the
-head reads the prefix tokens or pools, and keeps it for a head that does neither (``global_pool=''``: a
-prediction per token) and for a subclass of ``VisionTransformer`` with a ``forward`` of its own (which runs as
-it is).  ``forward_intermediates`` (timm's) runs the blocks in the original order
-(:meth:`CCModelMixin.original_order`), so each block's output, as timm returns it, is in original order too and
-its feature maps are the image's patch grid.
+and of the clipped tokens are prepared whenever masks change (after ``load_state_dict``, in
+:meth:`CCModelMixin.set_masks`, and at the next forward after a change made to the mask buffers in place),
+so ``forward`` has fixed shapes (no host-device sync per block, and ``torch.compile(fullgraph=True)`` works).
+``forward_features`` returns the tokens in their original order again (token ``num_prefix_tokens + p`` is
+patch ``p``, as in timm); ``forward`` skips that reordering when the head reads the prefix tokens or pools,
+and keeps it for a head that does neither (``global_pool=''``: a prediction per token) and for a subclass of
+``VisionTransformer`` with a ``forward`` of its own (which runs as it is).  ``forward_intermediates`` (timm's)
+runs the blocks in the original order (:meth:`CCModelMixin.original_order`), so each block's output, as timm
+returns it, is in original order too and its feature maps are the image's patch grid.
 """
 import contextlib
 from typing import Dict, List, Optional, Sequence, Type
@@ -75,7 +75,9 @@ class CCModelMixin:
 
     @property
     def masks(self) -> List[torch.Tensor]:
-        """The per-block concat-order masks (the buffers themselves)."""
+        """The per-block concat-order masks (the buffers themselves: a change made to them in place, such as
+        ``model.masks[3][7] = False`` or an EMA copying its model's buffers, is taken up by the next forward,
+        :meth:`sync_token_plan`)."""
         return [blk.attn.token_index for blk in self.blocks]
 
     @torch.no_grad()
@@ -131,6 +133,36 @@ class CCModelMixin:
         order = orders[-1]
         self.restore_ids = torch.argsort(order)  # restore_ids[j]: where original token j is after the blocks
         self.reordered = not torch.equal(order, torch.arange(self.num_tokens, device=order.device))
+        self._stamp_masks()
+
+    def _stamp_masks(self) -> None:
+        """Remember the mask tensors the plan was made from, their in-place version counters and their values."""
+        masks = self.masks
+        self._planned_masks = [(mask, _version_of(mask)) for mask in masks]
+        self._planned_values = torch.stack(masks).cpu() if masks else None
+
+    def sync_token_plan(self) -> None:
+        """Recompute the plan if a mask buffer was changed in place or replaced since it was made (the masks are
+        the buffers themselves, written by whatever writes buffers: ``model.masks[l][p] = False``, an EMA of the
+        model's state dict, a broadcast of buffers).  Cheap when nothing changed (no device sync); called by
+        ``forward``, ``forward_features``, ``forward_intermediates`` and ``kept_token_ids``.  Not inside
+        ``torch.compile`` (which traces the plan of the moment: call :meth:`refresh_token_plan` after changing
+        masks in place) nor in DataParallel's replicas (their buffers are copies made per forward)."""
+        if torch.compiler.is_compiling() or getattr(self, '_is_replica', False):
+            return
+        masks = self.masks
+        planned = getattr(self, '_planned_masks', None)
+        if planned is not None and len(planned) == len(masks) and all(
+                mask is was and _version_of(mask) == version for mask, (was, version) in zip(masks, planned)):
+            return
+        if any(mask.is_meta for mask in masks):  # no values yet (see refresh_token_plan)
+            return
+        values = getattr(self, '_planned_values', None)
+        if (planned is not None and values is not None and len(planned) == len(masks)
+                and torch.equal(torch.stack(masks).cpu(), values)):  # the same masks (moved, or copied over)
+            self._stamp_masks()
+            return
+        self.refresh_token_plan()
 
     def token_orders(self) -> List[torch.Tensor]:
         """Position -> original token id at the input of each block, then after the last block."""
@@ -140,6 +172,7 @@ class CCModelMixin:
     def kept_token_ids(self) -> List[torch.Tensor]:
         """Original ids of the tokens each block processes (prefix tokens first, then ``prefix + p`` for
         patch ``p``), in the order the block sees them."""
+        self.sync_token_plan()
         return [blk.kept_ids.clone() for blk in self.blocks]
 
     @contextlib.contextmanager
@@ -159,6 +192,7 @@ class CCModelMixin:
 
     def forward_features(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False,
                          restore_order: bool = True) -> torch.Tensor:
+        self.sync_token_plan()
         x = super().forward_features(x, attn_mask=attn_mask, is_causal=is_causal)
         moved = self.reordered and not self.blocks[-1].in_original_order
         return x.index_select(1, self.restore_ids) if restore_order and moved else x
@@ -166,6 +200,7 @@ class CCModelMixin:
     def forward_intermediates(self, *args, **kwargs):
         """timm's ``forward_intermediates`` (same arguments and results) with the blocks run in the original
         order, so every intermediate is in original order and its NCHW map is the image's patch grid."""
+        self.sync_token_plan()
         with self.original_order():
             return super().forward_intermediates(*args, **kwargs)
 
@@ -180,6 +215,7 @@ class CCModelMixin:
         """timm's (same arguments).  Masks hold one entry per token of the current input, so a pruned model is
         refused (ValueError, nothing changed: its tokens past the old count would be dropped without a word); a
         dense one gets masks of the new length, all True."""
+        self.sync_token_plan()
         same = ((img_size is None or to_2tuple(img_size) == tuple(self.patch_embed.img_size))
                 and (patch_size is None or to_2tuple(patch_size) == tuple(self.patch_embed.patch_size)))
         if not same and not all(blk.dense for blk in self.blocks):
@@ -208,6 +244,12 @@ class CCModelMixin:
         per_token = not self.global_pool and self.attn_pool is None
         return self.forward_head(self.forward_features(x, attn_mask=attn_mask, is_causal=is_causal,
                                                        restore_order=per_token))
+
+
+def _version_of(tensor: torch.Tensor) -> Optional[int]:
+    """The in-place version counter of ``tensor``; None for a tensor made in ``torch.inference_mode`` (which has
+    none: a change to it in place, possible only in inference mode, is not seen)."""
+    return None if tensor.is_inference() else tensor._version
 
 
 class CCBlock(CCBlockMixin, Block):

@@ -187,6 +187,37 @@ def test_clearing_the_class_token_by_hand_is_refused():
         model.refresh_token_plan()
 
 
+def test_masks_changed_in_place_are_taken_up_by_the_next_forward():
+    """model.masks are the buffers themselves: a change made to them in place (by hand, or an EMA copying its
+    model's buffers) is what forward computes, as kept_token_counts and count_macs already report."""
+    from timm.utils import ModelEmaV3
+    torch.manual_seed(4)
+    model = timm.create_model('cc_deit_tiny_patch16_224', img_size=64, depth=4).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        dense = model(x)
+        model.masks[1][5] = False
+        model.masks[2][3:9] = False
+        concat = [m.clone() for m in model.masks]
+        assert (model(x) - reference_forward(model, x, concat)).abs().max().item() < 1e-4
+    assert (model(x) - dense).abs().max().item() > 1e-3
+    assert [ids.numel() for ids in model.kept_token_ids()] == [17, 16, 11, 17]
+    model.masks[3][0] = False
+    with pytest.raises(ValueError, match=r'blocks\.3\.attn\.token_index: the class token'):
+        model(x)
+    model.set_dense()
+    ema = ModelEmaV3(model, decay=0.5)  # (copies buffers that are not floating point)
+    channels = pruning.apply_masks(model, _revisiting_plan(4, 16, 1))
+    ema.update(model)
+    assert models.kept_token_counts(ema.module) == channels
+    with torch.no_grad():
+        assert (ema.module(x) - reference_forward(ema.module, x, [m.clone() for m in model.masks])).abs().max() < 1e-4
+    with torch.inference_mode():  # (its tensors have no version counter)
+        built = timm.create_model('cc_deit_tiny_patch16_224', img_size=64, depth=4).eval()
+        built.load_state_dict(model.state_dict())
+        assert torch.equal(built(x), model(x))
+
+
 def test_pruned_model_loaded_from_concat_order_masks_equals_reference():
     """Masks arriving through a state dict (any concat-order masks with the class token kept)."""
     torch.manual_seed(5)
