@@ -372,7 +372,10 @@ def _fill_dense_masks(module, state_dict, prefix, local_metadata, strict, missin
     loaded = {key[len(prefix):].split('.')[1] for key in state_dict if key.startswith(f'{prefix}blocks.')}
     for i, k in enumerate(keys):
         if k not in state_dict and str(i) in loaded:
-            state_dict[k] = torch.ones(module.num_tokens, dtype=torch.bool)
+            # on the device of the block's weights: loaded with assign=True, the mask is the tensor given here
+            device = next((v.device for key, v in state_dict.items() if key.startswith(f'{prefix}blocks.{i}.')
+                           and isinstance(v, torch.Tensor)), None)
+            state_dict[k] = torch.ones(module.num_tokens, dtype=torch.bool, device=device)
             if present:  # not official weights: a pruned state dict that lost this block's mask
                 missing_keys.append(k)
     for k in present:

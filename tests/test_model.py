@@ -350,6 +350,25 @@ def test_a_model_built_on_the_meta_device_loads_its_weights_by_assignment(tmp_pa
     assert models.kept_token_counts(empty) == models.kept_token_counts(model)
 
 
+@pytest.mark.parametrize('device', ['meta', 'cuda'])
+def test_masks_of_official_weights_loaded_by_assignment_are_on_the_weights_device(device):
+    """Official weights carry no masks: read as all True, on the device of the weights they come with (assigned,
+    a mask made on the CPU left a model with weights on the GPU and masks and routing on the CPU)."""
+    if device == 'cuda' and not torch.cuda.is_available():
+        pytest.skip('no GPU')
+    torch.manual_seed(2)
+    dense = timm.create_model('deit_tiny_patch16_224', img_size=32, depth=2).eval()
+    sd = {k: v.to(device) for k, v in dense.state_dict().items()}
+    with torch.device('meta'):
+        model = timm.create_model('cc_deit_tiny_patch16_224', img_size=32, depth=2)
+    model.load_state_dict(sd, assign=True)
+    assert {m.device.type for m in model.masks} == {device}
+    if device == 'cuda':
+        x = torch.randn(2, 3, 32, 32)
+        with torch.no_grad():
+            assert (model.eval()(x.cuda()).cpu() - dense(x)).abs().max().item() < 1e-4
+
+
 def test_models_create_model_loads_a_file_as_eval_does(tmp_path):
     """models.create_model(name, checkpoint_path=...) loads the trained `model` weights of a file that also
     holds `model_ema` (timm's loader prefers the EMA ones), and refuses a file that lists channels but holds no
