@@ -277,7 +277,9 @@ def _with_mixin(cls: Type[nn.Module], mixin: type) -> type:
 
 
 def is_clip_concat(model: nn.Module) -> bool:
-    return isinstance(getattr(model, 'module', model), CCModelMixin)
+    """Whether ``model`` is a Clip & Concat model, or wraps one (DistributedDataParallel, ``torch.compile``)."""
+    model = getattr(model, 'module', model)
+    return isinstance(getattr(model, '_orig_mod', model), CCModelMixin)
 
 
 def clip_concat_model(model: nn.Module, needed_by: str) -> nn.Module:

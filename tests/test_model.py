@@ -525,6 +525,15 @@ def test_routing_is_swappable_and_the_boolean_reference_agrees():
     assert (fixed_shapes - boolean).abs().max().item() < 1e-5
 
 
+def test_is_clip_concat_looks_through_the_wrappers_the_mask_functions_look_through():
+    model = timm.create_model('cc_deit_tiny_patch16_224', img_size=32, depth=2)
+    plain = timm.create_model('deit_tiny_patch16_224', img_size=32, depth=2)
+    compiled = torch.compile(model)
+    assert models.is_clip_concat(model) and models.is_clip_concat(compiled)
+    assert pruning.apply_masks(compiled, torch.ones(2, 4, dtype=torch.bool)) == [5, 5]  # (accepted as one)
+    assert not models.is_clip_concat(plain) and not models.is_clip_concat(torch.compile(plain))
+
+
 def test_mask_api_dense_and_back():
     torch.manual_seed(8)
     model = timm.create_model('cc_deit_tiny_patch16_224', img_size=64, depth=3).eval()
