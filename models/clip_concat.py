@@ -117,10 +117,16 @@ class CCModelMixin:
     def refresh_token_plan(self) -> None:
         """Recompute the blocks' positions from the masks (called after every change of masks).  On the meta
         device (a model built to be materialised by ``load_state_dict(..., assign=True)``) masks have no values:
-        nothing is computed until they do."""
+        nothing is computed until they do.  The positions are ordinary tensors even when the masks change under
+        ``torch.inference_mode`` (tensors made there could not be used by a forward that trains)."""
         self.token_plan_version = getattr(self, 'token_plan_version', 0) + 1  # what was built from a plan can tell
         if any(blk.attn.token_index.is_meta for blk in self.blocks):
             return
+        with torch.inference_mode(False):
+            self._plan_positions()
+        self._stamp_masks()
+
+    def _plan_positions(self) -> None:
         orders = self.token_orders()
         for layer, (blk, order) in enumerate(zip(self.blocks, orders)):
             mask = blk.attn.token_index
@@ -133,7 +139,6 @@ class CCModelMixin:
         order = orders[-1]
         self.restore_ids = torch.argsort(order)  # restore_ids[j]: where original token j is after the blocks
         self.reordered = not torch.equal(order, torch.arange(self.num_tokens, device=order.device))
-        self._stamp_masks()
 
     def _stamp_masks(self) -> None:
         """Remember the mask tensors the plan was made from, their in-place version counters and their values."""

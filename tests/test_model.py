@@ -369,6 +369,27 @@ def test_masks_of_official_weights_loaded_by_assignment_are_on_the_weights_devic
             assert (model.eval()(x.cuda()).cpu() - dense(x)).abs().max().item() < 1e-4
 
 
+def test_masks_loaded_or_set_under_inference_mode_leave_a_model_that_trains(tmp_path):
+    """Masks loaded (or set) under torch.inference_mode, as in an evaluation loop, then a training step: the
+    positions the blocks index with are ordinary tensors, which autograd may save."""
+    model, sd = _pruned_state(tmp_path)
+    x = torch.randn(2, 3, 64, 64)
+    for change in ('load', 'set'):
+        torch.manual_seed(1)
+        student = timm.create_model('cc_deit_tiny_patch16_224', img_size=64, depth=3)
+        with torch.inference_mode():
+            if change == 'load':
+                student.load_state_dict(sd)
+            else:
+                student.load_state_dict({k: v for k, v in sd.items() if not k.endswith(models.MASK_KEY)})
+                student.set_masks(model.masks)
+        out = student.train()(x)
+        out.sum().backward()
+        assert student.blocks[0].attn.qkv.weight.grad is not None
+        with torch.no_grad():
+            assert torch.equal(student.eval()(x), model.eval()(x))
+
+
 def test_models_create_model_loads_a_file_as_eval_does(tmp_path):
     """models.create_model(name, checkpoint_path=...) loads the trained `model` weights of a file that also
     holds `model_ema` (timm's loader prefers the EMA ones), and refuses a file that lists channels but holds no
