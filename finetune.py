@@ -1040,10 +1040,9 @@ def run_prune(args, device: torch.device) -> Dict[str, float]:
     if not all_agree(not os.path.exists(path), device):
         raise UserError(f'{path} already exists from an earlier run; choose another --output_dir '
                         f'(or move it away)')
-    dataset_val, nb_classes = build_data(args, train=False)
-    model, source = load_model(args, args.resume, args.model, nb_classes)
-    check_classes(nb_classes, model, 'validation')
-    check_recorded_classes(source, dataset_val, args, 'validation')
+    # The model (its head sized by the file) before the data: a file or a rate that cannot be pruned is refused
+    # before the data set is listed, which takes minutes on ImageNet.
+    model, source = load_model(args, args.resume, args.model)
     depth, num_patches = len(model.blocks), model.num_tokens - model.num_prefix_tokens
     already = sum(model.num_tokens - kept for kept in models.kept_token_counts(model))
     if already:  # scoring and planning start from the dense model: the file's masks would be silently replaced
@@ -1052,6 +1051,9 @@ def run_prune(args, device: torch.device) -> Dict[str, float]:
     nothing = pruning.clips_nothing(depth, num_patches, args.prune_rate)
     if nothing:
         raise UserError(f'--prune_rate {nothing}: nothing would be pruned')
+    dataset_val, nb_classes = build_data(args, train=False)
+    check_classes(nb_classes, model, 'validation')
+    check_recorded_classes(source, dataset_val, args, 'validation')
     model.to(device)
     if args.prune_mode == 'attn':
         dataset_train, train_classes = scoring_dataset(args)

@@ -1108,6 +1108,23 @@ def test_prune_rate_that_clips_nothing_is_refused_before_scoring(capsys, world, 
     assert 'Scoring:' not in out
 
 
+def test_prune_refuses_a_pruned_checkpoint_or_a_rate_that_clips_nothing_before_the_data_is_listed(
+        capsys, world, earlier, tmp_path, monkeypatch):
+    """Both refusals need only the model: they come before the data set is listed (minutes on ImageNet)."""
+    model = pruned_model('cc_deit_digits_patch4_32', 0)
+    model.blocks[4].attn.token_index[[1, 7, 9]] = False
+    pruned = tmp_path / 'pruned_0.1.pth'
+    torch.save({'model': model.state_dict()}, pruned)
+
+    def listed(*args, **kwargs):
+        raise AssertionError('the data was listed first')
+    monkeypatch.setattr(finetune, 'build_data', listed)
+    assert_one_line_error(capsys, prune_args(world, earlier, '--resume', pruned), EXIT_USER_ERROR,
+                          rf'^error: --resume {re.escape(str(pruned))} is already pruned \(3 of 384 ')
+    assert_one_line_error(capsys, prune_args(world, earlier, '--prune_rate', '1e-4'), EXIT_USER_ERROR,
+                          r'^error: --prune_rate 0\.0001 clips int\(384 x 0\.0001\) = 0 of the 384 ')
+
+
 def test_odd_training_set_smaller_than_the_batch_is_refused_with_mixup(capsys, world, tmp_path):
     """A training set at least a batch long drops its last batch; a shorter one is one batch, which timm's mixup
     refuses (with an assertion, midway) when it is odd."""
