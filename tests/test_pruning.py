@@ -7,13 +7,14 @@ import timm
 import torch
 import torch.nn as nn
 
+import models
 import pruning
 
 
-def _small_model(seed=0, depth=3):
+def _small_model(seed=0, depth=3, name='cc_deit_tiny_patch16_224'):
     torch.manual_seed(seed)
-    # 64x64 input with patch 16: 16 patches + class token, DeiT-Ti width.
-    return timm.create_model('cc_deit_tiny_patch16_224', img_size=64, depth=depth, num_classes=7)
+    # 64x64 input with patch 16: 16 patches + class token (and a distillation token), DeiT-Ti width.
+    return models.create_model(name, img_size=64, depth=depth, num_classes=7)
 
 
 def _independent_scores(model, batches, criterion):
@@ -29,7 +30,9 @@ def _signed_contributions(model, batches, criterion):
         total = torch.zeros(depth, model.num_tokens, dtype=torch.float64)
         probs = []
         x = model.patch_embed(images)
-        x = torch.cat([model.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + model.pos_embed
+        prefix = [t.expand(x.shape[0], -1, -1) for t in (model.cls_token, getattr(model, 'dist_token', None))
+                  if t is not None]
+        x = torch.cat(prefix + [x], dim=1) + model.pos_embed
         for blk in model.blocks:
             h = blk.norm1(x)
             B, N, C = h.shape
@@ -40,13 +43,17 @@ def _signed_contributions(model, batches, criterion):
             probs.append(a)
             x = x + blk.attn.proj((a @ v).transpose(1, 2).reshape(B, N, C))
             x = x + blk.mlp(blk.norm2(x))
-        loss = criterion(model.head(model.norm(x)[:, 0]), targets)
+        x = model.norm(x)
+        logits = model.head(x[:, 0])
+        if len(prefix) == 2:  # a distilled DeiT in eval mode: the mean of its class and distillation heads
+            logits = (logits + model.head_dist(x[:, 1])) / 2
+        loss = criterion(logits, targets)
         model.zero_grad()
         loss.backward()
         for layer, a in enumerate(probs):
             B, H, N, _ = a.shape
             total[layer] += ((a * a.grad).sum(dim=(0, 1, 2)) / (B * H * N)).double()
-        contributions.append(total[:, 1:].float())
+        contributions.append(total[:, len(prefix):].float())
     model.zero_grad(set_to_none=True)
     return contributions
 
@@ -57,8 +64,9 @@ def _batches(n=2, batch=3, seed=1, classes=7):
             for _ in range(n)]
 
 
-def test_scores_equal_independent_autograd_computation():
-    model = _small_model()
+@pytest.mark.parametrize('name', ['cc_deit_tiny_patch16_224', 'deit_tiny_distilled_patch16_224'])
+def test_scores_equal_independent_autograd_computation(name):
+    model = _small_model(name=name)
     model.eval()
     batches = _batches()
     criterion = nn.CrossEntropyLoss()
