@@ -1557,7 +1557,8 @@ def check_recorded_classes(checkpoint: dict, dataset, args, split: str, continui
     path = args.teacher_path if teacher else args.resume
     named = f'the teacher {path}' if teacher else path
     saved, current = checkpoint.get('classes'), class_names(dataset)
-    if current is None and not continuing:  # labels without names (CIFAR, iNaturalist, DIGITS): the data set says
+    if not continuing and (current is None or not isinstance(saved, (list, tuple))):
+        # labels without names on one side (iNaturalist, DIGITS, or a file that records none): the data set says
         recorded = checkpoint_args(checkpoint)
         parser = get_args_parser()
         for dest in CLASSES_OF_THE_RUN:

@@ -194,6 +194,24 @@ def test_eval_on_another_data_set_than_the_file_was_trained_on(capsys, world, tm
                           rf'classes than --data-set DIGITS: give --data-set CIFAR$')
 
 
+@pytest.mark.parametrize('recorded', ['DIGITS', 'INAT'])
+def test_eval_on_image_folders_of_a_file_trained_on_labels_without_names(capsys, world, tmp_path, recorded):
+    """A file trained on DIGITS or iNaturalist records no class folders: evaluated on an image folder (whose
+    names it cannot be compared with), the data set it records was not compared either, and --eval printed an
+    accuracy of other classes."""
+    checkpoint = torch.load(world['dense'])
+    checkpoint['args'] = dict(checkpoint.get('args') or {}, data_set=recorded)
+    path = tmp_path / 'other.pth'
+    torch.save(checkpoint, path)
+    assert_one_line_error(capsys, ['--eval', '--resume', path, '--data-path', world['data']], EXIT_USER_ERROR,
+                          rf'^error: {re.escape(str(path))} was trained with --data-set {recorded}, whose labels name '
+                          rf'other classes than --data-set IMNET: give --data-set {recorded}$')
+    checkpoint['args']['data_set'] = 'IMNET'  # the same data set, no folders recorded (an earlier version): read
+    torch.save(checkpoint, path)
+    code, _, err = cli(capsys, '--eval', '--resume', path, '--data-path', world['data'])
+    assert code == 0, err
+
+
 def test_checkpoint_with_non_finite_weights(capsys, world, tmp_path):
     """NaN or infinite weights compute nothing: --eval printed an accuracy of 0% without a word."""
     checkpoint = torch.load(world['dense'])
