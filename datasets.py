@@ -29,7 +29,9 @@ def load_rgb(path: str) -> Image.Image:
     try:
         with open(path, 'rb') as f:
             img = Image.open(f)
-            if img.mode in ('I;16', 'I;16B', 'I;16L'):  # 16-bit: convert() clips at 255, so nearly all white
+            # 16-bit: convert() clips at 255, so nearly all white.  (Pillow opens a grey PGM of more than 8 bits
+            # as mode I, its values scaled to 0..65535: 16 bits too.)
+            if img.mode in ('I;16', 'I;16B', 'I;16L') or (img.mode == 'I' and img.format == 'PPM'):
                 img = Image.fromarray((np.asarray(img, dtype=np.uint16) >> 8).astype(np.uint8))
             if img.mode in ('I', 'F'):  # convert() clips these at 255 too: a float image in [0, 1] comes out black
                 kind = 'floats' if img.mode == 'F' else 'integers'

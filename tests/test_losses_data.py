@@ -321,6 +321,19 @@ def test_a_16_bit_png_is_read_at_its_brightness(tmp_path):
     assert rgb.shape == (64, 64, 3) and (rgb == (grey >> 8)[:, :, None]).all()
 
 
+@pytest.mark.parametrize('maxval', [65535, 1023])
+def test_a_pgm_of_more_than_8_bits_is_read_at_its_brightness(tmp_path, maxval):
+    """A grey PGM (an extension ImageFolder reads) with a maxval above 255 opens in Pillow as mode I: it was refused
+    as '32-bit integers ... convert it to 8 or 16 bits', though it holds 16 bits at most."""
+    from datasets import load_rgb
+    grey = (np.arange(48 * 40).reshape(48, 40) * 37 % (maxval + 1)).astype(np.uint16)
+    path = tmp_path / 'deep.pgm'
+    path.write_bytes(b'P5 40 48 %d\n' % maxval + grey.astype('>u2').tobytes())
+    rgb = np.asarray(load_rgb(str(path)))
+    sixteen_bits = np.round(grey.astype(np.float64) / maxval * 65535).astype(np.uint16)  # the netpbm scale
+    assert rgb.shape == (48, 40, 3) and (rgb == (sixteen_bits >> 8)[:, :, None]).all() and rgb.max() > 250
+
+
 def test_32_bit_integer_and_float_images_are_refused_by_name(tmp_path):
     """Pillow's convert('RGB') clips mode I and F images at 255 (a float image in [0, 1] came out black, without a
     word): they have no range to map to 8 bits, so reading one is a one-line error naming the file."""
