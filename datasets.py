@@ -197,9 +197,9 @@ def image_folder(split: str, transform) -> datasets.ImageFolder:
     skipped: Dict[str, int] = {}
 
     def is_image(path: str) -> bool:  # torchvision's rule (its extensions), with what it leaves out counted
+        if datasets.folder.has_file_allowed_extension(path, datasets.folder.IMG_EXTENSIONS):
+            return True  # (by the end of the name, as torchvision reads it: a file named .png too)
         extension = os.path.splitext(path)[1].lower()
-        if extension in datasets.folder.IMG_EXTENSIONS:
-            return True
         skipped[extension or 'no extension'] = skipped.get(extension or 'no extension', 0) + 1
         return False
     try:

@@ -145,6 +145,18 @@ def test_image_folder_classes(tmp_path):
     assert n == 2 and len(ds) == 2 and ds[0][0].shape == (3, 224, 224)
 
 
+def test_image_folder_reads_the_files_torchvisions_image_folder_reads(tmp_path):
+    """The same images, in the same order with the same labels, as DeiT's loader (torchvision's ImageFolder): a
+    file named only by its extension (``.png``, which torchvision reads) was left out as having none."""
+    from torchvision import datasets
+    root = make_image_folder(tmp_path, classes=('x', 'y'), per_class=(2, 2))
+    for name in ('.png', 'UPPER.JPEG', 'a.tar.jpg', 'notes.txt', 'anim.gif', 'README'):
+        Image.new('RGB', (8, 8)).save(tmp_path / 'val' / 'y' / name, format='PNG')
+    ours, _ = build_dataset(False, _args(data_path=root))
+    assert ours.samples == datasets.ImageFolder(str(tmp_path / 'val')).samples and len(ours) == 7
+    assert ours.skipped == {'.txt': 1, '.gif': 1, 'no extension': 1}
+
+
 def _inaturalist(root, splits, file_name=lambda split, i, category: f'{split}_{i}.jpg', stored=None):
     """Official-format iNaturalist 2018 json files under ``root`` for ``splits`` ({split: category ids, one image
     each}), and the images, saved at ``stored(file_name)`` (default: as listed) with their index as the colour."""
