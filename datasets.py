@@ -204,8 +204,12 @@ def image_folder(split: str, transform) -> datasets.ImageFolder:
         return False
     try:
         folder = datasets.ImageFolder(split, transform=transform, loader=load_rgb, is_valid_file=is_image)
-    except FileNotFoundError as e:
-        raise UserError(f'no images in {split}: {str(e).splitlines()[0]}') from None
+    except FileNotFoundError as e:  # (no class folder, or one without an image it reads)
+        why = str(e).splitlines()[0].strip()
+        if skipped:  # files are there, of extensions ImageFolder does not read (.gif, .jfif, ...): say so
+            why += (f' ({_kinds(skipped)} left out: the extensions read are '
+                    f'{" ".join(datasets.folder.IMG_EXTENSIONS)})')
+        raise UserError(f'no images in {split}: {why}') from None
     folder.skipped = skipped  # {extension: files} left out, for the run to say
     return folder
 
@@ -216,9 +220,13 @@ def skipped_files_note(dataset) -> Optional[str]:
     skipped = getattr(dataset, 'skipped', None)
     if not skipped:
         return None
-    kinds = ', '.join(f'{n} {extension}' for extension, n in sorted(skipped.items(), key=lambda kv: (-kv[1], kv[0])))
     return (f'note: {sum(skipped.values())} files in the class folders of {dataset.root} are left out: their '
-            f'extension is not one of {" ".join(datasets.folder.IMG_EXTENSIONS)} ({kinds})')
+            f'extension is not one of {" ".join(datasets.folder.IMG_EXTENSIONS)} ({_kinds(skipped)})')
+
+
+def _kinds(skipped: Dict[str, int]) -> str:
+    """'3 .gif, 1 .txt': the files left out, by extension, most first."""
+    return ', '.join(f'{n} {extension}' for extension, n in sorted(skipped.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 class INatDataset(Dataset):

@@ -137,6 +137,21 @@ def test_empty_class_folder(capsys, world, earlier, tmp_path):
                           rf'no images in {re.escape(str(data / "train"))}: Found no valid file for the classes zz')
 
 
+def test_class_folder_of_files_the_image_folder_does_not_read(capsys, world, earlier, tmp_path):
+    """A class folder holding only .gif files was said to have 'no valid file' and nothing more (the note naming
+    the extensions left out comes once the folder is listed, which this error stops)."""
+    from PIL import Image
+    data = copy_data(world, tmp_path)
+    (data / 'train' / 'zz').mkdir()
+    for i in range(3):
+        Image.new('RGB', (32, 32)).save(data / 'train' / 'zz' / f'{i}.gif')
+    (data / 'train' / 'a' / 'notes.txt').write_text('not an image\n')
+    assert_one_line_error(capsys, finetune_args(world, earlier, '--data-path', data), EXIT_USER_ERROR,
+                          rf'^error: no images in {re.escape(str(data / "train"))}: Found no valid file for the '
+                          rf'classes zz\. \(3 \.gif, 1 \.txt left out: the extensions read are \.jpg \.jpeg \.png '
+                          rf'\.ppm \.bmp \.pgm \.tif \.tiff \.webp\)$')
+
+
 @pytest.mark.parametrize('workers', [0, 1])
 def test_truncated_image_is_named_and_the_earlier_pruned_file_survives(capsys, world, earlier, tmp_path, workers):
     data = copy_data(world, tmp_path)
