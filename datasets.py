@@ -345,6 +345,8 @@ def _read_json(path: str):
             return json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f'{path} is not valid JSON: {e}') from None
+    except OSError as e:  # a file that is there but cannot be read (permission denied, an I/O error)
+        raise UserError(f'cannot read {path}: {e.strerror or e}') from None
 
 
 class DigitsDataset(Dataset):

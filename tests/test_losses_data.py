@@ -257,6 +257,24 @@ def test_inaturalist_annotation_problems_name_their_file_and_entry(tmp_path):
     assert build_dataset(False, _args(data_set='INAT', data_path=str(tmp_path)))[0].targets == [2, 0]
 
 
+def test_inaturalist_annotation_file_that_cannot_be_read_is_one_line(tmp_path, monkeypatch):
+    """An annotation file that is there but cannot be opened (permission denied: faked, as root reads everything)
+    was a PermissionError traceback."""
+    import builtins
+    import datasets
+    _inaturalist(tmp_path, {'train': [0, 1], 'val': [1]})
+    real_open = builtins.open
+
+    def denied(path, *a, **k):
+        if str(path).endswith('categories.json'):
+            raise PermissionError(13, 'Permission denied', str(path))
+        return real_open(path, *a, **k)
+    monkeypatch.setattr(datasets, 'open', denied, raising=False)
+    with pytest.raises(UserError) as e:
+        build_dataset(False, _args(data_set='INAT', data_path=str(tmp_path)))
+    assert str(e.value) == f'cannot read {tmp_path / "categories.json"}: Permission denied'
+
+
 def _cifar100(root, sizes=(('train', 5), ('test', 3))):
     """CIFAR-100's python files (torchvision's format, random pixels) under root/cifar-100-python; returns the
     arrays written: {split: (data (n, 3072) uint8, fine labels)}."""
