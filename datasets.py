@@ -341,7 +341,7 @@ def _read_json(path: str):
     if not os.path.isfile(path):
         raise UserError(f'annotation file not found: {path}')
     try:
-        with open(path) as f:
+        with open(path, encoding='utf-8') as f:  # (JSON's encoding, whatever the locale's)
             return json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f'{path} is not valid JSON: {e}') from None

@@ -275,6 +275,24 @@ def test_inaturalist_annotation_file_that_cannot_be_read_is_one_line(tmp_path, m
     assert str(e.value) == f'cannot read {tmp_path / "categories.json"}: Permission denied'
 
 
+def test_inaturalist_annotations_are_read_as_utf8_whatever_the_locale(tmp_path):
+    """JSON is UTF-8: under an ASCII locale (C, without Python's coercion to UTF-8) a category name with an accent
+    made categories.json 'not valid JSON'."""
+    import subprocess
+    import sys
+    from conftest import ROOT
+    _inaturalist(tmp_path, {'train': [0, 1], 'val': [1]})
+    categories = json.loads((tmp_path / 'categories.json').read_text())
+    categories[0]['name'] = 'Ptérodactyle'
+    (tmp_path / 'categories.json').write_text(json.dumps(categories, ensure_ascii=False), encoding='utf-8')
+    code = ('import datasets, sys, locale; assert locale.getpreferredencoding(False) != "utf-8"; '
+            'print(ascii(datasets._read_json(sys.argv[1])[0]["name"]))')
+    env = {'PATH': '/usr/bin:/bin', 'LC_ALL': 'C', 'PYTHONCOERCECLOCALE': '0', 'PYTHONUTF8': '0', 'PYTHONPATH': ROOT}
+    done = subprocess.run([sys.executable, '-c', code, str(tmp_path / 'categories.json')], env=env,
+                          capture_output=True, text=True, errors='replace')
+    assert done.returncode == 0 and done.stdout.strip() == ascii('Ptérodactyle'), done.stderr
+
+
 def _cifar100(root, sizes=(('train', 5), ('test', 3))):
     """CIFAR-100's python files (torchvision's format, random pixels) under root/cifar-100-python; returns the
     arrays written: {split: (data (n, 3072) uint8, fine labels)}."""
