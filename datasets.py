@@ -261,7 +261,7 @@ class INatDataset(Dataset):
         for img in _inat_list(data, 'images', ann_path):
             if not isinstance(img, dict) or 'id' not in img or not isinstance(img.get('file_name'), str):
                 raise UserError(f'{ann_path}: an entry of "images" without an "id" and a "file_name": {img!r:.80}')
-            if img['id'] not in by_image:
+            if _json_key(img['id'], f'{ann_path}: the "id" of an image') not in by_image:
                 raise UserError(f'{ann_path}: image {img["id"]} ({img["file_name"]}) has no annotation')
             files.append((img['file_name'], index[by_image[img['id']]]))
         if not files:
@@ -296,7 +296,8 @@ def _inat_category_values(categories, category: str, path: str) -> dict:
             raise UserError(f'{path}: an entry without an "id": {c!r:.80}')
         if category not in c:
             raise UserError(f'{path}: category {c["id"]} has no "{category}" (--inat-category {category})')
-        values[c['id']] = c[category]
+        values[_json_key(c['id'], f'{path}: the "id" of a category')] = _json_key(
+            c[category], f'{path}: the "{category}" of category {c["id"]}')
     return values
 
 
@@ -307,7 +308,8 @@ def _inat_labels(data, cat_value: dict, path: str, cat_path: str) -> dict:
     for a in _inat_list(data, 'annotations', path):
         if not isinstance(a, dict) or 'image_id' not in a or 'category_id' not in a:
             raise UserError(f'{path}: an annotation without an "image_id" and a "category_id": {a!r:.80}')
-        if a['category_id'] not in cat_value:
+        _json_key(a['image_id'], f'{path}: the "image_id" of an annotation')
+        if _json_key(a['category_id'], f'{path}: the "category_id" of an annotation') not in cat_value:
             raise UserError(f'{path}: image {a["image_id"]} is annotated with category {a["category_id"]}, which '
                             f'{cat_path} does not list')
         value = cat_value[a['category_id']]
@@ -315,6 +317,13 @@ def _inat_labels(data, cat_value: dict, path: str, cat_path: str) -> dict:
             raise UserError(f'{path}: image {a["image_id"]} is annotated twice, as {labels[a["image_id"]]} and '
                             f'{value}')
     return labels
+
+
+def _json_key(value, what: str):
+    """``value``, an id or a class, which must be a single value (a list or an object cannot be looked up)."""
+    if isinstance(value, (list, dict)):
+        raise UserError(f'{what} is {value!r:.60}: not a single value (a number or a string)')
+    return value
 
 
 def _inat_image_path(root: str, file_name: str, without_supercategory: bool) -> str:

@@ -257,6 +257,29 @@ def test_inaturalist_annotation_problems_name_their_file_and_entry(tmp_path):
     assert build_dataset(False, _args(data_set='INAT', data_path=str(tmp_path)))[0].targets == [2, 0]
 
 
+def test_inaturalist_ids_and_classes_that_are_lists_or_objects_are_one_line(tmp_path):
+    """An id or a class value that is a JSON list or object (a damaged file) was a TypeError traceback
+    (unhashable type) wherever it was looked up."""
+    cases = [('val2018.json', lambda d: d['images'][0].update(id=[100]), 'val2018.json: the "id" of an image is [100]'),
+             ('val2018.json', lambda d: d['annotations'][0].update(image_id=[100]),
+              'val2018.json: the "image_id" of an annotation is [100]'),
+             ('train2018.json', lambda d: d['annotations'][1].update(category_id={'id': 1}),
+              'train2018.json: the "category_id" of an annotation is {\'id\': 1}'),
+             ('categories.json', lambda d: d[1].update(id=[1]), 'categories.json: the "id" of a category is [1]'),
+             ('categories.json', lambda d: d[2].update(name=['fern']),
+              'categories.json: the "name" of category 2 is [\'fern\']')]
+    for i, (name, edit, expected) in enumerate(cases):
+        root = tmp_path / str(i)
+        root.mkdir()
+        _inaturalist(root, {'train': [0, 1, 2], 'val': [2, 0]})
+        data = json.loads((root / name).read_text())
+        edit(data)
+        (root / name).write_text(json.dumps(data))
+        with pytest.raises(UserError) as e:
+            build_dataset(False, _args(data_set='INAT', data_path=str(root)))
+        assert str(e.value) == f'{root}/{expected}: not a single value (a number or a string)'
+
+
 def test_inaturalist_annotation_file_that_cannot_be_read_is_one_line(tmp_path, monkeypatch):
     """An annotation file that is there but cannot be opened (permission denied: faked, as root reads everything)
     was a PermissionError traceback."""
