@@ -310,8 +310,10 @@ def _inat_labels(data, cat_value: dict, path: str, cat_path: str) -> dict:
             raise UserError(f'{path}: an annotation without an "image_id" and a "category_id": {a!r:.80}')
         _json_key(a['image_id'], f'{path}: the "image_id" of an annotation')
         if _json_key(a['category_id'], f'{path}: the "category_id" of an annotation') not in cat_value:
-            raise UserError(f'{path}: image {a["image_id"]} is annotated with category {a["category_id"]}, which '
-                            f'{cat_path} does not list')
+            twin = next((c for c in cat_value if str(c) == str(a['category_id'])), None)
+            raise UserError(f'{path}: image {a["image_id"]} is annotated with category {a["category_id"]!r}, which '
+                            f'{cat_path} does not list' + (f' (it lists {twin!r}: a number and a string are different '
+                                                           f'ids)' if twin is not None else ''))
         value = cat_value[a['category_id']]
         if labels.setdefault(a['image_id'], value) != value:
             raise UserError(f'{path}: image {a["image_id"]} is annotated twice, as {labels[a["image_id"]]} and '

@@ -243,6 +243,9 @@ def test_inaturalist_annotation_problems_name_their_file_and_entry(tmp_path):
     assert damaged(lambda d: d['annotations'].pop()) == 'ROOT/val2018.json: image 101 (val_1.jpg) has no annotation'
     assert damaged(lambda d: d['annotations'][1].update(category_id=7), 'train2018.json') == (
         'ROOT/train2018.json: image 101 is annotated with category 7, which ROOT/categories.json does not list')
+    assert damaged(lambda d: d['annotations'][1].update(category_id='1'), 'train2018.json') == (  # was 'category 1'
+        "ROOT/train2018.json: image 101 is annotated with category '1', which ROOT/categories.json does not list (it "
+        "lists 1: a number and a string are different ids)")
     assert damaged(lambda d: d['annotations'].append({'image_id': 100, 'category_id': 1})) == (
         'ROOT/val2018.json: image 100 is annotated twice, as fern and cat')
     assert damaged(lambda d: d[1].pop('name'), 'categories.json') == (
