@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 import datetime
+import unicodedata
 from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
@@ -858,11 +859,19 @@ def check_same_classes(args, dataset_val, dataset_train=None) -> None:
     if train == val:
         return
     only_val, only_train = sorted(set(val) - set(train)), sorted(set(train) - set(val))
-    parts = [f'only in {split}/: {few_names(names)}' for split, names in (('val', only_val), ('train', only_train))
-             if names]
+    parts = [f'only in {split}/: {few_names(as_told_apart(names, others))}'
+             for split, names, others in (('val', only_val, only_train), ('train', only_train, only_val)) if names]
     raise UserError(f'the class folders of train/ and val/ under {args.data_path} differ ({"; ".join(parts)}): '
                     f'labels are positions in the sorted folder list, so classes after the first difference would be '
                     f'scored against another class\'s label')
+
+
+def as_told_apart(names: Sequence[str], others: Sequence[str]) -> List[str]:
+    """``names`` to print beside ``others``: one that differs from one of them only in its Unicode form (an accent
+    as one character or as two, as a copy from macOS can leave it) is printed escaped, where it shows the
+    difference."""
+    twins = {unicodedata.normalize('NFC', n) for n in others}
+    return [ascii(n) if unicodedata.normalize('NFC', n) in twins else n for n in names]
 
 
 def few_names(names: List[str], n: int = 5) -> str:
@@ -1575,9 +1584,10 @@ def check_recorded_classes(checkpoint: dict, dataset, args, split: str, continui
     whose, there = ((f'of the run {path} continues', 'the run') if continuing
                     else (f'{named} was trained on', 'the file'))
     remedy = 'give a teacher trained on these classes' if teacher else 'give the --data-path it used'
+    theirs, ours = (str(names[first]) if first < len(names) else 'none' for names in (saved, current))
+    theirs, ours = as_told_apart([theirs], [ours])[0], as_told_apart([ours], [theirs])[0]
     raise UserError(f'the {split} classes under {args.data_path} are not those {whose} (label {first}: '
-                    f'{saved[first] if first < len(saved) else "none"} in {there}, '
-                    f'{current[first] if first < len(current) else "none"} here): {remedy}')
+                    f'{theirs} in {there}, {ours} here): {remedy}')
 
 
 def run_finetune(args, device: torch.device) -> Dict[str, float]:

@@ -227,6 +227,25 @@ def test_eval_on_image_folders_of_a_file_trained_on_labels_without_names(capsys,
     assert code == 0, err
 
 
+def test_class_names_that_differ_only_in_their_unicode_form_are_told_apart(capsys, world, tmp_path):
+    """A folder name with an accent written as one character in train/ and as two in val/ (a copy from macOS) was
+    refused as 'only in val/: émile; only in train/: émile', the same name twice; it is now printed escaped."""
+    import unicodedata
+    composed, decomposed = unicodedata.normalize('NFC', 'émile'), unicodedata.normalize('NFD', 'émile')
+    data = make_image_folder(tmp_path / 'data', classes=('a', composed), per_class=(2, 2), size=(32, 32))
+    os.rename(os.path.join(data, 'val', composed), os.path.join(data, 'val', decomposed))
+    line = assert_one_line_error(capsys, ['--eval', '--resume', world['dense'], '--data-path', data],
+                                 EXIT_USER_ERROR, r'^error: the class folders of train/ and val/')
+    assert "(only in val/: 'e\\u0301mile'; only in train/: '\\xe9mile')" in line
+    checkpoint = torch.load(world['dense'])
+    checkpoint['classes'] = ['a', composed]
+    torch.save(checkpoint, tmp_path / 'named.pth')
+    shutil.rmtree(os.path.join(data, 'train'))
+    line = assert_one_line_error(capsys, ['--eval', '--resume', tmp_path / 'named.pth', '--data-path', data],
+                                 EXIT_USER_ERROR, r'^error: the validation classes under ')
+    assert "(label 1: '\\xe9mile' in the file, 'e\\u0301mile' here)" in line
+
+
 def test_checkpoint_with_non_finite_weights(capsys, world, tmp_path):
     """NaN or infinite weights compute nothing: --eval printed an accuracy of 0% without a word."""
     checkpoint = torch.load(world['dense'])
