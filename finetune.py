@@ -1566,8 +1566,10 @@ def check_recorded_classes(checkpoint: dict, dataset, args, split: str, continui
     path = args.teacher_path if teacher else args.resume
     named = f'the teacher {path}' if teacher else path
     saved, current = checkpoint.get('classes'), class_names(dataset)
-    if not continuing and (current is None or not isinstance(saved, (list, tuple))):
-        # labels without names on one side (iNaturalist, DIGITS, or a file that records none): the data set says
+    named_alike = isinstance(saved, (list, tuple)) and current is not None and list(saved) == current
+    if not continuing and not named_alike:
+        # labels without names on one side (iNaturalist, DIGITS, or a file that records none), or other names: the
+        # data set the file records says first (a file of another one is refused for that, not for its names)
         recorded = checkpoint_args(checkpoint)
         parser = get_args_parser()
         for dest in CLASSES_OF_THE_RUN:
@@ -1577,8 +1579,7 @@ def check_recorded_classes(checkpoint: dict, dataset, args, split: str, continui
                           else f'give {spell(parser, dest, value)}')
                 raise UserError(f'{named} was trained with {spell(parser, dest, value)}, whose labels name '
                                 f'other classes than {spell(parser, dest, getattr(args, dest))}: {remedy}')
-        return
-    if not isinstance(saved, (list, tuple)) or current is None or list(saved) == current:
+    if not isinstance(saved, (list, tuple)) or current is None or named_alike:
         return
     first = next((i for i, (a, b) in enumerate(zip(saved, current)) if a != b), min(len(saved), len(current)))
     whose, there = ((f'of the run {path} continues', 'the run') if continuing

@@ -246,6 +246,25 @@ def test_class_names_that_differ_only_in_their_unicode_form_are_told_apart(capsy
     assert "(label 1: '\\xe9mile' in the file, 'e\\u0301mile' here)" in line
 
 
+def test_a_file_of_another_data_set_with_named_classes_is_refused_for_its_data_set():
+    """A file trained on image folders (its class names recorded) evaluated on CIFAR-100 (whose classes have names
+    too) was refused for its names, told to 'give the --data-path it used': the data set is what differs."""
+    import argparse
+    args = argparse.Namespace(resume='/x/imnet.pth', teacher_path='', data_set='CIFAR', data_path='/data/cifar',
+                              inat_category='name')
+    checkpoint = {'args': {'data_set': 'IMNET'}, 'classes': ['n01', 'n02']}
+    cifar = argparse.Namespace(classes=['apple', 'aquarium_fish'])
+    with pytest.raises(UserError) as e:
+        finetune.check_recorded_classes(checkpoint, cifar, args, 'validation')
+    assert str(e.value) == ('/x/imnet.pth was trained with --data-set IMNET, whose labels name other classes than '
+                            '--data-set CIFAR: give --data-set IMNET')
+    checkpoint['classes'] = ['apple', 'aquarium_fish']  # the same names (CIFAR's, as image folders): the same labels
+    finetune.check_recorded_classes(checkpoint, cifar, args, 'validation')
+    args.data_set, checkpoint['classes'] = 'IMNET', ['apple', 'n03']  # the same data set, other folders: the names say
+    with pytest.raises(UserError, match=r'\(label 1: n03 in the file, aquarium_fish here\): give the --data-path'):
+        finetune.check_recorded_classes(checkpoint, cifar, args, 'validation')
+
+
 def test_checkpoint_with_non_finite_weights(capsys, world, tmp_path):
     """NaN or infinite weights compute nothing: --eval printed an accuracy of 0% without a word."""
     checkpoint = torch.load(world['dense'])
