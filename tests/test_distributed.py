@@ -259,3 +259,36 @@ def test_launch_without_use_env_passes_local_rank_which_is_accepted():
     for flag in ('--local-rank=1', '--local_rank=1'):
         args = finetune.get_args_parser().parse_args([flag])
         assert args.local_rank == 1
+
+
+@pytest.mark.parametrize('device, world, current', [('cuda:1', None, 1), ('cuda', None, None), ('cpu', None, None),
+                                                    ('cuda', '2', 1)])
+def test_the_gpu_a_process_runs_on_is_made_its_current_device(monkeypatch, device, world, current):
+    """torch puts on the current device what it is not told where: the context of pinned batches (the DataLoader's
+    pin-memory thread takes the current device), cuBLAS handles and the like.  One process on --device cuda:1
+    left the current device at GPU 0, so it made a CUDA context there too (memory taken on a GPU the user chose
+    not to use, and an error where GPU 0 is full or in exclusive mode); every process of a launcher takes the GPU
+    of its LOCAL_RANK before it joins the process group.  CUDA and the rendezvous are simulated."""
+    import argparse
+    import torch.distributed as dist
+    from utils import init_distributed_mode
+    calls = []
+    monkeypatch.setattr(torch.cuda, 'set_device', lambda d: calls.append(('set_device', torch.device('cuda', d)
+                                                                            if isinstance(d, int) else d)))
+    monkeypatch.setattr(dist, 'init_process_group', lambda *a, **k: calls.append(('init', k['backend'])))
+    monkeypatch.setattr(dist, 'barrier', lambda *a, **k: None)
+    for name in ('WORLD_SIZE', 'RANK', 'LOCAL_RANK'):
+        monkeypatch.delenv(name, raising=False)
+    if world:
+        monkeypatch.setenv('WORLD_SIZE', world)
+        monkeypatch.setenv('RANK', '1')
+        monkeypatch.setenv('LOCAL_RANK', '1')
+        monkeypatch.setenv('MASTER_ADDR', '127.0.0.1')
+        monkeypatch.setenv('MASTER_PORT', '29500')
+    args = argparse.Namespace(device=device)
+    init_distributed_mode(args)
+    expected = [] if current is None else [('set_device', torch.device('cuda', current))]
+    if world:
+        expected.append(('init', 'nccl'))
+    assert calls == expected
+    assert args.device == (f'cuda:{current}' if current is not None else device)

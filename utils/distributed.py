@@ -58,10 +58,15 @@ def init_distributed_mode(args) -> None:
     """Join the process group set up by ``torch.distributed.launch --use_env`` or ``torchrun``.
 
     NCCL on CUDA, gloo otherwise. Sets ``args.distributed``, ``args.rank``, ``args.world_size``, ``args.gpu``.
+    The process's GPU becomes its current device (that of LOCAL_RANK; ``--device cuda:N`` for a single process),
+    where torch puts what it is not told where: the context of pinned batches, cuBLAS handles.  Left at GPU 0,
+    a process on another GPU would open a CUDA context on GPU 0 as well.
     """
     args.rank, args.world_size, args.gpu = launcher_ranks()
     if args.world_size == 1:
         args.distributed = False
+        if args.device.startswith('cuda') and torch.device(args.device).index is not None:
+            torch.cuda.set_device(torch.device(args.device))
         return
     args.distributed = True
     if args.device.startswith('cuda'):
