@@ -1746,8 +1746,8 @@ class Terminated(BaseException):
 
 # What stops a run midway and is reported with what the run has kept: the stage that knows sets it on the
 # exception as ``kept`` (:func:`_what_is_kept`).  RuntimeError: torch's out-of-memory errors (the GPU's
-# OutOfMemoryError; the CPU allocator's plain RuntimeError, see _cpu_out_of_memory) and a lost peer; any other
-# RuntimeError carries ``kept`` unread and is raised as it is.
+# OutOfMemoryError; the CPU allocator's plain RuntimeError, see _cpu_out_of_memory; CUDA's own, see
+# _cuda_out_of_memory) and a lost peer; any other RuntimeError carries ``kept`` unread and is raised as it is.
 # BadImageError: an image that cannot be read, found when the run reaches it (a user error, said with what is kept);
 # OutputWriteError: a checkpoint or log that cannot be written (a full disk), likewise.
 STOPS_MIDWAY = (KeyboardInterrupt, Terminated, RuntimeError, BadImageError, OutputWriteError)
@@ -1825,6 +1825,14 @@ def _cpu_out_of_memory(e: BaseException) -> Optional[str]:
     return found and f'Tried to allocate {int(found.group(1)) / 2 ** 30:.2f} GiB'
 
 
+def _cuda_out_of_memory(e: BaseException) -> Optional[str]:
+    """For CUDA's own out-of-memory errors, raised where memory is taken outside torch's caching allocator (a CUDA
+    context, cuBLAS's or cuDNN's handles and workspaces, pinned host memory: a plain RuntimeError, not
+    OutOfMemoryError), the error; None for any other error."""
+    found = re.search(r'CUDA error: out of memory|CUBLAS_STATUS_ALLOC_FAILED|CUDNN_STATUS_ALLOC_FAILED', str(e))
+    return found and found.group(0)
+
+
 def _past_64_bits(e: BaseException) -> Optional[str]:
     """For torch's error when a tensor's size in bytes does not fit in 64 bits (a batch or an image size that no
     machine holds), the sizes asked for; None for any other error."""
@@ -1837,8 +1845,8 @@ def out_of_memory(args, e: BaseException) -> str:
     has), the batch that did it and the way round it, and what the run has kept."""
     sentences = re.split(r'(?<=\.)\s+', one_line(e))
     figures = ' '.join(x for x in sentences if x.startswith(('Tried to allocate', 'GPU '))) or one_line(e)[:200]
-    cpu, past = _cpu_out_of_memory(e), _past_64_bits(e)
-    where, figures = ('CPU', f'{cpu}, which the allocator refused') if cpu else ('GPU', figures)
+    cpu, past, cuda = _cpu_out_of_memory(e), _past_64_bits(e), _cuda_out_of_memory(e)
+    where, figures = ('CPU', f'{cpu}, which the allocator refused') if cpu else ('GPU', cuda or figures)
     if past:
         where, figures = ('GPU' if str(args.device).startswith('cuda') else 'CPU'), past
     hint = 'a smaller --batch-size' + (' or --input-size' if past else '') + ' needs less'
@@ -1874,7 +1882,7 @@ def main(argv=None) -> int:
         print_line(f'{prefix}terminated (SIGTERM); {_what_is_kept(e)}', file=sys.stderr)
         return EXIT_TERMINATED
     except RuntimeError as e:
-        if _cpu_out_of_memory(e) or _past_64_bits(e):
+        if _cpu_out_of_memory(e) or _past_64_bits(e) or _cuda_out_of_memory(e):
             print_line(f'{prefix}error: {out_of_memory(args, e)}', file=sys.stderr)
             return EXIT_OUT_OF_MEMORY
         if not _lost_peer(e):

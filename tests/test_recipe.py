@@ -964,6 +964,38 @@ def test_out_of_gpu_memory_is_one_line_with_the_batch_and_what_was_kept(capsys, 
                                       f'nothing was written')
 
 
+# What torch raises (torch.AcceleratorError where it has one) for CUDA's own errors: the error, then CUDA's advice
+CUDA_ADVICE = ('\nCUDA kernel errors might be asynchronously reported at some other API call, so the stacktrace below '
+               'might be incorrect.\nFor debugging consider passing CUDA_LAUNCH_BLOCKING=1\nCompile with '
+               '`TORCH_USE_CUDA_DSA` to enable device-side assertions.\n')
+
+
+def test_out_of_gpu_memory_outside_torchs_allocator_is_one_line_too(capsys, monkeypatch, world):
+    """CUDA's own out-of-memory errors (a CUDA context, cuBLAS's handle or workspace, pinned host memory: memory not
+    taken through torch's caching allocator) come as a plain RuntimeError, not OutOfMemoryError: the same one line
+    as torch's (they were a traceback); another CUDA error stays a traceback."""
+    error = getattr(torch, 'AcceleratorError', RuntimeError)
+    for text, said in (('CUDA error: out of memory', 'CUDA error: out of memory'),
+                       ('CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`',
+                        'CUBLAS_STATUS_ALLOC_FAILED')):
+        def raise_it(*args, **kwargs):
+            raise error(text + CUDA_ADVICE)
+
+        monkeypatch.setattr(finetune, 'evaluate', raise_it)
+        code, _, err = cli(capsys, '--eval', '--resume', world['dense'], '--data-path', world['data'],
+                           '--batch-size', 8)
+        assert (code, err.strip()) == (1, f'error: out of GPU memory ({said}) with --batch-size 8 per process: a '
+                                          f'smaller --batch-size needs less (evaluation batches are 1.5 times it); '
+                                          f'nothing was written')
+
+    def illegal_access(*args, **kwargs):
+        raise error('CUDA error: an illegal memory access was encountered' + CUDA_ADVICE)
+
+    monkeypatch.setattr(finetune, 'evaluate', illegal_access)
+    with pytest.raises(RuntimeError, match='illegal memory access'):
+        cli(capsys, '--eval', '--resume', world['dense'], '--data-path', world['data'], '--batch-size', 8)
+
+
 def test_out_of_cpu_memory_is_one_line_too(capsys, monkeypatch, world, tmp_path):
     """torch's CPU allocator raises a plain RuntimeError when it cannot allocate (not the GPU's OutOfMemoryError):
     the same one line, naming the CPU, with what was asked for; and the finetuning run says what it kept."""
