@@ -262,7 +262,7 @@ def test_launch_without_use_env_passes_local_rank_which_is_accepted():
 
 
 @pytest.mark.parametrize('device, world, current', [('cuda:1', None, 1), ('cuda', None, None), ('cpu', None, None),
-                                                    ('cuda', '2', 1)])
+                                                    ('cuda', '2', 1), ('cpu', '2', None)])
 def test_the_gpu_a_process_runs_on_is_made_its_current_device(monkeypatch, device, world, current):
     """torch puts on the current device what it is not told where: the context of pinned batches (the DataLoader's
     pin-memory thread takes the current device), cuBLAS handles and the like.  One process on --device cuda:1
@@ -276,7 +276,7 @@ def test_the_gpu_a_process_runs_on_is_made_its_current_device(monkeypatch, devic
     monkeypatch.setattr(torch.cuda, 'set_device', lambda d: calls.append(('set_device', torch.device('cuda', d)
                                                                             if isinstance(d, int) else d)))
     monkeypatch.setattr(dist, 'init_process_group', lambda *a, **k: calls.append(('init', k['backend'])))
-    monkeypatch.setattr(dist, 'barrier', lambda *a, **k: None)
+    monkeypatch.setattr(dist, 'barrier', lambda *a, **k: calls.append(('barrier', k.get('device_ids'))))
     for name in ('WORLD_SIZE', 'RANK', 'LOCAL_RANK'):
         monkeypatch.delenv(name, raising=False)
     if world:
@@ -288,7 +288,7 @@ def test_the_gpu_a_process_runs_on_is_made_its_current_device(monkeypatch, devic
     args = argparse.Namespace(device=device)
     init_distributed_mode(args)
     expected = [] if current is None else [('set_device', torch.device('cuda', current))]
-    if world:
-        expected.append(('init', 'nccl'))
+    if world:  # (unnamed, NCCL's barrier warns that it guesses the GPU: named, it is the process's; gloo takes none)
+        expected += [('init', 'gloo'), ('barrier', None)] if current is None else [('init', 'nccl'), ('barrier', [1])]
     assert calls == expected
     assert args.device == (f'cuda:{current}' if current is not None else device)

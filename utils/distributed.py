@@ -77,7 +77,8 @@ def init_distributed_mode(args) -> None:
         backend = 'gloo'
     dist.init_process_group(backend=backend, init_method='env://', world_size=args.world_size, rank=args.rank,
                             timeout=datetime.timedelta(minutes=30))
-    dist.barrier()
+    # NCCL's barrier is an all-reduce on a GPU: named, it is this process's (unnamed, torch warns that it guesses)
+    dist.barrier(**({'device_ids': [args.gpu]} if backend == 'nccl' else {}))
 
 
 def is_dist() -> bool:
