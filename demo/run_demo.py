@@ -54,18 +54,17 @@ MODEL = 'deit_digits_patch4_32'
 CONFIGS = [('attn', 0.25), ('attn', 0.40), ('random', 0.25)]  # (prune mode, prune rate)
 ROW_KEYS = ('name', 'prune_mode', 'prune_rate', 'finetuned', 'acc1', 'gflops', 'throughput')
 # The training recipe for this small shape: AdamW, label smoothing 0.1, +-2 px shifts (built into DIGITS), batch 64,
-# cosine schedule. Every flag the runs depend on is given here, even where it equals the CLI's current default, so
-# that a change of finetune.py's defaults (e.g. to the paper's ImageNet recipe) does not change the demo. The
-# scheduler flags other than --sched/--min-lr/--warmup-lr do not act on a cosine schedule with these epochs, and
-# are pinned anyway; --lr and --warmup-epochs are given per stage. --uniform-lr: every parameter group follows the
-# schedule (the paper's finetuning keeps weight matrices at 1e-6, which would leave a teacher trained from scratch
-# untrained).
-RECIPE = ['--uniform-lr', '--no-repeated-aug', '--opt', 'adamw', '--opt-eps', '1e-8', '--momentum', '0.9',
-          '--weight-decay', '0.05', '--smoothing', '0.1', '--unscale-lr',
-          '--sched', 'cosine', '--min-lr', '1e-5', '--warmup-lr', '1e-6', '--decay-epochs', '30',
-          '--cooldown-epochs', '10', '--patience-epochs', '10', '--decay-rate', '0.1',
-          '--mixup', '0', '--cutmix', '0', '--reprob', '0', '--aa', 'none', '--drop', '0', '--drop-path', '0',
-          '--no-model-ema']
+# cosine schedule. Every flag the runs act on is given here, even where it equals the CLI's current default, so that
+# a change of finetune.py's defaults (e.g. to the paper's ImageNet recipe) does not change the demo; a flag they do
+# not act on is left out, as finetune.py would note it as having no effect (the step and plateau schedules' flags
+# under cosine, the cool-down after --final_finetune, momentum with adamw, DIGITS' fixed transform's --aa and
+# --reprob, repeated augmentation in one process). --lr and the warm-up (WARMUP_LR where there is one) are given
+# per stage. --uniform-lr: every parameter group follows the schedule (the paper's finetuning keeps weight
+# matrices at 1e-6, which would leave a teacher trained from scratch untrained).
+RECIPE = ['--uniform-lr', '--opt', 'adamw', '--opt-eps', '1e-8', '--weight-decay', '0.05', '--smoothing', '0.1',
+          '--unscale-lr', '--sched', 'cosine', '--min-lr', '1e-5', '--mixup', '0', '--cutmix', '0', '--drop', '0',
+          '--drop-path', '0', '--no-model-ema']
+WARMUP_LR = ['--warmup-lr', '1e-6']  # (with --warmup-epochs 0 it has no effect: given only with a warm-up)
 # Soft distillation from the dense teacher, as in the paper's finetuning.
 DISTILL = ['--distillation-type', 'soft', '--distillation-alpha', '0.5', '--distillation-tau', '1.0']
 
@@ -236,14 +235,27 @@ def common_args(seed: int, device: Optional[str]) -> List[str]:
 
 def evaluation_args(common: List[str]) -> List[str]:
     """``common_args`` without ``--seed``, which an evaluation does not read (finetune.py would note it)."""
-    at = common.index('--seed')
-    return common[:at] + common[at + 2:]
+    return without(common, '--seed')
+
+
+def speed_args(common: List[str]) -> List[str]:
+    """``common_args`` without the flags ``--speed-only`` does not read (it times random images and prints no
+    progress: finetune.py would note them)."""
+    return without(common, '--data-set', '--num_workers', '--print-freq')
+
+
+def without(argv: List[str], *flags: str) -> List[str]:
+    """``argv`` less each of ``flags`` and the value after it."""
+    for flag in flags:
+        at = argv.index(flag)
+        argv = argv[:at] + argv[at + 2:]
+    return argv
 
 
 def teacher_command(epochs: int, lr: float, common: List[str]) -> List[str]:
     """The flags the teacher is trained with (its folder and a --resume aside)."""
-    return common + RECIPE + ['--lr', str(lr), '--warmup-epochs', '2' if epochs > 5 else '0',
-                              '--final_finetune', str(epochs)]
+    warmup = ['--warmup-epochs', '2'] + WARMUP_LR if epochs > 5 else ['--warmup-epochs', '0']
+    return common + RECIPE + ['--lr', str(lr)] + warmup + ['--final_finetune', str(epochs)]
 
 
 # Flags that say where and how a run goes, not what it trains (and the model, which a run records under its cc_
@@ -478,8 +490,9 @@ def run(a: argparse.Namespace) -> int:
         log = os.path.join(out, f'speed_{tag}.txt')
         if os.path.isfile(log):
             os.remove(log)  # the log is appended to: an earlier run's timings would precede these
-        speed[tag] = cli(common + ['--speed-only', '--resume', finetuned[tag], '--speed-repeats',
-                                   str(a.speed_repeats), '--speed-warmup', '5'], log, f'speed {tag}', a.verbose)
+        speed[tag] = cli(speed_args(common) + ['--speed-only', '--resume', finetuned[tag], '--speed-repeats',
+                                               str(a.speed_repeats), '--speed-warmup', '5'], log, f'speed {tag}',
+                         a.verbose)
     timings['speed'] = time.time() - t
 
     # 5. results.json and the table ---------------------------------------------------------------------------

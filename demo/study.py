@@ -589,7 +589,7 @@ def report(argv: Sequence[str], results: dict, table: str) -> str:
         "seed's Taylor masks are planned from its own scoring pass and saved in its own file), and orders and "
         "shifts the images of the finetuning. Taylor and random runs of the same seed share that data order, "
         "which is why the comparison is paired by seed.",
-        f"Recipe (the demo's, every flag explicit): `{' '.join(cfg['recipe'])}`; finetuning "
+        f"Recipe (the demo's, every flag it acts on explicit): `{' '.join(cfg['recipe'])}`; finetuning "
         f"`--lr {cfg['finetune_lr']} --warmup-epochs 0`, {ft}, `{' '.join(cfg['distillation'])}`; Taylor scores "
         f"over {scoring}. Accuracy after finetuning is the last epoch's, not the best epoch's on the validation "
         f"set.",

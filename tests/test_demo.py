@@ -358,6 +358,32 @@ def test_run_demo_speed_logs_hold_this_runs_timings_only(tmp_path, monkeypatch, 
     assert seen == [False] * len(logs)
 
 
+@pytest.mark.parametrize('epochs', [['--quick'], ['--teacher-epochs', '6', '--finetune-epochs', '1']])
+def test_run_demo_passes_finetune_no_flag_it_notes_as_unused(epochs, tmp_path, monkeypatch, capsys):
+    """Every finetune.py command of the demo (teacher with and without a warm-up, Taylor and random pruning,
+    finetuning, evaluations, timings) is given only flags it acts on: finetune.py notes none as having no effect
+    (the recipe passed the cosine schedule step/plateau flags, momentum with adamw, --aa and --reprob on DIGITS,
+    --no-repeated-aug in one process, --warmup-lr without a warm-up, and --data-set to --speed-only)."""
+    import finetune
+    out = tmp_path / 'out'
+    commands = []
+
+    def cli(argv, log_path, *args, **kwargs):
+        commands.append(argv)
+        if sum('--speed-only' in c for c in commands) == len(run_demo.CONFIGS):
+            raise SystemExit('stop after the speed stage')
+        return {'acc1': 50.0}
+    monkeypatch.setattr(run_demo, 'cli', cli)
+    monkeypatch.setattr(run_demo, 'last_json_line', lambda path: {'gflops': 0.03, 'channels': [65] * 6})
+    with pytest.raises(SystemExit, match='stop after the speed stage'):
+        run_demo.main(epochs + ['--device', 'cpu', '--out', str(out)])
+    kinds = {('--prune' in c, '--eval' in c, '--speed-only' in c, '--teacher-path' in c) for c in commands}
+    assert len(kinds) == 5 and any('random' in c for c in commands), commands  # every kind of command was seen
+    parser = finetune.get_args_parser()
+    for argv in commands:
+        assert finetune.unused_flag_notes(parser.parse_args(argv), parser) == [], argv
+
+
 def test_run_demo_write_failure_midway_is_one_error_line(tmp_path, monkeypatch, capsys):
     """A result that cannot be written midway (the atomic writer's error: a full disk) ends the run with one
     `error:` line and exit code 2, not a traceback."""
