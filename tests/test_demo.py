@@ -94,7 +94,13 @@ def test_markdown_table_printed(quick_demo):
         cells = [c.strip() for c in line.strip('|').split('|')]
         assert line.count('|') == ncols
         assert cells[0] == row['name'] and cells[1] == f"{row['acc1']:.1f}"
-    assert 'Taylor' in stdout and 'random' in stdout
+    # the verdict lines: the gap shown is the gap between the figures shown (one image is 0.28 points)
+    verdicts = re.findall(r'^At prune rate 0\.25, (?:before|after) finetuning: Taylor (\d+\.\d\d)% '
+                          r'(beats|ties with|loses to) random (\d+\.\d\d)% \(([+-]\d+\.\d\d) points\)$', stdout, re.M)
+    assert len(verdicts) == 2, stdout[-3000:]
+    for taylor, verdict, rand, gap in verdicts:
+        assert abs(float(taylor) - float(rand) - float(gap)) <= 0.011
+        assert verdict == ('beats' if float(gap) > 0 else 'ties with' if float(gap) == 0 else 'loses to')
 
 
 @pytest.mark.slow
