@@ -8,7 +8,7 @@ token, not a patch).
 
     python demo/draw_masks.py --resume runs/demo/finetune_attn_0.25/checkpoint.pth --data-path DIGITS \
         --out masks.png
-    python demo/draw_masks.py --resume output/pruned_0.25.pth --model deit_tiny_patch16_224 \
+    python demo/draw_masks.py --resume pruned_0.25.pth --model deit_tiny_patch16_224 \
         --data-path /path/to/imagenet/val --num-images 3 --out masks.png
 
 ``--data-path`` is an image folder (searched recursively; a ``val/`` inside is preferred) or ``DIGITS``
