@@ -840,7 +840,10 @@ def main(argv=None) -> None:
             raise ValueError(f'--gpu {args.gpu or default_gpu}: not the GPU run the speed table shows ({problem})')
         lines = readme_speed_table(cpu, gpu)
         if args.write_readme is None:
-            print('\n'.join(lines))
+            try:
+                print('\n'.join(lines), flush=True)
+            except BrokenPipeError:  # (a reader that stopped early, `| head`): it has what it wanted
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
             return
         try:
             with open(args.write_readme) as f:

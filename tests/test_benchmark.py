@@ -7,6 +7,7 @@ import math
 import os
 import re
 import statistics
+import shlex
 import shutil
 import subprocess
 import sys
@@ -880,6 +881,12 @@ def test_report_runs_by_path_from_anywhere_and_a_mistyped_flag_is_one_line(tmp_p
                           timeout=120)
     assert typo.returncode == 2 and typo.stdout == ''
     assert typo.stderr == 'error: unrecognized arguments: --gup x.json (see --help)\n', typo.stderr
+    # a reader that stops before the table is written (`| head -1` on a slow pipe; here `| true`, which reads
+    # nothing): no BrokenPipeError traceback, and the status of a reader that has what it wanted
+    piped = subprocess.run(f'{shlex.quote(sys.executable)} {shlex.quote(script[1])} | true; echo "${{PIPESTATUS[0]}}"',
+                           shell=True, executable='/bin/bash', capture_output=True, text=True, env=env, cwd=tmp_path,
+                           timeout=120)
+    assert piped.stdout == '0\n' and piped.stderr == '', piped.stderr
 
 
 # ---------------------------------------------------------------------------------------------------------------
