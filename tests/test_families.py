@@ -10,7 +10,7 @@ import pytest
 import timm
 import torch
 import torch.nn as nn
-from timm.models.vision_transformer import Block
+from timm.models.vision_transformer import Block, VisionTransformer
 from torch.utils.flop_counter import FlopCounterMode
 
 import models
@@ -319,11 +319,10 @@ class _ImagesOnlyViT(timm.models.vision_transformer.VisionTransformer):
         return super().forward(x).softmax(-1)
 
 
-@pytest.mark.parametrize('cls', [_ProbabilitiesViT, _ImagesOnlyViT])
-def test_a_subclass_with_its_own_forward_runs_that_forward(cls):
-    """The conversion puts its forward before the class's: a subclass's own forward must still run, dense (equal to
-    the subclass's model) and pruned (the reference semantics, then the subclass's step)."""
-    kwargs = dict(img_size=64, patch_size=16, depth=3, embed_dim=64, num_heads=2, num_classes=5)
+def _subclass_pair(cls, **extra):
+    """(``cls``'s model, the same weights converted to Clip & Concat, images), small; the conversion with every
+    mask True checked equal to the model itself."""
+    kwargs = dict(img_size=64, patch_size=16, depth=3, embed_dim=64, num_heads=2, num_classes=5, **extra)
     torch.manual_seed(0)
     reference = cls(**kwargs).eval()
     cc = cls(**kwargs)
@@ -332,6 +331,15 @@ def test_a_subclass_with_its_own_forward_runs_that_forward(cls):
     x = images(cc)
     with torch.no_grad():
         assert torch.equal(cc(x), reference(x))
+    return reference, cc, x
+
+
+@pytest.mark.parametrize('cls', [_ProbabilitiesViT, _ImagesOnlyViT])
+def test_a_subclass_with_its_own_forward_runs_that_forward(cls):
+    """The conversion puts its forward before the class's: a subclass's own forward must still run, dense (equal to
+    the subclass's model) and pruned (the reference semantics, then the subclass's step)."""
+    reference, cc, x = _subclass_pair(cls)
+    with torch.no_grad():
         pruning.apply_masks(cc, revisiting_plan(3, 16, seed=5))
         expected = reference_forward(cc, x, [m.clone() for m in cc.masks]).softmax(-1)
         assert (cc(x) - expected).abs().max().item() < 1e-6
@@ -347,16 +355,8 @@ class _DampedBlock(Block):
 
 
 def test_a_block_subclass_with_its_own_forward_runs_it_on_the_kept_tokens():
-    kwargs = dict(img_size=64, patch_size=16, depth=3, embed_dim=64, num_heads=2, num_classes=5,
-                  block_fn=_DampedBlock)
-    torch.manual_seed(0)
-    reference = timm.create_model('vit_small_patch16_224', **kwargs).eval()
-    cc = timm.create_model('vit_small_patch16_224', **kwargs)
-    cc.load_state_dict(reference.state_dict())
-    cc = models.apply_clip_concat(cc).eval()
-    x = images(cc)
+    reference, cc, x = _subclass_pair(VisionTransformer, block_fn=_DampedBlock)
     with torch.no_grad():
-        assert torch.equal(cc(x), reference(x))
         pruning.apply_masks(cc, revisiting_plan(3, 16, seed=6))
         t = cc.norm_pre(cc._pos_embed(cc.patch_embed(x)))
         order = torch.arange(t.shape[1])

@@ -903,14 +903,20 @@ def test_subclasses_with_a_forward_of_their_own_are_refused_at_build_time(part, 
     if part == 'ls':
         for blk in model.blocks:
             blk.ls1 = _OffsetLayerScale(blk.ls1.gamma.numel(), init_values=0.5)
-    model = model.to(DEVICE).eval()
-    plain = VisionTransformer(**{**TINY, 'init_values': 0.5 if part == 'ls' else None}).to(DEVICE).eval()
+    plain = VisionTransformer(**{**TINY, 'init_values': 0.5 if part == 'ls' else None})
+    _refused_at_build(model, plain, what, convert, seed=23)
+
+
+def _refused_at_build(model, plain, what, convert, seed):
+    """``model`` (a subclass computing otherwise than ``plain``, timm's, with the same weights), or its Clip &
+    Concat conversion with random masks, is refused by both backends' builds with ``what``."""
+    model, plain = model.to(DEVICE).eval(), plain.to(DEVICE).eval()
     plain.load_state_dict(model.state_dict())
-    x = images(seed=23)
+    x = images(seed=seed)
     assert not _close(model(x), plain(x))  # the subclass does change the result
     if convert:
         models.apply_clip_concat(model)
-        pruning.apply_masks(model, pruning.random_masks(3, 16, 0.3, generator=_gen(23)))
+        pruning.apply_masks(model, pruning.random_masks(3, 16, 0.3, generator=_gen(seed)))
     for backend in ('torch', 'triton'):
         with pytest.raises(ValueError, match=what):
             build_fast_path(model, backend=backend)
@@ -940,17 +946,7 @@ def test_models_with_a_forward_of_their_own_are_refused_at_build_time(cls, what,
     """The path computes timm's embedding, blocks and norm and calls the head: a model class that computes its
     output or its features otherwise would get timm's result without a word."""
     torch.manual_seed(29)
-    model = cls(**TINY).to(DEVICE).eval()
-    plain = VisionTransformer(**TINY).to(DEVICE).eval()
-    plain.load_state_dict(model.state_dict())
-    x = images(seed=29)
-    assert not _close(model(x), plain(x))  # the subclass does change the result
-    if convert:
-        models.apply_clip_concat(model)
-        pruning.apply_masks(model, pruning.random_masks(3, 16, 0.3, generator=_gen(29)))
-    for backend in ('torch', 'triton'):
-        with pytest.raises(ValueError, match=what):
-            build_fast_path(model, backend=backend)
+    _refused_at_build(cls(**TINY), VisionTransformer(**TINY), what, convert, seed=29)
 
 
 @torch.no_grad()

@@ -231,14 +231,7 @@ def test_inaturalist_annotation_problems_name_their_file_and_entry(tmp_path):
     KeyError's bare id, or the validation file's name for a problem of the training file's, said neither)."""
     def damaged(edit, name='val2018.json'):
         root = tmp_path / name.replace('.json', '') / str(len(list(tmp_path.iterdir())))
-        root.mkdir(parents=True)
-        _inaturalist(root, {'train': [0, 1, 2], 'val': [2, 0]})
-        data = json.loads((root / name).read_text())
-        edit(data)
-        (root / name).write_text(json.dumps(data))
-        with pytest.raises(UserError) as e:
-            build_dataset(False, _args(data_set='INAT', data_path=str(root)))
-        return str(e.value).replace(str(root), 'ROOT')
+        return _damaged_inaturalist_error(root, name, edit).replace(str(root), 'ROOT')
 
     assert damaged(lambda d: d['annotations'].pop()) == 'ROOT/val2018.json: image 101 (val_1.jpg) has no annotation'
     assert damaged(lambda d: d['annotations'][1].update(category_id=7), 'train2018.json') == (
@@ -273,14 +266,21 @@ def test_inaturalist_ids_and_classes_that_are_lists_or_objects_are_one_line(tmp_
               'categories.json: the "name" of category 2 is [\'fern\']')]
     for i, (name, edit, expected) in enumerate(cases):
         root = tmp_path / str(i)
-        root.mkdir()
-        _inaturalist(root, {'train': [0, 1, 2], 'val': [2, 0]})
-        data = json.loads((root / name).read_text())
-        edit(data)
-        (root / name).write_text(json.dumps(data))
-        with pytest.raises(UserError) as e:
-            build_dataset(False, _args(data_set='INAT', data_path=str(root)))
-        assert str(e.value) == f'{root}/{expected}: not a single value (a number or a string)'
+        assert _damaged_inaturalist_error(root, name, edit) == f'{root}/{expected}: not a single value (a number or ' \
+                                                               f'a string)'
+
+
+def _damaged_inaturalist_error(root, name, edit) -> str:
+    """The one-line error of the validation set of a small iNaturalist 2018 under ``root`` whose file ``name`` was
+    changed by ``edit`` (of its parsed JSON)."""
+    root.mkdir(parents=True)
+    _inaturalist(root, {'train': [0, 1, 2], 'val': [2, 0]})
+    data = json.loads((root / name).read_text())
+    edit(data)
+    (root / name).write_text(json.dumps(data))
+    with pytest.raises(UserError) as e:
+        build_dataset(False, _args(data_set='INAT', data_path=str(root)))
+    return str(e.value)
 
 
 def test_inaturalist_annotation_file_that_cannot_be_read_is_one_line(tmp_path, monkeypatch):
