@@ -65,6 +65,18 @@ def resolve_model(name: str) -> str:
                      f'C&C model (e.g. {SHORTCUTS["tiny"]})')
 
 
+def rates_pruning_nothing(timm_name: str, rates: List[float], label: Optional[str] = None) -> Dict[float, str]:
+    """{rate: why it prunes nothing} for each of ``rates`` that clips no (layer, patch) slot of ``timm_name``'s C&C
+    model (its blocks and patches read from a build on the meta device, which allocates nothing); ``label`` names
+    the model in the message (default: ``timm_name``)."""
+    with torch.device('meta'):
+        probe = models.create_model(timm_name)
+    depth, patches = len(probe.blocks), probe.patch_embed.num_patches
+    return {rate: f'{nothing} of {label or timm_name}: nothing would be pruned (a rate clips one from '
+                  f'1/{depth * patches} on)'
+            for rate in rates if (nothing := pruning.clips_nothing(depth, patches, rate))}
+
+
 def architecture(timm_name: str) -> str:
     """The network of a timm name without its pretrained tag ('deit_tiny_patch16_224' of
     'deit_tiny_patch16_224.fb_in1k'): the tag names weights, and the benchmark's are a seeded random init."""

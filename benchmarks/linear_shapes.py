@@ -144,7 +144,7 @@ def build_parser():
 
 
 def main(argv=None) -> int:
-    from benchmarks.formulations import resolve_model
+    from benchmarks.formulations import rates_pruning_nothing, resolve_model
     from utils import UserError, check_output_dir
     args = build_parser().parse_args(argv)
     # every mistake is found before any timing, and the GPU last, so the others are found on any machine
@@ -153,15 +153,9 @@ def main(argv=None) -> int:
             args.model = resolve_model(args.model)
         except ValueError as e:
             raise UserError(f'argument --model: {e}') from None
-        import models
-        import pruning
-        with torch.device('meta'):  # (allocates nothing)
-            probe = models.create_model(args.model)
-        depth, patches = len(probe.blocks), probe.patch_embed.num_patches
-        nothing = pruning.clips_nothing(depth, patches, args.rate)
+        nothing = rates_pruning_nothing(args.model, [args.rate])
         if nothing:
-            raise UserError(f'argument --rate: {nothing} of {args.model}: nothing would be pruned (a rate clips one '
-                            f'from 1/{depth * patches} on)')
+            raise UserError(f'argument --rate: {nothing[args.rate]}')
         check_output_dir(args.out, '--out')
         if not torch.cuda.is_available():
             raise UserError('argument --device: cuda: no CUDA GPU is available (this script measures cuBLAS)')

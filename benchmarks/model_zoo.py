@@ -80,8 +80,8 @@ from models.flops import patch_embed_macs  # noqa: E402
 from benchmarks import report  # noqa: E402
 from benchmarks.formulations import (  # noqa: E402
     REFERENCES, REGISTRY, CompileBudget, Context, Runs, ScatterRouting, architecture, blocks_as_identity, build_runs,
-    configure_dynamo, dense_label, image_shape, plan, pruned_copy, pruned_label, rate_tag, rebuild_for_batch,
-    resolve_model, rows_to_rebuild, run_blocks_ours, seeded_models, select, short_name, unavailable,
+    configure_dynamo, dense_label, image_shape, plan, pruned_copy, pruned_label, rate_tag, rates_pruning_nothing,
+    rebuild_for_batch, resolve_model, rows_to_rebuild, run_blocks_ours, seeded_models, select, short_name, unavailable,
 )
 from benchmarks.stats import Timings, as_fields, paired  # noqa: E402
 from engine import original_settings, steady_allocator  # noqa: E402
@@ -378,17 +378,13 @@ def _check(args, set_flags=frozenset()) -> None:
                              f'{rate_tag(rate)}%, the name of their rows')
         tags[rate_tag(rate)] = rate
     for name, timm_name in args.timm_models.items():
-        with torch.device('meta'):  # (allocates nothing)
-            probe = models.create_model(timm_name)
-        depth, patches = len(probe.blocks), probe.patch_embed.num_patches
-        slots = depth * patches
         # the rate sweep runs on the first model only
         sweep = [('--sweep-rates', r) for r in args.sweep_rates if r] if name == args.models[0] else []
-        for flag, rate in [('--rates', r) for r in args.rates] + sweep:
-            nothing = pruning.clips_nothing(depth, patches, rate)
-            if nothing:
-                raise UsageError(f'argument {flag}: {nothing} of {name}: nothing would be pruned (a rate clips one '
-                                 f'from 1/{slots} on)')
+        flags = [('--rates', r) for r in args.rates] + sweep
+        nothing = rates_pruning_nothing(timm_name, [rate for _, rate in flags], name)
+        for flag, rate in flags:
+            if rate in nothing:
+                raise UsageError(f'argument {flag}: {nothing[rate]}')
     if args.protocol != 'original' and args.original_passes is not None:
         raise UsageError('argument --original-passes: only with --protocol original')
     _check_no_effect(args, set_flags)
