@@ -19,7 +19,8 @@ def count_macs(model: nn.Module, channels: Optional[List[int]] = None) -> int:
     ``SwiGLU``, ``GeGluMlp``: two products of width ``H`` multiplied together, then ``H`` to ``C``) costs ``3nCH``:
     the MLP is priced as the sum of its linear layers, ``n`` times their weights.  LayerNorm, GELU, softmax,
     residual adds and the token routing are not counted (as in the paper).  An attention-pooling head is counted
-    over every token of the last block (:func:`attention_pool_macs`).  ``channels`` defaults to the model's kept counts (a plain timm ViT counts as dense).
+    over every token of the last block (:func:`attention_pool_macs`).  ``channels`` defaults to the model's kept
+    counts (a plain timm ViT counts as dense).
     """
     model = getattr(model, 'module', model)
     num_tokens = model.patch_embed.num_patches + model.num_prefix_tokens
@@ -45,15 +46,12 @@ def attention_pool_macs(pool: nn.Module, n: int, width: int) -> int:
     them, ``2nC·C``, queries ``L·C·C``, the products ``2LnC``, then per latent the projection and the MLP, ``L``
     times their weights; ``AttentionPoolPrr`` (``'prr'``): attention of the tokens to each other without
     projections, ``2n²C``.  Another kind of pool is counted by torch's FLOP counter on ``n`` tokens."""
-    def linear(module: nn.Module) -> int:
-        return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
-
     kv = getattr(pool, 'kv', None)
     if hasattr(pool, 'latent_len') and isinstance(kv, nn.Linear):
         L, C = pool.latent_len, kv.out_features // 2
-        after = sum(linear(m) for m in (pool.q, pool.proj) if m is not None) + linear(getattr(pool, 'mlp', None)
-                                                                                      or nn.Identity())
-        return n * linear(kv) + 2 * L * n * C + L * after
+        per_latent = sum(linear_macs_per_token(m) for m in (pool.q, pool.proj, getattr(pool, 'mlp', None))
+                         if m is not None)  # (an absent q or proj is an Identity: none)
+        return n * linear_macs_per_token(kv) + 2 * L * n * C + L * per_latent
     if type(pool).__name__ == 'AttentionPoolPrr':
         return 2 * n * n * width
     weight = next(pool.parameters(), None)
