@@ -1090,7 +1090,8 @@ def run_prune(args, device: torch.device) -> Dict[str, float]:
     rank0_print(f'Kept tokens per block ({prefix_tokens_included(model)}): {channels}')
     if args.distributed:  # every process prints what it planned: the digests must agree (scores are summed)
         print_line(f'[rank {args.rank}] masks sha1 {masks_sha1(model.masks)}')
-    rank0_print(f'FLOPs: {gflops(model):.2f} GFLOPs (dense {gflops(models.dense_copy(model)):.2f} GFLOPs)')
+    pruned_gflops = gflops(model)  # (printed, logged and written to TensorBoard below)
+    rank0_print(f'FLOPs: {pruned_gflops:.2f} GFLOPs (dense {gflops(models.dense_copy(model)):.2f} GFLOPs)')
     if is_main_process():
         checkpoint = {'model': model.state_dict(), 'channels': channels, 'args': args_to_save(args)}
         if scores is not None:
@@ -1110,10 +1111,10 @@ def run_prune(args, device: torch.device) -> Dict[str, float]:
         rank0_print(f'Accuracy of the network on the {len(dataset_val)} test images: {stats["acc1"]:.1f}%')
         if is_main_process():  # (a stop while the results are logged: the pruned file is complete all the same)
             record = {'prune_mode': args.prune_mode, 'prune_rate': args.prune_rate, 'channels': channels,
-                      'gflops': gflops(model), **{f'test_{k}': v for k, v in stats.items()}}
+                      'gflops': pruned_gflops, **{f'test_{k}': v for k, v in stats.items()}}
             append_line(os.path.join(args.output_dir, 'prune_log.txt'), json.dumps(record))
             tb = TensorBoard(prune_tensorboard_dir(args))
-            tb.scalars({'acc1': stats['acc1'], 'acc5': stats['acc5'], 'gflops': gflops(model)}, 0, prefix='prune/')
+            tb.scalars({'acc1': stats['acc1'], 'acc5': stats['acc5'], 'gflops': pruned_gflops}, 0, prefix='prune/')
             tb.close()
     except STOPS_MIDWAY as e:
         if written:

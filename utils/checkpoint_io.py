@@ -208,9 +208,9 @@ def write_atomic(path: str, write: Callable[[Any], None]) -> None:
     """The one atomic writer: ``write(f)`` fills a temporary file (binary) in the same directory, created if
     needed, which is flushed, fsynced and renamed over ``path``, and the rename is made durable.  A job killed
     or failing while writing leaves the previous file intact and no temporary file; an interruption (Ctrl-C,
-    SIGTERM) is raised as it is, and an OSError (disk full, directory removed) becomes a one-line
-    :class:`UserError`.  A ``path`` that is a symbolic link is written through: the file it names is replaced,
-    and the link stays."""
+    SIGTERM) is raised as it is, and an OSError (disk full, directory removed; inside torch.save, behind its zip
+    writer's error) becomes a one-line :class:`OutputWriteError`.  A ``path`` that is a symbolic link is written
+    through: the file it names is replaced, and the link stays."""
     target = os.path.realpath(path)
     directory = os.path.dirname(target)
     tmp = temporary_path(path)
