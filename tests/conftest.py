@@ -158,6 +158,20 @@ def assert_one_error_line(err, flag):
     assert 'Traceback' not in err
 
 
+def assert_ctrl_c_ends_the_script(main, script, tmp_path, monkeypatch, capsys):
+    """Ctrl-C in a stage of the demo or the study (``script``: 'demo', 'study'; ``main`` its entry point) ends it as
+    finetune.py ends: one line saying what running it again does, exit code 130, no traceback."""
+    import finetune
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(finetune, 'run', interrupted)
+    assert main(['--quick', '--device', 'cpu', '--out', str(tmp_path / 'out')]) == 130
+    assert capsys.readouterr().err == (f'interrupted; run the {script} again to go on (a teacher in '
+                                       f'{tmp_path / "out" / "teacher"}, trained wholly or in part, is reused; every '
+                                       f'other stage is redone)\n')
+
+
 def no_work(*_args, **_kwargs):
     raise AssertionError('work started despite a bad command line')
 

@@ -7,8 +7,8 @@ import sys
 import pytest
 import torch
 
-from conftest import (ROOT, assert_one_error_line, exit_code, make_image_folder, no_work, run_demo_script,
-                      teacher_checkpoint)
+from conftest import (ROOT, assert_ctrl_c_ends_the_script, assert_one_error_line, exit_code, make_image_folder,
+                      no_work, run_demo_script, teacher_checkpoint)
 
 sys.path.insert(0, os.path.join(ROOT, 'demo'))
 import draw_masks  # noqa: E402
@@ -426,17 +426,7 @@ def test_a_stage_that_stops_ends_as_finetune_py_would(kind, code, said, tmp_path
 
 
 def test_ctrl_c_ends_the_demo_with_one_line_and_exit_130(tmp_path, monkeypatch, capsys):
-    """Ctrl-C in a stage ends the demo as it ends finetune.py: one line saying what a new run does, exit code
-    130, no traceback."""
-    import finetune
-
-    def interrupted(args):
-        raise KeyboardInterrupt
-    monkeypatch.setattr(finetune, 'run', interrupted)
-    assert run_demo.main(['--quick', '--device', 'cpu', '--out', str(tmp_path / 'out')]) == 130
-    assert capsys.readouterr().err == (f'interrupted; run the demo again to go on (a teacher in '
-                                       f'{tmp_path / "out" / "teacher"}, trained wholly or in part, is reused; every '
-                                       f'other stage is redone)\n')
+    assert_ctrl_c_ends_the_script(run_demo.main, 'demo', tmp_path, monkeypatch, capsys)
 
 
 def fake_teacher(path, lr=1e-3, seed=0, epochs=3, epoch=2, model=None):

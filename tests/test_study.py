@@ -12,7 +12,8 @@ import pytest
 import torch
 from scipy import stats
 
-from conftest import ROOT, assert_one_error_line, no_work, run_demo_script, teacher_checkpoint
+from conftest import (ROOT, assert_ctrl_c_ends_the_script, assert_one_error_line, no_work, run_demo_script,
+                      teacher_checkpoint)
 
 sys.path.insert(0, os.path.join(ROOT, 'demo'))
 import study  # noqa: E402
@@ -489,15 +490,7 @@ def test_a_stage_that_stops_ends_the_study_as_finetune_py_would(kind, code, said
 
 
 def test_ctrl_c_ends_the_study_with_one_line_and_exit_130(tmp_path, monkeypatch, capsys):
-    import finetune
-
-    def interrupted(args):
-        raise KeyboardInterrupt
-    monkeypatch.setattr(finetune, 'run', interrupted)
-    assert study.main(['--quick', '--device', 'cpu', '--out', str(tmp_path / 'out')]) == 130
-    assert capsys.readouterr().err == (f'interrupted; run the study again to go on (a teacher in '
-                                       f'{tmp_path / "out" / "teacher"}, trained wholly or in part, is reused; every '
-                                       f'other stage is redone)\n')
+    assert_ctrl_c_ends_the_script(study.main, 'study', tmp_path, monkeypatch, capsys)
 
 
 def test_earlier_runs_are_removed_only_once_the_study_has_finished(tmp_path, monkeypatch):
