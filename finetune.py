@@ -37,9 +37,9 @@ from engine import NonFiniteLossError, evaluate, measure_throughput, steady_allo
 from losses import DistillationLoss
 from samplers import DistributedEvalSampler, RASampler
 from utils import (OutputWriteError, UserError, TensorBoard, all_agree, append_line, check_output_dir,
-                   checkpoint_args, init_distributed_mode, is_main_process, launcher_ranks, load_checkpoint_file,
-                   one_line, print_line, rank0_print, remove_stale_temporaries, save_atomic, several_processes,
-                   write_atomic, write_text_atomic)
+                   checkpoint_args, few_names, init_distributed_mode, is_main_process, launcher_ranks,
+                   load_checkpoint_file, one_line, print_line, rank0_print, remove_stale_temporaries, save_atomic,
+                   several_processes, write_atomic, write_text_atomic)
 from utils import seeding
 from utils.cli import (AT_LEAST_ONE, EXIT_USER_ERROR, FRACTION, NON_NEGATIVE, POSITIVE, UNIT, OneLineParser, Range,
                        check_numbers, fits, flag_name, spell)
@@ -872,10 +872,6 @@ def as_told_apart(names: Sequence[str], others: Sequence[str]) -> List[str]:
     difference."""
     twins = {unicodedata.normalize('NFC', n) for n in others}
     return [ascii(n) if unicodedata.normalize('NFC', n) in twins else n for n in names]
-
-
-def few_names(names: List[str], n: int = 5) -> str:
-    return ', '.join(names[:n]) + (f' (+{len(names) - n} more)' if len(names) > n else '')
 
 
 class _Limited:

@@ -14,7 +14,7 @@ import timm
 import torch
 import torch.nn as nn
 
-from utils import UserError, checkpoint_args, load_checkpoint_file, state_dict_of
+from utils import UserError, checkpoint_args, few_names, load_checkpoint_file, state_dict_of
 
 from .clip_concat import MASK_KEY, kept_token_counts
 from . import zoo
@@ -84,9 +84,9 @@ def load_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor], path: st
         unexpected = [k for k in state_dict if k not in own]
         parts = []
         if missing:
-            parts.append(f'missing keys {_few(missing)}')
+            parts.append(f'missing keys {few_names(missing, 3)}')
         if unexpected:
-            parts.append(f'unexpected keys {_few(unexpected)}')
+            parts.append(f'unexpected keys {few_names(unexpected, 3)}')
         if not parts:  # errors reported by the mask checks of the model
             lines = [line.strip() for line in str(e).splitlines()[1:] if line.strip()]
             parts.append('; '.join(lines[:2]) or str(e))
@@ -100,11 +100,6 @@ def _input_size(model: nn.Module, positions: int) -> str:
     side = math.isqrt(max(positions - prefix, 0))
     ph, pw = zoo.token_stride(model.patch_embed)
     return f' {side * ph}' if side and side * side == positions - prefix and ph == pw else ''
-
-
-def _few(keys: List[str], n: int = 3) -> str:
-    shown = ', '.join(keys[:n])
-    return shown + (f' (+{len(keys) - n} more)' if len(keys) > n else '')
 
 
 def build_model_from_checkpoint(path: str, name: Optional[str], fallback_classes: int = 1000,
@@ -179,13 +174,13 @@ def load_entry(model: nn.Module, checkpoint: dict, key: str, path: str, name: st
 def _check_finite(sd: Dict[str, torch.Tensor], where: str) -> None:
     empty = [k for k, v in sd.items() if isinstance(v, torch.Tensor) and v.is_meta]
     if empty:  # (a state dict of a model built on the meta device and saved before it was given weights)
-        raise UserError(f'{where}: {_few(empty)} hold{"s" * (len(empty) == 1)} no values (tensors of the meta '
+        raise UserError(f'{where}: {few_names(empty, 3)} hold{"s" * (len(empty) == 1)} no values (tensors of the meta '
                         f'device: saved from a model that was never given its weights)')
     broken = [k for k, v in sd.items() if isinstance(v, torch.Tensor) and v.is_floating_point()
               and not bool(torch.isfinite(v).all())]
     if broken:  # (evaluated, such weights gave an accuracy of chance or 0% without a word)
-        raise UserError(f'{where}: {_few(broken)} hold{"s" * (len(broken) == 1)} NaN or infinite values, weights '
-                        f'that compute nothing (written by a run that diverged?)')
+        raise UserError(f'{where}: {few_names(broken, 3)} hold{"s" * (len(broken) == 1)} NaN or infinite values, '
+                        f'weights that compute nothing (written by a run that diverged?)')
 
 
 def check_recorded_name(checkpoint: dict, path: str, name: str, flag: str) -> None:

@@ -21,3 +21,8 @@ def one_line(e: BaseException) -> str:
     # 'BadImageError: ...' or, from a worker's traceback, 'datasets.BadImageError: ...'
     name = re.match(r'(?:[\w.]+\.)?' + re.escape(type(e).__name__) + r': ', last)
     return last[name.end():] if name else last
+
+
+def few_names(names, n: int = 5) -> str:
+    """The first ``n`` of ``names`` for a message, and how many more there are: 'a, b, c (+4 more)'."""
+    return ', '.join(names[:n]) + (f' (+{len(names) - n} more)' if len(names) > n else '')
