@@ -184,9 +184,12 @@ def _check_finite(sd: Dict[str, torch.Tensor], where: str) -> None:
 
 
 def check_recorded_name(checkpoint: dict, path: str, name: str, flag: str) -> None:
-    """A file whose ``args`` name another timm model than ``name`` is refused (see above)."""
+    """A file whose ``args`` name another timm model than ``name`` is refused (see above).  A pretrained tag
+    counts only where it changes timm's pretrained config (input normalisation, size, crop): a file that records
+    ``deit_tiny_patch16_224.fb_in1k`` is the model ``deit_tiny_patch16_224`` names (its default tag), while
+    ``vit_base_patch16_224.mae`` is not ``vit_base_patch16_224`` (another mean and std)."""
     recorded = checkpoint_args(checkpoint).get('model')
-    if isinstance(recorded, str) and _timm_name(recorded) not in (None, _timm_name(name)):
+    if isinstance(recorded, str) and _timm_name(recorded) is not None and not _same_model(recorded, name):
         raise UserError(f'{path} holds {base_name(recorded)} (the model its args name), not {base_name(name)}: '
                         f'set {flag} {base_name(recorded)}')
 
@@ -224,6 +227,21 @@ def _timm_name(name: str) -> Optional[str]:
     """The timm model behind ``name`` (``cc_`` optional), or None for a name timm does not know."""
     base = base_name(name)
     return base if timm.is_model(base) else None
+
+
+def _same_model(recorded: str, name: str) -> bool:
+    """Whether two timm names (``cc_`` optional, pretrained tag optional) build the same network with the same
+    pretrained config; an untagged name means its architecture's default tag, as in timm."""
+    a, b = _timm_name(recorded), _timm_name(name)
+    if a == b:
+        return True
+    if b is None or a.partition('.')[0] != b.partition('.')[0]:
+        return False
+    try:
+        cfg_a, cfg_b = timm.models.get_pretrained_cfg(a), timm.models.get_pretrained_cfg(b)
+    except RuntimeError:  # (a tag timm does not know for that architecture)
+        return False
+    return cfg_a is not None and cfg_a == cfg_b
 
 
 def dense_copy(model: nn.Module) -> nn.Module:

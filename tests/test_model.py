@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import models
 import pruning
 from conftest import official_checkpoint
+from utils import UserError
 
 
 def _dense_pair(name, seed=0):
@@ -572,3 +573,24 @@ def test_mask_api_dense_and_back():
     assert (pruned - dense).abs().max().item() > 1e-3
     with pytest.raises(ValueError, match=r'a mask has shape \(16,\), the model needs \(17,\)'):
         model.set_masks([torch.ones(16, dtype=torch.bool)] * 3)
+
+
+def test_a_recorded_pretrained_tag_counts_only_where_it_changes_the_pretrained_config():
+    """A file recording deit_tiny_patch16_224.fb_in1k holds the model deit_tiny_patch16_224 names (timm's default
+    tag of that architecture, the same pretrained config), so it is not refused; vit_base_patch16_224.mae has
+    another input normalisation than vit_base_patch16_224 (timm's configs say so), and another size is another
+    model: both are refused, naming the file's model."""
+    from timm.models import get_pretrained_cfg
+    from models.checkpoint import check_recorded_name
+    assert get_pretrained_cfg('deit_tiny_patch16_224') == get_pretrained_cfg('deit_tiny_patch16_224.fb_in1k')
+    assert get_pretrained_cfg('vit_base_patch16_224').mean != get_pretrained_cfg('vit_base_patch16_224.mae').mean
+    for recorded, given in (('deit_tiny_patch16_224.fb_in1k', 'cc_deit_tiny_patch16_224'),
+                            ('deit_tiny_patch16_224', 'deit_tiny_patch16_224.fb_in1k'),
+                            ('cc_deit_tiny_patch16_224', 'deit_tiny_patch16_224')):
+        check_recorded_name({'args': {'model': recorded}}, 'f.pth', given, '--model')
+    for recorded, given in (('vit_base_patch16_224.mae', 'vit_base_patch16_224'),
+                            ('deit_tiny_patch16_224.fb_in1k', 'deit_small_patch16_224'),
+                            ('deit_tiny_patch16_224.no_such_tag', 'deit_tiny_patch16_224')):
+        with pytest.raises(UserError, match=rf'^f\.pth holds {re.escape(recorded)} \(the model its args name\), '
+                                            rf'not {given}: set --model {re.escape(recorded)}$'):
+            check_recorded_name({'args': {'model': recorded}}, 'f.pth', given, '--model')
