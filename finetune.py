@@ -1074,6 +1074,10 @@ def run_prune(args, device: torch.device) -> Dict[str, float]:
             raise NonFiniteLossError(f'the Taylor scores of {args.resume} are not finite (a NaN or infinite loss or '
                                      f'gradient while scoring: its weights?); no masks planned, nothing written')
         masks = pruning.plan_masks(scores, args.prune_rate)
+        scored_batches = len(batches)  # (what was scored, not what --prune-batches asked: a smaller set has fewer)
+        rank0_print(f'Scored {scored_batches} batch{"es" * (scored_batches > 1)} of {args.batch_size} images per '
+                    f'process' + (f' (--prune-batches {args.prune_batches}: the training set has no more)'
+                                  if (args.prune_batches or 0) > scored_batches else ''))
     else:
         check_same_classes(args, dataset_val)
         scores = None
@@ -1091,7 +1095,7 @@ def run_prune(args, device: torch.device) -> Dict[str, float]:
     if is_main_process():
         checkpoint = {'model': model.state_dict(), 'channels': channels, 'args': args_to_save(args)}
         if scores is not None:
-            checkpoint['scores'] = scores
+            checkpoint['scores'], checkpoint['scored_batches'] = scores, scored_batches
         if 'classes' in source:  # the classes the weights were trained on, checked wherever the file is used
             checkpoint['classes'] = source['classes']
     written = False  # known to this process to be complete
@@ -1107,7 +1111,8 @@ def run_prune(args, device: torch.device) -> Dict[str, float]:
         rank0_print(f'Accuracy of the network on the {len(dataset_val)} test images: {stats["acc1"]:.1f}%')
         if is_main_process():  # (a stop while the results are logged: the pruned file is complete all the same)
             record = {'prune_mode': args.prune_mode, 'prune_rate': args.prune_rate, 'channels': channels,
-                      'gflops': pruned_gflops, **{f'test_{k}': v for k, v in stats.items()}}
+                      'gflops': pruned_gflops, **({'scored_batches': scored_batches} if scores is not None else {}),
+                      **{f'test_{k}': v for k, v in stats.items()}}
             append_line(os.path.join(args.output_dir, 'prune_log.txt'), json.dumps(record))
             tb = TensorBoard(prune_tensorboard_dir(args))
             tb.scalars({'acc1': stats['acc1'], 'acc5': stats['acc5'], 'gflops': pruned_gflops}, 0, prefix='prune/')

@@ -497,6 +497,23 @@ def test_prune_without_output_dir_writes_beside_the_checkpoint(capsys, world, tm
         timm_model_with(load_checkpoint_file(str(path))['model']))
 
 
+def test_prune_records_the_batches_it_scored_not_the_cap_it_was_given(capsys, world, tmp_path):
+    """--prune-batches is a cap: the world's training set has 4 classes x 8 images, 4 full batches of 8, so a cap
+    of 1000 scores 4 and a cap of 2 scores 2; the file and prune_log.txt say how many were scored."""
+    images = sum(len(files) for _, _, files in os.walk(os.path.join(world['data'], 'train')))
+    assert images == 32
+    for cap, scored in ((1000, images // 8), (2, 2)):
+        out_dir = tmp_path / str(cap)
+        code, out, err = cli(capsys, '--prune', '--resume', world['dense'], '--data-path', world['data'],
+                             '--output_dir', out_dir, '--prune-batches', cap)
+        assert code == 0, err
+        note = ' (--prune-batches 1000: the training set has no more)' if cap == 1000 else ''
+        assert f'Scored {scored} batches of 8 images per process{note}' in out.splitlines()
+        checkpoint = torch.load(out_dir / 'pruned_0.25.pth')
+        assert checkpoint['scored_batches'] == scored and checkpoint['args']['prune_batches'] == cap
+        assert json.loads((out_dir / 'prune_log.txt').read_text())['scored_batches'] == scored
+
+
 def timm_model_with(state_dict):
     model = models.create_model('deit_digits_patch4_32')
     model.load_state_dict(state_dict)
