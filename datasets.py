@@ -1,8 +1,11 @@
 """Data sets and transforms: ImageNet folders, CIFAR-100 on disk, iNaturalist 2018/2019, and scikit-learn's
-digits (the mini reproduction). Every missing or unreadable input becomes a one-line :class:`UserError`."""
+digits (the mini reproduction). Every missing or unreadable input becomes a one-line :class:`UserError`.  And the
+loaders a run reads them with (:func:`data_loader`: samplers, seeded shuffles, workers that stop quietly)."""
+import itertools
 import json
 import os
-from typing import Collection, Dict, Optional, Tuple
+import unicodedata
+from typing import Collection, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -11,7 +14,9 @@ from torch.utils.data import Dataset
 from torchvision import datasets, transforms
 from torchvision.transforms import InterpolationMode
 
-from utils import UserError, one_line
+from samplers import DistributedEvalSampler, RASampler
+from utils import UserError, few_names, one_line, rank0_print, seeding
+from utils.signals import sigterm_held, worker_stops_quietly_on_sigterm
 
 DATA_SETS = ('IMNET', 'CIFAR', 'INAT', 'INAT19', 'DIGITS')
 INATURALIST = ('INAT', 'INAT19')  # 2018 and 2019, whose --inat-category chooses what a label is
@@ -398,3 +403,104 @@ class DigitsDataset(Dataset):
         if self.shift is not None:
             img = self.shift(img)
         return img, int(self.targets[i])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# loading a data set for a run
+
+class DataLoader(torch.utils.data.DataLoader):
+    """torch's, with its iterator (which starts the workers) made under :func:`sigterm_held`."""
+
+    def __iter__(self):
+        with sigterm_held():
+            return super().__iter__()
+
+
+def data_loader(dataset, args, train: bool, sampler=None, batch_size=None):
+    # Training draws its shuffle and its workers' seeds from a generator of its own (saved with checkpoints).
+    generator = seeding.data_generator(args.seed, args.rank) if train else None
+    if sampler is None:
+        if args.distributed and train:
+            if args.repeated_aug:
+                sampler = RASampler(dataset, args.world_size, args.rank, shuffle=True, seed=args.seed)
+            else:
+                sampler = torch.utils.data.DistributedSampler(dataset, args.world_size, args.rank, shuffle=True,
+                                                              seed=args.seed)
+        elif args.distributed and args.dist_eval:
+            sampler = DistributedEvalSampler(dataset, args.world_size, args.rank)
+        elif train:
+            sampler = torch.utils.data.RandomSampler(dataset, generator=generator)
+        else:
+            sampler = torch.utils.data.SequentialSampler(dataset)
+    bs = batch_size or (args.batch_size if train else int(1.5 * args.batch_size))
+    return DataLoader(
+        dataset, sampler=sampler, batch_size=bs, num_workers=args.num_workers,
+        pin_memory=args.pin_mem and args.device.startswith('cuda'), drop_last=train and len(sampler) >= bs,
+        persistent_workers=False, generator=generator, worker_init_fn=worker_stops_quietly_on_sigterm)
+
+
+def build_data(args, train: bool):
+    dataset, nb_classes = build_dataset(train, args)
+    if len(dataset) == 0:
+        raise UserError(f'the {"training" if train else "validation"} set of {args.data_set} is empty')
+    note = skipped_files_note(dataset)
+    if note:
+        rank0_print(note)
+    return dataset, nb_classes
+
+
+def check_classes(nb_classes: int, model: torch.nn.Module, what: str) -> None:
+    """The head must have a logit for every class of the data; a head with more classes than the data set has
+    (a checkpoint of another data set?) is allowed, with a warning."""
+    if nb_classes is None:
+        return
+    if nb_classes > model.num_classes:
+        raise UserError(f'the {what} set has {nb_classes} classes but the model\'s head has {model.num_classes}')
+    if nb_classes < model.num_classes:
+        rank0_print(f'warning: the model\'s head has {model.num_classes} classes and the {what} set {nb_classes}: '
+                    f'labels 0..{nb_classes - 1} are read as the head\'s first {nb_classes} classes')
+
+
+def check_same_classes(args, dataset_val, dataset_train=None) -> None:
+    """IMNET labels are positions in the sorted list of class folders, so a folder that is only in val/ (or only in
+    train/) gives every later class another's label: refused.  Without the training set at hand (--eval, random
+    masks) its folder names are listed, when train/ is there.  (INAT: checked where the validation set is read.)"""
+    if args.data_set != 'IMNET':
+        return
+    if dataset_train is not None:
+        train = list(dataset_train.classes)
+    else:
+        train = class_folders(os.path.join(args.data_path, 'train'))
+        if train is None:
+            return  # a validation set on its own
+    val = list(dataset_val.classes)
+    if train == val:
+        return
+    only_val, only_train = sorted(set(val) - set(train)), sorted(set(train) - set(val))
+    parts = [f'only in {split}/: {few_names(as_told_apart(names, others))}'
+             for split, names, others in (('val', only_val, only_train), ('train', only_train, only_val)) if names]
+    raise UserError(f'the class folders of train/ and val/ under {args.data_path} differ ({"; ".join(parts)}): '
+                    f'labels are positions in the sorted folder list, so classes after the first difference would be '
+                    f'scored against another class\'s label')
+
+
+def as_told_apart(names: Sequence[str], others: Sequence[str]) -> List[str]:
+    """``names`` to print beside ``others``: one that differs from one of them only in its Unicode form (an accent
+    as one character or as two, as a copy from macOS can leave it) is printed escaped, where it shows the
+    difference."""
+    twins = {unicodedata.normalize('NFC', n) for n in others}
+    return [ascii(n) if unicodedata.normalize('NFC', n) in twins else n for n in names]
+
+
+class Limited:
+    """An iterable cut to ``limit`` items that still knows its length (for progress and ETA)."""
+
+    def __init__(self, iterable, limit: Optional[int]):
+        self.iterable = iterable
+        self.length = len(iterable) if limit is None else min(limit, len(iterable))
+
+    def __iter__(self):
+        return itertools.islice(iter(self.iterable), self.length)
+
+    def __len__(self) -> int:
+        return self.length

@@ -9,20 +9,15 @@
 The CLI only wires things together: the loops are in engine.py, the method in models/ and pruning/.
 """
 import argparse
-import contextlib
 import inspect
-import itertools
 import json
 import math
 import os
 import re
 import shutil
-import signal
 import sys
-import threading
 import time
 import datetime
-import unicodedata
 from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
@@ -31,16 +26,17 @@ import torch.nn as nn
 import engine
 import models
 import pruning
-from datasets import (DATA_SETS, INATURALIST, SMALL_INPUT, BadImageError, DigitsDataset, build_dataset,
-                      check_training_transform, class_folders, skipped_files_note)
+from datasets import (DATA_SETS, INATURALIST, SMALL_INPUT, BadImageError, DigitsDataset, Limited, as_told_apart,
+                      build_data, check_classes, check_same_classes, check_training_transform, data_loader)
 from engine import NonFiniteLossError, evaluate, measure_throughput, steady_allocator
 from losses import DistillationLoss
-from samplers import DistributedEvalSampler, RASampler
 from utils import (OutputWriteError, UserError, TensorBoard, all_agree, append_line, check_output_dir,
-                   checkpoint_args, few_names, init_distributed_mode, is_main_process, launcher_ranks,
+                   checkpoint_args, init_distributed_mode, is_main_process, launcher_ranks,
                    load_checkpoint_file, one_line, print_line, rank0_print, remove_stale_temporaries, save_atomic,
-                   several_processes, write_atomic, write_text_atomic)
+                   several_processes, write_atomic)
 from utils import seeding
+from utils.run_log import epoch_scalars, epoch_tags, read_log, reconcile_log, scalars_at
+from utils.signals import Terminated, cpu_out_of_memory, cuda_out_of_memory, lost_peer, past_64_bits, sigterm_unwinds
 from utils.cli import (AT_LEAST_ONE, EXIT_USER_ERROR, FRACTION, NON_NEGATIVE, POSITIVE, UNIT, OneLineParser, Range,
                        check_numbers, fits, flag_name, spell)
 
@@ -774,121 +770,6 @@ def gflops(model: nn.Module) -> float:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# data
-
-def _stop_quietly(signum, frame):
-    raise KeyboardInterrupt
-
-
-def worker_stops_quietly_on_sigterm(worker_id: int) -> None:
-    """A DataLoader worker ends on SIGTERM as on Ctrl-C: torch's worker loop returns on KeyboardInterrupt (exit
-    code 0) and the main process stops the run.  A scheduler that signals every process of the job (SLURM, a
-    kill of the process group) reaches the workers too; under torch's own handler they die by the signal, which
-    the main process reports as a failed worker (a traceback, exit code 1) instead of its one line and 143.
-    Ctrl-C gets Python's own handler back (the worker was forked under :func:`sigterm_held`'s)."""
-    signal.signal(signal.SIGTERM, _stop_quietly)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-
-
-class DataLoader(torch.utils.data.DataLoader):
-    """torch's, with its iterator (which starts the workers) made under :func:`sigterm_held`."""
-
-    def __iter__(self):
-        with sigterm_held():
-            return super().__iter__()
-
-
-def data_loader(dataset, args, train: bool, sampler=None, batch_size=None):
-    # Training draws its shuffle and its workers' seeds from a generator of its own (saved with checkpoints).
-    generator = seeding.data_generator(args.seed, args.rank) if train else None
-    if sampler is None:
-        if args.distributed and train:
-            if args.repeated_aug:
-                sampler = RASampler(dataset, args.world_size, args.rank, shuffle=True, seed=args.seed)
-            else:
-                sampler = torch.utils.data.DistributedSampler(dataset, args.world_size, args.rank, shuffle=True,
-                                                              seed=args.seed)
-        elif args.distributed and args.dist_eval:
-            sampler = DistributedEvalSampler(dataset, args.world_size, args.rank)
-        elif train:
-            sampler = torch.utils.data.RandomSampler(dataset, generator=generator)
-        else:
-            sampler = torch.utils.data.SequentialSampler(dataset)
-    bs = batch_size or (args.batch_size if train else int(1.5 * args.batch_size))
-    return DataLoader(
-        dataset, sampler=sampler, batch_size=bs, num_workers=args.num_workers,
-        pin_memory=args.pin_mem and args.device.startswith('cuda'), drop_last=train and len(sampler) >= bs,
-        persistent_workers=False, generator=generator, worker_init_fn=worker_stops_quietly_on_sigterm)
-
-
-def build_data(args, train: bool):
-    dataset, nb_classes = build_dataset(train, args)
-    if len(dataset) == 0:
-        raise UserError(f'the {"training" if train else "validation"} set of {args.data_set} is empty')
-    note = skipped_files_note(dataset)
-    if note:
-        rank0_print(note)
-    return dataset, nb_classes
-
-
-def check_classes(nb_classes: int, model: nn.Module, what: str) -> None:
-    """The head must have a logit for every class of the data; a head with more classes than the data set has
-    (a checkpoint of another data set?) is allowed, with a warning."""
-    if nb_classes is None:
-        return
-    if nb_classes > model.num_classes:
-        raise UserError(f'the {what} set has {nb_classes} classes but the model\'s head has {model.num_classes}')
-    if nb_classes < model.num_classes:
-        rank0_print(f'warning: the model\'s head has {model.num_classes} classes and the {what} set {nb_classes}: '
-                    f'labels 0..{nb_classes - 1} are read as the head\'s first {nb_classes} classes')
-
-
-def check_same_classes(args, dataset_val, dataset_train=None) -> None:
-    """IMNET labels are positions in the sorted list of class folders, so a folder that is only in val/ (or only in
-    train/) gives every later class another's label: refused.  Without the training set at hand (--eval, random
-    masks) its folder names are listed, when train/ is there.  (INAT: checked where the validation set is read.)"""
-    if args.data_set != 'IMNET':
-        return
-    if dataset_train is not None:
-        train = list(dataset_train.classes)
-    else:
-        train = class_folders(os.path.join(args.data_path, 'train'))
-        if train is None:
-            return  # a validation set on its own
-    val = list(dataset_val.classes)
-    if train == val:
-        return
-    only_val, only_train = sorted(set(val) - set(train)), sorted(set(train) - set(val))
-    parts = [f'only in {split}/: {few_names(as_told_apart(names, others))}'
-             for split, names, others in (('val', only_val, only_train), ('train', only_train, only_val)) if names]
-    raise UserError(f'the class folders of train/ and val/ under {args.data_path} differ ({"; ".join(parts)}): '
-                    f'labels are positions in the sorted folder list, so classes after the first difference would be '
-                    f'scored against another class\'s label')
-
-
-def as_told_apart(names: Sequence[str], others: Sequence[str]) -> List[str]:
-    """``names`` to print beside ``others``: one that differs from one of them only in its Unicode form (an accent
-    as one character or as two, as a copy from macOS can leave it) is printed escaped, where it shows the
-    difference."""
-    twins = {unicodedata.normalize('NFC', n) for n in others}
-    return [ascii(n) if unicodedata.normalize('NFC', n) in twins else n for n in names]
-
-
-class _Limited:
-    """An iterable cut to ``limit`` items that still knows its length (for progress and ETA)."""
-
-    def __init__(self, iterable, limit: Optional[int]):
-        self.iterable = iterable
-        self.length = len(iterable) if limit is None else min(limit, len(iterable))
-
-    def __iter__(self):
-        return itertools.islice(iter(self.iterable), self.length)
-
-    def __len__(self) -> int:
-        return self.length
-
-
-# ----------------------------------------------------------------------------------------------------------
 # the four commands
 
 def run_speed(args, device: torch.device) -> Dict[str, float]:
@@ -1067,7 +948,7 @@ def run_prune(args, device: torch.device) -> Dict[str, float]:
         loader = data_loader(dataset_train, args, train=True)
         criterion = LabelSmoothingCrossEntropy(args.smoothing) if args.smoothing > 0 else nn.CrossEntropyLoss()
         from utils import MetricLogger
-        batches = _Limited(loader, args.prune_batches)
+        batches = Limited(loader, args.prune_batches)
         logged = MetricLogger(printer=rank0_print).log_every(batches, args.print_freq, 'Scoring:')
         scores = pruning.attention_taylor_scores(model, logged, criterion, device=device)
         if not bool(torch.isfinite(scores).all()):  # the same on every process: the scores are all-reduced
@@ -1143,72 +1024,6 @@ def build_teacher(args, device: torch.device, num_classes: int, dataset=None) ->
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher
-
-
-def read_log(log_path: str) -> Dict[int, dict]:
-    """The records of a run's ``log.txt`` by epoch ({} without the file): one JSON object per line, each with its
-    ``epoch`` (a later line of the same epoch wins).  Blank lines and a record cut by a kill (an object that does
-    not decode) are passed over; any other line is a user error: the file is not a run's log, and the rewrite of a
-    continued run would lose it."""
-    if not os.path.isfile(log_path):
-        return {}
-    try:
-        with open(log_path, encoding='utf-8') as f:
-            lines = f.read().splitlines()
-    except UnicodeDecodeError:
-        raise UserError(f'{log_path} is not a text file, not the log of a run (move it away)') from None
-    records: Dict[int, dict] = {}
-    for number, line in enumerate(lines, 1):
-        try:
-            record = json.loads(line) if line.strip() else None
-        except json.JSONDecodeError:
-            record = None
-        if record is None and (not line.strip() or line.startswith('{')):
-            continue  # blank, or a record cut by a kill
-        epoch = record.get('epoch') if isinstance(record, dict) else None
-        if isinstance(epoch, bool) or not isinstance(epoch, int):
-            raise UserError(f'{log_path} line {number} is not a record of a run (a JSON object with its epoch): '
-                            f'{line[:60]!r}; the run rewrites its log when it continues, so move the file away')
-        records[epoch] = record
-    return records
-
-
-def reconcile_log(log_path: str, last_epoch: int, last_stats: Optional[dict]) -> bool:
-    """Make ``log.txt`` hold each finished epoch (0..last_epoch) exactly once after a resume; returns whether the
-    last epoch's line was missing (the run was stopped between its checkpoint and its log line) and was restored
-    from ``last_stats``."""
-    entries = {epoch: json.dumps(record) for epoch, record in read_log(log_path).items() if epoch <= last_epoch}
-    restored = last_stats is not None and last_epoch not in entries
-    if restored:
-        entries[last_epoch] = json.dumps(last_stats)
-    write_text_atomic(log_path, ''.join(entries[e] + '\n' for e in sorted(entries)))
-    return restored
-
-
-def epoch_tags(log_stats: dict) -> Dict[str, float]:
-    """An epoch's ``log.txt`` record as TensorBoard scalars: train_<k> as train/<k>, test_<k> as test/<k>."""
-    return {f'{prefix}/{k[len(prefix) + 1:]}': v for prefix in ('train', 'test') for k, v in log_stats.items()
-            if k.startswith(prefix + '_') and isinstance(v, (int, float))}
-
-
-def epoch_scalars(tb: TensorBoard, log_stats: dict, epoch: int, written: Set[str] = frozenset()) -> None:
-    """An epoch's :func:`epoch_tags` to TensorBoard at step ``epoch``, but for the tags in ``written`` (there
-    already)."""
-    tb.scalars({tag: v for tag, v in epoch_tags(log_stats).items() if tag not in written}, epoch)
-
-
-def scalars_at(directory: str, step: int) -> Set[str]:
-    """The scalar tags that the TensorBoard events files of ``directory`` (not of its subfolders) hold at ``step``;
-    a record cut by a kill ends its file's reading."""
-    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
-    tags: Set[str] = set()
-    for name in sorted(os.listdir(directory)):
-        path = os.path.join(directory, name)
-        if name.startswith('events.out.tfevents') and os.path.isfile(path):
-            for event in EventFileLoader(path).Load():
-                if event.step == step and event.HasField('summary'):
-                    tags.update(value.tag for value in event.summary.value)
-    return tags
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1741,78 +1556,13 @@ def run(args) -> Dict[str, float]:
     return run_finetune(args, device)
 
 
-class Terminated(BaseException):
-    """SIGTERM (a cluster scheduler's preemption, `kill`, torchrun stopping its workers).  A BaseException, so it
-    unwinds like Ctrl-C: a checkpoint being written is discarded and the last complete one stays."""
-
-
 # What stops a run midway and is reported with what the run has kept: the stage that knows sets it on the
 # exception as ``kept`` (:func:`_what_is_kept`).  RuntimeError: torch's out-of-memory errors (the GPU's
-# OutOfMemoryError; the CPU allocator's plain RuntimeError, see _cpu_out_of_memory; CUDA's own, see
-# _cuda_out_of_memory) and a lost peer; any other RuntimeError carries ``kept`` unread and is raised as it is.
+# OutOfMemoryError; the CPU allocator's plain RuntimeError, see cpu_out_of_memory; CUDA's own, see
+# cuda_out_of_memory) and a lost peer; any other RuntimeError carries ``kept`` unread and is raised as it is.
 # BadImageError: an image that cannot be read, found when the run reaches it (a user error, said with what is kept);
 # OutputWriteError: a checkpoint or log that cannot be written (a full disk), likewise.
 STOPS_MIDWAY = (KeyboardInterrupt, Terminated, RuntimeError, BadImageError, OutputWriteError)
-
-
-@contextlib.contextmanager
-def sigterm_unwinds():
-    """While inside, SIGTERM raises Terminated in the main thread instead of ending the process on the spot.
-    The previous handler comes back afterwards (main() is also called in-process, by tests and scripts)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        if _HELD['depth']:
-            _HELD['pending'] = True
-            return
-        raise Terminated()
-
-    _HELD.update(depth=0, pending=False)
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-_HELD = {'depth': 0, 'pending': False}  # sigterm_held: how deep inside, and whether a SIGTERM came meanwhile
-
-
-@contextlib.contextmanager
-def sigterm_held():
-    """While inside, a SIGTERM (under :func:`sigterm_unwinds`) or a Ctrl-C (under Python's own handler) is noted,
-    and raised as Terminated or KeyboardInterrupt on the way out: for a step that an exception would leave broken,
-    a DataLoader starting its workers (os.fork's callbacks swallow an exception raised in them, so the stop was
-    lost, and an iterator cut while it starts cannot shut down the workers it has started)."""
-    interrupted = []
-    previous_int = None
-    if (threading.current_thread() is threading.main_thread()
-            and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
-        previous_int = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum))
-    _HELD['depth'] += 1
-    try:
-        yield
-    finally:
-        _HELD['depth'] -= 1
-        if previous_int is not None:
-            signal.signal(signal.SIGINT, previous_int)
-        if not _HELD['depth'] and _HELD['pending']:
-            _HELD['pending'] = False
-            raise Terminated()
-        if interrupted:
-            raise KeyboardInterrupt
-
-
-def _lost_peer(e: BaseException) -> bool:
-    """A collective failed because another process of the job stopped (it prints its own error)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return False
-    dist_error = getattr(torch.distributed, 'DistError', None)
-    text = str(e)
-    return (dist_error is not None and isinstance(e, dist_error)) or any(marker in text for marker in (
-        'Connection closed by peer', 'Connection reset by peer', 'Broken pipe', 'remote worker crashing'))
 
 
 def _what_is_kept(e: BaseException) -> str:
@@ -1820,34 +1570,12 @@ def _what_is_kept(e: BaseException) -> str:
     return getattr(e, 'kept', None) or 'nothing was written'
 
 
-def _cpu_out_of_memory(e: BaseException) -> Optional[str]:
-    """For the error torch's CPU allocator raises when it cannot allocate (a plain RuntimeError, unlike the GPU's
-    OutOfMemoryError), what was asked for ('Tried to allocate 32.00 GiB'); None for any other error."""
-    found = re.search(r"DefaultCPUAllocator: can't allocate memory: you tried to allocate (\d+) bytes", str(e))
-    return found and f'Tried to allocate {int(found.group(1)) / 2 ** 30:.2f} GiB'
-
-
-def _cuda_out_of_memory(e: BaseException) -> Optional[str]:
-    """For CUDA's own out-of-memory errors, raised where memory is taken outside torch's caching allocator (a CUDA
-    context, cuBLAS's or cuDNN's handles and workspaces, pinned host memory: a plain RuntimeError, not
-    OutOfMemoryError), the error; None for any other error."""
-    found = re.search(r'CUDA error: out of memory|CUBLAS_STATUS_ALLOC_FAILED|CUDNN_STATUS_ALLOC_FAILED', str(e))
-    return found and found.group(0)
-
-
-def _past_64_bits(e: BaseException) -> Optional[str]:
-    """For torch's error when a tensor's size in bytes does not fit in 64 bits (a batch or an image size that no
-    machine holds), the sizes asked for; None for any other error."""
-    found = re.search(r'Storage size calculation overflowed with sizes=(\[[\d, ]*\])', str(e))
-    return found and f'Tried to allocate a tensor of sizes {found.group(1)}, more bytes than 64 bits count'
-
-
 def out_of_memory(args, e: BaseException) -> str:
     """One line for a GPU (or the CPU) that ran out of memory: torch's figures (what was asked for, what the GPU
     has), the batch that did it and the way round it, and what the run has kept."""
     sentences = re.split(r'(?<=\.)\s+', one_line(e))
     figures = ' '.join(x for x in sentences if x.startswith(('Tried to allocate', 'GPU '))) or one_line(e)[:200]
-    cpu, past, cuda = _cpu_out_of_memory(e), _past_64_bits(e), _cuda_out_of_memory(e)
+    cpu, past, cuda = cpu_out_of_memory(e), past_64_bits(e), cuda_out_of_memory(e)
     where, figures = ('CPU', f'{cpu}, which the allocator refused') if cpu else ('GPU', cuda or figures)
     if past:
         where, figures = ('GPU' if str(args.device).startswith('cuda') else 'CPU'), past
@@ -1884,10 +1612,10 @@ def main(argv=None) -> int:
         print_line(f'{prefix}terminated (SIGTERM); {_what_is_kept(e)}', file=sys.stderr)
         return EXIT_TERMINATED
     except RuntimeError as e:
-        if _cpu_out_of_memory(e) or _past_64_bits(e) or _cuda_out_of_memory(e):
+        if cpu_out_of_memory(e) or past_64_bits(e) or cuda_out_of_memory(e):
             print_line(f'{prefix}error: {out_of_memory(args, e)}', file=sys.stderr)
             return EXIT_OUT_OF_MEMORY
-        if not _lost_peer(e):
+        if not lost_peer(e):
             raise
         print_line(f'{prefix}error: stopped because another process of this job failed (see its error); '
                    f'checkpoints written so far are complete', file=sys.stderr)

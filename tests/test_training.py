@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+import datasets
 import engine
 import finetune
 import models
@@ -221,7 +222,7 @@ def test_every_epoch_and_every_process_shuffles_its_own_way(monkeypatch, repeate
         args = finetune.get_args_parser().parse_args(['--batch-size', '4', '--num_workers', '0', '--seed', '3'])
         args.distributed, args.world_size, args.rank, args.device = True, 2, current_rank, 'cpu'
         args.repeated_aug = repeated_aug
-        loader = finetune.data_loader(dataset, args, train=True)
+        loader = datasets.data_loader(dataset, args, train=True)
         run = engine.Training(model=None, model_without_ddp=None, criterion=None, optimizer=None,
                               lr_scheduler=argparse.Namespace(step=lambda epoch: None), scaler=None, amp=False,
                               clip_grad=None, model_ema=None, mixup_fn=None, loader_train=loader,

@@ -1,6 +1,7 @@
 """Small shared pieces, by topic: errors (``errors``), several processes (``distributed``), checkpoint files
 (``checkpoint_io``) and progress output (``progress``), whose names are re-exported here; and, imported as
-modules, seeds and random streams (``seeding``) and the command line's machinery (``cli``)."""
+modules, seeds and random streams (``seeding``), the command line's machinery (``cli``), how a run stops
+(``signals``) and a finetuning run's log (``run_log``)."""
 from .checkpoint_io import (SAFE_GLOBALS, append_line, check_output_dir, checkpoint_args, load_checkpoint_file,
                             remove_stale_temporaries, save_atomic, state_dict_of, temporary_path, write_atomic,
                             write_text_atomic)

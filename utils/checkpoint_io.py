@@ -244,7 +244,7 @@ def write_atomic(path: str, write: Callable[[Any], None]) -> None:
 def append_line(path: str, line: str) -> None:
     """Append ``line`` and a newline to a results file (``log.txt``, ``prune_log.txt``); an OSError (disk full,
     directory removed) becomes a one-line :class:`OutputWriteError`.  A line cut short by it is what a continued
-    run repairs (finetune.reconcile_log)."""
+    run repairs (run_log.reconcile_log)."""
     try:
         with open(path, 'a') as f:
             f.write(line + '\n')

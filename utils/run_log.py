@@ -1,0 +1,75 @@
+"""A finetuning run's ``log.txt`` (one JSON record per finished epoch) and its TensorBoard scalars, read back
+and repaired when a run continues after a kill."""
+import json
+import os
+from typing import Dict, Optional, Set
+
+from .checkpoint_io import write_text_atomic
+from .errors import UserError
+from .progress import TensorBoard
+
+
+def read_log(log_path: str) -> Dict[int, dict]:
+    """The records of a run's ``log.txt`` by epoch ({} without the file): one JSON object per line, each with its
+    ``epoch`` (a later line of the same epoch wins).  Blank lines and a record cut by a kill (an object that does
+    not decode) are passed over; any other line is a user error: the file is not a run's log, and the rewrite of a
+    continued run would lose it."""
+    if not os.path.isfile(log_path):
+        return {}
+    try:
+        with open(log_path, encoding='utf-8') as f:
+            lines = f.read().splitlines()
+    except UnicodeDecodeError:
+        raise UserError(f'{log_path} is not a text file, not the log of a run (move it away)') from None
+    records: Dict[int, dict] = {}
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+            record = None
+        if record is None and (not line.strip() or line.startswith('{')):
+            continue  # blank, or a record cut by a kill
+        epoch = record.get('epoch') if isinstance(record, dict) else None
+        if isinstance(epoch, bool) or not isinstance(epoch, int):
+            raise UserError(f'{log_path} line {number} is not a record of a run (a JSON object with its epoch): '
+                            f'{line[:60]!r}; the run rewrites its log when it continues, so move the file away')
+        records[epoch] = record
+    return records
+
+
+def reconcile_log(log_path: str, last_epoch: int, last_stats: Optional[dict]) -> bool:
+    """Make ``log.txt`` hold each finished epoch (0..last_epoch) exactly once after a resume; returns whether the
+    last epoch's line was missing (the run was stopped between its checkpoint and its log line) and was restored
+    from ``last_stats``."""
+    entries = {epoch: json.dumps(record) for epoch, record in read_log(log_path).items() if epoch <= last_epoch}
+    restored = last_stats is not None and last_epoch not in entries
+    if restored:
+        entries[last_epoch] = json.dumps(last_stats)
+    write_text_atomic(log_path, ''.join(entries[e] + '\n' for e in sorted(entries)))
+    return restored
+
+
+def epoch_tags(log_stats: dict) -> Dict[str, float]:
+    """An epoch's ``log.txt`` record as TensorBoard scalars: train_<k> as train/<k>, test_<k> as test/<k>."""
+    return {f'{prefix}/{k[len(prefix) + 1:]}': v for prefix in ('train', 'test') for k, v in log_stats.items()
+            if k.startswith(prefix + '_') and isinstance(v, (int, float))}
+
+
+def epoch_scalars(tb: TensorBoard, log_stats: dict, epoch: int, written: Set[str] = frozenset()) -> None:
+    """An epoch's :func:`epoch_tags` to TensorBoard at step ``epoch``, but for the tags in ``written`` (there
+    already)."""
+    tb.scalars({tag: v for tag, v in epoch_tags(log_stats).items() if tag not in written}, epoch)
+
+
+def scalars_at(directory: str, step: int) -> Set[str]:
+    """The scalar tags that the TensorBoard events files of ``directory`` (not of its subfolders) hold at ``step``;
+    a record cut by a kill ends its file's reading."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    tags: Set[str] = set()
+    for name in sorted(os.listdir(directory)):
+        path = os.path.join(directory, name)
+        if name.startswith('events.out.tfevents') and os.path.isfile(path):
+            for event in EventFileLoader(path).Load():
+                if event.step == step and event.HasField('summary'):
+                    tags.update(value.tag for value in event.summary.value)
+    return tags
