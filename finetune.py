@@ -306,6 +306,9 @@ UNUSED_RULES = (
     (lambda a: a.reprob == 0, ('remode', 'recount'), '--reprob 0 erases nothing'),
     (lambda a: a.lr_noise is None, ('lr_noise_pct', 'lr_noise_std'), 'no --lr-noise is given'),
     (lambda a: not several_processes(), ('dist_eval',), 'a single process evaluates every image'),
+    (lambda a: not several_processes(), ('local_rank',),
+     'only the processes of a launcher read it (torch.distributed.launch passes it); one process started by hand '
+     'takes its GPU from --device (cuda:N)'),
     (lambda a: not several_processes(), ('repeated_aug',),
      'repeated augmentation shares each image among several processes (as in DeiT); one process shuffles plainly'),
     *((lambda a, d=d: not modes_of(a) and a.sched not in SCHEDULES_READING[d], (d,),

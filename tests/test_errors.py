@@ -1243,9 +1243,11 @@ def test_flags_the_chosen_optimizer_schedule_or_augmentation_ignores_are_noted()
     parser = finetune.get_args_parser()
     args = parser.parse_args(['--momentum', '0.5', '--opt-betas', '0.8', '0.9', '--warmup-lr', '1e-4',
                               '--model-ema-decay', '0.9', '--color-jitter', '0.9', '--mixup', '0', '--cutmix', '0',
-                              '--mixup-mode', 'pair', '--world_size', '2', '--output_dir', 'o'])
+                              '--mixup-mode', 'pair', '--world_size', '2', '--output_dir', 'o', '--local_rank', '1'])
     notes = finetune.unused_flag_notes(args, parser)
     assert notes == [
+        'note: --local-rank 1 has no effect: only the processes of a launcher read it (torch.distributed.launch '
+        'passes it); one process started by hand takes its GPU from --device (cuda:N)',
         "note: --momentum 0.5 has no effect: not read by timm's adamw optimizer",
         'note: --warmup-lr 0.0001 has no effect: there is no warm-up (--warmup-epochs 0)',
         'note: --model-ema-decay 0.9 has no effect: no --model-ema is given',
