@@ -54,13 +54,7 @@ def attention_pool_macs(pool: nn.Module, n: int, width: int) -> int:
         return n * linear_macs_per_token(kv) + 2 * L * n * C + L * per_latent
     if type(pool).__name__ == 'AttentionPoolPrr':
         return 2 * n * n * width
-    weight = next(pool.parameters(), None)
-    tokens = torch.zeros(1, n, width, device=None if weight is None else weight.device,
-                         dtype=torch.float32 if weight is None else weight.dtype)
-    counter = FlopCounterMode(display=False)
-    with counter:
-        pool(tokens)
-    return counter.get_total_flops() // 2
+    return measured_macs(pool, 1, n, width)
 
 
 def head_rows(model: nn.Module, num_tokens: int) -> int:
@@ -96,14 +90,22 @@ def patch_embed_macs(patch_embed: nn.Module) -> int:
     if not hasattr(patch_embed, 'backbone') and isinstance(proj, nn.Conv2d):
         return patch_embed.num_patches * proj.in_channels * proj.kernel_size[0] * proj.kernel_size[1] \
             * proj.out_channels
-    weight = next(patch_embed.parameters())
-    image = torch.zeros(1, patch_embed.in_chans, *patch_embed.img_size, device=weight.device, dtype=weight.dtype)
-    modes = {m: m.training for m in patch_embed.modules()}
+    return measured_macs(patch_embed, 1, patch_embed.in_chans, *patch_embed.img_size)
+
+
+def measured_macs(module: nn.Module, *shape: int) -> int:
+    """Multiply-accumulates of one forward of ``module`` on zeros of ``shape`` (in its parameters' device and
+    dtype), as torch's FLOP counter counts them (products and convolutions: half its FLOPs), in eval mode so that
+    no BatchNorm statistics move, and without gradients; the module's training flags are left as they were."""
+    weight = next(module.parameters(), None)
+    example = torch.zeros(*shape, device=None if weight is None else weight.device,
+                          dtype=torch.float32 if weight is None else weight.dtype)
+    modes = {m: m.training for m in module.modules()}
     counter = FlopCounterMode(display=False)
     try:
-        patch_embed.eval()
+        module.eval()
         with torch.no_grad(), counter:
-            patch_embed(image)
+            module(example)
     finally:
         for m, training in modes.items():
             m.training = training
