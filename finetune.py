@@ -35,10 +35,10 @@ from utils import (OutputWriteError, UserError, TensorBoard, all_agree, append_l
                    load_checkpoint_file, one_line, print_line, rank0_print, remove_stale_temporaries, save_atomic,
                    several_processes, write_atomic)
 from utils import seeding
-from utils.run_log import epoch_scalars, epoch_tags, read_log, reconcile_log, scalars_at
-from utils.signals import Terminated, cpu_out_of_memory, cuda_out_of_memory, lost_peer, past_64_bits, sigterm_unwinds
 from utils.cli import (AT_LEAST_ONE, EXIT_USER_ERROR, FRACTION, NON_NEGATIVE, POSITIVE, UNIT, OneLineParser, Range,
                        check_numbers, fits, flag_name, spell)
+from utils.run_log import epoch_scalars, epoch_tags, read_log, reconcile_log, scalars_at
+from utils.signals import Terminated, cpu_out_of_memory, cuda_out_of_memory, lost_peer, past_64_bits, sigterm_unwinds
 
 EXIT_DIVERGED = 3
 EXIT_INTERRUPTED = 130
