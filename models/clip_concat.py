@@ -37,7 +37,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from .routing import gather_concat, positions, update_in_place, walk_token_order
 
 __all__ = ['MASK_KEY', 'CCBlock', 'CCVisionTransformer', 'apply_clip_concat', 'clip_concat_model', 'is_clip_concat',
-           'kept_token_counts', 'mask_values_problem', 'prefix_rule']
+           'kept_token_counts', 'as_mask_tensor', 'mask_values_problem', 'prefix_rule']
 
 MASK_KEY = 'attn.token_index'  # blocks.{l}.attn.token_index: the block's concat-order mask (bool)
 
@@ -85,12 +85,18 @@ class CCModelMixin:
         """Write concat-order masks (one row of length ``num_tokens`` per block: bool, or numbers that are all 0
         or 1; tensors, arrays or lists) and return the kept counts.  Plans in original order go through
         ``pruning.apply_masks``."""
-        concat_masks = [torch.as_tensor(mask) for mask in concat_masks]
+        if (isinstance(concat_masks, (str, bytes)) or not hasattr(concat_masks, '__iter__')
+                or getattr(concat_masks, 'ndim', 1) == 0):
+            raise TypeError(f'set_masks takes one mask per block (a list of rows, or a 2-d tensor or array), got '
+                            f'{_described(concat_masks)}')
+        concat_masks = [as_mask_tensor(mask, f'blocks.{layer}.{MASK_KEY}')
+                        for layer, mask in enumerate(concat_masks)]
         if len(concat_masks) != len(self.blocks):
             raise ValueError(f'{len(concat_masks)} masks for {len(self.blocks)} blocks')
         for layer, mask in enumerate(concat_masks):  # all checked before any is written: a refusal changes nothing
             if tuple(mask.shape) != (self.num_tokens,):
-                raise ValueError(f'a mask has shape {tuple(mask.shape)}, the model needs ({self.num_tokens},)')
+                raise ValueError(f'blocks.{layer}.{MASK_KEY}: a mask has shape {tuple(mask.shape)}, the model needs '
+                                 f'({self.num_tokens},)')
             problem = mask_values_problem(mask)
             if problem:
                 raise ValueError(f'blocks.{layer}.{MASK_KEY}: {problem}')
@@ -357,6 +363,42 @@ def prefix_rule(num_prefix_tokens: int, class_token: bool = True) -> str:
 
 def _has_class_token(model: nn.Module) -> bool:
     return getattr(model, 'cls_token', None) is not None
+
+
+def as_mask_tensor(value, name: str) -> torch.Tensor:
+    """``value``, a mask or a plan (a tensor, an array, a list of numbers or of tensors), as a tensor with values;
+    TypeError naming ``name`` when it holds something other than numbers (strings, None), ValueError when its rows
+    have different lengths or it is a tensor of the meta device.  Its values are checked by
+    :func:`mask_values_problem`."""
+    if isinstance(value, torch.Tensor):
+        tensor = value
+    elif isinstance(value, (list, tuple)) and value and all(isinstance(row, torch.Tensor) for row in value):
+        shapes = [tuple(row.shape) for row in value]  # rows given as tensors: one tensor of them
+        if len(set(shapes)) > 1:
+            raise ValueError(f'{name}: its rows have different shapes ({", ".join(map(str, shapes))})')
+        tensor = torch.stack([row.detach().cpu() for row in value])
+    else:
+        try:
+            tensor = torch.as_tensor(value)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f'{name} must be bool, or numbers that are all 0 or 1 (a tensor, an array or a list), '
+                            f'got {_described(value)}') from None
+    if tensor.is_meta:
+        raise ValueError(f'{name} holds no values (a tensor of the meta device)')
+    return tensor
+
+
+def _described(value) -> str:
+    """What ``value`` is, for a message: its type, and for a list, tuple or array what it holds."""
+    if value is None:
+        return 'None'
+    kind = type(value).__name__
+    article = 'an' if kind[:1].lower() in 'aeio' else 'a'
+    if isinstance(value, (list, tuple)):
+        held = sorted({type(item).__name__ for item in value})
+        return f'{article} {kind} of {", ".join(held)}' if held else f'an empty {kind}'
+    dtype = getattr(value, 'dtype', None)
+    return f'{article} {kind} of {dtype}' if dtype is not None else f'{article} {kind}'
 
 
 def mask_values_problem(mask: torch.Tensor) -> Optional[str]:

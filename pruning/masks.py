@@ -4,7 +4,7 @@ from typing import List
 import torch
 import torch.nn as nn
 
-from models.clip_concat import clip_concat_model, mask_values_problem
+from models.clip_concat import as_mask_tensor, clip_concat_model, mask_values_problem
 from models.routing import walk_token_order
 
 
@@ -27,9 +27,10 @@ def to_concat_order(masks: torch.Tensor, num_prefix_tokens: int = 1) -> torch.Te
 def apply_masks(model: nn.Module, masks: torch.Tensor) -> List[int]:
     """Write a plan (depth, num_patches; original order, True = kept) into the model's
     ``blocks.{l}.attn.token_index`` buffers and return ``channels`` (kept tokens per block, prefix included).
+    The plan is bool, or numbers that are all 0 or 1: a tensor, an array, nested lists, or a list of rows.
     """
     model = clip_concat_model(model, 'apply_masks')
-    masks = torch.as_tensor(masks)
+    masks = as_mask_tensor(masks, 'masks')
     depth, num_patches = len(model.blocks), model.num_tokens - model.num_prefix_tokens
     if tuple(masks.shape) != (depth, num_patches):
         raise ValueError(f'masks must have shape ({depth}, {num_patches}) for this model, '

@@ -393,6 +393,34 @@ def test_apply_masks_refuses_scores_and_takes_zero_one_arrays():
         pruning.apply_masks(timm.create_model('deit_tiny_patch16_224', img_size=32, depth=3), plan.bool())
 
 
+def test_masks_that_hold_no_numbers_are_refused_naming_the_argument():
+    """A plan or a row of masks of strings, None or objects was refused by torch's conversion, in its words ('too
+    many dimensions 'str'', 'Could not infer dtype of NoneType'); a plan given as a list of per-block rows was
+    refused too ('only integer tensors of a single element can be converted to an index')."""
+    import numpy as np
+    model = timm.create_model('cc_deit_tiny_patch16_224', img_size=32, depth=3)
+    plan = torch.tensor([[1, 0, 1, 1], [0, 0, 1, 1], [1, 1, 1, 1]], dtype=torch.bool)
+    expected = pruning.apply_masks(model, plan)
+    model.set_dense()
+    assert pruning.apply_masks(model, list(plan)) == expected == [4, 3, 5]  # rows as tensors
+    for bad, said in ((None, 'got None'), ('1011', 'got a str'), ([['1'] * 4] * 3, 'got a list of list'),
+                      (np.array([[None] * 4] * 3), 'of object')):
+        with pytest.raises(TypeError, match=rf'^masks must be bool, or numbers .*{said}'):
+            pruning.apply_masks(model, bad)
+    with pytest.raises(ValueError, match=r'^masks: its rows have different shapes \(\(4,\), \(3,\), \(4,\)\)'):
+        pruning.apply_masks(model, [plan[0], plan[1, :3], plan[2]])
+    rows = [m.clone() for m in model.masks]
+    for bad, said in (([['x'] * 5] * 3, r'^blocks\.0\.attn\.token_index must be bool, .*got a list of str'),
+                      ([rows[0], None, rows[2]], r'^blocks\.1\.attn\.token_index must be bool, .*got None'),
+                      (None, r'^set_masks takes one mask per block .*got None'),
+                      ('abc', r'^set_masks takes one mask per block .*got a str')):
+        with pytest.raises(TypeError, match=said):
+            model.set_masks(bad)
+    with pytest.raises(ValueError, match=r'^blocks\.2\.attn\.token_index holds no values \(a tensor of the meta'):
+        model.set_masks(rows[:2] + [torch.ones(5, dtype=torch.bool, device='meta')])
+    assert models_counts(model) == expected  # nothing written by a refusal
+
+
 def models_counts(model):
     return [int(m.sum()) for m in model.masks]
 
