@@ -9,11 +9,27 @@ import torch
 
 def num_clipped_slots(depth: int, num_patches: int, prune_rate: float) -> int:
     """How many (layer, patch) slots a prune rate clips; the class token is never counted."""
-    if not isinstance(prune_rate, (numbers.Real, torch.Tensor)):
-        raise TypeError(f'prune_rate must be a number, got {type(prune_rate).__name__}')
+    _check_number('prune_rate', prune_rate)
     if not 0.0 <= prune_rate < 1.0:
         raise ValueError(f'prune_rate must be in [0, 1), got {prune_rate}')
     return int(num_patches * depth * prune_rate)
+
+
+def _check_number(name: str, value) -> None:
+    """TypeError unless ``value`` is one real number (a Python or NumPy number, or a tensor of one real value)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.is_complex() or value.is_meta:
+            raise TypeError(f'{name} must be a number, got a tensor of shape {tuple(value.shape)} ({value.dtype})')
+    elif not isinstance(value, numbers.Real):
+        raise TypeError(f'{name} must be a number, got {type(value).__name__}')
+
+
+def _check_count(name: str, value) -> None:
+    """TypeError unless ``value`` is a whole number (not a bool), ValueError if it is negative."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f'{name} must be a whole number, got {type(value).__name__} {value!r}')
+    if value < 0:
+        raise ValueError(f'{name} must be >= 0, got {value}')
 
 
 def clips_nothing(depth: int, num_patches: int, prune_rate: float) -> Optional[str]:
@@ -26,7 +42,8 @@ def clips_nothing(depth: int, num_patches: int, prune_rate: float) -> Optional[s
 
 
 def plan_masks(scores: torch.Tensor, prune_rate: float, layer_decay: float = 0.005) -> torch.Tensor:
-    """Keep/clip plan in original token order from per-layer importance scores (depth, num_patches).
+    """Keep/clip plan in original token order from per-layer importance scores (depth, num_patches; a tensor, an
+    array or a list).
 
     Each layer is L2-normalised so layers compete on equal terms (a layer of zero scores stays zero: its slots
     are clipped first), then scaled by ``1 - layer_decay * l`` so deeper layers give up tokens slightly more
@@ -34,6 +51,15 @@ def plan_masks(scores: torch.Tensor, prune_rate: float, layer_decay: float = 0.0
     important tokens first). The P smallest weighted scores are clipped; ties go to the lower layer, then the
     lower token index (a stable sort over the row-major order).
     """
+    if not isinstance(scores, torch.Tensor):
+        try:
+            scores = torch.as_tensor(scores)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f'scores must be numbers (depth, num_patches): a tensor, an array or a list, got '
+                            f'{type(scores).__name__}') from None
+    if scores.is_complex() or scores.is_meta:
+        raise TypeError(f'scores must be real numbers with values, got a {scores.dtype} tensor'
+                        f'{" of the meta device" if scores.is_meta else ""}')
     if scores.dim() != 2:
         raise ValueError(f'scores must be (depth, num_patches), got shape {tuple(scores.shape)}')
     depth, num_patches = scores.shape
@@ -43,6 +69,7 @@ def plan_masks(scores: torch.Tensor, prune_rate: float, layer_decay: float = 0.0
         bad = sorted({int(layer) for layer in (~torch.isfinite(s)).nonzero()[:, 0]})
         raise ValueError(f'scores hold NaN or infinite values (layers {bad}), which would decide the plan '
                          f'arbitrarily; a non-finite loss while scoring gives them')
+    _check_number('layer_decay', layer_decay)
     if not math.isfinite(float(layer_decay)):
         raise ValueError(f'layer_decay must be a finite number, got {layer_decay}')
     norms = s.norm(dim=1, keepdim=True)
@@ -62,6 +89,8 @@ def plan_masks(scores: torch.Tensor, prune_rate: float, layer_decay: float = 0.0
 def random_masks(depth: int, num_patches: int, prune_rate: float,
                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """The random baseline: exactly P distinct (layer, patch) slots clipped, drawn uniformly."""
+    _check_count('depth', depth)
+    _check_count('num_patches', num_patches)
     budget = num_clipped_slots(depth, num_patches, prune_rate)
     keep = torch.ones(depth * num_patches, dtype=torch.bool)
     keep[torch.randperm(depth * num_patches, generator=generator)[:budget]] = False

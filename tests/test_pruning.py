@@ -281,6 +281,34 @@ def test_plan_rejects_bad_rates_and_shapes():
         pruning.plan_masks(torch.rand(2, 4), 0.2, layer_decay=float('nan'))
 
 
+def test_budget_arguments_of_the_wrong_kind_are_named():
+    """A rate of several values, a layer_decay or scores that are no numbers, a fractional or negative depth were
+    refused in torch's or Python's words ('Boolean value of Tensor with more than one value is ambiguous', "could
+    not convert string to float: 'a'", "'list' object has no attribute 'dim'", 'Trying to create tensor with
+    negative dimension'); scores as an array or a list are the same scores as a tensor."""
+    import numpy as np
+    scores = torch.rand(3, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    planned = pruning.plan_masks(scores, 0.25)
+    assert int((~planned).sum()) == 6
+    for same in (scores.numpy(), scores.tolist()):
+        assert torch.equal(pruning.plan_masks(same, 0.25), planned)
+    assert torch.equal(pruning.plan_masks(scores, np.float32(0.25), layer_decay=np.float64(0.005)), planned)
+    with pytest.raises(TypeError, match=r'^prune_rate must be a number, got a tensor of shape \(2,\)'):
+        pruning.plan_masks(scores, torch.tensor([0.25, 0.5]))
+    for decay, said in (('a', 'str'), (None, 'NoneType')):
+        with pytest.raises(TypeError, match=rf'^layer_decay must be a number, got {said}$'):
+            pruning.plan_masks(scores, 0.25, layer_decay=decay)
+    with pytest.raises(TypeError, match=r'^scores must be numbers \(depth, num_patches\).*got list'):
+        pruning.plan_masks([['a'] * 8] * 3, 0.25)
+    with pytest.raises(TypeError, match=r'^scores must be real numbers'):
+        pruning.plan_masks(scores.to(torch.complex64), 0.25)
+    with pytest.raises(TypeError, match=r'^depth must be a whole number, got float 3\.0$'):
+        pruning.random_masks(3.0, 8, 0.25)
+    with pytest.raises(ValueError, match=r'^num_patches must be >= 0, got -8$'):
+        pruning.random_masks(3, -8, 0.25)
+    assert int((~pruning.random_masks(np.int64(3), 8, 0.25)).sum()) == 6
+
+
 def test_plan_refuses_a_depth_prior_that_is_not_positive():
     """A layer_decay past 1/(depth-1) gave the deepest layers a prior of 0 or below: their weights sank below every
     other layer's and, negative, ranked their most important tokens first, which were then clipped first."""
