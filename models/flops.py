@@ -20,13 +20,15 @@ def count_macs(model: nn.Module, channels: Optional[List[int]] = None) -> int:
     the MLP is priced as the sum of its linear layers, ``n`` times their weights.  LayerNorm, GELU, softmax,
     residual adds and the token routing are not counted (as in the paper).  An attention-pooling head is counted
     over every token of the last block (:func:`attention_pool_macs`).  ``channels`` defaults to the model's kept
-    counts (a plain timm ViT counts as dense).
+    counts (a plain timm ViT counts as dense); given, it holds one count per block.
     """
     model = getattr(model, 'module', model)
     num_tokens = model.patch_embed.num_patches + model.num_prefix_tokens
     if channels is None:
         channels = kept_token_counts(model) if hasattr(model.blocks[0].attn, 'token_index') \
             else [num_tokens] * len(model.blocks)
+    else:
+        channels = _checked_channels(channels, len(model.blocks), num_tokens)
     patch_macs = patch_embed_macs(model.patch_embed)
     D = attention_width(model.blocks[0].attn)
     attn = linear_macs_per_token(model.blocks[0].attn)  # qkv, projection (and gate)
@@ -37,6 +39,24 @@ def count_macs(model: nn.Module, channels: Optional[List[int]] = None) -> int:
     pool = getattr(model, 'attn_pool', None)
     pool_macs = 0 if pool is None else attention_pool_macs(pool, num_tokens, model.embed_dim)
     return patch_macs + block_macs + pool_macs + head_macs
+
+
+def _checked_channels(channels, depth: int, num_tokens: int) -> List[int]:
+    """``channels`` as ints: one count per block, each from 0 to the model's ``num_tokens``; ValueError (TypeError
+    for what is no count) otherwise, where a list of another length would price only some blocks, or too many."""
+    if isinstance(channels, torch.Tensor):
+        channels = channels.tolist()
+    try:
+        counts = [int(n) for n in channels]
+        if any(isinstance(n, bool) or int(n) != n for n in channels):
+            raise TypeError
+    except (TypeError, ValueError):
+        raise TypeError(f'channels must be whole numbers, one kept-token count per block, got {channels!r}') from None
+    if len(counts) != depth:
+        raise ValueError(f'channels holds {len(counts)} counts for a model of {depth} blocks')
+    if any(not 0 <= n <= num_tokens for n in counts):
+        raise ValueError(f'channels {counts}: a block keeps from 0 to {num_tokens} tokens')
+    return counts
 
 
 def attention_pool_macs(pool: nn.Module, n: int, width: int) -> int:

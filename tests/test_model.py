@@ -533,6 +533,21 @@ def test_flops_follow_the_per_block_channels():
     assert models.count_macs(model, [197] * 12) == models.count_macs(dense) != expected
 
 
+def test_flops_of_channels_that_do_not_fit_the_model_are_refused():
+    """A channels list of another depth priced only the blocks it reached, or none past them, and a count above
+    the model's tokens was priced as given: GFLOPs of another model, without a word."""
+    model = timm.create_model('cc_deit_tiny_patch16_224', img_size=32, depth=3)  # 5 tokens
+    assert models.count_macs(model, torch.tensor([4, 5, 3])) == models.count_macs(model, [4, 5, 3])
+    for channels, said in (([5, 5], 'channels holds 2 counts for a model of 3 blocks'),
+                           ([5] * 4, 'channels holds 4 counts for a model of 3 blocks'),
+                           ([5, 6, 5], r'channels \[5, 6, 5\]: a block keeps from 0 to 5 tokens'),
+                           ([5, -1, 5], 'a block keeps from 0 to 5 tokens')):
+        with pytest.raises(ValueError, match=said):
+            models.count_macs(model, channels)
+    with pytest.raises(TypeError, match='channels must be whole numbers'):
+        models.count_macs(model, [4.5, 5, 5])
+
+
 def test_routing_is_swappable_and_the_boolean_reference_agrees():
     """Each block's routing is a function of models.routing: the boolean-mask definition gives the same model."""
     torch.manual_seed(7)
