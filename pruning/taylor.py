@@ -83,6 +83,17 @@ def _loss(criterion, output, targets, step: int) -> torch.Tensor:
     return loss.reshape(())
 
 
+def _pair(batch, step: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(images, targets)`` of one batch; a ValueError saying what the batch is otherwise."""
+    if isinstance(batch, (tuple, list)) and len(batch) == 2 and all(isinstance(t, torch.Tensor) for t in batch):
+        return batch[0], batch[1]
+    if isinstance(batch, (tuple, list)):
+        what = f'a {type(batch).__name__} of {len(batch)}: ' + ', '.join(type(item).__name__ for item in batch[:4])
+    else:
+        what = f'a {type(batch).__name__}'
+    raise ValueError(f'batch {step}: batches must give (images, targets) pairs of tensors, got {what}')
+
+
 def attention_taylor_scores(model: nn.Module, batches: Iterable[Tuple[torch.Tensor, torch.Tensor]], criterion,
                             device='cpu', max_batches: Optional[int] = None) -> torch.Tensor:
     """Score every (layer, patch) slot; returns a float32 CPU tensor (depth, num_patches).
@@ -102,7 +113,8 @@ def attention_taylor_scores(model: nn.Module, batches: Iterable[Tuple[torch.Tens
     scored = 0
     with _scoring_state(model), attention_probabilities(model) as probs, torch.enable_grad():
         # (islice stops before drawing a batch past the cap: an iterator the caller goes on using loses none)
-        for step, (images, targets) in enumerate(itertools.islice(batches, max_batches)):
+        for step, batch in enumerate(itertools.islice(batches, max_batches)):
+            images, targets = _pair(batch, step)
             images = images.to(device, non_blocking=True)
             targets = targets.to(device, non_blocking=True)
             loss = _loss(criterion, model(images), targets, step)

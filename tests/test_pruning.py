@@ -167,6 +167,10 @@ def test_a_compiled_model_is_scored_as_the_model_itself():
     ('per_sample_loss', ValueError, r'batch 0: the criterion must return a scalar loss, got \(3,\)'),
     ('detached_loss', ValueError, 'batch 0: the loss does not depend on the model'),
     ('inference_mode', RuntimeError, 'outside torch.inference_mode'),
+    # a loader that also gives the paths, or dicts: refused in Python's words ('too many values to unpack')
+    ('batch_of_three', ValueError, r'^batch 0: batches must give \(images, targets\) pairs of tensors, got a '
+                                   r'list of 3: Tensor, Tensor, list$'),
+    ('batch_of_dict', ValueError, r'^batch 0: batches must give \(images, targets\) pairs of tensors, got a dict$'),
 ])
 def test_scoring_refuses_what_it_cannot_score(case, error, message):
     model, batches, criterion, kwargs = _small_model(), _batches(), nn.CrossEntropyLoss(), {}
@@ -176,6 +180,10 @@ def test_scoring_refuses_what_it_cannot_score(case, error, message):
         batches = []
     elif case == 'max_batches_0':
         kwargs['max_batches'] = 0
+    elif case == 'batch_of_three':
+        batches = [[images, targets, ['a.png'] * len(targets)] for images, targets in batches]
+    elif case == 'batch_of_dict':
+        batches = [{'image': images, 'label': targets} for images, targets in batches]
     elif case == 'per_sample_loss':
         criterion = nn.CrossEntropyLoss(reduction='none')
     elif case == 'detached_loss':
