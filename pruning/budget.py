@@ -69,6 +69,10 @@ def plan_masks(scores: torch.Tensor, prune_rate: float, layer_decay: float = 0.0
         bad = sorted({int(layer) for layer in (~torch.isfinite(s)).nonzero()[:, 0]})
         raise ValueError(f'scores hold NaN or infinite values (layers {bad}), which would decide the plan '
                          f'arbitrarily; a non-finite loss while scoring gives them')
+    if bool((s < 0).any()):  # (the prior scales magnitudes: on a negative score it would keep deeper tokens first)
+        bad = sorted({int(layer) for layer in (s < 0).nonzero()[:, 0]})
+        raise ValueError(f'scores hold negative values (layers {bad}): importance scores are magnitudes (Taylor '
+                         f'scores are |A * dL/dA|), and the depth prior would rank negative ones the other way round')
     _check_number('layer_decay', layer_decay)
     if not math.isfinite(float(layer_decay)):
         raise ValueError(f'layer_decay must be a finite number, got {layer_decay}')

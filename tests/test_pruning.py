@@ -289,6 +289,20 @@ def test_plan_rejects_bad_rates_and_shapes():
         pruning.plan_masks(torch.rand(2, 4), 0.2, layer_decay=float('nan'))
 
 
+def test_plan_masks_refuses_negative_scores_which_would_turn_the_depth_prior_round():
+    """Scaled by 1 - decay x l, a negative score of a deeper layer rises towards 0 and is kept before the same score
+    of a shallower layer: the opposite of the prior's meaning (deeper layers give up tokens more readily), which
+    holds for magnitudes.  Taylor scores are magnitudes; negative ones are refused, naming their layers."""
+    equal = torch.ones(3, 4)
+    plan = pruning.plan_masks(equal, 0.25)  # 3 of 12 slots clipped: the deepest layer's, as the prior says
+    assert (~plan).nonzero()[:, 0].tolist() == [2, 2, 2]
+    scores = -equal
+    scores[0] = 1.0
+    with pytest.raises(ValueError, match=r'^scores hold negative values \(layers \[1, 2\]\): importance scores are '
+                                         r'magnitudes'):
+        pruning.plan_masks(scores, 0.25)
+
+
 def test_budget_arguments_of_the_wrong_kind_are_named():
     """A rate of several values, a layer_decay or scores that are no numbers, a fractional or negative depth were
     refused in torch's or Python's words ('Boolean value of Tensor with more than one value is ambiguous', "could
