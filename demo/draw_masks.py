@@ -176,11 +176,15 @@ def folder_images(root: str, num: int, input_size: int, mean, std, crop_ratio: f
         raise UserError(f'--data-path {root} is neither DIGITS nor a folder')
     if os.path.isdir(os.path.join(root, 'val')):
         root = os.path.join(root, 'val')
-    paths = []
+    # At most ``num`` images of each folder (no more can be drawn), until ``num`` folders have images: a class
+    # folder holding many images (a train/ split) must not end the search before the other classes are seen.
+    paths, with_images = [], 0
     for directory, subdirs, files in os.walk(root):
         subdirs.sort()
-        paths += [os.path.join(directory, f) for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)]
-        if len(paths) >= num * 50:
+        found = [os.path.join(directory, f) for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)][:num]
+        paths += found
+        with_images += bool(found)
+        if with_images >= num:
             break
     if not paths:
         raise UserError(f'no images ({", ".join(IMAGE_EXTENSIONS)}) under {root}')

@@ -274,6 +274,19 @@ def test_draw_masks_needs_as_many_images_as_rows(tmp_path, capsys):
         draw_masks.folder_images(str(data), 9, 32, (0.5,) * 3, (0.5,) * 3, 1.0)
 
 
+def test_draw_masks_takes_one_image_per_class_folder_even_of_a_large_one(tmp_path):
+    """The rows differ: the first image of each class folder, in sorted order, also when the first folder holds
+    many images (a train/ split: the search had stopped there, after 50 per row)."""
+    data = make_image_folder(tmp_path / 'data', classes=('a', 'b', 'c'), per_class=(0, 0), size=(8, 8))
+    for c, n in (('a', 110), ('b', 1), ('c', 1)):
+        make_image_folder(tmp_path / 'tmp', classes=(c,), per_class=(n, 0), size=(8, 8))
+        os.replace(tmp_path / 'tmp' / 'train' / c, tmp_path / 'data' / 'val' / c)
+    _, labels = draw_masks.folder_images(str(data), 2, 32, (0.5,) * 3, (0.5,) * 3, 1.0)
+    assert labels == [os.path.join('a', '0.png'), os.path.join('b', '0.png')]
+    _, labels = draw_masks.folder_images(str(data), 4, 32, (0.5,) * 3, (0.5,) * 3, 1.0)
+    assert labels == [os.path.join(*p) for p in (('a', '0.png'), ('b', '0.png'), ('c', '0.png'), ('a', '1.png'))]
+
+
 def test_run_demo_device_needs_cuda(tmp_path, capsys):
     """--device cuda on a machine without CUDA is refused at once, naming --device."""
     if torch.cuda.is_available():
