@@ -385,6 +385,11 @@ def _check(args, set_flags=frozenset()) -> None:
         for flag, rate in flags:
             if rate in nothing:
                 raise UsageError(f'argument {flag}: {nothing[rate]}')
+    for rate in args.rates:  # (one that clips nothing is said so above)
+        if not 0 < int(rate_tag(rate)) < 100:  # 'C&C-Ti-00' would read as dense (and take its paper figures)
+            raise UsageError(f'argument --rates: {rate} rounds to {rate_tag(rate)}%, the name of its rows, as if '
+                             f'{"nothing" if rate < 0.5 else "everything"} were pruned: give rates that round to '
+                             f'1% to 99%')
     if args.protocol != 'original' and args.original_passes is not None:
         raise UsageError('argument --original-passes: only with --protocol original')
     _check_no_effect(args, set_flags)

@@ -1607,6 +1607,9 @@ def _run_model_zoo(*args):
     (['--rates', '0.0001'], 'argument --rates: 0.0001 clips int(2352 x 0.0001) = 0 of the 2352 (layer, patch) '
                             'slots of tiny: nothing would be pruned'),
     (['--sweep-rates', '0,0.0001'], 'argument --sweep-rates: 0.0001 clips int(2352 x 0.0001) = 0'),
+    # a rate named 00% was labelled C&C-Ti-00 and given the paper's figures of the dense DeiT-Ti
+    (['--rates', '0.004'], 'argument --rates: 0.004 rounds to 00%, the name of its rows, as if nothing were pruned'),
+    (['--rates', '0.25,0.996'], 'argument --rates: 0.996 rounds to 100%, the name of its rows, as if everything'),
     # the same network under a pretrained tag was timed twice, as two models
     (['--models', 'tiny,deit_tiny_patch16_224.fb_in1k'], "argument --models: 'tiny' and "
                                                           "'deit_tiny_patch16_224.fb_in1k' are the same model"),
