@@ -108,6 +108,7 @@ DEFAULT_ROWS = {'cpu': ['timm', 'timm-compiled', 'ours', 'boolean', 'ours-compil
 ORIGINAL_BATCH = 256                         # the original code timed torch.rand(256, 3, 224, 224)
 DTYPES = {'fp32': None, 'fp16': torch.float16, 'bf16': torch.bfloat16}
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports it
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1397,39 +1398,49 @@ def main(argv=None) -> Dict:
         if changed:
             print(f'note: the code changed since that run ({", ".join(changed)}); the sections kept were measured '
                   f'with the code as it was', flush=True)
-    live: Dict[str, Live] = {}
-    for i, (section, record) in enumerate(zip(sections, results['sections'])):
-        elapsed = clock() - started
-        if record['status'] == 'done':  # kept from the run resumed
-            continue
-        if i and args.time_limit is not None and elapsed >= args.time_limit:
-            record.update(status='left out', reason=f'time limit of {args.time_limit:.0f} s reached after '
-                                                    f'{elapsed:.0f} s (--time-limit)')
-            print(f'left out: {section.title(args)} ({record["reason"]})', flush=True)
-        elif section.kind == 'summary' and section.model not in results['models']:
-            record.update(status='left out', reason='its main table did not run')
-            print(f'left out: {section.title(args)} ({record["reason"]})', flush=True)
-        else:
-            start = clock()
+    written = False  # (--json and --markdown, by this run)
+    try:
+        live: Dict[str, Live] = {}
+        for i, (section, record) in enumerate(zip(sections, results['sections'])):
+            elapsed = clock() - started
+            if record['status'] == 'done':  # kept from the run resumed
+                continue
+            if i and args.time_limit is not None and elapsed >= args.time_limit:
+                record.update(status='left out', reason=f'time limit of {args.time_limit:.0f} s reached after '
+                                                        f'{elapsed:.0f} s (--time-limit)')
+                print(f'left out: {section.title(args)} ({record["reason"]})', flush=True)
+            elif section.kind == 'summary' and section.model not in results['models']:
+                record.update(status='left out', reason='its main table did not run')
+                print(f'left out: {section.title(args)} ({record["reason"]})', flush=True)
+            else:
+                start = clock()
+                try:
+                    run_section(section, live, results, args, device, dtype, budget)
+                    record['status'] = 'done'
+                except Exception as e:  # noqa: BLE001  (one failing section must not lose the others)
+                    traceback.print_exc()
+                    record.update(status='failed', reason=f'{type(e).__name__}: {e}')
+                record['seconds'] = clock() - start
+                print(f'section {section.title(args)}: {record["status"]} in {record["seconds"]:.0f} s', flush=True)
+            needed = {s.model for s, r in zip(sections, results['sections']) if r['status'] == 'pending'}
             try:
-                run_section(section, live, results, args, device, dtype, budget)
-                record['status'] = 'done'
-            except Exception as e:  # noqa: BLE001  (one failing section must not lose the others)
-                traceback.print_exc()
-                record.update(status='failed', reason=f'{type(e).__name__}: {e}')
-            record['seconds'] = clock() - start
-            print(f'section {section.title(args)}: {record["status"]} in {record["seconds"]:.0f} s', flush=True)
-        needed = {s.model for s, r in zip(sections, results['sections']) if r['status'] == 'pending'}
-        try:
-            for name in [n for n in live if n not in needed]:
-                del live[name]  # no later section needs this model: free its rows (CUDA graphs, compiled code)
-            if device.type == 'cuda':
-                torch.cuda.empty_cache()
-        except RuntimeError as e:  # e.g. a sticky CUDA error: what ran must still be written
-            print(f'note: freeing memory failed: {e}', flush=True)
-        results['models'] = {n: results['models'][n] for n in args.models if n in results['models']}
-        results['compile_seconds_spent'] = budget.spent
-        report_so_far(results, args, device, started)
+                for name in [n for n in live if n not in needed]:
+                    del live[name]  # no later section needs this model: free its rows (CUDA graphs, compiled code)
+                if device.type == 'cuda':
+                    torch.cuda.empty_cache()
+            except RuntimeError as e:  # e.g. a sticky CUDA error: what ran must still be written
+                print(f'note: freeing memory failed: {e}', flush=True)
+            results['models'] = {n: results['models'][n] for n in args.models if n in results['models']}
+            results['compile_seconds_spent'] = budget.spent
+            report_so_far(results, args, device, started)
+            written = True
+    except KeyboardInterrupt as e:  # (cli says it in one line)
+        done = sum(r['status'] == 'done' for r in results['sections'])
+        e.kept = (f'{args.json} and {args.markdown} hold the {done} section{"s" * (done != 1)} finished; --resume '
+                  f'{args.json} runs the others' if written
+                  else 'no section finished: nothing written' + (f' ({args.resume} is as it was)' if args.resume
+                                                                 else ''))
+        raise
     if hasattr(os, 'getloadavg'):
         results['machine']['load_average_at_end'] = list(os.getloadavg())
     text = report_so_far(results, args, device, started)
@@ -1445,12 +1456,16 @@ def main(argv=None) -> Dict:
 
 def cli(argv=None) -> int:
     """The command: exit status 1 when a section failed, or when writing the results failed mid-run (a disk that
-    filled, a folder removed: one ``error:`` line, the sections written before it kept), 0 otherwise."""
+    filled, a folder removed: one ``error:`` line, the sections written before it kept), 130 on Ctrl-C (one line
+    saying what the results files hold), 0 otherwise."""
     try:
         results = main(argv)
     except UserError as e:
         sys.stderr.write(f'error: {e}\n')
         return 1
+    except KeyboardInterrupt as e:
+        sys.stderr.write(f'interrupted; {getattr(e, "kept", "nothing was written")}\n')
+        return EXIT_INTERRUPTED
     return 1 if any(r['status'] == 'failed' for r in results['sections']) else 0
 
 

@@ -1226,6 +1226,35 @@ def test_a_results_file_that_cannot_be_written_mid_run_is_one_line_and_exit_1(tm
     assert json.loads((tmp_path / 'r.json').read_text())['sections'][0]['status'] == 'failed'
 
 
+def test_ctrl_c_is_one_line_saying_what_the_results_files_hold(tmp_path, capsys, monkeypatch, one_thread):
+    """Ctrl-C (KeyboardInterrupt in a section): no traceback, exit status 130 and one line; after a finished
+    section the results files hold it (and --resume of them runs the rest), before one nothing is written."""
+    run_section = zoo.run_section
+
+    def second_interrupted(section, *a, **kw):
+        if section.kind == 'summary':
+            raise KeyboardInterrupt
+        return run_section(section, *a, **kw)
+
+    monkeypatch.setattr(zoo, 'run_section', second_interrupted)
+    out = tmp_path / 'r.json'
+    argv = DIGITS + ['--rows', 'timm,ours', '--summary-batch-sizes', '1', '--json', str(out)]
+    assert zoo.cli(argv) == 130
+    err = capsys.readouterr().err
+    assert err == (f'interrupted; {out} and {tmp_path / "r.md"} hold the 1 section finished; --resume {out} runs '
+                   f'the others\n')
+    assert [s['status'] for s in json.loads(out.read_text())['sections']] == ['done', 'pending']
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(zoo, 'run_section', interrupted)
+    again = tmp_path / 'again.json'
+    assert zoo.cli(argv[:-1] + [str(again)]) == 130
+    assert capsys.readouterr().err == 'interrupted; no section finished: nothing written\n'
+    assert not again.exists()
+
+
 def _fastest(rows_or_seconds, batch):
     return max(rows_or_seconds, key=lambda kv: batch / statistics.median(kv[1]))
 
