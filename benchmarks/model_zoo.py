@@ -95,6 +95,15 @@ SEED_GPU = {
     ('deit_small_patch16_224', 0.30): (3.2, 1711, 1.48),
     ('deit_base_patch16_224', 0.0): (17.6, None, None),
 }
+
+
+def paper_figures(timm_name: str, rate: float) -> Optional[Tuple]:
+    """The paper's (GFLOPs, images/s, speed-up) for a model at exactly one of its rates (0.0: dense), else None: a
+    row at another rate (0.254, named -25 as 0.25 is) is not the paper's model."""
+    return next((figures for (arch, paper_rate), figures in SEED_GPU.items()
+                 if arch == architecture(timm_name) and math.isclose(rate, paper_rate, abs_tol=1e-12)), None)
+
+
 DEFAULT_BATCH = {'cpu': {'deit_tiny_patch16_224': 32, 'deit_small_patch16_224': 16, 'deit_base_patch16_224': 8},
                  'cuda': {'deit_tiny_patch16_224': 256, 'deit_small_patch16_224': 256,
                           'deit_base_patch16_224': 128}}
@@ -1022,7 +1031,7 @@ def make_rows(built: Runs, timings: Timings, dense_macs: int, counted: Dict[str,
             base = REGISTRY[baseline].key(rate if REGISTRY[baseline].pruned else None)
             if base in timings.seconds:
                 row.update(as_fields(field, timings.ratio(key, base)))
-        seed = SEED_GPU.get((architecture(timm_name), round(rate, 2)))
+        seed = paper_figures(timm_name, rate)
         if seed and m['kind'] in ('timm', 'ours'):
             row['seed_gpu'] = {'gflops': seed[0], 'images_per_s': seed[1], 'speedup': seed[2]}
         row.update(dense=m['dense'], protocol=protocol, build_seconds=m['build_seconds'], check=m['check'])

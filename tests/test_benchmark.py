@@ -1087,6 +1087,18 @@ def test_a_deit_named_with_a_pretrained_tag_is_benchmarked_as_that_deit(tmp_path
     assert row['seed_gpu'] == {'gflops': 1.3, 'images_per_s': 2234, 'speedup': 1.0}
 
 
+def test_paper_figures_go_to_the_papers_rates_only():
+    """The paper measured DeiT-Ti at 0.25 and 0.40: a row at 0.254 (named C&C-Ti-25 all the same) is another model
+    and gets no paper figures, nor does 0.245; the dense model is rate 0.0; the figures are docs/method.md's."""
+    assert zoo.paper_figures('deit_tiny_patch16_224', 0.25) == (1.0, 2876, 1.29)
+    assert zoo.paper_figures('deit_tiny_patch16_224.fb_in1k', 0.40) == (0.7, 3685, 1.65)
+    assert zoo.paper_figures('deit_tiny_patch16_224', 0.0) == (1.3, 2234, 1.00)
+    for rate in (0.254, 0.245, 0.3):
+        assert zoo.paper_figures('deit_tiny_patch16_224', rate) is None, rate
+    assert F.pruned_label('deit_tiny_patch16_224', 0.254) == 'C&C-Ti-25'
+    assert zoo.paper_figures('vit_small_patch16_224', 0.25) is None
+
+
 def test_rows_asked_for_that_cannot_run_here_are_refused_and_default_ones_skipped(capsys, tmp_path, monkeypatch):
     """Triton runs on CPU only under its interpreter: fast-triton named in --rows is refused before any work
     (it was skipped with a note after the other rows had run); among the default rows it is left out with that
