@@ -714,8 +714,9 @@ def noise_batches(n: int, batch: int, num_classes: int, device: torch.device, se
              torch.randint(0, num_classes, (batch,), generator=g).to(device)) for _ in range(n)]
 
 
-def _scores(cc, args, device, batch: int = 8) -> Optional[torch.Tensor]:
-    """Taylor scores of the random-init model on 2 noise batches (``--masks taylor``); None plans random masks.
+def _scores(cc, args, device) -> Optional[torch.Tensor]:
+    """Taylor scores of the random-init model on 2 noise batches of 8 images (``--masks taylor``), whatever the
+    batch a section times, so every section plans the same masks for a rate; None plans random masks.
     Computed on the CPU (an fp32 copy of a model on a GPU): a GPU's reductions need not repeat bit for bit from
     one process to the next, and a run that carries on another (``--resume``) must plan the masks it measured."""
     if args.masks != 'taylor':
@@ -723,7 +724,7 @@ def _scores(cc, args, device, batch: int = 8) -> Optional[torch.Tensor]:
     cpu = torch.device('cpu')
     scorer = cc if device.type == 'cpu' else copy.deepcopy(cc).to(cpu, torch.float32)
     return pruning.attention_taylor_scores(
-        scorer, noise_batches(2, batch, cc.num_classes, cpu, args.seed, image_shape(cc)),
+        scorer, noise_batches(2, 8, cc.num_classes, cpu, args.seed, image_shape(cc)),
         LabelSmoothingCrossEntropy(0.1), device=cpu)
 
 
@@ -1055,15 +1056,15 @@ class Live:
         return self.cc if rate is None else self.pruned[rate]
 
 
-def main_models(timm_name: str, batch: int, args, device: torch.device
+def main_models(timm_name: str, args, device: torch.device
                 ) -> Tuple[nn.Module, nn.Module, Dict[float, nn.Module], Optional[float]]:
     """A main table's models: ours (every mask True) and timm's twin with the seeded weights, the pruned copies
-    with the masks of each rate (planned from Taylor scores on noise batches of at most 8 images, or random), and
+    with the masks of each rate (planned from Taylor scores on two noise batches of 8 images, or random), and
     the seconds the scoring took (None without).  A resumed run makes its models again through this, the same."""
     torch._dynamo.reset()
     cc, dense = seeded_models(timm_name, args.seed, device)
     start = time.perf_counter()
-    scores = _scores(cc, args, device, batch=min(batch, 8))
+    scores = _scores(cc, args, device)  # (the sweeps plan from the same batches: one model per rate everywhere)
     scoring_s = None if scores is None else time.perf_counter() - start
     return cc, dense, pruned_models(cc, scores, args.rates, args.seed), scoring_s
 
@@ -1080,7 +1081,7 @@ def bench_model(name: str, args, device: torch.device, dtype, budget: CompileBud
              f'protocol ours: {args.repeats} timed passes after {args.warmup} warm-up, '
              f'interleaved, {args.dtype}')
     print(f'\n== {label}: batch {batch}, {device}, {timed} ==', flush=True)
-    cc, dense, pruned, scoring_s = main_models(timm_name, batch, args, device)
+    cc, dense, pruned, scoring_s = main_models(timm_name, args, device)
     shape = image_shape(cc)
     dense_macs = models.count_macs(cc)
     if scoring_s is not None:
@@ -1151,7 +1152,7 @@ def revive(name: str, result: Dict, args, device: torch.device, dtype) -> Live:
     """A model whose main table the run resumed measured (``result``), made again for its summary sections: the
     same seeded weights and masks (each block must keep the token counts that run recorded, else this raises) and
     its rows as :func:`summary_batch` rebuilds them (fixed-batch rows are built there, for its batch size)."""
-    cc, dense, pruned, _ = main_models(args.timm_models[name], result['batch_size'], args, device)
+    cc, dense, pruned, _ = main_models(args.timm_models[name], args, device)
     for row in result['rows']:
         if not row['dense']:
             kept = models.kept_token_counts(pruned[row['prune_rate']])
@@ -1379,8 +1380,8 @@ def main(argv=None) -> Dict:
                'protocol': {'main_table': args.protocol, 'other_measurements': 'ours',
                             'description': {p: report.PROTOCOLS[p].format(passes=args.original_passes)
                                             for p in ('ours', args.protocol)}},
-               'mask_source': ('Taylor attention scores of the random-init model on 2 random-noise batches, '
-                               'global budget (pruning.plan_masks)' if args.masks == 'taylor'
+               'mask_source': ('Taylor attention scores of the random-init model on 2 random-noise batches of 8 '
+                               'images, global budget (pruning.plan_masks)' if args.masks == 'taylor'
                                else 'pruning.random_masks (seeded)'),
                'boolean_mask_row': 're-implementation of the original research code\'s per-block boolean '
                                    'indexing + torch.cat (BooleanMaskViT in benchmarks/formulations.py)',
