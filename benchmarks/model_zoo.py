@@ -253,8 +253,8 @@ def build_parser() -> Parser:
                         'on padded rows) per kept count when built, as build_fast_path does by default (default on); '
                         '--no-fast-autotune: SDPA\'s own dispatch and cuBLAS, nothing timed at build')
     p.add_argument('--time-limit', type=_float_in(1, MAX_SECONDS), default=None,
-                   help='seconds after which no new section starts (the first always runs; the results are written '
-                        'after every section; default: none)')
+                   help='seconds after which no new section starts (the first this run measures always runs; the '
+                        'results are written after every section; default: none)')
     p.add_argument('--resume', default=None, metavar='JSON',
                    help='the results JSON of an earlier run with the same settings on the same machine kind (GPU, '
                         'torch, timm): its finished sections are kept, the others run (those it left out, or that '
@@ -1411,11 +1411,12 @@ def main(argv=None) -> Dict:
     written = False  # (--json and --markdown, by this run)
     try:
         live: Dict[str, Live] = {}
-        for i, (section, record) in enumerate(zip(sections, results['sections'])):
+        started_one = False  # the first section this run measures starts whatever the time (a resumed run's too)
+        for section, record in zip(sections, results['sections']):
             elapsed = clock() - started
             if record['status'] == 'done':  # kept from the run resumed
                 continue
-            if i and args.time_limit is not None and elapsed >= args.time_limit:
+            if started_one and args.time_limit is not None and elapsed >= args.time_limit:
                 record.update(status='left out', reason=f'time limit of {args.time_limit:.0f} s reached after '
                                                         f'{elapsed:.0f} s (--time-limit)')
                 print(f'left out: {section.title(args)} ({record["reason"]})', flush=True)
@@ -1423,7 +1424,7 @@ def main(argv=None) -> Dict:
                 record.update(status='left out', reason='its main table did not run')
                 print(f'left out: {section.title(args)} ({record["reason"]})', flush=True)
             else:
-                start = clock()
+                start, started_one = clock(), True
                 try:
                     run_section(section, live, results, args, device, dtype, budget)
                     record['status'] = 'done'

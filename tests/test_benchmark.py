@@ -1505,6 +1505,12 @@ def test_resume_runs_only_the_sections_left_out_and_keeps_the_earlier_ones(tmp_p
     assert '| deit_digits_patch4_32, batch 4 (main table) | done (earlier run) |' in md
     assert 'This run resumed an earlier one (--resume)' in md and '--time-limit 500' in md
 
+    # a resumed run whose start took its whole --time-limit still measures its first section (only that one)
+    monkeypatch.setattr(zoo, 'clock', lambda: now.__setitem__(0, now[0] + 600) or now[0])
+    late = zoo.main(argv + ['--resume', str(tmp_path / 'first.json'), '--time-limit', '500',
+                            '--json', str(tmp_path / 'late.json')])
+    assert [s['status'] for s in late['sections']] == ['done', 'done', 'left out']
+
     tampered = json.loads((tmp_path / 'first.json').read_text())
     pruned_row = next(r for r in tampered['models']['deit_digits_patch4_32']['rows'] if not r['dense'])
     pruned_row['kept_tokens'][-1] -= 1
