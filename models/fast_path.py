@@ -115,11 +115,15 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from . import fast_kernels as K
 
 __all__ = ['build_fast_path', 'FastViT', 'CaptureError', 'AttentionChoice', 'ProductChoice', 'choose_attention',
-           'choose_product', 'choose_fc2', 'check_supported', 'BACKENDS', 'ATTENTION_MODES', 'MLP_MODES']
+           'choose_product', 'choose_fc2', 'check_supported', 'BACKENDS', 'ATTENTION_MODES', 'MLP_MODES',
+           'DTYPES']
 
 BACKENDS = ('triton', 'torch', 'compile')
 ATTENTION_MODES = ('auto', 'sdpa', 'triton')
 MLP_MODES = ('auto', 'torch', 'triton')
+# what ``dtype`` (the products') and ``residual_dtype`` (the token buffer's) may be: an integer buffer would
+# truncate every residual sum without a word
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -607,6 +611,10 @@ class FastViT(nn.Module):
             raise ValueError(f'attention must be one of {ATTENTION_MODES}, got {attention!r}')
         if mlp not in MLP_MODES:
             raise ValueError(f'mlp must be one of {MLP_MODES}, got {mlp!r}')
+        for name, value in (('dtype', dtype), ('residual_dtype', residual_dtype)):
+            if value is not None and not any(value is d for d in DTYPES):
+                raise ValueError(f'{name} must be torch.float16, torch.bfloat16, torch.float32 or torch.float64 (or '
+                                 f'None), got {value!r}')
         if 'triton' in (attention, mlp) and backend != 'triton':
             raise ValueError("attention='triton' and mlp='triton' need backend='triton'")
         if backend == 'triton' and not K.HAS_TRITON:  # else the build passes and the first forward fails
@@ -1063,6 +1071,7 @@ def build_fast_path(model: nn.Module, backend: str = 'triton', dtype: Optional[t
     ``backend``: 'triton' (fused kernels; CUDA, or CPU under TRITON_INTERPRET=1), 'torch' (plain torch ops,
     anywhere), 'compile' (torch.compile of the 'torch' formulation).  ``dtype``: the matrix products' dtype
     (torch.float16/bfloat16 for speed; default fp32).  ``residual_dtype``: the token buffer's (default fp32).
+    Either is a floating dtype, fp16, bf16, fp32 or fp64 (anything else: ValueError).
     ``attention``: 'auto' (time SDPA backends and, for 'triton', the Triton kernel per distinct kept count on
     CUDA, at ``batch_size`` images or 64; SDPA on CPU), 'sdpa', or 'triton'.  ``mlp``: the matrix products
     with fused epilogues, i.e. the MLP's two (GELU; the residual update) and the patch embedding's (the

@@ -1615,6 +1615,33 @@ def test_build_refuses_unknown_modes_and_triton_parts_without_the_triton_backend
         build_fast_path(tiny_cc(0), **kwargs)
 
 
+@pytest.mark.parametrize('kwargs', [dict(residual_dtype=torch.int32), dict(residual_dtype=torch.uint8),
+                                    dict(dtype=torch.int8), dict(dtype=torch.bool), dict(dtype='float16')],
+                         ids=['int32-stream', 'uint8-stream', 'int8-products', 'bool-products', 'a-string'])
+def test_build_refuses_dtypes_that_are_not_floating_point(kwargs):
+    """An integer token buffer truncated every residual sum (logits off by 0.2 here, without a word); integer
+    products failed on the first forward with torch's words; a dtype's name failed inside a cast.  Each is refused
+    at build time, naming the argument."""
+    (name, value), = kwargs.items()
+    with pytest.raises(ValueError, match=rf'^{name} must be torch.float16, torch.bfloat16, torch.float32 or '
+                                         rf'torch.float64 \(or None\), got {re.escape(repr(value))}$'):
+        build_fast_path(tiny_cc(0), backend='torch', **kwargs)
+
+
+@torch.no_grad()
+def test_every_floating_dtype_computes_the_model():
+    """The refusal above leaves every floating dtype the path computes: fp64 products and stream agree with the
+    eager fp32 model to fp32 rounding, the half-precision ones to their own."""
+    model = tiny_cc(19)
+    x = images(seed=19)
+    ref = model(x)
+    scale = max(1.0, ref.abs().max().item())
+    for dtype, residual, tol in [(torch.float64, torch.float64, 1e-5), (torch.float16, torch.float16, 1e-2),
+                                 (torch.bfloat16, torch.float32, 5e-2), (None, None, 1e-5)]:
+        fast = build_fast_path(model, backend='torch', dtype=dtype, residual_dtype=residual)
+        assert (fast(x) - ref).abs().max().item() <= tol * scale, (dtype, residual)
+
+
 @needs_triton
 @pytest.mark.parametrize('three_c, heads, message', [
     (3 * 2 * 32 + 3, 2, r'qkv must be \(B, n, 3\*H\*D\)'),  # not three equal parts of whole heads
