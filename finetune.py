@@ -1236,6 +1236,8 @@ def check_training_fields(checkpoint: dict, path: str) -> None:
     stats = checkpoint.get('log_stats')
     if isinstance(stats, dict) and 'test_acc1' in stats and not number(stats['test_acc1']):
         problems.append(f"log_stats test_acc1 {stats['test_acc1']!r} (a number)")  # (read as the epoch's accuracy)
+    if not isinstance(checkpoint.get('improved', False), bool):
+        problems.append(f"improved {checkpoint['improved']!r} (True or False)")
     classes = checkpoint.get('classes')
     if classes is not None and not (isinstance(classes, (list, tuple)) and all(isinstance(c, str) for c in classes)):
         problems.append('classes not a list of folder names')
@@ -1302,9 +1304,12 @@ def repair_outputs(args, checkpoint: dict) -> None:
             tb.close()
     remove_stale_temporaries(list(paths.values()))  # from a job killed while saving
     # best.pth is written right after checkpoint.pth when an epoch improves: a kill in between leaves the
-    # checkpoint's epoch, the best so far, without it
+    # checkpoint's epoch, the best so far, without it.  An epoch that only tied the best wrote no best.pth (the
+    # first epoch reaching it did, perhaps in the folder of the run this one continues): ``improved`` says which;
+    # a checkpoint of an earlier version, without it, is judged by its accuracy
     accuracy = float(checkpoint.get('max_accuracy', -1.0))
     reached = accuracy >= 0 and float((checkpoint.get('log_stats') or {}).get('test_acc1', -1.0)) == accuracy
+    reached = reached and checkpoint.get('improved', True)
     best = load_checkpoint_file(paths['best.pth'], mmap=True) if os.path.isfile(paths['best.pth']) else {}
     if reached and float(best.get('max_accuracy', -1.0)) < accuracy:
         def copy(f):
@@ -1352,15 +1357,16 @@ def args_to_save(args) -> dict:
 
 
 def training_state(training: engine.Training, args, epoch: int, max_accuracy: float, log_stats: dict,
-                   rng: List[dict]) -> dict:
+                   rng: List[dict], improved: bool) -> dict:
     """What ``checkpoint.pth`` and ``best.pth`` hold (``args`` as a plain dict: plain ``torch.load`` reads it);
-    ``rng``: every process's random streams (``seeding.gather``), in rank order."""
+    ``rng``: every process's random streams (``seeding.gather``), in rank order; ``improved``: whether the epoch
+    raised the best Acc@1 (so best.pth is written with it)."""
     model = training.model_without_ddp
     state = {
         'model': model.state_dict(), 'optimizer': training.optimizer.state_dict(),
         'lr_scheduler': training.lr_scheduler.state_dict(), 'epoch': epoch, 'scaler': training.scaler.state_dict(),
         'channels': models.kept_token_counts(model), 'args': args_to_save(args), 'max_accuracy': max_accuracy,
-        'log_stats': log_stats, 'rng': rng,
+        'log_stats': log_stats, 'rng': rng, 'improved': improved,
     }
     if training.model_ema is not None:
         state['model_ema'] = training.model_ema.module.state_dict()
@@ -1435,7 +1441,7 @@ def run_finetune(args, device: torch.device) -> Dict[str, float]:
                      'gflops': gflops(model), 'max_accuracy': best}
         rng = seeding.gather(seeding.capture(random_generators(training), training.device))  # every process
         if is_main_process():
-            state = training_state(training, args, epoch, best, log_stats, rng)
+            state = training_state(training, args, epoch, best, log_stats, rng, improved)
             # checkpoint.pth first: a best.pth that a kill right after it misses is copied from it on resume
             # (repair_outputs); the other order left a best.pth of an epoch the checkpoint does not reach
             save_atomic(state, paths['checkpoint.pth'])

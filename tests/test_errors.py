@@ -1424,6 +1424,7 @@ def test_a_file_pickled_with_a_newer_protocol_is_one_line_that_says_so(capsys, w
     ({'model_ema': None}, r'model_ema None \(a state dict\)'),
     ({'optimizer': [1, 2]}, r'optimizer a list \(a dict\)'),
     ({'log_stats': {'epoch': 0, 'test_acc1': 'high'}}, r"log_stats test_acc1 'high' \(a number\)"),
+    ({'improved': 'yes'}, r"improved 'yes' \(True or False\)"),
 ])
 def test_a_damaged_finetuning_checkpoint_is_refused_before_anything_is_built(capsys, world, finished, tmp_path,
                                                                             change, problem):

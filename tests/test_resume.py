@@ -653,6 +653,23 @@ def test_a_stop_between_the_checkpoint_and_best_pth_is_repaired_on_resume(capsys
     assert leftovers(out) == []
 
 
+def test_a_tie_with_the_best_of_the_run_continued_writes_no_best_pth_on_resume(capsys, monkeypatch, small, tmp_path):
+    """Acc@1 30 at epoch 0 (first/best.pth), then the run continued from that best.pth into another folder ties it
+    at epoch 1: no epoch there improved, so that folder has no best.pth, and a resume of its checkpoint.pth (here
+    of a finished run) must not make one of epoch 1 and say that a stop lost it."""
+    first, out = tmp_path / 'first', tmp_path / 'out'
+    with monkeypatch.context() as patch:
+        accuracies(patch, [30.0, 30.0])
+        assert _finetune(first, small['data'], '--resume', small['dense'], '--final_finetune', 1) == 0
+        assert _finetune(out, small['data'], '--resume', first / 'best.pth', '--final_finetune', 2) == 0
+    assert not (out / 'best.pth').exists()
+    capsys.readouterr()
+    assert _finetune(out, small['data'], '--resume', out / 'checkpoint.pth', '--final_finetune', 2) == 0
+    assert 'was not written after epoch' not in capsys.readouterr().out
+    assert not (out / 'best.pth').exists()
+    assert load_checkpoint_file(str(first / 'best.pth'))['epoch'] == 0
+
+
 def test_a_run_continued_into_another_folder_says_to_give_that_folder_again(capsys, monkeypatch, small, tmp_path):
     """Continued from a best.pth into a new --output_dir and stopped in its first epoch: the command printed names
     --output_dir too (--resume of a best.pth alone is refused, and a checkpoint.pth alone writes into its own
