@@ -959,9 +959,14 @@ def run_prune(args, device: torch.device) -> Dict[str, float]:
                                      f'gradient while scoring: its weights?); no masks planned, nothing written')
         masks = pruning.plan_masks(scores, args.prune_rate)
         scored_batches = len(batches)  # (what was scored, not what --prune-batches asked: a smaller set has fewer)
-        rank0_print(f'Scored {scored_batches} batch{"es" * (scored_batches > 1)} of {args.batch_size} images per '
+        # the loader drops a last partial batch, unless the process's share is shorter than a batch: then that is
+        # its one batch
+        per_batch = min(loader.batch_size, len(loader.sampler))
+        rank0_print(f'Scored {scored_batches} batch{"es" * (scored_batches > 1)} of {per_batch} images per '
                     f'process' + (f' (--prune-batches {args.prune_batches}: the training set has no more)'
-                                  if (args.prune_batches or 0) > scored_batches else ''))
+                                  if (args.prune_batches or 0) > scored_batches else '')
+                    + (f' (fewer than --batch-size {args.batch_size}: the training set has no more)'
+                       if per_batch < args.batch_size else ''))
     else:
         check_same_classes(args, dataset_val)
         scores = None

@@ -514,6 +514,16 @@ def test_prune_records_the_batches_it_scored_not_the_cap_it_was_given(capsys, wo
         assert json.loads((out_dir / 'prune_log.txt').read_text())['scored_batches'] == scored
 
 
+def test_prune_says_how_many_images_a_batch_held_when_the_training_set_is_shorter_than_one(capsys, world, tmp_path):
+    """32 training images and --batch-size 64: the loader keeps its one partial batch, of 32 images, and the
+    line says so, not 64."""
+    code, out, err = cli(capsys, '--prune', '--resume', world['dense'], '--data-path', world['data'],
+                         '--output_dir', tmp_path, '--batch-size', 64)
+    assert code == 0, err
+    assert ('Scored 1 batch of 32 images per process (fewer than --batch-size 64: the training set has no more)'
+            in out.splitlines())
+
+
 def timm_model_with(state_dict):
     model = models.create_model('deit_digits_patch4_32')
     model.load_state_dict(state_dict)
