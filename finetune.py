@@ -321,8 +321,8 @@ UNUSED_RULES = (
     (lambda a: not a.model_ema, ('model_ema_decay', 'model_ema_force_cpu'), 'no --model-ema is given'),
     (lambda a: a.distillation_type == 'hard', ('distillation_tau',),
      "hard distillation learns the teacher's top class, with no temperature"),
-    (lambda a: a.aa not in (None, '', 'none') and '3a' not in a.aa, ('color_jitter',),
-     'timm applies no colour jitter with an auto-augment policy (--aa); --aa none turns it on'),
+    (lambda a: a.aa not in (None, '', 'none') and '3a' not in a.aa and not a.prune, ('color_jitter',),
+     'timm applies no colour jitter with an auto-augment policy (--aa); --aa none turns it on'),  # (scoring: off)
     (lambda a: not mixing(a), ('mixup_prob', 'mixup_switch_prob', 'mixup_mode'),
      'mixup and cutmix are off (--mixup 0 --cutmix 0)'),
     (lambda a: not (a.mixup > 0 and (a.cutmix > 0 or a.cutmix_minmax is not None)), ('mixup_switch_prob',),

@@ -14,6 +14,7 @@ import types
 import pytest
 import timm
 import torch
+import torchvision
 
 import datasets
 import engine
@@ -1213,6 +1214,21 @@ def test_each_kind_of_run_names_the_flags_it_does_not_use(capsys, world, few_dig
     code, out, err = cli(capsys, *argv)
     assert code == 0, err
     assert [line for line in out.splitlines() if line.startswith('note:')] == notes
+
+
+def test_prune_does_not_call_the_colour_jitter_its_scoring_applies_void(capsys, world, tmp_path):
+    """With an auto-augment policy timm applies no colour jitter, so finetuning notes --color-jitter as having no
+    effect; Taylor scoring turns auto-augment off, so its images are jittered by the value given: no such note."""
+    argv = ['--prune', '--prune-batches', '1', '--aa', 'rand-m9-mstd0.5-inc1', '--color-jitter', '0.3', '--resume',
+            world['dense'], '--data-path', world['data'], '--output_dir', tmp_path]
+    code, out, err = cli(capsys, *argv)
+    assert code == 0, err
+    assert not [line for line in out.splitlines() if line.startswith('note:') and '--color-jitter' in line]
+    args = finetune.get_args_parser().parse_args([*DIGITS_ARGS, *map(str, argv)])
+    args.input_size, args.mean, args.std, args.distributed, args.rank = 32, (0.5,) * 3, (0.5,) * 3, False, 0
+    jitters = [t for t in finetune.scoring_dataset(args)[0].transform.transforms
+               if isinstance(t, torchvision.transforms.ColorJitter)]
+    assert [j.brightness for j in jitters] == [pytest.approx((0.7, 1.3))]
 
 
 def test_a_transform_string_a_run_does_not_use_is_noted_not_refused(capsys, world, tmp_path):
