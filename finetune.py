@@ -300,6 +300,9 @@ UNUSED_RULES = (
     (lambda a: a.data_set == 'DIGITS', TRAIN_TRANSFORM + ('eval_crop_ratio',),
      '--data-set DIGITS has its own fixed transform'),
     (lambda a: a.data_set not in INATURALIST, ('inat_category',), 'only iNaturalist has categories'),
+    (lambda a: input_size(a) <= SMALL_INPUT and (a.prune or a.aa in (None, '', 'none')), ('train_interpolation',),
+     f'at an input of {SMALL_INPUT} px or less the training crop is a padded crop of the image squashed to the input '
+     f'(bicubic), and only auto-augment would interpolate (off here, or turned off by Taylor scoring)'),
     (lambda a: input_size(a) <= SMALL_INPUT, ('eval_crop_ratio',),
      f'at an input of {SMALL_INPUT} px or less the evaluation does not crop (as in DeiT, which takes CIFAR images as '
      f'they are)'),

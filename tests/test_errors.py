@@ -689,7 +689,9 @@ def test_output_dir_that_cannot_be_written(capsys, world, tmp_path):
     (['--aa', 'rand-q5'], r'--aa rand-q5: timm cannot read this augmentation policy'),
     (['--aa', 'randm9'], r"--aa randm9: timm cannot read this augmentation policy \(a policy is rand-<sections>, "
                          r"augmix-<sections>, or AutoAugment's original, originalr, v0, v0r or 3a\)"),
-    (['--train-interpolation', 'bogus'], r'--train-interpolation bogus: not an interpolation timm knows'),
+    # (auto-augment interpolates: at the digits model's 32 px, without it the interpolation is not read)
+    (['--aa', 'rand-m9-mstd0.5-inc1', '--train-interpolation', 'bogus'],
+     r'--train-interpolation bogus: not an interpolation timm knows'),
     (['--reprob', '0.5', '--remode', 'bogus'], r'--remode bogus: random erasing fills with pixel, rand or const'),
     (['--input-size', '30'], r'--input-size 30 is not a whole number of 4x4 patches of cc_deit_digits_patch4_32'),
     (['--input-size', '2'], r'--input-size 2 is not a whole number of 4x4 patches'),

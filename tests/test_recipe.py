@@ -5,6 +5,7 @@ import argparse
 import json
 import math
 import os
+import random
 import re
 import shutil
 import subprocess
@@ -1112,7 +1113,8 @@ class RecordedReads(ParsedArgs):
 # --world_size is read after the launcher's WORLD_SIZE (or 1) has replaced it (init_distributed_mode); on the CPU
 # run() has turned --amp off before the work reads it, and the loaders pin memory on CUDA only.
 READ_WITHOUT_EFFECT = ({'drop', 'drop_path', 'cooldown_epochs', 'lr_noise_pct', 'lr_noise_std', 'remode', 'recount',
-                        'momentum', 'opt_betas', 'opt_eps', 'warmup_lr', 'world_size', 'amp', 'pin_mem'}
+                        'momentum', 'opt_betas', 'opt_eps', 'warmup_lr', 'world_size', 'amp', 'pin_mem',
+                        'train_interpolation'}  # (timm's crop, replaced at 32 px: see the interpolation test)
                        | set(finetune.SCHEDULES_READING))
 READ_OFF_BY_SCORING = set(finetune.ERASING)
 
@@ -1229,6 +1231,38 @@ def test_prune_does_not_call_the_colour_jitter_its_scoring_applies_void(capsys, 
     jitters = [t for t in finetune.scoring_dataset(args)[0].transform.transforms
                if isinstance(t, torchvision.transforms.ColorJitter)]
     assert [j.brightness for j in jitters] == [pytest.approx((0.7, 1.3))]
+
+
+@pytest.mark.parametrize('aa, noted', [('none', True), ('rand-m9-mstd0.5-inc1', False)])
+def test_the_training_interpolation_is_noted_where_the_32_px_training_transform_does_not_read_it(
+        capsys, world, tmp_path, aa, noted):
+    """At 32 px the training crop is a padded crop of the squashed image: without auto-augment (which
+    interpolates its rotations and shears) --train-interpolation changes no transform, and a run says so; Taylor
+    scoring turns auto-augment off, so --prune says so whatever --aa is."""
+    from PIL import Image
+    image = Image.open(os.path.join(world['data'], 'train', 'a', '0.png')).convert('RGB')
+
+    def transformed(interpolation):  # the training transform of 20 seeds on one image
+        args = finetune.get_args_parser().parse_args(['--model', 'deit_digits_patch4_32', '--aa', aa,
+                                                      '--train-interpolation', interpolation])
+        args.input_size, args.mean, args.std = 32, (0.5,) * 3, (0.5,) * 3
+        transform = datasets.build_transform(True, args)
+        images = []
+        for seed in range(20):
+            random.seed(seed)
+            torch.manual_seed(seed)
+            images.append(transform(image))
+        return torch.stack(images)
+    assert torch.equal(transformed('bilinear'), transformed('bicubic')) == noted  # what the note has to say
+    args = finetune.get_args_parser().parse_args([*DIGITS_ARGS, '--aa', aa, '--train-interpolation', 'bilinear'])
+    assert ('train_interpolation' in finetune.unused_flags(args)) == noted
+    code, out, err = cli(capsys, '--prune', '--prune-batches', '1', '--aa', aa, '--train-interpolation', 'bilinear',
+                         '--resume', world['dense'], '--data-path', world['data'], '--output_dir', tmp_path)
+    assert code == 0, err
+    assert [line for line in out.splitlines() if '--train-interpolation' in line] == [
+        'note: --train-interpolation bilinear has no effect: at an input of 32 px or less the training crop is a '
+        'padded crop of the image squashed to the input (bicubic), and only auto-augment would interpolate (off '
+        'here, or turned off by Taylor scoring)']
 
 
 def test_a_transform_string_a_run_does_not_use_is_noted_not_refused(capsys, world, tmp_path):
