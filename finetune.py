@@ -965,11 +965,10 @@ def run_prune(args, device: torch.device) -> Dict[str, float]:
         # the loader drops a last partial batch, unless the process's share is shorter than a batch: then that is
         # its one batch
         per_batch = min(loader.batch_size, len(loader.sampler))
-        rank0_print(f'Scored {scored_batches} batch{"es" * (scored_batches > 1)} of {per_batch} images per '
-                    f'process' + (f' (--prune-batches {args.prune_batches}: the training set has no more)'
-                                  if (args.prune_batches or 0) > scored_batches else '')
-                    + (f' (fewer than --batch-size {args.batch_size}: the training set has no more)'
-                       if per_batch < args.batch_size else ''))
+        short = [f'--prune-batches {args.prune_batches}'] * ((args.prune_batches or 0) > scored_batches) \
+            + [f'--batch-size {args.batch_size}'] * (per_batch < args.batch_size)
+        rank0_print(f'Scored {scored_batches} batch{"es" * (scored_batches > 1)} of {per_batch} images per process'
+                    + (f' ({" and ".join(short)} asked for more: the training set has no more)' if short else ''))
     else:
         check_same_classes(args, dataset_val)
         scores = None

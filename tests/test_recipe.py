@@ -509,7 +509,7 @@ def test_prune_records_the_batches_it_scored_not_the_cap_it_was_given(capsys, wo
         code, out, err = cli(capsys, '--prune', '--resume', world['dense'], '--data-path', world['data'],
                              '--output_dir', out_dir, '--prune-batches', cap)
         assert code == 0, err
-        note = ' (--prune-batches 1000: the training set has no more)' if cap == 1000 else ''
+        note = ' (--prune-batches 1000 asked for more: the training set has no more)' if cap == 1000 else ''
         assert f'Scored {scored} batches of 8 images per process{note}' in out.splitlines()
         checkpoint = torch.load(out_dir / 'pruned_0.25.pth')
         assert checkpoint['scored_batches'] == scored and checkpoint['args']['prune_batches'] == cap
@@ -522,8 +522,13 @@ def test_prune_says_how_many_images_a_batch_held_when_the_training_set_is_shorte
     code, out, err = cli(capsys, '--prune', '--resume', world['dense'], '--data-path', world['data'],
                          '--output_dir', tmp_path, '--batch-size', 64)
     assert code == 0, err
-    assert ('Scored 1 batch of 32 images per process (fewer than --batch-size 64: the training set has no more)'
+    assert ('Scored 1 batch of 32 images per process (--batch-size 64 asked for more: the training set has no more)'
             in out.splitlines())
+    code, out, err = cli(capsys, '--prune', '--resume', world['dense'], '--data-path', world['data'],
+                         '--output_dir', tmp_path / 'capped', '--batch-size', 64, '--prune-batches', 3)
+    assert code == 0, err
+    assert ('Scored 1 batch of 32 images per process (--prune-batches 3 and --batch-size 64 asked for more: the '
+            'training set has no more)' in out.splitlines())
 
 
 def timm_model_with(state_dict):
