@@ -19,7 +19,7 @@ import torch
 import engine
 import finetune
 from conftest import DIGITS_ARGS, ROOT, digits_world, make_image_folder, official_checkpoint, subprocess_env
-from utils import (UserError, load_checkpoint_file, remove_stale_temporaries, save_atomic, write_atomic,
+from utils import (UserError, append_line, load_checkpoint_file, remove_stale_temporaries, save_atomic, write_atomic,
                    write_text_atomic)
 
 
@@ -400,6 +400,21 @@ def test_reconcile_log_restores_the_epoch_whose_line_was_not_written(tmp_path):
     assert [r['epoch'] for r in records] == [0, 1, 2]
     assert records[2]['from'] == 'checkpoint'
     assert leftovers(tmp_path) == []
+
+
+def test_a_line_appended_after_one_cut_short_starts_a_line_of_its_own(tmp_path):
+    """A kill or a full disk can leave prune_log.txt (which no run repairs) ending in part of a record: the next
+    record goes on a line of its own, where json.loads reads it; the cut one is left as it is."""
+    log = tmp_path / 'prune_log.txt'
+    log.write_text('{"prune_mode": "attn"}\n{"prune_mo')
+    append_line(str(log), json.dumps({'prune_rate': 0.3}))
+    append_line(str(log), json.dumps({'prune_rate': 0.4}))
+    lines = log.read_text().splitlines()
+    assert lines[:2] == ['{"prune_mode": "attn"}', '{"prune_mo']
+    assert [json.loads(line) for line in lines[2:]] == [{'prune_rate': 0.3}, {'prune_rate': 0.4}]
+    fresh = tmp_path / 'new.txt'
+    append_line(str(fresh), 'x')
+    assert fresh.read_text() == 'x\n'
 
 
 @pytest.mark.parametrize('content, line', [

@@ -244,10 +244,12 @@ def write_atomic(path: str, write: Callable[[Any], None]) -> None:
 def append_line(path: str, line: str) -> None:
     """Append ``line`` and a newline to a results file (``log.txt``, ``prune_log.txt``); an OSError (disk full,
     directory removed) becomes a one-line :class:`OutputWriteError`.  A line cut short by it is what a continued
-    run repairs (run_log.reconcile_log)."""
+    run repairs (run_log.reconcile_log); a file that does not end in a newline (such a line, never repaired in
+    ``prune_log.txt``) gets one first, so the new line stays a line of its own."""
     try:
-        with open(path, 'a') as f:
-            f.write(line + '\n')
+        with open(path, 'a+b') as f:
+            cut = f.seek(0, os.SEEK_END) > 0 and f.seek(-1, os.SEEK_END) >= 0 and f.read(1) != b'\n'
+            f.write(('\n' if cut else '').encode() + (line + '\n').encode('utf-8'))
     except OSError as e:
         raise OutputWriteError(f'cannot append to {path}: {e.strerror or e}') from None
 
