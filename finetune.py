@@ -641,8 +641,9 @@ def continue_run(args) -> Tuple[List[str], Dict[str, object], Set[str]]:
             setattr(args, dest, value)
             inherited[dest] = value
         elif dest == 'final_finetune':  # the scheduler state just restored keeps the old length, as in DeiT
+            length = schedule_length(checkpoint, value)
             lines.append(f'warning: {args.resume} was written by a run of --final_finetune {value}; its '
-                         f'learning-rate schedule over {schedule_length(checkpoint, value)} epochs continues '
+                         f'learning-rate schedule over {length} epoch{"s" * (length != 1)} continues '
                          f'unchanged')
         elif dest in IN_RESTORED_STATE:  # the run's value stays, so the saved args say what ran
             lines.append(f'warning: {spell(parser, dest, current)} has no effect: the optimizer and learning-rate '
@@ -775,6 +776,13 @@ def gflops(model: nn.Module) -> float:
     return models.count_macs(model) / 1e9
 
 
+def gflops_text(value: float) -> str:
+    """GFLOPs as printed: two decimals, as the paper's tables (1.25), and two significant digits below 0.1, where
+    two decimals would say 0.04 against 0.05 for models 1.36 times apart (the digits demo's 0.036 and 0.048)."""
+    decimals = 2 if value >= 0.1 or value <= 0 else 1 - math.floor(math.log10(value))
+    return f'{value:.{decimals}f}'
+
+
 # ----------------------------------------------------------------------------------------------------------
 # the four commands
 
@@ -815,7 +823,7 @@ def run_speed(args, device: torch.device) -> Dict[str, float]:
         flops = gflops(model if name == 'pruned' else dense)
         results[f'{name}_gflops'] = flops
         results[f'{name}_throughput'] = throughput[name]
-        rank0_print(f'FLOPs of the {names[name]}: {flops:.2f} GFLOPs')
+        rank0_print(f'FLOPs of the {names[name]}: {gflops_text(flops)} GFLOPs')
         rank0_print(f'Throughput of the {names[name]}: {throughput[name]:.1f} images/s')
     if pruned:
         speedup = throughput['pruned'] / throughput['dense']
@@ -886,7 +894,7 @@ def _speed_original_protocol(args, model: nn.Module, name: str, size: int, devic
         why = (f' (inaccurate, as the original printed it: set-up{" and cudnn autotuning" if gpu else ""})'
                if i == 0 else '')
         rank0_print(f'Throughput of the {name} model, run {i + 1} of {runs}{why}: {speed:.1f} images/s')
-    rank0_print(f'FLOPs of the {name} model: {gflops(model):.2f} GFLOPs')
+    rank0_print(f'FLOPs of the {name} model: {gflops_text(gflops(model))} GFLOPs')
     rank0_print(f'Throughput of the {name} model: {speeds[-1]:.1f} images/s')
     return {f'{name}_gflops': gflops(model), f'{name}_throughput': speeds[-1]}
 
@@ -898,7 +906,7 @@ def run_eval(args, device: torch.device) -> Dict[str, float]:
     check_classes(nb_classes, model, 'validation')
     check_recorded_classes(checkpoint, dataset_val, args, 'validation')
     model.to(device)
-    rank0_print(f'Model {args.model} from {args.resume}: {describe(model)}; {gflops(model):.2f} GFLOPs')
+    rank0_print(f'Model {args.model} from {args.resume}: {describe(model)}; {gflops_text(gflops(model))} GFLOPs')
     loader = data_loader(dataset_val, args, train=False)
     if args.fast_path != 'none':
         model = fast_model(args, model, device, loader.batch_size, torch.float16 if args.amp else None)
@@ -982,7 +990,8 @@ def run_prune(args, device: torch.device) -> Dict[str, float]:
     if args.distributed:  # every process prints what it planned: the digests must agree (scores are summed)
         print_line(f'[rank {args.rank}] masks sha1 {masks_sha1(model.masks)}')
     pruned_gflops = gflops(model)  # (printed, logged and written to TensorBoard below)
-    rank0_print(f'FLOPs: {pruned_gflops:.2f} GFLOPs (dense {gflops(models.dense_copy(model)):.2f} GFLOPs)')
+    rank0_print(f'FLOPs: {gflops_text(pruned_gflops)} GFLOPs (dense {gflops_text(gflops(models.dense_copy(model)))} '
+                f'GFLOPs)')
     if is_main_process():
         checkpoint = {'model': model.state_dict(), 'channels': channels, 'args': args_to_save(args)}
         if scores is not None:
@@ -1180,7 +1189,7 @@ def build_training(args, device: torch.device) -> Tuple[engine.Training, dict]:
     continuing = is_training_checkpoint(checkpoint)
     check_recorded_classes(checkpoint, dataset_train, args, 'training', continuing)  # (earlier runs: checked in run)
     model.to(device)
-    rank0_print(f'Student {args.model}: {describe(model)}; {gflops(model):.2f} GFLOPs')
+    rank0_print(f'Student {args.model}: {describe(model)}; {gflops_text(gflops(model))} GFLOPs')
 
     teacher = None
     if args.distillation_type != 'none':

@@ -91,7 +91,7 @@ def test_speed_only_prints_flops_and_speed_up(tmp_path, capsys, data, name, size
     model = models.create_model(name, img_size=size, num_classes=3)
     dense_gflops = models.count_macs(model) / 1e9
     models.load_weights(model, load_checkpoint_file(str(path))['model'], str(path), name)
-    assert f'FLOPs of the dense model: {dense_gflops:.2f} GFLOPs' in out
-    assert f'FLOPs of the pruned model: {models.count_macs(model) / 1e9:.2f} GFLOPs' in out
+    assert f'FLOPs of the dense model: {finetune.gflops_text(dense_gflops)} GFLOPs' in out
+    assert f'FLOPs of the pruned model: {finetune.gflops_text(models.count_macs(model) / 1e9)} GFLOPs' in out
     assert re.search(r'Throughput of the pruned model: [\d.]+ images/s', out)
     assert re.search(r'Speed-up of the pruned model: [\d.]+x \(FLOPs ratio [\d.]+x\)', out)

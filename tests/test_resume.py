@@ -734,7 +734,7 @@ def test_resume_with_more_epochs_says_the_old_schedule_continues(capsys, small, 
     assert _finetune(out, small['data'], '--resume', out / 'checkpoint.pth', '--final_finetune', 2) == 0
     lines = capsys.readouterr().out.splitlines()
     assert f'warning: {out / "checkpoint.pth"} was written by a run of --final_finetune 1; its learning-rate ' \
-           f'schedule over 1 epochs continues unchanged' in lines
+           f'schedule over 1 epoch continues unchanged' in lines
     assert load_checkpoint_file(str(out / 'checkpoint.pth'))['lr_scheduler']['t_initial'] == schedule['t_initial']
     assert log_epochs(out / 'log.txt') == [0, 1]
 
@@ -751,7 +751,7 @@ def test_a_run_continued_twice_names_the_length_its_schedule_really_has(capsys, 
     assert _finetune(out, small['data'], '--resume', out / 'checkpoint.pth', '--final_finetune', 3) == 0
     lines = capsys.readouterr().out.splitlines()
     assert f'warning: {out / "checkpoint.pth"} was written by a run of --final_finetune 2; its learning-rate ' \
-           f'schedule over 1 epochs continues unchanged' in lines
+           f'schedule over 1 epoch continues unchanged' in lines
     assert log_epochs(out / 'log.txt') == [0, 1, 2]
 
 
