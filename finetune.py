@@ -416,7 +416,7 @@ def validate_args(args, void: Set[str] = frozenset()) -> None:
         raise UserError('choose one of --eval, --speed-only and --prune')
     parser = get_args_parser()
     check_numbers(args, parser, NUMERIC_FLAGS)
-    if args.speed_protocol == 'original':
+    if args.speed_only and args.speed_protocol == 'original':  # (else every --speed-* flag is only noted)
         given = given_flags(args)
         if 'speed_warmup' in given or ('speed_dtype' in given and args.speed_dtype != 'fp32'):
             raise UserError('--speed-protocol original times fp32 passes as the original did (three runs, the last '

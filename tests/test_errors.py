@@ -1241,6 +1241,21 @@ def test_a_stop_while_prune_logs_its_results_says_the_pruned_file_is_complete(ca
         int(m.sum()) for k, m in torch.load(path, weights_only=True)['model'].items() if k.endswith('token_index')]
 
 
+def test_speed_flags_that_clash_are_only_noted_where_nothing_is_timed(tmp_path):
+    """--speed-protocol original with --speed-warmup is refused with --speed-only (the original protocol has no
+    warm-up); with --eval no speed flag does anything, so each is named in the note, as a shared flag set passes
+    them."""
+    parser = finetune.get_args_parser()
+    (tmp_path / 'x.pth').write_bytes(b'')
+    argv = ['--speed-protocol', 'original', '--speed-warmup', '1', '--resume', str(tmp_path / 'x.pth')]
+    with pytest.raises(UserError, match='--speed-protocol original times fp32 passes'):
+        finetune.validate_args(parser.parse_args(['--speed-only', *argv]))
+    args = parser.parse_args(['--eval', '--data-path', 'd', *argv])
+    finetune.validate_args(args)
+    assert finetune.unused_flag_notes(args, parser) == [
+        'note: --speed-protocol original, --speed-warmup 1 have no effect: only --speed-only times the model']
+
+
 def test_flags_the_chosen_optimizer_schedule_or_augmentation_ignores_are_noted():
     parser = finetune.get_args_parser()
     args = parser.parse_args(['--momentum', '0.5', '--opt-betas', '0.8', '0.9', '--warmup-lr', '1e-4',
