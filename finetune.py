@@ -778,7 +778,7 @@ def gflops(model: nn.Module) -> float:
 
 def gflops_text(value: float) -> str:
     """GFLOPs as printed: two decimals, as the paper's tables (1.25), and two significant digits below 0.1, where
-    two decimals would say 0.04 against 0.05 for models 1.36 times apart (the digits demo's 0.036 and 0.048)."""
+    two decimals would say 0.04 against 0.05 for models 1.35 times apart (the digits demo's 0.036 and 0.048)."""
     decimals = 2 if value >= 0.1 or value <= 0 else 1 - math.floor(math.log10(value))
     return f'{value:.{decimals}f}'
 
