@@ -9,6 +9,7 @@
 The CLI only wires things together: the loops are in engine.py, the method in models/ and pruning/.
 """
 import argparse
+import copy
 import inspect
 import json
 import math
@@ -58,8 +59,15 @@ def given_flags(args) -> frozenset:
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Defaults shown after each help text, except where the text says them itself or the flag turns a default
-    off (``--no-amp``: "default: True" would read as if mixed precision were off)."""
+    """Defaults shown after each help text, and as the help of a flag that takes a value but has no text, except
+    where the text says them itself or the flag turns a default off (``--no-amp``: "default: True" would read as
+    if mixed precision were off)."""
+
+    def _format_action(self, action):
+        if action.help is None and action.option_strings and action.nargs != 0:  # (argparse prints no help line)
+            action = copy.copy(action)
+            action.help = 'default: %(default)s'
+        return super()._format_action(action)
 
     def _get_help_string(self, action):
         if 'default' in (action.help or '') or isinstance(action, argparse._StoreFalseAction):
@@ -144,7 +152,8 @@ def get_args_parser() -> argparse.ArgumentParser:
            'input x input, as the original code evaluated; 0.875 is DeiT\'s')
     # distillation
     a('--teacher-model', default=None, help='dense teacher architecture (default: same as --model)')
-    a('--teacher-path', default='')
+    a('--teacher-path', default='',
+      help='checkpoint of the dense teacher (needed by --distillation-type soft or hard; default: none)')
     a('--distillation-type', default='none', choices=['none', 'soft', 'hard'])
     a('--distillation-alpha', default=0.5, type=float)
     a('--distillation-tau', default=1.0, type=float)

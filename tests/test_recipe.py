@@ -1090,6 +1090,35 @@ def test_help_names_the_script_and_shows_defaults(capsys, monkeypatch):
     assert re.search(r'--lr LR\s+base lr, scaled by batch \* world_size / 512 \(default: 0\.01\)', out)
 
 
+def test_help_shows_the_default_of_every_flag_that_takes_a_value(capsys, monkeypatch):
+    """Flags without a help text show their default too (--weight-decay, --min-lr, --warmup-lr, ... are the
+    recipe's, and --help is where a user reads them)."""
+    monkeypatch.setenv('COLUMNS', '1000')  # one line per flag
+    with pytest.raises(SystemExit):
+        finetune.main(['--help'])
+    out = capsys.readouterr().out
+    entries = {}  # first option string -> its entry of the help (the flag's line and any continuation lines)
+    for line in out[out.index('options:'):].splitlines()[1:]:
+        if line.startswith('  -'):
+            flag = line.split()[0].rstrip(',')
+            entries[flag] = line
+        elif line.strip():
+            entries[flag] += ' ' + line.strip()
+    checked = 0
+    for action in finetune.get_args_parser()._actions:
+        if not action.option_strings or action.nargs == 0 or action.help == argparse.SUPPRESS:
+            continue  # switches (store_true / store_false) and hidden flags
+        if action.help and 'default' in action.help:
+            continue  # the text says its default itself
+        entry = entries[action.option_strings[0]]
+        assert f'default: {action.default})' in entry or entry.endswith(f'default: {action.default}'), entry
+        checked += 1
+    assert checked > 40
+    for flag, value in (('--weight-decay', '0.05'), ('--min-lr', '1e-06'), ('--warmup-lr', '1e-05'),
+                        ('--warmup-epochs', '0')):
+        assert entries[flag].endswith(f'default: {value}'), entries[flag]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # D. flags a run accepts but does not use: named in a note, and really not read
 
