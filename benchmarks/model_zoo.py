@@ -214,7 +214,8 @@ def build_parser() -> Parser:
     p = Parser(description=__doc__.split('\n\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     count, batch = _int_in(1, MAX_COUNT), _int_in(1, MAX_BATCH)
     count0 = _int_in(0, MAX_COUNT)
-    p.add_argument('--device', choices=['cpu', 'cuda'], default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--device', choices=['cpu', 'cuda'], default='cuda' if torch.cuda.is_available() else 'cpu',
+                   help='default: cuda when a GPU is available, else cpu')
     p.add_argument('--models', type=_names, default=None,
                    help='comma-separated: the shortcuts tiny,small,base and/or timm model names with a C&C model '
                         '(default tiny,small,base)')
@@ -231,7 +232,8 @@ def build_parser() -> Parser:
                    help='autocast precision of the timed forwards (default: CPU fp32, CUDA fp16); the rows of '
                         '--protocol original are fp32 whatever this says')
     p.add_argument('--masks', choices=['taylor', 'random'], default='taylor',
-                   help='taylor: Taylor scores of the random-init model on noise batches; random: random baseline')
+                   help='taylor: Taylor scores of the random-init model on noise batches (default); random: random '
+                        'baseline')
     p.add_argument('--rows', type=_names, default=None,
                    help='comma-separated formulations to time, each a row per model or per prune rate (default: '
                         f'CPU {",".join(DEFAULT_ROWS["cpu"])}; CUDA {",".join(DEFAULT_ROWS["cuda"])}); timm and ours '

@@ -980,6 +980,13 @@ OTHER_OPTIONS = {'-h', '--help', '--device', '--models', '--dtype', '--masks', '
                  '--fast-autotune', '--no-fast-autotune', '--resume'}
 
 
+def test_help_says_the_default_of_every_option_that_takes_a_value():
+    """benchmarks/README.md: '--help lists the defaults'."""
+    for action in zoo.build_parser()._actions:
+        if action.option_strings and action.nargs != 0 and action.default is not None:
+            assert 'default' in (action.help or ''), f'{action.option_strings[0]}: its --help says no default'
+
+
 def _parse(tmp_path, *argv, folder='out'):
     return zoo.parse_args(['--device', 'cpu', '--json', str(tmp_path / folder / 'r.json'), *argv])
 
