@@ -70,7 +70,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._format_action(action)
 
     def _get_help_string(self, action):
-        if 'default' in (action.help or '') or isinstance(action, argparse._StoreFalseAction):
+        if ('default' in (action.help or '') or isinstance(action, argparse._StoreFalseAction)
+                or action.default == ''):  # ("(default: )" would say nothing)
             return action.help
         return super()._get_help_string(action)
 
@@ -123,7 +124,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     a('--min-lr', default=1e-6, type=float)
     a('--decay-epochs', default=15, type=float, help='step interval of --sched step (cosine does not use it)')
     a('--decay-milestones', default=[30, 60], type=int, nargs='+',
-      help='epochs from which --sched multistep runs at a further --decay-rate times the lr (timm\'s defaults)')
+      help='epochs from which --sched multistep runs at a further --decay-rate times the lr (default: 30 60, '
+           'timm\'s)')
     a('--warmup-epochs', default=0, type=int)
     a('--cooldown-epochs', default=30, type=int,
       help='epochs at --min-lr after the schedule (after --final_finetune, so never reached)')

@@ -1108,8 +1108,8 @@ def test_help_shows_the_default_of_every_flag_that_takes_a_value(capsys, monkeyp
     for action in finetune.get_args_parser()._actions:
         if not action.option_strings or action.nargs == 0 or action.help == argparse.SUPPRESS:
             continue  # switches (store_true / store_false) and hidden flags
-        if action.help and 'default' in action.help:
-            continue  # the text says its default itself
+        if (action.help and 'default' in action.help) or action.default == '':
+            continue  # the text says its default itself; an empty default is not shown
         entry = entries[action.option_strings[0]]
         assert f'default: {action.default})' in entry or entry.endswith(f'default: {action.default}'), entry
         checked += 1
@@ -1117,6 +1117,8 @@ def test_help_shows_the_default_of_every_flag_that_takes_a_value(capsys, monkeyp
     for flag, value in (('--weight-decay', '0.05'), ('--min-lr', '1e-06'), ('--warmup-lr', '1e-05'),
                         ('--warmup-epochs', '0')):
         assert entries[flag].endswith(f'default: {value}'), entries[flag]
+    assert '30 60' in entries['--decay-milestones']  # (its text named "timm's defaults" without their values)
+    assert '(default: )' not in out  # an empty default says nothing
 
 
 # ----------------------------------------------------------------------------------------------------------
