@@ -30,6 +30,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
+from torchvision.datasets.folder import IMG_EXTENSIONS  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -39,7 +40,7 @@ import models  # noqa: E402,F401  (registers the cc_deit_* models with timm)
 from utils import UserError, check_output_dir, one_line, write_atomic  # noqa: E402
 from utils.cli import AT_LEAST_ONE, EXIT_USER_ERROR, OneLineParser, Range, check_numbers, spell  # noqa: E402
 
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff', '.ppm')
+IMAGE_EXTENSIONS = IMG_EXTENSIONS  # those finetune.py's image folders read (torchvision's ImageFolder)
 CLIPPED_GREY = np.array([0.62, 0.62, 0.66])  # what a clipped patch is blended towards
 CLIPPED_ALPHA = 0.75
 RETURN_COLOUR = '#ff8c00'                     # outline of a patch kept again after an earlier clip

@@ -287,6 +287,20 @@ def test_draw_masks_takes_one_image_per_class_folder_even_of_a_large_one(tmp_pat
     assert labels == [os.path.join(*p) for p in (('a', '0.png'), ('b', '0.png'), ('c', '0.png'), ('a', '1.png'))]
 
 
+def test_draw_masks_reads_the_images_finetune_reads_and_only_those(tmp_path):
+    """The image folders of finetune.py are torchvision's ImageFolder: a .pgm is an image there and a .gif is not;
+    draw_masks reads the same files (it read .gif and skipped .pgm)."""
+    from PIL import Image
+    from torchvision.datasets import ImageFolder
+    for c, ext in (('a', 'pgm'), ('b', 'gif'), ('c', 'png')):
+        os.makedirs(tmp_path / 'val' / c)
+        Image.new('L' if ext == 'pgm' else 'RGB', (8, 8)).save(tmp_path / 'val' / c / f'0.{ext}')
+    read = sorted(os.path.relpath(p, tmp_path / 'val') for p, _ in ImageFolder(str(tmp_path / 'val'),
+                                                                                allow_empty=True).samples)
+    _, labels = draw_masks.folder_images(str(tmp_path), 2, 32, (0.5,) * 3, (0.5,) * 3, 1.0)
+    assert sorted(labels) == read == [os.path.join('a', '0.pgm'), os.path.join('c', '0.png')]
+
+
 def test_run_demo_device_needs_cuda(tmp_path, capsys):
     """--device cuda on a machine without CUDA is refused at once, naming --device."""
     if torch.cuda.is_available():
