@@ -1023,6 +1023,7 @@ def run_prune(args, device: torch.device) -> Dict[str, float]:
     written = False  # known to this process to be complete
     try:
         if is_main_process():
+            remove_stale_temporaries([path])  # of an earlier --prune killed while it wrote this file
             save_atomic(checkpoint, path)
             written = True
             print_line(f'Saved {path}')
@@ -1466,6 +1467,8 @@ def run_finetune(args, device: torch.device) -> Dict[str, float]:
     for line in describe_parameter_groups(training.optimizer, training.model_without_ddp, args):
         rank0_print(line)
     paths = output_paths(args)
+    if is_main_process():  # a fresh run's folder too: a job killed while saving its first checkpoint left one
+        remove_stale_temporaries(list(paths.values()))
     tb = None  # created with the first checkpoint: a run that fails before it leaves no events file
     continuing = is_training_checkpoint(checkpoint)
     last_good, last_epoch = (args.resume, int(checkpoint['epoch'])) if continuing else (None, None)

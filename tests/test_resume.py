@@ -258,6 +258,42 @@ def test_the_temporary_file_of_a_write_through_a_link_is_found_after_a_kill(tmp_
     assert leftovers(store) == [] and (store / 'run1.pth').read_bytes() == b'old'
 
 
+def killed_while_writing(path):
+    """The temporary file a job killed inside write_atomic leaves beside ``path`` (its name)."""
+    def killed(f):
+        f.write(b'partial')
+        os._exit(0)
+
+    pid = os.fork()
+    if pid == 0:
+        try:
+            write_atomic(str(path), killed)
+        finally:
+            os._exit(1)
+    os.waitpid(pid, 0)
+    return f'.{os.path.basename(path)}.tmp-{pid}'
+
+
+@pytest.mark.parametrize('prune', [False, True])
+def test_a_fresh_run_removes_what_a_job_killed_while_saving_its_first_file_left(small, tmp_path, prune):
+    """A job killed (SIGKILL, the OOM killer) while writing its first checkpoint, or its pruned file, leaves a
+    temporary file as large as a checkpoint; only a resume of a checkpoint.pth cleaned up, so the fresh run started
+    again in that folder left it there for good."""
+    out = tmp_path / 'out'
+    out.mkdir()
+    names = ['pruned_random_0.3.pth'] if prune else ['checkpoint.pth', 'best.pth']
+    stale = sorted(killed_while_writing(out / name) for name in names)
+    assert sorted(leftovers(out)) == stale
+    if prune:
+        code = finetune.main([*DIGITS_ARGS, '--prune', '--prune_mode', 'random', '--prune_rate', '0.3',
+                              '--resume', small['dense'], '--data-path', str(small['data']), '--output_dir', str(out)])
+    else:
+        code = _finetune(out, small['data'], '--final_finetune', 1)
+    assert code == 0
+    assert leftovers(out) == []
+    assert all((out / name).is_file() for name in names)
+
+
 def test_the_output_folder_check_is_not_stopped_by_a_probe_a_killed_run_left(tmp_path):
     """check_output_dir writes and removes a probe file; one left by a run killed in between, under the name this
     process would have picked (same pid: common in containers), does not make the folder look unwritable, and a
