@@ -539,11 +539,17 @@ def validate_args(args, void: Set[str] = frozenset()) -> None:
 def check_optimizer_and_schedule(args) -> None:
     """Build the run's optimizer and learning-rate schedule (:func:`build_optimizer`) once for a one-unit linear
     layer, before any work: an --opt or --sched timm does not know, or a schedule it refuses, is a user error before
-    the data is listed and the model and teacher are built, not after."""
+    the data is listed and the model and teacher are built, not after; so is a second-order optimizer (timm's
+    AdaHessian), whose step differentiates the gradients again: the training step does not keep the graph for that,
+    torch's fused attention has no second derivative, DDP does not synchronise it, and its random probe vectors
+    are not saved with a checkpoint, so a resumed run would not continue the same one."""
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')  # (the run's own build says them)
-        build_optimizer(argparse.Namespace(**vars(args)), nn.Linear(1, 1))
+        optimizer, _ = build_optimizer(argparse.Namespace(**vars(args)), nn.Linear(1, 1))
+    if getattr(optimizer, 'is_second_order', False):
+        raise UserError(f'--opt {args.opt} is a second-order optimizer (its step differentiates the gradients '
+                        f'again), which this finetuning does not run: choose a first-order one (e.g. adamw, sgd)')
 
 
 def check_lr_noise_reaches_an_epoch(fractions: Sequence[float], epochs: int) -> None:

@@ -747,6 +747,10 @@ def test_bad_flags(capsys, world, earlier, argv, pattern):
                                  r"scheduler 'nosuchsched'"),
     (['--sched', 'none'], r'--sched none: finetuning needs a learning-rate schedule'),
     (['--sched', 'wsd'], r'cannot create the learning-rate schedule \(--sched wsd\): wsd schedule requires'),
+    # timm's AdaHessian differentiates the gradients again in its step: the run stopped in a traceback (the graph
+    # not kept; no second derivative of fused attention), and resumed without its random probe vectors
+    (['--opt', 'adahessian'], r'--opt adahessian is a second-order optimizer \(its step differentiates the gradients '
+                              r'again\), which this finetuning does not run: choose a first-order one'),
 ])
 def test_optimizer_and_schedule_are_refused_before_the_data_is_read(capsys, monkeypatch, world, earlier, argv,
                                                                     pattern):
