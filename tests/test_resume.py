@@ -8,6 +8,7 @@ import math
 import os
 import re
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -436,6 +437,23 @@ def test_reconcile_log_restores_the_epoch_whose_line_was_not_written(tmp_path):
     assert [r['epoch'] for r in records] == [0, 1, 2]
     assert records[2]['from'] == 'checkpoint'
     assert leftovers(tmp_path) == []
+
+
+def test_a_replaced_file_keeps_its_permissions(tmp_path):
+    """write_atomic writes a new file and renames it over the old one: the new file took the default mode, so a
+    checkpoint made private (chmod 600) became readable by all at the next epoch; it keeps the old file's mode (a
+    new file gets the default one)."""
+    path = tmp_path / 'checkpoint.pth'
+    save_atomic({'epoch': 0}, str(path))
+    default = stat.S_IMODE(os.stat(path).st_mode)
+    os.chmod(path, 0o600)
+    save_atomic({'epoch': 1}, str(path))
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600 and torch.load(path)['epoch'] == 1
+    os.chmod(path, 0o640)
+    write_atomic(str(path), lambda f: f.write(b'x'))
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o640 and path.read_bytes() == b'x'
+    save_atomic({'epoch': 2}, str(tmp_path / 'new.pth'))
+    assert stat.S_IMODE(os.stat(tmp_path / 'new.pth').st_mode) == default
 
 
 def test_a_line_appended_after_one_cut_short_starts_a_line_of_its_own(tmp_path):

@@ -5,6 +5,7 @@ import errno
 import os
 import pickle
 import re
+import stat
 import tempfile
 import warnings
 import zipfile
@@ -210,14 +211,18 @@ def write_atomic(path: str, write: Callable[[Any], None]) -> None:
     or failing while writing leaves the previous file intact and no temporary file; an interruption (Ctrl-C,
     SIGTERM) is raised as it is, and an OSError (disk full, directory removed; inside torch.save, behind its zip
     writer's error) becomes a one-line :class:`OutputWriteError`.  A ``path`` that is a symbolic link is written
-    through: the file it names is replaced, and the link stays."""
+    through: the file it names is replaced, and the link stays.  The new file keeps the permissions of the file it
+    replaces (a checkpoint made private with ``chmod 600`` stays private, from its first byte)."""
     target = os.path.realpath(path)
     directory = os.path.dirname(target)
     tmp = temporary_path(path)
     created = _missing_folders(directory)
     try:
         os.makedirs(directory, exist_ok=True)  # an output directory is created when its first file is written
+        mode = stat.S_IMODE(os.stat(target).st_mode) if os.path.isfile(target) else None
         with open(tmp, 'wb') as f:
+            if mode is not None:
+                os.fchmod(f.fileno(), mode)
             write(f)
             f.flush()
             os.fsync(f.fileno())
