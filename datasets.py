@@ -132,11 +132,17 @@ def check_training_transform(args, unused: Collection[str] = ()) -> None:
             raise UserError(f'--aa {args.aa}: section {bare[0]!r} has no value (each is a name and a number, as in '
                             f'rand-m9-mstd0.5-inc1)')
     try:
-        create_transform(input_size=32, is_training=True, auto_augment=args.aa)
+        t = create_transform(input_size=32, is_training=True, auto_augment=args.aa)
     except (AssertionError, KeyError, ValueError) as e:
         why = str(e) or ('a policy is rand-<sections>, augmix-<sections>, or AutoAugment\'s original, originalr, '
                          'v0, v0r or 3a')  # (timm's bare assertion on the name before the first '-')
         raise UserError(f'--aa {args.aa}: timm cannot read this augmentation policy ({why})') from None
+    # AugMix draws its mixing weights from Dirichlet(alpha) and Beta(alpha, alpha) at every image: timm takes an
+    # alpha of 0 here and numpy refused it at the first training image, in a traceback
+    from timm.data.auto_augment import AugMixAugment
+    alpha = next((op.alpha for op in t.transforms if isinstance(op, AugMixAugment)), None)
+    if alpha is not None and not alpha > 0:
+        raise UserError(f'--aa {args.aa}: AugMix\'s alpha (section a) must be positive, got {alpha:g}')
 
 
 # ----------------------------------------------------------------------------------------------------------

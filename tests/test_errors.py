@@ -687,6 +687,8 @@ def test_output_dir_that_cannot_be_written(capsys, world, tmp_path):
     (['--aa', 'bogus'], r'--aa bogus: timm cannot read this augmentation policy \(Unknown AA policy bogus\)'),
     (['--aa', 'rand-m9-zz'], r"--aa rand-m9-zz: section 'zz' has no value"),
     (['--aa', 'rand-q5'], r'--aa rand-q5: timm cannot read this augmentation policy'),
+    # timm takes AugMix's alpha 0, which numpy's Dirichlet refused at the first training image (a traceback)
+    (['--aa', 'augmix-m3-a0'], r"^error: --aa augmix-m3-a0: AugMix's alpha \(section a\) must be positive, got 0$"),
     (['--aa', 'randm9'], r"--aa randm9: timm cannot read this augmentation policy \(a policy is rand-<sections>, "
                          r"augmix-<sections>, or AutoAugment's original, originalr, v0, v0r or 3a\)"),
     # (auto-augment interpolates: at the digits model's 32 px, without it the interpolation is not read)
