@@ -126,7 +126,8 @@ def check_training_transform(args, unused: Collection[str] = ()) -> None:
     if 'aa' in unused or args.aa in (None, '', 'none'):
         return
     policy, *sections = args.aa.split('-')
-    if policy in ('rand', 'augmix'):  # timm skips a section without a number: refuse it instead
+    # timm skips a section without a number, in every policy it knows (AutoAugment's mstd too): refuse it instead
+    if policy in ('rand', 'augmix', 'original', 'originalr', 'v0', 'v0r', '3a'):
         bare = [part for part in sections if not any(ch.isdigit() for ch in part)]
         if bare:
             raise UserError(f'--aa {args.aa}: section {bare[0]!r} has no value (each is a name and a number, as in '

@@ -686,6 +686,9 @@ def test_output_dir_that_cannot_be_written(capsys, world, tmp_path):
     (['--sched', 'nosuchsched'], r'cannot create the learning-rate schedule \(--sched nosuchsched\)'),
     (['--aa', 'bogus'], r'--aa bogus: timm cannot read this augmentation policy \(Unknown AA policy bogus\)'),
     (['--aa', 'rand-m9-zz'], r"--aa rand-m9-zz: section 'zz' has no value"),
+    # (AutoAugment's policies too: timm skipped the section, and the run went on without the magnitude noise asked)
+    (['--aa', 'original-mstd'], r"^error: --aa original-mstd: section 'mstd' has no value"),
+    (['--aa', '3a-mstd'], r"^error: --aa 3a-mstd: section 'mstd' has no value"),
     (['--aa', 'rand-q5'], r'--aa rand-q5: timm cannot read this augmentation policy'),
     # timm takes AugMix's alpha 0, which numpy's Dirichlet refused at the first training image (a traceback)
     (['--aa', 'augmix-m3-a0'], r"^error: --aa augmix-m3-a0: AugMix's alpha \(section a\) must be positive, got 0$"),
