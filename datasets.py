@@ -478,8 +478,8 @@ def check_same_classes(args, dataset_val, dataset_train=None) -> None:
         train = list(dataset_train.classes)
     else:
         train = class_folders(os.path.join(args.data_path, 'train'))
-        if train is None:
-            return  # a validation set on its own
+        if not train:  # a validation set on its own (a train/ without class folders, its archives unpacked later,
+            return  # is no training set either: no label of it to shift)
     val = list(dataset_val.classes)
     if train == val:
         return

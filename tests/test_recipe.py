@@ -843,6 +843,19 @@ def test_an_extra_validation_class_folder_is_refused(capsys, world, tmp_path):
     assert code == 2 and '(only in val/: a)' in err
 
 
+def test_a_train_folder_without_class_folders_does_not_stop_an_evaluation(capsys, world, tmp_path):
+    """--eval reads val/ alone: a train/ that holds no class folder yet (ImageNet's per-class archives, not
+    unpacked) has no labels to compare with, and was refused as differing in every class ('only in val/: a, b,
+    c, d')."""
+    data = shutil.copytree(world['data'], tmp_path / 'data')
+    shutil.rmtree(data / 'train')
+    (data / 'train').mkdir()
+    (data / 'train' / 'a.tar').write_bytes(b'archive')
+    code, out, err = cli(capsys, '--eval', '--resume', world['dense'], '--data-path', data)
+    assert (code, err) == (0, ''), err
+    assert 'Accuracy of the network on the 16 test images' in out
+
+
 def test_inaturalist_validation_classes_missing_from_training_are_refused(tmp_path):
     from datasets import build_dataset
     from utils import UserError
