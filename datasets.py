@@ -209,6 +209,9 @@ def image_folder(split: str, transform) -> datasets.ImageFolder:
     skipped: Dict[str, int] = {}
 
     def is_image(path: str) -> bool:  # torchvision's rule (its extensions), with what it leaves out counted
+        if os.path.basename(path).startswith('._'):  # macOS's metadata beside each file copied from a Mac
+            skipped[APPLE_DOUBLE] = skipped.get(APPLE_DOUBLE, 0) + 1  # (torchvision reads it, and the run stops)
+            return False
         if datasets.folder.has_file_allowed_extension(path, datasets.folder.IMG_EXTENSIONS):
             return True  # (by the end of the name, as torchvision reads it: a file named .png too)
         extension = os.path.splitext(path)[1].lower()
@@ -226,14 +229,23 @@ def image_folder(split: str, transform) -> datasets.ImageFolder:
     return folder
 
 
+APPLE_DOUBLE = '._*'  # macOS's AppleDouble files (._name.JPEG): metadata, not images, whatever their extension
+
+
 def skipped_files_note(dataset) -> Optional[str]:
     """The ``note:`` for the files of an image folder's class folders that are not read (an extension
-    torchvision's ImageFolder does not take: .gif, .jfif, .txt, ...), or None."""
+    torchvision's ImageFolder does not take: .gif, .jfif, .txt, ...; macOS's ._* metadata files), or None."""
     skipped = getattr(dataset, 'skipped', None)
     if not skipped:
         return None
-    return (f'note: {sum(skipped.values())} files in the class folders of {dataset.root} are left out: their '
-            f'extension is not one of {" ".join(datasets.folder.IMG_EXTENSIONS)} ({_kinds(skipped)})')
+    reasons = []
+    if set(skipped) - {APPLE_DOUBLE}:
+        reasons.append(f'their extension is not one of {" ".join(datasets.folder.IMG_EXTENSIONS)}')
+    if APPLE_DOUBLE in skipped:
+        reasons.append('they are the metadata files macOS writes beside copied files')
+    return (f'note: {sum(skipped.values())} files in the class folders of {dataset.root} are left out: '
+            f'{", or ".join(reasons)} ({_kinds(skipped)})')
+
 
 
 def _kinds(skipped: Dict[str, int]) -> str:

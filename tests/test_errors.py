@@ -180,6 +180,26 @@ def test_files_an_image_folder_leaves_out_are_counted_in_a_note(capsys, world, t
             f'.jpg .jpeg .png .ppm .bmp .pgm .tif .tiff .webp (2 .txt, 1 .gif)') in out
 
 
+def test_macos_metadata_files_beside_the_images_are_left_out_and_counted(capsys, world, tmp_path):
+    """A folder copied from a Mac holds ._name.png beside each name.png (AppleDouble metadata, not an image):
+    torchvision's ImageFolder takes them by their extension, and the run stopped at the first one it read
+    ('not an image'); they are left out and counted in the note, the accuracy the same as without them."""
+    data = copy_data(world, tmp_path)
+    code, out, _ = cli(capsys, '--eval', '--resume', world['dense'], '--data-path', data)
+    assert code == 0
+    clean = [line for line in out.splitlines() if line.startswith(('* Acc@1', 'Accuracy of the network'))]
+    assert len(clean) == 2
+    for c in ('a', 'b'):
+        (data / 'val' / c / '._0.png').write_bytes(b'\x00\x05\x16\x07 Mac OS X metadata')
+    (data / 'val' / 'a' / 'notes.txt').write_text('not an image\n')
+    code, out, err = cli(capsys, '--eval', '--resume', world['dense'], '--data-path', data)
+    assert code == 0, err
+    assert (f'note: 3 files in the class folders of {data / "val"} are left out: their extension is not one of '
+            f'.jpg .jpeg .png .ppm .bmp .pgm .tif .tiff .webp, or they are the metadata files macOS writes beside '
+            f'copied files (2 ._*, 1 .txt)') in out
+    assert [line for line in out.splitlines() if line.startswith(('* Acc@1', 'Accuracy of the network'))] == clean
+
+
 def test_an_unreadable_class_folder_listing_is_one_line(capsys, world, tmp_path, monkeypatch):
     """--eval compares the class folders of train/ with val/'s; a train/ that cannot be listed (permission denied:
     faked, as root reads everything) was a PermissionError traceback."""
