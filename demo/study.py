@@ -379,8 +379,9 @@ def markdown(teacher: dict, cells: List[dict], paired: List[dict], seeds: Sequen
             before, after = cell[(rate, mode, False)], cell[(rate, mode, True)]
             lines.append(f'| {rate:.2f} | {MODE_NAMES[mode]} | {before["gflops"]["mean"]:.4f} | '
                          f'{mean_std(before["acc1"])} | {mean_std(after["acc1"])} | {before["acc1"]["n"]} |')
-    lines += ['', f'Taylor - random, paired by seed (points of acc@1; {round(100 * CONFIDENCE)}% two-sided Student '
-                  f't-interval on the paired differences, n - 1 degrees of freedom):', '',
+    how = (f'{round(100 * CONFIDENCE)}% two-sided Student t-interval on the paired differences, n - 1 degrees of '
+           f'freedom' if len(seeds) > 1 else 'one seed: no interval')
+    lines += ['', f'Taylor - random, paired by seed (points of acc@1; {how}):', '',
               '| prune rate | when | per seed | mean | interval | verdict |', '|---|---|---|---|---|---|']
     verdicts = {'taylor': 'Taylor wins', 'random': 'random wins', 'undecided': 'cannot tell'}
     for c in paired:
@@ -596,10 +597,12 @@ def report(argv: Sequence[str], results: dict, table: str) -> str:
         "Every run is in `results.json` (`runs`: prune_rate, prune_mode, seed, finetuned, acc1, gflops, kept "
         "tokens per block, the masks' sha1, the checkpoint), with the cells and the paired comparisons below.",
     ]
-    note = (f"One validation image is 0.28 points of accuracy. The interval is the two-sided {level}% Student "
-            f"t-interval of the mean of the {n_seeds} paired differences (Taylor minus random, same seed), with "
-            f"{n_seeds - 1} degree{'s' if n_seeds != 2 else ''} of freedom: with so few seeds it is wide, and it "
-            f"says nothing about other teachers.")
+    note = ("One validation image is 0.28 points of accuracy. " + (
+        f"The interval is the two-sided {level}% Student t-interval of the mean of the {n_seeds} paired differences "
+        f"(Taylor minus random, same seed), with {n_seeds - 1} degree{'s' if n_seeds != 2 else ''} of freedom: with "
+        f"so few seeds it is wide, and it says nothing about other teachers." if n_seeds > 1 else
+        "With one seed there is one paired difference (Taylor minus random) and no interval: a t-interval needs at "
+        "least two seeds, so these runs cannot tell Taylor and random apart."))
     readme = (f"**Taylor against random, over seeds (`make study`).** One run of the demo cannot say whether "
               f"Taylor masks beat random ones. `{short_command}` ({round(minutes)} minutes on "
               f"{m['cpu_cores']} CPU cores{load}) repeats the demo's prune → distillation-finetune at prune rates "

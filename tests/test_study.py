@@ -532,3 +532,22 @@ def test_failed_figure_write_keeps_the_previous_files(tmp_path, monkeypatch, cap
     assert (tmp_path / 'study.png').read_bytes() == b'previous figure'
     assert (tmp_path / 'results.json').read_text() == 'previous results'
     assert not [f for f in os.listdir(tmp_path) if '.tmp-' in f]
+
+
+@pytest.mark.parametrize('seeds', [['0'], ['0', '1'], ['0', '1', '2']])
+def test_report_note_on_the_interval_matches_the_number_of_seeds(seeds, tmp_path, monkeypatch, capsys):
+    """STUDY.md's note under the tables describes the interval the comparisons have: with one seed there is none
+    (the sentences say 'no interval'), so the note must not describe a t-interval with 0 degrees of freedom."""
+    fake_stages(monkeypatch, tmp_path)
+    assert study.main(['--seeds', *seeds, '--rates', '0.25', '--device', 'cpu', '--out', str(tmp_path)]) == 0
+    report = ' '.join((tmp_path / 'STUDY.md').read_text().split())
+    results = json.loads((tmp_path / 'results.json').read_text())
+    n = len(seeds)
+    if n == 1:
+        assert all(c['ci_low'] is None for c in results['paired'])
+        assert 't-interval of the mean' not in report and 'degrees of freedom' not in report
+        assert 'With one seed there is one paired difference (Taylor minus random) and no interval' in report
+    else:
+        assert all(c['ci_low'] is not None and c['df'] == n - 1 for c in results['paired'])
+        assert (f'95% Student t-interval of the mean of the {n} paired differences (Taylor minus random, same seed), '
+                f'with {n - 1} degree{"s" if n != 2 else ""} of freedom') in report
