@@ -134,6 +134,21 @@ def validate_args(a: argparse.Namespace, parser: Optional[argparse.ArgumentParse
     check_numbers(a, parser or get_args_parser(), NUMERIC_FLAGS)
     check_device(a.device)
     check_output_dir(a.out, '--out')  # (an existing file there is refused too)
+    folders, files = planned_outputs(a.out)
+    for path in [f for f in folders if os.path.lexists(f) and not os.path.isdir(f)] + \
+            [f for f in files if os.path.isdir(f)]:
+        kind = 'a file' if os.path.isdir(path) else 'a folder'
+        raise UserError(f'--out {a.out}: {path} is in the way (the demo writes {kind} there): move it away')
+
+
+def planned_outputs(out: str) -> Tuple[List[str], List[str]]:
+    """(the folders, the files) the demo writes under ``out``, each stage's."""
+    tags = [rate_tag(mode, rate) for mode, rate in CONFIGS]
+    folders = [os.path.join(out, name) for name in ['teacher', 'summary'] + [f'{stage}_{tag}' for tag in tags
+                                                                            for stage in ('prune', 'finetune')]]
+    files = [os.path.join(out, name) for name in ['results.json', 'details.json', 'masks.png']
+             + [f'speed_{tag}.txt' for tag in tags] + [f'masks_{tag}.png' for tag in tags[1:]]]
+    return folders, files
 
 
 # ----------------------------------------------------------------------------------------------------------

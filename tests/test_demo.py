@@ -301,6 +301,24 @@ def test_draw_masks_reads_the_images_finetune_reads_and_only_those(tmp_path):
     assert sorted(labels) == read == [os.path.join('a', '0.pgm'), os.path.join('c', '0.png')]
 
 
+def test_run_demo_refuses_a_file_where_a_stage_writes_a_folder_and_the_reverse(tmp_path, capsys):
+    """<out>/teacher a plain file stopped the demo in a FileExistsError traceback once the teacher stage began;
+    such a path is named in one line before any work, and nothing is written."""
+    out = tmp_path / 'out'
+    out.mkdir()
+    (out / 'teacher').write_text('not a folder')
+    assert run_demo.main(['--out', str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f'error: --out {out}: {out / "teacher"} is in the way (the demo writes a folder there): move it '
+                   f'away\n')
+    (out / 'teacher').unlink()
+    (out / 'speed_attn_0.40.txt').mkdir()
+    assert run_demo.main(['--out', str(out)]) == 2
+    assert capsys.readouterr().err == (f'error: --out {out}: {out / "speed_attn_0.40.txt"} is in the way (the demo '
+                                       f'writes a file there): move it away\n')
+    assert os.listdir(out) == ['speed_attn_0.40.txt']
+
+
 def test_run_demo_device_needs_cuda(tmp_path, capsys):
     """--device cuda on a machine without CUDA is refused at once, naming --device."""
     if torch.cuda.is_available():
