@@ -338,10 +338,11 @@ def remove_earlier_runs(out: str, written: set) -> None:
 
 def summarise(runs: List[dict], seeds: Sequence[int], rates: Sequence[float], epochs: int
               ) -> Tuple[List[dict], List[dict]]:
-    """Per cell (rate, mode, finetuned): mean and std over seeds; per (rate, finetuned): the paired comparison."""
+    """Per cell (rate, mode, finetuned): mean and std over seeds; per (rate, finetuned): the paired comparison;
+    by rate, ascending, whatever order --rates gave (the tables, sentences and verdicts list them alike)."""
     by = {(r['prune_rate'], r['prune_mode'], r['seed'], r['finetuned']): r for r in runs}
     cells, paired = [], []
-    for rate in rates:
+    for rate in sorted(rates):
         for finetuned in (False, True):
             for mode in MODES:
                 rs = [by[(float(rate), mode, s, finetuned)] for s in seeds]
@@ -367,8 +368,10 @@ def markdown(teacher: dict, cells: List[dict], paired: List[dict], seeds: Sequen
     seed_list = ', '.join(str(s) for s in seeds)
     cell = {(c['prune_rate'], c['prune_mode'], c['finetuned']): c for c in cells}
     rates = sorted({c['prune_rate'] for c in cells})
-    lines = [f'acc@1 (%) on the 360 validation digits, mean ± standard deviation (n - 1) over seeds {seed_list}; '
-             f'GFLOPs per image as the paper counts them, mean over the seeds.', '',
+    spread = (f'mean ± standard deviation (n - 1) over seeds {seed_list}' if len(seeds) > 1
+              else f'one seed ({seed_list}): no standard deviation')
+    lines = [f'acc@1 (%) on the 360 validation digits, {spread}; GFLOPs per image as the paper counts them, mean '
+             f'over the seeds.', '',
              f'| prune rate | masks | GFLOPs | acc@1 pruned | acc@1 after KD finetune ({epochs_text(epochs)}) '
              f'| seeds |',
              '|---|---|---|---|---|---|',

@@ -534,6 +534,19 @@ def test_failed_figure_write_keeps_the_previous_files(tmp_path, monkeypatch, cap
     assert not [f for f in os.listdir(tmp_path) if '.tmp-' in f]
 
 
+def test_rates_given_out_of_order_are_reported_in_ascending_order_everywhere(tmp_path, monkeypatch, capsys):
+    """--rates 0.55 0.25: the cells table was sorted but the paired table, the sentences and the README verdicts
+    kept the given order, so one paragraph listed 0.55, 0.25 and the next 0.25, 0.55; all go by rate now."""
+    fake_stages(monkeypatch, tmp_path)
+    assert study.main(['--seeds', '0', '1', '--rates', '0.55', '0.25', '--device', 'cpu', '--out', str(tmp_path)]) == 0
+    results = json.loads((tmp_path / 'results.json').read_text())
+    assert [c['prune_rate'] for c in results['paired']] == [0.25, 0.25, 0.55, 0.55]
+    assert [c['prune_rate'] for c in results['cells']] == [0.25] * 4 + [0.55] * 4
+    table = (tmp_path / 'STUDY.md').read_text()
+    rows = [line.split(' | ')[0] for line in table.splitlines() if line.startswith(('| 0.25 |', '| 0.55 |'))]
+    assert rows == ['| 0.25'] * 2 + ['| 0.55'] * 2 + ['| 0.25'] * 2 + ['| 0.55'] * 2  # cells, then paired
+
+
 @pytest.mark.parametrize('seeds', [['0'], ['0', '1'], ['0', '1', '2']])
 def test_report_note_on_the_interval_matches_the_number_of_seeds(seeds, tmp_path, monkeypatch, capsys):
     """STUDY.md's note under the tables describes the interval the comparisons have: with one seed there is none
@@ -547,7 +560,9 @@ def test_report_note_on_the_interval_matches_the_number_of_seeds(seeds, tmp_path
         assert all(c['ci_low'] is None for c in results['paired'])
         assert 't-interval of the mean' not in report and 'degrees of freedom' not in report
         assert 'With one seed there is one paired difference (Taylor minus random) and no interval' in report
+        assert f'one seed ({seeds[0]}): no standard deviation' in report and 'standard deviation (n - 1)' not in report
     else:
+        assert f'mean ± standard deviation (n - 1) over seeds {", ".join(seeds)}' in report
         assert all(c['ci_low'] is not None and c['df'] == n - 1 for c in results['paired'])
         assert (f'95% Student t-interval of the mean of the {n} paired differences (Taylor minus random, same seed), '
                 f'with {n - 1} degree{"s" if n != 2 else ""} of freedom') in report
