@@ -247,7 +247,6 @@ def skipped_files_note(dataset) -> Optional[str]:
             f'{", or ".join(reasons)} ({_kinds(skipped)})')
 
 
-
 def _kinds(skipped: Dict[str, int]) -> str:
     """'3 .gif, 1 .txt': the files left out, by extension, most first."""
     return ', '.join(f'{n} {extension}' for extension, n in sorted(skipped.items(), key=lambda kv: (-kv[1], kv[0])))

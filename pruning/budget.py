@@ -2,7 +2,7 @@
 (prefix tokens are never counted)."""
 import math
 import numbers
-from typing import Optional
+from typing import List, Optional
 
 import torch
 
@@ -66,13 +66,12 @@ def plan_masks(scores: torch.Tensor, prune_rate: float, layer_decay: float = 0.0
     budget = num_clipped_slots(depth, num_patches, prune_rate)
     s = scores.detach().to('cpu', torch.float64)
     if not bool(torch.isfinite(s).all()):
-        bad = sorted({int(layer) for layer in (~torch.isfinite(s)).nonzero()[:, 0]})
-        raise ValueError(f'scores hold NaN or infinite values (layers {bad}), which would decide the plan '
-                         f'arbitrarily; a non-finite loss while scoring gives them')
+        raise ValueError(f'scores hold NaN or infinite values (layers {_layers_where(~torch.isfinite(s))}), which '
+                         f'would decide the plan arbitrarily; a non-finite loss while scoring gives them')
     if bool((s < 0).any()):  # (the prior scales magnitudes: on a negative score it would keep deeper tokens first)
-        bad = sorted({int(layer) for layer in (s < 0).nonzero()[:, 0]})
-        raise ValueError(f'scores hold negative values (layers {bad}): importance scores are magnitudes (Taylor '
-                         f'scores are |A * dL/dA|), and the depth prior would rank negative ones the other way round')
+        raise ValueError(f'scores hold negative values (layers {_layers_where(s < 0)}): importance scores are '
+                         f'magnitudes (Taylor scores are |A * dL/dA|), and the depth prior would rank negative ones '
+                         f'the other way round')
     _check_number('layer_decay', layer_decay)
     if not math.isfinite(float(layer_decay)):
         raise ValueError(f'layer_decay must be a finite number, got {layer_decay}')
@@ -88,6 +87,11 @@ def plan_masks(scores: torch.Tensor, prune_rate: float, layer_decay: float = 0.0
     keep = torch.ones(depth * num_patches, dtype=torch.bool)
     keep[order[:budget]] = False
     return keep.view(depth, num_patches)
+
+
+def _layers_where(where: torch.Tensor) -> List[int]:
+    """The layers (rows) of a (depth, num_patches) bool tensor that hold a True, for a message."""
+    return sorted({int(layer) for layer in where.nonzero()[:, 0]})
 
 
 def random_masks(depth: int, num_patches: int, prune_rate: float,
