@@ -10,7 +10,10 @@ scored).  Absolute value per batch, summed over batches.
 A is read at a hook point of timm's own attention (the module ``attn.attn_drop``, applied right after the
 softmax, as timm's ``AttentionExtract`` does): while scoring, each attention takes timm's explicit path
 (``fused_attn = False``) instead of the fused kernel, so every branch of timm's code (q/k norms, gates,
-masks) runs as written there.
+masks) runs as written there.  Where that module sees more than one map per head, H counts the maps:
+timm's ``DiffAttention`` (the ``vit_dwee_*`` models) applies it to both softmax maps of each head (B, 2H, N, N)
+before taking their difference, so a token's score sums the Taylor terms of both maps, each map weighted as
+a head.
 """
 import contextlib
 import itertools

@@ -376,3 +376,28 @@ def test_unsupported_structure_is_refused_with_the_reason():
                                  block_fn=timm.models.vision_transformer.ParallelScalingBlock)
     with pytest.raises(ValueError, match="blocks.0 is a ParallelScalingBlock; Clip & Concat patches timm's Block"):
         models.apply_clip_concat(parallel)
+
+
+def test_differential_attention_scores_sum_both_maps():
+    """timm's DiffAttention applies the hook module to both softmax maps of each head before their difference:
+    scoring captures (B, 2H, N, N) probabilities whose rows each sum to 1, and a token's score is the Taylor
+    term summed over both maps, each weighted as a head (the taylor module's docstring), checked against the
+    two maps scored apart with the same gradients."""
+    torch.manual_seed(0)
+    model = models.create_model('vit_dwee_patch16_reg1_gap_256', img_size=64, depth=2, num_classes=5).eval()
+    images, targets = torch.randn(3, 3, 64, 64), torch.tensor([0, 3, 1])
+    criterion = nn.CrossEntropyLoss()
+    heads, n = model.blocks[0].attn.num_heads, model.num_tokens
+    with pruning.taylor.attention_probabilities(model) as probs:
+        loss = criterion(model(images), targets)
+        grads = torch.autograd.grad(loss, probs)
+        assert all(a.shape == (3, 2 * heads, n, n) for a in probs)
+        maps = [(a.detach().view(3, heads, 2, n, n), g.view(3, heads, 2, n, n)) for a, g in zip(probs, grads)]
+    first, second = ([(a[:, :, k] * g[:, :, k]).sum(dim=(0, 1, 2)) for a, g in maps] for k in (0, 1))
+    assert torch.allclose(maps[0][0].sum(-1), torch.ones(3, heads, 2, n))
+    expected = torch.stack([(f + s).abs() / (3 * 2 * heads * n) for f, s in zip(first, second)])
+    scores = pruning.attention_taylor_scores(model, [(images, targets)], criterion)
+    prefix = model.num_prefix_tokens
+    assert torch.allclose(scores, expected[:, prefix:].float(), rtol=1e-5, atol=0)
+    assert not torch.allclose(scores, torch.stack([f.abs() for f in first])[:, prefix:].float() / (3 * heads * n),
+                              rtol=1e-3, atol=0)
