@@ -19,8 +19,9 @@ def count_macs(model: nn.Module, channels: Optional[List[int]] = None) -> int:
     ``SwiGLU``, ``GeGluMlp``: two products of width ``H`` multiplied together, then ``H`` to ``C``) costs ``3nCH``:
     the MLP is priced as the sum of its linear layers, ``n`` times their weights.  LayerNorm, GELU, softmax,
     residual adds and the token routing are not counted (as in the paper).  An attention-pooling head is counted
-    over every token of the last block (:func:`attention_pool_macs`).  ``channels`` defaults to the model's kept
-    counts (a plain timm ViT counts as dense); given, it holds one count per block.
+    over the tokens of the last block it reads (:func:`pooled_tokens`, :func:`attention_pool_macs`).
+    ``channels`` defaults to the model's kept counts (a plain timm ViT counts as dense); given, it holds one count
+    per block.
     """
     model = getattr(model, 'module', model)
     num_tokens = model.patch_embed.num_patches + model.num_prefix_tokens
@@ -37,7 +38,7 @@ def count_macs(model: nn.Module, channels: Optional[List[int]] = None) -> int:
     heads = [h for h in (getattr(model, 'head', None), getattr(model, 'head_dist', None)) if isinstance(h, nn.Linear)]
     head_macs = sum(h.in_features * h.out_features for h in heads) * head_rows(model, num_tokens)
     pool = getattr(model, 'attn_pool', None)
-    pool_macs = 0 if pool is None else attention_pool_macs(pool, num_tokens, model.embed_dim)
+    pool_macs = 0 if pool is None else attention_pool_macs(pool, pooled_tokens(model, num_tokens), model.embed_dim)
     return patch_macs + block_macs + pool_macs + head_macs
 
 
@@ -60,12 +61,13 @@ def _checked_channels(channels, depth: int, num_tokens: int) -> List[int]:
 
 
 def attention_pool_macs(pool: nn.Module, n: int, width: int) -> int:
-    """Multiply-accumulates of an attention-pooling head over the ``n`` tokens of the last block (all of them:
-    the clipped ones are back in the sequence there), ``width`` channels each.  timm's ``AttentionPoolLatent``
-    (``global_pool='map'``): ``L`` latent queries (``latent_len``) attend to the tokens, keys and values made from
-    them, ``2nC·C``, queries ``L·C·C``, the products ``2LnC``, then per latent the projection and the MLP, ``L``
-    times their weights; ``AttentionPoolPrr`` (``'prr'``): attention of the tokens to each other without
-    projections, ``2n²C``.  Another kind of pool is counted by torch's FLOP counter on ``n`` tokens."""
+    """Multiply-accumulates of an attention-pooling head over the ``n`` tokens it reads from the last block
+    (:func:`pooled_tokens`: the patches alone, or with the prefix tokens; the clipped ones are back in the
+    sequence there), ``width`` channels each.  timm's ``AttentionPoolLatent`` (``global_pool='map'``): ``L``
+    latent queries (``latent_len``) attend to the tokens, keys and values made from them, ``2nC·C``, queries
+    ``L·C·C``, the products ``2LnC``, then per latent the projection and the MLP, ``L`` times their weights;
+    ``AttentionPoolPrr`` (``'prr'``): attention of the tokens to each other without projections, ``2n²C``.
+    Another kind of pool is counted by torch's FLOP counter on ``n`` tokens."""
     kv = getattr(pool, 'kv', None)
     if hasattr(pool, 'latent_len') and isinstance(kv, nn.Linear):
         L, C = pool.latent_len, kv.out_features // 2
@@ -75,6 +77,13 @@ def attention_pool_macs(pool: nn.Module, n: int, width: int) -> int:
     if type(pool).__name__ == 'AttentionPoolPrr':
         return 2 * n * n * width
     return measured_macs(pool, 1, n, width)
+
+
+def pooled_tokens(model: nn.Module, num_tokens: int) -> int:
+    """How many of the last block's ``num_tokens`` tokens an attention-pooling head reads: timm's ``pool`` drops
+    the prefix tokens (class, distillation, register) before it unless ``pool_include_prefix`` is set (as
+    ``global_pool='prr'`` sets it), so a ``'map'`` head of a model with a class token pools the patches alone."""
+    return num_tokens if getattr(model, 'pool_include_prefix', False) else num_tokens - model.num_prefix_tokens
 
 
 def head_rows(model: nn.Module, num_tokens: int) -> int:

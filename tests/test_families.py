@@ -51,9 +51,15 @@ FAMILIES = {
     # MbConv stem with no projection and a GeGLU MLP)
     'hybrid_resnet': ('vit_tiny_r_s16_p8_224', dict(img_size=128, depth=3)),
     'hybrid_no_projection': ('vitamin_small_224', dict(img_size=64, depth=3)),
-    # attention-pooling heads over every token of the last block: latent queries (SigLIP's 'map') and the
-    # tokens attending to each other without projections ('prr')
+    # attention-pooling heads over the tokens of the last block: latent queries (SigLIP's 'map', no prefix token;
+    # with a class token, which timm drops before the pool; with a register token it pools, pool_include_prefix)
+    # and the tokens attending to each other without projections ('prr', which pools the class token too)
     'map_head': ('vit_base_patch16_siglip_224', dict(img_size=64, depth=3, embed_dim=64, num_heads=2)),
+    'map_head_class_token': ('vit_small_patch16_224', dict(img_size=64, depth=3, embed_dim=64, num_heads=2,
+                                                           global_pool='map')),
+    'map_head_pooled_prefix': ('vit_small_patch16_224', dict(img_size=64, depth=3, embed_dim=64, num_heads=2,
+                                                             global_pool='map', class_token=False, reg_tokens=1,
+                                                             pool_include_prefix=True)),
     'prr_head': ('vit_small_patch16_224', dict(img_size=64, depth=3, embed_dim=64, num_heads=2, global_pool='prr')),
     # no pooling: the head predicts each token (in their original order), so it runs once per token
     'per_token_head': ('vit_small_patch16_224', dict(img_size=64, depth=3, embed_dim=64, num_heads=2,
