@@ -324,7 +324,9 @@ def apply_clip_concat(model: nn.Module) -> nn.Module:
 
     Weights, their names and the forward pass are unchanged; added are the mask buffers
     ``blocks.{l}.attn.token_index`` and the mask API of :class:`CCModelMixin`.  A state dict without masks
-    (official timm/DeiT weights) loads as "keep everything"; one with masks sets them (strictly checked).
+    (official timm/DeiT weights) loads as "keep everything"; one with masks sets them (strictly checked).  A model
+    without a position embedding gets a check on its patch embedding (:func:`_check_patch_count`): images of
+    another number of patches are refused, as a position embedding refuses them in the others.
     """
     if isinstance(model, CCModelMixin):
         return model
@@ -348,8 +350,23 @@ def apply_clip_concat(model: nn.Module) -> nn.Module:
     model.reordered = False
     model.register_load_state_dict_pre_hook(_fill_dense_masks)
     model.register_load_state_dict_post_hook(_after_load)
+    if getattr(model, 'pos_embed', None) is None:  # (one with a position embedding refuses another count itself)
+        model.patch_embed.register_forward_hook(_check_patch_count)
     model.refresh_token_plan()
     return model
+
+
+def _check_patch_count(patch_embed, args, patches) -> None:
+    """After the patch embedding of a model without a position embedding, which nothing else stops from taking
+    images of another size (a patch embedding that does not check it, as a hybrid's CNN stem): ValueError unless
+    they give the number of patches the masks were planned for (a pruned block would silently drop the tokens
+    past them, or fail on an index)."""
+    tokens = patches.numel() // (patches.shape[0] * patches.shape[-1])  # (B, N, C) or (B, H, W, C)
+    if tokens != patch_embed.num_patches:  # (a message torch.compile can trace: f-strings of ints)
+        (h, w), (model_h, model_w) = args[0].shape[-2:], patch_embed.img_size
+        raise ValueError(f'images of {h}x{w} pixels give {tokens} patch tokens; this Clip & Concat model has masks '
+                         f'for {patch_embed.num_patches} ({model_h}x{model_w} pixels): resize the images, or '
+                         f'set_input_size on the dense model')
 
 
 def prefix_rule(num_prefix_tokens: int, class_token: bool = True) -> str:

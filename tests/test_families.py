@@ -2,7 +2,7 @@
 distilled DeiT (class + distillation tokens, two heads), DeiT III (LayerScale, position embedding without the
 class token), ViTs with register tokens, at 384 px, with global average pooling and no class token, with
 32-pixel patches, with oblong patches, with attention narrower than the width, with a gated attention, with gated
-MLPs (SwiGLU), hybrids (a CNN stem), with a head per token (no pooling).
+MLPs (SwiGLU), hybrids (a CNN stem; one without a position embedding), with a head per token (no pooling).
 Each at small depth and width with random weights, against independent references: timm's own model (all masks
 True), the reference semantics written out with boolean indexing and timm's own block (pruned), autograd (Taylor
 scores) and torch's FLOP counter."""
@@ -51,6 +51,8 @@ FAMILIES = {
     # MbConv stem with no projection and a GeGLU MLP)
     'hybrid_resnet': ('vit_tiny_r_s16_p8_224', dict(img_size=128, depth=3)),
     'hybrid_no_projection': ('vitamin_small_224', dict(img_size=64, depth=3)),
+    # ... and without a position embedding: nothing in timm's model stops images of another size
+    'hybrid_no_position_embedding': ('vitamin_small_224', dict(img_size=64, depth=3, pos_embed='none')),
     # attention-pooling heads over the tokens of the last block: latent queries (SigLIP's 'map', no prefix token;
     # with a class token, which timm drops before the pool; with a register token it pools, pool_include_prefix)
     # and the tokens attending to each other without projections ('prr', which pools the class token too)
@@ -219,6 +221,37 @@ def test_a_pooling_head_of_another_kind_is_counted_by_torchs_counter():
     without_pool = models.count_macs(cc)
     cc.attn_pool = _LinearPool(cc.embed_dim)
     assert models.count_macs(cc) - without_pool == cc.num_tokens * cc.embed_dim ** 2  # its product on every token
+
+
+def test_a_model_without_position_embedding_refuses_images_of_another_size():
+    """timm's hybrid without a position embedding takes images of any size (its CNN stem does not check it); the
+    masks hold one entry per token of the model's size, so a pruned block would drop the tokens past them (or fail
+    on an index for fewer): the converted model refuses, naming both sizes and counts, pruned or dense (whose
+    masks have that length too), by every path that embeds patches, until set_input_size gives it the new size."""
+    reference, cc = pair('hybrid_no_position_embedding')
+    assert reference.pos_embed is None and cc.patch_embed.num_patches == 16
+    large, small = torch.randn(1, 3, 96, 96), torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert reference.forward_features(large).shape[1] == 36  # timm's own model runs on 36 tokens
+    pruning.apply_masks(cc, revisiting_plan(len(cc.blocks), 16, seed=3))
+    for x, tokens in ((large, 36), (small, 4)):
+        size = x.shape[-1]
+        message = (rf'^images of {size}x{size} pixels give {tokens} patch tokens; this Clip & Concat model has '
+                   rf'masks for 16 \(64x64 pixels\)')
+        for run in (cc, cc.forward_features, cc.forward_intermediates):
+            with torch.no_grad(), pytest.raises(ValueError, match=message):
+                run(x)
+    with torch.no_grad():  # its own size still runs
+        x = images(cc)
+        assert (cc(x) - reference_forward(cc, x, [m.clone() for m in cc.masks])).abs().max().item() < 1e-4
+    cc.set_dense()
+    with torch.no_grad(), pytest.raises(ValueError, match='images of 96x96 pixels give 36 patch tokens'):
+        cc(large)
+    cc.set_input_size(img_size=96)
+    with torch.no_grad():
+        assert cc.num_tokens == 36 and (cc(large) - reference(large)).abs().max().item() < 1e-5
+        with pytest.raises(ValueError, match=r'give 16 patch tokens; .* masks for 36 \(96x96 pixels\)'):
+            cc(images(reference))
 
 
 def test_hybrid_tokens_cover_the_backbones_stride_and_counting_its_flops_leaves_it_as_it_was():
