@@ -309,6 +309,8 @@ def unsupported_reason(model: nn.Module) -> Optional[str]:
     if not isinstance(model, VisionTransformer):
         name = type(model).__name__
         return f'it is {"an" if name[:1] in "AEIO" else "a"} {name}, not a timm VisionTransformer'
+    if len(model.blocks) == 0:
+        return 'it has no blocks (depth=0): masks are per block, and there is none to prune'
     if getattr(model, 'dynamic_img_size', False):
         return 'it has dynamic_img_size=True (masks need a fixed number of patches)'
     if not isinstance(model.patch_drop, nn.Identity):

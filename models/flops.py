@@ -25,16 +25,19 @@ def count_macs(model: nn.Module, channels: Optional[List[int]] = None) -> int:
     """
     model = getattr(model, 'module', model)
     num_tokens = model.patch_embed.num_patches + model.num_prefix_tokens
+    first = next(iter(model.blocks), None)  # (a timm ViT of depth 0 has none: its blocks cost nothing)
     if channels is None:
-        channels = kept_token_counts(model) if hasattr(model.blocks[0].attn, 'token_index') \
+        channels = kept_token_counts(model) if hasattr(getattr(first, 'attn', None), 'token_index') \
             else [num_tokens] * len(model.blocks)
     else:
         channels = _checked_channels(channels, len(model.blocks), num_tokens)
     patch_macs = patch_embed_macs(model.patch_embed)
-    D = attention_width(model.blocks[0].attn)
-    attn = linear_macs_per_token(model.blocks[0].attn)  # qkv, projection (and gate)
-    mlp = linear_macs_per_token(model.blocks[0].mlp)
-    block_macs = sum(n * attn + 2 * n * n * D + n * mlp for n in channels)
+    block_macs = 0
+    if first is not None:
+        D = attention_width(first.attn)
+        attn = linear_macs_per_token(first.attn)  # qkv, projection (and gate)
+        mlp = linear_macs_per_token(first.mlp)
+        block_macs = sum(n * attn + 2 * n * n * D + n * mlp for n in channels)
     heads = [h for h in (getattr(model, 'head', None), getattr(model, 'head_dist', None)) if isinstance(h, nn.Linear)]
     head_macs = sum(h.in_features * h.out_features for h in heads) * head_rows(model, num_tokens)
     pool = getattr(model, 'attn_pool', None)

@@ -415,6 +415,10 @@ def test_unsupported_structure_is_refused_with_the_reason():
                                  block_fn=timm.models.vision_transformer.ParallelScalingBlock)
     with pytest.raises(ValueError, match="blocks.0 is a ParallelScalingBlock; Clip & Concat patches timm's Block"):
         models.apply_clip_concat(parallel)
+    empty = timm.create_model('vit_small_patch16_224', img_size=32, depth=0)  # timm runs it: embedding, norm, head
+    with pytest.raises(ValueError, match=r'^cannot apply Clip & Concat: it has no blocks \(depth=0\)'):
+        models.apply_clip_concat(empty)
+    assert type(empty) is VisionTransformer and not hasattr(empty, 'num_tokens')  # left as it was
 
 
 def test_differential_attention_scores_sum_both_maps():

@@ -91,6 +91,19 @@ def test_differential_attention_counts_its_products_at_their_width():
         total, per_op = _count(model, batch=1, size=64)
         assert total == 2 * models.count_macs(model), (total, 2 * models.count_macs(model), per_op)
 
+def test_a_timm_vit_without_blocks_counts_its_patch_embedding_and_head():
+    """count_macs takes plain timm ViTs, and timm builds and runs one of depth 0 (no block to convert): its
+    embedding and head, as torch's counter counts them; a count per block is refused for a block it lacks."""
+    torch.manual_seed(0)
+    model = timm.create_model('vit_small_patch16_224', img_size=32, depth=0, embed_dim=64, num_heads=2,
+                              num_classes=5).eval()
+    total, _ = _count(model, batch=1, size=32)
+    assert models.count_macs(model) * 2 == total == 2 * (4 * 3 * 16 * 16 * 64 + 64 * 5)
+    assert models.count_macs(model, channels=[]) == models.count_macs(model)
+    with pytest.raises(ValueError, match='channels holds 1 counts for a model of 0 blocks'):
+        models.count_macs(model, channels=[5])
+
+
 @pytest.mark.parametrize('name', ['deit_tiny_patch16_224', 'deit_small_patch16_224'])
 def test_dense_timm_deit_counts_like_the_paper(name):
     """timm's own DeiT (not our patched model) against the formula, and the paper's 1.3 / 4.6 GFLOPs."""
