@@ -425,9 +425,11 @@ def mixing(args) -> bool:
     return args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
 
 
-def validate_args(args, void: Set[str] = frozenset()) -> None:
+def validate_args(args, void: Set[str] = frozenset(), finished: bool = False) -> None:
     """Refuse inconsistent requests before any work starts (every numeric flag included); ``void``: flags given
-    that the run being continued makes void (:func:`continue_run`), so not judged here."""
+    that the run being continued makes void (:func:`continue_run`), so not judged here; ``finished``: the run
+    continued has no epoch left (:func:`finished_checkpoint`), so its teacher, which it does not read, need not be
+    there."""
     launcher_ranks()  # the environment a launcher sets, checked as the flags are
     modes = modes_of(args)
     if len(modes) > 1:
@@ -476,7 +478,8 @@ def validate_args(args, void: Set[str] = frozenset()) -> None:
     reads_data = bool(args.eval or args.prune or not modes)  # --speed-only times random tensors
     if args.data_set != 'DIGITS' and reads_data and not args.data_path:
         raise UserError(f'--data-path is required for --data-set {args.data_set}')
-    if args.teacher_path and not modes and args.distillation_type != 'none' and not os.path.isfile(args.teacher_path):
+    if (args.teacher_path and not modes and args.distillation_type != 'none' and not finished
+            and not os.path.isfile(args.teacher_path)):
         if os.path.isdir(args.teacher_path):
             raise UserError(f'--teacher-path {args.teacher_path} is a directory; give the checkpoint file of the '
                             f'teacher')
@@ -1365,14 +1368,20 @@ def repair_outputs(args, checkpoint: dict) -> None:
                     f'after its checkpoint): copied from {args.resume}')
 
 
-def finished_run(args) -> Optional[Dict[str, float]]:
-    """``--resume`` of a finetuning checkpoint that already holds the run's last epoch: its outputs repaired, and
-    nothing else done (no data, model or teacher is built); None for any other run."""
+def finished_checkpoint(args) -> Optional[dict]:
+    """The contents of ``--resume`` when it is a finetuning checkpoint that already holds the run's last epoch (the
+    run has nothing left to do); None for any other run."""
     if modes_of(args) or not args.resume or not os.path.isfile(args.resume):
         return None
     checkpoint = load_checkpoint_file(args.resume, mmap=True)
     if not is_training_checkpoint(checkpoint) or int(checkpoint['epoch']) + 1 < args.final_finetune:
         return None
+    return checkpoint
+
+
+def finished_run(args, checkpoint: dict) -> Dict[str, float]:
+    """A finished run (``checkpoint``: its :func:`finished_checkpoint`): its outputs repaired, and nothing else
+    done (no data, model or teacher is built)."""
     # (no model is built here: a --model other than the run's is refused as an unfinished run's is)
     models.check_recorded_name(checkpoint, args.resume, args.model, '--model')
     repair_outputs(args, checkpoint)
@@ -1561,8 +1570,10 @@ def run(args) -> Dict[str, float]:
     if beside_resume:
         args.output_dir = os.path.dirname(args.resume) or '.'
         notes.append(f'No --output_dir: writing beside --resume, in {args.output_dir}')
+    # a finished run is known before the flags are judged: it reads no teacher, so one moved away since is no error
+    finished = finished_checkpoint(args)
     try:
-        validate_args(args, void=no_effect)
+        validate_args(args, void=no_effect, finished=finished is not None)
     except UserError as e:
         raise _with_origin(e, args, inherited) from None
     args.device = resolve_device(args.device)
@@ -1588,9 +1599,8 @@ def run(args) -> Dict[str, float]:
     init_distributed_mode(args)
     for line in notes:
         rank0_print(line)
-    finished = finished_run(args)
     if finished is not None:
-        return finished
+        return finished_run(args, finished)
     device = torch.device(args.device)
     args.amp = args.amp and device.type == 'cuda'  # mixed precision on CUDA only
     seeding.seed_everything(args.seed, args.rank)  # Python's random, numpy, torch: --seed + rank

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import stat
 import subprocess
@@ -777,6 +778,30 @@ def test_resume_of_a_finished_run_does_nothing(capsys, monkeypatch, small, tmp_p
             in capsys.readouterr().out)
     assert {name: (out / name).read_bytes() for name in before} == before
     assert leftovers(out) == []  # the resume cleaned up the stale temporary file
+
+
+def test_resume_of_a_finished_run_whose_teacher_is_gone_does_nothing(capsys, monkeypatch, small, tmp_path):
+    """A finished distillation run reads no teacher: resumed after its --teacher-path was moved away, it says that
+    nothing is left to do (it stopped in 'teacher checkpoint not found'); with an epoch left, the missing teacher is
+    still one line, exit code 2."""
+    out, teacher = tmp_path / 'out', tmp_path / 'teacher.pth'
+    shutil.copy(small['dense'], teacher)
+    assert _finetune(out, small['data'], '--resume', small['dense'], '--final_finetune', 1,
+                     '--distillation-type', 'soft', '--teacher-path', teacher) == 0
+    teacher.unlink()
+    before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    capsys.readouterr()
+    with monkeypatch.context() as patch:
+        patch.setattr(finetune, 'build_training', lambda *args: pytest.fail('a finished run built its training'))
+        assert _finetune(out, small['data'], '--resume', out / 'checkpoint.pth', '--final_finetune', 1) == 0
+    captured = capsys.readouterr()
+    assert (f"Nothing to do: 1 epoch already finished in {out / 'checkpoint.pth'} (--final_finetune 1)"
+            in captured.out.splitlines()), captured
+    assert captured.err == ''
+    assert _finetune(out, small['data'], '--resume', out / 'checkpoint.pth', '--final_finetune', 2) == 2
+    assert capsys.readouterr().err == (f'error: teacher checkpoint not found: {teacher} (--teacher-path of the run '
+                                       f"{out / 'checkpoint.pth'} continues; give --teacher-path to change it)\n")
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
 
 
 
