@@ -1336,8 +1336,8 @@ def restore_training(training: engine.Training, checkpoint: dict, args) -> Tuple
 def repair_outputs(args, checkpoint: dict) -> None:
     """A run continued in the folder of its checkpoint: ``log.txt`` holds each finished epoch's line once (the
     checkpoint's own epoch added if a kill lost it, with its TensorBoard scalars), ``best.pth`` is the checkpoint's
-    when its epoch is the best and a kill came before that file, and the temporary files of a job killed while
-    saving are gone.  Rank 0 does it."""
+    when its epoch is the best and a kill came before that file (the temporary files of a job killed while saving
+    are removed by :func:`run`, for every finetuning run).  Rank 0 does it."""
     if not is_main_process() or os.path.realpath(os.path.dirname(args.resume)) != os.path.realpath(args.output_dir):
         return
     paths = output_paths(args)
@@ -1350,7 +1350,6 @@ def repair_outputs(args, checkpoint: dict) -> None:
             tb = TensorBoard(args.output_dir)
             epoch_scalars(tb, checkpoint['log_stats'], epoch, written)
             tb.close()
-    remove_stale_temporaries(list(paths.values()))  # from a job killed while saving
     # best.pth is written right after checkpoint.pth when an epoch improves: a kill in between leaves the
     # checkpoint's epoch, the best so far, without it.  An epoch that only tied the best wrote no best.pth (the
     # first epoch reaching it did, perhaps in the folder of the run this one continues): ``improved`` says which;
@@ -1482,8 +1481,6 @@ def run_finetune(args, device: torch.device) -> Dict[str, float]:
     for line in describe_parameter_groups(training.optimizer, training.model_without_ddp, args):
         rank0_print(line)
     paths = output_paths(args)
-    if is_main_process():  # a fresh run's folder too: a job killed while saving its first checkpoint left one
-        remove_stale_temporaries(list(paths.values()))
     tb = None  # created with the first checkpoint: a run that fails before it leaves no events file
     continuing = is_training_checkpoint(checkpoint)
     last_good, last_epoch = (args.resume, int(checkpoint['epoch'])) if continuing else (None, None)
@@ -1599,6 +1596,10 @@ def run(args) -> Dict[str, float]:
     init_distributed_mode(args)
     for line in notes:
         rank0_print(line)
+    if not modes_of(args) and is_main_process():
+        # the temporary files of jobs killed while saving, in every finetuning run's folder: a finished run's too,
+        # and a fresh run's (a job killed while saving its first checkpoint left one)
+        remove_stale_temporaries(list(output_paths(args).values()))
     if finished is not None:
         return finished_run(args, finished)
     device = torch.device(args.device)

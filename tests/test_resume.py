@@ -296,6 +296,28 @@ def test_a_fresh_run_removes_what_a_job_killed_while_saving_its_first_file_left(
     assert all((out / name).is_file() for name in names)
 
 
+@pytest.mark.parametrize('final', [2, 1], ids=['continued', 'already-finished'])
+def test_a_resumed_run_removes_the_temporary_files_of_a_killed_job_once(monkeypatch, small, tmp_path, final):
+    """The temporary files a job killed while saving left are removed by one pass over the run's outputs, whether
+    the resumed run trains or has nothing to do (a continued run made two: its repair and its start)."""
+    out = tmp_path / 'out'
+    assert _finetune(out, small['data'], '--resume', small['dense'], '--final_finetune', 1) == 0
+    stale = killed_while_writing(out / 'checkpoint.pth')
+    assert leftovers(out) == [stale]
+    passes = []
+    real = finetune.remove_stale_temporaries
+
+    def counted(paths):
+        passes.append(sorted(os.path.basename(p) for p in paths))
+        return real(paths)
+
+    monkeypatch.setattr(finetune, 'remove_stale_temporaries', counted)
+    assert _finetune(out, small['data'], '--resume', out / 'checkpoint.pth', '--final_finetune', final) == 0
+    assert passes == [['best.pth', 'checkpoint.pth', 'log.txt']]
+    assert leftovers(out) == []
+    assert log_epochs(out / 'log.txt') == list(range(final))
+
+
 def test_the_output_folder_check_is_not_stopped_by_a_probe_a_killed_run_left(tmp_path):
     """check_output_dir writes and removes a probe file; one left by a run killed in between, under the name this
     process would have picked (same pid: common in containers), does not make the folder look unwritable, and a
