@@ -617,16 +617,18 @@ def schedule_length(checkpoint: dict, recorded: int) -> int:
     return length if isinstance(length, int) and not isinstance(length, bool) else recorded
 
 
-def continue_run(args) -> Tuple[List[str], Dict[str, object], Set[str]]:
+def continue_run(args, checkpoint: Optional[dict] = None) -> Tuple[List[str], Dict[str, object], Set[str]]:
     """``--resume`` of a finetuning checkpoint (``checkpoint.pth``, ``best.pth``) continues that run: teacher,
     distillation, EMA, schedule, optimizer groups, augmentation, data and model come from the checkpoint's
     ``args`` for every flag not given on the command line (``given_flags``).  A pruned or official file starts
-    a new run and changes nothing here.  Returns the lines to print (what was taken over, and one line per
-    given value that differs from the run's), {destination: value taken over} and the given destinations whose
-    line says they have no effect."""
+    a new run and changes nothing here.  ``checkpoint``: the contents of ``--resume`` where the caller has read
+    them (:func:`run` reads the file once), else it is read here.  Returns the lines to print (what was taken
+    over, and one line per given value that differs from the run's), {destination: value taken over} and the
+    given destinations whose line says they have no effect."""
     if modes_of(args) or not args.resume or not os.path.isfile(args.resume):
         return [], {}, set()
-    checkpoint = load_checkpoint_file(args.resume, mmap=True)
+    if checkpoint is None:
+        checkpoint = load_checkpoint_file(args.resume, mmap=True)
     if not is_training_checkpoint(checkpoint):
         return [], {}, set()
     check_training_fields(checkpoint, args.resume)
@@ -765,10 +767,12 @@ def dropout_rates(args) -> Dict[str, float]:
     return {'pos_drop_rate': args.drop, 'proj_drop_rate': args.drop, 'drop_path_rate': args.drop_path}
 
 
-def load_model(args, path: str, name: str, fallback_classes: int = 1000) -> Tuple[nn.Module, dict]:
-    """models.build_model_from_checkpoint with this run's input size and dropout rates."""
+def load_model(args, path: str, name: str, fallback_classes: int = 1000, checkpoint: Optional[dict] = None
+               ) -> Tuple[nn.Module, dict]:
+    """models.build_model_from_checkpoint with this run's input size and dropout rates (``checkpoint``: the
+    contents of ``path``, where they are read already)."""
     return models.build_model_from_checkpoint(path, name, fallback_classes, img_size=args.input_size,
-                                              warn=rank0_print, **dropout_rates(args))
+                                              warn=rank0_print, checkpoint=checkpoint, **dropout_rates(args))
 
 
 def new_model(args, num_classes: int = 1000) -> nn.Module:
@@ -817,9 +821,9 @@ def gflops_text(value: float) -> str:
 # ----------------------------------------------------------------------------------------------------------
 # the four commands
 
-def run_speed(args, device: torch.device) -> Dict[str, float]:
+def run_speed(args, device: torch.device, resumed: Optional[dict]) -> Dict[str, float]:
     if args.resume:
-        model, _ = load_model(args, args.resume, args.model)
+        model, _ = load_model(args, args.resume, args.model, checkpoint=resumed)
     else:
         model = new_model(args)
         rank0_print(f'No --resume: measuring the dense {args.model} with random weights')
@@ -930,10 +934,10 @@ def _speed_original_protocol(args, model: nn.Module, name: str, size: int, devic
     return {f'{name}_gflops': gflops(model), f'{name}_throughput': speeds[-1]}
 
 
-def run_eval(args, device: torch.device) -> Dict[str, float]:
+def run_eval(args, device: torch.device, resumed: dict) -> Dict[str, float]:
     dataset_val, nb_classes = build_data(args, train=False)
     check_same_classes(args, dataset_val)
-    model, checkpoint = load_model(args, args.resume, args.model, nb_classes)
+    model, checkpoint = load_model(args, args.resume, args.model, nb_classes, resumed)
     check_classes(nb_classes, model, 'validation')
     check_recorded_classes(checkpoint, dataset_val, args, 'validation')
     model.to(device)
@@ -963,7 +967,7 @@ def scoring_dataset(args):
     return build_data(score_args, train=True)
 
 
-def run_prune(args, device: torch.device) -> Dict[str, float]:
+def run_prune(args, device: torch.device, resumed: dict) -> Dict[str, float]:
     from timm.loss import LabelSmoothingCrossEntropy
     path = os.path.join(args.output_dir, pruned_file_name(args.prune_mode, args.prune_rate))
     # Checked before a scoring pass that can take an hour on ImageNet; agreed on by every process before
@@ -973,7 +977,7 @@ def run_prune(args, device: torch.device) -> Dict[str, float]:
                         f'(or move it away)')
     # The model (its head sized by the file) before the data: a file or a rate that cannot be pruned is refused
     # before the data set is listed, which takes minutes on ImageNet.
-    model, source = load_model(args, args.resume, args.model)
+    model, source = load_model(args, args.resume, args.model, checkpoint=resumed)
     depth, num_patches = len(model.blocks), model.num_tokens - model.num_prefix_tokens
     already = sum(model.num_tokens - kept for kept in models.kept_token_counts(model))
     if already:  # scoring and planning start from the dense model: the file's masks would be silently replaced
@@ -1204,16 +1208,16 @@ def distributed_model(model: nn.Module, device: torch.device, gpu: Optional[int]
     return ddp(model, device_ids=device_ids, find_unused_parameters=idle_block, **no_buffer_sync)
 
 
-def build_training(args, device: torch.device) -> Tuple[engine.Training, dict]:
+def build_training(args, device: torch.device, resumed: Optional[dict]) -> Tuple[engine.Training, dict]:
     """Everything a finetuning run is made of, before any checkpoint state is restored into it; returns it
-    with the ``--resume`` file's contents ({} without one)."""
+    with the ``--resume`` file's contents (``resumed``, as :func:`run` read them; {} without one)."""
     from timm.utils import ModelEmaV2
 
     dataset_train, nb_classes = build_data(args, train=True)
     dataset_val, _ = build_data(args, train=False)
     check_same_classes(args, dataset_val, dataset_train)
     if args.resume:
-        model, checkpoint = load_model(args, args.resume, args.model, nb_classes)
+        model, checkpoint = load_model(args, args.resume, args.model, nb_classes, resumed)
     else:
         rank0_print(f'No --resume: training a dense {args.model} from random initialisation')
         model, checkpoint = new_model(args, nb_classes), {}
@@ -1367,15 +1371,12 @@ def repair_outputs(args, checkpoint: dict) -> None:
                     f'after its checkpoint): copied from {args.resume}')
 
 
-def finished_checkpoint(args) -> Optional[dict]:
-    """The contents of ``--resume`` when it is a finetuning checkpoint that already holds the run's last epoch (the
-    run has nothing left to do); None for any other run."""
-    if modes_of(args) or not args.resume or not os.path.isfile(args.resume):
+def finished_checkpoint(args, checkpoint: Optional[dict]) -> Optional[dict]:
+    """``checkpoint``, the contents of ``--resume`` (None without one), when it is a finetuning checkpoint that
+    already holds the run's last epoch (the run has nothing left to do); None for any other run."""
+    if modes_of(args) or checkpoint is None or not is_training_checkpoint(checkpoint):
         return None
-    checkpoint = load_checkpoint_file(args.resume, mmap=True)
-    if not is_training_checkpoint(checkpoint) or int(checkpoint['epoch']) + 1 < args.final_finetune:
-        return None
-    return checkpoint
+    return checkpoint if int(checkpoint['epoch']) + 1 >= args.final_finetune else None
 
 
 def finished_run(args, checkpoint: dict) -> Dict[str, float]:
@@ -1470,9 +1471,9 @@ def check_recorded_classes(checkpoint: dict, dataset, args, split: str, continui
                     f'{theirs} in {there}, {ours} here): {remedy}')
 
 
-def run_finetune(args, device: torch.device) -> Dict[str, float]:
+def run_finetune(args, device: torch.device, resumed: Optional[dict]) -> Dict[str, float]:
     try:
-        training, checkpoint = build_training(args, device)
+        training, checkpoint = build_training(args, device, resumed)
         start_epoch, max_accuracy = restore_training(training, checkpoint, args)  # (finished runs stop in run())
     except STOPS_MIDWAY as e:  # (listing the data, building the models, restoring the run: no checkpoint yet)
         if args.resume and not getattr(e, 'kept', None):
@@ -1562,13 +1563,17 @@ def prune_tensorboard_dir(args) -> str:
 
 
 def run(args) -> Dict[str, float]:
-    notes, inherited, no_effect = continue_run(args)
+    # --resume is read once, whole (its checksums checked), and its contents passed on: a finetuning run reads it
+    # first (the run it continues gives its settings), the others once the flags are judged
+    continues = not modes_of(args) and args.resume and os.path.isfile(args.resume)
+    resumed = load_checkpoint_file(args.resume) if continues else None
+    notes, inherited, no_effect = continue_run(args, resumed)
     beside_resume = bool(args.prune and not args.output_dir and args.resume)
     if beside_resume:
         args.output_dir = os.path.dirname(args.resume) or '.'
         notes.append(f'No --output_dir: writing beside --resume, in {args.output_dir}')
     # a finished run is known before the flags are judged: it reads no teacher, so one moved away since is no error
-    finished = finished_checkpoint(args)
+    finished = finished_checkpoint(args, resumed)
     try:
         validate_args(args, void=no_effect, finished=finished is not None)
     except UserError as e:
@@ -1590,8 +1595,7 @@ def run(args) -> Dict[str, float]:
                 raise UserError(f'cannot write {path}: it is a directory (the run writes its checkpoints there)')
             read_log(paths['log.txt'])
             # another run's results: refused before the data is listed (minutes on ImageNet)
-            check_earlier_run(args, bool(args.resume)
-                              and is_training_checkpoint(load_checkpoint_file(args.resume, mmap=True)))
+            check_earlier_run(args, resumed is not None and is_training_checkpoint(resumed))
     notes += unused_flag_notes(args, get_args_parser(), said=no_effect)
     init_distributed_mode(args)
     for line in notes:
@@ -1610,17 +1614,19 @@ def run(args) -> Dict[str, float]:
     args.mean, args.std = tuple(cfg.mean), tuple(cfg.std)
     check_training_transform(args, unused_flags(args))  # the transform strings this run reads, before any work
     # the files it reads are readable checkpoints before the data is listed (minutes on ImageNet): an unreadable one
-    # is said here, as it would be once its model is built (mapped, not read into memory)
-    for path in (args.resume, args.teacher_path if args.distillation_type != 'none' else None):
-        if path:
-            load_checkpoint_file(path, mmap=True)
+    # is said here, as it would be once its model is built (the teacher's mapped, not read into memory: its model
+    # is built from the file later)
+    if args.resume and resumed is None:
+        resumed = load_checkpoint_file(args.resume)
+    if args.teacher_path and args.distillation_type != 'none':
+        load_checkpoint_file(args.teacher_path, mmap=True)
     if args.speed_only:
-        return run_speed(args, device)
+        return run_speed(args, device, resumed)
     if args.eval:
-        return run_eval(args, device)
+        return run_eval(args, device, resumed)
     if args.prune:
-        return run_prune(args, device)
-    return run_finetune(args, device)
+        return run_prune(args, device, resumed)
+    return run_finetune(args, device, resumed)
 
 
 # What stops a run midway and is reported with what the run has kept: the stage that knows sets it on the

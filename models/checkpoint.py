@@ -104,7 +104,7 @@ def _input_size(model: nn.Module, positions: int) -> str:
 
 def build_model_from_checkpoint(path: str, name: Optional[str], fallback_classes: int = 1000,
                                 img_size: Optional[int] = None, warn=print, flag: str = '--model',
-                                **timm_kwargs) -> Tuple[nn.Module, dict]:
+                                checkpoint: Optional[dict] = None, **timm_kwargs) -> Tuple[nn.Module, dict]:
     """``(model, checkpoint)``: the model ``name`` with the file's weights and masks, and the whole file.
 
     ``name`` None: the model named in the file's ``args`` (files written by this project say which it is).  A
@@ -114,8 +114,11 @@ def build_model_from_checkpoint(path: str, name: Optional[str], fallback_classes
 
     The head gets as many classes as the file's head has (``fallback_classes`` for a file without one).  A
     ``channels`` list that disagrees with the masks is reported through ``warn``; the masks win.
+
+    ``checkpoint``: the contents of ``path`` where the caller has read them already (``load_checkpoint_file(path)``),
+    so that the file is not read again; by default it is read here.
     """
-    checkpoint, sd = _read(path)
+    checkpoint, sd = _read(path, checkpoint)
     recorded = checkpoint_args(checkpoint).get('model')
     if name is None:
         if not isinstance(recorded, str):
@@ -145,9 +148,10 @@ def create_model(name: str, pretrained: bool = False, checkpoint_path: Optional[
     return model
 
 
-def _read(path: str) -> Tuple[dict, Dict[str, torch.Tensor]]:
-    """(the file's contents, its model state dict, in timm's names)."""
-    checkpoint = load_checkpoint_file(path)
+def _read(path: str, checkpoint: Optional[dict] = None) -> Tuple[dict, Dict[str, torch.Tensor]]:
+    """(the file's contents, its model state dict, in timm's names); ``checkpoint``: the contents, read already."""
+    if checkpoint is None:
+        checkpoint = load_checkpoint_file(path)
     return checkpoint, _timm_state_dict(checkpoint, path)
 
 

@@ -827,6 +827,43 @@ def test_resume_of_a_finished_run_whose_teacher_is_gone_does_nothing(capsys, mon
 
 
 
+@pytest.mark.parametrize('run', ['continued', 'already-finished', 'new', 'eval', 'speed-only', 'prune'])
+def test_the_resume_file_is_read_once(monkeypatch, small, tmp_path, run):
+    """Start-up reads --resume once and passes its contents on: a finetuning run read it up to five times (the
+    settings of the run it continues, whether that run was finished, whether the file is the folder's own, whether
+    it is readable, and the model), the other commands twice.  The teacher and best.pth (which a resume checks)
+    are files of their own."""
+    from utils import checkpoint_io
+    out, teacher = tmp_path / 'out', tmp_path / 'teacher.pth'
+    shutil.copy(small['dense'], teacher)
+    distil = ['--distillation-type', 'soft', '--teacher-path', teacher]
+    if run in ('continued', 'already-finished'):
+        assert _finetune(out, small['data'], '--resume', small['dense'], '--final_finetune', 1, *distil) == 0
+    resume = out / 'checkpoint.pth' if run in ('continued', 'already-finished') else tmp_path / 'dense.pth'
+    if run not in ('continued', 'already-finished'):
+        shutil.copy(small['dense'], resume)
+    reads = []
+    real = checkpoint_io._torch_load
+
+    def counted(path, mmap):
+        reads.append(os.path.realpath(path))
+        return real(path, mmap)
+
+    monkeypatch.setattr(checkpoint_io, '_torch_load', counted)
+    if run in ('continued', 'already-finished', 'new'):
+        code = _finetune(out, small['data'], '--resume', resume, *distil,
+                         '--final_finetune', 2 if run == 'continued' else 1)
+    else:
+        flags = {'eval': ['--eval', '--data-path', small['data']], 'speed-only': ['--speed-only', '--speed-repeats', 1],
+                 'prune': ['--prune', '--prune_mode', 'random', '--prune_rate', 0.3, '--data-path', small['data']]}
+        code = finetune.main([*DIGITS_ARGS, '--resume', str(resume), *map(str, flags[run])])
+    assert code == 0
+    assert reads.count(os.path.realpath(resume)) == 1, reads
+    assert set(reads) <= {os.path.realpath(p) for p in (resume, teacher, out / 'best.pth')}, reads
+    if run in ('continued', 'new'):  # (a finished run builds no teacher)
+        assert os.path.realpath(teacher) in reads
+
+
 def test_resume_with_more_epochs_says_the_old_schedule_continues(capsys, small, tmp_path):
     out = tmp_path / 'out'
     assert _finetune(out, small['data'], '--resume', small['dense'], '--final_finetune', 1) == 0
