@@ -94,7 +94,8 @@ gradients, eval semantics (the model is put in eval mode; the path refuses to ru
 training mode, as the head it calls is the model's own); the built module holds the weights as it reads them
 (cast copies, or the model's own tensors where they already have that dtype, device and layout: an in-place edit
 of the model then reaches some of them), so rebuild it after changing the model (the head is the model's:
-``model.forward_head`` is called on the features, and the path refuses to run once the model is cast or moved);
+``model.forward_head`` is called on the features, and the path refuses to run once the model is cast or moved, or
+its CUDA graph once the head is replaced, as ``reset_classifier`` does: the graph captured the old head's kernels);
 one built from a Clip & Concat model's own masks refuses to run once they are set again or a state dict is loaded
 into the model.  The path itself is for the dtype and device it was built for: ``.half()``, ``.to()`` and the
 like are refused unless they change nothing (build it again instead).
@@ -633,6 +634,7 @@ class FastViT(nn.Module):
         self.residual_dtype = residual_dtype or torch.float32
         object.__setattr__(self, '_model', model)  # shared, not a submodule: only forward_head is used
         object.__setattr__(self, '_first_parameter', first)  # the model's, not one of this module's
+        object.__setattr__(self, '_built_head', getattr(model, 'head', None))  # what a CUDA graph captures
         self._head_dtype = first.dtype  # the features go to the head in the model's dtype
 
         pe = model.patch_embed
@@ -947,6 +949,9 @@ class FastViT(nn.Module):
                                    device=self.device)
             return self._model.forward_head(features).float()
         if self._graph is not None and images.shape == self._static_in.shape:
+            if getattr(self._model, 'head', None) is not self._built_head:  # its weights' memory may be freed
+                raise RuntimeError('fast path: the model\'s head was replaced after this path was built '
+                                   '(reset_classifier, say), and its CUDA graph replays the old one: build it again')
             with _on(self.device):  # replayed on the model's GPU's current stream
                 if self._reads_in_place(images):
                     self._image_address.fill_(images.data_ptr())

@@ -16,6 +16,7 @@ import math
 import os
 import re
 import sys
+import types
 
 import pytest
 import timm
@@ -1132,6 +1133,41 @@ def test_captured_batch_size_replays_and_others_run_uncaptured():
     assert len(replays) == 1 and torch.equal(fast._static_in, a)
     assert _close(out_a, model(a)) and out_a.data_ptr() != fast._static_out.data_ptr()
     assert _close(fast(b), model(b)) and len(replays) == 1
+
+
+@torch.no_grad()
+def test_a_captured_graph_refuses_a_replaced_head():
+    """A CUDA graph replays the kernels of the head it captured, reading its weights at their addresses: after
+    reset_classifier (a new head; the old one's memory freed) a replay would compute the old head on freed memory,
+    so the captured batch size is refused with the remedy, while other batch sizes, which call the model's head as
+    it is, give the new head's output (a stand-in graph, as above, so on any device)."""
+    model = tiny_cc(9)
+    fast = build_fast_path(model, backend='torch')
+    fast._static_in = torch.zeros(2, 3, 32, 32, device=DEVICE)
+    fast._static_out = torch.zeros(2, 10, device=DEVICE)
+    fast._graph = types.SimpleNamespace(replay=lambda: fast._static_out.copy_(fast._forward_impl(fast._static_in)))
+    a, b = images(2, seed=10), images(3, seed=11)
+    assert _close(fast(a), model(a))
+    model.reset_classifier(4)
+    model.to(DEVICE).eval()
+    with pytest.raises(RuntimeError, match=r"^fast path: the model's head was replaced after this path was built "
+                                           r"\(reset_classifier, say\), and its CUDA graph replays the old one: "
+                                           r"build it again$"):
+        fast(a)
+    out = fast(b)
+    assert out.shape == (3, 4) and _close(out, model(b))
+
+
+@cuda_only
+@torch.no_grad()
+def test_a_captured_graph_refuses_a_replaced_head_on_cuda():
+    model = _deit_ti_pair(seed=2)
+    fast = build_fast_path(model, backend='torch', dtype=torch.float16, cuda_graph=True, batch_size=4)
+    fast(torch.randn(4, 3, 224, 224, device=DEVICE))
+    model.reset_classifier(7)
+    model.to(DEVICE).eval()
+    with pytest.raises(RuntimeError, match="head was replaced"):
+        fast(torch.randn(4, 3, 224, 224, device=DEVICE))
 
 
 @torch.no_grad()
