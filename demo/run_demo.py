@@ -142,12 +142,31 @@ def validate_args(a: argparse.Namespace, parser: Optional[argparse.ArgumentParse
 
 
 def planned_outputs(out: str) -> Tuple[List[str], List[str]]:
-    """(the folders, the files) the demo writes under ``out``, each stage's."""
-    tags = [rate_tag(mode, rate) for mode, rate in CONFIGS]
-    folders = [os.path.join(out, name) for name in ['teacher', 'summary'] + [f'{stage}_{tag}' for tag in tags
-                                                                            for stage in ('prune', 'finetune')]]
-    files = [os.path.join(out, name) for name in ['results.json', 'details.json', 'masks.png']
-             + [f'speed_{tag}.txt' for tag in tags] + [f'masks_{tag}.png' for tag in tags[1:]]]
+    """(the folders, the files) the demo writes under ``out``, each stage's: those of :func:`output_paths`."""
+    folders, files = output_paths(out)
+    return list(folders.values()), list(files.values())
+
+
+TEACHER_DIR = 'teacher'  # <out>/teacher/: the dense teacher, which a later run reuses (the study's too)
+
+
+def stage_dir(out: str, stage: str, mode: str, rate: float) -> str:
+    """<out>/<stage>_<mode>_<rate>/: the folder of one prune mode and rate's 'prune' or 'finetune' stage."""
+    return os.path.join(out, f'{stage}_{rate_tag(mode, rate)}')
+
+
+def output_paths(out: str) -> Tuple[Dict[object, str], Dict[object, str]]:
+    """(folders, files): every path the demo writes under ``out``, by what it holds. Folders: 'teacher',
+    'summary' and, for each of CONFIGS' rate_tag, ('prune', tag) and ('finetune', tag); files: 'results' and
+    'details' (.json) and, per tag, ('speed', tag) and ('masks', tag) (the first config's is masks.png). :func:`run`
+    writes these and :func:`planned_outputs` checks them before any work, so the two cannot disagree."""
+    folders = {'teacher': os.path.join(out, TEACHER_DIR), 'summary': os.path.join(out, 'summary')}
+    files = {'results': os.path.join(out, 'results.json'), 'details': os.path.join(out, 'details.json')}
+    for i, (mode, rate) in enumerate(CONFIGS):
+        tag = rate_tag(mode, rate)
+        folders.update({(stage, tag): stage_dir(out, stage, mode, rate) for stage in ('prune', 'finetune')})
+        files[('speed', tag)] = os.path.join(out, f'speed_{tag}.txt')
+        files[('masks', tag)] = os.path.join(out, 'masks.png' if i == 0 else f'masks_{tag}.png')
     return folders, files
 
 
@@ -452,7 +471,7 @@ def ends_as_finetune(work: Callable[[], int], script: str, out: str) -> int:
         print(f'error: {e}', file=sys.stderr)
         return finetune.EXIT_DIVERGED
     except KeyboardInterrupt:
-        print(f'interrupted; run the {script} again to go on (a teacher in {os.path.join(out, "teacher")}, '
+        print(f'interrupted; run the {script} again to go on (a teacher in {os.path.join(out, TEACHER_DIR)}, '
               f'trained wholly or in part, is reused; every other stage is redone)', file=sys.stderr)
         return finetune.EXIT_INTERRUPTED
 
@@ -462,6 +481,7 @@ def run(a: argparse.Namespace) -> int:
     its own directory, when it starts (the finetune CLI refuses an --output_dir holding a checkpoint), so a run
     that stops early (a diverged stage, Ctrl-C) leaves the results of an earlier run it did not reach."""
     out = a.out
+    folders, files = output_paths(out)
     os.makedirs(out, exist_ok=True)
     t0 = time.time()
     timings: Dict[str, float] = {}
@@ -469,7 +489,7 @@ def run(a: argparse.Namespace) -> int:
 
     # 1. the dense teacher ------------------------------------------------------------------------------
     print(f'== 1. teacher: {MODEL} trained from scratch for {a.teacher_epochs} epochs', flush=True)
-    teacher, teacher_acc = train_teacher(os.path.join(out, 'teacher'), a.teacher_epochs, a.teacher_lr, common,
+    teacher, teacher_acc = train_teacher(folders['teacher'], a.teacher_epochs, a.teacher_lr, common,
                                          a.fresh, a.verbose)
     timings['teacher'] = time.time() - t0
 
@@ -479,8 +499,7 @@ def run(a: argparse.Namespace) -> int:
     pruned, before = {}, {}
     for mode, rate in CONFIGS:
         tag = rate_tag(mode, rate)
-        p = prune(teacher, mode, rate, os.path.join(out, f'prune_{tag}'), common, a.prune_batches, f'prune {tag}',
-                  a.verbose)
+        p = prune(teacher, mode, rate, folders[('prune', tag)], common, a.prune_batches, f'prune {tag}', a.verbose)
         pruned[tag], before[tag] = p['path'], p['acc1']
     timings['prune'] = time.time() - t
 
@@ -491,7 +510,7 @@ def run(a: argparse.Namespace) -> int:
     after, finetuned = {}, {}
     for mode, rate in CONFIGS:
         tag = rate_tag(mode, rate)
-        f = distill(pruned[tag], teacher, os.path.join(out, f'finetune_{tag}'), common, a.finetune_epochs,
+        f = distill(pruned[tag], teacher, folders[('finetune', tag)], common, a.finetune_epochs,
                     a.finetune_lr, f'finetune {tag}', a.verbose)
         finetuned[tag], after[tag] = f['path'], f['acc1']
     timings['finetune'] = time.time() - t
@@ -502,7 +521,7 @@ def run(a: argparse.Namespace) -> int:
     speed = {}
     for mode, rate in CONFIGS:
         tag = rate_tag(mode, rate)
-        log = os.path.join(out, f'speed_{tag}.txt')
+        log = files[('speed', tag)]
         if os.path.isfile(log):
             os.remove(log)  # the log is appended to: an earlier run's timings would precede these
         speed[tag] = cli(speed_args(common) + ['--speed-only', '--resume', finetuned[tag], '--speed-repeats',
@@ -525,7 +544,7 @@ def run(a: argparse.Namespace) -> int:
             rows.append(row)
             speedups[row['name']] = speed[tag]['speedup']
     assert all(tuple(r) == ROW_KEYS for r in rows)
-    write_text_atomic(os.path.join(out, 'results.json'), json.dumps({'rows': rows}, indent=2))
+    write_text_atomic(files['results'], json.dumps({'rows': rows}, indent=2))
     details = {'timings_s': timings, 'speed': speed, 'args': vars(a),
                'acc1_rule': 'last epoch (checkpoint.pth) evaluated with --eval; pruned rows before finetuning '
                             'are the --prune evaluation'}
@@ -539,20 +558,19 @@ def run(a: argparse.Namespace) -> int:
     pictures = {}
     for mode, rate in CONFIGS:
         tag = rate_tag(mode, rate)
-        name = 'masks.png' if (mode, rate) == CONFIGS[0] else f'masks_{tag}.png'
         model = draw_masks.load_model(finetuned[tag], MODEL)
         images, targets = draw_masks.digits_images(a.num_images)
         with torch.no_grad():
             preds = model(images).argmax(1).tolist()
         labels = [f'digit {t_}\npred {p}' for t_, p in zip(targets, preds)]
-        pictures[tag] = draw_masks.draw_masks(model, images, os.path.join(out, name), (0.5,) * 3, (0.5,) * 3,
+        pictures[tag] = draw_masks.draw_masks(model, images, files[('masks', tag)], (0.5,) * 3, (0.5,) * 3,
                                               labels, title=row_name(mode, rate, True))
         print(f'   {pictures[tag]}')
     timings['masks'] = time.time() - t
 
     # 7. TensorBoard summary ------------------------------------------------------------------------------
-    shutil.rmtree(os.path.join(out, 'summary'), ignore_errors=True)  # an earlier run's events would mix in
-    tb = TensorBoard(os.path.join(out, 'summary'))
+    shutil.rmtree(folders['summary'], ignore_errors=True)  # an earlier run's events would mix in
+    tb = TensorBoard(folders['summary'])
     if tb.writer is not None:
         import numpy as np
         from PIL import Image
@@ -565,7 +583,7 @@ def run(a: argparse.Namespace) -> int:
     tb.close()
 
     timings['total'] = time.time() - t0
-    write_text_atomic(os.path.join(out, 'details.json'), json.dumps(details, indent=2))
+    write_text_atomic(files['details'], json.dumps(details, indent=2))
     print()
     print(f'Clip & Concat on scikit-learn digits ({len(rows)} rows, {out}/results.json); acc@1 on the 360 '
           f'validation images, last epoch; speed-up against the dense model timed interleaved in the same run:')
@@ -580,7 +598,7 @@ def run(a: argparse.Namespace) -> int:
         print(f'At prune rate 0.25, {label}: Taylor {res[taylor]:.2f}% {verdict} random {res[rand]:.2f}% '
               f'({diff:+.2f} points)')
     others = ', '.join(os.path.basename(p) for p in list(pictures.values())[1:])
-    print(f'Masks: {os.path.join(out, "masks.png")}  (also {others})')
+    print(f'Masks: {files[("masks", rate_tag(*CONFIGS[0]))]}  (also {others})')
     print(f'TensorBoard: tensorboard --logdir {out}')
     print(f'Total time: {timings["total"]:.0f} s (teacher {timings["teacher"]:.0f}, prune {timings["prune"]:.0f}, '
           f'finetune {timings["finetune"]:.0f}, speed {timings["speed"]:.0f}, masks {timings["masks"]:.0f})')

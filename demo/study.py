@@ -268,7 +268,7 @@ def run_all(a: argparse.Namespace, out: str) -> Tuple[dict, List[dict], Dict[str
     timings: Dict[str, float] = {}
     print(f'[teacher] {demo.MODEL}, {a.teacher_epochs} epochs from scratch, seed {TEACHER_SEED}, '
           f'trained once for all runs', flush=True)
-    teacher_dir = os.path.join(out, 'teacher')
+    teacher_dir = os.path.join(out, demo.TEACHER_DIR)
     common = demo.common_args(TEACHER_SEED, a.device)
     reused = not a.fresh and demo.teacher_check(
         os.path.join(teacher_dir, 'checkpoint.pth'), a.teacher_epochs, a.teacher_lr, TEACHER_SEED,
@@ -295,14 +295,14 @@ def run_all(a: argparse.Namespace, out: str) -> Tuple[dict, List[dict], Dict[str
         seed_dir = os.path.join(out, f'seed{seed}')
         tag = f'{demo.rate_tag(mode, rate)} s{seed}'
         if stage == 'prune':
-            r = demo.prune(teacher, mode, rate, os.path.join(seed_dir, f'prune_{demo.rate_tag(mode, rate)}'),
-                           common, a.prune_batches, f'prune {tag}', a.verbose, echo=False)
+            r = demo.prune(teacher, mode, rate, demo.stage_dir(seed_dir, stage, mode, rate), common, a.prune_batches,
+                           f'prune {tag}', a.verbose, echo=False)
             pruned[(mode, rate, seed)] = r
             channels = r['channels']
         else:
             r = demo.distill(pruned[(mode, rate, seed)]['path'], teacher,
-                             os.path.join(seed_dir, f'finetune_{demo.rate_tag(mode, rate)}'), common,
-                             a.finetune_epochs, a.finetune_lr, f'finetune {tag}', a.verbose, echo=False)
+                             demo.stage_dir(seed_dir, stage, mode, rate), common, a.finetune_epochs, a.finetune_lr,
+                             f'finetune {tag}', a.verbose, echo=False)
             channels = pruned[(mode, rate, seed)]['channels']
         runs.append({'prune_rate': float(rate), 'prune_mode': mode, 'seed': seed, 'finetuned': stage == 'finetune',
                      'acc1': r['acc1'], 'gflops': r['gflops'], 'kept_tokens': channels,
