@@ -356,10 +356,10 @@ def seed_of(common: List[str]) -> int:
 
 
 def train_teacher(teacher_dir: str, epochs: int, lr: float, common: List[str], fresh: bool = False,
-                  verbose: bool = False, echo: bool = True) -> Tuple[str, float]:
+                  verbose: bool = False, echo: bool = True) -> Tuple[str, float, bool]:
     """Train the dense teacher from scratch in ``teacher_dir`` (or reuse / continue one trained there with the
     same number of epochs, learning rate and seed, the ``--seed`` of ``common``, and recipe) and evaluate it:
-    (checkpoint path, acc@1 on the validation set)."""
+    (checkpoint path, acc@1 on the validation set, whether a teacher trained to the end was reused as it was)."""
     teacher = os.path.join(teacher_dir, 'checkpoint.pth')
     seed = seed_of(common)
     command = teacher_command(epochs, lr, common)
@@ -381,7 +381,7 @@ def train_teacher(teacher_dir: str, epochs: int, lr: float, common: List[str], f
             os.path.join(teacher_dir, 'stdout.txt'), 'teacher', verbose, echo)
     acc = cli(evaluation_args(common) + ['--eval', '--resume', teacher], os.path.join(teacher_dir, 'eval.txt'),
               'teacher eval', verbose, echo)['acc1']
-    return teacher, acc
+    return teacher, acc, state == 'done'
 
 
 def prune(teacher: str, mode: str, rate: float, out_dir: str, common: List[str], prune_batches: Optional[int],
@@ -489,8 +489,8 @@ def run(a: argparse.Namespace) -> int:
 
     # 1. the dense teacher ------------------------------------------------------------------------------
     print(f'== 1. teacher: {MODEL} trained from scratch for {a.teacher_epochs} epochs', flush=True)
-    teacher, teacher_acc = train_teacher(folders['teacher'], a.teacher_epochs, a.teacher_lr, common,
-                                         a.fresh, a.verbose)
+    teacher, teacher_acc, _ = train_teacher(folders['teacher'], a.teacher_epochs, a.teacher_lr, common,
+                                            a.fresh, a.verbose)
     timings['teacher'] = time.time() - t0
 
     # 2. prune ------------------------------------------------------------------------------------------

@@ -268,13 +268,9 @@ def run_all(a: argparse.Namespace, out: str) -> Tuple[dict, List[dict], Dict[str
     timings: Dict[str, float] = {}
     print(f'[teacher] {demo.MODEL}, {a.teacher_epochs} epochs from scratch, seed {TEACHER_SEED}, '
           f'trained once for all runs', flush=True)
-    teacher_dir = os.path.join(out, demo.TEACHER_DIR)
     common = demo.common_args(TEACHER_SEED, a.device)
-    reused = not a.fresh and demo.teacher_check(
-        os.path.join(teacher_dir, 'checkpoint.pth'), a.teacher_epochs, a.teacher_lr, TEACHER_SEED,
-        demo.teacher_command(a.teacher_epochs, a.teacher_lr, common))[0] == 'done'
-    teacher, teacher_acc = demo.train_teacher(teacher_dir, a.teacher_epochs, a.teacher_lr, common, a.fresh,
-                                              a.verbose, echo=False)
+    teacher, teacher_acc, reused = demo.train_teacher(os.path.join(out, demo.TEACHER_DIR), a.teacher_epochs,
+                                                      a.teacher_lr, common, a.fresh, a.verbose, echo=False)
     timings['teacher'] = time.time() - t0
     teacher_row = {'acc1': float(teacher_acc), 'gflops': teacher_gflops(), 'seed': TEACHER_SEED,
                    'epochs': a.teacher_epochs, 'checkpoint': os.path.relpath(teacher, out),

@@ -393,7 +393,7 @@ def test_run_demo_speed_logs_hold_this_runs_timings_only(tmp_path, monkeypatch, 
     logs = [out / f'speed_{run_demo.rate_tag(mode, rate)}.txt' for mode, rate in run_demo.CONFIGS]
     for log in logs:
         log.write_text('timings of an earlier run\n')
-    monkeypatch.setattr(run_demo, 'train_teacher', lambda *a, **k: ('teacher.pth', 90.0))
+    monkeypatch.setattr(run_demo, 'train_teacher', lambda *a, **k: ('teacher.pth', 90.0, False))
     monkeypatch.setattr(run_demo, 'prune', lambda *a, **k: {'path': 'pruned.pth', 'acc1': 50.0})
     monkeypatch.setattr(run_demo, 'distill', lambda *a, **k: {'path': 'finetuned.pth', 'acc1': 80.0})
     seen = []
@@ -545,9 +545,9 @@ def test_train_teacher_retrains_on_another_lr_or_seed(lr, seed, retrained, tmp_p
     fake_teacher(teacher_dir / 'checkpoint.pth', lr=1e-3, seed=0)
     calls = []
     monkeypatch.setattr(run_demo, 'cli', lambda argv, *a, **k: calls.append(argv) or {'acc1': 50.0})
-    path, acc = run_demo.train_teacher(str(teacher_dir), 3, lr, run_demo.common_args(seed, 'cpu'))
+    path, acc, reused = run_demo.train_teacher(str(teacher_dir), 3, lr, run_demo.common_args(seed, 'cpu'))
     out = capsys.readouterr().out
-    assert path == str(teacher_dir / 'checkpoint.pth') and acc == 50.0
+    assert path == str(teacher_dir / 'checkpoint.pth') and acc == 50.0 and reused is not retrained
     trainings = [c for c in calls if '--eval' not in c]
     if retrained:
         assert len(trainings) == 1 and '--resume' not in trainings[0]
@@ -572,7 +572,7 @@ def test_fresh_retrains_a_reusable_teacher_and_says_why(tmp_path, monkeypatch, c
     assert run_demo.teacher_check(str(teacher_dir / 'checkpoint.pth'), 3, 1e-3, 0)[0] == 'done'
     calls = []
     monkeypatch.setattr(run_demo, 'cli', lambda argv, *a, **k: calls.append(argv) or {'acc1': 50.0})
-    run_demo.train_teacher(str(teacher_dir), 3, 1e-3, run_demo.common_args(0, 'cpu'), fresh=True)
+    assert run_demo.train_teacher(str(teacher_dir), 3, 1e-3, run_demo.common_args(0, 'cpu'), fresh=True)[2] is False
     out = capsys.readouterr().out
     trainings = [c for c in calls if '--eval' not in c]
     assert len(trainings) == 1 and '--resume' not in trainings[0]

@@ -380,16 +380,18 @@ def test_parser_names_its_script():
                                                           (1e-3, study.TEACHER_SEED + 1, False)])
 def test_teacher_reused_only_with_the_same_lr_and_seed(stored_lr, stored_seed, reused, tmp_path, monkeypatch):
     """run_all reports the teacher as reused only when the stored one has the study's --teacher-lr and its
-    TEACHER_SEED, and trains the teacher with TEACHER_SEED (the runs themselves are stubbed out: no seeds)."""
+    TEACHER_SEED, and trains the teacher with TEACHER_SEED (finetune.py's commands and the runs themselves are
+    stubbed out: no seeds)."""
     import finetune
     teacher = tmp_path / 'teacher' / 'checkpoint.pth'
     teacher_checkpoint(teacher, finetune.cc_model_name(study.demo.MODEL), stored_lr, stored_seed, epochs=3, epoch=2)
-    seen = {}
+    seen, train = {}, study.demo.train_teacher
 
     def train_teacher(teacher_dir, epochs, lr, common, *args, **kwargs):
         seen['seed'] = study.demo.seed_of(common)
-        return str(teacher), 90.0
+        return train(teacher_dir, epochs, lr, common, *args, **kwargs)
     monkeypatch.setattr(study.demo, 'train_teacher', train_teacher)
+    monkeypatch.setattr(study.demo, 'cli', lambda argv, *args, **kwargs: {'acc1': 90.0})
     monkeypatch.setattr(study, 'teacher_gflops', lambda: 0.05)
     a = study.get_args_parser().parse_args(['--teacher-epochs', '3', '--teacher-lr', '1e-3', '--seeds', '0',
                                             '--out', str(tmp_path)])
@@ -464,7 +466,7 @@ def fake_stages(monkeypatch, tmp_path, fail_at=None):
             open(path, 'w').close()
             return {'path': path, 'acc1': 50.0, 'gflops': 0.03, 'channels': [65] * 6}
         return run
-    monkeypatch.setattr(study.demo, 'train_teacher', lambda *a, **k: (str(teacher), 90.0))
+    monkeypatch.setattr(study.demo, 'train_teacher', lambda *a, **k: (str(teacher), 90.0, False))
     monkeypatch.setattr(study.demo, 'prune', stage('pruned.pth', 3))
     monkeypatch.setattr(study.demo, 'distill', stage('checkpoint.pth', 2))
     monkeypatch.setattr(study, 'teacher_gflops', lambda: 0.05)
