@@ -186,34 +186,53 @@ def class_folders(split: str):
     images; None if there is no such folder."""
     if not os.path.isdir(split):
         return None
+    return _top_listing(split)[0]
+
+
+def _top_listing(split: str) -> Tuple[List[str], int]:
+    """From one listing of ``split`` alone: its sub-folders (the class names, sorted) and the number of image
+    files lying directly in it, which an ImageFolder does not read (only the files of its class folders)."""
     try:
-        return sorted(entry.name for entry in os.scandir(split) if entry.is_dir())
+        folders, loose = [], 0
+        for entry in os.scandir(split):
+            if entry.is_dir():
+                folders.append(entry.name)
+            elif _is_image_name(entry.name) and entry.is_file():
+                loose += 1
+        return sorted(folders), loose
     except OSError as e:
         raise UserError(f'cannot read {split}: {e.strerror or e}') from None
 
 
-def _first_unreadable(split: str) -> Optional[str]:
-    """The first folder of ``split`` (itself, then its class folders) that cannot be listed, or None."""
-    folders = [split] if not os.access(split, os.R_OK | os.X_OK) else [os.path.join(split, c)
-                                                                         for c in class_folders(split)]
-    return next((f for f in folders if not os.access(f, os.R_OK | os.X_OK)), None)
+def _is_image_name(name: str) -> bool:
+    """torchvision's rule (by the end of the name, as it reads it: a file named .png too), less macOS's ._*."""
+    return not name.startswith('._') and datasets.folder.has_file_allowed_extension(name,
+                                                                                   datasets.folder.IMG_EXTENSIONS)
 
 
 def image_folder(split: str, transform) -> datasets.ImageFolder:
-    """An ImageFolder whose missing, empty or class-less split is reported as a one-line error."""
+    """An ImageFolder whose missing, empty or class-less split is reported as a one-line error; images lying
+    directly in the split (not in a class folder) are counted for a note, or refused when there is no class
+    folder at all (a flat val/, as ImageNet's comes before it is sorted)."""
     if not os.path.isdir(split):
         raise UserError(f'split not found: {split} (expected one folder per class inside)')
-    unreadable = _first_unreadable(split)
+    if not os.access(split, os.R_OK | os.X_OK):
+        raise UserError(f'cannot read {split}: permission denied')
+    classes, loose = _top_listing(split)
+    unreadable = next((c for c in classes if not os.access(os.path.join(split, c), os.R_OK | os.X_OK)), None)
     if unreadable:
-        raise UserError(f'cannot read {unreadable}: permission denied')
+        raise UserError(f'cannot read {os.path.join(split, unreadable)}: permission denied')
+    if loose and not classes:
+        raise UserError(f'no class folder in {split}: its {loose} images lie directly in it, and images must be sorted '
+                        f'into one folder per class (the folder\'s name is the label)')
     skipped: Dict[str, int] = {}
 
     def is_image(path: str) -> bool:  # torchvision's rule (its extensions), with what it leaves out counted
         if os.path.basename(path).startswith('._'):  # macOS's metadata beside each file copied from a Mac
             skipped[APPLE_DOUBLE] = skipped.get(APPLE_DOUBLE, 0) + 1  # (torchvision reads it, and the run stops)
             return False
-        if datasets.folder.has_file_allowed_extension(path, datasets.folder.IMG_EXTENSIONS):
-            return True  # (by the end of the name, as torchvision reads it: a file named .png too)
+        if _is_image_name(os.path.basename(path)):
+            return True
         extension = os.path.splitext(path)[1].lower()
         skipped[extension or 'no extension'] = skipped.get(extension or 'no extension', 0) + 1
         return False
@@ -226,6 +245,7 @@ def image_folder(split: str, transform) -> datasets.ImageFolder:
                     f'{" ".join(datasets.folder.IMG_EXTENSIONS)})')
         raise UserError(f'no images in {split}: {why}') from None
     folder.skipped = skipped  # {extension: files} left out, for the run to say
+    folder.loose = loose  # images directly in the split, not in a class folder: not read
     return folder
 
 
@@ -245,6 +265,16 @@ def skipped_files_note(dataset) -> Optional[str]:
         reasons.append('they are the metadata files macOS writes beside copied files')
     return (f'note: {sum(skipped.values())} files in the class folders of {dataset.root} are left out: '
             f'{", or ".join(reasons)} ({_kinds(skipped)})')
+
+
+def loose_images_note(dataset) -> Optional[str]:
+    """The ``note:`` for the images lying directly in an image folder's split, beside its class folders (which
+    an ImageFolder reads, not them), or None."""
+    loose = getattr(dataset, 'loose', 0)
+    if not loose:
+        return None
+    files, are = ('image file', 'is') if loose == 1 else ('image files', 'are')
+    return f'note: {loose} {files} directly in {dataset.root} {are} not in a class folder and not used'
 
 
 def _kinds(skipped: Dict[str, int]) -> str:
@@ -461,9 +491,9 @@ def build_data(args, train: bool):
     dataset, nb_classes = build_dataset(train, args)
     if len(dataset) == 0:
         raise UserError(f'the {"training" if train else "validation"} set of {args.data_set} is empty')
-    note = skipped_files_note(dataset)
-    if note:
-        rank0_print(note)
+    for note in (skipped_files_note(dataset), loose_images_note(dataset)):
+        if note:
+            rank0_print(note)
     return dataset, nb_classes
 
 

@@ -331,6 +331,10 @@ MUTANTS: List[Mutant] = [
            "    if without_supercategory and len(parts) == 4 and not os.path.isabs(file_name):", "    if False:",
            [T + 'test_losses_data.py::test_inaturalist_images_as_the_archive_or_deit_lays_them_out'],
            "images laid out as DeiT's loader reads them (no supercategory folder) are not found"),
+    mutant('flat-split-not-refused', 'datasets.py',
+           '    if loose and not classes:', '    if False:',
+           [T + 'test_errors.py::test_a_flat_split_of_images_without_class_folders_is_refused'],
+           'a val/ of images without class folders (ImageNet\'s before sorting) is "no images" without a word of them'),
     mutant('color-jitter-flag-ignored', 'datasets.py',
            'is_training=True, color_jitter=args.color_jitter,', 'is_training=True, color_jitter=0.4,',
            [T + 'test_recipe.py::test_scoring_images_are_deits_training_transform_of_the_flags_without_auto_augment_or_'

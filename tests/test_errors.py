@@ -200,6 +200,42 @@ def test_macos_metadata_files_beside_the_images_are_left_out_and_counted(capsys,
     assert [line for line in out.splitlines() if line.startswith(('* Acc@1', 'Accuracy of the network'))] == clean
 
 
+def test_images_beside_the_class_folders_are_counted_in_a_note(capsys, world, tmp_path):
+    """torchvision's ImageFolder reads only the files of the class folders: images lying directly in val/ beside
+    them were left out without a word.  The accuracy is the same as without them (they are not read)."""
+    data = copy_data(world, tmp_path)
+    code, out, _ = cli(capsys, '--eval', '--resume', world['dense'], '--data-path', data)
+    assert code == 0
+    clean = [line for line in out.splitlines() if line.startswith(('* Acc@1', 'Accuracy of the network'))]
+    assert len(clean) == 2 and 'directly in' not in out
+    for i, c in enumerate(('a', 'b', 'c')):
+        shutil.copy(data / 'val' / c / '0.png', data / 'val' / f'loose{i}.png')
+    (data / 'val' / '._loose0.png').write_bytes(b'\x00\x05\x16\x07 Mac OS X metadata')  # not an image: not counted
+    (data / 'val' / 'LICENSE.txt').write_text('not an image\n')
+    code, out, err = cli(capsys, '--eval', '--resume', world['dense'], '--data-path', data)
+    assert code == 0, err
+    assert f'note: 3 image files directly in {data / "val"} are not in a class folder and not used\n' in out
+    assert [line for line in out.splitlines() if line.startswith(('* Acc@1', 'Accuracy of the network'))] == clean
+
+
+def test_a_flat_split_of_images_without_class_folders_is_refused(capsys, world, earlier, tmp_path):
+    """A val/ unpacked flat (ImageNet's comes so, before it is sorted into class folders) was 'no images in'
+    it: its images are counted, and the error says they must be sorted into class folders."""
+    data = copy_data(world, tmp_path)
+    for folder in [p for p in (data / 'val').iterdir() if p.is_dir()]:
+        for image in folder.iterdir():
+            image.rename(data / 'val' / f'{folder.name}_{image.name}')
+        folder.rmdir()
+    n = len([p for p in (data / 'val').iterdir() if p.suffix == '.png'])
+    assert n > 0
+    before = snapshot(earlier)
+    assert_one_line_error(capsys, finetune_args(world, earlier, '--data-path', data), EXIT_USER_ERROR,
+                          rf'^error: no class folder in {re.escape(str(data / "val"))}: its {n} images lie directly '
+                          rf'in it, and images must be sorted into one folder per class \(the folder\'s name is the '
+                          rf'label\)$')
+    assert snapshot(earlier) == before
+
+
 def test_an_unreadable_class_folder_listing_is_one_line(capsys, world, tmp_path, monkeypatch):
     """--eval compares the class folders of train/ with val/'s; a train/ that cannot be listed (permission denied:
     faked, as root reads everything) was a PermissionError traceback."""
