@@ -99,7 +99,7 @@ def test_markdown_table_printed(quick_demo):
                           r'(beats|ties with|loses to) random (\d+\.\d\d)% \(([+-]\d+\.\d\d) points\)$', stdout, re.M)
     assert len(verdicts) == 2, stdout[-3000:]
     for taylor, verdict, rand, gap in verdicts:
-        assert abs(float(taylor) - float(rand) - float(gap)) <= 0.011
+        assert f'{float(taylor) - float(rand):+.2f}' == gap
         assert verdict == ('beats' if float(gap) > 0 else 'ties with' if float(gap) == 0 else 'loses to')
 
 
@@ -262,6 +262,22 @@ def test_run_demo_refuses_bad_arguments_before_any_work(argv, flag, tmp_path, mo
     assert_one_error_line(capsys.readouterr().err, flag)
     assert sorted(p.name for p in tmp_path.iterdir()) == ['FILE']
     assert (tmp_path / 'FILE').read_text() == 'not a directory'
+
+
+@pytest.mark.parametrize('taylor,rand,expected', [
+    # 254 and 250 of the 360 images: 70.5556 and 69.4444, whose unrounded gap (1.1111) printed +1.11 beside
+    # figures 1.12 apart
+    (100 * 254 / 360, 100 * 250 / 360, 'Taylor 70.56% beats random 69.44% (+1.12 points)'),
+    (100 * 250 / 360, 100 * 254 / 360, 'Taylor 69.44% loses to random 70.56% (-1.12 points)'),
+    (81.116, 80.004, 'Taylor 81.12% beats random 80.00% (+1.12 points)'),
+    (100 * 288 / 360, 100 * 288 / 360, 'Taylor 80.00% ties with random 80.00% (+0.00 points)'),
+    (80.001, 79.999, 'Taylor 80.00% ties with random 80.00% (+0.00 points)'),  # (not 'beats' by +0.00)
+])
+def test_run_demo_verdict_gap_is_the_gap_between_the_figures_it_prints(taylor, rand, expected):
+    line = run_demo.verdict_line('after finetuning', taylor, rand)
+    assert line == f'At prune rate 0.25, after finetuning: {expected}'
+    shown = re.fullmatch(r'.*Taylor (\d+\.\d\d)% .* random (\d+\.\d\d)% \(([+-]\d+\.\d\d) points\)', line)
+    assert f'{float(shown[1]) - float(shown[2]):+.2f}' == shown[3]
 
 
 def test_run_demo_caps_the_rows_of_its_figure_as_draw_masks_does():
