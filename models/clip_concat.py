@@ -66,12 +66,27 @@ class CCBlockMixin:
             return update_in_place(timm_forward, x, self.kept_ids)
         return self.routing(timm_forward, x, self.kept_pos, self.clipped_pos)
 
+    def __prepare_scriptable__(self):
+        _refuse_scripting()
+
+
+def _refuse_scripting():
+    """``torch.jit.script`` calls ``__prepare_scriptable__`` on the module and each submodule before compiling (not
+    at a forward): its own error on a Clip & Concat model ("'Tensor' object has no attribute or method 'forward'")
+    named neither the cause nor the remedy."""
+    raise RuntimeError('torch.jit.script cannot compile a Clip & Concat model: its blocks call timm\'s Block.forward '
+                       'through super() and route tokens with a function chosen per block, which TorchScript does not '
+                       'support; use torch.jit.trace (it records the masks of the moment) or torch.compile')
+
 
 class CCModelMixin:
     """The mask API of a Clip & Concat model, mixed into its timm class by :func:`apply_clip_concat`.
 
     ``num_tokens``: length of the sequence the blocks see (prefix tokens + patches).
     """
+
+    def __prepare_scriptable__(self):
+        _refuse_scripting()
 
     @property
     def masks(self) -> List[torch.Tensor]:

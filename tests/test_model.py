@@ -562,6 +562,30 @@ def test_routing_is_swappable_and_the_boolean_reference_agrees():
     assert (fixed_shapes - boolean).abs().max().item() < 1e-5
 
 
+def test_torch_jit_script_is_refused_by_name_and_trace_records_the_pruned_model():
+    """timm's own model scripts; ours failed deep inside TorchScript ("'Tensor' object has no attribute or method
+    'forward'", at super().forward of a block): refused before compiling, the model or a block alone, with the
+    ways that work, and torch.jit.trace gives the pruned model's outputs."""
+    import warnings
+    kwargs = dict(img_size=32, patch_size=8, depth=2, num_classes=5)
+    torch.manual_seed(3)
+    dense = timm.create_model('deit_tiny_patch16_224', **kwargs).eval()
+    model = models.create_model('cc_deit_tiny_patch16_224', **kwargs).eval()
+    model.load_state_dict(dense.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter('ignore')  # (torch.jit.script and trace are deprecated)
+        assert torch.allclose(torch.jit.script(dense)(x), dense(x), atol=1e-5)
+        for target in (model, model.blocks[0]):
+            with pytest.raises(RuntimeError, match=r'^torch\.jit\.script cannot compile a Clip & Concat model: .*'
+                                                   r'use torch\.jit\.trace .* or torch\.compile$'):
+                torch.jit.script(target)
+        pruning.apply_masks(model, _revisiting_plan(2, 16, 3))
+        traced = torch.jit.trace(model, x)
+        assert torch.allclose(traced(x), model(x), atol=1e-5)
+        assert (traced(x) - dense(x)).abs().max().item() > 1e-3  # (the masks are in what was traced)
+
+
 def test_is_clip_concat_looks_through_the_wrappers_the_mask_functions_look_through():
     model = timm.create_model('cc_deit_tiny_patch16_224', img_size=32, depth=2)
     plain = timm.create_model('deit_tiny_patch16_224', img_size=32, depth=2)
