@@ -549,7 +549,10 @@ def check_optimizer_and_schedule(args) -> None:
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')  # (the run's own build says them)
-        optimizer, _ = build_optimizer(argparse.Namespace(**vars(args)), nn.Linear(1, 1))
+        # the lr scaled by the processes the run will have: the launcher's count, which init_distributed_mode puts
+        # in args.world_size later (the flag --world_size itself has no effect)
+        trial = argparse.Namespace(**{**vars(args), 'world_size': launcher_ranks()[1]})
+        optimizer, _ = build_optimizer(trial, nn.Linear(1, 1))
     if getattr(optimizer, 'is_second_order', False):
         raise UserError(f'--opt {args.opt} is a second-order optimizer (its step differentiates the gradients '
                         f'again), which this finetuning does not run: choose a first-order one (e.g. adamw, sgd)')

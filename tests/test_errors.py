@@ -1174,6 +1174,20 @@ def test_learning_rate_that_overflows_when_scaled_is_refused(capsys, world, tmp_
     assert not out.exists()
 
 
+def test_scaled_learning_rate_is_checked_at_the_launchers_process_count(monkeypatch):
+    """The lr is scaled by batch x processes / 512, the processes being the launcher's WORLD_SIZE (which replaces
+    args.world_size once the processes meet): the check before any work scales it by that count, not by the
+    --world_size flag, which has no effect. An lr that overflows only at the real count is refused there (it was
+    refused only after the data was listed), and one that would overflow only at a --world_size given in a single
+    process passes."""
+    parse = finetune.get_args_parser().parse_args
+    finetune.check_optimizer_and_schedule(parse(['--lr', '1e305', '--batch-size', '512', '--world_size', '1000']))
+    launched(monkeypatch, WORLD_SIZE='2000', RANK='0')
+    with pytest.raises(UserError, match=r'^--lr 1e\+305 scaled by batch x processes / 512 '
+                                        r'\(512 x 2000 / 512\) is inf: give a smaller --lr'):
+        finetune.check_optimizer_and_schedule(parse(['--lr', '1e305', '--batch-size', '512']))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # the script itself
 
