@@ -8,7 +8,8 @@ import torch
 
 
 def num_clipped_slots(depth: int, num_patches: int, prune_rate: float) -> int:
-    """How many (layer, patch) slots a prune rate clips; the class token is never counted."""
+    """How many (layer, patch) slots a prune rate clips; prefix tokens (class, distillation, register) are never
+    counted."""
     _check_number('prune_rate', prune_rate)
     if not 0.0 <= prune_rate < 1.0:
         raise ValueError(f'prune_rate must be in [0, 1), got {prune_rate}')
