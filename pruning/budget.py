@@ -1,5 +1,10 @@
 """The global clipping budget: P = int(num_patches · depth · prune_rate) (layer, patch) slots in total
-(prefix tokens are never counted)."""
+(prefix tokens are never counted), and the plans that clip exactly P of them.
+
+plan_masks weighs each layer's scores as w_l = s_l / ||s_l||_2 · (1 - layer_decay · l), l from 0 (a layer of zero
+scores weighs 0 everywhere), and clips the P slots of smallest w (ties: lower layer, then lower patch index).
+random_masks clips P distinct slots drawn uniformly.
+"""
 import math
 import numbers
 from typing import List, Optional
