@@ -13,7 +13,8 @@ def to_concat_order(masks: torch.Tensor, num_prefix_tokens: int = 1) -> torch.Te
     masks over the whole sequence (depth, num_prefix_tokens + num_patches; prefix tokens True).
 
     Block l sees its input in the order block l-1 left it in (kept first, clipped after), so its mask is the
-    plan read through the running order (position -> original token id): ``token_index_l[p] = plan_l[order[p]]``.
+    plan read through the running order (position -> original token id, the identity at block 0):
+    ``token_index_l[p] = plan_l[order[p]]``, then ``order = cat([order[token_index_l], order[~token_index_l]])``.
     """
     if masks.dim() != 2 or masks.dtype != torch.bool:
         raise ValueError('masks must be a bool tensor of shape (depth, num_patches)')
