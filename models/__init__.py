@@ -2,7 +2,7 @@
 model-from-checkpoint builder.  Importing this package registers the ``cc_deit_*`` models with timm.
 
     model = models.apply_clip_concat(timm.create_model('vit_small_patch16_224'))   # in place, masks all True
-    model = models.create_model('cc_deit_small_distilled_patch16_224')             # the same, by name
+    model = models.create_model('cc_deit_small_distilled_patch16_224')             # by timm name, cc_ optional
 """
 from . import routing  # noqa: F401
 from .checkpoint import (build_model, build_model_from_checkpoint, check_recorded_name, create_model, dense_copy,
