@@ -103,7 +103,8 @@ def attention_taylor_scores(model: nn.Module, batches: Iterable[Tuple[torch.Tens
 
     No weight changes and no ``.grad`` is written: gradients are taken with respect to the attention
     probabilities only, so the backward pass skips every weight-gradient product. Under torch.distributed
-    the per-process sums are all-reduced, so every process plans the same masks.
+    the per-process sums are all-reduced, so every process plans the same masks (a process given no batch adds
+    nothing; the ValueError for no batch at all is raised in every process).
     """
     model = clip_concat_model(model, 'attention_taylor_scores')  # (scoring runs it eagerly, with hooks)
     if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int)
@@ -128,8 +129,13 @@ def attention_taylor_scores(model: nn.Module, batches: Iterable[Tuple[torch.Tens
                 contribution = (a.detach() * g).sum(dim=(0, 1, 2)).abs() / (b * h * n)
                 scores[layer] += contribution.to(torch.float64)
             del grads, loss
+    several = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if several:
+        # the count travels with the scores, so every process learns in the same collective whether any scored: a
+        # process that raised alone would leave the others waiting in it for ever
+        packed = torch.cat([scores.flatten(), scores.new_tensor([scored])])
+        dist.all_reduce(packed)
+        scores, scored = packed[:-1].view_as(scores), int(packed[-1].item())
     if not scored:
-        raise ValueError('no batch was scored: `batches` gave none')
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(scores)
+        raise ValueError('no batch was scored: `batches` gave none' + (' in any process' if several else ''))
     return scores[:, prefix:].float().cpu()

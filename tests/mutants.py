@@ -277,7 +277,7 @@ MUTANTS: List[Mutant] = [
            (T + 'test_pruning.py::test_scores_take_absolute_value_per_batch_then_sum',),
            'absolute value of the summed scores instead of per batch'),
     mutant('scores-not-all-reduced', 'pruning/taylor.py',
-           '        dist.all_reduce(scores)', '        pass',
+           '        dist.all_reduce(packed)', '        pass',
            [TWO_PROCESS_PRUNE], 'each process plans from its own half of the scores'),
     mutant('teacher-dropped-silently', 'finetune.py',
            "    if not mode and args.distillation_type == 'none' and unused:",

@@ -208,6 +208,47 @@ def test_scores_are_taken_in_eval_mode_with_all_masks_true():
     assert torch.allclose(pruning.attention_taylor_scores(noisy, batches, nn.CrossEntropyLoss()), reference)
 
 
+def _score_in_two_processes(rank, port, out, batches):
+    """Rank 0 scores ``batches`` while rank 1 is given none, then both are given none; each result (scores, or
+    the ValueError's message) saved."""
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=2)
+    try:
+        results = []
+        for given in (batches if rank == 0 else [], []):
+            try:
+                results.append(pruning.attention_taylor_scores(_small_model(), given, nn.CrossEntropyLoss()))
+            except ValueError as e:
+                results.append(str(e))
+        torch.save(results, f'{out}/rank{rank}.pth')
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_process_given_no_batch_neither_hangs_nor_fails_alone(tmp_path):
+    """Under torch.distributed the scores are all-reduced: a process given no batch used to raise 'no batch was
+    scored' alone, leaving the other waiting in the all-reduce for ever. The count now travels with the scores:
+    a process without a batch adds nothing (both get the scores of the batches one process was given, as that
+    process alone would), and with no batch anywhere both raise."""
+    import time
+    import torch.multiprocessing as mp
+    from conftest import free_port
+    batches = _batches()
+    job = mp.spawn(_score_in_two_processes, args=(free_port(), str(tmp_path), batches), nprocs=2, join=False)
+    deadline = time.monotonic() + 180
+    while not job.join(timeout=2):
+        if time.monotonic() > deadline:
+            for process in job.processes:
+                process.kill()
+            pytest.fail('the processes did not finish: one waits in the all-reduce the other never joined')
+    reference = pruning.attention_taylor_scores(_small_model(), batches, nn.CrossEntropyLoss())
+    for rank in range(2):
+        scores, nothing = torch.load(tmp_path / f'rank{rank}.pth', weights_only=True)
+        assert isinstance(scores, torch.Tensor) and torch.allclose(scores, reference, rtol=1e-6, atol=0), rank
+        assert nothing == 'no batch was scored: `batches` gave none in any process'
+
+
 # --------------------------------------------------------------------------------------------------------
 # the budget
 
