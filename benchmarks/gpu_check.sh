@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/gpu_check.sh              # everything: the tests, then the benchmark
 #   bash benchmarks/gpu_check.sh benchmark    # the benchmark alone (a rerun); `tests` for the tests alone
-#   bash benchmarks/gpu_check.sh resume       # the sections an earlier benchmark left out or failed, no more
+#   bash benchmarks/gpu_check.sh resume       # the sections an earlier benchmark did not finish, no more
 #   bash benchmarks/gpu_check.sh profile      # where the GPU time goes, by kernel (not in the default run)
 #   bash benchmarks/gpu_check.sh linear       # the matrix products per shape and cuBLAS route (not default)
 #
@@ -12,8 +12,8 @@
 #
 #   bash benchmarks/gpu_check.sh              # a wall-clock limit of 570 s
 #
-# then copy cuda.json and cuda.md into benchmarks/results/, and if a section was left out (the time limit) or
-# failed, while the GPU is still at hand:
+# then copy cuda.json and cuda.md into benchmarks/results/, and if a section was left out (the time limit),
+# failed or was cut by the hard limit (still pending), while the GPU is still at hand:
 #
 #   bash benchmarks/gpu_check.sh resume       # a wall-clock limit of 360 s
 #
