@@ -211,7 +211,7 @@ def _measure(args) -> int:
               'rate': args.rate, 'batch': args.batch, 'kept': kept, 'shapes_ms': shapes, 'summary': summary}
     print('\n'.join(lines), flush=True)
     # the per-shape figures are kept now: the end-to-end part builds and captures six fast paths, and a run cut
-    # there by its time limit (gpu_check.sh's 150 s) would otherwise lose them too
+    # there by its time limit (gpu_check.sh's 240 s) would otherwise lose them too
     _write(args.out, result, lines)
     if not args.no_end_to_end:
         e2e = end_to_end(cc, pruned, args.batch, device)
