@@ -22,7 +22,8 @@
 # writes the whole results (its sections marked as the earlier run's) to $OUT/cuda.json and cuda.md again.
 #
 # Budget: at most 9.5 minutes wall, about 6 expected (the machine's start, 1-2 minutes, comes on top): each step
-# has a hard time limit, so the worst case is 45 + 180 + 280 s plus 15 s of kill grace per step and the summaries,
+# has a hard time limit, so the worst case is 45 + 180 + 280 s plus 15 s of kill grace for each of the last two
+# (the environment's three commands have none) and the summaries,
 # about 9.5 minutes (and the first check that python3 sees a GPU, limited to 60 s, which takes seconds), while
 # the expected run leaves room in 15 minutes of GPU time to carry the benchmark on (`bash benchmarks/gpu_check.sh
 # resume`, 360 s: 45 + 280 s of limits, 15 s of kill grace, the summaries).
