@@ -50,8 +50,8 @@
 # `profile` (a call of its own, about 1-2 minutes, limit 150 s; run it when the targets are missed, to see why):
 # DeiT-Ti at batch 256, rates 0.25 and 0.40 (in the environment, PROFILE_RATES=0.25,0.30 names other rates,
 # PROFILE_MODELS=base another model, PROFILE_BATCH=1 another batch size), rows timm, ours, fast-triton-dense and
-# fast-triton, each profiled (torch.profiler, the GPU time of every kernel summed by
-# family: linear layers, attention, LayerNorm, GELU, adds/casts/copies, token routing, patch embedding), dense
+# fast-triton, each profiled (torch.profiler, the GPU time of every kernel summed by family: linear layers,
+# attention, LayerNorm, GELU, adds/casts/copies, token routing, patch embedding, other kernels), dense
 # against pruned and set against the FLOPs ratio, with the slowest kernels of every row; outputs profile.log,
 # profile.json, profile.md (with env.txt and status.txt).
 #
