@@ -45,7 +45,7 @@ class Timings:
     """Seconds per forward pass of every row of one timed run, one list per row.
 
     ``paired=True`` (our protocol): one entry per round, the rows interleaved, so the i-th entries of two rows
-    were timed back to back and a speed-up is the median of the per-round ratios.  ``paired=False`` (the
+    were timed in the same round and a speed-up is the median of the per-round ratios.  ``paired=False`` (the
     original code's protocol): one entry per row, its mean pass time; rows were timed one after another, so a
     speed-up is the ratio of two means, with no interval.
     """
