@@ -300,7 +300,7 @@ def build_parser() -> Parser:
                                                      'wrote')
     p.add_argument('--quick', action='store_true',
                    help='smoke run; for each of these not given: DeiT-Ti, rates 0.25,0.40, batch 8, 2 passes, '
-                        'no compile, short sweeps, 2 original passes')
+                        'no compile, short sweeps, summary batches 1,32, 2 original passes')
     return p
 
 
