@@ -145,7 +145,7 @@ def build_parser():
 
 def main(argv=None) -> int:
     from benchmarks.formulations import rates_pruning_nothing, resolve_model
-    from utils import UserError, check_output_dir
+    from utils import OutputWriteError, UserError, check_output_dir
     args = build_parser().parse_args(argv)
     # every mistake is found before any timing, and the GPU last, so the others are found on any machine
     try:
@@ -160,6 +160,9 @@ def main(argv=None) -> int:
         if not torch.cuda.is_available():
             raise UserError('argument --device: cuda: no CUDA GPU is available (this script measures cuBLAS)')
         return _measure(args)
+    except OutputWriteError as e:  # the results, measured, could not be written (a full disk): not a usage error
+        print(f'error: {e}', file=sys.stderr)
+        return 1
     except UserError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2

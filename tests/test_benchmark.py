@@ -1906,6 +1906,21 @@ def test_linear_shapes_refuses_each_mistake_in_one_line_before_measuring(tmp_pat
     assert sorted(os.listdir(tmp_path)) == ['FILE']
 
 
+def test_linear_shapes_that_cannot_write_what_it_measured_exits_1_not_2(tmp_path, capsys, monkeypatch):
+    """Exit code 2 is a usage mistake refused before any work; results measured for minutes that a full disk will
+    not take are a failure of the run (1, as model_zoo.py), said in one line."""
+    from benchmarks import linear_shapes
+    from utils import OutputWriteError
+
+    def measure(args):
+        raise OutputWriteError(f'cannot write {args.out}/linear_shapes.json: No space left on device (...)')
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(linear_shapes, '_measure', measure)
+    code = linear_shapes.main(['--out', str(tmp_path / 'out')])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count('\n') == 1 and err.startswith('error: cannot write ') and 'No space' in err, err
+
+
 def test_linear_shapes_measures_what_it_was_asked_once_the_checks_pass(tmp_path, monkeypatch):
     from benchmarks import linear_shapes
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
