@@ -106,9 +106,10 @@ if ! timeout 60 python3 -c 'import sys, torch; sys.exit(0 if torch.cuda.is_avail
     exit 2
 fi
 mkdir -p "$OUT"
-# a reused $OUT (a local run) must not lend this run an earlier one's verdicts or results
+# a reused $OUT (a local run) must not lend this run an earlier one's verdicts, results or logs
 # (but not the results a resume reads, when $RESUME names $OUT/cuda.json: the resumed run replaces it whole)
-for f in status.txt cuda.json cuda.md profile.json profile.md linear_shapes.json linear_shapes.md; do
+for f in status.txt cuda.json cuda.md profile.json profile.md linear_shapes.json linear_shapes.md \
+         test_fast_path.log test_model.log model_zoo.log profile.log linear.log; do
     if [ ${#resume[@]} -gt 0 ] && [ "$(realpath -m "$OUT/$f")" = "$(realpath -m "$RESUME")" ]; then continue; fi
     rm -f "$OUT/$f"
 done
