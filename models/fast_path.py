@@ -45,9 +45,9 @@ and reading its (B, n, C) output.  cuBLAS itself picks its kernel by a heuristic
 counts it picks a slow one (measured on an H200: the qkv product at DeiT-Ti width took 0.033-0.037 ms at three
 of C&C-Ti-30's kept counts against 0.025 at the others), so qkv, the projection and the first MLP product are
 also timed with their operand padded by 64 to 1024 rows (``ROW_PADS``, at most an eighth more rows, so none at
-batch 1): the kernel before it writes the real rows into a longer buffer, cuBLAS multiplies all of it, and the
-real rows of the result are used; the second MLP product is timed on the padding its operand got from the first
-(the first product's output keeps it).
+batch 1 below 512 kept tokens): the kernel before it writes the real rows into a longer buffer, cuBLAS multiplies
+all of it, and the real rows of the result are used; the second MLP product is timed on the padding its operand
+got from the first (the first product's output keeps it).
 
 The patch embedding is one matrix product over unfolded patches (the conv weight reshaped to (C, 3*p*p);
 measured 0.28 ms against 0.97 for the conv at DeiT-Ti width and batch 256, in a first H200 run whose figures
@@ -296,11 +296,11 @@ class ProductChoice:
 # where the rows fell 1.42x; at three of those counts (133, 141, 143 tokens) the qkv product took 0.033-0.037 ms
 # against 0.025 at 132-139 and 150 (CUDA-graph timings).  So where the products are timed, qkv, the projection and
 # the first MLP product are also timed with their operand padded by each of these row counts that costs at most an
-# eighth more rows (at batch 1, none): the kernel before it (a norm, the attention) writes the real rows into a
-# longer buffer, cuBLAS multiplies all of it, and the real rows of the result are used.  The second MLP product's
-# operand is the first's output, padded as the first product ran; it is timed on that padding and unpadded.
-# Rows are independent in a matrix product, so they are those of the unpadded product; the padding rows are never
-# initialised and their results never used.
+# eighth more rows (at batch 1, none below 512 tokens): the kernel before it (a norm, the attention) writes the
+# real rows into a longer buffer, cuBLAS multiplies all of it, and the real rows of the result are used.  The
+# second MLP product's operand is the first's output, padded as the first product ran; it is timed on that
+# padding and unpadded.  Rows are independent in a matrix product, so they are those of the unpadded product; the
+# padding rows are never initialised and their results never used.
 ROW_PADS = (64, 128, 256, 512, 1024)
 
 
