@@ -59,9 +59,10 @@ the MLP's products, since it is a fixed cost that pruning does not shrink.
 
 Attention: SDPA's time was flat from 197 down to 129 tokens and halved at 128 (that first run; 128-row tiles: a
 block keeping 148 tokens pays for 256 rows), so for each distinct kept count the candidates (the SDPA backends
-flash / efficient / cuDNN / math through ``torch.nn.attention.sdpa_kernel``, and the Triton kernel with 32- to
-128-row query tiles and 64- to 256-key tiles, one with a 32-key tail tile) are checked against an fp32 reference
-and timed once at build time on CUDA, and the fastest is kept (``attention_choices``); on CPU it is SDPA.
+flash / efficient / cuDNN (at a multiple of 128 tokens only) / math through ``torch.nn.attention.sdpa_kernel``,
+and with ``backend='triton'`` the Triton kernel with 32- to 128-row query tiles and 64- to 256-key tiles, one with
+a 32-key tail tile) are checked against an fp32 reference and timed once at build time on CUDA, and the fastest
+is kept (``attention_choices``); on CPU, and with ``backend='compile'``, it is SDPA, untimed.
 Candidates are timed replayed from a CUDA graph: the GPU's time, not the CPU's cost of launching them, which
 differs between cuBLAS, torch and Triton and at small batches would decide the ranking.  ``cuda_graph=True``
 captures the whole forward for one batch size (measured for the dense fast path of DeiT-Ti: 4.7x at batch 32, 1.1x
@@ -1078,15 +1079,15 @@ def build_fast_path(model: nn.Module, backend: str = 'triton', dtype: Optional[t
     (torch.float16/bfloat16 for speed; default fp32).  ``residual_dtype``: the token buffer's (default fp32).
     Either is a floating dtype, fp16, bf16, fp32 or fp64 (anything else: ValueError).
     ``attention``: 'auto' (time SDPA backends and, for 'triton', the Triton kernel per distinct kept count on
-    CUDA, at ``batch_size`` images or 64; SDPA on CPU), 'sdpa', or 'triton'.  ``mlp``: the matrix products
-    with fused epilogues, i.e. the MLP's two (GELU; the residual update) and the patch embedding's (the
-    position constant, written into the buffer), and the attention's two (qkv and the projection): 'auto' (with
-    backend 'triton' and fp16/bf16 on CUDA: time cuBLAS, on the real rows and padded (``ROW_PADS``; the second
-    MLP product as the first left its operand), + the elementwise kernels against the fused Triton kernels, per
-    kept count for the block's four products; else torch), 'torch', or 'triton' (the fused kernels; qkv and the
-    projection by cuBLAS).  ``cuda_graph``: capture the forward for ``batch_size`` images (CUDA only).
-    ``kept_ids``: per-block original token ids, overriding ``model.kept_token_ids()`` (a model without it is
-    dense).
+    CUDA, at ``batch_size`` images or 64; SDPA on CPU and for 'compile'), 'sdpa', or 'triton'.  ``mlp``: the
+    matrix products with fused epilogues, i.e. the MLP's two (GELU; the residual update) and the patch
+    embedding's (the position constant, written into the buffer), and the attention's two (qkv and the
+    projection): 'auto' (with backend 'triton' and fp16/bf16 on CUDA: time cuBLAS, on the real rows and padded
+    (``ROW_PADS``; the second MLP product as the first left its operand), + the elementwise kernels against the
+    fused Triton kernels, per kept count for the block's four products; else torch), 'torch', or 'triton' (the
+    fused kernels; qkv and the projection by cuBLAS).  ``cuda_graph``: capture the forward for ``batch_size``
+    images (CUDA only).  ``kept_ids``: per-block original token ids, overriding ``model.kept_token_ids()`` (a
+    model without it is dense).
     """
     if cuda_graph and not batch_size:
         raise ValueError('cuda_graph=True needs batch_size')
