@@ -83,14 +83,16 @@ LayerNorm statistics, softmax and residual sums are computed in fp32; the token 
 is stored in ``residual_dtype`` (default fp32, as under autocast; fp16 halves its traffic at some accuracy).
 The head runs in the model's own dtype (fp32, unless the model was cast).  Logits come back in fp32.
 
-Not supported (``ValueError('fast path: ... is not supported')`` at build time): qk_norm, scale_norm, gated
-attention, non-LayerNorm norms (and LayerNorm subclasses that add to the norm, as timm's LayerNormAct), a
-GELU other than exact erf or another activation, MLPs other than timm's ``Mlp``, blocks other than timm's
-``Block`` (and subclasses of ``Block``, ``Attention`` or ``LayerScale`` with a forward of their own, and of
-``VisionTransformer`` with a ``forward`` or ``forward_features`` of their own), dynamic image size, a patch
-embedding other than timm's ``PatchEmbed`` (a hybrid's CNN backbone) or whose projection is not a stride=kernel
-conv without padding, an image size that is not a multiple of the patch size, a norm after the patch
-embedding, a ``norm_pre`` other than LayerNorm, a position embedding that is not additive. Inference only: no
+Not supported (``ValueError('fast path: ... is not supported')`` at build time): a model other than timm's
+``VisionTransformer`` and its subclasses (timm's EVA, say), qk_norm, scale_norm, gated attention, a qkv or
+projection width other than the (B, n, 3, H, D) layout, non-LayerNorm norms (and LayerNorm subclasses that add to
+the norm, as timm's LayerNormAct), a GELU other than exact erf or another activation, MLPs other than timm's
+``Mlp`` or with a norm inside (scale_mlp_norm), blocks other than timm's ``Block`` (and subclasses of ``Block``,
+``Attention`` or ``LayerScale`` with a forward of their own, and of ``VisionTransformer`` with a ``forward`` or
+``forward_features`` of their own), dynamic image size or padding, a patch embedding other than timm's
+``PatchEmbed`` (a hybrid's CNN backbone), unflattened, or whose projection is not a stride=kernel conv without
+padding, an image size that is not a multiple of the patch size, a norm after the patch embedding, a
+``norm_pre`` other than LayerNorm, a position embedding that is not additive. Inference only: no
 gradients, eval semantics (the model is put in eval mode; the path refuses to run while the model is in
 training mode, as the head it calls is the model's own); the built module holds the weights as it reads them
 (cast copies, or the model's own tensors where they already have that dtype, device and layout: an in-place edit
