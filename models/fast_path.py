@@ -47,7 +47,7 @@ of C&C-Ti-30's kept counts against 0.025 at the others), so qkv, the projection 
 also timed with their operand padded by 64 to 1024 rows (``ROW_PADS``, at most an eighth more rows, so none at
 batch 1 below 512 kept tokens): the kernel before it writes the real rows into a longer buffer, cuBLAS multiplies
 all of it, and the real rows of the result are used; the second MLP product is timed on the padding its operand
-got from the first (the first product's output keeps it).
+got from the first (the first product's output keeps it) and without it.
 
 The patch embedding is one matrix product over unfolded patches (the conv weight reshaped to (C, 3*p*p);
 measured 0.28 ms against 0.97 for the conv at DeiT-Ti width and batch 256, in a first H200 run whose figures
