@@ -51,9 +51,10 @@ Every op has a ``*_reference`` (plain torch: index_select, F.layer_norm, index_c
 this module was imported), else to the reference.
 
 Contracts (checked in the wrappers where cheap, else stated): every tensor has a contiguous last dimension;
-``ids`` is a 1-D integer tensor on the same device with values in [0, N); the in-place ops (the two whose
-names end in ``_``) need *distinct* ids, since two programs writing the same row would race; ``gather`` does
-not.  Forward only: nothing here records gradients.
+``ids`` is a 1-D integer tensor on the same device with values in [0, N); the in-place ops that take ids
+(``residual_layer_norm_``, ``residual_scatter_``, ``linear_residual_scatter_``) need *distinct* ids, since two
+programs writing the same row would race; ``gather_layer_norm`` does not.  Forward only: nothing here records
+gradients.
 """
 import os
 from typing import Optional, Tuple
