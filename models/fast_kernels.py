@@ -46,9 +46,10 @@ rest ``BLOCK_T`` at a time, so 148 keys cost one 128-key step and one 32-key ste
 alone cost 256 and 64-key steps 192 in three steps.  The tile sizes are chosen by timing in the fast path.
 
 Every op has a ``*_reference`` (plain torch: index_select, F.layer_norm, index_copy_, SDPA in fp32) and a
-``*_triton`` implementation with the same signature; the undecorated name dispatches to Triton when
-:func:`triton_runs_on` says it can (a CUDA tensor, or any tensor while ``TRITON_INTERPRET=1`` was set before
-this module was imported), else to the reference.
+``*_triton`` implementation taking the same arguments (the Triton one may add its tile sizes, an ``out``
+buffer, an image address); the undecorated name dispatches to Triton when :func:`triton_runs_on` says it can (a CUDA
+tensor, or a CPU one while ``TRITON_INTERPRET=1`` was set before this module was imported; for ``attention``
+also a head_dim that suits the kernel), else to the reference.
 
 Contracts (checked in the wrappers where cheap, else stated): every tensor has a contiguous last dimension;
 ``ids`` is a 1-D integer tensor on the same device with values in [0, N); the in-place ops that take ids
