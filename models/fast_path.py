@@ -186,7 +186,9 @@ def _check_block(blk: nn.Module, layer: int, C: int) -> None:
     mlp = blk.mlp
     if not isinstance(mlp, Mlp) or type(mlp).forward is not Mlp.forward:
         raise _unsupported(f'{where}.mlp: {type(mlp).__name__} (only timm Mlp)')
-    exact_gelu = (isinstance(mlp.act, nn.GELU) and mlp.act.approximate == 'none') or type(mlp.act) is TimmGELU
+    # (a subclass of torch's GELU with a forward of its own computes something else)
+    torch_gelu = isinstance(mlp.act, nn.GELU) and _forward_owner(mlp.act) is nn.GELU
+    exact_gelu = (torch_gelu and mlp.act.approximate == 'none') or type(mlp.act) is TimmGELU
     if not exact_gelu:  # timm's GELU (act_layer='gelu') is F.gelu, the exact one
         raise _unsupported(f'{where}.mlp.act: {mlp.act!r} (only exact-erf GELU)')
     if not isinstance(mlp.norm, nn.Identity):

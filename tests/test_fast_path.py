@@ -849,6 +849,9 @@ def test_timed_build_skips_blocks_that_keep_nothing(monkeypatch):
 @pytest.mark.parametrize('kwargs,what', [
     (dict(qk_norm=True), 'qk_norm is not supported'),
     (dict(act_layer='gelu_tanh'), 'only exact-erf GELU'),
+    # a GELU subclass with a forward of its own (doubled): the path would compute plain GELU, not it
+    (dict(act_layer=type('DoubledGELU', (torch.nn.GELU,), {'forward': lambda self, x: 2 * F.gelu(x)})),
+     r'DoubledGELU\(approximate=.none.\) \(only exact-erf GELU\)'),
     (dict(norm_layer='rmsnorm'), 'only LayerNorm'),
     # a LayerNorm subclass that applies an activation (ReLU) after the norm: not the norm the path computes
     (dict(norm_layer=timm.layers.norm_act.LayerNormAct), r'LayerNormAct \(only LayerNorm'),
