@@ -1525,6 +1525,22 @@ def test_speed_only_through_the_fast_path_prints_both_speed_ups(capsys, pruned_d
                      r'\d+\.\d\dx$', speedups[1]), speedups[1]
 
 
+def test_speed_only_of_a_dense_model_through_the_fast_path_prints_its_one_speed_up(capsys):
+    """A dense model has no pruned twin: --speed-only --fast-path times the eager model and the fast path on it, and
+    prints the one speed-up there is, the path's over the eager model, as their throughputs' ratio (no line about a
+    pruned model)."""
+    code, out, err = _cli(capsys, '--speed-only', '--batch-size', '4', '--speed-repeats', '2', '--speed-warmup', '0',
+                          '--fast-path', 'torch')
+    assert code == 0, err
+    throughput = {name: float(re.search(rf'^Throughput of the {re.escape(name)}: ([\d.]+) images/s$', out,
+                                        re.M).group(1))
+                  for name in ('dense model', 'dense model (fast path, torch)')}
+    assert 'pruned model' not in out
+    line = re.search(r'^Speed-up of the fast path \(torch\) over the eager model: (\d+\.\d\d)x$', out, re.M)
+    ratio = throughput['dense model (fast path, torch)'] / throughput['dense model']
+    assert line and float(line.group(1)) == pytest.approx(ratio, abs=0.01 + 0.01 * ratio), (line, throughput)
+
+
 def test_the_command_line_builds_the_path_for_its_batch_size(capsys, monkeypatch, pruned_digits):
     """The build times its kernels (on CUDA) at the batch size it is given, 64 if none: the command line gives it
     the batch it runs, for every backend, not only for the one it captures a CUDA graph for (--fast-path torch on a
