@@ -1,5 +1,7 @@
-# Two commands on a fresh machine: `make demo` and `make test`. All targets create .venv from requirements.txt first.
-# `make study`: Taylor against random masks over seeds and prune rates (demo/study.py, 12 minutes measured on 2 CPU cores, 36 on a host about 3 times slower).
+# Two commands on a fresh machine: `make demo` and `make test`. Every target but `clean` creates .venv from
+# requirements.txt first.
+# `make study`: Taylor against random masks over seeds and prune rates (demo/study.py, 12 minutes measured on
+# 2 CPU cores, 36 on a host about 3 times slower).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
