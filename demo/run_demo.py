@@ -343,7 +343,8 @@ def teacher_check(path: str, epochs: int, lr: float, seed: int,
         why = f'its last epoch is {ckpt.get("epoch")!r}, not a whole number'
     else:
         try:
-            models.build_model_from_checkpoint(path, finetune.cc_model_name(MODEL), warn=lambda line: None)
+            models.build_model_from_checkpoint(path, finetune.cc_model_name(MODEL), warn=lambda line: None,
+                                               checkpoint=ckpt)  # (the contents read above: the file once)
         except UserError as e:
             return 'other', f'its weights cannot be used: {one_line(e)}'
         return ('done' if ckpt['epoch'] >= epochs - 1 else 'partial'), None

@@ -512,6 +512,18 @@ def test_teacher_reused_only_with_the_same_epochs_lr_and_seed(tmp_path):
     assert run_demo.teacher_check(other_model, 3, 1e-3, 0)[0] == 'other'
 
 
+def test_teacher_check_reads_the_teacher_once(tmp_path, monkeypatch):
+    """teacher_check reads the stored teacher once: its settings and its weights (built to prove they fit the
+    model) come from the same read, as finetune.py's --resume does (it read the file a second time to build)."""
+    from utils import checkpoint_io
+    path = fake_teacher(tmp_path / 'teacher' / 'checkpoint.pth')
+    reads, real = [], checkpoint_io._torch_load
+    monkeypatch.setattr(checkpoint_io, '_torch_load',
+                        lambda p, mmap: reads.append(os.path.realpath(p)) or real(p, mmap))
+    assert run_demo.teacher_check(path, 3, 1e-3, 0) == ('done', None)
+    assert reads == [os.path.realpath(path)]
+
+
 def test_a_teacher_of_another_recipe_or_data_is_not_reused(tmp_path):
     """A teacher whose recorded args differ from the demo's training command in a flag it sets (the data set, the
     batch, the optimizer: another finetune.py run, or an older demo's recipe) is 'other', the flag named; the
