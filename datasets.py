@@ -223,8 +223,9 @@ def image_folder(split: str, transform) -> datasets.ImageFolder:
     if unreadable:
         raise UserError(f'cannot read {os.path.join(split, unreadable)}: permission denied')
     if loose and not classes:
-        raise UserError(f'no class folder in {split}: its {loose} images lie directly in it, and images must be sorted '
-                        f'into one folder per class (the folder\'s name is the label)')
+        images, lie = ('image', 'lies') if loose == 1 else ('images', 'lie')
+        raise UserError(f'no class folder in {split}: its {loose} {images} {lie} directly in it, and images must be '
+                        f'sorted into one folder per class (the folder\'s name is the label)')
     skipped: Dict[str, int] = {}
 
     def is_image(path: str) -> bool:  # torchvision's rule (its extensions), with what it leaves out counted

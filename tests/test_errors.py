@@ -236,6 +236,22 @@ def test_a_flat_split_of_images_without_class_folders_is_refused(capsys, world, 
     assert snapshot(earlier) == before
 
 
+def test_a_flat_split_of_one_image_is_said_in_the_singular(tmp_path):
+    """The refusal of a split without class folders counts its images: one is 'its 1 image lies', not 'its 1 images
+    lie' (as the note on images beside class folders says 1 image file)."""
+    import datasets
+    from PIL import Image
+    val = tmp_path / 'val'
+    val.mkdir()
+    Image.new('RGB', (8, 8)).save(val / 'only.png')
+    with pytest.raises(UserError, match=rf'^no class folder in {re.escape(str(val))}: its 1 image lies directly in '
+                                        rf'it, and images must be sorted into one folder per class'):
+        datasets.image_folder(str(val), None)
+    Image.new('RGB', (8, 8)).save(val / 'second.png')
+    with pytest.raises(UserError, match=r': its 2 images lie directly in it, '):
+        datasets.image_folder(str(val), None)
+
+
 def test_an_unreadable_class_folder_listing_is_one_line(capsys, world, tmp_path, monkeypatch):
     """--eval compares the class folders of train/ with val/'s; a train/ that cannot be listed (permission denied:
     faked, as root reads everything) was a PermissionError traceback."""
