@@ -244,6 +244,8 @@ def image_folder(split: str, transform) -> datasets.ImageFolder:
         if skipped:  # files are there, of extensions ImageFolder does not read (.gif, .jfif, ...): say so
             why += (f' ({_kinds(skipped)} left out: the extensions read are '
                     f'{" ".join(datasets.folder.IMG_EXTENSIONS)})')
+        if loose:  # beside class folders that hold none: the images are there, outside them
+            why += f' ({loose} image{"s lie" if loose > 1 else " lies"} directly in the split, not in a class folder)'
         raise UserError(f'no images in {split}: {why}') from None
     folder.skipped = skipped  # {extension: files} left out, for the run to say
     folder.loose = loose  # images directly in the split, not in a class folder: not read

@@ -252,6 +252,20 @@ def test_a_flat_split_of_one_image_is_said_in_the_singular(tmp_path):
         datasets.image_folder(str(val), None)
 
 
+def test_images_beside_empty_class_folders_are_named_in_the_refusal(tmp_path):
+    """Class folders that hold no image, and the images lying beside them in the split: torchvision's 'Found no
+    valid file' alone sent the user looking in the class folders; the refusal also counts the images outside them."""
+    import datasets
+    from PIL import Image
+    val = tmp_path / 'val'
+    (val / 'cat').mkdir(parents=True)
+    for name in ('a.png', 'b.png'):
+        Image.new('RGB', (8, 8)).save(val / name)
+    with pytest.raises(UserError, match=rf'^no images in {re.escape(str(val))}: .*\(2 images lie directly in the '
+                                        rf'split, not in a class folder\)$'):
+        datasets.image_folder(str(val), None)
+
+
 def test_an_unreadable_class_folder_listing_is_one_line(capsys, world, tmp_path, monkeypatch):
     """--eval compares the class folders of train/ with val/'s; a train/ that cannot be listed (permission denied:
     faked, as root reads everything) was a PermissionError traceback."""
