@@ -639,7 +639,8 @@ class FastViT(nn.Module):
         self.residual_dtype = residual_dtype or torch.float32
         object.__setattr__(self, '_model', model)  # shared, not a submodule: only forward_head is used
         object.__setattr__(self, '_first_parameter', first)  # the model's, not one of this module's
-        object.__setattr__(self, '_built_head', getattr(model, 'head', None))  # what a CUDA graph captures
+        # what a CUDA graph captures (held here, so its weights stay where the graph reads them)
+        object.__setattr__(self, '_built_head', getattr(model, 'head', None))
         self._head_dtype = first.dtype  # the features go to the head in the model's dtype
 
         pe = model.patch_embed
@@ -954,7 +955,7 @@ class FastViT(nn.Module):
                                    device=self.device)
             return self._model.forward_head(features).float()
         if self._graph is not None and images.shape == self._static_in.shape:
-            if getattr(self._model, 'head', None) is not self._built_head:  # its weights' memory may be freed
+            if getattr(self._model, 'head', None) is not self._built_head:  # the graph would compute the old one
                 raise RuntimeError('fast path: the model\'s head was replaced after this path was built '
                                    '(reset_classifier, say), and its CUDA graph replays the old one: build it again')
             with _on(self.device):  # replayed on the model's GPU's current stream

@@ -1141,9 +1141,9 @@ def test_captured_batch_size_replays_and_others_run_uncaptured():
 @torch.no_grad()
 def test_a_captured_graph_refuses_a_replaced_head():
     """A CUDA graph replays the kernels of the head it captured, reading its weights at their addresses: after
-    reset_classifier (a new head; the old one's memory freed) a replay would compute the old head on freed memory,
-    so the captured batch size is refused with the remedy, while other batch sizes, which call the model's head as
-    it is, give the new head's output (a stand-in graph, as above, so on any device)."""
+    reset_classifier (a new head) a replay would compute the old head, so the captured batch size is refused with
+    the remedy, while other batch sizes, which call the model's head as it is, give the new head's output (a
+    stand-in graph, as above, so on any device)."""
     model = tiny_cc(9)
     fast = build_fast_path(model, backend='torch')
     fast._static_in = torch.zeros(2, 3, 32, 32, device=DEVICE)
