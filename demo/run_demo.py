@@ -52,6 +52,7 @@ from utils.cli import AT_LEAST_ONE, EXIT_USER_ERROR, POSITIVE, OneLineParser, Ra
 
 MODEL = 'deit_digits_patch4_32'
 CONFIGS = [('attn', 0.25), ('attn', 0.40), ('random', 0.25)]  # (prune mode, prune rate)
+COMPARED_RATE = 0.25  # the rate of CONFIGS pruned both ways (Taylor and random): the verdict lines compare them
 ROW_KEYS = ('name', 'prune_mode', 'prune_rate', 'finetuned', 'acc1', 'gflops', 'throughput')
 # The training recipe for this small shape: AdamW, label smoothing 0.1, +-2 px shifts (built into DIGITS), batch 64,
 # cosine schedule. Every flag the runs act on is given here, even where it equals the CLI's current default, so that
@@ -445,13 +446,15 @@ def markdown_table(rows: List[dict], speedups: Dict[str, float]) -> str:
 
 
 def verdict_line(label: str, taylor: float, rand: float) -> str:
-    """'At prune rate 0.25, <label>: Taylor 81.11% beats random 80.00% (+1.11 points)': each accuracy rounded to
-    the two decimals printed (one image of the 360 is 0.28 points, so one decimal could show a gap its figures do
-    not) before the gap and the verdict are taken, so that the gap shown is the gap between the figures shown."""
+    """'At prune rate 0.25, <label>: Taylor 81.11% beats random 80.00% (+1.11 points)' (the rate
+    :data:`COMPARED_RATE`, at which both rows were pruned): each accuracy rounded to the two decimals printed (one
+    image of the 360 is 0.28 points, so one decimal could show a gap its figures do not) before the gap and the
+    verdict are taken, so that the gap shown is the gap between the figures shown."""
     taylor, rand = round(taylor, 2), round(rand, 2)
     diff = round(taylor - rand, 2)  # (the float difference of two 2-decimal figures is a rounding error off)
     verdict = 'beats' if diff > 0 else ('ties with' if diff == 0 else 'loses to')
-    return f'At prune rate 0.25, {label}: Taylor {taylor:.2f}% {verdict} random {rand:.2f}% ({diff:+.2f} points)'
+    return (f'At prune rate {COMPARED_RATE:g}, {label}: Taylor {taylor:.2f}% {verdict} random {rand:.2f}% '
+            f'({diff:+.2f} points)')
 
 
 def main(argv=None) -> int:
@@ -601,7 +604,7 @@ def run(a: argparse.Namespace) -> int:
     print()
     print(table)
     print()
-    taylor, rand = rate_tag('attn', 0.25), rate_tag('random', 0.25)
+    taylor, rand = rate_tag('attn', COMPARED_RATE), rate_tag('random', COMPARED_RATE)
     for label, res in (('before finetuning', before), ('after finetuning', after)):
         print(verdict_line(label, res[taylor], res[rand]))
     others = ', '.join(os.path.basename(p) for p in list(pictures.values())[1:])

@@ -276,6 +276,7 @@ def test_run_demo_refuses_bad_arguments_before_any_work(argv, flag, tmp_path, mo
 def test_run_demo_verdict_gap_is_the_gap_between_the_figures_it_prints(taylor, rand, expected):
     line = run_demo.verdict_line('after finetuning', taylor, rand)
     assert line == f'At prune rate 0.25, after finetuning: {expected}'
+    assert {('attn', run_demo.COMPARED_RATE), ('random', run_demo.COMPARED_RATE)} <= set(run_demo.CONFIGS)
     shown = re.fullmatch(r'.*Taylor (\d+\.\d\d)% .* random (\d+\.\d\d)% \(([+-]\d+\.\d\d) points\)', line)
     assert f'{float(shown[1]) - float(shown[2]):+.2f}' == shown[3]
 
