@@ -1347,7 +1347,7 @@ def repair_outputs(args, checkpoint: dict) -> None:
     """A run continued in the folder of its checkpoint: ``log.txt`` holds each finished epoch's line once (the
     checkpoint's own epoch added if a kill lost it, with its TensorBoard scalars), ``best.pth`` is the checkpoint's
     when its epoch is the best and a kill came before that file (the temporary files of a job killed while saving
-    are removed by :func:`run`, for every finetuning run).  Rank 0 does it."""
+    are removed by :func:`clear_killed_saves`, for every finetuning run).  Rank 0 does it."""
     if not is_main_process() or os.path.realpath(os.path.dirname(args.resume)) != os.path.realpath(args.output_dir):
         return
     paths = output_paths(args)
@@ -1385,11 +1385,20 @@ def finished_checkpoint(args, checkpoint: Optional[dict]) -> Optional[dict]:
     return checkpoint if int(checkpoint['epoch']) + 1 >= args.final_finetune else None
 
 
+def clear_killed_saves(args) -> None:
+    """Remove the temporary files a job killed while saving left in the run's output folder (a finished run's, a
+    continued one's, a fresh one's: killed while saving its first checkpoint).  Rank 0 does it, once per run, after
+    every check that can refuse the run, so that a refused run leaves the folder as it was."""
+    if is_main_process():
+        remove_stale_temporaries(list(output_paths(args).values()))
+
+
 def finished_run(args, checkpoint: dict) -> Dict[str, float]:
     """A finished run (``checkpoint``: its :func:`finished_checkpoint`): its outputs repaired, and nothing else
     done (no data, model or teacher is built)."""
     # (no model is built here: a --model other than the run's is refused as an unfinished run's is)
     models.check_recorded_name(checkpoint, args.resume, args.model, '--model')
+    clear_killed_saves(args)
     repair_outputs(args, checkpoint)
     done = int(checkpoint['epoch']) + 1
     rank0_print(f'Nothing to do: {done} epoch{"s" * (done != 1)} already finished in {args.resume} '
@@ -1487,6 +1496,7 @@ def run_finetune(args, device: torch.device, resumed: Optional[dict]) -> Dict[st
         raise
     for line in describe_parameter_groups(training.optimizer, training.model_without_ddp, args):
         rank0_print(line)
+    clear_killed_saves(args)
     paths = output_paths(args)
     tb = None  # created with the first checkpoint: a run that fails before it leaves no events file
     continuing = is_training_checkpoint(checkpoint)
@@ -1606,10 +1616,6 @@ def run(args) -> Dict[str, float]:
     init_distributed_mode(args)
     for line in notes:
         rank0_print(line)
-    if not modes_of(args) and is_main_process():
-        # the temporary files of jobs killed while saving, in every finetuning run's folder: a finished run's too,
-        # and a fresh run's (a job killed while saving its first checkpoint left one)
-        remove_stale_temporaries(list(output_paths(args).values()))
     if finished is not None:
         return finished_run(args, finished)
     device = torch.device(args.device)

@@ -318,6 +318,25 @@ def test_a_resumed_run_removes_the_temporary_files_of_a_killed_job_once(monkeypa
     assert log_epochs(out / 'log.txt') == list(range(final))
 
 
+@pytest.mark.parametrize('final', [2, 1])
+def test_a_refused_run_leaves_the_temporary_files_of_a_killed_job(small, tmp_path, final, capsys):
+    """The killed job's temporary files are removed only once every check that can refuse the run has passed: a
+    continued run (final 2) refused for a data folder without images, or a finished one (final 1) refused for another
+    --model than its own, leaves the folder as it was."""
+    out = tmp_path / 'out'
+    assert _finetune(out, small['data'], '--resume', small['dense'], '--final_finetune', 1) == 0
+    stale = killed_while_writing(out / 'checkpoint.pth')
+    before = sorted(os.listdir(out))
+    empty = tmp_path / 'empty'
+    for split in ('train', 'val'):
+        (empty / split / 'a').mkdir(parents=True)
+    data, extra = (empty, ()) if final == 2 else (small['data'], ('--model', 'deit_small_patch16_224'))
+    assert _finetune(out, data, '--resume', out / 'checkpoint.pth', '--final_finetune', final, *extra) == 2
+    err = capsys.readouterr().err
+    assert ('no images in' if final == 2 else 'deit_small_patch16_224') in err, err
+    assert sorted(os.listdir(out)) == before and leftovers(out) == [stale]
+
+
 def test_the_output_folder_check_is_not_stopped_by_a_probe_a_killed_run_left(tmp_path):
     """check_output_dir writes and removes a probe file; one left by a run killed in between, under the name this
     process would have picked (same pid: common in containers), does not make the folder look unwritable, and a
