@@ -1854,6 +1854,222 @@ def test_gpu_check_reads_the_results_the_benchmark_writes():
     assert len(table) == 1 and 'python3 -m benchmarks.report --gpu "$OUT/cuda.json"' in table[0]
 
 
+# python3 as gpu_check.sh calls it, stood in for on a machine without a GPU (run by the real interpreter): every call
+# is logged; the GPU probe and xdist's import answer yes (xdist: unless STAND_IN_NO_XDIST), pip does nothing, pytest
+# and model_zoo.py write a few lines (model_zoo.py its results: STAND_IN_RESULTS as --json) and exit with the code
+# STAND_IN_RC gives their step (`test_fast_path:1,model_zoo:124`; 0 if none), a second late for the steps STAND_IN_SLOW
+# names (the last to end then: the script must wait for it); the environment's versions are a line
+# (importing torch and timm takes seconds and names no GPU here); the summaries of the results run for real (the
+# README table of benchmarks.report only with STAND_IN_REPORT=real: it imports torch).
+_STAND_IN_PYTHON = r'''
+import json, os, shutil, sys, time
+args = sys.argv[1:]
+with open(os.environ['STAND_IN_LOG'], 'a') as log:
+    log.write(json.dumps(args) + '\n')
+rc = dict(item.split(':') for item in os.environ.get('STAND_IN_RC', '').split(',') if item)
+
+
+def exit_of(step):
+    if step in os.environ.get('STAND_IN_SLOW', '').split(','):
+        time.sleep(1)
+    return int(rc.get(step, 0))
+
+
+if args[:1] == ['-c'] and 'torch.cuda.is_available()' in args[1]:
+    sys.exit(0)
+elif args == ['-c', 'import xdist']:
+    sys.exit(1 if os.environ.get('STAND_IN_NO_XDIST') else 0)
+elif args[:3] == ['-m', 'pip', 'install']:
+    sys.exit(0)
+elif args[:2] == ['-m', 'pytest']:
+    step = 'test_fast_path' if 'tests/test_fast_path.py' in args else 'test_model'
+    code = exit_of(step)
+    print(f'{step}: .....{"F" if code else "."}  [100%]')
+    print(f'{"1 failed, 5" if code else "6"} passed in 0.5s')
+    sys.exit(code)
+elif args[:1] == ['benchmarks/model_zoo.py']:
+    opts = dict(zip(args, args[1:]))
+    if '--rows' in opts:  # the compiles done ahead: graphs and the kernel configs timed, into inductor's cache
+        cache = os.path.join(os.environ['TORCHINDUCTOR_CACHE_DIR'], 'fxgraph', 'ab')
+        os.makedirs(cache, exist_ok=True)
+        code = exit_of('warm_compile')
+        for name in ('graph.py', 'kernel.best_config'):
+            open(os.path.join(cache, name), 'w').close()
+        print('torch.compile time (first call): tiny 9 s')
+        sys.exit(code)
+    if '--resume' in opts and not os.path.isfile(opts['--resume']):
+        sys.exit(f'error: --resume {opts["--resume"]}: no such file')
+    shutil.copyfile(os.environ['STAND_IN_RESULTS'], opts['--json'])
+    with open(opts['--markdown'], 'w') as f:
+        f.write('# the stand-in results\n')
+    print('section tiny@256: done')
+    sys.exit(exit_of('model_zoo'))
+elif args == ['-']:
+    sys.stdin.read()
+    print('python (stand-in) torch (stand-in) available True')
+    sys.exit(0)
+elif args[:1] == ['-'] or args[:2] == ['-m', 'benchmarks.report'] and os.environ.get('STAND_IN_REPORT') == 'real':
+    os.execv(sys.executable, [sys.executable, *args])
+elif args[:2] == ['-m', 'benchmarks.report']:
+    print('| the README table (stand-in) |')
+    sys.exit(0)
+sys.exit(f'stand-in python3: an unexpected call {args}')
+'''
+
+
+def _run_gpu_check(tmp_path, *steps, **env):
+    """Runs gpu_check.sh end to end with python3, nvidia-smi and timeout stood in for (timeout logs its arguments,
+    then runs the real one); returns the run, python3's calls (argument lists) and timeout's (argument strings)."""
+    bin_ = tmp_path / 'bin'
+    if not bin_.exists():
+        bin_.mkdir()
+        scripts = {'python3': f'#!{sys.executable}\n{_STAND_IN_PYTHON}',
+                   'nvidia-smi': '#!/bin/sh\necho "NVIDIA H200 (stand-in nvidia-smi)"\n',
+                   'timeout': f'#!/bin/sh\necho "$*" >> "$STAND_IN_TIMEOUTS"\nexec {shutil.which("timeout")} "$@"\n'}
+        for name, text in scripts.items():
+            (bin_ / name).write_text(text)
+            (bin_ / name).chmod(0o755)
+        results = json.load(open(os.path.join(ROOT, 'benchmarks', 'results', 'cpu.json')))
+        results['machine'].update(device='cuda', gpu='NVIDIA H200')  # the committed CPU run, as if measured there
+        (tmp_path / 'results.json').write_text(json.dumps(results))
+    for name in ('calls', 'timeouts'):
+        (tmp_path / name).write_text('')
+    base = subprocess_env()
+    env = {**base, 'OUT': str(tmp_path / 'out'), 'PATH': f'{bin_}:{base["PATH"]}',
+           'STAND_IN_LOG': str(tmp_path / 'calls'), 'STAND_IN_TIMEOUTS': str(tmp_path / 'timeouts'),
+           'STAND_IN_RESULTS': str(tmp_path / 'results.json'),
+           'TORCHINDUCTOR_CACHE_DIR': str(tmp_path / 'inductor'), 'RESUME': str(tmp_path / 'earlier.json'), **env}
+    done = subprocess.run(['bash', GPU_CHECK, *steps], capture_output=True, text=True, timeout=120, env=env)
+    calls = [json.loads(line) for line in (tmp_path / 'calls').read_text().splitlines()]
+    return done, calls, (tmp_path / 'timeouts').read_text().splitlines()
+
+
+def _status(out):
+    """status.txt as (step, verdict, rc) rows, each line checked whole."""
+    lines = (out / 'status.txt').read_text().splitlines()
+    rows = [re.fullmatch(r'(\w+): (ok|FAILED|TIMED OUT) \(rc (\d+), \d+ s\)', line) for line in lines]
+    assert all(rows), lines
+    return [(m[1], m[2], int(m[3])) for m in rows]
+
+
+def test_gpu_check_runs_its_steps_end_to_end_within_its_time_limits(tmp_path):
+    """The default call (the tests, then the benchmark) end to end, the GPU's work stood in for: each step runs once
+    under its limit, with the flags it is meant to have, into status.txt as 'ok'; $OUT holds exactly the files the
+    header promises; the summaries run on the results; the worst case of the limits fits the wall-clock limits the
+    header gives a remote call (the default and `resume`), with time left for the summaries."""
+    header = ' '.join(line.lstrip('#').strip() for line in open(GPU_CHECK).read().split('\nset -uo')[0].splitlines())
+    out = tmp_path / 'out'
+    # the compiles done ahead end after the tests (their cache then cleared of their kernel configs)
+    done, calls, timeouts = _run_gpu_check(tmp_path, STAND_IN_REPORT='real', STAND_IN_SLOW='warm_compile')
+    assert done.returncode == 0, done.stdout + done.stderr
+    status = _status(out)
+    # the tests and the compiles done ahead run at once (their lines in any order), the benchmark alone after them
+    assert sorted(status[:3]) == [(s, 'ok', 0) for s in ('test_fast_path', 'test_model', 'warm_compile')]
+    assert status[3:] == [('model_zoo', 'ok', 0)]
+    promised = re.search(r'Outputs go to \$OUT \(default \S+\), (\d+) files [^:]*: (.*?)\.  ', header)
+    names = promised[2].split(', ')
+    assert sorted(os.listdir(out)) == sorted(names) and len(names) == int(promised[1]) == 7
+    assert json.loads((out / 'cuda.json').read_text()) == json.loads((tmp_path / 'results.json').read_text())
+    # the stand-in GPU probe and versions, the tests' logs, the benchmark's summary and README table come out
+    assert 'NVIDIA H200 (stand-in nvidia-smi)' in (out / 'env.txt').read_text()
+    assert '6 passed' in (out / 'test_fast_path.log').read_text() and '6 passed' in (out / 'test_model.log').read_text()
+    assert 'torch.compile time (first call): tiny 9 s' in done.stdout
+    results = json.loads((tmp_path / 'results.json').read_text())
+    for s in results['sections']:
+        assert f"\n{s['section']}: {s['status']}" in done.stdout
+    assert re.search(r'^\| model \|.*\| NVIDIA H200: ', done.stdout, re.M) and '\n| DeiT-Ti | ' in done.stdout
+    # the kernel configs timed under the tests' load are gone, the compiled graphs stay
+    cache = tmp_path / 'inductor' / 'fxgraph' / 'ab'
+    assert sorted(os.listdir(cache)) == ['graph.py']
+    # python3's calls: the probe, the versions, xdist, the two test runs and the compiles (at once), the benchmark
+    # and its two summaries
+    steps = [c for c in calls if c[:2] == ['-m', 'pytest'] or c[:1] == ['benchmarks/model_zoo.py']]
+    assert len(calls) == 5 + len(steps) and len(steps) == 4, calls
+    assert calls[0][0] == '-c' and calls[1:3] == [['-'], ['-c', 'import xdist']], calls
+    assert calls[-2:] == [['-', str(out / 'cuda.json')], ['-m', 'benchmarks.report', '--gpu', str(out / 'cuda.json')]]
+    pytest_calls = [c for c in steps if c[1] == 'pytest']
+    assert len(pytest_calls) == 2 and all(c[c.index('-n') + 1] == '4' for c in pytest_calls)
+    bench = steps[-1]
+    assert bench[bench.index('--json') + 1] == str(out / 'cuda.json') and '--resume' not in bench
+    # timeout's calls: each step under its hard limit with 15 s of kill grace; the environment's commands and the
+    # probe under theirs
+    limits = {}
+    for line in timeouts:
+        words = line.split()
+        if words[0].startswith('--kill-after='):
+            name = ('test_fast_path' if 'tests/test_fast_path.py' in line else 'test_model' if 'tests/' in line
+                    else 'warm_compile' if '--rows' in line else 'model_zoo')
+            limits[name] = (int(words[1]), int(words[0].split('=')[1]))
+        else:
+            limits[' '.join(words[1:3])] = int(words[0])
+    assert set(limits) == {'python3 -c', 'nvidia-smi', 'python3 -', 'test_model', 'warm_compile', 'test_fast_path',
+                           'model_zoo'}, limits
+    assert all(limits[s][1] == 15 for s in ('test_model', 'warm_compile', 'test_fast_path', 'model_zoo'))
+    environment = int(re.search(r'timeout (\d+) python3 -m pip', open(GPU_CHECK).read())[1]) + limits['nvidia-smi'] \
+        + limits['python3 -']
+    tests = max(sum(limits[s]) for s in ('test_model', 'warm_compile', 'test_fast_path'))
+    benchmark = sum(limits['model_zoo'])
+    worst = {'default': environment + tests + benchmark, 'resume': environment + benchmark}
+    for call, worst_case in worst.items():
+        wall = re.search(rf'bash benchmarks/gpu_check.sh {"" if call == "default" else call}\s+# a wall-clock limit '
+                         rf'of (\d+) s', header)
+        assert worst_case + 15 <= int(wall[1]), (call, worst_case, wall[0])  # 15 s: the summaries, the README table
+
+
+def test_gpu_check_records_a_failed_step_and_carries_on(tmp_path):
+    """A failing test step and a benchmark cut by its hard limit are recorded in status.txt, the benchmark still runs
+    and its results still come, and the call exits non-zero; a failed compile done ahead is recorded but only costs
+    the benchmark its cold compiles: the call still exits 0."""
+    out = tmp_path / 'out'
+    # the model's tests end last: the benchmark waits for them
+    done, calls, _ = _run_gpu_check(tmp_path, STAND_IN_RC='test_fast_path:1,model_zoo:124', STAND_IN_SLOW='test_model')
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert sorted(_status(out)) == [('model_zoo', 'TIMED OUT', 124), ('test_fast_path', 'FAILED', 1),
+                                    ('test_model', 'ok', 0), ('warm_compile', 'ok', 0)]
+    assert _status(out)[-1][0] == 'model_zoo' and '1 failed' in (out / 'test_fast_path.log').read_text()
+    assert (out / 'cuda.json').exists() and calls[-1][:2] == ['-m', 'benchmarks.report']
+    done, _, _ = _run_gpu_check(tmp_path, STAND_IN_RC='warm_compile:1')
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert ('warm_compile', 'FAILED', 1) in _status(out) and len(os.listdir(out)) == 7
+    done, _, _ = _run_gpu_check(tmp_path, 'tests', STAND_IN_RC='test_model:1')  # a step run in the background
+    assert done.returncode == 1 and sorted(_status(out)) == [('test_fast_path', 'ok', 0), ('test_model', 'FAILED', 1)]
+
+
+def test_gpu_check_resume_and_a_reused_out_folder(tmp_path):
+    """`resume` without the results to carry on is refused before $OUT is touched; with them, the benchmark alone
+    runs with --resume of them (also where they are $OUT's own cuda.json, which the clean-up of a reused $OUT then
+    keeps); a reused $OUT keeps no file of an earlier call that this one does not write."""
+    out = tmp_path / 'out'
+    out.mkdir()
+    stale = ['status.txt', 'model_zoo.log', 'cuda.json', 'cuda.md', 'profile.json', 'linear.log', 'test_model.log']
+    for name in stale:
+        (out / name).write_text('from an earlier call')
+    done, calls, _ = _run_gpu_check(tmp_path, 'resume')
+    assert done.returncode == 2 and done.stderr == (f'error: resume: no {tmp_path / "earlier.json"} (copy there the '
+                                                    f'cuda.json of the call to carry on)\n'), done.stderr
+    assert calls == [] and sorted(os.listdir(out)) == sorted(stale)
+    assert all((out / name).read_text() == 'from an earlier call' for name in stale)
+    # the tests alone, without xdist: the earlier benchmark's log and results are gone, the tests' logs are new
+    done, calls, _ = _run_gpu_check(tmp_path, 'tests', STAND_IN_NO_XDIST='1')
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert sorted(os.listdir(out)) == ['env.txt', 'status.txt', 'test_fast_path.log', 'test_model.log']
+    assert sorted(_status(out)) == [('test_fast_path', 'ok', 0), ('test_model', 'ok', 0)]
+    assert '6 passed' in (out / 'test_model.log').read_text()
+    assert [c for c in calls if c[:2] == ['-m', 'pytest'] and '-n' in c] == []
+    assert not any(c[:1] == ['benchmarks/model_zoo.py'] for c in calls)
+    # resume: the benchmark alone, carrying on $RESUME, once outside $OUT and once $OUT's own cuda.json
+    for earlier in (tmp_path / 'earlier.json', out / 'cuda.json'):
+        earlier.write_text('{"sections": []}')
+        (out / 'test_model.log').write_text('from an earlier call')
+        done, calls, _ = _run_gpu_check(tmp_path, 'resume', RESUME=str(earlier))
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert _status(out) == [('model_zoo', 'ok', 0)]
+        assert sorted(os.listdir(out)) == ['cuda.json', 'cuda.md', 'env.txt', 'model_zoo.log', 'status.txt']
+        bench = [c for c in calls if c[:1] == ['benchmarks/model_zoo.py']]
+        assert len(bench) == 1 and bench[0][bench[0].index('--resume') + 1] == str(earlier), calls
+        assert not any(c[:2] == ['-m', 'pytest'] for c in calls)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # benchmarks/linear_shapes.py: the matrix products per cuBLAS route (measured on a GPU only)
 
