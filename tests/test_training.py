@@ -21,9 +21,10 @@ from conftest import make_image_folder
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
+# ALPHA is neither 1 (a --distillation-alpha left out of the loss would give the same loss) nor the default 0.5;
 # EMA_DECAY is not 0.5, where an EMA that weighed the new weights by the decay (decay and 1 - decay swapped) is the
 # same EMA
-LR, ALPHA, TAU, EMA_DECAY, CLIP = 0.05, 1.0, 2.0, 0.75, 0.2
+LR, ALPHA, TAU, EMA_DECAY, CLIP = 0.05, 2.0, 2.0, 0.75, 0.2
 
 
 def checkpoint_with_masks(path, seed, head_scale=1.0):
