@@ -238,13 +238,21 @@ def test_pruned_model_loaded_from_concat_order_masks_equals_reference():
 
 
 def test_pruned_training_step_reaches_every_weight():
+    """Every weight gets the gradient autograd gives through the reference semantics, also the ones a token
+    reaches only through blocks that clip it (its gradient passes back along the concatenation)."""
     torch.manual_seed(0)
     model = timm.create_model('cc_deit_tiny_patch16_224', img_size=64, depth=3)
     pruning.apply_masks(model, _revisiting_plan(3, 16, 2))
     model.train()
-    loss = model(torch.randn(2, 3, 64, 64)).logsumexp(1).mean()
+    x = torch.randn(2, 3, 64, 64)
+    loss = model(x).logsumexp(1).mean()
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    names, params = zip(*model.named_parameters())
+    reference = torch.autograd.grad(reference_forward(model, x, [m.clone() for m in model.masks]).logsumexp(1).mean(),
+                                    params)
+    for name, p, expected in zip(names, params, reference):
+        assert (p.grad - expected).norm() <= 1e-4 * expected.norm(), name
 
 
 def test_forward_uses_fused_attention(monkeypatch):
