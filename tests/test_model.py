@@ -562,12 +562,20 @@ def test_routing_is_swappable_and_the_boolean_reference_agrees():
     model = timm.create_model('cc_deit_tiny_patch16_224', img_size=64, depth=4).eval()
     pruning.apply_masks(model, _revisiting_plan(4, 16, 7))
     x = torch.randn(2, 3, 64, 64)
+    called = []
+
+    def boolean_mask_concat(*args):
+        called.append(args[1].shape[1])
+        return models.routing.boolean_mask_concat(*args)
     with torch.no_grad():
         fixed_shapes = model(x)
         for blk in model.blocks:
-            blk.routing = models.routing.boolean_mask_concat
+            blk.routing = boolean_mask_concat
         boolean = model(x)
+        reference = reference_forward(model, x, [m.clone() for m in model.masks])
+    assert called == [17] * 4 and not any(blk.dense for blk in model.blocks)  # each block ran the routing swapped in
     assert (fixed_shapes - boolean).abs().max().item() < 1e-5
+    assert (boolean - reference).abs().max().item() < 1e-4
 
 
 def test_torch_jit_script_is_refused_by_name_and_trace_records_the_pruned_model():
