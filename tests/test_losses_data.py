@@ -379,6 +379,7 @@ def test_repeated_augmentation_sampler():
     assert all(len(p) == len(s) == 256 for p, s in zip(parts, samplers))
     counts = torch.bincount(torch.tensor(sum(parts, [])), minlength=512)
     assert counts.max() == 3  # an image appears up to 3 times per epoch, on different processes
+    assert all(i in parts[0] and i in parts[1] for i in range(512) if counts[i] > 1)
     samplers[0].set_epoch(1)
     assert list(samplers[0]) != parts[0]
 
