@@ -32,7 +32,7 @@
 #   2. tests, two at once, as one is GPU work and the other CPU work and neither is timed (limit 180 s), and with
 #      them the benchmark's torch.compile of timm's DeiTs done ahead into inductor's cache (limit 170 s, 4 compile
 #      workers; it saves the benchmark most of its 9 cold compiles, timm's 3 DeiTs at their main batch size, 32 and 1;
-#      its log is /tmp/warm_compile/warm_compile.log, not
+#      its log is $WARM/warm_compile.log (WARM: default /tmp/warm_compile), not
 #      brought back; its failure is noted in status.txt, not counted as one; the kernel configs it timed under the
 #      tests' load are deleted, so the benchmark times its own):
 #      pytest tests/test_fast_path.py on CUDA (the kernels compiled for the GPU, the whole path against the eager
@@ -77,6 +77,7 @@ for s in "${step_list[@]}"; do
     esac
 done
 RESUME="${RESUME:-benchmarks/results/cuda.json}"
+WARM="${WARM:-/tmp/warm_compile}"  # the compiles done ahead: their log and results, kept out of $OUT
 resume=()
 if [[ " $steps " == *" resume "* ]]; then
     if [[ " $steps " == *" benchmark "* ]]; then
@@ -176,10 +177,10 @@ if [[ " $steps " == *" tests "* ]]; then
     model_tests=$!
     warm=
     if [[ " $steps " == *" benchmark "* ]]; then
-        mkdir -p /tmp/warm_compile  # its log stays out of $OUT, which brings back 8 files at most
-        LOGDIR=/tmp/warm_compile step warm_compile 170 env OMP_NUM_THREADS=2 TORCHINDUCTOR_COMPILE_THREADS=4 \
+        mkdir -p "$WARM"  # its log stays out of $OUT, which brings back 8 files at most
+        LOGDIR="$WARM" step warm_compile 170 env OMP_NUM_THREADS=2 TORCHINDUCTOR_COMPILE_THREADS=4 \
             python3 benchmarks/model_zoo.py --device cuda --rows timm,ours,timm-compiled --rates 0.25 --repeats 1 \
-            --warmup 0 --compile-budget 1000000 --json /tmp/warm_compile/cuda.json > /dev/null &
+            --warmup 0 --compile-budget 1000000 --json "$WARM/cuda.json" > /dev/null &
         warm=$!
     fi
     step test_fast_path 180 python3 -m pytest -q -p no:cacheprovider -rsP --durations=25 "${xdist[@]}" \
@@ -188,7 +189,7 @@ if [[ " $steps " == *" tests "* ]]; then
     tail -n 15 "$OUT/test_model.log"
     if [ -n "$warm" ]; then
         wait $warm
-        grep -h 'torch.compile time' /tmp/warm_compile/warm_compile.log
+        grep -h 'torch.compile time' "$WARM/warm_compile.log"
         # the compiled graphs stay in the cache; the kernel configs inductor chose by timing them while the tests
         # loaded the GPU do not: the benchmark's own first call of each compiled row times them again, alone
         [ -d "$TORCHINDUCTOR_CACHE_DIR" ] && find "$TORCHINDUCTOR_CACHE_DIR" -name '*.best_config' -delete

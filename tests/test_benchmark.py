@@ -1764,7 +1764,7 @@ def test_gpu_check_benchmark_commands_are_valid_model_zoo_command_lines(tmp_path
     parsed = {}
     for command in commands:
         line = command.split('benchmarks/model_zoo.py', 1)[1].replace('$OUT', str(tmp_path))
-        line = line.split(' > /dev/null &')[0].replace('/tmp/warm_compile', str(tmp_path))
+        line = line.split(' > /dev/null &')[0].replace('"$WARM', f'"{tmp_path}')
         line = re.sub(r'"\$\{PROFILE_\w+:-([^}]*)\}"', r'\1', line)  # the profile's model and rates: defaults
         line = line.replace('"${profile_batch[@]}"', '')  # and its batch: the model's default
         args = zoo.parse_args(shlex.split(line.replace('"${resume[@]}"', '')))
@@ -1938,7 +1938,8 @@ def _run_gpu_check(tmp_path, *steps, **env):
     env = {**base, 'OUT': str(tmp_path / 'out'), 'PATH': f'{bin_}:{base["PATH"]}',
            'STAND_IN_LOG': str(tmp_path / 'calls'), 'STAND_IN_TIMEOUTS': str(tmp_path / 'timeouts'),
            'STAND_IN_RESULTS': str(tmp_path / 'results.json'),
-           'TORCHINDUCTOR_CACHE_DIR': str(tmp_path / 'inductor'), 'RESUME': str(tmp_path / 'earlier.json'), **env}
+           'TORCHINDUCTOR_CACHE_DIR': str(tmp_path / 'inductor'), 'RESUME': str(tmp_path / 'earlier.json'),
+           'WARM': str(tmp_path / 'warm'), **env}
     done = subprocess.run(['bash', GPU_CHECK, *steps], capture_output=True, text=True, timeout=120, env=env)
     calls = [json.loads(line) for line in (tmp_path / 'calls').read_text().splitlines()]
     return done, calls, (tmp_path / 'timeouts').read_text().splitlines()
