@@ -158,6 +158,8 @@ def test_the_teacher_is_dense_whatever_masks_its_file_holds(files, tmp_path, mon
     training, _ = finetune_two_steps(files, tmp_path / 'out', monkeypatch)
     teacher = training.criterion.teacher
     assert all(bool(m.all()) for m in teacher.masks)
+    # frozen in eval mode after the two training steps (dropout or drop-path of a larger teacher would be random)
+    assert not any(m.training for m in teacher.modules()) and not any(p.requires_grad for p in teacher.parameters())
     reference = timm.create_model('deit_digits_patch4_32').eval()
     reference.load_state_dict({k: v for k, v in torch.load(files['teacher'], weights_only=True)['model'].items()
                                if not k.endswith('token_index')})
