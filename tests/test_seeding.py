@@ -53,8 +53,11 @@ def assert_same_tensors(a, b):
 # the streams themselves
 
 def draws(generator):
-    return (random.random(), random.getrandbits(64), float(np.random.rand()), float(np.random.standard_normal()),
-            torch.rand(3).tolist(), torch.randint(0, 1000, (3,), generator=generator).tolist())
+    # random.gauss first: it returns Python's cached second gaussian where one is held (as numpy's standard_normal
+    # returns numpy's), so a restore that dropped either cache shows
+    return (random.gauss(0, 1), random.random(), random.getrandbits(64), float(np.random.rand()),
+            float(np.random.standard_normal()), torch.rand(3).tolist(),
+            torch.randint(0, 1000, (3,), generator=generator).tolist())
 
 
 def test_seed_everything_seeds_python_numpy_and_torch_with_seed_plus_rank():
@@ -71,6 +74,7 @@ def test_captured_state_survives_a_weights_only_file_and_restores_every_stream(t
     g = seeding.data_generator(3)
     np.random.standard_normal()  # numpy now holds a cached gaussian: part of its state too
     random.gauss(0, 1)  # and Python's
+    assert random.getstate()[2] is not None and np.random.get_state()[3] == 1  # both caches are held
     path = tmp_path / 'state.pth'
     torch.save({'rng': [seeding.capture({'data': g})]}, path)
     first = draws(g)
