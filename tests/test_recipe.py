@@ -37,7 +37,8 @@ pytestmark = pytest.mark.usefixtures('one_thread')
 # 30, colour jitter 0.4, repeated augmentation on, and no weight EMA, where DeiT's parser keeps one).
 ORIGINAL = {
     'eval': False, 'speed_only': False, 'prune': False, 'prune_mode': 'attn', 'prune_rate': 0.25,
-    'final_finetune': 30, 'iter_nums': 1, 'finetune_nums': 0, 'model': 'deit_tiny_patch16_224', 'drop': 0.0, 'drop_path': 0.1, 'model_ema': False,
+    'final_finetune': 30, 'iter_nums': 1, 'finetune_nums': 0, 'model': 'deit_tiny_patch16_224', 'drop': 0.0,
+    'drop_path': 0.1, 'model_ema': False,
     'model_ema_decay': 0.99996, 'model_ema_force_cpu': False, 'opt': 'adamw', 'opt_eps': 1e-8, 'opt_betas': None,
     'clip_grad': None, 'momentum': 0.9, 'weight_decay': 0.05, 'sched': 'cosine', 'lr': 0.01, 'lr_noise': None,
     'lr_noise_pct': 0.67, 'lr_noise_std': 1.0, 'warmup_lr': 1e-5, 'min_lr': 1e-6, 'decay_epochs': 15,
@@ -78,6 +79,9 @@ def test_defaults_are_the_original_recipe():
     expected = {**ORIGINAL, **AS_THE_ORIGINAL, **{k: ours for k, (ours, _) in DIFFERENT.items()}}
     assert set(defaults) == set(expected), 'a flag without its original value in this table'
     assert {k: v for k, v in defaults.items() if v != expected[k]} == {}
+    # of the same kind too: 1 == True == 1.0, but a default of 1.0 where a count is read (argparse converts only
+    # given values, never a default) or of 1 for a switch is not the original's value
+    assert {k: type(v).__name__ for k, v in defaults.items() if type(v) is not type(expected[k])} == {}
 
 
 def test_every_deliberate_difference_is_explained_in_the_readme():
