@@ -529,12 +529,13 @@ def _smoothed_cross_entropy(smoothing):
     return loss
 
 
-@pytest.mark.parametrize('smoothing', [0.1, 0.0])
+@pytest.mark.parametrize('smoothing', [0.1, 0.0, 0.3])
 def test_the_prune_command_scores_its_training_images_with_the_recipes_loss(tmp_path, capsys, monkeypatch,
                                                                               smoothing):
     """--prune end to end: the scores it saves are the Taylor scores (computed here independently) of the dense
     model on the images the scoring set gives, under label-smoothed cross-entropy with --smoothing's ε (0: plain
-    cross-entropy).  One batch holds the whole scoring set, so the loader's shuffling cannot change the sum."""
+    cross-entropy; 0.3, not the default, so an ε fixed at the recipe's 0.1 shows).  One batch holds the whole scoring
+    set, so the loader's shuffling cannot change the sum."""
     import finetune
     from conftest import make_image_folder, official_checkpoint
     data = make_image_folder(tmp_path / 'data', per_class=(1, 2), size=(32, 32))
@@ -549,7 +550,8 @@ def test_the_prune_command_scores_its_training_images_with_the_recipes_loss(tmp_
     capsys.readouterr()
     saved = torch.load(out / 'pruned_0.25.pth')['scores']
     model = timm.create_model('cc_deit_digits_patch4_32', checkpoint_path=dense, num_classes=3).eval()
+    other_eps = 0.0 if smoothing == 0.1 else 0.1  # the default where another ε is given, else none
     expected, other = (_independent_scores(model, [(images, labels)], _smoothed_cross_entropy(eps))
-                       for eps in (smoothing, 0.1 - smoothing))
+                       for eps in (smoothing, other_eps))
     assert torch.allclose(saved, expected, rtol=1e-4, atol=1e-10)
     assert (saved - other).abs().max() > 100 * (saved - expected).abs().max()  # the loss shows in the scores
