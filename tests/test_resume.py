@@ -583,13 +583,20 @@ def accuracies(monkeypatch, values):
     monkeypatch.setattr(engine, 'evaluate', evaluate)
 
 
+# DeiT's training augmentations: RandAugment and random erasing draw from Python's random, RandAugment's choice of
+# operations and mixup/cutmix from numpy, crop, flip and drop-path from torch (DIGITS_ARGS turns them off)
+DRAWING = ['--aa', 'rand-m9-mstd0.5-inc1', '--reprob', '0.25', '--mixup', '0.8', '--cutmix', '1.0',
+           '--drop-path', '0.1']
+
+
 def test_resume_continues_with_optimizer_scheduler_ema_and_best_accuracy(capsys, monkeypatch, small, tmp_path):
     # Acc@1 50, 25, 50: the best is reached at epoch 0 and tied at epoch 2, which must not replace best.pth
+    # Every random stream is drawn from, so each one left where it was by the resume changes the weights.
     # Reference: three epochs in one go.
     ref = tmp_path / 'ref'
     with monkeypatch.context() as patch:
         accuracies(patch, [50.0, 25.0, 50.0])
-        assert _finetune(ref, small['data'], '--resume', small['dense'], '--final_finetune', 3) == 0
+        assert _finetune(ref, small['data'], '--resume', small['dense'], '--final_finetune', 3, *DRAWING) == 0
     # The same run interrupted (Ctrl-C) at the start of epoch 1, then resumed.
     out = tmp_path / 'out'
     real_train = engine.train_one_epoch
@@ -603,7 +610,7 @@ def test_resume_continues_with_optimizer_scheduler_ema_and_best_accuracy(capsys,
         patch.setattr(engine, 'train_one_epoch', interrupted_at_epoch_1)
         accuracies(patch, [50.0])
         capsys.readouterr()
-        assert _finetune(out, small['data'], '--resume', small['dense'], '--final_finetune', 3) == 130
+        assert _finetune(out, small['data'], '--resume', small['dense'], '--final_finetune', 3, *DRAWING) == 130
     ckpt = out / 'checkpoint.pth'
     assert capsys.readouterr().err.strip() == f'interrupted; the last complete checkpoint is {ckpt} (epoch 0); ' \
                                               f'continue with --resume {ckpt}'
@@ -614,7 +621,8 @@ def test_resume_continues_with_optimizer_scheduler_ema_and_best_accuracy(capsys,
         f.write((out / 'log.txt').read_text() + '{"epoch": 1, "train_lo')
     with monkeypatch.context() as patch:
         accuracies(patch, [25.0, 50.0])
-        assert _finetune(out, small['data'], '--resume', out / 'checkpoint.pth', '--final_finetune', 3) == 0
+        assert _finetune(out, small['data'], '--resume', out / 'checkpoint.pth', '--final_finetune', 3,
+                         *DRAWING) == 0
     stdout = capsys.readouterr().out
     assert f'Resumed from {out / "checkpoint.pth"}: continuing at epoch 1 (best Acc@1 so far 50.00%)' in stdout
     assert 'Finetuning for epochs 1..2' in stdout
