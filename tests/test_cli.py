@@ -223,7 +223,8 @@ def test_finetune_one_epoch_with_soft_distillation(tmp_path, capsys, monkeypatch
 
 
 def test_learning_rate_is_scaled_by_batch_and_world_size(tmp_path, capsys, monkeypatch, image_folder):
-    """lr · batch · world_size / 512, printed at the start of finetuning."""
+    """lr · batch · world_size / 512, printed at the start of finetuning and the base lr the optimizer trains its
+    first parameter group with (the schedule's initial_lr, saved with the optimizer)."""
     dense = official_checkpoint(tmp_path / 'digits.pth', 'cc_deit_digits_patch4_32')
     code, out, err = run_cli(capsys, '--model', 'deit_digits_patch4_32', '--resume', dense,
                              '--data-path', image_folder, '--output_dir', str(tmp_path / 'o'),
@@ -231,6 +232,8 @@ def test_learning_rate_is_scaled_by_batch_and_world_size(tmp_path, capsys, monke
                              '--num_workers', '0', '--input-size', '32', '--mixup', '0', '--cutmix', '0')
     assert code == 0, err
     assert f'lr {1e-3 * 8 / 512:.2e} for batch 8 x 1 processes' in out
+    groups = load_checkpoint_file(str(tmp_path / 'o' / 'checkpoint.pth'))['optimizer']['param_groups']
+    assert groups[0]['initial_lr'] == pytest.approx(1e-3 * 8 / 512, rel=1e-12)
 
 
 class RecordingStream:
