@@ -726,6 +726,33 @@ def test_a_run_killed_while_writing_its_log_line_gets_no_second_tensorboard_poin
     assert tensorboard_steps(out, 'test/acc1') == {e: a for e, a in {0: 40.0, 1: 60.0, 2: 80.0}.items() if e < final}
 
 
+def test_a_run_stopped_between_its_tensorboard_scalars_gets_each_missing_one_once(capsys, monkeypatch, small,
+                                                                                  tmp_path):
+    """Stopped after epoch 1's checkpoint and its train/* scalars, before its test/* ones and its log.txt line: the
+    resume writes the missing test/* scalars and not the train/* ones again, each epoch's point once per tag."""
+    out = tmp_path / 'out'
+    real = finetune.epoch_scalars
+
+    def stopped_halfway_at_epoch_1(tb, log_stats, epoch):
+        if epoch == 1:
+            real(tb, {k: v for k, v in log_stats.items() if k.startswith('train_')}, epoch)
+            raise KeyboardInterrupt
+        real(tb, log_stats, epoch)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(finetune, 'epoch_scalars', stopped_halfway_at_epoch_1)
+        accuracies(patch, [40.0, 60.0])
+        assert _finetune(out, small['data'], '--resume', small['dense'], '--final_finetune', 2) == 130
+    assert log_epochs(out / 'log.txt') == [0]
+    assert tensorboard_points(out, 'train/loss') == [0, 1] and tensorboard_points(out, 'test/acc1') == [0]
+    assert _finetune(out, small['data'], '--resume', out / 'checkpoint.pth', '--final_finetune', 2) == 0
+    capsys.readouterr()
+    assert log_epochs(out / 'log.txt') == [0, 1]
+    for tag in ('train/loss', 'train/lr', 'test/acc1', 'test/acc5', 'test/loss'):
+        assert tensorboard_points(out, tag) == [0, 1], tag
+    assert tensorboard_steps(out, 'test/acc1') == {0: 40.0, 1: 60.0}
+
+
 def test_best_pth_is_written_when_accuracy_rises_and_only_then(monkeypatch, small, tmp_path):
     """Acc@1 10, 30, 20, 30, 40: best.pth is written after epochs 0, 1 and 4, never on the tie at epoch 3."""
     writes = []
