@@ -1083,13 +1083,18 @@ def test_a_stop_while_dataloader_workers_start_is_not_lost(tmp_path, sig, code, 
     assert not out.exists()
 
 
-def test_main_puts_the_previous_sigterm_handler_back(tmp_path):
+def test_main_puts_the_previous_sigterm_handler_back(small, tmp_path):
+    """After a refused run and after one that did its work (main is also called in-process, by tests and
+    scripts)."""
     def mine(signum, frame):
         pass
 
     previous = signal.signal(signal.SIGTERM, mine)
     try:
         assert finetune.main(['--eval', '--device', 'cpu', '--resume', str(tmp_path / 'missing.pth')]) == 2
+        assert signal.getsignal(signal.SIGTERM) is mine
+        assert finetune.main([*DIGITS_ARGS, '--resume', str(small['dense']), '--speed-only', '--speed-repeats', '1',
+                              '--speed-warmup', '0']) == 0
         assert signal.getsignal(signal.SIGTERM) is mine
     finally:
         signal.signal(signal.SIGTERM, previous)
