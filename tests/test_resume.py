@@ -842,6 +842,7 @@ def test_resume_of_a_finished_run_does_nothing(capsys, monkeypatch, small, tmp_p
     out = tmp_path / 'out'
     assert _finetune(out, small['data'], '--resume', small['dense'], '--final_finetune', 1) == 0
     before = {name: (out / name).read_bytes() for name in ('checkpoint.pth', 'best.pth', 'log.txt')}
+    best_file = os.stat(out / 'best.pth').st_ino  # (its epoch 0 is the best: a copy of checkpoint.pth, same bytes)
     (out / '.checkpoint.pth.tmp-999999').write_bytes(b'half of a checkpoint')  # a job killed while saving
     capsys.readouterr()
 
@@ -850,9 +851,11 @@ def test_resume_of_a_finished_run_does_nothing(capsys, monkeypatch, small, tmp_p
 
     monkeypatch.setattr(finetune, 'build_training', no_work)
     assert _finetune(out, small['data'], '--resume', out / 'checkpoint.pth', '--final_finetune', 1) == 0
-    assert (f"Nothing to do: 1 epoch already finished in {out / 'checkpoint.pth'} (--final_finetune 1)"
-            in capsys.readouterr().out)
+    said = capsys.readouterr().out
+    assert f"Nothing to do: 1 epoch already finished in {out / 'checkpoint.pth'} (--final_finetune 1)" in said
+    assert 'was not written after epoch' not in said  # best.pth is there: not copied again from the checkpoint
     assert {name: (out / name).read_bytes() for name in before} == before
+    assert os.stat(out / 'best.pth').st_ino == best_file
     assert leftovers(out) == []  # the resume cleaned up the stale temporary file
 
 
