@@ -223,8 +223,7 @@ def image_folder(split: str, transform) -> datasets.ImageFolder:
     if unreadable:
         raise UserError(f'cannot read {os.path.join(split, unreadable)}: permission denied')
     if loose and not classes:
-        images, lie = ('image', 'lies') if loose == 1 else ('images', 'lie')
-        raise UserError(f'no class folder in {split}: its {loose} {images} {lie} directly in it, and images must be '
+        raise UserError(f'no class folder in {split}: its {_images_lie(loose)} directly in it, and images must be '
                         f'sorted into one folder per class (the folder\'s name is the label)')
     skipped: Dict[str, int] = {}
 
@@ -245,7 +244,7 @@ def image_folder(split: str, transform) -> datasets.ImageFolder:
             why += (f' ({_kinds(skipped)} left out: the extensions read are '
                     f'{" ".join(datasets.folder.IMG_EXTENSIONS)})')
         if loose:  # beside class folders that hold none: the images are there, outside them
-            why += f' ({loose} image{"s lie" if loose > 1 else " lies"} directly in the split, not in a class folder)'
+            why += f' ({_images_lie(loose)} directly in the split, not in a class folder)'
         raise UserError(f'no images in {split}: {why}') from None
     folder.skipped = skipped  # {extension: files} left out, for the run to say
     folder.loose = loose  # images directly in the split, not in a class folder: not read
@@ -268,6 +267,11 @@ def skipped_files_note(dataset) -> Optional[str]:
         reasons.append('they are the metadata files macOS writes beside copied files')
     return (f'note: {sum(skipped.values())} files in the class folders of {dataset.root} are left out: '
             f'{", or ".join(reasons)} ({_kinds(skipped)})')
+
+
+def _images_lie(n: int) -> str:
+    """'1 image lies' or 'n images lie': the images lying directly in a split, in the refusals that count them."""
+    return f'{n} image lies' if n == 1 else f'{n} images lie'
 
 
 def loose_images_note(dataset) -> Optional[str]:
