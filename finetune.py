@@ -1306,8 +1306,11 @@ def check_training_fields(checkpoint: dict, path: str) -> None:
 def restore_training(training: engine.Training, checkpoint: dict, args) -> Tuple[int, float]:
     """Continue a finetuning checkpoint: optimizer, schedule, loss scaler and EMA restored, ``log.txt``
     repaired; returns (first epoch to run, best Acc@1 so far).  Other files start a new run at epoch
-    ``--start_epoch``."""
+    ``--start_epoch``, at that epoch's place in the schedule (t = epoch - 1, as :func:`engine.train_epochs` runs
+    every epoch after the first)."""
     if not is_training_checkpoint(checkpoint):
+        if args.start_epoch:
+            training.lr_scheduler.step(args.start_epoch - 1)
         return args.start_epoch, -1.0  # so the first evaluation always writes best.pth
     try:
         training.optimizer.load_state_dict(checkpoint['optimizer'])

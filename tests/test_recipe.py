@@ -272,6 +272,18 @@ def test_the_cli_steps_the_schedule_as_the_original(capsys, world, tmp_path):
                           r'lr 1\.00e-06', stdout, re.M)) == 1
 
 
+def test_a_new_run_from_a_later_start_epoch_runs_that_epoch_at_its_place_in_the_schedule(capsys, world, tmp_path):
+    """A new run (a pruned or official file) given --start_epoch 2 runs epoch k at t = k - 1, as every epoch of a
+    run from epoch 0 does: epoch 2 at t = 1, not at the schedule's start (t = 0) and then a jump to t = 2."""
+    out = tmp_path / 'out'
+    code, _, err = cli(capsys, '--resume', world['dense'], '--data-path', world['data'], '--output_dir', out,
+                       '--final_finetune', 4, '--start_epoch', 2)
+    assert code == 0, err
+    base = 0.01 * 8 / 512
+    assert [(r['epoch'], r['train_lr']) for r in records(out)] == [
+        (2, pytest.approx(cosine(base, 1, 4), rel=1e-12)), (3, pytest.approx(cosine(base, 2, 4), rel=1e-12))]
+
+
 def test_decay_milestones_that_do_not_increase_are_one_line(capsys, tmp_path):
     code, out, err = cli(capsys, '--data-set', 'DIGITS', '--output_dir', tmp_path / 'out', '--sched', 'multistep',
                          '--decay-milestones', 4, 2)
