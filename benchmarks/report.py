@@ -77,20 +77,23 @@ def check_failure(check: Optional[Dict]) -> Optional[str]:
 def _comparison(t: Timings, pruned: List[str], dense: List[str], checks: Dict[str, Dict], kind: Dict[str, str],
                 not_timed: Dict[str, str]):
     """(fastest pruned key, fastest dense key, their paired ratio or None, what was compared) among the rows whose
-    logit check did not fail: a fast but wrong row takes no part in a speed verdict.  "Fastest" is the most
-    images/s (the median pass); the ratio is the median of the per-round ratios of those two rows.  The dense rows
-    the run asked for that are not in the comparison, not timed (``not_timed``) or excluded, are
-    ``dense_not_compared`` (row key -> why): a verdict against the others is no verdict against the fastest
-    dense."""
-    excluded = {k: why for k in pruned + dense if kind[k] not in REFERENCE_KINDS
-                for why in [check_failure(checks.get(k))] if why}
+    pass times are a measurement (benchmarks.stats.Timings.problem) and whose logit check did not fail: a fast but
+    wrong row takes no part in a speed verdict.  "Fastest" is the most images/s (the median pass); the ratio is
+    the median of the per-round ratios of those two rows.  The dense rows the run asked for that are not in the
+    comparison, not timed (``not_timed``) or excluded, are ``dense_not_compared`` (row key -> why): a verdict
+    against the others is no verdict against the fastest dense."""
+    untimed = {k: why for k in pruned + dense for why in [t.problem(k)] if why}
+    failed = {k: why for k in pruned + dense if k not in untimed and kind[k] not in REFERENCE_KINDS
+              for why in [check_failure(checks.get(k))] if why}
+    excluded = {**untimed, **failed}
     ok_p, ok_d = [k for k in pruned if k not in excluded], [k for k in dense if k not in excluded]
     best_p, best_d = t.fastest(ok_p), t.fastest(ok_d)
     ratio = t.ratio(best_p, best_d) if best_p and best_d else None
     compared = {'pruned_modes': [kind[k] for k in ok_p], 'dense_modes': [kind[k] for k in ok_d]}
     if excluded:
         compared['excluded'] = {kind[k]: why for k, why in excluded.items()}
-    missing = {**not_timed, **{k: f'logit check failed: {excluded[k]}' for k in dense if k in excluded}}
+    missing = {**not_timed, **{k: untimed[k] for k in dense if k in untimed},
+               **{k: f'logit check failed: {failed[k]}' for k in dense if k in failed}}
     if missing:
         compared['dense_not_compared'] = missing
     return best_p, best_d, ratio, compared
@@ -151,7 +154,8 @@ def summary(results: Dict) -> List[Dict]:
                      'flops_ratio': first['flops_ratio'], 'best_pruned_mode': kind.get(best_p),
                      'best_dense_mode': kind.get(best_d),
                      **as_fields('speedup_vs_best_dense', vs_dense or NONE),
-                     **as_fields('speedup_vs_timm_eager', t.ratio(best_p, 'timm') if best_p else NONE),
+                     **as_fields('speedup_vs_timm_eager',
+                                 t.ratio(best_p, 'timm') if best_p and not t.problem('timm') else NONE),
                      **compared}
             by_batch = {}
             for b in sweep:
@@ -197,13 +201,14 @@ def _target(name: str, value: Optional[float], threshold: Optional[float], at_le
     ``paired``: the value is a median of per-round ratios, so without an interval (too few rounds for a 95% one,
     benchmarks.stats.median_ci) the verdict is 'within noise' too; other values (a ratio of means, a logit
     check) have none by nature.
-    A target that could not be measured (``value`` None) has ``met`` None and says why (``missing``).
+    A target that could not be measured (``value`` None, or NaN) has ``met`` None and says why (``missing``); an
+    interval with a NaN end decides nothing.
     ``not_compared``: for a comparison against the fastest dense mode, the dense rows left out of it (key -> why);
     then the value is only an upper bound, so a value on the good side of the threshold is no verdict (``met``
     None, the value kept), and one on the bad side stays a miss."""
-    if value is None or threshold is None:
+    if value is None or threshold is None or math.isnan(value):
         return {'target': name, 'value': None, 'threshold': threshold, 'met': None,
-                'missing': missing or 'not measured'}
+                'missing': (missing or 'not measured') if value is None or threshold is None else 'not a number'}
     met = value >= threshold if at_least else value <= threshold
     if met and not_compared:
         return {'target': name, 'value': value, 'threshold': threshold, 'met': None, 'ci': ci,
@@ -212,7 +217,7 @@ def _target(name: str, value: Optional[float], threshold: Optional[float], at_le
     out = {'target': name, 'value': value, 'threshold': threshold, 'met': met}
     if ci is not None:
         out['ci'] = ci
-        out['decided'] = not (ci[0] < threshold < ci[1])
+        out['decided'] = not (ci[0] < threshold < ci[1] or math.isnan(ci[0]) or math.isnan(ci[1]))
     elif paired:
         out['decided'] = False
     return out
@@ -232,7 +237,7 @@ def summary_targets(entry: Dict, device: str, batches: List[int], results: Optio
     was asked for (``batches``); one that could not be measured is there too, unmet, saying why."""
     name = entry['model']
     not_run = entry.get('not_run')
-    no_correct_row = 'no pruned or no dense row passed its logit check'
+    no_correct_row = 'no pruned or no dense row with pass times that are a measurement passed its logit check'
     threshold = None if entry['flops_ratio'] is None else SUMMARY_FLOPS_SHARE * entry['flops_ratio']
     out = {'vs_best_dense': _target(
         f'{name}: fastest pruned ({entry["best_pruned_mode"] or "–"}) over fastest dense '

@@ -1,5 +1,6 @@
 """Statistics of the benchmark's timings: the distribution-free confidence interval of a median, paired
 per-round ratios, and :class:`Timings` (every pass time of every row of one timed run)."""
+import math
 import statistics
 from typing import Dict, Iterable, List, Optional
 
@@ -52,6 +53,16 @@ class Timings:
 
     def __init__(self, seconds: Dict[str, List[float]], batch: int, paired: bool = True):
         self.seconds, self.batch, self.paired = seconds, batch, paired
+
+    def problem(self, name: str) -> Optional[str]:
+        """Why ``name``'s pass times are no measurement (none at all, or one that is not a finite positive number
+        of seconds: the median of a list with a NaN in it is whatever sorting left in the middle), or None."""
+        s = self.seconds[name]
+        bad = sum(not (isinstance(x, (int, float)) and math.isfinite(x) and x > 0) for x in s)
+        if not s or bad:
+            return (f'{bad} of its {len(s)} pass times not a finite positive number of seconds' if s
+                    else 'no pass timed')
+        return None
 
     def images_per_s(self, name: str) -> float:
         return self.batch / statistics.median(self.seconds[name])

@@ -635,6 +635,52 @@ def test_a_dense_mode_left_out_leaves_a_target_it_would_decide_not_measured():
                                             ti40['targets']['vs_best_dense']['target']}
 
 
+def _eight_rounds(timm, timm_compiled, ours_25):
+    """A run of eight rounds (enough for a 95% interval) at the main batch and at batch 1, the same pass times at
+    both: timm eager, timm compiled and ours at rate 0.25 (FLOPs ratio 1.37)."""
+    rows = [_row('timm', 'timm', True, 0.0, timm), _row('timm_compiled', 'timm-compiled', True, 0.0, timm_compiled),
+            _row('ours_25', 'ours', False, 0.25, ours_25, 1.37, 'C&C-Ti-25 (ours)')]
+    return _planned({'models': {'tiny': {
+        'model': 'deit_tiny_patch16_224', 'batch_size': 8, 'rows': rows, 'checks': {}, 'short': 'Ti',
+        'label': 'DeiT-Ti',
+        'summary_sweep': {'batches': [{'batch_size': 1, 'seconds': {'timm': timm, 'timm_compiled': timm_compiled,
+                                                                    'ours_25': ours_25}}]}}}}, ['tiny'], [0.25], [1])
+
+
+@pytest.mark.parametrize('row, times', [
+    ('timm', [1.0] * 7 + [math.nan]), ('timm', [math.inf] * 8), ('timm_compiled', [0.9] * 7 + [math.nan]),
+    ('timm_compiled', [0.9] * 7 + [-0.9]), ('ours_25', [0.5] * 7 + [math.nan]), ('ours_25', [0.0] * 8),
+    ('ours_25', [])])
+def test_pass_times_that_are_no_measurement_never_give_a_yes_or_a_figure(row, times):
+    """A NaN, infinite, zero or negative pass time, or none at all, is no measurement: such a row takes no part in
+    the comparison (said under ``excluded``); a dense one makes the targets it would decide "not measured", and
+    no figure of the summary is NaN or infinite.  (The median of a list with a NaN in it is whatever sorting put
+    in the middle: a NaN timm pass read 2.0x and "yes"; a zero one raised ZeroDivisionError.)"""
+    good = {'timm': [1.0, 1.02, 0.98, 1.01, 0.99, 1.0, 1.03, 0.97], 'timm_compiled': [0.9] * 8, 'ours_25': [0.5] * 8}
+    results = _eight_rounds(**{**good, row: times})
+    report.attach_summary(results, 'cuda')
+    entry, = results['summary']
+    json.dumps(results['summary'], allow_nan=False)  # every figure a finite number or None
+    assert entry['excluded'][{'timm': 'timm', 'timm_compiled': 'timm-compiled', 'ours_25': 'ours'}[row]]
+    for name in ('vs_best_dense', 'batch1'):
+        target = entry['targets'][name]
+        assert target['met'] is None and target['verdict'].startswith('not measured'), target
+    if row == 'timm':  # no timm eager to set the pruned model against
+        assert entry['speedup_vs_timm_eager'] is None
+    # the same run with every pass time a measurement: both targets are met, decided
+    results = _eight_rounds(**good)
+    report.attach_summary(results, 'cuda')
+    assert [t['verdict'] for t in results['summary'][0]['targets'].values()] == ['yes', 'yes']
+
+
+def test_a_target_whose_value_is_not_a_number_is_not_measured():
+    for ci in (None, [math.nan, math.nan], [0.9, 1.1]):
+        target = report._target('t', math.nan, 1.0, True, ci, paired=True)
+        assert target['met'] is None and report.verdict(target).startswith('not measured')
+    # an interval with a NaN end decides nothing
+    assert report.verdict(report._target('t', 1.5, 1.0, True, [1.2, math.nan], paired=True)) == 'yes, within noise'
+
+
 def _planned(results, models, rates, batches):
     """_summary_run's results as a run of --models ``models`` x --rates ``rates`` with summary batches ``batches``
     would record its plan (the DeiT shortcuts only)."""
