@@ -690,11 +690,15 @@ TABLE_START = '| model | GFLOPs |'  # the first line of the README's speed table
 
 def replace_speed_table(text: str, lines: List[str]) -> str:
     """``text`` (a README) with its speed table, the table lines from the one beginning TABLE_START, replaced by
-    ``lines``; ValueError if it has none."""
+    ``lines``; ValueError if it has none, or more than one (all but one would be left stale)."""
     rows = text.split('\n')
-    start = next((i for i, line in enumerate(rows) if line.startswith(TABLE_START)), None)
-    if start is None:
+    starts = [i for i, line in enumerate(rows) if line.startswith(TABLE_START)]
+    if not starts:
         raise ValueError(f'no speed table in it (a line beginning "{TABLE_START}")')
+    if len(starts) > 1:
+        raise ValueError(f'{len(starts)} speed tables in it (lines {", ".join(str(i + 1) for i in starts[:-1])} and '
+                         f'{starts[-1] + 1} begin "{TABLE_START}"), not one')
+    start = starts[0]
     end = start
     while end < len(rows) and rows[end].startswith('|'):
         end += 1

@@ -806,6 +806,8 @@ def test_readme_speed_table_sets_a_gpu_run_beside_the_cpu_run(tmp_path, capsys, 
 
 @pytest.mark.parametrize('case, message', [
     ('no table', 'README.md: no speed table in it (a line beginning "| model | GFLOPs |")'),
+    # a second table (pasted twice, a merge): the first was replaced and the second, stale, left as it was
+    ('two tables', 'README.md: 2 speed tables in it (lines 3 and 7 begin "| model | GFLOPs |"), not one'),
     ('no readme', 'missing.md: No such file or directory'),
     ('gpu missing', 'none.json: No such file or directory'),
     ('gpu not json', 'gpu.json: not JSON'),
@@ -848,7 +850,8 @@ def test_readme_speed_table_sets_a_gpu_run_beside_the_cpu_run(tmp_path, capsys, 
 def test_readme_table_writer_refuses_in_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch, case, message):
     readme = tmp_path / 'README.md'
     readme.write_text('# a README\n\nno table here\n' if case == 'no table' else
-                      open(os.path.join(ROOT, 'README.md')).read())
+                      '# a README\n\n| model | GFLOPs |\n|---|---|\n| x | 1 |\n\n| model | GFLOPs |\n|---|---|\n'
+                      if case == 'two tables' else open(os.path.join(ROOT, 'README.md')).read())
     before = readme.read_text()
     gpu = tmp_path / 'gpu.json'
     gpu.write_text({'gpu not json': '{', 'gpu not results': '[1, 2]'}.get(case, '{}'))
