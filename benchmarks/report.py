@@ -197,7 +197,8 @@ def _target(name: str, value: Optional[float], threshold: Optional[float], at_le
             missing: Optional[str] = None, not_compared: Optional[Dict[str, str]] = None,
             paired: bool = False) -> Dict:
     """A target verdict on a median; ``ci`` is its 95% confidence interval, to tell a miss from noise: the
-    verdict is 'yes' or 'no' when the interval lies on one side of the threshold, 'within noise' otherwise.
+    verdict is 'yes' or 'no' when every value of the interval, its ends included, meets the target or every one
+    misses it, 'within noise' otherwise.
     ``paired``: the value is a median of per-round ratios, so without an interval (too few rounds for a 95% one,
     benchmarks.stats.median_ci) the verdict is 'within noise' too; other values (a ratio of means, a logit
     check) have none by nature.
@@ -209,7 +210,10 @@ def _target(name: str, value: Optional[float], threshold: Optional[float], at_le
     if value is None or threshold is None or math.isnan(value):
         return {'target': name, 'value': None, 'threshold': threshold, 'met': None,
                 'missing': (missing or 'not measured') if value is None or threshold is None else 'not a number'}
-    met = value >= threshold if at_least else value <= threshold
+    def meets(v):
+        return v >= threshold if at_least else v <= threshold
+
+    met = meets(value)
     if met and not_compared:
         return {'target': name, 'value': value, 'threshold': threshold, 'met': None, 'ci': ci,
                 'missing': 'ahead of the dense modes timed, but not compared with '
@@ -217,7 +221,8 @@ def _target(name: str, value: Optional[float], threshold: Optional[float], at_le
     out = {'target': name, 'value': value, 'threshold': threshold, 'met': met}
     if ci is not None:
         out['ci'] = ci
-        out['decided'] = not (ci[0] < threshold < ci[1] or math.isnan(ci[0]) or math.isnan(ci[1]))
+        # decided when the whole (closed) interval is on one side: an end on the threshold meets the target
+        out['decided'] = meets(ci[0]) == meets(ci[1]) and not (math.isnan(ci[0]) or math.isnan(ci[1]))
     elif paired:
         out['decided'] = False
     return out

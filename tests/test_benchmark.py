@@ -262,6 +262,17 @@ def test_too_few_rounds_give_no_interval_and_no_decided_verdict():
     assert report.verdict(report._target('t', 2.0, 1.0, True, None)) == 'yes'
 
 
+def test_an_interval_that_ends_on_the_threshold_contains_it():
+    # the interval is closed (two order statistics): one whose end is the threshold holds a value that meets the
+    # target and one that does not only if the other end is on the other side
+    at_least = [report.verdict(report._target('t', median, 1.0, True, ci)) for median, ci in
+                [(0.99, [0.97, 1.0]), (1.02, [1.0, 1.05]), (1.0, [1.0, 1.0]), (0.99, [0.97, 0.9999])]]
+    assert at_least == ['no, within noise', 'yes', 'yes', '**NO**']
+    at_most = [report.verdict(report._target('t', median, 1.5, False, ci)) for median, ci in
+               [(1.6, [1.5, 1.7]), (1.4, [1.3, 1.5]), (1.6, [1.5001, 1.7])]]
+    assert at_most == ['no, within noise', 'yes', '**NO**']
+
+
 def test_verdicts_separate_a_miss_from_noise():
     verdicts = [report.verdict(report._target('t', median, 1.0, True, ci)) for median, ci in
                 [(1.05, [1.01, 1.09]), (1.02, [0.97, 1.06]), (0.98, [0.95, 1.03]), (0.95, [0.92, 0.99])]]
