@@ -17,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from benchmarks.stats import Timings, as_fields  # noqa: E402
+from benchmarks.stats import NO_RATIO, Timings, as_fields  # noqa: E402
 
 SCORING_TARGET = 1.5          # scoring one batch <= 1.5x a plain training step
 SUMMARY_FLOPS_SHARE = 0.9     # fastest pruned over fastest dense >= 0.9 x the FLOPs ratio
@@ -153,9 +153,8 @@ def summary(results: Dict) -> List[Dict]:
                      'section_model': section_model, 'batch_size': res['batch_size'], 'protocol': protocol,
                      'flops_ratio': first['flops_ratio'], 'best_pruned_mode': kind.get(best_p),
                      'best_dense_mode': kind.get(best_d),
-                     **as_fields('speedup_vs_best_dense', vs_dense or NONE),
-                     **as_fields('speedup_vs_timm_eager',
-                                 t.ratio(best_p, 'timm') if best_p and not t.problem('timm') else NONE),
+                     **as_fields('speedup_vs_best_dense', vs_dense or NO_RATIO),
+                     **as_fields('speedup_vs_timm_eager', t.ratio(best_p, 'timm') if best_p else NO_RATIO),
                      **compared}
             by_batch = {}
             for b in sweep:
@@ -179,15 +178,12 @@ def summary(results: Dict) -> List[Dict]:
     for plan in results.get('pruned_models', []):
         if plan['model'] not in done:
             out.append({**plan, 'batch_size': None, 'protocol': None, 'flops_ratio': None, 'best_pruned_mode': None,
-                        'best_dense_mode': None, **as_fields('speedup_vs_best_dense', NONE),
-                        **as_fields('speedup_vs_timm_eager', NONE), 'speedup_by_batch': {},
+                        'best_dense_mode': None, **as_fields('speedup_vs_best_dense', NO_RATIO),
+                        **as_fields('speedup_vs_timm_eager', NO_RATIO), 'speedup_by_batch': {},
                         **{f'speedup_batch{bs}': None for bs in SUMMARY_BATCHES},
                         'not_run': 'main table ' + _section_state(results, plan['section_model'], 'main')})
     order = {p['model']: i for i, p in enumerate(results.get('pruned_models', []))}
     return sorted(out, key=lambda e: order.get(e['model'], len(order)))
-
-
-NONE = {'median': None, 'min': None, 'max': None, 'ci': None}  # a comparison that could not be made
 
 
 # ----------------------------------------------------------------------------------------------------------------

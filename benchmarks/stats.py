@@ -31,6 +31,9 @@ def paired(ratios: List[float]) -> Dict:
     return {'median': statistics.median(ratios), 'min': min(ratios), 'max': max(ratios), 'ci': median_ci(ratios)}
 
 
+NO_RATIO = {'median': None, 'min': None, 'max': None, 'ci': None}  # a ratio that could not be measured
+
+
 def point(ratio: float) -> Dict:
     """A ratio of two single figures (no rounds to pair): no range and no confidence interval."""
     return {'median': ratio, 'min': ratio, 'max': ratio, 'ci': None}
@@ -68,7 +71,10 @@ class Timings:
         return self.batch / statistics.median(self.seconds[name])
 
     def ratio(self, fast: str, slow: str) -> Dict:
-        """Speed of ``fast`` over ``slow`` (> 1: ``fast`` is faster)."""
+        """Speed of ``fast`` over ``slow`` (> 1: ``fast`` is faster); NO_RATIO when the pass times of either are
+        no measurement (``problem``)."""
+        if self.problem(fast) or self.problem(slow):
+            return dict(NO_RATIO)
         pairs = [s / f for f, s in zip(self.seconds[fast], self.seconds[slow])]
         return paired(pairs) if self.paired else point(statistics.median(pairs))
 

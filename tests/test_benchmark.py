@@ -684,6 +684,22 @@ def test_pass_times_that_are_no_measurement_never_give_a_yes_or_a_figure(row, ti
     assert [t['verdict'] for t in results['summary'][0]['targets'].values()] == ['yes', 'yes']
 
 
+def test_a_ratio_with_a_pass_time_that_is_no_measurement_is_none_and_its_target_not_measured():
+    # every ratio of a row goes through Timings.ratio (a row's speed-up over timm, the routing, the sweeps): with a
+    # NaN pass time among eight the median of the ratios was 2.0 and its interval [2.0, nan], a row target's "yes"
+    good = [0.5] * 8
+    for bad in ([1.0] * 7 + [math.nan], [math.inf] * 8, [0.0] * 8, []):
+        for t in (stats.Timings({'timm': bad, 'ours': good}, batch=8),
+                  stats.Timings({'timm': [1.0] * 8, 'ours': bad}, batch=8)):
+            ratio = t.ratio('ours', 'timm')
+            assert ratio == {'median': None, 'min': None, 'max': None, 'ci': None}
+            fields = stats.as_fields('speedup_vs_timm', ratio)
+            target = report._target('t', fields['speedup_vs_timm'], 1.37, True, fields['speedup_vs_timm_ci'],
+                                    paired=True)
+            assert target['met'] is None and report.verdict(target).startswith('not measured')
+    assert stats.Timings({'timm': [1.0] * 8, 'ours': good}, batch=8).ratio('ours', 'timm')['median'] == 2.0
+
+
 def test_a_target_whose_value_is_not_a_number_is_not_measured():
     for ci in (None, [math.nan, math.nan], [0.9, 1.1]):
         target = report._target('t', math.nan, 1.0, True, ci, paired=True)
