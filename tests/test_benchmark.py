@@ -700,6 +700,25 @@ def test_a_ratio_with_a_pass_time_that_is_no_measurement_is_none_and_its_target_
     assert stats.Timings({'timm': [1.0] * 8, 'ours': good}, batch=8).ratio('ours', 'timm')['median'] == 2.0
 
 
+def test_modes_tied_on_images_per_s_go_to_the_first_row_of_the_table_in_every_comparison():
+    # timm compiled and ours tie with other rows of the same median (the same pass times, rounds in another order);
+    # the first row of the table is taken, at the main batch and at batch 1 alike, and the ratio is against it
+    timm, compiled = [1.0, 1.02, 0.98, 1.01, 0.99, 1.0, 1.03, 0.97], [0.8, 0.82, 0.78, 0.81, 0.79, 0.8, 0.83, 0.77]
+    ours = [0.5, 0.52, 0.48, 0.51, 0.49, 0.5, 0.53, 0.47]
+    results = _eight_rounds(timm, compiled, ours)
+    rows = results['models']['tiny']['rows']
+    rows.insert(2, _row('fast_torch', 'fast-torch-dense', True, 0.0, compiled[::-1]))
+    rows.append(_row('fast_torch_25', 'fast-torch', False, 0.25, ours[::-1], 1.37, 'C&C-Ti-25 (fast path, torch)'))
+    results['models']['tiny']['summary_sweep']['batches'][0]['seconds'].update(
+        fast_torch=compiled[::-1], fast_torch_25=ours[::-1])
+    report.attach_summary(results, 'cuda')
+    entry, = results['summary']
+    at1 = entry['speedup_by_batch']['1']
+    assert (entry['best_pruned_mode'], entry['best_dense_mode']) == (at1['best_pruned_mode'], at1['best_dense_mode']) \
+        == ('ours', 'timm-compiled')
+    assert entry['speedup_vs_best_dense'] == statistics.median(c / o for c, o in zip(compiled, ours))
+
+
 def test_a_target_whose_value_is_not_a_number_is_not_measured():
     for ci in (None, [math.nan, math.nan], [0.9, 1.1]):
         target = report._target('t', math.nan, 1.0, True, ci, paired=True)
