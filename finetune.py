@@ -941,9 +941,11 @@ def _speed_original_protocol(args, model: nn.Module, name: str, size: int, devic
 
 
 def run_eval(args, device: torch.device, resumed: dict) -> Dict[str, float]:
+    # The model (its head sized by the file) before the data, as for --prune: weights that do not fit --model are
+    # refused before the data set is listed, which takes minutes on ImageNet.
+    model, checkpoint = load_model(args, args.resume, args.model, checkpoint=resumed)
     dataset_val, nb_classes = build_data(args, train=False)
     check_same_classes(args, dataset_val)
-    model, checkpoint = load_model(args, args.resume, args.model, nb_classes, resumed)
     check_classes(nb_classes, model, 'validation')
     check_recorded_classes(checkpoint, dataset_val, args, 'validation')
     model.to(device)
@@ -1066,12 +1068,19 @@ def run_prune(args, device: torch.device, resumed: dict) -> Dict[str, float]:
     return stats
 
 
-def build_teacher(args, device: torch.device, num_classes: int, dataset=None) -> nn.Module:
-    """The dense teacher of --teacher-path, frozen in eval mode; a file that records other classes than
-    ``dataset``'s (the training set) is refused: its logits would teach the student other classes' labels."""
-    name = cc_model_name(args.teacher_model or args.model)
-    teacher, source = models.build_model_from_checkpoint(args.teacher_path, name, img_size=args.input_size,
-                                                         warn=rank0_print, flag='--teacher-model')
+def load_teacher(args) -> Tuple[nn.Module, dict]:
+    """The model of --teacher-path (--teacher-model, else --model) and the file's contents, unchecked against the
+    data: a file that does not fit the model is refused here, before the data set is listed."""
+    return models.build_model_from_checkpoint(args.teacher_path, cc_model_name(args.teacher_model or args.model),
+                                              img_size=args.input_size, warn=rank0_print, flag='--teacher-model')
+
+
+def build_teacher(args, device: torch.device, num_classes: int, dataset=None,
+                  loaded: Optional[Tuple[nn.Module, dict]] = None) -> nn.Module:
+    """The dense teacher of --teacher-path (``loaded``: :func:`load_teacher`'s result, where it was read
+    already), frozen in eval mode; a file that records other classes than ``dataset``'s (the training set) is
+    refused: its logits would teach the student other classes' labels."""
+    teacher, source = loaded or load_teacher(args)
     if teacher.num_classes != num_classes:
         raise UserError(f'the teacher {args.teacher_path} has {teacher.num_classes} classes, '
                         f'the student {num_classes}')
@@ -1219,12 +1228,15 @@ def build_training(args, device: torch.device, resumed: Optional[dict]) -> Tuple
     with the ``--resume`` file's contents (``resumed``, as :func:`run` read them; {} without one)."""
     from timm.utils import ModelEmaV2
 
+    # The files' models (their heads sized by the files) before the data, as for --prune: weights that do not fit
+    # --model or --teacher-model are refused before the data sets are listed, which takes minutes on ImageNet.
+    if args.resume:
+        model, checkpoint = load_model(args, args.resume, args.model, checkpoint=resumed)
+    loaded_teacher = load_teacher(args) if args.distillation_type != 'none' else None
     dataset_train, nb_classes = build_data(args, train=True)
     dataset_val, _ = build_data(args, train=False)
     check_same_classes(args, dataset_val, dataset_train)
-    if args.resume:
-        model, checkpoint = load_model(args, args.resume, args.model, nb_classes, resumed)
-    else:
+    if not args.resume:
         rank0_print(f'No --resume: training a dense {args.model} from random initialisation')
         model, checkpoint = new_model(args, nb_classes), {}
     check_classes(nb_classes, model, 'training')
@@ -1235,7 +1247,7 @@ def build_training(args, device: torch.device, resumed: Optional[dict]) -> Tuple
 
     teacher = None
     if args.distillation_type != 'none':
-        teacher = build_teacher(args, device, model.num_classes, dataset_train)
+        teacher = build_teacher(args, device, model.num_classes, dataset_train, loaded_teacher)
         rank0_print(f'Teacher {cc_model_name(args.teacher_model or args.model)} from {args.teacher_path} (dense)')
         if hasattr(model, 'set_distilled_training'):  # DeiT's distilled models: KD through the distillation head
             model.set_distilled_training(True)

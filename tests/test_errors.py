@@ -559,6 +559,23 @@ def test_checkpoint_of_another_model_size(capsys, world, earlier):
         r'the checkpoint but \(1, 1, 96\) in the model \(another model size\? set --model\)')
 
 
+@pytest.mark.parametrize('mode', ['eval', 'finetune', 'teacher'])
+def test_weights_that_do_not_fit_the_model_are_refused_before_the_data_is_listed(capsys, monkeypatch, world, earlier,
+                                                                                 mode):
+    """A file of another model (here a DeiT-Ti file for the digits model) given to --eval, to a finetune as
+    --resume or as --teacher-path was refused only once the data sets had been listed (minutes on ImageNet), as
+    the model was built after them; --prune builds it first, and so do they now."""
+    monkeypatch.setattr(finetune, 'build_data', no_work)
+    argv = {'eval': ['--eval', '--resume', world['tiny'], '--data-path', world['data']],
+            'finetune': finetune_args(world, earlier, '--resume', world['tiny']),
+            'teacher': finetune_args(world, earlier, '--resume', world['dense'], '--distillation-type', 'soft',
+                                     '--teacher-path', world['tiny'])}[mode]
+    before = snapshot(earlier)
+    assert_one_line_error(capsys, argv, EXIT_USER_ERROR, rf'^error: {re.escape(world["tiny"])} does not fit '
+                                                         r'cc_deit_digits_patch4_32: cls_token has shape')
+    assert snapshot(earlier) == before
+
+
 def test_checkpoint_whose_args_name_another_model_is_refused_even_where_the_weights_fit(capsys, world, tmp_path):
     """A file this project wrote names its model; ViT-S and DeiT-S have the same shapes but not the same input
     normalisation, so --model must be the model the file holds (left out, the file's own model is not guessed)."""
