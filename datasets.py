@@ -504,11 +504,16 @@ def build_data(args, train: bool):
     return dataset, nb_classes
 
 
-def check_classes(nb_classes: int, model: torch.nn.Module, what: str) -> None:
+def check_classes(nb_classes: int, model: torch.nn.Module, what: str, trains: bool = False) -> None:
     """The head must have a logit for every class of the data; a head with more classes than the data set has
-    (a checkpoint of another data set?) is allowed, with a warning."""
+    (a checkpoint of another data set?) is allowed, with a warning.  A set the model is trained on (``trains``)
+    has at least two classes: on one, every label is that class (a fresh one-class head's loss is 0 from the
+    first step), so finetuning would teach nothing but it."""
     if nb_classes is None:
         return
+    if trains and nb_classes < 2:
+        raise UserError(f'the {what} set has {nb_classes} class{"es" * (nb_classes != 1)}: finetuning on it would '
+                        f'teach every image the same label (a classifier needs at least 2 classes)')
     if nb_classes > model.num_classes:
         raise UserError(f'the {what} set has {nb_classes} classes but the model\'s head has {model.num_classes}')
     if nb_classes < model.num_classes:

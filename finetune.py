@@ -1239,7 +1239,7 @@ def build_training(args, device: torch.device, resumed: Optional[dict]) -> Tuple
     if not args.resume:
         rank0_print(f'No --resume: training a dense {args.model} from random initialisation')
         model, checkpoint = new_model(args, nb_classes), {}
-    check_classes(nb_classes, model, 'training')
+    check_classes(nb_classes, model, 'training', trains=True)
     continuing = is_training_checkpoint(checkpoint)
     check_recorded_classes(checkpoint, dataset_train, args, 'training', continuing)  # (earlier runs: checked in run)
     model.to(device)

@@ -137,6 +137,19 @@ def test_empty_class_folder(capsys, world, earlier, tmp_path):
                           rf'no images in {re.escape(str(data / "train"))}: Found no valid file for the classes zz')
 
 
+@pytest.mark.parametrize('resume', [False, True])
+def test_finetuning_on_a_single_class_is_refused(capsys, world, earlier, tmp_path, resume):
+    """One class folder: a fresh model got a one-class head, whose loss is 0 from the first step, and the run
+    finished and wrote its checkpoints at 100% accuracy; a resumed head would be taught the one label only."""
+    data = make_image_folder(tmp_path / 'one', classes=('a',), per_class=(8, 4), size=(32, 32))
+    before = snapshot(earlier)
+    extra = ['--resume', world['dense']] if resume else []
+    assert_one_line_error(capsys, finetune_args(world, earlier, '--data-path', data, *extra), EXIT_USER_ERROR,
+                          r'^error: the training set has 1 class: finetuning on it would teach every image the same '
+                          r'label \(a classifier needs at least 2 classes\)$')
+    assert snapshot(earlier) == before
+
+
 def test_class_folder_of_files_the_image_folder_does_not_read(capsys, world, earlier, tmp_path):
     """A class folder holding only .gif files was said to have 'no valid file' and nothing more (the note naming
     the extensions left out comes once the folder is listed, which this error stops)."""
