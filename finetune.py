@@ -472,6 +472,8 @@ def validate_args(args, void: Set[str] = frozenset(), finished: bool = False) ->
     if args.resume and os.path.isdir(args.resume):
         raise UserError(f'--resume {args.resume} is a directory; give the checkpoint file '
                         f'(e.g. {os.path.join(args.resume, "checkpoint.pth")})')
+    if args.resume and os.path.exists(args.resume) and not os.path.isfile(args.resume):
+        raise UserError(f'--resume {args.resume} is not a regular file (a device, a pipe?); give the checkpoint file')
     if args.resume and not os.path.isfile(args.resume):
         raise UserError(f'checkpoint not found: {args.resume}')
     if not modes and not args.output_dir:
@@ -486,6 +488,9 @@ def validate_args(args, void: Set[str] = frozenset(), finished: bool = False) ->
         if os.path.isdir(args.teacher_path):
             raise UserError(f'--teacher-path {args.teacher_path} is a directory; give the checkpoint file of the '
                             f'teacher')
+        if os.path.exists(args.teacher_path):
+            raise UserError(f'--teacher-path {args.teacher_path} is not a regular file (a device, a pipe?); give the '
+                            f'checkpoint file of the teacher')
         raise UserError(f'teacher checkpoint not found: {args.teacher_path}')
     args.model = cc_model_name(args.model)
     if args.teacher_model:

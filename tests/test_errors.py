@@ -468,6 +468,19 @@ def test_checkpoint_that_is_a_directory(capsys, world, earlier, tmp_path):
                               rf'--resume {re.escape(str(tmp_path))} is a directory; give the checkpoint file')
 
 
+def test_a_checkpoint_that_is_not_a_regular_file_is_not_said_to_be_missing(capsys, world, earlier, tmp_path):
+    """/dev/null or a named pipe is there, but is no file: it was answered 'checkpoint not found'."""
+    pipe = tmp_path / 'pipe.pth'
+    os.mkfifo(pipe)
+    for path in (pipe, pathlib.Path(os.devnull)):
+        assert_one_line_error(capsys, ['--eval', '--resume', path, '--data-path', world['data']], EXIT_USER_ERROR,
+                              rf'^error: --resume {re.escape(str(path))} is not a regular file \(a device, a pipe\?\); '
+                              r'give the checkpoint file$')
+        assert_one_line_error(capsys, finetune_args(world, earlier, '--resume', world['dense'], '--distillation-type',
+                                                    'soft', '--teacher-path', path), EXIT_USER_ERROR,
+                              rf'^error: --teacher-path {re.escape(str(path))} is not a regular file')
+
+
 def test_garbage_checkpoint(capsys, world, earlier, tmp_path):
     garbage = tmp_path / 'garbage.pth'
     garbage.write_bytes(b'hello, this is not a checkpoint at all')
