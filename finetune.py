@@ -1238,8 +1238,10 @@ def build_training(args, device: torch.device, resumed: Optional[dict]) -> Tuple
     if args.resume:
         model, checkpoint = load_model(args, args.resume, args.model, checkpoint=resumed)
     loaded_teacher = load_teacher(args) if args.distillation_type != 'none' else None
-    dataset_train, nb_classes = build_data(args, train=True)
+    # the validation set first, as --prune lists it: a missing or broken val/ is said before train/ is listed, which
+    # takes minutes on ImageNet
     dataset_val, _ = build_data(args, train=False)
+    dataset_train, nb_classes = build_data(args, train=True)
     check_same_classes(args, dataset_val, dataset_train)
     if not args.resume:
         rank0_print(f'No --resume: training a dense {args.model} from random initialisation')

@@ -115,11 +115,17 @@ def test_empty_data_path(capsys, world, earlier, tmp_path):
     assert snapshot(earlier) == before
 
 
-def test_missing_split(capsys, world, earlier, tmp_path):
+def test_missing_split(capsys, world, earlier, tmp_path, monkeypatch):
+    """A missing val/ is said before train/ is listed (minutes on ImageNet): finetuning listed train/ first."""
+    import datasets
+    listed, image_folder = [], datasets.image_folder
+    monkeypatch.setattr(datasets, 'image_folder', lambda split, transform: listed.append(split) or
+                        image_folder(split, transform))
     data = copy_data(world, tmp_path)
     shutil.rmtree(data / 'val')
     assert_one_line_error(capsys, finetune_args(world, earlier, '--data-path', data), EXIT_USER_ERROR,
                           rf'split not found: {re.escape(str(data / "val"))}')
+    assert listed == [str(data / 'val')], listed
 
 
 def test_split_without_class_folders(capsys, world, earlier, tmp_path):
