@@ -567,6 +567,18 @@ MUTANTS: List[Mutant] = [
            '    if True:',
            [T + 'test_recipe.py::test_an_lr_noise_that_no_trained_epoch_reaches_is_one_line'],
            "an --lr-noise that no trained epoch reaches accepted, adding no noise"),
+    mutant('single-class-finetuned', 'datasets.py',
+           '    if trains and nb_classes < 2:', '    if False:',
+           [T + 'test_errors.py::test_finetuning_on_a_single_class_is_refused'],
+           'a training set of one class finetuned on: a one-class head, loss 0, checkpoints at 100% accuracy'),
+    mutant('eval-model-after-data', 'finetune.py',
+           '    dataset_val, nb_classes = build_data(args, train=False)\n    check_same_classes(args, dataset_val)\n',
+           '    dataset_val, nb_classes = build_data(args, train=False)\n    check_same_classes(args, dataset_val)\n'
+           '    model, checkpoint = load_model(args, args.resume, args.model, checkpoint=resumed)\n',
+           [T + 'test_errors.py::test_weights_that_do_not_fit_the_model_are_refused_before_the_data_is_listed'],
+           'weights that do not fit --model found by --eval only after the data set was listed',
+           ('    model, checkpoint = load_model(args, args.resume, args.model, checkpoint=resumed)\n'
+            '    dataset_val, nb_classes', '    dataset_val, nb_classes')),
 ]
 
 
