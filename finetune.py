@@ -582,6 +582,18 @@ def check_lr_noise_reaches_an_epoch(fractions: Sequence[float], epochs: int) -> 
                     f'epoch, as in DeiT), so no epoch would get noise')
 
 
+def warmup_note(args) -> Optional[str]:
+    """A ``note:`` when the warm-up outlasts the epochs a finetuning run trains: the schedule is stepped after each
+    epoch, so the last epoch trains at step final_finetune - 2 (epoch 0 at step 0), and timm warms up at every
+    step below --warmup-epochs: then no epoch trains at the --sched schedule, only at warm-up rates."""
+    last = max(args.final_finetune - 2, 0)
+    if args.warmup_epochs <= last:
+        return None
+    return (f'note: --warmup-epochs {args.warmup_epochs} outlasts this {args.final_finetune}-epoch run: its epochs '
+            f'train at schedule steps 0..{last} (epoch k >= 1 at step k - 1), all of them warm-up steps, so no '
+            f'epoch trains at the --sched {args.sched} schedule')
+
+
 # ----------------------------------------------------------------------------------------------------------
 # continuing a finetuning run: its own settings, unless the command line says otherwise
 
@@ -1634,6 +1646,8 @@ def run(args) -> Dict[str, float]:
             read_log(paths['log.txt'])
             # another run's results: refused before the data is listed (minutes on ImageNet)
             check_earlier_run(args, resumed is not None and is_training_checkpoint(resumed))
+    if not modes_of(args) and finished is None:
+        notes += filter(None, [warmup_note(args)])
     notes += unused_flag_notes(args, get_args_parser(), said=no_effect)
     init_distributed_mode(args)
     for line in notes:

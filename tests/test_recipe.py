@@ -215,6 +215,26 @@ def test_warm_up_decay_and_cool_down_land_where_the_original_puts_them(monkeypat
     assert [lr[1] for lr in lrs] == pytest.approx([1e-6, 1e-6, 1e-6, 5e-7, 5e-7, 2.5e-7], rel=1e-12)
 
 
+@pytest.mark.parametrize('sched', ['cosine', 'step'])
+def test_a_warm_up_that_outlasts_the_run_is_noted_exactly_when_no_epoch_trains_past_it(monkeypatch, sched):
+    """The note fires exactly when every epoch, as engine.train_epochs steps timm's schedule, trains below the
+    scaled lr at a warm-up rate (rising from --warmup-lr), judged here from the rates the epochs train at."""
+    model = models.create_model('deit_digits_patch4_32')
+    base = 0.01 * 64 / 512
+    for epochs, warmup in ((1, 0), (1, 1), (2, 1), (3, 1), (3, 2), (4, 2), (4, 3), (5, 5)):
+        args = finetune.get_args_parser().parse_args(['--sched', sched, '--warmup-epochs', str(warmup),
+                                                      '--final_finetune', str(epochs), '--uniform-lr'])
+        lrs = [lr[0] for lr in epoch_lrs(monkeypatch, args, model, epochs)[1]]
+        warm = [1e-5 + t * (base - 1e-5) / warmup for t in range(warmup)]
+        all_warm = all(any(lr == pytest.approx(w, rel=1e-12) for w in warm) and lr < base for lr in lrs)
+        note = finetune.warmup_note(args)
+        assert (note is not None) == all_warm, (epochs, warmup, lrs)
+        if note:
+            assert note == (f'note: --warmup-epochs {warmup} outlasts this {epochs}-epoch run: its epochs train at '
+                            f'schedule steps 0..{max(epochs - 2, 0)} (epoch k >= 1 at step k - 1), all of them '
+                            f'warm-up steps, so no epoch trains at the --sched {sched} schedule')
+
+
 def test_multistep_decays_from_the_milestones_given(monkeypatch):
     """--sched multistep multiplies the lr by --decay-rate from each epoch --decay-milestones names; the milestones
     are a flag (timm's scheduler otherwise decays at its own 30 and 60, which no flag set: within the default 30
@@ -1281,6 +1301,11 @@ NOTED = {  # the run's flags beyond DIGITS_ARGS (--mixup 0 --cutmix 0 --aa none 
                        'note: --no-repeated-aug has no effect: repeated augmentation shares each image among several '
                        'processes (as in DeiT); one process shuffles plainly',
                        "note: --patience-epochs 3, --min-lr 1e-05 have no effect: not read by timm's step schedule"]),
+    'finetune-warm-up': (['--data-set', 'DIGITS', '--final_finetune', '1', '--warmup-epochs', '1'],
+                         ['note: --warmup-epochs 1 outlasts this 1-epoch run: its epochs train at schedule steps 0..0 '
+                          '(epoch k >= 1 at step k - 1), all of them warm-up steps, so no epoch trains at the --sched '
+                          'cosine schedule',
+                          'note: --aa none, --reprob 0.0 have no effect: --data-set DIGITS has its own fixed transform']),
     'speed': (['--speed-only', '--data-set', 'IMNET', '--speed-repeats', '1', '--speed-warmup', '0'],
               ['note: --mixup 0.0, --cutmix 0.0, --aa none, --reprob 0.0 have no effect: --speed-only trains nothing',
                'note: --data-set IMNET, --num_workers 0, --print-freq 100 have no effect: --speed-only times random '
