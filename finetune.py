@@ -1594,6 +1594,21 @@ def writes_output(args) -> bool:
     return bool(args.prune or not modes_of(args))
 
 
+def check_output_outside_splits(args) -> None:
+    """An --output_dir inside an image folder's ``train/`` or ``val/`` (IMNET) is refused: the folders the run
+    writes there (its output folder, --prune's TensorBoard folder) would be read as classes of that split by the
+    next run on the data."""
+    if args.data_set != 'IMNET' or not args.data_path:
+        return
+    out = os.path.realpath(args.output_dir)
+    for split in ('train', 'val'):
+        root = os.path.realpath(os.path.join(args.data_path, split))
+        if out == root or out.startswith(root + os.sep):
+            raise UserError(f'--output_dir {args.output_dir} lies inside the {split} split of --data-path '
+                            f'({os.path.join(args.data_path, split)}): the folders a run writes there would be read '
+                            f'as classes; choose a folder outside train/ and val/')
+
+
 def check_appendable(path: str, reads: bool) -> None:
     """The results file a run appends to (``reads``: and a continued run reads back, ``log.txt``) is, if it is
     there already, a file the run may write (and read)."""
@@ -1630,6 +1645,7 @@ def run(args) -> Dict[str, float]:
         raise _with_origin(e, args, inherited) from None
     args.device = resolve_device(args.device)
     if writes_output(args):
+        check_output_outside_splits(args)
         try:
             check_output_dir(args.output_dir)
             if args.prune:

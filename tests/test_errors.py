@@ -796,6 +796,27 @@ def test_output_dir_that_cannot_be_written(capsys, world, tmp_path):
     assert blocker.read_text() == 'not a directory'
 
 
+@pytest.mark.parametrize('mode', ['finetune', 'prune'])
+@pytest.mark.parametrize('inside', ['train/out', 'val', 'val/a/deeper'])
+def test_an_output_dir_inside_a_split_of_the_data_is_refused(capsys, world, tmp_path, mode, inside):
+    """Folders written inside train/ or val/ would become classes of the split (an empty one breaks the next run);
+    nothing is created. A folder beside the splits is allowed (the runs only read train/ and val/)."""
+    data = tmp_path / 'data'
+    shutil.copytree(world['data'], data)
+    before = snapshot(data)
+    out = data / inside
+    argv = (finetune_args if mode == 'finetune' else prune_args)(dict(world, data=data), out)
+    split = inside.split('/')[0]
+    assert_one_line_error(capsys, argv, EXIT_USER_ERROR,
+                          rf'^error: --output_dir {re.escape(str(out))} lies inside the {split} split of --data-path '
+                          rf'\({re.escape(str(data / split))}\)')
+    assert snapshot(data) == before
+    assert sorted(p.name for p in (data / split).iterdir()) == ['a', 'b', 'c', 'd']
+    if mode == 'prune':  # beside the splits: a run as usual
+        code, _, err = cli(capsys, *prune_args(dict(world, data=data), data / 'runs'))
+        assert code == 0, err
+
+
 @pytest.mark.parametrize('argv, pattern', [
     (['--eval'], r'--eval needs --resume CHECKPOINT'),
     (['--prune'], r'--prune needs --resume CHECKPOINT'),
