@@ -315,3 +315,46 @@ def test_a_block_that_keeps_no_token_trains_under_several_processes(tmp_path):
         assert all(torch.equal(got[k], v) for k, v in idle.items())
     untrained = gap_model_with_an_idle_block()
     assert not torch.equal(reference.blocks[0].attn.qkv.weight, untrained.blocks[0].attn.qkv.weight)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the epoch loop: training and evaluation modes, the epoch's averaged loss
+
+class ModeRecorder(nn.Module):
+    """A linear classifier that records, at every forward, whether it was called in training mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(2, 3)
+        self.modes = []
+
+    def forward(self, x):
+        self.modes.append(self.training)
+        return self.linear(x)
+
+
+def two_epochs_of_a_mode_recorder():
+    """engine.train_epochs for 2 epochs of a ModeRecorder left in eval mode, at lr 0 (the weights stay), on 4 images
+    in training batches of 3 and 1.  Returns (model, the images, their labels, each epoch's training stats)."""
+    torch.manual_seed(0)
+    model = ModeRecorder().eval()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(4, 2, generator=g), torch.tensor([0, 2, 1, 1])
+    run = engine.Training(model=model, model_without_ddp=model, criterion=lambda s, out, t: F.cross_entropy(out, t),
+                          optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+                          lr_scheduler=argparse.Namespace(step=lambda epoch: None),
+                          scaler=torch.amp.GradScaler('cuda', enabled=False), amp=False, clip_grad=None,
+                          model_ema=None, mixup_fn=None, loader_train=DataLoader(TensorDataset(x, y), batch_size=3),
+                          loader_val=DataLoader(TensorDataset(x, y), batch_size=4), device=torch.device('cpu'))
+    stats = []
+    engine.train_epochs(run, 0, 2, -1.0, lambda epoch, train_stats, *rest: stats.append(train_stats),
+                        printer=lambda *a: None)
+    return model, x, y, stats
+
+
+def test_each_epoch_trains_in_training_mode_and_evaluates_in_eval_mode():
+    """From a model left in eval mode, each epoch trains in training mode (dropout, drop-path on) and evaluates in
+    eval mode, whatever mode the step before left it in."""
+    model, _, _, _ = two_epochs_of_a_mode_recorder()
+    assert model.modes == [True, True, False] * 2
+
