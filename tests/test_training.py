@@ -358,3 +358,12 @@ def test_each_epoch_trains_in_training_mode_and_evaluates_in_eval_mode():
     model, _, _, _ = two_epochs_of_a_mode_recorder()
     assert model.modes == [True, True, False] * 2
 
+
+def test_the_epoch_loss_is_the_mean_over_its_images():
+    """The epoch's logged loss is the mean over its images: a last batch of 1 image weighs a quarter (of 4
+    images), not a half (of 2 batches)."""
+    model, x, y, stats = two_epochs_of_a_mode_recorder()
+    with torch.no_grad():
+        per_image = F.cross_entropy(model.linear(x), y, reduction='none')
+    assert [s['loss'] for s in stats] == [pytest.approx(per_image.mean().item(), rel=1e-6)] * 2
+    assert per_image.mean().item() != pytest.approx((per_image[:3].mean() + per_image[3]).item() / 2, rel=1e-3)
