@@ -67,6 +67,21 @@ def test_distilled_student_base_loss_reads_the_class_head_and_kd_the_distillatio
         pytest.approx(ce(cls_out, y).item())
 
 
+@pytest.mark.parametrize('kind', ['soft', 'hard'])
+def test_the_teacher_gets_no_gradient_and_builds_no_graph(kind):
+    """The teacher's forward runs without autograd: a teacher whose weights still require gradients (frozen or
+    not) gets none from the loss, and the student's gradient is the one of fixed teacher outputs."""
+    torch.manual_seed(0)
+    student, teacher = nn.Linear(5, 4), nn.Linear(5, 4)
+    x, y = torch.randn(6, 5), torch.tensor([0, 1, 2, 3, 0, 1])
+    DistillationLoss(nn.CrossEntropyLoss(), teacher, kind, 0.5, 2.0)(x, student(x), y).backward()
+    assert teacher.weight.grad is None and teacher.bias.grad is None
+    fixed = _Fixed(teacher(x).detach())
+    expected = torch.autograd.grad(DistillationLoss(nn.CrossEntropyLoss(), fixed, kind, 0.5, 2.0)(x, student(x), y),
+                                   student.weight)[0]
+    assert torch.allclose(student.weight.grad, expected, atol=1e-7)
+
+
 def test_distillation_needs_a_teacher():
     with pytest.raises(ValueError, match='teacher'):
         DistillationLoss(nn.CrossEntropyLoss(), None, 'soft')
