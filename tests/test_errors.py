@@ -696,6 +696,19 @@ def test_checkpoint_that_would_run_code_is_refused(capsys, world, earlier, tmp_p
     assert snapshot(earlier) == before
 
 
+@pytest.mark.parametrize('mmap', [False, True])
+def test_a_checkpoint_that_would_run_code_is_refused_also_when_only_mapped(tmp_path, mmap):
+    """Reading only a file's args (mmap=True: a continued run's first look at --resume, best.pth, a teacher) is as
+    safe as reading it whole: the object is refused, and its code never runs."""
+    marker = tmp_path / 'code-ran'
+    path = tmp_path / 'evil.pth'
+    torch.save({'model': {'w': torch.zeros(2)}, 'args': RunsCode(marker)}, path)
+    with pytest.raises(UserError, match=rf'^refusing to load {re.escape(str(path))}: it holds the object '
+                                        r'posix\.system, which could run code'):
+        utils.load_checkpoint_file(str(path), mmap=mmap)
+    assert not marker.exists()
+
+
 def test_teacher_of_another_model_size_names_the_teacher_flag(capsys, world, earlier):
     assert_one_line_error(
         capsys, finetune_args(world, earlier, '--resume', world['dense'], '--distillation-type', 'soft',
