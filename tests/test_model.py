@@ -417,6 +417,26 @@ def test_models_create_model_loads_a_file_as_eval_does(tmp_path):
         models.create_model('deit_tiny_patch16_224', img_size=64, depth=3, checkpoint_path=str(path))
 
 
+def test_released_channels_as_tensors_are_checked_against_the_masks(tmp_path):
+    """A released pruned file ({'model', 'channels'} with 0-dim tensor channels, argparse.Namespace args): channels
+    that agree with the masks say nothing; channels that disagree are one warning naming both lists as numbers, and
+    the masks win."""
+    torch.manual_seed(0)
+    pruned = models.create_model('cc_deit_digits_patch4_32')
+    pruning.apply_masks(pruned, pruning.random_masks(6, 64, 0.3, generator=torch.Generator().manual_seed(0)))
+    kept = [int(m.sum()) for m in pruned.masks]  # (counted here from the masks themselves)
+    wrong = [c - 1 for c in kept]
+    path = str(tmp_path / 'released.pth')
+    for channels, said in ((kept, []), (wrong, [f'warning: {path} lists channels {wrong}, but its masks keep {kept}; '
+                                                 f'using the masks'])):
+        torch.save({'model': pruned.state_dict(), 'channels': [torch.tensor(c) for c in channels],
+                    'args': argparse.Namespace(model='deit_digits_patch4_32', prune_rate=0.3)}, path)
+        lines = []
+        model, _ = models.build_model_from_checkpoint(path, None, warn=lines.append)
+        assert lines == said
+        assert all(torch.equal(a, b) for a, b in zip(model.masks, pruned.masks))
+
+
 def test_a_file_whose_head_has_other_classes_says_num_classes(tmp_path):
     """A model finetuned on 10 classes, loaded by models.create_model with timm's default 1000: the head's
     shape names the number of classes to pass, not another model name (which would not help)."""
