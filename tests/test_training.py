@@ -258,6 +258,41 @@ def test_smoothed_values_format_the_window_and_the_whole_run():
     assert 'loss: 2.0000 (2.0000)' in lines[1] and lines[2].startswith('Test: Total time: ')
 
 
+class TimedBatches:
+    """Four batches, each taking ``data[i]`` seconds of the fake ``clock`` to load."""
+
+    def __init__(self, clock, data):
+        self.clock, self.data = clock, data
+
+    def __len__(self):
+        return len(self.data)
+
+    def __iter__(self):
+        for i, seconds in enumerate(self.data):
+            self.clock[0] += seconds
+            yield i
+
+
+def test_progress_lines_show_the_eta_of_the_mean_step_and_the_last_step(monkeypatch):
+    """On a fake clock: a step's time is its loading and its work, the ETA is the mean step time so far times the
+    steps left, the last step is printed whatever print_freq says, then the total."""
+    import types
+    from utils import progress
+    clock = [0.0]
+    monkeypatch.setattr(progress, 'time', types.SimpleNamespace(time=lambda: clock[0]))
+    data, work = [1, 0, 2, 1], [9, 20, 28, 10]  # steps of 10, 20, 30 and 11 seconds
+    lines = []
+    logger = progress.MetricLogger(printer=lines.append)
+    for i in logger.log_every(TimedBatches(clock, data), print_freq=2, header='Epoch: [0]'):
+        clock[0] += work[i]
+    # printed after steps 0, 2 and (the last) 3: mean step 10, 20 and 71 / 4 s, with 3, 1 and 0 steps left
+    assert [line.split('  ') for line in lines[:3]] == [
+        ['Epoch: [0] [0/4]', 'eta: 0:00:30', '', 'time: 10.0000', 'data: 1.0000'],
+        ['Epoch: [0] [2/4]', 'eta: 0:00:20', '', 'time: 20.0000', 'data: 1.0000'],
+        ['Epoch: [0] [3/4]', 'eta: 0:00:00', '', 'time: 17.7500', 'data: 1.0000']]
+    assert lines[3:] == ['Epoch: [0] Total time: 0:01:11 (17.7500 s / it)']
+
+
 # ----------------------------------------------------------------------------------------------------------
 # several processes
 
