@@ -293,6 +293,20 @@ def test_progress_lines_show_the_eta_of_the_mean_step_and_the_last_step(monkeypa
     assert lines[3:] == ['Epoch: [0] Total time: 0:01:11 (17.7500 s / it)']
 
 
+def test_only_the_first_process_prints_and_writes_tensorboard(monkeypatch, tmp_path, capsys):
+    """rank0_print and TensorBoard are silent on every process but the first (whose output they are)."""
+    from utils import progress
+    for main in (False, True):
+        monkeypatch.setattr(progress, 'is_main_process', lambda: main)
+        progress.rank0_print('Max accuracy: 50.00%')
+        tb = progress.TensorBoard(str(tmp_path / f'tb-{main}'))
+        tb.scalars({'loss': 1.0}, 0)
+        tb.close()
+    assert capsys.readouterr().out == 'Max accuracy: 50.00%\n'
+    assert not (tmp_path / 'tb-False').exists()
+    assert [p.name.startswith('events.out.tfevents') for p in (tmp_path / 'tb-True').iterdir()] == [True]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # several processes
 
