@@ -437,6 +437,23 @@ def test_released_channels_as_tensors_are_checked_against_the_masks(tmp_path):
         assert all(torch.equal(a, b) for a, b in zip(model.masks, pruned.masks))
 
 
+def test_models_create_model_refuses_a_file_of_another_model_of_the_same_shapes(tmp_path):
+    """A file whose args name ViT-Ti (the shapes of DeiT-Ti, another input normalisation) is refused by
+    models.create_model('deit_tiny_patch16_224', checkpoint_path=...), as --eval refuses it; one that names the
+    same model, pretrained tag or not, loads."""
+    model, sd = _pruned_state(tmp_path)
+    path = tmp_path / 'checkpoint.pth'
+    for recorded in ('deit_tiny_patch16_224.fb_in1k', 'deit_tiny_patch16_224'):
+        torch.save({'model': sd, 'args': argparse.Namespace(model=recorded)}, path)
+        loaded = models.create_model('deit_tiny_patch16_224', img_size=64, depth=3, checkpoint_path=str(path))
+        assert all(torch.equal(loaded.state_dict()[k], v) for k, v in sd.items())
+    torch.save({'model': sd, 'args': argparse.Namespace(model='vit_tiny_patch16_224')}, path)
+    with pytest.raises(UserError, match=re.escape(
+            f'{path} holds vit_tiny_patch16_224 (the model its args name), not deit_tiny_patch16_224: set the model '
+            f'name vit_tiny_patch16_224')):
+        models.create_model('deit_tiny_patch16_224', img_size=64, depth=3, checkpoint_path=str(path))
+
+
 def test_a_file_whose_head_has_other_classes_says_num_classes(tmp_path):
     """A model finetuned on 10 classes, loaded by models.create_model with timm's default 1000: the head's
     shape names the number of classes to pass, not another model name (which would not help)."""
