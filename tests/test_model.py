@@ -454,6 +454,22 @@ def test_models_create_model_refuses_a_file_of_another_model_of_the_same_shapes(
         models.create_model('deit_tiny_patch16_224', img_size=64, depth=3, checkpoint_path=str(path))
 
 
+def test_dense_copy_is_the_dense_model_and_leaves_the_pruned_one_as_it_is(tmp_path):
+    """dense_copy (the dense row of --speed-only, the dense FLOPs of --prune) computes timm's model of the same
+    weights, and the pruned model keeps its masks and its outputs."""
+    model, sd = _pruned_state(tmp_path)
+    model.eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        before = model(x)
+        dense = models.dense_copy(model)
+        reference = timm.create_model('deit_tiny_patch16_224', img_size=64, depth=3).eval()
+        reference.load_state_dict({k: v for k, v in sd.items() if not k.endswith('token_index')})
+        assert torch.allclose(dense(x), reference(x), atol=1e-5)
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in sd.items())
+        assert torch.equal(model(x), before) and not torch.allclose(before, reference(x), atol=1e-3)
+
+
 def test_a_file_whose_head_has_other_classes_says_num_classes(tmp_path):
     """A model finetuned on 10 classes, loaded by models.create_model with timm's default 1000: the head's
     shape names the number of classes to pass, not another model name (which would not help)."""
