@@ -399,6 +399,17 @@ def test_repeated_augmentation_sampler():
     assert list(samplers[0]) != parts[0]
 
 
+def test_repeated_augmentation_sampler_without_shuffling_keeps_the_data_sets_order():
+    """shuffle=False: the copies of image 0, then of image 1, ... dealt out to the processes in turn, the same
+    every epoch."""
+    for rank in range(2):
+        sampler = RASampler(list(range(10)), 2, rank, shuffle=False, repeats=3, seed=4)
+        expected = [0, 0, 1, 2, 2] if rank == 0 else [0, 1, 1, 2, 3]  # of 0 0 0 1 1 1 2 2 2 3 ..., every other one
+        assert list(sampler) == expected
+        sampler.set_epoch(5)
+        assert list(sampler) == expected
+
+
 def test_a_16_bit_png_is_read_at_its_brightness(tmp_path):
     """Pillow's convert('RGB') clips a 16-bit grey image at 255: a gradient came out all but white."""
     import numpy as np
