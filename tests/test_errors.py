@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+import zipfile
 
 import pytest
 import torch
@@ -707,6 +708,18 @@ def test_a_checkpoint_that_would_run_code_is_refused_also_when_only_mapped(tmp_p
                                         r'posix\.system, which could run code'):
         utils.load_checkpoint_file(str(path), mmap=mmap)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize('mmap', [False, True])
+def test_a_checkpoint_in_torchs_legacy_format_loads(tmp_path, mmap):
+    """torch.save's format before its zip archives (files written by old releases) has no checksums to check and
+    cannot be mapped: it is read whole, as it was written."""
+    path = tmp_path / 'legacy.pth'
+    sd = {'head.weight': torch.randn(3, 4), 'blocks.0.attn.token_index': torch.tensor([True, False, True])}
+    torch.save({'model': sd, 'channels': [2]}, path, _use_new_zipfile_serialization=False)
+    assert not zipfile.is_zipfile(path)
+    loaded = utils.load_checkpoint_file(str(path), mmap=mmap)
+    assert loaded['channels'] == [2] and all(torch.equal(loaded['model'][k], v) for k, v in sd.items())
 
 
 def test_teacher_of_another_model_size_names_the_teacher_flag(capsys, world, earlier):
