@@ -635,6 +635,12 @@ MUTANTS: List[Mutant] = [
            "    dense = copy.deepcopy(getattr(model, 'module', model))", "    dense = getattr(model, 'module', model)",
            [T + 'test_model.py::test_dense_copy_is_the_dense_model_and_leaves_the_pruned_one_as_it_is'],
            'dense_copy makes the pruned model itself dense'),
+    mutant('legacy-format-called-corrupt', 'utils/checkpoint_io.py',
+           '    if not zipfile.is_zipfile(path):\n        return\n    try:\n'
+           '        with zipfile.ZipFile(path) as archive:\n            bad',
+           '    try:\n        with zipfile.ZipFile(path) as archive:\n            bad',
+           [T + 'test_errors.py::test_a_checkpoint_in_torchs_legacy_format_loads'],
+           "a checkpoint in torch's legacy (non-zip) format refused as a corrupt zip archive"),
 ]
 
 
