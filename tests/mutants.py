@@ -641,6 +641,10 @@ MUTANTS: List[Mutant] = [
            '    try:\n        with zipfile.ZipFile(path) as archive:\n            bad',
            [T + 'test_errors.py::test_a_checkpoint_in_torchs_legacy_format_loads'],
            "a checkpoint in torch's legacy (non-zip) format refused as a corrupt zip archive"),
+    mutant('loss-scaler-not-restored', 'finetune.py',
+           "            training.scaler.load_state_dict(checkpoint['scaler'])\n", '            pass\n',
+           [T + 'test_resume.py::test_resume_restores_the_loss_scaler'],
+           "a resumed run's loss scaler starts afresh (mixed precision's scale and growth count lost)"),
 ]
 
 

@@ -753,6 +753,40 @@ def test_a_run_stopped_between_its_tensorboard_scalars_gets_each_missing_one_onc
     assert tensorboard_steps(out, 'test/acc1') == {0: 40.0, 1: 60.0}
 
 
+def test_resume_restores_the_loss_scaler(capsys, monkeypatch, small, tmp_path):
+    """The loss scaler (mixed precision's, on CUDA) continues where it was: here a CPU GradScaler that doubles its
+    scale at every step it finds finite gradients, so after the run its scale is init x 2^steps, steps counted over
+    both invocations; a resumed scaler started afresh would hold init x 2^(steps of the second one)."""
+    real = torch.amp.GradScaler
+    updates = []
+
+    class Counting(real):
+        def update(self, new_scale=None):
+            updates.append(1)
+            return super().update(new_scale)
+
+    monkeypatch.setattr(torch.amp, 'GradScaler', lambda device, enabled=True: Counting('cpu', init_scale=1024.0,
+                                                                                        growth_interval=1))
+    real_train = engine.train_one_epoch
+
+    def stopped_at_epoch_1(*args, **kwargs):
+        if kwargs.get('epoch', args[5] if len(args) > 5 else None) == 1:
+            raise KeyboardInterrupt
+        return real_train(*args, **kwargs)
+
+    out = tmp_path / 'out'
+    with monkeypatch.context() as patch:
+        patch.setattr(engine, 'train_one_epoch', stopped_at_epoch_1)
+        assert _finetune(out, small['data'], '--resume', small['dense'], '--final_finetune', 2) == 130
+    first = len(updates)
+    assert first > 0 and torch.load(out / 'checkpoint.pth')['scaler']['scale'] == 1024.0 * 2 ** first
+    assert _finetune(out, small['data'], '--resume', out / 'checkpoint.pth', '--final_finetune', 2) == 0
+    capsys.readouterr()
+    saved = torch.load(out / 'checkpoint.pth')
+    assert saved['epoch'] == 1 and len(updates) == 2 * first
+    assert saved['scaler']['scale'] == 1024.0 * 2 ** len(updates)
+
+
 def test_best_pth_is_written_when_accuracy_rises_and_only_then(monkeypatch, small, tmp_path):
     """Acc@1 10, 30, 20, 30, 40: best.pth is written after epochs 0, 1 and 4, never on the tie at epoch 3."""
     writes = []
