@@ -108,6 +108,20 @@ def test_max_batches_draws_no_batch_past_the_cap():
     assert left is not None and left[0] is batches[2][0]
 
 
+def test_a_model_with_frozen_weights_is_scored_as_the_same_model_training():
+    """With every weight frozen (a teacher's requires_grad_(False)) the attention maps need no gradient, so the
+    capture makes each a leaf that does, and the forward must go on from that leaf: if the hook kept the leaf but
+    let the model go on with the original map, the loss did not depend on what was captured.  The scores are
+    those of the same weights unfrozen (which test_scores_equal_independent_autograd_computation checks)."""
+    model = _small_model()
+    batches = _batches()
+    reference = pruning.attention_taylor_scores(model, batches, nn.CrossEntropyLoss())
+    model.requires_grad_(False)
+    frozen = pruning.attention_taylor_scores(model, batches, nn.CrossEntropyLoss())
+    assert torch.allclose(frozen, reference, rtol=1e-5, atol=0) and bool((frozen > 0).all())
+    assert not any(p.requires_grad for p in model.parameters())
+
+
 def test_scoring_changes_nothing_in_the_model():
     model = _small_model()
     plan = torch.ones(3, 16, dtype=torch.bool)
