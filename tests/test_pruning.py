@@ -122,6 +122,28 @@ def test_a_model_with_frozen_weights_is_scored_as_the_same_model_training():
     assert not any(p.requires_grad for p in model.parameters())
 
 
+def test_scores_hold_no_autograd_graph_and_keep_no_batch_alive():
+    """A · ∂L/∂A summed without detaching A made the scores a node of every batch's graph: each batch's
+    activations stayed alive until the scores were dropped, and the scores came back requiring gradients.  They
+    are plain numbers: no grad_fn, and once scoring returns no attention map of any batch is still referenced."""
+    import gc
+    import weakref
+    model = _small_model()
+    maps = []
+
+    def remember(module, inputs, output):
+        maps.append(weakref.ref(output))
+    handles = [blk.attn.attn_drop.register_forward_hook(remember) for blk in model.blocks]
+    try:
+        scores = pruning.attention_taylor_scores(model, _batches(n=2), nn.CrossEntropyLoss())
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert not scores.requires_grad and scores.grad_fn is None
+    gc.collect()
+    assert len(maps) == 2 * 3 and all(ref() is None for ref in maps)
+
+
 def test_scoring_changes_nothing_in_the_model():
     model = _small_model()
     plan = torch.ones(3, 16, dtype=torch.bool)
