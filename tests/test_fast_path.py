@@ -1113,6 +1113,25 @@ def test_bad_arguments_are_refused():
         fast(torch.zeros(1, 3, 64, 64, device=DEVICE))
 
 
+def test_kept_ids_in_any_order_are_checked_and_held_sorted():
+    """A model's kept ids come in its concat order, not sorted: the checks (distinct, within [0, N)) must hold
+    for ids in any order (a duplicate or an id out of range that is not at an end of the list was let through
+    when only neighbours and the ends were compared), and each block holds its ids sorted, as the kernels read
+    them."""
+    model = tiny_cc(0)
+    pruning.apply_masks(model, revisiting_plan(3, 16, 2))
+    given = model.kept_token_ids()
+    assert any(not torch.equal(ids, ids.sort().values) for ids in given)  # concat order, not sorted
+    fast = build_fast_path(model, backend='torch')
+    for blk, ids in zip(fast.blocks, given):
+        assert blk.ids.tolist() == sorted(ids.tolist()) and blk.ids.dtype == torch.int64
+    for bad, said in ((torch.tensor([0, 3, 1, 3]), 'ids must be distinct'),
+                      (torch.tensor([0, 17, 1]), r'ids must lie in \[0, 17\)'),
+                      (torch.tensor([0, -1, 1]), r'ids must lie in \[0, 17\)')):
+        with pytest.raises(ValueError, match=rf'^kept_ids\[1\]: {said}'):
+            build_fast_path(model, backend='torch', kept_ids=[given[0], bad, given[2]])
+
+
 @torch.no_grad()
 def test_captured_batch_size_replays_and_others_run_uncaptured():
     """The dispatch around a CUDA graph, on any device: a stand-in graph whose replay runs the forward on the
