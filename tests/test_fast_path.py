@@ -616,6 +616,24 @@ def test_register_tokens_and_position_embedding_without_class_entry():
 
 
 @torch.no_grad()
+def test_a_norm_before_the_blocks_is_applied():
+    """timm's pre_norm=True (CLIP's ViTs) puts a LayerNorm between the embedding and the blocks (norm_pre, an
+    Identity in DeiT, the only kind the other tests build): the path applies it to the token buffer, dense and
+    pruned.  Its affine is made far from the identity so that leaving it out shows."""
+    torch.manual_seed(21)
+    model = VisionTransformer(**TINY, pre_norm=True).to(DEVICE).eval()
+    assert isinstance(model.norm_pre, torch.nn.LayerNorm)
+    model.norm_pre.weight.uniform_(0.5, 2.0)
+    model.norm_pre.bias.normal_(0, 0.5)
+    x = images(seed=21)
+    assert _close(build_fast_path(model, backend='torch')(x), model(x))
+    ids = _kept_ids(3, 17, 1, seed=21)
+    ref = original_order_reference(model, x, ids)
+    assert _masks_matter(ref, model(x))
+    assert _close(build_fast_path(model, backend='torch', kept_ids=ids)(x), ref)
+
+
+@torch.no_grad()
 def test_residual_stream_in_half_precision():
     """residual_dtype=fp16: the buffer is stored in fp16, the logits stay within fp16 rounding of fp32.  The same
     path with an fp32 buffer runs the same kernels, so the two differ by the stream's rounding alone (about 1e-4
