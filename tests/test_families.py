@@ -66,6 +66,9 @@ FAMILIES = {
     # no pooling: the head predicts each token (in their original order), so it runs once per token
     'per_token_head': ('vit_small_patch16_224', dict(img_size=64, depth=3, embed_dim=64, num_heads=2,
                                                      global_pool='', class_token=False)),
+    # ... with a class token: the head predicts it too (timm pools nothing), one row more than the patches
+    'per_token_head_class_token': ('vit_small_patch16_224', dict(img_size=64, depth=3, embed_dim=64, num_heads=2,
+                                                                 global_pool='')),
 }
 
 
