@@ -151,6 +151,22 @@ def test_a_head_without_pooling_predicts_per_token_in_original_order():
     assert (ours - expected).abs().max().item() < 1e-4
 
 
+def test_inside_original_order_the_outputs_are_the_same_tokens_in_the_same_places():
+    """Inside model.original_order() the tokens never leave their places, so forward_features must not reorder
+    them again (restore_ids undoes the concat order, which did not happen there): its tokens, and a per-token
+    head's predictions, are those of the reference semantics put back in original order, as outside."""
+    model = _reordering_model(global_pool='')
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        tokens, order = reference_tokens(model, x, model.masks)
+        ref = torch.empty_like(tokens)
+        ref[:, order] = tokens
+        with model.original_order():
+            features, logits = model.forward_features(x), model(x)
+    assert (features - ref).abs().max().item() < 1e-4
+    assert (logits - model.head(ref)).abs().max().item() < 1e-4
+
+
 def test_forward_intermediates_are_the_blocks_outputs_in_original_order():
     """timm's forward_intermediates: each block's output, in original order (an NCHW map is the patch grid), with
     exactly the values the concat-order forward computes; the final features are forward_features'."""
