@@ -679,6 +679,14 @@ def test_is_clip_concat_looks_through_the_wrappers_the_mask_functions_look_throu
     assert models.is_clip_concat(model) and models.is_clip_concat(compiled)
     assert pruning.apply_masks(compiled, torch.ones(2, 4, dtype=torch.bool)) == [5, 5]  # (accepted as one)
     assert not models.is_clip_concat(plain) and not models.is_clip_concat(torch.compile(plain))
+    # DistributedDataParallel's way, the model as .module (a stand-in: a real one needs a process group): the
+    # kept counts and the MACs are the model's, not an AttributeError
+    wrapped = torch.nn.Module()
+    wrapped.module = model
+    plan = torch.tensor([[1, 0, 1, 1], [0, 0, 1, 0]], dtype=torch.bool)
+    assert models.is_clip_concat(wrapped) and pruning.apply_masks(wrapped, plan) == [4, 2]
+    assert models.kept_token_counts(wrapped) == models.kept_token_counts(model) == [4, 2]
+    assert models.count_macs(wrapped) == models.count_macs(model, [4, 2]) < models.count_macs(model, [5, 5])
 
 
 def test_mask_api_dense_and_back():
