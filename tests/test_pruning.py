@@ -146,6 +146,7 @@ def test_scores_hold_no_autograd_graph_and_keep_no_batch_alive():
 
 def test_scoring_changes_nothing_in_the_model():
     model = _small_model()
+    model.blocks[1].attn.fused_attn = False  # the user's choice for one block: it comes back as it was
     plan = torch.ones(3, 16, dtype=torch.bool)
     plan[1, :5] = False
     pruning.apply_masks(model, plan)
@@ -161,8 +162,10 @@ def test_scoring_changes_nothing_in_the_model():
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert all(p.grad is None for p in model.parameters())
-    # timm's fused attention is back on and the capture hooks are gone
-    assert all(blk.attn.fused_attn and not blk.attn.attn_drop._forward_hooks for blk in model.blocks)
+    # each block's fused attention is back as it was (on, but where the user turned it off) and the capture hooks
+    # are gone
+    assert [blk.attn.fused_attn for blk in model.blocks] == [True, False, True]
+    assert not any(blk.attn.attn_drop._forward_hooks for blk in model.blocks)
     model.eval()
     with torch.no_grad():
         assert torch.equal(model(x), out_before)
