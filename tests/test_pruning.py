@@ -493,6 +493,9 @@ def test_apply_masks_writes_concat_order_buffers_and_returns_channels():
         assert torch.equal(blk.attn.token_index, expected)
     # Original ids processed by each block: the kept set of the plan, class token included.
     assert [ids.tolist() for ids in model.kept_token_ids()] == [[0, 1, 3], [0, 3, 2], [0, 1, 4]]
+    for ids in model.kept_token_ids():  # copies: what the caller does with them leaves the model's plan alone
+        ids.zero_()
+    assert [ids.tolist() for ids in model.kept_token_ids()] == [[0, 1, 3], [0, 3, 2], [0, 1, 4]]
     sd = model.state_dict()
     assert sd['blocks.1.attn.token_index'].dtype == torch.bool
     fresh = timm.create_model('cc_deit_tiny_patch16_224', img_size=32, depth=3)
