@@ -426,6 +426,56 @@ def test_run_demo_speed_logs_hold_this_runs_timings_only(tmp_path, monkeypatch, 
     assert seen == [False] * len(logs)
 
 
+def test_run_demo_rows_and_verdicts_carry_the_figures_of_their_own_stage(tmp_path, monkeypatch, capsys):
+    """Every figure of results.json, the table and the verdict lines is the one its own stage gave: stages
+    scripted with a different accuracy, GFLOPs and images/s per configuration (and distinct teacher, before and
+    after figures), the expected rows written out by hand here."""
+    import timm
+    out = tmp_path / 'out'
+    tags = [run_demo.rate_tag(mode, rate) for mode, rate in run_demo.CONFIGS]
+    pruned_acc = {tag: 40.0 + i for i, tag in enumerate(tags)}      # 40, 41, 42
+    finetuned_acc = {tag: 70.0 + 3 * i for i, tag in enumerate(tags)}  # 70, 73, 76
+    speed = {tag: {'dense_gflops': 0.05, 'pruned_gflops': 0.04 - 0.01 * i, 'dense_throughput': 1000.0 + 10 * i,
+                   'pruned_throughput': 1500.0 + 100 * i, 'speedup': 1.5 + 0.1 * i} for i, tag in enumerate(tags)}
+    monkeypatch.setattr(run_demo, 'train_teacher', lambda *a, **k: ('teacher.pth', 90.0, False))
+    monkeypatch.setattr(run_demo, 'prune', lambda teacher, mode, rate, *a, **k: {
+        'path': f'pruned_{run_demo.rate_tag(mode, rate)}.pth', 'acc1': pruned_acc[run_demo.rate_tag(mode, rate)]})
+
+    def distill(pruned, teacher, out_dir, common, epochs, lr, tag, verbose):
+        stage = tag.split()[-1]
+        assert pruned == f'pruned_{stage}.pth'  # each finetuning starts from its own pruned model
+        return {'path': f'finetuned_{stage}.pth', 'acc1': finetuned_acc[stage]}
+    monkeypatch.setattr(run_demo, 'distill', distill)
+
+    def timed(argv, log_path, tag, *a, **k):
+        stage = tag.split()[-1]
+        assert argv[argv.index('--resume') + 1] == f'finetuned_{stage}.pth'  # the finetuned model is timed
+        return speed[stage]
+    monkeypatch.setattr(run_demo, 'cli', timed)
+    monkeypatch.setattr(draw_masks, 'load_model', lambda path, name: timm.create_model('cc_deit_digits_patch4_32'))
+
+    def draw(model, images, path, *a, **k):
+        from PIL import Image
+        Image.new('RGB', (4, 4)).save(path)
+        return path
+    monkeypatch.setattr(draw_masks, 'draw_masks', draw)
+    assert run_demo.main(['--quick', '--device', 'cpu', '--out', str(out)]) == 0
+    rows = json.loads((out / 'results.json').read_text())['rows']
+    expected = [('DeiT-digits (teacher)', 90.0, 0.05, 1010.0, 1.0)]  # dense images/s: the median of the three runs
+    for i, (mode, rate) in enumerate(run_demo.CONFIGS):
+        tag = tags[i]
+        for finetuned, acc in ((False, pruned_acc[tag]), (True, finetuned_acc[tag])):
+            expected.append((run_demo.row_name(mode, rate, finetuned), acc, 0.04 - 0.01 * i, 1500.0 + 100 * i,
+                             1.5 + 0.1 * i))
+    assert [(r['name'], r['acc1'], r['gflops'], r['throughput']) for r in rows] == [e[:4] for e in expected]
+    stdout = capsys.readouterr().out
+    for name, acc, gflops, throughput, speedup in expected:
+        assert f'| {name} | {acc:.1f} | {gflops:.3f} | {throughput:.0f} | {speedup:.2f} |' in stdout, name
+    # the verdicts set Taylor (attn 0.25: 40 before, 70 after) against random (random 0.25: 42, 76)
+    assert 'before finetuning: Taylor 40.00% loses to random 42.00% (-2.00 points)' in stdout
+    assert 'after finetuning: Taylor 70.00% loses to random 76.00% (-6.00 points)' in stdout
+
+
 @pytest.mark.parametrize('epochs', [['--quick'], ['--teacher-epochs', '6', '--finetune-epochs', '1']])
 def test_run_demo_passes_finetune_no_flag_it_notes_as_unused(epochs, tmp_path, monkeypatch, capsys):
     """Every finetune.py command of the demo (teacher with and without a warm-up, Taylor and random pruning,
