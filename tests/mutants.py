@@ -451,6 +451,18 @@ MUTANTS: List[Mutant] = [
            '| C&C-Ti-25 | 0.92 | 92.6 |', '| C&C-Ti-25 | 0.92 | 96.2 |',
            [T + 'test_benchmark.py::test_readme_speed_table_is_the_committed_results'],
            "a figure in the README's speed table that the committed results do not hold"),
+    # --- the benchmark's rows and their checks ----------------------------------------------------------------
+    mutant('half-precision-rows-judged-as-fp32-on-cpu', 'benchmarks/formulations.py',
+           "    if ctx.dtype is None and ctx.device.type != 'cuda':",
+           "    if ctx.dtype is None or ctx.device.type != 'cuda':",
+           [T + 'test_benchmark.py::test_rows_checked_in_half_precision_on_cpu_take_the_eager_models_rounding_error_as_'
+            'their_scale'],
+           "a bf16 run on a CPU checks its rows with fp32's tolerance (the eager model's own rounding taken as 0)"),
+    mutant('check-batch-ignores-the-seed', 'benchmarks/formulations.py',
+           '        g = torch.Generator().manual_seed(self.seed)', '        g = torch.Generator().manual_seed(0)',
+           [T + 'test_benchmark.py::test_rows_checked_in_half_precision_on_cpu_take_the_eager_models_rounding_error_as_'
+            'their_scale'],
+           "the rows' logits are checked on the same images whatever --seed says"),
     # --- the benchmark carried on (--resume) ------------------------------------------------------------------
     mutant('resume-keeps-unfinished-sections', 'benchmarks/model_zoo.py',
            "        if old.get('status') == 'done' and old.get('section') == record['section']:",

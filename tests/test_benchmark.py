@@ -138,6 +138,31 @@ def test_routing_rows_move_the_same_tokens_and_restore_timm(tiny):
     assert F.Block.forward is original_forward
 
 
+def test_rows_checked_in_half_precision_on_cpu_take_the_eager_models_rounding_error_as_their_scale():
+    """bf16 autocast on a CPU: every row's check sets the row's logits on the run's seeded batch against the eager
+    fp32 model with its masks, and its tolerance is 2 x what bf16 alone costs that eager model (not 0 as in fp32,
+    which would fail every half-precision row); each figure recomputed here by hand."""
+    cc, dense = F.seeded_models('deit_digits_patch4_32', 0, CPU)
+    pruned = {0.3: F.pruned_copy(cc, F.plan(None, len(cc.blocks), cc.patch_embed.num_patches, 0.3, seed=0))}
+    chosen = [F.REGISTRY[n] for n in ('timm', 'ours', 'boolean')]
+    ctx = F.Context(CPU, torch.bfloat16, 3, F.image_shape(cc), seed=7)
+    built = F.build_runs('deit_digits_patch4_32', cc, dense, pruned, chosen, ctx)
+    x = torch.randn(3, *F.image_shape(cc), generator=torch.Generator().manual_seed(7))  # the run's seed
+    eager = {'timm': cc, 'ours_30': pruned[0.3], 'boolean_30': pruned[0.3]}
+    with torch.no_grad():
+        for key, model in eager.items():
+            ref = model(x)
+            with torch.autocast('cpu', dtype=torch.bfloat16):
+                own_error = (model(x).float() - ref).abs().max().item()
+                diff = (built.runs[key](x).float() - ref).abs().max().item()
+            check = built.checks[key]
+            assert own_error > 1e-3, key  # bf16 rounding is far above the fp32 slack
+            assert check['autocast_error'] == pytest.approx(own_error, rel=1e-6), key
+            assert check['tolerance'] == pytest.approx(2 * own_error + 1e-3, rel=1e-6), key
+            assert check['max_abs_diff'] == pytest.approx(diff, rel=1e-6), key
+            assert check['images'] == 3 and check['within_tolerance'], key
+
+
 def test_a_formulation_whose_module_does_not_import_is_skipped_with_its_reason():
     def never(cc, dense, ctx):
         raise AssertionError('built')
