@@ -463,6 +463,10 @@ MUTANTS: List[Mutant] = [
            [T + 'test_benchmark.py::test_rows_checked_in_half_precision_on_cpu_take_the_eager_models_rounding_error_as_'
             'their_scale'],
            "the rows' logits are checked on the same images whatever --seed says"),
+    mutant('ours-compiled-times-the-dense-model', 'benchmarks/formulations.py',
+           "'ours, compiled', _compiled(use_dense=False)", "'ours, compiled', _compiled(use_dense=True)",
+           [T + 'test_benchmark.py::test_compiled_rows_compile_the_model_of_their_row'],
+           "the 'ours, compiled' rows compile and time timm's dense model instead of the pruned one"),
     # --- the benchmark carried on (--resume) ------------------------------------------------------------------
     mutant('resume-keeps-unfinished-sections', 'benchmarks/model_zoo.py',
            "        if old.get('status') == 'done' and old.get('section') == record['section']:",

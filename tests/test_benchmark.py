@@ -124,6 +124,24 @@ def test_rows_are_only_ever_called_at_the_timed_batch_size(tiny):
     assert again.runs['eager_30'] is built.runs['eager_30'] and set(again.runs) == set(built.runs)
 
 
+def test_compiled_rows_compile_the_model_of_their_row(tiny, monkeypatch):
+    """timm compiled compiles timm's dense model, ours compiled the pruned model of its rate (torch.compile stood in
+    for by a recorder, so no compilation runs): a compiled row on the wrong model would still build and time."""
+    cc, dense, pruned = tiny
+    compiled = []
+
+    def record(model, **kwargs):
+        compiled.append((model, kwargs))
+        return model
+    monkeypatch.setattr(torch, 'compile', record)
+    chosen = [F.REGISTRY[n] for n in ('timm', 'timm-compiled', 'ours', 'ours-compiled')]
+    built = F.build_runs('deit_tiny_patch16_224', cc, dense, pruned, chosen, F.Context(CPU, None, 1, F.image_shape(cc)))
+    assert [m for m, _ in compiled] == [dense, pruned[0.3]]
+    assert all(k == {'fullgraph': True, 'dynamic': False} for _, k in compiled)
+    assert built.runs['timm_compiled'] is dense and built.runs['compiled_30'] is pruned[0.3]
+    assert built.checks['compiled_30']['max_abs_diff'] == 0.0
+
+
 def test_routing_rows_move_the_same_tokens_and_restore_timm(tiny):
     """The routing-alone measurement times real code: with blocks computing, the earlier gather/scatter routing
     and ours (blocks + return to original order) agree; the identity patch is undone afterwards."""
