@@ -1530,6 +1530,11 @@ def test_quick_run_times_the_fast_path_rows_and_checks_every_row_against_eager_f
         eager = {True: cc(x), False: pruned(x)}
     from models.fast_path import build_fast_path
     for key, r in rows.items():
+        # GFLOPs of the row's own model by the docs/method.md formula, and torch's counter agreeing with it
+        own = cc if r['dense'] else pruned
+        assert r['gflops'] == models.count_macs(own) / 1e9 and r['kept_tokens'] == models.kept_token_counts(own)
+        assert r['counter_gflops'] == pytest.approx(r['gflops'], rel=0.02), key
+        assert r['flops_ratio'] == pytest.approx(models.count_macs(cc) / models.count_macs(own)), key
         check = model['checks'][key]
         assert r['check'] == check and check['images'] == 4 and check['tolerance'] == 1e-3
         if r['kind'] == 'off-by-half':
@@ -1544,6 +1549,10 @@ def test_quick_run_times_the_fast_path_rows_and_checks_every_row_against_eager_f
                 mine = build_fast_path(cc if r['dense'] else pruned, backend=backend)(x)
             assert check['max_abs_diff'] == pytest.approx((mine - eager[r['dense']]).abs().max().item(), abs=1e-6)
     assert rows['fast_torch_30']['twin'] == 'fast_torch'  # pruned fast rows: against their own dense build
+    for key, base, field in (('fast_torch_30', 'fast_torch', 'speedup_vs_twin'), ('ours_30', 'timm', 'speedup_vs_timm'),
+                             ('fast_torch_30', 'timm', 'speedup_vs_timm')):  # dense time / pruned time, per round
+        per_round = [d / p for p, d in zip(rows[key]['seconds'], rows[base]['seconds'])]
+        assert rows[key][field] == pytest.approx(statistics.median(per_round)), (key, field)
     targets = {t['target'].split(': ', 1)[1].split(' (')[0]: t for t in res['targets'] if 'batch 4:' in t['target']}
     within = targets["every row's max |logit - eager fp32| within its tolerance"]
     assert 'worst: C&C-deit_digits_patch4_32-30 (ours + 0.5)' in within['target'] and within['met'] is False
