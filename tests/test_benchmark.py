@@ -1571,6 +1571,33 @@ def test_quick_run_times_the_fast_path_rows_and_checks_every_row_against_eager_f
     assert 'Fast path builds' in md and '- deit_digits_patch4_32 batch 4, fails_30: building or running it failed' in md
 
 
+def test_each_section_times_its_rows_at_its_own_batch_with_warm_up_passes_untimed(tmp_path, monkeypatch, one_thread):
+    """A row that records every call: built and checked once at the main batch (4), then --warmup untimed and
+    --repeats timed passes at 4; the summary section at batch 2 calls it at 2 only, its rounds (repeats x 4 / 2)
+    timed after the warm-up.  The pass times recorded are the timed passes, no more."""
+    calls = []
+
+    def build(cc, dense, ctx):
+        def run(x):
+            calls.append(x.shape[0])
+            return cc(x)
+        return run
+    monkeypatch.setitem(F.REGISTRY, 'recorder', F.Formulation('recorder', 'rec', 'recorder', build, pruned=True))
+    res = zoo.main(DIGITS + ['--rows', 'timm,ours,recorder', '--repeats', '3', '--warmup', '2',
+                             '--summary-batch-sizes', '2', '--json', str(tmp_path / 'r.json')])
+    model = res['models']['deit_digits_patch4_32']
+    rows = {r['key']: r for r in model['rows']}
+    assert model['batch_size'] == 4 and all(len(r['seconds']) == 3 for r in rows.values())
+    rounds = zoo.summary_rounds(3, 4, 2)
+    assert rounds == 6
+    assert calls == [4] + [4] * (2 + 3) + [2] * (2 + rounds)
+    b2, = model['summary_sweep']['batches']
+    assert b2['batch_size'] == 2 and b2['rounds'] == rounds
+    assert all(len(s) == rounds for s in b2['seconds'].values())
+    for key, seconds in b2['seconds'].items():  # images/s at the batch the section timed
+        assert b2['images_per_s'][key] == pytest.approx(2 / statistics.median(seconds))
+
+
 def test_time_limit_and_failures_end_sections_and_results_are_written_after_every_section(tmp_path, monkeypatch,
                                                                                         one_thread):
     """Three sections (main table, summary batches 1 and 2), a clock made to advance 1000 s per section, a
