@@ -1598,6 +1598,41 @@ def test_each_section_times_its_rows_at_its_own_batch_with_warm_up_passes_untime
         assert b2['images_per_s'][key] == pytest.approx(2 / statistics.median(seconds))
 
 
+def test_sweeps_time_the_pruned_models_and_divide_the_right_pass_times(monkeypatch):
+    """Both sweeps with their timer scripted (timm 4 s, ours 2/2.5/1 s, boolean 3 s per round): images/s, the
+    speed-up against timm and against the boolean formulation are dense (or boolean) time over ours, paired per
+    round; and the rows timed compute what they are named after: ours and the boolean formulation the pruned model
+    of the rate (their logits agree, and differ from the dense model's), rate 0 our model with every mask True."""
+    script = {'timm': [4.0, 4.0, 4.0], 'ours': [2.0, 2.5, 1.0], 'boolean': [3.0, 3.0, 3.0]}
+    timed = []
+
+    def timer(runs, batch, device, repeats, warmup, dtype, x=None, shape=(3, 224, 224)):
+        timed.append((batch, dict(runs)))
+        return stats.Timings({k: script[k.split('_')[0]] for k in runs}, batch)
+    monkeypatch.setattr(zoo, 'time_interleaved', timer)
+    args = SimpleNamespace(seed=0, masks='random', repeats=3, warmup=0)
+    name = 'deit_digits_patch4_32'
+    ips = {k: 8 / statistics.median(v) for k, v in script.items()}
+    for row in zoo.batch_sweep(name, 0.3, [8], args, CPU, None):
+        assert row == {'batch_size': 8, **ips, 'speedup_vs_timm': 2.0, 'vs_boolean': 1.5}
+    rows = zoo.rate_sweep(name, [0.0, 0.3], 8, args, CPU, None)
+    assert [r['speedup_vs_timm'] for r in rows] == [2.0, 2.0] and rows[1]['vs_boolean'] == 1.5
+    assert rows[1]['timm'] == ips['timm'] and rows[1]['ours'] == ips['ours'] and rows[1]['boolean'] == ips['boolean']
+    cc, dense = F.seeded_models(name, 0, CPU)
+    pruned = zoo.pruned_models(cc, None, [0.3], 0)[0.3]
+    assert rows[1]['gflops'] == models.count_macs(pruned) / 1e9 and rows[0]['gflops'] == models.count_macs(cc) / 1e9
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want, full = pruned(x), dense(x)
+        assert (want - full).abs().max() > 1e-3
+        (_, batch_runs), (_, rate_runs) = timed
+        for runs, suffix in ((batch_runs, '30'), (rate_runs, '0.3')):
+            for key in (f'ours_{suffix}', f'boolean_{suffix}'):
+                assert (runs[key](x) - want).abs().max() < 1e-4, key
+            assert (runs['timm'](x) - full).abs().max() < 1e-4
+        assert (rate_runs['ours_0.0'](x) - full).abs().max() < 1e-4
+
+
 def test_time_limit_and_failures_end_sections_and_results_are_written_after_every_section(tmp_path, monkeypatch,
                                                                                         one_thread):
     """Three sections (main table, summary batches 1 and 2), a clock made to advance 1000 s per section, a
