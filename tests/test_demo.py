@@ -4,6 +4,7 @@ import os
 import re
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -131,6 +132,35 @@ def test_kept_patches_are_the_applied_plan():
     back = draw_masks.returning_patches(kept)
     assert not back[0].any()
     assert torch.equal(back[1:], masks[1:] & ~masks[:-1])
+
+
+def test_each_panel_greys_the_patches_its_block_clips_and_boxes_those_that_come_back(tmp_path, monkeypatch):
+    """The pictures drawn, recorded at imshow and add_patch: on a white image, panel l is white exactly on the
+    patches block l keeps (the plan applied, in original patch order) and blended towards grey on the others;
+    an orange box sits on patch p = row * 8 + column where block l keeps p and block l-1 clipped it."""
+    import timm
+    from matplotlib.axes import Axes
+    model = timm.create_model('cc_deit_digits_patch4_32')
+    masks = pruning.random_masks(6, 64, 0.4, generator=torch.Generator().manual_seed(3))
+    pruning.apply_masks(model, masks)
+    shown, boxes = [], []
+    monkeypatch.setattr(Axes, 'imshow', lambda ax, picture, **k: shown.append(picture.copy()))
+    monkeypatch.setattr(Axes, 'add_patch', lambda ax, p: boxes.append((len(shown) - 1, p.get_xy(), p.get_width(),
+                                                                         p.get_height())))
+    draw_masks.draw_masks(model, torch.ones(1, 3, 32, 32), str(tmp_path / 'm.png'), (0.0,) * 3, (1.0,) * 3)
+    assert len(shown) == 7 and (shown[0] == 1.0).all()  # the input, then one panel per block
+    grey = 1 - draw_masks.CLIPPED_ALPHA + draw_masks.CLIPPED_ALPHA * draw_masks.CLIPPED_GREY
+    expected_boxes = []
+    for layer in range(6):
+        panel = shown[layer + 1]
+        for p in range(64):
+            row, col = divmod(p, 8)
+            pixels = panel[4 * row:4 * row + 4, 4 * col:4 * col + 4].reshape(-1, 3)
+            want = np.ones(3) if masks[layer, p] else grey
+            assert np.allclose(pixels, want), (layer, p)
+            if layer and masks[layer, p] and not masks[layer - 1, p]:
+                expected_boxes.append((layer + 1, (4 * col - 0.5, 4 * row - 0.5), 4, 4))
+    assert expected_boxes and sorted(boxes) == sorted(expected_boxes)
 
 
 
