@@ -474,6 +474,8 @@ def test_breakdown_of_the_fast_path_moves_its_patch_embedding_and_compares_prune
     assert ms['fast']['patch embedding'] > 0 and ms['fast']['linear layers'] > ms['fast']['patch embedding']
     out = zoo.breakdowns(cc, dense, pruned, built, 2, (3, 224, 224), CPU, 1, None)
     assert out['breakdown_fast_rows'] == ['fast-torch-dense', 'fast-torch']
+    ratio = models.count_macs(cc) / models.count_macs(pruned[0.3])
+    assert out['breakdown']['30']['flops_ratio'] == pytest.approx(ratio)
     assert set(out['breakdown']) == set(out['breakdown_fast']) == {'30'} and 'kernels' not in out
     b = out['breakdown_fast']['30']
     assert b['flops_ratio'] == pytest.approx(models.count_macs(cc) / models.count_macs(pruned[0.3]))
@@ -1584,9 +1586,13 @@ def test_each_section_times_its_rows_at_its_own_batch_with_warm_up_passes_untime
         return run
     monkeypatch.setitem(F.REGISTRY, 'recorder', F.Formulation('recorder', 'rec', 'recorder', build, pruned=True))
     res = zoo.main(DIGITS + ['--rows', 'timm,ours,recorder', '--repeats', '3', '--warmup', '2',
-                             '--summary-batch-sizes', '2', '--json', str(tmp_path / 'r.json')])
+                             '--summary-batch-sizes', '2', '--routing-repeats', '2',
+                             '--json', str(tmp_path / 'r.json')])
     model = res['models']['deit_digits_patch4_32']
     rows = {r['key']: r for r in model['rows']}
+    # the routing entry sets the routing alone beside the main table's forward pass of ours at that rate
+    ours_ms = 1e3 * statistics.median(rows['ours_30']['seconds'])
+    assert model['routing']['30']['forward_ms_ours'] == pytest.approx(ours_ms)
     assert model['batch_size'] == 4 and all(len(r['seconds']) == 3 for r in rows.values())
     rounds = zoo.summary_rounds(3, 4, 2)
     assert rounds == 6
@@ -1631,6 +1637,33 @@ def test_sweeps_time_the_pruned_models_and_divide_the_right_pass_times(monkeypat
                 assert (runs[key](x) - want).abs().max() < 1e-4, key
             assert (runs['timm'](x) - full).abs().max() < 1e-4
         assert (rate_runs['ours_0.0'](x) - full).abs().max() < 1e-4
+
+
+def test_scoring_and_routing_costs_divide_the_right_pass_times(monkeypatch):
+    """The scoring cost and the routing-alone timing with their timers scripted (each timed function still run
+    once): scoring over a training step and boolean over ours are paired per round, medians in seconds and ms."""
+    cc, dense = F.seeded_models('deit_digits_patch4_32', 0, CPU)
+    pruned = F.pruned_copy(cc, F.plan(None, len(cc.blocks), cc.patch_embed.num_patches, 0.3, seed=0))
+    ran = []
+
+    def scoring_timer(runs, x, device, repeats, warmup, dtype=None):
+        for name, run in runs.items():
+            run(x)
+            ran.append(name)
+        return {'scoring': [3.0, 3.0, 3.0], 'train_step': [1.0, 2.0, 1.5]}
+    monkeypatch.setattr(engine, 'time_interleaved', scoring_timer)
+    sc = zoo.scoring_cost(cc, dense, 2, 3, CPU, 0)
+    assert ran == ['scoring', 'train_step']
+    assert (sc['scoring_s'], sc['train_step_s'], sc['ratio']) == (3.0, 1.5, 2.0)  # median of 3/1, 3/2, 3/1.5
+
+    def routing_timer(runs, batch, device, repeats, warmup, dtype, x=None, shape=None):
+        for run in runs.values():
+            run(x)
+        return stats.Timings({'ours': [1e-3] * 3, 'boolean': [2e-3, 3e-3, 2.5e-3], 'scatter': [4e-3] * 3}, batch)
+    monkeypatch.setattr(zoo, 'time_interleaved', routing_timer)
+    rc = zoo.routing_cost(pruned, F.BooleanMaskViT(dense, F.masks_of(pruned)), 2, CPU, 3, None)
+    assert rc['ms'] == pytest.approx({'ours': 1.0, 'boolean': 2.5, 'scatter': 4.0})
+    assert rc['boolean_over_ours'] == pytest.approx(2.5)
 
 
 def test_time_limit_and_failures_end_sections_and_results_are_written_after_every_section(tmp_path, monkeypatch,
