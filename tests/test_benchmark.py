@@ -2421,6 +2421,26 @@ def test_linear_shapes_end_to_end_feeds_images_of_the_models_own_size(monkeypatc
     assert all(math.isfinite(s) and s > 0 for s in out['speedup'].values())
 
 
+def test_linear_shapes_times_the_models_own_products_and_divides_dense_by_pruned(monkeypatch):
+    """The per-shape products are those of timm's block (in and out features of qkv, proj, fc1, fc2), and the
+    end-to-end speed-up per route is dense time over pruned time, paired per round (timer scripted)."""
+    from benchmarks import linear_shapes
+    from models import fast_path
+    cc, _ = F.seeded_models('deit_digits_patch4_32', 0, CPU)
+    blk = cc.blocks[0]
+    layers = {'qkv': blk.attn.qkv, 'proj': blk.attn.proj, 'fc1': blk.mlp.fc1, 'fc2': blk.mlp.fc2}
+    assert linear_shapes.shapes_of(cc.embed_dim, blk.mlp.fc1.out_features) == {
+        name: (m.in_features, m.out_features) for name, m in layers.items()}
+    monkeypatch.setattr(fast_path, 'build_fast_path', lambda model, **k: model)
+    script = {'dense': [2.0, 3.0, 4.0], 'pruned': [1.0, 1.0, 1.0]}
+    monkeypatch.setattr(engine, 'time_interleaved', lambda runs, x, *a, **k: {
+        name: script[name.split('/')[1]] for name in runs})
+    out = linear_shapes.end_to_end(cc, cc, 2, CPU)
+    assert out['speedup'] == dict.fromkeys(linear_shapes.SETTING_ROUTES, 3.0)
+    assert out['ms'] == {f'{r}/{t}': 1e3 * statistics.median(script[t]) for r in linear_shapes.SETTING_ROUTES
+                         for t in ('dense', 'pruned')}
+
+
 def test_linear_shapes_keeps_its_per_shape_figures_when_the_end_to_end_part_is_cut(tmp_path, monkeypatch):
     """The per-shape figures are written before the end-to-end part (six fast-path builds and captures): a run cut
     there (its time limit, a failed capture) keeps them; a run that finishes writes both (products' times scripted,
