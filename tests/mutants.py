@@ -530,6 +530,11 @@ MUTANTS: List[Mutant] = [
            "'speedup': {r: statistics.median(d / q for d, q in", "'speedup': {r: statistics.median(q / d for d, q in",
            [T + 'test_benchmark.py::test_linear_shapes_times_the_models_own_products_and_divides_dense_by_pruned'],
            "linear_shapes.py's end-to-end speed-up is pruned time over dense time"),
+    mutant('benchmark-masks-ignore-the-seed', 'benchmarks/model_zoo.py',
+           '    return cc, dense, pruned_models(cc, scores, args.rates, args.seed), scoring_s',
+           '    return cc, dense, pruned_models(cc, scores, args.rates, 0), scoring_s',
+           [T + 'test_benchmark.py::test_quick_run_times_the_fast_path_rows_and_checks_every_row_against_eager_fp32'],
+           "the main table's random masks are drawn with seed 0 whatever --seed says"),
     # --- the benchmark carried on (--resume) ------------------------------------------------------------------
     mutant('resume-keeps-unfinished-sections', 'benchmarks/model_zoo.py',
            "        if old.get('status') == 'done' and old.get('section') == record['section']:",
