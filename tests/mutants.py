@@ -535,6 +535,12 @@ MUTANTS: List[Mutant] = [
            '    return cc, dense, pruned_models(cc, scores, args.rates, 0), scoring_s',
            [T + 'test_benchmark.py::test_quick_run_times_the_fast_path_rows_and_checks_every_row_against_eager_fp32'],
            "the main table's random masks are drawn with seed 0 whatever --seed says"),
+    mutant('vs-boolean-against-the-first-rate', 'benchmarks/model_zoo.py',
+           '            base = REGISTRY[baseline].key(rate if REGISTRY[baseline].pruned else None)',
+           "            base = REGISTRY[baseline].key(next(m['rate'] for m in built.meta.values() if not m['dense'])\n"
+           '                                          if REGISTRY[baseline].pruned else None)',
+           [T + 'test_benchmark.py::test_rows_of_two_rates_compare_each_with_the_rows_of_its_own_rate'],
+           "every pruned row's speed-up over the boolean formulation is against the first rate's boolean row"),
     # --- the benchmark carried on (--resume) ------------------------------------------------------------------
     mutant('resume-keeps-unfinished-sections', 'benchmarks/model_zoo.py',
            "        if old.get('status') == 'done' and old.get('section') == record['section']:",

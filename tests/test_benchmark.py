@@ -1666,6 +1666,35 @@ def test_scoring_and_routing_costs_divide_the_right_pass_times(monkeypatch):
     assert rc['boolean_over_ours'] == pytest.approx(2.5)
 
 
+def test_rows_of_two_rates_compare_each_with_the_rows_of_its_own_rate():
+    """make_rows on two rates with scripted pass times (different per row and per round): every ratio a row holds
+    is its baseline's time over its own, paired per round, the baseline being timm, its twin, and the boolean row
+    of the same rate; GFLOPs, the FLOPs ratio and the counter's GFLOPs are those of the row's own model."""
+    cc, dense = F.seeded_models('deit_digits_patch4_32', 0, CPU)
+    pruned = zoo.pruned_models(cc, None, [0.3, 0.5], 0)
+    chosen = [F.REGISTRY[n] for n in ('timm', 'ours', 'boolean')]
+    built = F.build_runs('deit_digits_patch4_32', cc, dense, pruned, chosen, F.Context(CPU, None, 2, (3, 32, 32)))
+    assert list(built.runs) == ['timm', 'ours_30', 'boolean_30', 'ours_50', 'boolean_50']
+    seconds = {'timm': [8.0, 9.0, 10.0], 'ours_30': [4.0, 3.0, 5.0], 'boolean_30': [6.0, 6.0, 6.0],
+               'ours_50': [2.0, 2.0, 1.0], 'boolean_50': [7.0, 5.0, 4.0]}
+    counted = {'timm': 1.0, '30': 0.7, '50': 0.5}
+    rows = {r['key']: r for r in zoo.make_rows(built, stats.Timings(seconds, 2), models.count_macs(cc), counted,
+                                               'deit_digits_patch4_32', 'ours')}
+
+    def over(base, key):
+        return statistics.median([b / k for k, b in zip(seconds[key], seconds[base])])
+    for rate, tag in ((0.3, '30'), (0.5, '50')):
+        for kind in ('ours', 'boolean'):
+            r = rows[f'{kind}_{tag}']
+            assert r['speedup_vs_timm'] == pytest.approx(over('timm', f'{kind}_{tag}'))
+            assert r['twin'] == 'timm' and r['speedup_vs_twin'] == pytest.approx(over('timm', f'{kind}_{tag}'))
+            assert r['gflops'] == models.count_macs(pruned[rate]) / 1e9 and r['counter_gflops'] == counted[tag]
+            assert r['flops_ratio'] == pytest.approx(models.count_macs(cc) / models.count_macs(pruned[rate]))
+            assert r['images_per_s'] == pytest.approx(2 / statistics.median(seconds[f'{kind}_{tag}']))
+        assert rows[f'ours_{tag}']['vs_boolean'] == pytest.approx(over(f'boolean_{tag}', f'ours_{tag}'))
+    assert rows['timm']['counter_gflops'] == 1.0 and rows['timm']['flops_ratio'] == 1.0
+
+
 def test_time_limit_and_failures_end_sections_and_results_are_written_after_every_section(tmp_path, monkeypatch,
                                                                                         one_thread):
     """Three sections (main table, summary batches 1 and 2), a clock made to advance 1000 s per section, a
