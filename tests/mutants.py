@@ -541,6 +541,11 @@ MUTANTS: List[Mutant] = [
            '                                          if REGISTRY[baseline].pruned else None)',
            [T + 'test_benchmark.py::test_rows_of_two_rates_compare_each_with_the_rows_of_its_own_rate'],
            "every pruned row's speed-up over the boolean formulation is against the first rate's boolean row"),
+    mutant('study-table-verdicts-swapped', 'demo/study.py',
+           "    verdicts = {'taylor': 'Taylor wins', 'random': 'random wins', 'undecided': 'cannot tell'}",
+           "    verdicts = {'taylor': 'random wins', 'random': 'Taylor wins', 'undecided': 'cannot tell'}",
+           [T + 'test_study.py::test_markdown_tables_against_the_runs'],
+           "the study's paired table names the loser of each decided comparison as the winner"),
     # --- the benchmark carried on (--resume) ------------------------------------------------------------------
     mutant('resume-keeps-unfinished-sections', 'benchmarks/model_zoo.py',
            "        if old.get('status') == 'done' and old.get('section') == record['section']:",

@@ -130,6 +130,43 @@ def test_summaries_against_numpy():
         assert c['ci_low'] == pytest.approx(low) and c['ci_high'] == pytest.approx(high)
 
 
+def test_markdown_tables_against_the_runs():
+    """study.markdown of scripted runs (Taylor clearly ahead at 0.25 before finetuning, behind at 0.55): each cell
+    of the accuracy table from numpy over the seeds of its own (rate, masks, stage), and each line of the paired
+    table (differences per seed, mean, interval, verdict) from scipy."""
+    rng = np.random.default_rng(1)
+    shift = {(0.25, False): 10.0, (0.25, True): 0.0, (0.55, False): -10.0, (0.55, True): 0.5}
+    base = {(rate, seed, ft): float(rng.uniform(60, 80)) for rate in (0.25, 0.55) for seed in (0, 1, 2)
+            for ft in (False, True)}  # random's accuracy; Taylor's: this + the shift + up to a point of noise
+    runs = [{'prune_rate': rate, 'prune_mode': mode, 'seed': seed, 'finetuned': ft,
+             'acc1': base[(rate, seed, ft)] + (shift[(rate, ft)] + float(rng.uniform(-1, 1)) if mode == 'attn' else 0),
+             'gflops': 0.03 - 0.01 * rate + 0.001 * seed + (0.002 if mode == 'random' else 0)}
+            for rate in (0.25, 0.55) for mode in ('attn', 'random') for seed in (0, 1, 2) for ft in (False, True)]
+    cells, paired = study.summarise(runs, [0, 1, 2], [0.25, 0.55], 4)
+    text = study.markdown({'gflops': 0.05, 'acc1': 90.0, 'seed': 0}, cells, paired, [0, 1, 2], 4)
+    by = {(r['prune_rate'], r['prune_mode'], r['seed'], r['finetuned']): r for r in runs}
+    lines = text.splitlines()
+    for rate in (0.25, 0.55):
+        for mode, shown in (('attn', 'Taylor'), ('random', 'random')):
+            line, = [x for x in lines if x.startswith(f'| {rate:.2f} | {shown} |')]
+            cols = [c.strip() for c in line.strip('|').split('|')]
+            for column, ft in ((3, False), (4, True)):
+                acc = np.array([by[(rate, mode, s, ft)]['acc1'] for s in (0, 1, 2)])
+                assert cols[column] == f'{acc.mean():.2f} ± {acc.std(ddof=1):.2f}', (line, ft)
+            assert cols[2] == f'{np.mean([by[(rate, mode, s, False)]["gflops"] for s in (0, 1, 2)]):.4f}'
+        for ft in (False, True):
+            line, = [x for x in lines if x.startswith(f'| {rate:.2f} | {study.stage_name(ft, 4)} |')]
+            cols = [c.strip() for c in line.strip('|').split('|')]
+            taylor = [by[(rate, 'attn', s, ft)]['acc1'] for s in (0, 1, 2)]
+            random = [by[(rate, 'random', s, ft)]['acc1'] for s in (0, 1, 2)]
+            diffs = np.subtract(taylor, random)
+            low, high = scipy_interval(taylor, random)
+            assert cols[2] == ', '.join(f'{d:+.2f}' for d in diffs) and cols[3] == f'{diffs.mean():+.2f}'
+            assert cols[4] == f'[{low:+.2f}, {high:+.2f}]'
+            words = {'taylor': 'Taylor wins', 'random': 'random wins', 'undecided': 'cannot tell'}
+            assert cols[5] == words[expected_verdict(low, high)], line
+    assert {c['verdict'] for c in paired} == {'taylor', 'random', 'undecided'}  # every verdict is shown
+
 def test_remaining_time_estimate():
     done = {('prune', 'attn', 0.25): [2.0, 4.0], ('finetune', 'attn', 0.25): [60.0]}
     # Same (stage, mode, rate) where known; else the mean of that stage over everything finished.
