@@ -253,6 +253,9 @@ def mode_flag(args) -> Optional[str]:
 FINETUNE_ONLY = ('teacher_path', 'teacher_model', 'distillation_type', 'distillation_alpha', 'distillation_tau',
                  'final_finetune', 'model_ema', 'model_ema_decay', 'model_ema_force_cpu')
 TEACHER_ONLY = ('teacher_path', 'teacher_model', 'distillation_alpha', 'distillation_tau')
+# Values of FINETUNE_ONLY flags that ask for nothing (no teacher, no EMA): outside finetuning they are noted, not
+# refused, as a shared set of flags passes them.
+ASKS_NOTHING = {'distillation_type': 'none', 'model_ema': False}
 
 
 def check_flags_apply(args, parser: argparse.ArgumentParser) -> None:
@@ -261,7 +264,8 @@ def check_flags_apply(args, parser: argparse.ArgumentParser) -> None:
     given = given_flags(args)
     named = lambda dests: ', '.join(spell(parser, d, getattr(args, d)) for d in dests)  # noqa: E731
     mode = mode_flag(args)
-    unused = [d for d in FINETUNE_ONLY if d in given] if mode else []
+    asks = [d for d in FINETUNE_ONLY if d in given and (d not in ASKS_NOTHING or getattr(args, d) != ASKS_NOTHING[d])]
+    unused = asks if mode else []
     if unused:
         raise UserError(f'{named(unused)}: only finetuning uses {"this" if len(unused) == 1 else "these"}, and '
                         f'{mode} trains nothing')
@@ -298,6 +302,7 @@ SCHEDULES_READING = {'decay_epochs': ('step', 'wsd', 'rsqrt'), 'decay_rate': ('s
 SPEED = ('speed_protocol', 'speed_repeats', 'speed_warmup', 'speed_dtype')
 UNUSED_RULES = (
     (lambda a: not a.prune, ('prune_mode',), 'only --prune makes masks'),
+    (lambda a: bool(modes_of(a)), tuple(ASKS_NOTHING), '{mode} trains nothing'),
     (lambda a: a.eval or a.speed_only,
      OPTIMIZATION + MIXING + TRAIN_TRANSFORM + ('smoothing', 'repeated_aug', 'drop', 'drop_path'),
      '{mode} trains nothing'),

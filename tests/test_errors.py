@@ -1059,6 +1059,22 @@ def test_flags_the_mode_would_ignore_are_refused(capsys, world, earlier, argv, p
     assert snapshot(earlier) == before
 
 
+@pytest.mark.parametrize('mode', ['--eval', '--speed-only'])
+def test_finetuning_flags_that_ask_for_nothing_are_noted_not_refused(capsys, world, mode):
+    """--distillation-type none and --no-model-ema ask for no teacher and no EMA: a set of flags shared between a
+    finetuning command and --eval may pass them (noted as having no effect); asking for either is still refused."""
+    base = ['--resume', world['dense'], mode] + (['--data-path', world['data']] if mode == '--eval' else
+                                                 ['--speed-repeats', '1', '--speed-warmup', '0'])
+    code, out, err = cli(capsys, *base, '--distillation-type', 'none', '--no-model-ema')
+    assert code == 0, err
+    assert [line for line in out.splitlines() if line.startswith('note: --distillation-type none, --no-model-ema')
+            and line.endswith(f'have no effect: {mode} trains nothing')]  # (with the training flags cli() passes)
+    for asked, spelled in ((['--distillation-type', 'soft'], '--distillation-type soft'),
+                           (['--model-ema'], '--model-ema')):
+        assert_one_line_error(capsys, [*base, *asked], EXIT_USER_ERROR,
+                              rf'^error: {spelled}: only finetuning uses this, and {mode} trains nothing$')
+
+
 @pytest.mark.parametrize('argv, size', [
     (['--model', 'deit_tiny_patch16_224', '--final_finetune', '1', '--output_dir', '{out}'], 224),  # the default model
     (['--input-size', '64', '--eval', '--resume', '{dense}'], 64),
