@@ -442,6 +442,10 @@ MUTANTS: List[Mutant] = [
            ('        num_m = tl.cdiv(n, BLOCK_M)\n        pid = tl.program_id(0)\n        pid_m = pid % num_m\n'
             '        pid_bh = pid // num_m\n',
             '        pid_m = tl.program_id(0)\n        pid_bh = tl.program_id(1)\n')),
+    mutant('layer-norm-eps-outside-the-sqrt', 'models/fast_kernels.py',
+           '(1.0 / tl.sqrt(var + eps))', '(1.0 / (tl.sqrt(var) + eps))',
+           [T + 'test_fast_path.py::test_layer_norm_kernels_add_eps_inside_the_square_root'],
+           'the LayerNorm kernels divide by sqrt(var) + eps, not sqrt(var + eps) (unseen at unit variance)'),
     mutant('fp16-buffer-allocated-in-fp32', 'models/fast_path.py',
            'buf = torch.empty(B, self.num_tokens, self.embed_dim, dtype=self.residual_dtype, device=images.device)',
            'buf = torch.empty(B, self.num_tokens, self.embed_dim, dtype=torch.float32, device=images.device)',

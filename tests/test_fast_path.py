@@ -117,6 +117,24 @@ def test_gather_layer_norm(C, dtype, affine):
     # fp32 output from a low-precision buffer: the LN of the stored values, not rounded again
     ours32 = K.gather_layer_norm_triton(x, ids, w, b, 1e-6, out_dtype=torch.float32)
     assert (ours32.double() - plain).abs().max().item() <= _ulp_tol(torch.float32, plain.abs().max().item())
+    # without out_dtype: the dtype of x
+    assert K.gather_layer_norm_triton(x, ids, w, b, 1e-6).dtype == dtype
+
+
+@needs_triton
+def test_layer_norm_kernels_add_eps_inside_the_square_root():
+    """Rows whose variance is of the order of eps (std 1e-3, eps 1e-6), where sqrt(var + eps) and sqrt(var) + eps
+    differ by a third: at unit variance the two differ by 1e-7, below the tolerance of the tests above."""
+    C, eps = 40, 1e-6
+    ids = torch.tensor(DISTINCT_IDS, device=DEVICE)
+    x = _randn(2, 21, C, seed=30) * 1e-3 + 0.5
+    w, b = _randn(C, seed=31), _randn(C, seed=32)
+    plain = plain_layer_norm(x[:, ids], w, b, eps)
+    tol = 1e-3 * plain.abs().max().item()  # the rows' float rounding (values near 0.5, deviations near 1e-3)
+    assert (K.gather_layer_norm_triton(x, ids, w, b, eps).double() - plain).abs().max().item() <= tol
+    a = torch.zeros(2, len(DISTINCT_IDS), C, device=DEVICE)
+    ours = K.residual_layer_norm_triton_(x.clone(), ids, a, None, w, b, eps)
+    assert (ours.double() - plain).abs().max().item() <= tol
 
 
 @needs_triton
