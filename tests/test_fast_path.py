@@ -165,6 +165,12 @@ def test_residual_layer_norm_updates_kept_rows_and_normalises(x_dtype, a_dtype, 
     tol = _ulp_tol(a_dtype, plain.abs().max().item())
     assert (ours.double() - ref.double()).abs().max().item() <= tol
     assert (ours.double() - plain).abs().max().item() <= tol
+    # an fp32 norm: the LN of the sum as stored in the buffer (rounded to its dtype), not of the fp32 sum, which
+    # an fp16/bf16 norm output's own rounding would hide
+    stored = x.clone()
+    ours32 = K.residual_layer_norm_triton_(stored, ids, a, g, w, b, 1e-5, out_dtype=torch.float32)
+    plain32 = plain_layer_norm(stored[:, ids], w, b, 1e-5)
+    assert (ours32.double() - plain32).abs().max().item() <= _ulp_tol(torch.float32, plain32.abs().max().item())
 
 
 @needs_triton
