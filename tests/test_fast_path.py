@@ -348,7 +348,8 @@ LINEAR_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else 
 @pytest.mark.parametrize('dtype', LINEAR_DTYPES)
 @pytest.mark.parametrize('shape,tiles', [((2, 19, 48), (32, 32, 16, 4, 2)),   # K: 3 tiles; M, N ragged
                                          ((37, 40), (16, 64, 32, 4, 2)),      # K not a multiple of BLOCK_K
-                                         ((3, 5, 64), K.LINEAR_TILES[0])])    # one tile larger than everything
+                                         ((3, 5, 64), K.LINEAR_TILES[0]),     # one tile larger than everything
+                                         ((150, 24), (16, 32, 16, 4, 2))])    # 10 row tiles: 8, then 2 (GROUP_M 8)
 @pytest.mark.parametrize('with_bias', [True, False])
 def test_linear_gelu(dtype, shape, tiles, with_bias):
     N = 80
