@@ -431,6 +431,24 @@ def test_patch_embed_equals_the_strided_convolution(dtype, geometry, tiles):
 
 
 @needs_triton
+def test_patch_embed_takes_images_of_any_layout():
+    """Channels-last images (unit stride along the channels, not along W) and a crop of wider images give the
+    strided convolution too: the kernel reads pixels along W with unit stride, so the wrapper must lay them out."""
+    B, c, C, prefix, (ph, pw) = 2, 3, 40, 1, (4, 4)
+    wide = _randn(B, c, 12, 20, seed=33)
+    w = _randn(C, c, ph, pw, seed=34) * (c * ph * pw) ** -0.5
+    const = _randn(12, C, seed=35)
+    wt = w.reshape(C, -1).t().contiguous()
+    for images in (wide[..., :16].contiguous(memory_format=torch.channels_last), wide[..., 2:18]):
+        assert not images.is_contiguous()
+        plain = F.conv2d(images.double(), w.double(), stride=(ph, pw)).flatten(2).transpose(1, 2) + const.double()
+        ours = K.patch_embed_triton_(torch.zeros(B, prefix + 12, C, device=DEVICE), images, wt, const, prefix,
+                                     (ph, pw), 16, 32, 16, 4, 2)
+        tol = (2e-3 if CUDA else 1e-5) * max(1.0, plain.abs().max().item())
+        assert (ours[:, prefix:].double() - plain).abs().max().item() <= tol
+
+
+@needs_triton
 def test_patch_embed_reads_the_images_an_address_names():
     """With image_address the kernel reads the images whose address the tensor holds when it runs (as a CUDA
     graph replay would), not the ones it was given for their layout: the same bits as reading them directly."""
