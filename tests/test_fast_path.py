@@ -480,6 +480,38 @@ def test_patch_embed_refuses_mismatched_shapes():
         K.patch_embed_triton_(torch.empty(2, 5, 40, device=DEVICE), x, wt, const[:3], 1, (8, 8))
 
 
+@needs_triton
+@pytest.mark.parametrize('kernel', ['gather', 'residual_norm', 'residual', 'linear_residual', 'patch_embed',
+                                    'attention'])
+def test_kernels_touch_no_row_past_their_images(kernel):
+    """Each kernel that takes token rows given, for the buffer, its outputs and its operands, the first B images
+    of tensors of B + 1: the image after them stays as it was (the kernels' values are checked above).  B * n = 18
+    rows, ragged against every row tile, n = 9 against the attention's 16 query rows, so a row mask off by one
+    writes row B * n (the attention: row n of the last image), the next image's first row here (past the end of
+    a tensor of B images, where the interpreter may crash or not, and a GPU corrupts whatever lies there)."""
+    B, N, C = 2, 21, 40
+    ids = torch.tensor(DISTINCT_IDS, device=DEVICE)
+    n = len(DISTINCT_IDS)
+    w, b, g = _randn(C, seed=40), _randn(C, seed=41), _randn(C, seed=42)
+    tensors = {'x': _randn(B + 1, N, C, seed=43), 'out': torch.zeros(B + 1, n, C, device=DEVICE),
+               'a': _randn(B + 1, n, C, seed=44), 'u': _randn(B + 1, n, 24, seed=45),
+               'qkv': _randn(B + 1, n, 3 * 64, seed=50), 'o': torch.zeros(B + 1, n, 64, device=DEVICE)}
+    before = {k: t.clone() for k, t in tensors.items()}
+    x, out, a, u, qkv, o = (tensors[k][:B] for k in ('x', 'out', 'a', 'u', 'qkv', 'o'))
+    wt = _randn(24, C, seed=46) * 24 ** -0.5
+    images, pwt, const = _randn(B, 3, 12, 12, seed=47), _randn(3 * 4 * 4, C, seed=48) * 0.25, _randn(9, C, seed=49)
+    {'gather': lambda: K.gather_layer_norm_triton(x, ids, w, b, 1e-6, out=out),
+     'residual_norm': lambda: K.residual_layer_norm_triton_(x, ids, a, g, w, b, 1e-6, out=out),
+     'residual': lambda: K.residual_scatter_triton_(x, ids, a, g),
+     'linear_residual': lambda: K.linear_residual_scatter_triton_(x, ids, u, wt, b, g, 32, 32, 16, 4, 2),
+     'patch_embed': lambda: K.patch_embed_triton_(x, images, pwt, const, 12, (4, 4), 32, 32, 16, 4, 2),
+     'attention': lambda: K.attention_triton(qkv, 2, 0.125, 16, 32, 16, 4, 2, out=o)}[kernel]()
+    for k, t in tensors.items():
+        assert torch.equal(t[B], before[k][B]), k
+    written = {'gather': 'out', 'attention': 'o'}.get(kernel, 'x')
+    assert not torch.equal(tensors[written][:B], before[written][:B])
+
+
 def test_attention_dispatch_falls_back_for_other_head_dims():
     qkv = _randn(2, 9, 3 * 2 * 24, seed=3)  # head_dim 24: no Triton tile
     out = K.attention(qkv, 2, 24 ** -0.5)
