@@ -1682,13 +1682,11 @@ def run(args) -> Dict[str, float]:
     args.input_size = input_size(args)
     args.mean, args.std = tuple(cfg.mean), tuple(cfg.std)
     check_training_transform(args, unused_flags(args))  # the transform strings this run reads, before any work
-    # the files it reads are readable checkpoints before the data is listed (minutes on ImageNet): an unreadable one
-    # is said here, as it would be once its model is built (the teacher's mapped, not read into memory: its model
-    # is built from the file later)
+    # the --resume file is a readable checkpoint before the data is listed (minutes on ImageNet): an unreadable one
+    # is said here, as it would be once its model is built (the teacher's file is read where its model is built,
+    # also before the data: build_training)
     if args.resume and resumed is None:
         resumed = load_checkpoint_file(args.resume)
-    if args.teacher_path and args.distillation_type != 'none':
-        load_checkpoint_file(args.teacher_path, mmap=True)
     if args.speed_only:
         return run_speed(args, device, resumed)
     if args.eval:
