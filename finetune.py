@@ -433,6 +433,20 @@ def mixing(args) -> bool:
     return args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
 
 
+def check_checkpoint_path(path: str, flag: str, give: str, what: str, inside: Optional[str] = None) -> None:
+    """``path`` (of ``flag``) is a regular file: a directory, another kind of file (a device, a pipe) or nothing
+    there is one line saying which (``give``: what to give instead; ``what``: the file, for 'not found';
+    ``inside``: for a directory, the file in it to name as an example)."""
+    if os.path.isfile(path):
+        return
+    if os.path.isdir(path):
+        example = f' (e.g. {os.path.join(path, inside)})' if inside else ''
+        raise UserError(f'{flag} {path} is a directory; give {give}{example}')
+    if os.path.exists(path):
+        raise UserError(f'{flag} {path} is not a regular file (a device, a pipe?); give {give}')
+    raise UserError(f'{what} not found: {path}')
+
+
 def validate_args(args, void: Set[str] = frozenset(), finished: bool = False) -> None:
     """Refuse inconsistent requests before any work starts (every numeric flag included); ``void``: flags given
     that the run being continued makes void (:func:`continue_run`), so not judged here; ``finished``: the run
@@ -474,13 +488,8 @@ def validate_args(args, void: Set[str] = frozenset(), finished: bool = False) ->
         raise UserError('--eval needs --resume CHECKPOINT (the model to evaluate)')
     if args.prune and not args.resume:
         raise UserError('--prune needs --resume CHECKPOINT (the dense DeiT to prune)')
-    if args.resume and os.path.isdir(args.resume):
-        raise UserError(f'--resume {args.resume} is a directory; give the checkpoint file '
-                        f'(e.g. {os.path.join(args.resume, "checkpoint.pth")})')
-    if args.resume and os.path.exists(args.resume) and not os.path.isfile(args.resume):
-        raise UserError(f'--resume {args.resume} is not a regular file (a device, a pipe?); give the checkpoint file')
-    if args.resume and not os.path.isfile(args.resume):
-        raise UserError(f'checkpoint not found: {args.resume}')
+    if args.resume:
+        check_checkpoint_path(args.resume, '--resume', 'the checkpoint file', 'checkpoint', inside='checkpoint.pth')
     if not modes and not args.output_dir:
         raise UserError('--output_dir is required: finetuning writes checkpoint.pth and log.txt there')
     if not modes and args.distillation_type != 'none' and not args.teacher_path:
@@ -488,15 +497,9 @@ def validate_args(args, void: Set[str] = frozenset(), finished: bool = False) ->
     reads_data = bool(args.eval or args.prune or not modes)  # --speed-only times random tensors
     if args.data_set != 'DIGITS' and reads_data and not args.data_path:
         raise UserError(f'--data-path is required for --data-set {args.data_set}')
-    if (args.teacher_path and not modes and args.distillation_type != 'none' and not finished
-            and not os.path.isfile(args.teacher_path)):
-        if os.path.isdir(args.teacher_path):
-            raise UserError(f'--teacher-path {args.teacher_path} is a directory; give the checkpoint file of the '
-                            f'teacher')
-        if os.path.exists(args.teacher_path):
-            raise UserError(f'--teacher-path {args.teacher_path} is not a regular file (a device, a pipe?); give the '
-                            f'checkpoint file of the teacher')
-        raise UserError(f'teacher checkpoint not found: {args.teacher_path}')
+    if args.teacher_path and not modes and args.distillation_type != 'none' and not finished:
+        check_checkpoint_path(args.teacher_path, '--teacher-path', 'the checkpoint file of the teacher',
+                              'teacher checkpoint')
     args.model = cc_model_name(args.model)
     if args.teacher_model:
         cc_model_name(args.teacher_model, '--teacher-model')
