@@ -123,6 +123,26 @@ def free_port():
         return s.getsockname()[1]
 
 
+def run_process_group(cmd, timeout, **kwargs):
+    """``subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kwargs)`` for a command that starts
+    processes of its own (a distributed launcher and its workers, DataLoader workers): past ``timeout`` every
+    process it started is killed, not only the first (subprocess.run's kill leaves the workers running, holding
+    their ports and the cores of the tests after it), and the test fails with the command's last output, which
+    says where it stood, instead of a bare TimeoutExpired."""
+    import signal
+    import subprocess
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            **kwargs)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f'timed out after {timeout} s: {" ".join(map(str, cmd))}\n--- its last output:\n'
+                    f'{stdout[-3000:]}\n--- stderr:\n{stderr[-3000:]}', pytrace=False)
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
 def subprocess_env():
     """The environment for a CLI subprocess: no launcher variables leaking in from the test process."""
     env = {k: v for k, v in os.environ.items()
