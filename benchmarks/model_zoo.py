@@ -1458,10 +1458,8 @@ def main(argv=None) -> Dict:
         results['machine']['load_average_at_end'] = list(os.getloadavg())
     text = report_so_far(results, args, device, started)
     print('\n' + text, flush=True)
-    met = sum(t['met'] is True for t in results['targets'])
-    missing = len(results['not_measured'])
     undone = [r['section'] for r in results['sections'] if r['status'] != 'done']
-    print(f'{met} of {len(results["targets"])} targets met' + (f', {missing} not measured' if missing else '')
+    print(report.count_targets(results['targets'])
           + f'; wrote {args.json} and {args.markdown} ({results["seconds"]:.0f} s)'
           + (f'; not done: {"; ".join(undone)}' if undone else ''), flush=True)
     return results

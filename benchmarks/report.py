@@ -232,6 +232,16 @@ def verdict(target: Dict) -> str:
     return 'yes, within noise' if target['met'] else 'no, within noise'
 
 
+def count_targets(targets: List[Dict]) -> str:
+    """'N of M targets met', with how many of the N are met only within noise (the median meets the target, its
+    interval does not) and how many of the M could not be measured."""
+    met = [t for t in targets if t['met'] is True]
+    noisy = sum(not t.get('decided', True) for t in met)
+    missing = sum(t['met'] is None for t in targets)
+    return (f'{len(met)} of {len(targets)} targets met' + (f' ({noisy} of them within noise)' if noisy else '')
+            + (f', {missing} not measured' if missing else ''))
+
+
 def summary_targets(entry: Dict, device: str, batches: List[int], results: Optional[Dict] = None
                     ) -> Dict[str, Dict]:
     """The summary's targets for one entry: 'vs_best_dense', and 'batch1'/'batch32' for the batch sizes the run

@@ -324,6 +324,14 @@ def test_verdicts_separate_a_miss_from_noise():
     assert report.verdict(report._target('no interval', 0.99, 1.0, True, None)) == '**NO**'
 
 
+def test_count_of_targets_met_says_how_many_are_met_only_within_noise():
+    targets = [report._target('t', median, 1.0, True, ci) for median, ci in
+               [(1.05, [1.01, 1.09]), (1.02, [0.97, 1.06]), (0.98, [0.95, 1.03]), (1.2, None)]]
+    targets += [report._target('lost', None, 1.0, True), report._target('paired', 1.1, 1.0, True, paired=True)]
+    assert report.count_targets(targets) == '4 of 6 targets met (2 of them within noise), 1 not measured'
+    assert report.count_targets(targets[:1] + targets[2:4]) == '2 of 3 targets met'
+
+
 def test_fast_path_builds_table_names_each_products_kernels():
     """The builds table names the kernels each product ran with, each once (cuBLAS on padded rows among them);
     results from before a product was timed say nothing ('–')."""
@@ -1441,6 +1449,7 @@ def test_quick_run_summary_agrees_with_the_rows_it_comes_from(tmp_path, capsys, 
     assert [r['kind'] for r in rows] == ['timm', 'extra-dense', 'ours', 'boolean', 'extra-eager']  # registry order
     assert model['checks']['extra_25']['max_abs_diff'] < 1e-4 and model['checks']['extra_dense']['max_abs_diff'] < 1e-4
     assert [s['status'] for s in res['sections']] == ['done', 'done', 'done']
+    assert f'\n{report.count_targets(res["targets"])}; wrote ' in out
 
     entry, = res['summary']
     dense = [(r['key'], r['seconds']) for r in rows if r['dense']]
