@@ -123,21 +123,46 @@ def free_port():
         return s.getsockname()[1]
 
 
+def _process_tree(pid):
+    """``pid`` and every process it started, and they started, that is still running (Linux: read from /proc)."""
+    children = {}
+    for entry in os.listdir('/proc'):
+        if entry.isdigit():
+            try:
+                with open(f'/proc/{entry}/stat') as f:
+                    ppid = int(f.read().rsplit(')', 1)[1].split()[1])  # the name, in parentheses, may hold blanks
+            except (OSError, ValueError, IndexError):
+                continue  # ended meanwhile
+            children.setdefault(ppid, []).append(int(entry))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo += children.get(tree[-1], [])
+    return tree
+
+
 def run_process_group(cmd, timeout, **kwargs):
     """``subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kwargs)`` for a command that starts
     processes of its own (a distributed launcher and its workers, DataLoader workers): past ``timeout`` every
     process it started is killed, not only the first (subprocess.run's kill leaves the workers running, holding
-    their ports and the cores of the tests after it), and the test fails with the command's last output, which
+    their ports and the cores of the tests after it, and torch's launcher starts each worker in a session of its
+    own, out of reach of a kill of the command's group), and the test fails with the command's last output, which
     says where it stood, instead of a bare TimeoutExpired."""
     import signal
     import subprocess
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            **kwargs)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
+        for pid in _process_tree(proc.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            stdout, stderr = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:  # a process started after the tree was read still holds the pipes
+            stdout = stderr = '(not read: the pipes were still open 30 s after the kill)'
         pytest.fail(f'timed out after {timeout} s: {" ".join(map(str, cmd))}\n--- its last output:\n'
                     f'{stdout[-3000:]}\n--- stderr:\n{stderr[-3000:]}', pytrace=False)
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
