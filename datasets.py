@@ -1,9 +1,13 @@
 """Data sets and transforms: ImageNet folders, CIFAR-100 on disk, iNaturalist 2018/2019, and scikit-learn's
 digits (the mini reproduction). Every missing or unreadable input becomes a one-line :class:`UserError`.  And the
 loaders a run reads them with (:func:`data_loader`: samplers, seeded shuffles, workers that stop quietly)."""
+import functools
 import itertools
 import json
+import multiprocessing
 import os
+import sys
+import time
 import unicodedata
 from typing import Collection, Dict, List, Optional, Sequence, Tuple
 
@@ -15,7 +19,7 @@ from torchvision import datasets, transforms
 from torchvision.transforms import InterpolationMode
 
 from samplers import DistributedEvalSampler, RASampler
-from utils import UserError, few_names, one_line, rank0_print, seeding
+from utils import UserError, few_names, one_line, print_line, rank0_print, seeding
 from utils.signals import sigterm_held, worker_stops_quietly_on_sigterm
 
 DATA_SETS = ('IMNET', 'CIFAR', 'INAT', 'INAT19', 'DIGITS')
@@ -463,12 +467,71 @@ class DigitsDataset(Dataset):
 # ----------------------------------------------------------------------------------------------------------
 # loading a data set for a run
 
+WORKER_START_TIMEOUT = 60.0  # seconds for a forked DataLoader worker to reach its first line of Python
+WORKER_START_ATTEMPTS = 3
+
+
+def _note_start(started, worker_init_fn, worker_id: int) -> None:
+    """A worker's first call (as ``worker_init_fn``): its pid into ``started[worker_id]``, then the loader's own."""
+    started[worker_id] = os.getpid()
+    if worker_init_fn is not None:
+        worker_init_fn(worker_id)
+
+
 class DataLoader(torch.utils.data.DataLoader):
-    """torch's, with its iterator (which starts the workers) made under :func:`sigterm_held`."""
+    """torch's, with its iterator (which starts the workers) made under :func:`sigterm_held`, and forked workers
+    that hang at their start started again.
+
+    A fork copies the locks of the parent's other threads as they are, and CPython before 3.12 (3.11.7 among them;
+    later 3.8-3.11 releases have the fix) takes one of them in the child before resetting it: if another thread
+    held it at that moment (torch's communication threads call into Python), the worker waits forever before its
+    first line of Python, and the run with it, without a word.  So each worker notes its start; one that has not
+    started within ``WORKER_START_TIMEOUT`` seconds is killed and the workers are started again, with the seeds
+    and shuffle the first start drew (the random states are rewound), so the epoch is the one it would have been.
+    """
 
     def __iter__(self):
         with sigterm_held():
-            return super().__iter__()
+            if self.num_workers == 0 or (self.multiprocessing_context or multiprocessing.get_context()) \
+                    .get_start_method() != 'fork':
+                return super().__iter__()
+            return self._iter_with_started_workers()
+
+    def _iter_with_started_workers(self):
+        rng_state = torch.get_rng_state()
+        generator_state = self.generator.get_state() if self.generator is not None else None
+        init = self.worker_init_fn
+        for attempt in range(1, WORKER_START_ATTEMPTS + 1):
+            started = multiprocessing.RawArray('q', self.num_workers)  # shared with the forked workers
+            before = {p.pid for p in multiprocessing.active_children()}
+            self.worker_init_fn = functools.partial(_note_start, started, init)
+            try:
+                iterator = super().__iter__()
+            finally:
+                self.worker_init_fn = init
+            workers = [p for p in multiprocessing.active_children() if p.pid not in before]
+            deadline = time.monotonic() + WORKER_START_TIMEOUT
+            while True:
+                stuck = [p for p in workers if p.pid not in started[:] and p.is_alive()]
+                if not stuck or time.monotonic() > deadline:
+                    break
+                time.sleep(0.01)
+            if not stuck:  # (a worker that ended without starting is torch's to report, at the first batch)
+                return iterator
+            iterator._shutdown_workers()  # before the kill, or torch reports the killed worker as a failure
+            for p in stuck:
+                p.kill()  # SIGKILL: it holds the parent's signal handlers, which act only once its Python runs
+                p.join()
+            pids = ', '.join(str(p.pid) for p in stuck)
+            print_line(f'warning: {len(stuck)} of {self.num_workers} DataLoader workers did not start within '
+                       f'{WORKER_START_TIMEOUT:g} s (a fork that deadlocked; pid {pids}): killed, '
+                       + ('the workers started again' if attempt < WORKER_START_ATTEMPTS else 'giving up'),
+                       file=sys.stderr)
+            torch.set_rng_state(rng_state)
+            if generator_state is not None:
+                self.generator.set_state(generator_state)
+        raise RuntimeError(f'DataLoader workers did not start in {WORKER_START_ATTEMPTS} attempts of '
+                           f'{WORKER_START_TIMEOUT:g} s each; --num_workers 0 loads in the main process')
 
 
 def data_loader(dataset, args, train: bool, sampler=None, batch_size=None):

@@ -823,6 +823,11 @@ MUTANTS: List[Mutant] = [
            "            training.scaler.load_state_dict(checkpoint['scaler'])\n", '            pass\n',
            [T + 'test_resume.py::test_resume_restores_the_loss_scaler'],
            "a resumed run's loss scaler starts afresh (mixed precision's scale and growth count lost)"),
+    mutant('restarted-workers-draw-anew', 'datasets.py',
+           '            torch.set_rng_state(rng_state)\n', '',
+           [T + 'test_seeding.py::test_a_worker_that_hangs_at_its_start_is_killed_and_the_epoch_is_the_one_it_would_'
+            'have_been'],
+           'workers started again after a hung start draw other seeds than the first start (the epoch changes)'),
 ]
 
 

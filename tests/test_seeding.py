@@ -9,6 +9,7 @@ import json
 import os
 import random
 import signal
+import time
 
 import numpy as np
 import pytest
@@ -265,3 +266,62 @@ def test_random_prune_mode_is_seeded(world48, tmp_path):
     _, c = prune(world48, tmp_path / 'c', 0, 'random', seed=8)
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert int((~a).sum()) == int(144 * 6 * 0.3)
+
+
+class _RandomDraws(torch.utils.data.Dataset):
+    """Each item: its index and one draw of each random source a worker's augmentations use."""
+
+    def __len__(self):
+        return 24
+
+    def __getitem__(self, i):
+        return torch.tensor([i, random.random(), np.random.rand(), torch.rand(()).item()], dtype=torch.float64)
+
+
+def test_a_worker_that_hangs_at_its_start_is_killed_and_the_epoch_is_the_one_it_would_have_been(
+        monkeypatch, tmp_path, capfd):
+    """A forked DataLoader worker that never reaches its first line of Python (a fork that deadlocked, as CPython
+    before 3.12 can) stalled the run forever.  Stand-in: on the first start, worker 1 blocks SIGTERM and sleeps
+    before it notes its start.  The loader kills it, starts the workers again, and yields what a loader whose
+    workers started at once yields: the same shuffle and the same random draws in every worker, and so does the
+    next epoch."""
+    import datasets
+    import finetune
+    from datasets import _note_start
+
+    def hang_at_first_starts(started, worker_init_fn, worker_id):
+        # worker 1's starts: 1 training, 2 training again, 3 validation (its workers' seeds from the global
+        # random state, not the training loader's generator), 4 validation again, 5 the second training epoch
+        if worker_id == 1:
+            starts = (tmp_path / 'starts').read_text().split() if (tmp_path / 'starts').exists() else []
+            (tmp_path / 'starts').write_text(' '.join(starts + [str(os.getpid())]))
+            if len(starts) in (0, 2):
+                signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM])
+                time.sleep(600)
+        _note_start(started, worker_init_fn, worker_id)
+
+    args = finetune.get_args_parser().parse_args(['--batch-size', '4', '--num_workers', '2', '--seed', '3'])
+    args.distributed, args.rank, args.device = False, 0, 'cpu'
+
+    def two_epochs():
+        torch.manual_seed(5)
+        train, val = datasets.data_loader(_RandomDraws(), args, train=True), datasets.data_loader(_RandomDraws(), args,
+                                                                                                    train=False)
+        return [torch.cat(list(loader)) for loader in (train, val, train)], torch.rand(3)
+
+    (expected, expected_after) = two_epochs()
+    assert sorted(expected[0][:, 0].tolist()) == list(range(24)) and expected[0][:, 0].tolist() != list(range(24))
+    monkeypatch.setattr(datasets, '_note_start', hang_at_first_starts)
+    monkeypatch.setattr(datasets, 'WORKER_START_TIMEOUT', 3.0)
+    (got, got_after) = two_epochs()
+    starts = [int(pid) for pid in (tmp_path / 'starts').read_text().split()]
+    assert len(starts) == 5
+    for g, e in zip(got, expected):
+        assert torch.equal(g, e)
+    assert torch.equal(got_after, expected_after)  # the main process's random state as if no start had failed
+    for hung in starts[0], starts[2]:
+        with pytest.raises(ProcessLookupError):
+            os.kill(hung, 0)  # killed and reaped
+    warnings = [line for line in capfd.readouterr().err.splitlines() if line.startswith('warning:')]
+    assert warnings == [f'warning: 1 of 2 DataLoader workers did not start within 3 s (a fork that deadlocked; pid '
+                        f'{hung}): killed, the workers started again' for hung in (starts[0], starts[2])]
