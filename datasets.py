@@ -484,7 +484,7 @@ class DataLoader(torch.utils.data.DataLoader):
 
     A fork copies the locks of the parent's other threads as they are, and CPython before 3.12 (3.11.7 among them;
     later 3.8-3.11 releases have the fix) takes one of them in the child before resetting it: if another thread
-    held it at that moment (torch's communication threads call into Python), the worker waits forever before its
+    held it at that moment (a library's native thread calling into Python), the worker waits forever before its
     first line of Python, and the run with it, without a word.  So each worker notes its start; one that has not
     started within ``WORKER_START_TIMEOUT`` seconds is killed and the workers are started again, with the seeds
     and shuffle the first start drew (the random states are rewound), so the epoch is the one it would have been.
