@@ -141,7 +141,7 @@ def _process_tree(pid):
     return tree
 
 
-def run_process_group(cmd, timeout, **kwargs):
+def run_process_tree(cmd, timeout, **kwargs):
     """``subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kwargs)`` for a command that starts
     processes of its own (a distributed launcher and its workers, DataLoader workers): past ``timeout`` every
     process it started is killed, not only the first (subprocess.run's kill leaves the workers running, holding

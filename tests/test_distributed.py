@@ -17,7 +17,7 @@ from PIL import Image
 
 import finetune
 import pruning
-from conftest import DIGITS_ARGS, ROOT, digits_world, free_port, official_checkpoint, run_process_group, subprocess_env
+from conftest import DIGITS_ARGS, ROOT, digits_world, free_port, official_checkpoint, run_process_tree, subprocess_env
 from utils import load_checkpoint_file
 
 TORCHRUN = os.path.join(os.path.dirname(sys.executable), 'torchrun')
@@ -33,7 +33,7 @@ def launch(launcher, argv, cwd, nproc=2, timeout=300):
         pytest.skip(f'no torchrun script next to {sys.executable}')
     cmd = [*LAUNCHERS[launcher], f'--nproc_per_node={nproc}', f'--master_port={free_port()}',
            os.path.join(ROOT, 'finetune.py'), *DIGITS_ARGS, *map(str, argv)]
-    return run_process_group(cmd, timeout, env=subprocess_env(), cwd=cwd)
+    return run_process_tree(cmd, timeout, env=subprocess_env(), cwd=cwd)
 
 
 def ok(proc):
@@ -72,7 +72,7 @@ def launch_job(launcher, commands, cwd, timeout=400):
         json.dump([{'argv': [*DIGITS_ARGS, *map(str, c['argv'])], 'sigterm_at_epoch': c.get('sigterm_at_epoch')}
                    for c in commands], f)
     cmd = [*LAUNCHERS[launcher], '--nproc_per_node=2', f'--master_port={free_port()}', JOB, path]
-    proc = run_process_group(cmd, timeout, env=subprocess_env(), cwd=cwd)
+    proc = run_process_tree(cmd, timeout, env=subprocess_env(), cwd=cwd)
     codes = {}
     for rank, i, code in re.findall(r'^\[rank (\d)\] @@ command (\d+) exit (-?\d+)$', proc.stdout, re.M):
         codes.setdefault(int(i), [None, None])[int(rank)] = int(code)

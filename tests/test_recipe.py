@@ -22,7 +22,7 @@ import finetune
 import models
 import pruning
 from conftest import (DIGITS_ARGS, OUT_OF_MEMORY, OUT_OF_MEMORY_FIGURES, ROOT, digits_world, free_port,
-                      make_image_folder, no_work, official_checkpoint, run_process_group, subprocess_env)
+                      make_image_folder, no_work, official_checkpoint, run_process_tree, subprocess_env)
 from utils import UserError, load_checkpoint_file
 from utils.cli import ParsedArgs
 
@@ -581,7 +581,7 @@ def test_the_papers_commands_run_as_printed(tmp_path):
     script = os.path.join(ROOT, 'finetune.py')
 
     def run(cmd, *launcher):
-        proc = run_process_group([sys.executable, *launcher, script, *cmd.split()], 600, cwd=tmp_path,
+        proc = run_process_tree([sys.executable, *launcher, script, *cmd.split()], 600, cwd=tmp_path,
                                  env=subprocess_env())
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         return proc.stdout
