@@ -798,12 +798,11 @@ def dropout_rates(args) -> Dict[str, float]:
     return {'pos_drop_rate': args.drop, 'proj_drop_rate': args.drop, 'drop_path_rate': args.drop_path}
 
 
-def load_model(args, path: str, name: str, fallback_classes: int = 1000, checkpoint: Optional[dict] = None
-               ) -> Tuple[nn.Module, dict]:
+def load_model(args, path: str, name: str, checkpoint: Optional[dict] = None) -> Tuple[nn.Module, dict]:
     """models.build_model_from_checkpoint with this run's input size and dropout rates (``checkpoint``: the
     contents of ``path``, where they are read already)."""
-    return models.build_model_from_checkpoint(path, name, fallback_classes, img_size=args.input_size,
-                                              warn=rank0_print, checkpoint=checkpoint, **dropout_rates(args))
+    return models.build_model_from_checkpoint(path, name, img_size=args.input_size, warn=rank0_print,
+                                              checkpoint=checkpoint, **dropout_rates(args))
 
 
 def new_model(args, num_classes: int = 1000) -> nn.Module:
