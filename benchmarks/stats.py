@@ -72,10 +72,11 @@ class Timings:
 
     def ratio(self, fast: str, slow: str) -> Dict:
         """Speed of ``fast`` over ``slow`` (> 1: ``fast`` is faster); NO_RATIO when the pass times of either are
-        no measurement (``problem``)."""
+        no measurement (``problem``).  The two rows have one entry per round of the same rounds (or one mean each):
+        lists of other lengths are a timing loop's fault, raised, never paired up to the shorter one."""
         if self.problem(fast) or self.problem(slow):
             return dict(NO_RATIO)
-        pairs = [s / f for f, s in zip(self.seconds[fast], self.seconds[slow])]
+        pairs = [s / f for f, s in zip(self.seconds[fast], self.seconds[slow], strict=True)]
         return paired(pairs) if self.paired else point(statistics.median(pairs))
 
     def fastest(self, names: Iterable[str]) -> Optional[str]:

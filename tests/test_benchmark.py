@@ -378,6 +378,9 @@ def test_ratios_pair_rounds_in_our_protocol_and_divide_means_in_the_original():
     o = stats.Timings({'fast': [0.5], 'slow': [2.0]}, batch=4, paired=False)
     assert o.ratio('fast', 'slow') == {'median': 4.0, 'min': 4.0, 'max': 4.0, 'ci': None}
     assert report.fmt_ratio(1.5, [1.25, 3.0]) == '1.50 (1.25–3.00)' and report.fmt_ratio(None) == '–'
+    for lists in (([1.0, 2.0], [3.0, 3.0, 6.0]), ([1.0, 2.0, 4.0], [3.0])):  # rounds that do not pair: a fault
+        with pytest.raises(ValueError):
+            stats.Timings(dict(zip(('fast', 'slow'), lists)), batch=4).ratio('fast', 'slow')
 
 
 # ---------------------------------------------------------------------------------------------------------------
