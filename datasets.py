@@ -159,19 +159,12 @@ def build_dataset(is_train: bool, args) -> Tuple[Dataset, int]:
     if name == 'DIGITS':
         return DigitsDataset(train=is_train), 10
     transform = build_transform(is_train, args)
+    check_split(is_train, args)
     root = args.data_path
-    if not root:
-        raise UserError(f'--data-path is required for --data-set {name}')
-    if not os.path.isdir(root):
-        raise UserError(f'--data-path {root} does not exist or is not a directory')
     if name == 'IMNET':
         ds = image_folder(os.path.join(root, 'train' if is_train else 'val'), transform)
         return ds, len(ds.classes)
     if name == 'CIFAR':
-        marker = os.path.join(root, 'cifar-100-python', 'train' if is_train else 'test')
-        if not os.path.isfile(marker):
-            raise UserError(f'CIFAR-100 not found: expected {marker} (the python version of CIFAR-100, '
-                            f'unpacked; nothing is downloaded)')
         try:
             return datasets.CIFAR100(root, train=is_train, transform=transform, download=False), 100
         except Exception as e:  # noqa: BLE001  (torchvision checks every file's md5 first, then unpickles them)
@@ -183,6 +176,28 @@ def build_dataset(is_train: bool, args) -> Tuple[Dataset, int]:
         ds = INatDataset(root, train=is_train, year=year, category=args.inat_category, transform=transform)
         return ds, ds.nb_classes
     raise UserError(f'unknown --data-set {name}; choose one of {", ".join(DATA_SETS)}')
+
+
+def check_split(is_train: bool, args) -> None:
+    """What :func:`build_dataset` checks before it lists anything: the data path, and the split's folder (IMNET)
+    or file (CIFAR).  A run that needs both splits checks both first, so a missing one is said before the other
+    is listed (minutes on ImageNet).  (DIGITS has no files; iNaturalist's validation set reads both json files.)"""
+    name, root = args.data_set, args.data_path
+    if name == 'DIGITS':
+        return
+    if not root:
+        raise UserError(f'--data-path is required for --data-set {name}')
+    if not os.path.isdir(root):
+        raise UserError(f'--data-path {root} does not exist or is not a directory')
+    if name == 'IMNET':
+        split = os.path.join(root, 'train' if is_train else 'val')
+        if not os.path.isdir(split):
+            raise UserError(f'split not found: {split} (expected one folder per class inside)')
+    elif name == 'CIFAR':
+        marker = os.path.join(root, 'cifar-100-python', 'train' if is_train else 'test')
+        if not os.path.isfile(marker):
+            raise UserError(f'CIFAR-100 not found: expected {marker} (the python version of CIFAR-100, '
+                            f'unpacked; nothing is downloaded)')
 
 
 def class_folders(split: str):
@@ -215,11 +230,10 @@ def _is_image_name(name: str) -> bool:
 
 
 def image_folder(split: str, transform) -> datasets.ImageFolder:
-    """An ImageFolder whose missing, empty or class-less split is reported as a one-line error; images lying
-    directly in the split (not in a class folder) are counted for a note, or refused when there is no class
-    folder at all (a flat val/, as ImageNet's comes before it is sorted)."""
-    if not os.path.isdir(split):
-        raise UserError(f'split not found: {split} (expected one folder per class inside)')
+    """An ImageFolder whose unreadable, empty or class-less split is reported as a one-line error (a missing one
+    is said by :func:`check_split`, before anything is listed); images lying directly in the split (not in a
+    class folder) are counted for a note, or refused when there is no class folder at all (a flat val/, as
+    ImageNet's comes before it is sorted)."""
     if not os.access(split, os.R_OK | os.X_OK):
         raise UserError(f'cannot read {split}: permission denied')
     classes, loose = _top_listing(split)

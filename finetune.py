@@ -28,7 +28,8 @@ import engine
 import models
 import pruning
 from datasets import (DATA_SETS, INATURALIST, SMALL_INPUT, BadImageError, DigitsDataset, Limited, as_told_apart,
-                      build_data, check_classes, check_same_classes, check_training_transform, data_loader)
+                      build_data, check_classes, check_same_classes, check_split, check_training_transform,
+                      data_loader)
 from engine import NonFiniteLossError, evaluate, measure_throughput, steady_allocator
 from losses import DistillationLoss
 from utils import (OutputWriteError, UserError, TensorBoard, all_agree, append_line, check_output_dir,
@@ -1018,6 +1019,9 @@ def run_prune(args, device: torch.device, resumed: dict) -> Dict[str, float]:
     nothing = pruning.clips_nothing(depth, num_patches, args.prune_rate)
     if nothing:
         raise UserError(f'--prune_rate {nothing}: nothing would be pruned')
+    check_split(False, args)
+    if args.prune_mode == 'attn':  # scored on the training set: a missing one is said before val/ is listed
+        check_split(True, args)
     dataset_val, nb_classes = build_data(args, train=False)
     check_classes(nb_classes, model, 'validation')
     check_recorded_classes(source, dataset_val, args, 'validation')
@@ -1258,7 +1262,9 @@ def build_training(args, device: torch.device, resumed: Optional[dict]) -> Tuple
         model, checkpoint = load_model(args, args.resume, args.model, checkpoint=resumed)
     loaded_teacher = load_teacher(args) if args.distillation_type != 'none' else None
     # the validation set first, as --prune lists it: a missing or broken val/ is said before train/ is listed, which
-    # takes minutes on ImageNet
+    # takes minutes on ImageNet (and a missing train/ before val/ is listed)
+    check_split(False, args)
+    check_split(True, args)
     dataset_val, _ = build_data(args, train=False)
     dataset_train, nb_classes = build_data(args, train=True)
     check_same_classes(args, dataset_val, dataset_train)

@@ -828,6 +828,11 @@ MUTANTS: List[Mutant] = [
            [T + 'test_seeding.py::test_a_worker_that_hangs_at_its_start_is_killed_and_the_epoch_is_the_one_it_would_'
             'have_been'],
            'workers started again after a hung start draw other seeds than the first start (the epoch changes)'),
+    mutant('taylor-prune-lists-val-first', 'finetune.py',
+           "    if args.prune_mode == 'attn':  # scored on the training set: a missing one is said before val/ is "
+           "listed\n        check_split(True, args)\n", '',
+           [T + 'test_errors.py::test_missing_training_split_is_said_before_val_is_listed'],
+           'a --prune whose train/ is missing lists val/ before it says so'),
 ]
 
 

@@ -117,7 +117,8 @@ def test_empty_data_path(capsys, world, earlier, tmp_path):
 
 
 def test_missing_split(capsys, world, earlier, tmp_path, monkeypatch):
-    """A missing val/ is said before train/ is listed (minutes on ImageNet): finetuning listed train/ first."""
+    """A missing val/ is said before train/ is listed (minutes on ImageNet): finetuning listed train/ first;
+    nothing is listed now."""
     import datasets
     listed, image_folder = [], datasets.image_folder
     monkeypatch.setattr(datasets, 'image_folder', lambda split, transform: listed.append(split) or
@@ -126,7 +127,28 @@ def test_missing_split(capsys, world, earlier, tmp_path, monkeypatch):
     shutil.rmtree(data / 'val')
     assert_one_line_error(capsys, finetune_args(world, earlier, '--data-path', data), EXIT_USER_ERROR,
                           rf'split not found: {re.escape(str(data / "val"))}')
-    assert listed == [str(data / 'val')], listed
+    assert listed == [], listed
+
+
+def test_missing_training_split_is_said_before_val_is_listed(capsys, world, earlier, tmp_path, monkeypatch):
+    """Finetuning and Taylor pruning read train/ after val/: a missing train/ is said before val/ is listed; random
+    masks and --eval read no training image and do not need it."""
+    import datasets
+    listed, image_folder = [], datasets.image_folder
+    monkeypatch.setattr(datasets, 'image_folder', lambda split, transform: listed.append(split) or
+                        image_folder(split, transform))
+    data = copy_data(world, tmp_path)
+    shutil.rmtree(data / 'train')
+    before = snapshot(earlier)
+    for argv in (finetune_args(world, earlier, '--data-path', data),
+                 prune_args(world, earlier, '--data-path', data)):
+        assert_one_line_error(capsys, argv, EXIT_USER_ERROR, rf'split not found: {re.escape(str(data / "train"))}')
+    assert listed == [] and snapshot(earlier) == before
+    code, _, err = cli(capsys, *prune_args(world, earlier, '--data-path', data, '--prune_mode', 'random'))
+    assert code == 0, err
+    code, out, err = cli(capsys, '--eval', '--resume', world['dense'], '--data-path', data)
+    assert code == 0 and 'Accuracy of the network' in out, err
+    assert listed == [str(data / 'val')] * 2, listed
 
 
 def test_split_without_class_folders(capsys, world, earlier, tmp_path):
