@@ -543,7 +543,7 @@ def run(a: argparse.Namespace) -> int:
                          a.verbose)
     timings['speed'] = time.time() - t
 
-    # results.json and the table (no output of its own) -------------------------------------------------------
+    # 5. results.json and the table ---------------------------------------------------------------------------
     dense_gflops = speed[rate_tag(*CONFIGS[0])]['dense_gflops']
     dense_throughput = statistics.median(s['dense_throughput'] for s in speed.values())
     rows = [{'name': 'DeiT-digits (teacher)', 'prune_mode': 'none', 'prune_rate': 0.0, 'finetuned': False,
@@ -564,11 +564,11 @@ def run(a: argparse.Namespace) -> int:
                             'are the --prune evaluation'}
     table = markdown_table(rows, speedups)
 
-    # 5. masks.png ------------------------------------------------------------------------------------------
+    # 6. masks.png ------------------------------------------------------------------------------------------
     t = time.time()
     import draw_masks
     import torch
-    print('== 5. masks: the patches each block keeps', flush=True)
+    print('== 6. masks: the patches each block keeps', flush=True)
     pictures = {}
     for mode, rate in CONFIGS:
         tag = rate_tag(mode, rate)
@@ -582,7 +582,7 @@ def run(a: argparse.Namespace) -> int:
         print(f'   {pictures[tag]}')
     timings['masks'] = time.time() - t
 
-    # TensorBoard summary ------------------------------------------------------------------------------
+    # 7. TensorBoard summary ------------------------------------------------------------------------------
     shutil.rmtree(folders['summary'], ignore_errors=True)  # an earlier run's events would mix in
     tb = TensorBoard(folders['summary'])
     if tb.writer is not None:
