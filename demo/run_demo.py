@@ -1,6 +1,6 @@
 """The mini reproduction on real images: Clip & Concat on scikit-learn's handwritten digits, end to end.
 
-    python demo/run_demo.py            # or: make demo   (about 5-8 minutes on 2 CPU cores)
+    python demo/run_demo.py            # or: make demo   (about 5 minutes on 2 quiet CPU cores)
     python demo/run_demo.py --quick    # a few epochs, for the tests
 
 Every stage goes through finetune.py's own code (``finetune.run`` on parsed command lines, printed as
