@@ -344,6 +344,14 @@ def check_digits_size(size: int, reader: str) -> None:
                                            '--data-path folder')
 
 
+def check_crop(size: int, ratio: float) -> None:
+    """The evaluation transform of a folder's images at ``size`` px can resize them for ``ratio``'s crop (the check
+    is finetune.py's: a tiny ratio made Pillow overflow, or the resize take the machine's memory)."""
+    import finetune
+    if size > finetune.SMALL_INPUT and ratio < 1:
+        finetune.check_crop_resize(size, ratio)
+
+
 def unused_flag_notes(args: argparse.Namespace, parser: argparse.ArgumentParser, size: int) -> List[str]:
     """``note:`` lines for the flags given that this drawing does not use, at an input of ``size`` px: the
     evaluation transform is finetune.py's, so finetune.py's own rules (``finetune.unused_flags`` of the
@@ -371,6 +379,8 @@ def main(argv=None) -> int:
         size = model.patch_embed.img_size[0]
         if uses_digits(args):
             check_digits_size(size, f'the model of {args.resume}')
+        else:
+            check_crop(size, args.eval_crop_ratio)
         for line in unused_flag_notes(args, parser, size):
             print(line)
         if uses_digits(args):

@@ -217,6 +217,19 @@ def test_draw_masks_draws_the_title_given_even_an_empty_one(tmp_path, monkeypatc
     assert titles[0].startswith(f'{tmp_path.name}/pruned_0.25.pth') and titles[1:] == ['', 'masks $x$']
 
 
+def test_draw_masks_refuses_a_crop_ratio_whose_resize_pillow_cannot_make(tmp_path, monkeypatch, capsys):
+    """A folder's images through a 224 px model with --eval-crop-ratio 1e-9: the resize before the crop would be
+    224e9 px a side (Pillow overflowed, with a traceback; 0.001 took the machine's memory).  One error line, as
+    finetune.py gives it, before any image is read, and no picture."""
+    ckpt, data = pruned_tiny_and_folder(tmp_path)
+    monkeypatch.setattr(draw_masks, 'folder_images', no_work)
+    out = tmp_path / 'm.png'
+    argv = ['--resume', str(ckpt), '--data-path', data, '--num-images', '1', '--out', str(out)]
+    assert exit_code(draw_masks.main, argv + ['--eval-crop-ratio', '1e-9']) == 2
+    assert_one_error_line(capsys.readouterr().err, '--eval-crop-ratio 1e-09 resizes each image to 224000000000 px')
+    assert not out.exists()
+
+
 def test_draw_masks_refuses_digits_for_a_model_of_another_input_size(tmp_path, capsys):
     """DIGITS through a 224 px DeiT: one error line naming the checkpoint and both sizes (timm's patch embedding
     raised an AssertionError), and no picture."""
