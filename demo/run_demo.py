@@ -135,11 +135,16 @@ def validate_args(a: argparse.Namespace, parser: Optional[argparse.ArgumentParse
     check_numbers(a, parser or get_args_parser(), NUMERIC_FLAGS)
     check_device(a.device)
     check_output_dir(a.out, '--out')  # (an existing file there is refused too)
-    folders, files = planned_outputs(a.out)
+    check_nothing_in_the_way(a.out, *planned_outputs(a.out))
+
+
+def check_nothing_in_the_way(out: str, folders: List[str], files: List[str], script: str = 'demo') -> None:
+    """No file where one of ``folders`` goes and no folder where one of ``files`` goes: a stage found it in its way
+    only when it wrote there, after the work before it."""
     for path in [f for f in folders if os.path.lexists(f) and not os.path.isdir(f)] + \
             [f for f in files if os.path.isdir(f)]:
         kind = 'a file' if os.path.isdir(path) else 'a folder'
-        raise UserError(f'--out {a.out}: {path} is in the way (the demo writes {kind} there): move it away')
+        raise UserError(f'--out {out}: {path} is in the way (the {script} writes {kind} there): move it away')
 
 
 def planned_outputs(out: str) -> Tuple[List[str], List[str]]:

@@ -153,15 +153,34 @@ def validate_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
 
 def check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     """``validate_args``, a mistake being one ``error:`` line and exit code 2 (SystemExit); then ``--quick``, which
-    sets only the flags not given (and says which)."""
+    sets only the flags not given (and says which), and no path in the way of what the runs it plans write."""
     try:
         validate_args(p, a)
+        chosen = demo.apply_quick(a, QUICK) if a.quick else {}
+        demo.check_nothing_in_the_way(a.out, *planned_outputs(a), script='study')
     except UserError as e:
         p.exit(EXIT_USER_ERROR, f'error: {one_line(e)}\n')
-    if a.quick:
-        chosen = demo.apply_quick(a, QUICK)
-        if chosen:
-            print(f'--quick set: {demo.flags_text(chosen)} (every other value as given or its default)', flush=True)
+    if chosen:
+        print(f'--quick set: {demo.flags_text(chosen)} (every other value as given or its default)', flush=True)
+
+
+# The files the study writes in --out once every run has finished.
+OUTPUT_FILES = {'results': 'results.json', 'table': 'results.md', 'figure': 'study.png', 'report': 'STUDY.md'}
+
+
+def seed_dir(out: str, seed: int) -> str:
+    return os.path.join(out, f'seed{seed}')
+
+
+def planned_outputs(a: argparse.Namespace) -> Tuple[List[str], List[str]]:
+    """(the folders, the files) the study writes under ``a.out``: the teacher's, each seed's and each stage's folder
+    (run_all), and OUTPUT_FILES (run_study)."""
+    folders = [os.path.join(a.out, demo.TEACHER_DIR)]
+    for seed in a.seeds:
+        folders.append(seed_dir(a.out, seed))
+        folders += [demo.stage_dir(seed_dir(a.out, seed), stage, mode, rate)
+                    for rate in a.rates for mode in MODES for stage in ('prune', 'finetune')]
+    return folders, [os.path.join(a.out, name) for name in OUTPUT_FILES.values()]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -288,16 +307,16 @@ def run_all(a: argparse.Namespace, out: str) -> Tuple[dict, List[dict], Dict[str
               f'elapsed {clock(time.time() - t0)}, eta {clock(eta)}', flush=True)
         t = time.time()
         common = demo.common_args(seed, a.device)
-        seed_dir = os.path.join(out, f'seed{seed}')
+        folder = seed_dir(out, seed)
         tag = f'{demo.rate_tag(mode, rate)} s{seed}'
         if stage == 'prune':
-            r = demo.prune(teacher, mode, rate, demo.stage_dir(seed_dir, stage, mode, rate), common, a.prune_batches,
+            r = demo.prune(teacher, mode, rate, demo.stage_dir(folder, stage, mode, rate), common, a.prune_batches,
                            f'prune {tag}', a.verbose, echo=False)
             pruned[(mode, rate, seed)] = r
             channels = r['channels']
         else:
             r = demo.distill(pruned[(mode, rate, seed)]['path'], teacher,
-                             demo.stage_dir(seed_dir, stage, mode, rate), common, a.finetune_epochs, a.finetune_lr,
+                             demo.stage_dir(folder, stage, mode, rate), common, a.finetune_epochs, a.finetune_lr,
                              f'finetune {tag}', a.verbose, echo=False)
             channels = pruned[(mode, rate, seed)]['channels']
         runs.append({'prune_rate': float(rate), 'prune_mode': mode, 'seed': seed, 'finetuned': stage == 'finetune',
@@ -318,18 +337,18 @@ def remove_earlier_runs(out: str, written: set) -> None:
     directories, relative to ``out``): other seeds' and other rates' runs would mislead next to these results.
     Called once every run has finished, so a study that stops early destroys nothing it has not replaced."""
     for name in sorted(os.listdir(out)):
-        seed_dir = os.path.join(out, name)
-        if not (re.fullmatch(r'seed\d+', name) and os.path.isdir(seed_dir)):
+        seed_folder = os.path.join(out, name)
+        if not (re.fullmatch(r'seed\d+', name) and os.path.isdir(seed_folder)):
             continue
-        for entry in sorted(os.listdir(seed_dir)):
+        for entry in sorted(os.listdir(seed_folder)):
             if os.path.join(name, entry) not in written:
-                path = os.path.join(seed_dir, entry)
+                path = os.path.join(seed_folder, entry)
                 if os.path.isdir(path) and not os.path.islink(path):
                     shutil.rmtree(path)
                 else:
                     os.remove(path)
-        if not os.listdir(seed_dir):
-            os.rmdir(seed_dir)
+        if not os.listdir(seed_folder):
+            os.rmdir(seed_folder)
 
 
 def summarise(runs: List[dict], seeds: Sequence[int], rates: Sequence[float], epochs: int
@@ -645,7 +664,7 @@ def run_study(a: argparse.Namespace, argv: List[str], t0: float) -> int:
         teacher, runs, timings = run_all(a, out)
     cells, paired = summarise(runs, a.seeds, a.rates, a.finetune_epochs)
     table = markdown(teacher, cells, paired, a.seeds, a.finetune_epochs)
-    plot(teacher, runs, cells, os.path.join(out, 'study.png'), a.finetune_epochs)
+    plot(teacher, runs, cells, os.path.join(out, OUTPUT_FILES['figure']), a.finetune_epochs)
     timings['total'] = time.time() - t0
     results = {
         'config': {'seeds': list(a.seeds), 'rates': [float(r) for r in a.rates], 'modes': list(MODES),
@@ -662,9 +681,9 @@ def run_study(a: argparse.Namespace, argv: List[str], t0: float) -> int:
         'command': ['python', 'demo/study.py'] + argv,
     }
     assert all(tuple(r) == RUN_KEYS for r in runs)
-    write_text_atomic(os.path.join(out, 'results.json'), json.dumps(results, indent=2))
-    write_text_atomic(os.path.join(out, 'results.md'), table + '\n')
-    write_text_atomic(os.path.join(out, 'STUDY.md'), report(argv, results, table))
+    write_text_atomic(os.path.join(out, OUTPUT_FILES['results']), json.dumps(results, indent=2))
+    write_text_atomic(os.path.join(out, OUTPUT_FILES['table']), table + '\n')
+    write_text_atomic(os.path.join(out, OUTPUT_FILES['report']), report(argv, results, table))
 
     print()
     print(table)

@@ -405,6 +405,31 @@ def test_bad_arguments_are_one_error_line_before_any_work(argv, flag, tmp_path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ['FILE']
 
 
+@pytest.mark.parametrize('quick', [False, True])
+@pytest.mark.parametrize('path,kind', [('study.png', 'folder'), ('results.json', 'folder'), ('STUDY.md', 'folder'),
+                                       ('teacher', 'file'), ('seed1', 'file'), ('seed1/finetune_random_0.25', 'file')])
+def test_a_path_in_the_way_of_an_output_is_refused_before_any_work(path, kind, quick, tmp_path, monkeypatch,
+                                                                   capsys):
+    """A folder where the study writes a file (results.json, study.png, ...) or a file where it writes a folder (the
+    teacher's, a seed's, a stage's): the study trained everything, then failed at that write.  Refused before any
+    work, as the demo refuses it, naming the path (among the runs --quick adds: seed 1, rate 0.25); nothing moved."""
+    out = tmp_path / 'out'
+    (out / os.path.dirname(path)).mkdir(parents=True, exist_ok=True)
+    if kind == 'folder':
+        (out / path).mkdir()
+    else:
+        (out / path).write_text('in the way')
+    monkeypatch.setattr(study, 'run_all', no_work)
+    argv = ['--quick'] if quick else ['--seeds', '0', '1', '--rates', '0.25']
+    with pytest.raises(SystemExit) as e:
+        study.main(argv + ['--out', str(out)])
+    assert e.value.code == 2
+    captured = capsys.readouterr()
+    assert_one_error_line(captured.err, f'--out {out}: {out / path} is in the way')
+    assert captured.out == ''
+    assert (out / path).is_dir() if kind == 'folder' else (out / path).read_text() == 'in the way'
+
+
 def test_parser_names_its_script():
     """The sentence describing study.py is its description, not its prog (which starts the usage line)."""
     p = study.get_args_parser()
