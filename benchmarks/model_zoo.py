@@ -552,6 +552,8 @@ def _resumable(args) -> Dict:
     with the same settings (but FREE_SETTINGS) on the same machine kind (SAME_MACHINE; on a CPU also the same
     processor and core count); raises UsageError saying what differs."""
     path = args.resume
+    if os.path.isdir(path):
+        raise UsageError(f'argument --resume: {path} is a folder: name the results JSON in it')
     if not os.path.isfile(path):
         raise UsageError(f'argument --resume: {path}: no such file')
     earlier = _results_of(path)

@@ -1845,6 +1845,9 @@ def test_resume_refuses_other_settings_another_machine_and_other_files(capsys, t
     tables.write_text('Measured on cpu (AMD EPYC, 2 cores).\n')
     assert 'is not a results JSON of this benchmark' in _refused(capsys, tmp_path, '--resume', str(tables))
     assert 'no such file' in _refused(capsys, tmp_path, '--resume', str(tmp_path / 'missing.json'))
+    # a folder (the results folder, say) is not a missing file: it said "no such file" of a folder that is there
+    assert _refused(capsys, tmp_path, '--resume', str(tmp_path)) == (
+        f'error: argument --resume: {tmp_path} is a folder: name the results JSON in it')
     monkeypatch.setattr(zoo, 'machine_info', lambda device: real)
     done = dict(json.loads(open(earlier).read()), machine=real)
     # a run with --threads recorded the threads it set; this one sets them only after the check
