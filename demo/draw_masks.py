@@ -16,6 +16,7 @@ token, not a patch).
 work starts: a bad one is one ``error: ...`` line and exit code 2.
 """
 import argparse
+import math
 import os
 import re
 import shutil
@@ -335,6 +336,9 @@ def validate_args(args: argparse.Namespace, parser: Optional[argparse.ArgumentPa
         check_text(args.title, '--title')
     if uses_digits(args) and args.input_size is not None:
         check_digits_size(args.input_size, f'--input-size {args.input_size}')
+    elif args.input_size is not None:
+        check_image_size(args.input_size)
+        check_crop(args.input_size, args.eval_crop_ratio)
 
 
 def check_digits_size(size: int, reader: str) -> None:
@@ -342,6 +346,16 @@ def check_digits_size(size: int, reader: str) -> None:
     from datasets import DigitsDataset
     DigitsDataset.check_size(size, reader, 'draw a model made for them, deit_digits_patch4_32, or images of a '
                                            '--data-path folder')
+
+
+def check_image_size(size: int) -> None:
+    """A folder's images are resized to ``size`` px a side: more pixels than Pillow makes of one image is refused
+    (the model of that size alone could take the machine's memory before the first image was read)."""
+    from PIL import Image
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and size * size > limit:
+        raise UserError(f'--input-size {size}: each image would be resized to {size}x{size} px, more than the {limit} '
+                        f'pixels of Pillow\'s limit for one image (give at most {math.isqrt(limit)})')
 
 
 def check_crop(size: int, ratio: float) -> None:

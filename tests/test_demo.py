@@ -719,6 +719,9 @@ def test_fresh_retrains_a_reusable_teacher_and_says_why(tmp_path, monkeypatch, c
     (['--title', r'$\frac{1}$ of the slots'], '--title'),
     (['--data-set', 'DIGITS', '--data-path', 'FILE'], '--data-path'),  # as finetune.py: DIGITS reads no folder
     (['--input-size', '64'], '--input-size'),  # the digits are 32 px: timm's patch embedding asserted
+    # a folder's images resized to 100000 px a side: the model of that size took 240 GB (a traceback), or more
+    (['--data-path', 'FILE', '--input-size', '100000'], '--input-size 100000'),
+    (['--data-path', 'FILE', '--input-size', str(10 ** 30)], '--input-size'),
 ])
 def test_draw_masks_refuses_bad_arguments_before_any_work(argv, flag, tmp_path, monkeypatch, capsys):
     """Each bad flag of draw_masks.py: exit code 2, one `error:` line naming it, before the model is loaded and
