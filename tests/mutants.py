@@ -833,6 +833,15 @@ MUTANTS: List[Mutant] = [
            "listed\n        check_split(True, args)\n", '',
            [T + 'test_errors.py::test_missing_training_split_is_said_before_val_is_listed'],
            'a --prune whose train/ is missing lists val/ before it says so'),
+    mutant('study-ignores-folders-where-it-writes-files', 'demo/study.py',
+           '    return folders, [os.path.join(a.out, name) for name in OUTPUT_FILES.values()]',
+           '    return folders, []',
+           [T + 'test_study.py::test_a_path_in_the_way_of_an_output_is_refused_before_any_work'],
+           'a folder where the study writes results.json or study.png is found only after every run'),
+    mutant('draw-masks-builds-a-model-of-any-input-size', 'demo/draw_masks.py',
+           '        check_image_size(args.input_size)\n', '',
+           [T + 'test_demo.py::test_draw_masks_refuses_bad_arguments_before_any_work'],
+           "an --input-size past Pillow's limit for one image builds a model of that size before it is refused"),
 ]
 
 
