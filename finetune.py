@@ -386,6 +386,17 @@ def check_teacher_normalisation(teacher: str, student: str) -> None:
                         f"the student's normalisation)")
 
 
+def check_image_side(size: int) -> None:
+    """Images are made ``size`` px a side (the training crop, the evaluation's centre crop): more pixels than Pillow's
+    limit for one image is refused (the model of that size alone could take the machine's memory, or raise from a
+    huge allocation, before the first image is read)."""
+    from PIL import Image
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and size * size > limit:
+        raise UserError(f'--input-size {size}: each image would be {size}x{size} px, more than the {limit} pixels of '
+                        f'Pillow\'s limit for one image (give at most {math.isqrt(limit)})')
+
+
 def check_crop_resize(size: int, ratio: float) -> None:
     """The evaluation resizes each image's shorter side to ``size / ratio`` before its centre crop: a ratio so small
     that this image would have more pixels than Pillow's limit for one image is refused (a tiny ratio made Pillow
@@ -520,6 +531,8 @@ def validate_args(args, void: Set[str] = frozenset(), finished: bool = False) ->
         DigitsDataset.check_size(input_size(args), models.base_name(args.model),
                                  f'give --input-size {DigitsDataset.SIZE}, or a model made for them: '
                                  'deit_digits_patch4_32')
+    if reads_data and args.data_set != 'DIGITS':
+        check_image_side(input_size(args))
     if reads_data and args.data_set != 'DIGITS' and input_size(args) > SMALL_INPUT and args.eval_crop_ratio < 1:
         check_crop_resize(input_size(args), args.eval_crop_ratio)
     if not modes and args.distillation_type != 'none' and args.data_set != 'DIGITS':

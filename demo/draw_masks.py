@@ -16,7 +16,6 @@ token, not a patch).
 work starts: a bad one is one ``error: ...`` line and exit code 2.
 """
 import argparse
-import math
 import os
 import re
 import shutil
@@ -337,8 +336,7 @@ def validate_args(args: argparse.Namespace, parser: Optional[argparse.ArgumentPa
     if uses_digits(args) and args.input_size is not None:
         check_digits_size(args.input_size, f'--input-size {args.input_size}')
     elif args.input_size is not None:
-        check_image_size(args.input_size)
-        check_crop(args.input_size, args.eval_crop_ratio)
+        check_folder_size(args.input_size, args.eval_crop_ratio)
 
 
 def check_digits_size(size: int, reader: str) -> None:
@@ -348,20 +346,12 @@ def check_digits_size(size: int, reader: str) -> None:
                                            '--data-path folder')
 
 
-def check_image_size(size: int) -> None:
-    """A folder's images are resized to ``size`` px a side: more pixels than Pillow makes of one image is refused
-    (the model of that size alone could take the machine's memory before the first image was read)."""
-    from PIL import Image
-    limit = Image.MAX_IMAGE_PIXELS
-    if limit and size * size > limit:
-        raise UserError(f'--input-size {size}: each image would be resized to {size}x{size} px, more than the {limit} '
-                        f'pixels of Pillow\'s limit for one image (give at most {math.isqrt(limit)})')
-
-
-def check_crop(size: int, ratio: float) -> None:
-    """The evaluation transform of a folder's images at ``size`` px can resize them for ``ratio``'s crop (the check
-    is finetune.py's: a tiny ratio made Pillow overflow, or the resize take the machine's memory)."""
+def check_folder_size(size: int, ratio: float) -> None:
+    """A folder's images made ``size`` px a side by the evaluation transform, which can resize them for ``ratio``'s
+    crop first: finetune.py's checks (more pixels than Pillow makes of one image; a tiny ratio made Pillow overflow,
+    or the resize take the machine's memory)."""
     import finetune
+    finetune.check_image_side(size)
     if size > finetune.SMALL_INPUT and ratio < 1:
         finetune.check_crop_resize(size, ratio)
 
@@ -394,7 +384,7 @@ def main(argv=None) -> int:
         if uses_digits(args):
             check_digits_size(size, f'the model of {args.resume}')
         else:
-            check_crop(size, args.eval_crop_ratio)
+            check_folder_size(size, args.eval_crop_ratio)
         for line in unused_flag_notes(args, parser, size):
             print(line)
         if uses_digits(args):

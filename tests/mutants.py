@@ -838,9 +838,10 @@ MUTANTS: List[Mutant] = [
            '    return folders, []',
            [T + 'test_study.py::test_a_path_in_the_way_of_an_output_is_refused_before_any_work'],
            'a folder where the study writes results.json or study.png is found only after every run'),
-    mutant('draw-masks-builds-a-model-of-any-input-size', 'demo/draw_masks.py',
-           '        check_image_size(args.input_size)\n', '',
-           [T + 'test_demo.py::test_draw_masks_refuses_bad_arguments_before_any_work'],
+    mutant('a-model-of-any-input-size', 'finetune.py',
+           '    if limit and size * size > limit:\n', '    if False:\n',
+           [T + 'test_demo.py::test_draw_masks_refuses_bad_arguments_before_any_work',
+            T + 'test_errors.py::test_bad_flags'],
            "an --input-size past Pillow's limit for one image builds a model of that size before it is refused"),
 ]
 
