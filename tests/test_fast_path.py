@@ -1362,9 +1362,10 @@ def test_compiled_backend():
 # the kernels compiled for a Hopper GPU without one (the interpreter does not lower them)
 
 AOT_SCRIPT = r'''
-import inspect, json, sys
+import inspect, json, os, re, subprocess, sys, tempfile
 sys.path.insert(0, sys.argv[1])
 import triton
+from triton.backends.nvidia import compiler as nvidia
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from models import fast_kernels as K
@@ -1382,7 +1383,18 @@ def compile_(kernel, types, constexprs, num_warps, num_stages=3, aligned=()):
                               target=target, options=options)
     ptx = compiled.asm['ptx']
     return {'shared': compiled.metadata.shared, 'wgmma': 'wgmma.mma_async' in ptx, 'mma': 'mma.sync' in ptx,
-            'wide_loads': ptx.count('cp.async.cg.shared.global') + ptx.count('ld.global.v4')}
+            'wide_loads': ptx.count('cp.async.cg.shared.global') + ptx.count('ld.global.v4'),
+            'spilled': spilled_bytes(ptx)}
+
+def spilled_bytes(ptx):
+    # the bytes a thread spills to local memory, as the ptxas Triton compiles with reports them (-v)
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, 'k.ptx')
+        with open(src, 'w') as f:
+            f.write(ptx)
+        log = subprocess.run([nvidia.get_ptxas(90).path, '-v', '--gpu-name', 'sm_90a', src, '-o',
+                              os.path.join(tmp, 'k.cubin')], capture_output=True, text=True, check=True)
+    return int(re.search(r'(\d+) bytes spill stores', log.stdout + log.stderr).group(1))
 
 out = {}
 # As a DeiT launch specialises them: allocations are 512-byte aligned, and the widths (576, 192, 768) and the
@@ -1402,7 +1414,7 @@ lin = dict(x_ptr='*fp16', wt_ptr='*fp16', b_ptr='*fp16', out_ptr='*fp16', ids_pt
 for bm, bn, bk, warps, stages in K.LINEAR_TILES:
     for residual in (False, True):
         types = dict(lin, out_ptr='*fp32') if residual else lin
-        out[f'linear {bm}x{bn}x{bk} residual={residual}'] = compile_(
+        out[f'linear {bm}x{bn}x{bk}w{warps} residual={residual}'] = compile_(
             K._linear_kernel, types, dict(HAS_B=True, HAS_G=residual, RESIDUAL=residual, EVEN_K=True, BLOCK_M=bm,
                                           BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), warps, stages,
             aligned=('x_ptr', 'wt_ptr', 'b_ptr', 'out_ptr', 'ids_ptr', 'g_ptr', 'N', 'K', 'stride_xm', 'stride_wk',
@@ -1424,7 +1436,7 @@ embed = dict(img_ptr='*fp32', addr_ptr='*i64', wt_ptr='*fp16', c_ptr='*fp32', ou
              stride_ob='i32', stride_on='i32', prefix='i32')
 for bm, bn, bk, warps, stages in K.LINEAR_TILES:
     for indirect in (False, True):  # the images at a pointer argument, or at an address read from memory
-        out[f'patch_embed {bm}x{bn}x{bk} indirect={indirect}'] = compile_(
+        out[f'patch_embed {bm}x{bn}x{bk}w{warps} indirect={indirect}'] = compile_(
             K._patch_embed_kernel, embed, dict(PH=16, PW=16, INDIRECT=indirect, EVEN_K=True, BLOCK_M=bm, BLOCK_N=bn,
                                                BLOCK_K=bk, GROUP_M=8), warps, stages,
             aligned=('img_ptr', 'addr_ptr', 'wt_ptr', 'c_ptr', 'out_ptr', 'N', 'K', 'stride_ib', 'stride_ic',
@@ -1441,7 +1453,8 @@ def test_kernels_compile_for_hopper():
     the alignment a DeiT launch specialises on; the matrix products of 64-row tiles use Hopper's wgmma, and
     shared memory stays within the 227 KB a block may have, except the one attention tile that does not fit in
     fp32: launched, it raises Triton's out-of-resources error, which the timed choice records as a refusal
-    (the forced tile, the first, fits)."""
+    (the forced tile, the first, fits).  Registers (ptxas -v): the first two product tiles spill, as
+    LINEAR_TILES says, and the 8-warp 128x128 tile does not; nothing else spills more than a few bytes."""
     import subprocess
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
@@ -1463,6 +1476,15 @@ def test_kernels_compile_for_hopper():
         if name.startswith(('attention', 'linear', 'patch_embed')):
             # tiles of 64 rows or more run on wgmma; a 32-row tile is below its 64-row minimum: mma.sync
             assert info['wgmma'] if int(name.split()[1].split('x')[0]) >= 64 else info['mma'], name
+    # registers: no attention tile or row kernel spills; the first two product tiles do (hundreds of bytes a
+    # thread, LINEAR_TILES' comment), and the 8-warp 128x128 tile, there for the fc2 epilogue they spill in, holds
+    # it in registers (the 64-row tiles spill a few bytes at most, as ptxas versions differ)
+    spilled = {name: info['spilled'] for name, info in kernels.items() if info['spilled']}
+    assert not [n for n in spilled if not n.startswith(('linear', 'patch_embed'))], spilled
+    first_two = {'{}x{}x{}w{}'.format(*t[:4]) for t in K.LINEAR_TILES[:2]}
+    assert {n for n, b in spilled.items() if b > 64} <= {n for n in spilled if n.split()[1] in first_two}, spilled
+    assert spilled.get('linear 128x128x64w4 residual=True', 0) > 256, spilled
+    assert K.LINEAR_TILES[-1] == (128, 128, 64, 8, 3) and not [n for n in spilled if '128x128x64w8' in n], spilled
 
 
 # ---------------------------------------------------------------------------------------------------------------
