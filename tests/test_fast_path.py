@@ -1384,7 +1384,8 @@ def compile_(kernel, types, constexprs, num_warps, num_stages=3, aligned=()):
     ptx = compiled.asm['ptx']
     return {'shared': compiled.metadata.shared, 'wgmma': 'wgmma.mma_async' in ptx, 'mma': 'mma.sync' in ptx,
             'wide_loads': ptx.count('cp.async.cg.shared.global') + ptx.count('ld.global.v4'),
-            'spilled': spilled_bytes(ptx)}
+            'narrow_loads': len(re.findall(r'ld\.global\.b(?:8|16|32)\b', ptx)),
+            'narrow_stores': len(re.findall(r'st\.global\.b(?:8|16|32)\b', ptx)), 'spilled': spilled_bytes(ptx)}
 
 def spilled_bytes(ptx):
     # the bytes a thread spills to local memory, as the ptxas Triton compiles with reports them (-v)
@@ -1422,15 +1423,17 @@ for bm, bn, bk, warps, stages in K.LINEAR_TILES:
 block_c, rows, warps = K._row_tile(192)
 rows_ = dict(x_ptr='*fp32', ids_ptr='*i64', w_ptr='*fp32', b_ptr='*fp32', out_ptr='*fp16', num_rows='i32', n='i32',
              C='i32', stride_xb='i32', stride_xn='i32', stride_ob='i32', stride_on='i32', eps='fp32')
+rows_aligned = ('x_ptr', 'w_ptr', 'b_ptr', 'out_ptr', 'C', 'stride_xb', 'stride_xn', 'stride_ob', 'stride_on')
 out['gather_layer_norm'] = compile_(K._gather_layer_norm_kernel, rows_,
-                                    dict(HAS_W=True, HAS_B=True, ROWS=rows, BLOCK_C=block_c), warps)
+                                    dict(HAS_W=True, HAS_B=True, ROWS=rows, BLOCK_C=block_c), warps,
+                                    aligned=('ids_ptr',) + rows_aligned)
 res = dict(x_ptr='*fp32', ids_ptr='*i64', a_ptr='*fp16', g_ptr='*fp32', w_ptr='*fp32', b_ptr='*fp32',
            out_ptr='*fp16', num_rows='i32', n='i32', C='i32', stride_xb='i32', stride_xn='i32', stride_ab='i32',
            stride_an='i32', stride_ob='i32', stride_on='i32', eps='fp32')
 for norm in (True, False):
     out[f'residual norm={norm}'] = compile_(
         K._residual_kernel, res, dict(HAS_G=True, NORM=norm, HAS_W=True, HAS_B=True, ROWS=rows, BLOCK_C=block_c),
-        warps)
+        warps, aligned=('ids_ptr', 'a_ptr', 'g_ptr', 'stride_ab', 'stride_an') + rows_aligned)
 embed = dict(img_ptr='*fp32', addr_ptr='*i64', wt_ptr='*fp16', c_ptr='*fp32', out_ptr='*fp32', M='i32', N='i32',
              K='i32', num_patches='i32', grid_w='i32', stride_ib='i32', stride_ic='i32', stride_ih='i32',
              stride_ob='i32', stride_on='i32', prefix='i32')
@@ -1453,8 +1456,9 @@ def test_kernels_compile_for_hopper():
     the alignment a DeiT launch specialises on; the matrix products of 64-row tiles use Hopper's wgmma, and
     shared memory stays within the 227 KB a block may have, except the one attention tile that does not fit in
     fp32: launched, it raises Triton's out-of-resources error, which the timed choice records as a refusal
-    (the forced tile, the first, fits).  Registers (ptxas -v): the first two product tiles spill, as
-    LINEAR_TILES says, and the 8-warp 128x128 tile does not; nothing else spills more than a few bytes."""
+    (the forced tile, the first, fits).  The row kernels move their rows in 16-byte loads and stores.  Registers
+    (ptxas -v): the first two product tiles spill, as LINEAR_TILES says, and the 8-warp 128x128 tile does not;
+    nothing else spills more than a few bytes."""
     import subprocess
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
@@ -1476,6 +1480,10 @@ def test_kernels_compile_for_hopper():
         if name.startswith(('attention', 'linear', 'patch_embed')):
             # tiles of 64 rows or more run on wgmma; a 32-row tile is below its 64-row minimum: mma.sync
             assert info['wgmma'] if int(name.split()[1].split('x')[0]) >= 64 else info['mma'], name
+    for name in ('gather_layer_norm', 'residual norm=True', 'residual norm=False'):
+        # the row kernels are memory-bound: at DeiT's widths they move every row in 16-byte loads and stores
+        info = kernels[name]
+        assert info['wide_loads'] > 0 and info['narrow_loads'] == info['narrow_stores'] == 0, (name, info)
     # registers: no attention tile or row kernel spills; the first two product tiles do (hundreds of bytes a
     # thread, LINEAR_TILES' comment), and the 8-warp 128x128 tile, there for the fc2 epilogue they spill in, holds
     # it in registers (the 64-row tiles spill a few bytes at most, as ptxas versions differ)
