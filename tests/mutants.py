@@ -843,6 +843,10 @@ MUTANTS: List[Mutant] = [
            [T + 'test_demo.py::test_draw_masks_refuses_bad_arguments_before_any_work',
             T + 'test_errors.py::test_bad_flags'],
            "an --input-size past Pillow's limit for one image builds a model of that size before it is refused"),
+    mutant('safetensors-read-as-a-pickle', 'utils/checkpoint_io.py',
+           '    if _is_safetensors(path):\n        return _load_safetensors(path)\n', '',
+           [T + 'test_errors.py::test_timm_weights_in_safetensors_are_read_as_the_bare_state_dict_they_hold'],
+           "timm's model.safetensors (the Hugging Face hub's format) refused as an unreadable PyTorch checkpoint"),
 ]
 
 

@@ -528,6 +528,32 @@ def test_truncated_checkpoint(capsys, world, earlier, tmp_path):
                           rf'{re.escape(str(half))} is not a readable PyTorch checkpoint \(truncated or corrupt')
 
 
+def test_timm_weights_in_safetensors_are_read_as_the_bare_state_dict_they_hold(capsys, world, tmp_path):
+    """The Hugging Face hub serves timm's weights as model.safetensors (a bare state dict, no pickle): --eval and
+    --prune read it, by its content whatever its name, as the same weights in torch.save's format (the same
+    accuracy; a pruned file holding them); a truncated one is one error line."""
+    from safetensors.torch import save_file
+    weights = torch.load(world['dense'], weights_only=True)['model']
+    for path in (tmp_path / 'model.safetensors', tmp_path / 'renamed.pth'):
+        save_file(weights, str(path))
+    accuracy = []
+    for path in (world['dense'], tmp_path / 'model.safetensors', tmp_path / 'renamed.pth'):
+        code, out, err = cli(capsys, '--eval', '--resume', path, '--data-path', world['data'])
+        assert code == 0, err
+        accuracy.append([line for line in out.splitlines() if line.startswith('Accuracy of the network')])
+    assert accuracy[0] and accuracy[1] == accuracy[2] == accuracy[0]
+    code, _, err = cli(capsys, *prune_args(world, tmp_path / 'out', '--resume', tmp_path / 'model.safetensors',
+                                           '--prune_mode', 'random'))
+    assert code == 0, err
+    pruned = torch.load(tmp_path / 'out' / 'pruned_random_0.3.pth', weights_only=True)['model']
+    assert all(torch.equal(pruned[k], v) for k, v in weights.items())
+    half = tmp_path / 'half.safetensors'
+    content = (tmp_path / 'model.safetensors').read_bytes()
+    half.write_bytes(content[:len(content) // 2])
+    assert_one_line_error(capsys, ['--eval', '--resume', half, '--data-path', world['data']], EXIT_USER_ERROR,
+                          rf'^error: {re.escape(str(half))} is not a readable safetensors file \(')
+
+
 def test_an_unreadable_checkpoint_is_said_before_the_data_is_listed(capsys, world, earlier, tmp_path, monkeypatch):
     """--eval, --prune and --speed-only of a truncated --resume, and a finetune with a truncated --teacher-path: the
     error comes before the data set is listed (minutes on ImageNet) or a model is built."""

@@ -1,4 +1,5 @@
-"""Checkpoint files: safe loading (weights only), and atomic writing (temporary file, fsync, rename)."""
+"""Checkpoint files: safe loading (weights only; torch.save's formats and safetensors), and atomic writing
+(temporary file, fsync, rename)."""
 import argparse
 import copy
 import errno
@@ -21,7 +22,9 @@ SAFE_GLOBALS = [argparse.Namespace]
 
 
 def load_checkpoint_file(path: str, mmap: bool = False) -> Dict[str, Any]:
-    """``torch.load(weights_only=True)`` with only ``argparse.Namespace`` allow-listed.
+    """``torch.load(weights_only=True)`` with only ``argparse.Namespace`` allow-listed; a safetensors file (the
+    format the Hugging Face hub serves timm's weights in, ``model.safetensors``), whatever its name, is read as
+    the bare state dict it holds.
 
     ``mmap``: map the tensors instead of reading them (cheap when only ``args`` is wanted); files in the legacy
     format, which cannot be mapped, are read.  Every failure becomes a one-line :class:`UserError` naming the
@@ -35,6 +38,8 @@ def load_checkpoint_file(path: str, mmap: bool = False) -> Dict[str, Any]:
         raise UserError(f'checkpoint is a directory, not a file: {path}')
     if not os.access(path, os.R_OK):
         raise UserError(f'cannot read {path}: permission denied')
+    if _is_safetensors(path):
+        return _load_safetensors(path)
     caught = []
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS), warnings.catch_warnings(record=True) as caught:
@@ -126,6 +131,31 @@ def _reissue_warnings(caught: list) -> Optional[int]:
         else:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     return protocol
+
+
+def _is_safetensors(path: str) -> bool:
+    """Whether ``path`` starts as a safetensors file does: the length of its JSON header (8 bytes, little-endian),
+    within the file, then the header's opening brace.  torch.save's zip archives start with ``PK`` and its legacy
+    pickles with 0x80, neither of which reads as such a length."""
+    try:
+        with open(path, 'rb') as f:
+            head = f.read(9)
+        size = os.path.getsize(path)
+    except OSError as e:
+        raise UserError(f'cannot read {path}: {e.strerror or e}') from None
+    return len(head) == 9 and 2 <= int.from_bytes(head[:8], 'little') <= size - 8 and head[8:] == b'{'
+
+
+def _load_safetensors(path: str) -> Dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, by name (it holds nothing else: no pickled code to refuse, no args)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    try:
+        return load_file(path, device='cpu')
+    except (SafetensorError, ValueError, TypeError) as e:  # a bad header, a truncated file, an unknown dtype
+        raise UserError(f'{path} is not a readable safetensors file ({_first_line(str(e))})') from None
+    except OSError as e:
+        raise UserError(f'cannot read {path}: {e.strerror or e}') from None
 
 
 def _torch_load(path: str, mmap: bool):
