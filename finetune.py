@@ -397,6 +397,15 @@ def check_image_side(size: int) -> None:
                         f'Pillow\'s limit for one image (give at most {math.isqrt(limit)})')
 
 
+def check_folder_image_sizes(size: int, ratio: float) -> None:
+    """The sizes a folder's images are made at, read at ``size`` px with --eval-crop-ratio ``ratio``: the image
+    itself (:func:`check_image_side`) and, where the evaluation crops (inputs above SMALL_INPUT px and a ratio
+    below 1), the resize before its centre crop (:func:`check_crop_resize`)."""
+    check_image_side(size)
+    if size > SMALL_INPUT and ratio < 1:
+        check_crop_resize(size, ratio)
+
+
 def check_crop_resize(size: int, ratio: float) -> None:
     """The evaluation resizes each image's shorter side to ``size / ratio`` before its centre crop: a ratio so small
     that this image would have more pixels than Pillow's limit for one image is refused (a tiny ratio made Pillow
@@ -532,9 +541,7 @@ def validate_args(args, void: Set[str] = frozenset(), finished: bool = False) ->
                                  f'give --input-size {DigitsDataset.SIZE}, or a model made for them: '
                                  'deit_digits_patch4_32')
     if reads_data and args.data_set != 'DIGITS':
-        check_image_side(input_size(args))
-    if reads_data and args.data_set != 'DIGITS' and input_size(args) > SMALL_INPUT and args.eval_crop_ratio < 1:
-        check_crop_resize(input_size(args), args.eval_crop_ratio)
+        check_folder_image_sizes(input_size(args), args.eval_crop_ratio)
     if not modes and args.distillation_type != 'none' and args.data_set != 'DIGITS':
         check_teacher_normalisation(args.teacher_model or args.model, args.model)
     if not modes and 'start_epoch' in given_flags(args) - void and args.start_epoch >= args.final_finetune:

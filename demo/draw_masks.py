@@ -351,9 +351,7 @@ def check_folder_size(size: int, ratio: float) -> None:
     crop first: finetune.py's checks (more pixels than Pillow makes of one image; a tiny ratio made Pillow overflow,
     or the resize take the machine's memory)."""
     import finetune
-    finetune.check_image_side(size)
-    if size > finetune.SMALL_INPUT and ratio < 1:
-        finetune.check_crop_resize(size, ratio)
+    finetune.check_folder_image_sizes(size, ratio)
 
 
 def unused_flag_notes(args: argparse.Namespace, parser: argparse.ArgumentParser, size: int) -> List[str]:
