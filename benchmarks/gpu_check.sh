@@ -60,8 +60,8 @@
 # benchmarks/results/cuda.json and cuda.md: copy them there.
 #
 # The GPU machine has python3 with torch + Triton but may carry another timm and has no network, so timm
-# 1.0.31 travels as a wheel in the (git-ignored) .whl/ folder.  Download it beforehand on a machine with
-# network access, from the repository root:
+# 1.0.31 travels as a wheel in the (git-ignored) .whl/ folder ($WHEELS names another).  Download it beforehand
+# on a machine with network access, from the repository root:
 #
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux2014_x86_64 -d .whl timm==1.0.31
@@ -77,6 +77,7 @@ for s in "${step_list[@]}"; do
     esac
 done
 RESUME="${RESUME:-benchmarks/results/cuda.json}"
+WHEELS="${WHEELS:-.whl}"  # the folder of the timm wheel (above)
 WARM="${WARM:-/tmp/warm_compile}"  # the compiles done ahead: their log and results, kept out of $OUT
 resume=()
 if [[ " $steps " == *" resume "* ]]; then
@@ -133,11 +134,11 @@ step() {
 
 # 1. environment
 {
-    if ls .whl/timm-*.whl > /dev/null 2>&1; then
+    if ls "$WHEELS"/timm-*.whl > /dev/null 2>&1; then
         timeout 15 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-            --target /tmp/site .whl/*.whl && echo "installed $(ls .whl/*.whl)"
+            --target /tmp/site "$WHEELS"/*.whl && echo "installed $(ls "$WHEELS"/*.whl)"
     else
-        echo "no .whl/timm-*.whl: using the machine's own timm"
+        echo "no $WHEELS/timm-*.whl: using the machine's own timm"
     fi
 } > "$OUT/env.txt" 2>&1
 export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"

@@ -2205,7 +2205,8 @@ sys.exit(f'stand-in python3: an unexpected call {args}')
 
 def _run_gpu_check(tmp_path, *steps, **env):
     """Runs gpu_check.sh end to end with python3, nvidia-smi and timeout stood in for (timeout logs its arguments,
-    then runs the real one); returns the run, python3's calls (argument lists) and timeout's (argument strings)."""
+    then runs the real one); returns the run, python3's calls (argument lists) and timeout's (argument strings).
+    The timm wheel is looked for in WHEELS, an empty folder unless the caller gives one (not the checkout's .whl/)."""
     bin_ = tmp_path / 'bin'
     if not bin_.exists():
         bin_.mkdir()
@@ -2225,7 +2226,7 @@ def _run_gpu_check(tmp_path, *steps, **env):
            'STAND_IN_LOG': str(tmp_path / 'calls'), 'STAND_IN_TIMEOUTS': str(tmp_path / 'timeouts'),
            'STAND_IN_RESULTS': str(tmp_path / 'results.json'),
            'TORCHINDUCTOR_CACHE_DIR': str(tmp_path / 'inductor'), 'RESUME': str(tmp_path / 'earlier.json'),
-           'WARM': str(tmp_path / 'warm'), **env}
+           'WARM': str(tmp_path / 'warm'), 'WHEELS': str(tmp_path / 'no_wheels'), **env}
     done = subprocess.run(['bash', GPU_CHECK, *steps], capture_output=True, text=True, timeout=120, env=env)
     calls = [json.loads(line) for line in (tmp_path / 'calls').read_text().splitlines()]
     return done, calls, (tmp_path / 'timeouts').read_text().splitlines()
@@ -2246,8 +2247,13 @@ def test_gpu_check_runs_its_steps_end_to_end_within_its_time_limits(tmp_path):
     header gives a remote call (the default and `resume`), with time left for the summaries."""
     header = ' '.join(line.lstrip('#').strip() for line in open(GPU_CHECK).read().split('\nset -uo')[0].splitlines())
     out = tmp_path / 'out'
+    # the timm wheel travels as a remote call carries it
+    wheel = tmp_path / 'wheels' / 'timm-1.0.31-py3-none-any.whl'
+    wheel.parent.mkdir()
+    wheel.write_bytes(b'')
     # the compiles done ahead end after the tests (their cache then cleared of their kernel configs)
-    done, calls, timeouts = _run_gpu_check(tmp_path, STAND_IN_REPORT='real', STAND_IN_SLOW='warm_compile')
+    done, calls, timeouts = _run_gpu_check(tmp_path, STAND_IN_REPORT='real', STAND_IN_SLOW='warm_compile',
+                                           WHEELS=str(wheel.parent))
     assert done.returncode == 0, done.stdout + done.stderr
     status = _status(out)
     # the tests and the compiles done ahead run at once (their lines in any order), the benchmark alone after them
@@ -2268,11 +2274,13 @@ def test_gpu_check_runs_its_steps_end_to_end_within_its_time_limits(tmp_path):
     # the kernel configs timed under the tests' load are gone, the compiled graphs stay
     cache = tmp_path / 'inductor' / 'fxgraph' / 'ab'
     assert sorted(os.listdir(cache)) == ['graph.py']
-    # python3's calls: the probe, the versions, xdist, the two test runs and the compiles (at once), the benchmark
-    # and its two summaries
+    # python3's calls: the probe, the wheel's install (where the tests' python3 and PYTHONPATH find it), the
+    # versions, xdist, the two test runs and the compiles (at once), the benchmark and its two summaries
     steps = [c for c in calls if c[:2] == ['-m', 'pytest'] or c[:1] == ['benchmarks/model_zoo.py']]
-    assert len(calls) == 5 + len(steps) and len(steps) == 4, calls
-    assert calls[0][0] == '-c' and calls[1:3] == [['-'], ['-c', 'import xdist']], calls
+    assert len(calls) == 6 + len(steps) and len(steps) == 4, calls
+    assert calls[0][0] == '-c' and calls[2:4] == [['-'], ['-c', 'import xdist']], calls
+    assert calls[1][:3] == ['-m', 'pip', 'install'] and calls[1][-3:] == ['--target', '/tmp/site', str(wheel)]
+    assert f'installed {wheel}' in (out / 'env.txt').read_text()
     assert calls[-2:] == [['-', str(out / 'cuda.json')], ['-m', 'benchmarks.report', '--gpu', str(out / 'cuda.json')]]
     pytest_calls = [c for c in steps if c[1] == 'pytest']
     assert len(pytest_calls) == 2 and all(c[c.index('-n') + 1] == '4' for c in pytest_calls)
@@ -2289,11 +2297,10 @@ def test_gpu_check_runs_its_steps_end_to_end_within_its_time_limits(tmp_path):
             limits[name] = (int(words[1]), int(words[0].split('=')[1]))
         else:
             limits[' '.join(words[1:3])] = int(words[0])
-    assert set(limits) == {'python3 -c', 'nvidia-smi', 'python3 -', 'test_model', 'warm_compile', 'test_fast_path',
-                           'model_zoo'}, limits
+    assert set(limits) == {'python3 -c', 'python3 -m', 'nvidia-smi', 'python3 -', 'test_model', 'warm_compile',
+                           'test_fast_path', 'model_zoo'}, limits
     assert all(limits[s][1] == 15 for s in ('test_model', 'warm_compile', 'test_fast_path', 'model_zoo'))
-    environment = int(re.search(r'timeout (\d+) python3 -m pip', open(GPU_CHECK).read())[1]) + limits['nvidia-smi'] \
-        + limits['python3 -']
+    environment = limits['python3 -m'] + limits['nvidia-smi'] + limits['python3 -']  # pip, the GPU, the versions
     tests = max(sum(limits[s]) for s in ('test_model', 'warm_compile', 'test_fast_path'))
     benchmark = sum(limits['model_zoo'])
     worst = {'default': environment + tests + benchmark, 'resume': environment + benchmark}
