@@ -99,13 +99,14 @@ INTERPRETER = os.environ.get('TRITON_INTERPRET', '0') == '1'
 # in one whole step and a quarter step.
 ATTENTION_TILES = ((64, 64, 64, 4, 2), (32, 64, 64, 4, 2), (64, 128, 128, 4, 2), (128, 64, 64, 8, 2),
                    (128, 128, 128, 8, 2), (64, 256, 256, 8, 2), (64, 128, 32, 4, 2))
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for the fused matrix products; the first is the default.
-# Few on purpose: each is compiled per shape family at build time, and every compile costs seconds.  Compiled for
-# sm_90a, the first two spill registers (a 128x128 fp32 accumulator is 128 registers a thread in 4 warps, and the
-# fc2 epilogue holds a residual tile as large beside it); on an H200 they took 1.5x and 2.1x the fastest
-# candidate's time for fc2.  The last holds the 128x128 tile in 8 warps, without spills.
-LINEAR_TILES = ((128, 128, 64, 4, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
-                (128, 128, 64, 8, 3))
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for the fused matrix products; the first is the default (the
+# tile a forced build, mlp='triton', runs).  Few on purpose: each is compiled per shape family at build time, and
+# every compile costs seconds.  Compiled for sm_90a, the second and third spill registers (a 128x128 fp32
+# accumulator is 128 registers a thread in 4 warps, and the fc2 epilogue holds a residual tile as large beside it);
+# on an H200 they took 1.5x and 2.1x the fastest candidate's time for fc2.  The first holds the 128x128 tile in 8
+# warps, without spills.
+LINEAR_TILES = ((128, 128, 64, 8, 3), (128, 128, 64, 4, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4),
+                (128, 64, 64, 4, 4))
 
 
 def triton_runs_on(t: torch.Tensor) -> bool:
