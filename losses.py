@@ -1,7 +1,8 @@
 """The distillation loss of Clip & Concat: ``base + alpha * KD`` from a dense teacher.
 
-Unlike DeiT (``(1 - alpha) * base + alpha * KD`` through a distillation token), the pruned student has a
-single head and the base loss keeps its full weight.
+Unlike DeiT's ``(1 - alpha) * base + alpha * KD``, the base loss keeps its full weight.  A student with one head
+reads both terms from it; a distilled DeiT student, as in DeiT, the base loss from its class head and KD from its
+distillation head.
 """
 import torch
 import torch.nn as nn
