@@ -173,8 +173,7 @@ def folder_images(root: str, num: int, input_size: int, mean, std, crop_ratio: f
                   ) -> Tuple[torch.Tensor, List[str]]:
     """The first ``num`` images (sorted paths) under ``root`` (or ``root/val``), with the eval transform."""
     from datasets import build_transform, load_rgb
-    if not os.path.isdir(root):
-        raise UserError(f'--data-path {root} is neither DIGITS nor a folder')
+    check_image_folder(root)
     if os.path.isdir(os.path.join(root, 'val')):
         root = os.path.join(root, 'val')
     # At most ``num`` images of each folder (no more can be drawn), until ``num`` folders have images: a class
@@ -205,6 +204,12 @@ def folder_images(root: str, num: int, input_size: int, mean, std, crop_ratio: f
     images = torch.stack([transform(load_rgb(p)) for p in picked])
     labels = [os.path.relpath(p, root) for p in picked]
     return images, labels
+
+
+def check_image_folder(root: str) -> None:
+    """``--data-path`` names a folder (when it is not DIGITS)."""
+    if not os.path.isdir(root):
+        raise UserError(f'--data-path {root} is neither DIGITS nor a folder')
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -337,6 +342,8 @@ def validate_args(args: argparse.Namespace, parser: Optional[argparse.ArgumentPa
         check_digits_size(args.input_size, f'--input-size {args.input_size}')
     elif args.input_size is not None:
         check_folder_size(args.input_size, args.eval_crop_ratio)
+    if not uses_digits(args):  # (found by folder_images only after the checkpoint was read and its model built)
+        check_image_folder(args.data_path)
 
 
 def check_digits_size(size: int, reader: str) -> None:

@@ -718,6 +718,10 @@ def test_fresh_retrains_a_reusable_teacher_and_says_why(tmp_path, monkeypatch, c
     (['--title', r'$\foo$'], '--title'),  # mathtext fails only when the figure is drawn, after the work
     (['--title', r'$\frac{1}$ of the slots'], '--title'),
     (['--data-set', 'DIGITS', '--data-path', 'FILE'], '--data-path'),  # as finetune.py: DIGITS reads no folder
+    # no such folder, or a file: said only after the checkpoint was read and its model built
+    (['--data-path', 'MISSING'], '--data-path'),
+    (['--data-path', 'FILE'], '--data-path'),
+    (['--data-set', 'IMNET', '--data-path', 'MISSING'], '--data-path'),
     (['--input-size', '64'], '--input-size'),  # the digits are 32 px: timm's patch embedding asserted
     # a folder's images resized to 100000 px a side: the model of that size took 240 GB (a traceback), or more
     (['--data-path', 'FILE', '--input-size', '100000'], '--input-size 100000'),
@@ -731,7 +735,7 @@ def test_draw_masks_refuses_bad_arguments_before_any_work(argv, flag, tmp_path, 
     monkeypatch.chdir(tmp_path)
     (tmp_path / 'FILE').write_text('not a directory')
     monkeypatch.setattr(draw_masks, 'load_model', no_work)
-    argv = [str(tmp_path / a) if a.startswith('FILE') else a for a in argv]
+    argv = [str(tmp_path / a) if a.startswith(('FILE', 'MISSING')) else a for a in argv]
     code = exit_code(draw_masks.main, ['--resume', str(tmp_path / 'missing.pth')] + argv)
     assert code == 2
     assert_one_error_line(capsys.readouterr().err, flag)
