@@ -847,6 +847,10 @@ MUTANTS: List[Mutant] = [
            '    if _is_safetensors(path):\n        return _load_safetensors(path)\n', '',
            [T + 'test_errors.py::test_timm_weights_in_safetensors_are_read_as_the_bare_state_dict_they_hold'],
            "timm's model.safetensors (the Hugging Face hub's format) refused as an unreadable PyTorch checkpoint"),
+    mutant('draw-masks-reads-the-checkpoint-before-the-folder', 'demo/draw_masks.py',
+           '        check_image_folder(args.data_path)\n', '        pass\n',
+           [T + 'test_demo.py::test_draw_masks_refuses_bad_arguments_before_any_work'],
+           'a --data-path that is no folder is refused only after the checkpoint is read and its model built'),
 ]
 
 
