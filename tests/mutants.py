@@ -850,7 +850,11 @@ MUTANTS: List[Mutant] = [
     mutant('draw-masks-reads-the-checkpoint-before-the-folder', 'demo/draw_masks.py',
            '        check_image_folder(args.data_path)\n', '        pass\n',
            [T + 'test_demo.py::test_draw_masks_refuses_bad_arguments_before_any_work'],
-           'a --data-path that is no folder is refused only after the checkpoint is read and its model built'),
+           'a --data-path that is no folder is refused only after the checkpoint is read and its model built'),    mutant('a-web-page-called-a-corrupt-checkpoint', 'utils/checkpoint_io.py',
+           "    if re.match(rb'\\s*(<!doctype html|<html)', head.lower()):",
+           "    if re.match(rb'(<!doctype html|<html)', head):",
+           [T + 'test_errors.py::test_a_file_in_no_format_of_torch_is_named_for_what_it_is'],
+           'an HTML page a download saved (leading blank lines, upper-case DOCTYPE) is called an unreadable pickle'),
 ]
 
 

@@ -5,6 +5,7 @@ The runs go through finetune.main() in this process (fast); test_cli_script_prin
 script itself to check the real stderr and exit status.
 """
 import hashlib
+import io
 import json
 import os
 import pathlib
@@ -591,6 +592,47 @@ def test_zip_archive_that_is_not_a_checkpoint(capsys, world, earlier, tmp_path, 
             archive.writestr(name, text)
     assert_one_line_error(capsys, ['--eval', '--resume', path, '--data-path', world['data']], EXIT_USER_ERROR,
                           rf'^error: {re.escape(str(path))} ' + pattern)
+
+
+@pytest.mark.parametrize('kind', ['empty', 'html', 'gzip', 'tar', 'old torch tar', 'text'])
+def test_a_file_in_no_format_of_torch_is_named_for_what_it_is(capsys, world, earlier, tmp_path, kind):
+    """Files torch.load refuses that are not checkpoints at all: its complaint ('Unsupported operand 60',
+    'KeyError 101', 'EOFError') said 'corrupt' and nothing of what the file is.  A download that saved a web page,
+    a compressed or archived checkpoint, torch's format before 1.0 (a tar of pickle, storages and tensors, which
+    the safe loader cannot read), an empty or a text file: each is named, in one line."""
+    import gzip
+    import tarfile
+    path = tmp_path / 'checkpoint.pth'
+    dense = open(world['dense'], 'rb').read()
+    if kind == 'empty':
+        path.write_bytes(b'')
+        said = r'is empty \(0 bytes\), not a PyTorch checkpoint$'
+    elif kind == 'html':
+        path.write_text('\n  <!DOCTYPE html>\n<html><head><title>Sign in</title></head><body></body></html>\n')
+        said = r'is an HTML page, not a PyTorch checkpoint \(a download that saved a web page, .* of the file\?\)$'
+    elif kind == 'gzip':
+        path.write_bytes(gzip.compress(dense))
+        said = r'is gzip-compressed, not a PyTorch checkpoint: decompress it \(gunzip\) and give the file inside$'
+    elif kind in ('tar', 'old torch tar'):  # (a tar holding a checkpoint: zipfile finds the inner zip's directory)
+        members = {'dense.pth': dense} if kind == 'tar' else {n: b'' for n in ('sys_info', 'pickle', 'storages',
+                                                                              'tensors')}
+        with tarfile.open(path, 'w') as archive:
+            for name, data in members.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                archive.addfile(info, io.BytesIO(data))
+        said = (r'is a tar archive, not a PyTorch checkpoint: it holds dense\.pth; extract the checkpoint from it$'
+                if kind == 'tar' else r'is in the tar format of torch before 1\.0, which the safe loader \(torch\.load '
+                r'with weights_only=True\) does not read; if it comes from a source you trust, load it with '
+                r'torch\.load\(weights_only=False\) and save it again with torch\.save$')
+    else:
+        path.write_text('hello, this is not a checkpoint\n')
+        said = (r"is not a readable PyTorch checkpoint: it is in neither of torch\.save's formats \(a zip archive or "
+                r"a pickle\) and begins b'hello, this is n'$")
+    with pytest.raises(Exception):  # torch itself does not read it
+        torch.load(path, weights_only=True)
+    assert_one_line_error(capsys, ['--eval', '--resume', path, '--data-path', world['data']], EXIT_USER_ERROR,
+                          rf'^error: {re.escape(str(path))} ' + said)
 
 
 def test_torchscript_archive_is_named_as_such(capsys, world, earlier, tmp_path):

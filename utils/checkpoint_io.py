@@ -47,7 +47,7 @@ def load_checkpoint_file(path: str, mmap: bool = False) -> Dict[str, Any]:
     except pickle.UnpicklingError as e:
         protocol = _reissue_warnings(caught)
         text = str(e)
-        foreign = _foreign_zip(path)
+        foreign = _foreign_file(path)
         if foreign:
             raise UserError(foreign) from None
         if 'GLOBAL ' in text or 'Unsupported global' in text or 'not an allowed global' in text:
@@ -67,7 +67,7 @@ def load_checkpoint_file(path: str, mmap: bool = False) -> Dict[str, Any]:
     except OSError as e:  # the file is there but cannot be read (permissions, an I/O error)
         raise UserError(f'cannot read {path}: {e.strerror or e}') from None
     except Exception as e:  # noqa: BLE001  (garbage bytes fail anywhere in the unpickler: KeyError, IndexError, ...)
-        foreign = _foreign_zip(path)
+        foreign = _foreign_file(path)
         raise UserError(foreign or f'{path} is not a readable PyTorch checkpoint (truncated or corrupt: '
                         f'{_describe(e)})') from None
     _reissue_warnings(caught)
@@ -78,13 +78,57 @@ def load_checkpoint_file(path: str, mmap: bool = False) -> Dict[str, Any]:
     return checkpoint
 
 
+def _foreign_file(path: str) -> Optional[str]:
+    """For a file torch.load could not read that is not in either of torch.save's formats, the error saying what it
+    is instead (the unpickler's own complaint, 'Unsupported operand 60' or 'KeyError 101', does not): an empty
+    file, a zip archive that is not torch's (:func:`_foreign_zip`), a gzip-compressed or tar file, an HTML page (a
+    download that saved a web page), or anything else that is neither a zip archive nor a pickle.  None for a file
+    that is in one of torch's formats (truncated, corrupt, or refused for what it holds: the caller says which)."""
+    try:
+        with open(path, 'rb') as f:
+            head = f.read(512)
+    except OSError:
+        return None
+    if not head:
+        return f'{path} is empty (0 bytes), not a PyTorch checkpoint'
+    if head[257:262] == b'ustar':  # (before the zip test, which finds a zip the tar holds)
+        return _foreign_tar(path)
+    if head.startswith(b'\x1f\x8b'):
+        return f'{path} is gzip-compressed, not a PyTorch checkpoint: decompress it (gunzip) and give the file inside'
+    if zipfile.is_zipfile(path):
+        return _foreign_zip(path)
+    if head.startswith(b'\x80') or head.startswith(b'PK'):  # a pickle (torch.save's older format), a damaged zip
+        return None
+    if re.match(rb'\s*(<!doctype html|<html)', head.lower()):
+        return (f'{path} is an HTML page, not a PyTorch checkpoint (a download that saved a web page, such as a '
+                f'sign-in or confirmation page, instead of the file?)')
+    return (f'{path} is not a readable PyTorch checkpoint: it is in neither of torch.save\'s formats (a zip archive '
+            f'or a pickle) and begins {head[:16]!r}')
+
+
+def _foreign_tar(path: str) -> str:
+    """What a tar file is: torch's format before 1.0 (members pickle, storages, tensors), which the safe loader does
+    not read, or an archive to extract the checkpoint from."""
+    import tarfile
+    try:
+        with tarfile.open(path) as archive:
+            names = archive.getnames()
+    except (tarfile.TarError, OSError, EOFError, ValueError) as e:
+        return f'{path} is a damaged tar archive, not a PyTorch checkpoint ({_describe(e)})'
+    if {'pickle', 'storages', 'tensors'} <= set(names):
+        return (f'{path} is in the tar format of torch before 1.0, which the safe loader (torch.load with '
+                f'weights_only=True) does not read; if it comes from a source you trust, load it with '
+                f'torch.load(weights_only=False) and save it again with torch.save')
+    if not names:
+        return f'{path} is an empty tar archive, not a PyTorch checkpoint'
+    return f'{path} is a tar archive, not a PyTorch checkpoint: it holds {_few(names)}; extract the checkpoint from it'
+
+
 def _foreign_zip(path: str) -> Optional[str]:
     """For a zip archive that is not in torch.save's format (every file it writes holds a ``data.pkl``), or that is
     a TorchScript module, the error saying so (torch's own complaints name its C++ sources, or call it corrupt);
     None for any other file."""
     try:
-        if not zipfile.is_zipfile(path):
-            return None
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
     except (zipfile.BadZipFile, OSError, EOFError, ValueError):
