@@ -1458,8 +1458,7 @@ def test_kernels_compile_for_hopper():
     fp32: launched, it raises Triton's out-of-resources error, which the timed choice records as a refusal
     (the forced tile, the first, fits).  The row kernels move their rows in 16-byte loads and stores.  Registers
     (ptxas -v): the 4-warp 128x128 and the 128x256 product tiles spill, as LINEAR_TILES says, and its first (the
-    default), 128x128 in 8 warps, does not;
-    nothing else spills more than a few bytes."""
+    default), 128x128 in 8 warps, does not; nothing else spills more than a few bytes."""
     import subprocess
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
