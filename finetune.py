@@ -1785,8 +1785,9 @@ def main(argv=None) -> int:
             return EXIT_OUT_OF_MEMORY
         if not lost_peer(e):
             raise
+        # (what the stage knows it kept, as after Ctrl-C or SIGTERM: the checkpoint to continue from)
         print_line(f'{prefix}error: stopped because another process of this job failed (see its error); '
-                   f'checkpoints written so far are complete', file=sys.stderr)
+                   f'{getattr(e, "kept", None) or "checkpoints written so far are complete"}', file=sys.stderr)
         return EXIT_PEER_FAILED
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -2,11 +2,13 @@
 
     python -m torch.distributed.launch --nproc_per_node=2 --use_env tests/distributed_job.py commands.json
 
-``commands.json`` is a list of ``{"argv": [...], "sigterm_at_epoch": null or K}``.  Each command runs through
+``commands.json`` is a list of ``{"argv": [...], "sigterm_at_epoch": null or K, "sigkill_rank_at_epoch": null or
+[R, K]}``.  Each command runs through
 ``finetune.main(argv)``, as ``python finetune.py ARGV`` would, in every process; the process group is made by
 the first command and kept for the next ones (``finetune.main`` would otherwise end it after each).  With
 ``"sigterm_at_epoch": K`` each process sends itself SIGTERM as epoch K starts, as a scheduler preempting the job
-would.  After each command every process prints ``[rank R] @@ command I exit CODE``.
+would; with ``"sigkill_rank_at_epoch": [R, K]`` process R alone kills itself as epoch K starts (the kernel's
+out-of-memory killer, a crash).  After each command every process prints ``[rank R] @@ command I exit CODE``.
 """
 import json
 import os
@@ -31,14 +33,20 @@ def main(path: str) -> int:
     dist.destroy_process_group = lambda *a, **k: None
     try:
         for i, command in enumerate(commands):
-            stop = command.get('sigterm_at_epoch')
+            stops = {}
+            if command.get('sigterm_at_epoch') is not None:
+                stops[command['sigterm_at_epoch']] = signal.SIGTERM
+            kill = command.get('sigkill_rank_at_epoch')
+            if kill is not None and int(os.environ.get('RANK', '0')) == kill[0]:
+                stops[kill[1]] = signal.SIGKILL
 
-            def train_one_epoch(*args, **kwargs):
-                if kwargs.get('epoch', args[5] if len(args) > 5 else None) == stop:
-                    os.kill(os.getpid(), signal.SIGTERM)
+            def train_one_epoch(*args, stops=stops, **kwargs):
+                epoch = kwargs.get('epoch', args[5] if len(args) > 5 else None)
+                if epoch in stops:
+                    os.kill(os.getpid(), stops[epoch])
                 return real_train(*args, **kwargs)
 
-            engine.train_one_epoch = real_train if stop is None else train_one_epoch
+            engine.train_one_epoch = train_one_epoch if stops else real_train
             code = finetune.main(command['argv'])
             print_line(f'[rank {os.environ.get("RANK", "0")}] @@ command {i} exit {code}')
             sys.stderr.flush()

@@ -7,6 +7,8 @@ import json
 import os
 import re
 import shutil
+import signal
+import subprocess
 import sys
 
 import numpy as np
@@ -64,19 +66,31 @@ AUGMENTED = ['--aa', 'rand-m9-mstd0.5-inc1', '--reprob', '0.25', '--mixup', '0.8
              '--warmup-epochs', '1', '--final_finetune', '2']
 
 
-def launch_job(launcher, commands, cwd, timeout=400):
-    """Run ``commands`` ({'argv', 'sigterm_at_epoch'}) one after another in one job of two processes; returns
-    (completed process, {command index: [exit code of rank 0, of rank 1]})."""
+def write_commands(commands, cwd):
+    """commands.json for tests/distributed_job.py: ``commands`` ({'argv', 'sigterm_at_epoch',
+    'sigkill_rank_at_epoch'}) on the small world's flags; returns its path."""
     path = os.path.join(str(cwd), 'commands.json')
     with open(path, 'w') as f:
-        json.dump([{'argv': [*DIGITS_ARGS, *map(str, c['argv'])], 'sigterm_at_epoch': c.get('sigterm_at_epoch')}
-                   for c in commands], f)
-    cmd = [*LAUNCHERS[launcher], '--nproc_per_node=2', f'--master_port={free_port()}', JOB, path]
-    proc = run_process_tree(cmd, timeout, env=subprocess_env(), cwd=cwd)
+        json.dump([{'argv': [*DIGITS_ARGS, *map(str, c['argv'])], 'sigterm_at_epoch': c.get('sigterm_at_epoch'),
+                    'sigkill_rank_at_epoch': c.get('sigkill_rank_at_epoch')} for c in commands], f)
+    return path
+
+
+def exit_codes(stdout):
+    """{command index: [exit code of rank 0, of rank 1]} from the job's ``@@ command`` lines."""
     codes = {}
-    for rank, i, code in re.findall(r'^\[rank (\d)\] @@ command (\d+) exit (-?\d+)$', proc.stdout, re.M):
+    for rank, i, code in re.findall(r'^\[rank (\d)\] @@ command (\d+) exit (-?\d+)$', stdout, re.M):
         codes.setdefault(int(i), [None, None])[int(rank)] = int(code)
-    return proc, codes
+    return codes
+
+
+def launch_job(launcher, commands, cwd, timeout=400):
+    """Run ``commands`` one after another in one job of two processes; returns (completed process, {command index:
+    [exit code of rank 0, of rank 1]})."""
+    cmd = [*LAUNCHERS[launcher], '--nproc_per_node=2', f'--master_port={free_port()}', JOB,
+           write_commands(commands, cwd)]
+    proc = run_process_tree(cmd, timeout, env=subprocess_env(), cwd=cwd)
+    return proc, exit_codes(proc.stdout)
 
 
 def prune_argv(world, out, workers):
@@ -251,6 +265,32 @@ def test_bad_image_under_two_processes_stops_the_job_with_one_line_per_rank(worl
     # the processes themselves print no traceback (the launcher adds its own failure summary)
     assert not re.search(r'^\[rank\d\]: Traceback', proc.stderr, re.M), proc.stderr
     assert not (out / 'checkpoint.pth').exists() and not (out / 'best.pth').exists()
+
+
+@pytest.mark.slow
+def test_a_process_killed_midway_leaves_the_other_naming_the_checkpoint_to_continue(world, tmp_path):
+    """Rank 1 killed (SIGKILL: no line of its own) as epoch 1 starts: rank 0, whose collective fails, says which
+    checkpoint is complete and how to continue, as a stop by Ctrl-C or SIGTERM does.  The two processes are
+    started with a launcher's environment but no launcher, which would stop rank 0 itself once it saw rank 1 go."""
+    out = tmp_path / 'out'
+    path = write_commands([{'argv': ['--resume', world['dense'], '--data-path', world['data'], '--output_dir', out,
+                                     '--final_finetune', '2'], 'sigkill_rank_at_epoch': [1, 1]}], tmp_path)
+    env = {**subprocess_env(), 'WORLD_SIZE': '2', 'MASTER_ADDR': '127.0.0.1', 'MASTER_PORT': str(free_port())}
+    procs = [subprocess.Popen([sys.executable, JOB, path], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              cwd=tmp_path, env={**env, 'RANK': str(rank), 'LOCAL_RANK': str(rank)})
+             for rank in (0, 1)]
+    try:
+        stdout, stderr = procs[0].communicate(timeout=240)
+    finally:
+        for p in procs:
+            p.kill()
+            p.communicate()
+    assert procs[1].returncode == -signal.SIGKILL
+    assert exit_codes(stdout) == {0: [1, None]}, stdout[-3000:] + stderr[-3000:]
+    checkpoint = out / 'checkpoint.pth'
+    assert stderr == (f'[rank 0] error: stopped because another process of this job failed (see its error); the '
+                      f'last complete checkpoint is {checkpoint} (epoch 0); continue with --resume {checkpoint}\n')
+    assert load_checkpoint_file(str(checkpoint))['epoch'] == 0
 
 
 def test_launch_without_use_env_passes_local_rank_which_is_accepted():
