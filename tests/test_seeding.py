@@ -101,6 +101,8 @@ def test_a_checkpoint_without_states_for_this_world_size_reseeds_from_seed_and_e
     assert not seeding.restore_or_reseed(None, 0, 1, 7, 3, {'data': g}, warn=messages.append)
     assert draws(g) != after_none  # another epoch: other draws
     assert 'written by 2 processes, this run has 1' in messages[1]
+    assert not seeding.restore_or_reseed([{}], 0, 2, 7, 2, {'data': g}, warn=messages.append)
+    assert 'written by 1 process, this run has 2' in messages[3]
     assert all('will not match an uninterrupted one bit for bit' in m for m in messages)
 
 

@@ -117,8 +117,8 @@ def restore_or_reseed(states: Optional[List[dict]], rank: int, world_size: int, 
     elif states is None:
         reason = 'it holds no random state (written by an older version)'
     else:
-        reason = (f'it was written by {len(states) if isinstance(states, (list, tuple)) else "?"} processes, '
-                  f'this run has {world_size}')
+        written = len(states) if isinstance(states, (list, tuple)) else '?'
+        reason = f'it was written by {written} process{"es" * (written != 1)}, this run has {world_size}'
     if agree(reason is None):
         return True
     reseed(seed, rank, epoch, generators)
