@@ -512,7 +512,12 @@ def validate_args(args, void: Set[str] = frozenset(), finished: bool = False) ->
     if args.resume:
         check_checkpoint_path(args.resume, '--resume', 'the checkpoint file', 'checkpoint', inside='checkpoint.pth')
     if not modes and not args.output_dir:
-        raise UserError('--output_dir is required: finetuning writes checkpoint.pth and log.txt there')
+        # (continue_run defaults it for a --resume named checkpoint.pth: the user who gave best.pth learns why not)
+        default = ''
+        if args.resume and os.path.basename(args.resume) != 'checkpoint.pth':
+            default = (f' (it defaults to the folder of --resume only for a checkpoint.pth, which continues its run '
+                       f'in place; {args.resume} is not one)')
+        raise UserError(f'--output_dir is required: finetuning writes checkpoint.pth and log.txt there{default}')
     if not modes and args.distillation_type != 'none' and not args.teacher_path:
         raise UserError(f'--distillation-type {args.distillation_type} needs --teacher-path (the dense teacher)')
     reads_data = bool(args.eval or args.prune or not modes)  # --speed-only times random tensors

@@ -1291,6 +1291,18 @@ def test_continuing_another_checkpoint_into_a_directory_with_a_checkpoint_is_ref
     assert snapshot(finished) == before
 
 
+def test_best_pth_continued_without_output_dir_is_told_why_its_folder_is_not_the_default(capsys, finished):
+    """--resume out/checkpoint.pth alone continues in out/; out/best.pth alone is refused, and the line says that
+    the default is for a checkpoint.pth only (out/ holds the run's later checkpoint, which only it continues)."""
+    before = snapshot(finished)
+    best = finished / 'best.pth'
+    assert_one_line_error(capsys, ['--resume', best, '--final_finetune', '3'], EXIT_USER_ERROR,
+                          r'^error: --output_dir is required: finetuning writes checkpoint\.pth and log\.txt there '
+                          r'\(it defaults to the folder of --resume only for a checkpoint\.pth, which continues its '
+                          rf'run in place; {re.escape(str(best))} is not one\)$')
+    assert snapshot(finished) == before
+
+
 def test_a_finished_run_continued_with_another_model_is_refused_as_an_unfinished_one_is(capsys, finished):
     """A run whose last epoch is done builds no model, so --model was not checked: another model than the run's
     said 'Nothing to do' with exit code 0, where the same command before the last epoch is refused."""
