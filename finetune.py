@@ -93,10 +93,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     a('--prune-batches', default=None, type=int, help='score at most this many training batches per process')
     a('--final_finetune', default=30, type=int,
       help='epochs of distillation finetuning (also the length of the learning-rate schedule)')
-    a('--iter_nums', default=1, type=int,
-      help="the original code's pruning rounds; Clip & Concat prunes once, so only 1 is taken")
-    a('--finetune_nums', default=0, type=int,
-      help="the original code's finetuning steps between pruning rounds; only 0 is taken (one round)")
+    a('--iter_nums', default=12, type=int,
+      help="the original code's flag (pruning rounds), which its finetune.py never read: no effect, --prune prunes "
+           "once")
+    a('--finetune_nums', default=1, type=int,
+      help="the original code's flag (finetuning steps between pruning rounds), which its finetune.py never read: "
+           "no effect")
     # model
     a('--model', default='deit_tiny_patch16_224',
       help='any timm ViT name, "cc_" optional (e.g. deit_small_distilled_patch16_224, vit_small_patch16_224)')
@@ -220,7 +222,7 @@ SIZE = Range(1, 2 ** 31 - 1)
 MAX_WORKERS = 1024
 NUMERIC_FLAGS: Dict[str, Range] = {
     'prune_rate': Range(0, 1, low_open=True, high_open=True), 'prune_batches': AT_LEAST_ONE,
-    'final_finetune': AT_LEAST_ONE, 'iter_nums': Range(1, 1), 'finetune_nums': Range(0, 0), 'input_size': SIZE,
+    'final_finetune': AT_LEAST_ONE, 'iter_nums': AT_LEAST_ONE, 'finetune_nums': NON_NEGATIVE, 'input_size': SIZE,
     'drop': FRACTION, 'drop_path': FRACTION,
     'model_ema_decay': UNIT, 'opt_eps': POSITIVE, 'opt_betas': Range(0, 1, high_open=True, count=(2, 2)),
     'clip_grad': POSITIVE, 'momentum': UNIT, 'weight_decay': NON_NEGATIVE, 'lr': POSITIVE,
@@ -356,7 +358,7 @@ UNUSED_RULES = (
     (lambda a: not (a.mixup > 0 and (a.cutmix > 0 or a.cutmix_minmax is not None)), ('mixup_switch_prob',),
      'it switches between mixup and cutmix, and only one of them is on'),
     (lambda a: True, ('iter_nums', 'finetune_nums'),
-     "the original code's defaults, one pruning round and no finetuning step inside it, are what --prune does"),
+     "the original code's finetune.py never read them either: --prune scores and prunes once"),
     (lambda a: True, ('world_size', 'dist_url'),
      "the launcher sets the processes up (torchrun or torch.distributed.launch: WORLD_SIZE, and env://)"),
 )
@@ -478,10 +480,6 @@ def validate_args(args, void: Set[str] = frozenset(), finished: bool = False) ->
     if len(modes) > 1:
         raise UserError('choose one of --eval, --speed-only and --prune')
     parser = get_args_parser()
-    if args.iter_nums != 1 or args.finetune_nums != 0:  # (the original code's flags, kept for its scripts)
-        raise UserError(f'--iter_nums {args.iter_nums} --finetune_nums {args.finetune_nums}: iterative pruning '
-                        f'(several rounds of scoring and pruning, with finetuning steps in between) is not '
-                        f'Clip & Concat\'s method, which prunes once: --iter_nums 1 --finetune_nums 0 (the defaults)')
     check_numbers(args, parser, NUMERIC_FLAGS)
     if args.speed_only and args.speed_protocol == 'original':  # (else every --speed-* flag is only noted)
         given = given_flags(args)
@@ -635,7 +633,8 @@ def warmup_note(args) -> Optional[str]:
 NOT_INHERITED = frozenset({
     'eval', 'speed_only', 'prune', 'prune_mode', 'prune_rate', 'prune_batches', 'resume', 'output_dir', 'device',
     'num_workers', 'pin_mem', 'print_freq', 'dist_eval', 'start_epoch', 'speed_protocol',
-    'speed_repeats', 'speed_warmup', 'speed_dtype', 'world_size', 'dist_url', 'local_rank'})
+    'speed_repeats', 'speed_warmup', 'speed_dtype', 'world_size', 'dist_url', 'local_rank',
+    'iter_nums', 'finetune_nums'})
 # What the labels of a run mean: a file trained with other values than those given has other classes (refused).
 CLASSES_OF_THE_RUN = ('data_set', 'inat_category')
 

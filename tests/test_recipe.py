@@ -36,7 +36,7 @@ pytestmark = pytest.mark.usefixtures('one_thread')
 # 30, colour jitter 0.4, repeated augmentation on, and no weight EMA, where DeiT's parser keeps one).
 ORIGINAL = {
     'eval': False, 'speed_only': False, 'prune': False, 'prune_mode': 'attn', 'prune_rate': 0.25,
-    'final_finetune': 30, 'iter_nums': 1, 'finetune_nums': 0, 'model': 'deit_tiny_patch16_224', 'drop': 0.0,
+    'final_finetune': 30, 'iter_nums': 12, 'finetune_nums': 1, 'model': 'deit_tiny_patch16_224', 'drop': 0.0,
     'drop_path': 0.1, 'model_ema': False,
     'model_ema_decay': 0.99996, 'model_ema_force_cpu': False, 'opt': 'adamw', 'opt_eps': 1e-8, 'opt_betas': None,
     'clip_grad': None, 'momentum': 0.9, 'weight_decay': 0.05, 'sched': 'cosine', 'lr': 0.01, 'lr_noise': None,
@@ -918,7 +918,7 @@ def test_a_head_with_more_classes_than_the_data_set_is_a_warning(capsys, world):
 
 # Beyond nan, inf and -1: a value just outside each flag's range.
 OUT_OF_RANGE = {
-    'prune_rate': '1', 'prune_batches': '0', 'final_finetune': '0', 'iter_nums': '2', 'finetune_nums': '1',
+    'prune_rate': '1', 'prune_batches': '0', 'final_finetune': '0', 'iter_nums': '0', 'finetune_nums': '-2',
     'input_size': '0', 'drop': '1',
     'drop_path': '1', 'model_ema_decay': '1.5', 'opt_eps': '0', 'opt_betas': '1', 'clip_grad': '0',
     'momentum': '1.5', 'weight_decay': '-1e-3', 'lr': '0', 'lr_noise': '1.5', 'lr_noise_pct': '-0.5',
@@ -966,21 +966,29 @@ def test_bad_numbers_are_one_line_naming_the_flag(capsys, tmp_path, dest):
         assert not out
 
 
-def test_the_original_codes_round_flags_take_only_its_one_round(capsys, world):
-    """The original code's --iter_nums and --finetune_nums (its defaults 1 and 0: one pruning round, no finetuning
-    inside it) are taken, so its scripts run, and named as having no effect; any other value asks for iterative
-    pruning, which is not the method: one line before any work."""
+def test_the_original_codes_round_flags_are_accepted_and_noted(capsys, world, tmp_path):
+    """The original code's --iter_nums and --finetune_nums (defaults 12 and 1 in its pruning parser) were never read
+    by its finetune.py, which prunes once: any value is taken, so its scripts run, and named as having no effect;
+    a finetuning checkpoint whose args hold the original's defaults continues."""
     code, out, err = cli(capsys, '--eval', '--resume', world['dense'], '--data-path', world['data'],
-                         '--iter_nums', 1, '--finetune_nums', 0)
+                         '--iter_nums', 3, '--finetune_nums', 0)
     assert code == 0, err
-    assert ("note: --iter_nums 1, --finetune_nums 0 have no effect: the original code's defaults, one pruning round "
-            "and no finetuning step inside it, are what --prune does") in out.splitlines()
-    for argv in (('--iter_nums', 3), ('--finetune_nums', 2), ('--iter_nums', 0)):
-        code, out, err = cli(capsys, '--prune', '--resume', world['dense'], '--data-path', world['data'], *argv)
-        assert code == 2 and not out
-        assert err.startswith(f'error: --iter_nums {argv[1] if argv[0] == "--iter_nums" else 1} --finetune_nums ')
-        assert err.endswith("is not Clip & Concat's method, which prunes once: --iter_nums 1 --finetune_nums 0 "
-                            "(the defaults)\n")
+    assert ("note: --iter_nums 3, --finetune_nums 0 have no effect: the original code's finetune.py never read them "
+            "either: --prune scores and prunes once") in out.splitlines()
+    code, out, err = cli(capsys, '--eval', '--resume', world['dense'], '--data-path', world['data'])
+    assert code == 0 and '--iter_nums' not in out + err  # the defaults, not given, say nothing
+    out_dir = tmp_path / 'run'
+    code, out, err = cli(capsys, '--resume', world['dense'], '--data-path', world['data'], '--output_dir', out_dir,
+                         '--final_finetune', 1)
+    assert code == 0, err
+    checkpoint = torch.load(out_dir / 'checkpoint.pth')
+    assert (checkpoint['args']['iter_nums'], checkpoint['args']['finetune_nums']) == (12, 1)
+    checkpoint['args'].update(iter_nums=1, finetune_nums=0)  # as this project wrote them before
+    torch.save(checkpoint, out_dir / 'checkpoint.pth')
+    code, out, err = cli(capsys, '--resume', out_dir / 'checkpoint.pth', '--final_finetune', 2)
+    assert code == 0, err
+    assert '--iter_nums' not in out + err and '--finetune_nums' not in out + err  # no effect: not taken over
+    assert torch.load(out_dir / 'checkpoint.pth')['epoch'] == 1
 
 
 def test_num_workers_past_what_a_machine_starts_is_refused(capsys, monkeypatch, tmp_path):
