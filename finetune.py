@@ -152,6 +152,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     a('--reprob', default=0.25, type=float, help='random erase probability')
     a('--remode', default='pixel')
     a('--recount', default=1, type=int)
+    a('--resplit', action='store_true',
+      help="DeiT's flag (no random erasing on a clean split), which neither DeiT nor the original code reads: no "
+           "effect")
     a('--mixup', default=0.8, type=float)
     a('--cutmix', default=1.0, type=float)
     a('--cutmix-minmax', default=None, type=float, nargs='+')
@@ -359,6 +362,8 @@ UNUSED_RULES = (
      'it switches between mixup and cutmix, and only one of them is on'),
     (lambda a: True, ('iter_nums', 'finetune_nums'),
      "the original code's finetune.py never read them either: --prune scores and prunes once"),
+    (lambda a: True, ('resplit',), "DeiT and the original code never read it either (timm's random erasing is "
+     "given no split)"),
     (lambda a: True, ('world_size', 'dist_url'),
      "the launcher sets the processes up (torchrun or torch.distributed.launch: WORLD_SIZE, and env://)"),
 )
@@ -634,7 +639,7 @@ NOT_INHERITED = frozenset({
     'eval', 'speed_only', 'prune', 'prune_mode', 'prune_rate', 'prune_batches', 'resume', 'output_dir', 'device',
     'num_workers', 'pin_mem', 'print_freq', 'dist_eval', 'start_epoch', 'speed_protocol',
     'speed_repeats', 'speed_warmup', 'speed_dtype', 'world_size', 'dist_url', 'local_rank',
-    'iter_nums', 'finetune_nums'})
+    'iter_nums', 'finetune_nums', 'resplit'})
 # What the labels of a run mean: a file trained with other values than those given has other classes (refused).
 CLASSES_OF_THE_RUN = ('data_set', 'inat_category')
 

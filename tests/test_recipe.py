@@ -43,7 +43,8 @@ ORIGINAL = {
     'lr_noise_pct': 0.67, 'lr_noise_std': 1.0, 'warmup_lr': 1e-5, 'min_lr': 1e-6, 'decay_epochs': 15,
     'warmup_epochs': 0, 'cooldown_epochs': 30, 'patience_epochs': 10, 'decay_rate': 0.1, 'color_jitter': 0.4,
     'aa': 'rand-m9-mstd0.5-inc1', 'smoothing': 0.1, 'train_interpolation': 'bicubic', 'repeated_aug': True,
-    'reprob': 0.25, 'remode': 'pixel', 'recount': 1, 'mixup': 0.8, 'cutmix': 1.0, 'cutmix_minmax': None,
+    'reprob': 0.25, 'remode': 'pixel', 'recount': 1, 'resplit': False, 'mixup': 0.8, 'cutmix': 1.0,
+    'cutmix_minmax': None,
     'mixup_prob': 1.0, 'mixup_switch_prob': 0.5, 'mixup_mode': 'batch', 'teacher_path': '',
     'distillation_type': 'none', 'distillation_alpha': 0.5, 'distillation_tau': 1.0, 'data_set': 'IMNET',
     'inat_category': 'name', 'batch_size': 64, 'output_dir': '', 'seed': 0, 'resume': '', 'start_epoch': 0,
@@ -989,6 +990,15 @@ def test_the_original_codes_round_flags_are_accepted_and_noted(capsys, world, tm
     assert code == 0, err
     assert '--iter_nums' not in out + err and '--finetune_nums' not in out + err  # no effect: not taken over
     assert torch.load(out_dir / 'checkpoint.pth')['epoch'] == 1
+
+
+def test_deits_resplit_flag_is_accepted_and_noted(capsys, world):
+    """DeiT's --resplit, in the original code's parser too, is read by neither (their transform passes timm no
+    split): taken, so their scripts run, and named as having no effect."""
+    code, out, err = cli(capsys, '--eval', '--resume', world['dense'], '--data-path', world['data'], '--resplit')
+    assert code == 0, err
+    assert ("note: --resplit has no effect: DeiT and the original code never read it either (timm's random erasing "
+            "is given no split)") in out.splitlines()
 
 
 def test_num_workers_past_what_a_machine_starts_is_refused(capsys, monkeypatch, tmp_path):
