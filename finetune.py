@@ -171,6 +171,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     a('--distillation-type', default='none', choices=['none', 'soft', 'hard'])
     a('--distillation-alpha', default=0.5, type=float)
     a('--distillation-tau', default=1.0, type=float)
+    a('--finetune', default='',
+      help="DeiT's flag (start from a checkpoint's weights), in the original code's parser too, which never read it: "
+           "a file is refused, give it to --resume")
     # data and run
     a('--data-path', default='', help='data set root (IMNET: train/ and val/ class folders)')
     a('--data-set', default='IMNET', choices=list(DATA_SETS))
@@ -284,6 +287,9 @@ def check_flags_apply(args, parser: argparse.ArgumentParser) -> None:
         raise UserError(f'{named(unused)}: {"this applies" if len(unused) == 1 else "these apply"} to --prune only')
     if mode == '--prune' and args.prune_mode == 'random' and 'prune_batches' in given:
         raise UserError('--prune-batches caps the batches Taylor scoring reads; --prune_mode random scores nothing')
+    if args.finetune:  # (DeiT's way to start from a file, which the original code accepted and dropped)
+        raise UserError(f"--finetune {args.finetune}: the original code's parser has this flag of DeiT's, but never "
+                        f'read it; to start from the weights of a file give it to --resume')
     if args.data_set == 'DIGITS' and 'data_path' in given:
         raise UserError("--data-set DIGITS is scikit-learn's digits, read from the package: --data-path does not "
                         'apply')
@@ -639,7 +645,7 @@ NOT_INHERITED = frozenset({
     'eval', 'speed_only', 'prune', 'prune_mode', 'prune_rate', 'prune_batches', 'resume', 'output_dir', 'device',
     'num_workers', 'pin_mem', 'print_freq', 'dist_eval', 'start_epoch', 'speed_protocol',
     'speed_repeats', 'speed_warmup', 'speed_dtype', 'world_size', 'dist_url', 'local_rank',
-    'iter_nums', 'finetune_nums', 'resplit'})
+    'iter_nums', 'finetune_nums', 'resplit', 'finetune'})
 # What the labels of a run mean: a file trained with other values than those given has other classes (refused).
 CLASSES_OF_THE_RUN = ('data_set', 'inat_category')
 

@@ -46,7 +46,8 @@ ORIGINAL = {
     'reprob': 0.25, 'remode': 'pixel', 'recount': 1, 'resplit': False, 'mixup': 0.8, 'cutmix': 1.0,
     'cutmix_minmax': None,
     'mixup_prob': 1.0, 'mixup_switch_prob': 0.5, 'mixup_mode': 'batch', 'teacher_path': '',
-    'distillation_type': 'none', 'distillation_alpha': 0.5, 'distillation_tau': 1.0, 'data_set': 'IMNET',
+    'distillation_type': 'none', 'distillation_alpha': 0.5, 'distillation_tau': 1.0, 'finetune': '',
+    'data_set': 'IMNET',
     'inat_category': 'name', 'batch_size': 64, 'output_dir': '', 'seed': 0, 'resume': '', 'start_epoch': 0,
     'dist_eval': False, 'num_workers': 10, 'pin_mem': True, 'amp': True, 'print_freq': 10, 'world_size': 1,
     'dist_url': 'env://',
@@ -999,6 +1000,18 @@ def test_deits_resplit_flag_is_accepted_and_noted(capsys, world):
     assert code == 0, err
     assert ("note: --resplit has no effect: DeiT and the original code never read it either (timm's random erasing "
             "is given no split)") in out.splitlines()
+
+
+def test_deits_finetune_flag_with_a_file_is_refused_naming_resume(capsys, world, tmp_path):
+    """DeiT's --finetune (start from a file's weights), in the original code's parser too, was never read there: a
+    file given to it would be dropped, so it is one line naming --resume, before any work; its default is taken."""
+    out_dir = tmp_path / 'run'
+    code, out, err = cli(capsys, '--data-path', world['data'], '--output_dir', out_dir, '--finetune', world['dense'])
+    assert code == 2 and not out and not out_dir.exists()
+    assert err == (f"error: --finetune {world['dense']}: the original code's parser has this flag of DeiT's, but never "
+                   f'read it; to start from the weights of a file give it to --resume\n')
+    code, out, err = cli(capsys, '--eval', '--resume', world['dense'], '--data-path', world['data'], '--finetune', '')
+    assert code == 0, err
 
 
 def test_num_workers_past_what_a_machine_starts_is_refused(capsys, monkeypatch, tmp_path):
