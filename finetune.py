@@ -1388,6 +1388,15 @@ def restore_training(training: engine.Training, checkpoint: dict, args) -> Tuple
     ``--start_epoch``, at that epoch's place in the schedule (t = epoch - 1, as :func:`engine.train_epochs` runs
     every epoch after the first)."""
     if not is_training_checkpoint(checkpoint):
+        if 'optimizer' in checkpoint and 'epoch' in checkpoint:  # the original code's checkpoint.pth and best.pth
+            epoch = checkpoint['epoch']
+            epoch = epoch.item() if isinstance(epoch, torch.Tensor) and epoch.dim() == 0 else epoch
+            rank0_print(f'note: {args.resume} holds an optimizer and epoch {epoch} but no lr_scheduler, as the '
+                        f'original code\'s finetuning checkpoints do (it could not continue them either): this run '
+                        f'is a new finetune from its weights, with a new optimizer and schedule, starting at epoch '
+                        f'{args.start_epoch}'
+                        + (f' (--start_epoch {epoch + 1} would place it after that epoch in the schedule)'
+                           if isinstance(epoch, int) and not args.start_epoch else ''))
         if args.start_epoch:
             training.lr_scheduler.step(args.start_epoch - 1)
         return args.start_epoch, -1.0  # so the first evaluation always writes best.pth

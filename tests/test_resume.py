@@ -753,6 +753,34 @@ def test_a_run_stopped_between_its_tensorboard_scalars_gets_each_missing_one_onc
     assert tensorboard_steps(out, 'test/acc1') == {0: 40.0, 1: 60.0}
 
 
+def test_a_finetuning_checkpoint_of_the_original_code_starts_a_new_run_and_says_so(capsys, small, tmp_path):
+    # The original code's checkpoint.pth/best.pth: model, optimizer, epoch, scaler, channels and args (a
+    # Namespace), no lr_scheduler, so neither it nor this project can continue the run: a new one starts from its
+    # weights at epoch 0, on a fresh schedule, and a note says so rather than leaving the epoch to be guessed.
+    import argparse
+    dense = torch.load(small['dense'], map_location='cpu', weights_only=True)
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    original = {**dense, 'optimizer': optimizer.state_dict(), 'epoch': torch.tensor(4), 'scaler': {},
+                'channels': None, 'args': argparse.Namespace(model='deit_digits_patch4_32', final_finetune=30)}
+    path = tmp_path / 'checkpoint_of_the_original.pth'
+    torch.save(original, path)
+    out = tmp_path / 'out'
+    assert finetune.main([*DIGITS_ARGS, '--data-path', str(small['data']), '--output_dir', str(out), *SCHEDULE,
+                          '--resume', str(path), '--final_finetune', '1']) == 0
+    printed = capsys.readouterr().out
+    assert (f'note: {path} holds an optimizer and epoch 4 but no lr_scheduler' in printed
+            and 'starting at epoch 0 (--start_epoch 5 would place it after that epoch' in printed), printed
+    records = log_records(out / 'log.txt')
+    assert [r['epoch'] for r in records] == [0]
+    assert records[0]['train_lr'] == pytest.approx(lr_during_epoch(0), rel=1e-9)
+    # a pruned file, which holds no optimizer, starts a new run without the note
+    capsys.readouterr()
+    assert finetune.main([*DIGITS_ARGS, '--data-path', str(small['data']), '--output_dir', str(tmp_path / 'new'),
+                          '--resume', str(small['dense']), '--final_finetune', '1']) == 0
+    assert 'no lr_scheduler' not in capsys.readouterr().out
+
+
 def test_resume_restores_the_loss_scaler(capsys, monkeypatch, small, tmp_path):
     """The loss scaler (mixed precision's, on CUDA) continues where it was: here a CPU GradScaler that doubles its
     scale at every step it finds finite gradients, so after the run its scale is init x 2^steps, steps counted over
