@@ -80,7 +80,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def get_args_parser() -> argparse.ArgumentParser:
     """The original code's flags and, unless the README says otherwise, its recipe's defaults."""
     p = OneLineParser('finetune.py', description='Clip & Concat for timm ViTs: prune, evaluate, benchmark, finetune.',
-                      formatter_class=HelpFormatter)
+                      formatter_class=HelpFormatter,
+                      spelled_here={'--epochs': '--final_finetune'})  # (the original code's name for it)
     a = p.add_argument
     # what to do
     a('--eval', action='store_true', help='evaluate --resume on the validation set')

@@ -1236,6 +1236,8 @@ def test_teacher_trained_on_another_normalisation_is_refused(capsys, world, earl
 @pytest.mark.parametrize('argv, pattern', [
     (['--prune_rate', 'quarter'], r"^error: argument --prune_rate: invalid float value: 'quarter' \(see --help\)$"),
     (['--no-such-flag'], r'^error: unrecognized arguments: --no-such-flag \(see --help\)$'),
+    (['--epochs', '3', '--eval'],  # DeiT's name for the original code's --final_finetune
+     r'^error: unrecognized arguments: --epochs 3; here --epochs is --final_finetune \(see --help\)$'),
     (['--prune_mode', 'magnitude'], r"^error: argument --prune_mode: invalid choice: 'magnitude'"),
     (['--inat-category', 'bogus'], r"^error: argument --inat-category: invalid choice: 'bogus'"),
 ])

@@ -28,11 +28,18 @@ class OneLineParser(argparse.ArgumentParser):
     parsed arguments remember which flags were given (``ParsedArgs.given``).  A negative number in any spelling
     (``-1e-3``, ``-inf``) is a value, as ``-1`` is for argparse, so its flag's own check can refuse it."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, spelled_here: Optional[Dict[str, str]] = None, **kwargs):
+        """``spelled_here``: flags of related programs that this one spells otherwise (``{'--epochs':
+        '--final_finetune'}``); an unrecognised one is answered with this program's spelling."""
         super().__init__(*args, **kwargs)
         self._negative_number_matcher = NEGATIVE_NUMBER
+        self._spelled_here = dict(spelled_here or {})
 
     def error(self, message):
+        if message.startswith('unrecognized arguments:'):
+            given = {word.split('=', 1)[0] for word in message.split(':', 1)[1].split()}
+            message += ''.join(f'; here {flag} is {ours}' for flag, ours in self._spelled_here.items()
+                               if flag in given)
         self.exit(EXIT_USER_ERROR, f'error: {message} (see --help)\n')
 
     def parse_known_args(self, args=None, namespace=None):
