@@ -76,7 +76,7 @@ one-element tensor that is set before each replay.  The final norm is computed o
 Backends: ``'triton'`` as above (CUDA, or CPU under ``TRITON_INTERPRET=1`` for tests); ``'torch'`` the same
 original-order formulation in plain torch ops (index_select, F.layer_norm, index_copy_, SDPA), runnable
 anywhere; ``'compile'`` is ``torch.compile(fullgraph=True)`` of the ``'torch'`` formulation (inductor fuses the
-gathers into the norms itself).
+gathers into the norms itself), one graph per shape of the images, each path with its own recompile limit.
 
 Precision: weights are cast once, the linear layers' to ``dtype`` (fp16/bf16 for speed; default fp32);
 LayerNorm statistics, softmax and residual sums are computed in fp32; the token buffer (the residual stream)
@@ -105,6 +105,7 @@ like are refused unless they change nothing (build it again instead).
 """
 import contextlib
 import statistics
+import types
 from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -132,6 +133,10 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 # ---------------------------------------------------------------------------------------------------------------
 # what the model must be
+
+# what torch.compile raises when a fullgraph function needs more compiled graphs than its recompile limit allows
+_RECOMPILE_LIMIT_HIT = getattr(getattr(getattr(torch, '_dynamo', None), 'exc', None), 'FailOnRecompileLimitHit', ())
+
 
 class CaptureError(RuntimeError):
     """A CUDA graph could not capture the forward, or a candidate while timing it.  Under torch 2.11 the caching
@@ -703,7 +708,13 @@ class FastViT(nn.Module):
 
         self._run = self._forward_impl
         if backend == 'compile':
-            self._run = torch.compile(self._forward_impl, fullgraph=True, dynamic=False)
+            # dynamo keeps at most torch._dynamo.config.recompile_limit graphs (8) per code object, and with
+            # fullgraph fails past it: each path compiles a code object of its own, so that paths built in one
+            # process do not share that limit (else the ninth plan of other kept counts could not run)
+            impl = FastViT._forward_impl
+            own = types.FunctionType(impl.__code__.replace(), impl.__globals__, impl.__name__, impl.__defaults__,
+                                     impl.__closure__)
+            self._run = torch.compile(types.MethodType(own, self), fullgraph=True, dynamic=False)
 
     # -- build helpers ------------------------------------------------------------------------------------------
 
@@ -968,7 +979,13 @@ class FastViT(nn.Module):
                 self._graph.replay()
                 return self._static_out.clone()
         with _on(self.device):  # Triton launches on the current device, whatever the tensors' device
-            return self._run(images.to(self.device))
+            try:
+                return self._run(images.to(self.device))
+            except _RECOMPILE_LIMIT_HIT as e:
+                raise RuntimeError(f'fast path: backend \'compile\' has compiled this path for as many input shapes '
+                                   f'as torch._dynamo.config.recompile_limit allows '
+                                   f'({torch._dynamo.config.recompile_limit}; each batch size, dtype and layout of '
+                                   f'the images is one): raise that limit, or build the path again') from e
 
     def _reads_in_place(self, images: torch.Tensor) -> bool:
         """Whether the captured graph can read ``images`` where they are (its patch embedding reads them through

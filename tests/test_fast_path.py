@@ -1358,6 +1358,25 @@ def test_compiled_backend():
     assert _close(build_fast_path(model, backend='compile')(x), model(x))
 
 
+@pytest.mark.slow
+def test_compiled_paths_each_have_their_own_recompile_limit(monkeypatch):
+    """torch.compile keeps at most recompile_limit graphs (8 by default) per code object and, with fullgraph, fails
+    past it.  Paths of other kept counts built in one process each run (they used to share FastViT's code object,
+    so the ninth failed); one path run at more shapes than the limit says so in one clear error.  The limit is
+    set to 1 here so that two paths show it."""
+    monkeypatch.setattr(torch._dynamo.config, 'recompile_limit', 1)
+    x = images(batch=2, seed=9)
+    for seed, rate in ((9, 0.2), (10, 0.6)):
+        model = tiny_cc(seed)
+        pruning.apply_masks(model, pruning.random_masks(3, 16, rate, generator=_gen(seed)))
+        fast = build_fast_path(model, backend='compile')
+        assert _close(fast(x), model(x))
+    assert fast.describe()['kept_counts'] != [17, 17, 17]
+    with pytest.raises(RuntimeError, match=r"^fast path: backend 'compile' has compiled this path for as many input "
+                                           r"shapes as torch._dynamo.config.recompile_limit allows \(1;"):
+        fast(images(batch=3, seed=9))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the kernels compiled for a Hopper GPU without one (the interpreter does not lower them)
 
