@@ -99,9 +99,9 @@ training mode, as the head it calls is the model's own); the built module holds 
 of the model then reaches some of them), so rebuild it after changing the model (the head is the model's:
 ``model.forward_head`` is called on the features, and the path refuses to run once the model is cast or moved, or
 its CUDA graph once the head is replaced, as ``reset_classifier`` does: the graph captured the old head's kernels);
-one built from a Clip & Concat model's own masks refuses to run once they are set again or a state dict is loaded
-into the model.  The path itself is for the dtype and device it was built for: ``.half()``, ``.to()`` and the
-like are refused unless they change nothing (build it again instead).
+one built from a Clip & Concat model's own masks refuses to run once they are set again (or written in place to
+other values) or a state dict is loaded into the model.  The path itself is for the dtype and device it was
+built for: ``.half()``, ``.to()`` and the like are refused unless they change nothing (build it again instead).
 """
 import contextlib
 import statistics
@@ -675,6 +675,10 @@ class FastViT(nn.Module):
         ids = _validated_ids(kept_ids if kept_ids is not None else kept_ids_of(model), len(model.blocks), N)
         # the model's plan this path copied (its masks and weights), to refuse running on after it changes
         self._plan_version = getattr(model, 'token_plan_version', None) if kept_ids is None else None
+        # its mask buffers and their in-place version counters: a write into one (model.masks[l][p] = False) makes
+        # no new plan until the model runs, so the forward has the model take it up when a counter moved
+        self._mask_tensors = [] if self._plan_version is None else [m for m in model.masks if not m.is_inference()]
+        self._mask_versions = [m._version for m in self._mask_tensors]
         self.blocks = nn.ModuleList(_FastBlock(blk, i, N, self.dtype, device) for blk, i in zip(model.blocks, ids))
         # Tokens the head reads: the prefix for class-token pooling by timm's own heads, else all of them.
         token_head = (getattr(model, 'global_pool', None) == 'token' and getattr(model, 'attn_pool', None) is None
@@ -949,6 +953,9 @@ class FastViT(nn.Module):
         if images.dim() != 4 or tuple(images.shape[1:]) != expected:
             raise ValueError(f'expected images of shape (B, {", ".join(map(str, expected))}), '
                              f'got {tuple(images.shape)}')
+        if [m._version for m in self._mask_tensors] != self._mask_versions:  # a mask written in place
+            self._model.sync_token_plan()  # a new plan if its values changed
+            self._mask_versions = [m._version for m in self._mask_tensors]
         if self._plan_version is not None and self._model.token_plan_version != self._plan_version:
             raise RuntimeError('fast path: the model\'s masks were set or its weights loaded after this path was '
                                'built from them: build it again')

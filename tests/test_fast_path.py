@@ -1123,6 +1123,24 @@ def test_a_path_built_from_the_models_masks_refuses_to_run_after_they_change():
 
 
 @torch.no_grad()
+def test_a_path_built_from_the_models_masks_refuses_to_run_after_one_is_written_in_place():
+    """The model takes up a mask written in place (``model.masks[l][p] = False``) at its next forward; the path,
+    called first, used to run on with the old plan.  Writing a mask's own values back changes nothing."""
+    model = tiny_cc(16)
+    pruning.apply_masks(model, pruning.random_masks(3, 16, 0.3, generator=_gen(16)))
+    x = images(seed=16)
+    fast = build_fast_path(model, backend='torch')
+    before = model(x)
+    model.masks[1][1:] = model.masks[1][1:].clone()  # the same values, written
+    assert _close(fast(x), before)
+    model.masks[1][1:] = False  # block 1 keeps only the class token
+    with pytest.raises(RuntimeError, match="the model's masks were set or its weights loaded after this path"):
+        fast(x)
+    assert _masks_matter(model(x), before)
+    assert _close(build_fast_path(model, backend='torch')(x), model(x))
+
+
+@torch.no_grad()
 def test_a_model_put_back_in_training_mode_is_refused():
     """The path computes the model in eval mode, but the head it calls is the model's own: in training mode that
     head drops features out (and a distilled model's returns both heads' logits), so the path refuses to run
