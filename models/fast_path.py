@@ -101,7 +101,8 @@ of the model then reaches some of them), so rebuild it after changing the model 
 its CUDA graph once the head is replaced, as ``reset_classifier`` does: the graph captured the old head's kernels);
 one built from a Clip & Concat model's own masks refuses to run once they are set again (or written in place to
 other values) or a state dict is loaded into the model.  The path itself is for the dtype and device it was
-built for: ``.half()``, ``.to()`` and the like are refused unless they change nothing (build it again instead).
+built for: ``.half()``, ``.to()`` and the like are refused unless they change nothing, and so is ``load_state_dict``
+(build it again instead).
 """
 import contextlib
 import statistics
@@ -1036,6 +1037,15 @@ class FastViT(nn.Module):
             raise CaptureError(f'capturing the forward in a CUDA graph failed ({type(e).__name__}: '
                                f'{str(e).strip()[:300]})') from e
         self._graph, self._static_out = graph, static_out
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        """``load_state_dict``: refused (RuntimeError) before anything is written.  The path's weights are cast
+        copies of the model's or share the model's own storage, so a load would overwrite the model's weights in
+        place, and the result would be neither model (the head is the model's, the token ids and the build's
+        choices were made for the model it was built from)."""
+        raise RuntimeError('fast path: it cannot load a state dict (it holds the weights of the model it was built '
+                           'from, some of them the model\'s own tensors): load the state dict into the model and '
+                           'build the path again')
 
     def _apply(self, fn, recurse=True):
         """``.to()``, ``.half()``, ``.cuda()`` and the like: refused (RuntimeError, nothing changed) unless they

@@ -1186,6 +1186,21 @@ def test_the_path_holds_none_of_the_models_parameters():
 
 
 @torch.no_grad()
+def test_loading_a_state_dict_into_the_path_is_refused():
+    """A path shares storage with its model's fp32 weights: loading another path's state dict into it used to
+    overwrite that model's weights in place and leave the path computing neither model (the other's blocks, its
+    own model's head).  It is refused, and nothing changes."""
+    model, other = tiny_cc(18), tiny_cc(19)
+    x = images(seed=18)
+    ref = model(x)
+    fast = build_fast_path(model, backend='torch')
+    with pytest.raises(RuntimeError, match=r'^fast path: it cannot load a state dict .*: load the state dict into '
+                                           r'the model and build the path again$'):
+        fast.load_state_dict(build_fast_path(other, backend='torch').state_dict())
+    assert torch.equal(model(x), ref) and _close(fast(x), ref)
+
+
+@torch.no_grad()
 def test_casting_or_moving_the_path_is_refused():
     """The path is built for one dtype and device (its kernels' choices, and a CUDA graph that reads its weights
     at their addresses: cast copies would leave the graph reading freed memory): .half(), .double() or .to() a
