@@ -559,6 +559,15 @@ def residual_scatter_triton_(x: torch.Tensor, ids: torch.Tensor, m: torch.Tensor
     return x
 
 
+def _check_dot_dtype(t: torch.Tensor, what: str) -> None:
+    """The matrix products of the attention, linear and patch-embedding kernels accumulate in fp32: Triton's
+    product of fp64 operands is fp64 and does not take that accumulator (the interpreter ran it and wrote fp32
+    values into fp64 memory: garbage)."""
+    if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f'the Triton {what} takes float16, bfloat16 or float32 operands, got '
+                         f'{str(t.dtype).replace("torch.", "")}')
+
+
 def attention_tiles_ok(head_dim: int) -> bool:
     """The Triton attention needs a power-of-two head_dim of at least 16 (the matrix unit's smallest K)."""
     return head_dim >= 16 and head_dim & (head_dim - 1) == 0
@@ -575,6 +584,7 @@ def attention_triton(qkv: torch.Tensor, num_heads: int, scale: float, block_m: i
     B, n, three_c = qkv.shape
     if three_c % (3 * num_heads) or qkv.stride(-1) != 1:
         raise ValueError(f'qkv must be (B, n, 3*H*D) with a contiguous last dimension, got {tuple(qkv.shape)}')
+    _check_dot_dtype(qkv, 'attention')
     head_dim = three_c // (3 * num_heads)
     if not attention_tiles_ok(head_dim):
         raise ValueError(f'the Triton attention needs a power-of-two head_dim >= 16, got {head_dim}')
@@ -595,6 +605,7 @@ def _check_linear(x: torch.Tensor, weight_t: torch.Tensor) -> Tuple[int, int]:
     if x.shape[-1] != K or x.stride(-1) != 1 or not weight_t.is_contiguous():
         raise ValueError(f'x (..., {K}) with a contiguous last dimension and a contiguous ({K}, {N}) weight_t '
                          f'expected, got {tuple(x.shape)} and {tuple(weight_t.shape)}')
+    _check_dot_dtype(weight_t, 'matrix product')
     return K, N
 
 
@@ -666,6 +677,7 @@ def patch_embed_triton_(out: torch.Tensor, images: torch.Tensor, weight_t: torch
     num_patches = _check_patch_embed(out, images, weight_t, const, prefix, patch)
     if not weight_t.is_contiguous():
         raise ValueError('weight_t must be contiguous')
+    _check_dot_dtype(weight_t, 'patch embedding')
     if image_address is not None and (not images.is_contiguous() or image_address.dtype != torch.int64
                                       or image_address.numel() != 1 or image_address.device != images.device):
         raise ValueError('image_address needs contiguous images and a one-element int64 tensor on their device')

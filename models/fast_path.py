@@ -629,6 +629,9 @@ class FastViT(nn.Module):
                                  f'None), got {value!r}')
         if 'triton' in (attention, mlp) and backend != 'triton':
             raise ValueError("attention='triton' and mlp='triton' need backend='triton'")
+        if 'triton' in (attention, mlp) and dtype is torch.float64:  # (with 'auto' the kernels are not chosen)
+            raise ValueError("attention='triton' and mlp='triton' need dtype float16, bfloat16 or float32 (the "
+                             "Triton kernels' matrix products accumulate in fp32)")
         if backend == 'triton' and not K.HAS_TRITON:  # else the build passes and the first forward fails
             raise ValueError("fast path: backend 'triton' needs Triton, which this Python cannot import (backend "
                              "'torch' runs without it)")

@@ -1883,10 +1883,36 @@ def test_fast_path_flag_mistakes_are_one_line(capsys, monkeypatch, tmp_path, arg
     (dict(mlp='fused'), r"mlp must be one of .*, got 'fused'"),
     (dict(backend='torch', attention='triton'), r"attention='triton' and mlp='triton' need backend='triton'"),
     (dict(backend='torch', mlp='triton'), r"attention='triton' and mlp='triton' need backend='triton'"),
+    (dict(backend='triton', mlp='triton', dtype=torch.float64), r"need dtype float16, bfloat16 or float32 \(the "),
+    (dict(backend='triton', attention='triton', dtype=torch.float64), r"need dtype float16, bfloat16 or float32"),
 ])
 def test_build_refuses_unknown_modes_and_triton_parts_without_the_triton_backend(kwargs, message):
     with pytest.raises(ValueError, match=message):
         build_fast_path(tiny_cc(0), **kwargs)
+
+
+@needs_triton
+def test_the_triton_matrix_products_refuse_fp64_operands():
+    """The attention, linear and patch-embedding kernels accumulate their products in fp32, which Triton's fp64
+    product does not take: the interpreter wrote the patch embedding's fp32 sums into an fp64 buffer (values like
+    1e-315).  fp64 operands are refused; an fp64 path built with 'auto' takes torch's products and SDPA."""
+    f64 = dict(dtype=torch.float64, device=DEVICE)
+    x, ids = torch.zeros(2, 5, 16, **f64), torch.arange(3, device=DEVICE)
+    w = torch.zeros(16, 16, **f64)
+    calls = {'attention': lambda: K.attention_triton(torch.zeros(2, 3, 3 * 2 * 16, **f64), 2, 0.25),
+             'matrix product': lambda: K.linear_gelu_triton(x[:, :3], w, None),
+             'patch embedding': lambda: K.patch_embed_triton_(x, torch.zeros(2, 1, 8, 8, **f64), w,
+                                                              torch.zeros(4, 16, **f64), 1, (4, 4))}
+    calls['matrix product, residual'] = lambda: K.linear_residual_scatter_triton_(x, ids, x[:, :3], w, None, None)
+    for what, call in calls.items():
+        with pytest.raises(ValueError, match=rf'^the Triton {what.split(",")[0]} takes float16, bfloat16 or float32 '
+                                             r'operands, got float64$'):
+            call()
+    model = tiny_cc(20)
+    x = images(seed=20)
+    fast = build_fast_path(model, backend='triton', dtype=torch.float64, residual_dtype=torch.float64)
+    assert fast.describe()['patch_embedding'] == 'torch' and set(fast.describe()['mlp'].values()) == {'torch'}
+    assert _close(fast(x), model(x))
 
 
 @pytest.mark.parametrize('kwargs', [dict(residual_dtype=torch.int32), dict(residual_dtype=torch.uint8),
