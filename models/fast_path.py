@@ -641,6 +641,9 @@ class FastViT(nn.Module):
         if backend == 'triton' and not (device.type == 'cuda' or (K.INTERPRETER and device.type == 'cpu')):
             raise ValueError("fast path: backend 'triton' needs a CUDA model, or TRITON_INTERPRET=1 set before "
                              "models.fast_kernels is imported")
+        if 'triton' in (attention, mlp) and dtype is torch.bfloat16 and device.type == 'cpu':
+            raise ValueError("attention='triton' and mlp='triton' in bfloat16 need a CUDA model: Triton's "
+                             "interpreter computes bfloat16 matrix products wrongly")
         model.eval()
         self.backend = backend
         self.device = device
