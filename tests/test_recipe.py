@@ -1014,6 +1014,23 @@ def test_deits_finetune_flag_with_a_file_is_refused_naming_resume(capsys, world,
     assert code == 0, err
 
 
+def test_a_run_whose_args_hold_deits_finetune_and_resplit_continues_without_them(capsys, world, tmp_path):
+    """DeiT's checkpoints record its --finetune (the file the run started from) and --resplit; neither is read here,
+    so a continued run takes neither over (a file taken over would be refused as a given one is)."""
+    out_dir = tmp_path / 'run'
+    code, out, err = cli(capsys, '--resume', world['dense'], '--data-path', world['data'], '--output_dir', out_dir,
+                         '--final_finetune', 1)
+    assert code == 0, err
+    checkpoint = torch.load(out_dir / 'checkpoint.pth')
+    assert (checkpoint['args']['finetune'], checkpoint['args']['resplit']) == ('', False)
+    checkpoint['args'].update(finetune=str(world['dense']), resplit=True)  # a DeiT run started with both
+    torch.save(checkpoint, out_dir / 'checkpoint.pth')
+    code, out, err = cli(capsys, '--resume', out_dir / 'checkpoint.pth', '--final_finetune', 2)
+    assert code == 0, err
+    assert not re.search(r'--finetune\b(?!_)|--resplit', out + err), out + err
+    assert torch.load(out_dir / 'checkpoint.pth')['epoch'] == 1
+
+
 def test_num_workers_past_what_a_machine_starts_is_refused(capsys, monkeypatch, tmp_path):
     """Each worker is a process the loader starts at once: a huge --num_workers forked processes without end (until
     the machine refused) instead of one line; up to the bound the value is accepted."""
