@@ -40,11 +40,10 @@ from utils import seeding
 from utils.cli import (AT_LEAST_ONE, EXIT_USER_ERROR, FRACTION, NON_NEGATIVE, POSITIVE, UNIT, OneLineParser, Range,
                        check_numbers, fits, flag_name, spell)
 from utils.run_log import epoch_scalars, epoch_tags, read_log, reconcile_log, scalars_at
-from utils.signals import Terminated, cpu_out_of_memory, cuda_out_of_memory, lost_peer, past_64_bits, sigterm_unwinds
+from utils.signals import (EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, cpu_out_of_memory, cuda_out_of_memory,
+                           lost_peer, past_64_bits, sigterm_unwinds, stop_said)
 
 EXIT_DIVERGED = 3
-EXIT_INTERRUPTED = 130
-EXIT_TERMINATED = 143  # 128 + SIGTERM, what a shell reports for a job ended by SIGTERM
 EXIT_PEER_FAILED = 1  # another process of a multi-process job stopped first; its own message says why
 EXIT_OUT_OF_MEMORY = 1  # the GPU (or CPU) ran out of memory: found only once the work runs, not a usage error (2)
 
@@ -1785,40 +1784,51 @@ def out_of_memory(args, e: BaseException) -> str:
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
     prefix = f'[rank {os.environ["RANK"]}] ' if several_processes() and 'RANK' in os.environ else ''
-    try:
-        with sigterm_unwinds():
+    # (the handlers stay until the stop is said and its exception freed: the freeing shuts the DataLoader workers
+    # down, where a second signal would otherwise raise)
+    with sigterm_unwinds():
+        try:
             run(args)
-    except UserError as e:
-        kept = getattr(e, 'kept', None)  # found midway (an unreadable image): what the run has written is complete
-        print_line(f'{prefix}error: {one_line(e)}' + (f'; {kept}' if kept else ''), file=sys.stderr)
-        return EXIT_USER_ERROR
-    except NonFiniteLossError as e:
-        print_line(f'{prefix}error: {one_line(e)}', file=sys.stderr)
-        return EXIT_DIVERGED
-    except torch.OutOfMemoryError as e:
-        print_line(f'{prefix}error: {out_of_memory(args, e)}', file=sys.stderr)
-        return EXIT_OUT_OF_MEMORY
-    except KeyboardInterrupt as e:
-        print_line(f'{prefix}interrupted; {_what_is_kept(e)}', file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except Terminated as e:
-        print_line(f'{prefix}terminated (SIGTERM); {_what_is_kept(e)}', file=sys.stderr)
-        return EXIT_TERMINATED
-    except RuntimeError as e:
-        if cpu_out_of_memory(e) or past_64_bits(e) or cuda_out_of_memory(e):
+        except UserError as e:
+            kept = getattr(e, 'kept', None)  # found midway (an unreadable image): what the run has written is complete
+            print_line(f'{prefix}error: {one_line(e)}' + (f'; {kept}' if kept else ''), file=sys.stderr)
+            return EXIT_USER_ERROR
+        except NonFiniteLossError as e:
+            print_line(f'{prefix}error: {one_line(e)}', file=sys.stderr)
+            return EXIT_DIVERGED
+        except torch.OutOfMemoryError as e:
             print_line(f'{prefix}error: {out_of_memory(args, e)}', file=sys.stderr)
             return EXIT_OUT_OF_MEMORY
-        if not lost_peer(e):
-            raise
-        # (what the stage knows it kept, as after Ctrl-C or SIGTERM: the checkpoint to continue from)
-        print_line(f'{prefix}error: stopped because another process of this job failed (see its error); '
-                   f'{getattr(e, "kept", None) or "checkpoints written so far are complete"}', file=sys.stderr)
-        return EXIT_PEER_FAILED
-    finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-    return 0
+        except KeyboardInterrupt as e:
+            print_line(f'{prefix}interrupted; {_what_is_kept(e)}', file=sys.stderr)
+            stop_said()
+            return EXIT_INTERRUPTED
+        except Terminated as e:
+            print_line(f'{prefix}terminated (SIGTERM); {_what_is_kept(e)}', file=sys.stderr)
+            stop_said()
+            return EXIT_TERMINATED
+        except RuntimeError as e:
+            if cpu_out_of_memory(e) or past_64_bits(e) or cuda_out_of_memory(e):
+                print_line(f'{prefix}error: {out_of_memory(args, e)}', file=sys.stderr)
+                return EXIT_OUT_OF_MEMORY
+            if not lost_peer(e):
+                raise
+            # (what the stage knows it kept, as after Ctrl-C or SIGTERM: the checkpoint to continue from)
+            print_line(f'{prefix}error: stopped because another process of this job failed (see its error); '
+                       f'{getattr(e, "kept", None) or "checkpoints written so far are complete"}', file=sys.stderr)
+            return EXIT_PEER_FAILED
+        finally:
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
+        return 0
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    code = main()
+    if code in (EXIT_INTERRUPTED, EXIT_TERMINATED):
+        # stopped by a signal, said and cleaned up: not through the interpreter's shutdown, where a second signal
+        # (Python's handlers back) would print a traceback or end the process by the signal instead of this code
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

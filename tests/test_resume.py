@@ -23,6 +23,7 @@ import finetune
 from conftest import DIGITS_ARGS, ROOT, digits_world, make_image_folder, official_checkpoint, subprocess_env
 from utils import (UserError, append_line, load_checkpoint_file, remove_stale_temporaries, save_atomic, write_atomic,
                    write_text_atomic)
+from utils.signals import sigterm_unwinds
 
 
 def log_epochs(path):
@@ -1146,6 +1147,83 @@ def test_a_stop_while_dataloader_workers_start_is_not_lost(tmp_path, sig, code, 
     assert (proc.returncode, proc.stderr) == (code, f'{said}; no epoch had finished, so no checkpoint was '
                                                     f'written\n'), proc.stdout[-2000:]
     assert not out.exists()
+
+
+SIGNALLED_TWICE = textwrap.dedent('''
+    import os, signal, sys
+    sys.path.insert(0, sys.argv[1])
+    import torch.utils.data.dataloader as dataloader
+    import engine, finetune
+    Iter = dataloader._MultiProcessingDataLoaderIter
+    real_train, real_next, real_shutdown = engine.train_one_epoch, Iter._next_data, Iter._shutdown_workers
+    real_kept, second, where = finetune._what_is_kept, int(sys.argv[2]), sys.argv[3]
+    state = {}
+
+    def train_one_epoch(*args, **kwargs):
+        state['armed'] = kwargs.get('epoch', args[5] if len(args) > 5 else None) == 1
+        return real_train(*args, **kwargs)
+
+    def next_data(self):  # Ctrl-C at epoch 1's first batch
+        if state.pop('armed', False):
+            state['stopping'] = True
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_next(self)
+
+    def shutdown_workers(self):  # the second signal as the stop shuts the DataLoader workers down
+        if where == 'shutdown' and state.pop('stopping', False):
+            os.kill(os.getpid(), second)
+        return real_shutdown(self)
+
+    def what_is_kept(e):  # or as main reports the stop, before its line
+        if where == 'line' and state.pop('stopping', False):
+            os.kill(os.getpid(), second)
+        return real_kept(e)
+
+    engine.train_one_epoch = train_one_epoch
+    Iter._next_data, Iter._shutdown_workers, finetune._what_is_kept = next_data, shutdown_workers, what_is_kept
+    sys.exit(finetune.main(sys.argv[4:]))
+''')
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('second, where', [(signal.SIGINT, 'shutdown'), (signal.SIGTERM, 'shutdown'),
+                                           (signal.SIGTERM, 'line')], ids=['ctrl-c', 'sigterm', 'sigterm-before-line'])
+def test_a_second_signal_while_the_run_stops_prints_no_traceback(tmp_path, second, where):
+    """Ctrl-C, then a second Ctrl-C (or torchrun's SIGTERM after it) as the stopping run shuts its DataLoader
+    workers down or as main reports the stop: the second raised again there ('Exception ignored in ... __del__' and
+    a traceback, or a traceback from main), or SIGTERM ended the process by the signal.  Now the run ends as the
+    first stop does: its one line saying what is kept, exit 130, the last checkpoint complete."""
+    world = digits_world(tmp_path)
+    script = tmp_path / 'twice.py'
+    script.write_text(SIGNALLED_TWICE)
+    out = tmp_path / 'out'
+    proc = subprocess.run([sys.executable, str(script), ROOT, str(int(second)), where, *DIGITS_ARGS, '--resume',
+                           world['dense'], '--data-path', world['data'], '--output_dir', str(out),
+                           '--final_finetune', '2', '--num_workers', '1'],
+                          capture_output=True, text=True, env=subprocess_env(), timeout=240)
+    ckpt = out / 'checkpoint.pth'
+    assert (proc.returncode, proc.stderr) == (130, f'interrupted; the last complete checkpoint is {ckpt} (epoch 0); '
+                                                   f'continue with --resume {ckpt}\n'), proc.stdout[-2000:]
+    assert load_checkpoint_file(str(ckpt))['epoch'] == 0 and log_epochs(out / 'log.txt') == [0]
+    assert leftovers(out) == []
+
+
+def test_a_signal_swallowed_on_its_way_leaves_the_next_one_to_stop_the_run(monkeypatch):
+    """A SIGTERM that lands in a ``__del__`` (which swallows what it raises) stopped nothing: the next one stops the
+    run, not taken for a second signal of a stop under way (which raises nothing)."""
+    swallowed = []
+    monkeypatch.setattr(sys, 'unraisablehook', lambda unraisable: swallowed.append(unraisable.exc_type))
+
+    class Finalised:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(finetune.Terminated):
+        with sigterm_unwinds():
+            Finalised()  # (freed at once)
+            assert swallowed == [finetune.Terminated]
+            os.kill(os.getpid(), signal.SIGTERM)
+            raise AssertionError('the second SIGTERM raised nothing')
 
 
 def test_main_puts_the_previous_sigterm_handler_back(small, tmp_path):

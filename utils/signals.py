@@ -2,12 +2,19 @@
 would break runs (a DataLoader starting its workers), DataLoader workers that end quietly, and the errors of a
 stop that is not the user's (out of memory, a lost peer process) told apart from the rest."""
 import contextlib
+import os
 import re
 import signal
+import sys
 import threading
+import weakref
 from typing import Optional
 
 import torch
+
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT (Ctrl-C), what a shell reports for a job ended by it
+EXIT_TERMINATED = 143  # 128 + SIGTERM, likewise
 
 
 class Terminated(BaseException):
@@ -17,33 +24,85 @@ class Terminated(BaseException):
 
 @contextlib.contextmanager
 def sigterm_unwinds():
-    """While inside, SIGTERM raises Terminated in the main thread instead of ending the process on the spot.
-    The previous handler comes back afterwards (the CLI's main() is also called in-process, by tests and
-    scripts)."""
+    """While inside, SIGTERM raises Terminated in the main thread instead of ending the process on the spot, and
+    Ctrl-C (under Python's own handler) raises KeyboardInterrupt as before.  Once one of them has, the stop is under
+    way: a second signal (a second Ctrl-C, torchrun's SIGTERM after it) raises nothing into its unwinding (a
+    DataLoader shutting down its workers, the line saying what is kept); the process ends, with the first stop's
+    exit code, as soon as that line is out (:func:`stop_said`), or at once if the line is out already or a third
+    signal comes.  The previous handlers come back afterwards (the CLI's main() is also called in-process, by tests
+    and scripts)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum, frame):
-        if _HELD['depth']:
-            _HELD['pending'] = True
+        if _stopping():
+            if _STOP['said'] or _STOP['again']:
+                _exit_now()
+            _STOP['again'] = True
             return
-        raise Terminated()
+        if _HELD['depth']:
+            _HELD['pending'] = signum
+            return
+        raise _stop(signum)
 
-    _HELD.update(depth=0, pending=False)
-    previous = signal.signal(signal.SIGTERM, handler)
+    _HELD.update(depth=0, pending=None)
+    _STOP.update(code=None, exception=None, said=False, again=False)
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, handler)}
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # (not a caller's own)
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, handler)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, before in previous.items():
+            signal.signal(signum, before)
 
 
-_HELD = {'depth': 0, 'pending': False}  # sigterm_held: how deep inside, and whether a SIGTERM came meanwhile
+_HELD = {'depth': 0, 'pending': None}  # sigterm_held: how deep inside, and the signal that came meanwhile
+# sigterm_unwinds: the last stop (its exit code, its exception, referred to weakly), whether its line is out, whether
+# a second signal came
+_STOP = {'code': None, 'exception': None, 'said': False, 'again': False}
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C under :func:`sigterm_unwinds`: a KeyboardInterrupt that a weak reference can follow."""
+
+
+def _stop(signum) -> BaseException:
+    """The exception that stops the run for ``signum``, noting the stop as under way."""
+    exception = Terminated() if signum == signal.SIGTERM else Interrupted()
+    _STOP.update(code=EXIT_TERMINATED if signum == signal.SIGTERM else EXIT_INTERRUPTED,
+                 exception=weakref.ref(exception), said=False, again=False)
+    return exception
+
+
+def _stopping() -> bool:
+    """Whether a stop is under way: its line is out, or its exception still unwinds or is being reported (one
+    swallowed on the way, as an exception raised in a ``__del__`` is, stopped nothing: the next signal stops)."""
+    return _STOP['said'] or (_STOP['exception'] is not None and _STOP['exception']() is not None)
+
+
+def _exit_now():
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # (a write the signal cut: what it had is lost, not the exit)
+            pass
+    os._exit(_STOP['code'])
+
+
+def stop_said() -> None:
+    """The line saying what a stopped run has kept is out: a second signal that came meanwhile ends the process now
+    (the rest is cleanup), as will one that comes later."""
+    if _stopping():
+        _STOP['said'] = True
+        if _STOP['again']:
+            _exit_now()
 
 
 @contextlib.contextmanager
 def sigterm_held():
-    """While inside, a SIGTERM (under :func:`sigterm_unwinds`) or a Ctrl-C (under Python's own handler) is noted,
+    """While inside, a SIGTERM or a Ctrl-C (under :func:`sigterm_unwinds`, or Python's own handler) is noted,
     and raised as Terminated or KeyboardInterrupt on the way out: for a step that an exception would leave broken,
     a DataLoader starting its workers (os.fork's callbacks swallow an exception raised in them, so the stop was
     lost, and an iterator cut while it starts cannot shut down the workers it has started)."""
@@ -60,8 +119,8 @@ def sigterm_held():
         if previous_int is not None:
             signal.signal(signal.SIGINT, previous_int)
         if not _HELD['depth'] and _HELD['pending']:
-            _HELD['pending'] = False
-            raise Terminated()
+            signum, _HELD['pending'] = _HELD['pending'], None
+            raise _stop(signum)
         if interrupted:
             raise KeyboardInterrupt
 
