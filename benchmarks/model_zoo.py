@@ -86,6 +86,7 @@ from benchmarks.formulations import (  # noqa: E402
 from benchmarks.stats import Timings, as_fields, paired  # noqa: E402
 from engine import original_settings, steady_allocator  # noqa: E402
 from utils import UserError, temporary_path, write_text_atomic  # noqa: E402
+from utils.signals import EXIT_INTERRUPTED  # noqa: E402  (Ctrl-C, as a shell reports it)
 
 # The paper's figures on its GPU (GFLOPs, images/s, speed-up; docs/method.md); a row's ``seed_gpu``.
 SEED_GPU = {
@@ -117,7 +118,6 @@ DEFAULT_ROWS = {'cpu': ['timm', 'timm-compiled', 'ours', 'boolean', 'ours-compil
 ORIGINAL_BATCH = 256                         # the original code timed torch.rand(256, 3, 224, 224)
 DTYPES = {'fp32': None, 'fp16': torch.float16, 'bf16': torch.bfloat16}
 EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports it
 
 
 # ----------------------------------------------------------------------------------------------------------------
