@@ -941,6 +941,16 @@ MUTANTS: List[Mutant] = [
            "    'iter_nums', 'finetune_nums', 'resplit',", "    'resplit',",
            [T + 'test_recipe.py::test_the_original_codes_round_flags_are_accepted_and_noted'],
            "a continued run takes over the --iter_nums and --finetune_nums its args record"),
+    mutant('second-signal-raises-into-the-stop', 'utils/signals.py',
+           "        if _stopping():\n            if _STOP['said'] or _STOP['again']:",
+           "        if False:\n            if _STOP['said'] or _STOP['again']:",
+           [T + 'test_resume.py::test_a_second_signal_while_the_run_stops_prints_no_traceback'],
+           'a second Ctrl-C or SIGTERM while a run stops raises again into its cleanup (a traceback, or -15)'),
+    mutant('a-swallowed-signal-counts-as-a-stop', 'utils/signals.py',
+           "    return _STOP['said'] or (_STOP['exception'] is not None and _STOP['exception']() is not None)",
+           "    return _STOP['said'] or _STOP['exception'] is not None",
+           [T + 'test_resume.py::test_a_signal_swallowed_on_its_way_leaves_the_next_one_to_stop_the_run'],
+           'a SIGTERM swallowed in a __del__ is taken for a stop under way, so the next one stops nothing'),
 ]
 
 
