@@ -1781,12 +1781,15 @@ def out_of_memory(args, e: BaseException) -> str:
     return f'out of {where} memory ({figures.rstrip(".")}) with {which} per process: {hint}; {_what_is_kept(e)}'
 
 
-def main(argv=None) -> int:
+def main(argv=None, *, ends_process: bool = False) -> int:
+    """finetune.py's command line (``argv``, or sys.argv's); returns the exit code.  ``ends_process``: run as the
+    script, whose process a further signal while a stop is under way may end (see :func:`sigterm_unwinds`); called
+    in-process, that signal raises KeyboardInterrupt (Terminated) to the caller instead."""
     args = get_args_parser().parse_args(argv)
     prefix = f'[rank {os.environ["RANK"]}] ' if several_processes() and 'RANK' in os.environ else ''
     # (the handlers stay until the stop is said and its exception freed: the freeing shuts the DataLoader workers
     # down, where a second signal would otherwise raise)
-    with sigterm_unwinds():
+    with sigterm_unwinds(ends_process):
         try:
             run(args)
         except UserError as e:
@@ -1824,7 +1827,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
-    code = main()
+    code = main(ends_process=True)
     if code in (EXIT_INTERRUPTED, EXIT_TERMINATED):
         # stopped by a signal, said and cleaned up: not through the interpreter's shutdown, where a second signal
         # (Python's handlers back) would print a traceback or end the process by the signal instead of this code

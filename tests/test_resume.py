@@ -1181,7 +1181,7 @@ SIGNALLED_TWICE = textwrap.dedent('''
 
     engine.train_one_epoch = train_one_epoch
     Iter._next_data, Iter._shutdown_workers, finetune._what_is_kept = next_data, shutdown_workers, what_is_kept
-    sys.exit(finetune.main(sys.argv[4:]))
+    sys.exit(finetune.main(sys.argv[4:], ends_process=True))  # (as finetune.py run as a script)
 ''')
 
 
@@ -1224,6 +1224,48 @@ def test_a_signal_swallowed_on_its_way_leaves_the_next_one_to_stop_the_run(monke
             assert swallowed == [finetune.Terminated]
             os.kill(os.getpid(), signal.SIGTERM)
             raise AssertionError('the second SIGTERM raised nothing')
+
+
+SIGNALLED_TWICE_IN_PROCESS = textwrap.dedent('''
+    import os, signal, sys
+    sys.path.insert(0, sys.argv[1])
+    import finetune
+    real_kept, real_said, where = finetune._what_is_kept, finetune.stop_said, sys.argv[2]
+
+    def run(args):  # Ctrl-C as the run works
+        os.kill(os.getpid(), signal.SIGINT)
+
+    def what_is_kept(e):  # a second as main reports the stop
+        if where == 'line':
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_kept(e)
+
+    def stop_said():  # or once its line is out
+        real_said()
+        if where == 'after':
+            os.kill(os.getpid(), signal.SIGINT)
+
+    finetune.run, finetune._what_is_kept, finetune.stop_said = run, what_is_kept, stop_said
+    try:
+        print('main returned', finetune.main([]))
+    except KeyboardInterrupt:
+        print('the caller has the KeyboardInterrupt')
+    finally:
+        print('the caller goes on')
+''')
+
+
+@pytest.mark.parametrize('where', ['line', 'after'])
+def test_a_second_signal_while_an_in_process_main_stops_is_the_callers_not_its_process_end(tmp_path, where):
+    """main() called in-process (a test, a script, a notebook) by a program of its own: a second Ctrl-C while the
+    run stops ended the caller's whole process (os._exit, 130: no finally, unwritten files lost, a notebook's kernel
+    gone).  Now the caller gets a KeyboardInterrupt, after main's one line."""
+    script = tmp_path / 'caller.py'
+    script.write_text(SIGNALLED_TWICE_IN_PROCESS)
+    proc = subprocess.run([sys.executable, str(script), ROOT, where], capture_output=True, text=True,
+                          env=subprocess_env(), timeout=240)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (
+        0, 'the caller has the KeyboardInterrupt\nthe caller goes on\n', 'interrupted; nothing was written\n')
 
 
 def test_main_puts_the_previous_sigterm_handler_back(small, tmp_path):

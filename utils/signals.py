@@ -23,14 +23,15 @@ class Terminated(BaseException):
 
 
 @contextlib.contextmanager
-def sigterm_unwinds():
+def sigterm_unwinds(ends_process: bool = False):
     """While inside, SIGTERM raises Terminated in the main thread instead of ending the process on the spot, and
     Ctrl-C (under Python's own handler) raises KeyboardInterrupt as before.  Once one of them has, the stop is under
     way: a second signal (a second Ctrl-C, torchrun's SIGTERM after it) raises nothing into its unwinding (a
     DataLoader shutting down its workers, the line saying what is kept); the process ends, with the first stop's
     exit code, as soon as that line is out (:func:`stop_said`), or at once if the line is out already or a third
-    signal comes.  The previous handlers come back afterwards (the CLI's main() is also called in-process, by tests
-    and scripts)."""
+    signal comes.  That is with ``ends_process`` (the CLI run as a script): called in-process (by tests, scripts, a
+    notebook), the caller's process is not ended under it: where it would be, the first stop's KeyboardInterrupt or
+    Terminated is raised instead, for the caller to have.  The previous handlers come back afterwards."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -47,7 +48,7 @@ def sigterm_unwinds():
         raise _stop(signum)
 
     _HELD.update(depth=0, pending=None)
-    _STOP.update(code=None, exception=None, said=False, again=False)
+    _STOP.update(code=None, exception=None, said=False, again=False, ends_process=ends_process)
     previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, handler)}
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # (not a caller's own)
         previous[signal.SIGINT] = signal.signal(signal.SIGINT, handler)
@@ -60,8 +61,8 @@ def sigterm_unwinds():
 
 _HELD = {'depth': 0, 'pending': None}  # sigterm_held: how deep inside, and the signal that came meanwhile
 # sigterm_unwinds: the last stop (its exit code, its exception, referred to weakly), whether its line is out, whether
-# a second signal came
-_STOP = {'code': None, 'exception': None, 'said': False, 'again': False}
+# a second signal came, and whether the stop may end the process (the CLI run as a script)
+_STOP = {'code': None, 'exception': None, 'said': False, 'again': False, 'ends_process': False}
 
 
 class Interrupted(KeyboardInterrupt):
@@ -83,6 +84,8 @@ def _stopping() -> bool:
 
 
 def _exit_now():
+    if not _STOP['ends_process']:  # (main called in-process: the caller's process is not this module's to end)
+        raise Terminated() if _STOP['code'] == EXIT_TERMINATED else KeyboardInterrupt()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
@@ -93,7 +96,8 @@ def _exit_now():
 
 def stop_said() -> None:
     """The line saying what a stopped run has kept is out: a second signal that came meanwhile ends the process now
-    (the rest is cleanup), as will one that comes later."""
+    (the rest is cleanup), as will one that comes later (in-process: raises the stop's exception, as
+    :func:`sigterm_unwinds` says)."""
     if _stopping():
         _STOP['said'] = True
         if _STOP['again']:
