@@ -951,6 +951,11 @@ MUTANTS: List[Mutant] = [
            "    return _STOP['said'] or _STOP['exception'] is not None",
            [T + 'test_resume.py::test_a_signal_swallowed_on_its_way_leaves_the_next_one_to_stop_the_run'],
            'a SIGTERM swallowed in a __del__ is taken for a stop under way, so the next one stops nothing'),
+    mutant('an-in-process-main-ends-its-callers-process', 'utils/signals.py',
+           "    if not _STOP['ends_process']:", "    if False:",
+           [T + 'test_resume.py::test_a_second_signal_while_an_in_process_main_stops_'
+                'is_the_callers_not_its_process_end'],
+           "a second Ctrl-C while main() called in-process stops ends the caller's process (os._exit)"),
 ]
 
 
