@@ -23,7 +23,7 @@ import finetune
 from conftest import DIGITS_ARGS, ROOT, digits_world, make_image_folder, official_checkpoint, subprocess_env
 from utils import (UserError, append_line, load_checkpoint_file, remove_stale_temporaries, save_atomic, write_atomic,
                    write_text_atomic)
-from utils.signals import sigterm_unwinds
+from utils.signals import sigterm_held, sigterm_unwinds
 
 
 def log_epochs(path):
@@ -1224,6 +1224,17 @@ def test_a_signal_swallowed_on_its_way_leaves_the_next_one_to_stop_the_run(monke
             assert swallowed == [finetune.Terminated]
             os.kill(os.getpid(), signal.SIGTERM)
             raise AssertionError('the second SIGTERM raised nothing')
+
+
+def test_the_first_of_two_signals_held_while_dataloader_workers_start_stops_the_run():
+    """Ctrl-C, then torchrun's SIGTERM after it, both while a DataLoader starts its workers (where a stop is held to
+    its end): the SIGTERM replaced the held Ctrl-C (the run ended as terminated, 143).  Now the first signal stops
+    the run, as it does everywhere else."""
+    with pytest.raises(KeyboardInterrupt):
+        with sigterm_unwinds():
+            with sigterm_held():
+                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), signal.SIGTERM)
 
 
 SIGNALLED_TWICE_IN_PROCESS = textwrap.dedent('''

@@ -43,7 +43,7 @@ def sigterm_unwinds(ends_process: bool = False):
             _STOP['again'] = True
             return
         if _HELD['depth']:
-            _HELD['pending'] = signum
+            _HELD['pending'] = _HELD['pending'] or signum  # (the first signal stops the run)
             return
         raise _stop(signum)
 
