@@ -956,6 +956,10 @@ MUTANTS: List[Mutant] = [
            [T + 'test_resume.py::test_a_second_signal_while_an_in_process_main_stops_'
                 'is_the_callers_not_its_process_end'],
            "a second Ctrl-C while main() called in-process stops ends the caller's process (os._exit)"),
+    mutant('a-second-held-signal-replaces-the-first', 'utils/signals.py',
+           "            _HELD['pending'] = _HELD['pending'] or signum", "            _HELD['pending'] = signum",
+           [T + 'test_resume.py::test_the_first_of_two_signals_held_while_dataloader_workers_start_stops_the_run'],
+           'a SIGTERM after a Ctrl-C, both held while DataLoader workers start, stops the run as the SIGTERM'),
 ]
 
 
