@@ -1237,6 +1237,34 @@ def test_the_first_of_two_signals_held_while_dataloader_workers_start_stops_the_
                 os.kill(os.getpid(), signal.SIGTERM)
 
 
+
+def test_a_signal_between_the_two_handlers_put_back_leaves_both_put_back(monkeypatch):
+    """Leaving sigterm_unwinds puts SIGTERM's handler back, then Ctrl-C's: a Ctrl-C landing between the two went to
+    the stop handler still on SIGINT, whose exception skipped putting SIGINT's back, so a later Ctrl-C in the caller
+    went to a handler of a context long left.  Now both are put back whatever lands in between."""
+    real_signal = signal.signal
+
+    def swap(signum, handler):
+        before = real_signal(signum, handler)
+        if signum == signal.SIGTERM and handler is mine:  # SIGTERM's own put back: a Ctrl-C lands now
+            os.kill(os.getpid(), signal.SIGINT)
+        return before
+
+    def mine(signum, frame):
+        pass
+
+    previous = real_signal(signal.SIGTERM, mine)
+    try:
+        monkeypatch.setattr(signal, 'signal', swap)
+        with pytest.raises(KeyboardInterrupt):
+            with sigterm_unwinds():
+                pass
+        monkeypatch.undo()
+        assert signal.getsignal(signal.SIGTERM) is mine
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        real_signal(signal.SIGTERM, previous)
+
 SIGNALLED_TWICE_IN_PROCESS = textwrap.dedent('''
     import os, signal, sys
     sys.path.insert(0, sys.argv[1])

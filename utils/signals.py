@@ -49,14 +49,22 @@ def sigterm_unwinds(ends_process: bool = False):
 
     _HELD.update(depth=0, pending=None)
     _STOP.update(code=None, exception=None, said=False, again=False, ends_process=ends_process)
-    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, handler)}
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # (not a caller's own)
-        previous[signal.SIGINT] = signal.signal(signal.SIGINT, handler)
+    # each previous handler noted before its swap and put back even if a signal raises between the two swaps
+    previous = {}
     try:
+        previous[signal.SIGTERM] = signal.getsignal(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, handler)
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # (not a caller's own)
+            previous[signal.SIGINT] = signal.default_int_handler
+            signal.signal(signal.SIGINT, handler)
         yield
     finally:
-        for signum, before in previous.items():
-            signal.signal(signum, before)
+        try:
+            if signal.SIGTERM in previous:
+                signal.signal(signal.SIGTERM, previous[signal.SIGTERM])
+        finally:
+            if signal.SIGINT in previous:
+                signal.signal(signal.SIGINT, previous[signal.SIGINT])
 
 
 _HELD = {'depth': 0, 'pending': None}  # sigterm_held: how deep inside, and the signal that came meanwhile
