@@ -960,6 +960,12 @@ MUTANTS: List[Mutant] = [
            "            _HELD['pending'] = _HELD['pending'] or signum", "            _HELD['pending'] = signum",
            [T + 'test_resume.py::test_the_first_of_two_signals_held_while_dataloader_workers_start_stops_the_run'],
            'a SIGTERM after a Ctrl-C, both held while DataLoader workers start, stops the run as the SIGTERM'),
+    mutant('a-signal-between-the-restores-skips-one', 'utils/signals.py',
+           "signal.signal(signal.SIGTERM, previous[signal.SIGTERM])\n        finally:\n",
+           "signal.signal(signal.SIGTERM, previous[signal.SIGTERM])\n        except ValueError:\n            pass\n"
+           "        if True:\n",
+           [T + 'test_resume.py::test_a_signal_between_the_two_handlers_put_back_leaves_both_put_back'],
+           "a Ctrl-C landing after SIGTERM's handler is put back leaves the stop handler on SIGINT"),
 ]
 
 
