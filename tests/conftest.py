@@ -1,5 +1,6 @@
 """Shared fixtures: the repository on sys.path, tiny image folders and official-format checkpoints."""
 import os
+import signal
 import sys
 
 import numpy as np
@@ -19,6 +20,13 @@ if not torch.cuda.is_available():
 if os.environ.get('PYTEST_XDIST_WORKER') and 'OMP_NUM_THREADS' not in os.environ:
     os.environ['OMP_NUM_THREADS'] = '1'
     torch.set_num_threads(1)
+
+# --- Ctrl-C as a terminal sends it: a shell without job control starts a background command (`make test &` in a
+# script, nohup) with SIGINT ignored, and a process inherits that through exec, so the tests that send SIGINT to a
+# run would find it ignored, as a run started that way rightly does.  Python's own handler here (the workers and the
+# runs the tests start then begin with SIGINT at its default, as under a terminal).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
