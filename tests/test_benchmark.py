@@ -2210,7 +2210,10 @@ def _run_gpu_check(tmp_path, *steps, **env):
     bin_ = tmp_path / 'bin'
     if not bin_.exists():
         bin_.mkdir()
-        scripts = {'python3': f'#!{sys.executable}\n{_STAND_IN_PYTHON}',
+        # (python3 runs the stand-in through sh: a #! line cannot name an interpreter whose path has a blank)
+        (tmp_path / 'stand_in_python3.py').write_text(_STAND_IN_PYTHON)
+        python3 = f'exec {shlex.quote(sys.executable)} {shlex.quote(str(tmp_path / "stand_in_python3.py"))} "$@"'
+        scripts = {'python3': f'#!/bin/sh\n{python3}\n',
                    'nvidia-smi': '#!/bin/sh\necho "NVIDIA H200 (stand-in nvidia-smi)"\n',
                    'timeout': f'#!/bin/sh\necho "$*" >> "$STAND_IN_TIMEOUTS"\nexec {shutil.which("timeout")} "$@"\n'}
         for name, text in scripts.items():
