@@ -966,6 +966,10 @@ MUTANTS: List[Mutant] = [
            "        if True:\n",
            [T + 'test_resume.py::test_a_signal_between_the_two_handlers_put_back_leaves_both_put_back'],
            "a Ctrl-C landing after SIGTERM's handler is put back leaves the stop handler on SIGINT"),
+    mutant('test-session-keeps-ctrl-c-ignored', 'tests/conftest.py',
+           'if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:', 'if False:',
+           [T + 'test_resume.py::test_a_test_run_started_with_ctrl_c_ignored_gives_its_runs_ctrl_c_back'],
+           'a test session started with SIGINT ignored passes that on to the runs its signal tests interrupt'),
 ]
 
 

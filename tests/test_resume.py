@@ -1307,6 +1307,25 @@ def test_a_second_signal_while_an_in_process_main_stops_is_the_callers_not_its_p
         0, 'the caller has the KeyboardInterrupt\nthe caller goes on\n', 'interrupted; nothing was written\n')
 
 
+def test_a_test_run_started_with_ctrl_c_ignored_gives_its_runs_ctrl_c_back():
+    """A shell without job control (a script's `make test &`, nohup) starts the suite with SIGINT ignored, which
+    every process it starts inherits: the runs the signal tests send Ctrl-C to then ignored it, rightly, and those
+    tests failed.  The test session (conftest) puts Python's handler back, so that its runs start with Ctrl-C at its
+    default, as under a terminal."""
+    check = textwrap.dedent('''
+        import signal, subprocess, sys
+        print(signal.getsignal(signal.SIGINT) is signal.SIG_IGN)
+        sys.path.insert(0, sys.argv[1])
+        import conftest
+        print(subprocess.run([sys.executable, '-c', 'import signal; print(signal.getsignal(signal.SIGINT) is '
+                              'signal.default_int_handler)'], capture_output=True, text=True).stdout.strip())
+    ''')
+    proc = subprocess.run([sys.executable, '-c', check, os.path.join(ROOT, 'tests')], capture_output=True, text=True,
+                          env=subprocess_env(), timeout=120,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    assert (proc.returncode, proc.stdout) == (0, 'True\nTrue\n'), proc.stderr
+
+
 def test_main_puts_the_previous_sigterm_handler_back(small, tmp_path):
     """After a refused run and after one that did its work (main is also called in-process, by tests and
     scripts)."""
