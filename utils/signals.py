@@ -94,12 +94,18 @@ def _stopping() -> bool:
 def _exit_now():
     if not _STOP['ends_process']:  # (main called in-process: the caller's process is not this module's to end)
         raise Terminated() if _STOP['code'] == EXIT_TERMINATED else KeyboardInterrupt()
+    exit_at_once(_STOP['code'])
+
+
+def exit_at_once(code: int) -> None:
+    """Ends the process with ``code`` after flushing stdout and stderr, not through the interpreter's shutdown
+    (where a further signal, Python's handlers back, would print a traceback or end the process by the signal)."""
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
-        except Exception:  # (a write the signal cut: what it had is lost, not the exit)
+        except Exception:  # (a write the signal cut, or a reader gone: what it had is lost, not the exit)
             pass
-    os._exit(_STOP['code'])
+    os._exit(code)
 
 
 def stop_said() -> None:
