@@ -1352,12 +1352,16 @@ def is_training_checkpoint(checkpoint: dict) -> bool:
     return all(k in checkpoint for k in ('optimizer', 'lr_scheduler', 'epoch'))
 
 
+def _scalar(v):
+    """A checkpoint's number as Python's (a 0-d tensor, as some code saves an epoch, read as its value)."""
+    return v.item() if isinstance(v, torch.Tensor) and v.dim() == 0 else v
+
+
 def check_training_fields(checkpoint: dict, path: str) -> None:
     """The entries of a finetuning checkpoint that a continued run reads, of the types it reads them as (a
     damaged or hand-made file is a one-line error before anything is built)."""
     def number(v, whole=False):
-        if isinstance(v, torch.Tensor) and v.dim() == 0:
-            v = v.item()
+        v = _scalar(v)
         return isinstance(v, (int, float)) and not isinstance(v, bool) and (not whole or float(v).is_integer())
 
     problems = []
@@ -1389,8 +1393,7 @@ def restore_training(training: engine.Training, checkpoint: dict, args) -> Tuple
     every epoch after the first)."""
     if not is_training_checkpoint(checkpoint):
         if 'optimizer' in checkpoint and 'epoch' in checkpoint:  # the original code's checkpoint.pth and best.pth
-            epoch = checkpoint['epoch']
-            epoch = epoch.item() if isinstance(epoch, torch.Tensor) and epoch.dim() == 0 else epoch
+            epoch = _scalar(checkpoint['epoch'])
             rank0_print(f'note: {args.resume} holds an optimizer and epoch {epoch} but no lr_scheduler, as the '
                         f'original code\'s finetuning checkpoints do (it could not continue them either): this run '
                         f'is a new finetune from its weights, with a new optimizer and schedule, starting at epoch '
