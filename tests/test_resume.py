@@ -1237,7 +1237,6 @@ def test_the_first_of_two_signals_held_while_dataloader_workers_start_stops_the_
                 os.kill(os.getpid(), signal.SIGTERM)
 
 
-
 def test_a_signal_between_the_two_handlers_put_back_leaves_both_put_back(monkeypatch):
     """Leaving sigterm_unwinds puts SIGTERM's handler back, then Ctrl-C's: a Ctrl-C landing between the two went to
     the stop handler still on SIGINT, whose exception skipped putting SIGINT's back, so a later Ctrl-C in the caller
@@ -1264,6 +1263,7 @@ def test_a_signal_between_the_two_handlers_put_back_leaves_both_put_back(monkeyp
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
         real_signal(signal.SIGTERM, previous)
+
 
 SIGNALLED_TWICE_IN_PROCESS = textwrap.dedent('''
     import os, signal, sys
