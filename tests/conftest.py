@@ -229,6 +229,29 @@ def no_work(*_args, **_kwargs):
     raise AssertionError('work started despite a bad command line')
 
 
+@pytest.fixture(autouse=True, scope='session')
+def subprocess_tmpdir(tmp_path_factory):
+    """The processes the tests start keep their temporary files in this session's pytest folder, which pytest
+    removes with its old sessions: torch's launchers leave a torchelastic_* folder behind in the temporary folder
+    after every job, and a run the tests kill leaves Python's pymp-* folders, so without this each `make test` added
+    several folders to /tmp for good.  torch.compile's cache stays where it was (it lives in the temporary folder by
+    default), so the compiles of one run are reused by the next.  The test process itself keeps the folder it has
+    (tempfile read TMPDIR when pytest made its own folder)."""
+    try:
+        from torch._inductor.runtime.cache_dir_utils import cache_dir  # torch's own rule (private: may move)
+    except ImportError:
+        pass  # then the subprocesses compile into this session's folder: slower, the same results
+    else:
+        os.environ['TORCHINDUCTOR_CACHE_DIR'] = cache_dir()  # before TMPDIR moves: cache_dir() follows it
+    before = os.environ.get('TMPDIR')
+    os.environ['TMPDIR'] = str(tmp_path_factory.mktemp('tmp'))
+    yield os.environ['TMPDIR']
+    if before is None:
+        os.environ.pop('TMPDIR', None)
+    else:
+        os.environ['TMPDIR'] = before
+
+
 CUDA_ONLY_REASON = 'needs a CUDA GPU'
 
 

@@ -3,6 +3,7 @@ torchrun: pruning plans identical masks on every rank and the same masks when ru
 metrics over the processes, scales the learning rate by the world size, only rank 0 writes, and a job stopped
 by SIGTERM and resumed ends with the weights of the uninterrupted job, bit for bit, with and without DataLoader
 workers.  Most commands run one after another in a single job (tests/distributed_job.py)."""
+import glob
 import json
 import os
 import re
@@ -10,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -291,6 +293,22 @@ def test_a_process_killed_midway_leaves_the_other_naming_the_checkpoint_to_conti
     assert stderr == (f'[rank 0] error: stopped because another process of this job failed (see its error); the '
                       f'last complete checkpoint is {checkpoint} (epoch 0); continue with --resume {checkpoint}\n')
     assert load_checkpoint_file(str(checkpoint))['epoch'] == 0
+
+
+def test_a_launcher_the_tests_start_leaves_its_folder_in_the_sessions_temporary_folder(tmp_path, subprocess_tmpdir):
+    """torch's launcher leaves a torchelastic_* folder in the temporary folder after every job; the launchers the
+    tests start put it in this session's pytest folder (conftest's subprocess_tmpdir), which pytest removes with
+    its old sessions, not in the system's, where every `make test` used to add a few for good."""
+    def folders(where):
+        return set(glob.glob(os.path.join(where, 'torchelastic_*')))
+    system = tempfile.gettempdir()
+    assert os.path.commonpath([system, subprocess_tmpdir]) == system != subprocess_tmpdir  # (a folder inside it)
+    before, before_here = folders(system), folders(subprocess_tmpdir)
+    proc = run_process_tree([*LAUNCHERS['run'], '--nproc_per_node=1', f'--master_port={free_port()}', '--no-python',
+                             'true'], 120, env=subprocess_env(), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(folders(subprocess_tmpdir) - before_here) == 1
+    assert folders(system) - before == set()  # (the other workers' launchers, if any, write in their own sessions)
 
 
 def test_launch_without_use_env_passes_local_rank_which_is_accepted():
