@@ -303,12 +303,12 @@ def test_a_launcher_the_tests_start_leaves_its_folder_in_the_sessions_temporary_
         return set(glob.glob(os.path.join(where, 'torchelastic_*')))
     system = tempfile.gettempdir()
     assert os.path.commonpath([system, subprocess_tmpdir]) == system != subprocess_tmpdir  # (a folder inside it)
-    before, before_here = folders(system), folders(subprocess_tmpdir)
+    before = folders(subprocess_tmpdir)
     proc = run_process_tree([*LAUNCHERS['run'], '--nproc_per_node=1', f'--master_port={free_port()}', '--no-python',
                              'true'], 120, env=subprocess_env(), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert len(folders(subprocess_tmpdir) - before_here) == 1
-    assert folders(system) - before == set()  # (the other workers' launchers, if any, write in their own sessions)
+    # the one folder the job leaves (not a look at the system's folder: other programs may launch jobs meanwhile)
+    assert len(folders(subprocess_tmpdir) - before) == 1
 
 
 def test_launch_without_use_env_passes_local_rank_which_is_accepted():
