@@ -243,13 +243,9 @@ def subprocess_tmpdir(tmp_path_factory):
         pass  # then the subprocesses compile into this session's folder: slower, the same results
     else:
         os.environ['TORCHINDUCTOR_CACHE_DIR'] = cache_dir()  # before TMPDIR moves: cache_dir() follows it
-    before = os.environ.get('TMPDIR')
-    os.environ['TMPDIR'] = str(tmp_path_factory.mktemp('tmp'))
-    yield os.environ['TMPDIR']
-    if before is None:
-        os.environ.pop('TMPDIR', None)
-    else:
-        os.environ['TMPDIR'] = before
+    with pytest.MonkeyPatch.context() as mp:  # (the session's monkeypatch: TMPDIR as it was afterwards)
+        mp.setenv('TMPDIR', str(tmp_path_factory.mktemp('tmp')))
+        yield os.environ['TMPDIR']
 
 
 CUDA_ONLY_REASON = 'needs a CUDA GPU'

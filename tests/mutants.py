@@ -971,8 +971,8 @@ MUTANTS: List[Mutant] = [
            [T + 'test_resume.py::test_a_test_run_started_with_ctrl_c_ignored_gives_its_runs_ctrl_c_back'],
            'a test session started with SIGINT ignored passes that on to the runs its signal tests interrupt'),
     mutant('test-subprocesses-litter-the-system-tmp', 'tests/conftest.py',
-           "    os.environ['TMPDIR'] = str(tmp_path_factory.mktemp('tmp'))\n    yield os.environ['TMPDIR']\n",
-           "    yield str(tmp_path_factory.mktemp('tmp'))\n",
+           "        mp.setenv('TMPDIR', str(tmp_path_factory.mktemp('tmp')))\n        yield os.environ['TMPDIR']\n",
+           "        yield str(tmp_path_factory.mktemp('tmp'))\n",
            [T + 'test_distributed.py::'
                 'test_a_launcher_the_tests_start_leaves_its_folder_in_the_sessions_temporary_folder'],
            "the launchers the tests start leave their torchelastic_* folders in the system's temporary folder"),
