@@ -81,7 +81,9 @@ gathers into the norms itself), one graph per shape of the images, each path wit
 Precision: weights are cast once, the linear layers' to ``dtype`` (fp16/bf16 for speed; default fp32);
 LayerNorm statistics, softmax and residual sums are computed in fp32; the token buffer (the residual stream)
 is stored in ``residual_dtype`` (default fp32, as under autocast; fp16 halves its traffic at some accuracy).
-The head runs in the model's own dtype (fp32, unless the model was cast).  Logits come back in fp32.
+The head runs in the model's own dtype (fp32, unless the model was cast).  Logits come back in fp32.  Images
+may be of any floating dtype (cast as the patch embedding reads them); integer or bool images (raw pixels) are
+refused with a ValueError, as the eager model refuses them.
 
 Not supported (``ValueError('fast path: ... is not supported')`` at build time): a model other than timm's
 ``VisionTransformer`` and its subclasses (timm's EVA, say), qk_norm, scale_norm, gated attention, a qkv or
@@ -960,6 +962,9 @@ class FastViT(nn.Module):
         if images.dim() != 4 or tuple(images.shape[1:]) != expected:
             raise ValueError(f'expected images of shape (B, {", ".join(map(str, expected))}), '
                              f'got {tuple(images.shape)}')
+        if not images.is_floating_point():  # the eager model refuses them too (its convolution's dtypes differ)
+            raise ValueError(f'expected floating-point images (normalised as the model\'s data config says), got '
+                             f'{str(images.dtype).replace("torch.", "")}')
         if [m._version for m in self._mask_tensors] != self._mask_versions:  # a mask written in place
             self._model.sync_token_plan()  # a new plan if its values changed
             self._mask_versions = [m._version for m in self._mask_tensors]

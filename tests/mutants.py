@@ -976,6 +976,10 @@ MUTANTS: List[Mutant] = [
            [T + 'test_distributed.py::'
                 'test_a_launcher_the_tests_start_leaves_its_folder_in_the_sessions_temporary_folder'],
            "the launchers the tests start leave their torchelastic_* folders in the system's temporary folder"),
+    mutant('fast-path-takes-raw-pixels', 'models/fast_path.py',
+           'if not images.is_floating_point():', 'if False:',
+           [T + 'test_fast_path.py::test_bad_arguments_are_refused'],
+           'the fast path casts integer or bool images (raw pixels) and runs, where the eager model refuses them'),
 ]
 
 

@@ -1266,6 +1266,12 @@ def test_bad_arguments_are_refused():
     fast = build_fast_path(model, backend='torch')
     with pytest.raises(ValueError, match=r'expected images of shape \(B, 3, 32, 32\)'):
         fast(torch.zeros(1, 3, 64, 64, device=DEVICE))
+    for dtype in (torch.uint8, torch.int64, torch.bool):  # raw pixels or masks: the eager model refuses them too
+        raw = torch.zeros(1, 3, 32, 32, dtype=dtype, device=DEVICE)
+        with pytest.raises(RuntimeError):
+            model(raw)
+        with pytest.raises(ValueError, match=f'expected floating-point images .*, got {str(dtype)[6:]}$'):
+            fast(raw)
 
 
 def test_kept_ids_in_any_order_are_checked_and_held_sorted():
