@@ -102,9 +102,9 @@ of the model then reaches some of them), so rebuild it after changing the model 
 ``model.forward_head`` is called on the features, and the path refuses to run once the model is cast or moved, or
 its CUDA graph once the head is replaced, as ``reset_classifier`` does: the graph captured the old head's kernels);
 one built from a Clip & Concat model's own masks refuses to run once they are set again (or written in place to
-other values) or a state dict is loaded into the model.  The path itself is for the dtype and device it was
-built for: ``.half()``, ``.to()`` and the like are refused unless they change nothing, and so is ``load_state_dict``
-(build it again instead).
+other values, or replaced by tensors of other values) or a state dict is loaded into the model.  The path itself
+is for the dtype and device it was built for: ``.half()``, ``.to()`` and the like are refused unless they change
+nothing, and so is ``load_state_dict`` (build it again instead).
 """
 import contextlib
 import statistics
@@ -684,10 +684,12 @@ class FastViT(nn.Module):
         ids = _validated_ids(kept_ids if kept_ids is not None else kept_ids_of(model), len(model.blocks), N)
         # the model's plan this path copied (its masks and weights), to refuse running on after it changes
         self._plan_version = getattr(model, 'token_plan_version', None) if kept_ids is None else None
-        # its mask buffers and their in-place version counters: a write into one (model.masks[l][p] = False) makes
-        # no new plan until the model runs, so the forward has the model take it up when a counter moved
-        self._mask_tensors = [] if self._plan_version is None else [m for m in model.masks if not m.is_inference()]
-        self._mask_versions = [m._version for m in self._mask_tensors]
+        # its mask buffers, where the attention modules hold them, and their in-place version counters (None for
+        # an inference tensor, which has none): a write into one (model.masks[l][p] = False) or a new tensor
+        # assigned (blocks[l].attn.token_index = ...) makes no new plan until the model runs, so the forward has
+        # the model take it up when a buffer was replaced or a counter moved
+        self._mask_slots = [] if self._plan_version is None else [blk.attn._buffers for blk in model.blocks]
+        self._watch_masks()
         self.blocks = nn.ModuleList(_FastBlock(blk, i, N, self.dtype, device) for blk, i in zip(model.blocks, ids))
         # Tokens the head reads: the prefix for class-token pooling by timm's own heads, else all of them.
         token_head = (getattr(model, 'global_pool', None) == 'token' and getattr(model, 'attn_pool', None) is None
@@ -965,9 +967,10 @@ class FastViT(nn.Module):
         if not images.is_floating_point():  # the eager model refuses them too (its convolution's dtypes differ)
             raise ValueError(f'expected floating-point images (normalised as the model\'s data config says), got '
                              f'{str(images.dtype).replace("torch.", "")}')
-        if [m._version for m in self._mask_tensors] != self._mask_versions:  # a mask written in place
+        if any(slot['token_index'] is not m or v is not None and m._version != v  # a mask replaced or written
+               for slot, m, v in self._masks_seen):
             self._model.sync_token_plan()  # a new plan if its values changed
-            self._mask_versions = [m._version for m in self._mask_tensors]
+            self._watch_masks()
         if self._plan_version is not None and self._model.token_plan_version != self._plan_version:
             raise RuntimeError('fast path: the model\'s masks were set or its weights loaded after this path was '
                                'built from them: build it again')
@@ -1005,6 +1008,11 @@ class FastViT(nn.Module):
                                    f'as torch._dynamo.config.recompile_limit allows '
                                    f'({torch._dynamo.config.recompile_limit}; each batch size, dtype and layout of '
                                    f'the images is one): raise that limit, or build the path again') from e
+
+    def _watch_masks(self) -> None:
+        """Note the model's mask tensors and their version counters, as the forward compares them."""
+        self._masks_seen = [(slot, slot['token_index'], None if slot['token_index'].is_inference()
+                             else slot['token_index']._version) for slot in self._mask_slots]
 
     def _reads_in_place(self, images: torch.Tensor) -> bool:
         """Whether the captured graph can read ``images`` where they are (its patch embedding reads them through

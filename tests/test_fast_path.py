@@ -1141,6 +1141,33 @@ def test_a_path_built_from_the_models_masks_refuses_to_run_after_one_is_written_
 
 
 @torch.no_grad()
+def test_a_path_built_from_the_models_masks_refuses_to_run_after_one_is_replaced_by_another_tensor():
+    """The model takes up a mask buffer replaced by assignment (``blocks[l].attn.token_index = ...``) at its next
+    forward; the path, watching only its old tensors' version counters, ran on with the old plan.  A tensor of
+    the same values (made in inference mode, too) changes nothing, and the path then watches that tensor."""
+    model = tiny_cc(17)
+    pruning.apply_masks(model, pruning.random_masks(3, 16, 0.3, generator=_gen(17)))
+    x = images(seed=17)
+    fast = build_fast_path(model, backend='torch')
+    before = model(x)
+    with torch.inference_mode():
+        model.blocks[2].attn.token_index = model.blocks[2].attn.token_index.clone()  # the same values
+    assert _close(fast(x), before)
+    model.blocks[1].attn.token_index = model.blocks[1].attn.token_index.clone()  # the same values
+    assert _close(fast(x), before)
+    model.blocks[1].attn.token_index[1:] = False  # written in place in the tensor now watched
+    with pytest.raises(RuntimeError, match="the model's masks were set or its weights loaded after this path"):
+        fast(x)
+    fast = build_fast_path(model, backend='torch')
+    before = model(x)
+    model.blocks[1].attn.token_index = torch.ones_like(model.blocks[1].attn.token_index)  # block 1 keeps all
+    with pytest.raises(RuntimeError, match="the model's masks were set or its weights loaded after this path"):
+        fast(x)
+    assert _masks_matter(model(x), before)
+    assert _close(build_fast_path(model, backend='torch')(x), model(x))
+
+
+@torch.no_grad()
 def test_a_model_put_back_in_training_mode_is_refused():
     """The path computes the model in eval mode, but the head it calls is the model's own: in training mode that
     head drops features out (and a distilled model's returns both heads' logits), so the path refuses to run
