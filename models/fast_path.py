@@ -121,6 +121,7 @@ from timm.layers.attention import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from . import fast_kernels as K
+from .clip_concat import _version_of
 
 __all__ = ['build_fast_path', 'FastViT', 'CaptureError', 'AttentionChoice', 'ProductChoice', 'choose_attention',
            'choose_product', 'choose_fc2', 'check_supported', 'BACKENDS', 'ATTENTION_MODES', 'MLP_MODES',
@@ -1011,8 +1012,8 @@ class FastViT(nn.Module):
 
     def _watch_masks(self) -> None:
         """Note the model's mask tensors and their version counters, as the forward compares them."""
-        self._masks_seen = [(slot, slot['token_index'], None if slot['token_index'].is_inference()
-                             else slot['token_index']._version) for slot in self._mask_slots]
+        masks = [slot['token_index'] for slot in self._mask_slots]
+        self._masks_seen = [(slot, m, _version_of(m)) for slot, m in zip(self._mask_slots, masks)]
 
     def _reads_in_place(self, images: torch.Tensor) -> bool:
         """Whether the captured graph can read ``images`` where they are (its patch embedding reads them through
