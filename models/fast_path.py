@@ -688,7 +688,9 @@ class FastViT(nn.Module):
         # its mask buffers, where the attention modules hold them, and their in-place version counters (None for
         # an inference tensor, which has none): a write into one (model.masks[l][p] = False) or a new tensor
         # assigned (blocks[l].attn.token_index = ...) makes no new plan until the model runs, so the forward has
-        # the model take it up when a buffer was replaced or a counter moved
+        # the model take it up when a buffer was replaced or a counter moved (the model's own check of the same,
+        # sync_token_plan, finds each buffer through three module lookups per forward: about 45 us at 12 blocks on
+        # a CPU, against about 2 us for these held slots, so the forward calls it only when something changed)
         self._mask_slots = [] if self._plan_version is None else [blk.attn._buffers for blk in model.blocks]
         self._watch_masks()
         self.blocks = nn.ModuleList(_FastBlock(blk, i, N, self.dtype, device) for blk, i in zip(model.blocks, ids))
