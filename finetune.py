@@ -481,6 +481,21 @@ def check_checkpoint_path(path: str, flag: str, give: str, what: str, inside: Op
     raise UserError(f'{what} not found: {path}')
 
 
+def check_fast_path_supports(args) -> None:
+    """``--model`` is one the fast path computes (models/fast_path.py's check_supported, on the model built on the
+    meta device at the run's input size, which allocates nothing): a hybrid's CNN patch embedding, another GELU or
+    attention is refused here, before the model is loaded and the data listed (it was refused only as the path was
+    built, after both)."""
+    from models.fast_path import check_supported
+    with torch.device('meta'):
+        probe = models.create_model(args.model, img_size=input_size(args))
+    try:
+        check_supported(probe)
+    except ValueError as e:
+        raise UserError(f'--fast-path {args.fast_path}: {e} (--model {models.base_name(args.model)}; without '
+                        f'--fast-path it runs as the eager model)') from None
+
+
 def validate_args(args, void: Set[str] = frozenset(), finished: bool = False) -> None:
     """Refuse inconsistent requests before any work starts (every numeric flag included); ``void``: flags given
     that the run being continued makes void (:func:`continue_run`), so not judged here; ``finished``: the run
@@ -543,6 +558,8 @@ def validate_args(args, void: Set[str] = frozenset(), finished: bool = False) ->
         if args.input_size % ph or args.input_size % pw:
             raise UserError(f'--input-size {args.input_size} is not a whole number of {ph}x{pw} patches of '
                             f'{args.model} (the patch embedding would drop the rest of the image)')
+    if args.fast_path != 'none':  # a model the path does not compute: said before the data is listed, not after
+        check_fast_path_supports(args)
     if not modes and args.distillation_type != 'none' and args.teacher_model:  # it reads the student's images
         teacher, size = cc_model_name(args.teacher_model, '--teacher-model'), input_size(args)
         ph, pw = models.patch_size(teacher)

@@ -1912,6 +1912,28 @@ def test_fast_path_flag_mistakes_are_one_line(capsys, monkeypatch, tmp_path, arg
     assert not (tmp_path / 'ft').exists()
 
 
+def test_a_model_the_fast_path_does_not_compute_is_refused_before_the_data_is_listed(capsys, monkeypatch, tmp_path,
+                                                                                      pruned_digits):
+    """A ViT that Clip & Concat takes but the fast path does not compute (here a hybrid, whose patch embedding is a
+    CNN) was refused only as the path was built: --eval had loaded the model and listed the data set (minutes on
+    ImageNet) first.  It is one line before either now; without --fast-path the same command runs."""
+    import finetune
+    from conftest import no_work, official_checkpoint
+    hybrid = official_checkpoint(tmp_path / 'hybrid.pth', 'vit_tiny_r_s16_p8_224', img_size=32, num_classes=3)
+    argv = ['--model', 'vit_tiny_r_s16_p8_224', '--input-size', '32', '--eval', '--resume', hybrid, '--data-path',
+            pruned_digits['data'], '--device', 'cpu', '--num_workers', '0', '--batch-size', '4']
+    with monkeypatch.context() as m:
+        m.setattr(finetune, 'build_data', no_work)
+        m.setattr(finetune, 'load_model', no_work)
+        code = finetune.main([*argv, '--fast-path', 'torch'])
+    out, err = capsys.readouterr()
+    assert (code, err.strip()) == (2, 'error: --fast-path torch: fast path: a HybridEmbed patch embedding (only timm '
+                                      'PatchEmbed) is not supported (--model vit_tiny_r_s16_p8_224; without '
+                                      '--fast-path it runs as the eager model)')
+    assert out == ''
+    assert finetune.main(argv) == 0, capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # arguments the path and its kernels refuse (programming errors of a caller: a ValueError naming the argument)
 
