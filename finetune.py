@@ -533,6 +533,10 @@ def validate_args(args, void: Set[str] = frozenset(), finished: bool = False) ->
         raise UserError('--eval needs --resume CHECKPOINT (the model to evaluate)')
     if args.prune and not args.resume:
         raise UserError('--prune needs --resume CHECKPOINT (the dense DeiT to prune)')
+    if not args.resume and 'resume' in given_flags(args):  # ("$CKPT" unset): not the run without a file it would be
+        without = ('measures the dense model with random weights' if args.speed_only
+                   else 'trains a dense model from random initialisation')
+        raise UserError(f'--resume is empty: give the checkpoint file (without the flag the run {without})')
     if args.resume:
         check_checkpoint_path(args.resume, '--resume', 'the checkpoint file', 'checkpoint', inside='checkpoint.pth')
     if not modes and not args.output_dir:

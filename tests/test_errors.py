@@ -974,6 +974,11 @@ def test_an_output_dir_inside_a_split_of_the_data_is_refused(capsys, world, tmp_
     (['--input-size', '30'], r'--input-size 30 is not a whole number of 4x4 patches of cc_deit_digits_patch4_32'),
     (['--input-size', '2'], r'--input-size 2 is not a whole number of 4x4 patches'),
     (['--start_epoch', '1'], r'--start_epoch 1 is not before --final_finetune 1: no epoch would run'),
+    # an empty --resume (a script's "$CKPT" unset) trained a dense model from random initialisation for every epoch
+    (['--resume', ''], r'^error: --resume is empty: give the checkpoint file \(without the flag the run trains a '
+                       r'dense model from random initialisation\)$'),
+    (['--speed-only', '--resume='], r'^error: --resume is empty: give the checkpoint file \(without the flag the run '
+                                    r'measures the dense model with random weights\)$'),
     # a flag the run would ignore: a teacher without distillation is not silently dropped
     (['--teacher-path', 'teacher.pth'], r'--teacher-path teacher\.pth given, but --distillation-type is none, so no '
                                         r'teacher would be used: add --distillation-type soft \(or hard\)'),
