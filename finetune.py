@@ -555,6 +555,9 @@ def validate_args(args, void: Set[str] = frozenset(), finished: bool = False) ->
         check_checkpoint_path(args.teacher_path, '--teacher-path', 'the checkpoint file of the teacher',
                               'teacher checkpoint')
     args.model = cc_model_name(args.model)
+    if args.teacher_model == '' and 'teacher_model' in given_flags(args):  # ("$TEACHER" unset)
+        raise UserError("--teacher-model is empty: give the teacher's model (without the flag the teacher has "
+                        "--model's architecture)")
     if args.teacher_model:
         cc_model_name(args.teacher_model, '--teacher-model')
     if args.input_size:

@@ -887,6 +887,18 @@ def test_missing_teacher(capsys, world, earlier, tmp_path):
                          r'file of the teacher$')
 
 
+def test_an_empty_teacher_model_is_refused_not_taken_for_the_students(capsys, world, earlier):
+    """--teacher-model '' (a script's "$TEACHER" unset) was taken as no --teacher-model: the teacher was built with
+    --model's architecture, and a file that fits it was distilled from without a word."""
+    before = snapshot(earlier)
+    assert_one_line_error(
+        capsys, finetune_args(world, earlier, '--resume', world['dense'], '--distillation-type', 'soft',
+                              '--teacher-path', world['dense'], '--teacher-model', ''),
+        EXIT_USER_ERROR, r"^error: --teacher-model is empty: give the teacher's model \(without the flag the teacher "
+                         r"has --model's architecture\)$")
+    assert snapshot(earlier) == before
+
+
 # ----------------------------------------------------------------------------------------------------------
 # flags
 
