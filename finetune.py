@@ -1717,7 +1717,8 @@ def run(args) -> Dict[str, float]:
     continues = not modes_of(args) and args.resume and os.path.isfile(args.resume)
     resumed = load_checkpoint_file(args.resume) if continues else None
     notes, inherited, no_effect = continue_run(args, resumed)
-    beside_resume = bool(args.prune and not args.output_dir and args.resume)
+    # (an --output_dir given empty, a script's "$OUT" unset, is refused below as empty: not this default)
+    beside_resume = bool(args.prune and not args.output_dir and args.resume and 'output_dir' not in given_flags(args))
     if beside_resume:
         args.output_dir = os.path.dirname(args.resume) or '.'
         notes.append(f'No --output_dir: writing beside --resume, in {args.output_dir}')

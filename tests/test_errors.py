@@ -1491,6 +1491,18 @@ def test_prune_refuses_to_replace_an_earlier_pruned_checkpoint_before_scoring(ca
     assert snapshot(earlier) == before
 
 
+def test_prune_with_an_empty_output_dir_is_refused_not_written_beside_resume(capsys, world, tmp_path):
+    """--output_dir '' (a script's "$OUT" unset) was taken as no --output_dir: --prune scored and wrote its file, log
+    and TensorBoard folder beside --resume; only a flag left out means that."""
+    source = tmp_path / 'source'
+    source.mkdir()
+    shutil.copy(world['dense'], source / 'dense.pth')
+    before = snapshot(source)
+    argv = prune_args(world, tmp_path / 'out') + ['--resume', source / 'dense.pth', '--output_dir', '']
+    assert_one_line_error(capsys, argv, EXIT_USER_ERROR, r'^error: --output_dir is empty: give a directory$')
+    assert snapshot(source) == before and sorted(os.listdir(source)) == ['dense.pth']
+
+
 def test_prune_refuses_an_already_pruned_checkpoint_before_scoring(capsys, world, earlier, tmp_path):
     """Scoring and planning start from the dense model: pruning a pruned file would silently drop its masks."""
     model = pruned_model('cc_deit_digits_patch4_32', 0)
