@@ -481,6 +481,18 @@ def check_checkpoint_path(path: str, flag: str, give: str, what: str, inside: Op
     raise UserError(f'{what} not found: {path}')
 
 
+def check_cpu_compiler() -> None:
+    """torch.compile builds its CPU kernels with a C++ compiler (torch._inductor's, from $CXX or the usual names):
+    without a working one, --fast-path compile on the CPU stopped in a traceback at the first compiled forward,
+    after the model was loaded and the data listed (or the timing begun)."""
+    from torch._inductor.cpp_builder import get_cpp_compiler
+    try:
+        get_cpp_compiler()
+    except RuntimeError as e:  # (torch._inductor.exc.InvalidCxxCompiler)
+        raise UserError(f'--fast-path compile on the CPU needs a C++ compiler for torch.compile\'s kernels, and none '
+                        f'works here ({one_line(e)}); --fast-path torch runs without one') from None
+
+
 def check_fast_path_supports(args) -> None:
     """``--model`` is one the fast path computes (models/fast_path.py's check_supported, on the model built on the
     meta device at the run's input size, which allocates nothing): a hybrid's CNN patch embedding, another GELU or
@@ -529,6 +541,8 @@ def validate_args(args, void: Set[str] = frozenset(), finished: bool = False) ->
             if not HAS_TRITON:
                 raise UserError('--fast-path triton needs Triton, which this Python cannot import (pip install '
                                 'triton, or use --fast-path torch)')
+        if args.fast_path == 'compile' and not resolve_device(args.device).startswith('cuda'):
+            check_cpu_compiler()
     if args.eval and not args.resume:
         raise UserError('--eval needs --resume CHECKPOINT (the model to evaluate)')
     if args.prune and not args.resume:

@@ -1912,6 +1912,24 @@ def test_fast_path_flag_mistakes_are_one_line(capsys, monkeypatch, tmp_path, arg
     assert not (tmp_path / 'ft').exists()
 
 
+def test_compile_on_a_cpu_without_a_compiler_is_refused_before_any_work(capsys, monkeypatch, pruned_digits):
+    """torch.compile builds CPU kernels with a C++ compiler: without a working one, --fast-path compile on the CPU
+    stopped in a traceback (torch._inductor's InvalidCxxCompiler) at the first compiled forward, after loading the
+    model (and for --eval listing the data).  It is one line before anything is loaded now."""
+    import torch._inductor.config as inductor_config
+    import finetune
+    from conftest import no_work
+    monkeypatch.setattr(inductor_config.cpp, 'cxx', (None, os.path.join(os.sep, 'nonexistent', 'g++')))
+    monkeypatch.setattr(finetune, 'load_model', no_work)
+    code, out, err = _cli(capsys, '--speed-only', '--resume', pruned_digits['path'], '--fast-path', 'compile')
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    assert lines[0].startswith("error: --fast-path compile on the CPU needs a C++ compiler for torch.compile's "
+                               "kernels, and none works here (") and lines[0].endswith('--fast-path torch runs '
+                                                                                       'without one'), lines[0]
+    assert out == ''
+
+
 def test_a_model_the_fast_path_does_not_compute_is_refused_before_the_data_is_listed(capsys, monkeypatch, tmp_path,
                                                                                       pruned_digits):
     """A ViT that Clip & Concat takes but the fast path does not compute (here a hybrid, whose patch embedding is a
