@@ -485,7 +485,10 @@ def check_cpu_compiler() -> None:
     """torch.compile builds its CPU kernels with a C++ compiler (torch._inductor's, from $CXX or the usual names):
     without a working one, --fast-path compile on the CPU stopped in a traceback at the first compiled forward,
     after the model was loaded and the data listed (or the timing begun)."""
-    from torch._inductor.cpp_builder import get_cpp_compiler
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+    except ImportError:  # (a torch that keeps it elsewhere: its own error comes at the first compiled forward)
+        return
     try:
         get_cpp_compiler()
     except RuntimeError as e:  # (torch._inductor.exc.InvalidCxxCompiler)
@@ -543,6 +546,12 @@ def validate_args(args, void: Set[str] = frozenset(), finished: bool = False) ->
                                 'triton, or use --fast-path torch)')
         if args.fast_path == 'compile' and not resolve_device(args.device).startswith('cuda'):
             check_cpu_compiler()
+        elif args.fast_path == 'compile':
+            from models.fast_kernels import HAS_TRITON
+            if not HAS_TRITON:  # torch.compile writes its CUDA kernels in Triton: it stopped at the first forward
+                raise UserError('--fast-path compile on a GPU needs Triton (torch.compile writes its CUDA kernels '
+                                'with it), which this Python cannot import (pip install triton, or use --fast-path '
+                                'torch)')
     if args.eval and not args.resume:
         raise UserError('--eval needs --resume CHECKPOINT (the model to evaluate)')
     if args.prune and not args.resume:

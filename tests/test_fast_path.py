@@ -1930,6 +1930,22 @@ def test_compile_on_a_cpu_without_a_compiler_is_refused_before_any_work(capsys, 
     assert out == ''
 
 
+def test_compile_on_a_gpu_without_triton_is_refused_before_any_work(capsys, monkeypatch, pruned_digits):
+    """torch.compile writes its CUDA kernels in Triton: on a GPU without Triton (torch's Windows wheels do not bring
+    it), --fast-path compile stopped in a traceback at the first compiled forward, after loading the model.  It is
+    one line before anything is loaded now (the device resolved as on a CUDA machine)."""
+    import finetune
+    from conftest import no_work
+    monkeypatch.setattr(K, 'HAS_TRITON', False)
+    monkeypatch.setattr(finetune, 'resolve_device', lambda requested: 'cuda')
+    monkeypatch.setattr(finetune, 'load_model', no_work)
+    code, out, err = _cli(capsys, '--speed-only', '--resume', pruned_digits['path'], '--fast-path', 'compile')
+    assert (code, err.strip()) == (2, 'error: --fast-path compile on a GPU needs Triton (torch.compile writes its CUDA '
+                                      'kernels with it), which this Python cannot import (pip install triton, or use '
+                                      '--fast-path torch)')
+    assert out == ''
+
+
 def test_a_model_the_fast_path_does_not_compute_is_refused_before_the_data_is_listed(capsys, monkeypatch, tmp_path,
                                                                                       pruned_digits):
     """A ViT that Clip & Concat takes but the fast path does not compute (here a hybrid, whose patch embedding is a
