@@ -326,7 +326,8 @@ UNUSED_RULES = (
      'or cutmix through the model in eval mode'),
     (lambda a: a.speed_only, ('data_path', 'data_set', 'inat_category', 'num_workers', 'pin_mem', 'eval_crop_ratio',
                               'dist_eval', 'amp', 'print_freq', 'output_dir'),
-     '--speed-only times random images in --speed-dtype, prints no progress and writes nothing'),
+     '--speed-only times random images (in --speed-dtype; fp32 under --speed-protocol original), prints no '
+     'progress and writes nothing'),
     (lambda a: a.eval, ('output_dir',), '--eval writes nothing'),
     (lambda a: a.eval, ('seed',), '--eval draws no random number (its transform is fixed, and the model runs in eval '
                                   'mode)'),

@@ -622,8 +622,8 @@ def test_the_papers_commands_run_as_printed(tmp_path):
     out = run(commands['speed'] + ' --batch-size 2 --speed-repeats 1 --speed-warmup 0')
     assert re.search(r'^Speed-up of the pruned model: \d+\.\d\dx', out, re.M)
     # the command passes --data-path, which a speed run does not read: said, not refused
-    assert ('note: --data-path imagenet has no effect: --speed-only times random images in --speed-dtype, prints no '
-            'progress and writes nothing') in out.splitlines()
+    assert ('note: --data-path imagenet has no effect: --speed-only times random images (in --speed-dtype; fp32 '
+            'under --speed-protocol original), prints no progress and writes nothing') in out.splitlines()
 
     out = run(commands['finetune'] + small + ' --final_finetune 1',
               '-m', 'torch.distributed.launch', f'--master_port={free_port()}', '--nproc_per_node=2', '--use_env')
@@ -1356,7 +1356,8 @@ NOTED = {  # the run's flags beyond DIGITS_ARGS (--mixup 0 --cutmix 0 --aa none 
     'speed': (['--speed-only', '--data-set', 'IMNET', '--speed-repeats', '1', '--speed-warmup', '0'],
               ['note: --mixup 0.0, --cutmix 0.0, --aa none, --reprob 0.0 have no effect: --speed-only trains nothing',
                'note: --data-set IMNET, --num_workers 0, --print-freq 100 have no effect: --speed-only times random '
-               'images in --speed-dtype, prints no progress and writes nothing']),
+               'images (in --speed-dtype; fp32 under --speed-protocol original), prints no progress and writes '
+               'nothing']),
 }
 
 
