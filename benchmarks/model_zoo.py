@@ -421,6 +421,16 @@ def _check_no_effect(args, set_flags) -> None:
     if compiled and not args.compile_models:  # (given empty: the default names a model)
         raise UsageError(f'argument --compile-models: no model named, so the compiled rows of --rows '
                          f'({", ".join(compiled)}) would run for none; name a model, or give --no-compile')
+    if compiled and 'compile_min_batch' in set_flags:
+        # compiled rows are built in a model's main table; a summary batch size only times again what was built there
+        mains = {name: args.batch_size or default_batch(args.timm_models[name], torch.device(args.device),
+                                                         args.protocol) for name in args.compile_models}
+        if max(mains.values()) < args.compile_min_batch:
+            raise UsageError(f'argument --compile-min-batch: {args.compile_min_batch} is above the main-table batch '
+                             f'of every model with compiled rows ('
+                             + ', '.join(f'{name} {batch}' for name, batch in mains.items())
+                             + '), where they are built (a summary batch size times again only the rows built there):'
+                             f' no compiled row would run; give at most {max(mains.values())}, or --no-compile')
     ours_tables = args.summary_batch_sizes or args.sweep_batch_sizes or args.sweep_rates
     if args.protocol == 'original' and not ours_tables:
         why = ('--protocol original times the main table its own way (fp32, --original-passes), and no table of '

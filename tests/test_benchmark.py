@@ -1157,6 +1157,8 @@ def test_every_numeric_flag_refuses_nan_inf_negative_and_out_of_range_values_nam
     assert options == set(NUMERIC) | OTHER_OPTIONS, 'classify the new option here'
     for flag, (refused, accepted) in NUMERIC.items():
         extra = ['--protocol', 'original'] if flag == '--original-passes' else []
+        if flag == '--compile-min-batch':  # (at most the main batch: compiled rows are built there)
+            extra = ['--batch-size', '65536']
         for value in ['nan', 'inf', '-1', *refused]:
             line = _refused(capsys, tmp_path, *extra, flag, value)
             assert flag in line, (flag, value, line)
@@ -1191,6 +1193,9 @@ def test_every_numeric_flag_refuses_nan_inf_negative_and_out_of_range_values_nam
     (['--no-compile', '--compile-budget', '10'], '--compile-budget', 'torch.compile is off (--no-compile)'),
     (['--quick', '--compile-models', 'tiny'], '--compile-models', 'off (--quick without --compile)'),
     (['--quick', '--compile-min-batch', '8'], '--compile-min-batch', 'so no compiled row runs'),
+    # compiled rows are built in the main table (batch 8 here) only: batch 32 of the summary would time none
+    (['--quick', '--compile', '--compile-min-batch', '32'], '--compile-min-batch',
+     'above the main-table batch of every model with compiled rows (tiny 8)'),
     (['--rows', 'timm,ours', '--compile-budget', '5'], '--compile-budget', 'no row of --rows is compiled'),
     (['--scoring-repeats', '0', '--scoring-batch-size', '16'], '--scoring-batch-size', '--scoring-repeats is 0,'),
     (['--no-fast-autotune'], '--no-fast-autotune', 'no row of --rows is a fast-path row'),
