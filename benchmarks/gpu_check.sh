@@ -68,6 +68,14 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/gpu_check_out}"
+# an empty step (a script's unset variable, `gpu_check.sh "$STEP"`) is a mistake, not "no step given": refused
+# rather than taken for the default steps (alone) or dropped (beside others)
+for a in "$@"; do
+    if [[ -z "${a//[[:space:]]/}" ]]; then
+        echo "error: an empty step '$a' (tests, benchmark, resume, profile, linear; none given: tests benchmark)" >&2
+        exit 2
+    fi
+done
 steps="${*:-tests benchmark}"
 read -ra step_list <<< "$steps"  # split on blanks, never expanded as file names (a step 'test?')
 for s in "${step_list[@]}"; do

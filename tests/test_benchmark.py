@@ -2094,6 +2094,11 @@ def test_gpu_check_names_existing_test_files_and_refuses_unknown_steps(tmp_path)
                 # and then ran nothing; '*' named a file of the repository)
                 ('test?',): 'error: unknown step test? (tests, benchmark, resume, profile, linear)',
                 ('*',): 'error: unknown step * (tests, benchmark, resume, profile, linear)',
+                # an empty step (an unset variable) is neither the default steps nor dropped beside others
+                ('',): "error: an empty step '' (tests, benchmark, resume, profile, linear; none given: tests "
+                       "benchmark)",
+                ('tests', ' '): "error: an empty step ' ' (tests, benchmark, resume, profile, linear; none given: "
+                                "tests benchmark)",
                 ('resume',): f'error: resume: no {tmp_path / "none.json"} (copy there the cuda.json of the call to '
                              f'carry on)',
                 ('benchmark', 'resume'): 'error: resume is the benchmark carried on: give one of benchmark and resume',
