@@ -815,6 +815,10 @@ def _run_problem(results: Dict, gpu: bool) -> Optional[str]:
         return f'it was measured on {device}, not on {"a CUDA GPU" if gpu else "the CPU"}'
     if settings.get('protocol', 'ours') != 'ours':
         return f'it was timed with --protocol {settings["protocol"]}; the table is protocol ours'
+    if settings.get('quick'):
+        return 'it is a --quick run (a smoke test of a few passes), not a measurement'
+    if settings.get('masks', 'taylor') != 'taylor':
+        return f'its pruned models have --masks {settings["masks"]}; the table is the Taylor-pruned models'
     if not gpu and settings.get('dtype', 'fp32') != 'fp32':
         return f'it was timed in {settings["dtype"]}; the table is fp32'
     if gpu and settings.get('rows_given'):

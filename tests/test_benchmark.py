@@ -932,6 +932,11 @@ def test_readme_speed_table_sets_a_gpu_run_beside_the_cpu_run(tmp_path, capsys, 
     ('cpu original protocol', 'cpu.json: not the CPU run the speed table shows (it was timed with --protocol '
                               'original; the table is protocol ours)'),
     ('cpu fp16', 'cpu.json: not the CPU run the speed table shows (it was timed in fp16; the table is fp32)'),
+    # a smoke test or the random baseline: printed into the README's table as if it were the measurement
+    ('cpu quick', 'cpu.json: not the CPU run the speed table shows (it is a --quick run (a smoke test of a few '
+                  'passes), not a measurement)'),
+    ('gpu random masks', 'gpu.json: not the GPU run the speed table shows (its pruned models have --masks random; '
+                         'the table is the Taylor-pruned models)'),
     ('cpu unfinished', 'cpu.json: not the CPU run the speed table shows (1 of its sections did not finish; '
                        'model_zoo.py --resume finishes them)'),
     ('readme not writable', 'cannot write'),
@@ -958,7 +963,7 @@ def test_readme_table_writer_refuses_in_one_line_and_writes_nothing(tmp_path, ca
     gpu = tmp_path / 'gpu.json'
     gpu.write_text({'gpu not json': '{', 'gpu not results': '[1, 2]'}.get(case, '{}'))
     if case in ('gpu without its name', 'gpu machine a list', 'gpu figure not a number', 'gpu a cpu run',
-                'gpu original protocol', 'gpu rows given', 'gpu unfinished'):
+                'gpu original protocol', 'gpu rows given', 'gpu unfinished', 'gpu random masks'):
         run = _summary_run()
         report.attach_summary(run, 'cuda')
         run['machine'] = {'device': 'cuda'} if case == 'gpu without its name' else {'gpu': 'NVIDIA H200',
@@ -973,6 +978,8 @@ def test_readme_table_writer_refuses_in_one_line_and_writes_nothing(tmp_path, ca
             run['settings']['protocol'] = 'original'
         if case == 'gpu rows given':
             run['settings'].update(rows=['timm', 'ours'], rows_given=True)
+        if case == 'gpu random masks':
+            run['settings']['masks'] = 'random'
         if case == 'gpu unfinished':
             run['sections'] = [{'kind': 'main', 'status': 'done'}, {'kind': 'summary', 'status': 'left out'}]
         gpu.write_text(json.dumps(run))
@@ -993,6 +1000,8 @@ def test_readme_table_writer_refuses_in_one_line_and_writes_nothing(tmp_path, ca
         cpu['settings']['protocol'] = 'original'
     elif case == 'cpu fp16':
         cpu['settings']['dtype'] = 'fp16'
+    elif case == 'cpu quick':
+        cpu['settings']['quick'] = True
     elif case == 'cpu unfinished':
         cpu['sections'][-1]['status'] = 'pending'
     elif case == 'cpu seed_gpu a string':
