@@ -537,22 +537,19 @@ def validate_args(args, void: Set[str] = frozenset(), finished: bool = False) ->
         if args.speed_only and args.speed_protocol == 'original':
             raise UserError('--speed-protocol original times the loaded eager model as the original code did; '
                             '--fast-path does not apply')
-        if args.fast_path == 'triton' and not resolve_device(args.device).startswith('cuda') \
-                and os.environ.get('TRITON_INTERPRET') != '1':
+    if args.fast_path in ('triton', 'compile'):  # (torch.compile writes its CUDA kernels in Triton)
+        on_gpu = resolve_device(args.device).startswith('cuda')
+        if args.fast_path == 'triton' and not on_gpu and os.environ.get('TRITON_INTERPRET') != '1':
             raise UserError('--fast-path triton needs a CUDA GPU (on CPU use --fast-path torch or compile)')
-        if args.fast_path == 'triton':
+        if args.fast_path == 'compile' and not on_gpu:
+            check_cpu_compiler()
+        else:
             from models.fast_kernels import HAS_TRITON
             if not HAS_TRITON:
-                raise UserError('--fast-path triton needs Triton, which this Python cannot import (pip install '
-                                'triton, or use --fast-path torch)')
-        if args.fast_path == 'compile' and not resolve_device(args.device).startswith('cuda'):
-            check_cpu_compiler()
-        elif args.fast_path == 'compile':
-            from models.fast_kernels import HAS_TRITON
-            if not HAS_TRITON:  # torch.compile writes its CUDA kernels in Triton: it stopped at the first forward
-                raise UserError('--fast-path compile on a GPU needs Triton (torch.compile writes its CUDA kernels '
-                                'with it), which this Python cannot import (pip install triton, or use --fast-path '
-                                'torch)')
+                needs = ('triton needs Triton' if args.fast_path == 'triton' else
+                         'compile on a GPU needs Triton (torch.compile writes its CUDA kernels with it)')
+                raise UserError(f'--fast-path {needs}, which this Python cannot import (pip install triton, or use '
+                                f'--fast-path torch)')
     if args.eval and not args.resume:
         raise UserError('--eval needs --resume CHECKPOINT (the model to evaluate)')
     if args.prune and not args.resume:
