@@ -423,8 +423,7 @@ def _check_no_effect(args, set_flags) -> None:
                          f'({", ".join(compiled)}) would run for none; name a model, or give --no-compile')
     if compiled and 'compile_min_batch' in set_flags:
         # compiled rows are built in a model's main table; a summary batch size only times again what was built there
-        mains = {name: args.batch_size or default_batch(args.timm_models[name], torch.device(args.device),
-                                                         args.protocol) for name in args.compile_models}
+        mains = {name: main_batch(args, name, torch.device(args.device)) for name in args.compile_models}
         if max(mains.values()) < args.compile_min_batch:
             raise UsageError(f'argument --compile-min-batch: {args.compile_min_batch} is above the main-table batch '
                              f'of every model with compiled rows ('
@@ -708,6 +707,12 @@ def default_batch(timm_name: str, device: torch.device, protocol: str) -> int:
     if protocol == 'original':
         return ORIGINAL_BATCH
     return DEFAULT_BATCH[device.type].get(architecture(timm_name), FALLBACK_BATCH[device.type])
+
+
+def main_batch(args, name: str, device: torch.device) -> int:
+    """The batch of model ``name``'s main table (where its rows, the compiled ones among them, are built):
+    --batch-size, else the default for its architecture on this device under this protocol."""
+    return args.batch_size or default_batch(args.timm_models[name], device, args.protocol)
 
 
 def counter_gmacs(model: nn.Module, device: torch.device) -> float:
@@ -1089,7 +1094,7 @@ def bench_model(name: str, args, device: torch.device, dtype, budget: CompileBud
     timm_name = args.timm_models[name]
     label = dense_label(timm_name)
     original = args.protocol == 'original'
-    batch = args.batch_size or default_batch(timm_name, device, args.protocol)
+    batch = main_batch(args, name, device)
     timed = (f'protocol original: fp32, autograd on, 3 runs of {args.original_passes} passes per row (the last '
              f'run\'s mean), one row after another' if original else
              f'protocol ours: {args.repeats} timed passes after {args.warmup} warm-up, '
@@ -1296,8 +1301,7 @@ def plan_sections(args, device: torch.device) -> List[Section]:
     in the order of --models, the first model's summary batch sizes right after its main table, then the other
     models' summary batch sizes, then the sweeps.  With --time-limit, the end of this list is what a short run
     leaves out."""
-    mains = [Section('main', name, args.batch_size or default_batch(args.timm_models[name], device, args.protocol))
-             for name in args.models]
+    mains = [Section('main', name, main_batch(args, name, device)) for name in args.models]
     summaries = {name: [Section('summary', name, bs) for bs in args.summary_batch_sizes] for name in args.models}
     first = args.models[0]
     out = [mains[0], *summaries[first], *mains[1:]]
