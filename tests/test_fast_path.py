@@ -44,7 +44,7 @@ needs_triton = pytest.mark.skipif(not K.triton_runs_on(torch.empty(0, device=DEV
 # tolerances here (2e-3: whole path and fp32 kernels) were checked without a GPU by truncating every operand of
 # the interpreter's dot to tf32's 10-bit mantissa: the worst error was 0.33 of the tolerance for the whole path
 # (the pruned model) and 0.56 for a kernel (attention).
-LOGIT_TOL = 2e-3 if CUDA else 1e-4
+LOGIT_TOL = 2e-3 if CUDA else 1e-4  # CUDA_LOGIT_TOL (below) on a GPU
 
 
 @pytest.fixture(autouse=True)
@@ -557,9 +557,14 @@ def _close(ours, ref):
     return (ours - ref).abs().max().item() <= LOGIT_TOL * max(1.0, ref.abs().max().item())
 
 
+CUDA_LOGIT_TOL = 2e-3  # LOGIT_TOL on a GPU: the bar _masks_matter sets on every device
+
+
 def _masks_matter(pruned, dense):
-    """Pruning moves the logits by far more than the comparison tolerance (else the comparison proves little)."""
-    return (pruned - dense).abs().max().item() > 10 * LOGIT_TOL * max(1.0, dense.abs().max().item())
+    """Pruning moves the logits by far more than the comparison tolerance (else the comparison proves little).
+    The bar is the GPU's (the looser) tolerance on every device, so a model and kept ids chosen on CPU that move
+    the logits too little for the GPU fail here too, not only in a session with a GPU."""
+    return (pruned - dense).abs().max().item() > 10 * CUDA_LOGIT_TOL * max(1.0, dense.abs().max().item())
 
 
 def _cases():
@@ -696,15 +701,17 @@ def test_register_tokens_and_position_embedding_without_class_entry():
 def test_a_norm_before_the_blocks_is_applied():
     """timm's pre_norm=True (CLIP's ViTs) puts a LayerNorm between the embedding and the blocks (norm_pre, an
     Identity in DeiT, the only kind the other tests build): the path applies it to the token buffer, dense and
-    pruned.  Its affine is made far from the identity so that leaving it out shows."""
+    pruned.  Its affine is made far from the identity so that leaving it out shows, and small (a stream of unit
+    scale would drown the random blocks' updates, so that pruning would hardly move the logits); the blocks clip
+    80% of the patches."""
     torch.manual_seed(21)
     model = VisionTransformer(**TINY, pre_norm=True).to(DEVICE).eval()
     assert isinstance(model.norm_pre, torch.nn.LayerNorm)
-    model.norm_pre.weight.uniform_(0.5, 2.0)
-    model.norm_pre.bias.normal_(0, 0.5)
+    model.norm_pre.weight.uniform_(0.05, 0.2)
+    model.norm_pre.bias.normal_(0, 0.05)
     x = images(seed=21)
     assert _close(build_fast_path(model, backend='torch')(x), model(x))
-    ids = _kept_ids(3, 17, 1, seed=21)
+    ids = _kept_ids(3, 17, 1, seed=21, rate=0.8)
     ref = original_order_reference(model, x, ids)
     assert _masks_matter(ref, model(x))
     assert _close(build_fast_path(model, backend='torch', kept_ids=ids)(x), ref)
