@@ -6,6 +6,7 @@
 #   bash benchmarks/gpu_check.sh resume       # the sections an earlier benchmark did not finish, no more
 #   bash benchmarks/gpu_check.sh profile      # where the GPU time goes, by kernel (not in the default run)
 #   bash benchmarks/gpu_check.sh linear       # the matrix products per shape and cuBLAS route (not default)
+#   bash benchmarks/gpu_check.sh compiled     # timm's compiled DeiT-Ti against fp32, cached and fresh (not default)
 #
 # Run remotely (the working tree copied to the GPU machine with the git-ignored .whl/ folder prepared as below,
 # one command under a wall-clock limit, the files of $OUT brought back, at most 8):
@@ -55,6 +56,13 @@
 # against pruned and set against the FLOPs ratio, with the slowest kernels of every row; outputs profile.log,
 # profile.json, profile.md (with env.txt and status.txt).
 #
+# `compiled` (a call of its own, about 1-3 minutes, limits 150 s each; `gpu_check.sh compiled` right after a run on
+# the same machine, while its inductor cache is still there): benchmarks/compiled_check.py twice, timm's DeiT-Ti
+# compiled at batch 256, 32 and 1 and its logits checked against eager fp32, as the benchmark compiles it and
+# afresh per batch size, first with this machine's inductor cache as the earlier steps left it, then with an empty
+# one; outputs compiled_cache.log and compiled_fresh.log (with env.txt and status.txt).  It is there because the
+# benchmark's compiled DeiT-Ti once gave logits far off fp32 at batch 32 where a fresh compile did not.
+#
 # Outputs go to $OUT (default /tmp/gpu_check_out), 7 files (a remote run brings back at most 8): env.txt,
 # status.txt, test_fast_path.log, test_model.log, model_zoo.log, cuda.json, cuda.md.  cuda.json and cuda.md are
 # benchmarks/results/cuda.json and cuda.md: copy them there.
@@ -72,7 +80,8 @@ OUT="${OUT:-/tmp/gpu_check_out}"
 # rather than taken for the default steps (alone) or dropped (beside others)
 for a in "$@"; do
     if [[ -z "${a//[[:space:]]/}" ]]; then
-        echo "error: an empty step '$a' (tests, benchmark, resume, profile, linear; none given: tests benchmark)" >&2
+        echo "error: an empty step '$a' (tests, benchmark, resume, profile, linear, compiled; none given:" \
+             "tests benchmark)" >&2
         exit 2
     fi
 done
@@ -80,8 +89,8 @@ steps="${*:-tests benchmark}"
 read -ra step_list <<< "$steps"  # split on blanks, never expanded as file names (a step 'test?')
 for s in "${step_list[@]}"; do
     case "$s" in
-        tests|benchmark|resume|profile|linear) ;;
-        *) echo "error: unknown step $s (tests, benchmark, resume, profile, linear)" >&2; exit 2 ;;
+        tests|benchmark|resume|profile|linear|compiled) ;;
+        *) echo "error: unknown step $s (tests, benchmark, resume, profile, linear, compiled)" >&2; exit 2 ;;
     esac
 done
 RESUME="${RESUME:-benchmarks/results/cuda.json}"
@@ -104,6 +113,7 @@ for s in "${step_list[@]}"; do
         tests) files=$((files + 2)) ;;                   # test_fast_path.log, test_model.log
         benchmark|resume) files=$((files + 3)) ;;        # model_zoo.log, cuda.json, cuda.md
         profile|linear) files=$((files + 3)) ;;          # profile.log/.json/.md; linear.log, linear_shapes.json/.md
+        compiled) files=$((files + 2)) ;;                # compiled_cache.log, compiled_fresh.log
     esac
 done
 if [ $files -gt 8 ]; then
@@ -119,7 +129,8 @@ mkdir -p "$OUT"
 # a reused $OUT (a local run) must not lend this run an earlier one's verdicts, results or logs
 # (but not the results a resume reads, when $RESUME names $OUT/cuda.json: the resumed run replaces it whole)
 for f in status.txt cuda.json cuda.md profile.json profile.md linear_shapes.json linear_shapes.md \
-         test_fast_path.log test_model.log model_zoo.log profile.log linear.log; do
+         test_fast_path.log test_model.log model_zoo.log profile.log linear.log compiled_cache.log \
+         compiled_fresh.log; do
     if [ ${#resume[@]} -gt 0 ] && [ "$(realpath -m "$OUT/$f")" = "$(realpath -m "$RESUME")" ]; then continue; fi
     rm -f "$OUT/$f"
 done
@@ -264,6 +275,18 @@ fi
 # their own kernel choices, which adds two builds' timing: limit 240 s; the per-shape figures are written first).
 if [[ " $steps " == *" linear "* ]]; then
     step linear 240 python3 benchmarks/linear_shapes.py --device cuda --out "$OUT"
+fi
+
+# 6. on request: timm's compiled DeiT-Ti against its eager fp32 logits at 256, 32 and 1, compiled as the benchmark
+# compiles it (one object, a static recompile per batch size) and afresh per batch size, once with inductor's cache
+# as this machine has it (the compiles done ahead and the benchmark's, where they ran before on it) and once with
+# an empty one (benchmarks/compiled_check.py; a cold compile is 10-20 s on the H200: limit 150 s each).
+if [[ " $steps " == *" compiled "* ]]; then
+    step compiled_cache 150 python3 benchmarks/compiled_check.py --device cuda
+    fresh_cache=$(mktemp -d)
+    step compiled_fresh 150 env TORCHINDUCTOR_CACHE_DIR="$fresh_cache" python3 benchmarks/compiled_check.py \
+        --device cuda
+    rm -rf "$fresh_cache"
 fi
 
 echo "== status"

@@ -2098,16 +2098,16 @@ def test_gpu_check_names_existing_test_files_and_refuses_unknown_steps(tmp_path)
         assert files and all(os.path.isfile(os.path.join(ROOT, f)) for f in files), command
     out = tmp_path / 'out'
     refusals = {('tests', 'no-such-step'):
-                'error: unknown step no-such-step (tests, benchmark, resume, profile, linear)',
+                'error: unknown step no-such-step (tests, benchmark, resume, profile, linear, compiled)',
                 # a pattern is a step name as given, never the files it matches ('test?' passed the check as tests
                 # and then ran nothing; '*' named a file of the repository)
-                ('test?',): 'error: unknown step test? (tests, benchmark, resume, profile, linear)',
-                ('*',): 'error: unknown step * (tests, benchmark, resume, profile, linear)',
+                ('test?',): 'error: unknown step test? (tests, benchmark, resume, profile, linear, compiled)',
+                ('*',): 'error: unknown step * (tests, benchmark, resume, profile, linear, compiled)',
                 # an empty step (an unset variable) is neither the default steps nor dropped beside others
-                ('',): "error: an empty step '' (tests, benchmark, resume, profile, linear; none given: tests "
-                       "benchmark)",
-                ('tests', ' '): "error: an empty step ' ' (tests, benchmark, resume, profile, linear; none given: "
-                                "tests benchmark)",
+                ('',): "error: an empty step '' (tests, benchmark, resume, profile, linear, compiled; none given: "
+                       "tests benchmark)",
+                ('tests', ' '): "error: an empty step ' ' (tests, benchmark, resume, profile, linear, compiled; none "
+                                "given: tests benchmark)",
                 ('resume',): f'error: resume: no {tmp_path / "none.json"} (copy there the cuda.json of the call to '
                              f'carry on)',
                 ('benchmark', 'resume'): 'error: resume is the benchmark carried on: give one of benchmark and resume',
@@ -2209,6 +2209,9 @@ elif args[:1] == ['benchmarks/model_zoo.py']:
         f.write('# the stand-in results\n')
     print('section tiny@256: done')
     sys.exit(exit_of('model_zoo'))
+elif args[:1] == ['benchmarks/compiled_check.py']:
+    print(f"batch 32 shared: cache {os.environ['TORCHINDUCTOR_CACHE_DIR']}: ok")
+    sys.exit(exit_of('compiled'))
 elif args == ['-']:
     sys.stdin.read()
     print('python (stand-in) torch (stand-in) available True')
@@ -2349,6 +2352,59 @@ def test_gpu_check_records_a_failed_step_and_carries_on(tmp_path):
     assert ('warm_compile', 'FAILED', 1) in _status(out) and len(os.listdir(out)) == 7
     done, _, _ = _run_gpu_check(tmp_path, 'tests', STAND_IN_RC='test_model:1')  # a step run in the background
     assert done.returncode == 1 and sorted(_status(out)) == [('test_fast_path', 'ok', 0), ('test_model', 'FAILED', 1)]
+
+
+def test_gpu_check_compiled_step_checks_with_the_machines_cache_and_with_an_empty_one(tmp_path):
+    """`compiled` runs benchmarks/compiled_check.py twice, each a valid command line of it: first with inductor's
+    cache as the machine has it (TORCHINDUCTOR_CACHE_DIR as the other steps use it), then with a new empty cache
+    folder, removed afterwards; a failed check is recorded and makes the call fail."""
+    from benchmarks import compiled_check
+    commands = _gpu_check_commands('benchmarks/compiled_check.py')
+    assert len(commands) == 2
+    for command in commands:
+        line = command.split('benchmarks/compiled_check.py', 1)[1]
+        assert compiled_check.build_parser().parse_args(shlex.split(line)).device == 'cuda'
+    out = tmp_path / 'out'
+    done, calls, _ = _run_gpu_check(tmp_path, 'compiled')
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert _status(out) == [('compiled_cache', 'ok', 0), ('compiled_fresh', 'ok', 0)]
+    assert sorted(os.listdir(out)) == ['compiled_cache.log', 'compiled_fresh.log', 'env.txt', 'status.txt']
+    assert [c for c in calls if c[:1] == ['benchmarks/compiled_check.py']] == [['benchmarks/compiled_check.py',
+                                                                               '--device', 'cuda']] * 2
+    cached = re.search(r'cache (\S+): ok', (out / 'compiled_cache.log').read_text())[1]
+    fresh = re.search(r'cache (\S+): ok', (out / 'compiled_fresh.log').read_text())[1]
+    assert cached == str(tmp_path / 'inductor') and fresh != cached and not os.path.exists(fresh)
+    done, _, _ = _run_gpu_check(tmp_path, 'compiled', STAND_IN_RC='compiled:1')
+    assert done.returncode == 1 and _status(out) == [('compiled_cache', 'FAILED', 1), ('compiled_fresh', 'FAILED', 1)]
+
+
+def test_compiled_check_refuses_bad_arguments_before_any_work():
+    for argv, message in [(['--batch-sizes', '0'], 'error: argument --batch-sizes: must be from 1 to 65536, got 0'),
+                          (['--model', 'nope'], "error: argument --model: unknown model 'nope'"),
+                          (['--device', 'tpu'], "error: argument --device: invalid choice: 'tpu'")]:
+        done = subprocess.run([sys.executable, os.path.join(ROOT, 'benchmarks', 'compiled_check.py'), *argv],
+                              capture_output=True, text=True, timeout=120, env=subprocess_env())
+        assert done.returncode == 2 and done.stderr.startswith(message) and done.stderr.count('\n') == 1, done.stderr
+
+
+@pytest.mark.slow
+def test_compiled_check_compares_the_compiled_model_with_eager_fp32_on_cpu(capsys):
+    """On CPU (fp32) the script's two ways of compiling both agree with the eager model, batch size by batch size,
+    in the order given; a compiled model that computed something else would be reported OFF."""
+    from benchmarks import compiled_check
+    assert compiled_check.check('deit_tiny_patch16_224', [3, 2], torch.device('cpu')) == [
+        (3, 'shared', True), (2, 'shared', True), (3, 'fresh', True), (2, 'fresh', True)]
+    assert capsys.readouterr().out.count(': ok\n') == 4
+
+
+def test_compiled_check_reports_a_compiled_model_that_is_off(monkeypatch, capsys):
+    """A 'compiled' model whose logits move by 0.1 (torch.compile stood in for) fails both ways at every size."""
+    from benchmarks import compiled_check
+    monkeypatch.setattr(torch, 'compile', lambda model, **kw: (lambda x: model(x) + 0.1))
+    assert compiled_check.check('deit_tiny_patch16_224', [2, 1], torch.device('cpu')) == [
+        (2, 'shared', False), (1, 'shared', False), (2, 'fresh', False), (1, 'fresh', False)]
+    out = capsys.readouterr().out
+    assert out.count(': OFF\n') == 4 and 'batch 1 fresh: max |logit - eager fp32| 1.00e-01' in out
 
 
 def test_gpu_check_resume_and_a_reused_out_folder(tmp_path):

@@ -1,0 +1,86 @@
+"""timm's compiled DeiT against its eager fp32 logits, batch size after batch size, as the benchmark compiles it.
+
+The benchmark compiles timm's dense model once (``torch.compile(fullgraph=True, dynamic=False)``) and calls that one
+object at the main batch size, then at the summary's 32 and 1, each a static recompile for the new shape, checking
+the logits at every size against the eager fp32 model with the same weights (its ``logit_check``).  On an H200
+(torch 2.11, fp16) DeiT-Ti's compiled model once gave logits 0.60 away from fp32 at batch 32 there (tolerance
+3.3e-3), while a fresh compile of the same model in a later process agreed within 1.4e-3.  This script repeats
+the benchmark's sequence on the benchmark's model and images, and beside it compiles every batch size afresh
+(``torch._dynamo.reset()`` first), so one run tells a recompile of the shared object from a fresh one; run it
+once with inductor's on-disk cache as the benchmark left it and once with an empty one
+(``TORCHINDUCTOR_CACHE_DIR``) to tell the cache apart too (``bash benchmarks/gpu_check.sh compiled`` does both).
+
+  python benchmarks/compiled_check.py [--device cuda] [--model deit_tiny_patch16_224] [--batch-sizes 256,32,1]
+
+Prints one line per batch size and way of compiling: the max |logit difference|, the tolerance, and whether the
+check passed; exits 1 if any failed.  fp16 autocast on a GPU, fp32 on CPU (where it is only a smoke test).
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+
+def build_parser():
+    from benchmarks.model_zoo import MAX_BATCH, _int_list
+    from utils.cli import OneLineParser
+    p = OneLineParser(description=__doc__.split('\n')[0])
+    p.add_argument('--device', choices=['cuda', 'cpu'], default='cuda', help='default: %(default)s')
+    p.add_argument('--model', default='deit_tiny_patch16_224',
+                   help='a timm model name with a C&C model, or tiny/small/base (default: %(default)s)')
+    p.add_argument('--batch-sizes', type=_int_list(1, MAX_BATCH), default=[256, 32, 1],
+                   help='the batch sizes, in the order they are compiled (default: 256,32,1)')
+    return p
+
+
+def main(argv=None) -> int:
+    from benchmarks.formulations import resolve_model
+    from utils import UserError
+    args = build_parser().parse_args(argv)
+    try:
+        try:
+            args.model = resolve_model(args.model)
+        except ValueError as e:
+            raise UserError(f'argument --model: {e}') from None
+        if args.device == 'cuda' and not torch.cuda.is_available():
+            raise UserError('argument --device: cuda: no CUDA GPU is available')
+    except UserError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    return 0 if all(ok for _, _, ok in check(args.model, args.batch_sizes, torch.device(args.device))) else 1
+
+
+def check(timm_name, batch_sizes, device):
+    """[(batch, way, passed)] with one line printed per entry: first 'shared', one compiled object called at every
+    batch size in turn (the benchmark's way), then 'fresh', a compile of its own for each batch size."""
+    from benchmarks.formulations import Checker, Context, seeded_models
+    cc, dense = seeded_models(timm_name, 0, device)  # the benchmark's weights (seed 0)
+    dtype = torch.float16 if device.type == 'cuda' else None
+    shape = (3, *dense.patch_embed.img_size)
+    cache = os.environ.get('TORCHINDUCTOR_CACHE_DIR', "inductor's default")
+    gpu = f' {torch.cuda.get_device_name()}' if device.type == 'cuda' else ''
+    print(f'{timm_name}, {device.type}{gpu}, torch {torch.__version__}, {"fp16" if dtype else "fp32"}; inductor '
+          f'cache: {cache}', flush=True)
+    out = []
+    for way in ('shared', 'fresh'):
+        torch._dynamo.reset()
+        run = torch.compile(dense, fullgraph=True, dynamic=False)
+        for batch in batch_sizes:
+            if way == 'fresh' and batch != batch_sizes[0]:
+                torch._dynamo.reset()
+                run = torch.compile(dense, fullgraph=True, dynamic=False)
+            ctx = Context(device, dtype, batch, shape)
+            with torch.no_grad(), ctx.autocast():
+                run(ctx.batch_of_noise())  # the compile, on other images (as the benchmark's untimed first call)
+            c = Checker(lambda rate: cc, ctx).check(run, None)
+            ok = c['max_abs_diff'] <= c['tolerance']
+            print(f'batch {batch} {way}: max |logit - eager fp32| {c["max_abs_diff"]:.2e}, tolerance '
+                  f'{c["tolerance"]:.2e}: {"ok" if ok else "OFF"}', flush=True)
+            out.append((batch, way, ok))
+    return out
+
+
+if __name__ == '__main__':
+    sys.exit(main())
