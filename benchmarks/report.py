@@ -593,16 +593,19 @@ def _fast_path_table(results: Dict) -> List[str]:
         attention = ', '.join(f'{n}: {a}' for n, a in d.get('attention', {}).items())
         # the products: the kernels chosen, each once ('–': results from before that product was timed)
         products = [', '.join(sorted(set(d.get(k, {}).values()))) or '–' for k, _ in PRODUCTS]
+        fused = ', '.join(sorted(set(d.get('proj_norm', {}).values()))) or '–'
         rows.append([label, str(batch), fmt(seconds, '.1f'),
                      f'yes, input {d.get("cuda_graph_input")}' if d.get('cuda_graph_batch') else 'no',
-                     attention or '–', *products, d.get('patch_embedding', '–')])
+                     attention or '–', *products[:2], fused, *products[2:], d.get('patch_embedding', '–')])
     if not rows:
         return []
     return (['', 'Fast path builds (models/fast_path.py): kernels chosen per kept count at build time (a product: '
                  'each kernel chosen at some kept count; "torch+Nrows": cuBLAS on N padding rows beyond the real '
-                 'ones):', '']
+                 'ones; "proj + residual + LN2": "torch" runs the projection as chosen, then the residual-norm '
+                 'kernel, a Triton tile runs the three as one kernel; "–": results from before it was timed):', '']
             + table(['row', 'batch', 'build s', 'CUDA graph', 'attention (kept count: kernel)',
-                     *(name for _, name in PRODUCTS), 'patch embedding'], rows)
+                     *(name for _, name in PRODUCTS[:2]), 'proj + residual + LN2',
+                     *(name for _, name in PRODUCTS[2:]), 'patch embedding'], rows)
             + _product_times_table(results))
 
 
@@ -619,6 +622,12 @@ def product_times(d: Dict) -> Optional[Dict[str, Tuple[float, float]]]:
             chosen, plain = ms.get(d.get(kind, {}).get(str(n))), ms.get('torch')
             if chosen is None or plain is None:
                 return None
+            fused = d.get('proj_norm', {}).get(str(n), 'torch')
+            if kind == 'proj' and fused != 'torch':  # run as one kernel with the residual update and the norm:
+                pair = d.get('proj_norm_ms', {}).get(str(n), {})  # the projection's share is what that saved
+                if pair.get(fused) is None or pair.get('torch') is None:
+                    return None
+                chosen -= pair['torch'] - pair[fused]
             chosen_ms, plain_ms = chosen_ms + chosen, plain_ms + plain
         out[kind] = (chosen_ms, plain_ms)
     return out if d.get('kept_counts') else None
@@ -635,7 +644,8 @@ def _product_times_table(results: Dict) -> List[str]:
         return []
     return (['', 'The block\'s products at build time (each replayed from a CUDA graph, ms per forward, summed over '
                  'the blocks): the kernels chosen (cuBLAS on the real or on padded rows, or a fused Triton kernel) / '
-                 'cuBLAS on the real rows only (with torch\'s GELU, the scatter kernel).', '']
+                 'cuBLAS on the real rows only (with torch\'s GELU, the scatter kernel); where the projection ran '
+                 'fused with its residual update and norm, its time less what that saved.', '']
             + table(['row', 'batch', *(name for _, name in PRODUCTS), 'all four'], rows))
 
 

@@ -19,6 +19,12 @@ and the second MLP layer with the residual update as its epilogue, so its (B, n,
 
 * ``linear_residual_scatter_``: x[:, ids] += gamma * (u @ W2^T + b2)
 
+and, for rows of at most 256 channels (one tile spans a row), the attention's projection with the residual update
+and the block's second norm as its epilogue, so neither the projection's output nor a separate residual kernel
+is needed (it replaces the projection and ``residual_layer_norm_``):
+
+* ``linear_residual_layer_norm_``: x[:, ids] += gamma * (o @ Wp^T + bp);  returns LN(x[:, ids])
+
 and the patch embedding as one matrix product whose operand is read straight from the images (no unfolded
 copy) and whose epilogue adds the conv bias and position embedding and writes the tokens into the buffer:
 
@@ -53,12 +59,13 @@ also a head_dim that suits the kernel), else to the reference.
 
 Contracts (checked in the wrappers where cheap, else stated): every tensor has a contiguous last dimension;
 ``ids`` is a 1-D integer tensor on the same device with values in [0, N); the in-place ops that take ids
-(``residual_layer_norm_``, ``residual_scatter_``, ``linear_residual_scatter_``) need *distinct* ids, since two
+(``residual_layer_norm_``, ``residual_scatter_``, ``linear_residual_scatter_``, ``linear_residual_layer_norm_``)
+need *distinct* ids, since two
 programs writing the same row would race; ``gather_layer_norm`` does not.  Forward only: nothing here records
 gradients.
 """
 import os
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -199,6 +206,20 @@ def linear_residual_scatter_reference_(x: torch.Tensor, ids: torch.Tensor, u: to
     if bias is not None:
         m = m + bias.float()
     return residual_scatter_reference_(x, ids, m, gamma)
+
+
+def linear_residual_layer_norm_reference_(x: torch.Tensor, ids: torch.Tensor, u: torch.Tensor,
+                                          weight_t: torch.Tensor, bias: Optional[torch.Tensor],
+                                          gamma: Optional[torch.Tensor], ln_weight: Optional[torch.Tensor],
+                                          ln_bias: Optional[torch.Tensor], eps: float,
+                                          out_dtype: Optional[torch.dtype] = None, **unused) -> torch.Tensor:
+    """h = x[:, ids] + gamma * (u @ weight_t + bias), the product in fp32 and not rounded before the sum, h
+    rounded once to x's dtype and written back into x; returns LN(h) (fp32, with ``ln_weight``, ``ln_bias``)
+    in ``out_dtype`` (default u's dtype).  Tile arguments are accepted and ignored."""
+    m = u.float() @ weight_t.float()
+    if bias is not None:
+        m = m + bias.float()
+    return residual_layer_norm_reference_(x, ids, m, gamma, ln_weight, ln_bias, eps, out_dtype or u.dtype)
 
 
 def patch_grid(images: torch.Tensor, patch: Tuple[int, int]) -> torch.Tensor:
@@ -388,15 +409,19 @@ if HAS_TRITON:
         return pid_m * BLOCK_M + tl.arange(0, BLOCK_M), pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
 
     @triton.jit
-    def _linear_kernel(x_ptr, wt_ptr, b_ptr, out_ptr, ids_ptr, g_ptr, M, N, K, n, stride_xm, stride_wk,
-                       stride_ob, stride_on, HAS_B: tl.constexpr, HAS_G: tl.constexpr, RESIDUAL: tl.constexpr,
-                       EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       GROUP_M: tl.constexpr):
+    def _linear_kernel(x_ptr, wt_ptr, b_ptr, out_ptr, ids_ptr, g_ptr, y_ptr, lnw_ptr, lnb_ptr, M, N, K, n,
+                       stride_xm, stride_wk, stride_ob, stride_on, stride_yb, stride_yn, eps,
+                       HAS_B: tl.constexpr, HAS_G: tl.constexpr, RESIDUAL: tl.constexpr, NORM: tl.constexpr,
+                       HAS_W: tl.constexpr, HAS_LNB: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
         # acc = x @ wt + b, accumulated in fp32 over (BLOCK_M, BLOCK_N) tiles.  Epilogue on the fp32 accumulator:
         #   RESIDUAL=False: out[r] = GELU(acc[r]) (exact erf), one rounding to out's dtype; stride_ob is the
         #                   row stride of out (M, N) and stride_on unused;
         #   RESIDUAL=True:  out[b, ids[i]] += g * acc[r] for r = b * n + i, out being the (B, N_tokens, N) token
-        #                   buffer (strides stride_ob, stride_on), read and written once.
+        #                   buffer (strides stride_ob, stride_on), read and written once;
+        #   and NORM=True:  also y[b, i] = LN(out[b, ids[i]]) as written (lnw, lnb its affine), y being (B, n, N)
+        #                   (strides stride_yb, stride_yn): one tile spans the row (BLOCK_N >= N, one column of
+        #                   programs), and its masked columns hold 0.
         offs_m, offs_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
         offs_k = tl.arange(0, BLOCK_K)
         m_ok = offs_m < M
@@ -423,8 +448,13 @@ if HAS_TRITON:
             b = (offs_m // n).to(tl.int64)
             tok = tl.load(ids_ptr + offs_m % n, mask=m_ok, other=0).to(tl.int64)
             dst = out_ptr + (b * stride_ob + tok * stride_on)[:, None] + offs_n[None, :]
-            h = tl.load(dst, mask=ok, other=0.0).to(tl.float32) + acc
-            tl.store(dst, h.to(out_ptr.dtype.element_ty), mask=ok)
+            h = (tl.load(dst, mask=ok, other=0.0).to(tl.float32) + acc).to(out_ptr.dtype.element_ty)
+            tl.store(dst, h, mask=ok)
+            if NORM:
+                y = _layer_norm_rows(h.to(tl.float32), n_ok, N, eps, lnw_ptr, lnb_ptr, offs_n, HAS_W, HAS_LNB)
+                i = (offs_m % n).to(tl.int64)
+                y_dst = y_ptr + (b * stride_yb + i * stride_yn)[:, None] + offs_n[None, :]
+                tl.store(y_dst, y.to(y_ptr.dtype.element_ty), mask=ok)
         else:
             acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
             dst = out_ptr + offs_m.to(tl.int64)[:, None] * stride_ob + offs_n[None, :]
@@ -612,17 +642,23 @@ def _check_linear(x: torch.Tensor, weight_t: torch.Tensor) -> Tuple[int, int]:
     return K, N
 
 
-def _launch_linear(x2, weight_t, bias, out, ids, gamma, n, stride_ob, stride_on, residual, tiles):
+def _launch_linear(x2, weight_t, bias, out, ids, gamma, n, stride_ob, stride_on, residual, tiles, norm=None):
+    """The fused product's launch; ``norm``: (y, LN weight, LN bias, eps) for the residual epilogue's LN."""
     block_m, block_n, block_k, num_warps, num_stages = tiles
     M, K = x2.shape
     N = weight_t.shape[1]
     b, has_b = _flag_ptr(bias, weight_t)
     g, has_g = _flag_ptr(gamma, weight_t)
+    y, lnw, lnb, eps = norm or (out, None, None, 0.0)
+    lnw, has_w = _flag_ptr(lnw, weight_t)
+    lnb, has_lnb = _flag_ptr(lnb, weight_t)
+    stride_yb, stride_yn = (y.stride(0), y.stride(1)) if norm else (0, 0)
     grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)
-    _linear_kernel[grid](x2, weight_t, b, out, ids, g, M, N, K, n, x2.stride(0), weight_t.stride(0), stride_ob,
-                         stride_on, HAS_B=has_b, HAS_G=has_g, RESIDUAL=residual, EVEN_K=K % block_k == 0,
-                         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, num_warps=num_warps,
-                         num_stages=num_stages)
+    _linear_kernel[grid](x2, weight_t, b, out, ids, g, y, lnw, lnb, M, N, K, n, x2.stride(0), weight_t.stride(0),
+                         stride_ob, stride_on, stride_yb, stride_yn, float(eps), HAS_B=has_b, HAS_G=has_g,
+                         RESIDUAL=residual, NORM=norm is not None, HAS_W=has_w, HAS_LNB=has_lnb,
+                         EVEN_K=K % block_k == 0, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
+                         num_warps=num_warps, num_stages=num_stages)
 
 
 def linear_gelu_triton(x: torch.Tensor, weight_t: torch.Tensor, bias: Optional[torch.Tensor],
@@ -661,6 +697,51 @@ def linear_residual_scatter_triton_(x: torch.Tensor, ids: torch.Tensor, u: torch
         _launch_linear(u.reshape(B * n, K), weight_t, bias, x, ids, gamma, n, x.stride(0), x.stride(1), True,
                        (block_m, block_n, block_k, num_warps, num_stages))
     return x
+
+
+def norm_tiles(width: int) -> List[Tuple[int, int, int, int, int]]:
+    """The tiles of :func:`linear_residual_layer_norm_triton_` for rows of ``width``: BLOCK_N the power of two
+    that spans the row, for widths up to 256; none for wider rows (a 512-column fp32 accumulator beside its
+    residual tile would spill).  Compiled for sm_90a at DeiT-Ti's 192 (BLOCK_N 256; ptxas -v, Triton 3.9): the
+    64-row tile (wgmma) spills 92 bytes a thread, the 32- and 16-row tiles (mma.sync) none; 64 rows in 4 warps
+    spilled 1.6 KB and 32 rows in 4 warps 16 bytes, so they are not offered."""
+    if width > 256:
+        return []
+    block_n = max(16, _next_power_of_2(width))
+    return [(64, block_n, 64, 8, 3), (32, block_n, 64, 8, 3), (16, block_n, 64, 4, 3)]
+
+
+def _next_power_of_2(v: int) -> int:
+    return 1 << max(0, int(v) - 1).bit_length()
+
+
+def linear_residual_layer_norm_triton_(x: torch.Tensor, ids: torch.Tensor, u: torch.Tensor,
+                                       weight_t: torch.Tensor, bias: Optional[torch.Tensor],
+                                       gamma: Optional[torch.Tensor], ln_weight: Optional[torch.Tensor],
+                                       ln_bias: Optional[torch.Tensor], eps: float,
+                                       out_dtype: Optional[torch.dtype] = None, out: Optional[torch.Tensor] = None,
+                                       block_m: int = 64, block_n: Optional[int] = None, block_k: int = 64,
+                                       num_warps: int = 8, num_stages: int = 3) -> torch.Tensor:
+    """Triton version of :func:`linear_residual_layer_norm_reference_`: x[:, ids] += gamma * (u @ weight_t +
+    bias), then LN of the rows as written, in one kernel (the attention's projection, its residual add and the
+    block's second norm).  u (B, n, K), weight_t (K, C) contiguous, x (B, N, C); distinct ids; ``block_n`` must
+    span the row (default: the power of two that does).  Returns the (B, n, C) LN output (``out`` when given, see
+    :func:`out_rows`), in ``out_dtype`` (default u's dtype)."""
+    _need_triton(x)
+    K, C = _check_linear(u, weight_t)
+    _check_rows(x, ids)
+    B, n = x.shape[0], ids.numel()
+    if tuple(u.shape[:2]) != (B, n) or x.shape[-1] != C:
+        raise ValueError(f'expected u of shape ({B}, {n}, {K}) and a buffer of width {C}, got {tuple(u.shape)} '
+                         f'and {tuple(x.shape)}')
+    block_n = block_n or max(16, _next_power_of_2(C))
+    if block_n < C:
+        raise ValueError(f'block_n {block_n} does not span a row of {C}: the norm needs the whole row in one tile')
+    out = out_rows(B, n, C, x.device, out, out_dtype, u.dtype)
+    if B * n:
+        _launch_linear(u.reshape(B * n, K), weight_t, bias, x, ids, gamma, n, x.stride(0), x.stride(1), True,
+                       (block_m, block_n, block_k, num_warps, num_stages), norm=(out, ln_weight, ln_bias, eps))
+    return out
 
 
 def patch_embed_triton_(out: torch.Tensor, images: torch.Tensor, weight_t: torch.Tensor, const: torch.Tensor,
@@ -727,6 +808,14 @@ def linear_residual_scatter_(x, ids, u, weight_t, bias, gamma, **tiles):
     """x[:, ids] += gamma * (u @ weight_t + bias) in place; see :func:`linear_residual_scatter_triton_`."""
     impl = linear_residual_scatter_triton_ if triton_runs_on(x) else linear_residual_scatter_reference_
     return impl(x, ids, u, weight_t, bias, gamma, **tiles)
+
+
+def linear_residual_layer_norm_(x, ids, u, weight_t, bias, gamma, ln_weight, ln_bias, eps, out_dtype=None,
+                                **tiles):
+    """x[:, ids] += gamma * (u @ weight_t + bias) in place; returns LN(x[:, ids]); see
+    :func:`linear_residual_layer_norm_triton_`."""
+    impl = linear_residual_layer_norm_triton_ if triton_runs_on(x) else linear_residual_layer_norm_reference_
+    return impl(x, ids, u, weight_t, bias, gamma, ln_weight, ln_bias, eps, out_dtype, **tiles)
 
 
 def linear_gelu(x, weight_t, bias, **tiles):

@@ -27,8 +27,9 @@ and the eager pruned models reach only 0.73-0.79 of their FLOPs ratio (benchmark
     y   = gather_layer_norm(x, ids)                  # gather + LN1 + cast: one pass (models/fast_kernels.py)
     qkv = y @ Wqkv^T + bqkv                          # cuBLAS (each product on rows padded as timed, see below)
     o   = attention(qkv)                             # SDPA backend or Triton kernel, chosen per kept count
-    a   = o @ Wproj^T + bproj                        # cuBLAS
-    y2  = residual_layer_norm_(x, ids, a, gamma1)    # x[:, ids] += gamma1*a, LN2, cast: one pass
+    a   = o @ Wproj^T + bproj                        # cuBLAS, then
+    y2  = residual_layer_norm_(x, ids, a, gamma1)    # x[:, ids] += gamma1*a, LN2, cast: one pass; or both in
+                                                     # one Triton kernel (rows of at most 256 channels)
     u   = GELU(y2 @ W1^T + b1)                       # cuBLAS + torch's GELU, or one Triton kernel (GELU in
                                                      # the epilogue), chosen per kept count
     m   = u @ W2^T + b2                              # cuBLAS, then
@@ -41,7 +42,10 @@ model's exact GELU; the fused Triton product applies the exact GELU to its fp32 
 writing the (B, n, 4C) hidden activation and reading it back (GELU measured 0.62 ms of 7.10).  Whether that
 beats cuBLAS's product is a matter of measurement, so on CUDA both are timed at build time (``mlp_choices``);
 likewise the second product with the residual update as its epilogue (``fc2_choices``), which saves writing
-and reading its (B, n, C) output.  cuBLAS itself picks its kernel by a heuristic on the shape, and at some row
+and reading its (B, n, C) output, and, where a row has at most 256 channels (DeiT-Ti), the attention's
+projection with the residual update and the second norm as its epilogue (``proj_norm_choices``: one kernel
+instead of the projection and ``residual_layer_norm_``; its tile spans the row, so the norm sees the whole
+residual).  cuBLAS itself picks its kernel by a heuristic on the shape, and at some row
 counts it picks a slow one (measured on an H200: the qkv product at DeiT-Ti width took 0.033-0.037 ms at three
 of C&C-Ti-30's kept counts against 0.025 at the others), so qkv, the projection and the first MLP product are
 also timed with their operand padded by 64 to 1024 rows (``ROW_PADS``, at most an eighth more rows, so none at
@@ -124,8 +128,8 @@ from . import fast_kernels as K
 from .clip_concat import _version_of
 
 __all__ = ['build_fast_path', 'FastViT', 'CaptureError', 'AttentionChoice', 'ProductChoice', 'choose_attention',
-           'choose_product', 'choose_fc2', 'check_supported', 'BACKENDS', 'ATTENTION_MODES', 'MLP_MODES',
-           'DTYPES']
+           'choose_product', 'choose_fc2', 'choose_proj_norm', 'check_supported', 'BACKENDS', 'ATTENTION_MODES',
+           'MLP_MODES', 'DTYPES']
 
 BACKENDS = ('triton', 'torch', 'compile')
 ATTENTION_MODES = ('auto', 'sdpa', 'triton')
@@ -562,6 +566,67 @@ def choose_fc2(batch: int, num_tokens: int, n: int, hidden: int, width: int, dty
     return best, timings, refused
 
 
+def run_proj_norm(proj: ProductChoice, fused: ProductChoice, x: torch.Tensor, ids: torch.Tensor, o: torch.Tensor,
+                  weight: torch.Tensor, weight_t: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                  gamma: Optional[torch.Tensor], ln_weight: Optional[torch.Tensor], ln_bias: Optional[torch.Tensor],
+                  eps: float, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The attention's projection, the residual update and the block's second norm: x[:, ids] += gamma *
+    (o @ weight^T + bias), then LN of those rows -> (B, n, C), into ``out`` when given.  ``fused`` 'triton': one
+    kernel (``weight_t``: weight transposed; its tiles); 'torch': cuBLAS as ``proj`` says (on the first B*n +
+    ``proj.pad`` rows of ``o``, (rows, H*D), image by image) then the residual-norm kernel."""
+    B, n = x.shape[0], ids.numel()
+    if fused.kind == 'triton':
+        bm, bn, bk, warps, stages = fused.tiles
+        return K.linear_residual_layer_norm_triton_(x, ids, o[:B * n].view(B, n, -1), weight_t, bias, gamma,
+                                                    ln_weight, ln_bias, eps, out=out, block_m=bm, block_n=bn,
+                                                    block_k=bk, num_warps=warps, num_stages=stages)
+    a = F.linear(o[:B * n + proj.pad], weight, bias)[:B * n].view(B, n, -1)
+    return K.residual_layer_norm_triton_(x, ids, a, gamma, ln_weight, ln_bias, eps, out=out)
+
+
+@torch.no_grad()
+def choose_proj_norm(batch: int, num_tokens: int, n: int, in_width: int, width: int, dtype: torch.dtype,
+                     residual_dtype: torch.dtype, device: torch.device, proj: ProductChoice
+                     ) -> Tuple[ProductChoice, Dict[str, float], Dict[str, str]]:
+    """Time the projection, residual update and second norm (:func:`run_proj_norm`) for o (batch * n real rows
+    + ``proj.pad``, in_width) into a (batch, num_tokens, width) buffer on CUDA: unfused ('torch': cuBLAS as
+    ``proj`` was chosen, then the residual-norm kernel) against the fused kernel's tiles (:func:`K.norm_tiles`,
+    rows of at most 256 channels); return the fastest whose norm output and updated rows are within tolerance of
+    the fp32 reference, with every candidate's milliseconds.  Cached per shape."""
+    key = ('proj_norm', str(device), dtype, residual_dtype, batch, num_tokens, n, in_width, width, proj.pad)
+    if key in _CHOICE_CACHE:
+        return _CHOICE_CACHE[key]
+    g = torch.Generator(device=device).manual_seed(n)
+    x = torch.randn(batch, num_tokens, width, device=device, generator=g).to(residual_dtype)
+    ids = torch.randperm(num_tokens, device=device, generator=g)[:n].sort().values
+    o = torch.randn(batch * n + proj.pad, in_width, device=device, generator=g).to(dtype)
+    w = (torch.randn(width, in_width, device=device, generator=g) * in_width ** -0.5).to(dtype)
+    b = torch.randn(width, device=device, generator=g).to(dtype)
+    gamma, ln_w, ln_b = (torch.randn(width, device=device, generator=g) for _ in range(3))
+    wt = w.t().contiguous()
+
+    def both(y: torch.Tensor, after: torch.Tensor) -> torch.Tensor:  # the norm's output and the rows updated
+        return torch.cat([y.float().flatten(), after.index_select(1, ids).float().flatten()])
+    ref_x = x.clone()
+    ref = both(K.linear_residual_layer_norm_reference_(ref_x, ids, o[:batch * n].view(batch, n, in_width), wt, b,
+                                                       gamma, ln_w, ln_b, 1e-6), ref_x)
+    tol = max(8 * torch.finfo(dtype).eps, 5e-3) * max(1.0, ref.abs().max().item())
+    candidates = [ProductChoice('torch')]  # unfused: the projection's own pad is proj's
+    if K.HAS_TRITON and dtype in (torch.float16, torch.bfloat16):
+        candidates += [ProductChoice('triton', tiles=t) for t in K.norm_tiles(width)]
+
+    def check(c: ProductChoice) -> torch.Tensor:
+        after = x.clone()
+        return both(run_proj_norm(proj, c, after, ids, o, w, wt, b, gamma, ln_w, ln_b, 1e-6), after)
+    timed = x.clone()  # accumulates over the timed calls: the values drift, the work does not change
+    best, ms, timings, refused = _fastest(
+        candidates, lambda c: run_proj_norm(proj, c, timed, ids, o, w, wt, b, gamma, ln_w, ln_b, 1e-6), ref, tol,
+        check=check)
+    best = ProductChoice('torch') if best is None else replace(best, ms=ms)
+    _CHOICE_CACHE[key] = (best, timings, refused)
+    return best, timings, refused
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the executor
 
@@ -594,11 +659,13 @@ class _FastBlock(nn.Module):
             self.register_buffer(name, t)
         self.register_buffer('fc1_wt', None)  # W1^T (C, 4C), made when the fused linear + GELU is chosen
         self.register_buffer('fc2_wt', None)  # W2^T (4C, C), made when the fused linear + residual is chosen
+        self.register_buffer('proj_wt', None)  # Wp^T (H*D, C), made when the fused projection + norm is chosen
         self.attention = AttentionChoice('sdpa')
         self.qkv = ProductChoice('torch')
         self.proj = ProductChoice('torch')
         self.mlp = ProductChoice('torch')
         self.fc2 = ProductChoice('torch')
+        self.proj_norm = ProductChoice('torch')  # 'torch': cuBLAS as proj says, then the residual-norm kernel
 
 
 def _layer_norm_f32(t: torch.Tensor, weight, bias, eps: float) -> torch.Tensor:
@@ -705,13 +772,15 @@ class FastViT(nn.Module):
         self._image_address = None
         # why a timed candidate was refused, per kind of choice and kept count: {kind: {n: {label: reason}}}
         self.refused: Dict[str, Dict[int, Dict[str, str]]] = {
-            kind: {} for kind in ('attention', 'qkv', 'proj', 'mlp', 'fc2', 'patch_embedding')}
+            kind: {} for kind in ('attention', 'qkv', 'proj', 'proj_norm', 'mlp', 'fc2', 'patch_embedding')}
         self.attention_choices: Dict[int, AttentionChoice] = {}
         self.attention_timings: Dict[int, Dict[str, float]] = {}
         self.qkv_choices: Dict[int, ProductChoice] = {}
         self.qkv_timings: Dict[int, Dict[str, float]] = {}
         self.proj_choices: Dict[int, ProductChoice] = {}
         self.proj_timings: Dict[int, Dict[str, float]] = {}
+        self.proj_norm_choices: Dict[int, ProductChoice] = {}
+        self.proj_norm_timings: Dict[int, Dict[str, float]] = {}
         self.mlp_choices: Dict[int, ProductChoice] = {}
         self.mlp_timings: Dict[int, Dict[str, float]] = {}
         self.fc2_choices: Dict[int, ProductChoice] = {}
@@ -790,8 +859,9 @@ class FastViT(nn.Module):
 
     def _choose_products(self, mode: str) -> None:
         """For each kept count, how the block's products run (``qkv``; ``proj``: the attention's projection;
-        ``mlp``: fc1 + GELU; ``fc2``: fc2 + residual).  The ``mlp`` mode decides them all; 'triton' forces the
-        fused kernels and leaves qkv and proj to cuBLAS.  fc2 is chosen after fc1: its operand has padding rows
+        ``mlp``: fc1 + GELU; ``fc2``: fc2 + residual; ``proj_norm``: the projection fused with its residual update
+        and the second norm, or not).  The ``mlp`` mode decides them all; 'triton' forces the fused MLP kernels
+        and leaves qkv and proj to cuBLAS, unfused.  fc2 is chosen after fc1: its operand has padding rows
         only if fc1 ran padded."""
         timed = self._times_products(mode)
         batch = self.tune_batch
@@ -816,16 +886,23 @@ class FastViT(nn.Module):
                                           self.residual_dtype, self.device, operand_pad=fc1[0].pad))
                 else:
                     choices = (torch_product,) * 4
-                for kind, (choice, timings, refused) in zip(kinds, choices):
+                # the projection, its residual update and the second norm in one kernel (rows of at most 256
+                # channels) against cuBLAS as just chosen and the residual-norm kernel
+                choices += ((choose_proj_norm(batch, self.num_tokens, blk.n, blk.proj_w.shape[1], width, self.dtype,
+                                              self.residual_dtype, self.device, choices[1][0])
+                             if timed and K.norm_tiles(width) else torch_product),)
+                for kind, (choice, timings, refused) in zip(kinds + ('proj_norm',), choices):
                     getattr(self, f'{kind}_choices')[blk.n] = choice
                     getattr(self, f'{kind}_timings')[blk.n] = timings
                     self.refused[kind][blk.n] = refused
-            for kind in kinds:
+            for kind in kinds + ('proj_norm',):
                 setattr(blk, kind, getattr(self, f'{kind}_choices')[blk.n])
             if blk.mlp.kind == 'triton':
                 blk.fc1_wt = blk.fc1_w.t().contiguous()
             if blk.fc2.kind == 'triton':
                 blk.fc2_wt = blk.fc2_w.t().contiguous()
+            if blk.proj_norm.kind == 'triton':
+                blk.proj_wt = blk.proj_w.t().contiguous()
 
     def _choose_embed(self, mode: str) -> None:
         """How the patch embedding runs (``embed_choice``): 'torch' (an unfolded copy of the patches in the
@@ -919,11 +996,12 @@ class FastViT(nn.Module):
         buf, y = self._rows(x, n, blk.qkv.pad)  # each product's operand: its real rows, then its padding
         K.gather_layer_norm_triton(x, blk.ids, blk.ln1_w, blk.ln1_b, blk.eps1, out=y)
         qkv = F.linear(buf, blk.qkv_w, blk.qkv_b)[:B * n].view(B, n, -1)  # the real rows of the product
-        buf, o = self._rows(x, n, blk.proj.pad, blk.proj_w.shape[1])
+        fused = blk.proj_norm.kind == 'triton'  # the projection, residual update and norm in one kernel
+        o_buf, o = self._rows(x, n, 0 if fused else blk.proj.pad, blk.proj_w.shape[1])
         run_attention(blk.attention, qkv, blk.num_heads, blk.scale, out=o)
-        a = F.linear(buf, blk.proj_w, blk.proj_b)[:B * n].view(B, n, -1)
         buf, y = self._rows(x, n, blk.mlp.pad)
-        K.residual_layer_norm_triton_(x, blk.ids, a, blk.gamma1, blk.ln2_w, blk.ln2_b, blk.eps2, out=y)
+        run_proj_norm(blk.proj, blk.proj_norm, x, blk.ids, o_buf, blk.proj_w, blk.proj_wt, blk.proj_b, blk.gamma1,
+                      blk.ln2_w, blk.ln2_b, blk.eps2, out=y)
         u = run_linear_gelu(blk.mlp, buf, blk.fc1_w, blk.fc1_wt, blk.fc1_b)  # (B*n + its padding, hidden)
         return run_linear_residual(blk.fc2, x, blk.ids, u, blk.fc2_w, blk.fc2_wt, blk.fc2_b, blk.gamma2)
 
@@ -1095,6 +1173,8 @@ class FastViT(nn.Module):
             'qkv_ms': _finite(self.qkv_timings),
             'proj': {str(n): c.label for n, c in sorted(self.proj_choices.items())},
             'proj_ms': _finite(self.proj_timings),
+            'proj_norm': {str(n): c.label for n, c in sorted(self.proj_norm_choices.items())},
+            'proj_norm_ms': _finite(self.proj_norm_timings),
             'mlp': {str(n): c.label for n, c in sorted(self.mlp_choices.items())},
             'mlp_ms': _finite(self.mlp_timings),
             'fc2': {str(n): c.label for n, c in sorted(self.fc2_choices.items())},

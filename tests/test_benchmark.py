@@ -346,6 +346,11 @@ def test_fast_path_builds_table_names_each_products_kernels():
     cells = dict(zip(header.strip('|').split(' | '), row.strip('|').split(' | ')))
     assert cells['qkv'] == 'torch, torch+256rows' and cells['attention proj'] == 'torch'
     assert cells['MLP fc1 + GELU'] == 'triton-128x128x64w4s4' and cells['MLP fc2 + residual'] == '–'
+    assert cells['proj + residual + LN2'] == '–'  # results from before that was timed
+    header, rule, row = report._fast_path_table(results(dict(products, proj_norm={'133': 'triton-64x256x64w8s3',
+                                                                                  '141': 'torch'})))[-3:]
+    cells = dict(zip(header.strip('|').split(' | '), row.strip('|').split(' | ')))
+    assert cells['proj + residual + LN2'] == 'torch, triton-64x256x64w8s3' and cells['attention proj'] == 'torch'
 
 
 def test_product_times_sum_the_chosen_kernels_against_cublas_on_the_real_rows_over_the_blocks():
@@ -368,6 +373,13 @@ def test_product_times_sum_the_chosen_kernels_against_cublas_on_the_real_rows_ov
     assert report.product_times({k: v for k, v in d.items() if not k.endswith('_ms')}) is None  # a CPU build
     results['models']['m']['rows'][0]['fast_path'] = untimed
     assert not any('at build time (each replayed' in line for line in report._fast_path_table(results))
+    # at 133 the projection ran fused with its residual update and norm, 0.010 ms faster than cuBLAS's product
+    # and the residual-norm kernel: the projection's chosen time is that much less (twice: two blocks keep 133)
+    fused = dict(d, proj_norm={'133': 'triton-64x256x64w8s3', '150': 'torch'},
+                 proj_norm_ms={'133': {'torch': 0.050, 'triton-64x256x64w8s3': 0.040}, '150': {'torch': 0.045}})
+    assert report.product_times(fused)['proj'] == (pytest.approx(0.030 + 2 * (0.026 - 0.010)),
+                                                   pytest.approx(0.030 + 2 * 0.036))
+    assert report.product_times(dict(fused, proj_norm_ms={})) is None  # the fused choice without its times
 
 
 def test_ratios_pair_rounds_in_our_protocol_and_divide_means_in_the_original():

@@ -404,6 +404,61 @@ def test_linear_residual_scatter(x_dtype, u_dtype, tiles, layer_scale):
 
 
 @needs_triton
+@pytest.mark.parametrize('x_dtype,u_dtype', [(torch.float32, torch.float32), (torch.float32, torch.float16),
+                                             (torch.float16, torch.float16)] + (
+                                                [(torch.float32, torch.bfloat16)] if CUDA else []))
+@pytest.mark.parametrize('tiles', [(16, 64, 32, 4, 2), (32, 64, 16, 4, 2)])
+@pytest.mark.parametrize('affine', [True, False])
+def test_linear_residual_layer_norm(x_dtype, u_dtype, tiles, affine):
+    """x[:, ids] += gamma * (u @ W^T + b) and LN of the rows as written, in one kernel, with distinct unsorted
+    ids, K = 72 (ragged against BLOCK_K 32), C = 40 (the tile's 64 columns span it, 24 masked off), B * n = 18
+    rows (ragged against BLOCK_M): against float64 arithmetic and against the reference, the LN of the rounded
+    residual as the unfused kernels compute it; the rows not kept are untouched.  Without the affine and
+    LayerScale, the flags' other branch."""
+    B, N, C, K_ = 2, 21, 40, 72
+    ids = torch.tensor(DISTINCT_IDS, device=DEVICE)
+    x = _randn(B, N, C, seed=60, dtype=x_dtype)
+    u = _randn(B, len(DISTINCT_IDS), K_, seed=61, dtype=u_dtype)
+    wt = (_randn(K_, C, seed=62) * K_ ** -0.5).to(u_dtype)
+    b = _randn(C, seed=63, dtype=u_dtype)
+    g, lw, lb = (_randn(C, seed=64), _randn(C, seed=65) + 1, _randn(C, seed=66)) if affine else (None,) * 3
+    ours, ref = x.clone(), x.clone()
+    y = K.linear_residual_layer_norm_triton_(ours, ids, u, wt, b, g, lw, lb, 1e-6, block_m=tiles[0],
+                                             block_n=tiles[1], block_k=tiles[2], num_warps=tiles[3],
+                                             num_stages=tiles[4])
+    y_ref = K.linear_residual_layer_norm_reference_(ref, ids, u, wt, b, g, lw, lb, 1e-6)
+    assert y.dtype == y_ref.dtype == u_dtype and y.shape == (B, len(DISTINCT_IDS), C)
+    plain = x.clone()
+    m = u.double() @ wt.double() + b.double()
+    plain[:, ids] = (x[:, ids].double() + m * (g.double() if affine else 1.0)).to(x_dtype)
+    h = plain[:, ids].double()
+    y_plain = (h - h.mean(-1, keepdim=True)) / torch.sqrt(h.var(-1, unbiased=False, keepdim=True) + 1e-6)
+    if affine:
+        y_plain = y_plain * lw.double() + lb.double()
+    tol = {torch.float32: 2e-3 if CUDA else 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[u_dtype]
+    res_tol = max(tol, 2 * torch.finfo(x_dtype).eps) * max(1.0, plain.abs().max().item())
+    assert (ours.double() - plain.double()).abs().max().item() <= res_tol
+    assert (ref.double() - plain.double()).abs().max().item() <= res_tol
+    rest = [i for i in range(N) if i not in DISTINCT_IDS]
+    assert torch.equal(ours[:, rest], x[:, rest])
+    # the norm of a rounded residual amplifies its rounding by 1/std: compare against the reference, which
+    # normalises the same rounded rows, tightly, and against float64 within the residual's rounding
+    y_tol = max(tol, 2 * torch.finfo(u_dtype).eps) * max(1.0, y_plain.abs().max().item())
+    assert (y.double() - y_ref.double()).abs().max().item() <= y_tol
+    assert (y.double() - y_plain).abs().max().item() <= y_tol + 50 * torch.finfo(x_dtype).eps
+
+
+def test_linear_residual_layer_norm_needs_a_tile_that_spans_the_row():
+    x, u = _randn(1, 4, 40, seed=1), _randn(1, 2, 8, seed=2)
+    wt = _randn(8, 40, seed=3)
+    with pytest.raises(ValueError, match='block_n 32 does not span a row of 40'):
+        K.linear_residual_layer_norm_triton_(x, torch.tensor([0, 2], device=DEVICE), u, wt, None, None, None,
+                                             None, 1e-6, block_n=32)
+    assert [t[1] for t in K.norm_tiles(192)] == [256] * 3 and K.norm_tiles(384) == []
+    assert {t[1] for t in K.norm_tiles(40)} == {64}
+
+
+@needs_triton
 @pytest.mark.parametrize('dtype', LINEAR_DTYPES)
 @pytest.mark.parametrize('geometry,tiles', [((3, 20, 30, 5, 5), (32, 32, 16, 4, 2)),   # K = 75: ragged K tiles
                                             ((3, 32, 32, 8, 8), (16, 64, 64, 4, 2)),   # K = 192, one tile too wide
@@ -483,8 +538,8 @@ def test_patch_embed_refuses_mismatched_shapes():
 
 
 @needs_triton
-@pytest.mark.parametrize('kernel', ['gather', 'residual_norm', 'residual', 'linear_residual', 'patch_embed',
-                                    'attention'])
+@pytest.mark.parametrize('kernel', ['gather', 'residual_norm', 'residual', 'linear_residual', 'linear_residual_norm',
+                                    'patch_embed', 'attention'])
 def test_kernels_touch_no_row_past_their_images(kernel):
     """Each kernel that takes token rows given, for the buffer, its outputs and its operands, the first B images
     of tensors of B + 1: the image after them stays as it was (the kernels' values are checked above).  B * n = 18
@@ -506,6 +561,9 @@ def test_kernels_touch_no_row_past_their_images(kernel):
      'residual_norm': lambda: K.residual_layer_norm_triton_(x, ids, a, g, w, b, 1e-6, out=out),
      'residual': lambda: K.residual_scatter_triton_(x, ids, a, g),
      'linear_residual': lambda: K.linear_residual_scatter_triton_(x, ids, u, wt, b, g, 32, 32, 16, 4, 2),
+     'linear_residual_norm': lambda: K.linear_residual_layer_norm_triton_(x, ids, u, wt, b, g, w, b, 1e-6, out=out,
+                                                                          block_m=32, block_k=16, num_warps=4,
+                                                                          num_stages=2),
      'patch_embed': lambda: K.patch_embed_triton_(x, images, pwt, const, 12, (4, 4), 32, 32, 16, 4, 2),
      'attention': lambda: K.attention_triton(qkv, 2, 0.125, 16, 32, 16, 4, 2, out=o)}[kernel]()
     for k, t in tensors.items():
@@ -907,6 +965,61 @@ def test_timed_build_can_pad_the_rows_of_a_product(monkeypatch, fc1):
         ours = fast(x)
         assert rows == pads * len(built['kept_counts']), (batch, rows)  # qkv's, proj's and fc1's operands
         assert torch.isfinite(ours).all() and _close(ours, plain(x)), batch
+
+
+@needs_triton
+@torch.no_grad()
+@pytest.mark.parametrize('winner', ['fused', 'torch'])
+def test_timed_build_can_fuse_the_projection_with_the_residual_and_norm(monkeypatch, winner):
+    """Rows of at most 256 channels: the timed build also times the attention's projection, its residual update
+    and the second norm as one kernel (each tile of K.norm_tiles) against cuBLAS as chosen for the projection and
+    the residual-norm kernel ('torch'), and keeps the fastest that computes the right thing: a tile scripted
+    fastest of all that computes something else is refused.  Fused or not, the path computes the model."""
+    import models.fast_path as FP
+    from models.fast_path import ProductChoice
+    fused, wrong = (ProductChoice('triton', tiles=t).label for t in K.norm_tiles(64)[:2])
+    kept = fused if winner == 'fused' else 'torch'
+    script = {kept: 0.5, wrong: 0.25}
+    run_proj_norm, refused = FP.run_proj_norm, []
+
+    def scripted(run, cand):
+        run(cand)
+        return script.get(cand.label, 2.0)
+
+    def wrong_tile(proj, choice, *a, **kw):
+        refused.append(choice.label) if choice.label == wrong else None
+        return run_proj_norm(proj, choice, *a, **kw) * (1.0 + (choice.label == wrong))
+
+    monkeypatch.setattr(FP, '_times_on', lambda device: True)
+    monkeypatch.setattr(FP, '_time_candidate', scripted)
+    monkeypatch.setattr(FP, '_CHOICE_CACHE', {})
+    monkeypatch.setattr(FP, 'run_proj_norm', wrong_tile)
+    model = tiny_cc(12)
+    pruning.apply_masks(model, pruning.random_masks(3, 16, 0.3, generator=_gen(12)))
+    fast = build_fast_path(model, backend='triton', dtype=torch.float16, batch_size=2)
+    built = fast.describe()
+    counts = sorted(set(built['kept_counts']))
+    assert built['proj_norm'] == {str(n): kept for n in counts}
+    assert sorted(refused) == [wrong] * len(counts)
+    for n in counts:
+        ms = built['proj_norm_ms'][str(n)]
+        assert set(ms) == {'torch'} | {ProductChoice('triton', tiles=t).label for t in K.norm_tiles(64)}
+        assert ms[kept] == 0.5 and ms[wrong] is None
+        assert built['refused']['proj_norm'][str(n)][wrong].startswith('max |difference| ')
+    for blk in fast.blocks:
+        assert blk.proj_norm.label == kept and (blk.proj_wt is not None) == (winner == 'fused')
+    x = images(seed=12)
+    ref = model(x)
+    assert (fast(x) - ref).abs().max().item() <= 1e-2 * max(1.0, ref.abs().max().item())
+    monkeypatch.setattr(FP, 'run_proj_norm', run_proj_norm)  # the forward runs what was chosen, not the stand-in
+    launches, fused_kernel = [], K.linear_residual_layer_norm_triton_
+    monkeypatch.setattr(K, 'linear_residual_layer_norm_triton_', lambda *a, **kw: launches.append(1) or
+                        fused_kernel(*a, **kw))
+    assert (fast(x) - ref).abs().max().item() <= 1e-2 * max(1.0, ref.abs().max().item())
+    assert len(launches) == (sum(n > 0 for n in built['kept_counts']) if winner == 'fused' else 0)
+    # an untimed build (CPU, or mlp='torch') never fuses: the choice is 'torch' and the projection cuBLAS's
+    plain = build_fast_path(model, backend='triton', dtype=torch.float16, attention='sdpa', mlp='torch')
+    assert set(plain.describe()['proj_norm'].values()) == {'torch'}
 
 
 def test_on_a_gpu_the_cuda_only_tests_run_first(monkeypatch):
@@ -1507,16 +1620,24 @@ for dtype in ('fp16', 'fp32'):
         out[f'attention {bm}x{bn}{tail} {dtype}'] = compile_(
             K._attention_kernel, types, dict(HEAD_DIM=64, BLOCK_M=bm, BLOCK_N=bn, BLOCK_T=bt), warps, stages,
             aligned=attn_aligned)
-lin = dict(x_ptr='*fp16', wt_ptr='*fp16', b_ptr='*fp16', out_ptr='*fp16', ids_ptr='*i64', g_ptr='*fp32', M='i32',
-           N='i32', K='i32', n='i32', stride_xm='i32', stride_wk='i32', stride_ob='i32', stride_on='i32')
+lin = dict(x_ptr='*fp16', wt_ptr='*fp16', b_ptr='*fp16', out_ptr='*fp16', ids_ptr='*i64', g_ptr='*fp32',
+           y_ptr='*fp16', lnw_ptr='*fp32', lnb_ptr='*fp32', M='i32', N='i32', K='i32', n='i32', stride_xm='i32',
+           stride_wk='i32', stride_ob='i32', stride_on='i32', stride_yb='i32', stride_yn='i32', eps='fp32')
+lin_aligned = ('x_ptr', 'wt_ptr', 'b_ptr', 'out_ptr', 'ids_ptr', 'g_ptr', 'y_ptr', 'lnw_ptr', 'lnb_ptr', 'N', 'K',
+               'stride_xm', 'stride_wk', 'stride_ob', 'stride_on', 'stride_yb', 'stride_yn')
 for bm, bn, bk, warps, stages in K.LINEAR_TILES:
     for residual in (False, True):
         types = dict(lin, out_ptr='*fp32') if residual else lin
         out[f'linear {bm}x{bn}x{bk}w{warps} residual={residual}'] = compile_(
-            K._linear_kernel, types, dict(HAS_B=True, HAS_G=residual, RESIDUAL=residual, EVEN_K=True, BLOCK_M=bm,
-                                          BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), warps, stages,
-            aligned=('x_ptr', 'wt_ptr', 'b_ptr', 'out_ptr', 'ids_ptr', 'g_ptr', 'N', 'K', 'stride_xm', 'stride_wk',
-                     'stride_ob', 'stride_on'))
+            K._linear_kernel, types, dict(HAS_B=True, HAS_G=residual, RESIDUAL=residual, NORM=False, HAS_W=False,
+                                          HAS_LNB=False, EVEN_K=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                                          GROUP_M=8), warps, stages, aligned=lin_aligned)
+for bm, bn, bk, warps, stages in K.norm_tiles(192):  # the projection, residual and norm of DeiT-Ti
+    out[f'linear {bm}x{bn}x{bk}w{warps} norm'] = compile_(
+        K._linear_kernel, dict(lin, out_ptr='*fp32'), dict(HAS_B=True, HAS_G=True, RESIDUAL=True, NORM=True,
+                                                           HAS_W=True, HAS_LNB=True, EVEN_K=True, BLOCK_M=bm,
+                                                           BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8),
+        warps, stages, aligned=lin_aligned)
 block_c, rows, warps = K._row_tile(192)
 rows_ = dict(x_ptr='*fp32', ids_ptr='*i64', w_ptr='*fp32', b_ptr='*fp32', out_ptr='*fp16', num_rows='i32', n='i32',
              C='i32', stride_xb='i32', stride_xn='i32', stride_ob='i32', stride_on='i32', eps='fp32')
@@ -1564,7 +1685,7 @@ def test_kernels_compile_for_hopper():
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     kernels = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(kernels) == 2 * len(K.ATTENTION_TILES) + 4 * len(K.LINEAR_TILES) + 3
+    assert len(kernels) == 2 * len(K.ATTENTION_TILES) + 4 * len(K.LINEAR_TILES) + len(K.norm_tiles(192)) + 3
     too_big = sorted(name for name, info in kernels.items() if info['shared'] > 227 * 1024)
     assert too_big == ['attention 64x256 fp32'], too_big
     assert K.ATTENTION_TILES[0][:2] != (64, 256)
@@ -1586,6 +1707,11 @@ def test_kernels_compile_for_hopper():
     # epilogue they spill in in registers (the 64-row tiles spill a few bytes at most, as ptxas versions differ)
     spilled = {name: info['spilled'] for name, info in kernels.items() if info['spilled']}
     assert not [n for n in spilled if not n.startswith(('linear', 'patch_embed'))], spilled
+    # the projection + residual + norm tiles (norm_tiles' docstring): the 64-row one spills under 128 bytes, the
+    # narrower ones nothing
+    norm = {n: b for n, b in spilled.items() if n.endswith(' norm')}
+    assert set(norm) <= {'linear 64x256x64w8 norm'} and max(norm.values(), default=0) < 128, norm
+    spilled = {n: b for n, b in spilled.items() if n not in norm}
     spilling = {'128x128x64w4', '128x256x64w8'}  # a 128-register fp32 accumulator a thread
     assert spilling <= {'{}x{}x{}w{}'.format(*t[:4]) for t in K.LINEAR_TILES}
     assert {n for n, b in spilled.items() if b > 64} <= {n for n in spilled if n.split()[1] in spilling}, spilled
@@ -1724,7 +1850,8 @@ def test_the_build_times_its_candidates_replayed_from_a_cuda_graph():
         fast = build_fast_path(model, backend='triton', dtype=torch.float16, cuda_graph=True, batch_size=8)
     built = fast.describe()
     timed = 0
-    for kind in ('attention', 'qkv', 'proj', 'mlp', 'fc2'):  # qkv, proj: cuBLAS on 8 x 148 rows and padded
+    # qkv, proj: cuBLAS on 8 x 148 rows and padded; proj_norm: unfused against the fused tiles (width 192)
+    for kind in ('attention', 'qkv', 'proj', 'proj_norm', 'mlp', 'fc2'):
         assert set(built[f'{kind}_ms']) == {str(n) for n in set(built['kept_counts'])}, kind
         for n, ms in built[f'{kind}_ms'].items():
             finite = {k: v for k, v in ms.items() if v is not None}
