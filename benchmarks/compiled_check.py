@@ -36,14 +36,11 @@ def build_parser():
 
 
 def main(argv=None) -> int:
-    from benchmarks.formulations import resolve_model
+    from benchmarks.formulations import model_argument
     from utils import UserError
     args = build_parser().parse_args(argv)
     try:
-        try:
-            args.model = resolve_model(args.model)
-        except ValueError as e:
-            raise UserError(f'argument --model: {e}') from None
+        args.model = model_argument(args.model)
         if args.device == 'cuda' and not torch.cuda.is_available():
             raise UserError('argument --device: cuda: no CUDA GPU is available')
     except UserError as e:

@@ -65,6 +65,15 @@ def resolve_model(name: str) -> str:
                      f'C&C model (e.g. {SHORTCUTS["tiny"]})')
 
 
+def model_argument(name: str, flag: str = '--model') -> str:
+    """:func:`resolve_model` of a script's ``flag``: a mistake is a UserError naming the flag (one line, exit 2)."""
+    from utils import UserError
+    try:
+        return resolve_model(name)
+    except ValueError as e:
+        raise UserError(f'argument {flag}: {e}') from None
+
+
 def rates_pruning_nothing(timm_name: str, rates: List[float], label: Optional[str] = None) -> Dict[float, str]:
     """{rate: why it prunes nothing} for each of ``rates`` that clips no (layer, patch) slot of ``timm_name``'s C&C
     model (its blocks and patches read from a build on the meta device, which allocates nothing); ``label`` names

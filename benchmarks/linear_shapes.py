@@ -144,15 +144,12 @@ def build_parser():
 
 
 def main(argv=None) -> int:
-    from benchmarks.formulations import rates_pruning_nothing, resolve_model
+    from benchmarks.formulations import model_argument, rates_pruning_nothing
     from utils import OutputWriteError, UserError, check_output_dir
     args = build_parser().parse_args(argv)
     # every mistake is found before any timing, and the GPU last, so the others are found on any machine
     try:
-        try:
-            args.model = resolve_model(args.model)
-        except ValueError as e:
-            raise UserError(f'argument --model: {e}') from None
+        args.model = model_argument(args.model)
         nothing = rates_pruning_nothing(args.model, [args.rate])
         if nothing:
             raise UserError(f'argument --rate: {nothing[args.rate]}')

@@ -678,6 +678,19 @@ def linear_gelu_triton(x: torch.Tensor, weight_t: torch.Tensor, bias: Optional[t
     return out.view(*x.shape[:-1], N)
 
 
+def _check_residual_product(x: torch.Tensor, ids: torch.Tensor, u: torch.Tensor, weight_t: torch.Tensor
+                            ) -> Tuple[int, int, int, int]:
+    """(K, C, B, n) of a product whose epilogue updates the rows ``ids`` of the buffer x (B, N, C) with
+    u (B, n, K) @ weight_t (K, C); ValueError for shapes that do not fit."""
+    K, C = _check_linear(u, weight_t)
+    _check_rows(x, ids)
+    B, n = x.shape[0], ids.numel()
+    if tuple(u.shape[:2]) != (B, n) or x.shape[-1] != C:
+        raise ValueError(f'expected u of shape ({B}, {n}, {K}) and a buffer of width {C}, got {tuple(u.shape)} '
+                         f'and {tuple(x.shape)}')
+    return K, C, B, n
+
+
 def linear_residual_scatter_triton_(x: torch.Tensor, ids: torch.Tensor, u: torch.Tensor, weight_t: torch.Tensor,
                                     bias: Optional[torch.Tensor], gamma: Optional[torch.Tensor],
                                     block_m: int = LINEAR_TILES[0][0], block_n: int = LINEAR_TILES[0][1],
@@ -687,12 +700,7 @@ def linear_residual_scatter_triton_(x: torch.Tensor, ids: torch.Tensor, u: torch
     with u (B, n, K), weight_t (K, C) contiguous, x (B, N, C); distinct ids.  The product is not rounded before
     it is added (the unfused sequence rounds it to u's dtype first).  Returns x."""
     _need_triton(x)
-    K, C = _check_linear(u, weight_t)
-    _check_rows(x, ids)
-    B, n = x.shape[0], ids.numel()
-    if tuple(u.shape[:2]) != (B, n) or x.shape[-1] != C:
-        raise ValueError(f'expected u of shape ({B}, {n}, {K}) and a buffer of width {C}, got {tuple(u.shape)} '
-                         f'and {tuple(x.shape)}')
+    K, C, B, n = _check_residual_product(x, ids, u, weight_t)
     if B * n:
         _launch_linear(u.reshape(B * n, K), weight_t, bias, x, ids, gamma, n, x.stride(0), x.stride(1), True,
                        (block_m, block_n, block_k, num_warps, num_stages))
@@ -728,12 +736,7 @@ def linear_residual_layer_norm_triton_(x: torch.Tensor, ids: torch.Tensor, u: to
     span the row (default: the power of two that does).  Returns the (B, n, C) LN output (``out`` when given, see
     :func:`out_rows`), in ``out_dtype`` (default u's dtype)."""
     _need_triton(x)
-    K, C = _check_linear(u, weight_t)
-    _check_rows(x, ids)
-    B, n = x.shape[0], ids.numel()
-    if tuple(u.shape[:2]) != (B, n) or x.shape[-1] != C:
-        raise ValueError(f'expected u of shape ({B}, {n}, {K}) and a buffer of width {C}, got {tuple(u.shape)} '
-                         f'and {tuple(x.shape)}')
+    K, C, B, n = _check_residual_product(x, ids, u, weight_t)
     block_n = block_n or max(16, _next_power_of_2(C))
     if block_n < C:
         raise ValueError(f'block_n {block_n} does not span a row of {C}: the norm needs the whole row in one tile')
