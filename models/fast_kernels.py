@@ -710,9 +710,9 @@ def linear_residual_scatter_triton_(x: torch.Tensor, ids: torch.Tensor, u: torch
 def norm_tiles(width: int) -> List[Tuple[int, int, int, int, int]]:
     """The tiles of :func:`linear_residual_layer_norm_triton_` for rows of ``width``: BLOCK_N the power of two
     that spans the row, for widths up to 256; none for wider rows (a 512-column fp32 accumulator beside its
-    residual tile would spill).  Compiled for sm_90a at DeiT-Ti's 192 (BLOCK_N 256; ptxas -v, Triton 3.9): the
-    64-row tile (wgmma) spills 92 bytes a thread, the 32- and 16-row tiles (mma.sync) none; 64 rows in 4 warps
-    spilled 1.6 KB and 32 rows in 4 warps 16 bytes, so they are not offered."""
+    residual tile would spill).  Compiled for sm_90a at DeiT-Ti's 192 (BLOCK_N 256; ptxas -v, Triton 3.9 and 3.6):
+    the 64-row tile (wgmma) spills 92 (3.6: 84) bytes a thread, the 32- and 16-row tiles (mma.sync) none; 64 rows
+    in 4 warps spilled 1.6 KB (3.6: 1.8) and 32 rows in 4 warps 16 bytes (3.9), so they are not offered."""
     if width > 256:
         return []
     block_n = max(16, _next_power_of_2(width))
