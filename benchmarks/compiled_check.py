@@ -4,10 +4,10 @@ The benchmark compiles timm's dense model once (``torch.compile(fullgraph=True, 
 object at the main batch size, then at the summary's 32 and 1, each a static recompile for the new shape, checking
 the logits at every size against the eager fp32 model with the same weights (its ``logit_check``).  On an H200
 (torch 2.11, fp16) DeiT-Ti's compiled model once gave logits 0.60 away from fp32 at batch 32 there (tolerance
-3.3e-3), while a fresh compile of the same model in a later process agreed within 1.4e-3.  This script repeats
-the benchmark's sequence on the benchmark's model and images, and beside it compiles every batch size afresh
-(``torch._dynamo.reset()`` first), so one run tells a recompile of the shared object from a fresh one; run it
-once with inductor's on-disk cache as the benchmark left it and once with an empty one
+3.3e-3), while fresh compiles of timm's DeiT-Ti (another random init) in a later process agreed within 1.4e-3.
+This script repeats the benchmark's sequence on the benchmark's model and images, and beside it compiles every
+batch size afresh (``torch._dynamo.reset()`` first), so one run tells a recompile of the shared object from a
+fresh one; run it once with inductor's on-disk cache as the benchmark left it and once with an empty one
 (``TORCHINDUCTOR_CACHE_DIR``) to tell the cache apart too (``bash benchmarks/gpu_check.sh compiled`` does both).
 
   python benchmarks/compiled_check.py [--device cuda] [--model deit_tiny_patch16_224] [--batch-sizes 256,32,1]

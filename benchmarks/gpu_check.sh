@@ -61,7 +61,7 @@
 # compiled at batch 256, 32 and 1 and its logits checked against eager fp32, as the benchmark compiles it and
 # afresh per batch size, first with this machine's inductor cache as the earlier steps left it, then with an empty
 # one; outputs compiled_cache.log and compiled_fresh.log (with env.txt and status.txt).  It is there because the
-# benchmark's compiled DeiT-Ti once gave logits far off fp32 at batch 32 where a fresh compile did not.
+# benchmark's compiled DeiT-Ti once gave logits far off fp32 at batch 32 where fresh compiles did not.
 #
 # Outputs go to $OUT (default /tmp/gpu_check_out), 7 files (a remote run brings back at most 8): env.txt,
 # status.txt, test_fast_path.log, test_model.log, model_zoo.log, cuda.json, cuda.md.  cuda.json and cuda.md are
