@@ -707,12 +707,15 @@ def linear_residual_scatter_triton_(x: torch.Tensor, ids: torch.Tensor, u: torch
     return x
 
 
-def norm_tiles(width: int) -> List[Tuple[int, int, int, int, int]]:
-    """The tiles of :func:`linear_residual_layer_norm_triton_` for rows of ``width``: BLOCK_N the power of two
-    that spans the row, for widths up to 256; none for wider rows (a 512-column fp32 accumulator beside its
-    residual tile would spill).  Compiled for sm_90a at DeiT-Ti's 192 (BLOCK_N 256; ptxas -v, Triton 3.9 and 3.6):
-    the 64-row tile (wgmma) spills 92 (3.6: 84) bytes a thread, the 32- and 16-row tiles (mma.sync) none; 64 rows
-    in 4 warps spilled 1.6 KB (3.6: 1.8) and 32 rows in 4 warps 16 bytes (3.9), so they are not offered."""
+def row_tiles(width: int) -> List[Tuple[int, int, int, int, int]]:
+    """Tiles whose BLOCK_N spans a row of ``width`` (the power of two that does), for widths up to 256; none for
+    wider rows (a 512-column fp32 accumulator beside its residual tile would spill).  Those of
+    :func:`linear_residual_layer_norm_triton_` (its norm needs the whole row), and extra candidates for the second
+    MLP product with its residual update, whose 192 output columns (DeiT-Ti) otherwise take three 64-column tiles
+    or a 128-column one and a ragged one.  Compiled for sm_90a at DeiT-Ti's 192 (BLOCK_N 256; ptxas -v, Triton
+    3.9 and 3.6): with the norm, the 64-row tile (wgmma) spills 92 (3.6: 84) bytes a thread, the 32- and 16-row
+    tiles (mma.sync) none; without it none spills; 64 rows in 4 warps spilled 1.6-1.8 KB either way and 32 rows in
+    4 warps 16 bytes with the norm (3.9), so they are not offered."""
     if width > 256:
         return []
     block_n = max(16, _next_power_of_2(width))

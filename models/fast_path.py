@@ -538,8 +538,8 @@ def choose_fc2(batch: int, num_tokens: int, n: int, hidden: int, width: int, dty
     """Time x[:, ids] += gamma * (u @ W^T + b) for u (batch * n real rows + ``operand_pad``, hidden) into a
     (batch, num_tokens, width) buffer on CUDA: cuBLAS + the scatter kernel, on the real rows and (when the first
     product left ``operand_pad`` rows of padding in u: it ran padded) on all of them, against the fused Triton
-    kernel's tiles; return the fastest within tolerance of the fp32 reference, with every candidate's
-    milliseconds.  Cached per shape."""
+    kernel's tiles (:data:`K.LINEAR_TILES`, and :func:`K.row_tiles` for rows of at most 256 channels); return the
+    fastest within tolerance of the fp32 reference, with every candidate's milliseconds.  Cached per shape."""
     key = ('fc2', str(device), dtype, residual_dtype, batch, num_tokens, n, hidden, width, operand_pad)
     if key in _CHOICE_CACHE:
         return _CHOICE_CACHE[key]
@@ -555,8 +555,9 @@ def choose_fc2(batch: int, num_tokens: int, n: int, hidden: int, width: int, dty
                                                gamma).float()
     tol = max(8 * torch.finfo(dtype).eps, 5e-3) * max(1.0, ref.abs().max().item())
     candidates = [ProductChoice('torch')] + ([ProductChoice('torch', pad=operand_pad)] if operand_pad else [])
-    if dtype in (torch.float16, torch.bfloat16):
-        candidates += [ProductChoice('triton', tiles=t) for t in K.LINEAR_TILES]
+    if dtype in (torch.float16, torch.bfloat16):  # and for rows of at most 256 channels, tiles that span one
+        tiles = K.LINEAR_TILES + tuple(t for t in K.row_tiles(width) if t not in K.LINEAR_TILES)
+        candidates += [ProductChoice('triton', tiles=t) for t in tiles]
     timed = x.clone()  # accumulates over the timed calls: the values drift, the work does not change
     best, ms, timings, refused = _fastest(
         candidates, lambda c: run_linear_residual(c, timed, ids, u, w, wt, b, gamma), ref, tol,
@@ -590,7 +591,7 @@ def choose_proj_norm(batch: int, num_tokens: int, n: int, in_width: int, width: 
                      ) -> Tuple[ProductChoice, Dict[str, float], Dict[str, str]]:
     """Time the projection, residual update and second norm (:func:`run_proj_norm`) for o (batch * n real rows
     + ``proj.pad``, in_width) into a (batch, num_tokens, width) buffer on CUDA: unfused ('torch': cuBLAS as
-    ``proj`` was chosen, then the residual-norm kernel) against the fused kernel's tiles (:func:`K.norm_tiles`,
+    ``proj`` was chosen, then the residual-norm kernel) against the fused kernel's tiles (:func:`K.row_tiles`,
     rows of at most 256 channels); return the fastest whose norm output and updated rows are within tolerance of
     the fp32 reference, with every candidate's milliseconds.  Cached per shape."""
     key = ('proj_norm', str(device), dtype, residual_dtype, batch, num_tokens, n, in_width, width, proj.pad)
@@ -613,7 +614,7 @@ def choose_proj_norm(batch: int, num_tokens: int, n: int, in_width: int, width: 
     tol = max(8 * torch.finfo(dtype).eps, 5e-3) * max(1.0, ref.abs().max().item())
     candidates = [ProductChoice('torch')]  # unfused: the projection's own pad is proj's
     if K.HAS_TRITON and dtype in (torch.float16, torch.bfloat16):
-        candidates += [ProductChoice('triton', tiles=t) for t in K.norm_tiles(width)]
+        candidates += [ProductChoice('triton', tiles=t) for t in K.row_tiles(width)]
 
     def check(c: ProductChoice) -> torch.Tensor:
         after = x.clone()
@@ -890,7 +891,7 @@ class FastViT(nn.Module):
                 # channels) against cuBLAS as just chosen and the residual-norm kernel
                 choices += ((choose_proj_norm(batch, self.num_tokens, blk.n, blk.proj_w.shape[1], width, self.dtype,
                                               self.residual_dtype, self.device, choices[1][0])
-                             if timed and K.norm_tiles(width) else torch_product),)
+                             if timed and K.row_tiles(width) else torch_product),)
                 for kind, (choice, timings, refused) in zip(kinds + ('proj_norm',), choices):
                     getattr(self, f'{kind}_choices')[blk.n] = choice
                     getattr(self, f'{kind}_timings')[blk.n] = timings

@@ -454,8 +454,8 @@ def test_linear_residual_layer_norm_needs_a_tile_that_spans_the_row():
     with pytest.raises(ValueError, match='block_n 32 does not span a row of 40'):
         K.linear_residual_layer_norm_triton_(x, torch.tensor([0, 2], device=DEVICE), u, wt, None, None, None,
                                              None, 1e-6, block_n=32)
-    assert [t[1] for t in K.norm_tiles(192)] == [256] * 3 and K.norm_tiles(384) == []
-    assert {t[1] for t in K.norm_tiles(40)} == {64}
+    assert [t[1] for t in K.row_tiles(192)] == [256] * 3 and K.row_tiles(384) == []
+    assert {t[1] for t in K.row_tiles(40)} == {64}
 
 
 @needs_triton
@@ -972,12 +972,12 @@ def test_timed_build_can_pad_the_rows_of_a_product(monkeypatch, fc1):
 @pytest.mark.parametrize('winner', ['fused', 'torch'])
 def test_timed_build_can_fuse_the_projection_with_the_residual_and_norm(monkeypatch, winner):
     """Rows of at most 256 channels: the timed build also times the attention's projection, its residual update
-    and the second norm as one kernel (each tile of K.norm_tiles) against cuBLAS as chosen for the projection and
+    and the second norm as one kernel (each tile of K.row_tiles) against cuBLAS as chosen for the projection and
     the residual-norm kernel ('torch'), and keeps the fastest that computes the right thing: a tile scripted
     fastest of all that computes something else is refused.  Fused or not, the path computes the model."""
     import models.fast_path as FP
     from models.fast_path import ProductChoice
-    fused, wrong = (ProductChoice('triton', tiles=t).label for t in K.norm_tiles(64)[:2])
+    fused, wrong = (ProductChoice('triton', tiles=t).label for t in K.row_tiles(64)[:2])
     kept = fused if winner == 'fused' else 'torch'
     script = {kept: 0.5, wrong: 0.25}
     run_proj_norm, refused = FP.run_proj_norm, []
@@ -1003,7 +1003,10 @@ def test_timed_build_can_fuse_the_projection_with_the_residual_and_norm(monkeypa
     assert sorted(refused) == [wrong] * len(counts)
     for n in counts:
         ms = built['proj_norm_ms'][str(n)]
-        assert set(ms) == {'torch'} | {ProductChoice('triton', tiles=t).label for t in K.norm_tiles(64)}
+        assert set(ms) == {'torch'} | {ProductChoice('triton', tiles=t).label for t in K.row_tiles(64)}
+        # the second MLP product is offered the row-spanning tiles too, beside its usual ones
+        offered = {ProductChoice('triton', tiles=t).label for t in K.LINEAR_TILES + tuple(K.row_tiles(64))}
+        assert offered <= set(built['fc2_ms'][str(n)])
         assert ms[kept] == 0.5 and ms[wrong] is None
         assert built['refused']['proj_norm'][str(n)][wrong].startswith('max |difference| ')
     for blk in fast.blocks:
@@ -1632,12 +1635,13 @@ for bm, bn, bk, warps, stages in K.LINEAR_TILES:
             K._linear_kernel, types, dict(HAS_B=True, HAS_G=residual, RESIDUAL=residual, NORM=False, HAS_W=False,
                                           HAS_LNB=False, EVEN_K=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                                           GROUP_M=8), warps, stages, aligned=lin_aligned)
-for bm, bn, bk, warps, stages in K.norm_tiles(192):  # the projection, residual and norm of DeiT-Ti
-    out[f'linear {bm}x{bn}x{bk}w{warps} norm'] = compile_(
-        K._linear_kernel, dict(lin, out_ptr='*fp32'), dict(HAS_B=True, HAS_G=True, RESIDUAL=True, NORM=True,
-                                                           HAS_W=True, HAS_LNB=True, EVEN_K=True, BLOCK_M=bm,
-                                                           BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8),
-        warps, stages, aligned=lin_aligned)
+for bm, bn, bk, warps, stages in K.row_tiles(192):  # DeiT-Ti: the projection, residual and norm; fc2's extra tiles
+    for norm in (True, False):
+        out[f'linear {bm}x{bn}x{bk}w{warps} {"norm" if norm else "row"}'] = compile_(
+            K._linear_kernel, dict(lin, out_ptr='*fp32'), dict(HAS_B=True, HAS_G=True, RESIDUAL=True, NORM=norm,
+                                                               HAS_W=norm, HAS_LNB=norm, EVEN_K=True, BLOCK_M=bm,
+                                                               BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8),
+            warps, stages, aligned=lin_aligned)
 block_c, rows, warps = K._row_tile(192)
 rows_ = dict(x_ptr='*fp32', ids_ptr='*i64', w_ptr='*fp32', b_ptr='*fp32', out_ptr='*fp16', num_rows='i32', n='i32',
              C='i32', stride_xb='i32', stride_xn='i32', stride_ob='i32', stride_on='i32', eps='fp32')
@@ -1685,7 +1689,7 @@ def test_kernels_compile_for_hopper():
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     kernels = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(kernels) == 2 * len(K.ATTENTION_TILES) + 4 * len(K.LINEAR_TILES) + len(K.norm_tiles(192)) + 3
+    assert len(kernels) == 2 * len(K.ATTENTION_TILES) + 4 * len(K.LINEAR_TILES) + 2 * len(K.row_tiles(192)) + 3
     too_big = sorted(name for name, info in kernels.items() if info['shared'] > 227 * 1024)
     assert too_big == ['attention 64x256 fp32'], too_big
     assert K.ATTENTION_TILES[0][:2] != (64, 256)
@@ -1707,10 +1711,11 @@ def test_kernels_compile_for_hopper():
     # epilogue they spill in in registers (the 64-row tiles spill a few bytes at most, as ptxas versions differ)
     spilled = {name: info['spilled'] for name, info in kernels.items() if info['spilled']}
     assert not [n for n in spilled if not n.startswith(('linear', 'patch_embed'))], spilled
-    # the projection + residual + norm tiles (norm_tiles' docstring): the 64-row one spills under 128 bytes, the
-    # narrower ones nothing
+    # the row-spanning tiles (row_tiles' docstring): with the norm the 64-row one spills under 128 bytes, the
+    # narrower ones nothing; as fc2's extra tiles (no norm) none spills
     norm = {n: b for n, b in spilled.items() if n.endswith(' norm')}
     assert set(norm) <= {'linear 64x256x64w8 norm'} and max(norm.values(), default=0) < 128, norm
+    assert not [n for n in spilled if n.endswith(' row')], spilled
     spilled = {n: b for n, b in spilled.items() if n not in norm}
     spilling = {'128x128x64w4', '128x256x64w8'}  # a 128-register fp32 accumulator a thread
     assert spilling <= {'{}x{}x{}w{}'.format(*t[:4]) for t in K.LINEAR_TILES}
