@@ -1553,12 +1553,13 @@ def test_compiled_backend():
 
 
 @pytest.mark.slow
-def test_compiled_paths_each_have_their_own_recompile_limit(monkeypatch):
+@torch._dynamo.config.patch(recompile_limit=1)
+def test_compiled_paths_each_have_their_own_recompile_limit():
     """torch.compile keeps at most recompile_limit graphs (8 by default) per code object and, with fullgraph, fails
     past it.  Paths of other kept counts built in one process each run (they used to share FastViT's code object,
     so the ninth failed); one path run at more shapes than the limit says so in one clear error.  The limit is
-    set to 1 here so that two paths show it."""
-    monkeypatch.setattr(torch._dynamo.config, 'recompile_limit', 1)
+    set to 1 here so that two paths show it (with torch's own patch: pytest 9.2's monkeypatch, which restores what
+    the target's __dict__ held, deletes a torch config entry on undo, and torch then hides it for good)."""
     x = images(batch=2, seed=9)
     for seed, rate in ((9, 0.2), (10, 0.6)):
         model = tiny_cc(seed)
@@ -2058,9 +2059,10 @@ def test_compile_on_a_cpu_without_a_compiler_is_refused_before_any_work(capsys, 
     import torch._inductor.config as inductor_config
     import finetune
     from conftest import no_work
-    monkeypatch.setattr(inductor_config.cpp, 'cxx', (None, os.path.join(os.sep, 'nonexistent', 'g++')))
     monkeypatch.setattr(finetune, 'load_model', no_work)
-    code, out, err = _cli(capsys, '--speed-only', '--resume', pruned_digits['path'], '--fast-path', 'compile')
+    # torch's own patch, not monkeypatch (which would delete the entry on undo: see the recompile-limit test)
+    with inductor_config.patch({'cpp.cxx': (None, os.path.join(os.sep, 'nonexistent', 'g++'))}):
+        code, out, err = _cli(capsys, '--speed-only', '--resume', pruned_digits['path'], '--fast-path', 'compile')
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1, err
     assert lines[0].startswith("error: --fast-path compile on the CPU needs a C++ compiler for torch.compile's "
