@@ -478,6 +478,16 @@ MUTANTS: List[Mutant] = [
            '                tl.store(y_dst, y.to(y_ptr.dtype.element_ty), mask=(offs_m <= M)[:, None] & n_ok[None, :])',
            [T + 'test_fast_path.py::test_kernels_touch_no_row_past_their_images'],
            "the fused projection's norm also writes the row after the last image (memory past its output)"),
+    mutant('proj-norm-of-the-unrounded-sum', 'models/fast_kernels.py',
+           '            h = (tl.load(dst, mask=ok, other=0.0).to(tl.float32) + acc).to(out_ptr.dtype.element_ty)\n'
+           '            tl.store(dst, h, mask=ok)\n            if NORM:\n'
+           '                y = _layer_norm_rows(h.to(tl.float32),',
+           '            h32 = tl.load(dst, mask=ok, other=0.0).to(tl.float32) + acc\n'
+           '            h = h32.to(out_ptr.dtype.element_ty)\n'
+           '            tl.store(dst, h, mask=ok)\n            if NORM:\n'
+           '                y = _layer_norm_rows(h32,',
+           [T + 'test_fast_path.py::test_linear_residual_layer_norm_normalises_the_rows_as_written'],
+           "the fused projection's norm reads the fp32 sum, not the rows as rounded and written"),
     mutant('proj-norm-chosen-not-run', 'models/fast_path.py',
            "    if fused.kind == 'triton':\n        bm, bn, bk, warps, stages = fused.tiles",
            "    if False:\n        bm, bn, bk, warps, stages = fused.tiles",

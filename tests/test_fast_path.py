@@ -448,6 +448,27 @@ def test_linear_residual_layer_norm(x_dtype, u_dtype, tiles, affine):
     assert (y.double() - y_plain).abs().max().item() <= y_tol + 50 * torch.finfo(x_dtype).eps
 
 
+@needs_triton
+def test_linear_residual_layer_norm_normalises_the_rows_as_written():
+    """The fused kernel's norm reads the residual rows rounded to the buffer's dtype, as the unfused "add, store,
+    normalise" does, not its fp32 sum: with an fp16 buffer and an fp32 output, the output is LN of the rows the
+    kernel wrote, tightly (LN of the unrounded sum is off by the rounding amplified by 1/std, about 1e-3 here,
+    which the fp16 outputs of the test above hide)."""
+    B, N, C, K_ = 2, 21, 40, 72
+    ids = torch.tensor(DISTINCT_IDS, device=DEVICE)
+    x = _randn(B, N, C, seed=70, dtype=torch.float16) * 4
+    u = _randn(B, len(DISTINCT_IDS), K_, seed=71, dtype=torch.float16)
+    wt = (_randn(K_, C, seed=72) * K_ ** -0.5).to(torch.float16)
+    b = _randn(C, seed=73, dtype=torch.float16)
+    g, lw, lb = _randn(C, seed=74), _randn(C, seed=75) + 1, _randn(C, seed=76)
+    ours = x.clone()
+    y = K.linear_residual_layer_norm_triton_(ours, ids, u, wt, b, g, lw, lb, 1e-6, out_dtype=torch.float32,
+                                             block_m=16, block_n=64, block_k=32, num_warps=4, num_stages=2)
+    assert y.dtype == torch.float32
+    as_written = F.layer_norm(ours[:, ids].float(), (C,), lw, lb, 1e-6)
+    assert (y - as_written).abs().max().item() <= 1e-5 * max(1.0, as_written.abs().max().item())
+
+
 def test_linear_residual_layer_norm_needs_a_tile_that_spans_the_row():
     x, u = _randn(1, 4, 40, seed=1), _randn(1, 2, 8, seed=2)
     wt = _randn(8, 40, seed=3)
