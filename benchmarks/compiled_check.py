@@ -40,6 +40,8 @@ def main(argv=None) -> int:
     from utils import UserError
     args = build_parser().parse_args(argv)
     try:
+        if not args.batch_sizes:  # given empty ('' or ','): nothing would be checked, and that would pass
+            raise UserError('argument --batch-sizes: no batch size given')
         args.model = model_argument(args.model)
         if args.device == 'cuda' and not torch.cuda.is_available():
             raise UserError('argument --device: cuda: no CUDA GPU is available')

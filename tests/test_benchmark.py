@@ -2393,7 +2393,10 @@ def test_gpu_check_compiled_step_checks_with_the_machines_cache_and_with_an_empt
 def test_compiled_check_refuses_bad_arguments_before_any_work():
     for argv, message in [(['--batch-sizes', '0'], 'error: argument --batch-sizes: must be from 1 to 65536, got 0'),
                           (['--model', 'nope'], "error: argument --model: unknown model 'nope'"),
-                          (['--device', 'tpu'], "error: argument --device: invalid choice: 'tpu'")]:
+                          (['--device', 'tpu'], "error: argument --device: invalid choice: 'tpu'"),
+                          # an empty list checked nothing and exited 0, as if every check had passed
+                          (['--device', 'cpu', '--batch-sizes', ' , '],
+                           'error: argument --batch-sizes: no batch size given')]:
         done = subprocess.run([sys.executable, os.path.join(ROOT, 'benchmarks', 'compiled_check.py'), *argv],
                               capture_output=True, text=True, timeout=120, env=subprocess_env())
         assert done.returncode == 2 and done.stderr.startswith(message) and done.stderr.count('\n') == 1, done.stderr
