@@ -6,9 +6,10 @@ the logits at every size against the eager fp32 model with the same weights (its
 (torch 2.11, fp16) DeiT-Ti's compiled model once gave logits 0.60 away from fp32 at batch 32 there (tolerance
 3.3e-3), while fresh compiles of timm's DeiT-Ti (another random init) in a later process agreed within 1.4e-3.
 This script repeats the benchmark's sequence on the benchmark's model and images, and beside it compiles every
-batch size afresh (``torch._dynamo.reset()`` first), so one run tells a recompile of the shared object from a
-fresh one; run it once with inductor's on-disk cache as the benchmark left it and once with an empty one
-(``TORCHINDUCTOR_CACHE_DIR``) to tell the cache apart too (``bash benchmarks/gpu_check.sh compiled`` does both).
+batch size afresh (``torch._dynamo.reset()`` first, inductor's caches off), so one run tells a recompile of the
+shared object from a fresh one; run it once with inductor's on-disk cache as the benchmark left it and once with
+an empty one (``TORCHINDUCTOR_CACHE_DIR``) to tell the cache apart too (``bash benchmarks/gpu_check.sh compiled``
+does both).
 
   python benchmarks/compiled_check.py [--device cuda] [--model deit_tiny_patch16_224] [--batch-sizes 256,32,1]
 
@@ -53,7 +54,8 @@ def main(argv=None) -> int:
 
 def check(timm_name, batch_sizes, device):
     """[(batch, way, passed)] with one line printed per entry: first 'shared', one compiled object called at every
-    batch size in turn (the benchmark's way), then 'fresh', a compile of its own for each batch size."""
+    batch size in turn (the benchmark's way), then 'fresh', a compile of its own for each batch size, with
+    inductor's caches off (a cold compile, whatever the cache folder holds)."""
     from benchmarks.formulations import Checker, Context, seeded_models
     cc, dense = seeded_models(timm_name, 0, device)  # the benchmark's weights (seed 0)
     dtype = torch.float16 if device.type == 'cuda' else None
@@ -66,18 +68,21 @@ def check(timm_name, batch_sizes, device):
     for way in ('shared', 'fresh'):
         torch._dynamo.reset()
         run = torch.compile(dense, fullgraph=True, dynamic=False)
-        for batch in batch_sizes:
-            if way == 'fresh' and batch != batch_sizes[0]:
-                torch._dynamo.reset()
-                run = torch.compile(dense, fullgraph=True, dynamic=False)
-            ctx = Context(device, dtype, batch, shape)
-            with torch.no_grad(), ctx.autocast():
-                run(ctx.batch_of_noise())  # the compile, on other images (as the benchmark's untimed first call)
-            c = Checker(lambda rate: cc, ctx).check(run, None)
-            ok = c['max_abs_diff'] <= c['tolerance']
-            print(f'batch {batch} {way}: max |logit - eager fp32| {c["max_abs_diff"]:.2e}, tolerance '
-                  f'{c["tolerance"]:.2e}: {"ok" if ok else "OFF"}', flush=True)
-            out.append((batch, way, ok))
+        # the fresh compiles with inductor's caches off: else each would load what the shared object's compile
+        # of that size wrote a moment before (the same graph), and tell nothing apart from it
+        with torch.compiler.config.patch(force_disable_caches=way == 'fresh'):
+            for batch in batch_sizes:
+                if way == 'fresh' and batch != batch_sizes[0]:
+                    torch._dynamo.reset()
+                    run = torch.compile(dense, fullgraph=True, dynamic=False)
+                ctx = Context(device, dtype, batch, shape)
+                with torch.no_grad(), ctx.autocast():
+                    run(ctx.batch_of_noise())  # the compile, on other images (as the benchmark's untimed first call)
+                c = Checker(lambda rate: cc, ctx).check(run, None)
+                ok = c['max_abs_diff'] <= c['tolerance']
+                print(f'batch {batch} {way}: max |logit - eager fp32| {c["max_abs_diff"]:.2e}, tolerance '
+                      f'{c["tolerance"]:.2e}: {"ok" if ok else "OFF"}', flush=True)
+                out.append((batch, way, ok))
     return out
 
 

@@ -2422,6 +2422,24 @@ def test_compiled_check_reports_a_compiled_model_that_is_off(monkeypatch, capsys
     assert out.count(': OFF\n') == 4 and 'batch 1 fresh: max |logit - eager fp32| 1.00e-01' in out
 
 
+def test_compiled_check_compiles_fresh_with_inductors_caches_off(monkeypatch, capsys):
+    """The 'fresh' compiles run with inductor's caches off, the shared object's with them as the run has them: else
+    each fresh compile would load what the shared object's compile of that size had just written to the cache (the
+    same graph; seen on CPU, two cache hits of two), and an empty cache folder would not make it cold."""
+    from benchmarks import compiled_check
+    seen = []
+
+    def compile_(model, **kw):
+        def run(x):
+            seen.append(torch.compiler.config.force_disable_caches)
+            return model(x)
+        return run
+    monkeypatch.setattr(torch, 'compile', compile_)
+    assert all(ok for _, _, ok in compiled_check.check('deit_tiny_patch16_224', [2, 1], torch.device('cpu')))
+    assert seen == [False] * 4 + [True] * 4  # per size: the compiling call, then the checked one
+    assert not torch.compiler.config.force_disable_caches
+
+
 def test_gpu_check_resume_and_a_reused_out_folder(tmp_path):
     """`resume` without the results to carry on is refused before $OUT is touched; with them, the benchmark alone
     runs with --resume of them (also where they are $OUT's own cuda.json, which the clean-up of a reused $OUT then
