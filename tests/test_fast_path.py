@@ -372,10 +372,26 @@ def test_linear_gelu(dtype, shape, tiles, with_bias):
     assert (ref.double() - plain).abs().max().item() <= tol * scale
 
 
+# (buffer dtype, product operand dtype) of the fused products that update the buffer's rows
+RESIDUAL_PRODUCT_DTYPES = [(torch.float32, torch.float32), (torch.float32, torch.float16),
+                           (torch.float16, torch.float16)] + ([(torch.float32, torch.bfloat16)] if CUDA else [])
+
+
+def _plain_residual_product(x, ids, u, wt, b, g):
+    """x with x[:, ids] + g * (u @ wt + b) in float64, rounded once to x's dtype (g None: no LayerScale)."""
+    plain = x.clone()
+    m = u.double() @ wt.double() + b.double()
+    plain[:, ids] = (x[:, ids].double() + m * (1.0 if g is None else g.double())).to(x.dtype)
+    return plain
+
+
+def _product_tol(u_dtype):
+    """fp16/bf16 operands, fp32 accumulation (tf32 for fp32 operands on CUDA)."""
+    return {torch.float32: 2e-3 if CUDA else 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[u_dtype]
+
+
 @needs_triton
-@pytest.mark.parametrize('x_dtype,u_dtype', [(torch.float32, torch.float32), (torch.float32, torch.float16),
-                                             (torch.float16, torch.float16)] + (
-                                                [(torch.float32, torch.bfloat16)] if CUDA else []))
+@pytest.mark.parametrize('x_dtype,u_dtype', RESIDUAL_PRODUCT_DTYPES)
 @pytest.mark.parametrize('tiles', [(32, 32, 16, 4, 2), (16, 64, 32, 4, 2)])
 @pytest.mark.parametrize('layer_scale', [True, False])
 def test_linear_residual_scatter(x_dtype, u_dtype, tiles, layer_scale):
@@ -391,12 +407,9 @@ def test_linear_residual_scatter(x_dtype, u_dtype, tiles, layer_scale):
     ours, ref = x.clone(), x.clone()
     assert K.linear_residual_scatter_triton_(ours, ids, u, wt, b, g, *tiles) is ours
     K.linear_residual_scatter_reference_(ref, ids, u, wt, b, g)
-    plain = x.clone()
-    m = u.double() @ wt.double() + b.double()
-    plain[:, ids] = (x[:, ids].double() + m * (g.double() if layer_scale else 1.0)).to(x_dtype)
-    # fp16/bf16 operands, fp32 accumulation (tf32 for fp32 operands on CUDA); one rounding to the buffer's dtype
-    tol = {torch.float32: 2e-3 if CUDA else 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[u_dtype]
-    tol = max(tol, 2 * torch.finfo(x_dtype).eps) * max(1.0, plain.abs().max().item())
+    plain = _plain_residual_product(x, ids, u, wt, b, g)
+    # one rounding to the buffer's dtype
+    tol = max(_product_tol(u_dtype), 2 * torch.finfo(x_dtype).eps) * max(1.0, plain.abs().max().item())
     assert (ours.double() - plain.double()).abs().max().item() <= tol
     assert (ref.double() - plain.double()).abs().max().item() <= tol
     rest = [i for i in range(N) if i not in DISTINCT_IDS]
@@ -404,9 +417,7 @@ def test_linear_residual_scatter(x_dtype, u_dtype, tiles, layer_scale):
 
 
 @needs_triton
-@pytest.mark.parametrize('x_dtype,u_dtype', [(torch.float32, torch.float32), (torch.float32, torch.float16),
-                                             (torch.float16, torch.float16)] + (
-                                                [(torch.float32, torch.bfloat16)] if CUDA else []))
+@pytest.mark.parametrize('x_dtype,u_dtype', RESIDUAL_PRODUCT_DTYPES)
 @pytest.mark.parametrize('tiles', [(16, 64, 32, 4, 2), (32, 64, 16, 4, 2)])
 @pytest.mark.parametrize('affine', [True, False])
 def test_linear_residual_layer_norm(x_dtype, u_dtype, tiles, affine):
@@ -428,14 +439,12 @@ def test_linear_residual_layer_norm(x_dtype, u_dtype, tiles, affine):
                                              num_stages=tiles[4])
     y_ref = K.linear_residual_layer_norm_reference_(ref, ids, u, wt, b, g, lw, lb, 1e-6)
     assert y.dtype == y_ref.dtype == u_dtype and y.shape == (B, len(DISTINCT_IDS), C)
-    plain = x.clone()
-    m = u.double() @ wt.double() + b.double()
-    plain[:, ids] = (x[:, ids].double() + m * (g.double() if affine else 1.0)).to(x_dtype)
+    plain = _plain_residual_product(x, ids, u, wt, b, g)
     h = plain[:, ids].double()
     y_plain = (h - h.mean(-1, keepdim=True)) / torch.sqrt(h.var(-1, unbiased=False, keepdim=True) + 1e-6)
     if affine:
         y_plain = y_plain * lw.double() + lb.double()
-    tol = {torch.float32: 2e-3 if CUDA else 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[u_dtype]
+    tol = _product_tol(u_dtype)
     res_tol = max(tol, 2 * torch.finfo(x_dtype).eps) * max(1.0, plain.abs().max().item())
     assert (ours.double() - plain.double()).abs().max().item() <= res_tol
     assert (ref.double() - plain.double()).abs().max().item() <= res_tol
