@@ -212,14 +212,19 @@ def linear_residual_layer_norm_reference_(x: torch.Tensor, ids: torch.Tensor, u:
                                           weight_t: torch.Tensor, bias: Optional[torch.Tensor],
                                           gamma: Optional[torch.Tensor], ln_weight: Optional[torch.Tensor],
                                           ln_bias: Optional[torch.Tensor], eps: float,
-                                          out_dtype: Optional[torch.dtype] = None, **unused) -> torch.Tensor:
+                                          out_dtype: Optional[torch.dtype] = None,
+                                          out: Optional[torch.Tensor] = None, **unused) -> torch.Tensor:
     """h = x[:, ids] + gamma * (u @ weight_t + bias), the product in fp32 and not rounded before the sum, h
     rounded once to x's dtype and written back into x; returns LN(h) (fp32, with ``ln_weight``, ``ln_bias``)
-    in ``out_dtype`` (default u's dtype).  Tile arguments are accepted and ignored."""
+    in ``out_dtype`` (default u's dtype), written into ``out`` when given (as the Triton version: see
+    :func:`out_rows`).  Tile arguments are accepted and ignored."""
+    B, n, C = x.shape[0], ids.numel(), x.shape[-1]
+    out = None if out is None else out_rows(B, n, C, x.device, out, out_dtype, u.dtype)  # checked before x changes
     m = u.float() @ weight_t.float()
     if bias is not None:
         m = m + bias.float()
-    return residual_layer_norm_reference_(x, ids, m, gamma, ln_weight, ln_bias, eps, out_dtype or u.dtype)
+    y = residual_layer_norm_reference_(x, ids, m, gamma, ln_weight, ln_bias, eps, out_dtype or u.dtype)
+    return y if out is None else out.copy_(y)
 
 
 def patch_grid(images: torch.Tensor, patch: Tuple[int, int]) -> torch.Tensor:

@@ -478,6 +478,28 @@ def test_linear_residual_layer_norm_normalises_the_rows_as_written():
     assert (y - as_written).abs().max().item() <= 1e-5 * max(1.0, as_written.abs().max().item())
 
 
+def test_linear_residual_layer_norm_writes_into_out_where_triton_cannot_run(monkeypatch):
+    """The dispatcher falls back to the reference where Triton cannot run; a given ``out`` is then written and
+    returned, as the Triton version does (not a new tensor with ``out`` left as it was), and a wrong one is
+    refused before x is changed."""
+    monkeypatch.setattr(K, 'triton_runs_on', lambda t: False)
+    B, N, C, K_ = 2, 21, 40, 72
+    ids = torch.tensor(DISTINCT_IDS)
+    x = _randn(B, N, C, seed=80).cpu()
+    u, wt, b = _randn(B, len(DISTINCT_IDS), K_, seed=81).cpu(), _randn(K_, C, seed=82).cpu(), _randn(C, seed=83).cpu()
+    expected = K.linear_residual_layer_norm_reference_(x.clone(), ids, u, wt, b, None, None, None, 1e-6)
+    buf = torch.zeros(B * len(DISTINCT_IDS) + 3, C)  # a longer buffer, its first rows the output (as the path's)
+    out = buf[:B * len(DISTINCT_IDS)].view(B, len(DISTINCT_IDS), C)
+    ours = x.clone()
+    y = K.linear_residual_layer_norm_(ours, ids, u, wt, b, None, None, None, 1e-6, out=out, block_m=16)
+    assert y.data_ptr() == out.data_ptr() and torch.equal(out, expected)
+    assert torch.equal(buf[B * len(DISTINCT_IDS):], torch.zeros(3, C))
+    before = x.clone()
+    with pytest.raises(ValueError, match='out must be a'):
+        K.linear_residual_layer_norm_(x, ids, u, wt, b, None, None, None, 1e-6, out=torch.empty(B, 1, C))
+    assert torch.equal(x, before)
+
+
 def test_linear_residual_layer_norm_needs_a_tile_that_spans_the_row():
     x, u = _randn(1, 4, 40, seed=1), _randn(1, 2, 8, seed=2)
     wt = _randn(8, 40, seed=3)
