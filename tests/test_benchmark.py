@@ -2409,17 +2409,49 @@ def test_compiled_check_compares_the_compiled_model_with_eager_fp32_on_cpu(capsy
     from benchmarks import compiled_check
     assert compiled_check.check('deit_tiny_patch16_224', [3, 2], torch.device('cpu')) == [
         (3, 'shared', True), (2, 'shared', True), (3, 'fresh', True), (2, 'fresh', True)]
-    assert capsys.readouterr().out.count(': ok\n') == 4
+    out = capsys.readouterr().out
+    assert out.count(': ok; caches: ') == 4 and 'OFF' not in out and 'images off' not in out
 
 
 def test_compiled_check_reports_a_compiled_model_that_is_off(monkeypatch, capsys):
-    """A 'compiled' model whose logits move by 0.1 (torch.compile stood in for) fails both ways at every size."""
+    """A 'compiled' model whose logits move by 0.1 (torch.compile stood in for) fails every way at every size, and
+    each line lists the images that are off."""
     from benchmarks import compiled_check
     monkeypatch.setattr(torch, 'compile', lambda model, **kw: (lambda x: model(x) + 0.1))
+    no_cudnn = compiled_check.NO_CUDNN
     assert compiled_check.check('deit_tiny_patch16_224', [2, 1], torch.device('cpu')) == [
-        (2, 'shared', False), (1, 'shared', False), (2, 'fresh', False), (1, 'fresh', False)]
+        (2, 'shared', False), (1, 'shared', False), (2, 'fresh', False), (1, 'fresh', False),
+        (2, no_cudnn, False), (1, no_cudnn, False)]
     out = capsys.readouterr().out
-    assert out.count(': OFF\n') == 4 and 'batch 1 fresh: max |logit - eager fp32| 1.00e-01' in out
+    assert out.count(': OFF; caches: none used') == 6  # (nothing compiled)
+    assert 'batch 1 fresh: max |logit - eager fp32| 1.00e-01' in out
+    assert 'images off: 0 (1.00e-01), 1 (1.00e-01) (2 of 2)' in out and 'images off: 0 (1.00e-01) (1 of 1)' in out
+
+
+def test_compiled_check_compiles_a_size_that_is_off_again_without_cudnn_attention(monkeypatch, capsys):
+    """Only a batch size where a way was off is compiled a third time, afresh, with SDPA's cuDNN backend excluded
+    while it compiles and runs (and only then); the images that are off are named, those that are not are not."""
+    from benchmarks import compiled_check
+    cudnn_seen = []
+
+    def compile_(model, **kw):
+        def run(x):
+            cudnn_seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+            out = model(x)
+            if x.shape[0] == 3 and cudnn_seen[-1]:  # off at batch 3 while cuDNN attention may run: image 1 only
+                out[1] += 0.5
+            return out
+        return run
+    monkeypatch.setattr(torch, 'compile', compile_)
+    was = torch.backends.cuda.cudnn_sdp_enabled()
+    result = compiled_check.check('deit_tiny_patch16_224', [3, 2], torch.device('cpu'))
+    assert result == [(3, 'shared', False), (2, 'shared', True), (3, 'fresh', False), (2, 'fresh', True),
+                      (3, compiled_check.NO_CUDNN, True)]
+    out = capsys.readouterr().out
+    assert out.count('images off: 1 (5.00e-01) (1 of 3)') == 2 and out.count('images off') == 2
+    # per check: the compiling call, the checked one and, when off, the call that finds the images
+    assert cudnn_seen == [was] * 3 + [was] * 2 + [was] * 3 + [was] * 2 + [False] * 2
+    assert torch.backends.cuda.cudnn_sdp_enabled() == was
 
 
 def test_compiled_check_compiles_fresh_with_inductors_caches_off(monkeypatch, capsys):
