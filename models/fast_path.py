@@ -21,8 +21,8 @@ Measured on one H200 (benchmarks/results/cuda_profile.md: fp16 autocast, DeiT-Ti
 forward, dense timm / pruned-25 eager): LayerNorm in fp32 2.25/1.74, residual adds, fp32->fp16 casts and copies
 1.48/1.18, GELU 0.62/0.47, matrix products 1.38/1.13, patch conv 0.85/0.85, attention 0.53/0.54, token routing
 (gathers and concatenation) -/0.72; total 7.10/6.62.  The memory-bound ops cost more than the matrix products,
-and the eager pruned models reach only 0.73-0.79 of their FLOPs ratio (benchmarks/results/cuda.md).  So, with
-``backend='triton'``, a block is
+and the eager pruned models reach only 0.48-0.60 (DeiT-Ti) and 0.73-0.79 (DeiT-S, -B) of their FLOPs ratio
+(benchmarks/results/cuda.md).  So, with ``backend='triton'``, a block is
 
     y   = gather_layer_norm(x, ids)                  # gather + LN1 + cast: one pass (models/fast_kernels.py)
     qkv = y @ Wqkv^T + bqkv                          # cuBLAS (each product on rows padded as timed, see below)
@@ -69,9 +69,9 @@ a 32-key tail tile) are checked against an fp32 reference and timed once at buil
 is kept (``attention_choices``); on CPU, and with ``backend='compile'``, it is SDPA, untimed.
 Candidates are timed replayed from a CUDA graph: the GPU's time, not the CPU's cost of launching them, which
 differs between cuBLAS, torch and Triton and at small batches would decide the ranking.  ``cuda_graph=True``
-captures the whole forward for one batch size (measured for the dense fast path of DeiT-Ti: 4.7x at batch 32, 1.1x
-at batch 256, benchmarks/results/cuda.md); another batch size (say the last, smaller batch of an evaluation) runs
-uncaptured.  A graph replays on fixed addresses, so its input is normally copied into a static buffer first (for
+captures the whole forward for one batch size (measured for the dense fast path of DeiT-Ti: 9.2x at batch 32, 2.2x
+at batch 256, images/s, benchmarks/results/cuda.json); another batch size (the last, smaller batch of an evaluation)
+runs uncaptured.  A graph replays on fixed addresses, so its input is normally copied into a static buffer first (for
 DeiT at batch 256, 154 MB read and written: a fixed cost that pruning does not shrink); with the Triton patch
 embedding the graph instead reads the caller's images where they are, the kernel loading their address from a
 one-element tensor that is set before each replay.  The final norm is computed only on the tokens the head reads
