@@ -17,7 +17,7 @@ Clipped tokens never move.  A dense model (every block keeps every token) goes t
 
 What is fused, and why
 ----------------------
-Measured on one H200 (benchmarks/results/cuda_profile.md: fp16 autocast, DeiT-Ti, batch 256, GPU ms per
+Measured on one H200 (benchmarks/results/cuda_profile.json: fp16 autocast, DeiT-Ti, batch 256, GPU ms per
 forward, dense timm / pruned-25 eager): LayerNorm in fp32 2.25/1.74, residual adds, fp32->fp16 casts and copies
 1.48/1.18, GELU 0.62/0.47, matrix products 1.38/1.13, patch conv 0.85/0.85, attention 0.53/0.54, token routing
 (gathers and concatenation) -/0.72; total 7.10/6.62.  The memory-bound ops cost more than the matrix products,
