@@ -1226,9 +1226,11 @@ def build_fast_path(model: nn.Module, backend: str = 'triton', dtype: Optional[t
     embedding's (the position constant, written into the buffer), and the attention's two (qkv and the
     projection): 'auto' (with backend 'triton' and fp16/bf16 on CUDA: time cuBLAS, on the real rows and padded
     (``ROW_PADS``; the second MLP product as the first left its operand), + the elementwise kernels against the
-    fused Triton kernels, per kept count for the block's four products; else torch), 'torch', or 'triton' (the
-    fused kernels; qkv and the projection by cuBLAS).  ``cuda_graph``: capture the forward for ``batch_size``
-    images (CUDA only).  ``kept_ids``: per-block original token ids, overriding ``model.kept_token_ids()`` (a
+    fused Triton kernels, per kept count for the block's four products, and at rows of at most 256 channels the
+    projection fused with its residual update and the second norm against cuBLAS + the residual-norm kernel
+    (``proj_norm``); else torch), 'torch', or 'triton' (the fused kernels of the MLP and the patch embedding; qkv
+    and the projection by cuBLAS, unfused).  ``cuda_graph``: capture the forward for ``batch_size`` images (CUDA
+    only).  ``kept_ids``: per-block original token ids, overriding ``model.kept_token_ids()`` (a
     model without it is dense).
     """
     if cuda_graph and not batch_size:
