@@ -77,7 +77,7 @@ import engine  # noqa: E402
 import models  # noqa: E402
 import pruning  # noqa: E402
 from models.flops import patch_embed_macs  # noqa: E402
-from benchmarks import report  # noqa: E402
+from benchmarks import report, shapes  # noqa: E402
 from benchmarks.formulations import (  # noqa: E402
     REFERENCES, REGISTRY, CompileBudget, Context, Runs, ScatterRouting, architecture, blocks_as_identity, build_runs,
     configure_dynamo, dense_label, image_shape, plan, pruned_copy, pruned_label, rate_tag, rates_pruning_nothing,
@@ -612,17 +612,45 @@ def _resume_problem(earlier: Dict, planned: List['Section'], args) -> Optional[s
     """What a resumed run would read from ``earlier`` (report.load_results has checked its models, machine and
     sections are what this script writes) and not find, or None: the results of each finished section it keeps
     (adopt), and the code hashes and earlier runs it carries over."""
-    for section, old in zip(planned, earlier['sections']):
-        if old.get('status') != 'done' or old.get('section') != section.title(args):
-            continue  # not kept: run again
-        if section.kind == 'main' and section.model not in earlier['models']:
-            return f'its section {section.title(args)!r} is done but "models" has no {section.model!r}'
-        if section.kind in SWEEP_KEYS and not (isinstance(earlier.get('sweeps'), dict)
-                                               and isinstance(earlier['sweeps'].get(SWEEP_KEYS[section.kind]), dict)):
-            return f'its section {section.title(args)!r} is done but "sweeps" has no {SWEEP_KEYS[section.kind]!r}'
     for key, kind in (('code', dict), ('earlier_runs', list)):
         if key in earlier and not isinstance(earlier[key], kind):
             return f'"{key}" is {report.json_kind(earlier[key])}, not {report.json_kind(kind())}'
+    why = shapes.problem(earlier, shapes.RUN, '')
+    if why:
+        return why
+    for section, old in zip(planned, earlier['sections']):
+        if old['status'] != 'done' or old['section'] != section.title(args):
+            continue  # not kept: run again
+        if section.kind == 'main':
+            if section.model not in earlier['models']:
+                return f'its section {section.title(args)!r} is done but "models" has no {section.model!r}'
+            why = _kept_model_problem(earlier['models'][section.model], f'models.{section.model}', section, args)
+        elif section.kind in SWEEP_KEYS:
+            key = SWEEP_KEYS[section.kind]
+            if not (isinstance(earlier.get('sweeps'), dict) and isinstance(earlier['sweeps'].get(key), dict)):
+                return f'its section {section.title(args)!r} is done but "sweeps" has no {key!r}'
+            why = shapes.problem(earlier['sweeps'][key], shapes.SWEEPS[key], f'sweeps.{key}')
+        if why:
+            return why
+    return None
+
+
+def _kept_model_problem(result: Dict, where: str, section: 'Section', args) -> Optional[str]:
+    """What in the results of a main table a resumed run keeps (``result``, at ``where`` in the file) has another
+    shape than bench_model writes, or does not fit the run carried on (its batch size, its rows' formulations and
+    prune rates, the summary sweep its later sections add to), or None."""
+    why = shapes.problem(result, shapes.MODEL, where)
+    if why:
+        return why
+    if result['batch_size'] != section.batch:
+        return f'{where}.batch_size is {result["batch_size"]}, but its section is {section.title(args)!r}'
+    for i, row in enumerate(result['rows']):
+        if row['kind'] not in REGISTRY:
+            return f'{where}.rows[{i}].kind is {row["kind"]!r}, no row of this benchmark'
+        if REGISTRY[row['kind']].pruned and row['prune_rate'] not in args.rates:
+            return f'{where}.rows[{i}].prune_rate is {row["prune_rate"]}, not one of --rates'
+    if args.summary_batch_sizes and 'summary_sweep' not in result:
+        return f'{where} has no "summary_sweep", which its summary sections add to'
     return None
 
 

@@ -1939,6 +1939,87 @@ def test_resume_of_a_results_json_of_another_shape_is_one_line(capsys, tmp_path,
     assert line == f'error: argument --resume: {path} is not a results JSON of this benchmark {words}', line
 
 
+def _kept_main_table(tmp_path) -> dict:
+    """A results JSON (as a dict) whose first main table, DeiT-Ti at batch 32, is done, with rows of the shape
+    model_zoo.py writes; the other sections pending."""
+    path = _earlier_results(tmp_path, '--rates', '0.25,0.4')
+    results = json.loads(open(path).read())
+    args = _parse(tmp_path, '--rates', '0.25,0.4', folder='plan')
+    results['sections'] = [{'section': s.title(args), 'kind': s.kind, 'model': s.model, 'batch_size': s.batch,
+                            'status': 'pending'} for s in zoo.plan_sections(args, CPU)]
+    results['sections'][0].update(status='done', seconds=12.5)
+    check = {'max_abs_diff': 0.0, 'tolerance': 1e-3, 'within_tolerance': True, 'top1_agreement': 1.0,
+             'top1_agreement_clear': 1.0, 'clear_images': 32, 'images': 32, 'top1_ok': True}
+    rows = [{'key': 'timm', 'label': 'DeiT-Ti (timm)', 'kind': 'timm', 'prune_rate': 0.0, 'gflops': 1.26,
+             'flops_ratio': 1.0, 'kept_tokens': [197] * 12, 'kept_tokens_mean': 197.0, 'images_per_s': 100.0,
+             'speedup_vs_timm': 1.0, 'speedup_vs_timm_ci': None, 'seconds': [0.32, 0.32], 'dense': True,
+             'check': check}]
+    rows += [{'key': f'ours_{round(100 * r)}', 'label': f'C&C-Ti-{round(100 * r)} (ours)', 'kind': 'ours',
+              'prune_rate': r, 'gflops': 1.0, 'flops_ratio': 1.26, 'kept_tokens': [150] * 12,
+              'kept_tokens_mean': 150.0, 'images_per_s': 120.0, 'speedup_vs_timm': 1.2,
+              'speedup_vs_timm_ci': [1.1, 1.3], 'seconds': [0.27, 0.27], 'dense': False} for r in (0.25, 0.4)]
+    results['models'] = {'tiny': {'model': 'deit_tiny_patch16_224', 'short': 'Ti', 'label': 'DeiT-Ti',
+                                  'batch_size': 32, 'protocol': 'ours', 'rows': rows, 'checks': {'timm': dict(check)}}}
+    results['code'] = {'engine.py': '0' * 16}
+    return results
+
+
+def _edit(results, path, value):
+    """``results`` with the value at ``path`` (keys and list indices) replaced by ``value``, or removed (None)."""
+    at = results
+    for key in path[:-1]:
+        at = at[key]
+    if value is None:
+        del at[path[-1]]
+    else:
+        at[path[-1]] = value
+    return results
+
+
+ROW = ('models', 'tiny', 'rows', 1)
+
+
+@pytest.mark.parametrize('path, value, words', [
+    (ROW + ('dense',), None, 'models.tiny.rows[1] has no "dense"'),
+    (ROW + ('images_per_s',), '120.0', 'models.tiny.rows[1].images_per_s is a string, not a number'),
+    (ROW + ('prune_rate',), '0.25', 'models.tiny.rows[1].prune_rate is a string, not a finite number'),
+    (ROW + ('prune_rate',), 0.3, 'models.tiny.rows[1].prune_rate is 0.3, not one of --rates'),
+    (ROW + ('kind',), 'fast', "models.tiny.rows[1].kind is 'fast', no row of this benchmark"),
+    (ROW + ('kept_tokens',), [150, '150'], 'models.tiny.rows[1].kept_tokens[1] is a string, not a whole number'),
+    (ROW + ('seconds',), 0.27, 'models.tiny.rows[1].seconds is a number, not a list'),
+    (ROW + ('speedup_vs_timm_ci',), [1.1], 'models.tiny.rows[1].speedup_vs_timm_ci has 1 entries, not 2'),
+    (ROW + ('label',), None, 'models.tiny.rows[1] has no "label"'),
+    (ROW + ('gflops',), float('nan'), 'models.tiny.rows[1].gflops is nan, not a finite number'),
+    (('models', 'tiny', 'rows'), [], 'models.tiny.rows is an empty list'),
+    (('models', 'tiny', 'batch_size'), '32', 'models.tiny.batch_size is a string, not a positive whole number'),
+    (('models', 'tiny', 'batch_size'), 16, "models.tiny.batch_size is 16, but its section is 'DeiT-Ti, batch 32 "
+                                           "(main table)'"),
+    (('models', 'tiny', 'checks'), [], 'models.tiny.checks is a list, not an object'),
+    (('models', 'tiny', 'checks', 'timm', 'within_tolerance'), 'yes',
+     'models.tiny.checks.timm.within_tolerance is a string, not a boolean'),
+    (('models', 'tiny', 'summary_sweep'), [], 'models.tiny.summary_sweep is a list, not an object'),
+    (('sections', 0, 'seconds'), '12.5', 'sections[0].seconds is a string, not a number'),
+    (('sections', 1, 'status'), 3, 'sections[1].status is a number, not a string'),
+    (('command',), 5, 'command is a number, not a string'),
+    (('earlier_runs',), ['python benchmarks/model_zoo.py'], 'earlier_runs[0] is a string, not an object'),
+    (('code', 'engine.py'), 12, 'code.engine.py is a number, not a string'),
+])
+def test_resume_of_a_results_json_with_a_kept_part_of_another_shape_is_one_line(capsys, tmp_path, path, value,
+                                                                                 words):
+    """Every part of the results a resumed run carries over (a kept main table's model results, its rows and
+    checks; the kept sections' records; the earlier command and runs; the code hashes) is checked before any work:
+    one edited by hand (a key missing, a number as a string, a list for an object) is refused naming where it is
+    and what is wrong, not a traceback in the middle of the run or of its report."""
+    results = _kept_main_table(tmp_path)
+    good = tmp_path / 'good.json'
+    good.write_text(json.dumps(results))
+    assert _parse(tmp_path, '--rates', '0.25,0.4', '--resume', str(good)).earlier == results
+    bad = tmp_path / 'bad.json'
+    bad.write_text(json.dumps(_edit(results, path, value)))
+    line = _refused(capsys, tmp_path, '--rates', '0.25,0.4', '--resume', str(bad))
+    assert line == f'error: argument --resume: {bad} is not a results JSON of this benchmark ({words})', line
+
+
 def test_original_protocol_runs_on_cpu_and_says_so(tmp_path, capsys, one_thread):
     res = zoo.main(SMALL + ['--protocol', 'original', '--original-passes', '1', '--json', str(tmp_path / 'o.json')])
     out = capsys.readouterr().out

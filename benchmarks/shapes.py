@@ -1,0 +1,171 @@
+"""The shape of what a resumed run (model_zoo.py --resume) carries over from the results JSON it reads: a main
+table's model results with their rows, checks and fast-path builds, a sweep's rows, a kept section's record, the
+earlier runs.  :func:`problem` says, in words, where a value read back has another shape than model_zoo.py writes
+(a key missing, a string where a number goes, a list where an object goes), so that a hand-edited or cut file is
+refused before any work instead of failing in the middle of the run or of its report."""
+import math
+from typing import Dict, Optional
+
+
+def _kind(value) -> str:
+    """What a JSON value is, in words: 'an object', 'a list', 'a string', 'a number', 'a boolean', 'null'."""
+    if isinstance(value, bool):
+        return 'a boolean'
+    return {dict: 'an object', list: 'a list', str: 'a string', int: 'a number', float: 'a number'}.get(
+        type(value), 'null')
+
+
+class Spec:
+    """A shape: ``problem(value, where)`` is None when ``value`` has it, else what is wrong, naming ``where``."""
+    def problem(self, value, where: str) -> Optional[str]:
+        raise NotImplementedError
+
+
+class Leaf(Spec):
+    def __init__(self, name: str, test):
+        self.name, self.test = name, test
+
+    def problem(self, value, where):
+        if self.test(value):
+            return None
+        if isinstance(value, float) and not math.isfinite(value):
+            return f'{where} is {value}, not {self.name}'
+        return f'{where} is {_kind(value)}, not {self.name}'
+
+
+def _at(where: str, key) -> str:
+    """The path of ``key`` in the object at ``where`` ('' at the top of the file)."""
+    return f'{where}.{key}' if where else str(key)
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+STR = Leaf('a string', lambda v: isinstance(v, str))
+BOOL = Leaf('a boolean', lambda v: isinstance(v, bool))
+NUMBER = Leaf('a number', _number)  # a figure measured (NaN and infinity are what a failed timing gives)
+FINITE = Leaf('a finite number', lambda v: _number(v) and math.isfinite(v))
+COUNT = Leaf('a whole number', lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0)
+BATCH = Leaf('a positive whole number', lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0)
+
+
+class Maybe(Spec):
+    """``spec`` or null."""
+    def __init__(self, spec: Spec):
+        self.spec = spec
+
+    def problem(self, value, where):
+        return None if value is None else self.spec.problem(value, where)
+
+
+class ListOf(Spec):
+    def __init__(self, item: Spec, length: Optional[int] = None, nonempty: bool = False):
+        self.item, self.length, self.nonempty = item, length, nonempty
+
+    def problem(self, value, where):
+        if not isinstance(value, list):
+            return f'{where} is {_kind(value)}, not a list'
+        if self.length is not None and len(value) != self.length:
+            return f'{where} has {len(value)} entries, not {self.length}'
+        if self.nonempty and not value:
+            return f'{where} is an empty list'
+        for i, v in enumerate(value):
+            why = self.item.problem(v, f'{where}[{i}]')
+            if why:
+                return why
+        return None
+
+
+class MapOf(Spec):
+    """An object whose every value has the shape ``value``."""
+    def __init__(self, value: Spec):
+        self.value = value
+
+    def problem(self, value, where):
+        if not isinstance(value, dict):
+            return f'{where} is {_kind(value)}, not an object'
+        for k, v in value.items():
+            why = self.value.problem(v, _at(where, k))
+            if why:
+                return why
+        return None
+
+
+class Obj(Spec):
+    """An object with the keys of ``required`` (each of its shape) and, where present, those of ``optional``;
+    other keys are left as they are."""
+    def __init__(self, required: Dict[str, Spec], optional: Optional[Dict[str, Spec]] = None):
+        self.required, self.optional = required, optional or {}
+
+    def problem(self, value, where):
+        if not isinstance(value, dict):
+            return f'{where} is {_kind(value)}, not an object'
+        for k, spec in self.required.items():
+            if k not in value:
+                return f'{where or "the file"} has no "{k}"'
+            why = spec.problem(value[k], _at(where, k))
+            if why:
+                return why
+        for k, spec in self.optional.items():
+            why = spec.problem(value[k], _at(where, k)) if k in value else None
+            if why:
+                return why
+        return None
+
+
+RATIO_CI = Maybe(ListOf(NUMBER, length=2))
+CHECK = Obj({'max_abs_diff': NUMBER, 'tolerance': NUMBER, 'within_tolerance': BOOL, 'top1_agreement': NUMBER,
+             'top1_agreement_clear': Maybe(NUMBER), 'clear_images': COUNT, 'images': COUNT,
+             'top1_ok': Maybe(BOOL)}, {'autocast_error': NUMBER})
+PER_COUNT = MapOf(STR)  # kept count -> the kernel chosen
+PER_COUNT_MS = MapOf(MapOf(Maybe(NUMBER)))  # kept count -> kernel -> build-time ms (null: failed)
+FAST_PATH = Obj({}, {'kept_counts': ListOf(COUNT), 'cuda_graph_batch': Maybe(BATCH), 'cuda_graph_input': Maybe(STR),
+                     'patch_embedding': STR,
+                     **{k: PER_COUNT for k in ('attention', 'qkv', 'proj', 'proj_norm', 'mlp', 'fc2')},
+                     **{f'{k}_ms': PER_COUNT_MS for k in ('attention', 'qkv', 'proj', 'proj_norm', 'mlp', 'fc2')}})
+ROW = Obj({'key': STR, 'label': STR, 'kind': STR, 'prune_rate': FINITE, 'gflops': FINITE, 'flops_ratio': FINITE,
+           'kept_tokens': ListOf(COUNT, nonempty=True), 'kept_tokens_mean': FINITE, 'images_per_s': NUMBER,
+           'speedup_vs_timm': Maybe(NUMBER), 'speedup_vs_timm_ci': RATIO_CI, 'seconds': ListOf(NUMBER),
+           'dense': BOOL},
+          {'counter_gflops': Maybe(FINITE), 'twin': STR, 'speedup_vs_twin': Maybe(NUMBER),
+           'speedup_vs_twin_ci': RATIO_CI, 'vs_boolean': Maybe(NUMBER), 'vs_boolean_ci': RATIO_CI, 'protocol': STR,
+           'build_seconds': Maybe(NUMBER), 'check': Maybe(CHECK), 'fast_path': FAST_PATH,
+           'seed_gpu': Maybe(Obj({}, {'gflops': Maybe(FINITE), 'images_per_s': Maybe(NUMBER),
+                                      'speedup': Maybe(FINITE)}))})
+SUMMARY_BATCH = Obj({'batch_size': BATCH, 'seconds': MapOf(ListOf(NUMBER))},
+                    {'rounds': COUNT, 'images_per_s': MapOf(NUMBER), 'checks': MapOf(CHECK),
+                     'build_seconds': MapOf(Maybe(NUMBER)), 'skipped_rows': MapOf(STR), 'fast_path': MapOf(FAST_PATH)})
+FAMILY = Obj({'time_ratio': Maybe(NUMBER), 'flops_ratio': Maybe(NUMBER), 'excess_share': NUMBER},
+             {'excess_ms': NUMBER})
+BREAKDOWN = MapOf(Obj({'families': MapOf(FAMILY), 'flops_ratio': NUMBER, 'profiled_speedup': Maybe(NUMBER)}))
+MODEL = Obj({'model': STR, 'short': STR, 'label': STR, 'batch_size': BATCH, 'rows': ListOf(ROW, nonempty=True)},
+            {'protocol': STR, 'checks': MapOf(CHECK), 'build_seconds': MapOf(Maybe(NUMBER)),
+             'compile_seconds': MapOf(NUMBER), 'skipped_rows': MapOf(STR),
+             'summary_sweep': Obj({'batches': ListOf(SUMMARY_BATCH)}),
+             'routing': MapOf(Obj({'batch_size': BATCH, 'ms': Obj({'ours': NUMBER, 'boolean': NUMBER,
+                                                                     'scatter': NUMBER}),
+                                   'boolean_over_ours': Maybe(NUMBER), 'boolean_over_ours_ci': RATIO_CI,
+                                   'forward_ms_ours': NUMBER})),
+             'scoring': Obj({'batch_size': BATCH, 'scoring_s': NUMBER, 'train_step_s': NUMBER,
+                             'ratio': Maybe(NUMBER), 'ratio_ci': RATIO_CI}),
+             'breakdown': BREAKDOWN, 'breakdown_fast': BREAKDOWN, 'breakdown_fast_rows': ListOf(STR, length=2)})
+_SWEEP_INFO = {'model': STR, 'short': STR, 'label': STR}
+SWEEPS = {
+    'batch': Obj(dict(_SWEEP_INFO, prune_rate=FINITE, rows=ListOf(Obj({
+        'batch_size': BATCH, 'timm': NUMBER, 'ours': NUMBER, 'boolean': NUMBER, 'speedup_vs_timm': Maybe(NUMBER),
+        'vs_boolean': Maybe(NUMBER)})))),
+    'rate': Obj(dict(_SWEEP_INFO, batch_size=BATCH, rows=ListOf(Obj(
+        {'prune_rate': FINITE, 'gflops': FINITE, 'flops_ratio': FINITE, 'timm': NUMBER, 'ours': NUMBER,
+         'speedup_vs_timm': Maybe(NUMBER)}, {'boolean': NUMBER, 'vs_boolean': Maybe(NUMBER)})))),
+}
+SECTION = Obj({'section': STR, 'status': STR}, {'kind': STR, 'seconds': Maybe(NUMBER), 'reason': STR})
+EARLIER_RUN = Obj({}, {'command': Maybe(STR), 'seconds': Maybe(NUMBER), 'compile_seconds_spent': Maybe(NUMBER),
+                       'code_changed_since': ListOf(STR)})
+RUN = Obj({'sections': ListOf(SECTION)},
+          {'command': Maybe(STR), 'seconds': Maybe(NUMBER), 'compile_seconds_spent': Maybe(NUMBER),
+           'code': MapOf(STR), 'earlier_runs': ListOf(EARLIER_RUN)})
+
+
+def problem(value, spec: Spec, where: str) -> Optional[str]:
+    return spec.problem(value, where)
