@@ -609,9 +609,36 @@ def _fast_path_table(results: Dict) -> List[str]:
             + _product_times_table(results))
 
 
+def _fusing_saved(d: Dict, n: int) -> Optional[float]:
+    """The ms the fused projection + residual + norm kernel saved at kept count ``n`` over the projection chosen
+    then the residual-norm kernel (0.0 where that ran unfused; None where the fused choice has no times)."""
+    fused = d.get('proj_norm', {}).get(str(n), 'torch')
+    if fused == 'torch':
+        return 0.0
+    pair = d.get('proj_norm_ms', {}).get(str(n), {})
+    if pair.get(fused) is None or pair.get('torch') is None:
+        return None
+    return pair['torch'] - pair[fused]
+
+
+def floored_projections(d: Dict) -> List[int]:
+    """The kept counts (each once) at which fusing the projection with its residual update and norm saved more
+    than the projection chosen took at build time: its share (:func:`product_times`) is 0 there, never negative."""
+    out = []
+    for n in d.get('kept_counts', []):
+        chosen = d.get('proj_ms', {}).get(str(n), {}).get(d.get('proj', {}).get(str(n)))
+        saved = _fusing_saved(d, n) if n else None
+        if chosen is not None and saved is not None and saved > chosen and n not in out:
+            out.append(n)
+    return out
+
+
 def product_times(d: Dict) -> Optional[Dict[str, Tuple[float, float]]]:
     """For one build's ``describe()``: per product, (the chosen kernels' build-time ms, cuBLAS's on the real rows
-    only), each summed over the blocks; None unless every block's product was timed both ways."""
+    only), each summed over the blocks; None unless every block's product was timed both ways.  Where the
+    projection ran fused with its residual update and norm, its share is its time less what fusing saved, and 0
+    where fusing saved more than that (:func:`floored_projections`): a kernel takes no negative time, and the
+    rest of the saving belongs to the residual update and norm, which the table does not show."""
     out = {}
     for kind, _ in PRODUCTS:
         chosen_ms = plain_ms = 0.0
@@ -622,30 +649,37 @@ def product_times(d: Dict) -> Optional[Dict[str, Tuple[float, float]]]:
             chosen, plain = ms.get(d.get(kind, {}).get(str(n))), ms.get('torch')
             if chosen is None or plain is None:
                 return None
-            fused = d.get('proj_norm', {}).get(str(n), 'torch')
-            if kind == 'proj' and fused != 'torch':  # run as one kernel with the residual update and the norm:
-                pair = d.get('proj_norm_ms', {}).get(str(n), {})  # the projection's share is what that saved
-                if pair.get(fused) is None or pair.get('torch') is None:
+            if kind == 'proj':  # run as one kernel with the residual update and the norm: its share
+                saved = _fusing_saved(d, n)
+                if saved is None:
                     return None
-                chosen -= pair['torch'] - pair[fused]
+                chosen = max(0.0, chosen - saved)
             chosen_ms, plain_ms = chosen_ms + chosen, plain_ms + plain
         out[kind] = (chosen_ms, plain_ms)
     return out if d.get('kept_counts') else None
 
 
 def _product_times_table(results: Dict) -> List[str]:
-    rows = []
+    rows, floored = [], False
     for label, batch, _, d in _fast_builds(results):
         times = product_times(d)
         if times is not None:
             total = [sum(t[i] for t in times.values()) for i in (0, 1)]
-            rows.append([label, str(batch)] + [f'{c:.3f} / {p:.3f}' for c, p in (*times.values(), total)])
+            cells = {k: f'{c:.3f} / {p:.3f}' for k, (c, p) in times.items()}
+            counts = floored_projections(d)
+            if counts:
+                floored = True
+                cells['proj'] += f' (0 at kept {", ".join(map(str, counts))})'
+            rows.append([label, str(batch), *cells.values(), f'{total[0]:.3f} / {total[1]:.3f}'])
     if not rows:
         return []
     return (['', 'The block\'s products at build time (each replayed from a CUDA graph, ms per forward, summed over '
                  'the blocks): the kernels chosen (cuBLAS on the real or on padded rows, or a fused Triton kernel) / '
                  'cuBLAS on the real rows only (with torch\'s GELU, the scatter kernel); where the projection ran '
-                 'fused with its residual update and norm, its time less what that saved.', '']
+                 'fused with its residual update and norm, its time less what that saved'
+                 + (' ("0 at kept N": there fusing saved more than the projection chosen took, the rest of the '
+                    'saving being the residual update and norm\'s, not shown here; its share is counted as 0, not '
+                    'negative)' if floored else '') + '.', '']
             + table(['row', 'batch', *(name for _, name in PRODUCTS), 'all four'], rows))
 
 

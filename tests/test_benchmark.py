@@ -380,6 +380,29 @@ def test_product_times_sum_the_chosen_kernels_against_cublas_on_the_real_rows_ov
     assert report.product_times(fused)['proj'] == (pytest.approx(0.030 + 2 * (0.026 - 0.010)),
                                                    pytest.approx(0.030 + 2 * 0.036))
     assert report.product_times(dict(fused, proj_norm_ms={})) is None  # the fused choice without its times
+    assert report.floored_projections(fused) == []
+
+
+def test_a_projection_fused_that_saved_more_than_it_took_is_counted_as_no_time_never_negative():
+    """Fusing the projection with its residual update and norm can save more than the projection chosen took (the
+    fused kernel beat cuBLAS's product and the residual-norm kernel by more than the product's time): its share is
+    then 0 at that kept count, not negative, the table says where, and the sum of all four adds the 0."""
+    timed = {'133': {'torch': 0.036, 'torch+256rows': 0.026}, '150': {'torch': 0.030, 'torch+256rows': 0.031}}
+    d = {'kept_counts': [150, 133, 133, 0], 'attention': {}, 'patch_embedding': 'torch', 'cuda_graph_batch': 256,
+         'proj_norm': {'133': 'triton-64x256x64w8s3', '150': 'torch'},
+         'proj_norm_ms': {'133': {'torch': 0.070, 'triton-64x256x64w8s3': 0.030}, '150': {'torch': 0.045}}}
+    for kind in ('qkv', 'proj', 'mlp', 'fc2'):
+        d[kind], d[f'{kind}_ms'] = {'133': 'torch+256rows', '150': 'torch'}, timed
+    # at 133: chosen 0.026, saved 0.040: 0 (was 0.026 - 0.040 = -0.014 per block, -0.028 over the two blocks)
+    assert report.product_times(d)['proj'] == (pytest.approx(0.030), pytest.approx(0.030 + 2 * 0.036))
+    assert report.floored_projections(d) == [133]
+    results = {'models': {'m': {'batch_size': 256, 'rows': [{'key': 'k', 'label': 'C&C-Ti-30 (fast)',
+                                                             'fast_path': d}]}}}
+    lines = report._fast_path_table(results)
+    assert lines[-1] == ('| C&C-Ti-30 (fast) | 256 | 0.082 / 0.102 | 0.030 / 0.102 (0 at kept 133) | 0.082 / 0.102 | '
+                         '0.082 / 0.102 | 0.276 / 0.408 |')
+    assert '"0 at kept N": there fusing saved more than the projection chosen took' in lines[-5]
+    assert not any(re.search(r'(^|[ |])-\d', line) for line in lines)
 
 
 def test_ratios_pair_rounds_in_our_protocol_and_divide_means_in_the_original():
