@@ -851,7 +851,8 @@ def _table_problem(results: Dict) -> Optional[str]:
 
 def _run_problem(results: Dict, gpu: bool) -> Optional[str]:
     """How a run given as --cpu (``gpu`` False) or --gpu differs from what the README's columns of that device are,
-    or None: a finished run on that device, protocol "ours"; on the CPU in fp32; on a GPU with the benchmark's own
+    or None: a finished run on that device, protocol "ours", each model at its default batch size; on the CPU in
+    fp32; on a GPU with the benchmark's own
     rows (so that the fastest dense and pruned modes are chosen among all of them) and its summary."""
     settings = results.get('settings', {})
     device = results.get('machine', {}).get('device', settings.get('device'))
@@ -863,6 +864,9 @@ def _run_problem(results: Dict, gpu: bool) -> Optional[str]:
         return 'it is a --quick run (a smoke test of a few passes), not a measurement'
     if settings.get('masks', 'taylor') != 'taylor':
         return f'its pruned models have --masks {settings["masks"]}; the table is the Taylor-pruned models'
+    if settings.get('batch_size') is not None:  # (None: each model's default)
+        return (f'it was timed at --batch-size {settings["batch_size"]} for every model; the table and the README '
+                f'around it state each model\'s default batch size')
     if not gpu and settings.get('dtype', 'fp32') != 'fp32':
         return f'it was timed in {settings["dtype"]}; the table is fp32'
     if gpu and settings.get('rows_given'):

@@ -972,6 +972,11 @@ def test_readme_speed_table_sets_a_gpu_run_beside_the_cpu_run(tmp_path, capsys, 
                   'passes), not a measurement)'),
     ('gpu random masks', 'gpu.json: not the GPU run the speed table shows (its pruned models have --masks random; '
                          'the table is the Taylor-pruned models)'),
+    # a run at another batch size: set beside a README that states each model's default batch size
+    ('cpu batch size', 'cpu.json: not the CPU run the speed table shows (it was timed at --batch-size 64 for every '
+                       'model; the table and the README around it state each model\'s default batch size)'),
+    ('gpu batch size', 'gpu.json: not the GPU run the speed table shows (it was timed at --batch-size 64 for every '
+                       'model; the table and the README around it state each model\'s default batch size)'),
     ('cpu unfinished', 'cpu.json: not the CPU run the speed table shows (1 of its sections did not finish; '
                        'model_zoo.py --resume finishes them)'),
     ('readme not writable', 'cannot write'),
@@ -998,7 +1003,7 @@ def test_readme_table_writer_refuses_in_one_line_and_writes_nothing(tmp_path, ca
     gpu = tmp_path / 'gpu.json'
     gpu.write_text({'gpu not json': '{', 'gpu not results': '[1, 2]'}.get(case, '{}'))
     if case in ('gpu without its name', 'gpu machine a list', 'gpu figure not a number', 'gpu a cpu run',
-                'gpu original protocol', 'gpu rows given', 'gpu unfinished', 'gpu random masks'):
+                'gpu original protocol', 'gpu rows given', 'gpu unfinished', 'gpu random masks', 'gpu batch size'):
         run = _summary_run()
         report.attach_summary(run, 'cuda')
         run['machine'] = {'device': 'cuda'} if case == 'gpu without its name' else {'gpu': 'NVIDIA H200',
@@ -1015,6 +1020,8 @@ def test_readme_table_writer_refuses_in_one_line_and_writes_nothing(tmp_path, ca
             run['settings'].update(rows=['timm', 'ours'], rows_given=True)
         if case == 'gpu random masks':
             run['settings']['masks'] = 'random'
+        if case == 'gpu batch size':
+            run['settings']['batch_size'] = 64
         if case == 'gpu unfinished':
             run['sections'] = [{'kind': 'main', 'status': 'done'}, {'kind': 'summary', 'status': 'left out'}]
         gpu.write_text(json.dumps(run))
@@ -1037,6 +1044,10 @@ def test_readme_table_writer_refuses_in_one_line_and_writes_nothing(tmp_path, ca
         cpu['settings']['dtype'] = 'fp16'
     elif case == 'cpu quick':
         cpu['settings']['quick'] = True
+    elif case == 'cpu batch size':
+        cpu['settings']['batch_size'] = 64
+        for res in cpu['models'].values():
+            res['batch_size'] = 64
     elif case == 'cpu unfinished':
         cpu['sections'][-1]['status'] = 'pending'
     elif case == 'cpu seed_gpu a string':
