@@ -2517,6 +2517,22 @@ def test_compiled_check_refuses_bad_arguments_before_any_work():
         assert done.returncode == 2 and done.stderr.startswith(message) and done.stderr.count('\n') == 1, done.stderr
 
 
+def test_compiled_check_on_a_cpu_without_a_compiler_is_one_line_before_any_work(monkeypatch, capsys):
+    """torch.compile builds CPU kernels with a C++ compiler (inductor's, from $CXX or its config): without a working
+    one, --device cpu stopped in inductor's traceback at the first compile, after building the models."""
+    import torch._inductor.config as inductor_config
+    from benchmarks import compiled_check
+    monkeypatch.setattr(compiled_check, 'check', lambda *a: pytest.fail('no check may start'))
+    # torch's own patch, not monkeypatch (which would delete the entry on undo)
+    with inductor_config.patch({'cpp.cxx': (None, os.path.join(os.sep, 'nonexistent', 'g++'))}):
+        code = compiled_check.main(['--device', 'cpu', '--batch-sizes', '1'])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == '' and err.count('\n') == 1, err
+    assert err.startswith("error: argument --device: cpu: torch.compile builds its CPU kernels with a C++ compiler, "
+                          "and none works here (") and err.endswith(')\n'), err
+    assert compiled_check.cpu_compiler_problem() is None  # the compiler of this machine, found again
+
+
 @pytest.mark.slow
 def test_compiled_check_compares_the_compiled_model_with_eager_fp32_on_cpu(capsys):
     """On CPU (fp32) the script's two ways of compiling both agree with the eager model, batch size by batch size,
