@@ -561,8 +561,13 @@ def _resumable(args) -> Dict:
     with the same settings (but FREE_SETTINGS) on the same machine kind (SAME_MACHINE; on a CPU also the same
     processor and core count); raises UsageError saying what differs."""
     path = args.resume
+    if not path:
+        raise UsageError('argument --resume: an empty path')
     if os.path.isdir(path):
         raise UsageError(f'argument --resume: {path} is a folder: name the results JSON in it')
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise UsageError(f'argument --resume: {path} is not a regular file (a device, a pipe?): name the results '
+                         f'JSON')
     if not os.path.isfile(path):
         raise UsageError(f'argument --resume: {path}: no such file')
     earlier = _results_of(path)

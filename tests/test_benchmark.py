@@ -1905,6 +1905,10 @@ def test_resume_refuses_other_settings_another_machine_and_other_files(capsys, t
     tables.write_text('Measured on cpu (AMD EPYC, 2 cores).\n')
     assert 'is not a results JSON of this benchmark' in _refused(capsys, tmp_path, '--resume', str(tables))
     assert 'no such file' in _refused(capsys, tmp_path, '--resume', str(tmp_path / 'missing.json'))
+    # an empty path, and a file that is there but no regular file, were "no such file" (of '', of /dev/null)
+    assert _refused(capsys, tmp_path, '--resume', '') == 'error: argument --resume: an empty path'
+    assert _refused(capsys, tmp_path, '--resume', os.devnull) == (
+        f'error: argument --resume: {os.devnull} is not a regular file (a device, a pipe?): name the results JSON')
     # a folder (the results folder, say) is not a missing file: it said "no such file" of a folder that is there
     assert _refused(capsys, tmp_path, '--resume', str(tmp_path)) == (
         f'error: argument --resume: {tmp_path} is a folder: name the results JSON in it')
