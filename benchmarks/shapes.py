@@ -131,8 +131,7 @@ ROW = Obj({'key': STR, 'label': STR, 'kind': STR, 'prune_rate': FINITE, 'gflops'
           {'counter_gflops': Maybe(FINITE), 'twin': STR, 'speedup_vs_twin': Maybe(NUMBER),
            'speedup_vs_twin_ci': RATIO_CI, 'vs_boolean': Maybe(NUMBER), 'vs_boolean_ci': RATIO_CI, 'protocol': STR,
            'build_seconds': Maybe(NUMBER), 'check': Maybe(CHECK), 'fast_path': FAST_PATH,
-           'seed_gpu': Maybe(Obj({}, {'gflops': Maybe(FINITE), 'images_per_s': Maybe(NUMBER),
-                                      'speedup': Maybe(FINITE)}))})
+           'seed_gpu': Obj({}, {'gflops': Maybe(FINITE), 'images_per_s': Maybe(NUMBER), 'speedup': Maybe(FINITE)})})
 SUMMARY_BATCH = Obj({'batch_size': BATCH, 'seconds': MapOf(ListOf(NUMBER))},
                     {'rounds': COUNT, 'images_per_s': MapOf(NUMBER), 'checks': MapOf(CHECK),
                      'build_seconds': MapOf(Maybe(NUMBER)), 'skipped_rows': MapOf(STR), 'fast_path': MapOf(FAST_PATH)})
@@ -162,8 +161,8 @@ SWEEPS = {
 SECTION = Obj({'section': STR, 'status': STR}, {'kind': STR, 'seconds': Maybe(NUMBER), 'reason': STR})
 EARLIER_RUN = Obj({}, {'command': Maybe(STR), 'seconds': Maybe(NUMBER), 'compile_seconds_spent': Maybe(NUMBER),
                        'code_changed_since': ListOf(STR)})
-RUN = Obj({'sections': ListOf(SECTION)},
-          {'command': Maybe(STR), 'seconds': Maybe(NUMBER), 'compile_seconds_spent': Maybe(NUMBER),
+RUN = Obj({'sections': ListOf(SECTION), 'command': STR},
+          {'seconds': Maybe(NUMBER), 'compile_seconds_spent': Maybe(NUMBER),
            'code': MapOf(STR), 'earlier_runs': ListOf(EARLIER_RUN)})
 
 

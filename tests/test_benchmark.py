@@ -2002,12 +2002,15 @@ def _kept_main_table(tmp_path) -> dict:
     return results
 
 
+DELETE = object()
+
+
 def _edit(results, path, value):
-    """``results`` with the value at ``path`` (keys and list indices) replaced by ``value``, or removed (None)."""
+    """``results`` with the value at ``path`` (keys and list indices) replaced by ``value``, or removed (DELETE)."""
     at = results
     for key in path[:-1]:
         at = at[key]
-    if value is None:
+    if value is DELETE:
         del at[path[-1]]
     else:
         at[path[-1]] = value
@@ -2018,7 +2021,7 @@ ROW = ('models', 'tiny', 'rows', 1)
 
 
 @pytest.mark.parametrize('path, value, words', [
-    (ROW + ('dense',), None, 'models.tiny.rows[1] has no "dense"'),
+    (ROW + ('dense',), DELETE, 'models.tiny.rows[1] has no "dense"'),
     (ROW + ('images_per_s',), '120.0', 'models.tiny.rows[1].images_per_s is a string, not a number'),
     (ROW + ('prune_rate',), '0.25', 'models.tiny.rows[1].prune_rate is a string, not a finite number'),
     (ROW + ('prune_rate',), 0.3, 'models.tiny.rows[1].prune_rate is 0.3, not one of --rates'),
@@ -2026,7 +2029,9 @@ ROW = ('models', 'tiny', 'rows', 1)
     (ROW + ('kept_tokens',), [150, '150'], 'models.tiny.rows[1].kept_tokens[1] is a string, not a whole number'),
     (ROW + ('seconds',), 0.27, 'models.tiny.rows[1].seconds is a number, not a list'),
     (ROW + ('speedup_vs_timm_ci',), [1.1], 'models.tiny.rows[1].speedup_vs_timm_ci has 1 entries, not 2'),
-    (ROW + ('label',), None, 'models.tiny.rows[1] has no "label"'),
+    (ROW + ('label',), DELETE, 'models.tiny.rows[1] has no "label"'),
+    # the main table reads the paper's figures of a row that has them as an object (a null was a traceback there)
+    (ROW + ('seed_gpu',), None, 'models.tiny.rows[1].seed_gpu is null, not an object'),
     (ROW + ('gflops',), float('nan'), 'models.tiny.rows[1].gflops is nan, not a finite number'),
     (('models', 'tiny', 'rows'), [], 'models.tiny.rows is an empty list'),
     (('models', 'tiny', 'batch_size'), '32', 'models.tiny.batch_size is a string, not a positive whole number'),
@@ -2039,6 +2044,7 @@ ROW = ('models', 'tiny', 'rows', 1)
     (('sections', 0, 'seconds'), '12.5', 'sections[0].seconds is a string, not a number'),
     (('sections', 1, 'status'), 3, 'sections[1].status is a number, not a string'),
     (('command',), 5, 'command is a number, not a string'),
+    (('command',), DELETE, 'the file has no "command"'),  # quoted under the sections table as `None`
     (('earlier_runs',), ['python benchmarks/model_zoo.py'], 'earlier_runs[0] is a string, not an object'),
     (('code', 'engine.py'), 12, 'code.engine.py is a number, not a string'),
 ])
@@ -2202,7 +2208,8 @@ def test_gpu_check_benchmark_commands_are_valid_model_zoo_command_lines(tmp_path
         if '"${resume[@]}"' in line:  # `resume`: the same flags carrying on the JSON they wrote
             earlier = tmp_path / 'earlier.json'
             earlier.write_text(json.dumps({'machine': zoo.machine_info(torch.device('cuda')), 'sections': [],
-                                           'models': {}, 'settings': zoo.settings_of(args)}))
+                                           'command': 'python benchmarks/model_zoo.py', 'models': {},
+                                           'settings': zoo.settings_of(args)}))
             again = zoo.parse_args(shlex.split(line.replace('"${resume[@]}"', f'--resume {earlier}')))
             assert again.earlier['settings'] == json.loads(json.dumps(zoo.settings_of(args)))
         assert args.device == 'cuda' and args.json.startswith(str(tmp_path))
