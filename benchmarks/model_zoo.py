@@ -623,10 +623,20 @@ def _resume_problem(earlier: Dict, planned: List['Section'], args) -> Optional[s
     why = shapes.problem(earlier, shapes.RUN, '')
     if why:
         return why
-    for section, old in zip(planned, earlier['sections']):
-        if old['status'] != 'done' or old['section'] != section.title(args):
-            continue  # not kept: run again
-        if section.kind == 'main':
+    kept = [section for section, old in zip(planned, earlier['sections'])
+            if old['status'] == 'done' and old['section'] == section.title(args)]  # the others run again
+    for section in kept:
+        why = None
+        if section.kind == 'summary':  # its figures are in the results of its main table, which must be kept too
+            main = next(s for s in planned if s.kind == 'main' and s.model == section.model)
+            if main not in kept:
+                return f'its section {section.title(args)!r} is done but not its main table\'s, which runs again'
+            sweep = earlier['models'][section.model].get('summary_sweep')
+            if not (isinstance(sweep, dict) and isinstance(sweep.get('batches'), list) and any(
+                    isinstance(b, dict) and b.get('batch_size') == section.batch for b in sweep['batches'])):
+                return (f'its section {section.title(args)!r} is done but models.{section.model}.summary_sweep has '
+                        f'no batch {section.batch}')
+        elif section.kind == 'main':
             if section.model not in earlier['models']:
                 return f'its section {section.title(args)!r} is done but "models" has no {section.model!r}'
             why = _kept_model_problem(earlier['models'][section.model], f'models.{section.model}', section, args)

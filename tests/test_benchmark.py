@@ -1977,12 +1977,12 @@ def test_resume_of_a_results_json_of_another_shape_is_one_line(capsys, tmp_path,
     assert line == f'error: argument --resume: {path} is not a results JSON of this benchmark {words}', line
 
 
-def _kept_main_table(tmp_path) -> dict:
-    """A results JSON (as a dict) whose first main table, DeiT-Ti at batch 32, is done, with rows of the shape
-    model_zoo.py writes; the other sections pending."""
-    path = _earlier_results(tmp_path, '--rates', '0.25,0.4')
+def _kept_main_table(tmp_path, *argv) -> dict:
+    """A results JSON (as a dict) of a run with --rates 0.25,0.4 and ``argv`` whose first main table, DeiT-Ti at
+    batch 32, is done, with rows of the shape model_zoo.py writes; the other sections pending."""
+    path = _earlier_results(tmp_path, '--rates', '0.25,0.4', *argv)
     results = json.loads(open(path).read())
-    args = _parse(tmp_path, '--rates', '0.25,0.4', folder='plan')
+    args = _parse(tmp_path, '--rates', '0.25,0.4', *argv, folder='plan')
     results['sections'] = [{'section': s.title(args), 'kind': s.kind, 'model': s.model, 'batch_size': s.batch,
                             'status': 'pending'} for s in zoo.plan_sections(args, CPU)]
     results['sections'][0].update(status='done', seconds=12.5)
@@ -2062,6 +2062,37 @@ def test_resume_of_a_results_json_with_a_kept_part_of_another_shape_is_one_line(
     bad.write_text(json.dumps(_edit(results, path, value)))
     line = _refused(capsys, tmp_path, '--rates', '0.25,0.4', '--resume', str(bad))
     assert line == f'error: argument --resume: {bad} is not a results JSON of this benchmark ({words})', line
+
+
+def test_resume_of_a_summary_section_done_without_its_figures_is_one_line(capsys, tmp_path):
+    """A summary section marked done is kept, never run again: its figures must be in the file (its batch in its
+    model's summary sweep, whose main table is kept with it), else the resumed run said "done" beside no figures
+    (or beside a main table measured again, without that batch)."""
+    argv = ('--rates', '0.25,0.4', '--summary-batch-sizes', '1')
+    results = _kept_main_table(tmp_path, *argv[2:])
+    assert results['sections'][1]['section'] == 'DeiT-Ti, batch 1 (summary)'
+    results['sections'][1]['status'] = 'done'
+    path = tmp_path / 'earlier.json'
+    tiny = results['models']['tiny']
+    for sweep, words in ((None, 'has no "summary_sweep", which its summary sections add to'),
+                         ({'batches': []}, None), ({'batches': [{'batch_size': 2, 'seconds': {}}]}, None)):
+        if sweep is None:
+            tiny.pop('summary_sweep', None)
+        else:
+            tiny['summary_sweep'] = sweep
+        path.write_text(json.dumps(results))
+        line = _refused(capsys, tmp_path, *argv, '--resume', str(path))
+        assert line == (f'error: argument --resume: {path} is not a results JSON of this benchmark (' + (
+            f'models.tiny {words}' if words else "its section 'DeiT-Ti, batch 1 (summary)' is done but "
+            "models.tiny.summary_sweep has no batch 1") + ')'), line
+    tiny['summary_sweep'] = {'batches': [{'batch_size': 1, 'seconds': {'timm': [0.01]}}]}
+    path.write_text(json.dumps(results))
+    assert _parse(tmp_path, *argv, '--resume', str(path)).earlier == results
+    results['sections'][0]['status'] = 'failed'  # its main table runs again: the batch-1 figures would be lost
+    path.write_text(json.dumps(results))
+    assert _refused(capsys, tmp_path, *argv, '--resume', str(path)) == (
+        f"error: argument --resume: {path} is not a results JSON of this benchmark (its section 'DeiT-Ti, batch 1 "
+        f"(summary)' is done but not its main table's, which runs again)")
 
 
 def test_original_protocol_runs_on_cpu_and_says_so(tmp_path, capsys, one_thread):
