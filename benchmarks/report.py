@@ -880,6 +880,17 @@ def _run_problem(results: Dict, gpu: bool) -> Optional[str]:
     return None
 
 
+def _pair_problem(cpu: Dict, gpu: Dict) -> Optional[str]:
+    """How the GPU run's pruned models differ from the CPU run's, whose rows its columns stand beside, or None:
+    another --seed makes other weights and other masks (the Taylor scores of other weights), so a model of the same
+    name and rate that is not the same model."""
+    seeds = [run.get('settings', {}).get('seed', 0) for run in (cpu, gpu)]
+    if seeds[0] != seeds[1]:
+        return (f'its --seed {seeds[1]} is not the CPU run\'s {seeds[0]}: other weights and masks, not the pruned '
+                f'models of the rows its columns would stand beside')
+    return None
+
+
 def main(argv=None) -> None:
     from utils import UserError, write_text_atomic
     from utils.cli import OneLineParser
@@ -907,7 +918,7 @@ def main(argv=None) -> None:
             gpu = load_results(default_gpu, '--gpu') if os.path.exists(default_gpu) else None
         else:
             gpu = load_results(args.gpu, '--gpu')
-        problem = None if gpu is None else _run_problem(gpu, gpu=True)
+        problem = None if gpu is None else _run_problem(gpu, gpu=True) or _pair_problem(cpu, gpu)
         if problem:
             raise ValueError(f'--gpu {args.gpu or default_gpu}: not the GPU run the speed table shows ({problem})')
         lines = readme_speed_table(cpu, gpu)

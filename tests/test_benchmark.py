@@ -977,6 +977,10 @@ def test_readme_speed_table_sets_a_gpu_run_beside_the_cpu_run(tmp_path, capsys, 
                        'model; the table and the README around it state each model\'s default batch size)'),
     ('gpu batch size', 'gpu.json: not the GPU run the speed table shows (it was timed at --batch-size 64 for every '
                        'model; the table and the README around it state each model\'s default batch size)'),
+    # the GPU figures of other pruned models set beside the CPU rows, as if of the same ones
+    ('gpu another seed', "gpu.json: not the GPU run the speed table shows (its --seed 1 is not the CPU run's 0: "
+                         "other weights and masks, not the pruned models of the rows its columns would stand "
+                         "beside)"),
     ('cpu unfinished', 'cpu.json: not the CPU run the speed table shows (1 of its sections did not finish; '
                        'model_zoo.py --resume finishes them)'),
     ('readme not writable', 'cannot write'),
@@ -1003,7 +1007,8 @@ def test_readme_table_writer_refuses_in_one_line_and_writes_nothing(tmp_path, ca
     gpu = tmp_path / 'gpu.json'
     gpu.write_text({'gpu not json': '{', 'gpu not results': '[1, 2]'}.get(case, '{}'))
     if case in ('gpu without its name', 'gpu machine a list', 'gpu figure not a number', 'gpu a cpu run',
-                'gpu original protocol', 'gpu rows given', 'gpu unfinished', 'gpu random masks', 'gpu batch size'):
+                'gpu original protocol', 'gpu rows given', 'gpu unfinished', 'gpu random masks', 'gpu batch size',
+                'gpu another seed'):
         run = _summary_run()
         report.attach_summary(run, 'cuda')
         run['machine'] = {'device': 'cuda'} if case == 'gpu without its name' else {'gpu': 'NVIDIA H200',
@@ -1022,6 +1027,8 @@ def test_readme_table_writer_refuses_in_one_line_and_writes_nothing(tmp_path, ca
             run['settings']['masks'] = 'random'
         if case == 'gpu batch size':
             run['settings']['batch_size'] = 64
+        if case == 'gpu another seed':
+            run['settings']['seed'] = 1
         if case == 'gpu unfinished':
             run['sections'] = [{'kind': 'main', 'status': 'done'}, {'kind': 'summary', 'status': 'left out'}]
         gpu.write_text(json.dumps(run))
