@@ -6,13 +6,7 @@ refused before any work instead of failing in the middle of the run or of its re
 import math
 from typing import Dict, Optional
 
-
-def _kind(value) -> str:
-    """What a JSON value is, in words: 'an object', 'a list', 'a string', 'a number', 'a boolean', 'null'."""
-    if isinstance(value, bool):
-        return 'a boolean'
-    return {dict: 'an object', list: 'a list', str: 'a string', int: 'a number', float: 'a number'}.get(
-        type(value), 'null')
+from benchmarks.report import json_kind as _kind
 
 
 class Spec:
