@@ -1049,6 +1049,7 @@ def run_eval(args, device: torch.device, resumed: dict) -> Dict[str, float]:
     # The model (its head sized by the file) before the data, as for --prune: weights that do not fit --model are
     # refused before the data set is listed, which takes minutes on ImageNet.
     model, checkpoint = load_model(args, args.resume, args.model, checkpoint=resumed)
+    check_recorded_data_set(checkpoint, args)
     dataset_val, nb_classes = build_data(args, train=False)
     check_same_classes(args, dataset_val)
     check_classes(nb_classes, model, 'validation')
@@ -1099,6 +1100,7 @@ def run_prune(args, device: torch.device, resumed: dict) -> Dict[str, float]:
     nothing = pruning.clips_nothing(depth, num_patches, args.prune_rate)
     if nothing:
         raise UserError(f'--prune_rate {nothing}: nothing would be pruned')
+    check_recorded_data_set(source, args)
     check_split(False, args)
     if args.prune_mode == 'attn':  # scored on the training set: a missing one is said before val/ is listed
         check_split(True, args)
@@ -1340,7 +1342,11 @@ def build_training(args, device: torch.device, resumed: Optional[dict]) -> Tuple
     # --model or --teacher-model are refused before the data sets are listed, which takes minutes on ImageNet.
     if args.resume:
         model, checkpoint = load_model(args, args.resume, args.model, checkpoint=resumed)
+        if not is_training_checkpoint(checkpoint):  # (a run continued: its data set is checked in continue_run)
+            check_recorded_data_set(checkpoint, args)
     loaded_teacher = load_teacher(args) if args.distillation_type != 'none' else None
+    if loaded_teacher is not None:
+        check_recorded_data_set(loaded_teacher[1], args, teacher=True)
     # the validation set first, as --prune lists it: a missing or broken val/ is said before train/ is listed, which
     # takes minutes on ImageNet (and a missing train/ before val/ is listed)
     check_split(False, args)
@@ -1591,6 +1597,31 @@ def class_names(dataset) -> Optional[List[str]]:
     return [str(n) for n in names] if isinstance(names, (list, tuple)) else None
 
 
+# The data sets whose labels have names (class_names of the data set: an image folder's, CIFAR-100's)
+NAMED_CLASSES = ('IMNET', 'CIFAR')
+
+
+def check_recorded_data_set(checkpoint: dict, args, teacher: bool = False, names_decide: bool = True) -> None:
+    """The :data:`CLASSES_OF_THE_RUN` values a file of this project records (in its ``args``) against the run's:
+    a file trained with other ones is refused, its labels being other classes.  Needs no data, so it is said
+    before the data set is listed (minutes on ImageNet).  ``names_decide``: where the file records its class
+    names and the run's data set names its classes too, the names decide instead, once the data set is listed
+    (:func:`check_recorded_classes`, which calls this where they do not); ``teacher``: the file is the
+    --teacher-path, not --resume."""
+    if names_decide and isinstance(checkpoint.get('classes'), (list, tuple)) and args.data_set in NAMED_CLASSES:
+        return
+    recorded = checkpoint_args(checkpoint)
+    parser = get_args_parser()
+    named = f'the teacher {args.teacher_path}' if teacher else args.resume
+    for dest in CLASSES_OF_THE_RUN:
+        value = recorded.get(dest)
+        if names_other_classes(dest, value, args):
+            remedy = (f'give a teacher trained on {spell(parser, dest, getattr(args, dest))}' if teacher
+                      else f'give {spell(parser, dest, value)}')
+            raise UserError(f'{named} was trained with {spell(parser, dest, value)}, whose labels name '
+                            f'other classes than {spell(parser, dest, getattr(args, dest))}: {remedy}')
+
+
 def check_recorded_classes(checkpoint: dict, dataset, args, split: str, continuing: bool = False,
                            teacher: bool = False) -> None:
     """The class folders a file of this project records (``classes``: those its model was trained on) against
@@ -1604,15 +1635,7 @@ def check_recorded_classes(checkpoint: dict, dataset, args, split: str, continui
     if not continuing and not named_alike:
         # labels without names on one side (iNaturalist, DIGITS, or a file that records none), or other names: the
         # data set the file records says first (a file of another one is refused for that, not for its names)
-        recorded = checkpoint_args(checkpoint)
-        parser = get_args_parser()
-        for dest in CLASSES_OF_THE_RUN:
-            value = recorded.get(dest)
-            if names_other_classes(dest, value, args):
-                remedy = (f'give a teacher trained on {spell(parser, dest, getattr(args, dest))}' if teacher
-                          else f'give {spell(parser, dest, value)}')
-                raise UserError(f'{named} was trained with {spell(parser, dest, value)}, whose labels name '
-                                f'other classes than {spell(parser, dest, getattr(args, dest))}: {remedy}')
+        check_recorded_data_set(checkpoint, args, teacher, names_decide=False)
     if not isinstance(saved, (list, tuple)) or current is None or named_alike:
         return
     first = next((i for i, (a, b) in enumerate(zip(saved, current)) if a != b), min(len(saved), len(current)))

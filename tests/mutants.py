@@ -415,6 +415,10 @@ MUTANTS: List[Mutant] = [
            "    check_recorded_classes(checkpoint, dataset_val, args, 'validation')\n", '',
            [T + 'test_errors.py::test_evaluating_or_pruning_a_model_on_other_class_folders_is_refused'],
            '--eval of a model on class folders with other names reads every label as another class'),
+    mutant('eval-data-set-checked-after-listing', 'finetune.py',
+           '    check_recorded_data_set(checkpoint, args)\n    dataset_val', '    dataset_val',
+           [T + 'test_errors.py::test_a_file_of_another_data_set_is_refused_before_the_data_is_listed'],
+           '--eval of a file of another data set lists the data set (minutes on ImageNet) before refusing it'),
     mutant('foreign-log-rewritten', 'utils/run_log.py',
            "        if record is None and (not line.strip() or line.startswith('{')):",
            '        if record is None:',
@@ -777,11 +781,12 @@ MUTANTS: List[Mutant] = [
     mutant('eval-model-after-data', 'finetune.py',
            '    dataset_val, nb_classes = build_data(args, train=False)\n    check_same_classes(args, dataset_val)\n',
            '    dataset_val, nb_classes = build_data(args, train=False)\n    check_same_classes(args, dataset_val)\n'
-           '    model, checkpoint = load_model(args, args.resume, args.model, checkpoint=resumed)\n',
+           '    model, checkpoint = load_model(args, args.resume, args.model, checkpoint=resumed)\n'
+           '    check_recorded_data_set(checkpoint, args)\n',
            [T + 'test_errors.py::test_weights_that_do_not_fit_the_model_are_refused_before_the_data_is_listed'],
            'weights that do not fit --model found by --eval only after the data set was listed',
            ('    model, checkpoint = load_model(args, args.resume, args.model, checkpoint=resumed)\n'
-            '    dataset_val, nb_classes', '    dataset_val, nb_classes')),
+            '    check_recorded_data_set(checkpoint, args)\n    dataset_val, nb_classes', '    dataset_val, nb_classes')),
     mutant('evaluated-in-training-mode', 'engine.py',
            '    model.eval()\n    logger = MetricLogger(printer=printer)\n    correct1',
            '    logger = MetricLogger(printer=printer)\n    correct1',

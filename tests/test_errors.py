@@ -683,6 +683,33 @@ def test_checkpoint_of_another_model_size(capsys, world, earlier):
         r'the checkpoint but \(1, 1, 96\) in the model \(another model size\? set --model\)')
 
 
+@pytest.mark.parametrize('mode', ['eval', 'prune', 'finetune', 'teacher', 'inat'])
+def test_a_file_of_another_data_set_is_refused_before_the_data_is_listed(capsys, monkeypatch, world, earlier,
+                                                                         tmp_path, mode):
+    """A file whose args record another --data-set (or --inat-category) than the run's was refused only once the
+    data set had been listed (minutes on ImageNet): its args and the command's say it without the data."""
+    checkpoint = torch.load(world['dense'], weights_only=True)
+    checkpoint['args'] = {'data_set': 'CIFAR'} if mode != 'inat' else {'data_set': 'INAT', 'inat_category': 'kingdom'}
+    path = tmp_path / 'other.pth'
+    torch.save(checkpoint, path)
+    monkeypatch.setattr(finetune, 'build_data', no_work)
+    argv = {'eval': ['--eval', '--resume', path, '--data-path', world['data']],
+            'prune': prune_args(world, earlier, '--resume', path),
+            'finetune': finetune_args(world, earlier, '--resume', path),
+            'teacher': finetune_args(world, earlier, '--resume', world['dense'], '--distillation-type', 'soft',
+                                     '--teacher-path', path),
+            'inat': ['--eval', '--resume', path, '--data-set', 'INAT', '--data-path', world['data']]}[mode]
+    named = f'the teacher {path}' if mode == 'teacher' else str(path)
+    recorded, given = ('--inat-category kingdom', '--inat-category name') if mode == 'inat' else \
+        ('--data-set CIFAR', '--data-set IMNET')
+    remedy = f'give a teacher trained on {given}' if mode == 'teacher' else f'give {recorded}'
+    before = snapshot(earlier)
+    assert_one_line_error(capsys, argv, EXIT_USER_ERROR,
+                          rf'^error: {re.escape(named)} was trained with {recorded}, whose labels name other classes '
+                          rf'than {given}: {re.escape(remedy)}$')
+    assert snapshot(earlier) == before
+
+
 @pytest.mark.parametrize('mode', ['eval', 'finetune', 'teacher'])
 def test_weights_that_do_not_fit_the_model_are_refused_before_the_data_is_listed(capsys, monkeypatch, world, earlier,
                                                                                  mode):
