@@ -209,6 +209,25 @@ def test_truncated_image_is_named_and_the_earlier_pruned_file_survives(capsys, w
     assert snapshot(earlier) == before
 
 
+@pytest.mark.parametrize('workers', [0, 1])
+def test_a_path_with_a_newline_stays_whole_on_the_error_line(capsys, world, earlier, tmp_path, workers):
+    """The error line kept only the last line of a message (meant for the traceback that an error re-raised from a
+    DataLoader worker carries in front of it): a path with a newline in it (a folder named 'da\\nta') was cut to
+    its tail.  It is written whole, the newline escaped, from a worker too."""
+    data = shutil.copytree(world['data'], tmp_path / 'da\nta')
+    bad = data / 'train' / 'b' / '3.png'
+    bad.write_bytes(bad.read_bytes()[:100])
+    before = snapshot(earlier)
+    line = assert_one_line_error(capsys, prune_args(world, earlier, '--data-path', data, '--num_workers', workers),
+                                 EXIT_USER_ERROR, r'^error: cannot read image ')
+    assert line.startswith('error: cannot read image ' + str(bad).replace('\n', '\\n') + ': '), line
+    missing = tmp_path / 'no\nwhere'
+    line = assert_one_line_error(capsys, finetune_args(world, earlier, '--data-path', missing), EXIT_USER_ERROR,
+                                 r'^error: --data-path ')
+    assert line == 'error: --data-path ' + str(missing).replace('\n', '\\n') + ' does not exist or is not a directory'
+    assert snapshot(earlier) == before
+
+
 def test_files_an_image_folder_leaves_out_are_counted_in_a_note(capsys, world, tmp_path):
     """torchvision's ImageFolder reads only some extensions: a .gif (an image Pillow reads) and a .txt beside the
     PNGs were left out without a word, and the accuracy was over fewer images than the folder holds."""

@@ -1,5 +1,6 @@
 """The user's mistakes: one exception type, printed by the CLI as one line ``error: ...`` with exit code 2."""
 import re
+import unicodedata
 
 
 class UserError(Exception):
@@ -12,15 +13,35 @@ class OutputWriteError(UserError):
 
 
 def one_line(e: BaseException) -> str:
-    """The last meaningful line of an error: errors re-raised from DataLoader workers carry a traceback in
-    front of it, and the exception's own name may be repeated there."""
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    """An error's message as one line.  Errors re-raised from DataLoader workers carry a traceback in front of it,
+    ending in the exception's name ('datasets.BadImageError: ...'): their message alone is kept, from there.  A
+    UserError's message (this project's, meant as one line) is kept whole, a control character in it (a newline in
+    a path) escaped; of another exception's (torch's, a library's), the last meaningful line."""
+    text, name = str(e), re.escape(type(e).__name__)
+    traceback = TRACEBACK in text
+    if traceback:
+        starts = list(re.finditer(r'^[ \t]*(?:[\w.]+\.)?' + name + r': ', text, re.M))
+        if starts:
+            text, traceback = text[starts[-1].end():], False
+    whole = isinstance(e, UserError) and not traceback
+    lines = [line.strip() for line in ([text] if whole else text.splitlines()) if line.strip()]
     if not lines:
         return type(e).__name__
     last = lines[-1]
     # 'BadImageError: ...' or, from a worker's traceback, 'datasets.BadImageError: ...'
-    name = re.match(r'(?:[\w.]+\.)?' + re.escape(type(e).__name__) + r': ', last)
-    return last[name.end():] if name else last
+    prefix = re.match(r'(?:[\w.]+\.)?' + name + r': ', last)
+    last = last[prefix.end():] if prefix else last
+    return _escaped(last) if whole else last
+
+
+TRACEBACK = 'Traceback (most recent call last):'
+
+
+def _escaped(text: str) -> str:
+    """``text`` with its control characters and line or paragraph separators written as Python escapes
+    ('\\n', '\\x1b', '\\u2028'), so that it prints as one line that says what it holds."""
+    return ''.join(c.encode('unicode_escape').decode('ascii') if unicodedata.category(c) in ('Cc', 'Zl', 'Zp')
+                   else c for c in text)
 
 
 def few_names(names, n: int = 5) -> str:
