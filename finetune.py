@@ -1185,15 +1185,20 @@ def load_teacher(args) -> Tuple[nn.Module, dict]:
                                               img_size=args.input_size, warn=rank0_print, flag='--teacher-model')
 
 
+def check_teacher_classes(args, teacher: nn.Module, num_classes: int) -> None:
+    """Distillation compares the teacher's logits with the student's (``num_classes``) one by one."""
+    if teacher.num_classes != num_classes:
+        raise UserError(f'the teacher {args.teacher_path} has {teacher.num_classes} classes, '
+                        f'the student {num_classes}')
+
+
 def build_teacher(args, device: torch.device, num_classes: int, dataset=None,
                   loaded: Optional[Tuple[nn.Module, dict]] = None) -> nn.Module:
     """The dense teacher of --teacher-path (``loaded``: :func:`load_teacher`'s result, where it was read
     already), frozen in eval mode; a file that records other classes than ``dataset``'s (the training set) is
     refused: its logits would teach the student other classes' labels."""
     teacher, source = loaded or load_teacher(args)
-    if teacher.num_classes != num_classes:
-        raise UserError(f'the teacher {args.teacher_path} has {teacher.num_classes} classes, '
-                        f'the student {num_classes}')
+    check_teacher_classes(args, teacher, num_classes)
     if dataset is not None:
         check_recorded_classes(source, dataset, args, 'training', teacher=True)
     if not all(blk.dense for blk in teacher.blocks):
@@ -1347,6 +1352,8 @@ def build_training(args, device: torch.device, resumed: Optional[dict]) -> Tuple
     loaded_teacher = load_teacher(args) if args.distillation_type != 'none' else None
     if loaded_teacher is not None:
         check_recorded_data_set(loaded_teacher[1], args, teacher=True)
+        if args.resume:  # the student's head is sized by its file: both are known before the data
+            check_teacher_classes(args, loaded_teacher[0], model.num_classes)
     # the validation set first, as --prune lists it: a missing or broken val/ is said before train/ is listed, which
     # takes minutes on ImageNet (and a missing train/ before val/ is listed)
     check_split(False, args)
