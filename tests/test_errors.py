@@ -1305,6 +1305,7 @@ def test_teacher_trained_on_another_normalisation_is_refused(capsys, world, earl
      r'^error: unrecognized arguments: --epochs 3; here --epochs is --final_finetune \(see --help\)$'),
     (['--prune_mode', 'magnitude'], r"^error: argument --prune_mode: invalid choice: 'magnitude'"),
     (['--inat-category', 'bogus'], r"^error: argument --inat-category: invalid choice: 'bogus'"),
+    (['--eval', 'x\ny'], r'^error: unrecognized arguments: x\\ny \(see --help\)$'),  # a stray word with a newline
 ])
 def test_unparsable_command_line_is_one_line_too(capsys, argv, pattern):
     with pytest.raises(SystemExit) as exit_info:

@@ -6,7 +6,7 @@ import math
 import re
 from typing import Dict, NamedTuple, Optional, Tuple
 
-from .errors import UserError
+from .errors import UserError, escape_controls
 
 EXIT_USER_ERROR = 2
 
@@ -40,7 +40,8 @@ class OneLineParser(argparse.ArgumentParser):
             given = {word.split('=', 1)[0] for word in message.split(':', 1)[1].split()}
             message += ''.join(f'; here {flag} is {ours}' for flag, ours in self._spelled_here.items()
                                if flag in given)
-        self.exit(EXIT_USER_ERROR, f'error: {message} (see --help)\n')
+        # (a stray argument is named as typed: a newline in it would end the line)
+        self.exit(EXIT_USER_ERROR, f'error: {escape_controls(message)} (see --help)\n')
 
     def parse_known_args(self, args=None, namespace=None):
         parsed, extras = super().parse_known_args(args, ParsedArgs() if namespace is None else namespace)

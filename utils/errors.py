@@ -31,13 +31,13 @@ def one_line(e: BaseException) -> str:
     # 'BadImageError: ...' or, from a worker's traceback, 'datasets.BadImageError: ...'
     prefix = re.match(r'(?:[\w.]+\.)?' + name + r': ', last)
     last = last[prefix.end():] if prefix else last
-    return _escaped(last) if whole else last
+    return escape_controls(last) if whole else last
 
 
 TRACEBACK = 'Traceback (most recent call last):'
 
 
-def _escaped(text: str) -> str:
+def escape_controls(text: str) -> str:
     """``text`` with its control characters and line or paragraph separators written as Python escapes
     ('\\n', '\\x1b', '\\u2028'), so that it prints as one line that says what it holds."""
     return ''.join(c.encode('unicode_escape').decode('ascii') if unicodedata.category(c) in ('Cc', 'Zl', 'Zp')
