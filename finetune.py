@@ -33,7 +33,7 @@ from datasets import (DATA_SETS, INATURALIST, SMALL_INPUT, BadImageError, Digits
 from engine import NonFiniteLossError, evaluate, measure_throughput, steady_allocator
 from losses import DistillationLoss
 from utils import (OutputWriteError, UserError, TensorBoard, all_agree, append_line, check_output_dir,
-                   checkpoint_args, init_distributed_mode, is_main_process, launcher_ranks,
+                   checkpoint_args, escape_controls, init_distributed_mode, is_main_process, launcher_ranks,
                    load_checkpoint_file, one_line, print_line, rank0_print, remove_stale_temporaries, save_atomic,
                    several_processes, write_atomic)
 from utils import seeding
@@ -1866,6 +1866,10 @@ def main(argv=None, *, ends_process: bool = False) -> int:
     in-process, that signal raises KeyboardInterrupt (Terminated) to the caller instead."""
     args = get_args_parser().parse_args(argv)
     prefix = f'[rank {os.environ["RANK"]}] ' if several_processes() and 'RANK' in os.environ else ''
+
+    def say(line: str) -> None:  # one line, whatever the paths it names hold (a newline in a folder's name)
+        print_line(prefix + escape_controls(line), file=sys.stderr)
+
     # (the handlers stay until the stop is said and its exception freed: the freeing shuts the DataLoader workers
     # down, where a second signal would otherwise raise)
     with sigterm_unwinds(ends_process):
@@ -1873,31 +1877,31 @@ def main(argv=None, *, ends_process: bool = False) -> int:
             run(args)
         except UserError as e:
             kept = getattr(e, 'kept', None)  # found midway (an unreadable image): what the run has written is complete
-            print_line(f'{prefix}error: {one_line(e)}' + (f'; {kept}' if kept else ''), file=sys.stderr)
+            say(f'error: {one_line(e)}' + (f'; {kept}' if kept else ''))
             return EXIT_USER_ERROR
-        except NonFiniteLossError as e:
-            print_line(f'{prefix}error: {one_line(e)}', file=sys.stderr)
+        except NonFiniteLossError as e:  # (this project's message, raised in this process: whole)
+            say(f'error: {str(e).strip()}')
             return EXIT_DIVERGED
         except torch.OutOfMemoryError as e:
-            print_line(f'{prefix}error: {out_of_memory(args, e)}', file=sys.stderr)
+            say(f'error: {out_of_memory(args, e)}')
             return EXIT_OUT_OF_MEMORY
         except KeyboardInterrupt as e:
-            print_line(f'{prefix}interrupted; {_what_is_kept(e)}', file=sys.stderr)
+            say(f'interrupted; {_what_is_kept(e)}')
             stop_said()
             return EXIT_INTERRUPTED
         except Terminated as e:
-            print_line(f'{prefix}terminated (SIGTERM); {_what_is_kept(e)}', file=sys.stderr)
+            say(f'terminated (SIGTERM); {_what_is_kept(e)}')
             stop_said()
             return EXIT_TERMINATED
         except RuntimeError as e:
             if cpu_out_of_memory(e) or past_64_bits(e) or cuda_out_of_memory(e):
-                print_line(f'{prefix}error: {out_of_memory(args, e)}', file=sys.stderr)
+                say(f'error: {out_of_memory(args, e)}')
                 return EXIT_OUT_OF_MEMORY
             if not lost_peer(e):
                 raise
             # (what the stage knows it kept, as after Ctrl-C or SIGTERM: the checkpoint to continue from)
-            print_line(f'{prefix}error: stopped because another process of this job failed (see its error); '
-                       f'{getattr(e, "kept", None) or "checkpoints written so far are complete"}', file=sys.stderr)
+            say(f'error: stopped because another process of this job failed (see its error); '
+                f'{getattr(e, "kept", None) or "checkpoints written so far are complete"}')
             return EXIT_PEER_FAILED
         finally:
             if torch.distributed.is_available() and torch.distributed.is_initialized():

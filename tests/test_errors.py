@@ -1459,6 +1459,19 @@ def test_overflowing_learning_rate_is_a_divergence_too(capsys, world, tmp_path):
     assert snapshot(out)['checkpoint.pth'] == before['checkpoint.pth']
 
 
+def test_a_stop_that_names_a_path_with_a_newline_is_one_line(capsys, world, tmp_path):
+    """A run that stops midway names the file it kept: a --resume path with a newline in it (a folder 'de\\nnse')
+    split the error line in two, and a divergence's message was cut to its last line.  The line is whole, the
+    newline escaped."""
+    resume = shutil.copy(world['dense'], tmp_path / 'de\nnse.pth')
+    out = tmp_path / 'out'
+    line = assert_one_line_error(capsys, finetune_args(world, out, '--resume', resume, '--lr', '1e20',
+                                                       '--batch-size', '64'), EXIT_DIVERGED, r'^error: ')
+    assert line == ('error: the validation loss is nan after epoch 0: the weights diverged in its last steps; '
+                    'stopped. Last good checkpoint, untouched: ' + str(resume).replace('\n', '\\n'))
+    assert not out.exists()
+
+
 def test_weights_broken_by_an_epochs_last_step_are_a_divergence_and_nothing_is_saved(capsys, world, tmp_path):
     """One step per epoch (the whole training set in one batch): its loss is finite, the update it makes is not.
     The validation loss is checked before anything is saved, so the run stops as a divergence, writing nothing."""
