@@ -178,17 +178,22 @@ def build_dataset(is_train: bool, args) -> Tuple[Dataset, int]:
     raise UserError(f'unknown --data-set {name}; choose one of {", ".join(DATA_SETS)}')
 
 
+def check_data_path(args) -> None:
+    """The --data-path of a data set read from files (all but DIGITS): given, and a directory."""
+    if args.data_set == 'DIGITS':
+        return
+    if not args.data_path:
+        raise UserError(f'--data-path is required for --data-set {args.data_set}')
+    if not os.path.isdir(args.data_path):
+        raise UserError(f'--data-path {args.data_path} does not exist or is not a directory')
+
+
 def check_split(is_train: bool, args) -> None:
     """What :func:`build_dataset` checks before it lists anything: the data path, and the split's folder (IMNET)
     or file (CIFAR).  A run that needs both splits checks both first, so a missing one is said before the other
     is listed (minutes on ImageNet).  (DIGITS has no files; iNaturalist's validation set reads both json files.)"""
+    check_data_path(args)
     name, root = args.data_set, args.data_path
-    if name == 'DIGITS':
-        return
-    if not root:
-        raise UserError(f'--data-path is required for --data-set {name}')
-    if not os.path.isdir(root):
-        raise UserError(f'--data-path {root} does not exist or is not a directory')
     if name == 'IMNET':
         split = os.path.join(root, 'train' if is_train else 'val')
         if not os.path.isdir(split):

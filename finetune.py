@@ -28,8 +28,8 @@ import engine
 import models
 import pruning
 from datasets import (DATA_SETS, INATURALIST, SMALL_INPUT, BadImageError, DigitsDataset, Limited, as_told_apart,
-                      build_data, check_classes, check_same_classes, check_split, check_training_transform,
-                      data_loader)
+                      build_data, check_classes, check_data_path, check_same_classes, check_split,
+                      check_training_transform, data_loader)
 from engine import NonFiniteLossError, evaluate, measure_throughput, steady_allocator
 from losses import DistillationLoss
 from utils import (OutputWriteError, UserError, TensorBoard, all_agree, append_line, check_output_dir,
@@ -1777,6 +1777,8 @@ def run(args) -> Dict[str, float]:
     finished = finished_checkpoint(args, resumed)
     try:
         validate_args(args, void=no_effect, finished=finished is not None)
+        if finished is None and not args.speed_only:  # (a continued run's, moved since, says where it comes from)
+            check_data_path(args)
     except UserError as e:
         raise _with_origin(e, args, inherited) from None
     args.device = resolve_device(args.device)

@@ -103,6 +103,23 @@ def test_missing_data_path(capsys, world, earlier, tmp_path):
     assert snapshot(earlier) == before
 
 
+def test_a_continued_runs_data_path_that_is_gone_says_where_it_comes_from(capsys, world, tmp_path):
+    """A continued run reads the --data-path its checkpoint records: once that folder had moved, the error named a
+    path the user had not given, without saying it came from the run or how to change it (as for its teacher)."""
+    data, out = copy_data(world, tmp_path), tmp_path / 'out'
+    assert cli(capsys, '--data-path', data, '--output_dir', out, '--final_finetune', '1', '--resume',
+               world['dense'])[0] == 0
+    moved = data.rename(tmp_path / 'moved')
+    before = snapshot(out)
+    assert_one_line_error(capsys, ['--resume', out / 'checkpoint.pth', '--final_finetune', '2'], EXIT_USER_ERROR,
+                          rf'^error: --data-path {re.escape(str(data))} does not exist or is not a directory '
+                          rf'\(--data-path of the run {re.escape(str(out / "checkpoint.pth"))} continues; give '
+                          rf'--data-path to change it\)$')
+    assert snapshot(out) == before
+    code, _, err = cli(capsys, '--resume', out / 'checkpoint.pth', '--final_finetune', '2', '--data-path', moved)
+    assert code == 0, err
+
+
 def test_no_data_path_at_all(capsys, world, earlier):
     assert_one_line_error(capsys, ['--output_dir', earlier, '--final_finetune', '1'], EXIT_USER_ERROR,
                           r'--data-path is required for --data-set IMNET')
