@@ -197,7 +197,8 @@ def check_split(is_train: bool, args) -> None:
     if name == 'IMNET':
         split = os.path.join(root, 'train' if is_train else 'val')
         if not os.path.isdir(split):
-            raise UserError(f'split not found: {split} (expected one folder per class inside)')
+            found = f'split {split} is not a directory' if os.path.exists(split) else f'split not found: {split}'
+            raise UserError(f'{found} (expected one folder per class inside)')
     elif name == 'CIFAR':
         marker = os.path.join(root, 'cifar-100-python', 'train' if is_train else 'test')
         if not os.path.isfile(marker):

@@ -134,6 +134,16 @@ def test_empty_data_path(capsys, world, earlier, tmp_path):
     assert snapshot(earlier) == before
 
 
+def test_a_split_that_is_a_file_is_not_said_to_be_missing(capsys, world, tmp_path):
+    """A val/ that is there, but as a file, was reported 'split not found': the line says what it is."""
+    data = copy_data(world, tmp_path)
+    shutil.rmtree(data / 'val')
+    (data / 'val').write_bytes(b'not a folder')
+    line = assert_one_line_error(capsys, ['--eval', '--resume', world['dense'], '--data-path', data], EXIT_USER_ERROR,
+                                 r'^error: ')
+    assert line == f'error: split {data / "val"} is not a directory (expected one folder per class inside)'
+
+
 def test_missing_split(capsys, world, earlier, tmp_path, monkeypatch):
     """A missing val/ is said before train/ is listed (minutes on ImageNet): finetuning listed train/ first;
     nothing is listed now."""
