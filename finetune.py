@@ -195,8 +195,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     a('--print-freq', default=10, type=int)
     a('--fast-path', default='none', choices=['none', 'triton', 'compile', 'torch'],
       help='--eval and --speed-only through the fast inference path (models/fast_path.py): triton = fused Triton '
-           'kernels, patch embedding as one GEMM, attention (and in fp16/bf16 the matrix products) chosen by timing '
-           'per kept count, CUDA graph for the batch (CUDA); compile = torch.compile of the same original-order '
+           'kernels, patch embedding as one matrix product, attention (and in fp16/bf16 the matrix products and the '
+           'patch embedding\'s own kernel) chosen by timing per kept count, CUDA graph for the batch (CUDA); compile = torch.compile of the same original-order '
            'formulation; torch = that formulation in plain torch ops (any device); none = the eager model. Its '
            'matrix products run in fp16 for --eval (fp32 with --no-amp or on CPU), in --speed-dtype for --speed-only')
     a('--speed-protocol', default='interleaved', choices=['interleaved', 'original'],
@@ -486,15 +486,11 @@ def check_cpu_compiler() -> None:
     """torch.compile builds its CPU kernels with a C++ compiler (torch._inductor's, from $CXX or the usual names):
     without a working one, --fast-path compile on the CPU stopped in a traceback at the first compiled forward,
     after the model was loaded and the data listed (or the timing begun)."""
-    try:
-        from torch._inductor.cpp_builder import get_cpp_compiler
-    except ImportError:  # (a torch that keeps it elsewhere: its own error comes at the first compiled forward)
-        return
-    try:
-        get_cpp_compiler()
-    except RuntimeError as e:  # (torch._inductor.exc.InvalidCxxCompiler)
+    from models.fast_path import cpu_compiler_problem
+    problem = cpu_compiler_problem()
+    if problem is not None:
         raise UserError(f'--fast-path compile on the CPU needs a C++ compiler for torch.compile\'s kernels, and none '
-                        f'works here ({one_line(e)}); --fast-path torch runs without one') from None
+                        f'works here ({one_line(problem)}); --fast-path torch runs without one')
 
 
 def check_fast_path_supports(args) -> None:

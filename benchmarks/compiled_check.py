@@ -39,7 +39,8 @@ def build_parser():
 
 def main(argv=None) -> int:
     from benchmarks.formulations import model_argument
-    from utils import UserError
+    from models.fast_path import cpu_compiler_problem
+    from utils import UserError, one_line
     args = build_parser().parse_args(argv)
     try:
         if not args.batch_sizes:  # given empty ('' or ','): nothing would be checked, and that would pass
@@ -47,29 +48,14 @@ def main(argv=None) -> int:
         args.model = model_argument(args.model)
         if args.device == 'cuda' and not torch.cuda.is_available():
             raise UserError('argument --device: cuda: no CUDA GPU is available')
-        why = cpu_compiler_problem() if args.device == 'cpu' else None
-        if why:
+        problem = cpu_compiler_problem() if args.device == 'cpu' else None
+        if problem is not None:
             raise UserError(f'argument --device: cpu: torch.compile builds its CPU kernels with a C++ compiler, and '
-                            f'none works here ({why})')
+                            f'none works here ({one_line(problem)})')
     except UserError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
     return 0 if all(ok for _, _, ok in check(args.model, args.batch_sizes, torch.device(args.device))) else 1
-
-
-def cpu_compiler_problem():
-    """Why torch.compile cannot build CPU kernels here (inductor's own search for its C++ compiler, from $CXX or
-    its config, failed: a traceback at the first compile, after the models were built), or None."""
-    from utils.errors import one_line
-    try:
-        from torch._inductor.cpp_builder import get_cpp_compiler
-    except ImportError:  # (a torch that keeps it elsewhere: its own error comes at the first compile)
-        return None
-    try:
-        get_cpp_compiler()
-    except RuntimeError as e:  # (torch._inductor.exc.InvalidCxxCompiler)
-        return one_line(e)
-    return None
 
 
 NO_CUDNN = 'fresh, cuDNN attention off'

@@ -128,8 +128,8 @@ from . import fast_kernels as K
 from .clip_concat import _version_of
 
 __all__ = ['build_fast_path', 'FastViT', 'CaptureError', 'AttentionChoice', 'ProductChoice', 'choose_attention',
-           'choose_product', 'choose_fc2', 'choose_proj_norm', 'check_supported', 'BACKENDS', 'ATTENTION_MODES',
-           'MLP_MODES', 'DTYPES']
+           'choose_product', 'choose_fc2', 'choose_proj_norm', 'check_supported', 'cpu_compiler_problem', 'BACKENDS',
+           'ATTENTION_MODES', 'MLP_MODES', 'DTYPES']
 
 BACKENDS = ('triton', 'torch', 'compile')
 ATTENTION_MODES = ('auto', 'sdpa', 'triton')
@@ -1208,6 +1208,21 @@ def _timm_forward_head(model: nn.Module) -> bool:
     except ImportError:
         pass
     return type(model).forward_head in heads
+
+
+def cpu_compiler_problem() -> Optional[Exception]:
+    """Why torch.compile cannot build its CPU kernels here, or None: inductor's own search for its C++ compiler
+    (from $CXX or its config), whose error otherwise comes as a traceback at the first compiled call, after the
+    model is built (the 'compile' backend on a CPU, a torch.compile of timm's model alike)."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+    except ImportError:  # (a torch that keeps it elsewhere: its own error comes at the first compiled call)
+        return None
+    try:
+        get_cpp_compiler()
+    except RuntimeError as e:  # (torch._inductor.exc.InvalidCxxCompiler)
+        return e
+    return None
 
 
 def build_fast_path(model: nn.Module, backend: str = 'triton', dtype: Optional[torch.dtype] = None,

@@ -2579,7 +2579,8 @@ def test_compiled_check_on_a_cpu_without_a_compiler_is_one_line_before_any_work(
     assert code == 2 and out == '' and err.count('\n') == 1, err
     assert err.startswith("error: argument --device: cpu: torch.compile builds its CPU kernels with a C++ compiler, "
                           "and none works here (") and err.endswith(')\n'), err
-    assert compiled_check.cpu_compiler_problem() is None  # the compiler of this machine, found again
+    from models.fast_path import cpu_compiler_problem
+    assert cpu_compiler_problem() is None  # the compiler of this machine, found again
 
 
 @pytest.mark.slow
