@@ -196,8 +196,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     a('--fast-path', default='none', choices=['none', 'triton', 'compile', 'torch'],
       help='--eval and --speed-only through the fast inference path (models/fast_path.py): triton = fused Triton '
            'kernels, patch embedding as one matrix product, attention (and in fp16/bf16 the matrix products and the '
-           'patch embedding\'s own kernel) chosen by timing per kept count, CUDA graph for the batch (CUDA); compile = torch.compile of the same original-order '
-           'formulation; torch = that formulation in plain torch ops (any device); none = the eager model. Its '
+           'patch embedding\'s own kernel) chosen by timing per kept count, CUDA graph for the batch (CUDA); '
+           'compile = torch.compile of the same original-order formulation; torch = that formulation in plain torch '
+           'ops (any device); none = the eager model. Its '
            'matrix products run in fp16 for --eval (fp32 with --no-amp or on CPU), in --speed-dtype for --speed-only')
     a('--speed-protocol', default='interleaved', choices=['interleaved', 'original'],
       help='interleaved: pruned and dense twin take turns, median, no_grad, fp16 autocast on CUDA; original: the '

@@ -108,10 +108,22 @@ class Obj(Spec):
         return None
 
 
+class Where(Spec):
+    """``spec``, and then ``holds(value)``: a rule between its fields, else ``what`` is said of ``where``."""
+    def __init__(self, spec: Spec, holds, what: str):
+        self.spec, self.holds, self.what = spec, holds, what
+
+    def problem(self, value, where):
+        return self.spec.problem(value, where) or (None if self.holds(value) else f'{where} {self.what}')
+
+
 RATIO_CI = Maybe(ListOf(NUMBER, length=2))
-CHECK = Obj({'max_abs_diff': NUMBER, 'tolerance': NUMBER, 'within_tolerance': BOOL, 'top1_agreement': NUMBER,
-             'top1_agreement_clear': Maybe(NUMBER), 'clear_images': COUNT, 'images': COUNT,
-             'top1_ok': Maybe(BOOL)}, {'autocast_error': NUMBER})
+# a check judges top-1 (top1_ok) only on the images with a clear margin, whose agreement it then reports
+CHECK = Where(Obj({'max_abs_diff': NUMBER, 'tolerance': NUMBER, 'within_tolerance': BOOL, 'top1_agreement': NUMBER,
+                   'top1_agreement_clear': Maybe(NUMBER), 'clear_images': COUNT, 'images': COUNT,
+                   'top1_ok': Maybe(BOOL)}, {'autocast_error': NUMBER}),
+              lambda c: c['top1_ok'] is None or c['top1_agreement_clear'] is not None,
+              'judges top-1 (top1_ok) without its agreement on the clear images (top1_agreement_clear is null)')
 PER_COUNT = MapOf(STR)  # kept count -> the kernel chosen
 PER_COUNT_MS = MapOf(MapOf(Maybe(NUMBER)))  # kept count -> kernel -> build-time ms (null: failed)
 FAST_PATH = Obj({}, {'kept_counts': ListOf(COUNT), 'cuda_graph_batch': Maybe(BATCH), 'cuda_graph_input': Maybe(STR),

@@ -786,7 +786,8 @@ MUTANTS: List[Mutant] = [
            [T + 'test_errors.py::test_weights_that_do_not_fit_the_model_are_refused_before_the_data_is_listed'],
            'weights that do not fit --model found by --eval only after the data set was listed',
            ('    model, checkpoint = load_model(args, args.resume, args.model, checkpoint=resumed)\n'
-            '    check_recorded_data_set(checkpoint, args)\n    dataset_val, nb_classes', '    dataset_val, nb_classes')),
+            '    check_recorded_data_set(checkpoint, args)\n    dataset_val, nb_classes',
+            '    dataset_val, nb_classes')),
     mutant('evaluated-in-training-mode', 'engine.py',
            '    model.eval()\n    logger = MetricLogger(printer=printer)\n    correct1',
            '    logger = MetricLogger(printer=printer)\n    correct1',

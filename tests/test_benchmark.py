@@ -2047,6 +2047,10 @@ ROW = ('models', 'tiny', 'rows', 1)
     (('models', 'tiny', 'checks'), [], 'models.tiny.checks is a list, not an object'),
     (('models', 'tiny', 'checks', 'timm', 'within_tolerance'), 'yes',
      'models.tiny.checks.timm.within_tolerance is a string, not a boolean'),
+    # the report reads the agreement of a check that judged top-1 (a null there was a traceback in check_targets)
+    (('models', 'tiny', 'checks', 'timm', 'top1_agreement_clear'), None,
+     'models.tiny.checks.timm judges top-1 (top1_ok) without its agreement on the clear images '
+     '(top1_agreement_clear is null)'),
     (('models', 'tiny', 'summary_sweep'), [], 'models.tiny.summary_sweep is a list, not an object'),
     (('sections', 0, 'seconds'), '12.5', 'sections[0].seconds is a string, not a number'),
     (('sections', 1, 'status'), 3, 'sections[1].status is a number, not a string'),
