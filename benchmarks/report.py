@@ -852,8 +852,8 @@ def _table_problem(results: Dict) -> Optional[str]:
 def _run_problem(results: Dict, gpu: bool) -> Optional[str]:
     """How a run given as --cpu (``gpu`` False) or --gpu differs from what the README's columns of that device are,
     or None: a finished run on that device, protocol "ours", each model at its default batch size; on the CPU in
-    fp32; on a GPU with the benchmark's own
-    rows (so that the fastest dense and pruned modes are chosen among all of them) and its summary."""
+    fp32; on a GPU with the benchmark's own rows (so that the fastest dense and pruned modes are chosen among all of
+    them) and its summary."""
     settings = results.get('settings', {})
     device = results.get('machine', {}).get('device', settings.get('device'))
     if not (str(device).startswith('cuda') if gpu else device == 'cpu'):
