@@ -39,7 +39,7 @@ from utils import (OutputWriteError, UserError, TensorBoard, all_agree, append_l
 from utils import seeding
 from utils.cli import (AT_LEAST_ONE, EXIT_USER_ERROR, FRACTION, NON_NEGATIVE, POSITIVE, UNIT, OneLineParser, Range,
                        check_numbers, fits, flag_name, spell)
-from utils.run_log import epoch_scalars, epoch_tags, read_log, reconcile_log, scalars_at
+from utils.run_log import epoch_scalars, epoch_tags, events_files, read_log, reconcile_log, scalars_at
 from utils.signals import (EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, cpu_out_of_memory, cuda_out_of_memory,
                            exit_at_once, lost_peer, past_64_bits, sigterm_unwinds, stop_said)
 
@@ -1225,8 +1225,13 @@ def check_earlier_run(args, continuing: bool) -> None:
                             f'{checkpoint_path} or choose another --output_dir')
     else:
         earlier = [name for name in ('best.pth', 'log.txt') if os.path.exists(paths[name])]
+        events = events_files(args.output_dir)  # (this run's scalars would be drawn over that run's, epoch by epoch)
+        if events:
+            more = f' and {len(events) - 1} more' if events[1:] else ''
+            earlier.append(f'TensorBoard events ({events[0]}{more})')
         if earlier:
-            raise UserError(f'{args.output_dir} already holds {" and ".join(earlier)} from an earlier run; '
+            named = ' and '.join(filter(None, [', '.join(earlier[:-1]), earlier[-1]]))
+            raise UserError(f'{args.output_dir} already holds {named} from an earlier run; '
                             f'choose another --output_dir (or move them away)')
 
 

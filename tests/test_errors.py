@@ -1419,6 +1419,32 @@ def test_fresh_finetune_next_to_an_earlier_best_and_log_is_refused(capsys, world
     assert snapshot(out) == before
 
 
+@pytest.mark.parametrize('moved', [('checkpoint.pth', 'best.pth', 'log.txt'), ('checkpoint.pth', 'log.txt')],
+                         ids=['all-three', 'best-left'])
+def test_a_new_run_into_a_folder_left_with_an_earlier_runs_tensorboard_events_is_refused(capsys, world, finished,
+                                                                                          tmp_path, monkeypatch, moved):
+    """The run's files moved away as the refusal says, but not its TensorBoard events: a new run there drew its
+    scalars over the earlier run's, at the same epochs, in one TensorBoard run."""
+    monkeypatch.setattr(finetune, 'build_data', no_work)  # refused before the data is read
+    out = tmp_path / 'out'
+    shutil.copytree(finished, out)
+    for name in moved:
+        (out / name).unlink()
+    events = sorted(p.name for p in out.iterdir() if p.name.startswith('events.out.tfevents'))
+    assert events
+    before = snapshot(out)
+    left = '' if 'best.pth' in moved else r'best\.pth and '
+    assert_one_line_error(capsys, finetune_args(world, out, '--resume', world['dense']), EXIT_USER_ERROR,
+                          rf'{re.escape(str(out))} already holds {left}TensorBoard events \({re.escape(events[0])}\) '
+                          r'from an earlier run; choose another --output_dir \(or move them away\)$')
+    # and so is the run of another checkpoint continued there
+    other = tmp_path / 'other.pth'
+    shutil.copy(finished / 'checkpoint.pth', other)
+    assert_one_line_error(capsys, finetune_args(world, out, '--resume', other, '--final_finetune', '3'),
+                          EXIT_USER_ERROR, r'TensorBoard events .* from an earlier run')
+    assert snapshot(out) == before
+
+
 def test_resume_with_an_optimizer_that_does_not_fit(capsys, world, finished, tmp_path):
     out = tmp_path / 'out'
     shutil.copytree(finished, out)

@@ -2,7 +2,7 @@
 and repaired when a run continues after a kill."""
 import json
 import os
-from typing import Dict, Optional, Set
+from typing import Dict, List, Optional, Set
 
 from .checkpoint_io import write_text_atomic
 from .errors import UserError
@@ -61,15 +61,22 @@ def epoch_scalars(tb: TensorBoard, log_stats: dict, epoch: int, written: Set[str
     tb.scalars({tag: v for tag, v in epoch_tags(log_stats).items() if tag not in written}, epoch)
 
 
+def events_files(directory: str) -> List[str]:
+    """The names of the TensorBoard events files in ``directory`` (not in its subfolders), sorted; [] without the
+    folder."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted(name for name in os.listdir(directory)
+                  if name.startswith('events.out.tfevents') and os.path.isfile(os.path.join(directory, name)))
+
+
 def scalars_at(directory: str, step: int) -> Set[str]:
     """The scalar tags that the TensorBoard events files of ``directory`` (not of its subfolders) hold at ``step``;
     a record cut by a kill ends its file's reading."""
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
     tags: Set[str] = set()
-    for name in sorted(os.listdir(directory)):
-        path = os.path.join(directory, name)
-        if name.startswith('events.out.tfevents') and os.path.isfile(path):
-            for event in EventFileLoader(path).Load():
-                if event.step == step and event.HasField('summary'):
-                    tags.update(value.tag for value in event.summary.value)
+    for name in events_files(directory):
+        for event in EventFileLoader(os.path.join(directory, name)).Load():
+            if event.step == step and event.HasField('summary'):
+                tags.update(value.tag for value in event.summary.value)
     return tags
