@@ -1086,6 +1086,11 @@ def run_prune(args, device: torch.device, resumed: dict) -> Dict[str, float]:
     if not all_agree(not os.path.exists(path), device):
         raise UserError(f'{path} already exists from an earlier run; choose another --output_dir '
                         f'(or move it away)')
+    # its TensorBoard folder too: that run's scalars are at step 0, where this one's would be drawn over them
+    events = prune_tensorboard_dir(args)
+    if not all_agree(not events_files(events), device):
+        raise UserError(f'{events} already holds the TensorBoard events of an earlier --prune at this mode and rate; '
+                        f'choose another --output_dir (or move it away)')
     # The model (its head sized by the file) before the data: a file or a rate that cannot be pruned is refused
     # before the data set is listed, which takes minutes on ImageNet.
     model, source = load_model(args, args.resume, args.model, checkpoint=resumed)

@@ -1606,6 +1606,21 @@ def test_prune_refuses_to_replace_an_earlier_pruned_checkpoint_before_scoring(ca
     assert snapshot(earlier) == before
 
 
+def test_prune_refuses_to_add_to_the_tensorboard_folder_of_an_earlier_prune_before_scoring(capsys, world, tmp_path):
+    """The pruned file of an earlier --prune at the same mode and rate moved away, as its refusal says, but not its
+    TensorBoard folder: a second prune wrote its scalars at step 0 beside that run's, in one TensorBoard run."""
+    out = tmp_path / 'out'
+    assert cli(capsys, *prune_args(world, out, '--prune_mode', 'random'))[0] == 0
+    (out / 'pruned_random_0.3.pth').rename(tmp_path / 'kept.pth')
+    before = snapshot(out)
+    code, out_text, err = cli(capsys, *prune_args(world, out, '--prune_mode', 'random', '--seed', '1'))
+    assert code == EXIT_USER_ERROR
+    assert err.strip() == f'error: {out / "prune_random_0.3"} already holds the TensorBoard events of an earlier ' \
+                          f'--prune at this mode and rate; choose another --output_dir (or move it away)'
+    assert 'Clipped' not in out_text
+    assert snapshot(out) == before
+
+
 def test_prune_with_an_empty_output_dir_is_refused_not_written_beside_resume(capsys, world, tmp_path):
     """--output_dir '' (a script's "$OUT" unset) was taken as no --output_dir: --prune scored and wrote its file, log
     and TensorBoard folder beside --resume; only a flag left out means that."""
