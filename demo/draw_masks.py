@@ -274,6 +274,10 @@ def check_out_file(out: str, flag: str = '--out') -> None:
     named (and the name given could be that of a checkpoint)."""
     if not out:
         raise UserError(f'{flag} is empty: give the picture\'s file name (e.g. masks.png)')
+    if os.path.isdir(out) or out.endswith(tuple(filter(None, (os.sep, os.altsep)))):
+        what = 'is a directory' if os.path.isdir(out) else 'names a directory (it ends in a separator)'
+        raise UserError(f'{flag} {out} {what}; give the picture\'s file name, e.g. '
+                        f'{os.path.join(out, "masks.png")}')
     extension = os.path.splitext(out)[1][1:].lower()
     formats = matplotlib.figure.Figure().canvas.get_supported_filetypes()
     if not extension:
@@ -285,8 +289,6 @@ def check_out_file(out: str, flag: str = '--out') -> None:
     texsystem = matplotlib.rcParams['pgf.texsystem']
     if extension == 'pgf' and not shutil.which(texsystem):
         raise UserError(f'{flag} {out}: matplotlib writes .pgf with {texsystem}, which is not installed here')
-    if os.path.isdir(out):
-        raise UserError(f'{flag} {out} is a directory; give the picture\'s file name')
     folder = os.path.dirname(os.path.abspath(out))
     try:
         check_output_dir(folder, flag)

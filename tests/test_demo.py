@@ -742,6 +742,23 @@ def test_draw_masks_refuses_bad_arguments_before_any_work(argv, flag, tmp_path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ['FILE']
 
 
+@pytest.mark.parametrize('out', ['FOLDER', 'FOLDER/', '.', 'NEW/'])
+def test_draw_masks_out_naming_a_folder_says_so_and_suggests_a_name_it_takes(out, tmp_path, monkeypatch, capsys):
+    """--out naming a folder (one that exists, or a name ending in a separator) is refused as a folder, with a file
+    name in it that --out takes: it was refused as having no extension, suggesting FOLDER/.png or ..png, which have
+    none either."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / 'FOLDER').mkdir()
+    monkeypatch.setattr(draw_masks, 'load_model', no_work)
+    assert exit_code(draw_masks.main, ['--resume', str(tmp_path / 'missing.pth'), '--out', out]) == 2
+    err = capsys.readouterr().err
+    assert_one_error_line(err, 'directory')
+    suggested = re.search(r'e\.g\. (\S+)$', err.strip()).group(1)
+    assert suggested == os.path.join(out, 'masks.png')
+    draw_masks.check_out_file(suggested)  # (raises if --out would refuse it)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['FOLDER']
+
+
 def digits_checkpoint(tmp_path):
     """A digits model file whose args name its model, as finetune.py writes it (draw_masks reads the name)."""
     import argparse
