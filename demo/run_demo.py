@@ -474,13 +474,14 @@ def main(argv=None) -> int:
         chosen = apply_quick(a, QUICK)
         if chosen:
             print(f'--quick set: {flags_text(chosen)} (every other value as given or its default)', flush=True)
-    return ends_as_finetune(lambda: run(a), 'demo', a.out)
+    return ends_as_finetune(lambda: run(a), 'demo', a.out, a.fresh)
 
 
-def ends_as_finetune(work: Callable[[], int], script: str, out: str) -> int:
+def ends_as_finetune(work: Callable[[], int], script: str, out: str, fresh: bool = False) -> int:
     """``work()`` (the demo's or the study's stages), ended as finetune.py ends: a user error found midway (e.g.
     a disk that filled while writing a result) or a diverged stage is one ``error:`` line and finetune.py's exit
-    code, Ctrl-C one line saying what running ``script`` again does and exit code 130."""
+    code, Ctrl-C one line saying what running ``script`` again does and exit code 130 (with ``fresh``, a run of
+    --fresh: again without it, as --fresh would retrain the teacher it kept)."""
     try:
         return work()
     except UserError as e:
@@ -490,7 +491,8 @@ def ends_as_finetune(work: Callable[[], int], script: str, out: str) -> int:
         print(f'error: {e}', file=sys.stderr)
         return finetune.EXIT_DIVERGED
     except KeyboardInterrupt:
-        print(f'interrupted; run the {script} again to go on (a teacher in {os.path.join(out, TEACHER_DIR)}, '
+        again = 'again without --fresh' if fresh else 'again'
+        print(f'interrupted; run the {script} {again} to go on (a teacher in {os.path.join(out, TEACHER_DIR)}, '
               f'trained wholly or in part, is reused; every other stage is redone)', file=sys.stderr)
         return finetune.EXIT_INTERRUPTED
 

@@ -653,7 +653,7 @@ def main(argv=None) -> int:
           f'finetune.py\'s output are in each stage\'s stdout.txt (its evaluations\' in eval.txt) under {out}/',
           flush=True)
 
-    return demo.ends_as_finetune(lambda: run_study(a, argv, t0), 'study', out)
+    return demo.ends_as_finetune(lambda: run_study(a, argv, t0), 'study', out, a.fresh)
 
 
 def run_study(a: argparse.Namespace, argv: List[str], t0: float) -> int:

@@ -211,16 +211,19 @@ def assert_one_error_line(err, flag):
     assert 'Traceback' not in err
 
 
-def assert_ctrl_c_ends_the_script(main, script, tmp_path, monkeypatch, capsys):
+def assert_ctrl_c_ends_the_script(main, script, tmp_path, monkeypatch, capsys, fresh=False):
     """Ctrl-C in a stage of the demo or the study (``script``: 'demo', 'study'; ``main`` its entry point) ends it as
-    finetune.py ends: one line saying what running it again does, exit code 130, no traceback."""
+    finetune.py ends: one line saying what running it again does, exit code 130, no traceback.  A run of --fresh is
+    to be run again without it: --fresh would retrain the teacher it kept."""
     import finetune
 
     def interrupted(args):
         raise KeyboardInterrupt
     monkeypatch.setattr(finetune, 'run', interrupted)
-    assert main(['--quick', '--device', 'cpu', '--out', str(tmp_path / 'out')]) == 130
-    assert capsys.readouterr().err == (f'interrupted; run the {script} again to go on (a teacher in '
+    fresh_flag = ['--fresh'] if fresh else []
+    assert main(['--quick', '--device', 'cpu', '--out', str(tmp_path / 'out')] + fresh_flag) == 130
+    again = 'again without --fresh' if fresh else 'again'
+    assert capsys.readouterr().err == (f'interrupted; run the {script} {again} to go on (a teacher in '
                                        f'{tmp_path / "out" / "teacher"}, trained wholly or in part, is reused; every '
                                        f'other stage is redone)\n')
 

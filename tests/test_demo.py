@@ -580,8 +580,11 @@ def test_a_stage_that_stops_ends_as_finetune_py_would(kind, code, said, tmp_path
     assert re.fullmatch(said, err.strip()), err
 
 
-def test_ctrl_c_ends_the_demo_with_one_line_and_exit_130(tmp_path, monkeypatch, capsys):
-    assert_ctrl_c_ends_the_script(run_demo.main, 'demo', tmp_path, monkeypatch, capsys)
+@pytest.mark.parametrize('fresh', [False, True])
+def test_ctrl_c_ends_the_demo_with_one_line_and_exit_130(fresh, tmp_path, monkeypatch, capsys):
+    """(With --fresh the line said to run the demo again, which with --fresh retrains the teacher it said is
+    reused.)"""
+    assert_ctrl_c_ends_the_script(run_demo.main, 'demo', tmp_path, monkeypatch, capsys, fresh)
 
 
 def fake_teacher(path, lr=1e-3, seed=0, epochs=3, epoch=2, model=None):

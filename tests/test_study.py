@@ -553,8 +553,9 @@ def test_a_stage_that_stops_ends_the_study_as_finetune_py_would(kind, code, said
     assert err.startswith(said) and '(full output: ' in err, err
 
 
-def test_ctrl_c_ends_the_study_with_one_line_and_exit_130(tmp_path, monkeypatch, capsys):
-    assert_ctrl_c_ends_the_script(study.main, 'study', tmp_path, monkeypatch, capsys)
+@pytest.mark.parametrize('fresh', [False, True])
+def test_ctrl_c_ends_the_study_with_one_line_and_exit_130(fresh, tmp_path, monkeypatch, capsys):
+    assert_ctrl_c_ends_the_script(study.main, 'study', tmp_path, monkeypatch, capsys, fresh)
 
 
 def test_earlier_runs_are_removed_only_once_the_study_has_finished(tmp_path, monkeypatch):
