@@ -569,6 +569,9 @@ def run(a: argparse.Namespace) -> int:
     details = {'timings_s': timings, 'speed': speed, 'args': vars(a),
                'acc1_rule': 'last epoch (checkpoint.pth) evaluated with --eval; pruned rows before finetuning '
                             'are the --prune evaluation'}
+    # with results.json: a run that stops later (the pictures) leaves no earlier run's timings and args beside it;
+    # written again at the end with the timings of the pictures
+    write_text_atomic(files['details'], json.dumps(details, indent=2))
     table = markdown_table(rows, speedups)
 
     # 6. masks.png ------------------------------------------------------------------------------------------

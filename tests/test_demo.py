@@ -519,6 +519,29 @@ def test_run_demo_rows_and_verdicts_carry_the_figures_of_their_own_stage(tmp_pat
     assert 'after finetuning: Taylor 70.00% loses to random 76.00% (-6.00 points)' in stdout
 
 
+def test_run_demo_stopped_after_results_json_leaves_the_details_of_the_same_run(tmp_path, monkeypatch, capsys):
+    """details.json (the speed-ups the table prints, the arguments) is written with results.json: a run that stops
+    in the pictures' stage left an earlier run's details.json beside its own results.json."""
+    out = tmp_path / 'out'
+    out.mkdir()
+    (out / 'details.json').write_text(json.dumps({'speed': 'of an earlier run'}))
+    speed = {'dense_gflops': 0.05, 'pruned_gflops': 0.04, 'dense_throughput': 1000.0, 'pruned_throughput': 1500.0,
+             'speedup': 1.5}
+    monkeypatch.setattr(run_demo, 'train_teacher', lambda *a, **k: ('teacher.pth', 90.0, False))
+    monkeypatch.setattr(run_demo, 'prune', lambda *a, **k: {'path': 'pruned.pth', 'acc1': 50.0})
+    monkeypatch.setattr(run_demo, 'distill', lambda *a, **k: {'path': 'finetuned.pth', 'acc1': 80.0})
+    monkeypatch.setattr(run_demo, 'cli', lambda *a, **k: dict(speed))
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(draw_masks, 'load_model', interrupted)
+    assert run_demo.main(['--quick', '--device', 'cpu', '--seed', '5', '--out', str(out)]) == 130
+    assert json.loads((out / 'results.json').read_text())['rows'][1]['throughput'] == 1500.0
+    details = json.loads((out / 'details.json').read_text())
+    assert details['speed'] == {run_demo.rate_tag(mode, rate): speed for mode, rate in run_demo.CONFIGS}
+    assert details['args']['seed'] == 5 and details['args']['teacher_epochs'] == 2
+
+
 @pytest.mark.parametrize('epochs', [['--quick'], ['--teacher-epochs', '6', '--finetune-epochs', '1']])
 def test_run_demo_passes_finetune_no_flag_it_notes_as_unused(epochs, tmp_path, monkeypatch, capsys):
     """Every finetune.py command of the demo (teacher with and without a warm-up, Taylor and random pruning,
