@@ -10,7 +10,8 @@ Every stage goes through finetune.py's own code (``finetune.run`` on parsed comm
 2. prune it: Taylor attention at 0.25 and 0.40, random at 0.25; evaluate each   -> <out>/prune_<mode>_<rate>/
 3. finetune each pruned model with soft distillation from the teacher          -> <out>/finetune_<mode>_<rate>/
 4. GFLOPs and images/s, pruned and dense timed interleaved (--speed-only)      -> <out>/speed_<mode>_<rate>.txt
-5. <out>/results.json, and a Markdown table in the Model Zoo's format, printed
+5. <out>/results.json, and a Markdown table in the Model Zoo's format, printed; <out>/details.json: the stages'
+   times, the timing runs' figures (the speed-ups) and the arguments
 6. <out>/masks.png: the patches each block keeps (demo/draw_masks.py)
 7. TensorBoard: every training/pruning stage in its directory, the summary in <out>/summary/
    (``tensorboard --logdir runs/demo``)

@@ -324,6 +324,17 @@ def test_run_demo_verdict_gap_is_the_gap_between_the_figures_it_prints(taylor, r
     assert f'{float(shown[1]) - float(shown[2]):+.2f}' == shown[3]
 
 
+def test_demo_readme_names_every_file_and_folder_of_the_demo_not_per_configuration():
+    """demo/README.md lists the demo's outputs: each one that is not per prune configuration, as it is called under
+    runs/demo/ (details.json, the speed-ups the table prints, was written but not named)."""
+    with open(os.path.join(ROOT, 'demo', 'README.md')) as f:
+        readme = f.read()
+    folders, files = run_demo.output_paths(os.path.join('runs', 'demo'))
+    for key, path in list(folders.items()) + list(files.items()):
+        if isinstance(key, str):
+            assert f'`{path}' in readme, path
+
+
 def test_run_demo_caps_the_rows_of_its_figure_as_draw_masks_does():
     assert run_demo.MAX_MASK_ROWS == draw_masks.MAX_ROWS
 
