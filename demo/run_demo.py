@@ -35,6 +35,7 @@ import contextlib  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import re  # noqa: E402
+import shlex  # noqa: E402
 import shutil  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
@@ -245,7 +246,7 @@ def cli(argv: List[str], log_path: str, tag: str, verbose: bool, echo: bool = Tr
     would end with as one ``error:`` line comes out as UserError or StageDiverged, naming the stage and its log,
     for :func:`main` to end as finetune.py does (exit code 2, or finetune.EXIT_DIVERGED).
     """
-    command = f'$ python finetune.py {" ".join(argv)}'
+    command = '$ python finetune.py ' + ' '.join(shlex.quote(arg) for arg in argv)  # (a path with a space)
     os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
     if echo:
         print(command, flush=True)

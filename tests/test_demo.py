@@ -579,6 +579,21 @@ def test_run_demo_passes_finetune_no_flag_it_notes_as_unused(epochs, tmp_path, m
         assert finetune.unused_flag_notes(parser.parse_args(argv), parser) == [], argv
 
 
+@pytest.mark.parametrize('echo', [True, False])
+def test_run_demo_prints_each_command_as_a_shell_runs_it(echo, tmp_path, monkeypatch, capsys):
+    """The `$ python finetune.py ...` line of a stage (on the console, or first in its log) is the command a shell
+    runs, a path with a space or a quote in it included: it was the arguments joined with spaces."""
+    import shlex
+    import finetune
+    monkeypatch.setattr(finetune, 'run', lambda args: {'acc1': 50.0})
+    folder = tmp_path / "my runs" / "it's"
+    argv = ['--eval', '--resume', str(folder / 'checkpoint.pth'), '--output_dir', str(folder)]
+    log = folder / 'eval.txt'
+    run_demo.cli(argv, str(log), 'teacher eval', False, echo)
+    line = capsys.readouterr().out.splitlines()[0] if echo else log.read_text().splitlines()[0]
+    assert line.startswith('$ ') and shlex.split(line[2:]) == ['python', 'finetune.py'] + argv
+
+
 def test_run_demo_write_failure_midway_is_one_error_line(tmp_path, monkeypatch, capsys):
     """A result that cannot be written midway (the atomic writer's error: a full disk) ends the run with one
     `error:` line and exit code 2, not a traceback."""
