@@ -96,21 +96,28 @@ def apply_quick(a: argparse.Namespace, quick: Dict[str, object]) -> Dict[str, ob
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = OneLineParser('demo/run_demo.py', description='Clip & Concat mini reproduction on scikit-learn digits')
-    p.add_argument('--out', default=os.path.join('runs', 'demo'), help='output directory (default runs/demo)')
-    p.add_argument('--teacher-epochs', default=30, type=int, help='epochs of dense teacher training')
-    p.add_argument('--teacher-lr', default=1e-3, type=float)
-    p.add_argument('--finetune-epochs', default=8, type=int, help='epochs of distillation finetuning per model')
-    p.add_argument('--finetune-lr', default=5e-4, type=float)
+    p.add_argument('--out', default=os.path.join('runs', 'demo'), help='output directory (default %(default)s)')
+    p.add_argument('--teacher-epochs', default=30, type=int,
+                   help='epochs of dense teacher training (default %(default)s)')
+    p.add_argument('--teacher-lr', default=1e-3, type=float,
+                   help='learning rate of the teacher, cosine schedule (default %(default)s)')
+    p.add_argument('--finetune-epochs', default=8, type=int,
+                   help='epochs of distillation finetuning per model (default %(default)s)')
+    p.add_argument('--finetune-lr', default=5e-4, type=float,
+                   help='learning rate of the finetuning, cosine schedule (default %(default)s)')
     p.add_argument('--prune-batches', default=None, type=int,
                    help='score at most this many training batches (default: all of them)')
-    p.add_argument('--speed-repeats', default=30, type=int)
-    p.add_argument('--num-images', default=4, type=int, help=f'rows of masks.png (1 to {MAX_MASK_ROWS})')
+    p.add_argument('--speed-repeats', default=30, type=int,
+                   help='timings of each model, the median reported (default %(default)s)')
+    p.add_argument('--num-images', default=4, type=int,
+                   help=f'rows of masks.png (1 to {MAX_MASK_ROWS}, default %(default)s)')
     p.add_argument('--quick', action='store_true',
                    help=f'checks the plumbing in about a minute: {flags_text(QUICK)}, each where not given '
                         f'(a value given wins)')
     p.add_argument('--fresh', action='store_true', help='retrain the teacher even if <out>/teacher has one')
     p.add_argument('--device', default=None, help='cpu or cuda (default: the CLI\'s, cuda when available)')
-    p.add_argument('--seed', default=0, type=int)
+    p.add_argument('--seed', default=0, type=int,
+                   help='seeds the random streams and the data order of every stage (default %(default)s)')
     p.add_argument('--verbose', action='store_true', help='show every line finetune.py prints')
     return p
 

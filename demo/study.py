@@ -80,14 +80,18 @@ QUICK = {'seeds': list(SEEDS[:2]), 'rates': list(RATES[:2]), 'teacher_epochs': 2
 def get_args_parser() -> argparse.ArgumentParser:
     p = OneLineParser('demo/study.py',
                       description='Taylor against random Clip & Concat masks on scikit-learn digits, over seeds')
-    p.add_argument('--out', default=os.path.join('runs', 'study'), help='output directory (default runs/study)')
+    p.add_argument('--out', default=os.path.join('runs', 'study'), help='output directory (default %(default)s)')
     p.add_argument('--seeds', default=list(SEEDS), type=int, nargs='+', help='seeds of the runs (default 0 1 2)')
     p.add_argument('--rates', default=list(RATES), type=float, nargs='+',
                    help='prune rates (default 0.25 0.40 0.55)')
-    p.add_argument('--teacher-epochs', default=30, type=int, help='epochs of dense teacher training (as the demo)')
-    p.add_argument('--teacher-lr', default=1e-3, type=float)
-    p.add_argument('--finetune-epochs', default=8, type=int, help='epochs of distillation finetuning (as the demo)')
-    p.add_argument('--finetune-lr', default=5e-4, type=float)
+    p.add_argument('--teacher-epochs', default=30, type=int,
+                   help='epochs of dense teacher training (default %(default)s, as the demo)')
+    p.add_argument('--teacher-lr', default=1e-3, type=float,
+                   help='learning rate of the teacher (default %(default)s, as the demo)')
+    p.add_argument('--finetune-epochs', default=8, type=int,
+                   help='epochs of distillation finetuning (default %(default)s, as the demo)')
+    p.add_argument('--finetune-lr', default=5e-4, type=float,
+                   help='learning rate of the finetuning (default %(default)s, as the demo)')
     p.add_argument('--prune-batches', default=None, type=int,
                    help='score at most this many training batches (default: the whole training set, as the demo)')
     p.add_argument('--quick', action='store_true',

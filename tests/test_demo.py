@@ -1,4 +1,5 @@
 """The mini reproduction (demo/run_demo.py, shortened with --quick) and the mask drawing (demo/draw_masks.py)."""
+import argparse
 import json
 import os
 import re
@@ -333,6 +334,17 @@ def test_demo_readme_names_every_file_and_folder_of_the_demo_not_per_configurati
     for key, path in list(folders.items()) + list(files.items()):
         if isinstance(key, str):
             assert f'`{path}' in readme, path
+
+
+def test_run_demo_help_gives_each_default():
+    """Every flag with a value by default says it in --help (the learning rates, the repeats and the seed said
+    nothing, the epochs not how many): what a run does unasked."""
+    parser = run_demo.get_args_parser()
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        if action.default in (None, False, argparse.SUPPRESS) or isinstance(action.default, list):
+            continue  # (the lists' help writes them out: 0.40)
+        assert f'default {action.default}' in formatter._expand_help(action), action.option_strings
 
 
 def test_run_demo_caps_the_rows_of_its_figure_as_draw_masks_does():

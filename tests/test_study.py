@@ -1,5 +1,6 @@
 """The study of Taylor against random masks over seeds (demo/study.py): its statistics against scipy/numpy, and a
 --quick run checked file by file (results.json, the masks in the checkpoints, the table, the sentences, the figure)."""
+import argparse
 import hashlib
 import json
 import os
@@ -551,6 +552,17 @@ def test_a_stage_that_stops_ends_the_study_as_finetune_py_would(kind, code, said
     err = capsys.readouterr().err
     assert_one_error_line(err, said)
     assert err.startswith(said) and '(full output: ' in err, err
+
+
+def test_study_help_gives_each_default():
+    """Every flag with a value by default says it in --help (the learning rates said nothing, the epochs 'as the
+    demo' and not how many)."""
+    parser = study.get_args_parser()
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        if action.default in (None, False, argparse.SUPPRESS) or isinstance(action.default, list):
+            continue  # (the lists' help writes them out: 0.40)
+        assert f'default {action.default}' in formatter._expand_help(action), action.option_strings
 
 
 @pytest.mark.parametrize('fresh', [False, True])
