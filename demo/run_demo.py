@@ -582,6 +582,8 @@ def run(a: argparse.Namespace) -> int:
     # written again at the end with the timings of the pictures
     write_text_atomic(files['details'], json.dumps(details, indent=2))
     table = markdown_table(rows, speedups)
+    print(f'== 5. results: {files["results"]} ({len(rows)} rows, the table printed at the end), '
+          f'{files["details"]} (times, timings, arguments)', flush=True)
 
     # 6. masks.png ------------------------------------------------------------------------------------------
     t = time.time()

@@ -539,6 +539,9 @@ def test_run_demo_rows_and_verdicts_carry_the_figures_of_their_own_stage(tmp_pat
         assert f'| {name} | {acc:.1f} | {gflops:.3f} | {throughput:.0f} | {speedup:.2f} |' in stdout, name
     # the verdicts set Taylor (attn 0.25: 40 before, 70 after) against random (random 0.25: 42, 76)
     assert 'before finetuning: Taylor 40.00% loses to random 42.00% (-2.00 points)' in stdout
+    # the stage headers count 1, 2, 3, ... (they went from 4 to 6: the results' stage said nothing)
+    headers = [int(n) for n in re.findall(r'^== (\d+)\. ', stdout, re.M)]
+    assert headers == list(range(1, len(headers) + 1)) and len(headers) >= 6, headers
     assert 'after finetuning: Taylor 70.00% loses to random 76.00% (-6.00 points)' in stdout
 
 
