@@ -84,15 +84,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument('--seeds', default=list(SEEDS), type=int, nargs='+', help='seeds of the runs (default 0 1 2)')
     p.add_argument('--rates', default=list(RATES), type=float, nargs='+',
                    help='prune rates (default 0.25 0.40 0.55)')
-    p.add_argument('--teacher-epochs', default=30, type=int,
+    as_demo = demo.get_args_parser().get_default  # the demo's budget is the study's unless told otherwise
+    p.add_argument('--teacher-epochs', default=as_demo('teacher_epochs'), type=int,
                    help='epochs of dense teacher training (default %(default)s, as the demo)')
-    p.add_argument('--teacher-lr', default=1e-3, type=float,
+    p.add_argument('--teacher-lr', default=as_demo('teacher_lr'), type=float,
                    help='learning rate of the teacher (default %(default)s, as the demo)')
-    p.add_argument('--finetune-epochs', default=8, type=int,
+    p.add_argument('--finetune-epochs', default=as_demo('finetune_epochs'), type=int,
                    help='epochs of distillation finetuning (default %(default)s, as the demo)')
-    p.add_argument('--finetune-lr', default=5e-4, type=float,
+    p.add_argument('--finetune-lr', default=as_demo('finetune_lr'), type=float,
                    help='learning rate of the finetuning (default %(default)s, as the demo)')
-    p.add_argument('--prune-batches', default=None, type=int,
+    p.add_argument('--prune-batches', default=as_demo('prune_batches'), type=int,
                    help='score at most this many training batches (default: the whole training set, as the demo)')
     p.add_argument('--quick', action='store_true',
                    help=f'checks the plumbing in 1-2 minutes: {demo.flags_text(QUICK)}, each where not given '

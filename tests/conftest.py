@@ -228,6 +228,16 @@ def assert_ctrl_c_ends_the_script(main, script, tmp_path, monkeypatch, capsys, f
                                        f'other stage is redone)\n')
 
 
+def flags_not_saying_their_default(parser):
+    """The flags of ``parser`` that have a value by default which their --help does not give ('default X'): what a
+    run does unasked (lists are left out: their help writes them out, 0.40 for 0.4)."""
+    import argparse
+    formatter = parser._get_formatter()
+    return [action.option_strings for action in parser._actions
+            if action.default not in (None, False, argparse.SUPPRESS) and not isinstance(action.default, list)
+            and f'default {action.default}' not in formatter._expand_help(action)]
+
+
 def no_work(*_args, **_kwargs):
     raise AssertionError('work started despite a bad command line')
 

@@ -1,5 +1,4 @@
 """The mini reproduction (demo/run_demo.py, shortened with --quick) and the mask drawing (demo/draw_masks.py)."""
-import argparse
 import json
 import os
 import re
@@ -9,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import (ROOT, assert_ctrl_c_ends_the_script, assert_one_error_line, exit_code, make_image_folder,
-                      no_work, run_demo_script, teacher_checkpoint)
+from conftest import (ROOT, assert_ctrl_c_ends_the_script, assert_one_error_line, exit_code,
+                      flags_not_saying_their_default, make_image_folder, no_work, run_demo_script, teacher_checkpoint)
 
 sys.path.insert(0, os.path.join(ROOT, 'demo'))
 import draw_masks  # noqa: E402
@@ -339,12 +338,7 @@ def test_demo_readme_names_every_file_and_folder_of_the_demo_not_per_configurati
 def test_run_demo_help_gives_each_default():
     """Every flag with a value by default says it in --help (the learning rates, the repeats and the seed said
     nothing, the epochs not how many): what a run does unasked."""
-    parser = run_demo.get_args_parser()
-    formatter = parser._get_formatter()
-    for action in parser._actions:
-        if action.default in (None, False, argparse.SUPPRESS) or isinstance(action.default, list):
-            continue  # (the lists' help writes them out: 0.40)
-        assert f'default {action.default}' in formatter._expand_help(action), action.option_strings
+    assert flags_not_saying_their_default(run_demo.get_args_parser()) == []
 
 
 def test_run_demo_caps_the_rows_of_its_figure_as_draw_masks_does():

@@ -1,6 +1,5 @@
 """The study of Taylor against random masks over seeds (demo/study.py): its statistics against scipy/numpy, and a
 --quick run checked file by file (results.json, the masks in the checkpoints, the table, the sentences, the figure)."""
-import argparse
 import hashlib
 import json
 import os
@@ -13,8 +12,8 @@ import pytest
 import torch
 from scipy import stats
 
-from conftest import (ROOT, assert_ctrl_c_ends_the_script, assert_one_error_line, no_work, run_demo_script,
-                      teacher_checkpoint)
+from conftest import (ROOT, assert_ctrl_c_ends_the_script, assert_one_error_line, flags_not_saying_their_default,
+                      no_work, run_demo_script, teacher_checkpoint)
 
 sys.path.insert(0, os.path.join(ROOT, 'demo'))
 import study  # noqa: E402
@@ -557,12 +556,7 @@ def test_a_stage_that_stops_ends_the_study_as_finetune_py_would(kind, code, said
 def test_study_help_gives_each_default():
     """Every flag with a value by default says it in --help (the learning rates said nothing, the epochs 'as the
     demo' and not how many)."""
-    parser = study.get_args_parser()
-    formatter = parser._get_formatter()
-    for action in parser._actions:
-        if action.default in (None, False, argparse.SUPPRESS) or isinstance(action.default, list):
-            continue  # (the lists' help writes them out: 0.40)
-        assert f'default {action.default}' in formatter._expand_help(action), action.option_strings
+    assert flags_not_saying_their_default(study.get_args_parser()) == []
 
 
 @pytest.mark.parametrize('fresh', [False, True])
