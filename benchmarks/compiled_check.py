@@ -17,6 +17,7 @@ and the images that are off are listed; every line says what the compile caches 
 Prints one line per batch size and way of compiling: the max |logit difference|, the tolerance, and whether the
 check passed; exits 1 if any failed.  fp16 autocast on a GPU, fp32 on CPU (where it is only a smoke test).
 """
+import contextlib
 import os
 import sys
 
@@ -69,7 +70,7 @@ def check(timm_name, batch_sizes, device):
     (PyTorch later turned that backend off for sequence lengths that are not a multiple of 128, such as DeiT's
     197).  Each line also says what the compile caches did (AOT autograd's and inductor's FX graph cache: hits,
     misses) and, for a check that is off, which images are (their max |logit difference|)."""
-    from benchmarks.formulations import Checker, Context, seeded_models
+    from benchmarks.formulations import Checker, Context, seeded_models, without_cudnn_attention
     cc, dense = seeded_models(timm_name, 0, device)  # the benchmark's weights (seed 0)
     dtype = torch.float16 if device.type == 'cuda' else None
     shape = (3, *dense.patch_embed.img_size)
@@ -86,7 +87,8 @@ def check(timm_name, batch_sizes, device):
         sizes = [b for b in batch_sizes if b in off] if way == NO_CUDNN else batch_sizes
         # the fresh compiles with inductor's caches off: else each would load what the shared object's compile
         # of that size wrote a moment before (the same graph), and tell nothing apart from it
-        with torch.compiler.config.patch(force_disable_caches=way != 'shared'), _without_cudnn(way == NO_CUDNN):
+        attention = without_cudnn_attention() if way == NO_CUDNN else contextlib.nullcontext()
+        with torch.compiler.config.patch(force_disable_caches=way != 'shared'), attention:
             for batch in sizes:
                 checker = checkers[batch]
                 if run is None or way != 'shared':
@@ -132,14 +134,6 @@ def _cache_counts(before=None):
     changed = [f'{name} +{n - before.get(name, 0)}' for name, n in sorted(now.items()) if n != before.get(name, 0)]
     return ', '.join(changed) or 'none used'
 
-
-def _without_cudnn(on: bool):
-    """SDPA's backends without cuDNN's while inside, when ``on`` (else nothing changes)."""
-    import contextlib
-    if not on:
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    return sdpa_kernel([b for b in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)])
 
 if __name__ == '__main__':
     sys.exit(main())

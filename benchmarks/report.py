@@ -546,13 +546,18 @@ def _left_out(results: Dict) -> List[str]:
 
 
 def _checks_table(results: Dict) -> List[str]:
-    rows = []
+    rows, recompiled = [], []
     for res in results['models'].values():
         labels = {r['key']: r['label'] for r in res['rows']}
         sections = [(res['batch_size'], res.get('checks', {}))]
         sections += [(b['batch_size'], b.get('checks', {})) for b in res.get('summary_sweep', {}).get('batches', [])]
         for batch, checks in sections:
             for key, c in checks.items():
+                if c.get('recompiled'):
+                    recompiled.append(f'- {labels.get(key, key)}, batch {batch}: '
+                                      + '; '.join(f'compiled {e["way"]}: {e["failure"]}' for e in c['recompiled'])
+                                      + f'; compiled {c.get("way", "again")}: {check_failure(c) or "passed"} '
+                                        '(the compile timed, checked above)')
                 clear = c['top1_agreement_clear']
                 rows.append([labels.get(key, key), str(batch), f'{c["max_abs_diff"]:.2e}', f'{c["tolerance"]:.2e}',
                              f'{c["top1_agreement"]:.3f}', '–' if clear is None else f'{clear:.3f}',
@@ -567,7 +572,10 @@ def _checks_table(results: Dict) -> List[str]:
                  'judged on the images whose fp32 top-2 margin exceeds 2 x that error (random-init models have '
                  'near-ties that half precision cannot resolve).', '']
             + table(['row', 'batch', 'max abs logit diff', 'tolerance', 'top-1 = fp32, all images',
-                     'top-1 = fp32, clear margin', 'clear images', 'ok'], rows))
+                     'top-1 = fp32, clear margin', 'clear images', 'ok'], rows)
+            + (['', 'Compiled again: a torch.compile row whose check failed was compiled afresh (traced and compiled '
+                    'anew, inductor\'s caches off), then, if still off, afresh with SDPA\'s cuDNN attention '
+                    'excluded, until one passed:', ''] + recompiled if recompiled else []))
 
 
 def _fast_builds(results: Dict):

@@ -121,7 +121,8 @@ RATIO_CI = Maybe(ListOf(NUMBER, length=2))
 # a check judges top-1 (top1_ok) only on the images with a clear margin, whose agreement it then reports
 CHECK = Where(Obj({'max_abs_diff': NUMBER, 'tolerance': NUMBER, 'within_tolerance': BOOL, 'top1_agreement': NUMBER,
                    'top1_agreement_clear': Maybe(NUMBER), 'clear_images': COUNT, 'images': COUNT,
-                   'top1_ok': Maybe(BOOL)}, {'autocast_error': NUMBER}),
+                   'top1_ok': Maybe(BOOL)},
+                  {'autocast_error': NUMBER, 'way': STR, 'recompiled': ListOf(Obj({'way': STR, 'failure': STR}))}),
               lambda c: c['top1_ok'] is None or c['top1_agreement_clear'] is not None,
               'judges top-1 (top1_ok) without its agreement on the clear images (top1_agreement_clear is null)')
 PER_COUNT = MapOf(STR)  # kept count -> the kernel chosen

@@ -2890,3 +2890,182 @@ def test_taylor_scores_of_a_gpu_run_are_computed_on_the_cpu(tiny, monkeypatch):
     assert seen[1] == ('cpu', torch.float32, False, {'cpu'}, 'cpu') and seen[0][2] is True
     assert torch.equal(on_cpu, as_if_gpu)
     assert all(torch.equal(v, before[k]) for k, v in cc.state_dict().items())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a compiled row whose logits come out off is compiled again, afresh
+
+def _compile_off_unless(fresh_ok, no_cudnn_ok, made):
+    """A stand-in for torch.compile: the model, its logits moved by 0.1 unless the compile is a fresh one (a
+    ``backend`` given) that ``fresh_ok`` allows, or runs with cuDNN attention off where ``no_cudnn_ok`` allows;
+    each compile recorded in ``made`` as (model, fresh)."""
+    def compile_(model, **kw):
+        fresh = 'backend' in kw
+        made.append((model, fresh))
+
+        def run(x):
+            no_cudnn = not torch.backends.cuda.cudnn_sdp_enabled()
+            ok = fresh and (fresh_ok(x.shape[0]) or (no_cudnn and no_cudnn_ok(x.shape[0])))
+            return model(x) if ok else model(x) + 0.1
+        return run
+    return compile_
+
+
+def test_a_compiled_row_that_is_off_is_compiled_afresh_and_the_fresh_compile_timed(tiny, monkeypatch, capsys):
+    """timm compiled off as built, a fresh compile of the same model correct: the row keeps the fresh compile (the
+    callable timed), its check is the fresh one's, passed, and records the compile it replaced; an eager row and
+    a compiled row that pass are not compiled again."""
+    cc, dense, pruned = tiny
+    made = []
+    monkeypatch.setattr(torch, 'compile', _compile_off_unless(lambda b: True, lambda b: False, made))
+    chosen = [F.REGISTRY[n] for n in ('timm', 'timm-compiled', 'ours')]
+    built = F.build_runs('deit_tiny_patch16_224', cc, dense, pruned, chosen, F.Context(CPU, None, 2, F.image_shape(cc)))
+    assert made == [(dense, False), (dense, True)]
+    c = built.checks['timm_compiled']
+    assert c['max_abs_diff'] < 1e-4 and report.check_failure(c) is None and c['way'] == F.FRESH
+    assert c['recompiled'] == [{'way': 'as built', 'failure': 'logits off: max |difference| 1.00e-01 > tolerance '
+                                                              '1.00e-03'}]
+    x = torch.randn(2, *F.image_shape(cc))
+    with torch.no_grad():
+        assert torch.allclose(built.runs['timm_compiled'](x), dense(x), atol=1e-5)
+    assert 'way' not in built.checks['timm'] and 'recompiled' not in built.checks['ours_30']
+    out = capsys.readouterr().out
+    assert ('note: row timm_compiled at batch 2, compiled as built: logits off: max |difference| 1.00e-01 > '
+            'tolerance 1.00e-03; compiled again (fresh): passed') in out
+
+
+def test_a_compiled_row_still_off_afresh_is_compiled_without_cudnn_attention(tiny, monkeypatch):
+    """Off as built and afresh, right with SDPA's cuDNN backend excluded: that third compile is timed, cuDNN
+    attention off while it compiles and every time it runs, and on again outside."""
+    cc, dense, pruned = tiny
+    made = []
+    monkeypatch.setattr(torch, 'compile', _compile_off_unless(lambda b: False, lambda b: True, made))
+    was = torch.backends.cuda.cudnn_sdp_enabled()
+    built = F.build_runs('deit_tiny_patch16_224', cc, dense, pruned, [F.REGISTRY['timm'], F.REGISTRY['ours'],
+                                                                      F.REGISTRY['ours-compiled']],
+                         F.Context(CPU, None, 2, F.image_shape(cc)))
+    assert made == [(pruned[0.3], False), (pruned[0.3], True), (pruned[0.3], True)]
+    c = built.checks['compiled_30']
+    assert report.check_failure(c) is None and c['way'] == F.FRESH_NO_CUDNN
+    assert [e['way'] for e in c['recompiled']] == ['as built', F.FRESH]
+    run = built.runs['compiled_30']
+    x = torch.randn(2, *F.image_shape(cc))
+    with torch.no_grad():
+        assert torch.allclose(run(x), pruned[0.3](x), atol=1e-5)  # it runs without cuDNN attention: right
+    assert torch.backends.cuda.cudnn_sdp_enabled() == was
+
+
+def test_a_compiled_row_off_every_way_keeps_its_last_compile_and_fails(tiny, monkeypatch, capsys):
+    """Off whichever way it is compiled: three compiles, the last one kept (timed, and left out of the comparisons
+    as its check fails), each failure recorded; with the compile budget spent it is not compiled again at all."""
+    cc, dense, pruned = tiny
+    made = []
+    monkeypatch.setattr(torch, 'compile', _compile_off_unless(lambda b: False, lambda b: False, made))
+    chosen = [F.REGISTRY[n] for n in ('timm', 'timm-compiled', 'ours')]
+    ctx = F.Context(CPU, None, 2, F.image_shape(cc))
+    built = F.build_runs('deit_tiny_patch16_224', cc, dense, pruned, chosen, ctx)
+    assert made == [(dense, False), (dense, True), (dense, True)]
+    c = built.checks['timm_compiled']
+    assert report.check_failure(c).startswith('logits off') and c['way'] == F.FRESH_NO_CUDNN
+    assert [e['way'] for e in c['recompiled']] == ['as built', F.FRESH]
+    assert 'timm_compiled' in built.runs
+    made.clear()
+    budget = F.CompileBudget(seconds=1e-9)  # the row's own build is allowed (nothing spent), its recompiles not
+    built = F.build_runs('deit_tiny_patch16_224', cc, dense, pruned, chosen, ctx, budget)
+    assert made == [(dense, False)] and 'recompiled' not in built.checks['timm_compiled']
+    assert 'not compiled again: compile budget of 0 s spent' in capsys.readouterr().out
+
+
+def test_a_compiled_row_off_at_another_batch_size_is_compiled_afresh_there(tiny, monkeypatch):
+    """The summary's batch sizes: a compiled row right at the main batch size and off at another (the recompile of
+    the shared object for the new shape) is compiled afresh at that size, and only there."""
+    cc, dense, pruned = tiny
+    made = []
+
+    def right_at_2(model, **kw):  # the first compile: right at batch 2, off at any other size
+        made.append((model, 'backend' in kw))
+        return lambda x: model(x) + (0.0 if x.shape[0] == 2 else 0.1)
+    fresh = _compile_off_unless(lambda b: True, lambda b: False, made)
+    monkeypatch.setattr(torch, 'compile', lambda model, **kw: (fresh if 'backend' in kw else right_at_2)(model, **kw))
+    chosen = [F.REGISTRY[n] for n in ('timm', 'timm-compiled', 'ours')]
+    built = F.build_runs('deit_tiny_patch16_224', cc, dense, pruned, chosen, F.Context(CPU, None, 2, F.image_shape(cc)))
+    assert made == [(dense, False)] and 'recompiled' not in built.checks['timm_compiled']
+    again = F.rebuild_for_batch(built, lambda rate: cc if rate is None else pruned[rate], dense,
+                                F.Context(CPU, None, 1, F.image_shape(cc)))
+    assert made == [(dense, False), (dense, True)]
+    c = again.checks['timm_compiled']
+    assert c['way'] == F.FRESH and report.check_failure(c) is None
+    assert again.runs['timm_compiled'] is not built.runs['timm_compiled']
+
+
+def test_a_row_that_is_not_a_torch_compile_of_its_model_is_not_compiled_again(tiny):
+    """Only the rows torch.compile builds from the model are compiled again: another row whose logits are off (here
+    a stand-in 'compiled' formulation of its own) keeps its one build and its failed check."""
+    cc, dense, pruned = tiny
+    builds = []
+
+    def build(cc_, dense_, ctx):
+        builds.append(ctx.compile_backend)
+        return lambda x: cc_(x) + 0.1
+    off = F.Formulation('off', 'off', 'x', build, pruned=True, compiled=True, prime=True)
+    built = F.build_runs('deit_tiny_patch16_224', cc, dense, pruned, [F.REGISTRY['timm'], F.REGISTRY['ours'], off],
+                         F.Context(CPU, None, 2, F.image_shape(cc)))
+    assert builds == [None] and report.check_failure(built.checks['off_30']).startswith('logits off')
+
+
+def test_fresh_inductor_compiles_anew_beside_an_earlier_compile_of_the_same_model():
+    """A model compiled with torch.compile's default and called, then compiled with fresh_inductor: dynamo traces
+    and inductor compiles it again (one graph more; no cache hit) and it computes the model; a second default
+    torch.compile of the same model, by contrast, reuses the first graph (the reason for fresh_inductor).  A small
+    model: what dynamo reuses does not depend on what the model is."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    dense = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4)).eval()
+    x = torch.randn(2, 8)
+    graphs = lambda: counters['stats']['unique_graphs']  # noqa: E731
+    with torch.no_grad():
+        want = dense(x)
+        torch.compile(dense, fullgraph=True, dynamic=False)(x)
+        first = graphs()
+        torch.compile(dense, fullgraph=True, dynamic=False)(x)
+        assert graphs() == first  # reused
+        hits = counters['inductor']['fxgraph_cache_hit']
+        out = torch.compile(dense, fullgraph=True, dynamic=False, backend=F.fresh_inductor())(x)
+    assert graphs() == first + 1 and counters['inductor']['fxgraph_cache_hit'] == hits
+    assert torch.allclose(out, want, atol=1e-4)
+    torch._dynamo.reset()
+
+
+def test_the_report_says_which_compiled_rows_were_compiled_again_and_how(tiny, monkeypatch):
+    """The checks' section of the report lists, after its table, every row compiled again at a batch size: each
+    failed compile with its failure, then the compile timed and its outcome; a run where none was says nothing of
+    it."""
+    cc, dense, pruned = tiny
+    made = []
+    monkeypatch.setattr(torch, 'compile', _compile_off_unless(lambda b: False, lambda b: True, made))
+    chosen = [F.REGISTRY[n] for n in ('timm', 'timm-compiled', 'ours')]
+    built = F.build_runs('deit_tiny_patch16_224', cc, dense, pruned, chosen, F.Context(CPU, None, 2, F.image_shape(cc)))
+    res = {'rows': [{'key': 'timm_compiled', 'label': 'DeiT-Ti (timm, compiled)'}], 'batch_size': 2,
+           'checks': {'timm': built.checks['timm']},
+           'summary_sweep': {'batches': [{'batch_size': 2, 'checks': built.checks}]}}
+    lines = report._checks_table({'models': {'tiny': res}})
+    off = 'logits off: max |difference| 1.00e-01 > tolerance 1.00e-03'
+    assert lines[-1] == (f'- DeiT-Ti (timm, compiled), batch 2: compiled as built: {off}; compiled fresh: {off}; '
+                         'compiled fresh, without cuDNN attention: passed (the compile timed, checked above)')
+    assert sum(line.startswith('- ') for line in lines) == 1
+    assert sum(line.startswith('Compiled again') for line in lines) == 1
+    del res['summary_sweep']
+    assert not any('Compiled again' in line for line in report._checks_table({'models': {'tiny': res}}))
+
+
+def test_a_resumed_run_carries_over_a_check_of_a_row_compiled_again_and_refuses_one_cut():
+    """The check of a row compiled again (its way and the compiles it replaced) is of the shape a --resume reads;
+    a hand-cut record of a replaced compile is named."""
+    from benchmarks import shapes
+    check = {'max_abs_diff': 1e-4, 'tolerance': 1e-3, 'within_tolerance': True, 'top1_agreement': 1.0,
+             'top1_agreement_clear': 1.0, 'clear_images': 2, 'images': 2, 'top1_ok': True, 'autocast_error': 0.0,
+             'way': F.FRESH, 'recompiled': [{'way': 'as built', 'failure': 'logits off'}]}
+    assert shapes.CHECK.problem(check, 'checks.timm_compiled') is None
+    check['recompiled'] = [{'way': 'as built'}]
+    assert shapes.CHECK.problem(check, 'checks.timm_compiled') == 'checks.timm_compiled.recompiled[0] has no "failure"'
