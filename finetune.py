@@ -622,6 +622,7 @@ def validate_args(args, void: Set[str] = frozenset(), finished: bool = False) ->
         if low >= high:
             raise UserError(f'--cutmix-minmax {low:g} {high:g}: the box ratio is drawn between the two, so the first '
                             f'must be below the second')
+        check_cutmix_box_sides(input_size(args), low, high)
         if 'cutmix' in given_flags(args) and args.cutmix == 0:
             raise UserError('--cutmix 0 with --cutmix-minmax: a box ratio range turns CutMix on (timm then sets '
                             'its alpha to 1): leave out one of them')
@@ -630,6 +631,17 @@ def validate_args(args, void: Set[str] = frozenset(), finished: bool = False) ->
                         f'batch, so the batch must be even (or turn them off: --mixup 0 --cutmix 0)')
     if not modes:
         check_optimizer_and_schedule(args)
+
+
+def check_cutmix_box_sides(size: int, low: float, high: float) -> None:
+    """timm draws each side of a ``--cutmix-minmax`` CutMix box from the whole pixels ``int(size * low)`` up to,
+    not including, ``int(size * high)``: a range too narrow for the ``size`` px images holds no side, and numpy
+    refused the draw at the first batch CutMix mixed (a traceback after the data and the models were built)."""
+    first, end = int(size * low), int(size * high)
+    if first >= end:
+        raise UserError(f'--cutmix-minmax {low:g} {high:g}: at {size}x{size} px images CutMix draws its box side from '
+                        f'{first} px up to, not including, {end} px: no side to draw (the second value must be at '
+                        f'least {first + 1}/{size}, or the first lower)')
 
 
 def check_optimizer_and_schedule(args) -> None:

@@ -1085,6 +1085,12 @@ def test_an_output_dir_inside_a_split_of_the_data_is_refused(capsys, world, tmp_
     (['--mixup', '0.8', '--cutmix-minmax', '0.8', '0.2'], r'--cutmix-minmax 0\.8 0\.2: .* the first must be below '
                                                           r'the second'),
     (['--cutmix-minmax', '0.5', '0.5'], r'--cutmix-minmax 0\.5 0\.5: '),
+    # a range holding no whole box side at the input's size: numpy refused timm's draw at the first CutMix batch
+    (['--cutmix-minmax', '0.3', '0.31'], r'--cutmix-minmax 0\.3 0\.31: at 32x32 px images CutMix draws its box side '
+                                         r'from 9 px up to, not including, 9 px: no side to draw \(the second value '
+                                         r'must be at least 10/32, or the first lower\)$'),
+    (['--input-size', '224', '--cutmix-minmax', '0.5', '0.502'], r'--cutmix-minmax 0\.5 0\.502: at 224x224 px images '
+                                                                 r'.* from 112 px up to, not including, 112 px: '),
     (['--cutmix', '0', '--cutmix-minmax', '0.2', '0.8'], r'--cutmix 0 with --cutmix-minmax: a box ratio range turns '
                                                          r'CutMix on'),
     # the evaluation resizes to input / ratio before its crop: a tiny ratio overflowed Pillow or took all memory

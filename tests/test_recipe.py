@@ -387,6 +387,34 @@ def test_mixup_and_cutmix_are_deits_of_the_flags(flags):
     assert not torch.equal(ours[0], x)  # the images were mixed
 
 
+@pytest.mark.parametrize('size', [32, 224])
+def test_a_cutmix_box_range_is_refused_exactly_where_timm_cannot_draw_a_box_from_it(size):
+    """--cutmix-minmax: a range is refused (before any work) where timm's box draw at that image size fails, and
+    accepted where it draws, at the edges of the whole pixels too (a refused 0.3 0.31 at 32 px stopped the run in a
+    traceback at the first batch CutMix mixed)."""
+    import numpy as np
+    from timm.data.mixup import rand_bbox_minmax
+    from utils import UserError
+    ranges = [(0.3, 0.31), (0.3, 0.3125), (0.31, 0.32), (0.5, 0.502), (0.5, 0.505), (0.01, 0.02), (0.2, 0.8),
+              (0.999, 1.0), (0.25, 0.28125)]
+    refused = accepted = 0
+    for low, high in ranges:
+        np.random.seed(0)
+        try:
+            rand_bbox_minmax((3, size, size), (low, high), count=4)
+            draws = True
+        except ValueError:
+            draws = False
+        try:
+            finetune.check_cutmix_box_sides(size, low, high)
+            passes = True
+        except UserError:
+            passes = False
+        assert passes == draws, (size, low, high)
+        refused, accepted = refused + (not draws), accepted + draws
+    assert refused and accepted  # both kinds at each size
+
+
 # ----------------------------------------------------------------------------------------------------------
 # 3. evaluation transform
 
