@@ -619,7 +619,7 @@ def _resume_problem(earlier: Dict, planned: List['Section'], args) -> Optional[s
     (adopt), and the code hashes and earlier runs it carries over."""
     for key, kind in (('code', dict), ('earlier_runs', list)):
         if key in earlier and not isinstance(earlier[key], kind):
-            return f'"{key}" is {report.json_kind(earlier[key])}, not {report.json_kind(kind())}'
+            return f'"{key}" is {shapes.json_kind(earlier[key])}, not {shapes.json_kind(kind())}'
     why = shapes.problem(earlier, shapes.RUN, '')
     if why:
         return why

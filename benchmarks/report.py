@@ -17,6 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from benchmarks.shapes import json_kind  # noqa: E402
 from benchmarks.stats import NO_RATIO, Timings, as_fields  # noqa: E402
 
 SCORING_TARGET = 1.5          # scoring one batch <= 1.5x a plain training step
@@ -784,14 +785,6 @@ def load_results(path: str, what: str, required=('models',)) -> Dict:
     if problem:
         raise ValueError(f'{what} {path}: not a results file of benchmarks/model_zoo.py ({problem})')
     return results
-
-
-def json_kind(value) -> str:
-    """What a JSON value is, in words: 'an object', 'a list', 'a string', 'a number', 'a boolean', 'null'."""
-    if isinstance(value, bool):
-        return 'a boolean'
-    return {dict: 'an object', list: 'a list', str: 'a string', int: 'a number', float: 'a number'}.get(
-        type(value), 'null')
 
 
 def shape_problem(results: Dict) -> Optional[str]:

@@ -6,7 +6,13 @@ refused before any work instead of failing in the middle of the run or of its re
 import math
 from typing import Dict, Optional
 
-from benchmarks.report import json_kind as _kind
+
+def json_kind(value) -> str:
+    """What a JSON value is, in words: 'an object', 'a list', 'a string', 'a number', 'a boolean', 'null'."""
+    if isinstance(value, bool):
+        return 'a boolean'
+    return {dict: 'an object', list: 'a list', str: 'a string', int: 'a number', float: 'a number'}.get(
+        type(value), 'null')
 
 
 class Spec:
@@ -24,7 +30,7 @@ class Leaf(Spec):
             return None
         if isinstance(value, float) and not math.isfinite(value):
             return f'{where} is {value}, not {self.name}'
-        return f'{where} is {_kind(value)}, not {self.name}'
+        return f'{where} is {json_kind(value)}, not {self.name}'
 
 
 def _at(where: str, key) -> str:
@@ -59,7 +65,7 @@ class ListOf(Spec):
 
     def problem(self, value, where):
         if not isinstance(value, list):
-            return f'{where} is {_kind(value)}, not a list'
+            return f'{where} is {json_kind(value)}, not a list'
         if self.length is not None and len(value) != self.length:
             return f'{where} has {len(value)} entries, not {self.length}'
         if self.nonempty and not value:
@@ -78,7 +84,7 @@ class MapOf(Spec):
 
     def problem(self, value, where):
         if not isinstance(value, dict):
-            return f'{where} is {_kind(value)}, not an object'
+            return f'{where} is {json_kind(value)}, not an object'
         for k, v in value.items():
             why = self.value.problem(v, _at(where, k))
             if why:
@@ -94,7 +100,7 @@ class Obj(Spec):
 
     def problem(self, value, where):
         if not isinstance(value, dict):
-            return f'{where} is {_kind(value)}, not an object'
+            return f'{where} is {json_kind(value)}, not an object'
         for k, spec in self.required.items():
             if k not in value:
                 return f'{where or "the file"} has no "{k}"'
