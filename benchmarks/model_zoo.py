@@ -603,13 +603,13 @@ def _resumable(args) -> Dict:
 
 def _shape_note(path: str) -> str:
     """' (what)' when ``path`` is a JSON object of which a part read back has another shape than this script
-    writes (report.shape_problem), else ''."""
+    writes (shapes.REPORT), else ''."""
     try:
         with open(path) as f:
             data = json.load(f)
     except (OSError, ValueError):
         return ''
-    problem = report.shape_problem(data) if isinstance(data, dict) else None
+    problem = shapes.problem(data, shapes.REPORT, '') if isinstance(data, dict) else None
     return f' ({problem})' if problem else ''
 
 

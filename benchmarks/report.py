@@ -17,12 +17,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from benchmarks.shapes import json_kind  # noqa: E402
+from benchmarks import shapes  # noqa: E402
+from benchmarks.shapes import SUMMARY_BATCHES, SUMMARY_FIGURES  # noqa: E402
 from benchmarks.stats import NO_RATIO, Timings, as_fields  # noqa: E402
 
 SCORING_TARGET = 1.5          # scoring one batch <= 1.5x a plain training step
 SUMMARY_FLOPS_SHARE = 0.9     # fastest pruned over fastest dense >= 0.9 x the FLOPs ratio
-SUMMARY_BATCHES = (1, 32)     # ... and >= 1.0 at batch 1 and at batch 32
+# ... and >= 1.0 at each of SUMMARY_BATCHES, batch 1 and 32 (in shapes.py: the summary's figures are named after them)
 TOP1_SHARE = 0.99             # top-1 = the eager fp32 model's on >= 99% of the images with a clear margin
 PROTOCOLS = {
     'ours': 'interleaved: the rows take turns in rounds, the starting row rotating, every pass synchronised, '
@@ -734,7 +735,7 @@ def readme_speed_table(cpu: Dict, gpu: Optional[Dict] = None) -> List[str]:
     rows = []
     for res in cpu['models'].values():
         for r in res['rows']:
-            if r['kind'] not in ('timm', 'ours'):
+            if r['kind'] not in shapes.TABLE_KINDS:
                 continue
             seed = r.get('seed_gpu') or {}
             row = [model_name(r), f'{r["gflops"]:.2f}', f'{r["images_per_s"]:.1f}', fmt_ratio(r['speedup_vs_timm']),
@@ -771,7 +772,8 @@ def replace_speed_table(text: str, lines: List[str]) -> str:
 
 def load_results(path: str, what: str, required=('models',)) -> Dict:
     """The results JSON benchmarks/model_zoo.py wrote to ``path``; ValueError('<what> <path>: why not') when it
-    cannot be read, is not JSON, lacks a ``required`` key, or a part the report reads has another shape."""
+    cannot be read, is not JSON, lacks a ``required`` key, or a part the report reads has another shape
+    (shapes.REPORT)."""
     try:
         with open(path) as f:
             results = json.load(f)
@@ -781,73 +783,10 @@ def load_results(path: str, what: str, required=('models',)) -> Dict:
         raise ValueError(f'{what} {path}: not JSON ({e})') from None
     if not isinstance(results, dict) or not set(required) <= set(results):
         raise ValueError(f'{what} {path}: not a results file of benchmarks/model_zoo.py')
-    problem = shape_problem(results)
+    problem = shapes.problem(results, shapes.REPORT, '')
     if problem:
         raise ValueError(f'{what} {path}: not a results file of benchmarks/model_zoo.py ({problem})')
     return results
-
-
-def shape_problem(results: Dict) -> Optional[str]:
-    """What in ``results`` has another shape than model_zoo.py writes, among the parts read back (the models and
-    their rows, the machine, the settings, the sections, the summary), or None."""
-    models = results.get('models', {})
-    if not isinstance(models, dict):
-        return f'"models" is {json_kind(models)}, not an object'
-    for name, res in models.items():
-        if not isinstance(res, dict) or not isinstance(res.get('rows'), list):
-            return f'model {name!r} has no list of rows'
-        if not all(isinstance(r, dict) for r in res['rows']):
-            return f'a row of model {name!r} is not an object'
-    for key, kind in (('machine', dict), ('settings', dict), ('sections', list), ('summary', list)):
-        if key in results and not isinstance(results[key], kind):
-            return f'"{key}" is {json_kind(results[key])}, not {json_kind(kind())}'
-    for key in ('sections', 'summary'):
-        if not all(isinstance(e, dict) for e in results.get(key, [])):
-            return f'an entry of "{key}" is not an object'
-    for e in results.get('summary', []):
-        if not isinstance(e.get('model'), str):
-            return 'an entry of "summary" names no model'
-        bad = [k for k in SUMMARY_FIGURES if e.get(k) is not None and not _fits(e[k], NUMBER)]
-        if bad:
-            return f'the summary of {e["model"]} has no valid {", ".join(bad)}'
-    return None
-
-
-# The fields of a timm or ours row that the README's speed table reads (readme_speed_table), and their types.
-NUMBER = (int, float)
-TABLE_FIELDS = {'kind': str, 'label': str, 'gflops': NUMBER, 'images_per_s': NUMBER, 'flops_ratio': NUMBER,
-                'speedup_vs_timm': NUMBER + (type(None),), 'vs_boolean': NUMBER + (type(None),)}
-# The paper's figures beside a row (its ``seed_gpu``, absent or null where the paper has none), and their types.
-SEED_FIELDS = {'gflops': NUMBER + (type(None),), 'images_per_s': (int, type(None)), 'speedup': NUMBER + (type(None),)}
-# The figures of a summary entry that the README's speed table reads (None: not measured).
-SUMMARY_FIGURES = ('speedup_vs_best_dense', 'speedup_vs_timm_eager', *(f'speedup_batch{bs}' for bs in SUMMARY_BATCHES))
-
-
-def _fits(value, kind) -> bool:
-    """``value`` is of ``kind`` and, a number, a finite one that is not a boolean (JSON as Python reads it has
-    NaN and Infinity, which no figure of the table may be)."""
-    if isinstance(value, bool) or not isinstance(value, kind):
-        return False
-    return not isinstance(value, float) or math.isfinite(value)
-
-
-def _table_problem(results: Dict) -> Optional[str]:
-    """No model at all, or a row the README's speed table reads whose TABLE_FIELDS are missing, of another type
-    or not finite, or None."""
-    if not results['models']:
-        return 'no model in "models"'
-    for name, res in results['models'].items():
-        for r in res['rows']:
-            if r.get('kind') not in ('timm', 'ours') and isinstance(r.get('kind'), str):
-                continue  # a row the table leaves out
-            bad = [k for k, kind in TABLE_FIELDS.items() if not _fits(r.get(k), kind)]
-            seed = r.get('seed_gpu')
-            if seed is not None and not (isinstance(seed, dict)
-                                         and all(_fits(seed.get(k), kind) for k, kind in SEED_FIELDS.items())):
-                bad.append('seed_gpu')
-            if bad:
-                return f'a row of model {name!r} has no valid {", ".join(bad)}'
-    return None
 
 
 def _run_problem(results: Dict, gpu: bool) -> Optional[str]:
@@ -908,7 +847,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     try:
         cpu = load_results(args.cpu, '--cpu')
-        problem = _table_problem(cpu)
+        problem = shapes.problem(cpu, shapes.SPEED_TABLE, '')
         if problem:
             raise ValueError(f'--cpu {args.cpu}: not a results file of benchmarks/model_zoo.py ({problem})')
         problem = _run_problem(cpu, gpu=False)

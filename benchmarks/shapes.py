@@ -1,8 +1,11 @@
-"""The shape of what a resumed run (model_zoo.py --resume) carries over from the results JSON it reads: a main
-table's model results with their rows, checks and fast-path builds, a sweep's rows, a kept section's record, the
-earlier runs.  :func:`problem` says, in words, where a value read back has another shape than model_zoo.py writes
-(a key missing, a string where a number goes, a list where an object goes), so that a hand-edited or cut file is
-refused before any work instead of failing in the middle of the run or of its report."""
+"""The shape of the results JSON benchmarks/model_zoo.py writes, as far as it is read back: what the report reads
+of any run (report.load_results: the models and their rows, the machine, the settings, the sections, the summary)
+and of the CPU run the README's speed table is made from (the rows of that table), and what a resumed run
+(model_zoo.py --resume) carries over (a main table's model results with their rows, checks and fast-path builds, a
+sweep's rows, a kept section's record, the earlier runs).  :func:`problem` says, in words, where a value read back
+has another shape than model_zoo.py writes (a key missing, a string where a number goes, a list where an object
+goes), so that a hand-edited or cut file is refused before any work instead of failing in the middle of the run or
+of its report."""
 import math
 from typing import Dict, Optional
 
@@ -48,6 +51,7 @@ NUMBER = Leaf('a number', _number)  # a figure measured (NaN and infinity are wh
 FINITE = Leaf('a finite number', lambda v: _number(v) and math.isfinite(v))
 COUNT = Leaf('a whole number', lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0)
 BATCH = Leaf('a positive whole number', lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0)
+INTEGER = Leaf('an integer', lambda v: isinstance(v, int) and not isinstance(v, bool))
 
 
 class Maybe(Spec):
@@ -79,12 +83,14 @@ class ListOf(Spec):
 
 class MapOf(Spec):
     """An object whose every value has the shape ``value``."""
-    def __init__(self, value: Spec):
-        self.value = value
+    def __init__(self, value: Spec, nonempty: bool = False):
+        self.value, self.nonempty = value, nonempty
 
     def problem(self, value, where):
         if not isinstance(value, dict):
             return f'{where} is {json_kind(value)}, not an object'
+        if self.nonempty and not value:
+            return f'{where} is an empty object'
         for k, v in value.items():
             why = self.value.problem(v, _at(where, k))
             if why:
@@ -123,6 +129,46 @@ class Where(Spec):
         return self.spec.problem(value, where) or (None if self.holds(value) else f'{where} {self.what}')
 
 
+class When(Spec):
+    """``spec`` where ``test(value)``; any other value is a part the reader leaves out, of any shape."""
+    def __init__(self, test, spec: Spec):
+        self.test, self.spec = test, spec
+
+    def problem(self, value, where):
+        return self.spec.problem(value, where) if self.test(value) else None
+
+
+OBJECT = Obj({})  # an object, whatever its keys
+# what a row is and its FLOPs: read by the README's speed table and by a resumed run alike
+ROW_NAMED = {'label': STR, 'kind': STR, 'gflops': FINITE, 'flops_ratio': FINITE}
+# the paper's figures beside a row (its seed_gpu; null: the paper has none), but its images/s (see PAPER_ROW)
+PAPER = {'gflops': Maybe(FINITE), 'speedup': Maybe(FINITE)}
+
+# --- what the report reads of any results file (report.load_results)
+SUMMARY_BATCHES = (1, 32)  # the batch sizes, other than each model's own, a summary entry has the speed-up at
+# the figures of a summary entry that the README's speed table reads (null: not measured)
+SUMMARY_FIGURES = ('speedup_vs_best_dense', 'speedup_vs_timm_eager', *(f'speedup_batch{bs}' for bs in SUMMARY_BATCHES))
+REPORT = Obj({}, {'models': MapOf(Obj({'rows': ListOf(OBJECT)})), 'machine': OBJECT, 'settings': OBJECT,
+                  'sections': ListOf(OBJECT),
+                  'summary': ListOf(Obj({'model': STR}, {k: Maybe(FINITE) for k in SUMMARY_FIGURES}))})
+
+# --- what the README's speed table reads of the CPU run (report.readme_speed_table), once REPORT holds: at least
+# one model, and the figures of its timm and ours rows, each finite; a row of another kind is left out of the table
+TABLE_KINDS = ('timm', 'ours')
+# the paper's figures of a row (absent or null where the paper has none), its images/s printed as a whole number
+PAPER_ROW = Maybe(Obj({}, dict(PAPER, images_per_s=Maybe(INTEGER))))
+
+
+def _in_table(row) -> bool:
+    """Whether the speed table reads ``row``: one of TABLE_KINDS, or one whose kind says nothing else."""
+    return not isinstance(row, dict) or row.get('kind') in TABLE_KINDS or not isinstance(row.get('kind'), str)
+
+
+TABLE_ROW = When(_in_table, Obj(dict(ROW_NAMED, images_per_s=FINITE),
+                                {'speedup_vs_timm': Maybe(FINITE), 'vs_boolean': Maybe(FINITE), 'seed_gpu': PAPER_ROW}))
+SPEED_TABLE = Obj({'models': MapOf(Obj({'rows': ListOf(TABLE_ROW)}), nonempty=True)})
+
+# --- what a resumed run carries over (model_zoo.py --resume)
 RATIO_CI = Maybe(ListOf(NUMBER, length=2))
 # a check judges top-1 (top1_ok) only on the images with a clear margin, whose agreement it then reports
 CHECK = Where(Obj({'max_abs_diff': NUMBER, 'tolerance': NUMBER, 'within_tolerance': BOOL, 'top1_agreement': NUMBER,
@@ -137,14 +183,14 @@ FAST_PATH = Obj({}, {'kept_counts': ListOf(COUNT), 'cuda_graph_batch': Maybe(BAT
                      'patch_embedding': STR,
                      **{k: PER_COUNT for k in ('attention', 'qkv', 'proj', 'proj_norm', 'mlp', 'fc2')},
                      **{f'{k}_ms': PER_COUNT_MS for k in ('attention', 'qkv', 'proj', 'proj_norm', 'mlp', 'fc2')}})
-ROW = Obj({'key': STR, 'label': STR, 'kind': STR, 'prune_rate': FINITE, 'gflops': FINITE, 'flops_ratio': FINITE,
+ROW = Obj({'key': STR, **ROW_NAMED, 'prune_rate': FINITE,
            'kept_tokens': ListOf(COUNT, nonempty=True), 'kept_tokens_mean': FINITE, 'images_per_s': NUMBER,
            'speedup_vs_timm': Maybe(NUMBER), 'speedup_vs_timm_ci': RATIO_CI, 'seconds': ListOf(NUMBER),
            'dense': BOOL},
           {'counter_gflops': Maybe(FINITE), 'twin': STR, 'speedup_vs_twin': Maybe(NUMBER),
            'speedup_vs_twin_ci': RATIO_CI, 'vs_boolean': Maybe(NUMBER), 'vs_boolean_ci': RATIO_CI, 'protocol': STR,
            'build_seconds': Maybe(NUMBER), 'check': Maybe(CHECK), 'fast_path': FAST_PATH,
-           'seed_gpu': Obj({}, {'gflops': Maybe(FINITE), 'images_per_s': Maybe(NUMBER), 'speedup': Maybe(FINITE)})})
+           'seed_gpu': Obj({}, dict(PAPER, images_per_s=Maybe(NUMBER)))})
 SUMMARY_BATCH = Obj({'batch_size': BATCH, 'seconds': MapOf(ListOf(NUMBER))},
                     {'rounds': COUNT, 'images_per_s': MapOf(NUMBER), 'checks': MapOf(CHECK),
                      'build_seconds': MapOf(Maybe(NUMBER)), 'skipped_rows': MapOf(STR), 'fast_path': MapOf(FAST_PATH)})

@@ -950,19 +950,18 @@ def test_readme_speed_table_sets_a_gpu_run_beside_the_cpu_run(tmp_path, capsys, 
     ('gpu not json', 'gpu.json: not JSON'),
     ('gpu not results', 'gpu.json: not a results file of benchmarks/model_zoo.py'),
     ('gpu without its name', 'the GPU results name no GPU (machine.gpu)'),
-    ('gpu machine a list', 'gpu.json: not a results file of benchmarks/model_zoo.py ("machine" is a list, not an '
+    ('gpu machine a list', 'gpu.json: not a results file of benchmarks/model_zoo.py (machine is a list, not an '
                            'object)'),
-    ('cpu models a list', 'cpu.json: not a results file of benchmarks/model_zoo.py ("models" is a list, not an '
+    ('cpu models a list', 'cpu.json: not a results file of benchmarks/model_zoo.py (models is a list, not an '
                           'object)'),
-    ('cpu model without rows', "cpu.json: not a results file of benchmarks/model_zoo.py (model 'x' has no list of "
-                               "rows)"),
-    ('cpu row without its figures', "cpu.json: not a results file of benchmarks/model_zoo.py (a row of model "
-                                    "'tiny' has no valid gflops, images_per_s)"),
-    ('cpu figure not a number', "cpu.json: not a results file of benchmarks/model_zoo.py (a row of model 'tiny' "
-                                "has no valid images_per_s)"),  # JSON's NaN was written into the table as 'nan'
-    ('cpu without models', 'cpu.json: not a results file of benchmarks/model_zoo.py (no model in "models")'),
-    ('gpu figure not a number', 'gpu.json: not a results file of benchmarks/model_zoo.py (the summary of C&C-Ti-25 '
-                                'has no valid speedup_batch1)'),
+    ('cpu model without rows', 'cpu.json: not a results file of benchmarks/model_zoo.py (models.x has no "rows")'),
+    ('cpu row without its figures', 'cpu.json: not a results file of benchmarks/model_zoo.py (models.tiny.rows[0] '
+                                    'has no "gflops")'),
+    ('cpu figure not a number', 'cpu.json: not a results file of benchmarks/model_zoo.py (models.tiny.rows[2].'
+                                'images_per_s is nan, not a finite number)'),  # JSON's NaN was printed as 'nan'
+    ('cpu without models', 'cpu.json: not a results file of benchmarks/model_zoo.py (models is an empty object)'),
+    ('gpu figure not a number', 'gpu.json: not a results file of benchmarks/model_zoo.py (summary[0].speedup_batch1 '
+                                'is inf, not a finite number)'),
     ('cpu a gpu run', 'cpu.json: not the CPU run the speed table shows (it was measured on cuda, not on the CPU)'),
     ('cpu original protocol', 'cpu.json: not the CPU run the speed table shows (it was timed with --protocol '
                               'original; the table is protocol ours)'),
@@ -985,10 +984,10 @@ def test_readme_speed_table_sets_a_gpu_run_beside_the_cpu_run(tmp_path, capsys, 
                        'model_zoo.py --resume finishes them)'),
     ('readme not writable', 'cannot write'),
     # the paper's figures and the boolean-mask ratio beside a row: a traceback or a format error naming nothing
-    ('cpu seed_gpu a string', "cpu.json: not a results file of benchmarks/model_zoo.py (a row of model 'tiny' has "
-                              "no valid seed_gpu)"),
-    ('cpu paper images/s a fraction', "(a row of model 'tiny' has no valid seed_gpu)"),
-    ('cpu vs_boolean a string', "(a row of model 'tiny' has no valid vs_boolean)"),
+    ('cpu seed_gpu a string', 'cpu.json: not a results file of benchmarks/model_zoo.py (models.tiny.rows[0].'
+                              'seed_gpu is a string, not an object)'),
+    ('cpu paper images/s a fraction', '(models.tiny.rows[0].seed_gpu.images_per_s is a number, not an integer)'),
+    ('cpu vs_boolean a string', '(models.tiny.rows[2].vs_boolean is a string, not a finite number)'),
     # a GPU run the table is not made from: it was printed into the README's GPU columns as if it were
     ('gpu a cpu run', 'gpu.json: not the GPU run the speed table shows (it was measured on cpu, not on a CUDA GPU)'),
     ('gpu original protocol', 'gpu.json: not the GPU run the speed table shows (it was timed with --protocol '
@@ -1951,11 +1950,11 @@ def test_resume_may_write_its_results_over_the_file_it_carries_on_but_not_the_ta
 
 
 @pytest.mark.parametrize('case, words', [
-    ('sections a number', '("sections" is a number, not a list)'),
-    ('sections strings', '(an entry of "sections" is not an object)'),
-    ('machine a list', '("machine" is a list, not an object)'),
-    ('models a list', '("models" is a list, not an object)'),
-    ('model without rows', "(model 'tiny' has no list of rows)"),
+    ('sections a number', '(sections is a number, not a list)'),
+    ('sections strings', '(sections[0] is a string, not an object)'),
+    ('machine a list', '(machine is a list, not an object)'),
+    ('models a list', '(models is a list, not an object)'),
+    ('model without rows', '(models.tiny has no "rows")'),
     ('main done, its model missing', "(its section 'DeiT-Ti, batch 32 (main table)' is done but \"models\" has no "
                                      "'tiny')"),
     ('sweep done, its results missing', "(its section 'DeiT-Ti (rate-sweep)' is done but \"sweeps\" has no "
