@@ -2074,6 +2074,37 @@ def test_resume_of_a_results_json_with_a_kept_part_of_another_shape_is_one_line(
     assert line == f'error: argument --resume: {bad} is not a results JSON of this benchmark ({words})', line
 
 
+def test_the_committed_results_have_the_shape_the_report_and_a_resumed_run_read():
+    """Every results JSON of model_zoo.py committed (not linear_shapes.py's, another script's) passes both checks of
+    its shape: what the report reads (shapes.REPORT; the CPU run's speed-table rows, shapes.SPEED_TABLE) and what a
+    resumed run carries over (shapes.RUN, each model's results, each sweep).  The report is the more lenient of
+    the two where it reads less: keys it does without, and the rows the speed table leaves out."""
+    from benchmarks import shapes
+    folder = os.path.join(ROOT, 'benchmarks', 'results')
+    names = sorted(n for n in os.listdir(folder) if n.endswith('.json') and n != 'cuda_linear_routes.json')
+    assert {'cpu.json', 'cuda.json'} <= set(names)
+    for name in names:
+        results = json.load(open(os.path.join(folder, name)))
+        assert shapes.problem(results, shapes.REPORT, '') is None, name
+        assert shapes.problem(results, shapes.RUN, '') is None, name
+        for model, res in results['models'].items():
+            assert shapes.problem(res, shapes.MODEL, f'models.{model}') is None, name
+        for key, sweep in results.get('sweeps', {}).items():
+            assert shapes.problem(sweep, shapes.SWEEPS[key], f'sweeps.{key}') is None, name
+    cpu = json.load(open(os.path.join(folder, 'cpu.json')))
+    assert shapes.problem(cpu, shapes.SPEED_TABLE, '') is None
+    assert shapes.problem({}, shapes.REPORT, '') is None  # the report does without what it does not find
+    rows = cpu['models']['tiny']['rows']
+    kinds = [r['kind'] for r in rows]
+    other, ours = kinds.index('boolean'), kinds.index('ours')
+    rows[other]['images_per_s'] = math.nan
+    assert shapes.problem(cpu, shapes.SPEED_TABLE, '') is None  # a row the table leaves out is not read
+    assert shapes.problem(cpu, shapes.RUN, '') is None
+    assert shapes.problem(cpu['models']['tiny'], shapes.MODEL, 'models.tiny') is None  # a failed timing is NaN
+    del rows[ours]['kind']
+    assert shapes.problem(cpu, shapes.SPEED_TABLE, '') == f'models.tiny.rows[{ours}] has no "kind"'
+
+
 def test_resume_of_a_summary_section_done_without_its_figures_is_one_line(capsys, tmp_path):
     """A summary section marked done is kept, never run again: its figures must be in the file (its batch in its
     model's summary sweep, whose main table is kept with it), else the resumed run said "done" beside no figures
