@@ -617,9 +617,6 @@ def _resume_problem(earlier: Dict, planned: List['Section'], args) -> Optional[s
     """What a resumed run would read from ``earlier`` (report.load_results has checked its models, machine and
     sections are what this script writes) and not find, or None: the results of each finished section it keeps
     (adopt), and the code hashes and earlier runs it carries over."""
-    for key, kind in (('code', dict), ('earlier_runs', list)):
-        if key in earlier and not isinstance(earlier[key], kind):
-            return f'"{key}" is {shapes.json_kind(earlier[key])}, not {shapes.json_kind(kind())}'
     why = shapes.problem(earlier, shapes.RUN, '')
     if why:
         return why

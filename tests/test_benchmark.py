@@ -1959,7 +1959,8 @@ def test_resume_may_write_its_results_over_the_file_it_carries_on_but_not_the_ta
                                      "'tiny')"),
     ('sweep done, its results missing', "(its section 'DeiT-Ti (rate-sweep)' is done but \"sweeps\" has no "
                                         "'rate')"),
-    ('code a list', '("code" is a list, not an object)'),
+    ('code a list', '(code is a list, not an object)'),
+    ('earlier runs an object', '(earlier_runs is an object, not a list)'),
 ])
 def test_resume_of_a_results_json_of_another_shape_is_one_line(capsys, tmp_path, case, words):
     """A results JSON whose parts are not what this script writes (edited by hand, cut short by another tool) is
@@ -1976,7 +1977,8 @@ def test_resume_of_a_results_json_of_another_shape_is_one_line(capsys, tmp_path,
             break
     results.update({'sections a number': {'sections': 5}, 'sections strings': {'sections': ['a', 'b']},
                     'machine a list': {'machine': [1, 2]}, 'models a list': {'models': []},
-                    'model without rows': {'models': {'tiny': {}}}, 'code a list': {'code': []}}.get(case, {}))
+                    'model without rows': {'models': {'tiny': {}}}, 'code a list': {'code': []},
+                    'earlier runs an object': {'earlier_runs': {}}}.get(case, {}))
     with open(path, 'w') as f:
         json.dump(results, f)
     line = _refused(capsys, tmp_path, '--rates', '0.25,0.4', '--resume', path)
