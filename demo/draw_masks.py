@@ -39,6 +39,8 @@ if ROOT not in sys.path:
 import models  # noqa: E402,F401  (registers the cc_deit_* models with timm)
 from utils import UserError, check_output_dir, one_line, write_atomic  # noqa: E402
 from utils.cli import AT_LEAST_ONE, EXIT_USER_ERROR, OneLineParser, Range, check_numbers, spell  # noqa: E402
+from utils.signals import (EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, exit_at_once, say_stopped,  # noqa: E402
+                           sigterm_unwinds)
 
 IMAGE_EXTENSIONS = IMG_EXTENSIONS  # those finetune.py's image folders read (torchvision's ImageFolder)
 CLIPPED_GREY = np.array([0.62, 0.62, 0.66])  # what a clipped patch is blended towards
@@ -378,43 +380,53 @@ def unused_flag_notes(args: argparse.Namespace, parser: argparse.ArgumentParser,
                                    f'{why}']
 
 
-def main(argv=None) -> int:
+def main(argv=None, *, ends_process: bool = False) -> int:
+    """draw_masks.py's command line (``argv``, or sys.argv's); returns the exit code.  Ctrl-C or SIGTERM is one
+    line saying so and exit code 130 or 143, as finetune.py's; ``ends_process``: run as the script (see
+    :func:`utils.signals.sigterm_unwinds`)."""
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    try:
-        validate_args(args, parser)
-        model = load_model(args.resume, args.model, args.input_size)
-        cfg = getattr(model, 'pretrained_cfg', None) or {}
-        mean = tuple(cfg.get('mean', (0.485, 0.456, 0.406)))
-        std = tuple(cfg.get('std', (0.229, 0.224, 0.225)))
-        size = model.patch_embed.img_size[0]
-        if uses_digits(args):
-            check_digits_size(size, f'the model of {args.resume}')
-        else:
-            check_folder_size(size, args.eval_crop_ratio)
-        for line in unused_flag_notes(args, parser, size):
-            print(line)
-        if uses_digits(args):
-            images, targets = digits_images(args.num_images)
-            mean = std = (0.5, 0.5, 0.5)
-            labels = [f'digit {t}' for t in targets]
-        else:
-            images, labels = folder_images(args.data_path, args.num_images, size, mean, std,
-                                           args.eval_crop_ratio)
-            labels = [plain_text(label) for label in labels]
-        with torch.no_grad():
-            preds = model(images).argmax(1).tolist()
-        row_labels = [f'{lab}\npred {class_name(p, model.num_classes)}' for lab, p in zip(labels, preds)]
-        parent = os.path.basename(os.path.dirname(os.path.abspath(args.resume)))
-        name = os.path.join(parent, os.path.basename(args.resume))
-        title = args.title if args.title is not None else plain_text(f'{name} ({cfg.get("architecture", "")})')
-        draw_masks(model, images, args.out, mean, std, row_labels, title)
-        print(f'Saved {args.out}')
-    except UserError as e:
-        print(f'error: {one_line(e)}', file=sys.stderr)
-        return EXIT_USER_ERROR
+    with sigterm_unwinds(ends_process):
+        try:
+            validate_args(args, parser)
+            model = load_model(args.resume, args.model, args.input_size)
+            cfg = getattr(model, 'pretrained_cfg', None) or {}
+            mean = tuple(cfg.get('mean', (0.485, 0.456, 0.406)))
+            std = tuple(cfg.get('std', (0.229, 0.224, 0.225)))
+            size = model.patch_embed.img_size[0]
+            if uses_digits(args):
+                check_digits_size(size, f'the model of {args.resume}')
+            else:
+                check_folder_size(size, args.eval_crop_ratio)
+            for line in unused_flag_notes(args, parser, size):
+                print(line)
+            if uses_digits(args):
+                images, targets = digits_images(args.num_images)
+                mean = std = (0.5, 0.5, 0.5)
+                labels = [f'digit {t}' for t in targets]
+            else:
+                images, labels = folder_images(args.data_path, args.num_images, size, mean, std,
+                                               args.eval_crop_ratio)
+                labels = [plain_text(label) for label in labels]
+            with torch.no_grad():
+                preds = model(images).argmax(1).tolist()
+            row_labels = [f'{lab}\npred {class_name(p, model.num_classes)}' for lab, p in zip(labels, preds)]
+            parent = os.path.basename(os.path.dirname(os.path.abspath(args.resume)))
+            name = os.path.join(parent, os.path.basename(args.resume))
+            title = args.title if args.title is not None else plain_text(f'{name} ({cfg.get("architecture", "")})')
+            draw_masks(model, images, args.out, mean, std, row_labels, title)
+            print(f'Saved {args.out}')
+        except UserError as e:
+            print(f'error: {one_line(e)}', file=sys.stderr)
+            return EXIT_USER_ERROR
+        except (KeyboardInterrupt, Terminated) as e:  # (the picture is written whole or not at all)
+            kept = f' ({args.out} is as it was)' if os.path.exists(args.out) else ''
+            return say_stopped(e, f'nothing was written{kept}')
     return 0
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    code = main(ends_process=True)
+    if code in (EXIT_INTERRUPTED, EXIT_TERMINATED):  # stopped by a signal, said and cleaned up
+        exit_at_once(code)
+    sys.exit(code)

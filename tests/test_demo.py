@@ -861,6 +861,30 @@ def test_draw_masks_failed_write_keeps_the_previous_picture(tmp_path, monkeypatc
     assert sorted(p.name for p in tmp_path.iterdir()) == ['ckpt.pth', 'm.png']
 
 
+@pytest.mark.parametrize('stop, code, said', [(KeyboardInterrupt, 130, 'interrupted'),
+                                               ('Terminated', 143, 'terminated (SIGTERM)')])
+@pytest.mark.parametrize('earlier', [False, True])
+def test_draw_masks_stopped_midway_is_one_line_and_finetunes_exit_code(stop, code, said, earlier, tmp_path,
+                                                                      monkeypatch, capsys):
+    """Ctrl-C (or SIGTERM) while the picture is made: one line saying so and that nothing was written (a picture
+    already there is as it was), exit code 130 (143) as finetune.py's, no traceback."""
+    from utils.signals import Terminated
+    stop = Terminated if stop == 'Terminated' else stop
+    ckpt = digits_checkpoint(tmp_path)
+    out = tmp_path / 'm.png'
+    if earlier:
+        out.write_bytes(b'previous picture')
+
+    def stopped(*args, **kwargs):
+        raise stop()
+    monkeypatch.setattr(draw_masks, 'digits_images', stopped)
+    assert draw_masks.main(['--resume', str(ckpt), '--num-images', '1', '--out', str(out)]) == code
+    kept = f' ({out} is as it was)' if earlier else ''
+    assert capsys.readouterr().err == f'{said}; nothing was written{kept}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['ckpt.pth'] + (['m.png'] if earlier else [])
+    assert not earlier or out.read_bytes() == b'previous picture'
+
+
 def test_draw_masks_notes_an_eval_crop_ratio_it_does_not_use(tmp_path, capsys):
     """--eval-crop-ratio, given, is noted where the evaluation transform ignores it (finetune.py's rules: DIGITS has
     its own transform; at 32 px or less nothing is cropped), and not where it crops; the picture is still drawn."""

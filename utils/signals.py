@@ -12,6 +12,9 @@ from typing import Optional
 
 import torch
 
+from .errors import escape_controls
+from .progress import print_line
+
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT (Ctrl-C), what a shell reports for a job ended by it
 EXIT_TERMINATED = 143  # 128 + SIGTERM, likewise
@@ -116,6 +119,17 @@ def stop_said() -> None:
         _STOP['said'] = True
         if _STOP['again']:
             _exit_now()
+
+
+def say_stopped(e: BaseException, what_is_kept: str) -> int:
+    """Says, as one line on stderr, that the run was stopped by ``e`` (Ctrl-C: 'interrupted'; SIGTERM, raised as
+    :class:`Terminated`: 'terminated (SIGTERM)') and ``what_is_kept``; the stop is then said (:func:`stop_said`).
+    Returns its exit code (130, 143).  For a script whose stops are caught under :func:`sigterm_unwinds`."""
+    terminated = isinstance(e, Terminated)
+    print_line(escape_controls(f'{"terminated (SIGTERM)" if terminated else "interrupted"}; {what_is_kept}'),
+               file=sys.stderr)
+    stop_said()
+    return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
 
 
 @contextlib.contextmanager
