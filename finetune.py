@@ -41,7 +41,7 @@ from utils.cli import (AT_LEAST_ONE, EXIT_USER_ERROR, FRACTION, NON_NEGATIVE, PO
                        check_numbers, fits, flag_name, spell)
 from utils.run_log import epoch_scalars, epoch_tags, events_files, read_log, reconcile_log, scalars_at
 from utils.signals import (EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, cpu_out_of_memory, cuda_out_of_memory,
-                           exit_at_once, lost_peer, past_64_bits, sigterm_unwinds, stop_said)
+                           end_script, lost_peer, past_64_bits, sigterm_unwinds, stop_said)
 
 EXIT_DIVERGED = 3
 EXIT_PEER_FAILED = 1  # another process of a multi-process job stopped first; its own message says why
@@ -1931,7 +1931,4 @@ def main(argv=None, *, ends_process: bool = False) -> int:
 
 
 if __name__ == '__main__':
-    code = main(ends_process=True)
-    if code in (EXIT_INTERRUPTED, EXIT_TERMINATED):  # stopped by a signal, said and cleaned up
-        exit_at_once(code)
-    sys.exit(code)
+    end_script(main(ends_process=True))

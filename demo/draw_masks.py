@@ -39,8 +39,7 @@ if ROOT not in sys.path:
 import models  # noqa: E402,F401  (registers the cc_deit_* models with timm)
 from utils import UserError, check_output_dir, one_line, write_atomic  # noqa: E402
 from utils.cli import AT_LEAST_ONE, EXIT_USER_ERROR, OneLineParser, Range, check_numbers, spell  # noqa: E402
-from utils.signals import (EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, exit_at_once, say_stopped,  # noqa: E402
-                           sigterm_unwinds)
+from utils.signals import Terminated, end_script, say_stopped, sigterm_unwinds  # noqa: E402
 
 IMAGE_EXTENSIONS = IMG_EXTENSIONS  # those finetune.py's image folders read (torchvision's ImageFolder)
 CLIPPED_GREY = np.array([0.62, 0.62, 0.66])  # what a clipped patch is blended towards
@@ -426,7 +425,4 @@ def main(argv=None, *, ends_process: bool = False) -> int:
 
 
 if __name__ == '__main__':
-    code = main(ends_process=True)
-    if code in (EXIT_INTERRUPTED, EXIT_TERMINATED):  # stopped by a signal, said and cleaned up
-        exit_at_once(code)
-    sys.exit(code)
+    end_script(main(ends_process=True))

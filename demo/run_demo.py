@@ -51,6 +51,7 @@ import models  # noqa: E402
 from utils import (TensorBoard, UserError, check_output_dir, checkpoint_args, load_checkpoint_file,  # noqa: E402
                    one_line, write_text_atomic)
 from utils.cli import AT_LEAST_ONE, EXIT_USER_ERROR, POSITIVE, OneLineParser, Range, check_numbers  # noqa: E402
+from utils.signals import Terminated, end_script, say_stopped, sigterm_unwinds  # noqa: E402
 
 MODEL = 'deit_digits_patch4_32'
 CONFIGS = [('attn', 0.25), ('attn', 0.40), ('random', 0.25)]  # (prune mode, prune rate)
@@ -471,7 +472,9 @@ def verdict_line(label: str, taylor: float, rand: float) -> str:
             f'({diff:+.2f} points)')
 
 
-def main(argv=None) -> int:
+def main(argv=None, *, ends_process: bool = False) -> int:
+    """run_demo.py's command line (``argv``, or sys.argv's); returns the exit code.  ``ends_process``: run as the
+    script (see :func:`ends_as_finetune`)."""
     parser = get_args_parser()
     a = parser.parse_args(argv)
     try:
@@ -483,27 +486,29 @@ def main(argv=None) -> int:
         chosen = apply_quick(a, QUICK)
         if chosen:
             print(f'--quick set: {flags_text(chosen)} (every other value as given or its default)', flush=True)
-    return ends_as_finetune(lambda: run(a), 'demo', a.out, a.fresh)
+    return ends_as_finetune(lambda: run(a), 'demo', a.out, a.fresh, ends_process)
 
 
-def ends_as_finetune(work: Callable[[], int], script: str, out: str, fresh: bool = False) -> int:
+def ends_as_finetune(work: Callable[[], int], script: str, out: str, fresh: bool = False,
+                     ends_process: bool = False) -> int:
     """``work()`` (the demo's or the study's stages), ended as finetune.py ends: a user error found midway (e.g.
     a disk that filled while writing a result) or a diverged stage is one ``error:`` line and finetune.py's exit
-    code, Ctrl-C one line saying what running ``script`` again does and exit code 130 (with ``fresh``, a run of
-    --fresh: again without it, as --fresh would retrain the teacher it kept)."""
-    try:
-        return work()
-    except UserError as e:
-        print(f'error: {one_line(e)}', file=sys.stderr)
-        return EXIT_USER_ERROR
-    except StageDiverged as e:
-        print(f'error: {e}', file=sys.stderr)
-        return finetune.EXIT_DIVERGED
-    except KeyboardInterrupt:
-        again = 'again without --fresh' if fresh else 'again'
-        print(f'interrupted; run the {script} {again} to go on (a teacher in {os.path.join(out, TEACHER_DIR)}, '
-              f'trained wholly or in part, is reused; every other stage is redone)', file=sys.stderr)
-        return finetune.EXIT_INTERRUPTED
+    code, Ctrl-C (SIGTERM) one line saying what running ``script`` again does and exit code 130 (143) (with
+    ``fresh``, a run of --fresh: again without it, as --fresh would retrain the teacher it kept).  ``ends_process``:
+    run as the script (see :func:`utils.signals.sigterm_unwinds`)."""
+    with sigterm_unwinds(ends_process):
+        try:
+            return work()
+        except UserError as e:
+            print(f'error: {one_line(e)}', file=sys.stderr)
+            return EXIT_USER_ERROR
+        except StageDiverged as e:
+            print(f'error: {e}', file=sys.stderr)
+            return finetune.EXIT_DIVERGED
+        except (KeyboardInterrupt, Terminated) as e:
+            again = 'again without --fresh' if fresh else 'again'
+            return say_stopped(e, f'run the {script} {again} to go on (a teacher in {os.path.join(out, TEACHER_DIR)}, '
+                                  f'trained wholly or in part, is reused; every other stage is redone)')
 
 
 def run(a: argparse.Namespace) -> int:
@@ -637,4 +642,4 @@ def run(a: argparse.Namespace) -> int:
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    end_script(main(ends_process=True))

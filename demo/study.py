@@ -62,6 +62,7 @@ import pruning  # noqa: E402
 from utils import (UserError, check_output_dir, load_checkpoint_file, one_line, state_dict_of,  # noqa: E402
                    write_atomic, write_text_atomic)
 from utils.cli import AT_LEAST_ONE, EXIT_USER_ERROR, POSITIVE, OneLineParser, Range, check_numbers  # noqa: E402
+from utils.signals import end_script  # noqa: E402
 
 RATES = (0.25, 0.40, 0.55)
 MODES = ('attn', 'random')            # finetune.py's --prune_mode: 'attn' is Taylor attention importance
@@ -644,7 +645,9 @@ def report(argv: Sequence[str], results: dict, table: str) -> str:
     return '\n\n'.join(parts) + '\n'
 
 
-def main(argv=None) -> int:
+def main(argv=None, *, ends_process: bool = False) -> int:
+    """study.py's command line (``argv``, or sys.argv's); returns the exit code.  ``ends_process``: run as the
+    script (see :func:`run_demo.ends_as_finetune`)."""
     p = get_args_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     a = p.parse_args(argv)
@@ -658,7 +661,7 @@ def main(argv=None) -> int:
           f'finetune.py\'s output are in each stage\'s stdout.txt (its evaluations\' in eval.txt) under {out}/',
           flush=True)
 
-    return demo.ends_as_finetune(lambda: run_study(a, argv, t0), 'study', out, a.fresh)
+    return demo.ends_as_finetune(lambda: run_study(a, argv, t0), 'study', out, a.fresh, ends_process)
 
 
 def run_study(a: argparse.Namespace, argv: List[str], t0: float) -> int:
@@ -700,4 +703,4 @@ def run_study(a: argparse.Namespace, argv: List[str], t0: float) -> int:
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    end_script(main(ends_process=True))

@@ -211,19 +211,22 @@ def assert_one_error_line(err, flag):
     assert 'Traceback' not in err
 
 
-def assert_ctrl_c_ends_the_script(main, script, tmp_path, monkeypatch, capsys, fresh=False):
-    """Ctrl-C in a stage of the demo or the study (``script``: 'demo', 'study'; ``main`` its entry point) ends it as
-    finetune.py ends: one line saying what running it again does, exit code 130, no traceback.  A run of --fresh is
-    to be run again without it: --fresh would retrain the teacher it kept."""
+def assert_ctrl_c_ends_the_script(main, script, tmp_path, monkeypatch, capsys, fresh=False, sigterm=False):
+    """Ctrl-C (``sigterm``: SIGTERM, raised as Terminated) in a stage of the demo or the study (``script``: 'demo',
+    'study'; ``main`` its entry point) ends it as finetune.py ends: one line saying what running it again does,
+    exit code 130 (143), no traceback.  A run of --fresh is to be run again without it: --fresh would retrain the
+    teacher it kept."""
     import finetune
 
     def interrupted(args):
-        raise KeyboardInterrupt
+        raise finetune.Terminated if sigterm else KeyboardInterrupt
     monkeypatch.setattr(finetune, 'run', interrupted)
     fresh_flag = ['--fresh'] if fresh else []
-    assert main(['--quick', '--device', 'cpu', '--out', str(tmp_path / 'out')] + fresh_flag) == 130
+    assert main(['--quick', '--device', 'cpu', '--out', str(tmp_path / 'out')] + fresh_flag) == (143 if sigterm
+                                                                                                else 130)
     again = 'again without --fresh' if fresh else 'again'
-    assert capsys.readouterr().err == (f'interrupted; run the {script} {again} to go on (a teacher in '
+    said = 'terminated (SIGTERM)' if sigterm else 'interrupted'
+    assert capsys.readouterr().err == (f'{said}; run the {script} {again} to go on (a teacher in '
                                        f'{tmp_path / "out" / "teacher"}, trained wholly or in part, is reused; every '
                                        f'other stage is redone)\n')
 

@@ -645,6 +645,12 @@ def test_ctrl_c_ends_the_demo_with_one_line_and_exit_130(fresh, tmp_path, monkey
     assert_ctrl_c_ends_the_script(run_demo.main, 'demo', tmp_path, monkeypatch, capsys, fresh)
 
 
+
+@pytest.mark.parametrize('fresh', [False, True])
+def test_sigterm_ends_the_demo_as_ctrl_c_does_with_exit_143(fresh, tmp_path, monkeypatch, capsys):
+    """(SIGTERM, a scheduler's or `kill`'s, ended the demo without a word.)"""
+    assert_ctrl_c_ends_the_script(run_demo.main, 'demo', tmp_path, monkeypatch, capsys, fresh, sigterm=True)
+
 def fake_teacher(path, lr=1e-3, seed=0, epochs=3, epoch=2, model=None):
     import finetune
     digits = finetune.cc_model_name(run_demo.MODEL)

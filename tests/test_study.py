@@ -564,6 +564,11 @@ def test_ctrl_c_ends_the_study_with_one_line_and_exit_130(fresh, tmp_path, monke
     assert_ctrl_c_ends_the_script(study.main, 'study', tmp_path, monkeypatch, capsys, fresh)
 
 
+
+@pytest.mark.parametrize('fresh', [False, True])
+def test_sigterm_ends_the_study_as_ctrl_c_does_with_exit_143(fresh, tmp_path, monkeypatch, capsys):
+    assert_ctrl_c_ends_the_script(study.main, 'study', tmp_path, monkeypatch, capsys, fresh, sigterm=True)
+
 def test_earlier_runs_are_removed_only_once_the_study_has_finished(tmp_path, monkeypatch):
     """An earlier study's runs (another seed, another rate) stay while this one runs: a study that stops midway
     leaves them; one that finishes removes them and keeps its own."""

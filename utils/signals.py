@@ -111,6 +111,14 @@ def exit_at_once(code: int) -> None:
     os._exit(code)
 
 
+def end_script(code: int) -> None:
+    """Ends a script's process with its main's exit ``code``: a stop by a signal (130, 143: said and cleaned up)
+    at once (:func:`exit_at_once`, no further signal heard), any other through sys.exit."""
+    if code in (EXIT_INTERRUPTED, EXIT_TERMINATED):
+        exit_at_once(code)
+    sys.exit(code)
+
+
 def stop_said() -> None:
     """The line saying what a stopped run has kept is out: a second signal that came meanwhile ends the process now
     (the rest is cleanup), as will one that comes later (in-process: raises the stop's exception, as
