@@ -33,6 +33,9 @@ def base_name(name: str) -> str:
 def check_model_name(name: str) -> str:
     """Return the timm name behind ``name`` if Clip & Concat applies to that model; ValueError otherwise."""
     base = base_name(name)
+    if not base.strip():  # ('not in timm's registry' named no model)
+        given = f' ({name!r})' if name else ''
+        raise ValueError(f'empty model name{given}')
     if base.startswith('cc_'):
         raise ValueError(f'unknown model {name}: the cc_ prefix (optional) is given more than once')
     if not timm.is_model(base):

@@ -1108,6 +1108,10 @@ def test_an_output_dir_inside_a_split_of_the_data_is_refused(capsys, world, tmp_
     (['--device', 'cpu:1'], r'--device cpu:1: torch has one CPU device \(use --device cpu\)$'),
     (['--model', 'cc_cc_deit_digits_patch4_32'], r'--model: unknown model cc_cc_deit_digits_patch4_32: the cc_ prefix '
                                                  r'\(optional\) is given more than once'),
+    # (it said "unknown model : not in timm's registry", naming no model)
+    (['--model', ''], r"^error: --model: empty model name$"),
+    (['--model', 'cc_'], r"^error: --model: empty model name \('cc_'\)$"),
+    (['--teacher-model', ' '], r"^error: --teacher-model: empty model name \(' '\)$"),
 ])
 def test_bad_flags(capsys, world, earlier, argv, pattern):
     before = snapshot(earlier)
