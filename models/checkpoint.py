@@ -48,6 +48,12 @@ def load_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor], path: st
                  flag: str = '--model') -> None:
     """Strict loading: a missing, unexpected or mis-shaped key is a one-line error naming the first few (and
     ``flag``, the option that names the model, when another model size would fit)."""
+    empty = [k for k in ('head.weight', 'head.bias', 'head_dist.weight', 'head_dist.bias')
+             if isinstance(state_dict.get(k), torch.Tensor) and state_dict[k].dim() and not state_dict[k].shape[0]]
+    if empty:  # (a head of 0 classes is none in timm: its keys were called unexpected, or its shape another model's)
+        k = empty[0]
+        raise UserError(f'{path}: its classifier head has no classes ({k} has shape {tuple(state_dict[k].shape)}): '
+                        f'a model that predicts nothing')
     own = model.state_dict()
     mismatched = [k for k, v in state_dict.items() if k in own and not k.endswith(MASK_KEY)
                   and tuple(v.shape) != tuple(own[k].shape)]

@@ -515,6 +515,24 @@ def test_a_file_missing_its_head_weight_says_so(tmp_path):
     assert models.head_classes(sd, 4) == 10 and models.head_classes({}, 4) == 4
 
 
+
+def test_a_file_whose_head_has_no_classes_says_so(tmp_path):
+    """A head of 0 classes (weight (0, C)): timm builds no head for it, so its keys were 'unexpected' (and through
+    models.create_model 'another number of classes? ... pass num_classes=0', which then failed the same way)."""
+    model = timm.create_model('cc_deit_tiny_patch16_224', img_size=64, depth=3, num_classes=10)
+    sd = model.state_dict()
+    sd['head.weight'], sd['head.bias'] = sd['head.weight'][:0], sd['head.bias'][:0]
+    path = str(tmp_path / 'no_classes.pth')
+    torch.save({'model': sd}, path)
+    said = re.escape(f'{path}: its classifier head has no classes (head.weight has shape (0, 192)): a model that '
+                     'predicts nothing')
+    with pytest.raises(models.checkpoint.UserError, match=f'^{said}$'):
+        models.build_model_from_checkpoint(path, 'deit_tiny_patch16_224', img_size=64, depth=3)
+    for classes in (1000, 0):
+        with pytest.raises(models.checkpoint.UserError, match=f'^{said}$'):
+            models.create_model('deit_tiny_patch16_224', img_size=64, depth=3, num_classes=classes,
+                                checkpoint_path=path)
+
 def test_a_file_of_another_input_size_names_the_size_and_the_argument_that_sets_it(tmp_path):
     """Through models.create_model there is no --input-size: the hint says img_size, and which (the square image
     of the model's patches the position embedding was made for)."""
