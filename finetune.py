@@ -39,7 +39,8 @@ from utils import (OutputWriteError, UserError, TensorBoard, all_agree, append_l
 from utils import seeding
 from utils.cli import (AT_LEAST_ONE, EXIT_USER_ERROR, FRACTION, NON_NEGATIVE, POSITIVE, UNIT, OneLineParser, Range,
                        check_numbers, fits, flag_name, spell)
-from utils.run_log import epoch_scalars, epoch_tags, events_files, read_log, reconcile_log, scalars_at
+from utils.run_log import (check_prune_log, epoch_scalars, epoch_tags, events_files, read_log, reconcile_log,
+                           scalars_at)
 from utils.signals import (EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, cpu_out_of_memory, cuda_out_of_memory,
                            end_script, lost_peer, past_64_bits, sigterm_unwinds, stop_said)
 
@@ -1763,12 +1764,12 @@ def check_output_outside_splits(args) -> None:
                             f'as classes; choose a folder outside train/ and val/')
 
 
-def check_appendable(path: str, reads: bool) -> None:
-    """The results file a run appends to (``reads``: and a continued run reads back, ``log.txt``) is, if it is
-    there already, a file the run may write (and read)."""
+def check_appendable(path: str, reads: str) -> None:
+    """The results file a run appends to is, if it is there already, a file the run may write and read (``reads``:
+    why it does, for the messages)."""
     if not os.path.exists(path):
         return
-    why = 'the run appends its results to it' + (', and a continued run reads it back' if reads else '')
+    why = f'the run appends its results to it, and {reads}'
     if os.path.isdir(path):
         raise UserError(f'cannot write to {path}: it is a directory ({why})')
     writable = os.access(path, os.W_OK)
@@ -1810,10 +1811,13 @@ def run(args) -> Dict[str, float]:
         except UserError as e:
             where = ' (the directory of --resume: give --output_dir)' if beside_resume else ''
             raise UserError(f'{e}{where}') from None
-        check_appendable(os.path.join(args.output_dir, 'prune_log.txt' if args.prune else 'log.txt'),
-                         reads=not args.prune)
-        if not args.prune:  # finetuning: the checkpoints it writes, and the log a continued run rewrites
+        if args.prune:  # earlier prunes' records are kept and this one's appended, to their log and no other file
+            prune_log = os.path.join(args.output_dir, 'prune_log.txt')
+            check_appendable(prune_log, 'reads it first: it appends only to the log of earlier prunes')
+            check_prune_log(prune_log)
+        else:  # finetuning: the checkpoints it writes, and the log a continued run rewrites
             paths = output_paths(args)
+            check_appendable(paths['log.txt'], 'a continued run reads it back')
             for path in filter(os.path.isdir, (paths['checkpoint.pth'], paths['best.pth'])):
                 raise UserError(f'cannot write {path}: it is a directory (the run writes its checkpoints there)')
             read_log(paths['log.txt'])

@@ -1977,22 +1977,47 @@ def test_a_deit_training_checkpoint_without_distillation_does_not_hand_on_its_de
 def test_a_results_file_the_run_cannot_append_to_is_refused_before_work(capsys, world, earlier, monkeypatch):
     """The run appends to prune_log.txt (--prune) or log.txt (finetuning) at the end of its work: one it may not
     write is said at the start (simulated: tests may run as root)."""
-    (earlier / 'prune_log.txt').write_text('{"earlier": true}\n')
+    (earlier / 'prune_log.txt').write_text('{"prune_mode": "attn", "prune_rate": 0.5}\n')  # an earlier prune's
     before = snapshot(earlier)
     real_access = os.access
     denied = str(earlier / 'prune_log.txt')
-    monkeypatch.setattr(os, 'access', lambda p, mode, **kw: not (str(p) == denied and mode & os.W_OK)
-                        and real_access(p, mode, **kw))
+    for refused, said in ((os.W_OK, 'write to'), (os.R_OK, 'read')):
+        monkeypatch.setattr(os, 'access', lambda p, mode, **kw: not (str(p) == denied and mode & refused)
+                            and real_access(p, mode, **kw))
+        code, out, err = cli(capsys, *prune_args(world, earlier))
+        assert code == EXIT_USER_ERROR
+        assert err.strip() == (f'error: cannot {said} {denied}: permission denied (the run appends its results to '
+                               f'it, and reads it first: it appends only to the log of earlier prunes)')
+        assert 'Scoring:' not in out and snapshot(earlier) == before
+
+
+@pytest.mark.parametrize('content, line', [
+    ('my notes on the pruning\n', "line 1 is not a record of --prune (a JSON object with its prune_mode): 'my notes "
+                                  "on the pruning'"),
+    ('{"epoch": 0, "train_loss": 1.0}\n', 'line 1 is not a record of --prune'),  # a finetune's log.txt, copied
+    ('{"prune_mode": "attn"}\n[1, 2]\n', "line 2 is not a record of --prune (a JSON object with its prune_mode): "
+                                         "'[1, 2]'"),
+    (b'\x80\x81 not utf-8\n', 'is not a text file, not the log of --prune'),
+])
+def test_a_prune_log_that_is_not_one_is_refused_before_work_and_left_as_it_is(capsys, world, earlier, content,
+                                                                              line):
+    """--prune appends its record to prune_log.txt, after earlier prunes' (the attn and random masks of a rate
+    share a folder), as a continued finetune keeps log.txt: a file there that is not such a log (notes, another
+    run's log) was appended to without a word; it is refused before the scoring, as log.txt's rule has it."""
+    log = earlier / 'prune_log.txt'
+    log.write_bytes(content) if isinstance(content, bytes) else log.write_text(content)
+    before = snapshot(earlier)
     code, out, err = cli(capsys, *prune_args(world, earlier))
-    assert code == EXIT_USER_ERROR
-    assert err.strip() == (f'error: cannot write to {denied}: permission denied (the run appends its results to '
-                           f'it)')
+    assert code == EXIT_USER_ERROR and 'Traceback' not in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f'error: {log} {line}') and err.strip().endswith('move it away)' if isinstance(
+        content, bytes) else '--prune appends its results to it, so move the file away'), err
     assert 'Scoring:' not in out and snapshot(earlier) == before
 
 
 @pytest.mark.parametrize('spoil, pattern', [
     (lambda out: (out / 'prune_log.txt').mkdir(),
-     r'cannot write to \S+prune_log\.txt: it is a directory \(the run appends its results to it\)$'),
+     r'cannot write to \S+prune_log\.txt: it is a directory \(the run appends its results to it, and reads it '
+     r'first: it appends only to the log of earlier prunes\)$'),
     (lambda out: (out / 'prune_attn_0.3').write_text('a file\n'),
      r"cannot write to --prune's TensorBoard folder \S+prune_attn_0\.3: Not a directory$"),
 ], ids=['results-file-a-folder', 'tensorboard-folder-a-file'])

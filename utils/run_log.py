@@ -2,7 +2,7 @@
 and repaired when a run continues after a kill."""
 import json
 import os
-from typing import Dict, List, Optional, Set
+from typing import Callable, Dict, List, Optional, Set
 
 from .checkpoint_io import write_text_atomic
 from .errors import UserError
@@ -14,14 +14,31 @@ def read_log(log_path: str) -> Dict[int, dict]:
     ``epoch`` (a later line of the same epoch wins).  Blank lines and a record cut by a kill (an object that does
     not decode) are passed over; any other line is a user error: the file is not a run's log, and the rewrite of a
     continued run would lose it."""
+    records = _records(log_path, 'epoch', lambda epoch: isinstance(epoch, int) and not isinstance(epoch, bool),
+                       'a run', 'the run rewrites its log when it continues')
+    return {record['epoch']: record for record in records}
+
+
+def check_prune_log(log_path: str) -> None:
+    """``prune_log.txt``, which each ``--prune`` appends its record to (a JSON object with its ``prune_mode``), is,
+    if it is there already, the log of earlier prunes, by :func:`read_log`'s rule: any other file (notes, another
+    tool's output) is a user error, not a file to append to."""
+    _records(log_path, 'prune_mode', lambda mode: isinstance(mode, str), '--prune',
+             '--prune appends its results to it')
+
+
+def _records(log_path: str, key: str, valid: Callable[[object], bool], whose: str, why: str) -> List[dict]:
+    """The records of a results file of one JSON object per line, each with its ``key`` (``valid``), in order ([]
+    without the file); blank lines and a record cut by a kill are passed over.  Any other line, or a file that is
+    not text, is a user error saying the file is not the log of ``whose`` and, ``why``, to move it away."""
     if not os.path.isfile(log_path):
-        return {}
+        return []
     try:
         with open(log_path, encoding='utf-8') as f:
             lines = f.read().splitlines()
     except UnicodeDecodeError:
-        raise UserError(f'{log_path} is not a text file, not the log of a run (move it away)') from None
-    records: Dict[int, dict] = {}
+        raise UserError(f'{log_path} is not a text file, not the log of {whose} (move it away)') from None
+    records = []
     for number, line in enumerate(lines, 1):
         try:
             record = json.loads(line) if line.strip() else None
@@ -29,11 +46,10 @@ def read_log(log_path: str) -> Dict[int, dict]:
             record = None
         if record is None and (not line.strip() or line.startswith('{')):
             continue  # blank, or a record cut by a kill
-        epoch = record.get('epoch') if isinstance(record, dict) else None
-        if isinstance(epoch, bool) or not isinstance(epoch, int):
-            raise UserError(f'{log_path} line {number} is not a record of a run (a JSON object with its epoch): '
-                            f'{line[:60]!r}; the run rewrites its log when it continues, so move the file away')
-        records[epoch] = record
+        if not (isinstance(record, dict) and valid(record.get(key))):
+            raise UserError(f'{log_path} line {number} is not a record of {whose} (a JSON object with its {key}): '
+                            f'{line[:60]!r}; {why}, so move the file away')
+        records.append(record)
     return records
 
 
