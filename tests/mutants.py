@@ -1017,6 +1017,19 @@ MUTANTS: List[Mutant] = [
            'if not images.is_floating_point():', 'if False:',
            [T + 'test_fast_path.py::test_bad_arguments_are_refused'],
            'the fast path casts integer or bool images (raw pixels) and runs, where the eager model refuses them'),
+    mutant('compiled-row-off-never-recompiled', 'benchmarks/formulations.py',
+           'if failure is None or not f.recompilable:', 'if True:',
+           [T + 'test_benchmark.py::test_a_compiled_row_that_is_off_is_compiled_afresh_and_the_fresh_compile_timed'],
+           "a compiled row whose logits are off is timed as it is, and its target stays 'not measured'"),
+    mutant('recompile-reuses-the-first-graph', 'benchmarks/formulations.py',
+           'replace(ctx, compile_backend=fresh_inductor())', 'ctx',
+           [T + 'test_benchmark.py::test_a_compiled_row_that_is_off_is_compiled_afresh_and_the_fresh_compile_timed'],
+           "the compile again uses torch.compile's default backend, whose dynamo cache hands back the graph that "
+           'was off'),
+    mutant('recompile-keeps-cudnn-attention', 'benchmarks/formulations.py',
+           'again = WithoutCudnnAttention(again)', 'pass',
+           [T + 'test_benchmark.py::test_a_compiled_row_still_off_afresh_is_compiled_without_cudnn_attention'],
+           'the last compile again runs with cuDNN attention, the suspect it was to leave out'),
 ]
 
 
