@@ -596,12 +596,11 @@ def recompile_if_off(f: Formulation, run: Callable, check: Dict, model: nn.Modul
         return run, check
     earlier = [{'way': 'as built', 'failure': failure}]
     for way in (FRESH, FRESH_NO_CUDNN):
+        said = f'note: row {key} at batch {ctx.batch}, compiled {earlier[-1]["way"]}: {earlier[-1]["failure"]}'
         refused = budget.refuses(f, ctx.batch)
         if refused:
-            print(f'note: row {key} at batch {ctx.batch}, compiled {earlier[-1]["way"]}: {earlier[-1]["failure"]}; '
-                  f'not compiled again: {refused}', flush=True)
+            print(f'{said}; not compiled again: {refused}', flush=True)
             break
-        said = f'note: row {key} at batch {ctx.batch}, compiled {earlier[-1]["way"]}: {earlier[-1]["failure"]}'
         start = time.perf_counter()
         try:
             again = f.build(model, dense, replace(ctx, compile_backend=fresh_inductor()))
