@@ -433,6 +433,26 @@ def test_models_create_model_loads_a_file_as_eval_does(tmp_path):
         models.create_model('deit_tiny_patch16_224', img_size=64, depth=3, checkpoint_path=str(path))
 
 
+def test_a_file_of_only_averaged_weights_loads_them_as_timm_does(tmp_path):
+    """A file whose only weights are the averaged ones (`model_ema`, or timm's `state_dict_ema`, saved from a
+    DataParallel model here) loads them, masks included, through models.create_model and --eval's builder, as
+    timm's own loader does; it was refused as holding no model state dict."""
+    model, sd = _pruned_state(tmp_path)
+    path = str(tmp_path / 'ema_only.pth')
+    x = torch.randn(2, 3, 64, 64)
+    for key in ('model_ema', 'state_dict_ema'):
+        torch.save({key: {f'module.{k}': v for k, v in sd.items()}, 'epoch': 3}, path)
+        reference = timm.create_model('cc_deit_tiny_patch16_224', img_size=64, depth=3, checkpoint_path=path)
+        assert all(torch.equal(a, b) for a, b in zip(reference.masks, model.masks))
+        loaded = models.create_model('deit_tiny_patch16_224', img_size=64, depth=3, checkpoint_path=path)
+        built, _ = models.build_model_from_checkpoint(path, 'deit_tiny_patch16_224', img_size=64, depth=3)
+        with torch.no_grad():
+            expected = reference.eval()(x)
+            for m in (loaded, built):
+                assert all(torch.equal(a, b) for a, b in zip(m.masks, model.masks))
+                assert torch.equal(m.eval()(x), expected)
+
+
 def test_released_channels_as_tensors_are_checked_against_the_masks(tmp_path):
     """A released pruned file ({'model', 'channels'} with 0-dim tensor channels, argparse.Namespace args): channels
     that agree with the masks say nothing; channels that disagree are one warning naming both lists as numbers, and

@@ -248,8 +248,10 @@ def _unsupported_global(text: str) -> str:
 
 
 def state_dict_of(checkpoint: Dict[str, Any]) -> Dict[str, torch.Tensor]:
-    """The model weights of an official DeiT, pruned, finetune or bare state-dict checkpoint."""
-    for key in ('model', 'state_dict'):
+    """The model weights of an official DeiT, pruned, finetune or bare state-dict checkpoint.  A file that holds
+    only averaged weights (``model_ema``, or timm's ``state_dict_ema``, without ``model`` or ``state_dict``) gives
+    those, as timm's loader does: they are the only weights it has."""
+    for key in ('model', 'state_dict', 'model_ema', 'state_dict_ema'):
         if key in checkpoint:
             sd = checkpoint[key]
             if not isinstance(sd, dict):
