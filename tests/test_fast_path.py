@@ -1636,7 +1636,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from models import fast_kernels as K
 
-target = GPUTarget('cuda', 90, 32)
+ARCH = int(sys.argv[2]) if len(sys.argv) > 2 else 90  # the compute capability compiled for: 90, Hopper
+target = GPUTarget('cuda', ARCH, 32)
 backend = triton.compiler.make_backend(target)
 
 def compile_(kernel, types, constexprs, num_warps, num_stages=3, aligned=()):
@@ -1659,7 +1660,8 @@ def spilled_bytes(ptx):
         src = os.path.join(tmp, 'k.ptx')
         with open(src, 'w') as f:
             f.write(ptx)
-        log = subprocess.run([nvidia.get_ptxas(90).path, '-v', '--gpu-name', 'sm_90a', src, '-o',
+        gpu = f'sm_{ARCH}a' if ARCH == 90 else f'sm_{ARCH}'  # (90a: Hopper's wgmma)
+        log = subprocess.run([nvidia.get_ptxas(ARCH).path, '-v', '--gpu-name', gpu, src, '-o',
                               os.path.join(tmp, 'k.cubin')], capture_output=True, text=True, check=True)
     return int(re.search(r'(\d+) bytes spill stores', log.stdout + log.stderr).group(1))
 
@@ -1723,6 +1725,50 @@ print(json.dumps(out))
 '''
 
 
+def _compiled_for(arch: int) -> dict:
+    """Every kernel and tile of the fast path compiled for compute capability ``arch`` by AOT_SCRIPT (Triton's own
+    compiler and ptxas, no GPU): name -> what the script reads of it."""
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
+    env['TRITON_DEFAULT_FP_FUSION'] = '1'  # Triton's default, said out loud (it warns otherwise)
+    done = subprocess.run([sys.executable, '-c', AOT_SCRIPT, root, str(arch)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# The shared memory a block may have (opt-in maximum, bytes): Turing (T4, RTX 20), Ampere's A100, and the
+# consumer Ampere and Ada GPUs (RTX 30 and 40, sm_86 and 89: the same limit)
+SHARED_MEMORY_PER_BLOCK = {75: 64 * 1024, 80: 163 * 1024, 89: 99 * 1024}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CUDA, reason='on a GPU the kernels are compiled and run by the tests above')
+@pytest.mark.skipif(not K.HAS_TRITON, reason='needs Triton')
+@pytest.mark.parametrize('arch', sorted(SHARED_MEMORY_PER_BLOCK))
+def test_kernels_compile_for_the_gpus_before_hopper(arch):
+    """The GPUs people own besides Hopper: every kernel and tile compiles for Turing, Ampere and Ada, and the
+    first tile of each kind (the one a forced choice takes; the first candidate a build times) fits in a block's
+    shared memory there, in fp16 and, for the attention, fp32.  A larger tile that does not fit fails when
+    launched, and the build's timed choice refuses it (test_timed_choice_keeps_the_fastest_candidate_...).  From
+    Ampere on the matrix products run on tensor cores (mma.sync; wgmma is Hopper's)."""
+    kernels = _compiled_for(arch)
+    assert len(kernels) == 2 * len(K.ATTENTION_TILES) + 4 * len(K.LINEAR_TILES) + 2 * len(K.row_tiles(192)) + 3
+    limit = SHARED_MEMORY_PER_BLOCK[arch]
+    first = [f'attention {K.ATTENTION_TILES[0][0]}x{K.ATTENTION_TILES[0][1]} {d}' for d in ('fp16', 'fp32')]
+    lin = '{}x{}x{}w{}'.format(*K.LINEAR_TILES[0][:4])
+    row = '{}x{}x{}w{}'.format(*K.row_tiles(192)[0][:4])
+    first += [f'linear {lin} residual={r}' for r in (False, True)] + [f'linear {row} {k}' for k in ('norm', 'row')]
+    first += [f'patch_embed {lin} indirect={i}' for i in (False, True)]
+    first += ['gather_layer_norm', 'residual norm=True', 'residual norm=False']
+    assert {n: kernels[n]['shared'] for n in first if kernels[n]['shared'] > limit} == {}
+    assert not any(info['wgmma'] for info in kernels.values())
+    if arch >= 80:
+        products = [n for n in kernels if n.startswith(('attention', 'linear', 'patch_embed'))]
+        assert all(kernels[n]['mma'] for n in products), [n for n in products if not kernels[n]['mma']]
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(CUDA, reason='on a GPU the kernels are compiled and run by the tests above')
 @pytest.mark.skipif(not K.HAS_TRITON, reason='needs Triton')
@@ -1734,14 +1780,7 @@ def test_kernels_compile_for_hopper():
     (the forced tile, the first, fits).  The row kernels move their rows in 16-byte loads and stores.  Registers
     (ptxas -v): the 4-warp 128x128 and the 128x256 product tiles spill, as LINEAR_TILES says, and its first (the
     default), 128x128 in 8 warps, does not; nothing else spills more than a few bytes."""
-    import subprocess
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
-    env['TRITON_DEFAULT_FP_FUSION'] = '1'  # Triton's default, said out loud (it warns otherwise)
-    done = subprocess.run([sys.executable, '-c', AOT_SCRIPT, root], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    kernels = json.loads(done.stdout.strip().splitlines()[-1])
+    kernels = _compiled_for(90)
     assert len(kernels) == 2 * len(K.ATTENTION_TILES) + 4 * len(K.LINEAR_TILES) + 2 * len(K.row_tiles(192)) + 3
     too_big = sorted(name for name, info in kernels.items() if info['shared'] > 227 * 1024)
     assert too_big == ['attention 64x256 fp32'], too_big
