@@ -41,8 +41,8 @@ from utils.cli import (AT_LEAST_ONE, EXIT_USER_ERROR, FRACTION, NON_NEGATIVE, PO
                        check_numbers, fits, flag_name, spell)
 from utils.run_log import (check_prune_log, epoch_scalars, epoch_tags, events_files, read_log, reconcile_log,
                            scalars_at)
-from utils.signals import (EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, cpu_out_of_memory, cuda_out_of_memory,
-                           end_script, lost_peer, past_64_bits, sigterm_unwinds, stop_said)
+from utils.signals import (Terminated, cpu_out_of_memory, cuda_out_of_memory, end_script, lost_peer, past_64_bits,
+                           say_stopped, sigterm_unwinds)
 
 EXIT_DIVERGED = 3
 EXIT_PEER_FAILED = 1  # another process of a multi-process job stopped first; its own message says why
@@ -1910,14 +1910,8 @@ def main(argv=None, *, ends_process: bool = False) -> int:
         except torch.OutOfMemoryError as e:
             say(f'error: {out_of_memory(args, e)}')
             return EXIT_OUT_OF_MEMORY
-        except KeyboardInterrupt as e:
-            say(f'interrupted; {_what_is_kept(e)}')
-            stop_said()
-            return EXIT_INTERRUPTED
-        except Terminated as e:
-            say(f'terminated (SIGTERM); {_what_is_kept(e)}')
-            stop_said()
-            return EXIT_TERMINATED
+        except (KeyboardInterrupt, Terminated) as e:
+            return say_stopped(e, _what_is_kept(e), prefix)
         except RuntimeError as e:
             if cpu_out_of_memory(e) or past_64_bits(e) or cuda_out_of_memory(e):
                 say(f'error: {out_of_memory(args, e)}')

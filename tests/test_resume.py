@@ -1269,7 +1269,8 @@ SIGNALLED_TWICE_IN_PROCESS = textwrap.dedent('''
     import os, signal, sys
     sys.path.insert(0, sys.argv[1])
     import finetune
-    real_kept, real_said, where = finetune._what_is_kept, finetune.stop_said, sys.argv[2]
+    from utils import signals
+    real_kept, real_said, where = finetune._what_is_kept, signals.stop_said, sys.argv[2]
 
     def run(args):  # Ctrl-C as the run works
         os.kill(os.getpid(), signal.SIGINT)
@@ -1284,7 +1285,7 @@ SIGNALLED_TWICE_IN_PROCESS = textwrap.dedent('''
         if where == 'after':
             os.kill(os.getpid(), signal.SIGINT)
 
-    finetune.run, finetune._what_is_kept, finetune.stop_said = run, what_is_kept, stop_said
+    finetune.run, finetune._what_is_kept, signals.stop_said = run, what_is_kept, stop_said
     try:
         print('main returned', finetune.main([]))
     except KeyboardInterrupt:

@@ -19,7 +19,7 @@ import engine
 import finetune
 import pruning
 from conftest import digits_world, official_checkpoint
-from utils import load_checkpoint_file, seeding
+from utils import load_checkpoint_file, seeding, signals
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
@@ -175,7 +175,7 @@ def test_seeded_finetune_reproduces_and_an_interrupted_run_resumes_bit_for_bit(w
     with monkeypatch.context() as patch:
         sigterm_at_epoch(patch, 1)
         assert finetune.main(finetune_argv(world, out, workers, '--resume', world['dense'],
-                                           '--final_finetune', 3)) == finetune.EXIT_TERMINATED
+                                           '--final_finetune', 3)) == signals.EXIT_TERMINATED
     assert load_checkpoint_file(str(out / 'checkpoint.pth'))['epoch'] == 0
     # the same seed gave the same first epoch: the same losses and accuracy, to the last bit
     first = log_records(out / 'log.txt')

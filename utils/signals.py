@@ -129,13 +129,14 @@ def stop_said() -> None:
             _exit_now()
 
 
-def say_stopped(e: BaseException, what_is_kept: str) -> int:
-    """Says, as one line on stderr, that the run was stopped by ``e`` (Ctrl-C: 'interrupted'; SIGTERM, raised as
-    :class:`Terminated`: 'terminated (SIGTERM)') and ``what_is_kept``; the stop is then said (:func:`stop_said`).
-    Returns its exit code (130, 143).  For a script whose stops are caught under :func:`sigterm_unwinds`."""
+def say_stopped(e: BaseException, what_is_kept: str, prefix: str = '') -> int:
+    """Says, as one line on stderr (after ``prefix``: a process's rank), that the run was stopped by ``e`` (Ctrl-C:
+    'interrupted'; SIGTERM, raised as :class:`Terminated`: 'terminated (SIGTERM)') and ``what_is_kept``; the stop
+    is then said (:func:`stop_said`).  Returns its exit code (130, 143).  For a script whose stops are caught under
+    :func:`sigterm_unwinds`."""
     terminated = isinstance(e, Terminated)
-    print_line(escape_controls(f'{"terminated (SIGTERM)" if terminated else "interrupted"}; {what_is_kept}'),
-               file=sys.stderr)
+    print_line(prefix + escape_controls(f'{"terminated (SIGTERM)" if terminated else "interrupted"}; '
+                                        f'{what_is_kept}'), file=sys.stderr)
     stop_said()
     return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
 
