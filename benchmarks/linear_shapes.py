@@ -35,6 +35,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 ROUTES = ('linear', 'mm+bias', 'halves', 'lt', 'no-reduced')
+# the header of the first table, by which an earlier linear_shapes.md is known
+SUMMARY_HEADER = '| route | dense ms | pruned ms | time ratio | token ratio |'
 SETTING_ROUTES = ('linear', 'lt', 'no-reduced')  # the routes that are a global setting: timed end to end too
 
 
@@ -126,6 +128,29 @@ def end_to_end(cc, pruned, batch: int, device) -> dict:
                         for r in SETTING_ROUTES}}
 
 
+def _is_results(path: str) -> bool:
+    """Whether ``path`` holds the results JSON this script writes (linear_shapes.json)."""
+    try:
+        with open(path) as f:
+            result = json.load(f)
+    except (OSError, ValueError):  # UnicodeDecodeError among them
+        return False
+    return isinstance(result, dict) and {'model', 'rate', 'batch', 'kept', 'shapes_ms', 'summary'} <= set(result)
+
+
+def _is_tables(path: str) -> bool:
+    """Whether ``path`` holds the tables this script writes (linear_shapes.md; a note added above them kept)."""
+    try:
+        with open(path) as f:
+            return any(line.rstrip('\n') == SUMMARY_HEADER for line in f)
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+# The files written into --out, for utils.earlier_output: an earlier output of this script may be replaced.
+OUTPUT_KINDS = {'linear_shapes.json': ('a results JSON', _is_results), 'linear_shapes.md': ('the tables', _is_tables)}
+
+
 def build_parser():
     from benchmarks.model_zoo import MAX_BATCH, _int_in, _rate
     from utils.cli import OneLineParser
@@ -145,7 +170,7 @@ def build_parser():
 
 def main(argv=None) -> int:
     from benchmarks.formulations import model_argument, rates_pruning_nothing
-    from utils import OutputWriteError, UserError, check_output_dir
+    from utils import OutputWriteError, UserError, check_output_dir, earlier_output
     args = build_parser().parse_args(argv)
     # every mistake is found before any timing, and the GPU last, so the others are found on any machine
     try:
@@ -154,6 +179,10 @@ def main(argv=None) -> int:
         if nothing:
             raise UserError(f'argument --rate: {nothing[args.rate]}')
         check_output_dir(args.out, '--out')
+        for name in OUTPUT_KINDS:
+            why = earlier_output(os.path.join(args.out, name), name, OUTPUT_KINDS, 'benchmarks/linear_shapes.py')
+            if why:
+                raise UserError(f'argument --out: {why}')
         if not torch.cuda.is_available():
             raise UserError('argument --device: cuda: no CUDA GPU is available (this script measures cuBLAS)')
         return _measure(args)
@@ -192,7 +221,7 @@ def _measure(args) -> int:
              'Per route: the four products summed over the blocks (ms per forward), dense '
              f'({cc.num_tokens} tokens in every block) against pruned, and the ratio beside the token ratio; '
              'then TFLOP/s per product at each n.', '',
-             '| route | dense ms | pruned ms | time ratio | token ratio |', '|---|---|---|---|---|']
+             SUMMARY_HEADER, '|---|---|---|---|---|']
     token_ratio = cc.num_tokens * len(kept) / sum(kept)
     summary = {}
     for r in ROUTES:

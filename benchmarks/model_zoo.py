@@ -85,7 +85,7 @@ from benchmarks.formulations import (  # noqa: E402
 )
 from benchmarks.stats import Timings, as_fields, paired  # noqa: E402
 from engine import original_settings, steady_allocator  # noqa: E402
-from utils import UserError, temporary_path, write_text_atomic  # noqa: E402
+from utils import UserError, earlier_output, temporary_path, write_text_atomic  # noqa: E402
 from utils.signals import EXIT_INTERRUPTED  # noqa: E402  (Ctrl-C, as a shell reports it)
 
 # The paper's figures on its GPU (GFLOPs, images/s, speed-up; docs/method.md); a row's ``seed_gpu``.
@@ -518,22 +518,18 @@ def _results_of(path: str) -> Optional[Dict]:
         return None
 
 
-def _earlier_output(path: str, flag: str) -> Optional[str]:
-    """None if the existing file ``path`` is an output of this script of the kind ``flag`` writes (--json: a
-    results JSON; --markdown: its tables), so that a new run may replace it; else why it may not be replaced."""
-    results = _results_of(path) is not None
+def _is_tables(path: str) -> bool:
+    """Whether ``path`` holds the tables this script writes (--markdown)."""
     try:
         with open(path) as f:
-            tables = f.readline().startswith('Measured on ')
+            return f.readline().startswith('Measured on ')
     except (OSError, UnicodeDecodeError):
-        tables = False
-    if (results and flag == '--json') or (tables and flag == '--markdown'):
-        return None
-    if results:
-        return f'{path} is a results JSON of this benchmark, not its tables; refusing to overwrite it'
-    if tables:
-        return f'{path} holds the tables of this benchmark, not a results JSON; refusing to overwrite it'
-    return f'{path} exists and is not an output of this benchmark; refusing to overwrite it'
+        return False
+
+
+# What each output flag writes, for utils.earlier_output: an earlier output of its kind may be replaced.
+OUTPUT_KINDS = {'--json': ('a results JSON', lambda path: _results_of(path) is not None),
+                '--markdown': ('the tables', _is_tables)}
 
 
 def _same_file(a: str, b: str) -> bool:
@@ -695,7 +691,7 @@ def parse_args(argv=None):
             raise UsageError(f'argument --markdown: {args.markdown} is the results JSON --resume reads; refusing to '
                              f'overwrite it with tables')
         for flag, path in (('--json', args.json), ('--markdown', args.markdown)):
-            why = _earlier_output(path, flag) if os.path.exists(path) else None
+            why = earlier_output(path, flag, OUTPUT_KINDS, 'this benchmark')
             if why:
                 raise UsageError(f'argument {flag}: {why}')
         args.earlier = _resumable(args) if args.resume is not None else None

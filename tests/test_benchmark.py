@@ -1398,10 +1398,10 @@ def test_outputs_replace_only_files_the_benchmark_wrote(capsys, tmp_path):
     tables.write_text(open(os.path.join(ROOT, 'benchmarks', 'results', 'cpu.md')).read())
     before = results.read_text(), tables.read_text()
     line = _refused(capsys, tmp_path, '--markdown', str(results))
-    assert line == (f'error: argument --markdown: {results} is a results JSON of this benchmark, not its tables; '
+    assert line == (f'error: argument --markdown: {results} is a results JSON of this benchmark, not the tables; '
                     f'refusing to overwrite it')
     line = _refused(capsys, tmp_path, '--json', str(tables), '--markdown', str(tmp_path / 'refused' / 'r.md'))
-    assert line == (f'error: argument --json: {tables} holds the tables of this benchmark, not a results JSON; '
+    assert line == (f'error: argument --json: {tables} is the tables of this benchmark, not a results JSON; '
                     f'refusing to overwrite it')
     assert (results.read_text(), tables.read_text()) == before
     committed = os.path.join(ROOT, 'benchmarks', 'results', 'cpu')
@@ -2800,6 +2800,35 @@ def test_linear_shapes_measures_what_it_was_asked_once_the_checks_pass(tmp_path,
     assert [(a.model, a.rate, a.batch, a.out) for a in seen] == [('deit_small_patch16_224', 0.25, 8,
                                                                   str(tmp_path / 'o'))]
     assert not (tmp_path / 'o').exists()  # made when its first file is written, not by the checks
+
+
+def test_linear_shapes_replaces_only_its_own_earlier_outputs_in_out(tmp_path, capsys, monkeypatch):
+    """linear_shapes.json or .md in --out that this script did not write (or the other of its two files) is refused
+    in one line before anything is measured, and left as it was; its own earlier outputs (the committed ones, a note
+    above the tables included) may be replaced, as model_zoo.py's."""
+    from benchmarks import linear_shapes
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    measured = []
+    monkeypatch.setattr(linear_shapes, '_measure', lambda args: measured.append(args.out) or 0)
+    committed = os.path.join(ROOT, 'benchmarks', 'results', 'cuda_linear_routes')
+    ours = {'linear_shapes.json': open(committed + '.json').read(), 'linear_shapes.md': open(committed + '.md').read()}
+    for name, other in (('linear_shapes.json', 'linear_shapes.md'), ('linear_shapes.md', 'linear_shapes.json')):
+        for text, words in (('my notes\n', 'exists and is not an output of benchmarks/linear_shapes.py'),
+                            (ours[other], f'is {linear_shapes.OUTPUT_KINDS[other][0]} of benchmarks/linear_shapes.py, '
+                                          f'not {linear_shapes.OUTPUT_KINDS[name][0]}')):
+            out = tmp_path / 'out'
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir()
+            (out / name).write_text(text)
+            assert linear_shapes.main(['--out', str(out)]) == 2
+            err = capsys.readouterr().err
+            assert err == f'error: argument --out: {out / name} {words}; refusing to overwrite it\n', err
+            assert os.listdir(out) == [name] and (out / name).read_text() == text and not measured
+    out = tmp_path / 'again'
+    out.mkdir()
+    for name, text in ours.items():
+        (out / name).write_text(text)
+    assert linear_shapes.main(['--out', str(out)]) == 0 and measured == [str(out)]
 
 
 def test_linear_shapes_without_a_gpu_is_one_line_and_exit_2(tmp_path):

@@ -10,7 +10,7 @@ import stat
 import tempfile
 import warnings
 import zipfile
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -412,6 +412,22 @@ def _fsync_directory(directory: str) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def earlier_output(path: str, kind: str, kinds: Dict[str, Tuple[str, Callable[[str], bool]]],
+                   owner: str) -> Optional[str]:
+    """None if nothing is at ``path`` or it is an earlier output of ``owner`` (a script, in words) of the kind
+    ``kind``, so that a new run may replace it; else why it may not be replaced, for a one-line refusal made before
+    any work starts.  ``kinds``: each kind of output ``owner`` writes, as {kind: (what it is in words, whether the
+    file at a path is one)}; a file of another of them is named as that."""
+    if not os.path.lexists(path):
+        return None
+    found = [k for k, (_, is_one) in kinds.items() if os.path.isfile(path) and is_one(path)]
+    if kind in found:
+        return None
+    if found:
+        return f'{path} is {kinds[found[0]][0]} of {owner}, not {kinds[kind][0]}; refusing to overwrite it'
+    return f'{path} exists and is not an output of {owner}; refusing to overwrite it'
 
 
 def remove_stale_temporaries(paths) -> list:
