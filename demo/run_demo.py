@@ -496,6 +496,7 @@ def ends_as_finetune(work: Callable[[], int], script: str, out: str, fresh: bool
     code, Ctrl-C (SIGTERM) one line saying what running ``script`` again does and exit code 130 (143) (with
     ``fresh``, a run of --fresh: again without it, as --fresh would retrain the teacher it kept).  ``ends_process``:
     run as the script (see :func:`utils.signals.sigterm_unwinds`)."""
+    _STAGE['now'] = ''
     with sigterm_unwinds(ends_process):
         try:
             return work()
@@ -508,7 +509,24 @@ def ends_as_finetune(work: Callable[[], int], script: str, out: str, fresh: bool
         except (KeyboardInterrupt, Terminated) as e:
             again = 'again without --fresh' if fresh else 'again'
             return say_stopped(e, f'run the {script} {again} to go on (a teacher in {os.path.join(out, TEACHER_DIR)}, '
-                                  f'trained wholly or in part, is reused; every other stage is redone)')
+                                  f'trained wholly or in part, is reused; every other stage is redone)',
+                               during=_STAGE['now'])
+
+
+_STAGE = {'now': ''}  # the stage under way in ends_as_finetune's work, as the line of a stop names it
+
+
+def begin_stage(now: str, header: str = '') -> None:
+    """Notes ``now`` ('stage 2 (prune)') as the stage under way, which the line of a stop names
+    (:func:`ends_as_finetune`), and prints the stage's ``header`` line if given."""
+    _STAGE['now'] = now
+    if header:
+        print(header, flush=True)
+
+
+def demo_stage(number: int, name: str, what: str = '') -> None:
+    """The demo's stage ``number`` (``name``) begins: its header '== <number>. <what>' if ``what`` is given."""
+    begin_stage(f'stage {number} ({name})', what and f'== {number}. {what}')
 
 
 def run(a: argparse.Namespace) -> int:
@@ -523,14 +541,14 @@ def run(a: argparse.Namespace) -> int:
     common = common_args(a.seed, a.device)
 
     # 1. the dense teacher ------------------------------------------------------------------------------
-    print(f'== 1. teacher: {MODEL} trained from scratch for {a.teacher_epochs} epochs', flush=True)
+    demo_stage(1, 'teacher', f'teacher: {MODEL} trained from scratch for {a.teacher_epochs} epochs')
     teacher, teacher_acc, _ = train_teacher(folders['teacher'], a.teacher_epochs, a.teacher_lr, common,
                                             a.fresh, a.verbose)
     timings['teacher'] = time.time() - t0
 
     # 2. prune ------------------------------------------------------------------------------------------
     t = time.time()
-    print('== 2. prune the teacher (Taylor attention 0.25 / 0.40, random 0.25) and evaluate', flush=True)
+    demo_stage(2, 'prune', 'prune the teacher (Taylor attention 0.25 / 0.40, random 0.25) and evaluate')
     pruned, before = {}, {}
     for mode, rate in CONFIGS:
         tag = rate_tag(mode, rate)
@@ -540,8 +558,8 @@ def run(a: argparse.Namespace) -> int:
 
     # 3. finetune with soft distillation ------------------------------------------------------------------
     t = time.time()
-    print(f'== 3. finetune each pruned model for {a.finetune_epochs} epochs, soft distillation from the teacher',
-          flush=True)
+    demo_stage(3, 'finetune', f'finetune each pruned model for {a.finetune_epochs} epochs, soft distillation from '
+                              f'the teacher')
     after, finetuned = {}, {}
     for mode, rate in CONFIGS:
         tag = rate_tag(mode, rate)
@@ -552,7 +570,7 @@ def run(a: argparse.Namespace) -> int:
 
     # 4. speed ------------------------------------------------------------------------------------------
     t = time.time()
-    print('== 4. GFLOPs and images/s: each pruned model timed interleaved with the dense model', flush=True)
+    demo_stage(4, 'speed', 'GFLOPs and images/s: each pruned model timed interleaved with the dense model')
     speed = {}
     for mode, rate in CONFIGS:
         tag = rate_tag(mode, rate)
@@ -565,6 +583,7 @@ def run(a: argparse.Namespace) -> int:
     timings['speed'] = time.time() - t
 
     # 5. results.json and the table ---------------------------------------------------------------------------
+    demo_stage(5, 'results')  # its header once the files are written
     dense_gflops = speed[rate_tag(*CONFIGS[0])]['dense_gflops']
     dense_throughput = statistics.median(s['dense_throughput'] for s in speed.values())
     rows = [{'name': 'DeiT-digits (teacher)', 'prune_mode': 'none', 'prune_rate': 0.0, 'finetuned': False,
@@ -594,7 +613,7 @@ def run(a: argparse.Namespace) -> int:
     t = time.time()
     import draw_masks
     import torch
-    print('== 6. masks: the patches each block keeps', flush=True)
+    demo_stage(6, 'masks', 'masks: the patches each block keeps')
     pictures = {}
     for mode, rate in CONFIGS:
         tag = rate_tag(mode, rate)
@@ -609,6 +628,7 @@ def run(a: argparse.Namespace) -> int:
     timings['masks'] = time.time() - t
 
     # 7. TensorBoard summary ------------------------------------------------------------------------------
+    demo_stage(7, 'TensorBoard summary')
     shutil.rmtree(folders['summary'], ignore_errors=True)  # an earlier run's events would mix in
     tb = TensorBoard(folders['summary'])
     if tb.writer is not None:

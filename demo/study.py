@@ -291,8 +291,8 @@ def teacher_gflops() -> float:
 def run_all(a: argparse.Namespace, out: str) -> Tuple[dict, List[dict], Dict[str, float]]:
     t0 = time.time()
     timings: Dict[str, float] = {}
-    print(f'[teacher] {demo.MODEL}, {a.teacher_epochs} epochs from scratch, seed {TEACHER_SEED}, '
-          f'trained once for all runs', flush=True)
+    demo.begin_stage('the teacher stage', f'[teacher] {demo.MODEL}, {a.teacher_epochs} epochs from scratch, seed '
+                                    f'{TEACHER_SEED}, trained once for all runs')
     common = demo.common_args(TEACHER_SEED, a.device)
     teacher, teacher_acc, reused = demo.train_teacher(os.path.join(out, demo.TEACHER_DIR), a.teacher_epochs,
                                                       a.teacher_lr, common, a.fresh, a.verbose, echo=False)
@@ -309,8 +309,9 @@ def run_all(a: argparse.Namespace, out: str) -> Tuple[dict, List[dict], Dict[str
     t_steps = time.time()
     for i, (stage, mode, rate, seed) in enumerate(steps):
         eta = estimate_remaining([s[:3] for s in steps[i:]], done)
-        print(f'[{i + 1}/{len(steps)}] {stage} {MODE_NAMES[mode]} {rate:.2f} seed {seed} ... '
-              f'elapsed {clock(time.time() - t0)}, eta {clock(eta)}', flush=True)
+        step = f'{stage} {MODE_NAMES[mode]} {rate:.2f} seed {seed}'
+        demo.begin_stage(f'step {i + 1}/{len(steps)} ({step})', f'[{i + 1}/{len(steps)}] {step} ... elapsed '
+                                                               f'{clock(time.time() - t0)}, eta {clock(eta)}')
         t = time.time()
         common = demo.common_args(seed, a.device)
         folder = seed_dir(out, seed)
@@ -670,6 +671,7 @@ def run_study(a: argparse.Namespace, argv: List[str], t0: float) -> int:
     load_start = load_average()
     with LoadSampler() as load:
         teacher, runs, timings = run_all(a, out)
+    demo.begin_stage('the summary (the table, the figure, the files)')
     cells, paired = summarise(runs, a.seeds, a.rates, a.finetune_epochs)
     table = markdown(teacher, cells, paired, a.seeds, a.finetune_epochs)
     plot(teacher, runs, cells, os.path.join(out, OUTPUT_FILES['figure']), a.finetune_epochs)

@@ -214,8 +214,8 @@ def assert_one_error_line(err, flag):
 def assert_ctrl_c_ends_the_script(main, script, tmp_path, monkeypatch, capsys, fresh=False, sigterm=False):
     """Ctrl-C (``sigterm``: SIGTERM, raised as Terminated) in a stage of the demo or the study (``script``: 'demo',
     'study'; ``main`` its entry point) ends it as finetune.py ends: one line saying what running it again does,
-    exit code 130 (143), no traceback.  A run of --fresh is to be run again without it: --fresh would retrain the
-    teacher it kept."""
+    exit code 130 (143), no traceback, the line naming the stage under way (the teacher's).  A run of --fresh is to
+    be run again without it: --fresh would retrain the teacher it kept."""
     import finetune
 
     def interrupted(args):
@@ -226,7 +226,8 @@ def assert_ctrl_c_ends_the_script(main, script, tmp_path, monkeypatch, capsys, f
                                                                                                 else 130)
     again = 'again without --fresh' if fresh else 'again'
     said = 'terminated (SIGTERM)' if sigterm else 'interrupted'
-    assert capsys.readouterr().err == (f'{said}; run the {script} {again} to go on (a teacher in '
+    during = {'demo': 'stage 1 (teacher)', 'study': 'the teacher stage'}[script]
+    assert capsys.readouterr().err == (f'{said} during {during}; run the {script} {again} to go on (a teacher in '
                                        f'{tmp_path / "out" / "teacher"}, trained wholly or in part, is reused; every '
                                        f'other stage is redone)\n')
 

@@ -651,6 +651,26 @@ def test_sigterm_ends_the_demo_as_ctrl_c_does_with_exit_143(fresh, tmp_path, mon
     """(SIGTERM, a scheduler's or `kill`'s, ended the demo without a word.)"""
     assert_ctrl_c_ends_the_script(run_demo.main, 'demo', tmp_path, monkeypatch, capsys, fresh, sigterm=True)
 
+@pytest.mark.parametrize('sigterm', [False, True])
+def test_a_stop_in_a_later_stage_names_that_stage(sigterm, tmp_path, monkeypatch, capsys):
+    """The one line of a Ctrl-C (SIGTERM) names the stage under way as its header numbers it, here the prune stage
+    after the teacher, not the first stage nor none; nothing of the stage is written."""
+    from utils.signals import Terminated
+    out = tmp_path / 'out'
+    monkeypatch.setattr(run_demo, 'train_teacher', lambda *a, **k: (str(out / 'teacher' / 'checkpoint.pth'), 90.0,
+                                                                     False))
+
+    def stopped(*args, **kwargs):
+        raise Terminated if sigterm else KeyboardInterrupt
+    monkeypatch.setattr(run_demo, 'prune', stopped)
+    assert run_demo.main(['--quick', '--device', 'cpu', '--out', str(out)]) == (143 if sigterm else 130)
+    captured = capsys.readouterr()
+    said = 'terminated (SIGTERM)' if sigterm else 'interrupted'
+    assert captured.err.startswith(f'{said} during stage 2 (prune); run the demo again to go on ') and \
+        captured.err.count('\n') == 1, captured.err
+    assert '== 2. prune the teacher' in captured.out and os.listdir(out) == []
+
+
 def fake_teacher(path, lr=1e-3, seed=0, epochs=3, epoch=2, model=None):
     import finetune
     digits = finetune.cc_model_name(run_demo.MODEL)

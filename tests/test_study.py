@@ -509,9 +509,9 @@ def test_quick_sets_only_what_is_not_given(extra, expected, said, tmp_path, caps
     assert study.demo.flags_text(study.QUICK) in quick.help  # --help says what it sets
 
 
-def fake_stages(monkeypatch, tmp_path, fail_at=None):
+def fake_stages(monkeypatch, tmp_path, fail_at=None, stop=None):
     """run_all's stages stubbed out: each writes its directory as the real one does (emptied first, a checkpoint
-    inside); the ``fail_at``-th finetuning stops the study as a diverged stage does."""
+    inside); the ``fail_at``-th finetuning stops the study as a diverged stage does (or raises ``stop``)."""
     teacher = tmp_path / 'teacher' / 'checkpoint.pth'
     calls = []
 
@@ -520,7 +520,7 @@ def fake_stages(monkeypatch, tmp_path, fail_at=None):
             out_dir = args[where]  # prune(teacher, mode, rate, out_dir, ...), distill(pruned, teacher, out_dir, ...)
             calls.append(out_dir)
             if fail_at is not None and len(calls) == fail_at:
-                raise study.demo.StageDiverged('stage diverged')
+                raise (stop or study.demo.StageDiverged('stage diverged'))
             import shutil
             shutil.rmtree(out_dir, ignore_errors=True)
             os.makedirs(out_dir)
@@ -568,6 +568,22 @@ def test_ctrl_c_ends_the_study_with_one_line_and_exit_130(fresh, tmp_path, monke
 @pytest.mark.parametrize('fresh', [False, True])
 def test_sigterm_ends_the_study_as_ctrl_c_does_with_exit_143(fresh, tmp_path, monkeypatch, capsys):
     assert_ctrl_c_ends_the_script(study.main, 'study', tmp_path, monkeypatch, capsys, fresh, sigterm=True)
+
+@pytest.mark.parametrize('sigterm', [False, True])
+def test_a_stop_in_a_later_step_names_that_step(sigterm, tmp_path, monkeypatch, capsys):
+    """The one line of a Ctrl-C (SIGTERM) names the step under way as its header numbers it, not the teacher's."""
+    from utils.signals import Terminated
+    fake_stages(monkeypatch, tmp_path, fail_at=2, stop=Terminated if sigterm else KeyboardInterrupt)
+    out = tmp_path / 'out'
+    assert study.main(['--quick', '--device', 'cpu', '--out', str(out)]) == (143 if sigterm else 130)
+    captured = capsys.readouterr()
+    header = next(line for line in captured.out.splitlines() if line.startswith('[2/'))
+    total, step = re.fullmatch(r'\[2/(\d+)\] (.*) \.\.\. elapsed .*', header).groups()
+    said = 'terminated (SIGTERM)' if sigterm else 'interrupted'
+    assert captured.err.startswith(f'{said} during step 2/{total} ({step}); run the study again to go on ') and \
+        captured.err.count('\n') == 1, captured.err
+    assert not (out / 'results.json').exists()
+
 
 def test_earlier_runs_are_removed_only_once_the_study_has_finished(tmp_path, monkeypatch):
     """An earlier study's runs (another seed, another rate) stay while this one runs: a study that stops midway

@@ -129,14 +129,14 @@ def stop_said() -> None:
             _exit_now()
 
 
-def say_stopped(e: BaseException, what_is_kept: str, prefix: str = '') -> int:
+def say_stopped(e: BaseException, what_is_kept: str, prefix: str = '', during: str = '') -> int:
     """Says, as one line on stderr (after ``prefix``: a process's rank), that the run was stopped by ``e`` (Ctrl-C:
-    'interrupted'; SIGTERM, raised as :class:`Terminated`: 'terminated (SIGTERM)') and ``what_is_kept``; the stop
-    is then said (:func:`stop_said`).  Returns its exit code (130, 143).  For a script whose stops are caught under
-    :func:`sigterm_unwinds`."""
+    'interrupted'; SIGTERM, raised as :class:`Terminated`: 'terminated (SIGTERM)'), ``during`` what if given (the
+    stage under way: 'stage 2 (prune)'), and ``what_is_kept``; the stop is then said (:func:`stop_said`).  Returns
+    its exit code (130, 143).  For a script whose stops are caught under :func:`sigterm_unwinds`."""
     terminated = isinstance(e, Terminated)
-    print_line(prefix + escape_controls(f'{"terminated (SIGTERM)" if terminated else "interrupted"}; '
-                                        f'{what_is_kept}'), file=sys.stderr)
+    print_line(prefix + escape_controls(f'{"terminated (SIGTERM)" if terminated else "interrupted"}'
+                                        f'{" during " + during if during else ""}; {what_is_kept}'), file=sys.stderr)
     stop_said()
     return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
 
