@@ -421,6 +421,9 @@ def _check_no_effect(args, set_flags) -> None:
     if compiled and not args.compile_models:  # (given empty: the default names a model)
         raise UsageError(f'argument --compile-models: no model named, so the compiled rows of --rows '
                          f'({", ".join(compiled)}) would run for none; name a model, or give --no-compile')
+    if compiled and args.compile_budget == 0:  # (spent before the first compile: CompileBudget refuses every row)
+        raise UsageError(f'argument --compile-budget: 0 s of compilation builds no compiled row, so those of --rows '
+                         f'({", ".join(compiled)}) would run for no model; give more seconds, or --no-compile')
     if compiled and 'compile_min_batch' in set_flags:
         # compiled rows are built in a model's main table; a summary batch size only times again what was built there
         mains = {name: main_batch(args, name, torch.device(args.device)) for name in args.compile_models}

@@ -1183,7 +1183,7 @@ NUMERIC = {
     '--sweep-batch-sizes': (['0', '65537', '8,8'], ['1,8', '']),
     '--summary-batch-sizes': (['0', '2.5'], ['1,32', '']),
     '--time-limit': (['0', '0.5', '1000001', 'abc'], ['1', '1000000', '90.5']),
-    '--compile-budget': (['1000001', 'abc'], ['0', '120']),
+    '--compile-budget': (['0', '1000001', 'abc'], ['0.5', '120']),
     '--compile-min-batch': (['0', '65537', '1.5'], ['1', '65536']),
 }
 FLOAT_FLAGS = {'--time-limit', '--compile-budget'}
@@ -1258,6 +1258,9 @@ def test_every_numeric_flag_refuses_nan_inf_negative_and_out_of_range_values_nam
     (['--quick', '--compile', '--compile-min-batch', '32'], '--compile-min-batch',
      'above the main-table batch of every model with compiled rows (tiny 8)'),
     (['--rows', 'timm,ours', '--compile-budget', '5'], '--compile-budget', 'no row of --rows is compiled'),
+    # a budget spent before the first compile: the compiled rows asked for (--compile) would run for no model
+    (['--quick', '--compile', '--compile-budget', '0'], '--compile-budget',
+     'builds no compiled row, so those of --rows (timm-compiled, ours-compiled) would run for no model'),
     (['--scoring-repeats', '0', '--scoring-batch-size', '16'], '--scoring-batch-size', '--scoring-repeats is 0,'),
     (['--no-fast-autotune'], '--no-fast-autotune', 'no row of --rows is a fast-path row'),
     (['--device', 'tpu'], '--device', 'invalid choice'),
