@@ -1265,6 +1265,36 @@ def test_a_signal_between_the_two_handlers_put_back_leaves_both_put_back(monkeyp
         real_signal(signal.SIGTERM, previous)
 
 
+ENDED_BY_END_SCRIPT = textwrap.dedent('''
+    import atexit, os, signal, sys
+    sys.path.insert(0, sys.argv[1])
+    from utils.signals import end_script
+    code, sig = int(sys.argv[2]), int(sys.argv[3])
+
+    def shutting_down():  # the interpreter's shutdown: a further signal lands here (sig 0: nothing is sent)
+        print('shutdown ran', flush=True)
+        if sig:
+            os.kill(os.getpid(), sig)
+    atexit.register(shutting_down)
+    end_script(code)
+''')
+
+
+@pytest.mark.parametrize('code, sig', [(130, signal.SIGINT), (143, signal.SIGTERM), (0, 0), (2, 0)],
+                         ids=['ctrl-c', 'sigterm', 'success', 'user-error'])
+def test_a_script_stopped_by_a_signal_ends_at_once_and_any_other_through_the_interpreters_shutdown(tmp_path, code,
+                                                                                                    sig):
+    """end_script, the last call of each script: main's exit code of a stop (130, 143) ends the process at once,
+    without the interpreter's shutdown (its atexit handlers), where a further signal (Python's handlers back) would
+    print a traceback or end the process by the signal; any other code goes through sys.exit, the shutdown run."""
+    script = tmp_path / 'ended.py'
+    script.write_text(ENDED_BY_END_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script), ROOT, str(code), str(int(sig))], capture_output=True,
+                          text=True, env=subprocess_env(), timeout=120)
+    stopped = code in (130, 143)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (code, '' if stopped else 'shutdown ran\n', ''), proc
+
+
 SIGNALLED_TWICE_IN_PROCESS = textwrap.dedent('''
     import os, signal, sys
     sys.path.insert(0, sys.argv[1])
