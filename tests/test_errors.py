@@ -240,7 +240,7 @@ def test_truncated_image_is_named_and_the_earlier_pruned_file_survives(capsys, w
 def test_a_path_with_a_newline_stays_whole_on_the_error_line(capsys, world, earlier, tmp_path, workers):
     """The error line kept only the last line of a message (meant for the traceback that an error re-raised from a
     DataLoader worker carries in front of it): a path with a newline in it (a folder named 'da\\nta') was cut to
-    its tail.  It is written whole, the newline escaped, from a worker too."""
+    its tail.  It is written whole, the newline (or a Unicode line separator) escaped, from a worker too."""
     data = shutil.copytree(world['data'], tmp_path / 'da\nta')
     bad = data / 'train' / 'b' / '3.png'
     bad.write_bytes(bad.read_bytes()[:100])
@@ -252,6 +252,11 @@ def test_a_path_with_a_newline_stays_whole_on_the_error_line(capsys, world, earl
     line = assert_one_line_error(capsys, finetune_args(world, earlier, '--data-path', missing), EXIT_USER_ERROR,
                                  r'^error: --data-path ')
     assert line == 'error: --data-path ' + str(missing).replace('\n', '\\n') + ' does not exist or is not a directory'
+    apart = tmp_path / 'no\u2028where'  # a line separator: a line break to str.splitlines and to many terminals
+    line = assert_one_line_error(capsys, finetune_args(world, earlier, '--data-path', apart), EXIT_USER_ERROR,
+                                 r'^error: --data-path ')
+    escaped = str(apart).replace('\u2028', '\\u2028')
+    assert line == f'error: --data-path {escaped} does not exist or is not a directory'
     assert snapshot(earlier) == before
 
 
