@@ -2038,6 +2038,7 @@ ROW = ('models', 'tiny', 'rows', 1)
     (ROW + ('prune_rate',), 0.3, 'models.tiny.rows[1].prune_rate is 0.3, not one of --rates'),
     (ROW + ('kind',), 'fast', "models.tiny.rows[1].kind is 'fast', no row of this benchmark"),
     (ROW + ('kept_tokens',), [150, '150'], 'models.tiny.rows[1].kept_tokens[1] is a string, not a whole number'),
+    (ROW + ('kept_tokens',), [150, -1], 'models.tiny.rows[1].kept_tokens[1] is a number, not a whole number'),
     (ROW + ('seconds',), 0.27, 'models.tiny.rows[1].seconds is a number, not a list'),
     (ROW + ('speedup_vs_timm_ci',), [1.1], 'models.tiny.rows[1].speedup_vs_timm_ci has 1 entries, not 2'),
     (ROW + ('label',), DELETE, 'models.tiny.rows[1] has no "label"'),
