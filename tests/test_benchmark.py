@@ -3041,6 +3041,30 @@ def test_a_compiled_row_off_every_way_keeps_its_last_compile_and_fails(tiny, mon
     assert 'not compiled again: compile budget of 0 s spent' in capsys.readouterr().out
 
 
+def test_the_compiles_of_a_row_compiled_again_are_charged_to_the_compile_budget(tiny, monkeypatch, capsys):
+    """Each compile of a row off as built counts against --compile-budget, as its own build does: with every compile
+    taking 10 s (a clock of the benchmark's that only the compiles move) and a budget of 15 s, the row's own build
+    and one compile afresh are made, the third refused; all that was compiled is spent."""
+    cc, dense, pruned = tiny
+    made, clock = [], {'now': 0.0}
+    compile_ = _compile_off_unless(lambda b: False, lambda b: False, made)
+
+    def slow_compile(model, **kw):
+        clock['now'] += 10.0
+        return compile_(model, **kw)
+    monkeypatch.setattr(torch, 'compile', slow_compile)
+    monkeypatch.setattr(F, 'time', SimpleNamespace(perf_counter=lambda: clock['now']))
+    budget = F.CompileBudget(seconds=15)
+    chosen = [F.REGISTRY[n] for n in ('timm', 'timm-compiled', 'ours')]
+    built = F.build_runs('deit_tiny_patch16_224', cc, dense, pruned, chosen,
+                         F.Context(CPU, None, 2, F.image_shape(cc)), budget)
+    assert made == [(dense, False), (dense, True)] and budget.spent == 10.0 * len(made) == clock['now']
+    assert [e['way'] for e in built.checks['timm_compiled']['recompiled']] == ['as built']
+    out = capsys.readouterr().out
+    assert 'compiled again (fresh): logits off' in out
+    assert 'not compiled again: compile budget of 15 s spent (20 s; --compile-budget)' in out
+
+
 def test_a_compiled_row_off_at_another_batch_size_is_compiled_afresh_there(tiny, monkeypatch):
     """The summary's batch sizes: a compiled row right at the main batch size and off at another (the recompile of
     the shared object for the new shape) is compiled afresh at that size, and only there."""
