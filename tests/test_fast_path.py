@@ -1021,12 +1021,14 @@ def test_timed_build_can_pad_the_rows_of_a_product(monkeypatch, fc1):
 
 @needs_triton
 @torch.no_grad()
+@pytest.mark.parametrize('flaw', ['norm', 'residual'])
 @pytest.mark.parametrize('winner', ['fused', 'torch'])
-def test_timed_build_can_fuse_the_projection_with_the_residual_and_norm(monkeypatch, winner):
+def test_timed_build_can_fuse_the_projection_with_the_residual_and_norm(monkeypatch, winner, flaw):
     """Rows of at most 256 channels: the timed build also times the attention's projection, its residual update
     and the second norm as one kernel (each tile of K.row_tiles) against cuBLAS as chosen for the projection and
     the residual-norm kernel ('torch'), and keeps the fastest that computes the right thing: a tile scripted
-    fastest of all that computes something else is refused.  Fused or not, the path computes the model."""
+    fastest of all that computes something else (a wrong norm output, or the right one with the residual rows
+    left as they were: both are the kernel's results) is refused.  Fused or not, the path computes the model."""
     import models.fast_path as FP
     from models.fast_path import ProductChoice
     fused, wrong = (ProductChoice('triton', tiles=t).label for t in K.row_tiles(64)[:2])
@@ -1039,8 +1041,16 @@ def test_timed_build_can_fuse_the_projection_with_the_residual_and_norm(monkeypa
         return script.get(cand.label, 2.0)
 
     def wrong_tile(proj, choice, *a, **kw):
-        refused.append(choice.label) if choice.label == wrong else None
-        return run_proj_norm(proj, choice, *a, **kw) * (1.0 + (choice.label == wrong))
+        if choice.label != wrong:
+            return run_proj_norm(proj, choice, *a, **kw)
+        refused.append(choice.label)
+        x, ids = a[0], a[1]
+        before = x.index_select(1, ids)
+        y = run_proj_norm(proj, choice, *a, **kw)
+        if flaw == 'residual':  # the norm of the updated rows, but the update not written back
+            x.index_copy_(1, ids, before)
+            return y
+        return y * 2.0
 
     monkeypatch.setattr(FP, '_times_on', lambda device: True)
     monkeypatch.setattr(FP, '_time_candidate', scripted)
