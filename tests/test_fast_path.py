@@ -508,6 +508,7 @@ def test_linear_residual_layer_norm_needs_a_tile_that_spans_the_row():
                                              None, 1e-6, block_n=32)
     assert [t[1] for t in K.row_tiles(192)] == [256] * 3 and K.row_tiles(384) == []
     assert {t[1] for t in K.row_tiles(40)} == {64}
+    assert {t[1] for t in K.row_tiles(256)} == {256} and K.row_tiles(257) == []  # rows of up to 256 channels
 
 
 @needs_triton
