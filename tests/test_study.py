@@ -559,6 +559,14 @@ def test_study_help_gives_each_default():
     assert flags_not_saying_their_default(study.get_args_parser()) == []
 
 
+def test_study_trains_as_the_demo_unless_told_otherwise():
+    """The budget flags the study shares with the demo (epochs, learning rates, scoring batches) default to the
+    demo's: a teacher the demo trained is then the study's to reuse (teacher_check compares epochs, lr and seed)."""
+    ours, demos = study.get_args_parser().parse_args([]), study.demo.get_args_parser().parse_args([])
+    shared = ('teacher_epochs', 'teacher_lr', 'finetune_epochs', 'finetune_lr', 'prune_batches')
+    assert {k: getattr(ours, k) for k in shared} == {k: getattr(demos, k) for k in shared}
+
+
 @pytest.mark.parametrize('fresh', [False, True])
 def test_ctrl_c_ends_the_study_with_one_line_and_exit_130(fresh, tmp_path, monkeypatch, capsys):
     assert_ctrl_c_ends_the_script(study.main, 'study', tmp_path, monkeypatch, capsys, fresh)
