@@ -1115,6 +1115,20 @@ MUTANTS: List[Mutant] = [
            "' '.join(shlex.quote(arg) for arg in argv)", "' '.join(argv)",
            [T + 'test_demo.py::test_run_demo_prints_each_command_as_a_shell_runs_it'],
            "a stage's `$ python finetune.py` line splits a path with a space into several arguments"),
+    mutant('stop-names-the-first-stage', 'demo/run_demo.py',
+           "    _STAGE['now'] = now", "    _STAGE['now'] = _STAGE['now'] or now",
+           [T + 'test_demo.py::test_a_stop_in_a_later_stage_names_that_stage'],
+           'a demo stopped in a later stage names the first stage it ran as the one under way'),
+    mutant('linear-shapes-overwrites-any-file', 'benchmarks/linear_shapes.py',
+           "            if why:\n                raise UserError(f'argument --out: {why}')",
+           "            if why and False:\n                raise UserError(f'argument --out: {why}')",
+           [T + 'test_benchmark.py::test_linear_shapes_replaces_only_its_own_earlier_outputs_in_out'],
+           'linear_shapes.py replaces a linear_shapes.json or .md in --out that it did not write'),
+    mutant('compile-budget-zero-accepted', 'benchmarks/model_zoo.py',
+           'if compiled and args.compile_budget == 0:', 'if compiled and args.compile_budget < 0:',
+           [T + 'test_benchmark.py::'
+            'test_every_numeric_flag_refuses_nan_inf_negative_and_out_of_range_values_naming_the_flag'],
+           '--compile-budget 0 is accepted with compiled rows in --rows, which it then never builds'),
 ]
 
 
