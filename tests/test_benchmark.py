@@ -1412,6 +1412,11 @@ def test_outputs_replace_only_files_the_benchmark_wrote(capsys, tmp_path):
     assert (args.json, args.markdown) == (committed + '.json', committed + '.md')
     quick = zoo.parse_args(['--device', 'cpu', '--quick'])
     assert quick.json == os.path.join(ROOT, 'runs', 'benchmark', 'cpu-quick.json')
+    # a link to a file not written yet (results kept elsewhere) is where the outputs go, as before any run
+    (tmp_path / 'elsewhere').mkdir()
+    link = tmp_path / 'linked.json'
+    link.symlink_to(tmp_path / 'elsewhere' / 'r.json')
+    assert zoo.parse_args(['--device', 'cpu', '--json', str(link)]).json == str(link)
 
 
 def test_quick_fills_in_only_what_the_user_did_not_give(tmp_path):

@@ -420,7 +420,7 @@ def earlier_output(path: str, kind: str, kinds: Dict[str, Tuple[str, Callable[[s
     ``kind``, so that a new run may replace it; else why it may not be replaced, for a one-line refusal made before
     any work starts.  ``kinds``: each kind of output ``owner`` writes, as {kind: (what it is in words, whether the
     file at a path is one)}; a file of another of them is named as that."""
-    if not os.path.lexists(path):
+    if not os.path.exists(path):  # nothing there, or a link to a file not written yet: it is written through
         return None
     found = [k for k, (_, is_one) in kinds.items() if os.path.isfile(path) and is_one(path)]
     if kind in found:
