@@ -577,6 +577,7 @@ def test_ctrl_c_ends_the_study_with_one_line_and_exit_130(fresh, tmp_path, monke
 def test_sigterm_ends_the_study_as_ctrl_c_does_with_exit_143(fresh, tmp_path, monkeypatch, capsys):
     assert_ctrl_c_ends_the_script(study.main, 'study', tmp_path, monkeypatch, capsys, fresh, sigterm=True)
 
+
 @pytest.mark.parametrize('sigterm', [False, True])
 def test_a_stop_in_a_later_step_names_that_step(sigterm, tmp_path, monkeypatch, capsys):
     """The one line of a Ctrl-C (SIGTERM) names the step under way as its header numbers it, not the teacher's."""
