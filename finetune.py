@@ -336,6 +336,9 @@ UNUSED_RULES = (
     (lambda a: not str(a.device or '').startswith('cuda'), ('amp', 'pin_mem'),
      'mixed precision and pinned memory are used on CUDA only, and this run is on the CPU'),
     (lambda a: not a.speed_only, SPEED, 'only --speed-only times the model'),
+    # (only its default, none, reaches a note: another backend outside --eval and --speed-only is refused)
+    (lambda a: not (a.eval or a.speed_only), ('fast_path',), 'the fast path is an inference path (--eval and '
+     '--speed-only); finetuning and --prune run the eager model'),
     (lambda a: a.data_set == 'DIGITS', TRAIN_TRANSFORM + ('eval_crop_ratio',),
      '--data-set DIGITS has its own fixed transform'),
     (lambda a: a.data_set not in INATURALIST, ('inat_category',), 'only iNaturalist has categories'),

@@ -2154,6 +2154,24 @@ def test_fast_path_flag_mistakes_are_one_line(capsys, monkeypatch, tmp_path, arg
     assert not (tmp_path / 'ft').exists()
 
 
+@pytest.mark.parametrize('mode', [[], ['--prune'], ['--eval'], ['--speed-only']],
+                         ids=lambda m: m[0] if m else 'finetune')
+def test_fast_path_none_outside_inference_is_noted(mode):
+    """--fast-path none (the eager model) with finetuning or --prune asks for nothing those runs could do otherwise:
+    noted as having no effect, as --distillation-type none is with --eval, not accepted without a word (another
+    backend is refused there: test_fast_path_flag_mistakes_are_one_line); with --eval and --speed-only it chooses
+    the eager model, so it is not noted."""
+    import finetune
+    parser = finetune.get_args_parser()
+    args = parser.parse_args([*mode, '--fast-path', 'none'])
+    notes = [n for n in finetune.unused_flag_notes(args, parser) if '--fast-path' in n]
+    if mode in ([], ['--prune']):
+        assert notes == ['note: --fast-path none has no effect: the fast path is an inference path (--eval and '
+                         '--speed-only); finetuning and --prune run the eager model']
+    else:
+        assert notes == []
+
+
 def test_compile_on_a_cpu_without_a_compiler_is_refused_before_any_work(capsys, monkeypatch, pruned_digits):
     """torch.compile builds CPU kernels with a C++ compiler: without a working one, --fast-path compile on the CPU
     stopped in a traceback (torch._inductor's InvalidCxxCompiler) at the first compiled forward, after loading the
