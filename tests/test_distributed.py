@@ -106,23 +106,33 @@ def finetune_argv(world, out, workers, *extra):
             '--num_workers', workers, *AUGMENTED, *extra]
 
 
+def fast_eval_argv(world, base, *extra):
+    return ['--eval', '--resume', base / 'prune0a' / 'pruned_0.3.pth', '--input-size', '48', '--data-path',
+            world['data'], '--batch-size', '4', *extra, '--fast-path', 'torch']
+
+
 FINETUNE_EXTRA = {0: ['--dist-eval', '--no-repeated-aug'], 2: ['--repeated-aug']}  # both samplers of several processes
 
 
 @pytest.fixture(scope='module')
 def job(world):
     """Under the paper's launcher: the same --prune twice without and twice with DataLoader workers, then for
-    workers 0 and 2 a two-epoch finetune and the same finetune stopped by SIGTERM as epoch 1 starts."""
+    workers 0 and 2 a two-epoch finetune and the same finetune stopped by SIGTERM as epoch 1 starts; then --eval of
+    the first pruned file through the fast path, without and with --dist-eval, and the fast path with finetuning."""
     base = world['base'] / 'job'
     base.mkdir()
     commands = [{'argv': prune_argv(world, base / f'prune{w}{run}', w)} for w in (0, 2) for run in 'ab']
     commands += [{'argv': finetune_argv(world, base / f'ref{w}', w, *FINETUNE_EXTRA[w])} for w in (0, 2)]
     commands += [{'argv': finetune_argv(world, base / f'cut{w}', w, *FINETUNE_EXTRA[w]), 'sigterm_at_epoch': 1}
                  for w in (0, 2)]
+    # the first pruned file evaluated through the fast path, without and with --dist-eval; the path with finetuning
+    commands += [{'argv': fast_eval_argv(world, base, *extra)} for extra in ([], ['--dist-eval'])]
+    commands += [{'argv': ['--resume', world['dense'], '--data-path', world['data'], '--output_dir', base / 'fast_ft',
+                           '--fast-path', 'torch']}]
     proc, codes = launch_job('launch', commands, base)
     assert 'torch.distributed.launch is deprecated' in proc.stderr  # it warns, and runs
-    assert codes == {**{i: [0, 0] for i in range(6)}, 6: [143, 143], 7: [143, 143]}, \
-        proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert codes == {**{i: [0, 0] for i in range(6)}, 6: [143, 143], 7: [143, 143], 8: [0, 0], 9: [0, 0],
+                     10: [2, 2]}, proc.stdout[-3000:] + proc.stderr[-3000:]
     shutil.copytree(base / 'cut0', base / 'cut0_stopped')  # as stopped, for a test that damages it
     return {'base': base, 'stdout': proc.stdout, 'stderr': proc.stderr}
 
@@ -167,7 +177,8 @@ def test_the_same_prune_with_two_processes_gives_the_same_scores_and_masks(job, 
 def test_finetune_with_two_processes_scales_the_lr_and_only_rank_0_writes(world, job, capsys):
     stdout = command_output(job, 4)
     out = job['base'] / 'ref0'
-    assert not re.search(r'^\[rank \d\] error', job['stderr'], re.M)
+    # (but the job's last command's: the fast path refused with finetuning, test_eval_through_the_fast_path_...)
+    assert not re.search(r'^\[rank \d\] error(?!: --fast-path is an inference path)', job['stderr'], re.M)
     # rank 0 prints and writes; the learning rate is scaled by batch 8 x 2 processes
     lr = 5e-4 * 8 * 2 / 512  # --lr 5e-4 (AUGMENTED) scaled by batch 8 x 2 processes
     assert stdout.count('Finetuning for epochs 0..1') == 1
@@ -195,6 +206,34 @@ def test_finetune_with_two_processes_scales_the_lr_and_only_rank_0_writes(world,
     assert records[-1]['test_acc1'] == pytest.approx(acc1, abs=5.1e-4)
     assert records[-1]['test_acc5'] == pytest.approx(acc5, abs=5.1e-4)
     assert records[-1]['test_loss'] == pytest.approx(loss, abs=1e-3)
+
+
+def test_eval_through_the_fast_path_with_two_processes_gives_the_single_process_figures(world, job, capsys):
+    """--eval --fast-path torch under the launcher, each process evaluating every image and (--dist-eval) 9 and 8
+    of the 17: rank 0 alone prints, once, the figures of one process's eager evaluation of the same file; the path
+    with finetuning is refused in one line per process, exit 2 from each, before any work."""
+    figures = []
+    for i in (8, 9):
+        stdout = command_output(job, i)
+        assert re.findall(r'^(?!\[rank 1\] @@ )\[rank 1\]', stdout, re.M) == [], stdout  # rank 1 prints nothing
+        assert stdout.count('Fast path (torch): ') == 1, stdout
+        assert stdout.count('Accuracy of the network on the 17 test images') == 1, stdout
+        figures.append(re.findall(r'^\* Acc@1 (\S+) Acc@5 (\S+) loss (\S+)$', stdout, re.M))
+    argv = [*DIGITS_ARGS, *map(str, fast_eval_argv(world, job['base']))][:-2]  # eager, one process
+    assert argv[-2:] == ['--batch-size', '4']
+    code = finetune.main(argv)
+    single = capsys.readouterr().out
+    assert code == 0
+    eager = re.findall(r'^\* Acc@1 (\S+) Acc@5 (\S+) loss (\S+)$', single, re.M)
+    assert len(eager) == 1 and all(len(f) == 1 for f in figures), (figures, eager)
+    # the same top-1 and top-5; the loss to its printed 3 decimals (the path sums in another order)
+    for (acc1, acc5, loss), in figures:
+        assert (acc1, acc5) == eager[0][:2] and float(loss) == pytest.approx(float(eager[0][2]), abs=1.1e-3)
+    for rank in (0, 1):
+        assert job['stderr'].count(f'[rank {rank}] error: --fast-path is an inference path: use it with --eval or '
+                                   f'--speed-only\n') == 1, job['stderr'][-3000:]
+    assert not re.search(r'^\[rank\d\]: Traceback', job['stderr'], re.M), job['stderr'][-3000:]
+    assert not (job['base'] / 'fast_ft').exists()
 
 
 @pytest.mark.slow
