@@ -75,7 +75,7 @@ runs uncaptured.  A graph replays on fixed addresses, so its input is normally c
 DeiT at batch 256, 154 MB read and written: a fixed cost that pruning does not shrink); with the Triton patch
 embedding the graph instead reads the caller's images where they are, the kernel loading their address from a
 one-element tensor that is set before each replay.  The final norm is computed only on the tokens the head reads
-(the prefix tokens for ``global_pool='token'``).
+(the prefix tokens for ``global_pool='token'`` by timm's own pool).
 
 Backends: ``'triton'`` as above (CUDA, or CPU under ``TRITON_INTERPRET=1`` for tests); ``'torch'`` the same
 original-order formulation in plain torch ops (index_select, F.layer_norm, index_copy_, SDPA), runnable
@@ -1199,15 +1199,15 @@ def _finite(timings: Dict[int, Dict[str, float]]) -> Dict[str, Dict[str, Optiona
 
 
 def _timm_forward_head(model: nn.Module) -> bool:
-    """Whether forward_head is timm's ViT head or DeiT's distilled head (both read only prefix tokens when
-    pooling by token)."""
-    heads = [VisionTransformer.forward_head]
+    """Whether forward_head is timm's ViT head with timm's pool or DeiT's distilled head (both read only prefix
+    tokens when pooling by token; a pool of its own may read any token)."""
+    if type(model).forward_head is VisionTransformer.forward_head:
+        return type(model).pool is VisionTransformer.pool
     try:
         from timm.models.deit import VisionTransformerDistilled
-        heads.append(VisionTransformerDistilled.forward_head)
     except ImportError:
-        pass
-    return type(model).forward_head in heads
+        return False
+    return type(model).forward_head is VisionTransformerDistilled.forward_head
 
 
 def cpu_compiler_problem() -> Optional[Exception]:

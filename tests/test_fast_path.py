@@ -792,6 +792,26 @@ def test_global_average_pool_without_class_token(case):
     assert _close(fast(x), ref)
 
 
+class _MeanPoolViT(VisionTransformer):
+    """timm's head with a pool of its own: the mean over every token, whatever global_pool says."""
+
+    def pool(self, x, pool_type=None):
+        return x.mean(1)
+
+
+@torch.no_grad()
+def test_a_pool_of_its_own_reads_every_token():
+    """global_pool='token' lets the path normalise only the class token for timm's pool; a subclass's pool may
+    read any token, so it gets them all."""
+    torch.manual_seed(24)
+    model = _MeanPoolViT(**TINY).to(DEVICE).eval()
+    x = images(seed=24)
+    for case in CASES:
+        fast = build_fast_path(model, **case)
+        assert fast.head_ids.numel() == 17, case
+        assert _close(fast(x), model(x)), case
+
+
 @torch.no_grad()
 def test_register_tokens_and_position_embedding_without_class_entry():
     torch.manual_seed(6)
