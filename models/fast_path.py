@@ -90,7 +90,8 @@ may be of any floating dtype (cast as the patch embedding reads them); integer o
 refused with a ValueError, as the eager model refuses them.
 
 Not supported (``ValueError('fast path: ... is not supported')`` at build time): a model other than timm's
-``VisionTransformer`` and its subclasses (timm's EVA, say), qk_norm, scale_norm, gated attention, a qkv or
+``VisionTransformer`` and its subclasses (timm's EVA, say), qk_norm, scale_norm, gated attention, an attention
+scale other than head_dim ** -0.5 (timm's fused attention ignores ``attn.scale``, its unfused one applies it), a qkv or
 projection width other than the (B, n, 3, H, D) layout, non-LayerNorm norms (and LayerNorm subclasses that add to
 the norm, as timm's LayerNormAct), a GELU other than exact erf or another activation, MLPs other than timm's
 ``Mlp`` or with a norm inside (scale_mlp_norm), blocks other than timm's ``Block`` (and subclasses of ``Block``,
@@ -189,6 +190,8 @@ def _check_block(blk: nn.Module, layer: int, C: int) -> None:
             raise _unsupported(f'{where}.attn: {what}')
     if getattr(attn, 'gate', None) is not None:
         raise _unsupported(f'{where}.attn: a gated attention')
+    if float(attn.scale) != attn.head_dim ** -0.5:  # timm's fused attention ignores attn.scale, its own does not
+        raise _unsupported(f'{where}.attn: a scale ({float(attn.scale):g}) other than head_dim ** -0.5')
     attn_dim = attn.num_heads * attn.head_dim
     if attn.qkv.out_features != 3 * attn_dim or attn.proj.in_features != attn_dim or attn.proj.out_features != C:
         raise _unsupported(f'{where}.attn: an attention width other than the qkv/proj layout (B, n, 3, H, D)')

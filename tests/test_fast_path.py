@@ -1192,6 +1192,19 @@ def test_unsupported_models_are_refused_at_build_time(kwargs, what):
             build_fast_path(model, backend=backend)
 
 
+@torch.no_grad()
+def test_an_attention_scale_of_its_own_is_refused_at_build_time():
+    """timm's fused attention (SDPA, the default) ignores attn.scale and its unfused one applies it: the eager
+    model's result with another scale depends on that switch, so the path refuses the model rather than choose."""
+    torch.manual_seed(25)
+    model = VisionTransformer(**TINY).to(DEVICE).eval()
+    model.blocks[1].attn.scale = 0.5
+    what = r'blocks\.1\.attn: a scale \(0\.5\) other than head_dim \*\* -0\.5 is not supported'
+    for backend in ('torch', 'triton'):
+        with pytest.raises(ValueError, match=what):
+            build_fast_path(model, backend=backend)
+
+
 class _TemperedAttention(timm.layers.attention.Attention):
     """timm's attention, its output doubled: a forward of its own."""
 
