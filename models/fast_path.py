@@ -95,10 +95,10 @@ scale other than head_dim ** -0.5 (timm's fused attention ignores ``attn.scale``
 projection width other than the (B, n, 3, H, D) layout, non-LayerNorm norms (and LayerNorm subclasses that add to
 the norm, as timm's LayerNormAct), a GELU other than exact erf or another activation, MLPs other than timm's
 ``Mlp`` or with a norm inside (scale_mlp_norm), blocks other than timm's ``Block`` (and subclasses of ``Block``,
-``Attention`` or ``LayerScale`` with a forward of their own, and of ``VisionTransformer`` with a ``forward`` or
-``forward_features`` of their own), dynamic image size or padding, a patch embedding other than timm's
-``PatchEmbed`` (a hybrid's CNN backbone), unflattened, or whose projection is not a stride=kernel conv without
-padding, an image size that is not a multiple of the patch size, a norm after the patch embedding, a
+``Attention``, ``LayerScale`` or torch's ``Linear`` with a forward of their own, and of ``VisionTransformer``
+with a ``forward`` or ``forward_features`` of their own), dynamic image size or padding, a patch embedding other
+than timm's ``PatchEmbed`` (a hybrid's CNN backbone), unflattened, or whose projection is not a stride=kernel conv
+without padding, an image size that is not a multiple of the patch size, a norm after the patch embedding, a
 ``norm_pre`` other than LayerNorm, a position embedding that is not additive. Inference only: no
 gradients, eval semantics (the model is put in eval mode; the path refuses to run while the model is in
 training mode, as the head it calls is the model's own); the built module holds the weights as it reads them
@@ -173,6 +173,14 @@ def _forward_owner(module: nn.Module, name: str = 'forward') -> type:
     return next(cls for cls in type(module).__mro__ if cls not in (CCBlockMixin, CCModelMixin) and name in vars(cls))
 
 
+def _check_linear(parent: nn.Module, where: str, name: str) -> None:
+    """The path reads a product's weight and bias: a subclass computing otherwise (a LoRA adapter, say) or another
+    module with those attributes would be computed as a plain Linear."""
+    m = getattr(parent, name)
+    if not isinstance(m, nn.Linear) or _forward_owner(m) is not nn.Linear:
+        raise _unsupported(f'{where}.{name}: {type(m).__name__} (only torch Linear)')
+
+
 def _check_block(blk: nn.Module, layer: int, C: int) -> None:
     where = f'blocks.{layer}'
     if not isinstance(blk, Block):
@@ -192,6 +200,8 @@ def _check_block(blk: nn.Module, layer: int, C: int) -> None:
         raise _unsupported(f'{where}.attn: a gated attention')
     if float(attn.scale) != attn.head_dim ** -0.5:  # timm's fused attention ignores attn.scale, its own does not
         raise _unsupported(f'{where}.attn: a scale ({float(attn.scale):g}) other than head_dim ** -0.5')
+    for name in ('qkv', 'proj'):
+        _check_linear(attn, f'{where}.attn', name)
     attn_dim = attn.num_heads * attn.head_dim
     if attn.qkv.out_features != 3 * attn_dim or attn.proj.in_features != attn_dim or attn.proj.out_features != C:
         raise _unsupported(f'{where}.attn: an attention width other than the qkv/proj layout (B, n, 3, H, D)')
@@ -202,6 +212,8 @@ def _check_block(blk: nn.Module, layer: int, C: int) -> None:
     mlp = blk.mlp
     if not isinstance(mlp, Mlp) or type(mlp).forward is not Mlp.forward:
         raise _unsupported(f'{where}.mlp: {type(mlp).__name__} (only timm Mlp)')
+    for name in ('fc1', 'fc2'):
+        _check_linear(mlp, f'{where}.mlp', name)
     # (a subclass of torch's GELU with a forward of its own computes something else)
     torch_gelu = isinstance(mlp.act, nn.GELU) and _forward_owner(mlp.act) is nn.GELU
     exact_gelu = (torch_gelu and mlp.act.approximate == 'none') or type(mlp.act) is TimmGELU

@@ -1226,23 +1226,38 @@ class _OffsetLayerScale(timm.layers.LayerScale):
         return x * self.gamma + torch.arange(x.shape[-1], dtype=x.dtype, device=x.device)
 
 
+class _DoubledLinear(torch.nn.Linear):
+    """torch's Linear, its output doubled: a forward of its own (as a LoRA adapter's is, around the weight)."""
+
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
 @torch.no_grad()
 @pytest.mark.parametrize('convert', [False, True], ids=['timm', 'clip_concat'])
 @pytest.mark.parametrize('part, what', [
     ('attn', r'blocks\.0\.attn: _TemperedAttention \(only timm Attention\)'),
     ('block', r'blocks\.0: a block with the forward of _HalvedBlock \(only timm Block\)'),
     ('ls', r'blocks\.0\.ls1: _OffsetLayerScale \(only LayerScale or Identity\)'),
-], ids=['attention', 'block', 'layer_scale'])
+    ('qkv', r'blocks\.0\.attn\.qkv: _DoubledLinear \(only torch Linear\)'),
+    ('fc2', r'blocks\.0\.mlp\.fc2: _DoubledLinear \(only torch Linear\)'),
+], ids=['attention', 'block', 'layer_scale', 'qkv', 'fc2'])
 def test_subclasses_with_a_forward_of_their_own_are_refused_at_build_time(part, what, convert):
     """Subclasses pass an isinstance check but compute something else, which the path (computing timm's
     modules) would ignore without a word; one that only changes the construction (NarrowAttention) is accepted."""
     torch.manual_seed(23)
     kwargs = {'attn': dict(attn_layer=_TemperedAttention), 'block': dict(block_fn=_HalvedBlock),
-              'ls': dict(init_values=0.5)}[part]
+              'ls': dict(init_values=0.5)}.get(part, {})
     model = VisionTransformer(**{**TINY, **kwargs})
     if part == 'ls':
         for blk in model.blocks:
             blk.ls1 = _OffsetLayerScale(blk.ls1.gamma.numel(), init_values=0.5)
+    for parent, name in (('attn', 'qkv'), ('mlp', 'fc2')):
+        if part == name:  # the same weights in a Linear that doubles its output
+            parent = getattr(model.blocks[0], parent)
+            plain_linear = getattr(parent, name)
+            setattr(parent, name, _DoubledLinear(plain_linear.in_features, plain_linear.out_features))
+            getattr(parent, name).load_state_dict(plain_linear.state_dict())
     plain = VisionTransformer(**{**TINY, 'init_values': 0.5 if part == 'ls' else None})
     _refused_at_build(model, plain, what, convert, seed=23)
 
