@@ -98,18 +98,18 @@ the norm, as timm's LayerNormAct), a GELU other than exact erf or another activa
 ``Attention``, ``LayerScale`` or torch's ``Linear`` with a forward of their own, and of ``VisionTransformer``
 with a ``forward`` or ``forward_features`` of their own), dynamic image size or padding, a patch embedding other
 than timm's ``PatchEmbed`` (a hybrid's CNN backbone), unflattened, or whose projection is not a stride=kernel conv
-without padding, an image size that is not a multiple of the patch size, a norm after the patch embedding, a
-``norm_pre`` other than LayerNorm, a position embedding that is not additive. Inference only: no
-gradients, eval semantics (the model is put in eval mode; the path refuses to run while the model is in
-training mode, as the head it calls is the model's own); the built module holds the weights as it reads them
-(cast copies, or the model's own tensors where they already have that dtype, device and layout: an in-place edit
-of the model then reaches some of them), so rebuild it after changing the model (the head is the model's:
-``model.forward_head`` is called on the features, and the path refuses to run once the model is cast or moved, or
-its CUDA graph once the head is replaced, as ``reset_classifier`` does: the graph captured the old head's kernels);
-one built from a Clip & Concat model's own masks refuses to run once they are set again (or written in place to
-other values, or replaced by tensors of other values) or a state dict is loaded into the model.  The path itself
-is for the dtype and device it was built for: ``.half()``, ``.to()`` and the like are refused unless they change
-nothing, and so is ``load_state_dict`` (build it again instead).
+without padding (or a subclass of torch's ``Conv2d`` computing otherwise), an image size that is not a multiple of
+the patch size, a norm after the patch embedding, a ``norm_pre`` other than LayerNorm, a position embedding that is
+not additive. Inference only: no gradients, eval semantics (the model is put in eval mode; the path refuses to
+run while the model is in training mode, as the head it calls is the model's own); the built module holds the
+weights as it reads them (cast copies, or the model's own tensors where they already have that dtype, device and
+layout: an in-place edit of the model then reaches some of them), so rebuild it after changing the model (the head
+is the model's: ``model.forward_head`` is called on the features, and the path refuses to run once the model is cast
+or moved, or its CUDA graph once the head is replaced, as ``reset_classifier`` does: the graph captured the old
+head's kernels); one built from a Clip & Concat model's own masks refuses to run once they are set again (or written
+in place to other values, or replaced by tensors of other values) or a state dict is loaded into the model.  The
+path itself is for the dtype and device it was built for: ``.half()``, ``.to()`` and the like are refused unless
+they change nothing, and so is ``load_state_dict`` (build it again instead).
 """
 import contextlib
 import statistics
@@ -241,6 +241,9 @@ def check_supported(model: nn.Module) -> None:
     if (not isinstance(proj, nn.Conv2d) or proj.kernel_size != proj.stride or proj.padding not in ((0, 0), 'valid')
             or proj.dilation != (1, 1) or proj.groups != 1):
         raise _unsupported('a patch embedding other than a stride=kernel Conv2d without padding')
+    if _forward_owner(proj) is not nn.Conv2d or _forward_owner(proj, '_conv_forward') is not nn.Conv2d:
+        # its weight read as a plain convolution's (timm's weight-standardised StdConv2dSame, say)
+        raise _unsupported(f'patch_embed.proj: {type(proj).__name__} (only torch Conv2d)')
     if not isinstance(getattr(pe, 'norm', nn.Identity()), nn.Identity):
         raise _unsupported('patch_embed.norm')
     if getattr(pe, 'dynamic_img_pad', False) or not getattr(pe, 'flatten', True):

@@ -1277,6 +1277,27 @@ def _refused_at_build(model, plain, what, convert, seed):
             build_fast_path(model, backend=backend)
 
 
+class _StandardisedConv(torch.nn.Conv2d):
+    """A strided convolution whose weight is standardised as it runs (as timm's StdConv2dSame): a convolution of
+    its own, though it has torch's kernel, stride and padding."""
+
+    def _conv_forward(self, x, weight, bias):
+        w = (weight - weight.mean((1, 2, 3), keepdim=True)) / (weight.std((1, 2, 3), keepdim=True) + 1e-6)
+        return super()._conv_forward(x, w, bias)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize('convert', [False, True], ids=['timm', 'clip_concat'])
+def test_a_patch_convolution_of_its_own_is_refused_at_build_time(convert):
+    torch.manual_seed(26)
+    model = VisionTransformer(**TINY)
+    proj = model.patch_embed.proj
+    model.patch_embed.proj = _StandardisedConv(3, proj.out_channels, proj.kernel_size, stride=proj.stride)
+    model.patch_embed.proj.load_state_dict(proj.state_dict())
+    _refused_at_build(model, VisionTransformer(**TINY), r'patch_embed\.proj: _StandardisedConv \(only torch Conv2d\)',
+                      convert, seed=26)
+
+
 class _ProbabilitiesViT(VisionTransformer):
     """A VisionTransformer with a forward of its own: probabilities instead of logits."""
 
