@@ -271,12 +271,17 @@ def kept_ids_of(model: nn.Module) -> List[torch.Tensor]:
 
 
 def _validated_ids(kept_ids: Sequence[torch.Tensor], depth: int, N: int) -> List[torch.Tensor]:
-    """Sorted int64 CPU copies; each must hold distinct ids in [0, N) (the in-place kernels need distinct)."""
+    """Sorted int64 CPU copies; each must hold distinct integer ids in [0, N) (the in-place kernels need distinct;
+    float ids would be truncated, a boolean mask read as ids 0 and 1)."""
     if len(kept_ids) != depth:
         raise ValueError(f'kept_ids: {len(kept_ids)} entries for {depth} blocks')
     out = []
     for layer, ids in enumerate(kept_ids):
-        ids = torch.as_tensor(ids).detach().cpu().to(torch.int64).flatten().sort().values
+        ids = torch.as_tensor(ids).detach()
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:  # a mask or scores: not ids
+            raise ValueError(f'kept_ids[{layer}]: ids must be integers (token ids, not a mask), got '
+                             f'{str(ids.dtype).replace("torch.", "")}')
+        ids = ids.cpu().to(torch.int64).flatten().sort().values
         if ids.numel() and (ids[0] < 0 or ids[-1] >= N):
             raise ValueError(f'kept_ids[{layer}]: ids must lie in [0, {N})')
         if ids.numel() > 1 and bool((ids[1:] == ids[:-1]).any()):

@@ -1570,7 +1570,10 @@ def test_kept_ids_in_any_order_are_checked_and_held_sorted():
         assert blk.ids.tolist() == sorted(ids.tolist()) and blk.ids.dtype == torch.int64
     for bad, said in ((torch.tensor([0, 3, 1, 3]), 'ids must be distinct'),
                       (torch.tensor([0, 17, 1]), r'ids must lie in \[0, 17\)'),
-                      (torch.tensor([0, -1, 1]), r'ids must lie in \[0, 17\)')):
+                      (torch.tensor([0, -1, 1]), r'ids must lie in \[0, 17\)'),
+                      # ids 0, 1, 2, 5 once truncated; a mask of two tokens reads as the distinct ids 0 and 1
+                      (torch.tensor([0., 1.5, 2.7, 5.2]), r'ids must be integers \(token ids, not a mask\), got float'),
+                      (torch.tensor([False, True]), r'ids must be integers \(token ids, not a mask\), got bool')):
         with pytest.raises(ValueError, match=rf'^kept_ids\[1\]: {said}'):
             build_fast_path(model, backend='torch', kept_ids=[given[0], bad, given[2]])
 
