@@ -100,7 +100,8 @@ with a ``forward`` or ``forward_features`` of their own), dynamic image size or 
 than timm's ``PatchEmbed`` (a hybrid's CNN backbone), unflattened, or whose projection is not a stride=kernel conv
 without padding (or a subclass of torch's ``Conv2d`` computing otherwise), an image size that is not a multiple of
 the patch size, a norm after the patch embedding, a ``norm_pre`` other than LayerNorm, a position embedding that is
-not additive. Inference only: no gradients, eval semantics (the model is put in eval mode; the path refuses to
+not additive, forward hooks on the model or the modules the path computes (those of the head run as they are).
+Inference only: no gradients, eval semantics (the model is put in eval mode; the path refuses to
 run while the model is in training mode, as the head it calls is the model's own); the built module holds the
 weights as it reads them (cast copies, or the model's own tensors where they already have that dtype, device and
 layout: an in-place edit of the model then reaches some of them), so rebuild it after changing the model (the head
@@ -126,7 +127,7 @@ from timm.layers.attention import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from . import fast_kernels as K
-from .clip_concat import _version_of
+from .clip_concat import _check_patch_count, _version_of
 
 __all__ = ['build_fast_path', 'FastViT', 'CaptureError', 'AttentionChoice', 'ProductChoice', 'choose_attention',
            'choose_product', 'choose_fc2', 'choose_proj_norm', 'check_supported', 'cpu_compiler_problem', 'BACKENDS',
@@ -231,6 +232,12 @@ def check_supported(model: nn.Module) -> None:
         if _forward_owner(model, name) is not VisionTransformer:
             raise _unsupported(f'a {name} of its own ({_forward_owner(model, name).__name__}.{name}; only timm '
                                f'VisionTransformer\'s)')
+    for name, m in model.named_modules():  # the modules the path computes itself, the model included
+        if name.split('.')[0] in ('', 'patch_embed', 'pos_drop', 'patch_drop', 'norm_pre', 'blocks', 'norm'):
+            hooks = [h for h in (*m._forward_pre_hooks.values(), *m._forward_hooks.values())
+                     if h is not _check_patch_count]  # (Clip & Concat's check of the patch count, which forward makes)
+            if hooks:  # the path never calls the module, so a hook that changes its input or output is skipped
+                raise _unsupported(f'a forward hook on {name or "the model"}')
     if getattr(model, 'dynamic_img_size', False):
         raise _unsupported('dynamic_img_size')
     pe = model.patch_embed

@@ -1298,6 +1298,36 @@ def test_a_patch_convolution_of_its_own_is_refused_at_build_time(convert):
                       convert, seed=26)
 
 
+@torch.no_grad()
+@pytest.mark.parametrize('convert', [False, True], ids=['timm', 'clip_concat'])
+@pytest.mark.parametrize('where, pre', [('blocks.1', False), ('blocks.0.mlp.fc1', True), ('', False)],
+                         ids=['block', 'fc1-pre', 'model'])
+def test_a_forward_hook_the_path_would_skip_is_refused_at_build_time(where, pre, convert):
+    """The path calls none of the modules it computes (nor the model), so a hook that changes their input or
+    output would be skipped without a word."""
+    torch.manual_seed(27)
+    model = VisionTransformer(**TINY)
+    module = model.get_submodule(where)
+    if pre:
+        module.register_forward_pre_hook(lambda m, args: (2 * args[0],))
+    else:
+        module.register_forward_hook(lambda m, args, out: 2 * out)
+    _refused_at_build(model, VisionTransformer(**TINY), rf'a forward hook on {where or "the model"} is not supported',
+                      convert, seed=27)
+
+
+@torch.no_grad()
+def test_clip_concats_own_hook_is_accepted():
+    """A Clip & Concat model without a position embedding checks the patch count in a hook on its patch embedding;
+    the path checks the image size itself."""
+    torch.manual_seed(28)
+    model = models.apply_clip_concat(VisionTransformer(**TINY, pos_embed='none')).to(DEVICE).eval()
+    assert model.patch_embed._forward_hooks
+    pruning.apply_masks(model, pruning.random_masks(3, 16, 0.3, generator=_gen(28)))
+    x = images(seed=28)
+    assert _close(build_fast_path(model, backend='torch')(x), model(x))
+
+
 class _ProbabilitiesViT(VisionTransformer):
     """A VisionTransformer with a forward of its own: probabilities instead of logits."""
 
