@@ -1129,6 +1129,18 @@ MUTANTS: List[Mutant] = [
            [T + 'test_benchmark.py::'
             'test_every_numeric_flag_refuses_nan_inf_negative_and_out_of_range_values_naming_the_flag'],
            '--compile-budget 0 is accepted with compiled rows in --rows, which it then never builds'),
+    mutant('fast-path-skips-hooks', 'models/fast_path.py',
+           "            if hooks:  # the path", "            if hooks and False:  # the path",
+           [T + 'test_fast_path.py::test_a_forward_hook_the_path_would_skip_is_refused_at_build_time'],
+           'a model with a forward hook on a block is built into a fast path that never calls the hook'),
+    mutant('fast-path-ignores-the-attention-scale', 'models/fast_path.py',
+           '    if float(attn.scale) != attn.head_dim ** -0.5:', '    if float(attn.scale) != attn.scale:',
+           [T + 'test_fast_path.py::test_an_attention_scale_of_its_own_is_refused_at_build_time'],
+           'an attention whose scale is not head_dim ** -0.5 is computed with the scale timm\'s fused attention uses'),
+    mutant('fast-path-pools-by-token-whatever-the-pool', 'models/fast_path.py',
+           '        return type(model).pool is VisionTransformer.pool', '        return True',
+           [T + 'test_fast_path.py::test_a_pool_of_its_own_reads_every_token'],
+           'a model with a pool of its own gets only the prefix tokens\' features under global_pool=\'token\''),
 ]
 
 
