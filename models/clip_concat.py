@@ -267,9 +267,12 @@ class CCModelMixin:
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
         # A head that reads the prefix tokens (always at the front) or pools over all tokens does not depend on
         # their order; one that does neither (global_pool '') predicts per token, in original order as timm.
+        # Token pooling without a prefix token (global_pool='token' set by hand, which timm's constructor refuses)
+        # reads position 0: patch 0 in timm, whichever token comes first in concat order here, so it is restored.
         per_token = not self.global_pool and self.attn_pool is None
+        first_patch = self.global_pool == 'token' and self.attn_pool is None and not self.num_prefix_tokens
         return self.forward_head(self.forward_features(x, attn_mask=attn_mask, is_causal=is_causal,
-                                                       restore_order=per_token))
+                                                       restore_order=per_token or first_patch))
 
 
 def _version_of(tensor: torch.Tensor) -> Optional[int]:

@@ -1,6 +1,7 @@
 """The patched DeiT: equal to timm's dense model, equal to the reference semantics (docs/method.md) when pruned,
 strict about what it loads."""
 import argparse
+import copy
 import re
 
 import pytest
@@ -149,6 +150,26 @@ def test_a_head_without_pooling_predicts_per_token_in_original_order():
         expected = model.head(ref)
     assert ours.shape == (2, 17, 1000)
     assert (ours - expected).abs().max().item() < 1e-4
+
+
+def test_token_pooling_without_a_prefix_token_reads_patch_0_as_timm():
+    """global_pool='token' set by hand on a model without class token (timm's constructor refuses it): timm's head
+    reads position 0, patch 0; the pruned model must read patch 0 too, not whichever token concat order puts first."""
+    from timm.models.vision_transformer import VisionTransformer
+    torch.manual_seed(0)
+    dense = VisionTransformer(img_size=16, patch_size=4, embed_dim=16, depth=2, num_heads=2, num_classes=3,
+                              class_token=False, global_pool='avg', fc_norm=False).eval()
+    dense.global_pool = 'token'
+    model = models.apply_clip_concat(copy.deepcopy(dense))
+    masks = torch.ones(2, 16, dtype=torch.bool)
+    masks[0, 0] = False  # patch 0 skips block 0 and is last in concat order after it
+    model.set_masks(masks)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        t = dense.norm_pre(dense._pos_embed(dense.patch_embed(x)))
+        patch0 = dense.blocks[1](torch.cat([dense.blocks[0](t[:, 1:]), t[:, :1]], dim=1))[:, -1]
+        expected = dense.head(dense.norm(patch0))
+        assert (model(x) - expected).abs().max().item() < 1e-5
 
 
 def test_inside_original_order_the_outputs_are_the_same_tokens_in_the_same_places():
