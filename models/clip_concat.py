@@ -31,7 +31,8 @@ from typing import Dict, List, Optional, Sequence, Type
 
 import torch
 import torch.nn as nn
-from timm.layers import to_2tuple
+from timm.layers import AttentionPoolLatent, AttentionPoolPrr, to_2tuple
+from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from .routing import gather_concat, positions, update_in_place, walk_token_order
@@ -266,13 +267,31 @@ class CCModelMixin:
                 return super().forward(x)
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
         # A head that reads the prefix tokens (always at the front) or pools over all tokens does not depend on
-        # their order; one that does neither (global_pool '') predicts per token, in original order as timm.
-        # Token pooling without a prefix token (global_pool='token' set by hand, which timm's constructor refuses)
-        # reads position 0: patch 0 in timm, whichever token comes first in concat order here, so it is restored.
-        per_token = not self.global_pool and self.attn_pool is None
-        first_patch = self.global_pool == 'token' and self.attn_pool is None and not self.num_prefix_tokens
+        # their order: the tokens go to it in concat order.  Any other head gets them in original order, as timm.
         return self.forward_head(self.forward_features(x, attn_mask=attn_mask, is_causal=is_causal,
-                                                       restore_order=per_token or first_patch))
+                                                       restore_order=not _head_ignores_order(self)))
+
+
+def _head_ignores_order(model: nn.Module) -> bool:
+    """Whether the model's head gives the same result whatever the order of the tokens after the prefix tokens:
+    timm's own head (or DeiT's distilled one) reading prefix tokens, pooling over the tokens, or attention pooling
+    without a position term.  Not so (the head must get the original order) for a head without pooling
+    (``global_pool=''``: one prediction per token), token pooling without a prefix token (set by hand: timm's
+    constructor refuses it; position 0 is patch 0), an attention pool with a position embedding, a PRR pool that
+    reads position 0 without the prefix tokens, or a ``forward_head`` or ``pool`` of a subclass's own."""
+    cls = type(model)
+    if cls.forward_head is VisionTransformerDistilled.forward_head:
+        return True  # (the class and distillation tokens, always at the front)
+    if cls.forward_head is not VisionTransformer.forward_head or cls.pool is not VisionTransformer.pool:
+        return False
+    pool, prefix = model.attn_pool, model.num_prefix_tokens
+    if pool is None:
+        return model.global_pool in ('avg', 'avgmax', 'max') or (model.global_pool == 'token' and prefix > 0)
+    if type(pool) is AttentionPoolLatent:
+        return pool.pos_embed is None
+    if type(pool) is AttentionPoolPrr:
+        return pool.pool == 'avg' or (pool.pool == 'token' and model.pool_include_prefix and prefix > 0)
+    return False
 
 
 def _version_of(tensor: torch.Tensor) -> Optional[int]:

@@ -8,6 +8,8 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from timm.layers import AttentionPoolLatent
+from timm.models.vision_transformer import VisionTransformer
 
 import models
 import pruning
@@ -155,7 +157,6 @@ def test_a_head_without_pooling_predicts_per_token_in_original_order():
 def test_token_pooling_without_a_prefix_token_reads_patch_0_as_timm():
     """global_pool='token' set by hand on a model without class token (timm's constructor refuses it): timm's head
     reads position 0, patch 0; the pruned model must read patch 0 too, not whichever token concat order puts first."""
-    from timm.models.vision_transformer import VisionTransformer
     torch.manual_seed(0)
     dense = VisionTransformer(img_size=16, patch_size=4, embed_dim=16, depth=2, num_heads=2, num_classes=3,
                               class_token=False, global_pool='avg', fc_norm=False).eval()
@@ -169,6 +170,42 @@ def test_token_pooling_without_a_prefix_token_reads_patch_0_as_timm():
         t = dense.norm_pre(dense._pos_embed(dense.patch_embed(x)))
         patch0 = dense.blocks[1](torch.cat([dense.blocks[0](t[:, 1:]), t[:, :1]], dim=1))[:, -1]
         expected = dense.head(dense.norm(patch0))
+        assert (model(x) - expected).abs().max().item() < 1e-5
+
+
+class _LastPatchPool(VisionTransformer):
+    """A subclass with a pool of its own that reads a token by its position (the last patch)."""
+
+    def pool(self, x, pool_type=None):
+        return x[:, -1]
+
+
+def _position_pool_abs(model):
+    model.attn_pool = AttentionPoolLatent(16, num_heads=2, pos_embed='abs', feat_size=16).eval()
+    torch.nn.init.normal_(model.attn_pool.pos_embed)
+
+
+@pytest.mark.parametrize('cls, pool, change', [
+    (_LastPatchPool, 'token', None),  # a pool of the subclass's own
+    (VisionTransformer, 'map', _position_pool_abs),  # an attention pool with a position embedding
+    (VisionTransformer, 'prr', lambda m: setattr(m, 'pool_include_prefix', False)),  # PRR reads patch 0
+])
+def test_a_head_that_reads_tokens_by_position_gets_them_in_original_order(cls, pool, change):
+    """Only a head known to ignore the order of the tokens may get them in concat order from forward."""
+    torch.manual_seed(0)
+    dense = cls(img_size=16, patch_size=4, embed_dim=16, depth=2, num_heads=2, num_classes=3,
+                global_pool=pool).eval()
+    if change:
+        change(dense)
+    model = models.apply_clip_concat(copy.deepcopy(dense))
+    masks = torch.ones(2, 17, dtype=torch.bool)
+    masks[0, [1, 16]] = False
+    masks[1, 3] = False
+    model.set_masks(masks)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        tokens, order = reference_tokens(model, x, model.masks)
+        expected = dense.forward_head(tokens[:, torch.argsort(order)])
         assert (model(x) - expected).abs().max().item() < 1e-5
 
 
