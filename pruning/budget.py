@@ -81,8 +81,12 @@ def plan_masks(scores: torch.Tensor, prune_rate: float, layer_decay: float = 0.0
     _check_number('layer_decay', layer_decay)
     if not math.isfinite(float(layer_decay)):
         raise ValueError(f'layer_decay must be a finite number, got {layer_decay}')
-    norms = s.norm(dim=1, keepdim=True)
-    normalised = torch.where(norms > 0, s / norms.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(s))
+    # each layer divided by its largest score first: the norm of scores far from 1 (1e-200, 1e200) underflows to 0
+    # or overflows to inf, which would weigh a layer that is not all zeros 0 everywhere (its slots clipped first)
+    peaks = s.amax(dim=1, keepdim=True) if num_patches else s.sum(dim=1, keepdim=True)
+    scaled = torch.where(peaks > 0, s / peaks.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(s))
+    norms = scaled.norm(dim=1, keepdim=True)  # (1 or more where a score is not 0: no underflow, no overflow)
+    normalised = torch.where(norms > 0, scaled / norms.clamp_min(1.0), torch.zeros_like(s))
     prior = 1.0 - layer_decay * torch.arange(depth, dtype=torch.float64).unsqueeze(1)
     if depth and float(prior[-1]) <= 0:  # a prior of 0 ranks a whole layer first; a negative one inverts its ranking
         raise ValueError(f'layer_decay {layer_decay} makes the depth prior of layer {depth - 1}, 1 - {layer_decay} x '
