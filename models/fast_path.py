@@ -75,7 +75,7 @@ runs uncaptured.  A graph replays on fixed addresses, so its input is normally c
 DeiT at batch 256, 154 MB read and written: a fixed cost that pruning does not shrink); with the Triton patch
 embedding the graph instead reads the caller's images where they are, the kernel loading their address from a
 one-element tensor that is set before each replay.  The final norm is computed only on the tokens the head reads
-(the prefix tokens for ``global_pool='token'`` by timm's own pool).
+(the prefix tokens for ``global_pool='token'`` by timm's own pool, as the model's pool is at each call).
 
 Backends: ``'triton'`` as above (CUDA, or CPU under ``TRITON_INTERPRET=1`` for tests); ``'torch'`` the same
 original-order formulation in plain torch ops (index_select, F.layer_norm, index_copy_, SDPA), runnable
@@ -105,10 +105,12 @@ Inference only: no gradients, eval semantics (the model is put in eval mode; the
 run while the model is in training mode, as the head it calls is the model's own); the built module holds the
 weights as it reads them (cast copies, or the model's own tensors where they already have that dtype, device and
 layout: an in-place edit of the model then reaches some of them), so rebuild it after changing the model (the head
-is the model's: ``model.forward_head`` is called on the features, and the path refuses to run once the model is cast
-or moved, or its CUDA graph once the head is replaced, as ``reset_classifier`` does: the graph captured the old
-head's kernels); one built from a Clip & Concat model's own masks refuses to run once they are set again (or written
-in place to other values, or replaced by tensors of other values) or a state dict is loaded into the model.  The
+is the model's: ``model.forward_head`` is called on the features, given the tokens its pool reads as it is at each
+call, so ``reset_classifier(n, 'avg')`` is followed; the path refuses to run once the model is cast or moved, or its
+CUDA graph once the head is replaced, as ``reset_classifier`` does, or changed, its pool or ``fc_norm`` say: the
+graph captured the old head's kernels); one built from a Clip & Concat model's own masks refuses to run once they are
+set again (or written in place to other values, or replaced by tensors of other values) or a state dict is loaded
+into the model.  The
 path itself is for the dtype and device it was built for: ``.half()``, ``.to()`` and the like are refused unless
 they change nothing, and so is ``load_state_dict`` (build it again instead).
 """
@@ -792,10 +794,15 @@ class FastViT(nn.Module):
         self._mask_slots = [] if self._plan_version is None else [blk.attn._buffers for blk in model.blocks]
         self._watch_masks()
         self.blocks = nn.ModuleList(_FastBlock(blk, i, N, self.dtype, device) for blk, i in zip(model.blocks, ids))
-        # Tokens the head reads: the prefix for class-token pooling by timm's own heads, else all of them.
-        token_head = (getattr(model, 'global_pool', None) == 'token' and getattr(model, 'attn_pool', None) is None
-                      and self.num_prefix > 0 and _timm_forward_head(model))
-        self.register_buffer('head_ids', torch.arange(self.num_prefix if token_head else N, device=device))
+        # Tokens the head reads: the prefix for class-token pooling by timm's own heads, else all of them.  The
+        # pool is the model's as it is at each call (reset_classifier(n, 'avg') after the build reads every token),
+        # so the forward looks again (_pools_by_token: a few attribute reads) and takes one of these two.
+        self._timm_head = self.num_prefix > 0 and _timm_forward_head(model)
+        self.register_buffer('prefix_ids', torch.arange(self.num_prefix, device=device))
+        self.register_buffer('all_ids', torch.arange(N, device=device))
+        self._by_token = self._pools_by_token()
+        # what a CUDA graph captures of the head besides its weights: checked before each replay
+        object.__setattr__(self, '_built_head_state', _head_state(model))
 
         self._graph = self._static_in = self._static_out = None
         # With a CUDA graph and the Triton patch embedding: the graph reads its images at the address held here,
@@ -1047,13 +1054,26 @@ class FastViT(nn.Module):
         h = (h.float() + _scaled(m, blk.gamma2)).to(self.residual_dtype)
         return h if blk.dense else x.index_copy_(1, blk.ids, h)
 
+    @property
+    def head_ids(self) -> torch.Tensor:
+        """The tokens the model's head reads as it is now, in original order: the prefix for class-token pooling
+        by timm's own heads, else all of them."""
+        return self.prefix_ids if self._pools_by_token() else self.all_ids
+
+    def _pools_by_token(self) -> bool:
+        """Whether the model's head reads only the prefix tokens now: timm's pool (or DeiT's distilled head) with
+        global_pool 'token' and no attention pool (reset_classifier may have changed either since the build)."""
+        return (self._timm_head and self._model.__dict__.get('global_pool') == 'token'
+                and getattr(self._model, 'attn_pool', None) is None)
+
     def _features(self, x: torch.Tensor) -> torch.Tensor:
         """model.norm of the tokens the head reads, in original order, fp32."""
+        ids = self.prefix_ids if self._by_token else self.all_ids  # (as the forward found the head)
         if self.norm is None:
-            return x.index_select(1, self.head_ids).float()
+            return x.index_select(1, ids).float()
         if self.backend == 'triton':
-            return K.gather_layer_norm_triton(x, self.head_ids, *self.norm, out_dtype=torch.float32)
-        return _layer_norm_f32(x.index_select(1, self.head_ids), *self.norm)
+            return K.gather_layer_norm_triton(x, ids, *self.norm, out_dtype=torch.float32)
+        return _layer_norm_f32(x.index_select(1, ids), *self.norm)
 
     @torch.no_grad()
     def embed(self, images: torch.Tensor) -> torch.Tensor:
@@ -1095,14 +1115,19 @@ class FastViT(nn.Module):
                                f'{str(first.dtype).replace("torch.", "")} on {first.device}, built for '
                                f'{str(self._head_dtype).replace("torch.", "")} on {self.device}): build it '
                                f'again')
+        self._by_token = self._pools_by_token()  # the head's pool as it is now (read by the forward, compiled or not)
         if images.shape[0] == 0:  # no rows for the kernels and views: the head gives the empty output's shape
-            features = torch.zeros(0, self.head_ids.numel(), self.embed_dim, dtype=self._head_dtype,
-                                   device=self.device)
+            tokens = (self.prefix_ids if self._by_token else self.all_ids).numel()
+            features = torch.zeros(0, tokens, self.embed_dim, dtype=self._head_dtype, device=self.device)
             return self._model.forward_head(features).float()
         if self._graph is not None and images.shape == self._static_in.shape:
             if getattr(self._model, 'head', None) is not self._built_head:  # the graph would compute the old one
                 raise RuntimeError('fast path: the model\'s head was replaced after this path was built '
                                    '(reset_classifier, say), and its CUDA graph replays the old one: build it again')
+            if _head_state(self._model) != self._built_head_state:
+                raise RuntimeError('fast path: the model\'s head was changed after this path was built (its '
+                                   'global_pool, fc_norm or another module of its head), and its CUDA graph replays '
+                                   'the old one: build it again')
             with _on(self.device):  # replayed on the model's GPU's current stream
                 if self._reads_in_place(images):
                     self._image_address.fill_(images.data_ptr())
@@ -1151,6 +1176,11 @@ class FastViT(nn.Module):
             self._graph, self._static_in, self._image_address = None, static_in, None
             if self.embed_choice.kind == 'triton':
                 self._image_address = torch.tensor([static_in.data_ptr()], dtype=torch.int64, device=self.device)
+        # the head as the graph captures it (held, so its weights stay where the graph reads them), checked
+        # before each replay
+        self._by_token = self._pools_by_token()
+        object.__setattr__(self, '_built_head', getattr(self._model, 'head', None))
+        object.__setattr__(self, '_built_head_state', _head_state(self._model))
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):  # warm-up off the capture: Triton/inductor compile, cuBLAS handles
@@ -1226,6 +1256,14 @@ def _finite(timings: Dict[int, Dict[str, float]]) -> Dict[str, Dict[str, Optiona
     """Build-time timings for a JSON report: inf (failed or out of tolerance) as None."""
     return {str(n): {k: (v if v < float('inf') else None) for k, v in t.items()}
             for n, t in sorted(timings.items()) if t}
+
+
+def _head_state(model: nn.Module) -> tuple:
+    """What the model's head computes with besides its weights and what ``head`` itself is: its other modules
+    and its pool (a CUDA graph replays them as captured)."""
+    mods, d = model._modules, model.__dict__
+    return (*(mods.get(name) for name in ('head_dist', 'fc_norm', 'head_drop', 'attn_pool')),
+            d.get('global_pool'), d.get('attn_pool'))
 
 
 def _timm_forward_head(model: nn.Module) -> bool:

@@ -1453,6 +1453,47 @@ def test_a_path_built_from_the_models_masks_refuses_to_run_after_one_is_replaced
 
 
 @torch.no_grad()
+def test_a_path_follows_a_pool_changed_after_it_was_built():
+    """The path normalises only the tokens the head reads, the class token for global_pool='token': after
+    reset_classifier(n, 'avg') (or global_pool set directly) the head averages every patch token, which the path
+    used to leave out (the mean of none: NaN logits).  It looks at the pool each call and follows it, both ways."""
+    model = tiny_cc(18)
+    pruning.apply_masks(model, pruning.random_masks(3, 16, 0.3, generator=_gen(18)))
+    x = images(seed=18)
+    for case in CASES:
+        model.reset_classifier(10, 'token')
+        model.to(DEVICE).eval()
+        fast = build_fast_path(model, **case)
+        assert fast.head_ids.tolist() == [0] and _close(fast(x), model(x)), case
+        model.reset_classifier(10, 'avg')
+        model.to(DEVICE).eval()
+        assert _close(fast(x), model(x)) and fast.head_ids.numel() == 17, case
+        assert fast(x[:0]).shape == model(x[:0]).shape == (0, 10), case
+        model.global_pool = 'max'
+        assert _close(fast(x), model(x)), case
+        model.global_pool = 'token'
+        assert _close(fast(x), model(x)) and fast.head_ids.tolist() == [0], case
+        model.global_pool = ''  # no pool: every token's logits
+        out = fast(x)
+        assert out.shape == (3, 17, 10) and _close(out, model(x)), case
+
+
+@torch.no_grad()
+def test_a_path_follows_an_attention_pool_removed_after_it_was_built():
+    """reset_classifier(n, 'token') on a model pooling by attention ('map') removes that pool: the head then reads
+    the class token, as the path hands it."""
+    torch.manual_seed(19)
+    model = VisionTransformer(**TINY, global_pool='map').to(DEVICE).eval()
+    x = images(seed=19)
+    fast = build_fast_path(model, backend='torch')
+    assert fast.head_ids.numel() == 17 and _close(fast(x), model(x))
+    model.reset_classifier(10, 'token')
+    model.to(DEVICE).eval()
+    assert model.attn_pool is None
+    assert fast.head_ids.tolist() == [0] and _close(fast(x), model(x))
+
+
+@torch.no_grad()
 def test_a_model_put_back_in_training_mode_is_refused():
     """The path computes the model in eval mode, but the head it calls is the model's own: in training mode that
     head drops features out (and a distilled model's returns both heads' logits), so the path refuses to run
@@ -1654,6 +1695,29 @@ def test_a_captured_graph_refuses_a_replaced_head():
         fast(a)
     out = fast(b)
     assert out.shape == (3, 4) and _close(out, model(b))
+
+
+@torch.no_grad()
+def test_a_captured_graph_refuses_a_head_changed_in_place():
+    """A CUDA graph replays its head as captured, pool and all: a pool set directly (no new head) or an fc_norm
+    replaced would be left out of the replay, so the captured batch size is refused while others follow the
+    model (a stand-in graph, as above)."""
+    model = tiny_cc(9)
+    fast = build_fast_path(model, backend='torch')
+    fast._static_in = torch.zeros(2, 3, 32, 32, device=DEVICE)
+    fast._static_out = torch.zeros(2, 10, device=DEVICE)
+    fast._graph = types.SimpleNamespace(replay=lambda: None)  # replays what it captured: the old head's logits
+    a, b = images(2, seed=10), images(3, seed=11)
+    changed = (r"^fast path: the model's head was changed after this path was built \(its global_pool, fc_norm or "
+               r"another module of its head\), and its CUDA graph replays the old one: build it again$")
+    for name, value in (('global_pool', 'avg'), ('fc_norm', torch.nn.LayerNorm(64).to(DEVICE))):
+        before = getattr(model, name)
+        setattr(model, name, value)
+        with pytest.raises(RuntimeError, match=changed):
+            fast(a)
+        assert _close(fast(b), model(b))
+        setattr(model, name, before)
+        fast(a)  # as captured again
 
 
 @cuda_only
