@@ -1061,10 +1061,12 @@ class FastViT(nn.Module):
         return self.prefix_ids if self._pools_by_token() else self.all_ids
 
     def _pools_by_token(self) -> bool:
-        """Whether the model's head reads only the prefix tokens now: timm's pool (or DeiT's distilled head) with
-        global_pool 'token' and no attention pool (reset_classifier may have changed either since the build)."""
-        return (self._timm_head and self._model.__dict__.get('global_pool') == 'token'
-                and getattr(self._model, 'attn_pool', None) is None)
+        """Whether the model's head reads only the prefix tokens now: timm's pool (or DeiT's distilled head), not
+        one set on the model itself, with global_pool 'token' and no attention pool (reset_classifier may have
+        changed either since the build)."""
+        d = self._model.__dict__  # (a forward_head or pool set on the model itself may read any token)
+        return (self._timm_head and d.get('global_pool') == 'token' and getattr(self._model, 'attn_pool', None) is None
+                and 'forward_head' not in d and 'pool' not in d)
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
         """model.norm of the tokens the head reads, in original order, fp32."""
@@ -1259,11 +1261,11 @@ def _finite(timings: Dict[int, Dict[str, float]]) -> Dict[str, Dict[str, Optiona
 
 
 def _head_state(model: nn.Module) -> tuple:
-    """What the model's head computes with besides its weights and what ``head`` itself is: its other modules
-    and its pool (a CUDA graph replays them as captured)."""
+    """What the model's head computes with besides its weights and what ``head`` itself is: its other modules,
+    its pool, and a forward_head or pool set on the model itself (a CUDA graph replays them as captured)."""
     mods, d = model._modules, model.__dict__
     return (*(mods.get(name) for name in ('head_dist', 'fc_norm', 'head_drop', 'attn_pool')),
-            d.get('global_pool'), d.get('attn_pool'))
+            d.get('global_pool'), d.get('attn_pool'), d.get('forward_head'), d.get('pool'))
 
 
 def _timm_forward_head(model: nn.Module) -> bool:

@@ -813,6 +813,24 @@ def test_a_pool_of_its_own_reads_every_token():
 
 
 @torch.no_grad()
+@pytest.mark.parametrize('name', ['forward_head', 'pool'])
+def test_a_head_set_on_the_model_itself_reads_every_token(name):
+    """A forward_head or pool assigned to the model (not its class) may read any token, as a subclass's may: the
+    path used to hand it the class token alone under global_pool='token', built before or after the assignment."""
+    model = tiny_cc(25)
+    x = images(seed=25)
+    before = build_fast_path(model, backend='torch')
+    if name == 'pool':
+        model.pool = lambda t, pool_type=None: t.mean(1)
+    else:
+        model.forward_head = lambda t, pre_logits=False: model.head(t.mean(1))
+    after = build_fast_path(model, backend='torch')
+    assert _masks_matter(model(x), model.head(model.forward_features(x)[:, 0]))  # not the class token's logits
+    assert after.head_ids.numel() == 17 and _close(after(x), model(x))
+    assert _close(before(x), model(x))
+
+
+@torch.no_grad()
 def test_register_tokens_and_position_embedding_without_class_entry():
     torch.manual_seed(6)
     model = VisionTransformer(**TINY, reg_tokens=2, no_embed_class=True).to(DEVICE).eval()
@@ -1718,6 +1736,10 @@ def test_a_captured_graph_refuses_a_head_changed_in_place():
         assert _close(fast(b), model(b))
         setattr(model, name, before)
         fast(a)  # as captured again
+    model.forward_head = lambda t, pre_logits=False: model.head(t.mean(1))  # one of the model's own
+    with pytest.raises(RuntimeError, match=changed):
+        fast(a)
+    assert _close(fast(b), model(b))
 
 
 @cuda_only
