@@ -101,18 +101,18 @@ than timm's ``PatchEmbed`` (a hybrid's CNN backbone), unflattened, or whose proj
 without padding (or a subclass of torch's ``Conv2d`` computing otherwise), an image size that is not a multiple of
 the patch size, a norm after the patch embedding, a ``norm_pre`` other than LayerNorm, a position embedding that is
 not additive, forward hooks on the model or the modules the path computes (those of the head run as they are).
-Inference only: no gradients, eval semantics (the model is put in eval mode; the path refuses to
-run while the model is in training mode, as the head it calls is the model's own); the built module holds the
-weights as it reads them (cast copies, or the model's own tensors where they already have that dtype, device and
-layout: an in-place edit of the model then reaches some of them), so rebuild it after changing the model (the head
-is the model's: ``model.forward_head`` is called on the features, given the tokens its pool reads as it is at each
-call, so ``reset_classifier(n, 'avg')`` is followed; the path refuses to run once the model is cast or moved, or its
-CUDA graph once the head is replaced, as ``reset_classifier`` does, or changed, its pool or ``fc_norm`` say: the
-graph captured the old head's kernels); one built from a Clip & Concat model's own masks refuses to run once they are
-set again (or written in place to other values, or replaced by tensors of other values) or a state dict is loaded
-into the model.  The
-path itself is for the dtype and device it was built for: ``.half()``, ``.to()`` and the like are refused unless
-they change nothing, and so is ``load_state_dict`` (build it again instead).
+Inference only: no gradients, eval semantics (the model is put in eval mode; the path refuses to run while the model
+is in training mode, as the head it calls is the model's own); the built module holds the weights as it reads them
+(cast copies, or the model's own tensors where they already have that dtype, device and layout: an in-place edit of
+the model then reaches some of them), so rebuild it after changing the model (the head is the model's:
+``model.forward_head`` is called on the features, given the tokens its pool reads as it is at each call, so
+``reset_classifier(n, 'avg')`` is followed; the path refuses to run once the model is cast or moved, or its CUDA
+graph once the head is replaced, as ``reset_classifier`` does, or changed, its pool or ``fc_norm`` say: the graph
+captured the old head's kernels; and once ``model.norm``, which the path computes, is replaced); one built from a
+Clip & Concat model's own masks refuses to run once they are set again (or written in place to other values, or
+replaced by tensors of other values) or a state dict is loaded into the model.  The path itself is for the dtype and
+device it was built for: ``.half()``, ``.to()`` and the like are refused unless they change nothing, and so is
+``load_state_dict`` (build it again instead).
 """
 import contextlib
 import statistics
@@ -781,6 +781,8 @@ class FastViT(nn.Module):
                                  and torch.promote_types(self.dtype, self.residual_dtype) == self.residual_dtype)
         self.norm_pre = self._norm_params(model.norm_pre, device)
         self.norm = self._norm_params(model.norm, device)
+        # the final norm the path computes, as read here: one replaced (norm moved to fc_norm, say) is refused
+        object.__setattr__(self, '_built_norm', model._modules.get('norm'))
 
         ids = _validated_ids(kept_ids if kept_ids is not None else kept_ids_of(model), len(model.blocks), N)
         # the model's plan this path copied (its masks and weights), to refuse running on after it changes
@@ -1117,6 +1119,9 @@ class FastViT(nn.Module):
                                f'{str(first.dtype).replace("torch.", "")} on {first.device}, built for '
                                f'{str(self._head_dtype).replace("torch.", "")} on {self.device}): build it '
                                f'again')
+        if self._model._modules.get('norm') is not self._built_norm:
+            raise RuntimeError('fast path: the model\'s final norm (model.norm) was replaced after this path was '
+                               'built, and the path computes the one it read then: build it again')
         self._by_token = self._pools_by_token()  # the head's pool as it is now (read by the forward, compiled or not)
         if images.shape[0] == 0:  # no rows for the kernels and views: the head gives the empty output's shape
             tokens = (self.prefix_ids if self._by_token else self.all_ids).numel()

@@ -1512,6 +1512,25 @@ def test_a_path_follows_an_attention_pool_removed_after_it_was_built():
 
 
 @torch.no_grad()
+def test_a_final_norm_replaced_after_the_build_is_refused():
+    """The path computes model.norm with the weights it read at build time: a norm replaced afterwards (moved to
+    fc_norm for average pooling, say) was left out without a word.  The path says to build it again."""
+    model = tiny_cc(20)
+    x = images(seed=20)
+    fast = build_fast_path(model, backend='torch')
+    before = model(x)
+    model.reset_classifier(10, 'avg')
+    model.fc_norm, model.norm = model.norm, torch.nn.Identity()
+    model.to(DEVICE).eval()
+    assert _masks_matter(model(x), before)
+    with pytest.raises(RuntimeError, match=r"^fast path: the model's final norm \(model\.norm\) was replaced after "
+                                           r"this path was built, and the path computes the one it read then: build "
+                                           r"it again$"):
+        fast(x)
+    assert _close(build_fast_path(model, backend='torch')(x), model(x))
+
+
+@torch.no_grad()
 def test_a_model_put_back_in_training_mode_is_refused():
     """The path computes the model in eval mode, but the head it calls is the model's own: in training mode that
     head drops features out (and a distilled model's returns both heads' logits), so the path refuses to run
