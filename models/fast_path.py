@@ -108,10 +108,12 @@ the model then reaches some of them), so rebuild it after changing the model (th
 ``model.forward_head`` is called on the features, given the tokens its pool reads as it is at each call, so
 ``reset_classifier(n, 'avg')`` is followed; the path refuses to run once the model is cast or moved, or its CUDA
 graph once the head is replaced, as ``reset_classifier`` does, or changed, its pool or ``fc_norm`` say: the graph
-captured the old head's kernels; and once ``model.norm``, which the path computes, is replaced); one built from a
-Clip & Concat model's own masks refuses to run once they are set again (or written in place to other values, or
-replaced by tensors of other values) or a state dict is loaded into the model.  The path itself is for the dtype and
-device it was built for: ``.half()``, ``.to()`` and the like are refused unless they change nothing, and so is
+captured the old head's kernels, or a hook is registered on the head after the capture; and once ``model.norm``,
+which the path computes, is replaced, or a forward hook is registered on a module it computes (or the model), or a
+global one (``register_module_forward_hook``, bar torch's FLOP counter's): the path calls none of them); one built
+from a Clip & Concat model's own masks refuses to run once they are set again (or written in place to other values,
+or replaced by tensors of other values) or a state dict is loaded into the model.  The path itself is for the dtype
+and device it was built for: ``.half()``, ``.to()`` and the like are refused unless they change nothing, and so is
 ``load_state_dict`` (build it again instead).
 """
 import contextlib
@@ -127,6 +129,10 @@ from timm.layers import LayerNorm as TimmLayerNorm, LayerNormFp32, LayerScale, M
 from timm.layers.activations import GELU as TimmGELU
 from timm.layers.attention import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
+
+from torch.nn.modules.module import (_global_forward_hooks as _GLOBAL_FORWARD_HOOKS,
+                                     _global_forward_pre_hooks as _GLOBAL_FORWARD_PRE_HOOKS)
+from torch.utils.hooks import RemovableHandle
 
 from . import fast_kernels as K
 from .clip_concat import _check_patch_count, _version_of
@@ -145,6 +151,11 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 # ---------------------------------------------------------------------------------------------------------------
 # what the model must be
+
+try:
+    from torch.utils.module_tracker import ModuleTracker as _ModuleTracker
+except ImportError:  # (an older torch: none to tell apart)
+    _ModuleTracker = ()
 
 # what torch.compile raises when a fullgraph function needs more compiled graphs than its recompile limit allows
 _RECOMPILE_LIMIT_HIT = getattr(getattr(getattr(torch, '_dynamo', None), 'exc', None), 'FailOnRecompileLimitHit', ())
@@ -226,6 +237,35 @@ def _check_block(blk: nn.Module, layer: int, C: int) -> None:
         raise _unsupported(f'{where}.mlp.norm: a norm inside the MLP')
 
 
+_COMPUTED = ('', 'patch_embed', 'pos_drop', 'patch_drop', 'norm_pre', 'blocks', 'norm')
+
+
+def _computed_modules(model: nn.Module, computed: bool = True):
+    """(name, module) of the modules the path computes itself, never calling them: the model, its embedding,
+    blocks and final norm; with ``computed=False`` the others, the head's, which it calls."""
+    for name, m in model.named_modules():
+        if (name.split('.')[0] in _COMPUTED) == computed:
+            yield name, m
+
+
+def _hook_watch(named_modules) -> List[Tuple[str, dict, frozenset]]:
+    """(name, hook dict, the ids it holds now) for the forward and forward-pre hooks of each module."""
+    return [(name, d, frozenset(d)) for name, m in named_modules for d in (m._forward_pre_hooks, m._forward_hooks)]
+
+
+def _next_hook_id() -> Optional[int]:
+    """torch's count of the hook handles made so far, every hook registration's (None where torch has none):
+    while it stands still, no hook was registered."""
+    return getattr(RemovableHandle, 'next_id', None)
+
+
+def _global_forward_hooks() -> list:
+    """torch's global forward and forward-pre hooks (register_module_forward_hook), which every module's call
+    runs, less those of torch's ModuleTracker (FlopCounterMode's), which only note the module being run."""
+    return [h for h in (*_GLOBAL_FORWARD_PRE_HOOKS.values(), *_GLOBAL_FORWARD_HOOKS.values())
+            if not isinstance(getattr(h, '__self__', None), _ModuleTracker)]
+
+
 def check_supported(model: nn.Module) -> None:
     """Raise ``ValueError('fast path: <what> is not supported')`` unless the fast path computes this model."""
     if not isinstance(model, VisionTransformer):
@@ -234,12 +274,11 @@ def check_supported(model: nn.Module) -> None:
         if _forward_owner(model, name) is not VisionTransformer:
             raise _unsupported(f'a {name} of its own ({_forward_owner(model, name).__name__}.{name}; only timm '
                                f'VisionTransformer\'s)')
-    for name, m in model.named_modules():  # the modules the path computes itself, the model included
-        if name.split('.')[0] in ('', 'patch_embed', 'pos_drop', 'patch_drop', 'norm_pre', 'blocks', 'norm'):
-            hooks = [h for h in (*m._forward_pre_hooks.values(), *m._forward_hooks.values())
-                     if h is not _check_patch_count]  # (Clip & Concat's check of the patch count, which forward makes)
-            if hooks:  # the path never calls the module, so a hook that changes its input or output is skipped
-                raise _unsupported(f'a forward hook on {name or "the model"}')
+    for name, m in _computed_modules(model):
+        hooks = [h for h in (*m._forward_pre_hooks.values(), *m._forward_hooks.values())
+                 if h is not _check_patch_count]  # (Clip & Concat's check of the patch count, which forward makes)
+        if hooks:  # the path never calls the module, so a hook that changes its input or output is skipped
+            raise _unsupported(f'a forward hook on {name or "the model"}')
     if getattr(model, 'dynamic_img_size', False):
         raise _unsupported('dynamic_img_size')
     pe = model.patch_embed
@@ -783,6 +822,11 @@ class FastViT(nn.Module):
         self.norm = self._norm_params(model.norm, device)
         # the final norm the path computes, as read here: one replaced (norm moved to fc_norm, say) is refused
         object.__setattr__(self, '_built_norm', model._modules.get('norm'))
+        # the hooks of the modules the path computes (check_supported refused all but Clip & Concat's own): one
+        # registered later would be skipped, so the forward looks for them, only when torch's count of hook handles
+        # has moved since it last looked (one attribute read per call); global hooks likewise
+        object.__setattr__(self, '_hooks_watched', _hook_watch(_computed_modules(model)))
+        self._hooks_checked_at = None
 
         ids = _validated_ids(kept_ids if kept_ids is not None else kept_ids_of(model), len(model.blocks), N)
         # the model's plan this path copied (its masks and weights), to refuse running on after it changes
@@ -807,6 +851,7 @@ class FastViT(nn.Module):
         object.__setattr__(self, '_built_head_state', _head_state(model))
 
         self._graph = self._static_in = self._static_out = None
+        self._head_hooks, self._head_hooks_checked_at = [], None  # (see _capture)
         # With a CUDA graph and the Triton patch embedding: the graph reads its images at the address held here,
         # set before each replay, instead of from a copy in _static_in (the tensor it was captured reading).
         self._image_address = None
@@ -1122,7 +1167,13 @@ class FastViT(nn.Module):
         if self._model._modules.get('norm') is not self._built_norm:
             raise RuntimeError('fast path: the model\'s final norm (model.norm) was replaced after this path was '
                                'built, and the path computes the one it read then: build it again')
-        self._by_token = self._pools_by_token()  # the head's pool as it is now (read by the forward, compiled or not)
+        hook_id = _next_hook_id()
+        if hook_id is None or hook_id != self._hooks_checked_at:
+            self._check_hooks()
+            self._hooks_checked_at = hook_id
+        by_token = self._pools_by_token()  # the head's pool as it is now (read by the forward, compiled or not)
+        if by_token is not self._by_token:
+            self._by_token = by_token
         if images.shape[0] == 0:  # no rows for the kernels and views: the head gives the empty output's shape
             tokens = (self.prefix_ids if self._by_token else self.all_ids).numel()
             features = torch.zeros(0, tokens, self.embed_dim, dtype=self._head_dtype, device=self.device)
@@ -1135,6 +1186,13 @@ class FastViT(nn.Module):
                 raise RuntimeError('fast path: the model\'s head was changed after this path was built (its '
                                    'global_pool, fc_norm or another module of its head), and its CUDA graph replays '
                                    'the old one: build it again')
+            if hook_id is None or hook_id != self._head_hooks_checked_at:
+                for name, hooks, captured in self._head_hooks:
+                    if hooks and not hooks.keys() <= captured:
+                        raise RuntimeError(f'fast path: a forward hook was registered on {name} after this path\'s '
+                                           f'CUDA graph was captured, and the graph replays the head without it: '
+                                           f'build it again')
+                self._head_hooks_checked_at = hook_id
             with _on(self.device):  # replayed on the model's GPU's current stream
                 if self._reads_in_place(images):
                     self._image_address.fill_(images.data_ptr())
@@ -1152,6 +1210,19 @@ class FastViT(nn.Module):
                                    f'as torch._dynamo.config.recompile_limit allows '
                                    f'({torch._dynamo.config.recompile_limit}; each batch size, dtype and layout of '
                                    f'the images is one): raise that limit, or build the path again') from e
+
+    def _check_hooks(self) -> None:
+        """RuntimeError if a forward hook was registered after the build on a module the path computes (or the
+        model), or a global one is registered: the path calls none of them, so the hook would be skipped."""
+        for name, hooks, built in self._hooks_watched:
+            if hooks and not hooks.keys() <= built:
+                raise RuntimeError(f'fast path: a forward hook was registered on {name or "the model"} after this path '
+                                   f'was built, and the path calls none of the modules it computes: remove the hook, '
+                                   f'or run the model itself')
+        if _global_forward_hooks():
+            raise RuntimeError('fast path: a global forward hook is registered (register_module_forward_hook), and '
+                               'the path calls none of the modules it computes: remove the hook, or run the model '
+                               'itself')
 
     def _watch_masks(self) -> None:
         """Note the model's mask tensors and their version counters, as the forward compares them."""
@@ -1183,11 +1254,7 @@ class FastViT(nn.Module):
             self._graph, self._static_in, self._image_address = None, static_in, None
             if self.embed_choice.kind == 'triton':
                 self._image_address = torch.tensor([static_in.data_ptr()], dtype=torch.int64, device=self.device)
-        # the head as the graph captures it (held, so its weights stay where the graph reads them), checked
-        # before each replay
-        self._by_token = self._pools_by_token()
-        object.__setattr__(self, '_built_head', getattr(self._model, 'head', None))
-        object.__setattr__(self, '_built_head_state', _head_state(self._model))
+        self._note_captured_head()
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):  # warm-up off the capture: Triton/inductor compile, cuBLAS handles
@@ -1205,6 +1272,15 @@ class FastViT(nn.Module):
             raise CaptureError(f'capturing the forward in a CUDA graph failed ({type(e).__name__}: '
                                f'{str(e).strip()[:300]})') from e
         self._graph, self._static_out = graph, static_out
+
+    def _note_captured_head(self) -> None:
+        """Note the head as a graph captures it, as each replay checks it: the head (held, so its weights stay
+        where the graph reads them), its other modules and pool, and the hooks of its modules."""
+        self._by_token = self._pools_by_token()
+        object.__setattr__(self, '_built_head', getattr(self._model, 'head', None))
+        object.__setattr__(self, '_built_head_state', _head_state(self._model))
+        object.__setattr__(self, '_head_hooks', _hook_watch(_computed_modules(self._model, computed=False)))
+        self._head_hooks_checked_at = None
 
     def _load_from_state_dict(self, *args, **kwargs):
         """``load_state_dict``: refused (RuntimeError) before anything is written.  The path's weights are cast

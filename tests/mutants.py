@@ -1144,7 +1144,7 @@ MUTANTS: List[Mutant] = [
             'test_every_numeric_flag_refuses_nan_inf_negative_and_out_of_range_values_naming_the_flag'],
            '--compile-budget 0 is accepted with compiled rows in --rows, which it then never builds'),
     mutant('fast-path-skips-hooks', 'models/fast_path.py',
-           "            if hooks:  # the path", "            if hooks and False:  # the path",
+           "        if hooks:  # the path", "        if hooks and False:  # the path",
            [T + 'test_fast_path.py::test_a_forward_hook_the_path_would_skip_is_refused_at_build_time'],
            'a model with a forward hook on a block is built into a fast path that never calls the hook'),
     mutant('fast-path-ignores-the-attention-scale', 'models/fast_path.py',

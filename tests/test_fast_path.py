@@ -1531,6 +1531,66 @@ def test_a_final_norm_replaced_after_the_build_is_refused():
 
 
 @torch.no_grad()
+@pytest.mark.parametrize('where, pre', [('blocks.1', False), ('blocks.0.mlp.fc1', True), ('', False),
+                                        ('norm', False)], ids=['block', 'fc1-pre', 'model', 'norm'])
+def test_a_forward_hook_registered_after_the_build_is_refused(where, pre):
+    """Hooks on the modules the path computes are refused at build time (it calls none of them); one registered
+    afterwards was skipped without a word.  Once it is removed the path runs again; a hook on the head, which the
+    path calls, runs as it is."""
+    model = tiny_cc(21)
+    pruning.apply_masks(model, pruning.random_masks(3, 16, 0.3, generator=_gen(21)))
+    x = images(seed=21)
+    fast = build_fast_path(model, backend='torch')
+    before = fast(x)
+    module = model.get_submodule(where)
+    if pre:
+        handle = module.register_forward_pre_hook(lambda m, args: (2 * args[0],))
+    else:
+        handle = module.register_forward_hook(lambda m, args, out: 2 * out)
+    assert _masks_matter(model(x), before)
+    refused = (rf"^fast path: a forward hook was registered on {where or 'the model'} after this path was built, and "
+               r"the path calls none of the modules it computes: remove the hook, or run the model itself$")
+    for _ in range(2):  # (and again, no hook registered since)
+        with pytest.raises(RuntimeError, match=refused):
+            fast(x)
+    handle.remove()
+    assert _close(fast(x), model(x))
+    with model.head.register_forward_hook(lambda m, args, out: 2 * out):
+        assert _masks_matter(model(x), before) and _close(fast(x), model(x))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize('pre', [False, True], ids=['forward', 'pre'])
+def test_a_global_forward_hook_is_refused(pre):
+    """A global hook (register_module_forward_hook) runs on every module the model calls, none of which the path
+    calls; torch's FLOP counter's own (its ModuleTracker's, which note the module being run) are let through."""
+    from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+    from torch.utils.flop_counter import FlopCounterMode
+    model = tiny_cc(22)
+    x = images(seed=22)
+    fast = build_fast_path(model, backend='torch')
+    before = fast(x)
+
+    def twice(m, args, out=None):  # doubles what the block's MLP gets, or gives
+        if isinstance(m, torch.nn.Linear) and m is model.blocks[1].mlp.fc2:
+            return (2 * args[0],) if out is None else 2 * out
+
+    handle = (register_module_forward_pre_hook if pre else register_module_forward_hook)(twice)
+    try:
+        assert _masks_matter(model(x), before)
+        with pytest.raises(RuntimeError, match=r"^fast path: a global forward hook is registered "
+                                               r"\(register_module_forward_hook\), and the path calls none of the "
+                                               r"modules it computes: remove the hook, or run the model itself$"):
+            fast(x)
+    finally:
+        handle.remove()
+    counter = FlopCounterMode(display=False)
+    with counter:
+        assert _close(fast(x), model(x))
+    assert counter.get_total_flops() > 0
+
+
+@torch.no_grad()
 def test_a_model_put_back_in_training_mode_is_refused():
     """The path computes the model in eval mode, but the head it calls is the model's own: in training mode that
     head drops features out (and a distilled model's returns both heads' logits), so the path refuses to run
@@ -1759,6 +1819,27 @@ def test_a_captured_graph_refuses_a_head_changed_in_place():
     with pytest.raises(RuntimeError, match=changed):
         fast(a)
     assert _close(fast(b), model(b))
+
+
+@torch.no_grad()
+def test_a_captured_graph_refuses_a_hook_on_its_head_registered_after_the_capture():
+    """The uncaptured path calls the model's head, hooks and all; a CUDA graph replays the head as captured, so a
+    hook registered on it afterwards is refused for the captured batch size (a stand-in graph, as above)."""
+    model = tiny_cc(9)
+    fast = build_fast_path(model, backend='torch')
+    fast._static_in = torch.zeros(2, 3, 32, 32, device=DEVICE)
+    fast._static_out = torch.zeros(2, 10, device=DEVICE)
+    fast._graph = types.SimpleNamespace(replay=lambda: None)  # replays what it captured: the head without the hook
+    fast._note_captured_head()
+    a, b = images(2, seed=10), images(3, seed=11)
+    fast(a)
+    with model.head.register_forward_hook(lambda m, args, out: 2 * out):
+        with pytest.raises(RuntimeError, match=r"^fast path: a forward hook was registered on head after this "
+                                               r"path's CUDA graph was captured, and the graph replays the head "
+                                               r"without it: build it again$"):
+            fast(a)
+        assert _close(fast(b), model(b))
+    fast(a)
 
 
 @cuda_only
