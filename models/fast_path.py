@@ -106,14 +106,15 @@ is in training mode, as the head it calls is the model's own); the built module 
 (cast copies, or the model's own tensors where they already have that dtype, device and layout: an in-place edit of
 the model then reaches some of them), so rebuild it after changing the model (the head is the model's:
 ``model.forward_head`` is called on the features, given the tokens its pool reads as it is at each call, so
-``reset_classifier(n, 'avg')`` is followed; the path refuses to run once the model is cast or moved, or its CUDA
-graph once the head is replaced, as ``reset_classifier`` does, or changed, its pool or ``fc_norm`` say: the graph
-captured the old head's kernels, or a hook is registered on the head after the capture; and once ``model.norm``,
-which the path computes, is replaced, or a forward hook is registered on a module it computes (or the model), or a
-global one (``register_module_forward_hook``, bar torch's FLOP counter's): the path calls none of them); one built
-from a Clip & Concat model's own masks refuses to run once they are set again (or written in place to other values,
-or replaced by tensors of other values) or a state dict is loaded into the model.  The path itself is for the dtype
-and device it was built for: ``.half()``, ``.to()`` and the like are refused unless they change nothing, and so is
+``reset_classifier(n, 'avg')`` is followed, and with ``backend='compile'`` a hook registered on the head, or
+removed, has the path compiled afresh; the path refuses to run once the model is cast or moved, or its CUDA graph
+once the head is replaced, as ``reset_classifier`` does, or changed, its pool or ``fc_norm`` say: the graph captured
+the old head's kernels, or a hook is registered on the head after the capture; and once ``model.norm``, which the
+path computes, is replaced, or a forward hook is registered on a module it computes (or the model), or a global one
+(``register_module_forward_hook``, bar torch's FLOP counter's): the path calls none of them); one built from a
+Clip & Concat model's own masks refuses to run once they are set again (or written in place to other values, or
+replaced by tensors of other values) or a state dict is loaded into the model.  The path itself is for the dtype and
+device it was built for: ``.half()``, ``.to()`` and the like are refused unless they change nothing, and so is
 ``load_state_dict`` (build it again instead).
 """
 import contextlib
@@ -880,13 +881,20 @@ class FastViT(nn.Module):
 
         self._run = self._forward_impl
         if backend == 'compile':
-            # dynamo keeps at most torch._dynamo.config.recompile_limit graphs (8) per code object, and with
-            # fullgraph fails past it: each path compiles a code object of its own, so that paths built in one
-            # process do not share that limit (else the ninth plan of other kept counts could not run)
-            impl = FastViT._forward_impl
-            own = types.FunctionType(impl.__code__.replace(), impl.__globals__, impl.__name__, impl.__defaults__,
-                                     impl.__closure__)
-            self._run = torch.compile(types.MethodType(own, self), fullgraph=True, dynamic=False)
+            self._compile()
+
+    def _compile(self) -> None:
+        """``_run`` as torch.compile of the forward, of a code object of its own: dynamo keeps at most
+        torch._dynamo.config.recompile_limit graphs (8) per code object, and with fullgraph fails past it, so paths
+        built in one process do not share that limit (else the ninth plan of other kept counts could not run).
+        The compiled graph holds the head as it traced it, hooks and all, and dynamo does not guard on module hooks
+        (torch._dynamo.config.skip_nnmodule_hook_guards): a hook registered on the head, or removed, afterwards
+        would be left out, or run on, so the forward compiles the path afresh then."""
+        impl = FastViT._forward_impl
+        own = types.FunctionType(impl.__code__.replace(), impl.__globals__, impl.__name__, impl.__defaults__,
+                                 impl.__closure__)
+        self._run = torch.compile(types.MethodType(own, self), fullgraph=True, dynamic=False)
+        object.__setattr__(self, '_compiled_head_hooks', _hook_watch(_computed_modules(self._model, computed=False)))
 
     # -- build helpers ------------------------------------------------------------------------------------------
 
@@ -1223,6 +1231,8 @@ class FastViT(nn.Module):
             raise RuntimeError('fast path: a global forward hook is registered (register_module_forward_hook), and '
                                'the path calls none of the modules it computes: remove the hook, or run the model '
                                'itself')
+        if self.backend == 'compile' and any(hooks.keys() != noted for _, hooks, noted in self._compiled_head_hooks):
+            self._compile()  # (a hook on the head registered or removed since the compiled graph traced it)
 
     def _watch_masks(self) -> None:
         """Note the model's mask tensors and their version counters, as the forward compares them."""

@@ -936,9 +936,9 @@ MUTANTS: List[Mutant] = [
            [T + 'test_fast_path.py::test_a_model_held_in_half_precision'],
            "the Triton matrix products take bf16 operands on CPU, where the interpreter computes them wrongly"),
     mutant('compiled-paths-share-one-code-object', 'models/fast_path.py',
-           '            own = types.FunctionType(impl.__code__.replace(), impl.__globals__, impl.__name__, '
-           'impl.__defaults__,\n                                     impl.__closure__)\n',
-           '            own = impl\n',
+           '        own = types.FunctionType(impl.__code__.replace(), impl.__globals__, impl.__name__, '
+           'impl.__defaults__,\n                                 impl.__closure__)\n',
+           '        own = impl\n',
            [T + 'test_fast_path.py::test_compiled_paths_each_have_their_own_recompile_limit'],
            "every compiled path compiles FastViT._forward_impl itself, so all share dynamo's recompile limit"),
     mutant('survivor-does-not-name-the-kept-checkpoint', 'finetune.py',

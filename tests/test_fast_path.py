@@ -1904,6 +1904,47 @@ def test_compiled_backend():
 
 
 @pytest.mark.slow
+@torch.no_grad()
+def test_compiled_backend_follows_the_head_and_refuses_as_the_others():
+    """The compiled graph holds the head as dynamo traced it, and dynamo does not guard on module hooks: a hook
+    registered on the head after the first call was left out (and one removed would run on).  The path compiles
+    afresh then; a pool changed is followed, and a hook on a block or a final norm replaced is refused, as by the
+    other backends.  A dense timm model, against its own forward."""
+    torch.manual_seed(30)
+    model = VisionTransformer(**TINY).to(DEVICE).eval()
+    x = images(seed=30)
+    fast = build_fast_path(model, backend='compile')
+    before = fast(x)
+    assert _close(before, model(x))
+    with model.head.register_forward_hook(lambda m, args, out: 2 * out):
+        assert _masks_matter(model(x), before) and _close(fast(x), model(x))
+    assert _close(fast(x), model(x))  # the hook removed: not run on
+    model.reset_classifier(10, 'avg')
+    model.to(DEVICE).eval()
+    assert _close(fast(x), model(x))
+    with model.blocks[1].register_forward_hook(lambda m, args, out: 2 * out):
+        with pytest.raises(RuntimeError, match=r'fast path: a forward hook was registered on blocks\.1 after'):
+            fast(x)
+    model.norm = torch.nn.Identity()
+    with pytest.raises(RuntimeError, match=r"fast path: the model's final norm \(model\.norm\) was replaced"):
+        fast(x)
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_compiled_backend_distilled():
+    """DeiT's distilled model compiled: pruned (ids chosen here) against the original-order reference."""
+    torch.manual_seed(4)
+    model = VisionTransformerDistilled(**TINY).to(DEVICE).eval()
+    x = images(seed=4)
+    ids = _kept_ids(3, 18, 2, seed=4)
+    fast = build_fast_path(model, backend='compile', kept_ids=ids)
+    ref = original_order_reference(model, x, ids)
+    assert _masks_matter(ref, model(x))
+    assert fast.head_ids.tolist() == [0, 1] and _close(fast(x), ref)
+
+
+@pytest.mark.slow
 @torch._dynamo.config.patch(recompile_limit=1)
 def test_compiled_paths_each_have_their_own_recompile_limit():
     """torch.compile keeps at most recompile_limit graphs (8 by default) per code object and, with fullgraph, fails
