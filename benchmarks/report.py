@@ -832,7 +832,7 @@ def _pair_problem(cpu: Dict, gpu: Dict) -> Optional[str]:
 
 
 def main(argv=None) -> None:
-    from utils import UserError, write_text_atomic
+    from utils import UserError, escape_controls, write_text_atomic
     from utils.cli import OneLineParser
     p = OneLineParser(description='Print the README speed table from saved benchmark results, or write it '
                                   'into the README.')
@@ -875,8 +875,8 @@ def main(argv=None) -> None:
         except (OSError, ValueError) as e:
             raise ValueError(f'--write-readme {args.write_readme}: {getattr(e, "strerror", None) or e}') from None
         write_text_atomic(args.write_readme, new)
-    except (ValueError, UserError) as e:
-        sys.stderr.write(f'error: {e}\n')
+    except (ValueError, UserError) as e:  # (a path named with a newline is one line too)
+        sys.stderr.write(f'error: {escape_controls(str(e))}\n')
         sys.exit(2)
     print(f'wrote the speed table into {args.write_readme}' + (' (unchanged)' if new == text else ''))
 

@@ -1079,6 +1079,16 @@ def test_readme_table_writer_refuses_in_one_line_and_writes_nothing(tmp_path, ca
         ['README.md', 'cpu.json', 'gpu.json'])  # nothing written, no temporary file left
 
 
+def test_report_names_a_path_with_a_newline_in_one_line(tmp_path, capsys):
+    """A file named with a newline (--cpu, --gpu, --write-readme) is refused in one line, the newline escaped."""
+    for flag in ('--cpu', '--gpu'):
+        with pytest.raises(SystemExit) as e:
+            report.main([flag, str(tmp_path / 'a\nb.json')])
+        captured = capsys.readouterr()
+        assert e.value.code == 2 and captured.out == ''
+        assert captured.err == f'error: {flag} {tmp_path}/a\\nb.json: No such file or directory\n', captured.err
+
+
 def test_report_runs_by_path_from_anywhere_and_a_mistyped_flag_is_one_line(tmp_path):
     """`python benchmarks/report.py` prints what `python -m benchmarks.report` prints, from another folder and
     without the repository on PYTHONPATH."""
