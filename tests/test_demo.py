@@ -289,6 +289,9 @@ import run_demo  # noqa: E402
     (['--out', 'FILE'], '--out'),
     (['--out', ''], '--out'),
     (['--out', 'FILE/sub'], '--out'),
+    (['--out', 'a' * 300], '--out'),  # a name longer than the file system takes
+    (['--out', 'new/' + 'a' * 300 + '/out'], '--out'),
+    (['--out', 'a/' * 2100], '--out'),  # a path longer than the system takes
     (['--teacher-epochs', 'two'], '--teacher-epochs'),
 ])
 def test_run_demo_refuses_bad_arguments_before_any_work(argv, flag, tmp_path, monkeypatch, capsys):

@@ -185,6 +185,18 @@ def test_argument_errors(capsys):
         assert 'error' in capsys.readouterr().err
 
 
+def test_an_output_folder_whose_name_is_too_long_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    """--out with a name longer than the file system takes: one `error:` line, exit code 2, nothing written (it
+    was an OSError traceback from creating the folder)."""
+    monkeypatch.setattr(study, 'run_study', lambda *a: pytest.fail('the study started'))
+    for out in ('a' * 300, os.path.join('new', 'a' * 300)):
+        with pytest.raises(SystemExit) as e:
+            study.main(['--out', str(tmp_path / out)])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith('error: cannot write to --out ') and err.count('\n') == 1, err
+        assert 'File name too long' in err and os.listdir(tmp_path) == []
+
+
 # ----------------------------------------------------------------------------------------------------------
 # a --quick run
 

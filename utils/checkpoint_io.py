@@ -449,6 +449,15 @@ def remove_stale_temporaries(paths) -> list:
     return removed
 
 
+def _path_limit(folder: str, name: str, default: int) -> int:
+    """The file system's limit ``name`` (os.pathconf's) for paths in ``folder``; ``default`` where none is told."""
+    try:
+        limit = os.pathconf(folder, name)
+    except (OSError, ValueError, AttributeError):
+        return default
+    return limit if limit > 0 else default
+
+
 def check_output_dir(path: str, flag: str = '--output_dir') -> None:
     """Prove, before any long work starts, that ``path`` can be written, without creating it: a directory is
     created only when its first file is written, so a run that fails or is refused leaves nothing behind.  The
@@ -465,6 +474,11 @@ def check_output_dir(path: str, flag: str = '--output_dir') -> None:
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
         raise UserError(f'cannot write to {flag} {path}: {os.strerror(errno.ENOTDIR)}')
+    # a name, or the whole path, longer than the file system takes (it was an OSError when the folder was made)
+    missing = [] if existing == target else os.path.relpath(target, existing).split(os.sep)
+    if len(os.fsencode(path)) >= _path_limit(existing, 'PC_PATH_MAX', 4096) or \
+            any(len(os.fsencode(name)) > _path_limit(existing, 'PC_NAME_MAX', 255) for name in missing):
+        raise UserError(f'cannot write to {flag} {path}: {os.strerror(errno.ENAMETOOLONG)}')
     try:  # a probe file of a name no other file has (one left by a killed run with the same pid included)
         fd, probe = tempfile.mkstemp(prefix='.write-test-', dir=existing)
         try:
