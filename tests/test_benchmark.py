@@ -2621,6 +2621,32 @@ def test_compiled_check_refuses_bad_arguments_before_any_work():
         assert done.returncode == 2 and done.stderr.startswith(message) and done.stderr.count('\n') == 1, done.stderr
 
 
+@pytest.mark.parametrize('argv, flag', [(['--model=--'], '--model'), (['--device=cpu', '--batch-sizes=--'],
+                                                                         '--batch-sizes')])
+def test_compiled_check_refuses_a_flag_given_as_equals_dash_dash(argv, flag, monkeypatch, capsys):
+    """`--model=--`: argparse took the '--' away and left the flag an empty list (a TypeError traceback, or no
+    batch size checked); one `error:` line naming the flag, before any check."""
+    from benchmarks import compiled_check
+    monkeypatch.setattr(compiled_check, 'check', lambda *a: pytest.fail('no check may start'))
+    with pytest.raises(SystemExit) as e:
+        compiled_check.main(argv)
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and out == ''
+    assert err == f"error: argument {flag}: '--' is not a value (see --help)\n", err
+
+
+def test_report_refuses_write_readme_equals_dash_dash(monkeypatch, capsys):
+    """`--write-readme=--` is not the repository's README (argparse took the '--' away, leaving the flag as given
+    without a value)."""
+    monkeypatch.setattr(report, 'write_text_atomic', lambda *a: pytest.fail('nothing may be written'), raising=False)
+    monkeypatch.setattr(report, 'readme_speed_table', lambda *a: pytest.fail('no table may be made'))
+    with pytest.raises(SystemExit) as e:
+        report.main(['--write-readme=--'])
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and out == ''
+    assert err == "error: argument --write-readme: '--' is not a value (see --help)\n", err
+
+
 def test_compiled_check_on_a_cpu_without_a_compiler_is_one_line_before_any_work(monkeypatch, capsys):
     """torch.compile builds CPU kernels with a C++ compiler (inductor's, from $CXX or its config): without a working
     one, --device cpu stopped in inductor's traceback at the first compile, after building the models."""

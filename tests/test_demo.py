@@ -293,6 +293,8 @@ import run_demo  # noqa: E402
     (['--out', 'new/' + 'a' * 300 + '/out'], '--out'),
     (['--out', 'a/' * 2100], '--out'),  # a path longer than the system takes
     (['--teacher-epochs', 'two'], '--teacher-epochs'),
+    (['--seed=--'], '--seed'),  # (argparse took the '--' away, leaving the seed an empty list)
+    (['--out=--'], '--out'),
 ])
 def test_run_demo_refuses_bad_arguments_before_any_work(argv, flag, tmp_path, monkeypatch, capsys):
     """Each bad flag of run_demo.py: exit code 2, one `error:` line naming it, and nothing trained or written

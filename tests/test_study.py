@@ -185,6 +185,19 @@ def test_argument_errors(capsys):
         assert 'error' in capsys.readouterr().err
 
 
+@pytest.mark.parametrize('flag', ['--seeds', '--rates', '--out'])
+def test_a_flag_given_as_equals_dash_dash_is_refused_before_any_work(flag, tmp_path, capsys, monkeypatch):
+    """`--seeds=--`: argparse took the '--' away and left the flag an empty list (a study of no seed, or of no
+    rate, was started); one `error:` line naming the flag, exit code 2, nothing written."""
+    monkeypatch.setattr(study, 'run_study', lambda *a: pytest.fail('the study started'))
+    argv = [f'{flag}=--'] + ([] if flag == '--out' else ['--out', str(tmp_path / 'out')])
+    with pytest.raises(SystemExit) as e:
+        study.main(argv)
+    assert e.value.code == 2
+    assert capsys.readouterr().err == f"error: argument {flag}: '--' is not a value (see --help)\n"
+    assert os.listdir(tmp_path) == []
+
+
 def test_an_output_folder_whose_name_is_too_long_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
     """--out with a name longer than the file system takes: one `error:` line, exit code 2, nothing written (it
     was an OSError traceback from creating the folder)."""

@@ -43,6 +43,13 @@ class OneLineParser(argparse.ArgumentParser):
         # (a stray argument is named as typed: a newline in it would end the line)
         self.exit(EXIT_USER_ERROR, f'error: {escape_controls(message)} (see --help)\n')
 
+    def _get_values(self, action, arg_strings):
+        # `--flag=--`: argparse takes the '--' away as the end of the flags, leaving the flag an empty list (or, for
+        # one of an optional value, its const): the '--' is refused as the value it was written as
+        if action.option_strings and arg_strings == ['--']:
+            raise argparse.ArgumentError(action, "'--' is not a value")
+        return super()._get_values(action, arg_strings)
+
     def parse_known_args(self, args=None, namespace=None):
         parsed, extras = super().parse_known_args(args, ParsedArgs() if namespace is None else namespace)
         if isinstance(parsed, ParsedArgs):
