@@ -490,11 +490,12 @@ def _writable(path: str, flag: str, created: List[str]) -> str:
         d = os.path.dirname(d)
     if not os.path.isdir(d):
         raise UsageError(f'argument {flag}: cannot create {folder}: {d} is not a directory')
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f'argument {flag}: cannot create {folder}: {e.strerror or e}') from None
-    created.extend(missing)  # deepest first
+    for d in reversed(missing):  # one at a time, each noted as made (os.makedirs recursed once per folder)
+        try:
+            os.mkdir(d)
+        except OSError as e:
+            raise UsageError(f'argument {flag}: cannot create {folder}: {e.strerror or e}') from None
+        created.insert(0, d)  # deepest first
     try:
         with tempfile.NamedTemporaryFile(dir=folder, prefix='.write-probe-'):
             pass
