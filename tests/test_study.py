@@ -199,15 +199,16 @@ def test_a_flag_given_as_equals_dash_dash_is_refused_before_any_work(flag, tmp_p
 
 
 def test_an_output_folder_whose_name_is_too_long_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
-    """--out with a name longer than the file system takes: one `error:` line, exit code 2, nothing written (it
-    was an OSError traceback from creating the folder)."""
+    """--out with a name longer than the file system takes, or more folders to create than os.makedirs can (it
+    recurses once per folder): one `error:` line, exit code 2, nothing written (it was an OSError or RecursionError
+    traceback from creating the folder)."""
     monkeypatch.setattr(study, 'run_study', lambda *a: pytest.fail('the study started'))
-    for out in ('a' * 300, os.path.join('new', 'a' * 300)):
+    for out in ('a' * 300, os.path.join('new', 'a' * 300), os.path.join(*['d'] * 1200)):
         with pytest.raises(SystemExit) as e:
             study.main(['--out', str(tmp_path / out)])
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.startswith('error: cannot write to --out ') and err.count('\n') == 1, err
-        assert 'File name too long' in err and os.listdir(tmp_path) == []
+        assert ('File name too long' in err or 'folders to create' in err) and os.listdir(tmp_path) == []
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -449,6 +449,9 @@ def remove_stale_temporaries(paths) -> list:
     return removed
 
 
+MAX_NEW_FOLDERS = 256  # that an output folder may need created, well within os.makedirs' recursion
+
+
 def _path_limit(folder: str, name: str, default: int) -> int:
     """The file system's limit ``name`` (os.pathconf's) for paths in ``folder``; ``default`` where none is told."""
     try:
@@ -479,6 +482,9 @@ def check_output_dir(path: str, flag: str = '--output_dir') -> None:
     if len(os.fsencode(path)) >= _path_limit(existing, 'PC_PATH_MAX', 4096) or \
             any(len(os.fsencode(name)) > _path_limit(existing, 'PC_NAME_MAX', 255) for name in missing):
         raise UserError(f'cannot write to {flag} {path}: {os.strerror(errno.ENAMETOOLONG)}')
+    if len(missing) > MAX_NEW_FOLDERS:  # os.makedirs recurses once per folder: a RecursionError traceback
+        raise UserError(f'cannot write to {flag} {path}: {len(missing)} folders to create, more than '
+                        f'{MAX_NEW_FOLDERS}')
     try:  # a probe file of a name no other file has (one left by a killed run with the same pid included)
         fd, probe = tempfile.mkstemp(prefix='.write-test-', dir=existing)
         try:
