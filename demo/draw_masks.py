@@ -16,6 +16,7 @@ token, not a patch).
 work starts: a bad one is one ``error: ...`` line and exit code 2.
 """
 import argparse
+import errno
 import os
 import re
 import shutil
@@ -38,6 +39,7 @@ if ROOT not in sys.path:
 
 import models  # noqa: E402,F401  (registers the cc_deit_* models with timm)
 from utils import UserError, check_output_dir, one_line, write_atomic  # noqa: E402
+from utils.checkpoint_io import name_too_long  # noqa: E402
 from utils.cli import AT_LEAST_ONE, EXIT_USER_ERROR, OneLineParser, Range, check_numbers, spell  # noqa: E402
 from utils.signals import Terminated, end_script, say_stopped, sigterm_unwinds  # noqa: E402
 
@@ -290,6 +292,8 @@ def check_out_file(out: str, flag: str = '--out') -> None:
     texsystem = matplotlib.rcParams['pgf.texsystem']
     if extension == 'pgf' and not shutil.which(texsystem):
         raise UserError(f'{flag} {out}: matplotlib writes .pgf with {texsystem}, which is not installed here')
+    if name_too_long(out):  # (the picture's, or the temporary file's the atomic writer fills beside it)
+        raise UserError(f'{flag} {out}: {os.strerror(errno.ENAMETOOLONG)}')
     folder = os.path.dirname(os.path.abspath(out))
     try:
         check_output_dir(folder, flag)

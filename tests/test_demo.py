@@ -807,6 +807,10 @@ def test_fresh_retrains_a_reusable_teacher_and_says_why(tmp_path, monkeypatch, c
     (['--out', ''], '--out'),  # matplotlib would write a hidden .png
     (['--out', 'FILE'], '--out'),  # no extension: matplotlib would write FILE.png, and FILE may be the checkpoint
     (['--out', 'm'], '--out'),
+    # a name the file system takes, but not the atomic writer's temporary one beside it, or one too long itself:
+    # said only when the picture was written, after the model was read and run
+    (['--out', 'm' * (os.pathconf('/tmp', 'PC_NAME_MAX') - 8) + '.png'], '--out'),
+    (['--out', 'm' * 300 + '.png'], '--out'),
     (['--title', r'$\foo$'], '--title'),  # mathtext fails only when the figure is drawn, after the work
     (['--title', r'$\frac{1}$ of the slots'], '--title'),
     (['--data-set', 'DIGITS', '--data-path', 'FILE'], '--data-path'),  # as finetune.py: DIGITS reads no folder

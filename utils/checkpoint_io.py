@@ -461,6 +461,16 @@ def _path_limit(folder: str, name: str, default: int) -> int:
     return limit if limit > 0 else default
 
 
+def name_too_long(path: str) -> bool:
+    """Whether the file name of ``path``, or that of the temporary file :func:`write_atomic` fills beside it, is
+    longer than the file system takes (which the write would find, at the end of the work)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.isdir(folder) and folder != os.path.dirname(folder):
+        folder = os.path.dirname(folder)
+    limit = _path_limit(folder, 'PC_NAME_MAX', 255)
+    return any(len(os.fsencode(os.path.basename(p))) > limit for p in (path, temporary_path(path)))
+
+
 def check_output_dir(path: str, flag: str = '--output_dir') -> None:
     """Prove, before any long work starts, that ``path`` can be written, without creating it: a directory is
     created only when its first file is written, so a run that fails or is refused leaves nothing behind.  The
