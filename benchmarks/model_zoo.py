@@ -86,6 +86,7 @@ from benchmarks.formulations import (  # noqa: E402
 from benchmarks.stats import Timings, as_fields, paired  # noqa: E402
 from engine import original_settings, steady_allocator  # noqa: E402
 from utils import UserError, earlier_output, temporary_path, write_text_atomic  # noqa: E402
+from utils.checkpoint_io import MAX_NEW_FOLDERS  # noqa: E402
 from utils.signals import EXIT_INTERRUPTED  # noqa: E402  (Ctrl-C, as a shell reports it)
 
 # The paper's figures on its GPU (GFLOPs, images/s, speed-up; docs/method.md); a row's ``seed_gpu``.
@@ -490,6 +491,9 @@ def _writable(path: str, flag: str, created: List[str]) -> str:
         d = os.path.dirname(d)
     if not os.path.isdir(d):
         raise UsageError(f'argument {flag}: cannot create {folder}: {d} is not a directory')
+    if len(missing) > MAX_NEW_FOLDERS:  # (the rule of every output folder: utils.check_output_dir's)
+        raise UsageError(f'argument {flag}: cannot create {folder}: {len(missing)} folders to create, more than '
+                         f'{MAX_NEW_FOLDERS}')
     for d in reversed(missing):  # one at a time, each noted as made (os.makedirs recursed once per folder)
         try:
             os.mkdir(d)
