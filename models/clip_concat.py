@@ -272,18 +272,28 @@ class CCModelMixin:
                                                        restore_order=not _head_ignores_order(self)))
 
 
+def _timm_head(model: nn.Module) -> bool:
+    """Whether the model's head is timm's own, whose reading of the tokens is known: VisionTransformer's
+    ``forward_head`` with its ``pool``, or DeiT's distilled ``forward_head`` (the class and distillation tokens);
+    not one of a subclass's own, nor one set on the model object itself (which may read any token)."""
+    own, cls = vars(model), type(model)
+    if 'forward_head' in own or 'pool' in own:
+        return False
+    return (cls.forward_head is VisionTransformerDistilled.forward_head
+            or (cls.forward_head is VisionTransformer.forward_head and cls.pool is VisionTransformer.pool))
+
+
 def _head_ignores_order(model: nn.Module) -> bool:
     """Whether the model's head gives the same result whatever the order of the tokens after the prefix tokens:
     timm's own head (or DeiT's distilled one) reading prefix tokens, pooling over the tokens, or attention pooling
     without a position term.  Not so (the head must get the original order) for a head without pooling
     (``global_pool=''``: one prediction per token), token pooling without a prefix token (set by hand: timm's
     constructor refuses it; position 0 is patch 0), an attention pool with a position embedding, a PRR pool that
-    reads position 0 without the prefix tokens, or a ``forward_head`` or ``pool`` of a subclass's own."""
-    cls = type(model)
-    if cls.forward_head is VisionTransformerDistilled.forward_head:
-        return True  # (the class and distillation tokens, always at the front)
-    if cls.forward_head is not VisionTransformer.forward_head or cls.pool is not VisionTransformer.pool:
+    reads position 0 without the prefix tokens, or a head not timm's own (:func:`_timm_head`)."""
+    if not _timm_head(model):
         return False
+    if type(model).forward_head is VisionTransformerDistilled.forward_head:
+        return True  # (the class and distillation tokens, always at the front)
     pool, prefix = model.attn_pool, model.num_prefix_tokens
     if pool is None:
         return model.global_pool in ('avg', 'avgmax', 'max') or (model.global_pool == 'token' and prefix > 0)

@@ -136,7 +136,7 @@ from torch.nn.modules.module import (_global_forward_hooks as _GLOBAL_FORWARD_HO
 from torch.utils.hooks import RemovableHandle
 
 from . import fast_kernels as K
-from .clip_concat import _check_patch_count, _version_of
+from .clip_concat import _check_patch_count, _timm_head, _version_of
 
 __all__ = ['build_fast_path', 'FastViT', 'CaptureError', 'AttentionChoice', 'ProductChoice', 'choose_attention',
            'choose_product', 'choose_fc2', 'choose_proj_norm', 'check_supported', 'cpu_compiler_problem', 'BACKENDS',
@@ -844,7 +844,6 @@ class FastViT(nn.Module):
         # Tokens the head reads: the prefix for class-token pooling by timm's own heads, else all of them.  The
         # pool is the model's as it is at each call (reset_classifier(n, 'avg') after the build reads every token),
         # so the forward looks again (_pools_by_token: a few attribute reads) and takes one of these two.
-        self._timm_head = self.num_prefix > 0 and _timm_forward_head(model)
         self.register_buffer('prefix_ids', torch.arange(self.num_prefix, device=device))
         self.register_buffer('all_ids', torch.arange(N, device=device))
         self._by_token = self._pools_by_token()
@@ -1119,9 +1118,8 @@ class FastViT(nn.Module):
         """Whether the model's head reads only the prefix tokens now: timm's pool (or DeiT's distilled head), not
         one set on the model itself, with global_pool 'token' and no attention pool (reset_classifier may have
         changed either since the build)."""
-        d = self._model.__dict__  # (a forward_head or pool set on the model itself may read any token)
-        return (self._timm_head and d.get('global_pool') == 'token' and getattr(self._model, 'attn_pool', None) is None
-                and 'forward_head' not in d and 'pool' not in d)
+        return (self.num_prefix > 0 and self._model.__dict__.get('global_pool') == 'token'
+                and getattr(self._model, 'attn_pool', None) is None and _timm_head(self._model))
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
         """model.norm of the tokens the head reads, in original order, fp32."""
@@ -1357,18 +1355,6 @@ def _head_state(model: nn.Module) -> tuple:
     mods, d = model._modules, model.__dict__
     return (*(mods.get(name) for name in ('head_dist', 'fc_norm', 'head_drop', 'attn_pool')),
             d.get('global_pool'), d.get('attn_pool'), d.get('forward_head'), d.get('pool'))
-
-
-def _timm_forward_head(model: nn.Module) -> bool:
-    """Whether forward_head is timm's ViT head with timm's pool or DeiT's distilled head (both read only prefix
-    tokens when pooling by token; a pool of its own may read any token)."""
-    if type(model).forward_head is VisionTransformer.forward_head:
-        return type(model).pool is VisionTransformer.pool
-    try:
-        from timm.models.deit import VisionTransformerDistilled
-    except ImportError:
-        return False
-    return type(model).forward_head is VisionTransformerDistilled.forward_head
 
 
 def cpu_compiler_problem() -> Optional[Exception]:

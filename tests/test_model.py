@@ -3,6 +3,7 @@ strict about what it loads."""
 import argparse
 import copy
 import re
+import types
 
 import pytest
 import timm
@@ -187,6 +188,8 @@ def _position_pool_abs(model):
 
 @pytest.mark.parametrize('cls, pool, change', [
     (_LastPatchPool, 'token', None),  # a pool of the subclass's own
+    # a pool set on the model object itself
+    (VisionTransformer, 'token', lambda m: setattr(m, 'pool', types.MethodType(_LastPatchPool.pool, m))),
     (VisionTransformer, 'map', _position_pool_abs),  # an attention pool with a position embedding
     (VisionTransformer, 'prr', lambda m: setattr(m, 'pool_include_prefix', False)),  # PRR reads patch 0
 ])
