@@ -50,7 +50,6 @@ seeded random init: throughput does not depend on their values.
     python benchmarks/model_zoo.py --quick              # smoke run, under a minute on 2 CPU cores
 """
 import argparse
-import contextlib
 import copy
 import hashlib
 import json
@@ -58,7 +57,6 @@ import math
 import os
 import statistics
 import sys
-import tempfile
 import time
 import traceback
 from dataclasses import dataclass
@@ -85,8 +83,8 @@ from benchmarks.formulations import (  # noqa: E402
 )
 from benchmarks.stats import Timings, as_fields, paired  # noqa: E402
 from engine import original_settings, steady_allocator  # noqa: E402
-from utils import UserError, earlier_output, temporary_path, write_text_atomic  # noqa: E402
-from utils.checkpoint_io import MAX_NEW_FOLDERS  # noqa: E402
+from utils import UserError, earlier_output, write_text_atomic  # noqa: E402
+from utils.checkpoint_io import output_file_problem  # noqa: E402
 from utils.signals import EXIT_INTERRUPTED  # noqa: E402  (Ctrl-C, as a shell reports it)
 
 # The paper's figures on its GPU (GFLOPs, images/s, speed-up; docs/method.md); a row's ``seed_gpu``.
@@ -479,42 +477,13 @@ def _check_rows(args) -> None:
         args.rows = [n for n in args.rows if n not in compiled]
 
 
-def _writable(path: str, flag: str, created: List[str]) -> str:
-    """Check now that ``path`` can be written at the end: create its directory, write a probe file there."""
-    path = os.path.abspath(path)
-    if os.path.isdir(path):
-        raise UsageError(f'argument {flag}: {path} is a directory')
-    folder = os.path.dirname(path)
-    missing, d = [], folder
-    while not os.path.exists(d):
-        missing.append(d)
-        d = os.path.dirname(d)
-    if not os.path.isdir(d):
-        raise UsageError(f'argument {flag}: cannot create {folder}: {d} is not a directory')
-    if len(missing) > MAX_NEW_FOLDERS:  # (the rule of every output folder: utils.check_output_dir's)
-        raise UsageError(f'argument {flag}: cannot create {folder}: {len(missing)} folders to create, more than '
-                         f'{MAX_NEW_FOLDERS}')
-    for d in reversed(missing):  # one at a time, each noted as made (os.makedirs recursed once per folder)
-        try:
-            os.mkdir(d)
-        except OSError as e:
-            raise UsageError(f'argument {flag}: cannot create {folder}: {e.strerror or e}') from None
-        created.insert(0, d)  # deepest first
-    try:
-        with tempfile.NamedTemporaryFile(dir=folder, prefix='.write-probe-'):
-            pass
-        # the temporary file the atomic writer renames over ``path``, its longest name: a name the file system
-        # refuses (too long) must fail here, not after the first section
-        probe = temporary_path(path)
-        with open(probe, 'xb'):
-            pass
-        os.remove(probe)
-        if os.path.exists(path):
-            with open(path, 'a'):
-                pass
-    except OSError as e:
-        raise UsageError(f'argument {flag}: cannot write {path}: {e.strerror or e}') from None
-    return path
+def _writable(path: str, flag: str) -> str:
+    """``path`` made absolute, once it is known that the results can be written there at the end of the first
+    section (utils.output_file_problem; nothing is created: the atomic writer makes the folders with the file)."""
+    why = output_file_problem(path)
+    if why:
+        raise UsageError(f'argument {flag}: {path} {why}')
+    return os.path.abspath(path)
 
 
 def _results_of(path: str) -> Optional[Dict]:
@@ -673,7 +642,6 @@ def _kept_model_problem(result: Dict, where: str, section: 'Section', args) -> O
 def parse_args(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    created: List[str] = []
     args.rows_given = args.rows is not None
     # the flags set on the command line (those whose default is None), before the defaults fill them in
     set_flags = frozenset(dest for dest, value in vars(args).items() if value is not None)
@@ -686,9 +654,9 @@ def parse_args(argv=None):
         # a smoke run never replaces the committed measurements
         default = (os.path.join(ROOT, 'runs', 'benchmark', f'{args.device}-quick.json') if args.quick
                    else os.path.join(ROOT, 'benchmarks', 'results', f'{args.device}.json'))
-        args.json = _writable(args.json or default, '--json', created)
+        args.json = _writable(args.json or default, '--json')
         markdown_given = args.markdown is not None
-        args.markdown = _writable(args.markdown or os.path.splitext(args.json)[0] + '.md', '--markdown', created)
+        args.markdown = _writable(args.markdown or os.path.splitext(args.json)[0] + '.md', '--markdown')
         if _same_file(args.markdown, args.json):
             raise UsageError('argument --markdown: the same file as --json' if markdown_given else
                              f'argument --json: {args.json} ends in .md, where the tables go (--markdown defaults '
@@ -704,9 +672,6 @@ def parse_args(argv=None):
                 raise UsageError(f'argument {flag}: {why}')
         args.earlier = _resumable(args) if args.resume is not None else None
     except UsageError as e:
-        for folder in created:  # nothing written: remove the folders made for the outputs
-            with contextlib.suppress(OSError):
-                os.rmdir(folder)
         parser.error(str(e))
     return args
 

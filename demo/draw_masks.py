@@ -16,7 +16,6 @@ token, not a patch).
 work starts: a bad one is one ``error: ...`` line and exit code 2.
 """
 import argparse
-import errno
 import os
 import re
 import shutil
@@ -38,8 +37,8 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import models  # noqa: E402,F401  (registers the cc_deit_* models with timm)
-from utils import UserError, check_output_dir, one_line, write_atomic  # noqa: E402
-from utils.checkpoint_io import name_too_long  # noqa: E402
+from utils import UserError, one_line, write_atomic  # noqa: E402
+from utils.checkpoint_io import output_file_problem  # noqa: E402
 from utils.cli import AT_LEAST_ONE, EXIT_USER_ERROR, OneLineParser, Range, check_numbers, spell  # noqa: E402
 from utils.signals import Terminated, end_script, say_stopped, sigterm_unwinds  # noqa: E402
 
@@ -277,10 +276,11 @@ def check_out_file(out: str, flag: str = '--out') -> None:
     named (and the name given could be that of a checkpoint)."""
     if not out:
         raise UserError(f'{flag} is empty: give the picture\'s file name (e.g. masks.png)')
-    if os.path.isdir(out) or out.endswith(tuple(filter(None, (os.sep, os.altsep)))):
-        what = 'is a directory' if os.path.isdir(out) else 'names a directory (it ends in a separator)'
-        raise UserError(f'{flag} {out} {what}; give the picture\'s file name, e.g. '
-                        f'{os.path.join(out, "masks.png")}')
+    why = output_file_problem(out)  # a folder named, a name too long, a folder that cannot be made or written
+    if why:
+        folder = os.path.isdir(out) or out.endswith(tuple(filter(None, (os.sep, os.altsep))))
+        example = f'; give the picture\'s file name, e.g. {os.path.join(out, "masks.png")}' if folder else ''
+        raise UserError(f'{flag} {out} {why}{example}')
     extension = os.path.splitext(out)[1][1:].lower()
     formats = matplotlib.figure.Figure().canvas.get_supported_filetypes()
     if not extension:
@@ -292,14 +292,6 @@ def check_out_file(out: str, flag: str = '--out') -> None:
     texsystem = matplotlib.rcParams['pgf.texsystem']
     if extension == 'pgf' and not shutil.which(texsystem):
         raise UserError(f'{flag} {out}: matplotlib writes .pgf with {texsystem}, which is not installed here')
-    if name_too_long(out):  # (the picture's, or the temporary file's the atomic writer fills beside it)
-        raise UserError(f'{flag} {out}: {os.strerror(errno.ENAMETOOLONG)}')
-    folder = os.path.dirname(os.path.abspath(out))
-    try:
-        check_output_dir(folder, flag)
-    except UserError as e:
-        what = 'cannot be written' if os.path.isdir(folder) else 'does not exist and cannot be created'
-        raise UserError(f'{flag} {out}: its folder {folder} {what} ({str(e).rsplit(": ", 1)[-1]})') from None
 
 
 def check_text(text: str, flag: str) -> None:

@@ -1354,20 +1354,32 @@ def test_rows_asked_for_that_cannot_run_here_are_refused_and_default_ones_skippe
 
 
 def test_outputs_are_checked_writable_before_any_work(capsys, tmp_path):
+    """--json and --markdown are checked as the atomic writer will meet them, and nothing is created to find out:
+    their folders are made with the first results written (they were made at the start, so a run refused later or
+    stopped before its first section left empty folders behind)."""
     blocker = tmp_path / 'a_file'
     blocker.write_text('')
     line = _refused(capsys, tmp_path, '--markdown', str(blocker / 'sub' / 'r.md'))
-    assert '--markdown' in line and 'not a directory' in line
+    assert '--markdown' in line and 'does not exist and cannot be created (Not a directory)' in line
     line = _refused(capsys, tmp_path, '--json', str(tmp_path))
     assert '--json' in line and 'is a directory' in line
     assert '--json' in _refused(capsys, tmp_path, '--json', '')
-    # --json's folder is made before --markdown fails: it is removed again, so nothing is left behind.
     line = _refused(capsys, tmp_path, '--json', str(tmp_path / 'new' / 'deeper' / 'r.json'),
                     '--markdown', str(tmp_path / 'new' / 'deeper' / 'r.json'))
     assert '--markdown' in line and not (tmp_path / 'new').exists()
     args = _parse(tmp_path, '--markdown', str(tmp_path / 'made' / 'for' / 'r.md'))
-    assert (tmp_path / 'made' / 'for').is_dir() and os.listdir(tmp_path / 'made' / 'for') == []  # probe removed
+    assert args.markdown == str(tmp_path / 'made' / 'for' / 'r.md') and not (tmp_path / 'made').exists()
     assert args.json == str(tmp_path / 'out' / 'r.json')
+    from utils import write_text_atomic
+    write_text_atomic(args.markdown, '# tables\n')  # as the run writes them: the folders made then
+    assert (tmp_path / 'made' / 'for' / 'r.md').read_text() == '# tables\n'
+    # a results file made read-only is not replaced (the rename would, whatever its mode)
+    locked = tmp_path / 'locked.json'
+    locked.write_text('{}')
+    locked.chmod(0o444)
+    if not os.access(locked, os.W_OK):  # (root may write it all the same)
+        line = _refused(capsys, tmp_path, '--json', str(locked))
+        assert line == f'error: argument --json: {locked} cannot be written: Permission denied'
 
 
 def test_an_output_name_the_file_system_cannot_write_is_refused_before_any_work(capsys, tmp_path):
@@ -1380,23 +1392,26 @@ def test_an_output_name_the_file_system_cannot_write_is_refused_before_any_work(
             write_text_atomic(str(tmp_path / 'probe' / name), '{}')
         for flag in ('--json', '--markdown'):
             line = _refused(capsys, tmp_path, flag, str(tmp_path / 'refused' / name))
-            assert line.startswith(f'error: argument {flag}: cannot write ') and 'too long' in line
+            assert line.startswith(f'error: argument {flag}: ')
+            assert line.endswith('cannot be written: File name too long')
     assert not (tmp_path / 'probe').exists()
 
 
 def test_an_output_folder_the_file_system_cannot_make_leaves_no_folder_and_no_traceback(capsys, tmp_path):
     """A folder name too long below new folders: the folders made above it were left behind; a path of more
     folders than Python's recursion limit: a RecursionError traceback (os.makedirs recursed once per folder).  Now
-    the folders are made one by one, and more new ones than any output folder may need are refused first."""
+    nothing is made before the results are written, and more new folders than any output folder may need are
+    refused first."""
     longest = os.pathconf(tmp_path, 'PC_NAME_MAX')
     for flag in ('--json', '--markdown'):
         line = _refused(capsys, tmp_path, flag, str(tmp_path / 'refused' / 'new' / ('c' * (longest + 1)) / 'r.json'))
-        assert line.startswith(f'error: argument {flag}: cannot create ') and 'too long' in line
+        assert line.startswith(f'error: argument {flag}: ') and 'cannot be created (File name too long)' in line
         too_deep = os.path.join(str(tmp_path / 'refused'), *['d'] * 2100, 'r.json')  # longer than a path can be
-        assert _refused(capsys, tmp_path, flag, too_deep).startswith(f'error: argument {flag}: cannot create ')
+        assert 'cannot be created (File name too long)' in _refused(capsys, tmp_path, flag, too_deep)
     # more new folders than any output folder may need (utils.check_output_dir's rule): refused, none made
     deep = os.path.join(str(tmp_path / 'refused'), *['d'] * 300, 'r.json')
     assert 'folders to create, more than' in _refused(capsys, tmp_path, '--json', deep)
+    assert not (tmp_path / 'refused').exists()
 
 
 def test_results_and_tables_in_one_file_are_refused_naming_the_flag_given(capsys, tmp_path):
@@ -2201,7 +2216,9 @@ def _run_model_zoo(*args):
 @pytest.mark.parametrize('args, message', [
     (['--rates', 'abc'], "argument --rates: 'abc' is not a number"),
     (['--batch-size', '0'], 'argument --batch-size: must be from 1 to 65536, got 0'),
-    (['--json', os.path.join(ROOT, 'README.md', 'r.json')], 'argument --json: cannot create'),
+    (['--json', os.path.join(ROOT, 'README.md', 'r.json')],
+     f'argument --json: {os.path.join(ROOT, "README.md", "r.json")} cannot be written: '
+     f'{os.path.join(ROOT, "README.md")} is not a directory'),
     # a rate that clips no slot was timed as a pruned model (its FLOPs ratio 1.00, its targets "met")
     (['--rates', '0.0001'], 'argument --rates: 0.0001 clips int(2352 x 0.0001) = 0 of the 2352 (layer, patch) '
                             'slots of tiny: nothing would be pruned'),

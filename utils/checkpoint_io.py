@@ -471,30 +471,25 @@ def name_too_long(path: str) -> bool:
     return any(len(os.fsencode(os.path.basename(p))) > limit for p in (path, temporary_path(path)))
 
 
-def check_output_dir(path: str, flag: str = '--output_dir') -> None:
-    """Prove, before any long work starts, that ``path`` can be written, without creating it: a directory is
-    created only when its first file is written, so a run that fails or is refused leaves nothing behind.  The
-    check writes (and removes) a probe file in ``path`` or, if it does not exist yet, in its nearest existing
-    parent, which is where it will be created."""
-    if not path:
-        raise UserError(f'{flag} is empty: give a directory')
+def output_dir_problem(path: str) -> Optional[str]:
+    """Why the directory ``path`` cannot be written, or created with its missing parents when its first file is
+    written (one line, e.g. 'Not a directory'), or None; creates nothing.  It writes (and removes) a probe file in
+    ``path`` or, if it does not exist yet, in its nearest existing parent, which is where it will be created."""
     target = os.path.abspath(path)
     existing = target
     while not os.path.exists(existing):
         if os.path.islink(existing):  # a link to nowhere: os.makedirs cannot create a directory through it
-            raise UserError(f'cannot write to {flag} {path}: {existing} is a symbolic link to '
-                            f'{os.readlink(existing)}, which does not exist')
+            return f'{existing} is a symbolic link to {os.readlink(existing)}, which does not exist'
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
-        raise UserError(f'cannot write to {flag} {path}: {os.strerror(errno.ENOTDIR)}')
+        return os.strerror(errno.ENOTDIR)
     # a name, or the whole path, longer than the file system takes (it was an OSError when the folder was made)
     missing = [] if existing == target else os.path.relpath(target, existing).split(os.sep)
     if len(os.fsencode(path)) >= _path_limit(existing, 'PC_PATH_MAX', 4096) or \
             any(len(os.fsencode(name)) > _path_limit(existing, 'PC_NAME_MAX', 255) for name in missing):
-        raise UserError(f'cannot write to {flag} {path}: {os.strerror(errno.ENAMETOOLONG)}')
+        return os.strerror(errno.ENAMETOOLONG)
     if len(missing) > MAX_NEW_FOLDERS:  # os.makedirs recurses once per folder: a RecursionError traceback
-        raise UserError(f'cannot write to {flag} {path}: {len(missing)} folders to create, more than '
-                        f'{MAX_NEW_FOLDERS}')
+        return f'{len(missing)} folders to create, more than {MAX_NEW_FOLDERS}'
     try:  # a probe file of a name no other file has (one left by a killed run with the same pid included)
         fd, probe = tempfile.mkstemp(prefix='.write-test-', dir=existing)
         try:
@@ -503,4 +498,40 @@ def check_output_dir(path: str, flag: str = '--output_dir') -> None:
             os.close(fd)
             os.remove(probe)
     except OSError as e:
-        raise UserError(f'cannot write to {flag} {path}: {e.strerror or e}') from None
+        return e.strerror or str(e)
+    return None
+
+
+def check_output_dir(path: str, flag: str = '--output_dir') -> None:
+    """Prove, before any long work starts, that ``path`` can be written, without creating it: a directory is
+    created only when its first file is written, so a run that fails or is refused leaves nothing behind
+    (:func:`output_dir_problem`).  UserError naming ``flag`` if not."""
+    if not path:
+        raise UserError(f'{flag} is empty: give a directory')
+    why = output_dir_problem(path)
+    if why:
+        raise UserError(f'cannot write to {flag} {path}: {why}')
+
+
+def output_file_problem(path: str) -> Optional[str]:
+    """Why :func:`write_atomic` could not write the file ``path`` at the end of the work, or None; creates
+    nothing.  Said to follow the path ('... is a directory'): a directory, or a name ending in a separator; a name
+    (or the atomic writer's temporary name beside it) longer than the file system takes; a folder that cannot be
+    written or created (:func:`output_dir_problem`); a file there already that may not be written (made read-only:
+    the rename would replace it all the same)."""
+    if os.path.isdir(path):
+        return 'is a directory'
+    if path.endswith(tuple(filter(None, (os.sep, os.altsep)))):
+        return 'names a directory (it ends in a separator)'
+    if name_too_long(path):  # (the file's, or the temporary file's the atomic writer fills beside it)
+        return f'cannot be written: {os.strerror(errno.ENAMETOOLONG)}'
+    folder = os.path.dirname(os.path.abspath(path))
+    why = output_dir_problem(folder)
+    if why:
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            return f'cannot be written: {folder} is not a directory'
+        what = 'cannot be written' if os.path.isdir(folder) else 'does not exist and cannot be created'
+        return f'cannot be written: its folder {folder} {what} ({why})'
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        return f'cannot be written: {os.strerror(errno.EACCES)}'
+    return None
