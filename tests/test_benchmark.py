@@ -1353,7 +1353,7 @@ def test_rows_asked_for_that_cannot_run_here_are_refused_and_default_ones_skippe
         assert _parse(tmp_path, '--rows', 'timm,ours,fast-triton').rows == ['timm', 'ours', 'fast-triton']
 
 
-def test_outputs_are_checked_writable_before_any_work(capsys, tmp_path):
+def test_outputs_are_checked_writable_before_any_work(capsys, tmp_path, monkeypatch):
     """--json and --markdown are checked as the atomic writer will meet them, and nothing is created to find out:
     their folders are made with the first results written (they were made at the start, so a run refused later or
     stopped before its first section left empty folders behind)."""
@@ -1373,13 +1373,14 @@ def test_outputs_are_checked_writable_before_any_work(capsys, tmp_path):
     from utils import write_text_atomic
     write_text_atomic(args.markdown, '# tables\n')  # as the run writes them: the folders made then
     assert (tmp_path / 'made' / 'for' / 'r.md').read_text() == '# tables\n'
-    # a results file made read-only is not replaced (the rename would, whatever its mode)
+    # a results file the user may not write is not replaced (the rename would, whatever its mode); os.access says
+    # so (root may write any file: told here it may not)
     locked = tmp_path / 'locked.json'
     locked.write_text('{}')
-    locked.chmod(0o444)
-    if not os.access(locked, os.W_OK):  # (root may write it all the same)
-        line = _refused(capsys, tmp_path, '--json', str(locked))
-        assert line == f'error: argument --json: {locked} cannot be written: Permission denied'
+    real_access = os.access
+    monkeypatch.setattr(os, 'access', lambda p, mode, **kw: os.fspath(p) != str(locked) and real_access(p, mode, **kw))
+    line = _refused(capsys, tmp_path, '--json', str(locked))
+    assert line == f'error: argument --json: {locked} cannot be written: Permission denied'
 
 
 def test_an_output_name_the_file_system_cannot_write_is_refused_before_any_work(capsys, tmp_path):
