@@ -1310,6 +1310,9 @@ def build_optimizer(args, model: nn.Module):
     if not math.isfinite(args.scaled_lr):
         raise UserError(f'--lr {args.lr:g} scaled by batch x processes / 512 ({args.batch_size} x {args.world_size} '
                         f'/ 512) is {args.scaled_lr}: give a smaller --lr (or --unscale-lr)')
+    if args.lr > 0 and args.scaled_lr == 0:  # below the smallest float: the run would train nothing, said nowhere
+        raise UserError(f'--lr {args.lr:g} scaled by batch x processes / 512 ({args.batch_size} x {args.world_size} '
+                        f'/ 512) is 0 in floating point: give a larger --lr (or --unscale-lr)')
     args.epochs = args.final_finetune
     groups = parameter_groups(model, args.weight_decay)
     for i, group in enumerate(groups):

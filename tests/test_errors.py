@@ -1585,6 +1585,17 @@ def test_scaled_learning_rate_is_checked_at_the_launchers_process_count(monkeypa
         finetune.check_optimizer_and_schedule(parse(['--lr', '1e305', '--batch-size', '512']))
 
 
+def test_learning_rate_that_underflows_to_zero_when_scaled_is_refused():
+    """An --lr whose scaled value is below the smallest float became 0 (a run training nothing, without a word);
+    an --lr of 0 itself is what was asked."""
+    parse = finetune.get_args_parser().parse_args
+    with pytest.raises(UserError, match=r'^--lr 4\.94066e-324 scaled by batch x processes / 512 \(64 x 1 / 512\) '
+                                        r'is 0 in floating point: give a larger --lr'):
+        finetune.check_optimizer_and_schedule(parse(['--lr', '4.9e-324', '--batch-size', '64']))
+    finetune.check_optimizer_and_schedule(parse(['--lr', '4.9e-324', '--batch-size', '64', '--unscale-lr']))
+    finetune.check_optimizer_and_schedule(parse(['--lr', '0', '--batch-size', '64']))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # the script itself
 
