@@ -129,6 +129,22 @@ class CCModelMixin:
             blk.attn.token_index.fill_(True)
         self.refresh_token_plan()
 
+    def _check_mask_buffers(self) -> None:
+        """Each block's mask is still a boolean tensor of ``num_tokens`` entries, else TypeError/ValueError naming
+        it: a buffer replaced by assignment (``blk.attn.token_index = t``) with numbers was read as indices (an
+        integer's ``~`` is not its negation) or failed deep inside the plan."""
+        for layer, blk in enumerate(self.blocks):
+            mask = blk.attn.token_index
+            if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+                what = (_described(mask) if not isinstance(mask, torch.Tensor)
+                        else f'a tensor of dtype {str(mask.dtype).replace("torch.", "")}')
+                raise TypeError(f'blocks.{layer}.{MASK_KEY} (the block\'s mask: True keeps the token) is {what}; '
+                                f'masks are boolean: write them with model.set_masks(...), which takes 0/1 numbers '
+                                f'too, or in place (model.masks[{layer}][p] = False)')
+            if tuple(mask.shape) != (self.num_tokens,):
+                raise ValueError(f'blocks.{layer}.{MASK_KEY}: a mask has shape {tuple(mask.shape)}, the model needs '
+                                 f'({self.num_tokens},)')
+
     def _check_prefix_kept(self, layer: int, mask: torch.Tensor) -> None:
         """Block ``layer``'s bool mask keeps every prefix token (class, distillation, register), else ValueError."""
         if not bool(mask[:self.num_prefix_tokens].all()):
@@ -142,6 +158,7 @@ class CCModelMixin:
         nothing is computed until they do.  The positions are ordinary tensors even when the masks change under
         ``torch.inference_mode`` (tensors made there could not be used by a forward that trains)."""
         self.token_plan_version = getattr(self, 'token_plan_version', 0) + 1  # what was built from a plan can tell
+        self._check_mask_buffers()
         if any(blk.attn.token_index.is_meta for blk in self.blocks):
             return
         with torch.inference_mode(False):
@@ -182,6 +199,7 @@ class CCModelMixin:
         if planned is not None and len(planned) == len(masks) and all(
                 mask is was and _version_of(mask) == version for mask, (was, version) in zip(masks, planned)):
             return
+        self._check_mask_buffers()  # (before they are stacked: one replaced by another kind of tensor)
         if any(mask.is_meta for mask in masks):  # no values yet (see refresh_token_plan)
             return
         values = getattr(self, '_planned_values', None)

@@ -265,6 +265,36 @@ def test_clearing_the_class_token_by_hand_is_refused():
         model.refresh_token_plan()
 
 
+def test_a_mask_buffer_replaced_by_another_kind_of_tensor_is_named_by_the_next_forward():
+    """A mask replaced by assignment with numbers (read as indices: an integer's ~ is not its negation), with
+    another shape, or with None failed deep inside the plan (an IndexError about a shape of 130, a torch.stack
+    size error, an AttributeError); each is now one error naming the block's mask.  A boolean mask of the right
+    shape is taken up as an in-place change is."""
+    torch.manual_seed(6)
+    model = timm.create_model('cc_deit_tiny_patch16_224', img_size=32, depth=2).eval()
+    x = torch.randn(2, 3, 32, 32)
+    keep = torch.rand(5) > 0.4
+    keep[0] = True
+    for replacement, error, message in (
+            (keep.long(), TypeError, r'is a tensor of dtype int64; masks are boolean: write them with '
+                                     r'model\.set_masks'),
+            (keep.float(), TypeError, r'is a tensor of dtype float32; masks are boolean'),
+            (None, TypeError, r'is None; masks are boolean'),
+            (keep[None], ValueError, r'a mask has shape \(1, 5\), the model needs \(5,\)'),
+            (keep[:4], ValueError, r'a mask has shape \(4,\), the model needs \(5,\)')):
+        model.blocks[1].attn.token_index = torch.ones(5, dtype=torch.bool)
+        model.set_dense()
+        model(x)
+        model.blocks[1].attn.token_index = replacement
+        with pytest.raises(error, match=r'^blocks\.1\.attn\.token_index.*' + message):
+            model(x)
+        with pytest.raises(error, match=r'^blocks\.1\.attn\.token_index.*' + message):
+            model.refresh_token_plan()
+    model.blocks[1].attn.token_index = keep.clone()
+    with torch.no_grad():
+        assert (model(x) - reference_forward(model, x, [m.clone() for m in model.masks])).abs().max().item() < 1e-4
+
+
 def test_masks_changed_in_place_are_taken_up_by_the_next_forward():
     """model.masks are the buffers themselves: a change made to them in place (by hand, or an EMA copying its
     model's buffers) is what forward computes, as kept_token_counts and count_macs already report."""
