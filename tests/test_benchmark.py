@@ -1398,6 +1398,20 @@ def test_an_output_name_the_file_system_cannot_write_is_refused_before_any_work(
     assert not (tmp_path / 'probe').exists()
 
 
+def test_an_output_named_with_a_blank_at_either_end_is_refused(capsys, tmp_path):
+    """--json 'r.json ' (a stray space) wrote a file of that name; a new file or folder named so is refused, a file
+    that exists under such a name is replaced as any output of this script is."""
+    for flag in ('--json', '--markdown'):
+        path = str(tmp_path / 'refused' / 'r.json ')
+        line = _refused(capsys, tmp_path, flag, path)
+        assert line == f"error: argument {flag}: {path} is refused: its name 'r.json ' begins or ends with a blank " \
+                       f"(a stray space?)"
+        path = str(tmp_path / 'refused' / ' x' / 'r.json')
+        assert line != _refused(capsys, tmp_path, flag, path)
+        assert "' x', the name of a folder to create, begins or ends with a blank" in _refused(capsys, tmp_path, flag,
+                                                                                                path)
+
+
 def test_an_output_folder_the_file_system_cannot_make_leaves_no_folder_and_no_traceback(capsys, tmp_path):
     """A folder name too long below new folders: the folders made above it were left behind; a path of more
     folders than Python's recursion limit: a RecursionError traceback (os.makedirs recursed once per folder).  Now

@@ -23,7 +23,7 @@ import models
 from conftest import (DIGITS_ARGS, ROOT, digits_world, make_image_folder, no_work, official_checkpoint, pruned_model,
                       subprocess_env)
 import utils
-from utils import UserError
+from utils import UserError, check_output_dir
 
 EXIT_USER_ERROR, EXIT_DIVERGED = 2, 3
 
@@ -2053,6 +2053,20 @@ def test_an_output_dir_that_links_to_nowhere_is_refused_before_work(capsys, worl
                           rf'^error: cannot write to --output_dir {re.escape(str(link))}: {re.escape(str(link))} is a '
                           rf'symbolic link to {re.escape(str(tmp_path / "gone" / "out"))}, which does not exist$')
     assert sorted(os.listdir(tmp_path)) == ['out']
+
+
+@pytest.mark.parametrize('name', ['  ', 'out ', ' out'])
+def test_an_output_dir_to_create_named_with_a_blank_at_either_end_is_refused(capsys, world, tmp_path, name):
+    """`--output_dir "$OUT "` or `--output_dir ' '` made a folder of that name without a word (a stray space is
+    hard to see in a listing); a folder to create whose name begins or ends with a blank is refused, one that
+    exists already is taken as it is."""
+    target = tmp_path / name / 'run'
+    assert_one_line_error(capsys, prune_args(world, target), EXIT_USER_ERROR,
+                          rf'^error: cannot write to --output_dir {re.escape(str(target))}: {re.escape(repr(name))}, '
+                          rf'the name of a folder to create, begins or ends with a blank \(a stray space\?\)$')
+    assert sorted(os.listdir(tmp_path)) == []
+    (tmp_path / name).mkdir()
+    check_output_dir(str(target))  # (raises if refused)
 
 
 def test_a_run_log_a_continued_run_cannot_read_back_is_refused_before_work(capsys, world, finished, tmp_path,

@@ -473,7 +473,8 @@ def name_too_long(path: str) -> bool:
 
 def output_dir_problem(path: str) -> Optional[str]:
     """Why the directory ``path`` cannot be written, or created with its missing parents when its first file is
-    written (one line, e.g. 'Not a directory'), or None; creates nothing.  It writes (and removes) a probe file in
+    written, or should not be (a folder to create whose name begins or ends with a blank, a stray space), in one
+    line (e.g. 'Not a directory'), or None; creates nothing.  It writes (and removes) a probe file in
     ``path`` or, if it does not exist yet, in its nearest existing parent, which is where it will be created."""
     target = os.path.abspath(path)
     existing = target
@@ -490,6 +491,9 @@ def output_dir_problem(path: str) -> Optional[str]:
         return os.strerror(errno.ENAMETOOLONG)
     if len(missing) > MAX_NEW_FOLDERS:  # os.makedirs recurses once per folder: a RecursionError traceback
         return f'{len(missing)} folders to create, more than {MAX_NEW_FOLDERS}'
+    blank = [name for name in missing if name != name.strip()]  # `--output_dir "$OUT "`, `--output_dir ' '`
+    if blank:
+        return f'{blank[0]!r}, the name of a folder to create, begins or ends with a blank (a stray space?)'
     try:  # a probe file of a name no other file has (one left by a killed run with the same pid included)
         fd, probe = tempfile.mkstemp(prefix='.write-test-', dir=existing)
         try:
@@ -523,6 +527,9 @@ def output_file_problem(path: str) -> Optional[str]:
         return 'is a directory'
     if path.endswith(tuple(filter(None, (os.sep, os.altsep)))):
         return 'names a directory (it ends in a separator)'
+    name = os.path.basename(path)
+    if not os.path.lexists(path) and name != name.strip():
+        return f'is refused: its name {name!r} begins or ends with a blank (a stray space?)'
     if name_too_long(path):  # (the file's, or the temporary file's the atomic writer fills beside it)
         return f'cannot be written: {os.strerror(errno.ENAMETOOLONG)}'
     folder = os.path.dirname(os.path.abspath(path))
