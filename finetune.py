@@ -34,8 +34,8 @@ from engine import NonFiniteLossError, evaluate, measure_throughput, steady_allo
 from losses import DistillationLoss
 from utils import (OutputWriteError, UserError, TensorBoard, all_agree, append_line, check_output_dir,
                    checkpoint_args, escape_controls, init_distributed_mode, is_main_process, launcher_ranks,
-                   load_checkpoint_file, one_line, print_line, rank0_print, remove_stale_temporaries, save_atomic,
-                   several_processes, write_atomic)
+                   load_checkpoint_file, one_line, print_line, rank0_print, rank_prefix, remove_stale_temporaries,
+                   save_atomic, several_processes, write_atomic)
 from utils import seeding
 from utils.cli import (AT_LEAST_ONE, EXIT_USER_ERROR, FRACTION, NON_NEGATIVE, POSITIVE, UNIT, OneLineParser, Range,
                        check_numbers, fits, flag_name, spell)
@@ -1896,7 +1896,7 @@ def main(argv=None, *, ends_process: bool = False) -> int:
     script, whose process a further signal while a stop is under way may end (see :func:`sigterm_unwinds`); called
     in-process, that signal raises KeyboardInterrupt (Terminated) to the caller instead."""
     args = get_args_parser().parse_args(argv)
-    prefix = f'[rank {os.environ["RANK"]}] ' if several_processes() and 'RANK' in os.environ else ''
+    prefix = rank_prefix()
 
     def say(line: str) -> None:  # one line, whatever the paths it names hold (a newline in a folder's name)
         print_line(prefix + escape_controls(line), file=sys.stderr)

@@ -1203,6 +1203,21 @@ def test_speed_only_under_a_launcher_is_refused(capsys, monkeypatch, world):
                                                'launcher (WORLD_SIZE is 2)\n'), err
 
 
+def test_a_mistyped_flag_under_a_launcher_names_the_process_as_the_later_errors_do(capsys, monkeypatch):
+    """Every process parses the same flags: each said "error: ..." alike, where every error found later says
+    "[rank N] error: ..."; the parser's line now names its process too.  One process: no prefix."""
+    launched(monkeypatch, RANK='1')
+    with pytest.raises(SystemExit) as stop:
+        finetune.main(['--final-finetune', '3'])
+    assert stop.value.code == EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert err == '[rank 1] error: unrecognized arguments: --final-finetune 3 (see --help)\n', err
+    monkeypatch.setenv('WORLD_SIZE', '1')
+    with pytest.raises(SystemExit):
+        finetune.main(['--batch-size'])
+    assert capsys.readouterr().err == 'error: argument --batch-size: expected one argument (see --help)\n'
+
+
 def test_one_process_ignores_the_launcher_variables_that_do_not_ask_for_several(monkeypatch):
     """WORLD_SIZE unset, empty or 1 is one process, whatever else is set (a RANK left from another job)."""
     for world_size in (None, '', '1'):

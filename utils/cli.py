@@ -6,6 +6,7 @@ import math
 import re
 from typing import Dict, NamedTuple, Optional, Tuple
 
+from .distributed import rank_prefix
 from .errors import UserError, escape_controls
 
 EXIT_USER_ERROR = 2
@@ -41,7 +42,9 @@ class OneLineParser(argparse.ArgumentParser):
             message += ''.join(f'; here {flag} is {ours}' for flag, ours in self._spelled_here.items()
                                if flag in given)
         # (a stray argument is named as typed: a newline in it would end the line)
-        self.exit(EXIT_USER_ERROR, f'error: {escape_controls(message)} (see --help)\n')
+        # (under a launcher every process parses the same flags and says so: each line names its process, as the
+        # errors found later do)
+        self.exit(EXIT_USER_ERROR, f'{rank_prefix()}error: {escape_controls(message)} (see --help)\n')
 
     def _get_values(self, action, arg_strings):
         # `--flag=--`: argparse takes the '--' away as the end of the flags, leaving the flag an empty list (or, for

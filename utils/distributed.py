@@ -18,6 +18,11 @@ def several_processes() -> bool:
     return os.environ.get('WORLD_SIZE', '').strip() not in ('', '1')
 
 
+def rank_prefix() -> str:
+    """'[rank N] ' before a process's error line when the launcher started several (each says its own), else ''."""
+    return f'[rank {os.environ["RANK"]}] ' if several_processes() and 'RANK' in os.environ else ''
+
+
 def _whole_number(name: str, default: Optional[str] = None) -> int:
     text = os.environ.get(name, default)
     if text is None:
