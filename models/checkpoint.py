@@ -212,10 +212,14 @@ def _load(model: nn.Module, checkpoint: dict, sd: Dict[str, torch.Tensor], path:
     load_weights(model, sd, path, name, flag)
     actual = kept_token_counts(model)
     if stored is not None and stored != actual:
-        if not holds_masks(sd):
+        if holds_masks(sd):
+            warn(f'warning: {path} lists channels {stored}, but its masks keep {actual}; using the masks')
+        elif any(c < model.num_tokens for c in stored):  # (counts that clip tokens: a pruned model's)
             raise UserError(f'{path} lists channels {stored}, a pruned model, but holds no masks '
                             f'(blocks.{{l}}.{MASK_KEY}): without them it would be the dense model')
-        warn(f'warning: {path} lists channels {stored}, but its masks keep {actual}; using the masks')
+        else:  # (no count clips a token: an empty list, or one of another length, is no pruned model's)
+            warn(f'warning: {path} lists channels {stored} but holds no masks; loading the dense model (kept tokens '
+                 f'per block: {actual})')
 
 
 def recorded_channels(checkpoint: dict, path: str) -> Optional[List[int]]:

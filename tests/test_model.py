@@ -564,6 +564,28 @@ def test_released_channels_as_tensors_are_checked_against_the_masks(tmp_path):
         assert all(torch.equal(a, b) for a, b in zip(model.masks, pruned.masks))
 
 
+def test_channels_that_clip_no_token_in_a_file_without_masks_are_a_warning_not_a_pruned_model(tmp_path):
+    """A dense file whose channels clip no token (an empty list, or full counts for another number of blocks) was
+    refused as 'a pruned model' without its masks; it loads dense with one warning, as channels that disagree with
+    masks do.  Counts that clip tokens without masks stay refused."""
+    torch.manual_seed(0)
+    dense = models.create_model('cc_deit_digits_patch4_32')
+    sd = {k: v for k, v in dense.state_dict().items() if not k.endswith('token_index')}  # (an official file's)
+    path = str(tmp_path / 'dense.pth')
+    full = [65] * 6
+    for channels in ([], [65] * 7):
+        torch.save({'model': sd, 'channels': channels,
+                    'args': {'model': 'deit_digits_patch4_32'}}, path)
+        lines = []
+        model, _ = models.build_model_from_checkpoint(path, None, warn=lines.append)
+        assert lines == [f'warning: {path} lists channels {channels} but holds no masks; loading the dense model '
+                         f'(kept tokens per block: {full})']
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), dense.state_dict().values()))
+    torch.save({'model': sd, 'channels': [65, 40, 65, 65, 65, 65]}, path)
+    with pytest.raises(models.checkpoint.UserError, match='a pruned model, but holds no masks'):
+        models.build_model_from_checkpoint(path, 'deit_digits_patch4_32')
+
+
 def test_models_create_model_refuses_a_file_of_another_model_of_the_same_shapes(tmp_path):
     """A file whose args name ViT-Ti (the shapes of DeiT-Ti, another input normalisation) is refused by
     models.create_model('deit_tiny_patch16_224', checkpoint_path=...), as --eval refuses it; one that names the
