@@ -76,6 +76,12 @@ def load_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor], path: st
                 hint = ('another input size? ' + (f'set --input-size{size}' if flag.startswith('--')
                                                    else f'pass img_size={size.strip() or "..."}'))
         elif k.startswith(('head.', 'head_dist.')) and state_dict[k].shape[1:] == own[k].shape[1:]:
+            heads = {h: int(state_dict[f'{h}.weight'].shape[0]) for h in ('head', 'head_dist')
+                     if isinstance(state_dict.get(f'{h}.weight'), torch.Tensor) and state_dict[f'{h}.weight'].dim()}
+            if len(set(heads.values())) > 1:  # (no number of classes fits both: the hint below sent one to the other)
+                raise UserError(f'{path} does not fit {name}: its two classifier heads have different numbers of '
+                                f'classes (head {heads["head"]}, head_dist {heads["head_dist"]}), where a '
+                                f'distilled model\'s heads predict the same classes (was only one of them replaced?)')
             n = int(state_dict[k].shape[0])
             hint = f"another number of classes? the checkpoint's head has {n}: pass num_classes={n}"
         else:

@@ -634,6 +634,27 @@ def test_a_file_whose_head_has_other_classes_says_num_classes(tmp_path):
     assert torch.equal(loaded.head.weight, model.head.weight)
 
 
+def test_a_distilled_file_whose_two_heads_have_other_classes_says_so(tmp_path):
+    """A distilled DeiT whose class head alone was replaced (10 classes, head_dist still 1000): the hint sent
+    one to num_classes=1000, whose model then sent one back to num_classes=10 (and --eval, which sizes the head
+    from the file, to a num_classes it has no flag for); no number fits both, and the error says the heads differ."""
+    torch.manual_seed(0)
+    kw = dict(img_size=32, patch_size=16, depth=1)
+    model = timm.create_model('deit_tiny_distilled_patch16_224', **kw)
+    sd = model.state_dict()
+    sd['head.weight'], sd['head.bias'] = torch.randn(10, 192), torch.randn(10)
+    path = str(tmp_path / 'finetuned.pth')
+    torch.save({'model': sd}, path)
+    said = re.escape(f'{path} does not fit deit_tiny_distilled_patch16_224: its two classifier heads have different '
+                     "numbers of classes (head 10, head_dist 1000), where a distilled model's heads predict the "
+                     'same classes (was only one of them replaced?)')
+    with pytest.raises(models.checkpoint.UserError, match=f'^{said}$'):
+        models.build_model_from_checkpoint(path, 'deit_tiny_distilled_patch16_224', **kw)
+    for classes in (10, 1000):
+        with pytest.raises(models.checkpoint.UserError, match=f'^{said}$'):
+            models.create_model('deit_tiny_distilled_patch16_224', num_classes=classes, checkpoint_path=path, **kw)
+
+
 def test_a_file_missing_its_head_weight_says_so(tmp_path):
     """The head is sized from the file's head (its weight's rows, or its bias's length without the weight): a file
     that lost head.weight is reported as missing it, not as a head.bias of another model size."""
