@@ -150,7 +150,7 @@ MUTANTS: List[Mutant] = [
            [T + 'test_families.py::test_unsupported_structure_is_refused_with_the_reason'],
            'a ViT of depth 0 fails in an IndexError while being converted, half changed'),
     mutant('pruned-file-without-masks-runs-dense', 'models/checkpoint.py',
-           '        if not holds_masks(sd):\n', '        if False:\n',
+           '        elif any(c < model.num_tokens for c in stored):', '        elif False:',
            [T + 'test_errors.py::test_a_pruned_file_without_its_masks_is_refused_not_run_dense'],
            'a pruned file whose masks are missing is evaluated as the dense model'),
     mutant('unused-teacher-taken-over', 'finetune.py',
