@@ -1303,6 +1303,10 @@ def test_digits_at_another_image_size_is_refused_before_any_work(capsys, world, 
     line = assert_one_line_error(capsys, ['--data-set', 'DIGITS', *argv], EXIT_USER_ERROR,
                                  r'--data-set DIGITS has 32x32 images and \S+ reads ')
     assert f'reads {size}x{size} (give --input-size 32' in line
+    # the digits model itself at another --input-size: the remedy is its own size, not the model already given
+    digits_model = 'deit_digits_patch4_32' in line.split(' reads ')[0]
+    assert line.endswith("32, the model's own, or leave it out)" if digits_model
+                         else 'or a model made for them: deit_digits_patch4_32)'), line
     assert snapshot(earlier) == before
     # timing reads no data: any model may be timed with --data-set DIGITS named
     args = finetune.get_args_parser().parse_args([*DIGITS_ARGS, '--data-set', 'DIGITS', '--speed-only', '--model',
