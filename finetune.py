@@ -597,11 +597,11 @@ def validate_args(args, void: Set[str] = frozenset(), finished: bool = False) ->
                             f'patches, and {size} is not a whole number of them (its patch embedding would drop the '
                             f'rest of the image)')
     if args.data_set == 'DIGITS' and reads_data:
-        own = models.pretrained_cfg(args.model).input_size[-1] == DigitsDataset.SIZE  # (--input-size changed it)
+        size = DigitsDataset.SIZE
+        own = models.pretrained_cfg(args.model).input_size[-1] == size  # (only --input-size changed it)
         DigitsDataset.check_size(input_size(args), models.base_name(args.model),
-                                 f'give --input-size {DigitsDataset.SIZE}, the model\'s own, or leave it out' if own else
-                                 f'give --input-size {DigitsDataset.SIZE}, or a model made for them: '
-                                 'deit_digits_patch4_32')
+                                 f'give --input-size {size}, the model\'s own, or leave it out' if own else
+                                 f'give --input-size {size}, or a model made for them: deit_digits_patch4_32')
     if reads_data and args.data_set != 'DIGITS':
         check_folder_image_sizes(input_size(args), args.eval_crop_ratio)
     if not modes and args.distillation_type != 'none' and args.data_set != 'DIGITS':
