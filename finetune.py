@@ -391,6 +391,18 @@ def optimizer_reads(opt: str, what: str) -> Optional[bool]:
         return None
 
 
+def optimizer_betas(opt: str) -> Optional[tuple]:
+    """The default ``betas`` of timm's optimizer ``opt`` (how many it takes: Adan three), None where timm cannot
+    say."""
+    try:
+        from timm.optim._optim_factory import default_registry
+        cls = default_registry.get_optimizer_info(opt.lower().split('_')[-1]).opt_class
+        default = inspect.signature(cls).parameters['betas'].default
+        return tuple(default) if isinstance(default, (tuple, list)) else None
+    except Exception:  # noqa: BLE001  (an unknown optimizer is refused where it is created, with its message)
+        return None
+
+
 def check_teacher_normalisation(teacher: str, student: str) -> None:
     """The teacher reads the student's images, normalised with the student's mean and std (timm's pretrained
     config): refuse a teacher trained on another normalisation (e.g. timm's ViTs, 0.5, against DeiT's ImageNet
@@ -1319,6 +1331,11 @@ def build_optimizer(args, model: nn.Module):
     groups = parameter_groups(model, args.weight_decay)
     for i, group in enumerate(groups):
         group['lr'] = args.scaled_lr if args.uniform_lr or i == 0 else ORIGINAL_BASE_LR
+    betas = optimizer_betas(args.opt) if args.opt_betas is not None else None
+    if betas is not None and len(betas) != len(args.opt_betas):  # timm's Adan indexed a third: a traceback
+        raise UserError(f'--opt-betas {" ".join(f"{b:g}" for b in args.opt_betas)}: timm\'s {args.opt} optimizer '
+                        f'takes {len(betas)} betas (its defaults: {" ".join(f"{b:g}" for b in betas)}), the flag '
+                        f'gives {len(args.opt_betas)}: leave it out to use its defaults')
     try:
         optimizer = create_optimizer_v2(groups, **{**optimizer_kwargs(cfg=args), 'lr': args.scaled_lr})
     except (ValueError, KeyError, AssertionError, TypeError) as e:

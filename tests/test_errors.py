@@ -1135,6 +1135,12 @@ def test_bad_flags(capsys, world, earlier, argv, pattern):
                                  r"scheduler 'nosuchsched'"),
     (['--sched', 'none'], r'--sched none: finetuning needs a learning-rate schedule'),
     (['--sched', 'wsd'], r'cannot create the learning-rate schedule \(--sched wsd\): wsd schedule requires'),
+    # timm's Adan takes three betas and indexed the third of the two --opt-betas gives: a traceback
+    (['--opt', 'adan', '--opt-betas', '0.9', '0.99'],
+     r"^error: --opt-betas 0\.9 0\.99: timm's adan optimizer takes 3 betas \(its defaults: 0\.98 0\.92 0\.99\), the "
+     r'flag gives 2: leave it out to use its defaults$'),
+    (['--opt', 'lookahead_adan', '--opt-betas', '0.9', '0.9'],
+     r"^error: --opt-betas 0\.9 0\.9: timm's lookahead_adan optimizer takes 3 betas"),
     # timm's AdaHessian differentiates the gradients again in its step: the run stopped in a traceback (the graph
     # not kept; no second derivative of fused attention), and resumed without its random probe vectors
     (['--opt', 'adahessian'], r'--opt adahessian is a second-order optimizer \(its step differentiates the gradients '
