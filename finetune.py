@@ -1343,7 +1343,11 @@ def build_optimizer(args, model: nn.Module):
     try:
         lr_scheduler, _ = create_scheduler(args, optimizer)
     except (ValueError, KeyError, AssertionError, TypeError) as e:
-        raise UserError(f'cannot create the learning-rate schedule (--sched {args.sched}): {one_line(e)}') from None
+        why = one_line(e)
+        if 'stable_timescale' in why:  # (timm's advice names a setting this command line does not have)
+            why = (f'timm\'s {args.sched} schedule takes its time scale from the warmup, and --warmup-epochs is '
+                   f'{args.warmup_epochs:g}: give --warmup-epochs of at least 1')
+        raise UserError(f'cannot create the learning-rate schedule (--sched {args.sched}): {why}') from None
     if lr_scheduler is None:
         raise UserError(f'--sched {args.sched}: finetuning needs a learning-rate schedule (e.g. cosine, step)')
     return optimizer, lr_scheduler

@@ -1135,6 +1135,10 @@ def test_bad_flags(capsys, world, earlier, argv, pattern):
                                  r"scheduler 'nosuchsched'"),
     (['--sched', 'none'], r'--sched none: finetuning needs a learning-rate schedule'),
     (['--sched', 'wsd'], r'cannot create the learning-rate schedule \(--sched wsd\): wsd schedule requires'),
+    # timm's own advice ("set stable_timescale explicitly") names a setting no flag here gives
+    (['--sched', 'rsqrt', '--warmup-epochs', '0', '--decay-epochs', '1'],
+     r"cannot create the learning-rate schedule \(--sched rsqrt\): timm's rsqrt schedule takes its time scale from "
+     r"the warmup, and --warmup-epochs is 0: give --warmup-epochs of at least 1$"),
     # timm's Adan takes three betas and indexed the third of the two --opt-betas gives: a traceback
     (['--opt', 'adan', '--opt-betas', '0.9', '0.99'],
      r"^error: --opt-betas 0\.9 0\.99: timm's adan optimizer takes 3 betas \(its defaults: 0\.98 0\.92 0\.99\), the "
