@@ -1223,7 +1223,11 @@ def summary_batch(live: Live, batch: int, args, device: torch.device, dtype, bud
         entry['skipped_rows'] = rebuilt.skipped
     if rebuilt.fast_path:
         entry['fast_path'] = rebuilt.fast_path
-    res['summary_sweep']['batches'].append(entry)
+    # in the order of --summary-batch-sizes, whatever order they ran in (a resumed run times again one that failed)
+    order = {bs: i for i, bs in enumerate(args.summary_batch_sizes)}
+    batches = res['summary_sweep']['batches']
+    batches.append(entry)
+    batches.sort(key=lambda b: order.get(b['batch_size'], len(order)))
     print(f'batch {batch}: rebuilt in {built_s:.0f} s; ' + ', '.join(
         f'{k} {v:.0f}' for k, v in entry['images_per_s'].items()) + ' images/s', flush=True)
     return entry

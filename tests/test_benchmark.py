@@ -1942,6 +1942,31 @@ def test_resume_runs_only_the_sections_left_out_and_keeps_the_earlier_ones(tmp_p
     assert 'The code changed since the earlier run: models/fast_path.py' in (tmp_path / 'third.md').read_text()
 
 
+def test_a_summary_section_that_failed_and_ran_again_on_resume_keeps_the_order_of_summary_batch_sizes(
+        tmp_path, monkeypatch, one_thread):
+    """A run whose first summary section failed and whose second ran, then --resume of it: the summary batch timed
+    again takes its place in the order of --summary-batch-sizes (it was appended after the one kept, so the resumed
+    results, their targets and tables listed the batches in another order than an uninterrupted run's)."""
+    run_section = zoo.run_section
+
+    def first_summary_fails(section, *a, **kw):
+        if section.kind == 'summary' and section.batch == 1:
+            raise RuntimeError('the GPU fell off the bus')
+        return run_section(section, *a, **kw)
+    monkeypatch.setattr(zoo, 'run_section', first_summary_fails)
+    argv = DIGITS + ['--rows', 'timm,ours', '--summary-batch-sizes', '1,2']
+    first = zoo.main(argv + ['--json', str(tmp_path / 'first.json')])
+    assert [s['status'] for s in first['sections']] == ['done', 'failed', 'done']
+    monkeypatch.setattr(zoo, 'run_section', run_section)
+    resumed = zoo.main(argv + ['--resume', str(tmp_path / 'first.json'), '--json', str(tmp_path / 'second.json')])
+    assert [s['status'] for s in resumed['sections']] == ['done'] * 3
+    model = resumed['models']['deit_digits_patch4_32']
+    assert [b['batch_size'] for b in model['summary_sweep']['batches']] == [1, 2]
+    kept = first['models']['deit_digits_patch4_32']['summary_sweep']['batches']
+    assert model['summary_sweep']['batches'][1] == kept[0]
+    assert list(resumed['summary'][0]['speedup_by_batch']) == ['1', '2']
+
+
 def _earlier_results(tmp_path, *argv) -> str:
     """A results JSON as a run with these arguments writes it on this machine (no section finished)."""
     args = _parse(tmp_path, *argv, folder='earlier')
