@@ -526,7 +526,7 @@ CODE = ('engine.py', 'benchmarks', 'models', 'pruning')
 
 def settings_of(args) -> Dict:
     """The run's settings as its JSON records them: every flag after its default, not where it writes."""
-    return {k: v for k, v in vars(args).items() if k not in ('json', 'markdown', 'earlier')}
+    return {k: v for k, v in vars(args).items() if k not in ('json', 'markdown', 'earlier', 'written')}
 
 
 def _resumable(args) -> Dict:
@@ -1373,9 +1373,12 @@ def adopt(results: Dict, earlier: Dict) -> List[str]:
 
 
 def write_outputs(results: Dict, text: str, args) -> None:
-    # through the one atomic writer: a run killed while writing leaves the previous complete file
+    # through the one atomic writer: a run killed while writing leaves the previous complete file; args.written
+    # notes the sections done in each file once it is written (what a Ctrl-C says the files hold)
+    done = sum(r['status'] == 'done' for r in results['sections'])
     for path, content in ((args.json, json.dumps(results, indent=2)), (args.markdown, text)):
         write_text_atomic(path, content + ('\n' if not content.endswith('\n') else ''))
+        args.written[path] = done
 
 
 def report_so_far(results: Dict, args, device: torch.device, started: float) -> str:
@@ -1439,7 +1442,7 @@ def main(argv=None) -> Dict:
         if changed:
             print(f'note: the code changed since that run ({", ".join(changed)}); the sections kept were measured '
                   f'with the code as it was', flush=True)
-    written = False  # (--json and --markdown, by this run)
+    args.written = {}  # (--json and --markdown, by this run: the sections done in each)
     try:
         live: Dict[str, Live] = {}
         started_one = False  # the first section this run measures starts whatever the time (a resumed run's too)
@@ -1475,17 +1478,20 @@ def main(argv=None) -> Dict:
             results['models'] = {n: results['models'][n] for n in args.models if n in results['models']}
             results['compile_seconds_spent'] = budget.spent
             report_so_far(results, args, device, started)
-            written = True
+        if hasattr(os, 'getloadavg'):
+            results['machine']['load_average_at_end'] = list(os.getloadavg())
+        text = report_so_far(results, args, device, started)
     except KeyboardInterrupt as e:  # (cli says it in one line)
-        done = sum(r['status'] == 'done' for r in results['sections'])
-        e.kept = (f'{args.json} and {args.markdown} hold the {done} section{"s" * (done != 1)} finished; --resume '
-                  f'{args.json} runs the others' if written
+        # what the files hold: a Ctrl-C while they were written leaves the one not yet written as it was
+        done, tables = args.written.get(args.json), args.written.get(args.markdown)
+        held = f'{args.json} and {args.markdown} hold' if tables == done else f'{args.json} holds'
+        note = '' if tables == done else f' ({args.markdown}: ' + (
+            'not written' if tables is None else f'{tables} of them') + ')'
+        others = f'; --resume {args.json} runs the others' if done != len(results['sections']) else ''
+        e.kept = (f'{held} the {done} section{"s" * (done != 1)} finished{note}{others}' if done is not None
                   else 'no section finished: nothing written' + (f' ({args.resume} is as it was)' if args.resume
                                                                  else ''))
         raise
-    if hasattr(os, 'getloadavg'):
-        results['machine']['load_average_at_end'] = list(os.getloadavg())
-    text = report_so_far(results, args, device, started)
     print('\n' + text, flush=True)
     undone = [r['section'] for r in results['sections'] if r['status'] != 'done']
     print(report.count_targets(results['targets'])

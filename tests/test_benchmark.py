@@ -1554,6 +1554,35 @@ def test_ctrl_c_is_one_line_saying_what_the_results_files_hold(tmp_path, capsys,
     assert not again.exists()
 
 
+@pytest.mark.parametrize('tables_written', [0, 1])
+def test_ctrl_c_between_writing_the_results_and_the_tables_says_what_each_file_holds(tmp_path, capsys, monkeypatch,
+                                                                                    one_thread, tables_written):
+    """A Ctrl-C once the results JSON is written but before the tables are: the line says what each file holds (it
+    said 'nothing written' beside a JSON holding the section finished, or counted in the JSON a section that the
+    tables do not hold); with every section done there is nothing for --resume to run."""
+    write, mds = zoo.write_text_atomic, []
+
+    def tables_interrupted(path, text):
+        if path.endswith('.md'):
+            mds.append(path)
+            if len(mds) > tables_written:
+                raise KeyboardInterrupt
+        write(path, text)
+
+    monkeypatch.setattr(zoo, 'write_text_atomic', tables_interrupted)
+    out, md = tmp_path / 'r.json', tmp_path / 'r.md'
+    assert zoo.cli(DIGITS + ['--rows', 'timm,ours', '--summary-batch-sizes', '1', '--json', str(out)]) == 130
+    err = capsys.readouterr().err
+    held = [s['status'] for s in json.loads(out.read_text())['sections']]
+    if tables_written == 0:
+        assert err == f'interrupted; {out} holds the 1 section finished ({md}: not written); --resume {out} runs the ' \
+                      f'others\n'
+        assert held == ['done', 'pending'] and not md.exists()
+    else:
+        assert err == f'interrupted; {out} holds the 2 sections finished ({md}: 1 of them)\n'
+        assert held == ['done', 'done'] and '| pending |' in md.read_text()
+
+
 def _fastest(rows_or_seconds, batch):
     return max(rows_or_seconds, key=lambda kv: batch / statistics.median(kv[1]))
 
