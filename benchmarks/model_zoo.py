@@ -83,9 +83,9 @@ from benchmarks.formulations import (  # noqa: E402
 )
 from benchmarks.stats import Timings, as_fields, paired  # noqa: E402
 from engine import original_settings, steady_allocator  # noqa: E402
-from utils import UserError, earlier_output, write_text_atomic  # noqa: E402
+from utils import UserError, earlier_output, remove_stale_temporaries, write_text_atomic  # noqa: E402
 from utils.checkpoint_io import output_file_problem  # noqa: E402
-from utils.signals import EXIT_INTERRUPTED  # noqa: E402  (Ctrl-C, as a shell reports it)
+from utils.signals import Terminated, end_script, say_stopped, sigterm_unwinds  # noqa: E402
 
 # The paper's figures on its GPU (GFLOPs, images/s, speed-up; docs/method.md); a row's ``seed_gpu``.
 SEED_GPU = {
@@ -1395,6 +1395,7 @@ clock = time.perf_counter  # the run's clock (the time limit, the seconds of eac
 
 def main(argv=None) -> Dict:
     args = parse_args(argv)
+    remove_stale_temporaries([args.json, args.markdown])  # those of a run killed while it wrote them
     if args.quick_set:
         print(quick_line(args), flush=True)
     if args.threads:
@@ -1481,7 +1482,7 @@ def main(argv=None) -> Dict:
         if hasattr(os, 'getloadavg'):
             results['machine']['load_average_at_end'] = list(os.getloadavg())
         text = report_so_far(results, args, device, started)
-    except KeyboardInterrupt as e:  # (cli says it in one line)
+    except (KeyboardInterrupt, Terminated) as e:  # (cli says it in one line)
         # what the files hold: a Ctrl-C while they were written leaves the one not yet written as it was
         done, tables = args.written.get(args.json), args.written.get(args.markdown)
         held = f'{args.json} and {args.markdown} hold' if tables == done else f'{args.json} holds'
@@ -1500,20 +1501,21 @@ def main(argv=None) -> Dict:
     return results
 
 
-def cli(argv=None) -> int:
+def cli(argv=None, *, ends_process: bool = False) -> int:
     """The command: exit status 1 when a section failed, or when writing the results failed mid-run (a disk that
-    filled, a folder removed: one ``error:`` line, the sections written before it kept), 130 on Ctrl-C (one line
-    saying what the results files hold), 0 otherwise."""
-    try:
-        results = main(argv)
-    except UserError as e:
-        sys.stderr.write(f'error: {e}\n')
-        return 1
-    except KeyboardInterrupt as e:
-        sys.stderr.write(f'interrupted; {getattr(e, "kept", "nothing was written")}\n')
-        return EXIT_INTERRUPTED
+    filled, a folder removed: one ``error:`` line, the sections written before it kept), 130 on Ctrl-C and 143 on
+    SIGTERM (a time limit's ``timeout``, a scheduler; one line saying what the results files hold, none of them
+    half-written), 0 otherwise.  ``ends_process``: run as the script (see utils.signals.sigterm_unwinds)."""
+    with sigterm_unwinds(ends_process):
+        try:
+            results = main(argv)
+        except UserError as e:
+            sys.stderr.write(f'error: {e}\n')
+            return 1
+        except (KeyboardInterrupt, Terminated) as e:
+            return say_stopped(e, getattr(e, 'kept', 'nothing was written'))
     return 1 if any(r['status'] == 'failed' for r in results['sections']) else 0
 
 
 if __name__ == '__main__':
-    sys.exit(cli())
+    end_script(cli(ends_process=True))

@@ -11,6 +11,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -1581,6 +1582,67 @@ def test_ctrl_c_between_writing_the_results_and_the_tables_says_what_each_file_h
     else:
         assert err == f'interrupted; {out} holds the 2 sections finished ({md}: 1 of them)\n'
         assert held == ['done', 'done'] and '| pending |' in md.read_text()
+
+
+def test_sigterm_is_one_line_saying_what_the_results_files_hold(tmp_path, capsys, monkeypatch, one_thread):
+    """SIGTERM (a time limit's `timeout`, as gpu_check.sh's steps have, or a scheduler) ended the benchmark on the
+    spot: no line, and a kill between the results and the tables left them out of step.  It now stops as Ctrl-C
+    does, with exit status 143 and the line saying what the files hold (in-process here: Terminated, which
+    utils.signals raises for SIGTERM)."""
+    from utils.signals import Terminated
+    run_section = zoo.run_section
+
+    def second_terminated(section, *a, **kw):
+        if section.kind == 'summary':
+            raise Terminated()
+        return run_section(section, *a, **kw)
+
+    monkeypatch.setattr(zoo, 'run_section', second_terminated)
+    out = tmp_path / 'r.json'
+    argv = DIGITS + ['--rows', 'timm,ours', '--summary-batch-sizes', '1', '--json', str(out)]
+    assert zoo.cli(argv) == 143
+    assert capsys.readouterr().err == (f'terminated (SIGTERM); {out} and {tmp_path / "r.md"} hold the 1 section '
+                                       f'finished; --resume {out} runs the others\n')
+    assert [s['status'] for s in json.loads(out.read_text())['sections']] == ['done', 'pending']
+
+
+def test_a_run_starts_by_removing_the_temporary_files_a_killed_run_left(tmp_path, capsys, one_thread):
+    """A run killed while writing (SIGKILL, `timeout --kill-after`) leaves the atomic writer's hidden temporary file
+    beside the results: the next run with those outputs removes it."""
+    from utils import temporary_path
+    out = tmp_path / 'r.json'
+    left = [temporary_path(str(p), pid=99999999) for p in (out, tmp_path / 'r.md')]
+    for path in left:
+        open(path, 'w').close()
+    assert zoo.cli(DIGITS + ['--rows', 'timm,ours', '--summary-batch-sizes', '', '--json', str(out)]) == 0
+    assert sorted(os.listdir(tmp_path)) == ['r.json', 'r.md']
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_script_stops_it_with_the_line_and_resumable_results(tmp_path):
+    """The script itself (its own signal handling, as `timeout` sends SIGTERM): once the first section is written,
+    SIGTERM ends it with 143 and one line; the results it names are whole, and --resume runs the rest."""
+    import signal
+    out = tmp_path / 'r.json'
+    argv = [sys.executable, os.path.join(ROOT, 'benchmarks', 'model_zoo.py'), *DIGITS, '--rows', 'timm,ours',
+            '--summary-batch-sizes', '1,2', '--json', str(out)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env())
+    try:
+        deadline = time.time() + 240
+        while not (tmp_path / 'r.md').exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('terminated (SIGTERM); ') and 'Traceback' not in err, err
+    held = [s['status'] for s in json.loads(out.read_text())['sections']]
+    assert held[0] == 'done' and 'pending' in held
+    assert sorted(os.listdir(tmp_path)) == ['r.json', 'r.md']
+    assert zoo.cli(argv[2:] + ['--resume', str(out)]) == 0
+    assert [s['status'] for s in json.loads(out.read_text())['sections']] == ['done'] * len(held)
 
 
 def _fastest(rows_or_seconds, batch):
