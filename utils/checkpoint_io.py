@@ -519,8 +519,9 @@ def check_output_dir(path: str, flag: str = '--output_dir') -> None:
 
 def output_file_problem(path: str) -> Optional[str]:
     """Why :func:`write_atomic` could not write the file ``path`` at the end of the work, or None; creates
-    nothing.  Said to follow the path ('... is a directory'): a directory, or a name ending in a separator; a name
-    (or the atomic writer's temporary name beside it) longer than the file system takes; a folder that cannot be
+    nothing.  Said to follow the path ('... is a directory'): a directory, or a name ending in a separator; a new
+    name beginning or ending with a blank (a stray space); a name (or the atomic writer's temporary name beside it)
+    longer than the file system takes; a folder that cannot be
     written or created (:func:`output_dir_problem`); a file there already that may not be written (made read-only:
     the rename would replace it all the same)."""
     if os.path.isdir(path):
