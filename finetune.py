@@ -10,6 +10,7 @@ The CLI only wires things together: the loops are in engine.py, the method in mo
 """
 import argparse
 import copy
+import importlib.util
 import inspect
 import json
 import math
@@ -679,6 +680,12 @@ def check_optimizer_and_schedule(args) -> None:
     if getattr(optimizer, 'is_second_order', False):
         raise UserError(f'--opt {args.opt} is a second-order optimizer (its step differentiates the gradients '
                         f'again), which this finetuning does not run: choose a first-order one (e.g. adamw, sgd)')
+    if args.opt.lower().split('_')[-1] == 'kron' and importlib.util.find_spec('opt_einsum') is None:
+        # (timm's Kron contracts its preconditioners with einsum; torch's own order makes the full outer product of
+        # each weight matrix first: 5 GB for the digits model's fc1, far more for DeiT's)
+        raise UserError(f'--opt {args.opt}: timm\'s Kron optimizer needs the opt_einsum package (pip install '
+                        f'opt_einsum), which is not installed: without it each step builds every weight matrix\'s '
+                        f'full outer product (gigabytes per layer)')
 
 
 def check_lr_noise_reaches_an_epoch(fractions: Sequence[float], epochs: int) -> None:
