@@ -382,26 +382,33 @@ UNUSED_RULES = (
 )
 
 
+def timm_optimizer_info(opt: str):
+    """timm's registry entry (its ``OptimInfo``: name, class, what it takes) of the optimizer ``opt``, a
+    ``lookahead_`` prefix aside; None where timm cannot say (an unknown optimizer is refused where it is created,
+    with its message)."""
+    try:
+        from timm.optim._optim_factory import default_registry
+        return default_registry.get_optimizer_info(opt.lower().split('_')[-1])
+    except Exception:  # noqa: BLE001
+        return None
+
+
 def optimizer_reads(opt: str, what: str) -> Optional[bool]:
     """Whether timm's optimizer ``opt`` takes momentum / betas / eps (``what``: 'has_momentum', 'has_betas',
     'has_eps' of timm's optimizer registry); None where timm cannot say (then nothing is noted)."""
-    try:
-        from timm.optim._optim_factory import default_registry
-        return bool(getattr(default_registry.get_optimizer_info(opt.lower().split('_')[-1]), what))
-    except Exception:  # noqa: BLE001  (an unknown optimizer is refused where it is created, with its message)
-        return None
+    takes = getattr(timm_optimizer_info(opt), what, None)
+    return None if takes is None else bool(takes)
 
 
 def optimizer_betas(opt: str) -> Optional[tuple]:
     """The default ``betas`` of timm's optimizer ``opt`` (how many it takes: Adan three), None where timm cannot
     say."""
+    info = timm_optimizer_info(opt)
     try:
-        from timm.optim._optim_factory import default_registry
-        cls = default_registry.get_optimizer_info(opt.lower().split('_')[-1]).opt_class
-        default = inspect.signature(cls).parameters['betas'].default
-        return tuple(default) if isinstance(default, (tuple, list)) else None
-    except Exception:  # noqa: BLE001  (an unknown optimizer is refused where it is created, with its message)
+        default = inspect.signature(info.opt_class).parameters['betas'].default
+    except (AttributeError, KeyError, TypeError, ValueError):  # (no entry, no class, no betas)
         return None
+    return tuple(default) if isinstance(default, (tuple, list)) else None
 
 
 def check_teacher_normalisation(teacher: str, student: str) -> None:
@@ -680,7 +687,8 @@ def check_optimizer_and_schedule(args) -> None:
     if getattr(optimizer, 'is_second_order', False):
         raise UserError(f'--opt {args.opt} is a second-order optimizer (its step differentiates the gradients '
                         f'again), which this finetuning does not run: choose a first-order one (e.g. adamw, sgd)')
-    if args.opt.lower().split('_')[-1] == 'kron' and importlib.util.find_spec('opt_einsum') is None:
+    kron = getattr(timm_optimizer_info(args.opt), 'name', None) == 'kron'  # (lookahead_kron too)
+    if kron and importlib.util.find_spec('opt_einsum') is None:
         # (timm's Kron contracts its preconditioners with einsum; torch's own order makes the full outer product of
         # each weight matrix first: 5 GB for the digits model's fc1, far more for DeiT's)
         raise UserError(f'--opt {args.opt}: timm\'s Kron optimizer needs the opt_einsum package (pip install '
