@@ -81,7 +81,7 @@ from benchmarks.formulations import (  # noqa: E402
     configure_dynamo, dense_label, image_shape, plan, pruned_copy, pruned_label, rate_tag, rates_pruning_nothing,
     rebuild_for_batch, resolve_model, rows_to_rebuild, run_blocks_ours, seeded_models, select, short_name, unavailable,
 )
-from benchmarks.stats import Timings, as_fields, paired  # noqa: E402
+from benchmarks.stats import UNSTEADY_SPREAD, Timings, as_fields, paired  # noqa: E402
 from engine import original_settings, steady_allocator  # noqa: E402
 from utils import UserError, earlier_output, remove_stale_temporaries, write_text_atomic  # noqa: E402
 from utils.checkpoint_io import output_file_problem  # noqa: E402
@@ -1138,6 +1138,7 @@ def bench_model(name: str, args, device: torch.device, dtype, budget: CompileBud
     timings = time_rows(built.runs, batch, device, args, dtype, shape)
     print(f'timed {len(built.runs)} rows ({"original protocol, one after another" if original else "interleaved"}) '
           f'in {time.perf_counter() - start:.0f} s', flush=True)
+    say_unsteady(timings)
     rows = make_rows(built, timings, dense_macs, counted, timm_name, args.protocol)
 
     result = {'model': timm_name, 'short': short_name(timm_name), 'label': label, 'batch_size': batch,
@@ -1194,6 +1195,15 @@ def revive(name: str, result: Dict, args, device: torch.device, dtype) -> Live:
     return Live(cc, dense, pruned, built, image_shape(cc), result)
 
 
+def say_unsteady(t: Timings) -> None:
+    """One line naming the rows whose pass times spread more than UNSTEADY_SPREAD (the report lists them too)."""
+    found = t.unsteady() if t.paired else {}
+    if found:
+        print(f'note: unsteady timings (interquartile range over the median above {100 * UNSTEADY_SPREAD:.0f}%): '
+              + ', '.join(f'{k} {100 * v:.0f}%' for k, v in found.items())
+              + '; the host was slowed while they ran, time this section again', flush=True)
+
+
 SUMMARY_ROUNDS_CAP = 10
 
 
@@ -1230,6 +1240,7 @@ def summary_batch(live: Live, batch: int, args, device: torch.device, dtype, bud
     batches.sort(key=lambda b: order.get(b['batch_size'], len(order)))
     print(f'batch {batch}: rebuilt in {built_s:.0f} s; ' + ', '.join(
         f'{k} {v:.0f}' for k, v in entry['images_per_s'].items()) + ' images/s', flush=True)
+    say_unsteady(t)
     return entry
 
 

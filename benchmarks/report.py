@@ -19,7 +19,7 @@ if ROOT not in sys.path:
 
 from benchmarks import shapes  # noqa: E402
 from benchmarks.shapes import SUMMARY_BATCHES, SUMMARY_FIGURES  # noqa: E402
-from benchmarks.stats import NO_RATIO, Timings, as_fields  # noqa: E402
+from benchmarks.stats import NO_RATIO, UNSTEADY_SPREAD, Timings, as_fields  # noqa: E402
 
 SCORING_TARGET = 1.5          # scoring one batch <= 1.5x a plain training step
 SUMMARY_FLOPS_SHARE = 0.9     # fastest pruned over fastest dense >= 0.9 x the FLOPs ratio
@@ -411,6 +411,35 @@ def _summary_table(results: Dict) -> List[str]:
             + _compared_lines(entries))
 
 
+def unsteady_rows(res: Dict) -> List[Tuple[int, Dict[str, float]]]:
+    """(batch, {row label: spread}) for each section of one model (its main table, then its summary batches) with
+    rows whose pass times spread more than UNSTEADY_SPREAD (``stats.spread``)."""
+    labels = {r['key']: r['label'] for r in res['rows']}
+    protocol = res['rows'][0].get('protocol', 'ours') if res['rows'] else 'ours'
+    sections = [(res['batch_size'], {r['key']: r['seconds'] for r in res['rows']})] if protocol == 'ours' else []
+    sections += [(b['batch_size'], b['seconds']) for b in res.get('summary_sweep', {}).get('batches', [])]
+    out = []
+    for batch, seconds in sections:
+        found = Timings(seconds, batch).unsteady()
+        if found:
+            out.append((batch, {labels.get(k, k): v for k, v in found.items()}))
+    return out
+
+
+def _unsteady_lines(results: Dict) -> List[str]:
+    lines = [f'- {res["label"]}, batch {batch}: ' + ', '.join(f'{name} {100 * v:.0f}%' for name, v in rows.items())
+             for res in results['models'].values() for batch, rows in unsteady_rows(res)]
+    if not lines:
+        return []
+    return (['', f'Unsteady timings: rows whose pass times spread more than {100 * UNSTEADY_SPREAD:.0f}% '
+                 '(interquartile range over the median; steady rows spread a few per cent), a sign that the host '
+                 'ran slower during part of the section (another load on the machine, or its clock). Rows that wait '
+                 'on the host (eager ones, the more so at small batches) are held back more than those that do not '
+                 '(CUDA graphs), so their images/s and the ratios against them are less certain than their '
+                 'intervals say; time such a section again:', '']
+            + lines)
+
+
 def _compared_lines(entries: List[Dict]) -> List[str]:
     """Which dense modes each comparison chose from, once per distinct set (the compiled rows are built only from
     --compile-min-batch on, so the small batches may have fewer), and the rows a failed logit check kept out."""
@@ -699,6 +728,7 @@ def markdown(results: Dict, families=()) -> str:
     lines += ['']
     lines += _main_table(results)
     lines += _summary_table(results)
+    lines += _unsteady_lines(results)
     lines += _checks_table(results)
     lines += _fast_path_table(results)
     lines += _left_out(results)

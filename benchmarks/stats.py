@@ -31,6 +31,24 @@ def paired(ratios: List[float]) -> Dict:
     return {'median': statistics.median(ratios), 'min': min(ratios), 'max': max(ratios), 'ci': median_ci(ratios)}
 
 
+# A row whose pass times spread more than this (interquartile range over the median) was held back while it was
+# timed.  In the committed runs every row of the CPU runs spread at most 9%, and every row of the GPU runs' DeiT-Ti
+# sections at batch 256 at most 3%, but one: in cuda.json a host slowed during the section held its eager rows
+# back (spreads of 10-16%, a median pass up to 1.9x the fastest), while its CUDA-graph rows, which barely use the
+# host, spread 1%.
+UNSTEADY_SPREAD = 0.10
+
+
+def spread(values: List[float]) -> Optional[float]:
+    """How far apart a row's pass times are: their interquartile range over their median (0: every pass the same).
+    Robust to a single slow or fast pass; None with fewer than 4 values (the original protocol's one mean per
+    row) or any that is not a finite positive number of seconds."""
+    if len(values) < 4 or not all(isinstance(x, (int, float)) and math.isfinite(x) and x > 0 for x in values):
+        return None
+    q1, _, q3 = statistics.quantiles(values, n=4)
+    return (q3 - q1) / statistics.median(values)
+
+
 NO_RATIO = {'median': None, 'min': None, 'max': None, 'ci': None}  # a ratio that could not be measured
 
 
@@ -78,6 +96,11 @@ class Timings:
             return dict(NO_RATIO)
         pairs = [s / f for f, s in zip(self.seconds[fast], self.seconds[slow], strict=True)]
         return paired(pairs) if self.paired else point(statistics.median(pairs))
+
+    def unsteady(self) -> Dict[str, float]:
+        """The rows whose pass times spread more than UNSTEADY_SPREAD (``spread``), with their spread."""
+        out = {name: spread(s) for name, s in self.seconds.items()}
+        return {name: v for name, v in out.items() if v is not None and v > UNSTEADY_SPREAD}
 
     def fastest(self, names: Iterable[str]) -> Optional[str]:
         """The row with the most images/s among ``names`` (None if there are none)."""

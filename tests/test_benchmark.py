@@ -14,6 +14,7 @@ import sys
 import time
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -315,6 +316,60 @@ def test_an_interval_that_ends_on_the_threshold_contains_it():
     at_most = [report.verdict(report._target('t', median, 1.5, False, ci)) for median, ci in
                [(1.6, [1.5, 1.7]), (1.4, [1.3, 1.5]), (1.6, [1.5001, 1.7])]]
     assert at_most == ['no, within noise', 'yes', '**NO**']
+
+
+def test_spread_of_pass_times_is_the_interquartile_range_over_the_median():
+    """Against numpy's quartiles by the same definition (statistics.quantiles' default, 'exclusive', is numpy's
+    'weibull' method); one wild pass moves neither quartile; too few or unusable times give no figure."""
+    rng = np.random.default_rng(0)
+    for n in (4, 5, 9, 30, 301):
+        v = list(rng.uniform(1.0, 2.0, n))
+        q1, q3 = np.percentile(v, [25, 75], method='weibull')
+        assert stats.spread(v) == pytest.approx((q3 - q1) / np.median(v))
+    assert stats.spread([2.0] * 10) == 0.0
+    steady = [1.0, 1.01, 0.99, 1.0, 1.02, 0.98, 1.0, 1.01]
+    assert stats.spread(steady + [9.0]) < 0.03 and stats.spread(steady + [0.01]) < 0.03
+    assert stats.spread([1.0, 1.0, 1.0]) is None  # the original protocol: one mean per row
+    assert stats.spread([1.0, float('nan'), 1.0, 1.0]) is None and stats.spread([1.0, 0.0, 1.0, 1.0]) is None
+
+
+def test_rows_whose_pass_times_spread_are_named_in_the_report_and_when_timed(capsys):
+    """A row that a slowed host held back for part of its rounds (the committed GPU run's eager DeiT-Ti rows:
+    7.3 ms passes, then 10 ms) is listed with its spread; steady rows, and the original protocol's one mean per
+    row, are not."""
+    results = _summary_run()
+    res = results['models']['tiny']
+    assert report._unsteady_lines(results) == [] and report.unsteady_rows(res) == []
+    slowed = [7.3] * 4 + [10.0] * 4 + [7.3] * 4
+    res['rows'][0]['seconds'] = slowed + [7.3]  # timm: 5 slow passes of 13 -> quartiles 7.3 and 10
+    for r in res['rows'][1:]:
+        r['seconds'] = [r['seconds'][0]] * 13
+    res['summary_sweep']['batches'][0]['seconds']['ours_25'] = [0.1, 0.2, 0.1, 0.2]
+    q1, q3 = np.percentile(slowed + [7.3], [25, 75], method='weibull')
+    assert report.unsteady_rows(res) == [(10, {'X (timm)': pytest.approx((q3 - q1) / 7.3)}),
+                                         (1, {'C&C-Ti-25 (ours)': pytest.approx(0.1 / 0.15)})]
+    lines = report._unsteady_lines(results)
+    assert lines[-2:] == [f'- DeiT-Ti, batch 10: X (timm) {100 * (q3 - q1) / 7.3:.0f}%',
+                          '- DeiT-Ti, batch 1: C&C-Ti-25 (ours) 67%'] and lines[1].startswith('Unsteady timings:')
+    # the committed GPU run: its DeiT-Ti section's eager rows were held back (7.3 ms passes of timm, then 8-10 ms),
+    # none of its CUDA-graph rows were
+    committed = json.load(open(os.path.join(ROOT, 'benchmarks', 'results', 'cuda.json')))
+    text = report.markdown(committed, zoo.families_of('cuda'))
+    flagged = text.split('Unsteady timings:')[1].split('\n\n')[1].splitlines()
+    assert flagged[0].startswith('- DeiT-Ti, batch 256: DeiT-Ti (timm) 13%, ') and 'CUDA graph' not in text.split(
+        'Unsteady timings:')[1].split('\n\n')[1]
+    for r in res['rows']:
+        r['protocol'] = 'original'
+    assert report.unsteady_rows(res) == [(1, {'C&C-Ti-25 (ours)': pytest.approx(0.1 / 0.15)})]
+    # and the benchmark says so as it times them
+    capsys.readouterr()
+    zoo.say_unsteady(stats.Timings({'timm': slowed, 'ours': [1.0] * 12}, 8))
+    zoo.say_unsteady(stats.Timings({'timm': [1.0] * 12}, 8))
+    zoo.say_unsteady(stats.Timings({'timm': [1.0, 2.0, 1.0, 2.0]}, 8, paired=False))
+    out = capsys.readouterr().out
+    # timm: quartiles 7.3 and 10 ms, median 7.3: 2.7 / 7.3
+    assert out.count('\n') == 1 and out.startswith('note: unsteady timings') and 'timm 37%' in out
+    assert 'ours' not in out
 
 
 def test_verdicts_separate_a_miss_from_noise():
