@@ -10,8 +10,9 @@ import torch.nn.functional as F
 
 
 def soft_distillation(student: torch.Tensor, teacher: torch.Tensor, tau: float) -> torch.Tensor:
-    """KL(teacher || student) at temperature tau, summed, times tau² and divided by ``student.numel()``."""
-    return F.kl_div(F.log_softmax(student / tau, dim=1), F.log_softmax(teacher / tau, dim=1),
+    """KL(teacher || student) at temperature tau, summed, times tau² and divided by ``student.numel()``.  Both
+    logits are divided in float32: fp16 logits under autocast (CUDA) overflowed at a small tau (10 / 1e-4)."""
+    return F.kl_div(F.log_softmax(student.float() / tau, dim=1), F.log_softmax(teacher.float() / tau, dim=1),
                     reduction='sum', log_target=True) * (tau * tau) / student.numel()
 
 
@@ -47,7 +48,7 @@ class DistillationLoss(nn.Module):
         with torch.no_grad():
             teacher_outputs = self.teacher(inputs)
         if self.distillation_type == 'soft':
-            kd = soft_distillation(outputs_kd, teacher_outputs.float(), self.tau)
+            kd = soft_distillation(outputs_kd, teacher_outputs, self.tau)
         else:
             kd = hard_distillation(outputs_kd, teacher_outputs)
         return base + self.alpha * kd

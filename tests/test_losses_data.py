@@ -13,6 +13,7 @@ from torchvision import transforms
 
 from conftest import make_image_folder
 from datasets import DigitsDataset, build_dataset, build_transform
+import losses
 from losses import DistillationLoss
 from samplers import DistributedEvalSampler, RASampler
 from utils import UserError
@@ -47,6 +48,22 @@ def test_hard_distillation_uses_teacher_argmax():
     ce = nn.functional.cross_entropy
     assert loss.item() == pytest.approx((ce(s, y) + 0.5 * ce(s, t.argmax(1))).item(), rel=1e-6)
     assert DistillationLoss(nn.CrossEntropyLoss())(None, s, y).item() == pytest.approx(ce(s, y).item())
+
+
+def test_soft_distillation_of_fp16_logits_at_a_small_temperature_is_finite():
+    """Under autocast (CUDA) the student's and the teacher's logits are fp16: divided by a small tau in fp16 they
+    overflowed to inf (10 / 1e-4 > 65504) and the loss was NaN; in float32 it is the loss of their fp32 values."""
+    g = torch.Generator().manual_seed(3)
+    s, t = torch.randn(4, 10, generator=g) * 10, torch.randn(4, 10, generator=g) * 10
+    y = torch.randint(0, 10, (4,), generator=g)
+    s16, t16 = s.half(), t.half()
+    for tau in (1e-4, 1.0, 20.0):
+        got = DistillationLoss(nn.CrossEntropyLoss(), _Fixed(t16), 'soft', 0.5, tau)(None, s16, y)
+        want = DistillationLoss(nn.CrossEntropyLoss(), _Fixed(t16.float()), 'soft', 0.5, tau)(None, s16.float(), y)
+        assert torch.isfinite(got), tau
+        assert got.item() == pytest.approx(want.item(), rel=1e-3)
+        assert losses.soft_distillation(s16, t16, tau).item() == \
+            pytest.approx(losses.soft_distillation(s16.float(), t16.float(), tau).item(), rel=1e-6)
 
 
 @pytest.mark.parametrize('kind', ['soft', 'hard'])
