@@ -285,6 +285,11 @@ def check_flags_apply(args, parser: argparse.ArgumentParser) -> None:
     if not mode and args.distillation_type == 'none' and unused:
         raise UserError(f'{named(unused)} given, but --distillation-type is none, so no teacher would be used: add '
                         f'--distillation-type soft (or hard), or leave {"it" if len(unused) == 1 else "them"} out')
+    if not mode and args.distillation_type != 'none' and 'distillation_alpha' in given and args.distillation_alpha == 0:
+        # (loss = base + alpha * KD: the teacher would run every step for a term weighted by 0)
+        raise UserError(f'--distillation-alpha 0 weighs the {args.distillation_type} distillation term by 0, so the '
+                        f'teacher would run every step and change nothing: give a positive --distillation-alpha, or '
+                        f'--distillation-type none without a teacher')
     unused = [d for d in ('prune_rate', 'prune_batches') if d in given]
     if mode != '--prune' and unused:
         raise UserError(f'{named(unused)}: {"this applies" if len(unused) == 1 else "these apply"} to --prune only')

@@ -996,6 +996,19 @@ def test_distillation_without_teacher_path(capsys, world, earlier, kind):
                           rf'--distillation-type {kind} needs --teacher-path \(the dense teacher\)')
 
 
+@pytest.mark.parametrize('kind', ['soft', 'hard'])
+def test_distillation_weighted_by_0_is_refused(capsys, world, earlier, kind):
+    """loss = base + alpha * KD: at --distillation-alpha 0 the teacher ran every step for a term weighted by 0,
+    without a word (the teacher given, and dropped)."""
+    before = snapshot(earlier)
+    assert_one_line_error(capsys, finetune_args(world, earlier, '--distillation-type', kind, '--teacher-path',
+                                                world['dense'], '--distillation-alpha', '0'), EXIT_USER_ERROR,
+                          rf'^error: --distillation-alpha 0 weighs the {kind} distillation term by 0, so the teacher '
+                          rf'would run every step and change nothing: give a positive --distillation-alpha, or '
+                          rf'--distillation-type none without a teacher$')
+    assert snapshot(earlier) == before
+
+
 def test_output_dir_that_cannot_be_written(capsys, world, tmp_path):
     blocker = tmp_path / 'a_file'
     blocker.write_text('not a directory')
