@@ -11,8 +11,10 @@ import torch.nn.functional as F
 
 def soft_distillation(student: torch.Tensor, teacher: torch.Tensor, tau: float) -> torch.Tensor:
     """KL(teacher || student) at temperature tau, summed, times tau² and divided by ``student.numel()``.  Both
-    logits are divided in float32: fp16 logits under autocast (CUDA) overflowed at a small tau (10 / 1e-4)."""
-    return F.kl_div(F.log_softmax(student.float() / tau, dim=1), F.log_softmax(teacher.float() / tau, dim=1),
+    logits are divided in float32 at least (float64 stays): fp16 logits under autocast (CUDA) overflowed at a small
+    tau (10 / 1e-4)."""
+    dtype = torch.promote_types(torch.promote_types(student.dtype, teacher.dtype), torch.float32)
+    return F.kl_div(F.log_softmax(student.to(dtype) / tau, dim=1), F.log_softmax(teacher.to(dtype) / tau, dim=1),
                     reduction='sum', log_target=True) * (tau * tau) / student.numel()
 
 

@@ -66,6 +66,19 @@ def test_soft_distillation_of_fp16_logits_at_a_small_temperature_is_finite():
             pytest.approx(losses.soft_distillation(s16.float(), t16.float(), tau).item(), rel=1e-6)
 
 
+def test_soft_distillation_in_float32_holds_within_the_temperatures_the_command_line_accepts():
+    """tau^2 * KL in float32 against float64: within 0.5% from 1e-3 to 1e3 (finetune.TEMPERATURE); at 1e5 the KL of
+    two nearly uniform distributions is rounding, times 1e10; towards 0 the term itself vanishes with tau."""
+    import finetune
+    g = torch.Generator().manual_seed(4)
+    s, t = torch.randn(64, 1000, generator=g) * 5, torch.randn(64, 1000, generator=g) * 5
+    ref = {tau: losses.soft_distillation(s.double(), t.double(), tau).item() for tau in (1e-3, 1.0, 1e3, 1e5)}
+    for tau in (finetune.TEMPERATURE.low, 1.0, finetune.TEMPERATURE.high):
+        assert losses.soft_distillation(s, t, tau).item() == pytest.approx(ref[tau], rel=5e-3), tau
+    assert losses.soft_distillation(s, t, 1e5).item() != pytest.approx(ref[1e5], rel=0.05)
+    assert ref[1e-3] < 1e-2 * ref[1.0]
+
+
 @pytest.mark.parametrize('kind', ['soft', 'hard'])
 def test_distilled_student_base_loss_reads_the_class_head_and_kd_the_distillation_head(kind):
     """A distilled DeiT in distilled training returns (class head, distillation head), as DeiT trains it."""
