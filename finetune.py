@@ -229,6 +229,10 @@ SIZE = Range(1, 2 ** 31 - 1)
 # Each DataLoader worker is a process, all started at once: far more than any machine runs usefully forked processes
 # until the machine refused (or ran out of memory), with a traceback if ever.
 MAX_WORKERS = 1024
+# Soft distillation's temperature: its term is tau^2 * KL(softmax(t/tau) || softmax(s/tau)), which falls with tau
+# (KL grows as 1/tau), so below 1e-3 it all but vanishes (a teacher run for nothing); above 1e3 the KL of two
+# nearly uniform distributions is float32 rounding, times tau^2 (at 1e4 off by 4%, at 1e5 negative).
+TEMPERATURE = Range(1e-3, 1e3)
 NUMERIC_FLAGS: Dict[str, Range] = {
     'prune_rate': Range(0, 1, low_open=True, high_open=True), 'prune_batches': AT_LEAST_ONE,
     'final_finetune': AT_LEAST_ONE, 'iter_nums': AT_LEAST_ONE, 'finetune_nums': NON_NEGATIVE, 'input_size': SIZE,
@@ -242,7 +246,7 @@ NUMERIC_FLAGS: Dict[str, Range] = {
     'color_jitter': NON_NEGATIVE, 'smoothing': FRACTION, 'reprob': UNIT, 'recount': AT_LEAST_ONE,
     'mixup': NON_NEGATIVE, 'cutmix': NON_NEGATIVE, 'cutmix_minmax': Range(0, 1, low_open=True, count=(2, 2)),
     'mixup_prob': UNIT, 'mixup_switch_prob': UNIT, 'eval_crop_ratio': Range(0, 1, low_open=True),
-    'distillation_alpha': NON_NEGATIVE, 'distillation_tau': POSITIVE, 'batch_size': SIZE,
+    'distillation_alpha': NON_NEGATIVE, 'distillation_tau': TEMPERATURE, 'batch_size': SIZE,
     'seed': Range(0, 2 ** 32 - 1), 'start_epoch': NON_NEGATIVE, 'num_workers': Range(0, MAX_WORKERS),
     'print_freq': AT_LEAST_ONE, 'speed_repeats': AT_LEAST_ONE, 'speed_warmup': NON_NEGATIVE,
     'world_size': AT_LEAST_ONE, 'local_rank': NON_NEGATIVE,

@@ -1009,6 +1009,17 @@ def test_distillation_weighted_by_0_is_refused(capsys, world, earlier, kind):
     assert snapshot(earlier) == before
 
 
+@pytest.mark.parametrize('tau', ['1e-300', '1e-4', '2000', '1e100'])
+def test_a_temperature_that_loses_the_soft_term_is_refused(capsys, world, earlier, tau):
+    """Below 1e-3, tau^2 * KL scales the soft term to all but nothing (1e-300: NaN as the logits are divided by
+    it, the run stopped as diverged); above 1e3, float32 rounding decides it (test_losses_data shows both)."""
+    before = snapshot(earlier)
+    assert_one_line_error(capsys, finetune_args(world, earlier, '--distillation-type', 'soft', '--teacher-path',
+                                                world['dense'], '--distillation-tau', tau), EXIT_USER_ERROR,
+                          rf'^error: --distillation-tau must be in \[0\.001, 1000\], got {float(tau)}$')
+    assert snapshot(earlier) == before
+
+
 def test_output_dir_that_cannot_be_written(capsys, world, tmp_path):
     blocker = tmp_path / 'a_file'
     blocker.write_text('not a directory')
