@@ -1016,7 +1016,7 @@ def test_a_temperature_that_loses_the_soft_term_is_refused(capsys, world, earlie
     before = snapshot(earlier)
     assert_one_line_error(capsys, finetune_args(world, earlier, '--distillation-type', 'soft', '--teacher-path',
                                                 world['dense'], '--distillation-tau', tau), EXIT_USER_ERROR,
-                          rf'^error: --distillation-tau must be in \[0\.001, 1000\], got {float(tau)}$')
+                          rf'^error: --distillation-tau must be in \[0\.001, 1000\], got {re.escape(str(float(tau)))}$')
     assert snapshot(earlier) == before
 
 
