@@ -239,6 +239,10 @@ for t in r['targets']:
         met = {True: 'yes', False: 'NO', None: 'NOT MEASURED (' + str(t.get('missing')) + ')'}[t['met']]
         print(f"{t['target']}: {'-' if t['value'] is None else format(t['value'], '.3f')} vs {t['threshold']} "
               f"-> {met}")
+from benchmarks import report  # rows a slowed host held back: time their section again
+for res in r['models'].values():
+    for batch, rows in report.unsteady_rows(res):
+        print(f"unsteady: {res['label']} batch {batch}: " + ', '.join(f'{k} {100 * v:.0f}%' for k, v in rows.items()))
 for run in r.get('earlier_runs', []):
     if run.get('code_changed_since'):
         print(f"note: the sections kept from the earlier run were measured before these files changed: "

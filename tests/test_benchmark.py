@@ -2604,6 +2604,15 @@ def test_gpu_check_reads_the_results_the_benchmark_writes():
     assert sum('logit' in line or 'top-1' in line for line in summary) == sum(
         'logit' in t['target'] or 'top-1' in t['target'] for t in results['targets']) > 0
     assert outputs[1] == ''  # a CPU run profiles no kernels
+    assert not any(line.startswith('unsteady:') for line in summary)
+    # the committed GPU run: its unsteady sections, named as the Markdown names them
+    cuda_json = os.path.join(ROOT, 'benchmarks', 'results', 'cuda.json')
+    done = subprocess.run([sys.executable, '-', cuda_json], input=snippets[1], capture_output=True, text=True,
+                          timeout=60, env=subprocess_env(), cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    named = [line[len('unsteady: '):] for line in done.stdout.splitlines() if line.startswith('unsteady: ')]
+    listed = [line[2:] for line in report._unsteady_lines(json.load(open(cuda_json))) if line.startswith('- ')]
+    assert named == [line.replace(', batch', ' batch', 1) for line in listed] and len(named) == 6
     table = _gpu_check_commands('benchmarks.report')
     assert len(table) == 1 and 'python3 -m benchmarks.report --gpu "$OUT/cuda.json"' in table[0]
 
