@@ -1201,7 +1201,7 @@ def say_unsteady(t: Timings) -> None:
     if found:
         print(f'note: unsteady timings (interquartile range over the median above {100 * UNSTEADY_SPREAD:.0f}%): '
               + ', '.join(f'{k} {100 * v:.0f}%' for k, v in found.items())
-              + '; the host was slowed while they ran, time this section again', flush=True)
+              + '; something likely slowed the host while they ran: time this section again', flush=True)
 
 
 SUMMARY_ROUNDS_CAP = 10
