@@ -69,17 +69,23 @@ def _posterize_keeping_zero_bits(img, bits_to_keep, **kwargs):
     return auto_augment.posterize(img, bits_to_keep, **kwargs)
 
 
+def _augment_ops(transform) -> list:
+    """The ops of this transform's auto-augmentation (timm's AugmentOp instances)."""
+    ops = []
+    for t in getattr(transform, 'transforms', []):
+        ops.extend(getattr(t, 'ops', []))  # RandAugment, AugMixAugment
+        for sub_policy in getattr(t, 'policy', []):  # AutoAugment
+            ops.extend(sub_policy)
+    return ops
+
+
 def _keep_zero_bit_posterize(transform) -> None:
     """Give the posterize ops of this transform's auto-augmentation the zero-bit fix, on these instances only
     (timm's own op table stays as it is)."""
     from timm.data import auto_augment
-    for t in getattr(transform, 'transforms', []):
-        ops = list(getattr(t, 'ops', []))  # RandAugment, AugMixAugment
-        for sub_policy in getattr(t, 'policy', []):  # AutoAugment
-            ops.extend(sub_policy)
-        for op in ops:
-            if getattr(op, 'aug_fn', None) is auto_augment.posterize:
-                op.aug_fn = _posterize_keeping_zero_bits
+    for op in _augment_ops(transform):
+        if getattr(op, 'aug_fn', None) is auto_augment.posterize:
+            op.aug_fn = _posterize_keeping_zero_bits
 
 
 def build_transform(is_train: bool, args):
@@ -136,18 +142,30 @@ def check_training_transform(args, unused: Collection[str] = ()) -> None:
         if bare:
             raise UserError(f'--aa {args.aa}: section {bare[0]!r} has no value (each is a name and a number, as in '
                             f'rand-m9-mstd0.5-inc1)')
+    interpolation = 'random' if 'train_interpolation' in unused else args.train_interpolation
     try:
-        t = create_transform(input_size=32, is_training=True, auto_augment=args.aa)
+        t = create_transform(input_size=32, is_training=True, auto_augment=args.aa, interpolation=interpolation)
     except (AssertionError, KeyError, ValueError) as e:
         why = str(e) or ('a policy is rand-<sections>, augmix-<sections>, or AutoAugment\'s original, originalr, '
                          'v0, v0r or 3a')  # (timm's bare assertion on the name before the first '-')
         raise UserError(f'--aa {args.aa}: timm cannot read this augmentation policy ({why})') from None
     # AugMix draws its mixing weights from Dirichlet(alpha) and Beta(alpha, alpha) at every image: timm takes an
     # alpha of 0 here and numpy refused it at the first training image, in a traceback
+    from timm.data import auto_augment
     from timm.data.auto_augment import AugMixAugment
     alpha = next((op.alpha for op in t.transforms if isinstance(op, AugMixAugment)), None)
     if alpha is not None and not alpha > 0:
         raise UserError(f'--aa {args.aa}: AugMix\'s alpha (section a) must be positive, got {alpha:g}')
+    # timm's rotations, shears and translations resample with --train-interpolation, and Pillow's affine
+    # transforms take only nearest, bilinear and bicubic: box, hamming or lanczos failed at the first such op
+    geometric = {getattr(auto_augment, name) for name in ('rotate', 'shear_x', 'shear_y', 'translate_x_rel',
+                                                          'translate_y_rel', 'translate_x_abs', 'translate_y_abs')}
+    affine = (Image.Resampling.NEAREST, Image.Resampling.BILINEAR, Image.Resampling.BICUBIC)
+    resamples = [op.kwargs.get('resample') for op in _augment_ops(t) if getattr(op, 'aug_fn', None) in geometric]
+    if any(not isinstance(r, (list, tuple)) and r not in affine for r in resamples):  # (a list: random's choice)
+        raise UserError(f'--train-interpolation {args.train_interpolation}: --aa {args.aa} rotates, shears and '
+                        f'translates images with it, which Pillow does only with nearest, bilinear or bicubic '
+                        f'(or random)')
 
 
 # ----------------------------------------------------------------------------------------------------------

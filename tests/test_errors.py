@@ -1086,6 +1086,10 @@ def test_an_output_dir_inside_a_split_of_the_data_is_refused(capsys, world, tmp_
     # (auto-augment interpolates: at the digits model's 32 px, without it the interpolation is not read)
     (['--aa', 'rand-m9-mstd0.5-inc1', '--train-interpolation', 'bogus'],
      r'--train-interpolation bogus: not an interpolation timm knows'),
+    # Pillow rotates, shears and translates only with nearest, bilinear or bicubic: a traceback at the first such op
+    (['--aa', 'rand-m9-mstd0.5-inc1', '--train-interpolation', 'lanczos'],
+     r'^error: --train-interpolation lanczos: --aa rand-m9-mstd0\.5-inc1 rotates, shears and translates images'),
+    (['--aa', 'original', '--train-interpolation', 'box'], r'^error: --train-interpolation box: --aa original rotates'),
     (['--reprob', '0.5', '--remode', 'bogus'], r'--remode bogus: random erasing fills with pixel, rand or const'),
     (['--input-size', '30'], r'--input-size 30 is not a whole number of 4x4 patches of cc_deit_digits_patch4_32'),
     (['--input-size', '2'], r'--input-size 2 is not a whole number of 4x4 patches'),
