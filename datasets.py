@@ -354,7 +354,10 @@ class INatDataset(Dataset):
         values = list(dict.fromkeys(_inat_labels(train_data, cat_value, train_path, cat_path).values()))
         by_image = _inat_labels(data, cat_value, ann_path, cat_path)
         index = {v: i for i, v in enumerate(values)}
-        unseen = sorted({str(v) for v in by_image.values()} - set(map(str, values)))
+        # (a value printed as a training one is another type: the number 1 and the string '1', shown as such)
+        named = set(map(str, values))
+        unseen = sorted({repr(v) if str(v) in named else str(v) for v in by_image.values()
+                         if v not in index or str(v) not in named})
         if unseen:
             shown = ', '.join(unseen[:5]) + (f' (+{len(unseen) - 5} more)' if len(unseen) > 5 else '')
             raise UserError(f'{ann_path} has classes ({category}) that train{year}.json does not: {shown}; '

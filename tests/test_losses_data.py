@@ -315,6 +315,19 @@ def test_inaturalist_ids_and_classes_that_are_lists_or_objects_are_one_line(tmp_
                                                                f'a string)'
 
 
+def test_inaturalist_validation_class_that_prints_as_a_training_one_is_one_line(tmp_path):
+    """A validation class the training annotations lack, printed as one of theirs (the string '1' beside the number
+    1), passed the check for unseen classes, which compared them as text, and was a KeyError traceback."""
+    _inaturalist(tmp_path, {'train': [0, 1], 'val': [2, 0]})
+    categories = json.loads((tmp_path / 'categories.json').read_text())
+    categories[0]['name'], categories[2]['name'] = 1, '1'
+    (tmp_path / 'categories.json').write_text(json.dumps(categories))
+    with pytest.raises(UserError) as e:
+        build_dataset(False, _args(data_set='INAT', data_path=str(tmp_path)))
+    assert str(e.value) == (f"{tmp_path / 'val2018.json'} has classes (name) that train2018.json does not: '1'; "
+                            f'labels are taken from the training annotations')
+
+
 def _damaged_inaturalist_error(root, name, edit) -> str:
     """The one-line error of the validation set of a small iNaturalist 2018 under ``root`` whose file ``name`` was
     changed by ``edit`` (of its parsed JSON)."""
