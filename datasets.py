@@ -204,6 +204,8 @@ def check_data_path(args) -> None:
         raise UserError(f'--data-path is required for --data-set {args.data_set}')
     if not os.path.isdir(args.data_path):
         raise UserError(f'--data-path {args.data_path} does not exist or is not a directory')
+    if not os.access(args.data_path, os.X_OK):  # (nothing in it can be reached: each split was "not found")
+        raise UserError(f'cannot read --data-path {args.data_path}: permission denied')
 
 
 def check_split(is_train: bool, args) -> None:
@@ -219,6 +221,8 @@ def check_split(is_train: bool, args) -> None:
             raise UserError(f'{found} (expected one folder per class inside)')
     elif name == 'CIFAR':
         marker = os.path.join(root, 'cifar-100-python', 'train' if is_train else 'test')
+        if os.path.isdir(os.path.dirname(marker)) and not os.access(os.path.dirname(marker), os.X_OK):
+            raise UserError(f'cannot read {os.path.dirname(marker)}: permission denied')
         if not os.path.isfile(marker):
             raise UserError(f'CIFAR-100 not found: expected {marker} (the python version of CIFAR-100, '
                             f'unpacked; nothing is downloaded)')

@@ -811,6 +811,28 @@ def test_unreadable_files_are_named_as_unreadable(capsys, world, earlier, tmp_pa
                           rf'^error: cannot read {re.escape(os.path.join(str(data), "val", "b"))}: permission denied$')
 
 
+def test_a_data_path_that_cannot_be_searched_is_named_as_unreadable(capsys, world, tmp_path, monkeypatch):
+    """A --data-path whose contents cannot be reached (no search permission: simulated, as root reads everything)
+    said that its split, its CIFAR folder or its annotation file was not found; so does a CIFAR-100 folder's."""
+    data = copy_data(world, tmp_path)
+    cifar = tmp_path / 'cifar' / 'cifar-100-python'
+    cifar.mkdir(parents=True)
+    (cifar / 'test').write_bytes(b'')
+    denied = {str(data), str(cifar)}
+    real_access = os.access
+    monkeypatch.setattr(os, 'access', lambda p, mode, **kw: str(p) not in denied and real_access(p, mode, **kw))
+    for name in ('isdir', 'isfile'):  # what the kernel answers for what lies inside
+        real = getattr(os.path, name)
+        monkeypatch.setattr(os.path, name, lambda p, real=real: os.path.dirname(str(p)) not in denied and real(p))
+    for data_set in ('IMNET', 'INAT'):
+        assert_one_line_error(capsys, ['--eval', '--resume', world['dense'], '--data-path', data, '--data-set',
+                                       data_set], EXIT_USER_ERROR,
+                              rf'^error: cannot read --data-path {re.escape(str(data))}: permission denied$')
+    assert_one_line_error(capsys, ['--eval', '--resume', world['dense'], '--data-path', str(tmp_path / 'cifar'),
+                                   '--data-set', 'CIFAR'], EXIT_USER_ERROR,
+                          rf'^error: cannot read {re.escape(str(cifar))}: permission denied$')
+
+
 def _with_masks(world, tmp_path, change):
     sd = torch.load(world['dense'], weights_only=True)['model']
     for layer in range(6):
