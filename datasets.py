@@ -257,6 +257,28 @@ def _is_image_name(name: str) -> bool:
                                                                                    datasets.folder.IMG_EXTENSIONS)
 
 
+class _ImageFolder(datasets.ImageFolder):
+    """torchvision's ImageFolder, whose listing refuses a folder it cannot read inside a class folder: torchvision's
+    os.walk passes over it, and its images, without a word.  The same samples in the same order otherwise."""
+
+    @staticmethod
+    def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+        def unreadable(e: OSError):
+            raise UserError(f'cannot read {e.filename}: '
+                            + ('permission denied' if isinstance(e, PermissionError) else e.strerror or str(e)))
+        samples, found = [], set()
+        for name in sorted(class_to_idx):
+            for root, _, files in sorted(os.walk(os.path.join(directory, name), onerror=unreadable, followlinks=True)):
+                for file in sorted(files):
+                    if is_valid_file(os.path.join(root, file)):
+                        samples.append((os.path.join(root, file), class_to_idx[name]))
+                        found.add(name)
+        empty = set(class_to_idx) - found
+        if empty and not allow_empty:  # (torchvision's words)
+            raise FileNotFoundError(f'Found no valid file for the classes {", ".join(sorted(empty))}. ')
+        return samples
+
+
 def image_folder(split: str, transform) -> datasets.ImageFolder:
     """An ImageFolder whose unreadable, empty or class-less split is reported as a one-line error (a missing one
     is said by :func:`check_split`, before anything is listed); images lying directly in the split (not in a
@@ -283,7 +305,7 @@ def image_folder(split: str, transform) -> datasets.ImageFolder:
         skipped[extension or 'no extension'] = skipped.get(extension or 'no extension', 0) + 1
         return False
     try:
-        folder = datasets.ImageFolder(split, transform=transform, loader=load_rgb, is_valid_file=is_image)
+        folder = _ImageFolder(split, transform=transform, loader=load_rgb, is_valid_file=is_image)
     except FileNotFoundError as e:  # (no class folder, or one without an image it reads)
         why = str(e).splitlines()[0].strip()
         if skipped:  # files are there, of extensions ImageFolder does not read (.gif, .jfif, ...): say so

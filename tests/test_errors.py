@@ -377,6 +377,26 @@ def test_an_unreadable_class_folder_listing_is_one_line(capsys, world, tmp_path,
                           rf'^error: cannot read {re.escape(str(data / "train"))}: Permission denied$')
 
 
+def test_an_unreadable_folder_inside_a_class_folder_is_one_line(capsys, world, tmp_path, monkeypatch):
+    """ImageFolder reads the images of sub-folders of a class folder too; one that cannot be listed (permission
+    denied: faked, as root reads everything) was passed over by torchvision's os.walk, its images left out without
+    a word."""
+    data = copy_data(world, tmp_path)
+    sub = data / 'val' / 'b' / 'sub'
+    sub.mkdir()
+    shutil.copy(data / 'val' / 'b' / '0.png', sub / 'x.png')
+    real_scandir = os.scandir
+
+    def denied(path):
+        if os.path.normpath(path) == str(sub):
+            raise PermissionError(13, 'Permission denied', str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, 'scandir', denied)
+    assert_one_line_error(capsys, ['--eval', '--resume', world['dense'], '--data-path', data], EXIT_USER_ERROR,
+                          rf'^error: cannot read {re.escape(str(sub))}: permission denied$')
+
+
 def test_eval_on_another_data_set_than_the_file_was_trained_on(capsys, world, tmp_path):
     """Labels without names (DIGITS, CIFAR, iNaturalist): the data set the file records is the one whose labels
     its head learnt; another one with as many classes ran and printed an accuracy of other classes."""
