@@ -268,7 +268,9 @@ class _ImageFolder(datasets.ImageFolder):
                             + ('permission denied' if isinstance(e, PermissionError) else e.strerror or str(e)))
         samples, found = [], set()
         for name in sorted(class_to_idx):
-            for root, _, files in sorted(os.walk(os.path.join(directory, name), onerror=unreadable, followlinks=True)):
+            for root, folders, files in sorted(os.walk(os.path.join(directory, name), onerror=unreadable,
+                                                       followlinks=True)):
+                _refuse_a_loop(root, folders)
                 for file in sorted(files):
                     if is_valid_file(os.path.join(root, file)):
                         samples.append((os.path.join(root, file), class_to_idx[name]))
@@ -277,6 +279,18 @@ class _ImageFolder(datasets.ImageFolder):
         if empty and not allow_empty:  # (torchvision's words)
             raise FileNotFoundError(f'Found no valid file for the classes {", ".join(sorted(empty))}. ')
         return samples
+
+
+def _refuse_a_loop(root: str, folders: List[str]) -> None:
+    """A symbolic link among ``folders`` (of ``root``) to a folder it lies in: os.walk, following links, read that
+    folder's images again at every level, until the path had 40 links (41 copies of each, and a file left out)."""
+    for name in folders:
+        link = os.path.join(root, name)
+        if os.path.islink(link):
+            target, here = os.path.realpath(link), os.path.realpath(root)
+            if os.path.commonpath([target, here]) == target:
+                raise UserError(f'{link} is a symbolic link to {target}, a folder it lies in: its images would be '
+                                f'read again at every level (remove the link)')
 
 
 def image_folder(split: str, transform) -> datasets.ImageFolder:

@@ -2,6 +2,7 @@
 import argparse
 import json
 import math
+import os
 import re
 
 import numpy as np
@@ -200,6 +201,19 @@ def test_image_folder_reads_the_files_torchvisions_image_folder_reads(tmp_path):
     ours, _ = build_dataset(False, _args(data_path=root))
     assert ours.samples == datasets.ImageFolder(str(tmp_path / 'val')).samples and len(ours) == 7
     assert ours.skipped == {'.txt': 1, '.gif': 1, 'no extension': 1}
+
+
+def test_a_link_to_a_folder_it_lies_in_is_refused(tmp_path):
+    """os.walk, following links as ImageFolder has it, read a class folder's images again at every level of a
+    link to a folder it lies in: 41 copies of each, and a note of a file left out."""
+    root = make_image_folder(tmp_path, classes=('x', 'y'), per_class=(2, 2))
+    (tmp_path / 'val' / 'y' / 'sub').mkdir()
+    (tmp_path / 'val' / 'y' / 'sub' / 'again').symlink_to('..')
+    with pytest.raises(UserError) as e:
+        build_dataset(False, _args(data_path=root))
+    link, target = tmp_path / 'val' / 'y' / 'sub' / 'again', os.path.realpath(tmp_path / 'val' / 'y')
+    assert str(e.value) == (f'{link} is a symbolic link to {target}, a folder it lies in: its images would be read '
+                            f'again at every level (remove the link)')
 
 
 def _inaturalist(root, splits, file_name=lambda split, i, category: f'{split}_{i}.jpg', stored=None):
