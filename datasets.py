@@ -342,12 +342,15 @@ def skipped_files_note(dataset) -> Optional[str]:
     skipped = getattr(dataset, 'skipped', None)
     if not skipped:
         return None
+    n = sum(skipped.values())
+    files, are, their = ('file', 'is', 'its') if n == 1 else ('files', 'are', 'their')
     reasons = []
     if set(skipped) - {APPLE_DOUBLE}:
-        reasons.append(f'their extension is not one of {" ".join(datasets.folder.IMG_EXTENSIONS)}')
+        reasons.append(f'{their} extension is not one of {" ".join(datasets.folder.IMG_EXTENSIONS)}')
     if APPLE_DOUBLE in skipped:
-        reasons.append('they are the metadata files macOS writes beside copied files')
-    return (f'note: {sum(skipped.values())} files in the class folders of {dataset.root} are left out: '
+        reasons.append('it is a metadata file macOS writes beside a copied file' if n == 1 else
+                       'they are the metadata files macOS writes beside copied files')
+    return (f'note: {n} {files} in the class folders of {dataset.root} {are} left out: '
             f'{", or ".join(reasons)} ({_kinds(skipped)})')
 
 

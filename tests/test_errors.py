@@ -274,6 +274,18 @@ def test_files_an_image_folder_leaves_out_are_counted_in_a_note(capsys, world, t
             f'.jpg .jpeg .png .ppm .bmp .pgm .tif .tiff .webp (2 .txt, 1 .gif)') in out
 
 
+def test_one_file_left_out_is_said_in_the_singular():
+    from types import SimpleNamespace
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+    from datasets import skipped_files_note
+    extensions = ' '.join(IMG_EXTENSIONS)
+    assert skipped_files_note(SimpleNamespace(root='val', skipped={'.gif': 1})) == (
+        f'note: 1 file in the class folders of val is left out: its extension is not one of {extensions} (1 .gif)')
+    assert skipped_files_note(SimpleNamespace(root='val', skipped={'._*': 1})) == (
+        'note: 1 file in the class folders of val is left out: it is a metadata file macOS writes beside a copied '
+        'file (1 ._*)')
+
+
 def test_macos_metadata_files_beside_the_images_are_left_out_and_counted(capsys, world, tmp_path):
     """A folder copied from a Mac holds ._name.png beside each name.png (AppleDouble metadata, not an image):
     torchvision's ImageFolder takes them by their extension, and the run stopped at the first one it read
