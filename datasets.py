@@ -248,7 +248,12 @@ def _top_listing(split: str) -> Tuple[List[str], int]:
                 loose += 1
         return sorted(folders), loose
     except OSError as e:
-        raise UserError(f'cannot read {split}: {e.strerror or e}') from None
+        raise UserError(f'cannot read {split}: {_why(e)}') from None
+
+
+def _why(e: OSError) -> str:
+    """An error of reading a folder or a file, as the refusals of this module say it ('permission denied')."""
+    return 'permission denied' if isinstance(e, PermissionError) else e.strerror or str(e)
 
 
 def _is_image_name(name: str) -> bool:
@@ -264,8 +269,7 @@ class _ImageFolder(datasets.ImageFolder):
     @staticmethod
     def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
         def unreadable(e: OSError):
-            raise UserError(f'cannot read {e.filename}: '
-                            + ('permission denied' if isinstance(e, PermissionError) else e.strerror or str(e)))
+            raise UserError(f'cannot read {e.filename}: {_why(e)}')
         samples, found = [], set()
         for name in sorted(class_to_idx):
             for root, folders, files in sorted(os.walk(os.path.join(directory, name), onerror=unreadable,
@@ -505,7 +509,7 @@ def _read_json(path: str):
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f'{path} is not valid JSON: {e}') from None
     except OSError as e:  # a file that is there but cannot be read (permission denied, an I/O error)
-        raise UserError(f'cannot read {path}: {e.strerror or e}') from None
+        raise UserError(f'cannot read {path}: {_why(e)}') from None
 
 
 class DigitsDataset(Dataset):

@@ -386,7 +386,7 @@ def test_an_unreadable_class_folder_listing_is_one_line(capsys, world, tmp_path,
 
     monkeypatch.setattr(datasets.os, 'scandir', denied)
     assert_one_line_error(capsys, ['--eval', '--resume', world['dense'], '--data-path', data], EXIT_USER_ERROR,
-                          rf'^error: cannot read {re.escape(str(data / "train"))}: Permission denied$')
+                          rf'^error: cannot read {re.escape(str(data / "train"))}: permission denied$')
 
 
 def test_an_unreadable_folder_inside_a_class_folder_is_one_line(capsys, world, tmp_path, monkeypatch):

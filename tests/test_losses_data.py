@@ -370,7 +370,7 @@ def test_inaturalist_annotation_file_that_cannot_be_read_is_one_line(tmp_path, m
     monkeypatch.setattr(datasets, 'open', denied, raising=False)
     with pytest.raises(UserError) as e:
         build_dataset(False, _args(data_set='INAT', data_path=str(tmp_path)))
-    assert str(e.value) == f'cannot read {tmp_path / "categories.json"}: Permission denied'
+    assert str(e.value) == f'cannot read {tmp_path / "categories.json"}: permission denied'
 
 
 def test_inaturalist_annotations_are_read_as_utf8_whatever_the_locale(tmp_path):
