@@ -463,7 +463,8 @@ def check_crop_resize(size: int, ratio: float) -> None:
     side = int(size / ratio)
     if limit and side * side > limit:
         least = math.ceil(size / math.isqrt(limit) * 1000) / 1000
-        raise UserError(f'--eval-crop-ratio {ratio:g} resizes each image to {side} px on its shorter side (input '
+        shown = side if side < 10 ** 12 else f'{float(side):.3g}'  # (1e-300: not a number 300 digits long)
+        raise UserError(f'--eval-crop-ratio {ratio:g} resizes each image to {shown} px on its shorter side (input '
                         f'{size} / {ratio:g}) before the centre crop: more than the {limit} pixels of Pillow\'s limit '
                         f'for one image (give a ratio of at least {least:g})')
 

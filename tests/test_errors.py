@@ -1184,6 +1184,8 @@ def test_an_output_dir_inside_a_split_of_the_data_is_refused(capsys, world, tmp_
     (['--input-size', '64', '--eval-crop-ratio', '1e-9'], r'--eval-crop-ratio 1e-09 resizes each image to \d+ px on '
                                                          r'its shorter side .* Pillow\'s limit for one image \(give '
                                                          r'a ratio of at least 0\.007\)$'),
+    (['--input-size', '64', '--eval-crop-ratio', '1e-300'],
+     r'--eval-crop-ratio 1e-300 resizes each image to 6\.4e\+301 px on its shorter side .* at least 0\.007\)$'),
     # images of more pixels than Pillow makes of one: the model of that size took the memory before any image was read
     (['--input-size', '100000'], r'--input-size 100000: each image would be 100000x100000 px, more than the \d+ pixels '
                                  r'of Pillow\'s limit for one image \(give at most 9459\)$'),
