@@ -183,7 +183,8 @@ def get_args_parser() -> argparse.ArgumentParser:
       choices=['kingdom', 'phylum', 'class', 'order', 'supercategory', 'family', 'genus', 'name'])
     a('--batch-size', default=64, type=int)
     a('--output_dir', default='',
-      help='where to write checkpoints, logs and TensorBoard events (--prune: default the directory of --resume)')
+      help='where to write checkpoints, logs and TensorBoard events (--prune, and a run continued from its '
+           'checkpoint.pth: default the directory of --resume)')
     a('--device', default=None, help='cuda (default when available) or cpu')
     a('--seed', default=0, type=int)
     a('--resume', default='',
