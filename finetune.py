@@ -1700,7 +1700,7 @@ def check_recorded_data_set(checkpoint: dict, args, teacher: bool = False, names
         if names_other_classes(dest, value, args):
             remedy = (f'give a teacher trained on {spell(parser, dest, getattr(args, dest))}' if teacher
                       else f'give {spell(parser, dest, value)}')
-            raise UserError(f'{named} was trained with {spell(parser, dest, value)}, whose labels name '
+            raise UserError(f'{named} records {spell(parser, dest, value)}, whose labels name '
                             f'other classes than {spell(parser, dest, getattr(args, dest))}: {remedy}')
 
 
@@ -1722,7 +1722,7 @@ def check_recorded_classes(checkpoint: dict, dataset, args, split: str, continui
         return
     first = next((i for i, (a, b) in enumerate(zip(saved, current)) if a != b), min(len(saved), len(current)))
     whose, there = ((f'of the run {path} continues', 'the run') if continuing
-                    else (f'{named} was trained on', 'the file'))
+                    else (f'{named} records', 'the file'))
     remedy = 'give a teacher trained on these classes' if teacher else 'give the --data-path it used'
     theirs, ours = (str(names[first]) if first < len(names) else 'none' for names in (saved, current))
     theirs, ours = as_told_apart([theirs], [ours])[0], as_told_apart([ours], [theirs])[0]

@@ -417,7 +417,7 @@ def test_eval_on_another_data_set_than_the_file_was_trained_on(capsys, world, tm
     path = tmp_path / 'cifar.pth'
     torch.save(checkpoint, path)
     assert_one_line_error(capsys, ['--eval', '--resume', path, '--data-set', 'DIGITS'], EXIT_USER_ERROR,
-                          rf'^error: {re.escape(str(path))} was trained with --data-set CIFAR, whose labels name other '
+                          rf'^error: {re.escape(str(path))} records --data-set CIFAR, whose labels name other '
                           rf'classes than --data-set DIGITS: give --data-set CIFAR$')
 
 
@@ -431,7 +431,7 @@ def test_eval_on_image_folders_of_a_file_trained_on_labels_without_names(capsys,
     path = tmp_path / 'other.pth'
     torch.save(checkpoint, path)
     assert_one_line_error(capsys, ['--eval', '--resume', path, '--data-path', world['data']], EXIT_USER_ERROR,
-                          rf'^error: {re.escape(str(path))} was trained with --data-set {recorded}, whose labels name '
+                          rf'^error: {re.escape(str(path))} records --data-set {recorded}, whose labels name '
                           rf'other classes than --data-set IMNET: give --data-set {recorded}$')
     checkpoint['args']['data_set'] = 'IMNET'  # the same data set, no folders recorded (an earlier version): read
     torch.save(checkpoint, path)
@@ -468,7 +468,7 @@ def test_a_file_of_another_data_set_with_named_classes_is_refused_for_its_data_s
     cifar = argparse.Namespace(classes=['apple', 'aquarium_fish'])
     with pytest.raises(UserError) as e:
         finetune.check_recorded_classes(checkpoint, cifar, args, 'validation')
-    assert str(e.value) == ('/x/imnet.pth was trained with --data-set IMNET, whose labels name other classes than '
+    assert str(e.value) == ('/x/imnet.pth records --data-set IMNET, whose labels name other classes than '
                             '--data-set CIFAR: give --data-set IMNET')
     checkpoint['classes'] = ['apple', 'aquarium_fish']  # the same names (CIFAR's, as image folders): the same labels
     finetune.check_recorded_classes(checkpoint, cifar, args, 'validation')
@@ -788,7 +788,7 @@ def test_a_file_of_another_data_set_is_refused_before_the_data_is_listed(capsys,
     remedy = f'give a teacher trained on {given}' if mode == 'teacher' else f'give {recorded}'
     before = snapshot(earlier)
     assert_one_line_error(capsys, argv, EXIT_USER_ERROR,
-                          rf'^error: {re.escape(named)} was trained with {recorded}, whose labels name other classes '
+                          rf'^error: {re.escape(named)} records {recorded}, whose labels name other classes '
                           rf'than {given}: {re.escape(remedy)}$')
     assert snapshot(earlier) == before
 
@@ -995,12 +995,12 @@ def test_teacher_trained_on_other_classes(capsys, world, earlier, tmp_path, reco
         checkpoint['classes'] = ['a', 'b', 'x', 'y']
         data = ['--data-path', world['data']]
         pattern = (rf'^error: the training classes under {re.escape(str(world["data"]))} are not those the teacher '
-                   rf'{re.escape(str(tmp_path / "teacher.pth"))} was trained on \(label 2: x in the file, c here\): '
+                   rf'{re.escape(str(tmp_path / "teacher.pth"))} records \(label 2: x in the file, c here\): '
                    r'give a teacher trained on these classes$')
     else:
         checkpoint['args'] = {'data_set': 'CIFAR'}
         data = ['--data-set', 'DIGITS']
-        pattern = (rf'^error: the teacher {re.escape(str(tmp_path / "teacher.pth"))} was trained with --data-set '
+        pattern = (rf'^error: the teacher {re.escape(str(tmp_path / "teacher.pth"))} records --data-set '
                    r'CIFAR, whose labels name other classes than --data-set DIGITS: give a teacher trained on '
                    r'--data-set DIGITS$')
     torch.save(checkpoint, tmp_path / 'teacher.pth')
@@ -2015,7 +2015,7 @@ def test_evaluating_or_pruning_a_model_on_other_class_folders_is_refused(capsys,
     argv = [mode, '--resume', ckpt, '--data-path', data] + (['--output_dir', out] if mode == '--prune' else [])
     assert_one_line_error(capsys, argv, EXIT_USER_ERROR,
                           rf'^error: the validation classes under {re.escape(str(data))} are not those '
-                          rf'{re.escape(str(ckpt))} was trained on \(label 2: c in the file, x here\): give the '
+                          rf'{re.escape(str(ckpt))} records \(label 2: c in the file, x here\): give the '
                           rf'--data-path it used$')
     assert not out.exists()
     if mode == '--prune':  # on its own folders it prunes, and the pruned file records them
