@@ -811,10 +811,13 @@ def continue_run(args, checkpoint: Optional[dict] = None) -> Tuple[List[str], Di
         lines.append(f'warning: {spell(parser, "start_epoch", args.start_epoch)} has no effect: the run continues '
                      f'after the last epoch {args.resume} holds')
         no_effect.add('start_epoch')
-    if 'seed' in given and stored.get('seed') not in (None, args.seed) and checkpoint.get('rng') is not None:
+    # (saved by another number of processes, the streams cannot continue: they are seeded from the --seed given,
+    # which the note at the start of training says, and the run goes on with that seed)
+    rng = checkpoint.get('rng')
+    continues_streams = isinstance(rng, (list, tuple)) and len(rng) == launcher_ranks()[1]
+    if 'seed' in given and stored.get('seed') not in (None, args.seed) and continues_streams:
         lines.append(f'warning: {spell(parser, "seed", args.seed)} has no effect: the random streams saved in '
-                     f'{args.resume} continue those of its {spell(parser, "seed", stored["seed"])} (under another '
-                     f'number of processes, which cannot continue them, they are seeded from --seed)')
+                     f'{args.resume} continue those of its {spell(parser, "seed", stored["seed"])}')
         no_effect.add('seed')
     uniform = _uniform_in(checkpoint) if 'uniform_lr' not in stored else None
     if uniform is not None:

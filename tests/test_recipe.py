@@ -786,8 +786,8 @@ def test_a_continued_run_says_its_seed_and_lr_are_the_runs_and_saves_what_ran(ca
         runs[name] = stdout.splitlines(), torch.load(ckpt)
     lines, final = runs['a']
     ckpt = tmp_path / 'a' / 'checkpoint.pth'
-    assert (f'warning: --seed 7 has no effect: the random streams saved in {ckpt} continue those of its --seed 0 '
-            f'(under another number of processes, which cannot continue them, they are seeded from --seed)') in lines
+    assert (f'warning: --seed 7 has no effect: the random streams saved in {ckpt} continue those of its --seed 0'
+            in lines)
     assert not any(line.startswith('--seed 7 given') for line in lines)
     assert (f"note: the learning rate restored with the optimizer of {ckpt}, {restored:.2e}, continues as the run "
             f"set it; this run's flags (batch 4 x 1 processes) would have started at {0.01 * 4 / 512:.2e}") in lines
@@ -796,6 +796,26 @@ def test_a_continued_run_says_its_seed_and_lr_are_the_runs_and_saves_what_ran(ca
     assert final['args']['scaled_lr'] == final['optimizer']['param_groups'][0]['initial_lr'] == restored
     other = runs['b'][1]['model']  # the same run without --seed 7: the same weights, bit for bit
     assert all(torch.equal(v, other[k]) for k, v in final['model'].items())
+
+
+def test_a_seed_given_to_a_run_that_cannot_continue_its_streams_seeds_them(capsys, world, distilled, tmp_path):
+    """A checkpoint written by 2 processes, continued by 1: its saved streams cannot go on, so they are seeded from
+    --seed; a given one then has an effect (it was said to have none), and the run saves it as its seed."""
+    finals = {}
+    for seed in (7, 8):
+        out = shutil.copytree(distilled['out'], tmp_path / str(seed))
+        ckpt = out / 'checkpoint.pth'
+        saved = torch.load(ckpt)
+        saved['rng'] = [saved['rng'][0], saved['rng'][0]]  # as two processes write it
+        torch.save(saved, ckpt)
+        code, stdout, err = cli(capsys, '--resume', ckpt, '--final_finetune', 2, '--seed', seed)
+        assert code == 0, err
+        assert 'has no effect' not in stdout + err
+        assert ('note: the checkpoint cannot continue the random streams exactly (it was written by 2 processes, '
+                'this run has 1); they are seeded from --seed and epoch 1 instead') in stdout + err
+        finals[seed] = torch.load(ckpt)
+        assert finals[seed]['args']['seed'] == seed
+    assert not all(torch.equal(v, finals[8]['model'][k]) for k, v in finals[7]['model'].items())
 
 
 def test_a_continued_run_keeps_its_data_set(capsys, world, distilled, tmp_path):
