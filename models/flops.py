@@ -21,9 +21,10 @@ def count_macs(model: nn.Module, channels: Optional[List[int]] = None) -> int:
     residual adds and the token routing are not counted (as in the paper).  An attention-pooling head is counted
     over the tokens of the last block it reads (:func:`pooled_tokens`, :func:`attention_pool_macs`).
     ``channels`` defaults to the model's kept counts (a plain timm ViT counts as dense); given, it holds one count
-    per block.
+    per block.  A DistributedDataParallel or ``torch.compile`` wrapper is looked through.
     """
     model = getattr(model, 'module', model)
+    model = getattr(model, '_orig_mod', model)  # (the wrapper's type has not the model's forward_head: head_rows)
     num_tokens = model.patch_embed.num_patches + model.num_prefix_tokens
     first = next(iter(model.blocks), None)  # (a timm ViT of depth 0 has none: its blocks cost nothing)
     if channels is None:

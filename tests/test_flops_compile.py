@@ -168,3 +168,14 @@ def test_pruned_model_compiles_with_inductor_and_matches_eager():
     assert out.shape == eager.shape == (2, 1000)
     assert (out - eager).abs().max().item() < 1e-4
     _reset_dynamo()
+
+
+def test_count_macs_looks_through_a_torch_compile_wrapper():
+    """A compiled model (torch.compile wraps it) is counted as the model itself, a head without pooling too
+    (whose reading of the tokens is told by the model's class, not the wrapper's)."""
+    torch.manual_seed(0)
+    for pool in ('token', ''):
+        cc = models.create_model('vit_tiny_patch16_224', img_size=32, patch_size=8, depth=2, num_classes=5,
+                                 global_pool=pool)
+        pruning.apply_masks(cc, pruning.random_masks(2, 16, 0.4, generator=torch.Generator().manual_seed(0)))
+        assert models.count_macs(torch.compile(cc)) == models.count_macs(cc)
