@@ -25,6 +25,9 @@ def count_macs(model: nn.Module, channels: Optional[List[int]] = None) -> int:
     """
     model = getattr(model, 'module', model)
     model = getattr(model, '_orig_mod', model)  # (the wrapper's type has not the model's forward_head: head_rows)
+    if not isinstance(model, VisionTransformer):  # (its patch_embed or blocks were missing: an AttributeError)
+        raise TypeError(f'count_macs counts a timm VisionTransformer (a Clip & Concat model or a plain one), got '
+                        f'{"None" if model is None else "a " + type(model).__name__}')
     num_tokens = model.patch_embed.num_patches + model.num_prefix_tokens
     first = next(iter(model.blocks), None)  # (a timm ViT of depth 0 has none: its blocks cost nothing)
     if channels is None:

@@ -179,3 +179,9 @@ def test_count_macs_looks_through_a_torch_compile_wrapper():
                                  global_pool=pool)
         pruning.apply_masks(cc, pruning.random_masks(2, 16, 0.4, generator=torch.Generator().manual_seed(0)))
         assert models.count_macs(torch.compile(cc)) == models.count_macs(cc)
+
+
+@pytest.mark.parametrize('model', [torch.nn.Linear(2, 2), None], ids=['linear', 'none'])
+def test_count_macs_of_what_is_no_vision_transformer_says_so(model):
+    with pytest.raises(TypeError, match='count_macs counts a timm VisionTransformer'):
+        models.count_macs(model)
