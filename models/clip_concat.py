@@ -89,6 +89,15 @@ class CCModelMixin:
     def __prepare_scriptable__(self):
         _refuse_scripting()
 
+    def __setstate__(self, state):
+        """A copy (``copy.deepcopy``, pickle, ``torch.load`` of the whole model) has mask tensors whose version
+        counters start again, and may equal the ones the plan was stamped with although a mask was changed in place
+        after it: the copy's next sync compares the masks' values instead (:meth:`sync_token_plan`)."""
+        super().__setstate__(state)
+        planned = getattr(self, '_planned_masks', None)
+        if planned is not None:
+            self._planned_masks = [(mask, -1) for mask, _ in planned]
+
     @property
     def masks(self) -> List[torch.Tensor]:
         """The per-block concat-order masks (the buffers themselves: a change made to them in place, such as

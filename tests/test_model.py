@@ -326,6 +326,30 @@ def test_masks_changed_in_place_are_taken_up_by_the_next_forward():
         assert torch.equal(built(x), model(x))
 
 
+def test_a_copy_takes_up_a_mask_changed_in_place_before_it_was_made():
+    """A mask changed in place and copied with the model before any forward: the copy (deepcopy, pickle, torch.save
+    of the whole model), whose mask tensors count versions afresh, computes the masks it holds, not the older plan."""
+    import io
+    import pickle
+    torch.manual_seed(4)
+    model = timm.create_model('cc_deit_tiny_patch16_224', img_size=64, depth=4).eval()
+    pruning.apply_masks(model, _revisiting_plan(4, 16, 1))
+    model.masks[1][5] = not bool(model.masks[1][5])
+    concat = [m.clone() for m in model.masks]
+
+    def saved(m):
+        buffer = io.BytesIO()
+        torch.save(m, buffer)
+        buffer.seek(0)
+        return torch.load(buffer, weights_only=False)
+
+    x = torch.randn(2, 3, 64, 64)
+    for copied in (copy.deepcopy(model), pickle.loads(pickle.dumps(model)), saved(model)):
+        assert [ids.numel() for ids in copied.kept_token_ids()] == [int(m.sum()) for m in concat]
+        with torch.no_grad():
+            assert (copied(x) - reference_forward(copied, x, concat)).abs().max().item() < 1e-4
+
+
 def test_pruned_model_loaded_from_concat_order_masks_equals_reference():
     """Masks arriving through a state dict (any concat-order masks with the class token kept)."""
     torch.manual_seed(5)
