@@ -17,6 +17,7 @@ a head.
 """
 import contextlib
 import itertools
+import numbers
 from typing import Iterable, List, Optional, Tuple
 
 import torch
@@ -107,8 +108,8 @@ def attention_taylor_scores(model: nn.Module, batches: Iterable[Tuple[torch.Tens
     nothing; the ValueError for no batch at all is raised in every process).
     """
     model = clip_concat_model(model, 'attention_taylor_scores')  # (scoring runs it eagerly, with hooks)
-    if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int)
-                                    or max_batches < 1):
+    if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, numbers.Integral)
+                                    or max_batches < 1):  # (a NumPy integer is a whole number too)
         raise ValueError(f'max_batches must be a whole number >= 1 (or None: every batch), got {max_batches!r}')
     if torch.is_inference_mode_enabled():
         raise RuntimeError('attention_taylor_scores needs gradients: call it outside torch.inference_mode()')

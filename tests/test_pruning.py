@@ -108,6 +108,15 @@ def test_max_batches_draws_no_batch_past_the_cap():
     assert left is not None and left[0] is batches[2][0]
 
 
+def test_max_batches_may_be_a_numpy_integer():
+    """A whole number of NumPy's (a count computed with an array) caps the batches as a Python int does."""
+    import numpy as np
+    model = _small_model()
+    batches = _batches(n=3)
+    capped = pruning.attention_taylor_scores(model, batches, nn.CrossEntropyLoss(), max_batches=np.int64(2))
+    assert torch.equal(capped, pruning.attention_taylor_scores(model, batches, nn.CrossEntropyLoss(), max_batches=2))
+
+
 def test_a_model_with_frozen_weights_is_scored_as_the_same_model_training():
     """With every weight frozen (a teacher's requires_grad_(False)) the attention maps need no gradient, so the
     capture makes each a leaf that does, and the forward must go on from that leaf: if the hook kept the leaf but
