@@ -126,8 +126,10 @@ class CCModelMixin:
             if problem:
                 raise ValueError(f'blocks.{layer}.{MASK_KEY}: {problem}')
             self._check_prefix_kept(layer, mask.to(torch.bool))
+        # copies first: a row may be (a view of) another block's buffer, as in set_masks(model.masks[::-1])
+        concat_masks = [mask.to(torch.bool, copy=True) for mask in concat_masks]
         for blk, mask in zip(self.blocks, concat_masks):
-            blk.attn.token_index.copy_(mask.to(torch.bool))
+            blk.attn.token_index.copy_(mask)
         self.refresh_token_plan()
         return kept_token_counts(self)
 

@@ -350,6 +350,25 @@ def test_a_copy_takes_up_a_mask_changed_in_place_before_it_was_made():
             assert (copied(x) - reference_forward(copied, x, concat)).abs().max().item() < 1e-4
 
 
+def test_set_masks_takes_the_models_own_masks_in_another_order():
+    """Rows that are the model's own mask buffers (or NumPy views of them) are read before any is written: each
+    block gets the mask it is given, not one overwritten by an earlier row's copy."""
+    torch.manual_seed(4)
+    model = timm.create_model('cc_deit_tiny_patch16_224', img_size=64, depth=4).eval()
+    pruning.apply_masks(model, _revisiting_plan(4, 16, 1))
+    masks = [m.clone() for m in model.masks]
+    assert len({tuple(m.tolist()) for m in masks}) == 4
+    for reorder in (lambda rows: rows[::-1], lambda rows: [rows[0]] + rows[:-1]):
+        for as_given in (lambda rows: rows, lambda rows: [row.numpy() for row in rows]):
+            model.set_masks(masks)
+            expected = [m.clone() for m in reorder(masks)]
+            model.set_masks(as_given(reorder(model.masks)))
+            assert all(torch.equal(m, e) for m, e in zip(model.masks, expected))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert (model(x) - reference_forward(model, x, expected)).abs().max().item() < 1e-4
+
+
 def test_pruned_model_loaded_from_concat_order_masks_equals_reference():
     """Masks arriving through a state dict (any concat-order masks with the class token kept)."""
     torch.manual_seed(5)
