@@ -61,6 +61,9 @@ def _scoring_state(model: nn.Module):
     train/eval flag, and the masks with the plan's version (the same plan: a fast path built from it stays
     valid)."""
     modes = [(module, module.training) for module in model.modules()]
+    # a mask changed in place and not yet taken up gets its plan (and a new version) first: the version restored
+    # below is that of the masks restored, so a fast path built from an older plan is not taken for valid again
+    model.sync_token_plan()
     saved_masks = [m.clone() for m in model.masks]
     version = model.token_plan_version
     try:

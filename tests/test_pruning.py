@@ -200,6 +200,20 @@ def test_scoring_restores_each_modules_mode_and_keeps_a_fast_path_valid():
         assert torch.allclose(fast(x), model(x), atol=1e-5)
 
 
+def test_scoring_after_a_mask_changed_in_place_leaves_an_older_fast_path_refused():
+    """A mask changed in place and not yet run is a new plan, which scoring takes up before it saves the model's
+    state: the fast path built before that change is still refused afterwards, not run on the older masks."""
+    from models.fast_path import build_fast_path
+    model = _small_model()
+    pruning.apply_masks(model, pruning.random_masks(3, 16, 0.3, torch.Generator().manual_seed(0)))
+    model.eval()
+    fast = build_fast_path(model, backend='torch')
+    model.masks[1][4] = not bool(model.masks[1][4])
+    pruning.attention_taylor_scores(model, _batches(), nn.CrossEntropyLoss())
+    with torch.no_grad(), pytest.raises(RuntimeError, match='build it again'):
+        fast(torch.randn(2, 3, 64, 64))
+
+
 def test_a_compiled_model_is_scored_as_the_model_itself():
     model = _small_model()
     batches = _batches()
