@@ -363,6 +363,23 @@ def _with_mixin(cls: Type[nn.Module], mixin: type) -> type:
     return _CLASSES[cls]
 
 
+def __getattr__(name: str) -> type:
+    """The Clip & Concat subclass ``CC<name>`` of a timm class loaded in this process, made on first use: a model
+    pickled whole (``torch.save(model)``, a spawned worker) names its class, which :func:`_with_mixin` makes only
+    when a model of that class is converted, so a fresh process that unpickles it has not made it yet."""
+    if name.startswith('CC'):
+        for base, mixin in ((VisionTransformer, CCModelMixin), (Block, CCBlockMixin)):
+            found, stack = [], [base]
+            while stack:
+                cls = stack.pop()
+                stack.extend(cls.__subclasses__())
+                if cls.__name__ == name[2:] and not issubclass(cls, (CCModelMixin, CCBlockMixin)):
+                    found.append(cls)
+            if found:
+                return _with_mixin(found[0], mixin)
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+
+
 def is_clip_concat(model: nn.Module) -> bool:
     """Whether ``model`` is a Clip & Concat model, or wraps one (DistributedDataParallel, ``torch.compile``)."""
     model = getattr(model, 'module', model)

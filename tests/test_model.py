@@ -369,6 +369,30 @@ def test_set_masks_takes_the_models_own_masks_in_another_order():
         assert (model(x) - reference_forward(model, x, expected)).abs().max().item() < 1e-4
 
 
+def test_a_distilled_model_saved_whole_loads_in_a_fresh_process(tmp_path):
+    """torch.save(model) of a distilled DeiT names its class, CCVisionTransformerDistilled, which is made when a model
+    of timm's class is converted: a fresh process that has only imported models makes it when unpickling."""
+    import os
+    import subprocess
+    import sys
+    torch.manual_seed(0)
+    model = models.create_model('deit_tiny_distilled_patch16_224', img_size=32, patch_size=8, embed_dim=48, depth=2,
+                                num_heads=3, num_classes=5).eval()
+    pruning.apply_masks(model, _revisiting_plan(2, 16, 1))
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.save({'model': model, 'x': x, 'y': model(x)}, tmp_path / 'whole.pt')
+    script = ('import sys, torch, models\n'
+              'f = torch.load(sys.argv[1], weights_only=False)\n'
+              'with torch.no_grad():\n'
+              '    print(type(f["model"]).__name__, torch.equal(f["model"](f["x"]), f["y"]))\n')
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, '-c', script, str(tmp_path / 'whole.pt')], cwd=root, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ['CCVisionTransformerDistilled', 'True']
+
+
 def test_pruned_model_loaded_from_concat_order_masks_equals_reference():
     """Masks arriving through a state dict (any concat-order masks with the class token kept)."""
     torch.manual_seed(5)
