@@ -98,6 +98,12 @@ class CCModelMixin:
         if planned is not None:
             self._planned_masks = [(mask, -1) for mask, _ in planned]
 
+    def type(self, dst_type):
+        """nn.Module's ``type`` (it casts every parameter and buffer) for the floating-point tensors only, as
+        ``.half()``, ``.double()`` and ``.to(dtype)`` cast: the masks stay boolean and the token positions integers,
+        which cast they broke the model (and ``set_masks``, which writes into the mask buffers)."""
+        return self._apply(lambda t: t.type(dst_type) if t.is_floating_point() else t)
+
     @property
     def masks(self) -> List[torch.Tensor]:
         """The per-block concat-order masks (the buffers themselves: a change made to them in place, such as

@@ -393,6 +393,23 @@ def test_a_distilled_model_saved_whole_loads_in_a_fresh_process(tmp_path):
     assert run.stdout.split() == ['CCVisionTransformerDistilled', 'True']
 
 
+def test_module_type_casts_the_weights_and_leaves_the_masks_boolean():
+    """nn.Module.type(torch.float64) casts the weights as .double() does; the masks stay boolean and the token
+    positions integers, so the model runs (as timm's does after it) and takes new masks."""
+    torch.manual_seed(4)
+    model = timm.create_model('cc_deit_tiny_patch16_224', img_size=64, depth=4).eval()
+    pruning.apply_masks(model, _revisiting_plan(4, 16, 1))
+    doubled = copy.deepcopy(model).double()
+    model.type(torch.float64)
+    assert all(m.dtype == torch.bool for m in model.masks) and model.cls_token.dtype == torch.float64
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.equal(model(x), doubled(x))
+    pruning.apply_masks(model, _revisiting_plan(4, 16, 2))
+    with torch.no_grad():
+        assert (model(x) - reference_forward(model, x, [m.clone() for m in model.masks])).abs().max().item() < 1e-9
+
+
 def test_pruned_model_loaded_from_concat_order_masks_equals_reference():
     """Masks arriving through a state dict (any concat-order masks with the class token kept)."""
     torch.manual_seed(5)
