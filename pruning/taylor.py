@@ -123,6 +123,8 @@ def attention_taylor_scores(model: nn.Module, batches: Iterable[Tuple[torch.Tens
         # (islice stops before drawing a batch past the cap: an iterator the caller goes on using loses none)
         for step, batch in enumerate(itertools.islice(batches, max_batches)):
             images, targets = _pair(batch, step)
+            if images.dim() and not images.shape[0]:  # no image: nothing to add (its 1 / (B·H·N) would be 0 / 0)
+                continue
             images = images.to(device, non_blocking=True)
             targets = targets.to(device, non_blocking=True)
             loss = _loss(criterion, model(images), targets, step)

@@ -108,6 +108,17 @@ def test_max_batches_draws_no_batch_past_the_cap():
     assert left is not None and left[0] is batches[2][0]
 
 
+def test_an_empty_batch_adds_nothing_to_the_scores():
+    """A batch of no images (a loader's filtered last batch) adds nothing, where dividing its sum by B = 0 made
+    every score NaN (which plan_masks then blamed on a non-finite loss)."""
+    model = _small_model()
+    batches = _batches(n=2)
+    criterion = nn.CrossEntropyLoss(reduction='sum')
+    empty = (batches[0][0][:0], batches[0][1][:0])
+    with_empty = pruning.attention_taylor_scores(model, [batches[0], empty, batches[1]], criterion)
+    assert torch.equal(with_empty, pruning.attention_taylor_scores(model, batches, criterion))
+
+
 def test_max_batches_may_be_a_numpy_integer():
     """A whole number of NumPy's (a count computed with an array) caps the batches as a Python int does."""
     import numpy as np
