@@ -945,6 +945,12 @@ def test_is_clip_concat_looks_through_the_wrappers_the_mask_functions_look_throu
     assert models.count_macs(wrapped) == models.count_macs(model, [4, 2]) < models.count_macs(model, [5, 5])
 
 
+def test_kept_token_counts_of_a_model_without_masks_says_so():
+    plain = timm.create_model('deit_tiny_patch16_224', img_size=32, depth=2)
+    with pytest.raises(TypeError, match='kept_token_counts needs a Clip & Concat model, got a VisionTransformer'):
+        models.kept_token_counts(plain)
+
+
 def test_mask_api_dense_and_back():
     torch.manual_seed(8)
     model = timm.create_model('cc_deit_tiny_patch16_224', img_size=64, depth=3).eval()
