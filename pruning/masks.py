@@ -1,4 +1,5 @@
 """From plans in original token order to the concat-order masks a checkpoint stores, and applying them."""
+import numbers
 from typing import List
 
 import torch
@@ -16,8 +17,11 @@ def to_concat_order(masks: torch.Tensor, num_prefix_tokens: int = 1) -> torch.Te
     plan read through the running order (position -> original token id, the identity at block 0):
     ``token_index_l[p] = plan_l[order[p]]``, then ``order = cat([order[token_index_l], order[~token_index_l]])``.
     """
-    if masks.dim() != 2 or masks.dtype != torch.bool:
+    if not isinstance(masks, torch.Tensor) or masks.dim() != 2 or masks.dtype != torch.bool:  # (an array: no .dim)
         raise ValueError('masks must be a bool tensor of shape (depth, num_patches)')
+    if (isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, numbers.Integral)
+            or num_prefix_tokens < 0):  # (a negative count failed in torch.ones, a fraction in its size)
+        raise ValueError(f'num_prefix_tokens must be a whole number >= 0, got {num_prefix_tokens!r}')
     depth, num_patches = masks.shape
     full = torch.cat([torch.ones(depth, num_prefix_tokens, dtype=torch.bool), masks.cpu()], dim=1)
     walk = walk_token_order(num_prefix_tokens + num_patches, (lambda order, row=row: row[order] for row in full))

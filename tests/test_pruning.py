@@ -530,6 +530,15 @@ def test_concat_order_conversion_hand_worked():
     assert torch.equal(pruning.to_concat_order(HAND_PLAN), HAND_CONCAT)
 
 
+@pytest.mark.parametrize('args, message', [
+    ((HAND_PLAN.numpy(),), 'masks must be a bool tensor'), ((HAND_PLAN.tolist(),), 'masks must be a bool tensor'),
+    ((HAND_PLAN, -1), 'num_prefix_tokens must be a whole number >= 0, got -1'),
+    ((HAND_PLAN, 1.5), 'num_prefix_tokens must be a whole number >= 0, got 1.5')])
+def test_concat_order_conversion_refuses_what_it_cannot_convert(args, message):
+    with pytest.raises(ValueError, match=message):
+        pruning.to_concat_order(*args)
+
+
 def test_apply_masks_writes_concat_order_buffers_and_returns_channels():
     model = timm.create_model('cc_deit_tiny_patch16_224', img_size=32, depth=3)  # 4 patches
     channels = pruning.apply_masks(model, HAND_PLAN)
