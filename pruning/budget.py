@@ -84,7 +84,9 @@ def plan_masks(scores: torch.Tensor, prune_rate: float, layer_decay: float = 0.0
     # each layer divided by its largest score first: the norm of scores far from 1 (1e-200, 1e200) underflows to 0
     # or overflows to inf, which would weigh a layer that is not all zeros 0 everywhere (its slots clipped first)
     peaks = s.amax(dim=1, keepdim=True) if num_patches else s.sum(dim=1, keepdim=True)
-    scaled = torch.where(peaks > 0, s / peaks.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(s))
+    # (a peak below float64's smallest normal number, 2.2e-308, is divided by as it is: raised to that number, it left
+    # the layer's scores far below 1, their norm then taken as 1, and the layer clipped first as if it were zeros)
+    scaled = torch.where(peaks > 0, s / torch.where(peaks > 0, peaks, torch.ones_like(peaks)), torch.zeros_like(s))
     norms = scaled.norm(dim=1, keepdim=True)  # (1 or more where a score is not 0: no underflow, no overflow)
     normalised = torch.where(norms > 0, scaled / norms.clamp_min(1.0), torch.zeros_like(s))
     prior = 1.0 - layer_decay * torch.arange(depth, dtype=torch.float64).unsqueeze(1)

@@ -323,7 +323,8 @@ MUTANTS: List[Mutant] = [
            [T + 'test_pruning.py::test_scoring_restores_each_modules_mode_and_keeps_a_fast_path_valid'],
            'scoring leaves a submodule put in eval mode by the user in train mode'),
     mutant('plan-norm-of-unscaled-scores', 'pruning/budget.py',
-           'scaled = torch.where(peaks > 0, s / peaks.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(s))',
+           'scaled = torch.where(peaks > 0, s / torch.where(peaks > 0, peaks, torch.ones_like(peaks)), '
+           'torch.zeros_like(s))',
            'scaled = s',
            [T + 'test_pruning.py::test_plan_normalises_layers_of_scores_far_from_1'],
            'a layer of scores far from 1 has a norm of 0 or inf and is weighed 0 everywhere, clipped first'),

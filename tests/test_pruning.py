@@ -354,10 +354,11 @@ def test_plan_normalises_each_layer():
     assert torch.equal(pruning.plan_masks(scores, 0.3), pruning.plan_masks(scaled, 0.3))
 
 
-@pytest.mark.parametrize('scale', [1e-200, 1e200])
+@pytest.mark.parametrize('scale', [1e-200, 1e200, 1e-310])
 def test_plan_normalises_layers_of_scores_far_from_1(scale):
-    """Finite scores whose squares underflow to 0 or overflow to inf: the layer is normalised all the same, not
-    weighed 0 everywhere (as a layer of zeros, clipped first) because its norm came out 0 or inf."""
+    """Finite scores whose squares underflow to 0 or overflow to inf, or that are below float64's smallest normal
+    number (1e-310): the layer is normalised all the same, not weighed (about) 0 everywhere (as a layer of zeros,
+    clipped first) because its norm came out 0 or inf."""
     scores = torch.tensor([[1.0, 3.0, 2.0, 4.0], [5.0, 1.0, 3.0, 2.0]], dtype=torch.float64)
     expected = pruning.plan_masks(scores, 0.25, layer_decay=0.0)
     assert expected.tolist() == [[False, True, True, True], [True, False, True, True]]
