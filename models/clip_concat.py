@@ -494,6 +494,8 @@ def as_mask_tensor(value, name: str) -> torch.Tensor:
         shapes = [tuple(row.shape) for row in value]  # rows given as tensors: one tensor of them
         if len(set(shapes)) > 1:
             raise ValueError(f'{name}: its rows have different shapes ({", ".join(map(str, shapes))})')
+        if any(row.is_meta for row in value):  # (else torch's NotImplementedError when the rows are copied)
+            raise ValueError(f'{name} holds no values (rows that are tensors of the meta device)')
         tensor = torch.stack([row.detach().cpu() for row in value])
     else:
         try:

@@ -606,6 +606,8 @@ def test_masks_that_hold_no_numbers_are_refused_naming_the_argument():
             model.set_masks(bad)
     with pytest.raises(ValueError, match=r'^blocks\.2\.attn\.token_index holds no values \(a tensor of the meta'):
         model.set_masks(rows[:2] + [torch.ones(5, dtype=torch.bool, device='meta')])
+    with pytest.raises(ValueError, match=r'^masks holds no values \(rows that are tensors of the meta device\)'):
+        pruning.apply_masks(model, [plan[0], plan[1], torch.ones(4, dtype=torch.bool, device='meta')])
     assert models_counts(model) == expected  # nothing written by a refusal
 
 
