@@ -366,6 +366,17 @@ def test_plan_normalises_layers_of_scores_far_from_1(scale):
     assert torch.equal(pruning.plan_masks(far, 0.25, layer_decay=0.0), expected)
 
 
+def test_plan_takes_scores_as_a_list_of_rows():
+    """Scores given as one tensor per layer (a list or tuple of rows, as apply_masks takes a plan) are the scores
+    stacked, where they were refused as not being 'a list'; rows of different lengths are refused naming them."""
+    scores = torch.rand(3, 8)
+    expected = pruning.plan_masks(scores, 0.3)
+    assert torch.equal(pruning.plan_masks(list(scores), 0.3), expected)
+    assert torch.equal(pruning.plan_masks(tuple(scores), 0.3), expected)
+    with pytest.raises(ValueError, match=r'^scores: its rows have different shapes \(\(8,\), \(7,\)\)'):
+        pruning.plan_masks([scores[0], scores[1, :7]], 0.3)
+
+
 def test_a_layer_of_zero_scores_is_clipped_first():
     """s / ||s|| is undefined for a layer of zeros: it counts as 0 everywhere, below every positive score, so its
     slots go before any other layer's (here the deepest, whose prior would otherwise make it go first)."""
