@@ -160,7 +160,13 @@ def check_nothing_in_the_way(out: str, folders: List[str], files: List[str], scr
 def planned_outputs(out: str) -> Tuple[List[str], List[str]]:
     """(the folders, the files) the demo writes under ``out``, each stage's: those of :func:`output_paths`."""
     folders, files = output_paths(out)
-    return list(folders.values()), list(files.values())
+    return list(folders.values()), list(files.values()) + teacher_logs(folders['teacher'])
+
+
+def teacher_logs(teacher_dir: str) -> List[str]:
+    """The logs :func:`train_teacher` appends to in ``teacher_dir``, which it keeps (not emptied first, as the
+    other stages' folders are): a folder there stopped the demo in a traceback once the teacher stage began."""
+    return [os.path.join(teacher_dir, name) for name in ('stdout.txt', 'eval.txt')]
 
 
 TEACHER_DIR = 'teacher'  # <out>/teacher/: the dense teacher, which a later run reuses (the study's too)

@@ -186,7 +186,7 @@ def planned_outputs(a: argparse.Namespace) -> Tuple[List[str], List[str]]:
         folders.append(seed_dir(a.out, seed))
         folders += [demo.stage_dir(seed_dir(a.out, seed), stage, mode, rate)
                     for rate in a.rates for mode in MODES for stage in ('prune', 'finetune')]
-    return folders, [os.path.join(a.out, name) for name in OUTPUT_FILES.values()]
+    return folders, [os.path.join(a.out, name) for name in OUTPUT_FILES.values()] + demo.teacher_logs(folders[0])
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -401,6 +401,20 @@ def test_run_demo_refuses_a_file_where_a_stage_writes_a_folder_and_the_reverse(t
     assert os.listdir(out) == ['speed_attn_0.40.txt']
 
 
+@pytest.mark.parametrize('name', ['stdout.txt', 'eval.txt'])
+def test_run_demo_refuses_a_folder_where_the_teacher_stage_writes_its_log(name, tmp_path, capsys):
+    """<out>/teacher/ is kept (a teacher there is reused), not emptied as the other stages' folders are: a folder at
+    its stdout.txt stopped the demo in an IsADirectoryError traceback (exit code 1) once the teacher stage began."""
+    out = tmp_path / 'out'
+    (out / 'teacher' / name).mkdir(parents=True)
+    assert run_demo.main(['--out', str(out), '--quick']) == 2
+    captured = capsys.readouterr()
+    assert captured.err == (f'error: --out {out}: {out / "teacher" / name} is in the way (the demo writes a file '
+                            f'there): move it away\n')
+    assert captured.out == ''
+    assert os.listdir(out / 'teacher') == [name]
+
+
 def test_run_demo_device_needs_cuda(tmp_path, capsys):
     """--device cuda on a machine without CUDA is refused at once, naming --device."""
     if torch.cuda.is_available():

@@ -433,7 +433,8 @@ def test_bad_arguments_are_one_error_line_before_any_work(argv, flag, tmp_path, 
 
 @pytest.mark.parametrize('quick', [False, True])
 @pytest.mark.parametrize('path,kind', [('study.png', 'folder'), ('results.json', 'folder'), ('STUDY.md', 'folder'),
-                                       ('teacher', 'file'), ('seed1', 'file'), ('seed1/finetune_random_0.25', 'file')])
+                                       ('teacher', 'file'), ('seed1', 'file'), ('seed1/finetune_random_0.25', 'file'),
+                                       ('teacher/stdout.txt', 'folder'), ('teacher/eval.txt', 'folder')])
 def test_a_path_in_the_way_of_an_output_is_refused_before_any_work(path, kind, quick, tmp_path, monkeypatch,
                                                                    capsys):
     """A folder where the study writes a file (results.json, study.png, ...) or a file where it writes a folder (the
