@@ -488,15 +488,13 @@ def as_mask_tensor(value, name: str) -> torch.Tensor:
     TypeError naming ``name`` when it holds something other than numbers (strings, None), ValueError when its rows
     have different lengths or it is a tensor of the meta device.  Its values are checked by
     :func:`mask_values_problem`."""
+    rows = stacked_rows(value, name)
     if isinstance(value, torch.Tensor):
         tensor = value
-    elif isinstance(value, (list, tuple)) and value and all(isinstance(row, torch.Tensor) for row in value):
-        shapes = [tuple(row.shape) for row in value]  # rows given as tensors: one tensor of them
-        if len(set(shapes)) > 1:
-            raise ValueError(f'{name}: its rows have different shapes ({", ".join(map(str, shapes))})')
-        if any(row.is_meta for row in value):  # (else torch's NotImplementedError when the rows are copied)
+    elif rows is not None:
+        if rows.is_meta:
             raise ValueError(f'{name} holds no values (rows that are tensors of the meta device)')
-        tensor = torch.stack([row.detach().cpu() for row in value])
+        tensor = rows
     else:
         try:
             tensor = torch.as_tensor(value)
@@ -506,6 +504,21 @@ def as_mask_tensor(value, name: str) -> torch.Tensor:
     if tensor.is_meta:
         raise ValueError(f'{name} holds no values (a tensor of the meta device)')
     return tensor
+
+
+def stacked_rows(value, name: str) -> Optional[torch.Tensor]:
+    """``value`` as one tensor when it is a non-empty list or tuple of tensors (one per row, which
+    ``torch.as_tensor`` does not take), else None; ValueError naming ``name`` when the rows have different shapes.
+    Rows of the meta device give a meta tensor (copying them would be torch's NotImplementedError): the caller
+    says they hold no values."""
+    if not (isinstance(value, (list, tuple)) and value and all(isinstance(row, torch.Tensor) for row in value)):
+        return None
+    shapes = [tuple(row.shape) for row in value]
+    if len(set(shapes)) > 1:
+        raise ValueError(f'{name}: its rows have different shapes ({", ".join(map(str, shapes))})')
+    if any(row.is_meta for row in value):
+        return torch.empty((len(value), *shapes[0]), device='meta')
+    return torch.stack([row.detach().cpu() for row in value])
 
 
 def _described(value) -> str:

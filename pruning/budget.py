@@ -11,6 +11,8 @@ from typing import List, Optional
 
 import torch
 
+from models.clip_concat import stacked_rows
+
 
 def num_clipped_slots(depth: int, num_patches: int, prune_rate: float) -> int:
     """How many (layer, patch) slots a prune rate clips; prefix tokens (class, distillation, register) are never
@@ -57,14 +59,11 @@ def plan_masks(scores: torch.Tensor, prune_rate: float, layer_decay: float = 0.0
     important tokens first). The P smallest weighted scores are clipped; ties go to the lower layer, then the
     lower token index (a stable sort over the row-major order).
     """
-    rows = isinstance(scores, (list, tuple)) and len(scores) > 0 and all(isinstance(r, torch.Tensor) for r in scores)
-    if rows:  # one tensor per layer (which torch.as_tensor refuses), as apply_masks takes the rows of a plan
-        shapes = [tuple(r.shape) for r in scores]
-        if len(set(shapes)) > 1:
-            raise ValueError(f'scores: its rows have different shapes ({", ".join(map(str, shapes))})')
-        if any(r.is_meta for r in scores):
+    rows = stacked_rows(scores, 'scores')  # one tensor per layer, as apply_masks takes the rows of a plan
+    if rows is not None:
+        if rows.is_meta:
             raise TypeError('scores must be real numbers with values, got rows that are tensors of the meta device')
-        scores = torch.stack([r.detach().cpu() for r in scores])
+        scores = rows
     if not isinstance(scores, torch.Tensor):
         try:
             scores = torch.as_tensor(scores)
