@@ -242,7 +242,7 @@ for t in r['targets']:
 from benchmarks import report  # rows a slowed host held back: time their section again
 for res in r['models'].values():
     for batch, rows in report.unsteady_rows(res):
-        print(f"unsteady: {res['label']} batch {batch}: " + ', '.join(f'{k} {100 * v:.0f}%' for k, v in rows.items()))
+        print(f"unsteady: {res['label']} batch {batch}: {report.spreads_text(rows)}")
 for run in r.get('earlier_runs', []):
     if run.get('code_changed_since'):
         print(f"note: the sections kept from the earlier run were measured before these files changed: "

@@ -1200,8 +1200,8 @@ def say_unsteady(t: Timings) -> None:
     found = t.unsteady() if t.paired else {}
     if found:
         print(f'note: unsteady timings (interquartile range over the median above {100 * UNSTEADY_SPREAD:.0f}%): '
-              + ', '.join(f'{k} {100 * v:.0f}%' for k, v in found.items())
-              + '; something likely slowed the host while they ran: time this section again', flush=True)
+              + report.spreads_text(found) + '; something likely slowed the host while they ran: time this section '
+              'again', flush=True)
 
 
 SUMMARY_ROUNDS_CAP = 10

@@ -426,8 +426,14 @@ def unsteady_rows(res: Dict) -> List[Tuple[int, Dict[str, float]]]:
     return out
 
 
+def spreads_text(rows: Dict[str, float]) -> str:
+    """'timm 13%, ours_25 16%': rows with their spread (``stats.spread``), as the log, the tables and gpu_check.sh
+    name them."""
+    return ', '.join(f'{name} {100 * v:.0f}%' for name, v in rows.items())
+
+
 def _unsteady_lines(results: Dict) -> List[str]:
-    lines = [f'- {res["label"]}, batch {batch}: ' + ', '.join(f'{name} {100 * v:.0f}%' for name, v in rows.items())
+    lines = [f'- {res["label"]}, batch {batch}: {spreads_text(rows)}'
              for res in results['models'].values() for batch, rows in unsteady_rows(res)]
     if not lines:
         return []
