@@ -152,8 +152,7 @@ def check_training_transform(args, unused: Collection[str] = ()) -> None:
     # AugMix draws its mixing weights from Dirichlet(alpha) and Beta(alpha, alpha) at every image: timm takes an
     # alpha of 0 here and numpy refused it at the first training image, in a traceback
     from timm.data import auto_augment
-    from timm.data.auto_augment import AugMixAugment
-    alpha = next((op.alpha for op in t.transforms if isinstance(op, AugMixAugment)), None)
+    alpha = next((op.alpha for op in t.transforms if isinstance(op, auto_augment.AugMixAugment)), None)
     if alpha is not None and not alpha > 0:
         raise UserError(f'--aa {args.aa}: AugMix\'s alpha (section a) must be positive, got {alpha:g}')
     # timm's rotations, shears and translations resample with --train-interpolation, and Pillow's affine
@@ -220,9 +219,10 @@ def check_split(is_train: bool, args) -> None:
             found = f'split {split} is not a directory' if os.path.exists(split) else f'split not found: {split}'
             raise UserError(f'{found} (expected one folder per class inside)')
     elif name == 'CIFAR':
-        marker = os.path.join(root, 'cifar-100-python', 'train' if is_train else 'test')
-        if os.path.isdir(os.path.dirname(marker)) and not os.access(os.path.dirname(marker), os.X_OK):
-            raise UserError(f'cannot read {os.path.dirname(marker)}: permission denied')
+        folder = os.path.join(root, 'cifar-100-python')
+        marker = os.path.join(folder, 'train' if is_train else 'test')
+        if os.path.isdir(folder) and not os.access(folder, os.X_OK):
+            raise UserError(f'cannot read {folder}: permission denied')
         if not os.path.isfile(marker):
             raise UserError(f'CIFAR-100 not found: expected {marker} (the python version of CIFAR-100, '
                             f'unpacked; nothing is downloaded)')
