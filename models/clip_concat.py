@@ -581,7 +581,6 @@ def _after_load(module, incompatible_keys):
 
 def kept_token_counts(model: nn.Module) -> List[int]:
     """``channels``: how many tokens (prefix tokens included) each block processes."""
-    if not is_clip_concat(model):  # (a plain timm ViT failed on its attention's missing mask: an AttributeError)
-        clip_concat_model(model, 'kept_token_counts')  # (the TypeError naming what it got)
-    model = getattr(model, 'module', model)
+    # (a plain timm ViT is the TypeError naming what it got: it failed on its attention's missing mask)
+    model = clip_concat_model(model, 'kept_token_counts')
     return [int(blk.attn.token_index.sum()) for blk in model.blocks]

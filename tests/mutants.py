@@ -169,7 +169,7 @@ MUTANTS: List[Mutant] = [
            [T + 'test_model.py::test_inside_original_order_the_outputs_are_the_same_tokens_in_the_same_places'],
            'inside original_order() forward_features undoes a concat order that never happened'),
     mutant('kept-counts-of-a-wrapper', 'models/clip_concat.py',
-           "    model = getattr(model, 'module', model)\n    return [int(blk", '    return [int(blk',
+           "    model = clip_concat_model(model, 'kept_token_counts')\n", "    clip_concat_model(model, 'kept_token_counts')\n",
            [T + 'test_model.py::test_is_clip_concat_looks_through_the_wrappers_the_mask_functions_look_through'],
            'kept_token_counts of a DistributedDataParallel model fails on .blocks'),
     mutant('kept-ids-handed-out-uncopied', 'models/clip_concat.py',
