@@ -774,7 +774,7 @@ def readme_speed_table(cpu: Dict, gpu: Optional[Dict] = None) -> List[str]:
             if r['kind'] not in shapes.TABLE_KINDS:
                 continue
             seed = r.get('seed_gpu') or {}
-            row = [model_name(r), f'{r["gflops"]:.2f}', f'{r["images_per_s"]:.1f}', fmt_ratio(r['speedup_vs_timm']),
+            row = [model_name(r), f'{r["gflops"]:.2f}', f'{r["images_per_s"]:.1f}', fmt_ratio(r.get('speedup_vs_timm')),
                    f'{r["flops_ratio"]:.2f}', fmt_ratio(r.get('vs_boolean'))]
             if gpu is not None:
                 e = entries.get(model_name(r), {})

@@ -1135,6 +1135,18 @@ def test_readme_table_writer_refuses_in_one_line_and_writes_nothing(tmp_path, ca
         ['README.md', 'cpu.json', 'gpu.json'])  # nothing written, no temporary file left
 
 
+def test_readme_speed_table_shows_a_dash_for_a_row_without_its_speed_up():
+    """A row of an older or cut CPU run without its speed-up over timm (which the shape check lets through, as
+    null) shows '–' there, as a null does; it was a KeyError traceback."""
+    cpu = json.load(open(os.path.join(ROOT, 'benchmarks', 'results', 'cpu.json')))
+    ours = next(i for i, r in enumerate(cpu['models']['tiny']['rows']) if r['kind'] == 'ours')
+    cpu['models']['tiny']['rows'][ours]['speedup_vs_timm'] = None
+    as_null = report.readme_speed_table(cpu)
+    del cpu['models']['tiny']['rows'][ours]['speedup_vs_timm']
+    assert report.readme_speed_table(cpu) == as_null
+    assert ' | – | ' in next(line for line in as_null if line.startswith('| C&C-Ti-25 |'))
+
+
 def test_report_names_a_path_with_a_newline_in_one_line(tmp_path, capsys):
     """A file named with a newline (--cpu, --gpu, --write-readme) is refused in one line, the newline escaped."""
     for flag in ('--cpu', '--gpu'):
