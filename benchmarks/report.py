@@ -817,6 +817,9 @@ def load_results(path: str, what: str, required=('models',)) -> Dict:
         raise ValueError(f'{what} {path}: {e.strerror or e}') from None
     except ValueError as e:  # UnicodeDecodeError among them
         raise ValueError(f'{what} {path}: not JSON ({e})') from None
+    except RecursionError:  # lists or objects nested thousands deep: no results file, and json.load's own error
+        raise ValueError(f'{what} {path}: not a results file of benchmarks/model_zoo.py (nested too deep to read)'
+                         ) from None
     if not isinstance(results, dict) or not set(required) <= set(results):
         raise ValueError(f'{what} {path}: not a results file of benchmarks/model_zoo.py')
     problem = shapes.problem(results, shapes.REPORT, '')

@@ -1005,6 +1005,8 @@ def test_readme_speed_table_sets_a_gpu_run_beside_the_cpu_run(tmp_path, capsys, 
     ('gpu missing', 'none.json: No such file or directory'),
     ('gpu not json', 'gpu.json: not JSON'),
     ('gpu not results', 'gpu.json: not a results file of benchmarks/model_zoo.py'),
+    # lists nested deeper than Python's recursion limit: json.load's RecursionError was a traceback
+    ('gpu nested too deep', 'gpu.json: not a results file of benchmarks/model_zoo.py (nested too deep to read)'),
     ('gpu without its name', 'the GPU results name no GPU (machine.gpu)'),
     ('gpu machine a list', 'gpu.json: not a results file of benchmarks/model_zoo.py (machine is a list, not an '
                            'object)'),
@@ -1060,7 +1062,8 @@ def test_readme_table_writer_refuses_in_one_line_and_writes_nothing(tmp_path, ca
                       if case == 'two tables' else open(os.path.join(ROOT, 'README.md')).read())
     before = readme.read_text()
     gpu = tmp_path / 'gpu.json'
-    gpu.write_text({'gpu not json': '{', 'gpu not results': '[1, 2]'}.get(case, '{}'))
+    gpu.write_text({'gpu not json': '{', 'gpu not results': '[1, 2]',
+                    'gpu nested too deep': '[' * 100000 + ']' * 100000}.get(case, '{}'))
     if case in ('gpu without its name', 'gpu machine a list', 'gpu figure not a number', 'gpu a cpu run',
                 'gpu original protocol', 'gpu rows given', 'gpu unfinished', 'gpu random masks', 'gpu batch size',
                 'gpu another seed'):
