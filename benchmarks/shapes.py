@@ -144,19 +144,23 @@ ROW_NAMED = {'label': STR, 'kind': STR, 'gflops': FINITE, 'flops_ratio': FINITE}
 # the paper's figures beside a row (its seed_gpu; null: the paper has none), but its images/s (see PAPER_ROW)
 PAPER = {'gflops': Maybe(FINITE), 'speedup': Maybe(FINITE)}
 
+# a figure the README's speed table prints (images/s, GFLOPs, a speed-up): a non-positive one is no measurement
+POSITIVE = Where(FINITE, lambda v: v > 0, 'is not above 0')
+
 # --- what the report reads of any results file (report.load_results)
 SUMMARY_BATCHES = (1, 32)  # the batch sizes, other than each model's own, a summary entry has the speed-up at
 # the figures of a summary entry that the README's speed table reads (null: not measured)
 SUMMARY_FIGURES = ('speedup_vs_best_dense', 'speedup_vs_timm_eager', *(f'speedup_batch{bs}' for bs in SUMMARY_BATCHES))
 REPORT = Obj({}, {'models': MapOf(Obj({'rows': ListOf(OBJECT)})), 'machine': OBJECT, 'settings': OBJECT,
                   'sections': ListOf(OBJECT),
-                  'summary': ListOf(Obj({'model': STR}, {k: Maybe(FINITE) for k in SUMMARY_FIGURES}))})
+                  'summary': ListOf(Obj({'model': STR}, {k: Maybe(POSITIVE) for k in SUMMARY_FIGURES}))})
 
 # --- what the README's speed table reads of the CPU run (report.readme_speed_table), once REPORT holds: at least
 # one model, and the figures of its timm and ours rows, each finite; a row of another kind is left out of the table
 TABLE_KINDS = ('timm', 'ours')
 # the paper's figures of a row (absent or null where the paper has none), its images/s printed as a whole number
-PAPER_ROW = Maybe(Obj({}, dict(PAPER, images_per_s=Maybe(INTEGER))))
+PAPER_ROW = Maybe(Obj({}, {'gflops': Maybe(POSITIVE), 'speedup': Maybe(POSITIVE),
+                           'images_per_s': Maybe(Where(INTEGER, lambda v: v > 0, 'is not above 0'))}))
 
 
 def _in_table(row) -> bool:
@@ -164,8 +168,9 @@ def _in_table(row) -> bool:
     return not isinstance(row, dict) or row.get('kind') in TABLE_KINDS or not isinstance(row.get('kind'), str)
 
 
-TABLE_ROW = When(_in_table, Obj(dict(ROW_NAMED, images_per_s=FINITE),
-                                {'speedup_vs_timm': Maybe(FINITE), 'vs_boolean': Maybe(FINITE), 'seed_gpu': PAPER_ROW}))
+TABLE_ROW = When(_in_table, Obj(dict(ROW_NAMED, gflops=POSITIVE, flops_ratio=POSITIVE, images_per_s=POSITIVE),
+                                {'speedup_vs_timm': Maybe(POSITIVE), 'vs_boolean': Maybe(POSITIVE),
+                                 'seed_gpu': PAPER_ROW}))
 SPEED_TABLE = Obj({'models': MapOf(Obj({'rows': ListOf(TABLE_ROW)}), nonempty=True)})
 
 # --- what a resumed run carries over (model_zoo.py --resume)

@@ -1020,6 +1020,13 @@ def test_readme_speed_table_sets_a_gpu_run_beside_the_cpu_run(tmp_path, capsys, 
     ('cpu without models', 'cpu.json: not a results file of benchmarks/model_zoo.py (models is an empty object)'),
     ('gpu figure not a number', 'gpu.json: not a results file of benchmarks/model_zoo.py (summary[0].speedup_batch1 '
                                 'is inf, not a finite number)'),
+    # a figure of no measurement (0, negative) was printed into the table as if it were one: '0.00', '-3.0'
+    ('gpu figure zero', 'gpu.json: not a results file of benchmarks/model_zoo.py (summary[0].speedup_vs_best_dense '
+                        'is not above 0)'),
+    ('cpu images/s negative', '(models.tiny.rows[2].images_per_s is not above 0)'),
+    ('cpu speed-up zero', '(models.tiny.rows[2].speedup_vs_timm is not above 0)'),
+    ('cpu GFLOPs zero', '(models.tiny.rows[0].gflops is not above 0)'),
+    ('cpu paper images/s negative', '(models.tiny.rows[0].seed_gpu.images_per_s is not above 0)'),
     ('cpu a gpu run', 'cpu.json: not the CPU run the speed table shows (it was measured on cuda, not on the CPU)'),
     ('cpu original protocol', 'cpu.json: not the CPU run the speed table shows (it was timed with --protocol '
                               'original; the table is protocol ours)'),
@@ -1064,9 +1071,9 @@ def test_readme_table_writer_refuses_in_one_line_and_writes_nothing(tmp_path, ca
     gpu = tmp_path / 'gpu.json'
     gpu.write_text({'gpu not json': '{', 'gpu not results': '[1, 2]',
                     'gpu nested too deep': '[' * 100000 + ']' * 100000}.get(case, '{}'))
-    if case in ('gpu without its name', 'gpu machine a list', 'gpu figure not a number', 'gpu a cpu run',
-                'gpu original protocol', 'gpu rows given', 'gpu unfinished', 'gpu random masks', 'gpu batch size',
-                'gpu another seed'):
+    if case in ('gpu without its name', 'gpu machine a list', 'gpu figure not a number', 'gpu figure zero',
+                'gpu a cpu run', 'gpu original protocol', 'gpu rows given', 'gpu unfinished', 'gpu random masks',
+                'gpu batch size', 'gpu another seed'):
         run = _summary_run()
         report.attach_summary(run, 'cuda')
         run['machine'] = {'device': 'cuda'} if case == 'gpu without its name' else {'gpu': 'NVIDIA H200',
@@ -1075,6 +1082,8 @@ def test_readme_table_writer_refuses_in_one_line_and_writes_nothing(tmp_path, ca
             run['machine'] = ['NVIDIA H200']
         if case == 'gpu figure not a number':
             run['summary'][0]['speedup_batch1'] = math.inf
+        if case == 'gpu figure zero':
+            run['summary'][0]['speedup_vs_best_dense'] = 0
         if case == 'gpu a cpu run':
             run['machine']['device'] = 'cpu'
         if case == 'gpu original protocol':
@@ -1099,6 +1108,14 @@ def test_readme_table_writer_refuses_in_one_line_and_writes_nothing(tmp_path, ca
         del cpu['models']['tiny']['rows'][0]['gflops'], cpu['models']['tiny']['rows'][0]['images_per_s']
     elif case == 'cpu figure not a number':
         cpu['models']['tiny']['rows'][2]['images_per_s'] = math.nan
+    elif case == 'cpu images/s negative':
+        cpu['models']['tiny']['rows'][2]['images_per_s'] = -3.0
+    elif case == 'cpu speed-up zero':
+        cpu['models']['tiny']['rows'][2]['speedup_vs_timm'] = 0
+    elif case == 'cpu GFLOPs zero':
+        cpu['models']['tiny']['rows'][0]['gflops'] = 0.0
+    elif case == 'cpu paper images/s negative':
+        cpu['models']['tiny']['rows'][0]['seed_gpu']['images_per_s'] = -5
     elif case == 'cpu without models':
         cpu['models'] = {}
     elif case == 'cpu a gpu run':
