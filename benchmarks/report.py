@@ -837,6 +837,11 @@ def _run_problem(results: Dict, gpu: bool) -> Optional[str]:
     device = results.get('machine', {}).get('device', settings.get('device'))
     if not (str(device).startswith('cuda') if gpu else device == 'cpu'):
         return f'it was measured on {device}, not on {"a CUDA GPU" if gpu else "the CPU"}'
+    name = results.get('machine', {}).get('gpu')
+    if gpu and not (isinstance(name, str) and name.strip()):  # the GPU columns are headed with it
+        what = ('is missing' if name is None else 'is blank' if isinstance(name, str)
+                else f'is {shapes.json_kind(name)}, not a string')
+        return f'it names no GPU (machine.gpu {what})'
     if settings.get('protocol', 'ours') != 'ours':
         return f'it was timed with --protocol {settings["protocol"]}; the table is protocol ours'
     if settings.get('quick'):

@@ -1007,7 +1007,12 @@ def test_readme_speed_table_sets_a_gpu_run_beside_the_cpu_run(tmp_path, capsys, 
     ('gpu not results', 'gpu.json: not a results file of benchmarks/model_zoo.py'),
     # lists nested deeper than Python's recursion limit: json.load's RecursionError was a traceback
     ('gpu nested too deep', 'gpu.json: not a results file of benchmarks/model_zoo.py (nested too deep to read)'),
-    ('gpu without its name', 'the GPU results name no GPU (machine.gpu)'),
+    ('gpu without its name', 'gpu.json: not the GPU run the speed table shows (it names no GPU (machine.gpu is '
+                             'missing))'),  # it named no file
+    # the GPU columns were headed "['NVIDIA H200']: fastest pruned over fastest dense"
+    ('gpu name a list', 'gpu.json: not the GPU run the speed table shows (it names no GPU (machine.gpu is a list, '
+                        'not a string))'),
+    ('gpu name blank', '(it names no GPU (machine.gpu is blank))'),
     ('gpu machine a list', 'gpu.json: not a results file of benchmarks/model_zoo.py (machine is a list, not an '
                            'object)'),
     ('cpu models a list', 'cpu.json: not a results file of benchmarks/model_zoo.py (models is a list, not an '
@@ -1071,13 +1076,15 @@ def test_readme_table_writer_refuses_in_one_line_and_writes_nothing(tmp_path, ca
     gpu = tmp_path / 'gpu.json'
     gpu.write_text({'gpu not json': '{', 'gpu not results': '[1, 2]',
                     'gpu nested too deep': '[' * 100000 + ']' * 100000}.get(case, '{}'))
-    if case in ('gpu without its name', 'gpu machine a list', 'gpu figure not a number', 'gpu figure zero',
-                'gpu a cpu run', 'gpu original protocol', 'gpu rows given', 'gpu unfinished', 'gpu random masks',
-                'gpu batch size', 'gpu another seed'):
+    if case in ('gpu without its name', 'gpu name a list', 'gpu name blank', 'gpu machine a list',
+                'gpu figure not a number', 'gpu figure zero', 'gpu a cpu run', 'gpu original protocol', 'gpu rows given',
+                'gpu unfinished', 'gpu random masks', 'gpu batch size', 'gpu another seed'):
         run = _summary_run()
         report.attach_summary(run, 'cuda')
         run['machine'] = {'device': 'cuda'} if case == 'gpu without its name' else {'gpu': 'NVIDIA H200',
                                                                                     'device': 'cuda'}
+        if case in ('gpu name a list', 'gpu name blank'):
+            run['machine']['gpu'] = ['NVIDIA H200'] if case == 'gpu name a list' else ' '
         if case == 'gpu machine a list':
             run['machine'] = ['NVIDIA H200']
         if case == 'gpu figure not a number':
