@@ -842,6 +842,9 @@ def _run_problem(results: Dict, gpu: bool) -> Optional[str]:
         what = ('is missing' if name is None else 'is blank' if isinstance(name, str)
                 else f'is {shapes.json_kind(name)}, not a string')
         return f'it names no GPU (machine.gpu {what})'
+    cell = shapes.CELL.problem(name, 'machine.gpu') if gpu else None
+    if cell:
+        return f'its {cell}'
     if settings.get('protocol', 'ours') != 'ours':
         return f'it was timed with --protocol {settings["protocol"]}; the table is protocol ours'
     if settings.get('quick'):

@@ -7,6 +7,7 @@ has another shape than model_zoo.py writes (a key missing, a string where a numb
 goes), so that a hand-edited or cut file is refused before any work instead of failing in the middle of the run or
 of its report."""
 import math
+import re
 from typing import Dict, Optional
 
 
@@ -158,6 +159,9 @@ REPORT = Obj({}, {'models': MapOf(Obj({'rows': ListOf(OBJECT)})), 'machine': OBJ
 # --- what the README's speed table reads of the CPU run (report.readme_speed_table), once REPORT holds: at least
 # one model, and the figures of its timm and ours rows, each finite; a row of another kind is left out of the table
 TABLE_KINDS = ('timm', 'ours')
+# text put into a cell of a Markdown table (a row's label, the GPU's name): a "|" splits the cell, a newline the table
+CELL = Where(STR, lambda v: not re.search(r'[|\x00-\x1f\x7f]', v),
+             'has a "|" or a control character, which would break the Markdown table')
 # the paper's figures of a row (absent or null where the paper has none), its images/s printed as a whole number
 PAPER_ROW = Maybe(Obj({}, {'gflops': Maybe(POSITIVE), 'speedup': Maybe(POSITIVE),
                            'images_per_s': Maybe(Where(INTEGER, lambda v: v > 0, 'is not above 0'))}))
@@ -168,7 +172,8 @@ def _in_table(row) -> bool:
     return not isinstance(row, dict) or row.get('kind') in TABLE_KINDS or not isinstance(row.get('kind'), str)
 
 
-TABLE_ROW = When(_in_table, Obj(dict(ROW_NAMED, gflops=POSITIVE, flops_ratio=POSITIVE, images_per_s=POSITIVE),
+TABLE_ROW = When(_in_table, Obj(dict(ROW_NAMED, label=CELL, gflops=POSITIVE, flops_ratio=POSITIVE,
+                                     images_per_s=POSITIVE),
                                 {'speedup_vs_timm': Maybe(POSITIVE), 'vs_boolean': Maybe(POSITIVE),
                                  'seed_gpu': PAPER_ROW}))
 SPEED_TABLE = Obj({'models': MapOf(Obj({'rows': ListOf(TABLE_ROW)}), nonempty=True)})
