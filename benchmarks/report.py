@@ -864,6 +864,14 @@ def _run_problem(results: Dict, gpu: bool) -> Optional[str]:
         return f'{len(unfinished)} of its sections did not finish; model_zoo.py --resume finishes them'
     if gpu and not results.get('summary'):
         return 'it has no summary'
+    # a model twice (a row or a section copied, a merge): the table would show it twice, or one of two sets of figures
+    names = ([e['model'] for e in results['summary']] if gpu else
+             [model_name(r) for res in results['models'].values() for r in res['rows']
+              if r['kind'] in shapes.TABLE_KINDS])
+    twice = list(dict.fromkeys(n for n in names if names.count(n) > 1))
+    if twice:
+        return (f'{"its summary has" if gpu else "it has"} more than one {"entry" if gpu else "row"} of '
+                + ', '.join(twice))
     return None
 
 

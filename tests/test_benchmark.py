@@ -1013,6 +1013,11 @@ def test_readme_speed_table_sets_a_gpu_run_beside_the_cpu_run(tmp_path, capsys, 
     ('gpu name a list', 'gpu.json: not the GPU run the speed table shows (it names no GPU (machine.gpu is a list, '
                         'not a string))'),
     ('gpu name blank', '(it names no GPU (machine.gpu is blank))'),
+    # a model twice: its GPU figures were the last entry's, its CPU row printed twice
+    ('gpu summary entry twice', 'gpu.json: not the GPU run the speed table shows (its summary has more than one entry '
+                                'of C&C-Ti-25)'),
+    ('cpu section twice', 'cpu.json: not the CPU run the speed table shows (it has more than one row of DeiT-Ti, '
+                          'C&C-Ti-25, C&C-Ti-30, C&C-Ti-40)'),
     # a "|" or a newline in a cell split the README's table (the rows after it no longer part of it)
     ('gpu name with a newline', 'gpu.json: not the GPU run the speed table shows (its machine.gpu has a "|" or a '
                                 'control character, which would break the Markdown table)'),
@@ -1082,15 +1087,17 @@ def test_readme_table_writer_refuses_in_one_line_and_writes_nothing(tmp_path, ca
     gpu.write_text({'gpu not json': '{', 'gpu not results': '[1, 2]',
                     'gpu nested too deep': '[' * 100000 + ']' * 100000}.get(case, '{}'))
     if case in ('gpu without its name', 'gpu name a list', 'gpu name blank', 'gpu name with a newline',
-                'gpu machine a list', 'gpu figure not a number', 'gpu figure zero', 'gpu a cpu run',
-                'gpu original protocol', 'gpu rows given', 'gpu unfinished', 'gpu random masks', 'gpu batch size',
-                'gpu another seed'):
+                'gpu summary entry twice', 'gpu machine a list', 'gpu figure not a number', 'gpu figure zero',
+                'gpu a cpu run', 'gpu original protocol', 'gpu rows given', 'gpu unfinished', 'gpu random masks',
+                'gpu batch size', 'gpu another seed'):
         run = _summary_run()
         report.attach_summary(run, 'cuda')
         run['machine'] = {'device': 'cuda'} if case == 'gpu without its name' else {'gpu': 'NVIDIA H200',
                                                                                     'device': 'cuda'}
         if case in ('gpu name a list', 'gpu name blank'):
             run['machine']['gpu'] = ['NVIDIA H200'] if case == 'gpu name a list' else ' '
+        if case == 'gpu summary entry twice':
+            run['summary'].append(dict(run['summary'][0], speedup_vs_best_dense=9.99))
         if case == 'gpu name with a newline':
             run['machine']['gpu'] = 'NVIDIA\nH200'
         if case == 'gpu machine a list':
@@ -1133,6 +1140,8 @@ def test_readme_table_writer_refuses_in_one_line_and_writes_nothing(tmp_path, ca
         cpu['models']['tiny']['rows'][0]['seed_gpu']['images_per_s'] = -5
     elif case == 'cpu label with a bar':
         cpu['models']['tiny']['rows'][2]['label'] = 'C&C|Ti-25 (ours)'
+    elif case == 'cpu section twice':
+        cpu['models']['tiny_again'] = copy.deepcopy(cpu['models']['tiny'])
     elif case == 'cpu without models':
         cpu['models'] = {}
     elif case == 'cpu a gpu run':
