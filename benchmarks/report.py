@@ -803,7 +803,8 @@ def replace_speed_table(text: str, lines: List[str]) -> str:
     end = start
     while end < len(rows) and rows[end].startswith('|'):
         end += 1
-    return '\n'.join(rows[:start] + lines + rows[end:])
+    eol = '\r' if rows[start].endswith('\r') else ''  # a README with Windows line ends keeps them
+    return '\n'.join(rows[:start] + [line + eol for line in lines] + rows[end:])
 
 
 def load_results(path: str, what: str, required=('models',)) -> Dict:
@@ -924,7 +925,7 @@ def main(argv=None) -> None:
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
             return
         try:
-            with open(args.write_readme) as f:
+            with open(args.write_readme, newline='') as f:  # its line ends as they are
                 text = f.read()
             new = replace_speed_table(text, lines)
         except (OSError, ValueError) as e:

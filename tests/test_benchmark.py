@@ -1193,6 +1193,21 @@ def test_readme_speed_table_shows_a_dash_for_a_row_without_its_speed_up():
     assert ' | – | ' in next(line for line in as_null if line.startswith('| C&C-Ti-25 |'))
 
 
+def test_write_readme_keeps_the_line_ends_of_a_windows_readme(tmp_path, capsys):
+    """A README with Windows line ends (\\r\\n) gets its new speed table with the same line ends, and every other
+    line as it was; it was rewritten throughout with \\n (and called unchanged when its table was)."""
+    readme = open(os.path.join(ROOT, 'README.md')).read()
+    table = report.readme_speed_table(json.load(open(os.path.join(ROOT, 'benchmarks', 'results', 'cpu.json'))),
+                                      json.load(open(os.path.join(ROOT, 'benchmarks', 'results', 'cuda.json'))))
+    assert '\n'.join(table) in readme and '\r' not in readme
+    path = tmp_path / 'README.md'
+    for stale in (table[2], table[2].replace(' | ', ' | 9', 1)):  # as it is, and one row stale
+        path.write_bytes(readme.replace(table[2], stale).replace('\n', '\r\n').encode())
+        report.main(['--write-readme', str(path)])
+        assert path.read_bytes() == readme.replace('\n', '\r\n').encode()
+        assert capsys.readouterr().out.endswith('(unchanged)\n') == (stale == table[2])
+
+
 def test_report_names_a_path_with_a_newline_in_one_line(tmp_path, capsys):
     """A file named with a newline (--cpu, --gpu, --write-readme) is refused in one line, the newline escaped."""
     for flag in ('--cpu', '--gpu'):
