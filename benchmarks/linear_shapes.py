@@ -133,7 +133,7 @@ def _is_results(path: str) -> bool:
     try:
         with open(path) as f:
             result = json.load(f)
-    except (OSError, ValueError):  # UnicodeDecodeError among them
+    except (OSError, ValueError, RecursionError):  # UnicodeDecodeError among them; lists nested thousands deep
         return False
     return isinstance(result, dict) and {'model', 'rate', 'batch', 'kept', 'shapes_ms', 'summary'} <= set(result)
 

@@ -3159,6 +3159,8 @@ def test_linear_shapes_replaces_only_its_own_earlier_outputs_in_out(tmp_path, ca
     ours = {'linear_shapes.json': open(committed + '.json').read(), 'linear_shapes.md': open(committed + '.md').read()}
     for name, other in (('linear_shapes.json', 'linear_shapes.md'), ('linear_shapes.md', 'linear_shapes.json')):
         for text, words in (('my notes\n', 'exists and is not an output of benchmarks/linear_shapes.py'),
+                            # JSON nested too deep for json.load: its RecursionError was a traceback
+                            ('[' * 100000 + ']' * 100000, 'exists and is not an output of benchmarks/linear_shapes.py'),
                             (ours[other], f'is {linear_shapes.OUTPUT_KINDS[other][0]} of benchmarks/linear_shapes.py, '
                                           f'not {linear_shapes.OUTPUT_KINDS[name][0]}')):
             out = tmp_path / 'out'
