@@ -580,7 +580,7 @@ def _shape_note(path: str) -> str:
     try:
         with open(path) as f:
             data = json.load(f)
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # (lists nested thousands deep: json.load recursed too far)
         return ''
     problem = shapes.problem(data, shapes.REPORT, '') if isinstance(data, dict) else None
     return f' ({problem})' if problem else ''

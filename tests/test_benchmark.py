@@ -2214,6 +2214,8 @@ def test_resume_refuses_other_settings_another_machine_and_other_files(capsys, t
     notes = tmp_path / 'notes.json'
     notes.write_text('{"a": 1}')
     assert 'is not a results JSON of this benchmark' in _refused(capsys, tmp_path, '--resume', str(notes))
+    notes.write_text('[' * 100000 + ']' * 100000)  # json.load's RecursionError was a traceback
+    assert 'is not a results JSON of this benchmark' in _refused(capsys, tmp_path, '--resume', str(notes))
     tables = tmp_path / 'r.md'  # the tables this script writes beside the JSON: its output, but not resumable
     tables.write_text('Measured on cpu (AMD EPYC, 2 cores).\n')
     assert 'is not a results JSON of this benchmark' in _refused(capsys, tmp_path, '--resume', str(tables))
