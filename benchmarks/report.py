@@ -925,7 +925,8 @@ def main(argv=None) -> None:
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
             return
         try:
-            with open(args.write_readme, newline='') as f:  # its line ends as they are
+            # UTF-8, as it is written (not the locale's encoding); its line ends as they are
+            with open(args.write_readme, encoding='utf-8', newline='') as f:
                 text = f.read()
             new = replace_speed_table(text, lines)
         except (OSError, ValueError) as e:

@@ -1208,6 +1208,18 @@ def test_write_readme_keeps_the_line_ends_of_a_windows_readme(tmp_path, capsys):
         assert capsys.readouterr().out.endswith('(unchanged)\n') == (stale == table[2])
 
 
+def test_write_readme_reads_the_readme_as_utf8_whatever_the_locale(tmp_path):
+    """The README is read as UTF-8, as it is written: under an ASCII locale the README (its '–') was refused as
+    undecodable, and under a Latin-1 one every character beyond ASCII would come back written twice over."""
+    readme = tmp_path / 'README.md'
+    shutil.copy(os.path.join(ROOT, 'README.md'), readme)
+    env = dict(subprocess_env(), LC_ALL='C', PYTHONUTF8='0', PYTHONCOERCECLOCALE='0')
+    r = subprocess.run([sys.executable, '-m', 'benchmarks.report', '--write-readme', str(readme)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.endswith('(unchanged)\n'), r.stderr
+    assert readme.read_bytes() == open(os.path.join(ROOT, 'README.md'), 'rb').read()
+
+
 def test_report_names_a_path_with_a_newline_in_one_line(tmp_path, capsys):
     """A file named with a newline (--cpu, --gpu, --write-readme) is refused in one line, the newline escaped."""
     for flag in ('--cpu', '--gpu'):
