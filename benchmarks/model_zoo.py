@@ -634,6 +634,8 @@ def _kept_model_problem(result: Dict, where: str, section: 'Section', args) -> O
             return f'{where}.rows[{i}].kind is {row["kind"]!r}, no row of this benchmark'
         if REGISTRY[row['kind']].pruned and row['prune_rate'] not in args.rates:
             return f'{where}.rows[{i}].prune_rate is {row["prune_rate"]}, not one of --rates'
+    if not any(row['kind'] == 'timm' for row in result['rows']):  # (the report's summary was a KeyError on it)
+        return f'{where}.rows has no timm row, which every speed-up is over'
     if args.summary_batch_sizes and 'summary_sweep' not in result:
         return f'{where} has no "summary_sweep", which its summary sections add to'
     return None

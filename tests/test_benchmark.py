@@ -2364,6 +2364,8 @@ ROW = ('models', 'tiny', 'rows', 1)
     (ROW + ('seed_gpu',), None, 'models.tiny.rows[1].seed_gpu is null, not an object'),
     (ROW + ('gflops',), float('nan'), 'models.tiny.rows[1].gflops is nan, not a finite number'),
     (('models', 'tiny', 'rows'), [], 'models.tiny.rows is an empty list'),
+    # the summary of the run carried on took its speed-up over timm eager from it: a KeyError after the work
+    (('models', 'tiny', 'rows', 0), DELETE, 'models.tiny.rows has no timm row, which every speed-up is over'),
     (('models', 'tiny', 'batch_size'), '32', 'models.tiny.batch_size is a string, not a positive whole number'),
     (('models', 'tiny', 'batch_size'), 16, "models.tiny.batch_size is 16, but its section is 'DeiT-Ti, batch 32 "
                                            "(main table)'"),
