@@ -636,6 +636,10 @@ def _kept_model_problem(result: Dict, where: str, section: 'Section', args) -> O
             return f'{where}.rows[{i}].prune_rate is {row["prune_rate"]}, not one of --rates'
     if not any(row['kind'] == 'timm' for row in result['rows']):  # (the report's summary was a KeyError on it)
         return f'{where}.rows has no timm row, which every speed-up is over'
+    keys = [row['key'] for row in result['rows']]
+    twice = [k for k in dict.fromkeys(keys) if keys.count(k) > 1]
+    if twice:  # its pass times taken for both from the last, and the row printed twice
+        return f'{where}.rows has more than one row of key {", ".join(map(repr, twice))}'
     rounds = sorted({len(row['seconds']) for row in result['rows'] if row['seconds']})
     if len(rounds) > 1:  # timed together, one pass each round: a speed-up pairs them round by round
         return (f'{where}.rows have {" or ".join(map(str, rounds))} pass times each, not one per round of the rounds '

@@ -2366,6 +2366,8 @@ ROW = ('models', 'tiny', 'rows', 1)
     (('models', 'tiny', 'rows'), [], 'models.tiny.rows is an empty list'),
     # the summary of the run carried on took its speed-up over timm eager from it: a KeyError after the work
     (('models', 'tiny', 'rows', 0), DELETE, 'models.tiny.rows has no timm row, which every speed-up is over'),
+    # a row twice: printed twice, and the summary took both rows' pass times from the last
+    (('models', 'tiny', 'rows', 2, 'key'), 'ours_25', "models.tiny.rows has more than one row of key 'ours_25'"),
     # paired round by round in the summary of the run carried on: zip's ValueError after the work
     (ROW + ('seconds',), [0.27], 'models.tiny.rows have 1 or 2 pass times each, not one per round of the rounds they '
                                  'were timed in together'),
