@@ -219,13 +219,17 @@ def check_image_folder(root: str) -> None:
 
 def load_model(resume: str, model_name: Optional[str], input_size: Optional[int] = None) -> nn.Module:
     """Any C&C checkpoint (official weights, pruned_<rate>.pth, checkpoint.pth) -> model in eval mode; without
-    ``model_name`` the model the file names in its ``args``."""
+    ``model_name`` the model the file names in its ``args``; ``input_size`` a whole number of its patches."""
     if model_name is not None:
         try:
             model_name = 'cc_' + models.check_model_name(model_name)
         except ValueError as e:
             raise UserError(f'--model: {e}') from None
     model, _ = models.build_model_from_checkpoint(resume, model_name, img_size=input_size)
+    ph, pw = model.patch_embed.patch_size
+    if input_size is not None and (input_size % ph or input_size % pw):  # (finetune.py's check, on the model read)
+        raise UserError(f'--input-size {input_size} is not a whole number of {ph}x{pw} patches of the model of '
+                        f'{resume} (the patch embedding would drop the rest of the image)')
     return model.eval()
 
 

@@ -952,3 +952,19 @@ def test_draw_masks_notes_an_eval_crop_ratio_it_does_not_use(tmp_path, capsys):
         'in DeiT, which takes CIFAR images as they are)']
     default = parser.parse_args(['--resume', 'x', '--data-path', str(tmp_path)])
     assert draw_masks.unused_flag_notes(default, parser, 32) == []  # not given: nothing to say
+
+
+def test_draw_masks_refuses_an_input_size_that_is_not_a_whole_number_of_patches(tmp_path, capsys):
+    """--input-size 33 for a model of 4x4 patches: the patch embedding drops the rest of each image, and the drawing
+    failed only after the images were read and run, saying 'images are (33, 33), the model needs (32, 32)' without
+    naming the flag.  One error line naming --input-size and the patch size, as finetune.py gives it; no picture."""
+    ckpt = digits_checkpoint(tmp_path)
+    data = make_image_folder(tmp_path / 'data', classes=('a',), per_class=(1, 1))
+    out = tmp_path / 'm.png'
+    assert draw_masks.main(['--resume', str(ckpt), '--data-path', data, '--num-images', '1', '--input-size', '33',
+                            '--out', str(out)]) == 2
+    assert_one_error_line(capsys.readouterr().err, '--input-size 33 is not a whole number of 4x4 patches')
+    assert not out.exists()
+    assert draw_masks.main(['--resume', str(ckpt), '--data-path', data, '--num-images', '1', '--input-size', '32',
+                            '--out', str(out)]) == 0, capsys.readouterr().err
+    assert out.exists()
