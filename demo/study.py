@@ -342,10 +342,16 @@ def run_all(a: argparse.Namespace, out: str) -> Tuple[dict, List[dict], Dict[str
 def remove_earlier_runs(out: str, written: set) -> None:
     """Remove what an earlier study left under <out>/seed*/ and this one did not write (``written``: its stage
     directories, relative to ``out``): other seeds' and other rates' runs would mislead next to these results.
-    Called once every run has finished, so a study that stops early destroys nothing it has not replaced."""
+    Called once every run has finished, so a study that stops early destroys nothing it has not replaced.  A seed
+    folder that is a symbolic link is never emptied: nothing in the folder it names is removed, and the link only
+    where this study wrote nothing through it."""
     for name in sorted(os.listdir(out)):
         seed_folder = os.path.join(out, name)
         if not (re.fullmatch(r'seed\d+', name) and os.path.isdir(seed_folder)):
+            continue
+        if os.path.islink(seed_folder):  # (the folder it names is not --out's)
+            if not any(w.startswith(name + os.sep) for w in written):
+                os.remove(seed_folder)
             continue
         for entry in sorted(os.listdir(seed_folder)):
             if os.path.join(name, entry) not in written:

@@ -641,6 +641,23 @@ def test_earlier_runs_are_removed_only_once_the_study_has_finished(tmp_path, mon
                     'seed0/prune_attn_0.25/pruned.pth', 'seed0/prune_random_0.25/pruned.pth']
 
 
+def test_an_earlier_seed_folder_that_is_a_link_is_removed_as_a_link(tmp_path, monkeypatch):
+    """<out>/seed7, a symbolic link to a folder elsewhere: the study emptied the folder it names (deleting files
+    outside --out), then ended in a NotADirectoryError traceback, exit code 1, without its results.  The link is
+    removed, what it names left as it was."""
+    elsewhere = tmp_path / 'elsewhere'
+    elsewhere.mkdir()
+    (elsewhere / 'precious.txt').write_text('keep')
+    out = tmp_path / 'out'
+    out.mkdir()
+    os.symlink(elsewhere, out / 'seed7')
+    a = study.get_args_parser().parse_args(['--seeds', '0', '--rates', '0.25', '--out', str(out)])
+    fake_stages(monkeypatch, out)
+    assert len(study.run_all(a, str(out))[1]) == 4
+    assert not os.path.lexists(out / 'seed7') and sorted(os.listdir(out)) == ['seed0']
+    assert (elsewhere / 'precious.txt').read_text() == 'keep'
+
+
 def test_failed_figure_write_keeps_the_previous_files(tmp_path, monkeypatch, capsys):
     """A disk that fills while study.png is written: one error line, exit code 2, the previous figure intact (no
     truncated one, no temporary file) and the previous results.json not replaced by one without its figure."""
