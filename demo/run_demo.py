@@ -392,7 +392,7 @@ def train_teacher(teacher_dir: str, epochs: int, lr: float, common: List[str], f
             print(f'   (--fresh: training a new teacher in place of what {teacher_dir} holds)')
         else:
             print(f'   ({teacher_dir} holds another teacher{f" ({why})" if why else ""}; training a new one)')
-        shutil.rmtree(teacher_dir)
+        remove_folder(teacher_dir)
     if state == 'done':
         print(f'   reusing the teacher already trained in {teacher} ({epochs} epochs, lr {lr}, seed {seed}); '
               f'--fresh retrains it', flush=True)
@@ -407,6 +407,15 @@ def train_teacher(teacher_dir: str, epochs: int, lr: float, common: List[str], f
     return teacher, acc, state == 'done'
 
 
+def remove_folder(path: str, ignore_errors: bool = False) -> None:
+    """A stage's folder removed for the stage to write it anew; one that is a symbolic link is removed as a link (the
+    folder it names is not the output's: left as it is; rmtree refuses a link)."""
+    if os.path.islink(path):
+        os.remove(path)
+    else:
+        shutil.rmtree(path, ignore_errors=ignore_errors)
+
+
 def prune(teacher: str, mode: str, rate: float, out_dir: str, common: List[str], prune_batches: Optional[int],
           tag: str, verbose: bool = False, echo: bool = True) -> dict:
     """``--prune`` the teacher into ``out_dir`` (emptied first) and evaluate it there, before any finetuning.
@@ -414,7 +423,7 @@ def prune(teacher: str, mode: str, rate: float, out_dir: str, common: List[str],
     Returns ``path`` (pruned_<rate>.pth), ``acc1``, and what the CLI logged in prune_log.txt: ``gflops``
     (as the paper counts them) and ``channels`` (kept tokens per block, class token included).
     """
-    shutil.rmtree(out_dir, ignore_errors=True)
+    remove_folder(out_dir, ignore_errors=True)
     extra = ['--prune-batches', str(prune_batches)] if prune_batches and mode == 'attn' else []  # random: no scoring
     stats = cli(common + ['--prune', '--prune_mode', mode, '--prune_rate', str(rate), '--resume', teacher,
                           '--output_dir', out_dir] + extra, os.path.join(out_dir, 'stdout.txt'), tag, verbose, echo)
@@ -428,7 +437,7 @@ def distill(pruned: str, teacher: str, out_dir: str, common: List[str], epochs: 
     """Finetune a pruned model with soft distillation from the dense teacher in ``out_dir`` (emptied first),
     then ``--eval`` its last epoch. Returns ``path`` (checkpoint.pth, the last epoch, not the best on val),
     ``acc1`` and ``gflops`` (from the last line of the run's log.txt)."""
-    shutil.rmtree(out_dir, ignore_errors=True)
+    remove_folder(out_dir, ignore_errors=True)
     cli(common + RECIPE + ['--resume', pruned, '--teacher-path', teacher] + DISTILL +
         ['--lr', str(lr), '--warmup-epochs', '0', '--final_finetune', str(epochs), '--output_dir', out_dir],
         os.path.join(out_dir, 'stdout.txt'), tag, verbose, echo)

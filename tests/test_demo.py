@@ -792,6 +792,45 @@ def test_train_teacher_retrains_on_another_lr_or_seed(lr, seed, retrained, tmp_p
 
 
 
+@pytest.mark.parametrize('fresh', [False, True])
+def test_a_teacher_folder_that_is_a_link_is_replaced_as_a_link(fresh, tmp_path, monkeypatch, capsys):
+    """<out>/teacher, a symbolic link to a folder holding another teacher (or any, with --fresh): the demo and the
+    study ended in an OSError traceback (rmtree refuses a link), exit code 1.  The link is removed and a new
+    teacher trained in its place; the folder it names, not the output's, is left as it was."""
+    elsewhere = tmp_path / 'elsewhere'
+    fake_teacher(elsewhere / 'checkpoint.pth', lr=1e-3, seed=0)
+    teacher_dir = tmp_path / 'out' / 'teacher'
+    teacher_dir.parent.mkdir()
+    os.symlink(elsewhere, teacher_dir)
+    calls = []
+    monkeypatch.setattr(run_demo, 'cli', lambda argv, *a, **k: calls.append(argv) or {'acc1': 50.0})
+    run_demo.train_teacher(str(teacher_dir), 3, 1e-3 if fresh else 2e-3, run_demo.common_args(0, 'cpu'), fresh)
+    assert len([c for c in calls if '--eval' not in c]) == 1 and not os.path.lexists(teacher_dir)
+    assert sorted(os.listdir(elsewhere)) == ['checkpoint.pth']
+
+
+def test_a_stage_folder_that_is_a_link_is_replaced_as_a_link(tmp_path, monkeypatch):
+    """A stage's folder (<out>/prune_attn_0.25/, or a seed's in the study) that is a symbolic link: it was left as it
+    was (rmtree's errors ignored) and the stage wrote through it, beside what the folder it names held.  The link is
+    removed and the stage writes a folder of its own; the linked folder is left as it was."""
+    elsewhere = tmp_path / 'elsewhere'
+    elsewhere.mkdir()
+    (elsewhere / 'precious.txt').write_text('keep')
+    stage = tmp_path / 'prune_attn_0.25'
+    os.symlink(elsewhere, stage)
+
+    def cli(argv, log_path, *a, **k):
+        out_dir = argv[argv.index('--output_dir') + 1]
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, 'prune_log.txt'), 'a') as f:
+            f.write(json.dumps({'gflops': 0.03, 'channels': [65] * 6}) + '\n')
+        return {'acc1': 50.0}
+    monkeypatch.setattr(run_demo, 'cli', cli)
+    run_demo.prune('teacher.pth', 'attn', 0.25, str(stage), run_demo.common_args(0, 'cpu'), None, 'prune')
+    assert stage.is_dir() and not stage.is_symlink() and os.listdir(stage) == ['prune_log.txt']
+    assert os.listdir(elsewhere) == ['precious.txt']
+
+
 def test_fresh_retrains_a_reusable_teacher_and_says_why(tmp_path, monkeypatch, capsys):
     """--fresh trains the teacher again from scratch even where the stored one would be reused, and says it is
     --fresh that retrains it (not that the folder holds another teacher: it holds the same one)."""
