@@ -340,8 +340,8 @@ def teacher_check(path: str, epochs: int, lr: float, seed: int,
     """(state, why): the state, 'none', 'done', 'partial' (same schedule, unfinished) or 'other' (another model,
     number of epochs, learning rate or seed, as stored in its ``args``; the demo passes --unscale-lr, so the
     stored ``lr`` is the one given; or, with ``command``, the teacher's training flags, another value of a flag
-    it sets: :func:`recipe_difference`), and, for 'other', how the checkpoint at ``path`` differs from a teacher
-    trained for ``epochs`` epochs at ``lr`` with ``seed``."""
+    it sets: :func:`recipe_difference`; or a pruned model, whose blocks clip tokens), and, for 'other', how the
+    checkpoint at ``path`` differs from a teacher trained for ``epochs`` epochs at ``lr`` with ``seed``."""
     if not os.path.isfile(path):
         return 'none', None
     try:
@@ -365,10 +365,13 @@ def teacher_check(path: str, epochs: int, lr: float, seed: int,
         why = f'its last epoch is {ckpt.get("epoch")!r}, not a whole number'
     else:
         try:
-            models.build_model_from_checkpoint(path, finetune.cc_model_name(MODEL), warn=lambda line: None,
-                                               checkpoint=ckpt)  # (the contents read above: the file once)
+            model, _ = models.build_model_from_checkpoint(path, finetune.cc_model_name(MODEL), warn=lambda line: None,
+                                                          checkpoint=ckpt)  # (the contents read above: the file once)
         except UserError as e:
             return 'other', f'its weights cannot be used: {one_line(e)}'
+        kept = models.kept_token_counts(model)
+        if any(k != model.num_tokens for k in kept):  # (a finetuning's checkpoint.pth records a teacher's schedule)
+            return 'other', f'a pruned model (its blocks keep {kept} of {model.num_tokens} tokens), not a dense teacher'
         return ('done' if ckpt['epoch'] >= epochs - 1 else 'partial'), None
     return 'other', why
 

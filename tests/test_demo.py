@@ -752,6 +752,10 @@ def test_a_teacher_of_another_recipe_or_data_is_not_reused(tmp_path):
     (lambda ckpt: ckpt['model'].pop('blocks.0.attn.qkv.weight'),
      r'its weights cannot be used: \S+ does not fit cc_deit_digits_patch4_32: missing keys '
      r'blocks\.0\.attn\.qkv\.weight'),
+    # a pruned model (the checkpoint.pth of a finetuning with the teacher's epochs, lr and seed): it was reused as
+    # the dense teacher
+    (lambda ckpt: ckpt['model']['blocks.1.attn.token_index'][-8:].fill_(False),
+     r'a pruned model \(its blocks keep \[65, 57, 65, 65, 65, 65\] of 65 tokens\), not a dense teacher'),
 ])
 def test_a_teacher_that_cannot_be_reused_is_trained_again(spoil, why, tmp_path):
     """A stored teacher with the right model, schedule and seed but an epoch that is not a number (a traceback)
