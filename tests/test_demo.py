@@ -259,6 +259,29 @@ def test_draw_masks_reads_a_folder_named_digits_and_asks_when_DIGITS_is_ambiguou
     assert len(drawn) == 2
 
 
+def test_draw_masks_refuses_a_checkpoint_that_is_not_a_regular_file(tmp_path, capsys):
+    """--resume naming a device or a pipe: /dev/zero was read until the machine ran out of memory (killed), a pipe
+    waited for a writer for ever, /dev/null was 'empty'.  One error line saying what it is, at once; no picture."""
+    import signal
+    fifo = tmp_path / 'pipe.pth'
+    os.mkfifo(fifo)
+    out = tmp_path / 'm.png'
+
+    def waited(*args):
+        raise TimeoutError('--resume was opened and waited on')
+    previous = signal.signal(signal.SIGALRM, waited)
+    try:
+        for resume in ('/dev/null', str(fifo)):  # (not /dev/zero: without the check it takes the memory)
+            signal.alarm(5)
+            assert draw_masks.main(['--resume', resume, '--out', str(out)]) == 2
+            signal.alarm(0)
+            assert_one_error_line(capsys.readouterr().err, 'checkpoint is not a regular file')
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert not out.exists()
+
+
 def test_draw_masks_cli_errors(tmp_path, capsys):
     assert draw_masks.main(['--resume', str(tmp_path / 'missing.pth'), '--out', str(tmp_path / 'm.png')]) == 2
     assert 'checkpoint not found' in capsys.readouterr().err

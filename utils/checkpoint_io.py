@@ -36,6 +36,8 @@ def load_checkpoint_file(path: str, mmap: bool = False) -> Dict[str, Any]:
         raise UserError(f'checkpoint not found: {path}')
     if os.path.isdir(path):
         raise UserError(f'checkpoint is a directory, not a file: {path}')
+    if not os.path.isfile(path):  # (/dev/zero was read until the memory ran out; a pipe waited for a writer)
+        raise UserError(f'checkpoint is not a regular file (a device, a pipe or a socket): {path}')
     if not os.access(path, os.R_OK):
         raise UserError(f'cannot read {path}: permission denied')
     if _is_safetensors(path):
