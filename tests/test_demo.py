@@ -282,6 +282,31 @@ def test_draw_masks_refuses_a_checkpoint_that_is_not_a_regular_file(tmp_path, ca
     assert not out.exists()
 
 
+def test_draw_masks_refuses_an_image_that_is_not_a_regular_file(tmp_path, capsys):
+    """A named pipe called x.png in the --data-path folder: the drawing opened it and waited for a writer for ever.
+    One error line naming it, at once; no picture."""
+    import signal
+    ckpt = digits_checkpoint(tmp_path)
+    (tmp_path / 'data' / 'a').mkdir(parents=True)
+    os.mkfifo(tmp_path / 'data' / 'a' / 'x.png')
+    out = tmp_path / 'm.png'
+
+    def waited(*args):
+        raise TimeoutError('the pipe was opened and waited on')
+    previous = signal.signal(signal.SIGALRM, waited)
+    signal.alarm(5)
+    try:
+        code = draw_masks.main(['--resume', str(ckpt), '--data-path', str(tmp_path / 'data'), '--num-images', '1',
+                                '--out', str(out)])
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert code == 2
+    assert_one_error_line(capsys.readouterr().err, f'cannot read image {tmp_path / "data" / "a" / "x.png"}: not a '
+                                                   f'regular file')
+    assert not out.exists()
+
+
 def test_draw_masks_cli_errors(tmp_path, capsys):
     assert draw_masks.main(['--resume', str(tmp_path / 'missing.pth'), '--out', str(tmp_path / 'm.png')]) == 2
     assert 'checkpoint not found' in capsys.readouterr().err
