@@ -350,8 +350,9 @@ def teacher_check(path: str, epochs: int, lr: float, seed: int,
         return 'other', f'it cannot be read: {one_line(e)}'
     stored = checkpoint_args(ckpt)
     stored_lr = stored.get('lr')
-    if stored.get('model') != finetune.cc_model_name(MODEL):
-        why = f'another model, {stored.get("model")}'
+    stored_model = stored.get('model')
+    if not isinstance(stored_model, str) or models.base_name(stored_model) != MODEL:  # (cc_ or not: one model)
+        why = f'another model, {stored_model}'
     elif stored.get('final_finetune') != epochs:
         why = f'{stored.get("final_finetune")} epochs instead of {epochs}'
     elif (isinstance(stored_lr, bool) or not isinstance(stored_lr, (int, float))

@@ -758,6 +758,9 @@ def test_teacher_reused_only_with_the_same_epochs_lr_and_seed(tmp_path):
     assert run_demo.teacher_check(partial, 3, 1e-3, 5)[0] == 'other'
     other_model = fake_teacher(tmp_path / 'm' / 'checkpoint.pth', model='cc_deit_tiny_patch16_224')
     assert run_demo.teacher_check(other_model, 3, 1e-3, 0)[0] == 'other'
+    # the model recorded by its timm name (cc_ left out, as --model may give it) is the same model
+    plain = fake_teacher(tmp_path / 'plain' / 'checkpoint.pth', model=run_demo.MODEL)
+    assert run_demo.teacher_check(plain, 3, 1e-3, 0) == ('done', None)
 
 
 def test_teacher_check_reads_the_teacher_once(tmp_path, monkeypatch):
