@@ -420,6 +420,13 @@ def remove_folder(path: str, ignore_errors: bool = False) -> None:
         shutil.rmtree(path, ignore_errors=ignore_errors)
 
 
+def fresh_summary(folder: str) -> TensorBoard:
+    """The demo's TensorBoard writer on ``folder`` emptied first (an earlier run's events would mix in); a folder
+    that is a symbolic link is replaced by one of its own, as a stage's folder is (:func:`remove_folder`)."""
+    remove_folder(folder, ignore_errors=True)
+    return TensorBoard(folder)
+
+
 def prune(teacher: str, mode: str, rate: float, out_dir: str, common: List[str], prune_batches: Optional[int],
           tag: str, verbose: bool = False, echo: bool = True) -> dict:
     """``--prune`` the teacher into ``out_dir`` (emptied first) and evaluate it there, before any finetuning.
@@ -648,8 +655,7 @@ def run(a: argparse.Namespace) -> int:
 
     # 7. TensorBoard summary ------------------------------------------------------------------------------
     demo_stage(7, 'TensorBoard summary')
-    shutil.rmtree(folders['summary'], ignore_errors=True)  # an earlier run's events would mix in
-    tb = TensorBoard(folders['summary'])
+    tb = fresh_summary(folders['summary'])
     if tb.writer is not None:
         import numpy as np
         from PIL import Image

@@ -886,6 +886,23 @@ def test_a_stage_folder_that_is_a_link_is_replaced_as_a_link(tmp_path, monkeypat
     assert os.listdir(elsewhere) == ['precious.txt']
 
 
+def test_the_summary_folder_that_is_a_link_is_replaced_as_a_link(tmp_path):
+    """<out>/summary (the demo's TensorBoard events) that is a symbolic link: its emptying was skipped (rmtree's
+    error on a link ignored), so the events went into the folder it names, beside an earlier run's.  The link is
+    removed and the events are written into a folder of its own; the linked folder is left as it was."""
+    elsewhere = tmp_path / 'elsewhere'
+    elsewhere.mkdir()
+    (elsewhere / 'events.out.tfevents.earlier').write_text('an earlier run')
+    summary = tmp_path / 'summary'
+    os.symlink(elsewhere, summary)
+    tb = run_demo.fresh_summary(str(summary))
+    tb.scalars({'acc1': 50.0}, 0, prefix='demo/')
+    tb.close()
+    assert summary.is_dir() and not summary.is_symlink()
+    assert [f for f in os.listdir(summary) if f.startswith('events.out.tfevents.')]
+    assert os.listdir(elsewhere) == ['events.out.tfevents.earlier']
+
+
 def test_fresh_retrains_a_reusable_teacher_and_says_why(tmp_path, monkeypatch, capsys):
     """--fresh trains the teacher again from scratch even where the stored one would be reused, and says it is
     --fresh that retrains it (not that the folder holds another teacher: it holds the same one)."""
