@@ -508,6 +508,8 @@ def _read_json(path: str):
             return json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f'{path} is not valid JSON: {e}') from None
+    except RecursionError:  # (arrays or objects nested thousands deep: json.load's own traceback)
+        raise UserError(f'{path} is not an annotation file: its JSON is nested too deep to read') from None
     except OSError as e:  # a file that is there but cannot be read (permission denied, an I/O error)
         raise UserError(f'cannot read {path}: {_why(e)}') from None
 

@@ -391,6 +391,15 @@ def test_inaturalist_annotations_are_read_as_utf8_whatever_the_locale(tmp_path):
     assert done.returncode == 0 and done.stdout.strip() == ascii('Ptérodactyle'), done.stderr
 
 
+def test_inaturalist_annotations_nested_too_deep_are_one_error(tmp_path):
+    """An annotation file of JSON nested thousands deep ended in json.load's RecursionError traceback."""
+    import datasets
+    path = tmp_path / 'train2018.json'
+    path.write_text('[' * 100000 + ']' * 100000)
+    with pytest.raises(UserError, match='nested too deep'):
+        datasets._read_json(str(path))
+
+
 def _cifar100(root, sizes=(('train', 5), ('test', 3))):
     """CIFAR-100's python files (torchvision's format, random pixels) under root/cifar-100-python; returns the
     arrays written: {split: (data (n, 3072) uint8, fine labels)}."""
