@@ -2145,6 +2145,7 @@ def test_a_results_file_the_run_cannot_append_to_is_refused_before_work(capsys, 
     ('{"prune_mode": "attn"}\n[1, 2]\n', "line 2 is not a record of --prune (a JSON object with its prune_mode): "
                                          "'[1, 2]'"),
     (b'\x80\x81 not utf-8\n', 'is not a text file, not the log of --prune'),
+    ('{"a": ' * 100000 + '1' + '}' * 100000 + '\n', 'line 1 is not a record of --prune'),  # (json's RecursionError)
 ])
 def test_a_prune_log_that_is_not_one_is_refused_before_work_and_left_as_it_is(capsys, world, earlier, content,
                                                                               line):

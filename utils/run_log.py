@@ -44,6 +44,8 @@ def _records(log_path: str, key: str, valid: Callable[[object], bool], whose: st
             record = json.loads(line) if line.strip() else None
         except json.JSONDecodeError:
             record = None
+        except RecursionError:  # (nested thousands deep: no record, and not one cut by a kill)
+            record = False
         if record is None and (not line.strip() or line.startswith('{')):
             continue  # blank, or a record cut by a kill
         if not (isinstance(record, dict) and valid(record.get(key))):
