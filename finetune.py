@@ -9,6 +9,7 @@
 The CLI only wires things together: the loops are in engine.py, the method in models/ and pruning/.
 """
 import argparse
+import contextlib
 import copy
 import importlib.util
 import inspect
@@ -35,8 +36,8 @@ from engine import NonFiniteLossError, evaluate, measure_throughput, steady_allo
 from losses import DistillationLoss
 from utils import (OutputWriteError, UserError, TensorBoard, all_agree, append_line, check_output_dir,
                    checkpoint_args, escape_controls, init_distributed_mode, is_main_process, launcher_ranks,
-                   load_checkpoint_file, one_line, print_line, rank0_print, rank_prefix, remove_stale_temporaries,
-                   save_atomic, several_processes, write_atomic)
+                   load_checkpoint_file, one_line, output_dir_held, print_line, rank0_print, rank_prefix,
+                   remove_stale_temporaries, save_atomic, several_processes, write_atomic)
 from utils import seeding
 from utils.cli import (AT_LEAST_ONE, EXIT_USER_ERROR, FRACTION, NON_NEGATIVE, POSITIVE, UNIT, OneLineParser, Range,
                        check_numbers, fits, flag_name, spell)
@@ -1907,7 +1908,10 @@ def run(args) -> Dict[str, float]:
         return run_eval(args, device, resumed)
     if args.prune:
         return run_prune(args, device, resumed)
-    return run_finetune(args, device, resumed)
+    # (another run in the same folder, started before this one's first file, or continuing the same checkpoint,
+    # would write its own over this one's)
+    with output_dir_held(args.output_dir) if is_main_process() else contextlib.nullcontext():
+        return run_finetune(args, device, resumed)
 
 
 # What stops a run midway and is reported with what the run has kept: the stage that knows sets it on the

@@ -922,6 +922,36 @@ def test_resume_of_a_finished_run_does_nothing(capsys, monkeypatch, small, tmp_p
     assert leftovers(out) == []  # the resume cleaned up the stale temporary file
 
 
+def test_a_second_run_in_the_folder_of_a_run_still_running_is_refused(capsys, monkeypatch, small, tmp_path):
+    """A run started in the --output_dir of one that still runs (the same command twice, a job requeued while the
+    first still runs) is one error line: it neither continues that run's checkpoint.pth nor starts afresh beside
+    its first file, and leaves the temporary file of the checkpoint that run is saving."""
+    import fcntl
+    out = tmp_path / 'out'
+    assert _finetune(out, small['data'], '--resume', small['dense'], '--final_finetune', 1) == 0
+    before = {name: (out / name).read_bytes() for name in ('checkpoint.pth', 'best.pth', 'log.txt')}
+    saving = out / f'.checkpoint.pth.tmp-{os.getppid()}'  # (the first run's, halfway through its next save)
+    saving.write_bytes(b'half of a checkpoint')
+    fresh = tmp_path / 'fresh'
+    fresh.mkdir()
+    held = [os.open(folder, os.O_RDONLY) for folder in (out, fresh)]  # the first runs, still running
+    try:
+        for folder in held:
+            fcntl.flock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        capsys.readouterr()
+        assert _finetune(out, small['data'], '--resume', out / 'checkpoint.pth', '--final_finetune', 2) == 2
+        err = capsys.readouterr().err
+        assert err == (f'error: {out} is in use by another finetuning run, still running there (its checkpoints and '
+                       f'log would be written over); wait for it to end or choose another --output_dir\n')
+        assert _finetune(fresh, small['data'], '--resume', small['dense'], '--final_finetune', 1) == 2
+        assert f'error: {fresh} is in use by another finetuning run' in capsys.readouterr().err
+    finally:
+        for folder in held:
+            os.close(folder)
+    assert {name: (out / name).read_bytes() for name in before} == before
+    assert saving.exists() and os.listdir(fresh) == []
+
+
 def test_resume_of_a_finished_run_whose_teacher_is_gone_does_nothing(capsys, monkeypatch, small, tmp_path):
     """A finished distillation run reads no teacher: resumed after its --teacher-path was moved away, it says that
     nothing is left to do (it stopped in 'teacher checkpoint not found'); with an epoch left, the missing teacher is

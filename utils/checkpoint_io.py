@@ -1,8 +1,10 @@
 """Checkpoint files: safe loading (weights only; torch.save's formats and safetensors), and atomic writing
 (temporary file, fsync, rename)."""
 import argparse
+import contextlib
 import copy
 import errno
+import fcntl
 import os
 import pickle
 import re
@@ -449,6 +451,36 @@ def remove_stale_temporaries(paths) -> list:
                 except OSError:
                     pass
     return removed
+
+
+@contextlib.contextmanager
+def output_dir_held(directory: str):
+    """While inside, ``directory`` is this process's: an exclusive lock on the folder itself (flock, released when
+    the process ends, even killed), so that a second run started in it while this one runs (the same command twice,
+    a job requeued while the first still runs) is refused with a one-line :class:`UserError` instead of writing
+    its checkpoints and log over this one's.  The folder is created if needed, and removed on the way out if this
+    created it and it is still empty (a run that wrote nothing leaves no folder)."""
+    created = _missing_folders(os.path.abspath(directory))
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError as e:
+        raise OutputWriteError(f'cannot write to {directory}: {e.strerror or e}') from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f'{directory} is in use by another finetuning run, still running there (its '
+                            f'checkpoints and log would be written over); wait for it to end or choose another '
+                            f'--output_dir') from None
+        yield
+    finally:
+        os.close(fd)
+        for folder in created:
+            try:
+                os.rmdir(folder)
+            except OSError:
+                break
 
 
 MAX_NEW_FOLDERS = 256  # that an output folder may need created, well within os.makedirs' recursion
