@@ -1910,7 +1910,7 @@ def run(args) -> Dict[str, float]:
         return run_prune(args, device, resumed)
     # (another run in the same folder, started before this one's first file, or continuing the same checkpoint,
     # would write its own over this one's)
-    with output_dir_held(args.output_dir) if is_main_process() else contextlib.nullcontext():
+    with output_dir_held(args.output_dir, warn=rank0_print) if is_main_process() else contextlib.nullcontext():
         return run_finetune(args, device, resumed)
 
 

@@ -952,6 +952,23 @@ def test_a_second_run_in_the_folder_of_a_run_still_running_is_refused(capsys, mo
     assert saving.exists() and os.listdir(fresh) == []
 
 
+def test_a_folder_that_cannot_be_locked_is_finetuned_in_with_a_note(capsys, monkeypatch, small, tmp_path):
+    """A file system without flock (some network ones: ENOLCK, EOPNOTSUPP) does not stop a run: the lock only
+    guards against a second run, so the run goes on and a note says it is unguarded."""
+    import errno
+    from utils import checkpoint_io
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, 'No locks available')
+    monkeypatch.setattr(checkpoint_io.fcntl, 'flock', no_locks)
+    out = tmp_path / 'out'
+    assert _finetune(out, small['data'], '--resume', small['dense'], '--final_finetune', 1) == 0
+    said = capsys.readouterr().out
+    assert (f'note: cannot lock {out} (No locks available): a second run started there meanwhile would not be '
+            f'refused') in said
+    assert (out / 'checkpoint.pth').is_file() and len((out / 'log.txt').read_text().splitlines()) == 1
+
+
 def test_resume_of_a_finished_run_whose_teacher_is_gone_does_nothing(capsys, monkeypatch, small, tmp_path):
     """A finished distillation run reads no teacher: resumed after its --teacher-path was moved away, it says that
     nothing is left to do (it stopped in 'teacher checkpoint not found'); with an epoch left, the missing teacher is

@@ -4,7 +4,6 @@ import argparse
 import contextlib
 import copy
 import errno
-import fcntl
 import os
 import pickle
 import re
@@ -15,6 +14,11 @@ import zipfile
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
+
+try:
+    import fcntl  # (POSIX: the lock of output_dir_held)
+except ImportError:
+    fcntl = None
 
 from .errors import OutputWriteError, UserError
 
@@ -454,12 +458,13 @@ def remove_stale_temporaries(paths) -> list:
 
 
 @contextlib.contextmanager
-def output_dir_held(directory: str):
+def output_dir_held(directory: str, warn=print):
     """While inside, ``directory`` is this process's: an exclusive lock on the folder itself (flock, released when
     the process ends, even killed), so that a second run started in it while this one runs (the same command twice,
     a job requeued while the first still runs) is refused with a one-line :class:`UserError` instead of writing
     its checkpoints and log over this one's.  The folder is created if needed, and removed on the way out if this
-    created it and it is still empty (a run that wrote nothing leaves no folder)."""
+    created it and it is still empty (a run that wrote nothing leaves no folder).  On a file system without such
+    locks (some network ones) or without ``fcntl`` the run goes on unguarded, and ``warn`` says so."""
     created = _missing_folders(os.path.abspath(directory))
     try:
         os.makedirs(directory, exist_ok=True)
@@ -468,11 +473,16 @@ def output_dir_held(directory: str):
         raise OutputWriteError(f'cannot write to {directory}: {e.strerror or e}') from None
     try:
         try:
+            if fcntl is None:
+                raise OSError(errno.ENOSYS, 'no fcntl module on this platform')
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise UserError(f'{directory} is in use by another finetuning run, still running there (its '
                             f'checkpoints and log would be written over); wait for it to end or choose another '
                             f'--output_dir') from None
+        except OSError as e:  # (ENOLCK, EOPNOTSUPP, ENOSYS: a lock is a guard, not what the run needs)
+            warn(f'note: cannot lock {directory} ({e.strerror or e}): a second run started there meanwhile would '
+                 f'not be refused')
         yield
     finally:
         os.close(fd)
