@@ -35,9 +35,9 @@ from datasets import (DATA_SETS, INATURALIST, SMALL_INPUT, BadImageError, Digits
 from engine import NonFiniteLossError, evaluate, measure_throughput, steady_allocator
 from losses import DistillationLoss
 from utils import (OutputWriteError, UserError, TensorBoard, all_agree, append_line, check_output_dir,
-                   checkpoint_args, escape_controls, init_distributed_mode, is_main_process, launcher_ranks,
-                   load_checkpoint_file, one_line, output_dir_held, print_line, rank0_print, rank_prefix,
-                   remove_stale_temporaries, save_atomic, several_processes, write_atomic)
+                   checkpoint_args, escape_controls, in_use_message, init_distributed_mode, is_main_process,
+                   launcher_ranks, load_checkpoint_file, one_line, output_dir_held, print_line, rank0_print,
+                   rank_prefix, remove_stale_temporaries, save_atomic, several_processes, write_atomic)
 from utils import seeding
 from utils.cli import (AT_LEAST_ONE, EXIT_USER_ERROR, FRACTION, NON_NEGATIVE, POSITIVE, UNIT, OneLineParser, Range,
                        check_numbers, fits, flag_name, spell)
@@ -1908,10 +1908,25 @@ def run(args) -> Dict[str, float]:
         return run_eval(args, device, resumed)
     if args.prune:
         return run_prune(args, device, resumed)
-    # (another run in the same folder, started before this one's first file, or continuing the same checkpoint,
-    # would write its own over this one's)
-    with output_dir_held(args.output_dir, warn=rank0_print) if is_main_process() else contextlib.nullcontext():
+    with output_dir_of_this_run(args, device):
         return run_finetune(args, device, resumed)
+
+
+def output_dir_of_this_run(args, device: torch.device) -> contextlib.ExitStack:
+    """Rank 0 holds --output_dir for the run (:func:`utils.output_dir_held`): another run in the same folder, started
+    before this one's first file or continuing the same checkpoint, would write its own files over this one's.
+    Agreed on by every process, so a refused run stops in all of them with the same line (the others would wait
+    for rank 0 at their first collective)."""
+    held, refused = contextlib.ExitStack(), None
+    if is_main_process():
+        try:
+            held.enter_context(output_dir_held(args.output_dir, warn=rank0_print))
+        except UserError as e:
+            refused = e
+    if not all_agree(refused is None, device):
+        held.close()
+        raise refused or UserError(in_use_message(args.output_dir))
+    return held
 
 
 # What stops a run midway and is reported with what the run has kept: the stage that knows sets it on the

@@ -3,6 +3,7 @@ torchrun: pruning plans identical masks on every rank and the same masks when ru
 metrics over the processes, scales the learning rate by the world size, only rank 0 writes, and a job stopped
 by SIGTERM and resumed ends with the weights of the uninterrupted job, bit for bit, with and without DataLoader
 workers.  Most commands run one after another in a single job (tests/distributed_job.py)."""
+import fcntl
 import glob
 import json
 import os
@@ -129,10 +130,18 @@ def job(world):
     commands += [{'argv': fast_eval_argv(world, base, *extra)} for extra in ([], ['--dist-eval'])]
     commands += [{'argv': ['--resume', world['dense'], '--data-path', world['data'], '--output_dir', base / 'fast_ft',
                            '--fast-path', 'torch']}]
-    proc, codes = launch_job('launch', commands, base)
+    # a finetune in a folder another run holds (this process, for the job's length): refused by every rank
+    commands += [{'argv': finetune_argv(world, base / 'held', 0)}]
+    (base / 'held').mkdir()
+    held = os.open(base / 'held', os.O_RDONLY)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        proc, codes = launch_job('launch', commands, base)
+    finally:
+        os.close(held)
     assert 'torch.distributed.launch is deprecated' in proc.stderr  # it warns, and runs
     assert codes == {**{i: [0, 0] for i in range(6)}, 6: [143, 143], 7: [143, 143], 8: [0, 0], 9: [0, 0],
-                     10: [2, 2]}, proc.stdout[-3000:] + proc.stderr[-3000:]
+                     10: [2, 2], 11: [2, 2]}, proc.stdout[-3000:] + proc.stderr[-3000:]
     shutil.copytree(base / 'cut0', base / 'cut0_stopped')  # as stopped, for a test that damages it
     return {'base': base, 'stdout': proc.stdout, 'stderr': proc.stderr}
 
@@ -177,8 +186,10 @@ def test_the_same_prune_with_two_processes_gives_the_same_scores_and_masks(job, 
 def test_finetune_with_two_processes_scales_the_lr_and_only_rank_0_writes(world, job, capsys):
     stdout = command_output(job, 4)
     out = job['base'] / 'ref0'
-    # (but the job's last command's: the fast path refused with finetuning, test_eval_through_the_fast_path_...)
-    assert not re.search(r'^\[rank \d\] error(?!: --fast-path is an inference path)', job['stderr'], re.M)
+    # (but the job's last commands': the fast path refused with finetuning, test_eval_through_the_fast_path_...,
+    # and a folder held by another run, test_a_folder_another_run_holds_...)
+    assert not re.search(r'^\[rank \d\] error(?!: --fast-path is an inference path|: \S+held is in use)',
+                         job['stderr'], re.M)
     # rank 0 prints and writes; the learning rate is scaled by batch 8 x 2 processes
     lr = 5e-4 * 8 * 2 / 512  # --lr 5e-4 (AUGMENTED) scaled by batch 8 x 2 processes
     assert stdout.count('Finetuning for epochs 0..1') == 1
@@ -234,6 +245,18 @@ def test_eval_through_the_fast_path_with_two_processes_gives_the_single_process_
                                    f'--speed-only\n') == 1, job['stderr'][-3000:]
     assert not re.search(r'^\[rank\d\]: Traceback', job['stderr'], re.M), job['stderr'][-3000:]
     assert not (job['base'] / 'fast_ft').exists()
+
+
+def test_a_folder_another_run_holds_is_refused_by_every_process(job):
+    """A finetune under the launcher in an --output_dir that another run holds: rank 0 cannot take the folder, and
+    every process stops with the same one line, exit 2 (the others waited for rank 0 at their first collective, and
+    ended in a lost peer), before any work; the folder is left as it was."""
+    held = job['base'] / 'held'
+    for rank in (0, 1):
+        assert job['stderr'].count(f'[rank {rank}] error: {held} is in use by another finetuning run, still running '
+                                   f'there (its checkpoints and log would be written over); wait for it to end or '
+                                   f'choose another --output_dir\n') == 1, job['stderr'][-3000:]
+    assert 'Finetuning for epochs' not in command_output(job, 11) and os.listdir(held) == []
 
 
 @pytest.mark.slow

@@ -457,6 +457,11 @@ def remove_stale_temporaries(paths) -> list:
     return removed
 
 
+def in_use_message(directory: str) -> str:
+    return (f'{directory} is in use by another finetuning run, still running there (its checkpoints and log would be '
+            f'written over); wait for it to end or choose another --output_dir')
+
+
 @contextlib.contextmanager
 def output_dir_held(directory: str, warn=print):
     """While inside, ``directory`` is this process's: an exclusive lock on the folder itself (flock, released when
@@ -477,9 +482,7 @@ def output_dir_held(directory: str, warn=print):
                 raise OSError(errno.ENOSYS, 'no fcntl module on this platform')
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise UserError(f'{directory} is in use by another finetuning run, still running there (its '
-                            f'checkpoints and log would be written over); wait for it to end or choose another '
-                            f'--output_dir') from None
+            raise UserError(in_use_message(directory)) from None
         except OSError as e:  # (ENOLCK, EOPNOTSUPP, ENOSYS: a lock is a guard, not what the run needs)
             warn(f'note: cannot lock {directory} ({e.strerror or e}): a second run started there meanwhile would '
                  f'not be refused')
