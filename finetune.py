@@ -40,7 +40,7 @@ from utils import (OutputWriteError, UserError, TensorBoard, all_agree, append_l
                    rank_prefix, remove_stale_temporaries, save_atomic, several_processes, write_atomic)
 from utils import seeding
 from utils.cli import (AT_LEAST_ONE, EXIT_USER_ERROR, FRACTION, NON_NEGATIVE, POSITIVE, UNIT, OneLineParser, Range,
-                       check_numbers, fits, flag_name, spell)
+                       check_numbers, check_whole_patches, fits, flag_name, spell)
 from utils.run_log import (check_prune_log, epoch_scalars, epoch_tags, events_files, read_log, reconcile_log,
                            scalars_at)
 from utils.signals import (Terminated, cpu_out_of_memory, cuda_out_of_memory, end_script, lost_peer, past_64_bits,
@@ -615,10 +615,7 @@ def validate_args(args, void: Set[str] = frozenset(), finished: bool = False) ->
     if args.teacher_model:
         cc_model_name(args.teacher_model, '--teacher-model')
     if args.input_size:
-        ph, pw = models.patch_size(args.model)
-        if args.input_size % ph or args.input_size % pw:
-            raise UserError(f'--input-size {args.input_size} is not a whole number of {ph}x{pw} patches of '
-                            f'{args.model} (the patch embedding would drop the rest of the image)')
+        check_whole_patches(args.input_size, models.patch_size(args.model), args.model)
     if args.fast_path != 'none':  # a model the path does not compute: said before the data is listed, not after
         check_fast_path_supports(args)
     if not modes and args.distillation_type != 'none' and args.teacher_model:  # it reads the student's images

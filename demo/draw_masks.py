@@ -39,7 +39,8 @@ if ROOT not in sys.path:
 import models  # noqa: E402,F401  (registers the cc_deit_* models with timm)
 from utils import UserError, one_line, write_atomic  # noqa: E402
 from utils.checkpoint_io import output_file_problem  # noqa: E402
-from utils.cli import AT_LEAST_ONE, EXIT_USER_ERROR, OneLineParser, Range, check_numbers, spell  # noqa: E402
+from utils.cli import (AT_LEAST_ONE, EXIT_USER_ERROR, OneLineParser, Range, check_numbers,  # noqa: E402
+                       check_whole_patches, spell)
 from utils.signals import Terminated, end_script, say_stopped, sigterm_unwinds  # noqa: E402
 
 IMAGE_EXTENSIONS = IMG_EXTENSIONS  # those finetune.py's image folders read (torchvision's ImageFolder)
@@ -229,10 +230,8 @@ def load_model(resume: str, model_name: Optional[str], input_size: Optional[int]
         except ValueError as e:
             raise UserError(f'--model: {e}') from None
     model, _ = models.build_model_from_checkpoint(resume, model_name, img_size=input_size)
-    ph, pw = model.patch_embed.patch_size
-    if input_size is not None and (input_size % ph or input_size % pw):  # (finetune.py's check, on the model read)
-        raise UserError(f'--input-size {input_size} is not a whole number of {ph}x{pw} patches of the model of '
-                        f'{resume} (the patch embedding would drop the rest of the image)')
+    if input_size is not None:  # (finetune.py's check, on the model read)
+        check_whole_patches(input_size, model.patch_embed.patch_size, f'the model of {resume}')
     return model.eval()
 
 

@@ -173,3 +173,12 @@ def check_numbers(args, parser: argparse.ArgumentParser, ranges: Dict[str, Range
                 raise UserError(f'{flag} must be finite and {accepted.describe()}, got {v}')
             if not accepted.holds(v):
                 raise UserError(f'{flag} must be {accepted.describe()}, got {v}')
+
+
+def check_whole_patches(size: int, patch_size: Tuple[int, int], model: str) -> None:
+    """``--input-size size`` is a whole number of the ``patch_size`` patches of ``model`` (named as the message
+    says it); else a UserError: the patch embedding would drop the rest of the image."""
+    ph, pw = patch_size
+    if size % ph or size % pw:
+        raise UserError(f'--input-size {size} is not a whole number of {ph}x{pw} patches of {model} (the patch '
+                        f'embedding would drop the rest of the image)')
