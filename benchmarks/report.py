@@ -923,6 +923,10 @@ def main(argv=None) -> None:
                 print('\n'.join(lines), flush=True)
             except BrokenPipeError:  # (a reader that stopped early, `| head`): it has what it wanted
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+            except UnicodeEncodeError as e:  # an ASCII locale's stdout (LC_ALL=C without Python's UTF-8 mode)
+                raise ValueError(f'standard output\'s encoding ({e.encoding}) cannot print the table\'s characters '
+                                 f'(U+{ord(e.object[e.start]):04X} the first): set PYTHONIOENCODING=utf-8, or write '
+                                 f'the table into a README with --write-readme') from None
             return
         try:
             # UTF-8, as it is written (not the locale's encoding); its line ends as they are

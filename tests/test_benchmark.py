@@ -1220,6 +1220,21 @@ def test_write_readme_reads_the_readme_as_utf8_whatever_the_locale(tmp_path):
     assert readme.read_bytes() == open(os.path.join(ROOT, 'README.md'), 'rb').read()
 
 
+def test_report_on_an_ascii_stdout_says_what_to_set(tmp_path):
+    """Printing the table (its '–' and '×') to a stdout whose encoding is ASCII is one line naming the encoding and
+    the way out, not the codec's own words; with PYTHONIOENCODING=utf-8 the same run prints the table."""
+    env = dict(subprocess_env(), LC_ALL='C', PYTHONUTF8='0', PYTHONCOERCECLOCALE='0')
+    r = subprocess.run([sys.executable, '-m', 'benchmarks.report'], cwd=ROOT, env=env, capture_output=True,
+                       timeout=120)
+    assert r.returncode == 2 and r.stdout == b''
+    assert r.stderr.decode() == ("error: standard output's encoding (ascii) cannot print the table's characters "
+                                 "(U+2013 the first): set PYTHONIOENCODING=utf-8, or write the table into a README "
+                                 "with --write-readme\n"), r.stderr
+    r = subprocess.run([sys.executable, '-m', 'benchmarks.report'], cwd=ROOT, env=dict(env, PYTHONIOENCODING='utf-8'),
+                       capture_output=True, timeout=120)
+    assert r.returncode == 0 and '| model |' in r.stdout.decode('utf-8'), r.stderr
+
+
 def test_report_names_a_path_with_a_newline_in_one_line(tmp_path, capsys):
     """A file named with a newline (--cpu, --gpu, --write-readme) is refused in one line, the newline escaped."""
     for flag in ('--cpu', '--gpu'):
