@@ -109,8 +109,10 @@ the model then reaches some of them), so rebuild it after changing the model (th
 ``reset_classifier(n, 'avg')`` is followed, and with ``backend='compile'`` a hook registered on the head, or
 removed, has the path compiled afresh; the path refuses to run once the model is cast or moved, or its CUDA graph
 once the head is replaced, as ``reset_classifier`` does, or changed, its pool or ``fc_norm`` say: the graph captured
-the old head's kernels, or a hook is registered on the head after the capture; and once ``model.norm``, which the
-path computes, is replaced, or a forward hook is registered on a module it computes (or the model), or a global one
+the old head's kernels, or a hook is registered on the head after the capture; and once a module or parameter
+the path computes is replaced (``model.norm = ...``, ``model.blocks[3] = ...``, ``blk.mlp.fc1 = ...``,
+``model.pos_embed = nn.Parameter(...)``: anything set as an attribute, which torch's registration hooks report), or
+a forward hook is registered on a module it computes (or the model), or a global one
 (``register_module_forward_hook``, bar torch's FLOP counter's): the path calls none of them); one built from a
 Clip & Concat model's own masks refuses to run once they are set again (or written in place to other values, or
 replaced by tensors of other values) or a state dict is loaded into the model.  The path itself is for the dtype and
@@ -132,7 +134,9 @@ from timm.layers.attention import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from torch.nn.modules.module import (_global_forward_hooks as _GLOBAL_FORWARD_HOOKS,
-                                     _global_forward_pre_hooks as _GLOBAL_FORWARD_PRE_HOOKS)
+                                     _global_forward_pre_hooks as _GLOBAL_FORWARD_PRE_HOOKS,
+                                     register_module_module_registration_hook,
+                                     register_module_parameter_registration_hook)
 from torch.utils.hooks import RemovableHandle
 
 from . import fast_kernels as K
@@ -247,6 +251,35 @@ def _computed_modules(model: nn.Module, computed: bool = True):
     for name, m in model.named_modules():
         if (name.split('.')[0] in _COMPUTED) == computed:
             yield name, m
+
+
+def _computed_objects(model: nn.Module) -> List[Tuple[str, object]]:
+    """(name, object) of the modules the path computes (the model itself aside) and of every parameter they hold
+    (the position embedding and class token among them): what it reads when it is built."""
+    out = []
+    for name, m in _computed_modules(model):
+        if name:
+            out.append((name, m))
+        out.extend((f'{name}.{p}' if name else p, t) for p, t in m._parameters.items())
+    return out
+
+
+# torch calls its global registration hooks whenever a module or parameter is set as an attribute of any module
+# in the process (``model.blocks[3] = ...``, ``layer.weight = nn.Parameter(...)``, a model being constructed):
+# their count, installed with the first fast path, which each path compares once per call, so it looks for a
+# replaced module or parameter of its model only when one may have been set
+_REGISTRATIONS = [0]
+_REGISTRATION_HOOKS: List[RemovableHandle] = []
+
+
+def _count_registration(module: nn.Module, name: str, value) -> None:
+    _REGISTRATIONS[0] += 1
+
+
+def _count_registrations() -> None:
+    if not _REGISTRATION_HOOKS:
+        _REGISTRATION_HOOKS.append(register_module_module_registration_hook(_count_registration))
+        _REGISTRATION_HOOKS.append(register_module_parameter_registration_hook(_count_registration))
 
 
 def _hook_watch(named_modules) -> List[Tuple[str, dict, frozenset]]:
@@ -821,8 +854,10 @@ class FastViT(nn.Module):
                                  and torch.promote_types(self.dtype, self.residual_dtype) == self.residual_dtype)
         self.norm_pre = self._norm_params(model.norm_pre, device)
         self.norm = self._norm_params(model.norm, device)
-        # the final norm the path computes, as read here: one replaced (norm moved to fc_norm, say) is refused
-        object.__setattr__(self, '_built_norm', model._modules.get('norm'))
+        # the modules and parameters the path computes, as read here: one replaced afterwards (model.norm moved to
+        # fc_norm, a block swapped) is refused, looked for when torch's count of registrations has moved
+        _count_registrations()
+        object.__setattr__(self, '_computed_built', _computed_objects(model))
         # the hooks of the modules the path computes (check_supported refused all but Clip & Concat's own): one
         # registered later would be skipped, so the forward looks for them, only when torch's count of hook handles
         # has moved since it last looked (one attribute read per call); global hooks likewise
@@ -881,6 +916,7 @@ class FastViT(nn.Module):
         self._run = self._forward_impl
         if backend == 'compile':
             self._compile()
+        self._registrations_seen = _REGISTRATIONS[0]  # (this module's own submodules counted too)
 
     def _compile(self) -> None:
         """``_run`` as torch.compile of the forward, of a code object of its own: dynamo keeps at most
@@ -1170,9 +1206,8 @@ class FastViT(nn.Module):
                                f'{str(first.dtype).replace("torch.", "")} on {first.device}, built for '
                                f'{str(self._head_dtype).replace("torch.", "")} on {self.device}): build it '
                                f'again')
-        if self._model._modules.get('norm') is not self._built_norm:
-            raise RuntimeError('fast path: the model\'s final norm (model.norm) was replaced after this path was '
-                               'built, and the path computes the one it read then: build it again')
+        if _REGISTRATIONS[0] != self._registrations_seen:  # a module or parameter was set somewhere
+            self._check_computed()
         hook_id = _next_hook_id()
         if hook_id is None or hook_id != self._hooks_checked_at:
             self._check_hooks()
@@ -1216,6 +1251,17 @@ class FastViT(nn.Module):
                                    f'as torch._dynamo.config.recompile_limit allows '
                                    f'({torch._dynamo.config.recompile_limit}; each batch size, dtype and layout of '
                                    f'the images is one): raise that limit, or build the path again') from e
+
+    def _check_computed(self) -> None:
+        """RuntimeError if a module or parameter the path computes was replaced (or removed) since the build: the
+        path holds what it read then."""
+        now = dict(_computed_objects(self._model))
+        for name, built in self._computed_built:
+            if now.get(name) is not built:
+                what = 'the model\'s final norm (model.norm)' if name == 'norm' else f'model.{name}'
+                raise RuntimeError(f'fast path: {what} was replaced after this path was built, and the path computes '
+                                   f'the one it read then: build it again')
+        self._registrations_seen = _REGISTRATIONS[0]
 
     def _check_hooks(self) -> None:
         """RuntimeError if a forward hook was registered after the build on a module the path computes (or the

@@ -1248,11 +1248,17 @@ MUTANTS: List[Mutant] = [
            "            if not isinstance(getattr(h, '__self__', None), _ModuleTracker)]", '            ]',
            [T + 'test_fast_path.py::test_a_global_forward_hook_is_refused'],
            'the path refuses to run under torch\'s FlopCounterMode, whose module tracker registers global hooks'),
-    mutant('fast-path-ignores-a-replaced-norm', 'models/fast_path.py',
-           "        if self._model._modules.get('norm') is not self._built_norm:",
-           "        if self._model._modules.get('norm') is None:",
-           [T + 'test_fast_path.py::test_a_final_norm_replaced_after_the_build_is_refused'],
-           'a final norm replaced after the build is left out: the path computes the one it read'),
+    mutant('fast-path-ignores-a-replaced-module', 'models/fast_path.py',
+           '            if now.get(name) is not built:',
+           '            if name not in now:',
+           [T + 'test_fast_path.py::test_a_final_norm_replaced_after_the_build_is_refused',
+            T + 'test_fast_path.py::test_a_module_or_parameter_replaced_after_the_build_is_refused'],
+           'a final norm or block replaced after the build is left out: the path computes the one it read'),
+    mutant('fast-path-counts-module-registrations-only', 'models/fast_path.py',
+           '        _REGISTRATION_HOOKS.append(register_module_parameter_registration_hook(_count_registration))',
+           '        pass',
+           [T + 'test_fast_path.py::test_a_module_or_parameter_replaced_after_the_build_is_refused'],
+           'a weight or position embedding set anew after the build goes unseen (no module was set)'),
 ]
 
 

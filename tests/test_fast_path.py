@@ -10,6 +10,7 @@ results off by 1e10), so bf16 attention is checked on CUDA only; bf16 row kernel
 the interpreter rounds fp32 -> bf16 toward zero (the GPU to nearest even), so a bf16 result is compared within
 an ulp there instead of bit for bit.
 """
+import copy
 import functools
 import json
 import math
@@ -1526,6 +1527,52 @@ def test_a_final_norm_replaced_after_the_build_is_refused():
     with pytest.raises(RuntimeError, match=r"^fast path: the model's final norm \(model\.norm\) was replaced after "
                                            r"this path was built, and the path computes the one it read then: build "
                                            r"it again$"):
+        fast(x)
+    assert _close(build_fast_path(model, backend='torch')(x), model(x))
+
+
+def _replace(model, where):
+    """Set a new module or parameter (other weights) where named, as a user would, by attribute assignment."""
+    torch.manual_seed(99)
+
+    def renewed(blk):  # the block with its masks, its linear layers initialised anew
+        return copy.deepcopy(blk).apply(lambda m: m.reset_parameters() if isinstance(m, torch.nn.Linear) else None)
+
+    if where == 'blocks.1':
+        model.blocks[1] = renewed(model.blocks[1])
+    elif where == 'blocks.0.mlp.fc1':
+        old = model.blocks[0].mlp.fc1
+        model.blocks[0].mlp.fc1 = torch.nn.Linear(old.in_features, old.out_features)
+    elif where == 'blocks.2.attn.qkv.weight':
+        model.blocks[2].attn.qkv.weight = torch.nn.Parameter(torch.randn_like(model.blocks[2].attn.qkv.weight))
+    elif where == 'pos_embed':
+        model.pos_embed = torch.nn.Parameter(torch.randn_like(model.pos_embed))
+    else:  # 'blocks': the stack replaced by another of the same masks
+        model.blocks = torch.nn.Sequential(*map(renewed, model.blocks))
+    model.to(DEVICE).eval()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize('where', ['blocks.1', 'blocks.0.mlp.fc1', 'blocks.2.attn.qkv.weight', 'pos_embed',
+                                   'blocks'])
+def test_a_module_or_parameter_replaced_after_the_build_is_refused(where):
+    """The path computes the blocks, embedding and norms with the weights it read at build time: a module or
+    parameter of theirs set anew afterwards (a block swapped, a layer or weight replaced, the stack replaced) was
+    computed as the old one without a word.  The path names it and says to build it again; a model built
+    elsewhere in the meantime, or the same module set back, leaves it running."""
+    model = tiny_cc(21)
+    x = images(seed=21)
+    fast = build_fast_path(model, backend='torch')
+    before = model(x)
+    tiny_cc(22)  # another model built: modules and parameters registered, none of this model's replaced
+    assert _close(fast(x), before)
+    kept = dict(model.named_modules())['blocks.0'].mlp.fc1
+    model.blocks[0].mlp.fc1 = kept  # the same module set again: nothing replaced
+    assert _close(fast(x), before)
+    _replace(model, where)
+    assert _masks_matter(model(x), before)
+    with pytest.raises(RuntimeError, match=rf"^fast path: model\.{re.escape(where)} was replaced after this path "
+                                           r"was built, and the path computes the one it read then: build it again$"):
         fast(x)
     assert _close(build_fast_path(model, backend='torch')(x), model(x))
 
