@@ -1751,6 +1751,39 @@ def test_cli_script_prints_one_line(world, tmp_path, case):
     assert 'Traceback' not in proc.stdout + proc.stderr
 
 
+class GoneReader(io.StringIO):
+    """Standard output whose reader has gone after ``lines`` writes (`| head`), or whose disk is full."""
+
+    def __init__(self, err, lines=6):
+        super().__init__()
+        self.err, self.lines = err, lines
+
+    def write(self, text):
+        self.lines -= 1
+        if self.lines < 0:
+            raise OSError(self.err, os.strerror(self.err))
+        return super().write(text)
+
+
+@pytest.mark.parametrize('err', [32, 28])  # EPIPE, ENOSPC
+def test_standard_output_that_cannot_be_written_stops_the_run_with_one_line(capsys, monkeypatch, world, tmp_path, err):
+    """A traceback (BrokenPipeError from print_line) with exit code 1 before; a finetune says what it has kept."""
+    monkeypatch.setattr(sys, 'stdout', GoneReader(err))
+    code = finetune.main([*DIGITS_ARGS, '--final_finetune', '1', '--data-path', world['data'],
+                          '--output_dir', str(tmp_path / 'out')])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == EXIT_USER_ERROR
+    assert len(lines) == 1 and lines[0] == f'error: cannot write to standard output: {os.strerror(err)}; no epoch ' \
+                                           f'had finished, so no checkpoint was written', lines
+    assert not (tmp_path / 'out').exists()
+
+
+def test_closed_standard_output_takes_nothing_as_with_print(capsys, monkeypatch, world):
+    monkeypatch.setattr(sys, 'stdout', None)  # (`finetune.py ... >&-`: Python sets it None)
+    assert finetune.main([*DIGITS_ARGS, '--eval', '--resume', world['dense'], '--data-path', world['data']]) == 0
+    assert 'error' not in capsys.readouterr().err
+
+
 def test_prune_refuses_to_replace_an_earlier_pruned_checkpoint_before_scoring(capsys, world, earlier):
     shutil.copy(earlier / 'pruned_0.25.pth', earlier / 'pruned_0.3.pth')
     before = snapshot(earlier)

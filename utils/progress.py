@@ -1,5 +1,6 @@
 """Progress and results: DeiT-style progress lines with ETA, whole-line printing, TensorBoard scalars."""
 import datetime
+import os
 import sys
 import time
 from collections import defaultdict, deque
@@ -8,6 +9,7 @@ from typing import Dict, Optional
 import torch
 
 from .distributed import all_reduce_sum, is_main_process
+from .errors import OutputWriteError
 
 
 class SmoothedValue:
@@ -102,10 +104,25 @@ class MetricLogger:
 def print_line(*args, sep: str = ' ', file=None) -> None:
     """Print one line with a single write and flush.  The processes of a job share the launcher's pipes and
     torchrun starts them with `python -u`, where `print` writes text and newline separately: another rank's
-    line could land in between."""
+    line could land in between.  A stream that is closed (None, as Python sets it) takes nothing, as with
+    `print`; standard output that can no longer be written (a pipe whose reader has gone, `| head`; a full disk)
+    stops the run with a one-line :class:`OutputWriteError`, and what is still buffered for it goes nowhere."""
     stream = sys.stdout if file is None else file
-    stream.write(sep.join(map(str, args)) + '\n')
-    stream.flush()
+    if stream is None:
+        return
+    try:
+        stream.write(sep.join(map(str, args)) + '\n')
+        stream.flush()
+    except OSError as e:
+        if stream is not sys.stdout:
+            raise
+        try:  # (else Python's flush at exit fails again, with a traceback-like 'Exception ignored' message)
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, stream.fileno())
+            os.close(devnull)
+        except (OSError, ValueError):
+            pass
+        raise OutputWriteError(f'cannot write to standard output: {e.strerror or e}') from None
 
 
 def rank0_print(*args, **kwargs) -> None:
