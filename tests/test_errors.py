@@ -2303,3 +2303,16 @@ def test_other_warnings_while_loading_are_issued_once_and_the_load_completes(tmp
         warnings.simplefilter('always')
         assert list(checkpoint_io.load_checkpoint_file(str(path))) == ['model']
     assert [str(w.message) for w in seen] == ['a warning of the loader']
+
+
+def test_an_output_dir_through_a_folder_that_does_not_exist_and_back_is_refused_before_work(capsys, world, tmp_path):
+    """`--output_dir missing/../out`: the checks and the atomic writer took it as `out` (os.path.abspath drops both
+    names), the system refuses to follow it: --prune wrote its pruned file there, then failed on its log."""
+    target = f'{tmp_path / "missing"}{os.sep}..{os.sep}out'
+    assert_one_line_error(capsys, prune_args(world, target), EXIT_USER_ERROR,
+                          rf'^error: cannot write to --output_dir {re.escape(target)}: '
+                          rf"{re.escape(str(tmp_path / 'missing'))} is not an existing folder, so the '..' after it "
+                          rf'leads nowhere$')
+    assert sorted(os.listdir(tmp_path)) == []
+    (tmp_path / 'missing').mkdir()
+    check_output_dir(target)  # (raises if refused)

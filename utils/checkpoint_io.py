@@ -518,11 +518,25 @@ def name_too_long(path: str) -> bool:
     return any(len(os.fsencode(os.path.basename(p))) > limit for p in (path, temporary_path(path)))
 
 
+def _parent_of_nothing(path: str) -> Optional[str]:
+    """Why ``path`` as given cannot be followed, or None: a '..' after a name that is not an existing folder
+    (`missing/../out`), which the system refuses to follow though os.path.abspath and realpath drop both (the
+    checks and the atomic writer would go to `out`, a log appended to the path as given would fail)."""
+    parts = path.split(os.sep)
+    for i in range(1, len(parts)):
+        if parts[i] == os.pardir and not os.path.isdir(os.sep.join(parts[:i]) or os.sep):
+            return f'{os.sep.join(parts[:i])} is not an existing folder, so the {os.pardir!r} after it leads nowhere'
+    return None
+
+
 def output_dir_problem(path: str) -> Optional[str]:
     """Why the directory ``path`` cannot be written, or created with its missing parents when its first file is
     written, or should not be (a folder to create whose name begins or ends with a blank, a stray space), in one
     line (e.g. 'Not a directory'), or None; creates nothing.  It writes (and removes) a probe file in
     ``path`` or, if it does not exist yet, in its nearest existing parent, which is where it will be created."""
+    why = _parent_of_nothing(path)
+    if why:
+        return why
     target = os.path.abspath(path)
     existing = target
     while not os.path.exists(existing):
@@ -573,6 +587,8 @@ def output_file_problem(path: str) -> Optional[str]:
     the rename would replace it all the same)."""
     if os.path.isdir(path):
         return 'is a directory'
+    if _parent_of_nothing(path):
+        return f'cannot be written: {_parent_of_nothing(path)}'
     if path.endswith(tuple(filter(None, (os.sep, os.altsep)))):
         return 'names a directory (it ends in a separator)'
     name = os.path.basename(path)
