@@ -2316,3 +2316,18 @@ def test_an_output_dir_through_a_folder_that_does_not_exist_and_back_is_refused_
     assert sorted(os.listdir(tmp_path)) == []
     (tmp_path / 'missing').mkdir()
     check_output_dir(target)  # (raises if refused)
+
+
+def test_an_output_dir_to_create_under_an_unexpanded_home_folder_is_refused(capsys, world, tmp_path, monkeypatch):
+    """`--output_dir "~/runs"` (quoted, so the shell left it) made a folder named '~' in the current directory
+    without a word; a '~' that exists there already is taken as it is, and so is a '~name' of no user."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv('HOME', str(world['base']))
+    assert_one_line_error(capsys, prune_args(world, '~/runs'), EXIT_USER_ERROR,
+                          rf"^error: cannot write to --output_dir ~/runs: '~', the name of a folder to create, is the "
+                          rf"shell's name for a home folder, not expanded here \(quoted\?\): give "
+                          rf"{re.escape(str(world['base'] / 'runs'))} if that is meant$")
+    assert sorted(os.listdir(tmp_path)) == []
+    check_output_dir('~no-user-of-this-name/runs')  # (raises if refused)
+    (tmp_path / '~').mkdir()
+    check_output_dir('~/runs')

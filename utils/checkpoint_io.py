@@ -529,12 +529,23 @@ def _parent_of_nothing(path: str) -> Optional[str]:
     return None
 
 
+def _home_not_expanded(path: str) -> Optional[str]:
+    """Why ``path`` as given should not be created, or None: it begins with a name to create that the shell takes
+    for a home folder ('~', or '~user' of a user there is), left unexpanded (`--output_dir "~/runs"`, quoted, or
+    `=~/runs`), which would make a folder of that name in the current directory."""
+    first = path.split(os.sep, 1)[0]
+    if not first.startswith('~') or os.path.lexists(first) or os.path.expanduser(first) == first:
+        return None
+    return (f'{first!r}, the name of a folder to create, is the shell\'s name for a home folder, not expanded here '
+            f'(quoted?): give {os.path.expanduser(path)} if that is meant')
+
+
 def output_dir_problem(path: str) -> Optional[str]:
     """Why the directory ``path`` cannot be written, or created with its missing parents when its first file is
     written, or should not be (a folder to create whose name begins or ends with a blank, a stray space), in one
     line (e.g. 'Not a directory'), or None; creates nothing.  It writes (and removes) a probe file in
     ``path`` or, if it does not exist yet, in its nearest existing parent, which is where it will be created."""
-    why = _parent_of_nothing(path)
+    why = _parent_of_nothing(path) or _home_not_expanded(path)
     if why:
         return why
     target = os.path.abspath(path)
@@ -587,8 +598,9 @@ def output_file_problem(path: str) -> Optional[str]:
     the rename would replace it all the same)."""
     if os.path.isdir(path):
         return 'is a directory'
-    if _parent_of_nothing(path):
-        return f'cannot be written: {_parent_of_nothing(path)}'
+    why = _parent_of_nothing(path) or _home_not_expanded(path)
+    if why:
+        return f'cannot be written: {why}'
     if path.endswith(tuple(filter(None, (os.sep, os.altsep)))):
         return 'names a directory (it ends in a separator)'
     name = os.path.basename(path)
