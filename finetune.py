@@ -35,9 +35,9 @@ from datasets import (DATA_SETS, INATURALIST, SMALL_INPUT, BadImageError, Digits
 from engine import NonFiniteLossError, evaluate, measure_throughput, steady_allocator
 from losses import DistillationLoss
 from utils import (OutputWriteError, UserError, TensorBoard, all_agree, append_line, check_output_dir,
-                   checkpoint_args, escape_controls, in_use_message, init_distributed_mode, is_main_process,
-                   launcher_ranks, load_checkpoint_file, one_line, output_dir_held, print_line, rank0_print,
-                   rank_prefix, remove_stale_temporaries, save_atomic, several_processes, write_atomic)
+                   check_tensorboard_dir, checkpoint_args, escape_controls, in_use_message, init_distributed_mode,
+                   is_main_process, launcher_ranks, load_checkpoint_file, one_line, output_dir_held, print_line,
+                   rank0_print, rank_prefix, remove_stale_temporaries, save_atomic, several_processes, write_atomic)
 from utils import seeding
 from utils.cli import (AT_LEAST_ONE, EXIT_USER_ERROR, FRACTION, NON_NEGATIVE, POSITIVE, UNIT, OneLineParser, Range,
                        check_numbers, check_whole_patches, fits, flag_name, spell)
@@ -1862,6 +1862,7 @@ def run(args) -> Dict[str, float]:
         check_output_outside_splits(args)
         try:
             check_output_dir(args.output_dir)
+            check_tensorboard_dir(args.output_dir)  # (finetuning writes its scalars there, --prune in a folder of it)
             if args.prune:
                 check_output_dir(prune_tensorboard_dir(args), flag="--prune's TensorBoard folder")
         except UserError as e:

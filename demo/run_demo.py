@@ -48,8 +48,8 @@ for path in (ROOT, os.path.join(ROOT, 'demo')):
 
 import finetune  # noqa: E402
 import models  # noqa: E402
-from utils import (TensorBoard, UserError, check_output_dir, checkpoint_args, load_checkpoint_file,  # noqa: E402
-                   one_line, write_text_atomic)
+from utils import (TensorBoard, UserError, check_output_dir, check_tensorboard_dir, checkpoint_args,  # noqa: E402
+                   load_checkpoint_file, one_line, write_text_atomic)
 from utils.cli import AT_LEAST_ONE, EXIT_USER_ERROR, POSITIVE, OneLineParser, Range, check_numbers  # noqa: E402
 from utils.signals import Terminated, end_script, say_stopped, sigterm_unwinds  # noqa: E402
 
@@ -145,6 +145,7 @@ def validate_args(a: argparse.Namespace, parser: Optional[argparse.ArgumentParse
     check_numbers(a, parser or get_args_parser(), NUMERIC_FLAGS)
     check_device(a.device)
     check_output_dir(a.out, '--out')  # (an existing file there is refused too)
+    check_tensorboard_dir(a.out, '--out')  # (each stage writes its scalars in a folder of it)
     check_nothing_in_the_way(a.out, *planned_outputs(a.out))
 
 

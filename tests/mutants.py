@@ -1171,7 +1171,7 @@ MUTANTS: List[Mutant] = [
            [T + 'test_errors.py::test_a_split_that_is_a_file_is_not_said_to_be_missing'],
            "a val/ that is a file is reported 'split not found'"),
     mutant('line-separators-left-raw', 'utils/errors.py',
-           "unicodedata.category(c) in ('Cc', 'Zl', 'Zp')", "unicodedata.category(c) in ('Cc',)",
+           "unicodedata.category(c) in ('Cc', 'Zl', 'Zp', 'Cs')", "unicodedata.category(c) in ('Cc', 'Cs')",
            [T + 'test_errors.py::test_a_path_with_a_newline_stays_whole_on_the_error_line'],
            'a line or paragraph separator in a path (U+2028) breaks the one-line error in two'),
     mutant('results-count-may-be-negative', 'benchmarks/shapes.py',

@@ -2331,3 +2331,15 @@ def test_an_output_dir_to_create_under_an_unexpanded_home_folder_is_refused(caps
     check_output_dir('~no-user-of-this-name/runs')  # (raises if refused)
     (tmp_path / '~').mkdir()
     check_output_dir('~/runs')
+
+
+def test_an_output_dir_whose_name_is_not_utf8_text_is_refused_before_work(capsys, world, tmp_path):
+    """TensorBoard's writer encodes its folder's name strictly as UTF-8: a name with other bytes (every name beyond
+    ASCII under LC_ALL=C without UTF-8 mode) ended a finetune in a UnicodeEncodeError traceback after its first
+    checkpoint, and --prune after its pruned file."""
+    out = str(tmp_path / os.fsdecode(b'out\xff'))
+    assert_one_line_error(capsys, ['--final_finetune', '1', '--data-path', world['data'], '--output_dir', out],
+                          EXIT_USER_ERROR, r'^error: cannot write to --output_dir .*out\\udcff: TensorBoard writes '
+                                           r'only to a folder whose name is UTF-8 text')
+    assert_one_line_error(capsys, prune_args(world, out), EXIT_USER_ERROR, 'TensorBoard writes only')
+    assert sorted(os.listdir(tmp_path)) == []

@@ -8,7 +8,7 @@ from .checkpoint_io import (SAFE_GLOBALS, append_line, check_output_dir, checkpo
 from .distributed import (all_agree, all_reduce_sum, get_rank, get_world_size, init_distributed_mode, is_dist,
                           is_main_process, launcher_ranks, rank_prefix, several_processes)
 from .errors import OutputWriteError, UserError, escape_controls, few_names, one_line
-from .progress import MetricLogger, SmoothedValue, TensorBoard, print_line, rank0_print
+from .progress import MetricLogger, SmoothedValue, TensorBoard, check_tensorboard_dir, print_line, rank0_print
 
 __all__ = [
     'SAFE_GLOBALS', 'append_line', 'check_output_dir', 'checkpoint_args', 'earlier_output', 'in_use_message',
@@ -16,5 +16,5 @@ __all__ = [
     'temporary_path', 'write_atomic', 'write_text_atomic', 'all_agree', 'all_reduce_sum', 'get_rank',
     'get_world_size', 'init_distributed_mode', 'is_dist', 'is_main_process', 'launcher_ranks', 'rank_prefix',
     'several_processes', 'OutputWriteError', 'UserError', 'escape_controls', 'few_names', 'one_line', 'MetricLogger',
-    'SmoothedValue', 'TensorBoard', 'print_line', 'rank0_print',
+    'SmoothedValue', 'TensorBoard', 'check_tensorboard_dir', 'print_line', 'rank0_print',
 ]

@@ -38,10 +38,11 @@ TRACEBACK = 'Traceback (most recent call last):'
 
 
 def escape_controls(text: str) -> str:
-    """``text`` with its control characters and line or paragraph separators written as Python escapes
-    ('\\n', '\\x1b', '\\u2028'), so that it prints as one line that says what it holds."""
-    return ''.join(c.encode('unicode_escape').decode('ascii') if unicodedata.category(c) in ('Cc', 'Zl', 'Zp')
-                   else c for c in text)
+    """``text`` with its control characters, line or paragraph separators and surrogates (a file name's bytes that
+    are not text: '\\udcff') written as Python escapes ('\\n', '\\x1b', '\\u2028'), so that it prints as one line,
+    on any stream, that says what it holds."""
+    return ''.join(c.encode('unicode_escape', 'backslashreplace').decode('ascii')
+                   if unicodedata.category(c) in ('Cc', 'Zl', 'Zp', 'Cs') else c for c in text)
 
 
 def few_names(names, n: int = 5) -> str:

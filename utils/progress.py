@@ -9,7 +9,7 @@ from typing import Dict, Optional
 import torch
 
 from .distributed import all_reduce_sum, is_main_process
-from .errors import OutputWriteError
+from .errors import OutputWriteError, UserError
 
 
 class SmoothedValue:
@@ -128,6 +128,20 @@ def print_line(*args, sep: str = ' ', file=None) -> None:
 def rank0_print(*args, **kwargs) -> None:
     if is_main_process():
         print_line(*args, **kwargs)
+
+
+def check_tensorboard_dir(path: str, flag: str = '--output_dir') -> None:
+    """TensorBoard's writer takes only a folder whose name is UTF-8 text (it encodes it strictly): a name with
+    other bytes, as Python holds them (surrogates; every name beyond ASCII under the C locale without UTF-8
+    mode), ended the run in a traceback when its first scalars were written.  UserError naming ``flag`` if so."""
+    try:
+        path.encode('utf-8')
+    except UnicodeEncodeError:
+        encoding = sys.getfilesystemencoding()
+        hint = ('' if encoding.lower().replace('-', '') == 'utf8' else
+                f'; this locale reads file names as {encoding}: run with LC_ALL=C.UTF-8 or PYTHONUTF8=1')
+        raise UserError(f'cannot write to {flag} {path}: TensorBoard writes only to a folder whose name is UTF-8 '
+                        f'text{hint}') from None
 
 
 class TensorBoard:
