@@ -34,7 +34,10 @@ class BadImageError(UserError):
 
 
 def load_rgb(path: str) -> Image.Image:
-    """Open an image as RGB, turning decoder failures into an error that names the file."""
+    """Open an image as RGB, turning decoder failures into an error that names the file (and one that is not a
+    regular file: a named pipe called x.png was opened and waited on for ever)."""
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise BadImageError(f'cannot read image {path}: not a regular file (a device, a pipe or a socket)')
     try:
         with open(path, 'rb') as f:
             img = Image.open(f)

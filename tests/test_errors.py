@@ -518,6 +518,27 @@ def test_file_that_is_not_an_image(capsys, world, earlier, tmp_path):
                           rf'^error: cannot read image {re.escape(str(bad))}: not an image')
 
 
+def test_an_image_that_is_a_named_pipe_is_named_not_waited_on(capsys, world, tmp_path):
+    """A named pipe called 9.png in a class folder: --eval opened it and waited for a writer for ever (draw_masks
+    refused it already)."""
+    import signal
+    data = copy_data(world, tmp_path)
+    pipe = data / 'val' / 'a' / '9.png'
+    os.mkfifo(pipe)
+
+    def waited(*args):
+        raise TimeoutError('the pipe was opened and waited on')
+    previous = signal.signal(signal.SIGALRM, waited)
+    signal.alarm(20)
+    try:
+        assert_one_line_error(capsys, ['--eval', '--resume', world['dense'], '--data-path', data], EXIT_USER_ERROR,
+                              rf'^error: cannot read image {re.escape(str(pipe))}: not a regular file \(a device, '
+                              rf'a pipe or a socket\)$')
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def test_an_image_past_pillows_size_limit_is_named(capsys, world, tmp_path, monkeypatch):
     """Pillow refuses to decode an image of more than twice MAX_IMAGE_PIXELS (a decompression bomb, it says); its
     DecompressionBombError is not an OSError and was a traceback.  (The limit is lowered here, and one image made
