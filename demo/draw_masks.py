@@ -317,7 +317,10 @@ def check_text(text: str, flag: str) -> None:
 
 
 def plain_text(text: str) -> str:
-    """``text`` drawn as written (file names, paths): its dollar signs escaped so none starts mathtext."""
+    """``text`` drawn as written (file names, paths): its dollar signs escaped so none starts mathtext, and a name's
+    bytes that are not text in this locale (surrogates, which the font cannot draw: any name beyond ASCII under
+    LC_ALL=C) read as UTF-8, or escaped where they are not that either."""
+    text = text.encode('utf-8', 'surrogateescape').decode('utf-8', 'backslashreplace')
     return text.replace('$', r'\$')
 
 

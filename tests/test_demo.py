@@ -1079,3 +1079,17 @@ def test_draw_masks_refuses_an_input_size_that_is_not_a_whole_number_of_patches(
     assert draw_masks.main(['--resume', str(ckpt), '--data-path', data, '--num-images', '1', '--input-size', '32',
                             '--out', str(out)]) == 0, capsys.readouterr().err
     assert out.exists()
+
+
+def test_draw_masks_titles_a_checkpoint_whose_folder_name_is_not_text_here(tmp_path, capsys):
+    """A folder named beyond ASCII read under LC_ALL=C (here: a byte that is no UTF-8 either) is held with
+    surrogates, which the font cannot draw: the title ended the drawing in a traceback, and no picture."""
+    ckpt = digits_checkpoint(tmp_path)
+    folder = tmp_path / os.fsdecode(b'r\xc3\xbcn\xff')
+    folder.mkdir()
+    ckpt = ckpt.rename(folder / 'ckpt.pth')
+    out = tmp_path / 'm.png'
+    assert draw_masks.main(['--resume', str(ckpt), '--num-images', '1', '--out', str(out)]) == 0, \
+        capsys.readouterr().err
+    assert out.exists()
+    assert draw_masks.plain_text(os.fsdecode(b'r\xc3\xbcn\xff $')) == 'r\u00fcn\\xff \\$'
