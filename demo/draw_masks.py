@@ -37,7 +37,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import models  # noqa: E402,F401  (registers the cc_deit_* models with timm)
-from utils import UserError, one_line, write_atomic  # noqa: E402
+from utils import OutputWriteError, UserError, one_line, print_line, write_atomic  # noqa: E402
 from utils.checkpoint_io import output_file_problem  # noqa: E402
 from utils.cli import (AT_LEAST_ONE, EXIT_USER_ERROR, OneLineParser, Range, check_numbers,  # noqa: E402
                        check_whole_patches, spell)
@@ -403,7 +403,7 @@ def main(argv=None, *, ends_process: bool = False) -> int:
             else:
                 check_folder_size(size, args.eval_crop_ratio)
             for line in unused_flag_notes(args, parser, size):
-                print(line)
+                print_line(line)
             if uses_digits(args):
                 images, targets = digits_images(args.num_images)
                 mean = std = (0.5, 0.5, 0.5)
@@ -419,7 +419,10 @@ def main(argv=None, *, ends_process: bool = False) -> int:
             name = os.path.join(parent, os.path.basename(args.resume))
             title = args.title if args.title is not None else plain_text(f'{name} ({cfg.get("architecture", "")})')
             draw_masks(model, images, args.out, mean, std, row_labels, title)
-            print(f'Saved {args.out}')
+            try:  # (standard output that cannot be written, `| head`: one line, as finetune.py's)
+                print_line(f'Saved {args.out}')
+            except OutputWriteError as e:
+                raise UserError(f'{e}; {args.out} was written completely') from None
         except UserError as e:
             print(f'error: {one_line(e)}', file=sys.stderr)
             return EXIT_USER_ERROR

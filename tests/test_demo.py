@@ -1,4 +1,5 @@
 """The mini reproduction (demo/run_demo.py, shortened with --quick) and the mask drawing (demo/draw_masks.py)."""
+import io
 import json
 import os
 import re
@@ -1093,3 +1094,17 @@ def test_draw_masks_titles_a_checkpoint_whose_folder_name_is_not_text_here(tmp_p
         capsys.readouterr().err
     assert out.exists()
     assert draw_masks.plain_text(os.fsdecode(b'r\xc3\xbcn\xff $')) == 'r\u00fcn\\xff \\$'
+
+
+def test_draw_masks_standard_output_that_cannot_be_written_is_one_line(tmp_path, capsys, monkeypatch):
+    """`draw_masks.py ... > /dev/full` (or `| head` whose reader has gone): an OSError traceback, exit code 1."""
+    class Full(io.StringIO):
+        def write(self, text):
+            raise OSError(28, os.strerror(28))
+    ckpt = digits_checkpoint(tmp_path)
+    out = tmp_path / 'm.png'
+    monkeypatch.setattr(sys, 'stdout', Full())
+    assert draw_masks.main(['--resume', str(ckpt), '--num-images', '1', '--out', str(out)]) == 2
+    assert_one_error_line(capsys.readouterr().err, f'cannot write to standard output: {os.strerror(28)}; {out} '
+                                                   f'was written completely')
+    assert out.exists()
