@@ -49,7 +49,7 @@ for path in (ROOT, os.path.join(ROOT, 'demo')):
 import finetune  # noqa: E402
 import models  # noqa: E402
 from utils import (TensorBoard, UserError, check_output_dir, check_tensorboard_dir, checkpoint_args,  # noqa: E402
-                   load_checkpoint_file, one_line, write_text_atomic)
+                   load_checkpoint_file, one_line, print_line, write_text_atomic)
 from utils.cli import AT_LEAST_ONE, EXIT_USER_ERROR, POSITIVE, OneLineParser, Range, check_numbers  # noqa: E402
 from utils.signals import Terminated, end_script, say_stopped, sigterm_unwinds  # noqa: E402
 
@@ -244,6 +244,9 @@ class _StageOutput:
         self.file.flush()
         self.console.flush()
 
+    def fileno(self) -> int:  # (the console's: print_line turns it to /dev/null once it cannot be written)
+        return self.console.fileno()
+
     def close(self) -> None:
         if self.buffer:
             self._line(self.buffer)
@@ -264,7 +267,7 @@ def cli(argv: List[str], log_path: str, tag: str, verbose: bool, echo: bool = Tr
     command = '$ python finetune.py ' + ' '.join(shlex.quote(arg) for arg in argv)  # (a path with a space)
     os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
     if echo:
-        print(command, flush=True)
+        print_line(command)
     else:
         with open(log_path, 'a') as f:
             f.write(command + '\n')
@@ -394,17 +397,17 @@ def train_teacher(teacher_dir: str, epochs: int, lr: float, common: List[str], f
     state, why = ('other', None) if fresh else teacher_check(teacher, epochs, lr, seed, command)
     if state == 'other' and os.path.exists(teacher_dir):
         if fresh:  # (not checked: whatever it holds is retrained, as asked)
-            print(f'   (--fresh: training a new teacher in place of what {teacher_dir} holds)')
+            print_line(f'   (--fresh: training a new teacher in place of what {teacher_dir} holds)')
         else:
-            print(f'   ({teacher_dir} holds another teacher{f" ({why})" if why else ""}; training a new one)')
+            print_line(f'   ({teacher_dir} holds another teacher{f" ({why})" if why else ""}; training a new one)')
         remove_folder(teacher_dir)
     if state == 'done':
-        print(f'   reusing the teacher already trained in {teacher} ({epochs} epochs, lr {lr}, seed {seed}); '
-              f'--fresh retrains it', flush=True)
+        print_line(f'   reusing the teacher already trained in {teacher} ({epochs} epochs, lr {lr}, seed {seed}); '
+                   f'--fresh retrains it')
     else:
         resume = ['--resume', teacher] if state == 'partial' else []
         if resume:
-            print(f'   continuing the unfinished teacher in {teacher}')
+            print_line(f'   continuing the unfinished teacher in {teacher}')
         cli(command + ['--output_dir', teacher_dir] + resume,
             os.path.join(teacher_dir, 'stdout.txt'), 'teacher', verbose, echo)
     acc = cli(evaluation_args(common) + ['--eval', '--resume', teacher], os.path.join(teacher_dir, 'eval.txt'),
@@ -509,11 +512,13 @@ def main(argv=None, *, ends_process: bool = False) -> int:
     except UserError as e:
         print(f'error: {one_line(e)}', file=sys.stderr)
         return EXIT_USER_ERROR
-    if a.quick:
-        chosen = apply_quick(a, QUICK)
+    chosen = apply_quick(a, QUICK) if a.quick else {}
+
+    def work() -> int:  # (its lines too: standard output that cannot be written is one error line)
         if chosen:
-            print(f'--quick set: {flags_text(chosen)} (every other value as given or its default)', flush=True)
-    return ends_as_finetune(lambda: run(a), 'demo', a.out, a.fresh, ends_process)
+            print_line(f'--quick set: {flags_text(chosen)} (every other value as given or its default)')
+        return run(a)
+    return ends_as_finetune(work, 'demo', a.out, a.fresh, ends_process)
 
 
 def ends_as_finetune(work: Callable[[], int], script: str, out: str, fresh: bool = False,
@@ -548,7 +553,7 @@ def begin_stage(now: str, header: str = '') -> None:
     (:func:`ends_as_finetune`), and prints the stage's ``header`` line if given."""
     _STAGE['now'] = now
     if header:
-        print(header, flush=True)
+        print_line(header)
 
 
 def demo_stage(number: int, name: str, what: str = '') -> None:
@@ -633,8 +638,8 @@ def run(a: argparse.Namespace) -> int:
     # written again at the end with the timings of the pictures
     write_text_atomic(files['details'], json.dumps(details, indent=2))
     table = markdown_table(rows, speedups)
-    print(f'== 5. results: {files["results"]} ({len(rows)} rows, the table printed at the end), '
-          f'{files["details"]} (times, timings, arguments)', flush=True)
+    print_line(f'== 5. results: {files["results"]} ({len(rows)} rows, the table printed at the end), '
+               f'{files["details"]} (times, timings, arguments)')
 
     # 6. masks.png ------------------------------------------------------------------------------------------
     t = time.time()
@@ -651,7 +656,7 @@ def run(a: argparse.Namespace) -> int:
         labels = [f'digit {t_}\npred {p}' for t_, p in zip(targets, preds)]
         pictures[tag] = draw_masks.draw_masks(model, images, files[('masks', tag)], (0.5,) * 3, (0.5,) * 3,
                                               labels, title=row_name(mode, rate, True))
-        print(f'   {pictures[tag]}')
+        print_line(f'   {pictures[tag]}')
     timings['masks'] = time.time() - t
 
     # 7. TensorBoard summary ------------------------------------------------------------------------------
@@ -670,20 +675,21 @@ def run(a: argparse.Namespace) -> int:
 
     timings['total'] = time.time() - t0
     write_text_atomic(files['details'], json.dumps(details, indent=2))
-    print()
-    print(f'Clip & Concat on scikit-learn digits ({len(rows)} rows, {out}/results.json); acc@1 on the 360 '
-          f'validation images, last epoch; speed-up against the dense model timed interleaved in the same run:')
-    print()
-    print(table)
-    print()
+    print_line()
+    print_line(f'Clip & Concat on scikit-learn digits ({len(rows)} rows, {out}/results.json); acc@1 on the 360 '
+               f'validation images, last epoch; speed-up against the dense model timed interleaved in the same run:')
+    print_line()
+    print_line(table)
+    print_line()
     taylor, rand = rate_tag('attn', COMPARED_RATE), rate_tag('random', COMPARED_RATE)
     for label, res in (('before finetuning', before), ('after finetuning', after)):
-        print(verdict_line(label, res[taylor], res[rand]))
+        print_line(verdict_line(label, res[taylor], res[rand]))
     others = ', '.join(os.path.basename(p) for p in list(pictures.values())[1:])
-    print(f'Masks: {files[("masks", rate_tag(*CONFIGS[0]))]}  (also {others})')
-    print(f'TensorBoard: tensorboard --logdir {out}')
-    print(f'Total time: {timings["total"]:.0f} s (teacher {timings["teacher"]:.0f}, prune {timings["prune"]:.0f}, '
-          f'finetune {timings["finetune"]:.0f}, speed {timings["speed"]:.0f}, masks {timings["masks"]:.0f})')
+    print_line(f'Masks: {files[("masks", rate_tag(*CONFIGS[0]))]}  (also {others})')
+    print_line(f'TensorBoard: tensorboard --logdir {out}')
+    print_line(f'Total time: {timings["total"]:.0f} s (teacher {timings["teacher"]:.0f}, '
+               f'prune {timings["prune"]:.0f}, finetune {timings["finetune"]:.0f}, speed {timings["speed"]:.0f}, '
+               f'masks {timings["masks"]:.0f})')
     return 0
 
 

@@ -59,7 +59,7 @@ for path in (ROOT, os.path.join(ROOT, 'demo')):
 import run_demo as demo  # noqa: E402
 import finetune  # noqa: E402
 import pruning  # noqa: E402
-from utils import (UserError, check_output_dir, load_checkpoint_file, one_line, state_dict_of,  # noqa: E402
+from utils import (UserError, check_output_dir, load_checkpoint_file, one_line, print_line, state_dict_of,  # noqa: E402
                    write_atomic, write_text_atomic)
 from utils.cli import AT_LEAST_ONE, EXIT_USER_ERROR, POSITIVE, OneLineParser, Range, check_numbers  # noqa: E402
 from utils.signals import end_script  # noqa: E402
@@ -157,17 +157,17 @@ def validate_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     check_output_dir(a.out, '--out')
 
 
-def check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+def check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> Dict[str, object]:
     """``validate_args``, a mistake being one ``error:`` line and exit code 2 (SystemExit); then ``--quick``, which
-    sets only the flags not given (and says which), and no path in the way of what the runs it plans write."""
+    sets only the flags not given (returned, for the run to say which), and no path in the way of what the runs it
+    plans write."""
     try:
         validate_args(p, a)
         chosen = demo.apply_quick(a, QUICK) if a.quick else {}
         demo.check_nothing_in_the_way(a.out, *planned_outputs(a), script='study')
     except UserError as e:
         p.exit(EXIT_USER_ERROR, f'error: {one_line(e)}\n')
-    if chosen:
-        print(f'--quick set: {demo.flags_text(chosen)} (every other value as given or its default)', flush=True)
+    return chosen
 
 
 # The files the study writes in --out once every run has finished.
@@ -658,17 +658,21 @@ def main(argv=None, *, ends_process: bool = False) -> int:
     p = get_args_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     a = p.parse_args(argv)
-    check_args(p, a)
+    chosen = check_args(p, a)
     out = a.out
     os.makedirs(out, exist_ok=True)
     t0 = time.time()
     steps = 2 * len(MODES) * len(a.seeds) * len(a.rates)
-    print(f'Taylor against random masks: prune rates {", ".join(f"{r:.2f}" for r in a.rates)}, seeds '
-          f'{", ".join(map(str, a.seeds))}; {steps} prune/finetune steps after the teacher. The commands and '
-          f'finetune.py\'s output are in each stage\'s stdout.txt (its evaluations\' in eval.txt) under {out}/',
-          flush=True)
 
-    return demo.ends_as_finetune(lambda: run_study(a, argv, t0), 'study', out, a.fresh, ends_process)
+    def work() -> int:  # (its lines too: standard output that cannot be written is one error line)
+        if chosen:
+            print_line(f'--quick set: {demo.flags_text(chosen)} (every other value as given or its default)')
+        print_line(f'Taylor against random masks: prune rates {", ".join(f"{r:.2f}" for r in a.rates)}, seeds '
+                   f'{", ".join(map(str, a.seeds))}; {steps} prune/finetune steps after the teacher. The commands '
+                   f'and finetune.py\'s output are in each stage\'s stdout.txt (its evaluations\' in eval.txt) under '
+                   f'{out}/')
+        return run_study(a, argv, t0)
+    return demo.ends_as_finetune(work, 'study', out, a.fresh, ends_process)
 
 
 def run_study(a: argparse.Namespace, argv: List[str], t0: float) -> int:
@@ -701,12 +705,13 @@ def run_study(a: argparse.Namespace, argv: List[str], t0: float) -> int:
     write_text_atomic(os.path.join(out, OUTPUT_FILES['table']), table + '\n')
     write_text_atomic(os.path.join(out, OUTPUT_FILES['report']), report(argv, results, table))
 
-    print()
-    print(table)
-    print()
-    print(f'Files: {out}/results.json, {out}/results.md, {out}/study.png, {out}/STUDY.md')
-    print(f'Total time: {clock(timings["total"])} (teacher {timings["teacher"]:.0f} s, prune {timings["prune"]:.0f} s, '
-          f'finetune {timings["finetune"]:.0f} s), finished {datetime.datetime.now():%Y-%m-%d %H:%M}')
+    print_line()
+    print_line(table)
+    print_line()
+    print_line(f'Files: {out}/results.json, {out}/results.md, {out}/study.png, {out}/STUDY.md')
+    print_line(f'Total time: {clock(timings["total"])} (teacher {timings["teacher"]:.0f} s, '
+               f'prune {timings["prune"]:.0f} s, finetune {timings["finetune"]:.0f} s), '
+               f'finished {datetime.datetime.now():%Y-%m-%d %H:%M}')
     return 0
 
 

@@ -510,6 +510,36 @@ def test_run_demo_quick_sets_only_what_is_not_given(extra, expected, said, tmp_p
     assert run_demo.flags_text(run_demo.QUICK) in quick.help  # --help says what it sets
 
 
+class _FullAfter(io.StringIO):
+    """Standard output that takes ``lines`` writes, then fails as a full disk does."""
+
+    def __init__(self, lines):
+        super().__init__()
+        self.left = lines
+
+    def write(self, text):
+        if self.left <= 0:
+            raise OSError(28, os.strerror(28))
+        self.left -= 1
+        return super().write(text)
+
+
+@pytest.mark.parametrize('lines', [0, 3], ids=['first-line', 'in-a-stage'])
+def test_run_demo_standard_output_that_cannot_be_written_is_one_line(lines, tmp_path, capsys, monkeypatch):
+    """`run_demo.py > /dev/full` (or `| head` whose reader has gone): an OSError traceback with exit code 1, at its
+    first line or at a stage's (finetune.py's lines pass through the stage's console); now one error line, exit
+    2, before the teacher trains."""
+    out = tmp_path / 'out'
+    monkeypatch.setattr(sys, 'stdout', _FullAfter(lines))
+    monkeypatch.setattr(finetune.engine, 'train_epochs', lambda *a, **k: pytest.fail('the teacher trained'))
+    assert run_demo.main(['--quick', '--device', 'cpu', '--out', str(out)]) == 2
+    said = f'cannot write to standard output: {os.strerror(28)}'
+    if lines:
+        said = f'stage teacher: {said} (full output: {out}/teacher/stdout.txt)'
+    assert_one_error_line(capsys.readouterr().err, said)
+    assert not os.path.exists(out / 'teacher' / 'checkpoint.pth')
+
+
 def test_run_demo_keeps_earlier_results_until_a_stage_replaces_them(tmp_path, monkeypatch, capsys):
     """A run that stops while the teacher trains (diverged, interrupted) leaves the earlier run's stages, results and
     TensorBoard summary: each stage replaces its own directory when it starts, not all of them before the teacher."""

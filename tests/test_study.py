@@ -1,6 +1,7 @@
 """The study of Taylor against random masks over seeds (demo/study.py): its statistics against scipy/numpy, and a
 --quick run checked file by file (results.json, the masks in the checkpoints, the table, the sentences, the figure)."""
 import hashlib
+import io
 import json
 import os
 import re
@@ -522,18 +523,36 @@ def test_rates_need_folders_of_their_own_and_a_slot_to_clip():
       '0.25', '0.40'],
      {'seeds': [0, 1], 'rates': [0.25, 0.40], 'teacher_epochs': 10, 'finetune_epochs': 3, 'prune_batches': 7}, None),
 ])
-def test_quick_sets_only_what_is_not_given(extra, expected, said, tmp_path, capsys):
+def test_quick_sets_only_what_is_not_given(extra, expected, said, tmp_path, capsys, monkeypatch):
     """--quick shortens the flags left out and says which; a value given on the command line wins (it used to be
     cut: --seeds 3 4 5 ran seeds 3 and 4, --teacher-epochs 10 ran 2)."""
     p = study.get_args_parser()
     a = p.parse_args(['--quick', '--out', str(tmp_path / 'out')] + extra)
-    study.check_args(p, a)
+    study.check_args(p, a)  # (which creates nothing)
     assert {k: getattr(a, k) for k in expected} == expected
-    out = capsys.readouterr().out
-    assert out.splitlines() == ([f'{said} (every other value as given or its default)'] if said else [])
     assert not (tmp_path / 'out').exists()
+    seen = {}
+    monkeypatch.setattr(study, 'run_study', lambda a, argv, t0: seen.update(vars(a)) or 0)
+    capsys.readouterr()
+    assert study.main(['--quick', '--out', str(tmp_path / 'out')] + extra) == 0
+    assert {k: seen[k] for k in expected} == expected
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:-1] == ([f'{said} (every other value as given or its default)'] if said else [])
+    assert lines[-1].startswith('Taylor against random masks: ')
     quick = next(action for action in p._actions if action.dest == 'quick')
     assert study.demo.flags_text(study.QUICK) in quick.help  # --help says what it sets
+
+
+def test_standard_output_that_cannot_be_written_is_one_line_before_any_run(tmp_path, capsys, monkeypatch):
+    """`study.py > /dev/full` (or `| head` whose reader has gone): an OSError traceback with exit code 1 at its
+    first line; now one error line, exit 2, and no teacher trained."""
+    class Full(io.StringIO):
+        def write(self, text):
+            raise OSError(28, os.strerror(28))
+    monkeypatch.setattr(sys, 'stdout', Full())
+    assert study.main(['--quick', '--out', str(tmp_path / 'out')]) == 2
+    assert_one_error_line(capsys.readouterr().err, f'cannot write to standard output: {os.strerror(28)}')
+    assert os.listdir(tmp_path / 'out') == []
 
 
 def fake_stages(monkeypatch, tmp_path, fail_at=None, stop=None):
