@@ -873,6 +873,13 @@ def _run_problem(results: Dict, gpu: bool) -> Optional[str]:
     if twice:
         return (f'{"its summary has" if gpu else "it has"} more than one {"entry" if gpu else "row"} of '
                 + ', '.join(twice))
+    if gpu:  # (a hand-edited entry named after timm's model would fill that dense row's GPU columns)
+        dense = {model_name(r) for res in results.get('models', {}).values() for r in res.get('rows', [])
+                 if r.get('kind') == 'timm'}
+        named = [n for n in names if n in dense]
+        if named:
+            return (f'its summary has an entry for {", ".join(named)}, a dense model: the summary is of pruned '
+                    f'models against the fastest dense one')
     return None
 
 

@@ -1016,6 +1016,10 @@ def test_readme_speed_table_sets_a_gpu_run_beside_the_cpu_run(tmp_path, capsys, 
     # a model twice: its GPU figures were the last entry's, its CPU row printed twice
     ('gpu summary entry twice', 'gpu.json: not the GPU run the speed table shows (its summary has more than one entry '
                                 'of C&C-Ti-25)'),
+    # an entry named after the dense model (hand-edited): its figures filled the GPU columns of timm's row
+    ('gpu summary entry of a dense model', 'gpu.json: not the GPU run the speed table shows (its summary has an '
+                                           'entry for DeiT-Ti, a dense model: the summary is of pruned models against '
+                                           'the fastest dense one)'),
     ('cpu section twice', 'cpu.json: not the CPU run the speed table shows (it has more than one row of DeiT-Ti, '
                           'C&C-Ti-25, C&C-Ti-30, C&C-Ti-40)'),
     # a "|" or a newline in a cell split the README's table (the rows after it no longer part of it)
@@ -1087,7 +1091,7 @@ def test_readme_table_writer_refuses_in_one_line_and_writes_nothing(tmp_path, ca
     gpu.write_text({'gpu not json': '{', 'gpu not results': '[1, 2]',
                     'gpu nested too deep': '[' * 100000 + ']' * 100000}.get(case, '{}'))
     if case in ('gpu without its name', 'gpu name a list', 'gpu name blank', 'gpu name with a newline',
-                'gpu summary entry twice', 'gpu machine a list', 'gpu figure not a number', 'gpu figure zero',
+                'gpu summary entry twice', 'gpu summary entry of a dense model', 'gpu machine a list', 'gpu figure not a number', 'gpu figure zero',
                 'gpu a cpu run', 'gpu original protocol', 'gpu rows given', 'gpu unfinished', 'gpu random masks',
                 'gpu batch size', 'gpu another seed'):
         run = _summary_run()
@@ -1098,6 +1102,9 @@ def test_readme_table_writer_refuses_in_one_line_and_writes_nothing(tmp_path, ca
             run['machine']['gpu'] = ['NVIDIA H200'] if case == 'gpu name a list' else ' '
         if case == 'gpu summary entry twice':
             run['summary'].append(dict(run['summary'][0], speedup_vs_best_dense=9.99))
+        if case == 'gpu summary entry of a dense model':
+            run['models']['tiny']['rows'][0]['label'] = 'DeiT-Ti (timm)'
+            run['summary'].append(dict(run['summary'][0], model='DeiT-Ti'))
         if case == 'gpu name with a newline':
             run['machine']['gpu'] = 'NVIDIA\nH200'
         if case == 'gpu machine a list':
