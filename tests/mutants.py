@@ -663,8 +663,8 @@ MUTANTS: List[Mutant] = [
            [T + 'test_demo.py::test_run_demo_rows_and_verdicts_carry_the_figures_of_their_own_stage'],
            "the demo's pruned rows show the dense model's images/s"),
     mutant('demo-verdict-taylor-random-swapped', 'demo/run_demo.py',
-           '        print(verdict_line(label, res[taylor], res[rand]))',
-           '        print(verdict_line(label, res[rand], res[taylor]))',
+           '        print_line(verdict_line(label, res[taylor], res[rand]))',
+           '        print_line(verdict_line(label, res[rand], res[taylor]))',
            [T + 'test_demo.py::test_run_demo_rows_and_verdicts_carry_the_figures_of_their_own_stage'],
            "the demo's verdict lines give random's accuracy as Taylor's and the reverse"),
     # --- the benchmark carried on (--resume) ------------------------------------------------------------------
