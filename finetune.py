@@ -1571,16 +1571,24 @@ def restore_training(training: engine.Training, checkpoint: dict, args) -> Tuple
     return start_epoch, max_accuracy
 
 
+def in_own_folder(args) -> bool:
+    """Whether a continued run writes to the folder of its ``--resume`` file."""
+    return os.path.realpath(os.path.dirname(args.resume)) == os.path.realpath(args.output_dir)
+
+
 def repair_outputs(args, checkpoint: dict) -> None:
     """A run continued in the folder of its checkpoint: ``log.txt`` holds each finished epoch's line once (the
     checkpoint's own epoch added if a kill lost it, with its TensorBoard scalars), ``best.pth`` is the checkpoint's
     when its epoch is the best and a kill came before that file (the temporary files of a job killed while saving
-    are removed by :func:`clear_killed_saves`, for every finetuning run).  Rank 0 does it."""
-    if not is_main_process() or os.path.realpath(os.path.dirname(args.resume)) != os.path.realpath(args.output_dir):
+    are removed by :func:`clear_killed_saves`, for every finetuning run).  A run continued into another folder (a
+    ``best.pth`` resumed) repairs nothing, and a note names the file holding the run's best epoch so far, which
+    that folder's ``best.pth`` holds only once an epoch improves on it.  Rank 0 does it."""
+    if not is_main_process():
         return
     paths = output_paths(args)
     epoch = int(checkpoint['epoch'])
-    if reconcile_log(paths['log.txt'], epoch, checkpoint.get('log_stats')):
+    own_folder = in_own_folder(args)
+    if own_folder and reconcile_log(paths['log.txt'], epoch, checkpoint.get('log_stats')):
         # TensorBoard is written before log.txt, so a missing log line may mean missing scalars (a kill before
         # them) or not (a kill while the line was written): those not there yet are written now, none twice
         written = scalars_at(args.output_dir, epoch)
@@ -1595,6 +1603,12 @@ def repair_outputs(args, checkpoint: dict) -> None:
     accuracy = float(checkpoint.get('max_accuracy', -1.0))
     reached = accuracy >= 0 and float((checkpoint.get('log_stats') or {}).get('test_acc1', -1.0)) == accuracy
     reached = reached and checkpoint.get('improved', True)
+    if not own_folder:  # its best.pth is written only when an epoch improves on the best of the run continued
+        if accuracy >= 0 and not os.path.isfile(paths['best.pth']):
+            where = args.resume if reached else os.path.join(os.path.dirname(args.resume), 'best.pth')
+            rank0_print(f'note: the best epoch so far of the run continued here (Acc@1 {accuracy:.2f}%) is in '
+                        f'{where}: {paths["best.pth"]} is written only when an epoch improves on it')
+        return
     best = load_checkpoint_file(paths['best.pth'], mmap=True) if os.path.isfile(paths['best.pth']) else {}
     if reached and float(best.get('max_accuracy', -1.0)) < accuracy:
         def copy(f):
@@ -1627,7 +1641,8 @@ def finished_run(args, checkpoint: dict) -> Dict[str, float]:
     # (no model is built here: a --model other than the run's is refused as an unfinished run's is)
     models.check_recorded_name(checkpoint, args.resume, args.model, '--model')
     clear_killed_saves(args)
-    repair_outputs(args, checkpoint)
+    if in_own_folder(args):
+        repair_outputs(args, checkpoint)
     done = int(checkpoint['epoch']) + 1
     rank0_print(f'Nothing to do: {done} epoch{"s" * (done != 1)} already finished in {args.resume} '
                 f'(--final_finetune {args.final_finetune})')

@@ -879,6 +879,22 @@ def test_a_tie_with_the_best_of_the_run_continued_writes_no_best_pth_on_resume(c
     assert load_checkpoint_file(str(first / 'best.pth'))['epoch'] == 0
 
 
+def test_a_run_continued_into_another_folder_names_the_file_of_its_best_epoch(capsys, monkeypatch, small, tmp_path):
+    """Acc@1 30 then 20: first/best.pth holds epoch 0, first/checkpoint.pth epoch 1.  Continued into another folder,
+    whose epochs do not improve on 30, the run writes no best.pth there: it says which file holds its best epoch,
+    instead of ending with a folder without one, silently."""
+    first = tmp_path / 'first'
+    with monkeypatch.context() as patch:
+        accuracies(patch, [30.0, 20.0, 10.0, 10.0, 10.0])
+        assert _finetune(first, small['data'], '--resume', small['dense'], '--final_finetune', 2) == 0
+        capsys.readouterr()
+        for resumed, out in (('best.pth', tmp_path / 'b'), ('checkpoint.pth', tmp_path / 'c')):
+            assert _finetune(out, small['data'], '--resume', first / resumed, '--final_finetune', 3) == 0
+            assert not (out / 'best.pth').exists()
+            assert (f'note: the best epoch so far of the run continued here (Acc@1 30.00%) is in {first / "best.pth"}: '
+                    f'{out / "best.pth"} is written only when an epoch improves on it') in capsys.readouterr().out
+
+
 def test_a_run_continued_into_another_folder_says_to_give_that_folder_again(capsys, monkeypatch, small, tmp_path):
     """Continued from a best.pth into a new --output_dir and stopped in its first epoch: the command printed names
     --output_dir too (--resume of a best.pth alone is refused, and a checkpoint.pth alone writes into its own
