@@ -733,6 +733,24 @@ def warmup_note(args) -> Optional[str]:
             f'epoch trains at the --sched {args.sched} schedule')
 
 
+def min_lr_note(args) -> Optional[str]:
+    """A ``note:`` when --min-lr is above the lr a parameter group's schedule starts from (the scaled --lr, or the
+    weight matrices' 1e-6 without --uniform-lr): timm's schedule then runs from that lr up to --min-lr, a rise
+    where the flag names a floor (a small batch scales --lr below a --min-lr typed for a large one)."""
+    if args.sched not in SCHEDULES_READING['min_lr']:
+        return None
+    lr = scaled_lr(args)
+    how = f'--lr {args.lr:g}' + ('' if args.unscale_lr else f' x batch {args.batch_size} x {args.world_size} / 512')
+    bases = [(lr, f'the scheduled lr {lr:.2e} ({how})')]
+    if args.weight_decay and not args.uniform_lr:
+        bases.append((ORIGINAL_BASE_LR, f"the weight matrices' {ORIGINAL_BASE_LR:g} (without --uniform-lr)"))
+    below = [text for base, text in bases if base < args.min_lr]
+    if not below:
+        return None
+    return (f'note: --min-lr {args.min_lr:g} is above {" and ".join(below)}: the --sched {args.sched} schedule '
+            f'rises to it over the run instead of decaying to it')
+
+
 # ----------------------------------------------------------------------------------------------------------
 # continuing a finetuning run: its own settings, unless the command line says otherwise
 
@@ -1899,6 +1917,8 @@ def run(args) -> Dict[str, float]:
         notes += filter(None, [warmup_note(args)])
     notes += unused_flag_notes(args, get_args_parser(), said=no_effect)
     init_distributed_mode(args)
+    if not modes_of(args) and not (resumed is not None and is_training_checkpoint(resumed)):
+        notes += filter(None, [min_lr_note(args)])  # (a continued run keeps the rates its optimizer restores)
     for line in notes:
         rank0_print(line)
     if finished is not None:

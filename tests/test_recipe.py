@@ -236,6 +236,25 @@ def test_a_warm_up_that_outlasts_the_run_is_noted_exactly_when_no_epoch_trains_p
                             f'warm-up steps, so no epoch trains at the --sched {sched} schedule')
 
 
+@pytest.mark.parametrize('sched', ['cosine', 'poly', 'step'])
+def test_a_min_lr_above_the_lr_a_group_is_scheduled_from_is_noted_exactly_when_its_lr_rises(monkeypatch, sched):
+    """--min-lr is the end of timm's cosine (tanh, poly, ...) schedule, not a floor: above a group's base lr (the
+    scaled --lr, which a small batch makes small, or the weight matrices' 1e-6) the run's lr rises to it, which a
+    note says; a schedule that does not read --min-lr (step) gets no such note."""
+    model = models.create_model('deit_digits_patch4_32')
+    for flags in (['--min-lr', '1e-2', '--uniform-lr'], ['--min-lr', '1e-5'], ['--min-lr', '1e-6'],
+                  ['--min-lr', '1e-5', '--uniform-lr'], ['--min-lr', '1e-3', '--batch-size', '16', '--uniform-lr']):
+        args = finetune.get_args_parser().parse_args(['--sched', sched, '--final_finetune', '4', *flags])
+        lrs = epoch_lrs(monkeypatch, args, model, 4)[1]
+        rises = [g for g in range(len(lrs[0])) if lrs[-1][g] > lrs[0][g] * (1 + 1e-9)]
+        note = finetune.min_lr_note(args)
+        assert (note is not None) == bool(rises), (flags, lrs)
+        if note:
+            assert note.startswith(f'note: --min-lr {args.min_lr:g} is above ')
+            assert note.endswith(f'the --sched {sched} schedule rises to it over the run instead of decaying to it')
+            assert ("the weight matrices' 1e-06" in note) == ('--uniform-lr' not in flags and 1 in rises)
+
+
 def test_multistep_decays_from_the_milestones_given(monkeypatch):
     """--sched multistep multiplies the lr by --decay-rate from each epoch --decay-milestones names; the milestones
     are a flag (timm's scheduler otherwise decays at its own 30 and 60, which no flag set: within the default 30
@@ -1388,7 +1407,9 @@ NOTED = {  # the run's flags beyond DIGITS_ARGS (--mixup 0 --cutmix 0 --aa none 
                          'note: --inat-category kingdom has no effect: only iNaturalist has categories',
                          'note: --lr-noise-pct 0.5 has no effect: no --lr-noise is given',
                          'note: --cooldown-epochs 5 has no effect: the run ends after --final_finetune epochs, where '
-                         'the cool-down would start']),
+                         'the cool-down would start',
+                         "note: --min-lr 1e-05 is above the weight matrices' 1e-06 (without --uniform-lr): the --sched "
+                         'cosine schedule rises to it over the run instead of decaying to it']),
     'finetune-step': (['--final_finetune', '1', '--sched', 'step', '--min-lr', '1e-5', '--decay-epochs', '1',
                        '--patience-epochs', '3', '--remode', 'const', '--dist-eval', '--no-repeated-aug'],
                       ['note: --remode const has no effect: --reprob 0 erases nothing',
