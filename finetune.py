@@ -1489,6 +1489,12 @@ def build_training(args, device: torch.device, resumed: Optional[dict]) -> Tuple
                         f'fewer than --batch-size {args.batch_size}, and an odd number: mixup and cutmix need an even '
                         f'batch (give {smaller}--mixup 0 --cutmix 0)')
     optimizer, lr_scheduler = build_optimizer(args, model_without_ddp)
+    if per_process < args.batch_size and not args.unscale_lr:  # (one batch per step, of every image there is)
+        rank0_print(f'note: the training set gives {per_process} image{"s" if per_process > 1 else ""} per process, '
+                    f'fewer than --batch-size {args.batch_size}: each step trains on a batch of {per_process}, at the '
+                    f'lr {args.scaled_lr:.2e} that --lr {args.lr:g} is scaled to for batch {args.batch_size} '
+                    f'(--batch-size {per_process} would scale it to '
+                    f'{args.lr * per_process * args.world_size / 512.0:.2e})')
     criterion, mixup_fn = build_criterion(args, model_without_ddp.num_classes, teacher)
     training = engine.Training(
         model=model, model_without_ddp=model_without_ddp, criterion=criterion, optimizer=optimizer,

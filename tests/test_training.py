@@ -84,6 +84,21 @@ def finetune_two_steps(files, out, monkeypatch, *extra):
     return captured['training'], torch.load(out / 'checkpoint.pth', weights_only=True)
 
 
+@pytest.mark.parametrize('extra, noted', [(['--batch-size', '16'], True), (['--batch-size', '8'], False),
+                                           (['--batch-size', '16', '--unscale-lr'], False)])
+def test_a_batch_larger_than_the_training_set_says_the_lr_is_scaled_for_it(capsys, files, tmp_path, extra, noted):
+    """8 training images and --batch-size 16: every step trains on a batch of 8 (none is dropped), while --lr is
+    scaled for 16; the run says so rather than train at twice the rate its batch would be given."""
+    argv = ['--model', 'deit_digits_patch4_32', '--device', 'cpu', '--num_workers', '0', '--print-freq', '100',
+            '--data-path', files['data'], '--output_dir', str(tmp_path / 'out'), '--resume', files['student'],
+            '--mixup', '0', '--cutmix', '0', '--aa', 'none', '--reprob', '0', '--final_finetune', '1', *extra]
+    assert finetune.main(argv) == 0
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith('note: the training set')]
+    assert notes == ([f'note: the training set gives 8 images per process, fewer than --batch-size 16: each step '
+                      f'trains on a batch of 8, at the lr {0.01 * 16 / 512:.2e} that --lr 0.01 is scaled to for batch '
+                      f'16 (--batch-size 8 would scale it to {0.01 * 8 / 512:.2e})'] if noted else [])
+
+
 def by_hand(files, clip):
     """The same two steps written out: loss = CE + alpha * tau^2 * KL(teacher || student) / numel with the teacher
     dense (timm's own model, no masks), gradients of this step only, clipped to a total norm of ``clip``, an SGD
