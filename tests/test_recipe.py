@@ -676,8 +676,11 @@ def test_the_papers_commands_run_as_printed(tmp_path):
               '-m', 'torch.distributed.launch', f'--master_port={free_port()}', '--nproc_per_node=2', '--use_env')
     assert 'Teacher cc_deit_tiny_patch16_224 from deit_tiny_patch16_224-a1311bcf.pth (dense)' in out
     notes = [line for line in out.splitlines() if line.startswith('note:')]
+    # (the last: this test's batch 2 scales --lr 1e-4 below --min-lr 1e-6; the command's 256 x 2 does not)
     assert notes == ['note: --prune_mode attn has no effect: only --prune makes masks',
-                     "note: --decay-epochs 6.0 has no effect: not read by timm's cosine schedule"]
+                     "note: --decay-epochs 6.0 has no effect: not read by timm's cosine schedule",
+                     'note: --min-lr 1e-06 is above the scheduled lr 7.81e-07 (--lr 0.0001 x batch 2 x 2 / 512): the '
+                     '--sched cosine schedule rises to it over the run instead of decaying to it']
     assert f'(lr {1e-4 * 2 * 2 / 512:.2e} for batch 2 x 2 processes)' in out
     ckpt = torch.load(tmp_path / 'output' / 'checkpoint.pth')
     assert {k: ckpt['args'][k] for k in ('weight_decay', 'distillation_type', 'distillation_alpha',
