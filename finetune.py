@@ -733,22 +733,38 @@ def warmup_note(args) -> Optional[str]:
             f'epoch trains at the --sched {args.sched} schedule')
 
 
+def _group_bases_below(args, lr: float) -> List[str]:
+    """The base learning rates of the run's parameter groups (what each group's schedule starts from: the scaled
+    --lr, and the weight matrices' 1e-6 without --uniform-lr, see build_optimizer) that are below ``lr``, said."""
+    scaled = scaled_lr(args)
+    how = f'--lr {args.lr:g}' + ('' if args.unscale_lr else f' x batch {args.batch_size} x {args.world_size} / 512')
+    bases = [(scaled, f'the scheduled lr {scaled:.2e} ({how})')]
+    if args.weight_decay and not args.uniform_lr:
+        bases.append((ORIGINAL_BASE_LR, f"the weight matrices' {ORIGINAL_BASE_LR:g} (without --uniform-lr)"))
+    return [text for base, text in bases if base < lr]
+
+
 def min_lr_note(args) -> Optional[str]:
     """A ``note:`` when --min-lr is above the lr a parameter group's schedule starts from (the scaled --lr, or the
     weight matrices' 1e-6 without --uniform-lr): timm's schedule then runs from that lr up to --min-lr, a rise
     where the flag names a floor (a small batch scales --lr below a --min-lr typed for a large one)."""
-    if args.sched not in SCHEDULES_READING['min_lr']:
-        return None
-    lr = scaled_lr(args)
-    how = f'--lr {args.lr:g}' + ('' if args.unscale_lr else f' x batch {args.batch_size} x {args.world_size} / 512')
-    bases = [(lr, f'the scheduled lr {lr:.2e} ({how})')]
-    if args.weight_decay and not args.uniform_lr:
-        bases.append((ORIGINAL_BASE_LR, f"the weight matrices' {ORIGINAL_BASE_LR:g} (without --uniform-lr)"))
-    below = [text for base, text in bases if base < args.min_lr]
+    below = _group_bases_below(args, args.min_lr) if args.sched in SCHEDULES_READING['min_lr'] else []
     if not below:
         return None
     return (f'note: --min-lr {args.min_lr:g} is above {" and ".join(below)}: the --sched {args.sched} schedule '
             f'rises to it over the run instead of decaying to it')
+
+
+def warmup_lr_note(args) -> Optional[str]:
+    """A ``note:`` when a warm-up is asked for and --warmup-lr is above the lr a parameter group's schedule starts
+    from: timm warms every group from --warmup-lr to its own base, so that group's lr falls over the warm-up (the
+    weight matrices' 1e-6 without --uniform-lr, from the default --warmup-lr 1e-5, as the original code's groups
+    would have)."""
+    below = _group_bases_below(args, args.warmup_lr) if args.warmup_epochs > 0 else []
+    if not below:
+        return None
+    return (f'note: --warmup-lr {args.warmup_lr:g} is above {" and ".join(below)}: the warm-up of '
+            f'--warmup-epochs {args.warmup_epochs} falls from it to that lr instead of rising to it')
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1924,7 +1940,8 @@ def run(args) -> Dict[str, float]:
     notes += unused_flag_notes(args, get_args_parser(), said=no_effect)
     init_distributed_mode(args)
     if not modes_of(args) and not (resumed is not None and is_training_checkpoint(resumed)):
-        notes += filter(None, [min_lr_note(args)])  # (a continued run keeps the rates its optimizer restores)
+        # (a continued run keeps the rates its optimizer restores)
+        notes += filter(None, [min_lr_note(args), warmup_lr_note(args)])
     for line in notes:
         rank0_print(line)
     if finished is not None:

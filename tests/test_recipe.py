@@ -255,6 +255,28 @@ def test_a_min_lr_above_the_lr_a_group_is_scheduled_from_is_noted_exactly_when_i
             assert ("the weight matrices' 1e-06" in note) == ('--uniform-lr' not in flags and 1 in rises)
 
 
+def test_a_warmup_lr_above_the_lr_a_group_is_scheduled_from_is_noted_exactly_when_its_warmup_falls(monkeypatch):
+    """timm warms every parameter group from --warmup-lr to its own base lr: above a group's base (the weight
+    matrices' 1e-6 without --uniform-lr, from the default 1e-5; or a scaled --lr that a small batch makes small)
+    the asked-for warm-up is a fall, which a note says; no warm-up, no note."""
+    model = models.create_model('deit_digits_patch4_32')
+    for flags in (['--warmup-epochs', '2'], ['--warmup-epochs', '2', '--uniform-lr'], ['--uniform-lr'],
+                  ['--warmup-epochs', '2', '--warmup-lr', '1e-7'],
+                  ['--warmup-epochs', '2', '--uniform-lr', '--warmup-lr', '1e-2', '--batch-size', '16'],
+                  ['--warmup-epochs', '2', '--weight-decay', '0']):
+        args = finetune.get_args_parser().parse_args(['--final_finetune', '5', *flags])
+        lrs = epoch_lrs(monkeypatch, args, model, 5)[1]
+        warmup = int(args.warmup_epochs)
+        falls = [g for g in range(len(lrs[0])) if warmup and lrs[warmup + 1][g] < lrs[0][g] * (1 - 1e-9)]
+        note = finetune.warmup_lr_note(args)
+        assert (note is not None) == bool(falls), (flags, lrs)
+        if note:
+            assert note.startswith(f'note: --warmup-lr {args.warmup_lr:g} is above ')
+            assert note.endswith(f'the warm-up of --warmup-epochs {warmup} falls from it to that lr instead of '
+                                 f'rising to it')
+            assert ("the weight matrices' 1e-06" in note) == ('--uniform-lr' not in flags and 1 in falls)
+
+
 def test_multistep_decays_from_the_milestones_given(monkeypatch):
     """--sched multistep multiplies the lr by --decay-rate from each epoch --decay-milestones names; the milestones
     are a flag (timm's scheduler otherwise decays at its own 30 and 60, which no flag set: within the default 30
@@ -1424,7 +1446,9 @@ NOTED = {  # the run's flags beyond DIGITS_ARGS (--mixup 0 --cutmix 0 --aa none 
                          ['note: --warmup-epochs 1 outlasts this 1-epoch run: its epochs train at schedule steps 0..0 '
                           '(epoch k >= 1 at step k - 1), all of them warm-up steps, so no epoch trains at the --sched '
                           'cosine schedule',
-                          'note: --aa none, --reprob 0.0 have no effect: --data-set DIGITS has its own fixed transform']),
+                          'note: --aa none, --reprob 0.0 have no effect: --data-set DIGITS has its own fixed transform',
+                          "note: --warmup-lr 1e-05 is above the weight matrices' 1e-06 (without --uniform-lr): the "
+                          'warm-up of --warmup-epochs 1 falls from it to that lr instead of rising to it']),
     'speed': (['--speed-only', '--data-set', 'IMNET', '--speed-repeats', '1', '--speed-warmup', '0'],
               ['note: --mixup 0.0, --cutmix 0.0, --aa none, --reprob 0.0 have no effect: --speed-only trains nothing',
                'note: --data-set IMNET, --num_workers 0, --print-freq 100 have no effect: --speed-only times random '
