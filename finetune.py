@@ -133,8 +133,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     a('--warmup-lr', default=1e-5, type=float)
     a('--min-lr', default=1e-6, type=float)
     a('--decay-epochs', default=15, type=float,
-      help='step interval of --sched step; the length of the decay phase of --sched wsd and rsqrt in epochs (below 1: '
-           'a fraction of the schedule); cosine does not use it')
+      help='step interval of --sched step in epochs (the schedule is stepped once per epoch, so 0.5 decays twice at '
+           'each epoch); the length of the decay phase of --sched wsd and rsqrt in epochs (below 1: a fraction of the '
+           'schedule); cosine does not use it')
     a('--decay-milestones', default=[30, 60], type=int, nargs='+',
       help='epochs from which --sched multistep runs at a further --decay-rate times the lr (default: 30 60, '
            'timm\'s)')

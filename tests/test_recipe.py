@@ -277,6 +277,18 @@ def test_a_warmup_lr_above_the_lr_a_group_is_scheduled_from_is_noted_exactly_whe
             assert ("the weight matrices' 1e-06" in note) == ('--uniform-lr' not in flags and 1 in falls)
 
 
+def test_a_step_interval_below_one_epoch_decays_several_times_at_each_epoch(monkeypatch):
+    """As --help says: the schedule is stepped once per epoch, so --sched step --decay-epochs 0.5 multiplies the lr
+    by --decay-rate twice at each step (timm's t // decay_t), not once every half epoch."""
+    model = models.create_model('deit_digits_patch4_32')
+    base = 0.01 * 64 / 512
+    args = finetune.get_args_parser().parse_args(['--sched', 'step', '--decay-epochs', '0.5', '--decay-rate', '0.5',
+                                                  '--final_finetune', '4', '--uniform-lr'])
+    _, lrs = epoch_lrs(monkeypatch, args, model, 4)
+    assert [lr[0] for lr in lrs] == pytest.approx([base, base, base / 4, base / 16], rel=1e-12)
+    assert 'so 0.5 decays twice at each epoch' in ' '.join(finetune.get_args_parser().format_help().split())
+
+
 def test_multistep_decays_from_the_milestones_given(monkeypatch):
     """--sched multistep multiplies the lr by --decay-rate from each epoch --decay-milestones names; the milestones
     are a flag (timm's scheduler otherwise decays at its own 30 and 60, which no flag set: within the default 30
