@@ -1647,8 +1647,10 @@ def repair_outputs(args, checkpoint: dict) -> None:
     if not own_folder:  # its best.pth is written only when an epoch improves on the best of the run continued
         if accuracy >= 0 and not os.path.isfile(paths['best.pth']):
             where = args.resume if reached else os.path.join(os.path.dirname(args.resume), 'best.pth')
-            rank0_print(f'note: the best epoch so far of the run continued here (Acc@1 {accuracy:.2f}%) is in '
-                        f'{where}: {paths["best.pth"]} is written only when an epoch improves on it')
+            held = 'is in' if os.path.isfile(where) else 'was saved beside it as'  # (a checkpoint copied alone)
+            rank0_print(f'note: the best epoch so far of the run continued here (Acc@1 {accuracy:.2f}%) {held} '
+                        f'{where}{"" if held == "is in" else ", which is not there now"}: {paths["best.pth"]} is '
+                        f'written only when an epoch improves on it')
         return
     best = load_checkpoint_file(paths['best.pth'], mmap=True) if os.path.isfile(paths['best.pth']) else {}
     if reached and float(best.get('max_accuracy', -1.0)) < accuracy:

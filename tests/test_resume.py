@@ -885,7 +885,7 @@ def test_a_run_continued_into_another_folder_names_the_file_of_its_best_epoch(ca
     instead of ending with a folder without one, silently."""
     first = tmp_path / 'first'
     with monkeypatch.context() as patch:
-        accuracies(patch, [30.0, 20.0, 10.0, 10.0, 10.0])
+        accuracies(patch, [30.0, 20.0, 10.0, 10.0, 10.0, 10.0, 10.0])
         assert _finetune(first, small['data'], '--resume', small['dense'], '--final_finetune', 2) == 0
         capsys.readouterr()
         for resumed, out in (('best.pth', tmp_path / 'b'), ('checkpoint.pth', tmp_path / 'c')):
@@ -893,6 +893,15 @@ def test_a_run_continued_into_another_folder_names_the_file_of_its_best_epoch(ca
             assert not (out / 'best.pth').exists()
             assert (f'note: the best epoch so far of the run continued here (Acc@1 30.00%) is in {first / "best.pth"}: '
                     f'{out / "best.pth"} is written only when an epoch improves on it') in capsys.readouterr().out
+        # the checkpoint copied alone into a folder of its own: the file that held the best epoch is not beside it
+        (tmp_path / 'lone').mkdir()
+        shutil.copy(first / 'checkpoint.pth', tmp_path / 'lone' / 'checkpoint.pth')
+        out = tmp_path / 'd'
+        assert _finetune(out, small['data'], '--resume', tmp_path / 'lone' / 'checkpoint.pth', '--final_finetune',
+                         3) == 0
+        assert (f'note: the best epoch so far of the run continued here (Acc@1 30.00%) was saved beside it as '
+                f'{tmp_path / "lone" / "best.pth"}, which is not there now: {out / "best.pth"} is written only when '
+                f'an epoch improves on it') in capsys.readouterr().out
 
 
 def test_a_run_continued_into_another_folder_says_to_give_that_folder_again(capsys, monkeypatch, small, tmp_path):
