@@ -1593,6 +1593,7 @@ def restore_training(training: engine.Training, checkpoint: dict, args) -> Tuple
     start_epoch = int(checkpoint['epoch']) + 1
     max_accuracy = float(checkpoint.get('max_accuracy', -1.0))
     repair_outputs(args, checkpoint)
+    best_elsewhere_note(args, checkpoint)
     rank0_print(f'Resumed from {args.resume}: continuing at epoch {start_epoch} '
                 + (f'(best Acc@1 so far {max_accuracy:.2f}%)' if max_accuracy >= 0 else '(it records no best Acc@1)'))
     restored_lr = training.optimizer.param_groups[0].get('initial_lr')
@@ -1617,19 +1618,27 @@ def in_own_folder(args) -> bool:
     return os.path.realpath(os.path.dirname(args.resume)) == os.path.realpath(args.output_dir)
 
 
+def best_epoch_reached(checkpoint: dict) -> Tuple[float, bool]:
+    """The run's best Acc@1 so far that ``checkpoint`` records (-1 if none), and whether the checkpoint's own epoch
+    is the one that first reached it.  best.pth is written right after checkpoint.pth when an epoch improves; an
+    epoch that only tied the best wrote no best.pth (the first epoch reaching it did, perhaps in the folder of the
+    run this one continues): ``improved`` says which; a checkpoint of an earlier version, without it, is judged by
+    its accuracy."""
+    accuracy = float(checkpoint.get('max_accuracy', -1.0))
+    reached = accuracy >= 0 and float((checkpoint.get('log_stats') or {}).get('test_acc1', -1.0)) == accuracy
+    return accuracy, bool(reached and checkpoint.get('improved', True))
+
+
 def repair_outputs(args, checkpoint: dict) -> None:
     """A run continued in the folder of its checkpoint: ``log.txt`` holds each finished epoch's line once (the
     checkpoint's own epoch added if a kill lost it, with its TensorBoard scalars), ``best.pth`` is the checkpoint's
     when its epoch is the best and a kill came before that file (the temporary files of a job killed while saving
-    are removed by :func:`clear_killed_saves`, for every finetuning run).  A run continued into another folder (a
-    ``best.pth`` resumed) repairs nothing, and a note names the file holding the run's best epoch so far, which
-    that folder's ``best.pth`` holds only once an epoch improves on it.  Rank 0 does it."""
-    if not is_main_process():
+    are removed by :func:`clear_killed_saves`, for every finetuning run).  Rank 0 does it."""
+    if not is_main_process() or not in_own_folder(args):
         return
     paths = output_paths(args)
     epoch = int(checkpoint['epoch'])
-    own_folder = in_own_folder(args)
-    if own_folder and reconcile_log(paths['log.txt'], epoch, checkpoint.get('log_stats')):
+    if reconcile_log(paths['log.txt'], epoch, checkpoint.get('log_stats')):
         # TensorBoard is written before log.txt, so a missing log line may mean missing scalars (a kill before
         # them) or not (a kill while the line was written): those not there yet are written now, none twice
         written = scalars_at(args.output_dir, epoch)
@@ -1637,21 +1646,8 @@ def repair_outputs(args, checkpoint: dict) -> None:
             tb = TensorBoard(args.output_dir)
             epoch_scalars(tb, checkpoint['log_stats'], epoch, written)
             tb.close()
-    # best.pth is written right after checkpoint.pth when an epoch improves: a kill in between leaves the
-    # checkpoint's epoch, the best so far, without it.  An epoch that only tied the best wrote no best.pth (the
-    # first epoch reaching it did, perhaps in the folder of the run this one continues): ``improved`` says which;
-    # a checkpoint of an earlier version, without it, is judged by its accuracy
-    accuracy = float(checkpoint.get('max_accuracy', -1.0))
-    reached = accuracy >= 0 and float((checkpoint.get('log_stats') or {}).get('test_acc1', -1.0)) == accuracy
-    reached = reached and checkpoint.get('improved', True)
-    if not own_folder:  # its best.pth is written only when an epoch improves on the best of the run continued
-        if accuracy >= 0 and not os.path.isfile(paths['best.pth']):
-            where = args.resume if reached else os.path.join(os.path.dirname(args.resume), 'best.pth')
-            held = 'is in' if os.path.isfile(where) else 'was saved beside it as'  # (a checkpoint copied alone)
-            rank0_print(f'note: the best epoch so far of the run continued here (Acc@1 {accuracy:.2f}%) {held} '
-                        f'{where}{"" if held == "is in" else ", which is not there now"}: {paths["best.pth"]} is '
-                        f'written only when an epoch improves on it')
-        return
+    # a kill between checkpoint.pth and best.pth leaves the checkpoint's epoch, the best so far, without the latter
+    accuracy, reached = best_epoch_reached(checkpoint)
     best = load_checkpoint_file(paths['best.pth'], mmap=True) if os.path.isfile(paths['best.pth']) else {}
     if reached and float(best.get('max_accuracy', -1.0)) < accuracy:
         def copy(f):
@@ -1660,6 +1656,23 @@ def repair_outputs(args, checkpoint: dict) -> None:
         write_atomic(paths['best.pth'], copy)
         rank0_print(f'note: {paths["best.pth"]} was not written after epoch {epoch}, the best so far (a stop right '
                     f'after its checkpoint): copied from {args.resume}')
+
+
+def best_elsewhere_note(args, checkpoint: dict) -> None:
+    """A run continued into another folder (a ``best.pth`` resumed): that folder's ``best.pth`` is written only once
+    an epoch improves on the run's best so far, so until then a note names the file holding it (or says it is
+    gone: a checkpoint copied alone).  Rank 0 says it."""
+    if not is_main_process() or in_own_folder(args):
+        return
+    accuracy, reached = best_epoch_reached(checkpoint)
+    best = output_paths(args)['best.pth']
+    if accuracy < 0 or os.path.isfile(best):
+        return
+    where = args.resume if reached else os.path.join(os.path.dirname(args.resume), 'best.pth')
+    held = 'is in' if os.path.isfile(where) else 'was saved beside it as'
+    rank0_print(f'note: the best epoch so far of the run continued here (Acc@1 {accuracy:.2f}%) {held} '
+                f'{where}{"" if held == "is in" else ", which is not there now"}: {best} is written only when an '
+                f'epoch improves on it')
 
 
 def finished_checkpoint(args, checkpoint: Optional[dict]) -> Optional[dict]:
@@ -1684,8 +1697,7 @@ def finished_run(args, checkpoint: dict) -> Dict[str, float]:
     # (no model is built here: a --model other than the run's is refused as an unfinished run's is)
     models.check_recorded_name(checkpoint, args.resume, args.model, '--model')
     clear_killed_saves(args)
-    if in_own_folder(args):
-        repair_outputs(args, checkpoint)
+    repair_outputs(args, checkpoint)
     done = int(checkpoint['epoch']) + 1
     rank0_print(f'Nothing to do: {done} epoch{"s" * (done != 1)} already finished in {args.resume} '
                 f'(--final_finetune {args.final_finetune})')

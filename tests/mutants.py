@@ -221,7 +221,7 @@ MUTANTS: List[Mutant] = [
            "the study's README paragraph calls a difference every seed shared a win without saying so"),
     # --- resume ----------------------------------------------------------------------------------------------
     mutant('log-never-repaired', 'finetune.py',
-           "if own_folder and reconcile_log(paths['log.txt'], epoch, checkpoint.get('log_stats')):", 'if False:',
+           "if reconcile_log(paths['log.txt'], epoch, checkpoint.get('log_stats')):", 'if False:',
            [RESUME], 'a resume keeps the duplicate and cut lines of log.txt'),
     mutant('sampler-shuffles-by-the-given-seed', 'finetune.py',
            "            sampler.seed = args.seed\n", "            pass\n",
