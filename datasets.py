@@ -6,6 +6,7 @@ import itertools
 import json
 import multiprocessing
 import os
+import stat
 import sys
 import time
 import unicodedata
@@ -36,7 +37,11 @@ class BadImageError(UserError):
 def load_rgb(path: str) -> Image.Image:
     """Open an image as RGB, turning decoder failures into an error that names the file (and one that is not a
     regular file: a named pipe called x.png was opened and waited on for ever)."""
-    if os.path.exists(path) and not os.path.isfile(path):
+    try:  # (one stat per image: data sets on network file systems pay for each)
+        regular = stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:  # not there, or not readable: open() below says why
+        regular = True
+    if not regular:
         raise BadImageError(f'cannot read image {path}: not a regular file (a device, a pipe or a socket)')
     try:
         with open(path, 'rb') as f:
