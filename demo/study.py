@@ -59,8 +59,8 @@ for path in (ROOT, os.path.join(ROOT, 'demo')):
 import run_demo as demo  # noqa: E402
 import finetune  # noqa: E402
 import pruning  # noqa: E402
-from utils import (UserError, check_output_dir, load_checkpoint_file, one_line, print_line, state_dict_of,  # noqa: E402
-                   write_atomic, write_text_atomic)
+from utils import (UserError, check_output_dir, check_tensorboard_dir, load_checkpoint_file, one_line,  # noqa: E402
+                   print_line, state_dict_of, write_atomic, write_text_atomic)
 from utils.cli import AT_LEAST_ONE, EXIT_USER_ERROR, POSITIVE, OneLineParser, Range, check_numbers  # noqa: E402
 from utils.signals import end_script  # noqa: E402
 
@@ -155,6 +155,7 @@ def validate_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     check_rates(a.rates)
     demo.check_device(a.device)
     check_output_dir(a.out, '--out')
+    check_tensorboard_dir(a.out, '--out')  # (each stage writes its scalars in a folder of it, as the demo's)
 
 
 def check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> Dict[str, object]:

@@ -543,6 +543,20 @@ def test_quick_sets_only_what_is_not_given(extra, expected, said, tmp_path, caps
     assert study.demo.flags_text(study.QUICK) in quick.help  # --help says what it sets
 
 
+def test_an_out_whose_name_is_not_utf8_text_is_refused_before_any_run(tmp_path, capsys):
+    """TensorBoard writes only to folders named in UTF-8 text: an --out named otherwise (any name beyond ASCII under
+    LC_ALL=C without UTF-8 mode) made the study's folder and stopped at its first stage; refused before, as the
+    demo refuses it."""
+    out = str(tmp_path / os.fsdecode(b'out\xff'))
+    with pytest.raises(SystemExit) as e:
+        study.main(['--quick', '--out', out])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert re.fullmatch(r'error: cannot write to --out .*out\\udcff: TensorBoard writes only to a folder whose name '
+                        r'is UTF-8 text[^\n]*\n', err), err
+    assert os.listdir(tmp_path) == []
+
+
 def test_standard_output_that_cannot_be_written_is_one_line_before_any_run(tmp_path, capsys, monkeypatch):
     """`study.py > /dev/full` (or `| head` whose reader has gone): an OSError traceback with exit code 1 at its
     first line; now one error line, exit 2, and no teacher trained."""
