@@ -24,7 +24,9 @@ class NonFiniteLossError(Exception):
 def train_one_epoch(model: nn.Module, criterion, data_loader: Iterable, optimizer, device: torch.device,
                     epoch: int, scaler, amp: bool = False, max_norm: Optional[float] = None,
                     model_ema=None, mixup_fn=None, print_freq: int = 10, printer=print) -> Dict[str, float]:
-    """One pass over ``data_loader``; returns the epoch's averaged ``loss`` and last ``lr``."""
+    """One pass over ``data_loader``; returns the epoch's averaged ``loss`` and last ``lr``, and with a criterion
+    that reports its terms (:class:`losses.DistillationLoss` distilling) their averages too (``loss_base``,
+    ``loss_kd``)."""
     model.train()
     logger = MetricLogger(printer=printer)
     logger.add_meter('lr', SmoothedValue(window_size=1, fmt='{value:.6f}'))
@@ -56,11 +58,16 @@ def train_one_epoch(model: nn.Module, criterion, data_loader: Iterable, optimize
         if model_ema is not None:
             model_ema.update(model)
         logger.update(loss=loss_value, n=samples.shape[0])
+        terms = getattr(criterion, 'terms', None)
+        if terms:  # (one copy from the device for all of them; loss.item() above already waited for them)
+            values = torch.stack([t.float() for t in terms.values()]).tolist()
+            logger.update(**dict(zip(terms, values)), n=samples.shape[0])
         logger.update(lr=optimizer.param_groups[0]['lr'])
     logger.synchronize_between_processes(device)
     stats = logger.averages()
     stats['lr'] = optimizer.param_groups[0]['lr']
-    printer(f'Averaged stats: loss {stats["loss"]:.4f}  lr {stats["lr"]:.6f}')
+    printer('Averaged stats: ' + '  '.join(f'{k} {v:.4f}' for k, v in stats.items() if k.startswith('loss'))
+            + f'  lr {stats["lr"]:.6f}')
     return stats
 
 

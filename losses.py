@@ -2,8 +2,11 @@
 
 Unlike DeiT's ``(1 - alpha) * base + alpha * KD``, the base loss keeps its full weight.  A student with one head
 reads both terms from it; a distilled DeiT student, as in DeiT, the base loss from its class head and KD from its
-distillation head.
+distillation head.  Each call leaves its two terms, unweighted and detached, in ``terms`` (what the training log
+reports as ``loss_base`` and ``loss_kd``: ``loss = loss_base + alpha * loss_kd``).
 """
+from typing import Dict, Optional
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -35,6 +38,9 @@ class DistillationLoss(nn.Module):
             raise ValueError(f'{distillation_type} distillation needs a teacher')
         self.base_criterion, self.teacher = base_criterion, teacher
         self.distillation_type, self.alpha, self.tau = distillation_type, alpha, tau
+        # The last call's terms, detached: {'loss_base': ..., 'loss_kd': ...}; None before the first call and
+        # without distillation (the loss is then the base loss alone).
+        self.terms: Optional[Dict[str, torch.Tensor]] = None
 
     def forward(self, inputs: torch.Tensor, outputs, labels: torch.Tensor) -> torch.Tensor:
         """``outputs``: the student's logits, or ``(class head, distillation head)`` from a distilled DeiT in
@@ -43,6 +49,7 @@ class DistillationLoss(nn.Module):
         if not isinstance(outputs, torch.Tensor):
             outputs, outputs_kd = outputs
         base = self.base_criterion(outputs, labels)
+        self.terms = None
         if self.distillation_type == 'none':
             return base
         if outputs_kd is None:
@@ -53,4 +60,5 @@ class DistillationLoss(nn.Module):
             kd = soft_distillation(outputs_kd, teacher_outputs, self.tau)
         else:
             kd = hard_distillation(outputs_kd, teacher_outputs)
+        self.terms = {'loss_base': base.detach(), 'loss_kd': kd.detach()}
         return base + self.alpha * kd

@@ -174,7 +174,7 @@ def test_finetune_one_epoch_with_soft_distillation(tmp_path, capsys, monkeypatch
     teacher = timm.create_model('deit_tiny_patch16_224').eval()
     teacher.load_state_dict(teacher_sd)
     assert len(steps) == 3  # 12 training images in batches of 4
-    kd_share = []
+    kd_share, kds = [], []
     for images, student, labels, loss in steps:
         with torch.no_grad():
             t = teacher(images)
@@ -185,9 +185,19 @@ def test_finetune_one_epoch_with_soft_distillation(tmp_path, capsys, monkeypatch
         kd = (p_t * log_ratio).sum() * 4.0 / t.numel()
         assert loss == pytest.approx((base + 0.7 * kd).item(), rel=1e-5)
         kd_share.append(0.7 * kd.item() / loss)
+        kds.append(kd.item())
     assert min(kd_share) > 1e-3  # the KD term is there, 100 times above the tolerance of the check
-    logged = json.loads((out_dir / 'log.txt').read_text().splitlines()[0])['train_loss']
-    assert logged == pytest.approx(sum(s[3] for s in steps) / 3, rel=1e-6)
+    record = json.loads((out_dir / 'log.txt').read_text().splitlines()[0])
+    assert record['train_loss'] == pytest.approx(sum(s[3] for s in steps) / 3, rel=1e-6)
+    # its terms, unweighted: the mean of each, so loss = loss_base + alpha * loss_kd holds for the means too
+    assert record['train_loss'] == pytest.approx(record['train_loss_base'] + 0.7 * record['train_loss_kd'], rel=1e-6)
+    assert record['train_loss_kd'] == pytest.approx(sum(kds) / 3, rel=1e-5)
+    assert re.search(r'Averaged stats: loss [\d.]+  loss_base [\d.]+  loss_kd [\d.]+  lr ', out)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(out_dir))
+    events.Reload()
+    for tag in ('loss', 'loss_base', 'loss_kd'):
+        assert [e.value for e in events.Scalars(f'train/{tag}')] == [pytest.approx(record[f'train_{tag}'])]
     assert re.search(r'Epoch: \[0\] \[0/3\]  eta: \d+:\d\d:\d\d', out)
     ckpt = load_checkpoint_file(str(out_dir / 'checkpoint.pth'))
     assert FINETUNE_KEYS | {'model_ema'} <= set(ckpt)

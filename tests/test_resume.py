@@ -724,6 +724,9 @@ def test_a_run_killed_while_writing_its_log_line_gets_no_second_tensorboard_poin
     assert log_epochs(out / 'log.txt') == list(range(final))
     for tag in ('train/loss', 'train/lr', 'test/acc1', 'test/acc5', 'test/loss'):
         assert tensorboard_points(out, tag) == list(range(final)), tag
+    # without a teacher the loss is the base loss alone: no terms of a distillation loss are logged
+    assert tensorboard_points(out, 'train/loss_base') == tensorboard_points(out, 'train/loss_kd') == []
+    assert not any('loss_' in key for line in (out / 'log.txt').read_text().splitlines() for key in json.loads(line))
     assert tensorboard_steps(out, 'test/acc1') == {e: a for e, a in {0: 40.0, 1: 60.0, 2: 80.0}.items() if e < final}
 
 

@@ -151,8 +151,11 @@ def test_two_training_steps_equal_the_hand_computation(files, tmp_path, monkeypa
     start, weights, ema, losses, kds = by_hand(files, clip)
     # the loss of each step holds the distillation term: the epoch's logged loss is their mean
     with open(tmp_path / 'out' / 'log.txt') as f:
-        logged = json.loads(f.readline())['train_loss']
-    assert logged == pytest.approx(sum(losses) / 2, rel=1e-5)
+        record = json.loads(f.readline())
+    assert record['train_loss'] == pytest.approx(sum(losses) / 2, rel=1e-5)
+    # and its two terms, unweighted, as loss = loss_base + alpha * loss_kd
+    assert record['train_loss_kd'] == pytest.approx(sum(kds) / 2, rel=1e-5)
+    assert record['train_loss_base'] == pytest.approx(sum(a - ALPHA * b for a, b in zip(losses, kds)) / 2, rel=1e-5)
     assert ALPHA * sum(kds) / sum(losses) > 0.02  # the KD term is big enough to be told apart from its absence
     # weights after two steps: each step's own gradient (reset in between), clipped when asked
     got = {k: ckpt['model'][k] for k in weights}
