@@ -411,3 +411,17 @@ def test_the_gpu_a_process_runs_on_is_made_its_current_device(monkeypatch, devic
         expected += [('init', 'gloo'), ('barrier', None)] if current is None else [('init', 'nccl'), ('barrier', [1])]
     assert calls == expected
     assert args.device == (f'cuda:{current}' if current is not None else device)
+
+
+def test_a_process_alone_agrees_with_itself_without_a_trip_to_the_device(monkeypatch):
+    """The training loop asks all_agree at every step whether the loss is finite everywhere; a process alone
+    answers from its own flag: no tensor made on the device and read back (a sync per step on a GPU)."""
+    import utils.distributed
+
+    def no_tensor(*args, **kwargs):
+        raise AssertionError('all_agree made a tensor in a process alone')
+
+    monkeypatch.setattr(utils.distributed.torch, 'tensor', no_tensor)
+    assert not utils.distributed.is_dist()
+    assert utils.distributed.all_agree(True, 'cpu') is True
+    assert utils.distributed.all_agree(False, 'cpu') is False

@@ -111,9 +111,11 @@ def all_reduce_sum(values, device) -> torch.Tensor:
 
 
 def all_agree(flag: bool, device) -> bool:
-    """True only if ``flag`` holds on every process (so all processes stop together)."""
+    """True only if ``flag`` holds on every process (so all processes stop together).  A process alone answers
+    ``flag`` itself: nothing goes to the device and back (the training loop asks at every step)."""
+    if not is_dist():
+        return bool(flag)
     t = torch.tensor([0.0 if flag else 1.0], device=device)
-    if is_dist():
-        dist.all_reduce(t)
+    dist.all_reduce(t)
     return t.item() == 0.0
 
