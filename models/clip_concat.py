@@ -496,6 +496,10 @@ def as_mask_tensor(value, name: str) -> torch.Tensor:
             raise ValueError(f'{name} holds no values (rows that are tensors of the meta device)')
         tensor = rows
     else:
+        if isinstance(value, (list, tuple)) and value and all(isinstance(row, (list, tuple)) for row in value):
+            lengths = [len(row) for row in value]
+            if len(set(lengths)) > 1:  # (torch's conversion refuses them with a ValueError read as no numbers)
+                raise ValueError(f'{name}: its rows have different lengths ({", ".join(map(str, lengths))})')
         try:
             tensor = torch.as_tensor(value)
         except (TypeError, ValueError, RuntimeError):

@@ -665,3 +665,12 @@ def test_the_prune_command_scores_its_training_images_with_the_recipes_loss(tmp_
                        for eps in (smoothing, other_eps))
     assert torch.allclose(saved, expected, rtol=1e-4, atol=1e-10)
     assert (saved - other).abs().max() > 100 * (saved - expected).abs().max()  # the loss shows in the scores
+
+
+def test_a_plan_of_nested_lists_of_different_lengths_is_a_value_error():
+    """Rows of different lengths given as nested lists were refused as holding no numbers (a TypeError, 'got a
+    list of list'), where rows given as tensors were a ValueError naming their shapes: both are a ValueError."""
+    model = timm.create_model('cc_deit_tiny_patch16_224', img_size=32, depth=3)
+    with pytest.raises(ValueError, match=r'^masks: its rows have different lengths \(4, 3, 4\)'):
+        pruning.apply_masks(model, [[1, 0, 1, 1], [0, 1, 1], [1, 1, 1, 1]])
+    assert models_counts(model) == [5, 5, 5]
