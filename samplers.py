@@ -8,8 +8,9 @@ from torch.utils.data import Sampler
 
 class RASampler(Sampler):
     """Repeated augmentation (Hoffer et al.; used by DeiT): each selected image appears ``repeats`` times per
-    epoch, the copies spread over different processes so each sees a differently augmented view. An epoch
-    still has about ``len(dataset)`` samples in total, so fewer distinct images are visited."""
+    epoch, its copies dealt to consecutive processes in turn, each copy a differently augmented view (with fewer
+    processes than ``repeats``, a process gets more than one copy of an image). An epoch still has about
+    ``len(dataset)`` samples in total, so fewer distinct images are visited."""
 
     def __init__(self, dataset, num_replicas: int, rank: int, shuffle: bool = True, repeats: int = 3,
                  seed: int = 0):
