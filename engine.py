@@ -264,7 +264,7 @@ def original_pass_seconds(run: Callable, x: torch.Tensor, passes: int) -> float:
     synchronisation, ``passes`` passes, one synchronisation; returns the mean seconds per pass."""
     if isinstance(run, nn.Module):
         run.eval()
-    with torch.enable_grad():
+    with torch.enable_grad(), torch.autocast(x.device.type, enabled=False):  # (fp32 under a caller's autocast too)
         synchronize(x.device)
         start = time.perf_counter()
         for _ in range(passes):

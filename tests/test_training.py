@@ -434,3 +434,16 @@ def test_the_epoch_loss_is_the_mean_over_its_images():
         per_image = F.cross_entropy(model.linear(x), y, reduction='none')
     assert [s['loss'] for s in stats] == [pytest.approx(per_image.mean().item(), rel=1e-6)] * 2
     assert per_image.mean().item() != pytest.approx((per_image[:3].mean() + per_image[3]).item() / 2, rel=1e-3)
+
+
+def test_the_original_timing_runs_in_fp32_with_autograd_under_the_callers_autocast_and_no_grad():
+    """original_pass_seconds times the model in fp32 with autograd on, as the original code did; under a caller's
+    autocast its passes ran in bfloat16."""
+    seen = []
+
+    def run(x):
+        seen.append((torch.is_grad_enabled(), (x @ torch.ones(1, 1)).dtype))
+
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        engine.original_pass_seconds(run, torch.ones(2, 1), 2)
+    assert seen == [(True, torch.float32)] * 2
