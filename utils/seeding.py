@@ -68,7 +68,9 @@ def capture(generators: Optional[Dict[str, torch.Generator]] = None, device: Opt
 
 def restore(state: dict, generators: Optional[Dict[str, torch.Generator]] = None,
             device: Optional[torch.device] = None) -> None:
-    """Put back what :func:`capture` returned.  KeyError/TypeError/ValueError on a state of another shape."""
+    """Put back what :func:`capture` returned.  On a state of another shape, whatever Python, numpy or torch raise
+    about it: KeyError, TypeError, ValueError, RuntimeError (a torch state of another size), AttributeError or
+    IndexError (the exceptions :func:`restore_or_reseed` takes as a state that does not fit)."""
     py = state['python']
     random.setstate((int(py['version']), tuple(int(v) for v in py['state'].tolist()), py['gauss_next']))
     npy = state['numpy']
