@@ -34,7 +34,7 @@ def load_checkpoint_file(path: str, mmap: bool = False) -> Dict[str, Any]:
 
     ``mmap``: map the tensors instead of reading them (cheap when only ``args`` is wanted); files in the legacy
     format, which cannot be mapped, are read.  Every failure becomes a one-line :class:`UserError` naming the
-    file and the problem.
+    file and the problem, except a MemoryError while loading, which propagates as it is.
     """
     if not path:
         raise UserError('no checkpoint given')
