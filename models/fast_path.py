@@ -87,7 +87,7 @@ LayerNorm statistics, softmax and residual sums are computed in fp32; the token 
 is stored in ``residual_dtype`` (default fp32, as under autocast; fp16 halves its traffic at some accuracy).
 The head runs in the model's own dtype (fp32, unless the model was cast).  Logits come back in fp32.  Images
 may be of any floating dtype (cast as the patch embedding reads them); integer or bool images (raw pixels) are
-refused with a ValueError, as the eager model refuses them.
+refused with a ValueError (the eager model refuses them too, with the RuntimeError of its convolution's dtypes).
 
 Not supported (``ValueError('fast path: ... is not supported')`` at build time): a model other than timm's
 ``VisionTransformer`` and its subclasses (timm's EVA, say), qk_norm, scale_norm, gated attention, an attention
