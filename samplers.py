@@ -10,7 +10,8 @@ class RASampler(Sampler):
     """Repeated augmentation (Hoffer et al.; used by DeiT): each selected image appears ``repeats`` times per
     epoch, its copies dealt to consecutive processes in turn, each copy a differently augmented view (with fewer
     processes than ``repeats``, a process gets more than one copy of an image). An epoch still has about
-    ``len(dataset)`` samples in total, so fewer distinct images are visited."""
+    ``len(dataset)`` samples in total (as in DeiT, ``len(dataset)`` rounded down to a multiple of 256, split
+    evenly over the processes; below 256 images, all of them), so fewer distinct images are visited."""
 
     def __init__(self, dataset, num_replicas: int, rank: int, shuffle: bool = True, repeats: int = 3,
                  seed: int = 0):
@@ -20,7 +21,8 @@ class RASampler(Sampler):
         self.shuffle, self.repeats, self.seed, self.epoch = shuffle, repeats, seed, 0
         self.num_samples = int(math.ceil(len(dataset) * repeats / num_replicas))
         self.total_size = self.num_samples * num_replicas
-        # Per process, only about len(dataset) / num_replicas samples are used each epoch.
+        # Per process, len(dataset) rounded down to a multiple of 256, / num_replicas, samples are used each epoch
+        # (len(dataset) / num_replicas, rounded up, below 256 images)
         self.num_selected = int(math.floor(len(dataset) // 256 * 256 / num_replicas)) or \
             int(math.ceil(len(dataset) / num_replicas))
 
