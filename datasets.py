@@ -1,6 +1,7 @@
 """Data sets and transforms: ImageNet folders, CIFAR-100 on disk, iNaturalist 2018/2019, and scikit-learn's
 digits (the mini reproduction). Every missing or unreadable input becomes a one-line :class:`UserError`.  And the
 loaders a run reads them with (:func:`data_loader`: samplers, seeded shuffles, workers that stop quietly)."""
+import errno
 import functools
 import itertools
 import json
@@ -37,14 +38,24 @@ class BadImageError(UserError):
 def load_rgb(path: str) -> Image.Image:
     """Open an image as RGB, turning decoder failures into an error that names the file (and one that is not a
     regular file: a named pipe called x.png was opened and waited on for ever)."""
-    try:  # (one stat per image: data sets on network file systems pay for each)
-        regular = stat.S_ISREG(os.stat(path).st_mode)
-    except OSError:  # not there, or not readable: open() below says why
-        regular = True
-    if not regular:
-        raise BadImageError(f'cannot read image {path}: not a regular file (a device, a pipe or a socket)')
+    not_regular = f'cannot read image {path}: not a regular file (a device, a pipe or a socket)'
+    try:  # One lookup of the path per image (data sets on network file systems pay for each): opened without
+        # waiting (O_NONBLOCK: a pipe's open returns at once), then what was opened is looked at.
+        fd = os.open(path, os.O_RDONLY | getattr(os, 'O_NONBLOCK', 0))
+    except OSError as e:
+        if e.errno == errno.ENXIO:  # (a socket cannot be opened at all)
+            raise BadImageError(not_regular) from None
+        raise BadImageError(f'cannot read image {path}: {e}') from None
     try:
-        with open(path, 'rb') as f:
+        regular = stat.S_ISREG(os.fstat(fd).st_mode)
+    except BaseException:
+        os.close(fd)
+        raise
+    if not regular:
+        os.close(fd)
+        raise BadImageError(not_regular)
+    try:
+        with open(fd, 'rb') as f:
             img = Image.open(f)
             # 16-bit: convert() clips at 255, so nearly all white.  (Pillow opens a grey PGM of more than 8 bits
             # as mode I, its values scaled to 0..65535: 16 bits too.)

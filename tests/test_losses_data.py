@@ -516,6 +516,57 @@ def test_32_bit_integer_and_float_images_are_refused_by_name(tmp_path):
             load_rgb(str(tmp_path / name))
 
 
+def test_an_image_is_looked_up_once_by_path_and_what_is_no_file_is_named(tmp_path, monkeypatch):
+    """One lookup of the path per image (a stat before opening was a second one, paid per image and epoch on a
+    network file system); a named pipe, a device and a socket are still refused by name at once, and every file
+    opened is closed."""
+    import socket
+    import stat as stat_module
+    import datasets
+    from PIL import Image
+    Image.fromarray(np.arange(48, dtype=np.uint8).reshape(4, 4, 3)).save(tmp_path / 'ok.png')
+    os.mkfifo(tmp_path / 'pipe.png')
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(tmp_path / 'sock.png'))
+    assert stat_module.S_ISSOCK(os.stat(tmp_path / 'sock.png').st_mode)
+    opened, closed, stats = [], [], []
+    real_open, real_close, real_stat = os.open, os.close, os.stat
+    ours = (str(tmp_path), '/dev/zero')
+
+    def counted_open(path, *args, **kwargs):
+        fd = real_open(path, *args, **kwargs)
+        if str(path).startswith(ours):
+            opened.append(fd)
+        return fd
+
+    def counted_stat(path, *args, **kwargs):
+        if str(path).startswith(ours):
+            stats.append(path)
+        return real_stat(path, *args, **kwargs)
+
+    # (os is one module: these are seen by everything, so only the test's own paths are counted)
+    monkeypatch.setattr(os, 'open', counted_open)
+    monkeypatch.setattr(os, 'stat', counted_stat)
+    monkeypatch.setattr(os, 'close', lambda fd: (closed.append(fd) if fd in opened else None) or real_close(fd))
+    try:
+        assert np.asarray(datasets.load_rgb(str(tmp_path / 'ok.png'))).reshape(-1).tolist() == list(range(48))
+        for name in ('pipe.png', 'sock.png', '/dev/zero'):
+            path = name if name.startswith('/') else str(tmp_path / name)
+            with pytest.raises(datasets.BadImageError, match=rf'^cannot read image {re.escape(path)}: not a regular '
+                                                             rf'file \(a device, a pipe or a socket\)$'):
+                datasets.load_rgb(path)
+        with pytest.raises(datasets.BadImageError, match=r'No such file or directory'):
+            datasets.load_rgb(str(tmp_path / 'gone.png'))
+    finally:
+        server.close()
+    assert stats == []
+    assert len(opened) == 3  # ok.png, the pipe, /dev/zero (a socket cannot be opened, nor a missing file)
+    assert closed == opened[1:]  # the refused ones closed at once; ok.png's by its file object, so none is open:
+    for fd in set(opened):
+        with pytest.raises(OSError):
+            os.fstat(fd)
+
+
 def test_repeated_augmentation_sampler_gives_every_process_its_length_even_with_more_processes_than_copies():
     """Every process must draw the samples its length promises (a process without batches skips the epoch's
     collectives, and the job hangs), also where the copies of a tiny training set are fewer than the processes;
