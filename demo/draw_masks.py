@@ -174,7 +174,8 @@ def digits_images(num: int) -> Tuple[torch.Tensor, List[int]]:
 
 def folder_images(root: str, num: int, input_size: int, mean, std, crop_ratio: float
                   ) -> Tuple[torch.Tensor, List[str]]:
-    """The first ``num`` images (sorted paths) under ``root`` (or ``root/val``), with the eval transform."""
+    """``num`` images under ``root`` (or ``root/val``), with the eval transform: in sorted order, the first image of
+    each folder that holds one, then the next ones of those folders where fewer folders than ``num`` hold images."""
     from datasets import build_transform, load_rgb
     check_image_folder(root)
     if os.path.isdir(os.path.join(root, 'val')):
