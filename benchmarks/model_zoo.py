@@ -217,7 +217,7 @@ def build_parser() -> Parser:
                    help='default: cuda when a GPU is available, else cpu')
     p.add_argument('--models', type=_names, default=None,
                    help='comma-separated: the shortcuts tiny,small,base and/or timm model names with a C&C model '
-                        '(default tiny,small,base)')
+                        '(default: CPU tiny,small,base; CUDA tiny,base,small, the order of what they are worth)')
     p.add_argument('--rates', type=_rate_list(zero_allowed=False), default=None,
                    help='comma-separated prune rates in (0, 1) (default 0.25,0.30,0.40)')
     p.add_argument('--batch-size', type=batch, default=None,
