@@ -61,8 +61,9 @@ Contracts (checked in the wrappers where cheap, else stated): every tensor has a
 ``ids`` is a 1-D integer tensor on the same device with values in [0, N); the in-place ops that take ids
 (``residual_layer_norm_``, ``residual_scatter_``, ``linear_residual_scatter_``, ``linear_residual_layer_norm_``)
 need *distinct* ids, since two
-programs writing the same row would race; ``gather_layer_norm`` does not.  Forward only: nothing here records
-gradients.
+programs writing the same row would race; ``gather_layer_norm`` does not.  Forward only: the Triton kernels record
+no gradients (their outputs have no grad_fn, whatever their inputs), while the references record them as the torch
+ops they are made of do (the fast path runs both under no_grad).
 """
 import os
 from typing import List, Optional, Tuple
