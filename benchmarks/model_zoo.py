@@ -47,7 +47,7 @@ seeded random init: throughput does not depend on their values.
 
     python benchmarks/model_zoo.py                      # CPU here: Ti/S/B, rates 0.25,0.30,0.40
     python benchmarks/model_zoo.py --device cuda        # on a GPU (fp16 autocast, larger batches; gpu_check.sh)
-    python benchmarks/model_zoo.py --quick              # smoke run, about 2 minutes on 2 CPU cores
+    python benchmarks/model_zoo.py --quick              # smoke run, under a minute on 2 CPU cores
 """
 import argparse
 import copy
