@@ -574,8 +574,13 @@ def validate_args(args, void: Set[str] = frozenset(), finished: bool = False) ->
                             '--fast-path does not apply')
     if args.fast_path in ('triton', 'compile'):  # (torch.compile writes its CUDA kernels in Triton)
         on_gpu = resolve_device(args.device).startswith('cuda')
-        if args.fast_path == 'triton' and not on_gpu and os.environ.get('TRITON_INTERPRET') != '1':
-            raise UserError('--fast-path triton needs a CUDA GPU (on CPU use --fast-path torch or compile)')
+        if args.fast_path == 'triton' and not on_gpu:
+            if os.environ.get('TRITON_INTERPRET') != '1':
+                raise UserError('--fast-path triton needs a CUDA GPU (on CPU use --fast-path torch or compile)')
+            from models.fast_kernels import INTERPRETER  # (as Triton read it when it decorated the kernels)
+            if not INTERPRETER:
+                raise UserError('--fast-path triton on CPU: TRITON_INTERPRET=1 was set after Triton was imported '
+                                '(torch and models import it), which then compiles its kernels for a GPU')
         if args.fast_path == 'compile' and not on_gpu:
             check_cpu_compiler()
         else:

@@ -54,7 +54,7 @@ alone cost 256 and 64-key steps 192 in three steps.  The tile sizes are chosen b
 Every op has a ``*_reference`` (plain torch: index_select, F.layer_norm, index_copy_, SDPA in fp32) and a
 ``*_triton`` implementation taking the same arguments (the Triton one may add its tile sizes, an ``out``
 buffer, an image address); the undecorated name dispatches to Triton when :func:`triton_runs_on` says it can (a CUDA
-tensor, or a CPU one while ``TRITON_INTERPRET=1`` was set before this module was imported; for ``attention``
+tensor, or a CPU one while ``TRITON_INTERPRET=1`` was set before Triton was imported; for ``attention``
 also a head_dim that suits the kernel), else to the reference.
 
 Contracts (checked in the wrappers where cheap, else stated): every tensor has a contiguous last dimension;
@@ -94,8 +94,21 @@ __all__ = [
     'patch_embed_', 'patch_embed_reference_', 'patch_embed_triton_', 'patch_grid', 'unfold_patches',
 ]
 
-# Read once, as Triton itself reads it when @triton.jit decorates the kernels below.
-INTERPRETER = os.environ.get('TRITON_INTERPRET', '0') == '1'
+
+
+def _interpreting() -> bool:
+    """Whether the kernels below run in Triton's CPU interpreter.  Triton reads TRITON_INTERPRET when @triton.jit
+    decorates a function: its own library's (tl.sum, tl.cdiv, ...) when Triton is imported, which torch and this
+    project's modules do early, and the kernels below when this module is.  Both must have seen it: kernels
+    interpreted with Triton's library compiled fail inside at their first call (set after ``import triton``, it
+    reached this module only)."""
+    if os.environ.get('TRITON_INTERPRET', '0') != '1' or not HAS_TRITON:
+        return False
+    from triton.runtime.interpreter import InterpretedFunction
+    return isinstance(tl.standard.sum, InterpretedFunction)
+
+
+INTERPRETER = _interpreting()  # (read once, as Triton reads it)
 
 # (BLOCK_M, BLOCK_N, BLOCK_T, num_warps, num_stages) the fast path times for the attention kernel; the first is
 # the default.  BLOCK_T is the key tile of the tail (the last n % BLOCK_N keys); BLOCK_T == BLOCK_N walks every
@@ -513,8 +526,8 @@ if HAS_TRITON:
 
 def _need_triton(t: torch.Tensor) -> None:
     if not triton_runs_on(t):
-        raise RuntimeError('the Triton kernels need a CUDA tensor, or TRITON_INTERPRET=1 set before '
-                           'models.fast_kernels is imported')
+        raise RuntimeError('the Triton kernels need a CUDA tensor, or TRITON_INTERPRET=1 set before Triton is '
+                           'imported')
 
 
 def _flag_ptr(t: Optional[torch.Tensor], fallback: torch.Tensor) -> Tuple[torch.Tensor, bool]:

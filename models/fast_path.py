@@ -816,7 +816,7 @@ class FastViT(nn.Module):
         device = first.device
         if backend == 'triton' and not (device.type == 'cuda' or (K.INTERPRETER and device.type == 'cpu')):
             raise ValueError("fast path: backend 'triton' needs a CUDA model, or TRITON_INTERPRET=1 set before "
-                             "models.fast_kernels is imported")
+                             "Triton is imported (torch and models import it)")
         if 'triton' in (attention, mlp) and dtype is torch.bfloat16 and device.type == 'cpu':
             raise ValueError("attention='triton' and mlp='triton' in bfloat16 need a CUDA model: Triton's "
                              "interpreter computes bfloat16 matrix products wrongly")

@@ -2514,6 +2514,28 @@ def test_the_triton_backend_without_triton_is_refused_before_any_work(capsys, mo
     assert 'Model ' not in out
 
 
+def test_triton_interpret_set_after_triton_was_imported_is_one_line(pruned_digits):
+    """finetune.main called from Python after TRITON_INTERPRET=1 was set, but with Triton imported before it (by
+    torch and models; Triton reads it when it decorates its own library's functions): the check passed, the
+    kernels were built for the interpreter and failed inside at their first call, a traceback.  Now one line before
+    the model is loaded."""
+    import subprocess
+    from conftest import subprocess_env
+    if CUDA:
+        pytest.skip('on a GPU the Triton fast path is available')
+    script = (
+        'import os, sys, finetune\n'
+        'os.environ["TRITON_INTERPRET"] = "1"\n'
+        f'sys.exit(finetune.main(["--speed-only", "--resume", {pruned_digits["path"]!r}, "--fast-path", "triton", '
+        '"--model", "deit_digits_patch4_32", "--device", "cpu", "--speed-repeats", "1", "--speed-warmup", "0"]))\n')
+    env = {k: v for k, v in subprocess_env().items() if k != 'TRITON_INTERPRET'}
+    run = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True, timeout=300)
+    assert (run.returncode, run.stderr.strip()) == (
+        2, 'error: --fast-path triton on CPU: TRITON_INTERPRET=1 was set after Triton was imported (torch and models '
+           'import it), which then compiles its kernels for a GPU'), run.stderr[-2000:]
+    assert 'Model ' not in run.stdout
+
+
 @pytest.mark.parametrize('argv, message', [
     (['--fast-path', 'torch', '--output_dir', '{tmp}/ft', '--data-set', 'DIGITS'],
      '--fast-path is an inference path: use it with --eval or --speed-only'),
