@@ -71,6 +71,21 @@ class CCBlockMixin:
         _refuse_scripting()
 
 
+def _mask_buffer(layer: int, blk: nn.Module) -> torch.Tensor:
+    """Block ``layer``'s mask buffer; TypeError naming the block when its attention module has none: one replaced
+    after the model was converted (timm's model takes any module there) drops the mask it held, and the
+    AttributeError raised inside :attr:`CCModelMixin.masks` was reported by nn.Module as the model having no
+    attribute ``masks``."""
+    attn = getattr(blk, 'attn', None)
+    if isinstance(attn, nn.Module) and 'token_index' in attn._buffers:
+        return attn.token_index
+    kind = type(attn).__name__
+    raise TypeError(f'blocks.{layer}.attn ({"an" if kind[:1] in "AEIOU" else "a"} {kind}) has no mask buffer '
+                    f'token_index: an attention module replaced after apply_clip_concat does not take over the mask '
+                    f'of the one it replaces; give it that mask (new.register_buffer("token_index", '
+                    f'old.token_index)), or replace the layers inside the attention (such as attn.qkv) instead')
+
+
 def _refuse_scripting():
     """``torch.jit.script`` calls ``__prepare_scriptable__`` on the module and each submodule before compiling (not
     at a forward): its own error on a Clip & Concat model ("'Tensor' object has no attribute or method 'forward'")
@@ -109,7 +124,7 @@ class CCModelMixin:
         """The per-block concat-order masks (the buffers themselves: a change made to them in place, such as
         ``model.masks[3][7] = False`` or an EMA copying its model's buffers, is taken up by the next forward,
         :meth:`sync_token_plan`)."""
-        return [blk.attn.token_index for blk in self.blocks]
+        return [_mask_buffer(layer, blk) for layer, blk in enumerate(self.blocks)]
 
     @torch.no_grad()
     def set_masks(self, concat_masks: Sequence[torch.Tensor]) -> List[int]:
@@ -134,24 +149,23 @@ class CCModelMixin:
             self._check_prefix_kept(layer, mask.to(torch.bool))
         # copies first: a row may be (a view of) another block's buffer, as in set_masks(model.masks[::-1])
         concat_masks = [mask.to(torch.bool, copy=True) for mask in concat_masks]
-        for blk, mask in zip(self.blocks, concat_masks):
-            blk.attn.token_index.copy_(mask)
+        for buffer, mask in zip(self.masks, concat_masks):
+            buffer.copy_(mask)
         self.refresh_token_plan()
         return kept_token_counts(self)
 
     @torch.no_grad()
     def set_dense(self) -> None:
         """Every mask True: the dense model of the same weights."""
-        for blk in self.blocks:
-            blk.attn.token_index.fill_(True)
+        for mask in self.masks:
+            mask.fill_(True)
         self.refresh_token_plan()
 
     def _check_mask_buffers(self) -> None:
         """Each block's mask is still a boolean tensor of ``num_tokens`` entries, else TypeError/ValueError naming
         it: a buffer replaced by assignment (``blk.attn.token_index = t``) with numbers was read as indices (an
         integer's ``~`` is not its negation) or failed deep inside the plan."""
-        for layer, blk in enumerate(self.blocks):
-            mask = blk.attn.token_index
+        for layer, mask in enumerate(self.masks):
             if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
                 what = (_described(mask) if not isinstance(mask, torch.Tensor)
                         else f'a tensor of dtype {str(mask.dtype).replace("torch.", "")}')
@@ -176,7 +190,7 @@ class CCModelMixin:
         ``torch.inference_mode`` (tensors made there could not be used by a forward that trains)."""
         self.token_plan_version = getattr(self, 'token_plan_version', 0) + 1  # what was built from a plan can tell
         self._check_mask_buffers()
-        if any(blk.attn.token_index.is_meta for blk in self.blocks):
+        if any(mask.is_meta for mask in self.masks):
             return
         with torch.inference_mode(False):
             self._plan_positions()
@@ -587,4 +601,4 @@ def kept_token_counts(model: nn.Module) -> List[int]:
     """``channels``: how many tokens (prefix tokens included) each block processes."""
     # (a plain timm ViT is the TypeError naming what it got: it failed on its attention's missing mask)
     model = clip_concat_model(model, 'kept_token_counts')
-    return [int(blk.attn.token_index.sum()) for blk in model.blocks]
+    return [int(mask.sum()) for mask in model.masks]

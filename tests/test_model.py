@@ -989,3 +989,27 @@ def test_a_recorded_pretrained_tag_counts_only_where_it_changes_the_pretrained_c
         with pytest.raises(UserError, match=rf'^f\.pth holds {re.escape(recorded)} \(the model its args name\), '
                                             rf'not {given}: set --model {re.escape(recorded)}$'):
             check_recorded_name({'args': {'model': recorded}}, 'f.pth', given, '--model')
+
+
+def test_an_attention_module_replaced_without_its_mask_is_named():
+    """Replacing a block's attention (timm's model takes any module there) drops the mask buffer it held: the
+    AttributeError raised inside the ``masks`` property was reported by nn.Module as the model having no attribute
+    ``masks``.  It is now a TypeError naming the block and what to do; with the mask moved over, the model runs."""
+    from timm.models.vision_transformer import Attention
+    torch.manual_seed(7)
+    model = timm.create_model('cc_deit_tiny_patch16_224', img_size=32, depth=2, embed_dim=48, num_heads=3).eval()
+    pruning.apply_masks(model, torch.tensor([[True, False, True, True], [False, True, True, False]]))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+    old = model.blocks[1].attn
+    new = Attention(48, num_heads=3, qkv_bias=True)
+    new.load_state_dict({k: v for k, v in old.state_dict().items() if k != 'token_index'})
+    model.blocks[1].attn = new
+    for call in (lambda: model(x), lambda: model.masks, lambda: models.kept_token_counts(model), model.set_dense):
+        with pytest.raises(TypeError, match=r'^blocks\.1\.attn \(an Attention\) has no mask buffer token_index.*'
+                                            r'register_buffer'):
+            call()
+    new.register_buffer('token_index', old.token_index)
+    with torch.no_grad():
+        assert torch.equal(model(x), expected)
