@@ -61,14 +61,24 @@ class CCBlockMixin:
             if attn_mask is None and not is_causal:  # called as timm calls its blocks (a subclass may take x alone)
                 return timm_forward(x)
             return timm_forward(x, attn_mask=attn_mask, is_causal=is_causal)
-        if attn_mask is not None or is_causal:
-            raise ValueError('attention masks are not supported on a pruned block')
+        x = _without_attention_mask(x, attn_mask, is_causal)
         if in_place:
             return update_in_place(timm_forward, x, self.kept_ids)
         return self.routing(timm_forward, x, self.kept_pos, self.clipped_pos)
 
     def __prepare_scriptable__(self):
         _refuse_scripting()
+
+
+@torch.fx.wrap
+def _without_attention_mask(x: torch.Tensor, attn_mask, is_causal) -> torch.Tensor:
+    """``x``, or ValueError when a pruned block is given an attention mask (its masks would need the token routing
+    too).  A leaf of FX's symbolic tracing (timm's ``create_feature_extractor``), which passes the model's
+    ``attn_mask`` and ``is_causal`` as proxies whatever they will be: the check runs on the values the traced
+    module is called with, where a test on the proxies refused every pruned model (timm's dense one traces)."""
+    if attn_mask is not None or is_causal:
+        raise ValueError('attention masks are not supported on a pruned block')
+    return x
 
 
 def _mask_buffer(layer: int, blk: nn.Module) -> torch.Tensor:

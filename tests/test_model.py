@@ -1013,3 +1013,21 @@ def test_an_attention_module_replaced_without_its_mask_is_named():
     new.register_buffer('token_index', old.token_index)
     with torch.no_grad():
         assert torch.equal(model(x), expected)
+
+
+def test_timm_feature_extractor_traces_a_pruned_model():
+    """timm's ``create_feature_extractor`` (FX symbolic tracing) passes ``attn_mask`` and ``is_causal`` as proxies,
+    and a pruned block refused them as attention masks (timm's model traces); the traced module now computes the
+    pruned model, and refuses an attention mask it is called with."""
+    from timm.models import create_feature_extractor
+    torch.manual_seed(8)
+    model = timm.create_model('cc_deit_tiny_patch16_224', img_size=32, depth=2, embed_dim=48, num_heads=3).eval()
+    pruning.apply_masks(model, torch.tensor([[True, False, True, True], [False, True, True, False]]))
+    x = torch.randn(2, 3, 32, 32)
+    extractor = create_feature_extractor(model, return_nodes={'norm': 'tokens', 'head': 'logits'})
+    with torch.no_grad():
+        out = extractor(x)
+        assert torch.allclose(out['logits'], model(x), atol=1e-6)
+        assert torch.allclose(out['tokens'], model.forward_features(x, restore_order=False), atol=1e-6)
+        with pytest.raises(ValueError, match='attention masks are not supported on a pruned block'):
+            extractor(x, attn_mask=torch.ones(5, 5, dtype=torch.bool))
