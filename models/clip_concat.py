@@ -174,7 +174,9 @@ class CCModelMixin:
     def _check_mask_buffers(self) -> None:
         """Each block's mask is still a boolean tensor of ``num_tokens`` entries, else TypeError/ValueError naming
         it: a buffer replaced by assignment (``blk.attn.token_index = t``) with numbers was read as indices (an
-        integer's ``~`` is not its negation) or failed deep inside the plan."""
+        integer's ``~`` is not its negation) or failed deep inside the plan.  Masks batched by ``torch.func.vmap``
+        (an ensemble's ``stack_module_state`` buffers) are a TypeError too: they failed in torch's words
+        ("Batching rule not implemented for aten::equal")."""
         for layer, mask in enumerate(self.masks):
             if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
                 what = (_described(mask) if not isinstance(mask, torch.Tensor)
@@ -185,6 +187,11 @@ class CCModelMixin:
             if tuple(mask.shape) != (self.num_tokens,):
                 raise ValueError(f'blocks.{layer}.{MASK_KEY}: a mask has shape {tuple(mask.shape)}, the model needs '
                                  f'({self.num_tokens},)')
+            if torch._C._functorch.is_batchedtensor(mask):
+                raise TypeError(f'blocks.{layer}.{MASK_KEY} is batched by torch.func.vmap (the buffers of '
+                                f'stack_module_state, say): a mask decides which tokens the block routes, one mask for '
+                                f'the whole batch; vmap over the parameters only, with the buffers not batched '
+                                f'(in_dims=None, or functional_call(model, params, ...))')
 
     def _check_prefix_kept(self, layer: int, mask: torch.Tensor) -> None:
         """Block ``layer``'s bool mask keeps every prefix token (class, distillation, register), else ValueError."""

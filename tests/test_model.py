@@ -1031,3 +1031,26 @@ def test_timm_feature_extractor_traces_a_pruned_model():
         assert torch.allclose(out['tokens'], model.forward_features(x, restore_order=False), atol=1e-6)
         with pytest.raises(ValueError, match='attention masks are not supported on a pruned block'):
             extractor(x, attn_mask=torch.ones(5, 5, dtype=torch.bool))
+
+
+def test_masks_batched_by_vmap_are_refused_and_an_ensemble_of_parameters_runs():
+    """torch.func's ensembling (``stack_module_state`` of copies, then ``vmap`` of ``functional_call``) batches the
+    buffers too, and the masks then failed in torch's own words ("Batching rule not implemented for aten::equal"):
+    they are refused, naming the mask and the way that works (the buffers not batched), which gives each member's
+    output."""
+    from torch.func import functional_call, stack_module_state, vmap
+    torch.manual_seed(9)
+    model = timm.create_model('cc_deit_tiny_patch16_224', img_size=32, depth=2, embed_dim=48, num_heads=3).eval()
+    pruning.apply_masks(model, torch.tensor([[True, False, True, True], [False, True, True, False]]))
+    members = [copy.deepcopy(model) for _ in range(2)]
+    with torch.no_grad():
+        members[1].head.weight.mul_(2)
+    params, buffers = stack_module_state(members)
+    x = torch.randn(2, 3, 32, 32)
+    with pytest.raises(TypeError, match=r'^blocks\.0\.attn\.token_index is batched by torch\.func\.vmap.*'
+                                        r'in_dims=None'):
+        vmap(lambda p, b: functional_call(model, (p, b), (x,)))(params, buffers)
+    single = {k: v[0] for k, v in buffers.items()}
+    out = vmap(lambda p: functional_call(model, (p, single), (x,)))(params)
+    with torch.no_grad():
+        assert torch.allclose(out[0], members[0](x), atol=1e-6) and torch.allclose(out[1], members[1](x), atol=1e-6)
