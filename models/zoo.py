@@ -12,12 +12,13 @@ model it builds (on the meta device, which allocates nothing): a timm ``VisionTr
   the mini reproduction's model) and its ``cc_`` twin.
 """
 import difflib
+from functools import partial
 from typing import Tuple
 
 import timm
 import torch
 import torch.nn as nn
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, load_pretrained, register_model
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
 from .clip_concat import apply_clip_concat, unsupported_reason
@@ -109,9 +110,23 @@ def deit_digits_patch4_32(pretrained: bool = False, **kwargs) -> VisionTransform
 
 
 def _cc(base: str, pretrained: bool, kwargs) -> nn.Module:
+    """timm's ``base`` with Clip & Concat applied.  Its ``pretrained_cfg`` names the ``cc_`` model as its
+    ``architecture``, and ``pretrained=True`` loads the weights into the Clip & Concat model, not into timm's: a
+    pruned model written in timm's hub format (``save_for_hf``, ``push_to_hf_hub``, whose config.json takes that
+    name) is read back pruned by ``timm.create_model('local-dir:...'`` or ``'hf-hub:...', pretrained=True)``, where
+    timm's dense model was built and refused its masks as unexpected keys; official weights load with all masks
+    True, as before."""
     kwargs = {k: v for k, v in kwargs.items() if k not in ('pretrained_cfg', 'pretrained_cfg_overlay', 'cache_dir')
               or v is not None}
-    return apply_clip_concat(timm.create_model(base, pretrained=pretrained, **kwargs))
+    if pretrained and base == 'deit_digits_patch4_32':
+        deit_digits_patch4_32(pretrained=True)  # (its refusal: it has no weights)
+    model = apply_clip_concat(timm.create_model(base, **kwargs))
+    model.pretrained_cfg['architecture'] = 'cc_' + base  # (the dict timm made for this model; default_cfg too)
+    if pretrained:
+        load_pretrained(model, pretrained_cfg=model.pretrained_cfg, num_classes=model.num_classes,
+                        in_chans=model.patch_embed.proj.in_channels, cache_dir=kwargs.get('cache_dir'),
+                        filter_fn=partial(checkpoint_filter_fn, adapt_layer_scale=True))
+    return model
 
 
 @register_model

@@ -1054,3 +1054,21 @@ def test_masks_batched_by_vmap_are_refused_and_an_ensemble_of_parameters_runs():
     out = vmap(lambda p: functional_call(model, (p, single), (x,)))(params)
     with torch.no_grad():
         assert torch.allclose(out[0], members[0](x), atol=1e-6) and torch.allclose(out[1], members[1](x), atol=1e-6)
+
+
+def test_a_pruned_model_saved_in_timms_hub_format_loads_back_pruned(tmp_path):
+    """timm's save_for_hf (as push_to_hf_hub writes it) names the model's pretrained_cfg architecture, which was timm's
+    dense DeiT: timm.create_model('local-dir:...', pretrained=True) (or 'hf-hub:...') built it and refused the masks
+    as unexpected keys.  The config now names the cc_ model, whose weights load into the masked model."""
+    from timm.models import save_for_hf
+    torch.manual_seed(10)
+    shape = dict(img_size=32, depth=2, embed_dim=48, num_heads=3)
+    model = timm.create_model('cc_deit_tiny_patch16_224', **shape).eval()
+    pruning.apply_masks(model, torch.tensor([[True, False, True, True], [False, True, True, False]]))
+    save_for_hf(model, tmp_path, model_config=shape)
+    loaded = timm.create_model(f'local-dir:{tmp_path}', pretrained=True).eval()
+    assert loaded.pretrained_cfg['architecture'] == 'cc_deit_tiny_patch16_224'
+    assert all(torch.equal(a, b) for a, b in zip(loaded.masks, model.masks))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
