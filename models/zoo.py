@@ -58,8 +58,13 @@ def check_model_name(name: str) -> str:
 
 def create_model(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
     """timm's model ``name`` (``cc_`` optional) with Clip & Concat applied; ``kwargs`` go to timm.  (With a
-    checkpoint file: ``models.create_model(name, checkpoint_path=...)``, in models/checkpoint.py.)"""
-    return apply_clip_concat(timm.create_model(base_name(name), pretrained=pretrained, **kwargs))
+    checkpoint file: ``models.create_model(name, checkpoint_path=...)``, in models/checkpoint.py.)  Where the
+    ``cc_`` name is registered (the DeiTs, the digits model), it is that model, whose ``pretrained_cfg`` names
+    it (as timm's hub format writes it)."""
+    base = base_name(name)
+    if '.' not in base and timm.is_model('cc_' + base):
+        return timm.create_model('cc_' + base, pretrained=pretrained, **kwargs)
+    return apply_clip_concat(timm.create_model(base, pretrained=pretrained, **kwargs))
 
 
 def patch_size(name: str) -> Tuple[int, int]:

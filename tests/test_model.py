@@ -1056,14 +1056,19 @@ def test_masks_batched_by_vmap_are_refused_and_an_ensemble_of_parameters_runs():
         assert torch.allclose(out[0], members[0](x), atol=1e-6) and torch.allclose(out[1], members[1](x), atol=1e-6)
 
 
-def test_a_pruned_model_saved_in_timms_hub_format_loads_back_pruned(tmp_path):
+@pytest.mark.parametrize('build', [lambda **k: timm.create_model('cc_deit_tiny_patch16_224', **k),
+                                   lambda **k: models.create_model('cc_deit_tiny_patch16_224', **k),
+                                   lambda **k: models.create_model('deit_tiny_patch16_224', **k)],
+                         ids=['timm', 'models-cc', 'models-timm-name'])
+def test_a_pruned_model_saved_in_timms_hub_format_loads_back_pruned(tmp_path, build):
     """timm's save_for_hf (as push_to_hf_hub writes it) names the model's pretrained_cfg architecture, which was timm's
     dense DeiT: timm.create_model('local-dir:...', pretrained=True) (or 'hf-hub:...') built it and refused the masks
-    as unexpected keys.  The config now names the cc_ model, whose weights load into the masked model."""
+    as unexpected keys.  The config now names the cc_ model, whose weights load into the masked model; so does
+    models.create_model's, by either name."""
     from timm.models import save_for_hf
     torch.manual_seed(10)
     shape = dict(img_size=32, depth=2, embed_dim=48, num_heads=3)
-    model = timm.create_model('cc_deit_tiny_patch16_224', **shape).eval()
+    model = build(**shape).eval()
     pruning.apply_masks(model, torch.tensor([[True, False, True, True], [False, True, True, False]]))
     save_for_hf(model, tmp_path, model_config=shape)
     loaded = timm.create_model(f'local-dir:{tmp_path}', pretrained=True).eval()
