@@ -48,6 +48,8 @@ def load_rgb(path: str) -> Image.Image:
         raise BadImageError(f'cannot read image {path}: {e}') from None
     try:
         regular = stat.S_ISREG(os.fstat(fd).st_mode)
+        if regular:
+            os.set_blocking(fd, True)  # (a regular file's reads ignore O_NONBLOCK; cleared so no file system sees it)
     except BaseException:
         os.close(fd)
         raise

@@ -544,6 +544,10 @@ def test_an_image_is_looked_up_once_by_path_and_what_is_no_file_is_named(tmp_pat
             stats.append(path)
         return real_stat(path, *args, **kwargs)
 
+    blocking = []
+    real_image_open = Image.open
+    monkeypatch.setattr(Image, 'open', lambda f, *a, **k: blocking.append(os.get_blocking(f.fileno()))
+                        or real_image_open(f, *a, **k))
     # (os is one module: these are seen by everything, so only the test's own paths are counted)
     monkeypatch.setattr(os, 'open', counted_open)
     monkeypatch.setattr(os, 'stat', counted_stat)
@@ -560,6 +564,7 @@ def test_an_image_is_looked_up_once_by_path_and_what_is_no_file_is_named(tmp_pat
     finally:
         server.close()
     assert stats == []
+    assert blocking == [True]  # the image read from a file whose O_NONBLOCK was cleared (only ok.png got there)
     assert len(opened) == 3  # ok.png, the pipe, /dev/zero (a socket cannot be opened, nor a missing file)
     assert closed == opened[1:]  # the refused ones closed at once; ok.png's by its file object, so none is open:
     for fd in set(opened):
