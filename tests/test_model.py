@@ -1033,6 +1033,7 @@ def test_timm_feature_extractor_traces_a_pruned_model():
             extractor(x, attn_mask=torch.ones(5, 5, dtype=torch.bool))
 
 
+@pytest.mark.filterwarnings('ignore:There is a performance drop:UserWarning')  # (torch's vmap of CPU flash SDPA)
 def test_masks_batched_by_vmap_are_refused_and_an_ensemble_of_parameters_runs():
     """torch.func's ensembling (``stack_module_state`` of copies, then ``vmap`` of ``functional_call``) batches the
     buffers too, and the masks then failed in torch's own words ("Batching rule not implemented for aten::equal"):
