@@ -249,6 +249,7 @@ def test_forward_intermediates_are_the_blocks_outputs_in_original_order():
         final, maps = model.forward_intermediates(x, return_prefix_tokens=True)
         tokens = model.forward_intermediates(x, output_fmt='NLC', intermediates_only=True)
     assert torch.equal(final, features)
+    assert len(maps) == len(tokens) == len(in_original) == len(model.blocks)  # one per block: zip drops no block
     for (grid, prefix), flat, y in zip(maps, tokens, in_original):
         assert torch.equal(prefix, y[:, :1]) and torch.equal(flat, y[:, 1:])
         assert torch.equal(grid, y[:, 1:].reshape(2, 4, 4, -1).permute(0, 3, 1, 2))  # patch p at (p // 4, p % 4)
