@@ -148,7 +148,9 @@ def test_pruned_equals_the_reference_semantics_and_prefix_tokens_are_kept(family
     assert channels == [prefix + int(row.sum()) for row in plan]
     for mask in cc.masks:  # prefix tokens are kept in every block, at the front
         assert bool(mask[:prefix].all())
-    for ids, row in zip(cc.kept_token_ids(), plan):  # the blocks process exactly the planned patches
+    kept = cc.kept_token_ids()
+    assert len(kept) == depth  # one list per block: the zip below leaves none out
+    for ids, row in zip(kept, plan):  # the blocks process exactly the planned patches
         expected = list(range(prefix)) + (row.nonzero().squeeze(1) + prefix).tolist()
         assert sorted(ids.tolist()) == expected
     x = images(cc)
