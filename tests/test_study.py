@@ -381,7 +381,7 @@ def test_second_run_reuses_the_teacher_and_clears_old_runs(quick_study, tmp_path
     assert not (tmp_path / 'seed7').exists()
     assert {(r['seed'], r['prune_rate']) for r in results['runs']} == {(0, 0.25)}
     # One seed: no interval, and the sentences say so.
-    assert all(c['ci_low'] is None and 'no interval' in c['sentence'] for c in results['paired'])
+    assert results['paired'] and all(c['ci_low'] is None and 'no interval' in c['sentence'] for c in results['paired'])
     # The same teacher and seed give the same runs as the first study's seed 0 (random masks included).
     before = {(r['prune_mode'], r['finetuned']): r for r in first['runs'] if (r['seed'], r['prune_rate']) == (0, 0.25)}
     for r in results['runs']:
