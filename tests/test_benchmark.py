@@ -1091,7 +1091,8 @@ def test_readme_table_writer_refuses_in_one_line_and_writes_nothing(tmp_path, ca
     gpu.write_text({'gpu not json': '{', 'gpu not results': '[1, 2]',
                     'gpu nested too deep': '[' * 100000 + ']' * 100000}.get(case, '{}'))
     if case in ('gpu without its name', 'gpu name a list', 'gpu name blank', 'gpu name with a newline',
-                'gpu summary entry twice', 'gpu summary entry of a dense model', 'gpu machine a list', 'gpu figure not a number', 'gpu figure zero',
+                'gpu summary entry twice', 'gpu summary entry of a dense model', 'gpu machine a list',
+                'gpu figure not a number', 'gpu figure zero',
                 'gpu a cpu run', 'gpu original protocol', 'gpu rows given', 'gpu unfinished', 'gpu random masks',
                 'gpu batch size', 'gpu another seed'):
         run = _summary_run()
@@ -3008,6 +3009,7 @@ def test_compiled_check_on_a_cpu_without_a_compiler_is_one_line_before_any_work(
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings('ignore:dynamo_pgo force disabled:UserWarning')  # (its fresh compile turns caches off)
 def test_compiled_check_compares_the_compiled_model_with_eager_fp32_on_cpu(capsys):
     """On CPU (fp32) the script's two ways of compiling both agree with the eager model, batch size by batch size,
     in the order given; a compiled model that computed something else would be reported OFF."""
