@@ -114,6 +114,9 @@ def deit_digits_patch4_32(pretrained: bool = False, **kwargs) -> VisionTransform
                                 pretrained_filter_fn=checkpoint_filter_fn, **dict(args, **kwargs))
 
 
+PRETRAINED_SOURCES = ('state_dict', 'file', 'hf_hub_id', 'url')  # where timm's load_pretrained reads weights from
+
+
 def _cc(base: str, pretrained: bool, kwargs) -> nn.Module:
     """timm's ``base`` with Clip & Concat applied.  Its ``pretrained_cfg`` names the ``cc_`` model as its
     ``architecture``, and ``pretrained=True`` loads the weights into the Clip & Concat model, not into timm's: a
@@ -123,10 +126,12 @@ def _cc(base: str, pretrained: bool, kwargs) -> nn.Module:
     True, as before."""
     kwargs = {k: v for k, v in kwargs.items() if k not in ('pretrained_cfg', 'pretrained_cfg_overlay', 'cache_dir')
               or v is not None}
-    if pretrained and base == 'deit_digits_patch4_32':
-        deit_digits_patch4_32(pretrained=True)  # (its refusal: it has no weights)
     model = apply_clip_concat(timm.create_model(base, **kwargs))
     model.pretrained_cfg['architecture'] = 'cc_' + base  # (the dict timm made for this model; default_cfg too)
+    if pretrained and not any(model.pretrained_cfg.get(k) for k in PRETRAINED_SOURCES):
+        # (timm's loader would warn and leave the random initialisation; the digits model is one)
+        raise ValueError(f'cc_{base} has no pretrained weights (its pretrained_cfg names none of '
+                         f'{", ".join(PRETRAINED_SOURCES)})')
     if pretrained:
         load_pretrained(model, pretrained_cfg=model.pretrained_cfg, num_classes=model.num_classes,
                         in_chans=model.patch_embed.proj.in_channels, cache_dir=kwargs.get('cache_dir'),

@@ -1079,3 +1079,20 @@ def test_a_pruned_model_saved_in_timms_hub_format_loads_back_pruned(tmp_path, bu
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
+
+
+def test_pretrained_without_a_source_is_refused_and_a_digits_model_round_trips_through_the_hub_format(tmp_path):
+    """The digits model has no pretrained weights: pretrained=True is refused (timm's loader would warn and keep the
+    random initialisation), by the same rule that lets a pruned digits model saved in timm's hub format be read
+    back (it was refused by name, whatever its pretrained_cfg named)."""
+    from timm.models import save_for_hf
+    with pytest.raises(ValueError, match=r'^cc_deit_digits_patch4_32 has no pretrained weights'):
+        timm.create_model('cc_deit_digits_patch4_32', pretrained=True)
+    model = timm.create_model('cc_deit_digits_patch4_32').eval()
+    pruning.apply_masks(model, pruning.random_masks(6, 64, 0.3, generator=torch.Generator().manual_seed(0)))
+    save_for_hf(model, tmp_path)
+    loaded = timm.create_model(f'local-dir:{tmp_path}', pretrained=True).eval()
+    assert all(torch.equal(a, b) for a, b in zip(loaded.masks, model.masks)) and len(loaded.masks) == 6
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
