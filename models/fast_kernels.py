@@ -95,7 +95,6 @@ __all__ = [
 ]
 
 
-
 def _interpreting() -> bool:
     """Whether the kernels below run in Triton's CPU interpreter.  Triton reads TRITON_INTERPRET when @triton.jit
     decorates a function: its own library's (tl.sum, tl.cdiv, ...) when Triton is imported, which torch and this
