@@ -540,12 +540,18 @@ def _home_not_expanded(path: str) -> Optional[str]:
             f'(quoted?): give {os.path.expanduser(path)} if that is meant')
 
 
+def _not_as_given(path: str) -> Optional[str]:
+    """Why ``path``, as typed, is not the path it would be taken for: :func:`_parent_of_nothing`, then
+    :func:`_home_not_expanded`; None if neither (the checks of output folders and files both ask)."""
+    return _parent_of_nothing(path) or _home_not_expanded(path)
+
+
 def output_dir_problem(path: str) -> Optional[str]:
     """Why the directory ``path`` cannot be written, or created with its missing parents when its first file is
     written, or should not be (a folder to create whose name begins or ends with a blank, a stray space), in one
     line (e.g. 'Not a directory'), or None; creates nothing.  It writes (and removes) a probe file in
     ``path`` or, if it does not exist yet, in its nearest existing parent, which is where it will be created."""
-    why = _parent_of_nothing(path) or _home_not_expanded(path)
+    why = _not_as_given(path)
     if why:
         return why
     target = os.path.abspath(path)
@@ -598,7 +604,7 @@ def output_file_problem(path: str) -> Optional[str]:
     the rename would replace it all the same)."""
     if os.path.isdir(path):
         return 'is a directory'
-    why = _parent_of_nothing(path) or _home_not_expanded(path)
+    why = _not_as_given(path)
     if why:
         return f'cannot be written: {why}'
     if path.endswith(tuple(filter(None, (os.sep, os.altsep)))):
