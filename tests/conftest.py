@@ -1,4 +1,5 @@
 """Shared fixtures: the repository on sys.path, tiny image folders and official-format checkpoints."""
+import io
 import os
 import signal
 import sys
@@ -203,6 +204,20 @@ def exit_code(main, argv):
         return main(argv)
     except SystemExit as e:
         return e.code
+
+
+class FullAfter(io.StringIO):
+    """Standard output that takes ``lines`` writes, then fails as a full disk does (`> /dev/full`)."""
+
+    def __init__(self, lines: int = 0):
+        super().__init__()
+        self.left = lines
+
+    def write(self, text):
+        if self.left <= 0:
+            raise OSError(28, os.strerror(28))
+        self.left -= 1
+        return super().write(text)
 
 
 def assert_one_error_line(err, flag):

@@ -1,5 +1,4 @@
 """The mini reproduction (demo/run_demo.py, shortened with --quick) and the mask drawing (demo/draw_masks.py)."""
-import io
 import json
 import os
 import re
@@ -9,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import (ROOT, assert_ctrl_c_ends_the_script, assert_one_error_line, exit_code,
+from conftest import (ROOT, FullAfter, assert_ctrl_c_ends_the_script, assert_one_error_line, exit_code,
                       flags_not_saying_their_default, make_image_folder, no_work, run_demo_script, teacher_checkpoint)
 
 sys.path.insert(0, os.path.join(ROOT, 'demo'))
@@ -510,27 +509,13 @@ def test_run_demo_quick_sets_only_what_is_not_given(extra, expected, said, tmp_p
     assert run_demo.flags_text(run_demo.QUICK) in quick.help  # --help says what it sets
 
 
-class _FullAfter(io.StringIO):
-    """Standard output that takes ``lines`` writes, then fails as a full disk does."""
-
-    def __init__(self, lines):
-        super().__init__()
-        self.left = lines
-
-    def write(self, text):
-        if self.left <= 0:
-            raise OSError(28, os.strerror(28))
-        self.left -= 1
-        return super().write(text)
-
-
 @pytest.mark.parametrize('lines', [0, 3], ids=['first-line', 'in-a-stage'])
 def test_run_demo_standard_output_that_cannot_be_written_is_one_line(lines, tmp_path, capsys, monkeypatch):
     """`run_demo.py > /dev/full` (or `| head` whose reader has gone): an OSError traceback with exit code 1, at its
     first line or at a stage's (finetune.py's lines pass through the stage's console); now one error line, exit
     2, before the teacher trains."""
     out = tmp_path / 'out'
-    monkeypatch.setattr(sys, 'stdout', _FullAfter(lines))
+    monkeypatch.setattr(sys, 'stdout', FullAfter(lines))
     monkeypatch.setattr(finetune.engine, 'train_epochs', lambda *a, **k: pytest.fail('the teacher trained'))
     assert run_demo.main(['--quick', '--device', 'cpu', '--out', str(out)]) == 2
     said = f'cannot write to standard output: {os.strerror(28)}'
@@ -1128,12 +1113,9 @@ def test_draw_masks_titles_a_checkpoint_whose_folder_name_is_not_text_here(tmp_p
 
 def test_draw_masks_standard_output_that_cannot_be_written_is_one_line(tmp_path, capsys, monkeypatch):
     """`draw_masks.py ... > /dev/full` (or `| head` whose reader has gone): an OSError traceback, exit code 1."""
-    class Full(io.StringIO):
-        def write(self, text):
-            raise OSError(28, os.strerror(28))
     ckpt = digits_checkpoint(tmp_path)
     out = tmp_path / 'm.png'
-    monkeypatch.setattr(sys, 'stdout', Full())
+    monkeypatch.setattr(sys, 'stdout', FullAfter(0))
     assert draw_masks.main(['--resume', str(ckpt), '--num-images', '1', '--out', str(out)]) == 2
     assert_one_error_line(capsys.readouterr().err, f'cannot write to standard output: {os.strerror(28)}; {out} '
                                                    f'was written completely')

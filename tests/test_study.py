@@ -1,7 +1,6 @@
 """The study of Taylor against random masks over seeds (demo/study.py): its statistics against scipy/numpy, and a
 --quick run checked file by file (results.json, the masks in the checkpoints, the table, the sentences, the figure)."""
 import hashlib
-import io
 import json
 import os
 import re
@@ -13,8 +12,8 @@ import pytest
 import torch
 from scipy import stats
 
-from conftest import (ROOT, assert_ctrl_c_ends_the_script, assert_one_error_line, flags_not_saying_their_default,
-                      no_work, run_demo_script, teacher_checkpoint)
+from conftest import (ROOT, FullAfter, assert_ctrl_c_ends_the_script, assert_one_error_line,
+                      flags_not_saying_their_default, no_work, run_demo_script, teacher_checkpoint)
 
 sys.path.insert(0, os.path.join(ROOT, 'demo'))
 import study  # noqa: E402
@@ -560,10 +559,7 @@ def test_an_out_whose_name_is_not_utf8_text_is_refused_before_any_run(tmp_path, 
 def test_standard_output_that_cannot_be_written_is_one_line_before_any_run(tmp_path, capsys, monkeypatch):
     """`study.py > /dev/full` (or `| head` whose reader has gone): an OSError traceback with exit code 1 at its
     first line; now one error line, exit 2, and no teacher trained."""
-    class Full(io.StringIO):
-        def write(self, text):
-            raise OSError(28, os.strerror(28))
-    monkeypatch.setattr(sys, 'stdout', Full())
+    monkeypatch.setattr(sys, 'stdout', FullAfter(0))
     assert study.main(['--quick', '--out', str(tmp_path / 'out')]) == 2
     assert_one_error_line(capsys.readouterr().err, f'cannot write to standard output: {os.strerror(28)}')
     assert os.listdir(tmp_path / 'out') == []
