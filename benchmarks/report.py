@@ -639,18 +639,22 @@ def _fast_path_table(results: Dict) -> List[str]:
         # the products: the kernels chosen, each once ('–': results from before that product was timed)
         products = [', '.join(sorted(set(d.get(k, {}).values()))) or '–' for k, _ in PRODUCTS]
         fused = ', '.join(sorted(set(d.get('proj_norm', {}).values()))) or '–'
+        whole_mlp = ', '.join(sorted(set(d.get('mlp_residual', {}).values()))) or '–'
         rows.append([label, str(batch), fmt(seconds, '.1f'),
                      f'yes, input {d.get("cuda_graph_input")}' if d.get('cuda_graph_batch') else 'no',
-                     attention or '–', *products[:2], fused, *products[2:], d.get('patch_embedding', '–')])
+                     attention or '–', *products[:2], fused, *products[2:], whole_mlp,
+                     d.get('patch_embedding', '–')])
     if not rows:
         return []
     return (['', 'Fast path builds (models/fast_path.py): kernels chosen per kept count at build time (a product: '
                  'each kernel chosen at some kept count; "torch+Nrows": cuBLAS on N padding rows beyond the real '
                  'ones; "proj + residual + LN2": "torch" runs the projection as chosen, then the residual-norm '
-                 'kernel, a Triton tile runs the three as one kernel; "–": results from before it was timed):', '']
+                 'kernel, a Triton tile runs the three as one kernel; "whole MLP + residual": "torch" runs fc1 and '
+                 'fc2 as chosen, a Triton tile the whole MLP and its residual update as one kernel; "–": results '
+                 'from before it was timed):', '']
             + table(['row', 'batch', 'build s', 'CUDA graph', 'attention (kept count: kernel)',
                      *(name for _, name in PRODUCTS[:2]), 'proj + residual + LN2',
-                     *(name for _, name in PRODUCTS[2:]), 'patch embedding'], rows)
+                     *(name for _, name in PRODUCTS[2:]), 'whole MLP + residual', 'patch embedding'], rows)
             + _product_times_table(results))
 
 
@@ -664,6 +668,16 @@ def _fusing_saved(d: Dict, n: int) -> Optional[float]:
     if pair.get(fused) is None or pair.get('torch') is None:
         return None
     return pair['torch'] - pair[fused]
+
+
+def whole_mlp_counts(d: Dict) -> List[int]:
+    """The kept counts (each once, blocks that keep nothing aside) at which the whole MLP and its residual update
+    ran as one kernel (``mlp_residual``)."""
+    out = []
+    for n in d.get('kept_counts', []):
+        if n and d.get('mlp_residual', {}).get(str(n), 'torch') != 'torch' and n not in out:
+            out.append(n)
+    return out
 
 
 def floored_projections(d: Dict) -> List[int]:
@@ -683,8 +697,11 @@ def product_times(d: Dict) -> Optional[Dict[str, Tuple[float, float]]]:
     only), each summed over the blocks; None unless every block's product was timed both ways.  Where the
     projection ran fused with its residual update and norm, its share is its time less what fusing saved, and 0
     where fusing saved more than that (:func:`floored_projections`): a kernel takes no negative time, and the
-    rest of the saving belongs to the residual update and norm, which the table does not show."""
+    rest of the saving belongs to the residual update and norm, which the table does not show.  Where the whole
+    MLP ran as one kernel (:func:`whole_mlp_counts`), its time is the first MLP product's share and the second's
+    is 0."""
     out = {}
+    whole = whole_mlp_counts(d)
     for kind, _ in PRODUCTS:
         chosen_ms = plain_ms = 0.0
         for n in d.get('kept_counts', []):
@@ -699,13 +716,18 @@ def product_times(d: Dict) -> Optional[Dict[str, Tuple[float, float]]]:
                 if saved is None:
                     return None
                 chosen = max(0.0, chosen - saved)
+            if n in whole and kind in ('mlp', 'fc2'):  # one kernel for both: its time is fc1's share
+                chosen = d.get('mlp_residual_ms', {}).get(str(n), {}).get(d['mlp_residual'][str(n)])
+                if chosen is None:
+                    return None
+                chosen = chosen if kind == 'mlp' else 0.0
             chosen_ms, plain_ms = chosen_ms + chosen, plain_ms + plain
         out[kind] = (chosen_ms, plain_ms)
     return out if d.get('kept_counts') else None
 
 
 def _product_times_table(results: Dict) -> List[str]:
-    rows, floored = [], False
+    rows, floored, whole = [], False, False
     for label, batch, _, d in _fast_builds(results):
         times = product_times(d)
         if times is not None:
@@ -715,6 +737,11 @@ def _product_times_table(results: Dict) -> List[str]:
             if counts:
                 floored = True
                 cells['proj'] += f' (0 at kept {", ".join(map(str, counts))})'
+            counts = whole_mlp_counts(d)
+            if counts:
+                whole = True
+                cells['mlp'] += f' (with fc2 at kept {", ".join(map(str, counts))})'
+                cells['fc2'] += f' (0 at kept {", ".join(map(str, counts))})'
             rows.append([label, str(batch), *cells.values(), f'{total[0]:.3f} / {total[1]:.3f}'])
     if not rows:
         return []
@@ -724,7 +751,9 @@ def _product_times_table(results: Dict) -> List[str]:
                  'fused with its residual update and norm, its time less what that saved'
                  + (' ("0 at kept N": there fusing saved more than the projection chosen took, the rest of the '
                     'saving being the residual update and norm\'s, not shown here; its share is counted as 0, not '
-                    'negative)' if floored else '') + '.', '']
+                    'negative)' if floored else '')
+             + ('; "with fc2 at kept N": there the whole MLP and its residual update ran as one kernel, whose time '
+                'is counted as fc1\'s and 0 as fc2\'s' if whole else '') + '.', '']
             + table(['row', 'batch', *(name for _, name in PRODUCTS), 'all four'], rows))
 
 

@@ -187,12 +187,13 @@ CHECK = Where(Obj({'max_abs_diff': NUMBER, 'tolerance': NUMBER, 'within_toleranc
                   {'autocast_error': NUMBER, 'way': STR, 'recompiled': ListOf(Obj({'way': STR, 'failure': STR}))}),
               lambda c: c['top1_ok'] is None or c['top1_agreement_clear'] is not None,
               'judges top-1 (top1_ok) without its agreement on the clear images (top1_agreement_clear is null)')
+FAST_PATH_CHOICES = ('attention', 'qkv', 'proj', 'proj_norm', 'mlp', 'fc2', 'mlp_residual')  # made per kept count
 PER_COUNT = MapOf(STR)  # kept count -> the kernel chosen
 PER_COUNT_MS = MapOf(MapOf(Maybe(NUMBER)))  # kept count -> kernel -> build-time ms (null: failed)
 FAST_PATH = Obj({}, {'kept_counts': ListOf(COUNT), 'cuda_graph_batch': Maybe(BATCH), 'cuda_graph_input': Maybe(STR),
                      'patch_embedding': STR,
-                     **{k: PER_COUNT for k in ('attention', 'qkv', 'proj', 'proj_norm', 'mlp', 'fc2')},
-                     **{f'{k}_ms': PER_COUNT_MS for k in ('attention', 'qkv', 'proj', 'proj_norm', 'mlp', 'fc2')}})
+                     **{k: PER_COUNT for k in FAST_PATH_CHOICES},
+                     **{f'{k}_ms': PER_COUNT_MS for k in FAST_PATH_CHOICES}})
 ROW = Obj({'key': STR, **ROW_NAMED, 'prune_rate': FINITE,
            'kept_tokens': ListOf(COUNT, nonempty=True), 'kept_tokens_mean': FINITE, 'images_per_s': NUMBER,
            'speedup_vs_timm': Maybe(NUMBER), 'speedup_vs_timm_ci': RATIO_CI, 'seconds': ListOf(NUMBER),

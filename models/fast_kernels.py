@@ -25,6 +25,14 @@ is needed (it replaces the projection and ``residual_layer_norm_``):
 
 * ``linear_residual_layer_norm_``: x[:, ids] += gamma * (o @ Wp^T + bp);  returns LN(x[:, ids])
 
+and, for rows of at most 256 channels, the whole MLP with its residual update in one kernel, so the (B, n, 4C)
+hidden activation is never written at all (it replaces ``linear_gelu`` and ``linear_residual_scatter_``): a
+program holds the second product's accumulator for its rows, one tile spanning the row, and makes their hidden
+activation a chunk of columns at a time, GELU'd in fp32 and rounded to the compute dtype (where the unfused
+kernels store it):
+
+* ``mlp_residual_scatter_``:   x[:, ids] += gamma * (GELU(y @ W1^T + b1) @ W2^T + b2)
+
 and the patch embedding as one matrix product whose operand is read straight from the images (no unfolded
 copy) and whose epilogue adds the conv bias and position embedding and writes the tokens into the buffer:
 
@@ -59,8 +67,8 @@ also a head_dim that suits the kernel), else to the reference.
 
 Contracts (checked in the wrappers where cheap, else stated): every tensor has a contiguous last dimension;
 ``ids`` is a 1-D integer tensor on the same device with values in [0, N); the in-place ops that take ids
-(``residual_layer_norm_``, ``residual_scatter_``, ``linear_residual_scatter_``, ``linear_residual_layer_norm_``)
-need *distinct* ids, since two
+(``residual_layer_norm_``, ``residual_scatter_``, ``linear_residual_scatter_``, ``linear_residual_layer_norm_``,
+``mlp_residual_scatter_``) need *distinct* ids, since two
 programs writing the same row would race; ``gather_layer_norm`` does not.  Forward only: the Triton kernels record
 no gradients (their outputs have no grad_fn, whatever their inputs), while the references record them as the torch
 ops they are made of do (the fast path runs both under no_grad).
@@ -91,6 +99,7 @@ __all__ = [
     'attention', 'attention_reference', 'attention_triton', 'ATTENTION_TILES',
     'linear_gelu', 'linear_gelu_reference', 'linear_gelu_triton', 'LINEAR_TILES',
     'linear_residual_scatter_', 'linear_residual_scatter_reference_', 'linear_residual_scatter_triton_',
+    'mlp_residual_scatter_', 'mlp_residual_scatter_reference_', 'mlp_residual_scatter_triton_', 'mlp_tiles',
     'patch_embed_', 'patch_embed_reference_', 'patch_embed_triton_', 'patch_grid', 'unfold_patches',
 ]
 
@@ -238,6 +247,17 @@ def linear_residual_layer_norm_reference_(x: torch.Tensor, ids: torch.Tensor, u:
         m = m + bias.float()
     y = residual_layer_norm_reference_(x, ids, m, gamma, ln_weight, ln_bias, eps, out_dtype or u.dtype)
     return y if out is None else out.copy_(y)
+
+
+def mlp_residual_scatter_reference_(x: torch.Tensor, ids: torch.Tensor, y: torch.Tensor, w1_t: torch.Tensor,
+                                    b1: Optional[torch.Tensor], w2_t: torch.Tensor, b2: Optional[torch.Tensor],
+                                    gamma: Optional[torch.Tensor], **unused) -> torch.Tensor:
+    """x[:, ids] = x[:, ids] + gamma * (GELU(y @ w1_t + b1) @ w2_t + b2): the hidden activation computed in fp32
+    and rounded to y's dtype (:func:`linear_gelu_reference`), the second product in fp32 and not rounded before
+    the sum, the sum rounded once to x's dtype (:func:`linear_residual_scatter_reference_`); returns x.  ``w1_t``
+    (C, H) and ``w2_t`` (H, C) are the MLP's weights transposed.  Tile arguments are accepted and ignored."""
+    u = linear_gelu_reference(y, w1_t, b1)
+    return linear_residual_scatter_reference_(x, ids, u, w2_t, b2, gamma)
 
 
 def patch_grid(images: torch.Tensor, patch: Tuple[int, int]) -> torch.Tensor:
@@ -477,6 +497,56 @@ if HAS_TRITON:
             acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
             dst = out_ptr + offs_m.to(tl.int64)[:, None] * stride_ob + offs_n[None, :]
             tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _mlp_kernel(y_ptr, w1t_ptr, b1_ptr, w2t_ptr, b2_ptr, x_ptr, ids_ptr, g_ptr, M, H, n, stride_ym,
+                    stride_xb, stride_xn, C: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr,
+                    HAS_G: tl.constexpr, EVEN_H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr,
+                    BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
+        # Rows r = b * n + i of y (M, C): x[b, ids[i]] += g * (GELU(y[r] @ W1t + b1) @ W2t + b2), W1t (C, H) and
+        # W2t (H, C) contiguous, BLOCK_C >= C (one tile spans the row).  The hidden activation of the program's
+        # BLOCK_M rows is made BLOCK_H columns at a time: the first product over C in BLOCK_K steps into fp32,
+        # bias and exact GELU on it, one rounding to the weights' dtype, then straight into the second product's
+        # fp32 accumulator; the residual update is its epilogue, as in _linear_kernel.
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < M
+        offs_c = tl.arange(0, BLOCK_C)
+        c_ok = offs_c < C
+        offs_k = tl.arange(0, BLOCK_K)
+        y_rows = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym
+        acc = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
+        for h0 in range(0, H, BLOCK_H):
+            offs_h = h0 + tl.arange(0, BLOCK_H)
+            h_ok = offs_h < H
+            t = tl.zeros((BLOCK_M, BLOCK_H), tl.float32)
+            for k in tl.static_range(0, C, BLOCK_K):
+                kk = k + offs_k
+                if C % BLOCK_K == 0 and EVEN_H:
+                    a = tl.load(y_rows + kk[None, :], mask=m_ok[:, None], other=0.0)
+                    w = tl.load(w1t_ptr + kk[:, None] * H + offs_h[None, :])
+                else:
+                    k_ok = kk < C
+                    a = tl.load(y_rows + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+                    w = tl.load(w1t_ptr + kk[:, None] * H + offs_h[None, :], mask=k_ok[:, None] & h_ok[None, :],
+                                other=0.0)
+                t = tl.dot(a, w, t)
+            if HAS_B1:
+                t = t + tl.load(b1_ptr + offs_h, mask=h_ok, other=0.0).to(tl.float32)[None, :]
+            t = 0.5 * t * (1.0 + tl.erf(t * 0.7071067811865476))
+            # hidden columns past H: their W1 columns and W2 rows load as 0, so they add nothing
+            w2 = tl.load(w2t_ptr + offs_h[:, None] * C + offs_c[None, :], mask=h_ok[:, None] & c_ok[None, :],
+                         other=0.0)
+            acc = tl.dot(t.to(w2t_ptr.dtype.element_ty), w2, acc)
+        if HAS_B2:
+            acc = acc + tl.load(b2_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+        if HAS_G:
+            acc = acc * tl.load(g_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+        ok = m_ok[:, None] & c_ok[None, :]
+        b = (offs_m // n).to(tl.int64)
+        tok = tl.load(ids_ptr + offs_m % n, mask=m_ok, other=0).to(tl.int64)
+        dst = x_ptr + (b * stride_xb + tok * stride_xn)[:, None] + offs_c[None, :]
+        h = (tl.load(dst, mask=ok, other=0.0).to(tl.float32) + acc).to(x_ptr.dtype.element_ty)
+        tl.store(dst, h, mask=ok)
 
     @triton.jit
     def _patch_embed_kernel(img_ptr, addr_ptr, wt_ptr, c_ptr, out_ptr, M, N, K, num_patches, grid_w, stride_ib,
@@ -768,6 +838,56 @@ def linear_residual_layer_norm_triton_(x: torch.Tensor, ids: torch.Tensor, u: to
     return out
 
 
+def mlp_tiles(width: int) -> List[Tuple[int, int, int, int, int]]:
+    """(BLOCK_M, BLOCK_H, BLOCK_K, num_warps, num_stages) for :func:`mlp_residual_scatter_triton_` at rows of
+    ``width`` channels, the first the default; none for rows wider than 256 (the (BLOCK_M, BLOCK_C) fp32
+    accumulator the kernel holds for the whole row would spill).  A program streams all of W1 and W2 (for DeiT-Ti
+    590 KB) through shared memory for its BLOCK_M rows, so taller tiles do more work per byte read, and shorter
+    ones make more programs (C&C-Ti-30 at batch 256: 35 000 rows, 552 programs of 64 rows for 132 SMs).  Compiled
+    at DeiT-Ti's 192 (Triton 3.9, ptxas -v): for sm_90a the first takes 94 KB of shared memory (two programs fit
+    an SM) and spills nothing, the second 123 KB and 16 bytes a thread, the third (mma.sync: under wgmma's 64
+    rows) 74 KB, the fourth (one stage, no pipelining) 90 KB and 8 bytes; not offered: 128-row tiles (292 bytes
+    spilled in 16 warps, 1.2 KB in 8), 4 warps for 64 rows (1.3 KB), 64x128 in two stages (238 KB, over the 227
+    KB a block may have).  On Ampere and Ada all four fit (74-106 KB) without spills; on Turing the products are
+    not on tensor cores and the tiles do not fit its 64 KB (a build refuses what fails to launch)."""
+    if width > 256:  # (the accumulator spans the row)
+        return []
+    return [(64, 32, 64, 8, 3), (64, 64, 64, 8, 2), (32, 64, 64, 4, 2), (64, 128, 64, 8, 1)]
+
+
+def mlp_residual_scatter_triton_(x: torch.Tensor, ids: torch.Tensor, y: torch.Tensor, w1_t: torch.Tensor,
+                                 b1: Optional[torch.Tensor], w2_t: torch.Tensor, b2: Optional[torch.Tensor],
+                                 gamma: Optional[torch.Tensor], block_m: int = 64, block_h: int = 32,
+                                 block_k: int = 64, num_warps: int = 8, num_stages: int = 3) -> torch.Tensor:
+    """Triton version of :func:`mlp_residual_scatter_reference_`: x[:, ids] += gamma * (GELU(y @ w1_t + b1) @ w2_t
+    + b2) in one kernel, the hidden activation never written; y (B, n, C) with contiguous rows, w1_t (C, H) and
+    w2_t (H, C) contiguous, x (B, N, C) with C at most 256; distinct ids.  The second product is not rounded before
+    it is added (as :func:`linear_residual_scatter_triton_`).  Returns x."""
+    _need_triton(x)
+    C, H = _check_linear(y, w1_t)
+    _check_rows(x, ids, y)
+    if tuple(w2_t.shape) != (H, C) or not w2_t.is_contiguous() or w2_t.dtype != w1_t.dtype:
+        raise ValueError(f'w2_t must be a contiguous ({H}, {C}) {w1_t.dtype} tensor, got {tuple(w2_t.shape)} '
+                         f'{w2_t.dtype}')
+    block_c = max(16, _next_power_of_2(C))
+    if block_c > 256:
+        raise ValueError(f'the fused MLP holds a whole row in one tile: rows of at most 256 channels, got {C}')
+    B, n = y.shape[:2]
+    M = B * n
+    if M == 0:
+        return x
+    y2 = y.reshape(M, C)
+    b1_, has_b1 = _flag_ptr(b1, w1_t)
+    b2_, has_b2 = _flag_ptr(b2, w1_t)
+    g, has_g = _flag_ptr(gamma, w1_t)
+    _mlp_kernel[(triton.cdiv(M, block_m),)](y2, w1_t, b1_, w2_t, b2_, x, ids, g, M, H, n, y2.stride(0),
+                                            x.stride(0), x.stride(1), C=C, HAS_B1=has_b1, HAS_B2=has_b2,
+                                            HAS_G=has_g, EVEN_H=H % block_h == 0, BLOCK_M=block_m,
+                                            BLOCK_H=block_h, BLOCK_K=block_k, BLOCK_C=block_c,
+                                            num_warps=num_warps, num_stages=num_stages)
+    return x
+
+
 def patch_embed_triton_(out: torch.Tensor, images: torch.Tensor, weight_t: torch.Tensor, const: torch.Tensor,
                         prefix: int, patch: Tuple[int, int], block_m: int = LINEAR_TILES[0][0],
                         block_n: int = LINEAR_TILES[0][1], block_k: int = LINEAR_TILES[0][2],
@@ -840,6 +960,12 @@ def linear_residual_layer_norm_(x, ids, u, weight_t, bias, gamma, ln_weight, ln_
     :func:`linear_residual_layer_norm_triton_`."""
     impl = linear_residual_layer_norm_triton_ if triton_runs_on(x) else linear_residual_layer_norm_reference_
     return impl(x, ids, u, weight_t, bias, gamma, ln_weight, ln_bias, eps, out_dtype, **tiles)
+
+
+def mlp_residual_scatter_(x, ids, y, w1_t, b1, w2_t, b2, gamma, **tiles):
+    """x[:, ids] += gamma * (GELU(y @ w1_t + b1) @ w2_t + b2) in place; see :func:`mlp_residual_scatter_triton_`."""
+    impl = mlp_residual_scatter_triton_ if triton_runs_on(x) else mlp_residual_scatter_reference_
+    return impl(x, ids, y, w1_t, b1, w2_t, b2, gamma, **tiles)
 
 
 def linear_gelu(x, weight_t, bias, **tiles):

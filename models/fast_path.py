@@ -45,13 +45,17 @@ likewise the second product with the residual update as its epilogue (``fc2_choi
 and reading its (B, n, C) output, and, where a row has at most 256 channels (DeiT-Ti), the attention's
 projection with the residual update and the second norm as its epilogue (``proj_norm_choices``: one kernel
 instead of the projection and ``residual_layer_norm_``; its tile spans the row, so the norm sees the whole
-residual).  cuBLAS itself picks its kernel by a heuristic on the shape, and at some row
-counts it picks a slow one (measured on an H200: the qkv product at DeiT-Ti width took 0.033-0.037 ms at three
-of C&C-Ti-30's kept counts against 0.025 at the others), so qkv, the projection and the first MLP product are
-also timed with their operand padded by 64 to 1024 rows (``ROW_PADS``, at most an eighth more rows, so none at
-batch 1 below 512 kept tokens): the kernel before it writes the real rows into a longer buffer, cuBLAS multiplies
-all of it, and the real rows of the result are used; the second MLP product is timed on the padding its operand
-got from the first (the first product's output keeps it) and without it.
+residual) and the whole MLP with its residual update (``mlp_residual_choices``: one kernel instead of the two
+products; a program makes its rows' hidden activation a chunk of columns at a time and multiplies it straight
+into the second product's accumulator, so the (B, n, 4C) activation, the MLP's largest tensor, is never written
+or read: at DeiT-Ti width and batch 256, 54 MB each way a block at 138 kept tokens).  cuBLAS itself picks its
+kernel by a heuristic on the shape, and at some row counts it picks a slow one (measured on an H200: the qkv
+product at DeiT-Ti width took 0.033-0.037 ms at three of C&C-Ti-30's kept counts against 0.025 at the others),
+so qkv, the projection and the first MLP product are also timed with their operand padded by 64 to 1024 rows
+(``ROW_PADS``, at most an eighth more rows, so none at batch 1 below 512 kept tokens): the kernel before it writes
+the real rows into a longer buffer, cuBLAS multiplies all of it, and the real rows of the result are used; the
+second MLP product is timed on the padding its operand got from the first (the first product's output keeps it) and
+without it.
 
 The patch embedding is one matrix product over unfolded patches (the conv weight reshaped to (C, 3*p*p);
 measured 0.28 ms against 0.97 for the conv at DeiT-Ti width and batch 256, in a first H200 run whose figures
@@ -143,8 +147,8 @@ from . import fast_kernels as K
 from .clip_concat import _check_patch_count, _timm_head, _version_of
 
 __all__ = ['build_fast_path', 'FastViT', 'CaptureError', 'AttentionChoice', 'ProductChoice', 'choose_attention',
-           'choose_product', 'choose_fc2', 'choose_proj_norm', 'check_supported', 'cpu_compiler_problem', 'BACKENDS',
-           'ATTENTION_MODES', 'MLP_MODES', 'DTYPES']
+           'choose_product', 'choose_fc2', 'choose_proj_norm', 'choose_mlp_residual', 'check_supported',
+           'cpu_compiler_problem', 'BACKENDS', 'ATTENTION_MODES', 'MLP_MODES', 'DTYPES']
 
 BACKENDS = ('triton', 'torch', 'compile')
 ATTENTION_MODES = ('auto', 'sdpa', 'triton')
@@ -733,6 +737,61 @@ def choose_proj_norm(batch: int, num_tokens: int, n: int, in_width: int, width: 
     return best, timings, refused
 
 
+def run_mlp_residual(fc1: ProductChoice, fc2: ProductChoice, fused: ProductChoice, x: torch.Tensor,
+                     ids: torch.Tensor, y: torch.Tensor, w1: torch.Tensor, w1_t: Optional[torch.Tensor],
+                     b1: Optional[torch.Tensor], w2: torch.Tensor, w2_t: Optional[torch.Tensor],
+                     b2: Optional[torch.Tensor], gamma: Optional[torch.Tensor]) -> torch.Tensor:
+    """The block's MLP and its residual update: x[:, ids] += gamma * (GELU(y @ w1^T + b1) @ w2^T + b2) for ``y``
+    (rows, C), its first B*n rows the real ones, image by image.  ``fused`` 'triton': one kernel (its tiles;
+    ``w1_t``, ``w2_t``: the weights transposed), the hidden activation never written; 'torch': the first product
+    as ``fc1`` says (on all of y's rows: its padding), then the second as ``fc2`` says.  Returns x."""
+    if fused.kind == 'triton':
+        B, n = x.shape[0], ids.numel()
+        return K.mlp_residual_scatter_triton_(x, ids, y[:B * n].view(B, n, -1), w1_t, b1, w2_t, b2, gamma,
+                                              *fused.tiles)
+    u = run_linear_gelu(fc1, y, w1, w1_t, b1)  # (B*n + its padding, hidden)
+    return run_linear_residual(fc2, x, ids, u, w2, w2_t, b2, gamma)
+
+
+@torch.no_grad()
+def choose_mlp_residual(batch: int, num_tokens: int, n: int, width: int, hidden: int, dtype: torch.dtype,
+                        residual_dtype: torch.dtype, device: torch.device, fc1: ProductChoice, fc2: ProductChoice
+                        ) -> Tuple[ProductChoice, Dict[str, float], Dict[str, str]]:
+    """Time the block's MLP with its residual update (:func:`run_mlp_residual`) for y (batch * n real rows +
+    ``fc1.pad``, width) into a (batch, num_tokens, width) buffer on CUDA: unfused ('torch': the two products as
+    ``fc1`` and ``fc2`` were chosen) against the one-kernel MLP's tiles (:func:`K.mlp_tiles`, rows of at most 256
+    channels); return the fastest whose updated rows are within tolerance of the fp32 reference, with every
+    candidate's milliseconds.  Cached per shape."""
+    key = ('mlp_residual', str(device), dtype, residual_dtype, batch, num_tokens, n, width, hidden, fc1, fc2)
+    if key in _CHOICE_CACHE:
+        return _CHOICE_CACHE[key]
+    g = torch.Generator(device=device).manual_seed(n)
+    x = torch.randn(batch, num_tokens, width, device=device, generator=g).to(residual_dtype)
+    ids = torch.randperm(num_tokens, device=device, generator=g)[:n].sort().values
+    y = torch.randn(batch * n + fc1.pad, width, device=device, generator=g).to(dtype)
+    w1 = (torch.randn(hidden, width, device=device, generator=g) * width ** -0.5).to(dtype)
+    b1 = torch.randn(hidden, device=device, generator=g).to(dtype)
+    w2 = (torch.randn(width, hidden, device=device, generator=g) * hidden ** -0.5).to(dtype)
+    b2 = torch.randn(width, device=device, generator=g).to(dtype)
+    gamma = torch.randn(width, device=device, generator=g)
+    w1_t, w2_t = w1.t().contiguous(), w2.t().contiguous()
+    ref = K.mlp_residual_scatter_reference_(x.clone(), ids, y[:batch * n].view(batch, n, width), w1_t, b1, w2_t,
+                                            b2, gamma).index_select(1, ids).float()
+    tol = max(8 * torch.finfo(dtype).eps, 5e-3) * max(1.0, ref.abs().max().item())
+    candidates = [ProductChoice('torch')]  # unfused: each product as chosen, fc1 on its padding
+    if K.HAS_TRITON and dtype in (torch.float16, torch.bfloat16):
+        candidates += [ProductChoice('triton', tiles=t) for t in K.mlp_tiles(width)]
+
+    def run(c: ProductChoice, into: torch.Tensor) -> torch.Tensor:
+        return run_mlp_residual(fc1, fc2, c, into, ids, y, w1, w1_t, b1, w2, w2_t, b2, gamma)
+    timed = x.clone()  # accumulates over the timed calls: the values drift, the work does not change
+    best, ms, timings, refused = _fastest(candidates, lambda c: run(c, timed), ref, tol,
+                                          check=lambda c: run(c, x.clone()).index_select(1, ids))
+    best = ProductChoice('torch') if best is None else replace(best, ms=ms)
+    _CHOICE_CACHE[key] = (best, timings, refused)
+    return best, timings, refused
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the executor
 
@@ -772,6 +831,7 @@ class _FastBlock(nn.Module):
         self.mlp = ProductChoice('torch')
         self.fc2 = ProductChoice('torch')
         self.proj_norm = ProductChoice('torch')  # 'torch': cuBLAS as proj says, then the residual-norm kernel
+        self.mlp_residual = ProductChoice('torch')  # 'torch': fc1 as mlp says, then fc2 as fc2 says
 
 
 def _layer_norm_f32(t: torch.Tensor, weight, bias, eps: float) -> torch.Tensor:
@@ -892,7 +952,8 @@ class FastViT(nn.Module):
         self._image_address = None
         # why a timed candidate was refused, per kind of choice and kept count: {kind: {n: {label: reason}}}
         self.refused: Dict[str, Dict[int, Dict[str, str]]] = {
-            kind: {} for kind in ('attention', 'qkv', 'proj', 'proj_norm', 'mlp', 'fc2', 'patch_embedding')}
+            kind: {} for kind in ('attention', 'qkv', 'proj', 'proj_norm', 'mlp', 'fc2', 'mlp_residual',
+                                  'patch_embedding')}
         self.attention_choices: Dict[int, AttentionChoice] = {}
         self.attention_timings: Dict[int, Dict[str, float]] = {}
         self.qkv_choices: Dict[int, ProductChoice] = {}
@@ -905,6 +966,8 @@ class FastViT(nn.Module):
         self.mlp_timings: Dict[int, Dict[str, float]] = {}
         self.fc2_choices: Dict[int, ProductChoice] = {}
         self.fc2_timings: Dict[int, Dict[str, float]] = {}
+        self.mlp_residual_choices: Dict[int, ProductChoice] = {}
+        self.mlp_residual_timings: Dict[int, Dict[str, float]] = {}
         # the batch size the candidates are timed at (batch_size, or 64); a product's row padding (ROW_PADS)
         # applies at that size only
         self.tune_batch = tune_batch or 64
@@ -988,9 +1051,11 @@ class FastViT(nn.Module):
     def _choose_products(self, mode: str) -> None:
         """For each kept count, how the block's products run (``qkv``; ``proj``: the attention's projection;
         ``mlp``: fc1 + GELU; ``fc2``: fc2 + residual; ``proj_norm``: the projection fused with its residual update
-        and the second norm, or not).  The ``mlp`` mode decides them all; 'triton' forces the fused MLP kernels
-        and leaves qkv and proj to cuBLAS, unfused.  fc2 is chosen after fc1: its operand has padding rows
-        only if fc1 ran padded."""
+        and the second norm, or not; ``mlp_residual``: the whole MLP and its residual update as one kernel, or fc1
+        and fc2 as chosen).  The ``mlp`` mode decides them all; 'triton' forces the fused kernels of fc1 and fc2
+        and leaves qkv and proj to cuBLAS, unfused, and the MLP in two kernels.  fc2 is chosen after fc1: its
+        operand has padding rows only if fc1 ran padded; the one-kernel MLP is timed against the two as
+        chosen."""
         timed = self._times_products(mode)
         batch = self.tune_batch
         kinds = ('qkv', 'proj', 'mlp', 'fc2')
@@ -1019,15 +1084,21 @@ class FastViT(nn.Module):
                 choices += ((choose_proj_norm(batch, self.num_tokens, blk.n, blk.proj_w.shape[1], width, self.dtype,
                                               self.residual_dtype, self.device, choices[1][0])
                              if timed and K.row_tiles(width) else torch_product),)
-                for kind, (choice, timings, refused) in zip(kinds + ('proj_norm',), choices):
+                # the whole MLP with its residual update in one kernel (rows of at most 256 channels) against the
+                # two products as just chosen
+                choices += ((choose_mlp_residual(batch, self.num_tokens, blk.n, width, hidden, self.dtype,
+                                                 self.residual_dtype, self.device, choices[2][0], choices[3][0])
+                             if timed and K.mlp_tiles(width) else torch_product),)
+                for kind, (choice, timings, refused) in zip(kinds + ('proj_norm', 'mlp_residual'), choices):
                     getattr(self, f'{kind}_choices')[blk.n] = choice
                     getattr(self, f'{kind}_timings')[blk.n] = timings
                     self.refused[kind][blk.n] = refused
-            for kind in kinds + ('proj_norm',):
+            for kind in kinds + ('proj_norm', 'mlp_residual'):
                 setattr(blk, kind, getattr(self, f'{kind}_choices')[blk.n])
-            if blk.mlp.kind == 'triton':
+            one_kernel = blk.mlp_residual.kind == 'triton'
+            if blk.mlp.kind == 'triton' or one_kernel:
                 blk.fc1_wt = blk.fc1_w.t().contiguous()
-            if blk.fc2.kind == 'triton':
+            if blk.fc2.kind == 'triton' or one_kernel:
                 blk.fc2_wt = blk.fc2_w.t().contiguous()
             if blk.proj_norm.kind == 'triton':
                 blk.proj_wt = blk.proj_w.t().contiguous()
@@ -1127,11 +1198,11 @@ class FastViT(nn.Module):
         fused = blk.proj_norm.kind == 'triton'  # the projection, residual update and norm in one kernel
         o_buf, o = self._rows(x, n, 0 if fused else blk.proj.pad, blk.proj_w.shape[1])
         run_attention(blk.attention, qkv, blk.num_heads, blk.scale, out=o)
-        buf, y = self._rows(x, n, blk.mlp.pad)
+        buf, y = self._rows(x, n, 0 if blk.mlp_residual.kind == 'triton' else blk.mlp.pad)
         run_proj_norm(blk.proj, blk.proj_norm, x, blk.ids, o_buf, blk.proj_w, blk.proj_wt, blk.proj_b, blk.gamma1,
                       blk.ln2_w, blk.ln2_b, blk.eps2, out=y)
-        u = run_linear_gelu(blk.mlp, buf, blk.fc1_w, blk.fc1_wt, blk.fc1_b)  # (B*n + its padding, hidden)
-        return run_linear_residual(blk.fc2, x, blk.ids, u, blk.fc2_w, blk.fc2_wt, blk.fc2_b, blk.gamma2)
+        return run_mlp_residual(blk.mlp, blk.fc2, blk.mlp_residual, x, blk.ids, buf, blk.fc1_w, blk.fc1_wt,
+                                blk.fc1_b, blk.fc2_w, blk.fc2_wt, blk.fc2_b, blk.gamma2)
 
     def _block_torch(self, x: torch.Tensor, blk: _FastBlock) -> torch.Tensor:
         t = x if blk.dense else x.index_select(1, blk.ids)
@@ -1377,6 +1448,8 @@ class FastViT(nn.Module):
             'mlp_ms': _finite(self.mlp_timings),
             'fc2': {str(n): c.label for n, c in sorted(self.fc2_choices.items())},
             'fc2_ms': _finite(self.fc2_timings),
+            'mlp_residual': {str(n): c.label for n, c in sorted(self.mlp_residual_choices.items())},
+            'mlp_residual_ms': _finite(self.mlp_residual_timings),
             'patch_embedding': self.embed_choice.label,
             'patch_embedding_ms': _finite({0: self.embed_timings}).get('0', {}),
             'refused': {kind: {str(n): why for n, why in sorted(per_count.items()) if why}
@@ -1436,10 +1509,11 @@ def build_fast_path(model: nn.Module, backend: str = 'triton', dtype: Optional[t
     (``ROW_PADS``; the second MLP product as the first left its operand), + the elementwise kernels against the
     fused Triton kernels, per kept count for the block's four products, and at rows of at most 256 channels the
     projection fused with its residual update and the second norm against cuBLAS + the residual-norm kernel
-    (``proj_norm``); else torch), 'torch', or 'triton' (the fused kernels of the MLP and the patch embedding; qkv
-    and the projection by cuBLAS, unfused).  ``cuda_graph``: capture the forward for ``batch_size`` images (CUDA
-    only).  ``kept_ids``: per-block original token ids, overriding ``model.kept_token_ids()`` (a
-    model without it is dense).
+    (``proj_norm``), and the whole MLP with its residual update in one kernel against its two products as chosen
+    (``mlp_residual``); else torch), 'torch', or 'triton' (the fused kernels of the MLP's two products and the
+    patch embedding; qkv and the projection by cuBLAS, unfused).  ``cuda_graph``: capture the forward for
+    ``batch_size`` images (CUDA only).  ``kept_ids``: per-block original token ids, overriding
+    ``model.kept_token_ids()`` (a model without it is dense).
     """
     if cuda_graph and not batch_size:
         raise ValueError('cuda_graph=True needs batch_size')

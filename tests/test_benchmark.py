@@ -439,6 +439,32 @@ def test_product_times_sum_the_chosen_kernels_against_cublas_on_the_real_rows_ov
     assert report.floored_projections(fused) == []
 
 
+def test_a_whole_mlp_run_as_one_kernel_counts_as_the_first_products_time_and_none_as_the_second():
+    """Where the whole MLP and its residual update ran as one kernel (mlp_residual), that kernel's build-time ms is
+    the first MLP product's share and the second's is 0, so the sum of all four holds what ran; the tables say
+    where, and the builds table names the kernel chosen.  Without the one kernel's times there is no row."""
+    timed = {'133': {'torch': 0.036, 'torch+256rows': 0.026}, '150': {'torch': 0.030, 'torch+256rows': 0.031}}
+    d = {'kept_counts': [150, 133, 133, 0], 'attention': {}, 'patch_embedding': 'torch', 'cuda_graph_batch': 256,
+         'mlp_residual': {'133': 'triton-64x32x64w8s3', '150': 'torch'},
+         'mlp_residual_ms': {'133': {'torch': 0.052, 'triton-64x32x64w8s3': 0.040}, '150': {'torch': 0.061}}}
+    for kind in ('qkv', 'proj', 'mlp', 'fc2'):
+        d[kind], d[f'{kind}_ms'] = {'133': 'torch+256rows', '150': 'torch'}, timed
+    times = report.product_times(d)
+    assert times['mlp'] == (pytest.approx(0.030 + 2 * 0.040), pytest.approx(0.030 + 2 * 0.036))
+    assert times['fc2'] == (pytest.approx(0.030), pytest.approx(0.030 + 2 * 0.036))
+    assert times['qkv'] == times['proj'] == (pytest.approx(0.030 + 2 * 0.026), pytest.approx(0.030 + 2 * 0.036))
+    assert report.whole_mlp_counts(d) == [133]
+    results = {'models': {'m': {'batch_size': 256, 'rows': [{'key': 'k', 'label': 'C&C-Ti-30 (fast)',
+                                                             'fast_path': d}]}}}
+    lines = report._fast_path_table(results)
+    assert lines[-1] == ('| C&C-Ti-30 (fast) | 256 | 0.082 / 0.102 | 0.082 / 0.102 | 0.110 / 0.102 (with fc2 at kept '
+                         '133) | 0.030 / 0.102 (0 at kept 133) | 0.304 / 0.408 |')
+    assert 'there the whole MLP and its residual update ran as one kernel' in lines[-5]
+    assert any(line.endswith('| torch, triton-64x32x64w8s3 | torch |') for line in lines)  # the builds table
+    assert report.product_times(dict(d, mlp_residual_ms={})) is None
+    assert report.whole_mlp_counts(dict(d, mlp_residual={'133': 'torch', '150': 'torch'})) == []
+
+
 def test_a_projection_fused_that_saved_more_than_it_took_is_counted_as_no_time_never_negative():
     """Fusing the projection with its residual update and norm can save more than the projection chosen took (the
     fused kernel beat cuBLAS's product and the residual-norm kernel by more than the product's time): its share is
@@ -511,7 +537,7 @@ def test_breakdown_sorts_cuda_kernels_into_families():
         'ampere_fp16_s16816gemm_fp16_128x128_ldg8_f2f_stages_32x5_tn': 'linear layers',
         'void cublasLt::splitKreduce_kernel<32, 16, int, float, __half>': 'linear layers',
         'void gemv2T_kernel_val<int, int, __half, __half, float, 128, 16, 4, 4, false, true>': 'linear layers',
-        '_linear_kernel': 'linear layers',
+        '_linear_kernel': 'linear layers', '_mlp_kernel': 'linear layers',
         'void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128, 128, 4>>': 'attention',
         'fmha_cutlassF_f16_aligned_64x64_rf_sm80(PyTorchMemEffAttention::AttentionKernel<...>)': 'attention',
         'cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x64_4x1x1': 'attention',
@@ -537,8 +563,8 @@ def test_breakdown_sorts_cuda_kernels_into_families():
     from models import fast_kernels as K
     if K.HAS_TRITON:
         launched = sorted(n for n, f in vars(K).items() if n.endswith('_kernel') and hasattr(f, 'fn'))
-        assert launched == ['_attention_kernel', '_gather_layer_norm_kernel', '_linear_kernel', '_patch_embed_kernel',
-                            '_residual_kernel']
+        assert launched == ['_attention_kernel', '_gather_layer_norm_kernel', '_linear_kernel', '_mlp_kernel',
+                            '_patch_embed_kernel', '_residual_kernel']
         assert [n for n in launched if n != '_patch_embed_kernel' and zoo.kernel_family(n) == zoo.OTHER_KERNELS] == []
 
 

@@ -512,6 +512,70 @@ def test_linear_residual_layer_norm_needs_a_tile_that_spans_the_row():
     assert {t[1] for t in K.row_tiles(256)} == {256} and K.row_tiles(257) == []  # rows of up to 256 channels
 
 
+def _plain_mlp(x, ids, y, w1t, b1, w2t, b2, g):
+    """x with x[:, ids] + g * (GELU(y @ w1t + b1) @ w2t + b2) in float64 (exact erf GELU), rounded once to x's
+    dtype; the hidden activation is not rounded (the kernel rounds it to y's dtype, as the unfused path does)."""
+    u = y.double() @ w1t.double() + (0.0 if b1 is None else b1.double())
+    u = 0.5 * u * (1.0 + torch.erf(u / math.sqrt(2.0)))
+    m = u @ w2t.double() + (0.0 if b2 is None else b2.double())
+    plain = x.clone()
+    plain[:, ids] = (x[:, ids].double() + m * (1.0 if g is None else g.double())).to(x.dtype)
+    return plain
+
+
+@needs_triton
+@pytest.mark.parametrize('x_dtype,u_dtype', RESIDUAL_PRODUCT_DTYPES)
+@pytest.mark.parametrize('C,H,tiles', [(40, 72, (16, 32, 16, 4, 2)),    # C and H ragged against every tile
+                                       (40, 72, (32, 64, 64, 4, 2)),    # one K step wider than the row
+                                       (64, 128, (16, 64, 32, 4, 2))])  # C and H whole tiles: the unmasked loads
+@pytest.mark.parametrize('affine', [True, False])
+def test_mlp_residual_scatter(x_dtype, u_dtype, C, H, tiles, affine):
+    """The whole MLP and its residual update in one kernel, x[:, ids] += gamma * (GELU(y @ W1^T + b1) @ W2^T +
+    b2), with distinct unsorted ids and B * n = 18 rows (ragged against BLOCK_M): against float64 arithmetic
+    within the products' tolerance, and against the reference (the two fused products' references in turn,
+    the hidden activation rounded as both round it) tightly; the rows not kept are untouched; the dispatcher
+    runs the kernel.  Without biases and LayerScale, the flags' other branch."""
+    B, N = 2, 21
+    ids = torch.tensor(DISTINCT_IDS, device=DEVICE)
+    x = _randn(B, N, C, seed=90, dtype=x_dtype)
+    y = _randn(B, len(DISTINCT_IDS), C, seed=91, dtype=u_dtype)
+    w1t = (_randn(C, H, seed=92) * C ** -0.5).to(u_dtype)
+    w2t = (_randn(H, C, seed=93) * H ** -0.5).to(u_dtype)
+    b1, b2, g = ((_randn(H, seed=94, dtype=u_dtype), _randn(C, seed=95, dtype=u_dtype), _randn(C, seed=96))
+                 if affine else (None,) * 3)
+    ours, ref, dispatched = x.clone(), x.clone(), x.clone()
+    assert K.mlp_residual_scatter_triton_(ours, ids, y, w1t, b1, w2t, b2, g, *tiles) is ours
+    K.mlp_residual_scatter_reference_(ref, ids, y, w1t, b1, w2t, b2, g)
+    K.mlp_residual_scatter_(dispatched, ids, y, w1t, b1, w2t, b2, g, block_m=tiles[0], block_h=tiles[1],
+                            block_k=tiles[2], num_warps=tiles[3], num_stages=tiles[4])
+    assert torch.equal(dispatched, ours)
+    plain = _plain_mlp(x, ids, y, w1t, b1, w2t, b2, g)
+    scale = max(1.0, plain.abs().max().item())
+    # the hidden activation rounded to fp16 (not in the float64 sum): a few units of its last place, summed over H
+    tol = max(_product_tol(u_dtype), 8 * torch.finfo(u_dtype).eps, 2 * torch.finfo(x_dtype).eps) * scale
+    assert (ours.double() - plain.double()).abs().max().item() <= tol
+    assert (ref.double() - plain.double()).abs().max().item() <= tol
+    same = max(_product_tol(u_dtype) if u_dtype is torch.float32 else 1e-5, 2 * torch.finfo(x_dtype).eps) * scale
+    assert (ours.double() - ref.double()).abs().max().item() <= same
+    rest = [i for i in range(N) if i not in DISTINCT_IDS]
+    assert torch.equal(ours[:, rest], x[:, rest])
+
+
+def test_mlp_residual_scatter_refuses_what_it_cannot_hold():
+    """Rows wider than 256 channels (the accumulator spans the row) and a second weight of the wrong shape are
+    refused before anything is written; the tiles offered are for rows of at most 256 channels."""
+    ids = torch.tensor([0, 2], device=DEVICE)
+    for C, w2_shape, message in ((264, (16, 264), 'rows of at most 256 channels, got 264'),
+                                 (40, (40, 16), r'w2_t must be a contiguous \(16, 40\)')):
+        x, y = _randn(1, 4, C, seed=1), _randn(1, 2, C, seed=2)
+        before = x.clone()
+        with pytest.raises(ValueError, match=message):
+            K.mlp_residual_scatter_triton_(x, ids, y, _randn(C, 16, seed=3), None, _randn(*w2_shape, seed=4), None,
+                                           None)
+        assert torch.equal(x, before)
+    assert K.mlp_tiles(257) == [] and K.mlp_tiles(256) == K.mlp_tiles(192) != []
+
+
 @needs_triton
 @pytest.mark.parametrize('dtype', LINEAR_DTYPES)
 @pytest.mark.parametrize('geometry,tiles', [((3, 20, 30, 5, 5), (32, 32, 16, 4, 2)),   # K = 75: ragged K tiles
@@ -1125,6 +1189,73 @@ def test_timed_build_can_fuse_the_projection_with_the_residual_and_norm(monkeypa
     # an untimed build (CPU, or mlp='torch') never fuses: the choice is 'torch' and the projection cuBLAS's
     plain = build_fast_path(model, backend='triton', dtype=torch.float16, attention='sdpa', mlp='torch')
     assert set(plain.describe()['proj_norm'].values()) == {'torch'}
+
+
+@needs_triton
+@torch.no_grad()
+@pytest.mark.parametrize('winner', ['one kernel', 'torch'])
+def test_timed_build_can_run_the_whole_mlp_as_one_kernel(monkeypatch, winner):
+    """Rows of at most 256 channels: the timed build also times the whole MLP with its residual update as one
+    kernel (each tile of K.mlp_tiles) against its two products as chosen ('torch'), and keeps the fastest that
+    computes the right thing: a tile scripted fastest of all that writes other rows' values is refused.  The
+    forward then launches the one kernel per block (and neither product's kernel) or the products as chosen, and
+    computes the model either way; an untimed build never takes it."""
+    import models.fast_path as FP
+    from models.fast_path import ProductChoice
+    fused, wrong = (ProductChoice('triton', tiles=t).label for t in K.mlp_tiles(64)[:2])
+    kept = fused if winner == 'one kernel' else 'torch'
+    script = {kept: 0.5, wrong: 0.25}
+    run_mlp_residual, refused = FP.run_mlp_residual, []
+
+    def scripted(run, cand):
+        run(cand)
+        return script.get(cand.label, 2.0)
+
+    def wrong_tile(fc1, fc2, choice, x, *a):
+        out = run_mlp_residual(fc1, fc2, choice, x, *a)
+        if choice.label == wrong:
+            refused.append(choice.label)
+            x.mul_(1.5)  # every row scaled: a kernel that also wrote where it should not have
+        return out
+
+    monkeypatch.setattr(FP, '_times_on', lambda device: True)
+    monkeypatch.setattr(FP, '_time_candidate', scripted)
+    monkeypatch.setattr(FP, '_CHOICE_CACHE', {})
+    monkeypatch.setattr(FP, 'run_mlp_residual', wrong_tile)
+    model = tiny_cc(13)
+    pruning.apply_masks(model, pruning.random_masks(3, 16, 0.3, generator=_gen(13)))
+    fast = build_fast_path(model, backend='triton', dtype=torch.float16, batch_size=2)
+    built = fast.describe()
+    counts = sorted(set(built['kept_counts']))
+    assert built['mlp_residual'] == {str(n): kept for n in counts}
+    assert sorted(refused) == [wrong] * len(counts)
+    for n in counts:
+        ms = built['mlp_residual_ms'][str(n)]
+        assert set(ms) == {'torch'} | {ProductChoice('triton', tiles=t).label for t in K.mlp_tiles(64)}
+        assert ms[kept] == 0.5 and ms[wrong] is None
+        assert built['refused']['mlp_residual'][str(n)][wrong].startswith('max |difference| ')
+    for blk in fast.blocks:
+        assert blk.mlp_residual.label == kept
+        assert (blk.fc1_wt is not None and blk.fc2_wt is not None) or winner == 'torch'
+    monkeypatch.setattr(FP, 'run_mlp_residual', run_mlp_residual)  # the forward runs what was chosen
+    x = images(seed=13)
+    ref = model(x)
+    launches = []
+    for name in ('mlp_residual_scatter_triton_', 'linear_gelu_triton', 'linear_residual_scatter_triton_',
+                 'residual_scatter_triton_'):
+        kernel = getattr(K, name)
+        monkeypatch.setattr(K, name, lambda *a, _k=kernel, _n=name, **kw: launches.append(_n) or _k(*a, **kw))
+    monkeypatch.setattr(FP.F, 'gelu', lambda *a, _g=F.gelu, **kw: launches.append('torch gelu') or _g(*a, **kw))
+    assert (fast(x) - ref).abs().max().item() <= 1e-2 * max(1.0, ref.abs().max().item())
+    blocks = sum(n > 0 for n in built['kept_counts'])
+    if winner == 'one kernel':
+        assert launches == ['mlp_residual_scatter_triton_'] * blocks
+    else:  # fc1 + GELU (Triton's, or cuBLAS and torch's GELU), then fc2 + residual (one kernel, or the scatter's)
+        firsts = {'linear_gelu_triton', 'torch gelu'}
+        seconds = {'linear_residual_scatter_triton_', 'residual_scatter_triton_'}
+        assert [k in firsts for k in launches[::2]] == [k in seconds for k in launches[1::2]] == [True] * blocks
+    plain = build_fast_path(model, backend='triton', dtype=torch.float16, attention='sdpa', mlp='torch')
+    assert set(plain.describe()['mlp_residual'].values()) == {'torch'}
 
 
 def test_on_a_gpu_the_cuda_only_tests_run_first(monkeypatch):
@@ -2084,6 +2215,15 @@ for bm, bn, bk, warps, stages in K.row_tiles(192):  # DeiT-Ti: the projection, r
                                                                HAS_W=norm, HAS_LNB=norm, EVEN_K=True, BLOCK_M=bm,
                                                                BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8),
             warps, stages, aligned=lin_aligned)
+mlp = dict(y_ptr='*fp16', w1t_ptr='*fp16', b1_ptr='*fp16', w2t_ptr='*fp16', b2_ptr='*fp16', x_ptr='*fp32',
+           ids_ptr='*i64', g_ptr='*fp32', M='i32', H='i32', n='i32', stride_ym='i32', stride_xb='i32',
+           stride_xn='i32')
+for bm, bh, bk, warps, stages in K.mlp_tiles(192):  # DeiT-Ti: the whole MLP and its residual update
+    out[f'mlp {bm}x{bh}x{bk}w{warps}s{stages}'] = compile_(
+        K._mlp_kernel, mlp, dict(C=192, HAS_B1=True, HAS_B2=True, HAS_G=True, EVEN_H=True, BLOCK_M=bm, BLOCK_H=bh,
+                                 BLOCK_K=bk, BLOCK_C=256), warps, stages,
+        aligned=('y_ptr', 'w1t_ptr', 'b1_ptr', 'w2t_ptr', 'b2_ptr', 'x_ptr', 'g_ptr', 'H', 'stride_ym', 'stride_xb',
+                 'stride_xn'))
 block_c, rows, warps = K._row_tile(192)
 rows_ = dict(x_ptr='*fp32', ids_ptr='*i64', w_ptr='*fp32', b_ptr='*fp32', out_ptr='*fp16', num_rows='i32', n='i32',
              C='i32', stride_xb='i32', stride_xn='i32', stride_ob='i32', stride_on='i32', eps='fp32')
@@ -2141,7 +2281,8 @@ def test_kernels_compile_for_the_gpus_before_hopper(arch):
     launched, and the build's timed choice refuses it (test_timed_choice_keeps_the_fastest_candidate_...).  From
     Ampere on the matrix products run on tensor cores (mma.sync; wgmma is Hopper's)."""
     kernels = _compiled_for(arch)
-    assert len(kernels) == 2 * len(K.ATTENTION_TILES) + 4 * len(K.LINEAR_TILES) + 2 * len(K.row_tiles(192)) + 3
+    assert len(kernels) == (2 * len(K.ATTENTION_TILES) + 4 * len(K.LINEAR_TILES) + 2 * len(K.row_tiles(192))
+                            + len(K.mlp_tiles(192)) + 3)
     limit = SHARED_MEMORY_PER_BLOCK[arch]
     first = [f'attention {K.ATTENTION_TILES[0][0]}x{K.ATTENTION_TILES[0][1]} {d}' for d in ('fp16', 'fp32')]
     lin = '{}x{}x{}w{}'.format(*K.LINEAR_TILES[0][:4])
@@ -2149,10 +2290,12 @@ def test_kernels_compile_for_the_gpus_before_hopper(arch):
     first += [f'linear {lin} residual={r}' for r in (False, True)] + [f'linear {row} {k}' for k in ('norm', 'row')]
     first += [f'patch_embed {lin} indirect={i}' for i in (False, True)]
     first += ['gather_layer_norm', 'residual norm=True', 'residual norm=False']
+    if arch >= 80:  # the one-kernel MLP is only ever a timed candidate: on Turing it neither fits nor uses mma
+        first += ['mlp {}x{}x{}w{}s{}'.format(*K.mlp_tiles(192)[0])]
     assert {n: kernels[n]['shared'] for n in first if kernels[n]['shared'] > limit} == {}
     assert not any(info['wgmma'] for info in kernels.values())
     if arch >= 80:
-        products = [n for n in kernels if n.startswith(('attention', 'linear', 'patch_embed'))]
+        products = [n for n in kernels if n.startswith(('attention', 'linear', 'patch_embed', 'mlp'))]
         assert all(kernels[n]['mma'] for n in products), [n for n in products if not kernels[n]['mma']]
 
 
@@ -2166,9 +2309,12 @@ def test_kernels_compile_for_hopper():
     fp32: launched, it raises Triton's out-of-resources error, which the timed choice records as a refusal
     (the forced tile, the first, fits).  The row kernels move their rows in 16-byte loads and stores.  Registers
     (ptxas -v): the 4-warp 128x128 and the 128x256 product tiles spill, as LINEAR_TILES says, and its first (the
-    default), 128x128 in 8 warps, does not; nothing else spills more than a few bytes."""
+    default), 128x128 in 8 warps, does not; nothing else spills more than a few bytes.  The one-kernel MLP's
+    tiles at DeiT-Ti width (mlp_tiles' docstring): the first (the default) spills nothing, the others at most 16
+    bytes a thread."""
     kernels = _compiled_for(90)
-    assert len(kernels) == 2 * len(K.ATTENTION_TILES) + 4 * len(K.LINEAR_TILES) + 2 * len(K.row_tiles(192)) + 3
+    assert len(kernels) == (2 * len(K.ATTENTION_TILES) + 4 * len(K.LINEAR_TILES) + 2 * len(K.row_tiles(192))
+                            + len(K.mlp_tiles(192)) + 3)
     too_big = sorted(name for name, info in kernels.items() if info['shared'] > 227 * 1024)
     assert too_big == ['attention 64x256 fp32'], too_big
     assert K.ATTENTION_TILES[0][:2] != (64, 256)
@@ -2178,7 +2324,7 @@ def test_kernels_compile_for_hopper():
             # in 16-byte loads, as many as when the images come as an aligned pointer argument
             direct = kernels[name.replace('indirect=True', 'indirect=False')]['wide_loads']
             assert info['wide_loads'] == direct > 0, name
-        if name.startswith(('attention', 'linear', 'patch_embed')):
+        if name.startswith(('attention', 'linear', 'patch_embed', 'mlp')):
             # tiles of 64 rows or more run on wgmma; a 32-row tile is below its 64-row minimum: mma.sync
             assert info['wgmma'] if int(name.split()[1].split('x')[0]) >= 64 else info['mma'], name
     for name in ('gather_layer_norm', 'residual norm=True', 'residual norm=False'):
@@ -2189,6 +2335,9 @@ def test_kernels_compile_for_hopper():
     # (hundreds of bytes a thread, LINEAR_TILES' comment), and the default tile, 128x128 in 8 warps, holds the fc2
     # epilogue they spill in in registers (the 64-row tiles spill a few bytes at most, as ptxas versions differ)
     spilled = {name: info['spilled'] for name, info in kernels.items() if info['spilled']}
+    mlp = {n: b for n, b in spilled.items() if n.startswith('mlp')}
+    assert max(mlp.values(), default=0) <= 16 and 'mlp {}x{}x{}w{}s{}'.format(*K.mlp_tiles(192)[0]) not in mlp, mlp
+    spilled = {n: b for n, b in spilled.items() if n not in mlp}
     assert not [n for n in spilled if not n.startswith(('linear', 'patch_embed'))], spilled
     # the row-spanning tiles (row_tiles' docstring): with the norm the 64-row one spills under 128 bytes, the
     # narrower ones nothing; as fc2's extra tiles (no norm) none spills
@@ -2334,8 +2483,9 @@ def test_the_build_times_its_candidates_replayed_from_a_cuda_graph():
         fast = build_fast_path(model, backend='triton', dtype=torch.float16, cuda_graph=True, batch_size=8)
     built = fast.describe()
     timed = 0
-    # qkv, proj: cuBLAS on 8 x 148 rows and padded; proj_norm: unfused against the fused tiles (width 192)
-    for kind in ('attention', 'qkv', 'proj', 'proj_norm', 'mlp', 'fc2'):
+    # qkv, proj: cuBLAS on 8 x 148 rows and padded; proj_norm, mlp_residual: unfused against the fused tiles
+    # (width 192)
+    for kind in ('attention', 'qkv', 'proj', 'proj_norm', 'mlp', 'fc2', 'mlp_residual'):
         assert set(built[f'{kind}_ms']) == {str(n) for n in set(built['kept_counts'])}, kind
         for n, ms in built[f'{kind}_ms'].items():
             finite = {k: v for k, v in ms.items() if v is not None}
