@@ -626,6 +626,16 @@ def choose_product(rows: int, in_features: int, out_features: int, dtype: torch.
     return best, timings, refused
 
 
+def _random_buffer(batch: int, num_tokens: int, n: int, width: int, residual_dtype: torch.dtype,
+                   device: torch.device) -> Tuple[torch.Generator, torch.Tensor, torch.Tensor]:
+    """What a product with a residual epilogue is timed on: a generator seeded by the kept count (for the rest of
+    its operands), a random (batch, num_tokens, width) token buffer and ``n`` distinct sorted token ids."""
+    g = torch.Generator(device=device).manual_seed(n)
+    x = torch.randn(batch, num_tokens, width, device=device, generator=g).to(residual_dtype)
+    ids = torch.randperm(num_tokens, device=device, generator=g)[:n].sort().values
+    return g, x, ids
+
+
 def run_linear_residual(choice: ProductChoice, x: torch.Tensor, ids: torch.Tensor, u: torch.Tensor,
                         weight: torch.Tensor, weight_t: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                         gamma: Optional[torch.Tensor]) -> torch.Tensor:
@@ -652,9 +662,7 @@ def choose_fc2(batch: int, num_tokens: int, n: int, hidden: int, width: int, dty
     key = ('fc2', str(device), dtype, residual_dtype, batch, num_tokens, n, hidden, width, operand_pad)
     if key in _CHOICE_CACHE:
         return _CHOICE_CACHE[key]
-    g = torch.Generator(device=device).manual_seed(n)
-    x = torch.randn(batch, num_tokens, width, device=device, generator=g).to(residual_dtype)
-    ids = torch.randperm(num_tokens, device=device, generator=g)[:n].sort().values
+    g, x, ids = _random_buffer(batch, num_tokens, n, width, residual_dtype, device)
     u = torch.randn(batch * n + operand_pad, hidden, device=device, generator=g).to(dtype)
     w = (torch.randn(width, hidden, device=device, generator=g) * hidden ** -0.5).to(dtype)
     b = torch.randn(width, device=device, generator=g).to(dtype)
@@ -706,9 +714,7 @@ def choose_proj_norm(batch: int, num_tokens: int, n: int, in_width: int, width: 
     key = ('proj_norm', str(device), dtype, residual_dtype, batch, num_tokens, n, in_width, width, proj.pad)
     if key in _CHOICE_CACHE:
         return _CHOICE_CACHE[key]
-    g = torch.Generator(device=device).manual_seed(n)
-    x = torch.randn(batch, num_tokens, width, device=device, generator=g).to(residual_dtype)
-    ids = torch.randperm(num_tokens, device=device, generator=g)[:n].sort().values
+    g, x, ids = _random_buffer(batch, num_tokens, n, width, residual_dtype, device)
     o = torch.randn(batch * n + proj.pad, in_width, device=device, generator=g).to(dtype)
     w = (torch.randn(width, in_width, device=device, generator=g) * in_width ** -0.5).to(dtype)
     b = torch.randn(width, device=device, generator=g).to(dtype)
@@ -765,9 +771,7 @@ def choose_mlp_residual(batch: int, num_tokens: int, n: int, width: int, hidden:
     key = ('mlp_residual', str(device), dtype, residual_dtype, batch, num_tokens, n, width, hidden, fc1, fc2)
     if key in _CHOICE_CACHE:
         return _CHOICE_CACHE[key]
-    g = torch.Generator(device=device).manual_seed(n)
-    x = torch.randn(batch, num_tokens, width, device=device, generator=g).to(residual_dtype)
-    ids = torch.randperm(num_tokens, device=device, generator=g)[:n].sort().values
+    g, x, ids = _random_buffer(batch, num_tokens, n, width, residual_dtype, device)
     y = torch.randn(batch * n + fc1.pad, width, device=device, generator=g).to(dtype)
     w1 = (torch.randn(hidden, width, device=device, generator=g) * width ** -0.5).to(dtype)
     b1 = torch.randn(hidden, device=device, generator=g).to(dtype)
