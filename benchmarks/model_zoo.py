@@ -833,8 +833,8 @@ FAMILIES = ('patch embedding', 'linear layers', 'attention', OTHER_OPS, 'token r
 # CUDA: the time of each kernel (and memcpy/memset) on the GPU, by its name: lower-case substrings, first match
 # wins, as cuDNN, cuBLAS, flash attention, torch, inductor and models/fast_kernels.py name their kernels.  A fused
 # kernel counts in the family of its larger part: _linear_kernel (the products with GELU or with the residual
-# update as epilogue) and _mlp_kernel (both MLP products, GELU and the residual update) in linear layers,
-# _gather_layer_norm_kernel (the routing fused in) in LayerNorm, and so
+# update as epilogue), _mlp_kernel (both MLP products, GELU and the residual update) and _norm_linear_kernel (the
+# first norm and qkv) in linear layers, _gather_layer_norm_kernel (the routing fused in) in LayerNorm, and so
 # _residual_kernel, the residual update of the buffer: after attention it normalises too (LN2), after the MLP's
 # cuBLAS product it is the update alone; one kernel name for both, counted in LayerNorm.
 ADDS = 'adds, casts, copies'
@@ -843,7 +843,7 @@ KERNEL_FAMILIES = (
     ('attention', ('flash', 'fmha', 'attention', 'sdpa', 'softmax')),  # before 'fprop': cuDNN's SDPA has it
     ('patch embedding', ('fprop', 'convolve', 'conv2d', 'nchwtonhwc', 'nhwctonchw', 'implicit_gemm')),
     ('linear layers', ('gemm', 'gemv', 'nvjet', 'cutlass', 'xmma', 'cublas', 'splitk', 'triton_tem', '_linear_',
-                       '_mlp_kernel')),
+                       '_mlp_kernel', '_norm_linear_kernel')),
     ('LayerNorm', ('layer_norm', 'layernorm', '_residual_kernel')),
     ('GELU', ('gelu',)),
     ('token routing', ('index', 'gather', 'catarray')),

@@ -638,33 +638,40 @@ def _fast_path_table(results: Dict) -> List[str]:
         attention = ', '.join(f'{n}: {a}' for n, a in d.get('attention', {}).items())
         # the products: the kernels chosen, each once ('–': results from before that product was timed)
         products = [', '.join(sorted(set(d.get(k, {}).values()))) or '–' for k, _ in PRODUCTS]
-        fused = ', '.join(sorted(set(d.get('proj_norm', {}).values()))) or '–'
-        whole_mlp = ', '.join(sorted(set(d.get('mlp_residual', {}).values()))) or '–'
+        norm_qkv, fused, whole_mlp = (', '.join(sorted(set(d.get(k, {}).values()))) or '–'
+                                      for k in ('norm_qkv', 'proj_norm', 'mlp_residual'))
         rows.append([label, str(batch), fmt(seconds, '.1f'),
                      f'yes, input {d.get("cuda_graph_input")}' if d.get('cuda_graph_batch') else 'no',
-                     attention or '–', *products[:2], fused, *products[2:], whole_mlp,
+                     attention or '–', products[0], norm_qkv, products[1], fused, *products[2:], whole_mlp,
                      d.get('patch_embedding', '–')])
     if not rows:
         return []
     return (['', 'Fast path builds (models/fast_path.py): kernels chosen per kept count at build time (a product: '
                  'each kernel chosen at some kept count; "torch+Nrows": cuBLAS on N padding rows beyond the real '
-                 'ones; "proj + residual + LN2": "torch" runs the projection as chosen, then the residual-norm '
-                 'kernel, a Triton tile runs the three as one kernel; "whole MLP + residual": "torch" runs fc1 and '
-                 'fc2 as chosen, a Triton tile the whole MLP and its residual update as one kernel; "–": results '
-                 'from before it was timed):', '']
-            + table(['row', 'batch', 'build s', 'CUDA graph', 'attention (kept count: kernel)',
-                     *(name for _, name in PRODUCTS[:2]), 'proj + residual + LN2',
-                     *(name for _, name in PRODUCTS[2:]), 'whole MLP + residual', 'patch embedding'], rows)
+                 'ones; "LN1 + qkv": "torch" runs the gather-norm kernel, then qkv as chosen, a Triton tile the two '
+                 'as one kernel; "proj + residual + LN2": "torch" runs the projection as chosen, then the '
+                 'residual-norm kernel, a Triton tile runs the three as one kernel; "whole MLP + residual": "torch" '
+                 'runs fc1 and fc2 as chosen, a Triton tile the whole MLP and its residual update as one kernel; '
+                 '"–": results from before it was timed):', '']
+            + table(['row', 'batch', 'build s', 'CUDA graph', 'attention (kept count: kernel)', PRODUCTS[0][1],
+                     'LN1 + qkv', PRODUCTS[1][1], 'proj + residual + LN2', *(name for _, name in PRODUCTS[2:]),
+                     'whole MLP + residual', 'patch embedding'], rows)
             + _product_times_table(results))
 
 
-def _fusing_saved(d: Dict, n: int) -> Optional[float]:
-    """The ms the fused projection + residual + norm kernel saved at kept count ``n`` over the projection chosen
-    then the residual-norm kernel (0.0 where that ran unfused; None where the fused choice has no times)."""
-    fused = d.get('proj_norm', {}).get(str(n), 'torch')
+# the products that may run as one kernel with their neighbours (a norm, a residual update), and that choice
+FUSED_WITH = {'proj': 'proj_norm', 'qkv': 'norm_qkv'}
+
+
+def _fusing_saved(d: Dict, n: int, kind: str = 'proj') -> Optional[float]:
+    """The ms that running product ``kind`` fused with its neighbours saved at kept count ``n`` over the product
+    chosen and the neighbour's kernel (the projection + residual + norm kernel over the projection then the
+    residual-norm kernel; the norm + qkv kernel over the gather-norm kernel then qkv): 0.0 where it ran unfused,
+    None where the fused choice has no times."""
+    fused = d.get(FUSED_WITH[kind], {}).get(str(n), 'torch')
     if fused == 'torch':
         return 0.0
-    pair = d.get('proj_norm_ms', {}).get(str(n), {})
+    pair = d.get(f'{FUSED_WITH[kind]}_ms', {}).get(str(n), {})
     if pair.get(fused) is None or pair.get('torch') is None:
         return None
     return pair['torch'] - pair[fused]
@@ -680,13 +687,14 @@ def whole_mlp_counts(d: Dict) -> List[int]:
     return out
 
 
-def floored_projections(d: Dict) -> List[int]:
-    """The kept counts (each once) at which fusing the projection with its residual update and norm saved more
-    than the projection chosen took at build time: its share (:func:`product_times`) is 0 there, never negative."""
+def floored_projections(d: Dict, kind: str = 'proj') -> List[int]:
+    """The kept counts (each once) at which fusing product ``kind`` (the projection, with its residual update and
+    norm; qkv, with the first norm) saved more than the product chosen took at build time: its share
+    (:func:`product_times`) is 0 there, never negative."""
     out = []
     for n in d.get('kept_counts', []):
-        chosen = d.get('proj_ms', {}).get(str(n), {}).get(d.get('proj', {}).get(str(n)))
-        saved = _fusing_saved(d, n) if n else None
+        chosen = d.get(f'{kind}_ms', {}).get(str(n), {}).get(d.get(kind, {}).get(str(n)))
+        saved = _fusing_saved(d, n, kind) if n else None
         if chosen is not None and saved is not None and saved > chosen and n not in out:
             out.append(n)
     return out
@@ -695,9 +703,10 @@ def floored_projections(d: Dict) -> List[int]:
 def product_times(d: Dict) -> Optional[Dict[str, Tuple[float, float]]]:
     """For one build's ``describe()``: per product, (the chosen kernels' build-time ms, cuBLAS's on the real rows
     only), each summed over the blocks; None unless every block's product was timed both ways.  Where the
-    projection ran fused with its residual update and norm, its share is its time less what fusing saved, and 0
-    where fusing saved more than that (:func:`floored_projections`): a kernel takes no negative time, and the
-    rest of the saving belongs to the residual update and norm, which the table does not show.  Where the whole
+    projection ran fused with its residual update and norm, or qkv with the first norm, its share is its time less
+    what fusing saved, and 0 where fusing saved more than that (:func:`floored_projections`): a kernel takes no
+    negative time, and the rest of the saving belongs to the norm and residual kernels, which the table does not
+    show.  Where the whole
     MLP ran as one kernel (:func:`whole_mlp_counts`), its time is the first MLP product's share and the second's
     is 0."""
     out = {}
@@ -711,8 +720,8 @@ def product_times(d: Dict) -> Optional[Dict[str, Tuple[float, float]]]:
             chosen, plain = ms.get(d.get(kind, {}).get(str(n))), ms.get('torch')
             if chosen is None or plain is None:
                 return None
-            if kind == 'proj':  # run as one kernel with the residual update and the norm: its share
-                saved = _fusing_saved(d, n)
+            if kind in FUSED_WITH:  # run as one kernel with its neighbours: its share
+                saved = _fusing_saved(d, n, kind)
                 if saved is None:
                     return None
                 chosen = max(0.0, chosen - saved)
@@ -733,10 +742,11 @@ def _product_times_table(results: Dict) -> List[str]:
         if times is not None:
             total = [sum(t[i] for t in times.values()) for i in (0, 1)]
             cells = {k: f'{c:.3f} / {p:.3f}' for k, (c, p) in times.items()}
-            counts = floored_projections(d)
-            if counts:
-                floored = True
-                cells['proj'] += f' (0 at kept {", ".join(map(str, counts))})'
+            for kind in FUSED_WITH:
+                counts = floored_projections(d, kind)
+                if counts:
+                    floored = True
+                    cells[kind] += f' (0 at kept {", ".join(map(str, counts))})'
             counts = whole_mlp_counts(d)
             if counts:
                 whole = True
@@ -748,9 +758,9 @@ def _product_times_table(results: Dict) -> List[str]:
     return (['', 'The block\'s products at build time (each replayed from a CUDA graph, ms per forward, summed over '
                  'the blocks): the kernels chosen (cuBLAS on the real or on padded rows, or a fused Triton kernel) / '
                  'cuBLAS on the real rows only (with torch\'s GELU, the scatter kernel); where the projection ran '
-                 'fused with its residual update and norm, its time less what that saved'
-                 + (' ("0 at kept N": there fusing saved more than the projection chosen took, the rest of the '
-                    'saving being the residual update and norm\'s, not shown here; its share is counted as 0, not '
+                 'fused with its residual update and norm, or qkv with the first norm, its time less what that saved'
+                 + (' ("0 at kept N": there fusing saved more than the product chosen took, the rest of the saving '
+                    'being the norm and residual kernels\', not shown here; its share is counted as 0, not '
                     'negative)' if floored else '')
              + ('; "with fc2 at kept N": there the whole MLP and its residual update ran as one kernel, whose time '
                 'is counted as fc1\'s and 0 as fc2\'s' if whole else '') + '.', '']

@@ -187,7 +187,8 @@ CHECK = Where(Obj({'max_abs_diff': NUMBER, 'tolerance': NUMBER, 'within_toleranc
                   {'autocast_error': NUMBER, 'way': STR, 'recompiled': ListOf(Obj({'way': STR, 'failure': STR}))}),
               lambda c: c['top1_ok'] is None or c['top1_agreement_clear'] is not None,
               'judges top-1 (top1_ok) without its agreement on the clear images (top1_agreement_clear is null)')
-FAST_PATH_CHOICES = ('attention', 'qkv', 'proj', 'proj_norm', 'mlp', 'fc2', 'mlp_residual')  # made per kept count
+# made per kept count
+FAST_PATH_CHOICES = ('attention', 'qkv', 'proj', 'proj_norm', 'mlp', 'fc2', 'mlp_residual', 'norm_qkv')
 PER_COUNT = MapOf(STR)  # kept count -> the kernel chosen
 PER_COUNT_MS = MapOf(MapOf(Maybe(NUMBER)))  # kept count -> kernel -> build-time ms (null: failed)
 FAST_PATH = Obj({}, {'kept_counts': ListOf(COUNT), 'cuda_graph_batch': Maybe(BATCH), 'cuda_graph_input': Maybe(STR),

@@ -33,6 +33,13 @@ kernels store it):
 
 * ``mlp_residual_scatter_``:   x[:, ids] += gamma * (GELU(y @ W1^T + b1) @ W2^T + b2)
 
+and, for rows of at most 256 channels, the block's first norm as the prologue of the qkv product, so the normed
+rows are never written (it replaces ``gather_layer_norm`` and the product): a program reads its rows of the
+buffer by id, normalises them in fp32, rounds them to the compute dtype and multiplies them by its columns of
+the weight (each program of a row normalises the row again: a row is read from L2 once per column tile):
+
+* ``gather_layer_norm_linear``: LN(x[:, ids]) @ W^T + b                           (B*n, N)
+
 and the patch embedding as one matrix product whose operand is read straight from the images (no unfolded
 copy) and whose epilogue adds the conv bias and position embedding and writes the tokens into the buffer:
 
@@ -100,6 +107,8 @@ __all__ = [
     'linear_gelu', 'linear_gelu_reference', 'linear_gelu_triton', 'LINEAR_TILES',
     'linear_residual_scatter_', 'linear_residual_scatter_reference_', 'linear_residual_scatter_triton_',
     'mlp_residual_scatter_', 'mlp_residual_scatter_reference_', 'mlp_residual_scatter_triton_', 'mlp_tiles',
+    'gather_layer_norm_linear', 'gather_layer_norm_linear_reference', 'gather_layer_norm_linear_triton',
+    'norm_linear_tiles', 'row_tiles',
     'patch_embed_', 'patch_embed_reference_', 'patch_embed_triton_', 'patch_grid', 'unfold_patches',
 ]
 
@@ -258,6 +267,33 @@ def mlp_residual_scatter_reference_(x: torch.Tensor, ids: torch.Tensor, y: torch
     (C, H) and ``w2_t`` (H, C) are the MLP's weights transposed.  Tile arguments are accepted and ignored."""
     u = linear_gelu_reference(y, w1_t, b1)
     return linear_residual_scatter_reference_(x, ids, u, w2_t, b2, gamma)
+
+
+def gather_layer_norm_linear_reference(x: torch.Tensor, ids: torch.Tensor, ln_weight: Optional[torch.Tensor],
+                                       ln_bias: Optional[torch.Tensor], eps: float, weight_t: torch.Tensor,
+                                       bias: Optional[torch.Tensor], out: Optional[torch.Tensor] = None,
+                                       **unused) -> torch.Tensor:
+    """LN(x[:, ids]) (fp32, rounded to weight_t's dtype: :func:`gather_layer_norm_reference`) @ weight_t + bias,
+    the product in fp32 and rounded once -> (B * n, N) in weight_t's dtype, image by image; written into the
+    first B * n rows of ``out`` when given (as the Triton version).  Tile arguments are accepted and ignored."""
+    M, N = x.shape[0] * ids.numel(), weight_t.shape[1]
+    if out is not None:
+        _check_norm_linear_out(out, M, N, weight_t.dtype, x.device)
+    y = gather_layer_norm_reference(x, ids, ln_weight, ln_bias, eps, weight_t.dtype)
+    product = y.reshape(-1, x.shape[-1]).float() @ weight_t.float()
+    if bias is not None:
+        product = product + bias.float()
+    if out is None:
+        return product.to(weight_t.dtype)
+    out[:M] = product
+    return out
+
+
+def _check_norm_linear_out(out: torch.Tensor, M: int, N: int, dtype: torch.dtype, device: torch.device) -> None:
+    if (out.dim() != 2 or out.shape[0] < M or out.shape[1] != N or out.stride(1) != 1 or out.dtype != dtype
+            or out.device != device):
+        raise ValueError(f'out must be an (at least {M}, {N}) {dtype} tensor on {device} with contiguous rows, got '
+                         f'{tuple(out.shape)} {out.dtype} on {out.device}')
 
 
 def patch_grid(images: torch.Tensor, patch: Tuple[int, int]) -> torch.Tensor:
@@ -547,6 +583,34 @@ if HAS_TRITON:
         dst = x_ptr + (b * stride_xb + tok * stride_xn)[:, None] + offs_c[None, :]
         h = (tl.load(dst, mask=ok, other=0.0).to(tl.float32) + acc).to(x_ptr.dtype.element_ty)
         tl.store(dst, h, mask=ok)
+
+    @triton.jit
+    def _norm_linear_kernel(x_ptr, ids_ptr, lnw_ptr, lnb_ptr, wt_ptr, b_ptr, out_ptr, M, N, n, stride_xb,
+                            stride_xn, stride_om, eps, C: tl.constexpr, HAS_W: tl.constexpr, HAS_LNB: tl.constexpr,
+                            HAS_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                            BLOCK_C: tl.constexpr, GROUP_M: tl.constexpr):
+        # out[r] = LN(x[b, ids[i]]) @ wt + b for rows r = b * n + i (out (M, N), row stride stride_om; wt (C, N)
+        # contiguous; BLOCK_C >= C: the norm needs the whole row, and the product takes it in one step, its
+        # columns >= C zero on both sides).  The norm in fp32, rounded to wt's dtype for the matrix unit, as
+        # _gather_layer_norm_kernel stores it; the product accumulated in fp32, bias added, rounded once.
+        offs_m, offs_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        m_ok = offs_m < M
+        n_ok = offs_n < N
+        cols = tl.arange(0, BLOCK_C)
+        cols_ok = cols < C
+        b = (offs_m // n).to(tl.int64)
+        tok = tl.load(ids_ptr + offs_m % n, mask=m_ok, other=0).to(tl.int64)
+        h = tl.load(x_ptr + (b * stride_xb + tok * stride_xn)[:, None] + cols[None, :],
+                    mask=m_ok[:, None] & cols_ok[None, :], other=0.0)
+        # (columns >= C: 0, as h - mean is masked there and the affine loads 0)
+        y = _layer_norm_rows(h.to(tl.float32), cols_ok, C, eps, lnw_ptr, lnb_ptr, cols, HAS_W, HAS_LNB)
+        y = y.to(wt_ptr.dtype.element_ty)
+        w = tl.load(wt_ptr + cols[:, None] * N + offs_n[None, :], mask=cols_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = tl.dot(y, w)
+        if HAS_B:
+            acc = acc + tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        dst = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+        tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
     @triton.jit
     def _patch_embed_kernel(img_ptr, addr_ptr, wt_ptr, c_ptr, out_ptr, M, N, K, num_patches, grid_w, stride_ib,
@@ -888,6 +952,54 @@ def mlp_residual_scatter_triton_(x: torch.Tensor, ids: torch.Tensor, y: torch.Te
     return x
 
 
+def norm_linear_tiles(width: int) -> List[Tuple[int, int, int, int, int]]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for :func:`gather_layer_norm_linear_triton` at rows of
+    ``width`` channels, the first the default: BLOCK_K spans the row (the power of two that does; the norm needs
+    the whole row, and the product takes it in one step, so there is no loop to pipeline: one stage); none for
+    rows wider than 256.  Compiled for sm_90a at DeiT-Ti's 192 (Triton 3.9, ptxas -v), none spills: 64x64 in 4
+    warps 64 KB of shared memory, 64x128 and 128x64 in 8 warps 96 KB, 32x64 (mma.sync) 48 KB; on Ampere likewise
+    (128x128 in 8 warps spilled 1 KB there, and is not offered)."""
+    if width > 256:  # (the tile spans the row)
+        return []
+    block_k = max(16, _next_power_of_2(width))
+    return [(64, 64, block_k, 4, 1), (64, 128, block_k, 8, 1), (128, 64, block_k, 8, 1), (32, 64, block_k, 4, 1)]
+
+
+def gather_layer_norm_linear_triton(x: torch.Tensor, ids: torch.Tensor, ln_weight: Optional[torch.Tensor],
+                                    ln_bias: Optional[torch.Tensor], eps: float, weight_t: torch.Tensor,
+                                    bias: Optional[torch.Tensor], out: Optional[torch.Tensor] = None,
+                                    block_m: int = 64, block_n: int = 64, block_k: Optional[int] = None,
+                                    num_warps: int = 4, num_stages: int = 1) -> torch.Tensor:
+    """Triton version of :func:`gather_layer_norm_linear_reference`: LN(x[:, ids]) @ weight_t + bias in one
+    kernel, the normed rows never written; x (B, N_tokens, C) with C at most 256, weight_t (C, N) contiguous;
+    ``block_k`` must span the row (default: the power of two that does).  Returns (B * n, N) in weight_t's
+    dtype: ``out`` when given (its first B * n rows are written: a longer buffer's padding rows are left as they
+    are), else a new tensor.  The normed rows are rounded to weight_t's dtype before the product, as the unfused
+    kernels store them."""
+    _need_triton(x)
+    _check_rows(x, ids)
+    C, N = _check_linear(x, weight_t)
+    block_k = block_k or max(16, _next_power_of_2(C))
+    if block_k > 256 or block_k < C or block_k != _next_power_of_2(block_k):
+        raise ValueError(f'the fused norm and product hold a whole row in one tile of at most 256 columns (a power '
+                         f'of two): got rows of {C} channels, block_k {block_k}')
+    M = x.shape[0] * ids.numel()
+    if out is None:
+        out = torch.empty(M, N, dtype=weight_t.dtype, device=x.device)
+    _check_norm_linear_out(out, M, N, weight_t.dtype, x.device)
+    if M == 0:
+        return out
+    lnw, has_w = _flag_ptr(ln_weight, weight_t)
+    lnb, has_lnb = _flag_ptr(ln_bias, weight_t)
+    b, has_b = _flag_ptr(bias, weight_t)
+    grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)
+    _norm_linear_kernel[grid](x, ids, lnw, lnb, weight_t, b, out, M, N, ids.numel(), x.stride(0), x.stride(1),
+                              out.stride(0), float(eps), C=C, HAS_W=has_w, HAS_LNB=has_lnb, HAS_B=has_b,
+                              BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_C=block_k, GROUP_M=8,
+                              num_warps=num_warps, num_stages=num_stages)
+    return out
+
+
 def patch_embed_triton_(out: torch.Tensor, images: torch.Tensor, weight_t: torch.Tensor, const: torch.Tensor,
                         prefix: int, patch: Tuple[int, int], block_m: int = LINEAR_TILES[0][0],
                         block_n: int = LINEAR_TILES[0][1], block_k: int = LINEAR_TILES[0][2],
@@ -966,6 +1078,12 @@ def mlp_residual_scatter_(x, ids, y, w1_t, b1, w2_t, b2, gamma, **tiles):
     """x[:, ids] += gamma * (GELU(y @ w1_t + b1) @ w2_t + b2) in place; see :func:`mlp_residual_scatter_triton_`."""
     impl = mlp_residual_scatter_triton_ if triton_runs_on(x) else mlp_residual_scatter_reference_
     return impl(x, ids, y, w1_t, b1, w2_t, b2, gamma, **tiles)
+
+
+def gather_layer_norm_linear(x, ids, ln_weight, ln_bias, eps, weight_t, bias, **tiles):
+    """LN(x[:, ids]) @ weight_t + bias -> (B * n, N); see :func:`gather_layer_norm_linear_triton`."""
+    impl = gather_layer_norm_linear_triton if triton_runs_on(x) else gather_layer_norm_linear_reference
+    return impl(x, ids, ln_weight, ln_bias, eps, weight_t, bias, **tiles)
 
 
 def linear_gelu(x, weight_t, bias, **tiles):

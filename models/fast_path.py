@@ -48,7 +48,10 @@ instead of the projection and ``residual_layer_norm_``; its tile spans the row, 
 residual) and the whole MLP with its residual update (``mlp_residual_choices``: one kernel instead of the two
 products; a program makes its rows' hidden activation a chunk of columns at a time and multiplies it straight
 into the second product's accumulator, so the (B, n, 4C) activation, the MLP's largest tensor, is never written
-or read: at DeiT-Ti width and batch 256, 54 MB each way a block at 138 kept tokens).  cuBLAS itself picks its
+or read: at DeiT-Ti width and batch 256, 54 MB each way a block at 138 kept tokens), and the first norm with the
+qkv product (``norm_qkv_choices``: one kernel instead of ``gather_layer_norm`` and the product; a program reads
+its rows by id, normalises them and multiplies them by its columns of the weight, so the normed rows are never
+written).  With all three, a block at DeiT-Ti width is three kernels and the attention.  cuBLAS itself picks its
 kernel by a heuristic on the shape, and at some row counts it picks a slow one (measured on an H200: the qkv
 product at DeiT-Ti width took 0.033-0.037 ms at three of C&C-Ti-30's kept counts against 0.025 at the others),
 so qkv, the projection and the first MLP product are also timed with their operand padded by 64 to 1024 rows
@@ -147,7 +150,8 @@ from . import fast_kernels as K
 from .clip_concat import _check_patch_count, _timm_head, _version_of
 
 __all__ = ['build_fast_path', 'FastViT', 'CaptureError', 'AttentionChoice', 'ProductChoice', 'choose_attention',
-           'choose_product', 'choose_fc2', 'choose_proj_norm', 'choose_mlp_residual', 'check_supported',
+           'choose_product', 'choose_fc2', 'choose_proj_norm', 'choose_mlp_residual', 'choose_norm_qkv',
+           'check_supported',
            'cpu_compiler_problem', 'BACKENDS', 'ATTENTION_MODES', 'MLP_MODES', 'DTYPES']
 
 BACKENDS = ('triton', 'torch', 'compile')
@@ -416,6 +420,11 @@ class ProductChoice:
             return 'triton-{}x{}x{}w{}s{}'.format(*self.tiles)
         return f'torch+{self.pad}rows' if self.pad else 'torch'
 
+
+# The choices that fuse a product with its neighbours, each timed against them as chosen, for rows of at most 256
+# channels: the projection with its residual update and the second norm, the whole MLP with its residual update,
+# the first norm with qkv
+FUSED_KINDS = ('proj_norm', 'mlp_residual', 'norm_qkv')
 
 # Extra rows a cuBLAS product may compute beyond its B*n real ones.  cuBLAS picks its kernel by a heuristic on
 # the shape.  Measured on an H200 at DeiT-Ti width and batch 256, the dense model's four products all ran one
@@ -743,6 +752,52 @@ def choose_proj_norm(batch: int, num_tokens: int, n: int, in_width: int, width: 
     return best, timings, refused
 
 
+def run_norm_qkv(qkv: ProductChoice, fused: ProductChoice, x: torch.Tensor, ids: torch.Tensor,
+                 ln_weight: Optional[torch.Tensor], ln_bias: Optional[torch.Tensor], eps: float, weight: torch.Tensor,
+                 weight_t: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                 operand: Optional[torch.Tensor]) -> torch.Tensor:
+    """The block's first norm and the qkv product: LN(x[:, ids]) @ weight^T + bias -> (B, n, N).  ``fused``
+    'triton': one kernel (its tiles; ``weight_t``: weight transposed), the normed rows never written; 'torch': the
+    gather-norm kernel writes the first B*n rows of ``operand`` ((B*n + ``qkv.pad``, C) in the compute dtype),
+    cuBLAS multiplies all of it, and the real rows of the product are returned."""
+    B, n = x.shape[0], ids.numel()
+    if fused.kind == 'triton':  # (out=None: a new tensor of the B*n rows; then the tiles)
+        return K.gather_layer_norm_linear_triton(x, ids, ln_weight, ln_bias, eps, weight_t, bias, None,
+                                                 *fused.tiles).view(B, n, -1)
+    K.gather_layer_norm_triton(x, ids, ln_weight, ln_bias, eps, out=operand[:B * n].view(B, n, -1))
+    return F.linear(operand, weight, bias)[:B * n].view(B, n, -1)
+
+
+@torch.no_grad()
+def choose_norm_qkv(batch: int, num_tokens: int, n: int, width: int, out_features: int, dtype: torch.dtype,
+                    residual_dtype: torch.dtype, device: torch.device, qkv: ProductChoice
+                    ) -> Tuple[ProductChoice, Dict[str, float], Dict[str, str]]:
+    """Time the first norm and the qkv product (:func:`run_norm_qkv`) on the rows ``ids`` of a (batch,
+    num_tokens, width) buffer on CUDA: unfused ('torch': the gather-norm kernel, then cuBLAS as ``qkv`` was chosen,
+    on its padding) against the one kernel's tiles (:func:`K.norm_linear_tiles`, rows of at most 256 channels);
+    return the fastest within tolerance of the fp32 reference, with every candidate's milliseconds.  Cached per
+    shape."""
+    key = ('norm_qkv', str(device), dtype, residual_dtype, batch, num_tokens, n, width, out_features, qkv.pad)
+    if key in _CHOICE_CACHE:
+        return _CHOICE_CACHE[key]
+    g, x, ids = _random_buffer(batch, num_tokens, n, width, residual_dtype, device)
+    ln_w, ln_b = (torch.randn(width, device=device, generator=g) for _ in range(2))
+    w = (torch.randn(out_features, width, device=device, generator=g) * width ** -0.5).to(dtype)
+    b = torch.randn(out_features, device=device, generator=g).to(dtype)
+    w_t = w.t().contiguous()
+    operand = torch.empty(batch * n + qkv.pad, width, dtype=dtype, device=device)
+    ref = K.gather_layer_norm_linear_reference(x, ids, ln_w, ln_b, 1e-6, w_t, b).float().view(batch, n, -1)
+    tol = max(8 * torch.finfo(dtype).eps, 5e-3) * max(1.0, ref.abs().max().item())
+    candidates = [ProductChoice('torch')]  # unfused: the product's own pad is qkv's
+    if K.HAS_TRITON and dtype in (torch.float16, torch.bfloat16):
+        candidates += [ProductChoice('triton', tiles=t) for t in K.norm_linear_tiles(width)]
+    best, ms, timings, refused = _fastest(
+        candidates, lambda c: run_norm_qkv(qkv, c, x, ids, ln_w, ln_b, 1e-6, w, w_t, b, operand), ref, tol)
+    best = ProductChoice('torch') if best is None else replace(best, ms=ms)
+    _CHOICE_CACHE[key] = (best, timings, refused)
+    return best, timings, refused
+
+
 def run_mlp_residual(fc1: ProductChoice, fc2: ProductChoice, fused: ProductChoice, x: torch.Tensor,
                      ids: torch.Tensor, y: torch.Tensor, w1: torch.Tensor, w1_t: Optional[torch.Tensor],
                      b1: Optional[torch.Tensor], w2: torch.Tensor, w2_t: Optional[torch.Tensor],
@@ -829,6 +884,7 @@ class _FastBlock(nn.Module):
         self.register_buffer('fc1_wt', None)  # W1^T (C, 4C), made when the fused linear + GELU is chosen
         self.register_buffer('fc2_wt', None)  # W2^T (4C, C), made when the fused linear + residual is chosen
         self.register_buffer('proj_wt', None)  # Wp^T (H*D, C), made when the fused projection + norm is chosen
+        self.register_buffer('qkv_wt', None)  # Wqkv^T (C, 3*H*D), made when the fused norm + qkv is chosen
         self.attention = AttentionChoice('sdpa')
         self.qkv = ProductChoice('torch')
         self.proj = ProductChoice('torch')
@@ -836,6 +892,7 @@ class _FastBlock(nn.Module):
         self.fc2 = ProductChoice('torch')
         self.proj_norm = ProductChoice('torch')  # 'torch': cuBLAS as proj says, then the residual-norm kernel
         self.mlp_residual = ProductChoice('torch')  # 'torch': fc1 as mlp says, then fc2 as fc2 says
+        self.norm_qkv = ProductChoice('torch')  # 'torch': the gather-norm kernel, then qkv as qkv says
 
 
 def _layer_norm_f32(t: torch.Tensor, weight, bias, eps: float) -> torch.Tensor:
@@ -957,7 +1014,7 @@ class FastViT(nn.Module):
         # why a timed candidate was refused, per kind of choice and kept count: {kind: {n: {label: reason}}}
         self.refused: Dict[str, Dict[int, Dict[str, str]]] = {
             kind: {} for kind in ('attention', 'qkv', 'proj', 'proj_norm', 'mlp', 'fc2', 'mlp_residual',
-                                  'patch_embedding')}
+                                  'norm_qkv', 'patch_embedding')}
         self.attention_choices: Dict[int, AttentionChoice] = {}
         self.attention_timings: Dict[int, Dict[str, float]] = {}
         self.qkv_choices: Dict[int, ProductChoice] = {}
@@ -972,6 +1029,8 @@ class FastViT(nn.Module):
         self.fc2_timings: Dict[int, Dict[str, float]] = {}
         self.mlp_residual_choices: Dict[int, ProductChoice] = {}
         self.mlp_residual_timings: Dict[int, Dict[str, float]] = {}
+        self.norm_qkv_choices: Dict[int, ProductChoice] = {}
+        self.norm_qkv_timings: Dict[int, Dict[str, float]] = {}
         # the batch size the candidates are timed at (batch_size, or 64); a product's row padding (ROW_PADS)
         # applies at that size only
         self.tune_batch = tune_batch or 64
@@ -1056,10 +1115,11 @@ class FastViT(nn.Module):
         """For each kept count, how the block's products run (``qkv``; ``proj``: the attention's projection;
         ``mlp``: fc1 + GELU; ``fc2``: fc2 + residual; ``proj_norm``: the projection fused with its residual update
         and the second norm, or not; ``mlp_residual``: the whole MLP and its residual update as one kernel, or fc1
-        and fc2 as chosen).  The ``mlp`` mode decides them all; 'triton' forces the fused kernels of fc1 and fc2
+        and fc2 as chosen; ``norm_qkv``: the first norm and qkv as one kernel, or the gather-norm kernel and qkv as
+        chosen).  The ``mlp`` mode decides them all; 'triton' forces the fused kernels of fc1 and fc2
         and leaves qkv and proj to cuBLAS, unfused, and the MLP in two kernels.  fc2 is chosen after fc1: its
         operand has padding rows only if fc1 ran padded; the one-kernel MLP is timed against the two as
-        chosen."""
+        chosen, the one-kernel norm and qkv against the two."""
         timed = self._times_products(mode)
         batch = self.tune_batch
         kinds = ('qkv', 'proj', 'mlp', 'fc2')
@@ -1093,11 +1153,16 @@ class FastViT(nn.Module):
                 choices += ((choose_mlp_residual(batch, self.num_tokens, blk.n, width, hidden, self.dtype,
                                                  self.residual_dtype, self.device, choices[2][0], choices[3][0])
                              if timed and K.mlp_tiles(width) else torch_product),)
-                for kind, (choice, timings, refused) in zip(kinds + ('proj_norm', 'mlp_residual'), choices):
+                # the first norm and qkv in one kernel (rows of at most 256 channels) against the gather-norm kernel
+                # and qkv as chosen
+                choices += ((choose_norm_qkv(batch, self.num_tokens, blk.n, width, blk.qkv_w.shape[0], self.dtype,
+                                             self.residual_dtype, self.device, choices[0][0])
+                             if timed and K.norm_linear_tiles(width) else torch_product),)
+                for kind, (choice, timings, refused) in zip(kinds + FUSED_KINDS, choices):
                     getattr(self, f'{kind}_choices')[blk.n] = choice
                     getattr(self, f'{kind}_timings')[blk.n] = timings
                     self.refused[kind][blk.n] = refused
-            for kind in kinds + ('proj_norm', 'mlp_residual'):
+            for kind in kinds + FUSED_KINDS:
                 setattr(blk, kind, getattr(self, f'{kind}_choices')[blk.n])
             one_kernel = blk.mlp_residual.kind == 'triton'
             if blk.mlp.kind == 'triton' or one_kernel:
@@ -1106,6 +1171,8 @@ class FastViT(nn.Module):
                 blk.fc2_wt = blk.fc2_w.t().contiguous()
             if blk.proj_norm.kind == 'triton':
                 blk.proj_wt = blk.proj_w.t().contiguous()
+            if blk.norm_qkv.kind == 'triton':
+                blk.qkv_wt = blk.qkv_w.t().contiguous()
 
     def _choose_embed(self, mode: str) -> None:
         """How the patch embedding runs (``embed_choice``): 'torch' (an unfolded copy of the patches in the
@@ -1195,10 +1262,11 @@ class FastViT(nn.Module):
         return buf, buf[:B * n].view(B, n, width)
 
     def _block_triton(self, x: torch.Tensor, blk: _FastBlock) -> torch.Tensor:
-        B, n = x.shape[0], blk.n
-        buf, y = self._rows(x, n, blk.qkv.pad)  # each product's operand: its real rows, then its padding
-        K.gather_layer_norm_triton(x, blk.ids, blk.ln1_w, blk.ln1_b, blk.eps1, out=y)
-        qkv = F.linear(buf, blk.qkv_w, blk.qkv_b)[:B * n].view(B, n, -1)  # the real rows of the product
+        n = blk.n
+        # each product's operand: its real rows, then its padding (none where a kernel fuses it with the norm)
+        operand = None if blk.norm_qkv.kind == 'triton' else self._rows(x, n, blk.qkv.pad)[0]
+        qkv = run_norm_qkv(blk.qkv, blk.norm_qkv, x, blk.ids, blk.ln1_w, blk.ln1_b, blk.eps1, blk.qkv_w, blk.qkv_wt,
+                           blk.qkv_b, operand)  # the real rows of the product, (B, n, 3*H*D)
         fused = blk.proj_norm.kind == 'triton'  # the projection, residual update and norm in one kernel
         o_buf, o = self._rows(x, n, 0 if fused else blk.proj.pad, blk.proj_w.shape[1])
         run_attention(blk.attention, qkv, blk.num_heads, blk.scale, out=o)
@@ -1454,6 +1522,8 @@ class FastViT(nn.Module):
             'fc2_ms': _finite(self.fc2_timings),
             'mlp_residual': {str(n): c.label for n, c in sorted(self.mlp_residual_choices.items())},
             'mlp_residual_ms': _finite(self.mlp_residual_timings),
+            'norm_qkv': {str(n): c.label for n, c in sorted(self.norm_qkv_choices.items())},
+            'norm_qkv_ms': _finite(self.norm_qkv_timings),
             'patch_embedding': self.embed_choice.label,
             'patch_embedding_ms': _finite({0: self.embed_timings}).get('0', {}),
             'refused': {kind: {str(n): why for n, why in sorted(per_count.items()) if why}
@@ -1513,8 +1583,9 @@ def build_fast_path(model: nn.Module, backend: str = 'triton', dtype: Optional[t
     (``ROW_PADS``; the second MLP product as the first left its operand), + the elementwise kernels against the
     fused Triton kernels, per kept count for the block's four products, and at rows of at most 256 channels the
     projection fused with its residual update and the second norm against cuBLAS + the residual-norm kernel
-    (``proj_norm``), and the whole MLP with its residual update in one kernel against its two products as chosen
-    (``mlp_residual``); else torch), 'torch', or 'triton' (the fused kernels of the MLP's two products and the
+    (``proj_norm``), the whole MLP with its residual update in one kernel against its two products as chosen
+    (``mlp_residual``), and the first norm with qkv in one kernel against the gather-norm kernel and qkv as chosen
+    (``norm_qkv``); else torch), 'torch', or 'triton' (the fused kernels of the MLP's two products and the
     patch embedding; qkv and the projection by cuBLAS, unfused).  ``cuda_graph``: capture the forward for
     ``batch_size`` images (CUDA only).  ``kept_ids``: per-block original token ids, overriding
     ``model.kept_token_ids()`` (a model without it is dense).

@@ -439,6 +439,28 @@ def test_product_times_sum_the_chosen_kernels_against_cublas_on_the_real_rows_ov
     assert report.floored_projections(fused) == []
 
 
+def test_qkv_fused_with_the_first_norm_counts_its_time_less_what_that_saved():
+    """Where the first norm and qkv ran as one kernel (norm_qkv), qkv's share is its chosen time less what the one
+    kernel saved over the gather-norm kernel and qkv, and 0 where it saved more than that (the table says where);
+    the builds table names the kernel chosen; without the one kernel's times there is no row."""
+    timed = {'133': {'torch': 0.036, 'torch+256rows': 0.026}, '150': {'torch': 0.030, 'torch+256rows': 0.031}}
+    d = {'kept_counts': [150, 133, 133, 0], 'attention': {}, 'patch_embedding': 'torch', 'cuda_graph_batch': 256,
+         'norm_qkv': {'133': 'triton-64x64x256w4s1', '150': 'triton-64x64x256w4s1'},
+         'norm_qkv_ms': {'133': {'torch': 0.040, 'triton-64x64x256w4s1': 0.030},
+                         '150': {'torch': 0.045, 'triton-64x64x256w4s1': 0.010}}}
+    for kind in ('qkv', 'proj', 'mlp', 'fc2'):
+        d[kind], d[f'{kind}_ms'] = {'133': 'torch+256rows', '150': 'torch'}, timed
+    # at 133: 0.026 - 0.010 saved (two blocks); at 150: 0.030 - 0.035 saved: 0, not negative
+    assert report.product_times(d)['qkv'] == (pytest.approx(2 * 0.016), pytest.approx(0.030 + 2 * 0.036))
+    assert report.floored_projections(d, 'qkv') == [150] and report.floored_projections(d) == []
+    results = {'models': {'m': {'batch_size': 256, 'rows': [{'key': 'k', 'label': 'C&C-Ti-30 (fast)',
+                                                             'fast_path': d}]}}}
+    lines = report._fast_path_table(results)
+    assert lines[-1].startswith('| C&C-Ti-30 (fast) | 256 | 0.032 / 0.102 (0 at kept 150) | 0.082 / 0.102 |')
+    assert any('| torch, torch+256rows | triton-64x64x256w4s1 | torch, torch+256rows |' in line for line in lines)
+    assert report.product_times(dict(d, norm_qkv_ms={})) is None
+
+
 def test_a_whole_mlp_run_as_one_kernel_counts_as_the_first_products_time_and_none_as_the_second():
     """Where the whole MLP and its residual update ran as one kernel (mlp_residual), that kernel's build-time ms is
     the first MLP product's share and the second's is 0, so the sum of all four holds what ran; the tables say
@@ -483,7 +505,7 @@ def test_a_projection_fused_that_saved_more_than_it_took_is_counted_as_no_time_n
     lines = report._fast_path_table(results)
     assert lines[-1] == ('| C&C-Ti-30 (fast) | 256 | 0.082 / 0.102 | 0.030 / 0.102 (0 at kept 133) | 0.082 / 0.102 | '
                          '0.082 / 0.102 | 0.276 / 0.408 |')
-    assert '"0 at kept N": there fusing saved more than the projection chosen took' in lines[-5]
+    assert '"0 at kept N": there fusing saved more than the product chosen took' in lines[-5]
     assert not any(re.search(r'(^|[ |])-\d', line) for line in lines)
 
 
@@ -537,7 +559,7 @@ def test_breakdown_sorts_cuda_kernels_into_families():
         'ampere_fp16_s16816gemm_fp16_128x128_ldg8_f2f_stages_32x5_tn': 'linear layers',
         'void cublasLt::splitKreduce_kernel<32, 16, int, float, __half>': 'linear layers',
         'void gemv2T_kernel_val<int, int, __half, __half, float, 128, 16, 4, 4, false, true>': 'linear layers',
-        '_linear_kernel': 'linear layers', '_mlp_kernel': 'linear layers',
+        '_linear_kernel': 'linear layers', '_mlp_kernel': 'linear layers', '_norm_linear_kernel': 'linear layers',
         'void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128, 128, 4>>': 'attention',
         'fmha_cutlassF_f16_aligned_64x64_rf_sm80(PyTorchMemEffAttention::AttentionKernel<...>)': 'attention',
         'cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x64_4x1x1': 'attention',
@@ -564,7 +586,7 @@ def test_breakdown_sorts_cuda_kernels_into_families():
     if K.HAS_TRITON:
         launched = sorted(n for n, f in vars(K).items() if n.endswith('_kernel') and hasattr(f, 'fn'))
         assert launched == ['_attention_kernel', '_gather_layer_norm_kernel', '_linear_kernel', '_mlp_kernel',
-                            '_patch_embed_kernel', '_residual_kernel']
+                            '_norm_linear_kernel', '_patch_embed_kernel', '_residual_kernel']
         assert [n for n in launched if n != '_patch_embed_kernel' and zoo.kernel_family(n) == zoo.OTHER_KERNELS] == []
 
 

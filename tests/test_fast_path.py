@@ -525,10 +525,10 @@ def _plain_mlp(x, ids, y, w1t, b1, w2t, b2, g):
 
 @needs_triton
 @pytest.mark.parametrize('x_dtype,u_dtype', RESIDUAL_PRODUCT_DTYPES)
-@pytest.mark.parametrize('C,H,tiles', [(40, 72, (16, 32, 16, 4, 2)),    # C and H ragged against every tile
-                                       (40, 72, (32, 64, 64, 4, 2)),    # one K step wider than the row
-                                       (64, 128, (16, 64, 32, 4, 2))])  # C and H whole tiles: the unmasked loads
-@pytest.mark.parametrize('affine', [True, False])
+@pytest.mark.parametrize('C,H,tiles,affine', [(40, 72, (16, 32, 16, 4, 2), True),   # C, H ragged against every tile
+                                              (40, 72, (32, 64, 64, 4, 2), True),   # one K step wider than the row
+                                              (64, 128, (16, 64, 32, 4, 2), True),  # whole tiles: unmasked loads
+                                              (40, 72, (16, 32, 16, 4, 2), False)])
 def test_mlp_residual_scatter(x_dtype, u_dtype, C, H, tiles, affine):
     """The whole MLP and its residual update in one kernel, x[:, ids] += gamma * (GELU(y @ W1^T + b1) @ W2^T +
     b2), with distinct unsorted ids and B * n = 18 rows (ragged against BLOCK_M): against float64 arithmetic
@@ -559,6 +559,71 @@ def test_mlp_residual_scatter(x_dtype, u_dtype, C, H, tiles, affine):
     assert (ours.double() - ref.double()).abs().max().item() <= same
     rest = [i for i in range(N) if i not in DISTINCT_IDS]
     assert torch.equal(ours[:, rest], x[:, rest])
+
+
+@needs_triton
+@pytest.mark.parametrize('x_dtype,w_dtype', RESIDUAL_PRODUCT_DTYPES)
+@pytest.mark.parametrize('C,N_out,tiles,affine', [(40, 72, (16, 32, 64, 4, 1), True),    # C, N ragged
+                                                   (64, 128, (32, 64, 64, 4, 1), True),   # whole tiles
+                                                   (40, 72, (32, 64, 128, 4, 1), True),   # a wider row tile
+                                                   (40, 72, (16, 32, 64, 4, 1), False)])
+def test_gather_layer_norm_linear(x_dtype, w_dtype, C, N_out, tiles, affine):
+    """The first norm and the qkv product in one kernel, LN(x[:, ids]) @ W^T + b, with distinct unsorted ids and
+    B * n = 18 rows (ragged against BLOCK_M): against float64 arithmetic within the product's tolerance (the normed
+    rows rounded to the weight's dtype first, as both kernels store them), and against the reference (the
+    gather-norm reference, then the product) tightly; written into the first rows of a longer buffer, its padding
+    rows untouched; the dispatcher runs the kernel.  Without the norm's affine and the bias, the flags' other
+    branch."""
+    B, N = 2, 21
+    ids = torch.tensor(DISTINCT_IDS, device=DEVICE)
+    x = _randn(B, N, C, seed=100, dtype=x_dtype) * 3 + 1
+    wt = (_randn(C, N_out, seed=101) * C ** -0.5).to(w_dtype)
+    lw, lb, b = ((_randn(C, seed=102) + 1, _randn(C, seed=103), _randn(N_out, seed=104, dtype=w_dtype))
+                 if affine else (None,) * 3)
+    M = B * len(DISTINCT_IDS)
+    buf = torch.full((M + 5, N_out), 7.0, dtype=w_dtype, device=DEVICE)
+    bm, bn, bk, warps, stages = tiles
+    ours = K.gather_layer_norm_linear_triton(x, ids, lw, lb, 1e-6, wt, b, out=buf, block_m=bm, block_n=bn,
+                                             block_k=bk, num_warps=warps, num_stages=stages)
+    assert ours is buf and torch.equal(buf[M:], torch.full((5, N_out), 7.0, dtype=w_dtype, device=DEVICE))
+    ref = K.gather_layer_norm_linear_reference(x, ids, lw, lb, 1e-6, wt, b)
+    dispatched = K.gather_layer_norm_linear(x, ids, lw, lb, 1e-6, wt, b, block_m=bm, block_n=bn, block_k=bk,
+                                            num_warps=warps, num_stages=stages)
+    assert ref.dtype == dispatched.dtype == w_dtype and ref.shape == dispatched.shape == (M, N_out)
+    assert torch.equal(dispatched, buf[:M])
+    h = x[:, ids].double()
+    y = (h - h.mean(-1, keepdim=True)) / torch.sqrt(h.var(-1, unbiased=False, keepdim=True) + 1e-6)
+    if affine:
+        y = y * lw.double() + lb.double()
+    plain = y.to(w_dtype).double().reshape(M, C) @ wt.double() + (b.double() if affine else 0.0)
+    scale = max(1.0, plain.abs().max().item())
+    # the normed rows' rounding to w_dtype may differ in their last place where the fp32 norm and float64 differ
+    tol = max(_product_tol(w_dtype), 8 * torch.finfo(w_dtype).eps) * scale
+    assert (buf[:M].double() - plain).abs().max().item() <= tol
+    assert (ref.double() - plain).abs().max().item() <= tol
+    same = (_product_tol(w_dtype) if w_dtype is torch.float32 else 2 * torch.finfo(w_dtype).eps) * scale
+    assert (buf[:M].double() - ref.double()).abs().max().item() <= same
+
+
+def test_gather_layer_norm_linear_refuses_a_tile_that_does_not_span_the_row(monkeypatch):
+    """The norm needs the whole row in one tile: a row tile narrower than the row, not a power of two or wider
+    than 256 columns is refused; so is a buffer too short for the rows, before anything is written.  Where Triton
+    cannot run, the dispatcher's reference writes into the given buffer too."""
+    x, ids, wt = _randn(1, 4, 40, seed=1), torch.tensor([0, 2], device=DEVICE), _randn(40, 8, seed=3)
+    for block_k, wide in ((32, 40), (48, 40), (512, 300)):
+        with pytest.raises(ValueError, match='one tile of at most 256 columns'):
+            K.gather_layer_norm_linear_triton(_randn(1, 4, wide, seed=1), ids, None, None, 1e-6,
+                                              _randn(wide, 8, seed=3), None, block_k=block_k)
+    short = torch.zeros(1, 8, device=DEVICE)
+    with pytest.raises(ValueError, match=r'out must be an \(at least 2, 8\)'):
+        K.gather_layer_norm_linear_triton(x, ids, None, None, 1e-6, wt, None, out=short)
+    assert torch.equal(short, torch.zeros(1, 8, device=DEVICE))
+    assert [t[2] for t in K.norm_linear_tiles(192)] == [256] * 4 and K.norm_linear_tiles(257) == []
+    monkeypatch.setattr(K, 'triton_runs_on', lambda t: False)
+    buf = torch.zeros(3, 8, device=DEVICE)
+    assert K.gather_layer_norm_linear(x, ids, None, None, 1e-6, wt, None, out=buf, block_m=16) is buf
+    assert torch.equal(buf[:2], K.gather_layer_norm_linear_reference(x, ids, None, None, 1e-6, wt, None))
+    assert torch.equal(buf[2], torch.zeros(8, device=DEVICE))
 
 
 def test_mlp_residual_scatter_refuses_what_it_cannot_hold():
@@ -1256,6 +1321,63 @@ def test_timed_build_can_run_the_whole_mlp_as_one_kernel(monkeypatch, winner):
         assert [k in firsts for k in launches[::2]] == [k in seconds for k in launches[1::2]] == [True] * blocks
     plain = build_fast_path(model, backend='triton', dtype=torch.float16, attention='sdpa', mlp='torch')
     assert set(plain.describe()['mlp_residual'].values()) == {'torch'}
+
+
+@needs_triton
+@torch.no_grad()
+@pytest.mark.parametrize('winner', ['one kernel', 'torch'])
+def test_timed_build_can_run_the_first_norm_and_qkv_as_one_kernel(monkeypatch, winner):
+    """Rows of at most 256 channels: the timed build also times the first norm and the qkv product as one kernel
+    (each tile of K.norm_linear_tiles) against the gather-norm kernel and qkv as chosen ('torch'), and keeps the
+    fastest that computes the right thing (a tile scripted fastest of all whose output is off is refused); the
+    forward then launches the one kernel per block instead of the two, and computes the model either way; an
+    untimed build never takes it."""
+    import models.fast_path as FP
+    from models.fast_path import ProductChoice
+    fused, wrong = (ProductChoice('triton', tiles=t).label for t in K.norm_linear_tiles(64)[:2])
+    kept = fused if winner == 'one kernel' else 'torch'
+    script = {kept: 0.5, wrong: 0.25}
+    run_norm_qkv = FP.run_norm_qkv
+
+    def scripted(run, cand):
+        run(cand)
+        return script.get(cand.label, 2.0)
+
+    def wrong_tile(qkv, choice, *a):
+        out = run_norm_qkv(qkv, choice, *a)
+        return out * 1.01 if choice.label == wrong else out
+
+    monkeypatch.setattr(FP, '_times_on', lambda device: True)
+    monkeypatch.setattr(FP, '_time_candidate', scripted)
+    monkeypatch.setattr(FP, '_CHOICE_CACHE', {})
+    monkeypatch.setattr(FP, 'run_norm_qkv', wrong_tile)
+    model = tiny_cc(14)
+    pruning.apply_masks(model, pruning.random_masks(3, 16, 0.3, generator=_gen(14)))
+    fast = build_fast_path(model, backend='triton', dtype=torch.float16, batch_size=2)
+    built = fast.describe()
+    counts = sorted(set(built['kept_counts']))
+    assert built['norm_qkv'] == {str(n): kept for n in counts}
+    for n in counts:
+        ms = built['norm_qkv_ms'][str(n)]
+        assert set(ms) == {'torch'} | {ProductChoice('triton', tiles=t).label for t in K.norm_linear_tiles(64)}
+        assert ms[kept] == 0.5 and ms[wrong] is None
+        assert built['refused']['norm_qkv'][str(n)][wrong].startswith('max |difference| ')
+    for blk in fast.blocks:
+        assert blk.norm_qkv.label == kept and (blk.qkv_wt is not None) == (winner == 'one kernel')
+    monkeypatch.setattr(FP, 'run_norm_qkv', run_norm_qkv)  # the forward runs what was chosen
+    x = images(seed=14)
+    ref = model(x)
+    launches = []
+    for name in ('gather_layer_norm_linear_triton', 'gather_layer_norm_triton'):
+        kernel = getattr(K, name)
+        monkeypatch.setattr(K, name, lambda *a, _k=kernel, _n=name, **kw: launches.append(_n) or _k(*a, **kw))
+    assert (fast(x) - ref).abs().max().item() <= 1e-2 * max(1.0, ref.abs().max().item())
+    blocks = sum(n > 0 for n in built['kept_counts'])
+    one = winner == 'one kernel'  # (and the final norm on the tokens the head reads: the gather-norm kernel)
+    assert launches == ['gather_layer_norm_linear_triton' if one else 'gather_layer_norm_triton'] * blocks + [
+        'gather_layer_norm_triton']
+    plain = build_fast_path(model, backend='triton', dtype=torch.float16, attention='sdpa', mlp='torch')
+    assert set(plain.describe()['norm_qkv'].values()) == {'torch'}
 
 
 def test_on_a_gpu_the_cuda_only_tests_run_first(monkeypatch):
@@ -2224,6 +2346,15 @@ for bm, bh, bk, warps, stages in K.mlp_tiles(192):  # DeiT-Ti: the whole MLP and
                                  BLOCK_K=bk, BLOCK_C=256), warps, stages,
         aligned=('y_ptr', 'w1t_ptr', 'b1_ptr', 'w2t_ptr', 'b2_ptr', 'x_ptr', 'g_ptr', 'H', 'stride_ym', 'stride_xb',
                  'stride_xn'))
+norm_lin = dict(x_ptr='*fp32', ids_ptr='*i64', lnw_ptr='*fp32', lnb_ptr='*fp32', wt_ptr='*fp16', b_ptr='*fp16',
+                out_ptr='*fp16', M='i32', N='i32', n='i32', stride_xb='i32', stride_xn='i32', stride_om='i32',
+                eps='fp32')
+for bm, bn, bk, warps, stages in K.norm_linear_tiles(192):  # DeiT-Ti: the first norm and qkv
+    out[f'norm_linear {bm}x{bn}x{bk}w{warps}'] = compile_(
+        K._norm_linear_kernel, norm_lin, dict(C=192, HAS_W=True, HAS_LNB=True, HAS_B=True, BLOCK_M=bm, BLOCK_N=bn,
+                                              BLOCK_C=bk, GROUP_M=8), warps, stages,
+        aligned=('x_ptr', 'lnw_ptr', 'lnb_ptr', 'wt_ptr', 'b_ptr', 'out_ptr', 'N', 'stride_xb', 'stride_xn',
+                 'stride_om'))
 block_c, rows, warps = K._row_tile(192)
 rows_ = dict(x_ptr='*fp32', ids_ptr='*i64', w_ptr='*fp32', b_ptr='*fp32', out_ptr='*fp16', num_rows='i32', n='i32',
              C='i32', stride_xb='i32', stride_xn='i32', stride_ob='i32', stride_on='i32', eps='fp32')
@@ -2282,7 +2413,7 @@ def test_kernels_compile_for_the_gpus_before_hopper(arch):
     Ampere on the matrix products run on tensor cores (mma.sync; wgmma is Hopper's)."""
     kernels = _compiled_for(arch)
     assert len(kernels) == (2 * len(K.ATTENTION_TILES) + 4 * len(K.LINEAR_TILES) + 2 * len(K.row_tiles(192))
-                            + len(K.mlp_tiles(192)) + 3)
+                            + len(K.mlp_tiles(192)) + len(K.norm_linear_tiles(192)) + 3)
     limit = SHARED_MEMORY_PER_BLOCK[arch]
     first = [f'attention {K.ATTENTION_TILES[0][0]}x{K.ATTENTION_TILES[0][1]} {d}' for d in ('fp16', 'fp32')]
     lin = '{}x{}x{}w{}'.format(*K.LINEAR_TILES[0][:4])
@@ -2290,12 +2421,13 @@ def test_kernels_compile_for_the_gpus_before_hopper(arch):
     first += [f'linear {lin} residual={r}' for r in (False, True)] + [f'linear {row} {k}' for k in ('norm', 'row')]
     first += [f'patch_embed {lin} indirect={i}' for i in (False, True)]
     first += ['gather_layer_norm', 'residual norm=True', 'residual norm=False']
+    first += ['norm_linear {}x{}x{}w{}'.format(*K.norm_linear_tiles(192)[0][:4])]
     if arch >= 80:  # the one-kernel MLP is only ever a timed candidate: on Turing it neither fits nor uses mma
         first += ['mlp {}x{}x{}w{}s{}'.format(*K.mlp_tiles(192)[0])]
     assert {n: kernels[n]['shared'] for n in first if kernels[n]['shared'] > limit} == {}
     assert not any(info['wgmma'] for info in kernels.values())
     if arch >= 80:
-        products = [n for n in kernels if n.startswith(('attention', 'linear', 'patch_embed', 'mlp'))]
+        products = [n for n in kernels if n.startswith(('attention', 'linear', 'patch_embed', 'mlp', 'norm_linear'))]
         assert all(kernels[n]['mma'] for n in products), [n for n in products if not kernels[n]['mma']]
 
 
@@ -2311,10 +2443,10 @@ def test_kernels_compile_for_hopper():
     (ptxas -v): the 4-warp 128x128 and the 128x256 product tiles spill, as LINEAR_TILES says, and its first (the
     default), 128x128 in 8 warps, does not; nothing else spills more than a few bytes.  The one-kernel MLP's
     tiles at DeiT-Ti width (mlp_tiles' docstring): the first (the default) spills nothing, the others at most 16
-    bytes a thread."""
+    bytes a thread; the first norm with qkv's tiles spill nothing."""
     kernels = _compiled_for(90)
     assert len(kernels) == (2 * len(K.ATTENTION_TILES) + 4 * len(K.LINEAR_TILES) + 2 * len(K.row_tiles(192))
-                            + len(K.mlp_tiles(192)) + 3)
+                            + len(K.mlp_tiles(192)) + len(K.norm_linear_tiles(192)) + 3)
     too_big = sorted(name for name, info in kernels.items() if info['shared'] > 227 * 1024)
     assert too_big == ['attention 64x256 fp32'], too_big
     assert K.ATTENTION_TILES[0][:2] != (64, 256)
@@ -2324,7 +2456,7 @@ def test_kernels_compile_for_hopper():
             # in 16-byte loads, as many as when the images come as an aligned pointer argument
             direct = kernels[name.replace('indirect=True', 'indirect=False')]['wide_loads']
             assert info['wide_loads'] == direct > 0, name
-        if name.startswith(('attention', 'linear', 'patch_embed', 'mlp')):
+        if name.startswith(('attention', 'linear', 'patch_embed', 'mlp', 'norm_linear')):
             # tiles of 64 rows or more run on wgmma; a 32-row tile is below its 64-row minimum: mma.sync
             assert info['wgmma'] if int(name.split()[1].split('x')[0]) >= 64 else info['mma'], name
     for name in ('gather_layer_norm', 'residual norm=True', 'residual norm=False'):
@@ -2483,9 +2615,9 @@ def test_the_build_times_its_candidates_replayed_from_a_cuda_graph():
         fast = build_fast_path(model, backend='triton', dtype=torch.float16, cuda_graph=True, batch_size=8)
     built = fast.describe()
     timed = 0
-    # qkv, proj: cuBLAS on 8 x 148 rows and padded; proj_norm, mlp_residual: unfused against the fused tiles
-    # (width 192)
-    for kind in ('attention', 'qkv', 'proj', 'proj_norm', 'mlp', 'fc2', 'mlp_residual'):
+    # qkv, proj: cuBLAS on 8 x 148 rows and padded; proj_norm, mlp_residual, norm_qkv: unfused against the fused
+    # tiles (width 192)
+    for kind in ('attention', 'qkv', 'proj', 'proj_norm', 'mlp', 'fc2', 'mlp_residual', 'norm_qkv'):
         assert set(built[f'{kind}_ms']) == {str(n) for n in set(built['kept_counts'])}, kind
         for n, ms in built[f'{kind}_ms'].items():
             finite = {k: v for k, v in ms.items() if v is not None}
