@@ -134,9 +134,14 @@ INTERPRETER = _interpreting()  # (read once, as Triton reads it)
 # memory.  The tail tile is for pruned blocks.  Measured on an H200 at batch 1, C&C-B-25 (138-155 kept tokens)
 # was no faster than dense DeiT-B (0.999x): the dense blocks' 197 keys took two 128-key steps and the pruned
 # blocks' three 64-key steps (their fastest; 128-key tiles would also take two).  128 + 32 covers 129-160 keys
-# in one whole step and a quarter step.
+# in one whole step and a quarter step.  In that run's builds at batch 256 (benchmarks/results/cuda.json) 64-key
+# steps won at every kept count of DeiT-Ti, S and B, dense or pruned (C&C-Ti-30, 132-150 keys: 0.035 ms against
+# 0.043 for 128 + 32; dense 197: 0.054), so the last two tiles take 64-key steps and then 16 or 32 keys at a
+# time: 138 keys cost 144 (two steps and a quarter) instead of 192 (three), 197 cost 208 instead of 256 (not
+# yet measured on a GPU).
 ATTENTION_TILES = ((64, 64, 64, 4, 2), (32, 64, 64, 4, 2), (64, 128, 128, 4, 2), (128, 64, 64, 8, 2),
-                   (128, 128, 128, 8, 2), (64, 256, 256, 8, 2), (64, 128, 32, 4, 2))
+                   (128, 128, 128, 8, 2), (64, 256, 256, 8, 2), (64, 128, 32, 4, 2), (64, 64, 16, 4, 2),
+                   (64, 64, 32, 4, 2))
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for the fused matrix products; the first is the default (the
 # tile a forced build, mlp='triton', runs).  Few on purpose: each is compiled per shape family at build time, and
 # every compile costs seconds.  Compiled for sm_90a, the second and third spill registers (a 128x128 fp32
