@@ -72,8 +72,8 @@ Attention: SDPA's time was flat from 197 down to 129 tokens and halved at 128 (t
 block keeping 148 tokens pays for 256 rows), so for each distinct kept count the candidates (the SDPA backends
 flash / efficient / cuDNN (at a multiple of 128 tokens only) / math through ``torch.nn.attention.sdpa_kernel``,
 and with ``backend='triton'`` the Triton kernel with 32- to 128-row query tiles and 64- to 256-key tiles, three
-with a 16- or 32-key tail tile) are checked against an fp32 reference and timed once at build time on CUDA, and the fastest
-is kept (``attention_choices``); on CPU, and with ``backend='compile'``, it is SDPA, untimed.
+with a 16- or 32-key tail tile) are checked against an fp32 reference and timed once at build time on CUDA, and
+the fastest is kept (``attention_choices``); on CPU, and with ``backend='compile'``, it is SDPA, untimed.
 Candidates are timed replayed from a CUDA graph: the GPU's time, not the CPU's cost of launching them, which
 differs between cuBLAS, torch and Triton and at small batches would decide the ranking.  ``cuda_graph=True``
 captures the whole forward for one batch size (measured for the dense fast path of DeiT-Ti: 9.2x at batch 32, 2.2x
