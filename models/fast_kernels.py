@@ -134,11 +134,12 @@ INTERPRETER = _interpreting()  # (read once, as Triton reads it)
 # memory.  The tail tile is for pruned blocks.  Measured on an H200 at batch 1, C&C-B-25 (138-155 kept tokens)
 # was no faster than dense DeiT-B (0.999x): the dense blocks' 197 keys took two 128-key steps and the pruned
 # blocks' three 64-key steps (their fastest; 128-key tiles would also take two).  128 + 32 covers 129-160 keys
-# in one whole step and a quarter step.  In that run's builds at batch 256 (benchmarks/results/cuda.json) 64-key
-# steps won at every kept count of DeiT-Ti, S and B, dense or pruned (C&C-Ti-30, 132-150 keys: 0.035 ms against
-# 0.043 for 128 + 32; dense 197: 0.054), so the last two tiles take 64-key steps and then 16 or 32 keys at a
-# time: 138 keys cost 144 (two steps and a quarter) instead of 192 (three), 197 cost 208 instead of 256 (not
-# yet measured on a GPU).
+# in one whole step and a quarter step.  In that run's builds at the main batch sizes (256; DeiT-B 128;
+# benchmarks/results/cuda.json) 64-key steps won at every kept count of DeiT-Ti, S and B, dense or pruned
+# (C&C-Ti-30, 132-150 keys: 0.035 ms against 0.043 for 128 + 32; dense 197: 0.054), where at batch 1 the
+# 128-key steps won (and 128 + 32), so the last two tiles take 64-key steps and then 16 or 32 keys at a time: 138
+# keys cost 144 (two steps and a quarter) instead of 192 (three), 197 cost 208 instead of 256 (not yet measured
+# on a GPU).
 ATTENTION_TILES = ((64, 64, 64, 4, 2), (32, 64, 64, 4, 2), (64, 128, 128, 4, 2), (128, 64, 64, 8, 2),
                    (128, 128, 128, 8, 2), (64, 256, 256, 8, 2), (64, 128, 32, 4, 2), (64, 64, 16, 4, 2),
                    (64, 64, 32, 4, 2))
@@ -938,6 +939,8 @@ def mlp_residual_scatter_triton_(x: torch.Tensor, ids: torch.Tensor, y: torch.Te
     if tuple(w2_t.shape) != (H, C) or not w2_t.is_contiguous() or w2_t.dtype != w1_t.dtype:
         raise ValueError(f'w2_t must be a contiguous ({H}, {C}) {w1_t.dtype} tensor, got {tuple(w2_t.shape)} '
                          f'{w2_t.dtype}')
+    if y.dtype != w1_t.dtype:  # (the hidden activation is rounded to the weights' dtype, the reference's to y's)
+        raise ValueError(f'y must have the weights\' dtype {w1_t.dtype}, got {y.dtype}')
     block_c = max(16, _next_power_of_2(C))
     if block_c > 256:
         raise ValueError(f'the fused MLP holds a whole row in one tile: rows of at most 256 channels, got {C}')
@@ -985,9 +988,9 @@ def gather_layer_norm_linear_triton(x: torch.Tensor, ids: torch.Tensor, ln_weigh
     _check_rows(x, ids)
     C, N = _check_linear(x, weight_t)
     block_k = block_k or max(16, _next_power_of_2(C))
-    if block_k > 256 or block_k < C or block_k != _next_power_of_2(block_k):
-        raise ValueError(f'the fused norm and product hold a whole row in one tile of at most 256 columns (a power '
-                         f'of two): got rows of {C} channels, block_k {block_k}')
+    if not max(16, C) <= block_k <= 256 or block_k != _next_power_of_2(block_k):
+        raise ValueError(f'the fused norm and product hold a whole row in one tile of 16 to 256 columns (a power '
+                         f'of two: the matrix unit takes at least 16): got rows of {C} channels, block_k {block_k}')
     M = x.shape[0] * ids.numel()
     if out is None:
         out = torch.empty(M, N, dtype=weight_t.dtype, device=x.device)

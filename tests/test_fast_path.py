@@ -606,12 +606,12 @@ def test_gather_layer_norm_linear(x_dtype, w_dtype, C, N_out, tiles, affine):
 
 
 def test_gather_layer_norm_linear_refuses_a_tile_that_does_not_span_the_row(monkeypatch):
-    """The norm needs the whole row in one tile: a row tile narrower than the row, not a power of two or wider
-    than 256 columns is refused; so is a buffer too short for the rows, before anything is written.  Where Triton
-    cannot run, the dispatcher's reference writes into the given buffer too."""
+    """The norm needs the whole row in one tile: a row tile narrower than the row (or than the matrix unit's
+    16), not a power of two or wider than 256 columns is refused; so is a buffer too short for the rows, before
+    anything is written.  Where Triton cannot run, the dispatcher's reference writes into the given buffer too."""
     x, ids, wt = _randn(1, 4, 40, seed=1), torch.tensor([0, 2], device=DEVICE), _randn(40, 8, seed=3)
-    for block_k, wide in ((32, 40), (48, 40), (512, 300)):
-        with pytest.raises(ValueError, match='one tile of at most 256 columns'):
+    for block_k, wide in ((32, 40), (48, 40), (512, 300), (8, 8)):  # (8: under the matrix unit's 16)
+        with pytest.raises(ValueError, match='one tile of 16 to 256 columns'):
             K.gather_layer_norm_linear_triton(_randn(1, 4, wide, seed=1), ids, None, None, 1e-6,
                                               _randn(wide, 8, seed=3), None, block_k=block_k)
     short = torch.zeros(1, 8, device=DEVICE)
@@ -627,12 +627,15 @@ def test_gather_layer_norm_linear_refuses_a_tile_that_does_not_span_the_row(monk
 
 
 def test_mlp_residual_scatter_refuses_what_it_cannot_hold():
-    """Rows wider than 256 channels (the accumulator spans the row) and a second weight of the wrong shape are
-    refused before anything is written; the tiles offered are for rows of at most 256 channels."""
+    """Rows wider than 256 channels (the accumulator spans the row), a second weight of the wrong shape and
+    rows of another dtype than the weights' (the hidden activation is rounded to the weights' dtype) are refused
+    before anything is written; the tiles offered are for rows of at most 256 channels."""
     ids = torch.tensor([0, 2], device=DEVICE)
-    for C, w2_shape, message in ((264, (16, 264), 'rows of at most 256 channels, got 264'),
-                                 (40, (40, 16), r'w2_t must be a contiguous \(16, 40\)')):
-        x, y = _randn(1, 4, C, seed=1), _randn(1, 2, C, seed=2)
+    for C, w2_shape, y_dtype, message in (
+            (264, (16, 264), torch.float32, 'rows of at most 256 channels, got 264'),
+            (40, (40, 16), torch.float32, r'w2_t must be a contiguous \(16, 40\)'),
+            (40, (16, 40), torch.float16, "y must have the weights' dtype torch.float32, got torch.float16")):
+        x, y = _randn(1, 4, C, seed=1), _randn(1, 2, C, seed=2, dtype=y_dtype)
         before = x.clone()
         with pytest.raises(ValueError, match=message):
             K.mlp_residual_scatter_triton_(x, ids, y, _randn(C, 16, seed=3), None, _randn(*w2_shape, seed=4), None,
