@@ -2665,6 +2665,11 @@ def test_eval_through_the_fast_path_gives_the_eager_results(capsys, pruned_digit
     code, fast, err = _cli(capsys, *args, '--fast-path', 'torch')
     assert code == 0, err
     assert 'Fast path (torch): ' in fast and '"dtype": "float32"' in fast
+    # the kernels chosen per kept count, each kind of choice by its name (untimed on CPU: "torch" throughout)
+    built = json.loads(next(l for l in fast.splitlines() if l.startswith('Fast path (torch): '))[19:])
+    kinds = ('attention', 'qkv', 'norm_qkv', 'proj', 'proj_norm', 'mlp', 'fc2', 'mlp_residual')
+    assert set(built) == {'dtype', 'cuda_graph_batch', *kinds} and built['cuda_graph_batch'] is None
+    assert all(set(built[k].values()) == {'sdpa-default' if k == 'attention' else 'torch'} for k in kinds), built
     line = [l for l in eager.splitlines() if l.startswith('* Acc@1')][0]
     acc1, acc5, loss = (float(v) for v in line.split()[2::2])
     fast_line = [l for l in fast.splitlines() if l.startswith('* Acc@1')][0]
