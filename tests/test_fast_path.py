@@ -1135,6 +1135,19 @@ def test_timed_choice_keeps_the_fastest_candidate_that_computes_the_right_thing(
     assert (fast(x) - ref).abs().max().item() <= 1e-2 * max(1.0, ref.abs().max().item())
 
 
+def _script_timings(monkeypatch, script, default=2.0):
+    """The timed build on this device with scripted milliseconds: each candidate runs once as it would be timed,
+    then counts ``script[label]`` (``default`` if unscripted); the choice cache is emptied first."""
+    import models.fast_path as FP
+
+    def scripted(run, cand):
+        run(cand)
+        return script.get(cand.label, default)
+    monkeypatch.setattr(FP, '_times_on', lambda device: True)
+    monkeypatch.setattr(FP, '_time_candidate', scripted)
+    monkeypatch.setattr(FP, '_CHOICE_CACHE', {})
+
+
 @needs_triton
 @torch.no_grad()
 @pytest.mark.parametrize('fc1', ['padded', 'triton'])
@@ -1152,14 +1165,7 @@ def test_timed_build_can_pad_the_rows_of_a_product(monkeypatch, fc1):
     padded, fused = ProductChoice('torch', pad=4).label, ProductChoice('triton', tiles=K.LINEAR_TILES[0]).label
     assert padded == 'torch+4rows'
     script = {padded: 0.5, 'torch': 1.0, fused: 0.25 if fc1 == 'triton' else 2.0}
-
-    def scripted(run, cand):
-        run(cand)
-        return script.get(cand.label, 2.0)
-
-    monkeypatch.setattr(FP, '_times_on', lambda device: True)
-    monkeypatch.setattr(FP, '_time_candidate', scripted)
-    monkeypatch.setattr(FP, '_CHOICE_CACHE', {})
+    _script_timings(monkeypatch, script)
     model = tiny_cc(11)
     pruning.apply_masks(model, pruning.random_masks(3, 16, 0.3, generator=_gen(11)))
     fast = build_fast_path(model, backend='triton', dtype=torch.float16, batch_size=4)
@@ -1208,10 +1214,6 @@ def test_timed_build_can_fuse_the_projection_with_the_residual_and_norm(monkeypa
     script = {kept: 0.5, wrong: 0.25}
     run_proj_norm, refused = FP.run_proj_norm, []
 
-    def scripted(run, cand):
-        run(cand)
-        return script.get(cand.label, 2.0)
-
     def wrong_tile(proj, choice, *a, **kw):
         if choice.label != wrong:
             return run_proj_norm(proj, choice, *a, **kw)
@@ -1224,9 +1226,7 @@ def test_timed_build_can_fuse_the_projection_with_the_residual_and_norm(monkeypa
             return y
         return y * 2.0
 
-    monkeypatch.setattr(FP, '_times_on', lambda device: True)
-    monkeypatch.setattr(FP, '_time_candidate', scripted)
-    monkeypatch.setattr(FP, '_CHOICE_CACHE', {})
+    _script_timings(monkeypatch, script)
     monkeypatch.setattr(FP, 'run_proj_norm', wrong_tile)
     model = tiny_cc(12)
     pruning.apply_masks(model, pruning.random_masks(3, 16, 0.3, generator=_gen(12)))
@@ -1275,10 +1275,6 @@ def test_timed_build_can_run_the_whole_mlp_as_one_kernel(monkeypatch, winner):
     script = {kept: 0.5, wrong: 0.25}
     run_mlp_residual, refused = FP.run_mlp_residual, []
 
-    def scripted(run, cand):
-        run(cand)
-        return script.get(cand.label, 2.0)
-
     def wrong_tile(fc1, fc2, choice, x, *a):
         out = run_mlp_residual(fc1, fc2, choice, x, *a)
         if choice.label == wrong:
@@ -1286,9 +1282,7 @@ def test_timed_build_can_run_the_whole_mlp_as_one_kernel(monkeypatch, winner):
             x.mul_(1.5)  # every row scaled: a kernel that also wrote where it should not have
         return out
 
-    monkeypatch.setattr(FP, '_times_on', lambda device: True)
-    monkeypatch.setattr(FP, '_time_candidate', scripted)
-    monkeypatch.setattr(FP, '_CHOICE_CACHE', {})
+    _script_timings(monkeypatch, script)
     monkeypatch.setattr(FP, 'run_mlp_residual', wrong_tile)
     model = tiny_cc(13)
     pruning.apply_masks(model, pruning.random_masks(3, 16, 0.3, generator=_gen(13)))
@@ -1342,17 +1336,11 @@ def test_timed_build_can_run_the_first_norm_and_qkv_as_one_kernel(monkeypatch, w
     script = {kept: 0.5, wrong: 0.25}
     run_norm_qkv = FP.run_norm_qkv
 
-    def scripted(run, cand):
-        run(cand)
-        return script.get(cand.label, 2.0)
-
     def wrong_tile(qkv, choice, *a):
         out = run_norm_qkv(qkv, choice, *a)
         return out * 1.01 if choice.label == wrong else out
 
-    monkeypatch.setattr(FP, '_times_on', lambda device: True)
-    monkeypatch.setattr(FP, '_time_candidate', scripted)
-    monkeypatch.setattr(FP, '_CHOICE_CACHE', {})
+    _script_timings(monkeypatch, script)
     monkeypatch.setattr(FP, 'run_norm_qkv', wrong_tile)
     model = tiny_cc(14)
     pruning.apply_masks(model, pruning.random_masks(3, 16, 0.3, generator=_gen(14)))
