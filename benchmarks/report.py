@@ -706,9 +706,8 @@ def product_times(d: Dict) -> Optional[Dict[str, Tuple[float, float]]]:
     projection ran fused with its residual update and norm, or qkv with the first norm, its share is its time less
     what fusing saved, and 0 where fusing saved more than that (:func:`floored_projections`): a kernel takes no
     negative time, and the rest of the saving belongs to the norm and residual kernels, which the table does not
-    show.  Where the whole
-    MLP ran as one kernel (:func:`whole_mlp_counts`), its time is the first MLP product's share and the second's
-    is 0."""
+    show.  Where the whole MLP ran as one kernel (:func:`whole_mlp_counts`), its time is the first MLP product's
+    share and the second's is 0."""
     out = {}
     whole = whole_mlp_counts(d)
     for kind, _ in PRODUCTS:

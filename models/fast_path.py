@@ -151,8 +151,7 @@ from .clip_concat import _check_patch_count, _timm_head, _version_of
 
 __all__ = ['build_fast_path', 'FastViT', 'CaptureError', 'AttentionChoice', 'ProductChoice', 'choose_attention',
            'choose_product', 'choose_fc2', 'choose_proj_norm', 'choose_mlp_residual', 'choose_norm_qkv',
-           'check_supported',
-           'cpu_compiler_problem', 'BACKENDS', 'ATTENTION_MODES', 'MLP_MODES', 'DTYPES']
+           'check_supported', 'cpu_compiler_problem', 'BACKENDS', 'ATTENTION_MODES', 'MLP_MODES', 'DTYPES']
 
 BACKENDS = ('triton', 'torch', 'compile')
 ATTENTION_MODES = ('auto', 'sdpa', 'triton')
@@ -421,6 +420,8 @@ class ProductChoice:
         return f'torch+{self.pad}rows' if self.pad else 'torch'
 
 
+# The block's four products, each chosen per kept count (cuBLAS on its rows or padded, or a fused Triton kernel)
+PRODUCT_KINDS = ('qkv', 'proj', 'mlp', 'fc2')
 # The choices that fuse a product with its neighbours, each timed against them as chosen, for rows of at most 256
 # channels: the projection with its residual update and the second norm, the whole MLP with its residual update,
 # the first norm with qkv
@@ -545,6 +546,12 @@ def attention_candidates(n: int, head_dim: int, with_triton: bool) -> List[Atten
 _CHOICE_CACHE: Dict[tuple, tuple] = {}
 
 
+def _tolerance(dtype: torch.dtype, ref: torch.Tensor) -> float:
+    """How far a candidate's output may be from the fp32 reference ``ref`` when its operands are in ``dtype``: 8
+    units of that dtype's last place, at least 5e-3, relative to ref's largest magnitude (at least 1)."""
+    return max(8 * torch.finfo(dtype).eps, 5e-3) * max(1.0, ref.abs().max().item())
+
+
 @torch.no_grad()
 def _fastest(candidates, run, reference: torch.Tensor, tol: float, check=None):
     """(the fastest candidate whose output is within ``tol`` of ``reference``, or None; its ms; {label: ms};
@@ -594,7 +601,7 @@ def choose_attention(n: int, batch: int, num_heads: int, head_dim: int, scale: f
     g = torch.Generator(device=device).manual_seed(n)
     qkv = torch.randn(batch, n, 3 * num_heads * head_dim, device=device, generator=g).to(dtype)
     ref = K.attention_reference(qkv, num_heads, scale).float()
-    tol = max(8 * torch.finfo(dtype).eps, 5e-3) * max(1.0, ref.abs().max().item())
+    tol = _tolerance(dtype, ref)
     best, ms, timings, refused = _fastest(attention_candidates(n, head_dim, with_triton),
                                           lambda c: run_attention(c, qkv, num_heads, scale), ref, tol)
     best = AttentionChoice('sdpa') if best is None else AttentionChoice(best.kind, best.backend, best.tiles, ms)
@@ -621,7 +628,7 @@ def choose_product(rows: int, in_features: int, out_features: int, dtype: torch.
     wt = w.t().contiguous()
     ref = (K.linear_gelu_reference(y[:rows], wt, b) if gelu else F.linear(y[:rows].float(), w.float(), b.float()))
     ref = ref.float()
-    tol = max(8 * torch.finfo(dtype).eps, 5e-3) * max(1.0, ref.abs().max().item())
+    tol = _tolerance(dtype, ref)
     candidates = [ProductChoice('torch', pad=p) for p in pads]
     if gelu and K.HAS_TRITON and dtype in (torch.float16, torch.bfloat16):
         candidates += [ProductChoice('triton', tiles=t) for t in K.LINEAR_TILES]
@@ -679,7 +686,7 @@ def choose_fc2(batch: int, num_tokens: int, n: int, hidden: int, width: int, dty
     wt = w.t().contiguous()
     ref = K.linear_residual_scatter_reference_(x.clone(), ids, u[:batch * n].view(batch, n, hidden), wt, b,
                                                gamma).float()
-    tol = max(8 * torch.finfo(dtype).eps, 5e-3) * max(1.0, ref.abs().max().item())
+    tol = _tolerance(dtype, ref)
     candidates = [ProductChoice('torch')] + ([ProductChoice('torch', pad=operand_pad)] if operand_pad else [])
     if dtype in (torch.float16, torch.bfloat16):  # and for rows of at most 256 channels, tiles that span one
         tiles = K.LINEAR_TILES + tuple(t for t in K.row_tiles(width) if t not in K.LINEAR_TILES)
@@ -735,7 +742,7 @@ def choose_proj_norm(batch: int, num_tokens: int, n: int, in_width: int, width: 
     ref_x = x.clone()
     ref = both(K.linear_residual_layer_norm_reference_(ref_x, ids, o[:batch * n].view(batch, n, in_width), wt, b,
                                                        gamma, ln_w, ln_b, 1e-6), ref_x)
-    tol = max(8 * torch.finfo(dtype).eps, 5e-3) * max(1.0, ref.abs().max().item())
+    tol = _tolerance(dtype, ref)
     candidates = [ProductChoice('torch')]  # unfused: the projection's own pad is proj's
     if K.HAS_TRITON and dtype in (torch.float16, torch.bfloat16):
         candidates += [ProductChoice('triton', tiles=t) for t in K.row_tiles(width)]
@@ -787,7 +794,7 @@ def choose_norm_qkv(batch: int, num_tokens: int, n: int, width: int, out_feature
     w_t = w.t().contiguous()
     operand = torch.empty(batch * n + qkv.pad, width, dtype=dtype, device=device)
     ref = K.gather_layer_norm_linear_reference(x, ids, ln_w, ln_b, 1e-6, w_t, b).float().view(batch, n, -1)
-    tol = max(8 * torch.finfo(dtype).eps, 5e-3) * max(1.0, ref.abs().max().item())
+    tol = _tolerance(dtype, ref)
     candidates = [ProductChoice('torch')]  # unfused: the product's own pad is qkv's
     if K.HAS_TRITON and dtype in (torch.float16, torch.bfloat16):
         candidates += [ProductChoice('triton', tiles=t) for t in K.norm_linear_tiles(width)]
@@ -836,7 +843,7 @@ def choose_mlp_residual(batch: int, num_tokens: int, n: int, width: int, hidden:
     w1_t, w2_t = w1.t().contiguous(), w2.t().contiguous()
     ref = K.mlp_residual_scatter_reference_(x.clone(), ids, y[:batch * n].view(batch, n, width), w1_t, b1, w2_t,
                                             b2, gamma).index_select(1, ids).float()
-    tol = max(8 * torch.finfo(dtype).eps, 5e-3) * max(1.0, ref.abs().max().item())
+    tol = _tolerance(dtype, ref)
     candidates = [ProductChoice('torch')]  # unfused: each product as chosen, fc1 on its padding
     if K.HAS_TRITON and dtype in (torch.float16, torch.bfloat16):
         candidates += [ProductChoice('triton', tiles=t) for t in K.mlp_tiles(width)]
@@ -1013,8 +1020,7 @@ class FastViT(nn.Module):
         self._image_address = None
         # why a timed candidate was refused, per kind of choice and kept count: {kind: {n: {label: reason}}}
         self.refused: Dict[str, Dict[int, Dict[str, str]]] = {
-            kind: {} for kind in ('attention', 'qkv', 'proj', 'proj_norm', 'mlp', 'fc2', 'mlp_residual',
-                                  'norm_qkv', 'patch_embedding')}
+            kind: {} for kind in ('attention',) + PRODUCT_KINDS + FUSED_KINDS + ('patch_embedding',)}
         self.attention_choices: Dict[int, AttentionChoice] = {}
         self.attention_timings: Dict[int, Dict[str, float]] = {}
         self.qkv_choices: Dict[int, ProductChoice] = {}
@@ -1122,7 +1128,6 @@ class FastViT(nn.Module):
         chosen, the one-kernel norm and qkv against the two."""
         timed = self._times_products(mode)
         batch = self.tune_batch
-        kinds = ('qkv', 'proj', 'mlp', 'fc2')
         for blk in self.blocks:
             if blk.n == 0:
                 continue  # a block that keeps nothing does not run
@@ -1158,11 +1163,11 @@ class FastViT(nn.Module):
                 choices += ((choose_norm_qkv(batch, self.num_tokens, blk.n, width, blk.qkv_w.shape[0], self.dtype,
                                              self.residual_dtype, self.device, choices[0][0])
                              if timed and K.norm_linear_tiles(width) else torch_product),)
-                for kind, (choice, timings, refused) in zip(kinds + FUSED_KINDS, choices):
+                for kind, (choice, timings, refused) in zip(PRODUCT_KINDS + FUSED_KINDS, choices):
                     getattr(self, f'{kind}_choices')[blk.n] = choice
                     getattr(self, f'{kind}_timings')[blk.n] = timings
                     self.refused[kind][blk.n] = refused
-            for kind in kinds + FUSED_KINDS:
+            for kind in PRODUCT_KINDS + FUSED_KINDS:
                 setattr(blk, kind, getattr(self, f'{kind}_choices')[blk.n])
             one_kernel = blk.mlp_residual.kind == 'triton'
             if blk.mlp.kind == 'triton' or one_kernel:
@@ -1210,7 +1215,7 @@ class FastViT(nn.Module):
             ref[:, :self.num_prefix] = self.prefix_const.float()
             if self.norm_pre is not None:  # the candidates' _embed applies it too
                 ref = _layer_norm_f32(ref, *self.norm_pre)
-            tol = max(8 * torch.finfo(self.dtype).eps, 5e-3) * max(1.0, ref.abs().max().item())
+            tol = _tolerance(self.dtype, ref)
 
             def run(c: ProductChoice) -> torch.Tensor:
                 self._set_embed(c)
