@@ -1156,8 +1156,8 @@ def run_eval(args, device: torch.device, resumed: dict) -> Dict[str, float]:
         model = fast_model(args, model, device, loader.batch_size, torch.float16 if args.amp else None)
         built = model.describe()
         rank0_print(f'Fast path ({args.fast_path}): ' + json.dumps({k: built[k] for k in (
-            'dtype', 'cuda_graph_batch', 'attention', 'qkv', 'norm_qkv', 'proj', 'proj_norm', 'mlp', 'fc2',
-            'mlp_residual')}))
+            'dtype', 'cuda_graph_batch', 'dependent_launch', 'attention', 'qkv', 'norm_qkv', 'proj', 'proj_norm',
+            'mlp', 'fc2', 'mlp_residual')}))
     stats = evaluate(loader, model, device, amp=args.amp, print_freq=args.print_freq, printer=rank0_print)
     rank0_print(f'Accuracy of the network on the {len(dataset_val)} test images: {stats["acc1"]:.1f}%')
     return stats

@@ -294,15 +294,16 @@ def _compiled(use_dense: bool) -> Builder:
 def _fast_path(backend: str, cuda_graph: Optional[bool], residual_dtype: Optional[torch.dtype]) -> Builder:
     """build_fast_path of the given model (dense: every mask True) for the context's batch size; ``cuda_graph``
     None: on CUDA only.  With ``ctx.fast_autotune`` the attention and the matrix products' candidates are timed
-    per kept count at build (the path as a user builds it); without, SDPA's own dispatch and cuBLAS, nothing
-    timed."""
+    per kept count at build, and a CUDA graph with and without programmatic dependent launch (the path as a user
+    builds it); without, SDPA's own dispatch and cuBLAS, a graph without it, nothing timed."""
     def build(cc: nn.Module, dense: nn.Module, ctx: Context) -> Callable:
         from models.fast_path import build_fast_path
         graph = ctx.device.type == 'cuda' if cuda_graph is None else cuda_graph
         tune = ctx.fast_autotune
         return build_fast_path(cc, backend=backend, dtype=ctx.dtype or torch.float32, cuda_graph=graph,
                                batch_size=ctx.batch, residual_dtype=residual_dtype,
-                               attention='auto' if tune else 'sdpa', mlp='auto' if tune else 'torch')
+                               attention='auto' if tune else 'sdpa', mlp='auto' if tune else 'torch',
+                               dependent_launch='auto' if tune else 'off')
     return build
 
 

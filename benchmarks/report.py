@@ -642,8 +642,8 @@ def _fast_path_table(results: Dict) -> List[str]:
                                       for k in ('norm_qkv', 'proj_norm', 'mlp_residual'))
         rows.append([label, str(batch), fmt(seconds, '.1f'),
                      f'yes, input {d.get("cuda_graph_input")}' if d.get('cuda_graph_batch') else 'no',
-                     attention or '–', products[0], norm_qkv, products[1], fused, *products[2:], whole_mlp,
-                     d.get('patch_embedding', '–')])
+                     _dependent_launch_cell(d), attention or '–', products[0], norm_qkv, products[1], fused,
+                     *products[2:], whole_mlp, d.get('patch_embedding', '–')])
     if not rows:
         return []
     return (['', 'Fast path builds (models/fast_path.py): kernels chosen per kept count at build time (a product: '
@@ -652,11 +652,27 @@ def _fast_path_table(results: Dict) -> List[str]:
                  'as one kernel; "proj + residual + LN2": "torch" runs the projection as chosen, then the '
                  'residual-norm kernel, a Triton tile runs the three as one kernel; "whole MLP + residual": "torch" '
                  'runs fc1 and fc2 as chosen, a Triton tile the whole MLP and its residual update as one kernel; '
+                 '"PDL": whether the CUDA graph launches the Triton kernels with programmatic dependent launch, and '
+                 'the graph\'s ms per forward without / with it where the build timed both; '
                  '"–": results from before it was timed):', '']
-            + table(['row', 'batch', 'build s', 'CUDA graph', 'attention (kept count: kernel)', PRODUCTS[0][1],
+            + table(['row', 'batch', 'build s', 'CUDA graph', 'PDL', 'attention (kept count: kernel)', PRODUCTS[0][1],
                      'LN1 + qkv', PRODUCTS[1][1], 'proj + residual + LN2', *(name for _, name in PRODUCTS[2:]),
                      'whole MLP + residual', 'patch embedding'], rows)
             + _product_times_table(results))
+
+
+def _dependent_launch_cell(d: Dict) -> str:
+    """Whether a build's CUDA graph launches its kernels with programmatic dependent launch: 'on' or 'off', with
+    the graph's ms per forward without / with it where the build timed both, or why it was refused; '–' without
+    a graph or in results from before it was chosen."""
+    used = d.get('dependent_launch')
+    if not d.get('cuda_graph_batch') or used is None:
+        return '–'
+    ms = d.get('dependent_launch_ms') or {}
+    why = (d.get('refused', {}).get('dependent_launch') or {}).get('0', {}).get('on')
+    detail = (f' ({ms["off"]:.3f} / {ms["on"]:.3f} ms)' if {'off', 'on'} <= set(ms)
+              else f' (refused: {why})' if why else '')
+    return ('on' if used else 'off') + detail
 
 
 # the products that may run as one kernel with their neighbours (a norm, a residual update), and that choice

@@ -192,7 +192,7 @@ FAST_PATH_CHOICES = ('attention', 'qkv', 'proj', 'proj_norm', 'mlp', 'fc2', 'mlp
 PER_COUNT = MapOf(STR)  # kept count -> the kernel chosen
 PER_COUNT_MS = MapOf(MapOf(Maybe(NUMBER)))  # kept count -> kernel -> build-time ms (null: failed)
 FAST_PATH = Obj({}, {'kept_counts': ListOf(COUNT), 'cuda_graph_batch': Maybe(BATCH), 'cuda_graph_input': Maybe(STR),
-                     'patch_embedding': STR,
+                     'dependent_launch': Maybe(BOOL), 'dependent_launch_ms': MapOf(NUMBER), 'patch_embedding': STR,
                      **{k: PER_COUNT for k in FAST_PATH_CHOICES},
                      **{f'{k}_ms': PER_COUNT_MS for k in FAST_PATH_CHOICES}})
 ROW = Obj({'key': STR, **ROW_NAMED, 'prune_rate': FINITE,

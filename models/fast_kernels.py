@@ -66,6 +66,11 @@ rows instead of the 256 that 128-row tiles cost.  Keys likewise: with a tail til
 rest ``BLOCK_T`` at a time, so 148 keys cost one 128-key step and one 32-key step (160 keys) where 128-key steps
 alone cost 256 and 64-key steps 192 in three steps.  The tile sizes are chosen by timing in the fast path.
 
+Within :func:`dependent_launches` every kernel is launched with programmatic dependent launch (Hopper on): each
+program first waits until the kernel before it in the stream has finished and its writes are visible, then lets
+the next kernel's programs be scheduled, so the next kernel is resident when this one ends; what each computes is
+unchanged.
+
 Every op has a ``*_reference`` (plain torch: index_select, F.layer_norm, index_copy_, SDPA in fp32) and a
 ``*_triton`` implementation taking the same arguments (the Triton one may add its tile sizes, an ``out``
 buffer, an image address); the undecorated name dispatches to Triton when :func:`triton_runs_on` says it can (a CUDA
@@ -80,6 +85,7 @@ programs writing the same row would race; ``gather_layer_norm`` does not.  Forwa
 no gradients (their outputs have no grad_fn, whatever their inputs), while the references record them as the torch
 ops they are made of do (the fast path runs both under no_grad).
 """
+import contextlib
 import os
 from typing import List, Optional, Tuple
 
@@ -100,6 +106,7 @@ except ImportError:  # a CPU-only torch without Triton: the references serve eve
 
 __all__ = [
     'HAS_TRITON', 'INTERPRETER', 'TritonError', 'triton_runs_on', 'attention_tiles_ok',
+    'HAS_DEPENDENT_LAUNCH', 'dependent_launch_problem', 'dependent_launches',
     'gather_layer_norm', 'gather_layer_norm_reference', 'gather_layer_norm_triton',
     'residual_layer_norm_', 'residual_layer_norm_reference_', 'residual_layer_norm_triton_',
     'residual_scatter_', 'residual_scatter_reference_', 'residual_scatter_triton_',
@@ -151,6 +158,66 @@ ATTENTION_TILES = ((64, 64, 64, 4, 2), (32, 64, 64, 4, 2), (64, 128, 128, 4, 2),
 # warps, without spills.
 LINEAR_TILES = ((128, 128, 64, 8, 3), (128, 128, 64, 4, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4),
                 (128, 64, 64, 4, 4))
+
+
+def _has_dependent_launch() -> bool:
+    """Whether this Triton can launch a kernel with programmatic dependent launch: the device-side wait and trigger
+    (``tl.extra.cuda.gdc_wait``, ``gdc_launch_dependents``) and the ``launch_pdl`` launch option (Triton 3.4+)."""
+    if not HAS_TRITON or INTERPRETER:
+        return False
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+        cuda = tl.extra.cuda
+    except (ImportError, AttributeError):
+        return False
+    return (hasattr(cuda, 'gdc_wait') and hasattr(cuda, 'gdc_launch_dependents')
+            and 'launch_pdl' in getattr(CUDAOptions, '__dataclass_fields__', {}))
+
+
+HAS_DEPENDENT_LAUNCH = _has_dependent_launch()
+_DEPENDENT = [False]  # inside dependent_launches(): every kernel below is launched with PDL
+
+
+def dependent_launch_problem(device: torch.device) -> Optional[str]:
+    """Why the kernels cannot be launched with programmatic dependent launch on ``device`` (PDL: a kernel's
+    programs are scheduled while the kernel before it in the stream finishes, and wait on the GPU for its
+    results, instead of being launched only after it has finished), or None.  PDL needs a Hopper GPU or later
+    (compute capability 9.0) and a Triton that has it; the wait is a Hopper instruction, so a kernel compiled
+    with it would not build for an earlier GPU."""
+    if device.type != 'cuda':
+        return f'it needs a CUDA GPU, not {device.type}'
+    if not HAS_DEPENDENT_LAUNCH:
+        return 'this Triton has no programmatic dependent launch (Triton 3.4 or later has it)'
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 9:
+        return f'it needs compute capability 9.0 or later (Hopper); this GPU has {major}.{minor}'
+    return None
+
+
+@contextlib.contextmanager
+def dependent_launches():
+    """Within it, every Triton kernel of this module is launched with programmatic dependent launch: each program
+    first waits until the kernel before it in the stream has finished and its writes are visible
+    (``griddepcontrol.wait``), so what a kernel computes is unchanged, and then lets the next kernel's programs be
+    scheduled, so in a CUDA graph the next kernel is ready when this one ends (fewer idle cycles between kernels,
+    which at the fast path's short kernels are a fixed cost per kernel).  The kernels are compiled again with the
+    wait (a variant of their own).  Only for a device :func:`dependent_launch_problem` has no objection to (the
+    fast path captures its CUDA graph inside it, where it chose to)."""
+    if not HAS_DEPENDENT_LAUNCH:
+        raise RuntimeError('dependent launches: this Triton has no programmatic dependent launch (or its '
+                           'interpreter runs the kernels)')
+    before = _DEPENDENT[0]
+    _DEPENDENT[0] = True
+    try:
+        yield
+    finally:
+        _DEPENDENT[0] = before
+
+
+def _launch_options() -> dict:
+    """The launch options of a kernel of this module: with :func:`dependent_launches` the wait compiled in (GDC)
+    and the launch attribute (launch_pdl)."""
+    return {'GDC': True, 'launch_pdl': True} if _DEPENDENT[0] else {}
 
 
 def triton_runs_on(t: torch.Tensor) -> bool:
@@ -350,6 +417,15 @@ def patch_embed_reference_(out: torch.Tensor, images: torch.Tensor, weight_t: to
 
 if HAS_TRITON:
     @triton.jit
+    def _await_prior_launch(GDC: tl.constexpr):
+        """With GDC (a launch with programmatic dependent launch, :func:`dependent_launches`): wait until the
+        kernel before this one in the stream has finished and its writes are visible, before this program reads
+        or writes anything, then let the next kernel's programs be scheduled as this kernel's last ones run."""
+        if GDC:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+
+    @triton.jit
     def _layer_norm_rows(h, cols_ok, C, eps, w_ptr, b_ptr, cols, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
         """LN over the last axis of an fp32 (ROWS, BLOCK_C) tile whose columns >= C are masked off."""
         mean = tl.sum(h, axis=1) / C
@@ -366,8 +442,9 @@ if HAS_TRITON:
     def _gather_layer_norm_kernel(x_ptr, ids_ptr, w_ptr, b_ptr, out_ptr, num_rows, n, C,
                                   stride_xb, stride_xn, stride_ob, stride_on, eps,
                                   HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                                  ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+                                  ROWS: tl.constexpr, BLOCK_C: tl.constexpr, GDC: tl.constexpr = False):
         # Output row r = b * n + i reads token ids[i] of image b.
+        _await_prior_launch(GDC)
         r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         rows_ok = r < num_rows
         b = (r // n).to(tl.int64)
@@ -385,8 +462,9 @@ if HAS_TRITON:
     def _residual_kernel(x_ptr, ids_ptr, a_ptr, g_ptr, w_ptr, b_ptr, out_ptr, num_rows, n, C,
                          stride_xb, stride_xn, stride_ab, stride_an, stride_ob, stride_on, eps,
                          HAS_G: tl.constexpr, NORM: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                         ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+                         ROWS: tl.constexpr, BLOCK_C: tl.constexpr, GDC: tl.constexpr = False):
         # x[b, ids[i]] += g * a[b, i]; with NORM also out[b, i] = LN(x[b, ids[i]]).
+        _await_prior_launch(GDC)
         r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         rows_ok = r < num_rows
         b = (r // n).to(tl.int64)
@@ -435,12 +513,13 @@ if HAS_TRITON:
     @triton.jit
     def _attention_kernel(qkv_ptr, out_ptr, n, H, stride_qb, stride_qn, stride_ob, stride_on, qk_scale,
                           HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_T: tl.constexpr):
+                          BLOCK_T: tl.constexpr, GDC: tl.constexpr = False):
         # One program: BLOCK_M query rows of one (image, head). q, k, v of head h sit at channel offsets
         # h*D, C + h*D and 2C + h*D of each token's qkv row (C = H * D).  Keys: BLOCK_N at a time, masked; or,
         # with a smaller tail tile BLOCK_T, the whole BLOCK_N tiles unmasked and the rest BLOCK_T at a time.
         # A one-axis grid, query tiles fastest: the order of a (tiles, B*H) grid, without CUDA's 65535 limit on
         # its second axis (which B*H passes from batch 5462 at 12 heads).
+        _await_prior_launch(GDC)
         num_m = tl.cdiv(n, BLOCK_M)
         pid = tl.program_id(0)
         pid_m = pid % num_m
@@ -493,7 +572,7 @@ if HAS_TRITON:
                        stride_xm, stride_wk, stride_ob, stride_on, stride_yb, stride_yn, eps,
                        HAS_B: tl.constexpr, HAS_G: tl.constexpr, RESIDUAL: tl.constexpr, NORM: tl.constexpr,
                        HAS_W: tl.constexpr, HAS_LNB: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, GDC: tl.constexpr = False):
         # acc = x @ wt + b, accumulated in fp32 over (BLOCK_M, BLOCK_N) tiles.  Epilogue on the fp32 accumulator:
         #   RESIDUAL=False: out[r] = GELU(acc[r]) (exact erf), one rounding to out's dtype; stride_ob is the
         #                   row stride of out (M, N) and stride_on unused;
@@ -502,6 +581,7 @@ if HAS_TRITON:
         #   and NORM=True:  also y[b, i] = LN(out[b, ids[i]]) as written (lnw, lnb its affine), y being (B, n, N)
         #                   (strides stride_yb, stride_yn): one tile spans the row (BLOCK_N >= N, one column of
         #                   programs), and its masked columns hold 0.
+        _await_prior_launch(GDC)
         offs_m, offs_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
         offs_k = tl.arange(0, BLOCK_K)
         m_ok = offs_m < M
@@ -544,12 +624,13 @@ if HAS_TRITON:
     def _mlp_kernel(y_ptr, w1t_ptr, b1_ptr, w2t_ptr, b2_ptr, x_ptr, ids_ptr, g_ptr, M, H, n, stride_ym,
                     stride_xb, stride_xn, C: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr,
                     HAS_G: tl.constexpr, EVEN_H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr,
-                    BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
+                    BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, GDC: tl.constexpr = False):
         # Rows r = b * n + i of y (M, C): x[b, ids[i]] += g * (GELU(y[r] @ W1t + b1) @ W2t + b2), W1t (C, H) and
         # W2t (H, C) contiguous, BLOCK_C >= C (one tile spans the row).  The hidden activation of the program's
         # BLOCK_M rows is made BLOCK_H columns at a time: the first product over C in BLOCK_K steps into fp32,
         # bias and exact GELU on it, one rounding to the weights' dtype, then straight into the second product's
         # fp32 accumulator; the residual update is its epilogue, as in _linear_kernel.
+        _await_prior_launch(GDC)
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         m_ok = offs_m < M
         offs_c = tl.arange(0, BLOCK_C)
@@ -594,11 +675,12 @@ if HAS_TRITON:
     def _norm_linear_kernel(x_ptr, ids_ptr, lnw_ptr, lnb_ptr, wt_ptr, b_ptr, out_ptr, M, N, n, stride_xb,
                             stride_xn, stride_om, eps, C: tl.constexpr, HAS_W: tl.constexpr, HAS_LNB: tl.constexpr,
                             HAS_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_C: tl.constexpr, GROUP_M: tl.constexpr):
+                            BLOCK_C: tl.constexpr, GROUP_M: tl.constexpr, GDC: tl.constexpr = False):
         # out[r] = LN(x[b, ids[i]]) @ wt + b for rows r = b * n + i (out (M, N), row stride stride_om; wt (C, N)
         # contiguous; BLOCK_C >= C: the norm needs the whole row, and the product takes it in one step, its
         # columns >= C zero on both sides).  The norm in fp32, rounded to wt's dtype for the matrix unit, as
         # _gather_layer_norm_kernel stores it; the product accumulated in fp32, bias added, rounded once.
+        _await_prior_launch(GDC)
         offs_m, offs_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
         m_ok = offs_m < M
         n_ok = offs_n < N
@@ -622,13 +704,15 @@ if HAS_TRITON:
     def _patch_embed_kernel(img_ptr, addr_ptr, wt_ptr, c_ptr, out_ptr, M, N, K, num_patches, grid_w, stride_ib,
                             stride_ic, stride_ih, stride_ob, stride_on, prefix, PH: tl.constexpr,
                             PW: tl.constexpr, INDIRECT: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
-                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                            GDC: tl.constexpr = False):
         # Row r = b * num_patches + p of the unfolded patch matrix (p = py * grid_w + px), column k = (ch, ky, kx)
         # in the conv weight's order: pixel (ch, py*PH + ky, px*PW + kx) of image b (unit stride along W).
         # out[b, prefix + p] = row @ wt + const[p], the pixels cast to wt's dtype for the matrix unit, the
         # product and the sum in fp32, one rounding to out's dtype.  INDIRECT: the images start at the address
         # stored at addr_ptr, read when the kernel runs (img_ptr only gives their dtype); the address is a
         # multiple of 16 bytes, said here since a loaded value carries no alignment (the loads stay 16 bytes wide).
+        _await_prior_launch(GDC)
         if INDIRECT:
             img_ptr = tl.multiple_of(tl.load(addr_ptr).to(tl.pointer_type(img_ptr.dtype.element_ty)), 16)
         offs_m, offs_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -707,7 +791,7 @@ def gather_layer_norm_triton(x: torch.Tensor, ids: torch.Tensor, weight: Optiona
     grid = (triton.cdiv(B * n, rows),)
     _gather_layer_norm_kernel[grid](x, ids, w, b, out, B * n, n, C, x.stride(0), x.stride(1),
                                     out.stride(0), out.stride(1), float(eps), HAS_W=has_w, HAS_B=has_b,
-                                    ROWS=rows, BLOCK_C=block_c, num_warps=warps)
+                                    ROWS=rows, BLOCK_C=block_c, num_warps=warps, **_launch_options())
     return out
 
 
@@ -727,7 +811,7 @@ def _residual_triton(x, ids, a, gamma, weight, bias, eps, out_dtype, norm, out=N
     grid = (triton.cdiv(B * n, rows),)
     _residual_kernel[grid](x, ids, a, g, w, b, o, B * n, n, C, x.stride(0), x.stride(1), a.stride(0),
                            a.stride(1), o.stride(0), o.stride(1), float(eps), HAS_G=has_g, NORM=norm,
-                           HAS_W=has_w, HAS_B=has_b, ROWS=rows, BLOCK_C=block_c, num_warps=warps)
+                           HAS_W=has_w, HAS_B=has_b, ROWS=rows, BLOCK_C=block_c, num_warps=warps, **_launch_options())
     return out
 
 
@@ -787,7 +871,8 @@ def attention_triton(qkv: torch.Tensor, num_heads: int, scale: float, block_m: i
     grid = (triton.cdiv(n, block_m) * B * num_heads,)
     _attention_kernel[grid](qkv, out, n, num_heads, qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1),
                             float(scale) * 1.4426950408889634, HEAD_DIM=head_dim, BLOCK_M=block_m,
-                            BLOCK_N=block_n, BLOCK_T=block_t, num_warps=num_warps, num_stages=num_stages)
+                            BLOCK_N=block_n, BLOCK_T=block_t, num_warps=num_warps, num_stages=num_stages,
+                            **_launch_options())
     return out
 
 
@@ -816,7 +901,7 @@ def _launch_linear(x2, weight_t, bias, out, ids, gamma, n, stride_ob, stride_on,
                          stride_ob, stride_on, stride_yb, stride_yn, float(eps), HAS_B=has_b, HAS_G=has_g,
                          RESIDUAL=residual, NORM=norm is not None, HAS_W=has_w, HAS_LNB=has_lnb,
                          EVEN_K=K % block_k == 0, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
-                         num_warps=num_warps, num_stages=num_stages)
+                         num_warps=num_warps, num_stages=num_stages, **_launch_options())
 
 
 def linear_gelu_triton(x: torch.Tensor, weight_t: torch.Tensor, bias: Optional[torch.Tensor],
@@ -956,7 +1041,7 @@ def mlp_residual_scatter_triton_(x: torch.Tensor, ids: torch.Tensor, y: torch.Te
                                             x.stride(0), x.stride(1), C=C, HAS_B1=has_b1, HAS_B2=has_b2,
                                             HAS_G=has_g, EVEN_H=H % block_h == 0, BLOCK_M=block_m,
                                             BLOCK_H=block_h, BLOCK_K=block_k, BLOCK_C=block_c,
-                                            num_warps=num_warps, num_stages=num_stages)
+                                            num_warps=num_warps, num_stages=num_stages, **_launch_options())
     return x
 
 
@@ -1004,7 +1089,7 @@ def gather_layer_norm_linear_triton(x: torch.Tensor, ids: torch.Tensor, ln_weigh
     _norm_linear_kernel[grid](x, ids, lnw, lnb, weight_t, b, out, M, N, ids.numel(), x.stride(0), x.stride(1),
                               out.stride(0), float(eps), C=C, HAS_W=has_w, HAS_LNB=has_lnb, HAS_B=has_b,
                               BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_C=block_k, GROUP_M=8,
-                              num_warps=num_warps, num_stages=num_stages)
+                              num_warps=num_warps, num_stages=num_stages, **_launch_options())
     return out
 
 
@@ -1043,7 +1128,7 @@ def patch_embed_triton_(out: torch.Tensor, images: torch.Tensor, weight_t: torch
                               images.stride(2), out.stride(0), out.stride(1), prefix, PH=patch[0], PW=patch[1],
                               INDIRECT=indirect, EVEN_K=K % block_k == 0, BLOCK_M=block_m,
                               BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, num_warps=num_warps,
-                              num_stages=num_stages)
+                              num_stages=num_stages, **_launch_options())
     return out
 
 

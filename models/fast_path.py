@@ -81,8 +81,12 @@ at batch 256, images/s, benchmarks/results/cuda.json); another batch size (the l
 runs uncaptured.  A graph replays on fixed addresses, so its input is normally copied into a static buffer first (for
 DeiT at batch 256, 154 MB read and written: a fixed cost that pruning does not shrink); with the Triton patch
 embedding the graph instead reads the caller's images where they are, the kernel loading their address from a
-one-element tensor that is set before each replay.  The final norm is computed only on the tokens the head reads
-(the prefix tokens for ``global_pool='token'`` by timm's own pool, as the model's pool is at each call).
+one-element tensor that is set before each replay.  On a GPU that has programmatic dependent launch (compute
+capability 9.0 on, :func:`models.fast_kernels.dependent_launch_problem`) the Triton backend captures the forward a
+second time with its kernels launched that way (each waits on the GPU for the one before it, so the logits are the
+same bit for bit, which is checked), times both graphs and keeps the faster (``dependent_launch``).  The final
+norm is computed only on the tokens the head reads (the prefix tokens for ``global_pool='token'`` by timm's own
+pool, as the model's pool is at each call).
 
 Backends: ``'triton'`` as above (CUDA, or CPU under ``TRITON_INTERPRET=1`` for tests); ``'torch'`` the same
 original-order formulation in plain torch ops (index_select, F.layer_norm, index_copy_, SDPA), runnable
@@ -151,11 +155,13 @@ from .clip_concat import _check_patch_count, _timm_head, _version_of
 
 __all__ = ['build_fast_path', 'FastViT', 'CaptureError', 'AttentionChoice', 'ProductChoice', 'choose_attention',
            'choose_product', 'choose_fc2', 'choose_proj_norm', 'choose_mlp_residual', 'choose_norm_qkv',
-           'check_supported', 'cpu_compiler_problem', 'BACKENDS', 'ATTENTION_MODES', 'MLP_MODES', 'DTYPES']
+           'check_supported', 'cpu_compiler_problem', 'BACKENDS', 'ATTENTION_MODES', 'MLP_MODES',
+           'DEPENDENT_LAUNCH_MODES', 'DTYPES']
 
 BACKENDS = ('triton', 'torch', 'compile')
 ATTENTION_MODES = ('auto', 'sdpa', 'triton')
 MLP_MODES = ('auto', 'torch', 'triton')
+DEPENDENT_LAUNCH_MODES = ('auto', 'on', 'off')
 # what ``dtype`` (the products') and ``residual_dtype`` (the token buffer's) may be: an integer buffer would
 # truncate every residual sum without a word
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -514,6 +520,24 @@ def _cuda_graph_ms(fn, reps: int = 20, groups: int = 5) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end) / reps)
     return statistics.median(times)
+
+
+def _replay_ms(graphs: Sequence[torch.cuda.CUDAGraph], reps: int = 10, groups: int = 7) -> List[float]:
+    """Median milliseconds per replay of each captured graph: ``groups`` rounds in which each graph in turn is
+    replayed ``reps`` times between two CUDA events (interleaved, so a clock that drifts during the rounds weighs
+    on all alike), after one untimed round."""
+    times: List[List[float]] = [[] for _ in graphs]
+    for r in range(groups + 1):
+        for i, graph in enumerate(graphs):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(reps):
+                graph.replay()
+            end.record()
+            end.synchronize()
+            if r:
+                times[i].append(start.elapsed_time(end) / reps)
+    return [statistics.median(t) for t in times]
 
 
 def _times_on(device: torch.device) -> bool:
@@ -919,7 +943,8 @@ class FastViT(nn.Module):
 
     def __init__(self, model: VisionTransformer, backend: str = 'triton', dtype: Optional[torch.dtype] = None,
                  residual_dtype: Optional[torch.dtype] = None, kept_ids: Optional[Sequence[torch.Tensor]] = None,
-                 attention: str = 'auto', mlp: str = 'auto', tune_batch: Optional[int] = None):
+                 attention: str = 'auto', mlp: str = 'auto', tune_batch: Optional[int] = None,
+                 dependent_launch: str = 'auto'):
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f'backend must be one of {BACKENDS}, got {backend!r}')
@@ -927,6 +952,10 @@ class FastViT(nn.Module):
             raise ValueError(f'attention must be one of {ATTENTION_MODES}, got {attention!r}')
         if mlp not in MLP_MODES:
             raise ValueError(f'mlp must be one of {MLP_MODES}, got {mlp!r}')
+        if dependent_launch not in DEPENDENT_LAUNCH_MODES:
+            raise ValueError(f'dependent_launch must be one of {DEPENDENT_LAUNCH_MODES}, got {dependent_launch!r}')
+        if dependent_launch == 'on' and backend != 'triton':
+            raise ValueError("dependent_launch='on' needs backend='triton' (it launches the Triton kernels)")
         for name, value in (('dtype', dtype), ('residual_dtype', residual_dtype)):
             if value is not None and not any(value is d for d in DTYPES):
                 raise ValueError(f'{name} must be torch.float16, torch.bfloat16, torch.float32 or torch.float64 (or '
@@ -945,6 +974,9 @@ class FastViT(nn.Module):
         if backend == 'triton' and not (device.type == 'cuda' or (K.INTERPRETER and device.type == 'cpu')):
             raise ValueError("fast path: backend 'triton' needs a CUDA model, or TRITON_INTERPRET=1 set before "
                              "Triton is imported (torch and models import it)")
+        problem = K.dependent_launch_problem(device) if dependent_launch == 'on' else None
+        if problem is not None:
+            raise ValueError(f"dependent_launch='on': {problem}")
         if 'triton' in (attention, mlp) and dtype is torch.bfloat16 and device.type == 'cpu':
             raise ValueError("attention='triton' and mlp='triton' in bfloat16 need a CUDA model: Triton's "
                              "interpreter computes bfloat16 matrix products wrongly")
@@ -953,6 +985,7 @@ class FastViT(nn.Module):
         self.device = device
         self.dtype = dtype or torch.float32
         self.residual_dtype = residual_dtype or torch.float32
+        self._dependent_launch_mode = dependent_launch
         object.__setattr__(self, '_model', model)  # shared, not a submodule: only forward_head is used
         object.__setattr__(self, '_first_parameter', first)  # the model's, not one of this module's
         # what a CUDA graph captures (held here, so its weights stay where the graph reads them)
@@ -1014,13 +1047,18 @@ class FastViT(nn.Module):
         object.__setattr__(self, '_built_head_state', _head_state(model))
 
         self._graph = self._static_in = self._static_out = None
+        # whether the captured graph launches its Triton kernels with programmatic dependent launch (None: no
+        # graph), and the graph's milliseconds per replay without and with it where the capture timed both
+        self.dependent_launch: Optional[bool] = None
+        self.dependent_launch_ms: Dict[str, float] = {}
         self._head_hooks, self._head_hooks_checked_at = [], None  # (see _capture)
         # With a CUDA graph and the Triton patch embedding: the graph reads its images at the address held here,
         # set before each replay, instead of from a copy in _static_in (the tensor it was captured reading).
         self._image_address = None
         # why a timed candidate was refused, per kind of choice and kept count: {kind: {n: {label: reason}}}
         self.refused: Dict[str, Dict[int, Dict[str, str]]] = {
-            kind: {} for kind in ('attention',) + PRODUCT_KINDS + FUSED_KINDS + ('patch_embedding',)}
+            kind: {} for kind in ('attention',) + PRODUCT_KINDS + FUSED_KINDS + ('patch_embedding',
+                                                                                  'dependent_launch')}
         self.attention_choices: Dict[int, AttentionChoice] = {}
         self.attention_timings: Dict[int, Dict[str, float]] = {}
         self.qkv_choices: Dict[int, ProductChoice] = {}
@@ -1457,23 +1495,67 @@ class FastViT(nn.Module):
             if self.embed_choice.kind == 'triton':
                 self._image_address = torch.tensor([static_in.data_ptr()], dtype=torch.int64, device=self.device)
         self._note_captured_head()
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):  # warm-up off the capture: Triton/inductor compile, cuBLAS handles
-            for _ in range(3):
-                self._run(static_in)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph):
-                static_out = self._run(static_in)
-            torch.cuda.synchronize(self.device)
-        except torch.OutOfMemoryError:
-            raise  # the batch does not fit: said as such (finetune.out_of_memory), not as a capture failure
-        except Exception as e:
-            raise CaptureError(f'capturing the forward in a CUDA graph failed ({type(e).__name__}: '
-                               f'{str(e).strip()[:300]})') from e
-        self._graph, self._static_out = graph, static_out
+        self._static_out, self.dependent_launch, self.dependent_launch_ms = None, None, {}
+        self.refused['dependent_launch'] = {}
+        mode = self._dependent_launch_mode
+        dependent = mode == 'on'
+        graph, out = self._capture_graph(static_in, dependent)
+        if mode == 'auto' and self._times_dependent_launch():
+            graph, out, dependent = self._choose_dependent_launch(static_in, graph, out)
+        self._graph, self._static_out, self.dependent_launch = graph, out, dependent
+
+    def _capture_graph(self, static_in: torch.Tensor, dependent: bool) -> Tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """The forward on ``static_in`` captured in a CUDA graph (warmed up first, off the capture), its Triton
+        kernels launched with programmatic dependent launch if ``dependent``; (graph, its output buffer)."""
+        with K.dependent_launches() if dependent else contextlib.nullcontext():
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):  # warm-up off the capture: Triton/inductor compile, cuBLAS handles
+                for _ in range(3):
+                    self._run(static_in)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph):
+                    static_out = self._run(static_in)
+                torch.cuda.synchronize(self.device)
+            except torch.OutOfMemoryError:
+                raise  # the batch does not fit: said as such (finetune.out_of_memory), not as a capture failure
+            except Exception as e:
+                how = (' with programmatic dependent launch (build the path with dependent_launch=\'off\' to '
+                       'capture without it)' if dependent else '')
+                raise CaptureError(f'capturing the forward in a CUDA graph{how} failed ({type(e).__name__}: '
+                                   f'{str(e).strip()[:300]})') from e
+        return graph, static_out
+
+    def _times_dependent_launch(self) -> bool:
+        """Whether a capture times its graph with and without programmatic dependent launch (``dependent_launch``
+        'auto'): the Triton backend on a GPU that has it (:func:`models.fast_kernels.dependent_launch_problem`)."""
+        return (self.backend == 'triton' and _times_on(self.device)
+                and K.dependent_launch_problem(self.device) is None)
+
+    def _choose_dependent_launch(self, static_in: torch.Tensor, graph: torch.cuda.CUDAGraph, out: torch.Tensor
+                                 ) -> Tuple[torch.cuda.CUDAGraph, torch.Tensor, bool]:
+        """The forward captured again with programmatic dependent launch, both graphs replayed on the same
+        (random) images and timed (:func:`_replay_ms`; ``dependent_launch_ms`` 'off' and 'on'), and the faster
+        kept: (graph, its output buffer, whether it is the one with it).  The second graph must give the first's
+        logits bit for bit (the same kernels on the same operands, each waiting for the one before it); one that
+        does not is refused (the reason in ``refused['dependent_launch']``) and the first graph kept."""
+        dep_graph, dep_out = self._capture_graph(static_in, dependent=True)
+        graph.replay()
+        dep_graph.replay()
+        torch.cuda.synchronize(self.device)
+        if not torch.equal(out, dep_out):
+            diff = (out - dep_out).abs().max().item()
+            self.refused['dependent_launch'] = {0: {'on': f'its logits differ from the graph launched without it '
+                                                          f'(max |difference| {diff:.3g})'}}
+            dep_graph.reset()
+            return graph, out, False
+        off_ms, on_ms = _replay_ms([graph, dep_graph])
+        self.dependent_launch_ms = {'off': off_ms, 'on': on_ms}
+        faster = on_ms < off_ms
+        (graph if faster else dep_graph).reset()  # the slower one's memory back
+        return (dep_graph, dep_out, True) if faster else (graph, out, False)
 
     def _note_captured_head(self) -> None:
         """Note the head as a graph captures it, as each replay checks it: the head (held, so its weights stay
@@ -1512,6 +1594,8 @@ class FastViT(nn.Module):
             'cuda_graph_batch': None if self._graph is None else int(self._static_in.shape[0]),
             'cuda_graph_input': (None if self._graph is None
                                  else 'read in place' if self._image_address is not None else 'copied'),
+            'dependent_launch': self.dependent_launch,
+            'dependent_launch_ms': dict(self.dependent_launch_ms),
             'kept_counts': [blk.n for blk in self.blocks],
             'attention': {str(n): c.label for n, c in sorted(self.attention_choices.items())},
             'attention_ms': _finite(self.attention_timings),
@@ -1573,7 +1657,7 @@ def cpu_compiler_problem() -> Optional[Exception]:
 def build_fast_path(model: nn.Module, backend: str = 'triton', dtype: Optional[torch.dtype] = None,
                     cuda_graph: bool = False, batch_size: Optional[int] = None,
                     residual_dtype: Optional[torch.dtype] = None, attention: str = 'auto', mlp: str = 'auto',
-                    kept_ids: Optional[Sequence[torch.Tensor]] = None) -> FastViT:
+                    kept_ids: Optional[Sequence[torch.Tensor]] = None, dependent_launch: str = 'auto') -> FastViT:
     """An inference-only module computing ``model(images)`` fast, on the model's device.
 
     ``backend``: 'triton' (fused kernels; CUDA, or CPU under TRITON_INTERPRET=1), 'torch' (plain torch ops,
@@ -1593,12 +1677,16 @@ def build_fast_path(model: nn.Module, backend: str = 'triton', dtype: Optional[t
     (``norm_qkv``); else torch), 'torch', or 'triton' (the fused kernels of the MLP's two products and the
     patch embedding; qkv and the projection by cuBLAS, unfused).  ``cuda_graph``: capture the forward for
     ``batch_size`` images (CUDA only).  ``kept_ids``: per-block original token ids, overriding
-    ``model.kept_token_ids()`` (a model without it is dense).
+    ``model.kept_token_ids()`` (a model without it is dense).  ``dependent_launch``: how the CUDA graph launches
+    the Triton kernels: 'auto' (backend 'triton' on a GPU of compute capability 9.0 or later with a Triton that
+    has it: the graph captured both with and without programmatic dependent launch, the two checked to give the
+    same logits bit for bit and timed, the faster kept; else without), 'on' (with it, untimed; ValueError where
+    it cannot be), 'off' (without).
     """
     if cuda_graph and not batch_size:
         raise ValueError('cuda_graph=True needs batch_size')
     fast = FastViT(model, backend=backend, dtype=dtype, residual_dtype=residual_dtype, kept_ids=kept_ids,
-                   attention=attention, mlp=mlp, tune_batch=batch_size)
+                   attention=attention, mlp=mlp, tune_batch=batch_size, dependent_launch=dependent_launch)
     if cuda_graph:
         fast.capture_cuda_graph(batch_size)
     return fast

@@ -409,6 +409,22 @@ def test_fast_path_builds_table_names_each_products_kernels():
     assert cells['proj + residual + LN2'] == 'torch, triton-64x256x64w8s3' and cells['attention proj'] == 'torch'
 
 
+def test_fast_path_builds_table_says_whether_the_graph_launches_with_dependent_launch():
+    """The PDL column: '–' without a CUDA graph or in results from before it was chosen; on or off, with the
+    graph's ms per forward without / with it where the build timed both, or why it was refused."""
+    def cell(**built):
+        d = {'attention': {}, 'patch_embedding': 'torch', 'cuda_graph_batch': 256, **built}
+        header, rule, row = report._fast_path_table(
+            {'models': {'m': {'batch_size': 256, 'rows': [{'key': 'k', 'label': 'r', 'fast_path': d}]}}})[-3:]
+        return dict(zip(header.strip('|').split(' | '), row.strip('|').split(' | ')))['PDL']
+    assert cell() == '–' and cell(cuda_graph_batch=None, dependent_launch=False) == '–'
+    assert cell(dependent_launch=True, dependent_launch_ms={'off': 2.9, 'on': 2.8125}) == 'on (2.900 / 2.812 ms)'
+    assert cell(dependent_launch=False, dependent_launch_ms={'off': 2.9, 'on': 3.0}) == 'off (2.900 / 3.000 ms)'
+    assert cell(dependent_launch=True, dependent_launch_ms={}) == 'on'  # asked for, untimed
+    refused = {'dependent_launch': {'0': {'on': 'its logits differ'}}}
+    assert cell(dependent_launch=False, dependent_launch_ms={}, refused=refused) == 'off (refused: its logits differ)'
+
+
 def test_product_times_sum_the_chosen_kernels_against_cublas_on_the_real_rows_over_the_blocks():
     """Per product, the build-time ms of the kernel chosen at each block's kept count against cuBLAS's on the real
     rows, summed over the blocks (a kept count that two blocks share counts twice; a block keeping nothing, not

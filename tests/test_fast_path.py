@@ -2133,6 +2133,165 @@ def test_a_captured_graph_refuses_a_hook_on_its_head_registered_after_the_captur
     fast(a)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Programmatic dependent launch: the kernels launched with the wait, and the capture's choice
+
+def _launches_of(monkeypatch, call):
+    """(kernel, its PDL launch options) for every kernel that ``call`` launches, the kernels replaced by recorders
+    (nothing runs: the wrappers' checks and launches only)."""
+    seen = []
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.append((self.name, {k: kwargs[k] for k in ('GDC', 'launch_pdl') if k in kwargs}))
+            return launch
+    with monkeypatch.context() as m:
+        for name in FAST_PATH_KERNELS:
+            m.setattr(K, name, Recorder(name))
+        call()
+    return seen
+
+
+@needs_triton
+@torch.no_grad()
+def test_inside_dependent_launches_every_kernel_waits_for_the_one_before_it(monkeypatch):
+    """Within K.dependent_launches() every kernel is launched with the launch attribute (launch_pdl) and compiled
+    with the wait (GDC); outside it, and after it, none is.  The kernels: a forward of the Triton path with the
+    fused MLP products forced, the one-kernel MLP and the first norm with qkv."""
+    model = tiny_cc(9)
+    pruning.apply_masks(model, pruning.random_masks(3, 16, 0.3, generator=_gen(9)))
+    fast = build_fast_path(model, backend='triton', attention='triton', mlp='triton')
+    x, ids = images(2, seed=3), torch.tensor(DISTINCT_IDS, device=DEVICE)
+    buf, y = _randn(2, 21, 40, seed=1), _randn(2, len(DISTINCT_IDS), 40, seed=2)
+
+    def launch_all():
+        fast(x)
+        K.mlp_residual_scatter_triton_(buf, ids, y, _randn(40, 72, seed=3), None, _randn(72, 40, seed=4), None,
+                                       None, 16, 32, 16, 4, 2)
+        K.gather_layer_norm_linear_triton(buf, ids, None, None, 1e-6, _randn(40, 24, seed=5), None, block_m=16,
+                                          block_n=32, block_k=64, num_warps=4, num_stages=1)
+    monkeypatch.setattr(K, 'HAS_DEPENDENT_LAUNCH', True)
+    before = _launches_of(monkeypatch, launch_all)
+    with K.dependent_launches():
+        inside = _launches_of(monkeypatch, launch_all)
+    after = _launches_of(monkeypatch, launch_all)
+    assert {name for name, _ in inside} == set(FAST_PATH_KERNELS)
+    assert all(options == {'GDC': True, 'launch_pdl': True} for _, options in inside), inside
+    assert before == after == [(name, {}) for name, _ in inside]
+
+
+def test_dependent_launches_are_refused_where_triton_cannot_make_them(monkeypatch):
+    """Where this Triton has no programmatic dependent launch (or its interpreter runs the kernels), the context
+    refuses at once; dependent_launch_problem says why per device: not a GPU, no Triton support, a GPU before
+    Hopper."""
+    monkeypatch.setattr(K, 'HAS_DEPENDENT_LAUNCH', False)
+    with pytest.raises(RuntimeError, match=r'^dependent launches: this Triton has no programmatic dependent '
+                                           r'launch \(or its interpreter runs the kernels\)$'):
+        with K.dependent_launches():
+            pass
+    assert K._launch_options() == {}
+    cuda = torch.device('cuda')
+    assert K.dependent_launch_problem(torch.device('cpu')) == 'it needs a CUDA GPU, not cpu'
+    assert K.dependent_launch_problem(cuda) == ('this Triton has no programmatic dependent launch (Triton 3.4 or '
+                                                'later has it)')
+    monkeypatch.setattr(K, 'HAS_DEPENDENT_LAUNCH', True)
+    for capability, problem in (((8, 6), 'it needs compute capability 9.0 or later (Hopper); this GPU has 8.6'),
+                                ((9, 0), None), ((10, 0), None)):
+        monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda device=None, c=capability: c)
+        assert K.dependent_launch_problem(cuda) == problem
+
+
+def test_dependent_launch_argument_is_checked_at_build():
+    model = tiny_cc(9)
+    with pytest.raises(ValueError, match=r"^dependent_launch must be one of \('auto', 'on', 'off'\), got 'yes'$"):
+        build_fast_path(model, backend='torch', dependent_launch='yes')
+    with pytest.raises(ValueError, match=r"^dependent_launch='on' needs backend='triton' \(it launches the Triton "
+                                         r"kernels\)$"):
+        build_fast_path(model, backend='torch', dependent_launch='on')
+    if not CUDA and K.INTERPRETER:
+        with pytest.raises(ValueError, match=r"^dependent_launch='on': it needs a CUDA GPU, not cpu$"):
+            build_fast_path(model, backend='triton', dependent_launch='on')
+
+
+class _StandInGraph:
+    """A captured graph, on any device: its replay runs the uncaptured forward on the path's static input (or
+    writes ``off_by`` more), and it remembers whether it was reset."""
+
+    def __init__(self, fast, dependent, off_by=0.0):
+        self.fast, self.dependent, self.off_by, self.was_reset = fast, dependent, off_by, False
+        self.out = torch.zeros(fast._static_in.shape[0], 10, device=DEVICE)
+
+    def replay(self):
+        self.out.copy_(self.fast._forward_impl(self.fast._static_in) + self.off_by)
+
+    def reset(self):
+        self.was_reset = True
+
+
+def _stand_in_capture(monkeypatch, fast, mode, replay_ms=(1.0, 1.0), off_by=0.0):
+    """fast._capture(2) with stand-in graphs (the second, with dependent launch, off by ``off_by``), the graphs'
+    times scripted (without, with); the graphs made, in order."""
+    import models.fast_path as FP
+    made = []
+
+    def capture(static_in, dependent):
+        made.append(_StandInGraph(fast, dependent, off_by if len(made) else 0.0))
+        return made[-1], made[-1].out
+    monkeypatch.setattr(fast, '_capture_graph', capture)
+    monkeypatch.setattr(fast, '_times_dependent_launch', lambda: True)
+    monkeypatch.setattr(FP, '_replay_ms', lambda graphs: list(replay_ms))
+    monkeypatch.setattr(torch.cuda, 'synchronize', lambda device=None: None)
+    fast._dependent_launch_mode = mode
+    fast._capture(2)
+    return made
+
+
+@torch.no_grad()
+@pytest.mark.parametrize('on_ms', [0.8, 1.2])
+def test_a_capture_keeps_the_faster_graph_with_or_without_dependent_launch(monkeypatch, on_ms):
+    """dependent_launch='auto': the forward is captured without, then with programmatic dependent launch, both
+    graphs replayed and checked equal, and timed; the faster is kept and the other reset (its memory back), and
+    describe() says which, with both times.  The kept graph's replays give the model's logits."""
+    model = tiny_cc(9)
+    fast = build_fast_path(model, backend='torch')
+    made = _stand_in_capture(monkeypatch, fast, 'auto', replay_ms=(1.0, on_ms))
+    faster = on_ms < 1.0
+    assert [g.dependent for g in made] == [False, True]
+    assert fast._graph is made[faster] and made[not faster].was_reset and not made[faster].was_reset
+    d = fast.describe()
+    assert d['dependent_launch'] is faster and d['dependent_launch_ms'] == {'off': 1.0, 'on': on_ms}
+    assert 'dependent_launch' not in d['refused']
+    x = images(2, seed=4)
+    assert _close(fast(x), model(x))
+
+
+@torch.no_grad()
+def test_a_graph_with_dependent_launch_that_computes_otherwise_is_refused(monkeypatch):
+    """The graph with dependent launch must give the other's logits bit for bit: one that does not (here off by
+    1e-6) is refused with the difference, reset, and the graph without it kept, untimed."""
+    fast = build_fast_path(tiny_cc(9), backend='torch')
+    made = _stand_in_capture(monkeypatch, fast, 'auto', off_by=1e-6)
+    assert fast._graph is made[0] and made[1].was_reset and not made[0].was_reset
+    d = fast.describe()
+    assert d['dependent_launch'] is False and d['dependent_launch_ms'] == {}
+    assert re.fullmatch(r'its logits differ from the graph launched without it \(max \|difference\| [0-9.e-]+\)',
+                        d['refused']['dependent_launch']['0']['on'])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize('mode', ['on', 'off'])
+def test_dependent_launch_on_or_off_captures_one_graph_untimed(monkeypatch, mode):
+    fast = build_fast_path(tiny_cc(9), backend='torch')
+    made = _stand_in_capture(monkeypatch, fast, mode)
+    assert [g.dependent for g in made] == [mode == 'on'] and fast._graph is made[0]
+    d = fast.describe()
+    assert d['dependent_launch'] is (mode == 'on') and d['dependent_launch_ms'] == {}
+
+
 @cuda_only
 @torch.no_grad()
 def test_a_captured_graph_refuses_a_replaced_head_on_cuda():
@@ -2271,8 +2430,15 @@ ARCH = int(sys.argv[2]) if len(sys.argv) > 2 else 90  # the compute capability c
 target = GPUTarget('cuda', ARCH, 32)
 backend = triton.compiler.make_backend(target)
 
+PDL = {}  # on Hopper, each kernel's first compile again with the programmatic dependent launch's wait (GDC)
+
 def compile_(kernel, types, constexprs, num_warps, num_stages=3, aligned=()):
     # aligned: the arguments a launch would find multiples of 16 (Triton specialises on that, bytes for pointers)
+    name = kernel.fn.__name__
+    if ARCH >= 90 and name not in PDL:
+        PDL[name] = None
+        PDL[name] = compile_(kernel, types, dict(constexprs, GDC=True), num_warps, num_stages, aligned)
+    constexprs = dict({'GDC': False}, **constexprs)
     signature = dict(types, **{k: 'constexpr' for k in constexprs})
     names = list(inspect.signature(kernel.fn).parameters)
     attrs = {(names.index(a),): [['tt.divisibility', 16]] for a in aligned}
@@ -2281,6 +2447,7 @@ def compile_(kernel, types, constexprs, num_warps, num_stages=3, aligned=()):
                               target=target, options=options)
     ptx = compiled.asm['ptx']
     return {'shared': compiled.metadata.shared, 'wgmma': 'wgmma.mma_async' in ptx, 'mma': 'mma.sync' in ptx,
+            'gdc': [ptx.count('griddepcontrol.wait'), ptx.count('griddepcontrol.launch_dependents')],
             'wide_loads': ptx.count('cp.async.cg.shared.global') + ptx.count('ld.global.v4'),
             'narrow_loads': len(re.findall(r'ld\.global\.b(?:8|16|32)\b', ptx)),
             'narrow_stores': len(re.findall(r'st\.global\.b(?:8|16|32)\b', ptx)), 'spilled': spilled_bytes(ptx)}
@@ -2370,6 +2537,7 @@ for bm, bn, bk, warps, stages in K.LINEAR_TILES:
                                                BLOCK_K=bk, GROUP_M=8), warps, stages,
             aligned=('img_ptr', 'addr_ptr', 'wt_ptr', 'c_ptr', 'out_ptr', 'N', 'K', 'stride_ib', 'stride_ic',
                      'stride_ih', 'stride_ob', 'stride_on'))
+out.update({f'pdl {name}': info for name, info in PDL.items()})
 print(json.dumps(out))
 '''
 
@@ -2387,6 +2555,9 @@ def _compiled_for(arch: int) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+# the Triton kernels of models/fast_kernels.py (its jit functions named *_kernel)
+FAST_PATH_KERNELS = tuple(sorted(n for n, f in vars(K).items() if n.endswith('_kernel') and hasattr(f, 'fn')))
+
 # The shared memory a block may have (opt-in maximum, bytes): Turing (T4, RTX 20), Ampere's A100, and the
 # consumer Ampere and Ada GPUs (RTX 30 and 40, sm_86 and 89: the same limit)
 SHARED_MEMORY_PER_BLOCK = {75: 64 * 1024, 80: 163 * 1024, 89: 99 * 1024}
@@ -2401,8 +2572,10 @@ def test_kernels_compile_for_the_gpus_before_hopper(arch):
     first tile of each kind (the one a forced choice takes; the first candidate a build times) fits in a block's
     shared memory there, in fp16 and, for the attention, fp32.  A larger tile that does not fit fails when
     launched, and the build's timed choice refuses it (test_timed_choice_keeps_the_fastest_candidate_...).  From
-    Ampere on the matrix products run on tensor cores (mma.sync; wgmma is Hopper's)."""
+    Ampere on the matrix products run on tensor cores (mma.sync; wgmma is Hopper's).  None waits for the kernel
+    before it (programmatic dependent launch's wait is Hopper's: the fast path launches with it only there)."""
     kernels = _compiled_for(arch)
+    assert all(info['gdc'] == [0, 0] for info in kernels.values())
     assert len(kernels) == (2 * len(K.ATTENTION_TILES) + 4 * len(K.LINEAR_TILES) + 2 * len(K.row_tiles(192))
                             + len(K.mlp_tiles(192)) + len(K.norm_linear_tiles(192)) + 3)
     limit = SHARED_MEMORY_PER_BLOCK[arch]
@@ -2434,8 +2607,14 @@ def test_kernels_compile_for_hopper():
     (ptxas -v): the 4-warp 128x128 and the 128x256 product tiles spill, as LINEAR_TILES says, and its first (the
     default), 128x128 in 8 warps, does not; nothing else spills more than a few bytes.  The one-kernel MLP's
     tiles at DeiT-Ti width (mlp_tiles' docstring): the first (the default) spills nothing, the others at most 16
-    bytes a thread; the first norm with qkv's tiles spill nothing."""
+    bytes a thread; the first norm with qkv's tiles spill nothing.  Every kernel compiled for a launch with
+    programmatic dependent launch (GDC) waits for the kernel before it and lets the next one be scheduled; the
+    others do neither."""
     kernels = _compiled_for(90)
+    pdl = {name: kernels.pop(name) for name in list(kernels) if name.startswith('pdl ')}
+    assert sorted(pdl) == ['pdl ' + k for k in sorted(FAST_PATH_KERNELS)]
+    assert all(info['gdc'][0] >= 1 and info['gdc'][1] >= 1 for info in pdl.values()), pdl
+    assert all(info['gdc'] == [0, 0] for info in kernels.values())
     assert len(kernels) == (2 * len(K.ATTENTION_TILES) + 4 * len(K.LINEAR_TILES) + 2 * len(K.row_tiles(192))
                             + len(K.mlp_tiles(192)) + len(K.norm_linear_tiles(192)) + 3)
     too_big = sorted(name for name, info in kernels.items() if info['shared'] > 227 * 1024)
@@ -2532,6 +2711,31 @@ def test_cuda_graph_replays_the_uncaptured_forward(backend):
     assert (fast(c) - plain(c)).abs().max().item() <= 1e-3  # another batch size: the uncaptured path
     assert out_a.data_ptr() != fast(a).data_ptr()  # callers get their own tensor, not the graph's buffer
 
+
+@cuda_only
+@torch.no_grad()
+def test_cuda_graph_with_dependent_launch_computes_what_the_graph_without_it_computes():
+    """On a GPU that has programmatic dependent launch (Hopper on): the graph captured with it ('on') gives the
+    logits of the graph without it ('off') bit for bit, and 'auto' times both and keeps the faster (describe()
+    says which, with both times).  On an earlier GPU 'on' is refused with the reason and 'auto' captures without
+    it, untimed."""
+    model = _deit_ti_pair(seed=5)
+    kw = dict(backend='triton', dtype=torch.float16, cuda_graph=True, batch_size=8, attention='triton', mlp='triton')
+    x = torch.randn(8, 3, 224, 224, generator=_gen(5)).to(DEVICE)
+    off = build_fast_path(model, dependent_launch='off', **kw)
+    auto = build_fast_path(model, **kw)
+    assert off.describe()['dependent_launch'] is False and torch.equal(auto(x), off(x))
+    problem = K.dependent_launch_problem(DEVICE)
+    if problem is not None:
+        with pytest.raises(ValueError, match="^dependent_launch='on': " + re.escape(problem) + '$'):
+            build_fast_path(model, dependent_launch='on', **kw)
+        assert auto.describe()['dependent_launch'] is False and auto.describe()['dependent_launch_ms'] == {}
+        return
+    on = build_fast_path(model, dependent_launch='on', **kw)
+    assert on.describe()['dependent_launch'] is True and torch.equal(on(x), off(x))
+    ms = auto.describe()['dependent_launch_ms']
+    print(f'dependent launch, DeiT-Ti-30 batch 8: {ms}')
+    assert set(ms) == {'off', 'on'} and auto.describe()['dependent_launch'] is (ms['on'] < ms['off'])
 
 @cuda_only
 @pytest.mark.parametrize('backend', ['triton', 'torch'])
@@ -2656,7 +2860,8 @@ def test_eval_through_the_fast_path_gives_the_eager_results(capsys, pruned_digit
     # the kernels chosen per kept count, each kind of choice by its name (untimed on CPU: "torch" throughout)
     built = json.loads(next(l for l in fast.splitlines() if l.startswith('Fast path (torch): '))[19:])
     kinds = ('attention', 'qkv', 'norm_qkv', 'proj', 'proj_norm', 'mlp', 'fc2', 'mlp_residual')
-    assert set(built) == {'dtype', 'cuda_graph_batch', *kinds} and built['cuda_graph_batch'] is None
+    assert set(built) == {'dtype', 'cuda_graph_batch', 'dependent_launch', *kinds}
+    assert built['cuda_graph_batch'] is None and built['dependent_launch'] is None  # no graph on CPU
     assert all(set(built[k].values()) == {'sdpa-default' if k == 'attention' else 'torch'} for k in kinds), built
     line = [l for l in eager.splitlines() if l.startswith('* Acc@1')][0]
     acc1, acc5, loss = (float(v) for v in line.split()[2::2])
