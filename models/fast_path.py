@@ -522,7 +522,7 @@ def _cuda_graph_ms(fn, reps: int = 20, groups: int = 5) -> float:
     return statistics.median(times)
 
 
-def _replay_ms(graphs: Sequence[torch.cuda.CUDAGraph], reps: int = 10, groups: int = 7) -> List[float]:
+def _replay_ms(graphs: Sequence[torch.cuda.CUDAGraph], reps: int = 5, groups: int = 7) -> List[float]:
     """Median milliseconds per replay of each captured graph: ``groups`` rounds in which each graph in turn is
     replayed ``reps`` times between two CUDA events (interleaved, so a clock that drifts during the rounds weighs
     on all alike), after one untimed round."""
