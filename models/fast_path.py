@@ -1685,6 +1685,8 @@ def build_fast_path(model: nn.Module, backend: str = 'triton', dtype: Optional[t
     """
     if cuda_graph and not batch_size:
         raise ValueError('cuda_graph=True needs batch_size')
+    if dependent_launch == 'on' and not cuda_graph:
+        raise ValueError("dependent_launch='on' needs cuda_graph=True (it is how the CUDA graph launches the kernels)")
     fast = FastViT(model, backend=backend, dtype=dtype, residual_dtype=residual_dtype, kept_ids=kept_ids,
                    attention=attention, mlp=mlp, tune_batch=batch_size, dependent_launch=dependent_launch)
     if cuda_graph:

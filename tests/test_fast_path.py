@@ -2211,10 +2211,14 @@ def test_dependent_launch_argument_is_checked_at_build():
         build_fast_path(model, backend='torch', dependent_launch='yes')
     with pytest.raises(ValueError, match=r"^dependent_launch='on' needs backend='triton' \(it launches the Triton "
                                          r"kernels\)$"):
-        build_fast_path(model, backend='torch', dependent_launch='on')
+        build_fast_path(model, backend='torch', dependent_launch='on', cuda_graph=True, batch_size=2)
     if not CUDA and K.INTERPRETER:
         with pytest.raises(ValueError, match=r"^dependent_launch='on': it needs a CUDA GPU, not cpu$"):
-            build_fast_path(model, backend='triton', dependent_launch='on')
+            build_fast_path(model, backend='triton', dependent_launch='on', cuda_graph=True, batch_size=2)
+    # without a graph there is nothing to launch with it: said, not ignored
+    with pytest.raises(ValueError, match=r"^dependent_launch='on' needs cuda_graph=True \(it is how the CUDA graph "
+                                         r"launches the kernels\)$"):
+        build_fast_path(model, backend='triton', dependent_launch='on')
 
 
 class _StandInGraph:
