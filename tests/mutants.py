@@ -1225,6 +1225,12 @@ MUTANTS: List[Mutant] = [
            [T + 'test_fast_path.py::test_inside_dependent_launches_every_kernel_waits_for_the_one_before_it'],
            'kernels launched with programmatic dependent launch but compiled without the wait: they may read '
            'what the kernel before them has not written yet'),
+    mutant('pdl-graph-captured-without-it', 'models/fast_path.py',
+           '        with K.dependent_launches() if dependent else contextlib.nullcontext():',
+           '        with contextlib.nullcontext():',
+           [T + 'test_fast_path.py::test_a_capture_with_dependent_launch_runs_its_warm_up_and_capture_inside_'
+                'dependent_launches'],
+           'the graph said to launch with programmatic dependent launch is captured without it'),
     mutant('pdl-keeps-the-slower-graph', 'models/fast_path.py',
            '        faster = on_ms < off_ms', '        faster = on_ms > off_ms',
            [T + 'test_fast_path.py::test_a_capture_keeps_the_faster_graph_with_or_without_dependent_launch'],

@@ -10,6 +10,7 @@ results off by 1e10), so bf16 attention is checked on CUDA only; bf16 row kernel
 the interpreter rounds fp32 -> bf16 toward zero (the GPU to nearest even), so a bf16 result is compared within
 an ulp there instead of bit for bit.
 """
+import contextlib
 import copy
 import functools
 import json
@@ -2284,6 +2285,31 @@ def test_a_graph_with_dependent_launch_that_computes_otherwise_is_refused(monkey
     assert d['dependent_launch'] is False and d['dependent_launch_ms'] == {}
     assert re.fullmatch(r'its logits differ from the graph launched without it \(max \|difference\| [0-9.e-]+\)',
                         d['refused']['dependent_launch']['0']['on'])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize('dependent', [False, True])
+def test_a_capture_with_dependent_launch_runs_its_warm_up_and_capture_inside_dependent_launches(monkeypatch,
+                                                                                               dependent):
+    """_capture_graph itself (the other capture tests stand it in): with ``dependent`` every forward it runs, the
+    warm-up and the captured one, launches the kernels with programmatic dependent launch (K._launch_options()),
+    and none without; after it, none does.  CUDA's streams and graphs are stood in, so it runs on any device."""
+    fast = build_fast_path(tiny_cc(9), backend='torch')
+    fast._static_in = images(2, seed=4)
+    monkeypatch.setattr(K, 'HAS_DEPENDENT_LAUNCH', True)
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+    for name, value in (('Stream', lambda device=None: Stream()), ('current_stream', lambda device=None: Stream()),
+                        ('stream', lambda s: contextlib.nullcontext()), ('CUDAGraph', object),
+                        ('graph', lambda g: contextlib.nullcontext()), ('synchronize', lambda device=None: None)):
+        monkeypatch.setattr(torch.cuda, name, value)
+    options = []
+    monkeypatch.setattr(fast, '_run', lambda x: options.append(K._launch_options()) or x)
+    graph, out = fast._capture_graph(fast._static_in, dependent)
+    assert options == [{'GDC': True, 'launch_pdl': True} if dependent else {}] * 4  # 3 warm-ups, the capture
+    assert out is fast._static_in and K._launch_options() == {}
 
 
 @torch.no_grad()
