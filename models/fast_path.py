@@ -81,12 +81,12 @@ at batch 256, images/s, benchmarks/results/cuda.json); another batch size (the l
 runs uncaptured.  A graph replays on fixed addresses, so its input is normally copied into a static buffer first (for
 DeiT at batch 256, 154 MB read and written: a fixed cost that pruning does not shrink); with the Triton patch
 embedding the graph instead reads the caller's images where they are, the kernel loading their address from a
-one-element tensor that is set before each replay.  On a GPU that has programmatic dependent launch (compute
-capability 9.0 on, :func:`models.fast_kernels.dependent_launch_problem`) the Triton backend captures the forward a
-second time with its kernels launched that way (each waits on the GPU for the one before it, so the logits are the
-same bit for bit, which is checked), times both graphs and keeps the faster (``dependent_launch``).  The final
-norm is computed only on the tokens the head reads (the prefix tokens for ``global_pool='token'`` by timm's own
-pool, as the model's pool is at each call).
+one-element tensor that is set before each replay.  On a Hopper GPU (compute capability 9.x) with a Triton that
+has programmatic dependent launch (:func:`models.fast_kernels.dependent_launch_problem`) the Triton backend captures
+the forward a second time with its kernels launched that way (each waits on the GPU for the one before it, so the
+logits are the same bit for bit, which is checked), times both graphs and keeps the faster (``dependent_launch``).
+The final norm is computed only on the tokens the head reads (the prefix tokens for ``global_pool='token'`` by
+timm's own pool, as the model's pool is at each call).
 
 Backends: ``'triton'`` as above (CUDA, or CPU under ``TRITON_INTERPRET=1`` for tests); ``'torch'`` the same
 original-order formulation in plain torch ops (index_select, F.layer_norm, index_copy_, SDPA), runnable
@@ -1504,9 +1504,11 @@ class FastViT(nn.Module):
             graph, out, dependent = self._choose_dependent_launch(static_in, graph, out)
         self._graph, self._static_out, self.dependent_launch = graph, out, dependent
 
-    def _capture_graph(self, static_in: torch.Tensor, dependent: bool) -> Tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    def _capture_graph(self, static_in: torch.Tensor, dependent: bool, pool=None
+                       ) -> Tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """The forward on ``static_in`` captured in a CUDA graph (warmed up first, off the capture), its Triton
-        kernels launched with programmatic dependent launch if ``dependent``; (graph, its output buffer)."""
+        kernels launched with programmatic dependent launch if ``dependent``, its memory from the pool of another
+        graph if ``pool`` (``graph.pool()``); (graph, its output buffer)."""
         with K.dependent_launches() if dependent else contextlib.nullcontext():
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
@@ -1516,7 +1518,7 @@ class FastViT(nn.Module):
             torch.cuda.current_stream(self.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             try:
-                with torch.cuda.graph(graph):
+                with torch.cuda.graph(graph, pool=pool):
                     static_out = self._run(static_in)
                 torch.cuda.synchronize(self.device)
             except torch.OutOfMemoryError:
@@ -1530,9 +1532,13 @@ class FastViT(nn.Module):
 
     def _times_dependent_launch(self) -> bool:
         """Whether a capture times its graph with and without programmatic dependent launch (``dependent_launch``
-        'auto'): the Triton backend on a GPU that has it (:func:`models.fast_kernels.dependent_launch_problem`)."""
+        'auto'): the Triton backend on a Hopper GPU (compute capability 9.x, H100 and H200) with a Triton that has
+        it (:func:`models.fast_kernels.dependent_launch_problem`).  Not on later GPUs unasked ('on' takes them): a
+        capture that fails leaves torch's allocator unusable for the rest of the process, and on a consumer
+        Blackwell GPU (12.0) a capture of kernels launched so has been reported to fail."""
         return (self.backend == 'triton' and _times_on(self.device)
-                and K.dependent_launch_problem(self.device) is None)
+                and K.dependent_launch_problem(self.device) is None
+                and torch.cuda.get_device_capability(self.device)[0] == 9)
 
     def _choose_dependent_launch(self, static_in: torch.Tensor, graph: torch.cuda.CUDAGraph, out: torch.Tensor
                                  ) -> Tuple[torch.cuda.CUDAGraph, torch.Tensor, bool]:
@@ -1540,8 +1546,10 @@ class FastViT(nn.Module):
         (random) images and timed (:func:`_replay_ms`; ``dependent_launch_ms`` 'off' and 'on'), and the faster
         kept: (graph, its output buffer, whether it is the one with it).  The second graph must give the first's
         logits bit for bit (the same kernels on the same operands, each waiting for the one before it); one that
-        does not is refused (the reason in ``refused['dependent_launch']``) and the first graph kept."""
-        dep_graph, dep_out = self._capture_graph(static_in, dependent=True)
+        does not is refused (the reason in ``refused['dependent_launch']``) and the first graph kept.  The second
+        graph takes its memory from the first's pool (the two are only ever replayed one after the other, and each
+        writes every intermediate before it reads it), so capturing it needs little more memory than the first."""
+        dep_graph, dep_out = self._capture_graph(static_in, dependent=True, pool=graph.pool())
         graph.replay()
         dep_graph.replay()
         torch.cuda.synchronize(self.device)
@@ -1678,10 +1686,10 @@ def build_fast_path(model: nn.Module, backend: str = 'triton', dtype: Optional[t
     patch embedding; qkv and the projection by cuBLAS, unfused).  ``cuda_graph``: capture the forward for
     ``batch_size`` images (CUDA only).  ``kept_ids``: per-block original token ids, overriding
     ``model.kept_token_ids()`` (a model without it is dense).  ``dependent_launch``: how the CUDA graph launches
-    the Triton kernels: 'auto' (backend 'triton' on a GPU of compute capability 9.0 or later with a Triton that
-    has it: the graph captured both with and without programmatic dependent launch, the two checked to give the
-    same logits bit for bit and timed, the faster kept; else without), 'on' (with it, untimed; ValueError where
-    it cannot be), 'off' (without).
+    the Triton kernels: 'auto' (backend 'triton' on a Hopper GPU, compute capability 9.x, with a Triton that has
+    it: the graph captured both with and without programmatic dependent launch, the two checked to give the same
+    logits bit for bit and timed, the faster kept; else without), 'on' (with it, untimed, on any GPU of compute
+    capability 9.0 or later; ValueError where it cannot be), 'off' (without).
     """
     if cuda_graph and not batch_size:
         raise ValueError('cuda_graph=True needs batch_size')

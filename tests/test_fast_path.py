@@ -2222,6 +2222,23 @@ def test_dependent_launch_argument_is_checked_at_build():
         build_fast_path(model, backend='triton', dependent_launch='on')
 
 
+def test_the_capture_tries_dependent_launch_unasked_on_hopper_only(monkeypatch):
+    """dependent_launch='auto' times the two graphs only with the Triton backend, on a GPU without a problem
+    (K.dependent_launch_problem), of compute capability 9.x: not on a later one unasked (a capture that fails
+    leaves the allocator unusable, and captures so launched were reported to fail on 12.0)."""
+    import models.fast_path as FP
+    fast = build_fast_path(tiny_cc(9), backend='torch')
+    monkeypatch.setattr(FP, '_times_on', lambda device: True)
+    monkeypatch.setattr(K, 'dependent_launch_problem', lambda device: None)
+    for backend, capability, tries in (('triton', (9, 0), True), ('triton', (10, 0), False),
+                                       ('triton', (12, 0), False), ('triton', (8, 9), False), ('torch', (9, 0), False)):
+        fast.backend = backend
+        monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda device=None, c=capability: c)
+        assert fast._times_dependent_launch() is tries, (backend, capability)
+    fast.backend = 'triton'
+    monkeypatch.setattr(K, 'dependent_launch_problem', lambda device: 'no')
+    assert fast._times_dependent_launch() is False
+
 class _StandInGraph:
     """A captured graph, on any device: its replay runs the uncaptured forward on the path's static input (or
     writes ``off_by`` more), and it remembers whether it was reset."""
@@ -2236,6 +2253,9 @@ class _StandInGraph:
     def reset(self):
         self.was_reset = True
 
+    def pool(self):
+        return ('pool of', self)
+
 
 def _stand_in_capture(monkeypatch, fast, mode, replay_ms=(1.0, 1.0), off_by=0.0):
     """fast._capture(2) with stand-in graphs (the second, with dependent launch, off by ``off_by``), the graphs'
@@ -2243,8 +2263,9 @@ def _stand_in_capture(monkeypatch, fast, mode, replay_ms=(1.0, 1.0), off_by=0.0)
     import models.fast_path as FP
     made = []
 
-    def capture(static_in, dependent):
+    def capture(static_in, dependent, pool=None):
         made.append(_StandInGraph(fast, dependent, off_by if len(made) else 0.0))
+        made[-1].captured_in = pool
         return made[-1], made[-1].out
     monkeypatch.setattr(fast, '_capture_graph', capture)
     monkeypatch.setattr(fast, '_times_dependent_launch', lambda: True)
@@ -2266,6 +2287,7 @@ def test_a_capture_keeps_the_faster_graph_with_or_without_dependent_launch(monke
     made = _stand_in_capture(monkeypatch, fast, 'auto', replay_ms=(1.0, on_ms))
     faster = on_ms < 1.0
     assert [g.dependent for g in made] == [False, True]
+    assert made[1].captured_in == made[0].pool()  # the second graph's memory from the first's pool
     assert fast._graph is made[faster] and made[not faster].was_reset and not made[faster].was_reset
     d = fast.describe()
     assert d['dependent_launch'] is faster and d['dependent_launch_ms'] == {'off': 1.0, 'on': on_ms}
@@ -2303,7 +2325,8 @@ def test_a_capture_with_dependent_launch_runs_its_warm_up_and_capture_inside_dep
             pass
     for name, value in (('Stream', lambda device=None: Stream()), ('current_stream', lambda device=None: Stream()),
                         ('stream', lambda s: contextlib.nullcontext()), ('CUDAGraph', object),
-                        ('graph', lambda g: contextlib.nullcontext()), ('synchronize', lambda device=None: None)):
+                        ('graph', lambda g, pool=None: contextlib.nullcontext()),
+                        ('synchronize', lambda device=None: None)):
         monkeypatch.setattr(torch.cuda, name, value)
     options = []
     monkeypatch.setattr(fast, '_run', lambda x: options.append(K._launch_options()) or x)
