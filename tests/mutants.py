@@ -1231,6 +1231,12 @@ MUTANTS: List[Mutant] = [
            [T + 'test_fast_path.py::test_a_capture_with_dependent_launch_runs_its_warm_up_and_capture_inside_'
                 'dependent_launches'],
            'the graph said to launch with programmatic dependent launch is captured without it'),
+    mutant('pdl-tried-unasked-past-hopper', 'models/fast_path.py',
+           '                and torch.cuda.get_device_capability(self.device)[0] == 9)',
+           '                and torch.cuda.get_device_capability(self.device)[0] >= 9)',
+           [T + 'test_fast_path.py::test_the_capture_tries_dependent_launch_unasked_on_hopper_only'],
+           "dependent_launch='auto' captures with programmatic dependent launch on GPUs past Hopper, where such a "
+           'capture was reported to fail (and a failed capture leaves the allocator unusable)'),
     mutant('pdl-keeps-the-slower-graph', 'models/fast_path.py',
            '        faster = on_ms < off_ms', '        faster = on_ms > off_ms',
            [T + 'test_fast_path.py::test_a_capture_keeps_the_faster_graph_with_or_without_dependent_launch'],
