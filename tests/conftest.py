@@ -37,6 +37,70 @@ import models  # noqa: E402  (also registers cc_deit_* with timm)
 import timm.layers.attention  # noqa: E402
 
 
+# --- fast path: the bounds of every interpreted kernel's loads and stores
+
+def _extents(tensors) -> list:
+    """[first byte, end) of each tensor's elements as its sizes and strides reach them (a view: only its own)."""
+    out = []
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.numel():
+            span = 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+            out.append((t.data_ptr(), t.data_ptr() + span * t.element_size()))
+    return sorted(out)
+
+
+def _outside(extents, addresses, itemsize: int):
+    """The addresses (numpy uint64) whose ``itemsize`` bytes do not lie inside one of ``extents``."""
+    if not len(extents):
+        return addresses
+    starts = np.array([a for a, _ in extents], dtype=np.uint64)
+    ends = np.array([b for _, b in extents], dtype=np.uint64)
+    i = np.searchsorted(starts, addresses, side='right').astype(np.int64) - 1
+    inside = (i >= 0) & (addresses + np.uint64(itemsize) <= ends[np.maximum(i, 0)])
+    return addresses[~inside]
+
+
+@pytest.fixture(autouse=True)
+def kernels_stay_inside_their_tensors(monkeypatch):
+    """Under Triton's interpreter, every load and store a kernel makes (the lanes its mask lets through) must fall
+    inside the elements of a tensor it was given, as that tensor's sizes and strides reach them.  On a GPU an
+    access past them reads or overwrites another tensor, or faults (an illegal address ends the process, and
+    with it a benchmark's remaining rows); the interpreter reads and writes host memory and would not notice.
+    Yields a list a test appends the tensors to that a kernel may reach without being given them (the images a
+    patch embedding reads at an address held in memory)."""
+    also = []
+    from models import fast_kernels as K
+    if not K.INTERPRETER:
+        yield also
+        return
+    from triton.runtime import interpreter as interp
+    given = []
+    init = interp.GridExecutor._init_args_hst
+
+    def init_args(self, args_dev, kwargs):
+        args_hst, kwargs_hst = init(self, args_dev, kwargs)
+        given[:] = _extents([*args_hst, *kwargs_hst.values(), *also])
+        return args_hst, kwargs_hst
+
+    def checked(access, what):
+        def run(self, ptrs, *rest):  # load(ptrs, mask, other, ...), store(ptrs, value, mask, ...)
+            mask = rest[0] if what == 'load' else rest[1]
+            value_size = (interp._get_np_dtype(ptrs.get_element_ty()).itemsize if what == 'load'
+                          else rest[0].data.dtype.itemsize)
+            addresses = np.asarray(ptrs.data)[np.broadcast_to(mask.data, np.shape(ptrs.data))]
+            stray = _outside(given, addresses.astype(np.uint64).ravel(), value_size)
+            assert not stray.size, (f'a kernel {what}s {stray.size} element(s) outside the tensors it was given '
+                                    f'(first at {int(stray[0]):#x}; the tensors: {[hex(a) for a, _ in given]})')
+            return access(self, ptrs, *rest)
+        return run
+    monkeypatch.setattr(interp.GridExecutor, '_init_args_hst', init_args)
+    monkeypatch.setattr(interp.InterpreterBuilder, 'create_masked_load',
+                        checked(interp.InterpreterBuilder.create_masked_load, 'load'))
+    monkeypatch.setattr(interp.InterpreterBuilder, 'create_masked_store',
+                        checked(interp.InterpreterBuilder.create_masked_store, 'store'))
+    yield also
+
+
 def make_image_folder(root, classes=('a', 'b', 'c'), per_class=(4, 2), size=(40, 48), seed=0):
     """IMNET layout: root/train/<class>/*.png and root/val/<class>/*.png with random RGB images."""
     from PIL import Image

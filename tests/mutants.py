@@ -1231,6 +1231,14 @@ MUTANTS: List[Mutant] = [
            [T + 'test_fast_path.py::test_a_capture_with_dependent_launch_runs_its_warm_up_and_capture_inside_'
                 'dependent_launches'],
            'the graph said to launch with programmatic dependent launch is captured without it'),
+    mutant('gather-norm-stores-past-its-rows', 'models/fast_kernels.py',
+           '        dst = out_ptr + (b * stride_ob + i.to(tl.int64) * stride_on)[:, None] + cols[None, :]\n'
+           '        tl.store(dst, y.to(out_ptr.dtype.element_ty), mask=ok)',
+           '        dst = out_ptr + (b * stride_ob + i.to(tl.int64) * stride_on)[:, None] + cols[None, :]\n'
+           '        tl.store(dst, y.to(out_ptr.dtype.element_ty), mask=cols_ok[None, :])',
+           [T + 'test_fast_path.py::test_gather_layer_norm'],
+           "the gather-norm kernel's last program stores its rows past the end of the output (on a GPU: another "
+           "tensor's memory, or an illegal address); the interpreted runs check every access"),
     mutant('pdl-tried-unasked-past-hopper', 'models/fast_path.py',
            '                and torch.cuda.get_device_capability(self.device)[0] == 9)',
            '                and torch.cuda.get_device_capability(self.device)[0] >= 9)',

@@ -59,6 +59,34 @@ def no_tf32_convolutions():
     torch.backends.cudnn.allow_tf32 = before
 
 
+if K.INTERPRETER:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _strays_kernel(x_ptr, out_ptr, n, READ_PAST: tl.constexpr, WRITE_PAST: tl.constexpr):
+        # out[i] = 2 x[i] for i < n, 16 lanes, masked to n, or, to test the test, one element past either end
+        i = tl.arange(0, 16)
+        v = tl.load(x_ptr + i, mask=i < n + READ_PAST, other=0.0)
+        tl.store(out_ptr + i, 2 * v, mask=i < n + WRITE_PAST)
+
+
+@pytest.mark.skipif(not K.INTERPRETER, reason='checks the bounds check of interpreted kernels')
+def test_the_interpreter_runs_refuse_a_kernel_that_reaches_past_its_tensors():
+    """The bounds check every interpreted kernel here runs under: a kernel whose masks let one lane past the end of
+    the tensor it reads, or of the one it writes, fails, naming the access; within them it runs.  A view counts
+    as far as its sizes and strides reach, not as far as the buffer under it."""
+    from triton.runtime.errors import InterpreterError
+    buf = torch.arange(12.0)
+    x, out = buf[:5], torch.zeros(8)[:5]
+    _strays_kernel[(1,)](x, out, 5, READ_PAST=0, WRITE_PAST=0)
+    assert torch.equal(out, 2 * x)
+    for read, write, what in ((1, 0, 'loads'), (0, 1, 'stores')):
+        stray = f'a kernel {what} 1 element\\(s\\) outside the tensors it was given'
+        with pytest.raises(InterpreterError, match=stray):
+            _strays_kernel[(1,)](x, out, 5, READ_PAST=read, WRITE_PAST=write)
+
+
 def _gen(seed):
     return torch.Generator().manual_seed(seed)
 
@@ -693,11 +721,12 @@ def test_patch_embed_takes_images_of_any_layout():
 
 
 @needs_triton
-def test_patch_embed_reads_the_images_an_address_names():
+def test_patch_embed_reads_the_images_an_address_names(kernels_stay_inside_their_tensors):
     """With image_address the kernel reads the images whose address the tensor holds when it runs (as a CUDA
     graph replay would), not the ones it was given for their layout: the same bits as reading them directly."""
     B, C, prefix, patch = 2, 40, 1, (8, 8)
     layout, images = _randn(B, 3, 32, 32, seed=24), _randn(B, 3, 32, 32, seed=25)
+    kernels_stay_inside_their_tensors.append(images)  # (read at the address, not given)
     wt, const = _randn(3 * 64, C, seed=26) * 0.1, _randn(16, C, seed=27)
     direct = K.patch_embed_triton_(torch.zeros(B, prefix + 16, C, device=DEVICE), images, wt, const, prefix, patch)
     address = torch.tensor([layout.data_ptr()], dtype=torch.int64, device=DEVICE)
