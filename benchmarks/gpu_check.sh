@@ -37,7 +37,8 @@
 #      brought back; its failure is noted in status.txt, not counted as one; the kernel configs it timed under the
 #      tests' load are deleted, so the benchmark times its own):
 #      pytest tests/test_fast_path.py on CUDA (the kernels compiled for the GPU, the whole path against the eager
-#      model, fp16 accuracy at DeiT-Ti size, CUDA graphs, the timed choices; the CUDA-only tests first, so a
+#      model, fp16 accuracy at DeiT-Ti size, CUDA graphs (on Hopper with and without programmatic dependent
+#      launch, each kernel compiled a second time with its wait), the timed choices; the CUDA-only tests first, so a
 #      time-out cuts the others; most of its time is Triton compiling kernel variants, which also fills Triton's
 #      cache for the benchmark; the 25 slowest tests are listed) and
 #      pytest tests/test_model.py tests/test_families.py (the eager model's equality tests, limit 120 s);
