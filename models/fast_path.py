@@ -612,6 +612,23 @@ def _fastest(candidates, run, reference: torch.Tensor, tol: float, check=None):
     return best, best_ms, timings, refused
 
 
+def _keep_fastest(key: tuple, candidates, run, reference: torch.Tensor, tol: float, check=None
+                  ) -> Tuple[ProductChoice, Dict[str, float], Dict[str, str]]:
+    """A product's timed choice (:func:`_fastest` of ``candidates``), cached under ``key``: (the fastest with its
+    ms, or ProductChoice('torch') where none passed; {label: ms}; {label: why it was refused})."""
+    best, ms, timings, refused = _fastest(candidates, run, reference, tol, check)
+    best = ProductChoice('torch') if best is None else replace(best, ms=ms)
+    _CHOICE_CACHE[key] = (best, timings, refused)
+    return _CHOICE_CACHE[key]
+
+
+def _unfused_or_tiles(tiles, dtype: torch.dtype) -> List[ProductChoice]:
+    """A fused kernel's candidates: 'torch' (the unfused kernels as already chosen), then each of its Triton tiles
+    where Triton is installed and the products are fp16 or bf16."""
+    fused = K.HAS_TRITON and dtype in (torch.float16, torch.bfloat16)
+    return [ProductChoice('torch')] + ([ProductChoice('triton', tiles=t) for t in tiles] if fused else [])
+
+
 @torch.no_grad()
 def choose_attention(n: int, batch: int, num_heads: int, head_dim: int, scale: float, dtype: torch.dtype,
                      device: torch.device, with_triton: bool
@@ -660,10 +677,7 @@ def choose_product(rows: int, in_features: int, out_features: int, dtype: torch.
     def run(c: ProductChoice) -> torch.Tensor:
         operand = y[:rows + c.pad]
         return (run_linear_gelu(c, operand, w, wt, b) if gelu else F.linear(operand, w, b))[:rows]
-    best, ms, timings, refused = _fastest(candidates, run, ref, tol)
-    best = ProductChoice('torch') if best is None else replace(best, ms=ms)
-    _CHOICE_CACHE[key] = (best, timings, refused)
-    return best, timings, refused
+    return _keep_fastest(key, candidates, run, ref, tol)
 
 
 def _random_buffer(batch: int, num_tokens: int, n: int, width: int, residual_dtype: torch.dtype,
@@ -716,12 +730,8 @@ def choose_fc2(batch: int, num_tokens: int, n: int, hidden: int, width: int, dty
         tiles = K.LINEAR_TILES + tuple(t for t in K.row_tiles(width) if t not in K.LINEAR_TILES)
         candidates += [ProductChoice('triton', tiles=t) for t in tiles]
     timed = x.clone()  # accumulates over the timed calls: the values drift, the work does not change
-    best, ms, timings, refused = _fastest(
-        candidates, lambda c: run_linear_residual(c, timed, ids, u, w, wt, b, gamma), ref, tol,
-        check=lambda c: run_linear_residual(c, x.clone(), ids, u, w, wt, b, gamma))
-    best = ProductChoice('torch') if best is None else replace(best, ms=ms)
-    _CHOICE_CACHE[key] = (best, timings, refused)
-    return best, timings, refused
+    return _keep_fastest(key, candidates, lambda c: run_linear_residual(c, timed, ids, u, w, wt, b, gamma), ref, tol,
+                         check=lambda c: run_linear_residual(c, x.clone(), ids, u, w, wt, b, gamma))
 
 
 def run_proj_norm(proj: ProductChoice, fused: ProductChoice, x: torch.Tensor, ids: torch.Tensor, o: torch.Tensor,
@@ -767,20 +777,15 @@ def choose_proj_norm(batch: int, num_tokens: int, n: int, in_width: int, width: 
     ref = both(K.linear_residual_layer_norm_reference_(ref_x, ids, o[:batch * n].view(batch, n, in_width), wt, b,
                                                        gamma, ln_w, ln_b, 1e-6), ref_x)
     tol = _tolerance(dtype, ref)
-    candidates = [ProductChoice('torch')]  # unfused: the projection's own pad is proj's
-    if K.HAS_TRITON and dtype in (torch.float16, torch.bfloat16):
-        candidates += [ProductChoice('triton', tiles=t) for t in K.row_tiles(width)]
+    candidates = _unfused_or_tiles(K.row_tiles(width), dtype)  # unfused: the projection's own pad is proj's
 
     def check(c: ProductChoice) -> torch.Tensor:
         after = x.clone()
         return both(run_proj_norm(proj, c, after, ids, o, w, wt, b, gamma, ln_w, ln_b, 1e-6), after)
     timed = x.clone()  # accumulates over the timed calls: the values drift, the work does not change
-    best, ms, timings, refused = _fastest(
-        candidates, lambda c: run_proj_norm(proj, c, timed, ids, o, w, wt, b, gamma, ln_w, ln_b, 1e-6), ref, tol,
-        check=check)
-    best = ProductChoice('torch') if best is None else replace(best, ms=ms)
-    _CHOICE_CACHE[key] = (best, timings, refused)
-    return best, timings, refused
+    return _keep_fastest(
+        key, candidates, lambda c: run_proj_norm(proj, c, timed, ids, o, w, wt, b, gamma, ln_w, ln_b, 1e-6), ref,
+        tol, check=check)
 
 
 def run_norm_qkv(qkv: ProductChoice, fused: ProductChoice, x: torch.Tensor, ids: torch.Tensor,
@@ -819,14 +824,9 @@ def choose_norm_qkv(batch: int, num_tokens: int, n: int, width: int, out_feature
     operand = torch.empty(batch * n + qkv.pad, width, dtype=dtype, device=device)
     ref = K.gather_layer_norm_linear_reference(x, ids, ln_w, ln_b, 1e-6, w_t, b).float().view(batch, n, -1)
     tol = _tolerance(dtype, ref)
-    candidates = [ProductChoice('torch')]  # unfused: the product's own pad is qkv's
-    if K.HAS_TRITON and dtype in (torch.float16, torch.bfloat16):
-        candidates += [ProductChoice('triton', tiles=t) for t in K.norm_linear_tiles(width)]
-    best, ms, timings, refused = _fastest(
-        candidates, lambda c: run_norm_qkv(qkv, c, x, ids, ln_w, ln_b, 1e-6, w, w_t, b, operand), ref, tol)
-    best = ProductChoice('torch') if best is None else replace(best, ms=ms)
-    _CHOICE_CACHE[key] = (best, timings, refused)
-    return best, timings, refused
+    candidates = _unfused_or_tiles(K.norm_linear_tiles(width), dtype)  # unfused: the product's own pad is qkv's
+    return _keep_fastest(key, candidates, lambda c: run_norm_qkv(qkv, c, x, ids, ln_w, ln_b, 1e-6, w, w_t, b, operand),
+                         ref, tol)
 
 
 def run_mlp_residual(fc1: ProductChoice, fc2: ProductChoice, fused: ProductChoice, x: torch.Tensor,
@@ -868,18 +868,13 @@ def choose_mlp_residual(batch: int, num_tokens: int, n: int, width: int, hidden:
     ref = K.mlp_residual_scatter_reference_(x.clone(), ids, y[:batch * n].view(batch, n, width), w1_t, b1, w2_t,
                                             b2, gamma).index_select(1, ids).float()
     tol = _tolerance(dtype, ref)
-    candidates = [ProductChoice('torch')]  # unfused: each product as chosen, fc1 on its padding
-    if K.HAS_TRITON and dtype in (torch.float16, torch.bfloat16):
-        candidates += [ProductChoice('triton', tiles=t) for t in K.mlp_tiles(width)]
+    candidates = _unfused_or_tiles(K.mlp_tiles(width), dtype)  # unfused: each product as chosen, fc1 padded
 
     def run(c: ProductChoice, into: torch.Tensor) -> torch.Tensor:
         return run_mlp_residual(fc1, fc2, c, into, ids, y, w1, w1_t, b1, w2, w2_t, b2, gamma)
     timed = x.clone()  # accumulates over the timed calls: the values drift, the work does not change
-    best, ms, timings, refused = _fastest(candidates, lambda c: run(c, timed), ref, tol,
-                                          check=lambda c: run(c, x.clone()).index_select(1, ids))
-    best = ProductChoice('torch') if best is None else replace(best, ms=ms)
-    _CHOICE_CACHE[key] = (best, timings, refused)
-    return best, timings, refused
+    return _keep_fastest(key, candidates, lambda c: run(c, timed), ref, tol,
+                         check=lambda c: run(c, x.clone()).index_select(1, ids))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1259,9 +1254,7 @@ class FastViT(nn.Module):
                 self._set_embed(c)
                 return self._embed(images)
             candidates = [ProductChoice('torch')] + [ProductChoice('triton', tiles=t) for t in K.LINEAR_TILES]
-            best, ms, timings, refused = _fastest(candidates, run, ref, tol)
-            best = ProductChoice('torch') if best is None else replace(best, ms=ms)
-            _CHOICE_CACHE[key] = (best, timings, refused)
+            _keep_fastest(key, candidates, run, ref, tol)
         return _CHOICE_CACHE[key]
 
     # -- forward ------------------------------------------------------------------------------------------------
