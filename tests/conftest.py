@@ -39,22 +39,23 @@ import timm.layers.attention  # noqa: E402
 
 # --- fast path: the bounds of every interpreted kernel's loads and stores
 
-def _extents(tensors) -> list:
-    """[first byte, end) of each tensor's elements as its sizes and strides reach them (a view: only its own)."""
+def _extents(tensors) -> tuple:
+    """(first bytes, ends) as sorted uint64 arrays: of each tensor's elements as its sizes and strides reach them
+    (a view: only its own)."""
     out = []
     for t in tensors:
         if isinstance(t, torch.Tensor) and t.numel():
             span = 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
             out.append((t.data_ptr(), t.data_ptr() + span * t.element_size()))
-    return sorted(out)
+    out.sort()
+    return np.array([a for a, _ in out], dtype=np.uint64), np.array([b for _, b in out], dtype=np.uint64)
 
 
 def _outside(extents, addresses, itemsize: int):
-    """The addresses (numpy uint64) whose ``itemsize`` bytes do not lie inside one of ``extents``."""
-    if not len(extents):
+    """The addresses (numpy uint64) whose ``itemsize`` bytes do not lie inside one of ``extents`` (:func:`_extents`)."""
+    starts, ends = extents
+    if not len(starts):
         return addresses
-    starts = np.array([a for a, _ in extents], dtype=np.uint64)
-    ends = np.array([b for _, b in extents], dtype=np.uint64)
     i = np.searchsorted(starts, addresses, side='right').astype(np.int64) - 1
     inside = (i >= 0) & (addresses + np.uint64(itemsize) <= ends[np.maximum(i, 0)])
     return addresses[~inside]
@@ -74,12 +75,12 @@ def kernels_stay_inside_their_tensors(monkeypatch):
         yield also
         return
     from triton.runtime import interpreter as interp
-    given = []
+    given = [_extents([])]  # the launch's (:func:`_extents`), set as it starts
     init = interp.GridExecutor._init_args_hst
 
     def init_args(self, args_dev, kwargs):
         args_hst, kwargs_hst = init(self, args_dev, kwargs)
-        given[:] = _extents([*args_hst, *kwargs_hst.values(), *also])
+        given[0] = _extents([*args_hst, *kwargs_hst.values(), *also])
         return args_hst, kwargs_hst
 
     def checked(access, what):
@@ -88,9 +89,9 @@ def kernels_stay_inside_their_tensors(monkeypatch):
             value_size = (interp._get_np_dtype(ptrs.get_element_ty()).itemsize if what == 'load'
                           else rest[0].data.dtype.itemsize)
             addresses = np.asarray(ptrs.data)[np.broadcast_to(mask.data, np.shape(ptrs.data))]
-            stray = _outside(given, addresses.astype(np.uint64).ravel(), value_size)
+            stray = _outside(given[0], addresses.astype(np.uint64).ravel(), value_size)
             assert not stray.size, (f'a kernel {what}s {stray.size} element(s) outside the tensors it was given '
-                                    f'(first at {int(stray[0]):#x}; the tensors: {[hex(a) for a, _ in given]})')
+                                    f'(first at {int(stray[0]):#x}; the tensors: {[hex(int(a)) for a in given[0][0]]})')
             return access(self, ptrs, *rest)
         return run
     monkeypatch.setattr(interp.GridExecutor, '_init_args_hst', init_args)
