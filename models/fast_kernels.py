@@ -87,6 +87,7 @@ ops they are made of do (the fast path runs both under no_grad).
 """
 import contextlib
 import os
+import threading
 from typing import List, Optional, Tuple
 
 import torch
@@ -175,7 +176,9 @@ def _has_dependent_launch() -> bool:
 
 
 HAS_DEPENDENT_LAUNCH = _has_dependent_launch()
-_DEPENDENT = [False]  # inside dependent_launches(): every kernel below is launched with PDL
+# inside dependent_launches(): every kernel below launched from that thread is launched with PDL (per thread: a
+# kernel another thread launches meanwhile, outside any capture, keeps its plain variant)
+_DEPENDENT = threading.local()
 
 
 def dependent_launch_problem(device: torch.device) -> Optional[str]:
@@ -202,22 +205,23 @@ def dependent_launches():
     scheduled, so in a CUDA graph the next kernel is ready when this one ends (fewer idle cycles between kernels,
     which at the fast path's short kernels are a fixed cost per kernel).  The kernels are compiled again with the
     wait (a variant of their own).  Only for a device :func:`dependent_launch_problem` has no objection to (the
-    fast path captures its CUDA graph inside it, where it chose to)."""
+    fast path captures its CUDA graph inside it, where it chose to).  It holds for the thread that entered it:
+    kernels that other threads launch meanwhile are launched as usual."""
     if not HAS_DEPENDENT_LAUNCH:
         raise RuntimeError('dependent launches: this Triton has no programmatic dependent launch (or its '
                            'interpreter runs the kernels)')
-    before = _DEPENDENT[0]
-    _DEPENDENT[0] = True
+    before = getattr(_DEPENDENT, 'on', False)
+    _DEPENDENT.on = True
     try:
         yield
     finally:
-        _DEPENDENT[0] = before
+        _DEPENDENT.on = before
 
 
 def _launch_options() -> dict:
     """The launch options of a kernel of this module: with :func:`dependent_launches` the wait compiled in (GDC)
     and the launch attribute (launch_pdl)."""
-    return {'GDC': True, 'launch_pdl': True} if _DEPENDENT[0] else {}
+    return {'GDC': True, 'launch_pdl': True} if getattr(_DEPENDENT, 'on', False) else {}
 
 
 def triton_runs_on(t: torch.Tensor) -> bool:

@@ -18,6 +18,7 @@ import math
 import os
 import re
 import sys
+import threading
 import types
 
 import pytest
@@ -2191,7 +2192,8 @@ def _launches_of(monkeypatch, call):
 def test_inside_dependent_launches_every_kernel_waits_for_the_one_before_it(monkeypatch):
     """Within K.dependent_launches() every kernel is launched with the launch attribute (launch_pdl) and compiled
     with the wait (GDC); outside it, and after it, none is.  The kernels: a forward of the Triton path with the
-    fused MLP products forced, the one-kernel MLP and the first norm with qkv."""
+    fused MLP products forced, the one-kernel MLP and the first norm with qkv.  Kernels launched meanwhile from
+    another thread are launched as usual."""
     model = tiny_cc(9)
     pruning.apply_masks(model, pruning.random_masks(3, 16, 0.3, generator=_gen(9)))
     fast = build_fast_path(model, backend='triton', attention='triton', mlp='triton')
@@ -2204,14 +2206,23 @@ def test_inside_dependent_launches_every_kernel_waits_for_the_one_before_it(monk
                                        None, 16, 32, 16, 4, 2)
         K.gather_layer_norm_linear_triton(buf, ids, None, None, 1e-6, _randn(40, 24, seed=5), None, block_m=16,
                                           block_n=32, block_k=64, num_warps=4, num_stages=1)
+    def in_another_thread():
+        seen = []
+        thread = threading.Thread(target=lambda: seen.extend(_launches_of(monkeypatch, launch_all)))
+        thread.start()
+        thread.join()
+        return seen
+
     monkeypatch.setattr(K, 'HAS_DEPENDENT_LAUNCH', True)
     before = _launches_of(monkeypatch, launch_all)
     with K.dependent_launches():
         inside = _launches_of(monkeypatch, launch_all)
+        # the context is the thread's that entered it: another thread's launches meanwhile are plain ones
+        elsewhere = in_another_thread()
     after = _launches_of(monkeypatch, launch_all)
     assert {name for name, _ in inside} == set(FAST_PATH_KERNELS)
     assert all(options == {'GDC': True, 'launch_pdl': True} for _, options in inside), inside
-    assert before == after == [(name, {}) for name, _ in inside]
+    assert before == after == elsewhere == [(name, {}) for name, _ in inside]
 
 
 def test_dependent_launches_are_refused_where_triton_cannot_make_them(monkeypatch):
