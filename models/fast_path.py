@@ -1555,7 +1555,9 @@ class FastViT(nn.Module):
         off_ms, on_ms = _replay_ms([graph, dep_graph])
         self.dependent_launch_ms = {'off': off_ms, 'on': on_ms}
         faster = on_ms < off_ms
-        (graph if faster else dep_graph).reset()  # the slower one's memory back
+        # the slower one's executable graph released; the memory stays in the pool the two share, which the kept one
+        # holds (a pool is freed when the last graph using it is)
+        (graph if faster else dep_graph).reset()
         return (dep_graph, dep_out, True) if faster else (graph, out, False)
 
     def _note_captured_head(self) -> None:
