@@ -35,7 +35,11 @@
 #      workers; it saves the benchmark most of its 9 cold compiles, timm's 3 DeiTs at their main batch size, 32 and 1;
 #      its log is $WARM/warm_compile.log (WARM: default /tmp/warm_compile), not
 #      brought back; its failure is noted in status.txt, not counted as one; the kernel configs it timed under the
-#      tests' load are deleted, so the benchmark times its own):
+#      tests' load are deleted, so the benchmark times its own), and the fast path's Triton kernels compiled ahead
+#      into Triton's cache (limit 170 s, no new section after 130 s: the benchmark's own fast-path rows built in its
+#      own sections, in its order, so every candidate kernel its builds time is compiled for the same shapes; its log
+#      $WARM/warm_kernels.log; a failure noted, not counted; the choices those builds made under the tests' load
+#      are not kept: the benchmark's builds time their own):
 #      pytest tests/test_fast_path.py on CUDA (the kernels compiled for the GPU, the whole path against the eager
 #      model, fp16 accuracy at DeiT-Ti size, CUDA graphs (on Hopper with and without programmatic dependent
 #      launch, each kernel compiled a second time with its wait), the timed choices; the CUDA-only tests first, so a
@@ -196,19 +200,29 @@ if [[ " $steps " == *" tests "* ]]; then
     step test_model 120 env OMP_NUM_THREADS=2 python3 -m pytest -q -p no:cacheprovider "${xdist[@]}" \
         tests/test_model.py tests/test_families.py > /dev/null &
     model_tests=$!
-    warm=
+    warm= warm_kernels=
     if [[ " $steps " == *" benchmark "* ]]; then
         mkdir -p "$WARM"  # its log stays out of $OUT, which brings back 8 files at most
         LOGDIR="$WARM" step warm_compile 170 env OMP_NUM_THREADS=2 TORCHINDUCTOR_COMPILE_THREADS=4 \
             python3 benchmarks/model_zoo.py --device cuda --rows timm,ours,timm-compiled --rates 0.25 --repeats 1 \
             --warmup 0 --compile-budget 1000000 --json "$WARM/cuda.json" > /dev/null &
         warm=$!
+        # and its fast-path rows' Triton kernels, every candidate its builds time, compiled ahead into Triton's
+        # on-disk cache by the same builds (same models, masks, batch sizes, precision and device: the same kernel
+        # variants), so the benchmark's builds load them instead of compiling each (most of a cold build's seconds);
+        # the choices these builds make under the tests' load stay in their process: the benchmark times its own
+        LOGDIR="$WARM" step warm_kernels 170 env OMP_NUM_THREADS=2 python3 benchmarks/model_zoo.py --device cuda \
+            --rows timm,ours,fast-triton-dense,fast-triton,fast-triton-graph-dense,fast-triton-graph --no-compile \
+            --repeats 1 --warmup 0 --time-limit 130 --json "$WARM/kernels.json" > /dev/null &
+        warm_kernels=$!
     fi
     step test_fast_path 180 python3 -m pytest -q -p no:cacheprovider -rsP --durations=25 "${xdist[@]}" \
         tests/test_fast_path.py
     wait $model_tests
     tail -n 15 "$OUT/test_model.log"
     if [ -n "$warm" ]; then
+        wait $warm_kernels
+        grep -h "^== " "$WARM/warm_kernels.log" 2> /dev/null  # the sections whose kernels it compiled
         wait $warm
         grep -h 'torch.compile time' "$WARM/warm_compile.log"
         # the compiled graphs stay in the cache; the kernel configs inductor chose by timing them while the tests
@@ -296,5 +310,5 @@ fi
 
 echo "== status"
 cat "$OUT/status.txt"
-# a compile done ahead that failed or ran out of time only costs the benchmark its cold compile: not a failure
-! grep -v '^warm_compile:' "$OUT/status.txt" | grep -qv ': ok '
+# a compile done ahead that failed or ran out of time only costs the benchmark its cold compiles: not a failure
+! grep -Ev '^warm_(compile|kernels):' "$OUT/status.txt" | grep -qv ': ok '

@@ -2685,7 +2685,7 @@ def test_gpu_check_benchmark_commands_are_valid_model_zoo_command_lines(tmp_path
     (CUDA reported available; nothing runs), so a renamed flag or row is found here, not in a GPU session."""
     import shlex
     commands = _gpu_check_commands('benchmarks/model_zoo.py')
-    assert len(commands) == 3  # the compiles done ahead, the benchmark (or its resumption) and the profile
+    assert len(commands) == 4  # the two compiles done ahead, the benchmark (or its resumption) and the profile
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
     monkeypatch.setattr(zoo, 'machine_info', lambda device: {'device': str(device), 'gpu': 'NVIDIA H200'})
     # rows named in --rows must run here: their modules must import; Triton on the (absent) GPU is taken as there
@@ -2705,21 +2705,35 @@ def test_gpu_check_benchmark_commands_are_valid_model_zoo_command_lines(tmp_path
             again = zoo.parse_args(shlex.split(line.replace('"${resume[@]}"', f'--resume {earlier}')))
             assert again.earlier['settings'] == json.loads(json.dumps(zoo.settings_of(args)))
         assert args.device == 'cuda' and args.json.startswith(str(tmp_path))
-        parsed[args.rows[-1]] = args
         if args.breakdown_rounds:  # the profile: DeiT-Ti's eager and fast rows, dense and pruned, no CUDA graph
             assert args.rows == ['timm', 'ours', 'fast-triton-dense', 'fast-triton'] and args.summary_batch_sizes == []
             assert zoo.BREAKDOWN_FAST_ROWS[0] == 'fast-triton'
-        elif args.rows == ['timm', 'ours', 'timm-compiled']:  # the compiles done ahead
+            role = 'profile'
+        elif args.rows == ['timm', 'ours', 'timm-compiled']:  # timm's compiles done ahead
             assert args.compile_budget >= 1000
+            role = 'compiles ahead'
+        elif not args.compile:  # the fast path's kernels compiled ahead
+            role = 'kernels ahead'
         else:  # the benchmark: the CUDA defaults (the targets' rows and batch sizes)
             assert args.rows == zoo.DEFAULT_ROWS['cuda'] and args.summary_batch_sizes == [32, 1]
+            role = 'benchmark'
+        assert role not in parsed, role
+        parsed[role] = args
     # the compiles done ahead are the benchmark's own: timm's DeiTs, at its batch sizes, precision and device
-    ahead, bench = parsed['timm-compiled'], parsed[zoo.DEFAULT_ROWS['cuda'][-1]]
+    ahead, kernels, bench = parsed['compiles ahead'], parsed['kernels ahead'], parsed['benchmark']
     assert 'timm-compiled' in bench.rows and bench.compile_models == bench.models
     for field in ('device', 'models', 'batch_size', 'dtype', 'seed', 'compile', 'compile_models',
                   'summary_batch_sizes', 'compile_min_batch'):
         assert getattr(ahead, field) == getattr(bench, field), field
     assert bench.compile_min_batch == 1  # timm compiled is one of the dense modes compared at every batch size
+    # and so are the kernels compiled ahead: every fast-path row of the benchmark, in the sections it runs (the same
+    # models, masks, batch sizes and precision), with its timed choices among the same candidates
+    assert kernels.rows == [r for r in bench.rows if r != 'timm-compiled']
+    assert [r for r in kernels.rows if r.startswith('fast-')] == [r for r in bench.rows if r.startswith('fast-')]
+    for field in ('device', 'models', 'rates', 'batch_size', 'dtype', 'seed', 'masks', 'summary_batch_sizes',
+                  'fast_autotune'):
+        assert getattr(kernels, field) == getattr(bench, field), field
+    assert kernels.time_limit < 170  # its hard limit's: a section it starts has most of its window
 
 
 def test_gpu_check_names_existing_test_files_and_refuses_unknown_steps(tmp_path):
@@ -2833,6 +2847,9 @@ elif args[:2] == ['-m', 'pytest']:
     sys.exit(code)
 elif args[:1] == ['benchmarks/model_zoo.py']:
     opts = dict(zip(args, args[1:]))
+    if '--rows' in opts and 'fast-triton' in opts['--rows']:  # the Triton kernels compiled ahead, section by section
+        print('\n== DeiT-Ti: batch 256, cuda, its kernels ==')
+        sys.exit(exit_of('warm_kernels'))
     if '--rows' in opts:  # the compiles done ahead: graphs and the kernel configs timed, into inductor's cache
         cache = os.path.join(os.environ['TORCHINDUCTOR_CACHE_DIR'], 'fxgraph', 'ab')
         os.makedirs(cache, exist_ok=True)
@@ -2921,8 +2938,9 @@ def test_gpu_check_runs_its_steps_end_to_end_within_its_time_limits(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     status = _status(out)
     # the tests and the compiles done ahead run at once (their lines in any order), the benchmark alone after them
-    assert sorted(status[:3]) == [(s, 'ok', 0) for s in ('test_fast_path', 'test_model', 'warm_compile')]
-    assert status[3:] == [('model_zoo', 'ok', 0)]
+    assert sorted(status[:4]) == [(s, 'ok', 0) for s in ('test_fast_path', 'test_model', 'warm_compile',
+                                                          'warm_kernels')]
+    assert status[4:] == [('model_zoo', 'ok', 0)]
     promised = re.search(r'Outputs go to \$OUT \(default \S+\), (\d+) files [^:]*: (.*?)\.  ', header)
     names = promised[2].split(', ')
     assert sorted(os.listdir(out)) == sorted(names) and len(names) == int(promised[1]) == 7
@@ -2931,6 +2949,7 @@ def test_gpu_check_runs_its_steps_end_to_end_within_its_time_limits(tmp_path):
     assert 'NVIDIA H200 (stand-in nvidia-smi)' in (out / 'env.txt').read_text()
     assert '6 passed' in (out / 'test_fast_path.log').read_text() and '6 passed' in (out / 'test_model.log').read_text()
     assert 'torch.compile time (first call): tiny 9 s' in done.stdout
+    assert '\n== DeiT-Ti: batch 256, cuda, its kernels ==\n' in done.stdout  # the sections whose kernels it compiled
     results = json.loads((tmp_path / 'results.json').read_text())
     for s in results['sections']:
         assert f"\n{s['section']}: {s['status']}" in done.stdout
@@ -2939,9 +2958,9 @@ def test_gpu_check_runs_its_steps_end_to_end_within_its_time_limits(tmp_path):
     cache = tmp_path / 'inductor' / 'fxgraph' / 'ab'
     assert sorted(os.listdir(cache)) == ['graph.py']
     # python3's calls: the probe, the wheel's install (where the tests' python3 and PYTHONPATH find it), the
-    # versions, xdist, the two test runs and the compiles (at once), the benchmark and its two summaries
+    # versions, xdist, the two test runs and the two compiles ahead (at once), the benchmark and its two summaries
     steps = [c for c in calls if c[:2] == ['-m', 'pytest'] or c[:1] == ['benchmarks/model_zoo.py']]
-    assert len(calls) == 6 + len(steps) and len(steps) == 4, calls
+    assert len(calls) == 6 + len(steps) and len(steps) == 5, calls
     assert calls[0][0] == '-c' and calls[2:4] == [['-'], ['-c', 'import xdist']], calls
     assert calls[1][:3] == ['-m', 'pip', 'install'] and calls[1][-3:] == ['--target', '/tmp/site', str(wheel)]
     assert f'installed {wheel}' in (out / 'env.txt').read_text()
@@ -2957,15 +2976,17 @@ def test_gpu_check_runs_its_steps_end_to_end_within_its_time_limits(tmp_path):
         words = line.split()
         if words[0].startswith('--kill-after='):
             name = ('test_fast_path' if 'tests/test_fast_path.py' in line else 'test_model' if 'tests/' in line
-                    else 'warm_compile' if '--rows' in line else 'model_zoo')
+                    else 'warm_kernels' if 'fast-triton' in line else 'warm_compile' if '--rows' in line
+                    else 'model_zoo')
             limits[name] = (int(words[1]), int(words[0].split('=')[1]))
         else:
             limits[' '.join(words[1:3])] = int(words[0])
     assert set(limits) == {'python3 -c', 'python3 -m', 'nvidia-smi', 'python3 -', 'test_model', 'warm_compile',
-                           'test_fast_path', 'model_zoo'}, limits
-    assert all(limits[s][1] == 15 for s in ('test_model', 'warm_compile', 'test_fast_path', 'model_zoo'))
+                           'warm_kernels', 'test_fast_path', 'model_zoo'}, limits
+    assert all(limits[s][1] == 15 for s in ('test_model', 'warm_compile', 'warm_kernels', 'test_fast_path',
+                                             'model_zoo'))
     environment = limits['python3 -m'] + limits['nvidia-smi'] + limits['python3 -']  # pip, the GPU, the versions
-    tests = max(sum(limits[s]) for s in ('test_model', 'warm_compile', 'test_fast_path'))
+    tests = max(sum(limits[s]) for s in ('test_model', 'warm_compile', 'warm_kernels', 'test_fast_path'))
     benchmark = sum(limits['model_zoo'])
     worst = {'default': environment + tests + benchmark, 'resume': environment + benchmark}
     for call, worst_case in worst.items():
@@ -2983,12 +3004,13 @@ def test_gpu_check_records_a_failed_step_and_carries_on(tmp_path):
     done, calls, _ = _run_gpu_check(tmp_path, STAND_IN_RC='test_fast_path:1,model_zoo:124', STAND_IN_SLOW='test_model')
     assert done.returncode == 1, done.stdout + done.stderr
     assert sorted(_status(out)) == [('model_zoo', 'TIMED OUT', 124), ('test_fast_path', 'FAILED', 1),
-                                    ('test_model', 'ok', 0), ('warm_compile', 'ok', 0)]
+                                    ('test_model', 'ok', 0), ('warm_compile', 'ok', 0), ('warm_kernels', 'ok', 0)]
     assert _status(out)[-1][0] == 'model_zoo' and '1 failed' in (out / 'test_fast_path.log').read_text()
     assert (out / 'cuda.json').exists() and calls[-1][:2] == ['-m', 'benchmarks.report']
-    done, _, _ = _run_gpu_check(tmp_path, STAND_IN_RC='warm_compile:1')
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert ('warm_compile', 'FAILED', 1) in _status(out) and len(os.listdir(out)) == 7
+    for ahead in ('warm_compile', 'warm_kernels'):
+        done, _, _ = _run_gpu_check(tmp_path, STAND_IN_RC=f'{ahead}:1')
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert (ahead, 'FAILED', 1) in _status(out) and len(os.listdir(out)) == 7
     done, _, _ = _run_gpu_check(tmp_path, 'tests', STAND_IN_RC='test_model:1')  # a step run in the background
     assert done.returncode == 1 and sorted(_status(out)) == [('test_fast_path', 'ok', 0), ('test_model', 'FAILED', 1)]
 
