@@ -112,7 +112,7 @@ __all__ = [
     'residual_layer_norm_', 'residual_layer_norm_reference_', 'residual_layer_norm_triton_',
     'residual_scatter_', 'residual_scatter_reference_', 'residual_scatter_triton_',
     'attention', 'attention_reference', 'attention_triton', 'ATTENTION_TILES',
-    'linear_gelu', 'linear_gelu_reference', 'linear_gelu_triton', 'LINEAR_TILES',
+    'linear_gelu', 'linear_gelu_reference', 'linear_gelu_triton', 'LINEAR_TILES', 'PATCH_EMBED_TILES',
     'linear_residual_scatter_', 'linear_residual_scatter_reference_', 'linear_residual_scatter_triton_',
     'mlp_residual_scatter_', 'mlp_residual_scatter_reference_', 'mlp_residual_scatter_triton_', 'mlp_tiles',
     'gather_layer_norm_linear', 'gather_layer_norm_linear_reference', 'gather_layer_norm_linear_triton',
@@ -159,6 +159,13 @@ ATTENTION_TILES = ((64, 64, 64, 4, 2), (32, 64, 64, 4, 2), (64, 128, 128, 4, 2),
 # warps, without spills.
 LINEAR_TILES = ((128, 128, 64, 8, 3), (128, 128, 64, 4, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4),
                 (128, 64, 64, 4, 4))
+# The patch embedding's: those, and two 256-column tiles that take 32 of the 768 (= 3 x 16 x 16) pixel columns a
+# step.  Its product is bound by the fp32 image read (at DeiT-Ti width and batch 256 the fastest, 128x256x64 in 8
+# warps, moved about half of what an H200's memory can); a 256-column tile reads each image once whatever the width
+# up to 256 (DeiT-Ti's 192), and the 32-column steps halve the pixel tile a thread holds beside the accumulator.
+# Compiled for sm_90a the 64-row one spills nothing and fits two blocks in a multiprocessor's shared memory (88
+# KB each); the 128-row one has four stages in flight (not yet measured on a GPU).
+PATCH_EMBED_TILES = LINEAR_TILES + ((128, 256, 32, 8, 4), (64, 256, 32, 4, 4))
 
 
 def _has_dependent_launch() -> bool:
@@ -712,10 +719,12 @@ if HAS_TRITON:
                             GDC: tl.constexpr = False):
         # Row r = b * num_patches + p of the unfolded patch matrix (p = py * grid_w + px), column k = (ch, ky, kx)
         # in the conv weight's order: pixel (ch, py*PH + ky, px*PW + kx) of image b (unit stride along W).
-        # out[b, prefix + p] = row @ wt + const[p], the pixels cast to wt's dtype for the matrix unit, the
-        # product and the sum in fp32, one rounding to out's dtype.  INDIRECT: the images start at the address
-        # stored at addr_ptr, read when the kernel runs (img_ptr only gives their dtype); the address is a
-        # multiple of 16 bytes, said here since a loaded value carries no alignment (the loads stay 16 bytes wide).
+        # out[b, prefix + p] = const[p] + row @ wt, the pixels cast to wt's dtype for the matrix unit, the
+        # product and the sum in fp32 (the accumulator starts at const[p]: no tile of it is held beside the
+        # accumulator after the loop, which made the 256-column tiles spill), one rounding to out's dtype.
+        # INDIRECT: the images start at the address stored at addr_ptr, read when the kernel runs (img_ptr only
+        # gives their dtype); the address is a multiple of 16 bytes, said here since a loaded value carries no
+        # alignment (the loads stay 16 bytes wide).
         _await_prior_launch(GDC)
         if INDIRECT:
             img_ptr = tl.multiple_of(tl.load(addr_ptr).to(tl.pointer_type(img_ptr.dtype.element_ty)), 16)
@@ -728,7 +737,8 @@ if HAS_TRITON:
         py = p // grid_w
         px = p % grid_w
         row_base = b * stride_ib + (py * PH).to(tl.int64) * stride_ih + px * PW
-        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        ok = m_ok[:, None] & n_ok[None, :]
+        acc = tl.load(c_ptr + p[:, None] * N + offs_n[None, :], mask=ok, other=0.0).to(tl.float32)
         for k in range(0, K, BLOCK_K):
             kk = k + offs_k
             ch = kk // (PH * PW)
@@ -745,8 +755,6 @@ if HAS_TRITON:
                 w = tl.load(wt_ptr + kk[:, None] * N + offs_n[None, :], mask=k_ok[:, None] & n_ok[None, :],
                             other=0.0)
             acc = tl.dot(a.to(wt_ptr.dtype.element_ty), w, acc)
-        ok = m_ok[:, None] & n_ok[None, :]
-        acc = acc + tl.load(c_ptr + p[:, None] * N + offs_n[None, :], mask=ok, other=0.0).to(tl.float32)
         dst = out_ptr + (b * stride_ob + (prefix + p).to(tl.int64) * stride_on)[:, None] + offs_n[None, :]
         tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=ok)
 

@@ -1253,7 +1253,8 @@ class FastViT(nn.Module):
             def run(c: ProductChoice) -> torch.Tensor:
                 self._set_embed(c)
                 return self._embed(images)
-            candidates = [ProductChoice('torch')] + [ProductChoice('triton', tiles=t) for t in K.LINEAR_TILES]
+            candidates = [ProductChoice('torch')] + [ProductChoice('triton', tiles=t)
+                                                     for t in K.PATCH_EMBED_TILES]
             _keep_fastest(key, candidates, run, ref, tol)
         return _CHOICE_CACHE[key]
 

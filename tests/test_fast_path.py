@@ -678,7 +678,8 @@ def test_mlp_residual_scatter_refuses_what_it_cannot_hold():
 @pytest.mark.parametrize('dtype', LINEAR_DTYPES)
 @pytest.mark.parametrize('geometry,tiles', [((3, 20, 30, 5, 5), (32, 32, 16, 4, 2)),   # K = 75: ragged K tiles
                                             ((3, 32, 32, 8, 8), (16, 64, 64, 4, 2)),   # K = 192, one tile too wide
-                                            ((2, 16, 24, 8, 4), K.LINEAR_TILES[0])])   # 2 channels, ph != pw
+                                            ((2, 16, 24, 8, 4), K.LINEAR_TILES[0]),    # 2 channels, ph != pw
+                                            ((3, 32, 32, 8, 8), K.PATCH_EMBED_TILES[-1])])  # 32-column steps
 def test_patch_embed_equals_the_strided_convolution(dtype, geometry, tiles):
     """The fused patch embedding against F.conv2d (stride = kernel) plus the position embedding, written into
     rows prefix.. of a buffer whose other rows stay as they were; B * num_patches ragged against BLOCK_M, C = 40
@@ -1177,6 +1178,27 @@ def _script_timings(monkeypatch, script, default=2.0):
     monkeypatch.setattr(FP, '_times_on', lambda device: True)
     monkeypatch.setattr(FP, '_time_candidate', scripted)
     monkeypatch.setattr(FP, '_CHOICE_CACHE', {})
+
+
+@needs_triton
+@torch.no_grad()
+def test_timed_patch_embedding_offers_its_own_tiles(monkeypatch):
+    """The patch embedding's timed choice (scripted times, fp16) offers cuBLAS on the unfolded patches and every
+    tile of K.PATCH_EMBED_TILES, the 32-column-step ones included, and keeps the fastest; the path then computes
+    the model with it, within fp16 rounding of the fp32 eager model."""
+    from models.fast_path import ProductChoice
+    labels = [ProductChoice('triton', tiles=t).label for t in K.PATCH_EMBED_TILES]
+    fastest = labels[-1]
+    _script_timings(monkeypatch, {fastest: 0.5})
+    model = tiny_cc(8)
+    pruning.apply_masks(model, pruning.random_masks(3, 16, 0.3, generator=_gen(8)))
+    fast = build_fast_path(model, backend='triton', dtype=torch.float16, batch_size=2)
+    built = fast.describe()
+    assert set(built['patch_embedding_ms']) == {'torch', *labels} and len(labels) == len(set(labels))
+    assert built['patch_embedding'] == fastest and built['patch_embedding_ms'][fastest] == 0.5
+    x = images(seed=8)
+    ref = model(x)
+    assert (fast(x) - ref).abs().max().item() <= 1e-2 * max(1.0, ref.abs().max().item())
 
 
 @needs_triton
@@ -2623,7 +2645,7 @@ for norm in (True, False):
 embed = dict(img_ptr='*fp32', addr_ptr='*i64', wt_ptr='*fp16', c_ptr='*fp32', out_ptr='*fp32', M='i32', N='i32',
              K='i32', num_patches='i32', grid_w='i32', stride_ib='i32', stride_ic='i32', stride_ih='i32',
              stride_ob='i32', stride_on='i32', prefix='i32')
-for bm, bn, bk, warps, stages in K.LINEAR_TILES:
+for bm, bn, bk, warps, stages in K.PATCH_EMBED_TILES:
     for indirect in (False, True):  # the images at a pointer argument, or at an address read from memory
         out[f'patch_embed {bm}x{bn}x{bk}w{warps} indirect={indirect}'] = compile_(
             K._patch_embed_kernel, embed, dict(PH=16, PW=16, INDIRECT=indirect, EVEN_K=True, BLOCK_M=bm, BLOCK_N=bn,
@@ -2669,8 +2691,8 @@ def test_kernels_compile_for_the_gpus_before_hopper(arch):
     before it (programmatic dependent launch's wait is Hopper's: the fast path launches with it only there)."""
     kernels = _compiled_for(arch)
     assert all(info['gdc'] == [0, 0] for info in kernels.values())
-    assert len(kernels) == (2 * len(K.ATTENTION_TILES) + 4 * len(K.LINEAR_TILES) + 2 * len(K.row_tiles(192))
-                            + len(K.mlp_tiles(192)) + len(K.norm_linear_tiles(192)) + 3)
+    assert len(kernels) == (2 * len(K.ATTENTION_TILES) + 2 * len(K.LINEAR_TILES) + 2 * len(K.PATCH_EMBED_TILES)
+                            + 2 * len(K.row_tiles(192)) + len(K.mlp_tiles(192)) + len(K.norm_linear_tiles(192)) + 3)
     limit = SHARED_MEMORY_PER_BLOCK[arch]
     first = [f'attention {K.ATTENTION_TILES[0][0]}x{K.ATTENTION_TILES[0][1]} {d}' for d in ('fp16', 'fp32')]
     lin = '{}x{}x{}w{}'.format(*K.LINEAR_TILES[0][:4])
@@ -2698,7 +2720,8 @@ def test_kernels_compile_for_hopper():
     fp32: launched, it raises Triton's out-of-resources error, which the timed choice records as a refusal
     (the forced tile, the first, fits).  The row kernels move their rows in 16-byte loads and stores.  Registers
     (ptxas -v): the 4-warp 128x128 and the 128x256 product tiles spill, as LINEAR_TILES says, and its first (the
-    default), 128x128 in 8 warps, does not; nothing else spills more than a few bytes.  The one-kernel MLP's
+    default), 128x128 in 8 warps, does not; the patch embedding's 256-column tiles at most 64 bytes a thread;
+    nothing else spills more than a few bytes.  The one-kernel MLP's
     tiles at DeiT-Ti width (mlp_tiles' docstring): the first (the default) spills nothing, the others at most 16
     bytes a thread; the first norm with qkv's tiles spill nothing.  Every kernel compiled for a launch with
     programmatic dependent launch (GDC) waits for the kernel before it and lets the next one be scheduled; the
@@ -2708,8 +2731,8 @@ def test_kernels_compile_for_hopper():
     assert sorted(pdl) == ['pdl ' + k for k in sorted(FAST_PATH_KERNELS)]
     assert all(info['gdc'][0] >= 1 and info['gdc'][1] >= 1 for info in pdl.values()), pdl
     assert all(info['gdc'] == [0, 0] for info in kernels.values())
-    assert len(kernels) == (2 * len(K.ATTENTION_TILES) + 4 * len(K.LINEAR_TILES) + 2 * len(K.row_tiles(192))
-                            + len(K.mlp_tiles(192)) + len(K.norm_linear_tiles(192)) + 3)
+    assert len(kernels) == (2 * len(K.ATTENTION_TILES) + 2 * len(K.LINEAR_TILES) + 2 * len(K.PATCH_EMBED_TILES)
+                            + 2 * len(K.row_tiles(192)) + len(K.mlp_tiles(192)) + len(K.norm_linear_tiles(192)) + 3)
     too_big = sorted(name for name, info in kernels.items() if info['shared'] > 227 * 1024)
     assert too_big == ['attention 64x256 fp32'], too_big
     assert K.ATTENTION_TILES[0][:2] != (64, 256)
@@ -2745,6 +2768,11 @@ def test_kernels_compile_for_hopper():
     assert {n for n, b in spilled.items() if b > 64} <= {n for n in spilled if n.split()[1] in spilling}, spilled
     assert spilled.get('linear 128x128x64w4 residual=True', 0) > 256, spilled
     assert K.LINEAR_TILES[0] == (128, 128, 64, 8, 3) and not [n for n in spilled if '128x128x64w8' in n], spilled
+    # the patch embedding's accumulator starts at its constant (no tile of it held beside the accumulator after the
+    # loop): its 256-column tiles spill at most 64 bytes a thread (228 with the constant added after the loop), the
+    # 64-row one nothing
+    embed = {n: b for n, b in spilled.items() if n.startswith('patch_embed') and 'x256x' in n}
+    assert max(embed.values(), default=0) <= 64 and not [n for n in embed if n.startswith('patch_embed 64x')], embed
 
 
 # ---------------------------------------------------------------------------------------------------------------
