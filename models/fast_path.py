@@ -1540,10 +1540,22 @@ class FastViT(nn.Module):
         (random) images and timed (:func:`_replay_ms`; ``dependent_launch_ms`` 'off' and 'on'), and the faster
         kept: (graph, its output buffer, whether it is the one with it).  The second graph must give the first's
         logits bit for bit (the same kernels on the same operands, each waiting for the one before it); one that
-        does not is refused (the reason in ``refused['dependent_launch']``) and the first graph kept.  The second
+        does not, or whose warm-up fails (a kernel variant with the wait that does not build, say), is refused (the
+        reason in ``refused['dependent_launch']``) and the first graph kept; a failure of the capture itself is
+        raised (CaptureError), as any: torch's allocator is unusable after it.  The second
         graph takes its memory from the first's pool (the two are only ever replayed one after the other, and each
         writes every intermediate before it reads it), so capturing it needs little more memory than the first."""
-        dep_graph, dep_out = self._capture_graph(static_in, dependent=True, pool=graph.pool())
+        try:
+            dep_graph, dep_out = self._capture_graph(static_in, dependent=True, pool=graph.pool())
+        except (CaptureError, torch.OutOfMemoryError):
+            raise  # a capture that failed leaves torch's allocator unusable: never hidden; a full GPU is the batch's
+        except Exception as e:  # noqa: BLE001  (its warm-up, before any capture: a kernel variant with the wait
+            # that does not build, say; refused, as a tile that fails to launch)
+            self.refused['dependent_launch'] = {0: {'on': f'its warm-up failed ({type(e).__name__}: '
+                                                          f'{str(e).strip()[:300]})'}}
+            graph.replay()  # the graph without it still runs (else that error is raised here, at the build)
+            torch.cuda.synchronize(self.device)
+            return graph, out, False
         graph.replay()
         dep_graph.replay()
         torch.cuda.synchronize(self.device)

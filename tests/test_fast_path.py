@@ -2306,10 +2306,11 @@ class _StandInGraph:
     writes ``off_by`` more), and it remembers whether it was reset."""
 
     def __init__(self, fast, dependent, off_by=0.0):
-        self.fast, self.dependent, self.off_by, self.was_reset = fast, dependent, off_by, False
+        self.fast, self.dependent, self.off_by, self.was_reset, self.replays = fast, dependent, off_by, False, 0
         self.out = torch.zeros(fast._static_in.shape[0], 10, device=DEVICE)
 
     def replay(self):
+        self.replays += 1
         self.out.copy_(self.fast._forward_impl(self.fast._static_in) + self.off_by)
 
     def reset(self):
@@ -2319,13 +2320,16 @@ class _StandInGraph:
         return ('pool of', self)
 
 
-def _stand_in_capture(monkeypatch, fast, mode, replay_ms=(1.0, 1.0), off_by=0.0):
+def _stand_in_capture(monkeypatch, fast, mode, replay_ms=(1.0, 1.0), off_by=0.0, fails=None):
     """fast._capture(2) with stand-in graphs (the second, with dependent launch, off by ``off_by``), the graphs'
-    times scripted (without, with); the graphs made, in order."""
+    times scripted (without, with); the graphs made, in order.  ``fails``: the exception a capture with dependent
+    launch raises instead."""
     import models.fast_path as FP
     made = []
 
     def capture(static_in, dependent, pool=None):
+        if dependent and fails is not None:
+            raise fails
         made.append(_StandInGraph(fast, dependent, off_by if len(made) else 0.0))
         made[-1].captured_in = pool
         return made[-1], made[-1].out
@@ -2342,8 +2346,8 @@ def _stand_in_capture(monkeypatch, fast, mode, replay_ms=(1.0, 1.0), off_by=0.0)
 @pytest.mark.parametrize('on_ms', [0.8, 1.2])
 def test_a_capture_keeps_the_faster_graph_with_or_without_dependent_launch(monkeypatch, on_ms):
     """dependent_launch='auto': the forward is captured without, then with programmatic dependent launch, both
-    graphs replayed and checked equal, and timed; the faster is kept and the other reset (its memory back), and
-    describe() says which, with both times.  The kept graph's replays give the model's logits."""
+    graphs replayed and checked equal, and timed; the faster is kept and the other reset (its executable graph
+    released), and describe() says which, with both times.  The kept graph's replays give the model's logits."""
     model = tiny_cc(9)
     fast = build_fast_path(model, backend='torch')
     made = _stand_in_capture(monkeypatch, fast, 'auto', replay_ms=(1.0, on_ms))
@@ -2369,6 +2373,32 @@ def test_a_graph_with_dependent_launch_that_computes_otherwise_is_refused(monkey
     assert d['dependent_launch'] is False and d['dependent_launch_ms'] == {}
     assert re.fullmatch(r'its logits differ from the graph launched without it \(max \|difference\| [0-9.e-]+\)',
                         d['refused']['dependent_launch']['0']['on'])
+
+
+@torch.no_grad()
+def test_a_capture_with_dependent_launch_whose_warm_up_fails_is_refused(monkeypatch):
+    """dependent_launch='auto': a capture with dependent launch whose warm-up fails, before anything is captured
+    (a kernel variant with the wait that does not build, say), is refused with its error, and the graph without
+    it kept, untimed, after one replay shows it still runs; the path computes the model.  A failure of the capture
+    itself is raised, as any capture's (torch's allocator is unusable after it), and so is one with 'on'."""
+    from models.fast_path import CaptureError
+    model = tiny_cc(9)
+    fast = build_fast_path(model, backend='torch')
+    made = _stand_in_capture(monkeypatch, fast, 'auto', fails=ValueError('a kernel variant that does not build'))
+    assert [g.dependent for g in made] == [False] and fast._graph is made[0] and not made[0].was_reset
+    assert made[0].replays == 1
+    d = fast.describe()
+    assert d['dependent_launch'] is False and d['dependent_launch_ms'] == {}
+    assert d['refused']['dependent_launch'] == {
+        '0': {'on': 'its warm-up failed (ValueError: a kernel variant that does not build)'}}
+    x = images(2, seed=4)
+    assert _close(fast(x), model(x))
+    for mode, fails in (('auto', CaptureError('capturing the forward ... failed')),
+                        ('auto', torch.OutOfMemoryError('CUDA out of memory')),
+                        ('on', CaptureError('capturing the forward ... failed'))):
+        fast = build_fast_path(tiny_cc(9), backend='torch')
+        with pytest.raises(type(fails), match=str(fails).replace('.', r'\.')):
+            _stand_in_capture(monkeypatch, fast, mode, fails=fails)
 
 
 @torch.no_grad()
