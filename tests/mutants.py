@@ -513,6 +513,13 @@ MUTANTS: List[Mutant] = [
            '    images = images.contiguous()\n', '',
            [T + 'test_fast_path.py::test_patch_embed_takes_images_of_any_layout'],
            'the patch embedding reads channels-last images as if W had unit stride'),
+    mutant('patch-embed-constant-masked-by-row-only', 'models/fast_kernels.py',
+           "        acc = tl.load(c_ptr + p[:, None] * N + offs_n[None, :], mask=ok, other=0.0).to(tl.float32)\n",
+           "        acc = tl.load(c_ptr + p[:, None] * N + offs_n[None, :], mask=m_ok[:, None], other=0.0)"
+           ".to(tl.float32)\n",
+           [T + 'test_fast_path.py::test_patch_embed_equals_the_strided_convolution'],
+           'the patch embedding starts its accumulator from the constant read past its columns (a column tile wider '
+           'than the width)'),
     mutant('residual-rows-masked-one-too-many', 'models/fast_kernels.py',
            '        rows_ok = r < num_rows\n        b = (r // n).to(tl.int64)\n        i = (r % n).to(tl.int64)\n',
            '        rows_ok = r <= num_rows\n        b = (r // n).to(tl.int64)\n        i = (r % n).to(tl.int64)\n',
