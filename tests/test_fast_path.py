@@ -1180,6 +1180,29 @@ def _script_timings(monkeypatch, script, default=2.0):
     monkeypatch.setattr(FP, '_CHOICE_CACHE', {})
 
 
+def _scripted_pruned_build(monkeypatch, script, seed, batch_size=2):
+    """A tiny model pruned at random (``seed``) and its fp16 Triton path built with the timings scripted
+    (:func:`_script_timings`): (model, path, its describe(), the distinct kept counts)."""
+    _script_timings(monkeypatch, script)
+    model = tiny_cc(seed)
+    pruning.apply_masks(model, pruning.random_masks(3, 16, 0.3, generator=_gen(seed)))
+    fast = build_fast_path(model, backend='triton', dtype=torch.float16, batch_size=batch_size)
+    built = fast.describe()
+    return model, fast, built, sorted(set(built['kept_counts']))
+
+
+def _assert_fused_choice(built, counts, kind, tiles, kept, wrong):
+    """A fused kind's timed choice at every kept count: ``kept`` chosen at its scripted 0.5 ms among 'torch' and
+    every tile of ``tiles``, and ``wrong`` (scripted faster, its output off) refused, untimed."""
+    from models.fast_path import ProductChoice
+    assert built[kind] == {str(n): kept for n in counts}
+    for n in counts:
+        ms = built[f'{kind}_ms'][str(n)]
+        assert set(ms) == {'torch'} | {ProductChoice('triton', tiles=t).label for t in tiles}
+        assert ms[kept] == 0.5 and ms[wrong] is None
+        assert built['refused'][kind][str(n)][wrong].startswith('max |difference| ')
+
+
 @needs_triton
 @torch.no_grad()
 def test_timed_patch_embedding_offers_its_own_tiles(monkeypatch):
@@ -1189,11 +1212,7 @@ def test_timed_patch_embedding_offers_its_own_tiles(monkeypatch):
     from models.fast_path import ProductChoice
     labels = [ProductChoice('triton', tiles=t).label for t in K.PATCH_EMBED_TILES]
     fastest = labels[-1]
-    _script_timings(monkeypatch, {fastest: 0.5})
-    model = tiny_cc(8)
-    pruning.apply_masks(model, pruning.random_masks(3, 16, 0.3, generator=_gen(8)))
-    fast = build_fast_path(model, backend='triton', dtype=torch.float16, batch_size=2)
-    built = fast.describe()
+    model, fast, built, _ = _scripted_pruned_build(monkeypatch, {fastest: 0.5}, seed=8)
     assert set(built['patch_embedding_ms']) == {'torch', *labels} and len(labels) == len(set(labels))
     assert built['patch_embedding'] == fastest and built['patch_embedding_ms'][fastest] == 0.5
     x = images(seed=8)
@@ -1218,14 +1237,9 @@ def test_timed_build_can_pad_the_rows_of_a_product(monkeypatch, fc1):
     padded, fused = ProductChoice('torch', pad=4).label, ProductChoice('triton', tiles=K.LINEAR_TILES[0]).label
     assert padded == 'torch+4rows'
     script = {padded: 0.5, 'torch': 1.0, fused: 0.25 if fc1 == 'triton' else 2.0}
-    _script_timings(monkeypatch, script)
-    model = tiny_cc(11)
-    pruning.apply_masks(model, pruning.random_masks(3, 16, 0.3, generator=_gen(11)))
-    fast = build_fast_path(model, backend='triton', dtype=torch.float16, batch_size=4)
+    model, fast, built, counts = _scripted_pruned_build(monkeypatch, script, seed=11, batch_size=4)
     plain = build_fast_path(model, backend='triton', dtype=torch.float16, attention='sdpa',  # the same, unpadded
                             mlp='torch' if fc1 == 'padded' else 'triton')
-    built = fast.describe()
-    counts = sorted(set(built['kept_counts']))
     mlp = padded if fc1 == 'padded' else fused
     for kind, kept in (('qkv', padded), ('proj', padded), ('mlp', mlp), ('fc2', mlp)):
         assert built[kind] == {str(n): kept for n in counts}, kind
@@ -1279,23 +1293,13 @@ def test_timed_build_can_fuse_the_projection_with_the_residual_and_norm(monkeypa
             return y
         return y * 2.0
 
-    _script_timings(monkeypatch, script)
     monkeypatch.setattr(FP, 'run_proj_norm', wrong_tile)
-    model = tiny_cc(12)
-    pruning.apply_masks(model, pruning.random_masks(3, 16, 0.3, generator=_gen(12)))
-    fast = build_fast_path(model, backend='triton', dtype=torch.float16, batch_size=2)
-    built = fast.describe()
-    counts = sorted(set(built['kept_counts']))
-    assert built['proj_norm'] == {str(n): kept for n in counts}
+    model, fast, built, counts = _scripted_pruned_build(monkeypatch, script, seed=12)
+    _assert_fused_choice(built, counts, 'proj_norm', K.row_tiles(64), kept, wrong)
     assert sorted(refused) == [wrong] * len(counts)
-    for n in counts:
-        ms = built['proj_norm_ms'][str(n)]
-        assert set(ms) == {'torch'} | {ProductChoice('triton', tiles=t).label for t in K.row_tiles(64)}
-        # the second MLP product is offered the row-spanning tiles too, beside its usual ones
-        offered = {ProductChoice('triton', tiles=t).label for t in K.LINEAR_TILES + tuple(K.row_tiles(64))}
-        assert offered <= set(built['fc2_ms'][str(n)])
-        assert ms[kept] == 0.5 and ms[wrong] is None
-        assert built['refused']['proj_norm'][str(n)][wrong].startswith('max |difference| ')
+    # the second MLP product is offered the row-spanning tiles too, beside its usual ones
+    offered = {ProductChoice('triton', tiles=t).label for t in K.LINEAR_TILES + tuple(K.row_tiles(64))}
+    assert all(offered <= set(built['fc2_ms'][str(n)]) for n in counts)
     for blk in fast.blocks:
         assert blk.proj_norm.label == kept and (blk.proj_wt is not None) == (winner == 'fused')
     x = images(seed=12)
@@ -1335,20 +1339,10 @@ def test_timed_build_can_run_the_whole_mlp_as_one_kernel(monkeypatch, winner):
             x.mul_(1.5)  # every row scaled: a kernel that also wrote where it should not have
         return out
 
-    _script_timings(monkeypatch, script)
     monkeypatch.setattr(FP, 'run_mlp_residual', wrong_tile)
-    model = tiny_cc(13)
-    pruning.apply_masks(model, pruning.random_masks(3, 16, 0.3, generator=_gen(13)))
-    fast = build_fast_path(model, backend='triton', dtype=torch.float16, batch_size=2)
-    built = fast.describe()
-    counts = sorted(set(built['kept_counts']))
-    assert built['mlp_residual'] == {str(n): kept for n in counts}
+    model, fast, built, counts = _scripted_pruned_build(monkeypatch, script, seed=13)
+    _assert_fused_choice(built, counts, 'mlp_residual', K.mlp_tiles(64), kept, wrong)
     assert sorted(refused) == [wrong] * len(counts)
-    for n in counts:
-        ms = built['mlp_residual_ms'][str(n)]
-        assert set(ms) == {'torch'} | {ProductChoice('triton', tiles=t).label for t in K.mlp_tiles(64)}
-        assert ms[kept] == 0.5 and ms[wrong] is None
-        assert built['refused']['mlp_residual'][str(n)][wrong].startswith('max |difference| ')
     for blk in fast.blocks:
         assert blk.mlp_residual.label == kept
         assert (blk.fc1_wt is not None and blk.fc2_wt is not None) or winner == 'torch'
@@ -1393,19 +1387,9 @@ def test_timed_build_can_run_the_first_norm_and_qkv_as_one_kernel(monkeypatch, w
         out = run_norm_qkv(qkv, choice, *a)
         return out * 1.01 if choice.label == wrong else out
 
-    _script_timings(monkeypatch, script)
     monkeypatch.setattr(FP, 'run_norm_qkv', wrong_tile)
-    model = tiny_cc(14)
-    pruning.apply_masks(model, pruning.random_masks(3, 16, 0.3, generator=_gen(14)))
-    fast = build_fast_path(model, backend='triton', dtype=torch.float16, batch_size=2)
-    built = fast.describe()
-    counts = sorted(set(built['kept_counts']))
-    assert built['norm_qkv'] == {str(n): kept for n in counts}
-    for n in counts:
-        ms = built['norm_qkv_ms'][str(n)]
-        assert set(ms) == {'torch'} | {ProductChoice('triton', tiles=t).label for t in K.norm_linear_tiles(64)}
-        assert ms[kept] == 0.5 and ms[wrong] is None
-        assert built['refused']['norm_qkv'][str(n)][wrong].startswith('max |difference| ')
+    model, fast, built, counts = _scripted_pruned_build(monkeypatch, script, seed=14)
+    _assert_fused_choice(built, counts, 'norm_qkv', K.norm_linear_tiles(64), kept, wrong)
     for blk in fast.blocks:
         assert blk.norm_qkv.label == kept and (blk.qkv_wt is not None) == (winner == 'one kernel')
     monkeypatch.setattr(FP, 'run_norm_qkv', run_norm_qkv)  # the forward runs what was chosen
