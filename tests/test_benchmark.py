@@ -2729,7 +2729,6 @@ def test_gpu_check_benchmark_commands_are_valid_model_zoo_command_lines(tmp_path
     # and so are the kernels compiled ahead: every fast-path row of the benchmark, in the sections it runs (the same
     # models, masks, batch sizes and precision), with its timed choices among the same candidates
     assert kernels.rows == [r for r in bench.rows if r != 'timm-compiled']
-    assert [r for r in kernels.rows if r.startswith('fast-')] == [r for r in bench.rows if r.startswith('fast-')]
     for field in ('device', 'models', 'rates', 'batch_size', 'dtype', 'seed', 'masks', 'summary_batch_sizes',
                   'fast_autotune'):
         assert getattr(kernels, field) == getattr(bench, field), field
