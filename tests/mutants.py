@@ -1256,6 +1256,23 @@ MUTANTS: List[Mutant] = [
            '        faster = on_ms < off_ms', '        faster = on_ms > off_ms',
            [T + 'test_fast_path.py::test_a_capture_keeps_the_faster_graph_with_or_without_dependent_launch'],
            'the capture keeps the slower of the graphs with and without programmatic dependent launch'),
+    mutant('kernel-warm-skips-the-graph-rows', 'benchmarks/gpu_check.sh',
+           '--rows timm,ours,fast-triton-dense,fast-triton,fast-triton-graph-dense,fast-triton-graph --no-compile',
+           '--rows timm,ours,fast-triton-dense,fast-triton --no-compile',
+           [T + 'test_benchmark.py::test_gpu_check_benchmark_commands_are_valid_model_zoo_command_lines'],
+           "the GPU check's kernel warm-up leaves out the benchmark's CUDA-graph rows, whose kernel variants "
+           '(programmatic dependent launch\'s among them) the benchmark then compiles while timing'),
+    mutant('pdl-warm-up-failure-raised', 'models/fast_path.py',
+           '        except Exception as e:  # noqa: BLE001  (its warm-up, before any capture',
+           '        except ZeroDivisionError as e:  # (its warm-up, before any capture',
+           [T + 'test_fast_path.py::test_a_capture_with_dependent_launch_whose_warm_up_fails_is_refused'],
+           'a graph with programmatic dependent launch whose warm-up fails stops the build, where the graph '
+           'without it runs'),
+    mutant('dependent-launches-for-every-thread', 'models/fast_kernels.py',
+           '_DEPENDENT = threading.local()', "_DEPENDENT = type('Flag', (), {})()",
+           [T + 'test_fast_path.py::test_inside_dependent_launches_every_kernel_waits_for_the_one_before_it'],
+           'the dependent-launch flag is one for the process: a kernel another thread launches during a capture '
+           'with programmatic dependent launch is launched with the wait too'),
     mutant('pdl-graph-never-checked', 'models/fast_path.py',
            '        if not torch.equal(out, dep_out):', '        if False:',
            [T + 'test_fast_path.py::test_a_graph_with_dependent_launch_that_computes_otherwise_is_refused'],
