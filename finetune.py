@@ -1046,9 +1046,9 @@ def run_speed(args, device: torch.device, resumed: Optional[dict]) -> Dict[str, 
     # the pruned model and the dense model of the same weights run through that path too.
     runs = {'pruned': model, 'dense': dense} if pruned else {'dense': model}
     if args.fast_path != 'none':
-        runs = {'dense': dense, 'dense_fast': fast_model(args, dense, device, args.batch_size, dtype)}
+        runs = {'dense': dense, 'dense_fast': fast_model(args, dense, device, args.batch_size, dtype, 'dense model')}
         if pruned:
-            runs['pruned'] = fast_model(args, model, device, args.batch_size, dtype)
+            runs['pruned'] = fast_model(args, model, device, args.batch_size, dtype, 'pruned model')
     if device.type == 'cpu':
         rank0_print(f'CPU allocator: {steady_allocator()}')
     throughput = measure_throughput(runs, args.batch_size, size, device, repeats=args.speed_repeats,
@@ -1086,17 +1086,25 @@ def run_speed(args, device: torch.device, resumed: Optional[dict]) -> Dict[str, 
     return results
 
 
-def fast_model(args, model: nn.Module, device: torch.device, batch_size: int, dtype: Optional[torch.dtype] = None
-               ) -> nn.Module:
+def fast_model(args, model: nn.Module, device: torch.device, batch_size: int, dtype: Optional[torch.dtype] = None,
+               name: str = 'model') -> nn.Module:
     """``model`` through ``--fast-path`` (models/fast_path.py): an inference-only module on the model's device,
     its matrix products in ``dtype`` (fp32 if None), its kernels chosen by timing at ``batch_size`` (on CUDA), a CUDA
-    graph captured for ``batch_size`` with the Triton backend on CUDA (other batch sizes run uncaptured)."""
+    graph captured for ``batch_size`` with the Triton backend on CUDA (other batch sizes run uncaptured).  The
+    build is announced (``name``: which model) and its seconds said: on a GPU it times every candidate kernel, and
+    the first build there also compiles them (tens of seconds, then Triton's and inductor's caches)."""
     from models.fast_kernels import TritonError
     from models.fast_path import CaptureError, build_fast_path
     graph = device.type == 'cuda' and args.fast_path == 'triton'
+    timed = ('; kernels timed' + (' and a CUDA graph captured' if graph else '') + f' at batch {batch_size}, '
+             'compiled first where no cache has them' if device.type == 'cuda' else '')
+    rank0_print(f'Building the fast path ({args.fast_path}) of the {name} on {device}{timed} ...')
+    start = time.perf_counter()
     try:
-        return build_fast_path(model.eval(), backend=args.fast_path, dtype=dtype, cuda_graph=graph,
+        fast = build_fast_path(model.eval(), backend=args.fast_path, dtype=dtype, cuda_graph=graph,
                                batch_size=batch_size)
+        rank0_print(f'Fast path of the {name} built in {time.perf_counter() - start:.1f} s')
+        return fast
     except ValueError as e:
         raise UserError(f'--fast-path {args.fast_path}: {e}') from None
     except TritonError as e:  # the build runs the kernels (timing, the graph's warm-up): an unsupported GPU

@@ -3043,16 +3043,46 @@ def test_the_command_line_builds_the_path_for_its_batch_size(capsys, monkeypatch
 
     def recording(model, **kwargs):
         built.append(kwargs)
+        print(f'(build {len(built)})')
         return real(model, **kwargs)
     monkeypatch.setattr(FP, 'build_fast_path', recording)
     code, out, err = _cli(capsys, '--speed-only', '--resume', pruned_digits['path'], '--batch-size', '3',
                           '--speed-repeats', '1', '--speed-warmup', '0', '--fast-path', 'torch')
     assert code == 0, err
     assert [(k['batch_size'], k['cuda_graph']) for k in built] == [(3, False), (3, False)]  # dense, pruned
+    # each build said before it starts (a first one on a GPU compiles for tens of seconds) and its time after it
+    lines = out.splitlines()
+    for i, name in ((1, 'dense model'), (2, 'pruned model')):
+        at = lines.index(f'(build {i})')
+        assert lines[at - 1] == f'Building the fast path (torch) of the {name} on cpu ...'
+        assert re.fullmatch(rf'Fast path of the {name} built in \d+\.\d s', lines[at + 1]), lines[at + 1]
     code, out, err = _cli(capsys, '--eval', '--resume', pruned_digits['path'], '--data-path', pruned_digits['data'],
                           '--batch-size', '4', '--fast-path', 'torch')
     assert code == 0, err
     assert built[2]['batch_size'] == 6  # the evaluation's batches: 1.5 times --batch-size, as DeiT's
+
+
+def test_a_build_on_a_gpu_says_it_times_and_captures_before_it_starts(capsys, monkeypatch):
+    """On CUDA the announcement says what takes the time (the kernels timed, the graph captured for the batch,
+    compiled where no cache has them), with --fast-path triton's graph and without compile's; then the seconds."""
+    import argparse
+    import finetune
+    import models.fast_path as FP
+    calls = []
+    monkeypatch.setattr(FP, 'build_fast_path', lambda model, **kw: calls.append(kw) or print('(build)') or model)
+    model = tiny_cc(1)
+    for backend in ('triton', 'compile'):
+        assert finetune.fast_model(argparse.Namespace(fast_path=backend), model, torch.device('cuda'), 256,
+                                   torch.float16, 'pruned model') is model
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0::3] == [
+        'Building the fast path (triton) of the pruned model on cuda; kernels timed and a CUDA graph captured at '
+        'batch 256, compiled first where no cache has them ...',
+        'Building the fast path (compile) of the pruned model on cuda; kernels timed at batch 256, compiled first '
+        'where no cache has them ...']
+    assert lines[1::3] == ['(build)'] * 2
+    assert all(re.fullmatch(r'Fast path of the pruned model built in \d+\.\d s', l) for l in lines[2::3]), lines
+    assert [(kw['cuda_graph'], kw['batch_size']) for kw in calls] == [(True, 256), (False, 256)]
 
 
 @pytest.mark.parametrize('failure, line', [
