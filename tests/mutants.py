@@ -1262,6 +1262,11 @@ MUTANTS: List[Mutant] = [
            [T + 'test_benchmark.py::test_gpu_check_benchmark_commands_are_valid_model_zoo_command_lines'],
            "the GPU check's kernel warm-up leaves out the benchmark's CUDA-graph rows, whose kernel variants "
            '(programmatic dependent launch\'s among them) the benchmark then compiles while timing'),
+    mutant('patch-embedding-timed-on-the-product-tiles', 'models/fast_path.py',
+           '                                                     for t in K.PATCH_EMBED_TILES]',
+           '                                                     for t in K.LINEAR_TILES]',
+           [T + 'test_fast_path.py::test_timed_patch_embedding_offers_its_own_tiles'],
+           "the patch embedding's timed choice leaves out its own tiles (256 columns, 32 pixel columns a step)"),
     mutant('pdl-warm-up-failure-raised', 'models/fast_path.py',
            '        except Exception as e:  # noqa: BLE001  (its warm-up, before any capture',
            '        except ZeroDivisionError as e:  # (its warm-up, before any capture',
