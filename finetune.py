@@ -1091,14 +1091,19 @@ def fast_model(args, model: nn.Module, device: torch.device, batch_size: int, dt
     """``model`` through ``--fast-path`` (models/fast_path.py): an inference-only module on the model's device,
     its matrix products in ``dtype`` (fp32 if None), its kernels chosen by timing at ``batch_size`` (on CUDA), a CUDA
     graph captured for ``batch_size`` with the Triton backend on CUDA (other batch sizes run uncaptured).  The
-    build is announced (``name``: which model) and its seconds said: on a GPU it times every candidate kernel, and
-    the first build there also compiles them (tens of seconds, then Triton's and inductor's caches)."""
+    build is announced (``name``: which model; what takes its time) and its seconds said: with 'triton' on a GPU
+    it times every candidate kernel, the first build on a machine compiling them first (tens of seconds; then
+    Triton's on-disk cache); with 'torch' on a GPU it times SDPA's attention backends; 'compile' times nothing
+    and compiles at its first forward."""
     from models.fast_kernels import TritonError
     from models.fast_path import CaptureError, build_fast_path
     graph = device.type == 'cuda' and args.fast_path == 'triton'
-    timed = ('; kernels timed' + (' and a CUDA graph captured' if graph else '') + f' at batch {batch_size}, '
-             'compiled first where no cache has them' if device.type == 'cuda' else '')
-    rank0_print(f'Building the fast path ({args.fast_path}) of the {name} on {device}{timed} ...')
+    what = {'triton': f': kernels timed and a CUDA graph captured at batch {batch_size}, each kernel compiled first '
+                      f'where Triton\'s cache lacks it',
+            'torch': f': attention backends timed at batch {batch_size}'}.get(args.fast_path, '')
+    what = what if device.type == 'cuda' else ''
+    later = '; torch.compile compiles it at its first forward' if args.fast_path == 'compile' else ''
+    rank0_print(f'Building the fast path ({args.fast_path}) of the {name} on {device}{what}{later} ...')
     start = time.perf_counter()
     try:
         fast = build_fast_path(model.eval(), backend=args.fast_path, dtype=dtype, cuda_graph=graph,

@@ -3062,27 +3062,33 @@ def test_the_command_line_builds_the_path_for_its_batch_size(capsys, monkeypatch
     assert built[2]['batch_size'] == 6  # the evaluation's batches: 1.5 times --batch-size, as DeiT's
 
 
-def test_a_build_on_a_gpu_says_it_times_and_captures_before_it_starts(capsys, monkeypatch):
-    """On CUDA the announcement says what takes the time (the kernels timed, the graph captured for the batch,
-    compiled where no cache has them), with --fast-path triton's graph and without compile's; then the seconds."""
+def test_a_build_on_a_gpu_says_what_takes_its_time_before_it_starts(capsys, monkeypatch):
+    """On CUDA the announcement says what the build of each backend spends its time on: 'triton' times every
+    candidate kernel (compiling it first where Triton's cache lacks it) and captures the graph for the batch,
+    'torch' times SDPA's attention backends (its build's only timed choice), 'compile' times nothing and compiles
+    at its first forward (on CPU too); then the seconds."""
     import argparse
     import finetune
     import models.fast_path as FP
     calls = []
     monkeypatch.setattr(FP, 'build_fast_path', lambda model, **kw: calls.append(kw) or print('(build)') or model)
     model = tiny_cc(1)
-    for backend in ('triton', 'compile'):
-        assert finetune.fast_model(argparse.Namespace(fast_path=backend), model, torch.device('cuda'), 256,
+    for device, backend in (('cuda', 'triton'), ('cuda', 'torch'), ('cuda', 'compile'), ('cpu', 'compile')):
+        assert finetune.fast_model(argparse.Namespace(fast_path=backend), model, torch.device(device), 256,
                                    torch.float16, 'pruned model') is model
     lines = capsys.readouterr().out.splitlines()
     assert lines[0::3] == [
-        'Building the fast path (triton) of the pruned model on cuda; kernels timed and a CUDA graph captured at '
-        'batch 256, compiled first where no cache has them ...',
-        'Building the fast path (compile) of the pruned model on cuda; kernels timed at batch 256, compiled first '
-        'where no cache has them ...']
-    assert lines[1::3] == ['(build)'] * 2
+        'Building the fast path (triton) of the pruned model on cuda: kernels timed and a CUDA graph captured at '
+        "batch 256, each kernel compiled first where Triton's cache lacks it ...",
+        'Building the fast path (torch) of the pruned model on cuda: attention backends timed at batch 256 ...',
+        'Building the fast path (compile) of the pruned model on cuda; torch.compile compiles it at its first '
+        'forward ...',
+        'Building the fast path (compile) of the pruned model on cpu; torch.compile compiles it at its first '
+        'forward ...']
+    assert lines[1::3] == ['(build)'] * 4
     assert all(re.fullmatch(r'Fast path of the pruned model built in \d+\.\d s', l) for l in lines[2::3]), lines
-    assert [(kw['cuda_graph'], kw['batch_size']) for kw in calls] == [(True, 256), (False, 256)]
+    assert [(kw['backend'], kw['cuda_graph'], kw['batch_size']) for kw in calls] == [
+        ('triton', True, 256), ('torch', False, 256), ('compile', False, 256), ('compile', False, 256)]
 
 
 @pytest.mark.parametrize('failure, line', [
