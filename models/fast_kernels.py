@@ -1013,9 +1013,10 @@ def mlp_tiles(width: int) -> List[Tuple[int, int, int, int, int]]:
     ones make more programs (C&C-Ti-30 at batch 256: 35 000 rows, 552 programs of 64 rows for 132 SMs).  Compiled
     at DeiT-Ti's 192 (Triton 3.9, ptxas -v): for sm_90a the first takes 94 KB of shared memory (two programs fit
     an SM) and spills nothing, the second 123 KB and 16 bytes a thread, the third (mma.sync: under wgmma's 64
-    rows) 74 KB, the fourth (one stage, no pipelining) 90 KB and 8 bytes; not offered: 128-row tiles (292 bytes
-    spilled in 16 warps, 1.2 KB in 8), 4 warps for 64 rows (1.3 KB), 64x128 in two stages (238 KB, over the 227
-    KB a block may have).  On Ampere and Ada all four fit (74-106 KB) without spills; on Turing the products are
+    rows) 74 KB, the fourth (one stage, no pipelining) 90 KB and 8 bytes (172 with Triton 3.6, the version on the
+    GPU machines this project is measured on; the others no more than with 3.9); not offered: 128-row tiles (292
+    bytes spilled in 16 warps, 1.2 KB in 8), 4 warps for 64 rows (1.3 KB), 64x128 in two stages (238 KB, over
+    the 227 KB a block may have).  On Ampere and Ada all four fit (74-106 KB) without spills; on Turing the products are
     not on tensor cores and the tiles do not fit its 64 KB (a build refuses what fails to launch)."""
     if width > 256:  # (the accumulator spans the row)
         return []
