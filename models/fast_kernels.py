@@ -583,10 +583,11 @@ if HAS_TRITON:
                        stride_xm, stride_wk, stride_ob, stride_on, stride_yb, stride_yn, eps,
                        HAS_B: tl.constexpr, HAS_G: tl.constexpr, RESIDUAL: tl.constexpr, NORM: tl.constexpr,
                        HAS_W: tl.constexpr, HAS_LNB: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, GDC: tl.constexpr = False):
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, GELU: tl.constexpr = True,
+                       GDC: tl.constexpr = False):
         # acc = x @ wt + b, accumulated in fp32 over (BLOCK_M, BLOCK_N) tiles.  Epilogue on the fp32 accumulator:
-        #   RESIDUAL=False: out[r] = GELU(acc[r]) (exact erf), one rounding to out's dtype; stride_ob is the
-        #                   row stride of out (M, N) and stride_on unused;
+        #   RESIDUAL=False: out[r] = GELU(acc[r]) (exact erf; GELU=False: acc[r] as it is), one rounding to out's
+        #                   dtype; stride_ob is the row stride of out (M, N) and stride_on unused;
         #   RESIDUAL=True:  out[b, ids[i]] += g * acc[r] for r = b * n + i, out being the (B, N_tokens, N) token
         #                   buffer (strides stride_ob, stride_on), read and written once;
         #   and NORM=True:  also y[b, i] = LN(out[b, ids[i]]) as written (lnw, lnb its affine), y being (B, n, N)
@@ -627,7 +628,8 @@ if HAS_TRITON:
                 y_dst = y_ptr + (b * stride_yb + i * stride_yn)[:, None] + offs_n[None, :]
                 tl.store(y_dst, y.to(y_ptr.dtype.element_ty), mask=ok)
         else:
-            acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
+            if GELU:
+                acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
             dst = out_ptr + offs_m.to(tl.int64)[:, None] * stride_ob + offs_n[None, :]
             tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
@@ -897,8 +899,10 @@ def _check_linear(x: torch.Tensor, weight_t: torch.Tensor) -> Tuple[int, int]:
     return K, N
 
 
-def _launch_linear(x2, weight_t, bias, out, ids, gamma, n, stride_ob, stride_on, residual, tiles, norm=None):
-    """The fused product's launch; ``norm``: (y, LN weight, LN bias, eps) for the residual epilogue's LN."""
+def _launch_linear(x2, weight_t, bias, out, ids, gamma, n, stride_ob, stride_on, residual, tiles, norm=None,
+                   gelu=True):
+    """The fused product's launch; ``norm``: (y, LN weight, LN bias, eps) for the residual epilogue's LN; ``gelu``
+    (without ``residual``): the GELU epilogue, else the product (with its bias) as it is."""
     block_m, block_n, block_k, num_warps, num_stages = tiles
     M, K = x2.shape
     N = weight_t.shape[1]
@@ -913,7 +917,29 @@ def _launch_linear(x2, weight_t, bias, out, ids, gamma, n, stride_ob, stride_on,
                          stride_ob, stride_on, stride_yb, stride_yn, float(eps), HAS_B=has_b, HAS_G=has_g,
                          RESIDUAL=residual, NORM=norm is not None, HAS_W=has_w, HAS_LNB=has_lnb,
                          EVEN_K=K % block_k == 0, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
-                         num_warps=num_warps, num_stages=num_stages, **_launch_options())
+                         GELU=gelu, num_warps=num_warps, num_stages=num_stages, **_launch_options())
+
+
+def _linear_rows(x: torch.Tensor, weight_t: torch.Tensor, bias: Optional[torch.Tensor], gelu: bool,
+                 tiles: Tuple[int, int, int, int, int]) -> torch.Tensor:
+    """x (..., K) @ weight_t (K, N) + bias, GELU of it if ``gelu``: a new (..., N) tensor in x's dtype."""
+    _need_triton(x)
+    K, N = _check_linear(x, weight_t)
+    x2 = x.reshape(-1, K)
+    out = torch.empty(x2.shape[0], N, dtype=x.dtype, device=x.device)
+    if x2.shape[0]:
+        _launch_linear(x2, weight_t, bias, out, out, None, 1, out.stride(0), 0, False, tiles, gelu=gelu)
+    return out.view(*x.shape[:-1], N)
+
+
+def linear_triton(x: torch.Tensor, weight_t: torch.Tensor, bias: Optional[torch.Tensor],
+                  block_m: int = LINEAR_TILES[0][0], block_n: int = LINEAR_TILES[0][1],
+                  block_k: int = LINEAR_TILES[0][2], num_warps: int = LINEAR_TILES[0][3],
+                  num_stages: int = LINEAR_TILES[0][4]) -> torch.Tensor:
+    """x @ weight_t + bias, the plain product (qkv, the attention's projection) by the product kernel without an
+    epilogue: x (..., K) with a contiguous last dimension, weight_t (K, N) contiguous, bias (N,) or None; returns
+    (..., N) in x's dtype, accumulated in fp32 and rounded once (as cuBLAS does in fp16 and bf16)."""
+    return _linear_rows(x, weight_t, bias, False, (block_m, block_n, block_k, num_warps, num_stages))
 
 
 def linear_gelu_triton(x: torch.Tensor, weight_t: torch.Tensor, bias: Optional[torch.Tensor],
@@ -923,14 +949,7 @@ def linear_gelu_triton(x: torch.Tensor, weight_t: torch.Tensor, bias: Optional[t
     """Triton version of :func:`linear_gelu_reference`: x (..., K) with a contiguous last dimension, weight_t
     (K, N) contiguous, bias (N,) or None; returns (..., N) in x's dtype.  The GELU runs on the fp32 accumulator
     (the unfused sequence rounds the product to x's dtype first; the two differ by that rounding)."""
-    _need_triton(x)
-    K, N = _check_linear(x, weight_t)
-    x2 = x.reshape(-1, K)
-    out = torch.empty(x2.shape[0], N, dtype=x.dtype, device=x.device)
-    if x2.shape[0]:
-        _launch_linear(x2, weight_t, bias, out, out, None, 1, out.stride(0), 0, False,
-                       (block_m, block_n, block_k, num_warps, num_stages))
-    return out.view(*x.shape[:-1], N)
+    return _linear_rows(x, weight_t, bias, True, (block_m, block_n, block_k, num_warps, num_stages))
 
 
 def _check_residual_product(x: torch.Tensor, ids: torch.Tensor, u: torch.Tensor, weight_t: torch.Tensor

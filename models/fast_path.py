@@ -26,8 +26,9 @@ and the eager pruned models reach only 0.48-0.60 (DeiT-Ti) and 0.73-0.79 (DeiT-S
 
     y   = gather_layer_norm(x, ids)                  # gather + LN1 + cast: one pass (models/fast_kernels.py)
     qkv = y @ Wqkv^T + bqkv                          # cuBLAS (each product on rows padded as timed, see below)
+                                                     # or the Triton product kernel, chosen per kept count
     o   = attention(qkv)                             # SDPA backend or Triton kernel, chosen per kept count
-    a   = o @ Wproj^T + bproj                        # cuBLAS, then
+    a   = o @ Wproj^T + bproj                        # cuBLAS or the Triton product kernel, then
     y2  = residual_layer_norm_(x, ids, a, gamma1)    # x[:, ids] += gamma1*a, LN2, cast: one pass; or both in
                                                      # one Triton kernel (rows of at most 256 channels)
     u   = GELU(y2 @ W1^T + b1)                       # cuBLAS + torch's GELU, or one Triton kernel (GELU in
@@ -58,7 +59,10 @@ so qkv, the projection and the first MLP product are also timed with their opera
 (``ROW_PADS``, at most an eighth more rows, so none at batch 1 below 512 kept tokens): the kernel before it writes
 the real rows into a longer buffer, cuBLAS multiplies all of it, and the real rows of the result are used; the
 second MLP product is timed on the padding its operand got from the first (the first product's output keeps it) and
-without it.
+without it.  qkv and the projection are also timed as the Triton product kernel without an epilogue (its tiles
+are the MLP's): in the same H200 run cuBLAS took 0.0103 ms for C&C-Ti-30's projection at 132 kept tokens and
+0.0128-0.0154 at its other counts (133-150 tokens), padded or not, where the dense model's 197 took 0.0142, so that
+product hardly shrank with the tokens (not yet measured with this kernel).
 
 The patch embedding is one matrix product over unfolded patches (the conv weight reshaped to (C, 3*p*p);
 measured 0.28 ms against 0.97 for the conv at DeiT-Ti width and batch 256, in a first H200 run whose figures
@@ -483,6 +487,17 @@ def run_attention(choice: AttentionChoice, qkv: torch.Tensor, num_heads: int, sc
     return _sdpa(qkv, num_heads, scale, choice.backend, out)
 
 
+def run_linear(choice: ProductChoice, y: torch.Tensor, weight: torch.Tensor, weight_t: Optional[torch.Tensor],
+               bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """y @ weight^T + bias, a plain product (qkv, the attention's projection), as ``choice`` says: cuBLAS, or the
+    Triton product kernel without an epilogue (``weight_t``: weight transposed)."""
+    if choice.kind == 'triton':
+        bm, bn, bk, warps, stages = choice.tiles
+        return K.linear_triton(y, weight_t, bias, block_m=bm, block_n=bn, block_k=bk, num_warps=warps,
+                               num_stages=stages)
+    return F.linear(y, weight, bias)
+
+
 def run_linear_gelu(choice: ProductChoice, y: torch.Tensor, weight: torch.Tensor, weight_t: Optional[torch.Tensor],
                     bias: Optional[torch.Tensor]) -> torch.Tensor:
     """GELU(y @ weight^T + bias) as ``choice`` says (``weight_t``: weight transposed, for the Triton kernel)."""
@@ -655,9 +670,10 @@ def choose_product(rows: int, in_features: int, out_features: int, dtype: torch.
                    gelu: bool) -> Tuple[ProductChoice, Dict[str, float], Dict[str, str]]:
     """Time y @ W^T + b (``gelu``: GELU of it, the MLP's first product; else a plain product, qkv or the
     attention's projection) for y (rows, in_features) on CUDA: cuBLAS on the real rows and on each
-    :func:`row_pads` padding of them, and for ``gelu`` the fused Triton kernel's tiles; return the fastest whose
-    real rows are within tolerance of the fp32 reference, with every candidate's milliseconds.  Cached per
-    shape."""
+    :func:`row_pads` padding of them, and the Triton product kernel's tiles (for ``gelu`` with the GELU as its
+    epilogue; else plain, against cuBLAS's heuristic, which at some row counts picks a slow kernel that no padding
+    avoids); return the fastest whose real rows are within tolerance of the fp32 reference, with every candidate's
+    milliseconds.  Cached per shape."""
     key = ('gelu' if gelu else 'linear', str(device), dtype, rows, in_features, out_features)
     if key in _CHOICE_CACHE:
         return _CHOICE_CACHE[key]
@@ -671,12 +687,12 @@ def choose_product(rows: int, in_features: int, out_features: int, dtype: torch.
     ref = ref.float()
     tol = _tolerance(dtype, ref)
     candidates = [ProductChoice('torch', pad=p) for p in pads]
-    if gelu and K.HAS_TRITON and dtype in (torch.float16, torch.bfloat16):
+    if K.HAS_TRITON and dtype in (torch.float16, torch.bfloat16):
         candidates += [ProductChoice('triton', tiles=t) for t in K.LINEAR_TILES]
 
     def run(c: ProductChoice) -> torch.Tensor:
         operand = y[:rows + c.pad]
-        return (run_linear_gelu(c, operand, w, wt, b) if gelu else F.linear(operand, w, b))[:rows]
+        return (run_linear_gelu if gelu else run_linear)(c, operand, w, wt, b)[:rows]
     return _keep_fastest(key, candidates, run, ref, tol)
 
 
@@ -741,14 +757,15 @@ def run_proj_norm(proj: ProductChoice, fused: ProductChoice, x: torch.Tensor, id
     """The attention's projection, the residual update and the block's second norm: x[:, ids] += gamma *
     (o @ weight^T + bias), then LN of those rows -> (B, n, C), into ``out`` when given.  ``fused`` 'triton': one
     kernel (``weight_t``: weight transposed; its tiles); 'torch': cuBLAS as ``proj`` says (on the first B*n +
-    ``proj.pad`` rows of ``o``, (rows, H*D), image by image) then the residual-norm kernel."""
+    ``proj.pad`` rows of ``o``, (rows, H*D), image by image; or the Triton product kernel, as ``proj`` says) then
+    the residual-norm kernel."""
     B, n = x.shape[0], ids.numel()
     if fused.kind == 'triton':
         bm, bn, bk, warps, stages = fused.tiles
         return K.linear_residual_layer_norm_triton_(x, ids, o[:B * n].view(B, n, -1), weight_t, bias, gamma,
                                                     ln_weight, ln_bias, eps, out=out, block_m=bm, block_n=bn,
                                                     block_k=bk, num_warps=warps, num_stages=stages)
-    a = F.linear(o[:B * n + proj.pad], weight, bias)[:B * n].view(B, n, -1)
+    a = run_linear(proj, o[:B * n + proj.pad], weight, weight_t, bias)[:B * n].view(B, n, -1)
     return K.residual_layer_norm_triton_(x, ids, a, gamma, ln_weight, ln_bias, eps, out=out)
 
 
@@ -761,7 +778,7 @@ def choose_proj_norm(batch: int, num_tokens: int, n: int, in_width: int, width: 
     ``proj`` was chosen, then the residual-norm kernel) against the fused kernel's tiles (:func:`K.row_tiles`,
     rows of at most 256 channels); return the fastest whose norm output and updated rows are within tolerance of
     the fp32 reference, with every candidate's milliseconds.  Cached per shape."""
-    key = ('proj_norm', str(device), dtype, residual_dtype, batch, num_tokens, n, in_width, width, proj.pad)
+    key = ('proj_norm', str(device), dtype, residual_dtype, batch, num_tokens, n, in_width, width, proj.label)
     if key in _CHOICE_CACHE:
         return _CHOICE_CACHE[key]
     g, x, ids = _random_buffer(batch, num_tokens, n, width, residual_dtype, device)
@@ -795,13 +812,14 @@ def run_norm_qkv(qkv: ProductChoice, fused: ProductChoice, x: torch.Tensor, ids:
     """The block's first norm and the qkv product: LN(x[:, ids]) @ weight^T + bias -> (B, n, N).  ``fused``
     'triton': one kernel (its tiles; ``weight_t``: weight transposed), the normed rows never written; 'torch': the
     gather-norm kernel writes the first B*n rows of ``operand`` ((B*n + ``qkv.pad``, C) in the compute dtype),
-    cuBLAS multiplies all of it, and the real rows of the product are returned."""
+    the product as ``qkv`` says (cuBLAS, or the Triton product kernel) multiplies all of it, and the real rows of
+    the product are returned."""
     B, n = x.shape[0], ids.numel()
     if fused.kind == 'triton':  # (out=None: a new tensor of the B*n rows; then the tiles)
         return K.gather_layer_norm_linear_triton(x, ids, ln_weight, ln_bias, eps, weight_t, bias, None,
                                                  *fused.tiles).view(B, n, -1)
     K.gather_layer_norm_triton(x, ids, ln_weight, ln_bias, eps, out=operand[:B * n].view(B, n, -1))
-    return F.linear(operand, weight, bias)[:B * n].view(B, n, -1)
+    return run_linear(qkv, operand, weight, weight_t, bias)[:B * n].view(B, n, -1)
 
 
 @torch.no_grad()
@@ -813,7 +831,8 @@ def choose_norm_qkv(batch: int, num_tokens: int, n: int, width: int, out_feature
     on its padding) against the one kernel's tiles (:func:`K.norm_linear_tiles`, rows of at most 256 channels);
     return the fastest within tolerance of the fp32 reference, with every candidate's milliseconds.  Cached per
     shape."""
-    key = ('norm_qkv', str(device), dtype, residual_dtype, batch, num_tokens, n, width, out_features, qkv.pad)
+    key = ('norm_qkv', str(device), dtype, residual_dtype, batch, num_tokens, n, width, out_features,
+           qkv.label)
     if key in _CHOICE_CACHE:
         return _CHOICE_CACHE[key]
     g, x, ids = _random_buffer(batch, num_tokens, n, width, residual_dtype, device)
@@ -909,8 +928,8 @@ class _FastBlock(nn.Module):
             self.register_buffer(name, t)
         self.register_buffer('fc1_wt', None)  # W1^T (C, 4C), made when the fused linear + GELU is chosen
         self.register_buffer('fc2_wt', None)  # W2^T (4C, C), made when the fused linear + residual is chosen
-        self.register_buffer('proj_wt', None)  # Wp^T (H*D, C), made when the fused projection + norm is chosen
-        self.register_buffer('qkv_wt', None)  # Wqkv^T (C, 3*H*D), made when the fused norm + qkv is chosen
+        self.register_buffer('proj_wt', None)  # Wp^T (H*D, C), made when a Triton kernel runs the projection
+        self.register_buffer('qkv_wt', None)  # Wqkv^T (C, 3*H*D), made when a Triton kernel runs qkv
         self.attention = AttentionChoice('sdpa')
         self.qkv = ProductChoice('torch')
         self.proj = ProductChoice('torch')
@@ -1207,9 +1226,9 @@ class FastViT(nn.Module):
                 blk.fc1_wt = blk.fc1_w.t().contiguous()
             if blk.fc2.kind == 'triton' or one_kernel:
                 blk.fc2_wt = blk.fc2_w.t().contiguous()
-            if blk.proj_norm.kind == 'triton':
+            if blk.proj_norm.kind == 'triton' or blk.proj.kind == 'triton':
                 blk.proj_wt = blk.proj_w.t().contiguous()
-            if blk.norm_qkv.kind == 'triton':
+            if blk.norm_qkv.kind == 'triton' or blk.qkv.kind == 'triton':
                 blk.qkv_wt = blk.qkv_w.t().contiguous()
 
     def _choose_embed(self, mode: str) -> None:

@@ -384,17 +384,20 @@ LINEAR_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else 
                                          ((3, 5, 64), K.LINEAR_TILES[0]),     # one tile larger than everything
                                          ((150, 24), (16, 32, 16, 4, 2))])    # 10 row tiles: 8, then 2 (GROUP_M 8)
 @pytest.mark.parametrize('with_bias', [True, False])
-def test_linear_gelu(dtype, shape, tiles, with_bias):
+@pytest.mark.parametrize('gelu', [True, False])
+def test_linear_gelu(dtype, shape, tiles, with_bias, gelu):
+    """The product kernel with the GELU epilogue (the MLP's first product) and without (qkv, the projection)."""
     N = 80
     x = _randn(*shape, seed=12, dtype=dtype)
     w = _randn(N, shape[-1], seed=13) * shape[-1] ** -0.5
     b = _randn(N, seed=14) if with_bias else None
     wt = w.t().contiguous().to(dtype)
-    ours = K.linear_gelu_triton(x, wt, None if b is None else b.to(dtype), *tiles)
-    ref = K.linear_gelu_reference(x, wt, None if b is None else b.to(dtype))
+    ours = (K.linear_gelu_triton if gelu else K.linear_triton)(x, wt, None if b is None else b.to(dtype), *tiles)
+    ref = (K.linear_gelu_reference(x, wt, None if b is None else b.to(dtype)) if gelu
+           else torch.nn.functional.linear(x.float(), wt.t().float(), None if b is None else b.to(dtype).float()))
     # plain torch: the exact GELU written out, x * Phi(x), on the fp64 product
     z = x.double() @ wt.double() + (0 if b is None else b.to(dtype).double())
-    plain = z * 0.5 * (1 + torch.erf(z / 2 ** 0.5))
+    plain = z * 0.5 * (1 + torch.erf(z / 2 ** 0.5)) if gelu else z
     assert ours.shape == shape[:-1] + (N,) and ours.dtype == dtype
     # fp16/bf16 inputs, fp32 accumulation: one rounding of the output; fp32 on CUDA: tf32 dots
     tol = {torch.float32: 2e-3 if CUDA else 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
@@ -1089,7 +1092,8 @@ def test_timed_choice_keeps_the_fastest_candidate_that_computes_the_right_thing(
     kind of choice has a candidate scripted fastest of all that is wrong: its output is off, or it raises.  It
     must be refused (no time recorded) and the fastest correct one kept, per kept count, for every block of that
     count.  The built path must then compute the model (and, when the chosen kernels are the first Triton
-    tiles, exactly what those kernels forced compute)."""
+    tiles, exactly what those kernels forced compute; the forced build multiplies qkv and the projection by
+    cuBLAS, so here their Triton tiles all fail, as tiles that do not fit: their choice has a test of its own)."""
     import models.fast_path as FP
     from models.fast_path import ProductChoice
     fast_att, wrong_att = (AttentionChoice('triton', tiles=t).label for t in K.ATTENTION_TILES[:2])
@@ -1103,8 +1107,13 @@ def test_timed_choice_keeps_the_fastest_candidate_that_computes_the_right_thing(
         timed.append(cand.label)
         return script.get(cand.label, 2.0)
 
-    run_attention, run_linear_gelu = FP.run_attention, FP.run_linear_gelu
+    run_attention, run_linear_gelu, run_linear = FP.run_attention, FP.run_linear_gelu, FP.run_linear
     run_linear_residual, patch_embed = FP.run_linear_residual, K.patch_embed_triton_
+
+    def no_plain_tile(choice, *a):
+        if choice.kind == 'triton':
+            raise RuntimeError('out of resources')
+        return run_linear(choice, *a)
 
     def wrong_attention(choice, *a, **kw):  # a tile that computes something else
         refused.append('attention') if choice.label == wrong_att else None
@@ -1131,6 +1140,7 @@ def test_timed_choice_keeps_the_fastest_candidate_that_computes_the_right_thing(
     monkeypatch.setattr(FP, '_CHOICE_CACHE', {})
     monkeypatch.setattr(FP, 'run_attention', wrong_attention)
     monkeypatch.setattr(FP, 'run_linear_gelu', wrong_gelu)
+    monkeypatch.setattr(FP, 'run_linear', no_plain_tile)
     monkeypatch.setattr(FP, 'run_linear_residual', failing_residual)
     monkeypatch.setattr(K, 'patch_embed_triton_', failing_embed)
 
@@ -1240,8 +1250,8 @@ def test_timed_build_can_pad_the_rows_of_a_product(monkeypatch, fc1):
     model, fast, built, counts = _scripted_pruned_build(monkeypatch, script, seed=11, batch_size=4)
     plain = build_fast_path(model, backend='triton', dtype=torch.float16, attention='sdpa',  # the same, unpadded
                             mlp='torch' if fc1 == 'padded' else 'triton')
-    mlp = padded if fc1 == 'padded' else fused
-    for kind, kept in (('qkv', padded), ('proj', padded), ('mlp', mlp), ('fc2', mlp)):
+    mlp = padded if fc1 == 'padded' else fused  # (the Triton tile, scripted fastest, wins qkv and proj as well)
+    for kind, kept in (('qkv', mlp), ('proj', mlp), ('mlp', mlp), ('fc2', mlp)):
         assert built[kind] == {str(n): kept for n in counts}, kind
         offered = {'torch', padded} | ({'torch+2rows'} if kind != 'fc2' else set())
         for n in counts:
@@ -1256,12 +1266,46 @@ def test_timed_build_can_pad_the_rows_of_a_product(monkeypatch, fc1):
         return buf, y
 
     monkeypatch.setattr(FP.FastViT, '_rows', nan_padded_rows)
-    for batch, pads in ((4, [4, 4, 4 if fc1 == 'padded' else 0]), (3, [0, 0, 0])):
+    for batch, pads in ((4, [4 if fc1 == 'padded' else 0] * 3), (3, [0, 0, 0])):
         rows.clear()
         x = images(batch, seed=11)
         ours = fast(x)
         assert rows == pads * len(built['kept_counts']), (batch, rows)  # qkv's, proj's and fc1's operands
         assert torch.isfinite(ours).all() and _close(ours, plain(x)), batch
+
+
+@needs_triton
+@torch.no_grad()
+def test_timed_build_can_run_qkv_and_the_projection_by_the_triton_product(monkeypatch):
+    """qkv and the attention's projection are also timed as the Triton product kernel without an epilogue (every
+    tile of K.LINEAR_TILES, beside cuBLAS on the real and on padded rows): a tile scripted fastest is kept for
+    both at every kept count, a faster one that computes something else is refused, untimed, and the forward then
+    runs that kernel for both products of every block (their weights transposed once, at build), within fp16
+    rounding of the fp32 eager model."""
+    import models.fast_path as FP
+    from models.fast_path import ProductChoice
+    kept, wrong = (ProductChoice('triton', tiles=t).label for t in (K.LINEAR_TILES[-1], K.LINEAR_TILES[-2]))
+    real = FP.run_linear
+    monkeypatch.setattr(FP, 'run_linear', lambda choice, *a: real(choice, *a) + (choice.label == wrong))
+    model, fast, built, counts = _scripted_pruned_build(monkeypatch, {kept: 0.5, wrong: 0.25}, seed=12)
+    tiles = {ProductChoice('triton', tiles=t).label for t in K.LINEAR_TILES}
+    for kind in ('qkv', 'proj'):
+        assert built[kind] == {str(n): kept for n in counts}, kind
+        for n in counts:
+            ms = built[f'{kind}_ms'][str(n)]
+            assert {'torch'} | tiles <= set(ms) and ms[kept] == 0.5 and ms[wrong] is None, (kind, ms)
+            assert built['refused'][kind][str(n)][wrong].startswith('max |difference| ')
+    running = [blk for blk in fast.blocks if blk.n]
+    assert all(blk.qkv_wt is not None and blk.proj_wt is not None for blk in running)
+    ran, plain = [], K.linear_triton
+    monkeypatch.setattr(K, 'linear_triton', lambda y, wt, *a, **kw: ran.append(tuple(wt.shape)) or plain(y, wt, *a,
+                                                                                                       **kw))
+    x = images(seed=12)
+    ours = fast(x)
+    C = model.embed_dim
+    assert sorted(ran) == sorted([(C, 3 * C), (C, C)] * len(running))
+    ref = model(x)
+    assert (ours - ref).abs().max().item() <= 1e-2 * max(1.0, ref.abs().max().item())
 
 
 @needs_triton
@@ -2611,18 +2655,20 @@ lin = dict(x_ptr='*fp16', wt_ptr='*fp16', b_ptr='*fp16', out_ptr='*fp16', ids_pt
 lin_aligned = ('x_ptr', 'wt_ptr', 'b_ptr', 'out_ptr', 'ids_ptr', 'g_ptr', 'y_ptr', 'lnw_ptr', 'lnb_ptr', 'N', 'K',
                'stride_xm', 'stride_wk', 'stride_ob', 'stride_on', 'stride_yb', 'stride_yn')
 for bm, bn, bk, warps, stages in K.LINEAR_TILES:
-    for residual in (False, True):
+    # fc1 with its GELU, the plain product (qkv, the projection), fc2 with its residual update
+    for residual, gelu, kind in ((False, True, 'residual=False'), (False, False, 'plain'),
+                                 (True, True, 'residual=True')):
         types = dict(lin, out_ptr='*fp32') if residual else lin
-        out[f'linear {bm}x{bn}x{bk}w{warps} residual={residual}'] = compile_(
+        out[f'linear {bm}x{bn}x{bk}w{warps} {kind}'] = compile_(
             K._linear_kernel, types, dict(HAS_B=True, HAS_G=residual, RESIDUAL=residual, NORM=False, HAS_W=False,
                                           HAS_LNB=False, EVEN_K=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                                          GROUP_M=8), warps, stages, aligned=lin_aligned)
+                                          GROUP_M=8, GELU=gelu), warps, stages, aligned=lin_aligned)
 for bm, bn, bk, warps, stages in K.row_tiles(192):  # DeiT-Ti: the projection, residual and norm; fc2's extra tiles
     for norm in (True, False):
         out[f'linear {bm}x{bn}x{bk}w{warps} {"norm" if norm else "row"}'] = compile_(
             K._linear_kernel, dict(lin, out_ptr='*fp32'), dict(HAS_B=True, HAS_G=True, RESIDUAL=True, NORM=norm,
                                                                HAS_W=norm, HAS_LNB=norm, EVEN_K=True, BLOCK_M=bm,
-                                                               BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8),
+                                                               BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, GELU=True),
             warps, stages, aligned=lin_aligned)
 mlp = dict(y_ptr='*fp16', w1t_ptr='*fp16', b1_ptr='*fp16', w2t_ptr='*fp16', b2_ptr='*fp16', x_ptr='*fp32',
            ids_ptr='*i64', g_ptr='*fp32', M='i32', H='i32', n='i32', stride_ym='i32', stride_xb='i32',
@@ -2705,13 +2751,14 @@ def test_kernels_compile_for_the_gpus_before_hopper(arch):
     before it (programmatic dependent launch's wait is Hopper's: the fast path launches with it only there)."""
     kernels = _compiled_for(arch)
     assert all(info['gdc'] == [0, 0] for info in kernels.values())
-    assert len(kernels) == (2 * len(K.ATTENTION_TILES) + 2 * len(K.LINEAR_TILES) + 2 * len(K.PATCH_EMBED_TILES)
+    assert len(kernels) == (2 * len(K.ATTENTION_TILES) + 3 * len(K.LINEAR_TILES) + 2 * len(K.PATCH_EMBED_TILES)
                             + 2 * len(K.row_tiles(192)) + len(K.mlp_tiles(192)) + len(K.norm_linear_tiles(192)) + 3)
     limit = SHARED_MEMORY_PER_BLOCK[arch]
     first = [f'attention {K.ATTENTION_TILES[0][0]}x{K.ATTENTION_TILES[0][1]} {d}' for d in ('fp16', 'fp32')]
     lin = '{}x{}x{}w{}'.format(*K.LINEAR_TILES[0][:4])
     row = '{}x{}x{}w{}'.format(*K.row_tiles(192)[0][:4])
-    first += [f'linear {lin} residual={r}' for r in (False, True)] + [f'linear {row} {k}' for k in ('norm', 'row')]
+    first += [f'linear {lin} {k}' for k in ('residual=False', 'plain', 'residual=True')]
+    first += [f'linear {row} {k}' for k in ('norm', 'row')]
     first += [f'patch_embed {lin} indirect={i}' for i in (False, True)]
     first += ['gather_layer_norm', 'residual norm=True', 'residual norm=False']
     first += ['norm_linear {}x{}x{}w{}'.format(*K.norm_linear_tiles(192)[0][:4])]
@@ -2746,7 +2793,7 @@ def test_kernels_compile_for_hopper():
     assert sorted(pdl) == ['pdl ' + k for k in sorted(FAST_PATH_KERNELS)]
     assert all(info['gdc'][0] >= 1 and info['gdc'][1] >= 1 for info in pdl.values()), pdl
     assert all(info['gdc'] == [0, 0] for info in kernels.values())
-    assert len(kernels) == (2 * len(K.ATTENTION_TILES) + 2 * len(K.LINEAR_TILES) + 2 * len(K.PATCH_EMBED_TILES)
+    assert len(kernels) == (2 * len(K.ATTENTION_TILES) + 3 * len(K.LINEAR_TILES) + 2 * len(K.PATCH_EMBED_TILES)
                             + 2 * len(K.row_tiles(192)) + len(K.mlp_tiles(192)) + len(K.norm_linear_tiles(192)) + 3)
     too_big = sorted(name for name, info in kernels.items() if info['shared'] > 227 * 1024)
     assert too_big == ['attention 64x256 fp32'], too_big
