@@ -112,6 +112,7 @@ __all__ = [
     'residual_layer_norm_', 'residual_layer_norm_reference_', 'residual_layer_norm_triton_',
     'residual_scatter_', 'residual_scatter_reference_', 'residual_scatter_triton_',
     'attention', 'attention_reference', 'attention_triton', 'ATTENTION_TILES',
+    'linear', 'linear_reference', 'linear_triton',
     'linear_gelu', 'linear_gelu_reference', 'linear_gelu_triton', 'LINEAR_TILES', 'PATCH_EMBED_TILES',
     'linear_residual_scatter_', 'linear_residual_scatter_reference_', 'linear_residual_scatter_triton_',
     'mlp_residual_scatter_', 'mlp_residual_scatter_reference_', 'mlp_residual_scatter_triton_', 'mlp_tiles',
@@ -302,14 +303,23 @@ def attention_reference(qkv: torch.Tensor, num_heads: int, scale: float, **unuse
     return o.transpose(1, 2).reshape(B, n, num_heads * head_dim).to(qkv.dtype)
 
 
+def _linear_f32(x: torch.Tensor, weight_t: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    y = x.float() @ weight_t.float()
+    return y if bias is None else y + bias.float()
+
+
+def linear_reference(x: torch.Tensor, weight_t: torch.Tensor, bias: Optional[torch.Tensor],
+                     **unused) -> torch.Tensor:
+    """x @ weight_t + bias computed in fp32, returned in x's dtype.  ``weight_t`` is the linear layer's weight
+    transposed, (K, N).  Tile arguments are accepted and ignored."""
+    return _linear_f32(x, weight_t, bias).to(x.dtype)
+
+
 def linear_gelu_reference(x: torch.Tensor, weight_t: torch.Tensor, bias: Optional[torch.Tensor],
                           **unused) -> torch.Tensor:
     """GELU(x @ weight_t + bias) with the exact (erf) GELU, computed in fp32, returned in x's dtype.
     ``weight_t`` is the linear layer's weight transposed, (K, N).  Tile arguments are accepted and ignored."""
-    y = x.float() @ weight_t.float()
-    if bias is not None:
-        y = y + bias.float()
-    return F.gelu(y).to(x.dtype)
+    return F.gelu(_linear_f32(x, weight_t, bias)).to(x.dtype)
 
 
 def linear_residual_scatter_reference_(x: torch.Tensor, ids: torch.Tensor, u: torch.Tensor,
@@ -936,9 +946,10 @@ def linear_triton(x: torch.Tensor, weight_t: torch.Tensor, bias: Optional[torch.
                   block_m: int = LINEAR_TILES[0][0], block_n: int = LINEAR_TILES[0][1],
                   block_k: int = LINEAR_TILES[0][2], num_warps: int = LINEAR_TILES[0][3],
                   num_stages: int = LINEAR_TILES[0][4]) -> torch.Tensor:
-    """x @ weight_t + bias, the plain product (qkv, the attention's projection) by the product kernel without an
-    epilogue: x (..., K) with a contiguous last dimension, weight_t (K, N) contiguous, bias (N,) or None; returns
-    (..., N) in x's dtype, accumulated in fp32 and rounded once (as cuBLAS does in fp16 and bf16)."""
+    """Triton version of :func:`linear_reference`, the plain product (qkv, the attention's projection) by the
+    product kernel without an epilogue: x (..., K) with a contiguous last dimension, weight_t (K, N) contiguous,
+    bias (N,) or None; returns (..., N) in x's dtype, accumulated in fp32 and rounded once (as cuBLAS does in fp16
+    and bf16)."""
     return _linear_rows(x, weight_t, bias, False, (block_m, block_n, block_k, num_warps, num_stages))
 
 
@@ -1035,8 +1046,8 @@ def mlp_tiles(width: int) -> List[Tuple[int, int, int, int, int]]:
     rows) 74 KB, the fourth (one stage, no pipelining) 90 KB and 8 bytes (172 with Triton 3.6, the version on the
     GPU machines this project is measured on; the others no more than with 3.9); not offered: 128-row tiles (292
     bytes spilled in 16 warps, 1.2 KB in 8), 4 warps for 64 rows (1.3 KB), 64x128 in two stages (238 KB, over
-    the 227 KB a block may have).  On Ampere and Ada all four fit (74-106 KB) without spills; on Turing the products are
-    not on tensor cores and the tiles do not fit its 64 KB (a build refuses what fails to launch)."""
+    the 227 KB a block may have).  On Ampere and Ada all four fit (74-106 KB) without spills; on Turing the
+    products are not on tensor cores and the tiles do not fit its 64 KB (a build refuses what fails to launch)."""
     if width > 256:  # (the accumulator spans the row)
         return []
     return [(64, 32, 64, 8, 3), (64, 64, 64, 8, 2), (32, 64, 64, 4, 2), (64, 128, 64, 8, 1)]
@@ -1209,6 +1220,12 @@ def gather_layer_norm_linear(x, ids, ln_weight, ln_bias, eps, weight_t, bias, **
     """LN(x[:, ids]) @ weight_t + bias -> (B * n, N); see :func:`gather_layer_norm_linear_triton`."""
     impl = gather_layer_norm_linear_triton if triton_runs_on(x) else gather_layer_norm_linear_reference
     return impl(x, ids, ln_weight, ln_bias, eps, weight_t, bias, **tiles)
+
+
+def linear(x, weight_t, bias, **tiles):
+    """x @ weight_t + bias; see :func:`linear_triton`."""
+    impl = linear_triton if triton_runs_on(x) else linear_reference
+    return impl(x, weight_t, bias, **tiles)
 
 
 def linear_gelu(x, weight_t, bias, **tiles):
