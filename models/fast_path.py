@@ -524,17 +524,7 @@ def _cuda_graph_ms(fn, reps: int = 20, groups: int = 5) -> float:
     with torch.cuda.graph(graph, capture_error_mode='thread_local'):
         for _ in range(reps):
             fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(groups):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / reps)
-    return statistics.median(times)
+    return _replay_ms([graph], reps=1, groups=groups)[0] / reps  # (a replay is ``reps`` calls)
 
 
 def _replay_ms(graphs: Sequence[torch.cuda.CUDAGraph], reps: int = 5, groups: int = 7) -> List[float]:
