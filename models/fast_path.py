@@ -1262,9 +1262,7 @@ class FastViT(nn.Module):
             def run(c: ProductChoice) -> torch.Tensor:
                 self._set_embed(c)
                 return self._embed(images)
-            candidates = [ProductChoice('torch')] + [ProductChoice('triton', tiles=t)
-                                                     for t in K.PATCH_EMBED_TILES]
-            _keep_fastest(key, candidates, run, ref, tol)
+            _keep_fastest(key, _unfused_or_tiles(K.PATCH_EMBED_TILES, self.dtype), run, ref, tol)
         return _CHOICE_CACHE[key]
 
     # -- forward ------------------------------------------------------------------------------------------------

@@ -1263,8 +1263,8 @@ MUTANTS: List[Mutant] = [
            "the GPU check's kernel warm-up leaves out the benchmark's CUDA-graph rows, whose kernel variants "
            '(programmatic dependent launch\'s among them) the benchmark then compiles while timing'),
     mutant('patch-embedding-timed-on-the-product-tiles', 'models/fast_path.py',
-           '                                                     for t in K.PATCH_EMBED_TILES]',
-           '                                                     for t in K.LINEAR_TILES]',
+           '            _keep_fastest(key, _unfused_or_tiles(K.PATCH_EMBED_TILES, self.dtype), run, ref, tol)',
+           '            _keep_fastest(key, _unfused_or_tiles(K.LINEAR_TILES, self.dtype), run, ref, tol)',
            [T + 'test_fast_path.py::test_timed_patch_embedding_offers_its_own_tiles'],
            "the patch embedding's timed choice leaves out its own tiles (256 columns, 32 pixel columns a step)"),
     mutant('plain-product-applies-gelu', 'models/fast_kernels.py',
