@@ -83,7 +83,10 @@ def _comparison(t: Timings, pruned: List[str], dense: List[str], checks: Dict[st
     wrong row takes no part in a speed verdict.  "Fastest" is the most images/s (the median pass); the ratio is
     the median of the per-round ratios of those two rows.  The dense rows the run asked for that are not in the
     comparison, not timed (``not_timed``) or excluded, are ``dense_not_compared`` (row key -> why): a verdict
-    against the others is no verdict against the fastest dense."""
+    against the others is no verdict against the fastest dense.  But not a dense row excluded by its logit check
+    whose passes were timed clearly slower than the fastest dense row compared (the 95% interval of their per-round
+    ratio wholly above 1): it was not the fastest dense mode of the run, right or wrong, so it decides nothing
+    (it stays in ``excluded``, with its ratio)."""
     untimed = {k: why for k in pruned + dense for why in [t.problem(k)] if why}
     failed = {k: why for k in pruned + dense if k not in untimed and kind[k] not in REFERENCE_KINDS
               for why in [check_failure(checks.get(k))] if why}
@@ -94,8 +97,13 @@ def _comparison(t: Timings, pruned: List[str], dense: List[str], checks: Dict[st
     compared = {'pruned_modes': [kind[k] for k in ok_p], 'dense_modes': [kind[k] for k in ok_d]}
     if excluded:
         compared['excluded'] = {kind[k]: why for k, why in excluded.items()}
+    slower = {k: r for k in dense if k in failed and best_d
+              for r in [t.ratio(best_d, k)] if r['ci'] is not None and r['ci'][0] > 1}
+    for k, r in slower.items():
+        compared['excluded'][kind[k]] += (f'; timed {r["median"]:.2f}x slower than {kind[best_d]} (95% CI '
+                                          f'{r["ci"][0]:.2f}-{r["ci"][1]:.2f}), so not the fastest dense mode')
     missing = {**not_timed, **{k: untimed[k] for k in dense if k in untimed},
-               **{k: f'logit check failed: {failed[k]}' for k in dense if k in failed}}
+               **{k: f'logit check failed: {failed[k]}' for k in dense if k in failed and k not in slower}}
     if missing:
         compared['dense_not_compared'] = missing
     return best_p, best_d, ratio, compared
@@ -782,8 +790,18 @@ def _product_times_table(results: Dict) -> List[str]:
             + table(['row', 'batch', *(name for _, name in PRODUCTS), 'all four'], rows))
 
 
+def _rederived_lines(results: Dict) -> List[str]:
+    """``results['rederived']``: each time the summary and targets of a committed run were worked out again from
+    its own pass times and logit checks by a later version of this module (``attach_summary``), when and why;
+    nothing was timed again."""
+    return ['', *(f'Summary and targets re-derived on {r["date"]} from this run\'s own pass times and logit checks, '
+                  f'nothing timed again: {r["why"]}' for r in results.get('rederived', []))]
+
+
 def markdown(results: Dict, families=()) -> str:
     lines = [_machine(results)]
+    if results.get('rederived'):
+        lines += _rederived_lines(results)
     lines += _sections_table(results)
     lines += ['']
     lines += _main_table(results)

@@ -712,6 +712,13 @@ MUTANTS: List[Mutant] = [
            '    if met and not_compared:', '    if False:',
            [T + 'test_benchmark.py::test_a_dense_mode_left_out_leaves_a_target_it_would_decide_not_measured'],
            'a target reads "yes" when the dense mode left out of its comparison might be the fastest'),
+    mutant('slower-wrong-row-judged-by-median', 'benchmarks/report.py',
+           "              for r in [t.ratio(best_d, k)] if r['ci'] is not None and r['ci'][0] > 1}",
+           "              for r in [t.ratio(best_d, k)] if r['median'] > 1}",
+           [T + 'test_benchmark.py::test_a_wrong_dense_row_timed_clearly_slower_than_the_fastest_compared_one_does_'
+            'not_hold_back_a_verdict'],
+           'a wrong dense row whose median pass is slower, but not clearly (its interval reaches below 1), lets a '
+           'target read "yes"'),
     mutant('too-few-rounds-decide', 'benchmarks/report.py',
            "    elif paired:\n        out['decided'] = False\n", '',
            [T + 'test_benchmark.py::test_too_few_rounds_give_no_interval_and_no_decided_verdict'],

@@ -869,6 +869,56 @@ def _eight_rounds(timm, timm_compiled, ours_25):
                                                                     'ours_25': ours_25}}]}}}}, ['tiny'], [0.25], [1])
 
 
+@pytest.mark.parametrize('compiled, decided', [
+    ([4.0, 4.1, 3.9, 4.0, 4.2, 3.8, 4.0, 4.1], True),     # 4x slower than timm eager in every round
+    ([0.9, 0.95, 0.92, 0.9, 0.91, 0.93, 0.9, 0.94], False),  # faster than timm eager: it may be the fastest
+    ([1.3, 0.8, 1.25, 0.85, 1.2, 0.9, 1.3, 0.8], False)])    # now faster, now slower: not clearly slower
+def test_a_wrong_dense_row_timed_clearly_slower_than_the_fastest_compared_one_does_not_hold_back_a_verdict(
+        compiled, decided):
+    """Timm compiled with logits off (the committed H200 run's DeiT-Ti at batch 32: 0.60 off, timed 8x slower than
+    the fast dense path) is left out of the comparison; if its passes were timed clearly slower than the fastest
+    dense row compared (the interval of the per-round ratio above 1), it was not the fastest dense mode of the
+    run, right or wrong, so the verdicts stand, and ``excluded`` says why.  Faster, or not clearly slower, it
+    might have been: the verdicts that would be met stay "not measured"."""
+    timm = [1.0, 1.02, 0.98, 1.01, 0.99, 1.0, 1.03, 0.97]
+    results = _eight_rounds(timm, compiled, [0.5] * 8)
+    ref = torch.tensor([[3.0, 0.0], [0.0, 3.0]])
+    off = F.logit_check(ref + 0.6, ref, 0.0)
+    results['models']['tiny']['checks'] = {'timm_compiled': off}
+    results['models']['tiny']['summary_sweep']['batches'][0]['checks'] = {'timm_compiled': off}
+    report.attach_summary(results, 'cuda')
+    entry, = results['summary']
+    why = 'logits off: max |difference| 6.00e-01 > tolerance 1.00e-03'
+    assert entry['best_dense_mode'] == 'timm' and entry['dense_modes'] == ['timm']
+    assert entry['speedup_vs_best_dense'] == pytest.approx(2.0, rel=0.02)
+    for compared in (entry, entry['speedup_by_batch']['1']):
+        if decided:
+            # timm_compiled / timm per round, sorted: 3.80, 3.88, 3.96, 3.98, 4.00, 4.02, 4.23, 4.24: median
+            # (3.98 + 4.00) / 2; with 8 rounds the 95% interval of the median is the min-max range
+            assert compared['excluded'] == {'timm-compiled': why + '; timed 3.99x slower than timm (95% CI '
+                                                              '3.80-4.24), so not the fastest dense mode'}
+            assert 'dense_not_compared' not in compared
+        else:
+            assert compared['excluded'] == {'timm-compiled': why}
+            assert compared['dense_not_compared'] == {'timm_compiled': 'logit check failed: ' + why}
+    verdicts = [t['verdict'] for t in entry['targets'].values()]
+    assert verdicts == (['yes', 'yes'] if decided else [
+        f'not measured (ahead of the dense modes timed, but not compared with timm_compiled (logit check failed: '
+        f'{why}))'] * 2)
+    assert results['not_measured'] == ([] if decided else [t['target'] for t in entry['targets'].values()])
+
+
+def test_results_whose_verdicts_were_worked_out_again_say_so_in_the_markdown():
+    with open(os.path.join(report.RESULTS_DIR, 'cuda.json')) as f:  # a whole run's results
+        results = json.load(f)
+    results.pop('rederived', None)
+    assert 're-derived' not in report.markdown(results)
+    results['rederived'] = [{'date': '2026-12-05', 'why': 'a new rule.'}]
+    lines = report.markdown(results).splitlines()
+    assert lines[:3] == [lines[0], '', 'Summary and targets re-derived on 2026-12-05 from this run\'s own pass '
+                                       'times and logit checks, nothing timed again: a new rule.']
+
+
 @pytest.mark.parametrize('row, times', [
     ('timm', [1.0] * 7 + [math.nan]), ('timm', [math.inf] * 8), ('timm_compiled', [0.9] * 7 + [math.nan]),
     ('timm_compiled', [0.9] * 7 + [-0.9]), ('ours_25', [0.5] * 7 + [math.nan]), ('ours_25', [0.0] * 8),
