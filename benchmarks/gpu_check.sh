@@ -299,7 +299,8 @@ fi
 # 6. on request: timm's compiled DeiT-Ti against its eager fp32 logits at 256, 32 and 1, compiled as the benchmark
 # compiles it (one object, a static recompile per batch size) and afresh per batch size, once with inductor's cache
 # as this machine has it (the compiles done ahead and the benchmark's, where they ran before on it) and once with
-# an empty one (benchmarks/compiled_check.py; a cold compile is 10-20 s on the H200: limit 150 s each).
+# an empty one (benchmarks/compiled_check.py; a cold compile of DeiT-Ti is not yet timed on the GPU machine, 23 s
+# on 2 CPU cores, estimated 30-40 s in benchmarks/README.md: limit 150 s each, every check printed as it is made).
 if [[ " $steps " == *" compiled "* ]]; then
     step compiled_cache 150 python3 benchmarks/compiled_check.py --device cuda
     fresh_cache=$(mktemp -d)
