@@ -804,9 +804,29 @@ def test_attention_dispatch_falls_back_for_other_head_dims():
 TINY = dict(embed_dim=64, depth=3, num_heads=2, img_size=32, patch_size=8, num_classes=10)
 
 
+def randomise_affine(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """timm's init leaves every Linear bias 0, every LayerNorm's weight 1 and bias 0, and LayerScale a constant:
+    a path that read the wrong bias, norm or scale would compute the same numbers.  Random ones, distinct per
+    module and channel, make such a mix-up show in the logits.  (Biases of the weights' own scale, 0.02: at 0.1
+    they swamp the tiny model's tokens, and pruning them barely moves the logits, see _masks_matter.)"""
+    g = _gen(1000 + seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and m.bias is not None:
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.02)
+            elif isinstance(m, torch.nn.LayerNorm) and m.elementwise_affine:
+                m.weight.copy_(1 + torch.randn(m.weight.shape, generator=g) * 0.2)
+                if m.bias is not None:
+                    m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.02)
+            elif isinstance(m, timm.layers.LayerScale):
+                m.gamma.copy_(0.2 + 0.8 * torch.rand(m.gamma.shape, generator=g))
+    return model
+
+
 def tiny_cc(seed=0, **kw):
     torch.manual_seed(seed)
-    return timm.create_model('cc_deit_tiny_patch16_224', **dict(TINY, **kw)).to(DEVICE).eval()
+    model = timm.create_model('cc_deit_tiny_patch16_224', **dict(TINY, **kw))
+    return randomise_affine(model, seed).to(DEVICE).eval()
 
 
 def images(batch=3, seed=0, size=32):
@@ -909,10 +929,12 @@ def test_pruned_model(case, plan):
 def test_layer_scale(case):
     model = tiny_cc(3, init_values=0.5)
     pruning.apply_masks(model, pruning.random_masks(3, 16, 0.3, generator=_gen(3)))
-    assert float(model.blocks[0].ls1.gamma[0]) == 0.5
+    gammas = [blk.ls1.gamma for blk in model.blocks] + [blk.ls2.gamma for blk in model.blocks]
+    assert all(g.unique().numel() == g.numel() for g in gammas)  # per channel (randomise_affine), all distinct
     x = images(seed=3)
     fast = build_fast_path(model, **case)
-    assert fast.blocks[0].gamma1 is not None
+    assert torch.equal(fast.blocks[0].gamma1.cpu(), model.blocks[0].ls1.gamma.float().cpu())
+    assert torch.equal(fast.blocks[0].gamma2.cpu(), model.blocks[0].ls2.gamma.float().cpu())
     assert _close(fast(x), model(x))
 
 
