@@ -299,6 +299,18 @@ def test_attention_kernel(n, dtype, tiles):
     assert (ref.double() - plain).abs().max().item() <= tol
 
 
+@needs_triton
+@pytest.mark.parametrize('scale', [0.3, 0.05])
+def test_attention_kernel_takes_the_scale_it_is_given(scale):
+    """A scale other than head_dim^-0.5 (a model with its own qk scale): the kernel and the reference use it."""
+    H, D = 2, 32
+    qkv = _randn(2, 17, 3 * H * D, seed=4) * 2
+    plain = plain_attention(qkv, H, scale)
+    assert (plain - plain_attention(qkv, H, D ** -0.5)).abs().max().item() > 0.05  # the scale matters here
+    for out in (K.attention_triton(qkv, H, scale, 64, 64, 64, 4, 2), K.attention_reference(qkv, H, scale)):
+        assert (out.double() - plain).abs().max().item() <= (2e-3 if CUDA else 1e-5) * max(1.0, plain.abs().max())
+
+
 def test_attention_tile_labels():
     """Every tile the build times has its own label; a tail tile shows as '+BLOCK_T', and tiles without one keep
     the labels earlier results (benchmarks/results) name them by."""
@@ -1244,6 +1256,68 @@ def _assert_fused_choice(built, counts, kind, tiles, kept, wrong):
         assert set(ms) == {'torch'} | {ProductChoice('triton', tiles=t).label for t in tiles}
         assert ms[kept] == 0.5 and ms[wrong] is None
         assert built['refused'][kind][str(n)][wrong].startswith('max |difference| ')
+
+
+@needs_triton
+@torch.no_grad()
+def test_each_block_runs_the_choice_timed_at_its_own_kept_count(monkeypatch):
+    """Scripted times that differ by kept count: at the smallest count one attention tile and one fc1 tile are
+    fastest, at every other count others.  Each block must run the choice of its own count (not the first one
+    made, nor one count's for all), and describe() must say the same."""
+    import models.fast_path as FP
+    from models.fast_path import ProductChoice
+    att = [AttentionChoice('triton', tiles=t).label for t in K.ATTENTION_TILES[:2]]
+    lin = [ProductChoice('triton', tiles=t).label for t in K.LINEAR_TILES[:2]]
+    now = {}
+    choose_attention, choose_product = FP.choose_attention, FP.choose_product
+
+    def attention_at(n, *a, **kw):
+        now['n'] = n
+        return choose_attention(n, *a, **kw)
+
+    def product_at(rows, *a, **kw):
+        now['n'] = rows // 2  # batch_size 2
+        return choose_product(rows, *a, **kw)
+
+    def scripted(run, cand):
+        run(cand)
+        first = now['n'] == smallest
+        return {att[0]: 0.5 if first else 3.0, att[1]: 3.0 if first else 0.5,
+                lin[0]: 0.5 if first else 3.0, lin[1]: 3.0 if first else 0.5}.get(cand.label, 2.0)
+    model = tiny_cc(6)
+    masks = pruning.random_masks(3, 16, 0.3, generator=_gen(6))
+    pruning.apply_masks(model, masks)
+    counts = [int(m.sum()) + 1 for m in masks]  # the patches kept and the class token, block by block
+    assert counts == [11, 14, 12]  # the smallest first, then larger ones: not the order of a sorted dict
+    counts = sorted(counts)
+    smallest = counts[0]
+    monkeypatch.setattr(FP, '_times_on', lambda device: True)
+    monkeypatch.setattr(FP, '_time_candidate', scripted)
+    monkeypatch.setattr(FP, '_CHOICE_CACHE', {})
+    monkeypatch.setattr(FP, 'choose_attention', attention_at)
+    monkeypatch.setattr(FP, 'choose_product', product_at)
+    fast = build_fast_path(model, backend='triton', dtype=torch.float16, batch_size=2)
+    built = fast.describe()
+    assert sorted(set(built['kept_counts'])) == counts
+    for blk in fast.blocks:
+        first = blk.n == smallest
+        assert blk.attention.label == built['attention'][str(blk.n)] == att[0 if first else 1], blk.n
+        assert blk.mlp.label == built['mlp'][str(blk.n)] == lin[0 if first else 1], blk.n
+    x = images(seed=6)
+    ref = model(x)
+    assert (fast(x) - ref).abs().max().item() <= 1e-2 * max(1.0, ref.abs().max().item())
+
+
+@torch.no_grad()
+def test_a_timed_build_of_the_torch_backend_offers_sdpa_alone(monkeypatch):
+    """backend='torch' runs no Triton kernel: its timed attention choice is among SDPA's backends only."""
+    _script_timings(monkeypatch, {'sdpa-math': 0.5})
+    model = tiny_cc(8)
+    pruning.apply_masks(model, pruning.random_masks(3, 16, 0.3, generator=_gen(8)))
+    built = build_fast_path(model, backend='torch', dtype=torch.float16, batch_size=2).describe()
+    assert built['attention_ms'] and all(ms and all(label.startswith('sdpa-') for label in ms)
+                                         for ms in built['attention_ms'].values()), built['attention_ms']
+    assert set(built['attention'].values()) == {'sdpa-math'}
 
 
 @needs_triton
