@@ -2343,6 +2343,34 @@ def test_a_summary_section_that_failed_and_ran_again_on_resume_keeps_the_order_o
     assert list(resumed['summary'][0]['speedup_by_batch']) == ['1', '2']
 
 
+def test_a_run_resumed_twice_keeps_its_sweep_and_the_history_of_its_calls(tmp_path, monkeypatch, one_thread):
+    """Both summary sections fail in the first call (its rate sweep runs), one again in the second (a resume of
+    the first), none in the third (a resume of the second): the third's results hold the first call's sweep as it
+    was timed, and name both earlier calls, in order."""
+    run_section = zoo.run_section
+    failing = {1, 2}
+
+    def summaries_fail(section, *a, **kw):
+        if section.kind == 'summary' and section.batch in failing:
+            raise RuntimeError('the GPU fell off the bus')
+        return run_section(section, *a, **kw)
+    monkeypatch.setattr(zoo, 'run_section', summaries_fail)
+    at = DIGITS.index('--sweep-rates')
+    argv = DIGITS[:at] + ['--sweep-rates', '0.2'] + DIGITS[at + 2:]
+    argv += ['--rows', 'timm,ours', '--summary-batch-sizes', '1,2']
+    first = zoo.main(argv + ['--json', str(tmp_path / 'first.json')])
+    assert [s['kind'] for s in first['sections'] if s['status'] == 'done'] == ['main', 'rate-sweep']
+    failing.discard(1)
+    second = zoo.main(argv + ['--resume', str(tmp_path / 'first.json'), '--json', str(tmp_path / 'second.json')])
+    failing.clear()
+    third = zoo.main(argv + ['--resume', str(tmp_path / 'second.json'), '--json', str(tmp_path / 'third.json')])
+    assert [s['status'] for s in third['sections']] == ['done'] * len(third['sections'])
+    assert third['sweeps']['rate'] == second['sweeps']['rate'] == first['sweeps']['rate']
+    assert [r['command'] for r in third['earlier_runs']] == [first['command'], second['command']]
+    assert [s.get('earlier_run', False) for s in third['sections']] == [
+        s['status'] == 'done' for s in second['sections']]
+
+
 def _earlier_results(tmp_path, *argv) -> str:
     """A results JSON as a run with these arguments writes it on this machine (no section finished)."""
     args = _parse(tmp_path, *argv, folder='earlier')
@@ -2364,10 +2392,14 @@ def test_resume_refuses_other_settings_another_machine_and_other_files(capsys, t
     # the same settings spelled out are the same settings (what is derived from the flags is not compared)
     assert _parse(tmp_path, '--rates', '0.25,0.4', '--rows', ','.join(args.rows), '--resume', earlier).earlier
     real = zoo.machine_info(CPU)
-    for field, other in (('torch', '2.11.0'), ('torch_threads', 16), ('cpu_cores', 64)):
+    others = {'device': 'cuda', 'gpu': 'NVIDIA H100', 'torch': '2.11.0', 'timm': '9.9.9', 'python': '2.7.18',
+              'torch_threads': 16, 'cuda': '13.0', 'triton': '3.6.0', 'cpu': 'Other CPU', 'cpu_cores': 64}
+    assert set(others) == set(zoo.SAME_MACHINE) | {'cpu', 'cpu_cores'}  # every field a CPU run compares
+    for field, other in others.items():
         monkeypatch.setattr(zoo, 'machine_info', lambda device: dict(real, **{field: other}))
         line = _refused(capsys, tmp_path, '--rates', '0.25,0.4', '--resume', earlier)
-        assert line.endswith(f"was measured on another machine kind: {field} {real[field]!r} there, {other!r} here")
+        assert line.endswith(f"was measured on another machine kind: {field} {real.get(field)!r} there, "
+                             f"{other!r} here"), field
     notes = tmp_path / 'notes.json'
     notes.write_text('{"a": 1}')
     assert 'is not a results JSON of this benchmark' in _refused(capsys, tmp_path, '--resume', str(notes))
