@@ -94,14 +94,14 @@ def _comparison(t: Timings, pruned: List[str], dense: List[str], checks: Dict[st
     ok_p, ok_d = [k for k in pruned if k not in excluded], [k for k in dense if k not in excluded]
     best_p, best_d = t.fastest(ok_p), t.fastest(ok_d)
     ratio = t.ratio(best_p, best_d) if best_p and best_d else None
-    compared = {'pruned_modes': [kind[k] for k in ok_p], 'dense_modes': [kind[k] for k in ok_d]}
-    if excluded:
-        compared['excluded'] = {kind[k]: why for k, why in excluded.items()}
     slower = {k: r for k in dense if k in failed and best_d
               for r in [t.ratio(best_d, k)] if r['ci'] is not None and r['ci'][0] > 1}
-    for k, r in slower.items():
-        compared['excluded'][kind[k]] += (f'; timed {r["median"]:.2f}x slower than {kind[best_d]} (95% CI '
-                                          f'{r["ci"][0]:.2f}-{r["ci"][1]:.2f}), so not the fastest dense mode')
+    compared = {'pruned_modes': [kind[k] for k in ok_p], 'dense_modes': [kind[k] for k in ok_d]}
+    if excluded:
+        compared['excluded'] = {
+            kind[k]: why + (f'; timed {r["median"]:.2f}x slower than {kind[best_d]} (95% CI {r["ci"][0]:.2f}-'
+                            f'{r["ci"][1]:.2f}), so not the fastest dense mode' if (r := slower.get(k)) else '')
+            for k, why in excluded.items()}
     missing = {**not_timed, **{k: untimed[k] for k in dense if k in untimed},
                **{k: f'logit check failed: {failed[k]}' for k in dense if k in failed and k not in slower}}
     if missing:
@@ -793,15 +793,16 @@ def _product_times_table(results: Dict) -> List[str]:
 def _rederived_lines(results: Dict) -> List[str]:
     """``results['rederived']``: each time the summary and targets of a committed run were worked out again from
     its own pass times and logit checks by a later version of this module (``attach_summary``), when and why;
-    nothing was timed again."""
+    nothing was timed again.  None: no lines."""
+    if not results.get('rederived'):
+        return []
     return ['', *(f'Summary and targets re-derived on {r["date"]} from this run\'s own pass times and logit checks, '
                   f'nothing timed again: {r["why"]}' for r in results.get('rederived', []))]
 
 
 def markdown(results: Dict, families=()) -> str:
     lines = [_machine(results)]
-    if results.get('rederived'):
-        lines += _rederived_lines(results)
+    lines += _rederived_lines(results)
     lines += _sections_table(results)
     lines += ['']
     lines += _main_table(results)

@@ -1235,13 +1235,13 @@ def _script_timings(monkeypatch, script, default=2.0):
     monkeypatch.setattr(FP, '_CHOICE_CACHE', {})
 
 
-def _scripted_pruned_build(monkeypatch, script, seed, batch_size=2):
-    """A tiny model pruned at random (``seed``) and its fp16 Triton path built with the timings scripted
+def _scripted_pruned_build(monkeypatch, script, seed, batch_size=2, backend='triton'):
+    """A tiny model pruned at random (``seed``) and its fp16 path (``backend``) built with the timings scripted
     (:func:`_script_timings`): (model, path, its describe(), the distinct kept counts)."""
     _script_timings(monkeypatch, script)
     model = tiny_cc(seed)
     pruning.apply_masks(model, pruning.random_masks(3, 16, 0.3, generator=_gen(seed)))
-    fast = build_fast_path(model, backend='triton', dtype=torch.float16, batch_size=batch_size)
+    fast = build_fast_path(model, backend=backend, dtype=torch.float16, batch_size=batch_size)
     built = fast.describe()
     return model, fast, built, sorted(set(built['kept_counts']))
 
@@ -1311,10 +1311,7 @@ def test_each_block_runs_the_choice_timed_at_its_own_kept_count(monkeypatch):
 @torch.no_grad()
 def test_a_timed_build_of_the_torch_backend_offers_sdpa_alone(monkeypatch):
     """backend='torch' runs no Triton kernel: its timed attention choice is among SDPA's backends only."""
-    _script_timings(monkeypatch, {'sdpa-math': 0.5})
-    model = tiny_cc(8)
-    pruning.apply_masks(model, pruning.random_masks(3, 16, 0.3, generator=_gen(8)))
-    built = build_fast_path(model, backend='torch', dtype=torch.float16, batch_size=2).describe()
+    _, _, built, _ = _scripted_pruned_build(monkeypatch, {'sdpa-math': 0.5}, seed=8, backend='torch')
     assert built['attention_ms'] and all(ms and all(label.startswith('sdpa-') for label in ms)
                                          for ms in built['attention_ms'].values()), built['attention_ms']
     assert set(built['attention'].values()) == {'sdpa-math'}
