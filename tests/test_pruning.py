@@ -387,6 +387,19 @@ def test_a_layer_of_zero_scores_is_clipped_first():
     assert plan[1].tolist() == [False] * 5 + [True] * 3  # ties among the zeros: the lower patch index first
 
 
+def test_a_layer_with_some_zero_scores_is_normalised_by_its_other_scores():
+    """A score of exactly 0 (a token whose Taylor terms cancel) is the smallest of its layer and only that: the
+    layer is still divided by its L2 norm, its other slots weighed as the rule weighs them, not the whole layer
+    taken for one of zeros and clipped first."""
+    scores = torch.rand(3, 8, generator=torch.Generator().manual_seed(4), dtype=torch.float64) + 0.5
+    scores[1] = torch.tensor([5.0, 5.0, 0.0, 5.0, 5.0, 0.0, 5.0, 5.0], dtype=torch.float64)
+    # layer 1 normalised: 0 at patches 2 and 5, 5 / sqrt(6 * 25) = 0.41 elsewhere, above most of layers 0 and 2
+    plan = pruning.plan_masks(scores, 0.25)  # 6 slots
+    assert torch.equal(plan, _reference_plan(scores, 0.25))
+    assert (~plan[1]).nonzero().squeeze(1).tolist() == [2, 5]
+    assert int((~plan).sum()) == 6
+
+
 def test_depth_prior_clips_deeper_layers_first():
     flat = torch.ones(6, 20)  # every slot has the same normalised score; only the prior separates layers
     plan = pruning.plan_masks(flat, 0.1)  # 12 slots
