@@ -96,6 +96,20 @@ def test_scores_take_absolute_value_per_batch_then_sum():
     assert torch.allclose(first, pruning.attention_taylor_scores(model, batches[:1], criterion))
 
 
+def test_each_batch_is_divided_by_its_own_number_of_images():
+    """A loader's last batch is often smaller: each batch's |sum| is divided by its own B (3, then 1 here), not by
+    the first batch's size nor by the mean size over the batches."""
+    model = _small_model()
+    criterion = nn.CrossEntropyLoss()
+    batches = _batches(n=1, batch=3, seed=1) + _batches(n=1, batch=1, seed=2)
+    assert [len(targets) for _, targets in batches] == [3, 1]
+    ours = pruning.attention_taylor_scores(model, batches, criterion)
+    assert torch.allclose(ours, _independent_scores(model, batches, criterion), rtol=1e-4, atol=1e-12)
+    # the batch of one image weighs in: the scores are not those of the first batch plus a third of the second's
+    first, second = (c.abs() for c in _signed_contributions(model, batches, criterion))
+    assert not torch.allclose(ours, first + second / 3, rtol=1e-2, atol=0)
+
+
 def test_max_batches_draws_no_batch_past_the_cap():
     """An iterator the caller goes on using after scoring (a DataLoader's, say) loses no batch to the cap: scoring
     with max_batches=2 takes the first two and leaves the third for the caller."""
