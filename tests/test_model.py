@@ -119,6 +119,30 @@ def test_forward_features_returns_tokens_in_original_order():
     assert [ids.sort().values.tolist() for ids in model.kept_token_ids()] == [e.tolist() for e in expected_ids]
 
 
+@pytest.mark.parametrize('layer', [0, 1, 2])
+def test_a_plan_that_clips_in_one_block_alone_is_put_back_in_original_order(layer):
+    """Only block ``layer`` clips (patches 2 and 5, not at the end): its input is in the original order, its output
+    is not, whichever block it is (the last one included) and forward_features puts token 1 + p back at patch p.
+    The concat-order masks are written here: the blocks before it keep every token, so its mask is the plan's row
+    behind the class token."""
+    torch.manual_seed(5)
+    model = timm.create_model('cc_deit_tiny_patch16_224', img_size=64, depth=3).eval()
+    plan = torch.ones(3, 16, dtype=torch.bool)
+    plan[layer, [2, 5]] = False
+    pruning.apply_masks(model, plan)
+    concat = [torch.cat([torch.ones(1, dtype=torch.bool), row]) for row in plan]
+    assert all(torch.equal(mask, expected) for mask, expected in zip(model.masks, concat))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ours = model.forward_features(x)
+        tokens, order = reference_tokens(model, x, concat)
+        ref = torch.empty_like(tokens)
+        ref[:, order] = tokens
+    assert order.tolist() == [0, 1, 2, 4, 5, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 3, 6]
+    assert (ours - ref).abs().max().item() < 1e-4
+    assert (ours - tokens).abs().max().item() > 1e-3  # in concat order the tokens differ
+
+
 def _reordering_model(seed=3, **kwargs):
     torch.manual_seed(seed)
     model = timm.create_model('cc_deit_tiny_patch16_224', img_size=64, depth=4, **kwargs).eval()
