@@ -10,6 +10,7 @@ import pytest
 import timm
 import torch
 import torch.nn as nn
+from timm.layers import AttentionPoolLatent
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -226,6 +227,24 @@ def test_a_pooling_head_of_another_kind_is_counted_by_torchs_counter():
     without_pool = models.count_macs(cc)
     cc.attn_pool = _LinearPool(cc.embed_dim)
     assert models.count_macs(cc) - without_pool == cc.num_tokens * cc.embed_dim ** 2  # its product on every token
+
+
+def test_an_attention_pool_of_several_latent_queries_is_counted_as_torchs_counter_counts_it():
+    """timm's AttentionPoolLatent with latent_len > 1 (the models built by name have one query): every latent query
+    attends to the tokens and goes through the projection and the MLP, so those products are priced once per
+    query, as torch's counter counts them, dense and pruned."""
+    _, cc = pair('map_head')
+    torch.manual_seed(1)
+    cc.attn_pool = AttentionPoolLatent(cc.embed_dim, num_heads=2, latent_len=3, norm_layer=nn.LayerNorm).eval()
+    for attn in [blk.attn for blk in cc.blocks] + [cc.attn_pool]:
+        attn.fused_attn = False  # (QK^T and AV as aten.bmm, which every torch's counter counts)
+    depth, num_patches = len(cc.blocks), cc.num_tokens - cc.num_prefix_tokens
+    for plan in (torch.ones(depth, num_patches, dtype=torch.bool), revisiting_plan(depth, num_patches, 4)):
+        pruning.apply_masks(cc, plan)
+        counter = FlopCounterMode(display=False)
+        with counter:
+            cc(images(cc, n=1))
+        assert models.count_macs(cc) == counter.get_total_flops() // 2
 
 
 def test_a_model_without_position_embedding_refuses_images_of_another_size():
