@@ -606,10 +606,11 @@ def deit_ra_sampler(n, world, rank, epoch, seed, repeats=3):
     return indices[rank:total:world][:int(math.floor(n // 256 * 256 / world))]
 
 
-@pytest.mark.parametrize('n, world', [(256, 1), (300, 2), (600, 2), (1000, 3), (700, 8)])
+@pytest.mark.parametrize('n, world', [(256, 1), (300, 2), (600, 2), (1000, 3), (700, 8), (256, 3), (512, 3)])
 def test_repeated_augmentation_sampler_draws_deits_samples(n, world):
     """From 256 images up, each process draws DeiT's samples, epoch by epoch: its number of them is rounded down
-    to a multiple of 256 images over all processes (300 images on 2 processes: 128 each, not 150)."""
+    to a multiple of 256 images over all processes (300 images on 2 processes: 128 each, not 150), and that share
+    rounded down where the processes do not divide it (512 images on 3 processes: 170 each, not 171)."""
     for epoch in (0, 1):
         for rank in range(world):
             sampler = RASampler(list(range(n)), world, rank, shuffle=True, repeats=3, seed=7)
