@@ -436,6 +436,51 @@ def test_the_epoch_loss_is_the_mean_over_its_images():
     assert per_image.mean().item() != pytest.approx((per_image[:3].mean() + per_image[3]).item() / 2, rel=1e-3)
 
 
+class InputRecorder(nn.Module):
+    """A linear classifier (4 features, 3 classes) that records the inputs of every forward."""
+
+    def __init__(self, seed):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.linear = nn.Linear(4, 3)
+        self.inputs = []
+
+    def forward(self, x):
+        self.inputs.append(x.detach().clone())
+        return self.linear(x)
+
+
+def one_epoch(model, criterion, x, y, batch_size, lr=0.0, **kwargs):
+    """engine.train_one_epoch of ``model`` over (x, y) in order, plain SGD at ``lr``; returns its stats."""
+    loader = DataLoader(TensorDataset(x, y), batch_size=batch_size)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    kwargs.setdefault('scaler', torch.amp.GradScaler('cpu', enabled=False))
+    return engine.train_one_epoch(model, criterion, loader, optimizer, torch.device('cpu'), 0, printer=lambda *a: None,
+                                  **kwargs)
+
+
+def test_the_epochs_loss_terms_are_their_means_over_its_images():
+    """The logged loss_base and loss_kd of an epoch are means over its images, as its loss is: with batches of 3
+    images and 1, CE and tau^2 * KL(teacher || student) / classes per image, averaged over the 4 images."""
+    from losses import DistillationLoss
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(4, 4, generator=g), torch.tensor([0, 2, 1, 1])
+    student, teacher, tau = InputRecorder(0), InputRecorder(1).eval(), 2.0
+    criterion = DistillationLoss(nn.CrossEntropyLoss(), teacher, 'soft', 0.5, tau)
+    stats = one_epoch(student, criterion, x, y, batch_size=3)
+    with torch.no_grad():
+        s, t = student.linear(x), teacher.linear(x)
+    base = F.cross_entropy(s, y, reduction='none')
+    p_t = torch.softmax(t / tau, dim=1)
+    kd = (p_t * (p_t.log() - torch.log_softmax(s / tau, dim=1))).sum(dim=1) * tau ** 2 / 3
+    assert stats['loss_base'] == pytest.approx(base.mean().item(), rel=1e-5)
+    assert stats['loss_kd'] == pytest.approx(kd.mean().item(), rel=1e-5)
+    assert stats['loss'] == pytest.approx((base + 0.5 * kd).mean().item(), rel=1e-5)
+    # the mean of the two batches' means is another number: weighing each batch alike would show
+    for per_image in (base, kd):
+        assert per_image.mean().item() != pytest.approx((per_image[:3].mean() + per_image[3]).item() / 2, rel=1e-3)
+
+
 def test_the_original_timing_runs_in_fp32_with_autograd_under_the_callers_autocast_and_no_grad():
     """original_pass_seconds times the model in fp32 with autograd on, as the original code did; under a caller's
     autocast its passes ran in bfloat16."""
