@@ -481,6 +481,24 @@ def test_the_epochs_loss_terms_are_their_means_over_its_images():
         assert per_image.mean().item() != pytest.approx((per_image[:3].mean() + per_image[3]).item() / 2, rel=1e-3)
 
 
+def test_the_teacher_sees_the_mixed_images_the_student_trains_on():
+    """Under mixup the student and the teacher both see the mixed batch (DeiT), not the images before mixing."""
+    from losses import DistillationLoss
+    from timm.loss import SoftTargetCrossEntropy
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(4, 4, generator=g), torch.tensor([0, 2, 1, 1])
+
+    def mix(samples, targets):  # half of each image and half of the batch's reversed one
+        soft = F.one_hot(targets, 3).float()
+        return 0.5 * samples + 0.5 * samples.flip(0), 0.5 * soft + 0.5 * soft.flip(0)
+    student, teacher = InputRecorder(0), InputRecorder(1).eval()
+    criterion = DistillationLoss(SoftTargetCrossEntropy(), teacher, 'soft', 0.5, 1.0)
+    one_epoch(student, criterion, x, y, batch_size=4, mixup_fn=mix)
+    mixed = 0.5 * x + 0.5 * x.flip(0)
+    assert len(student.inputs) == len(teacher.inputs) == 1
+    assert torch.equal(student.inputs[0], mixed) and torch.equal(teacher.inputs[0], mixed)
+
+
 def test_the_original_timing_runs_in_fp32_with_autograd_under_the_callers_autocast_and_no_grad():
     """original_pass_seconds times the model in fp32 with autograd on, as the original code did; under a caller's
     autocast its passes ran in bfloat16."""
