@@ -499,6 +499,27 @@ def test_the_teacher_sees_the_mixed_images_the_student_trains_on():
     assert torch.equal(student.inputs[0], mixed) and torch.equal(teacher.inputs[0], mixed)
 
 
+@pytest.mark.parametrize('clip', [None, 0.05])
+def test_a_scaled_loss_steps_with_the_unscaled_gradient_clipped_to_its_norm(clip):
+    """With mixed precision's loss scaler on (a CPU GradScaler here, scale 1024), the step is SGD on the true
+    gradient: unscaled before it is clipped to a total norm of --clip-grad, not clipped at 1024 times its size."""
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(4, 4, generator=g), torch.tensor([0, 2, 1, 1])
+    model, lr = InputRecorder(0), 0.5
+    start = [p.detach().clone() for p in model.parameters()]
+    grads = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
+    norm = math.sqrt(sum(float((gr.double() ** 2).sum()) for gr in grads))
+    if clip is not None:
+        assert norm > 4 * clip  # clipping changes this step
+        grads = [gr * (clip / (norm + 1e-6)) for gr in grads]
+    scaler = torch.amp.GradScaler('cpu', init_scale=1024.0)
+    one_epoch(model, lambda s, out, t: F.cross_entropy(out, t), x, y, batch_size=4, lr=lr, scaler=scaler,
+              max_norm=clip)
+    assert scaler.get_scale() == 1024.0  # (no inf or NaN was found: the step was taken)
+    for p, p0, gr in zip(model.parameters(), start, grads):
+        assert torch.allclose(p.detach(), p0 - lr * gr, rtol=1e-5, atol=1e-7)
+
+
 def test_the_original_timing_runs_in_fp32_with_autograd_under_the_callers_autocast_and_no_grad():
     """original_pass_seconds times the model in fp32 with autograd on, as the original code did; under a caller's
     autocast its passes ran in bfloat16."""
