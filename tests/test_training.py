@@ -520,6 +520,25 @@ def test_a_scaled_loss_steps_with_the_unscaled_gradient_clipped_to_its_norm(clip
         assert torch.allclose(p.detach(), p0 - lr * gr, rtol=1e-5, atol=1e-7)
 
 
+def test_mixed_precision_runs_the_training_and_evaluation_forwards_under_autocast():
+    """amp=True: the model's forward runs under autocast in training and in evaluation (fp16 on CUDA; bf16 here on
+    the CPU), and amp=False without it."""
+    seen = []
+
+    class AutocastRecorder(InputRecorder):
+        def forward(self, x):
+            seen.append(torch.is_autocast_enabled('cpu'))
+            return super().forward(x)
+    x, y = torch.randn(4, 4), torch.tensor([0, 2, 1, 1])
+    for amp in (True, False):
+        model = AutocastRecorder(0)
+        one_epoch(model, lambda s, out, t: F.cross_entropy(out.float(), t), x, y, batch_size=4, amp=amp)
+        engine.evaluate(DataLoader(TensorDataset(x, y), batch_size=4), model, torch.device('cpu'), amp=amp,
+                        printer=lambda *a: None)
+        assert seen == [amp, amp], amp
+        seen.clear()
+
+
 def test_the_original_timing_runs_in_fp32_with_autograd_under_the_callers_autocast_and_no_grad():
     """original_pass_seconds times the model in fp32 with autograd on, as the original code did; under a caller's
     autocast its passes ran in bfloat16."""
