@@ -185,6 +185,26 @@ def test_without_weight_decay_one_group_follows_the_schedule(monkeypatch, deit_t
         assert lrs[epoch] == [pytest.approx(cosine(1.25e-3, t, 30), rel=1e-12)]
 
 
+def test_the_weight_matrices_decay_by_the_flag_and_the_rest_not_at_all():
+    """--weight-decay is group 1's (the weight matrices') and group 0 has none: a step with zero gradients is
+    AdamW's decoupled decay alone, p * (1 - lr * weight decay) for each matrix, every other tensor unchanged
+    (--uniform-lr: both groups at the scaled lr, so the decay shows in float32)."""
+    model = models.create_model('deit_digits_patch4_32')
+    args = finetune.get_args_parser().parse_args(['--weight-decay', '0.02', '--uniform-lr'])
+    optimizer, _ = finetune.build_optimizer(args, model)
+    assert [g['weight_decay'] for g in optimizer.param_groups] == [0.0, 0.02]
+    before = [[p.detach().clone() for p in g['params']] for g in optimizer.param_groups]
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    lr = 0.01 * 64 / 512
+    assert all(torch.equal(p, p0) for p, p0 in zip(optimizer.param_groups[0]['params'], before[0]))
+    for p, p0 in zip(optimizer.param_groups[1]['params'], before[1]):
+        assert p.ndim == 2 or p.ndim == 4
+        assert torch.allclose(p.detach(), p0 * (1 - lr * 0.02), rtol=2e-7, atol=0)
+        assert not torch.allclose(p.detach(), p0 * (1 - lr * 0.05), rtol=2e-7, atol=0)  # the default would show
+
+
 def test_uniform_lr_schedules_every_group(monkeypatch, deit_tiny):
     args = finetune.get_args_parser().parse_args(['--uniform-lr'])
     optimizer, lrs = epoch_lrs(monkeypatch, args, deit_tiny, 30)
