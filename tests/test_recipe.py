@@ -460,6 +460,22 @@ def test_mixup_and_cutmix_are_deits_of_the_flags(flags):
     assert not torch.equal(ours[0], x)  # the images were mixed
 
 
+@pytest.mark.parametrize('smoothing', [0.2, 0.0])
+def test_without_mixing_the_base_loss_is_cross_entropy_smoothed_by_the_flag(smoothing):
+    """--mixup 0 --cutmix 0: the base loss is cross-entropy with --smoothing's label smoothing (torch's own
+    label_smoothing is the reference), plain cross-entropy at 0."""
+    args = finetune.get_args_parser().parse_args(['--mixup', '0', '--cutmix', '0', '--smoothing', str(smoothing)])
+    criterion, mixup_fn = finetune.build_criterion(args, 10, None)
+    assert mixup_fn is None
+    g = torch.Generator().manual_seed(6)
+    logits, y = torch.randn(8, 10, generator=g) * 3, torch.randint(0, 10, (8,), generator=g)
+    expected = torch.nn.functional.cross_entropy(logits, y, label_smoothing=smoothing)
+    assert criterion(None, logits, y).item() == pytest.approx(expected.item(), rel=1e-6)
+    if smoothing:  # (the recipe's 0.1 would give another loss)
+        assert expected.item() != pytest.approx(
+            torch.nn.functional.cross_entropy(logits, y, label_smoothing=0.1).item(), rel=1e-3)
+
+
 @pytest.mark.parametrize('size', [32, 224])
 def test_a_cutmix_box_range_is_refused_exactly_where_timm_cannot_draw_a_box_from_it(size):
     """--cutmix-minmax: a range is refused (before any work) where timm's box draw at that image size fails, and
