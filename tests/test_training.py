@@ -260,6 +260,21 @@ def test_every_epoch_and_every_process_shuffles_its_own_way(monkeypatch, repeate
             assert sorted(seen[0][epoch] + seen[1][epoch]) == list(range(48))
 
 
+def test_training_drops_its_last_partial_batch_and_evaluation_reads_every_image_once():
+    """DeiT's loaders: training batches of --batch-size, the last partial one dropped (a training set shorter than a
+    batch is one batch); evaluation in batches of 1.5 x --batch-size, every image once, in order."""
+    args = finetune.get_args_parser().parse_args(['--batch-size', '4', '--num_workers', '0'])
+    args.distributed, args.world_size, args.rank, args.device = False, 1, 0, 'cpu'
+    for n, train_sizes, eval_sizes in ((10, [4, 4], [6, 4]), (3, [3], [3])):
+        dataset = TensorDataset(torch.arange(n))
+        train = [batch[0] for batch in datasets.data_loader(dataset, args, train=True)]
+        assert [len(b) for b in train] == train_sizes, n
+        assert len(set(torch.cat(train).tolist())) == sum(train_sizes), n
+        evaluation = [batch[0] for batch in datasets.data_loader(dataset, args, train=False)]
+        assert [len(b) for b in evaluation] == eval_sizes, n
+        assert torch.cat(evaluation).tolist() == list(range(n)), n
+
+
 def test_smoothed_values_format_the_window_and_the_whole_run():
     """A meter formats the median and mean of its window (the last window_size values), the average over every
     update weighted by its count, and the last value, as DeiT's does; the progress line shows median (average)."""
