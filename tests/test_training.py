@@ -260,6 +260,28 @@ def test_every_epoch_and_every_process_shuffles_its_own_way(monkeypatch, repeate
             assert sorted(seen[0][epoch] + seen[1][epoch]) == list(range(48))
 
 
+@pytest.mark.parametrize('repeated_aug', [True, False])
+def test_several_processes_draw_deits_order_of_their_seed_and_epoch(repeated_aug):
+    """Under 2 processes each training loader's order is DeiT's, written out here from a permutation of 48 images
+    seeded by --seed + epoch: repeated augmentation deals 3 copies of each image to the processes in turn and each
+    draws 24 of them (under 256 images, 48 / 2); without it, each takes every other image of the permutation."""
+    dataset = TensorDataset(torch.arange(48))
+    for seed in (3, 4):
+        args = finetune.get_args_parser().parse_args(['--batch-size', '4', '--num_workers', '0', '--seed', str(seed)])
+        args.distributed, args.world_size, args.device, args.repeated_aug = True, 2, 'cpu', repeated_aug
+        for rank in (0, 1):
+            args.rank = rank
+            loader = datasets.data_loader(dataset, args, train=True)
+            for epoch in (0, 2):
+                loader.sampler.set_epoch(epoch)
+                order = torch.randperm(48, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+                if repeated_aug:
+                    expected = [i for i in order for _ in range(3)][rank::2][:24]
+                else:
+                    expected = order[rank::2]
+                assert torch.cat([batch[0] for batch in loader]).tolist() == expected, (seed, rank, epoch)
+
+
 def test_training_drops_its_last_partial_batch_and_evaluation_reads_every_image_once():
     """DeiT's loaders: training batches of --batch-size, the last partial one dropped (a training set shorter than a
     batch is one batch); evaluation in batches of 1.5 x --batch-size, every image once, in order."""
