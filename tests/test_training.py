@@ -212,7 +212,8 @@ def test_top1_top5_and_loss_counted_by_hand(classes):
     logits = torch.randn(n, classes, generator=g)
     targets = torch.randint(0, classes, (n,), generator=g)
     loader = DataLoader(TensorDataset(torch.arange(n).float().view(n, 1), targets), batch_size=7)
-    stats = engine.evaluate(loader, LogitTable(logits), torch.device('cpu'), printer=lambda *a: None)
+    lines = []
+    stats = engine.evaluate(loader, LogitTable(logits), torch.device('cpu'), printer=lines.append)
     # rank of the true class among the logits of its row, by hand (no ties in random floats)
     ranks = [sum(1 for c in range(classes) if logits[i, c] > logits[i, targets[i]]) for i in range(n)]
     hits = {k: sum(r < k for r in ranks) for k in (1, 3, 5)}
@@ -224,6 +225,10 @@ def test_top1_top5_and_loss_counted_by_hand(classes):
         assert stats['acc5'] == 100.0
     nll = [math.log(sum(math.exp(v) for v in logits[i].tolist())) - logits[i, targets[i]].item() for i in range(n)]
     assert stats['loss'] == pytest.approx(sum(nll) / n, rel=1e-5)
+    # the result line prints each figure in its place (Acc@1 and Acc@5 differ here, so a swap would show)
+    assert hits[1] != hits[5]
+    assert lines[-1] == f'* Acc@1 {100.0 * hits[1] / n:.3f} Acc@5 {100.0 * hits[5] / n:.3f} loss {sum(nll) / n:.3f}'
+
 
 
 # ----------------------------------------------------------------------------------------------------------
