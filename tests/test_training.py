@@ -230,6 +230,34 @@ def test_top1_top5_and_loss_counted_by_hand(classes):
     assert lines[-1] == f'* Acc@1 {100.0 * hits[1] / n:.3f} Acc@5 {100.0 * hits[5] / n:.3f} loss {sum(nll) / n:.3f}'
 
 
+def test_evaluations_of_disjoint_parts_summed_over_processes_give_the_whole_sets_figures(monkeypatch):
+    """--dist-eval: each process evaluates its own part and the counts are summed over the processes, so the
+    figures are those of the whole set.  Two processes are stood in for: the second's part (23 images) is
+    evaluated first and its sums recorded; the first's (27 images) is evaluated with an all-reduce that adds them."""
+    g = torch.Generator().manual_seed(1)
+    n, classes = 50, 10
+    logits = torch.randn(n, classes, generator=g)
+    targets = torch.randint(0, classes, (n,), generator=g)
+    parts = [torch.arange(27), torch.arange(27, n)]
+    recorded = []
+    monkeypatch.setattr(engine, 'all_reduce_sum', lambda values, device: recorded.append(list(values)) or
+                        torch.tensor(values, dtype=torch.float64))
+    quiet = lambda *a: None  # noqa: E731
+
+    def loader(rows):
+        return DataLoader(TensorDataset(rows.float().view(-1, 1), targets[rows]), batch_size=8)
+
+    engine.evaluate(loader(parts[1]), LogitTable(logits), torch.device('cpu'), printer=quiet)
+    other = recorded[-1]
+    monkeypatch.setattr(engine, 'all_reduce_sum', lambda values, device: torch.tensor(
+        [a + b for a, b in zip(values, other)], dtype=torch.float64))
+    stats = engine.evaluate(loader(parts[0]), LogitTable(logits), torch.device('cpu'), printer=quiet)
+    ranks = [sum(1 for c in range(classes) if logits[i, c] > logits[i, targets[i]]) for i in range(n)]
+    nll = [math.log(sum(math.exp(v) for v in logits[i].tolist())) - logits[i, targets[i]].item() for i in range(n)]
+    assert stats['acc1'] == pytest.approx(100.0 * sum(r < 1 for r in ranks) / n)
+    assert stats['acc5'] == pytest.approx(100.0 * sum(r < 5 for r in ranks) / n)
+    assert stats['loss'] == pytest.approx(sum(nll) / n, rel=1e-5)
+
 
 # ----------------------------------------------------------------------------------------------------------
 # shuffling: a new order every epoch, a different one on every process
