@@ -2,6 +2,7 @@
 (distillation term, dense teacher, gradients reset between steps, gradient clipping, EMA), top-1/top-5 counts,
 and every epoch and every process shuffling its own way."""
 import argparse
+import datetime
 import json
 import math
 
@@ -379,6 +380,25 @@ def test_progress_lines_show_the_eta_of_the_mean_step_and_the_last_step(monkeypa
         ['Epoch: [0] [2/4]', 'eta: 0:00:20', '', 'time: 20.0000', 'data: 1.0000'],
         ['Epoch: [0] [3/4]', 'eta: 0:00:00', '', 'time: 17.7500', 'data: 1.0000']]
     assert lines[3:] == ['Epoch: [0] Total time: 0:01:11 (17.7500 s / it)']
+
+
+
+def test_the_eta_and_step_time_are_the_mean_of_every_step_not_of_the_last_twenty(monkeypatch):
+    """Past the meters' window of 20 values the ETA and the step time are still the mean over every step so far:
+    3 slow steps (100 s) then 1-second ones, printed at step 22 of 30, give (300 + 20) / 23 s per step and 7 steps
+    left, not the last twenty steps' 1 s."""
+    import types
+    from utils import progress
+    clock = [0.0]
+    monkeypatch.setattr(progress, 'time', types.SimpleNamespace(time=lambda: clock[0]))
+    work = [100] * 3 + [1] * 27
+    lines = []
+    logger = progress.MetricLogger(printer=lines.append)
+    for i in logger.log_every(TimedBatches(clock, [0] * 30), print_freq=22, header='Test:'):
+        clock[0] += work[i]
+    mean = sum(work[:23]) / 23
+    assert lines[1].split('  ') == ['Test: [22/30]', f'eta: {datetime.timedelta(seconds=int(mean * 7))}', '',
+                                    f'time: {mean:.4f}', 'data: 0.0000']
 
 
 def test_only_the_first_process_prints_and_writes_tensorboard(monkeypatch, tmp_path, capsys):
