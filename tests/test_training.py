@@ -347,6 +347,22 @@ def test_smoothed_values_format_the_window_and_the_whole_run():
     assert 'loss: 2.0000 (2.0000)' in lines[1] and lines[2].startswith('Test: Total time: ')
 
 
+
+def test_a_meters_average_over_processes_weighs_every_processs_images(monkeypatch):
+    """After synchronising, a meter's global average is the sum of every process's values (each times its count)
+    over the sum of their counts: this process's 2 images of loss 1 and 4 images of loss 4 with another process's
+    3 images of loss 10 average (2 + 16 + 30) / 9, not their total over this process's 6 images."""
+    from utils import progress
+    meter = progress.SmoothedValue()
+    meter.update(1.0, 2)
+    meter.update(4.0, 4)
+    other = [3, 30.0]  # the other process's count and total
+    monkeypatch.setattr(progress, 'all_reduce_sum', lambda values, device: torch.tensor(
+        [a + b for a, b in zip(values, other)], dtype=torch.float64))
+    meter.synchronize_between_processes(torch.device('cpu'))
+    assert (meter.count, meter.global_avg) == (9, pytest.approx((2 + 16 + 30) / 9))
+
+
 class TimedBatches:
     """Four batches, each taking ``data[i]`` seconds of the fake ``clock`` to load."""
 
