@@ -294,6 +294,25 @@ def test_every_epoch_and_every_process_shuffles_its_own_way(monkeypatch, repeate
             assert sorted(seen[0][epoch] + seen[1][epoch]) == list(range(48))
 
 
+
+def test_each_epoch_prints_its_top1_accuracy_over_the_validation_images_and_the_best_so_far(monkeypatch):
+    """After each epoch: 'Accuracy of the network on the N test images: X%' with N the validation images (7, in 3
+    batches) and X the epoch's Acc@1 (not its Acc@5), then the best Acc@1 so far."""
+    results = iter([{'acc1': 40.0, 'acc5': 90.0, 'loss': 1.0}, {'acc1': 30.0, 'acc5': 95.0, 'loss': 1.5}])
+    monkeypatch.setattr(engine, 'train_one_epoch', lambda *a, **k: {'loss': 0.0, 'lr': 0.0})
+    monkeypatch.setattr(engine, 'evaluate', lambda *a, **k: next(results))
+    loader_train = DataLoader(TensorDataset(torch.arange(4)), batch_size=2)
+    loader_val = DataLoader(TensorDataset(torch.arange(7)), batch_size=3)
+    run = engine.Training(model=None, model_without_ddp=None, criterion=None, optimizer=None,
+                          lr_scheduler=argparse.Namespace(step=lambda epoch: None), scaler=None, amp=False,
+                          clip_grad=None, model_ema=None, mixup_fn=None, loader_train=loader_train,
+                          loader_val=loader_val, device=torch.device('cpu'))
+    lines = []
+    assert engine.train_epochs(run, 0, 2, -1.0, lambda *a: None, printer=lines.append) == 40.0
+    assert lines == ['Accuracy of the network on the 7 test images: 40.0%', 'Max accuracy: 40.00%',
+                     'Accuracy of the network on the 7 test images: 30.0%', 'Max accuracy: 40.00%']
+
+
 @pytest.mark.parametrize('repeated_aug', [True, False])
 def test_several_processes_draw_deits_order_of_their_seed_and_epoch(repeated_aug):
     """Under 2 processes each training loader's order is DeiT's, written out here from a permutation of 48 images
