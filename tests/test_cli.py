@@ -288,6 +288,17 @@ def test_interleaved_timer_rotates_the_first_run_and_times_each_pass():
     assert set(speed) == {'conv'} and speed['conv'] > 0 and not model.training
 
 
+
+def test_throughput_is_the_batch_over_the_median_pass(monkeypatch):
+    """Images per second of each model: the batch's images over the median of its timed passes (one slow and one
+    fast outlier do not move it), not a batch per second nor the fastest pass."""
+    import engine
+    passes = {'pruned': [0.5, 0.1, 0.2], 'dense': [0.4, 0.3, 0.9, 0.6, 0.1]}
+    monkeypatch.setattr(engine, 'time_interleaved', lambda runs, x, *a, **k: {name: passes[name] for name in runs})
+    speed = engine.measure_throughput({'pruned': None, 'dense': None}, 6, 8, torch.device('cpu'), repeats=3)
+    assert speed == {'pruned': pytest.approx(6 / 0.2), 'dense': pytest.approx(6 / 0.4)}
+
+
 @pytest.mark.parametrize('device', ['cpu', 'cuda'])
 def test_timing_on_cuda_lets_cudnn_pick_the_fastest_convolution(monkeypatch, device):
     """cudnn.benchmark is on while rows are timed on CUDA (as DeiT and the original code ran), off again after;
