@@ -195,11 +195,15 @@ def test_image_folder_reads_the_files_torchvisions_image_folder_reads(tmp_path):
     """The same images, in the same order with the same labels, as DeiT's loader (torchvision's ImageFolder): a
     file named only by its extension (``.png``, which torchvision reads) was left out as having none."""
     from torchvision import datasets
-    root = make_image_folder(tmp_path, classes=('x', 'y'), per_class=(2, 2))
+    root = make_image_folder(tmp_path, classes=('x', 'y', 'B', 'a_1', 'Z'), per_class=(2, 2))
     for name in ('.png', 'UPPER.JPEG', 'a.tar.jpg', 'notes.txt', 'anim.gif', 'README'):
         Image.new('RGB', (8, 8)).save(tmp_path / 'val' / 'y' / name, format='PNG')
-    ours, _ = build_dataset(False, _args(data_path=root))
-    assert ours.samples == datasets.ImageFolder(str(tmp_path / 'val')).samples and len(ours) == 7
+    ours, n = build_dataset(False, _args(data_path=root))
+    assert ours.samples == datasets.ImageFolder(str(tmp_path / 'val')).samples and len(ours) == 13
+    # the classes are the folder names sorted by code point (upper case first), each labelled by its place there
+    assert n == 5 and ours.classes == ['B', 'Z', 'a_1', 'x', 'y']
+    assert [(os.path.basename(os.path.dirname(path)), label) for path, label in ours.samples] == \
+        [(name, label) for label, name in enumerate(['B', 'Z', 'a_1', 'x', 'y']) for _ in range(5 if name == 'y' else 2)]
     assert ours.skipped == {'.txt': 1, '.gif': 1, 'no extension': 1}
 
 
