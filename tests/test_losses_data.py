@@ -244,8 +244,9 @@ def test_inaturalist_json_layout(tmp_path):
     _inaturalist(tmp_path, {'train': [0, 1, 2, 2], 'val': [2, 0]})
     args = _args(data_set='INAT', data_path=str(tmp_path), input_size=32)
     train, n = build_dataset(True, args)
-    val, _ = build_dataset(False, args)
+    val, n_val = build_dataset(False, args)
     assert n == 3 and len(train) == 4
+    assert n_val == 3  # the training set's classes, though val2018.json names only two of them
     # DeiT's labels: the order in which the training annotations first name each class
     deit = {'owl': 0, 'cat': 1, 'fern': 2}
     assert train.targets == [deit['owl'], deit['cat'], deit['fern'], deit['fern']]
