@@ -1727,3 +1727,53 @@ def test_gflops_are_printed_with_two_decimals_and_two_significant_digits_below_a
     0.0482 (1.35 times apart) would both read as 0.04 and 0.05 (1.25 apart) with two decimals."""
     assert [finetune.gflops_text(v) for v in (17.5614, 1.2543, 0.1, 0.0357, 0.0482, 0.00123, 0.0)] == [
         '17.56', '1.25', '0.10', '0.036', '0.048', '0.0012', '0.00']
+
+
+def _digits_formula_gflops(model, counts):
+    """The FLOPs formula for the digits model, its width C read from it: the patch embedding, per block with n kept
+    tokens qkv 3nC^2, attention 2n^2C, projection nC^2 and MLP 8nC^2, then the head; in GFLOPs."""
+    C = model.embed_dim
+    assert model.blocks[0].mlp.fc1.out_features == 4 * C and model.patch_embed.proj.kernel_size == (4, 4)
+    blocks = sum(3 * n * C * C + 2 * n * n * C + n * C * C + 8 * n * C * C for n in counts)
+    return (64 * 3 * 4 * 4 * C + blocks + C * model.head.out_features) / 1e9
+
+
+def test_prune_and_eval_print_the_accuracy_and_flops_of_the_pruned_model(capsys, world, tmp_path):
+    """--prune and --eval of its file print Acc@1 and Acc@5 as counted here on the validation images, the accuracy
+    line with Acc@1, the pruned model's FLOPs by the formula, and --prune's TensorBoard points at step 0 the same."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = tmp_path / 'out'
+    code, pruned, err = cli(capsys, '--prune', '--prune_mode', 'random', '--prune_rate', 0.5, '--resume',
+                            world['dense'], '--data-path', world['data'], '--output_dir', out)
+    assert code == 0, err
+    path = out / 'pruned_random_0.5.pth'
+    code, evaluated, err = cli(capsys, '--eval', '--resume', path, '--data-path', world['data'])
+    assert code == 0, err
+    model = models.create_model('deit_digits_patch4_32').eval()
+    model.load_state_dict(load_checkpoint_file(str(path))['model'])
+    counts = models.kept_token_counts(model)
+    assert f'Kept tokens per block (class token included): {counts}' in pruned and min(counts) < 65
+    pruned_gflops, dense_gflops = _digits_formula_gflops(model, counts), _digits_formula_gflops(model, [65] * 6)
+    assert f'FLOPs: {finetune.gflops_text(pruned_gflops)} GFLOPs (dense {finetune.gflops_text(dense_gflops)} ' \
+           f'GFLOPs)' in pruned.splitlines()
+    assert finetune.gflops_text(pruned_gflops) != finetune.gflops_text(dense_gflops)
+    args = argparse.Namespace(input_size=32, eval_crop_ratio=1.0, mean=model.pretrained_cfg['mean'],
+                              std=model.pretrained_cfg['std'], data_set='IMNET', data_path=world['data'])
+    val, _ = datasets.build_dataset(False, args)
+    images = torch.stack([val[i][0] for i in range(len(val))])
+    targets = torch.tensor([val[i][1] for i in range(len(val))])
+    with torch.no_grad():
+        logits = model(images)
+    above = [(logits[i] > logits[i, targets[i]]).sum().item() for i in range(len(targets))]
+    acc1, acc5 = (100.0 * sum(a < k for a in above) / len(above) for k in (1, 5))
+    assert acc1 != acc5  # (else a line printing one for the other would not show)
+    for out_text in (pruned, evaluated):
+        lines = out_text.splitlines()
+        assert f'Accuracy of the network on the {len(val)} test images: {acc1:.1f}%' in lines
+        star = next(line for line in lines if line.startswith('* Acc@1 '))
+        assert star.startswith(f'* Acc@1 {acc1:.3f} Acc@5 {acc5:.3f} loss ')
+    events = EventAccumulator(str(out / 'prune_random_0.5'))
+    events.Reload()
+    points = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()['scalars']}
+    assert points == {'prune/acc1': [(0, pytest.approx(acc1))], 'prune/acc5': [(0, pytest.approx(acc5))],
+                      'prune/gflops': [(0, pytest.approx(pruned_gflops))]}
