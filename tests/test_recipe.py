@@ -1777,3 +1777,23 @@ def test_prune_and_eval_print_the_accuracy_and_flops_of_the_pruned_model(capsys,
     points = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()['scalars']}
     assert points == {'prune/acc1': [(0, pytest.approx(acc1))], 'prune/acc5': [(0, pytest.approx(acc5))],
                       'prune/gflops': [(0, pytest.approx(pruned_gflops))]}
+
+
+def test_speed_only_prints_each_models_images_per_s_and_the_speed_up_of_the_pruned_one(capsys, monkeypatch,
+                                                                                       pruned_digits):
+    """--speed-only of a pruned file: each model's images/s as measured (stood in for: 300 and 100), the speed-up
+    pruned over dense (3.00x) and the FLOPs ratio dense over pruned by the formula."""
+    monkeypatch.setattr(finetune, 'measure_throughput', lambda runs, *a, **k: {'pruned': 300.0, 'dense': 100.0})
+    code, out, err = cli(capsys, '--speed-only', '--resume', pruned_digits, '--speed-repeats', 1)
+    assert code == 0, err
+    model = models.create_model('deit_digits_patch4_32')
+    model.load_state_dict(load_checkpoint_file(str(pruned_digits))['model'])
+    pruned, dense = (_digits_formula_gflops(model, counts)
+                     for counts in (models.kept_token_counts(model), [65] * 6))
+    lines = out.splitlines()
+    for line in (f'FLOPs of the pruned model: {finetune.gflops_text(pruned)} GFLOPs',
+                 'Throughput of the pruned model: 300.0 images/s',
+                 f'FLOPs of the dense model: {finetune.gflops_text(dense)} GFLOPs',
+                 'Throughput of the dense model: 100.0 images/s',
+                 f'Speed-up of the pruned model: 3.00x (FLOPs ratio {dense / pruned:.2f}x)'):
+        assert line in lines
