@@ -203,7 +203,7 @@ def test_image_folder_reads_the_files_torchvisions_image_folder_reads(tmp_path):
     # the classes are the folder names sorted by code point (upper case first), each labelled by its place there
     assert n == 5 and ours.classes == ['B', 'Z', 'a_1', 'x', 'y']
     assert [(os.path.basename(os.path.dirname(path)), label) for path, label in ours.samples] == \
-        [(name, label) for label, name in enumerate(['B', 'Z', 'a_1', 'x', 'y']) for _ in range(5 if name == 'y' else 2)]
+        [(name, label) for label, name in enumerate(ours.classes) for _ in range(5 if name == 'y' else 2)]
     assert ours.skipped == {'.txt': 1, '.gif': 1, 'no extension': 1}
 
 
