@@ -43,6 +43,8 @@ RESUME = T + 'test_resume.py::test_resume_continues_with_optimizer_scheduler_ema
 SEEDED = T + 'test_seeding.py::test_seeded_finetune_reproduces_and_an_interrupted_run_resumes_bit_for_bit'
 TWO_PROCESS_PRUNE = T + 'test_distributed.py::test_prune_with_two_processes_plans_the_same_masks_on_every_rank'
 TWO_PROCESS_FINETUNE = T + 'test_distributed.py::test_finetune_with_two_processes_scales_the_lr_and_only_rank_0_writes'
+DIST_EVAL = (T + 'test_training.py::'
+             'test_evaluations_of_disjoint_parts_summed_over_processes_give_the_whole_sets_figures')
 TWO_PROCESS_RESUME = (T + 'test_distributed.py::'
                       'test_two_processes_stopped_and_resumed_equal_the_uninterrupted_run_bit_for_bit')
 
@@ -1506,6 +1508,107 @@ MUTANTS: List[Mutant] = [
            'args.rank, shuffle=True)',
            [T + 'test_training.py::test_several_processes_draw_deits_order_of_their_seed_and_epoch'],
            '--no-repeated-aug under several processes shuffles by seed 0 whatever --seed says'),
+    # --- what the CLI reports: evaluation, progress, throughput, FLOPs, TensorBoard; the classes it reads -------
+    mutant('eval-result-line-acc5-is-acc1', 'engine.py',
+           'Acc@5 {stats["acc5"]:.3f}', 'Acc@5 {stats["acc1"]:.3f}',
+           [T + 'test_training.py::test_top1_top5_and_loss_counted_by_hand'],
+           "evaluate's '* Acc@1 ... Acc@5 ...' line prints Acc@1 twice"),
+    mutant('dist-eval-count-not-summed', 'engine.py',
+           '    c1, c5, total_loss, n = all_reduce_sum([correct1, correct5, loss_sum, count], device).tolist()\n',
+           '    c1, c5, total_loss, _ = all_reduce_sum([correct1, correct5, loss_sum, count], device).tolist()\n'
+           '    n = count\n',
+           [DIST_EVAL],
+           "--dist-eval divides the processes' summed hits and loss by this process's images"),
+    mutant('dist-eval-loss-not-summed', 'engine.py',
+           "'loss': total_loss / n}", "'loss': loss_sum / count}",
+           [DIST_EVAL],
+           "--dist-eval reports each process's own mean loss"),
+    mutant('epoch-accuracy-line-of-acc5', 'engine.py',
+           "                f'{test_stats[\"acc1\"]:.1f}%')", "                f'{test_stats[\"acc5\"]:.1f}%')",
+           [T + 'test_training.py::test_each_epoch_prints_its_top1_accuracy_over_the_validation_images_and_the_best_'
+            'so_far'],
+           "an epoch's 'Accuracy of the network ...' line gives its Acc@5"),
+    mutant('epoch-accuracy-line-counts-batches', 'engine.py',
+           '{len(run.loader_val.dataset)} test images', '{len(run.loader_val)} test images',
+           [T + 'test_training.py::test_each_epoch_prints_its_top1_accuracy_over_the_validation_images_and_the_best_'
+            'so_far'],
+           "an epoch's accuracy line says N test images with N the validation batches"),
+    mutant('eta-of-the-window', 'utils/progress.py',
+           'eta = iter_time.global_avg * (total - i - 1)', 'eta = iter_time.avg * (total - i - 1)',
+           [T + 'test_training.py::test_the_eta_and_step_time_are_the_mean_of_every_step_not_of_the_last_twenty'],
+           'the ETA reckons the steps left at the mean of the last 20 steps, not of every step so far'),
+    mutant('step-time-of-the-window', 'utils/progress.py',
+           "f'time: {iter_time.global_avg:.4f}'", "f'time: {iter_time.avg:.4f}'",
+           [T + 'test_training.py::test_the_eta_and_step_time_are_the_mean_of_every_step_not_of_the_last_twenty'],
+           "a progress line's step time is the mean of the last 20 steps"),
+    mutant('meter-count-not-summed', 'utils/progress.py',
+           'self.count, self.total = int(t[0].item()), float(t[1].item())', 'self.total = float(t[1].item())',
+           [T + 'test_training.py::test_a_meters_average_over_processes_weighs_every_processs_images'],
+           "an epoch's averages over several processes: their summed total over this process's count"),
+    mutant('throughput-per-batch', 'engine.py',
+           'return {name: batch_size / statistics.median(t)', 'return {name: 1 / statistics.median(t)',
+           [T + 'test_cli.py::test_throughput_is_the_batch_over_the_median_pass'],
+           'images/s reported as batches per second'),
+    mutant('throughput-of-the-fastest-pass', 'engine.py',
+           'return {name: batch_size / statistics.median(t)', 'return {name: batch_size / min(t)',
+           [T + 'test_cli.py::test_throughput_is_the_batch_over_the_median_pass'],
+           'images/s of the fastest timed pass instead of the median one'),
+    mutant('throughput-of-the-mean-pass', 'engine.py',
+           'return {name: batch_size / statistics.median(t)', 'return {name: batch_size / statistics.mean(t)',
+           [T + 'test_cli.py::test_throughput_is_the_batch_over_the_median_pass'],
+           'images/s of the mean pass: one slow outlier moves it'),
+    mutant('speed-up-inverted', 'finetune.py',
+           "        speedup = throughput['pruned'] / throughput['dense']\n",
+           "        speedup = throughput['dense'] / throughput['pruned']\n",
+           [T + 'test_recipe.py::test_speed_only_prints_each_models_images_per_s_and_the_speed_up_of_the_pruned_one'],
+           "--speed-only's speed-up of the pruned model printed as dense over pruned"),
+    mutant('eval-accuracy-line-of-acc5', 'finetune.py',
+           "printer=rank0_print)\n    rank0_print(f'Accuracy of the network on the {len(dataset_val)} test images: "
+           "{stats[\"acc1\"]:.1f}%')",
+           "printer=rank0_print)\n    rank0_print(f'Accuracy of the network on the {len(dataset_val)} test images: "
+           "{stats[\"acc5\"]:.1f}%')",
+           [T + 'test_recipe.py::test_prune_and_eval_print_the_accuracy_and_flops_of_the_pruned_model'],
+           "--eval's accuracy line gives Acc@5"),
+    mutant('prune-accuracy-line-of-acc5', 'finetune.py',
+           "        rank0_print(f'Accuracy of the network on the {len(dataset_val)} test images: "
+           "{stats[\"acc1\"]:.1f}%')",
+           "        rank0_print(f'Accuracy of the network on the {len(dataset_val)} test images: "
+           "{stats[\"acc5\"]:.1f}%')",
+           [T + 'test_recipe.py::test_prune_and_eval_print_the_accuracy_and_flops_of_the_pruned_model'],
+           "--prune's accuracy line gives Acc@5"),
+    mutant('prune-gflops-of-the-dense-model', 'finetune.py',
+           '    pruned_gflops = gflops(model)  #', '    pruned_gflops = gflops(models.dense_copy(model))  #',
+           [T + 'test_recipe.py::test_prune_and_eval_print_the_accuracy_and_flops_of_the_pruned_model'],
+           "--prune prints, logs and writes to TensorBoard the dense model's GFLOPs as the pruned one's"),
+    mutant('prune-tensorboard-acc5-is-acc1', 'finetune.py',
+           "'acc5': stats['acc5'], 'gflops': pruned_gflops}", "'acc5': stats['acc1'], 'gflops': pruned_gflops}",
+           [T + 'test_recipe.py::test_prune_and_eval_print_the_accuracy_and_flops_of_the_pruned_model'],
+           "--prune's TensorBoard point prune/acc5 holds Acc@1"),
+    mutant('prune-tensorboard-unprefixed', 'finetune.py',
+           "pruned_gflops}, 0, prefix='prune/')", "pruned_gflops}, 0)",
+           [T + 'test_recipe.py::test_prune_and_eval_print_the_accuracy_and_flops_of_the_pruned_model'],
+           "--prune's TensorBoard scalars written as acc1, acc5, gflops instead of under prune/"),
+    mutant('prune-tensorboard-at-step-1', 'finetune.py',
+           "pruned_gflops}, 0, prefix='prune/')", "pruned_gflops}, 1, prefix='prune/')",
+           [T + 'test_recipe.py::test_prune_and_eval_print_the_accuracy_and_flops_of_the_pruned_model'],
+           "--prune's TensorBoard points at step 1 instead of 0"),
+    mutant('plain-vit-priced-without-prefix-tokens', 'models/flops.py',
+           '    num_tokens = model.patch_embed.num_patches + model.num_prefix_tokens\n',
+           '    num_tokens = model.patch_embed.num_patches\n',
+           [T + 'test_flops_compile.py::test_dense_timm_deit_counts_like_the_paper'],
+           "a plain timm ViT's blocks priced on its patches alone, without the class token"),
+    mutant('classes-sorted-case-insensitively', 'datasets.py',
+           '    @staticmethod\n    def make_dataset(directory, class_to_idx,',
+           '    def find_classes(self, directory):\n'
+           '        classes = sorted((e.name for e in os.scandir(directory) if e.is_dir()), key=str.lower)\n'
+           '        return classes, {c: i for i, c in enumerate(classes)}\n\n'
+           '    @staticmethod\n    def make_dataset(directory, class_to_idx,',
+           [T + 'test_losses_data.py::test_image_folder_reads_the_files_torchvisions_image_folder_reads'],
+           "class folders sorted case-insensitively: labels other than torchvision's (and DeiT's) for mixed case"),
+    mutant('inaturalist-val-counts-its-own-classes', 'datasets.py',
+           '        self.nb_classes = len(values)\n', '        self.nb_classes = len(set(by_image.values()))\n',
+           [T + 'test_losses_data.py::test_inaturalist_json_layout'],
+           "iNaturalist's validation set counts only the classes its annotations name, not the training set's"),
 ]
 
 
