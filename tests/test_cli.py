@@ -288,7 +288,6 @@ def test_interleaved_timer_rotates_the_first_run_and_times_each_pass():
     assert set(speed) == {'conv'} and speed['conv'] > 0 and not model.training
 
 
-
 def test_throughput_is_the_batch_over_the_median_pass(monkeypatch):
     """Images per second of each model: the batch's images over the median of its timed passes (one slow and one
     fast outlier do not move it), not a batch per second nor the fastest pass."""

@@ -163,7 +163,6 @@ def test_each_panel_greys_the_patches_its_block_clips_and_boxes_those_that_come_
     assert expected_boxes and sorted(boxes) == sorted(expected_boxes)
 
 
-
 @pytest.mark.parametrize('name,prefix', [('cc_deit_tiny_distilled_patch16_224', 2),
                                          ('cc_vit_base_patch16_gap_224', 0),
                                          ('cc_vit_small_patch14_reg4_dinov2', 5)])
@@ -697,7 +696,6 @@ def test_run_demo_write_failure_midway_is_one_error_line(tmp_path, monkeypatch, 
     assert_one_error_line(capsys.readouterr().err, 'No space left on device')
 
 
-
 @pytest.mark.parametrize('kind,code,said', [
     ('user', 2, r'error: stage teacher: cannot write \S+: No space left on device \(the previous file is untouched\) '
                 r'\(full output: \S+stdout\.txt\)'),
@@ -726,7 +724,6 @@ def test_ctrl_c_ends_the_demo_with_one_line_and_exit_130(fresh, tmp_path, monkey
     """(With --fresh the line said to run the demo again, which with --fresh retrains the teacher it said is
     reused.)"""
     assert_ctrl_c_ends_the_script(run_demo.main, 'demo', tmp_path, monkeypatch, capsys, fresh)
-
 
 
 @pytest.mark.parametrize('fresh', [False, True])
@@ -860,7 +857,6 @@ def test_train_teacher_retrains_on_another_lr_or_seed(lr, seed, retrained, tmp_p
     parser = finetune.get_args_parser()
     for argv in [c for c in calls if '--eval' in c]:
         assert finetune.unused_flag_notes(parser.parse_args(argv), parser) == [], argv
-
 
 
 @pytest.mark.parametrize('fresh', [False, True])

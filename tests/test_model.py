@@ -778,7 +778,6 @@ def test_a_file_missing_its_head_weight_says_so(tmp_path):
     assert models.head_classes(sd, 4) == 10 and models.head_classes({}, 4) == 4
 
 
-
 def test_a_file_whose_head_has_no_classes_says_so(tmp_path):
     """A head of 0 classes (weight (0, C)): timm builds no head for it, so its keys were 'unexpected' (and through
     models.create_model 'another number of classes? ... pass num_classes=0', which then failed the same way)."""

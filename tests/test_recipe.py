@@ -401,7 +401,6 @@ def test_an_lr_noise_range_that_ends_before_it_starts_is_one_line(capsys, monkey
     assert not (tmp_path / 'out').exists()
 
 
-
 def test_an_lr_noise_that_no_trained_epoch_reaches_is_one_line(capsys, tmp_path, monkeypatch):
     """The schedule is stepped after each epoch, so over 10 epochs the epochs train at steps 0..8 (and epoch 0 at
     the starting rate): noise from 0.8 x 10 reaches the last epoch, noise from 0.81 x 10 (or a range holding no

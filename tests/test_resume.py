@@ -1021,7 +1021,6 @@ def test_resume_of_a_finished_run_whose_teacher_is_gone_does_nothing(capsys, mon
     assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
 
 
-
 @pytest.mark.parametrize('run', ['continued', 'already-finished', 'new', 'eval', 'speed-only', 'prune'])
 def test_the_resume_file_is_read_once(monkeypatch, small, tmp_path, run):
     """Start-up reads --resume once and passes its contents on: a finetuning run read it up to five times (the

@@ -628,7 +628,6 @@ def test_ctrl_c_ends_the_study_with_one_line_and_exit_130(fresh, tmp_path, monke
     assert_ctrl_c_ends_the_script(study.main, 'study', tmp_path, monkeypatch, capsys, fresh)
 
 
-
 @pytest.mark.parametrize('fresh', [False, True])
 def test_sigterm_ends_the_study_as_ctrl_c_does_with_exit_143(fresh, tmp_path, monkeypatch, capsys):
     assert_ctrl_c_ends_the_script(study.main, 'study', tmp_path, monkeypatch, capsys, fresh, sigterm=True)

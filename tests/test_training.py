@@ -294,7 +294,6 @@ def test_every_epoch_and_every_process_shuffles_its_own_way(monkeypatch, repeate
             assert sorted(seen[0][epoch] + seen[1][epoch]) == list(range(48))
 
 
-
 def test_each_epoch_prints_its_top1_accuracy_over_the_validation_images_and_the_best_so_far(monkeypatch):
     """After each epoch: 'Accuracy of the network on the N test images: X%' with N the validation images (7, in 3
     batches) and X the epoch's Acc@1 (not its Acc@5), then the best Acc@1 so far."""
@@ -366,7 +365,6 @@ def test_smoothed_values_format_the_window_and_the_whole_run():
     assert 'loss: 2.0000 (2.0000)' in lines[1] and lines[2].startswith('Test: Total time: ')
 
 
-
 def test_a_meters_average_over_processes_weighs_every_processs_images(monkeypatch):
     """After synchronising, a meter's global average is the sum of every process's values (each times its count)
     over the sum of their counts: this process's 2 images of loss 1 and 4 images of loss 4 with another process's
@@ -415,7 +413,6 @@ def test_progress_lines_show_the_eta_of_the_mean_step_and_the_last_step(monkeypa
         ['Epoch: [0] [2/4]', 'eta: 0:00:20', '', 'time: 20.0000', 'data: 1.0000'],
         ['Epoch: [0] [3/4]', 'eta: 0:00:00', '', 'time: 17.7500', 'data: 1.0000']]
     assert lines[3:] == ['Epoch: [0] Total time: 0:01:11 (17.7500 s / it)']
-
 
 
 def test_the_eta_and_step_time_are_the_mean_of_every_step_not_of_the_last_twenty(monkeypatch):
