@@ -397,6 +397,39 @@ def test_the_temporary_file_reaches_the_disk_before_it_is_renamed_into_place(tmp
     assert any(e[0] == 'fsync' and e[2] == 'directory' for e in events[renames[0] + 1:])
 
 
+def test_the_rename_is_made_durable_in_the_folder_that_holds_the_file(tmp_path, monkeypatch):
+    """The directory fsynced after the rename is the one the rename changed: the folder of the file a link names,
+    where the new file is renamed into place, not the folder of the link, nor the folder above."""
+    store = tmp_path / 'store' / 'runs'
+    store.mkdir(parents=True)
+    (store / 'run1.pth').write_bytes(b'old')
+    (tmp_path / 'out').mkdir()
+    link = tmp_path / 'out' / 'checkpoint.pth'
+    link.symlink_to(store / 'run1.pth')
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            events.append(('directory', (st.st_dev, st.st_ino)))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(('replace', dst))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, 'fsync', fsync)
+    monkeypatch.setattr(os, 'replace', replace)
+    save_atomic({'epoch': 1}, str(link))
+    assert link.is_symlink() and torch.load(store / 'run1.pth')['epoch'] == 1
+    renames = [i for i, (kind, _) in enumerate(events) if kind == 'replace']
+    assert len(renames) == 1 and os.path.samefile(os.path.dirname(events[renames[0]][1]), store)
+    synced = [where for kind, where in events[renames[0] + 1:] if kind == 'directory']
+    folder = os.stat(store)
+    assert (folder.st_dev, folder.st_ino) in synced, synced
+
+
 CHILD_SAVE = textwrap.dedent('''
     import io, sys, time
     import torch
