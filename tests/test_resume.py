@@ -430,6 +430,23 @@ def test_the_rename_is_made_durable_in_the_folder_that_holds_the_file(tmp_path, 
     assert (folder.st_dev, folder.st_ino) in synced, synced
 
 
+def test_a_rename_that_fails_keeps_the_previous_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+    """The rename itself can fail (an I/O error, a disk gone read-only): the previous file stays as it was, the
+    complete temporary file is removed, and the failure is the one-line error of any other failed write."""
+    path = tmp_path / 'checkpoint.pth'
+    save_atomic({'epoch': 1}, str(path))
+    before = path.read_bytes()
+
+    def io_error(src, dst):
+        raise OSError(errno.EIO, 'Input/output error')
+
+    monkeypatch.setattr(os, 'replace', io_error)
+    with pytest.raises(UserError) as info:
+        save_atomic({'epoch': 2}, str(path))
+    assert str(info.value) == f'cannot write {path}: Input/output error (the previous file is untouched)'
+    assert path.read_bytes() == before and leftovers(tmp_path) == []
+
+
 CHILD_SAVE = textwrap.dedent('''
     import io, sys, time
     import torch
