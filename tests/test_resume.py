@@ -447,6 +447,23 @@ def test_a_rename_that_fails_keeps_the_previous_file_and_leaves_no_temporary(tmp
     assert path.read_bytes() == before and leftovers(tmp_path) == []
 
 
+def test_a_private_file_is_private_from_its_first_byte(tmp_path):
+    """A checkpoint made private (chmod 600) is replaced by a temporary file that has that mode before any byte is
+    written to it: a file readable by all for the time of the write would show the weights to other users."""
+    path = tmp_path / 'checkpoint.pth'
+    save_atomic({'epoch': 0}, str(path))
+    os.chmod(path, 0o600)
+    modes = []
+
+    def write(f):
+        modes.append(stat.S_IMODE(os.fstat(f.fileno()).st_mode))
+        torch.save({'epoch': 1}, f)
+
+    write_atomic(str(path), write)
+    assert modes == [0o600]
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600 and torch.load(path)['epoch'] == 1
+
+
 CHILD_SAVE = textwrap.dedent('''
     import io, sys, time
     import torch
