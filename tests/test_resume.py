@@ -464,6 +464,20 @@ def test_a_private_file_is_private_from_its_first_byte(tmp_path):
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600 and torch.load(path)['epoch'] == 1
 
 
+def test_the_clean_up_removes_only_the_temporary_files_of_the_files_it_is_given(tmp_path):
+    """A finetuning run clears what killed jobs left while writing its own outputs; the temporary files of other
+    files in the folder (a --prune writing its pruned file there meanwhile, a user's own file) are not its to
+    remove."""
+    out = tmp_path / 'out'
+    out.mkdir()
+    stale = killed_while_writing(out / 'checkpoint.pth')
+    others = [killed_while_writing(out / 'pruned_0.3.pth'), '.notes.txt.tmp-1', 'checkpoint.pth.tmp-1']
+    for name in others[1:]:
+        (out / name).write_text('not a checkpoint\n')
+    assert remove_stale_temporaries([str(out / 'checkpoint.pth'), str(out / 'best.pth')]) == [stale]
+    assert sorted(os.listdir(out)) == sorted(others)
+
+
 CHILD_SAVE = textwrap.dedent('''
     import io, sys, time
     import torch
