@@ -946,6 +946,30 @@ def test_a_stop_between_the_checkpoint_and_best_pth_is_repaired_on_resume(capsys
     assert leftovers(out) == []
 
 
+def test_a_checkpoint_without_improved_is_repaired_by_its_accuracy(capsys, monkeypatch, small, tmp_path):
+    """A checkpoint written before 'improved' was saved says whether its epoch is the best by its accuracy alone
+    (its test_acc1 reaching max_accuracy): a stop between its checkpoint.pth and best.pth is repaired for it too."""
+    out = tmp_path / 'out'
+    real_save = finetune.save_atomic
+
+    def stopped_before_best_of_epoch_1(state, path):
+        if os.path.basename(path) == 'best.pth' and state['epoch'] == 1:
+            raise KeyboardInterrupt
+        return real_save(state, path)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(finetune, 'save_atomic', stopped_before_best_of_epoch_1)
+        accuracies(patch, [10.0, 30.0])
+        assert _finetune(out, small['data'], '--resume', small['dense'], '--final_finetune', 2) == 130
+    state = load_checkpoint_file(str(out / 'checkpoint.pth'))
+    assert state.pop('improved') is True and state['max_accuracy'] == state['log_stats']['test_acc1'] == 30.0
+    torch.save(state, out / 'checkpoint.pth')  # as the earlier version wrote it
+    capsys.readouterr()
+    assert _finetune(out, small['data'], '--resume', out / 'checkpoint.pth', '--final_finetune', 2) == 0
+    assert f'note: {out / "best.pth"} was not written after epoch 1, the best so far' in capsys.readouterr().out
+    assert (out / 'best.pth').read_bytes() == (out / 'checkpoint.pth').read_bytes()
+
+
 def test_a_tie_with_the_best_of_the_run_continued_writes_no_best_pth_on_resume(capsys, monkeypatch, small, tmp_path):
     """Acc@1 30 at epoch 0 (first/best.pth), then the run continued from that best.pth into another folder ties it
     at epoch 1: no epoch there improved, so that folder has no best.pth, and a resume of its checkpoint.pth (here
