@@ -970,6 +970,28 @@ def test_a_checkpoint_without_improved_is_repaired_by_its_accuracy(capsys, monke
     assert (out / 'best.pth').read_bytes() == (out / 'checkpoint.pth').read_bytes()
 
 
+def test_a_checkpoint_named_by_a_relative_path_continues_in_its_own_folder(capsys, monkeypatch, small, tmp_path):
+    """--resume checkpoint.pth from inside the run's folder, without --output_dir, continues there (the folder of
+    the file is '.'); --resume out/checkpoint.pth with --output_dir given as the absolute path of that folder is
+    the run continued in its own folder too: its log.txt is repaired (the duplicate line of a job killed while
+    appending removed), and no note sends the user to another folder for its best epoch."""
+    out = tmp_path / 'out'
+    assert _finetune(out, small['data'], '--resume', small['dense'], '--final_finetune', 1) == 0
+    monkeypatch.chdir(out)
+    code = finetune.main([*DIGITS_ARGS, '--data-path', str(small['data']), '--model-ema', '--model-ema-decay', '0.9',
+                          *SCHEDULE, '--resume', 'checkpoint.pth', '--final_finetune', '2'])
+    assert code == 0
+    assert load_checkpoint_file(str(out / 'checkpoint.pth'))['epoch'] == 1 and log_epochs(out / 'log.txt') == [0, 1]
+    with open(out / 'log.txt', 'a') as f:  # epoch 1's line twice: a job killed after appending it, resumed again
+        f.write((out / 'log.txt').read_text().splitlines()[-1] + '\n')
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert _finetune(out, small['data'], '--resume', os.path.join('out', 'checkpoint.pth'), '--final_finetune', 3) == 0
+    assert 'note: the best epoch so far' not in capsys.readouterr().out
+    assert load_checkpoint_file(str(out / 'checkpoint.pth'))['epoch'] == 2
+    assert log_epochs(out / 'log.txt') == [0, 1, 2]
+
+
 def test_a_tie_with_the_best_of_the_run_continued_writes_no_best_pth_on_resume(capsys, monkeypatch, small, tmp_path):
     """Acc@1 30 at epoch 0 (first/best.pth), then the run continued from that best.pth into another folder ties it
     at epoch 1: no epoch there improved, so that folder has no best.pth, and a resume of its checkpoint.pth (here
