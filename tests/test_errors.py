@@ -2101,7 +2101,7 @@ def pruned_counts(model):
     return counts
 
 
-@pytest.mark.parametrize('channels', [5, ['a'] * 6, [65.5] * 6, 'sixty'])
+@pytest.mark.parametrize('channels', [5, ['a'] * 6, [65.5] * 6, 'sixty', [65, 65, 65, -1, 65, 65]])
 def test_channels_that_are_not_counts_are_one_line(capsys, world, earlier, tmp_path, channels):
     path = tmp_path / 'odd.pth'
     torch.save({'model': torch.load(world['dense'], weights_only=True)['model'], 'channels': channels}, path)
