@@ -1550,6 +1550,12 @@ def test_continuing_another_checkpoint_into_a_directory_with_a_checkpoint_is_ref
     assert_one_line_error(capsys, finetune_args(world, finished, '--resume', finished / 'best.pth',
                                                 '--final_finetune', '3'),
                           EXIT_USER_ERROR, r'checkpoint\.pth already exists from an earlier run')
+    # a checkpoint.pth too, when it is another run's (another folder's): only the folder's own file continues there
+    (tmp_path / 'elsewhere').mkdir()
+    shutil.copy(finished / 'checkpoint.pth', tmp_path / 'elsewhere' / 'checkpoint.pth')
+    assert_one_line_error(capsys, finetune_args(world, finished, '--resume', tmp_path / 'elsewhere' / 'checkpoint.pth',
+                                                '--final_finetune', '3'),
+                          EXIT_USER_ERROR, r'checkpoint\.pth already exists from an earlier run')
     assert snapshot(finished) == before
 
 
