@@ -955,6 +955,23 @@ def test_a_checkpoint_that_would_run_code_is_refused_also_when_only_mapped(tmp_p
 
 
 @pytest.mark.parametrize('mmap', [False, True])
+def test_reading_a_released_file_leaves_torchs_allow_list_as_it_was(tmp_path, mmap):
+    """argparse.Namespace is allowed for the reads of this project only: after one, torch's own allow-list still
+    does not hold it, and plain torch.load(weights_only=True) still refuses a file holding a Namespace (so a file
+    written with such args, which plain torch.load cannot read, is not hidden by an earlier read in the same
+    process)."""
+    import argparse
+    import pickle
+    path = tmp_path / 'released.pth'
+    torch.save({'model': {'w': torch.zeros(2)}, 'args': argparse.Namespace(model='deit_tiny_patch16_224')}, path)
+    assert argparse.Namespace not in torch.serialization.get_safe_globals()
+    assert utils.load_checkpoint_file(str(path), mmap=mmap)['args'] == argparse.Namespace(model='deit_tiny_patch16_224')
+    assert argparse.Namespace not in torch.serialization.get_safe_globals()
+    with pytest.raises(pickle.UnpicklingError, match='Namespace'):
+        torch.load(path, weights_only=True)
+
+
+@pytest.mark.parametrize('mmap', [False, True])
 def test_a_checkpoint_in_torchs_legacy_format_loads(tmp_path, mmap):
     """torch.save's format before its zip archives (files written by old releases) has no checksums to check and
     cannot be mapped: it is read whole, as it was written."""
