@@ -971,6 +971,21 @@ def test_reading_a_released_file_leaves_torchs_allow_list_as_it_was(tmp_path, mm
         torch.load(path, weights_only=True)
 
 
+def test_running_out_of_memory_while_reading_a_checkpoint_is_not_called_a_corrupt_file(tmp_path, monkeypatch):
+    """A MemoryError while a checkpoint is read propagates as it is (the run says it is out of memory), instead of
+    the file being called truncated or corrupt."""
+    path = tmp_path / 'dense.pth'
+    torch.save({'model': {'w': torch.zeros(2)}}, path)
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(torch, 'load', out_of_memory)
+    for mmap in (False, True):
+        with pytest.raises(MemoryError):
+            utils.load_checkpoint_file(str(path), mmap=mmap)
+
+
 @pytest.mark.parametrize('mmap', [False, True])
 def test_a_checkpoint_in_torchs_legacy_format_loads(tmp_path, mmap):
     """torch.save's format before its zip archives (files written by old releases) has no checksums to check and
