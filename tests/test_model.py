@@ -695,6 +695,29 @@ def test_channels_that_clip_no_token_in_a_file_without_masks_are_a_warning_not_a
         models.build_model_from_checkpoint(path, 'deit_digits_patch4_32')
 
 
+def test_an_official_file_without_a_weight_is_refused_for_that_weight_alone(tmp_path):
+    """An official file holds no masks (all True when loaded): one that lacks a weight is refused naming that weight
+    only, not the masks it never holds; a pruned file that lacks a mask is refused naming that mask."""
+    torch.manual_seed(0)
+    dense = models.create_model('cc_deit_digits_patch4_32')
+    official = {k: v for k, v in dense.state_dict().items() if not k.endswith(models.MASK_KEY)}
+    assert len(official) < len(dense.state_dict())
+    path = str(tmp_path / 'official.pth')
+    del official['blocks.1.mlp.fc1.weight']
+    torch.save({'model': official}, path)
+    with pytest.raises(UserError) as e:
+        models.build_model_from_checkpoint(path, 'deit_digits_patch4_32')
+    assert str(e.value) == f'{path} does not fit deit_digits_patch4_32: missing keys blocks.1.mlp.fc1.weight'
+    pruned = pruning.apply_masks(dense, pruning.random_masks(6, 64, 0.3, generator=torch.Generator().manual_seed(0)))
+    assert min(pruned) < 65
+    masked = dense.state_dict()
+    del masked['blocks.3.attn.token_index']
+    torch.save({'model': masked}, path)
+    with pytest.raises(UserError) as e:
+        models.build_model_from_checkpoint(path, 'deit_digits_patch4_32')
+    assert str(e.value) == f'{path} does not fit deit_digits_patch4_32: missing keys blocks.3.attn.token_index'
+
+
 def test_models_create_model_refuses_a_file_of_another_model_of_the_same_shapes(tmp_path):
     """A file whose args name ViT-Ti (the shapes of DeiT-Ti, another input normalisation) is refused by
     models.create_model('deit_tiny_patch16_224', checkpoint_path=...), as --eval refuses it; one that names the
