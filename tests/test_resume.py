@@ -1466,6 +1466,29 @@ def test_a_signal_between_the_two_handlers_put_back_leaves_both_put_back(monkeyp
         real_signal(signal.SIGTERM, previous)
 
 
+@pytest.mark.parametrize('first, then, stop', [(signal.SIGTERM, signal.SIGINT, finetune.Terminated),
+                                               (signal.SIGINT, signal.SIGTERM, KeyboardInterrupt)],
+                         ids=['sigterm-then-ctrl-c', 'ctrl-c-then-sigterm'])
+def test_the_signals_after_a_stop_end_it_as_the_first_one_did(first, then, stop):
+    """While a stop unwinds, a second signal raises nothing into it, and a third ends it (in-process: raises
+    for the caller) as the first signal did, whatever the later ones are: a SIGTERM stop stays a SIGTERM stop."""
+    second_raised_nothing, ended = False, []
+    with sigterm_unwinds():
+        try:
+            os.kill(os.getpid(), first)
+            raise AssertionError('the first signal raised nothing')
+        except (finetune.Terminated, KeyboardInterrupt) as e:
+            assert isinstance(e, stop)
+            os.kill(os.getpid(), then)
+            second_raised_nothing = True
+            try:
+                os.kill(os.getpid(), then)
+            except BaseException as third:  # (KeyboardInterrupt kept from pytest's own handling)
+                ended.append(third)
+    assert second_raised_nothing and len(ended) == 1, ended
+    assert isinstance(ended[0], stop), ended
+
+
 ENDED_BY_END_SCRIPT = textwrap.dedent('''
     import atexit, os, signal, sys
     sys.path.insert(0, sys.argv[1])
