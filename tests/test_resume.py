@@ -1489,6 +1489,25 @@ def test_the_signals_after_a_stop_end_it_as_the_first_one_did(first, then, stop)
     assert isinstance(ended[0], stop), ended
 
 
+@pytest.mark.parametrize('sig, stop', [(signal.SIGTERM, finetune.Terminated), (signal.SIGINT, KeyboardInterrupt)],
+                         ids=['sigterm', 'ctrl-c'])
+def test_a_stop_held_while_workers_start_is_under_way_once_it_is_raised(sig, stop):
+    """Under a run, a signal while DataLoader workers start lets that step finish, and is raised on the way out as
+    a stop like any other: torchrun's SIGTERM after it raises nothing into its unwinding."""
+    finished, second_raised_nothing = [], False
+    with sigterm_unwinds():
+        try:
+            with sigterm_held():
+                os.kill(os.getpid(), sig)
+                finished.append('the held step')
+            raise AssertionError('the held signal was not raised')
+        except (finetune.Terminated, KeyboardInterrupt) as e:
+            assert isinstance(e, stop)
+            os.kill(os.getpid(), signal.SIGTERM)
+            second_raised_nothing = True
+    assert finished == ['the held step'] and second_raised_nothing
+
+
 ENDED_BY_END_SCRIPT = textwrap.dedent('''
     import atexit, os, signal, sys
     sys.path.insert(0, sys.argv[1])
