@@ -1508,6 +1508,25 @@ def test_a_stop_held_while_workers_start_is_under_way_once_it_is_raised(sig, sto
     assert finished == ['the held step'] and second_raised_nothing
 
 
+def test_a_ctrl_c_held_under_pythons_own_handler_is_raised_on_the_way_out_and_the_handler_put_back():
+    """Outside a run (prune's and eval's DataLoaders are made under Python's own handler too) a Ctrl-C while the
+    workers start lets the step finish, is raised as KeyboardInterrupt once it has, and Python's handler is back."""
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finished = []
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with sigterm_held():
+                os.kill(os.getpid(), signal.SIGINT)
+                finished.append('the held step')
+        assert finished == ['the held step']
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        with sigterm_held():
+            pass
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 ENDED_BY_END_SCRIPT = textwrap.dedent('''
     import atexit, os, signal, sys
     sys.path.insert(0, sys.argv[1])
