@@ -1527,6 +1527,27 @@ def test_a_ctrl_c_held_under_pythons_own_handler_is_raised_on_the_way_out_and_th
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+def test_a_callers_own_ctrl_c_handler_is_left_to_it_during_a_run():
+    """sigterm_unwinds takes over Ctrl-C only where Python's own handler has it: a caller's own (a notebook's, a
+    scheduler wrapper's) is left in place during the run and after it."""
+    got = []
+
+    def mine(signum, frame):
+        got.append(signum)
+
+    previous = signal.signal(signal.SIGINT, mine)
+    try:
+        try:
+            with sigterm_unwinds():
+                os.kill(os.getpid(), signal.SIGINT)
+        except KeyboardInterrupt:
+            raise AssertionError("the run took Ctrl-C over from the caller's own handler") from None
+        assert got == [signal.SIGINT]
+        assert signal.getsignal(signal.SIGINT) is mine
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 ENDED_BY_END_SCRIPT = textwrap.dedent('''
     import atexit, os, signal, sys
     sys.path.insert(0, sys.argv[1])
