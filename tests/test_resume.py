@@ -23,7 +23,7 @@ import finetune
 from conftest import DIGITS_ARGS, ROOT, digits_world, make_image_folder, official_checkpoint, subprocess_env
 from utils import (UserError, append_line, load_checkpoint_file, remove_stale_temporaries, save_atomic, write_atomic,
                    write_text_atomic)
-from utils.signals import sigterm_held, sigterm_unwinds
+from utils.signals import sigterm_held, sigterm_unwinds, worker_stops_quietly_on_sigterm
 
 
 def log_epochs(path):
@@ -1546,6 +1546,24 @@ def test_a_callers_own_ctrl_c_handler_is_left_to_it_during_a_run():
         assert signal.getsignal(signal.SIGINT) is mine
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def test_a_dataloader_worker_stops_quietly_on_sigterm_and_on_ctrl_c():
+    """A worker (forked with the run's handlers, or sigterm_held's Ctrl-C handler that only notes the signal) gets
+    SIGTERM and Ctrl-C raised as KeyboardInterrupt, on which torch's worker loop returns."""
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        noted = []
+        for sig in (signal.SIGTERM, signal.SIGINT):  # (the handlers the worker was forked with)
+            signal.signal(sig, lambda signum, frame: noted.append(signum))
+        worker_stops_quietly_on_sigterm(0)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), sig)
+        assert noted == []
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 ENDED_BY_END_SCRIPT = textwrap.dedent('''
