@@ -1566,6 +1566,26 @@ def test_a_dataloader_worker_stops_quietly_on_sigterm_and_on_ctrl_c():
             signal.signal(s, handler)
 
 
+def test_a_run_in_another_thread_leaves_the_signal_handlers_to_the_main_thread():
+    """Python lets only the main thread set signal handlers: a run in another thread (a notebook's or a server's
+    worker calling main) goes on without them, and the main thread's handlers stay as they are."""
+    handlers = (signal.SIGTERM, signal.SIGINT)
+    before, errors = [signal.getsignal(s) for s in handlers], []
+
+    def run():
+        try:
+            with sigterm_unwinds():
+                with sigterm_held():
+                    pass
+        except BaseException as e:
+            errors.append(e)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(60)
+    assert errors == [] and [signal.getsignal(s) for s in handlers] == before
+
+
 ENDED_BY_END_SCRIPT = textwrap.dedent('''
     import atexit, os, signal, sys
     sys.path.insert(0, sys.argv[1])
