@@ -1591,6 +1591,8 @@ ENDED_BY_END_SCRIPT = textwrap.dedent('''
     sys.path.insert(0, sys.argv[1])
     from utils.signals import end_script
     code, sig = int(sys.argv[2]), int(sys.argv[3])
+    sys.stdout = open(1, 'w', closefd=False)  # block-buffered, as a pipe is without PYTHONUNBUFFERED
+    print('the last line, unflushed', end='')  # (held in the buffer)
 
     def shutting_down():  # the interpreter's shutdown: a further signal lands here (sig 0: nothing is sent)
         print('shutdown ran', flush=True)
@@ -1613,7 +1615,8 @@ def test_a_script_stopped_by_a_signal_ends_at_once_and_any_other_through_the_int
     proc = subprocess.run([sys.executable, str(script), ROOT, str(code), str(int(sig))], capture_output=True,
                           text=True, env=subprocess_env(), timeout=120)
     stopped = code in (130, 143)
-    assert (proc.returncode, proc.stdout, proc.stderr) == (code, '' if stopped else 'shutdown ran\n', ''), proc
+    assert (proc.returncode, proc.stdout, proc.stderr) == (
+        code, 'the last line, unflushed' + ('' if stopped else 'shutdown ran\n'), ''), proc
 
 
 SIGNALLED_TWICE_IN_PROCESS = textwrap.dedent('''
