@@ -85,6 +85,26 @@ def test_captured_state_survives_a_weights_only_file_and_restores_every_stream(t
     assert draws(g) != first  # and the streams go on from there
 
 
+def test_the_cuda_stream_of_the_processs_own_gpu_is_captured_and_restored(monkeypatch):
+    """On CUDA the device's generator (dropout, drop-path on the GPU) is part of the state too: that of the
+    process's GPU (cuda:1 for LOCAL_RANK 1), not of the current device's.  CUDA is simulated: one generator state
+    per GPU, the current device being GPU 0."""
+    gpus = {0: torch.tensor([10, 11], dtype=torch.uint8), 1: torch.tensor([20, 21], dtype=torch.uint8)}
+
+    def index(device):
+        return torch.device(device).index or 0  # 'cuda' alone: the current device
+
+    monkeypatch.setattr(torch.cuda, 'get_rng_state', lambda device='cuda': gpus[index(device)].clone())
+    monkeypatch.setattr(torch.cuda, 'set_rng_state', lambda state, device='cuda': gpus.__setitem__(index(device),
+                                                                                                   state.clone()))
+    state = seeding.capture(device=torch.device('cuda', 1))
+    assert torch.equal(state['cuda'], torch.tensor([20, 21], dtype=torch.uint8))
+    gpus[0], gpus[1] = torch.tensor([12, 13], dtype=torch.uint8), torch.tensor([22, 23], dtype=torch.uint8)  # drawn
+    seeding.restore(state, device='cuda:1')
+    assert gpus[1].tolist() == [20, 21] and gpus[0].tolist() == [12, 13]
+    assert 'cuda' not in seeding.capture(device='cpu')
+
+
 def test_data_generators_differ_between_ranks_and_seeds():
     firsts = {(seed, rank): torch.randint(0, 2 ** 62, (1,), generator=seeding.data_generator(seed, rank)).item()
               for seed in (0, 1) for rank in (0, 1)}
