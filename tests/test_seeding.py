@@ -105,6 +105,32 @@ def test_the_cuda_stream_of_the_processs_own_gpu_is_captured_and_restored(monkey
     assert 'cuda' not in seeding.capture(device='cpu')
 
 
+def test_each_process_of_a_launched_run_seeds_its_streams_with_seed_plus_its_rank(world, monkeypatch):
+    """main seeds Python's random, numpy and torch with --seed plus the RANK the launcher gives the process, so
+    the processes of a job augment differently.  The launcher's environment is set, the rendezvous simulated; the
+    run is stopped just after seeding (where it checks its training transform)."""
+    import torch.distributed as dist
+
+    class Seeded(BaseException):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Seeded
+
+    for name, value in dict(RANK='3', WORLD_SIZE='4', LOCAL_RANK='1', MASTER_ADDR='127.0.0.1',
+                            MASTER_PORT='29500').items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(dist, 'init_process_group', lambda *args, **kwargs: None)
+    monkeypatch.setattr(dist, 'barrier', lambda *args, **kwargs: None)
+    monkeypatch.setattr(finetune, 'check_training_transform', stop)
+    with pytest.raises(Seeded):
+        finetune.main(['--model', 'deit_digits_patch4_32', '--device', 'cpu', '--seed', '5', '--eval', '--resume',
+                       world['dense'], '--data-path', world['data']])
+    got = (random.random(), float(np.random.rand()), torch.rand(2).tolist())
+    assert got == (random.Random(8).random(), float(np.random.RandomState(8).rand()),
+                   torch.rand(2, generator=torch.Generator().manual_seed(8)).tolist())
+
+
 def test_data_generators_differ_between_ranks_and_seeds():
     firsts = {(seed, rank): torch.randint(0, 2 ** 62, (1,), generator=seeding.data_generator(seed, rank)).item()
               for seed in (0, 1) for rank in (0, 1)}
