@@ -137,6 +137,24 @@ def test_data_generators_differ_between_ranks_and_seeds():
     assert len(set(firsts.values())) == 4  # seed 0 rank 1 is not seed 1 rank 0
 
 
+def test_the_training_loader_of_each_process_draws_from_a_stream_of_its_own():
+    """Under several processes the training DataLoader's generator gives the base seed of each epoch's workers (the
+    sampler shuffles by --seed and the epoch): it differs between the processes of a job, so that their workers
+    augment differently, and with --seed; the same process and seed draw the same."""
+    import argparse
+    import datasets
+
+    def first_draws(seed, rank):
+        args = argparse.Namespace(seed=seed, rank=rank, world_size=2, distributed=True, repeated_aug=True,
+                                  dist_eval=False, batch_size=2, num_workers=0, pin_mem=False, device='cpu')
+        generator = datasets.data_loader(list(range(8)), args, train=True).generator
+        return tuple(torch.randint(0, 2 ** 62, (4,), generator=generator).tolist())
+
+    draws_of = {(seed, rank): first_draws(seed, rank) for seed in (5, 6) for rank in (0, 1)}
+    assert len(set(draws_of.values())) == 4
+    assert first_draws(5, 1) == draws_of[5, 1]
+
+
 def test_a_checkpoint_without_states_for_this_world_size_reseeds_from_seed_and_epoch():
     messages = []
     g = torch.Generator()
