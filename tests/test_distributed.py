@@ -381,26 +381,29 @@ def test_launch_without_use_env_passes_local_rank_which_is_accepted():
 
 
 @pytest.mark.parametrize('device, world, current', [('cuda:1', None, 1), ('cuda', None, None), ('cpu', None, None),
-                                                    ('cuda', '2', 1), ('cpu', '2', None)])
+                                                    ('cuda', '4', 1), ('cpu', '4', None)])
 def test_the_gpu_a_process_runs_on_is_made_its_current_device(monkeypatch, device, world, current):
     """torch puts on the current device what it is not told where: the context of pinned batches (the DataLoader's
     pin-memory thread takes the current device), cuBLAS handles and the like.  One process on --device cuda:1
     left the current device at GPU 0, so it made a CUDA context there too (memory taken on a GPU the user chose
     not to use, and an error where GPU 0 is full or in exclusive mode); every process of a launcher takes the GPU
-    of its LOCAL_RANK before it joins the process group.  CUDA and the rendezvous are simulated."""
+    of its LOCAL_RANK before it joins the process group.  Under the launcher, the process is the second of the
+    second node (RANK 3, LOCAL_RANK 1 of 4): it joins the group as rank 3, on its node's GPU 1.  CUDA and the
+    rendezvous are simulated."""
     import argparse
     import torch.distributed as dist
     from utils import init_distributed_mode
     calls = []
     monkeypatch.setattr(torch.cuda, 'set_device', lambda d: calls.append(('set_device', torch.device('cuda', d)
                                                                             if isinstance(d, int) else d)))
-    monkeypatch.setattr(dist, 'init_process_group', lambda *a, **k: calls.append(('init', k['backend'])))
+    monkeypatch.setattr(dist, 'init_process_group', lambda *a, **k: calls.append(
+        ('init', k['backend'], k['init_method'], k['rank'], k['world_size'])))
     monkeypatch.setattr(dist, 'barrier', lambda *a, **k: calls.append(('barrier', k.get('device_ids'))))
     for name in ('WORLD_SIZE', 'RANK', 'LOCAL_RANK'):
         monkeypatch.delenv(name, raising=False)
     if world:
         monkeypatch.setenv('WORLD_SIZE', world)
-        monkeypatch.setenv('RANK', '1')
+        monkeypatch.setenv('RANK', '3')
         monkeypatch.setenv('LOCAL_RANK', '1')
         monkeypatch.setenv('MASTER_ADDR', '127.0.0.1')
         monkeypatch.setenv('MASTER_PORT', '29500')
@@ -408,9 +411,11 @@ def test_the_gpu_a_process_runs_on_is_made_its_current_device(monkeypatch, devic
     init_distributed_mode(args)
     expected = [] if current is None else [('set_device', torch.device('cuda', current))]
     if world:  # (unnamed, NCCL's barrier warns that it guesses the GPU: named, it is the process's; gloo takes none)
-        expected += [('init', 'gloo'), ('barrier', None)] if current is None else [('init', 'nccl'), ('barrier', [1])]
+        backend, barrier = ('gloo', None) if current is None else ('nccl', [1])
+        expected += [('init', backend, 'env://', 3, 4), ('barrier', barrier)]
     assert calls == expected
     assert args.device == (f'cuda:{current}' if current is not None else device)
+    assert (args.distributed, args.rank, args.world_size, args.gpu) == ((True, 3, 4, 1) if world else (False, 0, 1, 0))
 
 
 def test_a_process_alone_agrees_with_itself_without_a_trip_to_the_device(monkeypatch):
@@ -425,3 +430,4 @@ def test_a_process_alone_agrees_with_itself_without_a_trip_to_the_device(monkeyp
     assert not utils.distributed.is_dist()
     assert utils.distributed.all_agree(True, 'cpu') is True
     assert utils.distributed.all_agree(False, 'cpu') is False
+
