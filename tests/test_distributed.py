@@ -431,3 +431,26 @@ def test_a_process_alone_agrees_with_itself_without_a_trip_to_the_device(monkeyp
     assert utils.distributed.all_agree(True, 'cpu') is True
     assert utils.distributed.all_agree(False, 'cpu') is False
 
+
+@pytest.fixture
+def group_of_one(tmp_path):
+    """A real gloo process group of this process alone (its collectives run, over one process)."""
+    import torch.distributed as dist
+    dist.init_process_group('gloo', init_method=f'file://{tmp_path / "store"}', rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize('grouped', [False, True], ids=['alone', 'in-a-group'])
+def test_sums_over_processes_stay_exact_past_the_integers_float32_holds(request, grouped):
+    """Evaluation sums its counts (images, correct answers) and loss totals over the processes: float64, exact to
+    2**53, where float32 already rounds 2**24 + 1."""
+    import utils.distributed
+    if grouped:
+        request.getfixturevalue('group_of_one')
+    values = [2 ** 24 + 1, 2 ** 40 + 3, 0.1]
+    total = utils.distributed.all_reduce_sum(values, 'cpu')
+    assert utils.distributed.is_dist() == grouped
+    assert total.dtype == torch.float64 and total.tolist() == values
