@@ -454,3 +454,19 @@ def test_sums_over_processes_stay_exact_past_the_integers_float32_holds(request,
     total = utils.distributed.all_reduce_sum(values, 'cpu')
     assert utils.distributed.is_dist() == grouped
     assert total.dtype == torch.float64 and total.tolist() == values
+
+
+def test_a_collective_failed_by_a_lost_peer_is_told_apart_only_under_a_process_group(request):
+    """torch's errors when another process of the job is gone (its DistError, or gloo's text of a closed
+    connection) are a lost peer while a process group runs; the same text without one (a broken pipe of a
+    process alone, writing to a closed reader) is not, nor is any other error."""
+    from utils.signals import lost_peer
+    import torch.distributed as dist
+    gone = [dist.DistError('timed out'), RuntimeError('[../gloo/transport/tcp/pair.cc:534] Connection closed by peer'),
+            RuntimeError('Connection reset by peer'), OSError('[Errno 32] Broken pipe'),
+            RuntimeError('NCCL error: remote worker crashing')]
+    assert not any(lost_peer(e) for e in gone)
+    request.getfixturevalue('group_of_one')
+    assert all(lost_peer(e) for e in gone)
+    assert not lost_peer(RuntimeError('CUDA error: an illegal memory access was encountered'))
+    assert not lost_peer(ValueError('Broken'))
