@@ -1341,6 +1341,7 @@ def launched(monkeypatch, **variables):
                              r'MASTER_ADDR:MASTER_PORT \(the launcher sets both: .*\)'),
     (dict(MASTER_PORT=' '), r'MASTER_PORT is not set in the environment: .*'),
     (dict(MASTER_PORT='99999'), r'MASTER_PORT=99999 in the environment is not a TCP port \(1 to 65535\)'),
+    (dict(MASTER_PORT='0'), r'MASTER_PORT=0 in the environment is not a TCP port \(1 to 65535\)'),
 ])
 def test_a_launcher_environment_the_job_cannot_run_with_is_refused_before_any_work(capsys, monkeypatch, world,
                                                                                    earlier, variables, pattern):
