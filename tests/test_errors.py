@@ -1212,6 +1212,18 @@ def test_an_output_dir_inside_a_split_of_the_data_is_refused(capsys, world, tmp_
     (['--teacher-model', 'deit_tiny_patch16_224', '--distillation-tau', '20'],
      r'--teacher-model deit_tiny_patch16_224, --distillation-tau 20\.0 given, but --distillation-type is none'),
     (['--prune_rate', '0.3'], r'--prune_rate 0\.3: this applies to --prune only'),
+    (['--prune-batches', '2'], r'^error: --prune-batches 2: this applies to --prune only$'),
+    # the weight of a distillation term that is not computed: dropped without a word, as a teacher would be
+    (['--distillation-alpha', '0.7'], r'^error: --distillation-alpha 0\.7 given, but --distillation-type is none'),
+    # timm's multistep schedule counts a repeated epoch twice (two decays at once)
+    (['--decay-milestones', '2', '2'], r'^error: --decay-milestones 2 2: the epochs must increase$'),
+    # every spelling of a negative number float() reads is the flag's value (argparse said "expected one argument")
+    (['--lr', '-.5'], r'^error: --lr must be positive, got -0\.5$'),
+    (['--lr', '-NaN'], r'^error: --lr must be finite and positive, got nan$'),
+    (['--lr', '-1e+3'], r'^error: --lr must be positive, got -1000\.0$'),
+    # a list flag of the wrong length: a third --lr-noise value was dropped by timm, one --cutmix-minmax a traceback
+    (['--lr-noise', '0.1', '0.5', '0.9'], r'^error: --lr-noise takes 1 or 2 values, got 3$'),
+    (['--cutmix-minmax', '0.5'], r'^error: --cutmix-minmax takes 2 values, got 1$'),
     (['--mixup', '0.8', '--batch-size', '7'], r'--batch-size 7: mixup and cutmix mix each image with another of its '
                                               r'batch, so the batch must be even'),
     (['--speed-only', '--distillation-type', 'soft', '--teacher-path', 't.pth'],
