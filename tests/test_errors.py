@@ -1445,6 +1445,11 @@ def test_the_default_device_under_a_launcher_is_the_gpu_of_local_rank_which_must
      r'--teacher-path T, --final_finetune 3: only finetuning uses these, and --eval trains nothing'),
     (['--prune', '--prune_mode', 'random', '--prune-batches', '2'],
      r'--prune-batches caps the batches Taylor scoring reads; --prune_mode random scores nothing'),
+    # (each EMA flag on its own: not only noted as --model-ema's, which these runs have no use for either)
+    (['--eval', '--model-ema-decay', '0.9'],
+     r'^error: --model-ema-decay 0\.9: only finetuning uses this, and --eval trains nothing$'),
+    (['--prune', '--model-ema-force-cpu'],
+     r'^error: --model-ema-force-cpu: only finetuning uses this, and --prune trains nothing$'),
 ])
 def test_flags_the_mode_would_ignore_are_refused(capsys, world, earlier, argv, pattern):
     before = snapshot(earlier)
