@@ -1096,11 +1096,14 @@ OUT_OF_RANGE = {
 }
 # List flags: the other values that make a list of the right length.
 COMPANIONS = {'opt_betas': ['0.9'], 'cutmix_minmax': ['0.5'], 'lr_noise': [], 'decay_milestones': []}
-# Documented acceptances: edges inside the range, and huge but finite values (a diverging run stops with exit 3).
+# Documented acceptances: edges inside the range, and huge but finite values (a diverging run stops with exit 3);
+# a list flag's values are separated by spaces.
 ACCEPTED = [('decay_rate', '1e30'), ('lr', '1e3'), ('prune_rate', '0.999'), ('drop_path', '0.999'),
             ('model_ema_decay', '1'), ('model_ema_decay', '0'), ('momentum', '0'), ('weight_decay', '0'),
             ('smoothing', '0'), ('reprob', '1'), ('mixup', '0'), ('eval_crop_ratio', '1'), ('warmup_lr', '0'),
-            ('seed', str(2 ** 32 - 1)), ('num_workers', '0'), ('speed_warmup', '0'), ('color_jitter', '5')]
+            ('seed', str(2 ** 32 - 1)), ('num_workers', '0'), ('speed_warmup', '0'), ('color_jitter', '5'),
+            ('color_jitter', '0'), ('lr_noise_pct', '0'), ('mixup_switch_prob', '1'), ('mixup_switch_prob', '0'),
+            ('lr_noise', '0 1'), ('lr_noise', '1'), ('cutmix_minmax', '0.5 1'), ('opt_betas', '0 0.999')]
 
 
 def numeric_flags():
@@ -1211,7 +1214,7 @@ def test_documented_acceptances():
     parser = finetune.get_args_parser()
     flags = numeric_flags()
     for dest, value in ACCEPTED:
-        finetune.check_numbers(parser.parse_args([f'{flags[dest]}={value}']), parser, finetune.NUMERIC_FLAGS)
+        finetune.check_numbers(parser.parse_args([flags[dest], *value.split()]), parser, finetune.NUMERIC_FLAGS)
 
 
 # ----------------------------------------------------------------------------------------------------------
