@@ -838,6 +838,62 @@ def test_a_run_stopped_between_its_tensorboard_scalars_gets_each_missing_one_onc
     assert tensorboard_steps(out, 'test/acc1') == {0: 40.0, 1: 60.0}
 
 
+def test_each_epochs_log_line_and_tensorboard_points_are_what_it_trained_and_evaluated(capsys, monkeypatch, small,
+                                                                                        tmp_path):
+    """Each finished epoch appends one record to log.txt: its training figures (train_*), its evaluation's
+    (test_*), the epoch, the best Acc@1 so far, and the model's parameter count and GFLOPs (the pruned model's,
+    as torch's FLOP counter counts them); TensorBoard holds the train_* and test_* figures as train/* and test/*
+    at step epoch, each once, and nothing else."""
+    import timm
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.flop_counter import FlopCounterMode
+    pruned_dir = tmp_path / 'pruned'
+    assert finetune.main([*DIGITS_ARGS, '--prune', '--prune_mode', 'random', '--prune_rate', '0.5', '--resume',
+                          str(small['dense']), '--data-path', str(small['data']), '--output_dir', str(pruned_dir)]) == 0
+    evaluations = [{'acc1': 40.0, 'acc5': 90.0, 'loss': 1.5}, {'acc1': 30.0, 'acc5': 95.0, 'loss': 1.25}]
+    pending, trained = list(evaluations), []
+    real_train = engine.train_one_epoch
+
+    def recorded_training(*args, **kwargs):
+        trained.append(real_train(*args, **kwargs))
+        return trained[-1]
+
+    out = tmp_path / 'out'
+    with monkeypatch.context() as patch:
+        patch.setattr(engine, 'evaluate', lambda *args, **kwargs: dict(pending.pop(0)))
+        patch.setattr(engine, 'train_one_epoch', recorded_training)
+        assert _finetune(out, small['data'], '--resume', pruned_dir / 'pruned_random_0.5.pth',
+                         '--final_finetune', 2) == 0
+    capsys.readouterr()
+    assert not pending and [set(t) for t in trained] == [{'loss', 'lr'}] * 2
+    records = log_records(out / 'log.txt')
+    parameters = sum(p.numel() for p in timm.create_model('deit_digits_patch4_32').parameters())
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        timm.create_model('cc_deit_digits_patch4_32', checkpoint_path=str(out / 'checkpoint.pth'))(
+            torch.zeros(1, 3, 32, 32))
+    pruned_gflops, dense_gflops = counter.get_total_flops() / 2e9, finetune.gflops(
+        timm.create_model('cc_deit_digits_patch4_32'))
+    assert pruned_gflops < 0.9 * dense_gflops  # (the pruned model's figure, not the dense one's)
+    assert len(records) == 2
+    for epoch, (record, train, test, best) in enumerate(zip(records, trained, evaluations, (40.0, 40.0))):
+        assert set(record) == {'train_loss', 'train_lr', 'test_acc1', 'test_acc5', 'test_loss', 'epoch',
+                               'n_parameters', 'gflops', 'max_accuracy'}, record
+        assert record['epoch'] == epoch and record['max_accuracy'] == best
+        assert {k: record[f'train_{k}'] for k in train} == train and {k: record[f'test_{k}'] for k in test} == test
+        assert record['n_parameters'] == parameters
+        assert record['gflops'] == pytest.approx(pruned_gflops, rel=0.02)
+    names = [n for n in os.listdir(out) if n.startswith('events.out.tfevents')]
+    assert len(names) == 1
+    events = EventAccumulator(str(out / names[0]))
+    events.Reload()
+    assert sorted(events.Tags()['scalars']) == ['test/acc1', 'test/acc5', 'test/loss', 'train/loss', 'train/lr']
+    for tag in events.Tags()['scalars']:
+        key = tag.replace('/', '_')
+        assert [(e.step, e.value) for e in events.Scalars(tag)] == [
+            (r['epoch'], pytest.approx(r[key], rel=1e-6)) for r in records], tag
+
+
 def test_a_finetuning_checkpoint_of_the_original_code_starts_a_new_run_and_says_so(capsys, small, tmp_path):
     # The original code's checkpoint.pth/best.pth: model, optimizer, epoch, scaler, channels and args (a
     # Namespace), no lr_scheduler, so neither it nor this project can continue the run: a new one starts from its
