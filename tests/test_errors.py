@@ -1226,6 +1226,8 @@ def test_an_output_dir_inside_a_split_of_the_data_is_refused(capsys, world, tmp_
     (['--cutmix-minmax', '0.5'], r'^error: --cutmix-minmax takes 2 values, got 1$'),
     (['--mixup', '0.8', '--batch-size', '7'], r'--batch-size 7: mixup and cutmix mix each image with another of its '
                                               r'batch, so the batch must be even'),
+    # cutmix alone mixes too (a run that took it for no mixing also built no Mixup: cutmix silently off)
+    (['--mixup', '0', '--cutmix', '1', '--batch-size', '7'], r'^error: --batch-size 7: mixup and cutmix mix each '),
     (['--speed-only', '--distillation-type', 'soft', '--teacher-path', 't.pth'],
      r'--teacher-path t\.pth, --distillation-type soft: only finetuning uses these, and --speed-only trains nothing'),
     (['--speed-only', '--model-ema'], r'--model-ema: only finetuning uses this, and --speed-only trains nothing'),
@@ -1254,6 +1256,9 @@ def test_an_output_dir_inside_a_split_of_the_data_is_refused(capsys, world, tmp_
     # images of more pixels than Pillow makes of one: the model of that size took the memory before any image was read
     (['--input-size', '100000'], r'--input-size 100000: each image would be 100000x100000 px, more than the \d+ pixels '
                                  r'of Pillow\'s limit for one image \(give at most 9459\)$'),
+    # (every data set of image files: not ImageNet's folders alone)
+    (['--data-set', 'CIFAR', '--input-size', '100000'], r'^error: --input-size 100000: each image would be '),
+    (['--data-set', 'INAT', '--input-size', '100000'], r'^error: --input-size 100000: each image would be '),
     # past 2**31 - 1 the loaders' and torch's 64-bit counts overflowed (tracebacks)
     (['--batch-size', '10000000000000000000'], r'--batch-size must be in \[1, 2147483647\], got 10000000000000000000'),
     (['--input-size', '4000000000000000000'], r'--input-size must be in \[1, 2147483647\], got 4000000000000000000'),
