@@ -3349,6 +3349,7 @@ def test_triton_interpret_set_after_triton_was_imported_is_one_line(pruned_digit
 @pytest.mark.parametrize('argv, message', [
     (['--fast-path', 'torch', '--output_dir', '{tmp}/ft', '--data-set', 'DIGITS'],
      '--fast-path is an inference path: use it with --eval or --speed-only'),
+    (['--prune', '--fast-path', 'torch'], '--fast-path is an inference path: use it with --eval or --speed-only'),
     (['--speed-only', '--speed-protocol', 'original', '--fast-path', 'torch'], '--fast-path does not apply'),
     (['--speed-only', '--fast-path', 'triton'], '--fast-path triton needs a CUDA GPU'),
 ])
