@@ -1217,6 +1217,23 @@ def test_documented_acceptances():
         finetune.check_numbers(parser.parse_args([flags[dest], *value.split()]), parser, finetune.NUMERIC_FLAGS)
 
 
+def test_a_recorded_value_fits_a_flag_only_as_the_command_line_would_give_it():
+    """A continued run takes over the recorded args that fit their flags (utils.cli.fits): a value of the flag's
+    type, one of its choices, a list for a list flag, True or False for a switch, None where the default is None.
+    Anything else (a float for an integer flag, a bool for a number, a name outside the choices, a scalar for a
+    list flag) is not taken over: the run would fail with it, or do something no command line asks."""
+    from utils.cli import fits
+    actions = {a.dest: a for a in finetune.get_args_parser()._actions}
+    taken = [('batch_size', 8), ('lr', 1e-3), ('lr', 1), ('data_set', 'CIFAR'), ('model_ema', True),
+             ('model_ema', False), ('opt_betas', [0.9, 0.99]), ('opt_betas', (0.9, 0.99)), ('opt_betas', None),
+             ('decay_milestones', [2, 4]), ('teacher_model', 'deit_tiny_patch16_224')]
+    left = [('batch_size', 8.0), ('batch_size', True), ('batch_size', None), ('lr', True), ('lr', '1e-3'),
+            ('data_set', 'FOO'), ('model_ema', 1), ('opt_betas', 0.9), ('opt_betas', [0.9, True]),
+            ('decay_milestones', [2, 4.0]), ('teacher_model', 3)]
+    assert [case for case in taken if not fits(actions[case[0]], case[1])] == []
+    assert [case for case in left if fits(actions[case[0]], case[1])] == []
+
+
 # ----------------------------------------------------------------------------------------------------------
 # C. interruptions, output directories, names
 
