@@ -1671,7 +1671,7 @@ MUTANTS: List[Mutant] = [
     mutant('checkpoint-without-improved-never-best', 'finetune.py',
            "return accuracy, bool(reached and checkpoint.get('improved', True))",
            "return accuracy, bool(reached and checkpoint.get('improved', False))",
-           [T + 'test_resume.py::test_a_checkpoint_without_improved_is_repaired_by_its_accuracy'],
+           [T + 'test_resume.py::test_a_stop_between_the_checkpoint_and_best_pth_is_repaired_on_resume'],
            "an earlier version's checkpoint (no 'improved') is never the best epoch: a lost best.pth is not repaired"),
     # --- stops by a signal, random streams per process, the launcher's ranks and the collectives ----------
     mutant('a-sigterm-stop-ended-as-ctrl-c', 'utils/signals.py',

@@ -977,10 +977,14 @@ def test_best_pth_is_written_when_accuracy_rises_and_only_then(monkeypatch, smal
     assert best['epoch'] == 4 and best['max_accuracy'] == 40.0
 
 
-def test_a_stop_between_the_checkpoint_and_best_pth_is_repaired_on_resume(capsys, monkeypatch, small, tmp_path):
+@pytest.mark.parametrize('older_file', [False, True], ids=['checkpoint', 'checkpoint-without-improved'])
+def test_a_stop_between_the_checkpoint_and_best_pth_is_repaired_on_resume(capsys, monkeypatch, small, tmp_path,
+                                                                          older_file):
     """Acc@1 10 then 30: epoch 1 is the best, and the run is stopped after its checkpoint.pth, before its best.pth.
     The resume copies best.pth from the checkpoint, the only file holding that epoch's weights.  (With best.pth
-    written first, a stop between the two left a best.pth of an epoch that no checkpoint or log line holds.)"""
+    written first, a stop between the two left a best.pth of an epoch that no checkpoint or log line holds.)  A
+    checkpoint written before 'improved' was saved (``older_file``) says whether its epoch is the best by its
+    accuracy alone (its test_acc1 reaching max_accuracy): it is repaired too."""
     out = tmp_path / 'out'
     real_save = finetune.save_atomic
 
@@ -995,35 +999,15 @@ def test_a_stop_between_the_checkpoint_and_best_pth_is_repaired_on_resume(capsys
         assert _finetune(out, small['data'], '--resume', small['dense'], '--final_finetune', 2) == 130
     assert load_checkpoint_file(str(out / 'checkpoint.pth'))['epoch'] == 1
     assert load_checkpoint_file(str(out / 'best.pth'))['epoch'] == 0
+    if older_file:
+        state = load_checkpoint_file(str(out / 'checkpoint.pth'))
+        assert state.pop('improved') is True and state['max_accuracy'] == state['log_stats']['test_acc1'] == 30.0
+        torch.save(state, out / 'checkpoint.pth')  # as the earlier version wrote it
     capsys.readouterr()
     assert _finetune(out, small['data'], '--resume', out / 'checkpoint.pth', '--final_finetune', 2) == 0
     assert f'note: {out / "best.pth"} was not written after epoch 1, the best so far' in capsys.readouterr().out
     assert (out / 'best.pth').read_bytes() == (out / 'checkpoint.pth').read_bytes()
     assert leftovers(out) == []
-
-
-def test_a_checkpoint_without_improved_is_repaired_by_its_accuracy(capsys, monkeypatch, small, tmp_path):
-    """A checkpoint written before 'improved' was saved says whether its epoch is the best by its accuracy alone
-    (its test_acc1 reaching max_accuracy): a stop between its checkpoint.pth and best.pth is repaired for it too."""
-    out = tmp_path / 'out'
-    real_save = finetune.save_atomic
-
-    def stopped_before_best_of_epoch_1(state, path):
-        if os.path.basename(path) == 'best.pth' and state['epoch'] == 1:
-            raise KeyboardInterrupt
-        return real_save(state, path)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(finetune, 'save_atomic', stopped_before_best_of_epoch_1)
-        accuracies(patch, [10.0, 30.0])
-        assert _finetune(out, small['data'], '--resume', small['dense'], '--final_finetune', 2) == 130
-    state = load_checkpoint_file(str(out / 'checkpoint.pth'))
-    assert state.pop('improved') is True and state['max_accuracy'] == state['log_stats']['test_acc1'] == 30.0
-    torch.save(state, out / 'checkpoint.pth')  # as the earlier version wrote it
-    capsys.readouterr()
-    assert _finetune(out, small['data'], '--resume', out / 'checkpoint.pth', '--final_finetune', 2) == 0
-    assert f'note: {out / "best.pth"} was not written after epoch 1, the best so far' in capsys.readouterr().out
-    assert (out / 'best.pth').read_bytes() == (out / 'checkpoint.pth').read_bytes()
 
 
 def test_a_checkpoint_named_by_a_relative_path_continues_in_its_own_folder(capsys, monkeypatch, small, tmp_path):
