@@ -198,6 +198,12 @@ def test_flops_formula_equals_torch_flop_counter(family):
     counts the fused CPU kernel depends on the version, 2.11 does not): tests/test_flops_compile.py checks the
     fused op where the counter has it."""
     _, cc = pair(family)
+    assert_priced_as_torchs_counter_counts(cc)
+
+
+def assert_priced_as_torchs_counter_counts(cc):
+    """count_macs(cc) is half torch's FLOP count of a forward, dense and under a plan that clips and revisits
+    tokens, with attention unfused (QK^T and AV as aten.bmm, which every torch's counter counts)."""
     depth, num_patches = len(cc.blocks), cc.num_tokens - cc.num_prefix_tokens
     for attn in [blk.attn for blk in cc.blocks] + [cc.attn_pool]:
         if attn is not None:
@@ -236,15 +242,7 @@ def test_an_attention_pool_of_several_latent_queries_is_counted_as_torchs_counte
     _, cc = pair('map_head')
     torch.manual_seed(1)
     cc.attn_pool = AttentionPoolLatent(cc.embed_dim, num_heads=2, latent_len=3, norm_layer=nn.LayerNorm).eval()
-    for attn in [blk.attn for blk in cc.blocks] + [cc.attn_pool]:
-        attn.fused_attn = False  # (QK^T and AV as aten.bmm, which every torch's counter counts)
-    depth, num_patches = len(cc.blocks), cc.num_tokens - cc.num_prefix_tokens
-    for plan in (torch.ones(depth, num_patches, dtype=torch.bool), revisiting_plan(depth, num_patches, 4)):
-        pruning.apply_masks(cc, plan)
-        counter = FlopCounterMode(display=False)
-        with counter:
-            cc(images(cc, n=1))
-        assert models.count_macs(cc) == counter.get_total_flops() // 2
+    assert_priced_as_torchs_counter_counts(cc)
 
 
 def test_a_model_without_position_embedding_refuses_images_of_another_size():
