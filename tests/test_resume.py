@@ -368,33 +368,41 @@ def test_a_symbolic_link_is_written_through(tmp_path):
 def test_the_temporary_file_reaches_the_disk_before_it_is_renamed_into_place(tmp_path, monkeypatch, what):
     """Without fsync before the rename, a power cut can leave checkpoint.pth renamed but empty; without a flush
     before the fsync, the last bytes of a file (all of a short log.txt) are still in Python's buffer."""
-    import stat
-    events = []
-    real_fsync, real_replace = os.fsync, os.replace
-
-    def fsync(fd):
-        st = os.fstat(fd)
-        events.append(('fsync', st.st_ino, 'file' if stat.S_ISREG(st.st_mode) else 'directory', st.st_size))
-        return real_fsync(fd)
-
-    def replace(src, dst):
-        events.append(('replace', os.stat(src).st_ino, os.path.basename(dst)))
-        return real_replace(src, dst)
-
-    monkeypatch.setattr(os, 'fsync', fsync)
-    monkeypatch.setattr(os, 'replace', replace)
+    events = record_fsyncs_and_renames(monkeypatch)
     path = tmp_path / ('checkpoint.pth' if what == 'checkpoint' else 'log.txt')
     if what == 'checkpoint':
         save_atomic({'epoch': 1, 'w': torch.ones(10000)}, str(path))
     else:
         write_text_atomic(str(path), '{"epoch": 0, "train_loss": 2.3}\n')
     renames = [i for i, e in enumerate(events) if e[0] == 'replace']
-    assert len(renames) == 1 and events[renames[0]][2] == path.name
-    inode, size = events[renames[0]][1], os.path.getsize(path)
+    assert len(renames) == 1 and os.path.basename(events[renames[0]][2]) == path.name
+    renamed, size = events[renames[0]][1], os.path.getsize(path)
     # the renamed file itself was fsynced before the rename, complete (flushed: all its bytes were there) ...
-    assert ('fsync', inode, 'file', size) in events[:renames[0]]
+    assert ('fsync', 'file', renamed, size) in events[:renames[0]]
     # ... and the directory after it, so the rename survives a crash too
-    assert any(e[0] == 'fsync' and e[2] == 'directory' for e in events[renames[0] + 1:])
+    assert any(e[:2] == ('fsync', 'directory') for e in events[renames[0] + 1:])
+
+
+def record_fsyncs_and_renames(monkeypatch):
+    """The list of os.fsync and os.replace calls, in order, as they happen: ('fsync', 'file' or 'directory',
+    (st_dev, st_ino), size) and ('replace', (st_dev, st_ino) of the source, the destination as given)."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        st = os.fstat(fd)
+        kind = 'file' if stat.S_ISREG(st.st_mode) else 'directory' if stat.S_ISDIR(st.st_mode) else 'other'
+        events.append(('fsync', kind, (st.st_dev, st.st_ino), st.st_size))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        st = os.stat(src)
+        events.append(('replace', (st.st_dev, st.st_ino), dst))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, 'fsync', fsync)
+    monkeypatch.setattr(os, 'replace', replace)
+    return events
 
 
 def test_the_rename_is_made_durable_in_the_folder_that_holds_the_file(tmp_path, monkeypatch):
@@ -406,26 +414,12 @@ def test_the_rename_is_made_durable_in_the_folder_that_holds_the_file(tmp_path, 
     (tmp_path / 'out').mkdir()
     link = tmp_path / 'out' / 'checkpoint.pth'
     link.symlink_to(store / 'run1.pth')
-    events = []
-    real_fsync, real_replace = os.fsync, os.replace
-
-    def fsync(fd):
-        st = os.fstat(fd)
-        if stat.S_ISDIR(st.st_mode):
-            events.append(('directory', (st.st_dev, st.st_ino)))
-        return real_fsync(fd)
-
-    def replace(src, dst):
-        events.append(('replace', dst))
-        return real_replace(src, dst)
-
-    monkeypatch.setattr(os, 'fsync', fsync)
-    monkeypatch.setattr(os, 'replace', replace)
+    events = record_fsyncs_and_renames(monkeypatch)
     save_atomic({'epoch': 1}, str(link))
     assert link.is_symlink() and torch.load(store / 'run1.pth')['epoch'] == 1
-    renames = [i for i, (kind, _) in enumerate(events) if kind == 'replace']
-    assert len(renames) == 1 and os.path.samefile(os.path.dirname(events[renames[0]][1]), store)
-    synced = [where for kind, where in events[renames[0] + 1:] if kind == 'directory']
+    renames = [i for i, e in enumerate(events) if e[0] == 'replace']
+    assert len(renames) == 1 and os.path.samefile(os.path.dirname(events[renames[0]][2]), store)
+    synced = [e[2] for e in events[renames[0] + 1:] if e[:2] == ('fsync', 'directory')]
     folder = os.stat(store)
     assert (folder.st_dev, folder.st_ino) in synced, synced
 
