@@ -169,6 +169,17 @@ def pruned_model(name, rate, seed=0):
     return model
 
 
+def formula_macs(model, kept_counts):
+    """The method's multiply-accumulates written out from the model's shapes, the reference for models.count_macs:
+    the patch embedding (a product of kernel area x input channels by C per patch), then per block with n kept
+    tokens qkv 3nC², attention 2n²C, projection nC² and MLP 8nC² (an MLP 4C wide), then the head."""
+    C, proj = model.embed_dim, model.patch_embed.proj
+    assert model.blocks[0].mlp.fc1.out_features == 4 * C
+    embed = model.patch_embed.num_patches * proj.in_channels * proj.kernel_size[0] * proj.kernel_size[1] * C
+    blocks = sum(3 * n * C * C + 2 * n * n * C + n * C * C + 8 * n * C * C for n in kept_counts)
+    return embed + blocks + C * model.head.out_features
+
+
 @pytest.fixture
 def image_folder(tmp_path):
     return make_image_folder(tmp_path / 'data')

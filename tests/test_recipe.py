@@ -21,8 +21,8 @@ import engine
 import finetune
 import models
 import pruning
-from conftest import (DIGITS_ARGS, OUT_OF_MEMORY, OUT_OF_MEMORY_FIGURES, ROOT, digits_world, free_port,
-                      make_image_folder, no_work, official_checkpoint, run_process_tree, subprocess_env)
+from conftest import (DIGITS_ARGS, OUT_OF_MEMORY, OUT_OF_MEMORY_FIGURES, ROOT, digits_world, formula_macs,
+                      free_port, make_image_folder, no_work, official_checkpoint, run_process_tree, subprocess_env)
 from utils import UserError, load_checkpoint_file
 from utils.cli import ParsedArgs
 
@@ -1748,15 +1748,6 @@ def test_gflops_are_printed_with_two_decimals_and_two_significant_digits_below_a
         '17.56', '1.25', '0.10', '0.036', '0.048', '0.0012', '0.00']
 
 
-def _digits_formula_gflops(model, counts):
-    """The FLOPs formula for the digits model, its width C read from it: the patch embedding, per block with n kept
-    tokens qkv 3nC^2, attention 2n^2C, projection nC^2 and MLP 8nC^2, then the head; in GFLOPs."""
-    C = model.embed_dim
-    assert model.blocks[0].mlp.fc1.out_features == 4 * C and model.patch_embed.proj.kernel_size == (4, 4)
-    blocks = sum(3 * n * C * C + 2 * n * n * C + n * C * C + 8 * n * C * C for n in counts)
-    return (64 * 3 * 4 * 4 * C + blocks + C * model.head.out_features) / 1e9
-
-
 def test_prune_and_eval_print_the_accuracy_and_flops_of_the_pruned_model(capsys, world, tmp_path):
     """--prune and --eval of its file print Acc@1 and Acc@5 as counted here on the validation images, the accuracy
     line with Acc@1, the pruned model's FLOPs by the formula, and --prune's TensorBoard points at step 0 the same."""
@@ -1772,7 +1763,7 @@ def test_prune_and_eval_print_the_accuracy_and_flops_of_the_pruned_model(capsys,
     model.load_state_dict(load_checkpoint_file(str(path))['model'])
     counts = models.kept_token_counts(model)
     assert f'Kept tokens per block (class token included): {counts}' in pruned and min(counts) < 65
-    pruned_gflops, dense_gflops = _digits_formula_gflops(model, counts), _digits_formula_gflops(model, [65] * 6)
+    pruned_gflops, dense_gflops = formula_macs(model, counts) / 1e9, formula_macs(model, [65] * 6) / 1e9
     assert f'FLOPs: {finetune.gflops_text(pruned_gflops)} GFLOPs (dense {finetune.gflops_text(dense_gflops)} ' \
            f'GFLOPs)' in pruned.splitlines()
     assert finetune.gflops_text(pruned_gflops) != finetune.gflops_text(dense_gflops)
@@ -1807,7 +1798,7 @@ def test_speed_only_prints_each_models_images_per_s_and_the_speed_up_of_the_prun
     assert code == 0, err
     model = models.create_model('deit_digits_patch4_32')
     model.load_state_dict(load_checkpoint_file(str(pruned_digits))['model'])
-    pruned, dense = (_digits_formula_gflops(model, counts)
+    pruned, dense = (formula_macs(model, counts) / 1e9
                      for counts in (models.kept_token_counts(model), [65] * 6))
     lines = out.splitlines()
     for line in (f'FLOPs of the pruned model: {finetune.gflops_text(pruned)} GFLOPs',
