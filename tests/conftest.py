@@ -169,6 +169,17 @@ def pruned_model(name, rate, seed=0):
     return model
 
 
+def launched(monkeypatch, **variables):
+    """The environment torchrun gives one of its processes (rendezvous at a local port), with ``variables`` set
+    over it (a value None: that variable unset)."""
+    env = dict(RANK='0', WORLD_SIZE='2', LOCAL_RANK='0', MASTER_ADDR='127.0.0.1', MASTER_PORT='29500')
+    for name, value in {**env, **variables}.items():
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+
+
 def formula_macs(model, kept_counts):
     """The method's multiply-accumulates written out from the model's shapes, the reference for models.count_macs:
     the patch embedding (a product of kernel area x input channels by C per patch), then per block with n kept

@@ -22,7 +22,8 @@ from PIL import Image
 
 import finetune
 import pruning
-from conftest import DIGITS_ARGS, ROOT, digits_world, free_port, official_checkpoint, run_process_tree, subprocess_env
+from conftest import (DIGITS_ARGS, ROOT, digits_world, free_port, launched, official_checkpoint, run_process_tree,
+                      subprocess_env)
 from utils import load_checkpoint_file
 
 TORCHRUN = os.path.join(os.path.dirname(sys.executable), 'torchrun')
@@ -402,11 +403,7 @@ def test_the_gpu_a_process_runs_on_is_made_its_current_device(monkeypatch, devic
     for name in ('WORLD_SIZE', 'RANK', 'LOCAL_RANK'):
         monkeypatch.delenv(name, raising=False)
     if world:
-        monkeypatch.setenv('WORLD_SIZE', world)
-        monkeypatch.setenv('RANK', '3')
-        monkeypatch.setenv('LOCAL_RANK', '1')
-        monkeypatch.setenv('MASTER_ADDR', '127.0.0.1')
-        monkeypatch.setenv('MASTER_PORT', '29500')
+        launched(monkeypatch, WORLD_SIZE=world, RANK='3', LOCAL_RANK='1')
     args = argparse.Namespace(device=device)
     init_distributed_mode(args)
     expected = [] if current is None else [('set_device', torch.device('cuda', current))]

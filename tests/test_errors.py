@@ -20,8 +20,8 @@ import torch
 
 import finetune
 import models
-from conftest import (DIGITS_ARGS, ROOT, digits_world, make_image_folder, no_work, official_checkpoint, pruned_model,
-                      subprocess_env)
+from conftest import (DIGITS_ARGS, ROOT, digits_world, launched, make_image_folder, no_work, official_checkpoint,
+                      pruned_model, subprocess_env)
 import utils
 from utils import UserError, check_output_dir
 
@@ -1332,17 +1332,6 @@ def test_kron_without_opt_einsum_is_refused_before_any_work(monkeypatch, opt):
     monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: object() if name == 'opt_einsum'
                         else real(name, *a))
     finetune.check_optimizer_and_schedule(parse(['--opt', opt]))
-
-
-def launched(monkeypatch, **variables):
-    """The environment torchrun gives one of its processes (rendezvous at a local port), with ``variables`` set
-    over it (a value None: that variable unset)."""
-    env = dict(RANK='0', WORLD_SIZE='2', LOCAL_RANK='0', MASTER_ADDR='127.0.0.1', MASTER_PORT='29500')
-    for name, value in {**env, **variables}.items():
-        if value is None:
-            monkeypatch.delenv(name, raising=False)
-        else:
-            monkeypatch.setenv(name, value)
 
 
 @pytest.mark.parametrize('variables, pattern', [

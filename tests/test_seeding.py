@@ -18,7 +18,7 @@ import torch
 import engine
 import finetune
 import pruning
-from conftest import digits_world, official_checkpoint
+from conftest import digits_world, launched, official_checkpoint
 from utils import load_checkpoint_file, seeding, signals
 
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -117,9 +117,7 @@ def test_each_process_of_a_launched_run_seeds_its_streams_with_seed_plus_its_ran
     def stop(*args, **kwargs):
         raise Seeded
 
-    for name, value in dict(RANK='3', WORLD_SIZE='4', LOCAL_RANK='1', MASTER_ADDR='127.0.0.1',
-                            MASTER_PORT='29500').items():
-        monkeypatch.setenv(name, value)
+    launched(monkeypatch, RANK='3', WORLD_SIZE='4', LOCAL_RANK='1')
     monkeypatch.setattr(dist, 'init_process_group', lambda *args, **kwargs: None)
     monkeypatch.setattr(dist, 'barrier', lambda *args, **kwargs: None)
     monkeypatch.setattr(finetune, 'check_training_transform', stop)
