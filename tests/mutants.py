@@ -805,6 +805,18 @@ MUTANTS: List[Mutant] = [
            "        out['decided'] = not (ci[0] < threshold < ci[1]) and",
            [T + 'test_benchmark.py::test_an_interval_that_ends_on_the_threshold_contains_it'],
            'an interval ending on the threshold counts as lying on one side of it'),
+    mutant('summary-batch-forgets-the-main-tables-left-out-rows', 'benchmarks/report.py',
+           "                not_timed = {**left_out, **{k:", "                not_timed = {**{k:",
+           [T + 'test_benchmark.py::test_a_dense_mode_not_timed_at_a_summary_batch_leaves_its_target_not_measured_'
+            'there'],
+           'a dense row the main table left out (never built, so never built again) is not missed at batch 1/32: '
+           'a "yes" there against the slower dense rows'),
+    mutant('summary-batch-untimed-dense-row-unsaid', 'benchmarks/report.py',
+           "**{k: 'not timed at this batch size' for k in dense if k not in b['seconds']},", '',
+           [T + 'test_benchmark.py::test_a_dense_mode_not_timed_at_a_summary_batch_leaves_its_target_not_measured_'
+            'there'],
+           'a dense row of the main table missing from a summary batch\'s pass times is not missed there: a "yes" '
+           'against the others'),
     mutant('second-speed-table-left-stale', 'benchmarks/report.py',
            '    if len(starts) > 1:', '    if False:',
            [T + 'test_benchmark.py::test_readme_table_writer_refuses_in_one_line_and_writes_nothing'],

@@ -857,6 +857,33 @@ def test_a_dense_mode_left_out_leaves_a_target_it_would_decide_not_measured():
                                             ti40['targets']['vs_best_dense']['target']}
 
 
+def test_a_dense_mode_not_timed_at_a_summary_batch_leaves_its_target_not_measured_there():
+    """Timm compiled timed nowhere at batch 1, though batch 1 lists no row left out: left out of the main table
+    (the compile budget spent: it was never built, so a summary section neither builds it again nor notes it), or
+    in the main table but missing from batch 1's pass times.  Ours is ahead of timm eager at batch 1 (0.5 s against
+    1.0 s in every one of eight rounds), but may not be ahead of timm compiled: batch 1's target is not measured,
+    naming it, never "yes"."""
+    timm = [1.0, 1.02, 0.98, 1.01, 0.99, 1.0, 1.03, 0.97]
+    budget = 'compile budget of 120 s spent (130 s; --compile-budget)'
+    for main_has_it, why in ((False, budget), (True, 'not timed at this batch size')):
+        results = _eight_rounds(timm, [0.9] * 8, [0.5] * 8)
+        tiny = results['models']['tiny']
+        if not main_has_it:
+            tiny['rows'] = [r for r in tiny['rows'] if r['key'] != 'timm_compiled']
+            tiny['skipped_rows'] = {'timm_compiled': budget}
+        at1 = tiny['summary_sweep']['batches'][0]
+        del at1['seconds']['timm_compiled']
+        assert 'skipped_rows' not in at1
+        report.attach_summary(results, 'cuda')
+        entry, = results['summary']
+        assert entry['speedup_by_batch']['1']['dense_modes'] == ['timm']
+        assert entry['speedup_by_batch']['1']['dense_not_compared'] == {'timm_compiled': why}
+        target = entry['targets']['batch1']
+        assert target['met'] is None and target['verdict'] == (
+            f'not measured (ahead of the dense modes timed, but not compared with timm_compiled ({why}))')
+        assert target['target'] in results['not_measured']
+
+
 def _eight_rounds(timm, timm_compiled, ours_25):
     """A run of eight rounds (enough for a 95% interval) at the main batch and at batch 1, the same pass times at
     both: timm eager, timm compiled and ours at rate 0.25 (FLOPs ratio 1.37)."""
