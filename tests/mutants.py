@@ -777,6 +777,19 @@ MUTANTS: List[Mutant] = [
            "low = min(judged", "low = max(judged",
            [T + 'test_benchmark.py::test_the_top1_target_of_a_section_is_its_worst_row'],
            "a section's top-1 target reads its best row, so one wrong row reads as met"),
+    mutant('top1-worst-row-by-all-images', 'benchmarks/report.py',
+           "low = min(judged, key=lambda k: judged[k]['top1_agreement_clear'])",
+           "low = min(judged, key=lambda k: judged[k]['top1_agreement'])",
+           [T + 'test_benchmark.py::test_the_top1_target_reads_the_clear_margin_images_only_for_the_value_and_for_'
+            'the_worst_row'],
+           "a section's top-1 target reads the row with the most near-ties flipped, so a row wrong on clear images "
+           'reads as met'),
+    mutant('top1-target-over-all-images', 'benchmarks/report.py',
+           "images; over all images {c[\"top1_agreement\"]:.3f})', c['top1_agreement_clear'],",
+           "images; over all images {c[\"top1_agreement\"]:.3f})', c['top1_agreement'],",
+           [T + 'test_benchmark.py::test_the_top1_target_reads_the_clear_margin_images_only_for_the_value_and_for_'
+            'the_worst_row'],
+           "a section's top-1 target judges every image, near-ties that half precision cannot resolve among them"),
     mutant('scoring-target-the-wrong-way', 'benchmarks/report.py',
            "sc['ratio'], SCORING_TARGET, False", "sc['ratio'], SCORING_TARGET, True",
            [T + 'test_benchmark.py::test_scoring_and_routing_targets_point_the_right_way'],

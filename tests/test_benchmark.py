@@ -3763,6 +3763,23 @@ def test_the_top1_target_of_a_section_is_its_worst_row():
     assert (top1['value'], top1['met']) == (0.5, False) and 'lowest: Y (fast y)' in top1['target']
 
 
+def test_the_top1_target_reads_the_clear_margin_images_only_for_the_value_and_for_the_worst_row():
+    """Baseline 0.1, four images: two with a clear top-2 margin, two near-ties (0.05 apart, under 2 x 0.1).  Row
+    "ties" flips both near-ties (all images 0.5, clear ones 1.0): top-1 is judged on the clear images only, so it
+    meets the target.  Row "clear" flips a clear image (all images 0.75, clear ones 0.5): beside "ties" it is the
+    worst row on the clear images, though not on all images, and the section misses the target."""
+    ref = torch.tensor([[2.0, 0.0], [0.0, 2.0], [1.0, 1.05], [1.05, 1.0]])
+    ties = F.logit_check(torch.tensor([[2.0, 0.0], [0.0, 2.0], [1.1, 1.05], [1.0, 1.1]]), ref, 0.1)
+    clear = F.logit_check(torch.tensor([[0.0, 2.0], [0.0, 2.0], [1.0, 1.05], [1.05, 1.0]]), ref, 0.1)
+    assert (ties['clear_images'], ties['top1_agreement'], ties['top1_agreement_clear']) == (2, 0.5, 1.0)
+    assert (clear['top1_agreement'], clear['top1_agreement_clear']) == (0.75, 0.5)
+    kinds, labels = {'ties': 'fast-x', 'clear': 'fast-y'}, {'ties': 'X (fast x)', 'clear': 'Y (fast y)'}
+    _, top1 = report.check_targets('M batch 4', {'ties': ties}, labels, kinds)
+    assert (top1['value'], top1['met'], report.verdict(top1)) == (1.0, True, 'yes')
+    _, top1 = report.check_targets('M batch 4', {'ties': ties, 'clear': clear}, labels, kinds)
+    assert (top1['value'], top1['met']) == (0.5, False) and 'lowest: Y (fast y)' in top1['target']
+
+
 def test_a_row_checked_again_at_a_summary_batch_size_has_a_target_there():
     """timm compiled, compiled again at batch 1 with logits 0.5 off there: the run's targets have batch 1's
     logit target, missed, naming it."""
