@@ -790,6 +790,19 @@ MUTANTS: List[Mutant] = [
            [T + 'test_benchmark.py::test_the_top1_target_reads_the_clear_margin_images_only_for_the_value_and_for_'
             'the_worst_row'],
            "a section's top-1 target judges every image, near-ties that half precision cannot resolve among them"),
+    mutant('row-target-without-its-interval', 'benchmarks/report.py',
+           "row['speedup_vs_timm'], row['flops_ratio'], True, row['speedup_vs_timm_ci'],",
+           "row['speedup_vs_timm'], row['flops_ratio'], True, None,",
+           [T + 'test_benchmark.py::test_a_pruned_rows_targets_under_protocol_ours_are_decided_by_their_own_'
+            'intervals'],
+           "a pruned row's FLOPs-ratio target is judged without its interval: a clear \"yes\" reads as within noise"),
+    mutant('boolean-target-without-its-interval', 'benchmarks/report.py',
+           "row['vs_boolean'], 1.0, True, row['vs_boolean_ci'], paired=paired))",
+           "row['vs_boolean'], 1.0, True, None, paired=paired))",
+           [T + 'test_benchmark.py::test_a_pruned_rows_targets_under_protocol_ours_are_decided_by_their_own_'
+            'intervals'],
+           'the target against the boolean-mask formulation is judged without its interval: a clear miss reads as '
+           'within noise'),
     mutant('scoring-target-the-wrong-way', 'benchmarks/report.py',
            "sc['ratio'], SCORING_TARGET, False", "sc['ratio'], SCORING_TARGET, True",
            [T + 'test_benchmark.py::test_scoring_and_routing_targets_point_the_right_way'],

@@ -3817,6 +3817,21 @@ def test_a_pruned_rows_targets_are_its_flops_ratio_and_the_boolean_formulation()
                    'C&C-Ti-25 (ours, compiled): >= 1.0x the boolean-mask formulation': (1.0, '**NO**')}
 
 
+def test_a_pruned_rows_targets_under_protocol_ours_are_decided_by_their_own_intervals():
+    """Protocol ours (medians of per-round ratios): each row target is decided by its own 95% interval.  Ours at
+    1.30x timm (1.25-1.35) for a FLOPs ratio of 1.2: "yes"; at 1.05x the boolean formulation (0.98-1.10): "yes,
+    within noise"; ours compiled at 0.90x it (0.85-0.95): "**NO**"."""
+    row = dict(_row('ours_25', 'ours', False, 0.25, [1.0] * 8, 1.2, 'C&C-Ti-25 (ours)'), speedup_vs_timm=1.3,
+               speedup_vs_timm_ci=[1.25, 1.35], vs_boolean=1.05, vs_boolean_ci=[0.98, 1.1])
+    compiled = dict(_row('compiled_25', 'ours-compiled', False, 0.25, [1.0] * 8, 1.2, 'C&C-Ti-25 (ours, compiled)'),
+                    vs_boolean=0.9, vs_boolean_ci=[0.85, 0.95])
+    res = {'models': {'tiny': {'label': 'DeiT-Ti', 'short': 'Ti', 'batch_size': 8, 'rows': [row, compiled]}}}
+    got = {t['target']: (t.get('ci'), report.verdict(t)) for t in report.targets(res, 'cpu')}
+    assert got == {'C&C-Ti-25 (ours): speed-up over dense timm >= FLOPs ratio (cpu)': ([1.25, 1.35], 'yes'),
+                   'C&C-Ti-25 (ours): >= 1.0x the boolean-mask formulation': ([0.98, 1.1], 'yes, within noise'),
+                   'C&C-Ti-25 (ours, compiled): >= 1.0x the boolean-mask formulation': ([0.85, 0.95], '**NO**')}
+
+
 def test_the_summary_verdict_under_the_original_protocol_is_decided():
     """Under the original protocol a row is one mean pass time: the summary's ratio is a ratio of means, with no
     interval by nature, so its verdict is decided ('yes'), not 'within noise' as a paired median without one."""
