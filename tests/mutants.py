@@ -843,6 +843,12 @@ MUTANTS: List[Mutant] = [
             'there'],
            'a dense row of the main table missing from a summary batch\'s pass times is not missed there: a "yes" '
            'against the others'),
+    mutant('checks-table-fails-an-unjudged-top1', 'benchmarks/report.py',
+           "'yes' if c['within_tolerance'] and c['top1_ok'] is not False else '**NO**'",
+           "'yes' if c['within_tolerance'] and c['top1_ok'] else '**NO**'",
+           [T + 'test_benchmark.py::test_the_logit_checks_table_says_ok_of_exactly_the_rows_that_take_part_in_the_'
+            'speed_verdicts'],
+           'the logit checks table says "**NO**" of a row whose top-1 was not judged, which the verdicts keep'),
     mutant('second-speed-table-left-stale', 'benchmarks/report.py',
            '    if len(starts) > 1:', '    if False:',
            [T + 'test_benchmark.py::test_readme_table_writer_refuses_in_one_line_and_writes_nothing'],

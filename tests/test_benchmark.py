@@ -3895,6 +3895,25 @@ def test_a_cut_run_says_per_batch_size_why_and_keeps_the_planned_order():
     assert ti['batch32']['verdict'] == 'not measured (batch 32 failed: RuntimeError: x)'
 
 
+def test_the_logit_checks_table_says_ok_of_exactly_the_rows_that_take_part_in_the_speed_verdicts():
+    """Three checks: top-1 not judged (too few clear-margin images: no failure), logits off, top-1 off on the clear
+    images (within a large tolerance).  The table's "ok" column is "yes" for the first only, the row the speed
+    verdicts keep (check_failure None), at the main batch and at a summary batch alike."""
+    ties = torch.tensor([[0.0, 2.0], [1.0, 1.0], [0.5, 0.5]])
+    ref = torch.tensor([[3.0, 0.0], [0.0, 3.0]])
+    checks = {'unjudged': F.logit_check(ties, ties, 0.0), 'off': F.logit_check(ref + 0.5, ref, 0.0),
+              'flipped': F.logit_check(ref + torch.tensor([[-1.6, 1.6], [1.6, -1.6]]), ref, 0.8)}
+    assert [report.check_failure(c) is None for c in checks.values()] == [True, False, False]
+    assert checks['unjudged']['top1_ok'] is None and checks['flipped']['within_tolerance']
+    rows = [{'key': k, 'label': f'C&C-Ti-25 ({k})'} for k in checks]
+    results = {'models': {'tiny': {'batch_size': 4, 'rows': rows, 'checks': checks,
+                                   'summary_sweep': {'batches': [{'batch_size': 1, 'checks': checks}]}}}}
+    ok = {(line.split(' | ')[0][2:], line.split(' | ')[1]): line.split(' | ')[-1].rstrip(' |')
+          for line in report._checks_table(results) if line.startswith('| C&C')}
+    assert ok == {(f'C&C-Ti-25 ({k})', batch): 'yes' if k == 'unjudged' else '**NO**' for k in checks
+                  for batch in ('4', '1')}
+
+
 def test_a_check_whose_top1_was_not_judged_is_no_failure():
     """Too few clear-margin images to judge top-1 (top1_ok None): the row is not left out of the speed verdicts."""
     logits = torch.tensor([[0.0, 2.0], [1.0, 1.0], [0.5, 0.5]])
