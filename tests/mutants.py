@@ -849,6 +849,11 @@ MUTANTS: List[Mutant] = [
            [T + 'test_benchmark.py::test_the_logit_checks_table_says_ok_of_exactly_the_rows_that_take_part_in_the_'
             'speed_verdicts'],
            'the logit checks table says "**NO**" of a row whose top-1 was not judged, which the verdicts keep'),
+    mutant('rows-left-out-at-summary-batches-unlisted', 'benchmarks/report.py',
+           "for key, why in b.get('skipped_rows', {}).items()]", "for key, why in {}.items()]",
+           [T + 'test_benchmark.py::test_rows_left_out_lists_every_formulation_and_row_left_out_with_its_section_'
+            'and_why'],
+           '"Rows left out" omits the rows a summary batch left out (a compiled row below --compile-min-batch)'),
     mutant('second-speed-table-left-stale', 'benchmarks/report.py',
            '    if len(starts) > 1:', '    if False:',
            [T + 'test_benchmark.py::test_readme_table_writer_refuses_in_one_line_and_writes_nothing'],

@@ -3895,6 +3895,28 @@ def test_a_cut_run_says_per_batch_size_why_and_keeps_the_planned_order():
     assert ti['batch32']['verdict'] == 'not measured (batch 32 failed: RuntimeError: x)'
 
 
+def test_rows_left_out_lists_every_formulation_and_row_left_out_with_its_section_and_why():
+    """A formulation that cannot run here, a row the main table left out and one a summary batch left out (timm
+    compiled below --compile-min-batch) are each listed once, under the section that left it out."""
+    results = {'formulations': {'skipped': {'fast-triton': 'no Triton'}},
+               'models': {'tiny': {'label': 'DeiT-Ti', 'batch_size': 256,
+                                   'skipped_rows': {'fast_torch_40': 'building or running it failed: OSError: x'},
+                                   'summary_sweep': {'batches': [
+                                       {'batch_size': 32},
+                                       {'batch_size': 1, 'skipped_rows': {
+                                           'timm_compiled': 'compiled rows only at batch >= 32 (--compile-min-'
+                                                            'batch)'}}]}}}}
+    assert report._left_out(results) == [
+        '', 'Rows left out:', '', '- fast-triton: no Triton',
+        '- DeiT-Ti batch 256, fast_torch_40: building or running it failed: OSError: x',
+        '- DeiT-Ti batch 1, timm_compiled: compiled rows only at batch >= 32 (--compile-min-batch)']
+    del results['formulations'], results['models']['tiny']['skipped_rows']
+    assert report._left_out(results)[3:] == [
+        '- DeiT-Ti batch 1, timm_compiled: compiled rows only at batch >= 32 (--compile-min-batch)']
+    results['models']['tiny']['summary_sweep']['batches'].pop()
+    assert report._left_out(results) == []
+
+
 def test_the_logit_checks_table_says_ok_of_exactly_the_rows_that_take_part_in_the_speed_verdicts():
     """Three checks: top-1 not judged (too few clear-margin images: no failure), logits off, top-1 off on the clear
     images (within a large tolerance).  The table's "ok" column is "yes" for the first only, the row the speed
