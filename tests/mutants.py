@@ -742,6 +742,18 @@ MUTANTS: List[Mutant] = [
            '    differ = [k for k in flags if now.get(k) != then.get(k)]', '    differ = []',
            [T + 'test_benchmark.py::test_resume_refuses_other_settings_another_machine_and_other_files'],
            'a run with other settings carries on an earlier one, mixing their sections in one report'),
+    mutant('resume-code-added-since-unsaid', 'benchmarks/model_zoo.py',
+           "changed = sorted(f for f in then.keys() | now.keys() if then.get(f) != now.get(f))",
+           "changed = sorted(f for f in then.keys() if then.get(f) != now.get(f))",
+           [T + 'test_benchmark.py::test_a_resumed_run_names_every_file_of_the_measured_code_changed_added_or_removed_'
+            'since'],
+           'a resumed run does not name a file of the measured code added since the earlier run'),
+    mutant('resume-code-removed-since-unsaid', 'benchmarks/model_zoo.py',
+           "changed = sorted(f for f in then.keys() | now.keys() if then.get(f) != now.get(f))",
+           "changed = sorted(f for f in now.keys() if then.get(f) != now.get(f))",
+           [T + 'test_benchmark.py::test_a_resumed_run_names_every_file_of_the_measured_code_changed_added_or_removed_'
+            'since'],
+           'a resumed run does not name a file of the measured code removed since the earlier run'),
     mutant('unused-flags-unsaid', 'finetune.py',
            '    notes += unused_flag_notes(args, get_args_parser(), said=no_effect)\n', '',
            [T + 'test_recipe.py::test_unused_flags_given_are_noted_one_line_per_reason'],

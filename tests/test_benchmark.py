@@ -2398,6 +2398,20 @@ def test_a_run_resumed_twice_keeps_its_sweep_and_the_history_of_its_calls(tmp_pa
         s['status'] == 'done' for s in second['sections']]
 
 
+def test_a_resumed_run_names_every_file_of_the_measured_code_changed_added_or_removed_since():
+    """adopt compares the earlier run's code hashes with this run's: a file edited, one added and one removed since
+    are all named (each a change to the code the kept sections were not measured with); one unchanged is not."""
+    earlier = {'sections': [], 'command': 'python benchmarks/model_zoo.py', 'seconds': 10.0,
+               'code': {'engine.py': 'a' * 16, 'models/gone.py': 'b' * 16, 'models/edited.py': 'c' * 16}}
+    results = {'sections': [], 'models': {}, 'sweeps': {},
+               'code': {'engine.py': 'a' * 16, 'models/edited.py': 'd' * 16, 'models/added.py': 'e' * 16}}
+    assert zoo.adopt(results, earlier) == []
+    assert results['earlier_runs'] == [{'command': 'python benchmarks/model_zoo.py', 'seconds': 10.0,
+                                        'compile_seconds_spent': None,
+                                        'code_changed_since': ['models/added.py', 'models/edited.py',
+                                                               'models/gone.py']}]
+
+
 def _earlier_results(tmp_path, *argv) -> str:
     """A results JSON as a run with these arguments writes it on this machine (no section finished)."""
     args = _parse(tmp_path, *argv, folder='earlier')
