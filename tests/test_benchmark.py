@@ -2600,6 +2600,22 @@ ROW = ('models', 'tiny', 'rows', 1)
      'models.tiny.checks.timm judges top-1 (top1_ok) without its agreement on the clear images '
      '(top1_agreement_clear is null)'),
     (('models', 'tiny', 'summary_sweep'), [], 'models.tiny.summary_sweep is a list, not an object'),
+    # a kept summary batch is read by the report of the run carried on: its pass times, checks and rows left out
+    # decide verdicts there (a string "no" of within_tolerance read as a pass), so each is checked as it is written
+    (('models', 'tiny', 'summary_sweep'), {'batches': [{'batch_size': 0, 'seconds': {}}]},
+     'models.tiny.summary_sweep.batches[0].batch_size is a number, not a positive whole number'),
+    (('models', 'tiny', 'summary_sweep'), {'batches': [{'batch_size': 1, 'seconds': {'timm': ['0.01']}}]},
+     'models.tiny.summary_sweep.batches[0].seconds.timm[0] is a string, not a number'),
+    (('models', 'tiny', 'summary_sweep'), {'batches': [{'batch_size': 1, 'seconds': {},
+                                                        'checks': {'timm': {'max_abs_diff': 0.0}}}]},
+     'models.tiny.summary_sweep.batches[0].checks.timm has no "tolerance"'),
+    (('models', 'tiny', 'summary_sweep'), {'batches': [{'batch_size': 1, 'seconds': {},
+                                                        'skipped_rows': {'timm_compiled': 5}}]},
+     'models.tiny.summary_sweep.batches[0].skipped_rows.timm_compiled is a number, not a string'),
+    (('models', 'tiny', 'skipped_rows'), {'timm_compiled': None}, 'models.tiny.skipped_rows.timm_compiled is null, '
+                                                                   'not a string'),
+    (ROW + ('twin',), 5, 'models.tiny.rows[1].twin is a number, not a string'),
+    (ROW + ('check',), {'max_abs_diff': 0.0}, 'models.tiny.rows[1].check has no "tolerance"'),
     (('sections', 0, 'seconds'), '12.5', 'sections[0].seconds is a string, not a number'),
     (('sections', 1, 'status'), 3, 'sections[1].status is a number, not a string'),
     (('command',), 5, 'command is a number, not a string'),
