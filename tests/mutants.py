@@ -886,6 +886,11 @@ MUTANTS: List[Mutant] = [
            [T + 'test_benchmark.py::test_rows_left_out_lists_every_formulation_and_row_left_out_with_its_section_'
             'and_why'],
            '"Rows left out" omits the rows a summary batch left out (a compiled row below --compile-min-batch)'),
+    mutant('report-reads-a-summary-entry-without-its-model', 'benchmarks/shapes.py',
+           "'summary': ListOf(Obj({'model': STR}, {k: Maybe(POSITIVE) for k in SUMMARY_FIGURES}))})",
+           "'summary': ListOf(Obj({}, {k: Maybe(POSITIVE) for k in SUMMARY_FIGURES}))})",
+           [T + 'test_benchmark.py::test_readme_table_writer_refuses_in_one_line_and_writes_nothing'],
+           'a GPU run whose summary entry names no model is read, and the README writer ends in a KeyError'),
     mutant('second-speed-table-left-stale', 'benchmarks/report.py',
            '    if len(starts) > 1:', '    if False:',
            [T + 'test_benchmark.py::test_readme_table_writer_refuses_in_one_line_and_writes_nothing'],

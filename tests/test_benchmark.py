@@ -1181,6 +1181,9 @@ def test_readme_speed_table_sets_a_gpu_run_beside_the_cpu_run(tmp_path, capsys, 
     ('cpu figure not a number', 'cpu.json: not a results file of benchmarks/model_zoo.py (models.tiny.rows[2].'
                                 'images_per_s is nan, not a finite number)'),  # JSON's NaN was printed as 'nan'
     ('cpu without models', 'cpu.json: not a results file of benchmarks/model_zoo.py (models is an empty object)'),
+    # the table looks its columns up by the entry's model: a KeyError traceback without one
+    ('gpu summary entry without its model', 'gpu.json: not a results file of benchmarks/model_zoo.py (summary[0] has '
+                                            'no "model")'),
     ('gpu figure not a number', 'gpu.json: not a results file of benchmarks/model_zoo.py (summary[0].speedup_batch1 '
                                 'is inf, not a finite number)'),
     # a figure of no measurement (0, negative) was printed into the table as if it were one: '0.00', '-3.0'
@@ -1237,7 +1240,7 @@ def test_readme_table_writer_refuses_in_one_line_and_writes_nothing(tmp_path, ca
                     'gpu nested too deep': '[' * 100000 + ']' * 100000}.get(case, '{}'))
     if case in ('gpu without its name', 'gpu name a list', 'gpu name blank', 'gpu name with a newline',
                 'gpu summary entry twice', 'gpu summary entry of a dense model', 'gpu machine a list',
-                'gpu figure not a number', 'gpu figure zero',
+                'gpu figure not a number', 'gpu figure zero', 'gpu summary entry without its model',
                 'gpu a cpu run', 'gpu original protocol', 'gpu rows given', 'gpu unfinished', 'gpu random masks',
                 'gpu batch size', 'gpu another seed', 'gpu without a summary'):
         run = _summary_run()
@@ -1257,6 +1260,8 @@ def test_readme_table_writer_refuses_in_one_line_and_writes_nothing(tmp_path, ca
             run['machine'] = ['NVIDIA H200']
         if case == 'gpu figure not a number':
             run['summary'][0]['speedup_batch1'] = math.inf
+        if case == 'gpu summary entry without its model':
+            del run['summary'][0]['model']
         if case == 'gpu figure zero':
             run['summary'][0]['speedup_vs_best_dense'] = 0
         if case == 'gpu a cpu run':
