@@ -233,6 +233,18 @@ def test_logit_check_judges_the_difference_and_top1_on_images_with_a_clear_margi
     assert not c['within_tolerance']  # NaN logits never pass
 
 
+def test_a_logit_difference_equal_to_the_tolerance_is_within_it():
+    """The tolerance is an upper bound the difference may reach ("at most 2 x baseline + 1e-3"): baseline 0.2495
+    makes it exactly 0.5, and logits 0.5 off (exact in float32) pass; the next float32 above does not."""
+    ref = torch.tensor([[2.0, 0.0], [0.0, 2.0]])
+    c = F.logit_check(ref + 0.5, ref, baseline=0.2495)
+    assert (c['tolerance'], c['max_abs_diff'], c['within_tolerance']) == (0.5, 0.5, True)
+    assert report.check_failure(c) is None
+    above = float(np.nextafter(np.float32(2.5), np.float32(3.0)))
+    c = F.logit_check(ref + torch.tensor([[above - 2.0, 0.5], [0.5, 0.5]]), ref, baseline=0.2495)
+    assert c['max_abs_diff'] > 0.5 and not c['within_tolerance']
+
+
 def test_check_targets_judge_the_worst_row_of_a_section_and_leave_the_references_aside():
     ref = torch.tensor([[2.0, 0.0], [0.0, 2.0]])
     checks = {'timm': F.logit_check(ref + 5.0, ref, 0.0),  # a reference row: its error is the scale, not judged
