@@ -345,6 +345,17 @@ def test_spread_of_pass_times_is_the_interquartile_range_over_the_median():
     assert stats.spread([1.0, float('nan'), 1.0, 1.0]) is None and stats.spread([1.0, 0.0, 1.0, 1.0]) is None
 
 
+def test_a_row_is_unsteady_only_when_its_spread_is_more_than_the_limit():
+    """Five passes with quartiles 4.75 and 5.25 (statistics.quantiles' exclusive method: halfway between the first
+    two and the last two) around a median of 5.0 spread 0.5 / 5.0, exactly UNSTEADY_SPREAD: not more than it, so
+    steady; a last pass of 5.5 moves the upper quartile to 5.375 (a spread of 0.125), which is unsteady."""
+    at_limit = [4.75, 5.25, 5.0, 4.75, 5.25]
+    assert stats.spread(at_limit) == stats.UNSTEADY_SPREAD == 0.5 / 5.0
+    assert stats.Timings({'timm': at_limit, 'ours': [5.0] * 5}, batch=8).unsteady() == {}
+    above = at_limit[:-1] + [5.5]
+    assert stats.Timings({'timm': above, 'ours': [5.0] * 5}, batch=8).unsteady() == {'timm': 0.625 / 5.0}
+
+
 def test_rows_whose_pass_times_spread_are_named_in_the_report_and_when_timed(capsys):
     """A row that a slowed host held back for part of its rounds (the committed GPU run's eager DeiT-Ti rows:
     7.3 ms passes, then 10 ms) is listed with its spread; steady rows, and the original protocol's one mean per
