@@ -899,6 +899,12 @@ MUTANTS: List[Mutant] = [
            "'within_tolerance': bool(diff <= tolerance and", "'within_tolerance': bool(diff < tolerance and",
            [T + 'test_benchmark.py::test_a_logit_difference_equal_to_the_tolerance_is_within_it'],
            'a row whose logits are exactly its tolerance off fails its check (the tolerance is "at most")'),
+    mutant('batch-targets-at-095', 'benchmarks/report.py',
+           "                                    b and b['speedup'], 1.0, True,",
+           "                                    b and b['speedup'], 0.95, True,",
+           [T + 'test_benchmark.py::test_the_batch_targets_ask_the_pruned_model_to_be_at_least_as_fast_as_the_'
+            'fastest_dense_one'],
+           'a pruned model 3% slower than the fastest dense one at batch 1 or 32 reads as meeting the target'),
     mutant('second-speed-table-left-stale', 'benchmarks/report.py',
            '    if len(starts) > 1:', '    if False:',
            [T + 'test_benchmark.py::test_readme_table_writer_refuses_in_one_line_and_writes_nothing'],

@@ -961,6 +961,25 @@ def test_a_wrong_dense_row_timed_clearly_slower_than_the_fastest_compared_one_do
     assert results['not_measured'] == ([] if decided else [t['target'] for t in entry['targets'].values()])
 
 
+def test_the_batch_targets_ask_the_pruned_model_to_be_at_least_as_fast_as_the_fastest_dense_one():
+    """Batch 1 and 32 ask for at least 1.0x the fastest dense mode: ours timed 3% slower than timm eager in every
+    one of eight rounds (the interval of the per-round ratio 1/1.03 wholly below 1) misses it at both, decided;
+    exactly as fast meets it."""
+    timm = [1.0, 1.02, 0.98, 1.01, 0.99, 1.0, 1.03, 0.97]
+    for factor, met, verdict in ((1.03, False, '**NO**'), (1.0, True, 'yes')):
+        ours = [t * factor for t in timm]
+        results = _eight_rounds(timm, [4.0] * 8, ours)
+        results['settings']['summary_batch_sizes'] = [32, 1]
+        results['models']['tiny']['summary_sweep']['batches'].append(
+            {'batch_size': 32, 'seconds': {'timm': timm, 'timm_compiled': [4.0] * 8, 'ours_25': ours}})
+        report.attach_summary(results, 'cuda')
+        entry, = results['summary']
+        for bs in ('1', '32'):
+            target = entry['targets'][f'batch{bs}']
+            assert target['threshold'] == 1.0 and target['value'] == pytest.approx(1 / factor)
+            assert (target['met'], target['verdict']) == (met, verdict), (bs, target)
+
+
 def test_results_whose_verdicts_were_worked_out_again_say_so_in_the_markdown():
     with open(os.path.join(report.RESULTS_DIR, 'cuda.json')) as f:  # a whole run's results
         results = json.load(f)
