@@ -905,6 +905,11 @@ MUTANTS: List[Mutant] = [
            [T + 'test_benchmark.py::test_the_batch_targets_ask_the_pruned_model_to_be_at_least_as_fast_as_the_'
             'fastest_dense_one'],
            'a pruned model 3% slower than the fastest dense one at batch 1 or 32 reads as meeting the target'),
+    mutant('summary-batch32-figure-dropped', 'benchmarks/report.py',
+           "by_batch[str(bs)]['speedup'] if str(bs) in by_batch else None",
+           "by_batch[str(bs)]['speedup'] if str(bs) in by_batch and bs == 1 else None",
+           [T + 'test_benchmark.py::test_the_summary_figures_at_batch_1_and_32_are_each_of_their_own_batch'],
+           "the summary's batch-32 figure (a README column) reads '–' though batch 32 was timed"),
     mutant('second-speed-table-left-stale', 'benchmarks/report.py',
            '    if len(starts) > 1:', '    if False:',
            [T + 'test_benchmark.py::test_readme_table_writer_refuses_in_one_line_and_writes_nothing'],

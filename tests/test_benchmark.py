@@ -980,6 +980,29 @@ def test_the_batch_targets_ask_the_pruned_model_to_be_at_least_as_fast_as_the_fa
             assert (target['met'], target['verdict']) == (met, verdict), (bs, target)
 
 
+def test_the_summary_figures_at_batch_1_and_32_are_each_of_their_own_batch():
+    """Batch 32 and batch 1 timed with other pass times: each of speedup_batch1 and speedup_batch32 (the README's
+    columns) is the median of the per-round ratios of its own batch's fastest dense and pruned rows, and the
+    summary table shows both."""
+    timm = [1.0, 1.02, 0.98, 1.01, 0.99, 1.0, 1.03, 0.97]
+    results = _eight_rounds(timm, [4.0] * 8, [0.5] * 8)
+    results['settings']['summary_batch_sizes'] = [32, 1]
+    at32 = {'timm': [0.6, 0.62, 0.58, 0.61, 0.59, 0.6, 0.63, 0.57], 'timm_compiled': [0.5] * 8,
+            'ours_25': [0.4, 0.41, 0.39, 0.4, 0.42, 0.38, 0.4, 0.41]}
+    results['models']['tiny']['summary_sweep']['batches'].insert(0, {'batch_size': 32, 'seconds': at32})
+    report.attach_summary(results, 'cuda')
+    entry, = results['summary']
+    at1 = results['models']['tiny']['summary_sweep']['batches'][1]['seconds']
+    expected = {1: statistics.median(t / o for t, o in zip(at1['timm'], at1['ours_25'])),  # timm the fastest dense
+                32: statistics.median(c / o for c, o in zip(at32['timm_compiled'], at32['ours_25']))}
+    assert expected[1] == pytest.approx(2.0, rel=0.02) and expected[32] == pytest.approx(1.25)
+    for bs, value in expected.items():
+        assert entry[f'speedup_batch{bs}'] == entry['speedup_by_batch'][str(bs)]['speedup'] == pytest.approx(value)
+    assert entry['speedup_by_batch']['32']['best_dense_mode'] == 'timm-compiled'
+    line = next(x for x in report._summary_table(results) if x.startswith('| C&C-Ti-25 |'))
+    assert line.split(' | ')[6:8] == [f'{expected[1]:.2f}', f'{expected[32]:.2f}']
+
+
 def test_results_whose_verdicts_were_worked_out_again_say_so_in_the_markdown():
     with open(os.path.join(report.RESULTS_DIR, 'cuda.json')) as f:  # a whole run's results
         results = json.load(f)
