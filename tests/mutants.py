@@ -910,6 +910,12 @@ MUTANTS: List[Mutant] = [
            "by_batch[str(bs)]['speedup'] if str(bs) in by_batch and bs == 1 else None",
            [T + 'test_benchmark.py::test_the_summary_figures_at_batch_1_and_32_are_each_of_their_own_batch'],
            "the summary's batch-32 figure (a README column) reads '–' though batch 32 was timed"),
+    mutant('summary-batch-checks-a-pruned-row-against-the-dense-model', 'benchmarks/formulations.py',
+           "            out.checks[key] = checker.check(run, rate)",
+           "            out.checks[key] = checker.check(run, None)",
+           [T + 'test_benchmark.py::test_rows_are_only_ever_called_at_the_timed_batch_size'],
+           'a pruned row built again at a summary batch is checked against the dense model, fails, and is left out '
+           'of that batch\'s verdicts'),
     mutant('second-speed-table-left-stale', 'benchmarks/report.py',
            '    if len(starts) > 1:', '    if False:',
            [T + 'test_benchmark.py::test_readme_table_writer_refuses_in_one_line_and_writes_nothing'],

@@ -123,6 +123,8 @@ def test_rows_are_only_ever_called_at_the_timed_batch_size(tiny):
     again = F.rebuild_for_batch(built, lambda rate: cc if rate is None else pruned[rate], dense,
                                 F.Context(CPU, None, 1, F.image_shape(cc)))
     assert sizes == {'dense': {1}, 'pruned': {1}} and set(again.checks) == {'shaped_dense', 'shaped_30'}
+    # each checked again against the eager fp32 model of its own masks (the pruned row against the pruned model)
+    assert all(c['max_abs_diff'] < 1e-4 and report.check_failure(c) is None for c in again.checks.values())
     assert again.runs['eager_30'] is built.runs['eager_30'] and set(again.runs) == set(built.runs)
 
 
