@@ -644,6 +644,11 @@ def _kept_model_problem(result: Dict, where: str, section: 'Section', args) -> O
     if len(rounds) > 1:  # timed together, one pass each round: a speed-up pairs them round by round
         return (f'{where}.rows have {" or ".join(map(str, rounds))} pass times each, not one per round of the rounds '
                 f'they were timed in together')
+    for i, batch in enumerate(result.get('summary_sweep', {}).get('batches', [])):  # (carried over with the table)
+        rounds = sorted({len(s) for s in batch['seconds'].values() if s})
+        if len(rounds) > 1:  # the same: the report pairs them round by round
+            return (f'{where}.summary_sweep.batches[{i}].seconds have {" or ".join(map(str, rounds))} pass times '
+                    f'each, not one per round of the rounds they were timed in together')
     if args.summary_batch_sizes and 'summary_sweep' not in result:
         return f'{where} has no "summary_sweep", which its summary sections add to'
     return None

@@ -774,6 +774,12 @@ MUTANTS: List[Mutant] = [
            "'build_seconds': Maybe(NUMBER), 'check': OBJECT, 'fast_path': FAST_PATH,",
            [T + 'test_benchmark.py::test_resume_of_a_results_json_with_a_kept_part_of_another_shape_is_one_line'],
            "a resumed run carries over a row's logit check without its tolerance"),
+    mutant('resume-keeps-summary-rows-of-other-rounds', 'benchmarks/model_zoo.py',
+           "        if len(rounds) > 1:  # the same: the report pairs them round by round",
+           "        if False:  # the same: the report pairs them round by round",
+           [T + 'test_benchmark.py::test_resume_of_a_results_json_with_a_kept_part_of_another_shape_is_one_line'],
+           "a resumed run carries over a summary batch whose rows have other numbers of pass times: zip's ValueError "
+           'in its report, after the work'),
     mutant('unused-flags-unsaid', 'finetune.py',
            '    notes += unused_flag_notes(args, get_args_parser(), said=no_effect)\n', '',
            [T + 'test_recipe.py::test_unused_flags_given_are_noted_one_line_per_reason'],

@@ -2678,6 +2678,11 @@ ROW = ('models', 'tiny', 'rows', 1)
      'models.tiny.summary_sweep.batches[0].batch_size is a number, not a positive whole number'),
     (('models', 'tiny', 'summary_sweep'), {'batches': [{'batch_size': 1, 'seconds': {'timm': ['0.01']}}]},
      'models.tiny.summary_sweep.batches[0].seconds.timm[0] is a string, not a number'),
+    # its rows paired round by round as well (a summary batch is carried over with its main table, done or not)
+    (('models', 'tiny', 'summary_sweep'), {'batches': [{'batch_size': 1, 'seconds': {'timm': [0.01],
+                                                                                     'ours_25': [0.01, 0.02]}}]},
+     'models.tiny.summary_sweep.batches[0].seconds have 1 or 2 pass times each, not one per round of the rounds '
+     'they were timed in together'),
     (('models', 'tiny', 'summary_sweep'), {'batches': [{'batch_size': 1, 'seconds': {},
                                                         'checks': {'timm': {'max_abs_diff': 0.0}}}]},
      'models.tiny.summary_sweep.batches[0].checks.timm has no "tolerance"'),
