@@ -3870,6 +3870,28 @@ def test_the_top1_target_of_a_section_is_its_worst_row():
     assert (top1['value'], top1['met']) == (0.5, False) and 'lowest: Y (fast y)' in top1['target']
 
 
+def test_a_sections_check_targets_miss_as_its_rows_checks_fail():
+    """The section's targets are the rows' own rules: logits at most the tolerance off (a row 1.5 tolerances off
+    misses it) and top-1 equal on at least 99% of the clear-margin images (97 of 100 misses it), each row's check
+    failing with it."""
+    ref = torch.tensor([[2.0, 0.0], [0.0, 2.0]])
+    off = F.logit_check(ref + 1.5e-3, ref, 0.0)  # tolerance 1e-3
+    within, _ = report.check_targets('M batch 2', {'off': off}, {}, {'off': 'fast-x'})
+    assert (within['value'], within['threshold'], within['met']) == (pytest.approx(1.5, rel=1e-3), 1.0, False)
+    assert report.verdict(within) == '**NO**' and report.check_failure(off).startswith('logits off')
+    # baseline 1.0: tolerance 2.001, a clear margin above 2.0; three of 100 clear images flipped within tolerance
+    ref = torch.tensor([[3.0, 0.0]] * 100)
+    out = ref.clone()
+    out[:3] = torch.tensor([1.5, 1.6])
+    flipped = F.logit_check(out, ref, 1.0)
+    assert flipped['within_tolerance'] and flipped['clear_images'] == 100
+    assert flipped['top1_agreement_clear'] == pytest.approx(0.97)
+    within, top1 = report.check_targets('M batch 100', {'flipped': flipped}, {}, {'flipped': 'fast-x'})
+    assert within['met'] is True
+    assert (top1['value'], top1['threshold'], top1['met']) == (pytest.approx(0.97), 0.99, False)
+    assert report.verdict(top1) == '**NO**' and report.check_failure(flipped).startswith('top-1 differs')
+
+
 def test_the_top1_target_reads_the_clear_margin_images_only_for_the_value_and_for_the_worst_row():
     """Baseline 0.1, four images: two with a clear top-2 margin, two near-ties (0.05 apart, under 2 x 0.1).  Row
     "ties" flips both near-ties (all images 0.5, clear ones 1.0): top-1 is judged on the clear images only, so it
