@@ -780,6 +780,18 @@ MUTANTS: List[Mutant] = [
            [T + 'test_benchmark.py::test_resume_of_a_results_json_with_a_kept_part_of_another_shape_is_one_line'],
            "a resumed run carries over a summary batch whose rows have other numbers of pass times: zip's ValueError "
            'in its report, after the work'),
+    mutant('resume-takes-another-seed', 'benchmarks/model_zoo.py',
+           "FREE_SETTINGS = ('json', 'markdown', 'resume', 'time_limit')",
+           "FREE_SETTINGS = ('json', 'markdown', 'resume', 'time_limit', 'seed')",
+           [T + 'test_benchmark.py::test_resume_refuses_an_earlier_run_with_any_flag_but_the_four_free_ones_of_another_'
+            'value'],
+           'a run with another --seed (other weights and masks) carries on an earlier one'),
+    mutant('resume-takes-other-summary-batches', 'benchmarks/model_zoo.py',
+           "FREE_SETTINGS = ('json', 'markdown', 'resume', 'time_limit')",
+           "FREE_SETTINGS = ('json', 'markdown', 'resume', 'time_limit', 'summary_batch_sizes')",
+           [T + 'test_benchmark.py::test_resume_refuses_an_earlier_run_with_any_flag_but_the_four_free_ones_of_another_'
+            'value'],
+           'a run with other --summary-batch-sizes carries on an earlier one'),
     mutant('unused-flags-unsaid', 'finetune.py',
            '    notes += unused_flag_notes(args, get_args_parser(), said=no_effect)\n', '',
            [T + 'test_recipe.py::test_unused_flags_given_are_noted_one_line_per_reason'],

@@ -2547,6 +2547,26 @@ def test_resume_refuses_other_settings_another_machine_and_other_files(capsys, t
         f'--resume the benchmark runs again)')
 
 
+def test_resume_refuses_an_earlier_run_with_any_flag_but_the_four_free_ones_of_another_value(capsys, tmp_path):
+    """Every flag of the command line (the seed, the rows, the summary batch sizes among them) must have the same
+    value in the run carried on, but --time-limit, --json, --markdown and --resume itself: each other flag given
+    another value in the earlier file is refused, naming it."""
+    path = _earlier_results(tmp_path, '--rates', '0.25,0.4')
+    earlier = json.loads(open(path).read())
+    dests = {a.dest for a in zoo.build_parser()._actions} - {'help'}
+    free = {'time_limit', 'json', 'markdown', 'resume'}
+    assert free <= dests and {'seed', 'rows', 'summary_batch_sizes', 'masks', 'protocol'} <= dests - free
+    for dest in sorted(dests):
+        edited = tmp_path / f'{dest}.json'
+        edited.write_text(json.dumps(dict(earlier, settings=dict(earlier['settings'], **{dest: 'other'}))))
+        argv = ('--rates', '0.25,0.4', '--resume', str(edited))
+        if dest in free:
+            assert _parse(tmp_path, *argv).earlier['settings'][dest] == 'other'
+        else:
+            line = _refused(capsys, tmp_path, *argv)
+            assert f"was run with other settings: --{dest.replace('_', '-')} 'other' there, " in line, (dest, line)
+
+
 def test_resume_may_write_its_results_over_the_file_it_carries_on_but_not_the_tables(capsys, tmp_path):
     """--json may name the file --resume reads (its whole results, the kept sections included, replace it
     atomically); --markdown naming it would turn the results into tables, and is refused."""
