@@ -792,6 +792,12 @@ MUTANTS: List[Mutant] = [
            [T + 'test_benchmark.py::test_resume_refuses_an_earlier_run_with_any_flag_but_the_four_free_ones_of_another_'
             'value'],
            'a run with other --summary-batch-sizes carries on an earlier one'),
+    mutant('summary-batch-left-out-rows-unrecorded', 'benchmarks/model_zoo.py',
+           "    if rebuilt.skipped:\n        entry['skipped_rows'] = rebuilt.skipped\n", '',
+           [T + 'test_benchmark.py::test_a_dense_row_that_fails_to_build_at_a_summary_batch_is_left_out_there_saying_'
+            'why'],
+           'a row that fails to build at a summary batch is left out of it without its reason (nor in "Rows left '
+           'out")'),
     mutant('unused-flags-unsaid', 'finetune.py',
            '    notes += unused_flag_notes(args, get_args_parser(), said=no_effect)\n', '',
            [T + 'test_recipe.py::test_unused_flags_given_are_noted_one_line_per_reason'],

@@ -2220,6 +2220,28 @@ def test_each_section_times_its_rows_at_its_own_batch_with_warm_up_passes_untime
         assert b2['images_per_s'][key] == pytest.approx(2 / statistics.median(seconds))
 
 
+def test_a_dense_row_that_fails_to_build_at_a_summary_batch_is_left_out_there_saying_why(tmp_path, monkeypatch,
+                                                                                        one_thread):
+    """A dense row built for each batch size (fixed_batch) that builds at the main batch (4) and fails at the
+    summary batch (2): left out of batch 2 with its reason (the section's skipped_rows, "Rows left out"), and batch
+    2's comparison names it among the dense modes it could not compare with, so its target is no "yes"."""
+    def build(cc, dense, ctx):
+        if ctx.batch != 4:
+            raise RuntimeError(f'no kernel for batch {ctx.batch}')
+        return dense
+    monkeypatch.setitem(F.REGISTRY, 'flaky-dense', F.Formulation('flaky-dense', 'flaky', 'timm, built per batch',
+                                                                build, pruned=False, fixed_batch=True))
+    res = zoo.main(DIGITS + ['--rows', 'timm,ours,flaky-dense', '--summary-batch-sizes', '2',
+                             '--json', str(tmp_path / 'r.json')])
+    assert [s['status'] for s in res['sections']] == ['done', 'done']
+    why = 'building or running it failed: RuntimeError: no kernel for batch 2'
+    b2, = res['models']['deit_digits_patch4_32']['summary_sweep']['batches']
+    assert set(b2['seconds']) == {'timm', 'ours_30'} and b2['skipped_rows'] == {'flaky': why}
+    entry, = res['summary']
+    assert entry['speedup_by_batch']['2']['dense_not_compared'] == {'flaky': why}
+    assert f'- deit_digits_patch4_32 batch 2, flaky: {why}' in (tmp_path / 'r.md').read_text()
+
+
 def test_sweeps_time_the_pruned_models_and_divide_the_right_pass_times(monkeypatch):
     """Both sweeps with their timer scripted (timm 4 s, ours 2/2.5/1 s, boolean 3 s per round): images/s, the
     speed-up against timm and against the boolean formulation are dense (or boolean) time over ours, paired per
