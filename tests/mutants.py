@@ -953,6 +953,11 @@ MUTANTS: List[Mutant] = [
            [T + 'test_benchmark.py::test_rows_are_only_ever_called_at_the_timed_batch_size'],
            'a pruned row built again at a summary batch is checked against the dense model, fails, and is left out '
            'of that batch\'s verdicts'),
+    mutant('dense-modes-compared-listed-per-comparison', 'benchmarks/report.py',
+           "             for modes, where in sets.items()] if len(sets) > 1 else (",
+           "             for modes, where in sets.items()] if len(sets) > 0 else (",
+           [T + 'test_benchmark.py::test_dense_modes_compared_are_said_once_when_every_comparison_had_the_same'],
+           'the dense modes every comparison chose from are listed comparison by comparison, not said once'),
     mutant('second-speed-table-left-stale', 'benchmarks/report.py',
            '    if len(starts) > 1:', '    if False:',
            [T + 'test_benchmark.py::test_readme_table_writer_refuses_in_one_line_and_writes_nothing'],

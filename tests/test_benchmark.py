@@ -785,6 +785,25 @@ def test_summary_takes_the_fastest_pruned_and_dense_modes_of_the_run():
     assert sum('fastest pruned' in t['target'] for t in results['targets']) == 4
 
 
+def test_dense_modes_compared_are_said_once_when_every_comparison_had_the_same():
+    """_summary_run with every check passed: the main batch and batch 1 (batch 8 is no summary batch) of both
+    pruned models chose among timm and timm compiled, said in one line for every comparison; with timm compiled
+    left out at batch 1 (--compile-min-batch) the two sets are each said with where they held."""
+    results = _summary_run()
+    report.attach_summary(results, 'cuda')
+    lines = report._summary_table(results)
+    assert [x for x in lines if x.startswith('Dense modes compared')] == [
+        'Dense modes compared: timm, timm-compiled (every comparison).']
+    results = _summary_run()
+    at1 = results['models']['tiny']['summary_sweep']['batches'][0]
+    del at1['seconds']['timm_compiled']
+    at1['skipped_rows'] = {'timm_compiled': 'compiled rows only at batch >= 8 (--compile-min-batch)'}
+    report.attach_summary(results, 'cuda')
+    assert [x for x in report._summary_table(results) if x.startswith('Dense modes compared')] == [
+        'Dense modes compared: timm, timm-compiled (C&C-Ti-25 main batch; C&C-Ti-40 main batch).',
+        'Dense modes compared: timm (C&C-Ti-25 batch 1; C&C-Ti-40 batch 1).']
+
+
 def test_main_table_says_which_pruned_rows_are_set_against_timm_eager_for_want_of_their_dense_row():
     """A pruned row is shown against the dense row of its formulation (its ``twin``); with --rows timm,ours,
     ours-compiled (or fast-torch without fast-torch-dense) that dense row is not timed, and the row, against timm
