@@ -1080,6 +1080,41 @@ def test_a_norm_before_the_blocks_is_applied():
 
 
 @torch.no_grad()
+def test_each_norm_is_computed_with_its_own_eps():
+    """Every LayerNorm the path computes (norm_pre, each block's two, the final one) divides by sqrt(var + eps)
+    with the eps that norm holds: timm's ViTs use 1e-6, which every other test builds with, but CLIP's use 1e-5
+    and a model may set any.  Here each eps is of the order of its input's variance and the two of a block are
+    20 times apart, so that reading a fixed eps, or the other norm's of the block, moves the logits (checked on
+    the eager model: by more than the GPU's comparison tolerance); the path must compute the model, dense and
+    pruned."""
+    torch.manual_seed(30)
+    model = randomise_affine(VisionTransformer(**TINY, pre_norm=True), 30).to(DEVICE).eval()
+    model.norm_pre.weight.uniform_(0.05, 0.2)  # a small stream (variance about 0.02), whose norms eps can move
+    for blk in model.blocks:  # and blocks whose updates weigh on it
+        blk.attn.proj.weight.mul_(4)
+        blk.mlp.fc2.weight.mul_(4)
+    norms = [model.norm_pre] + [n for blk in model.blocks for n in (blk.norm1, blk.norm2)] + [model.norm]
+    for norm, eps in zip(norms, (0.3, 0.2, 0.005, 0.1, 0.005, 0.1, 0.01, 0.03)):
+        norm.eps = eps
+    x = images(seed=30)
+    ref = model(x)
+    for norm in norms:  # each eps matters: 1e-6 in its place moves the logits
+        eps, norm.eps = norm.eps, 1e-6
+        assert _masks_matter(model(x), ref), eps
+        norm.eps = eps
+    for blk in model.blocks:  # and so does either norm of a block taking the other's
+        blk.norm1.eps, blk.norm2.eps = blk.norm2.eps, blk.norm1.eps
+        assert _masks_matter(model(x), ref)
+        blk.norm1.eps, blk.norm2.eps = blk.norm2.eps, blk.norm1.eps
+    ids = _kept_ids(3, 17, 1, seed=30)
+    pruned = original_order_reference(model, x, ids)
+    assert _masks_matter(pruned, ref)
+    for case in CASES:
+        assert _close(build_fast_path(model, **case)(x), ref), case
+        assert _close(build_fast_path(model, **case, kept_ids=ids)(x), pruned), case
+
+
+@torch.no_grad()
 def test_the_mlp_applies_the_models_exact_gelu():
     """timm's Mlp applies the exact (erf) GELU; its tanh approximation (cuBLAS's epilogue) differs by up to 5e-4
     on pre-activations of a few units, which the logits of a model of DeiT's initialisation (tiny weights, small
