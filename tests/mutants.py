@@ -48,6 +48,9 @@ DIST_EVAL = (T + 'test_training.py::'
 TWO_PROCESS_RESUME = (T + 'test_distributed.py::'
                       'test_two_processes_stopped_and_resumed_equal_the_uninterrupted_run_bit_for_bit')
 
+PATCH_EMBEDDING_REFUSED = (T + 'test_fast_path.py::'
+                           'test_a_patch_embedding_other_than_whole_patches_times_a_matrix_is_refused_at_build_time')
+
 MUTANTS: List[Mutant] = [
     # --- training ------------------------------------------------------------------------------------------
     mutant('kd-never-computed', 'losses.py',
@@ -997,6 +1000,23 @@ MUTANTS: List[Mutant] = [
            'return f(m.weight), f(m.bias), float(m.eps)', 'return f(m.weight), f(m.bias), 1e-6',
            [T + 'test_fast_path.py::test_each_norm_is_computed_with_its_own_eps'],
            "norm_pre and the final norm computed with timm's eps 1e-6 whatever the model's norms say (CLIP's 1e-5)"),
+    mutant('patch-stride-unchecked', 'models/fast_path.py',
+           'if (not isinstance(proj, nn.Conv2d) or proj.kernel_size != proj.stride or',
+           'if (not isinstance(proj, nn.Conv2d) or',
+           [PATCH_EMBEDDING_REFUSED],
+           'a patch convolution whose stride is not its kernel (patches overlapping, or gaps between them) is built'),
+    mutant('patch-padding-unchecked', 'models/fast_path.py',
+           "proj.padding not in ((0, 0), 'valid')", 'False',
+           [PATCH_EMBEDDING_REFUSED],
+           'a padded patch convolution (patches shifted across their borders) is built as unpadded'),
+    mutant('patch-groups-unchecked', 'models/fast_path.py',
+           'or proj.dilation != (1, 1) or proj.groups != 1):', 'or proj.dilation != (1, 1)):',
+           [PATCH_EMBEDDING_REFUSED],
+           'a grouped patch convolution is built as a dense one'),
+    mutant('patch-norm-skipped', 'models/fast_path.py',
+           "if not isinstance(getattr(pe, 'norm', nn.Identity()), nn.Identity):", 'if False:',
+           [PATCH_EMBEDDING_REFUSED],
+           'a norm after the patch projection (embed_norm_layer) is left out of the fast path without a word'),
     mutant('fast-path-tanh-gelu', 'models/fast_path.py',
            'F.gelu(F.linear(y, blk.fc1_w, blk.fc1_b))', "F.gelu(F.linear(y, blk.fc1_w, blk.fc1_b), approximate='tanh')",
            [T + 'test_fast_path.py::test_the_mlp_applies_the_models_exact_gelu'],

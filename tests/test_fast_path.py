@@ -1783,6 +1783,42 @@ def test_a_patch_convolution_of_its_own_is_refused_at_build_time(convert):
 
 @torch.no_grad()
 @pytest.mark.parametrize('convert', [False, True], ids=['timm', 'clip_concat'])
+@pytest.mark.parametrize('kind, what', [
+    ('stride', r'a patch embedding other than a stride=kernel Conv2d without padding is not supported'),
+    ('padding', r'a patch embedding other than a stride=kernel Conv2d without padding is not supported'),
+    ('groups', r'a patch embedding other than a stride=kernel Conv2d without padding is not supported'),
+    ('norm', r'patch_embed\.norm is not supported'),
+], ids=['stride', 'padding', 'groups', 'norm'])
+def test_a_patch_embedding_other_than_whole_patches_times_a_matrix_is_refused_at_build_time(kind, what, convert):
+    """The path embeds the patches as one product: each p x p patch, unfolded, times the conv weight reshaped to
+    (C, 3*p*p), written straight into the token buffer.  timm's PatchEmbed runs other convolutions just as well,
+    each giving the same 4 x 4 grid here (so the eager model runs): a 4x4 kernel every 8 pixels (a corner of
+    each patch), an 8x8 kernel every 8 pixels of an image padded by 2 (patches shifted across their borders), a
+    grouped one (each output channel reads one colour); and a norm after the projection (embed_norm_layer), which
+    the path would skip.  Each is refused at build time, by both backends."""
+    torch.manual_seed(31)
+    if kind == 'norm':
+        model = VisionTransformer(**TINY, embed_norm_layer='layernorm')
+        assert isinstance(model.patch_embed.norm, torch.nn.LayerNorm)
+    elif kind == 'groups':  # (a width the three colours divide)
+        model = VisionTransformer(**{**TINY, 'embed_dim': 96, 'num_heads': 3})
+        model.patch_embed.proj = torch.nn.Conv2d(3, 96, 8, stride=8, groups=3)
+    else:
+        model = VisionTransformer(**TINY)
+        model.patch_embed.proj = (torch.nn.Conv2d(3, 64, 4, stride=8) if kind == 'stride' else
+                                  torch.nn.Conv2d(3, 64, 8, stride=8, padding=2))
+    model = model.to(DEVICE).eval()
+    assert model(images(seed=31)).shape == (3, 10)  # the eager model runs it
+    if convert:
+        models.apply_clip_concat(model)
+        pruning.apply_masks(model, pruning.random_masks(3, 16, 0.3, generator=_gen(31)))
+    for backend in ('torch', 'triton'):
+        with pytest.raises(ValueError, match=what):
+            build_fast_path(model, backend=backend)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize('convert', [False, True], ids=['timm', 'clip_concat'])
 @pytest.mark.parametrize('where, pre', [('blocks.1', False), ('blocks.0.mlp.fc1', True), ('', False)],
                          ids=['block', 'fc1-pre', 'model'])
 def test_a_forward_hook_the_path_would_skip_is_refused_at_build_time(where, pre, convert):
