@@ -50,6 +50,8 @@ TWO_PROCESS_RESUME = (T + 'test_distributed.py::'
 
 PATCH_EMBEDDING_REFUSED = (T + 'test_fast_path.py::'
                            'test_a_patch_embedding_other_than_whole_patches_times_a_matrix_is_refused_at_build_time')
+PARTS_REFUSED = (T + 'test_fast_path.py::'
+                 'test_parts_the_path_leaves_out_or_computes_otherwise_are_refused_at_build_time')
 
 MUTANTS: List[Mutant] = [
     # --- training ------------------------------------------------------------------------------------------
@@ -1017,6 +1019,27 @@ MUTANTS: List[Mutant] = [
            "if not isinstance(getattr(pe, 'norm', nn.Identity()), nn.Identity):", 'if False:',
            [PATCH_EMBEDDING_REFUSED],
            'a norm after the patch projection (embed_norm_layer) is left out of the fast path without a word'),
+    mutant('attention-output-norm-unchecked', 'models/fast_path.py',
+           "(('q_norm', 'qk_norm'), ('k_norm', 'qk_norm'), ('norm', 'scale_norm'))",
+           "(('q_norm', 'qk_norm'), ('k_norm', 'qk_norm'))",
+           [PARTS_REFUSED], "a model with scale_attn_norm is built, the norm of the attention's output left out"),
+    mutant('attention-gate-unchecked', 'models/fast_path.py',
+           "    if getattr(attn, 'gate', None) is not None:", '    if False:',
+           [PARTS_REFUSED], "a gated attention is built, its sigmoid gate left out"),
+    mutant('mlp-norm-unchecked', 'models/fast_path.py',
+           '    if not isinstance(mlp.norm, nn.Identity):', '    if False:',
+           [PARTS_REFUSED], "a model with scale_mlp_norm is built, the norm of the MLP's hidden activation left out"),
+    mutant('tanh-gelu-module-taken', 'models/fast_path.py',
+           "exact_gelu = (torch_gelu and mlp.act.approximate == 'none') or", 'exact_gelu = torch_gelu or',
+           [PARTS_REFUSED], "torch's nn.GELU(approximate='tanh') is built, the path computing the exact GELU"),
+    mutant('norm-pre-kind-unchecked', 'models/fast_path.py',
+           "    for name in ('norm_pre', 'norm'):\n        m = getattr(model, name)",
+           "    for name in ('norm',):\n        m = getattr(model, name)",
+           [PARTS_REFUSED], 'an RmsNorm before the blocks is built and computed as a LayerNorm'),
+    mutant('final-norm-kind-unchecked', 'models/fast_path.py',
+           "    for name in ('norm_pre', 'norm'):\n        m = getattr(model, name)",
+           "    for name in ('norm_pre',):\n        m = getattr(model, name)",
+           [PARTS_REFUSED], 'an RmsNorm after the blocks is built and computed as a LayerNorm'),
     mutant('fast-path-tanh-gelu', 'models/fast_path.py',
            'F.gelu(F.linear(y, blk.fc1_w, blk.fc1_b))', "F.gelu(F.linear(y, blk.fc1_w, blk.fc1_b), approximate='tanh')",
            [T + 'test_fast_path.py::test_the_mlp_applies_the_models_exact_gelu'],

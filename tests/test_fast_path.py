@@ -1675,6 +1675,49 @@ def test_unsupported_models_are_refused_at_build_time(kwargs, what):
             build_fast_path(model, backend=backend)
 
 
+def _gate_block_1(model):
+    model.blocks[1].attn.gate = torch.nn.Linear(64, 64)  # timm's Attention(gated=True): a sigmoid gate on its output
+
+
+def _tanh_gelu_in_block_1(model):
+    model.blocks[1].mlp.act = torch.nn.GELU(approximate='tanh')  # torch's own GELU module, approximated
+
+
+def _rms_norm_pre(model):
+    model.norm_pre = timm.layers.RmsNorm(64)
+
+
+def _rms_final_norm(model):
+    model.norm = timm.layers.RmsNorm(64)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize('kwargs, change, what', [
+    (dict(scale_attn_norm=True), None, r'blocks\.0\.attn: scale_norm is not supported'),
+    (dict(scale_mlp_norm=True), None, r'blocks\.0\.mlp\.norm: a norm inside the MLP is not supported'),
+    ({}, _gate_block_1, r'blocks\.1\.attn: a gated attention is not supported'),
+    ({}, _tanh_gelu_in_block_1, r"blocks\.1\.mlp\.act: GELU\(approximate='tanh'\) \(only exact-erf GELU\)"),
+    ({}, _rms_norm_pre, r'norm_pre: RmsNorm \(only LayerNorm or Identity\) is not supported'),
+    ({}, _rms_final_norm, r'norm: RmsNorm \(only LayerNorm or Identity\) is not supported'),
+], ids=['scale_attn_norm', 'scale_mlp_norm', 'gated', 'tanh_gelu', 'rms_norm_pre', 'rms_final_norm'])
+def test_parts_the_path_leaves_out_or_computes_otherwise_are_refused_at_build_time(kwargs, change, what):
+    """What timm's modules compute beyond the path's formulation, where the blocks and norms around them are ones it
+    computes: a norm of the attention's output (scale_attn_norm) or of the MLP's hidden activation
+    (scale_mlp_norm), a gate on the attention's output, torch's GELU module with the tanh approximation (not
+    timm's GELUTanh, the case above), a norm_pre or a final norm other than LayerNorm.  The path would leave each
+    out, or compute the exact GELU or a LayerNorm in its place, so each is refused at build time by both
+    backends (the eager model runs it)."""
+    torch.manual_seed(32)
+    model = VisionTransformer(**{**TINY, **kwargs})
+    if change is not None:
+        change(model)
+    model = model.to(DEVICE).eval()
+    assert model(images(seed=32)).shape == (3, 10)
+    for backend in ('torch', 'triton'):
+        with pytest.raises(ValueError, match=what):
+            build_fast_path(model, backend=backend)
+
+
 @torch.no_grad()
 def test_an_attention_scale_of_its_own_is_refused_at_build_time():
     """timm's fused attention (SDPA, the default) ignores attn.scale and its unfused one applies it: the eager
