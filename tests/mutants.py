@@ -52,6 +52,8 @@ PATCH_EMBEDDING_REFUSED = (T + 'test_fast_path.py::'
                            'test_a_patch_embedding_other_than_whole_patches_times_a_matrix_is_refused_at_build_time')
 PARTS_REFUSED = (T + 'test_fast_path.py::'
                  'test_parts_the_path_leaves_out_or_computes_otherwise_are_refused_at_build_time')
+FAST_SPEED_UPS = (T + 'test_fast_path.py::'
+                  'test_speed_only_through_the_fast_path_times_each_model_and_prints_the_speed_ups_of_its_throughputs')
 
 MUTANTS: List[Mutant] = [
     # --- training ------------------------------------------------------------------------------------------
@@ -1770,6 +1772,27 @@ MUTANTS: List[Mutant] = [
            'return {name: batch_size / statistics.median(t)', 'return {name: batch_size / statistics.mean(t)',
            [T + 'test_cli.py::test_throughput_is_the_batch_over_the_median_pass'],
            'images/s of the mean pass: one slow outlier moves it'),
+    mutant('fastest-dense-is-the-slower', 'finetune.py',
+           "fastest = max(('dense', 'dense_fast'), key=lambda k: throughput[k])",
+           "fastest = min(('dense', 'dense_fast'), key=lambda k: throughput[k])",
+           [FAST_SPEED_UPS], "--speed-only --fast-path sets the pruned model against the slower of the two dense runs"),
+    mutant('fastest-dense-always-the-fast-path', 'finetune.py',
+           "against = throughput['pruned'] / throughput[fastest]",
+           "against = throughput['pruned'] / throughput['dense_fast']",
+           [FAST_SPEED_UPS], "the speed-up against the fastest dense model divides by the dense fast path's throughput "
+           "whichever was faster"),
+    mutant('pruned-fast-path-of-the-dense-model', 'finetune.py',
+           "runs['pruned'] = fast_model(args, model, device", "runs['pruned'] = fast_model(args, dense, device",
+           [FAST_SPEED_UPS], "--speed-only --fast-path times the dense model's fast path as the pruned one's"),
+    mutant('dense-fast-path-of-the-pruned-model', 'finetune.py',
+           "runs = {'dense': dense, 'dense_fast': fast_model(args, dense,",
+           "runs = {'dense': dense, 'dense_fast': fast_model(args, model,",
+           [FAST_SPEED_UPS], "--speed-only --fast-path times the pruned model's fast path as the dense one's"),
+    mutant('speed-up-against-the-dense-fast-path', 'finetune.py',
+           "speedup = throughput['pruned'] / throughput['dense']",
+           "speedup = throughput['pruned'] / throughput['dense_fast' if args.fast_path != 'none' else 'dense']",
+           [FAST_SPEED_UPS], "--speed-only --fast-path's first speed-up, said against the eager dense model, is "
+           "against the dense fast path"),
     mutant('speed-up-inverted', 'finetune.py',
            "        speedup = throughput['pruned'] / throughput['dense']\n",
            "        speedup = throughput['dense'] / throughput['pruned']\n",

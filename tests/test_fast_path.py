@@ -3304,6 +3304,39 @@ def test_speed_only_of_a_dense_model_through_the_fast_path_prints_its_one_speed_
     assert line and float(line.group(1)) == pytest.approx(ratio, abs=0.01 + 0.01 * ratio), (line, throughput)
 
 
+@pytest.mark.parametrize('faster', ['eager', 'fast path'])
+def test_speed_only_through_the_fast_path_times_each_model_and_prints_the_speed_ups_of_its_throughputs(
+        capsys, monkeypatch, pruned_digits, faster):
+    """--speed-only --fast-path on a pruned model times three runs: the eager dense model, the fast path of the
+    dense model (every block keeps every token) and the fast path of the pruned model (its own kept counts), and
+    prints the pruned path's throughput over the eager dense model's, then over the faster of the two dense runs,
+    named.  The throughputs are scripted here (the timer is engine's, tested on its own), the dense path scripted
+    slower than the eager model or faster, so that each ratio is known."""
+    import finetune
+    from models.checkpoint import create_model
+    scripted = {'dense': 300.0, 'dense_fast': 100.0, 'pruned': 450.0}
+    if faster == 'fast path':
+        scripted.update(dense=100.0, dense_fast=300.0)
+    timed = {}
+
+    def measure(runs, *args, **kwargs):
+        timed.update(runs)
+        return {name: scripted[name] for name in runs}
+    monkeypatch.setattr(finetune, 'measure_throughput', measure)
+    code, out, err = _cli(capsys, '--speed-only', '--resume', pruned_digits['path'], '--batch-size', '4',
+                          '--speed-repeats', '1', '--speed-warmup', '0', '--fast-path', 'torch')
+    assert code == 0, err
+    kept = models.kept_token_counts(create_model('deit_digits_patch4_32', checkpoint_path=pruned_digits['path'],
+                                                 num_classes=3))
+    assert any(n < 65 for n in kept)  # (64 patches and the class token)
+    assert timed['dense_fast'].describe()['kept_counts'] == [65] * len(kept)
+    assert timed['pruned'].describe()['kept_counts'] == kept
+    speedups = [l for l in out.splitlines() if l.startswith('Speed-up of the pruned model')]
+    assert speedups[0].startswith(f'Speed-up of the pruned model: {450 / scripted["dense"]:.2f}x (FLOPs ratio ')
+    name = 'eager dense model' if faster == 'eager' else 'dense model (fast path, torch)'
+    assert speedups[1] == f'Speed-up of the pruned model against the fastest dense model ({name}): 1.50x'
+
+
 def test_the_command_line_builds_the_path_for_its_batch_size(capsys, monkeypatch, pruned_digits):
     """The build times its kernels (on CUDA) at the batch size it is given, 64 if none: the command line gives it
     the batch it runs, for every backend, not only for the one it captures a CUDA graph for (--fast-path torch on a
