@@ -541,6 +541,12 @@ MUTANTS: List[Mutant] = [
            "            if HAS_G:\n",
            [T + 'test_fast_path.py::test_linear_residual_scatter'],
            'the product rounded to fp16 before it is added to the fp32 residual stream'),
+    mutant('timing-hides-a-type-error', 'models/fast_path.py',
+           '        except (AttributeError, NameError, TypeError):\n            raise  # a mistake',
+           '        except (AttributeError, NameError):\n            raise  # a mistake',
+           [T + 'test_fast_path.py::test_a_candidate_that_raises_is_refused_unless_it_is_a_mistake_in_the_code'],
+           "a TypeError in the code that runs a timed candidate is taken for a candidate that does not fit: refused, "
+           "a slower one chosen without a word"),
     mutant('timed-choice-ignores-tolerance', 'models/fast_path.py',
            '            if err <= tol:\n                try:\n',
            '            if True:\n                try:\n',

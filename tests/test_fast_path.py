@@ -3453,6 +3453,34 @@ def test_out_of_memory_while_timing_is_said_as_such(monkeypatch):
         FP._fastest([AttentionChoice('sdpa')], lambda c: ref, ref, tol=0.0)
 
 
+@pytest.mark.parametrize('failure', [RuntimeError('out of resources'), ValueError('head_dim 24'),
+                                     TypeError('unexpected keyword'), AttributeError('no attribute'),
+                                     NameError('name is not defined')], ids=lambda e: type(e).__name__)
+def test_a_candidate_that_raises_is_refused_unless_it_is_a_mistake_in_the_code(monkeypatch, failure):
+    """A candidate whose check raises a RuntimeError or ValueError (a backend refusing these shapes, a tile that does
+    not fit) is refused, the reason kept, and the fastest of the others chosen; an AttributeError, NameError or
+    TypeError is a mistake in the code that runs the candidates, which a refusal would hide behind a slower
+    choice: it propagates."""
+    import models.fast_path as FP
+    ref = torch.zeros(3)
+    script = {'sdpa-flash_attention': 1.0, 'sdpa-math': 2.0, 'sdpa-efficient_attention': 3.0}
+    monkeypatch.setattr(FP, '_time_candidate', lambda run, cand: script[cand.label])
+    candidates = [AttentionChoice('sdpa', backend=b) for b in ('EFFICIENT_ATTENTION', 'FLASH_ATTENTION', 'MATH')]
+
+    def check(cand):
+        if cand.backend == 'FLASH_ATTENTION':
+            raise failure
+        return ref
+    if isinstance(failure, (AttributeError, NameError, TypeError)):
+        with pytest.raises(type(failure), match=str(failure)):
+            FP._fastest(candidates, check, ref, tol=0.0)
+        return
+    best, ms, timings, refused = FP._fastest(candidates, check, ref, tol=0.0)
+    assert (best.label, ms) == ('sdpa-math', 2.0)
+    assert timings == {'sdpa-efficient_attention': 3.0, 'sdpa-flash_attention': float('inf'), 'sdpa-math': 2.0}
+    assert refused == {'sdpa-flash_attention': f'{type(failure).__name__}: {failure}'}
+
+
 def test_the_triton_backend_without_triton_is_refused_before_any_work(capsys, monkeypatch, pruned_digits):
     """A CUDA torch without Triton (torch's Windows wheels do not bring it): the build refuses the Triton backend
     (it used to build, then fail on the first forward with a message about TRITON_INTERPRET), and the command
