@@ -3481,6 +3481,23 @@ def test_a_candidate_that_raises_is_refused_unless_it_is_a_mistake_in_the_code(m
     assert refused == {'sdpa-flash_attention': f'{type(failure).__name__}: {failure}'}
 
 
+def test_a_candidate_is_kept_within_a_tolerance_relative_to_the_reference(monkeypatch):
+    """How far a timed candidate's output may be from the fp32 reference: 8 units in the last place of its
+    operands' dtype, 5e-3 at least, times the reference's largest magnitude, 1 at least (written out here for each
+    dtype and magnitudes below and above 1).  A candidate off by a little less is kept, by a little more refused."""
+    import models.fast_path as FP
+    monkeypatch.setattr(FP, '_time_candidate', lambda run, cand: 1.0)
+    for dtype, ulp in ((torch.float16, 2 ** -10), (torch.bfloat16, 2 ** -7), (torch.float32, 2 ** -23)):
+        for top in (0.25, 1.0, 40.0):
+            ref = torch.tensor([0.1, -top, 0.0])
+            tol = max(8 * ulp, 5e-3) * max(1.0, top)
+            assert FP._tolerance(dtype, ref) == pytest.approx(tol, rel=1e-6), (dtype, top)
+            for off, kept in ((0.99, True), (1.01, False)):
+                out = ref + torch.tensor([0.0, off * tol, 0.0])
+                best = FP._fastest([AttentionChoice('sdpa')], lambda c: out, ref, FP._tolerance(dtype, ref))[0]
+                assert (best is not None) == kept, (dtype, top, off)
+
+
 def test_the_triton_backend_without_triton_is_refused_before_any_work(capsys, monkeypatch, pruned_digits):
     """A CUDA torch without Triton (torch's Windows wheels do not bring it): the build refuses the Triton backend
     (it used to build, then fail on the first forward with a message about TRITON_INTERPRET), and the command
