@@ -54,6 +54,8 @@ PARTS_REFUSED = (T + 'test_fast_path.py::'
                  'test_parts_the_path_leaves_out_or_computes_otherwise_are_refused_at_build_time')
 FAST_SPEED_UPS = (T + 'test_fast_path.py::'
                   'test_speed_only_through_the_fast_path_times_each_model_and_prints_the_speed_ups_of_its_throughputs')
+PRODUCTS_TIMED = (T + 'test_fast_path.py::'
+                  'test_a_timed_build_times_the_products_only_for_the_triton_backend_in_half_precision')
 
 MUTANTS: List[Mutant] = [
     # --- training ------------------------------------------------------------------------------------------
@@ -526,6 +528,15 @@ MUTANTS: List[Mutant] = [
            "            blk.attention = self.attention_choices[min(self.attention_choices)]",
            [T + 'test_fast_path.py::test_each_block_runs_the_choice_timed_at_its_own_kept_count'],
            'a block runs the attention timed at another kept count'),
+    mutant('products-timed-in-fp32', 'models/fast_path.py',
+           '                and self.dtype in (torch.float16, torch.bfloat16))', '                )',
+           [PRODUCTS_TIMED],
+           'an fp32 build times its products (cuBLAS padded or not) where it takes cuBLAS untimed'),
+    mutant('products-timed-for-the-torch-backend', 'models/fast_path.py',
+           "return (mode == 'auto' and _times_on(self.device) and self.backend == 'triton'",
+           "return (mode == 'auto' and _times_on(self.device)",
+           [PRODUCTS_TIMED],
+           "the torch backend times Triton product tiles and reports them chosen, though it runs its own ops"),
     mutant('torch-backend-times-triton-attention', 'models/fast_path.py',
            "                                                                with_triton=self.backend == 'triton')",
            "                                                                with_triton=True)",

@@ -1270,13 +1270,13 @@ def _script_timings(monkeypatch, script, default=2.0):
     monkeypatch.setattr(FP, '_CHOICE_CACHE', {})
 
 
-def _scripted_pruned_build(monkeypatch, script, seed, batch_size=2, backend='triton'):
-    """A tiny model pruned at random (``seed``) and its fp16 path (``backend``) built with the timings scripted
-    (:func:`_script_timings`): (model, path, its describe(), the distinct kept counts)."""
+def _scripted_pruned_build(monkeypatch, script, seed, batch_size=2, backend='triton', dtype=torch.float16):
+    """A tiny model pruned at random (``seed``) and its path (``backend``, products in ``dtype``) built with the
+    timings scripted (:func:`_script_timings`): (model, path, its describe(), the distinct kept counts)."""
     _script_timings(monkeypatch, script)
     model = tiny_cc(seed)
     pruning.apply_masks(model, pruning.random_masks(3, 16, 0.3, generator=_gen(seed)))
-    fast = build_fast_path(model, backend=backend, dtype=torch.float16, batch_size=batch_size)
+    fast = build_fast_path(model, backend=backend, dtype=dtype, batch_size=batch_size)
     built = fast.describe()
     return model, fast, built, sorted(set(built['kept_counts']))
 
@@ -1350,6 +1350,22 @@ def test_a_timed_build_of_the_torch_backend_offers_sdpa_alone(monkeypatch):
     assert built['attention_ms'] and all(ms and all(label.startswith('sdpa-') for label in ms)
                                          for ms in built['attention_ms'].values()), built['attention_ms']
     assert set(built['attention'].values()) == {'sdpa-math'}
+
+
+@needs_triton
+@torch.no_grad()
+@pytest.mark.parametrize('backend, dtype', [('torch', torch.float16), ('triton', torch.float32)],
+                         ids=['torch-fp16', 'triton-fp32'])
+def test_a_timed_build_times_the_products_only_for_the_triton_backend_in_half_precision(monkeypatch, backend, dtype):
+    """mlp='auto' times the products (the block's four, the fused kinds, the patch embedding) with the Triton
+    backend in fp16 or bf16 only: the torch backend runs its own ops whatever would be chosen, and in fp32 the build
+    takes cuBLAS untimed.  There (timed build, scripted times) the attention alone is timed; every product choice
+    is 'torch', with no timings to report."""
+    _, _, built, counts = _scripted_pruned_build(monkeypatch, {}, seed=8, backend=backend, dtype=dtype)
+    assert built['attention_ms'] and all(built['attention_ms'].values())
+    for kind in ('qkv', 'proj', 'mlp', 'fc2', 'proj_norm', 'mlp_residual', 'norm_qkv'):
+        assert built[kind] == {str(n): 'torch' for n in counts} and not built[f'{kind}_ms'], (kind, built)
+    assert built['patch_embedding'] == 'torch' and not built['patch_embedding_ms']
 
 
 @needs_triton
