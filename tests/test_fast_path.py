@@ -1368,6 +1368,15 @@ def test_a_timed_build_times_the_products_only_for_the_triton_backend_in_half_pr
     assert built['patch_embedding'] == 'torch' and not built['patch_embedding_ms']
 
 
+@torch.no_grad()
+def test_a_timed_build_of_the_compile_backend_times_nothing(monkeypatch):
+    """backend='compile' leaves the attention to what inductor makes of SDPA: a timed build (scripted times) chooses
+    SDPA's own dispatch for every kept count, untimed, and no product either."""
+    _, _, built, counts = _scripted_pruned_build(monkeypatch, {'sdpa-math': 0.5}, seed=8, backend='compile')
+    assert built['attention'] == {str(n): 'sdpa-default' for n in counts} and not built['attention_ms'], built
+    assert all(not built[f'{kind}_ms'] for kind in ('qkv', 'proj', 'mlp', 'fc2', 'patch_embedding')), built
+
+
 @needs_triton
 @torch.no_grad()
 def test_timed_patch_embedding_offers_its_own_tiles(monkeypatch):
