@@ -56,6 +56,8 @@ FAST_SPEED_UPS = (T + 'test_fast_path.py::'
                   'test_speed_only_through_the_fast_path_times_each_model_and_prints_the_speed_ups_of_its_throughputs')
 PRODUCTS_TIMED = (T + 'test_fast_path.py::'
                   'test_a_timed_build_times_the_products_only_for_the_triton_backend_in_half_precision')
+RESIDUAL_DTYPE = (T + 'test_fast_path.py::'
+                  'test_half_precision_products_leave_the_residual_stream_in_its_own_dtype')
 
 MUTANTS: List[Mutant] = [
     # --- training ------------------------------------------------------------------------------------------
@@ -653,6 +655,16 @@ MUTANTS: List[Mutant] = [
            '                                    out.stride(0), out.stride(1), 1e-6, HAS_W=has_w',
            [T + 'test_fast_path.py::test_layer_norm_kernels_add_eps_inside_the_square_root'],
            "the gathering LayerNorm uses timm's eps 1e-6 whatever the model's norm says"),
+    mutant('attention-residual-stored-in-the-products-dtype', 'models/fast_path.py',
+           'h = (t.float() + _scaled(a, blk.gamma1)).to(self.residual_dtype)',
+           'h = (t.float() + _scaled(a, blk.gamma1)).to(self.dtype)',
+           [RESIDUAL_DTYPE], "the torch path rounds each block's attention residual sum to the products' dtype (fp16), "
+           "not the stream's"),
+    mutant('norm-pre-output-in-the-products-dtype', 'models/fast_path.py',
+           'buf = _layer_norm_f32(buf, *self.norm_pre).to(self.residual_dtype)',
+           'buf = _layer_norm_f32(buf, *self.norm_pre).to(self.dtype)',
+           [RESIDUAL_DTYPE], "the norm before the blocks writes the token buffer in the products' dtype, not the "
+           "stream's"),
     mutant('fp16-buffer-allocated-in-fp32', 'models/fast_path.py',
            'buf = torch.empty(B, self.num_tokens, self.embed_dim, dtype=self.residual_dtype, device=images.device)',
            'buf = torch.empty(B, self.num_tokens, self.embed_dim, dtype=torch.float32, device=images.device)',

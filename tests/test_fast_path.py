@@ -1161,6 +1161,39 @@ def test_residual_stream_in_half_precision():
             assert 10 * (in_fp32 - ref).abs().max().item() < diff, case
 
 
+@torch.no_grad()
+def test_half_precision_products_leave_the_residual_stream_in_its_own_dtype():
+    """dtype=fp16 rounds the products' operands, not the token buffer: every residual sum is stored in
+    residual_dtype (fp32 by default).  Patch tokens that sit at 300 (a conv bias; each norm takes the mean off, so
+    the blocks see what they saw without it) make the stream's rounding show: at 300 fp16 keeps steps of 0.25,
+    coarser than what the blocks add, where fp32 keeps 3e-5.  So the fp16-products path with an fp32 stream
+    agrees with the eager fp32 model within fp16 rounding of the products, and the same path with an fp16 stream
+    (which must be off by far more, or the offset proved nothing) does not, dense and pruned, every case."""
+    model = tiny_cc(33)
+    model.patch_embed.proj.bias.add_(300.0)
+    x = images(seed=33)
+    for masks in (None, pruning.random_masks(3, 16, 0.3, generator=_gen(33))):
+        if masks is not None:
+            pruning.apply_masks(model, masks)
+        ref = model(x)
+        scale = max(1.0, ref.abs().max().item())
+        for case in CASES:
+            in_fp32 = build_fast_path(model, **case, dtype=torch.float16)(x)
+            in_fp16 = build_fast_path(model, **case, dtype=torch.float16, residual_dtype=torch.float16)(x)
+            assert (in_fp32 - ref).abs().max().item() <= 1e-3 * scale, (case, masks is None)
+            assert (in_fp16 - ref).abs().max().item() > 5e-3 * scale, (case, masks is None)
+    # the norm before the blocks (pre_norm=True) writes the buffer in the stream's dtype too, not the products'
+    torch.manual_seed(33)
+    model = VisionTransformer(**TINY, pre_norm=True).to(DEVICE).eval()
+    ids = _kept_ids(3, 17, 1, seed=33)
+    ref = original_order_reference(model, x, ids)
+    for case in CASES:
+        for residual in (torch.float32, torch.float16):
+            fast = build_fast_path(model, **case, dtype=torch.float16, residual_dtype=residual, kept_ids=ids)
+            assert fast.embed(x).dtype == residual, (case, residual)
+            assert (fast(x) - ref).abs().max().item() <= 1e-2 * max(1.0, ref.abs().max().item()), (case, residual)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the timed choice (on CUDA the build times every candidate; here the times are scripted)
 
