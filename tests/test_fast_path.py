@@ -1410,6 +1410,27 @@ def test_a_timed_build_of_the_compile_backend_times_nothing(monkeypatch):
     assert all(not built[f'{kind}_ms'] for kind in ('qkv', 'proj', 'mlp', 'fc2', 'patch_embedding')), built
 
 
+@torch.no_grad()
+def test_a_timed_build_times_at_the_batch_size_it_is_given_or_64(monkeypatch):
+    """The build times its candidates at ``batch_size`` images, 64 where none is given (the docstring's default):
+    each distinct kept count's attention is timed once, on a (batch, n, 3C) operand of that batch."""
+    import models.fast_path as FP
+    timed, real = [], FP.choose_attention
+
+    def recording(n, batch, *args, **kwargs):
+        timed.append((n, batch))
+        return real(n, batch, *args, **kwargs)
+    monkeypatch.setattr(FP, 'choose_attention', recording)
+    _script_timings(monkeypatch, {})
+    model = tiny_cc(8)
+    pruning.apply_masks(model, pruning.random_masks(3, 16, 0.3, generator=_gen(8)))
+    counts = sorted(set(models.kept_token_counts(model)))
+    for batch_size, batch in ((None, 64), (5, 5)):
+        timed.clear()
+        build_fast_path(model, backend='torch', batch_size=batch_size)
+        assert sorted(timed) == [(n, batch) for n in counts], batch_size
+
+
 @needs_triton
 @torch.no_grad()
 def test_timed_patch_embedding_offers_its_own_tiles(monkeypatch):
