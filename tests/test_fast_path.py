@@ -1431,6 +1431,17 @@ def test_a_timed_build_times_at_the_batch_size_it_is_given_or_64(monkeypatch):
         assert sorted(timed) == [(n, batch) for n in counts], batch_size
 
 
+@torch.no_grad()
+def test_row_pads_add_at_most_an_eighth_of_the_rows():
+    """A product is timed padded by each of 64, 128, 256, 512 and 1024 rows that is at most an eighth of its real
+    rows (so none at 511 rows, 64 from 512, all five from 8192), and unpadded always."""
+    import models.fast_path as FP
+    for rows, pads in ((1, [0]), (511, [0]), (512, [0, 64]), (1023, [0, 64]), (1024, [0, 64, 128]),
+                       (4095, [0, 64, 128, 256]), (4096, [0, 64, 128, 256, 512]), (8191, [0, 64, 128, 256, 512]),
+                       (8192, [0, 64, 128, 256, 512, 1024]), (10 ** 6, [0, 64, 128, 256, 512, 1024])):
+        assert FP.row_pads(rows) == pads, rows
+
+
 @needs_triton
 @torch.no_grad()
 def test_timed_patch_embedding_offers_its_own_tiles(monkeypatch):
