@@ -915,7 +915,8 @@ def test_flops_follow_the_per_block_channels():
 
 def test_flops_of_channels_that_do_not_fit_the_model_are_refused():
     """A channels list of another depth priced only the blocks it reached, or none past them, and a count above
-    the model's tokens was priced as given: GFLOPs of another model, without a word."""
+    the model's tokens was priced as given: GFLOPs of another model, without a word.  What is no whole count (a
+    fraction, a boolean: a mask's entry passed for a count) is a TypeError."""
     model = timm.create_model('cc_deit_tiny_patch16_224', img_size=32, depth=3)  # 5 tokens
     assert models.count_macs(model, torch.tensor([4, 5, 3])) == models.count_macs(model, [4, 5, 3])
     for channels, said in (([5, 5], 'channels holds 2 counts for a model of 3 blocks'),
@@ -924,8 +925,9 @@ def test_flops_of_channels_that_do_not_fit_the_model_are_refused():
                            ([5, -1, 5], 'a block keeps from 0 to 5 tokens')):
         with pytest.raises(ValueError, match=said):
             models.count_macs(model, channels)
-    with pytest.raises(TypeError, match='channels must be whole numbers'):
-        models.count_macs(model, [4.5, 5, 5])
+    for channels in ([4.5, 5, 5], [True, 5, 5]):  # a fraction; a mask's entry (True == 1), not a count
+        with pytest.raises(TypeError, match='channels must be whole numbers'):
+            models.count_macs(model, channels)
 
 
 def test_routing_is_swappable_and_the_boolean_reference_agrees():
