@@ -1143,3 +1143,18 @@ def test_pretrained_without_a_source_is_refused_and_a_digits_model_round_trips_t
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
+
+
+def test_the_digits_model_has_the_shape_its_registration_documents():
+    """deit_digits_patch4_32 (the mini reproduction's model, whose runs the README reports) is a DeiT-shaped timm ViT
+    of patch 4, width 96, depth 6, 3 heads and 10 classes on 32x32 input, as models/zoo.py documents it, and its
+    cc_ twin the same with Clip & Concat masks (64 patches and the class token, all kept)."""
+    for name in ('deit_digits_patch4_32', 'cc_deit_digits_patch4_32'):
+        model = timm.create_model(name)
+        assert isinstance(model, timm.models.vision_transformer.VisionTransformer), name
+        assert tuple(model.patch_embed.patch_size) == (4, 4) and tuple(model.patch_embed.img_size) == (32, 32), name
+        assert model.embed_dim == 96 and len(model.blocks) == 6 and model.num_classes == 10, name
+        assert all(blk.attn.num_heads == 3 and blk.attn.head_dim == 32 for blk in model.blocks), name
+        assert all(blk.mlp.fc1.out_features == 4 * 96 for blk in model.blocks), name  # DeiT's MLP ratio
+        assert model.num_prefix_tokens == 1 and model.global_pool == 'token', name
+    assert models.kept_token_counts(timm.create_model('cc_deit_digits_patch4_32')) == [65] * 6
