@@ -2408,7 +2408,7 @@ def test_kept_ids_in_any_order_are_checked_and_held_sorted():
     """A model's kept ids come in its concat order, not sorted: the checks (distinct, within [0, N)) must hold
     for ids in any order (a duplicate or an id out of range that is not at an end of the list was let through
     when only neighbours and the ends were compared), and each block holds its ids sorted, as the kernels read
-    them."""
+    them.  And there is one list of ids per block, no fewer, no more."""
     model = tiny_cc(0)
     pruning.apply_masks(model, revisiting_plan(3, 16, 2))
     given = model.kept_token_ids()
@@ -2424,6 +2424,10 @@ def test_kept_ids_in_any_order_are_checked_and_held_sorted():
                       (torch.tensor([False, True]), r'ids must be integers \(token ids, not a mask\), got bool')):
         with pytest.raises(ValueError, match=rf'^kept_ids\[1\]: {said}'):
             build_fast_path(model, backend='torch', kept_ids=[given[0], bad, given[2]])
+    # one list of ids per block: fewer would leave the last blocks out of the path, more name blocks it lacks
+    for ids in (given[:2], given + [given[0]]):
+        with pytest.raises(ValueError, match=rf'^kept_ids: {len(ids)} entries for 3 blocks$'):
+            build_fast_path(model, backend='torch', kept_ids=ids)
 
 
 @torch.no_grad()
