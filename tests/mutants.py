@@ -1611,6 +1611,13 @@ MUTANTS: List[Mutant] = [
            [T + 'test_benchmark.py::test_gpu_check_benchmark_commands_are_valid_model_zoo_command_lines'],
            "the GPU check's kernel warm-up leaves out the benchmark's CUDA-graph rows, whose kernel variants "
            '(programmatic dependent launch\'s among them) the benchmark then compiles while timing'),
+    mutant('patch-embedding-reference-without-norm-pre', 'models/fast_path.py',
+           "            if self.norm_pre is not None:  # the candidates' _embed applies it too\n"
+           "                ref = _layer_norm_f32(ref, *self.norm_pre)",
+           '            pass',
+           [T + 'test_fast_path.py::test_timed_patch_embedding_of_a_model_with_a_norm_before_the_blocks'],
+           "a pre_norm model's patch-embedding candidates checked against a reference without norm_pre: all "
+           "refused, the Triton kernel never chosen"),
     mutant('patch-embedding-timed-on-the-product-tiles', 'models/fast_path.py',
            '            _keep_fastest(key, _unfused_or_tiles(K.PATCH_EMBED_TILES, self.dtype), run, ref, tol)',
            '            _keep_fastest(key, _unfused_or_tiles(K.LINEAR_TILES, self.dtype), run, ref, tol)',

@@ -1461,6 +1461,26 @@ def test_timed_patch_embedding_offers_its_own_tiles(monkeypatch):
 
 @needs_triton
 @torch.no_grad()
+def test_timed_patch_embedding_of_a_model_with_a_norm_before_the_blocks(monkeypatch):
+    """With pre_norm=True (CLIP's ViTs) the patch embedding's candidates write the buffer after norm_pre, so their
+    reference is normalised too: the tile scripted fastest is kept, no candidate refused, and the path computes
+    the model within fp16 rounding."""
+    from models.fast_path import ProductChoice
+    fastest = ProductChoice('triton', tiles=K.PATCH_EMBED_TILES[-1]).label
+    _script_timings(monkeypatch, {fastest: 0.5})
+    torch.manual_seed(34)
+    model = randomise_affine(VisionTransformer(**TINY, pre_norm=True), 34).to(DEVICE).eval()
+    fast = build_fast_path(model, backend='triton', dtype=torch.float16, batch_size=2)
+    built = fast.describe()
+    assert built['patch_embedding'] == fastest and built['patch_embedding_ms'][fastest] == 0.5
+    assert 'patch_embedding' not in built['refused'], built['refused']
+    x = images(seed=34)
+    ref = model(x)
+    assert (fast(x) - ref).abs().max().item() <= 1e-2 * max(1.0, ref.abs().max().item())
+
+
+@needs_triton
+@torch.no_grad()
 @pytest.mark.parametrize('fc1', ['padded', 'triton'])
 def test_timed_build_can_pad_the_rows_of_a_product(monkeypatch, fc1):
     """Where cuBLAS is faster on a few more rows (its heuristic picks a slow kernel at some row counts), the timed
