@@ -554,6 +554,12 @@ MUTANTS: List[Mutant] = [
            "                                                                with_triton=True)",
            [T + 'test_fast_path.py::test_a_timed_build_of_the_torch_backend_offers_sdpa_alone'],
            'the torch backend, which runs no Triton kernel, is offered Triton attention tiles'),
+    mutant('attention-choice-cached-across-backends', 'models/fast_path.py',
+           'key = (str(device), dtype, n, batch, num_heads, head_dim, float(scale), with_triton)',
+           'key = (str(device), dtype, n, batch, num_heads, head_dim, float(scale))',
+           [T + 'test_fast_path.py::'
+            'test_the_torch_backend_never_takes_an_attention_choice_timed_for_the_triton_backend'],
+           "a torch build after a Triton build of the same shapes takes the Triton attention tile chosen for it"),
     mutant('second-norm-reads-the-first', 'models/fast_path.py',
            "('ln2_w', f32(blk.norm2.weight))", "('ln2_w', f32(blk.norm1.weight))",
            [T + 'test_fast_path.py::test_pruned_model'],

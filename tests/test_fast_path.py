@@ -1387,6 +1387,23 @@ def test_a_timed_build_of_the_torch_backend_offers_sdpa_alone(monkeypatch):
 
 @needs_triton
 @torch.no_grad()
+def test_the_torch_backend_never_takes_an_attention_choice_timed_for_the_triton_backend(monkeypatch):
+    """Timed choices are cached per shape for the process: a torch build after a Triton build of the same model and
+    batch (scripted times, a Triton tile fastest there) must still choose among SDPA's backends, and run no Triton
+    kernel (it is the backend that runs without Triton)."""
+    tile = AttentionChoice('triton', tiles=K.ATTENTION_TILES[0]).label
+    model, _, built, counts = _scripted_pruned_build(monkeypatch, {tile: 0.5, 'sdpa-math': 1.0}, seed=8)
+    assert built['attention'] == {str(n): tile for n in counts}
+    torch_path = build_fast_path(model, backend='torch', dtype=torch.float16, batch_size=2)
+    assert torch_path.describe()['attention'] == {str(n): 'sdpa-math' for n in counts}
+    monkeypatch.setattr(K, 'attention_triton', lambda *a, **kw: pytest.fail('a Triton kernel ran'))
+    x = images(seed=8)
+    ref = model(x)
+    assert (torch_path(x) - ref).abs().max().item() <= 1e-2 * max(1.0, ref.abs().max().item())
+
+
+@needs_triton
+@torch.no_grad()
 @pytest.mark.parametrize('backend, dtype', [('torch', torch.float16), ('triton', torch.float32)],
                          ids=['torch-fp16', 'triton-fp32'])
 def test_a_timed_build_times_the_products_only_for_the_triton_backend_in_half_precision(monkeypatch, backend, dtype):
