@@ -670,7 +670,8 @@ def test_gather_layer_norm_linear_refuses_a_tile_that_does_not_span_the_row(monk
     with pytest.raises(ValueError, match=r'out must be an \(at least 2, 8\)'):
         K.gather_layer_norm_linear_triton(x, ids, None, None, 1e-6, wt, None, out=short)
     assert torch.equal(short, torch.zeros(1, 8, device=DEVICE))
-    assert [t[2] for t in K.norm_linear_tiles(192)] == [256] * 4 and K.norm_linear_tiles(257) == []
+    assert [t[2] for t in K.norm_linear_tiles(192)] == [t[2] for t in K.norm_linear_tiles(256)] == [256] * 4
+    assert K.norm_linear_tiles(257) == []  # (rows of up to 256 channels, 256 included)
     monkeypatch.setattr(K, 'triton_runs_on', lambda t: False)
     buf = torch.zeros(3, 8, device=DEVICE)
     assert K.gather_layer_norm_linear(x, ids, None, None, 1e-6, wt, None, out=buf, block_m=16) is buf
@@ -820,6 +821,7 @@ def test_attention_dispatch_falls_back_for_other_head_dims():
     qkv = _randn(2, 9, 3 * 2 * 24, seed=3)  # head_dim 24: no Triton tile
     out = K.attention(qkv, 2, 24 ** -0.5)
     assert (out.double() - plain_attention(qkv, 2, 24 ** -0.5)).abs().max().item() <= 1e-5
+
 
 
 # ---------------------------------------------------------------------------------------------------------------
