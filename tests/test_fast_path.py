@@ -823,6 +823,10 @@ def test_attention_dispatch_falls_back_for_other_head_dims():
     assert (out.double() - plain_attention(qkv, 2, 24 ** -0.5)).abs().max().item() <= 1e-5
 
 
+def test_the_triton_attention_takes_the_power_of_two_head_dims_from_16():
+    """Its tiles need a power-of-two head_dim of at least 16 (the matrix unit's smallest K): 16 itself included."""
+    assert [d for d in range(1, 257) if K.attention_tiles_ok(d)] == [16, 32, 64, 128, 256]
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # the whole path
