@@ -2317,7 +2317,7 @@ def test_a_global_forward_hook_is_refused(pre):
 def test_a_model_put_back_in_training_mode_is_refused():
     """The path computes the model in eval mode, but the head it calls is the model's own: in training mode that
     head drops features out (and a distilled model's returns both heads' logits), so the path refuses to run
-    until the model is in eval mode again."""
+    until the model is in eval mode again.  A path built from a model in training mode puts it in eval mode."""
     model = tiny_cc(15, drop_rate=0.5)
     pruning.apply_masks(model, pruning.random_masks(3, 16, 0.3, generator=_gen(15)))
     x = images(seed=15)
@@ -2326,6 +2326,10 @@ def test_a_model_put_back_in_training_mode_is_refused():
     with pytest.raises(RuntimeError, match=r'fast path: the model is in training mode .* call model\.eval\(\)'):
         fast(x)
     model.eval()
+    assert _close(fast(x), model(x))
+    model.train()  # a build puts the model in eval mode itself (its docstring): the path runs at once
+    fast = build_fast_path(model, backend='torch')
+    assert not any(m.training for m in model.modules())
     assert _close(fast(x), model(x))
 
 
