@@ -913,6 +913,27 @@ def test_flops_follow_the_per_block_channels():
     assert models.count_macs(model, [197] * 12) == models.count_macs(dense) != expected
 
 
+class _MeanHeadViT(timm.models.vision_transformer.VisionTransformer):
+    """A forward_head of its own: the head on the mean of the tokens, one row per image whatever global_pool says."""
+
+    def forward_head(self, x, pre_logits=False):
+        x = x.mean(1)
+        return x if pre_logits else self.head(x)
+
+
+def test_a_head_is_priced_per_token_only_where_timms_head_predicts_each_token():
+    """global_pool='' makes timm's own head predict every token, priced on each of them; a forward_head of the model's
+    class reads the tokens as it likes (here their mean: one row, as the output's shape says) and is priced on
+    one row, as the method prices a head (the formula written out: conftest.formula_macs)."""
+    kwargs = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10, global_pool='')
+    own = models.apply_clip_concat(_MeanHeadViT(**kwargs))
+    timms = models.apply_clip_concat(timm.models.vision_transformer.VisionTransformer(**kwargs))
+    x = torch.randn(2, 3, 32, 32)
+    assert own(x).shape == (2, 10) and timms(x).shape == (2, 17, 10)
+    assert models.count_macs(own) == formula_macs(own, [17, 17])
+    assert models.count_macs(timms) == formula_macs(timms, [17, 17]) + 16 * 64 * 10  # the head on 16 more rows
+
+
 def test_flops_of_channels_that_do_not_fit_the_model_are_refused():
     """A channels list of another depth priced only the blocks it reached, or none past them, and a count above
     the model's tokens was priced as given: GFLOPs of another model, without a word.  What is no whole count (a
