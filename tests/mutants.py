@@ -1439,6 +1439,11 @@ MUTANTS: List[Mutant] = [
            [T + 'test_distributed.py::'
                 'test_a_launcher_the_tests_start_leaves_its_folder_in_the_sessions_temporary_folder'],
            "the launchers the tests start leave their torchelastic_* folders in the system's temporary folder"),
+    mutant('fast-path-takes-other-channel-counts', 'models/fast_path.py',
+           'if images.dim() != 4 or tuple(images.shape[1:]) != expected:',
+           'if images.dim() != 4 or tuple(images.shape[2:]) != expected[1:]:',
+           [T + 'test_fast_path.py::test_bad_arguments_are_refused'],
+           'images of another channel count fail inside the patch embedding instead of being refused by their shape'),
     mutant('fast-path-takes-raw-pixels', 'models/fast_path.py',
            'if not images.is_floating_point():', 'if False:',
            [T + 'test_fast_path.py::test_bad_arguments_are_refused'],

@@ -2441,8 +2441,10 @@ def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match='ids must be distinct'):
         build_fast_path(model, backend='torch', kept_ids=[torch.tensor([0, 1, 1])] * 3)
     fast = build_fast_path(model, backend='torch')
-    with pytest.raises(ValueError, match=r'expected images of shape \(B, 3, 32, 32\)'):
-        fast(torch.zeros(1, 3, 64, 64, device=DEVICE))
+    for shape in ((1, 3, 64, 64), (1, 1, 32, 32), (1, 4, 32, 32), (3, 32, 32)):  # size, channels, no batch axis
+        said = rf'expected images of shape \(B, 3, 32, 32\), got {re.escape(str(shape))}'
+        with pytest.raises(ValueError, match=said):
+            fast(torch.zeros(*shape, device=DEVICE))
     for dtype in (torch.uint8, torch.int64, torch.bool):  # raw pixels or masks: the eager model refuses them too
         raw = torch.zeros(1, 3, 32, 32, dtype=dtype, device=DEVICE)
         with pytest.raises(RuntimeError):
