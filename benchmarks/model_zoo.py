@@ -640,15 +640,14 @@ def _kept_model_problem(result: Dict, where: str, section: 'Section', args) -> O
     twice = [k for k in dict.fromkeys(keys) if keys.count(k) > 1]
     if twice:  # its pass times taken for both from the last, and the row printed twice
         return f'{where}.rows has more than one row of key {", ".join(map(repr, twice))}'
-    rounds = sorted({len(row['seconds']) for row in result['rows'] if row['seconds']})
-    if len(rounds) > 1:  # timed together, one pass each round: a speed-up pairs them round by round
-        return (f'{where}.rows have {" or ".join(map(str, rounds))} pass times each, not one per round of the rounds '
-                f'they were timed in together')
-    for i, batch in enumerate(result.get('summary_sweep', {}).get('batches', [])):  # (carried over with the table)
-        rounds = sorted({len(s) for s in batch['seconds'].values() if s})
-        if len(rounds) > 1:  # the same: the report pairs them round by round
-            return (f'{where}.summary_sweep.batches[{i}].seconds have {" or ".join(map(str, rounds))} pass times '
-                    f'each, not one per round of the rounds they were timed in together')
+    timed_together = [(f'{where}.rows', [row['seconds'] for row in result['rows']])]
+    timed_together += [(f'{where}.summary_sweep.batches[{i}].seconds', list(batch['seconds'].values()))
+                       for i, batch in enumerate(result.get('summary_sweep', {}).get('batches', []))]
+    for name, seconds in timed_together:  # one pass each round: the report pairs them round by round
+        rounds = sorted({len(s) for s in seconds if s})
+        if len(rounds) > 1:
+            return (f'{name} have {" or ".join(map(str, rounds))} pass times each, not one per round of the rounds '
+                    f'they were timed in together')
     if args.summary_batch_sizes and 'summary_sweep' not in result:
         return f'{where} has no "summary_sweep", which its summary sections add to'
     return None

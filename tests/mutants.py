@@ -849,8 +849,8 @@ MUTANTS: List[Mutant] = [
            [T + 'test_benchmark.py::test_resume_of_a_results_json_with_a_kept_part_of_another_shape_is_one_line'],
            "a resumed run carries over a row's logit check without its tolerance"),
     mutant('resume-keeps-summary-rows-of-other-rounds', 'benchmarks/model_zoo.py',
-           "        if len(rounds) > 1:  # the same: the report pairs them round by round",
-           "        if False:  # the same: the report pairs them round by round",
+           "                       for i, batch in enumerate(result.get('summary_sweep', {}).get('batches', []))]",
+           "                       for i, batch in enumerate([])]",
            [T + 'test_benchmark.py::test_resume_of_a_results_json_with_a_kept_part_of_another_shape_is_one_line'],
            "a resumed run carries over a summary batch whose rows have other numbers of pass times: zip's ValueError "
            'in its report, after the work'),
